@@ -1,0 +1,1 @@
+//! The birth of processes: sandbox, init, exact pids, stdio, warm-point detection.

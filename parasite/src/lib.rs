@@ -1,0 +1,1 @@
+//! Code that runs inside another process: the syscall-program executor and its builder.

@@ -1,0 +1,314 @@
+//! The snapshot model: everything a restore needs to rebuild a process tree.
+//!
+//! These types are the contract between `dump` (which fills them), the store (which
+//! encodes them, see `format`) and `restore` (which reads them). Page contents are not
+//! here: a VMA names its populated pages as runs over the snapshot's page table, a
+//! compact array of fixed-size records stored beside the manifest (see `store`), so that
+//! decoding a manifest costs time proportional to the number of VMAs, not pages.
+
+use serde::{Deserialize, Serialize};
+
+pub const PAGE_SIZE: usize = 4096;
+
+/// One snapshot: a frozen process tree plus the host facts it depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Seconds since the epoch when the dump finished.
+    pub created_unix: u64,
+    /// The command line that was recorded (empty for `dump -t`).
+    pub command: Vec<String>,
+    /// How the warm point was chosen (`stdin`, `dump`, ...), for `inspect`.
+    pub trigger: String,
+    pub host: HostFacts,
+    /// Processes, parents before children. The first is the root of the tree.
+    pub processes: Vec<Process>,
+    /// Pipes referenced by `FileDesc::Pipe`, with the bytes that were buffered in them.
+    pub pipes: Vec<PipeObject>,
+    /// Number of records in the page table that `PageRun::first` indexes.
+    pub page_count: u64,
+}
+
+/// Facts about the dumping host that a restored process silently depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub kernel_release: String,
+    /// blake3 of the `[vdso]` bytes: restored code calls into the live vdso by address.
+    pub vdso_hash: [u8; 32],
+    /// XCR0: the xsave features enabled, i.e. the layout of the saved xsave blobs.
+    pub xsave_features: u64,
+    /// Size of the xsave area (`NT_X86_XSTATE` length).
+    pub xsave_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Pid in the process's own (innermost) pid namespace.
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub exe: FileIdentity,
+    pub creds: Creds,
+    pub rlimits: Vec<Rlimit>,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub personality: u32,
+    pub no_new_privs: bool,
+    pub dumpable: i32,
+    pub mm: MmFields,
+    /// Raw auxv words (pairs of key, value, ending with AT_NULL).
+    pub auxv: Vec<u64>,
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<Fd>,
+    /// `rt_sigaction` state for signals 1..=64 (index 0 is signal 1).
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (shared queue).
+    pub shared_pending: Vec<SigInfo>,
+    pub threads: Vec<Thread>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+    pub cap_inheritable: u64,
+    pub cap_permitted: u64,
+    pub cap_effective: u64,
+    pub cap_bounding: u64,
+    pub cap_ambient: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub cur: u64,
+    pub max: u64,
+}
+
+/// The `prctl(PR_SET_MM_MAP)` fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// What a file looked like at dump time; a restore refuses a file that no longer matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub mode: u32,
+}
+
+pub const PROT_READ: u8 = 1;
+pub const PROT_WRITE: u8 = 2;
+pub const PROT_EXEC: u8 = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// `PROT_*` bits as above.
+    pub prot: u8,
+    pub shared: bool,
+    /// `VM_*` flags from smaps that a restore re-applies (growsdown, dontfork, ...).
+    pub flags: VmaFlags,
+    pub kind: VmaKind,
+    /// File offset in bytes (0 for anonymous memory).
+    pub offset: u64,
+    /// Populated pages whose contents are in the snapshot, in address order.
+    pub pages: Vec<PageRun>,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    pub fn page_count(&self) -> u64 {
+        self.len() / PAGE_SIZE as u64
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmaFlags {
+    pub growsdown: bool,
+    pub dontfork: bool,
+    pub dontdump: bool,
+    pub wipeonfork: bool,
+    pub locked: bool,
+    pub hugepage: bool,
+    pub nohugepage: bool,
+    pub mergeable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private or shared anonymous memory (`[heap]`, `[stack]` and unnamed areas included).
+    Anon { name: String },
+    /// A mapping of a regular file.
+    File { file: FileIdentity },
+    /// The kernel's vdso and its data pages, moved (never copied) at restore.
+    Vdso,
+    Vvar,
+    VvarVclock,
+    Vsyscall,
+}
+
+/// A run of consecutive populated pages of a VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Page index from the start of the VMA.
+    pub page: u64,
+    pub count: u64,
+    pub content: RunContent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunContent {
+    /// Present pages that are all zero: never stored, restored by touching nothing
+    /// (anonymous memory reads as zero) unless the VMA is file-backed.
+    Zero,
+    /// Page-table records `first .. first + count`.
+    Data { first: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// Fds of one process with the same `ofd` share one open file description (dup).
+    pub ofd: u32,
+    pub file: FileDesc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileDesc {
+    Regular {
+        file: FileIdentity,
+        flags: i32,
+        pos: i64,
+    },
+    Directory {
+        path: String,
+        flags: i32,
+    },
+    /// A character device reopened by path (`/dev/null`, `/dev/zero`, `/dev/urandom`, ...).
+    CharDev {
+        path: String,
+        rdev: u64,
+        flags: i32,
+        pos: i64,
+    },
+    /// One end of a pipe in `Manifest::pipes`.
+    Pipe {
+        pipe: u64,
+        write: bool,
+        flags: i32,
+    },
+    /// The launcher's stdin/stdout/stderr: at restore, the caller's fd `stdio` (0, 1 or 2).
+    External {
+        stdio: u8,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipeObject {
+    /// Pipe inode at dump time; the key `FileDesc::Pipe::pipe` refers to.
+    pub id: u64,
+    /// `F_GETPIPE_SZ`.
+    pub capacity: u32,
+    /// Bytes that were buffered (written, not yet read).
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// A queued `siginfo_t` (128 bytes) as read by `PTRACE_PEEKSIGINFO`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigInfo(pub Vec<u8>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thread {
+    pub tid: i32,
+    pub comm: String,
+    /// `struct user_regs_struct` (27 words) with syscall restart already applied.
+    pub regs: Vec<u64>,
+    /// Raw `NT_X86_XSTATE` blob.
+    pub xsave: Vec<u8>,
+    pub sigmask: u64,
+    pub pending: Vec<SigInfo>,
+    pub sigaltstack: AltStack,
+    pub rseq: Option<Rseq>,
+    pub robust_list: (u64, u64),
+    pub tid_address: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+/// Index of a register in `Thread::regs` (`struct user_regs_struct` order on x86_64).
+pub mod reg {
+    pub const R15: usize = 0;
+    pub const R14: usize = 1;
+    pub const R13: usize = 2;
+    pub const R12: usize = 3;
+    pub const RBP: usize = 4;
+    pub const RBX: usize = 5;
+    pub const R11: usize = 6;
+    pub const R10: usize = 7;
+    pub const R9: usize = 8;
+    pub const R8: usize = 9;
+    pub const RAX: usize = 10;
+    pub const RCX: usize = 11;
+    pub const RDX: usize = 12;
+    pub const RSI: usize = 13;
+    pub const RDI: usize = 14;
+    pub const ORIG_RAX: usize = 15;
+    pub const RIP: usize = 16;
+    pub const CS: usize = 17;
+    pub const EFLAGS: usize = 18;
+    pub const RSP: usize = 19;
+    pub const SS: usize = 20;
+    pub const FS_BASE: usize = 21;
+    pub const GS_BASE: usize = 22;
+    pub const DS: usize = 23;
+    pub const ES: usize = 24;
+    pub const FS: usize = 25;
+    pub const GS: usize = 26;
+    pub const COUNT: usize = 27;
+}

@@ -1,0 +1,3 @@
+//! warmstart: checkpoint an app at its warm point, restore instances in milliseconds.
+
+pub mod sys;

@@ -1,0 +1,1 @@
+//! Thin kernel wrappers that no crate provides.
