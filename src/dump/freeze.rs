@@ -1,0 +1,126 @@
+//! Freezing a process: seize every thread, interrupt it, and wait until it is stopped,
+//! looping until no new threads appear (a thread may clone while we seize its siblings).
+//!
+//! A thread that had a signal dequeued for delivery while we stopped it reports a
+//! signal-delivery stop first; that signal is kept so it is not lost: it goes into the
+//! snapshot as pending, and is re-injected when the process is left running.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use anyhow::{bail, Context, Result};
+
+use crate::sys::ptrace::{self, Stop};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// Stopped by our `PTRACE_INTERRUPT`.
+    Interrupted,
+    /// Stopped at a syscall entry by the warm-point seccomp trap (`record`).
+    SyscallEntry,
+}
+
+#[derive(Debug)]
+pub struct FrozenThread {
+    pub tid: i32,
+    pub kind: StopKind,
+    /// Signals dequeued while freezing, to be re-queued (siginfo bytes).
+    pub caught: Vec<[u8; 128]>,
+}
+
+#[derive(Debug, Default)]
+pub struct Frozen {
+    pub pid: i32,
+    pub threads: BTreeMap<i32, FrozenThread>,
+}
+
+impl Frozen {
+    /// A process whose thread `tid` the caller already traces and holds at a seccomp stop.
+    pub fn at_syscall_entry(pid: i32, tid: i32) -> Frozen {
+        let mut f = Frozen { pid, ..Default::default() };
+        f.threads
+            .insert(tid, FrozenThread { tid, kind: StopKind::SyscallEntry, caught: Vec::new() });
+        f
+    }
+
+    pub fn tids(&self) -> Vec<i32> {
+        self.threads.keys().copied().collect()
+    }
+}
+
+fn tasks(pid: i32) -> io::Result<Vec<i32>> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
+    let mut buf = [0u8; 128];
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf)
+}
+
+/// Seizes and stops every thread of `pid` not yet in `frozen`.
+pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
+    frozen.pid = pid;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    loop {
+        let all = tasks(pid).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => anyhow::anyhow!("process {pid} exited while being frozen"),
+            _ => anyhow::Error::new(e).context(format!("listing /proc/{pid}/task")),
+        })?;
+        let new: Vec<i32> = all.into_iter().filter(|t| !frozen.threads.contains_key(t)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        for tid in new {
+            match ptrace::seize(tid, ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP) {
+                Ok(()) => {}
+                // The thread exited between listing and seizing.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => bail!(
+                    "cannot trace process {pid} ({comm}) thread {tid}: permission denied \
+                     (is it already traced, e.g. by a debugger, or a kernel thread? \
+                     warmstart needs root or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE)"
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("PTRACE_SEIZE of {pid} thread {tid}"))
+                }
+            }
+            ptrace::interrupt(tid).with_context(|| format!("PTRACE_INTERRUPT of thread {tid}"))?;
+            let mut caught = Vec::new();
+            let alive = loop {
+                match ptrace::wait(tid).with_context(|| format!("waiting for thread {tid}"))? {
+                    Stop::EventStop(_) => break true,
+                    Stop::Signal(sig) => {
+                        caught.push(siginfo(tid).with_context(|| format!("GETSIGINFO {tid}"))?);
+                        tracing::debug!(tid, sig, "signal dequeued while freezing; kept");
+                        ptrace::cont(tid, 0)?;
+                    }
+                    Stop::Exited(_) | Stop::Killed(_) => {
+                        if tid == pid {
+                            bail!("process {pid} ({comm}) exited while being frozen");
+                        }
+                        break false;
+                    }
+                    other => {
+                        tracing::debug!(tid, ?other, "unexpected stop while freezing");
+                        ptrace::cont(tid, 0)?;
+                    }
+                }
+            };
+            if !alive {
+                continue;
+            }
+            frozen
+                .threads
+                .insert(tid, FrozenThread { tid, kind: StopKind::Interrupted, caught });
+        }
+    }
+}

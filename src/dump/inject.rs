@@ -1,0 +1,173 @@
+//! Running the parasite inside a frozen target to read what only the process itself can
+//! see: signal handlers, sigaltstack, the tid address, `brk`, the dumpable flag.
+//!
+//! No byte of the target's code is changed: single syscalls (the `mmap` of the parasite
+//! area and its `munmap`) run at an existing `syscall` instruction of the target's vdso
+//! under `PTRACE_SYSCALL`, which stops at the syscall's exit before the next instruction;
+//! the parasite program itself runs in the area it was copied to and ends with `int3`.
+//! Afterwards the thread's registers are its resume registers (syscall restart applied),
+//! exactly what a restore would give it.
+
+use anyhow::{bail, Context, Result};
+use warmstart_parasite::{Arg, ProgramBuilder, Status};
+use warmstart_snapshots::model::{reg, AltStack, SigAction};
+
+use super::freeze::StopKind;
+use super::maps::MapEntry;
+use super::threads::resume_regs;
+use crate::sys::ptrace::{self, Regs, Stop};
+
+pub struct Inside {
+    pub sigactions: Vec<SigAction>,
+    pub sigaltstack: AltStack,
+    pub tid_address: u64,
+    pub brk: u64,
+    pub dumpable: i32,
+}
+
+const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
+const SYSCALL_INFO_ENTRY: u8 = 1;
+const SYSCALL_INFO_EXIT: u8 = 2;
+
+fn syscall_info_op(tid: i32) -> Result<u8> {
+    let mut buf = [0u8; 88];
+    let r = unsafe { libc::ptrace(PTRACE_GET_SYSCALL_INFO, tid, buf.len(), buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("PTRACE_GET_SYSCALL_INFO");
+    }
+    Ok(buf[0])
+}
+
+/// Runs one syscall in the stopped thread at `insn` (a `syscall` instruction) and returns
+/// its result, leaving the thread at the syscall's exit stop.
+fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
+    let mut r = *base;
+    r[reg::RIP] = insn;
+    r[reg::RAX] = nr as u64;
+    r[reg::ORIG_RAX] = u64::MAX;
+    r[reg::RDI] = args[0];
+    r[reg::RSI] = args[1];
+    r[reg::RDX] = args[2];
+    r[reg::R10] = args[3];
+    r[reg::R8] = args[4];
+    r[reg::R9] = args[5];
+    ptrace::set_regs(tid, &r)?;
+    let mut entered = false;
+    loop {
+        ptrace::syscall(tid, 0)?;
+        match ptrace::wait(tid)? {
+            Stop::Syscall => match syscall_info_op(tid)? {
+                SYSCALL_INFO_ENTRY => entered = true,
+                // A thread held at a seccomp stop first reports the exit of the call it
+                // was trapped in (skipped: orig_rax is -1); ours comes after its entry.
+                SYSCALL_INFO_EXIT if entered => return Ok(ptrace::get_regs(tid)?[reg::RAX] as i64),
+                _ => {}
+            },
+            Stop::Exited(_) | Stop::Killed(_) => bail!("the process died while a syscall was injected"),
+            other => bail!("unexpected stop while injecting syscall {nr}: {other:?}"),
+        }
+    }
+}
+
+/// Address of a `syscall` instruction (0f 05) in the target's vdso.
+fn vdso_syscall(pid: i32, maps: &[MapEntry]) -> Result<u64> {
+    let v = maps.iter().find(|m| m.name == "[vdso]").context("the process has no [vdso]")?;
+    let mut bytes = vec![0u8; (v.end - v.start) as usize];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, v.start).context("reading the target's vdso")?;
+    let off = bytes
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .context("no syscall instruction in the target's vdso")?;
+    Ok(v.start + off as u64)
+}
+
+fn read_remote(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+    if unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } != len as isize {
+        return Err(std::io::Error::last_os_error()).context("reading parasite results");
+    }
+    Ok(buf)
+}
+
+fn write_remote(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
+    let local = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: bytes.len() };
+    if unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error()).context("copying the parasite into the target");
+    }
+    Ok(())
+}
+
+pub fn collect_inside(pid: i32, tid: i32, raw: &Regs, kind: StopKind, maps: &[MapEntry]) -> Result<Inside> {
+    let insn = vdso_syscall(pid, maps)?;
+    let mut b = ProgramBuilder::new();
+    let sigactions = b.data_zeroed(64 * 32);
+    for sig in 1..=64u64 {
+        b.syscall(
+            libc::SYS_rt_sigaction,
+            &[Arg::Imm(sig), Arg::Imm(0), sigactions.at((sig - 1) * 32), Arg::Imm(8)],
+            format!("rt_sigaction({sig})"),
+        );
+    }
+    let ss = b.data_zeroed(24);
+    b.syscall(libc::SYS_sigaltstack, &[Arg::Imm(0), ss.arg()], "sigaltstack");
+    let tid_addr = b.data_zeroed(8);
+    b.syscall(libc::SYS_prctl, &[Arg::Imm(libc::PR_GET_TID_ADDRESS as u64), tid_addr.arg()], "prctl(PR_GET_TID_ADDRESS)");
+    let brk = b.syscall_saved(libc::SYS_brk, &[Arg::Imm(0)], "brk(0)");
+    let dumpable = b.syscall_saved(libc::SYS_prctl, &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)], "prctl(PR_GET_DUMPABLE)");
+    b.trap();
+    let len = b.build(0).map_len() as u64;
+
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let base = remote_syscall(tid, raw, insn, libc::SYS_mmap, [0, len, prot, flags, u64::MAX, 0])?;
+    if (-4095..0).contains(&base) {
+        bail!("mmap of the parasite area in the target failed: {}", std::io::Error::from_raw_os_error(-base as i32));
+    }
+    let base = base as u64;
+    let result = (|| -> Result<Inside> {
+        let blob = b.build(base);
+        write_remote(pid, base, &blob.bytes)?;
+        let mut r = *raw;
+        r[reg::RIP] = blob.entry;
+        r[reg::RDI] = blob.program;
+        r[reg::RSP] = blob.stack_top;
+        r[reg::ORIG_RAX] = u64::MAX;
+        ptrace::set_regs(tid, &r)?;
+        ptrace::cont(tid, 0)?;
+        loop {
+            match ptrace::wait(tid)? {
+                Stop::Signal(libc::SIGTRAP) => break,
+                Stop::Signal(sig) => bail!("the parasite was hit by signal {sig}"),
+                Stop::Exited(_) | Stop::Killed(_) => bail!("the process died while running the parasite"),
+                _ => ptrace::cont(tid, 0)?,
+            }
+        }
+        let status = Status::decode(&read_remote(pid, blob.status_addr, Status::SIZE)?);
+        blob.check(status)?;
+        let acts = read_remote(pid, blob.addr_of(sigactions), 64 * 32)?;
+        let ss = read_remote(pid, blob.addr_of(ss), 24)?;
+        let tid_addr = read_remote(pid, blob.addr_of(tid_addr), 8)?;
+        let slots = read_remote(pid, blob.slots_addr, blob.slots_len())?;
+        let word = |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Ok(Inside {
+            sigactions: acts
+                .chunks_exact(32)
+                .map(|c| SigAction { handler: word(c, 0), flags: word(c, 1), restorer: word(c, 2), mask: word(c, 3) })
+                .collect(),
+            sigaltstack: AltStack { sp: word(&ss, 0), flags: word(&ss, 1) as i32, size: word(&ss, 2) },
+            tid_address: word(&tid_addr, 0),
+            brk: blob.read_slot(&slots, brk).unwrap_or(0),
+            dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
+        })
+    })();
+    let unmapped = remote_syscall(tid, raw, insn, libc::SYS_munmap, [base, len, 0, 0, 0, 0]);
+    ptrace::set_regs(tid, &resume_regs(*raw, kind)).context("restoring the target's registers")?;
+    match unmapped? {
+        0 => result,
+        e => bail!("munmap of the parasite area failed: {}", std::io::Error::from_raw_os_error(-e as i32)),
+    }
+}

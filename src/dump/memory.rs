@@ -1,0 +1,147 @@
+//! Which pages of a VMA belong in the snapshot, and reading them out of the target.
+//!
+//! `/proc/PID/pagemap` gives one word per page: bit 63 present, 62 swapped, 61 file-page
+//! or shared-anon, 56 exclusively mapped. Private anonymous memory needs every present or
+//! swapped page; a private file mapping only the pages that are no longer the file's
+//! (present with bit 61 clear, i.e. copied on write, or swapped).
+//!
+//! Exclusive pages are read with `process_vm_readv` in large iovecs; pages that are not
+//! exclusive (shared copy-on-write with a parent or child) through `/proc/PID/mem`,
+//! because `process_vm_readv` would break the sharing in the target.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use warmstart_snapshots::model::PAGE_SIZE;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+
+/// Pages of one VMA that must be saved, as runs of (first page index, count, exclusive).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub runs: Vec<(u64, u64, bool)>,
+}
+
+impl Wanted {
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+}
+
+pub struct Target {
+    pid: i32,
+    pagemap: File,
+    mem: File,
+}
+
+impl Target {
+    pub fn open(pid: i32) -> io::Result<Target> {
+        Ok(Target {
+            pid,
+            pagemap: File::open(format!("/proc/{pid}/pagemap"))?,
+            mem: File::open(format!("/proc/{pid}/mem"))?,
+        })
+    }
+
+    /// Scans pagemap for `[start, end)` and returns the pages to save.
+    pub fn wanted(&self, start: u64, end: u64, file_backed: bool) -> io::Result<Wanted> {
+        let pages = (end - start) / PAGE_SIZE as u64;
+        let mut out = Wanted::default();
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut done = 0u64;
+        while done < pages {
+            let n = (pages - done).min(4096);
+            let bytes = &mut buf[..(n * 8) as usize];
+            let off = (start / PAGE_SIZE as u64 + done) * 8;
+            self.pagemap.read_exact_at(bytes, off)?;
+            for (i, w) in bytes.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(w.try_into().unwrap());
+                let keep = if file_backed {
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
+                } else {
+                    e & (PM_PRESENT | PM_SWAPPED) != 0
+                };
+                if !keep {
+                    continue;
+                }
+                let excl = e & PM_EXCLUSIVE != 0 && e & PM_PRESENT != 0;
+                let idx = done + i as u64;
+                match out.runs.last_mut() {
+                    Some(r) if r.0 + r.1 == idx && r.2 == excl => r.1 += 1,
+                    _ => out.runs.push((idx, 1, excl)),
+                }
+            }
+            done += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads `buf.len()` bytes at `addr` of the target.
+    pub fn read(&self, addr: u64, buf: &mut [u8], exclusive: bool) -> io::Result<()> {
+        if exclusive {
+            let mut done = 0usize;
+            while done < buf.len() {
+                let local = libc::iovec {
+                    iov_base: buf[done..].as_mut_ptr().cast(),
+                    iov_len: buf.len() - done,
+                };
+                let remote = libc::iovec {
+                    iov_base: (addr as usize + done) as *mut libc::c_void,
+                    iov_len: buf.len() - done,
+                };
+                let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
+                if n <= 0 {
+                    // Partial reads stop at a page the kernel could not fault in; finish
+                    // through /proc/PID/mem which reports the precise error.
+                    break;
+                }
+                done += n as usize;
+            }
+            if done == buf.len() {
+                return Ok(());
+            }
+            return self.mem.read_exact_at(&mut buf[done..], addr + done as u64);
+        }
+        self.mem.read_exact_at(buf, addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_anonymous_pages_are_found_and_read() {
+        let len = 16 * PAGE_SIZE;
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as *mut u8;
+        assert_ne!(p as isize, -1);
+        unsafe {
+            *p.add(2 * PAGE_SIZE) = 7;
+            *p.add(3 * PAGE_SIZE) = 8;
+            *p.add(9 * PAGE_SIZE) = 9;
+        }
+        let t = Target::open(std::process::id() as i32).unwrap();
+        let start = p as u64;
+        let w = t.wanted(start, start + len as u64, false).unwrap();
+        assert_eq!(w.runs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), vec![(2, 2), (9, 1)]);
+        let mut buf = vec![0u8; 2 * PAGE_SIZE];
+        t.read(start + 2 * PAGE_SIZE as u64, &mut buf, true).unwrap();
+        assert_eq!((buf[0], buf[PAGE_SIZE]), (7, 8));
+        t.read(start + 9 * PAGE_SIZE as u64, &mut buf[..PAGE_SIZE], false).unwrap();
+        assert_eq!(buf[0], 9);
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+}

@@ -1,0 +1,190 @@
+//! Dump: freeze a process, collect its state from outside (`/proc`, ptrace) and inside
+//! (the parasite), write its memory into the page store and commit a manifest.
+//!
+//! The steps, in order: [`freeze`], [`process::collect`], [`threads::collect`],
+//! [`inject`] (state only the process can read about itself), VMAs and memory
+//! ([`vmas`], [`memory`]), fds ([`files`]); then commit, then kill or release the target.
+
+pub mod files;
+pub mod freeze;
+pub mod inject;
+pub mod maps;
+pub mod memory;
+pub mod process;
+pub mod threads;
+pub mod vmas;
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use warmstart_snapshots::model::{HostFacts, Manifest, Process, SigInfo};
+use warmstart_snapshots::store::{SnapshotId, Store};
+
+pub use files::StdioPolicy;
+pub use freeze::Frozen;
+
+use crate::stats::Phases;
+use crate::sys::ptrace;
+
+pub struct DumpOptions {
+    pub leave_running: bool,
+    pub stdio: StdioPolicy,
+    pub trigger: String,
+    pub command: Vec<String>,
+    pub name: Option<String>,
+}
+
+pub struct DumpResult {
+    pub id: SnapshotId,
+    pub manifest: Manifest,
+    pub phases: Phases,
+}
+
+/// Dumps process `pid` (seizing it unless `frozen` says the caller already holds it).
+/// On success the target is killed unless `leave_running`; on failure it is released
+/// untouched (running as before), whatever the options.
+pub fn dump(pid: i32, frozen: Option<Frozen>, store: &Store, opts: &DumpOptions) -> Result<DumpResult> {
+    let mut frozen = frozen.unwrap_or_default();
+    let mut phases = Phases::default();
+    let t = Instant::now();
+    let res = freeze::freeze(pid, &mut frozen).and_then(|()| {
+        phases.add("freeze", t.elapsed());
+        collect_and_store(pid, &frozen, store, opts, &mut phases)
+    });
+    match res {
+        Ok((id, manifest)) => {
+            if opts.leave_running {
+                release(&frozen);
+            } else {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // Reap our traced threads so the kill is complete before we return.
+                for tid in frozen.tids() {
+                    let _ = ptrace::wait(tid);
+                }
+            }
+            Ok(DumpResult { id, manifest, phases })
+        }
+        Err(e) => {
+            release(&frozen);
+            Err(e)
+        }
+    }
+}
+
+/// Detaches from every thread, re-delivering signals that freezing dequeued.
+pub fn release(frozen: &Frozen) {
+    for t in frozen.threads.values() {
+        let sig = t.caught.first().map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap())).unwrap_or(0);
+        let _ = ptrace::detach(t.tid, sig);
+        for s in t.caught.iter().skip(1) {
+            let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
+            unsafe { libc::syscall(libc::SYS_tgkill, frozen.pid, t.tid, sig) };
+        }
+    }
+}
+
+fn collect_and_store(
+    pid: i32,
+    frozen: &Frozen,
+    store: &Store,
+    opts: &DumpOptions,
+    phases: &mut Phases,
+) -> Result<(SnapshotId, Manifest)> {
+    let t = Instant::now();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let info = process::collect(pid)?;
+    if !children.trim().is_empty() {
+        bail!(
+            "process {pid} ({}) has child processes ({}): dumping process trees is not supported yet",
+            info.comm,
+            children.trim()
+        );
+    }
+    if frozen.threads.len() > 1 {
+        bail!(
+            "process {pid} ({}) has {} threads: dumping multi-threaded processes is not supported yet",
+            info.comm,
+            frozen.threads.len()
+        );
+    }
+    let mut threads = Vec::new();
+    let mut raw_regs = Vec::new();
+    for ft in frozen.threads.values() {
+        let (th, raw) = threads::collect(pid, ft)?;
+        threads.push(th);
+        raw_regs.push((ft.tid, raw, ft.kind));
+    }
+    let files = files::collect(pid, &info.comm, &opts.stdio)?;
+    let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    phases.add("collect", t.elapsed());
+
+    let t = Instant::now();
+    let (main_tid, main_raw, _) = raw_regs[0];
+    let inside = inject::collect_inside(pid, main_tid, &main_raw, &smaps)
+        .with_context(|| format!("running the parasite in process {pid} ({})", info.comm))?;
+    for th in threads.iter_mut() {
+        th.sigaltstack = inside.sigaltstack;
+        th.tid_address = inside.tid_address;
+    }
+    phases.add("parasite", t.elapsed());
+
+    let t = Instant::now();
+    let mut writer = store.writer()?;
+    let vmas = vmas::collect(pid, &info.comm, &smaps, &mut writer)?;
+    phases.add("memory", t.elapsed());
+
+    let xsave_size = threads[0].xsave.len() as u32;
+    let mut mm = info.mm;
+    mm.brk = inside.brk;
+    let process = Process {
+        pid: info.pid_in_ns,
+        ppid: info.ppid,
+        pgid: info.pgid,
+        sid: info.sid,
+        comm: info.comm,
+        exe: info.exe,
+        creds: info.creds,
+        rlimits: info.rlimits,
+        cwd: info.cwd,
+        root: info.root,
+        umask: info.umask,
+        personality: info.personality,
+        no_new_privs: info.no_new_privs,
+        dumpable: inside.dumpable,
+        mm,
+        auxv: info.auxv,
+        vmas,
+        fds: files.fds,
+        sigactions: inside.sigactions,
+        shared_pending: ptrace::peek_siginfo(main_tid, true)?
+            .into_iter()
+            .map(|s| SigInfo(s.to_vec()))
+            .collect(),
+        threads,
+    };
+    let manifest = Manifest {
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        command: opts.command.clone(),
+        trigger: opts.trigger.clone(),
+        host: host_facts(xsave_size)?,
+        processes: vec![process],
+        pipes: files.pipes,
+        page_count: 0,
+        pages_hash: [0; 32],
+    };
+    let t = Instant::now();
+    let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
+    phases.add("commit", t.elapsed());
+    Ok((id, manifest))
+}
+
+/// Host facts of the machine we run on; restore compares them with the snapshot's.
+pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
+    let uts = nix::sys::utsname::uname().context("uname")?;
+    Ok(HostFacts {
+        kernel_release: uts.release().to_string_lossy().into_owned(),
+        vdso_hash: crate::sys::vdso::own_vdso_hash()?,
+        xsave_features: crate::sys::vdso::xcr0(),
+        xsave_size,
+    })
+}

@@ -1,0 +1,142 @@
+//! Process-wide state read from `/proc` and `prlimit`: identity, creds, limits, mm fields.
+
+use anyhow::{bail, Context, Result};
+use warmstart_snapshots::model::{Creds, FileIdentity, MmFields, Rlimit};
+
+use super::files::identity;
+
+pub struct ProcInfo {
+    pub pid_in_ns: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub exe: FileIdentity,
+    pub creds: Creds,
+    pub rlimits: Vec<Rlimit>,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub personality: u32,
+    pub no_new_privs: bool,
+    pub seccomp_mode: u32,
+    pub mm: MmFields,
+    pub auxv: Vec<u64>,
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+}
+
+fn words<T: std::str::FromStr>(s: Option<&str>) -> Vec<T> {
+    s.unwrap_or("").split_whitespace().filter_map(|w| w.parse().ok()).collect()
+}
+
+fn hex(s: Option<&str>) -> u64 {
+    s.and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0)
+}
+
+/// The innermost-namespace value of an `NSpid`-style line (the last column).
+fn innermost(s: Option<&str>) -> Option<i32> {
+    s?.split_whitespace().last()?.parse().ok()
+}
+
+pub fn collect(pid: i32) -> Result<ProcInfo> {
+    let ctx = |what: &str| format!("reading {what} of process {pid}");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| ctx("status"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| ctx("stat"))?;
+    // comm may contain spaces and parentheses: fields start after the last ')'.
+    let close = stat.rfind(')').context("malformed /proc/PID/stat")?;
+    let comm = stat[stat.find('(').unwrap_or(0) + 1..close].to_owned();
+    let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+    // f[0] is field 3 (state) of proc(5).
+    let field = |n: usize| -> u64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    if field(9) & 0x0020_0000 != 0 {
+        bail!("process {pid} ({comm}) is a kernel thread: there is nothing to checkpoint");
+    }
+    let uid: Vec<u32> = words(status_field(&status, "Uid"));
+    let gid: Vec<u32> = words(status_field(&status, "Gid"));
+    let ns = |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
+    let exe_path = std::fs::read_link(format!("/proc/{pid}/exe")).with_context(|| ctx("exe"))?;
+    let exe_meta = std::fs::metadata(format!("/proc/{pid}/exe")).with_context(|| ctx("exe"))?;
+    let auxv_bytes = std::fs::read(format!("/proc/{pid}/auxv")).with_context(|| ctx("auxv"))?;
+    let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0);
+    let mut rlimits = Vec::new();
+    for resource in 0..libc::RLIM_NLIMITS as u32 {
+        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        if unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) } < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| ctx("rlimits"));
+        }
+        rlimits.push(Rlimit { resource, cur: old.rlim_cur, max: old.rlim_max });
+    }
+    Ok(ProcInfo {
+        pid_in_ns: ns("NSpid", pid as u64),
+        ppid: field(4) as i32,
+        pgid: ns("NSpgid", field(5)),
+        sid: ns("NSsid", field(6)),
+        comm,
+        exe: identity(&exe_path.to_string_lossy(), &exe_meta),
+        creds: Creds {
+            uid: [uid[0], uid[1], uid[2], uid[3]],
+            gid: [gid[0], gid[1], gid[2], gid[3]],
+            groups: words(status_field(&status, "Groups")),
+            cap_inheritable: hex(status_field(&status, "CapInh")),
+            cap_permitted: hex(status_field(&status, "CapPrm")),
+            cap_effective: hex(status_field(&status, "CapEff")),
+            cap_bounding: hex(status_field(&status, "CapBnd")),
+            cap_ambient: hex(status_field(&status, "CapAmb")),
+        },
+        rlimits,
+        cwd: std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .with_context(|| ctx("cwd"))?
+            .to_string_lossy()
+            .into_owned(),
+        root: std::fs::read_link(format!("/proc/{pid}/root"))
+            .with_context(|| ctx("root"))?
+            .to_string_lossy()
+            .into_owned(),
+        umask: status_field(&status, "Umask")
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .unwrap_or(0o022),
+        personality,
+        no_new_privs: status_field(&status, "NoNewPrivs") == Some("1"),
+        seccomp_mode: status_field(&status, "Seccomp").and_then(|v| v.parse().ok()).unwrap_or(0),
+        mm: MmFields {
+            start_code: field(26),
+            end_code: field(27),
+            start_stack: field(28),
+            start_data: field(45),
+            end_data: field(46),
+            start_brk: field(47),
+            brk: 0, // from the parasite: brk(0)
+            arg_start: field(48),
+            arg_end: field(49),
+            env_start: field(50),
+            env_end: field(51),
+        },
+        auxv: auxv_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let me = collect(std::process::id() as i32).unwrap();
+        assert!(me.mm.start_code > 0 && me.mm.end_code > me.mm.start_code);
+        assert!(me.mm.arg_end > me.mm.arg_start);
+        assert_eq!(me.rlimits.len(), libc::RLIM_NLIMITS as usize);
+        assert!(me.exe.path.starts_with('/'));
+        assert_eq!(me.auxv.len() % 2, 0);
+        assert_eq!(me.cwd, std::env::current_dir().unwrap().to_string_lossy());
+    }
+}

@@ -1,0 +1,78 @@
+//! What must hold on this host before a snapshot may be restored: the same vdso and
+//! CPU state layout, and every file it maps or holds open unchanged since the dump.
+
+use anyhow::{bail, Result};
+use warmstart_snapshots::model::{FileDesc, FileIdentity, HostFacts, Manifest, VmaKind};
+
+use crate::dump::host_facts;
+
+pub fn host(snap: &HostFacts) -> Result<()> {
+    let here = host_facts(snap.xsave_size)?;
+    if here.vdso_hash != snap.vdso_hash {
+        bail!(
+            "this host's vdso differs from the one the snapshot was taken with (kernel {} here, {} \
+             there): restored code would call into the wrong vdso; restore on a host running the \
+             snapshot's kernel",
+            here.kernel_release,
+            snap.kernel_release
+        );
+    }
+    if here.xsave_features != snap.xsave_features {
+        bail!(
+            "this CPU's enabled xsave features (XCR0 {:#x}) differ from the snapshot's ({:#x}): \
+             its saved FPU/vector state cannot be loaded here; restore on the same CPU kind",
+            here.xsave_features,
+            snap.xsave_features
+        );
+    }
+    Ok(())
+}
+
+/// Files whose identity the snapshot depends on, each with what uses it.
+fn files(m: &Manifest) -> Vec<(&FileIdentity, String)> {
+    let mut out = Vec::new();
+    for p in &m.processes {
+        out.push((&p.exe, format!("the executable of process {}", p.pid)));
+        for v in &p.vmas {
+            if let VmaKind::File { file } = &v.kind {
+                out.push((file, format!("mapped at {:x} by process {}", v.start, p.pid)));
+            }
+        }
+        for fd in &p.fds {
+            if let FileDesc::Regular { file, .. } = &fd.file {
+                out.push((file, format!("open as fd {} of process {}", fd.fd, p.pid)));
+            }
+        }
+    }
+    out
+}
+
+pub fn unchanged_files(m: &Manifest) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    for (f, used) in files(m) {
+        if !seen.insert((&f.path, f.ino)) {
+            continue;
+        }
+        let meta = match std::fs::metadata(&f.path) {
+            Ok(meta) => meta,
+            Err(e) => bail!("file {} ({used}) is gone since the dump: {e}", f.path),
+        };
+        let mtime = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+        let what = if meta.ino() != f.ino || meta.dev() != f.dev {
+            "was replaced (another inode)"
+        } else if meta.size() != f.size {
+            "changed size"
+        } else if mtime != f.mtime_ns {
+            "was modified"
+        } else {
+            continue;
+        };
+        bail!(
+            "file {} ({used}) {what} since the dump; restoring would run the process on \
+             different bytes. Restore the file, or record a new snapshot",
+            f.path
+        );
+    }
+    Ok(())
+}

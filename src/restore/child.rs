@@ -1,0 +1,332 @@
+//! The restoring child: a copy of warmstart running with the snapshot's pid inside the
+//! sandbox. It does with ordinary code everything a process can do to itself while its
+//! memory is still warmstart's (session, fds, cwd, limits), then maps the restorer
+//! program and jumps into it. It reports failures before the jump over the status
+//! pipe; after the jump the program's status word tells the monitor.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use warmstart_snapshots::model::{FileDesc, Manifest, Process, VmaKind};
+
+use super::program::{self, ProgramFds};
+use crate::dump::maps::{self, MapEntry};
+
+/// What the child tells the monitor just before it jumps into the program.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub base: u64,
+    pub map_len: u64,
+    pub status_addr: u64,
+    pub syscall_trap: u64,
+    /// Step labels, for naming a failed step.
+    pub labels: Vec<String>,
+}
+
+/// Message tags on the status pipe.
+pub const MSG_ERROR: u8 = b'E';
+pub const MSG_BLOB: u8 = b'B';
+
+fn errno_err(what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| anyhow!("path contains a NUL byte: {s:?}"))
+}
+
+/// Entry point of the child; returns only on failure (with the exit code to use).
+pub fn run(m: &Manifest, p: &Process, status_fd: RawFd) -> i32 {
+    let mut report = status_fd;
+    match prepare_and_jump(m, p, &mut report) {
+        Ok(never) => match never {},
+        Err(e) => {
+            let mut msg = vec![MSG_ERROR];
+            msg.extend_from_slice(format!("{e:#}").as_bytes());
+            let mut f = unsafe { std::fs::File::from_raw_fd(report) };
+            let _ = f.write_all(&msg);
+            1
+        }
+    }
+}
+
+/// `report` is the status pipe's fd, updated when it moves.
+fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std::convert::Infallible> {
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+    if p.sid == p.pid {
+        if unsafe { libc::setsid() } < 0 {
+            return Err(errno_err("setsid"));
+        }
+    } else if p.pgid == p.pid && unsafe { libc::setpgid(0, 0) } < 0 {
+        return Err(errno_err("setpgid"));
+    }
+    let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
+    // Everything we still need lives above the app's highest fd while its table is built.
+    let high = max_fd + 1;
+    *report = dup_high(*report, high)?;
+    let stdio = [dup_high_or_null(0, high)?, dup_high_or_null(1, high)?, dup_high_or_null(2, high)?];
+    close_all_except(&[*report, stdio[0], stdio[1], stdio[2]])?;
+    install_fds(m, p, stdio, high)?;
+    for fd in stdio {
+        unsafe { libc::close(fd) };
+    }
+    if p.root != "/" {
+        bail!("process {} ran chrooted in {}: restoring a changed root is not supported yet", p.pid, p.root);
+    }
+    let cwd = cstr(&p.cwd)?;
+    if unsafe { libc::chdir(cwd.as_ptr()) } < 0 {
+        return Err(errno_err(format!("chdir({})", p.cwd)));
+    }
+    unsafe { libc::umask(p.umask as libc::mode_t) };
+    if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
+        return Err(errno_err(format!("personality({:#x})", p.personality)));
+    }
+    let fds = open_mapping_fds(p, high)?;
+    set_rlimits(p)?;
+
+    let own = maps::parse(&std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?)?;
+    let probe = program::build(p, &own, &fds, 0)?;
+    let base = find_gap(&own, p, probe.map_len() as u64)?;
+    let blob = program::build(p, &own, &fds, base)?;
+    let addr = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            blob.map_len(),
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if addr as u64 != base {
+        return Err(errno_err(format!("mapping the restorer at {base:#x}")));
+    }
+    unsafe { std::ptr::copy_nonoverlapping(blob.bytes.as_ptr(), base as *mut u8, blob.bytes.len()) };
+    let info = BlobInfo {
+        base,
+        map_len: blob.map_len() as u64,
+        status_addr: blob.status_addr,
+        syscall_trap: blob.syscall_trap,
+        labels: (0..).map(|i| blob.describe(i).to_owned()).take_while(|l| !l.is_empty()).collect(),
+    };
+    let mut msg = vec![MSG_BLOB];
+    msg.extend_from_slice(&serde_json::to_vec(&info)?);
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(*report) };
+    pipe.write_all(&msg)?;
+    drop(pipe);
+    tracing::trace!("jumping into the restorer at {:#x}", blob.entry);
+    // SAFETY: the blob is mapped at `base` and built for it; it never returns here.
+    unsafe { warmstart_parasite::jump(blob.entry, blob.program, blob.stack_top) }
+}
+
+fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if r < 0 {
+        return Err(errno_err(format!("duplicating fd {fd}")));
+    }
+    Ok(r)
+}
+
+/// A copy of the caller's stdio fd `fd` (or of /dev/null where the caller has none).
+fn dup_high_or_null(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+        return dup_high(fd, min);
+    }
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if null < 0 {
+        return Err(errno_err("opening /dev/null"));
+    }
+    let r = dup_high(null, min);
+    unsafe { libc::close(null) };
+    r
+}
+
+fn close_all_except(keep: &[RawFd]) -> Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .context("listing /proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if !keep.contains(&fd) {
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+fn open_path(path: &str, flags: i32) -> Result<RawFd> {
+    let c = cstr(path)?;
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(errno_err(format!("opening {path}")));
+    }
+    Ok(fd)
+}
+
+/// Builds the app's fd table: each open file description once, then dup'ed to every
+/// fd number that shares it.
+fn install_fds(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Result<()> {
+    let mut ofds: std::collections::HashMap<u32, RawFd> = std::collections::HashMap::new();
+    let mut pipes: std::collections::HashMap<u64, (RawFd, RawFd)> = std::collections::HashMap::new();
+    let mut temps = Vec::new();
+    // Creation may not reuse a target number before it is placed: keep temps high.
+    let keep_high = |fd: RawFd, temps: &mut Vec<RawFd>| -> Result<RawFd> {
+        if fd >= high {
+            temps.push(fd);
+            return Ok(fd);
+        }
+        let h = dup_high(fd, high)?;
+        unsafe { libc::close(fd) };
+        temps.push(h);
+        Ok(h)
+    };
+    for f in &p.fds {
+        let src = if let Some(&fd) = ofds.get(&f.ofd) {
+            fd
+        } else {
+            let fd = match &f.file {
+                FileDesc::External { stdio: k } => stdio[*k as usize],
+                FileDesc::Regular { file, flags, pos } => {
+                    let fd = open_path(&file.path, flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL))?;
+                    let fd = keep_high(fd, &mut temps)?;
+                    if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
+                        return Err(errno_err(format!("seeking {} to {pos}", file.path)));
+                    }
+                    fd
+                }
+                FileDesc::Directory { path, flags } => keep_high(open_path(path, *flags | libc::O_DIRECTORY)?, &mut temps)?,
+                FileDesc::CharDev { path, flags, .. } => keep_high(open_path(path, *flags)?, &mut temps)?,
+                FileDesc::Pipe { pipe, write, flags } => {
+                    let (r, w) = match pipes.get(pipe) {
+                        Some(&ends) => ends,
+                        None => {
+                            let ends = make_pipe(m, *pipe, high, &mut temps)?;
+                            pipes.insert(*pipe, ends);
+                            ends
+                        }
+                    };
+                    let fd = if *write { w } else { r };
+                    let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND);
+                    // Pipe ends created here share one description per end: setting
+                    // O_NONBLOCK on one fd sets it for its dups too, as it was.
+                    if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
+                        return Err(errno_err("fcntl(F_SETFL) on a pipe"));
+                    }
+                    fd
+                }
+            };
+            ofds.insert(f.ofd, fd);
+            fd
+        };
+        let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        if unsafe { libc::dup3(src, f.fd, flags) } < 0 {
+            return Err(errno_err(format!("placing fd {}", f.fd)));
+        }
+    }
+    for fd in temps {
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}
+
+fn make_pipe(m: &Manifest, id: u64, high: RawFd, temps: &mut Vec<RawFd>) -> Result<(RawFd, RawFd)> {
+    let obj = m
+        .pipes
+        .iter()
+        .find(|o| o.id == id)
+        .ok_or_else(|| anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)"))?;
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(errno_err("pipe2"));
+    }
+    let r = dup_high(fds[0], high)?;
+    let w = dup_high(fds[1], high)?;
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    temps.extend([r, w]);
+    if obj.capacity > 0 && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0 {
+        return Err(errno_err(format!("setting pipe capacity to {}", obj.capacity)));
+    }
+    let mut done = 0;
+    while done < obj.data.len() {
+        let n = unsafe { libc::write(w, obj.data[done..].as_ptr().cast(), obj.data.len() - done) };
+        if n <= 0 {
+            return Err(errno_err("refilling a pipe's buffered bytes"));
+        }
+        done += n as usize;
+    }
+    Ok((r, w))
+}
+
+/// One fd per mapped file (and the executable), above the app's fds; the program closes them.
+fn open_mapping_fds(p: &Process, high: RawFd) -> Result<ProgramFds> {
+    let mut by_path: std::collections::HashMap<(String, bool), RawFd> = std::collections::HashMap::new();
+    let mut vma_fds = Vec::with_capacity(p.vmas.len());
+    for v in &p.vmas {
+        let VmaKind::File { file } = &v.kind else {
+            vma_fds.push(None);
+            continue;
+        };
+        let rw = v.shared && v.prot & warmstart_snapshots::model::PROT_WRITE != 0;
+        let fd = match by_path.get(&(file.path.clone(), rw)) {
+            Some(&fd) => fd,
+            None => {
+                let fd = open_path(&file.path, if rw { libc::O_RDWR } else { libc::O_RDONLY })?;
+                let fd = if fd < high { let h = dup_high(fd, high)?; unsafe { libc::close(fd) }; h } else { fd };
+                by_path.insert((file.path.clone(), rw), fd);
+                fd
+            }
+        };
+        vma_fds.push(Some(fd));
+    }
+    let exe = open_path(&p.exe.path, libc::O_RDONLY)?;
+    let exe_fd = if exe < high { let h = dup_high(exe, high)?; unsafe { libc::close(exe) }; h } else { exe };
+    Ok(ProgramFds { vma_fds, exe_fd })
+}
+
+fn set_rlimits(p: &Process) -> Result<()> {
+    for r in &p.rlimits {
+        let lim = libc::rlimit64 { rlim_cur: r.cur, rlim_max: r.max };
+        if unsafe { libc::prlimit64(0, r.resource as _, &lim, std::ptr::null_mut()) } < 0 {
+            let e = std::io::Error::last_os_error();
+            bail!(
+                "cannot restore resource limit {} to {}/{}: {e} (raising a hard limit needs CAP_SYS_RESOURCE)",
+                r.resource,
+                r.cur,
+                r.max
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An address range of `len` bytes free in both our layout and the snapshot's.
+fn find_gap(own: &[MapEntry], p: &Process, len: u64) -> Result<u64> {
+    const GUARD: u64 = 1 << 20;
+    let mut used: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
+    used.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+    used.sort_unstable();
+    // Search downward from below the usual mmap base, away from stacks.
+    let mut candidate = 0x7e00_0000_0000u64;
+    loop {
+        let end = candidate + len;
+        match used.iter().find(|&&(s, e)| s < end + GUARD && e + GUARD > candidate) {
+            None => return Ok(candidate),
+            Some(&(s, _)) => {
+                if s < len + 2 * GUARD + 0x1000_0000 {
+                    bail!("no free address range of {len} bytes for the restorer");
+                }
+                candidate = (s - len - GUARD) & !0xfff;
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Restore: rebuild a snapshot's process in a fresh sandbox and hand it back its CPU.
+//!
+//! The monitor (this process) checks the host and files, spawns the sandbox with the
+//! restoring child ([`child`]) at the recorded pid, seizes it, and then drives the
+//! restorer program ([`program`]) through its two traps:
+//!
+//! 1. layout built → the monitor writes memory ([`memory`]) and continues;
+//! 2. per-thread state set → the monitor unmaps the restorer by running one `munmap`
+//!    at the blob's `syscall` instruction, loads the saved registers (incl. `fs_base`),
+//!    xsave state and signal mask, and detaches: the app resumes where it was frozen.
+//!
+//! Ending with ptrace rather than an in-process `rt_sigreturn` lets the restorer be
+//! unmapped completely (nothing of it remains in `/proc/PID/maps`) and restores the
+//! full xsave state through the kernel's own validation.
+
+pub mod checks;
+pub mod child;
+pub mod memory;
+pub mod program;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_launcher::{Sandbox, SpawnOptions};
+use warmstart_parasite::Status;
+use warmstart_snapshots::model::reg;
+use warmstart_snapshots::store::Snapshot;
+
+use crate::stats::Phases;
+use crate::sys::ptrace::{self, Stop};
+use child::{BlobInfo, MSG_BLOB, MSG_ERROR};
+
+/// A restored instance, running.
+pub struct Restored {
+    pub sandbox: Sandbox,
+    /// The app's pid as seen from here.
+    pub pid: i32,
+    pub phases: Phases,
+}
+
+pub fn restore(snap: &Snapshot) -> Result<Restored> {
+    let m = &snap.manifest;
+    let mut phases = Phases::default();
+    let t = Instant::now();
+    let [p] = m.processes.as_slice() else {
+        bail!("snapshot {} holds {} processes: restoring process trees is not supported yet", snap.id.short(), m.processes.len());
+    };
+    checks::host(&m.host)?;
+    checks::unchanged_files(m)?;
+    phases.add("checks", t.elapsed());
+
+    let t = Instant::now();
+    let (status_r, status_w) = pipe()?;
+    let status_w_raw = status_w.as_raw_fd();
+    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: Some(p.pid), gate: true }, || {
+        warmstart_launcher::wait_for_release();
+        child::run(m, p, status_w_raw)
+    })
+    .context("starting the sandbox")?;
+    drop(status_w);
+    let pid = sandbox.app_pid;
+    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESYSGOOD)
+        .with_context(|| format!("seizing the restoring process {pid}"))?;
+    sandbox.release().context("releasing the restoring process")?;
+    let info = read_report(status_r).with_context(|| format!("restoring process {} of snapshot {}", p.pid, snap.id.short()))?;
+    phases.add("spawn+layout", t.elapsed());
+
+    let fail = |e: anyhow::Error| e.context(format!("restoring process {} of snapshot {}", p.pid, snap.id.short()));
+    wait_trap(pid, &info).map_err(fail)?;
+    let t = Instant::now();
+    memory::fill(snap, p, pid).map_err(fail)?;
+    phases.add("memory", t.elapsed());
+    let t = Instant::now();
+    ptrace::cont(pid, 0)?;
+    wait_trap(pid, &info).map_err(fail)?;
+    finish(pid, &info, &p.threads[0]).map_err(fail)?;
+    phases.add("resume", t.elapsed());
+    Ok(Restored { sandbox, pid, phases })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads the child's report: its error, or the blob it is about to jump into.
+fn read_report(r: OwnedFd) -> Result<BlobInfo> {
+    let mut buf = Vec::new();
+    std::fs::File::from(r).read_to_end(&mut buf).context("reading the restoring child's report")?;
+    match buf.split_first() {
+        Some((&MSG_BLOB, rest)) => serde_json::from_slice(rest).context("malformed report from the restoring child"),
+        Some((&MSG_ERROR, rest)) => Err(anyhow!("{}", String::from_utf8_lossy(rest))),
+        _ => Err(anyhow!("the restoring child died before reporting (see its exit status)")),
+    }
+}
+
+fn read_status(pid: i32, info: &BlobInfo) -> Result<Status> {
+    let mut buf = vec![0u8; Status::SIZE];
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: info.status_addr as *mut libc::c_void, iov_len: buf.len() };
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n != buf.len() as isize {
+        return Err(std::io::Error::last_os_error()).context("reading the restorer's status");
+    }
+    Ok(Status::decode(&buf))
+}
+
+/// Waits for the program's next trap and checks it reports success.
+fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
+    loop {
+        match ptrace::wait(pid)? {
+            Stop::Signal(libc::SIGTRAP) => break,
+            Stop::Signal(sig) => bail!("the restorer was hit by signal {sig} ({})", signal_name(sig)),
+            Stop::Exited(code) => bail!("the restoring process exited with status {code}"),
+            Stop::Killed(sig) => bail!("the restoring process was killed by signal {sig} ({})", signal_name(sig)),
+            other => {
+                tracing::debug!(?other, "unexpected stop of the restorer");
+                ptrace::cont(pid, 0)?;
+            }
+        }
+    }
+    match read_status(pid, info)? {
+        Status::Done => Ok(()),
+        Status::Failed { step, errno } => {
+            let label = info.labels.get(step as usize).map(String::as_str).unwrap_or("?");
+            bail!(
+                "restorer step {step} ({label}): {} (errno {errno})",
+                std::io::Error::from_raw_os_error(errno as i32)
+            )
+        }
+        other => bail!("the restorer stopped in an unexpected state: {other:?}"),
+    }
+}
+
+/// Unmaps the restorer and gives the thread its saved CPU state.
+fn finish(pid: i32, info: &BlobInfo, t: &warmstart_snapshots::model::Thread) -> Result<()> {
+    let mut regs = ptrace::get_regs(pid)?;
+    regs[reg::RIP] = info.syscall_trap;
+    regs[reg::RAX] = libc::SYS_munmap as u64;
+    regs[reg::RDI] = info.base;
+    regs[reg::RSI] = info.map_len;
+    regs[reg::ORIG_RAX] = u64::MAX;
+    ptrace::set_regs(pid, &regs)?;
+    for _ in 0..2 {
+        ptrace::syscall(pid, 0)?;
+        match ptrace::wait(pid)? {
+            Stop::Syscall => {}
+            other => bail!("unexpected stop while unmapping the restorer: {other:?}"),
+        }
+    }
+    let after = ptrace::get_regs(pid)?;
+    if after[reg::RAX] != 0 {
+        bail!("unmapping the restorer failed: {}", std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32));
+    }
+    let saved: ptrace::Regs = t.regs.as_slice().try_into().context("snapshot thread registers have the wrong size")?;
+    ptrace::set_regs(pid, &saved).context("loading the saved registers")?;
+    ptrace::set_xstate(pid, &t.xsave).context("loading the saved xsave state")?;
+    ptrace::set_sigmask(pid, t.sigmask).context("loading the saved signal mask")?;
+    ptrace::detach(pid, 0).context("detaching from the restored process")?;
+    Ok(())
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    }
+}

@@ -1,0 +1,318 @@
+//! The restorer program: the syscall program that turns the restoring child (a copy of
+//! warmstart) into the snapshot's process. It runs from a blob mapped at an address free
+//! in both layouts, in two phases separated by traps to the monitor:
+//!
+//! 1. unmap everything of warmstart; move `[vvar]`, `[vvar_vclock]` and `[vdso]`
+//!    together to their recorded addresses; map every VMA; apply madvise flags and anon
+//!    names; `PR_SET_MM_MAP` (with `exe_fd`); close the fds used for mapping; install
+//!    signal handlers; trap — the monitor now writes the memory contents;
+//! 2. per-thread state that must see the final memory (rseq, robust list, tid address,
+//!    sigaltstack, name), re-queue pending signals, drop credentials; trap — the monitor
+//!    unmaps the blob, loads registers, FPU state and sigmask, and detaches.
+
+use anyhow::{bail, Result};
+use warmstart_parasite::{Arg, Blob, ProgramBuilder};
+use warmstart_snapshots::model::{Process, Vma, VmaKind};
+
+use crate::dump::maps::MapEntry;
+
+/// An fd the child opened for the program, and what the program uses it for.
+pub struct ProgramFds {
+    /// Per VMA index: the fd to map it from (file VMAs only).
+    pub vma_fds: Vec<Option<i32>>,
+    pub exe_fd: i32,
+}
+
+fn imm(v: impl Into<u64>) -> Arg {
+    Arg::Imm(v.into())
+}
+
+fn mmap_flags(v: &Vma) -> u64 {
+    let mut f = libc::MAP_FIXED as u64;
+    f |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+    if matches!(v.kind, VmaKind::Anon { .. }) {
+        f |= libc::MAP_ANONYMOUS as u64;
+    }
+    if v.flags.growsdown {
+        f |= libc::MAP_GROWSDOWN as u64;
+    }
+    if v.flags.locked {
+        f |= libc::MAP_LOCKED as u64;
+    }
+    f
+}
+
+fn label(v: &Vma) -> String {
+    let what = match &v.kind {
+        VmaKind::Anon { name } if name.is_empty() => "anon".to_owned(),
+        VmaKind::Anon { name } => name.clone(),
+        VmaKind::File { file } => file.path.clone(),
+        k => format!("{k:?}"),
+    };
+    format!("{:x}-{:x} {what}", v.start, v.end)
+}
+
+/// `[vvar]`, `[vvar_vclock]`, `[vdso]` of the snapshot, in address order.
+fn vdso_family(p: &Process) -> Vec<&Vma> {
+    p.vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock))
+        .collect()
+}
+
+/// Moves our vdso block onto the snapshot's, piece by piece, in an order where no move
+/// lands on a piece not yet moved.
+fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()> {
+    let theirs = vdso_family(p);
+    let ours: Vec<&MapEntry> = own
+        .iter()
+        .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+        .collect();
+    let shape = |v: Vec<(String, u64, u64)>| -> Vec<(String, u64)> {
+        let base = v.first().map(|x| x.1).unwrap_or(0);
+        v.into_iter().map(|(n, s, e)| (n, (s - base) << 20 | (e - s))).collect()
+    };
+    let their_shape = shape(
+        theirs
+            .iter()
+            .map(|v| {
+                let n = match v.kind {
+                    VmaKind::Vdso => "[vdso]",
+                    VmaKind::Vvar => "[vvar]",
+                    _ => "[vvar_vclock]",
+                };
+                (n.to_owned(), v.start, v.end)
+            })
+            .collect(),
+    );
+    let our_shape = shape(ours.iter().map(|m| (m.name.clone(), m.start, m.end)).collect());
+    if their_shape != our_shape {
+        bail!(
+            "the vdso layout here ({}) differs from the snapshot's ({}); restore on the \
+             snapshot's kernel",
+            ours.iter().map(|m| format!("{} {:#x}", m.name, m.end - m.start)).collect::<Vec<_>>().join(", "),
+            theirs.iter().map(|v| format!("{:?} {:#x}", v.kind, v.len())).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let delta = theirs[0].start as i64 - ours[0].start as i64;
+    if delta == 0 {
+        return Ok(());
+    }
+    let mut order: Vec<usize> = (0..ours.len()).collect();
+    if delta > 0 {
+        order.reverse();
+    }
+    for i in order {
+        let m = ours[i];
+        let len = m.end - m.start;
+        b.syscall(
+            libc::SYS_mremap,
+            &[
+                imm(m.start),
+                imm(len),
+                imm(len),
+                imm((libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64),
+                imm(theirs[i].start),
+            ],
+            format!("mremap {} {:x} -> {:x}", m.name, m.start, theirs[i].start),
+        );
+    }
+    Ok(())
+}
+
+/// `struct prctl_mm_map` (linux/prctl.h).
+fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
+    let m = &p.mm;
+    let mut out = Vec::with_capacity(104);
+    for v in [
+        m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack,
+        m.arg_start, m.arg_end, m.env_start, m.env_end, auxv_addr,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&((p.auxv.len() * 8) as u32).to_le_bytes());
+    out.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    out
+}
+
+/// Builds the program. `own` is the child's current layout (the blob's own range
+/// excluded by the caller); `base` is where the blob will be mapped.
+pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64) -> Result<Blob> {
+    let mut b = ProgramBuilder::new();
+    b.stack_size(64 * 1024);
+
+    // Phase 1: warmstart's own memory goes, the snapshot's layout comes.
+    for m in own {
+        if matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]") {
+            continue;
+        }
+        b.syscall(
+            libc::SYS_munmap,
+            &[imm(m.start), imm(m.end - m.start)],
+            format!("munmap {:x}-{:x} {}", m.start, m.end, m.name),
+        );
+    }
+    move_vdso(&mut b, p, own)?;
+    for (i, v) in p.vmas.iter().enumerate() {
+        if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall) {
+            continue;
+        }
+        let (fd, off) = match fds.vma_fds[i] {
+            Some(fd) => (fd as i64 as u64, v.offset),
+            None => (u64::MAX, 0),
+        };
+        // Pages come in through /proc/PID/mem, which may write read-only private
+        // mappings (FOLL_FORCE): each VMA is mapped with its final protection at once.
+        b.syscall(
+            libc::SYS_mmap,
+            &[imm(v.start), imm(v.len()), imm(v.prot), imm(mmap_flags(v)), imm(fd), imm(off)],
+            format!("mmap {}", label(v)),
+        );
+        let advice = [
+            (v.flags.dontfork, libc::MADV_DONTFORK),
+            (v.flags.dontdump, libc::MADV_DONTDUMP),
+            (v.flags.wipeonfork, libc::MADV_WIPEONFORK),
+            (v.flags.hugepage, libc::MADV_HUGEPAGE),
+            (v.flags.nohugepage, libc::MADV_NOHUGEPAGE),
+            (v.flags.mergeable, libc::MADV_MERGEABLE),
+        ];
+        for (on, adv) in advice {
+            if on {
+                b.syscall(
+                    libc::SYS_madvise,
+                    &[imm(v.start), imm(v.len()), imm(adv as u64)],
+                    format!("madvise({adv}) {}", label(v)),
+                );
+            }
+        }
+        if let VmaKind::Anon { name } = &v.kind {
+            if let Some(n) = name.strip_prefix("[anon:").and_then(|n| n.strip_suffix(']')) {
+                let mut s = n.as_bytes().to_vec();
+                s.push(0);
+                let d = b.data(&s);
+                b.syscall(
+                    libc::SYS_prctl,
+                    &[
+                        imm(libc::PR_SET_VMA as u64),
+                        imm(libc::PR_SET_VMA_ANON_NAME as u64),
+                        imm(v.start),
+                        imm(v.len()),
+                        d.arg(),
+                    ],
+                    format!("name {}", label(v)),
+                );
+            }
+        }
+    }
+    let auxv: Vec<u8> = p.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let auxv = b.data(&auxv);
+    let map = b.data_zeroed(104);
+    // The auxv pointer inside prctl_mm_map is absolute: patched in at build time.
+    let map_bytes = mm_map(p, 0, fds.exe_fd);
+    b.write_data(map, 0, &map_bytes);
+    b.data_pointer(map, 88, auxv, 0);
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(libc::PR_SET_MM as u64), imm(libc::PR_SET_MM_MAP as u64), map.arg(), imm(104u64)],
+        "prctl(PR_SET_MM_MAP)",
+    );
+    let mut closing: Vec<i32> = fds.vma_fds.iter().flatten().copied().collect();
+    closing.push(fds.exe_fd);
+    closing.sort_unstable();
+    closing.dedup();
+    for fd in closing {
+        b.syscall(libc::SYS_close, &[imm(fd as u32)], format!("close mapping fd {fd}"));
+    }
+    for (i, sa) in p.sigactions.iter().enumerate() {
+        let sig = i as u64 + 1;
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        let mut raw = Vec::with_capacity(32);
+        for w in [sa.handler, sa.flags, sa.restorer, sa.mask] {
+            raw.extend_from_slice(&w.to_le_bytes());
+        }
+        let d = b.data(&raw);
+        b.syscall(
+            libc::SYS_rt_sigaction,
+            &[imm(sig), d.arg(), imm(0u64), imm(8u64)],
+            format!("rt_sigaction({sig})"),
+        );
+    }
+    b.trap();
+
+    // Phase 2: after the monitor has written memory.
+    let t = &p.threads[0];
+    b.syscall(
+        libc::SYS_set_robust_list,
+        &[imm(t.robust_list.0), imm(t.robust_list.1)],
+        "set_robust_list",
+    );
+    b.syscall(libc::SYS_set_tid_address, &[imm(t.tid_address)], "set_tid_address");
+    if let Some(r) = t.rseq {
+        b.syscall(libc::SYS_rseq, &[imm(r.addr), imm(r.len), imm(0u64), imm(r.sig)], "rseq register");
+    }
+    if t.sigaltstack.sp != 0 || t.sigaltstack.flags & libc::SS_DISABLE == 0 {
+        let mut ss = Vec::with_capacity(24);
+        ss.extend_from_slice(&t.sigaltstack.sp.to_le_bytes());
+        // The restored thread is not on the alternate stack yet: SS_ONSTACK is state, not a flag.
+        ss.extend_from_slice(&((t.sigaltstack.flags & !libc::SS_ONSTACK) as i64).to_le_bytes());
+        ss.extend_from_slice(&t.sigaltstack.size.to_le_bytes());
+        let d = b.data(&ss);
+        b.syscall(libc::SYS_sigaltstack, &[d.arg(), imm(0u64)], "sigaltstack");
+    }
+    let mut comm = t.comm.as_bytes().to_vec();
+    comm.truncate(15);
+    comm.push(0);
+    let d = b.data(&comm);
+    b.syscall(libc::SYS_prctl, &[imm(libc::PR_SET_NAME as u64), d.arg()], "prctl(PR_SET_NAME)");
+    for info in &p.shared_pending {
+        let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
+        let d = b.data(&info.0);
+        b.syscall(
+            libc::SYS_rt_sigqueueinfo,
+            &[imm(p.pid as u32), imm(sig), d.arg()],
+            format!("queue process signal {sig}"),
+        );
+    }
+    for info in &t.pending {
+        let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
+        let d = b.data(&info.0);
+        b.syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            &[imm(p.pid as u32), imm(t.tid as u32), imm(sig), d.arg()],
+            format!("queue thread signal {sig}"),
+        );
+    }
+    creds(&mut b, p);
+    // After creds: changing them resets the dumpable flag.
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(libc::PR_SET_DUMPABLE as u64), imm(p.dumpable as u64)],
+        "prctl(PR_SET_DUMPABLE)",
+    );
+    b.trap();
+    Ok(b.build(base))
+}
+
+/// Drops to the snapshot's credentials, last, since everything before needs root.
+fn creds(b: &mut ProgramBuilder, p: &Process) {
+    let c = &p.creds;
+    if c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() {
+        return;
+    }
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    let g = b.data(&groups);
+    b.syscall(libc::SYS_setgroups, &[imm(c.groups.len() as u64), g.arg()], "setgroups");
+    b.syscall(
+        libc::SYS_setresgid,
+        &[imm(c.gid[0]), imm(c.gid[1]), imm(c.gid[2])],
+        "setresgid",
+    );
+    b.syscall(libc::SYS_setfsgid, &[imm(c.gid[3])], "setfsgid");
+    b.syscall(
+        libc::SYS_setresuid,
+        &[imm(c.uid[0]), imm(c.uid[1]), imm(c.uid[2])],
+        "setresuid",
+    );
+}
