@@ -368,7 +368,10 @@ impl ProgramBuilder {
     /// # Panics
     /// If the bytes do not fit in `at`.
     pub fn write_data(&mut self, at: DataRef, off: u64, bytes: &[u8]) {
-        assert!(off + bytes.len() as u64 <= at.len, "write_data outside its region");
+        assert!(
+            off + bytes.len() as u64 <= at.len,
+            "write_data outside its region"
+        );
         let start = (at.offset + off) as usize;
         self.data[start..start + bytes.len()].copy_from_slice(bytes);
     }
@@ -469,7 +472,10 @@ impl ProgramBuilder {
     /// Stores `value` (`width` bytes) at `to`.
     pub fn store(&mut self, to: impl Into<Arg>, value: impl Into<Arg>, width: Width) -> StepId {
         let (to, value) = (to.into(), value.into());
-        self.push(Step::Store { to, value, width }, format!("store {to} = {value}"))
+        self.push(
+            Step::Store { to, value, width },
+            format!("store {to} = {value}"),
+        )
     }
 
     /// Unconditional jump.
@@ -486,7 +492,10 @@ impl ProgramBuilder {
     /// Jumps if `value` is non-zero.
     pub fn jump_if_nonzero(&mut self, value: impl Into<Arg>, to: Label) -> StepId {
         let value = value.into();
-        self.push(Step::JumpIfNonZero { value, to }, format!("if {value} != 0"))
+        self.push(
+            Step::JumpIfNonZero { value, to },
+            format!("if {value} != 0"),
+        )
     }
 
     /// `int3` to the tracer (status = done while stopped).
@@ -610,7 +619,7 @@ impl ProgramBuilder {
     /// If a used label was never bound, `base` is misaligned, or a slot
     /// index is invalid.
     pub fn build(&self, base: u64) -> Blob {
-        assert!(base % 16 == 0, "blob base must be 16-byte aligned");
+        assert!(base.is_multiple_of(16), "blob base must be 16-byte aligned");
         let exec = executor_bytes();
         let header_off = align_up(exec.len() as u64, 64);
         let steps_off = align_up(size_of::<Header>() as u64, 64); // from header
@@ -686,7 +695,10 @@ impl fmt::Display for ProgramBuilder {
                     may_fail,
                 } => {
                     write!(f, "syscall {nr}(")?;
-                    let n = args.iter().rposition(|a| *a != Arg::Imm(0)).map_or(0, |p| p + 1);
+                    let n = args
+                        .iter()
+                        .rposition(|a| *a != Arg::Imm(0))
+                        .map_or(0, |p| p + 1);
                     for (j, a) in args[..n].iter().enumerate() {
                         if j > 0 {
                             f.write_str(", ")?;
@@ -702,7 +714,9 @@ impl fmt::Display for ProgramBuilder {
                     }
                 }
                 Step::Jump { to } => write!(f, "jump {}", target(*to))?,
-                Step::JumpIfZero { value, to } => write!(f, "if {value} == 0 jump {}", target(*to))?,
+                Step::JumpIfZero { value, to } => {
+                    write!(f, "if {value} == 0 jump {}", target(*to))?
+                }
                 Step::JumpIfNonZero { value, to } => {
                     write!(f, "if {value} != 0 jump {}", target(*to))?
                 }

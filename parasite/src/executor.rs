@@ -33,8 +33,12 @@ const LEN_OFFSET: usize = 4;
 macro_rules! eval_arg {
     ($off:literal, $dst:literal) => {
         concat!(
-            "mov eax, dword ptr [r14 + {args} + ", $off, "]\n",
-            "mov rcx, qword ptr [r14 + {args} + ", $off, " + 8]\n",
+            "mov eax, dword ptr [r14 + {args} + ",
+            $off,
+            "]\n",
+            "mov rcx, qword ptr [r14 + {args} + ",
+            $off,
+            " + 8]\n",
             "cmp eax, {arg_data}\n",
             "jne 2f\n",
             "add rcx, qword ptr [r12 + {h_data}]\n",
@@ -43,7 +47,9 @@ macro_rules! eval_arg {
             "2:\n",
             "cmp eax, {arg_slot}\n",
             "jne 4f\n",
-            "mov r11d, dword ptr [r14 + {args} + ", $off, " + 4]\n",
+            "mov r11d, dword ptr [r14 + {args} + ",
+            $off,
+            " + 4]\n",
             "cmp r11d, -1\n",
             "jne 3f\n",
             "add rcx, rbx\n",
@@ -51,7 +57,9 @@ macro_rules! eval_arg {
             "3:\n",
             "add rcx, qword ptr [r15 + r11*8]\n",
             "4:\n",
-            "mov ", $dst, ", rcx\n",
+            "mov ",
+            $dst,
+            ", rcx\n",
         )
     };
 }

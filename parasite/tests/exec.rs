@@ -24,10 +24,7 @@ impl Shared {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
-        Shared {
-            ptr: p.cast(),
-            len,
-        }
+        Shared { ptr: p.cast(), len }
     }
     fn addr(&self) -> u64 {
         self.ptr as u64
@@ -112,9 +109,19 @@ fn run_forked_at(b: &ProgramBuilder, shared: &Shared) -> Run {
 #[test]
 fn executor_shape() {
     let e = executor_bytes();
-    assert_eq!(&e[SYSCALL_TRAP_OFFSET..SYSCALL_TRAP_OFFSET + 3], &[0x0f, 0x05, 0xcc]);
-    assert!(e.len() > ENTRY_OFFSET + 16 && e.len() < 4096, "len {}", e.len());
-    assert_eq!(u32::from_le_bytes(e[4..8].try_into().unwrap()) as usize, e.len());
+    assert_eq!(
+        &e[SYSCALL_TRAP_OFFSET..SYSCALL_TRAP_OFFSET + 3],
+        &[0x0f, 0x05, 0xcc]
+    );
+    assert!(
+        e.len() > ENTRY_OFFSET + 16 && e.len() < 4096,
+        "len {}",
+        e.len()
+    );
+    assert_eq!(
+        u32::from_le_bytes(e[4..8].try_into().unwrap()) as usize,
+        e.len()
+    );
 }
 
 /// No 8-byte window of the executor equals an address inside any mapping of
@@ -172,11 +179,31 @@ fn pipe_program() -> (ProgramBuilder, DataRef, DataRef, Slot) {
         ],
         "mmap scratch page",
     );
-    b.syscall(libc::SYS_write, &[wfd.into(), text.arg(), n.into()], "write msg");
-    b.syscall(libc::SYS_read, &[rfd.into(), page.plus(100), n.into()], "read into page");
-    b.syscall(libc::SYS_write, &[wfd.into(), page.plus(100), n.into()], "write page");
-    b.syscall(libc::SYS_read, &[rfd.into(), out.arg(), n.into()], "read into out");
-    b.syscall(libc::SYS_munmap, &[page.into(), 4096.into()], "munmap scratch page");
+    b.syscall(
+        libc::SYS_write,
+        &[wfd.into(), text.arg(), n.into()],
+        "write msg",
+    );
+    b.syscall(
+        libc::SYS_read,
+        &[rfd.into(), page.plus(100), n.into()],
+        "read into page",
+    );
+    b.syscall(
+        libc::SYS_write,
+        &[wfd.into(), page.plus(100), n.into()],
+        "write page",
+    );
+    b.syscall(
+        libc::SYS_read,
+        &[rfd.into(), out.arg(), n.into()],
+        "read into out",
+    );
+    b.syscall(
+        libc::SYS_munmap,
+        &[page.into(), 4096.into()],
+        "munmap scratch page",
+    );
     b.exit(7);
     (b, text, out, page)
 }
@@ -321,7 +348,12 @@ fn clone3_thread_continues_interpreting() {
     b.jump_if_zero(Slot::LAST, done);
     b.syscall_may_fail(
         libc::SYS_futex,
-        &[tid.arg(), libc::FUTEX_WAIT.into(), Slot::LAST.into(), 0.into()],
+        &[
+            tid.arg(),
+            libc::FUTEX_WAIT.into(),
+            Slot::LAST.into(),
+            0.into(),
+        ],
         "futex wait for thread exit",
     );
     b.load(waits.arg(), Width::U64, None);
@@ -355,7 +387,13 @@ fn display_and_describe() {
     );
     b.syscall(
         libc::SYS_mmap,
-        &[0x7f00_0000_0000u64.into(), 4096.into(), 1.into(), 0x12.into(), s.into()],
+        &[
+            0x7f00_0000_0000u64.into(),
+            4096.into(),
+            1.into(),
+            0x12.into(),
+            s.into(),
+        ],
         "mmap 0x7f0000000000-0x7f0000001000 r--p /usr/lib/libc.so.6",
     );
     b.trap();
@@ -386,7 +424,7 @@ fn display_and_describe() {
     assert_eq!(blob.stack_top % 16, 0);
     assert_eq!(blob.stack_top, blob.base + blob.len() as u64);
     assert!(blob.program > blob.base && blob.status_addr > blob.slots_addr);
-    assert_eq!(Errno(4095).to_string().ends_with("(errno 4095)"), true);
+    assert!(Errno(4095).to_string().ends_with("(errno 4095)"));
 }
 
 #[test]
@@ -398,7 +436,13 @@ fn status_decode() {
     b[0] = 2;
     b[8] = 12;
     b[16] = 22;
-    assert_eq!(Status::decode(&b), Status::Failed { step: 12, errno: 22 });
+    assert_eq!(
+        Status::decode(&b),
+        Status::Failed {
+            step: 12,
+            errno: 22
+        }
+    );
     b[0] = 9;
     assert_eq!(Status::decode(&b), Status::Invalid(9));
 }
