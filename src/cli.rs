@@ -1,0 +1,389 @@
+//! Command-line interface: parsing, and one function per command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
+use warmstart_snapshots::store::{SnapshotId, Store};
+
+use crate::dump::{self, DumpOptions, StdioPolicy};
+use crate::stats::human;
+
+#[derive(Parser, Debug)]
+#[command(name = "warmstart", version, about = "Checkpoint an app at its warm point; restore instances in milliseconds")]
+pub struct Cli {
+    /// Snapshot store directory [default: $XDG_DATA_HOME/warmstart or ~/.local/share/warmstart]
+    #[arg(long, global = true, env = "WARMSTART_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// More logging (-v info, -vv debug, -vvv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report whether this kernel has every feature warmstart needs
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a snapshot: process tree, memory, sizes
+    Inspect {
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a snapshot (its pages go at the next `gc`)
+    Rm { snapshot: String },
+    /// Delete store data no snapshot references
+    Gc,
+    /// Re-hash every page of every snapshot (or of one)
+    Verify { snapshot: Option<String> },
+    /// Checkpoint a running process (CRIU style)
+    Dump(DumpArgs),
+    /// Restore a snapshot (CRIU style)
+    Restore(RestoreArgs),
+    /// Run an app to its warm point and snapshot it
+    Record(RecordArgs),
+    /// Start a new instance of a snapshot with this terminal's stdio
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    /// Pid of the process to dump
+    #[arg(short = 't', long = "tree")]
+    pub pid: i32,
+    /// Name the snapshot
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write a self-contained image directory instead of the store
+    #[arg(short = 'D', long = "images-dir")]
+    pub dir: Option<PathBuf>,
+    /// Leave the process running after the dump (default: kill it)
+    #[arg(short = 'R', long)]
+    pub leave_running: bool,
+    /// Print phase timings and sizes
+    #[arg(long)]
+    pub display_stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id (or unique prefix) or name
+    #[arg(required_unless_present = "dir")]
+    pub snapshot: Option<String>,
+    /// Restore from an image directory written by `dump -D`
+    #[arg(short = 'D', long = "images-dir", conflicts_with = "snapshot")]
+    pub dir: Option<PathBuf>,
+    /// Return once the process runs, printing its pid
+    #[arg(short = 'd', long = "restore-detached")]
+    pub detach: bool,
+    /// Print phase timings
+    #[arg(long)]
+    pub display_stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// Name the snapshot
+    #[arg(long)]
+    pub name: Option<String>,
+    /// When to take the snapshot: `stdin` (the app's first read of fd 0)
+    #[arg(long, default_value = "stdin")]
+    pub ready: String,
+    /// Give up if the app has not reached its warm point after this many seconds
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Print phase timings and sizes
+    #[arg(long)]
+    pub display_stats: bool,
+    /// The command to run
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Snapshot id (or unique prefix) or name
+    pub snapshot: String,
+    /// Print phase timings
+    #[arg(long)]
+    pub display_stats: bool,
+}
+
+fn default_store() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("warmstart"));
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("neither XDG_DATA_HOME nor HOME is set: pass --store DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/warmstart"))
+}
+
+fn open_store(cli: &Cli) -> Result<Store> {
+    let dir = match &cli.store {
+        Some(d) => d.clone(),
+        None => default_store()?,
+    };
+    Ok(Store::open(&dir)?)
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn main(cli: Cli) -> Result<i32> {
+    match &cli.command {
+        Command::Check { json } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
+        Command::Ls { json } => ls(&open_store(&cli)?, *json),
+        Command::Inspect { snapshot, json } => inspect(&open_store(&cli)?, snapshot, *json),
+        Command::Rm { snapshot } => {
+            let id = open_store(&cli)?.remove(snapshot)?;
+            println!("removed {}", id.short());
+            Ok(0)
+        }
+        Command::Gc => {
+            let r = open_store(&cli)?.gc()?;
+            println!(
+                "removed {} pack(s), {} temp file(s), {} orphan table(s); freed {}; {} pack(s) live",
+                r.removed_packs.len(),
+                r.removed_temp_files,
+                r.removed_orphan_tables,
+                human(r.freed_bytes),
+                r.live_packs
+            );
+            Ok(0)
+        }
+        Command::Verify { snapshot } => verify(&open_store(&cli)?, snapshot.as_deref()),
+        Command::Dump(a) => dump_cmd(&cli, a),
+        Command::Restore(a) => restore_cmd(&cli, a),
+        Command::Record(a) => record_cmd(&cli, a),
+        Command::Run(a) => {
+            let store = open_store(&cli)?;
+            let id = store.resolve(&a.snapshot)?;
+            run_instance(&store, &id, false, a.display_stats)
+        }
+    }
+}
+
+fn ls(store: &Store, json: bool) -> Result<i32> {
+    let list = store.list()?;
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id.to_string(), "names": s.names, "created_unix": s.created_unix,
+                    "command": s.command, "logical_bytes": s.logical_bytes,
+                    "resident_bytes": s.resident_pages * 4096, "zero_bytes": s.zero_pages * 4096,
+                    "damaged": s.damaged,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("{:<12}  {:<16}  {:>10}  {:>10}  COMMAND", "ID", "NAME", "LOGICAL", "RESIDENT");
+    for s in list {
+        let cmd = match &s.damaged {
+            Some(d) => format!("DAMAGED: {d}"),
+            None => s.command.join(" "),
+        };
+        println!(
+            "{:<12}  {:<16}  {:>10}  {:>10}  {cmd}",
+            s.id.short(),
+            s.names.join(","),
+            human(s.logical_bytes),
+            human(s.resident_pages * 4096)
+        );
+    }
+    Ok(0)
+}
+
+fn vma_kind(k: &VmaKind) -> String {
+    match k {
+        VmaKind::Anon { name } if name.is_empty() => "anon".into(),
+        VmaKind::Anon { name } => name.clone(),
+        VmaKind::File { file } => file.path.clone(),
+        VmaKind::Vdso => "[vdso]".into(),
+        VmaKind::Vvar => "[vvar]".into(),
+        VmaKind::VvarVclock => "[vvar_vclock]".into(),
+        VmaKind::Vsyscall => "[vsyscall]".into(),
+    }
+}
+
+fn fd_kind(f: &FileDesc) -> String {
+    match f {
+        FileDesc::Regular { file, pos, .. } => format!("file {} @{pos}", file.path),
+        FileDesc::Directory { path, .. } => format!("dir {path}"),
+        FileDesc::CharDev { path, .. } => format!("chr {path}"),
+        FileDesc::Pipe { pipe, write, .. } => format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" }),
+        FileDesc::External { stdio } => format!("external stdio {stdio}"),
+    }
+}
+
+fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
+    let id = store.resolve(which)?;
+    let snap = store.load(&id)?;
+    let st = store.stats(&id)?;
+    let m: &Manifest = &snap.manifest;
+    if json {
+        let v = json!({
+            "id": id.to_string(),
+            "stats": {
+                "logical_bytes": st.logical_bytes, "resident_bytes": st.resident_pages * 4096,
+                "zero_bytes": st.zero_pages * 4096, "data_bytes": st.data_pages * 4096,
+                "stored_bytes": st.stored_bytes, "shared_pages_with_others": st.shared_with_others,
+            },
+            "manifest": m,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("snapshot {id}");
+    println!("  command:  {}", m.command.join(" "));
+    println!("  trigger:  {}", m.trigger);
+    println!("  kernel:   {}  xsave {} bytes, XCR0 {:#x}", m.host.kernel_release, m.host.xsave_size, m.host.xsave_features);
+    println!(
+        "  memory:   logical {}, resident {}, zero {}, stored {} (compressed), {} pages shared with other snapshots",
+        human(st.logical_bytes),
+        human(st.resident_pages * 4096),
+        human(st.zero_pages * 4096),
+        human(st.stored_bytes),
+        st.shared_with_others
+    );
+    for p in &m.processes {
+        println!("  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}", p.pid, p.comm, p.ppid, p.pgid, p.sid, p.threads.len(), p.exe.path);
+        println!("    vmas: {}", p.vmas.len());
+        for v in &p.vmas {
+            let (mut data, mut zero) = (0, 0);
+            for r in &v.pages {
+                match r.content {
+                    RunContent::Data { .. } => data += r.count,
+                    RunContent::Zero => zero += r.count,
+                }
+            }
+            let prot = format!(
+                "{}{}{}{}",
+                if v.prot & 1 != 0 { 'r' } else { '-' },
+                if v.prot & 2 != 0 { 'w' } else { '-' },
+                if v.prot & 4 != 0 { 'x' } else { '-' },
+                if v.shared { 's' } else { 'p' }
+            );
+            println!("      {:012x}-{:012x} {prot} {:>10}  data {:>6}  zero {:>6}  {}", v.start, v.end, human(v.len()), data, zero, vma_kind(&v.kind));
+        }
+        println!("    fds:");
+        for f in &p.fds {
+            println!("      {:>4}{} {}", f.fd, if f.cloexec { " (cloexec)" } else { "" }, fd_kind(&f.file));
+        }
+    }
+    Ok(0)
+}
+
+fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
+    let id = which.map(|w| store.resolve(w)).transpose()?;
+    let r = store.verify(id.as_ref())?;
+    for d in &r.damaged {
+        eprintln!("snapshot {} is damaged:", d.id.short());
+        for reason in &d.reasons {
+            eprintln!("  {reason}");
+        }
+    }
+    if r.is_ok() {
+        println!("ok: {} snapshot(s), {} page(s) verified", r.snapshots_checked, r.pages_checked);
+        Ok(0)
+    } else {
+        eprintln!("{} of {} snapshot(s) damaged", r.damaged.len(), r.snapshots_checked);
+        Ok(1)
+    }
+}
+
+fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
+    let store = match &a.dir {
+        Some(dir) => {
+            let s = Store::open(dir)?;
+            if !s.ids()?.is_empty() {
+                bail!("image directory {} already holds a snapshot: use an empty directory", dir.display());
+            }
+            s
+        }
+        None => open_store(cli)?,
+    };
+    if !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() || a.pid <= 0 {
+        bail!("no such process: {}", a.pid);
+    }
+    let r = dump::dump(
+        a.pid,
+        None,
+        &store,
+        &DumpOptions {
+            leave_running: a.leave_running,
+            stdio: StdioPolicy::Detect,
+            trigger: "dump".into(),
+            command: Vec::new(),
+            name: a.name.clone(),
+        },
+    )?;
+    if a.display_stats {
+        eprintln!("dump of {}:\n{}", a.pid, r.phases);
+    }
+    println!("{}", r.id.short());
+    Ok(0)
+}
+
+fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
+    let (store, id) = match (&a.dir, &a.snapshot) {
+        (Some(dir), _) => {
+            if !dir.is_dir() {
+                bail!("image directory {} does not exist", dir.display());
+            }
+            let s = Store::open(dir)?;
+            let id = s.only_snapshot()?;
+            (s, id)
+        }
+        (None, Some(snap)) => {
+            let s = open_store(cli)?;
+            let id = s.resolve(snap)?;
+            (s, id)
+        }
+        (None, None) => bail!("name a snapshot or pass -D DIR"),
+    };
+    run_instance(&store, &id, a.detach, a.display_stats)
+}
+
+fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
+    if a.ready != "stdin" {
+        bail!("--ready {}: only `stdin` is supported yet", a.ready);
+    }
+    let store = open_store(cli)?;
+    let r = crate::record::record(
+        &store,
+        &crate::record::RecordOptions { command: a.command.clone(), name: a.name.clone(), timeout: Duration::from_secs(a.timeout) },
+    )?;
+    if a.display_stats {
+        eprintln!("record:\n{}", r.phases);
+    }
+    println!("{}", r.id.short());
+    Ok(0)
+}
+
+/// Restores one instance and waits for it (or, detached, reports its pid and returns).
+fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: bool) -> Result<i32> {
+    let snap = store.load(id)?;
+    if detach {
+        return crate::restore::detached(&snap);
+    }
+    let r = crate::restore::restore(&snap)?;
+    if display_stats {
+        eprintln!("restore of {}:\n{}", id.short(), r.phases);
+    }
+    let code = r.sandbox.wait_forwarding_signals()?;
+    Ok(code)
+}

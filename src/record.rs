@@ -1,0 +1,211 @@
+//! `warmstart record`: launch an app in the sandbox, hold it at its warm point, dump it.
+//!
+//! The app gets three fresh pipes as stdio so the dump can tell them apart from anything
+//! else it opens: at `run` they become the caller's stdin, stdout and stderr. While it
+//! warms up, its output is copied to our stderr, and the tail of its stderr is kept for
+//! the error message if it exits before its warm point.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_launcher::SpawnOptions;
+use warmstart_snapshots::store::Store;
+
+use crate::dump::{self, DumpOptions, DumpResult, Frozen, StdioPolicy};
+use crate::sys::ptrace::{self, Stop};
+
+/// Lines of the app's stderr kept for error messages.
+const TAIL_LINES: usize = 20;
+
+pub struct RecordOptions {
+    pub command: Vec<String>,
+    pub name: Option<String>,
+    pub timeout: Duration,
+}
+
+static TIMED_OUT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_alarm(_: libc::c_int) {
+    TIMED_OUT.store(true, Ordering::SeqCst);
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
+    let f = std::fs::File::from(fd.try_clone()?);
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Finds `cmd` on PATH the way a shell would, so a missing command is a clear error
+/// here rather than an exit status from inside the sandbox.
+fn resolve(cmd: &str) -> Result<CString> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates: Vec<std::path::PathBuf> = if cmd.contains('/') {
+        vec![cmd.into()]
+    } else {
+        std::env::var_os("PATH")
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
+            .to_string_lossy()
+            .split(':')
+            .map(|d| std::path::Path::new(d).join(cmd))
+            .collect()
+    };
+    for c in candidates {
+        if let Ok(m) = std::fs::metadata(&c) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return CString::new(c.as_os_str().as_encoded_bytes()).map_err(|_| anyhow!("bad command path"));
+            }
+        }
+    }
+    bail!("command not found: {cmd} (not an executable file{})", if cmd.contains('/') { "" } else { " on PATH" })
+}
+
+/// Copies an app's output pipe to our stderr, keeping the last lines.
+fn forward(r: OwnedFd, tail: Option<Arc<Mutex<VecDeque<String>>>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(r);
+        let mut buf = [0u8; 8192];
+        let mut partial = Vec::new();
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let _ = std::io::stderr().write_all(&buf[..n]);
+            if let Some(t) = &tail {
+                partial.extend_from_slice(&buf[..n]);
+                while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = partial.drain(..=i).collect();
+                    let mut t = t.lock().unwrap();
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(String::from_utf8_lossy(&line).trim_end().to_owned());
+                }
+            }
+        }
+    })
+}
+
+pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
+    let Some(cmd) = opts.command.first() else {
+        bail!("no command given: usage is `warmstart record -- CMD ARGS...`");
+    };
+    let path = resolve(cmd)?;
+    let argv: Vec<CString> = opts
+        .command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| anyhow!("argument contains a NUL byte: {a:?}")))
+        .collect::<Result<_>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let given = [dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
+    let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+
+    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: None, gate: true }, || {
+        for (i, fd) in child_stdio.iter().enumerate() {
+            if unsafe { libc::dup2(*fd, i as RawFd) } < 0 {
+                return 127;
+            }
+        }
+        warmstart_launcher::wait_for_release();
+        if warmstart_launcher::trigger::install_stdin_trap().is_err() {
+            return 126;
+        }
+        unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
+        127
+    })
+    .context("starting the sandbox")?;
+    drop((in_r, out_w, err_w));
+    let pid = sandbox.app_pid;
+    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESECCOMP | ptrace::O_TRACESYSGOOD)
+        .with_context(|| format!("seizing the app (pid {pid})"))?;
+    sandbox.release()?;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let readers = [forward(out_r, None), forward(err_r, Some(tail.clone()))];
+
+    TIMED_OUT.store(false, Ordering::SeqCst);
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_alarm as usize;
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        libc::alarm(opts.timeout.as_secs().max(1) as u32);
+    }
+    let outcome = wait_warm_point(pid);
+    unsafe { libc::alarm(0) };
+    let result = match outcome {
+        Ok(()) => dump::dump(
+            pid,
+            Some(Frozen::at_syscall_entry(pid, pid)),
+            store,
+            &DumpOptions {
+                leave_running: false,
+                stdio: StdioPolicy::Given(given),
+                trigger: "stdin".into(),
+                command: opts.command.clone(),
+                name: opts.name.clone(),
+            },
+        ),
+        Err(e) => Err(e),
+    };
+    sandbox.kill();
+    let _ = sandbox.wait();
+    drop(in_w);
+    for r in readers {
+        let _ = r.join();
+    }
+    result.map_err(|e| {
+        let tail = tail.lock().unwrap();
+        if tail.is_empty() || e.to_string().contains("timed out") {
+            e
+        } else {
+            e.context(format!("last lines of its stderr:\n  {}", tail.iter().cloned().collect::<Vec<_>>().join("\n  ")))
+        }
+    })
+}
+
+fn wait_warm_point(pid: i32) -> Result<()> {
+    let mut status = 0;
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                if TIMED_OUT.load(Ordering::SeqCst) {
+                    bail!("the app did not reach its warm point (first read of stdin) before the timeout; it was stopped and nothing was stored");
+                }
+                continue;
+            }
+            return Err(e).context("waiting for the app");
+        }
+        match ptrace::decode_status(status) {
+            Stop::Event(libc::PTRACE_EVENT_SECCOMP) => return Ok(()),
+            Stop::Exited(code) => bail!("the app exited with status {code} before its warm point (first read of stdin); nothing was stored"),
+            Stop::Killed(sig) => bail!(
+                "the app was killed by signal {sig} ({}) before its warm point; nothing was stored",
+                crate::restore::signal_name(sig)
+            ),
+            Stop::Signal(sig) => ptrace::cont(pid, sig)?,
+            // Group stop (SIGSTOP/SIGTSTP to the app): keep it running towards its warm point.
+            _ => ptrace::cont(pid, 0)?,
+        }
+    }
+}
