@@ -122,7 +122,14 @@ fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool 
 pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
     unsafe {
         // Die with the monitor, then close the race where it died before the prctl.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             fail(a, STAGE_PDEATHSIG);
         }
         let mut pfd = libc::pollfd {

@@ -141,6 +141,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
                     return Err(e);
                 }
             };
+            tracing::debug!(init_pid, app_pid, app_ns_pid, "sandbox spawned");
             Ok(Sandbox {
                 init_pid,
                 app_pid: if app_pid > 0 { app_pid } else { -1 },

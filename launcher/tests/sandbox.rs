@@ -27,7 +27,10 @@ fn blocked_read_fd(pid: i32) -> i32 {
         if f.first() == Some(&"0") {
             return i32::from_str_radix(f[1].trim_start_matches("0x"), 16).unwrap();
         }
-        assert!(std::time::Instant::now() < deadline, "app never blocked: {s}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "app never blocked: {s}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }

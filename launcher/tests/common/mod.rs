@@ -30,7 +30,10 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
         if n == 0 {
             return false;
         }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR));
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINTR)
+        );
     }
 }
 
@@ -136,16 +139,28 @@ impl Child {
             if r == self.pid {
                 break;
             }
-            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR));
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EINTR)
+            );
         }
         self.done = true;
         st
     }
 
+    /// It was reaped elsewhere (e.g. by a ptrace loop).
+    pub fn reaped(&mut self) {
+        self.done = true;
+    }
+
     /// Exit code (panics if killed by a signal).
     pub fn wait_code(&mut self) -> i32 {
         let st = self.wait_status();
-        assert!(libc::WIFEXITED(st), "helper killed by signal {}", libc::WTERMSIG(st));
+        assert!(
+            libc::WIFEXITED(st),
+            "helper killed by signal {}",
+            libc::WTERMSIG(st)
+        );
         libc::WEXITSTATUS(st)
     }
 }
@@ -154,13 +169,20 @@ impl Drop for Child {
     fn drop(&mut self) {
         if !self.done {
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            self.wait_status();
+            let mut st = 0;
+            while unsafe { libc::waitpid(self.pid, &mut st, libc::__WALL) } < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
         }
     }
 }
 
 pub fn pidfd_open(pid: i32) -> OwnedFd {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    assert!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
     unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
 }
