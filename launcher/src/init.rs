@@ -1,0 +1,287 @@
+//! The sandbox's pid 1 and the app child it creates.
+//!
+//! Everything here runs in children created with raw `clone3` from a possibly
+//! multi-threaded monitor: only async-signal-safe calls, no allocation, no locks (the
+//! app closure itself is the caller's responsibility).
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::sys::{self, close_raw, errno, CloneArgs};
+
+/// Signals init forwards to the app.
+pub(crate) const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Exit code of init when its setup fails (the precise error goes over the socket).
+pub(crate) const INIT_SETUP_FAILED: i32 = 125;
+/// Exit code of the app child when the gate was closed without release.
+pub(crate) const GATE_ABANDONED: i32 = 125;
+/// Exit code of the app child when the app closure panicked.
+pub(crate) const APP_PANICKED: i32 = 101;
+
+/// Stages reported by init in its one message to the monitor.
+pub(crate) const STAGE_OK: i32 = 0;
+pub(crate) const STAGE_NAMES: [&str; 7] = [
+    "ok",
+    "prctl(PR_SET_PDEATHSIG)",
+    "monitor exited",
+    "mount(/, MS_REC|MS_PRIVATE)",
+    "mount(proc, /proc)",
+    "sigaction",
+    "clone3(app)",
+];
+const STAGE_PDEATHSIG: i32 = 1;
+const STAGE_MONITOR_GONE: i32 = 2;
+const STAGE_PRIVATE: i32 = 3;
+const STAGE_PROC: i32 = 4;
+const STAGE_SIGACTION: i32 = 5;
+const STAGE_CLONE_APP: i32 = 6;
+
+/// Size of init's message: `[stage, errno, app_ns_pid]`.
+pub(crate) const MSG_LEN: usize = 12;
+
+/// Raw fds and settings prepared by the monitor before `clone3`.
+pub(crate) struct InitArgs {
+    /// pidfd of the monitor (for the PDEATHSIG race check).
+    pub monitor_pidfd: RawFd,
+    /// init's end of the report socket.
+    pub sock: RawFd,
+    /// the monitor's end (closed in init).
+    pub mon_sock: RawFd,
+    /// gate pipe, -1 if no gate.
+    pub gate_r: RawFd,
+    pub gate_w: RawFd,
+    /// exact pid for the app (0 = any).
+    pub app_pid: i32,
+    /// fds to install as the app's 0, 1, 2 (-1 = leave).
+    pub stdio: [RawFd; 3],
+}
+
+/// The app's pid in the sandbox, for the forwarding handler (init is single-threaded).
+static APP_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let saved = errno();
+    let pid = APP_PID.load(Ordering::Relaxed);
+    if pid > 0 {
+        unsafe { libc::kill(pid, sig) };
+    }
+    sys::set_errno(saved);
+}
+
+fn fail(a: &InitArgs, stage: i32) -> ! {
+    let e = errno();
+    report(a.sock, stage, e, 0, -1);
+    unsafe { libc::_exit(INIT_SETUP_FAILED) }
+}
+
+/// Send `[stage, errno, ns_pid]` and, if `pidfd >= 0`, the pidfd with SCM_RIGHTS.
+fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool {
+    #[repr(C, align(8))]
+    struct Cmsg([u8; 64]);
+    let payload: [i32; 3] = [stage, err, ns_pid];
+    let mut cbuf = Cmsg([0; 64]);
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: MSG_LEN,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if pidfd >= 0 {
+            msg.msg_control = cbuf.0.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, pidfd);
+        }
+        loop {
+            let r = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+            if r >= 0 {
+                return true;
+            }
+            if errno() != libc::EINTR {
+                return false;
+            }
+        }
+    }
+}
+
+/// Body of init (pid 1). Starts with every signal blocked (the monitor blocked them
+/// around `clone3`).
+pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
+    unsafe {
+        // Die with the monitor, then close the race where it died before the prctl.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(a, STAGE_PDEATHSIG);
+        }
+        let mut pfd = libc::pollfd {
+            fd: a.monitor_pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&mut pfd, 1, 0) != 0 {
+            sys::set_errno(libc::ESRCH);
+            fail(a, STAGE_MONITOR_GONE);
+        }
+        close_raw(a.monitor_pidfd);
+        close_raw(a.mon_sock);
+        close_raw(a.gate_w);
+
+        // Our own mount world: nothing propagates back to the host, fresh /proc.
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(a, STAGE_PRIVATE);
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(a, STAGE_PROC);
+        }
+
+        // Default dispositions (a SIG_IGN'd SIGCHLD would break reaping), then
+        // forwarding handlers. Signals stay blocked until the app exists.
+        sys::reset_signal_dispositions();
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigfillset(&mut sa.sa_mask);
+        for sig in FORWARDED {
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                fail(a, STAGE_SIGACTION);
+            }
+        }
+
+        // The app.
+        let mut app_pidfd: libc::c_int = -1;
+        let set_tid: [libc::pid_t; 1] = [a.app_pid];
+        let mut args = CloneArgs {
+            flags: libc::CLONE_PIDFD as u64,
+            pidfd: &mut app_pidfd as *mut libc::c_int as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        };
+        if a.app_pid > 0 {
+            args.set_tid = set_tid.as_ptr() as u64;
+            args.set_tid_size = 1;
+        }
+        let pid = sys::clone3(&mut args);
+        if pid == 0 {
+            app_main(a, app);
+        }
+        if pid < 0 {
+            fail(a, STAGE_CLONE_APP);
+        }
+        let pid = pid as i32;
+        APP_PID.store(pid, Ordering::Relaxed);
+        report(a.sock, STAGE_OK, 0, pid, app_pidfd);
+        // init holds nothing: no pipe stays open because of it.
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        sys::set_sigmask_all(false);
+
+        loop {
+            let mut status: libc::c_int = 0;
+            let r = libc::waitpid(-1, &mut status, libc::__WALL);
+            if r < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                // ECHILD cannot happen before the app is reaped; be safe anyway.
+                libc::_exit(INIT_SETUP_FAILED);
+            }
+            if r == pid {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else if libc::WIFSIGNALED(status) {
+                    128 + libc::WTERMSIG(status)
+                } else {
+                    continue;
+                };
+                libc::_exit(code);
+            }
+        }
+    }
+}
+
+/// Install `fds` as 0, 1, 2 (entries < 0 are left alone). Handles overlaps.
+fn install_stdio(fds: [RawFd; 3]) -> bool {
+    unsafe {
+        let mut tmp = [-1; 3];
+        for i in 0..3 {
+            if fds[i] >= 0 {
+                tmp[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 3);
+                if tmp[i] < 0 {
+                    return false;
+                }
+            }
+        }
+        for (i, t) in tmp.iter().enumerate() {
+            if *t >= 0 {
+                if libc::dup2(*t, i as RawFd) < 0 {
+                    return false;
+                }
+                close_raw(*t);
+            }
+        }
+    }
+    true
+}
+
+/// Body of the app child (pid 2, or the exact pid). Starts with every signal blocked.
+fn app_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
+    unsafe {
+        close_raw(a.sock);
+        sys::reset_signal_dispositions();
+        if a.stdio.iter().any(|fd| *fd >= 0) && !install_stdio(a.stdio) {
+            libc::_exit(INIT_SETUP_FAILED);
+        }
+        sys::set_sigmask_all(false);
+        if a.gate_r >= 0 {
+            let mut b = 0u8;
+            let n = loop {
+                let n = libc::read(a.gate_r, &mut b as *mut u8 as *mut libc::c_void, 1);
+                if n < 0 && errno() == libc::EINTR {
+                    continue;
+                }
+                break n;
+            };
+            close_raw(a.gate_r);
+            if n != 1 {
+                libc::_exit(GATE_ABANDONED);
+            }
+        }
+        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(app)) {
+            Ok(c) => c,
+            Err(_) => APP_PANICKED,
+        };
+        libc::_exit(code)
+    }
+}

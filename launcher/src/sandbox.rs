@@ -1,0 +1,645 @@
+//! The sandbox: a monitor (the caller) → init (pid 1 of a new pid + mount namespace,
+//! fresh `/proc`) → the app.
+//!
+//! ```text
+//! monitor (root pid ns)  ──clone3(NEWPID|NEWNS|PIDFD)──▶ init (pid 1)
+//!                                                     └──clone3([set_tid])──▶ app (pid 2 / exact)
+//! ```
+//!
+//! * init dies with the monitor (`PR_SET_PDEATHSIG`, SIGKILL), and the kernel kills the
+//!   whole namespace when init dies. PDEATHSIG fires when the *thread* that called
+//!   [`spawn`] exits: call it from a thread that outlives the sandbox.
+//! * The monitor never calls `waitpid(-1)`: it waits for init by pid and only reaps the
+//!   app's *exit* (never a stop) when it is the app's ptrace tracer, which is required
+//!   for init to see the exit (a zombie tracee is visible only to its tracer).
+
+use std::cell::Cell;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::init::{self, InitArgs};
+use crate::sys::{self, CloneArgs};
+use crate::LaunchError;
+
+/// How long [`spawn`] waits for init's report.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options of [`spawn`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpawnOptions {
+    /// Exact pid of the app inside the sandbox (`clone3` `set_tid`), for restore.
+    /// `None`: the next free pid, i.e. 2.
+    pub pid: Option<i32>,
+    /// Hold the app before it calls the closure until [`Sandbox::release`] (so the monitor
+    /// can `PTRACE_SEIZE` it first). If the `Sandbox` is dropped unreleased, the app exits
+    /// with code 125 without running the closure.
+    pub gate: bool,
+    /// Fds of the caller to become the app's stdin, stdout, stderr (`dup2`, so they are
+    /// not close-on-exec in the app). `None` / `-1` entries: inherited as they are.
+    pub stdio: Option<[RawFd; 3]>,
+}
+
+/// A running sandbox. Dropping it kills and reaps it unless it was waited.
+///
+/// Not `Sync`: wait/kill it from the thread that owns it.
+pub struct Sandbox {
+    /// init's pid in the monitor's pid namespace.
+    pub init_pid: i32,
+    /// The app's pid in the monitor's pid namespace (for ptrace, `/proc/<pid>`); -1 if
+    /// the app had already exited and been reaped when `spawn` returned (only possible
+    /// without a gate).
+    pub app_pid: i32,
+    /// The app's pid inside the sandbox (2, or `SpawnOptions::pid`).
+    pub app_ns_pid: i32,
+    init_pidfd: OwnedFd,
+    app_pidfd: OwnedFd,
+    gate: Cell<Option<OwnedFd>>,
+    status: Cell<Option<i32>>,
+    /// The app's exit is no longer ours to reap (reaped, or we are not its tracer).
+    app_done: Cell<bool>,
+}
+
+/// Spawn `app` in a new sandbox (see the module docs). `app` runs in the app child (after
+/// the gate, if any) and its return value is the app's exit code; it normally execs.
+///
+/// `app` runs in a child created with raw `clone3` from a possibly multi-threaded
+/// process: it must only do async-signal-safe work (prepare `CString`s etc. before
+/// calling `spawn`; no allocation, no locks such as stdout's).
+pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, LaunchError> {
+    if let Some(pid) = opts.pid {
+        if pid < 2 {
+            return Err(LaunchError::Invalid("app pid must be >= 2 (1 is init)"));
+        }
+    }
+    let (mon_sock, init_sock) = socketpair()?;
+    let (gate_r, gate_w) = if opts.gate {
+        let (r, w) = pipe()?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
+    let monitor_pidfd = sys::pidfd_open(unsafe { libc::getpid() })?;
+    let raw = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let init_args = InitArgs {
+        monitor_pidfd: monitor_pidfd.as_raw_fd(),
+        sock: init_sock.as_raw_fd(),
+        mon_sock: mon_sock.as_raw_fd(),
+        gate_r: raw(&gate_r),
+        gate_w: raw(&gate_w),
+        app_pid: opts.pid.unwrap_or(0),
+        stdio: opts.stdio.unwrap_or([-1; 3]),
+    };
+    let mut init_pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_PIDFD) as u64,
+        pidfd: &mut init_pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+
+    // Block every signal across clone3 so no handler of the monitor ever runs in init.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let r = unsafe { sys::clone3(&mut args) };
+    if r == 0 {
+        init::init_main(&init_args, app);
+    }
+    let err = Errno::last();
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(init_sock);
+    drop(gate_r);
+    drop(monitor_pidfd);
+    if r < 0 {
+        return Err(LaunchError::Sys {
+            op: "clone3(init)",
+            errno: err,
+        });
+    }
+    let init_pid = r as i32;
+    let init_pidfd = unsafe { OwnedFd::from_raw_fd(init_pidfd) };
+    match handshake(&mon_sock, &init_pidfd, init_pid) {
+        Ok((app_pidfd, app_ns_pid)) => {
+            let app_pid = match read_pidfd_fdinfo(&app_pidfd) {
+                Ok((pid, nspid_last)) => {
+                    if pid > 0 && nspid_last != Some(app_ns_pid) {
+                        abort_init(&init_pidfd, init_pid);
+                        return Err(LaunchError::Parse {
+                            what: "pidfd fdinfo NSpid",
+                            detail: format!("expected last NSpid {app_ns_pid}, got {nspid_last:?}"),
+                        });
+                    }
+                    pid
+                }
+                Err(e) => {
+                    abort_init(&init_pidfd, init_pid);
+                    return Err(e);
+                }
+            };
+            tracing::debug!(init_pid, app_pid, app_ns_pid, "sandbox spawned");
+            Ok(Sandbox {
+                init_pid,
+                app_pid: if app_pid > 0 { app_pid } else { -1 },
+                app_ns_pid,
+                init_pidfd,
+                app_pidfd,
+                gate: Cell::new(gate_w),
+                status: Cell::new(None),
+                app_done: Cell::new(false),
+            })
+        }
+        Err(e) => {
+            abort_init(&init_pidfd, init_pid);
+            Err(e)
+        }
+    }
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let mut fds = [-1; 2];
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(LaunchError::sys("socketpair"));
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let mut fds = [-1; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(LaunchError::sys("pipe2"));
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Decode a `waitpid` status into an exit code (128+N for signal N).
+fn exit_code(status: libc::c_int) -> Option<i32> {
+    if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Some(128 + libc::WTERMSIG(status))
+    } else {
+        None
+    }
+}
+
+/// Kill and reap init after a failed handshake (the app is not traced yet).
+fn abort_init(init_pidfd: &OwnedFd, init_pid: i32) {
+    sys::pidfd_send_signal(init_pidfd.as_raw_fd(), libc::SIGKILL);
+    let mut st = 0;
+    while unsafe { libc::waitpid(init_pid, &mut st, 0) } < 0 && Errno::last() == Errno::EINTR {}
+}
+
+/// Wait for init's report: the app's pidfd and its pid in the sandbox.
+fn handshake(
+    sock: &OwnedFd,
+    init_pidfd: &OwnedFd,
+    init_pid: i32,
+) -> Result<(OwnedFd, i32), LaunchError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        match recv_report(sock)? {
+            Some((payload, fd)) => {
+                let [stage, err, ns_pid] = payload;
+                if stage != init::STAGE_OK {
+                    return Err(LaunchError::Init {
+                        stage: init::STAGE_NAMES
+                            .get(stage as usize)
+                            .copied()
+                            .unwrap_or("unknown"),
+                        errno: Errno::from_raw(err),
+                    });
+                }
+                return match fd {
+                    Some(fd) => Ok((fd, ns_pid)),
+                    None => Err(LaunchError::Parse {
+                        what: "init report",
+                        detail: "no pidfd attached".into(),
+                    }),
+                };
+            }
+            None => {
+                // Did init die without a word?
+                let mut st = 0;
+                let r = unsafe { libc::waitpid(init_pid, &mut st, libc::WNOHANG) };
+                if r == init_pid {
+                    // Reaped: make abort_init's waitpid a no-op by reporting now.
+                    return Err(LaunchError::InitDied(exit_code(st).unwrap_or(-1)));
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(LaunchError::Timeout);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: init_pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } < 0 && Errno::last() != Errno::EINTR {
+            return Err(LaunchError::sys("poll"));
+        }
+    }
+}
+
+/// Non-blocking receive of init's message. `Ok(None)`: nothing yet.
+#[allow(clippy::type_complexity)]
+fn recv_report(sock: &OwnedFd) -> Result<Option<([i32; 3], Option<OwnedFd>)>, LaunchError> {
+    #[repr(C, align(8))]
+    struct Cmsg([u8; 64]);
+    let mut payload = [0i32; 3];
+    let mut cbuf = Cmsg([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr() as *mut libc::c_void,
+        iov_len: init::MSG_LEN,
+    };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = cbuf.0.len();
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => Ok(None),
+            errno => Err(LaunchError::Sys {
+                op: "recvmsg",
+                errno,
+            }),
+        };
+    }
+    let mut fd = None;
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let nfds = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..nfds {
+                    let raw = std::ptr::read_unaligned((libc::CMSG_DATA(c) as *const i32).add(i));
+                    let owned = OwnedFd::from_raw_fd(raw);
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if n == 0 {
+        // EOF: init is gone (or exiting) without a report.
+        return Ok(None);
+    }
+    if n as usize != init::MSG_LEN {
+        return Err(LaunchError::Parse {
+            what: "init report",
+            detail: format!("{n} bytes"),
+        });
+    }
+    Ok(Some((payload, fd)))
+}
+
+/// `Pid:` and the last `NSpid:` entry of a pidfd's fdinfo.
+fn read_pidfd_fdinfo(fd: &OwnedFd) -> Result<(i32, Option<i32>), LaunchError> {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&path).map_err(|e| LaunchError::Sys {
+        op: "read /proc/self/fdinfo",
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    })?;
+    let mut pid = None;
+    let mut nspid = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Pid:") {
+            pid = v.trim().parse::<i32>().ok();
+        } else if let Some(v) = line.strip_prefix("NSpid:") {
+            nspid = v.split_whitespace().last().and_then(|s| s.parse().ok());
+        }
+    }
+    match pid {
+        Some(p) => Ok((p, nspid)),
+        None => Err(LaunchError::Parse {
+            what: "pidfd fdinfo",
+            detail: text,
+        }),
+    }
+}
+
+impl Sandbox {
+    /// pidfd of init (readable when init exits).
+    pub fn init_pidfd(&self) -> BorrowedFd<'_> {
+        self.init_pidfd.as_fd()
+    }
+
+    /// pidfd of the app (readable when the app exits; usable with `pidfd_getfd`).
+    pub fn app_pidfd(&self) -> BorrowedFd<'_> {
+        self.app_pidfd.as_fd()
+    }
+
+    /// Let the gated app run (idempotent; a no-op without a gate). Seize it first.
+    pub fn release(&self) -> Result<(), LaunchError> {
+        if let Some(w) = self.gate.take() {
+            let b = 1u8;
+            loop {
+                let n = unsafe { libc::write(w.as_raw_fd(), &b as *const u8 as *const _, 1) };
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                return Err(LaunchError::sys("write(gate)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `sig` to init, which forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and
+    /// SIGUSR2 to the app (other signals are ignored by a pid 1, except SIGKILL/SIGSTOP).
+    pub fn signal(&self, sig: i32) -> Result<(), LaunchError> {
+        if self.status.get().is_some() {
+            return Ok(());
+        }
+        if sys::pidfd_send_signal(self.init_pidfd.as_raw_fd(), sig) < 0 {
+            let e = Errno::last();
+            if e != Errno::ESRCH {
+                return Err(LaunchError::Sys {
+                    op: "pidfd_send_signal",
+                    errno: e,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL init, hence everything in the sandbox. Does not wait.
+    pub fn kill(&self) -> Result<(), LaunchError> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Wait for init to exit; returns its exit code (the app's code, 128+N if the app was
+    /// killed by signal N; 128+N too if init itself was killed by N). Cached: calling it
+    /// again returns the same code.
+    ///
+    /// If the monitor traces the app, this reaps the app's *exit* (with `__WALL`, on its
+    /// pidfd; stops are never consumed) so that init can see it: finish your own ptrace
+    /// loop (or detach) before calling `wait`, and do not call it concurrently with a
+    /// `waitpid(app_pid)` in another thread.
+    pub fn wait(&self) -> Result<i32, LaunchError> {
+        self.wait_inner(None, None)
+            .map(|c| c.expect("no timeout given"))
+    }
+
+    /// Like [`wait`](Self::wait) with a timeout: `Ok(None)` if init is still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<i32>, LaunchError> {
+        self.wait_inner(Some(timeout), None)
+    }
+
+    /// Non-blocking [`wait`](Self::wait).
+    pub fn try_wait(&self) -> Result<Option<i32>, LaunchError> {
+        self.wait_inner(Some(Duration::ZERO), None)
+    }
+
+    /// Wait for init like [`wait`](Self::wait) while forwarding SIGINT, SIGTERM and SIGHUP
+    /// received by the monitor to init (and so to the app). Uses a [`SignalForwarder`]
+    /// (blocks the signals in the calling thread; in a multi-threaded monitor block them
+    /// in every thread too, or they may be delivered elsewhere).
+    pub fn forward_signals(&self) -> Result<i32, LaunchError> {
+        let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+        self.wait_inner(None, Some(&fwd))
+            .map(|c| c.expect("no timeout given"))
+    }
+
+    fn try_reap_init(&self) -> Result<Option<i32>, LaunchError> {
+        if let Some(c) = self.status.get() {
+            return Ok(Some(c));
+        }
+        let mut st = 0;
+        let r = unsafe { libc::waitpid(self.init_pid, &mut st, libc::WNOHANG) };
+        if r < 0 {
+            return match Errno::last() {
+                Errno::EINTR => Ok(None),
+                Errno::ECHILD => Err(LaunchError::Lost),
+                errno => Err(LaunchError::Sys {
+                    op: "waitpid(init)",
+                    errno,
+                }),
+            };
+        }
+        if r == self.init_pid {
+            if let Some(c) = exit_code(st) {
+                self.status.set(Some(c));
+                // The app's pid may now be reused by anyone: never touch it again.
+                self.app_done.set(true);
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reap the app's exit if we are its tracer (see `wait`).
+    fn try_reap_app(&self) {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.app_pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::__WALL,
+            )
+        };
+        if r < 0 && Errno::last() == Errno::EINTR {
+            return;
+        }
+        // Reaped, not ours (ECHILD), or nothing to reap although the app exited: in every
+        // case only init is left to watch.
+        self.app_done.set(true);
+    }
+
+    fn wait_inner(
+        &self,
+        timeout: Option<Duration>,
+        fwd: Option<&SignalForwarder>,
+    ) -> Result<Option<i32>, LaunchError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(c) = self.try_reap_init()? {
+                return Ok(Some(c));
+            }
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() && timeout != Some(Duration::ZERO) {
+                        return Ok(None);
+                    }
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+            };
+            let pfd = |fd: RawFd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let mut fds = [
+                pfd(self.init_pidfd.as_raw_fd()),
+                pfd(if self.app_done.get() {
+                    -1
+                } else {
+                    self.app_pidfd.as_raw_fd()
+                }),
+                pfd(fwd.map_or(-1, |f| f.fd.as_raw_fd())),
+            ];
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+            if n < 0 {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                return Err(LaunchError::sys("poll"));
+            }
+            if fds[1].revents != 0 {
+                self.try_reap_app();
+            }
+            if fds[2].revents != 0 {
+                if let Some(f) = fwd {
+                    f.forward_to(self)?;
+                }
+            }
+            if n == 0 {
+                // Timed out; one last look at init.
+                return self.try_reap_init();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("init_pid", &self.init_pid)
+            .field("app_pid", &self.app_pid)
+            .field("app_ns_pid", &self.app_ns_pid)
+            .field("status", &self.status.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SignalForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalForwarder")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.status.get().is_none() {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}
+
+/// Blocks a set of signals in the calling thread and receives them on a `signalfd`, to be
+/// forwarded to a sandbox from a poll loop (no threads, no handlers). Dropping it discards
+/// pending instances and restores the previous mask.
+pub struct SignalForwarder {
+    fd: OwnedFd,
+    old_mask: libc::sigset_t,
+}
+
+impl SignalForwarder {
+    /// Start catching `signals`.
+    pub fn new(signals: &[i32]) -> Result<Self, LaunchError> {
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in signals {
+                libc::sigaddset(&mut set, *s);
+            }
+            let mut old_mask: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask);
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                let e = LaunchError::sys("signalfd");
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+                return Err(e);
+            }
+            Ok(SignalForwarder {
+                fd: OwnedFd::from_raw_fd(fd),
+                old_mask,
+            })
+        }
+    }
+
+    /// The signalfd, readable when a signal is pending.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Read every pending signal and send it to `sandbox`'s init.
+    pub fn forward_to(&self, sandbox: &Sandbox) -> Result<(), LaunchError> {
+        while let Some(sig) = self.next()? {
+            sandbox.signal(sig)?;
+        }
+        Ok(())
+    }
+
+    fn next(&self) -> Result<Option<i32>, LaunchError> {
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                sz,
+            )
+        };
+        if n < 0 {
+            return match Errno::last() {
+                Errno::EAGAIN | Errno::EINTR => Ok(None),
+                errno => Err(LaunchError::Sys {
+                    op: "read(signalfd)",
+                    errno,
+                }),
+            };
+        }
+        if n as usize != sz {
+            return Ok(None);
+        }
+        Ok(Some(info.ssi_signo as i32))
+    }
+}
+
+impl Drop for SignalForwarder {
+    fn drop(&mut self) {
+        while let Ok(Some(_)) = self.next() {}
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}

@@ -1,0 +1,103 @@
+//! Raw kernel wrappers (async-signal-safe: no allocation, no locks).
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use crate::LaunchError;
+
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// Raw `clone3` with fork semantics (no CLONE_VM, no new stack): returns 0 in the child,
+/// the child's pid in the parent, -1 with errno on failure.
+///
+/// # Safety
+/// The child is a copy of the calling thread only; it must restrict itself to
+/// async-signal-safe work (no allocation, no locks another thread could hold).
+pub(crate) unsafe fn clone3(args: &mut CloneArgs) -> libc::c_long {
+    libc::syscall(
+        libc::SYS_clone3,
+        args as *mut CloneArgs,
+        std::mem::size_of::<CloneArgs>(),
+    )
+}
+
+pub(crate) fn errno() -> i32 {
+    unsafe { *libc::__errno_location() }
+}
+
+pub(crate) fn set_errno(e: i32) {
+    unsafe { *libc::__errno_location() = e }
+}
+
+pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd, LaunchError> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(LaunchError::sys("pidfd_open"));
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_send_signal(fd, sig, NULL, 0)`; returns the raw result (-1 + errno on failure).
+pub(crate) fn pidfd_send_signal(fd: RawFd, sig: i32) -> libc::c_long {
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    }
+}
+
+/// Close a raw fd if it is valid, preserving errno.
+pub(crate) fn close_raw(fd: RawFd) {
+    if fd >= 0 {
+        let e = errno();
+        unsafe { libc::close(fd) };
+        set_errno(e);
+    }
+}
+
+/// Reset every catchable signal's disposition to `SIG_DFL` (errors ignored: 32/33 are
+/// reserved by glibc).
+pub(crate) fn reset_signal_dispositions() {
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Set the calling thread's signal mask to `how` with a full or empty set.
+pub(crate) fn set_sigmask_all(block: bool) {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if block {
+            libc::sigfillset(&mut set);
+        } else {
+            libc::sigemptyset(&mut set);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}

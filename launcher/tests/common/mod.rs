@@ -1,0 +1,188 @@
+#![allow(dead_code)]
+//! Test helpers: pipes, bounded event waits, forked helpers that never leak.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+pub const LONG: Duration = Duration::from_secs(30);
+
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [-1; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Wait until `fd` is readable (POLLIN/POLLHUP) or `timeout` passes.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINTR)
+        );
+    }
+}
+
+/// Read exactly `n` bytes, waiting at most `timeout` overall.
+pub fn read_exact(fd: RawFd, n: usize, timeout: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + timeout;
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(wait_readable(fd, left), "timed out after {got}/{n} bytes");
+        let r = unsafe { libc::read(fd, out[got..].as_mut_ptr() as *mut _, n - got) };
+        assert!(r > 0, "read: {r} {}", std::io::Error::last_os_error());
+        got += r as usize;
+    }
+    out
+}
+
+/// Read whatever is buffered now (the writers have exited), without waiting for EOF
+/// (other tests' children may hold copies of the write end).
+pub fn read_available(fd: &OwnedFd) -> String {
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) };
+        if r <= 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..r as usize]);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// argv for `/bin/sh -c script`, built before any fork.
+pub struct ShCmd {
+    path: CString,
+    _args: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+}
+
+impl ShCmd {
+    pub fn new(script: &str) -> Self {
+        let path = CString::new("/bin/sh").unwrap();
+        let args = vec![
+            CString::new("sh").unwrap(),
+            CString::new("-c").unwrap(),
+            CString::new(script).unwrap(),
+        ];
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        ShCmd {
+            path,
+            _args: args,
+            argv,
+        }
+    }
+
+    /// exec it (async-signal-safe); returns 127 if exec failed.
+    pub fn exec(&self) -> i32 {
+        unsafe { libc::execv(self.path.as_ptr(), self.argv.as_ptr()) };
+        127
+    }
+}
+
+/// Write an i32 with a raw write (async-signal-safe).
+pub fn write_i32(fd: RawFd, v: i32) {
+    let b = v.to_ne_bytes();
+    unsafe { libc::write(fd, b.as_ptr() as *const _, 4) };
+}
+
+pub fn read_i32s(fd: RawFd, n: usize) -> Vec<i32> {
+    read_exact(fd, 4 * n, LONG)
+        .chunks(4)
+        .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A forked helper process, SIGKILLed and reaped on drop unless waited.
+pub struct Child {
+    pub pid: i32,
+    done: bool,
+}
+
+impl Child {
+    /// Fork; the child runs `f` and `_exit`s with its result (101 on panic). Uses glibc's
+    /// fork, so the child may allocate; it must not touch locks held by other threads.
+    pub fn fork(f: impl FnOnce() -> i32) -> Child {
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            unsafe { libc::_exit(code) };
+        }
+        Child { pid, done: false }
+    }
+
+    /// Raw wait status.
+    pub fn wait_status(&mut self) -> i32 {
+        let mut st = 0;
+        loop {
+            let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
+            if r == self.pid {
+                break;
+            }
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EINTR)
+            );
+        }
+        self.done = true;
+        st
+    }
+
+    /// It was reaped elsewhere (e.g. by a ptrace loop).
+    pub fn reaped(&mut self) {
+        self.done = true;
+    }
+
+    /// Exit code (panics if killed by a signal).
+    pub fn wait_code(&mut self) -> i32 {
+        let st = self.wait_status();
+        assert!(
+            libc::WIFEXITED(st),
+            "helper killed by signal {}",
+            libc::WTERMSIG(st)
+        );
+        libc::WEXITSTATUS(st)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.done {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let mut st = 0;
+            while unsafe { libc::waitpid(self.pid, &mut st, libc::__WALL) } < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
+        }
+    }
+}
+
+pub fn pidfd_open(pid: i32) -> OwnedFd {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+}
