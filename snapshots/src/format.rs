@@ -273,7 +273,9 @@ pub(crate) mod tests {
                 got: b.len() as u64 - 1
             }
         );
-        assert!(e.to_string().contains(&format!("expected {} bytes", b.len())));
+        assert!(e
+            .to_string()
+            .contains(&format!("expected {} bytes", b.len())));
         // Cut inside the header.
         let e = decode(&b[..20]).unwrap_err();
         assert_eq!(
@@ -308,7 +310,10 @@ pub(crate) mod tests {
         let e = decode(&b).unwrap_err();
         assert!(matches!(e, FormatError::NewerVersion { .. }));
         let msg = e.to_string();
-        assert!(msg.contains(&format!("version {}", FORMAT_VERSION + 1)), "{msg}");
+        assert!(
+            msg.contains(&format!("version {}", FORMAT_VERSION + 1)),
+            "{msg}"
+        );
         assert!(msg.contains(&format!("1..={FORMAT_VERSION}")), "{msg}");
         b[8..12].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(
@@ -399,16 +404,22 @@ pub(crate) mod tests {
     }
 
     fn file_identity() -> impl Strategy<Value = FileIdentity> {
-        (s(), any::<u64>(), any::<u64>(), any::<u64>(), any::<i128>(), any::<u32>()).prop_map(
-            |(path, dev, ino, size, mtime_ns, mode)| FileIdentity {
+        (
+            s(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<i128>(),
+            any::<u32>(),
+        )
+            .prop_map(|(path, dev, ino, size, mtime_ns, mode)| FileIdentity {
                 path,
                 dev,
                 ino,
                 size,
                 mtime_ns,
                 mode,
-            },
-        )
+            })
     }
 
     fn creds() -> impl Strategy<Value = Creds> {
@@ -510,14 +521,14 @@ pub(crate) mod tests {
             (file_identity(), any::<i32>(), any::<i64>())
                 .prop_map(|(file, flags, pos)| FileDesc::Regular { file, flags, pos }),
             (s(), any::<i32>()).prop_map(|(path, flags)| FileDesc::Directory { path, flags }),
-            (s(), any::<u64>(), any::<i32>(), any::<i64>()).prop_map(
-                |(path, rdev, flags, pos)| FileDesc::CharDev {
+            (s(), any::<u64>(), any::<i32>(), any::<i64>()).prop_map(|(path, rdev, flags, pos)| {
+                FileDesc::CharDev {
                     path,
                     rdev,
                     flags,
-                    pos
+                    pos,
                 }
-            ),
+            }),
             (any::<u64>(), any::<bool>(), any::<i32>())
                 .prop_map(|(pipe, write, flags)| FileDesc::Pipe { pipe, write, flags }),
             any::<u8>().prop_map(|stdio| FileDesc::External { stdio }),
@@ -553,7 +564,18 @@ pub(crate) mod tests {
             any::<u64>(),
         )
             .prop_map(
-                |(tid, comm, regs, xsave, sigmask, pending, alt, rseq, robust_list, tid_address)| {
+                |(
+                    tid,
+                    comm,
+                    regs,
+                    xsave,
+                    sigmask,
+                    pending,
+                    alt,
+                    rseq,
+                    robust_list,
+                    tid_address,
+                )| {
                     Thread {
                         tid,
                         comm,

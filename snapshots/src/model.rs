@@ -166,9 +166,13 @@ pub struct VmaFlags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
     /// Private or shared anonymous memory (`[heap]`, `[stack]` and unnamed areas included).
-    Anon { name: String },
+    Anon {
+        name: String,
+    },
     /// A mapping of a regular file.
-    File { file: FileIdentity },
+    File {
+        file: FileIdentity,
+    },
     /// The kernel's vdso and its data pages, moved (never copied) at restore.
     Vdso,
     Vvar,

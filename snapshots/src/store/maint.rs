@@ -134,9 +134,7 @@ impl Store {
                 .and_then(|s| s.parse::<u32>().ok());
             match number {
                 Some(n) if live.contains(&n) => {
-                    if name.ends_with(".pack") {
-                        report.live_packs += 1;
-                    }
+                    report.live_packs += usize::from(name.ends_with(".pack"));
                 }
                 Some(_) => {
                     report.freed_bytes += fsutil::remove_file(&e.path())?;

@@ -96,7 +96,9 @@ impl SnapshotId {
         if s.len() != 64 {
             return None;
         }
-        blake3::Hash::from_hex(s).ok().map(|h| SnapshotId(*h.as_bytes()))
+        blake3::Hash::from_hex(s)
+            .ok()
+            .map(|h| SnapshotId(*h.as_bytes()))
     }
 }
 
@@ -194,7 +196,11 @@ pub enum StoreError {
         count: u64,
     },
     #[error("page buffer is {got} bytes but {pages} pages need {expected}")]
-    BufferSize { got: usize, pages: u64, expected: u64 },
+    BufferSize {
+        got: usize,
+        pages: u64,
+        expected: u64,
+    },
     #[error("page data of {len} bytes is not a whole number of 4096-byte pages")]
     UnalignedPages { len: usize },
     #[error("manifest to commit is inconsistent: {reason}")]
@@ -279,7 +285,12 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
         };
-        for sub in [store.packs_dir(), store.snaps_dir(), store.refs_dir(), store.tmp_dir()] {
+        for sub in [
+            store.packs_dir(),
+            store.snaps_dir(),
+            store.refs_dir(),
+            store.tmp_dir(),
+        ] {
             match mkdir_private(&sub) {
                 Err(StoreError::Io { source, .. })
                     if source.kind() == io::ErrorKind::PermissionDenied =>
@@ -358,7 +369,10 @@ impl Store {
             let e = e.map_err(io_err("list", &dir))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(id) = name.strip_suffix(".manifest").and_then(SnapshotId::from_hex) {
+            if let Some(id) = name
+                .strip_suffix(".manifest")
+                .and_then(SnapshotId::from_hex)
+            {
                 ids.push(id);
             }
         }
@@ -510,7 +524,7 @@ impl Store {
             };
             out.push(info);
         }
-        out.sort_by(|a, b| (a.created_unix, a.id).cmp(&(b.created_unix, b.id)));
+        out.sort_by_key(|i| (i.created_unix, i.id));
         Ok(out)
     }
 

@@ -23,7 +23,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) fn open(store: &Store, id: SnapshotId, manifest: Manifest) -> Result<Self, StoreError> {
+    pub(crate) fn open(
+        store: &Store,
+        id: SnapshotId,
+        manifest: Manifest,
+    ) -> Result<Self, StoreError> {
         let table_path = store.table_path(&id);
         let bad = |reason: String| StoreError::BadTable {
             id: id.short(),
@@ -40,7 +44,9 @@ impl Snapshot {
             )));
         }
         if table.pages_hash() != manifest.pages_hash {
-            return Err(bad("it belongs to different page contents than the manifest".into()));
+            return Err(bad(
+                "it belongs to different page contents than the manifest".into(),
+            ));
         }
         Ok(Snapshot {
             id,
@@ -119,7 +125,7 @@ impl Snapshot {
     /// Reads table records `first..first+count` into `out` (`count * 4096` bytes),
     /// decompressing each block once and verifying every page's blake3.
     pub fn read_pages(&self, first: u64, count: u64, out: &mut [u8]) -> Result<(), StoreError> {
-        let end = first.checked_add(count).unwrap_or(u64::MAX);
+        let end = first.saturating_add(count);
         if end > self.table.len() {
             return Err(StoreError::PageRange {
                 id: self.id.short(),
@@ -190,7 +196,9 @@ impl Snapshot {
                                     "block decompresses to {n} bytes, expected {block_len}"
                                 )))
                             }
-                            Err(e) => return Err(corrupt(format!("block does not decompress: {e}"))),
+                            Err(e) => {
+                                return Err(corrupt(format!("block does not decompress: {e}")))
+                            }
                         }
                         cur_block = Some((loc.pack, start));
                     }

@@ -150,7 +150,9 @@ impl TableMap {
         }
         let version = u32::from_le_bytes(map[8..12].try_into().unwrap());
         if version != VERSION {
-            return Err(format!("unsupported version {version} (this build reads {VERSION})"));
+            return Err(format!(
+                "unsupported version {version} (this build reads {VERSION})"
+            ));
         }
         let rs = u32::from_le_bytes(map[12..16].try_into().unwrap()) as usize;
         if rs != RECORD_SIZE {
@@ -182,7 +184,11 @@ impl TableMap {
     }
 
     fn rec_bytes(&self, i: u64) -> &[u8] {
-        assert!(i < self.count, "page table index {i} out of range {}", self.count);
+        assert!(
+            i < self.count,
+            "page table index {i} out of range {}",
+            self.count
+        );
         let at = HEADER_SIZE + i as usize * RECORD_SIZE;
         &self.map[at..at + RECORD_SIZE]
     }

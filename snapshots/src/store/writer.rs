@@ -101,7 +101,11 @@ impl<'a> SnapshotWriter<'a> {
                 idx_numbers.push(n);
             }
         }
-        let next_pack = pack_numbers.iter().chain(&idx_numbers).max().map_or(1, |m| m + 1);
+        let next_pack = pack_numbers
+            .iter()
+            .chain(&idx_numbers)
+            .max()
+            .map_or(1, |m| m + 1);
         let mut index = Index::default();
         for n in idx_numbers {
             if !pack_numbers.contains(&n) {
@@ -159,7 +163,7 @@ impl<'a> SnapshotWriter<'a> {
         data: &[u8],
         runs: &mut Vec<PageRun>,
     ) -> Result<(), StoreError> {
-        if data.len() % PAGE_SIZE != 0 {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(StoreError::UnalignedPages { len: data.len() });
         }
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
@@ -243,7 +247,9 @@ impl<'a> SnapshotWriter<'a> {
         } else {
             &self.block[..]
         };
-        pack.out.write_all(data).map_err(io_err("write", &pack.tmp))?;
+        pack.out
+            .write_all(data)
+            .map_err(io_err("write", &pack.tmp))?;
         let base = Location {
             pack: pack.number,
             offset: pack.len,
@@ -288,7 +294,7 @@ impl<'a> SnapshotWriter<'a> {
                 .map_err(io_err("sync", &pack.tmp))?;
             let dest = self.store.pack_path(pack.number);
             fs::rename(&pack.tmp, &dest).map_err(io_err("rename into place", &dest))?;
-            pack.records.sort_unstable_by(|a, b| a.hash.cmp(&b.hash));
+            pack.records.sort_unstable_by_key(|r| r.hash);
             let idx = table::encode(INDEX_MAGIC, [0; 32], &pack.records);
             fsutil::write_atomic(
                 &self.store.tmp_dir(),
@@ -306,7 +312,11 @@ impl<'a> SnapshotWriter<'a> {
 
     /// Fills `manifest.page_count` and `pages_hash`, writes the page table and the
     /// manifest durably, names the snapshot, and returns its id.
-    pub fn commit(mut self, mut manifest: Manifest, name: Option<&str>) -> Result<SnapshotId, StoreError> {
+    pub fn commit(
+        mut self,
+        mut manifest: Manifest,
+        name: Option<&str>,
+    ) -> Result<SnapshotId, StoreError> {
         if let Some(name) = name {
             super::is_valid_name(name).map_err(|reason| StoreError::InvalidName {
                 name: name.into(),
