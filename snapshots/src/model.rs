@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const PAGE_SIZE: usize = 4096;
 
 /// One snapshot: a frozen process tree plus the host facts it depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Seconds since the epoch when the dump finished.
     pub created_unix: u64,
@@ -26,10 +26,14 @@ pub struct Manifest {
     pub pipes: Vec<PipeObject>,
     /// Number of records in the page table that `PageRun::first` indexes.
     pub page_count: u64,
+    /// blake3 over the concatenated page hashes of the page table, in table order (filled
+    /// by `SnapshotWriter::commit`). The snapshot id (blake3 of the encoded manifest) thus
+    /// covers the page contents but not where the store keeps them.
+    pub pages_hash: [u8; 32],
 }
 
 /// Facts about the dumping host that a restored process silently depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFacts {
     pub kernel_release: String,
     /// blake3 of the `[vdso]` bytes: restored code calls into the live vdso by address.
@@ -162,9 +166,13 @@ pub struct VmaFlags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
     /// Private or shared anonymous memory (`[heap]`, `[stack]` and unnamed areas included).
-    Anon { name: String },
+    Anon {
+        name: String,
+    },
     /// A mapping of a regular file.
-    File { file: FileIdentity },
+    File {
+        file: FileIdentity,
+    },
     /// The kernel's vdso and its data pages, moved (never copied) at restore.
     Vdso,
     Vvar,

@@ -1,0 +1,39 @@
+//! The writer lock: `flock(LOCK_EX)` on `DIR/lock`, released when the guard drops.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use super::fsutil::io_err;
+use super::StoreError;
+
+#[derive(Debug)]
+pub(crate) struct WriteLock {
+    _file: File,
+}
+
+impl WriteLock {
+    /// Blocks until no other writer (or gc) holds the store.
+    pub(crate) fn acquire(path: &Path) -> Result<WriteLock, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("open lock file", path))?;
+        loop {
+            // SAFETY: plain syscall on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(WriteLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err("lock", path)(e));
+            }
+        }
+    }
+}

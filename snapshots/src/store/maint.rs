@@ -1,0 +1,268 @@
+//! Maintenance: garbage collection, verification and per-snapshot statistics.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::PathBuf;
+
+use super::fsutil::{self, io_err};
+use super::table::{TableMap, TABLE_MAGIC};
+use super::{manifest_sizes, SnapshotId, Store, StoreError};
+use crate::model::{RunContent, PAGE_SIZE};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Pack files (and their indexes) no snapshot references.
+    pub removed_packs: Vec<PathBuf>,
+    /// Leftovers of interrupted writers in `tmp/` and stray temp files.
+    pub removed_temp_files: usize,
+    /// Page tables whose manifest was never committed (or was removed).
+    pub removed_orphan_tables: usize,
+    /// Names pointing to snapshots that no longer exist.
+    pub removed_dangling_names: Vec<String>,
+    pub freed_bytes: u64,
+    pub live_packs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedSnapshot {
+    pub id: SnapshotId,
+    /// Human-readable reasons, first problems first (capped, with a count of the rest).
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub snapshots_checked: usize,
+    pub pages_checked: u64,
+    pub damaged: Vec<DamagedSnapshot>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.damaged.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Sum of VMA sizes, bytes.
+    pub logical_bytes: u64,
+    /// Present pages (zero and data).
+    pub resident_pages: u64,
+    pub zero_pages: u64,
+    /// Page-table records.
+    pub data_pages: u64,
+    /// Compressed bytes of the distinct blocks this snapshot references.
+    pub stored_bytes: u64,
+    /// Data pages whose content is also referenced by another snapshot.
+    pub shared_with_others: u64,
+}
+
+const MAX_REASONS: usize = 8;
+const VERIFY_CHUNK: u64 = 256;
+
+impl Store {
+    /// Removes unreferenced packs, tables without manifest, dangling names and temp
+    /// leftovers. Takes the writer lock. Refuses to delete packs if a live page table
+    /// cannot be read (it could reference any pack).
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let _lock = self.lock()?;
+        let mut report = GcReport::default();
+
+        // 1. tmp/: nobody writes there without the lock we hold.
+        let tmp = self.tmp_dir();
+        for e in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let path = e.map_err(io_err("list", &tmp))?.path();
+            if path.is_dir() {
+                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            } else {
+                report.freed_bytes += fsutil::remove_file(&path)?;
+            }
+            report.removed_temp_files += 1;
+        }
+
+        // 2. snapshots/: orphan tables and stray files.
+        let ids: HashSet<SnapshotId> = self.ids()?.into_iter().collect();
+        let snaps = self.snaps_dir();
+        for e in fs::read_dir(&snaps).map_err(io_err("list", &snaps))? {
+            let e = e.map_err(io_err("list", &snaps))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(id) = name.strip_suffix(".pages").and_then(SnapshotId::from_hex) {
+                if !ids.contains(&id) {
+                    report.freed_bytes += fsutil::remove_file(&e.path())?;
+                    report.removed_orphan_tables += 1;
+                }
+            } else if name.ends_with(".tmp") {
+                report.freed_bytes += fsutil::remove_file(&e.path())?;
+                report.removed_temp_files += 1;
+            }
+        }
+
+        // 3. refs/: dangling names.
+        for (name, id) in self.names()? {
+            if !ids.contains(&id) {
+                fsutil::remove_file(&self.refs_dir().join(&name))?;
+                report.removed_dangling_names.push(name);
+            }
+        }
+
+        // 4. packs/: keep exactly the packs some live table references.
+        let mut live: HashSet<u32> = HashSet::new();
+        for id in &ids {
+            let path = self.table_path(id);
+            let t = TableMap::open(&path, TABLE_MAGIC).map_err(|r| StoreError::GcUnsafe {
+                reason: format!(
+                    "page table {} of snapshot {} is unreadable ({})",
+                    path.display(),
+                    id.short(),
+                    r.unwrap_or_else(|| "missing".into())
+                ),
+            })?;
+            for i in 0..t.len() {
+                live.insert(t.pack_of(i));
+            }
+        }
+        let packs = self.packs_dir();
+        for e in fs::read_dir(&packs).map_err(io_err("list", &packs))? {
+            let e = e.map_err(io_err("list", &packs))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let number = name
+                .strip_prefix("pack-")
+                .and_then(|s| s.strip_suffix(".pack").or_else(|| s.strip_suffix(".idx")))
+                .and_then(|s| s.parse::<u32>().ok());
+            match number {
+                Some(n) if live.contains(&n) => {
+                    report.live_packs += usize::from(name.ends_with(".pack"));
+                }
+                Some(_) => {
+                    report.freed_bytes += fsutil::remove_file(&e.path())?;
+                    if name.ends_with(".pack") {
+                        report.removed_packs.push(e.path());
+                    }
+                }
+                None if name.ends_with(".tmp") => {
+                    report.freed_bytes += fsutil::remove_file(&e.path())?;
+                    report.removed_temp_files += 1;
+                }
+                None => {}
+            }
+        }
+        report.removed_packs.sort();
+        for d in [packs, snaps, self.refs_dir(), tmp] {
+            fsutil::fsync_dir(&d)?;
+        }
+        tracing::info!(
+            "gc: removed {} packs, {} temp files, {} orphan tables; freed {} bytes",
+            report.removed_packs.len(),
+            report.removed_temp_files,
+            report.removed_orphan_tables,
+            report.freed_bytes
+        );
+        Ok(report)
+    }
+
+    /// Re-checks the manifest, the page table and every page of every snapshot (or of
+    /// `which`), reporting every damaged snapshot with its reasons.
+    pub fn verify(&self, which: Option<&SnapshotId>) -> Result<VerifyReport, StoreError> {
+        let ids = match which {
+            Some(id) => vec![*id],
+            None => self.ids()?,
+        };
+        let mut report = VerifyReport::default();
+        for id in ids {
+            report.snapshots_checked += 1;
+            let mut reasons = Vec::new();
+            self.verify_one(&id, &mut reasons, &mut report.pages_checked);
+            if !reasons.is_empty() {
+                if reasons.len() > MAX_REASONS {
+                    let more = reasons.len() - MAX_REASONS;
+                    reasons.truncate(MAX_REASONS);
+                    reasons.push(format!("... and {more} more damaged pages"));
+                }
+                report.damaged.push(DamagedSnapshot { id, reasons });
+            }
+        }
+        Ok(report)
+    }
+
+    fn verify_one(&self, id: &SnapshotId, reasons: &mut Vec<String>, pages_checked: &mut u64) {
+        let snap = match self.load(id) {
+            Ok(s) => s,
+            Err(e) => {
+                reasons.push(e.to_string());
+                return;
+            }
+        };
+        let n = snap.page_count();
+        if snap.table().compute_pages_hash() != snap.manifest.pages_hash {
+            reasons.push(format!(
+                "page table {} does not match the manifest's pages_hash",
+                snap.table_path().display()
+            ));
+        }
+        for p in &snap.manifest.processes {
+            for v in &p.vmas {
+                for r in &v.pages {
+                    if let RunContent::Data { first } = r.content {
+                        if first.checked_add(r.count).is_none_or(|e| e > n) {
+                            reasons.push(format!(
+                                "pid {} VMA {:#x}: run {first}..+{} is outside the \
+                                 page table ({n} records)",
+                                p.pid, v.start, r.count
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let mut buf = vec![0u8; VERIFY_CHUNK as usize * PAGE_SIZE];
+        let mut first = 0;
+        while first < n {
+            let count = VERIFY_CHUNK.min(n - first);
+            let out = &mut buf[..count as usize * PAGE_SIZE];
+            if snap.read_pages(first, count, out).is_err() {
+                // Find every bad page of the chunk.
+                for i in first..first + count {
+                    if let Err(e) = snap.read_pages(i, 1, &mut out[..PAGE_SIZE]) {
+                        reasons.push(e.to_string());
+                    }
+                }
+            }
+            *pages_checked += count;
+            first += count;
+        }
+    }
+
+    /// Sizes of one snapshot, including how much of it is stored and shared.
+    pub fn stats(&self, id: &SnapshotId) -> Result<SnapshotStats, StoreError> {
+        let snap = self.load(id)?;
+        let (logical_bytes, resident_pages, zero_pages) = manifest_sizes(&snap.manifest);
+        let mut blocks: HashMap<(u32, u64), u32> = HashMap::new();
+        for r in snap.table().records() {
+            blocks.insert((r.loc.pack, r.loc.offset), r.loc.len);
+        }
+        let stored_bytes = blocks.values().map(|&l| u64::from(l)).sum();
+        let mut others: HashSet<[u8; 32]> = HashSet::new();
+        for other in self.ids()? {
+            if other == *id {
+                continue;
+            }
+            if let Ok(t) = TableMap::open(&self.table_path(&other), TABLE_MAGIC) {
+                others.extend(t.records().map(|r| r.hash));
+            }
+        }
+        let shared_with_others = (0..snap.page_count())
+            .filter(|&i| others.contains(&snap.page_hash(i)))
+            .count() as u64;
+        Ok(SnapshotStats {
+            logical_bytes,
+            resident_pages,
+            zero_pages,
+            data_pages: snap.page_count(),
+            stored_bytes,
+            shared_with_others,
+        })
+    }
+}
