@@ -694,6 +694,33 @@ impl Uffd {
         }
     }
 
+    /// Sets or clears `O_NONBLOCK` on the open file description (shared with every
+    /// process holding it). `poll` on a uffd needs it set.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: fcntl on our descriptor.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 {
+            return Err(Error::Os {
+                op: "F_GETFL",
+                errno: Errno::last(),
+            });
+        }
+        let new = if nonblocking {
+            fl | libc::O_NONBLOCK
+        } else {
+            fl & !libc::O_NONBLOCK
+        };
+        // SAFETY: fcntl on our descriptor.
+        if new != fl && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+            return Err(Error::Os {
+                op: "F_SETFL",
+                errno: Errno::last(),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout_ms` (-1: forever) for a message; true if one is readable.
     pub fn poll_readable(&self, timeout_ms: i32) -> Result<bool> {
         let mut p = libc::pollfd {
@@ -705,7 +732,17 @@ impl Uffd {
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
             if r >= 0 {
-                return Ok(r > 0 && p.revents & libc::POLLIN != 0);
+                if p.revents & libc::POLLIN != 0 {
+                    return Ok(true);
+                }
+                if p.revents & libc::POLLERR != 0 {
+                    // The kernel reports POLLERR for a descriptor without O_NONBLOCK.
+                    return Err(Error::Os {
+                        op: "poll (needs O_NONBLOCK)",
+                        errno: Errno::EINVAL,
+                    });
+                }
+                return Ok(false);
             }
             let e = Errno::last();
             if e != Errno::EINTR {
@@ -953,6 +990,75 @@ mod tests {
         );
         assert_eq!(map.read(PAGE), 0);
         assert_eq!(map.read(0), 7);
+    }
+
+    /// The design's flow: the child creates and registers the uffd, the monitor takes it
+    /// with pidfd_getfd and serves the child's fault from outside.
+    #[test]
+    fn serve_child_fault_via_pidfd_getfd() {
+        use crate::sys::pidfd;
+        let mut fds = [0i32; 2];
+        // SAFETY: valid array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child only uses raw syscalls and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = (|| {
+                let map = std::mem::ManuallyDrop::new(Map::new(PAGE));
+                let u = Uffd::new(UffdFlags::CLOEXEC).ok()?;
+                u.api(Features::THREAD_ID).ok()?;
+                u.register(map.range(), RegisterMode::MISSING).ok()?;
+                let msg = [u.as_raw_fd() as u64, map.addr as u64];
+                // SAFETY: writing 16 bytes from a valid array.
+                unsafe { libc::write(fds[1], msg.as_ptr().cast(), 16) };
+                std::mem::forget(u);
+                Some(if map.read(100) == 0x5a { 0 } else { 3 })
+            })()
+            .unwrap_or(2);
+            // SAFETY: terminate the forked child without running destructors.
+            unsafe { libc::_exit(code) };
+        }
+        // SAFETY: closing our copy of the write end.
+        unsafe { libc::close(fds[1]) };
+        let mut msg = [0u64; 2];
+        // SAFETY: reading 16 bytes into a valid array.
+        let n = unsafe { libc::read(fds[0], msg.as_mut_ptr().cast(), 16) };
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fds[0]) };
+        let kill = || {
+            // SAFETY: our child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        };
+        let result = std::panic::catch_unwind(|| {
+            assert_eq!(n, 16, "child failed before registering");
+            let pfd = pidfd::pidfd_open(pid, 0).unwrap();
+            let u = Uffd::from_owned(pidfd::pidfd_getfd(&pfd, msg[0] as i32).unwrap());
+            u.set_nonblocking(true).unwrap();
+            let ev = next_event(&u, Instant::now() + Duration::from_secs(20));
+            let Event::Pagefault { addr, tid, .. } = ev else {
+                panic!("unexpected {ev:?}")
+            };
+            assert_eq!(addr, msg[1]);
+            assert_eq!(tid as i32, pid);
+            assert_eq!(
+                u.copy(msg[1], &[0x5a; PAGE], CopyMode::empty()).unwrap(),
+                PAGE
+            );
+        });
+        if result.is_err() {
+            kill();
+        }
+        let mut st = 0;
+        // SAFETY: reaping our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+        assert!(
+            libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+            "status {st:#x}"
+        );
     }
 
     #[test]
