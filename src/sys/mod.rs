@@ -1,1 +1,4 @@
 //! Thin kernel wrappers that no crate provides.
+
+pub mod pidfd;
+pub mod uffd;
