@@ -384,6 +384,6 @@ fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: boo
     if display_stats {
         eprintln!("restore of {}:\n{}", id.short(), r.phases);
     }
-    let code = r.sandbox.wait_forwarding_signals()?;
+    let code = r.sandbox.forward_signals()?;
     Ok(code)
 }

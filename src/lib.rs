@@ -1,4 +1,9 @@
 //! warmstart: checkpoint an app at its warm point, restore instances in milliseconds.
 
 pub mod check;
+pub mod cli;
+pub mod dump;
+pub mod record;
+pub mod restore;
+pub mod stats;
 pub mod sys;

@@ -1,1 +1,23 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = warmstart::cli::Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WARMSTART_LOG").unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    match warmstart::cli::main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("warmstart: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

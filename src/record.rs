@@ -120,13 +120,8 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let given = [dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
     let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
 
-    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: None, gate: true }, || {
-        for (i, fd) in child_stdio.iter().enumerate() {
-            if unsafe { libc::dup2(*fd, i as RawFd) } < 0 {
-                return 127;
-            }
-        }
-        warmstart_launcher::wait_for_release();
+    // The closure runs right after clone3: nothing in it may allocate.
+    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: None, gate: true, stdio: Some(child_stdio) }, || {
         if warmstart_launcher::trigger::install_stdin_trap().is_err() {
             return 126;
         }
@@ -145,7 +140,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     TIMED_OUT.store(false, Ordering::SeqCst);
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_alarm as usize;
+        sa.sa_sigaction = on_alarm as *const () as usize;
         libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
         libc::alarm(opts.timeout.as_secs().max(1) as u32);
     }
@@ -166,7 +161,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
         ),
         Err(e) => Err(e),
     };
-    sandbox.kill();
+    let _ = sandbox.kill();
     let _ = sandbox.wait();
     drop(in_w);
     for r in readers {

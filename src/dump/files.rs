@@ -99,7 +99,7 @@ pub struct Collected {
 }
 
 pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> {
-    let pidfd = pidfd::pidfd_open(pid).with_context(|| format!("pidfd_open({pid})"))?;
+    let pidfd = pidfd::pidfd_open(pid, 0).with_context(|| format!("pidfd_open({pid})"))?;
     let mut fds = Vec::new();
     let mut pipes: HashMap<u64, PipeObject> = HashMap::new();
     let mut nums: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -120,7 +120,7 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
         let flags = info.flags & !libc::O_CLOEXEC;
         let ofd = match ofds
             .iter()
-            .find(|(other, _)| crate::sys::kcmp_file(pid, fd, *other) == Ok(true))
+            .find(|(other, _)| matches!(crate::sys::kcmp_file(pid, fd, *other), Ok(true)))
         {
             Some(&(_, id)) => id,
             None => {

@@ -119,8 +119,8 @@ fn collect_and_store(
     phases.add("collect", t.elapsed());
 
     let t = Instant::now();
-    let (main_tid, main_raw, _) = raw_regs[0];
-    let inside = inject::collect_inside(pid, main_tid, &main_raw, &smaps)
+    let (main_tid, main_raw, main_kind) = raw_regs[0];
+    let inside = inject::collect_inside(pid, main_tid, &main_raw, main_kind, &smaps)
         .with_context(|| format!("running the parasite in process {pid} ({})", info.comm))?;
     for th in threads.iter_mut() {
         th.sigaltstack = inside.sigaltstack;

@@ -5,6 +5,9 @@ use warmstart_snapshots::model::{Creds, FileIdentity, MmFields, Rlimit};
 
 use super::files::identity;
 
+/// `RLIMIT_CPU` ..= `RLIMIT_RTTIME`.
+const RLIMIT_COUNT: u32 = 16;
+
 pub struct ProcInfo {
     pub pid_in_ns: i32,
     pub ppid: i32,
@@ -66,7 +69,7 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
     let mut rlimits = Vec::new();
-    for resource in 0..libc::RLIM_NLIMITS as u32 {
+    for resource in 0..RLIMIT_COUNT {
         let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
         if unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) } < 0 {
             return Err(std::io::Error::last_os_error()).with_context(|| ctx("rlimits"));
@@ -134,7 +137,7 @@ mod tests {
         let me = collect(std::process::id() as i32).unwrap();
         assert!(me.mm.start_code > 0 && me.mm.end_code > me.mm.start_code);
         assert!(me.mm.arg_end > me.mm.arg_start);
-        assert_eq!(me.rlimits.len(), libc::RLIM_NLIMITS as usize);
+        assert_eq!(me.rlimits.len(), RLIMIT_COUNT as usize);
         assert!(me.exe.path.starts_with('/'));
         assert_eq!(me.auxv.len() % 2, 0);
         assert_eq!(me.cwd, std::env::current_dir().unwrap().to_string_lossy());

@@ -92,9 +92,9 @@ fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std
     set_rlimits(p)?;
 
     let own = maps::parse(&std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?)?;
-    let probe = program::build(p, &own, &fds, 0)?;
-    let base = find_gap(&own, p, probe.map_len() as u64)?;
-    let blob = program::build(p, &own, &fds, base)?;
+    let len = program::build(p, &own, &fds, 0, 0)?.map_len() as u64;
+    let base = find_gap(&own, p, len)?;
+    let blob = program::build(p, &own, &fds, base, len)?;
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -121,7 +121,7 @@ fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std
     let mut pipe = unsafe { std::fs::File::from_raw_fd(*report) };
     pipe.write_all(&msg)?;
     drop(pipe);
-    tracing::trace!("jumping into the restorer at {:#x}", blob.entry);
+    unregister_rseq();
     // SAFETY: the blob is mapped at `base` and built for it; it never returns here.
     unsafe { warmstart_parasite::jump(blob.entry, blob.program, blob.stack_top) }
 }
@@ -327,6 +327,32 @@ fn find_gap(own: &[MapEntry], p: &Process, len: u64) -> Result<u64> {
                 }
                 candidate = (s - len - GUARD) & !0xfff;
             }
+        }
+    }
+}
+
+/// glibc registered an rseq area for this thread inside memory the restorer unmaps; the
+/// kernel would fault writing to it (SIGSEGV, SI_KERNEL) at the next preemption.
+fn unregister_rseq() {
+    extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    const RSEQ_FLAG_UNREGISTER: i32 = 1;
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    // SAFETY: glibc >= 2.35 exports both; the thread pointer is fs:0 on x86_64.
+    let (offset, size) = unsafe { (__rseq_offset, __rseq_size) };
+    if size == 0 {
+        return;
+    }
+    let tp: u64;
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp) };
+    let area = (tp as i64 + offset as i64) as u64;
+    // The registered length is glibc's area size (32 bytes), which may exceed the
+    // advertised feature size.
+    for len in [size.max(32), size] {
+        if unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) } == 0 {
+            return;
         }
     }
 }

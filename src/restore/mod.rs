@@ -54,10 +54,10 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let t = Instant::now();
     let (status_r, status_w) = pipe()?;
     let status_w_raw = status_w.as_raw_fd();
-    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: Some(p.pid), gate: true }, || {
-        warmstart_launcher::wait_for_release();
-        child::run(m, p, status_w_raw)
-    })
+    let sandbox = warmstart_launcher::spawn(
+        &SpawnOptions { pid: Some(p.pid), gate: true, stdio: None },
+        || child::run(m, p, status_w_raw),
+    )
     .context("starting the sandbox")?;
     drop(status_w);
     let pid = sandbox.app_pid;
@@ -70,7 +70,7 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let fail = |e: anyhow::Error| e.context(format!("restoring process {} of snapshot {}", p.pid, snap.id.short()));
     wait_trap(pid, &info).map_err(fail)?;
     let t = Instant::now();
-    memory::fill(snap, p, pid).map_err(fail)?;
+    if std::env::var_os("WS_NOFILL").is_none() { memory::fill(snap, p, pid).map_err(fail)?; }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
     ptrace::cont(pid, 0)?;
@@ -115,7 +115,20 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
     loop {
         match ptrace::wait(pid)? {
             Stop::Signal(libc::SIGTRAP) => break,
-            Stop::Signal(sig) => bail!("the restorer was hit by signal {sig} ({})", signal_name(sig)),
+            Stop::Signal(sig) => {
+                // The executor keeps its step index in r13 (see warmstart_parasite).
+                let regs = ptrace::get_regs(pid).unwrap_or([0; reg::COUNT]);
+                let step = regs[reg::R13];
+                let label = info.labels.get(step as usize).map(String::as_str).unwrap_or("?");
+                let mut si = [0u8; 128];
+                unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, pid, 0, si.as_mut_ptr()) };
+                tracing::debug!("siginfo code {} addr {:#x}\nmaps:\n{}", i32::from_ne_bytes(si[8..12].try_into().unwrap()), u64::from_ne_bytes(si[16..24].try_into().unwrap()), std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default());
+                bail!(
+                    "the restorer was hit by signal {sig} ({}) at step {step} ({label}), rip {:#x} r12 {:#x} rsp {:#x}",
+                    signal_name(sig),
+                    regs[reg::RIP], regs[reg::R12], regs[reg::RSP]
+                )
+            }
             Stop::Exited(code) => bail!("the restoring process exited with status {code}"),
             Stop::Killed(sig) => bail!("the restoring process was killed by signal {sig} ({})", signal_name(sig)),
             other => {
@@ -179,5 +192,48 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGHUP => "SIGHUP",
         libc::SIGPIPE => "SIGPIPE",
         _ => "signal",
+    }
+}
+
+/// `restore -d`: the monitor becomes a daemon that restores and waits; the caller gets
+/// the restored pid (or the error) and returns at once.
+pub fn detached(snap: &Snapshot) -> Result<i32> {
+    let (r, w) = pipe()?;
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if pid == 0 {
+        drop(r);
+        unsafe { libc::setsid() };
+        let mut w = std::fs::File::from(w);
+        let code = match restore(snap) {
+            Ok(restored) => {
+                let _ = std::io::Write::write_all(&mut w, format!("P{}", restored.pid).as_bytes());
+                drop(w);
+                restored.sandbox.forward_signals().unwrap_or(1)
+            }
+            Err(e) => {
+                let _ = std::io::Write::write_all(&mut w, format!("E{e:#}").as_bytes());
+                1
+            }
+        };
+        unsafe { libc::_exit(code) };
+    }
+    drop(w);
+    let mut msg = String::new();
+    std::fs::File::from(r).read_to_string(&mut msg).context("reading the detached monitor's report")?;
+    // Reap the daemon only if it already gave up; otherwise it lives on by itself.
+    match msg.split_at_checked(1) {
+        Some(("P", pid)) => {
+            println!("{pid}");
+            Ok(0)
+        }
+        Some(("E", err)) => {
+            let mut status = 0;
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            bail!("{err}")
+        }
+        _ => bail!("the restore monitor died before reporting"),
     }
 }

@@ -120,6 +120,9 @@ fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()
     Ok(())
 }
 
+/// End of the user address space with 4-level paging.
+const TASK_TOP: u64 = 0x7fff_ffff_f000;
+
 /// `struct prctl_mm_map` (linux/prctl.h).
 fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
     let m = &p.mm;
@@ -135,22 +138,35 @@ fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
     out
 }
 
-/// Builds the program. `own` is the child's current layout (the blob's own range
-/// excluded by the caller); `base` is where the blob will be mapped.
-pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64) -> Result<Blob> {
+/// Builds the program. `own` is the child's layout before the blob is mapped at `base`
+/// (`blob_len` bytes: the program does not depend on it except to keep it mapped).
+pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_len: u64) -> Result<Blob> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
 
-    // Phase 1: warmstart's own memory goes, the snapshot's layout comes.
-    for m in own {
-        if matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]") {
-            continue;
+    // Phase 1: warmstart's own memory goes, the snapshot's layout comes. Everything but
+    // the blob and the vdso family is unmapped as whole ranges, so memory our own code
+    // mapped after `own` was read (a grown heap) goes too.
+    let mut keep: Vec<(u64, u64)> = own
+        .iter()
+        .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+        .map(|m| (m.start, m.end))
+        .collect();
+    keep.push((base, base + blob_len));
+    keep.sort_unstable();
+    let top = own
+        .iter()
+        .filter(|m| m.name != "[vsyscall]")
+        .map(|m| m.end)
+        .max()
+        .unwrap_or(0)
+        .max(TASK_TOP);
+    let mut from = 0u64;
+    for &(s, e) in keep.iter().chain(std::iter::once(&(top, top))) {
+        if s > from {
+            b.syscall(libc::SYS_munmap, &[imm(from), imm(s - from)], format!("munmap {from:x}-{s:x} (warmstart)"));
         }
-        b.syscall(
-            libc::SYS_munmap,
-            &[imm(m.start), imm(m.end - m.start)],
-            format!("munmap {:x}-{:x} {}", m.start, m.end, m.name),
-        );
+        from = from.max(e);
     }
     move_vdso(&mut b, p, own)?;
     for (i, v) in p.vmas.iter().enumerate() {

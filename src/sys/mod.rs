@@ -1,4 +1,17 @@
 //! Thin kernel wrappers that no crate provides.
 
 pub mod pidfd;
+pub mod ptrace;
 pub mod uffd;
+pub mod vdso;
+
+/// Whether fd `a` of process `pid` and fd `b` of the same process share one open file
+/// description (`kcmp(KCMP_FILE)`).
+pub fn kcmp_file(pid: i32, a: i32, b: i32) -> std::io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r == 0)
+}
