@@ -13,7 +13,11 @@ use crate::dump::{self, DumpOptions, StdioPolicy};
 use crate::stats::human;
 
 #[derive(Parser, Debug)]
-#[command(name = "warmstart", version, about = "Checkpoint an app at its warm point; restore instances in milliseconds")]
+#[command(
+    name = "warmstart",
+    version,
+    about = "Checkpoint an app at its warm point; restore instances in milliseconds"
+)]
 pub struct Cli {
     /// Snapshot store directory [default: $XDG_DATA_HOME/warmstart or ~/.local/share/warmstart]
     #[arg(long, global = true, env = "WARMSTART_STORE", value_name = "DIR")]
@@ -126,7 +130,9 @@ fn default_store() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d).join("warmstart"));
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("neither XDG_DATA_HOME nor HOME is set: pass --store DIR")?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("neither XDG_DATA_HOME nor HOME is set: pass --store DIR")?;
     Ok(PathBuf::from(home).join(".local/share/warmstart"))
 }
 
@@ -190,7 +196,10 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!("{:<12}  {:<16}  {:>10}  {:>10}  COMMAND", "ID", "NAME", "LOGICAL", "RESIDENT");
+    println!(
+        "{:<12}  {:<16}  {:>10}  {:>10}  COMMAND",
+        "ID", "NAME", "LOGICAL", "RESIDENT"
+    );
     for s in list {
         let cmd = match &s.damaged {
             Some(d) => format!("DAMAGED: {d}"),
@@ -224,7 +233,9 @@ fn fd_kind(f: &FileDesc) -> String {
         FileDesc::Regular { file, pos, .. } => format!("file {} @{pos}", file.path),
         FileDesc::Directory { path, .. } => format!("dir {path}"),
         FileDesc::CharDev { path, .. } => format!("chr {path}"),
-        FileDesc::Pipe { pipe, write, .. } => format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" }),
+        FileDesc::Pipe { pipe, write, .. } => {
+            format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" })
+        }
         FileDesc::External { stdio } => format!("external stdio {stdio}"),
     }
 }
@@ -250,7 +261,10 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     println!("snapshot {id}");
     println!("  command:  {}", m.command.join(" "));
     println!("  trigger:  {}", m.trigger);
-    println!("  kernel:   {}  xsave {} bytes, XCR0 {:#x}", m.host.kernel_release, m.host.xsave_size, m.host.xsave_features);
+    println!(
+        "  kernel:   {}  xsave {} bytes, XCR0 {:#x}",
+        m.host.kernel_release, m.host.xsave_size, m.host.xsave_features
+    );
     println!(
         "  memory:   logical {}, resident {}, zero {}, stored {} (compressed), {} pages shared with other snapshots",
         human(st.logical_bytes),
@@ -260,7 +274,16 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         st.shared_with_others
     );
     for p in &m.processes {
-        println!("  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}", p.pid, p.comm, p.ppid, p.pgid, p.sid, p.threads.len(), p.exe.path);
+        println!(
+            "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
+            p.pid,
+            p.comm,
+            p.ppid,
+            p.pgid,
+            p.sid,
+            p.threads.len(),
+            p.exe.path
+        );
         println!("    vmas: {}", p.vmas.len());
         for v in &p.vmas {
             let (mut data, mut zero) = (0, 0);
@@ -277,11 +300,24 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
                 if v.prot & 4 != 0 { 'x' } else { '-' },
                 if v.shared { 's' } else { 'p' }
             );
-            println!("      {:012x}-{:012x} {prot} {:>10}  data {:>6}  zero {:>6}  {}", v.start, v.end, human(v.len()), data, zero, vma_kind(&v.kind));
+            println!(
+                "      {:012x}-{:012x} {prot} {:>10}  data {:>6}  zero {:>6}  {}",
+                v.start,
+                v.end,
+                human(v.len()),
+                data,
+                zero,
+                vma_kind(&v.kind)
+            );
         }
         println!("    fds:");
         for f in &p.fds {
-            println!("      {:>4}{} {}", f.fd, if f.cloexec { " (cloexec)" } else { "" }, fd_kind(&f.file));
+            println!(
+                "      {:>4}{} {}",
+                f.fd,
+                if f.cloexec { " (cloexec)" } else { "" },
+                fd_kind(&f.file)
+            );
         }
     }
     Ok(0)
@@ -297,10 +333,17 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
         }
     }
     if r.is_ok() {
-        println!("ok: {} snapshot(s), {} page(s) verified", r.snapshots_checked, r.pages_checked);
+        println!(
+            "ok: {} snapshot(s), {} page(s) verified",
+            r.snapshots_checked, r.pages_checked
+        );
         Ok(0)
     } else {
-        eprintln!("{} of {} snapshot(s) damaged", r.damaged.len(), r.snapshots_checked);
+        eprintln!(
+            "{} of {} snapshot(s) damaged",
+            r.damaged.len(),
+            r.snapshots_checked
+        );
         Ok(1)
     }
 }
@@ -310,7 +353,10 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
         Some(dir) => {
             let s = Store::open(dir)?;
             if !s.ids()?.is_empty() {
-                bail!("image directory {} already holds a snapshot: use an empty directory", dir.display());
+                bail!(
+                    "image directory {} already holds a snapshot: use an empty directory",
+                    dir.display()
+                );
             }
             s
         }
@@ -365,7 +411,11 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
     let store = open_store(cli)?;
     let r = crate::record::record(
         &store,
-        &crate::record::RecordOptions { command: a.command.clone(), name: a.name.clone(), timeout: Duration::from_secs(a.timeout) },
+        &crate::record::RecordOptions {
+            command: a.command.clone(),
+            name: a.name.clone(),
+            timeout: Duration::from_secs(a.timeout),
+        },
     )?;
     if a.display_stats {
         eprintln!("record:\n{}", r.phases);

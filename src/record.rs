@@ -67,11 +67,15 @@ fn resolve(cmd: &str) -> Result<CString> {
     for c in candidates {
         if let Ok(m) = std::fs::metadata(&c) {
             if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-                return CString::new(c.as_os_str().as_encoded_bytes()).map_err(|_| anyhow!("bad command path"));
+                return CString::new(c.as_os_str().as_encoded_bytes())
+                    .map_err(|_| anyhow!("bad command path"));
             }
         }
     }
-    bail!("command not found: {cmd} (not an executable file{})", if cmd.contains('/') { "" } else { " on PATH" })
+    bail!(
+        "command not found: {cmd} (not an executable file{})",
+        if cmd.contains('/') { "" } else { " on PATH" }
+    )
 }
 
 /// Copies an app's output pipe to our stderr, keeping the last lines.
@@ -109,7 +113,9 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let argv: Vec<CString> = opts
         .command
         .iter()
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| anyhow!("argument contains a NUL byte: {a:?}")))
+        .map(|a| {
+            CString::new(a.as_bytes()).map_err(|_| anyhow!("argument contains a NUL byte: {a:?}"))
+        })
         .collect::<Result<_>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -121,18 +127,28 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
 
     // The closure runs right after clone3: nothing in it may allocate.
-    let sandbox = warmstart_launcher::spawn(&SpawnOptions { pid: None, gate: true, stdio: Some(child_stdio) }, || {
-        if warmstart_launcher::trigger::install_stdin_trap().is_err() {
-            return 126;
-        }
-        unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
-        127
-    })
+    let sandbox = warmstart_launcher::spawn(
+        &SpawnOptions {
+            pid: None,
+            gate: true,
+            stdio: Some(child_stdio),
+        },
+        || {
+            if warmstart_launcher::trigger::install_stdin_trap().is_err() {
+                return 126;
+            }
+            unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
+            127
+        },
+    )
     .context("starting the sandbox")?;
     drop((in_r, out_w, err_w));
     let pid = sandbox.app_pid;
-    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESECCOMP | ptrace::O_TRACESYSGOOD)
-        .with_context(|| format!("seizing the app (pid {pid})"))?;
+    ptrace::seize(
+        pid,
+        ptrace::O_EXITKILL | ptrace::O_TRACESECCOMP | ptrace::O_TRACESYSGOOD,
+    )
+    .with_context(|| format!("seizing the app (pid {pid})"))?;
     sandbox.release()?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [forward(out_r, None), forward(err_r, Some(tail.clone()))];
@@ -172,7 +188,10 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
         if tail.is_empty() || e.to_string().contains("timed out") {
             e
         } else {
-            e.context(format!("last lines of its stderr:\n  {}", tail.iter().cloned().collect::<Vec<_>>().join("\n  ")))
+            e.context(format!(
+                "last lines of its stderr:\n  {}",
+                tail.iter().cloned().collect::<Vec<_>>().join("\n  ")
+            ))
         }
     })
 }

@@ -21,7 +21,12 @@ impl fmt::Display for Phases {
         for (name, d) in &self.0 {
             writeln!(f, "  {name:<12} {:>10.3} ms", d.as_secs_f64() * 1e3)?;
         }
-        write!(f, "  {:<12} {:>10.3} ms", "total", self.total().as_secs_f64() * 1e3)
+        write!(
+            f,
+            "  {:<12} {:>10.3} ms",
+            "total",
+            self.total().as_secs_f64() * 1e3
+        )
     }
 }
 

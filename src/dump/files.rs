@@ -14,7 +14,13 @@ use warmstart_snapshots::model::{Fd, FileDesc, FileIdentity, PipeObject};
 use crate::sys::pidfd;
 
 /// Character devices that carry no state and are reopened by path.
-const STATELESS_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"];
+const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/full",
+];
 
 /// Which fds are the launcher's stdio and become the caller's at restore.
 #[derive(Debug, Clone)]
@@ -76,7 +82,12 @@ fn peek_pipe(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap) };
     let n = unsafe {
-        libc::tee(pipe.as_raw_fd(), w.as_raw_fd(), avail as usize, libc::SPLICE_F_NONBLOCK)
+        libc::tee(
+            pipe.as_raw_fd(),
+            w.as_raw_fd(),
+            avail as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
     };
     if n < 0 {
         return Err(std::io::Error::last_os_error()).context("tee of a pipe's buffered bytes");
@@ -84,7 +95,13 @@ fn peek_pipe(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
     let mut data = vec![0u8; n as usize];
     let mut got = 0;
     while got < data.len() {
-        let k = unsafe { libc::read(r.as_raw_fd(), data[got..].as_mut_ptr().cast(), data.len() - got) };
+        let k = unsafe {
+            libc::read(
+                r.as_raw_fd(),
+                data[got..].as_mut_ptr().cast(),
+                data.len() - got,
+            )
+        };
         if k <= 0 {
             bail!("short read while copying a pipe's buffered bytes");
         }
@@ -140,7 +157,12 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
         };
         let ft = meta.mode() & libc::S_IFMT;
         if let Some(stdio) = external_stdio(policy, fd, &meta, ft) {
-            fds.push(Fd { fd, cloexec, ofd, file: FileDesc::External { stdio } });
+            fds.push(Fd {
+                fd,
+                cloexec,
+                ofd,
+                file: FileDesc::External { stdio },
+            });
             continue;
         }
         let file = match ft {
@@ -151,12 +173,22 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
                 if meta.nlink() == 0 || !link.starts_with('/') {
                     return Err(refuse("an unlinked or anonymous file"));
                 }
-                FileDesc::Regular { file: identity(&link, &meta), flags, pos: info.pos }
+                FileDesc::Regular {
+                    file: identity(&link, &meta),
+                    flags,
+                    pos: info.pos,
+                }
             }
-            libc::S_IFDIR => FileDesc::Directory { path: link.clone(), flags },
-            libc::S_IFCHR if STATELESS_DEVICES.contains(&link.as_str()) => {
-                FileDesc::CharDev { path: link.clone(), rdev: meta.rdev(), flags, pos: info.pos }
-            }
+            libc::S_IFDIR => FileDesc::Directory {
+                path: link.clone(),
+                flags,
+            },
+            libc::S_IFCHR if STATELESS_DEVICES.contains(&link.as_str()) => FileDesc::CharDev {
+                path: link.clone(),
+                rdev: meta.rdev(),
+                flags,
+                pos: info.pos,
+            },
             libc::S_IFIFO if link.starts_with("pipe:") => {
                 let ino = meta.ino();
                 if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(ino) {
@@ -164,9 +196,17 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
                         .with_context(|| format!("pidfd_getfd of process {pid} fd {fd}"))?;
                     let (capacity, data) = peek_pipe(&copy)
                         .with_context(|| format!("process {pid} fd {fd} ({link})"))?;
-                    slot.insert(PipeObject { id: ino, capacity, data });
+                    slot.insert(PipeObject {
+                        id: ino,
+                        capacity,
+                        data,
+                    });
                 }
-                FileDesc::Pipe { pipe: ino, write: flags & libc::O_ACCMODE == libc::O_WRONLY, flags }
+                FileDesc::Pipe {
+                    pipe: ino,
+                    write: flags & libc::O_ACCMODE == libc::O_WRONLY,
+                    flags,
+                }
             }
             libc::S_IFIFO => return Err(refuse("a named FIFO")),
             libc::S_IFCHR => return Err(refuse("a character device")),
@@ -174,7 +214,12 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
             libc::S_IFSOCK => return Err(refuse("a socket")),
             _ => return Err(refuse(&describe_anon(&link))),
         };
-        fds.push(Fd { fd, cloexec, ofd, file });
+        fds.push(Fd {
+            fd,
+            cloexec,
+            ofd,
+            file,
+        });
     }
     let mut pipes: Vec<PipeObject> = pipes.into_values().collect();
     pipes.sort_by_key(|p| p.id);
@@ -183,7 +228,10 @@ pub fn collect(pid: i32, comm: &str, policy: &StdioPolicy) -> Result<Collected> 
 
 fn describe_anon(link: &str) -> String {
     match link.strip_prefix("anon_inode:") {
-        Some(kind) => format!("an anonymous inode of type {}", kind.trim_matches(['[', ']'])),
+        Some(kind) => format!(
+            "an anonymous inode of type {}",
+            kind.trim_matches(['[', ']'])
+        ),
         None => "an unsupported kind of file".to_owned(),
     }
 }
@@ -203,7 +251,9 @@ fn external_stdio(policy: &StdioPolicy, fd: i32, meta: &std::fs::Metadata, ft: u
 }
 
 fn is_stateless_device(meta: &std::fs::Metadata) -> bool {
-    STATELESS_DEVICES
-        .iter()
-        .any(|p| std::fs::metadata(p).map(|m| m.rdev() == meta.rdev()).unwrap_or(false))
+    STATELESS_DEVICES.iter().any(|p| {
+        std::fs::metadata(p)
+            .map(|m| m.rdev() == meta.rdev())
+            .unwrap_or(false)
+    })
 }

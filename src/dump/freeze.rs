@@ -37,9 +37,18 @@ pub struct Frozen {
 impl Frozen {
     /// A process whose thread `tid` the caller already traces and holds at a seccomp stop.
     pub fn at_syscall_entry(pid: i32, tid: i32) -> Frozen {
-        let mut f = Frozen { pid, ..Default::default() };
-        f.threads
-            .insert(tid, FrozenThread { tid, kind: StopKind::SyscallEntry, caught: Vec::new() });
+        let mut f = Frozen {
+            pid,
+            ..Default::default()
+        };
+        f.threads.insert(
+            tid,
+            FrozenThread {
+                tid,
+                kind: StopKind::SyscallEntry,
+                caught: Vec::new(),
+            },
+        );
         f
     }
 
@@ -75,7 +84,10 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             Some(libc::ENOENT) => anyhow::anyhow!("process {pid} exited while being frozen"),
             _ => anyhow::Error::new(e).context(format!("listing /proc/{pid}/task")),
         })?;
-        let new: Vec<i32> = all.into_iter().filter(|t| !frozen.threads.contains_key(t)).collect();
+        let new: Vec<i32> = all
+            .into_iter()
+            .filter(|t| !frozen.threads.contains_key(t))
+            .collect();
         if new.is_empty() {
             return Ok(());
         }
@@ -118,9 +130,14 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             if !alive {
                 continue;
             }
-            frozen
-                .threads
-                .insert(tid, FrozenThread { tid, kind: StopKind::Interrupted, caught });
+            frozen.threads.insert(
+                tid,
+                FrozenThread {
+                    tid,
+                    kind: StopKind::Interrupted,
+                    caught,
+                },
+            );
         }
     }
 }

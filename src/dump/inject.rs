@@ -63,7 +63,9 @@ fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> 
                 SYSCALL_INFO_EXIT if entered => return Ok(ptrace::get_regs(tid)?[reg::RAX] as i64),
                 _ => {}
             },
-            Stop::Exited(_) | Stop::Killed(_) => bail!("the process died while a syscall was injected"),
+            Stop::Exited(_) | Stop::Killed(_) => {
+                bail!("the process died while a syscall was injected")
+            }
             other => bail!("unexpected stop while injecting syscall {nr}: {other:?}"),
         }
     }
@@ -71,10 +73,14 @@ fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> 
 
 /// Address of a `syscall` instruction (0f 05) in the target's vdso.
 fn vdso_syscall(pid: i32, maps: &[MapEntry]) -> Result<u64> {
-    let v = maps.iter().find(|m| m.name == "[vdso]").context("the process has no [vdso]")?;
+    let v = maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .context("the process has no [vdso]")?;
     let mut bytes = vec![0u8; (v.end - v.start) as usize];
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, v.start).context("reading the target's vdso")?;
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, v.start)
+        .context("reading the target's vdso")?;
     let off = bytes
         .windows(2)
         .position(|w| w == [0x0f, 0x05])
@@ -84,8 +90,14 @@ fn vdso_syscall(pid: i32, maps: &[MapEntry]) -> Result<u64> {
 
 fn read_remote(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
     if unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } != len as isize {
         return Err(std::io::Error::last_os_error()).context("reading parasite results");
     }
@@ -93,39 +105,78 @@ fn read_remote(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>> {
 }
 
 fn write_remote(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
-    let local = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: bytes.len() };
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
     if unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } != bytes.len() as isize {
-        return Err(std::io::Error::last_os_error()).context("copying the parasite into the target");
+        return Err(std::io::Error::last_os_error())
+            .context("copying the parasite into the target");
     }
     Ok(())
 }
 
-pub fn collect_inside(pid: i32, tid: i32, raw: &Regs, kind: StopKind, maps: &[MapEntry]) -> Result<Inside> {
+pub fn collect_inside(
+    pid: i32,
+    tid: i32,
+    raw: &Regs,
+    kind: StopKind,
+    maps: &[MapEntry],
+) -> Result<Inside> {
     let insn = vdso_syscall(pid, maps)?;
     let mut b = ProgramBuilder::new();
     let sigactions = b.data_zeroed(64 * 32);
     for sig in 1..=64u64 {
         b.syscall(
             libc::SYS_rt_sigaction,
-            &[Arg::Imm(sig), Arg::Imm(0), sigactions.at((sig - 1) * 32), Arg::Imm(8)],
+            &[
+                Arg::Imm(sig),
+                Arg::Imm(0),
+                sigactions.at((sig - 1) * 32),
+                Arg::Imm(8),
+            ],
             format!("rt_sigaction({sig})"),
         );
     }
     let ss = b.data_zeroed(24);
-    b.syscall(libc::SYS_sigaltstack, &[Arg::Imm(0), ss.arg()], "sigaltstack");
+    b.syscall(
+        libc::SYS_sigaltstack,
+        &[Arg::Imm(0), ss.arg()],
+        "sigaltstack",
+    );
     let tid_addr = b.data_zeroed(8);
-    b.syscall(libc::SYS_prctl, &[Arg::Imm(libc::PR_GET_TID_ADDRESS as u64), tid_addr.arg()], "prctl(PR_GET_TID_ADDRESS)");
+    b.syscall(
+        libc::SYS_prctl,
+        &[Arg::Imm(libc::PR_GET_TID_ADDRESS as u64), tid_addr.arg()],
+        "prctl(PR_GET_TID_ADDRESS)",
+    );
     let brk = b.syscall_saved(libc::SYS_brk, &[Arg::Imm(0)], "brk(0)");
-    let dumpable = b.syscall_saved(libc::SYS_prctl, &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)], "prctl(PR_GET_DUMPABLE)");
+    let dumpable = b.syscall_saved(
+        libc::SYS_prctl,
+        &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)],
+        "prctl(PR_GET_DUMPABLE)",
+    );
     b.trap();
     let len = b.build(0).map_len() as u64;
 
     let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-    let base = remote_syscall(tid, raw, insn, libc::SYS_mmap, [0, len, prot, flags, u64::MAX, 0])?;
+    let base = remote_syscall(
+        tid,
+        raw,
+        insn,
+        libc::SYS_mmap,
+        [0, len, prot, flags, u64::MAX, 0],
+    )?;
     if (-4095..0).contains(&base) {
-        bail!("mmap of the parasite area in the target failed: {}", std::io::Error::from_raw_os_error(-base as i32));
+        bail!(
+            "mmap of the parasite area in the target failed: {}",
+            std::io::Error::from_raw_os_error(-base as i32)
+        );
     }
     let base = base as u64;
     let result = (|| -> Result<Inside> {
@@ -142,7 +193,9 @@ pub fn collect_inside(pid: i32, tid: i32, raw: &Regs, kind: StopKind, maps: &[Ma
             match ptrace::wait(tid)? {
                 Stop::Signal(libc::SIGTRAP) => break,
                 Stop::Signal(sig) => bail!("the parasite was hit by signal {sig}"),
-                Stop::Exited(_) | Stop::Killed(_) => bail!("the process died while running the parasite"),
+                Stop::Exited(_) | Stop::Killed(_) => {
+                    bail!("the process died while running the parasite")
+                }
                 _ => ptrace::cont(tid, 0)?,
             }
         }
@@ -156,9 +209,18 @@ pub fn collect_inside(pid: i32, tid: i32, raw: &Regs, kind: StopKind, maps: &[Ma
         Ok(Inside {
             sigactions: acts
                 .chunks_exact(32)
-                .map(|c| SigAction { handler: word(c, 0), flags: word(c, 1), restorer: word(c, 2), mask: word(c, 3) })
+                .map(|c| SigAction {
+                    handler: word(c, 0),
+                    flags: word(c, 1),
+                    restorer: word(c, 2),
+                    mask: word(c, 3),
+                })
                 .collect(),
-            sigaltstack: AltStack { sp: word(&ss, 0), flags: word(&ss, 1) as i32, size: word(&ss, 2) },
+            sigaltstack: AltStack {
+                sp: word(&ss, 0),
+                flags: word(&ss, 1) as i32,
+                size: word(&ss, 2),
+            },
             tid_address: word(&tid_addr, 0),
             brk: blob.read_slot(&slots, brk).unwrap_or(0),
             dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
@@ -168,6 +230,9 @@ pub fn collect_inside(pid: i32, tid: i32, raw: &Regs, kind: StopKind, maps: &[Ma
     ptrace::set_regs(tid, &resume_regs(*raw, kind)).context("restoring the target's registers")?;
     match unmapped? {
         0 => result,
-        e => bail!("munmap of the parasite area failed: {}", std::io::Error::from_raw_os_error(-e as i32)),
+        e => bail!(
+            "munmap of the parasite area failed: {}",
+            std::io::Error::from_raw_os_error(-e as i32)
+        ),
     }
 }

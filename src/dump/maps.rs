@@ -58,7 +58,10 @@ pub fn read_maps(pid: i32) -> io::Result<Vec<MapEntry>> {
 }
 
 fn bad(line: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("unexpected maps line: {line:?}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected maps line: {line:?}"),
+    )
 }
 
 /// Parses `maps` or `smaps` text.
@@ -84,8 +87,8 @@ pub fn parse(text: &str) -> io::Result<Vec<MapEntry>> {
         // perms offset dev inode name — the name may contain spaces, so split at most 5.
         let mut it = rest.splitn(4, ' ');
         let perms = it.next().ok_or_else(|| bad(line))?.as_bytes();
-        let offset = u64::from_str_radix(it.next().ok_or_else(|| bad(line))?, 16)
-            .map_err(|_| bad(line))?;
+        let offset =
+            u64::from_str_radix(it.next().ok_or_else(|| bad(line))?, 16).map_err(|_| bad(line))?;
         let dev = it.next().ok_or_else(|| bad(line))?;
         let (maj, min) = dev.split_once(':').ok_or_else(|| bad(line))?;
         let rest = it.next().unwrap_or("");

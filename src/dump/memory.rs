@@ -136,11 +136,16 @@ mod tests {
         let t = Target::open(std::process::id() as i32).unwrap();
         let start = p as u64;
         let w = t.wanted(start, start + len as u64, false).unwrap();
-        assert_eq!(w.runs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), vec![(2, 2), (9, 1)]);
+        assert_eq!(
+            w.runs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            vec![(2, 2), (9, 1)]
+        );
         let mut buf = vec![0u8; 2 * PAGE_SIZE];
-        t.read(start + 2 * PAGE_SIZE as u64, &mut buf, true).unwrap();
+        t.read(start + 2 * PAGE_SIZE as u64, &mut buf, true)
+            .unwrap();
         assert_eq!((buf[0], buf[PAGE_SIZE]), (7, 8));
-        t.read(start + 9 * PAGE_SIZE as u64, &mut buf[..PAGE_SIZE], false).unwrap();
+        t.read(start + 9 * PAGE_SIZE as u64, &mut buf[..PAGE_SIZE], false)
+            .unwrap();
         assert_eq!(buf[0], 9);
         unsafe { libc::munmap(p.cast(), len) };
     }

@@ -43,7 +43,12 @@ pub struct DumpResult {
 /// Dumps process `pid` (seizing it unless `frozen` says the caller already holds it).
 /// On success the target is killed unless `leave_running`; on failure it is released
 /// untouched (running as before), whatever the options.
-pub fn dump(pid: i32, frozen: Option<Frozen>, store: &Store, opts: &DumpOptions) -> Result<DumpResult> {
+pub fn dump(
+    pid: i32,
+    frozen: Option<Frozen>,
+    store: &Store,
+    opts: &DumpOptions,
+) -> Result<DumpResult> {
     let mut frozen = frozen.unwrap_or_default();
     let mut phases = Phases::default();
     let t = Instant::now();
@@ -62,7 +67,11 @@ pub fn dump(pid: i32, frozen: Option<Frozen>, store: &Store, opts: &DumpOptions)
                     let _ = ptrace::wait(tid);
                 }
             }
-            Ok(DumpResult { id, manifest, phases })
+            Ok(DumpResult {
+                id,
+                manifest,
+                phases,
+            })
         }
         Err(e) => {
             release(&frozen);
@@ -74,7 +83,11 @@ pub fn dump(pid: i32, frozen: Option<Frozen>, store: &Store, opts: &DumpOptions)
 /// Detaches from every thread, re-delivering signals that freezing dequeued.
 pub fn release(frozen: &Frozen) {
     for t in frozen.threads.values() {
-        let sig = t.caught.first().map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap())).unwrap_or(0);
+        let sig = t
+            .caught
+            .first()
+            .map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap()))
+            .unwrap_or(0);
         let _ = ptrace::detach(t.tid, sig);
         for s in t.caught.iter().skip(1) {
             let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
@@ -91,7 +104,8 @@ fn collect_and_store(
     phases: &mut Phases,
 ) -> Result<(SnapshotId, Manifest)> {
     let t = Instant::now();
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     let info = process::collect(pid)?;
     if !children.trim().is_empty() {
         bail!(
@@ -163,7 +177,10 @@ fn collect_and_store(
         threads,
     };
     let manifest = Manifest {
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         command: opts.command.clone(),
         trigger: opts.trigger.clone(),
         host: host_facts(xsave_size)?,

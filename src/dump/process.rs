@@ -28,11 +28,16 @@ pub struct ProcInfo {
 }
 
 fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
 }
 
 fn words<T: std::str::FromStr>(s: Option<&str>) -> Vec<T> {
-    s.unwrap_or("").split_whitespace().filter_map(|w| w.parse().ok()).collect()
+    s.unwrap_or("")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
 }
 
 fn hex(s: Option<&str>) -> u64 {
@@ -42,6 +47,19 @@ fn hex(s: Option<&str>) -> u64 {
 /// The innermost-namespace value of an `NSpid`-style line (the last column).
 fn innermost(s: Option<&str>) -> Option<i32> {
     s?.split_whitespace().last()?.parse().ok()
+}
+
+/// The parent's pid in the target's own pid namespace: 0 when the parent lives outside
+/// it (as the launcher's monitor does for a sandbox's init).
+fn ppid_in_ns(ppid: i32, nspid: Option<&str>) -> i32 {
+    let depth = nspid.map(|s| s.split_whitespace().count()).unwrap_or(1);
+    let parent = std::fs::read_to_string(format!("/proc/{ppid}/status")).unwrap_or_default();
+    let levels: Vec<i32> = words(status_field(&parent, "NSpid"));
+    if levels.len() == depth {
+        levels.last().copied().unwrap_or(ppid)
+    } else {
+        0
+    }
 }
 
 pub fn collect(pid: i32) -> Result<ProcInfo> {
@@ -60,7 +78,8 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
     }
     let uid: Vec<u32> = words(status_field(&status, "Uid"));
     let gid: Vec<u32> = words(status_field(&status, "Gid"));
-    let ns = |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
+    let ns =
+        |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
     let exe_path = std::fs::read_link(format!("/proc/{pid}/exe")).with_context(|| ctx("exe"))?;
     let exe_meta = std::fs::metadata(format!("/proc/{pid}/exe")).with_context(|| ctx("exe"))?;
     let auxv_bytes = std::fs::read(format!("/proc/{pid}/auxv")).with_context(|| ctx("auxv"))?;
@@ -70,15 +89,22 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
         .unwrap_or(0);
     let mut rlimits = Vec::new();
     for resource in 0..RLIMIT_COUNT {
-        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) } < 0 {
             return Err(std::io::Error::last_os_error()).with_context(|| ctx("rlimits"));
         }
-        rlimits.push(Rlimit { resource, cur: old.rlim_cur, max: old.rlim_max });
+        rlimits.push(Rlimit {
+            resource,
+            cur: old.rlim_cur,
+            max: old.rlim_max,
+        });
     }
     Ok(ProcInfo {
         pid_in_ns: ns("NSpid", pid as u64),
-        ppid: field(4) as i32,
+        ppid: ppid_in_ns(field(4) as i32, status_field(&status, "NSpid")),
         pgid: ns("NSpgid", field(5)),
         sid: ns("NSsid", field(6)),
         comm,
@@ -107,7 +133,9 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
             .unwrap_or(0o022),
         personality,
         no_new_privs: status_field(&status, "NoNewPrivs") == Some("1"),
-        seccomp_mode: status_field(&status, "Seccomp").and_then(|v| v.parse().ok()).unwrap_or(0),
+        seccomp_mode: status_field(&status, "Seccomp")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         mm: MmFields {
             start_code: field(26),
             end_code: field(27),

@@ -106,8 +106,14 @@ mod tests {
             let r = resume_regs(regs(code, 0, 0x1002), StopKind::Interrupted);
             assert_eq!((r[reg::RAX], r[reg::RIP]), (0, 0x1000));
         }
-        let r = resume_regs(regs(ERESTART_RESTARTBLOCK, 35, 0x1002), StopKind::Interrupted);
-        assert_eq!((r[reg::RAX] as i64, r[reg::RIP]), (-(libc::EINTR as i64), 0x1002));
+        let r = resume_regs(
+            regs(ERESTART_RESTARTBLOCK, 35, 0x1002),
+            StopKind::Interrupted,
+        );
+        assert_eq!(
+            (r[reg::RAX] as i64, r[reg::RIP]),
+            (-(libc::EINTR as i64), 0x1002)
+        );
         // A completed syscall result stays.
         let r = resume_regs(regs(5, 0, 0x1002), StopKind::Interrupted);
         assert_eq!((r[reg::RAX], r[reg::RIP]), (5, 0x1002));
@@ -116,6 +122,9 @@ mod tests {
         assert_eq!((r[reg::RAX] as i64, r[reg::RIP]), (ERESTARTSYS, 0x1002));
         // At the warm-point trap: the read has not happened yet.
         let r = resume_regs(regs(ENOSYS, 0, 0x1002), StopKind::SyscallEntry);
-        assert_eq!((r[reg::RAX], r[reg::RIP], r[reg::ORIG_RAX]), (0, 0x1000, u64::MAX));
+        assert_eq!(
+            (r[reg::RAX], r[reg::RIP], r[reg::ORIG_RAX]),
+            (0, 0x1000, u64::MAX)
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! VMAs: how each mapping is restored, and its memory written into the page store.
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{Vma, VmaFlags, VmaKind, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE};
+use warmstart_snapshots::model::{
+    Vma, VmaFlags, VmaKind, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE,
+};
 use warmstart_snapshots::store::SnapshotWriter;
 
 use super::files::identity;
@@ -25,19 +27,26 @@ fn kind_of(pid: i32, comm: &str, m: &MapEntry) -> Result<VmaKind> {
         "[vvar]" => VmaKind::Vvar,
         "[vvar_vclock]" => VmaKind::VvarVclock,
         "[vsyscall]" => VmaKind::Vsyscall,
-        _ if m.has_flag("io") || m.has_flag("pf") => return Err(refuse("a device (I/O or PFN) mapping")),
+        _ if m.has_flag("io") || m.has_flag("pf") => {
+            return Err(refuse("a device (I/O or PFN) mapping"))
+        }
         n if m.inode != 0 && n.starts_with('/') => {
             if n.ends_with(" (deleted)") {
                 return Err(refuse("a mapping of a deleted or anonymous file (memfd, shared anonymous memory, SysV shm)"));
             }
             // map_files resolves to the mapped inode itself, even if the path was replaced.
-            let meta = std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-                .or_else(|_| std::fs::metadata(n))
-                .with_context(|| format!("process {pid}: stat of mapped file {n}"))?;
+            let meta =
+                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+                    .or_else(|_| std::fs::metadata(n))
+                    .with_context(|| format!("process {pid}: stat of mapped file {n}"))?;
             if meta_ino(&meta) != m.inode {
-                return Err(refuse("a file that was replaced on disk since it was mapped"));
+                return Err(refuse(
+                    "a file that was replaced on disk since it was mapped",
+                ));
             }
-            VmaKind::File { file: identity(n, &meta) }
+            VmaKind::File {
+                file: identity(n, &meta),
+            }
         }
         n if m.shared => return Err(refuse(&format!("shared anonymous memory {n}"))),
         n if n.is_empty() || n == "[heap]" || n == "[stack]" || n.starts_with("[anon:") => {
@@ -51,7 +60,12 @@ fn meta_ino(meta: &std::fs::Metadata) -> u64 {
     std::os::unix::fs::MetadataExt::ino(meta)
 }
 
-pub fn collect(pid: i32, comm: &str, smaps: &[MapEntry], writer: &mut SnapshotWriter<'_>) -> Result<Vec<Vma>> {
+pub fn collect(
+    pid: i32,
+    comm: &str,
+    smaps: &[MapEntry],
+    writer: &mut SnapshotWriter<'_>,
+) -> Result<Vec<Vma>> {
     let target = Target::open(pid).with_context(|| format!("opening memory of process {pid}"))?;
     let mut out = Vec::with_capacity(smaps.len());
     let mut buf = Vec::new();
@@ -60,7 +74,9 @@ pub fn collect(pid: i32, comm: &str, smaps: &[MapEntry], writer: &mut SnapshotWr
         let mut vma = Vma {
             start: m.start,
             end: m.end,
-            prot: (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC),
+            prot: (m.read as u8 * PROT_READ)
+                | (m.write as u8 * PROT_WRITE)
+                | (m.exec as u8 * PROT_EXEC),
             shared: m.shared,
             flags: VmaFlags {
                 growsdown: m.has_flag("gd"),
@@ -87,16 +103,21 @@ pub fn collect(pid: i32, comm: &str, smaps: &[MapEntry], writer: &mut SnapshotWr
         };
         let wanted = target
             .wanted(m.start, m.end, file_backed)
-            .with_context(|| format!("reading page map of process {pid} at {:x}-{:x}", m.start, m.end))?;
+            .with_context(|| {
+                format!(
+                    "reading page map of process {pid} at {:x}-{:x}",
+                    m.start, m.end
+                )
+            })?;
         for &(first, count, exclusive) in &wanted.runs {
             let mut done = 0u64;
             while done < count {
                 let n = (count - done).min(CHUNK / PAGE_SIZE as u64);
                 buf.resize((n as usize) * PAGE_SIZE, 0);
                 let addr = m.start + (first + done) * PAGE_SIZE as u64;
-                target
-                    .read(addr, &mut buf, exclusive)
-                    .with_context(|| format!("reading memory of process {pid} at {addr:x} ({n} pages)"))?;
+                target.read(addr, &mut buf, exclusive).with_context(|| {
+                    format!("reading memory of process {pid} at {addr:x} ({n} pages)")
+                })?;
                 writer.add_pages(first + done, &buf, &mut vma.pages)?;
                 done += n;
             }

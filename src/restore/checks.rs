@@ -35,7 +35,10 @@ fn files(m: &Manifest) -> Vec<(&FileIdentity, String)> {
         out.push((&p.exe, format!("the executable of process {}", p.pid)));
         for v in &p.vmas {
             if let VmaKind::File { file } = &v.kind {
-                out.push((file, format!("mapped at {:x} by process {}", v.start, p.pid)));
+                out.push((
+                    file,
+                    format!("mapped at {:x} by process {}", v.start, p.pid),
+                ));
             }
         }
         for fd in &p.fds {

@@ -54,7 +54,11 @@ pub fn run(m: &Manifest, p: &Process, status_fd: RawFd) -> i32 {
 }
 
 /// `report` is the status pipe's fd, updated when it moves.
-fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std::convert::Infallible> {
+fn prepare_and_jump(
+    m: &Manifest,
+    p: &Process,
+    report: &mut RawFd,
+) -> Result<std::convert::Infallible> {
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     unsafe {
         libc::sigfillset(&mut all);
@@ -71,14 +75,22 @@ fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std
     // Everything we still need lives above the app's highest fd while its table is built.
     let high = max_fd + 1;
     *report = dup_high(*report, high)?;
-    let stdio = [dup_high_or_null(0, high)?, dup_high_or_null(1, high)?, dup_high_or_null(2, high)?];
+    let stdio = [
+        dup_high_or_null(0, high)?,
+        dup_high_or_null(1, high)?,
+        dup_high_or_null(2, high)?,
+    ];
     close_all_except(&[*report, stdio[0], stdio[1], stdio[2]])?;
     install_fds(m, p, stdio, high)?;
     for fd in stdio {
         unsafe { libc::close(fd) };
     }
     if p.root != "/" {
-        bail!("process {} ran chrooted in {}: restoring a changed root is not supported yet", p.pid, p.root);
+        bail!(
+            "process {} ran chrooted in {}: restoring a changed root is not supported yet",
+            p.pid,
+            p.root
+        );
     }
     let cwd = cstr(&p.cwd)?;
     if unsafe { libc::chdir(cwd.as_ptr()) } < 0 {
@@ -91,7 +103,9 @@ fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std
     let fds = open_mapping_fds(p, high)?;
     set_rlimits(p)?;
 
-    let own = maps::parse(&std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?)?;
+    let own = maps::parse(
+        &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
+    )?;
     let len = program::build(p, &own, &fds, 0, 0)?.map_len() as u64;
     let base = find_gap(&own, p, len)?;
     let blob = program::build(p, &own, &fds, base, len)?;
@@ -108,13 +122,18 @@ fn prepare_and_jump(m: &Manifest, p: &Process, report: &mut RawFd) -> Result<std
     if addr as u64 != base {
         return Err(errno_err(format!("mapping the restorer at {base:#x}")));
     }
-    unsafe { std::ptr::copy_nonoverlapping(blob.bytes.as_ptr(), base as *mut u8, blob.bytes.len()) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(blob.bytes.as_ptr(), base as *mut u8, blob.bytes.len())
+    };
     let info = BlobInfo {
         base,
         map_len: blob.map_len() as u64,
         status_addr: blob.status_addr,
         syscall_trap: blob.syscall_trap,
-        labels: (0..).map(|i| blob.describe(i).to_owned()).take_while(|l| !l.is_empty()).collect(),
+        labels: (0..)
+            .map(|i| blob.describe(i).to_owned())
+            .take_while(|l| !l.is_empty())
+            .collect(),
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
@@ -174,7 +193,8 @@ fn open_path(path: &str, flags: i32) -> Result<RawFd> {
 /// fd number that shares it.
 fn install_fds(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Result<()> {
     let mut ofds: std::collections::HashMap<u32, RawFd> = std::collections::HashMap::new();
-    let mut pipes: std::collections::HashMap<u64, (RawFd, RawFd)> = std::collections::HashMap::new();
+    let mut pipes: std::collections::HashMap<u64, (RawFd, RawFd)> =
+        std::collections::HashMap::new();
     let mut temps = Vec::new();
     // Creation may not reuse a target number before it is placed: keep temps high.
     let keep_high = |fd: RawFd, temps: &mut Vec<RawFd>| -> Result<RawFd> {
@@ -194,15 +214,22 @@ fn install_fds(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Res
             let fd = match &f.file {
                 FileDesc::External { stdio: k } => stdio[*k as usize],
                 FileDesc::Regular { file, flags, pos } => {
-                    let fd = open_path(&file.path, flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL))?;
+                    let fd = open_path(
+                        &file.path,
+                        flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL),
+                    )?;
                     let fd = keep_high(fd, &mut temps)?;
                     if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
                         return Err(errno_err(format!("seeking {} to {pos}", file.path)));
                     }
                     fd
                 }
-                FileDesc::Directory { path, flags } => keep_high(open_path(path, *flags | libc::O_DIRECTORY)?, &mut temps)?,
-                FileDesc::CharDev { path, flags, .. } => keep_high(open_path(path, *flags)?, &mut temps)?,
+                FileDesc::Directory { path, flags } => {
+                    keep_high(open_path(path, *flags | libc::O_DIRECTORY)?, &mut temps)?
+                }
+                FileDesc::CharDev { path, flags, .. } => {
+                    keep_high(open_path(path, *flags)?, &mut temps)?
+                }
                 FileDesc::Pipe { pipe, write, flags } => {
                     let (r, w) = match pipes.get(pipe) {
                         Some(&ends) => ends,
@@ -237,11 +264,9 @@ fn install_fds(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Res
 }
 
 fn make_pipe(m: &Manifest, id: u64, high: RawFd, temps: &mut Vec<RawFd>) -> Result<(RawFd, RawFd)> {
-    let obj = m
-        .pipes
-        .iter()
-        .find(|o| o.id == id)
-        .ok_or_else(|| anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)"))?;
+    let obj = m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
+        anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)")
+    })?;
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(errno_err("pipe2"));
@@ -253,8 +278,13 @@ fn make_pipe(m: &Manifest, id: u64, high: RawFd, temps: &mut Vec<RawFd>) -> Resu
         libc::close(fds[1]);
     }
     temps.extend([r, w]);
-    if obj.capacity > 0 && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0 {
-        return Err(errno_err(format!("setting pipe capacity to {}", obj.capacity)));
+    if obj.capacity > 0
+        && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+    {
+        return Err(errno_err(format!(
+            "setting pipe capacity to {}",
+            obj.capacity
+        )));
     }
     let mut done = 0;
     while done < obj.data.len() {
@@ -269,7 +299,8 @@ fn make_pipe(m: &Manifest, id: u64, high: RawFd, temps: &mut Vec<RawFd>) -> Resu
 
 /// One fd per mapped file (and the executable), above the app's fds; the program closes them.
 fn open_mapping_fds(p: &Process, high: RawFd) -> Result<ProgramFds> {
-    let mut by_path: std::collections::HashMap<(String, bool), RawFd> = std::collections::HashMap::new();
+    let mut by_path: std::collections::HashMap<(String, bool), RawFd> =
+        std::collections::HashMap::new();
     let mut vma_fds = Vec::with_capacity(p.vmas.len());
     for v in &p.vmas {
         let VmaKind::File { file } = &v.kind else {
@@ -281,7 +312,13 @@ fn open_mapping_fds(p: &Process, high: RawFd) -> Result<ProgramFds> {
             Some(&fd) => fd,
             None => {
                 let fd = open_path(&file.path, if rw { libc::O_RDWR } else { libc::O_RDONLY })?;
-                let fd = if fd < high { let h = dup_high(fd, high)?; unsafe { libc::close(fd) }; h } else { fd };
+                let fd = if fd < high {
+                    let h = dup_high(fd, high)?;
+                    unsafe { libc::close(fd) };
+                    h
+                } else {
+                    fd
+                };
                 by_path.insert((file.path.clone(), rw), fd);
                 fd
             }
@@ -289,13 +326,22 @@ fn open_mapping_fds(p: &Process, high: RawFd) -> Result<ProgramFds> {
         vma_fds.push(Some(fd));
     }
     let exe = open_path(&p.exe.path, libc::O_RDONLY)?;
-    let exe_fd = if exe < high { let h = dup_high(exe, high)?; unsafe { libc::close(exe) }; h } else { exe };
+    let exe_fd = if exe < high {
+        let h = dup_high(exe, high)?;
+        unsafe { libc::close(exe) };
+        h
+    } else {
+        exe
+    };
     Ok(ProgramFds { vma_fds, exe_fd })
 }
 
 fn set_rlimits(p: &Process) -> Result<()> {
     for r in &p.rlimits {
-        let lim = libc::rlimit64 { rlim_cur: r.cur, rlim_max: r.max };
+        let lim = libc::rlimit64 {
+            rlim_cur: r.cur,
+            rlim_max: r.max,
+        };
         if unsafe { libc::prlimit64(0, r.resource as _, &lim, std::ptr::null_mut()) } < 0 {
             let e = std::io::Error::last_os_error();
             bail!(
@@ -319,7 +365,10 @@ fn find_gap(own: &[MapEntry], p: &Process, len: u64) -> Result<u64> {
     let mut candidate = 0x7e00_0000_0000u64;
     loop {
         let end = candidate + len;
-        match used.iter().find(|&&(s, e)| s < end + GUARD && e + GUARD > candidate) {
+        match used
+            .iter()
+            .find(|&&(s, e)| s < end + GUARD && e + GUARD > candidate)
+        {
             None => return Ok(candidate),
             Some(&(s, _)) => {
                 if s < len + 2 * GUARD + 0x1000_0000 {
@@ -351,7 +400,8 @@ fn unregister_rseq() {
     // The registered length is glibc's area size (32 bytes), which may exceed the
     // advertised feature size.
     for len in [size.max(32), size] {
-        if unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) } == 0 {
+        if unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) } == 0
+        {
             return;
         }
     }

@@ -2,42 +2,108 @@
 //!
 //! Writes go through `/proc/PID/mem`, which may write read-only private mappings
 //! (`FOLL_FORCE`, a copy-on-write like a debugger's breakpoint), so every VMA was mapped
-//! with its final protection and nothing needs an `mprotect` afterwards.
+//! with its final protection and nothing needs an `mprotect` afterwards. Decompressing
+//! and verifying pages is the bulk of the cost, so batches are spread over all cores.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{Process, RunContent, VmaKind, PAGE_SIZE};
 use warmstart_snapshots::store::Snapshot;
 
-/// Pages decompressed and written per step.
-const BATCH: u64 = 512;
+/// Pages decompressed and written per batch.
+const BATCH: u64 = 256;
 
-pub fn fill(snap: &Snapshot, p: &Process, pid: i32) -> Result<()> {
-    let mem = OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/{pid}/mem"))
-        .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let mut buf = vec![0u8; BATCH as usize * PAGE_SIZE];
+/// A piece of work: `count` pages at `addr`, from the page table at `first` or zeros.
+struct Batch {
+    addr: u64,
+    count: u64,
+    first: Option<u64>,
+}
+
+fn batches(p: &Process) -> Vec<Batch> {
+    let mut out = Vec::new();
     for v in &p.vmas {
         for run in &v.pages {
+            let first = match run.content {
+                RunContent::Data { first } => Some(first),
+                // Anonymous memory already reads as zero; a file page does not.
+                RunContent::Zero if matches!(v.kind, VmaKind::Anon { .. }) => continue,
+                RunContent::Zero => None,
+            };
             let mut done = 0;
             while done < run.count {
                 let n = (run.count - done).min(BATCH);
-                let bytes = &mut buf[..n as usize * PAGE_SIZE];
-                match run.content {
-                    RunContent::Data { first } => snap.read_pages(first + done, n, bytes)?,
-                    // Anonymous memory already reads as zero; a file page does not.
-                    RunContent::Zero if matches!(v.kind, VmaKind::Anon { .. }) => break,
-                    RunContent::Zero => bytes.fill(0),
-                }
-                let addr = v.start + (run.page + done) * PAGE_SIZE as u64;
-                mem.write_all_at(bytes, addr)
-                    .with_context(|| format!("writing {n} pages at {addr:#x} of process {pid}"))?;
+                out.push(Batch {
+                    addr: v.start + (run.page + done) * PAGE_SIZE as u64,
+                    count: n,
+                    first: first.map(|f| f + done),
+                });
                 done += n;
             }
         }
     }
+    out
+}
+
+fn write(snap: &Snapshot, mem: &File, pid: i32, work: &[Batch], buf: &mut [u8]) -> Result<()> {
+    for b in work {
+        let bytes = &mut buf[..b.count as usize * PAGE_SIZE];
+        match b.first {
+            Some(first) => snap.read_pages(first, b.count, bytes)?,
+            None => bytes.fill(0),
+        }
+        mem.write_all_at(bytes, b.addr).with_context(|| {
+            format!(
+                "writing {} pages at {:#x} of process {pid}",
+                b.count, b.addr
+            )
+        })?;
+    }
     Ok(())
+}
+
+pub fn fill(snap: &Snapshot, p: &Process, pid: i32) -> Result<()> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .with_context(|| format!("opening /proc/{pid}/mem"))
+    };
+    let work = batches(p);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if threads == 1 || work.len() < 8 {
+        return write(
+            snap,
+            &open()?,
+            pid,
+            &work,
+            &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+        );
+    }
+    // Contiguous shares keep each thread's writes sequential in the target.
+    let share = work.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = work
+            .chunks(share)
+            .map(|part| {
+                s.spawn(move || -> Result<()> {
+                    write(
+                        snap,
+                        &open()?,
+                        pid,
+                        part,
+                        &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("memory writer panicked"))
+    })
 }

@@ -45,7 +45,11 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let mut phases = Phases::default();
     let t = Instant::now();
     let [p] = m.processes.as_slice() else {
-        bail!("snapshot {} holds {} processes: restoring process trees is not supported yet", snap.id.short(), m.processes.len());
+        bail!(
+            "snapshot {} holds {} processes: restoring process trees is not supported yet",
+            snap.id.short(),
+            m.processes.len()
+        );
     };
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
@@ -55,7 +59,11 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let (status_r, status_w) = pipe()?;
     let status_w_raw = status_w.as_raw_fd();
     let sandbox = warmstart_launcher::spawn(
-        &SpawnOptions { pid: Some(p.pid), gate: true, stdio: None },
+        &SpawnOptions {
+            pid: Some(p.pid),
+            gate: true,
+            stdio: None,
+        },
         || child::run(m, p, status_w_raw),
     )
     .context("starting the sandbox")?;
@@ -63,21 +71,41 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let pid = sandbox.app_pid;
     ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESYSGOOD)
         .with_context(|| format!("seizing the restoring process {pid}"))?;
-    sandbox.release().context("releasing the restoring process")?;
-    let info = read_report(status_r).with_context(|| format!("restoring process {} of snapshot {}", p.pid, snap.id.short()))?;
+    sandbox
+        .release()
+        .context("releasing the restoring process")?;
+    let info = read_report(status_r).with_context(|| {
+        format!(
+            "restoring process {} of snapshot {}",
+            p.pid,
+            snap.id.short()
+        )
+    })?;
     phases.add("spawn+layout", t.elapsed());
 
-    let fail = |e: anyhow::Error| e.context(format!("restoring process {} of snapshot {}", p.pid, snap.id.short()));
+    let fail = |e: anyhow::Error| {
+        e.context(format!(
+            "restoring process {} of snapshot {}",
+            p.pid,
+            snap.id.short()
+        ))
+    };
     wait_trap(pid, &info).map_err(fail)?;
     let t = Instant::now();
-    if std::env::var_os("WS_NOFILL").is_none() { memory::fill(snap, p, pid).map_err(fail)?; }
+    if std::env::var_os("WS_NOFILL").is_none() {
+        memory::fill(snap, p, pid).map_err(fail)?;
+    }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
     ptrace::cont(pid, 0)?;
     wait_trap(pid, &info).map_err(fail)?;
     finish(pid, &info, &p.threads[0]).map_err(fail)?;
     phases.add("resume", t.elapsed());
-    Ok(Restored { sandbox, pid, phases })
+    Ok(Restored {
+        sandbox,
+        pid,
+        phases,
+    })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -91,18 +119,30 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// Reads the child's report: its error, or the blob it is about to jump into.
 fn read_report(r: OwnedFd) -> Result<BlobInfo> {
     let mut buf = Vec::new();
-    std::fs::File::from(r).read_to_end(&mut buf).context("reading the restoring child's report")?;
+    std::fs::File::from(r)
+        .read_to_end(&mut buf)
+        .context("reading the restoring child's report")?;
     match buf.split_first() {
-        Some((&MSG_BLOB, rest)) => serde_json::from_slice(rest).context("malformed report from the restoring child"),
+        Some((&MSG_BLOB, rest)) => {
+            serde_json::from_slice(rest).context("malformed report from the restoring child")
+        }
         Some((&MSG_ERROR, rest)) => Err(anyhow!("{}", String::from_utf8_lossy(rest))),
-        _ => Err(anyhow!("the restoring child died before reporting (see its exit status)")),
+        _ => Err(anyhow!(
+            "the restoring child died before reporting (see its exit status)"
+        )),
     }
 }
 
 fn read_status(pid: i32, info: &BlobInfo) -> Result<Status> {
     let mut buf = vec![0u8; Status::SIZE];
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: info.status_addr as *mut libc::c_void, iov_len: buf.len() };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: info.status_addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     if n != buf.len() as isize {
         return Err(std::io::Error::last_os_error()).context("reading the restorer's status");
@@ -119,10 +159,19 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
                 // The executor keeps its step index in r13 (see warmstart_parasite).
                 let regs = ptrace::get_regs(pid).unwrap_or([0; reg::COUNT]);
                 let step = regs[reg::R13];
-                let label = info.labels.get(step as usize).map(String::as_str).unwrap_or("?");
+                let label = info
+                    .labels
+                    .get(step as usize)
+                    .map(String::as_str)
+                    .unwrap_or("?");
                 let mut si = [0u8; 128];
                 unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, pid, 0, si.as_mut_ptr()) };
-                tracing::debug!("siginfo code {} addr {:#x}\nmaps:\n{}", i32::from_ne_bytes(si[8..12].try_into().unwrap()), u64::from_ne_bytes(si[16..24].try_into().unwrap()), std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default());
+                tracing::debug!(
+                    "siginfo code {} addr {:#x}\nmaps:\n{}",
+                    i32::from_ne_bytes(si[8..12].try_into().unwrap()),
+                    u64::from_ne_bytes(si[16..24].try_into().unwrap()),
+                    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+                );
                 bail!(
                     "the restorer was hit by signal {sig} ({}) at step {step} ({label}), rip {:#x} r12 {:#x} rsp {:#x}",
                     signal_name(sig),
@@ -130,7 +179,10 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
                 )
             }
             Stop::Exited(code) => bail!("the restoring process exited with status {code}"),
-            Stop::Killed(sig) => bail!("the restoring process was killed by signal {sig} ({})", signal_name(sig)),
+            Stop::Killed(sig) => bail!(
+                "the restoring process was killed by signal {sig} ({})",
+                signal_name(sig)
+            ),
             other => {
                 tracing::debug!(?other, "unexpected stop of the restorer");
                 ptrace::cont(pid, 0)?;
@@ -140,7 +192,11 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
     match read_status(pid, info)? {
         Status::Done => Ok(()),
         Status::Failed { step, errno } => {
-            let label = info.labels.get(step as usize).map(String::as_str).unwrap_or("?");
+            let label = info
+                .labels
+                .get(step as usize)
+                .map(String::as_str)
+                .unwrap_or("?");
             bail!(
                 "restorer step {step} ({label}): {} (errno {errno})",
                 std::io::Error::from_raw_os_error(errno as i32)
@@ -168,9 +224,16 @@ fn finish(pid: i32, info: &BlobInfo, t: &warmstart_snapshots::model::Thread) -> 
     }
     let after = ptrace::get_regs(pid)?;
     if after[reg::RAX] != 0 {
-        bail!("unmapping the restorer failed: {}", std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32));
+        bail!(
+            "unmapping the restorer failed: {}",
+            std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32)
+        );
     }
-    let saved: ptrace::Regs = t.regs.as_slice().try_into().context("snapshot thread registers have the wrong size")?;
+    let saved: ptrace::Regs = t
+        .regs
+        .as_slice()
+        .try_into()
+        .context("snapshot thread registers have the wrong size")?;
     ptrace::set_regs(pid, &saved).context("loading the saved registers")?;
     ptrace::set_xstate(pid, &t.xsave).context("loading the saved xsave state")?;
     ptrace::set_sigmask(pid, t.sigmask).context("loading the saved signal mask")?;
@@ -222,7 +285,9 @@ pub fn detached(snap: &Snapshot) -> Result<i32> {
     }
     drop(w);
     let mut msg = String::new();
-    std::fs::File::from(r).read_to_string(&mut msg).context("reading the detached monitor's report")?;
+    std::fs::File::from(r)
+        .read_to_string(&mut msg)
+        .context("reading the detached monitor's report")?;
     // Reap the daemon only if it already gave up; otherwise it lives on by itself.
     match msg.split_at_checked(1) {
         Some(("P", pid)) => {

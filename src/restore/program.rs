@@ -29,7 +29,11 @@ fn imm(v: impl Into<u64>) -> Arg {
 
 fn mmap_flags(v: &Vma) -> u64 {
     let mut f = libc::MAP_FIXED as u64;
-    f |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+    f |= if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    } as u64;
     if matches!(v.kind, VmaKind::Anon { .. }) {
         f |= libc::MAP_ANONYMOUS as u64;
     }
@@ -70,7 +74,9 @@ fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()
         .collect();
     let shape = |v: Vec<(String, u64, u64)>| -> Vec<(String, u64)> {
         let base = v.first().map(|x| x.1).unwrap_or(0);
-        v.into_iter().map(|(n, s, e)| (n, (s - base) << 20 | (e - s))).collect()
+        v.into_iter()
+            .map(|(n, s, e)| (n, (s - base) << 20 | (e - s)))
+            .collect()
     };
     let their_shape = shape(
         theirs
@@ -85,13 +91,24 @@ fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()
             })
             .collect(),
     );
-    let our_shape = shape(ours.iter().map(|m| (m.name.clone(), m.start, m.end)).collect());
+    let our_shape = shape(
+        ours.iter()
+            .map(|m| (m.name.clone(), m.start, m.end))
+            .collect(),
+    );
     if their_shape != our_shape {
         bail!(
             "the vdso layout here ({}) differs from the snapshot's ({}); restore on the \
              snapshot's kernel",
-            ours.iter().map(|m| format!("{} {:#x}", m.name, m.end - m.start)).collect::<Vec<_>>().join(", "),
-            theirs.iter().map(|v| format!("{:?} {:#x}", v.kind, v.len())).collect::<Vec<_>>().join(", ")
+            ours.iter()
+                .map(|m| format!("{} {:#x}", m.name, m.end - m.start))
+                .collect::<Vec<_>>()
+                .join(", "),
+            theirs
+                .iter()
+                .map(|v| format!("{:?} {:#x}", v.kind, v.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let delta = theirs[0].start as i64 - ours[0].start as i64;
@@ -128,8 +145,18 @@ fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
     let m = &p.mm;
     let mut out = Vec::with_capacity(104);
     for v in [
-        m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack,
-        m.arg_start, m.arg_end, m.env_start, m.env_end, auxv_addr,
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        auxv_addr,
     ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -140,7 +167,13 @@ fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
 
 /// Builds the program. `own` is the child's layout before the blob is mapped at `base`
 /// (`blob_len` bytes: the program does not depend on it except to keep it mapped).
-pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_len: u64) -> Result<Blob> {
+pub fn build(
+    p: &Process,
+    own: &[MapEntry],
+    fds: &ProgramFds,
+    base: u64,
+    blob_len: u64,
+) -> Result<Blob> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
 
@@ -164,13 +197,20 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
     let mut from = 0u64;
     for &(s, e) in keep.iter().chain(std::iter::once(&(top, top))) {
         if s > from {
-            b.syscall(libc::SYS_munmap, &[imm(from), imm(s - from)], format!("munmap {from:x}-{s:x} (warmstart)"));
+            b.syscall(
+                libc::SYS_munmap,
+                &[imm(from), imm(s - from)],
+                format!("munmap {from:x}-{s:x} (warmstart)"),
+            );
         }
         from = from.max(e);
     }
     move_vdso(&mut b, p, own)?;
     for (i, v) in p.vmas.iter().enumerate() {
-        if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall) {
+        if matches!(
+            v.kind,
+            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
+        ) {
             continue;
         }
         let (fd, off) = match fds.vma_fds[i] {
@@ -181,7 +221,14 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
         // mappings (FOLL_FORCE): each VMA is mapped with its final protection at once.
         b.syscall(
             libc::SYS_mmap,
-            &[imm(v.start), imm(v.len()), imm(v.prot), imm(mmap_flags(v)), imm(fd), imm(off)],
+            &[
+                imm(v.start),
+                imm(v.len()),
+                imm(v.prot),
+                imm(mmap_flags(v)),
+                imm(fd),
+                imm(off),
+            ],
             format!("mmap {}", label(v)),
         );
         let advice = [
@@ -202,7 +249,10 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
             }
         }
         if let VmaKind::Anon { name } = &v.kind {
-            if let Some(n) = name.strip_prefix("[anon:").and_then(|n| n.strip_suffix(']')) {
+            if let Some(n) = name
+                .strip_prefix("[anon:")
+                .and_then(|n| n.strip_suffix(']'))
+            {
                 let mut s = n.as_bytes().to_vec();
                 s.push(0);
                 let d = b.data(&s);
@@ -229,7 +279,12 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
     b.data_pointer(map, 88, auxv, 0);
     b.syscall(
         libc::SYS_prctl,
-        &[imm(libc::PR_SET_MM as u64), imm(libc::PR_SET_MM_MAP as u64), map.arg(), imm(104u64)],
+        &[
+            imm(libc::PR_SET_MM as u64),
+            imm(libc::PR_SET_MM_MAP as u64),
+            map.arg(),
+            imm(104u64),
+        ],
         "prctl(PR_SET_MM_MAP)",
     );
     let mut closing: Vec<i32> = fds.vma_fds.iter().flatten().copied().collect();
@@ -237,7 +292,11 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
     closing.sort_unstable();
     closing.dedup();
     for fd in closing {
-        b.syscall(libc::SYS_close, &[imm(fd as u32)], format!("close mapping fd {fd}"));
+        b.syscall(
+            libc::SYS_close,
+            &[imm(fd as u32)],
+            format!("close mapping fd {fd}"),
+        );
     }
     for (i, sa) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;
@@ -264,9 +323,17 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
         &[imm(t.robust_list.0), imm(t.robust_list.1)],
         "set_robust_list",
     );
-    b.syscall(libc::SYS_set_tid_address, &[imm(t.tid_address)], "set_tid_address");
+    b.syscall(
+        libc::SYS_set_tid_address,
+        &[imm(t.tid_address)],
+        "set_tid_address",
+    );
     if let Some(r) = t.rseq {
-        b.syscall(libc::SYS_rseq, &[imm(r.addr), imm(r.len), imm(0u64), imm(r.sig)], "rseq register");
+        b.syscall(
+            libc::SYS_rseq,
+            &[imm(r.addr), imm(r.len), imm(0u64), imm(r.sig)],
+            "rseq register",
+        );
     }
     if t.sigaltstack.sp != 0 || t.sigaltstack.flags & libc::SS_DISABLE == 0 {
         let mut ss = Vec::with_capacity(24);
@@ -281,7 +348,11 @@ pub fn build(p: &Process, own: &[MapEntry], fds: &ProgramFds, base: u64, blob_le
     comm.truncate(15);
     comm.push(0);
     let d = b.data(&comm);
-    b.syscall(libc::SYS_prctl, &[imm(libc::PR_SET_NAME as u64), d.arg()], "prctl(PR_SET_NAME)");
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(libc::PR_SET_NAME as u64), d.arg()],
+        "prctl(PR_SET_NAME)",
+    );
     for info in &p.shared_pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
         let d = b.data(&info.0);
@@ -319,7 +390,11 @@ fn creds(b: &mut ProgramBuilder, p: &Process) {
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
     let g = b.data(&groups);
-    b.syscall(libc::SYS_setgroups, &[imm(c.groups.len() as u64), g.arg()], "setgroups");
+    b.syscall(
+        libc::SYS_setgroups,
+        &[imm(c.groups.len() as u64), g.arg()],
+        "setgroups",
+    );
     b.syscall(
         libc::SYS_setresgid,
         &[imm(c.gid[0]), imm(c.gid[1]), imm(c.gid[2])],

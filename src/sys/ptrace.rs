@@ -59,7 +59,14 @@ pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
 
 pub fn get_event_msg(pid: i32) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
-    unsafe { raw(libc::PTRACE_GETEVENTMSG, pid, 0, &mut msg as *mut _ as usize) }?;
+    unsafe {
+        raw(
+            libc::PTRACE_GETEVENTMSG,
+            pid,
+            0,
+            &mut msg as *mut _ as usize,
+        )
+    }?;
     Ok(msg)
 }
 
@@ -69,7 +76,14 @@ pub fn get_regs(pid: i32) -> io::Result<Regs> {
         iov_base: regs.as_mut_ptr().cast(),
         iov_len: std::mem::size_of::<Regs>(),
     };
-    unsafe { raw(libc::PTRACE_GETREGSET, pid, NT_PRSTATUS, &mut iov as *mut _ as usize) }?;
+    unsafe {
+        raw(
+            libc::PTRACE_GETREGSET,
+            pid,
+            NT_PRSTATUS,
+            &mut iov as *mut _ as usize,
+        )
+    }?;
     Ok(regs)
 }
 
@@ -78,8 +92,15 @@ pub fn set_regs(pid: i32, regs: &Regs) -> io::Result<()> {
         iov_base: regs.as_ptr() as *mut libc::c_void,
         iov_len: std::mem::size_of::<Regs>(),
     };
-    unsafe { raw(libc::PTRACE_SETREGSET, pid, NT_PRSTATUS, &mut iov as *mut _ as usize) }
-        .map(drop)
+    unsafe {
+        raw(
+            libc::PTRACE_SETREGSET,
+            pid,
+            NT_PRSTATUS,
+            &mut iov as *mut _ as usize,
+        )
+    }
+    .map(drop)
 }
 
 pub fn get_xstate(pid: i32) -> io::Result<Vec<u8>> {
@@ -88,7 +109,14 @@ pub fn get_xstate(pid: i32) -> io::Result<Vec<u8>> {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    unsafe { raw(libc::PTRACE_GETREGSET, pid, NT_X86_XSTATE, &mut iov as *mut _ as usize) }?;
+    unsafe {
+        raw(
+            libc::PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE,
+            &mut iov as *mut _ as usize,
+        )
+    }?;
     buf.truncate(iov.iov_len);
     Ok(buf)
 }
@@ -98,8 +126,15 @@ pub fn set_xstate(pid: i32, xsave: &[u8]) -> io::Result<()> {
         iov_base: xsave.as_ptr() as *mut libc::c_void,
         iov_len: xsave.len(),
     };
-    unsafe { raw(libc::PTRACE_SETREGSET, pid, NT_X86_XSTATE, &mut iov as *mut _ as usize) }
-        .map(drop)
+    unsafe {
+        raw(
+            libc::PTRACE_SETREGSET,
+            pid,
+            NT_X86_XSTATE,
+            &mut iov as *mut _ as usize,
+        )
+    }
+    .map(drop)
 }
 
 pub fn get_sigmask(pid: i32) -> io::Result<u64> {

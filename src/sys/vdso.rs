@@ -13,7 +13,11 @@ pub fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
                 return None;
             }
             let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((name.to_owned(), u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            Some((
+                name.to_owned(),
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
         })
         .collect())
 }

@@ -148,7 +148,7 @@ pub enum StoreError {
         path: PathBuf,
         reason: String,
     },
-    #[error("no snapshot or name matches `{query}` in store {}; run `warmstart list`", dir.display())]
+    #[error("no snapshot or name matches `{query}` in store {}; run `warmstart ls`", dir.display())]
     UnknownSnapshot { query: String, dir: PathBuf },
     #[error(
         "`{query}` is ambiguous in store {}: it matches {}; give more hex digits",

@@ -1,0 +1,539 @@
+//! Helpers shared by the integration tests: a private store per test, C fixtures compiled at
+//! test time, running `warmstart` (or anything) with a deadline, and guards that kill whatever
+//! a test leaves behind, even when it fails.
+//!
+//! Nothing here sleeps for a fixed time: waits are on events (process exit through a pidfd,
+//! a line on a pipe, EOF), each with a generous deadline.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Deadline for anything that should take a second or two.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_warmstart")
+}
+
+/// `/work/shared/workloads` (the repository's sibling folder).
+pub fn workloads_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/workloads")
+}
+
+/// The Python interpreter by its real path (a version-manager shim would be recorded instead).
+pub fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 must be installed");
+        assert!(out.status.success(), "python3 -c failed: {out:?}");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+// ---------------------------------------------------------------------------------------
+// Process helpers
+
+fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until `pid` (a child or not) exits or `timeout` passes; true if it exited.
+pub fn wait_pid_exit(pid: i32, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(fd) = pidfd_open(pid) else {
+        return true; // ESRCH: already gone
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 || Instant::now() >= deadline {
+            return false;
+        }
+        // EINTR: go round again
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s
+                .rsplit_once(") ")
+                .map(|(_, r)| r.chars().next().unwrap_or('?'));
+            !matches!(state, Some('Z') | Some('X'))
+        }
+        Err(_) => false,
+    }
+}
+
+fn kill_tree(pid: i32) {
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL); // its process group (spawned with process_group(0))
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Kills pids (and reaps children) when dropped, so a failing test leaks no processes.
+#[derive(Default)]
+pub struct KillGuard {
+    pids: Vec<i32>,
+}
+
+impl KillGuard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn add(&mut self, pid: i32) {
+        self.pids.push(pid);
+    }
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            if pid > 1 {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                wait_pid_exit(pid, Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// The result of a finished command.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Out {
+    /// Exit code, or 128+N for a signal (like a shell).
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
+    }
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` exited with {} ({:?})\n--- stdout ---\n{}\n--- stderr ---\n{}\n--------------",
+            self.what,
+            self.code(),
+            self.status,
+            self.stdout,
+            self.stderr
+        )
+    }
+    /// Panics with the whole output unless the command succeeded.
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.success(), "command failed:\n{}", self.describe());
+        self
+    }
+    /// Panics with the whole output unless the command failed.
+    pub fn assert_fail(&self) -> &Self {
+        assert!(
+            !self.success(),
+            "command should have failed:\n{}",
+            self.describe()
+        );
+        self
+    }
+}
+
+fn describe_cmd(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn reader<R: Read + Send + 'static>(mut r: R, buf: Arc<Mutex<Vec<u8>>>, done: mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.lock().unwrap().extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+/// Runs `cmd` with `stdin` as its input, capturing stdout and stderr. On `timeout` the
+/// command (and its process group) is killed and the test fails with what it printed. A
+/// command that exits but leaves something holding its stdout/stderr open also fails.
+pub fn run_with(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Out {
+    let what = describe_cmd(cmd);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning `{what}`: {e}"));
+    let pid = child.id() as i32;
+    let mut guard = KillGuard::new();
+    guard.add(pid);
+
+    let input = stdin.to_vec();
+    let mut sin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = sin.write_all(&input);
+        // dropped here: EOF
+    });
+    let (done_tx, done_rx) = mpsc::channel();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let err = Arc::new(Mutex::new(Vec::new()));
+    reader(child.stdout.take().unwrap(), out.clone(), done_tx.clone());
+    reader(child.stderr.take().unwrap(), err.clone(), done_tx);
+
+    let snapshot =
+        |out: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let deadline = Instant::now() + timeout;
+    if !wait_pid_exit(pid, timeout) {
+        kill_tree(pid);
+        let _ = child.wait();
+        panic!(
+            "`{what}` did not finish within {timeout:?}; killed it.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            snapshot(&out),
+            snapshot(&err)
+        );
+    }
+    let status = child.wait().expect("wait");
+    for _ in 0..2 {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
+        match done_rx.recv_timeout(left) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                kill_tree(pid);
+                panic!(
+                    "`{what}` exited ({status:?}) but something it started still holds its stdout/stderr open\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    snapshot(&out),
+                    snapshot(&err)
+                );
+            }
+        }
+    }
+    drop(guard);
+    Out {
+        status,
+        stdout: snapshot(&out),
+        stderr: snapshot(&err),
+        what,
+    }
+}
+
+/// Runs a program directly (cold, no warmstart).
+pub fn cold<S: AsRef<std::ffi::OsStr>>(argv: &[S], stdin: &str) -> Out {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    run_with(&mut cmd, stdin.as_bytes(), TIMEOUT)
+}
+
+/// A long-lived process with piped stdio, read line by line. Killed (with its process group)
+/// when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub out: Receiver<String>,
+    pub err: Receiver<String>,
+    /// Everything read from stderr so far (for failure messages).
+    pub err_log: Arc<Mutex<String>>,
+    pub what: String,
+}
+
+fn line_reader<R: Read + Send + 'static>(
+    r: R,
+    tx: mpsc::Sender<String>,
+    log: Option<Arc<Mutex<String>>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(l) = &log {
+                let mut l = l.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let what = describe_cmd(cmd);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning `{what}`: {e}"));
+        let (otx, orx) = mpsc::channel();
+        let (etx, erx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        line_reader(child.stdout.take().unwrap(), otx, None);
+        line_reader(child.stderr.take().unwrap(), etx, Some(log.clone()));
+        let stdin = child.stdin.take();
+        Proc {
+            child,
+            stdin,
+            out: orx,
+            err: erx,
+            err_log: log,
+            what,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let w = self.stdin.as_mut().expect("stdin already closed");
+        writeln!(w, "{line}")
+            .and_then(|_| w.flush())
+            .unwrap_or_else(|e| panic!("writing to `{}`: {e}", self.what));
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    fn stderr_so_far(&self) -> String {
+        self.err_log.lock().unwrap().clone()
+    }
+
+    /// Next stdout line (panics on timeout or EOF, showing stderr).
+    pub fn read_line(&self) -> String {
+        match self.out.recv_timeout(TIMEOUT) {
+            Ok(l) => l,
+            Err(e) => panic!(
+                "no stdout line from `{}` ({e:?}); stderr:\n{}",
+                self.what,
+                self.stderr_so_far()
+            ),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn wait_stderr(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "`{}` never printed {needle:?} on stderr ({e:?}); stderr:\n{}",
+                    self.what,
+                    self.stderr_so_far()
+                ),
+            }
+        }
+    }
+
+    /// Waits for exit (panics on timeout); returns the status.
+    pub fn wait(&mut self) -> ExitStatus {
+        if !wait_pid_exit(self.pid(), TIMEOUT) {
+            panic!(
+                "`{}` did not exit within {TIMEOUT:?}; stderr:\n{}",
+                self.what,
+                self.stderr_so_far()
+            );
+        }
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            kill_tree(self.pid());
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stores
+
+/// A private, temporary snapshot store and the commands that use it.
+pub struct Ws {
+    pub dir: tempfile::TempDir,
+}
+
+impl Ws {
+    pub fn new() -> Ws {
+        Ws {
+            dir: tempfile::Builder::new()
+                .prefix("ws-store-")
+                .tempdir()
+                .expect("temp store"),
+        }
+    }
+
+    pub fn store(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `warmstart ARGS` against this store.
+    pub fn cmd<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = Command::new(bin());
+        c.env("WARMSTART_STORE", self.store())
+            .env_remove("RUST_LOG")
+            .args(args);
+        c
+    }
+
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], stdin: &str) -> Out {
+        run_with(&mut self.cmd(args), stdin.as_bytes(), TIMEOUT)
+    }
+
+    /// `record --name NAME -- ARGV...`; asserts success and returns the printed id.
+    pub fn record<S: AsRef<std::ffi::OsStr>>(&self, name: &str, argv: &[S]) -> String {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["record".into(), "--name".into(), name.into(), "--".into()];
+        args.extend(argv.iter().map(|a| a.as_ref().to_owned()));
+        let out = self.run(&args, "");
+        out.assert_ok();
+        let id = out.stdout.trim().to_owned();
+        assert!(
+            id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "record should print a 12-hex id:\n{}",
+            out.describe()
+        );
+        id
+    }
+
+    /// `warmstart run SNAP` with `stdin`.
+    pub fn instance(&self, snap: &str, stdin: &str) -> Out {
+        self.run(&["run", snap], stdin)
+    }
+
+    /// `ls --json`, parsed.
+    pub fn ls_json(&self) -> serde_json::Value {
+        let out = self.run(&["ls", "--json"], "");
+        out.assert_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("ls --json is not JSON ({e}):\n{}", out.describe()))
+    }
+}
+
+impl Default for Ws {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+/// Directory for binaries compiled by this test process: `CARGO_TARGET_TMPDIR/fixtures-PID`.
+/// Directories of test processes that are gone are removed first.
+fn build_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(rd) = std::fs::read_dir(base) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name
+                    .strip_prefix("fixtures-")
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        let dir = base.join(format!("fixtures-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+}
+
+/// Compiles `src` with `cc FLAGS -o OUT src` once per test process; returns the binary.
+pub fn compile(src: &Path, flags: &[&str], out_name: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    // Holding the lock while compiling also keeps two tests from writing the same file.
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(out_name) {
+        return p.clone();
+    }
+    let out = build_dir().join(out_name);
+    let res = Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&out)
+        .arg(src)
+        .output()
+        .expect("cc must be installed");
+    assert!(
+        res.status.success(),
+        "compiling {} failed:\n{}{}",
+        src.display(),
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    cache.insert(out_name.to_owned(), out.clone());
+    out
+}
+
+/// `tests/fixtures/NAME.c` compiled with `cc -O1 -g`.
+pub fn fixture(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.c"));
+    compile(&src, &["-O1", "-g", "-Wall"], name)
+}
+
+/// A temporary directory for a fixture's files.
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir")
+}
