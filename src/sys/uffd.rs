@@ -587,8 +587,10 @@ impl Uffd {
         }
     }
 
-    /// `UFFDIO_COPY` of `src` to `dst`; returns the number of bytes copied (see
-    /// [`Uffd`] docs of partial results: `Ok(n < len)` means retry the rest).
+    /// `UFFDIO_COPY` of `src` to `dst`; returns the bytes copied. `Ok(n)` with
+    /// `n < src.len()` is a partial copy (or `Ok(0)`: EAGAIN while the address space is
+    /// changing — drain events, then retry the rest); `Err(Error::Exists)` means the first
+    /// destination page is already populated.
     pub fn copy(&self, dst: u64, src: &[u8], mode: CopyMode) -> Result<usize> {
         let mut c = RawCopy {
             dst,
