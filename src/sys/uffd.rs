@@ -7,6 +7,11 @@
 //!
 //! Most range operations act on the address space the userfaultfd was created in, which
 //! may be another process's (an fd taken with `pidfd_getfd`).
+//!
+//! Hazard: with `EVENT_FORK`/`EVENT_REMOVE`/`EVENT_UNMAP`/`EVENT_REMAP` the kernel blocks
+//! the task doing fork/madvise/munmap/mremap until the event is read. Never negotiate them
+//! for this process's own memory in a multi-threaded monitor: glibc's `fork` holds malloc
+//! locks while blocked, so the reader thread can deadlock on its first allocation.
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -299,6 +304,7 @@ struct RawWriteprotect {
 /// A fork message carries a new descriptor: it is closed when the message is dropped,
 /// overwritten by [`Uffd::read_events`], or handed out (once) by `take`.
 #[repr(C)]
+#[derive(Default)]
 pub struct UffdMsg {
     event: u8,
     reserved1: u8,
@@ -324,18 +330,6 @@ const _: () = {
     assert!(UFFDIO_MOVE == 0xc028_aa05);
     assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
 };
-
-impl Default for UffdMsg {
-    fn default() -> Self {
-        Self {
-            event: 0,
-            reserved1: 0,
-            reserved2: 0,
-            reserved3: 0,
-            arg: [0; 3],
-        }
-    }
-}
 
 impl UffdMsg {
     /// Raw event code (`UFFD_EVENT_*`), 0 once taken or when empty.
@@ -593,8 +587,10 @@ impl Uffd {
         }
     }
 
-    /// `UFFDIO_COPY` of `src` to `dst`; returns the number of bytes copied (see
-    /// [`Uffd`] docs of partial results: `Ok(n < len)` means retry the rest).
+    /// `UFFDIO_COPY` of `src` to `dst`; returns the bytes copied. `Ok(n)` with
+    /// `n < src.len()` is a partial copy (or `Ok(0)`: EAGAIN while the address space is
+    /// changing — drain events, then retry the rest); `Err(Error::Exists)` means the first
+    /// destination page is already populated.
     pub fn copy(&self, dst: u64, src: &[u8], mode: CopyMode) -> Result<usize> {
         let mut c = RawCopy {
             dst,
@@ -897,7 +893,12 @@ mod tests {
     #[test]
     fn copy_serves_thread_fault() {
         let u = new_uffd();
-        let feats = u.api(all_features()).unwrap().features;
+        // Not EVENT_FORK: a fork by another test thread would then block inside glibc's
+        // fork (holding malloc locks) until we read the event — a deadlock in-process.
+        let feats = u
+            .api(all_features() - Features::EVENT_FORK)
+            .unwrap()
+            .features;
         let map = Arc::new(Map::new(4 * PAGE));
         let ioctls = u.register(map.range(), RegisterMode::MISSING).unwrap();
         assert!(ioctls.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE));
@@ -925,8 +926,13 @@ mod tests {
         }
         assert!(!flags.contains(PagefaultFlags::WRITE));
         let page: Vec<u8> = (0..PAGE).map(|i| (i % 251) as u8).collect();
-        let n = u.copy(want, &page, CopyMode::empty()).unwrap();
-        assert_eq!(n, PAGE);
+        let mut done = 0;
+        while done < PAGE {
+            // Ok(n < len): partial or EAGAIN; retry the rest.
+            done += u
+                .copy(want + done as u64, &page[done..], CopyMode::empty())
+                .unwrap();
+        }
         let (a, b) = th.join().unwrap();
         assert_eq!((a, b), (page[123], page[4095]));
         assert_eq!(ftid as u64, tid.load(Ordering::SeqCst));
