@@ -199,7 +199,7 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
                 .unwrap_or("?");
             bail!(
                 "restorer step {step} ({label}): {} (errno {errno})",
-                std::io::Error::from_raw_os_error(errno as i32)
+                std::io::Error::from_raw_os_error(errno)
             )
         }
         other => bail!("the restorer stopped in an unexpected state: {other:?}"),
