@@ -5,14 +5,18 @@
 //!   until the monitor has seized it with ptrace.
 //! * [`trigger`]: seccomp filters that stop the app at its warm point
 //!   (`SECCOMP_RET_TRACE`), e.g. [`trigger::install_stdin_trap`].
+//! * [`warmpoint`]: `--ready TRIGGER` ([`Ready`]) and the tracer-side state machine that
+//!   decides, stop by stop, when the app is warm ([`WarmPointTracker`]).
 
 mod init;
 pub mod sandbox;
 mod sys;
 pub mod trigger;
+pub mod warmpoint;
 
 pub use sandbox::{spawn, Sandbox, SignalForwarder, SpawnOptions};
-pub use trigger::{install_stdin_trap, install_traps, Trigger};
+pub use trigger::{install_stdin_trap, install_traps, Trap, Trigger};
+pub use warmpoint::{Ready, Verdict, WarmPointTracker, WarmStop};
 
 use nix::errno::Errno;
 

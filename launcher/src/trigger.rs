@@ -45,11 +45,62 @@ pub enum Trigger {
     /// The app's first read of fd 0: `read`, `readv`, `pread64`, `preadv`, `preadv2`
     /// with args[0] == 0 (`--ready stdin`).
     Stdin,
-    // Later: Listen (accept/accept4/poll/epoll_wait/select after listen), Notify.
+    /// `--ready listen`: `listen`, `accept`/`accept4`, `poll`/`ppoll`, `select`/
+    /// `pselect6` and `epoll_wait`/`epoll_pwait`/`epoll_pwait2`, each with its own
+    /// [`Trap`] data. Which of these stops is the warm point is decided by the tracker
+    /// ([`crate::warmpoint::WarmPointTracker`]).
+    Listen,
+    /// `--ready notify`: `read`, `readv`, `recvfrom`, `recvmsg` of the notify fd
+    /// (`Some(n)`: only args[0] == n, the cheap form; `None`: of any fd, the tracker
+    /// compares the file itself).
+    Notify(Option<u32>),
+}
+
+/// Which rule of a combined filter fired: the `SECCOMP_RET_DATA` of each trap, returned
+/// by `PTRACE_GETEVENTMSG` at its `PTRACE_EVENT_SECCOMP` stop. Never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Trap {
+    /// `read`/`readv`/`pread64`/`preadv`/`preadv2` of fd 0.
+    StdinRead = 1,
+    /// `listen`.
+    Listen = 2,
+    /// `accept`, `accept4`.
+    Accept = 3,
+    /// `poll`, `ppoll`.
+    Poll = 4,
+    /// `select`, `pselect6`.
+    Select = 5,
+    /// `epoll_wait`, `epoll_pwait`, `epoll_pwait2`.
+    EpollWait = 6,
+    /// `read`, `readv`, `recvfrom`, `recvmsg` (of the notify fd).
+    NotifyRead = 7,
+}
+
+impl Trap {
+    /// The trap of a `PTRACE_GETEVENTMSG` value.
+    pub fn from_data(msg: u64) -> Option<Trap> {
+        Some(match msg {
+            1 => Trap::StdinRead,
+            2 => Trap::Listen,
+            3 => Trap::Accept,
+            4 => Trap::Poll,
+            5 => Trap::Select,
+            6 => Trap::EpollWait,
+            7 => Trap::NotifyRead,
+            _ => return None,
+        })
+    }
+
+    /// Its `SECCOMP_RET_DATA`.
+    pub const fn data(self) -> u16 {
+        self as u16
+    }
 }
 
 /// One trap rule: these syscalls, optionally only when the low 32 bits of args[0] equal
 /// a value, stop with `SECCOMP_RET_TRACE | data`.
+#[derive(Clone, Copy)]
 struct Rule {
     syscalls: &'static [u32],
     arg0: Option<u32>,
@@ -63,31 +114,75 @@ const STDIN_SYSCALLS: [u32; 5] = [
     libc::SYS_preadv as u32,
     libc::SYS_preadv2 as u32,
 ];
+const LISTEN_SYSCALLS: [u32; 1] = [libc::SYS_listen as u32];
+const ACCEPT_SYSCALLS: [u32; 2] = [libc::SYS_accept as u32, libc::SYS_accept4 as u32];
+const POLL_SYSCALLS: [u32; 2] = [libc::SYS_poll as u32, libc::SYS_ppoll as u32];
+const SELECT_SYSCALLS: [u32; 2] = [libc::SYS_select as u32, libc::SYS_pselect6 as u32];
+const EPOLL_SYSCALLS: [u32; 3] = [
+    libc::SYS_epoll_wait as u32,
+    libc::SYS_epoll_pwait as u32,
+    libc::SYS_epoll_pwait2 as u32,
+];
+const NOTIFY_SYSCALLS: [u32; 4] = [
+    libc::SYS_read as u32,
+    libc::SYS_readv as u32,
+    libc::SYS_recvfrom as u32,
+    libc::SYS_recvmsg as u32,
+];
+
+/// Most rules of one trigger.
+const MAX_RULES: usize = 5;
 
 impl Trigger {
-    /// The 16-bit `SECCOMP_RET_DATA` of this trigger's trap, returned by
-    /// `PTRACE_GETEVENTMSG` at its `PTRACE_EVENT_SECCOMP` stop. Never 0.
+    /// The `SECCOMP_RET_DATA` of this trigger's (first) trap, returned by
+    /// `PTRACE_GETEVENTMSG` at its `PTRACE_EVENT_SECCOMP` stop. Never 0. A trigger with
+    /// several rules has one [`Trap`] per rule: see [`Trap::from_data`].
     pub const fn trace_data(self) -> u16 {
         match self {
-            Trigger::Stdin => 1,
+            Trigger::Stdin => Trap::StdinRead.data(),
+            Trigger::Listen => Trap::Listen.data(),
+            Trigger::Notify(_) => Trap::NotifyRead.data(),
         }
     }
 
-    /// The trigger whose trap produced a `PTRACE_GETEVENTMSG` value.
+    /// The trigger whose trap produced a `PTRACE_GETEVENTMSG` value (`Notify(None)` for
+    /// a notify read: the fd is not part of the data).
     pub fn from_trace_data(msg: u64) -> Option<Trigger> {
-        match msg {
-            1 => Some(Trigger::Stdin),
-            _ => None,
-        }
+        Some(match Trap::from_data(msg)? {
+            Trap::StdinRead => Trigger::Stdin,
+            Trap::Listen | Trap::Accept | Trap::Poll | Trap::Select | Trap::EpollWait => {
+                Trigger::Listen
+            }
+            Trap::NotifyRead => Trigger::Notify(None),
+        })
     }
 
-    fn rule(self) -> Rule {
+    fn rules(self) -> ([Rule; MAX_RULES], usize) {
+        let r = |syscalls: &'static [u32], arg0, trap: Trap| Rule {
+            syscalls,
+            arg0,
+            data: trap.data(),
+        };
+        let none = r(&[], None, Trap::StdinRead);
         match self {
-            Trigger::Stdin => Rule {
-                syscalls: &STDIN_SYSCALLS,
-                arg0: Some(0),
-                data: self.trace_data(),
-            },
+            Trigger::Stdin => (
+                [r(&STDIN_SYSCALLS, Some(0), Trap::StdinRead), none, none, none, none],
+                1,
+            ),
+            Trigger::Listen => (
+                [
+                    r(&LISTEN_SYSCALLS, None, Trap::Listen),
+                    r(&ACCEPT_SYSCALLS, None, Trap::Accept),
+                    r(&POLL_SYSCALLS, None, Trap::Poll),
+                    r(&SELECT_SYSCALLS, None, Trap::Select),
+                    r(&EPOLL_SYSCALLS, None, Trap::EpollWait),
+                ],
+                5,
+            ),
+            Trigger::Notify(fd) => (
+                [r(&NOTIFY_SYSCALLS, fd, Trap::NotifyRead), none, none, none, none],
+                1,
+            ),
         }
     }
 }
@@ -133,7 +228,8 @@ impl Filter {
     /// ```text
     ///   ld arch; jeq X86_64 ? next : ALLOW_END
     /// per rule:
-    ///   ld nr; jeq s1 ? match : next; ...; jeq sn ? match : next; ja next_rule
+    ///   [ld nr, unless A still holds it]
+    ///   jeq s1 ? match : next; ...; jeq sn ? match : next; ja next_rule
     ///   match: [ld args[0].lo; jeq v ? ret : next_rule] ret TRACE|data
     /// ALLOW_END: ret ALLOW
     /// ```
@@ -145,24 +241,31 @@ impl Filter {
         f.push(stmt(BPF_LD_W_ABS, OFF_ARCH))?;
         let arch_check = f.len;
         f.push(jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 0, 0))?; // jf patched below
+        // A holds the syscall number unless the previous rule loaded an argument.
+        let mut a_is_nr = false;
         for t in triggers {
-            let r = t.rule();
-            let n = r.syscalls.len();
-            if n == 0 || n > 200 {
-                return Err(LaunchError::FilterTooLong);
+            let (rules, count) = t.rules();
+            for r in &rules[..count] {
+                let n = r.syscalls.len();
+                if n == 0 || n > 200 {
+                    return Err(LaunchError::FilterTooLong);
+                }
+                if !a_is_nr {
+                    f.push(stmt(BPF_LD_W_ABS, OFF_NR))?;
+                }
+                for (k, nr) in r.syscalls.iter().enumerate() {
+                    // jt: skip the remaining jeqs and the `ja` to reach `match`.
+                    f.push(jump(BPF_JEQ_K, *nr, (n - k) as u8, 0))?;
+                }
+                let match_len: u32 = if r.arg0.is_some() { 3 } else { 1 };
+                f.push(stmt(BPF_JA, match_len))?;
+                if let Some(v) = r.arg0 {
+                    f.push(stmt(BPF_LD_W_ABS, off_arg_lo(0)))?;
+                    f.push(jump(BPF_JEQ_K, v, 0, 1))?;
+                }
+                f.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | r.data as u32))?;
+                a_is_nr = r.arg0.is_none();
             }
-            f.push(stmt(BPF_LD_W_ABS, OFF_NR))?;
-            for (k, nr) in r.syscalls.iter().enumerate() {
-                // jt: skip the remaining jeqs and the `ja` to reach `match`.
-                f.push(jump(BPF_JEQ_K, *nr, (n - k) as u8, 0))?;
-            }
-            let match_len: u32 = if r.arg0.is_some() { 3 } else { 1 };
-            f.push(stmt(BPF_JA, match_len))?;
-            if let Some(v) = r.arg0 {
-                f.push(stmt(BPF_LD_W_ABS, off_arg_lo(0)))?;
-                f.push(jump(BPF_JEQ_K, v, 0, 1))?;
-            }
-            f.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | r.data as u32))?;
         }
         f.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW))?;
         let to_allow = f.len - 1 - (arch_check + 1);

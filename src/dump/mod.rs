@@ -62,10 +62,12 @@ pub fn dump(
                 release(&frozen);
             } else {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                // Reap our traced threads so the kill is complete before we return.
-                for tid in frozen.tids() {
+                // Collect the exits of our traced threads so the kill is complete before
+                // we return; the leader's exit is reported only after all the others'.
+                for tid in frozen.tids().into_iter().filter(|&t| t != pid) {
                     let _ = ptrace::wait(tid);
                 }
+                let _ = ptrace::wait(pid);
             }
             Ok(DumpResult {
                 id,
@@ -114,16 +116,20 @@ fn collect_and_store(
             children.trim()
         );
     }
-    if frozen.threads.len() > 1 {
+    if !frozen.threads.contains_key(&pid) {
         bail!(
-            "process {pid} ({}) has {} threads: dumping multi-threaded processes is not supported yet",
-            info.comm,
-            frozen.threads.len()
+            "process {pid} ({}): its main thread has exited while other threads run; \
+             such a process cannot be checkpointed",
+            info.comm
         );
     }
+    // The leader first: restore creates the other threads from it.
+    let order: Vec<&freeze::FrozenThread> = std::iter::once(&frozen.threads[&pid])
+        .chain(frozen.threads.values().filter(|t| t.tid != pid))
+        .collect();
     let mut threads = Vec::new();
     let mut raw_regs = Vec::new();
-    for ft in frozen.threads.values() {
+    for ft in &order {
         let (th, raw) = threads::collect(pid, ft)?;
         threads.push(th);
         raw_regs.push((ft.tid, raw, ft.kind));
@@ -132,14 +138,20 @@ fn collect_and_store(
     let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     phases.add("collect", t.elapsed());
 
+    // Per-thread state only the thread can read about itself; the process-wide part
+    // (handlers, brk, dumpable) is taken from the leader's run.
     let t = Instant::now();
-    let (main_tid, main_raw, main_kind) = raw_regs[0];
-    let inside = inject::collect_inside(pid, main_tid, &main_raw, main_kind, &smaps)
-        .with_context(|| format!("running the parasite in process {pid} ({})", info.comm))?;
-    for th in threads.iter_mut() {
+    let mut leader = None;
+    for (th, &(tid, raw, kind)) in threads.iter_mut().zip(&raw_regs) {
+        let inside = inject::collect_inside(pid, tid, &raw, kind, &smaps).with_context(|| {
+            format!("running the parasite in process {pid} ({}) thread {tid}", info.comm)
+        })?;
         th.sigaltstack = inside.sigaltstack;
         th.tid_address = inside.tid_address;
+        leader.get_or_insert(inside);
     }
+    let inside = leader.expect("the leader thread is always present");
+    let main_tid = pid;
     phases.add("parasite", t.elapsed());
 
     let t = Instant::now();

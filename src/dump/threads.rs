@@ -73,8 +73,15 @@ pub fn collect(pid: i32, t: &FrozenThread) -> Result<(Thread, Regs)> {
         .with_context(ctx)?
         .trim_end_matches('\n')
         .to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).with_context(ctx)?;
+    // The tid inside the process's own pid namespace (the last NSpid column).
+    let ns_tid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .unwrap_or(tid);
     let thread = Thread {
-        tid,
+        tid: ns_tid,
         comm,
         regs: resume_regs(raw, t.kind).to_vec(),
         xsave,

@@ -69,7 +69,7 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     .context("starting the sandbox")?;
     drop(status_w);
     let pid = sandbox.app_pid;
-    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESYSGOOD)
+    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
         .with_context(|| format!("seizing the restoring process {pid}"))?;
     sandbox
         .release()
@@ -90,7 +90,7 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
             snap.id.short()
         ))
     };
-    wait_trap(pid, &info).map_err(fail)?;
+    wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
     let t = Instant::now();
     if std::env::var_os("WS_NOFILL").is_none() {
         memory::fill(snap, p, pid).map_err(fail)?;
@@ -98,8 +98,17 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     phases.add("memory", t.elapsed());
     let t = Instant::now();
     ptrace::cont(pid, 0)?;
-    wait_trap(pid, &info).map_err(fail)?;
-    finish(pid, &info, &p.threads[0]).map_err(fail)?;
+    // The leader reports each thread it creates (in creation order, which is the
+    // snapshot's thread order), then its own trap; then each thread traps.
+    let mut tids = vec![pid];
+    wait_trap(pid, &info, &mut tids).map_err(fail)?;
+    if tids.len() != p.threads.len() {
+        return Err(fail(anyhow!("created {} threads, the snapshot has {}", tids.len(), p.threads.len())));
+    }
+    for &tid in &tids[1..] {
+        wait_trap(tid, &info, &mut Vec::new()).map_err(fail)?;
+    }
+    finish(&tids, &info, &p.threads).map_err(fail)?;
     phases.add("resume", t.elapsed());
     Ok(Restored {
         sandbox,
@@ -150,11 +159,16 @@ fn read_status(pid: i32, info: &BlobInfo) -> Result<Status> {
     Ok(Status::decode(&buf))
 }
 
-/// Waits for the program's next trap and checks it reports success.
-fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
+/// Waits for the program's next trap in thread `pid` and checks it reports success;
+/// threads it clones on the way are appended to `created`.
+fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
     loop {
         match ptrace::wait(pid)? {
             Stop::Signal(libc::SIGTRAP) => break,
+            Stop::Event(libc::PTRACE_EVENT_CLONE) => {
+                created.push(ptrace::get_event_msg(pid)? as i32);
+                ptrace::cont(pid, 0)?;
+            }
             Stop::Signal(sig) => {
                 // The executor keeps its step index in r13 (see warmstart_parasite).
                 let regs = ptrace::get_regs(pid).unwrap_or([0; reg::COUNT]);
@@ -206,8 +220,10 @@ fn wait_trap(pid: i32, info: &BlobInfo) -> Result<()> {
     }
 }
 
-/// Unmaps the restorer and gives the thread its saved CPU state.
-fn finish(pid: i32, info: &BlobInfo, t: &warmstart_snapshots::model::Thread) -> Result<()> {
+/// Unmaps the restorer (every thread is stopped at its last trap) and gives each
+/// thread its saved CPU state.
+fn finish(tids: &[i32], info: &BlobInfo, threads: &[warmstart_snapshots::model::Thread]) -> Result<()> {
+    let pid = tids[0];
     let mut regs = ptrace::get_regs(pid)?;
     regs[reg::RIP] = info.syscall_trap;
     regs[reg::RAX] = libc::SYS_munmap as u64;
@@ -229,6 +245,16 @@ fn finish(pid: i32, info: &BlobInfo, t: &warmstart_snapshots::model::Thread) -> 
             std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32)
         );
     }
+    for (&tid, t) in tids.iter().zip(threads) {
+        load_cpu_state(tid, t)?;
+    }
+    for &tid in tids {
+        ptrace::detach(tid, 0).context("detaching from the restored process")?;
+    }
+    Ok(())
+}
+
+fn load_cpu_state(pid: i32, t: &warmstart_snapshots::model::Thread) -> Result<()> {
     let saved: ptrace::Regs = t
         .regs
         .as_slice()
@@ -237,7 +263,6 @@ fn finish(pid: i32, info: &BlobInfo, t: &warmstart_snapshots::model::Thread) -> 
     ptrace::set_regs(pid, &saved).context("loading the saved registers")?;
     ptrace::set_xstate(pid, &t.xsave).context("loading the saved xsave state")?;
     ptrace::set_sigmask(pid, t.sigmask).context("loading the saved signal mask")?;
-    ptrace::detach(pid, 0).context("detaching from the restored process")?;
     Ok(())
 }
 

@@ -11,8 +11,8 @@
 //!    unmaps the blob, loads registers, FPU state and sigmask, and detaches.
 
 use anyhow::{bail, Result};
-use warmstart_parasite::{Arg, Blob, ProgramBuilder};
-use warmstart_snapshots::model::{Process, Vma, VmaKind};
+use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot};
+use warmstart_snapshots::model::{Process, Thread, Vma, VmaKind};
 
 use crate::dump::maps::MapEntry;
 
@@ -316,43 +316,30 @@ pub fn build(
     }
     b.trap();
 
-    // Phase 2: after the monitor has written memory.
-    let t = &p.threads[0];
-    b.syscall(
-        libc::SYS_set_robust_list,
-        &[imm(t.robust_list.0), imm(t.robust_list.1)],
-        "set_robust_list",
-    );
-    b.syscall(
-        libc::SYS_set_tid_address,
-        &[imm(t.tid_address)],
-        "set_tid_address",
-    );
-    if let Some(r) = t.rseq {
-        b.syscall(
-            libc::SYS_rseq,
-            &[imm(r.addr), imm(r.len), imm(0u64), imm(r.sig)],
-            "rseq register",
-        );
+    // Phase 2: after the monitor has written memory. The leader creates the other
+    // threads at their recorded tids; every thread sets its own state and traps.
+    let mut spawned = Vec::new();
+    for t in &p.threads[1..] {
+        let stack = b.stack(THREAD_STACK);
+        let tid = b.data(&t.tid.to_le_bytes());
+        let args = b.data_zeroed(88);
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        b.write_data(args, 0, &flags.to_le_bytes());
+        b.data_pointer(args, 40, stack, 0);
+        b.write_data(args, 48, &(THREAD_STACK as u64).to_le_bytes());
+        b.data_pointer(args, 64, tid, 0);
+        b.write_data(args, 72, &1u64.to_le_bytes());
+        b.syscall(libc::SYS_clone3, &[args.arg(), imm(88u64)], format!("clone3 thread {}", t.tid));
+        let child = b.label();
+        b.jump_if_zero(Slot::LAST, child);
+        spawned.push((child, t));
     }
-    if t.sigaltstack.sp != 0 || t.sigaltstack.flags & libc::SS_DISABLE == 0 {
-        let mut ss = Vec::with_capacity(24);
-        ss.extend_from_slice(&t.sigaltstack.sp.to_le_bytes());
-        // The restored thread is not on the alternate stack yet: SS_ONSTACK is state, not a flag.
-        ss.extend_from_slice(&((t.sigaltstack.flags & !libc::SS_ONSTACK) as i64).to_le_bytes());
-        ss.extend_from_slice(&t.sigaltstack.size.to_le_bytes());
-        let d = b.data(&ss);
-        b.syscall(libc::SYS_sigaltstack, &[d.arg(), imm(0u64)], "sigaltstack");
-    }
-    let mut comm = t.comm.as_bytes().to_vec();
-    comm.truncate(15);
-    comm.push(0);
-    let d = b.data(&comm);
-    b.syscall(
-        libc::SYS_prctl,
-        &[imm(libc::PR_SET_NAME as u64), d.arg()],
-        "prctl(PR_SET_NAME)",
-    );
+    thread_state(&mut b, p, &p.threads[0]);
     for info in &p.shared_pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
         let d = b.data(&info.0);
@@ -362,16 +349,6 @@ pub fn build(
             format!("queue process signal {sig}"),
         );
     }
-    for info in &t.pending {
-        let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
-        let d = b.data(&info.0);
-        b.syscall(
-            libc::SYS_rt_tgsigqueueinfo,
-            &[imm(p.pid as u32), imm(t.tid as u32), imm(sig), d.arg()],
-            format!("queue thread signal {sig}"),
-        );
-    }
-    creds(&mut b, p);
     // After creds: changing them resets the dumpable flag.
     b.syscall(
         libc::SYS_prctl,
@@ -379,7 +356,62 @@ pub fn build(
         "prctl(PR_SET_DUMPABLE)",
     );
     b.trap();
+    // The monitor gives every thread its registers at its last trap; none goes on.
+    b.exit_thread(0);
+    for (label, t) in spawned {
+        b.bind(label);
+        thread_state(&mut b, p, t);
+        b.trap();
+        b.exit_thread(0);
+    }
     Ok(b.build(base))
+}
+
+/// Stack of a thread between its clone3 and its final trap (the executor uses none;
+/// the kernel needs one).
+const THREAD_STACK: usize = 4096;
+
+/// State each thread must set for itself.
+fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
+    let who = format!("thread {}", t.tid);
+    b.syscall(
+        libc::SYS_set_robust_list,
+        &[imm(t.robust_list.0), imm(t.robust_list.1)],
+        format!("set_robust_list ({who})"),
+    );
+    b.syscall(libc::SYS_set_tid_address, &[imm(t.tid_address)], format!("set_tid_address ({who})"));
+    if let Some(r) = t.rseq {
+        b.syscall(
+            libc::SYS_rseq,
+            &[imm(r.addr), imm(r.len), imm(0u64), imm(r.sig)],
+            format!("rseq register ({who})"),
+        );
+    }
+    if t.sigaltstack.sp != 0 || t.sigaltstack.flags & libc::SS_DISABLE == 0 {
+        let mut ss = Vec::with_capacity(24);
+        ss.extend_from_slice(&t.sigaltstack.sp.to_le_bytes());
+        // The restored thread is not on the alternate stack yet: SS_ONSTACK is state, not a flag.
+        ss.extend_from_slice(&((t.sigaltstack.flags & !libc::SS_ONSTACK) as i64).to_le_bytes());
+        ss.extend_from_slice(&t.sigaltstack.size.to_le_bytes());
+        let d = b.data(&ss);
+        b.syscall(libc::SYS_sigaltstack, &[d.arg(), imm(0u64)], format!("sigaltstack ({who})"));
+    }
+    let mut comm = t.comm.as_bytes().to_vec();
+    comm.truncate(15);
+    comm.push(0);
+    let d = b.data(&comm);
+    b.syscall(libc::SYS_prctl, &[imm(libc::PR_SET_NAME as u64), d.arg()], format!("prctl(PR_SET_NAME) ({who})"));
+    for info in &t.pending {
+        let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
+        let d = b.data(&info.0);
+        b.syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            &[imm(p.pid as u32), imm(t.tid as u32), imm(sig), d.arg()],
+            format!("queue signal {sig} ({who})"),
+        );
+    }
+    // Credentials are per thread in the kernel; each drops its own, last.
+    creds(b, p);
 }
 
 /// Drops to the snapshot's credentials, last, since everything before needs root.

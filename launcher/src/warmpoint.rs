@@ -1,0 +1,1053 @@
+//! `--ready TRIGGER`: the tracer-side state machine that finds an app's warm point.
+//!
+//! The monitor spawns the app in the sandbox with the trigger's seccomp filter
+//! ([`Ready::filter`], installed in the app child before `exec`), seizes it with
+//! `PTRACE_O_TRACESECCOMP | PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL |
+//! PTRACE_O_TRACESYSGOOD`, releases it, creates a [`WarmPointTracker`] and feeds it every
+//! `waitpid` status of every traced thread ([`WarmPointTracker::on_stop`]), plus the
+//! timeouts ([`WarmPointTracker::on_timeout`]) and readiness of its sd_notify socket
+//! ([`WarmPointTracker::on_readable`]). [`WarmPointTracker::run`] is that whole loop.
+//!
+//! `PTRACE_O_TRACECLONE` matters: threads inherit the filter, and a trapped syscall in a
+//! thread nobody traces fails with `ENOSYS`.
+//!
+//! | trigger | filter traps | warm point |
+//! |---|---|---|
+//! | `stdin` | reads of fd 0 | the first one (syscall-entry stop) |
+//! | `listen` | listen, accept(4), (p)poll, (p)select, epoll_(p)wait(2) | the first accept / poll / select / epoll wait whose set holds a listening socket (`SO_ACCEPTCONN`, checked on a `pidfd_getfd` copy) |
+//! | `notify` | read/readv/recvfrom/recvmsg of [`NOTIFY_FD`] | the first read of the notify fd after the app wrote `READY=1`; or, sd_notify, the `PTRACE_INTERRUPT` stop right after `READY=1` arrived on `$NOTIFY_SOCKET` |
+//! | `after=D` | nothing | the `PTRACE_INTERRUPT` stop after D |
+//! | `signal` | nothing | the app's own SIGSTOP (signal-delivery stop; the SIGSTOP is suppressed) |
+//!
+//! # Restoring a `notify` app
+//!
+//! At its warm point a `notify` app is blocked in `read(NOTIFY_FD)` (restartable syscall
+//! entry). The snapshot records [`NOTIFY_FD`] as one end of an `AF_UNIX` `SOCK_STREAM`
+//! socketpair whose peer is outside the app. At restore warmstart creates a fresh
+//! [`NotifyChannel`], installs its app end at [`NOTIFY_FD`] in place of the recorded one,
+//! and, *before* the app resumes, calls [`notify_reply_restored`] on the launcher end:
+//! the restarted `read` returns `RESTORED=1\n` at once. Keep the launcher end open while
+//! the app runs (the app may write again, e.g. `STATUS=...`, and must not get `EPIPE`);
+//! `$WARMSTART_NOTIFY_FD` is in the recorded environment already. sd_notify apps do not
+//! block on their socket: nothing to do at restore (the recorded socket is
+//! unconnected; a datagram to the old path fails harmlessly or reaches the new
+//! supervisor's socket if one is bound there).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::trigger::{Filter, Trap, Trigger};
+use crate::LaunchError;
+
+/// The app's fd number of its end of the notify channel (`$WARMSTART_NOTIFY_FD`). High
+/// enough not to collide with socket activation (3..) or shell redirections.
+pub const NOTIFY_FD: i32 = 100;
+/// Environment variable naming the notify fd.
+pub const NOTIFY_FD_ENV: &str = "WARMSTART_NOTIFY_FD";
+/// Environment variable of the sd_notify protocol.
+pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+/// What the app writes when it is warm.
+pub const READY_MSG: &[u8] = b"READY=1\n";
+/// What the app reads after a restore.
+pub const RESTORED_MSG: &[u8] = b"RESTORED=1\n";
+
+/// `--ready TRIGGER`: when the snapshot is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ready {
+    /// The app's first read of fd 0.
+    Stdin,
+    /// The app's first wait for a connection on a listening socket.
+    Listen,
+    /// `READY=1` on `$WARMSTART_NOTIFY_FD` (then the app's read of it) or
+    /// `$NOTIFY_SOCKET`.
+    Notify,
+    /// A fixed time after the app was released.
+    After(Duration),
+    /// The app stops itself with SIGSTOP.
+    Signal,
+}
+
+/// The valid forms, for error messages.
+pub const READY_FORMS: &str =
+    "stdin, listen, notify, after=DURATION (e.g. after=500ms, after=2s, after=1m), signal";
+
+impl FromStr for Ready {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| format!("invalid --ready {s:?}: {why}; valid forms: {READY_FORMS}");
+        match s.trim() {
+            "stdin" => Ok(Ready::Stdin),
+            "listen" => Ok(Ready::Listen),
+            "notify" => Ok(Ready::Notify),
+            "signal" => Ok(Ready::Signal),
+            t => {
+                let Some(d) = t.strip_prefix("after=") else {
+                    return Err(bad("unknown trigger"));
+                };
+                parse_duration(d)
+                    .map(Ready::After)
+                    .ok_or_else(|| bad("bad duration (a whole number with ms, s or m)"))
+            }
+        }
+    }
+}
+
+fn parse_duration(d: &str) -> Option<Duration> {
+    let (num, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+impl fmt::Display for Ready {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ready::Stdin => f.write_str("stdin"),
+            Ready::Listen => f.write_str("listen"),
+            Ready::Notify => f.write_str("notify"),
+            Ready::Signal => f.write_str("signal"),
+            Ready::After(d) if d.subsec_millis() == 0 => write!(f, "after={}s", d.as_secs()),
+            Ready::After(d) => write!(f, "after={}ms", d.as_millis()),
+        }
+    }
+}
+
+impl Ready {
+    /// The seccomp traps of this trigger (empty for `after=` and `signal`).
+    pub fn triggers(&self) -> &'static [Trigger] {
+        match self {
+            Ready::Stdin => &[Trigger::Stdin],
+            Ready::Listen => &[Trigger::Listen],
+            Ready::Notify => &[Trigger::Notify(Some(NOTIFY_FD as u32))],
+            Ready::After(_) | Ready::Signal => &[],
+        }
+    }
+
+    /// The filter to install in the app child (`None`: install nothing). Build it before
+    /// `spawn`; [`Filter::install`] is async-signal-safe.
+    pub fn filter(&self) -> Result<Option<Filter>, LaunchError> {
+        let t = self.triggers();
+        if t.is_empty() {
+            return Ok(None);
+        }
+        Filter::build(t).map(Some)
+    }
+}
+
+/// How the app (its thread-group leader) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+/// What kind of ptrace stop the warm point is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopKind {
+    /// `PTRACE_EVENT_SECCOMP` at the entry of syscall `nr` (dump "at syscall entry": the
+    /// syscall is restarted at resume).
+    SyscallEntry { nr: i64, trap: Option<Trap> },
+    /// Signal-delivery stop of this signal.
+    SignalDelivery(i32),
+    /// `PTRACE_EVENT_STOP` (after [`interrupt_all`]).
+    Interrupt,
+}
+
+/// The stop at which the app is warm: the thread `tid` is in a ptrace stop of `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarmStop {
+    pub tid: i32,
+    pub kind: StopKind,
+    /// The signal to pass to `PTRACE_CONT` if the app is resumed from this stop (0 for
+    /// the `signal` trigger: its SIGSTOP is suppressed, not part of the snapshot).
+    pub resume_signal: i32,
+}
+
+/// What the monitor learns from one ptrace stop of a traced app thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The app is warm: leave `tid` stopped and dump.
+    WarmPoint(WarmStop),
+    /// `PTRACE_CONT` the thread with this signal (0: none).
+    Continue { inject_signal: i32 },
+    /// A group stop of a seized tracee: `PTRACE_LISTEN` (stays stopped like an untraced
+    /// process would, until SIGCONT; no warm point while it is).
+    Listen,
+    /// A thread other than the leader is gone (reaped by that `waitpid`): nothing to do.
+    ThreadExited,
+    /// The app (its leader) is gone before its warm point.
+    Exited(ExitStatus),
+}
+
+impl Verdict {
+    /// Apply a `Continue` / `Listen` verdict to `tid` (nothing for the others). A thread
+    /// that vanished meanwhile (`ESRCH`, e.g. SIGKILLed) is not an error.
+    pub fn resume(&self, tid: i32) -> io::Result<()> {
+        let (req, sig) = match *self {
+            Verdict::Continue { inject_signal } => (libc::PTRACE_CONT, inject_signal),
+            Verdict::Listen => (libc::PTRACE_LISTEN, 0),
+            _ => return Ok(()),
+        };
+        let r = unsafe { libc::ptrace(req, tid, 0usize, sig as usize) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors of warm-point detection.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmPointError {
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The notify fd / socket carried something that is not `KEY=VALUE` lines.
+    #[error("the app wrote garbage to its notify {channel} (expected \"READY=1\\n\"): {got:?}")]
+    NotifyGarbage { channel: &'static str, got: String },
+    /// The app exited before its warm point.
+    #[error("the app {} before its warm point", match .0 { ExitStatus::Code(c) => format!("exited with status {c}"), ExitStatus::Signal(s) => format!("was killed by signal {s}") })]
+    Exited(ExitStatus),
+    /// The sandbox's init exited (the app is gone).
+    #[error("the sandbox exited before the app's warm point")]
+    SandboxExited,
+    /// [`WarmPointTracker::run`]'s timeout passed.
+    #[error("the app did not reach its warm point ({0}) before the timeout")]
+    Timeout(Ready),
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> WarmPointError {
+    move |source| WarmPointError::Io { op, source }
+}
+
+fn last_err(op: &'static str) -> WarmPointError {
+    WarmPointError::Io {
+        op,
+        source: io::Error::last_os_error(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Notify: the fd protocol and sd_notify.
+
+/// Parses notify messages: newline-separated `KEY=VALUE` assignments (`READY=1`,
+/// `STATUS=...`, ...; sd_notify's syntax). Stream input may arrive in pieces.
+#[derive(Debug, Default)]
+pub struct NotifyParser {
+    partial: Vec<u8>,
+    ready: bool,
+}
+
+impl NotifyParser {
+    /// Has a `READY=1` line been seen?
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Feed stream bytes (`channel` names the source in errors); only complete lines are
+    /// parsed.
+    pub fn feed_stream(&mut self, bytes: &[u8], channel: &'static str) -> Result<(), WarmPointError> {
+        self.partial.extend_from_slice(bytes);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.line(&line[..line.len() - 1], channel)?;
+        }
+        if self.partial.len() > 4096 {
+            let got = String::from_utf8_lossy(&self.partial[..64]).into_owned();
+            return Err(WarmPointError::NotifyGarbage { channel, got });
+        }
+        Ok(())
+    }
+
+    /// Feed one datagram (complete: its last line needs no newline).
+    pub fn feed_datagram(&mut self, msg: &[u8], channel: &'static str) -> Result<(), WarmPointError> {
+        for line in msg.split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                self.line(line, channel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8], channel: &'static str) -> Result<(), WarmPointError> {
+        let garbage = || WarmPointError::NotifyGarbage {
+            channel,
+            got: String::from_utf8_lossy(line).chars().take(80).collect(),
+        };
+        let eq = line.iter().position(|&b| b == b'=').ok_or_else(garbage)?;
+        let key = &line[..eq];
+        let key_ok = !key.is_empty()
+            && key
+                .iter()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_');
+        if !key_ok || std::str::from_utf8(line).is_err() {
+            return Err(garbage());
+        }
+        if line == b"READY=1" {
+            self.ready = true;
+        }
+        Ok(())
+    }
+}
+
+/// Write `RESTORED=1\n` to the launcher end of a notify channel (restore side: before the
+/// app resumes, so its pending read of [`NOTIFY_FD`] returns it).
+pub fn notify_reply_restored(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut done = 0;
+    while done < RESTORED_MSG.len() {
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                RESTORED_MSG[done..].as_ptr() as *const libc::c_void,
+                RESTORED_MSG.len() - done,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The `$WARMSTART_NOTIFY_FD` channel: an `AF_UNIX` `SOCK_STREAM` socketpair. The app's
+/// end goes to [`NOTIFY_FD`] in the app ([`NotifyChannel::install_in_child`]); the
+/// launcher keeps the other (non-blocking).
+#[derive(Debug)]
+pub struct NotifyChannel {
+    launcher: OwnedFd,
+    app: Option<OwnedFd>,
+    app_id: (u64, u64),
+    parser: NotifyParser,
+    env: CString,
+}
+
+fn fstat_id(fd: RawFd) -> io::Result<(u64, u64)> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+impl NotifyChannel {
+    /// Create the socketpair (both ends close-on-exec in the monitor).
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [-1; 2];
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (launcher, app) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        unsafe { libc::fcntl(launcher.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let app_id = fstat_id(app.as_raw_fd())?;
+        Ok(NotifyChannel {
+            launcher,
+            app: Some(app),
+            app_id,
+            parser: NotifyParser::default(),
+            env: CString::new(format!("{NOTIFY_FD_ENV}={NOTIFY_FD}")).unwrap(),
+        })
+    }
+
+    /// `WARMSTART_NOTIFY_FD=100`, for the app's environment.
+    pub fn env_entry(&self) -> &CString {
+        &self.env
+    }
+
+    /// In the app child (async-signal-safe): put the app end at [`NOTIFY_FD`], not
+    /// close-on-exec. Returns false on failure.
+    pub fn install_in_child(&self) -> bool {
+        let Some(app) = &self.app else { return false };
+        let fd = app.as_raw_fd();
+        unsafe {
+            if fd == NOTIFY_FD {
+                return libc::fcntl(fd, libc::F_SETFD, 0) == 0;
+            }
+            libc::dup2(fd, NOTIFY_FD) == NOTIFY_FD
+        }
+    }
+
+    /// Close the monitor's copy of the app end (after `spawn`).
+    pub fn close_app_end(&mut self) {
+        self.app = None;
+    }
+
+    /// The launcher's end.
+    pub fn launcher_fd(&self) -> BorrowedFd<'_> {
+        self.launcher.as_fd()
+    }
+
+    /// Read what the app wrote so far; true once `READY=1` arrived.
+    pub fn poll_ready(&mut self) -> Result<bool, WarmPointError> {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = unsafe {
+                libc::recv(
+                    self.launcher.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(last_err("recv(notify fd)")),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            self.parser.feed_stream(&buf[..n as usize], "fd")?;
+        }
+        Ok(self.parser.ready())
+    }
+
+    /// Is `fd` of process `pid` the app end of this channel?
+    pub fn is_app_end(&self, pid: i32, fd: i32) -> bool {
+        let Ok(c) = CString::new(format!("/proc/{pid}/fd/{fd}")) else {
+            return false;
+        };
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        unsafe { libc::stat(c.as_ptr(), &mut st) == 0 && (st.st_dev, st.st_ino) == self.app_id }
+    }
+}
+
+/// The sd_notify `$NOTIFY_SOCKET`: a bound, non-blocking `AF_UNIX` datagram socket, in a
+/// fresh temporary directory or with an abstract name. The app does not block on it: the
+/// warm point is the [`interrupt_all`] right after `READY=1` arrives.
+#[derive(Debug)]
+pub struct SdNotifySocket {
+    fd: OwnedFd,
+    dir: Option<PathBuf>,
+    env: CString,
+    parser: NotifyParser,
+}
+
+fn unix_addr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if path.len() >= a.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    for (d, s) in a.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + path.len();
+    Ok((a, len as libc::socklen_t))
+}
+
+impl SdNotifySocket {
+    fn bind_raw(name: &[u8]) -> io::Result<OwnedFd> {
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (a, len) = unix_addr(name)?;
+        if unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+
+    /// Bind `notify` in a fresh `mkdtemp` directory under `$TMPDIR` (removed on drop).
+    pub fn bind() -> io::Result<Self> {
+        let tmpl = std::env::temp_dir().join("warmstart-notify-XXXXXX");
+        let mut t = CString::new(tmpl.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in TMPDIR"))?
+            .into_bytes_with_nul();
+        if unsafe { libc::mkdtemp(t.as_mut_ptr() as *mut libc::c_char) }.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        t.pop();
+        let dir = PathBuf::from(String::from_utf8_lossy(&t).into_owned());
+        let path = dir.join("notify");
+        let bytes = path.as_os_str().as_encoded_bytes().to_vec();
+        match Self::bind_raw(&bytes) {
+            Ok(fd) => Ok(SdNotifySocket {
+                fd,
+                env: CString::new([NOTIFY_SOCKET_ENV.as_bytes(), b"=", &bytes].concat()).unwrap(),
+                dir: Some(dir),
+                parser: NotifyParser::default(),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Bind an abstract name `@warmstart-notify-PID-N` (`$NOTIFY_SOCKET` starts with `@`;
+    /// abstract names live in the network namespace, which the sandbox shares).
+    pub fn bind_abstract() -> io::Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("warmstart-notify-{}-{n}", std::process::id());
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(name.as_bytes());
+        let fd = Self::bind_raw(&raw)?;
+        Ok(SdNotifySocket {
+            fd,
+            dir: None,
+            env: CString::new(format!("{NOTIFY_SOCKET_ENV}=@{name}")).unwrap(),
+            parser: NotifyParser::default(),
+        })
+    }
+
+    /// `NOTIFY_SOCKET=...`, for the app's environment.
+    pub fn env_entry(&self) -> &CString {
+        &self.env
+    }
+
+    /// The socket (poll it for `POLLIN`).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Receive every queued datagram; true once one carried `READY=1`.
+    pub fn recv_ready(&mut self) -> Result<bool, WarmPointError> {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(last_err("recv(NOTIFY_SOCKET)")),
+                }
+            }
+            self.parser.feed_datagram(&buf[..n as usize], "socket")?;
+        }
+        Ok(self.parser.ready())
+    }
+}
+
+impl Drop for SdNotifySocket {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_file(d.join("notify"));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tracee inspection.
+
+/// `PTRACE_INTERRUPT` every thread of `pid` (from `/proc/PID/task`); each reports a
+/// `PTRACE_EVENT_STOP`. Threads that vanish meanwhile are skipped.
+pub fn interrupt_all(pid: i32) -> io::Result<()> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Some(tid) = e?.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        interrupt(tid)?;
+    }
+    Ok(())
+}
+
+/// `PTRACE_INTERRUPT` one thread (`ESRCH`: gone, ignored).
+pub fn interrupt(tid: i32) -> io::Result<()> {
+    let r = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
+    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(regs)
+}
+
+fn geteventmsg(tid: i32) -> io::Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, tid, 0usize, &mut msg as *mut _) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(msg as u64)
+}
+
+/// Read `len` bytes at `addr` of `tid` (`process_vm_readv`).
+fn read_mem(tid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr() as *mut libc::c_void,
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    let n = unsafe { libc::process_vm_readv(tid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(n as usize);
+    Ok(out)
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Is fd `fd` of the process behind `pidfd` a listening socket? (A `pidfd_getfd` copy,
+/// `getsockopt(SO_ACCEPTCONN)`; any failure: no.)
+pub fn is_listening_socket(pidfd: BorrowedFd<'_>, fd: i32) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return false;
+    }
+    let copy = unsafe { OwnedFd::from_raw_fd(copy as RawFd) };
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            copy.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    r == 0 && v != 0
+}
+
+/// The fds watched by epoll fd `epfd` of `pid` (`tfd:` lines of its fdinfo).
+pub fn epoll_fds(pid: i32, epfd: i32) -> io::Result<Vec<i32>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tfd:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// Most pollfds / select bits inspected at one stop.
+const MAX_FDS: u64 = 1 << 16;
+
+// ---------------------------------------------------------------------------------------
+// Waiting.
+
+/// What [`wait_event`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEvent {
+    /// A `waitpid` status of a traced thread (consumed).
+    Stop { tid: i32, status: i32 },
+    /// `fd` is readable.
+    Readable,
+    /// `deadline` passed.
+    Timeout,
+    /// The sandbox's init changed state (it exited: not consumed, for `Sandbox::wait`).
+    SandboxExited,
+}
+
+/// Wait for the next stop of a tracee of the *calling thread* (`__WNOTHREAD`: call it
+/// from the thread that seized the app, which should have no children but the sandbox's
+/// init), readability of `fd`, or `deadline`. Without `fd` and `deadline` it blocks in
+/// `waitid`; with them it polls with a 1..16 ms backoff. `EINTR` comes back as an error
+/// of kind `Interrupted` (e.g. for an `alarm`-based timeout).
+pub fn wait_event(
+    init_pid: i32,
+    deadline: Option<Instant>,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<WaitEvent> {
+    let mut tick = Duration::from_millis(1);
+    loop {
+        let blocking = deadline.is_none() && fd.is_none();
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let mut flags = libc::WEXITED | libc::WSTOPPED | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
+        if !blocking {
+            flags |= libc::WNOHANG;
+        }
+        if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let who = unsafe { info.si_pid() };
+        if who == init_pid {
+            return Ok(WaitEvent::SandboxExited);
+        }
+        if who > 0 {
+            let mut status = 0;
+            let r = unsafe { libc::waitpid(who, &mut status, libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD) };
+            if r == who {
+                return Ok(WaitEvent::Stop { tid: who, status });
+            }
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            continue;
+        }
+        let mut wait = tick;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(WaitEvent::Timeout);
+            }
+            wait = wait.min(left);
+        }
+        let mut p = libc::pollfd {
+            fd: fd.map_or(-1, |f| f.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let n = unsafe { libc::poll(&mut p, 1, wait.as_millis().max(1) as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n > 0 && p.revents != 0 {
+            return Ok(WaitEvent::Readable);
+        }
+        tick = (tick * 2).min(Duration::from_millis(16));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The tracker.
+
+/// Finds the warm point of one recording. Create it right after releasing the app (the
+/// `after=` deadline counts from then); feed it every `waitpid` status of every traced
+/// thread ([`on_stop`](Self::on_stop)), apply each non-warm [`Verdict`] with
+/// [`Verdict::resume`], call [`on_timeout`](Self::on_timeout) when
+/// [`next_deadline`](Self::next_deadline) passes and [`on_readable`](Self::on_readable)
+/// when [`poll_fd`](Self::poll_fd) is readable. [`run`](Self::run) does all that.
+#[derive(Debug)]
+pub struct WarmPointTracker {
+    ready: Ready,
+    pid: i32,
+    pidfd: OwnedFd,
+    deadline: Option<Instant>,
+    /// [`interrupt_all`] was called: the next stop is the warm point.
+    interrupted: bool,
+    listen_fds: HashSet<i32>,
+    notify: Option<NotifyChannel>,
+    sd_notify: Option<SdNotifySocket>,
+    /// Traps seen (for diagnostics / tests): (trap, syscall nr, args[0]).
+    seen: Vec<(Option<Trap>, i64, u64)>,
+}
+
+impl WarmPointTracker {
+    /// A tracker for the app whose thread-group leader is `pid` (monitor's namespace).
+    pub fn new(ready: Ready, pid: i32) -> Result<Self, WarmPointError> {
+        let pidfd = pidfd_open(pid).map_err(io_err("pidfd_open(app)"))?;
+        Ok(WarmPointTracker {
+            ready,
+            pid,
+            pidfd,
+            deadline: match ready {
+                Ready::After(d) => Some(Instant::now() + d),
+                _ => None,
+            },
+            interrupted: false,
+            listen_fds: HashSet::new(),
+            notify: None,
+            sd_notify: None,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Use this `$WARMSTART_NOTIFY_FD` channel (`notify`).
+    pub fn with_notify(mut self, mut ch: NotifyChannel) -> Self {
+        ch.close_app_end();
+        self.notify = Some(ch);
+        self
+    }
+
+    /// Use this `$NOTIFY_SOCKET` (`notify`, sd_notify protocol).
+    pub fn with_sd_notify(mut self, s: SdNotifySocket) -> Self {
+        self.sd_notify = Some(s);
+        self
+    }
+
+    /// The trigger.
+    pub fn ready(&self) -> Ready {
+        self.ready
+    }
+
+    /// The notify channel, e.g. to keep its launcher end.
+    pub fn notify_channel(&self) -> Option<&NotifyChannel> {
+        self.notify.as_ref()
+    }
+
+    /// The traps seen so far, in order: (trap, syscall nr, args[0]).
+    pub fn traps_seen(&self) -> &[(Option<Trap>, i64, u64)] {
+        &self.seen
+    }
+
+    /// Fds of `listen` calls seen so far.
+    pub fn listen_fds(&self) -> &HashSet<i32> {
+        &self.listen_fds
+    }
+
+    /// When the monitor must call [`on_timeout`](Self::on_timeout) (`after=`), if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.interrupted {
+            None
+        } else {
+            self.deadline
+        }
+    }
+
+    /// An fd the monitor must poll for `POLLIN` and then call
+    /// [`on_readable`](Self::on_readable) (the sd_notify socket).
+    pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        if self.interrupted {
+            return None;
+        }
+        self.sd_notify.as_ref().map(|s| s.fd())
+    }
+
+    fn interrupt_now(&mut self) -> Result<(), WarmPointError> {
+        interrupt_all(self.pid).map_err(io_err("PTRACE_INTERRUPT"))?;
+        self.interrupted = true;
+        Ok(())
+    }
+
+    /// The deadline may have passed: if so, interrupt every thread; the next stop is
+    /// the warm point.
+    pub fn on_timeout(&mut self) -> Result<(), WarmPointError> {
+        match self.next_deadline() {
+            Some(d) if Instant::now() >= d => self.interrupt_now(),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`poll_fd`](Self::poll_fd) is readable: read the datagrams; on `READY=1`,
+    /// interrupt every thread (the next stop is the warm point).
+    pub fn on_readable(&mut self) -> Result<(), WarmPointError> {
+        let ready = match &mut self.sd_notify {
+            Some(s) => s.recv_ready()?,
+            None => false,
+        };
+        if ready && !self.interrupted {
+            self.interrupt_now()?;
+        }
+        Ok(())
+    }
+
+    /// Decide about one `waitpid` status of traced thread `tid` (already consumed).
+    pub fn on_stop(&mut self, tid: i32, status: i32) -> Result<Verdict, WarmPointError> {
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            if tid != self.pid {
+                return Ok(Verdict::ThreadExited);
+            }
+            return Ok(Verdict::Exited(if libc::WIFEXITED(status) {
+                ExitStatus::Code(libc::WEXITSTATUS(status))
+            } else {
+                ExitStatus::Signal(libc::WTERMSIG(status))
+            }));
+        }
+        if !libc::WIFSTOPPED(status) {
+            // WIFCONTINUED (not asked for): nothing stopped.
+            return Ok(Verdict::ThreadExited);
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = (status >> 16) & 0xff;
+        let warm = |kind, resume_signal| {
+            Ok(Verdict::WarmPoint(WarmStop {
+                tid,
+                kind,
+                resume_signal,
+            }))
+        };
+        match event {
+            libc::PTRACE_EVENT_SECCOMP => self.on_seccomp(tid),
+            libc::PTRACE_EVENT_STOP => {
+                if self.interrupted {
+                    return warm(StopKind::Interrupt, 0);
+                }
+                if matches!(
+                    sig,
+                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                ) {
+                    Ok(Verdict::Listen)
+                } else {
+                    // A new thread's first stop, or a stale interrupt.
+                    Ok(Verdict::Continue { inject_signal: 0 })
+                }
+            }
+            0 if sig == (libc::SIGTRAP | 0x80) => Ok(Verdict::Continue { inject_signal: 0 }),
+            0 => {
+                if self.ready == Ready::Signal && sig == libc::SIGSTOP {
+                    return warm(StopKind::SignalDelivery(sig), 0);
+                }
+                if self.interrupted {
+                    return warm(StopKind::SignalDelivery(sig), sig);
+                }
+                Ok(Verdict::Continue { inject_signal: sig })
+            }
+            // clone/fork/exec/exit events.
+            _ => Ok(Verdict::Continue { inject_signal: 0 }),
+        }
+    }
+
+    fn on_seccomp(&mut self, tid: i32) -> Result<Verdict, WarmPointError> {
+        let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
+        let msg = geteventmsg(tid).map_err(io_err("PTRACE_GETEVENTMSG"))?;
+        let trap = Trap::from_data(msg);
+        let nr = regs.orig_rax as i64;
+        self.seen.push((trap, nr, regs.rdi));
+        let warm = Verdict::WarmPoint(WarmStop {
+            tid,
+            kind: StopKind::SyscallEntry { nr, trap },
+            resume_signal: 0,
+        });
+        let go = Verdict::Continue { inject_signal: 0 };
+        if self.interrupted {
+            return Ok(warm);
+        }
+        let is_warm = match (self.ready, trap) {
+            (Ready::Stdin, Some(Trap::StdinRead)) => true,
+            (Ready::Listen, Some(Trap::Listen)) => {
+                self.listen_fds.insert(regs.rdi as i32);
+                false
+            }
+            (Ready::Listen, Some(Trap::Accept)) => self.listening(regs.rdi as i32),
+            (Ready::Listen, Some(Trap::Poll)) => self.poll_has_listener(tid, regs.rdi, regs.rsi),
+            (Ready::Listen, Some(Trap::Select)) => {
+                self.select_has_listener(tid, regs.rdi, regs.rsi)
+            }
+            (Ready::Listen, Some(Trap::EpollWait)) => {
+                let fds = epoll_fds(self.pid, regs.rdi as i32).unwrap_or_default();
+                fds.into_iter().any(|fd| self.listening(fd))
+            }
+            (Ready::Notify, Some(Trap::NotifyRead)) => {
+                let fd = regs.rdi as i32;
+                match &mut self.notify {
+                    Some(ch) if ch.is_app_end(self.pid, fd) => ch.poll_ready()?,
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        Ok(if is_warm { warm } else { go })
+    }
+
+    fn listening(&self, fd: i32) -> bool {
+        is_listening_socket(self.pidfd.as_fd(), fd)
+    }
+
+    fn poll_has_listener(&self, tid: i32, addr: u64, nfds: u64) -> bool {
+        let n = nfds.min(MAX_FDS) as usize;
+        if addr == 0 || n == 0 {
+            return false;
+        }
+        let sz = std::mem::size_of::<libc::pollfd>();
+        let Ok(bytes) = read_mem(tid, addr, n * sz) else {
+            return false;
+        };
+        bytes.chunks_exact(sz).any(|c| {
+            let fd = i32::from_ne_bytes(c[0..4].try_into().unwrap());
+            let events = i16::from_ne_bytes(c[4..6].try_into().unwrap());
+            events & libc::POLLIN != 0 && self.listening(fd)
+        })
+    }
+
+    fn select_has_listener(&self, tid: i32, nfds: u64, readfds: u64) -> bool {
+        let n = (nfds as i32).clamp(0, MAX_FDS as i32) as usize;
+        if readfds == 0 || n == 0 {
+            return false;
+        }
+        let Ok(bytes) = read_mem(tid, readfds, n.div_ceil(64) * 8) else {
+            return false;
+        };
+        (0..n).any(|fd| {
+            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0)
+                && self.listening(fd as i32)
+        })
+    }
+
+    /// The whole monitor loop: wait (see [`wait_event`]; `init_pid` is the sandbox's
+    /// init), feed, resume, until the warm point (returned with that thread stopped), the
+    /// app's end, or `timeout`. Must run on the thread that seized the app.
+    pub fn run(&mut self, init_pid: i32, timeout: Option<Duration>) -> Result<WarmStop, WarmPointError> {
+        let overall = timeout.map(|t| Instant::now() + t);
+        loop {
+            let own = self.next_deadline();
+            let deadline = match (own, overall) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let ev = wait_event(init_pid, deadline, self.poll_fd());
+            match ev {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(WarmPointError::Io { op: "waitid", source: e }),
+                Ok(WaitEvent::Stop { tid, status }) => match self.on_stop(tid, status)? {
+                    Verdict::WarmPoint(w) => return Ok(w),
+                    Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
+                    v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
+                },
+                Ok(WaitEvent::Readable) => self.on_readable()?,
+                Ok(WaitEvent::Timeout) => {
+                    if overall.is_some_and(|o| Instant::now() >= o) {
+                        return Err(WarmPointError::Timeout(self.ready));
+                    }
+                    self.on_timeout()?;
+                }
+                Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
+            }
+        }
+    }
+}

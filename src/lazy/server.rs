@@ -1,0 +1,1021 @@
+//! The page server: prefetch, fault handling, events, background streaming.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::errno::Errno;
+use warmstart_snapshots::store::Snapshot;
+
+use super::plan::{find, Extent, LazyPlan, PAGE};
+use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uffd, UffdMsg};
+use crate::sys::uffd::ZeropageMode;
+
+/// Largest single `UFFDIO_COPY` (prefetch and streaming): 2 MiB.
+pub const BATCH_PAGES: u64 = 512;
+/// Read-ahead window of a fault: the aligned block of this many pages around it.
+pub const READAHEAD_PAGES: u64 = 16;
+/// While idle without a way to see the target exit (forked children, or no
+/// [`LazyServer::watch_exit`]), the server checks liveness this often.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// A fault that keeps getting `EAGAIN` this long is an error.
+const RETRY_LIMIT: Duration = Duration::from_secs(10);
+/// Gaps of up to this many pages between working-set pages are copied too (one ioctl
+/// instead of two).
+const PREFETCH_GAP: u64 = 8;
+
+/// Features the restored process must negotiate on the userfaultfd it registers.
+pub const REQUIRED_FEATURES: Features = Features::EVENT_FORK
+    .union(Features::EVENT_REMAP)
+    .union(Features::EVENT_REMOVE)
+    .union(Features::EVENT_UNMAP);
+
+/// Options of a lazy restore.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// Working set to copy before the app resumes: page-table indexes (as recorded in
+    /// [`ServeStats::working_set`]). Indexes outside the plan are ignored.
+    pub prefetch: Option<Vec<u64>>,
+    /// Record the order of faulted pages until [`RecordHandle::stop_recording`] or
+    /// `record_for` elapses. Background streaming waits until recording stops (it
+    /// would hide the faults being recorded).
+    pub record_working_set: bool,
+    /// Stop recording after this long (from the start of `serve`).
+    pub record_for: Option<Duration>,
+    /// Stream the remaining pages while no fault is pending, and finish (closing the
+    /// userfaultfd) once every stored page is in.
+    pub background: bool,
+}
+
+impl Default for LazyOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: None,
+            record_working_set: false,
+            record_for: None,
+            background: true,
+        }
+    }
+}
+
+/// Stops working-set recording from another thread.
+#[derive(Debug, Clone)]
+pub struct RecordHandle(Arc<AtomicBool>);
+
+impl RecordHandle {
+    pub fn stop_recording(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// What [`LazyServer::prefetch`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefetchStats {
+    /// Distinct working-set pages asked for that the plan serves.
+    pub requested: u64,
+    /// Working-set entries that are not stored pages of this process (ignored).
+    pub ignored: u64,
+    /// Pages copied (working set plus small gaps between its pages).
+    pub pages: u64,
+    /// `UFFDIO_COPY` batches.
+    pub batches: u64,
+    pub elapsed: Duration,
+}
+
+/// What [`LazyServer::serve`] did.
+#[derive(Debug, Clone, Default)]
+pub struct ServeStats {
+    /// Page-fault messages handled (every address space).
+    pub faults: u64,
+    /// Faults answered with snapshot data (`UFFDIO_COPY`).
+    pub faults_data: u64,
+    /// Faults at pages without stored data, answered with `UFFDIO_ZEROPAGE`.
+    pub faults_zero: u64,
+    /// Faults at pages already present (a race with a copy): only woken.
+    pub faults_raced: u64,
+    /// Pages copied to answer faults, read-ahead included.
+    pub pages_on_fault: u64,
+    /// Pages copied by background streaming (and liveness probes).
+    pub pages_streamed: u64,
+    pub bytes_streamed: u64,
+    /// Every page copied by `serve` (fault + stream).
+    pub pages_copied: u64,
+    /// Stored pages never copied because the app dropped them first (`MADV_DONTNEED`,
+    /// `munmap`, ...).
+    pub pages_dropped: u64,
+    /// `EAGAIN` answers (address space changing) that made an operation retry.
+    pub retries: u64,
+    pub forks: u64,
+    pub remaps: u64,
+    pub removes: u64,
+    pub unmaps: u64,
+    /// Sum and maximum of the time from reading a fault to answering it.
+    pub fault_latency_total: Duration,
+    pub fault_latency_max: Duration,
+    /// When the first fault arrived, from the start of `serve`.
+    pub first_fault: Option<Duration>,
+    /// When every stored page of every address space was in, from the start of `serve`
+    /// (`None` if the target exited before).
+    pub complete_after: Option<Duration>,
+    /// The target (or every forked child) exited before all pages were in.
+    pub target_exited: bool,
+    pub elapsed: Duration,
+    /// Page-table indexes in first-fault order (empty unless recording).
+    pub working_set: Vec<u64>,
+}
+
+/// `serve` failed: the instance must not continue (its missing memory would read as
+/// zeros once the userfaultfds close). The error keeps the userfaultfds open, so faulting
+/// threads stay blocked: kill the instance first, then drop the error (or call
+/// [`LazyError::into_error`]).
+pub struct LazyError {
+    error: anyhow::Error,
+    hold: Vec<Uffd>,
+}
+
+impl LazyError {
+    pub fn error(&self) -> &anyhow::Error {
+        &self.error
+    }
+    /// Closes the held userfaultfds: only after the instance was killed.
+    pub fn into_error(self) -> anyhow::Error {
+        drop(self.hold);
+        self.error
+    }
+}
+
+impl fmt::Display for LazyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lazy page server failed: {:#}", self.error)
+    }
+}
+impl fmt::Debug for LazyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LazyError({:#}, {} uffds held)", self.error, self.hold.len())
+    }
+}
+impl std::error::Error for LazyError {}
+
+/// A bitmap over page-table indexes: set = nothing more to copy there.
+#[derive(Clone)]
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new_full(bits: u64) -> Self {
+        Bitmap(vec![u64::MAX; bits.div_ceil(64) as usize])
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    /// Sets bit `i`; true if it was clear.
+    fn set(&mut self, i: u64) -> bool {
+        let w = &mut self.0[(i / 64) as usize];
+        let m = 1 << (i % 64);
+        let was = *w & m == 0;
+        *w |= m;
+        was
+    }
+    fn clear(&mut self, i: u64) {
+        self.0[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+    /// Sets `first..first+n`; returns how many were clear.
+    fn set_range(&mut self, first: u64, n: u64) -> u64 {
+        (first..first + n).filter(|&i| self.set(i)).count() as u64
+    }
+}
+
+/// One address space served through one userfaultfd: the restored process, or a child
+/// it forked.
+struct Space {
+    id: u64,
+    uffd: Uffd,
+    /// Stored pages still ours, by address. Dropped ranges are cut out.
+    extents: Vec<Extent>,
+    /// Per page-table index: set when copied, dropped, or not a page of this space.
+    done: Bitmap,
+    /// Clear bits of `done` (stored pages still to copy).
+    remaining: u64,
+    /// Positions in `extents` sorted by `first`; stale when `dirty`.
+    by_first: Vec<usize>,
+    dirty: bool,
+    /// Streaming order: index ranges, largest first, and a cursor.
+    jobs: Vec<(u64, u64)>,
+    job_pos: (usize, u64),
+    jobs_built: bool,
+    /// A pidfd of the process, readable once it exited.
+    exit_fd: Option<OwnedFd>,
+    alive: bool,
+    last_probe: Instant,
+}
+
+impl Space {
+    fn new(id: u64, uffd: Uffd, extents: Vec<Extent>, page_count: u64) -> Self {
+        let mut done = Bitmap::new_full(page_count);
+        let mut remaining = 0;
+        for e in &extents {
+            for i in e.first..e.first + e.pages {
+                done.clear(i);
+            }
+            remaining += e.pages;
+        }
+        Space {
+            id,
+            uffd,
+            extents,
+            done,
+            remaining,
+            by_first: Vec::new(),
+            dirty: true,
+            jobs: Vec::new(),
+            job_pos: (0, 0),
+            jobs_built: false,
+            exit_fd: None,
+            alive: true,
+            last_probe: Instant::now(),
+        }
+    }
+
+    /// The extent position holding page-table index `idx`.
+    fn extent_of_index(&mut self, idx: u64) -> Option<usize> {
+        if self.dirty {
+            self.by_first.clear();
+            self.by_first.extend(0..self.extents.len());
+            let ex = &self.extents;
+            self.by_first.sort_unstable_by_key(|&p| ex[p].first);
+            self.dirty = false;
+        }
+        let ex = &self.extents;
+        let k = self
+            .by_first
+            .partition_point(|&p| ex[p].first + ex[p].pages <= idx);
+        let p = *self.by_first.get(k)?;
+        (ex[p].first <= idx).then_some(p)
+    }
+
+    fn mark(&mut self, first: u64, n: u64) -> u64 {
+        let newly = self.done.set_range(first, n);
+        self.remaining -= newly;
+        newly
+    }
+
+    /// Removes `[start, end)` from the bookkeeping and returns the pieces that were in
+    /// it (addresses unchanged). With `drop`, their pages count as done (dropped).
+    fn cut(&mut self, start: u64, end: u64, drop: bool) -> (Vec<Extent>, u64) {
+        let start = start & !(PAGE - 1);
+        let end = end.div_ceil(PAGE) * PAGE;
+        let i0 = self.extents.partition_point(|e| e.end() <= start);
+        let mut i1 = i0;
+        while i1 < self.extents.len() && self.extents[i1].addr < end {
+            i1 += 1;
+        }
+        if i0 == i1 {
+            return (Vec::new(), 0);
+        }
+        let mut keep = Vec::new();
+        let mut taken = Vec::new();
+        let mut dropped = 0;
+        for e in self.extents[i0..i1].iter().copied() {
+            let lo = e.addr.max(start);
+            let hi = e.end().min(end);
+            if e.addr < lo {
+                keep.push(Extent {
+                    pages: (lo - e.addr) / PAGE,
+                    ..e
+                });
+            }
+            let mid = Extent {
+                addr: lo,
+                pages: (hi - lo) / PAGE,
+                first: e.first + (lo - e.addr) / PAGE,
+                ..e
+            };
+            if drop {
+                dropped += self.done.set_range(mid.first, mid.pages);
+            }
+            taken.push(mid);
+            if hi < e.end() {
+                keep.push(Extent {
+                    addr: hi,
+                    pages: (e.end() - hi) / PAGE,
+                    first: e.first + (hi - e.addr) / PAGE,
+                    ..e
+                });
+            }
+        }
+        self.remaining -= dropped;
+        self.extents.splice(i0..i1, keep);
+        self.dirty = true;
+        (taken, dropped)
+    }
+
+    fn remap(&mut self, from: u64, to: u64, len: u64) -> u64 {
+        let (moved, _) = self.cut(from, from + len, false);
+        let (_, dropped) = self.cut(to, to + len, true);
+        for e in moved {
+            self.extents.push(Extent {
+                addr: e.addr - from + to,
+                ..e
+            });
+        }
+        self.extents.sort_unstable_by_key(|e| e.addr);
+        self.dirty = true;
+        dropped
+    }
+
+    /// A forked child's view: same pages, minus `DONTFORK`/`WIPEONFORK` areas.
+    fn fork(&self, id: u64, uffd: Uffd) -> Space {
+        let mut child = Space {
+            id,
+            uffd,
+            extents: self.extents.clone(),
+            done: self.done.clone(),
+            remaining: self.remaining,
+            by_first: Vec::new(),
+            dirty: true,
+            jobs: Vec::new(),
+            job_pos: (0, 0),
+            jobs_built: false,
+            exit_fd: None,
+            alive: true,
+            last_probe: Instant::now(),
+        };
+        let gone: Vec<Extent> = child
+            .extents
+            .iter()
+            .filter(|e| e.drop_on_fork)
+            .copied()
+            .collect();
+        for e in gone {
+            child.cut(e.addr, e.end(), true);
+        }
+        child
+    }
+
+    fn build_jobs(&mut self) {
+        self.jobs = self.extents.iter().map(|e| (e.first, e.pages)).collect();
+        self.jobs.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.job_pos = (0, self.jobs.first().map_or(0, |j| j.0));
+        self.jobs_built = true;
+    }
+
+    /// The next page-table index to stream, largest runs first.
+    fn next_stream_index(&mut self) -> Option<(u64, u64)> {
+        if !self.jobs_built {
+            self.build_jobs();
+        }
+        while let Some(&(f, n)) = self.jobs.get(self.job_pos.0) {
+            let mut k = self.job_pos.1.max(f);
+            while k < f + n && self.done.get(k) {
+                k += 1;
+            }
+            if k < f + n {
+                self.job_pos.1 = k;
+                return Some((k, f + n));
+            }
+            self.job_pos.0 += 1;
+            self.job_pos.1 = 0;
+        }
+        None
+    }
+}
+
+/// How a copy or zeropage ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Done; `raced` if some page was already present.
+    Done { copied: u64, raced: bool },
+    /// `EAGAIN` (address space changing): read events, then redo from the bookkeeping.
+    Retry { copied: u64 },
+    /// The address space is gone (`ESRCH`): the process exited.
+    Dead { copied: u64 },
+}
+
+struct Fault {
+    space: u64,
+    addr: u64,
+    read_at: Instant,
+    first_try: Instant,
+}
+
+/// Serves a restored process's private anonymous memory from a snapshot.
+///
+/// See the [module docs](super) for the caller's contract.
+pub struct LazyServer {
+    snap: Arc<Snapshot>,
+    opts: LazyOptions,
+    spaces: Vec<Space>,
+    next_id: u64,
+    pending: VecDeque<Fault>,
+    /// Page buffer for one batch (2 MiB), reused.
+    buf: Vec<u8>,
+    msgs: Vec<UffdMsg>,
+    stats: ServeStats,
+    stop: Arc<AtomicBool>,
+    recorded: Option<Bitmap>,
+    page_count: u64,
+}
+
+fn uffd_features(u: &Uffd) -> Option<Features> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", u.as_raw_fd())).ok()?;
+    let api = text.lines().find_map(|l| l.strip_prefix("API:"))?;
+    let f = api.trim().split(':').nth(1)?;
+    u64::from_str_radix(f, 16).ok().map(Features::from_bits_retain)
+}
+
+impl LazyServer {
+    /// A server for the process whose memory `uffd` (registered by that process, taken
+    /// with `pidfd_getfd`) covers as `plan` says. Fails if the userfaultfd lacks
+    /// [`REQUIRED_FEATURES`] or the plan does not fit the snapshot.
+    pub fn new(
+        snap: Arc<Snapshot>,
+        mut plan: LazyPlan,
+        uffd: Uffd,
+        opts: LazyOptions,
+    ) -> Result<Self> {
+        let ctx = || format!("lazy restore from snapshot {}", snap.id.short());
+        plan.page_count = snap.page_count();
+        plan.validate(plan.page_count)
+            .map_err(|e| anyhow!("{}: bad plan: {e}", ctx()))?;
+        if let Some(f) = uffd_features(&uffd) {
+            let missing = REQUIRED_FEATURES - f;
+            if !missing.is_empty() {
+                bail!(
+                    "{}: the userfaultfd lacks {missing:?}: forks, mremap, munmap or \
+                     MADV_DONTNEED would corrupt memory",
+                    ctx()
+                );
+            }
+            if f.contains(Features::SIGBUS) {
+                bail!("{}: the userfaultfd uses SIGBUS mode", ctx());
+            }
+        }
+        uffd.set_nonblocking(true)
+            .with_context(|| format!("{}: setting O_NONBLOCK on the userfaultfd", ctx()))?;
+        let page_count = plan.page_count;
+        let space = Space::new(0, uffd, plan.extents, page_count);
+        let mut msgs = Vec::with_capacity(64);
+        msgs.resize_with(64, UffdMsg::default);
+        Ok(LazyServer {
+            snap,
+            recorded: opts
+                .record_working_set
+                .then(|| Bitmap(vec![0; page_count.div_ceil(64) as usize])),
+            opts,
+            spaces: vec![space],
+            next_id: 1,
+            pending: VecDeque::new(),
+            buf: vec![0; (BATCH_PAGES * PAGE) as usize],
+            msgs,
+            stats: ServeStats::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            page_count,
+        })
+    }
+
+    /// Lets the server notice at once that the process exited (`pidfd_open` of it), and
+    /// kill it (`SIGKILL`) if serving fails.
+    pub fn watch_exit(&mut self, pidfd: OwnedFd) {
+        if let Some(s) = self.spaces.first_mut() {
+            s.exit_fd = Some(pidfd);
+        }
+    }
+
+    /// A handle that stops working-set recording (usable from any thread).
+    pub fn record_handle(&self) -> RecordHandle {
+        RecordHandle(self.stop.clone())
+    }
+
+    /// Stops working-set recording.
+    pub fn stop_recording(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Stored pages not yet copied into the restored process.
+    pub fn remaining_pages(&self) -> u64 {
+        self.spaces.iter().map(|s| s.remaining).sum()
+    }
+
+    /// Copies the working set (`LazyOptions::prefetch`) in contiguous batches of up to
+    /// 2 MiB. Call it before the app resumes. An error (e.g. a corrupt page) means the
+    /// restore must be abandoned: kill the process, then drop the server.
+    pub fn prefetch(&mut self) -> Result<PrefetchStats> {
+        let t = Instant::now();
+        let mut st = PrefetchStats::default();
+        let Some(mut ws) = self.opts.prefetch.take() else {
+            return Ok(st);
+        };
+        ws.sort_unstable();
+        ws.dedup();
+        let mut i = 0;
+        while i < ws.len() {
+            let idx = ws[i];
+            let sp = &mut self.spaces[0];
+            let Some(pos) = (idx < self.page_count)
+                .then(|| sp.extent_of_index(idx))
+                .flatten()
+            else {
+                st.ignored += 1;
+                i += 1;
+                continue;
+            };
+            let e = sp.extents[pos];
+            let limit = (e.first + e.pages).min(idx + BATCH_PAGES);
+            // Coalesce following working-set pages of the same extent (small gaps too).
+            let mut end = idx + 1;
+            i += 1;
+            st.requested += 1;
+            while i < ws.len() && ws[i] < limit && ws[i] <= end + PREFETCH_GAP {
+                end = ws[i] + 1;
+                st.requested += 1;
+                i += 1;
+            }
+            let mut tries = 0;
+            loop {
+                match self.copy_range(0, pos, idx - e.first, end - idx)? {
+                    Outcome::Done { copied, .. } => {
+                        st.pages += copied;
+                        st.batches += 1;
+                        break;
+                    }
+                    Outcome::Retry { copied } => {
+                        // The process is stopped before resuming: only a racing exit
+                        // or a debugger could change it. Retry a few times.
+                        st.pages += copied;
+                        tries += 1;
+                        if tries > 1000 {
+                            bail!(
+                                "prefetch from snapshot {}: the address space keeps changing",
+                                self.snap.id.short()
+                            );
+                        }
+                        self.drain(0)?;
+                        std::thread::yield_now();
+                        break;
+                    }
+                    Outcome::Dead { .. } => bail!(
+                        "prefetch from snapshot {}: the restored process is gone",
+                        self.snap.id.short()
+                    ),
+                }
+            }
+        }
+        st.elapsed = t.elapsed();
+        Ok(st)
+    }
+
+    /// Serves faults and events until every stored page is in (then closes the
+    /// userfaultfds) or the process and every child it forked exited. Needs no ptrace:
+    /// run it on its own thread. On error the instance must be killed: see
+    /// [`LazyError`].
+    pub fn serve(mut self) -> std::result::Result<ServeStats, LazyError> {
+        let start = Instant::now();
+        match self.run(start) {
+            Ok(()) => {
+                self.stats.elapsed = start.elapsed();
+                Ok(std::mem::take(&mut self.stats))
+            }
+            Err(error) => {
+                // Never let the instance run on: kill it while its faults are still
+                // blocked on our descriptors.
+                for s in &self.spaces {
+                    if let Some(fd) = &s.exit_fd {
+                        let _ = crate::sys::pidfd::pidfd_send_signal(fd, libc::SIGKILL);
+                    }
+                }
+                Err(LazyError {
+                    error,
+                    hold: self.spaces.drain(..).map(|s| s.uffd).collect(),
+                })
+            }
+        }
+    }
+
+    fn recording(&self, start: Instant) -> bool {
+        self.recorded.is_some()
+            && !self.stop.load(Ordering::Acquire)
+            && self.opts.record_for.is_none_or(|d| start.elapsed() < d)
+    }
+
+    fn run(&mut self, start: Instant) -> Result<()> {
+        loop {
+            for i in 0..self.spaces.len() {
+                self.drain(i)?;
+            }
+            if let Some(f) = self.pending.pop_front() {
+                self.handle_fault(f, start)?;
+                continue;
+            }
+            // Close finished or dead address spaces.
+            // (Their pending faults, if any, are woken by the kernel on close.)
+            self.spaces.retain(|s| s.alive && s.remaining > 0);
+            if self.spaces.is_empty() {
+                if !self.stats.target_exited {
+                    self.stats.complete_after = Some(start.elapsed());
+                }
+                return Ok(());
+            }
+            let recording = self.recording(start);
+            if self.opts.background && !recording && self.stream_step(None)? {
+                continue;
+            }
+            self.wait_idle(start, recording)?;
+        }
+    }
+
+    /// Reads every pending message of space `i`; faults are queued, events applied.
+    fn drain(&mut self, i: usize) -> Result<()> {
+        loop {
+            let n = {
+                let s = &self.spaces[i];
+                if !s.alive {
+                    return Ok(());
+                }
+                s.uffd
+                    .read_events(&mut self.msgs)
+                    .with_context(|| "reading userfaultfd events")?
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            for k in 0..n {
+                let Some(ev) = self.msgs[k].take() else {
+                    continue;
+                };
+                let s = &mut self.spaces[i];
+                match ev {
+                    Event::Pagefault { addr, .. } => {
+                        let now = Instant::now();
+                        self.pending.push_back(Fault {
+                            space: s.id,
+                            addr,
+                            read_at: now,
+                            first_try: now,
+                        });
+                    }
+                    Event::Remove { start, end } => {
+                        self.stats.removes += 1;
+                        self.stats.pages_dropped += s.cut(start, end, true).1;
+                    }
+                    Event::Unmap { start, end } => {
+                        self.stats.unmaps += 1;
+                        self.stats.pages_dropped += s.cut(start, end, true).1;
+                    }
+                    Event::Remap { from, to, len } => {
+                        self.stats.remaps += 1;
+                        self.stats.pages_dropped += s.remap(from, to, len);
+                    }
+                    Event::Fork { uffd } => {
+                        self.stats.forks += 1;
+                        let uffd = Uffd::from_owned(uffd);
+                        uffd.set_nonblocking(true)
+                            .context("setting O_NONBLOCK on a forked child's userfaultfd")?;
+                        let child = s.fork(self.next_id, uffd);
+                        self.next_id += 1;
+                        self.spaces.push(child);
+                    }
+                    Event::Unknown { event } => {
+                        tracing::warn!("lazy restore: unknown userfaultfd event {event:#x}")
+                    }
+                }
+            }
+            if n < self.msgs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn space_pos(&self, id: u64) -> Option<usize> {
+        self.spaces.iter().position(|s| s.id == id)
+    }
+
+    fn handle_fault(&mut self, f: Fault, start: Instant) -> Result<()> {
+        let Some(si) = self.space_pos(f.space) else {
+            return Ok(());
+        };
+        if f.first_try == f.read_at {
+            self.stats.faults += 1;
+            if self.stats.first_fault.is_none() {
+                self.stats.first_fault = Some(start.elapsed());
+            }
+        }
+        let page = f.addr & !(PAGE - 1);
+        let recording = self.recording(start);
+        let s = &mut self.spaces[si];
+        let outcome = match find(&s.extents, page) {
+            None => {
+                let o = zeropage(&s.uffd, page)?;
+                if o == (Outcome::Done { copied: 0, raced: false }) {
+                    self.stats.faults_zero += 1;
+                } else if let Outcome::Done { raced: true, .. } = o {
+                    self.stats.faults_raced += 1;
+                }
+                o
+            }
+            Some((pos, off)) => {
+                let e = s.extents[pos];
+                let idx = e.first + off;
+                let (lo, n) = if s.done.get(idx) {
+                    (off, 1)
+                } else {
+                    if recording {
+                        if let Some(r) = &mut self.recorded {
+                            if r.set(idx) {
+                                self.stats.working_set.push(idx);
+                            }
+                        }
+                    }
+                    let w0 = off / READAHEAD_PAGES * READAHEAD_PAGES;
+                    let w1 = (w0 + READAHEAD_PAGES).min(e.pages);
+                    let mut lo = off;
+                    while lo > w0 && !s.done.get(e.first + lo - 1) {
+                        lo -= 1;
+                    }
+                    let mut hi = off + 1;
+                    while hi < w1 && !s.done.get(e.first + hi) {
+                        hi += 1;
+                    }
+                    (lo, hi - lo)
+                };
+                let o = self
+                    .copy_range(si, pos, lo, n)
+                    .with_context(|| format!("serving a fault at {:#x}", f.addr))?;
+                match o {
+                    Outcome::Done { copied, raced } => {
+                        self.stats.pages_on_fault += copied;
+                        if copied > 0 {
+                            self.stats.faults_data += 1;
+                        } else if raced {
+                            self.stats.faults_raced += 1;
+                        }
+                    }
+                    Outcome::Retry { copied } | Outcome::Dead { copied } => {
+                        self.stats.pages_on_fault += copied
+                    }
+                }
+                o
+            }
+        };
+        match outcome {
+            Outcome::Done { .. } => {
+                let lat = f.read_at.elapsed();
+                self.stats.fault_latency_total += lat;
+                self.stats.fault_latency_max = self.stats.fault_latency_max.max(lat);
+            }
+            Outcome::Retry { .. } => {
+                self.stats.retries += 1;
+                if f.first_try.elapsed() > RETRY_LIMIT {
+                    bail!(
+                        "fault at {:#x}: the address space kept changing for {:?}",
+                        f.addr,
+                        RETRY_LIMIT
+                    );
+                }
+                let before = self.pending.len();
+                self.drain(si)?;
+                if self.pending.len() == before {
+                    std::thread::yield_now();
+                }
+                self.pending.push_back(Fault {
+                    read_at: Instant::now(),
+                    ..f
+                });
+            }
+            Outcome::Dead { .. } => self.space_died(si),
+        }
+        Ok(())
+    }
+
+    fn space_died(&mut self, si: usize) {
+        let s = &mut self.spaces[si];
+        s.alive = false;
+        if s.remaining > 0 {
+            self.stats.target_exited = true;
+        }
+    }
+
+    /// Copies pages `off..off+n` of extent `pos` of space `si` (from the snapshot,
+    /// verified). Pages already present are marked and skipped.
+    fn copy_range(&mut self, si: usize, pos: usize, off: u64, n: u64) -> Result<Outcome> {
+        let s = &mut self.spaces[si];
+        let e = s.extents[pos];
+        let idx = e.first + off;
+        let addr = e.addr + off * PAGE;
+        let bytes = &mut self.buf[..(n * PAGE) as usize];
+        self.snap.read_pages(idx, n, bytes).with_context(|| {
+            format!(
+                "lazy restore: reading pages {idx}..+{n} for {addr:#x} from snapshot {}",
+                self.snap.id.short()
+            )
+        })?;
+        let mut done = 0u64;
+        let mut copied = 0u64;
+        let mut raced = false;
+        let mut limit = n;
+        while done < n {
+            let chunk = (n - done).min(limit);
+            let src = &bytes[(done * PAGE) as usize..((done + chunk) * PAGE) as usize];
+            match s.uffd.copy(addr + done * PAGE, src, CopyMode::empty()) {
+                Ok(b) => {
+                    let p = b as u64 / PAGE;
+                    s.mark(idx + done, p);
+                    copied += p;
+                    done += p;
+                    self.stats.pages_copied += p;
+                    if p == 0 {
+                        return Ok(Outcome::Retry { copied });
+                    }
+                }
+                Err(UffdError::Exists { .. }) => {
+                    s.mark(idx + done, 1);
+                    raced = true;
+                    done += 1;
+                }
+                Err(err) => match err.errno() {
+                    // Crosses a VMA boundary the app created (mprotect split): smaller.
+                    Errno::ENOENT if chunk > 1 => limit = chunk / 2,
+                    // Not mapped or registered anymore: nothing to serve there.
+                    Errno::ENOENT => {
+                        s.mark(idx + done, 1);
+                        done += 1;
+                    }
+                    Errno::ESRCH => return Ok(Outcome::Dead { copied }),
+                    _ => {
+                        return Err(anyhow::Error::new(err).context(format!(
+                            "UFFDIO_COPY of {chunk} pages at {:#x}",
+                            addr + done * PAGE
+                        )))
+                    }
+                },
+            }
+        }
+        if raced {
+            // Whoever populated those pages may not have woken our faulting thread.
+            let _ = s.uffd.wake(Range {
+                start: addr,
+                len: n * PAGE,
+            });
+        }
+        Ok(Outcome::Done { copied, raced })
+    }
+
+    /// Streams one batch of some space's remaining pages; with `probe`, one page of
+    /// that space only (a liveness check).
+    fn stream_step(&mut self, probe: Option<usize>) -> Result<bool> {
+        let range = match probe {
+            Some(si) => si..si + 1,
+            None => 0..self.spaces.len(),
+        };
+        for si in range {
+            if !self.streamable(si) {
+                continue;
+            }
+            let s = &mut self.spaces[si];
+            let Some((idx, job_end)) = s.next_stream_index() else {
+                s.remaining = 0;
+                continue;
+            };
+            let Some(pos) = s.extent_of_index(idx) else {
+                tracing::warn!("lazy restore: page-table record {idx} lost its address");
+                s.mark(idx, 1);
+                return Ok(true);
+            };
+            let e = s.extents[pos];
+            let max = if probe.is_some() { 1 } else { BATCH_PAGES };
+            let end = (e.first + e.pages).min(job_end).min(idx + max);
+            let mut hi = idx + 1;
+            while hi < end && !s.done.get(hi) {
+                hi += 1;
+            }
+            s.last_probe = Instant::now();
+            match self.copy_range(si, pos, idx - e.first, hi - idx)? {
+                Outcome::Done { copied, .. } => self.count_streamed(copied),
+                Outcome::Retry { copied } => {
+                    self.count_streamed(copied);
+                    self.stats.retries += 1;
+                    self.drain(si)?;
+                }
+                Outcome::Dead { copied } => {
+                    self.count_streamed(copied);
+                    self.space_died(si);
+                }
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn streamable(&self, si: usize) -> bool {
+        let s = &self.spaces[si];
+        s.alive && s.remaining > 0
+    }
+
+    fn count_streamed(&mut self, pages: u64) {
+        self.stats.pages_streamed += pages;
+        self.stats.bytes_streamed += pages * PAGE;
+    }
+
+    /// Blocks until a message arrives, a process exits, or it is time to check liveness
+    /// or the recording deadline.
+    fn wait_idle(&mut self, start: Instant, recording: bool) -> Result<()> {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.spaces.len() * 2);
+        for s in &self.spaces {
+            fds.push(libc::pollfd {
+                fd: s.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: s.exit_fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let mut timeout = PROBE_INTERVAL;
+        if recording {
+            if let Some(d) = self.opts.record_for {
+                timeout = timeout.min(d.saturating_sub(start.elapsed()));
+            }
+        }
+        // SAFETY: `fds` is a valid array of pollfds.
+        let r = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
+        if r < 0 {
+            let e = Errno::last();
+            if e == Errno::EINTR {
+                return Ok(());
+            }
+            bail!("poll on the userfaultfds: {e}");
+        }
+        for (k, p) in fds.chunks(2).enumerate() {
+            if p[0].revents & libc::POLLERR != 0 {
+                bail!("userfaultfd reports POLLERR (is O_NONBLOCK cleared?)");
+            }
+            if p[1].revents != 0 {
+                self.space_died(k);
+            }
+        }
+        // Spaces with no exit notification: probe them with one page of real data
+        // (always correct to copy; ESRCH tells the process is gone).
+        let now = Instant::now();
+        for si in 0..self.spaces.len() {
+            let s = &self.spaces[si];
+            if s.alive
+                && s.exit_fd.is_none()
+                && s.remaining > 0
+                && now.duration_since(s.last_probe) >= PROBE_INTERVAL
+            {
+                self.stream_step(Some(si))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn zeropage(u: &Uffd, page: u64) -> Result<Outcome> {
+    match u.zeropage(
+        Range {
+            start: page,
+            len: PAGE,
+        },
+        ZeropageMode::empty(),
+    ) {
+        Ok(0) => Ok(Outcome::Retry { copied: 0 }),
+        Ok(_) => Ok(Outcome::Done {
+            copied: 0,
+            raced: false,
+        }),
+        Err(UffdError::Exists { .. }) => {
+            let _ = u.wake(Range {
+                start: page,
+                len: PAGE,
+            });
+            Ok(Outcome::Done {
+                copied: 0,
+                raced: true,
+            })
+        }
+        Err(e) => match e.errno() {
+            Errno::ESRCH => Ok(Outcome::Dead { copied: 0 }),
+            Errno::ENOENT => {
+                let _ = u.wake(Range {
+                    start: page,
+                    len: PAGE,
+                });
+                Ok(Outcome::Done {
+                    copied: 0,
+                    raced: true,
+                })
+            }
+            _ => Err(anyhow::Error::new(e).context(format!("UFFDIO_ZEROPAGE at {page:#x}"))),
+        },
+    }
+}
