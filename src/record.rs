@@ -144,39 +144,40 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     .context("starting the sandbox")?;
     drop((in_r, out_w, err_w));
     let pid = sandbox.app_pid;
-    ptrace::seize(
-        pid,
-        ptrace::O_EXITKILL | ptrace::O_TRACESECCOMP | ptrace::O_TRACESYSGOOD,
-    )
-    .with_context(|| format!("seizing the app (pid {pid})"))?;
-    sandbox.release()?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [forward(out_r, None), forward(err_r, Some(tail.clone()))];
 
-    TIMED_OUT.store(false, Ordering::SeqCst);
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_alarm as *const () as usize;
-        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
-        libc::alarm(opts.timeout.as_secs().max(1) as u32);
-    }
-    let outcome = wait_warm_point(pid);
-    unsafe { libc::alarm(0) };
-    let result = match outcome {
-        Ok(()) => dump::dump(
-            pid,
-            Some(Frozen::at_syscall_entry(pid, pid)),
-            store,
-            &DumpOptions {
-                leave_running: false,
-                stdio: StdioPolicy::Given(given),
-                trigger: "stdin".into(),
-                command: opts.command.clone(),
-                name: opts.name.clone(),
-            },
-        ),
-        Err(e) => Err(e),
-    };
+    // The tracer is a thread of its own: with `__WNOTHREAD` its waitpid(-1) sees its
+    // tracees (every thread of the app, auto-attached) but never the sandbox's init,
+    // which the calling thread forked and must outlive (init's PDEATHSIG).
+    let (seized_tx, seized_rx) = std::sync::mpsc::channel();
+    let result = std::thread::scope(|s| {
+        let tracer = s.spawn(move || -> Result<DumpResult> {
+            let opts_seize = ptrace::O_EXITKILL
+                | ptrace::O_TRACESECCOMP
+                | ptrace::O_TRACESYSGOOD
+                | ptrace::O_TRACECLONE;
+            let seized = ptrace::seize(pid, opts_seize).with_context(|| format!("seizing the app (pid {pid})"));
+            let _ = seized_tx.send(());
+            seized?;
+            let frozen = wait_warm_point(pid, opts.timeout)?;
+            dump::dump(
+                pid,
+                Some(frozen),
+                store,
+                &DumpOptions {
+                    leave_running: false,
+                    stdio: StdioPolicy::Given(given),
+                    trigger: "stdin".into(),
+                    command: opts.command.clone(),
+                    name: opts.name.clone(),
+                },
+            )
+        });
+        let _ = seized_rx.recv();
+        sandbox.release()?;
+        tracer.join().expect("tracer thread panicked")
+    });
     let _ = sandbox.kill();
     let _ = sandbox.wait();
     drop(in_w);
@@ -196,11 +197,46 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     })
 }
 
-fn wait_warm_point(pid: i32) -> Result<()> {
+/// Arms a one-shot SIGALRM for the calling thread only, so that its blocking waitpid
+/// returns EINTR at the deadline.
+fn arm_thread_timer(after: Duration) -> Result<libc::timer_t> {
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_alarm as *const () as usize;
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        let mut ev: libc::sigevent = std::mem::zeroed();
+        ev.sigev_notify = libc::SIGEV_THREAD_ID;
+        ev.sigev_signo = libc::SIGALRM;
+        ev.sigev_notify_thread_id = libc::gettid();
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        if libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) < 0 {
+            return Err(std::io::Error::last_os_error()).context("timer_create");
+        }
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: after.as_secs() as i64, tv_nsec: after.subsec_nanos() as i64 },
+        };
+        libc::timer_settime(timer, 0, &spec, std::ptr::null_mut());
+        Ok(timer)
+    }
+}
+
+/// Lets the app run until one of its threads reaches the warm-point trap; returns the
+/// process with that thread held at its syscall entry.
+fn wait_warm_point(pid: i32, timeout: Duration) -> Result<Frozen> {
+    TIMED_OUT.store(false, Ordering::SeqCst);
+    let timer = arm_thread_timer(timeout.max(Duration::from_millis(1)))?;
+    let r = warm_point_loop(pid);
+    unsafe { libc::timer_delete(timer) };
+    r
+}
+
+fn warm_point_loop(pid: i32) -> Result<Frozen> {
+    let mut attached = std::collections::BTreeSet::from([pid]);
     let mut status = 0;
     loop {
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        if r < 0 {
+        let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD) };
+        if tid < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
                 if TIMED_OUT.load(Ordering::SeqCst) {
@@ -211,15 +247,26 @@ fn wait_warm_point(pid: i32) -> Result<()> {
             return Err(e).context("waiting for the app");
         }
         match ptrace::decode_status(status) {
-            Stop::Event(libc::PTRACE_EVENT_SECCOMP) => return Ok(()),
-            Stop::Exited(code) => bail!("the app exited with status {code} before its warm point (first read of stdin); nothing was stored"),
-            Stop::Killed(sig) => bail!(
+            Stop::Event(libc::PTRACE_EVENT_SECCOMP) => {
+                let mut f = Frozen::at_syscall_entry(pid, tid);
+                f.attached = attached;
+                return Ok(f);
+            }
+            Stop::Event(libc::PTRACE_EVENT_CLONE) => {
+                attached.insert(ptrace::get_event_msg(tid)? as i32);
+                ptrace::cont(tid, 0)?;
+            }
+            Stop::Exited(code) if tid == pid => bail!("the app exited with status {code} before its warm point (first read of stdin); nothing was stored"),
+            Stop::Killed(sig) if tid == pid => bail!(
                 "the app was killed by signal {sig} ({}) before its warm point; nothing was stored",
                 crate::restore::signal_name(sig)
             ),
-            Stop::Signal(sig) => ptrace::cont(pid, sig)?,
+            Stop::Exited(_) | Stop::Killed(_) => {
+                attached.remove(&tid);
+            }
+            Stop::Signal(sig) => ptrace::cont(tid, sig)?,
             // Group stop (SIGSTOP/SIGTSTP to the app): keep it running towards its warm point.
-            _ => ptrace::cont(pid, 0)?,
+            _ => ptrace::cont(tid, 0)?,
         }
     }
 }

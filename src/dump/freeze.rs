@@ -5,7 +5,7 @@
 //! signal-delivery stop first; that signal is kept so it is not lost: it goes into the
 //! snapshot as pending, and is re-injected when the process is left running.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +32,9 @@ pub struct FrozenThread {
 pub struct Frozen {
     pub pid: i32,
     pub threads: BTreeMap<i32, FrozenThread>,
+    /// Threads the caller already traces (auto-attached with `PTRACE_O_TRACECLONE`)
+    /// that may still be running: interrupted, never seized again.
+    pub attached: BTreeSet<i32>,
 }
 
 impl Frozen {
@@ -92,7 +95,12 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             return Ok(());
         }
         for tid in new {
-            match ptrace::seize(tid, ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP) {
+            let seized = if frozen.attached.contains(&tid) {
+                Ok(())
+            } else {
+                ptrace::seize(tid, ptrace::O_TRACESYSGOOD | ptrace::O_SUSPEND_SECCOMP)
+            };
+            match seized {
                 Ok(()) => {}
                 // The thread exited between listing and seizing.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
@@ -107,9 +115,20 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             }
             ptrace::interrupt(tid).with_context(|| format!("PTRACE_INTERRUPT of thread {tid}"))?;
             let mut caught = Vec::new();
+            let mut kind = StopKind::Interrupted;
             let alive = loop {
                 match ptrace::wait(tid).with_context(|| format!("waiting for thread {tid}"))? {
                     Stop::EventStop(_) => break true,
+                    // It reached the warm-point trap itself while we were freezing.
+                    Stop::Event(libc::PTRACE_EVENT_SECCOMP) => {
+                        kind = StopKind::SyscallEntry;
+                        break true;
+                    }
+                    Stop::Event(libc::PTRACE_EVENT_CLONE) => {
+                        let new = ptrace::get_event_msg(tid)? as i32;
+                        frozen.attached.insert(new);
+                        ptrace::cont(tid, 0)?;
+                    }
                     Stop::Signal(sig) => {
                         caught.push(siginfo(tid).with_context(|| format!("GETSIGINFO {tid}"))?);
                         tracing::debug!(tid, sig, "signal dequeued while freezing; kept");
@@ -132,11 +151,7 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             }
             frozen.threads.insert(
                 tid,
-                FrozenThread {
-                    tid,
-                    kind: StopKind::Interrupted,
-                    caught,
-                },
+                FrozenThread { tid, kind, caught },
             );
         }
     }
