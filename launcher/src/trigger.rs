@@ -3,10 +3,12 @@
 //! else.
 //!
 //! `SECCOMP_RET_TRACE` stops the app with a `PTRACE_EVENT_SECCOMP` stop *before* the
-//! syscall runs (`PTRACE_GETEVENTMSG` yields the trigger's [`Trigger::trace_data`]). With
-//! no tracer attached (or one without `PTRACE_O_TRACESECCOMP`) the syscall fails with
-//! `ENOSYS` instead: the monitor must have seized the app with `PTRACE_O_TRACESECCOMP`
-//! before it releases the app's gate.
+//! syscall runs (`PTRACE_GETEVENTMSG` yields the rule's [`Trap`] data; one distinct value
+//! per rule of a combined filter). With no tracer attached (or one without
+//! `PTRACE_O_TRACESECCOMP`) the syscall fails with `ENOSYS` instead: the monitor must have
+//! seized the app with `PTRACE_O_TRACESECCOMP` before it releases the app's gate, and with
+//! `PTRACE_O_TRACECLONE` if the app may trap in other threads (they inherit the filter).
+//! Deciding which trapped stop is the warm point is [`crate::warmpoint`]'s job.
 //!
 //! The filter is installed without `no_new_privs` (that flag would become part of the
 //! app's recorded state; root has `CAP_SYS_ADMIN`, which is enough). It is warmstart's,
@@ -166,7 +168,13 @@ impl Trigger {
         let none = r(&[], None, Trap::StdinRead);
         match self {
             Trigger::Stdin => (
-                [r(&STDIN_SYSCALLS, Some(0), Trap::StdinRead), none, none, none, none],
+                [
+                    r(&STDIN_SYSCALLS, Some(0), Trap::StdinRead),
+                    none,
+                    none,
+                    none,
+                    none,
+                ],
                 1,
             ),
             Trigger::Listen => (
@@ -180,7 +188,13 @@ impl Trigger {
                 5,
             ),
             Trigger::Notify(fd) => (
-                [r(&NOTIFY_SYSCALLS, fd, Trap::NotifyRead), none, none, none, none],
+                [
+                    r(&NOTIFY_SYSCALLS, fd, Trap::NotifyRead),
+                    none,
+                    none,
+                    none,
+                    none,
+                ],
                 1,
             ),
         }
@@ -241,7 +255,7 @@ impl Filter {
         f.push(stmt(BPF_LD_W_ABS, OFF_ARCH))?;
         let arch_check = f.len;
         f.push(jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 0, 0))?; // jf patched below
-        // A holds the syscall number unless the previous rule loaded an argument.
+                                                           // A holds the syscall number unless the previous rule loaded an argument.
         let mut a_is_nr = false;
         for t in triggers {
             let (rules, count) = t.rules();

@@ -265,7 +265,11 @@ impl NotifyParser {
 
     /// Feed stream bytes (`channel` names the source in errors); only complete lines are
     /// parsed.
-    pub fn feed_stream(&mut self, bytes: &[u8], channel: &'static str) -> Result<(), WarmPointError> {
+    pub fn feed_stream(
+        &mut self,
+        bytes: &[u8],
+        channel: &'static str,
+    ) -> Result<(), WarmPointError> {
         self.partial.extend_from_slice(bytes);
         while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=i).collect();
@@ -279,7 +283,11 @@ impl NotifyParser {
     }
 
     /// Feed one datagram (complete: its last line needs no newline).
-    pub fn feed_datagram(&mut self, msg: &[u8], channel: &'static str) -> Result<(), WarmPointError> {
+    pub fn feed_datagram(
+        &mut self,
+        msg: &[u8],
+        channel: &'static str,
+    ) -> Result<(), WarmPointError> {
         for line in msg.split(|&b| b == b'\n') {
             if !line.is_empty() {
                 self.line(line, channel)?;
@@ -369,7 +377,8 @@ impl NotifyChannel {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        let (launcher, app) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (launcher, app) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         unsafe { libc::fcntl(launcher.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let app_id = fstat_id(app.as_raw_fd())?;
         Ok(NotifyChannel {
@@ -461,7 +470,10 @@ fn unix_addr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     if path.len() >= a.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (d, s) in a.sun_path.iter_mut().zip(path) {
         *d = *s as libc::c_char;
@@ -484,7 +496,8 @@ impl SdNotifySocket {
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let (a, len) = unix_addr(name)?;
-        if unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) } != 0 {
+        if unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) } != 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(fd)
@@ -718,7 +731,8 @@ pub fn wait_event(
     loop {
         let blocking = deadline.is_none() && fd.is_none();
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let mut flags = libc::WEXITED | libc::WSTOPPED | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
+        let mut flags =
+            libc::WEXITED | libc::WSTOPPED | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
         if !blocking {
             flags |= libc::WNOHANG;
         }
@@ -731,7 +745,13 @@ pub fn wait_event(
         }
         if who > 0 {
             let mut status = 0;
-            let r = unsafe { libc::waitpid(who, &mut status, libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD) };
+            let r = unsafe {
+                libc::waitpid(
+                    who,
+                    &mut status,
+                    libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD,
+                )
+            };
             if r == who {
                 return Ok(WaitEvent::Stop { tid: who, status });
             }
@@ -761,6 +781,41 @@ pub fn wait_event(
             return Ok(WaitEvent::Readable);
         }
         tick = (tick * 2).min(Duration::from_millis(16));
+    }
+}
+
+/// Kill the sandbox and reap it, reaping the exits of *every* tracee of the calling
+/// thread on the way (use it instead of `Sandbox::kill` + `wait` / drop when the app had
+/// several traced threads: a dying pid namespace's init waits until the tracer has reaped
+/// each traced thread, and `Sandbox::wait` reaps only the leader, so it would hang).
+/// Returns init's exit code.
+pub fn kill_and_reap(sb: &crate::Sandbox) -> Result<i32, LaunchError> {
+    sb.kill()?;
+    loop {
+        if let Some(code) = sb.try_wait()? {
+            return Ok(code);
+        }
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags =
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
+        let who = if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } == 0 {
+            unsafe { info.si_pid() }
+        } else {
+            0
+        };
+        if who > 0 && who != sb.init_pid {
+            let mut st = 0;
+            unsafe {
+                libc::waitpid(
+                    who,
+                    &mut st,
+                    libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD,
+                )
+            };
+            continue;
+        }
+        // Nothing to reap yet: give init a moment.
+        let _ = sb.wait_timeout(Duration::from_millis(2))?;
     }
 }
 
@@ -1014,15 +1069,18 @@ impl WarmPointTracker {
             return false;
         };
         (0..n).any(|fd| {
-            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0)
-                && self.listening(fd as i32)
+            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0) && self.listening(fd as i32)
         })
     }
 
     /// The whole monitor loop: wait (see [`wait_event`]; `init_pid` is the sandbox's
     /// init), feed, resume, until the warm point (returned with that thread stopped), the
     /// app's end, or `timeout`. Must run on the thread that seized the app.
-    pub fn run(&mut self, init_pid: i32, timeout: Option<Duration>) -> Result<WarmStop, WarmPointError> {
+    pub fn run(
+        &mut self,
+        init_pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<WarmStop, WarmPointError> {
         let overall = timeout.map(|t| Instant::now() + t);
         loop {
             let own = self.next_deadline();
@@ -1033,7 +1091,12 @@ impl WarmPointTracker {
             let ev = wait_event(init_pid, deadline, self.poll_fd());
             match ev {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WarmPointError::Io { op: "waitid", source: e }),
+                Err(e) => {
+                    return Err(WarmPointError::Io {
+                        op: "waitid",
+                        source: e,
+                    })
+                }
                 Ok(WaitEvent::Stop { tid, status }) => match self.on_stop(tid, status)? {
                     Verdict::WarmPoint(w) => return Ok(w),
                     Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
