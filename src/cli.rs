@@ -375,6 +375,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             trigger: "dump".into(),
             command: Vec::new(),
             name: a.name.clone(),
+            own_seccomp_filters: 0,
         },
     )?;
     if a.display_stats {

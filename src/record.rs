@@ -157,7 +157,8 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 | ptrace::O_TRACESECCOMP
                 | ptrace::O_TRACESYSGOOD
                 | ptrace::O_TRACECLONE;
-            let seized = ptrace::seize(pid, opts_seize).with_context(|| format!("seizing the app (pid {pid})"));
+            let seized = ptrace::seize(pid, opts_seize)
+                .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());
             seized?;
             let frozen = wait_warm_point(pid, opts.timeout)?;
@@ -171,6 +172,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                     trigger: "stdin".into(),
                     command: opts.command.clone(),
                     name: opts.name.clone(),
+                    own_seccomp_filters: 1,
                 },
             )
         });
@@ -213,8 +215,14 @@ fn arm_thread_timer(after: Duration) -> Result<libc::timer_t> {
             return Err(std::io::Error::last_os_error()).context("timer_create");
         }
         let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec { tv_sec: after.as_secs() as i64, tv_nsec: after.subsec_nanos() as i64 },
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as i64,
+                tv_nsec: after.subsec_nanos() as i64,
+            },
         };
         libc::timer_settime(timer, 0, &spec, std::ptr::null_mut());
         Ok(timer)

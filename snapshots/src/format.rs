@@ -232,6 +232,18 @@ pub(crate) mod tests {
                     robust_list: (0, 24),
                     tid_address: 0,
                 }],
+                itimers: Default::default(),
+                posix_timers: vec![PosixTimer {
+                    id: 3,
+                    clock: 1,
+                    signo: 14,
+                    sigval: 7,
+                    notify: 0,
+                    notify_tid: 1,
+                    interval_ns: 0,
+                    value_ns: 5_000,
+                }],
+                seccomp_filters: vec![vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f]],
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -656,6 +668,9 @@ pub(crate) mod tests {
                 sigactions,
                 shared_pending,
                 threads,
+                itimers: Default::default(),
+                posix_timers: vec![],
+                seccomp_filters: vec![],
             },
         )
     }

@@ -71,6 +71,35 @@ pub struct Process {
     /// Signals pending for the whole process (shared queue).
     pub shared_pending: Vec<SigInfo>,
     pub threads: Vec<Thread>,
+    /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`.
+    pub itimers: [Itimer; 3],
+    pub posix_timers: Vec<PosixTimer>,
+    /// The app's seccomp filters, oldest first, each a raw `struct sock_filter` array
+    /// (warmstart's own warm-point trap is never among them).
+    pub seccomp_filters: Vec<Vec<u8>>,
+}
+
+/// An interval timer: (interval, remaining value), each in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Itimer {
+    pub interval_us: u64,
+    pub value_us: u64,
+}
+
+/// A POSIX timer (`timer_create`), restored with its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// `SIGEV_SIGNAL`, `SIGEV_NONE`, `SIGEV_THREAD_ID` (4) ...
+    pub notify: i32,
+    /// Target thread (own pid namespace) for `SIGEV_THREAD_ID`.
+    pub notify_tid: i32,
+    pub interval_ns: u64,
+    /// Time left until expiry; 0 when disarmed.
+    pub value_ns: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

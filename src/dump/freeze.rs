@@ -149,10 +149,9 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             if !alive {
                 continue;
             }
-            frozen.threads.insert(
-                tid,
-                FrozenThread { tid, kind, caught },
-            );
+            frozen
+                .threads
+                .insert(tid, FrozenThread { tid, kind, caught });
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use warmstart_parasite::{Arg, ProgramBuilder, Status};
-use warmstart_snapshots::model::{reg, AltStack, SigAction};
+use warmstart_snapshots::model::{reg, AltStack, Itimer, SigAction};
 
 use super::freeze::StopKind;
 use super::maps::MapEntry;
@@ -23,6 +23,9 @@ pub struct Inside {
     pub tid_address: u64,
     pub brk: u64,
     pub dumpable: i32,
+    pub itimers: [Itimer; 3],
+    /// (interval, value) in ns of each POSIX timer asked for, in order.
+    pub posix_timers: Vec<(u64, u64)>,
 }
 
 const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
@@ -126,6 +129,7 @@ pub fn collect_inside(
     raw: &Regs,
     kind: StopKind,
     maps: &[MapEntry],
+    timer_ids: &[i32],
 ) -> Result<Inside> {
     let insn = vdso_syscall(pid, maps)?;
     let mut b = ProgramBuilder::new();
@@ -160,6 +164,22 @@ pub fn collect_inside(
         &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)],
         "prctl(PR_GET_DUMPABLE)",
     );
+    let itimers = b.data_zeroed(3 * 32);
+    for which in 0..3u64 {
+        b.syscall(
+            libc::SYS_getitimer,
+            &[Arg::Imm(which), itimers.at(which * 32)],
+            format!("getitimer({which})"),
+        );
+    }
+    let timers = b.data_zeroed(timer_ids.len().max(1) * 32);
+    for (i, id) in timer_ids.iter().enumerate() {
+        b.syscall(
+            libc::SYS_timer_gettime,
+            &[Arg::Imm(*id as u64), timers.at(i as u64 * 32)],
+            format!("timer_gettime({id})"),
+        );
+    }
     b.trap();
     let len = b.build(0).map_len() as u64;
 
@@ -205,7 +225,11 @@ pub fn collect_inside(
         let ss = read_remote(pid, blob.addr_of(ss), 24)?;
         let tid_addr = read_remote(pid, blob.addr_of(tid_addr), 8)?;
         let slots = read_remote(pid, blob.slots_addr, blob.slots_len())?;
+        let it = read_remote(pid, blob.addr_of(itimers), 3 * 32)?;
+        let tm = read_remote(pid, blob.addr_of(timers), timer_ids.len().max(1) * 32)?;
         let word = |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        let usec = |b: &[u8], i: usize| word(b, i) * 1_000_000 + word(b, i + 1);
+        let nsec = |b: &[u8], i: usize| word(b, i) * 1_000_000_000 + word(b, i + 1);
         Ok(Inside {
             sigactions: acts
                 .chunks_exact(32)
@@ -224,6 +248,13 @@ pub fn collect_inside(
             tid_address: word(&tid_addr, 0),
             brk: blob.read_slot(&slots, brk).unwrap_or(0),
             dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
+            itimers: [0, 1, 2].map(|w| Itimer {
+                interval_us: usec(&it[w * 32..], 0),
+                value_us: usec(&it[w * 32..], 2),
+            }),
+            posix_timers: (0..timer_ids.len())
+                .map(|i| (nsec(&tm[i * 32..], 0), nsec(&tm[i * 32..], 2)))
+                .collect(),
         })
     })();
     let unmapped = remote_syscall(tid, raw, insn, libc::SYS_munmap, [base, len, 0, 0, 0, 0]);

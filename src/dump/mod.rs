@@ -11,13 +11,15 @@ pub mod inject;
 pub mod maps;
 pub mod memory;
 pub mod process;
+pub mod seccomp;
 pub mod threads;
+pub mod timers;
 pub mod vmas;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{HostFacts, Manifest, Process, SigInfo};
+use warmstart_snapshots::model::{HostFacts, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
 
 pub use files::StdioPolicy;
@@ -32,6 +34,9 @@ pub struct DumpOptions {
     pub trigger: String,
     pub command: Vec<String>,
     pub name: Option<String>,
+    /// Seccomp filters at the bottom of the stack that are warmstart's own (the
+    /// warm-point trap of `record`), left out of the snapshot.
+    pub own_seccomp_filters: usize,
 }
 
 pub struct DumpResult {
@@ -136,6 +141,10 @@ fn collect_and_store(
     }
     let files = files::collect(pid, &info.comm, &opts.stdio)?;
     let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let proc_timers = timers::read(pid)?;
+    let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
+    let seccomp_filters = seccomp::filters(pid, info.seccomp_mode, opts.own_seccomp_filters)
+        .with_context(|| format!("process {pid} ({})", info.comm))?;
     phases.add("collect", t.elapsed());
 
     // Per-thread state only the thread can read about itself; the process-wide part
@@ -143,9 +152,14 @@ fn collect_and_store(
     let t = Instant::now();
     let mut leader = None;
     for (th, &(tid, raw, kind)) in threads.iter_mut().zip(&raw_regs) {
-        let inside = inject::collect_inside(pid, tid, &raw, kind, &smaps).with_context(|| {
-            format!("running the parasite in process {pid} ({}) thread {tid}", info.comm)
-        })?;
+        let ids: &[i32] = if tid == pid { &timer_ids } else { &[] };
+        let inside =
+            inject::collect_inside(pid, tid, &raw, kind, &smaps, ids).with_context(|| {
+                format!(
+                    "running the parasite in process {pid} ({}) thread {tid}",
+                    info.comm
+                )
+            })?;
         th.sigaltstack = inside.sigaltstack;
         th.tid_address = inside.tid_address;
         leader.get_or_insert(inside);
@@ -160,6 +174,7 @@ fn collect_and_store(
     phases.add("memory", t.elapsed());
 
     let xsave_size = threads[0].xsave.len() as u32;
+    let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
     let mut mm = info.mm;
     mm.brk = inside.brk;
     let process = Process {
@@ -187,6 +202,27 @@ fn collect_and_store(
             .map(|s| SigInfo(s.to_vec()))
             .collect(),
         threads,
+        itimers: inside.itimers,
+        posix_timers: proc_timers
+            .iter()
+            .zip(&inside.posix_timers)
+            .map(|(t, &(interval_ns, value_ns))| PosixTimer {
+                id: t.id,
+                clock: t.clock,
+                signo: t.signo,
+                sigval: t.sigval,
+                notify: t.notify,
+                // /proc shows the target as seen from here: map it to the app's own tid.
+                notify_tid: raw_regs
+                    .iter()
+                    .position(|r| r.0 == t.target)
+                    .map(|i| ns_tids[i])
+                    .unwrap_or(info.pid_in_ns),
+                interval_ns,
+                value_ns,
+            })
+            .collect(),
+        seccomp_filters,
     };
     let manifest = Manifest {
         created_unix: SystemTime::now()

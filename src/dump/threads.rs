@@ -73,7 +73,8 @@ pub fn collect(pid: i32, t: &FrozenThread) -> Result<(Thread, Regs)> {
         .with_context(ctx)?
         .trim_end_matches('\n')
         .to_owned();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).with_context(ctx)?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).with_context(ctx)?;
     // The tid inside the process's own pid namespace (the last NSpid column).
     let ns_tid = status
         .lines()

@@ -80,7 +80,9 @@ fn process(runs: Vec<PageRun>) -> Process {
             prot: PROT_READ | PROT_WRITE,
             shared: false,
             flags: VmaFlags::default(),
-            kind: VmaKind::Anon { name: String::new() },
+            kind: VmaKind::Anon {
+                name: String::new(),
+            },
             offset: 0,
             pages: runs,
         }],
@@ -88,6 +90,9 @@ fn process(runs: Vec<PageRun>) -> Process {
         sigactions: vec![],
         shared_pending: vec![],
         threads: vec![],
+        itimers: Default::default(),
+        posix_timers: vec![],
+        seccomp_filters: vec![],
     }
 }
 
@@ -189,12 +194,11 @@ fn spawn(scenario: Scenario) -> Child {
             };
             let feats = REQUIRED_FEATURES | Features::THREAD_ID;
             if u.api(feats).is_err()
-                || u
-                    .register(
-                        crate::sys::uffd::Range::new(BASE as usize, len),
-                        RegisterMode::MISSING,
-                    )
-                    .is_err()
+                || u.register(
+                    crate::sys::uffd::Range::new(BASE as usize, len),
+                    RegisterMode::MISSING,
+                )
+                .is_err()
             {
                 libc::_exit(4);
             }
@@ -216,7 +220,8 @@ fn spawn(scenario: Scenario) -> Child {
     let (go, mut out) = unsafe { (File::from_raw_fd(go_w), File::from_raw_fd(out_r)) };
     let pidfd = pidfd::pidfd_open(pid, 0).unwrap();
     let mut fd = [0u8; 8];
-    out.read_exact(&mut fd).expect("child failed before registering");
+    out.read_exact(&mut fd)
+        .expect("child failed before registering");
     Child {
         pid,
         pidfd,
@@ -290,7 +295,10 @@ fn run(
     c.release();
     let res = c.results(n);
     let st = c.wait();
-    assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "status {st:#x}");
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
     let stats = th.join().unwrap().unwrap();
     (res, stats, pf)
 }
@@ -533,6 +541,9 @@ fn corrupt_page_kills_the_instance() {
     );
     let mut rest = Vec::new();
     c.out.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "the child produced results from bad memory");
+    assert!(
+        rest.is_empty(),
+        "the child produced results from bad memory"
+    );
     drop(err.into_error());
 }

@@ -69,8 +69,14 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     .context("starting the sandbox")?;
     drop(status_w);
     let pid = sandbox.app_pid;
-    ptrace::seize(pid, ptrace::O_EXITKILL | ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
-        .with_context(|| format!("seizing the restoring process {pid}"))?;
+    ptrace::seize(
+        pid,
+        ptrace::O_EXITKILL
+            | ptrace::O_TRACESYSGOOD
+            | ptrace::O_TRACECLONE
+            | ptrace::O_SUSPEND_SECCOMP,
+    )
+    .with_context(|| format!("seizing the restoring process {pid}"))?;
     sandbox
         .release()
         .context("releasing the restoring process")?;
@@ -103,7 +109,11 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     let mut tids = vec![pid];
     wait_trap(pid, &info, &mut tids).map_err(fail)?;
     if tids.len() != p.threads.len() {
-        return Err(fail(anyhow!("created {} threads, the snapshot has {}", tids.len(), p.threads.len())));
+        return Err(fail(anyhow!(
+            "created {} threads, the snapshot has {}",
+            tids.len(),
+            p.threads.len()
+        )));
     }
     for &tid in &tids[1..] {
         wait_trap(tid, &info, &mut Vec::new()).map_err(fail)?;
@@ -222,7 +232,11 @@ fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
 
 /// Unmaps the restorer (every thread is stopped at its last trap) and gives each
 /// thread its saved CPU state.
-fn finish(tids: &[i32], info: &BlobInfo, threads: &[warmstart_snapshots::model::Thread]) -> Result<()> {
+fn finish(
+    tids: &[i32],
+    info: &BlobInfo,
+    threads: &[warmstart_snapshots::model::Thread],
+) -> Result<()> {
     let pid = tids[0];
     let mut regs = ptrace::get_regs(pid)?;
     regs[reg::RIP] = info.syscall_trap;

@@ -316,8 +316,32 @@ pub fn build(
     }
     b.trap();
 
-    // Phase 2: after the monitor has written memory. The leader creates the other
-    // threads at their recorded tids; every thread sets its own state and traps.
+    // Phase 2: after the monitor has written memory. The leader installs the seccomp
+    // filters (threads inherit them; the monitor traces with PTRACE_O_SUSPEND_SECCOMP, so
+    // they bind only once it lets go), creates the other threads at their recorded tids,
+    // arms the timers; every thread sets its own state and traps.
+    if p.no_new_privs {
+        b.syscall(
+            libc::SYS_prctl,
+            &[imm(libc::PR_SET_NO_NEW_PRIVS as u64), imm(1u64)],
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+        );
+    }
+    for (i, f) in p.seccomp_filters.iter().enumerate() {
+        let insns = b.data(f);
+        let prog = b.data_zeroed(16);
+        b.write_data(prog, 0, &((f.len() / 8) as u16).to_le_bytes());
+        b.data_pointer(prog, 8, insns, 0);
+        b.syscall(
+            libc::SYS_seccomp,
+            &[
+                imm(libc::SECCOMP_SET_MODE_FILTER as u64),
+                imm(0u64),
+                prog.arg(),
+            ],
+            format!("seccomp filter {i} ({} instructions)", f.len() / 8),
+        );
+    }
     let mut spawned = Vec::new();
     for t in &p.threads[1..] {
         let stack = b.stack(THREAD_STACK);
@@ -334,11 +358,16 @@ pub fn build(
         b.write_data(args, 48, &(THREAD_STACK as u64).to_le_bytes());
         b.data_pointer(args, 64, tid, 0);
         b.write_data(args, 72, &1u64.to_le_bytes());
-        b.syscall(libc::SYS_clone3, &[args.arg(), imm(88u64)], format!("clone3 thread {}", t.tid));
+        b.syscall(
+            libc::SYS_clone3,
+            &[args.arg(), imm(88u64)],
+            format!("clone3 thread {}", t.tid),
+        );
         let child = b.label();
         b.jump_if_zero(Slot::LAST, child);
         spawned.push((child, t));
     }
+    timers(&mut b, p);
     thread_state(&mut b, p, &p.threads[0]);
     for info in &p.shared_pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
@@ -367,6 +396,76 @@ pub fn build(
     Ok(b.build(base))
 }
 
+/// Re-arms interval timers and re-creates POSIX timers with their ids.
+fn timers(b: &mut ProgramBuilder, p: &Process) {
+    for (which, t) in p.itimers.iter().enumerate() {
+        if t.value_us == 0 {
+            continue;
+        }
+        let mut v = Vec::with_capacity(32);
+        for w in [
+            t.interval_us / 1_000_000,
+            t.interval_us % 1_000_000,
+            t.value_us / 1_000_000,
+            t.value_us % 1_000_000,
+        ] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        let d = b.data(&v);
+        b.syscall(
+            libc::SYS_setitimer,
+            &[imm(which as u64), d.arg(), imm(0u64)],
+            format!("setitimer({which})"),
+        );
+    }
+    if p.posix_timers.is_empty() {
+        return;
+    }
+    // With this mode on, timer_create takes the id to create from *timerid.
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(PR_TIMER_CREATE_RESTORE_IDS), imm(1u64)],
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS, on)",
+    );
+    for t in &p.posix_timers {
+        let mut sev = vec![0u8; 64];
+        sev[0..8].copy_from_slice(&t.sigval.to_le_bytes());
+        sev[8..12].copy_from_slice(&t.signo.to_le_bytes());
+        sev[12..16].copy_from_slice(&t.notify.to_le_bytes());
+        sev[16..20].copy_from_slice(&t.notify_tid.to_le_bytes());
+        let sev = b.data(&sev);
+        let id = b.data(&t.id.to_le_bytes());
+        b.syscall(
+            libc::SYS_timer_create,
+            &[imm(t.clock as u32 as u64), sev.arg(), id.arg()],
+            format!("timer_create(id {})", t.id),
+        );
+        if t.value_ns != 0 {
+            let mut its = Vec::with_capacity(32);
+            for w in [
+                t.interval_ns / 1_000_000_000,
+                t.interval_ns % 1_000_000_000,
+                t.value_ns / 1_000_000_000,
+                t.value_ns % 1_000_000_000,
+            ] {
+                its.extend_from_slice(&w.to_le_bytes());
+            }
+            let its = b.data(&its);
+            b.syscall(
+                libc::SYS_timer_settime,
+                &[imm(t.id as u32 as u64), imm(0u64), its.arg(), imm(0u64)],
+                format!("timer_settime(id {})", t.id),
+            );
+        }
+    }
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(PR_TIMER_CREATE_RESTORE_IDS), imm(0u64)],
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
+    );
+}
+
 /// Stack of a thread between its clone3 and its final trap (the executor uses none;
 /// the kernel needs one).
 const THREAD_STACK: usize = 4096;
@@ -379,7 +478,11 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
         &[imm(t.robust_list.0), imm(t.robust_list.1)],
         format!("set_robust_list ({who})"),
     );
-    b.syscall(libc::SYS_set_tid_address, &[imm(t.tid_address)], format!("set_tid_address ({who})"));
+    b.syscall(
+        libc::SYS_set_tid_address,
+        &[imm(t.tid_address)],
+        format!("set_tid_address ({who})"),
+    );
     if let Some(r) = t.rseq {
         b.syscall(
             libc::SYS_rseq,
@@ -394,13 +497,21 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
         ss.extend_from_slice(&((t.sigaltstack.flags & !libc::SS_ONSTACK) as i64).to_le_bytes());
         ss.extend_from_slice(&t.sigaltstack.size.to_le_bytes());
         let d = b.data(&ss);
-        b.syscall(libc::SYS_sigaltstack, &[d.arg(), imm(0u64)], format!("sigaltstack ({who})"));
+        b.syscall(
+            libc::SYS_sigaltstack,
+            &[d.arg(), imm(0u64)],
+            format!("sigaltstack ({who})"),
+        );
     }
     let mut comm = t.comm.as_bytes().to_vec();
     comm.truncate(15);
     comm.push(0);
     let d = b.data(&comm);
-    b.syscall(libc::SYS_prctl, &[imm(libc::PR_SET_NAME as u64), d.arg()], format!("prctl(PR_SET_NAME) ({who})"));
+    b.syscall(
+        libc::SYS_prctl,
+        &[imm(libc::PR_SET_NAME as u64), d.arg()],
+        format!("prctl(PR_SET_NAME) ({who})"),
+    );
     for info in &t.pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
         let d = b.data(&info.0);

@@ -1,0 +1,55 @@
+//! Seccomp filters, read with `PTRACE_SECCOMP_GET_FILTER` (index 0 is the newest).
+
+use anyhow::Result;
+
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const SOCK_FILTER_SIZE: usize = 8;
+
+/// The filters of thread `tid`, oldest first, leaving out the `skip_oldest` first
+/// installed (warmstart's own warm-point trap sits at the bottom of a recorded app's
+/// stack).
+pub fn filters(tid: i32, mode: u32, skip_oldest: usize) -> Result<Vec<Vec<u8>>> {
+    if mode != 2 {
+        if mode == 1 {
+            anyhow::bail!("thread {tid} runs in seccomp strict mode, which cannot be restored");
+        }
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for index in 0.. {
+        let n = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                std::ptr::null_mut::<u8>(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(
+                anyhow::Error::new(e).context(format!("PTRACE_SECCOMP_GET_FILTER of thread {tid}"))
+            );
+        }
+        let mut buf = vec![0u8; n as usize * SOCK_FILTER_SIZE];
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as usize,
+                buf.as_mut_ptr(),
+            )
+        };
+        if r < 0 {
+            return Err(anyhow::Error::new(std::io::Error::last_os_error())
+                .context("PTRACE_SECCOMP_GET_FILTER"));
+        }
+        out.push(buf);
+    }
+    out.reverse();
+    let skip = skip_oldest.min(out.len());
+    Ok(out.split_off(skip))
+}
