@@ -103,7 +103,9 @@ pub struct RecordArgs {
     /// Name the snapshot
     #[arg(long)]
     pub name: Option<String>,
-    /// When to take the snapshot: `stdin` (the app's first read of fd 0)
+    /// When to take the snapshot: `stdin` (first read of fd 0), `listen` (first wait
+    /// for a connection), `after=DURATION` (e.g. after=2s), `signal` (the app stops
+    /// itself with SIGSTOP)
     #[arg(long, default_value = "stdin")]
     pub ready: String,
     /// Give up if the app has not reached its warm point after this many seconds
@@ -406,8 +408,12 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
-    if a.ready != "stdin" {
-        bail!("--ready {}: only `stdin` is supported yet", a.ready);
+    let ready: warmstart_launcher::Ready = a
+        .ready
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--ready {}: {e}", a.ready))?;
+    if ready == warmstart_launcher::Ready::Notify {
+        bail!("--ready notify is not supported yet");
     }
     let store = open_store(cli)?;
     let r = crate::record::record(
@@ -415,6 +421,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
         &crate::record::RecordOptions {
             command: a.command.clone(),
             name: a.name.clone(),
+            ready,
             timeout: Duration::from_secs(a.timeout),
         },
     )?;

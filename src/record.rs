@@ -10,16 +10,17 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use warmstart_launcher::SpawnOptions;
+use warmstart_launcher::warmpoint::StopKind as WarmKind;
+use warmstart_launcher::{Ready, SpawnOptions, WarmPointTracker};
 use warmstart_snapshots::store::Store;
 
+use crate::dump::freeze::StopKind;
 use crate::dump::{self, DumpOptions, DumpResult, Frozen, StdioPolicy};
-use crate::sys::ptrace::{self, Stop};
+use crate::sys::ptrace;
 
 /// Lines of the app's stderr kept for error messages.
 const TAIL_LINES: usize = 20;
@@ -27,13 +28,8 @@ const TAIL_LINES: usize = 20;
 pub struct RecordOptions {
     pub command: Vec<String>,
     pub name: Option<String>,
+    pub ready: Ready,
     pub timeout: Duration,
-}
-
-static TIMED_OUT: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_alarm(_: libc::c_int) {
-    TIMED_OUT.store(true, Ordering::SeqCst);
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -126,6 +122,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let given = [dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
     let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
 
+    let filter = opts.ready.filter().context("building the warm-point trap")?;
     // The closure runs right after clone3: nothing in it may allocate.
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -134,8 +131,10 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
             stdio: Some(child_stdio),
         },
         || {
-            if warmstart_launcher::trigger::install_stdin_trap().is_err() {
-                return 126;
+            if let Some(f) = &filter {
+                if f.install().is_err() {
+                    return 126;
+                }
             }
             unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
             127
@@ -144,6 +143,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     .context("starting the sandbox")?;
     drop((in_r, out_w, err_w));
     let pid = sandbox.app_pid;
+    let init_pid = sandbox.init_pid;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [forward(out_r, None), forward(err_r, Some(tail.clone()))];
 
@@ -161,7 +161,15 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());
             seized?;
-            let frozen = wait_warm_point(pid, opts.timeout)?;
+            let mut tracker = WarmPointTracker::new(opts.ready, pid).map_err(|e| anyhow!("{e}"))?;
+            let warm = tracker
+                .run(init_pid, Some(opts.timeout))
+                .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;
+            let kind = match warm.kind {
+                WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
+                _ => StopKind::Interrupted,
+            };
+            let frozen = Frozen::at_stop(pid, warm.tid, kind);
             dump::dump(
                 pid,
                 Some(frozen),
@@ -169,10 +177,10 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 &DumpOptions {
                     leave_running: false,
                     stdio: StdioPolicy::Given(given),
-                    trigger: "stdin".into(),
+                    trigger: opts.ready.to_string(),
                     command: opts.command.clone(),
                     name: opts.name.clone(),
-                    own_seccomp_filters: 1,
+                    own_seccomp_filters: usize::from(filter.is_some()),
                 },
             )
         });
@@ -199,82 +207,3 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     })
 }
 
-/// Arms a one-shot SIGALRM for the calling thread only, so that its blocking waitpid
-/// returns EINTR at the deadline.
-fn arm_thread_timer(after: Duration) -> Result<libc::timer_t> {
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_alarm as *const () as usize;
-        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
-        let mut ev: libc::sigevent = std::mem::zeroed();
-        ev.sigev_notify = libc::SIGEV_THREAD_ID;
-        ev.sigev_signo = libc::SIGALRM;
-        ev.sigev_notify_thread_id = libc::gettid();
-        let mut timer: libc::timer_t = std::ptr::null_mut();
-        if libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) < 0 {
-            return Err(std::io::Error::last_os_error()).context("timer_create");
-        }
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as i64,
-                tv_nsec: after.subsec_nanos() as i64,
-            },
-        };
-        libc::timer_settime(timer, 0, &spec, std::ptr::null_mut());
-        Ok(timer)
-    }
-}
-
-/// Lets the app run until one of its threads reaches the warm-point trap; returns the
-/// process with that thread held at its syscall entry.
-fn wait_warm_point(pid: i32, timeout: Duration) -> Result<Frozen> {
-    TIMED_OUT.store(false, Ordering::SeqCst);
-    let timer = arm_thread_timer(timeout.max(Duration::from_millis(1)))?;
-    let r = warm_point_loop(pid);
-    unsafe { libc::timer_delete(timer) };
-    r
-}
-
-fn warm_point_loop(pid: i32) -> Result<Frozen> {
-    let mut attached = std::collections::BTreeSet::from([pid]);
-    let mut status = 0;
-    loop {
-        let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD) };
-        if tid < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                if TIMED_OUT.load(Ordering::SeqCst) {
-                    bail!("the app did not reach its warm point (first read of stdin) before the timeout; it was stopped and nothing was stored");
-                }
-                continue;
-            }
-            return Err(e).context("waiting for the app");
-        }
-        match ptrace::decode_status(status) {
-            Stop::Event(libc::PTRACE_EVENT_SECCOMP) => {
-                let mut f = Frozen::at_syscall_entry(pid, tid);
-                f.attached = attached;
-                return Ok(f);
-            }
-            Stop::Event(libc::PTRACE_EVENT_CLONE) => {
-                attached.insert(ptrace::get_event_msg(tid)? as i32);
-                ptrace::cont(tid, 0)?;
-            }
-            Stop::Exited(code) if tid == pid => bail!("the app exited with status {code} before its warm point (first read of stdin); nothing was stored"),
-            Stop::Killed(sig) if tid == pid => bail!(
-                "the app was killed by signal {sig} ({}) before its warm point; nothing was stored",
-                crate::restore::signal_name(sig)
-            ),
-            Stop::Exited(_) | Stop::Killed(_) => {
-                attached.remove(&tid);
-            }
-            Stop::Signal(sig) => ptrace::cont(tid, sig)?,
-            // Group stop (SIGSTOP/SIGTSTP to the app): keep it running towards its warm point.
-            _ => ptrace::cont(tid, 0)?,
-        }
-    }
-}

@@ -38,6 +38,13 @@ pub struct Frozen {
 }
 
 impl Frozen {
+    /// A process whose thread `tid` the caller already traces and holds stopped.
+    pub fn at_stop(pid: i32, tid: i32, kind: StopKind) -> Frozen {
+        let mut f = Frozen { pid, ..Default::default() };
+        f.threads.insert(tid, FrozenThread { tid, kind, caught: Vec::new() });
+        f
+    }
+
     /// A process whose thread `tid` the caller already traces and holds at a seccomp stop.
     pub fn at_syscall_entry(pid: i32, tid: i32) -> Frozen {
         let mut f = Frozen {
@@ -104,6 +111,8 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 Ok(()) => {}
                 // The thread exited between listing and seizing.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                // Auto-attached by our own PTRACE_O_TRACECLONE: already ours.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(tid) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => bail!(
                     "cannot trace process {pid} ({comm}) thread {tid}: permission denied \
                      (is it already traced, e.g. by a debugger, or a kernel thread? \
@@ -154,4 +163,14 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 .insert(tid, FrozenThread { tid, kind, caught });
         }
     }
+}
+
+/// TracerPid names the tracing *thread*: ours is the calling one.
+fn traced_by_us(tid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        == Some(unsafe { libc::gettid() } as u32)
 }
