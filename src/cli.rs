@@ -61,6 +61,11 @@ pub enum Command {
     Record(RecordArgs),
     /// Start a new instance of a snapshot with this terminal's stdio
     Run(RunArgs),
+    /// List running instances and the snapshot each came from
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +178,7 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Dump(a) => dump_cmd(&cli, a),
         Command::Restore(a) => restore_cmd(&cli, a),
         Command::Record(a) => record_cmd(&cli, a),
+        Command::Ps { json } => ps(*json),
         Command::Run(a) => {
             let store = open_store(&cli)?;
             let id = store.resolve(&a.snapshot)?;
@@ -435,13 +441,51 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
 /// Restores one instance and waits for it (or, detached, reports its pid and returns).
 fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: bool) -> Result<i32> {
     let snap = store.load(id)?;
+    let names: Vec<String> =
+        store.names()?.into_iter().filter(|(_, i)| i == id).map(|(n, _)| n).collect();
+    let registered = |r: &crate::restore::Restored| {
+        crate::instances::register(&crate::instances::Instance {
+            monitor: std::process::id() as i32,
+            pid: r.pid,
+            snapshot: id.to_string(),
+            names: names.clone(),
+            command: snap.manifest.command.clone(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+        .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
+        .ok()
+    };
     if detach {
-        return crate::restore::detached(&snap);
+        return crate::restore::detached(&snap, display_stats, &registered);
     }
     let r = crate::restore::restore(&snap)?;
     if display_stats {
         eprintln!("restore of {}:\n{}", id.short(), r.phases);
     }
+    let _listed = registered(&r);
     let code = r.sandbox.forward_signals()?;
     Ok(code)
+}
+
+fn ps(json: bool) -> Result<i32> {
+    let list = crate::instances::list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!("{:>8}  {:>8}  {:<12}  {:<16}  COMMAND", "PID", "MONITOR", "SNAPSHOT", "NAME");
+    for i in list {
+        println!(
+            "{:>8}  {:>8}  {:<12}  {:<16}  {}",
+            i.pid,
+            i.monitor,
+            &i.snapshot[..12.min(i.snapshot.len())],
+            i.names.join(","),
+            i.command.join(" ")
+        );
+    }
+    Ok(0)
 }

@@ -29,9 +29,11 @@ use crate::model::Manifest;
 
 pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bump on every change to `model` that changes the encoding (postcard has no field
+/// tags): older snapshots are then refused by version, not misread.
+pub const FORMAT_VERSION: u32 = 2;
 /// The oldest version this build reads.
-pub const MIN_FORMAT_VERSION: u32 = 1;
+pub const MIN_FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -49,7 +51,7 @@ pub enum FormatError {
     NewerVersion { found: u32, min: u32, max: u32 },
     #[error(
         "manifest format version {found} is not supported (this warmstart reads versions \
-         {min}..={max})"
+         {min}..={max}); record the snapshot again with this warmstart"
     )]
     UnsupportedVersion { found: u32, min: u32, max: u32 },
     #[error(
@@ -326,7 +328,7 @@ pub(crate) mod tests {
             msg.contains(&format!("version {}", FORMAT_VERSION + 1)),
             "{msg}"
         );
-        assert!(msg.contains(&format!("1..={FORMAT_VERSION}")), "{msg}");
+        assert!(msg.contains(&format!("{MIN_FORMAT_VERSION}..={FORMAT_VERSION}")), "{msg}");
         b[8..12].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(
             decode(&b),

@@ -299,7 +299,7 @@ pub fn signal_name(sig: i32) -> &'static str {
 
 /// `restore -d`: the monitor becomes a daemon that restores and waits; the caller gets
 /// the restored pid (or the error) and returns at once.
-pub fn detached(snap: &Snapshot) -> Result<i32> {
+pub fn detached<R>(snap: &Snapshot, display_stats: bool, register: &dyn Fn(&Restored) -> R) -> Result<i32> {
     let (r, w) = pipe()?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -311,8 +311,18 @@ pub fn detached(snap: &Snapshot) -> Result<i32> {
         let mut w = std::fs::File::from(w);
         let code = match restore(snap) {
             Ok(restored) => {
+                if display_stats {
+                    eprintln!("restore of {}:\n{}", snap.id.short(), restored.phases);
+                }
+                let _listed = register(&restored);
                 let _ = std::io::Write::write_all(&mut w, format!("P{}", restored.pid).as_bytes());
                 drop(w);
+                // The instance has the caller's stdio now; the daemon lets go of it so a
+                // caller reading our output to its end is not held up by us.
+                let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+                for fd in 0..3 {
+                    unsafe { libc::dup2(null, fd) };
+                }
                 restored.sandbox.forward_signals().unwrap_or(1)
             }
             Err(e) => {

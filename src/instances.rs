@@ -1,0 +1,76 @@
+//! Running instances, for `warmstart ps`: each monitor registers the instance it runs in
+//! a small file under the runtime directory and removes it when the instance ends (a file
+//! whose monitor is gone is stale and dropped when listed).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    /// The `warmstart run`/`restore` process that owns the instance.
+    pub monitor: i32,
+    /// The restored app's pid, as seen from the host.
+    pub pid: i32,
+    pub snapshot: String,
+    pub names: Vec<String>,
+    pub command: Vec<String>,
+    pub started_unix: u64,
+}
+
+fn dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("warmstart/instances"),
+        None => PathBuf::from("/run/warmstart/instances"),
+    }
+}
+
+/// Removes the registration when dropped.
+pub struct Registration(PathBuf);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn register(instance: &Instance) -> Result<Registration> {
+    use std::os::unix::fs::DirBuilderExt;
+    let d = dir();
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).with_context(|| format!("creating {}", d.display()))?;
+    let path = d.join(instance.monitor.to_string());
+    let tmp = d.join(format!(".{}.tmp", instance.monitor));
+    std::fs::write(&tmp, serde_json::to_vec(instance)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Registration(path))
+}
+
+fn alive(pid: i32) -> bool {
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+pub fn list() -> Result<Vec<Instance>> {
+    let d = dir();
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", d.display())),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        match serde_json::from_slice::<Instance>(&bytes) {
+            Ok(i) if alive(i.monitor) && alive(i.pid) => out.push(i),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    out.sort_by_key(|i| (i.started_unix, i.monitor));
+    Ok(out)
+}
