@@ -22,9 +22,12 @@ pub struct Cli {
     /// Snapshot store directory [default: $XDG_DATA_HOME/warmstart or ~/.local/share/warmstart]
     #[arg(long, global = true, env = "WARMSTART_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// More logging (-v info, -vv debug, -vvv trace)
+    /// More logging (-v info, -vv debug, -vvv trace; CRIU's -v4 style works too)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Work directory: relative paths (e.g. of -D) are taken from here (as CRIU's -W)
+    #[arg(short = 'W', long = "work-dir", global = true, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,6 +85,13 @@ pub struct DumpArgs {
     /// Leave the process running after the dump (default: kill it)
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Leave the process stopped (SIGSTOP) after the dump
+    #[arg(short = 's', long, conflicts_with = "leave_running")]
+    pub leave_stopped: bool,
+    /// Accepted for CRIU compatibility: terminal, pipe and socket stdio is always
+    /// treated as the job's and reattached to the restorer's at restore
+    #[arg(long)]
+    pub shell_job: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -101,6 +111,9 @@ pub struct RestoreArgs {
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
+    /// Accepted for CRIU compatibility: the restored job always gets this terminal's stdio
+    #[arg(long)]
+    pub shell_job: bool,
 }
 
 #[derive(Args, Debug)]
@@ -152,7 +165,22 @@ fn open_store(cli: &Cli) -> Result<Store> {
 }
 
 /// Runs the parsed command; returns the process exit code.
+/// CRIU spells verbosity `-v4`: turn `-vN` into N `v`s before clap sees it.
+pub fn normalize_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str().and_then(|s| s.strip_prefix("-v")) {
+        Some(n) if !n.is_empty() && n.len() <= 2 && n.bytes().all(|b| b.is_ascii_digit()) => {
+            let n: usize = n.parse().unwrap_or(0);
+            format!("-{}", "v".repeat(n.clamp(1, 4))).into()
+        }
+        _ => a,
+    })
+    .collect()
+}
+
 pub fn main(cli: Cli) -> Result<i32> {
+    if let Some(dir) = &cli.work_dir {
+        std::env::set_current_dir(dir).with_context(|| format!("-W {}", dir.display()))?;
+    }
     match &cli.command {
         Command::Check { json } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
         Command::Ls { json } => ls(&open_store(&cli)?, *json),
@@ -379,6 +407,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
         &store,
         &DumpOptions {
             leave_running: a.leave_running,
+            leave_stopped: a.leave_stopped,
             stdio: StdioPolicy::Detect,
             trigger: "dump".into(),
             command: Vec::new(),

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    let cli = warmstart::cli::Cli::parse();
+    let cli = warmstart::cli::Cli::parse_from(warmstart::cli::normalize_args(std::env::args_os()));
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

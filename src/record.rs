@@ -176,6 +176,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 store,
                 &DumpOptions {
                     leave_running: false,
+                    leave_stopped: false,
                     stdio: StdioPolicy::Given(given),
                     trigger: opts.ready.to_string(),
                     command: opts.command.clone(),
@@ -196,13 +197,13 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     }
     result.map_err(|e| {
         let tail = tail.lock().unwrap();
-        if tail.is_empty() || e.to_string().contains("timed out") {
+        if tail.is_empty() {
             e
         } else {
-            e.context(format!(
-                "last lines of its stderr:\n  {}",
+            anyhow!(
+                "{e:#}\nlast lines of its stderr:\n  {}",
                 tail.iter().cloned().collect::<Vec<_>>().join("\n  ")
-            ))
+            )
         }
     })
 }

@@ -523,6 +523,7 @@ pub(crate) mod tests {
                     hugepage: f[5],
                     nohugepage: f[6],
                     mergeable: f[7],
+                    accounted: f[0] && f[7],
                 },
                 kind,
                 offset,

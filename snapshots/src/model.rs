@@ -190,6 +190,9 @@ pub struct VmaFlags {
     pub hugepage: bool,
     pub nohugepage: bool,
     pub mergeable: bool,
+    /// `VM_ACCOUNT` (smaps `ac`): the area was writable once. It keeps an area that is
+    /// read-only now from merging with a neighbour that never was.
+    pub accounted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

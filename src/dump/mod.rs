@@ -30,6 +30,8 @@ use crate::sys::ptrace;
 
 pub struct DumpOptions {
     pub leave_running: bool,
+    /// After the dump, leave the process stopped (SIGSTOP) rather than running or killed.
+    pub leave_stopped: bool,
     pub stdio: StdioPolicy,
     pub trigger: String,
     pub command: Vec<String>,
@@ -54,6 +56,7 @@ pub fn dump(
     store: &Store,
     opts: &DumpOptions,
 ) -> Result<DumpResult> {
+    process::check_target(pid)?;
     let mut frozen = frozen.unwrap_or_default();
     let mut phases = Phases::default();
     let t = Instant::now();
@@ -63,7 +66,10 @@ pub fn dump(
     });
     match res {
         Ok((id, manifest)) => {
-            if opts.leave_running {
+            if opts.leave_stopped {
+                release(&frozen);
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+            } else if opts.leave_running {
                 release(&frozen);
             } else {
                 unsafe { libc::kill(pid, libc::SIGKILL) };

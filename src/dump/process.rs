@@ -62,20 +62,47 @@ fn ppid_in_ns(ppid: i32, nspid: Option<&str>) -> i32 {
     }
 }
 
+/// `/proc/PID/stat`: the comm and the numbered fields of proc(5) (field 3 onwards).
+struct Stat {
+    comm: String,
+    fields: Vec<u64>,
+}
+
+impl Stat {
+    fn read(pid: i32) -> Result<Stat> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading stat of process {pid}"))?;
+        // comm may contain spaces and parentheses: fields start after the last ')'.
+        let close = stat.rfind(')').context("malformed /proc/PID/stat")?;
+        Ok(Stat {
+            comm: stat[stat.find('(').unwrap_or(0) + 1..close].to_owned(),
+            fields: stat[close + 2..].split(' ').map(|v| v.parse().unwrap_or(0)).collect(),
+        })
+    }
+
+    fn field(&self, n: usize) -> u64 {
+        self.fields.get(n - 3).copied().unwrap_or(0)
+    }
+}
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Refuses, before anything touches it, a pid that cannot be checkpointed at all.
+pub fn check_target(pid: i32) -> Result<()> {
+    let stat = Stat::read(pid).map_err(|_| anyhow::anyhow!("no such process: {pid}"))?;
+    if stat.field(9) & PF_KTHREAD != 0 {
+        bail!("pid {pid} ({}) is a kernel thread: there is nothing to checkpoint", stat.comm);
+    }
+    Ok(())
+}
+
 pub fn collect(pid: i32) -> Result<ProcInfo> {
     let ctx = |what: &str| format!("reading {what} of process {pid}");
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| ctx("status"))?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| ctx("stat"))?;
-    // comm may contain spaces and parentheses: fields start after the last ')'.
-    let close = stat.rfind(')').context("malformed /proc/PID/stat")?;
-    let comm = stat[stat.find('(').unwrap_or(0) + 1..close].to_owned();
-    let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-    // f[0] is field 3 (state) of proc(5).
-    let field = |n: usize| -> u64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    if field(9) & 0x0020_0000 != 0 {
-        bail!("process {pid} ({comm}) is a kernel thread: there is nothing to checkpoint");
-    }
+    let st = Stat::read(pid)?;
+    let comm = st.comm.clone();
+    let field = |n: usize| st.field(n);
     let uid: Vec<u32> = words(status_field(&status, "Uid"));
     let gid: Vec<u32> = words(status_field(&status, "Gid"));
     let ns =

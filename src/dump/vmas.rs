@@ -87,6 +87,7 @@ pub fn collect(
                 hugepage: m.has_flag("hg"),
                 nohugepage: m.has_flag("nh"),
                 mergeable: m.has_flag("mg"),
+                accounted: m.has_flag("ac"),
             },
             kind,
             offset: m.offset,

@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Result};
 use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot};
-use warmstart_snapshots::model::{Process, Thread, Vma, VmaKind};
+use warmstart_snapshots::model::{Process, Thread, Vma, VmaKind, PROT_WRITE};
 
 use crate::dump::maps::MapEntry;
 
@@ -218,19 +218,30 @@ pub fn build(
             None => (u64::MAX, 0),
         };
         // Pages come in through /proc/PID/mem, which may write read-only private
-        // mappings (FOLL_FORCE): each VMA is mapped with its final protection at once.
+        // mappings (FOLL_FORCE): each VMA is mapped with its final protection at once,
+        // except that an area that was writable once (VM_ACCOUNT, e.g. RELRO) is mapped
+        // writable and then protected, as the loader did, so it keeps the flag and does
+        // not merge with its neighbour.
+        let relro = v.flags.accounted && v.prot & PROT_WRITE == 0 && !v.shared;
         b.syscall(
             libc::SYS_mmap,
             &[
                 imm(v.start),
                 imm(v.len()),
-                imm(v.prot),
+                imm(if relro { v.prot | PROT_WRITE } else { v.prot }),
                 imm(mmap_flags(v)),
                 imm(fd),
                 imm(off),
             ],
             format!("mmap {}", label(v)),
         );
+        if relro {
+            b.syscall(
+                libc::SYS_mprotect,
+                &[imm(v.start), imm(v.len()), imm(v.prot)],
+                format!("mprotect {}", label(v)),
+            );
+        }
         let advice = [
             (v.flags.dontfork, libc::MADV_DONTFORK),
             (v.flags.dontdump, libc::MADV_DONTDUMP),
