@@ -12,8 +12,8 @@ use nix::errno::Errno;
 use warmstart_snapshots::store::Snapshot;
 
 use super::plan::{find, Extent, LazyPlan, PAGE};
-use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uffd, UffdMsg};
 use crate::sys::uffd::ZeropageMode;
+use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uffd, UffdMsg};
 
 /// Largest single `UFFDIO_COPY` (prefetch and streaming): 2 MiB.
 pub const BATCH_PAGES: u64 = 512;
@@ -155,7 +155,12 @@ impl fmt::Display for LazyError {
 }
 impl fmt::Debug for LazyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LazyError({:#}, {} uffds held)", self.error, self.hold.len())
+        write!(
+            f,
+            "LazyError({:#}, {} uffds held)",
+            self.error,
+            self.hold.len()
+        )
     }
 }
 impl std::error::Error for LazyError {}
@@ -357,7 +362,8 @@ impl Space {
 
     fn build_jobs(&mut self) {
         self.jobs = self.extents.iter().map(|e| (e.first, e.pages)).collect();
-        self.jobs.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.jobs
+            .sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         self.job_pos = (0, self.jobs.first().map_or(0, |j| j.0));
         self.jobs_built = true;
     }
@@ -423,7 +429,9 @@ fn uffd_features(u: &Uffd) -> Option<Features> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", u.as_raw_fd())).ok()?;
     let api = text.lines().find_map(|l| l.strip_prefix("API:"))?;
     let f = api.trim().split(':').nth(1)?;
-    u64::from_str_radix(f, 16).ok().map(Features::from_bits_retain)
+    u64::from_str_radix(f, 16)
+        .ok()
+        .map(Features::from_bits_retain)
 }
 
 impl LazyServer {
@@ -554,7 +562,6 @@ impl LazyServer {
                         }
                         self.drain(0)?;
                         std::thread::yield_now();
-                        break;
                     }
                     Outcome::Dead { .. } => bail!(
                         "prefetch from snapshot {}: the restored process is gone",
@@ -708,7 +715,10 @@ impl LazyServer {
         let outcome = match find(&s.extents, page) {
             None => {
                 let o = zeropage(&s.uffd, page)?;
-                if o == (Outcome::Done { copied: 0, raced: false }) {
+                if o == (Outcome::Done {
+                    copied: 0,
+                    raced: false,
+                }) {
                     self.stats.faults_zero += 1;
                 } else if let Outcome::Done { raced: true, .. } = o {
                     self.stats.faults_raced += 1;

@@ -154,6 +154,9 @@ struct Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
+        if self.pid < 0 {
+            return;
+        }
         let _ = pidfd::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
         // SAFETY: reaping our child.
         unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
@@ -203,10 +206,12 @@ fn spawn(scenario: Scenario) -> Child {
                 libc::_exit(4);
             }
             write_u64s(out_w, &[u.as_raw_fd() as u64]);
-            std::mem::forget(u);
             if !read_byte(go_r) {
                 libc::_exit(5);
             }
+            // The server took it: like the restorer, drop our copy, or the file would
+            // outlive the server and faults would wait for nobody.
+            drop(u);
             scenario(out_w);
             libc::_exit(0);
         }
@@ -364,7 +369,9 @@ fn faults_serve_data_and_zeros_and_record() {
     // Read-ahead: aligned 16-page blocks clipped to runs: faults at 0, 16 and 24.
     assert_eq!(st.working_set, vec![0, 16, 20]);
     assert_eq!(st.faults_data, 3);
-    assert_eq!(st.faults_zero, 4 + (VMA_PAGES - STORED) as u64);
+    // Pages 20..24 fault before page 24 loads the last data; once every stored page
+    // is in the server closes and the kernel zero-fills the rest itself.
+    assert!((4..=28).contains(&st.faults_zero), "{}", st.faults_zero);
     assert_eq!(st.pages_on_fault, STORED as u64 - 4);
     assert!(st.target_exited || st.complete_after.is_some());
 }
@@ -413,7 +420,10 @@ fn dontneed_reads_zeros() {
             };
             assert_eq!(*got, want, "page {i} (background {background})");
         }
-        assert_eq!(st.removes, 2);
+        if !background {
+            // (With streaming, everything may be in before the child even runs.)
+            assert_eq!(st.removes, 2);
+        }
     }
 }
 
@@ -440,8 +450,8 @@ fn remap(out: i32) {
 fn mremap_moves_unloaded_pages() {
     let fx = fixture();
     let (res, st, _) = run(&fx, remap, opts(false), 16 + 24);
-    for i in 0..16 {
-        assert_eq!(res[i], expected(24 + i), "moved page {i}");
+    for (i, got) in res[..16].iter().enumerate() {
+        assert_eq!(*got, expected(24 + i), "moved page {i}");
     }
     for i in 0..24 {
         assert_eq!(res[16 + i], expected(i), "page {i}");
