@@ -470,8 +470,12 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
 /// Restores one instance and waits for it (or, detached, reports its pid and returns).
 fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: bool) -> Result<i32> {
     let snap = store.load(id)?;
-    let names: Vec<String> =
-        store.names()?.into_iter().filter(|(_, i)| i == id).map(|(n, _)| n).collect();
+    let names: Vec<String> = store
+        .names()?
+        .into_iter()
+        .filter(|(_, i)| i == id)
+        .map(|(n, _)| n)
+        .collect();
     let registered = |r: &crate::restore::Restored| {
         crate::instances::register(&crate::instances::Instance {
             monitor: std::process::id() as i32,
@@ -505,7 +509,10 @@ fn ps(json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
     }
-    println!("{:>8}  {:>8}  {:<12}  {:<16}  COMMAND", "PID", "MONITOR", "SNAPSHOT", "NAME");
+    println!(
+        "{:>8}  {:>8}  {:<12}  {:<16}  COMMAND",
+        "PID", "MONITOR", "SNAPSHOT", "NAME"
+    );
     for i in list {
         println!(
             "{:>8}  {:>8}  {:<12}  {:<16}  {}",

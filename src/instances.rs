@@ -38,10 +38,15 @@ impl Drop for Registration {
 pub fn register(instance: &Instance) -> Result<Registration> {
     use std::os::unix::fs::DirBuilderExt;
     let d = dir();
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).with_context(|| format!("creating {}", d.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .with_context(|| format!("creating {}", d.display()))?;
     let path = d.join(instance.monitor.to_string());
     let tmp = d.join(format!(".{}.tmp", instance.monitor));
-    std::fs::write(&tmp, serde_json::to_vec(instance)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_vec(instance)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(Registration(path))
 }
@@ -60,10 +65,16 @@ pub fn list() -> Result<Vec<Instance>> {
     let mut out = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
         match serde_json::from_slice::<Instance>(&bytes) {
             Ok(i) if alive(i.monitor) && alive(i.pid) => out.push(i),
             _ => {

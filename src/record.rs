@@ -122,7 +122,10 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let given = [dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
     let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
 
-    let filter = opts.ready.filter().context("building the warm-point trap")?;
+    let filter = opts
+        .ready
+        .filter()
+        .context("building the warm-point trap")?;
     // The closure runs right after clone3: nothing in it may allocate.
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -207,4 +210,3 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
         }
     })
 }
-

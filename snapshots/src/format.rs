@@ -328,7 +328,10 @@ pub(crate) mod tests {
             msg.contains(&format!("version {}", FORMAT_VERSION + 1)),
             "{msg}"
         );
-        assert!(msg.contains(&format!("{MIN_FORMAT_VERSION}..={FORMAT_VERSION}")), "{msg}");
+        assert!(
+            msg.contains(&format!("{MIN_FORMAT_VERSION}..={FORMAT_VERSION}")),
+            "{msg}"
+        );
         b[8..12].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(
             decode(&b),

@@ -40,8 +40,18 @@ pub struct Frozen {
 impl Frozen {
     /// A process whose thread `tid` the caller already traces and holds stopped.
     pub fn at_stop(pid: i32, tid: i32, kind: StopKind) -> Frozen {
-        let mut f = Frozen { pid, ..Default::default() };
-        f.threads.insert(tid, FrozenThread { tid, kind, caught: Vec::new() });
+        let mut f = Frozen {
+            pid,
+            ..Default::default()
+        };
+        f.threads.insert(
+            tid,
+            FrozenThread {
+                tid,
+                kind,
+                caught: Vec::new(),
+            },
+        );
         f
     }
 

@@ -76,7 +76,10 @@ impl Stat {
         let close = stat.rfind(')').context("malformed /proc/PID/stat")?;
         Ok(Stat {
             comm: stat[stat.find('(').unwrap_or(0) + 1..close].to_owned(),
-            fields: stat[close + 2..].split(' ').map(|v| v.parse().unwrap_or(0)).collect(),
+            fields: stat[close + 2..]
+                .split(' ')
+                .map(|v| v.parse().unwrap_or(0))
+                .collect(),
         })
     }
 
@@ -91,7 +94,10 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 pub fn check_target(pid: i32) -> Result<()> {
     let stat = Stat::read(pid).map_err(|_| anyhow::anyhow!("no such process: {pid}"))?;
     if stat.field(9) & PF_KTHREAD != 0 {
-        bail!("pid {pid} ({}) is a kernel thread: there is nothing to checkpoint", stat.comm);
+        bail!(
+            "pid {pid} ({}) is a kernel thread: there is nothing to checkpoint",
+            stat.comm
+        );
     }
     Ok(())
 }

@@ -299,7 +299,11 @@ pub fn signal_name(sig: i32) -> &'static str {
 
 /// `restore -d`: the monitor becomes a daemon that restores and waits; the caller gets
 /// the restored pid (or the error) and returns at once.
-pub fn detached<R>(snap: &Snapshot, display_stats: bool, register: &dyn Fn(&Restored) -> R) -> Result<i32> {
+pub fn detached<R>(
+    snap: &Snapshot,
+    display_stats: bool,
+    register: &dyn Fn(&Restored) -> R,
+) -> Result<i32> {
     let (r, w) = pipe()?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
