@@ -108,6 +108,10 @@ pub struct RestoreArgs {
     /// Return once the process runs, printing its pid
     #[arg(short = 'd', long = "restore-detached")]
     pub detach: bool,
+    /// Serve memory on demand with userfaultfd (CRIU's --lazy-pages) instead of copying
+    /// it all first
+    #[arg(long, alias = "lazy-pages")]
+    pub lazy: bool,
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
@@ -141,6 +145,12 @@ pub struct RecordArgs {
 pub struct RunArgs {
     /// Snapshot id (or unique prefix) or name
     pub snapshot: String,
+    /// Copy all memory before the app resumes instead of serving it on demand
+    #[arg(long)]
+    pub eager: bool,
+    /// Do not prefetch (or learn) the snapshot's working set
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
@@ -210,7 +220,14 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Run(a) => {
             let store = open_store(&cli)?;
             let id = store.resolve(&a.snapshot)?;
-            run_instance(&store, &id, false, a.display_stats)
+            let mode = if a.eager {
+                Mode::Eager
+            } else {
+                Mode::Lazy {
+                    prefetch: !a.no_prefetch,
+                }
+            };
+            run_instance(&store, &id, mode, false, a.display_stats)
         }
     }
 }
@@ -439,7 +456,12 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
         }
         (None, None) => bail!("name a snapshot or pass -D DIR"),
     };
-    run_instance(&store, &id, a.detach, a.display_stats)
+    let mode = if a.lazy {
+        Mode::Lazy { prefetch: true }
+    } else {
+        Mode::Eager
+    };
+    run_instance(&store, &id, mode, a.detach, a.display_stats)
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
@@ -468,8 +490,33 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
 }
 
 /// Restores one instance and waits for it (or, detached, reports its pid and returns).
-fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: bool) -> Result<i32> {
-    let snap = store.load(id)?;
+/// How an instance gets its memory.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Eager,
+    /// On demand; `prefetch`: copy the learned working set first (or learn it).
+    Lazy {
+        prefetch: bool,
+    },
+}
+
+fn run_instance(
+    store: &Store,
+    id: &SnapshotId,
+    mode: Mode,
+    detach: bool,
+    display_stats: bool,
+) -> Result<i32> {
+    let snap = std::sync::Arc::new(store.load(id)?);
+    let mut opts = crate::restore::RestoreOptions::default();
+    if let Mode::Lazy { prefetch } = mode {
+        opts.lazy = true;
+        if prefetch {
+            opts.prefetch = store.working_set(id);
+            // Learning needs our stdout to watch for the first answer: not when detached.
+            opts.learn = opts.prefetch.is_none() && !detach;
+        }
+    }
     let names: Vec<String> = store
         .names()?
         .into_iter()
@@ -492,14 +539,34 @@ fn run_instance(store: &Store, id: &SnapshotId, detach: bool, display_stats: boo
         .ok()
     };
     if detach {
-        return crate::restore::detached(&snap, display_stats, &registered);
+        return crate::restore::detached(&snap, &opts, display_stats, &registered);
     }
-    let r = crate::restore::restore(&snap)?;
+    let r = crate::restore::restore(&snap, &opts)?;
     if display_stats {
         eprintln!("restore of {}:\n{}", id.short(), r.phases);
     }
     let _listed = registered(&r);
-    let code = r.sandbox.forward_signals()?;
+    let (code, lazy) = r.wait()?;
+    if let Some(o) = lazy {
+        if opts.learn && !o.serve.working_set.is_empty() {
+            store.save_working_set(id, &o.serve.working_set)?;
+        }
+        if display_stats {
+            eprintln!(
+                "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
+                 {} pages on fault, {} streamed ({}), working set learned: {} pages",
+                o.prefetch.pages,
+                o.prefetch.elapsed.as_secs_f64() * 1e3,
+                o.serve.faults,
+                o.serve.faults_data,
+                o.serve.faults_zero,
+                o.serve.pages_on_fault,
+                o.serve.pages_streamed,
+                human(o.serve.bytes_streamed),
+                if opts.learn { o.serve.working_set.len() } else { 0 },
+            );
+        }
+    }
     Ok(code)
 }
 

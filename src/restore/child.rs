@@ -22,6 +22,8 @@ pub struct BlobInfo {
     pub map_len: u64,
     pub status_addr: u64,
     pub syscall_trap: u64,
+    /// Where the program leaves its userfaultfd's number (lazy restore).
+    pub uffd_slot: Option<u64>,
     /// Step labels, for naming a failed step.
     pub labels: Vec<String>,
 }
@@ -39,9 +41,10 @@ fn cstr(s: &str) -> Result<CString> {
 }
 
 /// Entry point of the child; returns only on failure (with the exit code to use).
-pub fn run(m: &Manifest, p: &Process, status_fd: RawFd) -> i32 {
+/// `lazy`: the ranges the restorer registers with a userfaultfd (empty: eager).
+pub fn run(m: &Manifest, p: &Process, lazy: &[(u64, u64)], status_fd: RawFd) -> i32 {
     let mut report = status_fd;
-    match prepare_and_jump(m, p, &mut report) {
+    match prepare_and_jump(m, p, lazy, &mut report) {
         Ok(never) => match never {},
         Err(e) => {
             let mut msg = vec![MSG_ERROR];
@@ -57,6 +60,7 @@ pub fn run(m: &Manifest, p: &Process, status_fd: RawFd) -> i32 {
 fn prepare_and_jump(
     m: &Manifest,
     p: &Process,
+    lazy: &[(u64, u64)],
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -106,9 +110,9 @@ fn prepare_and_jump(
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
-    let len = program::build(p, &own, &fds, 0, 0)?.map_len() as u64;
+    let len = program::build(p, &own, &fds, 0, 0, lazy)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
-    let blob = program::build(p, &own, &fds, base, len)?;
+    let (blob, uffd_slot) = program::build(p, &own, &fds, base, len, lazy)?;
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -130,6 +134,7 @@ fn prepare_and_jump(
         map_len: blob.map_len() as u64,
         status_addr: blob.status_addr,
         syscall_trap: blob.syscall_trap,
+        uffd_slot: uffd_slot.and_then(|s| blob.slot_addr(s)),
         labels: (0..)
             .map(|i| blob.describe(i).to_owned())
             .take_while(|l| !l.is_empty())

@@ -22,9 +22,12 @@ struct Batch {
     first: Option<u64>,
 }
 
-fn batches(p: &Process) -> Vec<Batch> {
+fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
     let mut out = Vec::new();
     for v in &p.vmas {
+        if lazy.binary_search(&(v.start, v.len())).is_ok() {
+            continue;
+        }
         for run in &v.pages {
             let first = match run.content {
                 RunContent::Data { first } => Some(first),
@@ -64,14 +67,16 @@ fn write(snap: &Snapshot, mem: &File, pid: i32, work: &[Batch], buf: &mut [u8]) 
     Ok(())
 }
 
-pub fn fill(snap: &Snapshot, p: &Process, pid: i32) -> Result<()> {
+/// Writes every stored page except those of the VMAs in `lazy` (sorted `(start, len)`),
+/// which the page server provides.
+pub fn fill(snap: &Snapshot, p: &Process, pid: i32, lazy: &[(u64, u64)]) -> Result<()> {
     let open = || {
         OpenOptions::new()
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))
     };
-    let work = batches(p);
+    let work = batches(p, lazy);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

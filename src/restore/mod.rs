@@ -15,11 +15,13 @@
 
 pub mod checks;
 pub mod child;
+pub mod lazy;
 pub mod memory;
 pub mod program;
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -38,9 +40,37 @@ pub struct Restored {
     /// The app's pid as seen from here.
     pub pid: i32,
     pub phases: Phases,
+    /// The page server of a lazy restore, running.
+    pub lazy: Option<lazy::Running>,
 }
 
-pub fn restore(snap: &Snapshot) -> Result<Restored> {
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Serve private anonymous memory on demand with userfaultfd (else copy it all).
+    pub lazy: bool,
+    /// Pages to copy before the app resumes (the learned working set).
+    pub prefetch: Option<Vec<u64>>,
+    /// Learn the working set: record faults until the app first writes to stdout.
+    pub learn: bool,
+}
+
+impl Restored {
+    /// Waits for the instance, forwarding SIGINT/SIGTERM/SIGHUP; returns its exit code
+    /// and, for a lazy restore, what the page server did. A page server that failed
+    /// has killed the instance: that is an error, never a silent exit code.
+    pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
+        let code = self.sandbox.forward_signals()?;
+        match self.lazy {
+            None => Ok((code, None)),
+            Some(run) => {
+                let outcome = run.finish()?;
+                Ok((code, Some(outcome)))
+            }
+        }
+    }
+}
+
+pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
@@ -56,18 +86,26 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     phases.add("checks", t.elapsed());
 
     let t = Instant::now();
+    let plan = opts.lazy.then(|| crate::lazy::plan(p));
+    let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
+    let ranges = ranges.as_slice();
+    // Learning the working set ends at the app's first output: its stdout goes through
+    // a pipe we copy from, for this run only.
+    let stdout_tap = if opts.learn { Some(pipe()?) } else { None };
+    let stdio = stdout_tap.as_ref().map(|(_, w)| [0, w.as_raw_fd(), 2]);
     let (status_r, status_w) = pipe()?;
     let status_w_raw = status_w.as_raw_fd();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
             pid: Some(p.pid),
             gate: true,
-            stdio: None,
+            stdio,
         },
-        || child::run(m, p, status_w_raw),
+        || child::run(m, p, ranges, status_w_raw),
     )
     .context("starting the sandbox")?;
     drop(status_w);
+    let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
     ptrace::seize(
         pid,
@@ -98,9 +136,16 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
     };
     wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
     let t = Instant::now();
-    if std::env::var_os("WS_NOFILL").is_none() {
-        memory::fill(snap, p, pid).map_err(fail)?;
-    }
+    let server = match plan {
+        Some(plan) => Some(lazy::start(snap, plan, pid, &info, opts).map_err(fail)?),
+        None => None,
+    };
+    memory::fill(snap, p, pid, ranges).map_err(fail)?;
+    // Serving starts now: the rest of the restorer (rseq registration reads its area)
+    // already faults on lazily served memory.
+    let lazy = server
+        .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
+        .transpose()?;
     phases.add("memory", t.elapsed());
     let t = Instant::now();
     ptrace::cont(pid, 0)?;
@@ -124,6 +169,7 @@ pub fn restore(snap: &Snapshot) -> Result<Restored> {
         sandbox,
         pid,
         phases,
+        lazy,
     })
 }
 
@@ -300,7 +346,8 @@ pub fn signal_name(sig: i32) -> &'static str {
 /// `restore -d`: the monitor becomes a daemon that restores and waits; the caller gets
 /// the restored pid (or the error) and returns at once.
 pub fn detached<R>(
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
+    opts: &RestoreOptions,
     display_stats: bool,
     register: &dyn Fn(&Restored) -> R,
 ) -> Result<i32> {
@@ -313,7 +360,7 @@ pub fn detached<R>(
         drop(r);
         unsafe { libc::setsid() };
         let mut w = std::fs::File::from(w);
-        let code = match restore(snap) {
+        let code = match restore(snap, opts) {
             Ok(restored) => {
                 if display_stats {
                     eprintln!("restore of {}:\n{}", snap.id.short(), restored.phases);
@@ -327,7 +374,13 @@ pub fn detached<R>(
                 for fd in 0..3 {
                     unsafe { libc::dup2(null, fd) };
                 }
-                restored.sandbox.forward_signals().unwrap_or(1)
+                match restored.wait() {
+                    Ok((code, _)) => code,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        1
+                    }
+                }
             }
             Err(e) => {
                 let _ = std::io::Write::write_all(&mut w, format!("E{e:#}").as_bytes());

@@ -167,13 +167,17 @@ fn mm_map(p: &Process, auxv_addr: u64, exe_fd: i32) -> Vec<u8> {
 
 /// Builds the program. `own` is the child's layout before the blob is mapped at `base`
 /// (`blob_len` bytes: the program does not depend on it except to keep it mapped).
+/// With `lazy` ranges, the program also creates a userfaultfd, registers those ranges
+/// and leaves the fd in the returned slot for the monitor to take; it closes its own
+/// copy at the start of phase 2.
 pub fn build(
     p: &Process,
     own: &[MapEntry],
     fds: &ProgramFds,
     base: u64,
     blob_len: u64,
-) -> Result<Blob> {
+    lazy: &[(u64, u64)],
+) -> Result<(Blob, Option<Slot>)> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
 
@@ -298,6 +302,7 @@ pub fn build(
         ],
         "prctl(PR_SET_MM_MAP)",
     );
+    let uffd = (!lazy.is_empty()).then(|| register_lazy(&mut b, lazy));
     let mut closing: Vec<i32> = fds.vma_fds.iter().flatten().copied().collect();
     closing.push(fds.exe_fd);
     closing.sort_unstable();
@@ -353,6 +358,11 @@ pub fn build(
             format!("seccomp filter {i} ({} instructions)", f.len() / 8),
         );
     }
+    if let Some(fd) = uffd {
+        // The monitor holds its own copy now; ours would keep the uffd alive after the
+        // monitor is done with it (faults would then block forever).
+        b.syscall(libc::SYS_close, &[fd.plus(0)], "close userfaultfd");
+    }
     let mut spawned = Vec::new();
     for t in &p.threads[1..] {
         let stack = b.stack(THREAD_STACK);
@@ -404,7 +414,41 @@ pub fn build(
         b.trap();
         b.exit_thread(0);
     }
-    Ok(b.build(base))
+    Ok((b.build(base), uffd))
+}
+
+/// Creates the userfaultfd of a lazy restore and registers `ranges` for missing faults.
+fn register_lazy(b: &mut ProgramBuilder, ranges: &[(u64, u64)]) -> Slot {
+    use crate::sys::uffd;
+    let fd = b.syscall_saved(
+        libc::SYS_userfaultfd,
+        &[imm((libc::O_CLOEXEC | libc::O_NONBLOCK) as u64)],
+        "userfaultfd",
+    );
+    let features = crate::lazy::REQUIRED_FEATURES | uffd::Features::THREAD_ID;
+    let mut api = Vec::with_capacity(24);
+    for w in [uffd::UFFD_API, features.bits(), 0] {
+        api.extend_from_slice(&w.to_le_bytes());
+    }
+    let api = b.data(&api);
+    b.syscall(
+        libc::SYS_ioctl,
+        &[fd.plus(0), imm(uffd::UFFDIO_API), api.arg()],
+        "UFFDIO_API",
+    );
+    for &(start, len) in ranges {
+        let mut reg = Vec::with_capacity(32);
+        for w in [start, len, uffd::RegisterMode::MISSING.bits(), 0] {
+            reg.extend_from_slice(&w.to_le_bytes());
+        }
+        let reg = b.data(&reg);
+        b.syscall(
+            libc::SYS_ioctl,
+            &[fd.plus(0), imm(uffd::UFFDIO_REGISTER), reg.arg()],
+            format!("UFFDIO_REGISTER {start:x}-{:x}", start + len),
+        );
+    }
+    fd
 }
 
 /// Re-arms interval timers and re-creates POSIX timers with their ids.

@@ -88,7 +88,10 @@ impl Store {
             let e = e.map_err(io_err("list", &snaps))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(id) = name.strip_suffix(".pages").and_then(SnapshotId::from_hex) {
+            let table_or_ws = name
+                .strip_suffix(".pages")
+                .or_else(|| name.strip_suffix(".ws"));
+            if let Some(id) = table_or_ws.and_then(SnapshotId::from_hex) {
                 if !ids.contains(&id) {
                     report.freed_bytes += fsutil::remove_file(&e.path())?;
                     report.removed_orphan_tables += 1;

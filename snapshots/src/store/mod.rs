@@ -39,6 +39,7 @@ mod lock;
 mod maint;
 mod snapshot;
 mod table;
+mod working_set;
 mod writer;
 
 #[cfg(test)]
@@ -536,6 +537,7 @@ impl Store {
         fsutil::remove_file(&self.manifest_path(&id))?;
         fsutil::fsync_dir(&self.snaps_dir())?;
         fsutil::remove_file(&self.table_path(&id))?;
+        fsutil::remove_file(&self.working_set_path(&id))?;
         for (name, target) in self.names()? {
             if target == id {
                 fsutil::remove_file(&self.refs_dir().join(name))?;
