@@ -95,6 +95,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let stdio = stdout_tap.as_ref().map(|(_, w)| [0, w.as_raw_fd(), 2]);
     let (status_r, status_w) = pipe()?;
     let status_w_raw = status_w.as_raw_fd();
+    let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
             pid: Some(p.pid),
@@ -105,6 +106,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     )
     .context("starting the sandbox")?;
     drop(status_w);
+    tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
     ptrace::seize(
@@ -125,7 +127,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
             snap.id.short()
         )
     })?;
-    phases.add("spawn+layout", t.elapsed());
+    phases.add("child", t.elapsed());
 
     let fail = |e: anyhow::Error| {
         e.context(format!(
@@ -134,12 +136,16 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
             snap.id.short()
         ))
     };
+    let t = Instant::now();
     wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
+    phases.add("layout", t.elapsed());
     let t = Instant::now();
     let server = match plan {
         Some(plan) => Some(lazy::start(snap, plan, pid, &info, opts).map_err(fail)?),
         None => None,
     };
+    phases.add("lazy-setup", t.elapsed());
+    let t = Instant::now();
     memory::fill(snap, p, pid, ranges).map_err(fail)?;
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
