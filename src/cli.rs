@@ -304,6 +304,7 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
             "stats": {
                 "logical_bytes": st.logical_bytes, "resident_bytes": st.resident_pages * 4096,
                 "zero_bytes": st.zero_pages * 4096, "data_bytes": st.data_pages * 4096,
+                "working_set_pages": store.working_set(&id).map(|w| w.len()),
                 "stored_bytes": st.stored_bytes, "shared_pages_with_others": st.shared_with_others,
             },
             "manifest": m,
@@ -314,6 +315,14 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     println!("snapshot {id}");
     println!("  command:  {}", m.command.join(" "));
     println!("  trigger:  {}", m.trigger);
+    match store.working_set(&id) {
+        Some(ws) => println!(
+            "  working set: {} pages ({}), prefetched by lazy runs",
+            ws.len(),
+            human(ws.len() as u64 * 4096)
+        ),
+        None => println!("  working set: not learned yet (the next lazy `run` learns it)"),
+    }
     println!(
         "  kernel:   {}  xsave {} bytes, XCR0 {:#x}",
         m.host.kernel_release, m.host.xsave_size, m.host.xsave_features
