@@ -77,6 +77,9 @@ pub struct DumpArgs {
     /// Leave the process running after the dump (default: kill it)
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Dump established TCP connections; they are restored as reset by their peer
+    #[arg(long)]
+    pub tcp_close: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -109,6 +112,9 @@ pub struct RecordArgs {
     /// Give up if the app has not reached its warm point after this many seconds
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Dump established TCP connections; they are restored as reset by their peer
+    #[arg(long)]
+    pub tcp_close: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -236,7 +242,7 @@ fn fd_kind(f: &FileDesc) -> String {
         FileDesc::Pipe { pipe, write, .. } => {
             format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" })
         }
-        FileDesc::External { stdio } => format!("external stdio {stdio}"),
+        other => crate::fds::describe(other),
     }
 }
 
@@ -372,6 +378,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
         &DumpOptions {
             leave_running: a.leave_running,
             stdio: StdioPolicy::Detect,
+            tcp_close: a.tcp_close,
             trigger: "dump".into(),
             command: Vec::new(),
             name: a.name.clone(),
@@ -415,6 +422,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             command: a.command.clone(),
             name: a.name.clone(),
             timeout: Duration::from_secs(a.timeout),
+            tcp_close: a.tcp_close,
         },
     )?;
     if a.display_stats {

@@ -28,6 +28,7 @@ pub struct RecordOptions {
     pub command: Vec<String>,
     pub name: Option<String>,
     pub timeout: Duration,
+    pub tcp_close: bool,
 }
 
 static TIMED_OUT: AtomicBool = AtomicBool::new(false);
@@ -168,6 +169,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 &DumpOptions {
                     leave_running: false,
                     stdio: StdioPolicy::Given(given),
+                    tcp_close: opts.tcp_close,
                     trigger: "stdin".into(),
                     command: opts.command.clone(),
                     name: opts.name.clone(),

@@ -29,6 +29,8 @@ use crate::sys::ptrace;
 pub struct DumpOptions {
     pub leave_running: bool,
     pub stdio: StdioPolicy,
+    /// Dump established TCP connections as reset connections instead of refusing them.
+    pub tcp_close: bool,
     pub trigger: String,
     pub command: Vec<String>,
     pub name: Option<String>,
@@ -134,7 +136,14 @@ fn collect_and_store(
         threads.push(th);
         raw_regs.push((ft.tid, raw, ft.kind));
     }
-    let files = files::collect(pid, &info.comm, &opts.stdio)?;
+    let files = files::collect(
+        pid,
+        &info.comm,
+        &files::CollectOptions {
+            stdio: opts.stdio.clone(),
+            tcp_close: opts.tcp_close,
+        },
+    )?;
     let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     phases.add("collect", t.elapsed());
 
@@ -198,6 +207,8 @@ fn collect_and_store(
         host: host_facts(xsave_size)?,
         processes: vec![process],
         pipes: files.pipes,
+        unix_pairs: files.unix_pairs,
+        file_locks: files.file_locks,
         page_count: 0,
         pages_hash: [0; 32],
     };
