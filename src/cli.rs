@@ -92,6 +92,9 @@ pub struct DumpArgs {
     /// treated as the job's and reattached to the restorer's at restore
     #[arg(long)]
     pub shell_job: bool,
+    /// Dump established TCP connections; they are restored as reset by their peer
+    #[arg(long)]
+    pub tcp_close: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -133,6 +136,9 @@ pub struct RecordArgs {
     /// Give up if the app has not reached its warm point after this many seconds
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Dump established TCP connections; they are restored as reset by their peer
+    #[arg(long)]
+    pub tcp_close: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -289,7 +295,7 @@ fn fd_kind(f: &FileDesc) -> String {
         FileDesc::Pipe { pipe, write, .. } => {
             format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" })
         }
-        FileDesc::External { stdio } => format!("external stdio {stdio}"),
+        other => crate::fds::describe(other),
     }
 }
 
@@ -435,6 +441,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             leave_running: a.leave_running,
             leave_stopped: a.leave_stopped,
             stdio: StdioPolicy::Detect,
+            tcp_close: a.tcp_close,
             trigger: "dump".into(),
             command: Vec::new(),
             name: a.name.clone(),
@@ -489,6 +496,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             name: a.name.clone(),
             ready,
             timeout: Duration::from_secs(a.timeout),
+            tcp_close: a.tcp_close,
         },
     )?;
     if a.display_stats {

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod cli;
 pub mod dump;
+pub mod fds;
 pub mod instances;
 pub mod lazy;
 pub mod record;

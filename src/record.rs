@@ -30,6 +30,7 @@ pub struct RecordOptions {
     pub name: Option<String>,
     pub ready: Ready,
     pub timeout: Duration,
+    pub tcp_close: bool,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -181,6 +182,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                     leave_running: false,
                     leave_stopped: false,
                     stdio: StdioPolicy::Given(given),
+                    tcp_close: opts.tcp_close,
                     trigger: opts.ready.to_string(),
                     command: opts.command.clone(),
                     name: opts.name.clone(),

@@ -252,6 +252,19 @@ pub(crate) mod tests {
                 capacity: 65536,
                 data: b"hello".to_vec(),
             }],
+            unix_pairs: vec![crate::model::UnixPairObject {
+                id: 11,
+                sock_type: 1,
+                queued: [vec![b"ping".to_vec()], Vec::new()],
+            }],
+            file_locks: vec![crate::model::FileLock {
+                pid: 1,
+                fd: 3,
+                kind: crate::model::LockKind::Posix,
+                write: true,
+                start: 0,
+                len: 0,
+            }],
             page_count: 2,
             pages_hash: [3; 32],
         }
@@ -710,6 +723,8 @@ pub(crate) mod tests {
                         },
                         processes,
                         pipes,
+                        unix_pairs: Vec::new(),
+                        file_locks: Vec::new(),
                         page_count,
                         pages_hash: ph,
                     }

@@ -24,6 +24,10 @@ pub struct Manifest {
     pub processes: Vec<Process>,
     /// Pipes referenced by `FileDesc::Pipe`, with the bytes that were buffered in them.
     pub pipes: Vec<PipeObject>,
+    /// Connected unix socket pairs referenced by `FileDesc::UnixPair`, with their queues.
+    pub unix_pairs: Vec<UnixPairObject>,
+    /// flock, POSIX and OFD locks held by the processes on their files.
+    pub file_locks: Vec<FileLock>,
     /// Number of records in the page table that `PageRun::first` indexes.
     pub page_count: u64,
     /// blake3 over the concatenated page hashes of the page table, in table order (filled
@@ -267,6 +271,161 @@ pub enum FileDesc {
     External {
         stdio: u8,
     },
+    /// `eventfd`: its counter and whether it counts as a semaphore (`EFD_SEMAPHORE`).
+    EventFd {
+        count: u64,
+        semaphore: bool,
+        flags: i32,
+    },
+    /// `epoll_create`: its registrations, re-added once every target exists.
+    Epoll {
+        flags: i32,
+        targets: Vec<EpollTarget>,
+    },
+    /// `timerfd_create`: times are what remained at dump (restored relative, even if the
+    /// timer was set with `TFD_TIMER_ABSTIME`); `ticks` expirations were not read yet.
+    TimerFd {
+        clockid: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+        flags: i32,
+    },
+    /// `signalfd`: the signals it reads (bit N-1 for signal N).
+    SignalFd {
+        mask: u64,
+        flags: i32,
+    },
+    /// `memfd_create`: name (without the `memfd:` prefix), whole contents and seals.
+    Memfd {
+        name: String,
+        data: Vec<u8>,
+        seals: i32,
+        flags: i32,
+        pos: i64,
+    },
+    /// A regular file deleted while open: its contents, recreated with `O_TMPFILE` in
+    /// the directory of `path` (or `/tmp` when that is gone).
+    Ghost {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+        flags: i32,
+        pos: i64,
+    },
+    /// One end of a connected unix socket pair in `Manifest::unix_pairs`.
+    UnixPair {
+        pair: u64,
+        /// 0 or 1: which end of the pair.
+        end: u8,
+        flags: i32,
+    },
+    /// A unix socket that is not connected: listening, bound, or neither.
+    Unix {
+        sock_type: i32,
+        addr: UnixAddr,
+        /// `Some(backlog)` for a listening socket.
+        listen: Option<u32>,
+        flags: i32,
+    },
+    /// A TCP or UDP socket that is listening, bound, unbound, or (UDP) connected.
+    Inet {
+        family: i32,
+        sock_type: i32,
+        protocol: i32,
+        /// Local address (`ip:port`, `[ip6]:port`); port 0 when unbound.
+        local: String,
+        /// Peer address of a connected UDP socket.
+        peer: Option<String>,
+        /// `Some(backlog)` for a listening socket.
+        listen: Option<u32>,
+        options: SockOptions,
+        flags: i32,
+    },
+    /// An established TCP connection dumped with `tcp_close`: restored as a socket whose
+    /// peer has reset the connection (the app reads ECONNRESET, then EOF).
+    TcpClosed {
+        family: i32,
+        local: String,
+        peer: String,
+        flags: i32,
+    },
+    /// A netlink socket (no multicast groups), bound to `port` (0: unbound / autobind).
+    Netlink {
+        protocol: i32,
+        port: u32,
+        flags: i32,
+    },
+    /// `inotify_init`: watches in wd order, each on a path resolved at dump.
+    Inotify {
+        flags: i32,
+        watches: Vec<InotifyWatch>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    /// The fd number the target was registered under.
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnixAddr {
+    Unnamed,
+    Path(String),
+    /// Abstract name, without the leading NUL.
+    Abstract(Vec<u8>),
+}
+
+/// Socket options restored on an inet socket; buffer sizes are as `getsockopt` reports
+/// them (the kernel doubles what `setsockopt` asks for), `None` when they were the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockOptions {
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    pub nodelay: bool,
+    pub v6only: bool,
+    pub rcvbuf: Option<u32>,
+    pub sndbuf: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixPairObject {
+    /// Inode of end 0 at dump time; the key `FileDesc::UnixPair::pair` refers to.
+    pub id: u64,
+    pub sock_type: i32,
+    /// Messages queued for each end to read (one element per datagram; one element for
+    /// a stream's bytes).
+    pub queued: [Vec<Vec<u8>>; 2],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    Flock,
+    Posix,
+    Ofd,
+}
+
+/// A lock held through fd `fd` of process `pid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub pid: i32,
+    pub fd: i32,
+    pub kind: LockKind,
+    pub write: bool,
+    pub start: u64,
+    /// Length in bytes; 0 means to the end of the file.
+    pub len: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

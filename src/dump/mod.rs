@@ -33,6 +33,8 @@ pub struct DumpOptions {
     /// After the dump, leave the process stopped (SIGSTOP) rather than running or killed.
     pub leave_stopped: bool,
     pub stdio: StdioPolicy,
+    /// Dump established TCP connections as reset connections instead of refusing them.
+    pub tcp_close: bool,
     pub trigger: String,
     pub command: Vec<String>,
     pub name: Option<String>,
@@ -145,7 +147,14 @@ fn collect_and_store(
         threads.push(th);
         raw_regs.push((ft.tid, raw, ft.kind));
     }
-    let files = files::collect(pid, &info.comm, &opts.stdio)?;
+    let files = files::collect(
+        pid,
+        &info.comm,
+        &files::CollectOptions {
+            stdio: opts.stdio.clone(),
+            tcp_close: opts.tcp_close,
+        },
+    )?;
     let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let proc_timers = timers::read(pid)?;
     let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
@@ -240,6 +249,8 @@ fn collect_and_store(
         host: host_facts(xsave_size)?,
         processes: vec![process],
         pipes: files.pipes,
+        unix_pairs: files.unix_pairs,
+        file_locks: files.file_locks,
         page_count: 0,
         pages_hash: [0; 32],
     };

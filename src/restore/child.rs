@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use warmstart_snapshots::model::{FileDesc, Manifest, Process, VmaKind};
+use warmstart_snapshots::model::{Manifest, Process, VmaKind};
 
 use super::program::{self, ProgramFds};
 use crate::dump::maps::{self, MapEntry};
@@ -85,7 +85,7 @@ fn prepare_and_jump(
         dup_high_or_null(2, high)?,
     ];
     close_all_except(&[*report, stdio[0], stdio[1], stdio[2]])?;
-    install_fds(m, p, stdio, high)?;
+    crate::fds::install(m, p, stdio, high)?;
     for fd in stdio {
         unsafe { libc::close(fd) };
     }
@@ -192,114 +192,6 @@ fn open_path(path: &str, flags: i32) -> Result<RawFd> {
         return Err(errno_err(format!("opening {path}")));
     }
     Ok(fd)
-}
-
-/// Builds the app's fd table: each open file description once, then dup'ed to every
-/// fd number that shares it.
-fn install_fds(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Result<()> {
-    let mut ofds: std::collections::HashMap<u32, RawFd> = std::collections::HashMap::new();
-    let mut pipes: std::collections::HashMap<u64, (RawFd, RawFd)> =
-        std::collections::HashMap::new();
-    let mut temps = Vec::new();
-    // Creation may not reuse a target number before it is placed: keep temps high.
-    let keep_high = |fd: RawFd, temps: &mut Vec<RawFd>| -> Result<RawFd> {
-        if fd >= high {
-            temps.push(fd);
-            return Ok(fd);
-        }
-        let h = dup_high(fd, high)?;
-        unsafe { libc::close(fd) };
-        temps.push(h);
-        Ok(h)
-    };
-    for f in &p.fds {
-        let src = if let Some(&fd) = ofds.get(&f.ofd) {
-            fd
-        } else {
-            let fd = match &f.file {
-                FileDesc::External { stdio: k } => stdio[*k as usize],
-                FileDesc::Regular { file, flags, pos } => {
-                    let fd = open_path(
-                        &file.path,
-                        flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL),
-                    )?;
-                    let fd = keep_high(fd, &mut temps)?;
-                    if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
-                        return Err(errno_err(format!("seeking {} to {pos}", file.path)));
-                    }
-                    fd
-                }
-                FileDesc::Directory { path, flags } => {
-                    keep_high(open_path(path, *flags | libc::O_DIRECTORY)?, &mut temps)?
-                }
-                FileDesc::CharDev { path, flags, .. } => {
-                    keep_high(open_path(path, *flags)?, &mut temps)?
-                }
-                FileDesc::Pipe { pipe, write, flags } => {
-                    let (r, w) = match pipes.get(pipe) {
-                        Some(&ends) => ends,
-                        None => {
-                            let ends = make_pipe(m, *pipe, high, &mut temps)?;
-                            pipes.insert(*pipe, ends);
-                            ends
-                        }
-                    };
-                    let fd = if *write { w } else { r };
-                    let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND);
-                    // Pipe ends created here share one description per end: setting
-                    // O_NONBLOCK on one fd sets it for its dups too, as it was.
-                    if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
-                        return Err(errno_err("fcntl(F_SETFL) on a pipe"));
-                    }
-                    fd
-                }
-            };
-            ofds.insert(f.ofd, fd);
-            fd
-        };
-        let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-        if unsafe { libc::dup3(src, f.fd, flags) } < 0 {
-            return Err(errno_err(format!("placing fd {}", f.fd)));
-        }
-    }
-    for fd in temps {
-        unsafe { libc::close(fd) };
-    }
-    Ok(())
-}
-
-fn make_pipe(m: &Manifest, id: u64, high: RawFd, temps: &mut Vec<RawFd>) -> Result<(RawFd, RawFd)> {
-    let obj = m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
-        anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)")
-    })?;
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(errno_err("pipe2"));
-    }
-    let r = dup_high(fds[0], high)?;
-    let w = dup_high(fds[1], high)?;
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
-    temps.extend([r, w]);
-    if obj.capacity > 0
-        && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
-    {
-        return Err(errno_err(format!(
-            "setting pipe capacity to {}",
-            obj.capacity
-        )));
-    }
-    let mut done = 0;
-    while done < obj.data.len() {
-        let n = unsafe { libc::write(w, obj.data[done..].as_ptr().cast(), obj.data.len() - done) };
-        if n <= 0 {
-            return Err(errno_err("refilling a pipe's buffered bytes"));
-        }
-        done += n as usize;
-    }
-    Ok((r, w))
 }
 
 /// One fd per mapped file (and the executable), above the app's fds; the program closes them.

@@ -1,0 +1,199 @@
+//! epoll: every registration (`tfd: N events: X data: Y` in fdinfo, hex) is re-added with
+//! `epoll_ctl(EPOLL_CTL_ADD)` once its target exists at its final number.
+//!
+//! The kernel keys a registration by (file, fd number at the time of the add). A target
+//! closed after being added stays registered while its file lives on elsewhere (a dup), but
+//! no fd number reaches it any more, so it cannot be re-added: such an epoll is refused.
+//! `kcmp(KCMP_EPOLL_TFD)` tells whether the number still holds the registered file.
+
+use std::collections::HashSet;
+use std::os::fd::RawFd;
+
+use anyhow::{bail, Result};
+use warmstart_snapshots::model::{EpollTarget, Fd, FileDesc, Process};
+
+use super::{errno_err, FdInfo, Installer, Target};
+
+pub fn dump(t: &Target) -> Result<FileDesc> {
+    let targets = parse(t.info);
+    for tg in &targets {
+        if !t.all_fds.contains(&tg.fd) || !registered_file_is(t.pid, t.fd, tg.fd) {
+            return Err(t.refuse(format_args!(
+                "an epoll watching fd {} which the process has closed since (its file is \
+                 still registered but no fd reaches it)",
+                tg.fd
+            )));
+        }
+    }
+    Ok(FileDesc::Epoll {
+        flags: t.flags(),
+        targets,
+    })
+}
+
+fn parse(info: &FdInfo) -> Vec<EpollTarget> {
+    info.lines_with("tfd:")
+        .filter_map(|rest| {
+            let mut it = rest.split_whitespace();
+            let fd = it.next()?.parse().ok()?;
+            let mut events = None;
+            let mut data = None;
+            while let Some(k) = it.next() {
+                match k {
+                    "events:" => events = u32::from_str_radix(it.next()?, 16).ok(),
+                    "data:" => data = u64::from_str_radix(it.next()?, 16).ok(),
+                    _ => {}
+                }
+            }
+            Some(EpollTarget {
+                fd,
+                events: events?,
+                data: data?,
+            })
+        })
+        .collect()
+}
+
+/// Whether fd `tfd` of `pid` is the file registered in epoll `efd` under number `tfd`.
+fn registered_file_is(pid: i32, efd: i32, tfd: i32) -> bool {
+    const KCMP_EPOLL_TFD: libc::c_long = 7;
+    #[repr(C)]
+    struct Slot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = Slot {
+        efd: efd as u32,
+        tfd: tfd as u32,
+        toff: 0,
+    };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_EPOLL_TFD,
+            tfd,
+            &slot as *const Slot,
+        )
+    };
+    r == 0
+}
+
+/// The process's epoll fds in an order where an epoll inside another comes first.
+pub fn install_order(p: &Process) -> Result<Vec<&Fd>> {
+    let mut left: Vec<&Fd> = p
+        .fds
+        .iter()
+        .filter(|f| matches!(f.file, FileDesc::Epoll { .. }))
+        .collect();
+    let epoll_fds: HashSet<i32> = left.iter().map(|f| f.fd).collect();
+    let mut placed: HashSet<i32> = HashSet::new();
+    let mut order = Vec::new();
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|f| {
+            let FileDesc::Epoll { targets, .. } = &f.file else {
+                return false;
+            };
+            let ready = targets
+                .iter()
+                .all(|t| !epoll_fds.contains(&t.fd) || placed.contains(&t.fd));
+            if ready {
+                placed.insert(f.fd);
+                order.push(*f);
+            }
+            !ready
+        });
+        if left.len() == before {
+            let fds: Vec<String> = left.iter().map(|f| f.fd.to_string()).collect();
+            bail!(
+                "epoll fds {} watch each other in a cycle (corrupt manifest?)",
+                fds.join(", ")
+            );
+        }
+    }
+    Ok(order)
+}
+
+pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Result<RawFd> {
+    let _ = flags; // epoll files have no status flags worth restoring
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno_err("epoll_create1"));
+    }
+    let fd = ins.keep_high(fd)?;
+    for t in targets {
+        let mut ev = libc::epoll_event {
+            events: t.events,
+            u64: t.data,
+        };
+        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, t.fd, &mut ev) } < 0 {
+            return Err(errno_err(format!(
+                "re-adding fd {} (events {:#x}) to the epoll",
+                t.fd, t.events
+            )));
+        }
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets() {
+        let i = FdInfo::parse(
+            "pos:\t0\nflags:\t02\nmnt_id:\t16\nino:\t1\n\
+             tfd:        5 events:       19 data:                5  pos:0 ino:402 sdev:f\n\
+             tfd:       12 events: 80000001 data: ffffffffffffffff  pos:0 ino:1 sdev:9\n"
+                .into(),
+        );
+        assert_eq!(
+            parse(&i),
+            vec![
+                EpollTarget {
+                    fd: 5,
+                    events: 0x19,
+                    data: 5
+                },
+                EpollTarget {
+                    fd: 12,
+                    events: 0x8000_0001,
+                    data: u64::MAX
+                }
+            ]
+        );
+    }
+
+    fn epoll_fd(fd: i32, targets: &[i32]) -> Fd {
+        Fd {
+            fd,
+            cloexec: false,
+            ofd: fd as u32,
+            file: FileDesc::Epoll {
+                flags: 0,
+                targets: targets
+                    .iter()
+                    .map(|&t| EpollTarget {
+                        fd: t,
+                        events: 1,
+                        data: 0,
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn nested_epolls_come_after_their_inner_ones() {
+        let mut p = crate::fds::tests_support::process();
+        p.fds = vec![epoll_fd(3, &[4, 0]), epoll_fd(4, &[5]), epoll_fd(5, &[1])];
+        let order: Vec<i32> = install_order(&p).unwrap().iter().map(|f| f.fd).collect();
+        assert_eq!(order, vec![5, 4, 3]);
+        p.fds = vec![epoll_fd(3, &[4]), epoll_fd(4, &[3])];
+        assert!(install_order(&p).is_err());
+    }
+}

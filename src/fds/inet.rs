@@ -1,0 +1,491 @@
+//! TCP and UDP sockets, IPv4 and IPv6.
+//!
+//! * **Listening or bound** sockets (and unbound ones, and connected UDP sockets): family,
+//!   type, local address (`getsockname` on a copy), the options `SO_REUSEADDR`,
+//!   `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `IPV6_V6ONLY`, the buffer sizes when
+//!   they differ from a fresh socket's (set with half the reported value: the kernel
+//!   doubles what it is given; setting them also turns off autotuning, which is why
+//!   defaults are left alone), `O_NONBLOCK`, and a listener's backlog (from `sock_diag`:
+//!   `idiag_wqueue` is the backlog of a listener; `SOMAXCONN` if not found). Connections
+//!   waiting in a listener's accept queue are refused. At restore a port that is taken is
+//!   "127.0.0.1:8731 is in use".
+//! * **Established TCP connections** are refused, naming the fd and the peer, unless the
+//!   dump was made with `tcp_close`: then each is restored as a TCP socket whose peer has
+//!   reset the connection. The app's next `read`/`recv` fails with `ECONNRESET`, later
+//!   ones return 0 (EOF), and writes fail with `EPIPE` (SIGPIPE unless ignored), exactly
+//!   as when a remote peer resets; `getpeername` then fails with `ENOTCONN`. To make it,
+//!   the child connects a socket to a loopback listener of its own, and closes the
+//!   accepted end with `SO_LINGER` 0, which sends the RST.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_snapshots::model::{FileDesc, SockOptions};
+
+use super::sock_diag::{self, InetDiag};
+use super::{errno_err, getsockopt_int, setsockopt_int, Installer, Target};
+
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+const TCP_STATES: [&str; 13] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+/// TCP listeners by inode, per family, fetched once per dump.
+#[derive(Default)]
+pub struct Collector {
+    listeners: Vec<(i32, std::collections::HashMap<u32, InetDiag>)>,
+}
+
+impl Collector {
+    fn listener(&mut self, family: i32, ino: u32) -> Result<Option<InetDiag>> {
+        if !self.listeners.iter().any(|(f, _)| *f == family) {
+            self.listeners
+                .push((family, sock_diag::tcp_listeners(family)?));
+        }
+        Ok(self
+            .listeners
+            .iter()
+            .find(|(f, _)| *f == family)
+            .and_then(|(_, m)| m.get(&ino).copied()))
+    }
+}
+
+pub fn dump(
+    t: &Target,
+    meta: &std::fs::Metadata,
+    copy: &OwnedFd,
+    family: i32,
+    c: &mut Collector,
+) -> Result<FileDesc> {
+    let sock_type = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let protocol = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let kind = match (sock_type, protocol) {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => "tcp",
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => "udp",
+        (libc::SOCK_RAW, _) => return Err(t.refuse("a raw IP socket")),
+        _ => {
+            return Err(t.refuse(format_args!(
+                "an IP socket of type {sock_type}, protocol {protocol}"
+            )))
+        }
+    };
+    let local = sockname(copy, false)?.unwrap_or_else(|| unspecified(family));
+    let peer = sockname(copy, true)?;
+    let flags = t.flags();
+    let mut listen = None;
+    if kind == "tcp" {
+        let state = tcp_state(copy)?;
+        match state {
+            TCP_LISTEN => {
+                let d = c.listener(family, meta.ino() as u32)?;
+                if let Some(d) = d.filter(|d| d.rqueue > 0) {
+                    return Err(t.refuse(format_args!(
+                        "a TCP socket listening on {local} with {} connections not accepted yet",
+                        d.rqueue
+                    )));
+                }
+                listen = Some(
+                    d.map(|d| d.wqueue)
+                        .filter(|&b| b > 0)
+                        .unwrap_or(libc::SOMAXCONN as u32),
+                );
+            }
+            TCP_CLOSE => {}
+            _ => {
+                let peer = peer
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "an unknown peer".into());
+                let name = TCP_STATES.get(state as usize).unwrap_or(&"?");
+                if t.opts.tcp_close && state != 2 {
+                    return Ok(FileDesc::TcpClosed {
+                        family,
+                        local: local.to_string(),
+                        peer,
+                        flags,
+                    });
+                }
+                let what = if state == TCP_ESTABLISHED {
+                    format!("an established TCP connection from {local} to {peer}")
+                } else {
+                    format!("a TCP connection from {local} to {peer} in state {name}")
+                };
+                let hint = if state == 2 {
+                    ""
+                } else {
+                    " (record or dump with --tcp-close to restore it as a connection reset by its peer)"
+                };
+                return Err(anyhow!("{}{hint}", t.refuse(what)));
+            }
+        }
+    }
+    Ok(FileDesc::Inet {
+        family,
+        sock_type,
+        protocol,
+        local: local.to_string(),
+        peer: if kind == "udp" {
+            peer.map(|p| p.to_string())
+        } else {
+            None
+        },
+        listen,
+        options: options(copy, family, sock_type, protocol)?,
+        flags,
+    })
+}
+
+fn unspecified(family: i32) -> SocketAddr {
+    if family == libc::AF_INET6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    }
+}
+
+fn tcp_state(fd: &OwnedFd) -> Result<u8> {
+    // The first byte of struct tcp_info is tcpi_state.
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    if unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    } < 0
+    {
+        return Err(errno_err("getsockopt(TCP_INFO)"));
+    }
+    Ok(info[0])
+}
+
+/// `getsockname` (or `getpeername`); `None` when not connected.
+fn sockname(fd: &OwnedFd, peer: bool) -> Result<Option<SocketAddr>> {
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p, &mut len)
+        }
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if peer && e.raw_os_error() == Some(libc::ENOTCONN) {
+            return Ok(None);
+        }
+        return Err(anyhow!("getsockname: {e}"));
+    }
+    Ok(from_storage(&ss))
+}
+
+fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let s: &mut libc::sockaddr_in =
+                unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = v4.port().to_be();
+            s.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let s: &mut libc::sockaddr_in6 =
+                unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = v6.port().to_be();
+            s.sin6_addr.s6_addr = v6.ip().octets();
+            s.sin6_flowinfo = v6.flowinfo();
+            s.sin6_scope_id = v6.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
+    let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
+    let fresh = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
+    if fresh < 0 {
+        return Err(errno_err("creating a socket to compare buffer sizes"));
+    }
+    let fresh = unsafe { OwnedFd::from_raw_fd(fresh) };
+    let buf = |opt| -> Result<Option<u32>> {
+        let v = getsockopt_int(fd, libc::SOL_SOCKET, opt)?;
+        let d = getsockopt_int(&fresh, libc::SOL_SOCKET, opt)?;
+        Ok((v != d).then_some(v as u32))
+    };
+    Ok(SockOptions {
+        reuseaddr: get(libc::SOL_SOCKET, libc::SO_REUSEADDR)?,
+        reuseport: get(libc::SOL_SOCKET, libc::SO_REUSEPORT)?,
+        keepalive: get(libc::SOL_SOCKET, libc::SO_KEEPALIVE)?,
+        nodelay: protocol == libc::IPPROTO_TCP && get(libc::IPPROTO_TCP, libc::TCP_NODELAY)?,
+        v6only: family == libc::AF_INET6 && get(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?,
+        rcvbuf: buf(libc::SO_RCVBUF)?,
+        sndbuf: buf(libc::SO_SNDBUF)?,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr> {
+    s.parse()
+        .map_err(|e| anyhow!("bad socket address {s:?} in the snapshot: {e}"))
+}
+
+pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
+    match file {
+        FileDesc::Inet {
+            family,
+            sock_type,
+            protocol,
+            local,
+            peer,
+            listen,
+            options,
+            flags,
+        } => {
+            let fd = unsafe { libc::socket(*family, sock_type | libc::SOCK_CLOEXEC, *protocol) };
+            if fd < 0 {
+                return Err(errno_err("socket"));
+            }
+            let fd = ins.keep_high(fd)?;
+            set_options(fd, options)?;
+            let local_addr = parse_addr(local)?;
+            if local_addr.port() != 0 || !local_addr.ip().is_unspecified() {
+                let (ss, len) = to_storage(&local_addr);
+                if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } < 0
+                {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                        bail!("{local} is in use");
+                    }
+                    bail!("binding to {local}: {e}");
+                }
+            }
+            if let Some(backlog) = listen {
+                if unsafe { libc::listen(fd, *backlog as i32) } < 0 {
+                    return Err(errno_err(format!("listen on {local}")));
+                }
+            }
+            if let Some(peer) = peer {
+                let (ss, len) = to_storage(&parse_addr(peer)?);
+                if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }
+                    < 0
+                {
+                    return Err(errno_err(format!(
+                        "connecting UDP socket {local} to {peer}"
+                    )));
+                }
+            }
+            super::set_status_flags(fd, *flags)?;
+            Ok(fd)
+        }
+        FileDesc::TcpClosed { family, flags, .. } => {
+            let fd = reset_connection(*family).context("making a reset TCP connection")?;
+            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+            super::set_status_flags(fd, *flags)?;
+            Ok(fd)
+        }
+        _ => unreachable!("inet::restore called for {file:?}"),
+    }
+}
+
+fn set_options(fd: RawFd, o: &SockOptions) -> Result<()> {
+    let flag = |level, opt, on: bool, name| {
+        if on {
+            setsockopt_int(fd, level, opt, 1, name)
+        } else {
+            Ok(())
+        }
+    };
+    flag(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        o.reuseaddr,
+        "SO_REUSEADDR",
+    )?;
+    flag(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEPORT,
+        o.reuseport,
+        "SO_REUSEPORT",
+    )?;
+    flag(
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        o.keepalive,
+        "SO_KEEPALIVE",
+    )?;
+    flag(
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        o.nodelay,
+        "TCP_NODELAY",
+    )?;
+    flag(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        o.v6only,
+        "IPV6_V6ONLY",
+    )?;
+    if let Some(v) = o.rcvbuf {
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (v / 2) as i32,
+            "SO_RCVBUF",
+        )?;
+    }
+    if let Some(v) = o.sndbuf {
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (v / 2) as i32,
+            "SO_SNDBUF",
+        )?;
+    }
+    Ok(())
+}
+
+/// A TCP socket whose connection its peer has reset (see the module docs).
+fn reset_connection(family: i32) -> Result<OwnedFd> {
+    let sock = || -> Result<OwnedFd> {
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(errno_err("socket"));
+        }
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let loopback = if family == libc::AF_INET6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+    };
+    let listener = sock()?;
+    let (ss, len) = to_storage(&loopback);
+    if unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+        || unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0
+    {
+        return Err(errno_err(format!("listening on {loopback}")));
+    }
+    let addr = sockname(&listener, false)?.ok_or_else(|| anyhow!("listener has no address"))?;
+    let client = sock()?;
+    let (ss, len) = to_storage(&addr);
+    if unsafe {
+        libc::connect(
+            client.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(errno_err(format!("connecting to {addr}")));
+    }
+    let accepted = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if accepted < 0 {
+        return Err(errno_err("accept"));
+    }
+    let accepted = unsafe { OwnedFd::from_raw_fd(accepted) };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    if unsafe {
+        libc::setsockopt(
+            accepted.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    } < 0
+    {
+        return Err(errno_err("SO_LINGER"));
+    }
+    drop(accepted); // sends the RST
+    drop(listener);
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_sockaddr() {
+        for s in ["127.0.0.1:8731", "[::1]:80", "0.0.0.0:0", "[::]:443"] {
+            let a: SocketAddr = s.parse().unwrap();
+            let (ss, _) = to_storage(&a);
+            assert_eq!(from_storage(&ss), Some(a));
+        }
+    }
+
+    #[test]
+    fn reset_connection_reads_econnreset() {
+        let fd = reset_connection(libc::AF_INET).unwrap();
+        let mut b = [0u8; 4];
+        let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
+        let e = std::io::Error::last_os_error();
+        assert!(
+            n == -1 && e.raw_os_error() == Some(libc::ECONNRESET),
+            "read gave {n} ({e})"
+        );
+    }
+}

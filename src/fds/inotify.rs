@@ -1,0 +1,234 @@
+//! inotify: each watch is a line of fdinfo,
+//!
+//! ```text
+//! inotify wd:1 ino:4a2 sdev:800001 mask:100 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:a2040000b1a2c3d4
+//! ```
+//!
+//! which names the watched inode but not its path. The path comes from the file handle:
+//! `open_by_handle_at` (needs CAP_DAC_READ_SEARCH) on a mount of the device `sdev` (the
+//! kernel's internal dev_t: major << 20 | minor) opens the inode, and its
+//! `/proc/self/fd` link is the path. Watches on deleted inodes cannot be restored.
+//!
+//! Restore adds the watches in wd order; wds are handed out cyclically, so a gap (a
+//! removed watch) is reproduced by adding and removing a throwaway watch. Unread events
+//! would be lost: an inotify with events queued is refused.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_snapshots::model::{FileDesc, InotifyWatch};
+
+use super::{cstr, errno_err, FdInfo, Installer, Target};
+
+#[derive(Debug, PartialEq, Eq)]
+struct RawWatch {
+    wd: i32,
+    sdev: u32,
+    mask: u32,
+    handle_type: i32,
+    handle: Vec<u8>,
+}
+
+fn parse(info: &FdInfo) -> Result<Vec<RawWatch>> {
+    info.lines_with("inotify ")
+        .map(|line| {
+            let mut w = RawWatch {
+                wd: -1,
+                sdev: 0,
+                mask: 0,
+                handle_type: 0,
+                handle: Vec::new(),
+            };
+            for kv in line.split_whitespace() {
+                let Some((k, v)) = kv.split_once(':') else {
+                    continue;
+                };
+                let hex = || u32::from_str_radix(v, 16);
+                match k {
+                    "wd" => w.wd = hex()? as i32,
+                    "sdev" => w.sdev = hex()?,
+                    "mask" => w.mask = hex()?,
+                    "fhandle-type" => w.handle_type = hex()? as i32,
+                    "f_handle" => {
+                        w.handle = (0..v.len() / 2)
+                            .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16))
+                            .collect::<Result<_, _>>()?
+                    }
+                    _ => {}
+                }
+            }
+            if w.wd < 0 || w.handle.is_empty() {
+                bail!("inotify watch line without wd or file handle: {line:?}");
+            }
+            Ok(w)
+        })
+        .collect()
+}
+
+pub fn dump(t: &Target) -> Result<FileDesc> {
+    let copy = t.copy()?;
+    let mut queued: libc::c_int = 0;
+    if unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0 && queued > 0 {
+        return Err(t.refuse(format_args!(
+            "an inotify instance with {queued} bytes of unread events"
+        )));
+    }
+    let mut watches = Vec::new();
+    for w in parse(t.info).with_context(|| t.context())? {
+        let path = resolve(&w).map_err(|e| {
+            t.refuse(format_args!(
+                "an inotify instance whose watch {} cannot be resolved to a path ({e:#})",
+                w.wd
+            ))
+        })?;
+        watches.push(InotifyWatch {
+            wd: w.wd,
+            mask: w.mask,
+            path,
+        });
+    }
+    watches.sort_by_key(|w| w.wd);
+    Ok(FileDesc::Inotify {
+        flags: t.flags(),
+        watches,
+    })
+}
+
+/// The path of the inode a watch is on, through its file handle.
+fn resolve(w: &RawWatch) -> Result<String> {
+    let (major, minor) = (w.sdev >> 20, w.sdev & 0xf_ffff);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id parent major:minor root mount-point ...; prefer a mount of the whole fs.
+    let mut mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&format!("{major}:{minor}").as_str())).then(|| (f[3], f[4]))
+        })
+        .collect();
+    mounts.sort_by_key(|(root, _)| *root != "/");
+    let (_, mount_point) = mounts
+        .first()
+        .ok_or_else(|| anyhow!("no mount of device {major}:{minor}"))?;
+    let mfd = unsafe {
+        libc::open(
+            cstr(mount_point)?.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if mfd < 0 {
+        return Err(errno_err(format!("opening mount point {mount_point}")));
+    }
+    let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+    // struct file_handle { u32 handle_bytes; int handle_type; unsigned char f_handle[]; }
+    let mut fh = Vec::with_capacity(8 + w.handle.len());
+    fh.extend_from_slice(&(w.handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&w.handle_type.to_ne_bytes());
+    fh.extend_from_slice(&w.handle);
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mfd.as_raw_fd(),
+            fh.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno_err("open_by_handle_at (needs CAP_DAC_READ_SEARCH)"));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let path = path.to_string_lossy().into_owned();
+    if path.ends_with(" (deleted)") || !path.starts_with('/') {
+        bail!("the watched inode is {path}");
+    }
+    Ok(path)
+}
+
+pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Result<RawFd> {
+    let mut in_flags = libc::IN_CLOEXEC;
+    if flags & libc::O_NONBLOCK != 0 {
+        in_flags |= libc::IN_NONBLOCK;
+    }
+    let fd = unsafe { libc::inotify_init1(in_flags) };
+    if fd < 0 {
+        return Err(errno_err("inotify_init1"));
+    }
+    let fd = ins.keep_high(fd)?;
+    let mut next = 1;
+    for w in watches {
+        // Skip the wds of watches removed before the dump.
+        while next < w.wd {
+            let burn = unsafe {
+                libc::inotify_add_watch(
+                    fd,
+                    c"/".as_ptr(),
+                    libc::IN_DELETE_SELF | libc::IN_MASK_CREATE,
+                )
+            };
+            if burn < 0 || unsafe { libc::inotify_rm_watch(fd, burn) } < 0 {
+                return Err(errno_err(format!("skipping inotify wd {next}")));
+            }
+            next = burn + 1;
+        }
+        let path = cstr(&w.path)?;
+        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), w.mask) };
+        if wd < 0 {
+            return Err(errno_err(format!("inotify watch on {}", w.path)));
+        }
+        if wd != w.wd {
+            bail!(
+                "inotify watch on {} got wd {wd} instead of {} (two watches on one inode?)",
+                w.path,
+                w.wd
+            );
+        }
+        next = wd + 1;
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_watches() {
+        let i = FdInfo::parse(
+            "pos:\t0\nflags:\t00\nmnt_id:\t16\nino:\t1\n\
+             inotify wd:3 ino:4a2 sdev:800001 mask:100 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:a2040000b1a2c3d4\n"
+                .into(),
+        );
+        assert_eq!(
+            parse(&i).unwrap(),
+            vec![RawWatch {
+                wd: 3,
+                sdev: 0x800001,
+                mask: 0x100,
+                handle_type: 1,
+                handle: vec![0xa2, 0x04, 0, 0, 0xb1, 0xa2, 0xc3, 0xd4],
+            }]
+        );
+    }
+
+    #[test]
+    fn resolves_a_watch_of_our_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let p = cstr(dir.path().to_str().unwrap()).unwrap();
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), p.as_ptr(), libc::IN_CREATE) };
+        assert_eq!(wd, 1);
+        let text =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let w = parse(&FdInfo::parse(text)).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].mask, libc::IN_CREATE);
+        let path = resolve(&w[0]).unwrap();
+        assert_eq!(
+            std::fs::canonicalize(&path).unwrap(),
+            std::fs::canonicalize(dir.path()).unwrap()
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! memfd (an fd whose link is `/memfd:NAME (deleted)`): name, whole contents (read with
+//! `pread` through a copy of the fd), seals (`F_GET_SEALS`) and file offset. Restored with
+//! `memfd_create(MFD_ALLOW_SEALING)` + write + `F_ADD_SEALS` + `lseek`; a memfd created
+//! without `MFD_ALLOW_SEALING` reports `F_SEAL_SEAL`, which is re-applied as such.
+//!
+//! The contents are kept in the manifest, up to [`super::MAX_INLINE_CONTENTS`]; big memfds
+//! should go through the page store. A memfd that is also *mapped* is the memory code's
+//! business (its mapping is not restored from here).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use anyhow::Result;
+use warmstart_snapshots::model::FileDesc;
+
+use super::{cstr, errno_err, read_contents, Installer, Target};
+
+pub fn dump(t: &Target) -> Result<FileDesc> {
+    let name = t
+        .link
+        .trim_start_matches("/memfd:")
+        .trim_end_matches(" (deleted)")
+        .to_owned();
+    let copy = t.copy()?;
+    let size = t.meta.map(|m| m.size()).unwrap_or(0);
+    let data = read_contents(&copy, size, &t.context())?;
+    let seals = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(errno_err(format!("F_GET_SEALS of {}", t.context())));
+    }
+    Ok(FileDesc::Memfd {
+        name,
+        data,
+        seals,
+        flags: t.flags(),
+        pos: t.info.pos,
+    })
+}
+
+pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
+    let FileDesc::Memfd {
+        name,
+        data,
+        seals,
+        flags,
+        pos,
+    } = file
+    else {
+        unreachable!("memfd::restore called for {file:?}")
+    };
+    let c = cstr(name)?;
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(errno_err(format!("memfd_create({name})")));
+    }
+    let fd = ins.keep_high(fd)?;
+    super::write_all(fd, data, &format!("the contents of memfd {name}"))?;
+    if *seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, *seals) } < 0 {
+        return Err(errno_err(format!("sealing memfd {name} with {seals:#x}")));
+    }
+    let fd = super::regular::reopen(ins, fd, *flags)?;
+    if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
+        return Err(errno_err(format!("seeking memfd {name} to {pos}")));
+    }
+    Ok(fd)
+}

@@ -1,0 +1,75 @@
+//! Netlink sockets without multicast groups: the protocol and the bound port id
+//! (`getsockname` on a copy; 0 when never bound). At restore the same port id is asked
+//! for; when it is taken (another instance of the snapshot: an autobound port id is the
+//! pid, and every instance has the same pid in its own namespace) the kernel picks one,
+//! which is what an autobind does anyway. Messages queued on the socket are not kept:
+//! the answer to a request in flight at dump time is lost.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use anyhow::Result;
+use warmstart_snapshots::model::FileDesc;
+
+use super::{errno_err, getsockopt_int, Installer, Target};
+
+pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
+    let protocol = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    if unsafe {
+        libc::getsockname(
+            copy.as_raw_fd(),
+            (&mut sa as *mut libc::sockaddr_nl).cast(),
+            &mut len,
+        )
+    } < 0
+    {
+        return Err(errno_err(format!("getsockname of {}", t.context())));
+    }
+    if sa.nl_groups != 0 {
+        return Err(t.refuse(format_args!(
+            "a netlink socket (protocol {protocol}) subscribed to multicast groups {:#x}",
+            sa.nl_groups
+        )));
+    }
+    Ok(FileDesc::Netlink {
+        protocol,
+        port: sa.nl_pid,
+        flags: t.flags(),
+    })
+}
+
+pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Result<RawFd> {
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(errno_err(format!(
+            "socket(AF_NETLINK, protocol {protocol})"
+        )));
+    }
+    let fd = ins.keep_high(fd)?;
+    if port != 0 {
+        let bind = |pid: u32| {
+            let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            sa.nl_pid = pid;
+            unsafe {
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_nl).cast(),
+                    std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                )
+            }
+        };
+        if bind(port) < 0 && bind(0) < 0 {
+            return Err(errno_err(format!("binding a netlink socket (port {port})")));
+        }
+    }
+    super::set_status_flags(fd, flags)?;
+    Ok(fd)
+}

@@ -1,0 +1,124 @@
+//! Pipes: each pipe is one shared object (`Manifest::pipes`) holding its capacity and the
+//! bytes buffered in it, copied with `tee` so the target loses nothing. At restore the
+//! pipe is created once and refilled; both ends are handed out as fds refer to them.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_snapshots::model::{FileDesc, PipeObject};
+
+use super::{errno_err, Installer, Target};
+
+pub fn dump(
+    t: &Target,
+    meta: &std::fs::Metadata,
+    pipes: &mut HashMap<u64, PipeObject>,
+) -> Result<FileDesc> {
+    let ino = meta.ino();
+    let flags = t.flags();
+    if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(ino) {
+        let copy = t.copy()?;
+        let (capacity, data) = peek(&copy).with_context(|| t.context())?;
+        slot.insert(PipeObject {
+            id: ino,
+            capacity,
+            data,
+        });
+    }
+    Ok(FileDesc::Pipe {
+        pipe: ino,
+        write: flags & libc::O_ACCMODE == libc::O_WRONLY,
+        flags,
+    })
+}
+
+/// Copies the bytes buffered in a pipe without consuming them.
+fn peek(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
+    let cap = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if cap < 0 {
+        return Err(std::io::Error::last_os_error()).context("F_GETPIPE_SZ");
+    }
+    let mut avail: libc::c_int = 0;
+    if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut avail) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("FIONREAD on a pipe");
+    }
+    if avail == 0 {
+        return Ok((cap as u32, Vec::new()));
+    }
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap) };
+    let n = unsafe {
+        libc::tee(
+            pipe.as_raw_fd(),
+            w.as_raw_fd(),
+            avail as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context("tee of a pipe's buffered bytes");
+    }
+    let mut data = vec![0u8; n as usize];
+    let mut got = 0;
+    while got < data.len() {
+        let k = unsafe {
+            libc::read(
+                r.as_raw_fd(),
+                data[got..].as_mut_ptr().cast(),
+                data.len() - got,
+            )
+        };
+        if k <= 0 {
+            bail!("short read while copying a pipe's buffered bytes");
+        }
+        got += k as usize;
+    }
+    Ok((cap as u32, data))
+}
+
+pub fn restore(ins: &mut Installer, id: u64, write: bool, flags: i32) -> Result<RawFd> {
+    let (r, w) = match ins.pipes.get(&id) {
+        Some(&ends) => ends,
+        None => {
+            let ends = make(ins, id)?;
+            ins.pipes.insert(id, ends);
+            ends
+        }
+    };
+    let fd = if write { w } else { r };
+    // Pipe ends created here share one description per end: setting O_NONBLOCK on one
+    // fd sets it for its dups too, as it was.
+    let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND);
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
+        return Err(errno_err("fcntl(F_SETFL) on a pipe"));
+    }
+    Ok(fd)
+}
+
+fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
+    let obj = ins.m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
+        anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)")
+    })?;
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(errno_err("pipe2"));
+    }
+    let r = ins.keep_high(fds[0])?;
+    let w = ins.keep_high(fds[1])?;
+    if obj.capacity > 0
+        && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+    {
+        return Err(errno_err(format!(
+            "setting pipe capacity to {}",
+            obj.capacity
+        )));
+    }
+    super::write_all(w, &obj.data, "a pipe's buffered bytes")?;
+    Ok((r, w))
+}

@@ -1,0 +1,121 @@
+//! Regular files (reopened by path at their offset), directories, stateless character
+//! devices, and ghost files: regular files deleted while open, whose contents are stored
+//! and recreated with `O_TMPFILE` in the original directory (or `/tmp` when it is gone).
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
+
+use anyhow::Result;
+use warmstart_snapshots::model::FileDesc;
+
+use super::{errno_err, identity, open_path, read_contents, Installer, Target};
+
+/// Character devices that carry no state and are reopened by path.
+pub const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/full",
+];
+
+const DELETED: &str = " (deleted)";
+
+pub fn dump(t: &Target, meta: &std::fs::Metadata) -> Result<FileDesc> {
+    let flags = t.flags();
+    match meta.mode() & libc::S_IFMT {
+        libc::S_IFREG if t.link.ends_with(DELETED) && meta.nlink() == 0 => {
+            let copy = t.copy()?;
+            let data = read_contents(&copy, meta.size(), &t.context())?;
+            Ok(FileDesc::Ghost {
+                path: t.link.trim_end_matches(DELETED).to_owned(),
+                mode: meta.mode() & 0o7777,
+                data,
+                flags,
+                pos: t.info.pos,
+            })
+        }
+        libc::S_IFREG => {
+            if meta.nlink() == 0 || !t.link.starts_with('/') {
+                return Err(t.refuse(format_args!("an unlinked or anonymous file ({})", t.link)));
+            }
+            Ok(FileDesc::Regular {
+                file: identity(t.link, meta),
+                flags,
+                pos: t.info.pos,
+            })
+        }
+        libc::S_IFDIR => Ok(FileDesc::Directory {
+            path: t.link.to_owned(),
+            flags,
+        }),
+        _ if STATELESS_DEVICES.contains(&t.link) => Ok(FileDesc::CharDev {
+            path: t.link.to_owned(),
+            rdev: meta.rdev(),
+            flags,
+            pos: t.info.pos,
+        }),
+        _ => Err(t.refuse(format_args!("a character device ({})", t.link))),
+    }
+}
+
+pub fn is_stateless_device(meta: &std::fs::Metadata) -> bool {
+    STATELESS_DEVICES.iter().any(|p| {
+        std::fs::metadata(p)
+            .map(|m| m.rdev() == meta.rdev())
+            .unwrap_or(false)
+    })
+}
+
+pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
+    let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
+    match file {
+        FileDesc::Regular { file, flags, pos } => {
+            let fd = ins.keep_high(open_path(&file.path, flags & no_create, 0)?)?;
+            seek(fd, *pos, &file.path)?;
+            Ok(fd)
+        }
+        FileDesc::Directory { path, flags } => {
+            ins.keep_high(open_path(path, flags | libc::O_DIRECTORY, 0)?)
+        }
+        FileDesc::CharDev { path, flags, .. } => ins.keep_high(open_path(path, *flags, 0)?),
+        FileDesc::Ghost {
+            path,
+            mode,
+            data,
+            flags,
+            pos,
+        } => {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .filter(|d| d.is_dir())
+                .and_then(|d| d.to_str())
+                .unwrap_or("/tmp");
+            let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, *mode)?;
+            let tmp = ins.keep_high(tmp)?;
+            super::write_all(tmp, data, &format!("the contents of deleted file {path}"))?;
+            let fd = reopen(ins, tmp, *flags & no_create)?;
+            seek(fd, *pos, path)?;
+            Ok(fd)
+        }
+        _ => unreachable!("regular::restore called for {file:?}"),
+    }
+}
+
+/// A new open file description of the file behind `fd` with `flags` (its access mode
+/// among them), through `/proc/self/fd`; `fd` itself when it already is `O_RDWR`.
+pub fn reopen(ins: &mut Installer, fd: RawFd, flags: i32) -> Result<RawFd> {
+    if flags & libc::O_ACCMODE == libc::O_RDWR {
+        super::set_status_flags(fd, flags)?;
+        return Ok(fd);
+    }
+    let again = open_path(&format!("/proc/self/fd/{fd}"), flags, 0)?;
+    ins.keep_high(again)
+}
+
+fn seek(fd: RawFd, pos: i64, what: &str) -> Result<()> {
+    if unsafe { libc::lseek(fd, pos, libc::SEEK_SET) } < 0 {
+        return Err(errno_err(format!("seeking {what} to {pos}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! `NETLINK_SOCK_DIAG` queries: what `ss` knows about sockets and a process cannot ask its
+//! own socket for — a unix socket's peer (by inode), a listener's backlog and the number of
+//! connections waiting in its accept queue.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{bail, Result};
+
+use super::errno_err;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_HDR: usize = 16;
+
+/// What the kernel reports about one unix socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnixDiag {
+    pub state: u8,
+    /// Inode of the peer, 0 if none.
+    pub peer: u32,
+    /// Listening: connections waiting to be accepted; otherwise bytes queued to read.
+    pub rqueue: u32,
+    /// Listening: the backlog; otherwise bytes queued to send.
+    pub wqueue: u32,
+}
+
+/// What the kernel reports about one TCP listener.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InetDiag {
+    /// Connections waiting to be accepted.
+    pub rqueue: u32,
+    /// The backlog given to `listen`.
+    pub wqueue: u32,
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Sends one dump request (`body` after the netlink header) and calls `each` with the
+/// payload of every answer until `NLMSG_DONE`.
+fn dump(body: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(errno_err("socket(NETLINK_SOCK_DIAG)"));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = Vec::with_capacity(NLMSG_HDR + body.len());
+    req.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port
+    req.extend_from_slice(body);
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(errno_err("sending a sock_diag request"));
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(errno_err("reading sock_diag answers"));
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= NLMSG_HDR {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(msgs[4..6].try_into().unwrap());
+            if len < NLMSG_HDR || len > msgs.len() {
+                bail!("malformed sock_diag answer");
+            }
+            match ty as i32 {
+                libc::NLMSG_DONE => return Ok(()),
+                libc::NLMSG_ERROR => {
+                    let err = i32::from_ne_bytes(msgs[16..20].try_into().unwrap());
+                    bail!("sock_diag: {}", std::io::Error::from_raw_os_error(-err));
+                }
+                _ => each(&msgs[NLMSG_HDR..len]),
+            }
+            msgs = &msgs[align4(len).min(msgs.len())..];
+        }
+    }
+}
+
+/// Walks the `rtattr`s after `fixed` bytes: (type, payload).
+fn attrs(payload: &[u8], fixed: usize) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = payload.get(fixed..).unwrap_or(&[]);
+    std::iter::from_fn(move || {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes(rest[0..2].try_into().unwrap()) as usize;
+        let ty = u16::from_ne_bytes(rest[2..4].try_into().unwrap());
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let data = &rest[4..len];
+        rest = &rest[align4(len).min(rest.len())..];
+        Some((ty, data))
+    })
+}
+
+/// Every unix socket of this network namespace, by inode.
+pub fn unix_sockets() -> Result<HashMap<u32, UnixDiag>> {
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_PEER: u16 = 2;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    // struct unix_diag_req
+    let mut body = vec![libc::AF_UNIX as u8, 0, 0, 0];
+    body.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    body.extend_from_slice(&0u32.to_ne_bytes()); // ino
+    body.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    body.extend_from_slice(&[0xff; 8]); // cookie: none
+    let mut out = HashMap::new();
+    dump(&body, |p| {
+        // struct unix_diag_msg: family, type, state, pad, ino, cookie[2]
+        if p.len() < 16 {
+            return;
+        }
+        let ino = u32::from_ne_bytes(p[4..8].try_into().unwrap());
+        let mut d = UnixDiag {
+            state: p[2],
+            ..Default::default()
+        };
+        for (ty, data) in attrs(p, 16) {
+            match ty {
+                UNIX_DIAG_PEER if data.len() >= 4 => {
+                    d.peer = u32::from_ne_bytes(data[0..4].try_into().unwrap())
+                }
+                UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                    d.rqueue = u32::from_ne_bytes(data[0..4].try_into().unwrap());
+                    d.wqueue = u32::from_ne_bytes(data[4..8].try_into().unwrap());
+                }
+                _ => {}
+            }
+        }
+        out.insert(ino, d);
+    })?;
+    Ok(out)
+}
+
+/// TCP listeners of `family` in this network namespace, by inode.
+pub fn tcp_listeners(family: i32) -> Result<HashMap<u32, InetDiag>> {
+    const TCP_LISTEN: u32 = 10;
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid (48)
+    let mut body = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
+    body.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    body.extend_from_slice(&[0u8; 48]);
+    let mut out = HashMap::new();
+    dump(&body, |p| {
+        // struct inet_diag_msg: 4 bytes, sockid (48), expires, rqueue, wqueue, uid, inode
+        if p.len() < 72 {
+            return;
+        }
+        let word = |o: usize| u32::from_ne_bytes(p[o..o + 4].try_into().unwrap());
+        out.insert(
+            word(68),
+            InetDiag {
+                rqueue: word(56),
+                wqueue: word(60),
+            },
+        );
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn ino(fd: &impl AsRawFd) -> u32 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino() as u32
+    }
+
+    #[test]
+    fn finds_a_socketpair_peer_and_a_listener_backlog() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let socks = unix_sockets().unwrap();
+        assert_eq!(socks[&ino(&a)].peer, ino(&b));
+        assert_eq!(socks[&ino(&b)].peer, ino(&a));
+
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // listen() again only changes the backlog
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 77) }, 0);
+        let found = tcp_listeners(libc::AF_INET).unwrap();
+        assert_eq!(found[&ino(&l)].wqueue, 77);
+    }
+}
