@@ -167,15 +167,17 @@ impl Trigger {
         };
         let none = r(&[], None, Trap::StdinRead);
         match self {
+            // Event-loop runtimes (libuv, Node) never read stdin before it is readable:
+            // their first wait on it is the warm point too (the tracker checks the set).
             Trigger::Stdin => (
                 [
                     r(&STDIN_SYSCALLS, Some(0), Trap::StdinRead),
-                    none,
-                    none,
-                    none,
+                    r(&POLL_SYSCALLS, None, Trap::Poll),
+                    r(&SELECT_SYSCALLS, None, Trap::Select),
+                    r(&EPOLL_SYSCALLS, None, Trap::EpollWait),
                     none,
                 ],
-                1,
+                4,
             ),
             Trigger::Listen => (
                 [

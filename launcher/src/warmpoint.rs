@@ -1015,14 +1015,25 @@ impl WarmPointTracker {
         }
         let is_warm = match (self.ready, trap) {
             (Ready::Stdin, Some(Trap::StdinRead)) => true,
+            (Ready::Stdin, Some(Trap::Poll)) => {
+                self.poll_has(tid, regs.rdi, regs.rsi, |fd| fd == 0)
+            }
+            (Ready::Stdin, Some(Trap::Select)) => {
+                self.select_has(tid, regs.rdi, regs.rsi, |fd| fd == 0)
+            }
+            (Ready::Stdin, Some(Trap::EpollWait)) => epoll_fds(self.pid, regs.rdi as i32)
+                .unwrap_or_default()
+                .contains(&0),
             (Ready::Listen, Some(Trap::Listen)) => {
                 self.listen_fds.insert(regs.rdi as i32);
                 false
             }
             (Ready::Listen, Some(Trap::Accept)) => self.listening(regs.rdi as i32),
-            (Ready::Listen, Some(Trap::Poll)) => self.poll_has_listener(tid, regs.rdi, regs.rsi),
+            (Ready::Listen, Some(Trap::Poll)) => {
+                self.poll_has(tid, regs.rdi, regs.rsi, |fd| self.listening(fd))
+            }
             (Ready::Listen, Some(Trap::Select)) => {
-                self.select_has_listener(tid, regs.rdi, regs.rsi)
+                self.select_has(tid, regs.rdi, regs.rsi, |fd| self.listening(fd))
             }
             (Ready::Listen, Some(Trap::EpollWait)) => {
                 let fds = epoll_fds(self.pid, regs.rdi as i32).unwrap_or_default();
@@ -1044,7 +1055,8 @@ impl WarmPointTracker {
         is_listening_socket(self.pidfd.as_fd(), fd)
     }
 
-    fn poll_has_listener(&self, tid: i32, addr: u64, nfds: u64) -> bool {
+    /// Whether a `poll` set waits for input on an fd that `pick`s.
+    fn poll_has(&self, tid: i32, addr: u64, nfds: u64, pick: impl Fn(i32) -> bool) -> bool {
         let n = nfds.min(MAX_FDS) as usize;
         if addr == 0 || n == 0 {
             return false;
@@ -1056,11 +1068,12 @@ impl WarmPointTracker {
         bytes.chunks_exact(sz).any(|c| {
             let fd = i32::from_ne_bytes(c[0..4].try_into().unwrap());
             let events = i16::from_ne_bytes(c[4..6].try_into().unwrap());
-            events & libc::POLLIN != 0 && self.listening(fd)
+            events & libc::POLLIN != 0 && pick(fd)
         })
     }
 
-    fn select_has_listener(&self, tid: i32, nfds: u64, readfds: u64) -> bool {
+    /// Whether a `select` read set includes an fd that `pick`s.
+    fn select_has(&self, tid: i32, nfds: u64, readfds: u64, pick: impl Fn(i32) -> bool) -> bool {
         let n = (nfds as i32).clamp(0, MAX_FDS as i32) as usize;
         if readfds == 0 || n == 0 {
             return false;
@@ -1069,7 +1082,7 @@ impl WarmPointTracker {
             return false;
         };
         (0..n).any(|fd| {
-            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0) && self.listening(fd as i32)
+            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0) && pick(fd as i32)
         })
     }
 
