@@ -485,9 +485,6 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
         .ready
         .parse()
         .map_err(|e| anyhow::anyhow!("--ready {}: {e}", a.ready))?;
-    if ready == warmstart_launcher::Ready::Notify {
-        bail!("--ready notify is not supported yet");
-    }
     let store = open_store(cli)?;
     let r = crate::record::record(
         &store,

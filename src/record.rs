@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::warmpoint::StopKind as WarmKind;
+use warmstart_launcher::warmpoint::{
+    NotifyChannel, SdNotifySocket, NOTIFY_FD_ENV, NOTIFY_SOCKET_ENV,
+};
 use warmstart_launcher::{Ready, SpawnOptions, WarmPointTracker};
 use warmstart_snapshots::store::Store;
 
@@ -120,7 +123,32 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let given = [dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
+    let mut given = vec![dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
+    // `--ready notify`: the handshake channel (external fd #3 of the snapshot) and an
+    // sd_notify socket, announced in the app's environment.
+    let notify = if opts.ready == Ready::Notify {
+        let ch = NotifyChannel::new().context("creating the notify channel")?;
+        let sd = SdNotifySocket::bind().context("binding the sd_notify socket")?;
+        given.push(ch.app_id());
+        Some((ch, sd))
+    } else {
+        None
+    };
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != NOTIFY_FD_ENV && k != NOTIFY_SOCKET_ENV)
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    if let Some((ch, sd)) = &notify {
+        env.push(ch.env_entry().clone());
+        env.push(sd.env_entry().clone());
+    }
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
     let child_stdio: [RawFd; 3] = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
 
     let filter = opts
@@ -135,17 +163,26 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
             stdio: Some(child_stdio),
         },
         || {
+            if let Some((ch, _)) = &notify {
+                if !ch.install_in_child() {
+                    return 126;
+                }
+            }
             if let Some(f) = &filter {
                 if f.install().is_err() {
                     return 126;
                 }
             }
-            unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
+            unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
             127
         },
     )
     .context("starting the sandbox")?;
     drop((in_r, out_w, err_w));
+    let notify = notify.map(|(mut ch, sd)| {
+        ch.close_app_end();
+        (ch, sd)
+    });
     let pid = sandbox.app_pid;
     let init_pid = sandbox.init_pid;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -166,6 +203,9 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
             let _ = seized_tx.send(());
             seized?;
             let mut tracker = WarmPointTracker::new(opts.ready, pid).map_err(|e| anyhow!("{e}"))?;
+            if let Some((ch, sd)) = notify {
+                tracker = tracker.with_notify(ch).with_sd_notify(sd);
+            }
             let warm = tracker
                 .run(init_pid, Some(opts.timeout))
                 .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;

@@ -408,6 +408,11 @@ impl NotifyChannel {
         }
     }
 
+    /// (dev, ino) of the app's end, to recognise it in the app's fd table.
+    pub fn app_id(&self) -> (u64, u64) {
+        self.app_id
+    }
+
     /// Close the monitor's copy of the app end (after `spawn`).
     pub fn close_app_end(&mut self) {
         self.app = None;

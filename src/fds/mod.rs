@@ -56,8 +56,9 @@ use crate::sys::pidfd;
 /// Which fds are the launcher's stdio and become the caller's at restore.
 #[derive(Debug, Clone)]
 pub enum StdioPolicy {
-    /// `record`: these (dev, ino) pairs are the pipes warmstart gave the app as fd 0, 1, 2.
-    Given([(u64, u64); 3]),
+    /// `record`: these (dev, ino) pairs are the pipes warmstart gave the app as fd 0, 1,
+    /// 2, and, with `--ready notify`, the app's end of the notify channel (external 3).
+    Given(Vec<(u64, u64)>),
     /// `dump -t`: fds 0-2 that are a terminal, pipe or socket are external (shell-job
     /// style): they belong to whoever started the process, not to its state.
     Detect,
@@ -418,8 +419,9 @@ impl Installer<'_> {
 }
 
 /// Builds the app's fd table: each open file description once, then dup'ed to every
-/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`).
-pub fn install(m: &Manifest, p: &Process, stdio: [RawFd; 3], high: RawFd) -> Result<()> {
+/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
+/// the notify channel's app end when the snapshot has one.
+pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Result<()> {
     let mut ins = Installer {
         m,
         p,
@@ -472,9 +474,13 @@ fn place(src: RawFd, f: &Fd) -> Result<()> {
 }
 
 /// Creates the open file description of `f` (any kind but epoll); returns a temp fd.
-fn create(ins: &mut Installer, f: &Fd, stdio: [RawFd; 3]) -> Result<RawFd> {
+fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
     match &f.file {
-        FileDesc::External { stdio: k } => Ok(stdio[*k as usize]),
+        FileDesc::External { stdio: k } => stdio.get(*k as usize).copied().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the snapshot expects external fd #{k}, which this restore does not provide"
+            )
+        }),
         FileDesc::Regular { .. }
         | FileDesc::Directory { .. }
         | FileDesc::CharDev { .. }

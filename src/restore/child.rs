@@ -41,10 +41,17 @@ fn cstr(s: &str) -> Result<CString> {
 }
 
 /// Entry point of the child; returns only on failure (with the exit code to use).
-/// `lazy`: the ranges the restorer registers with a userfaultfd (empty: eager).
-pub fn run(m: &Manifest, p: &Process, lazy: &[(u64, u64)], status_fd: RawFd) -> i32 {
+/// `lazy`: the ranges the restorer registers with a userfaultfd (empty: eager);
+/// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots).
+pub fn run(
+    m: &Manifest,
+    p: &Process,
+    lazy: &[(u64, u64)],
+    notify: Option<RawFd>,
+    status_fd: RawFd,
+) -> i32 {
     let mut report = status_fd;
-    match prepare_and_jump(m, p, lazy, &mut report) {
+    match prepare_and_jump(m, p, lazy, notify, &mut report) {
         Ok(never) => match never {},
         Err(e) => {
             let mut msg = vec![MSG_ERROR];
@@ -61,6 +68,7 @@ fn prepare_and_jump(
     m: &Manifest,
     p: &Process,
     lazy: &[(u64, u64)],
+    notify: Option<RawFd>,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -79,13 +87,18 @@ fn prepare_and_jump(
     // Everything we still need lives above the app's highest fd while its table is built.
     let high = max_fd + 1;
     *report = dup_high(*report, high)?;
-    let stdio = [
+    let mut stdio = vec![
         dup_high_or_null(0, high)?,
         dup_high_or_null(1, high)?,
         dup_high_or_null(2, high)?,
     ];
-    close_all_except(&[*report, stdio[0], stdio[1], stdio[2]])?;
-    crate::fds::install(m, p, stdio, high)?;
+    if let Some(fd) = notify {
+        stdio.push(dup_high(fd, high)?);
+    }
+    let mut keep = stdio.clone();
+    keep.push(*report);
+    close_all_except(&keep)?;
+    crate::fds::install(m, p, &stdio, high)?;
     for fd in stdio {
         unsafe { libc::close(fd) };
     }

@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{Sandbox, SpawnOptions};
 use warmstart_parasite::Status;
-use warmstart_snapshots::model::reg;
+use warmstart_snapshots::model::{reg, FileDesc};
 use warmstart_snapshots::store::Snapshot;
 
 use crate::stats::Phases;
@@ -42,6 +42,8 @@ pub struct Restored {
     pub phases: Phases,
     /// The page server of a lazy restore, running.
     pub lazy: Option<lazy::Running>,
+    /// Our end of the app's notify channel, kept open while it runs.
+    _notify: Option<OwnedFd>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -93,6 +95,21 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     // a pipe we copy from, for this run only.
     let stdout_tap = if opts.learn { Some(pipe()?) } else { None };
     let stdio = stdout_tap.as_ref().map(|(_, w)| [0, w.as_raw_fd(), 2]);
+    // A `--ready notify` app is waiting in a read of its notify channel: it gets a new
+    // one whose first bytes say it was restored.
+    let notify = if p
+        .fds
+        .iter()
+        .any(|f| f.file == FileDesc::External { stdio: 3 })
+    {
+        let (ours, app) = socketpair()?;
+        let mut w = std::fs::File::from(ours.try_clone()?);
+        std::io::Write::write_all(&mut w, warmstart_launcher::warmpoint::RESTORED_MSG)
+            .context("writing RESTORED=1 to the notify channel")?;
+        Some((ours, app))
+    } else {
+        None
+    };
     let (status_r, status_w) = pipe()?;
     let status_w_raw = status_w.as_raw_fd();
     let spawn_t = Instant::now();
@@ -102,10 +119,20 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
             gate: true,
             stdio,
         },
-        || child::run(m, p, ranges, status_w_raw),
+        || {
+            child::run(
+                m,
+                p,
+                ranges,
+                notify.as_ref().map(|(_, app)| app.as_raw_fd()),
+                status_w_raw,
+            )
+        },
     )
     .context("starting the sandbox")?;
     drop(status_w);
+    // The app has its end; ours stays open while the instance runs (in `Restored`).
+    let notify = notify.map(|(ours, _app)| ours);
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
@@ -176,7 +203,24 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         pid,
         phases,
         lazy,
+        _notify: notify,
     })
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error()).context("socketpair");
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
