@@ -1,14 +1,14 @@
 //! zdtm-style fixtures (tests/fixtures/*.c), one kernel resource each: every fixture is run
 //! cold (it must PASS, and FAIL after its `break` negative control), then recorded at its
-//! warm point and restored with `warmstart run`, where it must PASS again.
+//! warm point and restored with `warmstart run` in every mode ([`Mode::ALL`]: lazy while
+//! learning the working set, eager, lazy with the working set prefetched), where it must
+//! PASS again.
 
 mod common;
 
-use common::{cold, fixture, tempdir, Ws};
-
-/// Input for the restored instance: two checks (the state must also survive the first
-/// check's own use of it).
-const INPUT: &str = "check\ncheck\n";
+use common::{
+    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Mode, Ws, CHECK_TWICE,
+};
 
 fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
     let mut v = vec![bin.as_os_str().to_owned()];
@@ -18,41 +18,69 @@ fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::O
     v
 }
 
-fn assert_all_pass(out: &common::Out, lines: usize, ctx: &str) {
-    let want = "PASS\n".repeat(lines);
-    assert!(
-        out.stdout == want && out.code() == 0,
-        "{ctx}: expected {lines}x PASS and exit 0:\n{}",
-        out.describe()
-    );
-}
-
 fn run_fixture(name: &str, needs_dir: bool) {
     let bin = fixture(name);
 
-    // Cold: the fixture itself passes...
+    // Cold: the fixture itself passes, and can fail.
     let d = tempdir("ws-cold-");
-    let out = cold(&argv(&bin, needs_dir.then(|| d.path())), INPUT);
-    assert_all_pass(&out, 2, &format!("cold {name}"));
-    // ...and can fail: the negative control breaks its state on purpose.
+    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
     let d = tempdir("ws-neg-");
-    let out = cold(
-        &argv(&bin, needs_dir.then(|| d.path())),
-        "check\nbreak\ncheck\n",
-    );
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert!(
-        lines.len() == 2 && lines[0] == "PASS" && lines[1].starts_with("FAIL: ") && out.code() == 1,
-        "cold {name} with `break` should print PASS then FAIL and exit 1:\n{}",
-        out.describe()
-    );
+    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
 
-    // Record at the warm point, restore, check.
+    // Record at the warm point, restore in every mode, check. An instance may write to
+    // the fixture's files, which the next restore would rightly refuse (the snapshot's
+    // files changed): each run gets them back as they were at the warm point.
     let ws = Ws::new();
     let d = tempdir("ws-rec-");
     let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let out = ws.instance(name, INPUT);
-    assert_all_pass(&out, 2, &format!("restored {name} ({id})"));
+    let files = SavedFiles::save(d.path());
+    ws.each_mode_prepared(
+        name,
+        CHECK_TWICE,
+        |_| files.put_back(),
+        |mode, out| {
+            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
+        },
+    );
+}
+
+/// The regular files of a directory (recursively): content and mtime.
+struct SavedFiles(Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>);
+
+impl SavedFiles {
+    fn save(dir: &std::path::Path) -> SavedFiles {
+        let mut v = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let ft = e.file_type().unwrap();
+                if ft.is_dir() {
+                    todo.push(e.path());
+                } else if ft.is_file() {
+                    let meta = e.metadata().unwrap();
+                    v.push((
+                        e.path(),
+                        std::fs::read(e.path()).unwrap(),
+                        meta.modified().unwrap(),
+                    ));
+                }
+            }
+        }
+        SavedFiles(v)
+    }
+
+    /// Rewrites each file in place (same inode), then its mtime.
+    fn put_back(&self) {
+        for (path, content, mtime) in &self.0 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            std::io::Write::write_all(&mut &f, content).unwrap();
+            f.set_modified(*mtime).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -132,20 +160,24 @@ fn maps_equal_after_restore() {
     );
     let before = std::fs::read_to_string(&before_path)
         .expect("the fixture wrote its maps before the warm point");
-    let out = ws.instance("maps", "maps\n");
-    assert!(
-        out.code() == 0 && out.stdout.ends_with("END\n"),
-        "restored maps fixture:\n{}",
-        out.describe()
-    );
-    let after = out.stdout.strip_suffix("END\n").unwrap();
+    ws.each_mode("maps", "maps\n", |mode, out| {
+        assert!(
+            out.code() == 0 && out.stdout.ends_with("END\n"),
+            "restored maps fixture, {mode}:\n{}",
+            out.describe()
+        );
+        let after = out.stdout.strip_suffix("END\n").unwrap();
+        assert_same_maps(&before, after, mode);
+    });
+}
 
+fn assert_same_maps(before: &str, after: &str, mode: Mode) {
     let norm = |s: &str| -> Vec<String> {
         s.lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
             .collect()
     };
-    let (b, a) = (norm(&before), norm(after));
+    let (b, a) = (norm(before), norm(after));
     let mut diffs = Vec::new();
     for l in &b {
         if !a.contains(l) {
@@ -159,7 +191,7 @@ fn maps_equal_after_restore() {
     }
     assert!(
         diffs.is_empty(),
-        "/proc/self/maps differs after restore (- before snapshot, + restored):\n{}\n\n--- before ---\n{before}\n--- after ---\n{after}",
+        "/proc/self/maps differs after restore, {mode} (- before snapshot, + restored):\n{}\n\n--- before ---\n{before}\n--- after ---\n{after}",
         diffs.join("\n")
     );
 }

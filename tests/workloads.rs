@@ -1,11 +1,13 @@
-//! Real workloads from ../shared/workloads: each is recorded once, then restored three
-//! times; every restored instance must print exactly what a cold run prints.
+//! Real workloads from ../shared/workloads: each is recorded once, then restored in every
+//! mode ([`Mode::ALL`]: lazy while learning the working set, eager, lazy with the working
+//! set prefetched); every restored instance must print exactly what a cold run prints.
 
 mod common;
 
-use common::{cold, compile, python, workloads_dir, Ws};
+use common::{cold, compile, python, workloads_dir, Mode, Ws};
 
-/// Cold output of `argv` for `input`, then record + three restored runs compared with it.
+/// Cold output of `argv` for `input`, then record + one restored run per mode compared
+/// with it.
 fn cold_vs_restored(name: &str, argv: &[std::ffi::OsString], input: &str) {
     let expected = cold(argv, input);
     expected.assert_ok();
@@ -17,15 +19,14 @@ fn cold_vs_restored(name: &str, argv: &[std::ffi::OsString], input: &str) {
     );
     let ws = Ws::new();
     let id = ws.record(name, argv);
-    for i in 1..=3 {
-        let out = ws.instance(name, input);
+    ws.each_mode(name, input, |mode, out| {
         assert!(
             out.success() && out.stdout == expected.stdout,
-            "restored run {i} of {name} ({id}) differs from the cold run.\n--- cold stdout ---\n{}\n--- restored ---\n{}",
+            "restored run of {name} ({id}), {mode}, differs from the cold run.\n--- cold stdout ---\n{}\n--- restored ---\n{}",
             expected.stdout,
             out.describe()
         );
-    }
+    });
 }
 
 fn py(script: &str) -> Vec<std::ffi::OsString> {
@@ -60,19 +61,25 @@ fn c_mem_256() {
     );
 }
 
-/// Eight instances of one snapshot at the same time, all correct.
+/// Eight instances of one snapshot at the same time, all correct: lazy ones (several may
+/// learn the working set at once), eager ones, and lazy ones prefetching the learned set.
 #[test]
 fn py_echo_eight_concurrent_instances() {
     let argv = py("py_echo.py");
     let ws = Ws::new();
     ws.record("echo", &argv);
+    for mode in Mode::ALL {
+        eight_concurrent(&ws, mode);
+    }
+}
+
+fn eight_concurrent(ws: &Ws, mode: Mode) {
     let outs: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|i| {
-                let ws = &ws;
                 s.spawn(move || {
                     let input: String = (0..20).map(|j| format!("instance{i} line{j}\n")).collect();
-                    (input.clone(), ws.instance("echo", &input))
+                    (input.clone(), ws.run_mode("echo", mode, &input))
                 })
             })
             .collect();
@@ -86,7 +93,7 @@ fn py_echo_eight_concurrent_instances() {
             .collect();
         assert!(
             out.success() && out.stdout == want,
-            "instance {i} is wrong:\n{}",
+            "instance {i} ({mode}) is wrong:\n{}",
             out.describe()
         );
     }

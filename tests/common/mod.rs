@@ -46,7 +46,8 @@ pub fn python() -> PathBuf {
 // ---------------------------------------------------------------------------------------
 // Process helpers
 
-fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+/// A pidfd for `pid` (`ESRCH` if it is gone).
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -57,10 +58,15 @@ fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 
 /// Waits until `pid` (a child or not) exits or `timeout` passes; true if it exited.
 pub fn wait_pid_exit(pid: i32, timeout: Duration) -> bool {
-    use std::os::fd::AsRawFd;
     let Ok(fd) = pidfd_open(pid) else {
         return true; // ESRCH: already gone
     };
+    wait_pidfd_exit(&fd, timeout)
+}
+
+/// Waits until the process of `fd` (a pidfd) exits or `timeout` passes; true if it exited.
+pub fn wait_pidfd_exit(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -396,6 +402,48 @@ impl Drop for Proc {
 }
 
 // ---------------------------------------------------------------------------------------
+// Restore modes
+
+/// How `warmstart run` gives a restored instance its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `run SNAP` (the default): served on demand by the page server; the first such run
+    /// of a snapshot learns its working set.
+    Lazy,
+    /// `run --eager SNAP`: everything copied before the app resumes.
+    Eager,
+    /// `run SNAP` again, once a working set was learned: it is prefetched, the rest lazy.
+    LazyPrefetched,
+    /// `run --no-prefetch SNAP`: lazy, no prefetching and no learning.
+    LazyNoPrefetch,
+}
+
+impl Mode {
+    /// The modes every restore test goes through, in this order.
+    pub const ALL: [Mode; 3] = [Mode::Lazy, Mode::Eager, Mode::LazyPrefetched];
+
+    /// The `run` flags for this mode.
+    pub fn flags(self) -> &'static [&'static str] {
+        match self {
+            Mode::Lazy | Mode::LazyPrefetched => &[],
+            Mode::Eager => &["--eager"],
+            Mode::LazyNoPrefetch => &["--no-prefetch"],
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Lazy => "lazy (learning)",
+            Mode::Eager => "eager",
+            Mode::LazyPrefetched => "lazy (prefetched)",
+            Mode::LazyNoPrefetch => "lazy (--no-prefetch)",
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Stores
 
 /// A private, temporary snapshot store and the commands that use it.
@@ -449,6 +497,59 @@ impl Ws {
     /// `warmstart run SNAP` with `stdin`.
     pub fn instance(&self, snap: &str, stdin: &str) -> Out {
         self.run(&["run", snap], stdin)
+    }
+
+    /// `warmstart run [MODE FLAGS] SNAP` with `stdin`.
+    pub fn run_mode(&self, snap: &str, mode: Mode, stdin: &str) -> Out {
+        let mut args: Vec<&str> = vec!["run"];
+        args.extend_from_slice(mode.flags());
+        args.push(snap);
+        self.run(&args, stdin)
+    }
+
+    /// Restores `snap` once in each of [`Mode::ALL`], in that order (the first lazy run
+    /// learns the working set, the last one prefetches it), calling `check` with each
+    /// output. Asserts that the learning run stored a working set.
+    pub fn each_mode(&self, snap: &str, stdin: &str, check: impl FnMut(Mode, &Out)) {
+        self.each_mode_prepared(snap, stdin, |_| {}, check)
+    }
+
+    /// [`Ws::each_mode`], calling `prepare` before each run (e.g. to put back files that
+    /// the previous instance changed).
+    pub fn each_mode_prepared(
+        &self,
+        snap: &str,
+        stdin: &str,
+        mut prepare: impl FnMut(Mode),
+        mut check: impl FnMut(Mode, &Out),
+    ) {
+        for mode in Mode::ALL {
+            prepare(mode);
+            let out = self.run_mode(snap, mode, stdin);
+            check(mode, &out);
+            if mode == Mode::Lazy {
+                let pages = self.working_set_pages(snap);
+                assert!(
+                    pages.is_some_and(|n| n > 0),
+                    "the first lazy run of {snap} should have learned a working set; \
+                     `inspect --json` says working_set_pages = {pages:?}\n{}",
+                    out.describe()
+                );
+            }
+        }
+    }
+
+    /// `inspect --json SNAP`, parsed.
+    pub fn inspect_json(&self, snap: &str) -> serde_json::Value {
+        let out = self.run(&["inspect", "--json", snap], "");
+        out.assert_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", out.describe()))
+    }
+
+    /// Pages in the learned working set of `snap` (`None`: not learned yet).
+    pub fn working_set_pages(&self, snap: &str) -> Option<u64> {
+        self.inspect_json(snap)["stats"]["working_set_pages"].as_u64()
     }
 
     /// `ls --json`, parsed.
@@ -528,6 +629,38 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(format!("{name}.c"));
     compile(&src, &["-O1", "-g", "-Wall"], name)
+}
+
+/// Input for a restored zdtm fixture: two checks (the state must also survive the first
+/// check's own use of it).
+pub const CHECK_TWICE: &str = "check\ncheck\n";
+
+/// Panics unless `out` is exactly `lines` PASS lines and exit 0.
+pub fn assert_all_pass(out: &Out, lines: usize, ctx: &str) {
+    let want = "PASS\n".repeat(lines);
+    assert!(
+        out.stdout == want && out.code() == 0,
+        "{ctx}: expected {lines}x PASS and exit 0:\n{}",
+        out.describe()
+    );
+}
+
+/// A zdtm fixture run cold (no warmstart) passes its two checks.
+pub fn zdtm_cold_pass<S: AsRef<std::ffi::OsStr>>(name: &str, argv: &[S]) {
+    let out = cold(argv, CHECK_TWICE);
+    assert_all_pass(&out, 2, &format!("cold {name}"));
+}
+
+/// The negative control: a cold zdtm fixture whose state is broken on purpose between two
+/// checks prints PASS then FAIL and exits 1 (its checks can fail).
+pub fn zdtm_cold_break<S: AsRef<std::ffi::OsStr>>(name: &str, argv: &[S]) {
+    let out = cold(argv, "check\nbreak\ncheck\n");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0] == "PASS" && lines[1].starts_with("FAIL: ") && out.code() == 1,
+        "cold {name} with `break` should print PASS then FAIL and exit 1:\n{}",
+        out.describe()
+    );
 }
 
 /// A temporary directory for a fixture's files.
