@@ -663,6 +663,9 @@ pub(crate) mod tests_support {
             sigactions: Vec::new(),
             shared_pending: Vec::new(),
             threads: Vec::new(),
+            itimers: Default::default(),
+            posix_timers: Vec::new(),
+            seccomp_filters: Vec::new(),
         }
     }
 }
