@@ -1,6 +1,8 @@
 use clap::Parser;
 
 fn main() {
+    // Rust ignores SIGPIPE; a CLI piped into `head` should just stop, not panic.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = warmstart::cli::Cli::parse_from(warmstart::cli::normalize_args(std::env::args_os()));
     let level = match cli.verbose {
         0 => "warn",

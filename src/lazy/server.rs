@@ -22,6 +22,10 @@ pub const READAHEAD_PAGES: u64 = 16;
 /// While idle without a way to see the target exit (forked children, or no
 /// [`LazyServer::watch_exit`]), the server checks liveness this often.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Background streaming waits for this long without a fault: while the app is busy
+/// faulting (resuming, answering its first request) a 2 MiB batch in the way of its next
+/// fault would cost more than it saves.
+const STREAM_QUIET: Duration = Duration::from_millis(20);
 /// A fault that keeps getting `EAGAIN` this long is an error.
 const RETRY_LIMIT: Duration = Duration::from_secs(10);
 /// Gaps of up to this many pages between working-set pages are copied too (one ioctl
@@ -421,6 +425,8 @@ pub struct LazyServer {
     msgs: Vec<UffdMsg>,
     stats: ServeStats,
     stop: Arc<AtomicBool>,
+    /// When the last fault was served (or serving began).
+    last_fault: Instant,
     recorded: Option<Bitmap>,
     page_count: u64,
 }
@@ -480,6 +486,7 @@ impl LazyServer {
             msgs,
             stats: ServeStats::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            last_fault: Instant::now(),
             page_count,
         })
     }
@@ -580,6 +587,7 @@ impl LazyServer {
     /// [`LazyError`].
     pub fn serve(mut self) -> std::result::Result<ServeStats, LazyError> {
         let start = Instant::now();
+        self.last_fault = start;
         match self.run(start) {
             Ok(()) => {
                 self.stats.elapsed = start.elapsed();
@@ -626,7 +634,8 @@ impl LazyServer {
                 return Ok(());
             }
             let recording = self.recording(start);
-            if self.opts.background && !recording && self.stream_step(None)? {
+            let quiet = self.last_fault.elapsed() >= STREAM_QUIET;
+            if self.opts.background && !recording && quiet && self.stream_step(None)? {
                 continue;
             }
             self.wait_idle(start, recording)?;
@@ -700,6 +709,7 @@ impl LazyServer {
     }
 
     fn handle_fault(&mut self, f: Fault, start: Instant) -> Result<()> {
+        self.last_fault = Instant::now();
         let Some(si) = self.space_pos(f.space) else {
             return Ok(());
         };
@@ -945,6 +955,12 @@ impl LazyServer {
             });
         }
         let mut timeout = PROBE_INTERVAL;
+        if self.opts.background && !recording {
+            let since = self.last_fault.elapsed();
+            if since < STREAM_QUIET {
+                timeout = timeout.min(STREAM_QUIET - since + Duration::from_millis(1));
+            }
+        }
         if recording {
             if let Some(d) = self.opts.record_for {
                 timeout = timeout.min(d.saturating_sub(start.elapsed()));

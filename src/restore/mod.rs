@@ -181,22 +181,33 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         .transpose()?;
     phases.add("memory", t.elapsed());
     let t = Instant::now();
-    ptrace::cont(pid, 0)?;
-    // The leader reports each thread it creates (in creation order, which is the
-    // snapshot's thread order), then its own trap; then each thread traps.
-    let mut tids = vec![pid];
-    wait_trap(pid, &info, &mut tids).map_err(fail)?;
-    if tids.len() != p.threads.len() {
-        return Err(fail(anyhow!(
-            "created {} threads, the snapshot has {}",
-            tids.len(),
-            p.threads.len()
-        )));
+    let resumed = (|| -> Result<()> {
+        ptrace::cont(pid, 0).context("continuing the restorer")?;
+        // The leader reports each thread it creates (in creation order, which is the
+        // snapshot's thread order), then its own trap; then each thread traps.
+        let mut tids = vec![pid];
+        wait_trap(pid, &info, &mut tids)?;
+        if tids.len() != p.threads.len() {
+            bail!(
+                "created {} threads, the snapshot has {}",
+                tids.len(),
+                p.threads.len()
+            );
+        }
+        for &tid in &tids[1..] {
+            wait_trap(tid, &info, &mut Vec::new())?;
+        }
+        finish(&tids, &info, &p.threads)
+    })();
+    if let Err(e) = resumed {
+        // A page server that failed has killed the instance, which is what this error
+        // saw: its reason is the one to report.
+        let _ = sandbox.kill();
+        if let Some(Err(server)) = lazy.map(|l| l.finish()) {
+            return Err(fail(server));
+        }
+        return Err(fail(e));
     }
-    for &tid in &tids[1..] {
-        wait_trap(tid, &info, &mut Vec::new()).map_err(fail)?;
-    }
-    finish(&tids, &info, &p.threads).map_err(fail)?;
     phases.add("resume", t.elapsed());
     Ok(Restored {
         sandbox,
