@@ -146,11 +146,8 @@ fn resolve(w: &RawWatch) -> Result<String> {
 }
 
 pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Result<RawFd> {
-    let mut in_flags = libc::IN_CLOEXEC;
-    if flags & libc::O_NONBLOCK != 0 {
-        in_flags |= libc::IN_NONBLOCK;
-    }
-    let fd = unsafe { libc::inotify_init1(in_flags) };
+    // Non-blocking while restoring (see the IN_IGNORED below); the real flags at the end.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd < 0 {
         return Err(errno_err("inotify_init1"));
     }
@@ -169,6 +166,10 @@ pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Res
             if burn < 0 || unsafe { libc::inotify_rm_watch(fd, burn) } < 0 {
                 return Err(errno_err(format!("skipping inotify wd {next}")));
             }
+            // Removing a watch queues an IN_IGNORED event for it: read it (one event
+            // without a name fits the buffer exactly) so the app never sees it.
+            let mut ev = [0u8; std::mem::size_of::<libc::inotify_event>()];
+            unsafe { libc::read(fd, ev.as_mut_ptr().cast(), ev.len()) };
             next = burn + 1;
         }
         let path = cstr(&w.path)?;
@@ -185,6 +186,7 @@ pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Res
         }
         next = wd + 1;
     }
+    super::set_status_flags(fd, flags)?;
     Ok(fd)
 }
 

@@ -18,7 +18,8 @@ use warmstart_snapshots::model::{FileLock, LockKind, Manifest, Process};
 
 use super::{errno_err, Target};
 
-pub fn dump(t: &Target) -> Result<Vec<FileLock>> {
+/// The locks held through `t`; `pid` is the process's pid in its own namespace.
+pub fn dump(t: &Target, pid: i32) -> Result<Vec<FileLock>> {
     let mut out = Vec::new();
     for line in t.info.lines_with("lock:") {
         if line.contains("->") {
@@ -26,7 +27,7 @@ pub fn dump(t: &Target) -> Result<Vec<FileLock>> {
         }
         match parse(line) {
             Ok(Some((kind, write, start, len))) => out.push(FileLock {
-                pid: t.pid,
+                pid,
                 fd: t.fd,
                 kind,
                 write,

@@ -196,6 +196,7 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
     let mut fds = Vec::new();
     let mut shared = Shared::default();
     let mut file_locks = Vec::new();
+    let pid_in_ns = pid_in_own_ns(pid)?;
     let mut nums: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd"))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -243,7 +244,7 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
         };
         seen.entry(ofd).or_insert_with(|| file.clone());
         if !matches!(file, FileDesc::External { .. }) {
-            file_locks.extend(locks::dump(&t)?);
+            file_locks.extend(locks::dump(&t, pid_in_ns)?);
         }
         fds.push(Fd {
             fd,
@@ -260,6 +261,17 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
         unix_pairs: shared.unix.finish(pid, comm)?,
         file_locks,
     })
+}
+
+/// The pid of `pid` in its own (innermost) pid namespace: the last `NSpid:` field.
+fn pid_in_own_ns(pid: i32) -> Result<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .unwrap_or(pid))
 }
 
 /// Which kind of fd `t` is, and its state.
