@@ -169,7 +169,8 @@ fn established_tcp_is_refused_unless_tcp_close() {
     let out = ws.run(&args(&[]), "");
     out.assert_fail();
     assert!(
-        out.stderr.contains("established TCP connection from 127.0.0.1:")
+        out.stderr
+            .contains("established TCP connection from 127.0.0.1:")
             && out.stderr.contains("fd ")
             && out.stderr.contains("--tcp-close"),
         "the refusal should name the fd, the addresses and the option:\n{}",
@@ -186,17 +187,23 @@ fn io_uring_is_refused_by_name() {
     let bin = fixture("io_uring");
     let out = cold(&argv(&bin, None), "check\n");
     if out.code() == 2 {
-        eprintln!("io_uring is not available here; skipping:\n{}", out.describe());
+        eprintln!(
+            "io_uring is not available here; skipping:\n{}",
+            out.describe()
+        );
         return;
     }
     assert_all_pass(&out, 1, "cold io_uring");
     let ws = Ws::new();
-    let mut a: Vec<std::ffi::OsString> = vec!["record".into(), "--name".into(), "u".into(), "--".into()];
+    let mut a: Vec<std::ffi::OsString> =
+        vec!["record".into(), "--name".into(), "u".into(), "--".into()];
     a.extend(argv(&bin, None));
     let out = ws.run(&a, "");
     out.assert_fail();
     assert!(
-        out.stderr.contains("is an anonymous inode of type io_uring, which warmstart cannot checkpoint yet"),
+        out.stderr.contains(
+            "is an anonymous inode of type io_uring, which warmstart cannot checkpoint yet"
+        ),
         "{}",
         out.describe()
     );
