@@ -209,3 +209,43 @@ fn io_uring_is_refused_by_name() {
     );
     let _ = std::io::stderr().flush();
 }
+
+/// `record` of `name` (with `args`) must fail with every one of `needles` in its stderr.
+fn assert_refused(name: &str, args: &[&std::ffi::OsStr], needles: &[&str]) {
+    let bin = fixture(name);
+    let ws = Ws::new();
+    let mut a: Vec<std::ffi::OsString> =
+        vec!["record".into(), "--name".into(), name.into(), "--".into()];
+    a.push(bin.into_os_string());
+    a.extend(args.iter().map(|s| s.to_os_string()));
+    let out = ws.run(&a, "");
+    out.assert_fail();
+    for n in needles {
+        assert!(
+            out.stderr.contains(n),
+            "the refusal should say {n:?}:\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn epoll_with_a_closed_target_is_refused() {
+    assert_refused(
+        "epoll_closed",
+        &[],
+        &["is an epoll watching fd 3 which the process has closed", "fd 4"],
+    );
+}
+
+#[test]
+fn unix_socket_connected_outside_is_refused() {
+    let d = tempdir("ws-out-");
+    let path = d.path().join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    assert_refused(
+        "unix_outside",
+        &[path.as_os_str()],
+        &["fd 3 is a unix socket connected to a peer outside the process"],
+    );
+}

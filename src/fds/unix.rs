@@ -25,6 +25,7 @@ use warmstart_snapshots::model::{FileDesc, UnixAddr, UnixPairObject};
 use super::sock_diag::{self, UnixDiag};
 use super::{errno_err, getsockopt_int, setsockopt_int, Installer, Target};
 
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
 
 /// One end of a connected pair seen so far.
@@ -99,6 +100,14 @@ pub fn dump(
     let sock_type = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_TYPE)?;
     let d = c.diag(ino)?;
     let flags = t.flags();
+    if d.peer == 0 && d.state == TCP_ESTABLISHED {
+        // Connected, but the peer has no inode: a connection not accepted yet on a
+        // listener (of another process: ours would be refused for it) or a peer closed.
+        return Err(t.refuse(
+            "a unix socket connected to a peer outside the process (or to one that has \
+             closed, or that was not accepted yet)",
+        ));
+    }
     if d.peer != 0 {
         if c.ends.contains_key(&ino) {
             // Another fd of the same socket is a dup; its ofd makes it share.
