@@ -234,7 +234,10 @@ fn epoll_with_a_closed_target_is_refused() {
     assert_refused(
         "epoll_closed",
         &[],
-        &["is an epoll watching fd 3 which the process has closed", "fd 4"],
+        &[
+            "is an epoll watching fd 3 which the process has closed",
+            "fd 4",
+        ],
     );
 }
 
