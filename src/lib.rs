@@ -1,5 +1,6 @@
 //! warmstart: checkpoint an app at its warm point, restore instances in milliseconds.
 
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod dump;

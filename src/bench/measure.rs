@@ -1,0 +1,525 @@
+//! One measured run: start an app cold or restored, feed it its input, time the first
+//! answer, read its memory figures, and tear it down.
+//!
+//! The first answer is the first line on the app's stdout (the input is written at
+//! start and waits in the pipe until the app reads it), or, for an HTTP app, the first
+//! `GET /hit` on 127.0.0.1:PORT that returns a status line. Restored runs go through
+//! `warmstart run`, exactly as a user starts them; the instance's host pid comes from the
+//! monitor's registration (`warmstart ps`), or from the monitor's process tree.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Lines of a process's stderr kept for error messages.
+const TAIL_LINES: usize = 12;
+
+/// How the first answer is recognised.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// Write `input` to stdin at start; the first answer is the first stdout line.
+    Line { input: Vec<u8> },
+    /// Poll `GET /hit` on 127.0.0.1:`port` until a status line comes back.
+    Http { port: u16 },
+}
+
+/// How a run starts the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Start {
+    Cold,
+    /// `warmstart run --eager`
+    Eager,
+    /// `warmstart run --no-prefetch`: pages on demand only
+    Lazy,
+    /// `warmstart run`: the learned working set is prefetched
+    LazyWs,
+}
+
+impl Start {
+    pub const RESTORED: [Start; 3] = [Start::Eager, Start::Lazy, Start::LazyWs];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Start::Cold => "cold",
+            Start::Eager => "eager",
+            Start::Lazy => "lazy",
+            Start::LazyWs => "lazy+ws",
+        }
+    }
+}
+
+/// What the runs of one app share.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The warmstart binary.
+    pub exe: PathBuf,
+    /// The store directory.
+    pub store: PathBuf,
+    /// The app's command (cold) and recording.
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Snapshot name in the store.
+    pub snapshot: String,
+    pub probe: Probe,
+    /// Longest wait for a first answer (and for a recording).
+    pub timeout: Duration,
+}
+
+/// A started app, cold or restored.
+pub struct Running {
+    child: Child,
+    start: Start,
+    started: Instant,
+    stdout: Option<std::process::ChildStdout>,
+    /// Closing it (dropping the sender) closes the app's stdin.
+    close_stdin: Option<mpsc::Sender<()>>,
+    tail: Arc<Mutex<Vec<String>>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Memory of one process, from `/proc/PID/smaps_rollup`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Mem {
+    pub rss: u64,
+    pub pss: u64,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub first_answer: Duration,
+    pub mem: Option<Mem>,
+}
+
+fn keep_tail(
+    r: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let t = tail.clone();
+    let h = std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(r);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let mut t = t.lock().unwrap();
+                    if t.len() == TAIL_LINES {
+                        t.remove(0);
+                    }
+                    t.push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                }
+            }
+        }
+    });
+    (tail, h)
+}
+
+/// The error lines of a tail: from warmstart's own `warmstart: ...` line if there is
+/// one, else the last few lines.
+pub fn error_text(tail: &[String]) -> String {
+    if let Some(i) = tail.iter().rposition(|l| l.starts_with("warmstart: ")) {
+        return tail[i..].join(" / ");
+    }
+    let n = tail.len();
+    tail[n.saturating_sub(4)..].join(" / ")
+}
+
+impl Target {
+    fn command_for(&self, start: Start) -> Command {
+        let mut c = match start {
+            Start::Cold => {
+                let mut c = Command::new(&self.command[0]);
+                c.args(&self.command[1..]);
+                c
+            }
+            mode => {
+                let mut c = Command::new(&self.exe);
+                c.arg("--store").arg(&self.store).arg("run");
+                match mode {
+                    Start::Eager => {
+                        c.arg("--eager");
+                    }
+                    Start::Lazy => {
+                        c.arg("--no-prefetch");
+                    }
+                    _ => {}
+                }
+                c.arg(&self.snapshot);
+                c
+            }
+        };
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Starts one instance; its input is already on the way.
+    pub fn start(&self, start: Start) -> Result<Running> {
+        let mut cmd = self.command_for(start);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let (tx, rx) = mpsc::channel::<()>();
+        let input = match &self.probe {
+            Probe::Line { input } => input.clone(),
+            Probe::Http { .. } => Vec::new(),
+        };
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+            let _ = stdin.flush();
+            // Keep stdin open until told (the app must not see EOF before we measured).
+            let _ = rx.recv();
+        });
+        let (tail, h) = keep_tail(child.stderr.take().expect("piped stderr"));
+        Ok(Running {
+            stdout: child.stdout.take(),
+            child,
+            start,
+            started,
+            close_stdin: Some(tx),
+            tail,
+            stderr_reader: Some(h),
+        })
+    }
+
+    /// One full run: start, first answer, memory, teardown.
+    pub fn run_once(&self, start: Start, with_mem: bool) -> Result<Sample> {
+        let mut r = self.start(start)?;
+        let res: Result<Sample> = (|| {
+            let first_answer = r.first_answer(&self.probe, self.timeout)?;
+            let mem = if with_mem {
+                r.app_pid().ok().and_then(|p| smaps_rollup(p).ok())
+            } else {
+                None
+            };
+            Ok(Sample { first_answer, mem })
+        })();
+        let out = r.finish();
+        match res {
+            Ok(s) => Ok(s),
+            Err(e) => Err(match out {
+                Some(tail) => anyhow!("{tail} ({e:#})"),
+                None => e,
+            }),
+        }
+    }
+}
+
+fn wait_readable(fd: i32, until: Instant) -> Result<bool> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms.max(1)) };
+        if r > 0 {
+            return Ok(true);
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).context("poll");
+            }
+        }
+    }
+}
+
+/// One `GET /hit`: `Ok(true)` once a status line came back.
+fn http_hit(port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /hit HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    buf[..got].starts_with(b"HTTP/")
+}
+
+impl Running {
+    /// Waits for the first answer; the time is from the moment the app was started.
+    pub fn first_answer(&mut self, probe: &Probe, timeout: Duration) -> Result<Duration> {
+        let until = self.started + timeout;
+        match probe {
+            Probe::Line { .. } => {
+                let out = self.stdout.as_mut().expect("stdout");
+                let fd = out.as_raw_fd();
+                let mut buf = [0u8; 4096];
+                loop {
+                    if !wait_readable(fd, until)? {
+                        bail!(
+                            "no answer within {} s (the app never wrote a line)",
+                            timeout.as_secs()
+                        );
+                    }
+                    let n = out.read(&mut buf).context("reading the app's stdout")?;
+                    if n == 0 {
+                        let status = self.child.wait()?;
+                        bail!("the app closed its stdout without answering ({status})");
+                    }
+                    if buf[..n].contains(&b'\n') {
+                        return Ok(self.started.elapsed());
+                    }
+                }
+            }
+            Probe::Http { port } => loop {
+                if http_hit(*port) {
+                    return Ok(self.started.elapsed());
+                }
+                if let Some(status) = self.child.try_wait()? {
+                    bail!("exited without answering on port {port} ({status})");
+                }
+                if Instant::now() >= until {
+                    bail!(
+                        "no answer on 127.0.0.1:{port} within {} s",
+                        timeout.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            },
+        }
+    }
+
+    /// Host pid of the app: the child itself when cold; for a restored instance the pid
+    /// its monitor registered for `warmstart ps`, or the deepest process under the
+    /// monitor (monitor → sandbox init → app).
+    pub fn app_pid(&self) -> Result<i32> {
+        let me = self.child.id() as i32;
+        if self.start == Start::Cold {
+            return Ok(me);
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(i) = crate::instances::list()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|i| i.monitor == me)
+            {
+                return Ok(i.pid);
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        deepest_descendant(me).ok_or_else(|| anyhow!("no process found under monitor {me}"))
+    }
+
+    /// Closes stdin, waits a little for the app to leave, then kills what is left.
+    /// Returns the tail of the stderr (for error messages).
+    pub fn finish(mut self) -> Option<String> {
+        drop(self.close_stdin.take());
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(2)),
+                _ => {
+                    // A monitor takes its sandbox down with it (init's PDEATHSIG).
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        drop(self.stdout.take());
+        if let Some(h) = self.stderr_reader.take() {
+            let _ = h.join();
+        }
+        let t = self.tail.lock().unwrap();
+        (!t.is_empty()).then(|| error_text(&t))
+    }
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
+fn deepest_descendant(pid: i32) -> Option<i32> {
+    let mut best = None;
+    let mut frontier = vec![pid];
+    while !frontier.is_empty() {
+        let next: Vec<i32> = frontier.iter().flat_map(|&p| children_of(p)).collect();
+        if let Some(&p) = next.first() {
+            best = Some(p);
+        }
+        frontier = next;
+    }
+    best
+}
+
+/// Rss and Pss of a process (bytes).
+pub fn smaps_rollup(pid: i32) -> Result<Mem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Ok(Mem {
+        rss: field("Rss:").context("no Rss in smaps_rollup")?,
+        pss: field("Pss:").context("no Pss in smaps_rollup")?,
+    })
+}
+
+/// Starts `n` instances at once, waits for every first answer, and adds up their Pss.
+pub fn concurrent_pss(t: &Target, start: Start, n: usize) -> Result<u64> {
+    let mut runs = Vec::with_capacity(n);
+    let mut res = Ok(0);
+    for _ in 0..n {
+        match t.start(start) {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                res = Err(e);
+                break;
+            }
+        }
+    }
+    if res.is_ok() {
+        let mut total = 0;
+        for r in &mut runs {
+            if let Err(e) = r.first_answer(&t.probe, t.timeout) {
+                res = Err(e);
+                break;
+            }
+        }
+        if res.is_ok() {
+            for r in &runs {
+                match r.app_pid().and_then(smaps_rollup) {
+                    Ok(m) => total += m.pss,
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                }
+            }
+            res = res.map(|_| total);
+        }
+    }
+    for r in runs {
+        r.finish();
+    }
+    res
+}
+
+/// What recording produced.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub elapsed: Duration,
+    pub id: String,
+}
+
+/// `warmstart record --name SNAP --ready READY --timeout T -- CMD`, timed.
+pub fn record(t: &Target, ready: &str) -> Result<Recorded> {
+    let mut c = Command::new(&t.exe);
+    c.arg("--store")
+        .arg(&t.store)
+        .arg("record")
+        .arg("--name")
+        .arg(&t.snapshot)
+        .arg("--ready")
+        .arg(ready)
+        .arg("--timeout")
+        .arg(t.timeout.as_secs().max(1).to_string())
+        .arg("--")
+        .args(&t.command)
+        .envs(t.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = c.spawn().context("starting warmstart record")?;
+    let (tail, h) = keep_tail(child.stderr.take().expect("stderr"));
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .context("reading warmstart record's output")?;
+    let status = child.wait()?;
+    let elapsed = started.elapsed();
+    let _ = h.join();
+    if !status.success() {
+        let tail = tail.lock().unwrap();
+        let mut msg = error_text(&tail);
+        if msg.is_empty() {
+            msg = format!("warmstart record failed ({status})");
+        }
+        if elapsed >= t.timeout {
+            bail!(
+                "the app did not reach its warm point (--ready {ready}) within {} s: {msg}",
+                t.timeout.as_secs()
+            );
+        }
+        bail!("{msg}");
+    }
+    Ok(Recorded {
+        elapsed,
+        id: out.trim().to_owned(),
+    })
+}
+
+/// Sizes of a stored snapshot (as `warmstart inspect --json` shows them).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Sizes {
+    pub logical_bytes: u64,
+    pub resident_bytes: u64,
+    pub zero_bytes: u64,
+    pub stored_bytes: u64,
+    pub shared_bytes_with_others: u64,
+}
+
+pub fn sizes(store: &Path, snapshot: &str) -> Result<Sizes> {
+    let s = warmstart_snapshots::store::Store::open(store)?;
+    let id = s.resolve(snapshot)?;
+    let st = s.stats(&id)?;
+    Ok(Sizes {
+        logical_bytes: st.logical_bytes,
+        resident_bytes: st.resident_pages * 4096,
+        zero_bytes: st.zero_pages * 4096,
+        stored_bytes: st.stored_bytes,
+        shared_bytes_with_others: st.shared_with_others * 4096,
+    })
+}
