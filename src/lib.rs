@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dump;
 pub mod instances;
 pub mod lazy;
+pub mod pageserver;
 pub mod record;
 pub mod restore;
 pub mod stats;
