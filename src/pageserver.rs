@@ -41,6 +41,12 @@ pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
             .and_then(|()| out.flush())
             .context("printing the bound address")?;
     }
+    serve_on(store, listener)
+}
+
+/// [`serve`] on a listener already bound.
+pub fn serve_on(store: &Store, listener: TcpListener) -> Result<()> {
+    let local = listener.local_addr().context("local address")?;
     tracing::info!(
         "page server for store {} listening on {local} (unauthenticated: trusted networks only)",
         store.dir().display()

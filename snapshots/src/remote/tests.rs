@@ -281,7 +281,10 @@ fn unreachable_server_names_the_address() {
         .unwrap()
         .to_string();
     let e = Client::connect(&addr).unwrap_err().to_string();
-    assert!(e.contains(&format!("page server {addr}: cannot connect")), "{e}");
+    assert!(
+        e.contains(&format!("page server {addr}: cannot connect")),
+        "{e}"
+    );
     let e = Client::connect("no-port-here").unwrap_err().to_string();
     assert!(e.contains("page server no-port-here"), "{e}");
 }
