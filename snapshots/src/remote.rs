@@ -474,6 +474,11 @@ pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
 /// Reads one frame body (kind and payload). `Ok(None)` at a clean end of stream (before
 /// the length prefix); a length of 0 or over [`MAX_FRAME`] is `InvalidData`.
 pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    read_frame_max(r, MAX_FRAME)
+}
+
+/// [`read_frame`] accepting bodies of at most `max` bytes.
+pub fn read_frame_max(r: &mut impl Read, max: usize) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -486,10 +491,10 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
         }
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
+    if len == 0 || len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame length {len} is out of range (1..={MAX_FRAME})"),
+            format!("frame length {len} is out of range (1..={max})"),
         ));
     }
     let mut body = vec![0u8; len];
@@ -529,10 +534,10 @@ fn unexpected(addr: &str, what: &str, got: &Response) -> StoreError {
 impl Conn {
     fn open(addr: &str) -> Result<Conn, StoreError> {
         let io = |action: &'static str| {
-            move |source: io::Error| StoreError::PageServerIo {
+            move |error: io::Error| StoreError::PageServerIo {
                 addr: addr.to_owned(),
                 action,
-                source,
+                error,
             }
         };
         let addrs: Vec<_> = addr
@@ -562,7 +567,7 @@ impl Conn {
             magic: MAGIC,
             version: VERSION,
         };
-        let answer = conn.call(addr, &hello);
+        let answer = conn.call_max(addr, &hello, 1024);
         conn.stream
             .set_read_timeout(Some(IO_TIMEOUT))
             .map_err(io("configure the connection"))?;
@@ -586,21 +591,39 @@ impl Conn {
                 addr: addr.to_owned(),
                 reason: "it did not answer like a warmstart page server".into(),
             }),
+            Err(StoreError::PageServerIo { error, .. })
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(StoreError::PageServer {
+                    addr: addr.to_owned(),
+                    reason: format!(
+                        "it did not answer like a warmstart page server within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                })
+            }
             Err(e) => Err(e),
         }
     }
 
     /// Sends `req`, reads the answer. An `Error` answer is returned as a response.
     fn call(&mut self, addr: &str, req: &Request) -> Result<Response, StoreError> {
+        self.call_max(addr, req, MAX_FRAME)
+    }
+
+    fn call_max(&mut self, addr: &str, req: &Request, max: usize) -> Result<Response, StoreError> {
         let io = |action: &'static str| {
-            move |source: io::Error| StoreError::PageServerIo {
+            move |error: io::Error| StoreError::PageServerIo {
                 addr: addr.to_owned(),
                 action,
-                source,
+                error,
             }
         };
         write_frame(&mut self.stream, &req.encode()).map_err(io("send a request"))?;
-        let body = match read_frame(&mut self.stream) {
+        let body = match read_frame_max(&mut self.stream, max) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 return Err(io("read its answer")(io::Error::new(
@@ -613,6 +636,17 @@ impl Conn {
                     addr: addr.to_owned(),
                     reason: format!("malformed answer: {e}"),
                 })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io("read its answer")(io::Error::new(
+                    e.kind(),
+                    format!("no answer within {} s", IO_TIMEOUT.as_secs()),
+                )))
             }
             Err(e) => return Err(io("read its answer")(e)),
         };

@@ -213,12 +213,11 @@ pub enum StoreError {
         dir.display(), ids.len(), ids.join(", ")
     )]
     NotSingleSnapshot { dir: PathBuf, ids: Vec<String> },
-    #[error("page server {addr}: cannot {action}: {source}")]
+    #[error("page server {addr}: cannot {action}: {error}")]
     PageServerIo {
         addr: String,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("page server {addr}: {reason}")]
     PageServer { addr: String, reason: String },
