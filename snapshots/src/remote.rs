@@ -824,6 +824,7 @@ impl RemoteWriter {
 }
 
 /// Where a dump writes memory: the local store, or a page server's.
+#[allow(clippy::large_enum_variant)] // one per dump, never moved in a loop
 pub enum PageWriter<'a> {
     Local(SnapshotWriter<'a>),
     Remote(RemoteWriter),
