@@ -69,6 +69,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the store's snapshots over TCP (for `run --page-server`, `dump --page-server`)
+    PageServer(PageServerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PageServerArgs {
+    /// TCP port (0: any free port; the bound address is printed on stdout)
+    #[arg(long)]
+    pub port: u16,
+    /// Address to listen on (no authentication: use on trusted networks only)
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: std::net::IpAddr,
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +110,9 @@ pub struct DumpArgs {
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
+    /// Send the snapshot to the page server at HOST:PORT instead of the local store
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
+    pub page_server: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +175,9 @@ pub struct RunArgs {
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
+    /// Fetch the snapshot and its pages on demand from the page server at HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    pub page_server: Option<String>,
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -223,6 +241,17 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Restore(a) => restore_cmd(&cli, a),
         Command::Record(a) => record_cmd(&cli, a),
         Command::Ps { json } => ps(*json),
+        Command::PageServer(a) => {
+            crate::pageserver::serve(&open_store(&cli)?, (a.bind, a.port).into())?;
+            Ok(0)
+        }
+        Command::Run(a) if a.page_server.is_some() => crate::pageserver::run(
+            a.page_server.as_deref().unwrap_or_default(),
+            &a.snapshot,
+            a.eager,
+            !a.no_prefetch,
+            a.display_stats,
+        ),
         Command::Run(a) => {
             let store = open_store(&cli)?;
             let id = store.resolve(&a.snapshot)?;
@@ -418,6 +447,7 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
 
 fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
     let store = match &a.dir {
+        _ if a.page_server.is_some() => None,
         Some(dir) => {
             let s = Store::open(dir)?;
             if !s.ids()?.is_empty() {
@@ -426,17 +456,21 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                     dir.display()
                 );
             }
-            s
+            Some(s)
         }
-        None => open_store(cli)?,
+        None => Some(open_store(cli)?),
     };
     if !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() || a.pid <= 0 {
         bail!("no such process: {}", a.pid);
     }
-    let r = dump::dump(
+    let dest = match (&store, &a.page_server) {
+        (Some(s), _) => dump::Destination::Store(s),
+        (None, addr) => dump::Destination::PageServer(addr.as_deref().unwrap_or_default()),
+    };
+    let r = dump::dump_to(
         a.pid,
         None,
-        &store,
+        dest,
         &DumpOptions {
             leave_running: a.leave_running,
             leave_stopped: a.leave_stopped,

@@ -7,6 +7,7 @@ pub mod dump;
 pub mod fds;
 pub mod instances;
 pub mod lazy;
+pub mod pageserver;
 pub mod record;
 pub mod restore;
 pub mod stats;

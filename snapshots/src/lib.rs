@@ -3,6 +3,8 @@
 
 pub mod format;
 pub mod model;
+pub mod remote;
 pub mod store;
 
+pub use remote::{PageWriter, RemoteWriter};
 pub use store::{Snapshot, SnapshotId, SnapshotInfo, SnapshotWriter, Store, StoreError};

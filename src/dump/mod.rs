@@ -21,6 +21,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{HostFacts, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
+use warmstart_snapshots::{PageWriter, RemoteWriter};
 
 pub use files::StdioPolicy;
 pub use freeze::Frozen;
@@ -49,6 +50,14 @@ pub struct DumpResult {
     pub phases: Phases,
 }
 
+/// Where a dump's memory and manifest go.
+#[derive(Clone, Copy)]
+pub enum Destination<'a> {
+    Store(&'a Store),
+    /// A page server's store (`HOST:PORT`), e.g. on the machine that restores.
+    PageServer(&'a str),
+}
+
 /// Dumps process `pid` (seizing it unless `frozen` says the caller already holds it).
 /// On success the target is killed unless `leave_running`; on failure it is released
 /// untouched (running as before), whatever the options.
@@ -58,13 +67,23 @@ pub fn dump(
     store: &Store,
     opts: &DumpOptions,
 ) -> Result<DumpResult> {
+    dump_to(pid, frozen, Destination::Store(store), opts)
+}
+
+/// [`dump`] to a store or to a page server.
+pub fn dump_to(
+    pid: i32,
+    frozen: Option<Frozen>,
+    dest: Destination<'_>,
+    opts: &DumpOptions,
+) -> Result<DumpResult> {
     process::check_target(pid)?;
     let mut frozen = frozen.unwrap_or_default();
     let mut phases = Phases::default();
     let t = Instant::now();
     let res = freeze::freeze(pid, &mut frozen).and_then(|()| {
         phases.add("freeze", t.elapsed());
-        collect_and_store(pid, &frozen, store, opts, &mut phases)
+        collect_and_store(pid, &frozen, dest, opts, &mut phases)
     });
     match res {
         Ok((id, manifest)) => {
@@ -114,7 +133,7 @@ pub fn release(frozen: &Frozen) {
 fn collect_and_store(
     pid: i32,
     frozen: &Frozen,
-    store: &Store,
+    dest: Destination<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
 ) -> Result<(SnapshotId, Manifest)> {
@@ -184,7 +203,10 @@ fn collect_and_store(
     phases.add("parasite", t.elapsed());
 
     let t = Instant::now();
-    let mut writer = store.writer()?;
+    let mut writer = match dest {
+        Destination::Store(store) => PageWriter::Local(store.writer()?),
+        Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
+    };
     let vmas = vmas::collect(pid, &info.comm, &smaps, &mut writer)?;
     phases.add("memory", t.elapsed());
 

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{
     Vma, VmaFlags, VmaKind, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE,
 };
-use warmstart_snapshots::store::SnapshotWriter;
+use warmstart_snapshots::PageWriter;
 
 use super::files::identity;
 use super::maps::MapEntry;
@@ -64,7 +64,7 @@ pub fn collect(
     pid: i32,
     comm: &str,
     smaps: &[MapEntry],
-    writer: &mut SnapshotWriter<'_>,
+    writer: &mut PageWriter<'_>,
 ) -> Result<Vec<Vma>> {
     let target = Target::open(pid).with_context(|| format!("opening memory of process {pid}"))?;
     let mut out = Vec::with_capacity(smaps.len());

@@ -213,6 +213,24 @@ pub enum StoreError {
         dir.display(), ids.len(), ids.join(", ")
     )]
     NotSingleSnapshot { dir: PathBuf, ids: Vec<String> },
+    #[error("page server {addr}: cannot {action}: {error}")]
+    PageServerIo {
+        addr: String,
+        action: &'static str,
+        error: io::Error,
+    },
+    #[error("page server {addr}: {reason}")]
+    PageServer { addr: String, reason: String },
+    #[error(
+        "snapshot {id}: page {page} served by page server {addr} is corrupt: {reason}; \
+         never restoring wrong memory"
+    )]
+    PageServerCorrupt {
+        addr: String,
+        id: String,
+        page: u64,
+        reason: String,
+    },
     #[error(
         "gc stopped without deleting packs: {reason}; run `warmstart verify` and remove \
          the damaged snapshot first"

@@ -10,16 +10,80 @@ use memmap2::Mmap;
 use super::table::{Record, TableMap, CODEC_LZ4, CODEC_RAW, TABLE_MAGIC};
 use super::{SnapshotId, Store, StoreError, PACK_HEADER, PACK_MAGIC};
 use crate::model::{Manifest, PAGE_SIZE};
+use crate::remote::{self, Client};
 
-/// An opened snapshot. Packs are mapped lazily on first use and kept mapped.
+/// Where a snapshot's pages come from.
+#[derive(Debug)]
+enum Source {
+    /// A store directory; packs are mapped lazily on first use and kept mapped.
+    Local {
+        store: Store,
+        packs: RwLock<HashMap<u32, Arc<Mmap>>>,
+    },
+    /// A page server (`crate::remote`): blocks are fetched on demand and verified here.
+    Remote(Client),
+}
+
+/// An opened snapshot, local (a store directory) or remote (a page server). Either way
+/// every page read is verified against the page table, whose hashes are bound to the
+/// manifest (`pages_hash`), which is bound to the id (its blake3).
 #[derive(Debug)]
 pub struct Snapshot {
     pub id: SnapshotId,
     pub manifest: Manifest,
-    store: Store,
+    source: Source,
     table: TableMap,
     table_path: PathBuf,
-    packs: RwLock<HashMap<u32, Arc<Mmap>>>,
+}
+
+/// Decompresses blocks into pages, each block once while consecutive pages use it.
+#[derive(Default)]
+struct BlockReader {
+    scratch: Vec<u8>,
+    cur: Option<(u32, u64)>,
+}
+
+impl BlockReader {
+    /// Writes page `rec.loc.slot` of block `src` (stored at `rec.loc`) into `dst` and
+    /// checks it against `rec.hash`. The error is the reason the page is corrupt.
+    fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
+        let loc = rec.loc;
+        if loc.slot >= loc.pages {
+            return Err("its page-table record is inconsistent".into());
+        }
+        let block_len = loc.pages as usize * PAGE_SIZE;
+        let slot = loc.slot as usize * PAGE_SIZE;
+        match loc.codec {
+            CODEC_RAW => {
+                if src.len() != block_len {
+                    return Err("raw block has the wrong length".into());
+                }
+                dst.copy_from_slice(&src[slot..slot + PAGE_SIZE]);
+            }
+            CODEC_LZ4 => {
+                if self.cur != Some((loc.pack, loc.offset)) {
+                    self.cur = None;
+                    self.scratch.resize(block_len, 0);
+                    match lz4_flex::block::decompress_into(src, &mut self.scratch[..block_len]) {
+                        Ok(n) if n == block_len => {}
+                        Ok(n) => {
+                            return Err(format!(
+                                "block decompresses to {n} bytes, expected {block_len}"
+                            ))
+                        }
+                        Err(e) => return Err(format!("block does not decompress: {e}")),
+                    }
+                    self.cur = Some((loc.pack, loc.offset));
+                }
+                dst.copy_from_slice(&self.scratch[slot..slot + PAGE_SIZE]);
+            }
+            c => return Err(format!("unknown block codec {c}")),
+        }
+        if blake3::hash(dst).as_bytes() != &rec.hash {
+            return Err("its content does not match its hash".into());
+        }
+        Ok(())
+    }
 }
 
 impl Snapshot {
@@ -51,11 +115,109 @@ impl Snapshot {
         Ok(Snapshot {
             id,
             manifest,
-            store: store.clone(),
+            source: Source::Local {
+                store: store.clone(),
+                packs: RwLock::new(HashMap::new()),
+            },
             table,
             table_path,
-            packs: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Opens snapshot `id_or_name` served by the page server at `addr` (`HOST:PORT`):
+    /// fetches and checks its manifest and page table; pages are fetched on demand by
+    /// [`Snapshot::read_pages`]. A server that serves another snapshot than the one asked
+    /// for (by full id), or a manifest and table that do not belong together, is an error.
+    pub fn connect(addr: &str, id_or_name: &str) -> Result<Snapshot, StoreError> {
+        let client = Client::connect(addr)?;
+        let (id, manifest_bytes, table_bytes) = client.fetch_manifest(id_or_name)?;
+        let bad = |reason: String| StoreError::PageServer {
+            addr: addr.to_owned(),
+            reason: format!("snapshot {}: {reason}", id.short()),
+        };
+        if let Some(want) = SnapshotId::from_hex(id_or_name) {
+            if want != id {
+                return Err(StoreError::PageServer {
+                    addr: addr.to_owned(),
+                    reason: format!(
+                        "asked for snapshot {}, it answered with snapshot {}: a wrong page server",
+                        want.short(),
+                        id.short()
+                    ),
+                });
+            }
+        }
+        let actual = SnapshotId::of_manifest_bytes(&manifest_bytes);
+        if actual != id {
+            return Err(bad(format!(
+                "the manifest it served hashes to {}: it is not this snapshot's \
+                 (a wrong or damaged page server)",
+                actual.short()
+            )));
+        }
+        let manifest = crate::format::decode(&manifest_bytes)
+            .map_err(|e| bad(format!("the manifest it served is damaged: {e}")))?;
+        let table = TableMap::from_bytes(table_bytes, TABLE_MAGIC)
+            .map_err(|r| bad(format!("the page table it served is damaged: {r}")))?;
+        if table.len() != manifest.page_count
+            || table.pages_hash() != manifest.pages_hash
+            || table.compute_pages_hash() != manifest.pages_hash
+        {
+            return Err(bad(
+                "the page table it served belongs to different page contents than the \
+                 manifest (a wrong or damaged page server)"
+                    .into(),
+            ));
+        }
+        Ok(Snapshot {
+            id,
+            manifest,
+            source: Source::Remote(client),
+            table,
+            table_path: PathBuf::from(format!("{addr}/{id}.pages")),
+        })
+    }
+
+    /// The page server's address, for a remote snapshot.
+    pub fn page_server(&self) -> Option<&str> {
+        match &self.source {
+            Source::Local { .. } => None,
+            Source::Remote(c) => Some(c.addr()),
+        }
+    }
+
+    /// The learned working set: from the page server for a remote snapshot, from the
+    /// store otherwise. Advice only: `None` if there is none or it cannot be read.
+    pub fn working_set(&self) -> Option<Vec<u64>> {
+        match &self.source {
+            Source::Local { store, .. } => store.working_set(&self.id),
+            Source::Remote(c) => c
+                .working_set(&self.id)
+                .map_err(|e| tracing::warn!("no working set: {e}"))
+                .ok()
+                .flatten(),
+        }
+    }
+
+    /// The page table file, header and records (what a page server sends).
+    pub fn table_bytes(&self) -> &[u8] {
+        self.table.bytes()
+    }
+
+    /// Checks that every pack the page table references is present (maps them). A page
+    /// server does this before serving a manifest so that a store missing pages is an
+    /// error before the instance resumes. Remote snapshots: nothing to check here.
+    pub fn check_packs(&self) -> Result<(), StoreError> {
+        if let Source::Local { .. } = self.source {
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..self.table.len() {
+                let pack = self.table.pack_of(i);
+                if seen.insert(pack) {
+                    self.pack(pack)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Number of page-table records (`manifest.page_count`).
@@ -83,10 +245,13 @@ impl Snapshot {
     }
 
     fn pack(&self, number: u32) -> Result<Arc<Mmap>, StoreError> {
-        if let Some(m) = self.packs.read().unwrap().get(&number) {
+        let Source::Local { store, packs } = &self.source else {
+            unreachable!("packs are only mapped from a local store")
+        };
+        if let Some(m) = packs.read().unwrap().get(&number) {
             return Ok(m.clone());
         }
-        let path = self.store.pack_path(number);
+        let path = store.pack_path(number);
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -118,13 +283,11 @@ impl Snapshot {
             });
         }
         let map = Arc::new(map);
-        self.packs.write().unwrap().insert(number, map.clone());
+        packs.write().unwrap().insert(number, map.clone());
         Ok(map)
     }
 
-    /// Reads table records `first..first+count` into `out` (`count * 4096` bytes),
-    /// decompressing each block once and verifying every page's blake3.
-    pub fn read_pages(&self, first: u64, count: u64, out: &mut [u8]) -> Result<(), StoreError> {
+    fn check_range(&self, first: u64, count: u64) -> Result<u64, StoreError> {
         let end = first.saturating_add(count);
         if end > self.table.len() {
             return Err(StoreError::PageRange {
@@ -134,6 +297,82 @@ impl Snapshot {
                 count: self.table.len(),
             });
         }
+        Ok(end)
+    }
+
+    /// Calls `f` with the stored block of every record of `first..first+count`, once per
+    /// run of consecutive records sharing a block: exactly the blocks, in order, that
+    /// decoding those records needs (what a page server sends for a `Pages` request).
+    /// Local snapshots only; the blocks are not verified here (the reader verifies).
+    pub fn stored_blocks(
+        &self,
+        first: u64,
+        count: u64,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), StoreError> {
+        let end = self.check_range(first, count)?;
+        let Source::Local { store, .. } = &self.source else {
+            return Err(StoreError::PageServer {
+                addr: self.page_server().unwrap_or_default().to_owned(),
+                reason: "a remote snapshot cannot be served on".into(),
+            });
+        };
+        let mut cur_block: Option<(u32, u64)> = None;
+        let mut cur_pack: Option<(u32, Arc<Mmap>)> = None;
+        for i in first..end {
+            let loc = self.table.record(i).loc;
+            if cur_block == Some((loc.pack, loc.offset)) {
+                continue;
+            }
+            let map = match &cur_pack {
+                Some((n, m)) if *n == loc.pack => m.clone(),
+                _ => {
+                    let m = self.pack(loc.pack)?;
+                    cur_pack = Some((loc.pack, m.clone()));
+                    m
+                }
+            };
+            let (start, stop) = self.block_bounds(store, i, &map)?;
+            f(&map[start..stop]);
+            cur_block = Some((loc.pack, loc.offset));
+        }
+        Ok(())
+    }
+
+    /// Byte range of record `i`'s block in its (mapped) pack, checked.
+    fn block_bounds(
+        &self,
+        store: &Store,
+        i: u64,
+        map: &Mmap,
+    ) -> Result<(usize, usize), StoreError> {
+        let loc = self.table.record(i).loc;
+        let start = loc.offset;
+        let stop = start + u64::from(loc.len);
+        if stop > map.len() as u64 {
+            return Err(StoreError::ShortPack {
+                id: self.id.short(),
+                pack: store.pack_path(loc.pack),
+                page: i,
+                len: map.len() as u64,
+            });
+        }
+        if loc.slot >= loc.pages || start < PACK_HEADER as u64 {
+            return Err(StoreError::CorruptPage {
+                id: self.id.short(),
+                page: i,
+                pack: store.pack_path(loc.pack),
+                reason: "its page-table record is inconsistent".into(),
+            });
+        }
+        Ok((start as usize, stop as usize))
+    }
+
+    /// Reads table records `first..first+count` into `out` (`count * 4096` bytes),
+    /// decompressing each block once and verifying every page's blake3. A remote
+    /// snapshot fetches the blocks from its page server.
+    pub fn read_pages(&self, first: u64, count: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let end = self.check_range(first, count)?;
         let expected = count * PAGE_SIZE as u64;
         if out.len() as u64 != expected {
             return Err(StoreError::BufferSize {
@@ -142,8 +381,11 @@ impl Snapshot {
                 expected,
             });
         }
-        let mut scratch: Vec<u8> = Vec::new();
-        let mut cur_block: Option<(u32, u64)> = None;
+        let store = match &self.source {
+            Source::Local { store, .. } => store,
+            Source::Remote(client) => return self.read_remote(client, first, end, out),
+        };
+        let mut reader = BlockReader::default();
         let mut cur_pack: Option<(u32, Arc<Mmap>)> = None;
         for (k, i) in (first..end).enumerate() {
             let rec = self.table.record(i);
@@ -156,59 +398,68 @@ impl Snapshot {
                     m
                 }
             };
-            let corrupt = |reason: String| StoreError::CorruptPage {
-                id: self.id.short(),
-                page: i,
-                pack: self.store.pack_path(loc.pack),
-                reason,
-            };
-            let start = loc.offset;
-            let stop = start + u64::from(loc.len);
-            if stop > map.len() as u64 {
-                return Err(StoreError::ShortPack {
+            let (start, stop) = self.block_bounds(store, i, &map)?;
+            let dst = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+            reader
+                .page(&rec, &map[start..stop], dst)
+                .map_err(|reason| StoreError::CorruptPage {
                     id: self.id.short(),
-                    pack: self.store.pack_path(loc.pack),
                     page: i,
-                    len: map.len() as u64,
+                    pack: store.pack_path(loc.pack),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn read_remote(
+        &self,
+        client: &Client,
+        first: u64,
+        end: u64,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let mut reader = BlockReader::default();
+        let mut at = first;
+        while at < end {
+            let n = (end - at).min(remote::MAX_PAGES_PER_REQUEST);
+            let blocks = client.pages(&self.id, at, n)?;
+            let mut blocks = remote::Blocks::new(&blocks);
+            let mut block: &[u8] = &[];
+            let mut cur: Option<(u32, u64)> = None;
+            for i in at..at + n {
+                let rec = self.table.record(i);
+                let corrupt = |reason: String| StoreError::PageServerCorrupt {
+                    addr: client.addr().to_owned(),
+                    id: self.id.short(),
+                    page: i,
+                    reason,
+                };
+                if cur != Some((rec.loc.pack, rec.loc.offset)) {
+                    block = blocks
+                        .next()
+                        .ok_or_else(|| corrupt("the server sent too few blocks".into()))?;
+                    if block.len() != rec.loc.len as usize {
+                        return Err(corrupt(format!(
+                            "it sent a block of {} bytes, the page table says {}",
+                            block.len(),
+                            rec.loc.len
+                        )));
+                    }
+                    cur = Some((rec.loc.pack, rec.loc.offset));
+                }
+                let k = (i - first) as usize;
+                reader
+                    .page(&rec, block, &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+                    .map_err(corrupt)?;
+            }
+            if !blocks.is_empty() {
+                return Err(StoreError::PageServer {
+                    addr: client.addr().to_owned(),
+                    reason: format!("it sent more blocks than pages {at}..{} need", at + n),
                 });
             }
-            if loc.slot >= loc.pages || start < PACK_HEADER as u64 {
-                return Err(corrupt("its page-table record is inconsistent".into()));
-            }
-            let src = &map[start as usize..stop as usize];
-            let dst = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-            let block_len = loc.pages as usize * PAGE_SIZE;
-            let slot = loc.slot as usize * PAGE_SIZE;
-            match loc.codec {
-                CODEC_RAW => {
-                    if src.len() != block_len {
-                        return Err(corrupt("raw block has the wrong length".into()));
-                    }
-                    dst.copy_from_slice(&src[slot..slot + PAGE_SIZE]);
-                }
-                CODEC_LZ4 => {
-                    if cur_block != Some((loc.pack, start)) {
-                        scratch.resize(block_len, 0);
-                        match lz4_flex::block::decompress_into(src, &mut scratch[..block_len]) {
-                            Ok(n) if n == block_len => {}
-                            Ok(n) => {
-                                return Err(corrupt(format!(
-                                    "block decompresses to {n} bytes, expected {block_len}"
-                                )))
-                            }
-                            Err(e) => {
-                                return Err(corrupt(format!("block does not decompress: {e}")))
-                            }
-                        }
-                        cur_block = Some((loc.pack, start));
-                    }
-                    dst.copy_from_slice(&scratch[slot..slot + PAGE_SIZE]);
-                }
-                c => return Err(corrupt(format!("unknown block codec {c}"))),
-            }
-            if blake3::hash(dst).as_bytes() != &rec.hash {
-                return Err(corrupt("its content does not match its hash".into()));
-            }
+            at += n;
         }
         Ok(())
     }

@@ -115,10 +115,27 @@ fn checksum(file: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// A memory-mapped, validated table or index file.
+/// The bytes of a table: mapped from a file, or received from a page server.
+#[derive(Debug)]
+enum TableBytes {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for TableBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            TableBytes::Map(m) => m,
+            TableBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A memory-mapped (or received), validated table or index file.
 #[derive(Debug)]
 pub(crate) struct TableMap {
-    map: Mmap,
+    map: TableBytes,
     count: u64,
 }
 
@@ -134,11 +151,21 @@ impl TableMap {
         // SAFETY: tables are never modified in place (replaced only by rename), so the
         // mapping cannot change under us.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Some(format!("cannot map: {e}")))?;
-        let t = Self::validate(map, magic).map_err(Some)?;
+        let t = Self::validate(TableBytes::Map(map), magic).map_err(Some)?;
         Ok(t)
     }
 
-    fn validate(map: Mmap, magic: [u8; 8]) -> Result<TableMap, String> {
+    /// Validates a table received as bytes (header, size, checksum).
+    pub(crate) fn from_bytes(bytes: Vec<u8>, magic: [u8; 8]) -> Result<TableMap, String> {
+        Self::validate(TableBytes::Owned(bytes), magic)
+    }
+
+    /// The whole file: header and records.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    fn validate(map: TableBytes, magic: [u8; 8]) -> Result<TableMap, String> {
         if map.len() < HEADER_SIZE {
             return Err(format!(
                 "truncated: {} bytes, header alone is {HEADER_SIZE}",

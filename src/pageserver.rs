@@ -1,0 +1,308 @@
+//! `warmstart page-server`: serves a store's snapshots over TCP (protocol and client in
+//! `warmstart_snapshots::remote`), and `run --page-server`: restores from one.
+//!
+//! One thread per connection. Readers share opened snapshots; one connection at a time
+//! may write (a remote `dump --page-server`); a second concurrent writer is refused.
+//! Before serving a manifest the server checks that every pack it references exists, so
+//! a store missing pages is an error before the instance resumes.
+//!
+//! `WARMSTART_PAGE_SERVER_DELAY_MS` (testing): sleep this long before every `Pages`
+//! answer, to make a restore slow enough to kill its page server in the middle.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use warmstart_snapshots::model::{PageRun, PAGE_SIZE};
+use warmstart_snapshots::remote::{
+    self, push_block, read_frame, write_frame, Request, Response, MAX_PAGES_PER_REQUEST,
+};
+use warmstart_snapshots::store::{Snapshot, SnapshotId, SnapshotWriter, Store};
+
+struct Shared {
+    store: Store,
+    snaps: Mutex<HashMap<SnapshotId, Arc<Snapshot>>>,
+    /// The peer holding the store's writer through this server.
+    writer: Mutex<Option<SocketAddr>>,
+    delay: Option<Duration>,
+}
+
+/// Serves `store` on `bind` until killed. Prints the bound address (useful with port 0)
+/// as one line on stdout once listening.
+pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
+    let local = listener.local_addr().context("local address")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{local}")
+            .and_then(|()| out.flush())
+            .context("printing the bound address")?;
+    }
+    serve_on(store, listener)
+}
+
+/// [`serve`] on a listener already bound.
+pub fn serve_on(store: &Store, listener: TcpListener) -> Result<()> {
+    let local = listener.local_addr().context("local address")?;
+    tracing::info!(
+        "page server for store {} listening on {local} (unauthenticated: trusted networks only)",
+        store.dir().display()
+    );
+    let delay = std::env::var("WARMSTART_PAGE_SERVER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        snaps: Mutex::new(HashMap::new()),
+        writer: Mutex::new(None),
+        delay,
+    });
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accepting a connection: {e}");
+                continue;
+            }
+        };
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{peer}"))
+            .spawn(move || {
+                tracing::info!("{peer}: connected");
+                match handle(&shared, stream, peer) {
+                    Ok(()) => tracing::info!("{peer}: disconnected"),
+                    Err(e) => tracing::warn!("{peer}: connection ended: {e:#}"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("{peer}: cannot start a thread for it: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Releases the server's writer slot when the writing connection ends.
+struct WriterSlot<'a>(&'a Mutex<Option<SocketAddr>>);
+
+impl Drop for WriterSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = None;
+    }
+}
+
+fn send(out: &mut BufWriter<TcpStream>, resp: &Response) -> Result<()> {
+    write_frame(out, &resp.encode()).context("sending an answer")
+}
+
+fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut input = BufReader::with_capacity(1 << 20, stream.try_clone()?);
+    let mut out = BufWriter::with_capacity(1 << 20, stream);
+    // Handshake.
+    let Some(body) = read_frame(&mut input).context("reading the hello")? else {
+        return Ok(());
+    };
+    match Request::decode(&body) {
+        Ok(Request::Hello { magic, version })
+            if magic == remote::MAGIC && version == remote::VERSION =>
+        {
+            send(
+                &mut out,
+                &Response::Hello {
+                    magic: remote::MAGIC,
+                    version: remote::VERSION,
+                },
+            )?;
+        }
+        Ok(Request::Hello { magic, version }) if magic == remote::MAGIC => {
+            send(
+                &mut out,
+                &Response::Error(format!(
+                    "unsupported page-server protocol version {version}: this server speaks {}",
+                    remote::VERSION
+                )),
+            )?;
+            anyhow::bail!("client speaks protocol version {version}");
+        }
+        _ => {
+            let _ = send(
+                &mut out,
+                &Response::Error("not a warmstart page-server client".into()),
+            );
+            anyhow::bail!("not a warmstart page-server client");
+        }
+    }
+    let mut writer: Option<(SnapshotWriter<'_>, WriterSlot<'_>)> = None;
+    let mut scratch = Vec::new();
+    while let Some(body) = read_frame(&mut input).context("reading a request")? {
+        let req = match Request::decode(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = send(&mut out, &Response::Error(format!("bad request: {e}")));
+                anyhow::bail!("bad request: {e}");
+            }
+        };
+        let resp = answer(shared, peer, req, &mut writer, &mut scratch)
+            .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
+        if let Response::Error(msg) = &resp {
+            tracing::warn!("{peer}: {msg}");
+        }
+        send(&mut out, &resp)?;
+    }
+    Ok(())
+}
+
+fn snapshot(shared: &Shared, id: &SnapshotId) -> Result<Arc<Snapshot>> {
+    if let Some(s) = shared.snaps.lock().unwrap().get(id) {
+        return Ok(s.clone());
+    }
+    let snap = Arc::new(shared.store.load(id)?);
+    snap.check_packs()?;
+    shared.snaps.lock().unwrap().insert(*id, snap.clone());
+    Ok(snap)
+}
+
+fn answer<'s>(
+    shared: &'s Shared,
+    peer: SocketAddr,
+    req: Request,
+    writer: &mut Option<(SnapshotWriter<'s>, WriterSlot<'s>)>,
+    scratch: &mut Vec<u8>,
+) -> Result<Response> {
+    Ok(match req {
+        Request::Hello { .. } => Response::Error("hello was already done".into()),
+        Request::Resolve { query } => Response::Id(shared.store.resolve(&query)?),
+        Request::Manifest { id } => {
+            let snap = snapshot(shared, &id)?;
+            tracing::info!("{peer}: serving snapshot {}", id.short());
+            Response::Manifest {
+                manifest: warmstart_snapshots::format::encode(&snap.manifest),
+                table: snap.table_bytes().to_vec(),
+            }
+        }
+        Request::Pages { id, first, count } => {
+            if count > MAX_PAGES_PER_REQUEST {
+                anyhow::bail!("asked for {count} pages at once; at most {MAX_PAGES_PER_REQUEST}");
+            }
+            let snap = snapshot(shared, &id)?;
+            if let Some(d) = shared.delay {
+                std::thread::sleep(d);
+            }
+            let mut blocks = Vec::with_capacity(count as usize * PAGE_SIZE / 2);
+            snap.stored_blocks(first, count, |b| push_block(&mut blocks, b))?;
+            Response::Blocks(blocks)
+        }
+        Request::WorkingSet { id } => Response::WorkingSet(shared.store.working_set(&id)),
+        Request::Begin => {
+            if writer.is_some() {
+                anyhow::bail!("this connection already holds the store's writer");
+            }
+            {
+                let mut w = shared.writer.lock().unwrap();
+                if let Some(other) = *w {
+                    anyhow::bail!(
+                        "the page server is already receiving a dump from {other}; \
+                         try again when it is done"
+                    );
+                }
+                *w = Some(peer);
+            }
+            let slot = WriterSlot(&shared.writer);
+            let w = shared.store.writer()?;
+            tracing::info!("{peer}: receiving a dump");
+            *writer = Some((w, slot));
+            Response::Ready
+        }
+        Request::AddPages {
+            first_page,
+            pages,
+            lz4,
+        } => {
+            let Some((w, _)) = writer.as_mut() else {
+                anyhow::bail!("AddPages before Begin");
+            };
+            let len = pages as usize * PAGE_SIZE;
+            if len > remote::MAX_FRAME {
+                anyhow::bail!("{pages} pages in one AddPages is too many");
+            }
+            scratch.resize(len, 0);
+            match remote::lz4_decompress_into(&lz4, scratch) {
+                Ok(n) if n == len => {}
+                Ok(n) => anyhow::bail!("AddPages data decompresses to {n} bytes, expected {len}"),
+                Err(e) => anyhow::bail!("AddPages data does not decompress: {e}"),
+            }
+            let mut runs: Vec<PageRun> = Vec::new();
+            w.add_pages(first_page, scratch, &mut runs)?;
+            Response::Runs(runs)
+        }
+        Request::Commit { name, manifest } => {
+            let Some((w, _slot)) = writer.take() else {
+                anyhow::bail!("Commit before Begin");
+            };
+            let manifest = warmstart_snapshots::format::decode(&manifest)
+                .context("the manifest to commit is damaged")?;
+            let id = w.commit(manifest, name.as_deref())?;
+            tracing::info!(
+                "{peer}: committed snapshot {}{}",
+                id.short(),
+                name.map(|n| format!(" as {n}")).unwrap_or_default()
+            );
+            Response::Id(id)
+        }
+    })
+}
+
+/// `run --page-server ADDR SNAP`: restores with pages fetched on demand from `addr`,
+/// waits for the instance and returns its exit code. The working set comes from the
+/// server (it is not learned by remote runs).
+pub fn run(
+    addr: &str,
+    snapshot: &str,
+    eager: bool,
+    prefetch: bool,
+    display_stats: bool,
+) -> Result<i32> {
+    let snap = Arc::new(Snapshot::connect(addr, snapshot)?);
+    let mut opts = crate::restore::RestoreOptions::default();
+    if !eager {
+        opts.lazy = true;
+        if prefetch {
+            opts.prefetch = snap.working_set();
+        }
+    }
+    let r = crate::restore::restore(&snap, &opts)?;
+    if display_stats {
+        eprintln!(
+            "restore of {} from page server {addr}:\n{}",
+            snap.id.short(),
+            r.phases
+        );
+    }
+    let _listed = crate::instances::register(&crate::instances::Instance {
+        monitor: std::process::id() as i32,
+        pid: r.pid,
+        snapshot: snap.id.to_string(),
+        names: Vec::new(),
+        command: snap.manifest.command.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+    .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
+    .ok();
+    let (code, _) = r.wait()?;
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests;
