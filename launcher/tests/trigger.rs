@@ -51,8 +51,9 @@ fn trace_to_exit(pid: i32) -> (Vec<Stop>, i32) {
 #[test]
 fn filter_shape() {
     let f = Filter::build(&[Trigger::Stdin]).unwrap();
-    // arch(2) + ld nr + 5 jeq + ja + ld arg + jeq + ret trace + ret allow = 13
-    assert_eq!(f.instructions().len(), 13);
+    // arch(2) + ld nr + read rule (5 jeq + ja + ld arg + jeq + ret trace = 9) + reload nr
+    // + poll (2 jeq + ja + ret) + select (2 + ja + ret) + epoll (3 + ja + ret) + ret allow
+    assert_eq!(f.instructions().len(), 27);
     assert_eq!(f.instructions().last().unwrap().k, libc::SECCOMP_RET_ALLOW);
     assert_eq!(
         Trigger::from_trace_data(Trigger::Stdin.trace_data() as u64),
@@ -226,3 +227,4 @@ fn drop_with_traced_stopped_app_does_not_hang() {
     sb.kill().unwrap();
     assert_eq!(sb.wait().unwrap(), 137);
 }
+
