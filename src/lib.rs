@@ -8,6 +8,7 @@ pub mod fds;
 pub mod instances;
 pub mod lazy;
 pub mod pageserver;
+pub mod private_dirs;
 pub mod record;
 pub mod restore;
 pub mod stats;

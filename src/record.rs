@@ -155,6 +155,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
         .ready
         .filter()
         .context("building the warm-point trap")?;
+    let private = crate::private_dirs::Mounts::prepare();
     // The closure runs right after clone3: nothing in it may allocate.
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -163,6 +164,7 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
             stdio: Some(child_stdio),
         },
         || {
+            private.mount();
             if let Some((ch, _)) = &notify {
                 if !ch.install_in_child() {
                     return 126;

@@ -31,9 +31,9 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version this build reads.
-pub const MIN_FORMAT_VERSION: u32 = 3;
+pub const MIN_FORMAT_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -246,6 +246,11 @@ pub(crate) mod tests {
                     value_ns: 5_000,
                 }],
                 seccomp_filters: vec![vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f]],
+                private_files: vec![PrivateFile {
+                    path: "/tmp/hsperfdata_root/1".into(),
+                    mode: 0o100600,
+                    data: vec![1, 2, 3],
+                }],
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -690,6 +695,7 @@ pub(crate) mod tests {
                 itimers: Default::default(),
                 posix_timers: vec![],
                 seccomp_filters: vec![],
+                private_files: vec![],
             },
         )
     }

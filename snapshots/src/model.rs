@@ -81,6 +81,16 @@ pub struct Process {
     /// The app's seccomp filters, oldest first, each a raw `struct sock_filter` array
     /// (warmstart's own warm-point trap is never among them).
     pub seccomp_filters: Vec<Vec<u8>>,
+    /// Files of the instance-private directories (e.g. the JVM's hsperfdata) that the
+    /// process maps or holds open: recreated in each instance's own copy of the directory.
+    pub private_files: Vec<PrivateFile>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivateFile {
+    pub path: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
 }
 
 /// An interval timer: (interval, remaining value), each in microseconds.

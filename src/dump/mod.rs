@@ -214,6 +214,7 @@ fn collect_and_store(
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
     let mut mm = info.mm;
     mm.brk = inside.brk;
+    let private_files = private_files(pid, &vmas, &files.fds)?;
     let process = Process {
         pid: info.pid_in_ns,
         ppid: info.ppid,
@@ -260,6 +261,7 @@ fn collect_and_store(
             })
             .collect(),
         seccomp_filters,
+        private_files,
     };
     let manifest = Manifest {
         created_unix: SystemTime::now()
@@ -291,4 +293,45 @@ pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
         xsave_features: crate::sys::vdso::xcr0(),
         xsave_size,
     })
+}
+
+/// Contents of the files in instance-private directories that the process maps or holds
+/// open, read through `/proc/PID/map_files` and `/proc/PID/fd` (the directory is the
+/// sandbox's own tmpfs, invisible from here by path).
+fn private_files(
+    pid: i32,
+    vmas: &[warmstart_snapshots::model::Vma],
+    fds: &[warmstart_snapshots::model::Fd],
+) -> Result<Vec<warmstart_snapshots::model::PrivateFile>> {
+    use std::os::unix::fs::MetadataExt;
+    use warmstart_snapshots::model::{FileDesc, PrivateFile, VmaKind};
+    let dirs = crate::private_dirs::dirs();
+    let mut out: Vec<PrivateFile> = Vec::new();
+    let mut add = |path: &str, via: String| -> Result<()> {
+        if !crate::private_dirs::is_private(&dirs, path) || out.iter().any(|f| f.path == path) {
+            return Ok(());
+        }
+        let meta = std::fs::metadata(&via).with_context(|| format!("stat of {path} ({via})"))?;
+        let data = std::fs::read(&via).with_context(|| format!("reading {path} ({via})"))?;
+        out.push(PrivateFile {
+            path: path.to_owned(),
+            mode: meta.mode(),
+            data,
+        });
+        Ok(())
+    };
+    for v in vmas {
+        if let VmaKind::File { file } = &v.kind {
+            add(
+                &file.path,
+                format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end),
+            )?;
+        }
+    }
+    for f in fds {
+        if let FileDesc::Regular { file, .. } = &f.file {
+            add(&file.path, format!("/proc/{pid}/fd/{}", f.fd))?;
+        }
+    }
+    Ok(out)
 }

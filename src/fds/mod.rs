@@ -678,6 +678,7 @@ pub(crate) mod tests_support {
             itimers: Default::default(),
             posix_timers: Vec::new(),
             seccomp_filters: Vec::new(),
+            private_files: Vec::new(),
         }
     }
 }

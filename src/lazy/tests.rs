@@ -93,6 +93,7 @@ fn process(runs: Vec<PageRun>) -> Process {
         itimers: Default::default(),
         posix_timers: vec![],
         seccomp_filters: vec![],
+        private_files: vec![],
     }
 }
 

@@ -53,7 +53,12 @@ fn files(m: &Manifest) -> Vec<(&FileIdentity, String)> {
 pub fn unchanged_files(m: &Manifest) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
+    let private = crate::private_dirs::dirs();
     for (f, used) in files(m) {
+        // Recreated from the snapshot in the instance's own directory.
+        if crate::private_dirs::is_private(&private, &f.path) {
+            continue;
+        }
         if !seen.insert((&f.path, f.ino)) {
             continue;
         }

@@ -117,6 +117,7 @@ fn prepare_and_jump(
     if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
+    recreate_private_files(p)?;
     let fds = open_mapping_fds(p, high)?;
     set_rlimits(p)?;
 
@@ -315,4 +316,17 @@ fn unregister_rseq() {
             return;
         }
     }
+}
+
+/// The instance's own instance-private directories (a fresh tmpfs each), refilled with
+/// the files the process had there.
+fn recreate_private_files(p: &Process) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::private_dirs::Mounts::prepare().mount();
+    for f in &p.private_files {
+        std::fs::write(&f.path, &f.data).with_context(|| format!("recreating {}", f.path))?;
+        std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .with_context(|| format!("chmod of {}", f.path))?;
+    }
+    Ok(())
 }
