@@ -1,0 +1,259 @@
+//! More CRIU-compatible operation: dumping a process whose memory is shared copy-on-write
+//! with its parent (without breaking the sharing), `restore -d` with `ps`, `--display-stats`,
+//! and `dump --leave-stopped`.
+
+mod acc_util;
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use acc_util::{instances_of, proc_state, signal, InstanceGuard};
+use common::{alive, fixture, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
+
+const PAGE: u64 = 4096;
+const AREA_PAGES: usize = (8 << 20) / PAGE as usize;
+
+/// `/proc/PID/pagemap` entries for `pages` pages from `addr`.
+fn pagemap(pid: i32, addr: u64, pages: usize) -> Vec<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/pagemap: {e}"));
+    f.seek(SeekFrom::Start(addr / PAGE * 8)).unwrap();
+    let mut buf = vec![0u8; pages * 8];
+    f.read_exact(&mut buf).unwrap();
+    buf.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Indexes of pages that are present (bit 63) and not exclusively mapped (bit 56 clear).
+fn shared_pages(entries: &[u64]) -> Vec<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e >> 63 & 1 == 1 && e >> 56 & 1 == 0)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Lines matching "PHASE  N.NNN ms" in `--display-stats` output.
+fn phase_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 3
+                && w[w.len() - 1] == "ms"
+                && w[w.len() - 2].parse::<f64>().is_ok()
+                && w[0].chars().all(|c| c.is_ascii_alphabetic() || c == '-')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn dump_child_keeps_cow_sharing() {
+    let ws = Ws::new();
+    // Parent and child are in the fixture's own process group: dropping `p` kills both.
+    let mut p = Proc::spawn(&mut Command::new(fixture("cow_fork")));
+    let line = p.wait_stderr("child ");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(w.len(), 4, "unexpected fixture line {line:?}");
+    let child: i32 = w[1].parse().unwrap();
+    let addr = u64::from_str_radix(w[2], 16).unwrap();
+    let sum = w[3].to_owned();
+    let mut guard = KillGuard::new();
+    guard.add(child);
+
+    let before = pagemap(child, addr, AREA_PAGES);
+    let shared_before = shared_pages(&before);
+    assert_eq!(
+        shared_before.len(),
+        AREA_PAGES,
+        "setup: every page of the child's 8 MiB should be present and shared with the parent"
+    );
+
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &child.to_string(),
+            "--name",
+            "cow",
+            "--leave-running",
+        ],
+        "",
+    );
+    out.assert_ok();
+    assert!(alive(child), "--leave-running killed the child");
+    assert!(alive(p.pid()), "the dump killed the parent");
+
+    let after = pagemap(child, addr, AREA_PAGES);
+    let shared_after = shared_pages(&after);
+    let broken: Vec<usize> = shared_before
+        .iter()
+        .filter(|i| !shared_after.contains(i))
+        .copied()
+        .collect();
+    assert!(
+        broken.is_empty() && shared_after.len() == shared_before.len(),
+        "the dump broke copy-on-write sharing of {} of {} pages (first: {:?}); \
+         exclusive bits differ after `dump --leave-running`",
+        broken.len(),
+        shared_before.len(),
+        &broken[..broken.len().min(8)]
+    );
+
+    // The child still answers, with its memory intact.
+    p.send("a");
+    assert_eq!(p.read_line(), format!("1 a {sum}"));
+    p.send("b");
+    assert_eq!(p.read_line(), format!("2 b {sum}"));
+    // And a restored copy has the same memory.
+    let restored = ws.run(&["run", "cow"], "x\n");
+    assert!(
+        restored.success() && restored.stdout == format!("1 x {sum}\n"),
+        "restored copy of the CoW child is wrong:\n{}",
+        restored.describe()
+    );
+    drop(guard);
+    drop(p);
+}
+
+#[test]
+fn restore_detached_listed_by_ps() {
+    let ws = Ws::new();
+    let id = ws.record("counter", &[fixture("counter")]);
+    let _iguard = InstanceGuard {
+        ws: &ws,
+        id: id.clone(),
+    };
+    let mut guard = KillGuard::new();
+    let t = Instant::now();
+    // stdin is a pipe we keep open: the instance blocks on it and outlives `restore -d`.
+    let mut r = Proc::spawn(&mut ws.cmd(&["restore", "-d", "counter"]));
+    let first = r.read_line();
+    let pid: i32 = first
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("restore -d should print a pid, printed {first:?}"));
+    guard.add(pid);
+    let st = r.wait();
+    let took = t.elapsed();
+    assert!(st.success(), "restore -d failed: {st:?}");
+    assert!(
+        alive(pid),
+        "the detached instance {pid} is not running after restore -d returned"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "restore -d took {took:?} to return"
+    );
+    let listed = instances_of(&ws, &id);
+    assert!(
+        listed.iter().any(|i| i["pid"].as_i64() == Some(pid as i64)
+            && i["snapshot"].as_str().is_some_and(|s| s.starts_with(&id))),
+        "`ps --json` should list pid {pid} with snapshot {id}: {listed:?}"
+    );
+    let table = ws.run(&["ps"], "");
+    table.assert_ok();
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.contains(&pid.to_string()) && l.contains(&id)),
+        "`ps` should show {pid} and {id}:\n{}",
+        table.describe()
+    );
+    for i in &listed {
+        if let Some(m) = i["monitor"].as_i64() {
+            guard.add(m as i32);
+        }
+    }
+    r.send("a");
+    assert_eq!(r.read_line(), "1 a");
+    r.send("b");
+    assert_eq!(r.read_line(), "2 b");
+    signal(pid, libc::SIGKILL);
+    assert!(
+        wait_pid_exit(pid, TIMEOUT),
+        "instance {pid} survived SIGKILL"
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while !instances_of(&ws, &id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "ps still lists the killed instance: {:?}",
+            instances_of(&ws, &id)
+        );
+        for i in instances_of(&ws, &id) {
+            if let Some(m) = i["monitor"].as_i64() {
+                wait_pid_exit(m as i32, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[test]
+fn display_stats_on_dump_and_run() {
+    let ws = Ws::new();
+    let mut p = Proc::spawn(&mut Command::new(fixture("counter")));
+    p.wait_stderr("ready");
+    p.send("a");
+    assert_eq!(p.read_line(), "1 a");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &p.pid().to_string(),
+            "--name",
+            "c",
+            "--display-stats",
+        ],
+        "",
+    );
+    out.assert_ok();
+    let phases = phase_lines(&out.stderr);
+    assert!(
+        phases.len() >= 3 && phases.iter().any(|l| l.contains("total")),
+        "dump --display-stats should print phase names with ms times on stderr:\n{}",
+        out.describe()
+    );
+    p.wait();
+    let out = ws.run(&["run", "--display-stats", "c"], "b\n");
+    assert!(
+        out.success() && out.stdout == "2 b\n",
+        "run --display-stats: wrong answer:\n{}",
+        out.describe()
+    );
+    let phases = phase_lines(&out.stderr);
+    assert!(
+        phases.len() >= 3 && phases.iter().any(|l| l.contains("total")),
+        "run --display-stats should print phase names with ms times on stderr:\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn dump_leave_stopped() {
+    let ws = Ws::new();
+    let mut p = Proc::spawn(&mut Command::new(fixture("counter")));
+    p.wait_stderr("ready");
+    p.send("a");
+    assert_eq!(p.read_line(), "1 a");
+    let pid = p.pid();
+    ws.run(&["dump", "-t", &pid.to_string(), "--name", "c", "-s"], "")
+        .assert_ok();
+    assert!(alive(pid), "--leave-stopped killed the process");
+    let state = proc_state(pid);
+    assert_eq!(
+        state, 'T',
+        "after dump -s, /proc/{pid}/stat should say T (stopped), says {state}"
+    );
+    signal(pid, libc::SIGCONT);
+    p.send("b");
+    assert_eq!(p.read_line(), "2 b");
+    p.close_stdin();
+    assert!(p.wait().success(), "the counter should exit 0 at EOF");
+}

@@ -1,0 +1,146 @@
+//! Real runtimes (JVM, Node) recorded at their first read of stdin (`--ready stdin`, the
+//! default): restored instances, one after another and eight at once, print exactly what a
+//! cold run prints.
+
+mod acc_util;
+mod common;
+
+use std::ffi::OsString;
+use std::time::Instant;
+
+use acc_util::{instances_of, java_argv, which, InstanceGuard};
+use common::{cold, workloads_dir, Ws};
+
+const INPUT: &str = "hello world\nsecond Line 2\nthird: x-y-z\n";
+
+/// Cold output for [`INPUT`], checked to be one answer per line.
+fn cold_out(name: &str, argv: &[OsString]) -> String {
+    let out = cold(argv, INPUT);
+    out.assert_ok();
+    assert_eq!(
+        out.stdout.lines().count(),
+        INPUT.lines().count(),
+        "cold {name} should answer one line per input line:\n{}",
+        out.describe()
+    );
+    out.stdout
+}
+
+/// Record `argv` (default trigger), then three instances one after another, each printing
+/// exactly the cold output.
+fn three_in_a_row(name: &str, argv: &[OsString]) {
+    let expected = cold_out(name, argv);
+    let ws = Ws::new();
+    let t = Instant::now();
+    let id = ws.record(name, argv);
+    eprintln!("{name}: record took {:?}", t.elapsed());
+    let _guard = InstanceGuard {
+        ws: &ws,
+        id: id.clone(),
+    };
+    for round in 1..=3 {
+        let t = Instant::now();
+        let out = ws.instance(name, INPUT);
+        eprintln!("{name}: instance {round} took {:?}", t.elapsed());
+        assert!(
+            out.success() && out.stdout == expected,
+            "restored {name} ({id}), instance {round}, differs from the cold run.\n--- cold stdout ---\n{expected}\n--- restored ---\n{}",
+            out.describe()
+        );
+    }
+    assert!(instances_of(&ws, &id).is_empty(), "instances left running");
+}
+
+#[test]
+fn java_echo_three_instances() {
+    three_in_a_row("java_echo", &java_argv("Echo"));
+}
+
+/// The JVM without its perf-data file (`-XX:-UsePerfData`): no `/tmp/hsperfdata_USER/2`
+/// shared mapping that a restored instance rewrites.
+#[test]
+fn java_echo_three_instances_no_perfdata() {
+    let mut argv = java_argv("Echo");
+    argv.insert(1, "-XX:-UsePerfData".into());
+    three_in_a_row("java_echo_noperf", &argv);
+}
+
+#[test]
+fn node_echo_three_instances() {
+    three_in_a_row(
+        "node_echo",
+        &[
+            which("node").into_os_string(),
+            workloads_dir().join("node_echo.js").into_os_string(),
+        ],
+    );
+}
+
+/// Eight instances of one JVM snapshot at once, each with its own input, all correct.
+fn java_eight_concurrent(name: &str, argv: &[OsString]) {
+    let inputs: Vec<String> = (0..8)
+        .map(|i| format!("instance {i} alpha\nBeta{i} gamma\nline {i}-3\n"))
+        .collect();
+    // Expected answers: one cold run with all eight inputs (the counter restarts per run).
+    let expected: Vec<String> = inputs
+        .iter()
+        .map(|inp| {
+            let out = cold(argv, inp);
+            out.assert_ok();
+            out.stdout
+        })
+        .collect();
+    let ws = Ws::new();
+    let id = ws.record(name, argv);
+    let _guard = InstanceGuard {
+        ws: &ws,
+        id: id.clone(),
+    };
+    let t = Instant::now();
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|inp| {
+                let ws = &ws;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let out = ws.instance(name, inp);
+                    (out, t.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "{name}: eight concurrent instances took {:?} in all; each: {:?}",
+        t.elapsed(),
+        outs.iter().map(|(_, d)| *d).collect::<Vec<_>>()
+    );
+    let mut bad = Vec::new();
+    for (i, ((out, _), want)) in outs.iter().zip(&expected).enumerate() {
+        if !(out.success() && &out.stdout == want) {
+            bad.push(format!(
+                "instance {i}: expected\n{want}got:\n{}",
+                out.describe()
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 8 concurrent instances of {name} ({id}) are wrong:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn java_echo_eight_concurrent() {
+    java_eight_concurrent("java_echo8", &java_argv("Echo"));
+}
+
+#[test]
+fn java_echo_eight_concurrent_no_perfdata() {
+    let mut argv = java_argv("Echo");
+    argv.insert(1, "-XX:-UsePerfData".into());
+    java_eight_concurrent("java_echo8_noperf", &argv);
+}
