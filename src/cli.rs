@@ -555,6 +555,7 @@ fn run_instance(
     detach: bool,
     display_stats: bool,
 ) -> Result<i32> {
+    crate::restore::block_forwarded_signals();
     let snap = std::sync::Arc::new(store.load(id)?);
     let mut opts = crate::restore::RestoreOptions::default();
     if let Mode::Lazy { prefetch } = mode {

@@ -271,6 +271,7 @@ pub fn run(
     prefetch: bool,
     display_stats: bool,
 ) -> Result<i32> {
+    crate::restore::block_forwarded_signals();
     let snap = Arc::new(Snapshot::connect(addr, snapshot)?);
     let mut opts = crate::restore::RestoreOptions::default();
     if !eager {

@@ -72,6 +72,20 @@ impl Restored {
     }
 }
 
+/// The signals a monitor forwards to its instance. They are blocked before any helper
+/// thread starts (threads inherit the mask), so none of them can take such a signal and
+/// die of it: the signalfd of `forward_signals` receives them all.
+pub fn block_forwarded_signals() {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
