@@ -229,13 +229,17 @@ fn main() -> Result<()> {
                 ready: s.ready.to_owned(),
                 probe: s.probe.clone(),
                 pairs: if big { pairs.min(3) } else { pairs },
-                concurrent: if s.mib.is_some_and(|m| m > 64) { 0 } else { 8 },
+                // HTTP instances would share one port: no concurrent figure for them.
+                concurrent: if s.mib.is_some_and(|m| m > 64)
+                    || matches!(s.probe, Probe::Http { .. })
+                {
+                    0
+                } else {
+                    8
+                },
                 memory_mib: s.mib,
-                note: (big && pairs > 3).then(|| {
-                    "3 pairs instead of 5 to keep the run short; 8 instances at once skipped \
-                     above 64 MiB"
-                        .to_owned()
-                }),
+                note: (big && pairs > 3)
+                    .then(|| "3 pairs instead of 5 to keep the run short".to_owned()),
                 snapshot: format!(
                     "e2e-{}",
                     s.name.replace(['/', ' ', '.'], "-").to_lowercase()

@@ -66,8 +66,9 @@ fn bounds<'a>(values: impl Iterator<Item = &'a Summary>) -> (f64, f64) {
         return (1.0, 1000.0);
     }
     let lo = 10f64.powf(lo.max(0.01).log10().floor());
-    let hi = 10f64.powf(hi.log10().ceil());
-    (lo, hi.max(lo * 10.0))
+    // One more decade on top: room for the legend.
+    let hi = 10f64.powf(hi.log10().ceil() + 1.0);
+    (lo, hi.max(lo * 100.0))
 }
 
 fn per_workload<DB: DrawingBackend>(
@@ -217,7 +218,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

@@ -80,6 +80,8 @@ pub struct Running {
     /// Closing it (dropping the sender) closes the app's stdin.
     close_stdin: Option<mpsc::Sender<()>>,
     tail: Arc<Mutex<Vec<String>>>,
+    /// Give the app a moment to leave on EOF (line apps); servers are killed at once.
+    wait_exit: bool,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -190,6 +192,7 @@ impl Target {
             started,
             close_stdin: Some(tx),
             tail,
+            wait_exit: matches!(self.probe, Probe::Line { .. }),
             stderr_reader: Some(h),
         })
     }
@@ -338,8 +341,12 @@ impl Running {
     /// Closes stdin, waits a little for the app to leave, then kills what is left.
     /// Returns the tail of the stderr (for error messages).
     pub fn finish(mut self) -> Option<String> {
+        // Everything under the monitor (sandbox init, the app): gone before we return, so
+        // the next run never meets this one (e.g. on the same port).
+        let tree = descendants(self.child.id() as i32);
         drop(self.close_stdin.take());
-        let until = Instant::now() + Duration::from_secs(2);
+        let grace = if self.wait_exit { 2000 } else { 0 };
+        let until = Instant::now() + Duration::from_millis(grace);
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
@@ -350,6 +357,14 @@ impl Running {
                     let _ = self.child.wait();
                     break;
                 }
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(2);
+        for p in tree {
+            // SAFETY: signalling a process we started (through the monitor).
+            unsafe { libc::kill(p, libc::SIGKILL) };
+            while Path::new(&format!("/proc/{p}")).exists() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         drop(self.stdout.take());
@@ -372,6 +387,16 @@ fn children_of(pid: i32) -> Vec<i32> {
         }
     }
     out
+}
+
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut all = Vec::new();
+    let mut frontier = vec![pid];
+    while !frontier.is_empty() {
+        frontier = frontier.iter().flat_map(|&p| children_of(p)).collect();
+        all.extend(&frontier);
+    }
+    all
 }
 
 fn deepest_descendant(pid: i32) -> Option<i32> {

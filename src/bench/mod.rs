@@ -243,7 +243,10 @@ pub fn run_workload(
     if let Err(e) = warm {
         r.error = Some(format!(
             "{}cold run failed: {}",
-            r.error.as_ref().map(|e| format!("{e}; ")).unwrap_or_default(),
+            r.error
+                .as_ref()
+                .map(|e| format!("{e}; "))
+                .unwrap_or_default(),
             short(&e)
         ));
         progress.inc(skipped);
@@ -442,6 +445,12 @@ pub fn bench_command(store: &Store, args: &BenchArgs) -> Result<i32> {
         None => Probe::Line { input },
     };
     let snapshot = format!("bench-{}", std::process::id());
+    // Instances of an HTTP app would share its port.
+    let concurrent = if args.http_port.is_some() {
+        0
+    } else {
+        args.concurrent
+    };
     let w = Workload {
         name: args.command.join(" "),
         command: args.command.clone(),
@@ -449,7 +458,7 @@ pub fn bench_command(store: &Store, args: &BenchArgs) -> Result<i32> {
         ready: args.ready.clone(),
         probe,
         pairs: args.runs,
-        concurrent: args.concurrent,
+        concurrent,
         memory_mib: None,
         note: None,
         snapshot: snapshot.clone(),

@@ -209,6 +209,22 @@ pub fn markdown(rep: &Report) -> String {
                 );
             }
             _ => {
+                // One cell for a failure every mode shares.
+                let errs: Vec<Option<&String>> = Start::RESTORED
+                    .iter()
+                    .map(|m| r.mode(*m).and_then(|x| x.error.as_ref()))
+                    .collect();
+                let same = errs.iter().all(|e| e.is_some() && *e == errs[0])
+                    && r.modes.iter().all(|m| m.first_answer_ms.is_none());
+                if same {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {cold} | **failed** (every mode): {} | | |",
+                        name_cell(r),
+                        escape(errs[0].map(String::as_str).unwrap_or(""))
+                    );
+                    continue;
+                }
                 let _ = writeln!(
                     o,
                     "| {} | {cold} | {} | {} | {} |",
