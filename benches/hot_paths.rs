@@ -134,6 +134,7 @@ fn process(vmas: Vec<Vma>) -> Process {
         itimers: Default::default(),
         posix_timers: vec![],
         seccomp_filters: vec![],
+        private_files: vec![],
     }
 }
 
