@@ -227,4 +227,3 @@ fn drop_with_traced_stopped_app_does_not_hang() {
     sb.kill().unwrap();
     assert_eq!(sb.wait().unwrap(), 137);
 }
-
