@@ -512,6 +512,9 @@ pub fn record(t: &Target, ready: &str) -> Result<Recorded> {
         if msg.is_empty() {
             msg = format!("warmstart record failed ({status})");
         }
+        if elapsed >= t.timeout && msg.contains("warm point") {
+            bail!("{msg} (--timeout {} s)", t.timeout.as_secs());
+        }
         if elapsed >= t.timeout {
             bail!(
                 "the app did not reach its warm point (--ready {ready}) within {} s: {msg}",

@@ -402,14 +402,14 @@ pub fn text_summary(r: &WorkloadResult, took: Duration) -> String {
     if r.cold_rss_bytes.is_some() {
         let _ = writeln!(
             o,
-            "  memory after the first answer: cold {}",
+            "  memory after the first answer: cold    {}",
             mem(&r.cold_rss_bytes, &r.cold_pss_bytes)
         );
         for m in &r.modes {
             if m.rss_bytes.is_some() {
                 let _ = writeln!(
                     o,
-                    "                                 {:<5} {}",
+                    "                                 {:<7} {}",
                     m.mode,
                     mem(&m.rss_bytes, &m.pss_bytes)
                 );
