@@ -64,6 +64,9 @@ pub enum Command {
     Record(RecordArgs),
     /// Start a new instance of a snapshot with this terminal's stdio
     Run(RunArgs),
+    /// Measure what warmstart saves for an app: cold start vs restored instance
+    /// (time to first answer, snapshot sizes, memory)
+    Bench(crate::bench::BenchArgs),
     /// List running instances and the snapshot each came from
     Ps {
         #[arg(long)]
@@ -241,6 +244,7 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Restore(a) => restore_cmd(&cli, a),
         Command::Record(a) => record_cmd(&cli, a),
         Command::Ps { json } => ps(*json),
+        Command::Bench(a) => crate::bench::bench_command(&open_store(&cli)?, a),
         Command::PageServer(a) => {
             crate::pageserver::serve(&open_store(&cli)?, (a.bind, a.port).into())?;
             Ok(0)
