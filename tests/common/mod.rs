@@ -24,9 +24,17 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_warmstart")
 }
 
-/// `/work/shared/workloads` (the repository's sibling folder).
+/// The shared workloads: `$WARMSTART_WORKLOADS`, else the repository's sibling folder
+/// `../shared/workloads`, else `/work/shared/workloads` (for a checkout elsewhere).
 pub fn workloads_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/workloads")
+    if let Some(d) = std::env::var_os("WARMSTART_WORKLOADS") {
+        return PathBuf::from(d);
+    }
+    let sibling = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/workloads");
+    if sibling.is_dir() {
+        return sibling;
+    }
+    PathBuf::from("/work/shared/workloads")
 }
 
 /// The Python interpreter by its real path (a version-manager shim would be recorded instead).
