@@ -48,7 +48,7 @@ pub struct HostFacts {
     pub xsave_size: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {
     /// Pid in the process's own (innermost) pid namespace.
     pub pid: i32,

@@ -649,36 +649,20 @@ pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32, what: &str) -> Re
 
 #[cfg(test)]
 pub(crate) mod tests_support {
-    use warmstart_snapshots::model::{FileIdentity, MmFields, Process};
+    use warmstart_snapshots::model::Process;
 
     /// A process with nothing in it, for tests that need one.
     pub fn process() -> Process {
         Process {
             pid: 1,
-            ppid: 0,
             pgid: 1,
             sid: 1,
             comm: "t".into(),
-            exe: FileIdentity::default(),
-            creds: Default::default(),
-            rlimits: Vec::new(),
             cwd: "/".into(),
             root: "/".into(),
             umask: 0o22,
-            personality: 0,
-            no_new_privs: false,
             dumpable: 1,
-            mm: MmFields::default(),
-            auxv: Vec::new(),
-            vmas: Vec::new(),
-            fds: Vec::new(),
-            sigactions: Vec::new(),
-            shared_pending: Vec::new(),
-            threads: Vec::new(),
-            itimers: Default::default(),
-            posix_timers: Vec::new(),
-            seccomp_filters: Vec::new(),
-            private_files: Vec::new(),
+            ..Default::default()
         }
     }
 }

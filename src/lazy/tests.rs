@@ -59,20 +59,13 @@ fn expected(i: usize) -> u64 {
 fn process(runs: Vec<PageRun>) -> Process {
     Process {
         pid: 1,
-        ppid: 0,
         pgid: 1,
         sid: 1,
         comm: "t".into(),
-        exe: FileIdentity::default(),
-        creds: Creds::default(),
-        rlimits: vec![],
         cwd: "/".into(),
         root: "/".into(),
         umask: 0o22,
-        personality: 0,
-        no_new_privs: false,
         dumpable: 1,
-        mm: MmFields::default(),
         auxv: vec![0, 0],
         vmas: vec![Vma {
             start: BASE,
@@ -86,14 +79,7 @@ fn process(runs: Vec<PageRun>) -> Process {
             offset: 0,
             pages: runs,
         }],
-        fds: vec![],
-        sigactions: vec![],
-        shared_pending: vec![],
-        threads: vec![],
-        itimers: Default::default(),
-        posix_timers: vec![],
-        seccomp_filters: vec![],
-        private_files: vec![],
+        ..Default::default()
     }
 }
 
