@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,14 +34,6 @@ pub struct RecordOptions {
     pub ready: Ready,
     pub timeout: Duration,
     pub tcp_close: bool,
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
@@ -120,9 +112,9 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
 
-    let (in_r, in_w) = pipe()?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
+    let (in_r, in_w) = crate::sys::remote::pipe().context("pipe2")?;
+    let (out_r, out_w) = crate::sys::remote::pipe().context("pipe2")?;
+    let (err_r, err_w) = crate::sys::remote::pipe().context("pipe2")?;
     let mut given = vec![dev_ino(&in_r)?, dev_ino(&out_r)?, dev_ino(&err_r)?];
     // `--ready notify`: the handshake channel (external fd #3 of the snapshot) and an
     // sd_notify socket, announced in the app's environment.

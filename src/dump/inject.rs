@@ -16,6 +16,7 @@ use super::freeze::StopKind;
 use super::maps::MapEntry;
 use super::threads::resume_regs;
 use crate::sys::ptrace::{self, Regs, Stop};
+use crate::sys::remote;
 
 pub struct Inside {
     pub sigactions: Vec<SigAction>,
@@ -93,34 +94,8 @@ fn vdso_syscall(pid: i32, maps: &[MapEntry]) -> Result<u64> {
 
 fn read_remote(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: len,
-    };
-    if unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } != len as isize {
-        return Err(std::io::Error::last_os_error()).context("reading parasite results");
-    }
+    remote::read(pid, addr, &mut buf).context("reading parasite results")?;
     Ok(buf)
-}
-
-fn write_remote(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
-    let local = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    if unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } != bytes.len() as isize {
-        return Err(std::io::Error::last_os_error())
-            .context("copying the parasite into the target");
-    }
-    Ok(())
 }
 
 pub fn collect_inside(
@@ -201,7 +176,7 @@ pub fn collect_inside(
     let base = base as u64;
     let result = (|| -> Result<Inside> {
         let blob = b.build(base);
-        write_remote(pid, base, &blob.bytes)?;
+        remote::write(pid, base, &blob.bytes).context("copying the parasite into the target")?;
         let mut r = *raw;
         r[reg::RIP] = blob.entry;
         r[reg::RDI] = blob.program;

@@ -46,18 +46,8 @@ pub struct Outcome {
 
 fn read_word(pid: i32, addr: u64) -> Result<u64> {
     let mut w = [0u8; 8];
-    let local = libc::iovec {
-        iov_base: w.as_mut_ptr().cast(),
-        iov_len: 8,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: 8,
-    };
-    if unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } != 8 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading the restorer's userfaultfd number");
-    }
+    crate::sys::remote::read(pid, addr, &mut w)
+        .context("reading the restorer's userfaultfd number")?;
     Ok(u64::from_le_bytes(w))
 }
 

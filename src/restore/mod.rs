@@ -32,6 +32,7 @@ use warmstart_snapshots::store::Snapshot;
 
 use crate::stats::Phases;
 use crate::sys::ptrace::{self, Stop};
+use crate::sys::remote;
 use child::{BlobInfo, MSG_BLOB, MSG_ERROR};
 
 /// A restored instance, running.
@@ -107,7 +108,11 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let ranges = ranges.as_slice();
     // Learning the working set ends at the app's first output: its stdout goes through
     // a pipe we copy from, for this run only.
-    let stdout_tap = if opts.learn { Some(pipe()?) } else { None };
+    let stdout_tap = if opts.learn {
+        Some(remote::pipe().context("pipe2")?)
+    } else {
+        None
+    };
     let stdio = stdout_tap.as_ref().map(|(_, w)| [0, w.as_raw_fd(), 2]);
     // A `--ready notify` app is waiting in a read of its notify channel: it gets a new
     // one whose first bytes say it was restored.
@@ -124,7 +129,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     } else {
         None
     };
-    let (status_r, status_w) = pipe()?;
+    let (status_r, status_w) = remote::pipe().context("pipe2")?;
     let status_w_raw = status_w.as_raw_fd();
     let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
@@ -248,14 +253,6 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 /// Reads the child's report: its error, or the blob it is about to jump into.
 fn read_report(r: OwnedFd) -> Result<BlobInfo> {
     let mut buf = Vec::new();
@@ -275,18 +272,7 @@ fn read_report(r: OwnedFd) -> Result<BlobInfo> {
 
 fn read_status(pid: i32, info: &BlobInfo) -> Result<Status> {
     let mut buf = vec![0u8; Status::SIZE];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: info.status_addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    if n != buf.len() as isize {
-        return Err(std::io::Error::last_os_error()).context("reading the restorer's status");
-    }
+    remote::read(pid, info.status_addr, &mut buf).context("reading the restorer's status")?;
     Ok(Status::decode(&buf))
 }
 
@@ -426,7 +412,7 @@ pub fn detached<R>(
     display_stats: bool,
     register: &dyn Fn(&Restored) -> R,
 ) -> Result<i32> {
-    let (r, w) = pipe()?;
+    let (r, w) = remote::pipe().context("pipe2")?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(std::io::Error::last_os_error()).context("fork");

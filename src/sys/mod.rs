@@ -2,6 +2,7 @@
 
 pub mod pidfd;
 pub mod ptrace;
+pub mod remote;
 pub mod uffd;
 pub mod vdso;
 

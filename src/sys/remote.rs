@@ -1,0 +1,68 @@
+//! Another process's memory, read or written whole (`process_vm_readv`/`writev`), and
+//! the pipes the monitor shares with the processes it starts.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// Reads exactly `buf.len()` bytes at `addr` of `pid`; a short read is an error.
+pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    match unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } {
+        n if n == buf.len() as isize => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short read: {n} of {} bytes at {addr:#x}", buf.len()),
+        )),
+    }
+}
+
+/// Writes all of `bytes` at `addr` of `pid`; a short write is an error.
+pub fn write(pid: i32, addr: u64, bytes: &[u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    match unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } {
+        n if n == bytes.len() as isize => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write: {n} of {} bytes at {addr:#x}", bytes.len()),
+        )),
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_and_writes_own_memory() {
+        let me = std::process::id() as i32;
+        let mut src = [1u8, 2, 3, 4];
+        let mut out = [0u8; 4];
+        super::read(me, src.as_ptr() as u64, &mut out).unwrap();
+        assert_eq!(out, [1, 2, 3, 4]);
+        super::write(me, src.as_mut_ptr() as u64, &[9, 9]).unwrap();
+        assert_eq!(std::hint::black_box(src), [9, 9, 3, 4]);
+    }
+}
