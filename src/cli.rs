@@ -1,11 +1,13 @@
 //! Command-line interface: parsing, and one function per command.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use warmstart_launcher::warmpoint::ExitStatus;
 use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
 use warmstart_snapshots::store::{SnapshotId, Store};
 
@@ -157,6 +159,10 @@ pub struct RecordArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
+    /// After the snapshot, let the app go on with this terminal's stdio until it exits
+    /// (a `notify` app reads `RESTORED=0`); exit with its status
+    #[arg(short = 'R', long)]
+    pub leave_running: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -477,6 +483,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
         dest,
         &DumpOptions {
             leave_running: a.leave_running,
+            keep_traced: false,
             leave_stopped: a.leave_stopped,
             stdio: StdioPolicy::Detect,
             tcp_close: a.tcp_close,
@@ -532,13 +539,21 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             ready,
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
+            leave_running: a.leave_running,
+        },
+        |d| {
+            if a.display_stats {
+                eprintln!("record:\n{}", d.phases);
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", d.id.short()).and_then(|()| out.flush());
         },
     )?;
-    if a.display_stats {
-        eprintln!("record:\n{}", r.phases);
-    }
-    println!("{}", r.id.short());
-    Ok(0)
+    Ok(match r.exit {
+        None | Some(ExitStatus::Code(0)) => 0,
+        Some(ExitStatus::Code(c)) => c,
+        Some(ExitStatus::Signal(s)) => 128 + s,
+    })
 }
 
 /// Restores one instance and waits for it (or, detached, reports its pid and returns).

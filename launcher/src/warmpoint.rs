@@ -25,7 +25,7 @@
 //! entry). The snapshot records [`NOTIFY_FD`] as one end of an `AF_UNIX` `SOCK_STREAM`
 //! socketpair whose peer is outside the app. At restore warmstart creates a fresh
 //! [`NotifyChannel`], installs its app end at [`NOTIFY_FD`] in place of the recorded one,
-//! and, *before* the app resumes, calls [`notify_reply_restored`] on the launcher end:
+//! and, *before* the app resumes, calls [`notify_reply`] with [`RESTORED_MSG`] on the launcher end:
 //! the restarted `read` returns `RESTORED=1\n` at once. Keep the launcher end open while
 //! the app runs (the app may write again, e.g. `STATUS=...`, and must not get `EPIPE`);
 //! `$WARMSTART_NOTIFY_FD` is in the recorded environment already. sd_notify apps do not
@@ -56,6 +56,8 @@ pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 pub const READY_MSG: &[u8] = b"READY=1\n";
 /// What the app reads after a restore.
 pub const RESTORED_MSG: &[u8] = b"RESTORED=1\n";
+/// What the recorded app reads when `record --leave-running` lets it go on after the dump.
+pub const LEFT_RUNNING_MSG: &[u8] = b"RESTORED=0\n";
 
 /// `--ready TRIGGER`: when the snapshot is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -317,16 +319,17 @@ impl NotifyParser {
     }
 }
 
-/// Write `RESTORED=1\n` to the launcher end of a notify channel (restore side: before the
-/// app resumes, so its pending read of [`NOTIFY_FD`] returns it).
-pub fn notify_reply_restored(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Write the handshake's answer ([`RESTORED_MSG`] after a restore, [`LEFT_RUNNING_MSG`]
+/// to a recorded app that goes on running) to the launcher end of a notify channel, before
+/// the app resumes, so its pending read of [`NOTIFY_FD`] returns it.
+pub fn notify_reply(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
     let mut done = 0;
-    while done < RESTORED_MSG.len() {
+    while done < msg.len() {
         let n = unsafe {
             libc::send(
                 fd.as_raw_fd(),
-                RESTORED_MSG[done..].as_ptr() as *const libc::c_void,
-                RESTORED_MSG.len() - done,
+                msg[done..].as_ptr() as *const libc::c_void,
+                msg.len() - done,
                 libc::MSG_NOSIGNAL,
             )
         };
@@ -846,6 +849,8 @@ pub struct WarmPointTracker {
     sd_notify: Option<SdNotifySocket>,
     /// Traps seen (for diagnostics / tests): (trap, syscall nr, args[0]).
     seen: Vec<(Option<Trap>, i64, u64)>,
+    /// Past the warm point ([`follow`](Self::follow)): every stop is passed through.
+    following: bool,
 }
 
 impl WarmPointTracker {
@@ -865,6 +870,7 @@ impl WarmPointTracker {
             notify: None,
             sd_notify: None,
             seen: Vec::new(),
+            following: false,
         })
     }
 
@@ -965,6 +971,9 @@ impl WarmPointTracker {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
+        if self.following {
+            return Ok(Self::pass_through(event, sig));
+        }
         let warm = |kind, resume_signal| {
             Ok(Verdict::WarmPoint(WarmStop {
                 tid,
@@ -1000,6 +1009,20 @@ impl WarmPointTracker {
             }
             // clone/fork/exec/exit events.
             _ => Ok(Verdict::Continue { inject_signal: 0 }),
+        }
+    }
+
+    /// The verdict for a stop after the warm point: the app runs as if untraced (its
+    /// trapped syscalls proceed, signals are delivered, group stops stay stopped).
+    fn pass_through(event: i32, sig: i32) -> Verdict {
+        let stop_sig = matches!(
+            sig,
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        );
+        match event {
+            libc::PTRACE_EVENT_STOP if stop_sig => Verdict::Listen,
+            0 if sig != (libc::SIGTRAP | 0x80) => Verdict::Continue { inject_signal: sig },
+            _ => Verdict::Continue { inject_signal: 0 },
         }
     }
 
@@ -1128,6 +1151,31 @@ impl WarmPointTracker {
                     self.on_timeout()?;
                 }
                 Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
+            }
+        }
+    }
+
+    /// After the warm point, when the recorded app goes on running (`record
+    /// --leave-running`): stay its tracer (the seccomp trap makes trapped syscalls fail
+    /// with `ENOSYS` without one) and pass every stop through until the app ends. The
+    /// threads must have been resumed already. Returns how the app ended.
+    pub fn follow(&mut self, init_pid: i32) -> Result<ExitStatus, WarmPointError> {
+        self.following = true;
+        loop {
+            match wait_event(init_pid, None, None) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(WarmPointError::Io {
+                        op: "waitid",
+                        source: e,
+                    })
+                }
+                Ok(WaitEvent::Stop { tid, status }) => match self.on_stop(tid, status)? {
+                    Verdict::Exited(s) => return Ok(s),
+                    v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
+                },
+                Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
+                Ok(WaitEvent::Readable | WaitEvent::Timeout) => {}
             }
         }
     }

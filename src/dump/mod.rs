@@ -31,6 +31,9 @@ use crate::sys::ptrace;
 
 pub struct DumpOptions {
     pub leave_running: bool,
+    /// With `leave_running`: resume the threads but stay their tracer (the caller goes on
+    /// tracing, e.g. `record`, whose seccomp trap needs a tracer).
+    pub keep_traced: bool,
     /// After the dump, leave the process stopped (SIGSTOP) rather than running or killed.
     pub leave_stopped: bool,
     pub stdio: StdioPolicy,
@@ -90,6 +93,8 @@ pub fn dump_to(
             if opts.leave_stopped {
                 release(&frozen);
                 unsafe { libc::kill(pid, libc::SIGSTOP) };
+            } else if opts.leave_running && opts.keep_traced {
+                resume(&frozen, ptrace::cont);
             } else if opts.leave_running {
                 release(&frozen);
             } else {
@@ -116,13 +121,19 @@ pub fn dump_to(
 
 /// Detaches from every thread, re-delivering signals that freezing dequeued.
 pub fn release(frozen: &Frozen) {
+    resume(frozen, ptrace::detach)
+}
+
+/// Lets every thread go on (`detach` or `cont`), re-delivering signals that freezing
+/// dequeued.
+fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     for t in frozen.threads.values() {
         let sig = t
             .caught
             .first()
             .map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap()))
             .unwrap_or(0);
-        let _ = ptrace::detach(t.tid, sig);
+        let _ = go(t.tid, sig);
         for s in t.caught.iter().skip(1) {
             let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
             unsafe { libc::syscall(libc::SYS_tgkill, frozen.pid, t.tid, sig) };
