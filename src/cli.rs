@@ -105,9 +105,10 @@ pub struct DumpArgs {
     /// Leave the process stopped (SIGSTOP) after the dump
     #[arg(short = 's', long, conflicts_with = "leave_running")]
     pub leave_stopped: bool,
-    /// Accepted for CRIU compatibility: terminal, pipe and socket stdio is always
-    /// treated as the job's and reattached to the restorer's at restore
-    #[arg(long)]
+    /// The process is a job of an interactive shell: its terminal fds are not dumped
+    /// but replaced by the restorer's terminal (without it, a terminal fd is refused).
+    /// Pipe and socket stdio is always the caller's.
+    #[arg(short = 'j', long)]
     pub shell_job: bool,
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
@@ -138,8 +139,9 @@ pub struct RestoreArgs {
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
-    /// Accepted for CRIU compatibility: the restored job always gets this terminal's stdio
-    #[arg(long)]
+    /// Restore a job dumped with --shell-job: it gets this terminal (the restorer's
+    /// stdin, stdout and stderr) in place of its old one; the restored job always does
+    #[arg(short = 'j', long)]
     pub shell_job: bool,
 }
 
@@ -485,7 +487,9 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             leave_running: a.leave_running,
             keep_traced: false,
             leave_stopped: a.leave_stopped,
-            stdio: StdioPolicy::Detect,
+            stdio: StdioPolicy::Detect {
+                shell_job: a.shell_job,
+            },
             tcp_close: a.tcp_close,
             trigger: "dump".into(),
             command: Vec::new(),
