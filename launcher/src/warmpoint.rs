@@ -428,28 +428,19 @@ impl NotifyChannel {
 
     /// Read what the app wrote so far; true once `READY=1` arrived.
     pub fn poll_ready(&mut self) -> Result<bool, WarmPointError> {
-        let mut buf = [0u8; 512];
-        loop {
-            let n = unsafe {
-                libc::recv(
-                    self.launcher.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(last_err("recv(notify fd)")),
+        let parser = &mut self.parser;
+        drain(
+            self.launcher.as_fd(),
+            "recv(notify fd)",
+            &mut [0u8; 512],
+            |b| {
+                // End of stream: the app closed its end; nothing more will come.
+                if b.is_empty() {
+                    return Ok(false);
                 }
-            }
-            if n == 0 {
-                break;
-            }
-            self.parser.feed_stream(&buf[..n as usize], "fd")?;
-        }
+                parser.feed_stream(b, "fd").map(|()| true)
+            },
+        )?;
         Ok(self.parser.ready())
     }
 
@@ -567,26 +558,44 @@ impl SdNotifySocket {
 
     /// Receive every queued datagram; true once one carried `READY=1`.
     pub fn recv_ready(&mut self) -> Result<bool, WarmPointError> {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(last_err("recv(NOTIFY_SOCKET)")),
-                }
-            }
-            self.parser.feed_datagram(&buf[..n as usize], "socket")?;
-        }
+        let parser = &mut self.parser;
+        drain(
+            self.fd.as_fd(),
+            "recv(NOTIFY_SOCKET)",
+            &mut [0u8; 4096],
+            |b| parser.feed_datagram(b, "socket").map(|()| true),
+        )?;
         Ok(self.parser.ready())
+    }
+}
+
+/// Receives from non-blocking `fd` until nothing is queued, handing each read to `feed`
+/// (which returns false to stop, e.g. at the end of a stream).
+fn drain(
+    fd: BorrowedFd<'_>,
+    op: &'static str,
+    buf: &mut [u8],
+    mut feed: impl FnMut(&[u8]) -> Result<bool, WarmPointError>,
+) -> Result<(), WarmPointError> {
+    loop {
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(()),
+                Some(libc::EINTR) => continue,
+                _ => return Err(last_err(op)),
+            }
+        }
+        if !feed(&buf[..n as usize])? {
+            return Ok(());
+        }
     }
 }
 
