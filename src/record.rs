@@ -57,6 +57,14 @@ fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
 /// terminal after the app is gone); the app sees EOF when our stdin ends.
 fn pump_stdin(w: OwnedFd) {
     std::thread::spawn(move || {
+        // A write after the app is gone must fail with EPIPE, not kill warmstart: the
+        // SIGPIPE of a write goes to the writing thread, which blocks it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGPIPE);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
         let mut w = std::fs::File::from(w);
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
     });
@@ -236,7 +244,9 @@ pub fn record(
             let opts_seize = ptrace::O_EXITKILL
                 | ptrace::O_TRACESECCOMP
                 | ptrace::O_TRACESYSGOOD
-                | ptrace::O_TRACECLONE;
+                | ptrace::O_TRACECLONE
+                | ptrace::O_TRACEFORK
+                | ptrace::O_TRACEVFORK;
             let seized = ptrace::seize(pid, opts_seize)
                 .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());

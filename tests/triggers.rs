@@ -344,6 +344,36 @@ fn leave_running_exit_status() {
     );
 }
 
+/// Child processes of a recorded app inherit the warm-point trap: they are traced too, so
+/// their trapped syscalls (here `cat` reading its stdin, before and after the warm point)
+/// work instead of failing with ENOSYS, and they never make the warm point themselves.
+#[test]
+fn children_of_a_recorded_app_run_normally() {
+    let ws = Ws::new();
+    let script = "echo piped | cat; read y; echo \"got $y\"; echo sub | cat; echo done";
+    let out = ws.run(
+        &[
+            "record", "--name", "kids", "-R", "--", "/bin/sh", "-c", script,
+        ],
+        "yy\n",
+    );
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        out.success()
+            && out.stderr.contains("piped")
+            && !out.stderr.contains("not implemented")
+            && lines[1..] == ["got yy", "sub", "done"],
+        "a recorded shell's children (cat) should read their stdin normally:\n{}",
+        out.describe()
+    );
+    let run = ws.instance("kids", "zz\n");
+    assert!(
+        run.success() && run.stdout == "got zz\nsub\ndone\n" && !run.stderr.contains("piped"),
+        "restored instance:\n{}",
+        run.describe()
+    );
+}
+
 #[test]
 fn notify_python() {
     notify_workload(

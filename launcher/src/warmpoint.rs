@@ -860,6 +860,9 @@ pub struct WarmPointTracker {
     seen: Vec<(Option<Trap>, i64, u64)>,
     /// Past the warm point ([`follow`](Self::follow)): every stop is passed through.
     following: bool,
+    /// Thread-group id of each traced thread seen (the app's children are traced too:
+    /// they inherit the trap, which fails with `ENOSYS` without a tracer).
+    tgids: std::collections::HashMap<i32, i32>,
 }
 
 impl WarmPointTracker {
@@ -880,6 +883,7 @@ impl WarmPointTracker {
             sd_notify: None,
             seen: Vec::new(),
             following: false,
+            tgids: std::collections::HashMap::new(),
         })
     }
 
@@ -965,6 +969,7 @@ impl WarmPointTracker {
     /// Decide about one `waitpid` status of traced thread `tid` (already consumed).
     pub fn on_stop(&mut self, tid: i32, status: i32) -> Result<Verdict, WarmPointError> {
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.tgids.remove(&tid);
             if tid != self.pid {
                 return Ok(Verdict::ThreadExited);
             }
@@ -980,7 +985,8 @@ impl WarmPointTracker {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
-        if self.following {
+        // Only the app's own threads make a warm point; its child processes just run.
+        if self.following || !self.in_app(tid) {
             return Ok(Self::pass_through(event, sig));
         }
         let warm = |kind, resume_signal| {
@@ -1021,7 +1027,25 @@ impl WarmPointTracker {
         }
     }
 
-    /// The verdict for a stop after the warm point: the app runs as if untraced (its
+    /// Whether traced thread `tid` is a thread of the app (not of a child process).
+    fn in_app(&mut self, tid: i32) -> bool {
+        if tid == self.pid {
+            return true;
+        }
+        let tgid = *self.tgids.entry(tid).or_insert_with(|| {
+            std::fs::read_to_string(format!("/proc/{tid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Tgid:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        });
+        tgid == self.pid
+    }
+
+    /// The verdict for a stop (after the warm point, or of a child process): the app runs as if untraced (its
     /// trapped syscalls proceed, signals are delivered, group stops stay stopped).
     fn pass_through(event: i32, sig: i32) -> Verdict {
         let stop_sig = matches!(
