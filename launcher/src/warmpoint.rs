@@ -922,7 +922,7 @@ impl WarmPointTracker {
 
     /// When the monitor must call [`on_timeout`](Self::on_timeout) (`after=`), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.interrupted {
+        if self.interrupted || self.following {
             None
         } else {
             self.deadline
@@ -932,7 +932,7 @@ impl WarmPointTracker {
     /// An fd the monitor must poll for `POLLIN` and then call
     /// [`on_readable`](Self::on_readable) (the sd_notify socket).
     pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
-        if self.interrupted {
+        if self.interrupted || self.following {
             return None;
         }
         self.sd_notify.as_ref().map(|s| s.fd())
@@ -1194,22 +1194,10 @@ impl WarmPointTracker {
     /// threads must have been resumed already. Returns how the app ended.
     pub fn follow(&mut self, init_pid: i32) -> Result<ExitStatus, WarmPointError> {
         self.following = true;
-        loop {
-            match wait_event(init_pid, None, None) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(WarmPointError::Io {
-                        op: "waitid",
-                        source: e,
-                    })
-                }
-                Ok(WaitEvent::Stop { tid, status }) => match self.on_stop(tid, status)? {
-                    Verdict::Exited(s) => return Ok(s),
-                    v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
-                },
-                Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
-                Ok(WaitEvent::Readable | WaitEvent::Timeout) => {}
-            }
+        match self.run(init_pid, None) {
+            Err(WarmPointError::Exited(s)) => Ok(s),
+            Err(e) => Err(e),
+            Ok(_) => unreachable!("no warm point while following"),
         }
     }
 }
