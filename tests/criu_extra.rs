@@ -382,3 +382,62 @@ fn shell_job_gets_the_restorers_terminal() {
     );
     let _ = restore.wait();
 }
+
+/// "LINE born=B done=D" from the thread_churn fixture: (B, D), after checking the line.
+fn churn_counts(line: &str, tag: &str) -> (i64, i64) {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let num = |s: &str, key: &str| s.strip_prefix(key).and_then(|v| v.parse::<i64>().ok());
+    match w[..] {
+        [t, b, d] if t == tag => match (num(b, "born="), num(d, "done=")) {
+            (Some(b), Some(d)) => (b, d),
+            _ => panic!("bad answer {line:?}"),
+        },
+        _ => panic!("expected \"{tag} born=B done=D\", got {line:?}"),
+    }
+}
+
+/// Threads born and exiting all the time while they are dumped: five `dump -R` in a row
+/// each succeed and leave the process churning; then a dump and a restore, eager and
+/// lazy, whose spawner and workers go on (the counters continue from the dumped values).
+#[test]
+fn threads_born_and_exiting_while_dumped() {
+    let ws = Ws::new();
+    let mut p = Proc::spawn(&mut Command::new(fixture("thread_churn")));
+    p.wait_stderr("ready");
+    let pid = p.pid().to_string();
+    let mut last = 0;
+    for i in 0..5 {
+        let out = ws.run(&["dump", "-t", &pid, "-R", "--name", &format!("c{i}")], "");
+        out.assert_ok();
+        p.send(&format!("r{i}"));
+        let (_, done) = churn_counts(&p.read_line(), &format!("r{i}"));
+        assert!(done > last, "the churn should go on after dump -R #{i}");
+        last = done;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("img");
+    let d = d.to_str().unwrap();
+    ws.run(&["dump", "-t", &pid, "-D", d], "").assert_ok();
+    assert!(
+        wait_pid_exit(p.pid(), TIMEOUT),
+        "the dumped process is still running"
+    );
+    let _ = p.wait();
+    for extra in [&[][..], &["--lazy"][..]] {
+        let mut args = vec!["restore", "-D", d];
+        args.extend_from_slice(extra);
+        let mut r = Proc::spawn(&mut ws.cmd(&args));
+        r.send("x");
+        let (born, done) = churn_counts(&r.read_line(), "x");
+        assert!(
+            done > last && born >= last,
+            "restore {extra:?}: counters should continue from the dumped {last}: born={born} done={done}"
+        );
+        r.close_stdin();
+        let st = r.wait();
+        assert!(
+            st.success(),
+            "restore {extra:?} should exit 0 at EOF: {st:?}"
+        );
+    }
+}
