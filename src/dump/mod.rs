@@ -19,7 +19,7 @@ pub mod vmas;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{HostFacts, Manifest, PosixTimer, Process, SigInfo};
+use warmstart_snapshots::model::{Creds, HostFacts, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
 use warmstart_snapshots::{PageWriter, RemoteWriter};
 
@@ -233,7 +233,10 @@ fn collect_and_store(
         sid: info.sid,
         comm: info.comm,
         exe: info.exe,
-        creds: info.creds,
+        creds: Creds {
+            securebits: inside.securebits,
+            ..info.creds
+        },
         rlimits: info.rlimits,
         cwd: info.cwd,
         root: info.root,
