@@ -313,6 +313,7 @@ fn vma_kind(k: &VmaKind) -> String {
         VmaKind::Anon { name } if name.is_empty() => "anon".into(),
         VmaKind::Anon { name } => name.clone(),
         VmaKind::File { file } => file.path.clone(),
+        VmaKind::Shmem { id } => format!("shared anon {id}"),
         VmaKind::Vdso => "[vdso]".into(),
         VmaKind::Vvar => "[vvar]".into(),
         VmaKind::VvarVclock => "[vvar_vclock]".into(),

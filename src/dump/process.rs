@@ -189,6 +189,27 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
     })
 }
 
+/// The ids and exit status of a zombie (an exited child its parent has not reaped):
+/// all that is left of it, and all a restore needs to recreate it.
+pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading status of zombie process {pid}"))?;
+    let st = Stat::read(pid)?;
+    let ns = |key: &str, fallback: u64| {
+        innermost(status_field(&status, key)).unwrap_or(fallback as i32)
+    };
+    Ok(warmstart_snapshots::model::Process {
+        pid: ns("NSpid", pid as u64),
+        ppid: ppid_in_ns(st.field(4) as i32, status_field(&status, "NSpid")),
+        pgid: ns("NSpgid", st.field(5)),
+        sid: ns("NSsid", st.field(6)),
+        comm: st.comm.clone(),
+        // proc(5) field 52, `exit_code`: the status its parent's wait() will report.
+        zombie: Some(st.field(52) as i32),
+        ..Default::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,10 +191,64 @@ pub struct Shared {
     pub inet: inet::Collector,
 }
 
+/// What the fd collection of a whole tree has met so far: shared objects (pipes, socket
+/// pairs) and every open file description, so that an fd inherited over fork gets the
+/// same `ofd` id in parent and child.
+#[derive(Default)]
+pub struct TreeFiles {
+    shared: Shared,
+    /// Every fd seen: (pid, fd, ofd id, link). Only fds with the same link can share a
+    /// description, so kcmp is asked about those only.
+    fds: Vec<(i32, i32, u32, String)>,
+    /// The state read for each description, from its first fd.
+    seen: HashMap<u32, FileDesc>,
+}
+
+impl TreeFiles {
+    /// The shared objects of every process collected.
+    pub fn finish(self, pid: i32, comm: &str) -> Result<(Vec<PipeObject>, Vec<UnixPairObject>)> {
+        let mut pipes: Vec<PipeObject> = self.shared.pipes.into_values().collect();
+        pipes.sort_by_key(|p| p.id);
+        Ok((pipes, self.shared.unix.finish(pid, comm)?))
+    }
+
+    /// The id of the open file description of `pid`'s fd `fd`: the id of an fd seen
+    /// before that shares it (`kcmp(KCMP_FILE)`), else a new one.
+    fn ofd(&mut self, pid: i32, fd: i32, link: &str) -> u32 {
+        let found = self.fds.iter().find(|(p, f, _, l)| {
+            l == link && matches!(crate::sys::kcmp_files(pid, fd, *p, *f), Ok(true))
+        });
+        let id = match found {
+            Some(&(_, _, id, _)) => id,
+            None => self.fds.iter().map(|e| e.2 + 1).max().unwrap_or(0),
+        };
+        self.fds.push((pid, fd, id, link.to_owned()));
+        id
+    }
+}
+
+/// The fds of one process alone (a tree of one).
 pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected> {
+    let mut tree = TreeFiles::default();
+    let (fds, file_locks) = collect_in_tree(pid, comm, opts, &mut tree)?;
+    let (pipes, unix_pairs) = tree.finish(pid, comm)?;
+    Ok(Collected {
+        fds,
+        pipes,
+        unix_pairs,
+        file_locks,
+    })
+}
+
+/// The fds and locks of `pid`, one process of a tree; shared objects go into `tree`.
+pub fn collect_in_tree(
+    pid: i32,
+    comm: &str,
+    opts: &CollectOptions,
+    tree: &mut TreeFiles,
+) -> Result<(Vec<Fd>, Vec<FileLock>)> {
     let pidfd = pidfd::pidfd_open(pid, 0).with_context(|| format!("pidfd_open({pid})"))?;
     let mut fds = Vec::new();
-    let mut shared = Shared::default();
     let mut file_locks = Vec::new();
     let pid_in_ns = pid_in_own_ns(pid)?;
     let mut nums: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -202,10 +256,6 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     nums.sort_unstable();
-    // Open file descriptions seen so far: (dev, ino, pos, flags) is not enough to tell a
-    // dup from a second open, so ask the kernel with kcmp.
-    let mut ofds: Vec<(i32, u32)> = Vec::new();
-    let mut seen: HashMap<u32, FileDesc> = HashMap::new();
     for &fd in &nums {
         let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
             .with_context(|| format!("reading /proc/{pid}/fd/{fd}"))?;
@@ -215,17 +265,9 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             .with_context(|| format!("reading /proc/{pid}/fdinfo/{fd}"))?;
         let info = FdInfo::parse(text);
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
-        let ofd = match ofds
-            .iter()
-            .find(|(other, _)| matches!(crate::sys::kcmp_file(pid, fd, *other), Ok(true)))
-        {
-            Some(&(_, id)) => id,
-            None => {
-                let id = ofds.len() as u32;
-                ofds.push((fd, id));
-                id
-            }
-        };
+        // (dev, ino, pos, flags) is not enough to tell a dup (or an fd inherited over
+        // fork) from a second open: ask the kernel with kcmp.
+        let ofd = tree.ofd(pid, fd, &link);
         let t = Target {
             pid,
             comm,
@@ -238,11 +280,11 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             all_fds: &nums,
         };
         // A dup shares the state read for its first fd.
-        let file = match seen.get(&ofd) {
+        let file = match tree.seen.get(&ofd) {
             Some(file) => file.clone(),
-            None => classify(&t, &mut shared)?,
+            None => classify(&t, &mut tree.shared)?,
         };
-        seen.entry(ofd).or_insert_with(|| file.clone());
+        tree.seen.entry(ofd).or_insert_with(|| file.clone());
         if !matches!(file, FileDesc::External { .. }) {
             file_locks.extend(locks::dump(&t, pid_in_ns)?);
         }
@@ -253,14 +295,7 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             file,
         });
     }
-    let mut pipes: Vec<PipeObject> = shared.pipes.into_values().collect();
-    pipes.sort_by_key(|p| p.id);
-    Ok(Collected {
-        fds,
-        pipes,
-        unix_pairs: shared.unix.finish(pid, comm)?,
-        file_locks,
-    })
+    Ok((fds, file_locks))
 }
 
 /// The pid of `pid` in its own (innermost) pid namespace: the last `NSpid:` field.
