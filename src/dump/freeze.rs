@@ -208,7 +208,10 @@ pub fn children(pid: i32) -> Vec<i32> {
     for tid in tasks(pid).unwrap_or_default() {
         let text =
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
-        out.extend(text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
     }
     out.sort_unstable();
     out.dedup();

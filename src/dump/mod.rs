@@ -170,8 +170,7 @@ fn collect_and_store(
             processes.push(process::zombie(pid)?);
             continue;
         };
-        let (p, locks) =
-            collect_process(pid, frozen, opts, &mut files, &mut writer, &mut times)?;
+        let (p, locks) = collect_process(pid, frozen, opts, &mut files, &mut writer, &mut times)?;
         if xsave_size == 0 {
             xsave_size = p.threads[0].xsave.len() as u32;
         }

@@ -195,9 +195,8 @@ pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading status of zombie process {pid}"))?;
     let st = Stat::read(pid)?;
-    let ns = |key: &str, fallback: u64| {
-        innermost(status_field(&status, key)).unwrap_or(fallback as i32)
-    };
+    let ns =
+        |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
     Ok(warmstart_snapshots::model::Process {
         pid: ns("NSpid", pid as u64),
         ppid: ppid_in_ns(st.field(4) as i32, status_field(&status, "NSpid")),

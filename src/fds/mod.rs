@@ -465,19 +465,165 @@ impl Installer<'_> {
     }
 }
 
-/// Builds the app's fd table: each open file description once, then dup'ed to every
-/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
-/// the notify channel's app end when the snapshot has one.
-pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Result<()> {
+/// What a restored process inherits from the root of its tree (created there before
+/// any fork): the open file descriptions, pipes and socket pairs that more than one
+/// process holds, and every shared anonymous memory object. Created once, they are
+/// shared exactly as at dump: a file offset moves for all, a pipe's bytes are there once.
+#[derive(Debug, Default, Clone)]
+pub struct Inherited {
+    pub ofds: HashMap<u32, RawFd>,
+    pub pipes: HashMap<u64, (RawFd, RawFd)>,
+    pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
+    /// Shared anonymous memory objects (`VmaKind::Shmem` ids), mapped by the restorer.
+    pub shmem: HashMap<u64, RawFd>,
+    /// Every fd above except the shmem ones, closed once the fd table is built.
+    pub fds: Vec<RawFd>,
+}
+
+/// Whether an fd of this kind is created once for all the processes sharing it. The
+/// caller's stdio is inherited anyway; an epoll's targets are fds of one process, so
+/// each process gets its own (an epoll shared across processes is not shared again).
+fn shareable(f: &FileDesc) -> bool {
+    !matches!(f, FileDesc::External { .. } | FileDesc::Epoll { .. })
+}
+
+/// In the root of the tree, before it forks: creates what [`Inherited`] lists.
+pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inherited> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let live: Vec<&Process> = m.processes.iter().filter(|p| p.zombie.is_none()).collect();
+    let Some(&root) = live.first() else {
+        return Ok(Inherited::default());
+    };
     let mut ins = Installer {
         m,
-        p,
+        p: root,
         high,
         temps: Vec::new(),
         pipes: HashMap::new(),
         unix_pairs: HashMap::new(),
     };
-    let mut ofds: HashMap<u32, RawFd> = HashMap::new();
+    let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
+    let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
+    let mut pairs: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
+    for p in &live {
+        for f in &p.fds {
+            ofds.entry(f.ofd)
+                .or_insert((BTreeSet::new(), f))
+                .0
+                .insert(p.pid);
+            match &f.file {
+                FileDesc::Pipe { pipe, .. } => {
+                    pipes.entry(*pipe).or_default().insert(p.pid);
+                }
+                FileDesc::UnixPair { pair, .. } => {
+                    pairs.entry(*pair).or_default().insert(p.pid);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (&id, procs) in &pipes {
+        if procs.len() > 1 {
+            pipe::restore(&mut ins, id, false, 0)
+                .with_context(|| format!("restoring pipe {id} shared by processes {procs:?}"))?;
+        }
+    }
+    for (&id, procs) in &pairs {
+        if procs.len() > 1 {
+            unix::restore_pair(&mut ins, id, 0, 0).with_context(|| {
+                format!("restoring unix socket pair {id} shared by processes {procs:?}")
+            })?;
+        }
+    }
+    let mut shared = HashMap::new();
+    for (&id, (procs, f)) in &ofds {
+        if procs.len() > 1 && shareable(&f.file) {
+            let fd = create(&mut ins, f, stdio).with_context(|| {
+                format!(
+                    "restoring {} shared by processes {procs:?}",
+                    describe(&f.file)
+                )
+            })?;
+            shared.insert(id, fd);
+        }
+    }
+    let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
+    for p in &live {
+        for v in &p.vmas {
+            if let warmstart_snapshots::model::VmaKind::Shmem { id } = v.kind {
+                let end = sizes.entry(id).or_default();
+                *end = (*end).max(v.offset + v.len());
+            }
+        }
+    }
+    let mut shmem = HashMap::new();
+    for (&id, &size) in &sizes {
+        let fd = shmem_object(size)
+            .with_context(|| format!("creating shared anonymous memory {id} ({size} bytes)"))?;
+        shmem.insert(id, ins.keep_high(fd)?);
+    }
+    let shmem_fds: Vec<RawFd> = shmem.values().copied().collect();
+    Ok(Inherited {
+        ofds: shared,
+        pipes: ins.pipes,
+        unix_pairs: ins.unix_pairs,
+        shmem,
+        fds: ins
+            .temps
+            .into_iter()
+            .filter(|fd| !shmem_fds.contains(fd))
+            .collect(),
+    })
+}
+
+/// A new shared anonymous memory object of `size` bytes, as an fd: mapped
+/// `MAP_SHARED | MAP_ANONYMOUS` once, then opened through `/proc/self/map_files`, so each
+/// process that maps the fd shows the same `/dev/zero (deleted)` mapping as at dump
+/// (a memfd would show as `/memfd:...`).
+fn shmem_object(size: u64) -> Result<RawFd> {
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(errno_err("mmap(MAP_SHARED | MAP_ANONYMOUS)"));
+    }
+    let start = addr as u64;
+    let fd = open_path(
+        &format!("/proc/self/map_files/{:x}-{:x}", start, start + size),
+        libc::O_RDWR,
+        0,
+    );
+    unsafe { libc::munmap(addr, size as usize) };
+    fd
+}
+
+/// Builds the app's fd table: each open file description once, then dup'ed to every
+/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
+/// the notify channel's app end when the snapshot has one; `inherited` what the root of
+/// the tree created for several processes ([`prepare_shared`]).
+pub fn install(
+    m: &Manifest,
+    p: &Process,
+    stdio: &[RawFd],
+    high: RawFd,
+    inherited: &Inherited,
+) -> Result<()> {
+    let mut ins = Installer {
+        m,
+        p,
+        high,
+        temps: Vec::new(),
+        pipes: inherited.pipes.clone(),
+        unix_pairs: inherited.unix_pairs.clone(),
+    };
+    let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
     for f in p.fds.iter().filter(|f| !is_epoll(f)) {
         let src = match ofds.get(&f.ofd) {
@@ -492,7 +638,10 @@ pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Resul
         place(src, f)?;
     }
     for f in epoll::install_order(p)? {
-        let src = match ofds.get(&f.ofd) {
+        let src = match ofds
+            .get(&f.ofd)
+            .filter(|_| !inherited.ofds.contains_key(&f.ofd))
+        {
             Some(&fd) => fd,
             None => {
                 let FileDesc::Epoll { flags, targets } = &f.file else {
@@ -507,6 +656,9 @@ pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Resul
         place(src, f)?;
     }
     for fd in std::mem::take(&mut ins.temps) {
+        unsafe { libc::close(fd) };
+    }
+    for &fd in &inherited.fds {
         unsafe { libc::close(fd) };
     }
     locks::restore(m, p)

@@ -31,7 +31,7 @@ pub fn host(snap: &HostFacts) -> Result<()> {
 /// Files whose identity the snapshot depends on, each with what uses it.
 fn files(m: &Manifest) -> Vec<(&FileIdentity, String)> {
     let mut out = Vec::new();
-    for p in &m.processes {
+    for p in m.processes.iter().filter(|p| p.zombie.is_none()) {
         out.push((&p.exe, format!("the executable of process {}", p.pid)));
         for v in &p.vmas {
             if let VmaKind::File { file } = &v.kind {
@@ -81,6 +81,71 @@ pub fn unchanged_files(m: &Manifest) -> Result<()> {
              different bytes. Restore the file, or record a new snapshot",
             f.path
         );
+    }
+    Ok(())
+}
+
+/// What the tree needs that a restore cannot build: every process's parent is in the
+/// snapshot, the root is alive, and each session and process group can be recreated by
+/// forking (a session is inherited or started with `setsid`; a group has its leader in
+/// the snapshot, or is the root's). A group or session whose leader is gone would need a
+/// helper process (as CRIU does), which warmstart does not do yet.
+pub fn tree(m: &Manifest) -> Result<()> {
+    let Some(root) = m.processes.first() else {
+        bail!("the snapshot holds no process");
+    };
+    if root.zombie.is_some() {
+        bail!(
+            "process {} ({}), the root of the snapshot, is a zombie: there is nothing to restore",
+            root.pid,
+            root.comm
+        );
+    }
+    let by_pid = |pid: i32| m.processes.iter().find(|q| q.pid == pid);
+    for p in &m.processes[1..] {
+        let Some(parent) = by_pid(p.ppid) else {
+            bail!(
+                "process {} ({}) has parent {}, which is not in the snapshot (corrupt manifest?)",
+                p.pid,
+                p.comm,
+                p.ppid
+            );
+        };
+        if p.sid != p.pid && p.sid != parent.sid {
+            bail!(
+                "process {} ({}) is in session {}, its parent {} in session {}: a session \
+                 entered after fork cannot be recreated (that needs a helper process, which \
+                 warmstart does not do yet); checkpoint the tree before it calls setsid",
+                p.pid,
+                p.comm,
+                p.sid,
+                parent.pid,
+                parent.sid
+            );
+        }
+        if p.pgid != p.pid && by_pid(p.pgid).is_none() && p.pgid != root.pgid {
+            bail!(
+                "process {} ({}) is in process group {}, whose leader is not in the snapshot \
+                 (it exited, or lives outside the tree): recreating such a group needs a \
+                 helper process, which warmstart does not do yet",
+                p.pid,
+                p.comm,
+                p.pgid
+            );
+        }
+        if let Some(leader) = by_pid(p.pgid) {
+            if leader.sid != p.sid {
+                bail!(
+                    "process {} ({}) is in process group {} of another session ({} vs {}): \
+                     corrupt manifest?",
+                    p.pid,
+                    p.comm,
+                    p.pgid,
+                    p.sid,
+                    leader.sid
+                );
+            }
+        }
     }
     Ok(())
 }

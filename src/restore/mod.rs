@@ -19,7 +19,7 @@ pub mod lazy;
 pub mod memory;
 pub mod program;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{Sandbox, SpawnOptions};
 use warmstart_parasite::Status;
-use warmstart_snapshots::model::{reg, FileDesc};
+use warmstart_snapshots::model::{reg, FileDesc, Process};
 use warmstart_snapshots::store::Snapshot;
 
 use crate::stats::Phases;
@@ -87,22 +87,29 @@ pub fn block_forwarded_signals() {
     }
 }
 
+/// One process of the tree being restored, as the monitor drives it.
+struct Driven<'a> {
+    p: &'a Process,
+    /// Its pid as seen from here.
+    pid: i32,
+    info: BlobInfo,
+    /// Its threads (the leader first) once created.
+    tids: Vec<i32>,
+}
+
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
-    let [p] = m.processes.as_slice() else {
-        bail!(
-            "snapshot {} holds {} processes: restoring process trees is not supported yet",
-            snap.id.short(),
-            m.processes.len()
-        );
-    };
+    checks::tree(m)?;
+    let p = &m.processes[0];
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
 
     let t = Instant::now();
+    // Only the root is served lazily; the other processes of a tree get all their
+    // memory before they resume.
     let plan = opts.lazy.then(|| crate::lazy::plan(p));
     let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
     let ranges = ranges.as_slice();
@@ -129,8 +136,25 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     } else {
         None
     };
-    let (status_r, status_w) = remote::pipe().context("pipe2")?;
-    let status_w_raw = status_w.as_raw_fd();
+    // Per process: a status pipe (its report or error) and, except for the root, a gate
+    // it waits on until we have seized it.
+    let mut reports = Vec::new();
+    let mut gates = Vec::new();
+    for i in 0..m.processes.len() {
+        reports.push(remote::pipe().context("pipe2")?);
+        gates.push(if i == 0 {
+            None
+        } else {
+            Some(remote::pipe().context("pipe2")?)
+        });
+    }
+    let chans = child::TreeChannels {
+        reports: reports.iter().map(|(_, w)| w.as_raw_fd()).collect(),
+        gates: gates
+            .iter()
+            .map(|g| g.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()))
+            .collect(),
+    };
     let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -141,58 +165,92 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         || {
             child::run(
                 m,
-                p,
                 ranges,
                 notify.as_ref().map(|(_, app)| app.as_raw_fd()),
-                status_w_raw,
+                &chans,
             )
         },
     )
     .context("starting the sandbox")?;
-    drop(status_w);
+    let reports: Vec<OwnedFd> = reports.into_iter().map(|(r, _w)| r).collect();
+    let gates: Vec<Option<OwnedFd>> = gates.into_iter().map(|g| g.map(|(_r, w)| w)).collect();
     // The app has its end; ours stays open while the instance runs (in `Restored`).
     let notify = notify.map(|(ours, _app)| ours);
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
-    ptrace::seize(
-        pid,
-        ptrace::O_EXITKILL
-            | ptrace::O_TRACESYSGOOD
-            | ptrace::O_TRACECLONE
-            | ptrace::O_SUSPEND_SECCOMP,
-    )
-    .with_context(|| format!("seizing the restoring process {pid}"))?;
+    const SEIZE: libc::c_int = ptrace::O_EXITKILL
+        | ptrace::O_TRACESYSGOOD
+        | ptrace::O_TRACECLONE
+        | ptrace::O_SUSPEND_SECCOMP;
+    ptrace::seize(pid, SEIZE).with_context(|| format!("seizing the restoring process {pid}"))?;
     sandbox
         .release()
         .context("releasing the restoring process")?;
-    let info = read_report(status_r).with_context(|| {
-        format!(
-            "restoring process {} of snapshot {}",
-            p.pid,
-            snap.id.short()
-        )
-    })?;
-    phases.add("child", t.elapsed());
-
-    let fail = |e: anyhow::Error| {
+    let fail_in = |q: &Process, e: anyhow::Error| {
         e.context(format!(
-            "restoring process {} of snapshot {}",
-            p.pid,
+            "restoring process {} ({}) of snapshot {}",
+            q.pid,
+            q.comm,
             snap.id.short()
         ))
     };
+    // Any error from here on drops the sandbox, which kills every process of the tree.
+    let mut reports = reports.into_iter();
+    let info =
+        read_report(reports.next().expect("one pipe per process")).map_err(|e| fail_in(p, e))?;
+    let mut tree = vec![Driven {
+        p,
+        pid,
+        info,
+        tids: vec![pid],
+    }];
+    for ((q, r), gate) in m.processes[1..]
+        .iter()
+        .zip(reports)
+        .zip(gates.into_iter().skip(1))
+    {
+        if q.zombie.is_some() {
+            read_zombie_report(r).map_err(|e| fail_in(q, e))?;
+            continue;
+        }
+        let info = read_report(r).map_err(|e| fail_in(q, e))?;
+        let qpid = host_pid(pid, q.pid).map_err(|e| fail_in(q, e))?;
+        ptrace::seize(qpid, SEIZE)
+            .with_context(|| format!("seizing the restoring process {qpid}"))
+            .map_err(|e| fail_in(q, e))?;
+        let gate = gate.expect("every process but the root has a gate");
+        std::fs::File::from(gate)
+            .write_all(&[1])
+            .context("releasing a restoring process")
+            .map_err(|e| fail_in(q, e))?;
+        tree.push(Driven {
+            p: q,
+            pid: qpid,
+            info,
+            tids: vec![qpid],
+        });
+    }
+    phases.add("child", t.elapsed());
+
     let t = Instant::now();
-    wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
+    for d in &tree {
+        wait_trap(d.pid, &d.info, &mut Vec::new()).map_err(|e| fail_in(d.p, e))?;
+    }
     phases.add("layout", t.elapsed());
     let t = Instant::now();
     let server = match plan {
-        Some(plan) => Some(lazy::start(snap, plan, pid, &info, opts).map_err(fail)?),
+        Some(plan) => {
+            Some(lazy::start(snap, plan, pid, &tree[0].info, opts).map_err(|e| fail_in(p, e))?)
+        }
         None => None,
     };
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
-    memory::fill(snap, p, pid, ranges).map_err(fail)?;
+    for (i, d) in tree.iter().enumerate() {
+        let lazy_ranges = if i == 0 { ranges } else { &[] };
+        memory::fill(snap, d.p, d.pid, lazy_ranges).map_err(|e| fail_in(d.p, e))?;
+    }
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
     let lazy = server
@@ -200,32 +258,46 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         .transpose()?;
     phases.add("memory", t.elapsed());
     let t = Instant::now();
+    let mut failed_in = p;
     let resumed = (|| -> Result<()> {
-        ptrace::cont(pid, 0).context("continuing the restorer")?;
-        // The leader reports each thread it creates (in creation order, which is the
-        // snapshot's thread order), then its own trap; then each thread traps.
-        let mut tids = vec![pid];
-        wait_trap(pid, &info, &mut tids)?;
-        if tids.len() != p.threads.len() {
-            bail!(
-                "created {} threads, the snapshot has {}",
-                tids.len(),
-                p.threads.len()
-            );
+        for d in tree.iter_mut() {
+            failed_in = d.p;
+            ptrace::cont(d.pid, 0).context("continuing the restorer")?;
+            // The leader reports each thread it creates (in creation order, which is the
+            // snapshot's thread order), then its own trap; then each thread traps.
+            wait_trap(d.pid, &d.info, &mut d.tids)?;
+            if d.tids.len() != d.p.threads.len() {
+                bail!(
+                    "created {} threads, the snapshot has {}",
+                    d.tids.len(),
+                    d.p.threads.len()
+                );
+            }
+            for &tid in &d.tids[1..] {
+                wait_trap(tid, &d.info, &mut Vec::new())?;
+            }
         }
-        for &tid in &tids[1..] {
-            wait_trap(tid, &info, &mut Vec::new())?;
+        for d in &tree {
+            failed_in = d.p;
+            finish(&d.tids, &d.info, &d.p.threads)?;
         }
-        finish(&tids, &info, &p.threads)
+        // Every process is ready: all resume together.
+        for d in &tree {
+            failed_in = d.p;
+            for &tid in &d.tids {
+                ptrace::detach(tid, 0).context("detaching from the restored process")?;
+            }
+        }
+        Ok(())
     })();
     if let Err(e) = resumed {
         // A page server that failed has killed the instance, which is what this error
         // saw: its reason is the one to report.
         let _ = sandbox.kill();
         if let Some(Err(server)) = lazy.map(|l| l.finish()) {
-            return Err(fail(server));
+            return Err(fail_in(p, server));
         }
-        return Err(fail(e));
+        return Err(fail_in(failed_in, e));
     }
     phases.add("resume", t.elapsed());
     Ok(Restored {
@@ -235,6 +307,39 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         lazy,
         _notify: notify,
     })
+}
+
+/// The pid, as seen from here, of the process with pid `ns_pid` in the sandbox: a
+/// descendant of `root` (as seen from here).
+fn host_pid(root: i32, ns_pid: i32) -> Result<i32> {
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+        if inner == Some(ns_pid) {
+            return Ok(pid);
+        }
+        todo.extend(crate::dump::freeze::children(pid));
+    }
+    bail!("the restoring process {ns_pid} is not among the sandbox's processes")
+}
+
+/// A zombie's report: it is about to exit with its status (or why it could not).
+fn read_zombie_report(r: OwnedFd) -> Result<()> {
+    let mut buf = Vec::new();
+    std::fs::File::from(r)
+        .read_to_end(&mut buf)
+        .context("reading the restoring child's report")?;
+    match buf.split_first() {
+        Some((&child::MSG_ZOMBIE, _)) => Ok(()),
+        Some((&MSG_ERROR, rest)) => Err(anyhow!("{}", String::from_utf8_lossy(rest))),
+        _ => Err(anyhow!(
+            "the restoring child died before reporting (see its exit status)"
+        )),
+    }
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
@@ -338,7 +443,7 @@ fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
 }
 
 /// Unmaps the restorer (every thread is stopped at its last trap) and gives each
-/// thread its saved CPU state.
+/// thread its saved CPU state; the caller detaches once every process is ready.
 fn finish(
     tids: &[i32],
     info: &BlobInfo,
@@ -368,9 +473,6 @@ fn finish(
     }
     for (&tid, t) in tids.iter().zip(threads) {
         load_cpu_state(tid, t)?;
-    }
-    for &tid in tids {
-        ptrace::detach(tid, 0).context("detaching from the restored process")?;
     }
     Ok(())
 }
