@@ -77,6 +77,7 @@ impl Stat {
         Ok(Stat {
             comm: stat[stat.find('(').unwrap_or(0) + 1..close].to_owned(),
             fields: stat[close + 2..]
+                .trim_end()
                 .split(' ')
                 .map(|v| v.parse().unwrap_or(0))
                 .collect(),
