@@ -376,6 +376,13 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         st.shared_with_others
     );
     for p in &m.processes {
+        if let Some(status) = p.zombie {
+            println!(
+                "  process {} ({}) ppid {} pgid {} sid {}, zombie (wait status {status:#x})",
+                p.pid, p.comm, p.ppid, p.pgid, p.sid
+            );
+            continue;
+        }
         println!(
             "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
             p.pid,
