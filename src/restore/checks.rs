@@ -149,3 +149,78 @@ pub fn tree(m: &Manifest) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warmstart_snapshots::model::Process;
+
+    fn proc(pid: i32, ppid: i32, pgid: i32, sid: i32) -> Process {
+        Process {
+            pid,
+            ppid,
+            pgid,
+            sid,
+            comm: format!("p{pid}"),
+            ..Default::default()
+        }
+    }
+
+    fn manifest(processes: Vec<Process>) -> Manifest {
+        Manifest {
+            processes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn trees_that_forking_can_rebuild() {
+        // The root's session and group are its caller's (a shell job).
+        let m = manifest(vec![
+            proc(10, 1, 9, 5),
+            proc(11, 10, 9, 5),   // inherits both
+            proc(12, 10, 12, 5),  // its own group
+            proc(13, 10, 12, 5),  // joins a sibling's group
+            proc(14, 10, 14, 14), // its own session
+            proc(15, 14, 15, 14), // a group in that session
+            proc(16, 14, 15, 14), // joins it
+        ]);
+        tree(&m).unwrap();
+    }
+
+    #[test]
+    fn session_entered_after_fork_is_refused() {
+        let m = manifest(vec![
+            proc(10, 1, 10, 10),
+            proc(11, 10, 11, 11),
+            // 12 is 10's child in 11's session: no fork gives that (it needs a helper).
+            proc(12, 10, 11, 11),
+        ]);
+        let e = tree(&m).unwrap_err().to_string();
+        assert!(e.contains("process 12 (p12) is in session 11"), "{e}");
+    }
+
+    #[test]
+    fn group_without_its_leader_is_refused() {
+        let m = manifest(vec![proc(10, 1, 10, 10), proc(11, 10, 42, 10)]);
+        let e = tree(&m).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "process 11 (p11) is in process group 42, whose leader is not in the snapshot"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zombie_root_and_orphan_are_refused() {
+        let mut z = proc(10, 1, 10, 10);
+        z.zombie = Some(0);
+        assert!(tree(&manifest(vec![z]))
+            .unwrap_err()
+            .to_string()
+            .contains("is a zombie"));
+        let m = manifest(vec![proc(10, 1, 10, 10), proc(11, 99, 10, 10)]);
+        assert!(tree(&m).unwrap_err().to_string().contains("has parent 99"));
+    }
+}
