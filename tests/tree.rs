@@ -346,3 +346,39 @@ fn failing_restore_of_a_tree_leaves_no_process() {
         "a failed restore left processes of the tree running"
     );
 }
+
+#[test]
+fn group_whose_leader_is_gone_is_refused_at_dump_and_left_running() {
+    let ws = Ws::new();
+    let mut orig = start_cold("tree_lost_leader");
+    let group = orig.wait_stderr("group ");
+    let group = group.trim().strip_prefix("group ").unwrap();
+    let member = children(orig.pid());
+    assert_eq!(member.len(), 1, "one worker left");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(
+        !out.success()
+            && out.stderr.contains(&format!("process {} (", member[0]))
+            && out.stderr.contains(&format!(
+                "is in process group {group}, whose leader is not part of the tree"
+            )),
+        "dump should refuse the leaderless group by name:\n{}",
+        out.describe()
+    );
+    // Refused: the tree runs on as before.
+    orig.send("check");
+    assert_eq!(orig.read_line(), "PASS");
+    orig.close_stdin();
+    assert!(orig.wait().success());
+}

@@ -197,6 +197,8 @@ fn collect_and_store(
         page_count: 0,
         pages_hash: [0; 32],
     };
+    // Refuse now, while the tree is still there to run, what a restore could not rebuild.
+    crate::restore::checks::tree(&manifest)?;
     let t = Instant::now();
     let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
     phases.add("commit", t.elapsed());

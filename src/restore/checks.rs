@@ -125,7 +125,7 @@ pub fn tree(m: &Manifest) -> Result<()> {
         }
         if p.pgid != p.pid && by_pid(p.pgid).is_none() && p.pgid != root.pgid {
             bail!(
-                "process {} ({}) is in process group {}, whose leader is not in the snapshot \
+                "process {} ({}) is in process group {}, whose leader is not part of the tree \
                  (it exited, or lives outside the tree): recreating such a group needs a \
                  helper process, which warmstart does not do yet",
                 p.pid,
@@ -206,7 +206,7 @@ mod tests {
         let e = tree(&m).unwrap_err().to_string();
         assert!(
             e.contains(
-                "process 11 (p11) is in process group 42, whose leader is not in the snapshot"
+                "process 11 (p11) is in process group 42, whose leader is not part of the tree"
             ),
             "{e}"
         );
