@@ -54,6 +54,7 @@ pub struct TreeChannels {
 /// What every process of the tree inherits from the root, all above `high`.
 struct Ctx<'a> {
     m: &'a Manifest,
+    lazy: &'a [Vec<(u64, u64)>],
     high: RawFd,
     stdio: Vec<RawFd>,
     chans: TreeChannels,
@@ -64,10 +65,15 @@ struct Ctx<'a> {
 }
 
 /// Entry point of the root of the tree (the sandbox's app); returns only on failure
-/// (with the exit code to use). `lazy`: the ranges the root's restorer registers with a
-/// userfaultfd (empty: eager; the other processes are always restored eagerly);
+/// (with the exit code to use). `lazy`: per process (manifest order), the ranges its
+/// restorer registers with a userfaultfd of its own (empty: eager);
 /// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots).
-pub fn run(m: &Manifest, lazy: &[(u64, u64)], notify: Option<RawFd>, chans: &TreeChannels) -> i32 {
+pub fn run(
+    m: &Manifest,
+    lazy: &[Vec<(u64, u64)>],
+    notify: Option<RawFd>,
+    chans: &TreeChannels,
+) -> i32 {
     let mut report = chans.reports[0];
     match prepare_root(m, lazy, notify, chans, &mut report) {
         Ok(never) => match never {},
@@ -87,7 +93,7 @@ fn fail(report: RawFd, e: anyhow::Error) -> i32 {
 /// `report` is the status pipe's fd, updated when it moves.
 fn prepare_root(
     m: &Manifest,
-    lazy: &[(u64, u64)],
+    lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
     chans: &TreeChannels,
     report: &mut RawFd,
@@ -146,6 +152,7 @@ fn prepare_root(
     }
     let ctx = Ctx {
         m,
+        lazy,
         high,
         stdio,
         chans: moved,
@@ -153,7 +160,7 @@ fn prepare_root(
         barrier,
     };
     fork_children(&ctx, 0)?;
-    finish(&ctx, 0, lazy)
+    finish(&ctx, 0)
 }
 
 /// Forks the children of process `idx` at their pids, each running [`child_main`].
@@ -194,7 +201,7 @@ fn child_main(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let p = &ctx.m.processes[idx];
     own_ids(p)?;
     fork_children(ctx, idx)?;
-    finish(ctx, idx, &[])
+    finish(ctx, idx)
 }
 
 /// Session and group of `p` as far as it can set them alone, before it forks (its
@@ -235,8 +242,9 @@ fn join_group(m: &Manifest, p: &Process) -> Result<()> {
 /// The rest of process `idx`'s restore once its children exist: wait for the whole
 /// tree, join its group, then fds, cwd, limits, and the jump into its restorer (a zombie
 /// exits instead).
-fn finish(ctx: &Ctx, idx: usize, lazy: &[(u64, u64)]) -> Result<std::convert::Infallible> {
+fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let m = ctx.m;
+    let lazy = ctx.lazy.get(idx).map(Vec::as_slice).unwrap_or_default();
     let p = &m.processes[idx];
     let report = ctx.chans.reports[idx];
     let gate = ctx.chans.gates[idx];

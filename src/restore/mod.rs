@@ -41,8 +41,10 @@ pub struct Restored {
     /// The app's pid as seen from here.
     pub pid: i32,
     pub phases: Phases,
-    /// The page server of a lazy restore, running.
+    /// The page server of a lazy restore, running (the root's).
     pub lazy: Option<lazy::Running>,
+    /// The page servers of the other processes of a tree, one per process.
+    pub tree_lazy: Vec<lazy::Running>,
     /// Our end of the app's notify channel, kept open while it runs.
     _notify: Option<OwnedFd>,
 }
@@ -63,6 +65,9 @@ impl Restored {
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
+        for l in self.tree_lazy {
+            l.finish()?;
+        }
         match self.lazy {
             None => Ok((code, None)),
             Some(run) => {
@@ -89,6 +94,8 @@ pub fn block_forwarded_signals() {
 
 /// One process of the tree being restored, as the monitor drives it.
 struct Driven<'a> {
+    /// Index in the manifest's processes.
+    idx: usize,
     p: &'a Process,
     /// Its pid as seen from here.
     pid: i32,
@@ -110,8 +117,22 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let t = Instant::now();
     // Only the root is served lazily; the other processes of a tree get all their
     // memory before they resume.
-    let plan = opts.lazy.then(|| crate::lazy::plan(p));
-    let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
+    // Each process has a userfaultfd and a page server of its own (only the root's
+    // learns or prefetches the working set); a process with nothing to serve lazily is
+    // restored eagerly.
+    let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
+        .processes
+        .iter()
+        .map(|q| {
+            (opts.lazy && q.zombie.is_none())
+                .then(|| crate::lazy::plan(q))
+                .filter(|plan| !plan.ranges.is_empty())
+        })
+        .collect();
+    let ranges: Vec<Vec<(u64, u64)>> = plans
+        .iter()
+        .map(|plan| plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default())
+        .collect();
     let ranges = ranges.as_slice();
     // Learning the working set ends at the app's first output: its stdout goes through
     // a pipe we copy from, for this run only.
@@ -200,16 +221,17 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let info =
         read_report(reports.next().expect("one pipe per process")).map_err(|e| fail_in(p, e))?;
     let mut tree = vec![Driven {
+        idx: 0,
         p,
         pid,
         info,
         tids: vec![pid],
     }];
-    for ((q, r), gate) in m.processes[1..]
+    let rest = m.processes[1..]
         .iter()
         .zip(reports)
-        .zip(gates.into_iter().skip(1))
-    {
+        .zip(gates.into_iter().skip(1));
+    for (i, ((q, r), gate)) in (1..).zip(rest) {
         if q.zombie.is_some() {
             read_zombie_report(r).map_err(|e| fail_in(q, e))?;
             continue;
@@ -225,6 +247,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
             .context("releasing a restoring process")
             .map_err(|e| fail_in(q, e))?;
         tree.push(Driven {
+            idx: i,
             p: q,
             pid: qpid,
             info,
@@ -239,23 +262,39 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     }
     phases.add("layout", t.elapsed());
     let t = Instant::now();
-    let server = match plan {
-        Some(plan) => {
-            Some(lazy::start(snap, plan, pid, &tree[0].info, opts).map_err(|e| fail_in(p, e))?)
-        }
-        None => None,
+    let tree_opts = RestoreOptions {
+        lazy: true,
+        prefetch: None,
+        learn: false,
     };
+    let mut servers = Vec::new();
+    for d in &tree {
+        let server = match plans[d.idx].take() {
+            Some(plan) => {
+                let o = if d.idx == 0 { opts } else { &tree_opts };
+                Some(lazy::start(snap, plan, d.pid, &d.info, o).map_err(|e| fail_in(d.p, e))?)
+            }
+            None => None,
+        };
+        servers.push(server);
+    }
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
-    for (i, d) in tree.iter().enumerate() {
-        let lazy_ranges = if i == 0 { ranges } else { &[] };
-        memory::fill(snap, d.p, d.pid, lazy_ranges).map_err(|e| fail_in(d.p, e))?;
+    for d in &tree {
+        memory::fill(snap, d.p, d.pid, &ranges[d.idx]).map_err(|e| fail_in(d.p, e))?;
     }
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
-    let lazy = server
+    let mut servers = servers.into_iter();
+    let lazy = servers
+        .next()
+        .flatten()
         .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
         .transpose()?;
+    let mut tree_lazy = Vec::new();
+    for s in servers.flatten() {
+        tree_lazy.push(s.run(sandbox.init_pidfd(), None)?);
+    }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
     let mut failed_in = p;
@@ -297,6 +336,11 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         if let Some(Err(server)) = lazy.map(|l| l.finish()) {
             return Err(fail_in(p, server));
         }
+        for l in tree_lazy {
+            if let Err(server) = l.finish() {
+                return Err(server);
+            }
+        }
         return Err(fail_in(failed_in, e));
     }
     phases.add("resume", t.elapsed());
@@ -305,6 +349,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         pid,
         phases,
         lazy,
+        tree_lazy,
         _notify: notify,
     })
 }
