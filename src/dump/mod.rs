@@ -165,7 +165,16 @@ fn collect_and_store(
     let mut processes = Vec::with_capacity(tree.order.len());
     let mut file_locks = Vec::new();
     let mut xsave_size = 0;
+    let depth = process::pid_ns_depth(root);
     for &pid in &tree.order {
+        if process::pid_ns_depth(pid) != depth {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            bail!(
+                "process {pid} ({}) lives in a pid namespace of its own, nested in its \
+                 parent's: nested namespaces inside the app are not supported yet",
+                comm.trim()
+            );
+        }
         let Some(frozen) = tree.frozen.get(&pid) else {
             processes.push(process::zombie(pid)?);
             continue;

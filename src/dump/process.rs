@@ -190,6 +190,14 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
     })
 }
 
+/// How many pid namespaces `pid` is seen in (the number of `NSpid` columns).
+pub fn pid_ns_depth(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, "NSpid")
+        .map(|v| v.split_whitespace().count())
+        .unwrap_or(1)
+}
+
 /// The ids and exit status of a zombie (an exited child its parent has not reaped):
 /// all that is left of it, and all a restore needs to recreate it.
 pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
