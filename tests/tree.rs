@@ -405,3 +405,37 @@ fn group_whose_leader_is_gone_is_refused_at_dump_and_left_running() {
     orig.close_stdin();
     assert!(orig.wait().success());
 }
+
+/// A process forking all the time: each dump meets children being born, running,
+/// exiting and not yet reaped. Every image restores a tree that goes on forking and
+/// reaps every child with the status it exited with; the original runs on unperturbed.
+#[test]
+fn dump_t_of_a_process_forking_all_the_time() {
+    let ws = Ws::new();
+    let mut orig = start_cold("tree_forker");
+    let images = tempdir("ws-images-");
+    for round in 0..4 {
+        let dir = images.path().join(format!("img{round}"));
+        let out = ws.run(
+            &[
+                "dump",
+                "-t",
+                &orig.pid().to_string(),
+                "-D",
+                dir.to_str().unwrap(),
+                "--leave-running",
+            ],
+            "",
+        );
+        out.assert_ok();
+        let mut restored = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
+        restored.send("check");
+        assert_eq!(restored.read_line(), "PASS", "image {round}");
+        restored.close_stdin();
+        assert!(restored.wait().success(), "image {round}");
+        orig.send("check");
+        assert_eq!(orig.read_line(), "PASS", "the original after dump {round}");
+    }
+    orig.close_stdin();
+    assert!(orig.wait().success());
+}
