@@ -21,8 +21,13 @@
 //! name: "process 2 (java): fd 7 is an anonymous inode of type io_uring, which warmstart
 //! cannot checkpoint yet".
 //!
+//! Dump of a tree ([`collect_in_tree`]) numbers open file descriptions across all its
+//! processes: an fd inherited over fork has its parent's `ofd` id (`kcmp` across pids).
+//!
 //! Restore ([`install`]) runs in the restoring child: every open file description is
-//! created once, above the app's highest fd, then `dup3`'d to each number sharing it.
+//! created once, above the app's highest fd, then `dup3`'d to each number sharing it;
+//! one that several processes share was created once by the root before it forked
+//! ([`prepare_shared`]) and is inherited.
 //! Epolls come last (their targets must exist at their final numbers; an epoll inside an
 //! epoll after the inner one), then locks (closing any fd of a file drops the process's
 //! POSIX locks on it, so they are taken once the temporary fds are gone).
@@ -638,10 +643,7 @@ pub fn install(
         place(src, f)?;
     }
     for f in epoll::install_order(p)? {
-        let src = match ofds
-            .get(&f.ofd)
-            .filter(|_| !inherited.ofds.contains_key(&f.ofd))
-        {
+        let src = match ofds.get(&f.ofd) {
             Some(&fd) => fd,
             None => {
                 let FileDesc::Epoll { flags, targets } = &f.file else {

@@ -3,6 +3,21 @@
 //! memory is still warmstart's (session, fds, cwd, limits), then maps the restorer
 //! program and jumps into it. It reports failures before the jump over the status
 //! pipe; after the jump the program's status word tells the monitor.
+//!
+//! A tree is rebuilt from its root, in this order:
+//!
+//! 1. the root creates every object more than one process holds (open file
+//!    descriptions, pipes, socket pairs, shared anonymous memory: [`crate::fds::Inherited`])
+//!    above the apps' fd numbers, so that forking hands them down: shared once, as they
+//!    were;
+//! 2. each process sets its own session (`setsid`) or makes its own group, then forks its
+//!    children at their pids (`clone3` `set_tid`), which do the same: a session leader
+//!    exists before its members are born into it;
+//! 3. every process waits until the whole tree exists (a barrier pipe), then joins the
+//!    group it was in (its leader may be a later sibling);
+//! 4. a zombie exits with its recorded status; a parent waits (without reaping) for its
+//!    zombies to be dead and drops the SIGCHLD their exits queued;
+//! 5. each process builds its fd table and the rest, reports, and jumps.
 
 use std::ffi::CString;
 use std::io::Write;

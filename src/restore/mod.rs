@@ -1,13 +1,22 @@
-//! Restore: rebuild a snapshot's process in a fresh sandbox and hand it back its CPU.
+//! Restore: rebuild a snapshot's process tree in a fresh sandbox and hand it back its CPU.
 //!
-//! The monitor (this process) checks the host and files, spawns the sandbox with the
-//! restoring child ([`child`]) at the recorded pid, seizes it, and then drives the
-//! restorer program ([`program`]) through its two traps:
+//! The monitor (this process) checks the host, the files and the tree's shape
+//! ([`checks`]), spawns the sandbox with the root's restoring child ([`child`]) at its
+//! recorded pid and seizes it. The root creates what several processes share, then forks
+//! the rest of the tree at the recorded pids (see [`child`]); each process reports on a
+//! status pipe of its own and (all but the root) waits on a gate until the monitor has
+//! seized it. The monitor then drives every process's restorer program ([`program`])
+//! through its two traps:
 //!
-//! 1. layout built → the monitor writes memory ([`memory`]) and continues;
+//! 1. layout built → the monitor writes memory ([`memory`]; in a lazy restore, a page
+//!    server per process takes its userfaultfd, [`lazy`]) and continues;
 //! 2. per-thread state set → the monitor unmaps the restorer by running one `munmap`
 //!    at the blob's `syscall` instruction, loads the saved registers (incl. `fs_base`),
-//!    xsave state and signal mask, and detaches: the app resumes where it was frozen.
+//!    xsave state and signal mask. Once every process is there, it detaches from all of
+//!    them: the tree resumes together where it was frozen.
+//!
+//! Any failure, in any process, drops the sandbox, which kills the whole tree: no
+//! process is left half restored.
 //!
 //! Ending with ptrace rather than an in-process `rt_sigreturn` lets the restorer be
 //! unmapped completely (nothing of it remains in `/proc/PID/maps`) and restores the
