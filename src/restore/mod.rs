@@ -52,8 +52,8 @@ pub struct Restored {
     pub phases: Phases,
     /// The page server of a lazy restore, running (the root's).
     pub lazy: Option<lazy::Running>,
-    /// The page servers of the other processes of a tree, one per process.
-    pub tree_lazy: Vec<lazy::Running>,
+    /// The page servers of the other processes of a tree: (pid in the sandbox, server).
+    pub tree_lazy: Vec<(i32, lazy::Running)>,
     /// Our end of the app's notify channel, kept open while it runs.
     _notify: Option<OwnedFd>,
 }
@@ -74,8 +74,9 @@ impl Restored {
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
-        for l in self.tree_lazy {
-            l.finish()?;
+        for (pid, l) in self.tree_lazy {
+            l.finish()
+                .with_context(|| format!("the page server of process {pid}"))?;
         }
         match self.lazy {
             None => Ok((code, None)),
@@ -301,8 +302,10 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
         .transpose()?;
     let mut tree_lazy = Vec::new();
-    for s in servers.flatten() {
-        tree_lazy.push(s.run(sandbox.init_pidfd(), None)?);
+    for (d, s) in tree.iter().skip(1).zip(servers) {
+        if let Some(s) = s {
+            tree_lazy.push((d.p.pid, s.run(sandbox.init_pidfd(), None)?));
+        }
     }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
@@ -345,10 +348,10 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         if let Some(Err(server)) = lazy.map(|l| l.finish()) {
             return Err(fail_in(p, server));
         }
-        for l in tree_lazy {
-            if let Err(server) = l.finish() {
-                return Err(server);
-            }
+        for (q, l) in tree_lazy {
+            l.finish().with_context(|| {
+                format!("restoring process {q} of snapshot {}", snap.id.short())
+            })?;
         }
         return Err(fail_in(failed_in, e));
     }
