@@ -188,10 +188,14 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let (seized_tx, seized_rx) = std::sync::mpsc::channel();
     let result = std::thread::scope(|s| {
         let tracer = s.spawn(move || -> Result<DumpResult> {
+            // Children too (fork, vfork): they inherit the trap filter, which fails
+            // their trapped calls with ENOSYS unless a tracer takes the stop.
             let opts_seize = ptrace::O_EXITKILL
                 | ptrace::O_TRACESECCOMP
                 | ptrace::O_TRACESYSGOOD
-                | ptrace::O_TRACECLONE;
+                | ptrace::O_TRACECLONE
+                | ptrace::O_TRACEFORK
+                | ptrace::O_TRACEVFORK;
             let seized = ptrace::seize(pid, opts_seize)
                 .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());

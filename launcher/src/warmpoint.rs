@@ -965,6 +965,20 @@ impl WarmPointTracker {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
+        if !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists() {
+            // Another process of the app's tree (traced since its fork, so that the
+            // inherited trap filter stops it rather than failing its calls with ENOSYS):
+            // its stops are never the warm point; it runs on as if untraced.
+            let group_stop = matches!(
+                sig,
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+            );
+            return Ok(match event {
+                libc::PTRACE_EVENT_STOP if group_stop => Verdict::Listen,
+                0 if sig != (libc::SIGTRAP | 0x80) => Verdict::Continue { inject_signal: sig },
+                _ => Verdict::Continue { inject_signal: 0 },
+            });
+        }
         let warm = |kind, resume_signal| {
             Ok(Verdict::WarmPoint(WarmStop {
                 tid,
