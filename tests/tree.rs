@@ -439,3 +439,36 @@ fn dump_t_of_a_process_forking_all_the_time() {
     orig.close_stdin();
     assert!(orig.wait().success());
 }
+
+/// The CRIU use case: a shell job that forked a child, checkpointed from outside and
+/// restored; the shell then talks to its restored child (kills and reaps it).
+#[test]
+fn dump_t_of_a_shell_with_a_background_child() {
+    let ws = Ws::new();
+    let mut orig = Proc::spawn(std::process::Command::new("bash").args([
+        "-c",
+        "sleep 1000 & echo started; read line; echo \"got $line\"; kill $!; wait $!; echo \"sleep status $?\"",
+    ]));
+    assert_eq!(orig.read_line(), "started");
+    assert_eq!(descendants(orig.pid()).len(), 2, "bash and its child");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_ok();
+    let _ = orig.wait();
+    let out = ws.run(&["restore", "-D", dir.to_str().unwrap()], "hi\n");
+    assert!(
+        out.success() && out.stdout == "got hi\nsleep status 143\n",
+        "the restored shell should read its line, then kill and reap its child:\n{}",
+        out.describe()
+    );
+}
