@@ -132,6 +132,8 @@ pub struct Creds {
     pub cap_effective: u64,
     pub cap_bounding: u64,
     pub cap_ambient: u64,
+    /// `prctl(PR_GET_SECUREBITS)` (e.g. `SECBIT_KEEP_CAPS`).
+    pub securebits: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

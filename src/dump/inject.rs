@@ -24,6 +24,7 @@ pub struct Inside {
     pub tid_address: u64,
     pub brk: u64,
     pub dumpable: i32,
+    pub securebits: u32,
     pub itimers: [Itimer; 3],
     /// (interval, value) in ns of each POSIX timer asked for, in order.
     pub posix_timers: Vec<(u64, u64)>,
@@ -158,6 +159,11 @@ fn collect_masked(
         &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)],
         "prctl(PR_GET_DUMPABLE)",
     );
+    let securebits = b.syscall_saved(
+        libc::SYS_prctl,
+        &[Arg::Imm(libc::PR_GET_SECUREBITS as u64)],
+        "prctl(PR_GET_SECUREBITS)",
+    );
     let itimers = b.data_zeroed(3 * 32);
     for which in 0..3u64 {
         b.syscall(
@@ -242,6 +248,7 @@ fn collect_masked(
             tid_address: word(&tid_addr, 0),
             brk: blob.read_slot(&slots, brk).unwrap_or(0),
             dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
+            securebits: blob.read_slot(&slots, securebits).unwrap_or(0) as u32,
             itimers: [0, 1, 2].map(|w| Itimer {
                 interval_us: usec(&it[w * 32..], 0),
                 value_us: usec(&it[w * 32..], 2),

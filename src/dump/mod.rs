@@ -19,7 +19,7 @@ pub mod vmas;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{HostFacts, Manifest, PosixTimer, Process, SigInfo};
+use warmstart_snapshots::model::{Creds, HostFacts, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
 use warmstart_snapshots::{PageWriter, RemoteWriter};
 
@@ -31,6 +31,9 @@ use crate::sys::ptrace;
 
 pub struct DumpOptions {
     pub leave_running: bool,
+    /// With `leave_running`: resume the threads but stay their tracer (the caller goes on
+    /// tracing, e.g. `record`, whose seccomp trap needs a tracer).
+    pub keep_traced: bool,
     /// After the dump, leave the process stopped (SIGSTOP) rather than running or killed.
     pub leave_stopped: bool,
     pub stdio: StdioPolicy,
@@ -93,6 +96,10 @@ pub fn dump_to(
                     release(f);
                     unsafe { libc::kill(f.pid, libc::SIGSTOP) };
                 }
+            } else if opts.leave_running && opts.keep_traced {
+                for f in tree.processes() {
+                    resume(f, ptrace::cont);
+                }
             } else if opts.leave_running {
                 for f in tree.processes() {
                     release(f);
@@ -127,13 +134,19 @@ pub fn dump_to(
 
 /// Detaches from every thread, re-delivering signals that freezing dequeued.
 pub fn release(frozen: &Frozen) {
+    resume(frozen, ptrace::detach)
+}
+
+/// Lets every thread go on (`detach` or `cont`), re-delivering signals that freezing
+/// dequeued.
+fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     for t in frozen.threads.values() {
         let sig = t
             .caught
             .first()
             .map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap()))
             .unwrap_or(0);
-        let _ = ptrace::detach(t.tid, sig);
+        let _ = go(t.tid, sig);
         for s in t.caught.iter().skip(1) {
             let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
             unsafe { libc::syscall(libc::SYS_tgkill, frozen.pid, t.tid, sig) };
@@ -296,7 +309,10 @@ fn collect_process(
         sid: info.sid,
         comm: info.comm,
         exe: info.exe,
-        creds: info.creds,
+        creds: Creds {
+            securebits: inside.securebits,
+            ..info.creds
+        },
         rlimits: info.rlimits,
         cwd: info.cwd,
         root: info.root,

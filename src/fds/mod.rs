@@ -51,7 +51,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{
     Fd, FileDesc, FileIdentity, FileLock, Manifest, PipeObject, Process, UnixPairObject,
 };
@@ -64,9 +64,11 @@ pub enum StdioPolicy {
     /// `record`: these (dev, ino) pairs are the pipes warmstart gave the app as fd 0, 1,
     /// 2, and, with `--ready notify`, the app's end of the notify channel (external 3).
     Given(Vec<(u64, u64)>),
-    /// `dump -t`: fds 0-2 that are a terminal, pipe or socket are external (shell-job
-    /// style): they belong to whoever started the process, not to its state.
-    Detect,
+    /// `dump -t`: fds 0-2 that are a pipe or socket are external: they belong to whoever
+    /// started the process, not to its state. Terminals are refused unless `shell_job`
+    /// (a job of an interactive shell): then every fd on a terminal is external and the
+    /// restorer's terminal takes its place.
+    Detect { shell_job: bool },
 }
 
 /// What the fd collection may do beyond the default.
@@ -336,6 +338,27 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
         )));
     };
     let ft = meta.mode() & libc::S_IFMT;
+    if let StdioPolicy::Detect { shell_job } = t.opts.stdio {
+        if is_terminal(meta) {
+            if !shell_job {
+                bail!(
+                    "process {} ({}): fd {} is the terminal {}: a job of an interactive shell is \
+                     dumped with --shell-job (its terminal is then replaced by the restorer's)",
+                    t.pid,
+                    t.comm,
+                    t.fd,
+                    t.link
+                );
+            }
+            // Another fd on the job's terminal becomes the restorer's stdin.
+            let stdio = if (0..3).contains(&t.fd) {
+                t.fd as u8
+            } else {
+                0
+            };
+            return Ok(FileDesc::External { stdio });
+        }
+    }
     if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft) {
         return Ok(FileDesc::External { stdio });
     }
@@ -363,13 +386,21 @@ fn socket(t: &Target, meta: &std::fs::Metadata, shared: &mut Shared) -> Result<F
     }
 }
 
+/// A terminal: a pty slave, a virtual console or serial tty, or `/dev/tty` (the
+/// controlling terminal). Pty masters (`/dev/ptmx`) are not: they are refused as devices.
+fn is_terminal(meta: &std::fs::Metadata) -> bool {
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    meta.mode() & libc::S_IFMT == libc::S_IFCHR
+        && ((136..=143).contains(&major) || major == 4 || (major == 5 && minor == 0))
+}
+
 fn external_stdio(policy: &StdioPolicy, fd: i32, meta: &std::fs::Metadata, ft: u32) -> Option<u8> {
     match policy {
         StdioPolicy::Given(given) => given
             .iter()
             .position(|&(dev, ino)| dev == meta.dev() && ino == meta.ino())
             .map(|i| i as u8),
-        StdioPolicy::Detect => {
+        StdioPolicy::Detect { .. } => {
             let stdio_like = matches!(ft, libc::S_IFIFO | libc::S_IFSOCK)
                 || (ft == libc::S_IFCHR && !regular::is_stateless_device(meta));
             ((0..3).contains(&fd) && stdio_like).then_some(fd as u8)
