@@ -321,6 +321,7 @@ fn vma_kind(k: &VmaKind) -> String {
         VmaKind::Anon { name } if name.is_empty() => "anon".into(),
         VmaKind::Anon { name } => name.clone(),
         VmaKind::File { file } => file.path.clone(),
+        VmaKind::Shmem { id } => format!("shared anon {id}"),
         VmaKind::Vdso => "[vdso]".into(),
         VmaKind::Vvar => "[vvar]".into(),
         VmaKind::VvarVclock => "[vvar_vclock]".into(),
@@ -383,6 +384,13 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         st.shared_with_others
     );
     for p in &m.processes {
+        if let Some(status) = p.zombie {
+            println!(
+                "  process {} ({}) ppid {} pgid {} sid {}, zombie (wait status {status:#x})",
+                p.pid, p.comm, p.ppid, p.pgid, p.sid
+            );
+            continue;
+        }
         println!(
             "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
             p.pid,

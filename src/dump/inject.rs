@@ -107,6 +107,25 @@ pub fn collect_inside(
     maps: &[MapEntry],
     timer_ids: &[i32],
 ) -> Result<Inside> {
+    // A signal pending for the thread (a child's SIGCHLD, say) would be delivered as
+    // soon as it runs our syscalls: block them all meanwhile, so they stay pending.
+    let mask = ptrace::get_sigmask(tid).context("PTRACE_GETSIGMASK")?;
+    ptrace::set_sigmask(tid, !0).context("PTRACE_SETSIGMASK")?;
+    let res = collect_masked(pid, tid, raw, kind, maps, timer_ids);
+    let restored = ptrace::set_sigmask(tid, mask).context("restoring the target's signal mask");
+    let inside = res?;
+    restored?;
+    Ok(inside)
+}
+
+fn collect_masked(
+    pid: i32,
+    tid: i32,
+    raw: &Regs,
+    kind: StopKind,
+    maps: &[MapEntry],
+    timer_ids: &[i32],
+) -> Result<Inside> {
     let insn = vdso_syscall(pid, maps)?;
     let mut b = ProgramBuilder::new();
     let sigactions = b.data_zeroed(64 * 32);

@@ -77,6 +77,7 @@ impl Stat {
         Ok(Stat {
             comm: stat[stat.find('(').unwrap_or(0) + 1..close].to_owned(),
             fields: stat[close + 2..]
+                .trim_end()
                 .split(' ')
                 .map(|v| v.parse().unwrap_or(0))
                 .collect(),
@@ -206,6 +207,34 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect(),
+    })
+}
+
+/// How many pid namespaces `pid` is seen in (the number of `NSpid` columns).
+pub fn pid_ns_depth(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, "NSpid")
+        .map(|v| v.split_whitespace().count())
+        .unwrap_or(1)
+}
+
+/// The ids and exit status of a zombie (an exited child its parent has not reaped):
+/// all that is left of it, and all a restore needs to recreate it.
+pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading status of zombie process {pid}"))?;
+    let st = Stat::read(pid)?;
+    let ns =
+        |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
+    Ok(warmstart_snapshots::model::Process {
+        pid: ns("NSpid", pid as u64),
+        ppid: ppid_in_ns(st.field(4) as i32, status_field(&status, "NSpid")),
+        pgid: ns("NSpgid", st.field(5)),
+        sid: ns("NSsid", st.field(6)),
+        comm: st.comm.clone(),
+        // proc(5) field 52, `exit_code`: the status its parent's wait() will report.
+        zombie: Some(st.field(52) as i32),
+        ..Default::default()
     })
 }
 
