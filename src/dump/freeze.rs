@@ -123,6 +123,10 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                 // Auto-attached by our own PTRACE_O_TRACECLONE: already ours.
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(tid) => {}
+                // A thread that is exiting gives EPERM, not ESRCH: gone all the same.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && thread_gone(pid, tid) => {
+                    continue
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => bail!(
                     "cannot trace process {pid} ({comm}) thread {tid}: permission denied \
                      (is it already traced, e.g. by a debugger, or a kernel thread? \
@@ -172,6 +176,17 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 .threads
                 .insert(tid, FrozenThread { tid, kind, caught });
         }
+    }
+}
+
+/// Whether thread `tid` of `pid` has exited (dead, or already released).
+fn thread_gone(pid: i32, tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|s| s == "Z" || s == "X"),
     }
 }
 
