@@ -220,11 +220,16 @@ fn large_batches_dedup_across_their_own_blocks() {
     let mut w = store.writer().unwrap();
     let mut runs = Vec::new();
     w.add_pages(0, &data[..200 * PAGE_SIZE], &mut runs).unwrap();
-    w.add_pages(200, &data[200 * PAGE_SIZE..], &mut runs).unwrap();
+    w.add_pages(200, &data[200 * PAGE_SIZE..], &mut runs)
+        .unwrap();
     let id = w.commit(manifest_with(runs, 300, 9), None).unwrap();
     assert_eq!(read_all(&store, &id).unwrap(), non_zero(&data));
     let st = store.stats(&id).unwrap();
-    assert_eq!(st.stored_bytes, 13 * PAGE_SIZE as u64, "13 distinct random pages");
+    assert_eq!(
+        st.stored_bytes,
+        13 * PAGE_SIZE as u64,
+        "13 distinct random pages"
+    );
 }
 
 #[test]
