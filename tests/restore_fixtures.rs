@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Mode, Ws, CHECK_TWICE,
+    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Mode, SavedFiles, Ws,
+    CHECK_TWICE,
 };
 
 fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
@@ -42,45 +43,6 @@ fn run_fixture(name: &str, needs_dir: bool) {
             assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
         },
     );
-}
-
-/// The regular files of a directory (recursively): content and mtime.
-struct SavedFiles(Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>);
-
-impl SavedFiles {
-    fn save(dir: &std::path::Path) -> SavedFiles {
-        let mut v = Vec::new();
-        let mut todo = vec![dir.to_owned()];
-        while let Some(d) = todo.pop() {
-            for e in std::fs::read_dir(&d).unwrap().flatten() {
-                let ft = e.file_type().unwrap();
-                if ft.is_dir() {
-                    todo.push(e.path());
-                } else if ft.is_file() {
-                    let meta = e.metadata().unwrap();
-                    v.push((
-                        e.path(),
-                        std::fs::read(e.path()).unwrap(),
-                        meta.modified().unwrap(),
-                    ));
-                }
-            }
-        }
-        SavedFiles(v)
-    }
-
-    /// Rewrites each file in place (same inode), then its mtime.
-    fn put_back(&self) {
-        for (path, content, mtime) in &self.0 {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            std::io::Write::write_all(&mut &f, content).unwrap();
-            f.set_modified(*mtime).unwrap();
-        }
-    }
 }
 
 #[test]

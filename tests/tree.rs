@@ -7,10 +7,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{
-    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Proc, Ws, CHECK_TWICE,
+    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Proc, SavedFiles, Ws,
+    CHECK_TWICE,
 };
 
 fn argv(bin: &Path, dir: Option<&Path>) -> Vec<std::ffi::OsString> {
@@ -43,39 +44,6 @@ fn run_fixture(name: &str, needs_dir: bool) {
             assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
         },
     );
-}
-
-/// The regular files of a directory: content and mtime.
-struct SavedFiles(Vec<(PathBuf, Vec<u8>, std::time::SystemTime)>);
-
-impl SavedFiles {
-    fn save(dir: &Path) -> SavedFiles {
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            if e.file_type().unwrap().is_file() {
-                let meta = e.metadata().unwrap();
-                v.push((
-                    e.path(),
-                    std::fs::read(e.path()).unwrap(),
-                    meta.modified().unwrap(),
-                ));
-            }
-        }
-        SavedFiles(v)
-    }
-
-    /// Rewrites each file in place (same inode), then its mtime.
-    fn put_back(&self) {
-        for (path, content, mtime) in &self.0 {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            std::io::Write::write_all(&mut &f, content).unwrap();
-            f.set_modified(*mtime).unwrap();
-        }
-    }
 }
 
 #[test]

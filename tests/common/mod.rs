@@ -678,3 +678,42 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
         .tempdir()
         .expect("tempdir")
 }
+
+/// The regular files of a directory (recursively): content and mtime.
+pub struct SavedFiles(Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>);
+
+impl SavedFiles {
+    pub fn save(dir: &std::path::Path) -> SavedFiles {
+        let mut v = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let ft = e.file_type().unwrap();
+                if ft.is_dir() {
+                    todo.push(e.path());
+                } else if ft.is_file() {
+                    let meta = e.metadata().unwrap();
+                    v.push((
+                        e.path(),
+                        std::fs::read(e.path()).unwrap(),
+                        meta.modified().unwrap(),
+                    ));
+                }
+            }
+        }
+        SavedFiles(v)
+    }
+
+    /// Rewrites each file in place (same inode), then its mtime.
+    pub fn put_back(&self) {
+        for (path, content, mtime) in &self.0 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            std::io::Write::write_all(&mut &f, content).unwrap();
+            f.set_modified(*mtime).unwrap();
+        }
+    }
+}
