@@ -353,12 +353,14 @@ fn faults_serve_data_and_zeros_and_record() {
     for (i, got) in res.iter().enumerate() {
         assert_eq!(*got, expected(i), "page {i}");
     }
-    // Read-ahead: aligned 16-page blocks clipped to runs: faults at 0, 16 and 24.
-    assert_eq!(st.working_set, vec![0, 16, 20]);
+    // Read-ahead: aligned 16-page blocks clipped to runs: faults at 0, 16 and 24. The
+    // working set is every page those faults copied, in fault order.
+    assert_eq!(st.working_set, (0..36).collect::<Vec<u64>>());
     assert_eq!(st.faults_data, 3);
-    // Pages 20..24 fault before page 24 loads the last data; once every stored page
-    // is in the server closes and the kernel zero-fills the rest itself.
-    assert!((4..=28).contains(&st.faults_zero), "{}", st.faults_zero);
+    // One fault at page 20 maps zeros over 20..24 (and not over the stored page 24);
+    // once every stored page is in the server closes and the kernel zero-fills the rest
+    // itself (a fault or two may come before that).
+    assert!((1..=4).contains(&st.faults_zero), "{}", st.faults_zero);
     assert_eq!(st.pages_on_fault, STORED as u64 - 4);
     assert!(st.target_exited || st.complete_after.is_some());
 }
