@@ -1089,13 +1089,29 @@ mod bitmap_tests {
 
     #[test]
     fn ranges_match_bit_by_bit() {
-        for (first, n) in [(0, 0), (0, 1), (3, 61), (5, 64), (63, 2), (64, 64), (10, 200)] {
+        for (first, n) in [
+            (0, 0),
+            (0, 1),
+            (3, 61),
+            (5, 64),
+            (63, 2),
+            (64, 64),
+            (10, 200),
+        ] {
             let mut b = Bitmap::new_full(300);
             b.clear_range(first, n);
             for i in 0..300 {
-                assert_eq!(b.get(i), !(first..first + n).contains(&i), "{first}+{n}: {i}");
+                assert_eq!(
+                    b.get(i),
+                    !(first..first + n).contains(&i),
+                    "{first}+{n}: {i}"
+                );
             }
-            assert_eq!(b.set_range(first.saturating_sub(2), n + 4), n, "{first}+{n}");
+            assert_eq!(
+                b.set_range(first.saturating_sub(2), n + 4),
+                n,
+                "{first}+{n}"
+            );
             assert!((0..300).all(|i| b.get(i)));
         }
     }
