@@ -603,6 +603,7 @@ fn run_instance(
     if let Some(o) = lazy {
         if opts.learn && !o.serve.working_set.is_empty() {
             store.save_working_set(id, &o.serve.working_set)?;
+            crate::restore::save_hot(store, &snap, &o.serve.working_set);
         }
         if display_stats {
             eprintln!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Hot, Snapshot};
 
 use super::plan::{find, Extent, LazyPlan, PAGE};
 use crate::sys::uffd::ZeropageMode;
@@ -53,6 +53,8 @@ pub struct LazyOptions {
     pub record_working_set: bool,
     /// Stop recording after this long (from the start of `serve`).
     pub record_for: Option<Duration>,
+    /// The snapshot's hot pages (verified, decompressed): prefetch copies from there.
+    pub hot: Option<Arc<Hot>>,
     /// Stream the remaining pages while no fault is pending, and finish (closing the
     /// userfaultfd) once every stored page is in.
     pub background: bool,
@@ -64,6 +66,7 @@ impl Default for LazyOptions {
             prefetch: None,
             record_working_set: false,
             record_for: None,
+            hot: None,
             background: true,
         }
     }
@@ -90,6 +93,8 @@ pub struct PrefetchStats {
     pub pages: u64,
     /// `UFFDIO_COPY` batches.
     pub batches: u64,
+    /// Pages copied from the hot pages (no decompression).
+    pub hot_pages: u64,
     pub elapsed: Duration,
 }
 
@@ -540,8 +545,9 @@ impl LazyServer {
     }
 
     /// Copies the working set (`LazyOptions::prefetch`) in contiguous batches of up to
-    /// 2 MiB. Call it before the app resumes. An error (e.g. a corrupt page) means the
-    /// restore must be abandoned: kill the process, then drop the server.
+    /// 2 MiB, from [`LazyOptions::hot`] where it has the pages. Call it before the app
+    /// resumes. An error (e.g. a corrupt page) means the restore must be abandoned: kill
+    /// the process, then drop the server.
     pub fn prefetch(&mut self) -> Result<PrefetchStats> {
         let t = Instant::now();
         let mut st = PrefetchStats::default();
@@ -550,6 +556,8 @@ impl LazyServer {
         };
         ws.sort_unstable();
         ws.dedup();
+        // The batches: runs of working-set pages of one extent (small gaps filled).
+        let mut batches: Vec<(usize, u64, u64)> = Vec::new();
         let mut i = 0;
         while i < ws.len() {
             let idx = ws[i];
@@ -573,37 +581,80 @@ impl LazyServer {
                 st.requested += 1;
                 i += 1;
             }
-            let mut tries = 0;
-            loop {
-                match self.copy_range(0, pos, idx - e.first, end - idx)? {
-                    Outcome::Done { copied, .. } => {
-                        st.pages += copied;
-                        st.batches += 1;
-                        break;
+            batches.push((pos, idx - e.first, end - idx));
+        }
+        let hot = self.opts.hot.clone();
+        for &(pos, off, n) in &batches {
+            // Stretches held by the hot pages are copied straight from there (verified
+            // already); the rest is read from the packs.
+            let first = self.spaces[0].extents[pos].first;
+            let mut o = off;
+            while o < off + n {
+                let idx = first + o;
+                let h = hot.as_ref().map_or(0, |h| h.run_from(idx, off + n - o));
+                if h > 0 {
+                    let bytes = hot.as_ref().and_then(|x| x.pages(idx, h));
+                    self.prefetch_batch(&mut st, pos, o, h, bytes)?;
+                    st.hot_pages += h;
+                    o += h;
+                } else {
+                    let mut m = 1;
+                    while o + m < off + n
+                        && hot.as_ref().is_some_and(|x| x.run_from(idx + m, 1) == 0)
+                    {
+                        m += 1;
                     }
-                    Outcome::Retry { copied } => {
-                        // The process is stopped before resuming: only a racing exit
-                        // or a debugger could change it. Retry a few times.
-                        st.pages += copied;
-                        tries += 1;
-                        if tries > 1000 {
-                            bail!(
-                                "prefetch from snapshot {}: the address space keeps changing",
-                                self.snap.id.short()
-                            );
-                        }
-                        self.drain(0)?;
-                        std::thread::yield_now();
-                    }
-                    Outcome::Dead { .. } => bail!(
-                        "prefetch from snapshot {}: the restored process is gone",
-                        self.snap.id.short()
-                    ),
+                    self.prefetch_batch(&mut st, pos, o, m, None)?;
+                    o += m;
                 }
             }
         }
         st.elapsed = t.elapsed();
         Ok(st)
+    }
+
+    /// Copies pages `off..off+n` of extent `pos` of the first space, from `bytes` when
+    /// given (already read and verified) or from the snapshot.
+    fn prefetch_batch(
+        &mut self,
+        st: &mut PrefetchStats,
+        pos: usize,
+        off: u64,
+        n: u64,
+        bytes: Option<&[u8]>,
+    ) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            let outcome = match bytes {
+                Some(b) => self.copy_bytes(0, pos, off, n, b)?,
+                None => self.copy_range(0, pos, off, n)?,
+            };
+            match outcome {
+                Outcome::Done { copied, .. } => {
+                    st.pages += copied;
+                    st.batches += 1;
+                    return Ok(());
+                }
+                Outcome::Retry { copied } => {
+                    // The process is stopped before resuming: only a racing exit
+                    // or a debugger could change it. Retry a few times.
+                    st.pages += copied;
+                    tries += 1;
+                    if tries > 1000 {
+                        bail!(
+                            "prefetch from snapshot {}: the address space keeps changing",
+                            self.snap.id.short()
+                        );
+                    }
+                    self.drain(0)?;
+                    std::thread::yield_now();
+                }
+                Outcome::Dead { .. } => bail!(
+                    "prefetch from snapshot {}: the restored process is gone",
+                    self.snap.id.short()
+                ),
+            }
+        }
     }
 
     /// Serves faults and events until every stored page is in (then closes the
@@ -861,17 +912,36 @@ impl LazyServer {
     /// Copies pages `off..off+n` of extent `pos` of space `si` (from the snapshot,
     /// verified). Pages already present are marked and skipped.
     fn copy_range(&mut self, si: usize, pos: usize, off: u64, n: u64) -> Result<Outcome> {
-        let s = &mut self.spaces[si];
-        let e = s.extents[pos];
+        let e = self.spaces[si].extents[pos];
         let idx = e.first + off;
         let addr = e.addr + off * PAGE;
-        let bytes = &mut self.buf[..(n * PAGE) as usize];
-        self.snap.read_pages(idx, n, bytes).with_context(|| {
+        let mut buf = std::mem::take(&mut self.buf);
+        let bytes = &mut buf[..(n * PAGE) as usize];
+        let read = self.snap.read_pages(idx, n, bytes).with_context(|| {
             format!(
                 "lazy restore: reading pages {idx}..+{n} for {addr:#x} from snapshot {}",
                 self.snap.id.short()
             )
-        })?;
+        });
+        let out = read.and_then(|()| self.copy_bytes(si, pos, off, n, bytes));
+        self.buf = buf;
+        out
+    }
+
+    /// Copies `bytes` (pages `off..off+n` of extent `pos` of space `si`, read and
+    /// verified) into the process. Pages already present are marked and skipped.
+    fn copy_bytes(
+        &mut self,
+        si: usize,
+        pos: usize,
+        off: u64,
+        n: u64,
+        bytes: &[u8],
+    ) -> Result<Outcome> {
+        let s = &mut self.spaces[si];
+        let e = s.extents[pos];
+        let idx = e.first + off;
+        let addr = e.addr + off * PAGE;
         let mut done = 0u64;
         let mut copied = 0u64;
         let mut raced = false;

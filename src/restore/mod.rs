@@ -35,6 +35,9 @@ use crate::sys::ptrace::{self, Stop};
 use crate::sys::remote;
 use child::{BlobInfo, MSG_BLOB, MSG_ERROR};
 
+/// Threads hashing the hot pages (a restore's other work is mostly in other processes).
+const HOT_VERIFY_THREADS: usize = 2;
+
 /// A restored instance, running.
 pub struct Restored {
     pub sandbox: Sandbox,
@@ -102,6 +105,15 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
 
+    // The hot pages (verified, decompressed) are checked on other cores while the
+    // sandbox and the layout are built; they are needed only once the layout is there.
+    let hot_job = {
+        let snap = snap.clone();
+        std::thread::Builder::new()
+            .name("hot-pages".into())
+            .spawn(move || snap.hot(HOT_VERIFY_THREADS).map(Arc::new))
+            .context("starting the hot-pages thread")?
+    };
     let t = Instant::now();
     let plan = opts.lazy.then(|| crate::lazy::plan(p));
     let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
@@ -186,13 +198,16 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
     phases.add("layout", t.elapsed());
     let t = Instant::now();
+    let hot = hot_job.join().unwrap_or(None);
+    phases.add("hot-pages", t.elapsed());
+    let t = Instant::now();
     let server = match plan {
-        Some(plan) => Some(lazy::start(snap, plan, pid, &info, opts).map_err(fail)?),
+        Some(plan) => Some(lazy::start(snap, hot.clone(), plan, pid, &info, opts).map_err(fail)?),
         None => None,
     };
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
-    memory::fill(snap, p, pid, ranges).map_err(fail)?;
+    memory::fill(snap, hot.as_deref(), p, pid, ranges).map_err(fail)?;
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
     let lazy = server
@@ -467,5 +482,19 @@ pub fn detached<R>(
             bail!("{err}")
         }
         _ => bail!("the restore monitor died before reporting"),
+    }
+}
+
+/// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
+/// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
+/// a warning.
+pub fn save_hot(store: &warmstart_snapshots::store::Store, snap: &Snapshot, working_set: &[u64]) {
+    let mut pages = working_set.to_vec();
+    for p in &snap.manifest.processes {
+        let lazy = crate::lazy::plan(p).ranges;
+        pages.extend(memory::eager_indexes(p, &lazy));
+    }
+    if let Err(e) = store.save_hot(snap, &pages) {
+        tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
     }
 }

@@ -90,7 +90,8 @@ impl Store {
             let Some(name) = name.to_str() else { continue };
             let table_or_ws = name
                 .strip_suffix(".pages")
-                .or_else(|| name.strip_suffix(".ws"));
+                .or_else(|| name.strip_suffix(".ws"))
+                .or_else(|| name.strip_suffix(".hot"));
             if let Some(id) = table_or_ws.and_then(SnapshotId::from_hex) {
                 if !ids.contains(&id) {
                     report.freed_bytes += fsutil::remove_file(&e.path())?;

@@ -35,6 +35,7 @@
 //! snapshot and the pack, never wrong memory.
 
 mod fsutil;
+mod hot;
 mod lock;
 mod maint;
 mod snapshot;
@@ -55,6 +56,7 @@ use thiserror::Error;
 use crate::format::{self, FormatError};
 use crate::model::{Manifest, RunContent};
 
+pub use hot::{Hot, MAX_HOT_PAGES};
 pub use maint::{DamagedSnapshot, GcReport, SnapshotStats, VerifyReport};
 pub use snapshot::Snapshot;
 pub use table::{Location, Record};
@@ -556,6 +558,7 @@ impl Store {
         fsutil::fsync_dir(&self.snaps_dir())?;
         fsutil::remove_file(&self.table_path(&id))?;
         fsutil::remove_file(&self.working_set_path(&id))?;
+        fsutil::remove_file(&self.hot_path(&id))?;
         for (name, target) in self.names()? {
             if target == id {
                 fsutil::remove_file(&self.refs_dir().join(name))?;

@@ -199,6 +199,15 @@ impl Snapshot {
         }
     }
 
+    /// The verified hot pages (see [`Hot`](super::Hot)) of a local snapshot, their
+    /// chunks hashed on up to `threads` threads. `None` if it has none (or is remote).
+    pub fn hot(&self, threads: usize) -> Option<super::Hot> {
+        match &self.source {
+            Source::Local { store, .. } => super::Hot::open(store, self, threads),
+            Source::Remote(_) => None,
+        }
+    }
+
     /// The page table file, header and records (what a page server sends).
     pub fn table_bytes(&self) -> &[u8] {
         self.table.bytes()
