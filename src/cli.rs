@@ -560,8 +560,17 @@ fn run_instance(
     display_stats: bool,
 ) -> Result<i32> {
     crate::restore::block_forwarded_signals();
-    let snap = std::sync::Arc::new(store.load(id)?);
-    let mut opts = crate::restore::RestoreOptions::default();
+    // A lazy restore checks the page table alongside (it is O(snapshot size)).
+    let lazy = matches!(mode, Mode::Lazy { .. });
+    let snap = std::sync::Arc::new(if lazy {
+        store.load_deferred(id)?
+    } else {
+        store.load(id)?
+    });
+    let mut opts = crate::restore::RestoreOptions {
+        verify_table: lazy,
+        ..Default::default()
+    };
     if let Mode::Lazy { prefetch } = mode {
         opts.lazy = true;
         if prefetch {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
-use warmstart_snapshots::store::{Hot, Snapshot};
+use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::plan::{find, Extent, LazyPlan, PAGE};
 use crate::sys::uffd::ZeropageMode;
@@ -459,6 +459,9 @@ pub struct LazyServer {
     last_fault: Instant,
     recorded: Option<Bitmap>,
     page_count: u64,
+    /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
+    /// being computed on another thread.
+    table_check: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
 }
 
 fn uffd_features(u: &Uffd) -> Option<Features> {
@@ -518,7 +521,32 @@ impl LazyServer {
             stop: Arc::new(AtomicBool::new(false)),
             last_fault: Instant::now(),
             page_count,
+            table_check: None,
         })
+    }
+
+    /// Takes the page-table check of a snapshot opened with `Store::load_deferred`:
+    /// `serve` fails (and the instance is killed) if it fails, and does not finish
+    /// before it is done. Every page is verified against its record's hash anyway; this
+    /// catches what only the whole-table checksum can (a record replaced by another
+    /// well-formed one).
+    pub fn check_table(&mut self, job: std::thread::JoinHandle<Result<(), StoreError>>) {
+        self.table_check = Some(job);
+    }
+
+    /// Waits for the page-table check, if one is running.
+    fn finish_table_check(&mut self) -> Result<()> {
+        if let Some(job) = self.table_check.take() {
+            job.join()
+                .map_err(|_| anyhow!("the page-table check panicked"))?
+                .with_context(|| {
+                    format!(
+                        "lazy restore from snapshot {}: its page table is damaged",
+                        self.snap.id.short()
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// Lets the server notice at once that the process exited (`pidfd_open` of it), and
@@ -693,6 +721,9 @@ impl LazyServer {
 
     fn run(&mut self, start: Instant) -> Result<()> {
         loop {
+            if self.table_check.as_ref().is_some_and(|j| j.is_finished()) {
+                self.finish_table_check()?;
+            }
             for i in 0..self.spaces.len() {
                 self.drain(i)?;
             }
@@ -704,6 +735,7 @@ impl LazyServer {
             // (Their pending faults, if any, are woken by the kernel on close.)
             self.spaces.retain(|s| s.alive && s.remaining > 0);
             if self.spaces.is_empty() {
+                self.finish_table_check()?;
                 if !self.stats.target_exited {
                     self.stats.complete_after = Some(start.elapsed());
                 }

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use warmstart_snapshots::store::{Hot, Snapshot};
+use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::child::BlobInfo;
 use super::RestoreOptions;
@@ -55,6 +55,7 @@ fn read_word(pid: i32, addr: u64) -> Result<u64> {
 pub fn start(
     snap: &Arc<Snapshot>,
     hot: Option<Arc<Hot>>,
+    table_check: Option<JoinHandle<Result<(), StoreError>>>,
     plan: LazyPlan,
     pid: i32,
     info: &BlobInfo,
@@ -82,6 +83,9 @@ pub fn start(
         },
     )?;
     server.watch_exit(target);
+    if let Some(job) = table_check {
+        server.check_table(job);
+    }
     let prefetch = server.prefetch()?;
     Ok(Starting { server, prefetch })
 }

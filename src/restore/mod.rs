@@ -58,6 +58,9 @@ pub struct RestoreOptions {
     pub prefetch: Option<Vec<u64>>,
     /// Learn the working set: record faults until the app first writes to stdout.
     pub learn: bool,
+    /// The snapshot was opened with `Store::load_deferred`: check its page table while
+    /// restoring (before the app resumes when eager; alongside the page server when lazy).
+    pub verify_table: bool,
 }
 
 impl Restored {
@@ -114,6 +117,22 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
             .spawn(move || snap.hot(HOT_VERIFY_THREADS).map(Arc::new))
             .context("starting the hot-pages thread")?
     };
+    let mut table_check = opts
+        .verify_table
+        .then(|| {
+            let snap = snap.clone();
+            std::thread::Builder::new()
+                .name("table-check".into())
+                .spawn(move || {
+                    // Off the critical path: it only has to be done before the page
+                    // server finishes, so it runs when a core would idle otherwise.
+                    let param = libc::sched_param { sched_priority: 0 };
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    snap.verify_table()
+                })
+                .context("starting the page-table check")
+        })
+        .transpose()?;
     let t = Instant::now();
     let plan = opts.lazy.then(|| crate::lazy::plan(p));
     let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
@@ -202,9 +221,17 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     phases.add("hot-pages", t.elapsed());
     let t = Instant::now();
     let server = match plan {
-        Some(plan) => Some(lazy::start(snap, hot.clone(), plan, pid, &info, opts).map_err(fail)?),
+        Some(plan) => Some(
+            lazy::start(snap, hot.clone(), table_check.take(), plan, pid, &info, opts)
+                .map_err(fail)?,
+        ),
         None => None,
     };
+    if let Some(job) = table_check.take() {
+        job.join()
+            .map_err(|_| anyhow!("the page-table check panicked"))?
+            .map_err(|e| fail(e.into()))?;
+    }
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
     memory::fill(snap, hot.as_deref(), p, pid, ranges).map_err(fail)?;
@@ -489,6 +516,10 @@ pub fn detached<R>(
 /// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
 /// a warning.
 pub fn save_hot(store: &warmstart_snapshots::store::Store, snap: &Snapshot, working_set: &[u64]) {
+    if let Err(e) = snap.verify_table() {
+        tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
+        return;
+    }
     let mut pages = working_set.to_vec();
     for p in &snap.manifest.processes {
         let lazy = crate::lazy::plan(p).ranges;

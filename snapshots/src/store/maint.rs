@@ -115,7 +115,7 @@ impl Store {
         let mut live: HashSet<u32> = HashSet::new();
         for id in &ids {
             let path = self.table_path(id);
-            let t = TableMap::open(&path, TABLE_MAGIC).map_err(|r| StoreError::GcUnsafe {
+            let t = TableMap::open(&path, TABLE_MAGIC, true).map_err(|r| StoreError::GcUnsafe {
                 reason: format!(
                     "page table {} of snapshot {} is unreadable ({})",
                     path.display(),
@@ -253,7 +253,7 @@ impl Store {
             if other == *id {
                 continue;
             }
-            if let Ok(t) = TableMap::open(&self.table_path(&other), TABLE_MAGIC) {
+            if let Ok(t) = TableMap::open(&self.table_path(&other), TABLE_MAGIC, true) {
                 others.extend(t.records().map(|r| r.hash));
             }
         }
