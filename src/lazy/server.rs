@@ -584,7 +584,13 @@ impl LazyServer {
         };
         ws.sort_unstable();
         ws.dedup();
-        // The batches: runs of working-set pages of one extent (small gaps filled).
+        // The batches: runs of working-set pages of one extent (small gaps filled, unless
+        // the pages come from the hot pages: decoding a gap costs more than an ioctl).
+        let gap = if self.opts.hot.is_some() {
+            0
+        } else {
+            PREFETCH_GAP
+        };
         let mut batches: Vec<(usize, u64, u64)> = Vec::new();
         let mut i = 0;
         while i < ws.len() {
@@ -604,7 +610,7 @@ impl LazyServer {
             let mut end = idx + 1;
             i += 1;
             st.requested += 1;
-            while i < ws.len() && ws[i] < limit && ws[i] <= end + PREFETCH_GAP {
+            while i < ws.len() && ws[i] < limit && ws[i] <= end + gap {
                 end = ws[i] + 1;
                 st.requested += 1;
                 i += 1;
@@ -628,7 +634,7 @@ impl LazyServer {
                 } else {
                     let mut m = 1;
                     while o + m < off + n
-                        && hot.as_ref().is_some_and(|x| x.run_from(idx + m, 1) == 0)
+                        && hot.as_ref().is_none_or(|x| x.run_from(idx + m, 1) == 0)
                     {
                         m += 1;
                     }
