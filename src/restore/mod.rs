@@ -219,28 +219,44 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let t = Instant::now();
     let hot = hot_job.join().unwrap_or(None);
     phases.add("hot-pages", t.elapsed());
+    // The eager pages go in through /proc/PID/mem on one thread while the page server
+    // takes the userfaultfd and prefetches on this one: neither needs the other.
     let t = Instant::now();
-    let server = match plan {
-        Some(plan) => Some(
-            lazy::start(snap, hot.clone(), table_check.take(), plan, pid, &info, opts)
-                .map_err(fail)?,
-        ),
-        None => None,
-    };
+    let (server, filled) = std::thread::scope(|scope| {
+        let fill = scope.spawn(|| memory::fill(snap, hot.as_deref(), p, pid, ranges));
+        let server = plan
+            .map(|plan| {
+                lazy::start(
+                    snap,
+                    hot.clone(),
+                    table_check.take(),
+                    plan,
+                    pid,
+                    &info,
+                    opts,
+                )
+            })
+            .transpose();
+        let filled = fill
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the memory writer panicked")));
+        (server, filled)
+    });
+    let server = server.map_err(fail)?;
+    filled.map_err(fail)?;
     if let Some(job) = table_check.take() {
         job.join()
             .map_err(|_| anyhow!("the page-table check panicked"))?
             .map_err(|e| fail(e.into()))?;
     }
-    phases.add("lazy-setup", t.elapsed());
+    phases.add("memory", t.elapsed());
     let t = Instant::now();
-    memory::fill(snap, hot.as_deref(), p, pid, ranges).map_err(fail)?;
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
     let lazy = server
         .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
         .transpose()?;
-    phases.add("memory", t.elapsed());
+    phases.add("serve-start", t.elapsed());
     let t = Instant::now();
     let resumed = (|| -> Result<()> {
         ptrace::cont(pid, 0).context("continuing the restorer")?;
