@@ -115,7 +115,16 @@ pub fn fill(
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
-    if threads == 1 || work.len() < 8 {
+    // Pages to decompress are worth other cores; pages already in `hot` only need the
+    // write, which one thread does without waiting for others to be scheduled.
+    let to_decode = work
+        .iter()
+        .filter(|b| {
+            b.first
+                .is_some_and(|f| hot.is_none_or(|h| h.pages(f, b.count).is_none()))
+        })
+        .count();
+    if threads == 1 || to_decode < 8 {
         return write(
             snap,
             hot,

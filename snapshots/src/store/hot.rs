@@ -35,6 +35,8 @@ use crate::model::PAGE_SIZE;
 const MAGIC: &[u8; 8] = b"WARMHOT1";
 /// Pages per verified chunk (256 KiB).
 const CHUNK_PAGES: u64 = 64;
+/// Hot pages up to this size are verified on one thread.
+const ONE_THREAD_BYTES: usize = 16 << 20;
 /// A hot file is not worth more than this (it is read whole at every restore).
 pub const MAX_HOT_PAGES: usize = 256 * 1024;
 
@@ -124,7 +126,8 @@ impl std::fmt::Debug for Hot {
 
 impl Hot {
     /// Maps and verifies the hot pages of `snap` (chunks hashed on up to `threads`
-    /// threads). `None` if there are none; a damaged file is ignored with a warning.
+    /// threads, one for less than 16 MiB). `None` if there are none; a damaged file is
+    /// ignored with a warning.
     pub fn open(store: &Store, snap: &Snapshot, threads: usize) -> Option<Hot> {
         let path = store.hot_path(&snap.id);
         let file = File::open(&path).ok()?;
@@ -188,7 +191,14 @@ impl Hot {
         let sums = &map[56 + count * 8..head_len];
         let pages = &map[data..];
         let bad = std::sync::atomic::AtomicBool::new(false);
-        let per = chunks.div_ceil(threads.max(1)).max(1);
+        // A few MiB hash faster on one thread than it takes to share the cores with a
+        // restore going on at the same time.
+        let threads = if count * PAGE_SIZE < ONE_THREAD_BYTES {
+            1
+        } else {
+            threads.max(1)
+        };
+        let per = chunks.div_ceil(threads).max(1);
         std::thread::scope(|s| {
             for t in 0..chunks.div_ceil(per) {
                 let bad = &bad;
