@@ -136,6 +136,7 @@ fn process(vmas: Vec<Vma>) -> Process {
         posix_timers: vec![],
         seccomp_filters: vec![],
         private_files: vec![],
+        zombie: None,
     }
 }
 

@@ -1,15 +1,19 @@
 //! Command-line interface: parsing, and one function per command.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use warmstart_launcher::warmpoint::ExitStatus;
 use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
-use warmstart_snapshots::store::{SnapshotId, Store};
+use warmstart_snapshots::store::{Snapshot, Store};
 
 use crate::dump::{self, DumpOptions, StdioPolicy};
+use crate::run::{run_instance, Mode};
 use crate::stats::human;
 
 #[derive(Parser, Debug)]
@@ -103,9 +107,10 @@ pub struct DumpArgs {
     /// Leave the process stopped (SIGSTOP) after the dump
     #[arg(short = 's', long, conflicts_with = "leave_running")]
     pub leave_stopped: bool,
-    /// Accepted for CRIU compatibility: terminal, pipe and socket stdio is always
-    /// treated as the job's and reattached to the restorer's at restore
-    #[arg(long)]
+    /// The process is a job of an interactive shell: its terminal fds are not dumped
+    /// but replaced by the restorer's terminal (without it, a terminal fd is refused).
+    /// Pipe and socket stdio is always the caller's.
+    #[arg(short = 'j', long)]
     pub shell_job: bool,
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
@@ -136,8 +141,12 @@ pub struct RestoreArgs {
     /// Print phase timings
     #[arg(long)]
     pub display_stats: bool,
-    /// Accepted for CRIU compatibility: the restored job always gets this terminal's stdio
-    #[arg(long)]
+    /// Fetch the snapshot and its pages from the page server at HOST:PORT
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
+    pub page_server: Option<String>,
+    /// Restore a job dumped with --shell-job: it gets this terminal (the restorer's
+    /// stdin, stdout and stderr) in place of its old one; the restored job always does
+    #[arg(short = 'j', long)]
     pub shell_job: bool,
 }
 
@@ -157,6 +166,10 @@ pub struct RecordArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
+    /// After the snapshot, let the app go on with this terminal's stdio until it exits
+    /// (a `notify` app reads `RESTORED=0`); exit with its status
+    #[arg(short = 'R', long)]
+    pub leave_running: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -249,16 +262,11 @@ pub fn main(cli: Cli) -> Result<i32> {
             crate::pageserver::serve(&open_store(&cli)?, (a.bind, a.port).into())?;
             Ok(0)
         }
-        Command::Run(a) if a.page_server.is_some() => crate::pageserver::run(
-            a.page_server.as_deref().unwrap_or_default(),
-            &a.snapshot,
-            a.eager,
-            !a.no_prefetch,
-            a.display_stats,
-        ),
         Command::Run(a) => {
-            let store = open_store(&cli)?;
-            let id = store.resolve(&a.snapshot)?;
+            let (snap, names) = match &a.page_server {
+                Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
+                None => load(&open_store(&cli)?, &a.snapshot)?,
+            };
             let mode = if a.eager {
                 Mode::Eager
             } else {
@@ -266,7 +274,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                     prefetch: !a.no_prefetch,
                 }
             };
-            run_instance(&store, &id, mode, false, a.display_stats)
+            run_instance(Arc::new(snap), names, mode, false, a.display_stats)
         }
     }
 }
@@ -313,6 +321,7 @@ fn vma_kind(k: &VmaKind) -> String {
         VmaKind::Anon { name } if name.is_empty() => "anon".into(),
         VmaKind::Anon { name } => name.clone(),
         VmaKind::File { file } => file.path.clone(),
+        VmaKind::Shmem { id } => format!("shared anon {id}"),
         VmaKind::Vdso => "[vdso]".into(),
         VmaKind::Vvar => "[vvar]".into(),
         VmaKind::VvarVclock => "[vvar_vclock]".into(),
@@ -375,6 +384,13 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         st.shared_with_others
     );
     for p in &m.processes {
+        if let Some(status) = p.zombie {
+            println!(
+                "  process {} ({}) ppid {} pgid {} sid {}, zombie (wait status {status:#x})",
+                p.pid, p.comm, p.ppid, p.pgid, p.sid
+            );
+            continue;
+        }
         println!(
             "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
             p.pid,
@@ -477,8 +493,11 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
         dest,
         &DumpOptions {
             leave_running: a.leave_running,
+            keep_traced: false,
             leave_stopped: a.leave_stopped,
-            stdio: StdioPolicy::Detect,
+            stdio: StdioPolicy::Detect {
+                shell_job: a.shell_job,
+            },
             tcp_close: a.tcp_close,
             trigger: "dump".into(),
             command: Vec::new(),
@@ -494,28 +513,38 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
-    let (store, id) = match (&a.dir, &a.snapshot) {
-        (Some(dir), _) => {
+    let (snap, names) = match (&a.dir, &a.snapshot, &a.page_server) {
+        (Some(dir), _, _) => {
             if !dir.is_dir() {
                 bail!("image directory {} does not exist", dir.display());
             }
             let s = Store::open(dir)?;
             let id = s.only_snapshot()?;
-            (s, id)
+            (s.load(&id)?, Vec::new())
         }
-        (None, Some(snap)) => {
-            let s = open_store(cli)?;
-            let id = s.resolve(snap)?;
-            (s, id)
-        }
-        (None, None) => bail!("name a snapshot or pass -D DIR"),
+        (None, Some(snap), Some(addr)) => (Snapshot::connect(addr, snap)?, Vec::new()),
+        (None, Some(snap), None) => load(&open_store(cli)?, snap)?,
+        (None, None, _) => bail!("name a snapshot or pass -D DIR"),
     };
     let mode = if a.lazy {
         Mode::Lazy { prefetch: true }
     } else {
         Mode::Eager
     };
-    run_instance(&store, &id, mode, a.detach, a.display_stats)
+    run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats)
+}
+
+/// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,
+/// for a restore: its page table is checked while restoring (`Store::load_deferred`).
+fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
+    let id = store.resolve(which)?;
+    let names = store
+        .names()?
+        .into_iter()
+        .filter(|(_, i)| *i == id)
+        .map(|(n, _)| n)
+        .collect();
+    Ok((store.load_deferred(&id)?, names))
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
@@ -532,105 +561,21 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             ready,
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
+            leave_running: a.leave_running,
+        },
+        |d| {
+            if a.display_stats {
+                eprintln!("record:\n{}", d.phases);
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", d.id.short()).and_then(|()| out.flush());
         },
     )?;
-    if a.display_stats {
-        eprintln!("record:\n{}", r.phases);
-    }
-    println!("{}", r.id.short());
-    Ok(0)
-}
-
-/// Restores one instance and waits for it (or, detached, reports its pid and returns).
-/// How an instance gets its memory.
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    Eager,
-    /// On demand; `prefetch`: copy the learned working set first (or learn it).
-    Lazy {
-        prefetch: bool,
-    },
-}
-
-fn run_instance(
-    store: &Store,
-    id: &SnapshotId,
-    mode: Mode,
-    detach: bool,
-    display_stats: bool,
-) -> Result<i32> {
-    crate::restore::block_forwarded_signals();
-    // A lazy restore checks the page table alongside (it is O(snapshot size)).
-    let lazy = matches!(mode, Mode::Lazy { .. });
-    let snap = std::sync::Arc::new(if lazy {
-        store.load_deferred(id)?
-    } else {
-        store.load(id)?
-    });
-    let mut opts = crate::restore::RestoreOptions {
-        verify_table: lazy,
-        ..Default::default()
-    };
-    if let Mode::Lazy { prefetch } = mode {
-        opts.lazy = true;
-        if prefetch {
-            opts.prefetch = store.working_set(id);
-            // Learning needs our stdout to watch for the first answer: not when detached.
-            opts.learn = opts.prefetch.is_none() && !detach;
-        }
-    }
-    let names: Vec<String> = store
-        .names()?
-        .into_iter()
-        .filter(|(_, i)| i == id)
-        .map(|(n, _)| n)
-        .collect();
-    let registered = |r: &crate::restore::Restored| {
-        crate::instances::register(&crate::instances::Instance {
-            monitor: std::process::id() as i32,
-            pid: r.pid,
-            snapshot: id.to_string(),
-            names: names.clone(),
-            command: snap.manifest.command.clone(),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        })
-        .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
-        .ok()
-    };
-    if detach {
-        return crate::restore::detached(&snap, &opts, display_stats, &registered);
-    }
-    let r = crate::restore::restore(&snap, &opts)?;
-    if display_stats {
-        eprintln!("restore of {}:\n{}", id.short(), r.phases);
-    }
-    let _listed = registered(&r);
-    let (code, lazy) = r.wait()?;
-    if let Some(o) = lazy {
-        if opts.learn && !o.serve.working_set.is_empty() {
-            store.save_working_set(id, &o.serve.working_set)?;
-            crate::restore::save_hot(store, &snap, &o.serve.working_set);
-        }
-        if display_stats {
-            eprintln!(
-                "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
-                 {} pages on fault, {} streamed ({}), working set learned: {} pages",
-                o.prefetch.pages,
-                o.prefetch.elapsed.as_secs_f64() * 1e3,
-                o.serve.faults,
-                o.serve.faults_data,
-                o.serve.faults_zero,
-                o.serve.pages_on_fault,
-                o.serve.pages_streamed,
-                human(o.serve.bytes_streamed),
-                if opts.learn { o.serve.working_set.len() } else { 0 },
-            );
-        }
-    }
-    Ok(code)
+    Ok(match r.exit {
+        None | Some(ExitStatus::Code(0)) => 0,
+        Some(ExitStatus::Code(c)) => c,
+        Some(ExitStatus::Signal(s)) => 128 + s,
+    })
 }
 
 fn ps(json: bool) -> Result<i32> {

@@ -11,5 +11,6 @@ pub mod pageserver;
 pub mod private_dirs;
 pub mod record;
 pub mod restore;
+pub mod run;
 pub mod stats;
 pub mod sys;

@@ -202,6 +202,25 @@ fn answer<'s>(
             Response::Blocks(blocks)
         }
         Request::WorkingSet { id } => Response::WorkingSet(shared.store.working_set(&id)),
+        Request::SaveWorkingSet { id, pages } => {
+            let snap = snapshot(shared, &id)?;
+            // Entries are page-table indexes, each at most once.
+            let n = snap.page_count();
+            if pages.len() as u64 > n || pages.iter().any(|&p| p >= n) {
+                anyhow::bail!(
+                    "a working set for snapshot {} that does not fit it ({} entries, {n} pages)",
+                    id.short(),
+                    pages.len()
+                );
+            }
+            shared.store.save_working_set(&id, &pages)?;
+            tracing::info!(
+                "{peer}: stored a working set of {} pages for {}",
+                pages.len(),
+                id.short()
+            );
+            Response::Ready
+        }
         Request::Begin => {
             if writer.is_some() {
                 anyhow::bail!("this connection already holds the store's writer");
@@ -259,50 +278,6 @@ fn answer<'s>(
             Response::Id(id)
         }
     })
-}
-
-/// `run --page-server ADDR SNAP`: restores with pages fetched on demand from `addr`,
-/// waits for the instance and returns its exit code. The working set comes from the
-/// server (it is not learned by remote runs).
-pub fn run(
-    addr: &str,
-    snapshot: &str,
-    eager: bool,
-    prefetch: bool,
-    display_stats: bool,
-) -> Result<i32> {
-    crate::restore::block_forwarded_signals();
-    let snap = Arc::new(Snapshot::connect(addr, snapshot)?);
-    let mut opts = crate::restore::RestoreOptions::default();
-    if !eager {
-        opts.lazy = true;
-        if prefetch {
-            opts.prefetch = snap.working_set();
-        }
-    }
-    let r = crate::restore::restore(&snap, &opts)?;
-    if display_stats {
-        eprintln!(
-            "restore of {} from page server {addr}:\n{}",
-            snap.id.short(),
-            r.phases
-        );
-    }
-    let _listed = crate::instances::register(&crate::instances::Instance {
-        monitor: std::process::id() as i32,
-        pid: r.pid,
-        snapshot: snap.id.to_string(),
-        names: Vec::new(),
-        command: snap.manifest.command.clone(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    })
-    .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
-    .ok();
-    let (code, _) = r.wait()?;
-    Ok(code)
 }
 
 #[cfg(test)]

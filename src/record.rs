@@ -10,13 +10,15 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::warmpoint::StopKind as WarmKind;
 use warmstart_launcher::warmpoint::{
-    NotifyChannel, SdNotifySocket, NOTIFY_FD_ENV, NOTIFY_SOCKET_ENV,
+    notify_reply, ExitStatus, NotifyChannel, SdNotifySocket, LEFT_RUNNING_MSG, NOTIFY_FD_ENV,
+    NOTIFY_SOCKET_ENV,
 };
 use warmstart_launcher::{Ready, SpawnOptions, WarmPointTracker};
 use warmstart_snapshots::store::Store;
@@ -34,12 +36,38 @@ pub struct RecordOptions {
     pub ready: Ready,
     pub timeout: Duration,
     pub tcp_close: bool,
+    /// After the dump the app goes on running (its notify read returns `RESTORED=0`),
+    /// with our stdin, stdout and stderr, until it exits.
+    pub leave_running: bool,
+}
+
+/// What `record` did: the snapshot, and with `leave_running` how the app ended.
+pub struct Recorded {
+    pub dump: DumpResult,
+    pub exit: Option<ExitStatus>,
 }
 
 fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
     let f = std::fs::File::from(fd.try_clone()?);
     let m = f.metadata()?;
     Ok((m.dev(), m.ino()))
+}
+
+/// Copies our stdin to the app's in a thread of its own (never joined: it may block on a
+/// terminal after the app is gone); the app sees EOF when our stdin ends.
+fn pump_stdin(w: OwnedFd) {
+    std::thread::spawn(move || {
+        // A write after the app is gone must fail with EPIPE, not kill warmstart: the
+        // SIGPIPE of a write goes to the writing thread, which blocks it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGPIPE);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        let mut w = std::fs::File::from(w);
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+    });
 }
 
 /// Finds `cmd` on PATH the way a shell would, so a missing command is a clear error
@@ -70,8 +98,13 @@ fn resolve(cmd: &str) -> Result<CString> {
     )
 }
 
-/// Copies an app's output pipe to our stderr, keeping the last lines.
-fn forward(r: OwnedFd, tail: Option<Arc<Mutex<VecDeque<String>>>>) -> std::thread::JoinHandle<()> {
+/// Copies an app's output pipe to our stderr (to our stdout once `to_stdout` is set),
+/// keeping the last lines.
+fn forward(
+    r: OwnedFd,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    to_stdout: Option<Arc<AtomicBool>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(r);
         let mut buf = [0u8; 8192];
@@ -81,7 +114,15 @@ fn forward(r: OwnedFd, tail: Option<Arc<Mutex<VecDeque<String>>>>) -> std::threa
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let _ = std::io::stderr().write_all(&buf[..n]);
+            if to_stdout
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Acquire))
+            {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&buf[..n]).and_then(|()| out.flush());
+            } else {
+                let _ = std::io::stderr().write_all(&buf[..n]);
+            }
             if let Some(t) = &tail {
                 partial.extend_from_slice(&buf[..n]);
                 while let Some(i) = partial.iter().position(|&b| b == b'\n') {
@@ -97,7 +138,13 @@ fn forward(r: OwnedFd, tail: Option<Arc<Mutex<VecDeque<String>>>>) -> std::threa
     })
 }
 
-pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
+/// Records `opts.command`; `on_dumped` is called with the snapshot as soon as it is
+/// stored (with `leave_running`, before the app goes on).
+pub fn record(
+    store: &Store,
+    opts: &RecordOptions,
+    on_dumped: impl FnOnce(&DumpResult) + Send,
+) -> Result<Recorded> {
     let Some(cmd) = opts.command.first() else {
         bail!("no command given: usage is `warmstart record -- CMD ARGS...`");
     };
@@ -180,18 +227,26 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
     let pid = sandbox.app_pid;
     let init_pid = sandbox.init_pid;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let readers = [forward(out_r, None), forward(err_r, Some(tail.clone()))];
+    let live = Arc::new(AtomicBool::new(false));
+    let readers = [
+        forward(out_r, None, Some(live.clone())),
+        forward(err_r, Some(tail.clone()), None),
+    ];
+    let mut in_w = Some(in_w);
+    let in_w_slot = &mut in_w;
 
     // The tracer is a thread of its own: with `__WNOTHREAD` its waitpid(-1) sees its
     // tracees (every thread of the app, auto-attached) but never the sandbox's init,
     // which the calling thread forked and must outlive (init's PDEATHSIG).
     let (seized_tx, seized_rx) = std::sync::mpsc::channel();
     let result = std::thread::scope(|s| {
-        let tracer = s.spawn(move || -> Result<DumpResult> {
+        let tracer = s.spawn(move || -> Result<Recorded> {
             let opts_seize = ptrace::O_EXITKILL
                 | ptrace::O_TRACESECCOMP
                 | ptrace::O_TRACESYSGOOD
-                | ptrace::O_TRACECLONE;
+                | ptrace::O_TRACECLONE
+                | ptrace::O_TRACEFORK
+                | ptrace::O_TRACEVFORK;
             let seized = ptrace::seize(pid, opts_seize)
                 .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());
@@ -208,12 +263,13 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                 _ => StopKind::Interrupted,
             };
             let frozen = Frozen::at_stop(pid, warm.tid, kind);
-            dump::dump(
+            let dumped = dump::dump(
                 pid,
                 Some(frozen),
                 store,
                 &DumpOptions {
-                    leave_running: false,
+                    leave_running: opts.leave_running,
+                    keep_traced: true,
                     leave_stopped: false,
                     stdio: StdioPolicy::Given(given),
                     tcp_close: opts.tcp_close,
@@ -222,7 +278,31 @@ pub fn record(store: &Store, opts: &RecordOptions) -> Result<DumpResult> {
                     name: opts.name.clone(),
                     own_seccomp_filters: usize::from(filter.is_some()),
                 },
-            )
+            )?;
+            on_dumped(&dumped);
+            if !opts.leave_running {
+                return Ok(Recorded {
+                    dump: dumped,
+                    exit: None,
+                });
+            }
+            // The app's pending read of its notify channel (if any) gets its answer now
+            // rather than before the dump, which must not see it queued.
+            if let Some(ch) = tracker.notify_channel() {
+                notify_reply(ch.launcher_fd(), LEFT_RUNNING_MSG)
+                    .context("answering RESTORED=0 on the notify channel")?;
+            }
+            live.store(true, Ordering::Release);
+            if let Some(w) = in_w_slot.take() {
+                pump_stdin(w);
+            }
+            let exit = tracker
+                .follow(init_pid)
+                .map_err(|e| anyhow!("following the app after the dump: {e}"))?;
+            Ok(Recorded {
+                dump: dumped,
+                exit: Some(exit),
+            })
         });
         let _ = seized_rx.recv();
         sandbox.release()?;

@@ -5,6 +5,7 @@
 mod acc_util;
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -256,4 +257,187 @@ fn dump_leave_stopped() {
     assert_eq!(p.read_line(), "2 b");
     p.close_stdin();
     assert!(p.wait().success(), "the counter should exit 0 at EOF");
+}
+
+/// A pty pair: (master, slave).
+fn openpty() -> (std::fs::File, std::fs::File) {
+    let (mut m, mut s) = (0, 0);
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // Children get the slave only through their stdio.
+    for fd in [m, s] {
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    use std::os::fd::FromRawFd;
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
+
+/// Reads the pty master until its output contains `needle` (panics after `TIMEOUT`).
+fn read_until(master: &mut std::fs::File, needle: &str, seen: &mut String) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + TIMEOUT;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {needle:?} on the terminal; it showed {seen:?}"
+        );
+        let mut p = libc::pollfd {
+            fd: master.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } > 0 {
+            let mut buf = [0u8; 4096];
+            match master.read(&mut buf) {
+                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                r => panic!("terminal closed ({r:?}) before {needle:?}; it showed {seen:?}"),
+            }
+        }
+    }
+}
+
+/// A job of an interactive shell (stdio on a terminal): `dump -t` refuses it without
+/// `--shell-job`, naming the terminal, and leaves it running; with `--shell-job` it is
+/// dumped, and `restore --shell-job` from another terminal gives it that terminal: it
+/// reads what is typed there and answers there.
+#[test]
+fn shell_job_gets_the_restorers_terminal() {
+    use std::io::Write;
+    let ws = Ws::new();
+    let (mut m1, s1) = openpty();
+    let mut guard = KillGuard::new();
+    let mut job = Command::new("/bin/sh")
+        .args(["-c", "echo ready; while read l; do echo \"got $l\"; done"])
+        .stdin(s1.try_clone().unwrap())
+        .stdout(s1.try_clone().unwrap())
+        .stderr(s1)
+        .process_group(0)
+        .spawn()
+        .expect("sh");
+    let pid = job.id() as i32;
+    guard.add(pid);
+    let mut seen = String::new();
+    read_until(&mut m1, "ready", &mut seen);
+
+    let dir = tempfile::tempdir().unwrap();
+    let refused = ws.run(
+        &[
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &dir.path().to_string_lossy(),
+        ],
+        "",
+    );
+    assert!(
+        !refused.success()
+            && refused.stderr.contains("terminal /dev/pts/")
+            && refused.stderr.contains("--shell-job"),
+        "dump of a terminal job without --shell-job should be refused naming the terminal:\n{}",
+        refused.describe()
+    );
+    assert!(alive(pid), "a refused dump must leave the job running");
+    m1.write_all(b"before\n").unwrap();
+    read_until(&mut m1, "got before", &mut seen);
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_string_lossy().into_owned();
+    let out = ws.run(
+        &["dump", "-t", &pid.to_string(), "-D", &d, "--shell-job"],
+        "",
+    );
+    out.assert_ok();
+    assert!(wait_pid_exit(pid, TIMEOUT), "the dumped job should be gone");
+    let _ = job.wait();
+
+    let (mut m2, s2) = openpty();
+    let mut restore = ws
+        .cmd(&["restore", "-D", &d, "--shell-job"])
+        .stdin(s2.try_clone().unwrap())
+        .stdout(s2.try_clone().unwrap())
+        .stderr(s2)
+        .process_group(0)
+        .spawn()
+        .expect("warmstart restore");
+    guard.add(restore.id() as i32);
+    let mut seen2 = String::new();
+    m2.write_all(b"after\n").unwrap();
+    read_until(&mut m2, "got after", &mut seen2);
+    // Hanging up the terminal ends the job (its read fails) and the restore with it.
+    drop(m2);
+    assert!(
+        wait_pid_exit(restore.id() as i32, TIMEOUT),
+        "restore did not end after the terminal hung up"
+    );
+    let _ = restore.wait();
+}
+
+/// "LINE born=B done=D" from the thread_churn fixture: (B, D), after checking the line.
+fn churn_counts(line: &str, tag: &str) -> (i64, i64) {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let num = |s: &str, key: &str| s.strip_prefix(key).and_then(|v| v.parse::<i64>().ok());
+    match w[..] {
+        [t, b, d] if t == tag => match (num(b, "born="), num(d, "done=")) {
+            (Some(b), Some(d)) => (b, d),
+            _ => panic!("bad answer {line:?}"),
+        },
+        _ => panic!("expected \"{tag} born=B done=D\", got {line:?}"),
+    }
+}
+
+/// Threads born and exiting all the time while they are dumped: five `dump -R` in a row
+/// each succeed and leave the process churning; then a dump and a restore, eager and
+/// lazy, whose spawner and workers go on (the counters continue from the dumped values).
+#[test]
+fn threads_born_and_exiting_while_dumped() {
+    let ws = Ws::new();
+    let mut p = Proc::spawn(&mut Command::new(fixture("thread_churn")));
+    p.wait_stderr("ready");
+    let pid = p.pid().to_string();
+    let mut last = 0;
+    for i in 0..5 {
+        let out = ws.run(&["dump", "-t", &pid, "-R", "--name", &format!("c{i}")], "");
+        out.assert_ok();
+        p.send(&format!("r{i}"));
+        let (_, done) = churn_counts(&p.read_line(), &format!("r{i}"));
+        assert!(done > last, "the churn should go on after dump -R #{i}");
+        last = done;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("img");
+    let d = d.to_str().unwrap();
+    ws.run(&["dump", "-t", &pid, "-D", d], "").assert_ok();
+    assert!(
+        wait_pid_exit(p.pid(), TIMEOUT),
+        "the dumped process is still running"
+    );
+    let _ = p.wait();
+    for extra in [&[][..], &["--lazy"][..]] {
+        let mut args = vec!["restore", "-D", d];
+        args.extend_from_slice(extra);
+        let mut r = Proc::spawn(&mut ws.cmd(&args));
+        r.send("x");
+        let (born, done) = churn_counts(&r.read_line(), "x");
+        assert!(
+            done > last && born >= last,
+            "restore {extra:?}: counters should continue from the dumped {last}: born={born} done={done}"
+        );
+        r.close_stdin();
+        let st = r.wait();
+        assert!(
+            st.success(),
+            "restore {extra:?} should exit 0 at EOF: {st:?}"
+        );
+    }
 }

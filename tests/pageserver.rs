@@ -67,6 +67,46 @@ fn run_from_page_server_lazy_and_eager() {
     assert_eq!(empty.ls_json(), serde_json::json!([]));
 }
 
+/// The first lazy run from a page server learns the working set and stores it in the
+/// server's store (later remote runs prefetch it); `restore --page-server` restores from
+/// it too, eagerly or lazily.
+#[test]
+fn remote_run_learns_working_set_and_restore_uses_page_server() {
+    let ws = recorded();
+    let (_server, addr) = page_server(&ws, &[], "127.0.0.1", &[]);
+    let empty = Ws::new();
+    let expect = expected();
+    assert_eq!(ws.working_set_pages("x"), None, "nothing learned yet");
+    let out = empty.run(&["run", "--page-server", &addr, "x"], INPUT);
+    out.assert_ok();
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    let learned = ws.working_set_pages("x");
+    assert!(
+        learned.is_some_and(|n| n > 0),
+        "a remote lazy run should store the working set it learned in the server's store: {learned:?}"
+    );
+    let out = empty.run(
+        &["run", "--page-server", &addr, "--display-stats", "x"],
+        INPUT,
+    );
+    out.assert_ok();
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    assert!(
+        out.stderr.contains("from page server") && !out.stderr.contains(" 0 pages prefetched"),
+        "the second remote run should prefetch the learned working set:\n{}",
+        out.describe()
+    );
+    for extra in [&[][..], &["--lazy"][..]] {
+        let mut args = vec!["restore", "--page-server", &addr];
+        args.extend_from_slice(extra);
+        args.push("x");
+        let out = empty.run(&args, INPUT);
+        out.assert_ok();
+        assert_eq!(out.stdout, expect, "restore {extra:?}: {}", out.describe());
+    }
+    assert_eq!(empty.ls_json(), serde_json::json!([]));
+}
+
 #[test]
 fn wrong_snapshot_or_server_is_a_clear_error() {
     let ws = recorded();

@@ -195,3 +195,13 @@ fn assert_same_maps(before: &str, after: &str, mode: Mode) {
         diffs.join("\n")
     );
 }
+
+#[test]
+fn credentials_of_a_non_root_process_with_capabilities() {
+    run_fixture("creds", false);
+}
+
+#[test]
+fn capabilities_a_root_process_dropped_stay_dropped() {
+    run_fixture("creds_root", false);
+}

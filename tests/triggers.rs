@@ -277,6 +277,103 @@ fn notify_workload(name: &str, argv: &[OsString]) {
     );
 }
 
+/// `record --leave-running`: the snapshot's id comes first, then the recorded app goes on
+/// with our stdio. A notify app reads `RESTORED=0` (so it keeps its seeded generator and
+/// prints the seeded number) and answers its input; a restored instance reads
+/// `RESTORED=1` and draws another number.
+#[test]
+fn notify_leave_running() {
+    let ws = Ws::new();
+    let py = python().into_os_string();
+    let args: Vec<OsString> = ["record", "--name", "lr", "--ready", "notify", "-R", "--"]
+        .iter()
+        .map(OsString::from)
+        .chain([py.clone(), fixture_file("notify.py").into_os_string()])
+        .collect();
+    let out = ws.run(&args, "a\nb\n");
+    let seeded = std::process::Command::new(&py)
+        .args([
+            "-c",
+            "import random; random.seed(12345); print(random.getrandbits(64))",
+        ])
+        .output()
+        .expect("python");
+    let seeded = String::from_utf8_lossy(&seeded.stdout).trim().to_owned();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        out.success()
+            && lines.len() == 5
+            && lines[0].len() == 12
+            && lines[1] == "RESTORED=0"
+            && lines[2] == seeded
+            && lines[3] == "echo a"
+            && lines[4] == "echo b",
+        "record -R: expected the id, RESTORED=0, the seeded number {seeded}, echo a, echo b:\n{}",
+        out.describe()
+    );
+    let run = ws.instance("lr", "c\n");
+    let rl: Vec<&str> = run.stdout.lines().collect();
+    assert!(
+        run.success()
+            && rl.len() == 3
+            && rl[0] == "RESTORED=1"
+            && rl[1] != seeded
+            && rl[2] == "echo c",
+        "restored instance of a snapshot recorded with -R:\n{}",
+        run.describe()
+    );
+}
+
+/// `record --leave-running` exits with the app's own status once the app is done, and the
+/// app's syscalls that the warm-point trap covers keep working (it reads stdin again).
+#[test]
+fn leave_running_exit_status() {
+    let ws = Ws::new();
+    let script = "read a; echo \"got $a\"; read b; echo \"got $b\"; exit 3";
+    let out = ws.run(
+        &[
+            "record", "--name", "sh", "-R", "--", "/bin/sh", "-c", script,
+        ],
+        "one\ntwo\n",
+    );
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        out.code() == 3 && lines.len() == 3 && lines[1] == "got one" && lines[2] == "got two",
+        "record -R of a shell script that exits 3:\n{}",
+        out.describe()
+    );
+}
+
+/// Child processes of a recorded app inherit the warm-point trap: they are traced too, so
+/// their trapped syscalls (here `cat` reading its stdin, before and after the warm point)
+/// work instead of failing with ENOSYS, and they never make the warm point themselves.
+#[test]
+fn children_of_a_recorded_app_run_normally() {
+    let ws = Ws::new();
+    let script = "echo piped | cat; read y; echo \"got $y\"; echo sub | cat; echo done";
+    let out = ws.run(
+        &[
+            "record", "--name", "kids", "-R", "--", "/bin/sh", "-c", script,
+        ],
+        "yy\n",
+    );
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        out.success()
+            && out.stderr.contains("piped")
+            && !out.stderr.contains("not implemented")
+            && lines[1..] == ["got yy", "sub", "done"],
+        "a recorded shell's children (cat) should read their stdin normally:\n{}",
+        out.describe()
+    );
+    let run = ws.instance("kids", "zz\n");
+    assert!(
+        run.success() && run.stdout == "got zz\nsub\ndone\n" && !run.stderr.contains("piped"),
+        "restored instance:\n{}",
+        run.describe()
+    );
+}
+
 #[test]
 fn notify_python() {
     notify_workload(

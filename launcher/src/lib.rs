@@ -14,7 +14,7 @@ mod sys;
 pub mod trigger;
 pub mod warmpoint;
 
-pub use sandbox::{spawn, Sandbox, SignalForwarder, SpawnOptions};
+pub use sandbox::{fork_with_pid, spawn, Sandbox, SignalForwarder, SpawnOptions};
 pub use trigger::{install_stdin_trap, install_traps, Trap, Trigger};
 pub use warmpoint::{Ready, Verdict, WarmPointTracker, WarmStop};
 

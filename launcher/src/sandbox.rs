@@ -643,3 +643,26 @@ impl Drop for SignalForwarder {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
     }
 }
+
+/// `fork` at an exact pid (`clone3` with `set_tid`, in the caller's pid namespace): how a
+/// restored tree rebuilds its children inside the sandbox. Returns 0 in the child, the
+/// child's pid in the parent; fails with `EEXIST` when the pid is taken.
+///
+/// # Safety
+/// As with [`spawn`]'s closure: the child is a copy of the calling thread only, so the
+/// caller must be single-threaded (as a restoring process is) or the child must restrict
+/// itself to async-signal-safe work.
+pub unsafe fn fork_with_pid(pid: i32) -> Result<i32, LaunchError> {
+    let tid: libc::pid_t = pid;
+    let mut args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: &tid as *const libc::pid_t as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    let r = sys::clone3(&mut args);
+    if r < 0 {
+        return Err(LaunchError::sys("clone3(set_tid)"));
+    }
+    Ok(r as i32)
+}

@@ -25,7 +25,7 @@
 //! entry). The snapshot records [`NOTIFY_FD`] as one end of an `AF_UNIX` `SOCK_STREAM`
 //! socketpair whose peer is outside the app. At restore warmstart creates a fresh
 //! [`NotifyChannel`], installs its app end at [`NOTIFY_FD`] in place of the recorded one,
-//! and, *before* the app resumes, calls [`notify_reply_restored`] on the launcher end:
+//! and, *before* the app resumes, calls [`notify_reply`] with [`RESTORED_MSG`] on the launcher end:
 //! the restarted `read` returns `RESTORED=1\n` at once. Keep the launcher end open while
 //! the app runs (the app may write again, e.g. `STATUS=...`, and must not get `EPIPE`);
 //! `$WARMSTART_NOTIFY_FD` is in the recorded environment already. sd_notify apps do not
@@ -56,6 +56,8 @@ pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 pub const READY_MSG: &[u8] = b"READY=1\n";
 /// What the app reads after a restore.
 pub const RESTORED_MSG: &[u8] = b"RESTORED=1\n";
+/// What the recorded app reads when `record --leave-running` lets it go on after the dump.
+pub const LEFT_RUNNING_MSG: &[u8] = b"RESTORED=0\n";
 
 /// `--ready TRIGGER`: when the snapshot is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -317,16 +319,17 @@ impl NotifyParser {
     }
 }
 
-/// Write `RESTORED=1\n` to the launcher end of a notify channel (restore side: before the
-/// app resumes, so its pending read of [`NOTIFY_FD`] returns it).
-pub fn notify_reply_restored(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Write the handshake's answer ([`RESTORED_MSG`] after a restore, [`LEFT_RUNNING_MSG`]
+/// to a recorded app that goes on running) to the launcher end of a notify channel, before
+/// the app resumes, so its pending read of [`NOTIFY_FD`] returns it.
+pub fn notify_reply(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
     let mut done = 0;
-    while done < RESTORED_MSG.len() {
+    while done < msg.len() {
         let n = unsafe {
             libc::send(
                 fd.as_raw_fd(),
-                RESTORED_MSG[done..].as_ptr() as *const libc::c_void,
-                RESTORED_MSG.len() - done,
+                msg[done..].as_ptr() as *const libc::c_void,
+                msg.len() - done,
                 libc::MSG_NOSIGNAL,
             )
         };
@@ -425,28 +428,19 @@ impl NotifyChannel {
 
     /// Read what the app wrote so far; true once `READY=1` arrived.
     pub fn poll_ready(&mut self) -> Result<bool, WarmPointError> {
-        let mut buf = [0u8; 512];
-        loop {
-            let n = unsafe {
-                libc::recv(
-                    self.launcher.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(last_err("recv(notify fd)")),
+        let parser = &mut self.parser;
+        drain(
+            self.launcher.as_fd(),
+            "recv(notify fd)",
+            &mut [0u8; 512],
+            |b| {
+                // End of stream: the app closed its end; nothing more will come.
+                if b.is_empty() {
+                    return Ok(false);
                 }
-            }
-            if n == 0 {
-                break;
-            }
-            self.parser.feed_stream(&buf[..n as usize], "fd")?;
-        }
+                parser.feed_stream(b, "fd").map(|()| true)
+            },
+        )?;
         Ok(self.parser.ready())
     }
 
@@ -564,26 +558,44 @@ impl SdNotifySocket {
 
     /// Receive every queued datagram; true once one carried `READY=1`.
     pub fn recv_ready(&mut self) -> Result<bool, WarmPointError> {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(last_err("recv(NOTIFY_SOCKET)")),
-                }
-            }
-            self.parser.feed_datagram(&buf[..n as usize], "socket")?;
-        }
+        let parser = &mut self.parser;
+        drain(
+            self.fd.as_fd(),
+            "recv(NOTIFY_SOCKET)",
+            &mut [0u8; 4096],
+            |b| parser.feed_datagram(b, "socket").map(|()| true),
+        )?;
         Ok(self.parser.ready())
+    }
+}
+
+/// Receives from non-blocking `fd` until nothing is queued, handing each read to `feed`
+/// (which returns false to stop, e.g. at the end of a stream).
+fn drain(
+    fd: BorrowedFd<'_>,
+    op: &'static str,
+    buf: &mut [u8],
+    mut feed: impl FnMut(&[u8]) -> Result<bool, WarmPointError>,
+) -> Result<(), WarmPointError> {
+    loop {
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(()),
+                Some(libc::EINTR) => continue,
+                _ => return Err(last_err(op)),
+            }
+        }
+        if !feed(&buf[..n as usize])? {
+            return Ok(());
+        }
     }
 }
 
@@ -846,6 +858,11 @@ pub struct WarmPointTracker {
     sd_notify: Option<SdNotifySocket>,
     /// Traps seen (for diagnostics / tests): (trap, syscall nr, args[0]).
     seen: Vec<(Option<Trap>, i64, u64)>,
+    /// Past the warm point ([`follow`](Self::follow)): every stop is passed through.
+    following: bool,
+    /// Thread-group id of each traced thread seen (the app's children are traced too:
+    /// they inherit the trap, which fails with `ENOSYS` without a tracer).
+    tgids: std::collections::HashMap<i32, i32>,
 }
 
 impl WarmPointTracker {
@@ -865,6 +882,8 @@ impl WarmPointTracker {
             notify: None,
             sd_notify: None,
             seen: Vec::new(),
+            following: false,
+            tgids: std::collections::HashMap::new(),
         })
     }
 
@@ -903,7 +922,7 @@ impl WarmPointTracker {
 
     /// When the monitor must call [`on_timeout`](Self::on_timeout) (`after=`), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.interrupted {
+        if self.interrupted || self.following {
             None
         } else {
             self.deadline
@@ -913,7 +932,7 @@ impl WarmPointTracker {
     /// An fd the monitor must poll for `POLLIN` and then call
     /// [`on_readable`](Self::on_readable) (the sd_notify socket).
     pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
-        if self.interrupted {
+        if self.interrupted || self.following {
             return None;
         }
         self.sd_notify.as_ref().map(|s| s.fd())
@@ -950,6 +969,7 @@ impl WarmPointTracker {
     /// Decide about one `waitpid` status of traced thread `tid` (already consumed).
     pub fn on_stop(&mut self, tid: i32, status: i32) -> Result<Verdict, WarmPointError> {
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.tgids.remove(&tid);
             if tid != self.pid {
                 return Ok(Verdict::ThreadExited);
             }
@@ -965,6 +985,10 @@ impl WarmPointTracker {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
+        // Only the app's own threads make a warm point; its child processes just run.
+        if self.following || !self.in_app(tid) {
+            return Ok(Self::pass_through(event, sig));
+        }
         let warm = |kind, resume_signal| {
             Ok(Verdict::WarmPoint(WarmStop {
                 tid,
@@ -1000,6 +1024,38 @@ impl WarmPointTracker {
             }
             // clone/fork/exec/exit events.
             _ => Ok(Verdict::Continue { inject_signal: 0 }),
+        }
+    }
+
+    /// Whether traced thread `tid` is a thread of the app (not of a child process).
+    fn in_app(&mut self, tid: i32) -> bool {
+        if tid == self.pid {
+            return true;
+        }
+        let tgid = *self.tgids.entry(tid).or_insert_with(|| {
+            std::fs::read_to_string(format!("/proc/{tid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Tgid:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        });
+        tgid == self.pid
+    }
+
+    /// The verdict for a stop (after the warm point, or of a child process): the app runs as if untraced (its
+    /// trapped syscalls proceed, signals are delivered, group stops stay stopped).
+    fn pass_through(event: i32, sig: i32) -> Verdict {
+        let stop_sig = matches!(
+            sig,
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+        );
+        match event {
+            libc::PTRACE_EVENT_STOP if stop_sig => Verdict::Listen,
+            0 if sig != (libc::SIGTRAP | 0x80) => Verdict::Continue { inject_signal: sig },
+            _ => Verdict::Continue { inject_signal: 0 },
         }
     }
 
@@ -1129,6 +1185,19 @@ impl WarmPointTracker {
                 }
                 Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
             }
+        }
+    }
+
+    /// After the warm point, when the recorded app goes on running (`record
+    /// --leave-running`): stay its tracer (the seccomp trap makes trapped syscalls fail
+    /// with `ENOSYS` without one) and pass every stop through until the app ends. The
+    /// threads must have been resumed already. Returns how the app ended.
+    pub fn follow(&mut self, init_pid: i32) -> Result<ExitStatus, WarmPointError> {
+        self.following = true;
+        match self.run(init_pid, None) {
+            Err(WarmPointError::Exited(s)) => Ok(s),
+            Err(e) => Err(e),
+            Ok(_) => unreachable!("no warm point while following"),
         }
     }
 }

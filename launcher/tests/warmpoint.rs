@@ -13,8 +13,8 @@ use nix::sys::ptrace;
 use nix::unistd::Pid;
 use warmstart_launcher::trigger::{Filter, Trap, Trigger};
 use warmstart_launcher::warmpoint::{
-    self, notify_reply_restored, ExitStatus, NotifyChannel, NotifyParser, Ready, SdNotifySocket,
-    StopKind, Verdict, WarmPointError, WarmPointTracker, WarmStop, NOTIFY_FD,
+    self, notify_reply, ExitStatus, NotifyChannel, NotifyParser, Ready, SdNotifySocket, StopKind,
+    Verdict, WarmPointError, WarmPointTracker, WarmStop, NOTIFY_FD,
 };
 use warmstart_launcher::{spawn, Sandbox, SpawnOptions};
 
@@ -442,7 +442,7 @@ print(os.read(fd, 100).decode().strip())
     assert_eq!(app.regs(w.tid).rdi as i32, NOTIFY_FD);
     // What restore does: RESTORED=1 before the app resumes.
     let ch = app.tracker.notify_channel().unwrap();
-    notify_reply_restored(ch.launcher_fd()).unwrap();
+    notify_reply(ch.launcher_fd(), warmpoint::RESTORED_MSG).unwrap();
     let line_app = app.line_after_resume(w);
     assert_eq!(line_app, "RESTORED=1");
 }

@@ -31,9 +31,9 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest version this build reads.
-pub const MIN_FORMAT_VERSION: u32 = 4;
+pub const MIN_FORMAT_VERSION: u32 = 6;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -251,6 +251,7 @@ pub(crate) mod tests {
                     mode: 0o100600,
                     data: vec![1, 2, 3],
                 }],
+                zombie: None,
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -463,8 +464,9 @@ pub(crate) mod tests {
             any::<[u32; 4]>(),
             vec(any::<u32>(), 0..4),
             any::<[u64; 5]>(),
+            any::<u32>(),
         )
-            .prop_map(|(uid, gid, groups, c)| Creds {
+            .prop_map(|(uid, gid, groups, c, securebits)| Creds {
                 uid,
                 gid,
                 groups,
@@ -473,6 +475,7 @@ pub(crate) mod tests {
                 cap_effective: c[2],
                 cap_bounding: c[3],
                 cap_ambient: c[4],
+                securebits,
             })
     }
 
@@ -496,6 +499,7 @@ pub(crate) mod tests {
         prop_oneof![
             s().prop_map(|name| VmaKind::Anon { name }),
             file_identity().prop_map(|file| VmaKind::File { file }),
+            any::<u64>().prop_map(|id| VmaKind::Shmem { id }),
             Just(VmaKind::Vdso),
             Just(VmaKind::Vvar),
             Just(VmaKind::VvarVclock),
@@ -696,6 +700,7 @@ pub(crate) mod tests {
                 posix_timers: vec![],
                 seccomp_filters: vec![],
                 private_files: vec![],
+                zombie: (ids[0] % 3 == 0).then_some(ids[1]),
             },
         )
     }

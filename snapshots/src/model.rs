@@ -21,6 +21,8 @@ pub struct Manifest {
     pub trigger: String,
     pub host: HostFacts,
     /// Processes, parents before children. The first is the root of the tree.
+    /// `Fd::ofd` ids are unique across the whole tree: the same id in two processes is
+    /// one open file description they share (inherited over fork, or passed).
     pub processes: Vec<Process>,
     /// Pipes referenced by `FileDesc::Pipe`, with the bytes that were buffered in them.
     pub pipes: Vec<PipeObject>,
@@ -84,6 +86,10 @@ pub struct Process {
     /// Files of the instance-private directories (e.g. the JVM's hsperfdata) that the
     /// process maps or holds open: recreated in each instance's own copy of the directory.
     pub private_files: Vec<PrivateFile>,
+    /// `Some(raw wait status)` for a zombie (a child that exited and was not reaped yet,
+    /// `/proc/PID/stat` field 52): only its ids are meaningful. Restored as a child that
+    /// exits with this status, so its parent's `wait` gets the same answer.
+    pub zombie: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +132,8 @@ pub struct Creds {
     pub cap_effective: u64,
     pub cap_bounding: u64,
     pub cap_ambient: u64,
+    /// `prctl(PR_GET_SECUREBITS)` (e.g. `SECBIT_KEEP_CAPS`).
+    pub securebits: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +223,13 @@ pub enum VmaKind {
     Anon {
         name: String,
     },
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, shown as `/dev/zero
+    /// (deleted)`): one shmem object, identified by its inode at dump time, that every
+    /// process mapping it shares (`Vma::offset` is the offset into the object). Restored
+    /// as one object mapped in each of them.
+    Shmem {
+        id: u64,
+    },
     /// A mapping of a regular file.
     File {
         file: FileIdentity,
@@ -248,7 +263,8 @@ pub enum RunContent {
 pub struct Fd {
     pub fd: i32,
     pub cloexec: bool,
-    /// Fds of one process with the same `ofd` share one open file description (dup).
+    /// Fds with the same `ofd` share one open file description (a dup, or across
+    /// processes an fd inherited over fork): ids are unique in the whole manifest.
     pub ofd: u32,
     pub file: FileDesc,
 }

@@ -75,6 +75,7 @@ mod kind {
     pub const MANIFEST: u8 = 0x03;
     pub const PAGES: u8 = 0x04;
     pub const WORKING_SET: u8 = 0x05;
+    pub const SAVE_WORKING_SET: u8 = 0x06;
     pub const BEGIN: u8 = 0x10;
     pub const ADD_PAGES: u8 = 0x11;
     pub const COMMIT: u8 = 0x12;
@@ -121,6 +122,11 @@ pub enum Request {
     },
     WorkingSet {
         id: SnapshotId,
+    },
+    /// Store the working set a lazy run learned (answered with `Ready`).
+    SaveWorkingSet {
+        id: SnapshotId,
+        pages: Vec<u64>,
     },
     Begin,
     AddPages {
@@ -214,6 +220,14 @@ impl<'a> Rd<'a> {
     fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
+    /// A `u64` count, then that many `u64`s.
+    fn u64s(&mut self, what: &'static str) -> Result<Vec<u64>, ProtoError> {
+        let n = self.u64(what)?;
+        if n > (self.0.len() / 8) as u64 {
+            return Err(ProtoError::Truncated(what));
+        }
+        (0..n).map(|_| self.u64(what)).collect()
+    }
     fn id(&mut self) -> Result<SnapshotId, ProtoError> {
         Ok(SnapshotId(
             self.take(32, "snapshot id")?.try_into().unwrap(),
@@ -259,6 +273,15 @@ impl Request {
                 .u64(*first)
                 .u64(*count),
             Request::WorkingSet { id } => Frame::new(kind::WORKING_SET, 32).bytes(&id.0),
+            Request::SaveWorkingSet { id, pages } => {
+                let mut f = Frame::new(kind::SAVE_WORKING_SET, 40 + pages.len() * 8)
+                    .bytes(&id.0)
+                    .u64(pages.len() as u64);
+                for &p in pages {
+                    f = f.u64(p);
+                }
+                f
+            }
             Request::Begin => Frame::new(kind::BEGIN, 0),
             Request::AddPages {
                 first_page,
@@ -300,6 +323,11 @@ impl Request {
                 count: r.u64("page count")?,
             },
             kind::WORKING_SET => Request::WorkingSet { id: r.id()? },
+            kind::SAVE_WORKING_SET => {
+                let id = r.id()?;
+                let pages = r.u64s("working set")?;
+                Request::SaveWorkingSet { id, pages }
+            }
             kind::BEGIN => Request::Begin,
             kind::ADD_PAGES => Request::AddPages {
                 first_page: r.u64("first page")?,
@@ -383,17 +411,7 @@ impl Response {
             kind::R_BLOCKS => Response::Blocks(r.rest().to_vec()),
             kind::R_WORKING_SET => match r.u8("working set flag")? {
                 0 => Response::WorkingSet(None),
-                1 => {
-                    let n = r.u64("working set length")?;
-                    if n > (r.0.len() / 8) as u64 {
-                        return Err(ProtoError::Truncated("working set"));
-                    }
-                    let mut ws = Vec::with_capacity(n as usize);
-                    for _ in 0..n {
-                        ws.push(r.u64("working set")?);
-                    }
-                    Response::WorkingSet(Some(ws))
-                }
+                1 => Response::WorkingSet(Some(r.u64s("working set")?)),
                 _ => return Err(ProtoError::Invalid("working set flag")),
             },
             kind::R_READY => Response::Ready,
@@ -726,6 +744,17 @@ impl Client {
         match self.call(&Request::WorkingSet { id: *id })? {
             Response::WorkingSet(ws) => Ok(ws),
             other => Err(unexpected(&self.addr, "WorkingSet", &other)),
+        }
+    }
+
+    /// Stores a learned working set beside the snapshot in the server's store.
+    pub fn save_working_set(&self, id: &SnapshotId, pages: &[u64]) -> Result<(), StoreError> {
+        match self.call(&Request::SaveWorkingSet {
+            id: *id,
+            pages: pages.to_vec(),
+        })? {
+            Response::Ready => Ok(()),
+            other => Err(unexpected(&self.addr, "SaveWorkingSet", &other)),
         }
     }
 }

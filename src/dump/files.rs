@@ -2,4 +2,6 @@
 //! kind. Kept so that `dump::files::identity` and `dump::StdioPolicy` stay where callers
 //! find them.
 
-pub use crate::fds::{collect, identity, CollectOptions, Collected, StdioPolicy};
+pub use crate::fds::{
+    collect, collect_in_tree, identity, CollectOptions, Collected, StdioPolicy, TreeFiles,
+};

@@ -123,6 +123,10 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                 // Auto-attached by our own PTRACE_O_TRACECLONE: already ours.
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(tid) => {}
+                // A thread that is exiting gives EPERM, not ESRCH: gone all the same.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && thread_gone(pid, tid) => {
+                    continue
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => bail!(
                     "cannot trace process {pid} ({comm}) thread {tid}: permission denied \
                      (is it already traced, e.g. by a debugger, or a kernel thread? \
@@ -175,6 +179,17 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
     }
 }
 
+/// Whether thread `tid` of `pid` has exited (dead, or already released).
+fn thread_gone(pid: i32, tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|s| s == "Z" || s == "X"),
+    }
+}
+
 /// TracerPid names the tracing *thread*: ours is the calling one.
 fn traced_by_us(tid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
@@ -183,4 +198,103 @@ fn traced_by_us(tid: i32) -> bool {
         .find_map(|l| l.strip_prefix("TracerPid:"))
         .and_then(|v| v.trim().parse::<u32>().ok())
         == Some(unsafe { libc::gettid() } as u32)
+}
+
+/// A frozen process tree: every live process held as a [`Frozen`], zombies noted.
+#[derive(Debug, Default)]
+pub struct Tree {
+    /// Pids (as seen from here), parents before children; the first is the root.
+    pub order: Vec<i32>,
+    pub frozen: BTreeMap<i32, Frozen>,
+    /// Zombie children: nothing to freeze, only their ids and exit status.
+    pub zombies: BTreeSet<i32>,
+}
+
+impl Tree {
+    /// Every thread of every process, for releasing or killing.
+    pub fn processes(&self) -> impl Iterator<Item = &Frozen> {
+        self.order.iter().filter_map(|p| self.frozen.get(p))
+    }
+}
+
+/// The children of every thread of `pid` (`/proc/PID/task/TID/children`).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for tid in tasks(pid).unwrap_or_default() {
+        let text =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether `pid` is a zombie (state `Z` in `/proc/PID/stat`).
+pub fn is_zombie(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .is_some_and(|s| s == "Z")
+}
+
+/// Freezes the tree rooted at `root` (`first`: what the caller already holds of it):
+/// every thread of every descendant, walking `/proc/PID/task/*/children` again after
+/// each round until a round finds nothing new (a process not yet frozen may fork).
+/// On failure everything frozen so far stays in `tree` for the caller to release.
+pub fn freeze_tree(root: i32, first: Frozen, tree: &mut Tree) -> Result<()> {
+    tree.order = vec![root];
+    tree.frozen.insert(root, first);
+    freeze(root, tree.frozen.get_mut(&root).expect("just inserted"))?;
+    loop {
+        let mut changed = false;
+        let mut i = 0;
+        while i < tree.order.len() {
+            let pid = tree.order[i];
+            i += 1;
+            if tree.zombies.contains(&pid) {
+                continue;
+            }
+            if let Some(f) = tree.frozen.get_mut(&pid) {
+                let before = f.threads.len();
+                freeze(pid, f)?;
+                changed |= f.threads.len() != before;
+            }
+            for child in children(pid) {
+                if tree.order.contains(&child) {
+                    continue;
+                }
+                changed = true;
+                tree.order.push(child);
+                if is_zombie(child) {
+                    tree.zombies.insert(child);
+                    continue;
+                }
+                let mut f = Frozen::default();
+                let r = freeze(child, &mut f);
+                tree.frozen.insert(child, f);
+                if let Err(e) = r {
+                    if is_zombie(child) {
+                        // It exited while we froze it: dumped as the zombie it is now.
+                        tree.frozen.remove(&child);
+                        tree.zombies.insert(child);
+                        continue;
+                    }
+                    if !std::path::Path::new(&format!("/proc/{child}")).exists() {
+                        // Exited and reaped meanwhile: no longer part of the tree.
+                        tree.frozen.remove(&child);
+                        tree.order.retain(|&p| p != child);
+                        continue;
+                    }
+                    return Err(e.context(format!("freezing child process {child} of {pid}")));
+                }
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+    }
 }

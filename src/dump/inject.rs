@@ -24,6 +24,7 @@ pub struct Inside {
     pub tid_address: u64,
     pub brk: u64,
     pub dumpable: i32,
+    pub securebits: u32,
     pub itimers: [Itimer; 3],
     /// (interval, value) in ns of each POSIX timer asked for, in order.
     pub posix_timers: Vec<(u64, u64)>,
@@ -106,6 +107,25 @@ pub fn collect_inside(
     maps: &[MapEntry],
     timer_ids: &[i32],
 ) -> Result<Inside> {
+    // A signal pending for the thread (a child's SIGCHLD, say) would be delivered as
+    // soon as it runs our syscalls: block them all meanwhile, so they stay pending.
+    let mask = ptrace::get_sigmask(tid).context("PTRACE_GETSIGMASK")?;
+    ptrace::set_sigmask(tid, !0).context("PTRACE_SETSIGMASK")?;
+    let res = collect_masked(pid, tid, raw, kind, maps, timer_ids);
+    let restored = ptrace::set_sigmask(tid, mask).context("restoring the target's signal mask");
+    let inside = res?;
+    restored?;
+    Ok(inside)
+}
+
+fn collect_masked(
+    pid: i32,
+    tid: i32,
+    raw: &Regs,
+    kind: StopKind,
+    maps: &[MapEntry],
+    timer_ids: &[i32],
+) -> Result<Inside> {
     let insn = vdso_syscall(pid, maps)?;
     let mut b = ProgramBuilder::new();
     let sigactions = b.data_zeroed(64 * 32);
@@ -138,6 +158,11 @@ pub fn collect_inside(
         libc::SYS_prctl,
         &[Arg::Imm(libc::PR_GET_DUMPABLE as u64)],
         "prctl(PR_GET_DUMPABLE)",
+    );
+    let securebits = b.syscall_saved(
+        libc::SYS_prctl,
+        &[Arg::Imm(libc::PR_GET_SECUREBITS as u64)],
+        "prctl(PR_GET_SECUREBITS)",
     );
     let itimers = b.data_zeroed(3 * 32);
     for which in 0..3u64 {
@@ -223,6 +248,7 @@ pub fn collect_inside(
             tid_address: word(&tid_addr, 0),
             brk: blob.read_slot(&slots, brk).unwrap_or(0),
             dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
+            securebits: blob.read_slot(&slots, securebits).unwrap_or(0) as u32,
             itimers: [0, 1, 2].map(|w| Itimer {
                 interval_us: usec(&it[w * 32..], 0),
                 value_us: usec(&it[w * 32..], 2),

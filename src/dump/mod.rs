@@ -19,7 +19,7 @@ pub mod vmas;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{HostFacts, Manifest, PosixTimer, Process, SigInfo};
+use warmstart_snapshots::model::{Creds, HostFacts, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
 use warmstart_snapshots::{PageWriter, RemoteWriter};
 
@@ -31,6 +31,9 @@ use crate::sys::ptrace;
 
 pub struct DumpOptions {
     pub leave_running: bool,
+    /// With `leave_running`: resume the threads but stay their tracer (the caller goes on
+    /// tracing, e.g. `record`, whose seccomp trap needs a tracer).
+    pub keep_traced: bool,
     /// After the dump, leave the process stopped (SIGSTOP) rather than running or killed.
     pub leave_stopped: bool,
     pub stdio: StdioPolicy,
@@ -58,9 +61,10 @@ pub enum Destination<'a> {
     PageServer(&'a str),
 }
 
-/// Dumps process `pid` (seizing it unless `frozen` says the caller already holds it).
-/// On success the target is killed unless `leave_running`; on failure it is released
-/// untouched (running as before), whatever the options.
+/// Dumps process `pid` and all its descendants (seizing them, except what `frozen` says
+/// the caller already holds of `pid`). On success the tree is killed unless
+/// `leave_running`/`leave_stopped`; on failure it is released untouched (running as
+/// before), whatever the options.
 pub fn dump(
     pid: i32,
     frozen: Option<Frozen>,
@@ -78,28 +82,40 @@ pub fn dump_to(
     opts: &DumpOptions,
 ) -> Result<DumpResult> {
     process::check_target(pid)?;
-    let mut frozen = frozen.unwrap_or_default();
+    let mut tree = freeze::Tree::default();
     let mut phases = Phases::default();
     let t = Instant::now();
-    let res = freeze::freeze(pid, &mut frozen).and_then(|()| {
+    let res = freeze::freeze_tree(pid, frozen.unwrap_or_default(), &mut tree).and_then(|()| {
         phases.add("freeze", t.elapsed());
-        collect_and_store(pid, &frozen, dest, opts, &mut phases)
+        collect_and_store(&tree, dest, opts, &mut phases)
     });
     match res {
         Ok((id, manifest)) => {
             if opts.leave_stopped {
-                release(&frozen);
-                unsafe { libc::kill(pid, libc::SIGSTOP) };
-            } else if opts.leave_running {
-                release(&frozen);
-            } else {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                // Collect the exits of our traced threads so the kill is complete before
-                // we return; the leader's exit is reported only after all the others'.
-                for tid in frozen.tids().into_iter().filter(|&t| t != pid) {
-                    let _ = ptrace::wait(tid);
+                for f in tree.processes() {
+                    release(f);
+                    unsafe { libc::kill(f.pid, libc::SIGSTOP) };
                 }
-                let _ = ptrace::wait(pid);
+            } else if opts.leave_running && opts.keep_traced {
+                for f in tree.processes() {
+                    resume(f, ptrace::cont);
+                }
+            } else if opts.leave_running {
+                for f in tree.processes() {
+                    release(f);
+                }
+            } else {
+                for f in tree.processes() {
+                    unsafe { libc::kill(f.pid, libc::SIGKILL) };
+                }
+                // Collect the exits of our traced threads so the kill is complete before
+                // we return; a leader's exit is reported only after all the others'.
+                for f in tree.processes() {
+                    for tid in f.tids().into_iter().filter(|&t| t != f.pid) {
+                        let _ = ptrace::wait(tid);
+                    }
+                    let _ = ptrace::wait(f.pid);
+                }
             }
             Ok(DumpResult {
                 id,
@@ -108,7 +124,9 @@ pub fn dump_to(
             })
         }
         Err(e) => {
-            release(&frozen);
+            for f in tree.processes() {
+                release(f);
+            }
             Err(e)
         }
     }
@@ -116,13 +134,19 @@ pub fn dump_to(
 
 /// Detaches from every thread, re-delivering signals that freezing dequeued.
 pub fn release(frozen: &Frozen) {
+    resume(frozen, ptrace::detach)
+}
+
+/// Lets every thread go on (`detach` or `cont`), re-delivering signals that freezing
+/// dequeued.
+fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     for t in frozen.threads.values() {
         let sig = t
             .caught
             .first()
             .map(|s| i32::from_ne_bytes(s[0..4].try_into().unwrap()))
             .unwrap_or(0);
-        let _ = ptrace::detach(t.tid, sig);
+        let _ = go(t.tid, sig);
         for s in t.caught.iter().skip(1) {
             let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
             unsafe { libc::syscall(libc::SYS_tgkill, frozen.pid, t.tid, sig) };
@@ -130,24 +154,91 @@ pub fn release(frozen: &Frozen) {
     }
 }
 
+/// Time spent per phase, summed over the processes of a tree.
+#[derive(Default)]
+struct PhaseTimes {
+    collect: std::time::Duration,
+    parasite: std::time::Duration,
+    memory: std::time::Duration,
+}
+
 fn collect_and_store(
-    pid: i32,
-    frozen: &Frozen,
+    tree: &freeze::Tree,
     dest: Destination<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
 ) -> Result<(SnapshotId, Manifest)> {
-    let t = Instant::now();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let info = process::collect(pid)?;
-    if !children.trim().is_empty() {
-        bail!(
-            "process {pid} ({}) has child processes ({}): dumping process trees is not supported yet",
-            info.comm,
-            children.trim()
-        );
+    let root = tree.order[0];
+    let mut writer = match dest {
+        Destination::Store(store) => PageWriter::Local(store.writer()?),
+        Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
+    };
+    let mut files = files::TreeFiles::default();
+    let mut times = PhaseTimes::default();
+    let mut processes = Vec::with_capacity(tree.order.len());
+    let mut file_locks = Vec::new();
+    let mut xsave_size = 0;
+    let depth = process::pid_ns_depth(root);
+    for &pid in &tree.order {
+        if process::pid_ns_depth(pid) != depth {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            bail!(
+                "process {pid} ({}) lives in a pid namespace of its own, nested in its \
+                 parent's: nested namespaces inside the app are not supported yet",
+                comm.trim()
+            );
+        }
+        let Some(frozen) = tree.frozen.get(&pid) else {
+            processes.push(process::zombie(pid)?);
+            continue;
+        };
+        let (p, locks) = collect_process(pid, frozen, opts, &mut files, &mut writer, &mut times)?;
+        if xsave_size == 0 {
+            xsave_size = p.threads[0].xsave.len() as u32;
+        }
+        file_locks.extend(locks);
+        processes.push(p);
     }
+    let root_comm = processes[0].comm.clone();
+    let (pipes, unix_pairs) = files.finish(root, &root_comm)?;
+    phases.add("collect", times.collect);
+    phases.add("parasite", times.parasite);
+    phases.add("memory", times.memory);
+    let manifest = Manifest {
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        command: opts.command.clone(),
+        trigger: opts.trigger.clone(),
+        host: host_facts(xsave_size)?,
+        processes,
+        pipes,
+        unix_pairs,
+        file_locks,
+        page_count: 0,
+        pages_hash: [0; 32],
+    };
+    // Refuse now, while the tree is still there to run, what a restore could not rebuild.
+    crate::restore::checks::tree(&manifest)?;
+    let t = Instant::now();
+    let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
+    phases.add("commit", t.elapsed());
+    Ok((id, manifest))
+}
+
+/// Everything of one frozen process; its memory goes to `writer`, shared objects to
+/// `files`.
+fn collect_process(
+    pid: i32,
+    frozen: &Frozen,
+    opts: &DumpOptions,
+    files: &mut files::TreeFiles,
+    writer: &mut PageWriter<'_>,
+    times: &mut PhaseTimes,
+) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
+    let t = Instant::now();
+    let info = process::collect(pid)?;
     if !frozen.threads.contains_key(&pid) {
         bail!(
             "process {pid} ({}): its main thread has exited while other threads run; \
@@ -166,20 +257,21 @@ fn collect_and_store(
         threads.push(th);
         raw_regs.push((ft.tid, raw, ft.kind));
     }
-    let files = files::collect(
+    let (fds, file_locks) = files::collect_in_tree(
         pid,
         &info.comm,
         &files::CollectOptions {
             stdio: opts.stdio.clone(),
             tcp_close: opts.tcp_close,
         },
+        files,
     )?;
     let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let proc_timers = timers::read(pid)?;
     let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
     let seccomp_filters = seccomp::filters(pid, info.seccomp_mode, opts.own_seccomp_filters)
         .with_context(|| format!("process {pid} ({})", info.comm))?;
-    phases.add("collect", t.elapsed());
+    times.collect += t.elapsed();
 
     // Per-thread state only the thread can read about itself; the process-wide part
     // (handlers, brk, dumpable) is taken from the leader's run.
@@ -200,21 +292,16 @@ fn collect_and_store(
     }
     let inside = leader.expect("the leader thread is always present");
     let main_tid = pid;
-    phases.add("parasite", t.elapsed());
+    times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let mut writer = match dest {
-        Destination::Store(store) => PageWriter::Local(store.writer()?),
-        Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
-    };
-    let vmas = vmas::collect(pid, &info.comm, &smaps, &mut writer)?;
-    phases.add("memory", t.elapsed());
+    let vmas = vmas::collect(pid, &info.comm, &smaps, writer)?;
+    times.memory += t.elapsed();
 
-    let xsave_size = threads[0].xsave.len() as u32;
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
     let mut mm = info.mm;
     mm.brk = inside.brk;
-    let private_files = private_files(pid, &vmas, &files.fds)?;
+    let private_files = private_files(pid, &vmas, &fds)?;
     let process = Process {
         pid: info.pid_in_ns,
         ppid: info.ppid,
@@ -222,7 +309,10 @@ fn collect_and_store(
         sid: info.sid,
         comm: info.comm,
         exe: info.exe,
-        creds: info.creds,
+        creds: Creds {
+            securebits: inside.securebits,
+            ..info.creds
+        },
         rlimits: info.rlimits,
         cwd: info.cwd,
         root: info.root,
@@ -233,7 +323,7 @@ fn collect_and_store(
         mm,
         auxv: info.auxv,
         vmas,
-        fds: files.fds,
+        fds,
         sigactions: inside.sigactions,
         shared_pending: ptrace::peek_siginfo(main_tid, true)?
             .into_iter()
@@ -262,26 +352,9 @@ fn collect_and_store(
             .collect(),
         seccomp_filters,
         private_files,
+        zombie: None,
     };
-    let manifest = Manifest {
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        command: opts.command.clone(),
-        trigger: opts.trigger.clone(),
-        host: host_facts(xsave_size)?,
-        processes: vec![process],
-        pipes: files.pipes,
-        unix_pairs: files.unix_pairs,
-        file_locks: files.file_locks,
-        page_count: 0,
-        pages_hash: [0; 32],
-    };
-    let t = Instant::now();
-    let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
-    phases.add("commit", t.elapsed());
-    Ok((id, manifest))
+    Ok((process, file_locks))
 }
 
 /// Host facts of the machine we run on; restore compares them with the snapshot's.

@@ -77,6 +77,7 @@ impl Stat {
         Ok(Stat {
             comm: stat[stat.find('(').unwrap_or(0) + 1..close].to_owned(),
             fields: stat[close + 2..]
+                .trim_end()
                 .split(' ')
                 .map(|v| v.parse().unwrap_or(0))
                 .collect(),
@@ -102,6 +103,34 @@ pub fn check_target(pid: i32) -> Result<()> {
     Ok(())
 }
 
+/// `/proc/PID/limits`: a header, then one row per resource in `RLIMIT_*` order, printed
+/// with `"%-25s %-20s %-20s"` (name, soft, hard; `unlimited` for `RLIM_INFINITY`).
+fn parse_limits(text: &str) -> Result<Vec<Rlimit>> {
+    let value = |row: &str, range: std::ops::Range<usize>| -> Result<u64> {
+        let v = row.get(range).unwrap_or("").trim();
+        match v {
+            "unlimited" => Ok(libc::RLIM_INFINITY),
+            v => v
+                .parse()
+                .with_context(|| format!("bad value {v:?} in row {row:?}")),
+        }
+    };
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    if rows.len() < RLIMIT_COUNT as usize {
+        bail!("{} rows, expected {RLIMIT_COUNT}", rows.len());
+    }
+    (0..RLIMIT_COUNT)
+        .map(|resource| {
+            let row = rows[resource as usize];
+            Ok(Rlimit {
+                resource,
+                cur: value(row, 26..47)?,
+                max: value(row, 47..68)?,
+            })
+        })
+        .collect()
+}
+
 pub fn collect(pid: i32) -> Result<ProcInfo> {
     let ctx = |what: &str| format!("reading {what} of process {pid}");
     let status =
@@ -120,21 +149,11 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
-    let mut rlimits = Vec::new();
-    for resource in 0..RLIMIT_COUNT {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) } < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| ctx("rlimits"));
-        }
-        rlimits.push(Rlimit {
-            resource,
-            cur: old.rlim_cur,
-            max: old.rlim_max,
-        });
-    }
+    // Not prlimit(): reading another user's limits needs CAP_SYS_RESOURCE.
+    let rlimits = parse_limits(
+        &std::fs::read_to_string(format!("/proc/{pid}/limits")).with_context(|| ctx("limits"))?,
+    )
+    .with_context(|| ctx("limits"))?;
     Ok(ProcInfo {
         pid_in_ns: ns("NSpid", pid as u64),
         ppid: ppid_in_ns(field(4) as i32, status_field(&status, "NSpid")),
@@ -151,6 +170,8 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
             cap_effective: hex(status_field(&status, "CapEff")),
             cap_bounding: hex(status_field(&status, "CapBnd")),
             cap_ambient: hex(status_field(&status, "CapAmb")),
+            // Only the process can read it: filled in from the parasite's run.
+            securebits: 0,
         },
         rlimits,
         cwd: std::fs::read_link(format!("/proc/{pid}/cwd"))
@@ -189,6 +210,34 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
     })
 }
 
+/// How many pid namespaces `pid` is seen in (the number of `NSpid` columns).
+pub fn pid_ns_depth(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, "NSpid")
+        .map(|v| v.split_whitespace().count())
+        .unwrap_or(1)
+}
+
+/// The ids and exit status of a zombie (an exited child its parent has not reaped):
+/// all that is left of it, and all a restore needs to recreate it.
+pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading status of zombie process {pid}"))?;
+    let st = Stat::read(pid)?;
+    let ns =
+        |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
+    Ok(warmstart_snapshots::model::Process {
+        pid: ns("NSpid", pid as u64),
+        ppid: ppid_in_ns(st.field(4) as i32, status_field(&status, "NSpid")),
+        pgid: ns("NSpgid", st.field(5)),
+        sid: ns("NSsid", st.field(6)),
+        comm: st.comm.clone(),
+        // proc(5) field 52, `exit_code`: the status its parent's wait() will report.
+        zombie: Some(st.field(52) as i32),
+        ..Default::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +251,19 @@ mod tests {
         assert!(me.exe.path.starts_with('/'));
         assert_eq!(me.auxv.len() % 2, 0);
         assert_eq!(me.cwd, std::env::current_dir().unwrap().to_string_lossy());
+    }
+
+    #[test]
+    fn limits_match_getrlimit() {
+        let me = collect(std::process::id() as i32).unwrap();
+        for r in &me.rlimits {
+            let mut want = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            assert_eq!(unsafe { libc::getrlimit64(r.resource as _, &mut want) }, 0);
+            assert_eq!((r.cur, r.max), (want.rlim_cur, want.rlim_max), "{r:?}");
+        }
+        assert!(parse_limits("Limit\nMax cpu time  x\n").is_err());
     }
 }

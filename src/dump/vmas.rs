@@ -30,6 +30,8 @@ fn kind_of(pid: i32, comm: &str, m: &MapEntry) -> Result<VmaKind> {
         _ if m.has_flag("io") || m.has_flag("pf") => {
             return Err(refuse("a device (I/O or PFN) mapping"))
         }
+        // Shared anonymous memory is a file of the kernel's internal shmem mount.
+        "/dev/zero (deleted)" if m.shared && m.inode != 0 => VmaKind::Shmem { id: m.inode },
         n if m.inode != 0 && n.starts_with('/') => {
             if n.ends_with(" (deleted)") {
                 return Err(refuse("a mapping of a deleted or anonymous file (memfd, shared anonymous memory, SysV shm)"));
@@ -54,6 +56,41 @@ fn kind_of(pid: i32, comm: &str, m: &MapEntry) -> Result<VmaKind> {
         }
         _ => return Err(refuse("an unknown kind of mapping")),
     })
+}
+
+/// The contents of a shared anonymous mapping, read from the shmem object itself
+/// (`/proc/PID/map_files`): pages another process wrote are there even where this one
+/// never touched them, and reading a hole allocates nothing.
+fn shmem_pages(
+    pid: i32,
+    vma: &mut Vma,
+    writer: &mut PageWriter<'_>,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", vma.start, vma.end);
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    let pages = vma.page_count();
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(CHUNK / PAGE_SIZE as u64);
+        buf.clear();
+        buf.resize(n as usize * PAGE_SIZE, 0);
+        let at = vma.offset + done * PAGE_SIZE as u64;
+        let mut got = 0;
+        while got < buf.len() {
+            let k = f
+                .read_at(&mut buf[got..], at + got as u64)
+                .with_context(|| format!("reading shared anonymous memory {path}"))?;
+            if k == 0 {
+                break; // past the object's end: reads as zero (and would fault)
+            }
+            got += k;
+        }
+        writer.add_pages(done, buf, &mut vma.pages)?;
+        done += n;
+    }
+    Ok(())
 }
 
 fn meta_ino(meta: &std::fs::Metadata) -> u64 {
@@ -95,6 +132,11 @@ pub fn collect(
         };
         let file_backed = match &vma.kind {
             VmaKind::Anon { .. } => false,
+            VmaKind::Shmem { .. } => {
+                shmem_pages(pid, &mut vma, writer, &mut buf)?;
+                out.push(vma);
+                continue;
+            }
             VmaKind::File { .. } if !vma.shared => true,
             // Shared file mappings live in the file; the vdso family is the kernel's.
             _ => {

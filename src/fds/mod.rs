@@ -21,8 +21,13 @@
 //! name: "process 2 (java): fd 7 is an anonymous inode of type io_uring, which warmstart
 //! cannot checkpoint yet".
 //!
+//! Dump of a tree ([`collect_in_tree`]) numbers open file descriptions across all its
+//! processes: an fd inherited over fork has its parent's `ofd` id (`kcmp` across pids).
+//!
 //! Restore ([`install`]) runs in the restoring child: every open file description is
-//! created once, above the app's highest fd, then `dup3`'d to each number sharing it.
+//! created once, above the app's highest fd, then `dup3`'d to each number sharing it;
+//! one that several processes share was created once by the root before it forked
+//! ([`prepare_shared`]) and is inherited.
 //! Epolls come last (their targets must exist at their final numbers; an epoll inside an
 //! epoll after the inner one), then locks (closing any fd of a file drops the process's
 //! POSIX locks on it, so they are taken once the temporary fds are gone).
@@ -46,7 +51,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{
     Fd, FileDesc, FileIdentity, FileLock, Manifest, PipeObject, Process, UnixPairObject,
 };
@@ -59,9 +64,11 @@ pub enum StdioPolicy {
     /// `record`: these (dev, ino) pairs are the pipes warmstart gave the app as fd 0, 1,
     /// 2, and, with `--ready notify`, the app's end of the notify channel (external 3).
     Given(Vec<(u64, u64)>),
-    /// `dump -t`: fds 0-2 that are a terminal, pipe or socket are external (shell-job
-    /// style): they belong to whoever started the process, not to its state.
-    Detect,
+    /// `dump -t`: fds 0-2 that are a pipe or socket are external: they belong to whoever
+    /// started the process, not to its state. Terminals are refused unless `shell_job`
+    /// (a job of an interactive shell): then every fd on a terminal is external and the
+    /// restorer's terminal takes its place.
+    Detect { shell_job: bool },
 }
 
 /// What the fd collection may do beyond the default.
@@ -191,10 +198,64 @@ pub struct Shared {
     pub inet: inet::Collector,
 }
 
+/// What the fd collection of a whole tree has met so far: shared objects (pipes, socket
+/// pairs) and every open file description, so that an fd inherited over fork gets the
+/// same `ofd` id in parent and child.
+#[derive(Default)]
+pub struct TreeFiles {
+    shared: Shared,
+    /// Every fd seen: (pid, fd, ofd id, link). Only fds with the same link can share a
+    /// description, so kcmp is asked about those only.
+    fds: Vec<(i32, i32, u32, String)>,
+    /// The state read for each description, from its first fd.
+    seen: HashMap<u32, FileDesc>,
+}
+
+impl TreeFiles {
+    /// The shared objects of every process collected.
+    pub fn finish(self, pid: i32, comm: &str) -> Result<(Vec<PipeObject>, Vec<UnixPairObject>)> {
+        let mut pipes: Vec<PipeObject> = self.shared.pipes.into_values().collect();
+        pipes.sort_by_key(|p| p.id);
+        Ok((pipes, self.shared.unix.finish(pid, comm)?))
+    }
+
+    /// The id of the open file description of `pid`'s fd `fd`: the id of an fd seen
+    /// before that shares it (`kcmp(KCMP_FILE)`), else a new one.
+    fn ofd(&mut self, pid: i32, fd: i32, link: &str) -> u32 {
+        let found = self.fds.iter().find(|(p, f, _, l)| {
+            l == link && matches!(crate::sys::kcmp_files(pid, fd, *p, *f), Ok(true))
+        });
+        let id = match found {
+            Some(&(_, _, id, _)) => id,
+            None => self.fds.iter().map(|e| e.2 + 1).max().unwrap_or(0),
+        };
+        self.fds.push((pid, fd, id, link.to_owned()));
+        id
+    }
+}
+
+/// The fds of one process alone (a tree of one).
 pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected> {
+    let mut tree = TreeFiles::default();
+    let (fds, file_locks) = collect_in_tree(pid, comm, opts, &mut tree)?;
+    let (pipes, unix_pairs) = tree.finish(pid, comm)?;
+    Ok(Collected {
+        fds,
+        pipes,
+        unix_pairs,
+        file_locks,
+    })
+}
+
+/// The fds and locks of `pid`, one process of a tree; shared objects go into `tree`.
+pub fn collect_in_tree(
+    pid: i32,
+    comm: &str,
+    opts: &CollectOptions,
+    tree: &mut TreeFiles,
+) -> Result<(Vec<Fd>, Vec<FileLock>)> {
     let pidfd = pidfd::pidfd_open(pid, 0).with_context(|| format!("pidfd_open({pid})"))?;
     let mut fds = Vec::new();
-    let mut shared = Shared::default();
     let mut file_locks = Vec::new();
     let pid_in_ns = pid_in_own_ns(pid)?;
     let mut nums: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -202,10 +263,6 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     nums.sort_unstable();
-    // Open file descriptions seen so far: (dev, ino, pos, flags) is not enough to tell a
-    // dup from a second open, so ask the kernel with kcmp.
-    let mut ofds: Vec<(i32, u32)> = Vec::new();
-    let mut seen: HashMap<u32, FileDesc> = HashMap::new();
     for &fd in &nums {
         let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
             .with_context(|| format!("reading /proc/{pid}/fd/{fd}"))?;
@@ -215,17 +272,9 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             .with_context(|| format!("reading /proc/{pid}/fdinfo/{fd}"))?;
         let info = FdInfo::parse(text);
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
-        let ofd = match ofds
-            .iter()
-            .find(|(other, _)| matches!(crate::sys::kcmp_file(pid, fd, *other), Ok(true)))
-        {
-            Some(&(_, id)) => id,
-            None => {
-                let id = ofds.len() as u32;
-                ofds.push((fd, id));
-                id
-            }
-        };
+        // (dev, ino, pos, flags) is not enough to tell a dup (or an fd inherited over
+        // fork) from a second open: ask the kernel with kcmp.
+        let ofd = tree.ofd(pid, fd, &link);
         let t = Target {
             pid,
             comm,
@@ -238,11 +287,11 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             all_fds: &nums,
         };
         // A dup shares the state read for its first fd.
-        let file = match seen.get(&ofd) {
+        let file = match tree.seen.get(&ofd) {
             Some(file) => file.clone(),
-            None => classify(&t, &mut shared)?,
+            None => classify(&t, &mut tree.shared)?,
         };
-        seen.entry(ofd).or_insert_with(|| file.clone());
+        tree.seen.entry(ofd).or_insert_with(|| file.clone());
         if !matches!(file, FileDesc::External { .. }) {
             file_locks.extend(locks::dump(&t, pid_in_ns)?);
         }
@@ -253,14 +302,7 @@ pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected>
             file,
         });
     }
-    let mut pipes: Vec<PipeObject> = shared.pipes.into_values().collect();
-    pipes.sort_by_key(|p| p.id);
-    Ok(Collected {
-        fds,
-        pipes,
-        unix_pairs: shared.unix.finish(pid, comm)?,
-        file_locks,
-    })
+    Ok((fds, file_locks))
 }
 
 /// The pid of `pid` in its own (innermost) pid namespace: the last `NSpid:` field.
@@ -296,6 +338,27 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
         )));
     };
     let ft = meta.mode() & libc::S_IFMT;
+    if let StdioPolicy::Detect { shell_job } = t.opts.stdio {
+        if is_terminal(meta) {
+            if !shell_job {
+                bail!(
+                    "process {} ({}): fd {} is the terminal {}: a job of an interactive shell is \
+                     dumped with --shell-job (its terminal is then replaced by the restorer's)",
+                    t.pid,
+                    t.comm,
+                    t.fd,
+                    t.link
+                );
+            }
+            // Another fd on the job's terminal becomes the restorer's stdin.
+            let stdio = if (0..3).contains(&t.fd) {
+                t.fd as u8
+            } else {
+                0
+            };
+            return Ok(FileDesc::External { stdio });
+        }
+    }
     if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft) {
         return Ok(FileDesc::External { stdio });
     }
@@ -323,13 +386,21 @@ fn socket(t: &Target, meta: &std::fs::Metadata, shared: &mut Shared) -> Result<F
     }
 }
 
+/// A terminal: a pty slave, a virtual console or serial tty, or `/dev/tty` (the
+/// controlling terminal). Pty masters (`/dev/ptmx`) are not: they are refused as devices.
+fn is_terminal(meta: &std::fs::Metadata) -> bool {
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    meta.mode() & libc::S_IFMT == libc::S_IFCHR
+        && ((136..=143).contains(&major) || major == 4 || (major == 5 && minor == 0))
+}
+
 fn external_stdio(policy: &StdioPolicy, fd: i32, meta: &std::fs::Metadata, ft: u32) -> Option<u8> {
     match policy {
         StdioPolicy::Given(given) => given
             .iter()
             .position(|&(dev, ino)| dev == meta.dev() && ino == meta.ino())
             .map(|i| i as u8),
-        StdioPolicy::Detect => {
+        StdioPolicy::Detect { .. } => {
             let stdio_like = matches!(ft, libc::S_IFIFO | libc::S_IFSOCK)
                 || (ft == libc::S_IFCHR && !regular::is_stateless_device(meta));
             ((0..3).contains(&fd) && stdio_like).then_some(fd as u8)
@@ -430,19 +501,165 @@ impl Installer<'_> {
     }
 }
 
-/// Builds the app's fd table: each open file description once, then dup'ed to every
-/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
-/// the notify channel's app end when the snapshot has one.
-pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Result<()> {
+/// What a restored process inherits from the root of its tree (created there before
+/// any fork): the open file descriptions, pipes and socket pairs that more than one
+/// process holds, and every shared anonymous memory object. Created once, they are
+/// shared exactly as at dump: a file offset moves for all, a pipe's bytes are there once.
+#[derive(Debug, Default, Clone)]
+pub struct Inherited {
+    pub ofds: HashMap<u32, RawFd>,
+    pub pipes: HashMap<u64, (RawFd, RawFd)>,
+    pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
+    /// Shared anonymous memory objects (`VmaKind::Shmem` ids), mapped by the restorer.
+    pub shmem: HashMap<u64, RawFd>,
+    /// Every fd above except the shmem ones, closed once the fd table is built.
+    pub fds: Vec<RawFd>,
+}
+
+/// Whether an fd of this kind is created once for all the processes sharing it. The
+/// caller's stdio is inherited anyway; an epoll's targets are fds of one process, so
+/// each process gets its own (an epoll shared across processes is not shared again).
+fn shareable(f: &FileDesc) -> bool {
+    !matches!(f, FileDesc::External { .. } | FileDesc::Epoll { .. })
+}
+
+/// In the root of the tree, before it forks: creates what [`Inherited`] lists.
+pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inherited> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let live: Vec<&Process> = m.processes.iter().filter(|p| p.zombie.is_none()).collect();
+    let Some(&root) = live.first() else {
+        return Ok(Inherited::default());
+    };
     let mut ins = Installer {
         m,
-        p,
+        p: root,
         high,
         temps: Vec::new(),
         pipes: HashMap::new(),
         unix_pairs: HashMap::new(),
     };
-    let mut ofds: HashMap<u32, RawFd> = HashMap::new();
+    let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
+    let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
+    let mut pairs: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
+    for p in &live {
+        for f in &p.fds {
+            ofds.entry(f.ofd)
+                .or_insert((BTreeSet::new(), f))
+                .0
+                .insert(p.pid);
+            match &f.file {
+                FileDesc::Pipe { pipe, .. } => {
+                    pipes.entry(*pipe).or_default().insert(p.pid);
+                }
+                FileDesc::UnixPair { pair, .. } => {
+                    pairs.entry(*pair).or_default().insert(p.pid);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (&id, procs) in &pipes {
+        if procs.len() > 1 {
+            pipe::restore(&mut ins, id, false, 0)
+                .with_context(|| format!("restoring pipe {id} shared by processes {procs:?}"))?;
+        }
+    }
+    for (&id, procs) in &pairs {
+        if procs.len() > 1 {
+            unix::restore_pair(&mut ins, id, 0, 0).with_context(|| {
+                format!("restoring unix socket pair {id} shared by processes {procs:?}")
+            })?;
+        }
+    }
+    let mut shared = HashMap::new();
+    for (&id, (procs, f)) in &ofds {
+        if procs.len() > 1 && shareable(&f.file) {
+            let fd = create(&mut ins, f, stdio).with_context(|| {
+                format!(
+                    "restoring {} shared by processes {procs:?}",
+                    describe(&f.file)
+                )
+            })?;
+            shared.insert(id, fd);
+        }
+    }
+    let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
+    for p in &live {
+        for v in &p.vmas {
+            if let warmstart_snapshots::model::VmaKind::Shmem { id } = v.kind {
+                let end = sizes.entry(id).or_default();
+                *end = (*end).max(v.offset + v.len());
+            }
+        }
+    }
+    let mut shmem = HashMap::new();
+    for (&id, &size) in &sizes {
+        let fd = shmem_object(size)
+            .with_context(|| format!("creating shared anonymous memory {id} ({size} bytes)"))?;
+        shmem.insert(id, ins.keep_high(fd)?);
+    }
+    let shmem_fds: Vec<RawFd> = shmem.values().copied().collect();
+    Ok(Inherited {
+        ofds: shared,
+        pipes: ins.pipes,
+        unix_pairs: ins.unix_pairs,
+        shmem,
+        fds: ins
+            .temps
+            .into_iter()
+            .filter(|fd| !shmem_fds.contains(fd))
+            .collect(),
+    })
+}
+
+/// A new shared anonymous memory object of `size` bytes, as an fd: mapped
+/// `MAP_SHARED | MAP_ANONYMOUS` once, then opened through `/proc/self/map_files`, so each
+/// process that maps the fd shows the same `/dev/zero (deleted)` mapping as at dump
+/// (a memfd would show as `/memfd:...`).
+fn shmem_object(size: u64) -> Result<RawFd> {
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(errno_err("mmap(MAP_SHARED | MAP_ANONYMOUS)"));
+    }
+    let start = addr as u64;
+    let fd = open_path(
+        &format!("/proc/self/map_files/{:x}-{:x}", start, start + size),
+        libc::O_RDWR,
+        0,
+    );
+    unsafe { libc::munmap(addr, size as usize) };
+    fd
+}
+
+/// Builds the app's fd table: each open file description once, then dup'ed to every
+/// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
+/// the notify channel's app end when the snapshot has one; `inherited` what the root of
+/// the tree created for several processes ([`prepare_shared`]).
+pub fn install(
+    m: &Manifest,
+    p: &Process,
+    stdio: &[RawFd],
+    high: RawFd,
+    inherited: &Inherited,
+) -> Result<()> {
+    let mut ins = Installer {
+        m,
+        p,
+        high,
+        temps: Vec::new(),
+        pipes: inherited.pipes.clone(),
+        unix_pairs: inherited.unix_pairs.clone(),
+    };
+    let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
     for f in p.fds.iter().filter(|f| !is_epoll(f)) {
         let src = match ofds.get(&f.ofd) {
@@ -472,6 +689,9 @@ pub fn install(m: &Manifest, p: &Process, stdio: &[RawFd], high: RawFd) -> Resul
         place(src, f)?;
     }
     for fd in std::mem::take(&mut ins.temps) {
+        unsafe { libc::close(fd) };
+    }
+    for &fd in &inherited.fds {
         unsafe { libc::close(fd) };
     }
     locks::restore(m, p)

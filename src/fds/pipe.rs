@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{FileDesc, PipeObject};
@@ -19,7 +19,18 @@ pub fn dump(
     let ino = meta.ino();
     let flags = t.flags();
     if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(ino) {
-        let copy = t.copy()?;
+        // `tee` reads from a read end: for a write end (whose reader may be another
+        // process of the tree, or gone), open one of our own through /proc.
+        let copy = if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(format!("/proc/{}/fd/{}", t.pid, t.fd))
+                .map(OwnedFd::from)
+                .with_context(|| format!("opening a read end of {}", t.context()))?
+        } else {
+            t.copy()?
+        };
         let (capacity, data) = peek(&copy).with_context(|| t.context())?;
         slot.insert(PipeObject {
             id: ino,

@@ -3,6 +3,21 @@
 //! memory is still warmstart's (session, fds, cwd, limits), then maps the restorer
 //! program and jumps into it. It reports failures before the jump over the status
 //! pipe; after the jump the program's status word tells the monitor.
+//!
+//! A tree is rebuilt from its root, in this order:
+//!
+//! 1. the root creates every object more than one process holds (open file
+//!    descriptions, pipes, socket pairs, shared anonymous memory: [`crate::fds::Inherited`])
+//!    above the apps' fd numbers, so that forking hands them down: shared once, as they
+//!    were;
+//! 2. each process sets its own session (`setsid`) or makes its own group, then forks its
+//!    children at their pids (`clone3` `set_tid`), which do the same: a session leader
+//!    exists before its members are born into it;
+//! 3. every process waits until the whole tree exists (a barrier pipe), then joins the
+//!    group it was in (its leader may be a later sibling);
+//! 4. a zombie exits with its recorded status; a parent waits (without reaping) for its
+//!    zombies to be dead and drops the SIGCHLD their exits queued;
+//! 5. each process builds its fd table and the rest, reports, and jumps.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -31,6 +46,8 @@ pub struct BlobInfo {
 /// Message tags on the status pipe.
 pub const MSG_ERROR: u8 = b'E';
 pub const MSG_BLOB: u8 = b'B';
+/// A zombie's report: it is about to exit with its recorded status.
+pub const MSG_ZOMBIE: u8 = b'Z';
 
 fn errno_err(what: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{what}: {}", std::io::Error::last_os_error())
@@ -40,35 +57,60 @@ fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("path contains a NUL byte: {s:?}"))
 }
 
-/// Entry point of the child; returns only on failure (with the exit code to use).
-/// `lazy`: the ranges the restorer registers with a userfaultfd (empty: eager);
+/// The fds the monitor gives a restored tree: per process (manifest order) the write end
+/// of its status pipe and the read end of its gate (`-1` for the root, which the
+/// sandbox's own gate holds until it is seized).
+#[derive(Debug, Clone)]
+pub struct TreeChannels {
+    pub reports: Vec<RawFd>,
+    pub gates: Vec<RawFd>,
+}
+
+/// What every process of the tree inherits from the root, all above `high`.
+struct Ctx<'a> {
+    m: &'a Manifest,
+    lazy: &'a [Vec<(u64, u64)>],
+    high: RawFd,
+    stdio: Vec<RawFd>,
+    chans: TreeChannels,
+    inherited: crate::fds::Inherited,
+    /// The "every process exists" barrier: each process closes its copy of the write
+    /// end once its children are forked; EOF on the read end means the whole tree exists.
+    barrier: (RawFd, RawFd),
+}
+
+/// Entry point of the root of the tree (the sandbox's app); returns only on failure
+/// (with the exit code to use). `lazy`: per process (manifest order), the ranges its
+/// restorer registers with a userfaultfd of its own (empty: eager);
 /// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots).
 pub fn run(
     m: &Manifest,
-    p: &Process,
-    lazy: &[(u64, u64)],
+    lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
-    status_fd: RawFd,
+    chans: &TreeChannels,
 ) -> i32 {
-    let mut report = status_fd;
-    match prepare_and_jump(m, p, lazy, notify, &mut report) {
+    let mut report = chans.reports[0];
+    match prepare_root(m, lazy, notify, chans, &mut report) {
         Ok(never) => match never {},
-        Err(e) => {
-            let mut msg = vec![MSG_ERROR];
-            msg.extend_from_slice(format!("{e:#}").as_bytes());
-            let mut f = unsafe { std::fs::File::from_raw_fd(report) };
-            let _ = f.write_all(&msg);
-            1
-        }
+        Err(e) => fail(report, e),
     }
 }
 
+/// Reports `e` on the status pipe `report`; the exit code to use.
+fn fail(report: RawFd, e: anyhow::Error) -> i32 {
+    let mut msg = vec![MSG_ERROR];
+    msg.extend_from_slice(format!("{e:#}").as_bytes());
+    let mut f = unsafe { std::fs::File::from_raw_fd(report) };
+    let _ = f.write_all(&msg);
+    1
+}
+
 /// `report` is the status pipe's fd, updated when it moves.
-fn prepare_and_jump(
+fn prepare_root(
     m: &Manifest,
-    p: &Process,
-    lazy: &[(u64, u64)],
+    lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
+    chans: &TreeChannels,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -76,17 +118,30 @@ fn prepare_and_jump(
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
-    if p.sid == p.pid {
-        if unsafe { libc::setsid() } < 0 {
-            return Err(errno_err("setsid"));
-        }
-    } else if p.pgid == p.pid && unsafe { libc::setpgid(0, 0) } < 0 {
-        return Err(errno_err("setpgid"));
-    }
-    let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
-    // Everything we still need lives above the app's highest fd while its table is built.
+    let p = &m.processes[0];
+    own_ids(p)?;
+    let max_fd = m
+        .processes
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|f| f.fd))
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    // Everything we still need lives above the apps' highest fd while tables are built.
     let high = max_fd + 1;
-    *report = dup_high(*report, high)?;
+    let mut moved = TreeChannels {
+        reports: Vec::new(),
+        gates: Vec::new(),
+    };
+    for &fd in &chans.reports {
+        moved.reports.push(dup_high(fd, high)?);
+    }
+    *report = moved.reports[0];
+    for &fd in &chans.gates {
+        moved
+            .gates
+            .push(if fd < 0 { -1 } else { dup_high(fd, high)? });
+    }
     let mut stdio = vec![
         dup_high_or_null(0, high)?,
         dup_high_or_null(1, high)?,
@@ -96,10 +151,144 @@ fn prepare_and_jump(
         stdio.push(dup_high(fd, high)?);
     }
     let mut keep = stdio.clone();
-    keep.push(*report);
+    keep.extend(&moved.reports);
+    keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
-    crate::fds::install(m, p, &stdio, high)?;
-    for fd in stdio {
+    recreate_private_files(m)?;
+    let inherited = crate::fds::prepare_shared(m, &stdio, high)?;
+    let mut b = [0; 2];
+    if unsafe { libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(errno_err("pipe2"));
+    }
+    let barrier = (dup_high(b[0], high)?, dup_high(b[1], high)?);
+    unsafe {
+        libc::close(b[0]);
+        libc::close(b[1]);
+    }
+    let ctx = Ctx {
+        m,
+        lazy,
+        high,
+        stdio,
+        chans: moved,
+        inherited,
+        barrier,
+    };
+    fork_children(&ctx, 0)?;
+    finish(&ctx, 0)
+}
+
+/// Forks the children of process `idx` at their pids, each running [`child_main`].
+fn fork_children(ctx: &Ctx, idx: usize) -> Result<()> {
+    let me = &ctx.m.processes[idx];
+    for (i, c) in ctx.m.processes.iter().enumerate().skip(1) {
+        if c.ppid != me.pid || i == idx {
+            continue;
+        }
+        // SAFETY: a restoring process is single-threaded.
+        match unsafe { warmstart_launcher::fork_with_pid(c.pid) } {
+            Ok(0) => {
+                let code = match child_main(ctx, i) {
+                    Ok(never) => match never {},
+                    Err(e) => fail(ctx.chans.reports[i], e),
+                };
+                unsafe { libc::_exit(code) }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let taken = matches!(&e, warmstart_launcher::LaunchError::Sys { errno, .. }
+                    if *errno == nix::errno::Errno::EEXIST);
+                bail!(
+                    "creating process {} ({}), child of {}: {e}{}",
+                    c.pid,
+                    c.comm,
+                    me.pid,
+                    if taken { " (the pid is taken)" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A process of the tree other than the root, just forked at its pid.
+fn child_main(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
+    let p = &ctx.m.processes[idx];
+    own_ids(p)?;
+    fork_children(ctx, idx)?;
+    finish(ctx, idx)
+}
+
+/// Session and group of `p` as far as it can set them alone, before it forks (its
+/// children inherit them): a session leader calls `setsid`, a group leader makes its
+/// group. Joining another process's group waits until every process exists
+/// ([`join_group`]).
+fn own_ids(p: &Process) -> Result<()> {
+    if p.sid == p.pid {
+        if unsafe { libc::setsid() } < 0 {
+            return Err(errno_err(format!("setsid of process {}", p.pid)));
+        }
+    } else if p.pgid == p.pid && unsafe { libc::setpgid(0, 0) } < 0 {
+        return Err(errno_err(format!("setpgid of process {}", p.pid)));
+    }
+    Ok(())
+}
+
+/// Joins the process group `p` was in, once its leader exists. A group whose leader is
+/// not in the snapshot is the root's (checked by the monitor beforehand).
+fn join_group(m: &Manifest, p: &Process) -> Result<()> {
+    if p.pgid == p.pid {
+        return Ok(());
+    }
+    let target = if m.processes.iter().any(|q| q.pid == p.pgid) {
+        p.pgid
+    } else {
+        unsafe { libc::getpgid(m.processes[0].pid) }
+    };
+    if unsafe { libc::getpgid(0) } != target && unsafe { libc::setpgid(0, target) } < 0 {
+        return Err(errno_err(format!(
+            "joining process {} to process group {}",
+            p.pid, p.pgid
+        )));
+    }
+    Ok(())
+}
+
+/// The rest of process `idx`'s restore once its children exist: wait for the whole
+/// tree, join its group, then fds, cwd, limits, and the jump into its restorer (a zombie
+/// exits instead).
+fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
+    let m = ctx.m;
+    let lazy = ctx.lazy.get(idx).map(Vec::as_slice).unwrap_or_default();
+    let p = &m.processes[idx];
+    let report = ctx.chans.reports[idx];
+    let gate = ctx.chans.gates[idx];
+    unsafe { libc::close(ctx.barrier.1) };
+    for (i, (&r, &g)) in ctx.chans.reports.iter().zip(&ctx.chans.gates).enumerate() {
+        if i != idx {
+            unsafe { libc::close(r) };
+            if g >= 0 {
+                unsafe { libc::close(g) };
+            }
+        }
+    }
+    let mut b = 0u8;
+    while unsafe { libc::read(ctx.barrier.0, (&mut b as *mut u8).cast(), 1) } != 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+    unsafe { libc::close(ctx.barrier.0) };
+    join_group(m, p)?;
+    if let Some(status) = p.zombie {
+        let mut f = unsafe { std::fs::File::from_raw_fd(report) };
+        f.write_all(&[MSG_ZOMBIE])?;
+        drop(f);
+        become_zombie(status);
+    }
+    settle_zombie_children(m, p)?;
+    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited)?;
+    for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
     if p.root != "/" {
@@ -117,8 +306,13 @@ fn prepare_and_jump(
     if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
-    recreate_private_files(p)?;
-    let fds = open_mapping_fds(p, high)?;
+    let fds = open_mapping_fds(p, ctx.high, &ctx.inherited.shmem)?;
+    // Shared memory objects this process does not map are not its to keep.
+    for (&id, &fd) in &ctx.inherited.shmem {
+        if !p.vmas.iter().any(|v| v.kind == VmaKind::Shmem { id }) {
+            unsafe { libc::close(fd) };
+        }
+    }
     set_rlimits(p)?;
 
     let own = maps::parse(
@@ -156,12 +350,83 @@ fn prepare_and_jump(
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(*report) };
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(report) };
     pipe.write_all(&msg)?;
     drop(pipe);
+    if gate >= 0 {
+        // Held until the monitor has seized us: the restorer's traps need a tracer.
+        let mut b = 0u8;
+        let n = unsafe { libc::read(gate, (&mut b as *mut u8).cast(), 1) };
+        unsafe { libc::close(gate) };
+        if n != 1 {
+            unsafe { libc::_exit(125) };
+        }
+    }
     unregister_rseq();
     // SAFETY: the blob is mapped at `base` and built for it; it never returns here.
     unsafe { warmstart_parasite::jump(blob.entry, blob.program, blob.stack_top) }
+}
+
+/// Exits with `status`, a raw wait status as the parent's `wait` will report it.
+fn become_zombie(status: i32) -> ! {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        unsafe {
+            // No core file: its flag in the status is not reproduced.
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+    }
+    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
+}
+
+/// Waits (without reaping) until every zombie child of `p` has exited, then drops the
+/// SIGCHLD their exits queued: the app saw those long ago (its own pending signals are
+/// restored from the snapshot).
+fn settle_zombie_children(m: &Manifest, p: &Process) -> Result<()> {
+    let zombies: Vec<i32> = m
+        .processes
+        .iter()
+        .filter(|c| c.ppid == p.pid && c.zombie.is_some() && c.pid != p.pid)
+        .map(|c| c.pid)
+        .collect();
+    if zombies.is_empty() {
+        return Ok(());
+    }
+    for z in zombies {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                z as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r < 0 {
+            return Err(errno_err(format!("waiting for zombie child {z} to exit")));
+        }
+    }
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+    }
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    while unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) } > 0 {}
+    Ok(())
 }
 
 fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
@@ -209,11 +474,19 @@ fn open_path(path: &str, flags: i32) -> Result<RawFd> {
 }
 
 /// One fd per mapped file (and the executable), above the app's fds; the program closes them.
-fn open_mapping_fds(p: &Process, high: RawFd) -> Result<ProgramFds> {
+fn open_mapping_fds(
+    p: &Process,
+    high: RawFd,
+    shmem: &std::collections::HashMap<u64, RawFd>,
+) -> Result<ProgramFds> {
     let mut by_path: std::collections::HashMap<(String, bool), RawFd> =
         std::collections::HashMap::new();
     let mut vma_fds = Vec::with_capacity(p.vmas.len());
     for v in &p.vmas {
+        if let VmaKind::Shmem { id } = v.kind {
+            vma_fds.push(shmem.get(&id).copied());
+            continue;
+        }
         let VmaKind::File { file } = &v.kind else {
             vma_fds.push(None);
             continue;
@@ -320,10 +593,10 @@ fn unregister_rseq() {
 
 /// The instance's own instance-private directories (a fresh tmpfs each), refilled with
 /// the files the process had there.
-fn recreate_private_files(p: &Process) -> Result<()> {
+fn recreate_private_files(m: &Manifest) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     crate::private_dirs::Mounts::prepare().mount();
-    for f in &p.private_files {
+    for f in m.processes.iter().flat_map(|p| &p.private_files) {
         std::fs::write(&f.path, &f.data).with_context(|| format!("recreating {}", f.path))?;
         std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode & 0o7777))
             .with_context(|| format!("chmod of {}", f.path))?;

@@ -32,7 +32,11 @@ fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
             let first = match run.content {
                 RunContent::Data { first } => Some(first),
                 // Anonymous memory already reads as zero; a file page does not.
-                RunContent::Zero if matches!(v.kind, VmaKind::Anon { .. }) => continue,
+                RunContent::Zero
+                    if matches!(v.kind, VmaKind::Anon { .. } | VmaKind::Shmem { .. }) =>
+                {
+                    continue
+                }
                 RunContent::Zero => None,
             };
             let mut done = 0;

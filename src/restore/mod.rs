@@ -1,13 +1,22 @@
-//! Restore: rebuild a snapshot's process in a fresh sandbox and hand it back its CPU.
+//! Restore: rebuild a snapshot's process tree in a fresh sandbox and hand it back its CPU.
 //!
-//! The monitor (this process) checks the host and files, spawns the sandbox with the
-//! restoring child ([`child`]) at the recorded pid, seizes it, and then drives the
-//! restorer program ([`program`]) through its two traps:
+//! The monitor (this process) checks the host, the files and the tree's shape
+//! ([`checks`]), spawns the sandbox with the root's restoring child ([`child`]) at its
+//! recorded pid and seizes it. The root creates what several processes share, then forks
+//! the rest of the tree at the recorded pids (see [`child`]); each process reports on a
+//! status pipe of its own and (all but the root) waits on a gate until the monitor has
+//! seized it. The monitor then drives every process's restorer program ([`program`])
+//! through its two traps:
 //!
-//! 1. layout built → the monitor writes memory ([`memory`]) and continues;
+//! 1. layout built → the monitor writes memory ([`memory`]; in a lazy restore, a page
+//!    server per process takes its userfaultfd, [`lazy`]) and continues;
 //! 2. per-thread state set → the monitor unmaps the restorer by running one `munmap`
 //!    at the blob's `syscall` instruction, loads the saved registers (incl. `fs_base`),
-//!    xsave state and signal mask, and detaches: the app resumes where it was frozen.
+//!    xsave state and signal mask. Once every process is there, it detaches from all of
+//!    them: the tree resumes together where it was frozen.
+//!
+//! Any failure, in any process, drops the sandbox, which kills the whole tree: no
+//! process is left half restored.
 //!
 //! Ending with ptrace rather than an in-process `rt_sigreturn` lets the restorer be
 //! unmapped completely (nothing of it remains in `/proc/PID/maps`) and restores the
@@ -19,7 +28,7 @@ pub mod lazy;
 pub mod memory;
 pub mod program;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +36,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{Sandbox, SpawnOptions};
 use warmstart_parasite::Status;
-use warmstart_snapshots::model::{reg, FileDesc};
+use warmstart_snapshots::model::{reg, FileDesc, Process};
 use warmstart_snapshots::store::Snapshot;
 
 use crate::stats::Phases;
@@ -44,8 +53,10 @@ pub struct Restored {
     /// The app's pid as seen from here.
     pub pid: i32,
     pub phases: Phases,
-    /// The page server of a lazy restore, running.
+    /// The page server of a lazy restore, running (the root's).
     pub lazy: Option<lazy::Running>,
+    /// The page servers of the other processes of a tree: (pid in the sandbox, server).
+    pub tree_lazy: Vec<(i32, lazy::Running)>,
     /// Our end of the app's notify channel, kept open while it runs.
     _notify: Option<OwnedFd>,
 }
@@ -69,6 +80,10 @@ impl Restored {
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
+        for (pid, l) in self.tree_lazy {
+            l.finish()
+                .with_context(|| format!("the page server of process {pid}"))?;
+        }
         match self.lazy {
             None => Ok((code, None)),
             Some(run) => {
@@ -93,17 +108,24 @@ pub fn block_forwarded_signals() {
     }
 }
 
+/// One process of the tree being restored, as the monitor drives it.
+struct Driven<'a> {
+    /// Index in the manifest's processes.
+    idx: usize,
+    p: &'a Process,
+    /// Its pid as seen from here.
+    pid: i32,
+    info: BlobInfo,
+    /// Its threads (the leader first) once created.
+    tids: Vec<i32>,
+}
+
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
-    let [p] = m.processes.as_slice() else {
-        bail!(
-            "snapshot {} holds {} processes: restoring process trees is not supported yet",
-            snap.id.short(),
-            m.processes.len()
-        );
-    };
+    checks::tree(m)?;
+    let p = &m.processes[0];
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
@@ -134,8 +156,24 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         })
         .transpose()?;
     let t = Instant::now();
-    let plan = opts.lazy.then(|| crate::lazy::plan(p));
-    let ranges: Vec<(u64, u64)> = plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default();
+    // Only the root is served lazily; the other processes of a tree get all their
+    // memory before they resume.
+    // Each process has a userfaultfd and a page server of its own (only the root's
+    // learns or prefetches the working set); a process with nothing to serve lazily is
+    // restored eagerly.
+    let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
+        .processes
+        .iter()
+        .map(|q| {
+            (opts.lazy && q.zombie.is_none())
+                .then(|| crate::lazy::plan(q))
+                .filter(|plan| !plan.ranges.is_empty())
+        })
+        .collect();
+    let ranges: Vec<Vec<(u64, u64)>> = plans
+        .iter()
+        .map(|plan| plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default())
+        .collect();
     let ranges = ranges.as_slice();
     // Learning the working set ends at the app's first output: its stdout goes through
     // a pipe we copy from, for this run only.
@@ -160,8 +198,25 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     } else {
         None
     };
-    let (status_r, status_w) = remote::pipe().context("pipe2")?;
-    let status_w_raw = status_w.as_raw_fd();
+    // Per process: a status pipe (its report or error) and, except for the root, a gate
+    // it waits on until we have seized it.
+    let mut reports = Vec::new();
+    let mut gates = Vec::new();
+    for i in 0..m.processes.len() {
+        reports.push(remote::pipe().context("pipe2")?);
+        gates.push(if i == 0 {
+            None
+        } else {
+            Some(remote::pipe().context("pipe2")?)
+        });
+    }
+    let chans = child::TreeChannels {
+        reports: reports.iter().map(|(_, w)| w.as_raw_fd()).collect(),
+        gates: gates
+            .iter()
+            .map(|g| g.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()))
+            .collect(),
+    };
     let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -172,118 +227,182 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         || {
             child::run(
                 m,
-                p,
                 ranges,
                 notify.as_ref().map(|(_, app)| app.as_raw_fd()),
-                status_w_raw,
+                &chans,
             )
         },
     )
     .context("starting the sandbox")?;
-    drop(status_w);
+    let reports: Vec<OwnedFd> = reports.into_iter().map(|(r, _w)| r).collect();
+    let gates: Vec<Option<OwnedFd>> = gates.into_iter().map(|g| g.map(|(_r, w)| w)).collect();
     // The app has its end; ours stays open while the instance runs (in `Restored`).
     let notify = notify.map(|(ours, _app)| ours);
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
-    ptrace::seize(
-        pid,
-        ptrace::O_EXITKILL
-            | ptrace::O_TRACESYSGOOD
-            | ptrace::O_TRACECLONE
-            | ptrace::O_SUSPEND_SECCOMP,
-    )
-    .with_context(|| format!("seizing the restoring process {pid}"))?;
+    const SEIZE: libc::c_int = ptrace::O_EXITKILL
+        | ptrace::O_TRACESYSGOOD
+        | ptrace::O_TRACECLONE
+        | ptrace::O_SUSPEND_SECCOMP;
+    ptrace::seize(pid, SEIZE).with_context(|| format!("seizing the restoring process {pid}"))?;
     sandbox
         .release()
         .context("releasing the restoring process")?;
-    let info = read_report(status_r).with_context(|| {
-        format!(
-            "restoring process {} of snapshot {}",
-            p.pid,
-            snap.id.short()
-        )
-    })?;
-    phases.add("child", t.elapsed());
-
-    let fail = |e: anyhow::Error| {
+    let fail_in = |q: &Process, e: anyhow::Error| {
         e.context(format!(
-            "restoring process {} of snapshot {}",
-            p.pid,
+            "restoring process {} ({}) of snapshot {}",
+            q.pid,
+            q.comm,
             snap.id.short()
         ))
     };
+    // Any error from here on drops the sandbox, which kills every process of the tree.
+    let mut reports = reports.into_iter();
+    let info =
+        read_report(reports.next().expect("one pipe per process")).map_err(|e| fail_in(p, e))?;
+    let mut tree = vec![Driven {
+        idx: 0,
+        p,
+        pid,
+        info,
+        tids: vec![pid],
+    }];
+    let rest = m.processes[1..]
+        .iter()
+        .zip(reports)
+        .zip(gates.into_iter().skip(1));
+    for (i, ((q, r), gate)) in (1..).zip(rest) {
+        if q.zombie.is_some() {
+            read_zombie_report(r).map_err(|e| fail_in(q, e))?;
+            continue;
+        }
+        let info = read_report(r).map_err(|e| fail_in(q, e))?;
+        let qpid = host_pid(pid, q.pid).map_err(|e| fail_in(q, e))?;
+        ptrace::seize(qpid, SEIZE)
+            .with_context(|| format!("seizing the restoring process {qpid}"))
+            .map_err(|e| fail_in(q, e))?;
+        let gate = gate.expect("every process but the root has a gate");
+        std::fs::File::from(gate)
+            .write_all(&[1])
+            .context("releasing a restoring process")
+            .map_err(|e| fail_in(q, e))?;
+        tree.push(Driven {
+            idx: i,
+            p: q,
+            pid: qpid,
+            info,
+            tids: vec![qpid],
+        });
+    }
+    phases.add("child", t.elapsed());
+
     let t = Instant::now();
-    wait_trap(pid, &info, &mut Vec::new()).map_err(fail)?;
+    for d in &tree {
+        wait_trap(d.pid, &d.info, &mut Vec::new()).map_err(|e| fail_in(d.p, e))?;
+    }
     phases.add("layout", t.elapsed());
     let t = Instant::now();
     let hot = hot_job.join().unwrap_or(None);
     phases.add("hot-pages", t.elapsed());
-    // The eager pages go in through /proc/PID/mem on one thread while the page server
-    // takes the userfaultfd and prefetches on this one: neither needs the other.
     let t = Instant::now();
-    let (server, filled) = std::thread::scope(|scope| {
-        let fill = scope.spawn(|| memory::fill(snap, hot.as_deref(), p, pid, ranges));
-        let server = plan
-            .map(|plan| {
-                lazy::start(
-                    snap,
-                    hot.clone(),
-                    table_check.take(),
-                    plan,
-                    pid,
-                    &info,
-                    opts,
+    let tree_opts = RestoreOptions {
+        lazy: true,
+        prefetch: None,
+        learn: false,
+        verify_table: false,
+    };
+    let mut servers = Vec::new();
+    for d in &tree {
+        let server = match plans[d.idx].take() {
+            Some(plan) => {
+                // The root's server prefetches and checks the page table.
+                let (o, check) = if d.idx == 0 {
+                    (opts, table_check.take())
+                } else {
+                    (&tree_opts, None)
+                };
+                Some(
+                    lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, o)
+                        .map_err(|e| fail_in(d.p, e))?,
                 )
-            })
-            .transpose();
-        let filled = fill
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("the memory writer panicked")));
-        (server, filled)
-    });
-    let server = server.map_err(fail)?;
-    filled.map_err(fail)?;
+            }
+            None => None,
+        };
+        servers.push(server);
+    }
     if let Some(job) = table_check.take() {
         job.join()
             .map_err(|_| anyhow!("the page-table check panicked"))?
-            .map_err(|e| fail(e.into()))?;
+            .map_err(|e| fail_in(p, e.into()))?;
+    }
+    phases.add("lazy-setup", t.elapsed());
+    let t = Instant::now();
+    for d in &tree {
+        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
+            .map_err(|e| fail_in(d.p, e))?;
+    }
+    // Serving starts now: the rest of the restorer (rseq registration reads its area)
+    // already faults on lazily served memory.
+    let mut servers = servers.into_iter();
+    let lazy = servers
+        .next()
+        .flatten()
+        .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
+        .transpose()?;
+    let mut tree_lazy = Vec::new();
+    for (d, s) in tree.iter().skip(1).zip(servers) {
+        if let Some(s) = s {
+            tree_lazy.push((d.p.pid, s.run(sandbox.init_pidfd(), None)?));
+        }
     }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
-    // Serving starts now: the rest of the restorer (rseq registration reads its area)
-    // already faults on lazily served memory.
-    let lazy = server
-        .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
-        .transpose()?;
-    phases.add("serve-start", t.elapsed());
-    let t = Instant::now();
+    let mut failed_in = p;
     let resumed = (|| -> Result<()> {
-        ptrace::cont(pid, 0).context("continuing the restorer")?;
-        // The leader reports each thread it creates (in creation order, which is the
-        // snapshot's thread order), then its own trap; then each thread traps.
-        let mut tids = vec![pid];
-        wait_trap(pid, &info, &mut tids)?;
-        if tids.len() != p.threads.len() {
-            bail!(
-                "created {} threads, the snapshot has {}",
-                tids.len(),
-                p.threads.len()
-            );
+        for d in tree.iter_mut() {
+            failed_in = d.p;
+            ptrace::cont(d.pid, 0).context("continuing the restorer")?;
+            // The leader reports each thread it creates (in creation order, which is the
+            // snapshot's thread order), then its own trap; then each thread traps.
+            wait_trap(d.pid, &d.info, &mut d.tids)?;
+            if d.tids.len() != d.p.threads.len() {
+                bail!(
+                    "created {} threads, the snapshot has {}",
+                    d.tids.len(),
+                    d.p.threads.len()
+                );
+            }
+            for &tid in &d.tids[1..] {
+                wait_trap(tid, &d.info, &mut Vec::new())?;
+            }
         }
-        for &tid in &tids[1..] {
-            wait_trap(tid, &info, &mut Vec::new())?;
+        for d in &tree {
+            failed_in = d.p;
+            finish(&d.tids, &d.info, &d.p.threads)?;
         }
-        finish(&tids, &info, &p.threads)
+        // Every process is ready: all resume together.
+        for d in &tree {
+            failed_in = d.p;
+            for &tid in &d.tids {
+                ptrace::detach(tid, 0).context("detaching from the restored process")?;
+            }
+        }
+        Ok(())
     })();
     if let Err(e) = resumed {
         // A page server that failed has killed the instance, which is what this error
         // saw: its reason is the one to report.
         let _ = sandbox.kill();
         if let Some(Err(server)) = lazy.map(|l| l.finish()) {
-            return Err(fail(server));
+            return Err(fail_in(p, server));
         }
-        return Err(fail(e));
+        for (q, l) in tree_lazy {
+            l.finish().with_context(|| {
+                format!("restoring process {q} of snapshot {}", snap.id.short())
+            })?;
+        }
+        return Err(fail_in(failed_in, e));
     }
     phases.add("resume", t.elapsed());
     Ok(Restored {
@@ -291,8 +410,42 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         pid,
         phases,
         lazy,
+        tree_lazy,
         _notify: notify,
     })
+}
+
+/// The pid, as seen from here, of the process with pid `ns_pid` in the sandbox: a
+/// descendant of `root` (as seen from here).
+fn host_pid(root: i32, ns_pid: i32) -> Result<i32> {
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+        if inner == Some(ns_pid) {
+            return Ok(pid);
+        }
+        todo.extend(crate::dump::freeze::children(pid));
+    }
+    bail!("the restoring process {ns_pid} is not among the sandbox's processes")
+}
+
+/// A zombie's report: it is about to exit with its status (or why it could not).
+fn read_zombie_report(r: OwnedFd) -> Result<()> {
+    let mut buf = Vec::new();
+    std::fs::File::from(r)
+        .read_to_end(&mut buf)
+        .context("reading the restoring child's report")?;
+    match buf.split_first() {
+        Some((&child::MSG_ZOMBIE, _)) => Ok(()),
+        Some((&MSG_ERROR, rest)) => Err(anyhow!("{}", String::from_utf8_lossy(rest))),
+        _ => Err(anyhow!(
+            "the restoring child died before reporting (see its exit status)"
+        )),
+    }
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
@@ -396,7 +549,7 @@ fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
 }
 
 /// Unmaps the restorer (every thread is stopped at its last trap) and gives each
-/// thread its saved CPU state.
+/// thread its saved CPU state; the caller detaches once every process is ready.
 fn finish(
     tids: &[i32],
     info: &BlobInfo,
@@ -426,9 +579,6 @@ fn finish(
     }
     for (&tid, t) in tids.iter().zip(threads) {
         load_cpu_state(tid, t)?;
-    }
-    for &tid in tids {
-        ptrace::detach(tid, 0).context("detaching from the restored process")?;
     }
     Ok(())
 }
@@ -531,7 +681,7 @@ pub fn detached<R>(
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
 /// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
 /// a warning.
-pub fn save_hot(store: &warmstart_snapshots::store::Store, snap: &Snapshot, working_set: &[u64]) {
+pub fn save_hot(snap: &Snapshot, working_set: &[u64]) {
     if let Err(e) = snap.verify_table() {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
         return;
@@ -541,7 +691,7 @@ pub fn save_hot(store: &warmstart_snapshots::store::Store, snap: &Snapshot, work
         let lazy = crate::lazy::plan(p).ranges;
         pages.extend(memory::eager_indexes(p, &lazy));
     }
-    if let Err(e) = store.save_hot(snap, &pages) {
+    if let Err(e) = snap.save_hot(&pages) {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
     }
 }

@@ -580,12 +580,22 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
     creds(b, p);
 }
 
-/// Drops to the snapshot's credentials, last, since everything before needs root.
+/// Takes the snapshot's credentials, last, since everything before needs root. The ids
+/// change with `SECBIT_NO_SETUID_FIXUP` so that the capabilities survive them; then, while
+/// `CAP_SETPCAP` is still held, the securebits and the bounding set; then the capability
+/// sets themselves (which may drop `CAP_SETPCAP`); ambient ones last, since they must be
+/// permitted and inheritable already. Root with all its capabilities still goes through
+/// it: a root process that dropped some must not get them back.
 fn creds(b: &mut ProgramBuilder, p: &Process) {
     let c = &p.creds;
-    if c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() {
-        return;
-    }
+    b.syscall(
+        libc::SYS_prctl,
+        &[
+            imm(libc::PR_SET_SECUREBITS as u64),
+            imm(libc::SECBIT_NO_SETUID_FIXUP as u64),
+        ],
+        "prctl(PR_SET_SECUREBITS, NO_SETUID_FIXUP)",
+    );
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
     let g = b.data(&groups);
     b.syscall(
@@ -604,4 +614,64 @@ fn creds(b: &mut ProgramBuilder, p: &Process) {
         &[imm(c.uid[0]), imm(c.uid[1]), imm(c.uid[2])],
         "setresuid",
     );
+    b.syscall(libc::SYS_setfsuid, &[imm(c.uid[3])], "setfsuid");
+    b.syscall(
+        libc::SYS_prctl,
+        &[
+            imm(libc::PR_SET_SECUREBITS as u64),
+            imm(c.securebits as u64),
+        ],
+        "prctl(PR_SET_SECUREBITS)",
+    );
+    for cap in (0..=last_cap()).filter(|&cap| c.cap_bounding & (1 << cap) == 0) {
+        b.syscall(
+            libc::SYS_prctl,
+            &[imm(libc::PR_CAPBSET_DROP as u64), imm(cap as u64)],
+            format!("prctl(PR_CAPBSET_DROP, {cap})"),
+        );
+    }
+    // capset(v3): a header {version, pid} and two {effective, permitted, inheritable}.
+    const CAP_V3: u32 = 0x2008_0522;
+    let words = [
+        CAP_V3,
+        0,
+        c.cap_effective as u32,
+        c.cap_permitted as u32,
+        c.cap_inheritable as u32,
+        (c.cap_effective >> 32) as u32,
+        (c.cap_permitted >> 32) as u32,
+        (c.cap_inheritable >> 32) as u32,
+    ];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let d = b.data(&bytes);
+    b.syscall(
+        libc::SYS_capset,
+        &[d.arg(), d.at(8)],
+        "capset (the snapshot's capabilities)",
+    );
+    for cap in (0..=last_cap()).filter(|&cap| c.cap_ambient & (1 << cap) != 0) {
+        b.syscall(
+            libc::SYS_prctl,
+            &[
+                imm(libc::PR_CAP_AMBIENT as u64),
+                imm(libc::PR_CAP_AMBIENT_RAISE as u64),
+                imm(cap as u64),
+                imm(0u64),
+                imm(0u64),
+            ],
+            format!("prctl(PR_CAP_AMBIENT_RAISE, {cap})"),
+        );
+    }
+}
+
+/// The highest capability number this kernel knows.
+fn last_cap() -> u32 {
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40)
+            .min(63)
+    })
 }

@@ -16,3 +16,14 @@ pub fn kcmp_file(pid: i32, a: i32, b: i32) -> std::io::Result<bool> {
     }
     Ok(r == 0)
 }
+
+/// Whether fd `a` of process `pa` and fd `b` of process `pb` share one open file
+/// description (`kcmp(KCMP_FILE)`): an fd inherited over fork, or passed.
+pub fn kcmp_files(pa: i32, a: i32, pb: i32, b: i32) -> std::io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r == 0)
+}

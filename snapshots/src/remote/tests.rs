@@ -21,6 +21,11 @@ fn requests() -> Vec<Request> {
             count: 1024,
         },
         Request::WorkingSet { id },
+        Request::SaveWorkingSet { id, pages: vec![] },
+        Request::SaveWorkingSet {
+            id,
+            pages: vec![7, 0, u64::MAX],
+        },
         Request::Begin,
         Request::AddPages {
             first_page: 3,

@@ -187,6 +187,14 @@ impl Snapshot {
         }
     }
 
+    /// Keeps a working set learned by a lazy run: in the store, or in the page server's.
+    pub fn save_working_set(&self, pages: &[u64]) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Local { store, .. } => store.save_working_set(&self.id, pages),
+            Source::Remote(c) => c.save_working_set(&self.id, pages),
+        }
+    }
+
     /// The learned working set: from the page server for a remote snapshot, from the
     /// store otherwise. Advice only: `None` if there is none or it cannot be read.
     pub fn working_set(&self) -> Option<Vec<u64>> {
@@ -206,6 +214,15 @@ impl Snapshot {
         match &self.source {
             Source::Local { store, .. } => super::Hot::open(store, self, threads),
             Source::Remote(_) => None,
+        }
+    }
+
+    /// Stores the hot pages (see [`Hot`](super::Hot)) at page-table `indexes` of a
+    /// local snapshot; nothing for a remote one.
+    pub fn save_hot(&self, indexes: &[u64]) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Local { store, .. } => store.save_hot(self, indexes),
+            Source::Remote(_) => Ok(()),
         }
     }
 

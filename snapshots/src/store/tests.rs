@@ -202,6 +202,31 @@ fn dedup_across_snapshots() {
     );
 }
 
+/// A batch large enough to be hashed and compressed on two threads: pages that repeat
+/// across the blocks it fills (before any of them is written) are stored once, zero pages
+/// never, and everything reads back in order, also across two batches.
+#[test]
+fn large_batches_dedup_across_their_own_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let distinct = rand_pages(5, 13);
+    let mut data = Vec::new();
+    for i in 0..300 {
+        match i % 17 {
+            0 => data.extend(std::iter::repeat_n(0u8, PAGE_SIZE)),
+            _ => data.extend_from_slice(&distinct[(i % 13) * PAGE_SIZE..][..PAGE_SIZE]),
+        }
+    }
+    let mut w = store.writer().unwrap();
+    let mut runs = Vec::new();
+    w.add_pages(0, &data[..200 * PAGE_SIZE], &mut runs).unwrap();
+    w.add_pages(200, &data[200 * PAGE_SIZE..], &mut runs).unwrap();
+    let id = w.commit(manifest_with(runs, 300, 9), None).unwrap();
+    assert_eq!(read_all(&store, &id).unwrap(), non_zero(&data));
+    let st = store.stats(&id).unwrap();
+    assert_eq!(st.stored_bytes, 13 * PAGE_SIZE as u64, "13 distinct random pages");
+}
+
 #[test]
 fn zero_pages_are_not_stored() {
     let d = tempfile::tempdir().unwrap();

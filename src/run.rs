@@ -1,0 +1,97 @@
+//! One restored instance from the command line (`run`, `restore`): restore it, list it
+//! for `ps`, wait for it, keep the working set its first lazy run learned, report stats.
+//! The snapshot may be local or a page server's: [`Snapshot`] hides which.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use warmstart_snapshots::store::Snapshot;
+
+use crate::restore::{RestoreOptions, Restored};
+use crate::stats::human;
+
+/// How an instance gets its memory.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    Eager,
+    /// On demand; `prefetch`: copy the learned working set first (or learn it).
+    Lazy {
+        prefetch: bool,
+    },
+}
+
+/// Restores one instance of `snap` (known by `names` in its store) and waits for it,
+/// returning its exit code; `detach`: report its pid and return once it runs.
+pub fn run_instance(
+    snap: Arc<Snapshot>,
+    names: Vec<String>,
+    mode: Mode,
+    detach: bool,
+    display_stats: bool,
+) -> Result<i32> {
+    crate::restore::block_forwarded_signals();
+    // The snapshot may come from `Store::load_deferred` (cli::load): check its page
+    // table while restoring (a fully loaded one passes again, at no cost to the restore).
+    let mut opts = RestoreOptions {
+        verify_table: true,
+        ..Default::default()
+    };
+    if let Mode::Lazy { prefetch } = mode {
+        opts.lazy = true;
+        if prefetch {
+            opts.prefetch = snap.working_set();
+            // Learning needs our stdout to watch for the first answer: not when detached.
+            opts.learn = opts.prefetch.is_none() && !detach;
+        }
+    }
+    let registered = |r: &Restored| {
+        crate::instances::register(&crate::instances::Instance {
+            monitor: std::process::id() as i32,
+            pid: r.pid,
+            snapshot: snap.id.to_string(),
+            names: names.clone(),
+            command: snap.manifest.command.clone(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+        .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
+        .ok()
+    };
+    if detach {
+        return crate::restore::detached(&snap, &opts, display_stats, &registered);
+    }
+    let r = crate::restore::restore(&snap, &opts)?;
+    if display_stats {
+        let from = snap
+            .page_server()
+            .map(|a| format!(" from page server {a}"))
+            .unwrap_or_default();
+        eprintln!("restore of {}{from}:\n{}", snap.id.short(), r.phases);
+    }
+    let _listed = registered(&r);
+    let (code, lazy) = r.wait()?;
+    if let Some(o) = lazy {
+        if opts.learn && !o.serve.working_set.is_empty() {
+            snap.save_working_set(&o.serve.working_set)?;
+            crate::restore::save_hot(&snap, &o.serve.working_set);
+        }
+        if display_stats {
+            eprintln!(
+                "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
+                 {} pages on fault, {} streamed ({}), working set learned: {} pages",
+                o.prefetch.pages,
+                o.prefetch.elapsed.as_secs_f64() * 1e3,
+                o.serve.faults,
+                o.serve.faults_data,
+                o.serve.faults_zero,
+                o.serve.pages_on_fault,
+                o.serve.pages_streamed,
+                human(o.serve.bytes_streamed),
+                if opts.learn { o.serve.working_set.len() } else { 0 },
+            );
+        }
+    }
+    Ok(code)
+}

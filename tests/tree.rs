@@ -1,0 +1,474 @@
+//! Process trees (issues 4 and 5): zdtm-style fixtures whose root forks workers
+//! (tests/fixtures/tree_*.c, scaffolding in tree.h), recorded and restored in every mode
+//! (the root lazy, its descendants eager; or all eager); `dump -t` of a tree started
+//! outside warmstart; `/proc/PID/maps` and `/proc/PID/task` of every process equal
+//! before the dump and after the restore; a failing restore leaves no process behind.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::{
+    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Proc, Ws, CHECK_TWICE,
+};
+
+fn argv(bin: &Path, dir: Option<&Path>) -> Vec<std::ffi::OsString> {
+    let mut v = vec![bin.as_os_str().to_owned()];
+    if let Some(d) = dir {
+        v.push(d.as_os_str().to_owned());
+    }
+    v
+}
+
+/// Cold pass and negative control, then record and restore in every mode.
+fn run_fixture(name: &str, needs_dir: bool) {
+    let bin = fixture(name);
+    let d = tempdir("ws-cold-");
+    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
+    let d = tempdir("ws-neg-");
+    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
+
+    let ws = Ws::new();
+    let d = tempdir("ws-rec-");
+    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
+    // An instance writes to the fixture's files, which the next restore would rightly
+    // refuse (changed since the dump): each run gets them back as they were.
+    let files = SavedFiles::save(d.path());
+    ws.each_mode_prepared(
+        name,
+        CHECK_TWICE,
+        |_| files.put_back(),
+        |mode, out| {
+            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
+        },
+    );
+}
+
+/// The regular files of a directory: content and mtime.
+struct SavedFiles(Vec<(PathBuf, Vec<u8>, std::time::SystemTime)>);
+
+impl SavedFiles {
+    fn save(dir: &Path) -> SavedFiles {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                let meta = e.metadata().unwrap();
+                v.push((
+                    e.path(),
+                    std::fs::read(e.path()).unwrap(),
+                    meta.modified().unwrap(),
+                ));
+            }
+        }
+        SavedFiles(v)
+    }
+
+    /// Rewrites each file in place (same inode), then its mtime.
+    fn put_back(&self) {
+        for (path, content, mtime) in &self.0 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            std::io::Write::write_all(&mut &f, content).unwrap();
+            f.set_modified(*mtime).unwrap();
+        }
+    }
+}
+
+#[test]
+fn parent_children_grandchild_over_pipes() {
+    run_fixture("tree_pipes", false);
+}
+
+#[test]
+fn sessions_and_process_groups() {
+    run_fixture("tree_session", false);
+}
+
+#[test]
+fn zombie_children_reaped_after_restore() {
+    run_fixture("tree_zombie", false);
+}
+
+#[test]
+fn open_file_description_shared_with_a_child() {
+    run_fixture("tree_ofd", true);
+}
+
+#[test]
+fn shared_anonymous_memory_between_parent_and_child() {
+    run_fixture("tree_shmem", false);
+}
+
+// ---------------------------------------------------------------------------------------
+// dump -t of a tree started outside warmstart
+
+/// The children of every thread of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out.sort_unstable();
+    out
+}
+
+/// `pid` and its descendants.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let c = children(out[i]);
+        out.extend(c);
+        i += 1;
+    }
+    out
+}
+
+/// The last `NSpid` of a task: its id in its own pid namespace.
+fn ns_id(status_path: &str) -> i32 {
+    std::fs::read_to_string(status_path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// Per process of the tree under `root`, by its own-namespace pid: its maps (whitespace
+/// normalised) and its threads' own-namespace ids.
+fn tree_state(root: i32) -> BTreeMap<i32, (Vec<String>, Vec<i32>)> {
+    let mut out = BTreeMap::new();
+    for pid in descendants(root) {
+        // A restored shared anonymous object is a new one: only its inode differs.
+        let maps: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let mut w: Vec<&str> = l.split_whitespace().collect();
+                if l.ends_with("/dev/zero (deleted)") && w.len() > 4 {
+                    w[4] = "INODE";
+                }
+                w.join(" ")
+            })
+            .collect();
+        let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|t| ns_id(&format!("{}/status", t.path().display())))
+            .collect();
+        tids.sort_unstable();
+        out.insert(ns_id(&format!("/proc/{pid}/status")), (maps, tids));
+    }
+    out
+}
+
+/// The restored root under a `restore` monitor: monitor → init → root.
+fn restored_root(monitor: i32) -> i32 {
+    let init = children(monitor);
+    assert_eq!(init.len(), 1, "the monitor should have one child, init");
+    let root = children(init[0]);
+    assert_eq!(root.len(), 1, "init should have one child, the app");
+    root[0]
+}
+
+fn assert_same_tree(
+    before: &BTreeMap<i32, (Vec<String>, Vec<i32>)>,
+    after: &BTreeMap<i32, (Vec<String>, Vec<i32>)>,
+) {
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the restored tree has other pids"
+    );
+    for (pid, (maps, tids)) in before {
+        let (amaps, atids) = &after[pid];
+        assert_eq!(tids, atids, "process {pid}: threads differ after restore");
+        let mut diffs: Vec<String> = maps
+            .iter()
+            .filter(|l| !amaps.contains(l))
+            .map(|l| format!("- {l}"))
+            .collect();
+        diffs.extend(
+            amaps
+                .iter()
+                .filter(|l| !maps.contains(l))
+                .map(|l| format!("+ {l}")),
+        );
+        assert!(
+            diffs.is_empty(),
+            "process {pid}: /proc/PID/maps differs after restore (- dumped, + restored):\n{}",
+            diffs.join("\n")
+        );
+    }
+}
+
+/// A tree started by the test (no warmstart involved), past its setup: the first check
+/// answered.
+fn start_cold(name: &str) -> Proc {
+    let mut p = Proc::spawn(&mut std::process::Command::new(fixture(name)));
+    p.send("check");
+    assert_eq!(p.read_line(), "PASS", "cold {name}");
+    p
+}
+
+/// `dump -t` of a tree the test started, then `restore -D` (eager, then lazy): the tree
+/// answers where it left off, and every process has the maps and threads it had.
+fn dump_t_and_compare(name: &str, processes: usize) {
+    let ws = Ws::new();
+    let mut orig = start_cold(name);
+    let before = tree_state(orig.pid());
+    assert_eq!(before.len(), processes, "{name}: {:?}", before.keys());
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_ok();
+    let st = orig.wait();
+    assert!(
+        !st.success(),
+        "the dump should have killed the tree: {st:?}"
+    );
+
+    for flags in [&[][..], &["--lazy"][..]] {
+        let mut args = vec!["restore", "-D", dir.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let mut restored = Proc::spawn(&mut ws.cmd(&args));
+        // Every process goes on where it was: this is its second check.
+        restored.send("check");
+        assert_eq!(restored.read_line(), "PASS", "{name} restored {flags:?}");
+        let after = tree_state(restored_root(restored.pid()));
+        assert_same_tree(&before, &after);
+        restored.close_stdin();
+        let st = restored.wait();
+        assert!(
+            st.success(),
+            "the restored tree should exit 0 at EOF: {st:?}"
+        );
+    }
+}
+
+#[test]
+fn dump_t_tree_restores_same_maps_tasks_and_answers() {
+    // root, A, G (A's child) and B (two threads).
+    dump_t_and_compare("tree_pipes", 4);
+}
+
+#[test]
+fn dump_t_shared_memory_tree_restores_same_maps() {
+    dump_t_and_compare("tree_shmem", 2);
+}
+
+#[test]
+fn dump_t_leave_running_tree_goes_on() {
+    let ws = Ws::new();
+    let mut orig = start_cold("tree_pipes");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+            "--leave-running",
+        ],
+        "",
+    );
+    out.assert_ok();
+    // The original tree is unperturbed ...
+    orig.send("check");
+    assert_eq!(orig.read_line(), "PASS");
+    // ... and the image restores beside it (a pid namespace of its own).
+    let mut restored = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
+    restored.send("check");
+    assert_eq!(restored.read_line(), "PASS");
+    restored.close_stdin();
+    assert!(restored.wait().success());
+    orig.close_stdin();
+    assert!(orig.wait().success());
+}
+
+/// Pids of running processes (as seen from here) whose executable is `exe`.
+fn running(exe: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))
+        .collect()
+}
+
+#[test]
+fn failing_restore_of_a_tree_leaves_no_process() {
+    let ws = Ws::new();
+    let exe = fixture("tree_listen");
+    let orig = start_cold("tree_listen");
+    let port: u16 = orig
+        .wait_stderr("port ")
+        .trim()
+        .strip_prefix("port ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let child = children(orig.pid());
+    assert_eq!(child.len(), 1, "one worker");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_ok();
+    drop(orig);
+    // Someone else listens on the child's port now: the child cannot be restored.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the freed port");
+    let out = ws.run(&["restore", "-D", dir.to_str().unwrap()], "check\n");
+    assert!(
+        !out.success()
+            && out.stderr.contains(&format!("process {}", child[0]))
+            && out.stderr.contains(&port.to_string()),
+        "the restore should fail naming the child and its port:\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing may have run:\n{}",
+        out.describe()
+    );
+    assert_eq!(
+        running(&exe),
+        Vec::<i32>::new(),
+        "a failed restore left processes of the tree running"
+    );
+}
+
+#[test]
+fn group_whose_leader_is_gone_is_refused_at_dump_and_left_running() {
+    let ws = Ws::new();
+    let mut orig = start_cold("tree_lost_leader");
+    let group = orig.wait_stderr("group ");
+    let group = group.trim().strip_prefix("group ").unwrap();
+    let member = children(orig.pid());
+    assert_eq!(member.len(), 1, "one worker left");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(
+        !out.success()
+            && out.stderr.contains(&format!("process {} (", member[0]))
+            && out.stderr.contains(&format!(
+                "is in process group {group}, whose leader is not part of the tree"
+            )),
+        "dump should refuse the leaderless group by name:\n{}",
+        out.describe()
+    );
+    // Refused: the tree runs on as before.
+    orig.send("check");
+    assert_eq!(orig.read_line(), "PASS");
+    orig.close_stdin();
+    assert!(orig.wait().success());
+}
+
+/// A process forking all the time: each dump meets children being born, running,
+/// exiting and not yet reaped. Every image restores a tree that goes on forking and
+/// reaps every child with the status it exited with; the original runs on unperturbed.
+#[test]
+fn dump_t_of_a_process_forking_all_the_time() {
+    let ws = Ws::new();
+    let mut orig = start_cold("tree_forker");
+    let images = tempdir("ws-images-");
+    for round in 0..4 {
+        let dir = images.path().join(format!("img{round}"));
+        let out = ws.run(
+            &[
+                "dump",
+                "-t",
+                &orig.pid().to_string(),
+                "-D",
+                dir.to_str().unwrap(),
+                "--leave-running",
+            ],
+            "",
+        );
+        out.assert_ok();
+        let mut restored = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
+        restored.send("check");
+        assert_eq!(restored.read_line(), "PASS", "image {round}");
+        restored.close_stdin();
+        assert!(restored.wait().success(), "image {round}");
+        orig.send("check");
+        assert_eq!(orig.read_line(), "PASS", "the original after dump {round}");
+    }
+    orig.close_stdin();
+    assert!(orig.wait().success());
+}
+
+/// The CRIU use case: a shell job that forked a child, checkpointed from outside and
+/// restored; the shell then talks to its restored child (kills and reaps it).
+#[test]
+fn dump_t_of_a_shell_with_a_background_child() {
+    let ws = Ws::new();
+    let mut orig = Proc::spawn(std::process::Command::new("bash").args([
+        "-c",
+        "sleep 1000 & echo started; read line; echo \"got $line\"; kill $!; wait $!; echo \"sleep status $?\"",
+    ]));
+    assert_eq!(orig.read_line(), "started");
+    assert_eq!(descendants(orig.pid()).len(), 2, "bash and its child");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &orig.pid().to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_ok();
+    let _ = orig.wait();
+    let out = ws.run(&["restore", "-D", dir.to_str().unwrap()], "hi\n");
+    assert!(
+        out.success() && out.stdout == "got hi\nsleep status 143\n",
+        "the restored shell should read its line, then kill and reap its child:\n{}",
+        out.describe()
+    );
+}
