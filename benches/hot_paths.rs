@@ -5,7 +5,8 @@
 //! - `lazy/fault_round_trip`: one userfaultfd fault served from a snapshot (the faulting
 //!   child times its own page touches: fault → decompress + verify → `UFFDIO_COPY` →
 //!   wake);
-//! - `lazy/prefetch`: bulk prefetch of a 16 MiB working set into a stopped process;
+//! - `lazy/prefetch`: bulk prefetch of a 16 MiB working set into a stopped process, from
+//!   the packs (decompress + verify per page) and from the hot pages (`_hot`; GiB/s);
 //! - `open`: what `warmstart run` does before restoring: open the store, resolve a
 //!   name, load a manifest of 400 VMAs, read the working set.
 //!
@@ -156,6 +157,7 @@ fn anon_vma(start: u64, pages: usize, runs: Vec<PageRun>) -> Vma {
 
 struct Fixture {
     _dir: tempfile::TempDir,
+    store: Store,
     snap: Arc<Snapshot>,
 }
 
@@ -179,7 +181,11 @@ fn lazy_fixture() -> Fixture {
     let id = w.commit(m, None).unwrap();
     let snap = Arc::new(store.load(&id).unwrap());
     assert_eq!(snap.page_count(), (SPARSE_BLOCKS + DENSE_PAGES) as u64);
-    Fixture { _dir: dir, snap }
+    Fixture {
+        _dir: dir,
+        store,
+        snap,
+    }
 }
 
 fn pipe() -> (i32, i32) {
@@ -369,6 +375,36 @@ fn lazy(c: &mut Criterion) {
                 let st = s.prefetch().unwrap();
                 total += t.elapsed();
                 assert_eq!(st.pages, DENSE_PAGES as u64);
+                drop(c);
+                drop(s);
+            }
+            total
+        })
+    });
+    // The same from the snapshot's hot pages (what `run` does once the working set is
+    // learned): verifying them (chunk hashes, 2 threads) is timed too.
+    fx.store.save_hot(&fx.snap, &ws).unwrap();
+    g.bench_function("prefetch_16mib_hot", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for _ in 0..n {
+                let c = spawn(0);
+                let t = Instant::now();
+                let hot = fx.snap.hot(2).map(Arc::new);
+                assert!(hot.is_some());
+                let mut s = server(
+                    &fx,
+                    &c,
+                    LazyOptions {
+                        prefetch: Some(ws.clone()),
+                        hot,
+                        background: false,
+                        ..Default::default()
+                    },
+                );
+                let st = s.prefetch().unwrap();
+                total += t.elapsed();
+                assert_eq!(st.hot_pages, DENSE_PAGES as u64);
                 drop(c);
                 drop(s);
             }

@@ -534,7 +534,8 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats)
 }
 
-/// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there.
+/// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,
+/// for a restore: its page table is checked while restoring (`Store::load_deferred`).
 fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
     let id = store.resolve(which)?;
     let names = store
@@ -543,7 +544,7 @@ fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
         .filter(|(_, i)| *i == id)
         .map(|(n, _)| n)
         .collect();
-    Ok((store.load(&id)?, names))
+    Ok((store.load_deferred(&id)?, names))
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {

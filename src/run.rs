@@ -30,7 +30,12 @@ pub fn run_instance(
     display_stats: bool,
 ) -> Result<i32> {
     crate::restore::block_forwarded_signals();
-    let mut opts = RestoreOptions::default();
+    // The snapshot may come from `Store::load_deferred` (cli::load): check its page
+    // table while restoring (a fully loaded one passes again, at no cost to the restore).
+    let mut opts = RestoreOptions {
+        verify_table: true,
+        ..Default::default()
+    };
     if let Mode::Lazy { prefetch } = mode {
         opts.lazy = true;
         if prefetch {
@@ -70,6 +75,7 @@ pub fn run_instance(
     if let Some(o) = lazy {
         if opts.learn && !o.serve.working_set.is_empty() {
             snap.save_working_set(&o.serve.working_set)?;
+            crate::restore::save_hot(&snap, &o.serve.working_set);
         }
         if display_stats {
             eprintln!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::plan::{find, Extent, LazyPlan, PAGE};
 use crate::sys::uffd::ZeropageMode;
@@ -19,6 +19,9 @@ use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uff
 pub const BATCH_PAGES: u64 = 512;
 /// Read-ahead window of a fault: the aligned block of this many pages around it.
 pub const READAHEAD_PAGES: u64 = 16;
+/// A fault on a page without stored data maps zero pages up to this many pages ahead
+/// (never over a stored page): a zero page costs a page-table entry, a fault 40–70 µs.
+pub const ZERO_AHEAD_PAGES: u64 = 128;
 /// While idle without a way to see the target exit (forked children, or no
 /// [`LazyServer::watch_exit`]), the server checks liveness this often.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -50,6 +53,8 @@ pub struct LazyOptions {
     pub record_working_set: bool,
     /// Stop recording after this long (from the start of `serve`).
     pub record_for: Option<Duration>,
+    /// The snapshot's hot pages (verified, decompressed): prefetch copies from there.
+    pub hot: Option<Arc<Hot>>,
     /// Stream the remaining pages while no fault is pending, and finish (closing the
     /// userfaultfd) once every stored page is in.
     pub background: bool,
@@ -61,6 +66,7 @@ impl Default for LazyOptions {
             prefetch: None,
             record_working_set: false,
             record_for: None,
+            hot: None,
             background: true,
         }
     }
@@ -87,6 +93,8 @@ pub struct PrefetchStats {
     pub pages: u64,
     /// `UFFDIO_COPY` batches.
     pub batches: u64,
+    /// Pages copied from the hot pages (no decompression).
+    pub hot_pages: u64,
     pub elapsed: Duration,
 }
 
@@ -173,6 +181,22 @@ impl std::error::Error for LazyError {}
 #[derive(Clone)]
 struct Bitmap(Vec<u64>);
 
+/// The words of `first..first + n` and, per word, the mask of its bits in the range.
+fn word_masks(first: u64, n: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = first + n;
+    let (w0, w1) = (first / 64, end.div_ceil(64));
+    (w0..w1).map(move |w| {
+        let lo = first.max(w * 64) - w * 64;
+        let hi = end.min(w * 64 + 64) - w * 64;
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        (w as usize, mask)
+    })
+}
+
 impl Bitmap {
     fn new_full(bits: u64) -> Self {
         Bitmap(vec![u64::MAX; bits.div_ceil(64) as usize])
@@ -188,12 +212,20 @@ impl Bitmap {
         *w |= m;
         was
     }
-    fn clear(&mut self, i: u64) {
-        self.0[(i / 64) as usize] &= !(1 << (i % 64));
+    /// Clears `first..first+n`, a word at a time (snapshots of GiBs have millions).
+    fn clear_range(&mut self, first: u64, n: u64) {
+        for (w, m) in word_masks(first, n) {
+            self.0[w] &= !m;
+        }
     }
     /// Sets `first..first+n`; returns how many were clear.
     fn set_range(&mut self, first: u64, n: u64) -> u64 {
-        (first..first + n).filter(|&i| self.set(i)).count() as u64
+        let mut newly = 0;
+        for (w, m) in word_masks(first, n) {
+            newly += u64::from((!self.0[w] & m).count_ones());
+            self.0[w] |= m;
+        }
+        newly
     }
 }
 
@@ -226,9 +258,7 @@ impl Space {
         let mut done = Bitmap::new_full(page_count);
         let mut remaining = 0;
         for e in &extents {
-            for i in e.first..e.first + e.pages {
-                done.clear(i);
-            }
+            done.clear_range(e.first, e.pages);
             remaining += e.pages;
         }
         Space {
@@ -429,6 +459,9 @@ pub struct LazyServer {
     last_fault: Instant,
     recorded: Option<Bitmap>,
     page_count: u64,
+    /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
+    /// being computed on another thread.
+    table_check: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
 }
 
 fn uffd_features(u: &Uffd) -> Option<Features> {
@@ -488,7 +521,32 @@ impl LazyServer {
             stop: Arc::new(AtomicBool::new(false)),
             last_fault: Instant::now(),
             page_count,
+            table_check: None,
         })
+    }
+
+    /// Takes the page-table check of a snapshot opened with `Store::load_deferred`:
+    /// `serve` fails (and the instance is killed) if it fails, and does not finish
+    /// before it is done. Every page is verified against its record's hash anyway; this
+    /// catches what only the whole-table checksum can (a record replaced by another
+    /// well-formed one).
+    pub fn check_table(&mut self, job: std::thread::JoinHandle<Result<(), StoreError>>) {
+        self.table_check = Some(job);
+    }
+
+    /// Waits for the page-table check, if one is running.
+    fn finish_table_check(&mut self) -> Result<()> {
+        if let Some(job) = self.table_check.take() {
+            job.join()
+                .map_err(|_| anyhow!("the page-table check panicked"))?
+                .with_context(|| {
+                    format!(
+                        "lazy restore from snapshot {}: its page table is damaged",
+                        self.snap.id.short()
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// Lets the server notice at once that the process exited (`pidfd_open` of it), and
@@ -515,8 +573,9 @@ impl LazyServer {
     }
 
     /// Copies the working set (`LazyOptions::prefetch`) in contiguous batches of up to
-    /// 2 MiB. Call it before the app resumes. An error (e.g. a corrupt page) means the
-    /// restore must be abandoned: kill the process, then drop the server.
+    /// 2 MiB, from [`LazyOptions::hot`] where it has the pages. Call it before the app
+    /// resumes. An error (e.g. a corrupt page) means the restore must be abandoned: kill
+    /// the process, then drop the server.
     pub fn prefetch(&mut self) -> Result<PrefetchStats> {
         let t = Instant::now();
         let mut st = PrefetchStats::default();
@@ -525,6 +584,14 @@ impl LazyServer {
         };
         ws.sort_unstable();
         ws.dedup();
+        // The batches: runs of working-set pages of one extent (small gaps filled, unless
+        // the pages come from the hot pages: decoding a gap costs more than an ioctl).
+        let gap = if self.opts.hot.is_some() {
+            0
+        } else {
+            PREFETCH_GAP
+        };
+        let mut batches: Vec<(usize, u64, u64)> = Vec::new();
         let mut i = 0;
         while i < ws.len() {
             let idx = ws[i];
@@ -543,42 +610,85 @@ impl LazyServer {
             let mut end = idx + 1;
             i += 1;
             st.requested += 1;
-            while i < ws.len() && ws[i] < limit && ws[i] <= end + PREFETCH_GAP {
+            while i < ws.len() && ws[i] < limit && ws[i] <= end + gap {
                 end = ws[i] + 1;
                 st.requested += 1;
                 i += 1;
             }
-            let mut tries = 0;
-            loop {
-                match self.copy_range(0, pos, idx - e.first, end - idx)? {
-                    Outcome::Done { copied, .. } => {
-                        st.pages += copied;
-                        st.batches += 1;
-                        break;
+            batches.push((pos, idx - e.first, end - idx));
+        }
+        let hot = self.opts.hot.clone();
+        for &(pos, off, n) in &batches {
+            // Stretches held by the hot pages are copied straight from there (verified
+            // already); the rest is read from the packs.
+            let first = self.spaces[0].extents[pos].first;
+            let mut o = off;
+            while o < off + n {
+                let idx = first + o;
+                let h = hot.as_ref().map_or(0, |h| h.run_from(idx, off + n - o));
+                if h > 0 {
+                    let bytes = hot.as_ref().and_then(|x| x.pages(idx, h));
+                    self.prefetch_batch(&mut st, pos, o, h, bytes)?;
+                    st.hot_pages += h;
+                    o += h;
+                } else {
+                    let mut m = 1;
+                    while o + m < off + n
+                        && hot.as_ref().is_none_or(|x| x.run_from(idx + m, 1) == 0)
+                    {
+                        m += 1;
                     }
-                    Outcome::Retry { copied } => {
-                        // The process is stopped before resuming: only a racing exit
-                        // or a debugger could change it. Retry a few times.
-                        st.pages += copied;
-                        tries += 1;
-                        if tries > 1000 {
-                            bail!(
-                                "prefetch from snapshot {}: the address space keeps changing",
-                                self.snap.id.short()
-                            );
-                        }
-                        self.drain(0)?;
-                        std::thread::yield_now();
-                    }
-                    Outcome::Dead { .. } => bail!(
-                        "prefetch from snapshot {}: the restored process is gone",
-                        self.snap.id.short()
-                    ),
+                    self.prefetch_batch(&mut st, pos, o, m, None)?;
+                    o += m;
                 }
             }
         }
         st.elapsed = t.elapsed();
         Ok(st)
+    }
+
+    /// Copies pages `off..off+n` of extent `pos` of the first space, from `bytes` when
+    /// given (already read and verified) or from the snapshot.
+    fn prefetch_batch(
+        &mut self,
+        st: &mut PrefetchStats,
+        pos: usize,
+        off: u64,
+        n: u64,
+        bytes: Option<&[u8]>,
+    ) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            let outcome = match bytes {
+                Some(b) => self.copy_bytes(0, pos, off, n, b)?,
+                None => self.copy_range(0, pos, off, n)?,
+            };
+            match outcome {
+                Outcome::Done { copied, .. } => {
+                    st.pages += copied;
+                    st.batches += 1;
+                    return Ok(());
+                }
+                Outcome::Retry { copied } => {
+                    // The process is stopped before resuming: only a racing exit
+                    // or a debugger could change it. Retry a few times.
+                    st.pages += copied;
+                    tries += 1;
+                    if tries > 1000 {
+                        bail!(
+                            "prefetch from snapshot {}: the address space keeps changing",
+                            self.snap.id.short()
+                        );
+                    }
+                    self.drain(0)?;
+                    std::thread::yield_now();
+                }
+                Outcome::Dead { .. } => bail!(
+                    "prefetch from snapshot {}: the restored process is gone",
+                    self.snap.id.short()
+                ),
+            }
+        }
     }
 
     /// Serves faults and events until every stored page is in (then closes the
@@ -617,6 +727,9 @@ impl LazyServer {
 
     fn run(&mut self, start: Instant) -> Result<()> {
         loop {
+            if self.table_check.as_ref().is_some_and(|j| j.is_finished()) {
+                self.finish_table_check()?;
+            }
             for i in 0..self.spaces.len() {
                 self.drain(i)?;
             }
@@ -628,6 +741,7 @@ impl LazyServer {
             // (Their pending faults, if any, are woken by the kernel on close.)
             self.spaces.retain(|s| s.alive && s.remaining > 0);
             if self.spaces.is_empty() {
+                self.finish_table_check()?;
                 if !self.stats.target_exited {
                     self.stats.complete_after = Some(start.elapsed());
                 }
@@ -724,7 +838,15 @@ impl LazyServer {
         let s = &mut self.spaces[si];
         let outcome = match find(&s.extents, page) {
             None => {
-                let o = zeropage(&s.uffd, page)?;
+                // No stored page here: map zeros over the following stretch without
+                // stored pages too (a scan of a zeroed buffer faults once, not per page).
+                let next = s.extents.partition_point(|e| e.end() <= page);
+                let end = s
+                    .extents
+                    .get(next)
+                    .map_or(u64::MAX, |e| e.addr)
+                    .min(page.saturating_add(ZERO_AHEAD_PAGES * PAGE));
+                let o = zeropage(&s.uffd, page, end - page)?;
                 if o == (Outcome::Done {
                     copied: 0,
                     raced: false,
@@ -741,13 +863,6 @@ impl LazyServer {
                 let (lo, n) = if s.done.get(idx) {
                     (off, 1)
                 } else {
-                    if recording {
-                        if let Some(r) = &mut self.recorded {
-                            if r.set(idx) {
-                                self.stats.working_set.push(idx);
-                            }
-                        }
-                    }
                     let w0 = off / READAHEAD_PAGES * READAHEAD_PAGES;
                     let w1 = (w0 + READAHEAD_PAGES).min(e.pages);
                     let mut lo = off;
@@ -757,6 +872,21 @@ impl LazyServer {
                     let mut hi = off + 1;
                     while hi < w1 && !s.done.get(e.first + hi) {
                         hi += 1;
+                    }
+                    if recording {
+                        // The whole read-ahead window: the app goes on to use those
+                        // pages without faulting, so a working set of faulting pages
+                        // alone would leave them to faults on the next run. The faulting
+                        // page comes first.
+                        if let Some(r) = &mut self.recorded {
+                            let window = std::iter::once(idx)
+                                .chain((e.first + lo..e.first + hi).filter(|&i| i != idx));
+                            for i in window {
+                                if r.set(i) {
+                                    self.stats.working_set.push(i);
+                                }
+                            }
+                        }
                     }
                     (lo, hi - lo)
                 };
@@ -820,17 +950,36 @@ impl LazyServer {
     /// Copies pages `off..off+n` of extent `pos` of space `si` (from the snapshot,
     /// verified). Pages already present are marked and skipped.
     fn copy_range(&mut self, si: usize, pos: usize, off: u64, n: u64) -> Result<Outcome> {
-        let s = &mut self.spaces[si];
-        let e = s.extents[pos];
+        let e = self.spaces[si].extents[pos];
         let idx = e.first + off;
         let addr = e.addr + off * PAGE;
-        let bytes = &mut self.buf[..(n * PAGE) as usize];
-        self.snap.read_pages(idx, n, bytes).with_context(|| {
+        let mut buf = std::mem::take(&mut self.buf);
+        let bytes = &mut buf[..(n * PAGE) as usize];
+        let read = self.snap.read_pages(idx, n, bytes).with_context(|| {
             format!(
                 "lazy restore: reading pages {idx}..+{n} for {addr:#x} from snapshot {}",
                 self.snap.id.short()
             )
-        })?;
+        });
+        let out = read.and_then(|()| self.copy_bytes(si, pos, off, n, bytes));
+        self.buf = buf;
+        out
+    }
+
+    /// Copies `bytes` (pages `off..off+n` of extent `pos` of space `si`, read and
+    /// verified) into the process. Pages already present are marked and skipped.
+    fn copy_bytes(
+        &mut self,
+        si: usize,
+        pos: usize,
+        off: u64,
+        n: u64,
+        bytes: &[u8],
+    ) -> Result<Outcome> {
+        let s = &mut self.spaces[si];
+        let e = s.extents[pos];
+        let idx = e.first + off;
+        let addr = e.addr + off * PAGE;
         let mut done = 0u64;
         let mut copied = 0u64;
         let mut raced = false;
@@ -1006,20 +1155,12 @@ impl LazyServer {
     }
 }
 
-fn zeropage(u: &Uffd, page: u64) -> Result<Outcome> {
-    match u.zeropage(
-        Range {
-            start: page,
-            len: PAGE,
-        },
-        ZeropageMode::empty(),
-    ) {
-        Ok(0) => Ok(Outcome::Retry { copied: 0 }),
-        Ok(_) => Ok(Outcome::Done {
-            copied: 0,
-            raced: false,
-        }),
-        Err(UffdError::Exists { .. }) => {
+/// Maps zero pages at `page` and, as far as it can in one call, the rest of
+/// `page..page + len` (a range crossing the end of the VMA is halved until it fits).
+fn zeropage(u: &Uffd, page: u64, mut len: u64) -> Result<Outcome> {
+    loop {
+        let range = Range { start: page, len };
+        let raced = || {
             let _ = u.wake(Range {
                 start: page,
                 len: PAGE,
@@ -1028,20 +1169,58 @@ fn zeropage(u: &Uffd, page: u64) -> Result<Outcome> {
                 copied: 0,
                 raced: true,
             })
-        }
-        Err(e) => match e.errno() {
-            Errno::ESRCH => Ok(Outcome::Dead { copied: 0 }),
-            Errno::ENOENT => {
-                let _ = u.wake(Range {
-                    start: page,
-                    len: PAGE,
-                });
-                Ok(Outcome::Done {
-                    copied: 0,
-                    raced: true,
-                })
+        };
+        return match u.zeropage(range, ZeropageMode::empty()) {
+            Ok(0) => Ok(Outcome::Retry { copied: 0 }),
+            // The faulting page (the first) is mapped; a partial range is fine.
+            Ok(_) => Ok(Outcome::Done {
+                copied: 0,
+                raced: false,
+            }),
+            Err(UffdError::Exists { .. }) => raced(),
+            Err(e) => match e.errno() {
+                Errno::ESRCH => Ok(Outcome::Dead { copied: 0 }),
+                Errno::ENOENT if len > PAGE => {
+                    len = (len / 2).div_ceil(PAGE) * PAGE;
+                    continue;
+                }
+                Errno::ENOENT => raced(),
+                _ => Err(anyhow::Error::new(e).context(format!("UFFDIO_ZEROPAGE at {page:#x}"))),
+            },
+        };
+    }
+}
+
+#[cfg(test)]
+mod bitmap_tests {
+    use super::Bitmap;
+
+    #[test]
+    fn ranges_match_bit_by_bit() {
+        for (first, n) in [
+            (0, 0),
+            (0, 1),
+            (3, 61),
+            (5, 64),
+            (63, 2),
+            (64, 64),
+            (10, 200),
+        ] {
+            let mut b = Bitmap::new_full(300);
+            b.clear_range(first, n);
+            for i in 0..300 {
+                assert_eq!(
+                    b.get(i),
+                    !(first..first + n).contains(&i),
+                    "{first}+{n}: {i}"
+                );
             }
-            _ => Err(anyhow::Error::new(e).context(format!("UFFDIO_ZEROPAGE at {page:#x}"))),
-        },
+            assert_eq!(
+                b.set_range(first.saturating_sub(2), n + 4),
+                n,
+                "{first}+{n}"
+            );
+            assert!((0..300).all(|i| b.get(i)));
+        }
     }
 }

@@ -353,12 +353,14 @@ fn faults_serve_data_and_zeros_and_record() {
     for (i, got) in res.iter().enumerate() {
         assert_eq!(*got, expected(i), "page {i}");
     }
-    // Read-ahead: aligned 16-page blocks clipped to runs: faults at 0, 16 and 24.
-    assert_eq!(st.working_set, vec![0, 16, 20]);
+    // Read-ahead: aligned 16-page blocks clipped to runs: faults at 0, 16 and 24. The
+    // working set is every page those faults copied, in fault order.
+    assert_eq!(st.working_set, (0..36).collect::<Vec<u64>>());
     assert_eq!(st.faults_data, 3);
-    // Pages 20..24 fault before page 24 loads the last data; once every stored page
-    // is in the server closes and the kernel zero-fills the rest itself.
-    assert!((4..=28).contains(&st.faults_zero), "{}", st.faults_zero);
+    // One fault at page 20 maps zeros over 20..24 (and not over the stored page 24);
+    // once every stored page is in the server closes and the kernel zero-fills the rest
+    // itself (a fault or two may come before that).
+    assert!((1..=4).contains(&st.faults_zero), "{}", st.faults_zero);
     assert_eq!(st.pages_on_fault, STORED as u64 - 4);
     assert!(st.target_exited || st.complete_after.is_some());
 }
@@ -543,4 +545,71 @@ fn corrupt_page_kills_the_instance() {
         "the child produced results from bad memory"
     );
     drop(err.into_error());
+}
+
+#[test]
+fn damaged_table_fails_the_deferred_check() {
+    let fx = fixture();
+    let id = fx.snap.id;
+    // Flip a byte of a record's reserved area: every page still reads and verifies,
+    // only the whole-table checksum sees it.
+    let table = fx.snap.table_path().to_owned();
+    let mut bytes = std::fs::read(&table).unwrap();
+    bytes[96 + 56 * 5 + 53] ^= 1;
+    std::fs::write(&table, &bytes).unwrap();
+    assert!(fx.store.load(&id).is_err(), "a full load checks the table");
+    let snap = Arc::new(fx.store.load_deferred(&id).unwrap());
+    let mut c = spawn(all_pages);
+    let p = plan(&snap.manifest.processes[0]);
+    let mut s = LazyServer::new(snap.clone(), p, c.uffd(), opts(true)).unwrap();
+    s.watch_exit(pidfd::pidfd_open(c.pid, 0).unwrap());
+    let check = snap.clone();
+    let job = std::thread::spawn(move || check.verify_table());
+    while !job.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    s.check_table(job);
+    let th = std::thread::spawn(move || s.serve());
+    // (The server may have killed it already: the pipe may be closed.)
+    let _ = std::io::Write::write_all(&mut c.go, b"g");
+    let err = th.join().unwrap().unwrap_err();
+    let msg = format!("{:#}", err.error());
+    assert!(msg.contains("page table is damaged"), "{msg}");
+    assert!(msg.contains(&id.short()), "{msg}");
+    // Killed before it could read a page.
+    let mut rest = Vec::new();
+    c.out.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the child produced results");
+    let st = c.wait();
+    assert!(
+        libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
+        "status {st:#x}"
+    );
+    drop(err.into_error());
+}
+
+#[test]
+fn prefetch_copies_from_hot_pages() {
+    let fx = fixture();
+    fx.store
+        .save_hot(&fx.snap, &(0..10).collect::<Vec<u64>>())
+        .unwrap();
+    let hot = fx.snap.hot(2).map(Arc::new);
+    assert!(hot.is_some());
+    let o = LazyOptions {
+        prefetch: Some((0..20).collect()),
+        hot,
+        background: false,
+        ..Default::default()
+    };
+    let (res, st, pf) = run(&fx, working_set_only, o, 20);
+    for (i, got) in res.iter().enumerate() {
+        assert_eq!(*got, expected(i), "page {i}");
+    }
+    assert_eq!(pf.pages, 20);
+    assert_eq!(
+        pf.hot_pages, 10,
+        "0..10 from the hot pages, 10..20 from the packs"
+    );
+    assert_eq!(st.faults, 0);
 }

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::child::BlobInfo;
 use super::RestoreOptions;
@@ -54,6 +54,8 @@ fn read_word(pid: i32, addr: u64) -> Result<u64> {
 /// At the restorer's first trap: takes its userfaultfd and prefetches.
 pub fn start(
     snap: &Arc<Snapshot>,
+    hot: Option<Arc<Hot>>,
+    table_check: Option<JoinHandle<Result<(), StoreError>>>,
     plan: LazyPlan,
     pid: i32,
     info: &BlobInfo,
@@ -76,10 +78,14 @@ pub fn start(
             prefetch: opts.prefetch.clone(),
             record_working_set: opts.learn,
             record_for: opts.learn.then_some(LEARN_AT_MOST),
+            hot,
             background: true,
         },
     )?;
     server.watch_exit(target);
+    if let Some(job) = table_check {
+        server.check_table(job);
+    }
     let prefetch = server.prefetch()?;
     Ok(Starting { server, prefetch })
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{Process, RunContent, VmaKind, PAGE_SIZE};
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Hot, Snapshot};
 
 /// Pages decompressed and written per batch.
 const BATCH: u64 = 256;
@@ -54,13 +54,40 @@ fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
     out
 }
 
-fn write(snap: &Snapshot, mem: &File, pid: i32, work: &[Batch], buf: &mut [u8]) -> Result<()> {
+/// Page-table indexes of the pages [`fill`] writes when `lazy` (sorted `(start, len)`)
+/// are the lazily served VMAs: what a restore copies before the app resumes besides
+/// the working set, so worth keeping decompressed (`Store::save_hot`).
+pub fn eager_indexes(p: &Process, lazy: &[(u64, u64)]) -> Vec<u64> {
+    batches(p, lazy)
+        .iter()
+        .filter_map(|b| b.first.map(|f| f..f + b.count))
+        .flatten()
+        .collect()
+}
+
+fn write(
+    snap: &Snapshot,
+    hot: Option<&Hot>,
+    mem: &File,
+    pid: i32,
+    work: &[Batch],
+    buf: &mut [u8],
+) -> Result<()> {
     for b in work {
-        let bytes = &mut buf[..b.count as usize * PAGE_SIZE];
-        match b.first {
-            Some(first) => snap.read_pages(first, b.count, bytes)?,
-            None => bytes.fill(0),
-        }
+        let from_hot = b.first.and_then(|f| hot.and_then(|h| h.pages(f, b.count)));
+        let bytes: &[u8] = match (from_hot, b.first) {
+            (Some(pages), _) => pages,
+            (None, Some(first)) => {
+                let bytes = &mut buf[..b.count as usize * PAGE_SIZE];
+                snap.read_pages(first, b.count, bytes)?;
+                bytes
+            }
+            (None, None) => {
+                let bytes = &mut buf[..b.count as usize * PAGE_SIZE];
+                bytes.fill(0);
+                bytes
+            }
+        };
         mem.write_all_at(bytes, b.addr).with_context(|| {
             format!(
                 "writing {} pages at {:#x} of process {pid}",
@@ -72,8 +99,15 @@ fn write(snap: &Snapshot, mem: &File, pid: i32, work: &[Batch], buf: &mut [u8]) 
 }
 
 /// Writes every stored page except those of the VMAs in `lazy` (sorted `(start, len)`),
-/// which the page server provides.
-pub fn fill(snap: &Snapshot, p: &Process, pid: i32, lazy: &[(u64, u64)]) -> Result<()> {
+/// which the page server provides; pages in `hot` are taken from there (verified
+/// already) instead of being decompressed.
+pub fn fill(
+    snap: &Snapshot,
+    hot: Option<&Hot>,
+    p: &Process,
+    pid: i32,
+    lazy: &[(u64, u64)],
+) -> Result<()> {
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -85,9 +119,19 @@ pub fn fill(snap: &Snapshot, p: &Process, pid: i32, lazy: &[(u64, u64)]) -> Resu
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
-    if threads == 1 || work.len() < 8 {
+    // Pages to decompress are worth other cores; pages already in `hot` only need the
+    // write, which one thread does without waiting for others to be scheduled.
+    let to_decode = work
+        .iter()
+        .filter(|b| {
+            b.first
+                .is_some_and(|f| hot.is_none_or(|h| h.pages(f, b.count).is_none()))
+        })
+        .count();
+    if threads == 1 || to_decode < 8 {
         return write(
             snap,
+            hot,
             &open()?,
             pid,
             &work,
@@ -103,6 +147,7 @@ pub fn fill(snap: &Snapshot, p: &Process, pid: i32, lazy: &[(u64, u64)]) -> Resu
                 s.spawn(move || -> Result<()> {
                     write(
                         snap,
+                        hot,
                         &open()?,
                         pid,
                         part,

@@ -44,6 +44,9 @@ use crate::sys::ptrace::{self, Stop};
 use crate::sys::remote;
 use child::{BlobInfo, MSG_BLOB, MSG_ERROR};
 
+/// Threads hashing the hot pages (a restore's other work is mostly in other processes).
+const HOT_VERIFY_THREADS: usize = 2;
+
 /// A restored instance, running.
 pub struct Restored {
     pub sandbox: Sandbox,
@@ -66,6 +69,9 @@ pub struct RestoreOptions {
     pub prefetch: Option<Vec<u64>>,
     /// Learn the working set: record faults until the app first writes to stdout.
     pub learn: bool,
+    /// The snapshot was opened with `Store::load_deferred`: check its page table while
+    /// restoring (before the app resumes when eager; alongside the page server when lazy).
+    pub verify_table: bool,
 }
 
 impl Restored {
@@ -124,6 +130,31 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
 
+    // The hot pages (verified, decompressed) are checked on other cores while the
+    // sandbox and the layout are built; they are needed only once the layout is there.
+    let hot_job = {
+        let snap = snap.clone();
+        std::thread::Builder::new()
+            .name("hot-pages".into())
+            .spawn(move || snap.hot(HOT_VERIFY_THREADS).map(Arc::new))
+            .context("starting the hot-pages thread")?
+    };
+    let mut table_check = opts
+        .verify_table
+        .then(|| {
+            let snap = snap.clone();
+            std::thread::Builder::new()
+                .name("table-check".into())
+                .spawn(move || {
+                    // Off the critical path: it only has to be done before the page
+                    // server finishes, so it runs when a core would idle otherwise.
+                    let param = libc::sched_param { sched_priority: 0 };
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    snap.verify_table()
+                })
+                .context("starting the page-table check")
+        })
+        .transpose()?;
     let t = Instant::now();
     // Only the root is served lazily; the other processes of a tree get all their
     // memory before they resume.
@@ -272,26 +303,44 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     }
     phases.add("layout", t.elapsed());
     let t = Instant::now();
+    let hot = hot_job.join().unwrap_or(None);
+    phases.add("hot-pages", t.elapsed());
+    let t = Instant::now();
     let tree_opts = RestoreOptions {
         lazy: true,
         prefetch: None,
         learn: false,
+        verify_table: false,
     };
     let mut servers = Vec::new();
     for d in &tree {
         let server = match plans[d.idx].take() {
             Some(plan) => {
-                let o = if d.idx == 0 { opts } else { &tree_opts };
-                Some(lazy::start(snap, plan, d.pid, &d.info, o).map_err(|e| fail_in(d.p, e))?)
+                // The root's server prefetches and checks the page table.
+                let (o, check) = if d.idx == 0 {
+                    (opts, table_check.take())
+                } else {
+                    (&tree_opts, None)
+                };
+                Some(
+                    lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, o)
+                        .map_err(|e| fail_in(d.p, e))?,
+                )
             }
             None => None,
         };
         servers.push(server);
     }
+    if let Some(job) = table_check.take() {
+        job.join()
+            .map_err(|_| anyhow!("the page-table check panicked"))?
+            .map_err(|e| fail_in(p, e.into()))?;
+    }
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
     for d in &tree {
-        memory::fill(snap, d.p, d.pid, &ranges[d.idx]).map_err(|e| fail_in(d.p, e))?;
+        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
+            .map_err(|e| fail_in(d.p, e))?;
     }
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
@@ -626,5 +675,23 @@ pub fn detached<R>(
             bail!("{err}")
         }
         _ => bail!("the restore monitor died before reporting"),
+    }
+}
+
+/// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
+/// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
+/// a warning.
+pub fn save_hot(snap: &Snapshot, working_set: &[u64]) {
+    if let Err(e) = snap.verify_table() {
+        tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
+        return;
+    }
+    let mut pages = working_set.to_vec();
+    for p in &snap.manifest.processes {
+        let lazy = crate::lazy::plan(p).ranges;
+        pages.extend(memory::eager_indexes(p, &lazy));
+    }
+    if let Err(e) = snap.save_hot(&pages) {
+        tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
     }
 }

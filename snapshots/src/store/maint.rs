@@ -90,7 +90,8 @@ impl Store {
             let Some(name) = name.to_str() else { continue };
             let table_or_ws = name
                 .strip_suffix(".pages")
-                .or_else(|| name.strip_suffix(".ws"));
+                .or_else(|| name.strip_suffix(".ws"))
+                .or_else(|| name.strip_suffix(".hot"));
             if let Some(id) = table_or_ws.and_then(SnapshotId::from_hex) {
                 if !ids.contains(&id) {
                     report.freed_bytes += fsutil::remove_file(&e.path())?;
@@ -114,7 +115,7 @@ impl Store {
         let mut live: HashSet<u32> = HashSet::new();
         for id in &ids {
             let path = self.table_path(id);
-            let t = TableMap::open(&path, TABLE_MAGIC).map_err(|r| StoreError::GcUnsafe {
+            let t = TableMap::open(&path, TABLE_MAGIC, true).map_err(|r| StoreError::GcUnsafe {
                 reason: format!(
                     "page table {} of snapshot {} is unreadable ({})",
                     path.display(),
@@ -252,7 +253,7 @@ impl Store {
             if other == *id {
                 continue;
             }
-            if let Ok(t) = TableMap::open(&self.table_path(&other), TABLE_MAGIC) {
+            if let Ok(t) = TableMap::open(&self.table_path(&other), TABLE_MAGIC, true) {
                 others.extend(t.records().map(|r| r.hash));
             }
         }

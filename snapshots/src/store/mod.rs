@@ -35,6 +35,7 @@
 //! snapshot and the pack, never wrong memory.
 
 mod fsutil;
+mod hot;
 mod lock;
 mod maint;
 mod snapshot;
@@ -55,6 +56,7 @@ use thiserror::Error;
 use crate::format::{self, FormatError};
 use crate::model::{Manifest, RunContent};
 
+pub use hot::{Hot, MAX_HOT_PAGES};
 pub use maint::{DamagedSnapshot, GcReport, SnapshotStats, VerifyReport};
 pub use snapshot::Snapshot;
 pub use table::{Location, Record};
@@ -499,7 +501,18 @@ impl Store {
     /// Opens a snapshot: reads the manifest and maps its page table (validating both).
     pub fn load(&self, id: &SnapshotId) -> Result<Snapshot, StoreError> {
         let manifest = self.read_manifest(id)?;
-        Snapshot::open(self, *id, manifest)
+        Snapshot::open(self, *id, manifest, true)
+    }
+
+    /// [`load`](Self::load) without hashing the whole page table (a table of GiBs of
+    /// pages is tens of MiB): its header, size and binding to the manifest are checked,
+    /// and every page read is still verified against its record's hash, so a damaged
+    /// record fails that read. What only the whole-table checksum catches (a record
+    /// replaced by another well-formed one) needs [`Snapshot::verify_table`]: run it
+    /// before trusting the snapshot further, e.g. on another thread while restoring.
+    pub fn load_deferred(&self, id: &SnapshotId) -> Result<Snapshot, StoreError> {
+        let manifest = self.read_manifest(id)?;
+        Snapshot::open(self, *id, manifest, false)
     }
 
     /// Every committed snapshot, oldest first. A damaged manifest is listed with
@@ -556,6 +569,7 @@ impl Store {
         fsutil::fsync_dir(&self.snaps_dir())?;
         fsutil::remove_file(&self.table_path(&id))?;
         fsutil::remove_file(&self.working_set_path(&id))?;
+        fsutil::remove_file(&self.hot_path(&id))?;
         for (name, target) in self.names()? {
             if target == id {
                 fsutil::remove_file(&self.refs_dir().join(name))?;

@@ -91,6 +91,7 @@ impl Snapshot {
         store: &Store,
         id: SnapshotId,
         manifest: Manifest,
+        checksum: bool,
     ) -> Result<Self, StoreError> {
         let table_path = store.table_path(&id);
         let bad = |reason: String| StoreError::BadTable {
@@ -98,7 +99,7 @@ impl Snapshot {
             path: table_path.clone(),
             reason,
         };
-        let table = TableMap::open(&table_path, TABLE_MAGIC)
+        let table = TableMap::open(&table_path, TABLE_MAGIC, checksum)
             .map_err(|r| bad(r.unwrap_or_else(|| "the file is missing".into())))?;
         if table.len() != manifest.page_count {
             return Err(bad(format!(
@@ -205,6 +206,36 @@ impl Snapshot {
                 .ok()
                 .flatten(),
         }
+    }
+
+    /// The verified hot pages (see [`Hot`](super::Hot)) of a local snapshot, their
+    /// chunks hashed on up to `threads` threads. `None` if it has none (or is remote).
+    pub fn hot(&self, threads: usize) -> Option<super::Hot> {
+        match &self.source {
+            Source::Local { store, .. } => super::Hot::open(store, self, threads),
+            Source::Remote(_) => None,
+        }
+    }
+
+    /// Stores the hot pages (see [`Hot`](super::Hot)) at page-table `indexes` of a
+    /// local snapshot; nothing for a remote one.
+    pub fn save_hot(&self, indexes: &[u64]) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Local { store, .. } => store.save_hot(self, indexes),
+            Source::Remote(_) => Ok(()),
+        }
+    }
+
+    /// Checks the whole page table against its checksum (see
+    /// [`Store::load_deferred`]); a snapshot opened otherwise was checked already.
+    pub fn verify_table(&self) -> Result<(), StoreError> {
+        self.table
+            .verify_checksum()
+            .map_err(|reason| StoreError::BadTable {
+                id: self.id.short(),
+                path: self.table_path.clone(),
+                reason,
+            })
     }
 
     /// The page table file, header and records (what a page server sends).

@@ -142,7 +142,13 @@ pub(crate) struct TableMap {
 impl TableMap {
     /// Maps and validates (header, size, checksum). Errors are a reason for the caller
     /// to wrap with the file and snapshot names; `Err(None)` means the file is missing.
-    pub(crate) fn open(path: &Path, magic: [u8; 8]) -> Result<TableMap, Option<String>> {
+    /// Without `checksum`, the records are not hashed (see
+    /// [`verify_checksum`](Self::verify_checksum)).
+    pub(crate) fn open(
+        path: &Path,
+        magic: [u8; 8],
+        checksum: bool,
+    ) -> Result<TableMap, Option<String>> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(None),
@@ -151,13 +157,13 @@ impl TableMap {
         // SAFETY: tables are never modified in place (replaced only by rename), so the
         // mapping cannot change under us.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Some(format!("cannot map: {e}")))?;
-        let t = Self::validate(TableBytes::Map(map), magic).map_err(Some)?;
+        let t = Self::validate(TableBytes::Map(map), magic, checksum).map_err(Some)?;
         Ok(t)
     }
 
     /// Validates a table received as bytes (header, size, checksum).
     pub(crate) fn from_bytes(bytes: Vec<u8>, magic: [u8; 8]) -> Result<TableMap, String> {
-        Self::validate(TableBytes::Owned(bytes), magic)
+        Self::validate(TableBytes::Owned(bytes), magic, true)
     }
 
     /// The whole file: header and records.
@@ -165,7 +171,7 @@ impl TableMap {
         &self.map
     }
 
-    fn validate(map: TableBytes, magic: [u8; 8]) -> Result<TableMap, String> {
+    fn validate(map: TableBytes, magic: [u8; 8], check: bool) -> Result<TableMap, String> {
         if map.len() < HEADER_SIZE {
             return Err(format!(
                 "truncated: {} bytes, header alone is {HEADER_SIZE}",
@@ -196,10 +202,19 @@ impl TableMap {
                 expected.map_or("more than 2^64".into(), |n| n.to_string())
             ));
         }
-        if checksum(&map) != map[64..96] {
+        let t = TableMap { map, count };
+        if check {
+            t.verify_checksum()?;
+        }
+        Ok(t)
+    }
+
+    /// Hashes the header and every record and compares with the stored checksum.
+    pub(crate) fn verify_checksum(&self) -> Result<(), String> {
+        if checksum(&self.map) != self.map[64..96] {
             return Err("checksum mismatch".into());
         }
-        Ok(TableMap { map, count })
+        Ok(())
     }
 
     pub(crate) fn len(&self) -> u64 {

@@ -112,7 +112,7 @@ impl<'a> SnapshotWriter<'a> {
                 continue;
             }
             let path = store.idx_path(n);
-            match TableMap::open(&path, INDEX_MAGIC) {
+            match TableMap::open(&path, INDEX_MAGIC, true) {
                 Ok(t) => {
                     index.reserve(t.len() as usize);
                     for r in t.records() {
