@@ -99,6 +99,8 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
     frozen.pid = pid;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let comm = comm.trim();
+    // Threads that exited but are still listed (a dead thread lingers until reaped).
+    let mut gone = std::collections::HashSet::new();
     loop {
         let all = tasks(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => anyhow::anyhow!("process {pid} exited while being frozen"),
@@ -106,7 +108,7 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
         })?;
         let new: Vec<i32> = all
             .into_iter()
-            .filter(|t| !frozen.threads.contains_key(t))
+            .filter(|t| !frozen.threads.contains_key(t) && !gone.contains(t))
             .collect();
         if new.is_empty() {
             return Ok(());
@@ -125,7 +127,11 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && traced_by_us(tid) => {}
                 // A thread that is exiting gives EPERM, not ESRCH: gone all the same.
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && thread_gone(pid, tid) => {
-                    continue
+                    if tid == pid {
+                        bail!("process {pid} ({comm}) exited while being frozen");
+                    }
+                    gone.insert(tid);
+                    continue;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => bail!(
                     "cannot trace process {pid} ({comm}) thread {tid}: permission denied \
