@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::child::BlobInfo;
+use super::keeper::Keeper;
 use super::RestoreOptions;
 use crate::lazy::{LazyOptions, LazyPlan, LazyServer, PrefetchStats, RecordHandle, ServeStats};
 use crate::sys::pidfd;
@@ -28,6 +29,8 @@ const LEARN_AT_MOST: Duration = Duration::from_secs(30);
 pub struct Starting {
     server: LazyServer,
     prefetch: PrefetchStats,
+    /// A copy of the userfaultfd for the [`Keeper`].
+    keep: OwnedFd,
 }
 
 /// A page server serving a running instance.
@@ -66,9 +69,9 @@ pub fn start(
         .context("the restorer did not create a userfaultfd")?;
     let fd = read_word(pid, slot)? as i32;
     let target = pidfd::pidfd_open(pid, 0).context("pidfd_open of the restored process")?;
-    let uffd = Uffd::from_owned(
-        pidfd::pidfd_getfd(&target, fd).context("taking the restorer's userfaultfd")?,
-    );
+    let taken = pidfd::pidfd_getfd(&target, fd).context("taking the restorer's userfaultfd")?;
+    let keep = taken.try_clone().context("duplicating the userfaultfd")?;
+    let uffd = Uffd::from_owned(taken);
     uffd.set_nonblocking(true).map_err(|e| anyhow!("{e}"))?;
     let mut server = LazyServer::new(
         snap.clone(),
@@ -87,7 +90,11 @@ pub fn start(
         server.check_table(job);
     }
     let prefetch = server.prefetch()?;
-    Ok(Starting { server, prefetch })
+    Ok(Starting {
+        server,
+        prefetch,
+        keep,
+    })
 }
 
 impl Starting {
@@ -98,11 +105,16 @@ impl Starting {
             .try_clone_to_owned()
             .context("duplicating the sandbox's pidfd")?;
         let record = self.server.record_handle();
+        let mut keeper = Keeper::spawn(self.keep.as_fd(), init)?;
+        drop(self.keep);
         let server = self.server;
         let server = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || match server.serve() {
-                Ok(stats) => Ok(stats),
+                Ok(stats) => {
+                    keeper.release();
+                    Ok(stats)
+                }
                 Err(e) => {
                     // Kill before the error (and with it the uffd) is dropped, so no
                     // thread of the app reads a page we could not serve.

@@ -24,12 +24,13 @@
 
 pub mod checks;
 pub mod child;
+pub mod keeper;
 pub mod lazy;
 pub mod memory;
 pub mod program;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -190,7 +191,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         .iter()
         .any(|f| f.file == FileDesc::External { stdio: 3 })
     {
-        let (ours, app) = socketpair()?;
+        let (ours, app) = remote::socketpair().context("socketpair")?;
         let mut w = std::fs::File::from(ours.try_clone()?);
         std::io::Write::write_all(&mut w, warmstart_launcher::warmpoint::RESTORED_MSG)
             .context("writing RESTORED=1 to the notify channel")?;
@@ -446,22 +447,6 @@ fn read_zombie_report(r: OwnedFd) -> Result<()> {
             "the restoring child died before reporting (see its exit status)"
         )),
     }
-}
-
-fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error()).context("socketpair");
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Reads the child's report: its error, or the blob it is about to jump into.

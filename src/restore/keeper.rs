@@ -1,0 +1,108 @@
+//! A process that holds a copy of an instance's userfaultfd until the instance is gone.
+//!
+//! When the last copy of a userfaultfd is closed, the kernel unregisters its ranges and
+//! wakes the faulting threads, which then map zero pages where the snapshot's memory was
+//! to come. If the monitor dies (SIGKILL, OOM), its copy goes in its `exit_files`, before
+//! the sandbox's init gets its PDEATHSIG and takes the instance down: a window in which
+//! the app could run on zeros. The keeper closes that window: it lives outside the
+//! sandbox (in a process group of its own, so signals to the monitor's group miss it)
+//! and lets go of its copy only when the monitor says it has finished serving, or when
+//! the sandbox's init has exited (which happens only after every process in the
+//! sandbox is gone). Meanwhile faults simply stay blocked.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use anyhow::{Context, Result};
+
+pub struct Keeper {
+    pid: i32,
+    /// Write a byte: the monitor is done and the keeper may let go. Closed without one
+    /// (the monitor died or gave up): it holds on until the instance is gone.
+    done: Option<OwnedFd>,
+}
+
+impl Keeper {
+    /// Forks the keeper, giving it `uffd` and the pidfd of the sandbox's `init`.
+    pub fn spawn(uffd: BorrowedFd<'_>, init: BorrowedFd<'_>) -> Result<Keeper> {
+        // A socket, not a pipe: writing after the keeper is gone must not raise SIGPIPE.
+        let (done_r, done_w) =
+            crate::sys::remote::socketpair().context("socketpair for the uffd keeper")?;
+        let keep = [uffd.as_raw_fd(), init.as_raw_fd(), done_r.as_raw_fd()];
+        // The monitor is multi-threaded: the child only makes raw syscalls.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("forking the uffd keeper");
+        }
+        if pid == 0 {
+            unsafe { keeper_main(keep) }
+        }
+        Ok(Keeper {
+            pid,
+            done: Some(done_w),
+        })
+    }
+
+    /// The page server has finished: the keeper closes its copy and exits.
+    pub fn release(&mut self) {
+        if let Some(d) = self.done.take() {
+            unsafe { libc::send(d.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+            // It exits at once: reap it.
+            unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // Without a release it stays until the instance is gone; reap it if it is done.
+        self.done.take();
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) };
+    }
+}
+
+/// The keeper's body: only `keep` stays open; waits for a byte on the done pipe or for
+/// init's exit.
+unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
+    let [_uffd, init, done] = keep;
+    libc::setpgid(0, 0);
+    let mut sorted = keep;
+    sorted.sort_unstable();
+    let mut from = 0u32;
+    for fd in sorted {
+        if fd as u32 > from {
+            libc::syscall(libc::SYS_close_range, from, fd as u32 - 1, 0u32);
+        }
+        from = fd as u32 + 1;
+    }
+    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
+    let mut fds = [
+        libc::pollfd {
+            fd: init,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: done,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let mut n = 2;
+    loop {
+        if libc::poll(fds.as_mut_ptr(), n, -1) < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            libc::_exit(0);
+        }
+        if n == 2 && fds[1].revents != 0 {
+            let mut b = 0u8;
+            match libc::read(done, (&mut b as *mut u8).cast(), 1) {
+                1 => libc::_exit(0),
+                r if r < 0 && *libc::__errno_location() == libc::EINTR => {}
+                // EOF: the monitor is gone without finishing; hold on.
+                _ => n = 1,
+            }
+        }
+    }
+}
