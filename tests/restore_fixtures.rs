@@ -1,49 +1,12 @@
 //! zdtm-style fixtures (tests/fixtures/*.c), one kernel resource each: every fixture is run
 //! cold (it must PASS, and FAIL after its `break` negative control), then recorded at its
-//! warm point and restored with `warmstart run` in every mode ([`Mode::ALL`]: lazy while
+//! warm point and restored with `warmstart run` in every mode (`Mode::ALL`: lazy while
 //! learning the working set, eager, lazy with the working set prefetched), where it must
 //! PASS again.
 
 mod common;
 
-use common::{
-    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Mode, SavedFiles, Ws,
-    CHECK_TWICE,
-};
-
-fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
-    let mut v = vec![bin.as_os_str().to_owned()];
-    if let Some(d) = dir {
-        v.push(d.as_os_str().to_owned());
-    }
-    v
-}
-
-fn run_fixture(name: &str, needs_dir: bool) {
-    let bin = fixture(name);
-
-    // Cold: the fixture itself passes, and can fail.
-    let d = tempdir("ws-cold-");
-    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let d = tempdir("ws-neg-");
-    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
-
-    // Record at the warm point, restore in every mode, check. An instance may write to
-    // the fixture's files, which the next restore would rightly refuse (the snapshot's
-    // files changed): each run gets them back as they were at the warm point.
-    let ws = Ws::new();
-    let d = tempdir("ws-rec-");
-    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let files = SavedFiles::save(d.path());
-    ws.each_mode_prepared(
-        name,
-        CHECK_TWICE,
-        |_| files.put_back(),
-        |mode, out| {
-            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
-        },
-    );
-}
+use common::{fixture, tempdir, zdtm_every_mode as run_fixture, Mode, Ws};
 
 #[test]
 fn heap_and_mmap() {

@@ -9,42 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{
-    assert_all_pass, fixture, tempdir, zdtm_cold_break, zdtm_cold_pass, Proc, SavedFiles, Ws,
-    CHECK_TWICE,
-};
-
-fn argv(bin: &Path, dir: Option<&Path>) -> Vec<std::ffi::OsString> {
-    let mut v = vec![bin.as_os_str().to_owned()];
-    if let Some(d) = dir {
-        v.push(d.as_os_str().to_owned());
-    }
-    v
-}
-
-/// Cold pass and negative control, then record and restore in every mode.
-fn run_fixture(name: &str, needs_dir: bool) {
-    let bin = fixture(name);
-    let d = tempdir("ws-cold-");
-    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let d = tempdir("ws-neg-");
-    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
-
-    let ws = Ws::new();
-    let d = tempdir("ws-rec-");
-    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
-    // An instance writes to the fixture's files, which the next restore would rightly
-    // refuse (changed since the dump): each run gets them back as they were.
-    let files = SavedFiles::save(d.path());
-    ws.each_mode_prepared(
-        name,
-        CHECK_TWICE,
-        |_| files.put_back(),
-        |mode, out| {
-            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
-        },
-    );
-}
+use common::{fixture, tempdir, zdtm_every_mode as run_fixture, Proc, Ws};
 
 #[test]
 fn parent_children_grandchild_over_pipes() {

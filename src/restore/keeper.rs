@@ -15,7 +15,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use anyhow::{Context, Result};
 
 pub struct Keeper {
-    pid: i32,
     /// Write a byte: the monitor is done and the keeper may let go. Closed without one
     /// (the monitor died or gave up): it holds on until the instance is gone.
     done: Option<OwnedFd>,
@@ -28,35 +27,34 @@ impl Keeper {
         let (done_r, done_w) =
             crate::sys::remote::socketpair().context("socketpair for the uffd keeper")?;
         let keep = [uffd.as_raw_fd(), init.as_raw_fd(), done_r.as_raw_fd()];
-        // The monitor is multi-threaded: the child only makes raw syscalls.
+        // Forked twice, so that it is nobody's child here (the monitor's only child stays
+        // the sandbox's init, and nothing needs to reap the keeper). The monitor is
+        // multi-threaded: the children only make raw syscalls.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("forking the uffd keeper");
         }
         if pid == 0 {
-            unsafe { keeper_main(keep) }
+            unsafe {
+                if libc::fork() == 0 {
+                    keeper_main(keep)
+                }
+                libc::_exit(0)
+            }
         }
-        Ok(Keeper {
-            pid,
-            done: Some(done_w),
-        })
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if !libc::WIFEXITED(status) {
+            anyhow::bail!("the uffd keeper's parent died: status {status:#x}");
+        }
+        Ok(Keeper { done: Some(done_w) })
     }
 
     /// The page server has finished: the keeper closes its copy and exits.
     pub fn release(&mut self) {
         if let Some(d) = self.done.take() {
             unsafe { libc::send(d.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
-            // It exits at once: reap it.
-            unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
         }
-    }
-}
-
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        // Without a release it stays until the instance is gone; reap it if it is done.
-        self.done.take();
-        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) };
     }
 }
 

@@ -717,3 +717,40 @@ impl SavedFiles {
         }
     }
 }
+
+fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
+    let mut v = vec![bin.as_os_str().to_owned()];
+    if let Some(d) = dir {
+        v.push(d.as_os_str().to_owned());
+    }
+    v
+}
+
+/// A zdtm fixture (`needs_dir`: it takes a scratch directory as its argument): cold it
+/// passes and its negative control fails; recorded, it passes again restored in every
+/// mode ([`Mode::ALL`]).
+pub fn zdtm_every_mode(name: &str, needs_dir: bool) {
+    let bin = fixture(name);
+
+    // Cold: the fixture itself passes, and can fail.
+    let d = tempdir("ws-cold-");
+    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
+    let d = tempdir("ws-neg-");
+    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
+
+    // Record at the warm point, restore in every mode, check. An instance may write to
+    // the fixture's files, which the next restore would rightly refuse (the snapshot's
+    // files changed): each run gets them back as they were at the warm point.
+    let ws = Ws::new();
+    let d = tempdir("ws-rec-");
+    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
+    let files = SavedFiles::save(d.path());
+    ws.each_mode_prepared(
+        name,
+        CHECK_TWICE,
+        |_| files.put_back(),
+        |mode, out| {
+            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
+        },
+    );
+}
