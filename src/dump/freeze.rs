@@ -55,23 +55,6 @@ impl Frozen {
         f
     }
 
-    /// A process whose thread `tid` the caller already traces and holds at a seccomp stop.
-    pub fn at_syscall_entry(pid: i32, tid: i32) -> Frozen {
-        let mut f = Frozen {
-            pid,
-            ..Default::default()
-        };
-        f.threads.insert(
-            tid,
-            FrozenThread {
-                tid,
-                kind: StopKind::SyscallEntry,
-                caught: Vec::new(),
-            },
-        );
-        f
-    }
-
     pub fn tids(&self) -> Vec<i32> {
         self.threads.keys().copied().collect()
     }
@@ -185,15 +168,19 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
     }
 }
 
+/// The state letter of a `/proc/.../stat` file (after the comm, which may hold ')'),
+/// or `None` if it cannot be read (the task is gone).
+fn stat_state(path: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// Whether thread `tid` of `pid` has exited (dead, or already released).
 fn thread_gone(pid: i32, tid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|s| s == "Z" || s == "X"),
-    }
+    matches!(
+        stat_state(&format!("/proc/{pid}/task/{tid}/stat")),
+        None | Some('Z' | 'X')
+    )
 }
 
 /// TracerPid names the tracing *thread*: ours is the calling one.
@@ -241,10 +228,7 @@ pub fn children(pid: i32) -> Vec<i32> {
 
 /// Whether `pid` is a zombie (state `Z` in `/proc/PID/stat`).
 pub fn is_zombie(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        .is_some_and(|s| s == "Z")
+    stat_state(&format!("/proc/{pid}/stat")) == Some('Z')
 }
 
 /// Freezes the tree rooted at `root` (`first`: what the caller already holds of it):

@@ -452,21 +452,26 @@ fn register_lazy(b: &mut ProgramBuilder, ranges: &[(u64, u64)]) -> Slot {
 }
 
 /// Re-arms interval timers and re-creates POSIX timers with their ids.
+/// A `struct itimerval` (`per_sec` 10^6, microseconds) or `struct itimerspec` (10^9,
+/// nanoseconds): interval then value, each as (seconds, fraction).
+fn interval_and_value(interval: u64, value: u64, per_sec: u64) -> Vec<u8> {
+    [
+        interval / per_sec,
+        interval % per_sec,
+        value / per_sec,
+        value % per_sec,
+    ]
+    .iter()
+    .flat_map(|w| w.to_le_bytes())
+    .collect()
+}
+
 fn timers(b: &mut ProgramBuilder, p: &Process) {
     for (which, t) in p.itimers.iter().enumerate() {
         if t.value_us == 0 {
             continue;
         }
-        let mut v = Vec::with_capacity(32);
-        for w in [
-            t.interval_us / 1_000_000,
-            t.interval_us % 1_000_000,
-            t.value_us / 1_000_000,
-            t.value_us % 1_000_000,
-        ] {
-            v.extend_from_slice(&w.to_le_bytes());
-        }
-        let d = b.data(&v);
+        let d = b.data(&interval_and_value(t.interval_us, t.value_us, 1_000_000));
         b.syscall(
             libc::SYS_setitimer,
             &[imm(which as u64), d.arg(), imm(0u64)],
@@ -497,16 +502,11 @@ fn timers(b: &mut ProgramBuilder, p: &Process) {
             format!("timer_create(id {})", t.id),
         );
         if t.value_ns != 0 {
-            let mut its = Vec::with_capacity(32);
-            for w in [
-                t.interval_ns / 1_000_000_000,
-                t.interval_ns % 1_000_000_000,
-                t.value_ns / 1_000_000_000,
-                t.value_ns % 1_000_000_000,
-            ] {
-                its.extend_from_slice(&w.to_le_bytes());
-            }
-            let its = b.data(&its);
+            let its = b.data(&interval_and_value(
+                t.interval_ns,
+                t.value_ns,
+                1_000_000_000,
+            ));
             b.syscall(
                 libc::SYS_timer_settime,
                 &[imm(t.id as u32 as u64), imm(0u64), its.arg(), imm(0u64)],

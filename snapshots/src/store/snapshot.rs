@@ -283,6 +283,22 @@ impl Snapshot {
         &self.table
     }
 
+    /// [`Self::pack`], remembering the last one in `cur` (runs of pages share packs).
+    fn pack_cached(
+        &self,
+        cur: &mut Option<(u32, Arc<Mmap>)>,
+        number: u32,
+    ) -> Result<Arc<Mmap>, StoreError> {
+        match cur {
+            Some((n, m)) if *n == number => Ok(m.clone()),
+            _ => {
+                let m = self.pack(number)?;
+                *cur = Some((number, m.clone()));
+                Ok(m)
+            }
+        }
+    }
+
     fn pack(&self, number: u32) -> Result<Arc<Mmap>, StoreError> {
         let Source::Local { store, packs } = &self.source else {
             unreachable!("packs are only mapped from a local store")
@@ -363,14 +379,7 @@ impl Snapshot {
             if cur_block == Some((loc.pack, loc.offset)) {
                 continue;
             }
-            let map = match &cur_pack {
-                Some((n, m)) if *n == loc.pack => m.clone(),
-                _ => {
-                    let m = self.pack(loc.pack)?;
-                    cur_pack = Some((loc.pack, m.clone()));
-                    m
-                }
-            };
+            let map = self.pack_cached(&mut cur_pack, loc.pack)?;
             let (start, stop) = self.block_bounds(store, i, &map)?;
             f(&map[start..stop]);
             cur_block = Some((loc.pack, loc.offset));
@@ -429,14 +438,7 @@ impl Snapshot {
         for (k, i) in (first..end).enumerate() {
             let rec = self.table.record(i);
             let loc = rec.loc;
-            let map = match &cur_pack {
-                Some((n, m)) if *n == loc.pack => m.clone(),
-                _ => {
-                    let m = self.pack(loc.pack)?;
-                    cur_pack = Some((loc.pack, m.clone()));
-                    m
-                }
-            };
+            let map = self.pack_cached(&mut cur_pack, loc.pack)?;
             let (start, stop) = self.block_bounds(store, i, &map)?;
             let dst = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
             reader
