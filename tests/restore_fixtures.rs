@@ -130,3 +130,8 @@ fn credentials_of_a_non_root_process_with_capabilities() {
 fn capabilities_a_root_process_dropped_stay_dropped() {
     run_fixture("creds_root", false);
 }
+
+#[test]
+fn interval_and_posix_timers() {
+    run_fixture("timers", false);
+}
