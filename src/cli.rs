@@ -78,6 +78,21 @@ pub enum Command {
     },
     /// Serve the store's snapshots over TCP (for `run --page-server`, `dump --page-server`)
     PageServer(PageServerArgs),
+    /// Restore instances on request for `warmstart run`, from pools of parked instances
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Unix socket to listen on [default: serve.sock in the store, where `run` looks]
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Instances kept parked per snapshot (restored up to their last step); 0: none
+    #[arg(long, default_value_t = 1)]
+    pub pool: usize,
+    /// Park instances of this snapshot at once (else at its first request); repeatable
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub warm: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -194,6 +209,9 @@ pub struct RunArgs {
     /// Fetch the snapshot and its pages on demand from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT")]
     pub page_server: Option<String>,
+    /// Restore here even when a `warmstart serve` daemon listens on the store's socket
+    #[arg(long)]
+    pub no_serve: bool,
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -206,12 +224,15 @@ fn default_store() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/warmstart"))
 }
 
+fn store_dir(cli: &Cli) -> Result<PathBuf> {
+    match &cli.store {
+        Some(d) => Ok(d.clone()),
+        None => default_store(),
+    }
+}
+
 fn open_store(cli: &Cli) -> Result<Store> {
-    let dir = match &cli.store {
-        Some(d) => d.clone(),
-        None => default_store()?,
-    };
-    Ok(Store::open(&dir)?)
+    Ok(Store::open(&store_dir(cli)?)?)
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -262,7 +283,29 @@ pub fn main(cli: Cli) -> Result<i32> {
             crate::pageserver::serve(&open_store(&cli)?, (a.bind, a.port).into())?;
             Ok(0)
         }
+        Command::Serve(a) => {
+            let store = open_store(&cli)?;
+            let socket = a
+                .socket
+                .clone()
+                .unwrap_or_else(|| crate::serve::socket_path(store.dir()));
+            let opts = crate::serve::ServeOptions {
+                socket,
+                pool: a.pool,
+                warm: a.warm.clone(),
+            };
+            crate::serve::serve(store, &opts)
+        }
         Command::Run(a) => {
+            // A daemon serves the plain lazy run; other modes are restored here.
+            if !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+                let socket = crate::serve::socket_path(&store_dir(&cli)?);
+                if let Some(code) =
+                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats)?
+                {
+                    return Ok(code);
+                }
+            }
             let (snap, names) = match &a.page_server {
                 Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
                 None => load(&open_store(&cli)?, &a.snapshot)?,

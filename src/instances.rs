@@ -17,6 +17,9 @@ pub struct Instance {
     pub names: Vec<String>,
     pub command: Vec<String>,
     pub started_unix: u64,
+    /// The `warmstart run` a serve daemon started it for.
+    #[serde(default)]
+    pub client: Option<i32>,
 }
 
 fn dir() -> PathBuf {
@@ -43,8 +46,10 @@ pub fn register(instance: &Instance) -> Result<Registration> {
         .mode(0o700)
         .create(&d)
         .with_context(|| format!("creating {}", d.display()))?;
-    let path = d.join(instance.monitor.to_string());
-    let tmp = d.join(format!(".{}.tmp", instance.monitor));
+    // A serve daemon monitors many instances: one file per (monitor, instance).
+    let key = format!("{}-{}", instance.monitor, instance.pid);
+    let path = d.join(&key);
+    let tmp = d.join(format!(".{key}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec(instance)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;

@@ -12,5 +12,6 @@ pub mod private_dirs;
 pub mod record;
 pub mod restore;
 pub mod run;
+pub mod serve;
 pub mod stats;
 pub mod sys;

@@ -55,6 +55,7 @@ pub fn run_instance(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            client: None,
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok()

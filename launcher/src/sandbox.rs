@@ -431,7 +431,17 @@ impl Sandbox {
     /// in every thread too, or they may be delivered elsewhere).
     pub fn forward_signals(&self) -> Result<i32, LaunchError> {
         let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
-        self.wait_inner(None, Some(&fwd))
+        self.wait_polling(fwd.fd(), |sb| fwd.forward_to(sb))
+    }
+
+    /// Wait for init like [`wait`](Self::wait), calling `on_ready` whenever `fd` is
+    /// readable (e.g. a client asking to signal the instance).
+    pub fn wait_polling(
+        &self,
+        fd: BorrowedFd,
+        mut on_ready: impl FnMut(&Sandbox) -> Result<(), LaunchError>,
+    ) -> Result<i32, LaunchError> {
+        self.wait_inner(None, Some((fd.as_raw_fd(), &mut on_ready)))
             .map(|c| c.expect("no timeout given"))
     }
 
@@ -481,10 +491,11 @@ impl Sandbox {
         self.app_done.set(true);
     }
 
+    #[allow(clippy::type_complexity)]
     fn wait_inner(
         &self,
         timeout: Option<Duration>,
-        fwd: Option<&SignalForwarder>,
+        mut extra: Option<(RawFd, &mut dyn FnMut(&Sandbox) -> Result<(), LaunchError>)>,
     ) -> Result<Option<i32>, LaunchError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -513,7 +524,7 @@ impl Sandbox {
                 } else {
                     self.app_pidfd.as_raw_fd()
                 }),
-                pfd(fwd.map_or(-1, |f| f.fd.as_raw_fd())),
+                pfd(extra.as_ref().map_or(-1, |e| e.0)),
             ];
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
             if n < 0 {
@@ -526,8 +537,8 @@ impl Sandbox {
                 self.try_reap_app();
             }
             if fds[2].revents != 0 {
-                if let Some(f) = fwd {
-                    f.forward_to(self)?;
+                if let Some((_, f)) = extra.as_mut() {
+                    f(self)?;
                 }
             }
             if n == 0 {
@@ -611,7 +622,8 @@ impl SignalForwarder {
         Ok(())
     }
 
-    fn next(&self) -> Result<Option<i32>, LaunchError> {
+    /// The next pending signal, if any (non-blocking).
+    pub fn next(&self) -> Result<Option<i32>, LaunchError> {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let sz = std::mem::size_of::<libc::signalfd_siginfo>();
         let n = unsafe {

@@ -15,13 +15,15 @@ const COLD: RGBColor = RGBColor(200, 80, 60);
 const EAGER: RGBColor = RGBColor(70, 110, 190);
 const LAZY: RGBColor = RGBColor(110, 170, 90);
 const LAZY_WS: RGBColor = RGBColor(235, 165, 40);
+const SERVED: RGBColor = RGBColor(190, 60, 150);
 
-fn series() -> [(&'static str, RGBColor, Option<Start>); 4] {
+fn series() -> [(&'static str, RGBColor, Option<Start>); 5] {
     [
         ("cold start", COLD, None),
         ("restore, eager", EAGER, Some(Start::Eager)),
         ("restore, lazy", LAZY, Some(Start::Lazy)),
         ("restore, lazy + working set", LAZY_WS, Some(Start::LazyWs)),
+        ("served from a parked pool", SERVED, Some(Start::Served)),
     ]
 }
 

@@ -39,10 +39,12 @@ pub enum Start {
     Lazy,
     /// `warmstart run`: the learned working set is prefetched
     LazyWs,
+    /// `warmstart run` through a `warmstart serve` daemon with a pool of parked instances
+    Served,
 }
 
 impl Start {
-    pub const RESTORED: [Start; 3] = [Start::Eager, Start::Lazy, Start::LazyWs];
+    pub const RESTORED: [Start; 4] = [Start::Eager, Start::Lazy, Start::LazyWs, Start::Served];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -50,6 +52,7 @@ impl Start {
             Start::Eager => "eager",
             Start::Lazy => "lazy",
             Start::LazyWs => "lazy+ws",
+            Start::Served => "served",
         }
     }
 }
@@ -147,10 +150,13 @@ impl Target {
                 c.arg("--store").arg(&self.store).arg("run");
                 match mode {
                     Start::Eager => {
-                        c.arg("--eager");
+                        c.args(["--no-serve", "--eager"]);
                     }
                     Start::Lazy => {
-                        c.arg("--no-prefetch");
+                        c.args(["--no-serve", "--no-prefetch"]);
+                    }
+                    Start::LazyWs => {
+                        c.arg("--no-serve");
                     }
                     _ => {}
                 }
@@ -326,7 +332,7 @@ impl Running {
             if let Some(i) = crate::instances::list()
                 .unwrap_or_default()
                 .into_iter()
-                .find(|i| i.monitor == me)
+                .find(|i| i.monitor == me || i.client == Some(me))
             {
                 return Ok(i.pid);
             }
@@ -410,6 +416,50 @@ fn deepest_descendant(pid: i32) -> Option<i32> {
         frontier = next;
     }
     best
+}
+
+/// A `warmstart serve` daemon for the store, with instances of the snapshot parked;
+/// stopped (with its instances) when dropped.
+pub struct ServeDaemon {
+    child: Child,
+}
+
+impl ServeDaemon {
+    pub fn start(t: &Target) -> Result<ServeDaemon> {
+        let mut c = Command::new(&t.exe);
+        c.arg("--store")
+            .arg(&t.store)
+            .args(["serve", "--pool", "1", "--warm", &t.snapshot])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().context("starting warmstart serve")?;
+        let mut out = child.stdout.take().expect("piped stdout");
+        // It prints its socket once it listens (and has started parking).
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            match out.read(&mut b) {
+                Ok(1) => line.push(b[0]),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let mut err = String::new();
+                    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                    bail!("warmstart serve did not start: {}", err.trim());
+                }
+            }
+        }
+        Ok(ServeDaemon { child })
+    }
+}
+
+impl Drop for ServeDaemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
 }
 
 /// Rss and Pss of a process (bytes).

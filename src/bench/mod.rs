@@ -153,7 +153,7 @@ impl Progress {
 
 /// Runs counted by the progress bar for one workload.
 pub fn runs_of(w: &Workload) -> u64 {
-    (3 + w.pairs * 6 + w.concurrent * 2) as u64
+    (3 + w.pairs * 2 * Start::RESTORED.len() + w.concurrent * 2) as u64
 }
 
 fn ms(d: Duration) -> f64 {
@@ -268,6 +268,20 @@ pub fn run_workload(
         tick(1, &mut skipped);
     }
 
+    // Served runs go through a daemon with an instance of the snapshot parked.
+    let daemon = if recorded && !failed.iter().any(|(m, _)| *m == Start::LazyWs) {
+        progress.stage(format!("{}: starting warmstart serve", w.name));
+        match measure::ServeDaemon::start(&t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                failed.push((Start::Served, short(&e)));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     /// A restore mode's samples: paired cold runs, restored runs, memory.
     type ModeRuns = (Start, Vec<f64>, Vec<f64>, Vec<measure::Mem>);
     let mut per_mode: Vec<ModeRuns> = Start::RESTORED
@@ -317,6 +331,7 @@ pub fn run_workload(
             tick(1, &mut skipped);
         }
     }
+    drop(daemon);
     r.cold_ms = Summary::of(&cold);
     r.cold_rss_bytes = Summary::of(&cold_mem.iter().map(|m| m.rss as f64).collect::<Vec<_>>());
     r.cold_pss_bytes = Summary::of(&cold_mem.iter().map(|m| m.pss as f64).collect::<Vec<_>>());

@@ -194,16 +194,19 @@ pub fn markdown(rep: &Report) -> String {
         "**Time to first answer** (ms from starting the process to its first answer; median \
          [min–max]; ×ratio = cold / restored per pair, median [min–max]). *eager* = `run \
          --eager`, *lazy* = `run --no-prefetch`, *lazy+ws* = `run` with the learned working \
-         set.\n"
+         set, *served* = `run` answered by a `warmstart serve` daemon from its pool of parked \
+         instances (the pool refilled between runs).\n"
     );
-    o.push_str("| workload | cold | eager | lazy | lazy+ws |\n|---|---|---|---|---|\n");
+    o.push_str(
+        "| workload | cold | eager | lazy | lazy+ws | served |\n|---|---|---|---|---|---|\n",
+    );
     for r in &rep.workloads {
         let cold = ms_cell(&r.cold_ms);
         match (&r.error, r.modes.is_empty()) {
             (Some(e), true) => {
                 let _ = writeln!(
                     o,
-                    "| {} | {cold} | **failed**: {} | | |",
+                    "| {} | {cold} | **failed**: {} | | | |",
                     name_cell(r),
                     escape(e)
                 );
@@ -219,7 +222,7 @@ pub fn markdown(rep: &Report) -> String {
                 if same {
                     let _ = writeln!(
                         o,
-                        "| {} | {cold} | **failed** (every mode): {} | | |",
+                        "| {} | {cold} | **failed** (every mode): {} | | | |",
                         name_cell(r),
                         escape(errs[0].map(String::as_str).unwrap_or(""))
                     );
@@ -227,11 +230,12 @@ pub fn markdown(rep: &Report) -> String {
                 }
                 let _ = writeln!(
                     o,
-                    "| {} | {cold} | {} | {} | {} |",
+                    "| {} | {cold} | {} | {} | {} | {} |",
                     name_cell(r),
                     mode_cell(r, Start::Eager),
                     mode_cell(r, Start::Lazy),
-                    mode_cell(r, Start::LazyWs)
+                    mode_cell(r, Start::LazyWs),
+                    mode_cell(r, Start::Served)
                 );
             }
         }
@@ -358,6 +362,7 @@ pub fn text_summary(r: &WorkloadResult, took: Duration) -> String {
             let label = match m.mode {
                 "eager" => "restore, eager",
                 "lazy" => "restore, lazy",
+                "served" => "served (parked pool)",
                 _ => "restore, lazy+ws",
             };
             match &m.first_answer_ms {

@@ -25,7 +25,7 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use warmstart_snapshots::model::{Manifest, Process, VmaKind};
+use warmstart_snapshots::model::{FileDesc, Manifest, Process, VmaKind};
 
 use super::program::{self, ProgramFds};
 use crate::dump::maps::{self, MapEntry};
@@ -41,6 +41,8 @@ pub struct BlobInfo {
     pub uffd_slot: Option<u64>,
     /// Step labels, for naming a failed step.
     pub labels: Vec<String>,
+    /// Parked: the leader traps once more after receiving its stdio ([`program::LateStdio`]).
+    pub late_stdio: bool,
 }
 
 /// Message tags on the status pipe.
@@ -77,20 +79,24 @@ struct Ctx<'a> {
     /// The "every process exists" barrier: each process closes its copy of the write
     /// end once its children are forked; EOF on the read end means the whole tree exists.
     barrier: (RawFd, RawFd),
+    /// Parked restore: where each process with stdio fds receives them when handed out.
+    late_sock: Option<RawFd>,
 }
 
 /// Entry point of the root of the tree (the sandbox's app); returns only on failure
 /// (with the exit code to use). `lazy`: per process (manifest order), the ranges its
 /// restorer registers with a userfaultfd of its own (empty: eager);
-/// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots).
+/// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots);
+/// `late_sock`: a parked restore's stdio socket ([`program::LateStdio`]).
 pub fn run(
     m: &Manifest,
     lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
+    late_sock: Option<RawFd>,
     chans: &TreeChannels,
 ) -> i32 {
     let mut report = chans.reports[0];
-    match prepare_root(m, lazy, notify, chans, &mut report) {
+    match prepare_root(m, lazy, notify, late_sock, chans, &mut report) {
         Ok(never) => match never {},
         Err(e) => fail(report, e),
     }
@@ -110,6 +116,7 @@ fn prepare_root(
     m: &Manifest,
     lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
+    late_sock: Option<RawFd>,
     chans: &TreeChannels,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
@@ -150,7 +157,9 @@ fn prepare_root(
     if let Some(fd) = notify {
         stdio.push(dup_high(fd, high)?);
     }
+    let late_sock = late_sock.map(|fd| dup_high(fd, high)).transpose()?;
     let mut keep = stdio.clone();
+    keep.extend(late_sock);
     keep.extend(&moved.reports);
     keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
@@ -173,6 +182,7 @@ fn prepare_root(
         chans: moved,
         inherited,
         barrier,
+        late_sock,
     };
     fork_children(&ctx, 0)?;
     finish(&ctx, 0)
@@ -318,9 +328,26 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
-    let len = program::build(p, &own, &fds, 0, 0, lazy)?.0.map_len() as u64;
+    let places: Vec<(i32, u8, bool)> = p
+        .fds
+        .iter()
+        .filter_map(|f| match f.file {
+            FileDesc::External { stdio } if stdio < 3 => Some((f.fd, stdio, f.cloexec)),
+            _ => None,
+        })
+        .collect();
+    let late = match ctx.late_sock {
+        Some(sock) if !places.is_empty() => Some(program::LateStdio { sock, places }),
+        Some(sock) => {
+            unsafe { libc::close(sock) };
+            None
+        }
+        None => None,
+    };
+    let late = late.as_ref();
+    let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
-    let (blob, uffd_slot) = program::build(p, &own, &fds, base, len, lazy)?;
+    let (blob, uffd_slot) = program::build(p, &own, &fds, base, len, lazy, late)?;
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -347,6 +374,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             .map(|i| blob.describe(i).to_owned())
             .take_while(|l| !l.is_empty())
             .collect(),
+        late_stdio: late.is_some(),
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);

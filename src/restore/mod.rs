@@ -30,7 +30,7 @@ pub mod memory;
 pub mod program;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -73,6 +73,8 @@ pub struct RestoreOptions {
     /// The snapshot was opened with `Store::load_deferred`: check its page table while
     /// restoring (before the app resumes when eager; alongside the page server when lazy).
     pub verify_table: bool,
+    /// The instance's stdin, stdout, stderr (default: ours).
+    pub stdio: Option<[RawFd; 3]>,
 }
 
 impl Restored {
@@ -81,6 +83,11 @@ impl Restored {
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
+        self.finish(code)
+    }
+
+    /// What [`wait`](Self::wait) returns, once the sandbox has exited with `code`.
+    pub fn finish(self, code: i32) -> Result<(i32, Option<lazy::Outcome>)> {
         for (pid, l) in self.tree_lazy {
             l.finish()
                 .with_context(|| format!("the page server of process {pid}"))?;
@@ -121,7 +128,45 @@ struct Driven<'a> {
     tids: Vec<i32>,
 }
 
+/// A process of a parked instance: every thread stopped at its last trap.
+struct Ready {
+    idx: usize,
+    pid: i32,
+    info: BlobInfo,
+    tids: Vec<i32>,
+}
+
+/// An instance restored up to its last step and held there (`warmstart serve`'s pool):
+/// memory in place or being served, threads created, every thread stopped at its last
+/// trap, its stdio still placeholders and its timers not armed. [`Parked::resume`] gives
+/// it its stdio and lets it go. Dropping it kills it.
+pub struct Parked {
+    snap: Arc<Snapshot>,
+    sandbox: Sandbox,
+    pid: i32,
+    phases: Phases,
+    lazy: Option<lazy::Running>,
+    tree_lazy: Vec<(i32, lazy::Running)>,
+    notify: Option<OwnedFd>,
+    tree: Vec<Ready>,
+    /// Our end of the stdio socket (parked restores only).
+    late_sock: Option<OwnedFd>,
+}
+
+/// Restores an instance of `snap` and lets it run.
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
+    prepare(snap, opts, false)?.resume(None)
+}
+
+/// Restores an instance of `snap` up to its last step and holds it there.
+pub fn park(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Parked> {
+    if opts.learn {
+        bail!("a parked instance cannot learn the working set");
+    }
+    prepare(snap, opts, true)
+}
+
+fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Parked> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
@@ -183,7 +228,31 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     } else {
         None
     };
-    let stdio = stdout_tap.as_ref().map(|(_, w)| [0, w.as_raw_fd(), 2]);
+    // A parked instance has /dev/null where its stdio goes until it is handed out.
+    let null = if park {
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .context("opening /dev/null")?,
+        )
+    } else {
+        None
+    };
+    let late = if park {
+        Some(crate::sys::scm::seqpacket_pair().context("socketpair")?)
+    } else {
+        None
+    };
+    let stdio = match (&null, stdout_tap.as_ref()) {
+        (Some(n), _) => Some([n.as_raw_fd(); 3]),
+        (None, Some((_, w))) => {
+            let s = opts.stdio.unwrap_or([0, 1, 2]);
+            Some([s[0], w.as_raw_fd(), s[2]])
+        }
+        (None, None) => opts.stdio,
+    };
     // A `--ready notify` app is waiting in a read of its notify channel: it gets a new
     // one whose first bytes say it was restored.
     let notify = if p
@@ -230,6 +299,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
                 m,
                 ranges,
                 notify.as_ref().map(|(_, app)| app.as_raw_fd()),
+                late.as_ref().map(|(_, app)| app.as_raw_fd()),
                 &chans,
             )
         },
@@ -239,6 +309,8 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     let gates: Vec<Option<OwnedFd>> = gates.into_iter().map(|g| g.map(|(_r, w)| w)).collect();
     // The app has its end; ours stays open while the instance runs (in `Restored`).
     let notify = notify.map(|(ours, _app)| ours);
+    let late_sock = late.map(|(ours, _app)| ours);
+    drop(null);
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
@@ -312,6 +384,7 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
         prefetch: None,
         learn: false,
         verify_table: false,
+        stdio: None,
     };
     let mut servers = Vec::new();
     for d in &tree {
@@ -359,61 +432,127 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     }
     phases.add("memory", t.elapsed());
     let t = Instant::now();
-    let mut failed_in = p;
-    let resumed = (|| -> Result<()> {
-        for d in tree.iter_mut() {
-            failed_in = d.p;
+    let mut parked = Parked {
+        snap: snap.clone(),
+        pid,
+        phases,
+        lazy,
+        tree_lazy,
+        notify,
+        tree: tree
+            .into_iter()
+            .map(|d| Ready {
+                idx: d.idx,
+                pid: d.pid,
+                info: d.info,
+                tids: d.tids,
+            })
+            .collect(),
+        late_sock,
+        sandbox,
+    };
+    let mut failed_in = 0;
+    let threads = (|| -> Result<()> {
+        for (i, d) in parked.tree.iter_mut().enumerate() {
+            failed_in = i;
             ptrace::cont(d.pid, 0).context("continuing the restorer")?;
             // The leader reports each thread it creates (in creation order, which is the
             // snapshot's thread order), then its own trap; then each thread traps.
             wait_trap(d.pid, &d.info, &mut d.tids)?;
-            if d.tids.len() != d.p.threads.len() {
-                bail!(
-                    "created {} threads, the snapshot has {}",
-                    d.tids.len(),
-                    d.p.threads.len()
-                );
+            let want = m.processes[d.idx].threads.len();
+            if d.tids.len() != want {
+                bail!("created {} threads, the snapshot has {want}", d.tids.len());
             }
             for &tid in &d.tids[1..] {
                 wait_trap(tid, &d.info, &mut Vec::new())?;
             }
         }
-        for d in &tree {
-            failed_in = d.p;
-            finish(&d.tids, &d.info, &d.p.threads)?;
-        }
-        // Every process is ready: all resume together.
-        for d in &tree {
-            failed_in = d.p;
-            for &tid in &d.tids {
-                ptrace::detach(tid, 0).context("detaching from the restored process")?;
-            }
-        }
         Ok(())
     })();
-    if let Err(e) = resumed {
-        // A page server that failed has killed the instance, which is what this error
-        // saw: its reason is the one to report.
-        let _ = sandbox.kill();
-        if let Some(Err(server)) = lazy.map(|l| l.finish()) {
-            return Err(fail_in(p, server));
-        }
-        for (q, l) in tree_lazy {
-            l.finish().with_context(|| {
-                format!("restoring process {q} of snapshot {}", snap.id.short())
-            })?;
-        }
-        return Err(fail_in(failed_in, e));
+    if let Err(e) = threads {
+        return Err(parked.fail(failed_in, e));
     }
-    phases.add("resume", t.elapsed());
-    Ok(Restored {
-        sandbox,
-        pid,
-        phases,
-        lazy,
-        tree_lazy,
-        _notify: notify,
-    })
+    parked.phases.add("threads", t.elapsed());
+    Ok(parked)
+}
+
+impl Parked {
+    /// The snapshot this instance is of.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snap
+    }
+
+    /// Hands the instance its stdio (a parked one: `stdio`; else it has it already) and
+    /// lets every process of it go on together.
+    pub fn resume(mut self, stdio: Option<[BorrowedFd; 3]>) -> Result<Restored> {
+        let t = Instant::now();
+        let mut failed_in = 0;
+        let resumed = (|| -> Result<()> {
+            if let Some(sock) = &self.late_sock {
+                let stdio = stdio.context("a parked instance needs its stdio")?;
+                let fds = stdio.map(|f| f.as_raw_fd());
+                for d in self.tree.iter().filter(|d| d.info.late_stdio) {
+                    failed_in = d.idx;
+                    crate::sys::scm::send(sock.as_fd(), &[1], &fds).context("sending the stdio")?;
+                    ptrace::cont(d.pid, 0).context("continuing the restorer")?;
+                    wait_trap(d.pid, &d.info, &mut Vec::new())?;
+                }
+            }
+            let m = &self.snap.manifest;
+            for d in &self.tree {
+                failed_in = d.idx;
+                finish(&d.tids, &d.info, &m.processes[d.idx].threads)?;
+            }
+            // Every process is ready: all resume together.
+            for d in &self.tree {
+                failed_in = d.idx;
+                for &tid in &d.tids {
+                    ptrace::detach(tid, 0).context("detaching from the restored process")?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = resumed {
+            return Err(self.fail(failed_in, e));
+        }
+        self.phases.add("resume", t.elapsed());
+        Ok(Restored {
+            sandbox: self.sandbox,
+            pid: self.pid,
+            phases: self.phases,
+            lazy: self.lazy,
+            tree_lazy: self.tree_lazy,
+            _notify: self.notify,
+        })
+    }
+
+    /// Kills the instance after `e` in process `idx` (manifest order); the error to
+    /// report. A page server that failed has killed the instance, which is what `e`
+    /// saw: its reason is the one to report.
+    fn fail(self, idx: usize, e: anyhow::Error) -> anyhow::Error {
+        let _ = self.sandbox.kill();
+        let m = &self.snap.manifest;
+        let fail_in = |q: &Process, e: anyhow::Error| {
+            e.context(format!(
+                "restoring process {} ({}) of snapshot {}",
+                q.pid,
+                q.comm,
+                self.snap.id.short()
+            ))
+        };
+        if let Some(Err(server)) = self.lazy.map(|l| l.finish()) {
+            return fail_in(&m.processes[0], server);
+        }
+        for (q, l) in self.tree_lazy {
+            if let Err(server) = l.finish() {
+                return server.context(format!(
+                    "restoring process {q} of snapshot {}",
+                    self.snap.id.short()
+                ));
+            }
+        }
+        fail_in(&m.processes[idx], e)
+    }
 }
 
 /// The pid, as seen from here, of the process with pid `ns_pid` in the sandbox: a

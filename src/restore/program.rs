@@ -11,7 +11,7 @@
 //!    unmaps the blob, loads registers, FPU state and sigmask, and detaches.
 
 use anyhow::{bail, Result};
-use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot};
+use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot, Width};
 use warmstart_snapshots::model::{Process, Thread, Vma, VmaKind, PROT_WRITE};
 
 use crate::dump::maps::MapEntry;
@@ -22,6 +22,20 @@ pub struct ProgramFds {
     pub vma_fds: Vec<Option<i32>>,
     pub exe_fd: i32,
 }
+
+/// A parked restore (`warmstart serve`'s pool): the process stops at its last trap with
+/// placeholders where its stdio goes; when it is handed out, the leader receives the
+/// caller's stdin, stdout and stderr on `sock` (one `SCM_RIGHTS` message of three fds),
+/// puts them in place, arms its timers (so none ran down while parked) and traps again.
+#[derive(Debug, Clone)]
+pub struct LateStdio {
+    pub sock: i32,
+    /// (app fd, which stdio, close-on-exec)
+    pub places: Vec<(i32, u8, bool)>,
+}
+
+/// Bytes of the control buffer for three fds: `CMSG_SPACE(12)`.
+const CMSG_3FDS: usize = 32;
 
 fn imm(v: impl Into<u64>) -> Arg {
     Arg::Imm(v.into())
@@ -177,6 +191,7 @@ pub fn build(
     base: u64,
     blob_len: u64,
     lazy: &[(u64, u64)],
+    late: Option<&LateStdio>,
 ) -> Result<(Blob, Option<Slot>)> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
@@ -388,7 +403,11 @@ pub fn build(
         b.jump_if_zero(Slot::LAST, child);
         spawned.push((child, t));
     }
-    timers(&mut b, p);
+    // Parked: created now (it may take privileges the creds drop), armed once handed out.
+    create_timers(&mut b, p);
+    if late.is_none() {
+        arm_timers(&mut b, p);
+    }
     thread_state(&mut b, p, &p.threads[0]);
     for info in &p.shared_pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
@@ -406,6 +425,11 @@ pub fn build(
         "prctl(PR_SET_DUMPABLE)",
     );
     b.trap();
+    if let Some(late) = late {
+        late_stdio(&mut b, late);
+        arm_timers(&mut b, p);
+        b.trap();
+    }
     // The monitor gives every thread its registers at its last trap; none goes on.
     b.exit_thread(0);
     for (label, t) in spawned {
@@ -451,7 +475,6 @@ fn register_lazy(b: &mut ProgramBuilder, ranges: &[(u64, u64)]) -> Slot {
     fd
 }
 
-/// Re-arms interval timers and re-creates POSIX timers with their ids.
 /// A `struct itimerval` (`per_sec` 10^6, microseconds) or `struct itimerspec` (10^9,
 /// nanoseconds): interval then value, each as (seconds, fraction).
 fn interval_and_value(interval: u64, value: u64, per_sec: u64) -> Vec<u8> {
@@ -466,18 +489,8 @@ fn interval_and_value(interval: u64, value: u64, per_sec: u64) -> Vec<u8> {
     .collect()
 }
 
-fn timers(b: &mut ProgramBuilder, p: &Process) {
-    for (which, t) in p.itimers.iter().enumerate() {
-        if t.value_us == 0 {
-            continue;
-        }
-        let d = b.data(&interval_and_value(t.interval_us, t.value_us, 1_000_000));
-        b.syscall(
-            libc::SYS_setitimer,
-            &[imm(which as u64), d.arg(), imm(0u64)],
-            format!("setitimer({which})"),
-        );
-    }
+/// Re-creates POSIX timers with their ids, disarmed ([`arm_timers`] arms them).
+fn create_timers(b: &mut ProgramBuilder, p: &Process) {
     if p.posix_timers.is_empty() {
         return;
     }
@@ -501,23 +514,90 @@ fn timers(b: &mut ProgramBuilder, p: &Process) {
             &[imm(t.clock as u32 as u64), sev.arg(), id.arg()],
             format!("timer_create(id {})", t.id),
         );
-        if t.value_ns != 0 {
-            let its = b.data(&interval_and_value(
-                t.interval_ns,
-                t.value_ns,
-                1_000_000_000,
-            ));
-            b.syscall(
-                libc::SYS_timer_settime,
-                &[imm(t.id as u32 as u64), imm(0u64), its.arg(), imm(0u64)],
-                format!("timer_settime(id {})", t.id),
-            );
-        }
     }
     b.syscall(
         libc::SYS_prctl,
         &[imm(PR_TIMER_CREATE_RESTORE_IDS), imm(0u64)],
         "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
+    );
+}
+
+/// Re-arms interval timers and the POSIX timers [`create_timers`] made.
+fn arm_timers(b: &mut ProgramBuilder, p: &Process) {
+    for (which, t) in p.itimers.iter().enumerate() {
+        if t.value_us == 0 {
+            continue;
+        }
+        let d = b.data(&interval_and_value(t.interval_us, t.value_us, 1_000_000));
+        b.syscall(
+            libc::SYS_setitimer,
+            &[imm(which as u64), d.arg(), imm(0u64)],
+            format!("setitimer({which})"),
+        );
+    }
+    for t in p.posix_timers.iter().filter(|t| t.value_ns != 0) {
+        let its = b.data(&interval_and_value(
+            t.interval_ns,
+            t.value_ns,
+            1_000_000_000,
+        ));
+        b.syscall(
+            libc::SYS_timer_settime,
+            &[imm(t.id as u32 as u64), imm(0u64), its.arg(), imm(0u64)],
+            format!("timer_settime(id {})", t.id),
+        );
+    }
+}
+
+/// Receives the three stdio fds on `late.sock` and puts them where the app had them
+/// (`dup3` over the placeholders, atomically), then closes what it received.
+fn late_stdio(b: &mut ProgramBuilder, late: &LateStdio) {
+    let byte = b.data_zeroed(8);
+    let iov = b.data_zeroed(16);
+    b.data_pointer(iov, 0, byte, 0);
+    b.write_data(iov, 8, &1u64.to_le_bytes());
+    let cmsg = b.data_zeroed(CMSG_3FDS);
+    let msg = b.data_zeroed(56);
+    b.data_pointer(msg, 16, iov, 0);
+    b.write_data(msg, 24, &1u64.to_le_bytes());
+    b.data_pointer(msg, 32, cmsg, 0);
+    b.write_data(msg, 40, &(CMSG_3FDS as u64).to_le_bytes());
+    b.syscall(
+        libc::SYS_recvmsg,
+        &[
+            imm(late.sock as u32),
+            msg.arg(),
+            imm(libc::MSG_CMSG_CLOEXEC as u64),
+        ],
+        "recvmsg (the caller's stdio)",
+    );
+    // The fds follow the 16-byte cmsghdr.
+    let got: Vec<Slot> = (0..3u64)
+        .map(|k| {
+            let s = b.slot();
+            b.load(cmsg.at(16 + 4 * k), Width::U32, Some(s));
+            s
+        })
+        .collect();
+    for &(fd, k, cloexec) in &late.places {
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        b.syscall(
+            libc::SYS_dup3,
+            &[got[k as usize].plus(0), imm(fd as u32), imm(flags as u64)],
+            format!("dup3 stdio {k} to fd {fd}"),
+        );
+    }
+    for (k, s) in got.iter().enumerate() {
+        b.syscall(
+            libc::SYS_close,
+            &[s.plus(0)],
+            format!("close received stdio {k}"),
+        );
+    }
+    b.syscall(
+        libc::SYS_close,
+        &[imm(late.sock as u32)],
+        "close the stdio socket",
     );
 }
 

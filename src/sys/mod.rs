@@ -3,6 +3,7 @@
 pub mod pidfd;
 pub mod ptrace;
 pub mod remote;
+pub mod scm;
 pub mod uffd;
 pub mod vdso;
 

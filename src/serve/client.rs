@@ -1,0 +1,123 @@
+//! `warmstart run` through a running `warmstart serve`: the daemon restores the instance
+//! with our stdio; we relay SIGINT, SIGTERM and SIGHUP to it and exit with its code.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_launcher::SignalForwarder;
+
+use super::protocol::{self, Reply, Request};
+
+/// Runs `snapshot` through the daemon listening on `socket`. `Ok(None)`: not served (no
+/// daemon there, or it declined, e.g. no working set learned yet): restore it yourself.
+pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<i32>> {
+    let Some(conn) = connect(socket)? else {
+        return Ok(None);
+    };
+    // Signals that arrive while the daemon starts the instance are forwarded once it runs.
+    let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map_err(|e| anyhow!("{e}"))?;
+    let req = Request::Run {
+        snapshot: snapshot.to_owned(),
+        display_stats,
+    };
+    protocol::send(conn.as_fd(), &req, &[0, 1, 2])?;
+    let lost = || anyhow!("the serve daemon at {} went away", socket.display());
+    match protocol::recv::<Reply>(conn.as_fd())?.ok_or_else(lost)?.0 {
+        Reply::Started {
+            id,
+            pid,
+            parked,
+            stats,
+        } => {
+            tracing::debug!(id, pid, parked, "served by {}", socket.display());
+            if let Some(s) = stats {
+                let how = if parked {
+                    "parked instance"
+                } else {
+                    "restored"
+                };
+                eprintln!("restore of {id} by serve ({how}):\n{s}");
+            }
+        }
+        Reply::Refused(why) => {
+            tracing::info!("not served by {}: {why}", socket.display());
+            return Ok(None);
+        }
+        Reply::Error(e) => bail!("{e}"),
+        Reply::Exited(_) => bail!("the serve daemon answered out of turn"),
+    }
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: conn.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: fwd.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll");
+        }
+        if fds[1].revents != 0 {
+            while let Some(sig) = fwd.next().map_err(|e| anyhow!("{e}"))? {
+                protocol::send(conn.as_fd(), &Request::Signal(sig), &[])?;
+            }
+        }
+        if fds[0].revents != 0 {
+            match protocol::recv::<Reply>(conn.as_fd())?.ok_or_else(lost)?.0 {
+                Reply::Exited(code) => return Ok(Some(code)),
+                Reply::Error(e) => bail!("{e}"),
+                other => bail!("unexpected answer from the serve daemon: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A connection to the daemon at `socket`, or `None` when none listens there.
+pub(crate) fn connect(socket: &Path) -> Result<Option<OwnedFd>> {
+    let (fd, addr) = unix_socket(socket)?;
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as u32,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => Ok(None),
+            _ => Err(e).with_context(|| format!("connecting to {}", socket.display())),
+        };
+    }
+    Ok(Some(fd))
+}
+
+/// A fresh `SOCK_SEQPACKET` unix socket and the address of `path`.
+pub(crate) fn unix_socket(path: &Path) -> Result<(OwnedFd, libc::sockaddr_un)> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.len() >= addr.sun_path.len() {
+        bail!("serve socket path too long: {}", path.display());
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    Ok((unsafe { OwnedFd::from_raw_fd(fd) }, addr))
+}

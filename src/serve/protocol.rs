@@ -1,0 +1,91 @@
+//! What `warmstart run` and `warmstart serve` say to each other: one postcard-encoded
+//! message per `SOCK_SEQPACKET` packet; the request carries the caller's stdio fds.
+
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::sys::scm;
+
+/// Largest message either side sends.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Start an instance of a snapshot (id, prefix or name) with the stdin, stdout and
+    /// stderr attached to this message.
+    Run {
+        snapshot: String,
+        display_stats: bool,
+    },
+    /// Deliver this signal to the instance (the caller got it).
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The instance runs. `parked`: it came from the pool.
+    Started {
+        id: String,
+        pid: i32,
+        parked: bool,
+        stats: Option<String>,
+    },
+    /// Not served here (the caller restores it itself), and why.
+    Refused(String),
+    /// The instance ended with this exit code.
+    Exited(i32),
+    /// Failed; nothing of the instance is left running.
+    Error(String),
+}
+
+pub fn send<T: Serialize>(sock: BorrowedFd, msg: &T, fds: &[RawFd]) -> Result<()> {
+    let bytes = postcard::to_allocvec(msg).context("encoding a serve message")?;
+    scm::send(sock, &bytes, fds).context("sending to the serve socket")
+}
+
+/// The next message and its fds; `None` at end of stream.
+pub fn recv<T: DeserializeOwned>(sock: BorrowedFd) -> Result<Option<(T, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (n, fds) = scm::recv(sock, &mut buf).context("reading from the serve socket")?;
+    if n == 0 {
+        return Ok(None);
+    }
+    match postcard::from_bytes(&buf[..n]) {
+        Ok(m) => Ok(Some((m, fds))),
+        Err(e) => bail!("malformed message on the serve socket ({e}): client and daemon of different warmstart versions?"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn messages_round_trip_with_fds() {
+        let (a, b) = scm::seqpacket_pair().unwrap();
+        let req = Request::Run {
+            snapshot: "echo".into(),
+            display_stats: true,
+        };
+        send(a.as_fd(), &req, &[0, 1, 2]).unwrap();
+        let (got, fds) = recv::<Request>(b.as_fd()).unwrap().unwrap();
+        assert_eq!(got, req);
+        assert_eq!(fds.len(), 3);
+        send(b.as_fd(), &Reply::Exited(3), &[]).unwrap();
+        let (got, fds) = recv::<Reply>(a.as_fd()).unwrap().unwrap();
+        assert_eq!(got, Reply::Exited(3));
+        assert!(fds.is_empty());
+        drop(b);
+        assert!(recv::<Reply>(a.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let (a, b) = scm::seqpacket_pair().unwrap();
+        scm::send(a.as_fd(), &[0xff; 9], &[]).unwrap();
+        assert!(recv::<Request>(b.as_fd()).is_err());
+    }
+}

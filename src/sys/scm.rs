@@ -1,0 +1,122 @@
+//! Messages with fds attached (`SCM_RIGHTS`) on unix sockets.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Most fds one message carries here.
+pub const MAX_FDS: usize = 8;
+
+/// A connected pair of `SOCK_SEQPACKET` sockets (messages kept whole, close-on-exec).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut sv = [0; 2];
+    let ty = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC;
+    if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// Sends `bytes` (at least one) with `fds` attached, as one message.
+pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(!bytes.is_empty() && fds.len() <= MAX_FDS);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let mut control = [0u64; 8];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let data_len = std::mem::size_of_val(fds) as u32;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+        }
+    }
+    loop {
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives one message into `buf`: its length (0 at end of stream) and the fds it
+/// carried (close-on-exec).
+pub fn recv(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message or its fds truncated",
+        ));
+    }
+    Ok((n, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn passes_fds_with_a_message() {
+        let (a, b) = super::seqpacket_pair().unwrap();
+        let (r, w) = crate::sys::remote::pipe().unwrap();
+        super::send(a.as_fd(), b"hi", &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = super::recv(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        assert_eq!(fds.len(), 2);
+        let mut f = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        let mut got = [0u8; 1];
+        std::io::Read::read_exact(&mut std::fs::File::from(r), &mut got).unwrap();
+        assert_eq!(&got, b"x");
+        drop(a);
+        assert_eq!(super::recv(b.as_fd(), &mut buf).unwrap().0, 0);
+    }
+    use std::os::fd::AsRawFd;
+}
