@@ -17,8 +17,9 @@ use super::Handoff;
 struct Pool {
     /// Parked instances, oldest first: where to send a request.
     ready: VecDeque<Sender<Handoff>>,
-    /// Why this snapshot's instances are not parked, once known.
+    /// Why this snapshot's instances cannot be parked, once known.
     disabled: Option<String>,
+    /// Parkers run (or parked instances wait) for this snapshot.
     started: bool,
 }
 
@@ -98,12 +99,11 @@ fn parker(pools: &Mutex<HashMap<SnapshotId, Pool>>, snap: Arc<Snapshot>) {
     let parked = match crate::restore::park(&snap, &opts) {
         Ok(p) => p,
         Err(e) => {
-            // Requests are restored one by one instead; the reason shows in the log.
-            tracing::warn!("not parking instances of {}: {e:#}", snap.id.short());
+            // Requests are restored one by one meanwhile; the next one tries parking
+            // again (the cause, e.g. a file being rewritten, may pass).
+            tracing::warn!("parking an instance of {}: {e:#}", snap.id.short());
             let mut pools = pools.lock().unwrap_or_else(|e| e.into_inner());
-            let pool = pools.entry(snap.id).or_default();
-            pool.disabled = Some(format!("{e:#}"));
-            pool.ready.clear();
+            pools.entry(snap.id).or_default().started = false;
             return;
         }
     };
@@ -115,6 +115,7 @@ fn parker(pools: &Mutex<HashMap<SnapshotId, Pool>>, snap: Arc<Snapshot>) {
         .or_default()
         .ready
         .push_back(tx);
+    tracing::info!("parked an instance of {}", snap.id.short());
     let Ok(req) = rx.recv() else {
         return;
     };

@@ -547,6 +547,29 @@ impl Ws {
         }
     }
 
+    /// `warmstart -v serve --warm SNAP` on this store, once it listens and has an
+    /// instance of `snap` parked (the daemon says so on stderr). Dropping it kills it,
+    /// and its instances with it.
+    pub fn serve(&self, snap: &str) -> Proc {
+        let daemon = Proc::spawn(&mut self.cmd(&["-v", "serve", "--warm", snap]));
+        let line = daemon.read_line();
+        assert!(line.starts_with("serving "), "serve printed {line:?}");
+        daemon.wait_stderr("parked an instance of");
+        daemon
+    }
+
+    /// `run --display-stats SNAP` answered by a parked instance of the daemon [`Ws::serve`]
+    /// started (asserted).
+    pub fn served(&self, snap: &str, stdin: &str) -> Out {
+        let out = self.run(&["run", "--display-stats", snap], stdin);
+        assert!(
+            out.stderr.contains("by serve (parked instance)"),
+            "run {snap} should have been answered by a parked instance:\n{}",
+            out.describe()
+        );
+        out
+    }
+
     /// `inspect --json SNAP`, parsed.
     pub fn inspect_json(&self, snap: &str) -> serde_json::Value {
         let out = self.run(&["inspect", "--json", snap], "");
@@ -753,4 +776,9 @@ pub fn zdtm_every_mode(name: &str, needs_dir: bool) {
             assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
         },
     );
+    // And handed out by `warmstart serve` from its pool of parked instances.
+    files.put_back();
+    let _daemon = ws.serve(name);
+    let out = ws.served(name, CHECK_TWICE);
+    assert_all_pass(&out, 2, &format!("restored {name} ({id}), served parked"));
 }

@@ -1,0 +1,195 @@
+//! `warmstart serve` (DESIGN §9): `run` answered by a daemon from its pool of parked
+//! instances. The zdtm fixtures and process trees also go through a parked instance each
+//! (`common::zdtm_every_mode`); here: independence of instances, exit codes, signals, a
+//! caller that vanishes, snapshots that cannot be parked, and the daemon's own errors.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, python, Proc, Ws, TIMEOUT};
+
+/// `warmstart ps --json` entries, with the runtime directory `rt`.
+fn ps_json(ws: &Ws, rt: &Path) -> Vec<serde_json::Value> {
+    let out = common::run_with(
+        ws.cmd(&["ps", "--json"]).env("XDG_RUNTIME_DIR", rt),
+        b"",
+        TIMEOUT,
+    );
+    out.assert_ok();
+    serde_json::from_str(&out.stdout).expect("ps --json is JSON")
+}
+
+/// Records `counter` and learns its working set with one run without a daemon (a run
+/// through the daemon needs one).
+fn counter_snapshot(ws: &Ws) {
+    ws.record("counter", &[fixture("counter")]);
+    let out = ws.run(&["run", "--no-serve", "counter"], "x\n");
+    out.assert_ok();
+    assert_eq!(out.stdout, "1 x\n", "{}", out.describe());
+}
+
+#[test]
+fn parked_instances_are_independent_copies_of_the_snapshot() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let daemon = ws.serve("counter");
+    for i in 0..3 {
+        let out = ws.served("counter", &format!("a{i}\nb{i}\n"));
+        out.assert_ok();
+        // Each starts from the snapshot's state, not from the previous instance's.
+        assert_eq!(
+            out.stdout,
+            format!("1 a{i}\n2 b{i}\n"),
+            "{}",
+            out.describe()
+        );
+        // The pool refills after each hand-out.
+        daemon.wait_stderr("parked an instance of");
+    }
+    // The same bytes as a restore without the daemon.
+    let local = ws.run(&["run", "--no-serve", "counter"], "a0\nb0\n");
+    assert_eq!(local.stdout, "1 a0\n2 b0\n", "{}", local.describe());
+}
+
+#[test]
+fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let rt = common::tempdir("ws-rt-");
+    let mut daemon_cmd = ws.cmd(&["-v", "serve", "--warm", "counter"]);
+    daemon_cmd.env("XDG_RUNTIME_DIR", rt.path());
+    let daemon = Proc::spawn(&mut daemon_cmd);
+    daemon.read_line();
+    daemon.wait_stderr("parked an instance of");
+
+    // SIGTERM to `run` goes to the app, whose death by it is `run`'s exit code.
+    let mut client = Proc::spawn(&mut ws.cmd(&["run", "counter"]));
+    client.send("one");
+    assert_eq!(client.read_line(), "1 one");
+    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
+    let status = client.wait();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+
+    // A caller killed outright: its instance goes too.
+    daemon.wait_stderr("parked an instance of");
+    let mut client = Proc::spawn(
+        ws.cmd(&["run", "counter"])
+            .env("XDG_RUNTIME_DIR", rt.path()),
+    );
+    client.send("two");
+    assert_eq!(client.read_line(), "1 two");
+    let listed = ps_json(&ws, rt.path());
+    let app = listed
+        .iter()
+        .find(|i| i["client"].as_i64() == Some(client.pid() as i64))
+        .unwrap_or_else(|| {
+            panic!(
+                "ps --json lists no instance for client {}: {listed:?}",
+                client.pid()
+            )
+        })["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert!(common::alive(app));
+    unsafe { libc::kill(client.pid(), libc::SIGKILL) };
+    client.wait();
+    assert!(
+        common::wait_pid_exit(app, TIMEOUT),
+        "instance {app} outlived its killed caller"
+    );
+}
+
+#[test]
+fn instances_holding_a_port_are_restored_on_request_not_parked() {
+    let ws = Ws::new();
+    let listen = "import socket, sys\n\
+                  s = socket.socket()\n\
+                  s.bind(('127.0.0.1', 0))\n\
+                  s.listen()\n\
+                  for line in sys.stdin:\n    print('port', s.getsockname()[1], line.strip(), flush=True)\n";
+    ws.record(
+        "listen",
+        &[python().as_os_str(), "-c".as_ref(), listen.as_ref()],
+    );
+    let learn = ws.run(&["run", "--no-serve", "listen"], "a\n");
+    learn.assert_ok();
+    let daemon = Proc::spawn(&mut ws.cmd(&["-v", "serve", "--warm", "listen"]));
+    daemon.read_line();
+    let why = daemon.wait_stderr("are not parked");
+    assert!(why.contains("network sockets"), "{why}");
+    for _ in 0..2 {
+        let out = ws.run(&["run", "--display-stats", "listen"], "b\n");
+        out.assert_ok();
+        assert!(
+            out.stderr.contains("by serve (restored)"),
+            "{}",
+            out.describe()
+        );
+        // The same port as at the warm point, which the first run printed too.
+        let port = |s: &str| s.split_whitespace().nth(1).map(str::to_owned);
+        assert_eq!(port(&out.stdout), port(&learn.stdout), "{}", out.describe());
+    }
+}
+
+#[test]
+fn daemon_errors_are_clear_and_a_dead_daemon_is_not_needed() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let mut daemon = Proc::spawn(&mut ws.cmd(&["serve", "--pool", "0"]));
+    let line = daemon.read_line();
+    let socket = ws.store().join("serve.sock");
+    assert!(line.ends_with(&socket.display().to_string()), "{line}");
+
+    let second = ws.run(&["serve"], "");
+    second.assert_fail();
+    assert!(
+        second.stderr.contains("already listens"),
+        "{}",
+        second.describe()
+    );
+
+    let missing = ws.run(&["run", "nosuch"], "");
+    missing.assert_fail();
+    assert!(missing.stderr.contains("nosuch"), "{}", missing.describe());
+
+    // Without a pool every request is restored on the spot.
+    let out = ws.run(&["run", "--display-stats", "counter"], "z\n");
+    out.assert_ok();
+    assert_eq!(out.stdout, "1 z\n");
+    assert!(
+        out.stderr.contains("by serve (restored)"),
+        "{}",
+        out.describe()
+    );
+
+    // A daemon killed outright leaves its socket file: `run` restores by itself, and a
+    // new daemon takes the place.
+    unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
+    daemon.wait();
+    assert!(socket.exists());
+    let out = ws.run(&["run", "--display-stats", "counter"], "y\n");
+    out.assert_ok();
+    assert_eq!(out.stdout, "1 y\n");
+    assert!(!out.stderr.contains("by serve"), "{}", out.describe());
+    let again = Proc::spawn(&mut ws.cmd(&["serve", "--pool", "0"]));
+    assert!(again.read_line().starts_with("serving "));
+}
+
+#[test]
+fn a_snapshot_without_working_set_learns_one_first() {
+    let ws = Ws::new();
+    ws.record("counter", &[fixture("counter")]);
+    let daemon = Proc::spawn(&mut ws.cmd(&["serve"]));
+    daemon.read_line();
+    // Refused by the daemon (learning watches the caller's stdout): restored here.
+    let out = ws.run(&["run", "--display-stats", "counter"], "q\n");
+    out.assert_ok();
+    assert_eq!(out.stdout, "1 q\n");
+    assert!(!out.stderr.contains("by serve"), "{}", out.describe());
+    assert!(ws.working_set_pages("counter").is_some_and(|n| n > 0));
+    // Now the daemon takes it.
+    let out = ws.run(&["run", "--display-stats", "counter"], "r\n");
+    assert_eq!(out.stdout, "1 r\n");
+    assert!(out.stderr.contains("by serve"), "{}", out.describe());
+}
