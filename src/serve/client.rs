@@ -49,31 +49,14 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
         Reply::Exited(_) => bail!("the serve daemon answered out of turn"),
     }
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: conn.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: fwd.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("poll");
-        }
-        if fds[1].revents != 0 {
+        let ready =
+            crate::sys::wait_readable([conn.as_raw_fd(), fwd.fd().as_raw_fd()]).context("poll")?;
+        if ready[1] {
             while let Some(sig) = fwd.next().map_err(|e| anyhow!("{e}"))? {
                 protocol::send(conn.as_fd(), &Request::Signal(sig), &[])?;
             }
         }
-        if fds[0].revents != 0 {
+        if ready[0] {
             match protocol::recv::<Reply>(conn.as_fd())?.ok_or_else(lost)?.0 {
                 Reply::Exited(code) => return Ok(Some(code)),
                 Reply::Error(e) => bail!("{e}"),

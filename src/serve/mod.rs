@@ -78,26 +78,9 @@ pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
 
 fn accept_loop(daemon: &Arc<Daemon>, listener: &OwnedFd, stop: &SignalForwarder) -> Result<()> {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("poll");
-        }
-        if fds[1].revents != 0 {
+        let ready = crate::sys::wait_readable([listener.as_raw_fd(), stop.fd().as_raw_fd()])
+            .context("poll")?;
+        if ready[1] {
             if let Ok(Some(sig)) = stop.next() {
                 tracing::info!("signal {sig}: stopping");
             }

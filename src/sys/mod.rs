@@ -7,6 +7,25 @@ pub mod scm;
 pub mod uffd;
 pub mod vdso;
 
+/// Waits (without a timeout, across EINTR) until one of `fds` is readable or hung up;
+/// which ones are.
+pub fn wait_readable<const N: usize>(fds: [std::os::fd::RawFd; N]) -> std::io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        if unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) } >= 0 {
+            return Ok(p.map(|x| x.revents != 0));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Whether fd `a` of process `pid` and fd `b` of the same process share one open file
 /// description (`kcmp(KCMP_FILE)`).
 pub fn kcmp_file(pid: i32, a: i32, b: i32) -> std::io::Result<bool> {

@@ -55,12 +55,7 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// A close-on-exec `AF_UNIX` stream socket pair.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
-    if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    super::scm::unix_pair(libc::SOCK_STREAM)
 }
 
 #[cfg(test)]

@@ -8,9 +8,13 @@ pub const MAX_FDS: usize = 8;
 
 /// A connected pair of `SOCK_SEQPACKET` sockets (messages kept whole, close-on-exec).
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    unix_pair(libc::SOCK_SEQPACKET)
+}
+
+/// A connected pair of close-on-exec unix sockets of type `ty`.
+pub fn unix_pair(ty: i32) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut sv = [0; 2];
-    let ty = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC;
-    if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
+    if unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
