@@ -193,3 +193,24 @@ fn a_snapshot_without_working_set_learns_one_first() {
     assert_eq!(out.stdout, "1 r\n");
     assert!(out.stderr.contains("by serve"), "{}", out.describe());
 }
+
+#[test]
+fn an_event_loop_on_stdin_is_parked_and_watches_the_stdio_it_is_handed() {
+    let ws = Ws::new();
+    ws.record("loop", &[fixture("epoll_stdin")]);
+    let learn = ws.run(&["run", "--no-serve", "loop"], "a\nb\n");
+    learn.assert_ok();
+    assert_eq!(learn.stdout, "1 a\n2 b\n", "{}", learn.describe());
+    let daemon = ws.serve("loop");
+    for i in 0..2 {
+        let out = ws.served("loop", &format!("x{i}\ny{i}\n"));
+        out.assert_ok();
+        assert_eq!(
+            out.stdout,
+            format!("1 x{i}\n2 y{i}\n"),
+            "{}",
+            out.describe()
+        );
+        daemon.wait_stderr("parked an instance of");
+    }
+}

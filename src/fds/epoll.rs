@@ -124,7 +124,12 @@ pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Resu
         return Err(errno_err("epoll_create1"));
     }
     let fd = ins.keep_high(fd)?;
-    for t in targets {
+    let late: Vec<i32> = if ins.late_stdio {
+        super::stdio_fds(ins.p).iter().map(|s| s.0).collect()
+    } else {
+        Vec::new()
+    };
+    for t in targets.iter().filter(|t| !late.contains(&t.fd)) {
         let mut ev = libc::epoll_event {
             events: t.events,
             u64: t.data,

@@ -46,14 +46,15 @@ pub mod sock_diag;
 pub mod timerfd;
 pub mod unix;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{
-    Fd, FileDesc, FileIdentity, FileLock, Manifest, PipeObject, Process, UnixPairObject,
+    EpollTarget, Fd, FileDesc, FileIdentity, FileLock, Manifest, PipeObject, Process,
+    UnixPairObject,
 };
 
 use crate::sys::pidfd;
@@ -484,6 +485,9 @@ pub struct Installer<'a> {
     temps: Vec<RawFd>,
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
+    /// Parked restore: epolls do not watch the stdio placeholders yet
+    /// ([`late_epoll_targets`] are added once the real stdio is in place).
+    pub late_stdio: bool,
 }
 
 impl Installer<'_> {
@@ -537,6 +541,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         temps: Vec::new(),
         pipes: HashMap::new(),
         unix_pairs: HashMap::new(),
+        late_stdio: false,
     };
     let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
     let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
@@ -640,6 +645,36 @@ fn shmem_object(size: u64) -> Result<RawFd> {
     fd
 }
 
+/// The fds of `p` that are the caller's stdin, stdout or stderr: (fd, which, cloexec).
+pub fn stdio_fds(p: &Process) -> Vec<(i32, u8, bool)> {
+    p.fds
+        .iter()
+        .filter_map(|f| match f.file {
+            FileDesc::External { stdio } if stdio < 3 => Some((f.fd, stdio, f.cloexec)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Registrations of `p`'s epolls on its stdio fds, as (epoll fd, target): a parked
+/// restore adds them once the stdio is in place (an epoll cannot watch `/dev/null`).
+pub fn late_epoll_targets(p: &Process) -> Vec<(i32, EpollTarget)> {
+    let stdio: Vec<i32> = stdio_fds(p).iter().map(|s| s.0).collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for f in &p.fds {
+        if let FileDesc::Epoll { targets, .. } = &f.file {
+            if !seen.insert(f.ofd) {
+                continue;
+            }
+            for t in targets.iter().filter(|t| stdio.contains(&t.fd)) {
+                out.push((f.fd, *t));
+            }
+        }
+    }
+    out
+}
+
 /// Builds the app's fd table: each open file description once, then dup'ed to every
 /// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
 /// the notify channel's app end when the snapshot has one; `inherited` what the root of
@@ -650,6 +685,7 @@ pub fn install(
     stdio: &[RawFd],
     high: RawFd,
     inherited: &Inherited,
+    late_stdio: bool,
 ) -> Result<()> {
     let mut ins = Installer {
         m,
@@ -658,6 +694,7 @@ pub fn install(
         temps: Vec::new(),
         pipes: inherited.pipes.clone(),
         unix_pairs: inherited.unix_pairs.clone(),
+        late_stdio,
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });

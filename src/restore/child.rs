@@ -25,7 +25,7 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use warmstart_snapshots::model::{FileDesc, Manifest, Process, VmaKind};
+use warmstart_snapshots::model::{Manifest, Process, VmaKind};
 
 use super::program::{self, ProgramFds};
 use crate::dump::maps::{self, MapEntry};
@@ -297,7 +297,9 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         become_zombie(status);
     }
     settle_zombie_children(m, p)?;
-    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited)?;
+    let places = crate::fds::stdio_fds(p);
+    let late_stdio = ctx.late_sock.is_some() && !places.is_empty();
+    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, late_stdio)?;
     for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
@@ -328,16 +330,12 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
-    let places: Vec<(i32, u8, bool)> = p
-        .fds
-        .iter()
-        .filter_map(|f| match f.file {
-            FileDesc::External { stdio } if stdio < 3 => Some((f.fd, stdio, f.cloexec)),
-            _ => None,
-        })
-        .collect();
     let late = match ctx.late_sock {
-        Some(sock) if !places.is_empty() => Some(program::LateStdio { sock, places }),
+        Some(sock) if late_stdio => Some(program::LateStdio {
+            sock,
+            places,
+            epoll_adds: crate::fds::late_epoll_targets(p),
+        }),
         Some(sock) => {
             unsafe { libc::close(sock) };
             None

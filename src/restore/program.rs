@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Result};
 use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot, Width};
-use warmstart_snapshots::model::{Process, Thread, Vma, VmaKind, PROT_WRITE};
+use warmstart_snapshots::model::{EpollTarget, Process, Thread, Vma, VmaKind, PROT_WRITE};
 
 use crate::dump::maps::MapEntry;
 
@@ -32,6 +32,8 @@ pub struct LateStdio {
     pub sock: i32,
     /// (app fd, which stdio, close-on-exec)
     pub places: Vec<(i32, u8, bool)>,
+    /// Epoll registrations on those fds, added once they are in place: (epoll fd, target).
+    pub epoll_adds: Vec<(i32, EpollTarget)>,
 }
 
 /// Bytes of the control buffer for three fds: `CMSG_SPACE(12)`.
@@ -592,6 +594,22 @@ fn late_stdio(b: &mut ProgramBuilder, late: &LateStdio) {
             libc::SYS_close,
             &[s.plus(0)],
             format!("close received stdio {k}"),
+        );
+    }
+    for (epfd, t) in &late.epoll_adds {
+        // struct epoll_event is packed on x86-64: events (4 bytes), data (8).
+        let mut ev = t.events.to_le_bytes().to_vec();
+        ev.extend_from_slice(&t.data.to_le_bytes());
+        let ev = b.data(&ev);
+        b.syscall(
+            libc::SYS_epoll_ctl,
+            &[
+                imm(*epfd as u32),
+                imm(libc::EPOLL_CTL_ADD as u64),
+                imm(t.fd as u32),
+                ev.arg(),
+            ],
+            format!("epoll {epfd}: watch stdio fd {}", t.fd),
         );
     }
     b.syscall(

@@ -131,29 +131,33 @@ fn parker(pools: &Mutex<HashMap<SnapshotId, Pool>>, snap: Arc<Snapshot>) {
 
 /// Whether instances of `m` may wait parked: nothing they hold may be something another
 /// instance (or anyone else) needs meanwhile: no bound or listening sockets (their
-/// addresses and ports), no file locks; and an epoll may not watch the stdio, which is
-/// only put in place when the instance is handed out.
+/// addresses and ports), no file locks. An epoll watching the stdio gets it added when
+/// the stdio arrives, which needs the epoll to be the process's own.
 fn parkable(m: &Manifest) -> Result<(), String> {
     if !m.file_locks.is_empty() {
         return Err("it holds file locks".into());
     }
     for p in &m.processes {
-        let stdio: Vec<i32> = p
-            .fds
-            .iter()
-            .filter(|f| matches!(f.file, FileDesc::External { .. }))
-            .map(|f| f.fd)
-            .collect();
+        for (epfd, _) in crate::fds::late_epoll_targets(p) {
+            let ofd = p.fds.iter().find(|f| f.fd == epfd).map(|f| f.ofd);
+            let shared = m
+                .processes
+                .iter()
+                .filter(|q| q.fds.iter().any(|f| Some(f.ofd) == ofd))
+                .count()
+                > 1;
+            if shared {
+                return Err(format!(
+                    "process {} (fd {epfd}): an epoll shared by several processes watches the stdio",
+                    p.pid
+                ));
+            }
+        }
         for f in &p.fds {
             let why = match &f.file {
                 FileDesc::Inet { .. } | FileDesc::Netlink { .. } => "it has network sockets",
                 FileDesc::Unix { addr, .. } if *addr != UnixAddr::Unnamed => {
                     "it has bound unix sockets"
-                }
-                FileDesc::Epoll { targets, .. }
-                    if targets.iter().any(|t| stdio.contains(&t.fd)) =>
-                {
-                    "an epoll of it watches its stdio"
                 }
                 _ => continue,
             };
