@@ -214,3 +214,47 @@ fn an_event_loop_on_stdin_is_parked_and_watches_the_stdio_it_is_handed() {
         daemon.wait_stderr("parked an instance of");
     }
 }
+
+/// The children of process `pid` (all its threads').
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+#[test]
+fn removing_a_snapshot_stops_its_parked_instances() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    ws.record("other", &[fixture("counter")]);
+    ws.run(&["run", "--no-serve", "other"], "o\n").assert_ok();
+    let daemon = ws.serve("counter");
+    // The parked instance's sandbox is the daemon's only child.
+    let sandboxes = children_of(daemon.pid());
+    assert_eq!(
+        sandboxes.len(),
+        1,
+        "one parked instance expected: {sandboxes:?}"
+    );
+    let parked = common::pidfd_open(sandboxes[0]).expect("pidfd of the parked sandbox");
+    ws.run(&["rm", "counter"], "").assert_ok();
+    // The next request (for another snapshot) lets go of the removed one's pool.
+    let out = ws.run(&["run", "other"], "p\n");
+    assert_eq!(out.stdout, "1 p\n", "{}", out.describe());
+    assert!(
+        common::wait_pidfd_exit(&parked, TIMEOUT),
+        "the parked instance of a removed snapshot is still there"
+    );
+    let missing = ws.run(&["run", "counter"], "");
+    missing.assert_fail();
+    assert!(missing.stderr.contains("counter"), "{}", missing.describe());
+}

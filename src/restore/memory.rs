@@ -20,6 +20,8 @@ struct Batch {
     addr: u64,
     count: u64,
     first: Option<u64>,
+    /// The area is writable while memory is written ([`program::writable_at_first_trap`]).
+    writable: bool,
 }
 
 fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
@@ -46,6 +48,7 @@ fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
                     addr: v.start + (run.page + done) * PAGE_SIZE as u64,
                     count: n,
                     first: first.map(|f| f + done),
+                    writable: super::program::writable_at_first_trap(v),
                 });
                 done += n;
             }
@@ -98,6 +101,61 @@ fn write(
     Ok(())
 }
 
+/// Most iovecs per `process_vm_writev` (`IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Writes batches whose bytes are in `hot` (or zeros) into areas writable now, with as
+/// few `process_vm_writev` calls as `IOV_MAX` allows.
+fn write_vectored(hot: Option<&Hot>, pid: i32, work: &[Batch]) -> Result<()> {
+    static ZEROS: [u8; BATCH as usize * PAGE_SIZE] = [0; BATCH as usize * PAGE_SIZE];
+    for part in work.chunks(IOV_MAX) {
+        let mut local = Vec::with_capacity(part.len());
+        let mut remote = Vec::with_capacity(part.len());
+        let mut total = 0usize;
+        for b in part {
+            let len = b.count as usize * PAGE_SIZE;
+            let bytes: &[u8] = match b.first {
+                Some(f) => hot
+                    .and_then(|h| h.pages(f, b.count))
+                    .expect("partitioned on the hot pages"),
+                None => &ZEROS[..len],
+            };
+            local.push(libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: len,
+            });
+            remote.push(libc::iovec {
+                iov_base: b.addr as *mut libc::c_void,
+                iov_len: len,
+            });
+            total += len;
+        }
+        let n = unsafe {
+            libc::process_vm_writev(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n != total as isize {
+            let why = if n < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                format!("{n} of {total} bytes written")
+            };
+            anyhow::bail!(
+                "writing {} pages from {:#x} into process {pid}: {why}",
+                total / PAGE_SIZE,
+                part[0].addr
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes every stored page except those of the VMAs in `lazy` (sorted `(start, len)`),
 /// which the page server provides; pages in `hot` are taken from there (verified
 /// already) instead of being decompressed.
@@ -114,7 +172,18 @@ pub fn fill(
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))
     };
-    let work = batches(p, lazy);
+    let mut work = batches(p, lazy);
+    // What is in the hot pages (or zeros) and writable goes in a few vectored writes.
+    let (quick, rest): (Vec<Batch>, Vec<Batch>) = work.drain(..).partition(|b| {
+        b.writable
+            && b.first
+                .is_none_or(|f| hot.is_some_and(|h| h.pages(f, b.count).is_some()))
+    });
+    write_vectored(hot, pid, &quick)?;
+    let work = rest;
+    if work.is_empty() {
+        return Ok(());
+    }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -416,6 +416,8 @@ fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Pa
         memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
             .map_err(|e| fail_in(d.p, e))?;
     }
+    phases.add("eager-pages", t.elapsed());
+    let t = Instant::now();
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
     let mut servers = servers.into_iter();
@@ -430,7 +432,7 @@ fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Pa
             tree_lazy.push((d.p.pid, s.run(sandbox.init_pidfd(), None)?));
         }
     }
-    phases.add("memory", t.elapsed());
+    phases.add("serving", t.elapsed());
     let t = Instant::now();
     let mut parked = Parked {
         snap: snap.clone(),

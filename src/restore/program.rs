@@ -62,6 +62,17 @@ fn mmap_flags(v: &Vma) -> u64 {
     f
 }
 
+/// A private area that was writable once (VM_ACCOUNT) and is read-only now, as RELRO.
+fn is_relro(v: &Vma) -> bool {
+    v.flags.accounted && v.prot & PROT_WRITE == 0 && !v.shared
+}
+
+/// Whether private area `v` is writable while the monitor writes memory (at the
+/// program's first trap), so that plain `process_vm_writev` reaches it.
+pub fn writable_at_first_trap(v: &Vma) -> bool {
+    !v.shared && (v.prot & PROT_WRITE != 0 || is_relro(v))
+}
+
 fn label(v: &Vma) -> String {
     let what = match &v.kind {
         VmaKind::Anon { name } if name.is_empty() => "anon".to_owned(),
@@ -227,6 +238,7 @@ pub fn build(
         from = from.max(e);
     }
     move_vdso(&mut b, p, own)?;
+    let mut relros = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
         if matches!(
             v.kind,
@@ -238,12 +250,12 @@ pub fn build(
             Some(fd) => (fd as i64 as u64, v.offset),
             None => (u64::MAX, 0),
         };
-        // Pages come in through /proc/PID/mem, which may write read-only private
-        // mappings (FOLL_FORCE): each VMA is mapped with its final protection at once,
-        // except that an area that was writable once (VM_ACCOUNT, e.g. RELRO) is mapped
-        // writable and then protected, as the loader did, so it keeps the flag and does
-        // not merge with its neighbour.
-        let relro = v.flags.accounted && v.prot & PROT_WRITE == 0 && !v.shared;
+        // An area that was writable once (VM_ACCOUNT, e.g. RELRO) is mapped writable and
+        // protected after the first trap, as the loader did, so it keeps the flag; the
+        // monitor writes its pages meanwhile with `process_vm_writev`
+        // ([`writable_at_first_trap`]). Other areas get their final protection at once
+        // (pages of read-only ones go through /proc/PID/mem, which may write them).
+        let relro = is_relro(v);
         b.syscall(
             libc::SYS_mmap,
             &[
@@ -257,11 +269,7 @@ pub fn build(
             format!("mmap {}", label(v)),
         );
         if relro {
-            b.syscall(
-                libc::SYS_mprotect,
-                &[imm(v.start), imm(v.len()), imm(v.prot)],
-                format!("mprotect {}", label(v)),
-            );
+            relros.push(v);
         }
         let advice = [
             (v.flags.dontfork, libc::MADV_DONTFORK),
@@ -349,6 +357,13 @@ pub fn build(
     }
     b.trap();
 
+    for v in relros {
+        b.syscall(
+            libc::SYS_mprotect,
+            &[imm(v.start), imm(v.len()), imm(v.prot)],
+            format!("mprotect {}", label(v)),
+        );
+    }
     // Phase 2: after the monitor has written memory. The leader installs the seccomp
     // filters (threads inherit them; the monitor traces with PTRACE_O_SUSPEND_SECCOMP, so
     // they bind only once it lets go), creates the other threads at their recorded tids,

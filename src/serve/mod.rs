@@ -271,6 +271,11 @@ impl Daemon {
             .map(|(n, _)| n)
             .collect();
         let mut snaps = self.snaps.lock().unwrap_or_else(|e| e.into_inner());
+        // Snapshots removed since (`warmstart rm`) go, with their parked instances.
+        if let Ok(ids) = self.store.ids() {
+            snaps.retain(|k, _| ids.contains(k));
+            self.pools.retain(|k| ids.contains(k));
+        }
         if let Some(s) = snaps.get(&id) {
             return Ok((s.clone(), names));
         }

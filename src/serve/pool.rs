@@ -62,6 +62,12 @@ impl Pools {
         None
     }
 
+    /// Drops the pools (and parked instances) of the snapshots `keep` says no to.
+    pub fn retain(&self, keep: impl Fn(&SnapshotId) -> bool) {
+        let mut pools = self.by_snap.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|id, _| keep(id));
+    }
+
     /// Gives `req` to a parked instance of `snap` (`None`: taken) or returns it.
     pub fn take(&self, snap: &Arc<Snapshot>, mut req: Handoff) -> Option<Handoff> {
         loop {
