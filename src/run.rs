@@ -81,7 +81,7 @@ pub fn run_instance(
         if display_stats {
             eprintln!(
                 "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
-                 {} pages on fault, {} streamed ({}), working set learned: {} pages",
+                 {} pages on fault, {} streamed ({}), all memory in after {}, working set learned: {} pages",
                 o.prefetch.pages,
                 o.prefetch.elapsed.as_secs_f64() * 1e3,
                 o.serve.faults,
@@ -90,6 +90,10 @@ pub fn run_instance(
                 o.serve.pages_on_fault,
                 o.serve.pages_streamed,
                 human(o.serve.bytes_streamed),
+                o.serve
+                    .complete_after
+                    .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                    .unwrap_or_else(|| "– (the instance ended first)".into()),
                 if opts.learn { o.serve.working_set.len() } else { 0 },
             );
         }

@@ -258,3 +258,36 @@ fn removing_a_snapshot_stops_its_parked_instances() {
     missing.assert_fail();
     assert!(missing.stderr.contains("counter"), "{}", missing.describe());
 }
+
+/// The three remaining times `park_timers` prints, in ms.
+fn remaining(out: &common::Out) -> Vec<i64> {
+    out.stdout
+        .split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{}", out.describe())))
+        .collect()
+}
+
+#[test]
+fn timers_do_not_run_down_while_parked() {
+    let ws = Ws::new();
+    ws.record("timers", &[fixture("park_timers")]);
+    let learn = ws.run(&["run", "--no-serve", "timers"], "t\n");
+    learn.assert_ok();
+    let at_warm_point = remaining(&learn);
+    assert_eq!(at_warm_point.len(), 3, "{}", learn.describe());
+    let _daemon = ws.serve("timers");
+    // Time passing is the point here: the instance waits parked for it.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = ws.served("timers", "t\n");
+    out.assert_ok();
+    for (before, after) in at_warm_point.iter().zip(remaining(&out)) {
+        assert!(
+            after > before - 2000 && after <= *before + 50,
+            "a timer ran down while parked: {before} ms left at the warm point's first run, \
+             {after} ms when handed out after 3 s parked\n{}",
+            out.describe()
+        );
+    }
+}

@@ -124,7 +124,7 @@ pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Resu
         return Err(errno_err("epoll_create1"));
     }
     let fd = ins.keep_high(fd)?;
-    let late: Vec<i32> = if ins.late_stdio {
+    let late: Vec<i32> = if ins.parked {
         super::stdio_fds(ins.p).iter().map(|s| s.0).collect()
     } else {
         Vec::new()

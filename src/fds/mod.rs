@@ -486,8 +486,9 @@ pub struct Installer<'a> {
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Parked restore: epolls do not watch the stdio placeholders yet
-    /// ([`late_epoll_targets`] are added once the real stdio is in place).
-    pub late_stdio: bool,
+    /// ([`late_epoll_targets`] are added once the real stdio is in place) and timerfds
+    /// are not armed ([`late_timerfds`]).
+    pub parked: bool,
 }
 
 impl Installer<'_> {
@@ -541,7 +542,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         temps: Vec::new(),
         pipes: HashMap::new(),
         unix_pairs: HashMap::new(),
-        late_stdio: false,
+        parked: false,
     };
     let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
     let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
@@ -675,6 +676,27 @@ pub fn late_epoll_targets(p: &Process) -> Vec<(i32, EpollTarget)> {
     out
 }
 
+/// The armed timerfds of `p`, once per open file description: (fd, interval ns, value
+/// ns, unread expirations). A parked restore arms them when handed out.
+pub fn late_timerfds(p: &Process) -> Vec<(i32, u64, u64, u64)> {
+    let mut seen = HashSet::new();
+    p.fds
+        .iter()
+        .filter_map(|f| match f.file {
+            FileDesc::TimerFd {
+                value_ns,
+                interval_ns,
+                ticks,
+                ..
+            } if seen.insert(f.ofd) => {
+                let value = timerfd::value_to_arm(value_ns, interval_ns);
+                (value != 0 || ticks != 0).then_some((f.fd, interval_ns, value, ticks))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Builds the app's fd table: each open file description once, then dup'ed to every
 /// fd number that shares it. `stdio` are the caller's fds 0-2 (moved above `high`) and
 /// the notify channel's app end when the snapshot has one; `inherited` what the root of
@@ -685,7 +707,7 @@ pub fn install(
     stdio: &[RawFd],
     high: RawFd,
     inherited: &Inherited,
-    late_stdio: bool,
+    parked: bool,
 ) -> Result<()> {
     let mut ins = Installer {
         m,
@@ -694,7 +716,7 @@ pub fn install(
         temps: Vec::new(),
         pipes: inherited.pipes.clone(),
         unix_pairs: inherited.unix_pairs.clone(),
-        late_stdio,
+        parked,
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });

@@ -21,7 +21,7 @@ use warmstart_snapshots::model::FileDesc;
 use super::{errno_err, FdInfo, Installer, Target};
 
 /// `_IOW('T', 0, __u64)`.
-const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+pub const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
 
 pub fn dump(t: &Target) -> Result<FileDesc> {
     let (clockid, ticks, value_ns, interval_ns) = parse(t.info)
@@ -60,6 +60,15 @@ fn timespec(ns: u64) -> libc::timespec {
     }
 }
 
+/// A periodic timer due right now shows 0 remaining; 0 would disarm it.
+pub fn value_to_arm(value_ns: u64, interval_ns: u64) -> u64 {
+    if value_ns == 0 && interval_ns > 0 {
+        1
+    } else {
+        value_ns
+    }
+}
+
 pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     let &FileDesc::TimerFd {
         clockid,
@@ -80,12 +89,11 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         return Err(errno_err(format!("timerfd_create(clock {clockid})")));
     }
     let fd = ins.keep_high(fd)?;
-    // A periodic timer due right now shows 0 remaining; 0 would disarm it.
-    let value_ns = if value_ns == 0 && interval_ns > 0 {
-        1
-    } else {
-        value_ns
-    };
+    if ins.parked {
+        // Armed when handed out (`late_timerfds`), not while parked.
+        return Ok(fd);
+    }
+    let value_ns = value_to_arm(value_ns, interval_ns);
     let spec = libc::itimerspec {
         it_interval: timespec(interval_ns),
         it_value: timespec(value_ns),

@@ -17,6 +17,8 @@ use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uff
 
 /// Largest single `UFFDIO_COPY` (prefetch and streaming): 2 MiB.
 pub const BATCH_PAGES: u64 = 512;
+/// Reads of at least this many pages are split over two threads.
+const PARALLEL_READ_PAGES: u64 = 128;
 /// Read-ahead window of a fault: the aligned block of this many pages around it.
 pub const READAHEAD_PAGES: u64 = 16;
 /// A fault on a page without stored data maps zero pages up to this many pages ahead
@@ -955,12 +957,17 @@ impl LazyServer {
         let addr = e.addr + off * PAGE;
         let mut buf = std::mem::take(&mut self.buf);
         let bytes = &mut buf[..(n * PAGE) as usize];
-        let read = self.snap.read_pages(idx, n, bytes).with_context(|| {
-            format!(
-                "lazy restore: reading pages {idx}..+{n} for {addr:#x} from snapshot {}",
-                self.snap.id.short()
-            )
-        });
+        // A large read (prefetch, streaming) is worth the other core.
+        let threads = if n >= PARALLEL_READ_PAGES { 2 } else { 1 };
+        let read = self
+            .snap
+            .read_pages_parallel(idx, n, bytes, threads)
+            .with_context(|| {
+                format!(
+                    "lazy restore: reading pages {idx}..+{n} for {addr:#x} from snapshot {}",
+                    self.snap.id.short()
+                )
+            });
         let out = read.and_then(|()| self.copy_bytes(si, pos, off, n, bytes));
         self.buf = buf;
         out

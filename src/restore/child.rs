@@ -41,8 +41,10 @@ pub struct BlobInfo {
     pub uffd_slot: Option<u64>,
     /// Step labels, for naming a failed step.
     pub labels: Vec<String>,
-    /// Parked: the leader traps once more after receiving its stdio ([`program::LateStdio`]).
-    pub late_stdio: bool,
+    /// Parked: the leader has a late phase ([`program::Late`]) and traps once more.
+    pub late: bool,
+    /// Its late phase receives the caller's stdio first.
+    pub wants_stdio: bool,
 }
 
 /// Message tags on the status pipe.
@@ -87,7 +89,7 @@ struct Ctx<'a> {
 /// (with the exit code to use). `lazy`: per process (manifest order), the ranges its
 /// restorer registers with a userfaultfd of its own (empty: eager);
 /// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots);
-/// `late_sock`: a parked restore's stdio socket ([`program::LateStdio`]).
+/// `late_sock`: a parked restore's stdio socket ([`program::Late`]).
 pub fn run(
     m: &Manifest,
     lazy: &[Vec<(u64, u64)>],
@@ -298,8 +300,8 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     }
     settle_zombie_children(m, p)?;
     let places = crate::fds::stdio_fds(p);
-    let late_stdio = ctx.late_sock.is_some() && !places.is_empty();
-    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, late_stdio)?;
+    let parked = ctx.late_sock.is_some();
+    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
     for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
@@ -330,18 +332,18 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
-    let late = match ctx.late_sock {
-        Some(sock) if late_stdio => Some(program::LateStdio {
-            sock,
+    let late = ctx.late_sock.map(|sock| {
+        let wants_stdio = !places.is_empty();
+        if !wants_stdio {
+            unsafe { libc::close(sock) };
+        }
+        program::Late {
+            sock: wants_stdio.then_some(sock),
             places,
             epoll_adds: crate::fds::late_epoll_targets(p),
-        }),
-        Some(sock) => {
-            unsafe { libc::close(sock) };
-            None
+            timerfds: crate::fds::late_timerfds(p),
         }
-        None => None,
-    };
+    });
     let late = late.as_ref();
     let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
@@ -372,7 +374,8 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             .map(|i| blob.describe(i).to_owned())
             .take_while(|l| !l.is_empty())
             .collect(),
-        late_stdio: late.is_some(),
+        late: late.is_some(),
+        wants_stdio: late.is_some_and(|l| l.sock.is_some()),
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);

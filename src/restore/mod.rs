@@ -166,7 +166,9 @@ pub fn park(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Parked> {
     prepare(snap, opts, true)
 }
 
-fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Parked> {
+/// Restores an instance of `snap` up to its last step; `park`: with its stdio and timers
+/// left for [`Parked::resume`] (else it has them already).
+pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Parked> {
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
@@ -479,9 +481,14 @@ fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Result<Pa
 }
 
 impl Parked {
-    /// The snapshot this instance is of.
-    pub fn snapshot(&self) -> &Arc<Snapshot> {
-        &self.snap
+    /// The app's pid as seen from here.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether the instance is still there (nothing kills a parked one but others).
+    pub fn alive(&self) -> bool {
+        matches!(self.sandbox.try_wait(), Ok(None))
     }
 
     /// Hands the instance its stdio (a parked one: `stdio`; else it has it already) and
@@ -493,9 +500,12 @@ impl Parked {
             if let Some(sock) = &self.late_sock {
                 let stdio = stdio.context("a parked instance needs its stdio")?;
                 let fds = stdio.map(|f| f.as_raw_fd());
-                for d in self.tree.iter().filter(|d| d.info.late_stdio) {
+                for d in self.tree.iter().filter(|d| d.info.late) {
                     failed_in = d.idx;
-                    crate::sys::scm::send(sock.as_fd(), &[1], &fds).context("sending the stdio")?;
+                    if d.info.wants_stdio {
+                        crate::sys::scm::send(sock.as_fd(), &[1], &fds)
+                            .context("sending the stdio")?;
+                    }
                     ptrace::cont(d.pid, 0).context("continuing the restorer")?;
                     wait_trap(d.pid, &d.info, &mut Vec::new())?;
                 }

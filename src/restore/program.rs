@@ -23,21 +23,28 @@ pub struct ProgramFds {
     pub exe_fd: i32,
 }
 
-/// A parked restore (`warmstart serve`'s pool): the process stops at its last trap with
-/// placeholders where its stdio goes; when it is handed out, the leader receives the
-/// caller's stdin, stdout and stderr on `sock` (one `SCM_RIGHTS` message of three fds),
-/// puts them in place, arms its timers (so none ran down while parked) and traps again.
-#[derive(Debug, Clone)]
-pub struct LateStdio {
-    pub sock: i32,
+/// What a parked restore (`warmstart serve`'s pool) does when it is handed out. Every
+/// process stops at its last trap with placeholders where its stdio goes and no timer
+/// armed; then its leader runs this *late phase*: it receives the caller's stdin, stdout
+/// and stderr on `sock` (one `SCM_RIGHTS` message of three fds) if it has stdio fds, puts
+/// them in place, adds the epoll registrations on them, arms its timers and timerfds (so
+/// none ran down while parked) and traps again.
+#[derive(Debug, Clone, Default)]
+pub struct Late {
+    /// The stdio socket, for a process with stdio fds.
+    pub sock: Option<i32>,
     /// (app fd, which stdio, close-on-exec)
     pub places: Vec<(i32, u8, bool)>,
     /// Epoll registrations on those fds, added once they are in place: (epoll fd, target).
     pub epoll_adds: Vec<(i32, EpollTarget)>,
+    /// Timerfds to arm: (fd, interval ns, value ns, unread expirations).
+    pub timerfds: Vec<(i32, u64, u64, u64)>,
 }
 
 /// Bytes of the control buffer for three fds: `CMSG_SPACE(12)`.
 const CMSG_3FDS: usize = 32;
+/// `cmsg_len` of a message with three fds: `CMSG_LEN(12)`.
+const CMSG_LEN_3FDS: u64 = 28;
 
 fn imm(v: impl Into<u64>) -> Arg {
     Arg::Imm(v.into())
@@ -204,7 +211,7 @@ pub fn build(
     base: u64,
     blob_len: u64,
     lazy: &[(u64, u64)],
-    late: Option<&LateStdio>,
+    late: Option<&Late>,
 ) -> Result<(Blob, Option<Slot>)> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
@@ -443,7 +450,7 @@ pub fn build(
     );
     b.trap();
     if let Some(late) = late {
-        late_stdio(&mut b, late);
+        late_phase(&mut b, late);
         arm_timers(&mut b, p);
         b.trap();
     }
@@ -566,50 +573,10 @@ fn arm_timers(b: &mut ProgramBuilder, p: &Process) {
     }
 }
 
-/// Receives the three stdio fds on `late.sock` and puts them where the app had them
-/// (`dup3` over the placeholders, atomically), then closes what it received.
-fn late_stdio(b: &mut ProgramBuilder, late: &LateStdio) {
-    let byte = b.data_zeroed(8);
-    let iov = b.data_zeroed(16);
-    b.data_pointer(iov, 0, byte, 0);
-    b.write_data(iov, 8, &1u64.to_le_bytes());
-    let cmsg = b.data_zeroed(CMSG_3FDS);
-    let msg = b.data_zeroed(56);
-    b.data_pointer(msg, 16, iov, 0);
-    b.write_data(msg, 24, &1u64.to_le_bytes());
-    b.data_pointer(msg, 32, cmsg, 0);
-    b.write_data(msg, 40, &(CMSG_3FDS as u64).to_le_bytes());
-    b.syscall(
-        libc::SYS_recvmsg,
-        &[
-            imm(late.sock as u32),
-            msg.arg(),
-            imm(libc::MSG_CMSG_CLOEXEC as u64),
-        ],
-        "recvmsg (the caller's stdio)",
-    );
-    // The fds follow the 16-byte cmsghdr.
-    let got: Vec<Slot> = (0..3u64)
-        .map(|k| {
-            let s = b.slot();
-            b.load(cmsg.at(16 + 4 * k), Width::U32, Some(s));
-            s
-        })
-        .collect();
-    for &(fd, k, cloexec) in &late.places {
-        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
-        b.syscall(
-            libc::SYS_dup3,
-            &[got[k as usize].plus(0), imm(fd as u32), imm(flags as u64)],
-            format!("dup3 stdio {k} to fd {fd}"),
-        );
-    }
-    for (k, s) in got.iter().enumerate() {
-        b.syscall(
-            libc::SYS_close,
-            &[s.plus(0)],
-            format!("close received stdio {k}"),
-        );
+/// The late phase of a parked restore ([`Late`]), but for the POSIX and interval timers.
+fn late_phase(b: &mut ProgramBuilder, late: &Late) {
+    if let Some(sock) = late.sock {
+        late_stdio(b, sock, &late.places);
     }
     for (epfd, t) in &late.epoll_adds {
         // struct epoll_event is packed on x86-64: events (4 bytes), data (8).
@@ -627,9 +594,89 @@ fn late_stdio(b: &mut ProgramBuilder, late: &LateStdio) {
             format!("epoll {epfd}: watch stdio fd {}", t.fd),
         );
     }
+    for &(fd, interval, value, ticks) in &late.timerfds {
+        let its = b.data(&interval_and_value(interval, value, 1_000_000_000));
+        b.syscall(
+            libc::SYS_timerfd_settime,
+            &[imm(fd as u32), imm(0u64), its.arg(), imm(0u64)],
+            format!("timerfd_settime (fd {fd})"),
+        );
+        // After settime, which zeroes them.
+        if ticks > 0 {
+            let t = b.data(&ticks.to_le_bytes());
+            b.syscall(
+                libc::SYS_ioctl,
+                &[
+                    imm(fd as u32),
+                    imm(crate::fds::timerfd::TFD_IOC_SET_TICKS),
+                    t.arg(),
+                ],
+                format!("timerfd {fd}: {ticks} unread expirations"),
+            );
+        }
+    }
+}
+
+/// Receives the three stdio fds on `sock` and puts them where the app had them (`dup3`
+/// over the placeholders, atomically), then closes what it received and the socket.
+fn late_stdio(b: &mut ProgramBuilder, sock: i32, places: &[(i32, u8, bool)]) {
+    let byte = b.data_zeroed(8);
+    let iov = b.data_zeroed(16);
+    b.data_pointer(iov, 0, byte, 0);
+    b.write_data(iov, 8, &1u64.to_le_bytes());
+    let cmsg = b.data_zeroed(CMSG_3FDS);
+    let msg = b.data_zeroed(56);
+    b.data_pointer(msg, 16, iov, 0);
+    b.write_data(msg, 24, &1u64.to_le_bytes());
+    b.data_pointer(msg, 32, cmsg, 0);
+    b.write_data(msg, 40, &(CMSG_3FDS as u64).to_le_bytes());
+    b.syscall(
+        libc::SYS_recvmsg,
+        &[
+            imm(sock as u32),
+            msg.arg(),
+            imm(libc::MSG_CMSG_CLOEXEC as u64),
+        ],
+        "recvmsg (the caller's stdio)",
+    );
+    // All three fds came, or the kernel cut the message (no room in the fd table under
+    // RLIMIT_NOFILE): cmsg_len must be CMSG_LEN(12).
+    let len = b.slot();
+    b.load(cmsg.at(0), Width::U64, Some(len));
+    let whole = b.label();
+    b.jump_if_zero(len.plus(-(CMSG_LEN_3FDS as i64)), whole);
     b.syscall(
         libc::SYS_close,
-        &[imm(late.sock as u32)],
+        &[imm(u32::MAX as u64)],
+        "the caller's stdio did not arrive whole (no room under RLIMIT_NOFILE?)",
+    );
+    b.bind(whole);
+    // The fds follow the 16-byte cmsghdr.
+    let got: Vec<Slot> = (0..3u64)
+        .map(|k| {
+            let s = b.slot();
+            b.load(cmsg.at(16 + 4 * k), Width::U32, Some(s));
+            s
+        })
+        .collect();
+    for &(fd, k, cloexec) in places {
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        b.syscall(
+            libc::SYS_dup3,
+            &[got[k as usize].plus(0), imm(fd as u32), imm(flags as u64)],
+            format!("dup3 stdio {k} to fd {fd}"),
+        );
+    }
+    for (k, s) in got.iter().enumerate() {
+        b.syscall(
+            libc::SYS_close,
+            &[s.plus(0)],
+            format!("close received stdio {k}"),
+        );
+    }
+    b.syscall(
+        libc::SYS_close,
+        &[imm(sock as u32)],
         "close the stdio socket",
     );
 }

@@ -15,6 +15,20 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
     let Some(conn) = connect(socket)? else {
         return Ok(None);
     };
+    // Our stdio goes only to a daemon of root or of our own user.
+    let me = unsafe { libc::geteuid() };
+    match super::peer_cred(&conn) {
+        Ok(c) if c.uid == 0 || c.uid == me => {}
+        Ok(c) => {
+            tracing::warn!(
+                "ignoring {}: its daemon runs as uid {}, not root or uid {me}",
+                socket.display(),
+                c.uid
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    }
     // Signals that arrive while the daemon starts the instance are forwarded once it runs.
     let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| anyhow!("{e}"))?;
@@ -79,7 +93,12 @@ pub(crate) fn connect(socket: &Path) -> Result<Option<OwnedFd>> {
     if r < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => Ok(None),
+            Some(libc::ENOENT | libc::ECONNREFUSED) => Ok(None),
+            // A socket we may not use is no daemon of ours.
+            Some(libc::EACCES | libc::EPERM) => {
+                tracing::info!("not using {}: {e}", socket.display());
+                Ok(None)
+            }
             _ => Err(e).with_context(|| format!("connecting to {}", socket.display())),
         };
     }

@@ -14,7 +14,7 @@ mod pool;
 mod protocol;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{LaunchError, SignalForwarder};
 use warmstart_snapshots::store::{Snapshot, SnapshotId, Store};
 
-use crate::restore::{RestoreOptions, Restored};
+use crate::restore::{Parked, RestoreOptions, Restored};
 use protocol::{Reply, Request};
 
 /// Where the daemon of the store in `dir` listens.
@@ -48,6 +48,9 @@ struct Daemon {
 
 /// Runs the daemon until SIGINT, SIGTERM or SIGHUP; instances it runs end with it.
 pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
+    // A log line to a closed pipe must not take the daemon and its instances down
+    // (restored apps get their own dispositions back).
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Before any thread exists, so that every thread inherits the mask.
     let stop = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
         .map_err(|e| anyhow!("{e}"))?;
@@ -95,7 +98,15 @@ fn accept_loop(daemon: &Arc<Daemon>, listener: &OwnedFd, stop: &SignalForwarder)
             )
         };
         if fd < 0 {
-            tracing::warn!("accept: {}", std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("accept: {e}");
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ) {
+                // Out of fds or memory: let running instances end before trying again.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             continue;
         }
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -148,9 +159,47 @@ fn listen(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// How long a client has to send its request once connected.
+const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_recv_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) -> Result<()> {
+    let t = t.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    let r = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
+    }
+    Ok(())
+}
+
 /// Only root and the daemon's own user may start instances (which run as the snapshot's
 /// user, possibly root).
 fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
+    let cred = peer_cred(conn)?;
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != 0 && cred.uid != me {
+        bail!(
+            "uid {} (pid {}) may not start instances: only root and uid {me} may",
+            cred.uid,
+            cred.pid
+        );
+    }
+    Ok(cred)
+}
+
+/// The credentials of the other end of a unix socket.
+pub(crate) fn peer_cred(conn: &OwnedFd) -> Result<libc::ucred> {
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     let r = unsafe {
@@ -165,14 +214,6 @@ fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
     if r < 0 {
         return Err(std::io::Error::last_os_error()).context("SO_PEERCRED");
     }
-    let me = unsafe { libc::geteuid() };
-    if cred.uid != 0 && cred.uid != me {
-        bail!(
-            "uid {} (pid {}) may not start instances: only root and uid {me} may",
-            cred.uid,
-            cred.pid
-        );
-    }
     Ok(cred)
 }
 
@@ -184,9 +225,17 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
             return Err(e);
         }
     };
-    let Some((req, fds)) = protocol::recv::<Request>(conn.as_fd())? else {
-        return Ok(());
+    // A client that connects and says nothing does not hold a thread for long.
+    set_recv_timeout(&conn, Some(FIRST_MESSAGE_TIMEOUT))?;
+    let (req, fds) = match protocol::recv::<Request>(conn.as_fd()) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            let _ = protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[]);
+            return Err(e);
+        }
     };
+    set_recv_timeout(&conn, None)?;
     let Request::Run {
         snapshot,
         display_stats,
@@ -233,9 +282,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     };
     // Nothing parked (yet): restore it here, and park some for the next requests.
     let _ = daemon.pools.start(&snap);
-    let opts = restore_options(&snap, Some(req.stdio.each_ref().map(|f| f.as_raw_fd())));
-    let restored = crate::restore::restore(&snap, &opts);
-    serve_instance(&snap, restored, false, req)
+    serve_instance(&snap, None, req)
 }
 
 /// A request on its way to the thread that runs its instance.
@@ -285,38 +332,60 @@ impl Daemon {
     }
 }
 
-/// Tells the caller its instance runs, relays its signals, and tells it how the
-/// instance ended. `restored`: the instance, or why it could not be started.
-fn serve_instance(
+/// Starts the instance for a request: hands out `parked` (checking the snapshot's files
+/// again, as a restore would) or, without one or when it cannot be handed out, restores
+/// one. Listed for `ps` before it runs. Also says whether it was parked.
+fn start_instance(
     snap: &Arc<Snapshot>,
-    restored: Result<Restored>,
-    parked: bool,
-    req: Handoff,
-) -> Result<()> {
-    let conn = req.conn;
-    let r = match restored {
-        Ok(r) => r,
+    parked: Option<Parked>,
+    req: &Handoff,
+) -> Result<(Restored, Option<crate::instances::Registration>, bool)> {
+    let stdio = req.stdio.each_ref().map(|f| f.as_fd());
+    let go = |p: Parked, stdio: Option<[BorrowedFd; 3]>| {
+        let listed = crate::instances::register(&crate::instances::Instance {
+            monitor: std::process::id() as i32,
+            pid: p.pid(),
+            snapshot: snap.id.to_string(),
+            names: req.names.clone(),
+            command: snap.manifest.command.clone(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            client: Some(req.client),
+        })
+        .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
+        .ok();
+        p.resume(stdio).map(|r| (r, listed))
+    };
+    if let Some(p) = parked {
+        crate::restore::checks::unchanged_files(&snap.manifest)?;
+        match go(p, Some(stdio)) {
+            Ok((r, listed)) => return Ok((r, listed, true)),
+            Err(e) => tracing::warn!(
+                "a parked instance of {} could not be handed out ({e:#}); restoring one",
+                snap.id.short()
+            ),
+        }
+    }
+    let opts = restore_options(snap, Some(stdio.map(|f| f.as_raw_fd())));
+    let (r, listed) = go(crate::restore::prepare(snap, &opts, false)?, None)?;
+    Ok((r, listed, false))
+}
+
+/// Starts the instance for `req` ([`start_instance`]), tells the caller it runs, relays
+/// its signals, and tells it how the instance ended.
+fn serve_instance(snap: &Arc<Snapshot>, parked: Option<Parked>, req: Handoff) -> Result<()> {
+    let (r, _listed, parked) = match start_instance(snap, parked, &req) {
+        Ok(x) => x,
         Err(e) => {
-            protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
+            protocol::send(req.conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
             return Ok(());
         }
     };
+    let conn = req.conn;
     // The caller's stdio is the instance's now; the daemon keeps no copy.
     drop(req.stdio);
-    let _listed = crate::instances::register(&crate::instances::Instance {
-        monitor: std::process::id() as i32,
-        pid: r.pid,
-        snapshot: snap.id.to_string(),
-        names: req.names,
-        command: snap.manifest.command.clone(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        client: Some(req.client),
-    })
-    .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
-    .ok();
     protocol::send(
         conn.as_fd(),
         &Reply::Started {
@@ -329,7 +398,12 @@ fn serve_instance(
     )?;
     let code = r.sandbox.wait_polling(conn.as_fd(), |sb| {
         match protocol::recv::<Request>(conn.as_fd()) {
-            Ok(Some((Request::Signal(sig), _))) => sb.signal(sig),
+            Ok(Some((Request::Signal(sig), _))) => {
+                if let Err(e) = sb.signal(sig) {
+                    tracing::warn!("signal {sig} from a client: {e}");
+                }
+                Ok(())
+            }
             Ok(Some((other, _))) => {
                 tracing::warn!("ignoring {other:?} from a client whose instance runs");
                 Ok(())

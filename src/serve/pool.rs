@@ -4,28 +4,38 @@
 //! taken starts a parker for its replacement.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use warmstart_snapshots::model::{FileDesc, Manifest, UnixAddr};
 use warmstart_snapshots::store::{Snapshot, SnapshotId};
 
 use super::Handoff;
 
+/// Parking failures in a row after which a snapshot's instances are no longer parked.
+const MAX_FAILURES: u32 = 3;
+/// How often a parker checks that its instance is still alive.
+const ALIVE_CHECK: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct Pool {
-    /// Parked instances, oldest first: where to send a request.
-    ready: VecDeque<Sender<Handoff>>,
-    /// Why this snapshot's instances cannot be parked, once known.
+    /// Parked instances, oldest first: (parker id, where to send a request).
+    ready: VecDeque<(u64, Sender<Handoff>)>,
+    /// Parkers still restoring.
+    parking: usize,
+    /// Parking failures in a row.
+    failures: u32,
+    /// Why this snapshot's instances are not parked.
     disabled: Option<String>,
-    /// Parkers run (or parked instances wait) for this snapshot.
-    started: bool,
 }
 
+#[derive(Clone)]
 pub(super) struct Pools {
     size: usize,
     by_snap: Arc<Mutex<HashMap<SnapshotId, Pool>>>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Pools {
@@ -33,30 +43,32 @@ impl Pools {
         Pools {
             size,
             by_snap: Arc::default(),
+            next_id: Arc::default(),
         }
     }
 
-    /// Starts parking instances of `snap` unless that is under way already; why not,
-    /// when its instances cannot be parked.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, Pool>> {
+        self.by_snap.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks instances of `snap` until `size` are parked or parking; why not, when its
+    /// instances are not parked.
     pub fn start(&self, snap: &Arc<Snapshot>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
         }
-        let mut pools = self.by_snap.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools = self.lock();
         let pool = pools.entry(snap.id).or_default();
+        if pool.disabled.is_none() {
+            pool.disabled = parkable(&snap.manifest).err();
+        }
         if let Some(why) = &pool.disabled {
             return Some(why.clone());
         }
-        if pool.started {
-            return None;
-        }
-        if let Err(why) = parkable(&snap.manifest) {
-            pool.disabled = Some(why.clone());
-            return Some(why);
-        }
-        pool.started = true;
+        let missing = self.size.saturating_sub(pool.ready.len() + pool.parking);
+        pool.parking += missing;
         drop(pools);
-        for _ in 0..self.size {
+        for _ in 0..missing {
             self.spawn_parker(snap.clone());
         }
         None
@@ -64,23 +76,22 @@ impl Pools {
 
     /// Drops the pools (and parked instances) of the snapshots `keep` says no to.
     pub fn retain(&self, keep: impl Fn(&SnapshotId) -> bool) {
-        let mut pools = self.by_snap.lock().unwrap_or_else(|e| e.into_inner());
-        pools.retain(|id, _| keep(id));
+        self.lock().retain(|id, _| keep(id));
     }
 
     /// Gives `req` to a parked instance of `snap` (`None`: taken) or returns it.
     pub fn take(&self, snap: &Arc<Snapshot>, mut req: Handoff) -> Option<Handoff> {
         loop {
-            let tx = {
-                let mut pools = self.by_snap.lock().unwrap_or_else(|e| e.into_inner());
-                pools.get_mut(&snap.id).and_then(|p| p.ready.pop_front())
-            };
-            let Some(tx) = tx else {
+            let tx = self
+                .lock()
+                .get_mut(&snap.id)
+                .and_then(|p| p.ready.pop_front());
+            let Some((_, tx)) = tx else {
                 return Some(req);
             };
             match tx.send(req) {
                 Ok(()) => {
-                    self.spawn_parker(snap.clone());
+                    self.start(snap);
                     return None;
                 }
                 // That parker is gone (its instance died while parked): try the next.
@@ -90,55 +101,79 @@ impl Pools {
     }
 
     fn spawn_parker(&self, snap: Arc<Snapshot>) {
-        let pools = self.by_snap.clone();
+        let pools = self.clone();
+        let id = snap.id;
         let spawned = std::thread::Builder::new()
             .name("serve-parker".into())
-            .spawn(move || parker(&pools, snap));
+            .spawn(move || pools.parker(snap));
         if let Err(e) = spawned {
             tracing::warn!("no thread to park an instance: {e}");
+            if let Some(p) = self.lock().get_mut(&id) {
+                p.parking -= 1;
+            }
         }
     }
-}
 
-fn parker(pools: &Mutex<HashMap<SnapshotId, Pool>>, snap: Arc<Snapshot>) {
-    let opts = super::restore_options(&snap, None);
-    let parked = match crate::restore::park(&snap, &opts) {
-        Ok(p) => p,
-        Err(e) => {
-            // Requests are restored one by one meanwhile; the next one tries parking
-            // again (the cause, e.g. a file being rewritten, may pass).
-            tracing::warn!("parking an instance of {}: {e:#}", snap.id.short());
-            let mut pools = pools.lock().unwrap_or_else(|e| e.into_inner());
-            pools.entry(snap.id).or_default().started = false;
-            return;
+    fn parker(&self, snap: Arc<Snapshot>) {
+        let opts = super::restore_options(&snap, None);
+        let parked = crate::restore::park(&snap, &opts);
+        let (tx, rx) = channel::<Handoff>();
+        let me = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut pools = self.lock();
+            // Gone: the snapshot was removed meanwhile (its instance goes with `parked`).
+            let Some(pool) = pools.get_mut(&snap.id) else {
+                return;
+            };
+            pool.parking -= 1;
+            match &parked {
+                Ok(_) => {
+                    pool.failures = 0;
+                    pool.ready.push_back((me, tx));
+                }
+                Err(e) => {
+                    // Requests are restored one by one meanwhile; a cause that goes away
+                    // (a file being rewritten) lets the next request park again.
+                    tracing::warn!("parking an instance of {}: {e:#}", snap.id.short());
+                    pool.failures += 1;
+                    if pool.failures >= MAX_FAILURES {
+                        pool.disabled = Some(format!("parking failed {MAX_FAILURES} times: {e:#}"));
+                    }
+                    return;
+                }
+            }
         }
-    };
-    let (tx, rx) = channel::<Handoff>();
-    pools
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(snap.id)
-        .or_default()
-        .ready
-        .push_back(tx);
-    tracing::info!("parked an instance of {}", snap.id.short());
-    let Ok(req) = rx.recv() else {
-        return;
-    };
-    let stdio = req.stdio.each_ref().map(|f| f.as_fd());
-    // Files may have changed since the instance was parked: checked again, as a restore
-    // would.
-    let restored = crate::restore::checks::unchanged_files(&snap.manifest)
-        .and_then(|()| parked.resume(Some(stdio)));
-    if let Err(e) = super::serve_instance(&snap, restored, true, req) {
-        tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
+        let Ok(parked) = parked else { return };
+        tracing::info!("parked an instance of {}", snap.id.short());
+        let req = loop {
+            match rx.recv_timeout(ALIVE_CHECK) {
+                Ok(req) => break req,
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) if !parked.alive() => {
+                    tracing::warn!(
+                        "a parked instance of {} died; parking another",
+                        snap.id.short()
+                    );
+                    if let Some(p) = self.lock().get_mut(&snap.id) {
+                        p.ready.retain(|(id, _)| *id != me);
+                    }
+                    self.start(&snap);
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        };
+        if let Err(e) = super::serve_instance(&snap, Some(parked), req) {
+            tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
+        }
     }
 }
 
 /// Whether instances of `m` may wait parked: nothing they hold may be something another
 /// instance (or anyone else) needs meanwhile: no bound or listening sockets (their
 /// addresses and ports), no file locks. An epoll watching the stdio gets it added when
-/// the stdio arrives, which needs the epoll to be the process's own.
+/// the stdio arrives, and timerfds are armed then, which needs each to be the process's
+/// own.
 fn parkable(m: &Manifest) -> Result<(), String> {
     if !m.file_locks.is_empty() {
         return Err("it holds file locks".into());
@@ -146,15 +181,18 @@ fn parkable(m: &Manifest) -> Result<(), String> {
     for p in &m.processes {
         for (epfd, _) in crate::fds::late_epoll_targets(p) {
             let ofd = p.fds.iter().find(|f| f.fd == epfd).map(|f| f.ofd);
-            let shared = m
-                .processes
-                .iter()
-                .filter(|q| q.fds.iter().any(|f| Some(f.ofd) == ofd))
-                .count()
-                > 1;
-            if shared {
+            if shared_ofd(m, ofd) {
                 return Err(format!(
                     "process {} (fd {epfd}): an epoll shared by several processes watches the stdio",
+                    p.pid
+                ));
+            }
+        }
+        for (fd, ..) in crate::fds::late_timerfds(p) {
+            let ofd = p.fds.iter().find(|f| f.fd == fd).map(|f| f.ofd);
+            if shared_ofd(m, ofd) {
+                return Err(format!(
+                    "process {} (fd {fd}): an armed timerfd shared by several processes",
                     p.pid
                 ));
             }
@@ -171,6 +209,15 @@ fn parkable(m: &Manifest) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether open file description `ofd` is in the fd tables of several processes.
+fn shared_ofd(m: &Manifest, ofd: Option<u32>) -> bool {
+    m.processes
+        .iter()
+        .filter(|q| q.fds.iter().any(|f| Some(f.ofd) == ofd))
+        .count()
+        > 1
 }
 
 #[cfg(test)]

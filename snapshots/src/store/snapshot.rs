@@ -453,6 +453,35 @@ impl Snapshot {
         Ok(())
     }
 
+    /// [`read_pages`](Self::read_pages) split over up to `threads` threads (for large
+    /// reads: decompressing and hashing are the cost, and they split cleanly).
+    pub fn read_pages_parallel(
+        &self,
+        first: u64,
+        count: u64,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<(), StoreError> {
+        let parts = threads.clamp(1, count.max(1) as usize);
+        if parts == 1 || self.page_server().is_some() {
+            return self.read_pages(first, count, out);
+        }
+        let per = count.div_ceil(parts as u64);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = out
+                .chunks_mut(per as usize * PAGE_SIZE)
+                .enumerate()
+                .map(|(k, part)| {
+                    let at = first + k as u64 * per;
+                    let n = (part.len() / PAGE_SIZE) as u64;
+                    s.spawn(move || self.read_pages(at, n, part))
+                })
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("page reader panicked"))
+        })
+    }
+
     fn read_remote(
         &self,
         client: &Client,
