@@ -215,22 +215,6 @@ fn an_event_loop_on_stdin_is_parked_and_watches_the_stdio_it_is_handed() {
     }
 }
 
-/// The children of process `pid` (all its threads').
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok()),
-        );
-    }
-    out
-}
-
 #[test]
 fn removing_a_snapshot_stops_its_parked_instances() {
     let ws = Ws::new();
@@ -239,7 +223,7 @@ fn removing_a_snapshot_stops_its_parked_instances() {
     ws.run(&["run", "--no-serve", "other"], "o\n").assert_ok();
     let daemon = ws.serve("counter");
     // The parked instance's sandbox is the daemon's only child.
-    let sandboxes = children_of(daemon.pid());
+    let sandboxes = common::children(daemon.pid());
     assert_eq!(
         sandboxes.len(),
         1,

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fixture, tempdir, zdtm_every_mode as run_fixture, Proc, Ws};
+use common::{children, fixture, tempdir, zdtm_every_mode as run_fixture, Proc, Ws};
 
 #[test]
 fn parent_children_grandchild_over_pipes() {
@@ -38,24 +38,6 @@ fn shared_anonymous_memory_between_parent_and_child() {
 
 // ---------------------------------------------------------------------------------------
 // dump -t of a tree started outside warmstart
-
-/// The children of every thread of `pid`.
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out
-}
 
 /// `pid` and its descendants.
 fn descendants(pid: i32) -> Vec<i32> {

@@ -170,9 +170,22 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
 
 /// The state letter of a `/proc/.../stat` file (after the comm, which may hold ')'),
 /// or `None` if it cannot be read (the task is gone).
-fn stat_state(path: &str) -> Option<char> {
+pub fn stat_state(path: &str) -> Option<char> {
     let stat = std::fs::read_to_string(path).ok()?;
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Waits (up to `limit`) until process `pid` is stopped (`T`) or gone: a SIGSTOP takes
+/// effect when the process next runs, not when it is sent.
+pub fn wait_stopped(pid: i32, limit: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        match stat_state(&format!("/proc/{pid}/stat")) {
+            Some('T') | None | Some('Z' | 'X') => return true,
+            _ if std::time::Instant::now() >= until => return false,
+            _ => std::thread::sleep(std::time::Duration::from_micros(100)),
+        }
+    }
 }
 
 /// Whether thread `tid` of `pid` has exited (dead, or already released).

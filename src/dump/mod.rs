@@ -96,6 +96,12 @@ pub fn dump_to(
                     release(f);
                     unsafe { libc::kill(f.pid, libc::SIGSTOP) };
                 }
+                // Stopped when we return, as `-s` promises, not a moment later.
+                for f in tree.processes() {
+                    if !freeze::wait_stopped(f.pid, std::time::Duration::from_secs(5)) {
+                        tracing::warn!("process {} did not stop after SIGSTOP", f.pid);
+                    }
+                }
             } else if opts.leave_running && opts.keep_traced {
                 for f in tree.processes() {
                     resume(f, ptrace::cont);
