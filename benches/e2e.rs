@@ -68,6 +68,8 @@ struct Spec {
     probe: Probe,
     env: Vec<(String, String)>,
     mib: Option<u64>,
+    /// `record --prime` lines.
+    prime: &'static [&'static str],
 }
 
 fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
@@ -109,6 +111,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("hello"),
             env: vec![],
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "py_boto3.py",
@@ -117,6 +120,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("list"),
             env: vec![],
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "py_sympy.py",
@@ -125,6 +129,18 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("20"),
             env: vec![],
             mib: None,
+            prime: &[],
+        },
+        // The same, warmed up with one request before the snapshot (`record --prime 3`):
+        // sympy's first `expand` fills caches that the snapshot then holds.
+        Spec {
+            name: "py_sympy.py --prime",
+            command: with(&py, vec![w("py_sympy.py")]),
+            ready: "stdin",
+            probe: line("20"),
+            env: vec![],
+            mib: None,
+            prime: &["3"],
         },
         Spec {
             name: "py_http.py",
@@ -133,6 +149,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: Probe::Http { port: 8731 },
             env: port(8731),
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "node_echo.js",
@@ -141,6 +158,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("hello"),
             env: vec![],
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "node_http.js",
@@ -149,6 +167,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: Probe::Http { port: 8732 },
             env: port(8732),
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "java/Echo.java",
@@ -157,6 +176,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("hello"),
             env: vec![],
             mib: None,
+            prime: &[],
         },
         Spec {
             name: "java/Http.java",
@@ -165,6 +185,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: Probe::Http { port: 8733 },
             env: port(8733),
             mib: None,
+            prime: &[],
         },
     ];
     for (name, mib) in [
@@ -179,6 +200,7 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             probe: line("head"),
             env: vec![],
             mib: Some(mib),
+            prime: &[],
         });
     }
     v
@@ -227,6 +249,7 @@ fn main() -> Result<()> {
                 command: s.command.as_ref().cloned().unwrap_or_default(),
                 env: s.env.clone(),
                 ready: s.ready.to_owned(),
+                prime: s.prime.iter().map(|l| l.to_string()).collect(),
                 probe: s.probe.clone(),
                 pairs: if big { pairs.min(3) } else { pairs },
                 // HTTP instances would share one port: no concurrent figure for them.

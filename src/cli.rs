@@ -185,6 +185,13 @@ pub struct RecordArgs {
     /// (a `notify` app reads `RESTORED=0`); exit with its status
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Warm the app up with this input before the snapshot (`--ready stdin` only): it is
+    /// written to the app's stdin at its first read, and the snapshot is taken at the first
+    /// read after the app has consumed all of it (its answers go to our stderr). Caches
+    /// filled and code compiled by it are in the snapshot — and so is any state the input
+    /// changed (e.g. a request counter). Repeatable: one line each.
+    #[arg(long, value_name = "LINE")]
+    pub prime: Vec<String>,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -605,6 +612,11 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
             leave_running: a.leave_running,
+            prime: a
+                .prime
+                .iter()
+                .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+                .collect(),
         },
         |d| {
             if a.display_stats {

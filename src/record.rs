@@ -39,6 +39,9 @@ pub struct RecordOptions {
     /// After the dump the app goes on running (its notify read returns `RESTORED=0`),
     /// with our stdin, stdout and stderr, until it exits.
     pub leave_running: bool,
+    /// Input written to the app's stdin at its first read (`Ready::Stdin`); the warm point
+    /// is then the first read that finds all of it consumed.
+    pub prime: Vec<u8>,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -51,6 +54,15 @@ fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
     let f = std::fs::File::from(fd.try_clone()?);
     let m = f.metadata()?;
     Ok((m.dev(), m.ino()))
+}
+
+/// Bytes waiting in the pipe whose read end is `fd`.
+fn unread(fd: &OwnedFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return 0;
+    }
+    n
 }
 
 /// Copies our stdin to the app's in a thread of its own (never joined: it may block on a
@@ -148,6 +160,19 @@ pub fn record(
     let Some(cmd) = opts.command.first() else {
         bail!("no command given: usage is `warmstart record -- CMD ARGS...`");
     };
+    // Written while the app is stopped: it must fit in the pipe.
+    if opts.prime.len() > 60 * 1024 {
+        bail!(
+            "--prime input is {} bytes; at most 60 KiB",
+            opts.prime.len()
+        );
+    }
+    if !opts.prime.is_empty() && opts.ready != Ready::Stdin {
+        bail!(
+            "--prime feeds the app's stdin, so it needs --ready stdin (not --ready {})",
+            opts.ready
+        );
+    }
     let path = resolve(cmd)?;
     let argv: Vec<CString> = opts
         .command
@@ -219,6 +244,8 @@ pub fn record(
         },
     )
     .context("starting the sandbox")?;
+    // A read end of the app's stdin kept to see how much of the priming input is unread.
+    let stdin_peek = in_r.try_clone().context("dup of the app's stdin")?;
     drop((in_r, out_w, err_w));
     let notify = notify.map(|(mut ch, sd)| {
         ch.close_app_end();
@@ -255,9 +282,30 @@ pub fn record(
             if let Some((ch, sd)) = notify {
                 tracker = tracker.with_notify(ch).with_sd_notify(sd);
             }
-            let warm = tracker
-                .run(init_pid, Some(opts.timeout))
-                .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;
+            let mut primed = opts.prime.is_empty();
+            let warm = loop {
+                let warm = tracker
+                    .run(init_pid, Some(opts.timeout))
+                    .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;
+                if primed && unread(&stdin_peek) == 0 {
+                    break warm;
+                }
+                if !primed {
+                    let w = in_w_slot
+                        .as_ref()
+                        .expect("the app's stdin is ours until the dump");
+                    std::io::Write::write_all(
+                        &mut std::fs::File::from(w.try_clone()?),
+                        &opts.prime,
+                    )
+                    .context("writing the priming input to the app's stdin")?;
+                    primed = true;
+                }
+                // A read with priming input still to consume: not the warm point yet.
+                warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
+                    .resume(warm.tid)
+                    .context("resuming the app after priming")?;
+            };
             let kind = match warm.kind {
                 WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
                 _ => StopKind::Interrupted,

@@ -544,3 +544,36 @@ fn record_bogus_trigger() {
     }
     assert_eq!(ws.ls_json(), serde_json::json!([]), "something was stored");
 }
+
+#[test]
+fn priming_input_is_consumed_before_the_snapshot() {
+    let ws = Ws::new();
+    let counter = fixture("counter");
+    let out = ws.run(
+        &[
+            "record".as_ref(),
+            "--name".as_ref(),
+            "primed".as_ref(),
+            "--prime".as_ref(),
+            "a".as_ref(),
+            "--prime".as_ref(),
+            "b".as_ref(),
+            "--".as_ref(),
+            counter.as_os_str(),
+        ],
+        "",
+    );
+    out.assert_ok();
+    // Its answers to the priming input went to our stderr while it warmed up.
+    assert!(out.stderr.contains("2 b"), "{}", out.describe());
+    // The snapshot holds the state the priming left: the counter goes on from 2.
+    let run = ws.run(&["run", "primed"], "c\n");
+    run.assert_ok();
+    assert_eq!(run.stdout, "3 c\n", "{}", run.describe());
+    let bad = ws.run(
+        &["record", "--ready", "listen", "--prime", "x", "--", "true"],
+        "",
+    );
+    bad.assert_fail();
+    assert!(bad.stderr.contains("--ready stdin"), "{}", bad.describe());
+}

@@ -526,7 +526,7 @@ pub struct Recorded {
 }
 
 /// `warmstart record --name SNAP --ready READY --timeout T -- CMD`, timed.
-pub fn record(t: &Target, ready: &str) -> Result<Recorded> {
+pub fn record(t: &Target, ready: &str, prime: &[String]) -> Result<Recorded> {
     let mut c = Command::new(&t.exe);
     c.arg("--store")
         .arg(&t.store)
@@ -534,8 +534,11 @@ pub fn record(t: &Target, ready: &str) -> Result<Recorded> {
         .arg("--name")
         .arg(&t.snapshot)
         .arg("--ready")
-        .arg(ready)
-        .arg("--timeout")
+        .arg(ready);
+    for l in prime {
+        c.arg("--prime").arg(l);
+    }
+    c.arg("--timeout")
         .arg(t.timeout.as_secs().max(1).to_string())
         .arg("--")
         .args(&t.command)

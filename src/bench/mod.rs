@@ -35,6 +35,8 @@ pub struct Workload {
     pub env: Vec<(String, String)>,
     /// `--ready` trigger for `record`.
     pub ready: String,
+    /// `--prime` lines for `record`.
+    pub prime: Vec<String>,
     pub probe: Probe,
     /// Cold/restored pairs per restore mode.
     pub pairs: usize,
@@ -217,7 +219,7 @@ pub fn run_workload(
     // timeout (its cold runs would likely wait as long). It warms the page cache too.
     progress.stage(format!("{}: record (--ready {})", w.name, w.ready));
     let rec_started = Instant::now();
-    let rec = measure::record(&t, &w.ready);
+    let rec = measure::record(&t, &w.ready, &w.prime);
     tick(1, &mut skipped);
     let recorded = match rec {
         Ok(rec) => {
@@ -413,6 +415,9 @@ pub struct BenchArgs {
     /// Cold/restored pairs per restore mode (eager, lazy, lazy with working set)
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Warm the app up with this input line before the snapshot (as `record --prime`)
+    #[arg(long, value_name = "LINE")]
+    pub prime: Vec<String>,
     /// When to take the snapshot (as `record --ready`): stdin, listen, after=2s, signal
     #[arg(long, default_value = "stdin")]
     pub ready: String,
@@ -480,6 +485,7 @@ pub fn bench_command(store: &Store, args: &BenchArgs) -> Result<i32> {
         command,
         env: Vec::new(),
         ready: args.ready.clone(),
+        prime: args.prime.clone(),
         probe,
         pairs: args.runs,
         concurrent,
