@@ -181,7 +181,7 @@ fn killing_the_page_server_kills_the_instance() {
         !st.success(),
         "run should fail once its page server is gone"
     );
-    let err = run.err_log.lock().unwrap().clone();
+    let err = run.stderr_after_exit();
     assert!(
         err.contains(&format!("page server {addr}")) && err.contains("killed"),
         "stderr should name the page server and say the instance was killed:\n{err}"

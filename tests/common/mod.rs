@@ -405,6 +405,21 @@ impl Proc {
         }
     }
 
+    /// All it wrote on stderr, once it has exited: waits for the end of its stderr (up to
+    /// the timeout: a process it left behind may hold the pipe), since the reader thread
+    /// may still be behind when the exit is seen.
+    pub fn stderr_after_exit(&self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err.recv_timeout(left) {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        self.stderr_so_far()
+    }
+
     /// Waits for exit (panics on timeout); returns the status.
     pub fn wait(&mut self) -> ExitStatus {
         if !wait_pid_exit(self.pid(), TIMEOUT) {
