@@ -57,6 +57,13 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
         }
         Reply::Refused(why) => {
             tracing::info!("not served by {}: {why}", socket.display());
+            // A signal that came meanwhile (Ctrl-C) is not lost: it gets its usual effect
+            // once the forwarder is gone, before the caller restores anything itself.
+            let pending: Vec<i32> = std::iter::from_fn(|| fwd.next().ok().flatten()).collect();
+            drop(fwd);
+            for sig in pending {
+                unsafe { libc::raise(sig) };
+            }
             return Ok(None);
         }
         Reply::Error(e) => bail!("{e}"),
