@@ -181,18 +181,6 @@ fn working_set_learned_then_prefetched() {
 // ---------------------------------------------------------------------------------------
 // Failures
 
-/// `warmstart ps --json` with the runtime directory `rt`, parsed.
-fn ps_json(ws: &Ws, rt: &Path) -> Vec<serde_json::Value> {
-    let out = common::run_with(
-        ws.cmd(&["ps", "--json"]).env("XDG_RUNTIME_DIR", rt),
-        b"",
-        common::TIMEOUT,
-    );
-    out.assert_ok();
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("ps --json is not a JSON list ({e}):\n{}", out.describe()))
-}
-
 /// SIGKILL of the `warmstart run` monitor must take the instance with it: in lazy mode
 /// the page server dies with the monitor, and an instance left running would read zeros
 /// where its memory was.
@@ -209,7 +197,7 @@ fn killing_the_monitor_kills_the_instance(mode: Mode) {
     monitor.send("sleep");
     assert_eq!(monitor.read_line(), "SLEEPING", "{mode}");
 
-    let list = ps_json(&ws, rt.path());
+    let list = ws.ps_json(rt.path());
     let me = list
         .iter()
         .find(|i| i["monitor"].as_i64() == Some(monitor.pid() as i64))
@@ -241,7 +229,7 @@ fn killing_the_monitor_kills_the_instance(mode: Mode) {
          --- /proc/{pid}/status ---\n{status}\n--- /proc/{pid}/stack ---\n{stack}"
     );
     assert!(
-        ps_json(&ws, rt.path()).is_empty(),
+        ws.ps_json(rt.path()).is_empty(),
         "{mode}: `ps` still lists an instance"
     );
 }
@@ -272,7 +260,7 @@ fn killing_the_monitor_while_the_app_faults() {
     // The monitor registers the instance right after printing its restore stats.
     let deadline = std::time::Instant::now() + common::TIMEOUT;
     let pid = loop {
-        let list = ps_json(&ws, rt.path());
+        let list = ws.ps_json(rt.path());
         if let Some(i) = list
             .iter()
             .find(|i| i["monitor"].as_i64() == Some(monitor.pid() as i64))

@@ -5,20 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{fixture, python, Proc, Ws, TIMEOUT};
-
-/// `warmstart ps --json` entries, with the runtime directory `rt`.
-fn ps_json(ws: &Ws, rt: &Path) -> Vec<serde_json::Value> {
-    let out = common::run_with(
-        ws.cmd(&["ps", "--json"]).env("XDG_RUNTIME_DIR", rt),
-        b"",
-        TIMEOUT,
-    );
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).expect("ps --json is JSON")
-}
 
 /// Records `counter` and learns its working set with one run without a daemon (a run
 /// through the daemon needs one).
@@ -79,7 +66,7 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     );
     client.send("two");
     assert_eq!(client.read_line(), "1 two");
-    let listed = ps_json(&ws, rt.path());
+    let listed = ws.ps_json(rt.path());
     let app = listed
         .iter()
         .find(|i| i["client"].as_i64() == Some(client.pid() as i64))

@@ -39,6 +39,14 @@ fn shared_anonymous_memory_between_parent_and_child() {
 // ---------------------------------------------------------------------------------------
 // dump -t of a tree started outside warmstart
 
+/// `dump -t PID -D DIR [EXTRA...]` of the tree at `pid`.
+fn dump_t(ws: &Ws, pid: i32, dir: &Path, extra: &[&str]) -> common::Out {
+    let pid = pid.to_string();
+    let mut args = vec!["dump", "-t", &pid, "-D", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ws.run(&args, "")
+}
+
 /// `pid` and its descendants.
 fn descendants(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
@@ -148,16 +156,7 @@ fn dump_t_and_compare(name: &str, processes: usize) {
     assert_eq!(before.len(), processes, "{name}: {:?}", before.keys());
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    let out = ws.run(
-        &[
-            "dump",
-            "-t",
-            &orig.pid().to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    );
+    let out = dump_t(&ws, orig.pid(), &dir, &[]);
     out.assert_ok();
     let st = orig.wait();
     assert!(
@@ -200,17 +199,7 @@ fn dump_t_leave_running_tree_goes_on() {
     let mut orig = start_cold("tree_pipes");
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    let out = ws.run(
-        &[
-            "dump",
-            "-t",
-            &orig.pid().to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-            "--leave-running",
-        ],
-        "",
-    );
+    let out = dump_t(&ws, orig.pid(), &dir, &["--leave-running"]);
     out.assert_ok();
     // The original tree is unperturbed ...
     orig.send("check");
@@ -251,16 +240,7 @@ fn failing_restore_of_a_tree_leaves_no_process() {
     assert_eq!(child.len(), 1, "one worker");
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    let out = ws.run(
-        &[
-            "dump",
-            "-t",
-            &orig.pid().to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    );
+    let out = dump_t(&ws, orig.pid(), &dir, &[]);
     out.assert_ok();
     drop(orig);
     // Someone else listens on the child's port now: the child cannot be restored.
@@ -295,16 +275,7 @@ fn group_whose_leader_is_gone_is_refused_at_dump_and_left_running() {
     assert_eq!(member.len(), 1, "one worker left");
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    let out = ws.run(
-        &[
-            "dump",
-            "-t",
-            &orig.pid().to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    );
+    let out = dump_t(&ws, orig.pid(), &dir, &[]);
     assert!(
         !out.success()
             && out.stderr.contains(&format!("process {} (", member[0]))
@@ -331,17 +302,7 @@ fn dump_t_of_a_process_forking_all_the_time() {
     let images = tempdir("ws-images-");
     for round in 0..4 {
         let dir = images.path().join(format!("img{round}"));
-        let out = ws.run(
-            &[
-                "dump",
-                "-t",
-                &orig.pid().to_string(),
-                "-D",
-                dir.to_str().unwrap(),
-                "--leave-running",
-            ],
-            "",
-        );
+        let out = dump_t(&ws, orig.pid(), &dir, &["--leave-running"]);
         out.assert_ok();
         let mut restored = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
         restored.send("check");
@@ -368,16 +329,7 @@ fn dump_t_of_a_shell_with_a_background_child() {
     assert_eq!(descendants(orig.pid()).len(), 2, "bash and its child");
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    let out = ws.run(
-        &[
-            "dump",
-            "-t",
-            &orig.pid().to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    );
+    let out = dump_t(&ws, orig.pid(), &dir, &[]);
     out.assert_ok();
     let _ = orig.wait();
     let out = ws.run(&["restore", "-D", dir.to_str().unwrap()], "hi\n");

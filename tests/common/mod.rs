@@ -603,6 +603,19 @@ impl Ws {
         out
     }
 
+    /// `warmstart ps --json` with the runtime directory `rt` (where instances are listed),
+    /// parsed.
+    pub fn ps_json(&self, rt: &Path) -> Vec<serde_json::Value> {
+        let out = run_with(
+            self.cmd(&["ps", "--json"]).env("XDG_RUNTIME_DIR", rt),
+            b"",
+            TIMEOUT,
+        );
+        out.assert_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("ps --json is not a JSON list ({e}):\n{}", out.describe()))
+    }
+
     /// `inspect --json SNAP`, parsed.
     pub fn inspect_json(&self, snap: &str) -> serde_json::Value {
         let out = self.run(&["inspect", "--json", snap], "");
