@@ -249,11 +249,22 @@ fn killing_the_monitor_kills_an_eager_instance() {
 /// page server would have put its memory (which its check would report as FAIL).
 #[test]
 fn killing_the_monitor_while_the_app_faults() {
+    kill_the_monitor_mid_fault("pattern", &pattern_argv(256));
+}
+
+/// The same with the faults in a child the app forks right after the restore (its
+/// userfaultfd comes from a fork event: the keeper must hold it too).
+#[test]
+fn killing_the_monitor_while_a_forked_child_faults() {
+    kill_the_monitor_mid_fault("fork_after_restore", &fixture_argv("fork_after_restore"));
+}
+
+fn kill_the_monitor_mid_fault(name: &str, argv: &[OsString]) {
     let ws = Ws::new();
-    ws.record("pattern", &pattern_argv(256));
+    ws.record(name, argv);
     let rt = tempdir("ws-rt-");
     let mut monitor = Proc::spawn(
-        ws.cmd(&["run", "--no-prefetch", "--display-stats", "pattern"])
+        ws.cmd(&["run", "--no-prefetch", "--display-stats", name])
             .env("XDG_RUNTIME_DIR", rt.path()),
     );
     monitor.wait_stderr("restore of");
@@ -283,8 +294,8 @@ fn killing_the_monitor_while_the_app_faults() {
     let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
     assert!(
         gone,
-        "instance {pid} is still alive 30 s after its monitor was SIGKILLed mid-fault\n\
-         --- /proc/{pid}/stack ---\n{stack}"
+        "{name}: instance {pid} is still alive 30 s after its monitor was SIGKILLed \
+         mid-fault\n--- /proc/{pid}/stack ---\n{stack}"
     );
     // What the instance printed before it died (it writes to our pipe directly).
     let mut lines = Vec::new();
@@ -293,7 +304,7 @@ fn killing_the_monitor_while_the_app_faults() {
     }
     assert!(
         lines.iter().all(|l| l == "PASS"),
-        "the instance ran on without its page server: {lines:?}"
+        "{name}: the instance ran on without its page server: {lines:?}"
     );
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -464,7 +464,11 @@ pub struct LazyServer {
     /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
     /// being computed on another thread.
     table_check: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    /// Given each forked child's userfaultfd before it is served.
+    on_fork: Option<ForkHook>,
 }
+
+type ForkHook = Box<dyn FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send>;
 
 fn uffd_features(u: &Uffd) -> Option<Features> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", u.as_raw_fd())).ok()?;
@@ -524,6 +528,7 @@ impl LazyServer {
             last_fault: Instant::now(),
             page_count,
             table_check: None,
+            on_fork: None,
         })
     }
 
@@ -549,6 +554,15 @@ impl LazyServer {
                 })?;
         }
         Ok(())
+    }
+
+    /// Calls `hook` with the userfaultfd of every child the process forks, before serving
+    /// it (to keep a copy elsewhere); an error fails `serve`.
+    pub fn on_fork(
+        &mut self,
+        hook: impl FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send + 'static,
+    ) {
+        self.on_fork = Some(Box::new(hook));
     }
 
     /// Lets the server notice at once that the process exited (`pidfd_open` of it), and
@@ -802,6 +816,11 @@ impl LazyServer {
                     }
                     Event::Fork { uffd } => {
                         self.stats.forks += 1;
+                        if let Some(hook) = self.on_fork.as_mut() {
+                            hook(uffd.as_fd())
+                                .context("handing a forked child's userfaultfd to the keeper")?;
+                            tracing::debug!("lazy restore: a forked child's userfaultfd is held");
+                        }
                         let uffd = Uffd::from_owned(uffd);
                         uffd.set_nonblocking(true)
                             .context("setting O_NONBLOCK on a forked child's userfaultfd")?;

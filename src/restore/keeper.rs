@@ -10,15 +10,19 @@
 //! the sandbox's init has exited (which happens only after every process in the
 //! sandbox is gone). Meanwhile faults simply stay blocked.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result};
 
 pub struct Keeper {
-    /// Write a byte: the monitor is done and the keeper may let go. Closed without one
-    /// (the monitor died or gave up): it holds on until the instance is gone.
+    /// [`DONE`]: the monitor is done and the keeper may let go; [`HOLD`] with fds
+    /// attached: keep these too. Closed without `DONE` (the monitor died or gave up): it
+    /// holds on until the instance is gone.
     done: Option<OwnedFd>,
 }
+
+const HOLD: u8 = 0;
+const DONE: u8 = 1;
 
 impl Keeper {
     /// Forks the keeper, giving it `uffd` and the pidfd of the sandbox's `init`.
@@ -50,16 +54,30 @@ impl Keeper {
         Ok(Keeper { done: Some(done_w) })
     }
 
-    /// The page server has finished: the keeper closes its copy and exits.
+    /// A way to hand the keeper more userfaultfds (of forked children) to hold.
+    pub fn holder(&self) -> Result<impl FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send> {
+        let link = self
+            .done
+            .as_ref()
+            .context("the uffd keeper was released")?
+            .try_clone()
+            .context("duplicating the uffd keeper's socket")?;
+        Ok(move |fd: BorrowedFd<'_>| {
+            crate::sys::scm::send(link.as_fd(), &[HOLD], &[fd.as_raw_fd()])
+        })
+    }
+
+    /// The page server has finished: the keeper closes its copies and exits.
     pub fn release(&mut self) {
         if let Some(d) = self.done.take() {
-            unsafe { libc::send(d.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+            unsafe { libc::send(d.as_raw_fd(), [DONE].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
         }
     }
 }
 
-/// The keeper's body: only `keep` stays open; waits for a byte on the done pipe or for
-/// init's exit.
+/// The keeper's body: only `keep` stays open; waits for [`DONE`] on the socket or for
+/// init's exit, keeping whatever fds come with [`HOLD`]s. No allocation: the monitor that
+/// forked it is multi-threaded.
 unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
     let [_uffd, init, done] = keep;
     libc::setpgid(0, 0);
@@ -94,9 +112,22 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
             libc::_exit(0);
         }
         if n == 2 && fds[1].revents != 0 {
+            // One byte per message, so a HOLD's fds are never read along with a DONE.
             let mut b = 0u8;
-            match libc::read(done, (&mut b as *mut u8).cast(), 1) {
-                1 => libc::_exit(0),
+            let mut iov = libc::iovec {
+                iov_base: (&mut b as *mut u8).cast(),
+                iov_len: 1,
+            };
+            let mut control = [0u64; 16];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control);
+            // The fds a HOLD carries are now ours, and stay open until we exit.
+            match libc::recvmsg(done, &mut msg, 0) {
+                1 if b == DONE => libc::_exit(0),
+                1 => {}
                 r if r < 0 && *libc::__errno_location() == libc::EINTR => {}
                 // EOF: the monitor is gone without finishing; hold on.
                 _ => n = 1,

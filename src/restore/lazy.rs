@@ -107,7 +107,8 @@ impl Starting {
         let record = self.server.record_handle();
         let mut keeper = Keeper::spawn(self.keep.as_fd(), init)?;
         drop(self.keep);
-        let server = self.server;
+        let mut server = self.server;
+        server.on_fork(keeper.holder()?);
         let server = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || match server.serve() {
