@@ -74,10 +74,6 @@ pub fn run_instance(
     let _listed = registered(&r);
     let (code, lazy) = r.wait()?;
     if let Some(o) = lazy {
-        if opts.learn && !o.serve.working_set.is_empty() {
-            snap.save_working_set(&o.serve.working_set)?;
-            crate::restore::save_hot(&snap, &o.serve.working_set);
-        }
         if display_stats {
             eprintln!(
                 "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \

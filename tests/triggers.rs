@@ -106,6 +106,23 @@ fn listen_workload(name: &str, argv: &[OsString], has_pid: bool) {
         let bodies = two_hits(port, &inst, &ctx);
         eprintln!("{ctx}: two hits answered after {:?}", t.elapsed());
         check_hits(&bodies, has_pid.then_some(2), &ctx);
+        if round == 1 {
+            // The first run learns until the first response on a connection, and keeps
+            // the working set at once, while the server runs on.
+            let deadline = Instant::now() + TIMEOUT;
+            while ws.working_set_pages(name).is_none_or(|n| n == 0) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{ctx}: no working set kept after the first responses"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                common::alive(inst.pid()),
+                "{ctx}: the instance is gone; stderr:\n{}",
+                inst.err_log.lock().unwrap()
+            );
+        }
         if !has_pid {
             assert_eq!(
                 bodies, cold_bodies,

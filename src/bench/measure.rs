@@ -83,7 +83,7 @@ pub struct Running {
     /// Closing it (dropping the sender) closes the app's stdin.
     close_stdin: Option<mpsc::Sender<()>>,
     tail: Arc<Mutex<Vec<String>>>,
-    /// Give the app a moment to leave on EOF (line apps); servers are killed at once.
+    /// Line apps: give them a moment to leave on EOF; servers get SIGTERM, then as long.
     wait_exit: bool,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -302,7 +302,17 @@ impl Running {
                 }
             }
             Probe::Http { port } => loop {
-                if http_hit(*port) {
+                if let Ok(d) = std::env::var("DBG_DELAY") {
+                    while self.started.elapsed() < Duration::from_micros(d.parse().unwrap()) {}
+                }
+                let t = Instant::now();
+                let ok = http_hit(*port);
+                eprintln!(
+                    "DBG hit at {:?} took {:?} ok {ok}",
+                    t.duration_since(self.started),
+                    t.elapsed()
+                );
+                if ok {
                     return Ok(self.started.elapsed());
                 }
                 if let Some(status) = self.child.try_wait()? {
@@ -351,8 +361,13 @@ impl Running {
         // the next run never meets this one (e.g. on the same port).
         let tree = descendants(self.child.id() as i32);
         drop(self.close_stdin.take());
-        let grace = if self.wait_exit { 2000 } else { 0 };
-        let until = Instant::now() + Duration::from_millis(grace);
+        if !self.wait_exit {
+            // A server does not end at EOF: stop it as a platform would, with SIGTERM
+            // (relayed by a monitor, which then keeps what its first run learned).
+            // SAFETY: signalling a process we started.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
+        let until = Instant::now() + Duration::from_millis(2000);
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,

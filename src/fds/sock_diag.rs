@@ -170,6 +170,54 @@ pub fn tcp_listeners(family: i32) -> Result<HashMap<u32, InetDiag>> {
     Ok(out)
 }
 
+/// The TCP connections of `family` with local port `port` (ones a listener on it
+/// accepted) that have answered: sent data, or closed into `TIME_WAIT` (the server
+/// closed first, after its response). By socket cookie. What a server has answered,
+/// seen from outside the process.
+pub fn tcp_answered_from_port(family: i32, port: u16) -> Result<Vec<u64>> {
+    const TCP_LISTEN: u32 = 10;
+    const INET_DIAG_INFO: u16 = 2;
+    const INET_DIAG_REQ_BYTECODE: u16 = 1;
+    const INET_DIAG_BC_S_EQ: u8 = 11;
+    // struct inet_diag_req_v2 asking for tcp_info, every state but LISTEN
+    let mut body = vec![
+        family as u8,
+        libc::IPPROTO_TCP as u8,
+        1 << (INET_DIAG_INFO - 1),
+        0,
+    ];
+    body.extend_from_slice(&(!(1u32 << TCP_LISTEN) & 0xfff).to_ne_bytes());
+    body.extend_from_slice(&[0u8; 48]);
+    // Bytecode, one op: sport == port → accept (run off the end), else reject (jump
+    // past it); the port is the `no` field of the op's second half.
+    body.extend_from_slice(&12u16.to_ne_bytes());
+    body.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    body.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
+    body.extend_from_slice(&12u16.to_ne_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&port.to_ne_bytes());
+    let mut out = Vec::new();
+    dump(&body, |p| {
+        // struct inet_diag_msg: family, state, timer, retrans, sockid (cookie at 44)
+        if p.len() < 72 {
+            return;
+        }
+        let cookie = u64::from_ne_bytes(p[44..52].try_into().unwrap());
+        // A timewait socket carries no tcp_info.
+        let mut answered = true;
+        for (ty, info) in attrs(p, 72) {
+            // struct tcp_info: tcpi_data_segs_out at 156 (Linux 4.6+)
+            if ty == INET_DIAG_INFO && info.len() >= 160 {
+                answered = u32::from_ne_bytes(info[156..160].try_into().unwrap()) > 0;
+            }
+        }
+        if answered {
+            out.push(cookie);
+        }
+    })?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +241,40 @@ mod tests {
         assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 77) }, 0);
         let found = tcp_listeners(libc::AF_INET).unwrap();
         assert_eq!(found[&ino(&l)].wqueue, 77);
+    }
+
+    #[test]
+    fn sees_the_answers_from_a_listening_port() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut a, _) = l.accept().unwrap();
+        // Connected, the client even sent something: no answer yet.
+        c.write_all(b"GET").unwrap();
+        let mut b = [0u8; 3];
+        a.read_exact(&mut b).unwrap();
+        assert!(tcp_answered_from_port(libc::AF_INET, port)
+            .unwrap()
+            .is_empty());
+        a.write_all(b"200").unwrap();
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(
+            tcp_answered_from_port(libc::AF_INET, port).unwrap().len(),
+            1
+        );
+        // The server closes first: its side goes to TIME_WAIT, still an answer.
+        drop(a);
+        assert_eq!(c.read(&mut b).unwrap(), 0);
+        drop(c);
+        assert_eq!(
+            tcp_answered_from_port(libc::AF_INET, port).unwrap().len(),
+            1
+        );
+        let other = other.local_addr().unwrap().port();
+        assert!(tcp_answered_from_port(libc::AF_INET, other)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,11 +76,45 @@ impl Default for LazyOptions {
 
 /// Stops working-set recording from another thread.
 #[derive(Debug, Clone)]
-pub struct RecordHandle(Arc<AtomicBool>);
+pub struct RecordHandle(Arc<Stop>);
+
+/// The recording's stop flag, and an eventfd that wakes a server waiting for faults (so
+/// that it hands the working set over at once).
+#[derive(Debug)]
+struct Stop {
+    flag: AtomicBool,
+    wake: Option<OwnedFd>,
+}
+
+impl Stop {
+    fn new() -> Stop {
+        // SAFETY: plain syscall; the fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        Stop {
+            flag: AtomicBool::new(false),
+            // Without one, the server notices at its next wake-up (≤ PROBE_INTERVAL).
+            wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
+        }
+    }
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        if let Some(w) = &self.wake {
+            let one = 1u64;
+            // SAFETY: 8 bytes from a valid u64.
+            unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+    fn get(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
 
 impl RecordHandle {
     pub fn stop_recording(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.set();
+    }
+    pub fn stopped(&self) -> bool {
+        self.0.get()
     }
 }
 
@@ -456,7 +490,7 @@ pub struct LazyServer {
     buf: Vec<u8>,
     msgs: Vec<UffdMsg>,
     stats: ServeStats,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     /// When the last fault was served (or serving began).
     last_fault: Instant,
     recorded: Option<Bitmap>,
@@ -466,6 +500,8 @@ pub struct LazyServer {
     table_check: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
     /// Given each forked child's userfaultfd before it is served.
     on_fork: Option<ForkHook>,
+    /// Given the working set as soon as recording ends.
+    on_learned: Option<Box<dyn FnOnce(Vec<u64>) + Send>>,
 }
 
 type ForkHook = Box<dyn FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send>;
@@ -524,11 +560,12 @@ impl LazyServer {
             buf: vec![0; (BATCH_PAGES * PAGE) as usize],
             msgs,
             stats: ServeStats::default(),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(Stop::new()),
             last_fault: Instant::now(),
             page_count,
             table_check: None,
             on_fork: None,
+            on_learned: None,
         })
     }
 
@@ -565,6 +602,21 @@ impl LazyServer {
         self.on_fork = Some(Box::new(hook));
     }
 
+    /// Calls `done` with the working set as soon as recording ends (the first answer,
+    /// `record_for`, or the process exiting while still recording), so that it can be
+    /// kept while the instance runs on. [`ServeStats::working_set`] has it too.
+    pub fn on_learned(&mut self, done: impl FnOnce(Vec<u64>) + Send + 'static) {
+        self.on_learned = Some(Box::new(done));
+    }
+
+    fn hand_over_working_set(&mut self) {
+        if let Some(done) = self.on_learned.take() {
+            if !self.stats.working_set.is_empty() {
+                done(self.stats.working_set.clone());
+            }
+        }
+    }
+
     /// Lets the server notice at once that the process exited (`pidfd_open` of it), and
     /// kill it (`SIGKILL`) if serving fails.
     pub fn watch_exit(&mut self, pidfd: OwnedFd) {
@@ -580,7 +632,7 @@ impl LazyServer {
 
     /// Stops working-set recording.
     pub fn stop_recording(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.set();
     }
 
     /// Stored pages not yet copied into the restored process.
@@ -716,6 +768,8 @@ impl LazyServer {
         self.last_fault = start;
         match self.run(start) {
             Ok(()) => {
+                // The process exited while still recording: what it faulted is all there is.
+                self.hand_over_working_set();
                 self.stats.elapsed = start.elapsed();
                 Ok(std::mem::take(&mut self.stats))
             }
@@ -737,7 +791,7 @@ impl LazyServer {
 
     fn recording(&self, start: Instant) -> bool {
         self.recorded.is_some()
-            && !self.stop.load(Ordering::Acquire)
+            && !self.stop.get()
             && self.opts.record_for.is_none_or(|d| start.elapsed() < d)
     }
 
@@ -748,6 +802,9 @@ impl LazyServer {
             }
             for i in 0..self.spaces.len() {
                 self.drain(i)?;
+            }
+            if self.on_learned.is_some() && !self.recording(start) {
+                self.hand_over_working_set();
             }
             if let Some(f) = self.pending.pop_front() {
                 self.handle_fault(f, start)?;
@@ -1140,6 +1197,13 @@ impl LazyServer {
             if let Some(d) = self.opts.record_for {
                 timeout = timeout.min(d.saturating_sub(start.elapsed()));
             }
+            if let Some(w) = &self.stop.wake {
+                fds.push(libc::pollfd {
+                    fd: w.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
         }
         // SAFETY: `fds` is a valid array of pollfds.
         let r = unsafe {
@@ -1156,7 +1220,7 @@ impl LazyServer {
             }
             bail!("poll on the userfaultfds: {e}");
         }
-        for (k, p) in fds.chunks(2).enumerate() {
+        for (k, p) in fds.chunks_exact(2).enumerate() {
             if p[0].revents & libc::POLLERR != 0 {
                 bail!("userfaultfd reports POLLERR (is O_NONBLOCK cleared?)");
             }

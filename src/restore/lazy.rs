@@ -7,12 +7,13 @@
 //! running with missing memory.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use warmstart_snapshots::model::{FileDesc, Manifest};
 use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::child::BlobInfo;
@@ -25,18 +26,32 @@ use crate::sys::uffd::Uffd;
 /// Recording a working set stops at the first answer, or after this long at most.
 const LEARN_AT_MOST: Duration = Duration::from_secs(30);
 
+/// While learning, how often the instance's TCP connections are checked for a first
+/// response (a `sock_diag` query per listening port).
+const ANSWER_POLL: Duration = Duration::from_millis(1);
+
+/// The thread that keeps a learned working set in the store (joined before the monitor
+/// exits, so that nothing is left half-written).
+type Keeping = Arc<Mutex<Option<JoinHandle<()>>>>;
+
 /// A page server that has its userfaultfd and has prefetched, not yet serving.
 pub struct Starting {
     server: LazyServer,
     prefetch: PrefetchStats,
     /// A copy of the userfaultfd for the [`Keeper`].
     keep: OwnedFd,
+    /// Learning: the TCP ports (family, port) the instance listens on; its first
+    /// response on one of them ends the recording.
+    answer_ports: Vec<(i32, u16)>,
+    keeping: Keeping,
 }
 
 /// A page server serving a running instance.
 pub struct Running {
     server: JoinHandle<Result<ServeStats>>,
     tap: Option<JoinHandle<()>>,
+    watch: Option<JoinHandle<()>>,
+    keeping: Keeping,
     prefetch: PrefetchStats,
 }
 
@@ -89,12 +104,58 @@ pub fn start(
     if let Some(job) = table_check {
         server.check_table(job);
     }
+    let keeping = Keeping::default();
+    if opts.learn {
+        let (snap, slot) = (snap.clone(), keeping.clone());
+        // Kept as soon as the first answer ends the recording, while the instance runs on
+        // (it may never exit, or be killed): on a thread, not to hold up faults.
+        server.on_learned(move |ws| {
+            match std::thread::Builder::new()
+                .name("keep-working-set".into())
+                .spawn(move || super::keep_working_set(&snap, &ws))
+            {
+                Ok(job) => *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(job),
+                Err(e) => tracing::warn!("working set not kept: {e}"),
+            }
+        });
+    }
     let prefetch = server.prefetch()?;
     Ok(Starting {
         server,
         prefetch,
         keep,
+        answer_ports: if opts.learn {
+            tcp_listen_ports(&snap.manifest)
+        } else {
+            Vec::new()
+        },
+        keeping,
     })
+}
+
+/// The TCP ports the snapshot's processes listen on, as (family, port).
+fn tcp_listen_ports(m: &Manifest) -> Vec<(i32, u16)> {
+    let mut ports: Vec<(i32, u16)> = m
+        .processes
+        .iter()
+        .flat_map(|p| &p.fds)
+        .filter_map(|f| match &f.file {
+            FileDesc::Inet {
+                family,
+                sock_type,
+                local,
+                listen: Some(_),
+                ..
+            } if *sock_type == libc::SOCK_STREAM => local
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse().ok())
+                .map(|port| (*family, port)),
+            _ => None,
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 impl Starting {
@@ -126,13 +187,70 @@ impl Starting {
                 }
             })
             .context("starting the page server thread")?;
+        let watch = if self.answer_ports.is_empty() {
+            None
+        } else {
+            let init = init
+                .try_clone_to_owned()
+                .context("duplicating the sandbox's pidfd")?;
+            Some(watch_answers(self.answer_ports, init, record.clone())?)
+        };
         let tap = tap.map(|t| copy_stdout(t, record)).transpose()?;
         Ok(Running {
             server,
             tap,
+            watch,
+            keeping: self.keeping,
             prefetch: self.prefetch,
         })
     }
+}
+
+/// Ends the working-set recording at the instance's first response on a TCP connection
+/// to one of `ports` (seen with `sock_diag`: a connection that sent data or that the
+/// server closed), or stops looking when recording ended otherwise or the sandbox
+/// (`init`) is gone. Connections that had answered before (another process's, before
+/// the instance ran) do not count.
+fn watch_answers(
+    ports: Vec<(i32, u16)>,
+    init: OwnedFd,
+    record: RecordHandle,
+) -> Result<JoinHandle<()>> {
+    let answered = move |ports: &[(i32, u16)]| -> Vec<u64> {
+        ports
+            .iter()
+            .flat_map(|&(family, port)| {
+                crate::fds::sock_diag::tcp_answered_from_port(family, port).unwrap_or_else(|e| {
+                    tracing::debug!("sock_diag for port {port}: {e:#}");
+                    Vec::new()
+                })
+            })
+            .collect()
+    };
+    let before: std::collections::HashSet<u64> = answered(&ports).into_iter().collect();
+    std::thread::Builder::new()
+        .name("answer-watch".into())
+        .spawn(move || {
+            tracing::debug!("learning ends at the first response on TCP ports {ports:?}");
+            let until = std::time::Instant::now() + LEARN_AT_MOST;
+            while !record.stopped() && std::time::Instant::now() < until {
+                if answered(&ports).iter().any(|c| !before.contains(c)) {
+                    tracing::debug!("first response on a TCP connection: learning ends");
+                    record.stop_recording();
+                    return;
+                }
+                let mut p = libc::pollfd {
+                    fd: init.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, ANSWER_POLL.as_millis() as i32) } > 0 {
+                    return;
+                }
+            }
+        })
+        .context("starting the answer-watch thread")
 }
 
 /// Copies the app's stdout to ours, ending the working-set recording at its first byte.
@@ -171,6 +289,17 @@ impl Running {
             .server
             .join()
             .map_err(|_| anyhow!("the page server thread panicked"))??;
+        if let Some(w) = self.watch {
+            let _ = w.join();
+        }
+        let keeping = self
+            .keeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(k) = keeping {
+            let _ = k.join();
+        }
         Ok(Outcome {
             prefetch: self.prefetch,
             serve,

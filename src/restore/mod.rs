@@ -817,6 +817,18 @@ pub fn detached<R>(
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
 /// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
 /// a warning.
+/// Keeps a working set a lazy run learned: in the snapshot, and its hot pages.
+pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
+    if let Err(e) = snap.save_working_set(working_set) {
+        tracing::warn!(
+            "working set of snapshot {} not kept: {e:#}",
+            snap.id.short()
+        );
+        return;
+    }
+    save_hot(snap, working_set);
+}
+
 pub fn save_hot(snap: &Snapshot, working_set: &[u64]) {
     if let Err(e) = snap.verify_table() {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
