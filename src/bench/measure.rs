@@ -302,17 +302,7 @@ impl Running {
                 }
             }
             Probe::Http { port } => loop {
-                if let Ok(d) = std::env::var("DBG_DELAY") {
-                    while self.started.elapsed() < Duration::from_micros(d.parse().unwrap()) {}
-                }
-                let t = Instant::now();
-                let ok = http_hit(*port);
-                eprintln!(
-                    "DBG hit at {:?} took {:?} ok {ok}",
-                    t.duration_since(self.started),
-                    t.elapsed()
-                );
-                if ok {
+                if http_hit(*port) {
                     return Ok(self.started.elapsed());
                 }
                 if let Some(status) = self.child.try_wait()? {

@@ -68,6 +68,9 @@ fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> 
                 SYSCALL_INFO_EXIT if entered => return Ok(ptrace::get_regs(tid)?[reg::RAX] as i64),
                 _ => {}
             },
+            // The freeze's PTRACE_INTERRUPT, still pending when the thread reached its
+            // warm-point trap at the same moment, stops it at its first resume: go on.
+            Stop::EventStop(libc::SIGTRAP) => {}
             Stop::Exited(_) | Stop::Killed(_) => {
                 bail!("the process died while a syscall was injected")
             }

@@ -37,9 +37,7 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// Sends one dump request (`body` after the netlink header) and calls `each` with the
-/// payload of every answer until `NLMSG_DONE`.
-fn dump(body: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
+fn diag_socket() -> Result<OwnedFd> {
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -50,7 +48,17 @@ fn dump(body: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
     if fd < 0 {
         return Err(errno_err("socket(NETLINK_SOCK_DIAG)"));
     }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one dump request (`body` after the netlink header) and calls `each` with the
+/// payload of every answer until `NLMSG_DONE`.
+fn dump(body: &[u8], each: impl FnMut(&[u8])) -> Result<()> {
+    dump_on(&diag_socket()?, &mut vec![0u8; 64 << 10], body, each)
+}
+
+/// [`dump`] on an open `NETLINK_SOCK_DIAG` socket, reading into `buf`.
+fn dump_on(fd: &OwnedFd, buf: &mut [u8], body: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
     let mut req = Vec::with_capacity(NLMSG_HDR + body.len());
     req.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
     req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -61,7 +69,6 @@ fn dump(body: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(errno_err("sending a sock_diag request"));
     }
-    let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
@@ -170,52 +177,93 @@ pub fn tcp_listeners(family: i32) -> Result<HashMap<u32, InetDiag>> {
     Ok(out)
 }
 
-/// The TCP connections of `family` with local port `port` (ones a listener on it
-/// accepted) that have answered: sent data, or closed into `TIME_WAIT` (the server
-/// closed first, after its response). By socket cookie. What a server has answered,
-/// seen from outside the process.
-pub fn tcp_answered_from_port(family: i32, port: u16) -> Result<Vec<u64>> {
-    const TCP_LISTEN: u32 = 10;
-    const INET_DIAG_INFO: u16 = 2;
-    const INET_DIAG_REQ_BYTECODE: u16 = 1;
-    const INET_DIAG_BC_S_EQ: u8 = 11;
-    // struct inet_diag_req_v2 asking for tcp_info, every state but LISTEN
-    let mut body = vec![
-        family as u8,
-        libc::IPPROTO_TCP as u8,
-        1 << (INET_DIAG_INFO - 1),
-        0,
-    ];
-    body.extend_from_slice(&(!(1u32 << TCP_LISTEN) & 0xfff).to_ne_bytes());
-    body.extend_from_slice(&[0u8; 48]);
-    // Bytecode, one op: sport == port → accept (run off the end), else reject (jump
-    // past it); the port is the `no` field of the op's second half.
-    body.extend_from_slice(&12u16.to_ne_bytes());
-    body.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-    body.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
-    body.extend_from_slice(&12u16.to_ne_bytes());
-    body.extend_from_slice(&[0, 0]);
-    body.extend_from_slice(&port.to_ne_bytes());
-    let mut out = Vec::new();
-    dump(&body, |p| {
-        // struct inet_diag_msg: family, state, timer, retrans, sockid (cookie at 44)
-        if p.len() < 72 {
-            return;
+/// One TCP connection as `sock_diag` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConn {
+    /// The kernel's socket cookie (kept when the socket turns into a timewait one).
+    pub cookie: u64,
+    pub state: u8,
+    /// Data segments received and sent (`tcp_info`; `None` for a timewait socket).
+    pub segs_in: Option<u32>,
+    pub segs_out: Option<u32>,
+}
+
+impl TcpConn {
+    /// Has this connection of a server answered: sent data, or been closed by the
+    /// server first (a timewait socket)?
+    pub fn answered(&self) -> bool {
+        const FIN_WAIT2: u8 = 5;
+        const TIME_WAIT: u8 = 6;
+        match self.segs_out {
+            Some(n) => n > 0,
+            None => matches!(self.state, FIN_WAIT2 | TIME_WAIT),
         }
-        let cookie = u64::from_ne_bytes(p[44..52].try_into().unwrap());
-        // A timewait socket carries no tcp_info.
-        let mut answered = true;
-        for (ty, info) in attrs(p, 72) {
-            // struct tcp_info: tcpi_data_segs_out at 156 (Linux 4.6+)
-            if ty == INET_DIAG_INFO && info.len() >= 160 {
-                answered = u32::from_ne_bytes(info[156..160].try_into().unwrap()) > 0;
+    }
+}
+
+/// Watches the TCP connections on local ports (the ones listeners on them accepted),
+/// with one netlink socket and buffer for every query.
+pub struct TcpPortWatch {
+    sock: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl TcpPortWatch {
+    pub fn new() -> Result<TcpPortWatch> {
+        Ok(TcpPortWatch {
+            sock: diag_socket()?,
+            buf: vec![0u8; 64 << 10],
+        })
+    }
+
+    /// The connections of `family` whose local port is `port`, but half-open ones.
+    pub fn conns(&mut self, family: i32, port: u16) -> Result<Vec<TcpConn>> {
+        const INET_DIAG_INFO: u16 = 2;
+        const INET_DIAG_REQ_BYTECODE: u16 = 1;
+        const INET_DIAG_BC_S_EQ: u8 = 11;
+        // Every state but SYN_SENT (2), SYN_RECV (3) and LISTEN (10).
+        const STATES: u32 = 0xfff & !(1 << 2 | 1 << 3 | 1 << 10);
+        // struct inet_diag_req_v2 asking for tcp_info
+        let mut body = vec![
+            family as u8,
+            libc::IPPROTO_TCP as u8,
+            1 << (INET_DIAG_INFO - 1),
+            0,
+        ];
+        body.extend_from_slice(&STATES.to_ne_bytes());
+        body.extend_from_slice(&[0u8; 48]);
+        // Bytecode, one op: sport == port → accept (run off the end), else reject (jump
+        // past it); the port is the `no` field of the op's second half.
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        body.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&port.to_ne_bytes());
+        let mut out = Vec::new();
+        dump_on(&self.sock, &mut self.buf, &body, |p| {
+            // struct inet_diag_msg: family, state, timer, retrans, sockid (cookie at 44)
+            if p.len() < 72 {
+                return;
             }
-        }
-        if answered {
-            out.push(cookie);
-        }
-    })?;
-    Ok(out)
+            let mut c = TcpConn {
+                cookie: u64::from_ne_bytes(p[44..52].try_into().unwrap()),
+                state: p[1],
+                segs_in: None,
+                segs_out: None,
+            };
+            for (ty, info) in attrs(p, 72) {
+                // struct tcp_info: tcpi_data_segs_in at 152, _out at 156 (Linux 4.6+)
+                if ty == INET_DIAG_INFO && info.len() >= 160 {
+                    let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+                    c.segs_in = Some(word(152));
+                    c.segs_out = Some(word(156));
+                }
+            }
+            out.push(c);
+        })?;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +294,7 @@ mod tests {
     #[test]
     fn sees_the_answers_from_a_listening_port() {
         use std::io::{Read, Write};
+        let mut w = TcpPortWatch::new().unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -255,26 +304,25 @@ mod tests {
         c.write_all(b"GET").unwrap();
         let mut b = [0u8; 3];
         a.read_exact(&mut b).unwrap();
-        assert!(tcp_answered_from_port(libc::AF_INET, port)
-            .unwrap()
-            .is_empty());
+        let conns = w.conns(libc::AF_INET, port).unwrap();
+        assert_eq!(conns.len(), 1, "{conns:?}");
+        assert_eq!(conns[0].segs_in, Some(1));
+        assert!(!conns[0].answered());
         a.write_all(b"200").unwrap();
         c.read_exact(&mut b).unwrap();
-        assert_eq!(
-            tcp_answered_from_port(libc::AF_INET, port).unwrap().len(),
-            1
-        );
-        // The server closes first: its side goes to TIME_WAIT, still an answer.
+        let conns = w.conns(libc::AF_INET, port).unwrap();
+        assert!(conns[0].answered(), "{conns:?}");
+        // The server closes first: its side goes to TIME_WAIT (no tcp_info), same cookie,
+        // still an answer.
+        let cookie = conns[0].cookie;
         drop(a);
         assert_eq!(c.read(&mut b).unwrap(), 0);
         drop(c);
-        assert_eq!(
-            tcp_answered_from_port(libc::AF_INET, port).unwrap().len(),
-            1
-        );
+        let conns = w.conns(libc::AF_INET, port).unwrap();
+        assert_eq!(conns.len(), 1, "{conns:?}");
+        assert_eq!(conns[0].cookie, cookie, "{conns:?}");
+        assert!(conns[0].answered(), "{conns:?}");
         let other = other.local_addr().unwrap().port();
-        assert!(tcp_answered_from_port(libc::AF_INET, other)
-            .unwrap()
-            .is_empty());
+        assert!(w.conns(libc::AF_INET, other).unwrap().is_empty());
     }
 }

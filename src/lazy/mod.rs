@@ -68,6 +68,6 @@ mod tests;
 
 pub use plan::{plan, Extent, LazyPlan};
 pub use server::{
-    LazyError, LazyOptions, LazyServer, PrefetchStats, RecordHandle, ServeStats, BATCH_PAGES,
-    READAHEAD_PAGES, REQUIRED_FEATURES,
+    LazyError, LazyOptions, LazyServer, PrefetchStats, RecordHandle, ServeStats, SpaceKeeper,
+    BATCH_PAGES, READAHEAD_PAGES, REQUIRED_FEATURES,
 };

@@ -498,13 +498,21 @@ pub struct LazyServer {
     /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
     /// being computed on another thread.
     table_check: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
-    /// Given each forked child's userfaultfd before it is served.
-    on_fork: Option<ForkHook>,
+    /// Holds a copy of each forked child's userfaultfd while it is served.
+    keeper: Option<Box<dyn SpaceKeeper>>,
     /// Given the working set as soon as recording ends.
     on_learned: Option<Box<dyn FnOnce(Vec<u64>) + Send>>,
 }
 
-type ForkHook = Box<dyn FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send>;
+/// Something outside the monitor that holds the userfaultfds being served, so that a
+/// monitor that dies leaves faults blocked rather than zero-filled (see
+/// `restore::keeper`). Space 0 is the process's own; forked children get theirs here.
+pub trait SpaceKeeper: Send {
+    /// Keep a copy of space `space`'s userfaultfd.
+    fn hold(&mut self, space: u64, uffd: BorrowedFd<'_>) -> std::io::Result<()>;
+    /// Space `space` is served (or its process gone): let its copy go.
+    fn retire(&mut self, space: u64);
+}
 
 fn uffd_features(u: &Uffd) -> Option<Features> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", u.as_raw_fd())).ok()?;
@@ -564,7 +572,7 @@ impl LazyServer {
             last_fault: Instant::now(),
             page_count,
             table_check: None,
-            on_fork: None,
+            keeper: None,
             on_learned: None,
         })
     }
@@ -593,13 +601,10 @@ impl LazyServer {
         Ok(())
     }
 
-    /// Calls `hook` with the userfaultfd of every child the process forks, before serving
-    /// it (to keep a copy elsewhere); an error fails `serve`.
-    pub fn on_fork(
-        &mut self,
-        hook: impl FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send + 'static,
-    ) {
-        self.on_fork = Some(Box::new(hook));
+    /// Hands the userfaultfd of every child the process forks to `keeper` before serving
+    /// it (a failure fails `serve`), and retires each space when it is done.
+    pub fn keep_spaces_with(&mut self, keeper: impl SpaceKeeper + 'static) {
+        self.keeper = Some(Box::new(keeper));
     }
 
     /// Calls `done` with the working set as soon as recording ends (the first answer,
@@ -810,9 +815,18 @@ impl LazyServer {
                 self.handle_fault(f, start)?;
                 continue;
             }
-            // Close finished or dead address spaces.
-            // (Their pending faults, if any, are woken by the kernel on close.)
-            self.spaces.retain(|s| s.alive && s.remaining > 0);
+            // Close finished or dead address spaces (with the keeper's copies: their
+            // pending faults, if any, are woken by the kernel on the last close).
+            let keeper = &mut self.keeper;
+            self.spaces.retain(|s| {
+                let keep = s.alive && s.remaining > 0;
+                if !keep {
+                    if let Some(k) = keeper.as_mut() {
+                        k.retire(s.id);
+                    }
+                }
+                keep
+            });
             if self.spaces.is_empty() {
                 self.finish_table_check()?;
                 if !self.stats.target_exited {
@@ -873,17 +887,23 @@ impl LazyServer {
                     }
                     Event::Fork { uffd } => {
                         self.stats.forks += 1;
-                        if let Some(hook) = self.on_fork.as_mut() {
-                            hook(uffd.as_fd())
+                        let uffd = Uffd::from_owned(uffd);
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        // In `spaces` before anything can fail: an error keeps it (and so
+                        // the child's faults blocked) until the instance is killed.
+                        let child = s.fork(id, uffd);
+                        self.spaces.push(child);
+                        let child = self.spaces.last().unwrap();
+                        child
+                            .uffd
+                            .set_nonblocking(true)
+                            .context("setting O_NONBLOCK on a forked child's userfaultfd")?;
+                        if let Some(k) = self.keeper.as_mut() {
+                            k.hold(id, child.uffd.as_fd())
                                 .context("handing a forked child's userfaultfd to the keeper")?;
                             tracing::debug!("lazy restore: a forked child's userfaultfd is held");
                         }
-                        let uffd = Uffd::from_owned(uffd);
-                        uffd.set_nonblocking(true)
-                            .context("setting O_NONBLOCK on a forked child's userfaultfd")?;
-                        let child = s.fork(self.next_id, uffd);
-                        self.next_id += 1;
-                        self.spaces.push(child);
                     }
                     Event::Unknown { event } => {
                         tracing::warn!("lazy restore: unknown userfaultfd event {event:#x}")

@@ -15,21 +15,59 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use anyhow::{Context, Result};
 
 pub struct Keeper {
-    /// [`DONE`]: the monitor is done and the keeper may let go; [`HOLD`] with fds
-    /// attached: keep these too. Closed without `DONE` (the monitor died or gave up): it
-    /// holds on until the instance is gone.
+    /// Messages of [`MSG_LEN`] bytes, op then space id: [`DONE`]: the monitor is done and
+    /// the keeper may let go; [`HOLD`] with an fd attached: keep this space's too;
+    /// [`DROP`]: that space is finished (all its memory in), close its copy — a
+    /// registration kept alive past that would block the process's next munmap, mremap,
+    /// fork or MADV_DONTNEED on an event nobody reads. Closed without `DONE` (the monitor
+    /// died or gave up): it holds on until the instance is gone.
     done: Option<OwnedFd>,
 }
 
 const HOLD: u8 = 0;
 const DONE: u8 = 1;
+const DROP: u8 = 2;
+const MSG_LEN: usize = 9;
+/// Space ids the keeper tracks for [`DROP`]; fds beyond are held until the end.
+const TRACKED: usize = 1024;
+
+fn message(op: u8, space: u64) -> [u8; MSG_LEN] {
+    let mut m = [0u8; MSG_LEN];
+    m[0] = op;
+    m[1..].copy_from_slice(&space.to_le_bytes());
+    m
+}
+
+/// The monitor's side of the keeper's socket, for the page server: hands over and
+/// retires the userfaultfds of forked children.
+pub struct Link(OwnedFd);
+
+impl crate::lazy::SpaceKeeper for Link {
+    fn hold(&mut self, space: u64, uffd: BorrowedFd<'_>) -> std::io::Result<()> {
+        crate::sys::scm::send(self.0.as_fd(), &message(HOLD, space), &[uffd.as_raw_fd()])
+    }
+    fn retire(&mut self, space: u64) {
+        let m = message(DROP, space);
+        // SAFETY: a valid buffer; a keeper gone already needs nothing.
+        unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                m.as_ptr().cast(),
+                MSG_LEN,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+}
 
 impl Keeper {
-    /// Forks the keeper, giving it `uffd` and the pidfd of the sandbox's `init`.
+    /// Forks the keeper, giving it `uffd` (space 0: the restored process's own) and the
+    /// pidfd of the sandbox's `init`.
     pub fn spawn(uffd: BorrowedFd<'_>, init: BorrowedFd<'_>) -> Result<Keeper> {
-        // A socket, not a pipe: writing after the keeper is gone must not raise SIGPIPE.
+        // A socket, not a pipe: writing after the keeper is gone must not raise SIGPIPE;
+        // SEQPACKET keeps each message (and its fd) whole.
         let (done_r, done_w) =
-            crate::sys::remote::socketpair().context("socketpair for the uffd keeper")?;
+            crate::sys::scm::seqpacket_pair().context("socketpair for the uffd keeper")?;
         let keep = [uffd.as_raw_fd(), init.as_raw_fd(), done_r.as_raw_fd()];
         // Forked twice, so that it is nobody's child here (the monitor's only child stays
         // the sandbox's init, and nothing needs to reap the keeper). The monitor is
@@ -54,32 +92,38 @@ impl Keeper {
         Ok(Keeper { done: Some(done_w) })
     }
 
-    /// A way to hand the keeper more userfaultfds (of forked children) to hold.
-    pub fn holder(&self) -> Result<impl FnMut(BorrowedFd<'_>) -> std::io::Result<()> + Send> {
+    /// The page server's way to hand the keeper the userfaultfds of forked children.
+    pub fn link(&self) -> Result<Link> {
         let link = self
             .done
             .as_ref()
             .context("the uffd keeper was released")?
             .try_clone()
             .context("duplicating the uffd keeper's socket")?;
-        Ok(move |fd: BorrowedFd<'_>| {
-            crate::sys::scm::send(link.as_fd(), &[HOLD], &[fd.as_raw_fd()])
-        })
+        Ok(Link(link))
     }
 
     /// The page server has finished: the keeper closes its copies and exits.
     pub fn release(&mut self) {
         if let Some(d) = self.done.take() {
-            unsafe { libc::send(d.as_raw_fd(), [DONE].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+            let m = message(DONE, 0);
+            unsafe {
+                libc::send(
+                    d.as_raw_fd(),
+                    m.as_ptr().cast(),
+                    MSG_LEN,
+                    libc::MSG_NOSIGNAL,
+                )
+            };
         }
     }
 }
 
 /// The keeper's body: only `keep` stays open; waits for [`DONE`] on the socket or for
-/// init's exit, keeping whatever fds come with [`HOLD`]s. No allocation: the monitor that
-/// forked it is multi-threaded.
+/// init's exit, holding the fds [`HOLD`]s bring until their [`DROP`]. No allocation: the
+/// monitor that forked it is multi-threaded.
 unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
-    let [_uffd, init, done] = keep;
+    let [uffd, init, done] = keep;
     libc::setpgid(0, 0);
     let mut sorted = keep;
     sorted.sort_unstable();
@@ -91,6 +135,15 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
         from = fd as u32 + 1;
     }
     libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
+    // Room for as many held fds as the limit allows.
+    let mut lim: libc::rlimit = std::mem::zeroed();
+    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let mut held = [(0u64, -1 as RawFd); TRACKED];
+    held[0] = (0, uffd);
+    let mut count = 1usize;
     let mut fds = [
         libc::pollfd {
             fd: init,
@@ -112,11 +165,10 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
             libc::_exit(0);
         }
         if n == 2 && fds[1].revents != 0 {
-            // One byte per message, so a HOLD's fds are never read along with a DONE.
-            let mut b = 0u8;
+            let mut m = [0u8; MSG_LEN];
             let mut iov = libc::iovec {
-                iov_base: (&mut b as *mut u8).cast(),
-                iov_len: 1,
+                iov_base: m.as_mut_ptr().cast(),
+                iov_len: MSG_LEN,
             };
             let mut control = [0u64; 16];
             let mut msg: libc::msghdr = std::mem::zeroed();
@@ -124,13 +176,40 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
             msg.msg_iovlen = 1;
             msg.msg_control = control.as_mut_ptr().cast();
             msg.msg_controllen = std::mem::size_of_val(&control);
-            // The fds a HOLD carries are now ours, and stay open until we exit.
-            match libc::recvmsg(done, &mut msg, 0) {
-                1 if b == DONE => libc::_exit(0),
-                1 => {}
-                r if r < 0 && *libc::__errno_location() == libc::EINTR => {}
+            let r = libc::recvmsg(done, &mut msg, 0);
+            if r < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            if r != MSG_LEN as isize {
                 // EOF: the monitor is gone without finishing; hold on.
-                _ => n = 1,
+                n = 1;
+                continue;
+            }
+            let space = u64::from_le_bytes(m[1..].try_into().unwrap_or([0; 8]));
+            match m[0] {
+                DONE => libc::_exit(0),
+                HOLD => {
+                    let c = libc::CMSG_FIRSTHDR(&msg);
+                    if !c.is_null()
+                        && (*c).cmsg_level == libc::SOL_SOCKET
+                        && (*c).cmsg_type == libc::SCM_RIGHTS
+                    {
+                        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                        // Untracked past TRACKED: held to the end.
+                        if count < TRACKED {
+                            held[count] = (space, fd);
+                            count += 1;
+                        }
+                    }
+                }
+                DROP => {
+                    if let Some(i) = held[..count].iter().position(|&(s, _)| s == space) {
+                        libc::close(held[i].1);
+                        held[i] = held[count - 1];
+                        count -= 1;
+                    }
+                }
+                _ => {}
             }
         }
     }

@@ -28,7 +28,7 @@ const LEARN_AT_MOST: Duration = Duration::from_secs(30);
 
 /// While learning, how often the instance's TCP connections are checked for a first
 /// response (a `sock_diag` query per listening port).
-const ANSWER_POLL: Duration = Duration::from_millis(1);
+const ANSWER_POLL: Duration = Duration::from_millis(2);
 
 /// The thread that keeps a learned working set in the store (joined before the monitor
 /// exits, so that nothing is left half-written).
@@ -169,7 +169,7 @@ impl Starting {
         let mut keeper = Keeper::spawn(self.keep.as_fd(), init)?;
         drop(self.keep);
         let mut server = self.server;
-        server.on_fork(keeper.holder()?);
+        server.keep_spaces_with(keeper.link()?);
         let server = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || match server.serve() {
@@ -193,7 +193,7 @@ impl Starting {
             let init = init
                 .try_clone_to_owned()
                 .context("duplicating the sandbox's pidfd")?;
-            Some(watch_answers(self.answer_ports, init, record.clone())?)
+            watch_answers(self.answer_ports, init, record.clone())
         };
         let tap = tap.map(|t| copy_stdout(t, record)).transpose()?;
         Ok(Running {
@@ -207,38 +207,77 @@ impl Starting {
 }
 
 /// Ends the working-set recording at the instance's first response on a TCP connection
-/// to one of `ports` (seen with `sock_diag`: a connection that sent data or that the
-/// server closed), or stops looking when recording ended otherwise or the sandbox
-/// (`init`) is gone. Connections that had answered before (another process's, before
-/// the instance ran) do not count.
+/// to one of `ports` (seen with `sock_diag`: a connection that sent data, that the server
+/// closed, or that went away after it brought a request: a client may reset it right
+/// after reading the answer), or stops looking when recording ended otherwise or the
+/// sandbox (`init`) is gone. Connections that had answered before the instance ran are
+/// another process's. Without `sock_diag` it says so and leaves the recording to the
+/// other ends (first output, exit, time limit).
 fn watch_answers(
     ports: Vec<(i32, u16)>,
     init: OwnedFd,
     record: RecordHandle,
-) -> Result<JoinHandle<()>> {
-    let answered = move |ports: &[(i32, u16)]| -> Vec<u64> {
-        ports
-            .iter()
-            .flat_map(|&(family, port)| {
-                crate::fds::sock_diag::tcp_answered_from_port(family, port).unwrap_or_else(|e| {
-                    tracing::debug!("sock_diag for port {port}: {e:#}");
-                    Vec::new()
-                })
-            })
-            .collect()
+) -> Option<JoinHandle<()>> {
+    use crate::fds::sock_diag::{TcpConn, TcpPortWatch};
+    use std::collections::HashSet;
+    fn conns(w: &mut TcpPortWatch, ports: &[(i32, u16)]) -> Result<Vec<TcpConn>> {
+        let mut all = Vec::new();
+        for &(family, port) in ports {
+            all.extend(w.conns(family, port)?);
+        }
+        Ok(all)
+    }
+    let started = TcpPortWatch::new().and_then(|mut w| {
+        let now = conns(&mut w, &ports)?;
+        Ok((w, now))
+    });
+    let (mut w, now) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch TCP ports {ports:?} ({e:#}): the working set is learned \
+                 until the app's first output or exit, or for {} s",
+                LEARN_AT_MOST.as_secs()
+            );
+            return None;
+        }
     };
-    let before: std::collections::HashSet<u64> = answered(&ports).into_iter().collect();
-    std::thread::Builder::new()
+    let before: HashSet<u64> = now
+        .iter()
+        .filter(|c| c.answered())
+        .map(|c| c.cookie)
+        .collect();
+    let job = std::thread::Builder::new()
         .name("answer-watch".into())
         .spawn(move || {
             tracing::debug!("learning ends at the first response on TCP ports {ports:?}");
             let until = std::time::Instant::now() + LEARN_AT_MOST;
+            let mut requested: HashSet<u64> = HashSet::new();
             while !record.stopped() && std::time::Instant::now() < until {
-                if answered(&ports).iter().any(|c| !before.contains(c)) {
+                let now = match conns(&mut w, &ports) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("watching TCP ports {ports:?}: {e:#}");
+                        return;
+                    }
+                };
+                let gone = requested
+                    .iter()
+                    .any(|k| !now.iter().any(|c| c.cookie == *k));
+                if gone
+                    || now
+                        .iter()
+                        .any(|c| c.answered() && !before.contains(&c.cookie))
+                {
                     tracing::debug!("first response on a TCP connection: learning ends");
                     record.stop_recording();
                     return;
                 }
+                requested.extend(
+                    now.iter()
+                        .filter(|c| c.segs_in.is_some_and(|n| n > 0))
+                        .map(|c| c.cookie),
+                );
                 let mut p = libc::pollfd {
                     fd: init.as_raw_fd(),
                     events: libc::POLLIN,
@@ -249,8 +288,14 @@ fn watch_answers(
                     return;
                 }
             }
-        })
-        .context("starting the answer-watch thread")
+        });
+    match job {
+        Ok(j) => Some(j),
+        Err(e) => {
+            tracing::warn!("cannot start the answer-watch thread: {e}");
+            None
+        }
+    }
 }
 
 /// Copies the app's stdout to ours, ending the working-set recording at its first byte.
@@ -288,7 +333,8 @@ impl Running {
         let serve = self
             .server
             .join()
-            .map_err(|_| anyhow!("the page server thread panicked"))??;
+            .map_err(|_| anyhow!("the page server thread panicked"));
+        // Before any error goes up: a working set being kept is not left half-written.
         if let Some(w) = self.watch {
             let _ = w.join();
         }
@@ -300,6 +346,7 @@ impl Running {
         if let Some(k) = keeping {
             let _ = k.join();
         }
+        let serve = serve??;
         Ok(Outcome {
             prefetch: self.prefetch,
             serve,

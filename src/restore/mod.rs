@@ -88,16 +88,18 @@ impl Restored {
 
     /// What [`wait`](Self::wait) returns, once the sandbox has exited with `code`.
     pub fn finish(self, code: i32) -> Result<(i32, Option<lazy::Outcome>)> {
+        // Every server is waited for (the root's may be keeping a working set) before
+        // the first error is reported.
+        let mut first_err = None;
         for (pid, l) in self.tree_lazy {
-            l.finish()
-                .with_context(|| format!("the page server of process {pid}"))?;
-        }
-        match self.lazy {
-            None => Ok((code, None)),
-            Some(run) => {
-                let outcome = run.finish()?;
-                Ok((code, Some(outcome)))
+            if let Err(e) = l.finish() {
+                first_err.get_or_insert(e.context(format!("the page server of process {pid}")));
             }
+        }
+        let outcome = self.lazy.map(|run| run.finish()).transpose();
+        match (first_err, outcome) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(outcome)) => Ok((code, outcome)),
         }
     }
 }
@@ -814,9 +816,6 @@ pub fn detached<R>(
     }
 }
 
-/// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
-/// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
-/// a warning.
 /// Keeps a working set a lazy run learned: in the snapshot, and its hot pages.
 pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
     if let Err(e) = snap.save_working_set(working_set) {
@@ -829,6 +828,9 @@ pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
     save_hot(snap, working_set);
 }
 
+/// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
+/// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
+/// a warning.
 pub fn save_hot(snap: &Snapshot, working_set: &[u64]) {
     if let Err(e) = snap.verify_table() {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
