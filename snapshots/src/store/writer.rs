@@ -61,7 +61,36 @@ struct OpenPack {
     tmp: PathBuf,
     out: BufWriter<File>,
     len: u64,
+    /// Bytes whose writeback has been started ([`WRITEBACK_STEP`]).
+    flushing: u64,
     records: Vec<Record>,
+}
+
+/// Writeback of a pack being written is started every this many bytes, so that the
+/// `fsync` sealing it finds most of it on disk already (it took a third of a large
+/// dump's time when it had to write 256 MiB at the end).
+const WRITEBACK_STEP: u64 = 16 << 20;
+
+impl OpenPack {
+    /// Starts writeback (without waiting) of what reached the file since the last call,
+    /// once that is [`WRITEBACK_STEP`] or more.
+    fn start_writeback(&mut self) {
+        use std::os::fd::AsRawFd;
+        let in_file = self.len - self.out.buffer().len() as u64;
+        if in_file - self.flushing < WRITEBACK_STEP {
+            return;
+        }
+        // SAFETY: plain syscall on our own file; advice only, so its result is ignored.
+        unsafe {
+            libc::sync_file_range(
+                self.out.get_ref().as_raw_fd(),
+                self.flushing as i64,
+                (in_file - self.flushing) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        self.flushing = in_file;
+    }
 }
 
 /// Builds one snapshot. Holds the store's writer lock until committed or dropped;
@@ -220,6 +249,7 @@ impl<'a> SnapshotWriter<'a> {
                 tmp,
                 out,
                 len: PACK_HEADER as u64,
+                flushing: 0,
                 records: Vec::new(),
             });
         }
@@ -259,6 +289,7 @@ impl<'a> SnapshotWriter<'a> {
             codec,
         };
         pack.len += len as u64;
+        pack.start_writeback();
         self.new_bytes += len as u64;
         for (slot, hash) in self.block_hashes.iter().enumerate() {
             let loc = Location {
