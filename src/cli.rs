@@ -185,12 +185,14 @@ pub struct RecordArgs {
     /// (a `notify` app reads `RESTORED=0`); exit with its status
     #[arg(short = 'R', long)]
     pub leave_running: bool,
-    /// Warm the app up with this input before the snapshot (`--ready stdin` only): it is
-    /// written to the app's stdin at its first read, and the snapshot is taken at the first
-    /// read after the app has consumed all of it (its answers go to our stderr). Caches
-    /// filled and code compiled by it are in the snapshot — and so is any state the input
-    /// changed (e.g. a request counter). Repeatable: one line each.
-    #[arg(long, value_name = "LINE")]
+    /// Warm the app up before the snapshot. `--ready stdin`: this line is written to the
+    /// app's stdin at its first read, and the snapshot is taken at the first read after
+    /// the app has consumed all of it (its answers go to our stderr). `--ready listen`:
+    /// this is the path of an HTTP GET sent to the port the app listens on at its first
+    /// wait for a connection; the snapshot is taken once it is answered and closed.
+    /// Caches filled and code compiled by it are in the snapshot — and so is any state it
+    /// changed (e.g. a request counter). Repeatable: one line / request each.
+    #[arg(long, value_name = "LINE|PATH")]
     pub prime: Vec<String>,
     /// Print phase timings and sizes
     #[arg(long)]
@@ -612,11 +614,19 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
             leave_running: a.leave_running,
-            prime: a
-                .prime
-                .iter()
-                .flat_map(|l| [l.as_bytes(), b"\n"].concat())
-                .collect(),
+            prime: if ready == warmstart_launcher::Ready::Listen {
+                Vec::new()
+            } else {
+                a.prime
+                    .iter()
+                    .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+                    .collect()
+            },
+            prime_http: if ready == warmstart_launcher::Ready::Listen {
+                a.prime.clone()
+            } else {
+                Vec::new()
+            },
         },
         |d| {
             if a.display_stats {

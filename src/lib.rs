@@ -5,6 +5,7 @@ pub mod check;
 pub mod cli;
 pub mod dump;
 pub mod fds;
+pub mod http_prime;
 pub mod instances;
 pub mod lazy;
 pub mod pageserver;

@@ -42,6 +42,10 @@ pub struct RecordOptions {
     /// Input written to the app's stdin at its first read (`Ready::Stdin`); the warm point
     /// is then the first read that finds all of it consumed.
     pub prime: Vec<u8>,
+    /// Paths of HTTP GETs sent to the app at its first wait for a connection
+    /// (`Ready::Listen`); the warm point is then right after they were answered and their
+    /// connections closed ([`crate::http_prime`]).
+    pub prime_http: Vec<String>,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -173,6 +177,15 @@ pub fn record(
             opts.ready
         );
     }
+    if !opts.prime_http.is_empty() && opts.ready != Ready::Listen {
+        bail!(
+            "HTTP priming requests need --ready listen (not --ready {})",
+            opts.ready
+        );
+    }
+    for p in &opts.prime_http {
+        crate::http_prime::check_path(p)?;
+    }
     let path = resolve(cmd)?;
     let argv: Vec<CString> = opts
         .command
@@ -283,10 +296,41 @@ pub fn record(
                 tracker = tracker.with_notify(ch).with_sd_notify(sd);
             }
             let mut primed = opts.prime.is_empty();
+            let mut http = None;
             let warm = loop {
                 let warm = tracker
                     .run(init_pid, Some(opts.timeout))
                     .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;
+                if !opts.prime_http.is_empty() {
+                    match http.take() {
+                        // Its first wait for a connection: the requests go out now.
+                        None => {
+                            let fd = tracker.listen_fds().iter().min().copied().context(
+                                "the app waits for connections but never called listen()",
+                            )?;
+                            let (p, wake) = crate::http_prime::Priming::start(
+                                pid,
+                                fd,
+                                opts.prime_http.clone(),
+                                opts.timeout,
+                            )?;
+                            tracker.interrupt_when_readable(wake);
+                            http = Some(p);
+                        }
+                        Some(p) if p.done() => {
+                            p.finish().map_err(|e| {
+                                e.context("the app was stopped and nothing was stored")
+                            })?;
+                            break warm;
+                        }
+                        Some(p) => http = Some(p),
+                    }
+                    // Serving the priming requests: not the warm point yet.
+                    warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
+                        .resume(warm.tid)
+                        .context("resuming the app while it is primed")?;
+                    continue;
+                }
                 if primed && unread(&stdin_peek) == 0 {
                     break warm;
                 }

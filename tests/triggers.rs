@@ -594,3 +594,81 @@ fn priming_input_is_consumed_before_the_snapshot() {
     bad.assert_fail();
     assert!(bad.stderr.contains("--ready stdin"), "{}", bad.describe());
 }
+
+/// `record --ready listen --prime PATH`: the GETs are answered before the snapshot, so a
+/// restored instance's counter goes on from there, twice in a row (each instance starts
+/// from the snapshot). The JVM's request path leaves it holding a unix socket whose peer
+/// has closed (its pre-close socket), which must be checkpointed too.
+fn primed_listen_workload(name: &str, argv: &[OsString], primes: usize) {
+    let ws = Ws::new();
+    let port = free_port();
+    let mut extra = Vec::new();
+    for _ in 0..primes {
+        extra.extend(["--prime", "/hit"]);
+    }
+    let out = record_out(
+        &ws,
+        name,
+        "listen",
+        &extra,
+        &[("PORT", port.to_string())],
+        argv,
+    );
+    out.assert_ok();
+    assert_eq!(
+        out.stderr
+            .matches("warmstart: primed: GET /hit: HTTP/1.")
+            .count(),
+        primes,
+        "each priming request is answered:\n{}",
+        out.describe()
+    );
+    for round in 1..=2 {
+        let ctx = format!("restored primed {name}, instance {round}");
+        let inst = Proc::spawn(&mut ws.cmd(&["run", name]));
+        let deadline = Instant::now() + TIMEOUT;
+        let (status, body) = http_get(port, "/hit", deadline)
+            .unwrap_or_else(|e| panic!("{ctx}: {e}; stderr:\n{}", inst.err_log.lock().unwrap()));
+        assert!(status.contains(" 200"), "{ctx}: {status:?} {body:?}");
+        assert_eq!(
+            body_json(&body, &ctx)["n"].as_i64(),
+            Some(primes as i64 + 1),
+            "{ctx}: the primed requests are in the snapshot: {body:?}"
+        );
+        signal(inst.pid(), libc::SIGTERM);
+        assert!(
+            wait_pid_exit(inst.pid(), TIMEOUT),
+            "{ctx}: no exit after SIGTERM"
+        );
+    }
+}
+
+#[test]
+fn listen_primed_py_http() {
+    let argv = vec![
+        python().into_os_string(),
+        workloads_dir().join("py_http.py").into_os_string(),
+    ];
+    primed_listen_workload("py_http_primed", &argv, 2);
+}
+
+#[test]
+fn listen_primed_java_http() {
+    primed_listen_workload("java_http_primed", &java_argv("Http"), 1);
+}
+
+#[test]
+fn prime_path_must_be_a_path() {
+    let ws = Ws::new();
+    let out = record_out(&ws, "x", "listen", &["--prime", "hit me"], &[], &["true"]);
+    assert_ne!(out.code(), 0, "{}", out.describe());
+    assert!(
+        out.stderr.contains("--prime \"hit me\"") && out.stderr.contains("path of an HTTP GET"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        ws.run(&["ls"], "").stdout.lines().count() <= 1,
+        "nothing stored"
+    );
+}

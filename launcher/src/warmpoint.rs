@@ -863,6 +863,9 @@ pub struct WarmPointTracker {
     /// Thread-group id of each traced thread seen (the app's children are traced too:
     /// they inherit the trap, which fails with `ENOSYS` without a tracer).
     tgids: std::collections::HashMap<i32, i32>,
+    /// Readable: interrupt every thread, the next stop is the warm point (see
+    /// [`interrupt_when_readable`](Self::interrupt_when_readable)).
+    wake: Option<OwnedFd>,
 }
 
 impl WarmPointTracker {
@@ -884,7 +887,14 @@ impl WarmPointTracker {
             seen: Vec::new(),
             following: false,
             tgids: std::collections::HashMap::new(),
+            wake: None,
         })
+    }
+
+    /// Once `fd` is readable (whoever warms the app up from outside says it is done),
+    /// interrupt every thread: the next stop is the warm point, as for `after=`.
+    pub fn interrupt_when_readable(&mut self, fd: OwnedFd) {
+        self.wake = Some(fd);
     }
 
     /// Use this `$WARMSTART_NOTIFY_FD` channel (`notify`).
@@ -935,6 +945,9 @@ impl WarmPointTracker {
         if self.interrupted || self.following {
             return None;
         }
+        if let Some(w) = &self.wake {
+            return Some(w.as_fd());
+        }
         self.sd_notify.as_ref().map(|s| s.fd())
     }
 
@@ -956,6 +969,13 @@ impl WarmPointTracker {
     /// [`poll_fd`](Self::poll_fd) is readable: read the datagrams; on `READY=1`,
     /// interrupt every thread (the next stop is the warm point).
     pub fn on_readable(&mut self) -> Result<(), WarmPointError> {
+        if self.wake.take().is_some() {
+            return if self.interrupted {
+                Ok(())
+            } else {
+                self.interrupt_now()
+            };
+        }
         let ready = match &mut self.sd_notify {
             Some(s) => s.recv_ready()?,
             None => false,

@@ -22,6 +22,8 @@ pub struct UnixDiag {
     pub rqueue: u32,
     /// Listening: the backlog; otherwise bytes queued to send.
     pub wqueue: u32,
+    /// `sk_shutdown`: 3 (both ways) once a connected stream socket's peer has closed.
+    pub shutdown: u8,
 }
 
 /// What the kernel reports about one TCP listener.
@@ -118,6 +120,7 @@ pub fn unix_sockets() -> Result<HashMap<u32, UnixDiag>> {
     const UDIAG_SHOW_RQLEN: u32 = 0x10;
     const UNIX_DIAG_PEER: u16 = 2;
     const UNIX_DIAG_RQLEN: u16 = 4;
+    const UNIX_DIAG_SHUTDOWN: u16 = 6;
     // struct unix_diag_req
     let mut body = vec![libc::AF_UNIX as u8, 0, 0, 0];
     body.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
@@ -144,6 +147,7 @@ pub fn unix_sockets() -> Result<HashMap<u32, UnixDiag>> {
                     d.rqueue = u32::from_ne_bytes(data[0..4].try_into().unwrap());
                     d.wqueue = u32::from_ne_bytes(data[4..8].try_into().unwrap());
                 }
+                UNIX_DIAG_SHUTDOWN if !data.is_empty() => d.shutdown = data[0],
                 _ => {}
             }
         }
@@ -183,6 +187,8 @@ pub struct TcpConn {
     /// The kernel's socket cookie (kept when the socket turns into a timewait one).
     pub cookie: u64,
     pub state: u8,
+    /// Inode of the socket's file: 0 once no process has it open (orphaned, closing).
+    pub inode: u32,
     /// Data segments received and sent (`tcp_info`; `None` for a timewait socket).
     pub segs_in: Option<u32>,
     pub segs_out: Option<u32>,
@@ -249,6 +255,7 @@ impl TcpPortWatch {
             let mut c = TcpConn {
                 cookie: u64::from_ne_bytes(p[44..52].try_into().unwrap()),
                 state: p[1],
+                inode: u32::from_ne_bytes(p[68..72].try_into().unwrap()),
                 segs_in: None,
                 segs_out: None,
             };
@@ -283,6 +290,11 @@ mod tests {
         let socks = unix_sockets().unwrap();
         assert_eq!(socks[&ino(&a)].peer, ino(&b));
         assert_eq!(socks[&ino(&b)].peer, ino(&a));
+        assert_eq!(socks[&ino(&a)].shutdown, 0);
+        let a_ino = ino(&a);
+        drop(b);
+        let socks = unix_sockets().unwrap();
+        assert_eq!((socks[&a_ino].peer, socks[&a_ino].shutdown), (0, 3));
 
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // listen() again only changes the backlog

@@ -11,6 +11,9 @@
 //!   listeners), bound to a path or an abstract name, or unnamed. At restore a stale
 //!   socket file at the path is unlinked (only if it is a socket), then bind and listen.
 //!   A relative path is made absolute with the process's cwd at dump.
+//! * A stream socket **whose peer has closed** (the JVM keeps one to `dup2` over fds it
+//!   closes asynchronously): a pair object with only end 0 in use, restored by closing
+//!   end 1 once what end 0 still has to read is in.
 //! * A socket **connected to a peer outside the process** is refused, naming the fd.
 //!
 //! The peer of a socket (by inode) is only known to `sock_diag` ([`super::sock_diag`]).
@@ -27,6 +30,8 @@ use super::{errno_err, getsockopt_int, setsockopt_int, Installer, Target};
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
+/// `sk_shutdown` of a stream socket whose peer has closed.
+const SHUTDOWN_BOTH: u8 = 3;
 
 /// One end of a connected pair seen so far.
 struct End {
@@ -41,6 +46,8 @@ struct End {
 pub struct Collector {
     diag: Option<HashMap<u32, UnixDiag>>,
     ends: HashMap<u32, End>,
+    /// Sockets whose peer has closed: pairs of which only end 0 is used.
+    lone: Vec<UnixPairObject>,
 }
 
 impl Collector {
@@ -85,6 +92,7 @@ impl Collector {
                 });
             }
         }
+        pairs.extend(self.lone);
         pairs.sort_by_key(|p| p.id);
         Ok(pairs)
     }
@@ -100,6 +108,23 @@ pub fn dump(
     let sock_type = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_TYPE)?;
     let d = c.diag(ino)?;
     let flags = t.flags();
+    let stream = sock_type == libc::SOCK_STREAM || sock_type == libc::SOCK_SEQPACKET;
+    if d.peer == 0 && d.state == TCP_ESTABLISHED && stream && d.shutdown == SHUTDOWN_BOTH {
+        if c.lone.iter().any(|o| o.id == ino as u64) || c.ends.contains_key(&ino) {
+            bail!("{}: a second open of a unix socket", t.context());
+        }
+        let queued = queue_of(t, copy, sock_type)?;
+        c.lone.push(UnixPairObject {
+            id: ino as u64,
+            sock_type,
+            queued: [queued, Vec::new()],
+        });
+        return Ok(FileDesc::UnixPair {
+            pair: ino as u64,
+            end: 0,
+            flags,
+        });
+    }
     if d.peer == 0 && d.state == TCP_ESTABLISHED {
         // Connected, but the peer has no inode: a connection not accepted yet on a
         // listener (of another process: ours would be refused for it) or a peer closed.
@@ -113,12 +138,7 @@ pub fn dump(
             // Another fd of the same socket is a dup; its ofd makes it share.
             bail!("{}: a second open of a unix socket", t.context());
         }
-        let queued = peek_queue(copy, sock_type).map_err(|e| match e {
-            PeekError::Control => {
-                t.refuse("a unix socket with queued file descriptors or credentials")
-            }
-            PeekError::Io(e) => e.context(t.context()),
-        })?;
+        let queued = queue_of(t, copy, sock_type)?;
         c.ends.insert(
             ino,
             End {
@@ -162,6 +182,14 @@ pub fn dump(
         addr,
         listen,
         flags,
+    })
+}
+
+/// What the socket has queued to read, or a refusal naming the fd.
+fn queue_of(t: &Target, copy: &OwnedFd, sock_type: i32) -> Result<Vec<Vec<u8>>> {
+    peek_queue(copy, sock_type).map_err(|e| match e {
+        PeekError::Control => t.refuse("a unix socket with queued file descriptors or credentials"),
+        PeekError::Io(e) => e.context(t.context()),
     })
 }
 
