@@ -173,7 +173,8 @@ pub fn record(
     }
     if !opts.prime.is_empty() && opts.ready != Ready::Stdin {
         bail!(
-            "--prime feeds the app's stdin, so it needs --ready stdin (not --ready {})",
+            "--prime needs --ready stdin (lines for the app's stdin) or --ready listen \
+             (paths of HTTP GETs), not --ready {}",
             opts.ready
         );
     }

@@ -588,11 +588,17 @@ fn priming_input_is_consumed_before_the_snapshot() {
     run.assert_ok();
     assert_eq!(run.stdout, "3 c\n", "{}", run.describe());
     let bad = ws.run(
-        &["record", "--ready", "listen", "--prime", "x", "--", "true"],
+        &[
+            "record", "--ready", "after=1s", "--prime", "x", "--", "true",
+        ],
         "",
     );
     bad.assert_fail();
-    assert!(bad.stderr.contains("--ready stdin"), "{}", bad.describe());
+    assert!(
+        bad.stderr.contains("--ready stdin") && bad.stderr.contains("--ready listen"),
+        "{}",
+        bad.describe()
+    );
 }
 
 /// `record --ready listen --prime PATH`: the GETs are answered before the snapshot, so a
