@@ -2,7 +2,7 @@
 //! its snapshot. At its first wait for a connection, each `GET PATH` is sent in turn to
 //! the port it listens on (the sandbox shares the host's network); once every response
 //! has been read to its end and the app has closed those connections, the monitor is
-//! told (a pipe) and interrupts the app: that stop is the warm point. What the requests
+//! told (a socket) and interrupts the app: that stop is the warm point. What the requests
 //! loaded, compiled and cached (a JVM's request path, say) is then in the snapshot.
 
 use std::io::{Read, Write};
@@ -45,8 +45,9 @@ impl Priming {
         timeout: Duration,
     ) -> Result<(Priming, OwnedFd)> {
         let addr = listening_addr(pid, listen_fd)?;
-        let (wake_r, wake_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .context("pipe for the priming requests")?;
+        // A socket, not a pipe: a monitor gone already must not SIGPIPE the process.
+        let (wake_r, wake_w) = crate::sys::scm::unix_pair(libc::SOCK_STREAM)
+            .context("socketpair for the priming requests")?;
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         let job = std::thread::Builder::new()
@@ -55,7 +56,15 @@ impl Priming {
                 let r = prime(addr, &paths, Instant::now() + timeout);
                 flag.store(true, Ordering::Release);
                 // The monitor interrupts the app when this arrives.
-                let _ = nix::unistd::write(&wake_w, b"x");
+                // SAFETY: one byte from a valid buffer.
+                unsafe {
+                    libc::send(
+                        std::os::fd::AsRawFd::as_raw_fd(&wake_w),
+                        b"x".as_ptr().cast(),
+                        1,
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
                 r
             })
             .context("starting the priming thread")?;
@@ -120,7 +129,20 @@ fn prime(addr: SocketAddr, paths: &[String], until: Instant) -> Result<()> {
         .with_context(ctx)?;
         // To the end: the app closes the connection once it has answered.
         let mut answer = Vec::new();
-        s.read_to_end(&mut answer).with_context(ctx)?;
+        if let Err(e) = s.read_to_end(&mut answer) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                bail!(
+                    "{}: no complete answer within --timeout ({} bytes so far; does the app \
+                     keep the connection open despite `Connection: close`?)",
+                    ctx(),
+                    answer.len()
+                );
+            }
+            return Err(e).with_context(ctx);
+        }
         let status = answer
             .split(|&b| b == b'\r' || b == b'\n')
             .next()

@@ -297,11 +297,17 @@ pub fn record(
                 tracker = tracker.with_notify(ch).with_sd_notify(sd);
             }
             let mut primed = opts.prime.is_empty();
-            let mut http = None;
+            let mut http: Option<crate::http_prime::Priming> = None;
             let warm = loop {
-                let warm = tracker
-                    .run(init_pid, Some(opts.timeout))
-                    .map_err(|e| anyhow!("{e}; it was stopped and nothing was stored"))?;
+                let warm = tracker.run(init_pid, Some(opts.timeout)).map_err(|e| {
+                    let priming = if http.as_ref().is_some_and(|p| !p.done()) {
+                        " while its priming requests were under way (not all answered and \
+                         closed: does it keep connections open despite `Connection: close`?)"
+                    } else {
+                        ""
+                    };
+                    anyhow!("{e}{priming}; it was stopped and nothing was stored")
+                })?;
                 if !opts.prime_http.is_empty() {
                     match http.take() {
                         // Its first wait for a connection: the requests go out now.

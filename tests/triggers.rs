@@ -678,3 +678,48 @@ fn prime_path_must_be_a_path() {
         "nothing stored"
     );
 }
+
+/// A server that answers but never closes the connection (despite `Connection: close`):
+/// priming cannot finish; `record` says so when `--timeout` passes, stores nothing, and
+/// exits 1 (not killed by a SIGPIPE from the priming thread it leaves behind).
+#[test]
+fn priming_a_server_that_keeps_its_connections_fails_clearly() {
+    let ws = Ws::new();
+    let port = free_port();
+    let dir = common::tempdir("ws-mute-");
+    let script = dir.path().join("mute.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('127.0.0.1', {port}))\n\
+             s.listen()\n\
+             kept = []\n\
+             while True:\n\
+             \x20   c, _ = s.accept()\n\
+             \x20   kept.append(c)\n\
+             \x20   c.recv(1000)\n\
+             \x20   c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok')\n"
+        ),
+    )
+    .unwrap();
+    let argv = [python().into_os_string(), script.into_os_string()];
+    let out = record_out(
+        &ws,
+        "mute",
+        "listen",
+        &["--prime", "/x", "--timeout", "3"],
+        &[],
+        &argv,
+    );
+    assert_eq!(out.code(), 1, "{}", out.describe());
+    assert!(
+        out.stderr.contains("priming requests were under way")
+            && out.stderr.contains("nothing was stored"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(ws.ls_json(), serde_json::json!([]), "something was stored");
+}
