@@ -605,6 +605,13 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--ready {}: {e}", a.ready))?;
     let store = open_store(cli)?;
+    // `--prime` is the path of an HTTP GET for a server, a line of input otherwise.
+    let (prime, prime_http) = if ready == warmstart_launcher::Ready::Listen {
+        (Vec::new(), a.prime.clone())
+    } else {
+        let lines = a.prime.iter().flat_map(|l| [l.as_bytes(), b"\n"].concat());
+        (lines.collect(), Vec::new())
+    };
     let r = crate::record::record(
         &store,
         &crate::record::RecordOptions {
@@ -614,19 +621,8 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
             leave_running: a.leave_running,
-            prime: if ready == warmstart_launcher::Ready::Listen {
-                Vec::new()
-            } else {
-                a.prime
-                    .iter()
-                    .flat_map(|l| [l.as_bytes(), b"\n"].concat())
-                    .collect()
-            },
-            prime_http: if ready == warmstart_launcher::Ready::Listen {
-                a.prime.clone()
-            } else {
-                Vec::new()
-            },
+            prime,
+            prime_http,
         },
         |d| {
             if a.display_stats {

@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -56,15 +56,7 @@ impl Priming {
                 let r = prime(addr, &paths, Instant::now() + timeout);
                 flag.store(true, Ordering::Release);
                 // The monitor interrupts the app when this arrives.
-                // SAFETY: one byte from a valid buffer.
-                unsafe {
-                    libc::send(
-                        std::os::fd::AsRawFd::as_raw_fd(&wake_w),
-                        b"x".as_ptr().cast(),
-                        1,
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
+                let _ = crate::sys::scm::send(wake_w.as_fd(), b"x", &[]);
                 r
             })
             .context("starting the priming thread")?;

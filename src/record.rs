@@ -308,7 +308,8 @@ pub fn record(
                     };
                     anyhow!("{e}{priming}; it was stopped and nothing was stored")
                 })?;
-                if !opts.prime_http.is_empty() {
+                // This stop is the warm point, or warming the app up goes on.
+                let at_warm_point = if !opts.prime_http.is_empty() {
                     match http.take() {
                         // Its first wait for a connection: the requests go out now.
                         None => {
@@ -323,25 +324,20 @@ pub fn record(
                             )?;
                             tracker.interrupt_when_readable(wake);
                             http = Some(p);
+                            false
                         }
                         Some(p) if p.done() => {
                             p.finish().map_err(|e| {
                                 e.context("the app was stopped and nothing was stored")
                             })?;
-                            break warm;
+                            true
                         }
-                        Some(p) => http = Some(p),
+                        Some(p) => {
+                            http = Some(p);
+                            false
+                        }
                     }
-                    // Serving the priming requests: not the warm point yet.
-                    warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
-                        .resume(warm.tid)
-                        .context("resuming the app while it is primed")?;
-                    continue;
-                }
-                if primed && unread(&stdin_peek) == 0 {
-                    break warm;
-                }
-                if !primed {
+                } else if !primed {
                     let w = in_w_slot
                         .as_ref()
                         .expect("the app's stdin is ours until the dump");
@@ -351,11 +347,17 @@ pub fn record(
                     )
                     .context("writing the priming input to the app's stdin")?;
                     primed = true;
+                    false
+                } else {
+                    // A read with priming input still to consume is not it.
+                    unread(&stdin_peek) == 0
+                };
+                if at_warm_point {
+                    break warm;
                 }
-                // A read with priming input still to consume: not the warm point yet.
                 warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
                     .resume(warm.tid)
-                    .context("resuming the app after priming")?;
+                    .context("resuming the app while it warms up")?;
             };
             let kind = match warm.kind {
                 WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,

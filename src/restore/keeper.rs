@@ -47,16 +47,8 @@ impl crate::lazy::SpaceKeeper for Link {
         crate::sys::scm::send(self.0.as_fd(), &message(HOLD, space), &[uffd.as_raw_fd()])
     }
     fn retire(&mut self, space: u64) {
-        let m = message(DROP, space);
-        // SAFETY: a valid buffer; a keeper gone already needs nothing.
-        unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                m.as_ptr().cast(),
-                MSG_LEN,
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        // A keeper gone already needs nothing.
+        let _ = crate::sys::scm::send(self.0.as_fd(), &message(DROP, space), &[]);
     }
 }
 
@@ -106,15 +98,7 @@ impl Keeper {
     /// The page server has finished: the keeper closes its copies and exits.
     pub fn release(&mut self) {
         if let Some(d) = self.done.take() {
-            let m = message(DONE, 0);
-            unsafe {
-                libc::send(
-                    d.as_raw_fd(),
-                    m.as_ptr().cast(),
-                    MSG_LEN,
-                    libc::MSG_NOSIGNAL,
-                )
-            };
+            let _ = crate::sys::scm::send(d.as_fd(), &message(DONE, 0), &[]);
         }
     }
 }

@@ -147,9 +147,9 @@ fn tcp_listen_ports(m: &Manifest) -> Vec<(i32, u16)> {
                 listen: Some(_),
                 ..
             } if *sock_type == libc::SOCK_STREAM => local
-                .rsplit_once(':')
-                .and_then(|(_, port)| port.parse().ok())
-                .map(|port| (*family, port)),
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| (*family, a.port())),
             _ => None,
         })
         .collect();

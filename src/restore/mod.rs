@@ -831,7 +831,7 @@ pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
 /// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
 /// a warning.
-pub fn save_hot(snap: &Snapshot, working_set: &[u64]) {
+fn save_hot(snap: &Snapshot, working_set: &[u64]) {
     if let Err(e) = snap.verify_table() {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
         return;
