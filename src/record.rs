@@ -240,6 +240,7 @@ pub fn record(
             pid: None,
             gate: true,
             stdio: Some(child_stdio),
+            clocks: None,
         },
         || {
             private.mount();

@@ -135,3 +135,37 @@ fn capabilities_a_root_process_dropped_stay_dropped() {
 fn interval_and_posix_timers() {
     run_fixture("timers", false);
 }
+
+/// A second open of a pipe end (through /proc/self/fd) keeps its own flags: decided by
+/// kcmp at dump, never merged with the first at restore; an O_RDWR open of a pipe too.
+#[test]
+fn separate_opens_of_one_pipe_stay_separate() {
+    run_fixture("pipe_ofd", false);
+}
+
+/// SHUT_WR, SHUT_RD and SHUT_RDWR on unix socket pairs, stream and datagram.
+#[test]
+fn unix_socket_shutdown_state() {
+    run_fixture("unix_shutdown", false);
+}
+
+/// A deleted-but-open file and a memfd keep their owner and mode (not root's, not the
+/// restorer's umask).
+#[test]
+fn owner_and_mode_of_deleted_files_and_memfds() {
+    run_fixture("owner_mode", true);
+}
+
+/// MADV_SEQUENTIAL/RANDOM/DONTDUMP/DONTFORK/WIPEONFORK/HUGEPAGE/NOHUGEPAGE,
+/// MAP_NORESERVE and MLOCK_ONFAULT, read back from smaps VmFlags.
+#[test]
+fn madvise_and_mmap_flags() {
+    run_fixture("madvise_flags", false);
+}
+
+/// POSIX timers firing every millisecond (SIGEV_THREAD, SIGEV_THREAD_ID, SIGEV_SIGNAL)
+/// during the restore: the restore neither dies of them nor hangs, and they still fire.
+#[test]
+fn timers_firing_during_the_restore() {
+    run_fixture("timer_storm", false);
+}

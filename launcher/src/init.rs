@@ -28,7 +28,7 @@ pub(crate) const APP_PANICKED: i32 = 101;
 
 /// Stages reported by init in its one message to the monitor.
 pub(crate) const STAGE_OK: i32 = 0;
-pub(crate) const STAGE_NAMES: [&str; 7] = [
+pub(crate) const STAGE_NAMES: [&str; 9] = [
     "ok",
     "prctl(PR_SET_PDEATHSIG)",
     "monitor exited",
@@ -36,6 +36,8 @@ pub(crate) const STAGE_NAMES: [&str; 7] = [
     "mount(proc, /proc)",
     "sigaction",
     "clone3(app)",
+    "unshare(CLONE_NEWTIME)",
+    "writing /proc/self/timens_offsets",
 ];
 const STAGE_PDEATHSIG: i32 = 1;
 const STAGE_MONITOR_GONE: i32 = 2;
@@ -43,6 +45,8 @@ const STAGE_PRIVATE: i32 = 3;
 const STAGE_PROC: i32 = 4;
 const STAGE_SIGACTION: i32 = 5;
 const STAGE_CLONE_APP: i32 = 6;
+const STAGE_TIMENS_UNSHARE: i32 = 7;
+const STAGE_TIMENS_OFFSETS: i32 = 8;
 
 /// Size of init's message: `[stage, errno, app_ns_pid]`.
 pub(crate) const MSG_LEN: usize = 12;
@@ -62,6 +66,8 @@ pub(crate) struct InitArgs {
     pub app_pid: i32,
     /// fds to install as the app's 0, 1, 2 (-1 = leave).
     pub stdio: [RawFd; 3],
+    /// Clocks for the app's new time namespace ([`crate::timens`]), if any.
+    pub clocks: Option<[i64; 2]>,
 }
 
 /// The app's pid in the sandbox, for the forwarding handler (init is single-threaded).
@@ -177,6 +183,15 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
         for sig in FORWARDED {
             if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                 fail(a, STAGE_SIGACTION);
+            }
+        }
+
+        // Last before the app, so its clocks go on from the dump with the least delay.
+        if let Some(targets) = a.clocks {
+            match crate::timens::enter(targets) {
+                Ok(()) => {}
+                Err(crate::timens::Step::Unshare) => fail(a, STAGE_TIMENS_UNSHARE),
+                Err(crate::timens::Step::Offsets) => fail(a, STAGE_TIMENS_OFFSETS),
             }
         }
 

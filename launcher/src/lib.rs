@@ -11,6 +11,7 @@
 mod init;
 pub mod sandbox;
 mod sys;
+mod timens;
 pub mod trigger;
 pub mod warmpoint;
 

@@ -39,6 +39,10 @@ pub struct SpawnOptions {
     /// Fds of the caller to become the app's stdin, stdout, stderr (`dup2`, so they are
     /// not close-on-exec in the app). `None` / `-1` entries: inherited as they are.
     pub stdio: Option<[RawFd; 3]>,
+    /// Run the app in a new time namespace whose `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME`
+    /// read these values (nanoseconds, in the caller's view of the clocks) when the app
+    /// is created (see `timens`).
+    pub clocks: Option<[i64; 2]>,
 }
 
 /// A running sandbox. Dropping it kills and reaps it unless it was waited.
@@ -90,6 +94,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         gate_w: raw(&gate_w),
         app_pid: opts.pid.unwrap_or(0),
         stdio: opts.stdio.unwrap_or([-1; 3]),
+        clocks: opts.clocks,
     };
     let mut init_pidfd: libc::c_int = -1;
     let mut args = CloneArgs {

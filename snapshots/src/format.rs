@@ -31,9 +31,9 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest version this build reads.
-pub const MIN_FORMAT_VERSION: u32 = 6;
+pub const MIN_FORMAT_VERSION: u32 = 7;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -159,6 +159,10 @@ pub(crate) mod tests {
                 xsave_features: 0x2e7,
                 xsave_size: 2696,
             },
+            clocks: crate::model::Clocks {
+                monotonic_ns: 12_345_678_901,
+                boottime_ns: 12_445_678_901,
+            },
             processes: vec![Process {
                 pid: 1,
                 ppid: 0,
@@ -262,6 +266,7 @@ pub(crate) mod tests {
                 id: 11,
                 sock_type: 1,
                 queued: [vec![b"ping".to_vec()], Vec::new()],
+                shutdown: [2, 1],
             }],
             file_locks: vec![crate::model::FileLock {
                 pid: 1,
@@ -548,6 +553,10 @@ pub(crate) mod tests {
                     hugepage: f[5],
                     nohugepage: f[6],
                     mergeable: f[7],
+                    sequential: f[1] && f[2],
+                    random: f[3] && f[4],
+                    noreserve: f[5] && f[6],
+                    lockonfault: f[4] && f[6],
                     accounted: f[0] && f[7],
                 },
                 kind,
@@ -731,6 +740,10 @@ pub(crate) mod tests {
                             vdso_hash: host.1,
                             xsave_features: host.2,
                             xsave_size: host.3,
+                        },
+                        clocks: crate::model::Clocks {
+                            monotonic_ns: page_count as i64,
+                            boottime_ns: -(page_count as i64),
                         },
                         processes,
                         pipes,

@@ -20,6 +20,9 @@ pub struct Manifest {
     /// How the warm point was chosen (`stdin`, `dump`, ...), for `inspect`.
     pub trigger: String,
     pub host: HostFacts,
+    /// The tree's monotonic and boot-time clocks at the dump: a restore runs the tree in
+    /// a time namespace whose offsets make them go on from here.
+    pub clocks: Clocks,
     /// Processes, parents before children. The first is the root of the tree.
     /// `Fd::ofd` ids are unique across the whole tree: the same id in two processes is
     /// one open file description they share (inherited over fork, or passed).
@@ -36,6 +39,14 @@ pub struct Manifest {
     /// by `SnapshotWriter::commit`). The snapshot id (blake3 of the encoded manifest) thus
     /// covers the page contents but not where the store keeps them.
     pub pages_hash: [u8; 32],
+}
+
+/// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the dumped tree saw them (its own time
+/// namespace's offsets included), in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clocks {
+    pub monotonic_ns: i64,
+    pub boottime_ns: i64,
 }
 
 /// Facts about the dumping host that a restored process silently depends on.
@@ -212,6 +223,13 @@ pub struct VmaFlags {
     pub hugepage: bool,
     pub nohugepage: bool,
     pub mergeable: bool,
+    /// `MADV_SEQUENTIAL` (smaps `sr`) and `MADV_RANDOM` (`rr`).
+    pub sequential: bool,
+    pub random: bool,
+    /// `MAP_NORESERVE` (`nr`): no swap space reserved.
+    pub noreserve: bool,
+    /// `mlock2(MLOCK_ONFAULT)` (`lf`): locked as pages fault in.
+    pub lockonfault: bool,
     /// `VM_ACCOUNT` (smaps `ac`): the area was writable once. It keeps an area that is
     /// read-only now from merging with a neighbour that never was.
     pub accounted: bool,
@@ -326,6 +344,7 @@ pub enum FileDesc {
     Memfd {
         name: String,
         data: Vec<u8>,
+        owner: FileOwner,
         seals: i32,
         flags: i32,
         pos: i64,
@@ -334,7 +353,7 @@ pub enum FileDesc {
     /// the directory of `path` (or `/tmp` when that is gone).
     Ghost {
         path: String,
-        mode: u32,
+        owner: FileOwner,
         data: Vec<u8>,
         flags: i32,
         pos: i64,
@@ -389,6 +408,16 @@ pub enum FileDesc {
     },
 }
 
+/// Owner and permission bits of a file the restore creates anew (a deleted file, a
+/// memfd): set explicitly, not left to the restorer's credentials and umask.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOwner {
+    pub uid: u32,
+    pub gid: u32,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpollTarget {
     /// The fd number the target was registered under.
@@ -433,6 +462,9 @@ pub struct UnixPairObject {
     /// Messages queued for each end to read (one element per datagram; one element for
     /// a stream's bytes).
     pub queued: [Vec<Vec<u8>>; 2],
+    /// Each end's own shutdown state (`sk_shutdown`: 1 receive, 2 send), applied once the
+    /// queues are refilled.
+    pub shutdown: [u8; 2],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

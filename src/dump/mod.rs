@@ -175,6 +175,8 @@ fn collect_and_store(
     phases: &mut Phases,
 ) -> Result<(SnapshotId, Manifest)> {
     let root = tree.order[0];
+    // Read first, as close to the freeze as possible: a restore's clocks go on from here.
+    let clocks = crate::sys::timens::clocks_of(root)?;
     let mut writer = match dest {
         Destination::Store(store) => PageWriter::Local(store.writer()?),
         Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
@@ -218,6 +220,7 @@ fn collect_and_store(
         command: opts.command.clone(),
         trigger: opts.trigger.clone(),
         host: host_facts(xsave_size)?,
+        clocks,
         processes,
         pipes,
         unix_pairs,

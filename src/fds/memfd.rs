@@ -28,9 +28,14 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
     if seals < 0 {
         return Err(errno_err(format!("F_GET_SEALS of {}", t.context())));
     }
+    let owner = t
+        .meta
+        .map(super::owner_of)
+        .ok_or_else(|| anyhow::anyhow!("{}: cannot stat the memfd", t.context()))?;
     Ok(FileDesc::Memfd {
         name,
         data,
+        owner,
         seals,
         flags: t.flags(),
         pos: t.info.pos,
@@ -41,6 +46,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     let FileDesc::Memfd {
         name,
         data,
+        owner,
         seals,
         flags,
         pos,
@@ -55,6 +61,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     }
     let fd = ins.keep_high(fd)?;
     super::write_all(fd, data, &format!("the contents of memfd {name}"))?;
+    // Before the seals: F_SEAL_EXEC forbids changing the exec bits.
+    super::set_owner(fd, owner, &format!("memfd {name}"))?;
     if *seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, *seals) } < 0 {
         return Err(errno_err(format!("sealing memfd {name} with {seals:#x}")));
     }

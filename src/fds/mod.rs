@@ -53,7 +53,7 @@ use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{
-    EpollTarget, Fd, FileDesc, FileIdentity, FileLock, Manifest, PipeObject, Process,
+    EpollTarget, Fd, FileDesc, FileIdentity, FileLock, FileOwner, Manifest, PipeObject, Process,
     UnixPairObject,
 };
 
@@ -566,7 +566,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
     }
     for (&id, procs) in &pipes {
         if procs.len() > 1 {
-            pipe::restore(&mut ins, id, false, 0)
+            pipe::ensure(&mut ins, id)
                 .with_context(|| format!("restoring pipe {id} shared by processes {procs:?}"))?;
         }
     }
@@ -776,7 +776,7 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         | FileDesc::Directory { .. }
         | FileDesc::CharDev { .. }
         | FileDesc::Ghost { .. } => regular::restore(ins, &f.file),
-        FileDesc::Pipe { pipe, write, flags } => pipe::restore(ins, *pipe, *write, *flags),
+        FileDesc::Pipe { pipe, write, flags } => pipe::restore(ins, *pipe, f.ofd, *write, *flags),
         FileDesc::EventFd {
             count,
             semaphore,
@@ -816,6 +816,31 @@ pub fn check(r: libc::c_long, what: impl std::fmt::Display) -> Result<libc::c_lo
 
 pub fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("path contains a NUL byte: {s:?}"))
+}
+
+/// The owner and permission bits of the file `meta` describes.
+pub fn owner_of(meta: &std::fs::Metadata) -> FileOwner {
+    use std::os::unix::fs::MetadataExt;
+    FileOwner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+    }
+}
+
+/// Gives a file the restore created (as root, under its umask) the owner and mode it
+/// had: `fchown` first, since it clears set-id bits that `fchmod` then sets.
+pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
+    if unsafe { libc::fchown(fd, o.uid, o.gid) } < 0 {
+        return Err(errno_err(format!(
+            "giving {what} its owner {}:{}",
+            o.uid, o.gid
+        )));
+    }
+    if unsafe { libc::fchmod(fd, o.mode as libc::mode_t) } < 0 {
+        return Err(errno_err(format!("giving {what} its mode {:o}", o.mode)));
+    }
+    Ok(())
 }
 
 pub fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use anyhow::{anyhow, bail, Context, Result};
-use warmstart_snapshots::model::{FileDesc, PipeObject};
+use warmstart_snapshots::model::{FileDesc, Manifest, PipeObject};
 
 use super::{errno_err, Installer, Target};
 
@@ -93,23 +93,63 @@ fn peek(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
     Ok((cap as u32, data))
 }
 
-pub fn restore(ins: &mut Installer, id: u64, write: bool, flags: i32) -> Result<RawFd> {
-    let (r, w) = match ins.pipes.get(&id) {
-        Some(&ends) => ends,
-        None => {
-            let ends = make(ins, id)?;
-            ins.pipes.insert(id, ends);
-            ends
-        }
-    };
-    let fd = if write { w } else { r };
+/// The fd of open file description `ofd`, one end of pipe `id`. The pipe is created
+/// once; the first description of each end (the lowest `ofd` in the snapshot that opens
+/// it read-only or write-only) is that end itself, and every other one (a second open
+/// through `/proc/PID/fd/N`, or an `O_RDWR` open) is a new open of it, so descriptions
+/// that were separate stay separate: `O_NONBLOCK` set on one is not set on the other.
+pub fn restore(ins: &mut Installer, id: u64, ofd: u32, write: bool, flags: i32) -> Result<RawFd> {
+    let (r, w) = ensure(ins, id)?;
+    let end = if write { w } else { r };
+    let accmode = flags & libc::O_ACCMODE;
     // Pipe ends created here share one description per end: setting O_NONBLOCK on one
     // fd sets it for its dups too, as it was.
     let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND);
+    let fd = if accmode != libc::O_RDWR && primary_ofd(ins.m, id, write) == Some(ofd) {
+        end
+    } else {
+        // Opening a pipe through /proc never blocks, whatever the access mode.
+        let path = super::cstr(&format!("/proc/self/fd/{end}"))?;
+        let fd = unsafe { libc::open(path.as_ptr(), accmode | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(errno_err(format!(
+                "reopening pipe {id} through /proc/self/fd"
+            )));
+        }
+        ins.keep_high(fd)?
+    };
     if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
         return Err(errno_err("fcntl(F_SETFL) on a pipe"));
     }
     Ok(fd)
+}
+
+/// Pipe `id`'s two ends, created (and refilled) if this is its first use.
+pub fn ensure(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
+    if let Some(&ends) = ins.pipes.get(&id) {
+        return Ok(ends);
+    }
+    let ends = make(ins, id)?;
+    ins.pipes.insert(id, ends);
+    Ok(ends)
+}
+
+/// The open file description that gets end `write` of pipe `id` itself: the lowest
+/// `ofd` of the tree that opens that end read-only or write-only.
+fn primary_ofd(m: &Manifest, id: u64, write: bool) -> Option<u32> {
+    m.processes
+        .iter()
+        .flat_map(|p| &p.fds)
+        .filter(|f| match f.file {
+            FileDesc::Pipe {
+                pipe,
+                write: w,
+                flags,
+            } => pipe == id && w == write && flags & libc::O_ACCMODE != libc::O_RDWR,
+            _ => false,
+        })
+        .map(|f| f.ofd)
+        .min()
 }
 
 fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {

@@ -29,7 +29,7 @@ pub fn dump(t: &Target, meta: &std::fs::Metadata) -> Result<FileDesc> {
             let data = read_contents(&copy, meta.size(), &t.context())?;
             Ok(FileDesc::Ghost {
                 path: t.link.trim_end_matches(DELETED).to_owned(),
-                mode: meta.mode() & 0o7777,
+                owner: super::owner_of(meta),
                 data,
                 flags,
                 pos: t.info.pos,
@@ -81,7 +81,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         FileDesc::CharDev { path, flags, .. } => ins.keep_high(open_path(path, *flags, 0)?),
         FileDesc::Ghost {
             path,
-            mode,
+            owner,
             data,
             flags,
             pos,
@@ -91,8 +91,9 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 .filter(|d| d.is_dir())
                 .and_then(|d| d.to_str())
                 .unwrap_or("/tmp");
-            let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, *mode)?;
+            let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, 0o600)?;
             let tmp = ins.keep_high(tmp)?;
+            super::set_owner(tmp, owner, &format!("deleted file {path}"))?;
             super::write_all(tmp, data, &format!("the contents of deleted file {path}"))?;
             let fd = reopen(ins, tmp, *flags & no_create)?;
             seek(fd, *pos, path)?;

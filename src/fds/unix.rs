@@ -6,7 +6,8 @@
 //!   on a copy of the fd makes each `recv(MSG_PEEK)` return the *next* message (or bytes)
 //!   instead of the first again; the socket's own peek offset is put back afterwards.
 //!   Restored with `socketpair` and refilled by sending each end's queue from the other.
-//!   Queued control messages (passed fds, credentials) are refused.
+//!   Queued control messages (passed fds, credentials) are refused. Each end's shutdown
+//!   state (`SHUT_RD`/`SHUT_WR`, from `sock_diag`) is applied once the queues are in.
 //! * **Unconnected** sockets: listening (with the backlog, which `sock_diag` reports for
 //!   listeners), bound to a path or an abstract name, or unnamed. At restore a stale
 //!   socket file at the path is unlinked (only if it is a socket), then bind and listen.
@@ -39,6 +40,7 @@ struct End {
     peer: u32,
     sock_type: i32,
     queued: Vec<Vec<u8>>,
+    shutdown: u8,
 }
 
 /// Connected ends met while collecting; paired up by [`Collector::finish`].
@@ -89,6 +91,7 @@ impl Collector {
                     id: ino as u64,
                     sock_type: end.sock_type,
                     queued: [end.queued.clone(), peer.queued.clone()],
+                    shutdown: [end.shutdown, peer.shutdown],
                 });
             }
         }
@@ -118,6 +121,7 @@ pub fn dump(
             id: ino as u64,
             sock_type,
             queued: [queued, Vec::new()],
+            shutdown: [d.shutdown, 0],
         });
         return Ok(FileDesc::UnixPair {
             pair: ino as u64,
@@ -146,6 +150,7 @@ pub fn dump(
                 peer: d.peer,
                 sock_type,
                 queued,
+                shutdown: d.shutdown,
             },
         );
         let id = ino.min(d.peer) as u64;
@@ -304,6 +309,21 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
             for (reader, writer) in [(0, ends.1), (1, ends.0)] {
                 for msg in &obj.queued[reader] {
                     refill(writer, msg)?;
+                }
+            }
+            // Then each end's own shutdown state (a stream end's shutdown also marks its
+            // peer, which was marked the same at dump).
+            for (i, fd) in [ends.0, ends.1].into_iter().enumerate() {
+                let how = match obj.shutdown[i] & 3 {
+                    0 => continue,
+                    1 => libc::SHUT_RD,
+                    2 => libc::SHUT_WR,
+                    _ => libc::SHUT_RDWR,
+                };
+                if unsafe { libc::shutdown(fd, how) } < 0 {
+                    return Err(errno_err(format!(
+                        "shutdown of end {i} of unix socket pair {id}"
+                    )));
                 }
             }
             ins.unix_pairs.insert(id, ends);

@@ -122,10 +122,20 @@ fn prepare_root(
     chans: &TreeChannels,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // Every signal blocked until the monitor loads the app's mask at the very end, so
+    // whatever the app's timers or anyone sends meanwhile stays pending instead of
+    // stopping the restorer. A raw rt_sigprocmask: glibc's sigfillset leaves out the
+    // signals it keeps for itself (32, 33), and a SIGEV_THREAD timer fires signal 32.
+    let all: u64 = !0;
+    // SAFETY: rt_sigprocmask reads 8 bytes of mask from a live u64 and writes nothing.
     unsafe {
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
     }
     let p = &m.processes[0];
     own_ids(p)?;

@@ -297,6 +297,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             pid: Some(p.pid),
             gate: true,
             stdio,
+            clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         },
         || {
             child::run(

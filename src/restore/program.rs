@@ -63,8 +63,13 @@ fn mmap_flags(v: &Vma) -> u64 {
     if v.flags.growsdown {
         f |= libc::MAP_GROWSDOWN as u64;
     }
-    if v.flags.locked {
+    // A lock-on-fault area is locked by `mlock2(MLOCK_ONFAULT)` after the mmap instead:
+    // `MAP_LOCKED` would populate it and lose the on-fault flag.
+    if v.flags.locked && !v.flags.lockonfault {
         f |= libc::MAP_LOCKED as u64;
+    }
+    if v.flags.noreserve {
+        f |= libc::MAP_NORESERVE as u64;
     }
     f
 }
@@ -285,6 +290,8 @@ pub fn build(
             (v.flags.hugepage, libc::MADV_HUGEPAGE),
             (v.flags.nohugepage, libc::MADV_NOHUGEPAGE),
             (v.flags.mergeable, libc::MADV_MERGEABLE),
+            (v.flags.sequential, libc::MADV_SEQUENTIAL),
+            (v.flags.random, libc::MADV_RANDOM),
         ];
         for (on, adv) in advice {
             if on {
@@ -294,6 +301,14 @@ pub fn build(
                     format!("madvise({adv}) {}", label(v)),
                 );
             }
+        }
+        if v.flags.lockonfault {
+            const MLOCK_ONFAULT: u64 = 1;
+            b.syscall(
+                libc::SYS_mlock2,
+                &[imm(v.start), imm(v.len()), imm(MLOCK_ONFAULT)],
+                format!("mlock2(MLOCK_ONFAULT) {}", label(v)),
+            );
         }
         if let VmaKind::Anon { name } = &v.kind {
             if let Some(n) = name
@@ -705,11 +720,21 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
             format!("rseq register ({who})"),
         );
     }
-    if t.sigaltstack.sp != 0 || t.sigaltstack.flags & libc::SS_DISABLE == 0 {
+    // Always, disabled included: the restoring child is a copy of warmstart, whose main
+    // thread has an alternate stack of its own (Rust's std installs one); left in place,
+    // every `SA_ONSTACK` handler of the app would run on memory the app does not have.
+    {
         let mut ss = Vec::with_capacity(24);
         ss.extend_from_slice(&t.sigaltstack.sp.to_le_bytes());
-        // The restored thread is not on the alternate stack yet: SS_ONSTACK is state, not a flag.
-        ss.extend_from_slice(&((t.sigaltstack.flags & !libc::SS_ONSTACK) as i64).to_le_bytes());
+        // The restored thread is not on the alternate stack yet: SS_ONSTACK is state, not a
+        // flag. An empty record (size 0, from snapshots older than per-thread stacks) is a
+        // disabled stack.
+        let flags = if t.sigaltstack.size == 0 {
+            libc::SS_DISABLE
+        } else {
+            t.sigaltstack.flags & !libc::SS_ONSTACK
+        };
+        ss.extend_from_slice(&(flags as i64).to_le_bytes());
         ss.extend_from_slice(&t.sigaltstack.size.to_le_bytes());
         let d = b.data(&ss);
         b.syscall(

@@ -4,6 +4,7 @@ pub mod pidfd;
 pub mod ptrace;
 pub mod remote;
 pub mod scm;
+pub mod timens;
 pub mod uffd;
 pub mod vdso;
 
