@@ -63,7 +63,22 @@ pub fn run_instance(
     if detach {
         return crate::restore::detached(&snap, &opts, display_stats, &registered);
     }
-    let r = crate::restore::restore(&snap, &opts)?;
+    // Until the instance runs, SIGINT/SIGTERM/SIGHUP stop the restore (and kill what
+    // was built of it); from then on they are forwarded to the instance.
+    let watch = crate::restore::interrupt::Watch::start()?;
+    opts.interrupt = Some(watch.interrupt.clone());
+    let restored = crate::restore::restore(&snap, &opts);
+    if let Some(sig) = watch.stop() {
+        drop(restored);
+        eprintln!(
+            "warmstart: the restore of snapshot {} was interrupted by {}; nothing of the \
+             instance is left running",
+            snap.id.short(),
+            crate::restore::signal_name(sig)
+        );
+        return Ok(128 + sig);
+    }
+    let r = restored?;
     if display_stats {
         let from = snap
             .page_server()

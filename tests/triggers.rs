@@ -221,6 +221,63 @@ fn common_code(st: std::process::ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
+/// Python's own `http.server`, as a user runs it: restored, it serves a file and exits
+/// on SIGINT exactly as a cold one does (CPython installs its handlers with SA_ONSTACK:
+/// a restored thread that kept warmstart's alternate signal stack died of SIGSEGV, 139).
+#[test]
+fn python_http_server_exits_on_sigint_like_a_cold_one() {
+    let dir = common::tempdir("ws-httpserver-");
+    std::fs::write(dir.path().join("index.html"), "warm\n").unwrap();
+    let argv = |port: u16| -> Vec<OsString> {
+        vec![
+            python().into(),
+            "-m".into(),
+            "http.server".into(),
+            port.to_string().into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--directory".into(),
+            dir.path().into(),
+        ]
+    };
+    let serve_and_interrupt = |port: u16, p: &mut Proc, ctx: &str| -> i32 {
+        let (status, body) = http_get(port, "/index.html", Instant::now() + TIMEOUT)
+            .unwrap_or_else(|e| panic!("{ctx}: GET: {e}; stderr:\n{}", p.err_log.lock().unwrap()));
+        assert!(
+            status.contains(" 200") && body == "warm\n",
+            "{ctx}: answered {status:?} {body:?}"
+        );
+        signal(p.pid(), libc::SIGINT);
+        assert!(
+            wait_pid_exit(p.pid(), TIMEOUT),
+            "{ctx}: did not exit after SIGINT; stderr:\n{}",
+            p.err_log.lock().unwrap()
+        );
+        common_code(p.wait())
+    };
+    let port = free_port();
+    let a = argv(port);
+    let mut cold = Proc::spawn(std::process::Command::new(&a[0]).args(&a[1..]));
+    let cold_code = serve_and_interrupt(port, &mut cold, "cold http.server");
+
+    let ws = Ws::new();
+    let port = free_port();
+    let id = record_ok(&ws, "httpserver", "listen", &[], &argv(port));
+    let _guard = InstanceGuard {
+        ws: &ws,
+        id: id.clone(),
+    };
+    let ctx = format!("restored http.server ({id})");
+    let mut inst = Proc::spawn(&mut ws.cmd(&["run", "httpserver"]));
+    let code = serve_and_interrupt(port, &mut inst, &ctx);
+    assert_eq!(
+        code,
+        cold_code,
+        "{ctx}: exit status after SIGINT differs from the cold run's; stderr:\n{}",
+        inst.err_log.lock().unwrap()
+    );
+}
+
 #[test]
 fn listen_py_http() {
     let argv = vec![

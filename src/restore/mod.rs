@@ -24,10 +24,12 @@
 
 pub mod checks;
 pub mod child;
+pub mod interrupt;
 pub mod keeper;
 pub mod lazy;
 pub mod memory;
 pub mod program;
+pub mod reaper;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -75,6 +77,8 @@ pub struct RestoreOptions {
     pub verify_table: bool,
     /// The instance's stdin, stdout, stderr (default: ours).
     pub stdio: Option<[RawFd; 3]>,
+    /// Kill the sandbox being built when a signal asks the restore to stop.
+    pub interrupt: Option<Arc<interrupt::Interrupt>>,
 }
 
 impl Restored {
@@ -143,6 +147,8 @@ struct Ready {
 /// trap, its stdio still placeholders and its timers not armed. [`Parked::resume`] gives
 /// it its stdio and lets it go. Dropping it kills it.
 pub struct Parked {
+    /// First, so it is dropped before the sandbox (see [`reaper`]).
+    reaper: reaper::Reaper,
     snap: Arc<Snapshot>,
     sandbox: Sandbox,
     pid: i32,
@@ -323,6 +329,12 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         | ptrace::O_TRACESYSGOOD
         | ptrace::O_TRACECLONE
         | ptrace::O_SUSPEND_SECCOMP;
+    // Declared after the sandbox: on any failure it is dropped first, and kills and
+    // reaps every traced task so that dropping the sandbox cannot hang.
+    let mut reaper = reaper::Reaper::new(sandbox.init_pidfd(), pid);
+    if let Some(i) = &opts.interrupt {
+        i.arm(sandbox.init_pidfd());
+    }
     ptrace::seize(pid, SEIZE).with_context(|| format!("seizing the restoring process {pid}"))?;
     sandbox
         .release()
@@ -390,6 +402,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         learn: false,
         verify_table: false,
         stdio: None,
+        interrupt: None,
     };
     let mut servers = Vec::new();
     for d in &tree {
@@ -440,6 +453,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     phases.add("serving", t.elapsed());
     let t = Instant::now();
     let mut parked = Parked {
+        reaper: std::mem::replace(&mut reaper, reaper::Reaper::disarmed()),
         snap: snap.clone(),
         pid,
         phases,
@@ -531,6 +545,7 @@ impl Parked {
             return Err(self.fail(failed_in, e));
         }
         self.phases.add("resume", t.elapsed());
+        self.reaper.disarm();
         Ok(Restored {
             sandbox: self.sandbox,
             pid: self.pid,

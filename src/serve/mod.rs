@@ -303,6 +303,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         learn: false,
         verify_table: true,
         stdio,
+        interrupt: None,
     }
 }
 
