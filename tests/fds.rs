@@ -252,3 +252,39 @@ fn unix_socket_connected_outside_is_refused() {
         &["fd 3 is a unix socket connected to a peer outside the process"],
     );
 }
+
+/// A refused `record` stops its app cleanly: the app never runs on into its warm-point
+/// trap without a tracer (it used to see ENOSYS from the filter and print a traceback).
+#[test]
+fn a_refused_record_stops_the_app_cleanly() {
+    let ws = Ws::new();
+    let py = common::python();
+    let script = "import socket\n\
+                  s = socket.create_server(('127.0.0.1', 0))\n\
+                  c = socket.create_connection(s.getsockname())\n\
+                  a, _ = s.accept()\n\
+                  print(input())\n";
+    let out = ws.run(
+        &[
+            "record".as_ref(),
+            "--name".as_ref(),
+            "refused".as_ref(),
+            "--".as_ref(),
+            py.as_os_str(),
+            "-c".as_ref(),
+            script.as_ref(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("established TCP connection"),
+        "the refusal should name the connection:\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.contains("Errno 38") && !out.stderr.contains("Traceback"),
+        "the app ran on after the refusal:\n{}",
+        out.describe()
+    );
+}

@@ -64,7 +64,7 @@ pub enum Destination<'a> {
 /// Dumps process `pid` and all its descendants (seizing them, except what `frozen` says
 /// the caller already holds of `pid`). On success the tree is killed unless
 /// `leave_running`/`leave_stopped`; on failure it is released untouched (running as
-/// before), whatever the options.
+/// before), unless `keep_traced` (`record`'s own app, which is killed).
 pub fn dump(
     pid: i32,
     frozen: Option<Frozen>,
@@ -111,17 +111,7 @@ pub fn dump_to(
                     release(f);
                 }
             } else {
-                for f in tree.processes() {
-                    unsafe { libc::kill(f.pid, libc::SIGKILL) };
-                }
-                // Collect the exits of our traced threads so the kill is complete before
-                // we return; a leader's exit is reported only after all the others'.
-                for f in tree.processes() {
-                    for tid in f.tids().into_iter().filter(|&t| t != f.pid) {
-                        let _ = ptrace::wait(tid);
-                    }
-                    let _ = ptrace::wait(f.pid);
-                }
+                kill_tree(&tree);
             }
             Ok(DumpResult {
                 id,
@@ -129,12 +119,34 @@ pub fn dump_to(
                 phases,
             })
         }
+        Err(e) if opts.keep_traced => {
+            // `record`'s own app: released, it would run into its warm-point trap with
+            // no tracer (ENOSYS from the filter) before `record` could stop it.
+            kill_tree(&tree);
+            Err(e)
+        }
         Err(e) => {
             for f in tree.processes() {
                 release(f);
             }
             Err(e)
         }
+    }
+}
+
+/// Kills every process of the tree and collects the exits of our traced threads, so the
+/// kill is complete before we return (a leader's exit is reported only after all the
+/// others').
+fn kill_tree(tree: &freeze::Tree) {
+    for f in tree.processes() {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(f.pid, libc::SIGKILL) };
+    }
+    for f in tree.processes() {
+        for tid in f.tids().into_iter().filter(|&t| t != f.pid) {
+            let _ = ptrace::wait(tid);
+        }
+        let _ = ptrace::wait(f.pid);
     }
 }
 
