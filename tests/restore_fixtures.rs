@@ -169,3 +169,9 @@ fn madvise_and_mmap_flags() {
 fn timers_firing_during_the_restore() {
     run_fixture("timer_storm", false);
 }
+
+/// Named FIFOs open at both ends (separate descriptions) or O_RDWR, with buffered bytes.
+#[test]
+fn named_fifos_with_buffered_bytes() {
+    run_fixture("fifo", true);
+}

@@ -27,7 +27,7 @@ pub struct Manifest {
     /// `Fd::ofd` ids are unique across the whole tree: the same id in two processes is
     /// one open file description they share (inherited over fork, or passed).
     pub processes: Vec<Process>,
-    /// Pipes referenced by `FileDesc::Pipe`, with the bytes that were buffered in them.
+    /// Pipes referenced by `FileDesc::Pipe` and `FileDesc::Fifo`, with the bytes that were buffered in them.
     pub pipes: Vec<PipeObject>,
     /// Connected unix socket pairs referenced by `FileDesc::UnixPair`, with their queues.
     pub unix_pairs: Vec<UnixPairObject>,
@@ -309,6 +309,13 @@ pub enum FileDesc {
     Pipe {
         pipe: u64,
         write: bool,
+        flags: i32,
+    },
+    /// An open of a named FIFO at `path`: its pipe (buffered bytes, capacity) is
+    /// `Manifest::pipes[fifo]`. Restored by opening the FIFO again and refilling it.
+    Fifo {
+        path: String,
+        fifo: u64,
         flags: i32,
     },
     /// The launcher's stdin/stdout/stderr: at restore, the caller's fd `stdio` (0, 1 or 2).

@@ -367,7 +367,7 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
         libc::S_IFREG if t.link.starts_with("/memfd:") => memfd::dump(t),
         libc::S_IFREG | libc::S_IFDIR | libc::S_IFCHR => regular::dump(t, meta),
         libc::S_IFIFO if t.link.starts_with("pipe:") => pipe::dump(t, meta, &mut shared.pipes),
-        libc::S_IFIFO => Err(t.refuse(format_args!("a named FIFO ({})", t.link))),
+        libc::S_IFIFO => pipe::dump_fifo(t, meta, &mut shared.pipes),
         libc::S_IFBLK => Err(t.refuse(format_args!("a block device ({})", t.link))),
         libc::S_IFSOCK => socket(t, meta, shared),
         _ => Err(t.refuse(format_args!("an unsupported kind of file ({})", t.link))),
@@ -418,6 +418,10 @@ pub fn describe(f: &FileDesc) -> String {
         FileDesc::Pipe { pipe, write, .. } => {
             format!("pipe:[{pipe}] {}", if *write { "w" } else { "r" })
         }
+        FileDesc::Fifo { path, flags, .. } => format!(
+            "fifo {path} {}",
+            ["r", "w", "rw"][(flags & libc::O_ACCMODE).clamp(0, 2) as usize]
+        ),
         FileDesc::External { stdio } => format!("external stdio {stdio}"),
         FileDesc::EventFd {
             count, semaphore, ..
@@ -546,6 +550,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
     };
     let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
     let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
+    let mut fifos: BTreeMap<(u64, &String), BTreeSet<i32>> = BTreeMap::new();
     let mut pairs: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
     for p in &live {
         for f in &p.fds {
@@ -556,6 +561,9 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
             match &f.file {
                 FileDesc::Pipe { pipe, .. } => {
                     pipes.entry(*pipe).or_default().insert(p.pid);
+                }
+                FileDesc::Fifo { path, fifo, .. } => {
+                    fifos.entry((*fifo, path)).or_default().insert(p.pid);
                 }
                 FileDesc::UnixPair { pair, .. } => {
                     pairs.entry(*pair).or_default().insert(p.pid);
@@ -568,6 +576,12 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         if procs.len() > 1 {
             pipe::ensure(&mut ins, id)
                 .with_context(|| format!("restoring pipe {id} shared by processes {procs:?}"))?;
+        }
+    }
+    for (&(id, path), procs) in &fifos {
+        if procs.len() > 1 {
+            pipe::ensure_fifo(&mut ins, path, id)
+                .with_context(|| format!("restoring FIFO {path} shared by processes {procs:?}"))?;
         }
     }
     for (&id, procs) in &pairs {
@@ -777,6 +791,7 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         | FileDesc::CharDev { .. }
         | FileDesc::Ghost { .. } => regular::restore(ins, &f.file),
         FileDesc::Pipe { pipe, write, flags } => pipe::restore(ins, *pipe, f.ofd, *write, *flags),
+        FileDesc::Fifo { path, fifo, flags } => pipe::restore_fifo(ins, path, *fifo, *flags),
         FileDesc::EventFd {
             count,
             semaphore,

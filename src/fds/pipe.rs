@@ -1,6 +1,13 @@
 //! Pipes: each pipe is one shared object (`Manifest::pipes`) holding its capacity and the
 //! bytes buffered in it, copied with `tee` so the target loses nothing. At restore the
 //! pipe is created once and refilled; both ends are handed out as fds refer to them.
+//!
+//! Named FIFOs are pipes reached through a path: the same object, refilled through one
+//! `O_RDWR | O_NONBLOCK` open of the path (which never blocks waiting for a peer), and
+//! each open file description of the app is a new open of that one through
+//! `/proc/self/fd` with its own access mode and flags. A FIFO that already holds bytes
+//! at restore (someone else has it open) is refused: its contents would not be the
+//! snapshot's.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -42,6 +49,41 @@ pub fn dump(
         pipe: ino,
         write: flags & libc::O_ACCMODE == libc::O_WRONLY,
         flags,
+    })
+}
+
+/// An open of a named FIFO: its pipe's bytes and capacity are kept like a pipe's.
+pub fn dump_fifo(
+    t: &Target,
+    meta: &std::fs::Metadata,
+    pipes: &mut HashMap<u64, PipeObject>,
+) -> Result<FileDesc> {
+    if !t.link.starts_with('/') || t.link.ends_with(" (deleted)") {
+        return Err(t.refuse(format_args!(
+            "a FIFO that has no path any more ({})",
+            t.link
+        )));
+    }
+    let ino = meta.ino();
+    if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(ino) {
+        // A read end of our own, whatever the app's access mode (see `dump`).
+        let copy = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{}/fd/{}", t.pid, t.fd))
+            .map(OwnedFd::from)
+            .with_context(|| format!("opening a read end of {}", t.context()))?;
+        let (capacity, data) = peek(&copy).with_context(|| t.context())?;
+        slot.insert(PipeObject {
+            id: ino,
+            capacity,
+            data,
+        });
+    }
+    Ok(FileDesc::Fifo {
+        path: t.link.to_owned(),
+        fifo: ino,
+        flags: t.flags(),
     })
 }
 
@@ -172,4 +214,65 @@ fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
     }
     super::write_all(w, &obj.data, "a pipe's buffered bytes")?;
     Ok((r, w))
+}
+
+/// The `O_RDWR` open of FIFO `path` (pipe object `id`) that the others are opened from,
+/// refilled on its first use.
+pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
+    if let Some(&(fd, _)) = ins.pipes.get(&id) {
+        return Ok(fd);
+    }
+    let obj = ins.m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
+        anyhow!("snapshot names FIFO {path} but does not contain its pipe (corrupt manifest?)")
+    })?;
+    let fd = super::open_path(path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, 0)?;
+    let fd = ins.keep_high(fd)?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(errno_err(format!("fstat of FIFO {path}")));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        bail!("{path} is no longer a FIFO: restore it with mkfifo");
+    }
+    let mut queued: libc::c_int = 0;
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } < 0 {
+        return Err(errno_err(format!("FIONREAD on FIFO {path}")));
+    }
+    if queued > 0 {
+        bail!(
+            "FIFO {path} already holds {queued} bytes (another process has it open): the \
+             restored app would not read what it had buffered; close it there first"
+        );
+    }
+    if obj.capacity > 0
+        && unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+    {
+        return Err(errno_err(format!(
+            "setting the capacity of FIFO {path} to {}",
+            obj.capacity
+        )));
+    }
+    super::write_all(fd, &obj.data, &format!("the buffered bytes of FIFO {path}"))?;
+    ins.pipes.insert(id, (fd, fd));
+    Ok(fd)
+}
+
+/// One open file description of FIFO `path`: a new open of it with `flags`.
+pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Result<RawFd> {
+    let base = ensure_fifo(ins, path, id)?;
+    let proc_path = super::cstr(&format!("/proc/self/fd/{base}"))?;
+    // Through /proc, an O_RDONLY or O_WRONLY open of a FIFO does not wait for a peer
+    // either: `base` is both.
+    let fd = unsafe {
+        libc::open(
+            proc_path.as_ptr(),
+            (flags & libc::O_ACCMODE) | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno_err(format!("opening FIFO {path} again")));
+    }
+    let fd = ins.keep_high(fd)?;
+    super::set_status_flags(fd, flags)?;
+    Ok(fd)
 }
