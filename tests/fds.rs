@@ -34,29 +34,10 @@ fn assert_all_pass(out: &common::Out, lines: usize, ctx: &str) {
     );
 }
 
-/// Cold (pass, and fail after `break`), then record + run with two checks.
+/// Cold (pass, and fail after `break`), then recorded and restored in every mode and
+/// served, with the same `/proc` state as at the warm point (`common::zdtm_every_mode_of`).
 fn run_fixture(name: &str, needs_dir: bool) {
-    let bin = fixture(name);
-    let d = tempdir("ws-cold-");
-    let out = cold(&argv(&bin, needs_dir.then(|| d.path())), "check\ncheck\n");
-    assert_all_pass(&out, 2, &format!("cold {name}"));
-    let d = tempdir("ws-neg-");
-    let out = cold(
-        &argv(&bin, needs_dir.then(|| d.path())),
-        "check\nbreak\ncheck\n",
-    );
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert!(
-        lines.len() == 2 && lines[0] == "PASS" && lines[1].starts_with("FAIL: "),
-        "cold {name} with `break` should print PASS then FAIL:\n{}",
-        out.describe()
-    );
-
-    let ws = Ws::new();
-    let d = tempdir("ws-rec-");
-    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let out = ws.instance(name, "check\ncheck\n");
-    assert_all_pass(&out, 2, &format!("restored {name} ({id})"));
+    common::zdtm_every_mode_of(name, &fixture(name), needs_dir, &[]);
 }
 
 #[test]
