@@ -40,6 +40,19 @@ fn run_fixture(name: &str, needs_dir: bool) {
     common::zdtm_every_mode_of(name, &fixture(name), needs_dir, &[]);
 }
 
+/// [`run_fixture`] for a fixture `warmstart serve` does not park (`why`).
+fn run_fixture_not_served(name: &str, needs_dir: bool, why: &'static str) {
+    common::zdtm_run(
+        name,
+        &fixture(name),
+        &common::Zdtm {
+            needs_dir,
+            not_served: Some(why),
+            ..common::Zdtm::default()
+        },
+    );
+}
+
 #[test]
 fn eventfd_count_semaphore_and_nonblock() {
     run_fixture("eventfd", false);
@@ -67,12 +80,20 @@ fn memfd_and_deleted_file() {
 
 #[test]
 fn unix_pairs_with_queues_and_listeners() {
-    run_fixture("unix", true);
+    run_fixture_not_served(
+        "unix",
+        true,
+        "serve refuses to park instances with bound unix sockets",
+    );
 }
 
 #[test]
 fn netlink_sockets() {
-    run_fixture("netlink", false);
+    run_fixture_not_served(
+        "netlink",
+        false,
+        "serve refuses to park instances with network sockets",
+    );
 }
 
 #[test]
@@ -82,7 +103,11 @@ fn inotify_watches() {
 
 #[test]
 fn flock_and_posix_locks() {
-    run_fixture("locks", true);
+    run_fixture_not_served(
+        "locks",
+        true,
+        "serve refuses to park instances that hold file locks",
+    );
 }
 
 fn read_port(dir: &Path) -> u16 {

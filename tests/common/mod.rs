@@ -763,7 +763,10 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 }
 
 /// The regular files of a directory (recursively): content and mtime.
-pub struct SavedFiles(Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>);
+pub struct SavedFiles(
+    std::path::PathBuf,
+    Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>,
+);
 
 impl SavedFiles {
     pub fn save(dir: &std::path::Path) -> SavedFiles {
@@ -784,12 +787,25 @@ impl SavedFiles {
                 }
             }
         }
-        SavedFiles(v)
+        SavedFiles(dir.to_owned(), v)
     }
 
-    /// Rewrites each file in place (same inode), then its mtime.
+    /// Removes what an instance created (anything but directories that was not there when
+    /// saved), then rewrites each saved file in place (same inode) and its mtime.
     pub fn put_back(&self) {
-        for (path, content, mtime) in &self.0 {
+        let mut todo = vec![self.0.clone()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(path);
+                } else if !self.1.iter().any(|(p, _, _)| *p == path) {
+                    std::fs::remove_file(&path)
+                        .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+                }
+            }
+        }
+        for (path, content, mtime) in &self.1 {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
@@ -829,11 +845,54 @@ pub const STATE_CHECK_TWICE: &str = "state\ncheck\ncheck\n";
 /// restored instance is asked for the capture again (`state`) before its checks, and the
 /// two must agree outside the documented exclusions ([`state::EXCLUDED`]).
 pub fn zdtm_every_mode_of(name: &str, bin: &Path, needs_dir: bool, extra: &[Mode]) {
+    zdtm_run(
+        name,
+        bin,
+        &Zdtm {
+            needs_dir,
+            extra_modes: extra,
+            ..Zdtm::default()
+        },
+    );
+}
+
+/// How [`zdtm_run`] runs a zdtm fixture.
+#[derive(Default)]
+pub struct Zdtm<'a> {
+    /// The fixture takes a scratch directory as its first argument.
+    pub needs_dir: bool,
+    /// Modes restored in after [`Mode::ALL`].
+    pub extra_modes: &'a [Mode],
+    /// Further arguments of the cold runs.
+    pub cold_args: &'a [&'a str],
+    /// Further arguments of the recorded run.
+    pub record_args: &'a [&'a str],
+    /// The snapshot's age: waited once between the record and the first restore. Not
+    /// synchronisation: it creates the condition a fixture checks (e.g. clocks that must
+    /// not count the time spent as a snapshot).
+    pub age: Duration,
+    /// Why the fixture is not handed out by `warmstart serve` too (`None`: it is).
+    pub not_served: Option<&'static str>,
+}
+
+/// [`zdtm_every_mode_of`] with the options of `how`.
+pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
+    let needs_dir = how.needs_dir;
+    let with = |mut v: Vec<std::ffi::OsString>, extra: &[&str]| {
+        v.extend(extra.iter().map(std::ffi::OsString::from));
+        v
+    };
     // Cold: the fixture itself passes, and can fail.
     let d = tempdir("ws-cold-");
-    zdtm_cold_pass(name, &argv(bin, needs_dir.then(|| d.path())));
+    zdtm_cold_pass(
+        name,
+        &with(argv(bin, needs_dir.then(|| d.path())), how.cold_args),
+    );
     let d = tempdir("ws-neg-");
-    zdtm_cold_break(name, &argv(bin, needs_dir.then(|| d.path())));
+    zdtm_cold_break(
+        name,
+        &with(argv(bin, needs_dir.then(|| d.path())), how.cold_args),
+    );
 
     // Record at the warm point, restore in every mode, check. An instance may write to
     // the fixture's files, which the next restore would rightly refuse (the snapshot's
@@ -844,9 +903,12 @@ pub fn zdtm_every_mode_of(name: &str, bin: &Path, needs_dir: bool, extra: &[Mode
     let before_path = captures.path().join("before");
     let id = ws.record_env(
         name,
-        &argv(bin, needs_dir.then(|| d.path())),
+        &with(argv(bin, needs_dir.then(|| d.path())), how.record_args),
         &[("ZDTM_STATE", before_path.as_os_str())],
     );
+    if !how.age.is_zero() {
+        std::thread::sleep(how.age); // the snapshot's age (see `Zdtm::age`)
+    }
     let before = std::fs::read_to_string(&before_path).unwrap_or_else(|e| {
         panic!(
             "{name}: no state capture from the warm point in {}: {e}",
@@ -875,14 +937,16 @@ pub fn zdtm_every_mode_of(name: &str, bin: &Path, needs_dir: bool, extra: &[Mode
         |_| files.put_back(),
         |mode, out| check(&mode.to_string(), out),
     );
-    for &mode in extra {
+    for &mode in how.extra_modes {
         files.put_back();
         let out = ws.run_mode(name, mode, STATE_CHECK_TWICE);
         check(&mode.to_string(), &out);
     }
     // And handed out by `warmstart serve` from its pool of parked instances.
-    files.put_back();
-    let _daemon = ws.serve(name);
-    let out = ws.served(name, STATE_CHECK_TWICE);
-    check("served parked", &out);
+    if how.not_served.is_none() {
+        files.put_back();
+        let _daemon = ws.serve(name);
+        let out = ws.served(name, STATE_CHECK_TWICE);
+        check("served parked", &out);
+    }
 }
