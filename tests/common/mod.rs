@@ -900,6 +900,12 @@ pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
     let ws = Ws::new();
     let d = tempdir("ws-rec-");
     let captures = tempdir("ws-state-");
+    // Writable for a fixture that drops root before its warm point (creds).
+    std::fs::set_permissions(
+        captures.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
     let before_path = captures.path().join("before");
     let id = ws.record_env(
         name,
@@ -924,12 +930,24 @@ pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
                 out.describe()
             );
         };
+        let diffs = state::differences(&ctx, &before, state::Taken::AtRecord, after);
+        if state::policy() == "warn" {
+            state::report(&ctx, &diffs);
+        }
         assert!(
             rest == "PASS\nPASS\n" && out.code() == 0,
-            "{ctx}: expected the state capture, 2x PASS and exit 0:\n{}",
+            "{ctx}: expected the state capture, 2x PASS and exit 0 (/proc state differences: \
+             {}):\n{}",
+            if diffs.is_empty() {
+                "none".to_owned()
+            } else {
+                diffs.join("; ")
+            },
             out.describe()
         );
-        state::assert_same_state(&ctx, &before, state::Taken::AtRecord, after);
+        if state::policy() != "warn" {
+            state::report(&ctx, &diffs);
+        }
     };
     ws.each_mode_prepared(
         name,

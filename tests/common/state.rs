@@ -36,8 +36,11 @@ pub struct Exclusion {
     pub field: &'static str,
     pub why: &'static str,
     /// Applies only when this holds of the values (before, after); `None`: always.
-    pub when: Option<fn(Option<&str>, Option<&str>) -> bool>,
+    pub when: Option<Condition>,
 }
+
+/// A condition on the values (before, after) of a field.
+pub type Condition = fn(Option<&str>, Option<&str>) -> bool;
 
 /// The `mnt_id` value of an fd whose mount is not in the process's mount namespace.
 const OUTSIDE_MOUNT: &str = "a mount outside the process's namespace";
@@ -667,7 +670,7 @@ pub fn diff(before: &Capture, after: &Capture) -> Vec<String> {
 }
 
 /// What to do with differences: `WARMSTART_STATE_DIFF` = `fail` (default), `warn`, `off`.
-fn policy() -> &'static str {
+pub fn policy() -> &'static str {
     match std::env::var("WARMSTART_STATE_DIFF").as_deref() {
         Ok("warn") => "warn",
         Ok("off") => "off",
@@ -675,12 +678,12 @@ fn policy() -> &'static str {
     }
 }
 
-/// Compares the `before` and `after` capture texts of `ctx` (e.g. "restored heap, eager"):
-/// panics with every difference (or, with `WARMSTART_STATE_DIFF=warn`, prints them on
-/// stderr as `STATE-DIFF ctx: ...` lines).
-pub fn assert_same_state(ctx: &str, before: &str, taken: Taken, after: &str) {
+/// The differences between the `before` and `after` capture texts of `ctx` (e.g.
+/// "restored heap, eager"), or none when `WARMSTART_STATE_DIFF=off`. Panics if a capture
+/// does not parse.
+pub fn differences(ctx: &str, before: &str, taken: Taken, after: &str) -> Vec<String> {
     if policy() == "off" {
-        return;
+        return Vec::new();
     }
     let b = Capture::parse(before, taken).unwrap_or_else(|e| {
         panic!("{ctx}: the capture before the dump does not parse: {e}\n{before}")
@@ -688,12 +691,17 @@ pub fn assert_same_state(ctx: &str, before: &str, taken: Taken, after: &str) {
     let a = Capture::parse(after, Taken::Plain).unwrap_or_else(|e| {
         panic!("{ctx}: the capture after the restore does not parse: {e}\n{after}")
     });
-    let d = diff(&b, &a);
+    diff(&b, &a)
+}
+
+/// Panics with every difference (or, with `WARMSTART_STATE_DIFF=warn`, prints them on
+/// stderr as `STATE-DIFF ctx: ...` lines).
+pub fn report(ctx: &str, d: &[String]) {
     if d.is_empty() {
         return;
     }
     if policy() == "warn" {
-        for l in &d {
+        for l in d {
             eprintln!("STATE-DIFF {ctx}: {l}");
         }
         return;
@@ -705,6 +713,11 @@ pub fn assert_same_state(ctx: &str, before: &str, taken: Taken, after: &str) {
         d.len(),
         d.join("\n")
     );
+}
+
+/// [`differences`], then [`report`].
+pub fn assert_same_state(ctx: &str, before: &str, taken: Taken, after: &str) {
+    report(ctx, &differences(ctx, before, taken, after));
 }
 
 /// Splits a restored fixture's output for `state` followed by other commands: the capture
