@@ -34,29 +34,23 @@ fn assert_all_pass(out: &common::Out, lines: usize, ctx: &str) {
     );
 }
 
-/// Cold (pass, and fail after `break`), then record + run with two checks.
+/// Cold (pass, and fail after `break`), then recorded and restored in every mode and
+/// served, with the same `/proc` state as at the warm point (`common::zdtm_every_mode_of`).
 fn run_fixture(name: &str, needs_dir: bool) {
-    let bin = fixture(name);
-    let d = tempdir("ws-cold-");
-    let out = cold(&argv(&bin, needs_dir.then(|| d.path())), "check\ncheck\n");
-    assert_all_pass(&out, 2, &format!("cold {name}"));
-    let d = tempdir("ws-neg-");
-    let out = cold(
-        &argv(&bin, needs_dir.then(|| d.path())),
-        "check\nbreak\ncheck\n",
-    );
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert!(
-        lines.len() == 2 && lines[0] == "PASS" && lines[1].starts_with("FAIL: "),
-        "cold {name} with `break` should print PASS then FAIL:\n{}",
-        out.describe()
-    );
+    common::zdtm_every_mode_of(name, &fixture(name), needs_dir, &[]);
+}
 
-    let ws = Ws::new();
-    let d = tempdir("ws-rec-");
-    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
-    let out = ws.instance(name, "check\ncheck\n");
-    assert_all_pass(&out, 2, &format!("restored {name} ({id})"));
+/// [`run_fixture`] for a fixture `warmstart serve` does not park (`why`).
+fn run_fixture_not_served(name: &str, needs_dir: bool, why: &'static str) {
+    common::zdtm_run(
+        name,
+        &fixture(name),
+        &common::Zdtm {
+            needs_dir,
+            not_served: Some(why),
+            ..common::Zdtm::default()
+        },
+    );
 }
 
 #[test]
@@ -86,12 +80,20 @@ fn memfd_and_deleted_file() {
 
 #[test]
 fn unix_pairs_with_queues_and_listeners() {
-    run_fixture("unix", true);
+    run_fixture_not_served(
+        "unix",
+        true,
+        "serve refuses to park instances with bound unix sockets",
+    );
 }
 
 #[test]
 fn netlink_sockets() {
-    run_fixture("netlink", false);
+    run_fixture_not_served(
+        "netlink",
+        false,
+        "serve refuses to park instances with network sockets",
+    );
 }
 
 #[test]
@@ -101,7 +103,11 @@ fn inotify_watches() {
 
 #[test]
 fn flock_and_posix_locks() {
-    run_fixture("locks", true);
+    run_fixture_not_served(
+        "locks",
+        true,
+        "serve refuses to park instances that hold file locks",
+    );
 }
 
 fn read_port(dir: &Path) -> u16 {

@@ -14,23 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    assert_all_pass, fixture, pidfd_open, tempdir, wait_pidfd_exit, zdtm_cold_break,
-    zdtm_cold_pass, KillGuard, Mode, Out, Proc, Ws, CHECK_TWICE,
+    assert_all_pass, fixture, pidfd_open, tempdir, wait_pidfd_exit, KillGuard, Mode, Out, Proc, Ws,
 };
 
 /// Cold (pass, and fail after `break`), then recorded and restored in every mode of
-/// [`Mode::ALL`] and with `--no-prefetch`: two PASS lines each time.
+/// [`Mode::ALL`], with `--no-prefetch` and served: two PASS lines each time, and the same
+/// `/proc` state as at the warm point (`common::zdtm_every_mode_of`).
 fn zdtm_every_mode(name: &str, argv: &[OsString]) {
-    zdtm_cold_pass(name, argv);
-    zdtm_cold_break(name, argv);
-    let ws = Ws::new();
-    let id = ws.record(name, argv);
-    ws.each_mode(name, CHECK_TWICE, |mode, out| {
-        assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
-    });
-    let mode = Mode::LazyNoPrefetch;
-    let out = ws.run_mode(name, mode, CHECK_TWICE);
-    assert_all_pass(&out, 2, &format!("restored {name} ({id}), {mode}"));
+    common::zdtm_every_mode_of(name, Path::new(&argv[0]), false, &[Mode::LazyNoPrefetch]);
 }
 
 fn fixture_argv(name: &str) -> Vec<OsString> {

@@ -2,11 +2,11 @@
 //! cold (it must PASS, and FAIL after its `break` negative control), then recorded at its
 //! warm point and restored with `warmstart run` in every mode (`Mode::ALL`: lazy while
 //! learning the working set, eager, lazy with the working set prefetched), where it must
-//! PASS again.
+//! PASS again, with the same `/proc` state as at the warm point (tests/common/state.rs).
 
 mod common;
 
-use common::{fixture, tempdir, zdtm_every_mode as run_fixture, Mode, Ws};
+use common::{fixture, tempdir, zdtm_every_mode as run_fixture, zdtm_run, Mode, Ws, Zdtm};
 
 #[test]
 fn heap_and_mmap() {
@@ -174,4 +174,38 @@ fn timers_firing_during_the_restore() {
 #[test]
 fn named_fifos_with_buffered_bytes() {
     run_fixture("fifo", true);
+}
+
+/// A thread without an alternate signal stack has none after the restore, one with an
+/// alternate stack has the same one, and an `SA_ONSTACK` handler runs on the right stack in
+/// both (DESIGN 11).
+#[test]
+fn sigaltstack_disabled_and_set_per_thread() {
+    run_fixture("sigaltstack", false);
+}
+
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME continue from the dump: never backwards, and the
+/// time the snapshot sat in the store (2 s at least, waited between record and the first
+/// restore) is not counted (DESIGN 11: a time namespace with offsets).
+#[test]
+fn monotonic_and_boottime_clocks_continue_from_the_dump() {
+    let age = std::time::Duration::from_secs(2);
+    zdtm_run(
+        "clocks",
+        &fixture("clocks"),
+        &Zdtm {
+            cold_args: &["0"],
+            record_args: &[&age.as_secs().to_string()],
+            age,
+            ..Zdtm::default()
+        },
+    );
+}
+
+/// Two open file descriptions of one pipe (one O_NONBLOCK), a half shut-down unix socket,
+/// the mode and owner of a memfd and of a deleted file, madvise flags: each checked by the
+/// fixture and by the `/proc` state diff.
+#[test]
+fn pipe_opened_twice_socket_shutdown_owner_mode_madvise() {
+    run_fixture("state_edges", true);
 }

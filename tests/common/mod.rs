@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod state;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -521,10 +523,22 @@ impl Ws {
 
     /// `record --name NAME -- ARGV...`; asserts success and returns the printed id.
     pub fn record<S: AsRef<std::ffi::OsStr>>(&self, name: &str, argv: &[S]) -> String {
+        self.record_env(name, argv, &[])
+    }
+
+    /// [`Ws::record`] with extra environment variables (the app inherits them).
+    pub fn record_env<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        name: &str,
+        argv: &[S],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> String {
         let mut args: Vec<std::ffi::OsString> =
             vec!["record".into(), "--name".into(), name.into(), "--".into()];
         args.extend(argv.iter().map(|a| a.as_ref().to_owned()));
-        let out = self.run(&args, "");
+        let mut cmd = self.cmd(&args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let out = run_with(&mut cmd, b"", TIMEOUT);
         out.assert_ok();
         let id = out.stdout.trim().to_owned();
         assert!(
@@ -749,7 +763,10 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 }
 
 /// The regular files of a directory (recursively): content and mtime.
-pub struct SavedFiles(Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>);
+pub struct SavedFiles(
+    std::path::PathBuf,
+    Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)>,
+);
 
 impl SavedFiles {
     pub fn save(dir: &std::path::Path) -> SavedFiles {
@@ -770,12 +787,25 @@ impl SavedFiles {
                 }
             }
         }
-        SavedFiles(v)
+        SavedFiles(dir.to_owned(), v)
     }
 
-    /// Rewrites each file in place (same inode), then its mtime.
+    /// Removes what an instance created (anything but directories that was not there when
+    /// saved), then rewrites each saved file in place (same inode) and its mtime.
     pub fn put_back(&self) {
-        for (path, content, mtime) in &self.0 {
+        let mut todo = vec![self.0.clone()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(path);
+                } else if !self.1.iter().any(|(p, _, _)| *p == path) {
+                    std::fs::remove_file(&path)
+                        .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+                }
+            }
+        }
+        for (path, content, mtime) in &self.1 {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
@@ -797,34 +827,144 @@ fn argv(bin: &std::path::Path, dir: Option<&std::path::Path>) -> Vec<std::ffi::O
 
 /// A zdtm fixture (`needs_dir`: it takes a scratch directory as its argument): cold it
 /// passes and its negative control fails; recorded, it passes again restored in every
-/// mode ([`Mode::ALL`]).
+/// mode ([`Mode::ALL`]) and handed out by `warmstart serve`, with the same `/proc` state
+/// as at the warm point each time ([`zdtm_every_mode_of`]).
 pub fn zdtm_every_mode(name: &str, needs_dir: bool) {
-    let bin = fixture(name);
+    zdtm_every_mode_of(name, &fixture(name), needs_dir, &[]);
+}
 
+/// Input for a restored zdtm fixture under the state diff: the `/proc` state capture
+/// first (before anything else touches the restored state), then [`CHECK_TWICE`].
+pub const STATE_CHECK_TWICE: &str = "state\ncheck\ncheck\n";
+
+/// [`zdtm_every_mode`] for the fixture binary `bin`, also restored in the `extra` modes
+/// after [`Mode::ALL`].
+///
+/// The state diff: the fixture is recorded with `ZDTM_STATE` naming a file, where it
+/// writes its `/proc` state capture at the warm point (tests/fixtures/zdtm_state.h); each
+/// restored instance is asked for the capture again (`state`) before its checks, and the
+/// two must agree outside the documented exclusions ([`state::EXCLUDED`]).
+pub fn zdtm_every_mode_of(name: &str, bin: &Path, needs_dir: bool, extra: &[Mode]) {
+    zdtm_run(
+        name,
+        bin,
+        &Zdtm {
+            needs_dir,
+            extra_modes: extra,
+            ..Zdtm::default()
+        },
+    );
+}
+
+/// How [`zdtm_run`] runs a zdtm fixture.
+#[derive(Default)]
+pub struct Zdtm<'a> {
+    /// The fixture takes a scratch directory as its first argument.
+    pub needs_dir: bool,
+    /// Modes restored in after [`Mode::ALL`].
+    pub extra_modes: &'a [Mode],
+    /// Further arguments of the cold runs.
+    pub cold_args: &'a [&'a str],
+    /// Further arguments of the recorded run.
+    pub record_args: &'a [&'a str],
+    /// The snapshot's age: waited once between the record and the first restore. Not
+    /// synchronisation: it creates the condition a fixture checks (e.g. clocks that must
+    /// not count the time spent as a snapshot).
+    pub age: Duration,
+    /// Why the fixture is not handed out by `warmstart serve` too (`None`: it is).
+    pub not_served: Option<&'static str>,
+}
+
+/// [`zdtm_every_mode_of`] with the options of `how`.
+pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
+    let needs_dir = how.needs_dir;
+    let with = |mut v: Vec<std::ffi::OsString>, extra: &[&str]| {
+        v.extend(extra.iter().map(std::ffi::OsString::from));
+        v
+    };
     // Cold: the fixture itself passes, and can fail.
     let d = tempdir("ws-cold-");
-    zdtm_cold_pass(name, &argv(&bin, needs_dir.then(|| d.path())));
+    zdtm_cold_pass(
+        name,
+        &with(argv(bin, needs_dir.then(|| d.path())), how.cold_args),
+    );
     let d = tempdir("ws-neg-");
-    zdtm_cold_break(name, &argv(&bin, needs_dir.then(|| d.path())));
+    zdtm_cold_break(
+        name,
+        &with(argv(bin, needs_dir.then(|| d.path())), how.cold_args),
+    );
 
     // Record at the warm point, restore in every mode, check. An instance may write to
     // the fixture's files, which the next restore would rightly refuse (the snapshot's
     // files changed): each run gets them back as they were at the warm point.
     let ws = Ws::new();
     let d = tempdir("ws-rec-");
-    let id = ws.record(name, &argv(&bin, needs_dir.then(|| d.path())));
+    let captures = tempdir("ws-state-");
+    // Writable for a fixture that drops root before its warm point (creds).
+    std::fs::set_permissions(
+        captures.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let before_path = captures.path().join("before");
+    let id = ws.record_env(
+        name,
+        &with(argv(bin, needs_dir.then(|| d.path())), how.record_args),
+        &[("ZDTM_STATE", before_path.as_os_str())],
+    );
+    if !how.age.is_zero() {
+        std::thread::sleep(how.age); // the snapshot's age (see `Zdtm::age`)
+    }
+    let before = std::fs::read_to_string(&before_path).unwrap_or_else(|e| {
+        panic!(
+            "{name}: no state capture from the warm point in {}: {e}",
+            before_path.display()
+        )
+    });
     let files = SavedFiles::save(d.path());
+    let check = |how: &str, out: &Out| {
+        let ctx = format!("restored {name} ({id}), {how}");
+        let Some((after, rest)) = state::split_state(&out.stdout) else {
+            panic!(
+                "{ctx}: no state capture (`state` ... END):\n{}",
+                out.describe()
+            );
+        };
+        let diffs = state::differences(&ctx, &before, state::Taken::AtRecord, after);
+        if state::policy() == "warn" {
+            state::report(&ctx, &diffs);
+        }
+        assert!(
+            rest == "PASS\nPASS\n" && out.code() == 0,
+            "{ctx}: expected the state capture, 2x PASS and exit 0 (/proc state differences: \
+             {}):\n{}",
+            if diffs.is_empty() {
+                "none".to_owned()
+            } else {
+                diffs.join("; ")
+            },
+            out.describe()
+        );
+        if state::policy() != "warn" {
+            state::report(&ctx, &diffs);
+        }
+    };
     ws.each_mode_prepared(
         name,
-        CHECK_TWICE,
+        STATE_CHECK_TWICE,
         |_| files.put_back(),
-        |mode, out| {
-            assert_all_pass(out, 2, &format!("restored {name} ({id}), {mode}"));
-        },
+        |mode, out| check(&mode.to_string(), out),
     );
+    for &mode in how.extra_modes {
+        files.put_back();
+        let out = ws.run_mode(name, mode, STATE_CHECK_TWICE);
+        check(&mode.to_string(), &out);
+    }
     // And handed out by `warmstart serve` from its pool of parked instances.
-    files.put_back();
-    let _daemon = ws.serve(name);
-    let out = ws.served(name, CHECK_TWICE);
-    assert_all_pass(&out, 2, &format!("restored {name} ({id}), served parked"));
+    if how.not_served.is_none() {
+        files.put_back();
+        let _daemon = ws.serve(name);
+        let out = ws.served(name, STATE_CHECK_TWICE);
+        check("served parked", &out);
+    }
 }
