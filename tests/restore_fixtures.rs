@@ -167,7 +167,14 @@ fn madvise_and_mmap_flags() {
 /// during the restore: the restore neither dies of them nor hangs, and they still fire.
 #[test]
 fn timers_firing_during_the_restore() {
-    run_fixture("timer_storm", false);
+    zdtm_run(
+        "timer_storm",
+        &fixture("timer_storm"),
+        &Zdtm {
+            state_changes: Some("glibc starts a thread for each SIGEV_THREAD expiry"),
+            ..Zdtm::default()
+        },
+    );
 }
 
 /// Named FIFOs open at both ends (separate descriptions) or O_RDWR, with buffered bytes.

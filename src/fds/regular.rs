@@ -95,7 +95,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             let tmp = ins.keep_high(tmp)?;
             super::set_owner(tmp, owner, &format!("deleted file {path}"))?;
             super::write_all(tmp, data, &format!("the contents of deleted file {path}"))?;
-            let fd = reopen(ins, tmp, *flags & no_create)?;
+            let fd = reopen_ghost(ins, tmp, path, *flags & no_create)?;
             seek(fd, *pos, path)?;
             Ok(fd)
         }
@@ -111,6 +111,34 @@ pub fn reopen(ins: &mut Installer, fd: RawFd, flags: i32) -> Result<RawFd> {
         return Ok(fd);
     }
     let again = open_path(&format!("/proc/self/fd/{fd}"), flags, 0)?;
+    ins.keep_high(again)
+}
+
+/// The app's open of a deleted file recreated as `tmp` (an `O_TMPFILE`): linked under
+/// its old name for a moment and opened there, so `/proc/PID/fd` shows `PATH (deleted)`
+/// as at the dump, then unlinked. When the name is taken (or the directory is gone) it
+/// is opened through `/proc/self/fd` and shows the kernel's `#INODE` name instead. Never
+/// `tmp` itself, whose flags include `O_TMPFILE`.
+fn reopen_ghost(ins: &mut Installer, tmp: RawFd, path: &str, flags: i32) -> Result<RawFd> {
+    let from = super::cstr(&format!("/proc/self/fd/{tmp}"))?;
+    let to = super::cstr(path)?;
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let linked = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    } == 0;
+    if linked {
+        let opened = open_path(path, flags, 0);
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::unlink(to.as_ptr()) };
+        return ins.keep_high(opened?);
+    }
+    let again = open_path(&format!("/proc/self/fd/{tmp}"), flags, 0)?;
     ins.keep_high(again)
 }
 
