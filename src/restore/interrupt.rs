@@ -67,16 +67,7 @@ impl Interrupt {
 }
 
 fn kill(pidfd: &OwnedFd) {
-    // SAFETY: pidfd_send_signal on a live pidfd; no memory is passed.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0u32,
-        )
-    };
+    let _ = crate::sys::pidfd::pidfd_send_signal(pidfd, libc::SIGKILL);
 }
 
 impl Watch {

@@ -9,7 +9,7 @@
 //! of those tasks (`waitpid(tid, __WALL)`; tasks that are not ours answer `ECHILD`)
 //! before the sandbox itself is dropped and waited for.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 /// Kills and reaps the traced tree of a restore unless disarmed. Drop it before the
 /// `Sandbox` (declare it after, or as an earlier struct field).
@@ -60,16 +60,7 @@ impl Drop for Reaper {
             return;
         };
         let tasks = tree_tasks(self.root);
-        // SAFETY: pidfd_send_signal on a pidfd we own; no memory is passed.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            )
-        };
+        let _ = crate::sys::pidfd::pidfd_send_signal(&pidfd, libc::SIGKILL);
         // Non-leaders first: a leader is reported only once its threads are reaped.
         for &tid in tasks.iter().rev() {
             loop {
