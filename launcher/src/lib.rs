@@ -1,5 +1,7 @@
 //! The birth of processes: sandbox, init, exact pids, stdio, warm-point detection.
 //!
+//! * [`forksafe`]: the global allocator that lets the children of a raw `clone3`
+//!   allocate although other threads of their parent may hold glibc's malloc locks.
 //! * [`sandbox`]: [`spawn`] an app as a child of a tiny init (pid 1 of a fresh pid + mount
 //!   namespace with its own `/proc`), optionally at an exact pid and held at a release gate
 //!   until the monitor has seized it with ptrace.
@@ -8,6 +10,7 @@
 //! * [`warmpoint`]: `--ready TRIGGER` ([`Ready`]) and the tracer-side state machine that
 //!   decides, stop by stop, when the app is warm ([`WarmPointTracker`]).
 
+pub mod forksafe;
 mod init;
 pub mod sandbox;
 mod sys;

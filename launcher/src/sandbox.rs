@@ -69,8 +69,11 @@ pub struct Sandbox {
 /// the gate, if any) and its return value is the app's exit code; it normally execs.
 ///
 /// `app` runs in a child created with raw `clone3` from a possibly multi-threaded
-/// process: it must only do async-signal-safe work (prepare `CString`s etc. before
-/// calling `spawn`; no allocation, no locks such as stdout's).
+/// process, where a lock another thread held at that instant is held forever. It may
+/// allocate (from the child's private arena, see [`crate::forksafe`]) but must take no
+/// other lock: no printing or logging, no libc function that allocates by itself
+/// (`opendir`, `getpwnam`, ...), no lazily initialised static (initialise it before
+/// calling `spawn`). Prefer preparing what it needs (`CString`s, fds) beforehand.
 pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, LaunchError> {
     if let Some(pid) = opts.pid {
         if pid < 2 {
@@ -113,6 +116,8 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     }
     let r = unsafe { sys::clone3(&mut args) };
     if r == 0 {
+        // Before anything can allocate: glibc's malloc may be locked for good here.
+        crate::forksafe::enter_child();
         init::init_main(&init_args, app);
     }
     let err = Errno::last();
@@ -665,10 +670,13 @@ impl Drop for SignalForwarder {
 /// restored tree rebuilds its children inside the sandbox. Returns 0 in the child, the
 /// child's pid in the parent; fails with `EEXIST` when the pid is taken.
 ///
+/// The child allocates from a private arena ([`crate::forksafe`]; inherited when the
+/// caller is itself such a child).
+///
 /// # Safety
 /// As with [`spawn`]'s closure: the child is a copy of the calling thread only, so the
-/// caller must be single-threaded (as a restoring process is) or the child must restrict
-/// itself to async-signal-safe work.
+/// caller must be single-threaded (as a restoring process is) or the child must keep to
+/// the rules of [`spawn`]'s closure.
 pub unsafe fn fork_with_pid(pid: i32) -> Result<i32, LaunchError> {
     let tid: libc::pid_t = pid;
     let mut args = CloneArgs {
@@ -678,6 +686,9 @@ pub unsafe fn fork_with_pid(pid: i32) -> Result<i32, LaunchError> {
         ..Default::default()
     };
     let r = sys::clone3(&mut args);
+    if r == 0 {
+        crate::forksafe::enter_child();
+    }
     if r < 0 {
         return Err(LaunchError::sys("clone3(set_tid)"));
     }

@@ -25,8 +25,9 @@ pub(crate) struct CloneArgs {
 /// the child's pid in the parent, -1 with errno on failure.
 ///
 /// # Safety
-/// The child is a copy of the calling thread only; it must restrict itself to
-/// async-signal-safe work (no allocation, no locks another thread could hold).
+/// The child is a copy of the calling thread only; it must call
+/// [`crate::forksafe::enter_child`] before anything allocates, and take no lock another
+/// thread could hold.
 pub(crate) unsafe fn clone3(args: &mut CloneArgs) -> libc::c_long {
     libc::syscall(
         libc::SYS_clone3,

@@ -14,6 +14,7 @@ pub mod chart;
 pub mod measure;
 pub mod report;
 pub mod stats;
+pub mod stress;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;

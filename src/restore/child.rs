@@ -18,6 +18,13 @@
 //! 4. a zombie exits with its recorded status; a parent waits (without reaping) for its
 //!    zombies to be dead and drops the SIGCHLD their exits queued;
 //! 5. each process builds its fd table and the rest, reports, and jumps.
+//!
+//! All of it runs in children of a raw `clone3` from a monitor whose other threads
+//! allocate meanwhile (a `serve` daemon, the hot-pages and table-check threads). They
+//! allocate from a private arena (`warmstart_launcher::forksafe`, which explains why)
+//! and keep to its rules: no logging or printing, no libc call that allocates by itself
+//! (so fds are closed with `close_range`, not by listing `/proc/self/fd`), statics
+//! initialised by the monitor before the clone (`program::last_cap`).
 
 use std::ffi::CString;
 use std::io::Write;
@@ -490,15 +497,21 @@ fn dup_high_or_null(fd: RawFd, min: RawFd) -> Result<RawFd> {
     r
 }
 
+/// Closes every fd but `keep` (`close_range` over the gaps: listing `/proc/self/fd`
+/// would `opendir`, which calls glibc's malloc).
 fn close_all_except(keep: &[RawFd]) -> Result<()> {
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-        .context("listing /proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    for fd in fds {
-        if !keep.contains(&fd) {
-            unsafe { libc::close(fd) };
+    let mut keep: Vec<u32> = keep.iter().map(|&fd| fd as u32).collect();
+    keep.sort_unstable();
+    let mut from = 0u32;
+    for fd in keep.into_iter().chain(std::iter::once(u32::MAX)) {
+        if fd > from {
+            // SAFETY: closes fds only; none of them is used by Rust code in this process.
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+            if r < 0 {
+                return Err(errno_err(format!("close_range({from}, {})", fd - 1)));
+            }
         }
+        from = fd.saturating_add(1);
     }
     Ok(())
 }

@@ -297,6 +297,9 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             .map(|g| g.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()))
             .collect(),
     };
+    // The child may find a lazily initialised static half-initialised for good by a
+    // thread it does not have (see `warmstart_launcher::forksafe`): set them here.
+    program::last_cap();
     let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {

@@ -849,8 +849,9 @@ fn creds(b: &mut ProgramBuilder, p: &Process) {
     }
 }
 
-/// The highest capability number this kernel knows.
-fn last_cap() -> u32 {
+/// The highest capability number this kernel knows. Cached: called once before the
+/// restoring child is cloned (see `restore::prepare`).
+pub(crate) fn last_cap() -> u32 {
     static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *LAST.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
