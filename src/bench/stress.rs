@@ -477,6 +477,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         learn: false,
         verify_table: true,
         stdio: Some([in_r.as_raw_fd(), out_w.as_raw_fd(), null.as_raw_fd()]),
+        interrupt: None,
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));
