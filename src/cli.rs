@@ -378,6 +378,7 @@ fn vma_kind(k: &VmaKind) -> String {
         VmaKind::Vvar => "[vvar]".into(),
         VmaKind::VvarVclock => "[vvar_vclock]".into(),
         VmaKind::Vsyscall => "[vsyscall]".into(),
+        VmaKind::SharedFile { id } => format!("deleted file / memfd #{id}"),
     }
 }
 

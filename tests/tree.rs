@@ -36,6 +36,11 @@ fn shared_anonymous_memory_between_parent_and_child() {
     run_fixture("tree_shmem", false);
 }
 
+#[test]
+fn posix_semaphore_and_shared_memory_between_parent_and_child() {
+    run_fixture("tree_posix_shm", false);
+}
+
 // ---------------------------------------------------------------------------------------
 // dump -t of a tree started outside warmstart
 

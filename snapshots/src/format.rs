@@ -278,6 +278,23 @@ pub(crate) mod tests {
             }],
             page_count: 2,
             pages_hash: [3; 32],
+            shared_files: vec![SharedFile {
+                id: 0,
+                path: "/dev/shm/sem.mp-x1y2".into(),
+                memfd: false,
+                seals: 0,
+                owner: FileOwner {
+                    uid: 0,
+                    gid: 0,
+                    mode: 0o600,
+                },
+                size: 32,
+                pages: vec![PageRun {
+                    page: 0,
+                    count: 1,
+                    content: RunContent::Data { first: 0 },
+                }],
+            }],
         }
     }
 
@@ -505,6 +522,7 @@ pub(crate) mod tests {
             s().prop_map(|name| VmaKind::Anon { name }),
             file_identity().prop_map(|file| VmaKind::File { file }),
             any::<u64>().prop_map(|id| VmaKind::Shmem { id }),
+            any::<u64>().prop_map(|id| VmaKind::SharedFile { id }),
             Just(VmaKind::Vdso),
             Just(VmaKind::Vvar),
             Just(VmaKind::VvarVclock),
@@ -751,6 +769,17 @@ pub(crate) mod tests {
                         file_locks: Vec::new(),
                         page_count,
                         pages_hash: ph,
+                        shared_files: (page_count % 2 == 0)
+                            .then(|| SharedFile {
+                                id: page_count,
+                                path: "/memfd:m".into(),
+                                memfd: true,
+                                seals: 1,
+                                size: page_count >> 8,
+                                ..Default::default()
+                            })
+                            .into_iter()
+                            .collect(),
                     }
                 },
             )

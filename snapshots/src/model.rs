@@ -39,6 +39,31 @@ pub struct Manifest {
     /// by `SnapshotWriter::commit`). The snapshot id (blake3 of the encoded manifest) thus
     /// covers the page contents but not where the store keeps them.
     pub pages_hash: [u8; 32],
+    /// Deleted files and memfds that are mapped (`VmaKind::SharedFile`), each one object
+    /// shared by every mapping and fd of it (`FileDesc::SharedFile`).
+    pub shared_files: Vec<SharedFile>,
+}
+
+/// A file that is mapped but has no name any more: a deleted file (POSIX semaphores and
+/// shared memory in `/dev/shm` after `sem_unlink` / `shm_unlink`, `tmpfile`-style
+/// scratch files) or a memfd. Its contents are stored in the page table like memory;
+/// a restore creates the file once per instance, and every mapping and open of it in
+/// the tree shares that one file again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFile {
+    /// Unique in the manifest (an index, not the inode: inodes of different
+    /// filesystems may be equal).
+    pub id: u64,
+    /// The file's last name, without ` (deleted)`: `/dev/shm/sem.NAME`, or for a memfd
+    /// `/memfd:NAME`.
+    pub path: String,
+    pub memfd: bool,
+    /// `F_GET_SEALS` of a memfd.
+    pub seals: i32,
+    pub owner: FileOwner,
+    pub size: u64,
+    /// Populated pages of the contents, page index from offset 0.
+    pub pages: Vec<PageRun>,
 }
 
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the dumped tree saw them (its own time
@@ -257,6 +282,12 @@ pub enum VmaKind {
     Vvar,
     VvarVclock,
     Vsyscall,
+    /// A mapping (shared or private; `Vma::offset` into the file) of
+    /// `Manifest::shared_files[id]`. Its `pages` are, for a private mapping, the pages no
+    /// longer the file's; a shared mapping has none (the object holds them).
+    SharedFile {
+        id: u64,
+    },
 }
 
 /// A run of consecutive populated pages of a VMA.
@@ -412,6 +443,13 @@ pub enum FileDesc {
     Inotify {
         flags: i32,
         watches: Vec<InotifyWatch>,
+    },
+    /// An open of `Manifest::shared_files[id]` (a deleted file or memfd that is also
+    /// mapped): opened again from that one object.
+    SharedFile {
+        id: u64,
+        flags: i32,
+        pos: i64,
     },
 }
 

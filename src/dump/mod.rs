@@ -12,6 +12,7 @@ pub mod maps;
 pub mod memory;
 pub mod process;
 pub mod seccomp;
+pub mod shared_files;
 pub mod threads;
 pub mod timers;
 pub mod vmas;
@@ -194,6 +195,7 @@ fn collect_and_store(
         Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
     };
     let mut files = files::TreeFiles::default();
+    let mut objects = shared_files::SharedFiles::default();
     let mut times = PhaseTimes::default();
     let mut processes = Vec::with_capacity(tree.order.len());
     let mut file_locks = Vec::new();
@@ -212,13 +214,22 @@ fn collect_and_store(
             processes.push(process::zombie(pid)?);
             continue;
         };
-        let (p, locks) = collect_process(pid, frozen, opts, &mut files, &mut writer, &mut times)?;
+        let (p, locks) = collect_process(
+            pid,
+            frozen,
+            opts,
+            &mut files,
+            &mut objects,
+            &mut writer,
+            &mut times,
+        )?;
         if xsave_size == 0 {
             xsave_size = p.threads[0].xsave.len() as u32;
         }
         file_locks.extend(locks);
         processes.push(p);
     }
+    objects.link_fds(&tree.order, &mut processes)?;
     let root_comm = processes[0].comm.clone();
     let (pipes, unix_pairs) = files.finish(root, &root_comm)?;
     phases.add("collect", times.collect);
@@ -239,6 +250,7 @@ fn collect_and_store(
         file_locks,
         page_count: 0,
         pages_hash: [0; 32],
+        shared_files: objects.finish(),
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::restore::checks::tree(&manifest)?;
@@ -255,6 +267,7 @@ fn collect_process(
     frozen: &Frozen,
     opts: &DumpOptions,
     files: &mut files::TreeFiles,
+    objects: &mut shared_files::SharedFiles,
     writer: &mut PageWriter<'_>,
     times: &mut PhaseTimes,
 ) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
@@ -316,7 +329,7 @@ fn collect_process(
     times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let vmas = vmas::collect(pid, &info.comm, &smaps, writer)?;
+    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer)?;
     times.memory += t.elapsed();
 
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

@@ -9,11 +9,18 @@ use warmstart_snapshots::PageWriter;
 use super::files::identity;
 use super::maps::MapEntry;
 use super::memory::Target;
+use super::shared_files::SharedFiles;
 
 /// Largest piece of a run read from the target at once.
 const CHUNK: u64 = 8 << 20;
 
-fn kind_of(pid: i32, comm: &str, m: &MapEntry) -> Result<VmaKind> {
+fn kind_of(
+    pid: i32,
+    comm: &str,
+    m: &MapEntry,
+    objects: &mut SharedFiles,
+    writer: &mut PageWriter<'_>,
+) -> Result<VmaKind> {
     let refuse = |what: &str| -> anyhow::Error {
         anyhow::anyhow!(
             "process {pid} ({comm}): mapping {:x}-{:x} {} is {what}, which warmstart cannot checkpoint yet",
@@ -32,10 +39,28 @@ fn kind_of(pid: i32, comm: &str, m: &MapEntry) -> Result<VmaKind> {
         }
         // Shared anonymous memory is a file of the kernel's internal shmem mount.
         "/dev/zero (deleted)" if m.shared && m.inode != 0 => VmaKind::Shmem { id: m.inode },
-        n if m.inode != 0 && n.starts_with('/') => {
-            if n.ends_with(" (deleted)") {
-                return Err(refuse("a mapping of a deleted or anonymous file (memfd, shared anonymous memory, SysV shm)"));
+        n if m.inode != 0 && n.starts_with("/SYSV") && n.ends_with(" (deleted)") => {
+            return Err(refuse("System V shared memory (shmat)"))
+        }
+        n if m.inode != 0 && n.starts_with('/') && n.ends_with(" (deleted)") => {
+            let name = n.trim_end_matches(" (deleted)");
+            let memfd = name.starts_with("/memfd:");
+            let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let meta = std::fs::metadata(&path)
+                .with_context(|| format!("process {pid}: stat of {path}"))?;
+            if !meta.is_file() {
+                return Err(refuse("a deleted file that is not a regular file"));
             }
+            if !memfd && std::os::unix::fs::MetadataExt::nlink(&meta) != 0 {
+                return Err(refuse(
+                    "a file deleted under this name but still linked under another",
+                ));
+            }
+            VmaKind::SharedFile {
+                id: objects.add(&path, name, memfd, writer)?,
+            }
+        }
+        n if m.inode != 0 && n.starts_with('/') => {
             // map_files resolves to the mapped inode itself, even if the path was replaced.
             let meta =
                 std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
@@ -101,13 +126,14 @@ pub fn collect(
     pid: i32,
     comm: &str,
     smaps: &[MapEntry],
+    objects: &mut SharedFiles,
     writer: &mut PageWriter<'_>,
 ) -> Result<Vec<Vma>> {
     let target = Target::open(pid).with_context(|| format!("opening memory of process {pid}"))?;
     let mut out = Vec::with_capacity(smaps.len());
     let mut buf = Vec::new();
     for m in smaps {
-        let kind = kind_of(pid, comm, m)?;
+        let kind = kind_of(pid, comm, m, objects, writer)?;
         let mut vma = Vma {
             start: m.start,
             end: m.end,
@@ -141,8 +167,9 @@ pub fn collect(
                 out.push(vma);
                 continue;
             }
-            VmaKind::File { .. } if !vma.shared => true,
-            // Shared file mappings live in the file; the vdso family is the kernel's.
+            VmaKind::File { .. } | VmaKind::SharedFile { .. } if !vma.shared => true,
+            // Shared file mappings live in the file (a deleted one's contents are its
+            // object's); the vdso family is the kernel's.
             _ => {
                 out.push(vma);
                 continue;

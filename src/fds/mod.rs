@@ -41,6 +41,7 @@ pub mod memfd;
 pub mod netlink;
 pub mod pipe;
 pub mod regular;
+pub mod shared_file;
 pub mod signalfd;
 pub mod sock_diag;
 pub mod timerfd;
@@ -474,6 +475,7 @@ pub fn describe(f: &FileDesc) -> String {
         FileDesc::TcpClosed { local, peer, .. } => format!("tcp {local} -> {peer} (reset)"),
         FileDesc::Netlink { protocol, port, .. } => format!("netlink {protocol} port {port}"),
         FileDesc::Inotify { watches, .. } => format!("inotify ({} watches)", watches.len()),
+        FileDesc::SharedFile { id, pos, .. } => format!("deleted file / memfd #{id} @{pos}"),
     }
 }
 
@@ -493,6 +495,11 @@ pub struct Installer<'a> {
     /// ([`late_epoll_targets`] are added once the real stdio is in place) and timerfds
     /// are not armed ([`late_timerfds`]).
     pub parked: bool,
+    /// The tree's deleted files and memfds that are mapped (`Manifest::shared_files`
+    /// ids), created by the root ([`Inherited::files`]).
+    pub files: HashMap<u64, RawFd>,
+    /// Opens of those files made by name by the root, by `Fd::ofd`.
+    pub file_opens: HashMap<u32, RawFd>,
 }
 
 impl Installer<'_> {
@@ -521,7 +528,13 @@ pub struct Inherited {
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Shared anonymous memory objects (`VmaKind::Shmem` ids), mapped by the restorer.
     pub shmem: HashMap<u64, RawFd>,
-    /// Every fd above except the shmem ones, closed once the fd table is built.
+    /// Deleted files and memfds that are mapped (`SharedFile` ids): opened by
+    /// `FileDesc::SharedFile` fds, mapped by the restorer.
+    pub files: HashMap<u64, RawFd>,
+    /// Opens of those files made when they were created (by `Fd::ofd`), see
+    /// [`shared_file::restore`]; among `fds`.
+    pub file_opens: HashMap<u32, RawFd>,
+    /// Every fd above except the shmem and file ones, closed once the fd table is built.
     pub fds: Vec<RawFd>,
 }
 
@@ -547,7 +560,40 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         pipes: HashMap::new(),
         unix_pairs: HashMap::new(),
         parked: false,
+        files: HashMap::new(),
+        file_opens: HashMap::new(),
     };
+    // Deleted files and memfds first (with every open of them): a shared open of one is
+    // made from it below.
+    let mut objects: BTreeMap<u64, BTreeMap<u32, i32>> = BTreeMap::new();
+    for p in &live {
+        for v in &p.vmas {
+            if let warmstart_snapshots::model::VmaKind::SharedFile { id } = v.kind {
+                objects.entry(id).or_default();
+            }
+        }
+        for f in &p.fds {
+            if let FileDesc::SharedFile { id, flags, .. } = f.file {
+                objects.entry(id).or_default().insert(f.ofd, flags);
+            }
+        }
+    }
+    for (id, opens) in objects {
+        let obj = m
+            .shared_files
+            .iter()
+            .find(|o| o.id == id)
+            .with_context(|| format!("the snapshot has no deleted file / memfd #{id}"))?;
+        let opens: Vec<(u32, i32)> = opens.into_iter().collect();
+        let (fd, made) = shared_file::create(obj, &opens)
+            .with_context(|| format!("recreating {} ({} bytes)", obj.path, obj.size))?;
+        let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+        ins.files.insert(id, fd);
+        for (ofd, fd) in made {
+            let fd = ins.keep_high(fd)?;
+            ins.file_opens.insert(ofd, fd);
+        }
+    }
     let mut ofds: BTreeMap<u32, (BTreeSet<i32>, &Fd)> = BTreeMap::new();
     let mut pipes: BTreeMap<u64, BTreeSet<i32>> = BTreeMap::new();
     let mut fifos: BTreeMap<(u64, &String), BTreeSet<i32>> = BTreeMap::new();
@@ -618,16 +664,18 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
             .with_context(|| format!("creating shared anonymous memory {id} ({size} bytes)"))?;
         shmem.insert(id, ins.keep_high(fd)?);
     }
-    let shmem_fds: Vec<RawFd> = shmem.values().copied().collect();
+    let kept: Vec<RawFd> = shmem.values().chain(ins.files.values()).copied().collect();
     Ok(Inherited {
         ofds: shared,
         pipes: ins.pipes,
         unix_pairs: ins.unix_pairs,
         shmem,
+        files: ins.files,
+        file_opens: ins.file_opens,
         fds: ins
             .temps
             .into_iter()
-            .filter(|fd| !shmem_fds.contains(fd))
+            .filter(|fd| !kept.contains(fd))
             .collect(),
     })
 }
@@ -731,6 +779,8 @@ pub fn install(
         pipes: inherited.pipes.clone(),
         unix_pairs: inherited.unix_pairs.clone(),
         parked,
+        files: inherited.files.clone(),
+        file_opens: inherited.file_opens.clone(),
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
@@ -809,6 +859,7 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
             flags,
         } => netlink::restore(ins, *protocol, *port, *flags),
         FileDesc::Inotify { flags, watches } => inotify::restore(ins, *flags, watches),
+        FileDesc::SharedFile { id, flags, pos } => shared_file::restore(ins, f, *id, *flags, *pos),
         FileDesc::Epoll { .. } => unreachable!("epolls are created after everything else"),
     }
 }

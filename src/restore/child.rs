@@ -337,10 +337,16 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
-    let fds = open_mapping_fds(p, ctx.high, &ctx.inherited.shmem)?;
-    // Shared memory objects this process does not map are not its to keep.
+    let fds = open_mapping_fds(p, ctx.high, &ctx.inherited)?;
+    // Shared memory objects and files this process does not map are not its to keep.
     for (&id, &fd) in &ctx.inherited.shmem {
         if !p.vmas.iter().any(|v| v.kind == VmaKind::Shmem { id }) {
+            unsafe { libc::close(fd) };
+        }
+    }
+    for (&id, &fd) in &ctx.inherited.files {
+        if !p.vmas.iter().any(|v| v.kind == VmaKind::SharedFile { id }) {
+            // SAFETY: an fd inherited from the root that nothing else here uses.
             unsafe { libc::close(fd) };
         }
     }
@@ -529,14 +535,18 @@ fn open_path(path: &str, flags: i32) -> Result<RawFd> {
 fn open_mapping_fds(
     p: &Process,
     high: RawFd,
-    shmem: &std::collections::HashMap<u64, RawFd>,
+    inherited: &crate::fds::Inherited,
 ) -> Result<ProgramFds> {
     let mut by_path: std::collections::HashMap<(String, bool), RawFd> =
         std::collections::HashMap::new();
     let mut vma_fds = Vec::with_capacity(p.vmas.len());
     for v in &p.vmas {
         if let VmaKind::Shmem { id } = v.kind {
-            vma_fds.push(shmem.get(&id).copied());
+            vma_fds.push(inherited.shmem.get(&id).copied());
+            continue;
+        }
+        if let VmaKind::SharedFile { id } = v.kind {
+            vma_fds.push(inherited.files.get(&id).copied());
             continue;
         }
         let VmaKind::File { file } = &v.kind else {

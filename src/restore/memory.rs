@@ -230,3 +230,64 @@ pub fn fill(
             .try_for_each(|h| h.join().expect("memory writer panicked"))
     })
 }
+
+/// Writes the contents of the tree's deleted files and memfds (`Manifest::shared_files`)
+/// straight into the files the root created, once each, then adds a memfd's seals.
+/// `tree` holds each restored process with its pid as seen here, stopped at its first
+/// trap: a file is reached through a mapping of it (`/proc/PID/map_files`) or an fd.
+pub fn fill_shared_files(snap: &Snapshot, tree: &[(&Process, i32)]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for obj in &snap.manifest.shared_files {
+        let id = obj.id;
+        let by_map = tree.iter().find_map(|&(p, pid)| {
+            p.vmas
+                .iter()
+                .find(|v| v.kind == VmaKind::SharedFile { id })
+                .map(|v| format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end))
+        });
+        let by_fd = || {
+            tree.iter().find_map(|&(p, pid)| {
+                p.fds
+                    .iter()
+                    .find(|f| {
+                        matches!(f.file, warmstart_snapshots::model::FileDesc::SharedFile { id: i, .. } if i == id)
+                    })
+                    .map(|f| format!("/proc/{pid}/fd/{}", f.fd))
+            })
+        };
+        let Some(path) = by_map.or_else(by_fd) else {
+            continue; // held by no live process: not recreated
+        };
+        let what = || format!("{} ({path})", obj.path);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", what()))?;
+        let mut buf = vec![0u8; BATCH as usize * PAGE_SIZE];
+        for run in &obj.pages {
+            let RunContent::Data { first } = run.content else {
+                continue; // the new file reads as zeros already
+            };
+            let mut done = 0;
+            while done < run.count {
+                let n = (run.count - done).min(BATCH);
+                let bytes = &mut buf[..n as usize * PAGE_SIZE];
+                snap.read_pages(first + done, n, bytes)?;
+                let at = (run.page + done) * PAGE_SIZE as u64;
+                // Not past the end: the file keeps its size.
+                let len = obj.size.saturating_sub(at).min(bytes.len() as u64) as usize;
+                file.write_all_at(&bytes[..len], at)
+                    .with_context(|| format!("writing the contents of {}", what()))?;
+                done += n;
+            }
+        }
+        if obj.memfd && obj.seals != 0 {
+            // SAFETY: fcntl on an fd we own; no pointers.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, obj.seals) } < 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("sealing {} with {:#x}", what(), obj.seals));
+            }
+        }
+    }
+    Ok(())
+}

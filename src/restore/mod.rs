@@ -433,6 +433,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     }
     phases.add("lazy-setup", t.elapsed());
     let t = Instant::now();
+    let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
+    memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
     for d in &tree {
         memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
             .map_err(|e| fail_in(d.p, e))?;
