@@ -1,6 +1,6 @@
-//! Real runtimes (JVM, Node) recorded at their first read of stdin (`--ready stdin`, the
-//! default): restored instances, one after another and eight at once, print exactly what a
-//! cold run prints.
+//! Real runtimes (JVM, Node, Python's multiprocessing) recorded at their first read of
+//! stdin (`--ready stdin`, the default): restored instances, one after another and eight
+//! at once, print exactly what a cold run prints.
 
 mod acc_util;
 mod common;
@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::time::Instant;
 
 use acc_util::{instances_of, java_argv, which, InstanceGuard};
-use common::{cold, workloads_dir, Ws};
+use common::{cold, python, workloads_dir, Proc, Ws};
 
 const INPUT: &str = "hello world\nsecond Line 2\nthird: x-y-z\n";
 
@@ -143,4 +143,62 @@ fn java_echo_eight_concurrent_no_perfdata() {
     let mut argv = java_argv("Echo");
     argv.insert(1, "-XX:-UsePerfData".into());
     java_eight_concurrent("java_echo8_noperf", &argv);
+}
+
+/// Python's `multiprocessing.Pool(2)` with a `multiprocessing.Lock` and a shared `Value`
+/// (issue 13): POSIX semaphores and an arena in `/dev/shm`, deleted and mapped by the
+/// parent and both workers, plus the pipes between them. Restored in every mode and
+/// handed out by `serve`, it answers as a cold run does; two instances side by side each
+/// have their own lock and counter.
+#[test]
+fn python_multiprocessing_pool() {
+    let name = "py_pool";
+    let argv = [
+        python().into_os_string(),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/mp_pool.py")
+            .into_os_string(),
+    ];
+    let expected = cold_out(name, &argv);
+    let ws = Ws::new();
+    let id = ws.record(name, &argv);
+    let _guard = InstanceGuard {
+        ws: &ws,
+        id: id.clone(),
+    };
+    let same = |how: &str, out: &common::Out| {
+        assert!(
+            out.success() && out.stdout == expected,
+            "restored {name} ({id}), {how}, differs from the cold run.\n--- cold stdout ---\n{expected}\n--- restored ---\n{}",
+            out.describe()
+        );
+    };
+    ws.each_mode(name, INPUT, |mode, out| same(&mode.to_string(), out));
+
+    // Side by side, lines interleaved: a lock or counter shared between the two would
+    // show in the counts.
+    let mut a = Proc::spawn(&mut ws.cmd(&["run", "--eager", name]));
+    let mut b = Proc::spawn(&mut ws.cmd(&["run", name]));
+    let (mut got_a, mut got_b) = (String::new(), String::new());
+    for line in INPUT.lines() {
+        for (p, got) in [(&mut a, &mut got_a), (&mut b, &mut got_b)] {
+            p.send(line);
+            got.push_str(&p.read_line());
+            got.push('\n');
+        }
+    }
+    for (p, got, which) in [(&mut a, &got_a, "eager"), (&mut b, &got_b, "lazy")] {
+        p.close_stdin();
+        let status = p.wait();
+        assert!(
+            status.success() && *got == expected,
+            "{which} instance side by side: {status:?}\n--- cold ---\n{expected}--- got ---\n{got}"
+        );
+    }
+
+    {
+        let _daemon = ws.serve(name);
+        same("served parked", &ws.served(name, INPUT));
+    }
+    assert!(instances_of(&ws, &id).is_empty(), "instances left running");
 }
