@@ -75,9 +75,6 @@ impl SharedFiles {
     /// deleted file or a memfd on its own) into an open of the object. `hosts[i]` is the
     /// pid of `processes[i]` as seen here.
     pub fn link_fds(&self, hosts: &[i32], processes: &mut [Process]) -> Result<()> {
-        if self.files.is_empty() {
-            return Ok(());
-        }
         for (&host, p) in hosts.iter().zip(processes.iter_mut()) {
             for f in &mut p.fds {
                 let (flags, pos) = match f.file {
@@ -90,6 +87,14 @@ impl SharedFiles {
                 let meta = std::fs::metadata(&link).with_context(|| format!("stat of {link}"))?;
                 if let Some(&id) = self.by_inode.get(&(meta.dev(), meta.ino())) {
                     f.file = FileDesc::SharedFile { id, flags, pos };
+                } else if crate::fds::mapped_by(host, &meta) {
+                    // Its dump left the contents to the mapping, which must have met it.
+                    anyhow::bail!(
+                        "process {host} ({}): fd {} ({link}) is mapped, but no mapping of it \
+                         was recorded",
+                        p.comm,
+                        f.fd
+                    );
                 }
             }
         }

@@ -4,8 +4,9 @@
 //! without `MFD_ALLOW_SEALING` reports `F_SEAL_SEAL`, which is re-applied as such.
 //!
 //! The contents are kept in the manifest, up to [`super::MAX_INLINE_CONTENTS`]; big memfds
-//! should go through the page store. A memfd that is also *mapped* is the memory code's
-//! business (its mapping is not restored from here).
+//! should go through the page store. A memfd that is also *mapped* is one object with its
+//! mappings (`Manifest::shared_files`, see `dump::shared_files`): its fds become
+//! `FileDesc::SharedFile` and its contents go through the page store.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -23,7 +24,11 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
         .to_owned();
     let copy = t.copy()?;
     let size = t.meta.map(|m| m.size()).unwrap_or(0);
-    let data = read_contents(&copy, size, &t.context())?;
+    // Also mapped: its contents are the mapping's object's (see `super::mapped_by`).
+    let data = match t.meta {
+        Some(meta) if super::mapped_by(t.pid, meta) => Vec::new(),
+        _ => read_contents(&copy, size, &t.context())?,
+    };
     let seals = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
         return Err(errno_err(format!("F_GET_SEALS of {}", t.context())));

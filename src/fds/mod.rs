@@ -97,6 +97,26 @@ pub fn identity(path: &str, meta: &std::fs::Metadata) -> FileIdentity {
 /// bigger ones belong in the page store, which this does not use yet.
 pub const MAX_INLINE_CONTENTS: u64 = 64 << 20;
 
+/// Whether process `pid` maps the file `meta` describes (`/proc/PID/maps`: device and
+/// inode). An fd on a deleted file or memfd that is also mapped is an open of a
+/// `SharedFile` object (`dump::shared_files`), whose contents are stored once through
+/// the page store: the fd's dump does not read them.
+pub fn mapped_by(pid: i32, meta: &std::fs::Metadata) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let dev = format!(
+        "{:02x}:{:02x}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev())
+    );
+    let ino = meta.ino().to_string();
+    maps.lines().any(|l| {
+        let mut f = l.split_ascii_whitespace().skip(3);
+        f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
+    })
+}
+
 /// `/proc/PID/fdinfo/N`.
 pub struct FdInfo {
     pub pos: i64,

@@ -25,8 +25,12 @@ pub fn dump(t: &Target, meta: &std::fs::Metadata) -> Result<FileDesc> {
     let flags = t.flags();
     match meta.mode() & libc::S_IFMT {
         libc::S_IFREG if t.link.ends_with(DELETED) && meta.nlink() == 0 => {
-            let copy = t.copy()?;
-            let data = read_contents(&copy, meta.size(), &t.context())?;
+            // Also mapped: its contents are the mapping's object's (see `mapped_by`).
+            let data = if super::mapped_by(t.pid, meta) {
+                Vec::new()
+            } else {
+                read_contents(&t.copy()?, meta.size(), &t.context())?
+            };
             Ok(FileDesc::Ghost {
                 path: t.link.trim_end_matches(DELETED).to_owned(),
                 owner: super::owner_of(meta),
