@@ -145,9 +145,10 @@ fn java_echo_eight_concurrent_no_perfdata() {
     java_eight_concurrent("java_echo8_noperf", &argv);
 }
 
-/// Python's `multiprocessing.Pool(2)` with a `multiprocessing.Lock` and a shared `Value`
-/// (issue 13): POSIX semaphores and an arena in `/dev/shm`, deleted and mapped by the
-/// parent and both workers, plus the pipes between them. Restored in every mode and
+/// Python's `multiprocessing.Pool(2)` with a `multiprocessing.Lock`, a `Queue` and a
+/// shared `Value` (issue 13): POSIX semaphores and an arena in `/dev/shm`, deleted and
+/// mapped by the parent and both workers, plus the pipes between them and the queue's
+/// feeder threads. Restored in every mode and
 /// handed out by `serve`, it answers as a cold run does; two instances side by side each
 /// have their own lock and counter.
 #[test]

@@ -221,6 +221,19 @@ impl Store {
                 }
             }
         }
+        for f in &snap.manifest.shared_files {
+            for r in &f.pages {
+                if let RunContent::Data { first } = r.content {
+                    if first.checked_add(r.count).is_none_or(|e| e > n) {
+                        reasons.push(format!(
+                            "shared file {} ({}): run {first}..+{} is outside the page \
+                             table ({n} records)",
+                            f.id, f.path, r.count
+                        ));
+                    }
+                }
+            }
+        }
         let mut buf = vec![0u8; VERIFY_CHUNK as usize * PAGE_SIZE];
         let mut first = 0;
         while first < n {

@@ -372,6 +372,21 @@ impl<'a> SnapshotWriter<'a> {
                 }
             }
         }
+        for f in &manifest.shared_files {
+            for r in &f.pages {
+                if let RunContent::Data { first } = r.content {
+                    if first.checked_add(r.count).is_none_or(|end| end > count) {
+                        return Err(StoreError::InvalidManifest {
+                            reason: format!(
+                                "shared file {} ({}): run references page-table records \
+                                 {first}..+{} but only {count} pages were added",
+                                f.id, f.path, r.count
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         self.flush_block()?;
         self.seal_pack()?;
         if !self.sealed.is_empty() {
