@@ -163,3 +163,32 @@ fn next_data(f: &File, at: u64, size: u64) -> Result<Option<(u64, u64)>> {
     }
     Ok(Some((start as u64, (end as u64).min(size))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    #[test]
+    fn data_ranges_of_a_sparse_memfd() {
+        // SAFETY: a NUL-terminated name; the new fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"ws-sparse".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd that nothing else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let page = PAGE_SIZE as u64;
+        f.set_len(16 * page).unwrap();
+        f.write_all_at(b"x", 3 * page + 5).unwrap();
+        f.write_all_at(&vec![7u8; 2 * PAGE_SIZE], 9 * page).unwrap();
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while let Some((s, e)) = next_data(&f, at, 16 * page).unwrap() {
+            ranges.push((s / page, e.div_ceil(page)));
+            at = e;
+            if at >= 16 * page {
+                break;
+            }
+        }
+        assert_eq!(ranges, vec![(3, 4), (9, 11)]);
+    }
+}
