@@ -6,9 +6,10 @@
 //! A deleted file is created empty in its original directory (`O_TMPFILE`), given its
 //! size, owner and mode, then linked under its original name just long enough to be
 //! opened there and unlinked, so that `/proc/PID/maps` and `/proc/PID/fd` show `PATH
-//! (deleted)` as at dump. When the name is taken (another file, or another instance
-//! restoring at the same moment) or the directory is gone (then the file is made in
-//! `/tmp`), it shows the kernel's name for an `O_TMPFILE`, `DIR/#INODE (deleted)`.
+//! (deleted)` as at dump. When the name is taken (by another file; another instance
+//! restoring at the same moment is waited for over a few yields) or the directory is
+//! gone (then the file is made in `/tmp`), it shows the kernel's name for an
+//! `O_TMPFILE`, `DIR/#INODE (deleted)`.
 //! A memfd is made with `memfd_create` under its name.
 //!
 //! The contents are written afterwards by the monitor (`restore::memory::fill_shared_files`)
@@ -77,18 +78,29 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
 fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, RawFd)>> {
     let from = cstr(&format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
     let to = cstr(path).ok()?;
-    // SAFETY: two NUL-terminated paths that live across the call.
-    let linked = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    } == 0;
-    if !linked {
-        return None;
+    // Another instance of the snapshot restoring at this moment holds the name for a few
+    // microseconds: a few tries with a yield between. A file that really has the name
+    // keeps it, and the fallback name is used.
+    let mut tries = 0;
+    loop {
+        // SAFETY: two NUL-terminated paths that live across the call.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        tries += 1;
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) || tries == 20 {
+            return None;
+        }
+        std::thread::yield_now();
     }
     let mut out = Vec::with_capacity(opens.len() + 1);
     let mut ok = true;
