@@ -380,6 +380,9 @@ pub fn build(
     b.trap();
 
     for v in relros {
+        if matches!(v.kind, VmaKind::Anon { .. }) {
+            keep_accounted(&mut b, v);
+        }
         b.syscall(
             libc::SYS_mprotect,
             &[imm(v.start), imm(v.len()), imm(v.prot)],
@@ -478,6 +481,37 @@ pub fn build(
         b.exit_thread(0);
     }
     Ok((b.build(base), uffd))
+}
+
+/// Makes sure anonymous area `v` has faulted once before it loses write permission, so
+/// that `mprotect` keeps its `VM_ACCOUNT` (smaps `ac`): since Linux 6.6 mprotect drops
+/// the flag from an area that never faulted (no `anon_vma`), and the dumped area had
+/// faulted (a guard page split from a used area, a read-only table written once). One
+/// page is write-faulted in: a stored page (in a lazy restore its contents come from the
+/// page server, eagerly they are there already), else the first page, dropped again
+/// unless the snapshot has it present.
+fn keep_accounted(b: &mut ProgramBuilder, v: &Vma) {
+    const MADV_POPULATE_WRITE: u64 = 23;
+    let (page, present) = v
+        .pages
+        .iter()
+        .find(|r| matches!(r.content, warmstart_snapshots::model::RunContent::Data { .. }))
+        .or_else(|| v.pages.first())
+        .map(|r| (r.page, true))
+        .unwrap_or((0, false));
+    let addr = v.start + page * 4096;
+    b.syscall(
+        libc::SYS_madvise,
+        &[imm(addr), imm(4096u64), imm(MADV_POPULATE_WRITE)],
+        format!("fault one page of {} (keeps VM_ACCOUNT)", label(v)),
+    );
+    if !present {
+        b.syscall(
+            libc::SYS_madvise,
+            &[imm(addr), imm(4096u64), imm(libc::MADV_DONTNEED as u64)],
+            format!("drop that page again {}", label(v)),
+        );
+    }
 }
 
 /// Creates the userfaultfd of a lazy restore and registers `ranges` for missing faults.

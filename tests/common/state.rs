@@ -100,24 +100,6 @@ pub const EXCLUDED: &[Exclusion] = &[
     },
     Exclusion {
         section: "smaps",
-        field: "VmFlags",
-        why: "KNOWN GAP (README): `ac` (VM_ACCOUNT) lost on an anonymous area that is \
-              read-only or PROT_NONE and has no page: since 6.6 mprotect drops VM_ACCOUNT \
-              from an area that never faulted (no anon_vma), and the restored area has not \
-              faulted where the dumped one had (a guard page split from a used area). Only \
-              this one flag, only this way round",
-        when: Some(|b, a| match (b, a) {
-            (Some(b), Some(a)) => {
-                let without: Vec<&str> = b.split_whitespace().filter(|f| *f != "ac").collect();
-                b.split_whitespace().any(|f| f == "ac")
-                    && without == a.split_whitespace().collect::<Vec<_>>()
-                    && !a.split_whitespace().any(|f| f == "wr")
-            }
-            _ => false,
-        }),
-    },
-    Exclusion {
-        section: "smaps",
         field: "Rss",
         why: "residency: lazy paging, page cache, touched [vvar]-family pages",
         when: None,
