@@ -101,6 +101,10 @@ pub struct Process {
     /// `/proc/PID/stat` field 52): only its ids are meaningful. Restored as a child that
     /// exits with this status, so its parent's `wait` gets the same answer.
     pub zombie: Option<i32>,
+    /// A zombie's signal mask (`SigBlk`); its `sigactions` say only which signals it
+    /// ignored (`SIG_IGN`) or caught (a handler address that is never called). What
+    /// `/proc` shows of a zombie besides its ids and exit status.
+    pub zombie_sigmask: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

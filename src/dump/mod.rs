@@ -374,6 +374,7 @@ fn collect_process(
         seccomp_filters,
         private_files,
         zombie: None,
+        zombie_sigmask: 0,
     };
     Ok((process, file_locks))
 }

@@ -313,7 +313,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         let mut f = unsafe { std::fs::File::from_raw_fd(report) };
         f.write_all(&[MSG_ZOMBIE])?;
         drop(f);
-        become_zombie(status);
+        become_zombie(p, status);
     }
     settle_zombie_children(m, p)?;
     let places = crate::fds::stdio_fds(p);
@@ -413,26 +413,86 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     unsafe { warmstart_parasite::jump(blob.entry, blob.program, blob.stack_top) }
 }
 
-/// Exits with `status`, a raw wait status as the parent's `wait` will report it.
-fn become_zombie(status: i32) -> ! {
-    if libc::WIFSIGNALED(status) {
-        let sig = libc::WTERMSIG(status);
-        unsafe {
-            // No core file: its flag in the status is not reproduced.
-            let none = libc::rlimit {
+/// Exits with `status`, a raw wait status as the parent's `wait` will report it, showing
+/// in `/proc` what the zombie `p` showed: its name, which signals it ignored or caught,
+/// its blocked mask, nothing pending.
+fn become_zombie(p: &Process, status: i32) -> ! {
+    let sig = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
+    let mut comm = p.comm.as_bytes().to_vec();
+    comm.truncate(15);
+    comm.push(0);
+    // SAFETY: raw syscalls on this single-threaded process with buffers that live across
+    // each call; nothing here allocates after the name is built.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+        for (i, sa) in p.sigactions.iter().enumerate() {
+            let s = i as i32 + 1;
+            if s == libc::SIGKILL || s == libc::SIGSTOP || Some(s) == sig {
+                continue;
+            }
+            let raw: [u64; 4] = [sa.handler, 0, 0, 0];
+            libc::syscall(libc::SYS_rt_sigaction, s, raw.as_ptr(), 0usize, 8usize);
+        }
+        // Signals this restoring process got meanwhile are not the zombie's: drained
+        // with everything blocked, then the recorded mask.
+        let all: u64 = !0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all,
+            0usize,
+            8usize,
+        );
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        while libc::syscall(libc::SYS_rt_sigtimedwait, &all, 0usize, &zero, 8usize) > 0 {}
+        let mut mask = p.zombie_sigmask;
+        if let Some(s) = sig {
+            mask &= !(1u64 << (s - 1));
+        }
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask,
+            0usize,
+            8usize,
+        );
+        if let Some(sig) = sig {
+            // No core file: its flag in the status is not reproduced. The hard limit
+            // stays (it cannot be raised again without CAP_SYS_RESOURCE).
+            let mut lim = libc::rlimit {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::getrlimit(libc::RLIMIT_CORE, &mut lim);
+            lim.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_CORE, &lim);
+            let dfl: [u64; 4] = [0; 4];
+            libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), 0usize, 8usize);
+            // Sent while blocked and then unblocked, the signal is dequeued on the way
+            // out as it is for a process killed by another; sent unblocked to itself it
+            // would take the kernel's short cut and stay pending in the zombie (ShdPnd).
+            let unblock: u64 = 1 << (sig - 1);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &unblock,
+                0usize,
+                8usize,
+            );
             libc::kill(libc::getpid(), sig);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_UNBLOCK,
+                &unblock,
+                0usize,
+                8usize,
+            );
         }
+        libc::_exit(libc::WEXITSTATUS(status))
     }
-    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
 }
 
 /// Waits (without reaping) until every zombie child of `p` has exited, then drops the

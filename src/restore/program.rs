@@ -495,7 +495,12 @@ fn keep_accounted(b: &mut ProgramBuilder, v: &Vma) {
     let (page, present) = v
         .pages
         .iter()
-        .find(|r| matches!(r.content, warmstart_snapshots::model::RunContent::Data { .. }))
+        .find(|r| {
+            matches!(
+                r.content,
+                warmstart_snapshots::model::RunContent::Data { .. }
+            )
+        })
         .or_else(|| v.pages.first())
         .map(|r| (r.page, true))
         .unwrap_or((0, false));

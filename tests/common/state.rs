@@ -691,33 +691,7 @@ pub fn differences(ctx: &str, before: &str, taken: Taken, after: &str) -> Vec<St
     let a = Capture::parse(after, Taken::Plain).unwrap_or_else(|e| {
         panic!("{ctx}: the capture after the restore does not parse: {e}\n{after}")
     });
-    let zombies = zombie_pids(before);
     diff(&b, &a)
-        .into_iter()
-        .filter(|l| !zombies.iter().any(|z| l.starts_with(&format!("pid {z} "))))
-        .collect()
-}
-
-/// Processes that were zombies at the warm point (`State: Z`). Known gap, the one place
-/// the diff looks away from whole processes: a zombie is restored as a child that exits
-/// with its recorded status, so its wait status and ids are exact but its name, signal
-/// masks and limits are those of the restorer it exited from (README, "Not yet"). Nothing
-/// can run in a zombie, so nothing reads them but `/proc`.
-fn zombie_pids(capture: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pid = None;
-    for line in capture.lines() {
-        if let Some(h) = line.strip_prefix("#@ ") {
-            let mut w = h.split_whitespace();
-            let (p, _tid, name) = (w.next(), w.next(), w.next());
-            pid = (name == Some("status")).then(|| p.unwrap_or("").to_owned());
-        } else if let Some(p) = &pid {
-            if line.starts_with("State:") && line.contains('Z') && !out.contains(p) {
-                out.push(p.clone());
-            }
-        }
-    }
-    out
 }
 
 /// Panics with every difference (or, with `WARMSTART_STATE_DIFF=warn`, prints them on
