@@ -256,6 +256,7 @@ pub(crate) mod tests {
                     data: vec![1, 2, 3],
                 }],
                 zombie: None,
+                zombie_sigmask: 0,
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -710,6 +711,7 @@ pub(crate) mod tests {
                 seccomp_filters: vec![],
                 private_files: vec![],
                 zombie: (ids[0] % 3 == 0).then_some(ids[1]),
+                zombie_sigmask: ids[0] as u64,
             },
         )
     }
