@@ -137,6 +137,7 @@ fn process(vmas: Vec<Vma>) -> Process {
         seccomp_filters: vec![],
         private_files: vec![],
         zombie: None,
+        zombie_sigmask: 0,
     }
 }
 
