@@ -138,6 +138,7 @@ fn process(vmas: Vec<Vma>) -> Process {
         private_files: vec![],
         zombie: None,
         zombie_sigmask: 0,
+        fd_table_size: 64,
     }
 }
 

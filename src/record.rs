@@ -244,6 +244,17 @@ pub fn record(
         },
         || {
             private.mount();
+            // The app gets stdin, stdout, stderr (and the notify fd) and nothing else
+            // warmstart was handed: an fd of warmstart's caller is not the app's state.
+            // SAFETY: close_range only flags fds close-on-exec; no memory is touched.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                )
+            };
             if let Some((ch, _)) = &notify {
                 if !ch.install_in_child() {
                     return 126;

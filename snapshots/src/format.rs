@@ -257,6 +257,7 @@ pub(crate) mod tests {
                 }],
                 zombie: None,
                 zombie_sigmask: 0,
+                fd_table_size: 64,
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -712,6 +713,7 @@ pub(crate) mod tests {
                 private_files: vec![],
                 zombie: (ids[0] % 3 == 0).then_some(ids[1]),
                 zombie_sigmask: ids[0] as u64,
+                fd_table_size: ids[1] as u32,
             },
         )
     }

@@ -105,6 +105,9 @@ pub struct Process {
     /// ignored (`SIG_IGN`) or caught (a handler address that is never called). What
     /// `/proc` shows of a zombie besides its ids and exit status.
     pub zombie_sigmask: u64,
+    /// Slots of the fd table (`FDSize` in `/proc/PID/status`): the kernel grows a table
+    /// and never shrinks it, so it shows the most fds the process ever had.
+    pub fd_table_size: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

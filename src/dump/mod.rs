@@ -375,6 +375,7 @@ fn collect_process(
         private_files,
         zombie: None,
         zombie_sigmask: 0,
+        fd_table_size: info.fd_table_size,
     };
     Ok((process, file_locks))
 }

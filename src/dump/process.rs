@@ -22,6 +22,7 @@ pub struct ProcInfo {
     pub umask: u32,
     pub personality: u32,
     pub no_new_privs: bool,
+    pub fd_table_size: u32,
     pub seccomp_mode: u32,
     pub mm: MmFields,
     pub auxv: Vec<u64>,
@@ -187,6 +188,9 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
             .unwrap_or(0o022),
         personality,
         no_new_privs: status_field(&status, "NoNewPrivs") == Some("1"),
+        fd_table_size: status_field(&status, "FDSize")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
         seccomp_mode: status_field(&status, "Seccomp")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),

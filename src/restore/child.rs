@@ -153,8 +153,16 @@ fn prepare_root(
         .max()
         .unwrap_or(2)
         .max(2);
-    // Everything we still need lives above the apps' highest fd while tables are built.
+    // Everything we still need lives above the apps' highest fd while tables are built:
+    // warmstart's other fds closed first, so the copies get the lowest numbers there
+    // (and the fd table can shrink, see `shrink_fd_table`).
     let high = max_fd + 1;
+    let mut originals = vec![0, 1, 2];
+    originals.extend(&chans.reports);
+    originals.extend(chans.gates.iter().filter(|&&g| g >= 0));
+    originals.extend(notify);
+    originals.extend(late_sock);
+    close_all_except(&originals)?;
     let mut moved = TreeChannels {
         reports: Vec::new(),
         gates: Vec::new(),
@@ -182,6 +190,7 @@ fn prepare_root(
     keep.extend(&moved.reports);
     keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
+    shrink_fd_table()?;
     recreate_private_files(m)?;
     let inherited = crate::fds::prepare_shared(m, &stdio, high)?;
     let mut b = [0; 2];
@@ -319,6 +328,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let places = crate::fds::stdio_fds(p);
     let parked = ctx.late_sock.is_some();
     crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
+    grow_fd_table(p.fd_table_size, report)?;
     for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
@@ -574,6 +584,94 @@ fn close_all_except(keep: &[RawFd]) -> Result<()> {
         from = fd.saturating_add(1);
     }
     Ok(())
+}
+
+/// Gives this restoring process an fd table no larger than the fds it holds need.
+///
+/// It started with a copy of warmstart's, which is as large as the highest fd warmstart
+/// ever had (one fd >= 64 inherited from warmstart's caller makes it 256 slots), and the
+/// kernel never shrinks a table: the app would show that `FDSize`. `unshare(CLONE_FILES)`
+/// copies the table, sized by the open fds, but only while another task shares it; so a
+/// helper is forked sharing it (`CLONE_FILES`, a plain fork otherwise: no ptrace event,
+/// and its pid is gone before the tree's pids are taken), the table is unshared, the
+/// helper killed and reaped, and its SIGCHLD dropped (it is not the app's).
+fn shrink_fd_table() -> Result<()> {
+    // SAFETY: a raw clone without CLONE_VM and with a null stack is a fork whose child
+    // only loops in pause(2) until it is killed; it runs no Rust code that could take a
+    // lock (this process is single-threaded).
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if child == 0 {
+        loop {
+            // SAFETY: pause takes no arguments.
+            unsafe { libc::syscall(libc::SYS_pause) };
+        }
+    }
+    if child < 0 {
+        return Err(errno_err("forking a helper that shares the fd table"));
+    }
+    let child = child as libc::pid_t;
+    // SAFETY: plain syscalls on our own child; `status` outlives waitpid.
+    let unshared = unsafe { libc::unshare(libc::CLONE_FILES) };
+    let err = std::io::Error::last_os_error();
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(child, &mut status, 0) < 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+    }
+    drop_sigchld();
+    if unshared < 0 {
+        return Err(anyhow::anyhow!("unshare(CLONE_FILES): {err}"));
+    }
+    Ok(())
+}
+
+/// Grows the fd table to `size` slots, as the app's was (see [`shrink_fd_table`]): an
+/// fd at `size / 2`, duplicated from `any` and closed again. (Beyond its 64 embedded
+/// slots the kernel sizes a table for `n` slots as 128 × the power of two above
+/// `n / 128`; a table of 128 × 2^k slots is what holding fd 64 × 2^k asks for.)
+fn grow_fd_table(size: u32, any: RawFd) -> Result<()> {
+    if size <= 64 {
+        return Ok(());
+    }
+    // SAFETY: fcntl/close on our own fds.
+    let fd = unsafe { libc::fcntl(any, libc::F_DUPFD_CLOEXEC, (size / 2) as i32) };
+    if fd < 0 {
+        // Above RLIMIT_NOFILE (the app lowered it after the table grew): the table
+        // cannot be grown now; what /proc shows of it is all that differs.
+        let e = std::io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EMFILE)) {
+            return Ok(());
+        }
+        return Err(anyhow::anyhow!("growing the fd table to {size} slots: {e}"));
+    }
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Consumes a pending SIGCHLD (every signal is blocked in a restoring process).
+fn drop_sigchld() {
+    // SAFETY: sigset operations on a local set; a zero timeout never blocks.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) > 0 {}
+    }
 }
 
 fn open_path(path: &str, flags: i32) -> Result<RawFd> {

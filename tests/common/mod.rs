@@ -514,16 +514,6 @@ impl Ws {
         c.env("WARMSTART_STORE", self.store())
             .env_remove("RUST_LOG")
             .args(args);
-        // warmstart starts with only stdio, whatever fds the test runner was handed: an
-        // inherited high fd grows the fd table of warmstart, and so of the restorer and
-        // the restored app (FDSize in the state diff; see the closing notes).
-        // SAFETY: close_range is async-signal-safe and touches no memory.
-        unsafe {
-            c.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
         c
     }
 
