@@ -216,3 +216,30 @@ fn monotonic_and_boottime_clocks_continue_from_the_dump() {
 fn pipe_opened_twice_socket_shutdown_owner_mode_madvise() {
     run_fixture("state_edges", true);
 }
+
+/// A process that chrooted itself before its warm point runs in the same root after the
+/// restore, in every mode: its files opened before by their host paths, then `chroot`.
+#[test]
+fn chrooted_process() {
+    let bin = fixture("chrooted");
+    let d = tempdir("ws-chroot-");
+    let want = "cwd=/ marker=1 host-path=0\n";
+    let cold = common::cold(&[bin.as_os_str(), d.path().as_os_str()], "x\n");
+    assert_eq!(cold.stdout, want, "cold:\n{}", cold.describe());
+    let ws = Ws::new();
+    ws.record("chrooted", &[bin.as_os_str(), d.path().as_os_str()]);
+    ws.each_mode("chrooted", "x\n", |mode, out| {
+        assert!(
+            out.code() == 0 && out.stdout == want,
+            "restored chrooted process, {mode}:\n{}",
+            out.describe()
+        );
+    });
+    let _daemon = ws.serve("chrooted");
+    let out = ws.served("chrooted", "x\n");
+    assert!(
+        out.code() == 0 && out.stdout == want,
+        "served chrooted process:\n{}",
+        out.describe()
+    );
+}

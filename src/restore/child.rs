@@ -332,9 +332,9 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
-    if p.root != "/" {
+    if p.root != "/" && !std::path::Path::new(&p.root).is_dir() {
         bail!(
-            "process {} ran chrooted in {}: restoring a changed root is not supported yet",
+            "process {} ran chrooted in {}, which is no longer a directory: restore it there",
             p.pid,
             p.root
         );
@@ -416,6 +416,16 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         unsafe { libc::close(gate) };
         if n != 1 {
             unsafe { libc::_exit(125) };
+        }
+    }
+    // Last of the paths: every file above was opened by its path as seen from the host's
+    // root (how /proc showed it at the dump); the cwd, entered above, lies inside. After
+    // the last read of /proc (the new root may have none).
+    if p.root != "/" {
+        let root = cstr(&p.root)?;
+        // SAFETY: a NUL-terminated path that lives across the call.
+        if unsafe { libc::chroot(root.as_ptr()) } < 0 {
+            return Err(errno_err(format!("chroot({})", p.root)));
         }
     }
     unregister_rseq();
