@@ -438,6 +438,10 @@ pub struct EpollTarget {
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// The fd of the process that holds the registered file now, when number `fd` no
+    /// longer does (closed after the add, the file kept by a dup): restored by adding
+    /// the file under number `fd` for a moment.
+    pub via: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

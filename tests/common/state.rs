@@ -562,6 +562,24 @@ fn parse_fd(
 ) {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut kind = "";
+    // The kernel lists an epoll's targets and an inotify's watches in an order of its
+    // own (struct addresses): put them in fd/wd order, in place, so their inodes get
+    // their labels in the same order on both sides.
+    let mut lines: Vec<&str> = lines.to_vec();
+    for tag in ["tfd:", "inotify wd:"] {
+        let at: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].trim_start().starts_with(tag))
+            .collect();
+        let mut sorted: Vec<&str> = at.iter().map(|&i| lines[i]).collect();
+        sorted.sort_by_key(|l| {
+            let v = l.trim_start()[tag.len()..].trim_start();
+            let id = v.split_whitespace().next().unwrap_or("");
+            id.parse::<i64>().unwrap_or(i64::MAX)
+        });
+        for (&i, l) in at.iter().zip(sorted) {
+            lines[i] = l;
+        }
+    }
     for l in lines {
         let Some((k, v)) = l.split_once(':') else {
             continue;
