@@ -52,6 +52,9 @@ pub struct BlobInfo {
     pub late: bool,
     /// Its late phase receives the caller's stdio first.
     pub wants_stdio: bool,
+    /// Where its late phase reads the clock offsets of the hand-out
+    /// (`program::timens_text`), for the root of a parked tree.
+    pub timens_text: Option<u64>,
 }
 
 /// Message tags on the status pipe.
@@ -359,7 +362,26 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
+    // A parked process's way to its time namespace files (see program::Late::proc_dir),
+    // opened while /proc is still reachable (before a chroot).
+    let late_timens = match ctx.late_sock {
+        None => None,
+        Some(_) => {
+            let (timens, dir) = match m.processes.first() {
+                Some(root) if root.pid != p.pid => (
+                    program::LateTimeNs::Join(root.pid),
+                    format!("/proc/{}", root.pid),
+                ),
+                _ => (program::LateTimeNs::Create, "/proc/self".to_owned()),
+            };
+            let fd = open_path(&dir, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
+            let high_fd = dup_high(fd, ctx.high)?;
+            unsafe { libc::close(fd) };
+            Some((timens, high_fd))
+        }
+    };
     let late = ctx.late_sock.map(|sock| {
+        let (timens, proc_dir) = late_timens.expect("opened for every parked process");
         let wants_stdio = !places.is_empty();
         if !wants_stdio {
             unsafe { libc::close(sock) };
@@ -369,12 +391,14 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             places,
             epoll_adds: crate::fds::late_epoll_targets(p),
             timerfds: crate::fds::late_timerfds(p),
+            timens,
+            proc_dir,
         }
     });
     let late = late.as_ref();
     let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
-    let (blob, uffd_slot) = program::build(p, &own, &fds, base, len, lazy, late)?;
+    let (blob, uffd_slot, timens_text) = program::build(p, &own, &fds, base, len, lazy, late)?;
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -403,6 +427,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             .collect(),
         late: late.is_some(),
         wants_stdio: late.is_some_and(|l| l.sock.is_some()),
+        timens_text: timens_text.map(|d| blob.addr_of(d)),
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);

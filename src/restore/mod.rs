@@ -483,7 +483,12 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             // The leader reports each thread it creates (in creation order, which is the
             // snapshot's thread order), then its own trap; then each thread traps.
             wait_trap(d.pid, &d.info, &mut d.tids)?;
-            let want = m.processes[d.idx].threads.len();
+            // A parked process creates its threads when handed out.
+            let want = if d.info.late {
+                1
+            } else {
+                m.processes[d.idx].threads.len()
+            };
             if d.tids.len() != want {
                 bail!("created {} threads, the snapshot has {want}", d.tids.len());
             }
@@ -517,20 +522,39 @@ impl Parked {
         let t = Instant::now();
         let mut failed_in = 0;
         let resumed = (|| -> Result<()> {
+            let m = &self.snap.manifest;
             if let Some(sock) = &self.late_sock {
                 let stdio = stdio.context("a parked instance needs its stdio")?;
                 let fds = stdio.map(|f| f.as_raw_fd());
-                for d in self.tree.iter().filter(|d| d.info.late) {
+                // The clocks go on from the dump as of now (see program::LateTimeNs): the
+                // root's late phase creates the namespace, in tree order before the rest.
+                let [mono, boot] = crate::sys::timens::adjusted_targets(&m.clocks)?;
+                let text = program::timens_text(
+                    mono - crate::sys::timens::now_ns(libc::CLOCK_MONOTONIC),
+                    boot - crate::sys::timens::now_ns(libc::CLOCK_BOOTTIME),
+                );
+                for d in self.tree.iter_mut().filter(|d| d.info.late) {
                     failed_in = d.idx;
+                    if let Some(addr) = d.info.timens_text {
+                        remote::write(d.pid, addr, &text)
+                            .context("writing the clock offsets into the restorer")?;
+                    }
                     if d.info.wants_stdio {
                         crate::sys::scm::send(sock.as_fd(), &[1], &fds)
                             .context("sending the stdio")?;
                     }
                     ptrace::cont(d.pid, 0).context("continuing the restorer")?;
-                    wait_trap(d.pid, &d.info, &mut Vec::new())?;
+                    // A parked process creates its threads now.
+                    wait_trap(d.pid, &d.info, &mut d.tids)?;
+                    let want = m.processes[d.idx].threads.len();
+                    if d.tids.len() != want {
+                        bail!("created {} threads, the snapshot has {want}", d.tids.len());
+                    }
+                    for &tid in &d.tids[1..] {
+                        wait_trap(tid, &d.info, &mut Vec::new())?;
+                    }
                 }
             }
-            let m = &self.snap.manifest;
             for d in &self.tree {
                 failed_in = d.idx;
                 finish(&d.tids, &d.info, &m.processes[d.idx].threads)?;
