@@ -193,7 +193,10 @@ fn prepare_root(
     keep.extend(&moved.reports);
     keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
-    shrink_fd_table()?;
+    // Only when warmstart's table is larger than the app's was (a fork's worth of work).
+    if own_fd_table_size() > p.fd_table_size.max(64) {
+        shrink_fd_table()?;
+    }
     recreate_private_files(m)?;
     let inherited = crate::fds::prepare_shared(m, &stdio, high)?;
     let mut b = [0; 2];
@@ -669,6 +672,18 @@ fn shrink_fd_table() -> Result<()> {
         return Err(anyhow::anyhow!("unshare(CLONE_FILES): {err}"));
     }
     Ok(())
+}
+
+/// This process's fd table size (`FDSize`), 0 if unreadable.
+fn own_fd_table_size() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Grows the fd table to `size` slots, as the app's was (see [`shrink_fd_table`]): an
