@@ -953,13 +953,14 @@ fn any_ready(pidfd: BorrowedFd<'_>, set: &[(i32, i16)]) -> bool {
 }
 
 /// Syscalls in which a sleeping task waits for an event (a task asleep elsewhere, e.g.
-/// reading a file, is still busy).
-const WAITS: [i64; 25] = [
+/// reading a file, is still busy). `nanosleep` and `clock_nanosleep` are not among them:
+/// a task that sleeps for a set time is pacing work it has not finished (gunicorn's
+/// master sleeps between starting one worker and the next).
+const WAITS: [i64; 23] = [
     libc::SYS_read,
     libc::SYS_poll,
     libc::SYS_select,
     libc::SYS_pause,
-    libc::SYS_nanosleep,
     libc::SYS_accept,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
@@ -972,7 +973,6 @@ const WAITS: [i64; 25] = [
     libc::SYS_rt_sigsuspend,
     libc::SYS_futex,
     libc::SYS_semtimedop,
-    libc::SYS_clock_nanosleep,
     libc::SYS_epoll_wait,
     libc::SYS_waitid,
     libc::SYS_pselect6,
