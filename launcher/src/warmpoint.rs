@@ -14,7 +14,7 @@
 //! | trigger | filter traps | warm point |
 //! |---|---|---|
 //! | `stdin` | reads of fd 0 | the first one (syscall-entry stop) |
-//! | `listen` | listen, accept(4), (p)poll, (p)select, epoll_(p)wait(2) | the first accept / poll / select / epoll wait whose set holds a listening socket (`SO_ACCEPTCONN`, checked on a `pidfd_getfd` copy) |
+//! | `listen` | listen, accept(4), (p)poll, (p)select, epoll_(p)wait(2) | the first accept / poll / select / epoll wait whose set holds a listening socket (`SO_ACCEPTCONN`, checked on a `pidfd_getfd` copy) and that blocks (no zero timeout, nothing ready now, a blocking socket for accept), in any process of the app's tree; held until the rest of the tree settles (see [`WarmPointTracker::run`]) |
 //! | `notify` | read/readv/recvfrom/recvmsg of [`NOTIFY_FD`] | the first read of the notify fd after the app wrote `READY=1`; or, sd_notify, the `PTRACE_INTERRUPT` stop right after `READY=1` arrived on `$NOTIFY_SOCKET` |
 //! | `after=D` | nothing | the `PTRACE_INTERRUPT` stop after D |
 //! | `signal` | nothing | the app's own SIGSTOP (signal-delivery stop; the SIGSTOP is suppressed) |
@@ -896,14 +896,15 @@ impl Waiter<'_> {
             }
             libc::SYS_accept | libc::SYS_accept4 => {
                 let fd = r.rdi as i32;
-                match copy_fd(self.pidfd, fd) {
-                    // SAFETY: F_GETFL on an fd we own.
-                    Some(c)
-                        if unsafe { libc::fcntl(c.as_raw_fd(), libc::F_GETFL) }
-                            & libc::O_NONBLOCK
-                            == 0 => {}
-                    // Non-blocking (EAGAIN at once) or not an fd (EBADF at once).
-                    _ => return false,
+                // Not an fd: EBADF at once.
+                let Some(c) = copy_fd(self.pidfd, fd) else {
+                    return false;
+                };
+                // SAFETY: F_GETFL on an fd we own.
+                let flags = unsafe { libc::fcntl(c.as_raw_fd(), libc::F_GETFL) };
+                // Non-blocking: a connection or EAGAIN at once.
+                if flags < 0 || flags & libc::O_NONBLOCK != 0 {
+                    return false;
                 }
                 vec![(fd, libc::POLLIN)]
             }
@@ -1502,6 +1503,13 @@ impl WarmPointTracker {
     /// The whole monitor loop: wait (see [`wait_event`]; `init_pid` is the sandbox's
     /// init), feed, resume, until the warm point (returned with that thread stopped), the
     /// app's end, or `timeout`. Must run on the thread that seized the app.
+    ///
+    /// `listen`: a blocking wait for a connection is held (stopped at its syscall entry)
+    /// until the rest of the tree is settled: every other task asleep in a wait for an
+    /// event or stopped, and no task came or went since the last look (a server's master
+    /// may still be starting workers, or handing them fds). Held waits that would no
+    /// longer block are let go meanwhile. After [`SETTLE_AT_MOST`] the snapshot is taken
+    /// anyway. The other held threads are in [`take_held`](Self::take_held).
     pub fn run(
         &mut self,
         init_pid: i32,

@@ -548,6 +548,7 @@ while True:
     let waker = std::thread::spawn(move || {
         let line = read_exact(out.as_raw_fd(), 8, LONG);
         assert_eq!(line, b"looping\n");
+        // SAFETY: one byte from a static buffer to a pipe we own.
         unsafe { libc::write(wake_w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
     });
     app.tracker.interrupt_when_readable(wake_r);
