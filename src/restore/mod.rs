@@ -214,10 +214,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         })
         .transpose()?;
     let t = Instant::now();
-    // Only the root is served lazily; the other processes of a tree get all their
-    // memory before they resume.
-    // Each process has a userfaultfd and a page server of its own (only the root's
-    // learns or prefetches the working set); a process with nothing to serve lazily is
+    // Each process has a userfaultfd and a page server of its own, which learns or
+    // prefetches its own working set; a process with nothing to serve lazily is
     // restored eagerly.
     let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
         .processes
