@@ -405,6 +405,16 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
                 "logical_bytes": st.logical_bytes, "resident_bytes": st.resident_pages * 4096,
                 "zero_bytes": st.zero_pages * 4096, "data_bytes": st.data_pages * 4096,
                 "working_set_pages": store.working_set(&id).map(|w| w.len()),
+                // Per process (pid in the snapshot); `null` for a working set learned as
+                // one list (before trees learned per process).
+                "working_set_by_pid": match store.working_sets(&id) {
+                    Some(warmstart_snapshots::store::WorkingSets::PerProcess(m)) => Some(
+                        m.iter()
+                            .map(|(p, w)| (p.to_string(), w.len()))
+                            .collect::<std::collections::BTreeMap<_, _>>(),
+                    ),
+                    _ => None,
+                },
                 "stored_bytes": st.stored_bytes, "shared_pages_with_others": st.shared_with_others,
             },
             "manifest": m,
@@ -416,11 +426,22 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     println!("  command:  {}", m.command.join(" "));
     println!("  trigger:  {}", m.trigger);
     match store.working_set(&id) {
-        Some(ws) => println!(
-            "  working set: {} pages ({}), prefetched by lazy runs",
-            ws.len(),
-            human(ws.len() as u64 * 4096)
-        ),
+        Some(ws) => {
+            println!(
+                "  working set: {} pages ({}), prefetched by lazy runs",
+                ws.len(),
+                human(ws.len() as u64 * 4096)
+            );
+            if let Some(warmstart_snapshots::store::WorkingSets::PerProcess(m)) =
+                store.working_sets(&id)
+            {
+                if m.len() > 1 {
+                    let per: Vec<String> =
+                        m.iter().map(|(p, w)| format!("{p}: {}", w.len())).collect();
+                    println!("    per process (pid: pages): {}", per.join(", "));
+                }
+            }
+        }
         None => println!("  working set: not learned yet (the next lazy `run` learns it)"),
     }
     println!(

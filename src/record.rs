@@ -367,15 +367,16 @@ pub fn record(
                 if at_warm_point {
                     break warm;
                 }
-                warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
-                    .resume(warm.tid)
-                    .context("resuming the app while it warms up")?;
+                for w in std::iter::once(warm).chain(tracker.take_held()) {
+                    warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
+                        .resume(w.tid)
+                        .context("resuming the app while it warms up")?;
+                }
             };
-            let kind = match warm.kind {
-                WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
-                _ => StopKind::Interrupted,
-            };
-            let frozen = Frozen::at_stop(pid, warm.tid, kind);
+            // The warm point may be in a worker of the app's tree (`listen`), and other
+            // workers may be held at their own blocking wait: the dump takes each of these
+            // stopped threads as it is.
+            let frozen = held_frozen(pid, std::iter::once(warm).chain(tracker.take_held()));
             let dumped = dump::dump(
                 pid,
                 Some(frozen),
@@ -438,4 +439,44 @@ pub fn record(
             )
         }
     })
+}
+
+/// The `Frozen` of the app `pid` holding the threads stopped at `stops` (in the app or in
+/// processes of its tree).
+fn held_frozen(pid: i32, stops: impl Iterator<Item = warmstart_launcher::WarmStop>) -> Frozen {
+    let mut root = Frozen {
+        pid,
+        ..Default::default()
+    };
+    for w in stops {
+        let kind = match w.kind {
+            WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
+            _ => StopKind::Interrupted,
+        };
+        let owner = std::fs::read_to_string(format!("/proc/{}/status", w.tid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:"))
+                    .and_then(|v| v.trim().parse::<i32>().ok())
+            })
+            .unwrap_or(pid);
+        let f = if owner == pid {
+            &mut root
+        } else {
+            root.descendants.entry(owner).or_insert_with(|| Frozen {
+                pid: owner,
+                ..Default::default()
+            })
+        };
+        f.threads.insert(
+            w.tid,
+            dump::freeze::FrozenThread {
+                tid: w.tid,
+                kind,
+                caught: Vec::new(),
+            },
+        );
+    }
+    root
 }

@@ -40,7 +40,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{Sandbox, SpawnOptions};
 use warmstart_parasite::Status;
 use warmstart_snapshots::model::{reg, FileDesc, Process};
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Snapshot, WorkingSets};
 
 use crate::stats::Phases;
 use crate::sys::ptrace::{self, Stop};
@@ -68,9 +68,11 @@ pub struct Restored {
 pub struct RestoreOptions {
     /// Serve private anonymous memory on demand with userfaultfd (else copy it all).
     pub lazy: bool,
-    /// Pages to copy before the app resumes (the learned working set).
-    pub prefetch: Option<Vec<u64>>,
-    /// Learn the working set: record faults until the app first writes to stdout.
+    /// Pages to copy before the app resumes (the learned working sets: each process of
+    /// the tree prefetches its own).
+    pub prefetch: Option<WorkingSets>,
+    /// Learn the working sets (every process of the tree its own): record faults until
+    /// the app first writes to stdout or answers on a TCP connection.
     pub learn: bool,
     /// The snapshot was opened with `Store::load_deferred`: check its page table while
     /// restoring (before the app resumes when eager; alongside the page server when lazy).
@@ -212,10 +214,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         })
         .transpose()?;
     let t = Instant::now();
-    // Only the root is served lazily; the other processes of a tree get all their
-    // memory before they resume.
-    // Each process has a userfaultfd and a page server of its own (only the root's
-    // learns or prefetches the working set); a process with nothing to serve lazily is
+    // Each process has a userfaultfd and a page server of its own, which learns or
+    // prefetches its own working set; a process with nothing to serve lazily is
     // restored eagerly.
     let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
         .processes
@@ -399,28 +399,30 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let hot = hot_job.join().unwrap_or(None);
     phases.add("hot-pages", t.elapsed());
     let t = Instant::now();
-    let tree_opts = RestoreOptions {
-        lazy: true,
-        prefetch: None,
-        learn: false,
-        verify_table: false,
-        stdio: None,
-        interrupt: None,
-    };
+    // Every process with a page server learns (or prefetches) its own working set; the
+    // root's first answer ends the learning of all.
+    let learning = opts.learn.then(|| {
+        let learners = tree.iter().filter(|d| plans[d.idx].is_some()).count();
+        lazy::Learning::new(snap.clone(), learners)
+    });
+    let mut stop: Option<crate::lazy::RecordHandle> = None;
     let mut servers = Vec::new();
     for d in &tree {
         let server = match plans[d.idx].take() {
             Some(plan) => {
-                // The root's server prefetches and checks the page table.
-                let (o, check) = if d.idx == 0 {
-                    (opts, table_check.take())
-                } else {
-                    (&tree_opts, None)
+                // The root's server checks the page table.
+                let check = if d.idx == 0 { table_check.take() } else { None };
+                let how = lazy::ProcessLazy {
+                    pid: d.p.pid,
+                    root: d.idx == 0,
+                    prefetch: opts.prefetch.as_ref().and_then(|w| w.for_process(d.p.pid)),
+                    learning: learning.clone(),
+                    stop: stop.clone(),
                 };
-                Some(
-                    lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, o)
-                        .map_err(|e| fail_in(d.p, e))?,
-                )
+                let s = lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, how)
+                    .map_err(|e| fail_in(d.p, e))?;
+                stop.get_or_insert_with(|| s.record_handle());
+                Some(s)
             }
             None => None,
         };
@@ -859,16 +861,18 @@ pub fn detached<R>(
     }
 }
 
-/// Keeps a working set a lazy run learned: in the snapshot, and its hot pages.
-pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
-    if let Err(e) = snap.save_working_set(working_set) {
+/// Keeps the working sets a lazy run learned (per process, by pid in the snapshot): in
+/// the snapshot, and their hot pages.
+pub fn keep_working_sets(snap: &Snapshot, sets: &std::collections::BTreeMap<i32, Vec<u64>>) {
+    if let Err(e) = snap.save_working_sets(sets) {
         tracing::warn!(
             "working set of snapshot {} not kept: {e:#}",
             snap.id.short()
         );
         return;
     }
-    save_hot(snap, working_set);
+    let all: Vec<u64> = sets.values().flatten().copied().collect();
+    save_hot(snap, &all);
 }
 
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
