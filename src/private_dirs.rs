@@ -35,6 +35,22 @@ pub fn is_private(dirs: &[String], path: &str) -> bool {
     })
 }
 
+/// In the sandboxed child of `record` (own mount namespace): a fresh tmpfs on `/tmp`,
+/// the app's private `/tmp`. No allocation (it runs right after clone3).
+pub fn mount_private_tmp() -> bool {
+    // SAFETY: NUL-terminated static strings; mount reads nothing else.
+    unsafe {
+        libc::mkdir(c"/tmp".as_ptr(), 0o1777);
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/tmp".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=1777".as_ptr().cast(),
+        ) == 0
+    }
+}
+
 /// Mount points prepared before a sandbox starts: C strings, so that mounting needs no
 /// allocation in the child (it may run right after clone3).
 pub struct Mounts(Vec<CString>);

@@ -46,6 +46,8 @@ pub struct RecordOptions {
     /// (`Ready::Listen`); the warm point is then right after they were answered and their
     /// connections closed ([`crate::http_prime`]).
     pub prime_http: Vec<String>,
+    /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
+    pub share_tmp: bool,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -243,6 +245,9 @@ pub fn record(
             clocks: None,
         },
         || {
+            if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {
+                return 126;
+            }
             private.mount();
             if let Some((ch, _)) = &notify {
                 if !ch.install_in_child() {
@@ -379,6 +384,7 @@ pub fn record(
                     command: opts.command.clone(),
                     name: opts.name.clone(),
                     own_seccomp_filters: usize::from(filter.is_some()),
+                    private_tmp: !opts.share_tmp,
                 },
             )?;
             on_dumped(&dumped);

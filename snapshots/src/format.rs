@@ -176,6 +176,7 @@ pub(crate) mod tests {
                     size: 1 << 20,
                     mtime_ns: -5,
                     mode: 0o100755,
+                    hash: Some([3; 32]),
                 },
                 creds: Creds::default(),
                 rlimits: vec![Rlimit {
@@ -278,6 +279,12 @@ pub(crate) mod tests {
             }],
             page_count: 2,
             pages_hash: [3; 32],
+            private_tmp: Some(vec![crate::model::TmpEntry {
+                path: "db.sqlite-shm".into(),
+                owner: Default::default(),
+                mtime_ns: 1,
+                kind: crate::model::TmpKind::Symlink { target: "x".into() },
+            }]),
         }
     }
 
@@ -452,15 +459,19 @@ pub(crate) mod tests {
             any::<u64>(),
             any::<i128>(),
             any::<u32>(),
+            proptest::option::of(any::<[u8; 32]>()),
         )
-            .prop_map(|(path, dev, ino, size, mtime_ns, mode)| FileIdentity {
-                path,
-                dev,
-                ino,
-                size,
-                mtime_ns,
-                mode,
-            })
+            .prop_map(
+                |(path, dev, ino, size, mtime_ns, mode, hash)| FileIdentity {
+                    path,
+                    dev,
+                    ino,
+                    size,
+                    mtime_ns,
+                    mode,
+                    hash,
+                },
+            )
     }
 
     fn creds() -> impl Strategy<Value = Creds> {
@@ -751,6 +762,18 @@ pub(crate) mod tests {
                         file_locks: Vec::new(),
                         page_count,
                         pages_hash: ph,
+                        private_tmp: (page_count % 2 == 0).then(|| {
+                            vec![crate::model::TmpEntry {
+                                path: "a/b".into(),
+                                owner: Default::default(),
+                                mtime_ns: page_count as i128,
+                                kind: crate::model::TmpKind::File {
+                                    size: page_count,
+                                    inline: vec![1, 2],
+                                    pages: Vec::new(),
+                                },
+                            }]
+                        }),
                     }
                 },
             )

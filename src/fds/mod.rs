@@ -89,6 +89,7 @@ pub fn identity(path: &str, meta: &std::fs::Metadata) -> FileIdentity {
         size: meta.size(),
         mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
         mode: meta.mode(),
+        hash: None,
     }
 }
 
