@@ -177,6 +177,7 @@ pub(crate) mod tests {
                     mtime_ns: -5,
                     mode: 0o100755,
                     hash: Some([3; 32]),
+                    btime_ns: Some(-7),
                 },
                 creds: Creds::default(),
                 rlimits: vec![Rlimit {
@@ -460,9 +461,10 @@ pub(crate) mod tests {
             any::<i128>(),
             any::<u32>(),
             proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(any::<i128>()),
         )
-            .prop_map(
-                |(path, dev, ino, size, mtime_ns, mode, hash)| FileIdentity {
+            .prop_map(|(path, dev, ino, size, mtime_ns, mode, hash, btime_ns)| {
+                FileIdentity {
                     path,
                     dev,
                     ino,
@@ -470,8 +472,9 @@ pub(crate) mod tests {
                     mtime_ns,
                     mode,
                     hash,
-                },
-            )
+                    btime_ns,
+                }
+            })
     }
 
     fn creds() -> impl Strategy<Value = Creds> {

@@ -211,6 +211,9 @@ pub struct FileIdentity {
     /// for one it only writes, or one that could not be read): a restore compares it
     /// only when size, mtime or inode differ, so a file put back by copying is accepted.
     pub hash: Option<[u8; 32]>,
+    /// Birth time (statx `btime`) where the filesystem keeps one: tells a file replaced
+    /// by another that got the same (reused) inode number.
+    pub btime_ns: Option<i128>,
 }
 
 pub const PROT_READ: u8 = 1;

@@ -113,7 +113,11 @@ pub fn unchanged_files(m: &Manifest) -> Result<()> {
             ),
         };
         let mtime = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
-        let replaced = meta.ino() != f.ino || meta.dev() != f.dev;
+        // An inode number can be reused at once by a new file: the birth time tells.
+        let born = crate::fds::btime_ns(&meta);
+        let replaced = meta.ino() != f.ino
+            || meta.dev() != f.dev
+            || (born.is_some() && f.btime_ns.is_some() && born != f.btime_ns);
         if !replaced && meta.size() == f.size && mtime == f.mtime_ns {
             continue;
         }
