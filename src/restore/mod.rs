@@ -320,6 +320,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         || {
             if let Some(mnt) = &private_tmp {
                 if !tmp::attach(mnt.as_raw_fd()) {
+                    const MSG: &[u8] = b"Eputting the instance's private /tmp in place \
+                        (move_mount of its tmpfs onto /tmp) failed";
+                    const _: () = assert!(MSG[0] == MSG_ERROR);
+                    // SAFETY: a static buffer; the status pipe's fd is open in the child.
+                    unsafe { libc::write(chans.reports[0], MSG.as_ptr().cast(), MSG.len()) };
                     return TMP_ATTACH_FAILED;
                 }
             }
