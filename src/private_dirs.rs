@@ -7,6 +7,11 @@
 //! Each sandbox (record and restore) mounts a fresh tmpfs on these directories; a dump
 //! stores the files there that the app maps or holds open, and a restore recreates them
 //! in the new instance's tmpfs before mapping them.
+//!
+//! `record` also gives the app a private `/tmp` ([`mount_private_tmp`]; `--share-tmp`
+//! keeps the host's): all of it goes into the snapshot ([`crate::dump::tmp`]) and every
+//! instance gets a filled copy ([`crate::restore::tmp`]). The directories above are
+//! mounts of their own inside it, handled as before.
 
 use std::ffi::CString;
 
