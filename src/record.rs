@@ -246,6 +246,11 @@ pub fn record(
         },
         || {
             if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {
+                const MSG: &[u8] =
+                    b"warmstart: cannot mount a private /tmp (tmpfs) for the app; --share-tmp \
+                      gives it the host's\n";
+                // SAFETY: a static buffer; fd 2 is the app's stderr pipe.
+                unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
                 return 126;
             }
             private.mount();
