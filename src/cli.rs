@@ -185,6 +185,11 @@ pub struct RecordArgs {
     /// (a `notify` app reads `RESTORED=0`); exit with its status
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Let the app use the host's /tmp. By default it gets a private /tmp (a fresh
+    /// tmpfs, as in a container): what it leaves there at the warm point goes into the
+    /// snapshot, and every restored instance gets its own copy
+    #[arg(long)]
+    pub share_tmp: bool,
     /// Warm the app up before the snapshot. `--ready stdin`: this line is written to the
     /// app's stdin at its first read, and the snapshot is taken at the first read after
     /// the app has consumed all of it (its answers go to our stderr). `--ready listen`:
@@ -576,6 +581,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             command: Vec::new(),
             name: a.name.clone(),
             own_seccomp_filters: 0,
+            private_tmp: false,
         },
     )?;
     if a.display_stats {
@@ -644,6 +650,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             leave_running: a.leave_running,
             prime,
             prime_http,
+            share_tmp: a.share_tmp,
         },
         |d| {
             if a.display_stats {

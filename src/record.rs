@@ -46,6 +46,8 @@ pub struct RecordOptions {
     /// (`Ready::Listen`); the warm point is then right after they were answered and their
     /// connections closed ([`crate::http_prime`]).
     pub prime_http: Vec<String>,
+    /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
+    pub share_tmp: bool,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -243,6 +245,14 @@ pub fn record(
             clocks: None,
         },
         || {
+            if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {
+                const MSG: &[u8] =
+                    b"warmstart: cannot mount a private /tmp (tmpfs) for the app; --share-tmp \
+                      gives it the host's\n";
+                // SAFETY: a static buffer; fd 2 is the app's stderr pipe.
+                unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+                return 126;
+            }
             private.mount();
             // The app gets stdin, stdout, stderr (and the notify fd) and nothing else
             // warmstart was handed: an fd of warmstart's caller is not the app's state.
@@ -391,6 +401,7 @@ pub fn record(
                     command: opts.command.clone(),
                     name: opts.name.clone(),
                     own_seccomp_filters: usize::from(filter.is_some()),
+                    private_tmp: !opts.share_tmp,
                 },
             )?;
             on_dumped(&dumped);

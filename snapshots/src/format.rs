@@ -176,6 +176,8 @@ pub(crate) mod tests {
                     size: 1 << 20,
                     mtime_ns: -5,
                     mode: 0o100755,
+                    hash: Some([3; 32]),
+                    btime_ns: Some(-7),
                 },
                 creds: Creds::default(),
                 rlimits: vec![Rlimit {
@@ -280,6 +282,12 @@ pub(crate) mod tests {
             }],
             page_count: 2,
             pages_hash: [3; 32],
+            private_tmp: Some(vec![crate::model::TmpEntry {
+                path: "db.sqlite-shm".into(),
+                owner: Default::default(),
+                mtime_ns: 1,
+                kind: crate::model::TmpKind::Symlink { target: "x".into() },
+            }]),
         }
     }
 
@@ -454,14 +462,20 @@ pub(crate) mod tests {
             any::<u64>(),
             any::<i128>(),
             any::<u32>(),
+            proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(any::<i128>()),
         )
-            .prop_map(|(path, dev, ino, size, mtime_ns, mode)| FileIdentity {
-                path,
-                dev,
-                ino,
-                size,
-                mtime_ns,
-                mode,
+            .prop_map(|(path, dev, ino, size, mtime_ns, mode, hash, btime_ns)| {
+                FileIdentity {
+                    path,
+                    dev,
+                    ino,
+                    size,
+                    mtime_ns,
+                    mode,
+                    hash,
+                    btime_ns,
+                }
             })
     }
 
@@ -755,6 +769,18 @@ pub(crate) mod tests {
                         file_locks: Vec::new(),
                         page_count,
                         pages_hash: ph,
+                        private_tmp: (page_count % 2 == 0).then(|| {
+                            vec![crate::model::TmpEntry {
+                                path: "a/b".into(),
+                                owner: Default::default(),
+                                mtime_ns: page_count as i128,
+                                kind: crate::model::TmpKind::File {
+                                    size: page_count,
+                                    inline: vec![1, 2],
+                                    pages: Vec::new(),
+                                },
+                            }]
+                        }),
                     }
                 },
             )

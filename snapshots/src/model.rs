@@ -39,6 +39,34 @@ pub struct Manifest {
     /// by `SnapshotWriter::commit`). The snapshot id (blake3 of the encoded manifest) thus
     /// covers the page contents but not where the store keeps them.
     pub pages_hash: [u8; 32],
+    /// `Some` when the tree ran with a private `/tmp` (`record` without `--share-tmp`):
+    /// what was in it at the warm point, parents before children. Every instance gets a
+    /// fresh tmpfs on `/tmp` holding exactly this.
+    pub private_tmp: Option<Vec<TmpEntry>>,
+}
+
+/// One entry of a private `/tmp`, `path` relative to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpEntry {
+    pub path: String,
+    pub owner: FileOwner,
+    pub mtime_ns: i128,
+    pub kind: TmpKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TmpKind {
+    Dir,
+    Symlink {
+        target: String,
+    },
+    /// A regular file of `size` bytes: small ones inline, larger ones as runs over the
+    /// page table (deduplicated like memory; `page` counts from the file's start).
+    File {
+        size: u64,
+        inline: Vec<u8>,
+        pages: Vec<PageRun>,
+    },
 }
 
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the dumped tree saw them (its own time
@@ -186,6 +214,13 @@ pub struct FileIdentity {
     pub size: u64,
     pub mtime_ns: i128,
     pub mode: u32,
+    /// blake3 of the contents at the dump, for a file the process reads or maps (`None`
+    /// for one it only writes, or one that could not be read): a restore compares it
+    /// only when size, mtime or inode differ, so a file put back by copying is accepted.
+    pub hash: Option<[u8; 32]>,
+    /// Birth time (statx `btime`) where the filesystem keeps one: tells a file replaced
+    /// by another that got the same (reused) inode number.
+    pub btime_ns: Option<i128>,
 }
 
 pub const PROT_READ: u8 = 1;

@@ -30,6 +30,7 @@ pub mod lazy;
 pub mod memory;
 pub mod program;
 pub mod reaper;
+pub mod tmp;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -124,6 +125,9 @@ pub fn block_forwarded_signals() {
     }
 }
 
+/// Exit code of a restoring child that could not put its private `/tmp` in place.
+pub const TMP_ATTACH_FAILED: i32 = 125;
+
 /// One process of the tree being restored, as the monitor drives it.
 struct Driven<'a> {
     /// Index in the manifest's processes.
@@ -187,6 +191,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
+    let t = Instant::now();
+    let private_tmp = tmp::prepare(m, snap)?;
+    if private_tmp.is_some() {
+        phases.add("private tmp", t.elapsed());
+    }
 
     // The hot pages (verified, decompressed) are checked on other cores while the
     // sandbox and the layout are built; they are needed only once the layout is there.
@@ -309,6 +318,16 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         },
         || {
+            if let Some(mnt) = &private_tmp {
+                if !tmp::attach(mnt.as_raw_fd()) {
+                    const MSG: &[u8] = b"Eputting the instance's private /tmp in place \
+                        (move_mount of its tmpfs onto /tmp) failed";
+                    const _: () = assert!(MSG[0] == MSG_ERROR);
+                    // SAFETY: a static buffer; the status pipe's fd is open in the child.
+                    unsafe { libc::write(chans.reports[0], MSG.as_ptr().cast(), MSG.len()) };
+                    return TMP_ATTACH_FAILED;
+                }
+            }
             child::run(
                 m,
                 ranges,

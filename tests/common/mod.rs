@@ -754,11 +754,15 @@ pub fn zdtm_cold_break<S: AsRef<std::ffi::OsStr>>(name: &str, argv: &[S]) {
     );
 }
 
-/// A temporary directory for a fixture's files.
+/// A temporary directory for a fixture's files. Outside `/tmp`: `record` gives the app a
+/// private `/tmp` (as a container does), where a directory the test made in the host's
+/// `/tmp` would not be seen.
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(root).expect("creating CARGO_TARGET_TMPDIR");
     tempfile::Builder::new()
         .prefix(prefix)
-        .tempdir()
+        .tempdir_in(root)
         .expect("tempdir")
 }
 
