@@ -137,6 +137,8 @@ fn process(vmas: Vec<Vma>) -> Process {
         seccomp_filters: vec![],
         private_files: vec![],
         zombie: None,
+        zombie_sigmask: 0,
+        fd_table_size: 64,
     }
 }
 

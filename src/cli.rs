@@ -185,6 +185,11 @@ pub struct RecordArgs {
     /// (a `notify` app reads `RESTORED=0`); exit with its status
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Let the app use the host's /tmp. By default it gets a private /tmp (a fresh
+    /// tmpfs, as in a container): what it leaves there at the warm point goes into the
+    /// snapshot, and every restored instance gets its own copy
+    #[arg(long)]
+    pub share_tmp: bool,
     /// Warm the app up before the snapshot. `--ready stdin`: this line is written to the
     /// app's stdin at its first read, and the snapshot is taken at the first read after
     /// the app has consumed all of it (its answers go to our stderr). `--ready listen`:
@@ -406,6 +411,16 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
                 "logical_bytes": st.logical_bytes, "resident_bytes": st.resident_pages * 4096,
                 "zero_bytes": st.zero_pages * 4096, "data_bytes": st.data_pages * 4096,
                 "working_set_pages": store.working_set(&id).map(|w| w.len()),
+                // Per process (pid in the snapshot); `null` for a working set learned as
+                // one list (before trees learned per process).
+                "working_set_by_pid": match store.working_sets(&id) {
+                    Some(warmstart_snapshots::store::WorkingSets::PerProcess(m)) => Some(
+                        m.iter()
+                            .map(|(p, w)| (p.to_string(), w.len()))
+                            .collect::<std::collections::BTreeMap<_, _>>(),
+                    ),
+                    _ => None,
+                },
                 "stored_bytes": st.stored_bytes, "shared_pages_with_others": st.shared_with_others,
             },
             "manifest": m,
@@ -417,11 +432,22 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     println!("  command:  {}", m.command.join(" "));
     println!("  trigger:  {}", m.trigger);
     match store.working_set(&id) {
-        Some(ws) => println!(
-            "  working set: {} pages ({}), prefetched by lazy runs",
-            ws.len(),
-            human(ws.len() as u64 * 4096)
-        ),
+        Some(ws) => {
+            println!(
+                "  working set: {} pages ({}), prefetched by lazy runs",
+                ws.len(),
+                human(ws.len() as u64 * 4096)
+            );
+            if let Some(warmstart_snapshots::store::WorkingSets::PerProcess(m)) =
+                store.working_sets(&id)
+            {
+                if m.len() > 1 {
+                    let per: Vec<String> =
+                        m.iter().map(|(p, w)| format!("{p}: {}", w.len())).collect();
+                    println!("    per process (pid: pages): {}", per.join(", "));
+                }
+            }
+        }
         None => println!("  working set: not learned yet (the next lazy `run` learns it)"),
     }
     println!(
@@ -556,6 +582,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             command: Vec::new(),
             name: a.name.clone(),
             own_seccomp_filters: 0,
+            private_tmp: false,
         },
     )?;
     if a.display_stats {
@@ -624,6 +651,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             leave_running: a.leave_running,
             prime,
             prime_http,
+            share_tmp: a.share_tmp,
         },
         |d| {
             if a.display_stats {

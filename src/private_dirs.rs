@@ -7,6 +7,11 @@
 //! Each sandbox (record and restore) mounts a fresh tmpfs on these directories; a dump
 //! stores the files there that the app maps or holds open, and a restore recreates them
 //! in the new instance's tmpfs before mapping them.
+//!
+//! `record` also gives the app a private `/tmp` ([`mount_private_tmp`]; `--share-tmp`
+//! keeps the host's): all of it goes into the snapshot ([`crate::dump::tmp`]) and every
+//! instance gets a filled copy ([`crate::restore::tmp`]). The directories above are
+//! mounts of their own inside it, handled as before.
 
 use std::ffi::CString;
 
@@ -33,6 +38,22 @@ pub fn is_private(dirs: &[String], path: &str) -> bool {
         path.strip_prefix(d.as_str())
             .is_some_and(|r| r.starts_with('/'))
     })
+}
+
+/// In the sandboxed child of `record` (own mount namespace): a fresh tmpfs on `/tmp`,
+/// the app's private `/tmp`. No allocation (it runs right after clone3).
+pub fn mount_private_tmp() -> bool {
+    // SAFETY: NUL-terminated static strings; mount reads nothing else.
+    unsafe {
+        libc::mkdir(c"/tmp".as_ptr(), 0o1777);
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/tmp".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=1777".as_ptr().cast(),
+        ) == 0
+    }
 }
 
 /// Mount points prepared before a sandbox starts: C strings, so that mounting needs no

@@ -46,6 +46,8 @@ pub struct RecordOptions {
     /// (`Ready::Listen`); the warm point is then right after they were answered and their
     /// connections closed ([`crate::http_prime`]).
     pub prime_http: Vec<String>,
+    /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
+    pub share_tmp: bool,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -243,7 +245,26 @@ pub fn record(
             clocks: None,
         },
         || {
+            if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {
+                const MSG: &[u8] =
+                    b"warmstart: cannot mount a private /tmp (tmpfs) for the app; --share-tmp \
+                      gives it the host's\n";
+                // SAFETY: a static buffer; fd 2 is the app's stderr pipe.
+                unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+                return 126;
+            }
             private.mount();
+            // The app gets stdin, stdout, stderr (and the notify fd) and nothing else
+            // warmstart was handed: an fd of warmstart's caller is not the app's state.
+            // SAFETY: close_range only flags fds close-on-exec; no memory is touched.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                )
+            };
             if let Some((ch, _)) = &notify {
                 if !ch.install_in_child() {
                     return 126;
@@ -356,15 +377,16 @@ pub fn record(
                 if at_warm_point {
                     break warm;
                 }
-                warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
-                    .resume(warm.tid)
-                    .context("resuming the app while it warms up")?;
+                for w in std::iter::once(warm).chain(tracker.take_held()) {
+                    warmstart_launcher::warmpoint::Verdict::Continue { inject_signal: 0 }
+                        .resume(w.tid)
+                        .context("resuming the app while it warms up")?;
+                }
             };
-            let kind = match warm.kind {
-                WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
-                _ => StopKind::Interrupted,
-            };
-            let frozen = Frozen::at_stop(pid, warm.tid, kind);
+            // The warm point may be in a worker of the app's tree (`listen`), and other
+            // workers may be held at their own blocking wait: the dump takes each of these
+            // stopped threads as it is.
+            let frozen = held_frozen(pid, std::iter::once(warm).chain(tracker.take_held()));
             let dumped = dump::dump(
                 pid,
                 Some(frozen),
@@ -379,6 +401,7 @@ pub fn record(
                     command: opts.command.clone(),
                     name: opts.name.clone(),
                     own_seccomp_filters: usize::from(filter.is_some()),
+                    private_tmp: !opts.share_tmp,
                 },
             )?;
             on_dumped(&dumped);
@@ -427,4 +450,44 @@ pub fn record(
             )
         }
     })
+}
+
+/// The `Frozen` of the app `pid` holding the threads stopped at `stops` (in the app or in
+/// processes of its tree).
+fn held_frozen(pid: i32, stops: impl Iterator<Item = warmstart_launcher::WarmStop>) -> Frozen {
+    let mut root = Frozen {
+        pid,
+        ..Default::default()
+    };
+    for w in stops {
+        let kind = match w.kind {
+            WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
+            _ => StopKind::Interrupted,
+        };
+        let owner = std::fs::read_to_string(format!("/proc/{}/status", w.tid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:"))
+                    .and_then(|v| v.trim().parse::<i32>().ok())
+            })
+            .unwrap_or(pid);
+        let f = if owner == pid {
+            &mut root
+        } else {
+            root.descendants.entry(owner).or_insert_with(|| Frozen {
+                pid: owner,
+                ..Default::default()
+            })
+        };
+        f.threads.insert(
+            w.tid,
+            dump::freeze::FrozenThread {
+                tid: w.tid,
+                kind,
+                caught: Vec::new(),
+            },
+        );
+    }
+    root
 }

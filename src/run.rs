@@ -39,7 +39,7 @@ pub fn run_instance(
     if let Mode::Lazy { prefetch } = mode {
         opts.lazy = true;
         if prefetch {
-            opts.prefetch = snap.working_set();
+            opts.prefetch = snap.working_sets();
             // Learning needs our stdout to watch for the first answer: not when detached.
             opts.learn = opts.prefetch.is_none() && !detach;
         }

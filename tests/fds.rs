@@ -235,16 +235,11 @@ fn assert_refused(name: &str, args: &[&std::ffi::OsStr], needles: &[&str]) {
     }
 }
 
+/// An epoll registration whose fd was closed while its file lives on in a dup, its number
+/// taken by another file since: restored under the same number, same events.
 #[test]
-fn epoll_with_a_closed_target_is_refused() {
-    assert_refused(
-        "epoll_closed",
-        &[],
-        &[
-            "is an epoll watching fd 3 which the process has closed",
-            "fd 4",
-        ],
-    );
+fn epoll_with_a_closed_target() {
+    run_fixture("epoll_closed", false);
 }
 
 #[test]

@@ -209,10 +209,59 @@ fn monotonic_and_boottime_clocks_continue_from_the_dump() {
     );
 }
 
+/// An instance `warmstart serve` parked gets its clocks when it is handed out, not when
+/// it was parked: the time it waited in the pool is not counted either. (3 s waited
+/// between the park and the hand-out: not synchronisation, the condition checked.)
+#[test]
+fn a_parked_instance_s_clocks_go_on_from_its_hand_out() {
+    let bin = fixture("clocks");
+    let ws = Ws::new();
+    ws.record("clocks", &[bin.as_os_str(), "0".as_ref()]);
+    // The daemon parks a snapshot once a first run has learned its working set.
+    let first = ws.instance("clocks", "check\n");
+    assert_eq!(first.stdout, "PASS\n", "{}", first.describe());
+    let _daemon = ws.serve("clocks"); // returns once an instance is parked
+    let parked_for = std::time::Duration::from_secs(3);
+    std::thread::sleep(parked_for);
+    let out = ws.served("clocks", "check 2.5\n");
+    assert!(
+        out.code() == 0 && out.stdout == "PASS\n",
+        "a parked instance's clocks counted the time it was parked ({parked_for:?}):\n{}",
+        out.describe()
+    );
+}
+
 /// Two open file descriptions of one pipe (one O_NONBLOCK), a half shut-down unix socket,
 /// the mode and owner of a memfd and of a deleted file, madvise flags: each checked by the
 /// fixture and by the `/proc` state diff.
 #[test]
 fn pipe_opened_twice_socket_shutdown_owner_mode_madvise() {
     run_fixture("state_edges", true);
+}
+
+/// A process that chrooted itself before its warm point runs in the same root after the
+/// restore, in every mode: its files opened before by their host paths, then `chroot`.
+#[test]
+fn chrooted_process() {
+    let bin = fixture("chrooted");
+    let d = tempdir("ws-chroot-");
+    let want = "cwd=/ marker=1 host-path=0\n";
+    let cold = common::cold(&[bin.as_os_str(), d.path().as_os_str()], "x\n");
+    assert_eq!(cold.stdout, want, "cold:\n{}", cold.describe());
+    let ws = Ws::new();
+    ws.record("chrooted", &[bin.as_os_str(), d.path().as_os_str()]);
+    ws.each_mode("chrooted", "x\n", |mode, out| {
+        assert!(
+            out.code() == 0 && out.stdout == want,
+            "restored chrooted process, {mode}:\n{}",
+            out.describe()
+        );
+    });
+    let _daemon = ws.serve("chrooted");
+    let out = ws.served("chrooted", "x\n");
+    assert!(
+        out.code() == 0 && out.stdout == want,
+        "served chrooted process:\n{}",
+        out.describe()
+    );
 }

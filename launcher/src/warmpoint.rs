@@ -14,7 +14,7 @@
 //! | trigger | filter traps | warm point |
 //! |---|---|---|
 //! | `stdin` | reads of fd 0 | the first one (syscall-entry stop) |
-//! | `listen` | listen, accept(4), (p)poll, (p)select, epoll_(p)wait(2) | the first accept / poll / select / epoll wait whose set holds a listening socket (`SO_ACCEPTCONN`, checked on a `pidfd_getfd` copy) |
+//! | `listen` | listen, accept(4), (p)poll, (p)select, epoll_(p)wait(2) | the first accept / poll / select / epoll wait whose set holds a listening socket (`SO_ACCEPTCONN`, checked on a `pidfd_getfd` copy) and that blocks (no zero timeout, nothing ready now, a blocking socket for accept), in any process of the app's tree; held until the rest of the tree settles (see [`WarmPointTracker::run`]) |
 //! | `notify` | read/readv/recvfrom/recvmsg of [`NOTIFY_FD`] | the first read of the notify fd after the app wrote `READY=1`; or, sd_notify, the `PTRACE_INTERRUPT` stop right after `READY=1` arrived on `$NOTIFY_SOCKET` |
 //! | `after=D` | nothing | the `PTRACE_INTERRUPT` stop after D |
 //! | `signal` | nothing | the app's own SIGSTOP (signal-delivery stop; the SIGSTOP is suppressed) |
@@ -715,6 +715,319 @@ pub fn epoll_fds(pid: i32, epfd: i32) -> io::Result<Vec<i32>> {
         .collect())
 }
 
+/// A field of `/proc/TID/status` (e.g. `Tgid:`, `PPid:`) as a number.
+fn status_field(tid: i32, key: &str) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether process `pid` is `root` or one of its descendants (parent links in `/proc`).
+fn descends_from(mut pid: i32, root: i32) -> bool {
+    for _ in 0..64 {
+        if pid == root {
+            return true;
+        }
+        match status_field(pid, "PPid:") {
+            Some(p) if p > 1 => pid = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// A thread stopped at the entry of a trapped syscall, and what that syscall waits for.
+struct Waiter<'a> {
+    tid: i32,
+    tgid: i32,
+    /// A pidfd of its process (`tgid`), to copy its fds.
+    pidfd: BorrowedFd<'a>,
+    nr: i64,
+    regs: &'a libc::user_regs_struct,
+}
+
+/// What a wait's timeout argument says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timeout {
+    /// Returns at once (0, or a zero `timespec` / `timeval`).
+    Zero,
+    /// Waits (for some time, or for ever).
+    Waits,
+}
+
+impl Waiter<'_> {
+    /// Whether the syscall is one of the waits (poll, select, epoll, accept).
+    fn is_wait(&self) -> bool {
+        [
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_select,
+            libc::SYS_pselect6,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_pwait2,
+            libc::SYS_accept,
+            libc::SYS_accept4,
+        ]
+        .contains(&self.nr)
+    }
+
+    /// A `timespec` (or `timeval`: same layout of two longs) at `addr`: `None` pointer
+    /// means for ever.
+    fn time_arg(&self, addr: u64) -> Timeout {
+        if addr == 0 {
+            return Timeout::Waits;
+        }
+        match read_mem(self.tid, addr, 16) {
+            Ok(b) if b.len() == 16 => {
+                if b.iter().all(|&x| x == 0) {
+                    Timeout::Zero
+                } else {
+                    Timeout::Waits
+                }
+            }
+            // Unreadable: the call fails with EFAULT at once.
+            _ => Timeout::Zero,
+        }
+    }
+
+    fn timeout(&self) -> Timeout {
+        let r = self.regs;
+        let int = |v: u64| {
+            if v as i32 == 0 {
+                Timeout::Zero
+            } else {
+                Timeout::Waits
+            }
+        };
+        match self.nr {
+            libc::SYS_poll => int(r.rdx),
+            libc::SYS_ppoll => self.time_arg(r.rdx),
+            libc::SYS_select | libc::SYS_pselect6 => self.time_arg(r.r8),
+            libc::SYS_epoll_wait | libc::SYS_epoll_pwait => int(r.r10),
+            libc::SYS_epoll_pwait2 => self.time_arg(r.r10),
+            _ => Timeout::Waits,
+        }
+    }
+
+    /// The pollfds of a `poll`/`ppoll` (fd, events).
+    fn poll_set(&self) -> Vec<(i32, i16)> {
+        let (addr, nfds) = (self.regs.rdi, self.regs.rsi);
+        let n = nfds.min(MAX_FDS) as usize;
+        if addr == 0 || n == 0 {
+            return Vec::new();
+        }
+        let sz = std::mem::size_of::<libc::pollfd>();
+        let Ok(bytes) = read_mem(self.tid, addr, n * sz) else {
+            return Vec::new();
+        };
+        bytes
+            .chunks_exact(sz)
+            .map(|c| {
+                (
+                    i32::from_ne_bytes(c[0..4].try_into().unwrap()),
+                    i16::from_ne_bytes(c[4..6].try_into().unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    /// The fds of one `select` set (at `addr`, `nfds` bits).
+    fn select_set(&self, addr: u64) -> Vec<i32> {
+        let n = (self.regs.rdi as i32).clamp(0, MAX_FDS as i32) as usize;
+        if addr == 0 || n == 0 {
+            return Vec::new();
+        }
+        let Ok(bytes) = read_mem(self.tid, addr, n.div_ceil(64) * 8) else {
+            return Vec::new();
+        };
+        (0..n)
+            .filter(|fd| bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0))
+            .map(|fd| fd as i32)
+            .collect()
+    }
+
+    /// Whether a `poll` set waits for input on an fd that `pick`s.
+    fn poll_has(&self, pick: impl Fn(i32) -> bool) -> bool {
+        self.poll_set()
+            .into_iter()
+            .any(|(fd, events)| events & libc::POLLIN != 0 && pick(fd))
+    }
+
+    /// Whether a `select` read set includes an fd that `pick`s.
+    fn select_has(&self, pick: impl Fn(i32) -> bool) -> bool {
+        self.select_set(self.regs.rsi).into_iter().any(pick)
+    }
+
+    /// Whether the epoll instance waited on watches an fd that `pick`s.
+    fn epoll_has(&self, pick: impl Fn(i32) -> bool) -> bool {
+        epoll_fds(self.tgid, self.regs.rdi as i32)
+            .unwrap_or_default()
+            .into_iter()
+            .any(pick)
+    }
+
+    /// Whether the wait would block: its timeout is not zero and none of what it waits
+    /// for is ready now (checked with a zero-timeout `poll` of copies of the fds, which
+    /// consumes nothing: for an epoll, its fd is readable when events are ready). For
+    /// `accept`, a blocking socket with no connection queued.
+    fn blocks(&self) -> bool {
+        if self.timeout() == Timeout::Zero {
+            return false;
+        }
+        let r = self.regs;
+        let set: Vec<(i32, i16)> = match self.nr {
+            libc::SYS_poll | libc::SYS_ppoll => self.poll_set(),
+            libc::SYS_select | libc::SYS_pselect6 => {
+                let mut v: Vec<(i32, i16)> = Vec::new();
+                for (addr, ev) in [
+                    (r.rsi, libc::POLLIN),
+                    (r.rdx, libc::POLLOUT),
+                    (r.r10, libc::POLLPRI),
+                ] {
+                    v.extend(self.select_set(addr).into_iter().map(|fd| (fd, ev)));
+                }
+                v
+            }
+            libc::SYS_epoll_wait | libc::SYS_epoll_pwait | libc::SYS_epoll_pwait2 => {
+                vec![(r.rdi as i32, libc::POLLIN)]
+            }
+            libc::SYS_accept | libc::SYS_accept4 => {
+                let fd = r.rdi as i32;
+                // Not an fd: EBADF at once.
+                let Some(c) = copy_fd(self.pidfd, fd) else {
+                    return false;
+                };
+                // SAFETY: F_GETFL on an fd we own.
+                let flags = unsafe { libc::fcntl(c.as_raw_fd(), libc::F_GETFL) };
+                // Non-blocking: a connection or EAGAIN at once.
+                if flags < 0 || flags & libc::O_NONBLOCK != 0 {
+                    return false;
+                }
+                vec![(fd, libc::POLLIN)]
+            }
+            _ => return true,
+        };
+        !any_ready(self.pidfd, &set)
+    }
+}
+
+/// A copy of fd `fd` of the process behind `pidfd` (`pidfd_getfd`).
+fn copy_fd(pidfd: BorrowedFd<'_>, fd: i32) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: plain syscall; the result is a new fd we own.
+    let c = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    // SAFETY: `c` is a fresh fd owned by nobody else.
+    (c >= 0).then(|| unsafe { OwnedFd::from_raw_fd(c as RawFd) })
+}
+
+/// Whether any of `set` (fds of the process behind `pidfd`, with poll events) is ready:
+/// a wait on them would return at once. Negative fds are ignored (as `poll` does); an
+/// fd that cannot be copied (closed) counts as ready (`POLLNVAL` / `EBADF` at once).
+fn any_ready(pidfd: BorrowedFd<'_>, set: &[(i32, i16)]) -> bool {
+    let mut copies = Vec::with_capacity(set.len());
+    let mut pfds = Vec::with_capacity(set.len());
+    for &(fd, events) in set {
+        if fd < 0 {
+            continue;
+        }
+        let Some(c) = copy_fd(pidfd, fd) else {
+            return true;
+        };
+        pfds.push(libc::pollfd {
+            fd: c.as_raw_fd(),
+            events,
+            revents: 0,
+        });
+        copies.push(c);
+    }
+    if pfds.is_empty() {
+        return false;
+    }
+    // SAFETY: `pfds` is a valid array of pollfds whose fds stay open (`copies`).
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
+    n != 0
+}
+
+/// Syscalls in which a sleeping task waits for an event (a task asleep elsewhere, e.g.
+/// reading a file, is still busy). `nanosleep` and `clock_nanosleep` are not among them:
+/// a task that sleeps for a set time is pacing work it has not finished (gunicorn's
+/// master sleeps between starting one worker and the next).
+const WAITS: [i64; 23] = [
+    libc::SYS_read,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_pause,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_wait4,
+    libc::SYS_semop,
+    libc::SYS_msgrcv,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_futex,
+    libc::SYS_semtimedop,
+    libc::SYS_epoll_wait,
+    libc::SYS_waitid,
+    libc::SYS_pselect6,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_pwait,
+    libc::SYS_accept4,
+    libc::SYS_epoll_pwait2,
+];
+
+/// Every task of the tree of `root` (sorted), and whether all but `held` are settled:
+/// asleep (`S`) in one of [`WAITS`], stopped (`T`, `t`) or dead.
+fn tree_tasks(root: i32, held: &[i32]) -> (Vec<i32>, bool) {
+    let mut procs = vec![root];
+    let mut tasks = Vec::new();
+    let mut quiet = true;
+    let mut i = 0;
+    while i < procs.len() && i < 4096 {
+        let pid = procs[i];
+        i += 1;
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            tasks.push(tid);
+            let base = format!("/proc/{pid}/task/{tid}");
+            if let Ok(c) = std::fs::read_to_string(format!("{base}/children")) {
+                procs.extend(c.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+            if held.contains(&tid) || !quiet {
+                continue;
+            }
+            let state = std::fs::read_to_string(format!("{base}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let r = s.rfind(')')?;
+                    s[r + 1..].trim_start().chars().next()
+                });
+            quiet = match state {
+                None | Some('Z' | 'X' | 'T' | 't') => true,
+                Some('S') => std::fs::read_to_string(format!("{base}/syscall"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+                    .is_some_and(|nr| WAITS.contains(&nr)),
+                _ => false,
+            };
+        }
+    }
+    tasks.sort_unstable();
+    (tasks, quiet)
+}
+
 /// Most pollfds / select bits inspected at one stop.
 const MAX_FDS: u64 = 1 << 16;
 
@@ -866,7 +1179,28 @@ pub struct WarmPointTracker {
     /// Readable: interrupt every thread, the next stop is the warm point (see
     /// [`interrupt_when_readable`](Self::interrupt_when_readable)).
     wake: Option<OwnedFd>,
+    /// `listen`: threads held at a blocking wait for a connection (the first is the warm
+    /// point) while the rest of the tree settles (see [`run`](Self::run)).
+    held: Vec<Held>,
+    /// When the first of `held` was found: the tree gets [`SETTLE_AT_MOST`] to settle.
+    held_since: Option<Instant>,
+    /// The tree's tasks at the last settle check (settled means: the same twice).
+    last_tasks: Vec<i32>,
 }
+
+/// A thread held at its warm-point candidate stop, and what to re-check of its wait.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    stop: WarmStop,
+    tgid: i32,
+    regs: libc::user_regs_struct,
+}
+
+/// How long `listen` waits for the rest of the tree to settle after the first process
+/// blocked waiting for a connection, before taking the snapshot anyway.
+pub const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
+/// How often the tree is looked at while it settles.
+const SETTLE_TICK: Duration = Duration::from_millis(2);
 
 impl WarmPointTracker {
     /// A tracker for the app whose thread-group leader is `pid` (monitor's namespace).
@@ -888,6 +1222,9 @@ impl WarmPointTracker {
             following: false,
             tgids: std::collections::HashMap::new(),
             wake: None,
+            held: Vec::new(),
+            held_since: None,
+            last_tasks: Vec::new(),
         })
     }
 
@@ -932,6 +1269,9 @@ impl WarmPointTracker {
 
     /// When the monitor must call [`on_timeout`](Self::on_timeout) (`after=`), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.held.is_empty() {
+            return Some(Instant::now() + SETTLE_TICK);
+        }
         if self.interrupted || self.following {
             None
         } else {
@@ -1005,8 +1345,9 @@ impl WarmPointTracker {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
-        // Only the app's own threads make a warm point; its child processes just run.
-        if self.following || !self.in_app(tid) {
+        // Only the app's own threads make a warm point (for `listen`: any process of its
+        // tree); other processes just run.
+        if self.following || !self.may_warm(tid) {
             return Ok(Self::pass_through(event, sig));
         }
         let warm = |kind, resume_signal| {
@@ -1047,22 +1388,27 @@ impl WarmPointTracker {
         }
     }
 
-    /// Whether traced thread `tid` is a thread of the app (not of a child process).
-    fn in_app(&mut self, tid: i32) -> bool {
+    /// The thread-group id (process) of traced thread `tid` (0: unknown, gone).
+    fn tgid(&mut self, tid: i32) -> i32 {
         if tid == self.pid {
+            return tid;
+        }
+        *self
+            .tgids
+            .entry(tid)
+            .or_insert_with(|| status_field(tid, "Tgid:").unwrap_or(0))
+    }
+
+    /// Whether traced thread `tid` may make the warm point: a thread of the app itself,
+    /// or for `listen` a thread of any process of its tree (nginx's and gunicorn's
+    /// workers wait for connections, their master does not). `stdin` and `notify` are
+    /// the app's own: a child reading its own stdin is not the app's warm point.
+    fn may_warm(&mut self, tid: i32) -> bool {
+        let tgid = self.tgid(tid);
+        if tgid == self.pid {
             return true;
         }
-        let tgid = *self.tgids.entry(tid).or_insert_with(|| {
-            std::fs::read_to_string(format!("/proc/{tid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("Tgid:"))
-                        .and_then(|v| v.trim().parse().ok())
-                })
-                .unwrap_or(0)
-        });
-        tgid == self.pid
+        self.ready == Ready::Listen && tgid > 0 && descends_from(tgid, self.pid)
     }
 
     /// The verdict for a stop (after the warm point, or of a child process): the app runs as if untraced (its
@@ -1091,35 +1437,57 @@ impl WarmPointTracker {
             resume_signal: 0,
         });
         let go = Verdict::Continue { inject_signal: 0 };
+        // The thread's process, for its fds (the app, or a worker of a `listen` tree).
+        let tgid = self.tgid(tid);
+        let other;
+        let pidfd = if tgid == self.pid {
+            self.pidfd.as_fd()
+        } else {
+            match pidfd_open(tgid) {
+                Ok(fd) => {
+                    other = fd;
+                    other.as_fd()
+                }
+                // Gone meanwhile: nothing of it can be the warm point.
+                Err(_) => return Ok(go),
+            }
+        };
+        let w = Waiter {
+            tid,
+            tgid,
+            pidfd,
+            nr,
+            regs: &regs,
+        };
         if self.interrupted {
+            // Interrupted (after=, READY=1 on the sd_notify socket, priming done): this
+            // stop is the warm point, unless it is a wait that would return at once (a
+            // zero timeout, or events ready): the snapshot is never taken there. That
+            // wait goes on, and the thread is interrupted again.
+            if w.is_wait() && !w.blocks() {
+                interrupt(tid).map_err(io_err("PTRACE_INTERRUPT"))?;
+                return Ok(go);
+            }
             return Ok(warm);
         }
+        let listening = |fd| is_listening_socket(pidfd, fd);
+        // Only a wait that blocks is the warm point: a zero-timeout poll, or one that
+        // returns at once because events are ready (the app is still busy), is not.
         let is_warm = match (self.ready, trap) {
             (Ready::Stdin, Some(Trap::StdinRead)) => true,
-            (Ready::Stdin, Some(Trap::Poll)) => {
-                self.poll_has(tid, regs.rdi, regs.rsi, |fd| fd == 0)
-            }
-            (Ready::Stdin, Some(Trap::Select)) => {
-                self.select_has(tid, regs.rdi, regs.rsi, |fd| fd == 0)
-            }
-            (Ready::Stdin, Some(Trap::EpollWait)) => epoll_fds(self.pid, regs.rdi as i32)
-                .unwrap_or_default()
-                .contains(&0),
+            (Ready::Stdin, Some(Trap::Poll)) => w.poll_has(|fd| fd == 0) && w.blocks(),
+            (Ready::Stdin, Some(Trap::Select)) => w.select_has(|fd| fd == 0) && w.blocks(),
+            (Ready::Stdin, Some(Trap::EpollWait)) => w.epoll_has(|fd| fd == 0) && w.blocks(),
             (Ready::Listen, Some(Trap::Listen)) => {
-                self.listen_fds.insert(regs.rdi as i32);
+                if tgid == self.pid {
+                    self.listen_fds.insert(regs.rdi as i32);
+                }
                 false
             }
-            (Ready::Listen, Some(Trap::Accept)) => self.listening(regs.rdi as i32),
-            (Ready::Listen, Some(Trap::Poll)) => {
-                self.poll_has(tid, regs.rdi, regs.rsi, |fd| self.listening(fd))
-            }
-            (Ready::Listen, Some(Trap::Select)) => {
-                self.select_has(tid, regs.rdi, regs.rsi, |fd| self.listening(fd))
-            }
-            (Ready::Listen, Some(Trap::EpollWait)) => {
-                let fds = epoll_fds(self.pid, regs.rdi as i32).unwrap_or_default();
-                fds.into_iter().any(|fd| self.listening(fd))
-            }
+            (Ready::Listen, Some(Trap::Accept)) => listening(regs.rdi as i32) && w.blocks(),
+            (Ready::Listen, Some(Trap::Poll)) => w.poll_has(listening) && w.blocks(),
+            (Ready::Listen, Some(Trap::Select)) => w.select_has(listening) && w.blocks(),
+            (Ready::Listen, Some(Trap::EpollWait)) => w.epoll_has(listening) && w.blocks(),
             (Ready::Notify, Some(Trap::NotifyRead)) => {
                 let fd = regs.rdi as i32;
                 match &mut self.notify {
@@ -1132,44 +1500,16 @@ impl WarmPointTracker {
         Ok(if is_warm { warm } else { go })
     }
 
-    fn listening(&self, fd: i32) -> bool {
-        is_listening_socket(self.pidfd.as_fd(), fd)
-    }
-
-    /// Whether a `poll` set waits for input on an fd that `pick`s.
-    fn poll_has(&self, tid: i32, addr: u64, nfds: u64, pick: impl Fn(i32) -> bool) -> bool {
-        let n = nfds.min(MAX_FDS) as usize;
-        if addr == 0 || n == 0 {
-            return false;
-        }
-        let sz = std::mem::size_of::<libc::pollfd>();
-        let Ok(bytes) = read_mem(tid, addr, n * sz) else {
-            return false;
-        };
-        bytes.chunks_exact(sz).any(|c| {
-            let fd = i32::from_ne_bytes(c[0..4].try_into().unwrap());
-            let events = i16::from_ne_bytes(c[4..6].try_into().unwrap());
-            events & libc::POLLIN != 0 && pick(fd)
-        })
-    }
-
-    /// Whether a `select` read set includes an fd that `pick`s.
-    fn select_has(&self, tid: i32, nfds: u64, readfds: u64, pick: impl Fn(i32) -> bool) -> bool {
-        let n = (nfds as i32).clamp(0, MAX_FDS as i32) as usize;
-        if readfds == 0 || n == 0 {
-            return false;
-        }
-        let Ok(bytes) = read_mem(tid, readfds, n.div_ceil(64) * 8) else {
-            return false;
-        };
-        (0..n).any(|fd| {
-            bytes.get(fd / 8).is_some_and(|b| b & (1 << (fd % 8)) != 0) && pick(fd as i32)
-        })
-    }
-
     /// The whole monitor loop: wait (see [`wait_event`]; `init_pid` is the sandbox's
     /// init), feed, resume, until the warm point (returned with that thread stopped), the
     /// app's end, or `timeout`. Must run on the thread that seized the app.
+    ///
+    /// `listen`: a blocking wait for a connection is held (stopped at its syscall entry)
+    /// until the rest of the tree is settled: every other task asleep in a wait for an
+    /// event or stopped, and no task came or went since the last look (a server's master
+    /// may still be starting workers, or handing them fds). Held waits that would no
+    /// longer block are let go meanwhile. After [`SETTLE_AT_MOST`] the snapshot is taken
+    /// anyway. The other held threads are in [`take_held`](Self::take_held).
     pub fn run(
         &mut self,
         init_pid: i32,
@@ -1191,21 +1531,108 @@ impl WarmPointTracker {
                         source: e,
                     })
                 }
-                Ok(WaitEvent::Stop { tid, status }) => match self.on_stop(tid, status)? {
-                    Verdict::WarmPoint(w) => return Ok(w),
-                    Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
-                    v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
-                },
+                Ok(WaitEvent::Stop { tid, status }) => {
+                    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                        self.held.retain(|h| h.stop.tid != tid);
+                    }
+                    match self.on_stop(tid, status)? {
+                        Verdict::WarmPoint(w) if self.holds(&w) => {
+                            let tgid = self.tgid(tid);
+                            let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
+                            self.held.push(Held {
+                                stop: w,
+                                tgid,
+                                regs,
+                            });
+                            self.held_since.get_or_insert_with(Instant::now);
+                        }
+                        Verdict::WarmPoint(w) => return Ok(w),
+                        Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
+                        v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
+                    }
+                }
                 Ok(WaitEvent::Readable) => self.on_readable()?,
                 Ok(WaitEvent::Timeout) => {
-                    if overall.is_some_and(|o| Instant::now() >= o) {
+                    if self.held.is_empty() && overall.is_some_and(|o| Instant::now() >= o) {
                         return Err(WarmPointError::Timeout(self.ready));
                     }
                     self.on_timeout()?;
                 }
                 Ok(WaitEvent::SandboxExited) => return Err(WarmPointError::SandboxExited),
             }
+            if let Some(w) = self.settled()? {
+                return Ok(w);
+            }
         }
+    }
+
+    /// Whether the candidate `w` is held while the tree settles rather than taken at once:
+    /// a `listen` wait (a server's workers start one after another, and its master may
+    /// still be handing them things, e.g. nginx's channel fds).
+    fn holds(&self, w: &WarmStop) -> bool {
+        self.ready == Ready::Listen
+            && !self.interrupted
+            && !self.following
+            && matches!(w.kind, StopKind::SyscallEntry { .. })
+    }
+
+    /// With threads held: let go of those whose wait would no longer block (events
+    /// arrived meanwhile: they go on, and come back at their next wait), then, once the
+    /// rest of the tree is settled (every other task asleep in a wait, or stopped, and
+    /// no task came or went since the last look) or [`SETTLE_AT_MOST`] passed, the warm
+    /// point: the first held thread ([`take_held`](Self::take_held) has the others).
+    fn settled(&mut self) -> Result<Option<WarmStop>, WarmPointError> {
+        if self.held.is_empty() {
+            self.held_since = None;
+            return Ok(None);
+        }
+        let mut i = 0;
+        while i < self.held.len() {
+            let h = self.held[i];
+            let still = pidfd_open(h.tgid).ok().is_some_and(|fd| {
+                let nr = h.regs.orig_rax as i64;
+                Waiter {
+                    tid: h.stop.tid,
+                    tgid: h.tgid,
+                    pidfd: fd.as_fd(),
+                    nr,
+                    regs: &h.regs,
+                }
+                .blocks()
+            });
+            if still {
+                i += 1;
+            } else {
+                self.held.remove(i);
+                Verdict::Continue { inject_signal: 0 }
+                    .resume(h.stop.tid)
+                    .map_err(io_err("PTRACE_CONT"))?;
+            }
+        }
+        if self.held.is_empty() {
+            self.held_since = None;
+            return Ok(None);
+        }
+        let held: Vec<i32> = self.held.iter().map(|h| h.stop.tid).collect();
+        let (tasks, quiet) = tree_tasks(self.pid, &held);
+        let same = tasks == self.last_tasks;
+        self.last_tasks = tasks;
+        let late = self
+            .held_since
+            .is_some_and(|t| t.elapsed() >= SETTLE_AT_MOST);
+        if (quiet && same) || late {
+            self.held_since = None;
+            return Ok(Some(self.held.remove(0).stop));
+        }
+        Ok(None)
+    }
+
+    /// The other threads held stopped at a blocking wait when [`run`](Self::run)
+    /// returned its warm point (`listen`): they are in syscall-entry stops too, part of
+    /// the snapshot like the warm point's own thread. The caller owns them from now on
+    /// (resume them, or dump them).
+    pub fn take_held(&mut self) -> Vec<WarmStop> {
+        self.held.drain(..).map(|h| h.stop).collect()
     }
 
     /// After the warm point, when the recorded app goes on running (`record

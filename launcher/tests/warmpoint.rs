@@ -21,7 +21,8 @@ use warmstart_launcher::{spawn, Sandbox, SpawnOptions};
 const OPTS: ptrace::Options = ptrace::Options::PTRACE_O_TRACESECCOMP
     .union(ptrace::Options::PTRACE_O_EXITKILL)
     .union(ptrace::Options::PTRACE_O_TRACESYSGOOD)
-    .union(ptrace::Options::PTRACE_O_TRACECLONE);
+    .union(ptrace::Options::PTRACE_O_TRACECLONE)
+    .union(ptrace::Options::PTRACE_O_TRACEFORK);
 
 fn python() -> CString {
     if std::path::Path::new("/usr/bin/python3").exists() {
@@ -400,6 +401,171 @@ e.poll()
         epolls, 2,
         "the pipe-only epoll_wait was trapped and let through"
     );
+}
+
+/// Waits that return at once are not the warm point: zero timeouts (epoll, poll,
+/// select), an epoll with a connection queued, an accept that finds one, a non-blocking
+/// accept. The first wait that blocks is.
+#[test]
+fn listen_only_a_blocking_wait_is_the_warm_point() {
+    let script = r#"
+import select, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+e = select.epoll(); e.register(s.fileno(), select.EPOLLIN)
+e.poll(0)
+p = select.poll(); p.register(s.fileno(), select.POLLIN); p.poll(0)
+select.select([s], [], [], 0)
+c = socket.create_connection(s.getsockname())
+e.poll(30)
+conn, _ = s.accept()
+s.setblocking(False)
+try:
+    s.accept()
+except BlockingIOError:
+    pass
+print("busy done")
+e.poll()
+"#;
+    let mut app = App::start(Ready::Listen, script, None, None);
+    let w = app.warm();
+    let (nr, trap) = syscall_of(&w);
+    assert_eq!(
+        trap,
+        Some(Trap::EpollWait),
+        "{:?}",
+        app.tracker.traps_seen()
+    );
+    assert_eq!(app.line(), "busy done");
+    let r = app.regs(w.tid);
+    assert_eq!(nr, r.orig_rax as i64);
+    // epoll_wait's timeout (or epoll_pwait2's pointer): not zero, it blocks.
+    assert_ne!(
+        r.r10 as i32, 0,
+        "the warm point must not be a zero-timeout wait"
+    );
+    let seen = app.tracker.traps_seen();
+    let count = |t| seen.iter().filter(|s| s.0 == Some(t)).count();
+    assert_eq!(count(Trap::EpollWait), 3, "{seen:?}");
+    assert_eq!(count(Trap::Accept), 2, "{seen:?}");
+    assert!(app.tracker.take_held().is_empty());
+}
+
+/// `listen` fires in any process of the tree: here the app's child waits for a
+/// connection while the app itself waits for the child.
+#[test]
+fn listen_in_a_child_process() {
+    let script = r#"
+import os, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+pid = os.fork()
+if pid == 0:
+    s.accept()
+    os._exit(0)
+os.waitpid(pid, 0)
+"#;
+    let mut app = App::start(Ready::Listen, script, None, None);
+    let w = app.warm();
+    assert_eq!(syscall_of(&w).1, Some(Trap::Accept));
+    assert_ne!(w.tid, app.sb.app_pid, "the accept runs in the child");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.tid)).unwrap();
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .map(|v| v.trim().parse::<i32>().unwrap());
+    assert_eq!(ppid, Some(app.sb.app_pid));
+}
+
+/// With several workers, the warm point waits until each blocks waiting for a
+/// connection (the tree is settled): the others are held too, for the dump.
+#[test]
+fn listen_tree_settles_with_every_worker_waiting() {
+    let script = r#"
+import os, socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+kids = []
+for i in range(2):
+    pid = os.fork()
+    if pid == 0:
+        if i == 1:
+            sum(range(3000000))
+        s.accept()
+        os._exit(0)
+    kids.append(pid)
+    time.sleep(0.05)
+for k in kids:
+    os.waitpid(k, 0)
+"#;
+    let mut app = App::start(Ready::Listen, script, None, None);
+    let w = app.warm();
+    assert_eq!(syscall_of(&w).1, Some(Trap::Accept));
+    let held = app.tracker.take_held();
+    assert_eq!(held.len(), 1, "the other worker is held too: {held:?}");
+    assert_eq!(syscall_of(&held[0]).1, Some(Trap::Accept));
+    assert_ne!(held[0].tid, w.tid);
+}
+
+/// `stdin`: a zero-timeout poll of fd 0 is not the warm point; the blocking one is.
+#[test]
+fn stdin_zero_timeout_poll_is_not_the_warm_point() {
+    let script = r#"
+import select
+p = select.poll(); p.register(0, select.POLLIN); p.poll(0)
+print("polled")
+p.poll()
+"#;
+    let mut app = App::start(Ready::Stdin, script, None, None);
+    let w = app.warm();
+    assert_eq!(syscall_of(&w).1, Some(Trap::Poll));
+    assert_eq!(app.line(), "polled");
+    let polls = app
+        .tracker
+        .traps_seen()
+        .iter()
+        .filter(|t| t.0 == Some(Trap::Poll))
+        .count();
+    assert_eq!(polls, 2);
+}
+
+/// Once the tracker interrupts the app (priming done, `READY=1`), a zero-timeout poll it
+/// is trapped in is still not the warm point: the snapshot is never taken there.
+#[test]
+fn interrupted_warm_point_is_never_a_zero_timeout_poll() {
+    let script = r#"
+import os, select, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+r, w = os.pipe()
+p = select.poll(); p.register(r, select.POLLIN)
+for i in range(1000):
+    p.poll(0)
+print("looping")
+while True:
+    p.poll(0)
+"#;
+    let mut app = App::start(Ready::Listen, script, None, None);
+    // Once the app loops, the wake-up fd becomes readable (the tracker runs meanwhile).
+    let (wake_r, wake_w) = pipe();
+    let out = app.out_r.try_clone().unwrap();
+    let waker = std::thread::spawn(move || {
+        let line = read_exact(out.as_raw_fd(), 8, LONG);
+        assert_eq!(line, b"looping\n");
+        // SAFETY: one byte from a static buffer to a pipe we own.
+        unsafe { libc::write(wake_w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+    });
+    app.tracker.interrupt_when_readable(wake_r);
+    let w = app.warm();
+    waker.join().unwrap();
+    let seen = app.tracker.traps_seen();
+    assert!(
+        seen.iter().filter(|t| t.0 == Some(Trap::Poll)).count() > 0,
+        "the loop ran: {seen:?}"
+    );
+    if let StopKind::SyscallEntry { nr, .. } = w.kind {
+        let r = app.regs(w.tid);
+        assert!(
+            !(nr == libc::SYS_poll && r.rdx as i32 == 0),
+            "the warm point is a zero-timeout poll: {w:?}"
+        );
+    }
 }
 
 #[test]

@@ -176,6 +176,8 @@ pub(crate) mod tests {
                     size: 1 << 20,
                     mtime_ns: -5,
                     mode: 0o100755,
+                    hash: Some([3; 32]),
+                    btime_ns: Some(-7),
                 },
                 creds: Creds::default(),
                 rlimits: vec![Rlimit {
@@ -256,6 +258,8 @@ pub(crate) mod tests {
                     data: vec![1, 2, 3],
                 }],
                 zombie: None,
+                zombie_sigmask: 0,
+                fd_table_size: 64,
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -295,6 +299,12 @@ pub(crate) mod tests {
                     content: RunContent::Data { first: 0 },
                 }],
             }],
+            private_tmp: Some(vec![crate::model::TmpEntry {
+                path: "db.sqlite-shm".into(),
+                owner: Default::default(),
+                mtime_ns: 1,
+                kind: crate::model::TmpKind::Symlink { target: "x".into() },
+            }]),
         }
     }
 
@@ -469,14 +479,20 @@ pub(crate) mod tests {
             any::<u64>(),
             any::<i128>(),
             any::<u32>(),
+            proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(any::<i128>()),
         )
-            .prop_map(|(path, dev, ino, size, mtime_ns, mode)| FileIdentity {
-                path,
-                dev,
-                ino,
-                size,
-                mtime_ns,
-                mode,
+            .prop_map(|(path, dev, ino, size, mtime_ns, mode, hash, btime_ns)| {
+                FileIdentity {
+                    path,
+                    dev,
+                    ino,
+                    size,
+                    mtime_ns,
+                    mode,
+                    hash,
+                    btime_ns,
+                }
             })
     }
 
@@ -728,6 +744,8 @@ pub(crate) mod tests {
                 seccomp_filters: vec![],
                 private_files: vec![],
                 zombie: (ids[0] % 3 == 0).then_some(ids[1]),
+                zombie_sigmask: ids[0] as u64,
+                fd_table_size: ids[1] as u32,
             },
         )
     }
@@ -780,6 +798,18 @@ pub(crate) mod tests {
                             })
                             .into_iter()
                             .collect(),
+                        private_tmp: (page_count % 2 == 0).then(|| {
+                            vec![crate::model::TmpEntry {
+                                path: "a/b".into(),
+                                owner: Default::default(),
+                                mtime_ns: page_count as i128,
+                                kind: crate::model::TmpKind::File {
+                                    size: page_count,
+                                    inline: vec![1, 2],
+                                    pages: Vec::new(),
+                                },
+                            }]
+                        }),
                     }
                 },
             )

@@ -42,6 +42,10 @@ pub struct Manifest {
     /// Deleted files and memfds that are mapped (`VmaKind::SharedFile`), each one object
     /// shared by every mapping and fd of it (`FileDesc::SharedFile`).
     pub shared_files: Vec<SharedFile>,
+    /// `Some` when the tree ran with a private `/tmp` (`record` without `--share-tmp`):
+    /// what was in it at the warm point, parents before children. Every instance gets a
+    /// fresh tmpfs on `/tmp` holding exactly this.
+    pub private_tmp: Option<Vec<TmpEntry>>,
 }
 
 /// A file that is mapped but has no name any more: a deleted file (POSIX semaphores and
@@ -64,6 +68,30 @@ pub struct SharedFile {
     pub size: u64,
     /// Populated pages of the contents, page index from offset 0.
     pub pages: Vec<PageRun>,
+}
+
+/// One entry of a private `/tmp`, `path` relative to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpEntry {
+    pub path: String,
+    pub owner: FileOwner,
+    pub mtime_ns: i128,
+    pub kind: TmpKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TmpKind {
+    Dir,
+    Symlink {
+        target: String,
+    },
+    /// A regular file of `size` bytes: small ones inline, larger ones as runs over the
+    /// page table (deduplicated like memory; `page` counts from the file's start).
+    File {
+        size: u64,
+        inline: Vec<u8>,
+        pages: Vec<PageRun>,
+    },
 }
 
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the dumped tree saw them (its own time
@@ -126,6 +154,13 @@ pub struct Process {
     /// `/proc/PID/stat` field 52): only its ids are meaningful. Restored as a child that
     /// exits with this status, so its parent's `wait` gets the same answer.
     pub zombie: Option<i32>,
+    /// A zombie's signal mask (`SigBlk`); its `sigactions` say only which signals it
+    /// ignored (`SIG_IGN`) or caught (a handler address that is never called). What
+    /// `/proc` shows of a zombie besides its ids and exit status.
+    pub zombie_sigmask: u64,
+    /// Slots of the fd table (`FDSize` in `/proc/PID/status`): the kernel grows a table
+    /// and never shrinks it, so it shows the most fds the process ever had.
+    pub fd_table_size: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +239,13 @@ pub struct FileIdentity {
     pub size: u64,
     pub mtime_ns: i128,
     pub mode: u32,
+    /// blake3 of the contents at the dump, for a file the process reads or maps (`None`
+    /// for one it only writes, or one that could not be read): a restore compares it
+    /// only when size, mtime or inode differ, so a file put back by copying is accepted.
+    pub hash: Option<[u8; 32]>,
+    /// Birth time (statx `btime`) where the filesystem keeps one: tells a file replaced
+    /// by another that got the same (reused) inode number.
+    pub btime_ns: Option<i128>,
 }
 
 pub const PROT_READ: u8 = 1;
@@ -469,6 +511,10 @@ pub struct EpollTarget {
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// The fd of the process that holds the registered file now, when number `fd` no
+    /// longer does (closed after the add, the file kept by a dup): restored by adding
+    /// the file under number `fd` for a moment.
+    pub via: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

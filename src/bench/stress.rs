@@ -473,7 +473,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         .context("writing the input")?;
     let opts = RestoreOptions {
         lazy: true,
-        prefetch: snap.working_set(),
+        prefetch: snap.working_sets(),
         learn: false,
         verify_table: true,
         stdio: Some([in_r.as_raw_fd(), out_w.as_raw_fd(), null.as_raw_fd()]),

@@ -35,6 +35,9 @@ pub struct Frozen {
     /// Threads the caller already traces (auto-attached with `PTRACE_O_TRACECLONE`)
     /// that may still be running: interrupted, never seized again.
     pub attached: BTreeSet<i32>,
+    /// What the caller already holds of descendant processes, by pid (`record`'s warm
+    /// point in a worker of the app's tree): used by [`freeze_tree`] for those children.
+    pub descendants: BTreeMap<i32, Frozen>,
 }
 
 impl Frozen {
@@ -248,7 +251,8 @@ pub fn is_zombie(pid: i32) -> bool {
 /// every thread of every descendant, walking `/proc/PID/task/*/children` again after
 /// each round until a round finds nothing new (a process not yet frozen may fork).
 /// On failure everything frozen so far stays in `tree` for the caller to release.
-pub fn freeze_tree(root: i32, first: Frozen, tree: &mut Tree) -> Result<()> {
+pub fn freeze_tree(root: i32, mut first: Frozen, tree: &mut Tree) -> Result<()> {
+    let mut held = std::mem::take(&mut first.descendants);
     tree.order = vec![root];
     tree.frozen.insert(root, first);
     freeze(root, tree.frozen.get_mut(&root).expect("just inserted"))?;
@@ -276,7 +280,7 @@ pub fn freeze_tree(root: i32, first: Frozen, tree: &mut Tree) -> Result<()> {
                     tree.zombies.insert(child);
                     continue;
                 }
-                let mut f = Frozen::default();
+                let mut f = held.remove(&child).unwrap_or_default();
                 let r = freeze(child, &mut f);
                 tree.frozen.insert(child, f);
                 if let Err(e) = r {

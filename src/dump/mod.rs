@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod freeze;
+pub mod hashes;
 pub mod inject;
 pub mod maps;
 pub mod memory;
@@ -15,6 +16,7 @@ pub mod seccomp;
 pub mod shared_files;
 pub mod threads;
 pub mod timers;
+pub mod tmp;
 pub mod vmas;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -46,6 +48,8 @@ pub struct DumpOptions {
     /// Seccomp filters at the bottom of the stack that are warmstart's own (the
     /// warm-point trap of `record`), left out of the snapshot.
     pub own_seccomp_filters: usize,
+    /// The tree runs with a private `/tmp` (`record`): its files go into the snapshot.
+    pub private_tmp: bool,
 }
 
 pub struct DumpResult {
@@ -201,6 +205,11 @@ fn collect_and_store(
     let mut file_locks = Vec::new();
     let mut xsave_size = 0;
     let depth = process::pid_ns_depth(root);
+    let mut private = crate::private_dirs::dirs();
+    if opts.private_tmp {
+        private.push("/tmp".to_owned());
+    }
+    let hashing = hashes::start(tree.order.clone(), private.clone());
     for &pid in &tree.order {
         if process::pid_ns_depth(pid) != depth {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -230,6 +239,18 @@ fn collect_and_store(
         processes.push(p);
     }
     objects.link_fds(&tree.order, &mut processes)?;
+    let t = Instant::now();
+    let pre = hashing.join().unwrap_or_default();
+    hashes::fill(&mut processes, &private, &pre);
+    phases.add("hash files (rest)", t.elapsed());
+    let private_tmp = if opts.private_tmp {
+        let t = Instant::now();
+        let entries = tmp::collect(root, &mut writer)?;
+        phases.add("private tmp", t.elapsed());
+        Some(entries)
+    } else {
+        None
+    };
     let root_comm = processes[0].comm.clone();
     let (pipes, unix_pairs) = files.finish(root, &root_comm)?;
     phases.add("collect", times.collect);
@@ -251,6 +272,7 @@ fn collect_and_store(
         page_count: 0,
         pages_hash: [0; 32],
         shared_files: objects.finish(),
+        private_tmp,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::restore::checks::tree(&manifest)?;
@@ -387,6 +409,8 @@ fn collect_process(
         seccomp_filters,
         private_files,
         zombie: None,
+        zombie_sigmask: 0,
+        fd_table_size: info.fd_table_size,
     };
     Ok((process, file_locks))
 }

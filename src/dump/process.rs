@@ -22,6 +22,7 @@ pub struct ProcInfo {
     pub umask: u32,
     pub personality: u32,
     pub no_new_privs: bool,
+    pub fd_table_size: u32,
     pub seccomp_mode: u32,
     pub mm: MmFields,
     pub auxv: Vec<u64>,
@@ -187,6 +188,9 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
             .unwrap_or(0o022),
         personality,
         no_new_privs: status_field(&status, "NoNewPrivs") == Some("1"),
+        fd_table_size: status_field(&status, "FDSize")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
         seccomp_mode: status_field(&status, "Seccomp")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
@@ -220,12 +224,21 @@ pub fn pid_ns_depth(pid: i32) -> usize {
 
 /// The ids and exit status of a zombie (an exited child its parent has not reaped):
 /// all that is left of it, and all a restore needs to recreate it.
+/// The handler a zombie's caught signals are recorded with: a zombie has no memory, so
+/// only *that* a signal was caught is kept (restored as this address, never called).
+pub const ZOMBIE_HANDLER: u64 = 0x1000;
+
 pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading status of zombie process {pid}"))?;
     let st = Stat::read(pid)?;
     let ns =
         |key: &str, fallback: u64| innermost(status_field(&status, key)).unwrap_or(fallback as i32);
+    let mask = |key: &str| {
+        status_field(&status, key)
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
     Ok(warmstart_snapshots::model::Process {
         pid: ns("NSpid", pid as u64),
         ppid: ppid_in_ns(st.field(4) as i32, status_field(&status, "NSpid")),
@@ -234,6 +247,19 @@ pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
         comm: st.comm.clone(),
         // proc(5) field 52, `exit_code`: the status its parent's wait() will report.
         zombie: Some(st.field(52) as i32),
+        zombie_sigmask: mask("SigBlk"),
+        sigactions: (0..64)
+            .map(|i| warmstart_snapshots::model::SigAction {
+                handler: if mask("SigIgn") >> i & 1 == 1 {
+                    1 // SIG_IGN
+                } else if mask("SigCgt") >> i & 1 == 1 {
+                    ZOMBIE_HANDLER
+                } else {
+                    0 // SIG_DFL
+                },
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     })
 }

@@ -2,9 +2,12 @@
 //! `epoll_ctl(EPOLL_CTL_ADD)` once its target exists at its final number.
 //!
 //! The kernel keys a registration by (file, fd number at the time of the add). A target
-//! closed after being added stays registered while its file lives on elsewhere (a dup), but
-//! no fd number reaches it any more, so it cannot be re-added: such an epoll is refused.
-//! `kcmp(KCMP_EPOLL_TFD)` tells whether the number still holds the registered file.
+//! closed after being added stays registered while its file lives on elsewhere (a dup):
+//! `kcmp(KCMP_EPOLL_TFD)` tells whether the number still holds the registered file and,
+//! if not, which other fd of the process does (`EpollTarget::via`). At restore that file
+//! is put at the registered number for the add (whatever holds the number meanwhile is
+//! kept aside and put back), so the registration shows the same `tfd` as at the dump.
+//! A registered file no fd of the process reaches is refused.
 
 use std::collections::HashSet;
 use std::os::fd::RawFd;
@@ -16,11 +19,20 @@ use super::{errno_err, FdInfo, Installer, Target};
 
 pub fn dump(t: &Target) -> Result<FileDesc> {
     let targets = parse(t.info);
-    for tg in &targets {
-        if !t.all_fds.contains(&tg.fd) || !registered_file_is(t.pid, t.fd, tg.fd) {
+    let mut targets = targets;
+    for tg in &mut targets {
+        if t.all_fds.contains(&tg.fd) && registered_file_is(t.pid, t.fd, tg.fd, tg.fd) {
+            continue;
+        }
+        tg.via = t
+            .all_fds
+            .iter()
+            .copied()
+            .find(|&f| f != t.fd && registered_file_is(t.pid, t.fd, tg.fd, f));
+        if tg.via.is_none() {
             return Err(t.refuse(format_args!(
                 "an epoll watching fd {} which the process has closed since (its file is \
-                 still registered but no fd reaches it)",
+                 still registered but no fd of the process reaches it)",
                 tg.fd
             )));
         }
@@ -49,13 +61,14 @@ fn parse(info: &FdInfo) -> Vec<EpollTarget> {
                 fd,
                 events: events?,
                 data: data?,
+                via: None,
             })
         })
         .collect()
 }
 
-/// Whether fd `tfd` of `pid` is the file registered in epoll `efd` under number `tfd`.
-fn registered_file_is(pid: i32, efd: i32, tfd: i32) -> bool {
+/// Whether fd `fd` of `pid` holds the file registered in epoll `efd` under number `tfd`.
+fn registered_file_is(pid: i32, efd: i32, tfd: i32, fd: i32) -> bool {
     const KCMP_EPOLL_TFD: libc::c_long = 7;
     #[repr(C)]
     struct Slot {
@@ -74,7 +87,7 @@ fn registered_file_is(pid: i32, efd: i32, tfd: i32) -> bool {
             pid,
             pid,
             KCMP_EPOLL_TFD,
-            tfd,
+            fd,
             &slot as *const Slot,
         )
     };
@@ -97,9 +110,10 @@ pub fn install_order(p: &Process) -> Result<Vec<&Fd>> {
             let FileDesc::Epoll { targets, .. } = &f.file else {
                 return false;
             };
-            let ready = targets
-                .iter()
-                .all(|t| !epoll_fds.contains(&t.fd) || placed.contains(&t.fd));
+            let ready = targets.iter().all(|t| {
+                let fd = t.via.unwrap_or(t.fd);
+                !epoll_fds.contains(&fd) || placed.contains(&fd)
+            });
             if ready {
                 placed.insert(f.fd);
                 order.push(*f);
@@ -134,14 +148,68 @@ pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Resu
             events: t.events,
             u64: t.data,
         };
-        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, t.fd, &mut ev) } < 0 {
-            return Err(errno_err(format!(
-                "re-adding fd {} (events {:#x}) to the epoll",
-                t.fd, t.events
-            )));
+        let add = |ev: &mut libc::epoll_event| {
+            // SAFETY: `ev` is a valid epoll_event for the call.
+            if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, t.fd, ev) } < 0 {
+                return Err(errno_err(format!(
+                    "re-adding fd {} (events {:#x}) to the epoll",
+                    t.fd, t.events
+                )));
+            }
+            Ok(())
+        };
+        match t.via {
+            None => add(&mut ev)?,
+            Some(via) => add_via(ins, t.fd, via, || add(&mut ev))?,
         }
     }
     Ok(fd)
+}
+
+/// Runs `add` while fd number `num` holds the file of fd `via`: whatever holds `num`
+/// now (another of the app's fds) is kept aside above `ins.high` and put back after,
+/// with its close-on-exec flag.
+fn add_via(
+    ins: &mut Installer,
+    num: RawFd,
+    via: RawFd,
+    add: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    // SAFETY: fcntl/dup3/close on fds of this restoring process only.
+    let held = unsafe { libc::fcntl(num, libc::F_GETFD) };
+    let aside = if held >= 0 {
+        Some(ins.keep_high(super::dup_high(num, ins.high)?)?)
+    } else {
+        None
+    };
+    if unsafe { libc::dup3(via, num, 0) } < 0 {
+        return Err(errno_err(format!(
+            "putting fd {via} at {num} for its epoll registration"
+        )));
+    }
+    let added = add();
+    match aside {
+        Some(a) => {
+            if unsafe {
+                libc::dup3(
+                    a,
+                    num,
+                    if held & libc::FD_CLOEXEC != 0 {
+                        libc::O_CLOEXEC
+                    } else {
+                        0
+                    },
+                )
+            } < 0
+            {
+                return Err(errno_err(format!("putting fd {num} back")));
+            }
+        }
+        None => unsafe {
+            libc::close(num);
+        },
+    }
+    added
 }
 
 #[cfg(test)]
@@ -162,12 +230,14 @@ mod tests {
                 EpollTarget {
                     fd: 5,
                     events: 0x19,
-                    data: 5
+                    data: 5,
+                    via: None,
                 },
                 EpollTarget {
                     fd: 12,
                     events: 0x8000_0001,
-                    data: u64::MAX
+                    data: u64::MAX,
+                    via: None,
                 }
             ]
         );
@@ -186,6 +256,7 @@ mod tests {
                         fd: t,
                         events: 1,
                         data: 0,
+                        via: None,
                     })
                     .collect(),
             },

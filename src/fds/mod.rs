@@ -90,7 +90,18 @@ pub fn identity(path: &str, meta: &std::fs::Metadata) -> FileIdentity {
         size: meta.size(),
         mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
         mode: meta.mode(),
+        hash: None,
+        btime_ns: btime_ns(meta),
     }
+}
+
+/// A file's birth time in ns since the epoch, where the filesystem records one.
+pub fn btime_ns(meta: &std::fs::Metadata) -> Option<i128> {
+    let t = meta.created().ok()?;
+    Some(match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    })
 }
 
 /// Contents of a file kept in the manifest (memfds, deleted files) are limited to this;

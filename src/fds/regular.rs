@@ -76,7 +76,19 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     match file {
         FileDesc::Regular { file, flags, pos } => {
             let fd = ins.keep_high(open_path(&file.path, flags & no_create, 0)?)?;
-            seek(fd, *pos, &file.path)?;
+            // An append-only fd to a file that grew since the dump (another instance's
+            // log lines) goes on at its end, where its next write lands anyway.
+            let grown = flags & libc::O_APPEND != 0
+                && std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                    .is_ok_and(|m| m.size() > file.size);
+            if grown {
+                // SAFETY: lseek takes no pointers.
+                if unsafe { libc::lseek(fd, 0, libc::SEEK_END) } < 0 {
+                    return Err(errno_err(format!("seeking {} to its end", file.path)));
+                }
+            } else {
+                seek(fd, *pos, &file.path)?;
+            }
             Ok(fd)
         }
         FileDesc::Directory { path, flags } => {

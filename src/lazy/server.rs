@@ -616,9 +616,8 @@ impl LazyServer {
 
     fn hand_over_working_set(&mut self) {
         if let Some(done) = self.on_learned.take() {
-            if !self.stats.working_set.is_empty() {
-                done(self.stats.working_set.clone());
-            }
+            // Empty too: the other processes of a tree wait for every one's.
+            done(self.stats.working_set.clone());
         }
     }
 
@@ -628,6 +627,12 @@ impl LazyServer {
         if let Some(s) = self.spaces.first_mut() {
             s.exit_fd = Some(pidfd);
         }
+    }
+
+    /// Records until `h` (another server's [`record_handle`](Self::record_handle)) says
+    /// stop: the servers of a tree's processes learn until the root's first answer.
+    pub fn share_recording_stop(&mut self, h: &RecordHandle) {
+        self.stop = h.0.clone();
     }
 
     /// A handle that stops working-set recording (usable from any thread).

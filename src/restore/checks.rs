@@ -1,7 +1,7 @@
 //! What must hold on this host before a snapshot may be restored: the same vdso and
 //! CPU state layout, and every file it maps or holds open unchanged since the dump.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{FileDesc, FileIdentity, HostFacts, Manifest, VmaKind};
 
 use crate::dump::host_facts;
@@ -28,59 +28,174 @@ pub fn host(snap: &HostFacts) -> Result<()> {
     Ok(())
 }
 
-/// Files whose identity the snapshot depends on, each with what uses it.
-fn files(m: &Manifest) -> Vec<(&FileIdentity, String)> {
+/// How a process uses a file, which decides what may have changed since the dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Use {
+    /// Read or mapped (or both read and written, or executed): it must hold the same
+    /// bytes. Its inode, size and mtime are compared first, and only when they differ
+    /// its contents, against the blake3 hash taken at the dump.
+    Read,
+    /// Only written (`O_WRONLY`): it may have grown, since it was the same file. An
+    /// `O_APPEND` fd goes on at its (new) end, another at its offset.
+    Write { append: bool },
+}
+
+/// Files whose identity the snapshot depends on, each with what uses it and how.
+fn files(m: &Manifest) -> Vec<(&FileIdentity, String, Use)> {
     let mut out = Vec::new();
     for p in m.processes.iter().filter(|p| p.zombie.is_none()) {
-        out.push((&p.exe, format!("the executable of process {}", p.pid)));
+        out.push((
+            &p.exe,
+            format!("the executable of process {}", p.pid),
+            Use::Read,
+        ));
         for v in &p.vmas {
             if let VmaKind::File { file } = &v.kind {
                 out.push((
                     file,
                     format!("mapped at {:x} by process {}", v.start, p.pid),
+                    Use::Read,
                 ));
             }
         }
         for fd in &p.fds {
-            if let FileDesc::Regular { file, .. } = &fd.file {
-                out.push((file, format!("open as fd {} of process {}", fd.fd, p.pid)));
+            if let FileDesc::Regular { file, flags, pos } = &fd.file {
+                if crate::dump::hashes::write_only(*flags) {
+                    let append = flags & libc::O_APPEND != 0;
+                    let how = if append {
+                        "appended to".to_owned()
+                    } else {
+                        format!("written at offset {pos}")
+                    };
+                    out.push((
+                        file,
+                        format!("{how} by fd {} of process {}", fd.fd, p.pid),
+                        Use::Write { append },
+                    ));
+                } else {
+                    out.push((
+                        file,
+                        format!("open as fd {} of process {}", fd.fd, p.pid),
+                        Use::Read,
+                    ));
+                }
             }
         }
     }
     out
 }
 
+/// Every file the snapshot reads, maps or writes still fits it (see [`Use`]); files in
+/// the snapshot's private `/tmp` and instance-private directories are its own and are
+/// not looked at.
 pub fn unchanged_files(m: &Manifest) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
-    let private = crate::private_dirs::dirs();
-    for (f, used) in files(m) {
-        // Recreated from the snapshot in the instance's own directory.
+    let mut private = crate::private_dirs::dirs();
+    if m.private_tmp.is_some() {
+        private.push("/tmp".to_owned());
+    }
+    // Contents compared once per path.
+    let mut same_bytes: std::collections::HashMap<&str, bool> = Default::default();
+    for (f, used, how) in files(m) {
         if crate::private_dirs::is_private(&private, &f.path) {
             continue;
         }
-        if !seen.insert((&f.path, f.ino)) {
+        if !seen.insert((&f.path, f.ino, how)) {
             continue;
         }
         let meta = match std::fs::metadata(&f.path) {
             Ok(meta) => meta,
-            Err(e) => bail!("file {} ({used}) is gone since the dump: {e}", f.path),
+            Err(e) => bail!(
+                "file {} ({used}) is gone since the dump ({e}): put it back at that path, \
+                 or record a new snapshot",
+                f.path
+            ),
         };
         let mtime = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
-        let what = if meta.ino() != f.ino || meta.dev() != f.dev {
-            "was replaced (another inode)"
-        } else if meta.size() != f.size {
-            "changed size"
-        } else if mtime != f.mtime_ns {
-            "was modified"
-        } else {
+        // An inode number can be reused at once by a new file: the birth time tells.
+        let born = crate::fds::btime_ns(&meta);
+        let replaced = meta.ino() != f.ino
+            || meta.dev() != f.dev
+            || (born.is_some() && f.btime_ns.is_some() && born != f.btime_ns);
+        if !replaced && meta.size() == f.size && mtime == f.mtime_ns {
             continue;
-        };
-        bail!(
-            "file {} ({used}) {what} since the dump; restoring would run the process on \
-             different bytes. Restore the file, or record a new snapshot",
-            f.path
-        );
+        }
+        match how {
+            Use::Write { append } => {
+                if replaced {
+                    bail!(
+                        "file {} ({used}) was replaced since the dump (another file is at \
+                         that path now, as after a log rotation): the process would go on \
+                         writing {} a file it never wrote. Put the original file back, or \
+                         record a new snapshot",
+                        f.path,
+                        if append { "at the end of" } else { "into" }
+                    );
+                }
+                if meta.size() < f.size {
+                    bail!(
+                        "file {} ({used}) shrank since the dump ({} bytes then, {} now): the \
+                         process only writes it, so it may grow, but what it wrote before the \
+                         dump must still be there. Put the file back as it was (or at least \
+                         its first {} bytes), or record a new snapshot",
+                        f.path,
+                        f.size,
+                        meta.size(),
+                        f.size
+                    );
+                }
+            }
+            Use::Read => {
+                if meta.size() != f.size {
+                    bail!(
+                        "file {} ({used}) changed size since the dump ({} bytes then, {} now): \
+                         the process reads it, so restoring would run it on different bytes. \
+                         Put the file back as it was (a copy is fine: its contents are \
+                         compared, not its mtime), or record a new snapshot",
+                        f.path,
+                        f.size,
+                        meta.size()
+                    );
+                }
+                let what = if replaced {
+                    "was replaced (another inode, same size)"
+                } else {
+                    "was modified (new mtime, same size)"
+                };
+                let Some(want) = f.hash else {
+                    bail!(
+                        "file {} ({used}) {what} since the dump, and the snapshot holds no hash \
+                         of its contents to compare (it could not be read at the dump): put the \
+                         original file back untouched, or record a new snapshot",
+                        f.path
+                    );
+                };
+                let same = match same_bytes.get(f.path.as_str()) {
+                    Some(&same) => same,
+                    None => {
+                        let got = std::fs::File::open(&f.path)
+                            .and_then(crate::dump::hashes::hash_reader)
+                            .with_context(|| {
+                                format!("reading {} ({used}) to compare it", f.path)
+                            })?;
+                        same_bytes.insert(&f.path, got == want);
+                        got == want
+                    }
+                };
+                if !same {
+                    bail!(
+                        "file {} ({used}) {what} since the dump and its contents differ (blake3 \
+                         of the {} bytes changed): the process reads it, so restoring would run \
+                         it on different bytes. Put the file back as it was, or record a new \
+                         snapshot",
+                        f.path,
+                        f.size
+                    );
+                }
+                tracing::debug!("{} ({used}) {what} but holds the same bytes", f.path);
+            }
+        }
     }
     Ok(())
 }

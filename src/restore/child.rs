@@ -52,6 +52,9 @@ pub struct BlobInfo {
     pub late: bool,
     /// Its late phase receives the caller's stdio first.
     pub wants_stdio: bool,
+    /// Where its late phase reads the clock offsets of the hand-out
+    /// (`program::timens_text`), for the root of a parked tree.
+    pub timens_text: Option<u64>,
 }
 
 /// Message tags on the status pipe.
@@ -153,8 +156,16 @@ fn prepare_root(
         .max()
         .unwrap_or(2)
         .max(2);
-    // Everything we still need lives above the apps' highest fd while tables are built.
+    // Everything we still need lives above the apps' highest fd while tables are built:
+    // warmstart's other fds closed first, so the copies get the lowest numbers there
+    // (and the fd table can shrink, see `shrink_fd_table`).
     let high = max_fd + 1;
+    let mut originals = vec![0, 1, 2];
+    originals.extend(&chans.reports);
+    originals.extend(chans.gates.iter().filter(|&&g| g >= 0));
+    originals.extend(notify);
+    originals.extend(late_sock);
+    close_all_except(&originals)?;
     let mut moved = TreeChannels {
         reports: Vec::new(),
         gates: Vec::new(),
@@ -182,6 +193,10 @@ fn prepare_root(
     keep.extend(&moved.reports);
     keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
+    // Only when warmstart's table is larger than the app's was (a fork's worth of work).
+    if own_fd_table_size() > p.fd_table_size.max(64) {
+        shrink_fd_table()?;
+    }
     recreate_private_files(m)?;
     let inherited = crate::fds::prepare_shared(m, &stdio, high)?;
     let mut b = [0; 2];
@@ -313,18 +328,19 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         let mut f = unsafe { std::fs::File::from_raw_fd(report) };
         f.write_all(&[MSG_ZOMBIE])?;
         drop(f);
-        become_zombie(status);
+        become_zombie(p, status);
     }
     settle_zombie_children(m, p)?;
     let places = crate::fds::stdio_fds(p);
     let parked = ctx.late_sock.is_some();
     crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
+    grow_fd_table(p.fd_table_size, report)?;
     for &fd in &ctx.stdio {
         unsafe { libc::close(fd) };
     }
-    if p.root != "/" {
+    if p.root != "/" && !std::path::Path::new(&p.root).is_dir() {
         bail!(
-            "process {} ran chrooted in {}: restoring a changed root is not supported yet",
+            "process {} ran chrooted in {}, which is no longer a directory: restore it there",
             p.pid,
             p.root
         );
@@ -355,7 +371,26 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let own = maps::parse(
         &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
     )?;
+    // A parked process's way to its time namespace files (see program::Late::proc_dir),
+    // opened while /proc is still reachable (before a chroot).
+    let late_timens = match ctx.late_sock {
+        None => None,
+        Some(_) => {
+            let (timens, dir) = match m.processes.first() {
+                Some(root) if root.pid != p.pid => (
+                    program::LateTimeNs::Join(root.pid),
+                    format!("/proc/{}", root.pid),
+                ),
+                _ => (program::LateTimeNs::Create, "/proc/self".to_owned()),
+            };
+            let fd = open_path(&dir, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
+            let high_fd = dup_high(fd, ctx.high)?;
+            unsafe { libc::close(fd) };
+            Some((timens, high_fd))
+        }
+    };
     let late = ctx.late_sock.map(|sock| {
+        let (timens, proc_dir) = late_timens.expect("opened for every parked process");
         let wants_stdio = !places.is_empty();
         if !wants_stdio {
             unsafe { libc::close(sock) };
@@ -365,12 +400,14 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             places,
             epoll_adds: crate::fds::late_epoll_targets(p),
             timerfds: crate::fds::late_timerfds(p),
+            timens,
+            proc_dir,
         }
     });
     let late = late.as_ref();
     let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
-    let (blob, uffd_slot) = program::build(p, &own, &fds, base, len, lazy, late)?;
+    let (blob, uffd_slot, timens_text) = program::build(p, &own, &fds, base, len, lazy, late)?;
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -399,6 +436,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             .collect(),
         late: late.is_some(),
         wants_stdio: late.is_some_and(|l| l.sock.is_some()),
+        timens_text: timens_text.map(|d| blob.addr_of(d)),
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
@@ -414,31 +452,101 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
             unsafe { libc::_exit(125) };
         }
     }
+    // Last of the paths: every file above was opened by its path as seen from the host's
+    // root (how /proc showed it at the dump); the cwd, entered above, lies inside. After
+    // the last read of /proc (the new root may have none).
+    if p.root != "/" {
+        let root = cstr(&p.root)?;
+        // SAFETY: a NUL-terminated path that lives across the call.
+        if unsafe { libc::chroot(root.as_ptr()) } < 0 {
+            return Err(errno_err(format!("chroot({})", p.root)));
+        }
+    }
     unregister_rseq();
     // SAFETY: the blob is mapped at `base` and built for it; it never returns here.
     unsafe { warmstart_parasite::jump(blob.entry, blob.program, blob.stack_top) }
 }
 
-/// Exits with `status`, a raw wait status as the parent's `wait` will report it.
-fn become_zombie(status: i32) -> ! {
-    if libc::WIFSIGNALED(status) {
-        let sig = libc::WTERMSIG(status);
-        unsafe {
-            // No core file: its flag in the status is not reproduced.
-            let none = libc::rlimit {
+/// Exits with `status`, a raw wait status as the parent's `wait` will report it, showing
+/// in `/proc` what the zombie `p` showed: its name, which signals it ignored or caught,
+/// its blocked mask, nothing pending.
+fn become_zombie(p: &Process, status: i32) -> ! {
+    let sig = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
+    let mut comm = p.comm.as_bytes().to_vec();
+    comm.truncate(15);
+    comm.push(0);
+    // SAFETY: raw syscalls on this single-threaded process with buffers that live across
+    // each call; nothing here allocates after the name is built.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+        for (i, sa) in p.sigactions.iter().enumerate() {
+            let s = i as i32 + 1;
+            if s == libc::SIGKILL || s == libc::SIGSTOP || Some(s) == sig {
+                continue;
+            }
+            let raw: [u64; 4] = [sa.handler, 0, 0, 0];
+            libc::syscall(libc::SYS_rt_sigaction, s, raw.as_ptr(), 0usize, 8usize);
+        }
+        // Signals this restoring process got meanwhile are not the zombie's: drained
+        // with everything blocked, then the recorded mask.
+        let all: u64 = !0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all,
+            0usize,
+            8usize,
+        );
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        while libc::syscall(libc::SYS_rt_sigtimedwait, &all, 0usize, &zero, 8usize) > 0 {}
+        let mut mask = p.zombie_sigmask;
+        if let Some(s) = sig {
+            mask &= !(1u64 << (s - 1));
+        }
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask,
+            0usize,
+            8usize,
+        );
+        if let Some(sig) = sig {
+            // No core file: its flag in the status is not reproduced. The hard limit
+            // stays (it cannot be raised again without CAP_SYS_RESOURCE).
+            let mut lim = libc::rlimit {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::getrlimit(libc::RLIMIT_CORE, &mut lim);
+            lim.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_CORE, &lim);
+            let dfl: [u64; 4] = [0; 4];
+            libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), 0usize, 8usize);
+            // Sent while blocked and then unblocked, the signal is dequeued on the way
+            // out as it is for a process killed by another; sent unblocked to itself it
+            // would take the kernel's short cut and stay pending in the zombie (ShdPnd).
+            let unblock: u64 = 1 << (sig - 1);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &unblock,
+                0usize,
+                8usize,
+            );
             libc::kill(libc::getpid(), sig);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_UNBLOCK,
+                &unblock,
+                0usize,
+                8usize,
+            );
         }
+        libc::_exit(libc::WEXITSTATUS(status))
     }
-    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
 }
 
 /// Waits (without reaping) until every zombie child of `p` has exited, then drops the
@@ -520,6 +628,106 @@ fn close_all_except(keep: &[RawFd]) -> Result<()> {
         from = fd.saturating_add(1);
     }
     Ok(())
+}
+
+/// Gives this restoring process an fd table no larger than the fds it holds need.
+///
+/// It started with a copy of warmstart's, which is as large as the highest fd warmstart
+/// ever had (one fd >= 64 inherited from warmstart's caller makes it 256 slots), and the
+/// kernel never shrinks a table: the app would show that `FDSize`. `unshare(CLONE_FILES)`
+/// copies the table, sized by the open fds, but only while another task shares it; so a
+/// helper is forked sharing it (`CLONE_FILES`, a plain fork otherwise: no ptrace event,
+/// and its pid is gone before the tree's pids are taken), the table is unshared, the
+/// helper killed and reaped, and its SIGCHLD dropped (it is not the app's).
+fn shrink_fd_table() -> Result<()> {
+    // SAFETY: a raw clone without CLONE_VM and with a null stack is a fork whose child
+    // only loops in pause(2) until it is killed; it runs no Rust code that could take a
+    // lock (this process is single-threaded).
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if child == 0 {
+        loop {
+            // SAFETY: pause takes no arguments.
+            unsafe { libc::syscall(libc::SYS_pause) };
+        }
+    }
+    if child < 0 {
+        return Err(errno_err("forking a helper that shares the fd table"));
+    }
+    let child = child as libc::pid_t;
+    // SAFETY: plain syscalls on our own child; `status` outlives waitpid.
+    let unshared = unsafe { libc::unshare(libc::CLONE_FILES) };
+    let err = std::io::Error::last_os_error();
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(child, &mut status, 0) < 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+    }
+    drop_sigchld();
+    if unshared < 0 {
+        return Err(anyhow::anyhow!("unshare(CLONE_FILES): {err}"));
+    }
+    Ok(())
+}
+
+/// This process's fd table size (`FDSize`), 0 if unreadable.
+fn own_fd_table_size() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Grows the fd table to `size` slots, as the app's was (see [`shrink_fd_table`]): an
+/// fd at `size / 2`, duplicated from `any` and closed again. (Beyond its 64 embedded
+/// slots the kernel sizes a table for `n` slots as 128 × the power of two above
+/// `n / 128`; a table of 128 × 2^k slots is what holding fd 64 × 2^k asks for.)
+fn grow_fd_table(size: u32, any: RawFd) -> Result<()> {
+    if size <= 64 {
+        return Ok(());
+    }
+    // SAFETY: fcntl/close on our own fds.
+    let fd = unsafe { libc::fcntl(any, libc::F_DUPFD_CLOEXEC, (size / 2) as i32) };
+    if fd < 0 {
+        // Above RLIMIT_NOFILE (the app lowered it after the table grew): the table
+        // cannot be grown now; what /proc shows of it is all that differs.
+        let e = std::io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EMFILE)) {
+            return Ok(());
+        }
+        return Err(anyhow::anyhow!("growing the fd table to {size} slots: {e}"));
+    }
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Consumes a pending SIGCHLD (every signal is blocked in a restoring process).
+fn drop_sigchld() {
+    // SAFETY: sigset operations on a local set; a zero timeout never blocks.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) > 0 {}
+    }
 }
 
 fn open_path(path: &str, flags: i32) -> Result<RawFd> {

@@ -18,7 +18,6 @@ use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::child::BlobInfo;
 use super::keeper::Keeper;
-use super::RestoreOptions;
 use crate::lazy::{LazyOptions, LazyPlan, LazyServer, PrefetchStats, RecordHandle, ServeStats};
 use crate::sys::pidfd;
 use crate::sys::uffd::Uffd;
@@ -33,6 +32,63 @@ const ANSWER_POLL: Duration = Duration::from_millis(2);
 /// The thread that keeps a learned working set in the store (joined before the monitor
 /// exits, so that nothing is left half-written).
 type Keeping = Arc<Mutex<Option<JoinHandle<()>>>>;
+
+/// How one process of the tree is served: what it prefetches, whether it learns.
+pub struct ProcessLazy {
+    /// Its pid in the snapshot (the key of its working set).
+    pub pid: i32,
+    /// The root: its first answer (stdout, a TCP response) ends the learning of all.
+    pub root: bool,
+    /// Its working set, copied before it resumes.
+    pub prefetch: Option<Vec<u64>>,
+    /// Learning: where its working set goes (with the others').
+    pub learning: Option<Arc<Learning>>,
+    /// Learning ends when this (the root's server's handle) says so.
+    pub stop: Option<RecordHandle>,
+}
+
+/// The working sets one lazy run learns, one per process of the tree: kept together
+/// (in the store, and their hot pages) once every process's server handed its own over.
+pub struct Learning {
+    snap: Arc<Snapshot>,
+    expected: usize,
+    got: Mutex<(std::collections::BTreeMap<i32, Vec<u64>>, usize)>,
+    keeping: Keeping,
+}
+
+impl Learning {
+    /// Learning for `expected` page servers.
+    pub fn new(snap: Arc<Snapshot>, expected: usize) -> Arc<Learning> {
+        Arc::new(Learning {
+            snap,
+            expected,
+            got: Mutex::new(Default::default()),
+            keeping: Keeping::default(),
+        })
+    }
+
+    /// Process `pid` learned `ws`; once all have, they are kept on a thread of their own
+    /// (the instance runs on meanwhile).
+    fn add(&self, pid: i32, ws: Vec<u64>) {
+        let mut g = self.got.lock().unwrap_or_else(|p| p.into_inner());
+        if !ws.is_empty() {
+            g.0.insert(pid, ws);
+        }
+        g.1 += 1;
+        if g.1 != self.expected || g.0.is_empty() {
+            return;
+        }
+        let sets = std::mem::take(&mut g.0);
+        let snap = self.snap.clone();
+        match std::thread::Builder::new()
+            .name("keep-working-set".into())
+            .spawn(move || super::keep_working_sets(&snap, &sets))
+        {
+            Ok(job) => *self.keeping.lock().unwrap_or_else(|p| p.into_inner()) = Some(job),
+            Err(e) => tracing::warn!("working set not kept: {e}"),
+        }
+    }
+}
 
 /// A page server that has its userfaultfd and has prefetched, not yet serving.
 pub struct Starting {
@@ -77,8 +133,9 @@ pub fn start(
     plan: LazyPlan,
     pid: i32,
     info: &BlobInfo,
-    opts: &RestoreOptions,
+    how: ProcessLazy,
 ) -> Result<Starting> {
+    let learn = how.learning.is_some();
     let slot = info
         .uffd_slot
         .context("the restorer did not create a userfaultfd")?;
@@ -93,9 +150,9 @@ pub fn start(
         plan,
         uffd,
         LazyOptions {
-            prefetch: opts.prefetch.clone(),
-            record_working_set: opts.learn,
-            record_for: opts.learn.then_some(LEARN_AT_MOST),
+            prefetch: how.prefetch,
+            record_working_set: learn,
+            record_for: learn.then_some(LEARN_AT_MOST),
             hot,
             background: true,
         },
@@ -104,27 +161,25 @@ pub fn start(
     if let Some(job) = table_check {
         server.check_table(job);
     }
-    let keeping = Keeping::default();
-    if opts.learn {
-        let (snap, slot) = (snap.clone(), keeping.clone());
-        // Kept as soon as the first answer ends the recording, while the instance runs on
-        // (it may never exit, or be killed): on a thread, not to hold up faults.
-        server.on_learned(move |ws| {
-            match std::thread::Builder::new()
-                .name("keep-working-set".into())
-                .spawn(move || super::keep_working_set(&snap, &ws))
-            {
-                Ok(job) => *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(job),
-                Err(e) => tracing::warn!("working set not kept: {e}"),
-            }
-        });
+    if let Some(h) = &how.stop {
+        server.share_recording_stop(h);
     }
+    let keeping = match &how.learning {
+        Some(l) => {
+            // Kept as soon as the first answer ends the recording, while the instance
+            // runs on (it may never exit, or be killed): not to hold up faults.
+            let (l2, pid) = (l.clone(), how.pid);
+            server.on_learned(move |ws| l2.add(pid, ws));
+            l.keeping.clone()
+        }
+        None => Keeping::default(),
+    };
     let prefetch = server.prefetch()?;
     Ok(Starting {
         server,
         prefetch,
         keep,
-        answer_ports: if opts.learn {
+        answer_ports: if learn && how.root {
             tcp_listen_ports(&snap.manifest)
         } else {
             Vec::new()
@@ -159,6 +214,11 @@ fn tcp_listen_ports(m: &Manifest) -> Vec<(i32, u16)> {
 }
 
 impl Starting {
+    /// Its handle to end the recording of its working set.
+    pub fn record_handle(&self) -> RecordHandle {
+        self.server.record_handle()
+    }
+
     /// Once the app runs: serves on a thread; `tap` is the read end of the app's stdout
     /// when learning (copied to our stdout; the first byte ends the recording).
     pub fn run(self, init: BorrowedFd<'_>, tap: Option<OwnedFd>) -> Result<Running> {

@@ -30,6 +30,7 @@ pub mod lazy;
 pub mod memory;
 pub mod program;
 pub mod reaper;
+pub mod tmp;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -40,7 +41,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use warmstart_launcher::{Sandbox, SpawnOptions};
 use warmstart_parasite::Status;
 use warmstart_snapshots::model::{reg, FileDesc, Process};
-use warmstart_snapshots::store::Snapshot;
+use warmstart_snapshots::store::{Snapshot, WorkingSets};
 
 use crate::stats::Phases;
 use crate::sys::ptrace::{self, Stop};
@@ -68,9 +69,11 @@ pub struct Restored {
 pub struct RestoreOptions {
     /// Serve private anonymous memory on demand with userfaultfd (else copy it all).
     pub lazy: bool,
-    /// Pages to copy before the app resumes (the learned working set).
-    pub prefetch: Option<Vec<u64>>,
-    /// Learn the working set: record faults until the app first writes to stdout.
+    /// Pages to copy before the app resumes (the learned working sets: each process of
+    /// the tree prefetches its own).
+    pub prefetch: Option<WorkingSets>,
+    /// Learn the working sets (every process of the tree its own): record faults until
+    /// the app first writes to stdout or answers on a TCP connection.
     pub learn: bool,
     /// The snapshot was opened with `Store::load_deferred`: check its page table while
     /// restoring (before the app resumes when eager; alongside the page server when lazy).
@@ -121,6 +124,9 @@ pub fn block_forwarded_signals() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
+
+/// Exit code of a restoring child that could not put its private `/tmp` in place.
+pub const TMP_ATTACH_FAILED: i32 = 125;
 
 /// One process of the tree being restored, as the monitor drives it.
 struct Driven<'a> {
@@ -185,6 +191,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
     phases.add("checks", t.elapsed());
+    let t = Instant::now();
+    let private_tmp = tmp::prepare(m, snap)?;
+    if private_tmp.is_some() {
+        phases.add("private tmp", t.elapsed());
+    }
 
     // The hot pages (verified, decompressed) are checked on other cores while the
     // sandbox and the layout are built; they are needed only once the layout is there.
@@ -212,10 +223,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         })
         .transpose()?;
     let t = Instant::now();
-    // Only the root is served lazily; the other processes of a tree get all their
-    // memory before they resume.
-    // Each process has a userfaultfd and a page server of its own (only the root's
-    // learns or prefetches the working set); a process with nothing to serve lazily is
+    // Each process has a userfaultfd and a page server of its own, which learns or
+    // prefetches its own working set; a process with nothing to serve lazily is
     // restored eagerly.
     let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
         .processes
@@ -309,6 +318,16 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         },
         || {
+            if let Some(mnt) = &private_tmp {
+                if !tmp::attach(mnt.as_raw_fd()) {
+                    const MSG: &[u8] = b"Eputting the instance's private /tmp in place \
+                        (move_mount of its tmpfs onto /tmp) failed";
+                    const _: () = assert!(MSG[0] == MSG_ERROR);
+                    // SAFETY: a static buffer; the status pipe's fd is open in the child.
+                    unsafe { libc::write(chans.reports[0], MSG.as_ptr().cast(), MSG.len()) };
+                    return TMP_ATTACH_FAILED;
+                }
+            }
             child::run(
                 m,
                 ranges,
@@ -399,28 +418,30 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let hot = hot_job.join().unwrap_or(None);
     phases.add("hot-pages", t.elapsed());
     let t = Instant::now();
-    let tree_opts = RestoreOptions {
-        lazy: true,
-        prefetch: None,
-        learn: false,
-        verify_table: false,
-        stdio: None,
-        interrupt: None,
-    };
+    // Every process with a page server learns (or prefetches) its own working set; the
+    // root's first answer ends the learning of all.
+    let learning = opts.learn.then(|| {
+        let learners = tree.iter().filter(|d| plans[d.idx].is_some()).count();
+        lazy::Learning::new(snap.clone(), learners)
+    });
+    let mut stop: Option<crate::lazy::RecordHandle> = None;
     let mut servers = Vec::new();
     for d in &tree {
         let server = match plans[d.idx].take() {
             Some(plan) => {
-                // The root's server prefetches and checks the page table.
-                let (o, check) = if d.idx == 0 {
-                    (opts, table_check.take())
-                } else {
-                    (&tree_opts, None)
+                // The root's server checks the page table.
+                let check = if d.idx == 0 { table_check.take() } else { None };
+                let how = lazy::ProcessLazy {
+                    pid: d.p.pid,
+                    root: d.idx == 0,
+                    prefetch: opts.prefetch.as_ref().and_then(|w| w.for_process(d.p.pid)),
+                    learning: learning.clone(),
+                    stop: stop.clone(),
                 };
-                Some(
-                    lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, o)
-                        .map_err(|e| fail_in(d.p, e))?,
-                )
+                let s = lazy::start(snap, hot.clone(), check, plan, d.pid, &d.info, how)
+                    .map_err(|e| fail_in(d.p, e))?;
+                stop.get_or_insert_with(|| s.record_handle());
+                Some(s)
             }
             None => None,
         };
@@ -485,7 +506,12 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             // The leader reports each thread it creates (in creation order, which is the
             // snapshot's thread order), then its own trap; then each thread traps.
             wait_trap(d.pid, &d.info, &mut d.tids)?;
-            let want = m.processes[d.idx].threads.len();
+            // A parked process creates its threads when handed out.
+            let want = if d.info.late {
+                1
+            } else {
+                m.processes[d.idx].threads.len()
+            };
             if d.tids.len() != want {
                 bail!("created {} threads, the snapshot has {want}", d.tids.len());
             }
@@ -519,20 +545,39 @@ impl Parked {
         let t = Instant::now();
         let mut failed_in = 0;
         let resumed = (|| -> Result<()> {
+            let m = &self.snap.manifest;
             if let Some(sock) = &self.late_sock {
                 let stdio = stdio.context("a parked instance needs its stdio")?;
                 let fds = stdio.map(|f| f.as_raw_fd());
-                for d in self.tree.iter().filter(|d| d.info.late) {
+                // The clocks go on from the dump as of now (see program::LateTimeNs): the
+                // root's late phase creates the namespace, in tree order before the rest.
+                let [mono, boot] = crate::sys::timens::adjusted_targets(&m.clocks)?;
+                let text = program::timens_text(
+                    mono - crate::sys::timens::now_ns(libc::CLOCK_MONOTONIC),
+                    boot - crate::sys::timens::now_ns(libc::CLOCK_BOOTTIME),
+                );
+                for d in self.tree.iter_mut().filter(|d| d.info.late) {
                     failed_in = d.idx;
+                    if let Some(addr) = d.info.timens_text {
+                        remote::write(d.pid, addr, &text)
+                            .context("writing the clock offsets into the restorer")?;
+                    }
                     if d.info.wants_stdio {
                         crate::sys::scm::send(sock.as_fd(), &[1], &fds)
                             .context("sending the stdio")?;
                     }
                     ptrace::cont(d.pid, 0).context("continuing the restorer")?;
-                    wait_trap(d.pid, &d.info, &mut Vec::new())?;
+                    // A parked process creates its threads now.
+                    wait_trap(d.pid, &d.info, &mut d.tids)?;
+                    let want = m.processes[d.idx].threads.len();
+                    if d.tids.len() != want {
+                        bail!("created {} threads, the snapshot has {want}", d.tids.len());
+                    }
+                    for &tid in &d.tids[1..] {
+                        wait_trap(tid, &d.info, &mut Vec::new())?;
+                    }
                 }
             }
-            let m = &self.snap.manifest;
             for d in &self.tree {
                 failed_in = d.idx;
                 finish(&d.tids, &d.info, &m.processes[d.idx].threads)?;
@@ -837,16 +882,18 @@ pub fn detached<R>(
     }
 }
 
-/// Keeps a working set a lazy run learned: in the snapshot, and its hot pages.
-pub fn keep_working_set(snap: &Snapshot, working_set: &[u64]) {
-    if let Err(e) = snap.save_working_set(working_set) {
+/// Keeps the working sets a lazy run learned (per process, by pid in the snapshot): in
+/// the snapshot, and their hot pages.
+pub fn keep_working_sets(snap: &Snapshot, sets: &std::collections::BTreeMap<i32, Vec<u64>>) {
+    if let Err(e) = snap.save_working_sets(sets) {
         tracing::warn!(
             "working set of snapshot {} not kept: {e:#}",
             snap.id.short()
         );
         return;
     }
-    save_hot(snap, working_set);
+    let all: Vec<u64> = sets.values().flatten().copied().collect();
+    save_hot(snap, &all);
 }
 
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned

@@ -11,7 +11,7 @@
 //!    unmaps the blob, loads registers, FPU state and sigmask, and detaches.
 
 use anyhow::{bail, Result};
-use warmstart_parasite::{Arg, Blob, ProgramBuilder, Slot, Width};
+use warmstart_parasite::{Arg, Blob, DataRef, ProgramBuilder, Slot, Width};
 use warmstart_snapshots::model::{EpollTarget, Process, Thread, Vma, VmaKind, PROT_WRITE};
 
 use crate::dump::maps::MapEntry;
@@ -39,6 +39,50 @@ pub struct Late {
     pub epoll_adds: Vec<(i32, EpollTarget)>,
     /// Timerfds to arm: (fd, interval ns, value ns, unread expirations).
     pub timerfds: Vec<(i32, u64, u64, u64)>,
+    /// Which time namespace the process moves to when handed out.
+    pub timens: LateTimeNs,
+    /// An `O_PATH` fd of `/proc/self` (`Create`) or `/proc/ROOT` (`Join`), opened before
+    /// the process may have chrooted: the late phase reaches the namespace files through
+    /// it, and closes it.
+    pub proc_dir: i32,
+}
+
+/// A parked instance's clocks go on from the dump when it is *handed out*, not when it
+/// was parked: its processes move to a new time namespace then (`setns` needs a
+/// single-threaded caller, so a parked process creates its threads only after that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LateTimeNs {
+    /// The root: creates the namespace with the offsets the monitor writes into the
+    /// program ([`TIMENS_TEXT_LEN`] bytes at `BlobInfo::timens_text`) and enters it.
+    #[default]
+    Create,
+    /// Another process of the tree: enters the namespace the root (this pid) created.
+    Join(i32),
+}
+
+/// Length of the `/proc/PID/timens_offsets` text a monitor writes for a handed-out
+/// instance ([`timens_text`]).
+pub const TIMENS_TEXT_LEN: usize = 83;
+
+/// The offsets text for `/proc/PID/timens_offsets`, fixed-width (the program writes
+/// [`TIMENS_TEXT_LEN`] bytes): `monotonic` and `boottime` offsets in nanoseconds.
+pub fn timens_text(monotonic_ns: i64, boottime_ns: i64) -> Vec<u8> {
+    let field = |ns: i64| {
+        let (sec, nsec) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+        let sec = if sec < 0 {
+            format!("-{:020}", sec.unsigned_abs())
+        } else {
+            format!("{sec:021}")
+        };
+        format!("{sec} {nsec:09}")
+    };
+    let t = format!(
+        "monotonic {}\nboottime {}\n",
+        field(monotonic_ns),
+        field(boottime_ns)
+    );
+    debug_assert_eq!(t.len(), TIMENS_TEXT_LEN);
+    t.into_bytes()
 }
 
 /// Bytes of the control buffer for three fds: `CMSG_SPACE(12)`.
@@ -217,7 +261,7 @@ pub fn build(
     blob_len: u64,
     lazy: &[(u64, u64)],
     late: Option<&Late>,
-) -> Result<(Blob, Option<Slot>)> {
+) -> Result<(Blob, Option<Slot>, Option<DataRef>)> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
 
@@ -380,6 +424,9 @@ pub fn build(
     b.trap();
 
     for v in relros {
+        if matches!(v.kind, VmaKind::Anon { .. }) {
+            keep_accounted(&mut b, v);
+        }
         b.syscall(
             libc::SYS_mprotect,
             &[imm(v.start), imm(v.len()), imm(v.prot)],
@@ -417,6 +464,39 @@ pub fn build(
         // monitor is done with it (faults would then block forever).
         b.syscall(libc::SYS_close, &[fd.plus(0)], "close userfaultfd");
     }
+    if let Some(late) = late {
+        // Parked: single-threaded until handed out (see [`LateTimeNs`]); timers are
+        // created once their threads exist (SIGEV_THREAD_ID), before the creds drop.
+        b.trap();
+        let text = switch_timens(&mut b, late.timens, late.proc_dir);
+        late_phase(&mut b, late);
+        let spawned = clone_threads(&mut b, p);
+        create_timers(&mut b, p);
+        arm_timers(&mut b, p);
+        last_of_leader(&mut b, p);
+        b.trap();
+        b.exit_thread(0);
+        spawned_threads(&mut b, p, spawned);
+        return Ok((b.build(base), uffd, text));
+    }
+    let spawned = clone_threads(&mut b, p);
+    // Created now (it may take privileges the creds drop).
+    create_timers(&mut b, p);
+    arm_timers(&mut b, p);
+    last_of_leader(&mut b, p);
+    b.trap();
+    // The monitor gives every thread its registers at its last trap; none goes on.
+    b.exit_thread(0);
+    spawned_threads(&mut b, p, spawned);
+    Ok((b.build(base), uffd, None))
+}
+
+/// Creates the other threads at their recorded tids: the leader goes on at the step after
+/// this; each new thread jumps to its label, bound by [`spawned_threads`].
+fn clone_threads<'a>(
+    b: &mut ProgramBuilder,
+    p: &'a Process,
+) -> Vec<(warmstart_parasite::Label, &'a Thread)> {
     let mut spawned = Vec::new();
     for t in &p.threads[1..] {
         let stack = b.stack(THREAD_STACK);
@@ -442,12 +522,27 @@ pub fn build(
         b.jump_if_zero(Slot::LAST, child);
         spawned.push((child, t));
     }
-    // Parked: created now (it may take privileges the creds drop), armed once handed out.
-    create_timers(&mut b, p);
-    if late.is_none() {
-        arm_timers(&mut b, p);
+    spawned
+}
+
+/// What each created thread runs: its own state, then its last trap.
+fn spawned_threads(
+    b: &mut ProgramBuilder,
+    p: &Process,
+    spawned: Vec<(warmstart_parasite::Label, &Thread)>,
+) {
+    for (label, t) in spawned {
+        b.bind(label);
+        thread_state(b, p, t);
+        b.trap();
+        b.exit_thread(0);
     }
-    thread_state(&mut b, p, &p.threads[0]);
+}
+
+/// The leader's last steps: its own thread state (credentials last of all), the
+/// process-wide pending signals, the dumpable flag.
+fn last_of_leader(b: &mut ProgramBuilder, p: &Process) {
+    thread_state(b, p, &p.threads[0]);
     for info in &p.shared_pending {
         let sig = u32::from_le_bytes(info.0[0..4].try_into().unwrap()) as u64;
         let d = b.data(&info.0);
@@ -463,21 +558,95 @@ pub fn build(
         &[imm(libc::PR_SET_DUMPABLE as u64), imm(p.dumpable as u64)],
         "prctl(PR_SET_DUMPABLE)",
     );
-    b.trap();
-    if let Some(late) = late {
-        late_phase(&mut b, late);
-        arm_timers(&mut b, p);
-        b.trap();
+}
+
+/// Moves a handed-out process to the time namespace of [`LateTimeNs`], through
+/// `proc_dir` ([`Late::proc_dir`]); for the root, the data where the monitor writes the
+/// offsets text.
+fn switch_timens(b: &mut ProgramBuilder, how: LateTimeNs, proc_dir: i32) -> Option<DataRef> {
+    let openat = |b: &mut ProgramBuilder, name: &str, flags: i32| {
+        let mut n = name.as_bytes().to_vec();
+        n.push(0);
+        let d = b.data(&n);
+        b.syscall_saved(
+            libc::SYS_openat,
+            &[
+                imm(proc_dir as u32),
+                d.arg(),
+                imm((flags | libc::O_CLOEXEC) as u64),
+                imm(0u64),
+            ],
+            format!("open {name} of the time namespace"),
+        )
+    };
+    let text = match how {
+        LateTimeNs::Create => {
+            let text = b.data_zeroed(TIMENS_TEXT_LEN);
+            b.syscall(
+                libc::SYS_unshare,
+                &[imm(libc::CLONE_NEWTIME as u64)],
+                "unshare(CLONE_NEWTIME)",
+            );
+            let fd = openat(b, "timens_offsets", libc::O_WRONLY);
+            b.syscall(
+                libc::SYS_write,
+                &[fd.plus(0), text.arg(), imm(TIMENS_TEXT_LEN as u64)],
+                "write the clock offsets of the hand-out",
+            );
+            b.syscall(libc::SYS_close, &[fd.plus(0)], "close timens_offsets");
+            Some(text)
+        }
+        LateTimeNs::Join(_) => None,
+    };
+    let fd = openat(b, "ns/time_for_children", libc::O_RDONLY);
+    b.syscall(
+        libc::SYS_setns,
+        &[fd.plus(0), imm(libc::CLONE_NEWTIME as u64)],
+        "setns(CLONE_NEWTIME): the clocks of the hand-out",
+    );
+    b.syscall(libc::SYS_close, &[fd.plus(0)], "close the time namespace");
+    b.syscall(
+        libc::SYS_close,
+        &[imm(proc_dir as u32)],
+        format!("close /proc dir fd {proc_dir}"),
+    );
+    text
+}
+
+/// Makes sure anonymous area `v` has faulted once before it loses write permission, so
+/// that `mprotect` keeps its `VM_ACCOUNT` (smaps `ac`): since Linux 6.6 mprotect drops
+/// the flag from an area that never faulted (no `anon_vma`), and the dumped area had
+/// faulted (a guard page split from a used area, a read-only table written once). One
+/// page is write-faulted in: a stored page (in a lazy restore its contents come from the
+/// page server, eagerly they are there already), else the first page, dropped again
+/// unless the snapshot has it present.
+fn keep_accounted(b: &mut ProgramBuilder, v: &Vma) {
+    const MADV_POPULATE_WRITE: u64 = 23;
+    let (page, present) = v
+        .pages
+        .iter()
+        .find(|r| {
+            matches!(
+                r.content,
+                warmstart_snapshots::model::RunContent::Data { .. }
+            )
+        })
+        .or_else(|| v.pages.first())
+        .map(|r| (r.page, true))
+        .unwrap_or((0, false));
+    let addr = v.start + page * 4096;
+    b.syscall(
+        libc::SYS_madvise,
+        &[imm(addr), imm(4096u64), imm(MADV_POPULATE_WRITE)],
+        format!("fault one page of {} (keeps VM_ACCOUNT)", label(v)),
+    );
+    if !present {
+        b.syscall(
+            libc::SYS_madvise,
+            &[imm(addr), imm(4096u64), imm(libc::MADV_DONTNEED as u64)],
+            format!("drop that page again {}", label(v)),
+        );
     }
-    // The monitor gives every thread its registers at its last trap; none goes on.
-    b.exit_thread(0);
-    for (label, t) in spawned {
-        b.bind(label);
-        thread_state(&mut b, p, t);
-        b.trap();
-        b.exit_thread(0);
-    }
-    Ok((b.build(base), uffd))
 }
 
 /// Creates the userfaultfd of a lazy restore and registers `ranges` for missing faults.

@@ -299,7 +299,7 @@ pub(crate) struct Handoff {
 fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions {
     RestoreOptions {
         lazy: true,
-        prefetch: snap.working_set(),
+        prefetch: snap.working_sets(),
         learn: false,
         verify_table: true,
         stdio,

@@ -171,11 +171,25 @@ impl Pools {
 
 /// Whether instances of `m` may wait parked: nothing they hold may be something another
 /// instance (or anyone else) needs meanwhile: no bound or listening sockets (their
-/// addresses and ports), no file locks. An epoll watching the stdio gets it added when
+/// addresses and ports), no file locks (but on files of the instance's own private
+/// `/tmp`, which nobody else sees: SQLite's, for one). An epoll watching the stdio gets it added when
 /// the stdio arrives, and timerfds are armed then, which needs each to be the process's
 /// own.
 fn parkable(m: &Manifest) -> Result<(), String> {
-    if !m.file_locks.is_empty() {
+    let in_private_tmp = |l: &warmstart_snapshots::model::FileLock| {
+        m.private_tmp.is_some()
+            && m.processes
+                .iter()
+                .filter(|p| p.pid == l.pid)
+                .flat_map(|p| &p.fds)
+                .find(|f| f.fd == l.fd)
+                .is_some_and(|f| match &f.file {
+                    FileDesc::Regular { file, .. } => file.path.starts_with("/tmp/"),
+                    FileDesc::Ghost { path, .. } => path.starts_with("/tmp/"),
+                    _ => false,
+                })
+    };
+    if !m.file_locks.iter().all(in_private_tmp) {
         return Err("it holds file locks".into());
     }
     for p in &m.processes {

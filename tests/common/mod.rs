@@ -514,16 +514,6 @@ impl Ws {
         c.env("WARMSTART_STORE", self.store())
             .env_remove("RUST_LOG")
             .args(args);
-        // warmstart starts with only stdio, whatever fds the test runner was handed: an
-        // inherited high fd grows the fd table of warmstart, and so of the restorer and
-        // the restored app (FDSize in the state diff; see the closing notes).
-        // SAFETY: close_range is async-signal-safe and touches no memory.
-        unsafe {
-            c.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
         c
     }
 
@@ -764,11 +754,15 @@ pub fn zdtm_cold_break<S: AsRef<std::ffi::OsStr>>(name: &str, argv: &[S]) {
     );
 }
 
-/// A temporary directory for a fixture's files.
+/// A temporary directory for a fixture's files. Outside `/tmp`: `record` gives the app a
+/// private `/tmp` (as a container does), where a directory the test made in the host's
+/// `/tmp` would not be seen.
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(root).expect("creating CARGO_TARGET_TMPDIR");
     tempfile::Builder::new()
         .prefix(prefix)
-        .tempdir()
+        .tempdir_in(root)
         .expect("tempdir")
 }
 

@@ -100,24 +100,6 @@ pub const EXCLUDED: &[Exclusion] = &[
     },
     Exclusion {
         section: "smaps",
-        field: "VmFlags",
-        why: "KNOWN GAP (README): `ac` (VM_ACCOUNT) lost on an anonymous area that is \
-              read-only or PROT_NONE and has no page: since 6.6 mprotect drops VM_ACCOUNT \
-              from an area that never faulted (no anon_vma), and the restored area has not \
-              faulted where the dumped one had (a guard page split from a used area). Only \
-              this one flag, only this way round",
-        when: Some(|b, a| match (b, a) {
-            (Some(b), Some(a)) => {
-                let without: Vec<&str> = b.split_whitespace().filter(|f| *f != "ac").collect();
-                b.split_whitespace().any(|f| f == "ac")
-                    && without == a.split_whitespace().collect::<Vec<_>>()
-                    && !a.split_whitespace().any(|f| f == "wr")
-            }
-            _ => false,
-        }),
-    },
-    Exclusion {
-        section: "smaps",
         field: "Rss",
         why: "residency: lazy paging, page cache, touched [vvar]-family pages",
         when: None,
@@ -580,6 +562,24 @@ fn parse_fd(
 ) {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut kind = "";
+    // The kernel lists an epoll's targets and an inotify's watches in an order of its
+    // own (struct addresses): put them in fd/wd order, in place, so their inodes get
+    // their labels in the same order on both sides.
+    let mut lines: Vec<&str> = lines.to_vec();
+    for tag in ["tfd:", "inotify wd:"] {
+        let at: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].trim_start().starts_with(tag))
+            .collect();
+        let mut sorted: Vec<&str> = at.iter().map(|&i| lines[i]).collect();
+        sorted.sort_by_key(|l| {
+            let v = l.trim_start()[tag.len()..].trim_start();
+            let id = v.split_whitespace().next().unwrap_or("");
+            id.parse::<i64>().unwrap_or(i64::MAX)
+        });
+        for (&i, l) in at.iter().zip(sorted) {
+            lines[i] = l;
+        }
+    }
     for l in lines {
         let Some((k, v)) = l.split_once(':') else {
             continue;
@@ -709,33 +709,7 @@ pub fn differences(ctx: &str, before: &str, taken: Taken, after: &str) -> Vec<St
     let a = Capture::parse(after, Taken::Plain).unwrap_or_else(|e| {
         panic!("{ctx}: the capture after the restore does not parse: {e}\n{after}")
     });
-    let zombies = zombie_pids(before);
     diff(&b, &a)
-        .into_iter()
-        .filter(|l| !zombies.iter().any(|z| l.starts_with(&format!("pid {z} "))))
-        .collect()
-}
-
-/// Processes that were zombies at the warm point (`State: Z`). Known gap, the one place
-/// the diff looks away from whole processes: a zombie is restored as a child that exits
-/// with its recorded status, so its wait status and ids are exact but its name, signal
-/// masks and limits are those of the restorer it exited from (README, "Not yet"). Nothing
-/// can run in a zombie, so nothing reads them but `/proc`.
-fn zombie_pids(capture: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pid = None;
-    for line in capture.lines() {
-        if let Some(h) = line.strip_prefix("#@ ") {
-            let mut w = h.split_whitespace();
-            let (p, _tid, name) = (w.next(), w.next(), w.next());
-            pid = (name == Some("status")).then(|| p.unwrap_or("").to_owned());
-        } else if let Some(p) = &pid {
-            if line.starts_with("State:") && line.contains('Z') && !out.contains(p) {
-                out.push(p.clone());
-            }
-        }
-    }
-    out
 }
 
 /// Panics with every difference (or, with `WARMSTART_STATE_DIFF=warn`, prints them on

@@ -60,6 +60,7 @@ pub use hot::{Hot, MAX_HOT_PAGES};
 pub use maint::{DamagedSnapshot, GcReport, SnapshotStats, VerifyReport};
 pub use snapshot::Snapshot;
 pub use table::{Location, Record};
+pub use working_set::WorkingSets;
 pub use writer::SnapshotWriter;
 
 use fsutil::{io_err, mkdir_private};

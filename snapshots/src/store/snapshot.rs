@@ -195,6 +195,31 @@ impl Snapshot {
         }
     }
 
+    /// Keeps the working sets learned by a lazy run, per process (by pid in the
+    /// snapshot): in the store; a page server's protocol carries one list, so it gets
+    /// them as one (each process then picks its own indexes).
+    pub fn save_working_sets(
+        &self,
+        sets: &std::collections::BTreeMap<i32, Vec<u64>>,
+    ) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Local { store, .. } => store.save_working_sets(&self.id, sets),
+            Source::Remote(c) => {
+                let flat: Vec<u64> = sets.values().flatten().copied().collect();
+                c.save_working_set(&self.id, &flat)
+            }
+        }
+    }
+
+    /// The learned working sets (see [`WorkingSets`](super::WorkingSets)); advice only:
+    /// `None` if there are none or they cannot be read.
+    pub fn working_sets(&self) -> Option<super::WorkingSets> {
+        match &self.source {
+            Source::Local { store, .. } => store.working_sets(&self.id),
+            Source::Remote(_) => self.working_set().map(super::WorkingSets::Flat),
+        }
+    }
+
     /// The learned working set: from the page server for a remote snapshot, from the
     /// store otherwise. Advice only: `None` if there is none or it cannot be read.
     pub fn working_set(&self) -> Option<Vec<u64>> {

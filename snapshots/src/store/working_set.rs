@@ -1,24 +1,112 @@
-//! The learned working set of a snapshot: the page-table indexes its first lazy run
-//! faulted in, in order, until the app answered. Stored beside the snapshot
-//! (`snapshots/<id>.ws`), outside its id: it is advice for prefetching, and a damaged or
-//! missing one only costs speed, so reading it never fails a restore.
+//! The learned working sets of a snapshot: per process of its tree, the page-table
+//! indexes its first lazy run faulted in, in order, until the app answered. Stored beside
+//! the snapshot (`snapshots/<id>.ws`), outside its id: it is advice for prefetching, and
+//! a damaged or missing one only costs speed, so reading it never fails a restore.
 //!
 //! ```text
-//! +----------+---------+-----------+------------------+---------------------+
+//! WARMWS2 (per process, current):
+//! +-----------------+--------------------+---------------------+------------------------------+
+//! | "WARMWS2\0" (8) | processes u64      | blake3 (32) of body | body                         |
+//! +-----------------+--------------------+---------------------+------------------------------+
+//! body, per process (ascending pid): pid u64 | count u64 | count × u64 LE index
+//!
+//! WARMWS1 (one list, the root's; written before trees learned per process; still read):
 //! | "WARMWS1\0" (8) | count u64 | blake3 (32) of the indexes | count × u64 LE index |
-//! +----------+---------+-----------+------------------+---------------------+
 //! ```
+//!
+//! A page-table index belongs to exactly one page of one process, so an index list can
+//! be handed to any process: a server ignores the indexes that are not its own. A
+//! `WARMWS1` list (or one from a page server, whose protocol carries one list) is given
+//! to every process that way.
+
+use std::collections::BTreeMap;
 
 use super::{fsutil, SnapshotId, Store, StoreError};
 
 const MAGIC: &[u8; 8] = b"WARMWS1\0";
+const MAGIC2: &[u8; 8] = b"WARMWS2\0";
+
+/// The learned working sets of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkingSets {
+    /// One list for the whole tree (`WARMWS1`, or from a page server): each process
+    /// prefetches the indexes that are its own.
+    Flat(Vec<u64>),
+    /// Per process, by its pid in the snapshot.
+    PerProcess(BTreeMap<i32, Vec<u64>>),
+}
+
+impl WorkingSets {
+    /// The list process `pid` (its pid in the snapshot) prefetches.
+    pub fn for_process(&self, pid: i32) -> Option<Vec<u64>> {
+        match self {
+            WorkingSets::Flat(v) => Some(v.clone()),
+            WorkingSets::PerProcess(m) => m.get(&pid).cloned(),
+        }
+    }
+
+    /// Every index, process after process.
+    pub fn flatten(&self) -> Vec<u64> {
+        match self {
+            WorkingSets::Flat(v) => v.clone(),
+            WorkingSets::PerProcess(m) => m.values().flatten().copied().collect(),
+        }
+    }
+}
+
+fn decode_v1(bytes: &[u8]) -> Option<Vec<u64>> {
+    let (head, body) = bytes.split_at_checked(48)?;
+    let count = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    if &head[..8] != MAGIC
+        || body.len() as u64 != count.checked_mul(8)?
+        || blake3::hash(body).as_bytes() != &head[16..48]
+    {
+        return None;
+    }
+    Some(
+        body.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
+}
+
+fn decode_v2(bytes: &[u8]) -> Option<BTreeMap<i32, Vec<u64>>> {
+    let (head, body) = bytes.split_at_checked(48)?;
+    let procs = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    if &head[..8] != MAGIC2 || blake3::hash(body).as_bytes() != &head[16..48] {
+        return None;
+    }
+    let words: Vec<u64> = body
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    if body.len() % 8 != 0 {
+        return None;
+    }
+    let mut out = BTreeMap::new();
+    let mut w = words.as_slice();
+    for _ in 0..procs {
+        let [pid, count, rest @ ..] = w else {
+            return None;
+        };
+        let count = usize::try_from(*count).ok()?;
+        let pid = i32::try_from(*pid).ok()?;
+        if rest.len() < count {
+            return None;
+        }
+        out.insert(pid, rest[..count].to_vec());
+        w = &rest[count..];
+    }
+    w.is_empty().then_some(out)
+}
 
 impl Store {
     pub(crate) fn working_set_path(&self, id: &SnapshotId) -> std::path::PathBuf {
         self.snaps_dir().join(format!("{id}.ws"))
     }
 
-    /// Replaces the working set of `id`.
+    /// Replaces the working set of `id` with one list (`WARMWS1`; a page server's
+    /// clients send one list).
     pub fn save_working_set(&self, id: &SnapshotId, pages: &[u64]) -> Result<(), StoreError> {
         let body: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
         let mut out = Vec::with_capacity(48 + body.len());
@@ -29,28 +117,49 @@ impl Store {
         fsutil::write_atomic(&self.tmp_dir(), &self.working_set_path(id), &out)
     }
 
-    /// The working set of `id`, if one was learned and is intact.
-    pub fn working_set(&self, id: &SnapshotId) -> Option<Vec<u64>> {
-        let bytes = std::fs::read(self.working_set_path(id)).ok()?;
-        let (head, body) = bytes.split_at_checked(48)?;
-        let count = u64::from_le_bytes(head[8..16].try_into().ok()?);
-        if &head[..8] != MAGIC
-            || body.len() as u64 != count.checked_mul(8)?
-            || blake3::hash(body).as_bytes() != &head[16..48]
-        {
-            tracing::warn!("ignoring damaged working set of snapshot {}", id.short());
-            return None;
+    /// Replaces the working sets of `id` (`WARMWS2`: per process, by pid in the snapshot).
+    pub fn save_working_sets(
+        &self,
+        id: &SnapshotId,
+        sets: &BTreeMap<i32, Vec<u64>>,
+    ) -> Result<(), StoreError> {
+        let mut body = Vec::new();
+        for (pid, pages) in sets {
+            body.extend_from_slice(&(*pid as u64).to_le_bytes());
+            body.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+            body.extend(pages.iter().flat_map(|p| p.to_le_bytes()));
         }
-        Some(
-            body.chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        )
+        let mut out = Vec::with_capacity(48 + body.len());
+        out.extend_from_slice(MAGIC2);
+        out.extend_from_slice(&(sets.len() as u64).to_le_bytes());
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        out.extend_from_slice(&body);
+        fsutil::write_atomic(&self.tmp_dir(), &self.working_set_path(id), &out)
+    }
+
+    /// The working sets of `id`, if learned and intact (either format).
+    pub fn working_sets(&self, id: &SnapshotId) -> Option<WorkingSets> {
+        let bytes = std::fs::read(self.working_set_path(id)).ok()?;
+        let got = match bytes.get(..8) {
+            Some(m) if m == MAGIC => decode_v1(&bytes).map(WorkingSets::Flat),
+            Some(m) if m == MAGIC2 => decode_v2(&bytes).map(WorkingSets::PerProcess),
+            _ => None,
+        };
+        if got.is_none() {
+            tracing::warn!("ignoring damaged working set of snapshot {}", id.short());
+        }
+        got
+    }
+
+    /// Every index of the working sets of `id` in one list, if learned and intact.
+    pub fn working_set(&self, id: &SnapshotId) -> Option<Vec<u64>> {
+        self.working_sets(id).map(|w| w.flatten())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::WorkingSets;
     use crate::store::Store;
 
     #[test]
@@ -67,5 +176,36 @@ mod tests {
         b[last] ^= 1;
         std::fs::write(&path, b).unwrap();
         assert_eq!(store.working_set(&id), None);
+    }
+
+    #[test]
+    fn per_process_round_trip_old_format_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = crate::store::SnapshotId([8; 32]);
+        // An old single list is still read: every process may use it.
+        store.save_working_set(&id, &[4, 2]).unwrap();
+        let old = store.working_sets(&id).unwrap();
+        assert_eq!(old, WorkingSets::Flat(vec![4, 2]));
+        assert_eq!(old.for_process(7), Some(vec![4, 2]));
+        let sets = [(2, vec![9, 3, 4]), (5, vec![]), (7, vec![11])]
+            .into_iter()
+            .collect();
+        store.save_working_sets(&id, &sets).unwrap();
+        let got = store.working_sets(&id).unwrap();
+        assert_eq!(got, WorkingSets::PerProcess(sets.clone()));
+        assert_eq!(got.for_process(2), Some(vec![9, 3, 4]));
+        assert_eq!(got.for_process(3), None);
+        assert_eq!(store.working_set(&id), Some(vec![9, 3, 4, 11]));
+        let path = store.working_set_path(&id);
+        let mut b = std::fs::read(&path).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(store.working_sets(&id), None);
+        // Truncated: a count that runs past the end.
+        b.truncate(b.len() - 8);
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(store.working_sets(&id), None);
     }
 }
