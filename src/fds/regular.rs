@@ -136,21 +136,9 @@ pub fn reopen(ins: &mut Installer, fd: RawFd, flags: i32) -> Result<RawFd> {
 /// is opened through `/proc/self/fd` and shows the kernel's `#INODE` name instead. Never
 /// `tmp` itself, whose flags include `O_TMPFILE`.
 fn reopen_ghost(ins: &mut Installer, tmp: RawFd, path: &str, flags: i32) -> Result<RawFd> {
-    let from = super::cstr(&format!("/proc/self/fd/{tmp}"))?;
-    let to = super::cstr(path)?;
-    // SAFETY: two NUL-terminated paths that live across the call.
-    let linked = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    } == 0;
-    if linked {
+    if let Some(to) = super::shared_file::link_tmpfile(tmp, path) {
         let opened = open_path(path, flags, 0);
-        // SAFETY: a NUL-terminated path.
+        // SAFETY: a NUL-terminated name that lives across the call.
         unsafe { libc::unlink(to.as_ptr()) };
         return ins.keep_high(opened?);
     }

@@ -70,17 +70,14 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
     set_owner(fd.as_raw_fd(), &obj.owner, &obj.path)
 }
 
-/// The file of `tmp` (an `O_TMPFILE`) linked at `path` for a moment, opened there
-/// read-write and with each of `opens`' flags, then unlinked: opens whose
-/// `/proc/PID/fd` link is `PATH (deleted)` and which may keep `O_NOFOLLOW` (shm_open
-/// sets it). The read-write open first, as ofd `u32::MAX`. `None` when the name is
-/// taken or cannot be made.
-fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, RawFd)>> {
-    let from = cstr(&format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
+/// Links the file of `tmp` (an `O_TMPFILE`) at `path`, for the caller to open there and
+/// unlink (the returned name): so its opens show `PATH (deleted)` as at the dump. `None`
+/// when the name is taken or cannot be made. Another instance of the snapshot restoring
+/// at this moment holds the name for a few microseconds: a few tries with a yield
+/// between; a file that really has the name keeps it.
+pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> {
+    let from = cstr(&format!("/proc/self/fd/{tmp}")).ok()?;
     let to = cstr(path).ok()?;
-    // Another instance of the snapshot restoring at this moment holds the name for a few
-    // microseconds: a few tries with a yield between. A file that really has the name
-    // keeps it, and the fallback name is used.
     let mut tries = 0;
     loop {
         // SAFETY: two NUL-terminated paths that live across the call.
@@ -94,7 +91,7 @@ fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, 
             )
         };
         if r == 0 {
-            break;
+            return Some(to);
         }
         tries += 1;
         if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) || tries == 20 {
@@ -102,6 +99,15 @@ fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, 
         }
         std::thread::yield_now();
     }
+}
+
+/// The file of `tmp` (an `O_TMPFILE`) linked at `path` for a moment, opened there
+/// read-write and with each of `opens`' flags, then unlinked: opens whose
+/// `/proc/PID/fd` link is `PATH (deleted)` and which may keep `O_NOFOLLOW` (shm_open
+/// sets it). The read-write open first, as ofd `u32::MAX`. `None` when the name is
+/// taken or cannot be made.
+fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, RawFd)>> {
+    let to = link_tmpfile(tmp.as_raw_fd(), path)?;
     let mut out = Vec::with_capacity(opens.len() + 1);
     let mut ok = true;
     let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);

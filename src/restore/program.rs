@@ -464,23 +464,15 @@ pub fn build(
         // monitor is done with it (faults would then block forever).
         b.syscall(libc::SYS_close, &[fd.plus(0)], "close userfaultfd");
     }
-    if let Some(late) = late {
-        // Parked: single-threaded until handed out (see [`LateTimeNs`]); timers are
-        // created once their threads exist (SIGEV_THREAD_ID), before the creds drop.
+    // Parked: single-threaded until handed out (see [`LateTimeNs`]), then the late phase.
+    let text = late.and_then(|late| {
         b.trap();
         let text = switch_timens(&mut b, late.timens, late.proc_dir);
         late_phase(&mut b, late);
-        let spawned = clone_threads(&mut b, p);
-        create_timers(&mut b, p);
-        arm_timers(&mut b, p);
-        last_of_leader(&mut b, p);
-        b.trap();
-        b.exit_thread(0);
-        spawned_threads(&mut b, p, spawned);
-        return Ok((b.build(base), uffd, text));
-    }
+        text
+    });
     let spawned = clone_threads(&mut b, p);
-    // Created now (it may take privileges the creds drop).
+    // Once their threads exist (SIGEV_THREAD_ID), before the creds drop.
     create_timers(&mut b, p);
     arm_timers(&mut b, p);
     last_of_leader(&mut b, p);
@@ -488,7 +480,7 @@ pub fn build(
     // The monitor gives every thread its registers at its last trap; none goes on.
     b.exit_thread(0);
     spawned_threads(&mut b, p, spawned);
-    Ok((b.build(base), uffd, None))
+    Ok((b.build(base), uffd, text))
 }
 
 /// Creates the other threads at their recorded tids: the leader goes on at the step after
