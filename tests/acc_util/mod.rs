@@ -14,8 +14,35 @@ use std::time::{Duration, Instant};
 
 use crate::common::{alive, run_with, wait_pid_exit, Out, Ws, TIMEOUT};
 
-/// A port that was free a moment ago: bind 127.0.0.1:0, note the port, close it.
+/// A port that was free a moment ago, below the kernel's ephemeral range: a port the
+/// kernel hands out for `bind(0)` may meanwhile become the local end of some client's
+/// connection (another test's), and a server's restore then finds it "in use". Tried in
+/// an order of this process's own (pid and a counter), so parallel tests and test
+/// binaries rarely try the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut w = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((w.next()??, w.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Ports below the ephemeral range (or above it when that is the larger side).
+    let (from, span) = if lo > 11000 {
+        (10000, lo - 10000)
+    } else {
+        (hi + 1, 65535 - hi)
+    };
+    let seed = std::process::id().wrapping_mul(2654435761);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (from + (seed.wrapping_add(n.wrapping_mul(7919)) % span)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
 }
