@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,6 +91,33 @@ fn pump_stdin(w: OwnedFd) {
 
 /// Finds `cmd` on PATH the way a shell would, so a missing command is a clear error
 /// here rather than an exit status from inside the sandbox.
+/// The app sees a private, empty `/tmp`: a program or a working directory under the
+/// host's `/tmp` would be gone for it (the exec fails, or the restore cannot enter the
+/// directory). Said before anything starts.
+fn refuse_hidden_by_private_tmp(program: &CString) -> Result<()> {
+    let under_tmp = |p: &std::path::Path| p.starts_with("/tmp");
+    let program = std::path::Path::new(std::ffi::OsStr::from_bytes(program.as_bytes()));
+    let program = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_owned());
+    if under_tmp(&program) {
+        bail!(
+            "{} is under /tmp, which `record` replaces with a private /tmp for the app: \
+             move it elsewhere, or pass --share-tmp to keep the host's /tmp",
+            program.display()
+        );
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if under_tmp(&cwd) {
+            bail!(
+                "the working directory {} is under /tmp, which `record` replaces with a \
+                 private /tmp for the app: run from another directory (-W DIR), or pass \
+                 --share-tmp to keep the host's /tmp",
+                cwd.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn resolve(cmd: &str) -> Result<CString> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<std::path::PathBuf> = if cmd.contains('/') {
@@ -190,6 +218,9 @@ pub fn record(
         crate::http_prime::check_path(p)?;
     }
     let path = resolve(cmd)?;
+    if !opts.share_tmp {
+        refuse_hidden_by_private_tmp(&path)?;
+    }
     let argv: Vec<CString> = opts
         .command
         .iter()

@@ -263,3 +263,22 @@ fn check_passes() {
     let out = ws.run(&["check"], "");
     out.assert_ok();
 }
+
+/// `record` of a program under the host's /tmp (which the app's private /tmp hides) is
+/// refused before anything starts, saying why and what to do.
+#[test]
+fn record_refuses_a_program_hidden_by_the_private_tmp() {
+    use std::os::unix::fs::PermissionsExt;
+    let tool = format!("/tmp/warmstart-test-tool-{}", std::process::id());
+    std::fs::write(&tool, "#!/bin/sh\nread x\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = Ws::new();
+    let out = ws.run(&["record", "--name", "t", "--", tool.as_str()], "");
+    let _ = std::fs::remove_file(&tool);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("is under /tmp") && out.stderr.contains("--share-tmp"),
+        "{}",
+        out.describe()
+    );
+}
