@@ -686,6 +686,17 @@ fn primed_listen_workload(name: &str, argv: &[OsString], primes: usize) {
         "each priming request is answered:\n{}",
         out.describe()
     );
+    // The priming connections the recorded app closed may linger a moment as orphans on
+    // its port (FIN_WAIT, not yet TIME_WAIT) after it is gone; a restore refuses a port
+    // in use, as it should. Wait (bounded) until an SO_REUSEADDR bind, as the app's, works.
+    let deadline = Instant::now() + TIMEOUT;
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.1:{port} stays taken after the record of {name}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     for round in 1..=2 {
         let ctx = format!("restored primed {name}, instance {round}");
         let inst = Proc::spawn(&mut ws.cmd(&["run", name]));
