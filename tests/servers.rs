@@ -14,9 +14,8 @@ mod common;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use acc_util::{free_port, http_get, instances_of, record_ok, signal, InstanceGuard};
+use acc_util::{free_port, gets, instances_of, record_ok, signal, InstanceGuard};
 use common::{children, pidfd_open, python, wait_pid_exit, wait_pidfd_exit, Proc, Ws, TIMEOUT};
 
 /// Whether a test may go on: `found`, or else a failure naming `install` when
@@ -86,30 +85,6 @@ fn python_exe() -> PathBuf {
 fn code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
-}
-
-/// `n` GETs of `path`; each must answer 200. Returns the bodies.
-fn gets(port: u16, path: &str, n: usize, p: &Proc, ctx: &str) -> Vec<String> {
-    let deadline = Instant::now() + TIMEOUT;
-    (0..n)
-        .map(|i| {
-            let (status, body) = http_get(port, path, deadline).unwrap_or_else(|e| {
-                panic!(
-                    "{ctx}: GET {path} #{}: {e}\n`{}` (pid {}) stderr:\n{}",
-                    i + 1,
-                    p.what,
-                    p.pid(),
-                    p.err_log.lock().unwrap()
-                )
-            });
-            assert!(
-                status.contains(" 200"),
-                "{ctx}: GET {path} #{} answered {status:?} {body:?}",
-                i + 1
-            );
-            body
-        })
-        .collect()
 }
 
 /// Sends `sig` to `p`, waits (bounded) for it to exit and for every process of `tree`

@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
 use acc_util::{
-    fixture_file, free_port, http_get, instances_of, java_argv, marker, pids_with_cmdline,
+    fixture_file, free_port, gets, http_get, instances_of, java_argv, marker, pids_with_cmdline,
     record_ok, record_out, signal, which, InstanceGuard,
 };
 use common::{fixture, python, wait_pid_exit, workloads_dir, Proc, Ws, TIMEOUT};
@@ -24,27 +24,7 @@ fn body_json(body: &str, ctx: &str) -> serde_json::Value {
 
 /// Two `GET /hit` on a server `p`; returns the bodies.
 fn two_hits(port: u16, p: &Proc, ctx: &str) -> Vec<String> {
-    let deadline = Instant::now() + TIMEOUT;
-    (0..2)
-        .map(|i| {
-            let (status, body) = http_get(port, "/hit", deadline).unwrap_or_else(|e| {
-                let alive = common::alive(p.pid());
-                panic!(
-                    "{ctx}: hit {}: {e}\n`{}` (pid {}) alive: {alive}; its stderr:\n{}",
-                    i + 1,
-                    p.what,
-                    p.pid(),
-                    p.err_log.lock().unwrap()
-                )
-            });
-            assert!(
-                status.contains(" 200"),
-                "{ctx}: hit {} answered {status:?} {body:?}",
-                i + 1
-            );
-            body
-        })
-        .collect()
+    gets(port, "/hit", 2, p, ctx)
 }
 
 /// Checks the bodies of the first two hits: counters 1 and 2, and `pid` (when the workload

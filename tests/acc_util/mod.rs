@@ -308,3 +308,27 @@ pub fn fixture_file(name: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(name)
 }
+
+/// `n` GETs of `path`; each must answer 200. Returns the bodies.
+pub fn gets(port: u16, path: &str, n: usize, p: &crate::common::Proc, ctx: &str) -> Vec<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    (0..n)
+        .map(|i| {
+            let (status, body) = http_get(port, path, deadline).unwrap_or_else(|e| {
+                panic!(
+                    "{ctx}: GET {path} #{}: {e}\n`{}` (pid {}) stderr:\n{}",
+                    i + 1,
+                    p.what,
+                    p.pid(),
+                    p.err_log.lock().unwrap()
+                )
+            });
+            assert!(
+                status.contains(" 200"),
+                "{ctx}: GET {path} #{} answered {status:?} {body:?}",
+                i + 1
+            );
+            body
+        })
+        .collect()
+}
