@@ -109,9 +109,15 @@ fn prime(addr: SocketAddr, paths: &[String], until: Instant) -> Result<()> {
             .filter(|d| !d.is_zero())
             .context("--timeout passed while priming")
     };
+    // Our ends stay open until the app has closed its own: an end of the app's that we
+    // closed could go to state CLOSE while the app still has it, where sock_diag no
+    // longer lists it.
+    let mut clients = Vec::new();
     for path in paths {
         let ctx = || format!("priming request GET {path} to {addr}");
-        let mut s = TcpStream::connect_timeout(&addr, left()?).with_context(ctx)?;
+        let s = TcpStream::connect_timeout(&addr, left()?).with_context(ctx)?;
+        clients.push(s);
+        let s = clients.last_mut().unwrap();
         s.set_read_timeout(Some(left()?)).with_context(ctx)?;
         write!(
             s,
@@ -156,19 +162,33 @@ fn prime(addr: SocketAddr, paths: &[String], until: Instant) -> Result<()> {
         libc::AF_INET6
     };
     let mut w = TcpPortWatch::new().context("sock_diag, to see the app close its connections")?;
+    let answered = Instant::now();
+    let mut seen = std::collections::HashSet::new();
     loop {
-        let open = w
+        let open: Vec<u32> = w
             .conns(family, addr.port())?
             .into_iter()
-            .filter(|c| c.inode != 0)
-            .count();
-        if open == 0 {
-            return Ok(());
+            .map(|c| c.inode)
+            .filter(|&i| i != 0)
+            .collect();
+        if !clients.is_empty() {
+            // The app's ends it still has; once it has closed them all (or waits for our
+            // FIN, as a server with a lingering close does), ours are closed.
+            seen.extend(open.iter().copied());
+            if open.is_empty() || answered.elapsed() > Duration::from_millis(100) {
+                clients.clear();
+            }
+        } else {
+            let inodes: Vec<u32> = seen.iter().copied().collect();
+            if open.is_empty() && crate::fds::sock_diag::socket_holders(&inodes).is_empty() {
+                return Ok(());
+            }
         }
         if left().is_err() {
             bail!(
-                "the app still has {open} connection(s) on port {} open after its priming \
+                "the app still has {} connection(s) on port {} open after its priming \
                  requests were answered (--timeout)",
+                open.len().max(1),
                 addr.port()
             );
         }

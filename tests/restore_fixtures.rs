@@ -149,6 +149,21 @@ fn unix_socket_shutdown_state() {
     run_fixture("unix_shutdown", false);
 }
 
+/// TCP connections that are over but still open (state CLOSE, one closed with FINs, one
+/// reset) next to the listener that accepted them on the same port: restored as ended
+/// connections (EOF / the pending error), not as sockets bound to the listener's port.
+#[test]
+fn ended_tcp_connections_beside_their_listener() {
+    zdtm_run(
+        "tcp_ended",
+        &fixture("tcp_ended"),
+        &Zdtm {
+            not_served: Some("it listens on a port: one instance of it per host"),
+            ..Zdtm::default()
+        },
+    );
+}
+
 /// A deleted-but-open file and a memfd keep their owner and mode (not root's, not the
 /// restorer's umask).
 #[test]

@@ -493,6 +493,15 @@ pub enum FileDesc {
         flags: i32,
         pos: i64,
     },
+    /// A TCP socket whose connection is over (state CLOSE) but still open in the app:
+    /// restored as a connection that ended the same way. `reset`: an error is pending
+    /// (the peer reset it; the app's next read fails with ECONNRESET, then EOF);
+    /// otherwise it ended with FINs both ways (reads give EOF). Writes fail with EPIPE.
+    TcpEnded {
+        family: i32,
+        reset: bool,
+        flags: i32,
+    },
 }
 
 /// Owner and permission bits of a file the restore creates anew (a deleted file, a

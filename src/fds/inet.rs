@@ -16,6 +16,13 @@
 //!   as when a remote peer resets; `getpeername` then fails with `ENOTCONN`. To make it,
 //!   the child connects a socket to a loopback listener of its own, and closes the
 //!   accepted end with `SO_LINGER` 0, which sends the RST.
+//! * **Connections that are over** but still open in the app (state CLOSE, e.g. a server
+//!   between its `shutdown` and its `close`) are restored as such, never as a socket bound
+//!   to their old address (which is a listener's port): if an error is pending (`POLLERR`,
+//!   read without clearing it) as a connection reset by its peer (the app's next read
+//!   fails with ECONNRESET; the pending error was ECONNRESET or, rarely, ETIMEDOUT), else
+//!   as one closed with FINs both ways (reads give EOF). Writes fail with EPIPE either
+//!   way. A connection attempt that failed with an error the app has not read is refused.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,6 +36,7 @@ use super::{errno_err, getsockopt_int, setsockopt_int, Installer, Target};
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LISTEN: u8 = 10;
 const TCP_STATES: [&str; 13] = [
     "?",
@@ -90,7 +98,8 @@ pub fn dump(
     let flags = t.flags();
     let mut listen = None;
     if kind == "tcp" {
-        let state = tcp_state(copy)?;
+        let info = tcp_info(copy)?;
+        let state = info.state;
         match state {
             TCP_LISTEN => {
                 let d = c.listener(family, meta.ino() as u32)?;
@@ -105,6 +114,22 @@ pub fn dump(
                         .filter(|&b| b > 0)
                         .unwrap_or(libc::SOMAXCONN as u32),
                 );
+            }
+            // Its connection is over, but the app still has it open: not a bound socket
+            // (binding its address again would take a listener's port).
+            TCP_CLOSE if info.rcv_mss > 0 => {
+                return Ok(FileDesc::TcpEnded {
+                    family,
+                    reset: pending_error(copy)?,
+                    flags,
+                });
+            }
+            // A connection attempt that failed with an error the app has not read yet.
+            TCP_CLOSE if info.segs_out > 0 && pending_error(copy)? => {
+                return Err(t.refuse(format_args!(
+                    "a TCP socket whose connection attempt from {local} failed with an error \
+                     the app has not read yet"
+                )));
             }
             TCP_CLOSE => {}
             _ => {
@@ -158,8 +183,31 @@ fn unspecified(family: i32) -> SocketAddr {
     }
 }
 
-fn tcp_state(fd: &OwnedFd) -> Result<u8> {
-    // The first byte of struct tcp_info is tcpi_state.
+/// What the dump reads of `struct tcp_info`.
+struct TcpInfo {
+    state: u8,
+    /// `tcpi_rcv_mss`: set when the connection was established, 0 before.
+    rcv_mss: u32,
+    /// `tcpi_segs_out`: segments sent, SYNs included.
+    segs_out: u32,
+}
+
+/// Is an error pending on the socket (`sk_err`, what `SO_ERROR` would return and clear)?
+/// `poll` reports it as `POLLERR` without clearing it.
+fn pending_error(fd: &OwnedFd) -> Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; timeout 0.
+    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+        return Err(errno_err("poll of a TCP socket"));
+    }
+    Ok(p.revents & libc::POLLERR != 0)
+}
+
+fn tcp_info(fd: &OwnedFd) -> Result<TcpInfo> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
     if unsafe {
@@ -174,7 +222,12 @@ fn tcp_state(fd: &OwnedFd) -> Result<u8> {
     {
         return Err(errno_err("getsockopt(TCP_INFO)"));
     }
-    Ok(info[0])
+    let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+    Ok(TcpInfo {
+        state: info[0],
+        rcv_mss: word(20),
+        segs_out: if len >= 140 { word(136) } else { 0 },
+    })
 }
 
 /// `getsockname` (or `getpeername`); `None` when not connected.
@@ -269,6 +322,48 @@ fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<S
     })
 }
 
+/// What holds TCP port `port` (for the "in use" message): each socket on it with its
+/// state and the processes that have it open, or that it is an orphan no process holds.
+fn port_users(family: i32, port: u16) -> String {
+    let Ok(socks) = sock_diag::TcpPortWatch::new().and_then(|mut w| w.all_on_port(family, port))
+    else {
+        return String::new();
+    };
+    if socks.is_empty() {
+        return String::new();
+    }
+    let inodes: Vec<u32> = socks.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
+    let holders = sock_diag::socket_holders(&inodes);
+    let shown: Vec<String> = socks
+        .iter()
+        .take(6)
+        .map(|s| {
+            let state = TCP_STATES.get(s.state as usize).unwrap_or(&"?");
+            match holders.get(&s.inode) {
+                Some(who) if s.inode != 0 => {
+                    let who: Vec<String> = who
+                        .iter()
+                        .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+                        .collect();
+                    format!("{state} socket of {}", who.join(", "))
+                }
+                _ if s.inode == 0 => format!("{state} socket no process holds"),
+                _ => format!("{state} socket (inode {})", s.inode),
+            }
+        })
+        .collect();
+    let more = socks.len().saturating_sub(shown.len());
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        " (by a {}{more}); stop what holds it and run again",
+        shown.join(", a ")
+    )
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr> {
     s.parse()
         .map_err(|e| anyhow!("bad socket address {s:?} in the snapshot: {e}"))
@@ -299,7 +394,10 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 {
                     let e = std::io::Error::last_os_error();
                     if e.raw_os_error() == Some(libc::EADDRINUSE) {
-                        bail!("{local} is in use");
+                        bail!(
+                            "{local} is in use{}",
+                            port_users(*family, local_addr.port())
+                        );
                     }
                     bail!("binding to {local}: {e}");
                 }
@@ -322,8 +420,18 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             super::set_status_flags(fd, *flags)?;
             Ok(fd)
         }
+        FileDesc::TcpEnded {
+            family,
+            reset,
+            flags,
+        } => {
+            let fd = ended_connection(*family, *reset).context("making an ended TCP connection")?;
+            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+            super::set_status_flags(fd, *flags)?;
+            Ok(fd)
+        }
         FileDesc::TcpClosed { family, flags, .. } => {
-            let fd = reset_connection(*family).context("making a reset TCP connection")?;
+            let fd = ended_connection(*family, true).context("making a reset TCP connection")?;
             let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
             super::set_status_flags(fd, *flags)?;
             Ok(fd)
@@ -392,7 +500,9 @@ fn set_options(fd: RawFd, o: &SockOptions) -> Result<()> {
 }
 
 /// A TCP socket whose connection its peer has reset (see the module docs).
-fn reset_connection(family: i32) -> Result<OwnedFd> {
+/// A TCP socket whose connection to a loopback listener of our own has ended: reset by
+/// the peer (`reset`), or closed with FINs both ways, the socket left in state CLOSE.
+fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     let sock = || -> Result<OwnedFd> {
         let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -443,6 +553,31 @@ fn reset_connection(family: i32) -> Result<OwnedFd> {
         return Err(errno_err("accept"));
     }
     let accepted = unsafe { OwnedFd::from_raw_fd(accepted) };
+    drop(listener);
+    if !reset {
+        // The peer closes (our end: CLOSE_WAIT), then our FIN (LAST_ACK); its ACK comes
+        // over loopback at once and leaves our end in CLOSE, with no error pending.
+        drop(accepted);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut shut = false;
+        loop {
+            let state = tcp_info(&client)?.state;
+            if state == TCP_CLOSE {
+                return Ok(client);
+            }
+            if !shut && state == TCP_CLOSE_WAIT {
+                // SAFETY: a plain syscall on a socket we own.
+                if unsafe { libc::shutdown(client.as_raw_fd(), libc::SHUT_WR) } < 0 {
+                    return Err(errno_err("shutdown(SHUT_WR)"));
+                }
+                shut = true;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("a loopback TCP connection did not close within 5 s (state {state})");
+            }
+            std::thread::yield_now();
+        }
+    }
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -460,7 +595,6 @@ fn reset_connection(family: i32) -> Result<OwnedFd> {
         return Err(errno_err("SO_LINGER"));
     }
     drop(accepted); // sends the RST
-    drop(listener);
     Ok(client)
 }
 
@@ -479,7 +613,7 @@ mod tests {
 
     #[test]
     fn reset_connection_reads_econnreset() {
-        let fd = reset_connection(libc::AF_INET).unwrap();
+        let fd = ended_connection(libc::AF_INET, true).unwrap();
         let mut b = [0u8; 4];
         let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
         let e = std::io::Error::last_os_error();
@@ -487,5 +621,25 @@ mod tests {
             n == -1 && e.raw_os_error() == Some(libc::ECONNRESET),
             "read gave {n} ({e})"
         );
+    }
+
+    #[test]
+    fn closed_connection_reads_eof_and_is_ended() {
+        let fd = ended_connection(libc::AF_INET, false).unwrap();
+        let info = tcp_info(&fd).unwrap();
+        assert_eq!(info.state, TCP_CLOSE);
+        assert!(info.rcv_mss > 0, "it counts as once established");
+        assert!(!pending_error(&fd).unwrap());
+        let mut b = [0u8; 4];
+        let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
+        assert_eq!(n, 0, "EOF: {}", std::io::Error::last_os_error());
+        let n = unsafe { libc::send(fd.as_raw_fd(), b.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+        assert_eq!(
+            (n, std::io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::EPIPE))
+        );
+        let reset = ended_connection(libc::AF_INET, true).unwrap();
+        assert_eq!(tcp_info(&reset).unwrap().state, TCP_CLOSE);
+        assert!(pending_error(&reset).unwrap());
     }
 }

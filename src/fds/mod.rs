@@ -504,6 +504,12 @@ pub fn describe(f: &FileDesc) -> String {
                 .unwrap_or_default()
         ),
         FileDesc::TcpClosed { local, peer, .. } => format!("tcp {local} -> {peer} (reset)"),
+        FileDesc::TcpEnded { reset, .. } => {
+            format!(
+                "tcp connection ended ({})",
+                if *reset { "reset" } else { "closed" }
+            )
+        }
         FileDesc::Netlink { protocol, port, .. } => format!("netlink {protocol} port {port}"),
         FileDesc::Inotify { watches, .. } => format!("inotify ({} watches)", watches.len()),
         FileDesc::SharedFile { id, pos, .. } => format!("deleted file / memfd #{id} @{pos}"),
@@ -883,7 +889,9 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         FileDesc::Memfd { .. } => memfd::restore(ins, &f.file),
         FileDesc::UnixPair { pair, end, flags } => unix::restore_pair(ins, *pair, *end, *flags),
         FileDesc::Unix { .. } => unix::restore(ins, &f.file),
-        FileDesc::Inet { .. } | FileDesc::TcpClosed { .. } => inet::restore(ins, &f.file),
+        FileDesc::Inet { .. } | FileDesc::TcpClosed { .. } | FileDesc::TcpEnded { .. } => {
+            inet::restore(ins, &f.file)
+        }
         FileDesc::Netlink {
             protocol,
             port,

@@ -181,6 +181,46 @@ pub fn tcp_listeners(family: i32) -> Result<HashMap<u32, InetDiag>> {
     Ok(out)
 }
 
+/// The processes (pid, comm) that have the sockets `inodes` open, from a scan of
+/// `/proc/*/fd` (sockets no process holds are left out).
+pub fn socket_holders(inodes: &[u32]) -> HashMap<u32, Vec<(u32, String)>> {
+    let mut out: HashMap<u32, Vec<(u32, String)>> = HashMap::new();
+    if inodes.is_empty() {
+        return out;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(ino) = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|i| inodes.contains(i))
+            else {
+                continue;
+            };
+            let list = out.entry(ino).or_default();
+            if !list.iter().any(|(p, _)| *p == pid) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                list.push((pid, comm.trim().to_owned()));
+            }
+        }
+    }
+    out
+}
+
 /// One TCP connection as `sock_diag` sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpConn {
@@ -224,11 +264,19 @@ impl TcpPortWatch {
 
     /// The connections of `family` whose local port is `port`, but half-open ones.
     pub fn conns(&mut self, family: i32, port: u16) -> Result<Vec<TcpConn>> {
+        // Every state but SYN_SENT (2), SYN_RECV (3) and LISTEN (10).
+        self.sockets(family, port, 0xfff & !(1 << 2 | 1 << 3 | 1 << 10))
+    }
+
+    /// Every TCP socket of `family` on local port `port`, listeners included.
+    pub fn all_on_port(&mut self, family: i32, port: u16) -> Result<Vec<TcpConn>> {
+        self.sockets(family, port, 0xfff)
+    }
+
+    fn sockets(&mut self, family: i32, port: u16, states: u32) -> Result<Vec<TcpConn>> {
         const INET_DIAG_INFO: u16 = 2;
         const INET_DIAG_REQ_BYTECODE: u16 = 1;
         const INET_DIAG_BC_S_EQ: u8 = 11;
-        // Every state but SYN_SENT (2), SYN_RECV (3) and LISTEN (10).
-        const STATES: u32 = 0xfff & !(1 << 2 | 1 << 3 | 1 << 10);
         // struct inet_diag_req_v2 asking for tcp_info
         let mut body = vec![
             family as u8,
@@ -236,7 +284,7 @@ impl TcpPortWatch {
             1 << (INET_DIAG_INFO - 1),
             0,
         ];
-        body.extend_from_slice(&STATES.to_ne_bytes());
+        body.extend_from_slice(&states.to_ne_bytes());
         body.extend_from_slice(&[0u8; 48]);
         // Bytecode, one op: sport == port → accept (run off the end), else reject (jump
         // past it); the port is the `no` field of the op's second half.
