@@ -164,6 +164,20 @@ fn ended_tcp_connections_beside_their_listener() {
     );
 }
 
+/// inotify watches on a directory, a live file and a file deleted since (still open):
+/// the watch on the deleted inode still reports its events after restore.
+#[test]
+fn inotify_watch_on_a_deleted_file() {
+    zdtm_run(
+        "inotify_deleted",
+        &fixture("inotify_deleted"),
+        &Zdtm {
+            needs_dir: true,
+            ..Zdtm::default()
+        },
+    );
+}
+
 /// A deleted-but-open file and a memfd keep their owner and mode (not root's, not the
 /// restorer's umask).
 #[test]

@@ -530,7 +530,11 @@ pub struct EpollTarget {
 pub struct InotifyWatch {
     pub wd: i32,
     pub mask: u32,
+    /// The watched path; for a deleted inode, the path it had (` (deleted)` stripped).
     pub path: String,
+    /// The watched inode is deleted (still open): the fd of the same process that is
+    /// open on it, through which the watch is added again.
+    pub via_fd: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

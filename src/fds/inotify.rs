@@ -7,11 +7,17 @@
 //! which names the watched inode but not its path. The path comes from the file handle:
 //! `open_by_handle_at` (needs CAP_DAC_READ_SEARCH) on a mount of the device `sdev` (the
 //! kernel's internal dev_t: major << 20 | minor) opens the inode, and its
-//! `/proc/self/fd` link is the path. Watches on deleted inodes cannot be restored.
+//! `/proc/self/fd` link is the path. A watch on a deleted inode (a file deleted while
+//! still open: the kernel keeps the watch until the last reference goes) is recorded with
+//! an fd of the same process open on that inode (found by device and inode number); at
+//! restore the watch is added through `/proc/self/fd/N` of that fd, on the restored
+//! deleted file. With no such fd (only a mapping or another process holds the inode) it
+//! is refused.
 //!
 //! Restore adds the watches in wd order; wds are handed out cyclically, so a gap (a
 //! removed watch) is reproduced by adding and removing a throwaway watch. Unread events
-//! would be lost: an inotify with events queued is refused.
+//! would be lost: an inotify with events queued is refused. Inotify fds are restored
+//! after the process's other fds are in place (watches through them need them).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -23,6 +29,7 @@ use super::{cstr, errno_err, FdInfo, Installer, Target};
 #[derive(Debug, PartialEq, Eq)]
 struct RawWatch {
     wd: i32,
+    ino: u64,
     sdev: u32,
     mask: u32,
     handle_type: i32,
@@ -34,6 +41,7 @@ fn parse(info: &FdInfo) -> Result<Vec<RawWatch>> {
         .map(|line| {
             let mut w = RawWatch {
                 wd: -1,
+                ino: 0,
                 sdev: 0,
                 mask: 0,
                 handle_type: 0,
@@ -46,6 +54,7 @@ fn parse(info: &FdInfo) -> Result<Vec<RawWatch>> {
                 let hex = || u32::from_str_radix(v, 16);
                 match k {
                     "wd" => w.wd = hex()? as i32,
+                    "ino" => w.ino = u64::from_str_radix(v, 16)?,
                     "sdev" => w.sdev = hex()?,
                     "mask" => w.mask = hex()?,
                     "fhandle-type" => w.handle_type = hex()? as i32,
@@ -75,16 +84,30 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
     }
     let mut watches = Vec::new();
     for w in parse(t.info).with_context(|| t.context())? {
-        let path = resolve(&w).map_err(|e| {
+        let resolved = resolve(&w).map_err(|e| {
             t.refuse(format_args!(
                 "an inotify instance whose watch {} cannot be resolved to a path ({e:#})",
                 w.wd
             ))
         })?;
+        let (path, via_fd) = match resolved {
+            Resolved::Path(p) => (p, None),
+            Resolved::Deleted(p) => {
+                let fd = fd_on(t, &w).ok_or_else(|| {
+                    t.refuse(format_args!(
+                        "an inotify instance whose watch {} is on the deleted file {p}, which \
+                         this process has no fd open on (only such a watch can be restored)",
+                        w.wd
+                    ))
+                })?;
+                (p, Some(fd))
+            }
+        };
         watches.push(InotifyWatch {
             wd: w.wd,
             mask: w.mask,
             path,
+            via_fd,
         });
     }
     watches.sort_by_key(|w| w.wd);
@@ -94,8 +117,26 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
     })
 }
 
+/// An fd of the target's process open on the inode of watch `w` (device and inode).
+fn fd_on(t: &Target, w: &RawWatch) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    // The kernel's dev_t (major << 20 | minor) as userspace encodes it.
+    let dev = libc::makedev(w.sdev >> 20, w.sdev & 0xf_ffff);
+    t.all_fds.iter().copied().find(|&fd| {
+        fd != t.fd
+            && std::fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
+                .is_ok_and(|m| m.dev() == dev && m.ino() == w.ino)
+    })
+}
+
+enum Resolved {
+    Path(String),
+    /// The inode is deleted; the path it had.
+    Deleted(String),
+}
+
 /// The path of the inode a watch is on, through its file handle.
-fn resolve(w: &RawWatch) -> Result<String> {
+fn resolve(w: &RawWatch) -> Result<Resolved> {
     let (major, minor) = (w.sdev >> 20, w.sdev & 0xf_ffff);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     // Fields: id parent major:minor root mount-point ...; prefer a mount of the whole fs.
@@ -139,19 +180,37 @@ fn resolve(w: &RawWatch) -> Result<String> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     let path = path.to_string_lossy().into_owned();
-    if path.ends_with(" (deleted)") || !path.starts_with('/') {
+    if !path.starts_with('/') {
         bail!("the watched inode is {path}");
     }
-    Ok(path)
+    Ok(match path.strip_suffix(" (deleted)") {
+        Some(p) => Resolved::Deleted(p.to_owned()),
+        None => Resolved::Path(path),
+    })
 }
 
 pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Result<RawFd> {
-    // Non-blocking while restoring (see the IN_IGNORED below); the real flags at the end.
+    let fd = create(ins)?;
+    add_watches(fd, flags, watches)?;
+    Ok(fd)
+}
+
+/// A new inotify instance without watches, non-blocking until [`add_watches`].
+pub fn create(ins: &mut Installer) -> Result<RawFd> {
+    // SAFETY: a plain syscall; the fd it returns is taken over by keep_high.
     let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd < 0 {
         return Err(errno_err("inotify_init1"));
     }
-    let fd = ins.keep_high(fd)?;
+    ins.keep_high(fd)
+}
+
+/// Adds `watches` in wd order to the instance at `fd` (from [`create`]), then sets its
+/// status `flags`. A watch on a deleted file is added through the fd open on it: only
+/// once the restore's other opens of that inode are closed, since closing the last
+/// reference to one of its names (an `O_TMPFILE` one, say) drops every watch of a deleted
+/// inode.
+pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()> {
     let mut next = 1;
     for w in watches {
         // Skip the wds of watches removed before the dump.
@@ -172,10 +231,22 @@ pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Res
             unsafe { libc::read(fd, ev.as_mut_ptr().cast(), ev.len()) };
             next = burn + 1;
         }
-        let path = cstr(&w.path)?;
-        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), w.mask) };
+        let (path, mask) = match w.via_fd {
+            // The fd is in place: inotify fds are restored after the others.
+            Some(n) => (
+                cstr(&format!("/proc/self/fd/{n}"))?,
+                w.mask & !libc::IN_DONT_FOLLOW,
+            ),
+            None => (cstr(&w.path)?, w.mask),
+        };
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) };
         if wd < 0 {
-            return Err(errno_err(format!("inotify watch on {}", w.path)));
+            let how = match w.via_fd {
+                Some(n) => format!(" (deleted; through fd {n})"),
+                None => String::new(),
+            };
+            return Err(errno_err(format!("inotify watch on {}{how}", w.path)));
         }
         if wd != w.wd {
             bail!(
@@ -186,8 +257,7 @@ pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Res
         }
         next = wd + 1;
     }
-    super::set_status_flags(fd, flags)?;
-    Ok(fd)
+    super::set_status_flags(fd, flags)
 }
 
 #[cfg(test)]
@@ -205,6 +275,7 @@ mod tests {
             parse(&i).unwrap(),
             vec![RawWatch {
                 wd: 3,
+                ino: 0x4a2,
                 sdev: 0x800001,
                 mask: 0x100,
                 handle_type: 1,
@@ -227,7 +298,9 @@ mod tests {
         let w = parse(&FdInfo::parse(text)).unwrap();
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].mask, libc::IN_CREATE);
-        let path = resolve(&w[0]).unwrap();
+        let Resolved::Path(path) = resolve(&w[0]).unwrap() else {
+            panic!("a live directory resolves to a path")
+        };
         assert_eq!(
             std::fs::canonicalize(&path).unwrap(),
             std::fs::canonicalize(dir.path()).unwrap()

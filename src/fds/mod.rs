@@ -676,6 +676,15 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
     }
     let mut shared = HashMap::new();
     for (&id, (procs, f)) in &ofds {
+        if let FileDesc::Inotify { watches, .. } = &f.file {
+            if procs.len() > 1 && watches.iter().any(|w| w.via_fd.is_some()) {
+                bail!(
+                    "processes {procs:?} share an inotify instance (fd {}) with a watch on a \
+                     deleted file, which warmstart cannot restore shared",
+                    f.fd
+                );
+            }
+        }
         if procs.len() > 1 && shareable(&f.file) {
             let fd = create(&mut ins, f, stdio).with_context(|| {
                 format!(
@@ -821,10 +830,27 @@ pub fn install(
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
-    for f in p.fds.iter().filter(|f| !is_epoll(f)) {
-        let src = match ofds.get(&f.ofd) {
-            Some(&fd) => fd,
-            None => {
+    let is_inotify = |f: &Fd| matches!(f.file, FileDesc::Inotify { .. });
+    // Inotify fds after the others (a watch on a deleted file is added through the fd
+    // open on it), epolls last (they name fds of any kind, inotify included).
+    let order = p
+        .fds
+        .iter()
+        .filter(|f| !is_epoll(f) && !is_inotify(f))
+        .chain(p.fds.iter().filter(|f| is_inotify(f)));
+    // Inotify instances made here get their watches at the end.
+    let mut watches = Vec::new();
+    for f in order {
+        let src = match (ofds.get(&f.ofd), &f.file) {
+            (Some(&fd), _) => fd,
+            (None, FileDesc::Inotify { flags, watches: w }) => {
+                let fd = inotify::create(&mut ins)
+                    .with_context(|| format!("restoring fd {} ({})", f.fd, describe(&f.file)))?;
+                ofds.insert(f.ofd, fd);
+                watches.push((f, *flags, w));
+                fd
+            }
+            (None, _) => {
                 let fd = create(&mut ins, f, stdio)
                     .with_context(|| format!("restoring fd {} ({})", f.fd, describe(&f.file)))?;
                 ofds.insert(f.ofd, fd);
@@ -853,6 +879,10 @@ pub fn install(
     }
     for &fd in &inherited.fds {
         unsafe { libc::close(fd) };
+    }
+    for (f, flags, w) in watches {
+        inotify::add_watches(f.fd, flags, w)
+            .with_context(|| format!("restoring fd {} ({})", f.fd, describe(&f.file)))?;
     }
     locks::restore(m, p)
 }

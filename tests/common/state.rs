@@ -13,7 +13,7 @@
 //!
 //! Normalisation (not exclusion: these keep everything comparable):
 //! * inode numbers (fd links `pipe:[N]`/`socket:[N]`, fdinfo `ino`, epoll `tfd` and
-//!   inotify `ino:`, eventfd `eventfd-id`, smaps inodes) are replaced by labels in order of
+//!   inotify `ino:` and `f_handle:`, eventfd `eventfd-id`, smaps inodes) are replaced by labels in order of
 //!   first appearance: a restored pipe, socket, memfd or deleted file is a new object with a
 //!   new number, but which fds and mappings refer to the same object must not change;
 //! * fdinfo `mnt_id` is replaced by the mount point and type it names in the process's
@@ -607,7 +607,12 @@ fn parse_fd(
                 .unwrap_or_else(|| OUTSIDE_MOUNT.to_owned()),
             "eventfd-id" => "new object".into(),
             // epoll targets and inotify watches name inodes inside the value
-            "tfd" | "inotify wd" => labels.replace_after(&squash(v), "ino:"),
+            "tfd" => labels.replace_after(&squash(v), "ino:"),
+            // an inotify watch's file handle encodes the inode too (number, generation)
+            "inotify wd" => {
+                let v = labels.replace_after(&squash(v), "ino:");
+                labels.replace_after(&v, "f_handle:")
+            }
             // a unix socket's peer is another socket's inode
             "unix" => labels.replace_after(&squash(v), "peer="),
             _ => squash(v),
