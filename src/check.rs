@@ -421,33 +421,13 @@ fn probe_uffd(out: &mut Vec<Check>) {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-const _: () = assert!(size_of::<CloneArgs>() == 88);
+use warmstart_launcher::sys::CloneArgs;
 
 /// Raw clone3 without a new stack (fork-like); the child must stick to raw syscalls.
 fn clone3(args: &CloneArgs) -> libc::c_long {
-    // SAFETY: fork semantics (no CLONE_VM); args is valid.
-    unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            args as *const CloneArgs,
-            size_of::<CloneArgs>(),
-        )
-    }
+    // SAFETY: fork semantics (no CLONE_VM): the child of this single-threaded probe child
+    // runs only raw syscalls and exits.
+    unsafe { warmstart_launcher::sys::clone3(args) }
 }
 
 fn raw_exit(code: i32) -> ! {
@@ -872,30 +852,10 @@ fn probe_namespaces() -> Probe {
     })
 }
 
-/// Parses `/proc/self/maps` lines naming the vDSO-related special mappings.
-fn vdso_layout(maps: &str) -> Vec<(u64, u64, String)> {
-    maps.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let range = it.next()?;
-            let name = it.nth(4)?;
-            if !matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]") {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-                name.to_string(),
-            ))
-        })
-        .collect()
-}
-
 fn probe_vdso_mremap() -> Probe {
     in_child(|| {
         let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
-        let layout = vdso_layout(&maps);
+        let layout = crate::sys::vdso::vdso_layout(&maps);
         if !layout.iter().any(|m| m.2 == "[vdso]") {
             return Err("no [vdso] mapping".into());
         }
@@ -935,7 +895,7 @@ fn probe_vdso_mremap() -> Probe {
             }
         }
         let after = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
-        let moved = vdso_layout(&after);
+        let moved = crate::sys::vdso::vdso_layout(&after);
         let want: Vec<_> = layout
             .iter()
             .map(|(a, b, n)| (a - lo + dst, b - lo + dst, n.clone()))
@@ -1063,14 +1023,7 @@ pub fn host_facts() -> HostFacts {
         // SAFETY: leaf 0xD exists when XSAVE is supported.
         #[allow(unused_unsafe)]
         let xsave_size = xsave.then(|| unsafe { __cpuid_count(0xd, 0) }.ebx);
-        let xcr0 = osxsave.then(|| {
-            #[target_feature(enable = "xsave")]
-            unsafe fn xcr0() -> u64 {
-                std::arch::x86_64::_xgetbv(0)
-            }
-            // SAFETY: OSXSAVE set: xgetbv is enabled by the OS.
-            unsafe { xcr0() }
-        });
+        let xcr0 = osxsave.then(crate::sys::vdso::xcr0);
         HostFacts {
             kernel,
             xsave_size,
@@ -1134,17 +1087,6 @@ mod tests {
         assert_eq!(stat_field(s, 4), Some(1));
         assert_eq!(stat_field(s, 28), Some(25));
         assert_eq!(stat_field(s, 29), None);
-    }
-
-    #[test]
-    fn vdso_layout_parses() {
-        let m = "7ffc1000-7ffc5000 r--p 00000000 00:00 0                          [vvar]\n\
-                 7ffc5000-7ffc7000 r--p 00000000 00:00 0                          [vvar_vclock]\n\
-                 7ffc7000-7ffc9000 r-xp 00000000 00:00 0                          [vdso]\n\
-                 7ffd0000-7ffd1000 rw-p 00000000 00:00 0 \n";
-        let l = vdso_layout(m);
-        assert_eq!(l.len(), 3);
-        assert_eq!(l[2], (0x7ffc7000, 0x7ffc9000, "[vdso]".to_string()));
     }
 
     #[test]

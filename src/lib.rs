@@ -16,3 +16,4 @@ pub mod run;
 pub mod serve;
 pub mod stats;
 pub mod sys;
+pub mod tree_check;

@@ -208,7 +208,7 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
             args.set_tid = set_tid.as_ptr() as u64;
             args.set_tid_size = 1;
         }
-        let pid = sys::clone3(&mut args);
+        let pid = sys::clone3(&args);
         if pid == 0 {
             app_main(a, app);
         }

@@ -13,7 +13,7 @@
 pub mod forksafe;
 mod init;
 pub mod sandbox;
-mod sys;
+pub mod sys;
 mod timens;
 pub mod trigger;
 pub mod warmpoint;

@@ -87,7 +87,8 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     } else {
         (None, None)
     };
-    let monitor_pidfd = sys::pidfd_open(unsafe { libc::getpid() })?;
+    let monitor_pidfd = sys::pidfd_open(unsafe { libc::getpid() }, 0)
+        .map_err(|_| LaunchError::sys("pidfd_open"))?;
     let raw = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, |f| f.as_raw_fd());
     let init_args = InitArgs {
         monitor_pidfd: monitor_pidfd.as_raw_fd(),
@@ -100,7 +101,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         clocks: opts.clocks,
     };
     let mut init_pidfd: libc::c_int = -1;
-    let mut args = CloneArgs {
+    let args = CloneArgs {
         flags: (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_PIDFD) as u64,
         pidfd: &mut init_pidfd as *mut libc::c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
@@ -114,7 +115,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    let r = unsafe { sys::clone3(&mut args) };
+    let r = unsafe { sys::clone3(&args) };
     if r == 0 {
         // Before anything can allocate: glibc's malloc may be locked for good here.
         crate::forksafe::enter_child();
@@ -679,13 +680,13 @@ impl Drop for SignalForwarder {
 /// the rules of [`spawn`]'s closure.
 pub unsafe fn fork_with_pid(pid: i32) -> Result<i32, LaunchError> {
     let tid: libc::pid_t = pid;
-    let mut args = CloneArgs {
+    let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
         set_tid: &tid as *const libc::pid_t as u64,
         set_tid_size: 1,
         ..Default::default()
     };
-    let r = sys::clone3(&mut args);
+    let r = sys::clone3(&args);
     if r == 0 {
         crate::forksafe::enter_child();
     }

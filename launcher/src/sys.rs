@@ -2,12 +2,10 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-use crate::LaunchError;
-
 /// `struct clone_args` (CLONE_ARGS_SIZE_VER2).
 #[repr(C)]
 #[derive(Default)]
-pub(crate) struct CloneArgs {
+pub struct CloneArgs {
     pub flags: u64,
     pub pidfd: u64,
     pub child_tid: u64,
@@ -28,13 +26,15 @@ pub(crate) struct CloneArgs {
 /// The child is a copy of the calling thread only; it must call
 /// [`crate::forksafe::enter_child`] before anything allocates, and take no lock another
 /// thread could hold.
-pub(crate) unsafe fn clone3(args: &mut CloneArgs) -> libc::c_long {
+pub unsafe fn clone3(args: &CloneArgs) -> libc::c_long {
     libc::syscall(
         libc::SYS_clone3,
-        args as *mut CloneArgs,
+        args as *const CloneArgs,
         std::mem::size_of::<CloneArgs>(),
     )
 }
+
+const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
 
 pub(crate) fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
@@ -44,11 +44,15 @@ pub(crate) fn set_errno(e: i32) {
     unsafe { *libc::__errno_location() = e }
 }
 
-pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd, LaunchError> {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+/// `pidfd_open(pid, flags)` (`flags`: 0 or `PIDFD_NONBLOCK`); the descriptor is
+/// close-on-exec. The one wrapper of it in warmstart.
+pub fn pidfd_open(pid: libc::pid_t, flags: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
     if fd < 0 {
-        return Err(LaunchError::sys("pidfd_open"));
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 

@@ -672,14 +672,6 @@ fn read_mem(tid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
 /// Is fd `fd` of the process behind `pidfd` a listening socket? (A `pidfd_getfd` copy,
 /// `getsockopt(SO_ACCEPTCONN)`; any failure: no.)
 pub fn is_listening_socket(pidfd: BorrowedFd<'_>, fd: i32) -> bool {
@@ -1205,7 +1197,7 @@ const SETTLE_TICK: Duration = Duration::from_millis(2);
 impl WarmPointTracker {
     /// A tracker for the app whose thread-group leader is `pid` (monitor's namespace).
     pub fn new(ready: Ready, pid: i32) -> Result<Self, WarmPointError> {
-        let pidfd = pidfd_open(pid).map_err(io_err("pidfd_open(app)"))?;
+        let pidfd = crate::sys::pidfd_open(pid, 0).map_err(io_err("pidfd_open(app)"))?;
         Ok(WarmPointTracker {
             ready,
             pid,
@@ -1443,7 +1435,7 @@ impl WarmPointTracker {
         let pidfd = if tgid == self.pid {
             self.pidfd.as_fd()
         } else {
-            match pidfd_open(tgid) {
+            match crate::sys::pidfd_open(tgid, 0) {
                 Ok(fd) => {
                     other = fd;
                     other.as_fd()
@@ -1589,7 +1581,7 @@ impl WarmPointTracker {
         let mut i = 0;
         while i < self.held.len() {
             let h = self.held[i];
-            let still = pidfd_open(h.tgid).ok().is_some_and(|fd| {
+            let still = crate::sys::pidfd_open(h.tgid, 0).ok().is_some_and(|fd| {
                 let nr = h.regs.orig_rax as i64;
                 Waiter {
                     tid: h.stop.tid,

@@ -248,6 +248,31 @@ pub struct FileIdentity {
     pub btime_ns: Option<i128>,
 }
 
+impl FileIdentity {
+    /// Whether an fd with these status flags only writes its file (a log: it may grow
+    /// between dump and restore; its bytes are not hashed).
+    pub fn write_only(flags: i32) -> bool {
+        flags & libc::O_ACCMODE == libc::O_WRONLY
+    }
+
+    /// The content hash of a file ([`FileIdentity::hash`]): blake3 of everything `r`
+    /// reads. Taken at the dump, compared at the restore.
+    pub fn hash_of(mut r: impl std::io::Read) -> std::io::Result<[u8; 32]> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+}
+
 pub const PROT_READ: u8 = 1;
 pub const PROT_WRITE: u8 = 2;
 pub const PROT_EXEC: u8 = 4;

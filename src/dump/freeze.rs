@@ -63,14 +63,6 @@ impl Frozen {
     }
 }
 
-fn tasks(pid: i32) -> io::Result<Vec<i32>> {
-    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    Ok(v)
-}
-
 fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
     let mut buf = [0u8; 128];
     let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
@@ -88,7 +80,7 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
     // Threads that exited but are still listed (a dead thread lingers until reaped).
     let mut gone = std::collections::HashSet::new();
     loop {
-        let all = tasks(pid).map_err(|e| match e.raw_os_error() {
+        let all = crate::sys::tasks::tasks(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => anyhow::anyhow!("process {pid} exited while being frozen"),
             _ => anyhow::Error::new(e).context(format!("listing /proc/{pid}/task")),
         })?;
@@ -226,22 +218,6 @@ impl Tree {
     }
 }
 
-/// The children of every thread of `pid` (`/proc/PID/task/TID/children`).
-pub fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for tid in tasks(pid).unwrap_or_default() {
-        let text =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 /// Whether `pid` is a zombie (state `Z` in `/proc/PID/stat`).
 pub fn is_zombie(pid: i32) -> bool {
     stat_state(&format!("/proc/{pid}/stat")) == Some('Z')
@@ -270,7 +246,7 @@ pub fn freeze_tree(root: i32, mut first: Frozen, tree: &mut Tree) -> Result<()> 
                 freeze(pid, f)?;
                 changed |= f.threads.len() != before;
             }
-            for child in children(pid) {
+            for child in crate::sys::tasks::children(pid) {
                 if tree.order.contains(&child) {
                     continue;
                 }

@@ -7,15 +7,9 @@
 //! tree is frozen. Files the process only writes (logs) are not hashed: they may grow.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 
 use warmstart_snapshots::model::{FileDesc, FileIdentity, Process, VmaKind};
-
-/// Whether an fd with these status flags only writes its file.
-pub fn write_only(flags: i32) -> bool {
-    flags & libc::O_ACCMODE == libc::O_WRONLY
-}
 
 /// What a file looked like when it was hashed: (dev, inode, size, mtime ns).
 type Key = (u64, u64, u64, i128);
@@ -88,7 +82,7 @@ fn paths_of(pid: i32) -> Vec<String> {
                             .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
                     });
             let link = link.to_string_lossy();
-            if link.starts_with('/') && flags.is_some_and(|f| !write_only(f)) {
+            if link.starts_with('/') && flags.is_some_and(|f| !FileIdentity::write_only(f)) {
                 out.push(link.into_owned());
             }
         }
@@ -111,7 +105,7 @@ fn hash_path(path: &str) -> Option<(Key, [u8; 32])> {
     if !before.is_file() {
         return None;
     }
-    let h = hash_reader(&file).ok()?;
+    let h = FileIdentity::hash_of(&file).ok()?;
     let after = file.metadata().ok()?;
     (key(&before) == key(&after)).then(|| (key(&after), h))
 }
@@ -142,7 +136,7 @@ pub fn fill(processes: &mut [Process], private: &[String], pre: &Precomputed) {
         }
         for fd in &mut p.fds {
             if let FileDesc::Regular { file, flags, .. } = &mut fd.file {
-                if !write_only(*flags) {
+                if !FileIdentity::write_only(*flags) {
                     fill_one(file);
                 }
             }
@@ -163,22 +157,6 @@ fn hash_of(f: &FileIdentity) -> Option<[u8; 32]> {
     if !same(&file.metadata().ok()?) {
         return None;
     }
-    let h = hash_reader(&file).ok()?;
+    let h = FileIdentity::hash_of(&file).ok()?;
     same(&file.metadata().ok()?).then_some(h)
-}
-
-/// blake3 of everything `r` reads.
-pub fn hash_reader(mut r: impl Read) -> std::io::Result<[u8; 32]> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-    }
-    Ok(*hasher.finalize().as_bytes())
 }

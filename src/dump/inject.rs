@@ -13,8 +13,8 @@ use warmstart_parasite::{Arg, ProgramBuilder, Status};
 use warmstart_snapshots::model::{reg, AltStack, Itimer, SigAction};
 
 use super::freeze::StopKind;
-use super::maps::MapEntry;
 use super::threads::resume_regs;
+use crate::sys::maps::MapEntry;
 use crate::sys::ptrace::{self, Regs, Stop};
 use crate::sys::remote;
 

@@ -9,7 +9,6 @@ pub mod files;
 pub mod freeze;
 pub mod hashes;
 pub mod inject;
-pub mod maps;
 pub mod memory;
 pub mod process;
 pub mod seccomp;
@@ -22,7 +21,7 @@ pub mod vmas;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{Creds, HostFacts, Manifest, PosixTimer, Process, SigInfo};
+use warmstart_snapshots::model::{Creds, Manifest, PosixTimer, Process, SigInfo};
 use warmstart_snapshots::store::{SnapshotId, Store};
 use warmstart_snapshots::{PageWriter, RemoteWriter};
 
@@ -263,7 +262,7 @@ fn collect_and_store(
             .unwrap_or(0),
         command: opts.command.clone(),
         trigger: opts.trigger.clone(),
-        host: host_facts(xsave_size)?,
+        host: crate::sys::vdso::host_facts(xsave_size)?,
         clocks,
         processes,
         pipes,
@@ -275,7 +274,7 @@ fn collect_and_store(
         private_tmp,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
-    crate::restore::checks::tree(&manifest)?;
+    crate::tree_check::tree(&manifest)?;
     let t = Instant::now();
     let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
     phases.add("commit", t.elapsed());
@@ -322,7 +321,8 @@ fn collect_process(
         },
         files,
     )?;
-    let smaps = maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let smaps =
+        crate::sys::maps::read_smaps(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let proc_timers = timers::read(pid)?;
     let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
     let seccomp_filters = seccomp::filters(pid, info.seccomp_mode, opts.own_seccomp_filters)
@@ -413,17 +413,6 @@ fn collect_process(
         fd_table_size: info.fd_table_size,
     };
     Ok((process, file_locks))
-}
-
-/// Host facts of the machine we run on; restore compares them with the snapshot's.
-pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
-    let uts = nix::sys::utsname::uname().context("uname")?;
-    Ok(HostFacts {
-        kernel_release: uts.release().to_string_lossy().into_owned(),
-        vdso_hash: crate::sys::vdso::own_vdso_hash()?,
-        xsave_features: crate::sys::vdso::xcr0(),
-        xsave_size,
-    })
 }
 
 /// Contents of the files in instance-private directories that the process maps or holds

@@ -7,9 +7,9 @@ use warmstart_snapshots::model::{
 use warmstart_snapshots::PageWriter;
 
 use super::files::identity;
-use super::maps::MapEntry;
 use super::memory::Target;
 use super::shared_files::SharedFiles;
+use crate::sys::maps::MapEntry;
 
 /// Largest piece of a run read from the target at once.
 const CHUNK: u64 = 8 << 20;

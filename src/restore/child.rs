@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use warmstart_snapshots::model::{Manifest, Process, VmaKind};
 
 use super::program::{self, ProgramFds};
-use crate::dump::maps::{self, MapEntry};
+use crate::sys::maps::{self, MapEntry};
 
 /// What the child tells the monitor just before it jumps into the program.
 #[derive(Debug, Serialize, Deserialize)]

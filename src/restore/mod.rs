@@ -186,7 +186,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
-    checks::tree(m)?;
+    crate::tree_check::tree(m)?;
     let p = &m.processes[0];
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
@@ -648,7 +648,7 @@ fn host_pid(root: i32, ns_pid: i32) -> Result<i32> {
         if inner == Some(ns_pid) {
             return Ok(pid);
         }
-        todo.extend(crate::dump::freeze::children(pid));
+        todo.extend(crate::sys::tasks::children(pid));
     }
     bail!("the restoring process {ns_pid} is not among the sandbox's processes")
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use warmstart_parasite::{Arg, Blob, DataRef, ProgramBuilder, Slot, Width};
 use warmstart_snapshots::model::{EpollTarget, Process, Thread, Vma, VmaKind, PROT_WRITE};
 
-use crate::dump::maps::MapEntry;
+use crate::sys::maps::MapEntry;
 
 /// An fd the child opened for the program, and what the program uses it for.
 pub struct ProgramFds {

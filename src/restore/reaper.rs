@@ -49,7 +49,7 @@ fn tree_tasks(root: i32) -> Vec<i32> {
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             out.extend(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()));
         }
-        todo.extend(crate::dump::freeze::children(pid));
+        todo.extend(crate::sys::tasks::children(pid));
     }
     out
 }

@@ -1,9 +1,11 @@
 //! Thin kernel wrappers that no crate provides.
 
+pub mod maps;
 pub mod pidfd;
 pub mod ptrace;
 pub mod remote;
 pub mod scm;
+pub mod tasks;
 pub mod timens;
 pub mod uffd;
 pub mod vdso;

@@ -15,14 +15,7 @@ fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// `pidfd_open(pid, flags)` (`flags`: 0 or [`PIDFD_NONBLOCK`]). The descriptor is
-/// close-on-exec.
-pub fn pidfd_open(pid: libc::pid_t, flags: u32) -> io::Result<OwnedFd> {
-    // SAFETY: integer arguments only.
-    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) })?;
-    // SAFETY: fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-}
+pub use warmstart_launcher::sys::pidfd_open;
 
 /// `pidfd_getfd(pidfd, targetfd, 0)`: duplicates descriptor `targetfd` of the process
 /// into this one (close-on-exec). Needs ptrace-attach permission over the process.

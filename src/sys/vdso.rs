@@ -1,32 +1,35 @@
 //! Facts about this host's vdso and CPU state that a restored process depends on.
 
 use anyhow::{Context, Result};
+use warmstart_snapshots::model::HostFacts;
 
-/// The `[vvar]`/`[vvar_vclock]`/`[vdso]` layout of the current process, in address order.
-pub fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
-    let text = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
-    Ok(text
-        .lines()
+/// The `[vvar]`/`[vvar_vclock]`/`[vdso]` lines of a `/proc/PID/maps` text, in address
+/// order: (start, end, name).
+pub fn vdso_layout(maps: &str) -> Vec<(u64, u64, String)> {
+    maps.lines()
         .filter_map(|l| {
-            let name = l.split_whitespace().nth(5)?;
+            let mut it = l.split_whitespace();
+            let range = it.next()?;
+            let name = it.nth(4)?;
             if !matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]") {
                 return None;
             }
-            let (s, e) = l.split_whitespace().next()?.split_once('-')?;
+            let (a, b) = range.split_once('-')?;
             Some((
-                name.to_owned(),
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+                name.to_string(),
             ))
         })
-        .collect())
+        .collect()
 }
 
 /// blake3 of this process's `[vdso]` bytes (the same image is mapped into every process).
 pub fn own_vdso_hash() -> Result<[u8; 32]> {
-    let (_, start, end) = own_vdso_layout()?
+    let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
+    let (start, end, _) = vdso_layout(&maps)
         .into_iter()
-        .find(|v| v.0 == "[vdso]")
+        .find(|v| v.2 == "[vdso]")
         .context("this process has no [vdso] mapping")?;
     // SAFETY: the vdso is mapped readable for the life of the process.
     let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
@@ -44,5 +47,32 @@ pub fn xcr0() -> u64 {
         unsafe { read() }
     } else {
         0
+    }
+}
+
+/// Host facts of the machine we run on; restore compares them with the snapshot's.
+pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
+    let uts = nix::sys::utsname::uname().context("uname")?;
+    Ok(HostFacts {
+        kernel_release: uts.release().to_string_lossy().into_owned(),
+        vdso_hash: own_vdso_hash()?,
+        xsave_features: xcr0(),
+        xsave_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vdso_layout_parses() {
+        let m = "7ffc1000-7ffc5000 r--p 00000000 00:00 0                          [vvar]\n\
+                 7ffc5000-7ffc7000 r--p 00000000 00:00 0                          [vvar_vclock]\n\
+                 7ffc7000-7ffc9000 r-xp 00000000 00:00 0                          [vdso]\n\
+                 7ffd0000-7ffd1000 rw-p 00000000 00:00 0 \n";
+        let l = vdso_layout(m);
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[2], (0x7ffc7000, 0x7ffc9000, "[vdso]".to_string()));
     }
 }

@@ -178,11 +178,5 @@ impl Drop for Child {
 }
 
 pub fn pidfd_open(pid: i32) -> OwnedFd {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    assert!(
-        fd >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    warmstart_launcher::sys::pidfd_open(pid, 0).unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"))
 }
