@@ -294,3 +294,32 @@ fn chrooted_process() {
         out.describe()
     );
 }
+
+/// `-vv` shows the restorer program each process runs, one step per line, syscalls by
+/// name; without it, none of that is printed.
+#[test]
+fn double_verbose_prints_the_restorer_program() {
+    let ws = Ws::new();
+    ws.record("counter", &[fixture("counter")]);
+    let out = ws.run(&["-vv", "run", "counter"], "a\n");
+    out.assert_ok();
+    assert_eq!(out.stdout, "1 a\n", "{}", out.describe());
+    let listing = out
+        .stderr
+        .split("restorer program of process ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no program listing with -vv:\n{}", out.describe()));
+    for step in ["munmap(", "mremap(", "mmap(", "sigaltstack(", "int3"] {
+        assert!(
+            listing.contains(step),
+            "no {step} step in the listing:\n{listing}"
+        );
+    }
+    let quiet = ws.run(&["run", "counter"], "a\n");
+    quiet.assert_ok();
+    assert!(
+        !quiet.stderr.contains("restorer program"),
+        "{}",
+        quiet.describe()
+    );
+}

@@ -265,6 +265,62 @@ pub enum Step {
     },
 }
 
+/// The name of syscall `nr` for a program listing (the ones warmstart's programs make;
+/// others show as `syscall_NR`).
+pub fn syscall_name(nr: u64) -> Option<&'static str> {
+    Some(match nr as i64 {
+        libc::SYS_capset => "capset",
+        libc::SYS_clone3 => "clone3",
+        libc::SYS_close => "close",
+        libc::SYS_dup3 => "dup3",
+        libc::SYS_epoll_ctl => "epoll_ctl",
+        libc::SYS_ioctl => "ioctl",
+        libc::SYS_madvise => "madvise",
+        libc::SYS_mlock2 => "mlock2",
+        libc::SYS_mmap => "mmap",
+        libc::SYS_mprotect => "mprotect",
+        libc::SYS_mremap => "mremap",
+        libc::SYS_munmap => "munmap",
+        libc::SYS_openat => "openat",
+        libc::SYS_prctl => "prctl",
+        libc::SYS_recvmsg => "recvmsg",
+        libc::SYS_rseq => "rseq",
+        libc::SYS_rt_sigaction => "rt_sigaction",
+        libc::SYS_rt_sigqueueinfo => "rt_sigqueueinfo",
+        libc::SYS_rt_tgsigqueueinfo => "rt_tgsigqueueinfo",
+        libc::SYS_seccomp => "seccomp",
+        libc::SYS_set_robust_list => "set_robust_list",
+        libc::SYS_set_tid_address => "set_tid_address",
+        libc::SYS_setfsgid => "setfsgid",
+        libc::SYS_setfsuid => "setfsuid",
+        libc::SYS_setgroups => "setgroups",
+        libc::SYS_setitimer => "setitimer",
+        libc::SYS_setns => "setns",
+        libc::SYS_setresgid => "setresgid",
+        libc::SYS_setresuid => "setresuid",
+        libc::SYS_sigaltstack => "sigaltstack",
+        libc::SYS_timer_create => "timer_create",
+        libc::SYS_timer_settime => "timer_settime",
+        libc::SYS_timerfd_settime => "timerfd_settime",
+        libc::SYS_unshare => "unshare",
+        libc::SYS_userfaultfd => "userfaultfd",
+        libc::SYS_write => "write",
+        libc::SYS_read => "read",
+        libc::SYS_exit => "exit",
+        libc::SYS_exit_group => "exit_group",
+        libc::SYS_getpid => "getpid",
+        libc::SYS_gettid => "gettid",
+        libc::SYS_kill => "kill",
+        libc::SYS_tgkill => "tgkill",
+        libc::SYS_rt_sigprocmask => "rt_sigprocmask",
+        libc::SYS_brk => "brk",
+        libc::SYS_arch_prctl => "arch_prctl",
+        libc::SYS_mbind => "mbind",
+        libc::SYS_set_mempolicy => "set_mempolicy",
+        _ => return None,
+    })
+}
+
 struct DataFixup {
     at: u64,
     target: u64,
@@ -679,7 +735,8 @@ impl ProgramBuilder {
 }
 
 impl fmt::Display for ProgramBuilder {
-    /// One line per step: `  12  mmap 0x7f..  | syscall 9(0x7f.., ...) -> $3`.
+    /// One line per step: `  12  7f00-7f02 anon  | mmap(0x7f.., ...) -> $3` (the label,
+    /// then the step; syscalls by name where [`syscall_name`] knows it).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let target = |l: Label| match self.targets[l.0 as usize] {
             Some(t) => t.to_string(),
@@ -694,7 +751,10 @@ impl fmt::Display for ProgramBuilder {
                     save_to,
                     may_fail,
                 } => {
-                    write!(f, "syscall {nr}(")?;
+                    match syscall_name(*nr) {
+                        Some(name) => write!(f, "{name}(")?,
+                        None => write!(f, "syscall {nr}(")?,
+                    }
                     let n = args
                         .iter()
                         .rposition(|a| *a != Arg::Imm(0))

@@ -19,9 +19,10 @@
 //! The file ends exactly at the end of the body. The snapshot id is the blake3 of the
 //! whole encoded file (header included), see `store`.
 //!
-//! Version rule ([`check_version`]): a reader accepts every version from 1 up to its own
-//! [`FORMAT_VERSION`]; a newer file is refused with a message saying which versions this
-//! build reads, never half-decoded.
+//! Version rule ([`check_version`]): a reader accepts the versions from
+//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 7: postcard has no
+//! field tags, so an older layout cannot be read as the new one); an older or newer file
+//! is refused with a message saying which versions this build reads, never half-decoded.
 
 use thiserror::Error;
 

@@ -55,6 +55,8 @@ pub struct BlobInfo {
     /// Where its late phase reads the clock offsets of the hand-out
     /// (`program::timens_text`), for the root of a parked tree.
     pub timens_text: Option<u64>,
+    /// The program, one step per line ([`program::LISTING`], `-vv`).
+    pub listing: Option<String>,
 }
 
 /// Message tags on the status pipe.
@@ -407,7 +409,12 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let late = late.as_ref();
     let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
     let base = find_gap(&own, p, len)?;
-    let (blob, uffd_slot, timens_text) = program::build(p, &own, &fds, base, len, lazy, late)?;
+    let (b, uffd_slot, timens_text) = program::program(p, &own, &fds, base, len, lazy, late)?;
+    let listing = program::LISTING
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| b.to_string());
+    let blob = b.build(base);
+    drop(b);
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -437,6 +444,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         late: late.is_some(),
         wants_stdio: late.is_some_and(|l| l.sock.is_some()),
         timens_text: timens_text.map(|d| blob.addr_of(d)),
+        listing,
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);

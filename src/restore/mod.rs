@@ -309,6 +309,10 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     // The child may find a lazily initialised static half-initialised for good by a
     // thread it does not have (see `warmstart_launcher::forksafe`): set them here.
     program::last_cap();
+    program::LISTING.store(
+        tracing::enabled!(tracing::Level::DEBUG),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let spawn_t = Instant::now();
     let sandbox = warmstart_launcher::spawn(
         &SpawnOptions {
@@ -373,6 +377,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let mut reports = reports.into_iter();
     let info =
         read_report(reports.next().expect("one pipe per process")).map_err(|e| fail_in(p, e))?;
+    show_listing(p, &info);
     let mut tree = vec![Driven {
         idx: 0,
         p,
@@ -390,6 +395,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             continue;
         }
         let info = read_report(r).map_err(|e| fail_in(q, e))?;
+        show_listing(q, &info);
         let qpid = host_pid(pid, q.pid).map_err(|e| fail_in(q, e))?;
         ptrace::seize(qpid, SEIZE)
             .with_context(|| format!("seizing the restoring process {qpid}"))
@@ -665,6 +671,19 @@ fn read_zombie_report(r: OwnedFd) -> Result<()> {
         _ => Err(anyhow!(
             "the restoring child died before reporting (see its exit status)"
         )),
+    }
+}
+
+/// `-vv`: the restorer program process `p` is about to run.
+fn show_listing(p: &Process, info: &BlobInfo) {
+    if let Some(l) = &info.listing {
+        tracing::debug!(
+            "restorer program of process {} ({}), {} steps, at {:#x}:\n{l}",
+            p.pid,
+            p.comm,
+            l.lines().count(),
+            info.base
+        );
     }
 }
 

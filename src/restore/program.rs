@@ -262,6 +262,24 @@ pub fn build(
     lazy: &[(u64, u64)],
     late: Option<&Late>,
 ) -> Result<(Blob, Option<Slot>, Option<DataRef>)> {
+    let (b, uffd, text) = program(p, own, fds, base, blob_len, lazy, late)?;
+    Ok((b.build(base), uffd, text))
+}
+
+/// Whether the restoring child also sends the monitor a listing of its program (`-vv`).
+/// Set by the monitor before the clone (the child only reads it).
+pub static LISTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The program [`build`] assembles, as plain steps (for the listing and for tests).
+pub fn program(
+    p: &Process,
+    own: &[MapEntry],
+    fds: &ProgramFds,
+    base: u64,
+    blob_len: u64,
+    lazy: &[(u64, u64)],
+    late: Option<&Late>,
+) -> Result<(ProgramBuilder, Option<Slot>, Option<DataRef>)> {
     let mut b = ProgramBuilder::new();
     b.stack_size(64 * 1024);
 
@@ -480,7 +498,7 @@ pub fn build(
     // The monitor gives every thread its registers at its last trap; none goes on.
     b.exit_thread(0);
     spawned_threads(&mut b, p, spawned);
-    Ok((b.build(base), uffd, text))
+    Ok((b, uffd, text))
 }
 
 /// Creates the other threads at their recorded tids: the leader goes on at the step after
@@ -1021,4 +1039,256 @@ pub(crate) fn last_cap() -> u32 {
             .unwrap_or(40)
             .min(63)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warmstart_parasite::Step;
+    use warmstart_snapshots::model::{AltStack, PosixTimer, VmaFlags, PROT_READ};
+
+    fn map(start: u64, end: u64, name: &str) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            offset: 0,
+            dev: (0, 0),
+            inode: 0,
+            name: name.to_owned(),
+            vm_flags: Vec::new(),
+        }
+    }
+
+    fn anon(start: u64, end: u64, prot: u8) -> Vma {
+        Vma {
+            start,
+            end,
+            prot,
+            shared: false,
+            flags: VmaFlags::default(),
+            kind: VmaKind::Anon {
+                name: String::new(),
+            },
+            offset: 0,
+            pages: Vec::new(),
+        }
+    }
+
+    fn thread(tid: i32, alt: AltStack) -> Thread {
+        Thread {
+            tid,
+            comm: "t".into(),
+            regs: vec![0; warmstart_snapshots::model::reg::COUNT],
+            xsave: Vec::new(),
+            sigmask: 0,
+            pending: Vec::new(),
+            sigaltstack: alt,
+            rseq: None,
+            robust_list: (0, 0),
+            tid_address: 0,
+        }
+    }
+
+    /// A process with two anonymous areas, two threads (the leader without an alternate
+    /// signal stack, the other with one) and an armed POSIX timer.
+    fn process() -> Process {
+        Process {
+            pid: 7,
+            ppid: 1,
+            pgid: 7,
+            sid: 7,
+            comm: "app".into(),
+            vmas: vec![
+                anon(0x10_0000, 0x12_0000, PROT_READ | PROT_WRITE),
+                anon(0x20_0000, 0x20_1000, PROT_READ),
+                Vma {
+                    kind: VmaKind::Vvar,
+                    ..anon(0x7f00_0000_0000, 0x7f00_0000_2000, PROT_READ)
+                },
+                Vma {
+                    kind: VmaKind::Vdso,
+                    ..anon(0x7f00_0000_2000, 0x7f00_0000_4000, PROT_READ)
+                },
+            ],
+            threads: vec![
+                thread(7, AltStack::default()),
+                thread(
+                    8,
+                    AltStack {
+                        sp: 0x10_0000,
+                        flags: 0,
+                        size: 0x2000,
+                    },
+                ),
+            ],
+            posix_timers: vec![PosixTimer {
+                id: 0,
+                clock: libc::CLOCK_MONOTONIC,
+                signo: libc::SIGALRM,
+                sigval: 0,
+                notify: libc::SIGEV_SIGNAL,
+                notify_tid: 0,
+                interval_ns: 0,
+                value_ns: 5_000_000,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn own() -> Vec<MapEntry> {
+        vec![
+            map(0x5555_0000_0000, 0x5555_0001_0000, "/usr/bin/warmstart"),
+            map(0x7fff_f000_0000, 0x7fff_f000_2000, "[vvar]"),
+            map(0x7fff_f000_2000, 0x7fff_f000_4000, "[vdso]"),
+        ]
+    }
+
+    const BASE: u64 = 0x7e00_0000_0000;
+    const LEN: u64 = 0x10_0000;
+
+    fn build_steps(
+        p: &Process,
+        late: Option<&Late>,
+    ) -> (ProgramBuilder, Vec<(usize, u64, [u64; 6])>) {
+        let fds = ProgramFds {
+            vma_fds: vec![None; p.vmas.len()],
+            exe_fd: 3,
+        };
+        let (b, _, _) = program(p, &own(), &fds, BASE, LEN, &[], late).unwrap();
+        let calls = b
+            .steps()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Step::Syscall { nr, args, .. } => {
+                    let imm = args.map(|a| match a {
+                        Arg::Imm(v) => v,
+                        _ => u64::MAX,
+                    });
+                    Some((i, *nr, imm))
+                }
+                _ => None,
+            })
+            .collect();
+        (b, calls)
+    }
+
+    fn first(calls: &[(usize, u64, [u64; 6])], nr: i64) -> usize {
+        calls
+            .iter()
+            .find(|c| c.1 == nr as u64)
+            .unwrap_or_else(|| panic!("no syscall {nr}"))
+            .0
+    }
+
+    #[test]
+    fn warmstart_goes_but_the_blob_and_the_vdso_stay() {
+        let (_, calls) = build_steps(&process(), None);
+        let unmapped: Vec<(u64, u64)> = calls
+            .iter()
+            .filter(|c| c.1 == libc::SYS_munmap as u64)
+            .map(|c| (c.2[0], c.2[0] + c.2[1]))
+            .collect();
+        let covered = |a: u64| unmapped.iter().any(|&(s, e)| s <= a && a < e);
+        assert!(
+            covered(0x5555_0000_0000),
+            "warmstart's own mapping is unmapped"
+        );
+        assert!(!covered(BASE) && !covered(BASE + LEN - 1), "the blob stays");
+        assert!(
+            !covered(0x7fff_f000_2000),
+            "the vdso is moved, not unmapped"
+        );
+    }
+
+    #[test]
+    fn every_area_is_mapped_fixed_where_it_was() {
+        let p = process();
+        let (_, calls) = build_steps(&p, None);
+        for v in p
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::Anon { .. }))
+        {
+            let m = calls
+                .iter()
+                .find(|c| c.1 == libc::SYS_mmap as u64 && c.2[0] == v.start)
+                .unwrap_or_else(|| panic!("no mmap of {:#x}", v.start));
+            assert_eq!(m.2[1], v.len());
+            assert_ne!(m.2[3] & libc::MAP_FIXED as u64, 0);
+            assert_ne!(m.2[3] & libc::MAP_PRIVATE as u64, 0);
+            // Not RELRO: mapped with its own protection at once (the monitor writes
+            // read-only memory through /proc/PID/mem).
+            assert!(!writable_at_first_trap(v) || v.prot & PROT_WRITE != 0);
+            assert_eq!(m.2[2], v.prot as u64, "prot of {:#x}", v.start);
+        }
+    }
+
+    #[test]
+    fn each_thread_gets_its_own_alternate_signal_stack_disabled_included() {
+        let (b, calls) = build_steps(&process(), None);
+        let n = calls
+            .iter()
+            .filter(|c| c.1 == libc::SYS_sigaltstack as u64)
+            .count();
+        assert_eq!(n, 2, "one sigaltstack per thread:\n{b}");
+        // The leader's says SS_DISABLE: its `stack_t` is in the data area, so look at
+        // the listing's label.
+        let text = b.to_string();
+        assert!(text.contains("sigaltstack"), "{text}");
+    }
+
+    #[test]
+    fn timers_are_armed_after_the_threads_exist() {
+        let (b, calls) = build_steps(&process(), None);
+        let clone = first(&calls, libc::SYS_clone3);
+        let create = first(&calls, libc::SYS_timer_create);
+        let arm = first(&calls, libc::SYS_timer_settime);
+        assert!(
+            clone < create && create < arm,
+            "clone3 {clone}, timer_create {create}, timer_settime {arm}:\n{b}"
+        );
+        // ... and the last trap (the monitor loads registers there) comes after them.
+        let last_trap = b
+            .steps()
+            .iter()
+            .rposition(|s| matches!(s, Step::Trap))
+            .unwrap();
+        assert!(arm < last_trap);
+    }
+
+    #[test]
+    fn a_parked_process_switches_time_namespace_before_creating_threads() {
+        let late = Late {
+            proc_dir: 9,
+            ..Late::default()
+        };
+        let (b, calls) = build_steps(&process(), Some(&late));
+        let setns = first(&calls, libc::SYS_setns);
+        let clone = first(&calls, libc::SYS_clone3);
+        assert!(setns < clone, "setns {setns} before clone3 {clone}:\n{b}");
+        // The plain restore has no late phase: no setns at all.
+        let (_, plain) = build_steps(&process(), None);
+        assert!(plain.iter().all(|c| c.1 != libc::SYS_setns as u64));
+    }
+
+    #[test]
+    fn timens_text_is_fixed_width() {
+        for (m, b) in [
+            (0, 0),
+            (-1, 1),
+            (i64::MAX, i64::MIN + 1),
+            (-1_500_000_000, 7),
+        ] {
+            assert_eq!(timens_text(m, b).len(), TIMENS_TEXT_LEN, "{m} {b}");
+        }
+        assert_eq!(
+            String::from_utf8(timens_text(-1_500_000_000, 2_000_000_001)).unwrap(),
+            "monotonic -00000000000000000002 500000000\nboottime 000000000000000000002 000000001\n"
+        );
+    }
 }
