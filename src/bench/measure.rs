@@ -588,7 +588,7 @@ pub fn record(t: &Target, ready: &str, prime: &[String]) -> Result<Recorded> {
 }
 
 /// Sizes of a stored snapshot (as `warmstart inspect --json` shows them).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Sizes {
     pub logical_bytes: u64,
     pub resident_bytes: u64,

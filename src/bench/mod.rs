@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use warmstart_snapshots::store::Store;
 
 pub use measure::{Probe, Start, Target};
@@ -52,9 +52,9 @@ pub struct Workload {
 }
 
 /// One restore mode's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModeResult {
-    pub mode: &'static str,
+    pub mode: String,
     /// Time to first answer of the restored runs (ms).
     pub first_answer_ms: Option<Summary>,
     /// The cold run paired with each restored run (ms).
@@ -66,16 +66,16 @@ pub struct ModeResult {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Concurrent {
     pub instances: usize,
     pub cold_pss_total_bytes: Option<u64>,
-    pub restored_mode: &'static str,
+    pub restored_mode: String,
     pub restored_pss_total_bytes: Option<u64>,
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadResult {
     pub name: String,
     pub command: Vec<String>,
@@ -341,7 +341,7 @@ pub fn run_workload(
     if recorded {
         for (mode, c, s, mem) in per_mode {
             r.modes.push(ModeResult {
-                mode: mode.label(),
+                mode: mode.label().to_owned(),
                 first_answer_ms: Summary::of(&s),
                 paired_cold_ms: Summary::of(&c),
                 ratio: Summary::of(&stats::ratios(&c, &s)),
@@ -389,7 +389,7 @@ pub fn run_workload(
         r.concurrent = Some(Concurrent {
             instances: w.concurrent,
             cold_pss_total_bytes: c.ok(),
-            restored_mode: mode.label(),
+            restored_mode: mode.label().to_owned(),
             restored_pss_total_bytes: s.ok(),
             error,
         });

@@ -4,14 +4,14 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::stats::Summary;
 use super::{Start, WorkloadResult};
 use crate::stats::human;
 
 /// Where and when a run happened.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub date: String,
     pub cpu: String,
@@ -97,7 +97,7 @@ pub fn date_now() -> String {
 }
 
 /// A whole run: what the JSON file holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: Machine,
     pub total_seconds: f64,
@@ -359,7 +359,7 @@ pub fn text_summary(r: &WorkloadResult, took: Duration) -> String {
             fmt_ms(c.max)
         );
         for m in &r.modes {
-            let label = match m.mode {
+            let label = match m.mode.as_str() {
                 "eager" => "restore, eager",
                 "lazy" => "restore, lazy",
                 "served" => "served (parked pool)",

@@ -1,9 +1,9 @@
 //! Medians and ranges of small samples.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Median and range of a sample (the samples are kept for the JSON).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
