@@ -226,6 +226,12 @@ pub struct RunArgs {
     /// Restore here even when a `warmstart serve` daemon listens on the store's socket
     #[arg(long)]
     pub no_serve: bool,
+    /// Give the instance a new listening socket bound to ADDR (IP:PORT, or a PORT on the
+    /// recorded IP; same options and backlog) in place of the one it recorded; with
+    /// several listeners, PORT=ADDR names the recorded port. Repeatable. Systemd-style
+    /// LISTEN_FDS/LISTEN_PID sockets are handed to the app the same way, in order.
+    #[arg(long, value_name = "[PORT=]ADDR")]
+    pub listen: Vec<String>,
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -311,8 +317,16 @@ pub fn main(cli: Cli) -> Result<i32> {
             crate::serve::serve(store, &opts)
         }
         Command::Run(a) => {
-            // A daemon serves the plain lazy run; other modes are restored here.
-            if !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+            let systemd = crate::fds::inet::systemd_listeners()?;
+            let given_listeners = !a.listen.is_empty() || systemd.is_some();
+            // A daemon serves the plain lazy run; other modes are restored here (and an
+            // instance given its listeners: parked ones hold theirs already).
+            if !(a.no_serve
+                || a.eager
+                || a.no_prefetch
+                || a.page_server.is_some()
+                || given_listeners)
+            {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 if let Some(code) =
                     crate::serve::client::run(&socket, &a.snapshot, a.display_stats)?
@@ -331,7 +345,19 @@ pub fn main(cli: Cli) -> Result<i32> {
                     prefetch: !a.no_prefetch,
                 }
             };
-            run_instance(Arc::new(snap), names, mode, false, a.display_stats)
+            let listeners = if given_listeners {
+                crate::fds::inet::replacements(&snap.manifest, &a.listen, systemd)?
+            } else {
+                Vec::new()
+            };
+            crate::run::run_instance_with(
+                Arc::new(snap),
+                names,
+                mode,
+                false,
+                a.display_stats,
+                listeners,
+            )
         }
     }
 }

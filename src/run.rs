@@ -29,11 +29,25 @@ pub fn run_instance(
     detach: bool,
     display_stats: bool,
 ) -> Result<i32> {
+    run_instance_with(snap, names, mode, detach, display_stats, Vec::new())
+}
+
+/// [`run_instance`], the instance getting `listeners` in place of the listening sockets
+/// it recorded ([`crate::fds::inet::replacements`]).
+pub fn run_instance_with(
+    snap: Arc<Snapshot>,
+    names: Vec<String>,
+    mode: Mode,
+    detach: bool,
+    display_stats: bool,
+    listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
+) -> Result<i32> {
     crate::restore::block_forwarded_signals();
     // The snapshot may come from `Store::load_deferred` (cli::load): check its page
     // table while restoring (a fully loaded one passes again, at no cost to the restore).
     let mut opts = RestoreOptions {
         verify_table: true,
+        listeners,
         ..Default::default()
     };
     if let Mode::Lazy { prefetch } = mode {

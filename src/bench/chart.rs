@@ -276,7 +276,12 @@ mod tests {
         let num = |tag: &str, attr: &str| -> f64 {
             let k = format!(" {attr}=\"");
             let i = tag.find(&k).map(|i| i + k.len()).unwrap_or(0);
-            tag[i..].split('"').next().unwrap_or("0").parse().unwrap_or(f64::NAN)
+            tag[i..]
+                .split('"')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(f64::NAN)
         };
         svg.split("<text")
             .skip(1)
@@ -296,8 +301,11 @@ mod tests {
         draw(&rep, &out).unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
         let t = texts(&svg);
-        let rows: Vec<&WorkloadResult> =
-            rep.workloads.iter().filter(|r| r.cold_ms.is_some()).collect();
+        let rows: Vec<&WorkloadResult> = rep
+            .workloads
+            .iter()
+            .filter(|r| r.cold_ms.is_some())
+            .collect();
         let mut ys = Vec::new();
         for r in &rows {
             let name = r.name.replace('&', "&amp;").replace('<', "&lt;");
@@ -309,7 +317,10 @@ mod tests {
         }
         ys.sort_by(f64::total_cmp);
         for w in ys.windows(2) {
-            assert!(w[1] - w[0] >= 14.0, "workload names closer than a line: {ys:?}");
+            assert!(
+                w[1] - w[0] >= 14.0,
+                "workload names closer than a line: {ys:?}"
+            );
         }
         let ratios = t.iter().filter(|(_, _, s)| s.starts_with('×')).count();
         let restored: usize = rows

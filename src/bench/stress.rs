@@ -478,6 +478,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         verify_table: true,
         stdio: Some([in_r.as_raw_fd(), out_w.as_raw_fd(), null.as_raw_fd()]),
         interrupt: None,
+        listeners: Vec::new(),
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

@@ -364,6 +364,221 @@ fn port_users(family: i32, port: u16) -> String {
     )
 }
 
+/// A TCP listener of a snapshot (once per open file description).
+pub struct RecordedListener {
+    pub ofd: u32,
+    pub pid: i32,
+    pub fd: i32,
+    pub local: SocketAddr,
+    pub backlog: u32,
+    options: SockOptions,
+}
+
+/// The snapshot's TCP listeners, in process and fd order, each shared one once.
+pub fn recorded_listeners(m: &warmstart_snapshots::model::Manifest) -> Vec<RecordedListener> {
+    let mut out: Vec<RecordedListener> = Vec::new();
+    for p in m.processes.iter().filter(|p| p.zombie.is_none()) {
+        for f in &p.fds {
+            if let FileDesc::Inet {
+                sock_type: libc::SOCK_STREAM,
+                local,
+                listen: Some(backlog),
+                options,
+                ..
+            } = &f.file
+            {
+                if out.iter().any(|l| l.ofd == f.ofd) {
+                    continue;
+                }
+                let Ok(local) = parse_addr(local) else {
+                    continue;
+                };
+                out.push(RecordedListener {
+                    ofd: f.ofd,
+                    pid: p.pid,
+                    fd: f.fd,
+                    local,
+                    backlog: *backlog,
+                    options: *options,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The listening sockets an instance gets in place of the ones it recorded, by
+/// `Fd::ofd`: from `--listen [PORT=]ADDR` specs (a new socket bound to ADDR with the
+/// recorded options and backlog; a bare ADDR when the snapshot has one listener, a bare
+/// port keeps the recorded IP), or, with `systemd`, the caller's `LISTEN_FDS` sockets
+/// (fds 3.., in the order of the recorded listeners). Every error names the spec and
+/// is raised before anything is restored.
+pub fn replacements(
+    m: &warmstart_snapshots::model::Manifest,
+    specs: &[String],
+    systemd: Option<Vec<OwnedFd>>,
+) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
+    let recorded = recorded_listeners(m);
+    let ports = || {
+        let p: Vec<String> = recorded.iter().map(|l| l.local.to_string()).collect();
+        if p.is_empty() {
+            "it listens on no TCP port".to_owned()
+        } else {
+            format!("it listens on {}", p.join(", "))
+        }
+    };
+    if let Some(given) = systemd {
+        if !specs.is_empty() {
+            bail!("--listen and LISTEN_FDS both give listening sockets: use one of them");
+        }
+        if given.len() > recorded.len() {
+            bail!(
+                "LISTEN_FDS passes {} listening sockets, but the snapshot has {} ({})",
+                given.len(),
+                recorded.len(),
+                ports()
+            );
+        }
+        return Ok(recorded
+            .iter()
+            .zip(given)
+            .map(|(l, fd)| (l.ofd, std::sync::Arc::new(fd)))
+            .collect());
+    }
+    let mut out: Vec<(u32, std::sync::Arc<OwnedFd>)> = Vec::new();
+    for spec in specs {
+        let (port, addr) = match spec.split_once('=') {
+            Some((p, a)) => {
+                let p: u16 = p.parse().map_err(|_| {
+                    anyhow!("--listen {spec:?}: {p:?} is not a port (use PORT=ADDR)")
+                })?;
+                (Some(p), a)
+            }
+            None => (None, spec.as_str()),
+        };
+        let l = match port {
+            Some(p) => recorded
+                .iter()
+                .find(|l| l.local.port() == p)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--listen {spec}: the snapshot does not listen on port {p} ({})",
+                        ports()
+                    )
+                })?,
+            None => match recorded.as_slice() {
+                [one] => one,
+                [] => bail!("--listen {spec}: the snapshot has no TCP listener to replace"),
+                _ => bail!(
+                    "--listen {spec}: the snapshot has {} listeners ({}); say which one with \
+                     --listen PORT={addr}",
+                    recorded.len(),
+                    ports()
+                ),
+            },
+        };
+        if out.iter().any(|(ofd, _)| *ofd == l.ofd) {
+            bail!(
+                "--listen {spec}: the listener on {} is given twice",
+                l.local
+            );
+        }
+        let to: SocketAddr = match addr.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match addr.parse::<u16>() {
+                Ok(p) => SocketAddr::new(l.local.ip(), p),
+                Err(_) => bail!(
+                    "--listen {spec}: {addr:?} is not an address (IP:PORT, [IPV6]:PORT or PORT)"
+                ),
+            },
+        };
+        let fd = new_listener(l, to).with_context(|| format!("--listen {spec}"))?;
+        out.push((l.ofd, std::sync::Arc::new(fd)));
+    }
+    Ok(out)
+}
+
+/// A listening socket at `to` with the options and backlog of the recorded `l`.
+fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: a plain syscall; the fd it returns is owned right below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(errno_err("socket"));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut o = l.options;
+    o.v6only &= family == libc::AF_INET6;
+    set_options(fd.as_raw_fd(), &o)?;
+    let (ss, len) = to_storage(&to);
+    // SAFETY: `ss` is a sockaddr of `len` bytes that lives across the call.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            bail!("{to} is in use{}", port_users(family, to.port()));
+        }
+        bail!("binding to {to}: {e}");
+    }
+    // SAFETY: a plain syscall on a socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), l.backlog as i32) } < 0 {
+        return Err(errno_err(format!("listen on {to}")));
+    }
+    Ok(fd)
+}
+
+/// The caller's systemd-style sockets: `LISTEN_FDS` fds from 3 when `LISTEN_PID` is this
+/// process (`None` otherwise). Each must be a listening TCP socket. Made close-on-exec,
+/// and the variables are removed (as `sd_listen_fds(1)` does).
+pub fn systemd_listeners() -> Result<Option<Vec<OwnedFd>>> {
+    let (Ok(pid), Ok(n)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: i32 = n
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("LISTEN_FDS={n:?} is not a number"))?;
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let mut out = Vec::new();
+    for fd in 3..3 + n.max(0) {
+        // SAFETY: fcntl on an integer fd; an fd that is not open fails with EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("LISTEN_FDS={n}, but fd {fd} is not open");
+        }
+        // SAFETY: LISTEN_FDS hands fds 3.. to this process: they are ours to own now.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let listening = getsockopt_int(&owned, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+            .is_ok_and(|v| v == 1)
+            && getsockopt_int(&owned, libc::SOL_SOCKET, libc::SO_TYPE)
+                .is_ok_and(|t| t == libc::SOCK_STREAM)
+            && getsockopt_int(&owned, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+                .is_ok_and(|p| p == libc::IPPROTO_TCP);
+        if !listening {
+            bail!("LISTEN_FDS={n}: fd {fd} is not a listening TCP socket");
+        }
+        // SAFETY: plain fcntl on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        out.push(owned);
+    }
+    Ok(Some(out))
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr> {
     s.parse()
         .map_err(|e| anyhow!("bad socket address {s:?} in the snapshot: {e}"))

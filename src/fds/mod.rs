@@ -537,6 +537,8 @@ pub struct Installer<'a> {
     pub files: HashMap<u64, RawFd>,
     /// Opens of those files made by name by the root, by `Fd::ofd`.
     pub file_opens: HashMap<u32, RawFd>,
+    /// Listening sockets given in place of recorded ones ([`Inherited::listeners`]).
+    pub listeners: HashMap<u32, RawFd>,
 }
 
 impl Installer<'_> {
@@ -573,6 +575,9 @@ pub struct Inherited {
     pub file_opens: HashMap<u32, RawFd>,
     /// Every fd above except the shmem and file ones, closed once the fd table is built.
     pub fds: Vec<RawFd>,
+    /// Listening sockets the caller gives the instance in place of the ones it recorded
+    /// (`run --listen`, `LISTEN_FDS`), by `Fd::ofd`; among `fds`.
+    pub listeners: HashMap<u32, RawFd>,
 }
 
 /// Whether an fd of this kind is created once for all the processes sharing it. The
@@ -583,7 +588,12 @@ fn shareable(f: &FileDesc) -> bool {
 }
 
 /// In the root of the tree, before it forks: creates what [`Inherited`] lists.
-pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inherited> {
+pub fn prepare_shared(
+    m: &Manifest,
+    stdio: &[RawFd],
+    high: RawFd,
+    listeners: &HashMap<u32, RawFd>,
+) -> Result<Inherited> {
     use std::collections::{BTreeMap, BTreeSet};
     let live: Vec<&Process> = m.processes.iter().filter(|p| p.zombie.is_none()).collect();
     let Some(&root) = live.first() else {
@@ -599,6 +609,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         parked: false,
         files: HashMap::new(),
         file_opens: HashMap::new(),
+        listeners: listeners.clone(),
     };
     // Deleted files and memfds first (with every open of them): a shared open of one is
     // made from it below.
@@ -722,7 +733,9 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
             .temps
             .into_iter()
             .filter(|fd| !kept.contains(fd))
+            .chain(listeners.values().copied())
             .collect(),
+        listeners: listeners.clone(),
     })
 }
 
@@ -827,6 +840,7 @@ pub fn install(
         parked,
         files: inherited.files.clone(),
         file_opens: inherited.file_opens.clone(),
+        listeners: inherited.listeners.clone(),
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
@@ -897,6 +911,13 @@ fn place(src: RawFd, f: &Fd) -> Result<()> {
 
 /// Creates the open file description of `f` (any kind but epoll); returns a temp fd.
 fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
+    if let (Some(&given), FileDesc::Inet { flags, .. }) = (ins.listeners.get(&f.ofd), &f.file) {
+        // The caller's listening socket, in place of the recorded one; the app's own
+        // status flags (O_NONBLOCK) on it.
+        let fd = ins.keep_high(dup_high(given, ins.high)?)?;
+        set_status_flags(fd, *flags)?;
+        return Ok(fd);
+    }
     match &f.file {
         FileDesc::External { stdio: k } => stdio.get(*k as usize).copied().ok_or_else(|| {
             anyhow::anyhow!(

@@ -107,10 +107,11 @@ pub fn run(
     lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
     late_sock: Option<RawFd>,
+    listeners: &[(u32, RawFd)],
     chans: &TreeChannels,
 ) -> i32 {
     let mut report = chans.reports[0];
-    match prepare_root(m, lazy, notify, late_sock, chans, &mut report) {
+    match prepare_root(m, lazy, notify, late_sock, listeners, chans, &mut report) {
         Ok(never) => match never {},
         Err(e) => fail(report, e),
     }
@@ -131,6 +132,7 @@ fn prepare_root(
     lazy: &[Vec<(u64, u64)>],
     notify: Option<RawFd>,
     late_sock: Option<RawFd>,
+    listeners: &[(u32, RawFd)],
     chans: &TreeChannels,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
@@ -167,6 +169,7 @@ fn prepare_root(
     originals.extend(chans.gates.iter().filter(|&&g| g >= 0));
     originals.extend(notify);
     originals.extend(late_sock);
+    originals.extend(listeners.iter().map(|l| l.1));
     close_all_except(&originals)?;
     let mut moved = TreeChannels {
         reports: Vec::new(),
@@ -190,8 +193,13 @@ fn prepare_root(
         stdio.push(dup_high(fd, high)?);
     }
     let late_sock = late_sock.map(|fd| dup_high(fd, high)).transpose()?;
+    let mut given = std::collections::HashMap::new();
+    for &(ofd, fd) in listeners {
+        given.insert(ofd, dup_high(fd, high)?);
+    }
     let mut keep = stdio.clone();
     keep.extend(late_sock);
+    keep.extend(given.values().copied());
     keep.extend(&moved.reports);
     keep.extend(moved.gates.iter().filter(|&&g| g >= 0));
     close_all_except(&keep)?;
@@ -200,7 +208,7 @@ fn prepare_root(
         shrink_fd_table()?;
     }
     recreate_private_files(m)?;
-    let inherited = crate::fds::prepare_shared(m, &stdio, high)?;
+    let inherited = crate::fds::prepare_shared(m, &stdio, high, &given)?;
     let mut b = [0; 2];
     if unsafe { libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(errno_err("pipe2"));

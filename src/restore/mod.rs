@@ -82,6 +82,9 @@ pub struct RestoreOptions {
     pub stdio: Option<[RawFd; 3]>,
     /// Kill the sandbox being built when a signal asks the restore to stop.
     pub interrupt: Option<Arc<interrupt::Interrupt>>,
+    /// Listening sockets the instance gets in place of the ones it recorded, by
+    /// `Fd::ofd` (`run --listen`, `LISTEN_FDS`: [`crate::fds::inet::replacements`]).
+    pub listeners: Vec<(u32, Arc<OwnedFd>)>,
 }
 
 impl Restored {
@@ -193,6 +196,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     phases.add("checks", t.elapsed());
     let t = Instant::now();
     let private_tmp = tmp::prepare(m, snap)?;
+    let listeners: Vec<(u32, RawFd)> = opts
+        .listeners
+        .iter()
+        .map(|(ofd, fd)| (*ofd, fd.as_raw_fd()))
+        .collect();
     if private_tmp.is_some() {
         phases.add("private tmp", t.elapsed());
     }
@@ -337,6 +345,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
                 ranges,
                 notify.as_ref().map(|(_, app)| app.as_raw_fd()),
                 late.as_ref().map(|(_, app)| app.as_raw_fd()),
+                &listeners,
                 &chans,
             )
         },

@@ -304,6 +304,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         verify_table: true,
         stdio,
         interrupt: None,
+        listeners: Vec::new(),
     }
 }
 

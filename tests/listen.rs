@@ -1,0 +1,161 @@
+//! `run --listen` and systemd-style `LISTEN_FDS`: instances of one server snapshot side
+//! by side, each on a listening socket of its own in place of the one it recorded, and
+//! the errors for bad listeners (before the app resumes).
+
+mod acc_util;
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::time::Instant;
+
+use acc_util::{free_port, http_get, record_ok, signal};
+use common::{python, wait_pid_exit, workloads_dir, Proc, Ws, TIMEOUT};
+
+fn hit(port: u16, inst: &Proc, ctx: &str) -> i64 {
+    let (status, body) = http_get(port, "/hit", Instant::now() + TIMEOUT)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}; stderr:\n{}", inst.err_log.lock().unwrap()));
+    assert!(status.contains(" 200"), "{ctx}: {status:?} {body:?}");
+    let v: serde_json::Value = serde_json::from_str(body.trim())
+        .unwrap_or_else(|e| panic!("{ctx}: not JSON ({e}): {body:?}"));
+    v["n"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{ctx}: no n in {body:?}"))
+}
+
+fn stop(inst: &Proc, ctx: &str) {
+    signal(inst.pid(), libc::SIGTERM);
+    assert!(
+        wait_pid_exit(inst.pid(), TIMEOUT),
+        "{ctx}: no exit after SIGTERM"
+    );
+}
+
+/// One record of the Flask workload, then: two instances at once on new ports, each
+/// counting on from the snapshot, the recorded port left free; one given its socket
+/// through LISTEN_FDS; and each kind of bad listener refused with its reason.
+#[test]
+fn server_instances_side_by_side_on_their_own_listeners() {
+    let ws = Ws::new();
+    let recorded = free_port();
+    let argv = [
+        python().into_os_string(),
+        workloads_dir().join("py_http.py").into_os_string(),
+    ];
+    record_ok(
+        &ws,
+        "http",
+        "listen",
+        &[("PORT", recorded.to_string())],
+        &argv,
+    );
+
+    // Side by side: both answer at once, each its own counter from the snapshot's.
+    let (p1, p2) = (free_port(), free_port());
+    let a = Proc::spawn(&mut ws.cmd(&["run", "--listen", &format!("127.0.0.1:{p1}"), "http"]));
+    let b = Proc::spawn(&mut ws.cmd(&["run", "--listen", &p2.to_string(), "http"]));
+    assert_eq!(hit(p1, &a, "instance on p1"), 1);
+    assert_eq!(hit(p2, &b, "instance on p2"), 1);
+    assert_eq!(hit(p1, &a, "instance on p1, again"), 2);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", recorded)).is_ok(),
+        "an instance given its listener must not hold the recorded port {recorded}"
+    );
+
+    // A port in use, naming what holds it; nothing restored.
+    let busy = ws.run(&["run", "--listen", &p1.to_string(), "http"], "");
+    busy.assert_fail();
+    assert!(
+        busy.stderr.contains(&format!("--listen {p1}"))
+            && busy.stderr.contains("is in use")
+            && busy.stderr.contains("LISTEN socket of pid"),
+        "{}",
+        busy.describe()
+    );
+    stop(&a, "instance on p1");
+    stop(&b, "instance on p2");
+
+    // Not an address; a port the snapshot does not listen on.
+    let bad = ws.run(&["run", "--listen", "nowhere", "http"], "");
+    bad.assert_fail();
+    assert!(
+        bad.stderr.contains("\"nowhere\" is not an address"),
+        "{}",
+        bad.describe()
+    );
+    let other = if recorded == 1 { 2 } else { recorded - 1 };
+    let wrong = ws.run(
+        &["run", "--listen", &format!("{other}=127.0.0.1:0"), "http"],
+        "",
+    );
+    wrong.assert_fail();
+    assert!(
+        wrong
+            .stderr
+            .contains(&format!("does not listen on port {other}"))
+            && wrong.stderr.contains(&format!("127.0.0.1:{recorded}")),
+        "{}",
+        wrong.describe()
+    );
+
+    // LISTEN_FDS: the caller's socket at fd 3, LISTEN_PID the run itself (`exec` keeps
+    // the shell's pid).
+    let p3 = free_port();
+    let given = std::net::TcpListener::bind(("127.0.0.1", p3)).unwrap();
+    let sd = systemd_run(&ws, given.as_raw_fd(), &["run", "http"]);
+    drop(given);
+    assert_eq!(hit(p3, &sd, "instance on LISTEN_FDS"), 1);
+    stop(&sd, "instance on LISTEN_FDS");
+
+    // LISTEN_FDS naming something that is not a listening socket.
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let not = systemd_run(&ws, file.as_raw_fd(), &["run", "http"]);
+    assert!(wait_pid_exit(not.pid(), TIMEOUT));
+    let err = not.err_log.lock().unwrap().clone();
+    assert!(
+        err.contains("LISTEN_FDS=1: fd 3 is not a listening TCP socket"),
+        "{err}"
+    );
+}
+
+/// `warmstart ARGS` with `fd` as its fd 3 and LISTEN_FDS=1, LISTEN_PID its own pid.
+fn systemd_run(ws: &Ws, fd: i32, args: &[&str]) -> Proc {
+    let cmd = ws.cmd(args);
+    let exe = cmd.get_program().to_owned();
+    let store_args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = cmd
+        .get_envs()
+        .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+        .collect();
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args(&store_args);
+    for (k, v) in envs {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    // SAFETY: dup2 and fcntl are async-signal-safe; it runs in the forked child before exec.
+    unsafe {
+        sh.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    drop(cmd);
+    Proc::spawn(&mut sh)
+}
