@@ -202,6 +202,15 @@ pub struct RecordArgs {
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
+    /// Record a command-line tool at its entry point (`python3 -m MOD`, `python3 SCRIPT`,
+    /// a Python console script): each `run SNAP -- ARGS` then runs it with its own
+    /// arguments, working directory, environment and stdio
+    #[arg(long)]
+    pub tool: bool,
+    /// With --tool: run the tool once with these arguments before the snapshot (output to
+    /// stderr, exit intercepted), so its lazy imports are in the snapshot. Repeatable
+    #[arg(long, value_name = "ARGS", requires = "tool")]
+    pub prime_args: Vec<String>,
     /// The command to run
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
@@ -232,6 +241,20 @@ pub struct RunArgs {
     /// LISTEN_FDS/LISTEN_PID sockets are handed to the app the same way, in order.
     #[arg(long, value_name = "[PORT=]ADDR")]
     pub listen: Vec<String>,
+    /// A tool snapshot (`record --tool`): set K=V in the environment the tool gets (the
+    /// caller's, else). Repeatable
+    #[arg(long, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// A tool snapshot: start the tool's environment empty (then --env)
+    #[arg(long)]
+    pub clear_env: bool,
+    /// A tool snapshot whose files changed since the record: `cold` runs the tool cold
+    /// this time (and records it again in the background), `fail` refuses
+    #[arg(long, value_name = "cold|fail", default_value = "cold")]
+    pub stale: String,
+    /// A tool snapshot: the tool's arguments (after `--`)
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -325,7 +348,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 || a.eager
                 || a.no_prefetch
                 || a.page_server.is_some()
-                || given_listeners)
+                || given_listeners
+                || !a.args.is_empty())
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 if let Some(code) =
@@ -345,6 +369,13 @@ pub fn main(cli: Cli) -> Result<i32> {
                     prefetch: !a.no_prefetch,
                 }
             };
+            if let Some(code) = crate::tool::run_stale_or_check(&cli, a, &snap, &names)? {
+                return Ok(code);
+            }
+            let tool_request = match &snap.manifest.tool {
+                Some(_) => Some(crate::tool::request(&a.args, &crate::tool::run_env(a)?)?),
+                None => None,
+            };
             let listeners = if given_listeners {
                 crate::fds::inet::replacements(&snap.manifest, &a.listen, systemd)?
             } else {
@@ -357,6 +388,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                 false,
                 a.display_stats,
                 listeners,
+                tool_request,
             )
         }
     }
@@ -609,6 +641,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             name: a.name.clone(),
             own_seccomp_filters: 0,
             private_tmp: false,
+            tool: None,
         },
     )?;
     if a.display_stats {
@@ -654,11 +687,29 @@ fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
-    let ready: warmstart_launcher::Ready = a
+    let mut ready: warmstart_launcher::Ready = a
         .ready
         .parse()
         .map_err(|e| anyhow::anyhow!("--ready {}: {e}", a.ready))?;
     let store = open_store(cli)?;
+    let (command, tool) = if a.tool {
+        if a.ready != "stdin" || !a.prime.is_empty() {
+            anyhow::bail!(
+                "record --tool takes its snapshot at the tool's entry point: no --ready or \
+                 --prime (use --prime-args)"
+            );
+        }
+        ready = warmstart_launcher::Ready::Notify;
+        let (cmd, info) = crate::tool::plan(&a.command, &a.prime_args, store.dir())?;
+        // SAFETY-free: set before any thread of ours starts; the launcher removes it.
+        std::env::set_var(
+            "WARMSTART_TOOL_PRIME",
+            serde_json::to_string(&a.prime_args)?,
+        );
+        (cmd, Some(info))
+    } else {
+        (a.command.clone(), None)
+    };
     // `--prime` is the path of an HTTP GET for a server, a line of input otherwise.
     let (prime, prime_http) = if ready == warmstart_launcher::Ready::Listen {
         (Vec::new(), a.prime.clone())
@@ -669,7 +720,8 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
     let r = crate::record::record(
         &store,
         &crate::record::RecordOptions {
-            command: a.command.clone(),
+            command,
+            tool,
             name: a.name.clone(),
             ready,
             timeout: Duration::from_secs(a.timeout),

@@ -16,4 +16,5 @@ pub mod run;
 pub mod serve;
 pub mod stats;
 pub mod sys;
+pub mod tool;
 pub mod tree_check;

@@ -49,6 +49,9 @@ pub struct RecordOptions {
     pub prime_http: Vec<String>,
     /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
     pub share_tmp: bool,
+    /// `record --tool`: the tool `command` (its launcher's command line) holds; the files
+    /// it loaded are added at the warm point.
+    pub tool: Option<warmstart_snapshots::model::ToolInfo>,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -118,7 +121,7 @@ fn refuse_hidden_by_private_tmp(program: &CString) -> Result<()> {
     Ok(())
 }
 
-fn resolve(cmd: &str) -> Result<CString> {
+pub fn resolve(cmd: &str) -> Result<CString> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<std::path::PathBuf> = if cmd.contains('/') {
         vec![cmd.into()]
@@ -417,6 +420,14 @@ pub fn record(
             // The warm point may be in a worker of the app's tree (`listen`), and other
             // workers may be held at their own blocking wait: the dump takes each of these
             // stopped threads as it is.
+            let tool = opts.tool.clone().map(|mut t| {
+                let files = tracker
+                    .notify_channel()
+                    .map(|c| c.parser().files().to_vec())
+                    .unwrap_or_default();
+                t.files = crate::tool::identities(&files);
+                t
+            });
             let frozen = held_frozen(pid, std::iter::once(warm).chain(tracker.take_held()));
             let dumped = dump::dump(
                 pid,
@@ -433,6 +444,7 @@ pub fn record(
                     name: opts.name.clone(),
                     own_seccomp_filters: usize::from(filter.is_some()),
                     private_tmp: !opts.share_tmp,
+                    tool,
                 },
             )?;
             on_dumped(&dumped);

@@ -29,7 +29,7 @@ pub fn run_instance(
     detach: bool,
     display_stats: bool,
 ) -> Result<i32> {
-    run_instance_with(snap, names, mode, detach, display_stats, Vec::new())
+    run_instance_with(snap, names, mode, detach, display_stats, Vec::new(), None)
 }
 
 /// [`run_instance`], the instance getting `listeners` in place of the listening sockets
@@ -41,6 +41,7 @@ pub fn run_instance_with(
     detach: bool,
     display_stats: bool,
     listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
+    tool_request: Option<Vec<u8>>,
 ) -> Result<i32> {
     crate::restore::block_forwarded_signals();
     // The snapshot may come from `Store::load_deferred` (cli::load): check its page
@@ -48,6 +49,7 @@ pub fn run_instance_with(
     let mut opts = RestoreOptions {
         verify_table: true,
         listeners,
+        tool_request,
         ..Default::default()
     };
     if let Mode::Lazy { prefetch } = mode {

@@ -257,12 +257,22 @@ fn last_err(op: &'static str) -> WarmPointError {
 pub struct NotifyParser {
     partial: Vec<u8>,
     ready: bool,
+    files: Vec<String>,
 }
+
+/// A line a warmstart launcher sends before `READY=1`: one file the app loaded while it
+/// warmed up (`record --tool`).
+pub const FILE_KEY: &str = "WARMSTART_FILE";
 
 impl NotifyParser {
     /// Has a `READY=1` line been seen?
     pub fn ready(&self) -> bool {
         self.ready
+    }
+
+    /// The values of the [`FILE_KEY`] lines seen, in order.
+    pub fn files(&self) -> &[String] {
+        &self.files
     }
 
     /// Feed stream bytes (`channel` names the source in errors); only complete lines are
@@ -315,6 +325,11 @@ impl NotifyParser {
         if line == b"READY=1" {
             self.ready = true;
         }
+        if key == FILE_KEY.as_bytes() && !self.ready {
+            // UTF-8 checked above.
+            self.files
+                .push(String::from_utf8_lossy(&line[eq + 1..]).into_owned());
+        }
         Ok(())
     }
 }
@@ -366,6 +381,11 @@ fn fstat_id(fd: RawFd) -> io::Result<(u64, u64)> {
 }
 
 impl NotifyChannel {
+    /// What the app said on the channel so far.
+    pub fn parser(&self) -> &NotifyParser {
+        &self.parser
+    }
+
     /// Create the socketpair (both ends close-on-exec in the monitor).
     pub fn new() -> io::Result<Self> {
         let mut fds = [-1; 2];

@@ -46,6 +46,9 @@ pub struct Manifest {
     /// what was in it at the warm point, parents before children. Every instance gets a
     /// fresh tmpfs on `/tmp` holding exactly this.
     pub private_tmp: Option<Vec<TmpEntry>>,
+    /// Recorded with `record --tool`: a command-line tool waiting at its entry point for
+    /// the arguments, working directory and environment of each run.
+    pub tool: Option<ToolInfo>,
 }
 
 /// A file that is mapped but has no name any more: a deleted file (POSIX semaphores and
@@ -228,6 +231,25 @@ pub struct MmFields {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+}
+
+/// A tool recorded at its entry point (`record --tool`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolInfo {
+    /// The runtime whose launcher holds it (`python`).
+    pub runtime: String,
+    /// The command as given to `record`, after `--` (for re-recording).
+    pub command: Vec<String>,
+    /// The `--prime-args` of the record (for re-recording).
+    pub prime_args: Vec<String>,
+    /// The command that runs the tool cold, before its arguments (e.g. `python3 -m
+    /// black`): a stale snapshot's run uses it.
+    pub cold_prefix: Vec<String>,
+    /// `argv[0]` the tool sees, as a cold start would set it.
+    pub argv0: String,
+    /// Every file the tool loaded while it warmed up (its modules, the interpreter's),
+    /// with what identifies it: a run after any of them changed never runs the old code.
+    pub files: Vec<FileIdentity>,
 }
 
 /// What a file looked like at dump time; a restore refuses a file that no longer matches.

@@ -479,6 +479,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         stdio: Some([in_r.as_raw_fd(), out_w.as_raw_fd(), null.as_raw_fd()]),
         interrupt: None,
         listeners: Vec::new(),
+        tool_request: None,
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

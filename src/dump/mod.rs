@@ -49,6 +49,8 @@ pub struct DumpOptions {
     pub own_seccomp_filters: usize,
     /// The tree runs with a private `/tmp` (`record`): its files go into the snapshot.
     pub private_tmp: bool,
+    /// `record --tool`: the tool the snapshot holds at its entry point.
+    pub tool: Option<warmstart_snapshots::model::ToolInfo>,
 }
 
 pub struct DumpResult {
@@ -272,6 +274,7 @@ fn collect_and_store(
         pages_hash: [0; 32],
         shared_files: objects.finish(),
         private_tmp,
+        tool: opts.tool.clone(),
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;

@@ -85,6 +85,9 @@ pub struct RestoreOptions {
     /// Listening sockets the instance gets in place of the ones it recorded, by
     /// `Fd::ofd` (`run --listen`, `LISTEN_FDS`: [`crate::fds::inet::replacements`]).
     pub listeners: Vec<(u32, Arc<OwnedFd>)>,
+    /// A tool snapshot's run: what its launcher reads after `RESTORED=1`
+    /// ([`crate::tool::request`]).
+    pub tool_request: Option<Vec<u8>>,
 }
 
 impl Restored {
@@ -291,6 +294,17 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         let mut w = std::fs::File::from(ours.try_clone()?);
         std::io::Write::write_all(&mut w, warmstart_launcher::warmpoint::RESTORED_MSG)
             .context("writing RESTORED=1 to the notify channel")?;
+        match (&m.tool, &opts.tool_request) {
+            (Some(_), Some(req)) => std::io::Write::write_all(&mut w, req)
+                .context("writing the tool's request to the notify channel")?,
+            (Some(_), None) => bail!(
+                "snapshot {} holds a tool (record --tool), which only `warmstart run {} -- \
+                 ARGS` runs (not served by a daemon yet)",
+                snap.id.short(),
+                snap.id.short()
+            ),
+            _ => {}
+        }
         Some((ours, app))
     } else {
         None

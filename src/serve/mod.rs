@@ -305,6 +305,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         stdio,
         interrupt: None,
         listeners: Vec::new(),
+        tool_request: None,
     }
 }
 

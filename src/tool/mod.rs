@@ -1,0 +1,430 @@
+//! Warm command-line tools (`record --tool`, `run SNAP -- ARGS`).
+//!
+//! A tool is recorded under a small launcher warmstart ships for its runtime (Python's
+//! is `py_tool.py`, written into the store): the launcher loads what the tool's entry
+//! point imports, runs the `--prime-args` runs, names every file it loaded and says it is
+//! warm on the notify channel (`--ready notify`). Each restored instance reads its
+//! request there, after `RESTORED=1`: `TOOL <len>\n` and a JSON object with the run's
+//! `args`, `cwd`, `env` and `umask` (its stdio is the caller's, as for any `run`), and
+//! runs the entry point as a cold start would, exiting with the tool's status.
+//!
+//! A snapshot is never stale: a `run` first checks every file the tool loaded while it
+//! warmed up (size, mtime and inode, then the content hash); after any change it runs
+//! the tool cold this time, says so once, and records it again in the background.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart_snapshots::model::{FileIdentity, ToolInfo};
+
+/// The Python launcher.
+const PY_LAUNCHER: &str = include_str!("py_tool.py");
+
+/// The launcher's file in the store (by content, so a snapshot's stays as it was).
+fn launcher_file(store_dir: &Path) -> Result<PathBuf> {
+    let hash = blake3::hash(PY_LAUNCHER.as_bytes()).to_hex();
+    let dir = store_dir.join("launchers");
+    let path = dir.join(format!("py_tool-{}.py", &hash[..16]));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".py_tool-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, PY_LAUNCHER).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(path)
+}
+
+/// How `record --tool` starts `command`: the launcher command line, and the tool's
+/// description (its files are added at the warm point).
+pub fn plan(
+    command: &[String],
+    prime_args: &[String],
+    store_dir: &Path,
+) -> Result<(Vec<String>, ToolInfo)> {
+    let Some(cmd) = command.first() else {
+        bail!("no command given: usage is `warmstart record --tool -- CMD ARGS...`");
+    };
+    let program = crate::record::resolve(cmd)?;
+    let program = PathBuf::from(std::ffi::OsStr::from_bytes(program.as_bytes()));
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The interpreter and its options, then the form: `-m MOD` or a script.
+    let (interp, rest): (Vec<String>, &[String]) = if name.starts_with("python") {
+        (vec![cmd.clone()], &command[1..])
+    } else if let Some(interp) = python_shebang(&program) {
+        // A console script (pip's entry-point wrapper) or any Python script run directly.
+        let mut v = interp;
+        v.push(program.to_string_lossy().into_owned());
+        let launcher = launcher_file(store_dir)?;
+        let script = program.to_string_lossy().into_owned();
+        return Ok(finish(
+            command,
+            prime_args,
+            &v[..v.len() - 1],
+            &[],
+            Form::Script(script),
+            &command[1..],
+            &launcher,
+        ));
+    } else {
+        bail!(
+            "record --tool: cannot place the entry point of {cmd}: it knows `python3 -m MOD \
+             ARGS`, `python3 SCRIPT ARGS` and Python console scripts (node and java launch \
+             forms are not supported yet); record it without --tool"
+        );
+    };
+    let mut opts = Vec::new();
+    let mut i = 0;
+    let form = loop {
+        let Some(a) = rest.get(i) else {
+            bail!(
+                "record --tool: `{}` runs no module or script (an interactive interpreter is \
+                 not a tool)",
+                command.join(" ")
+            );
+        };
+        match a.as_str() {
+            "-m" => {
+                let m = rest
+                    .get(i + 1)
+                    .ok_or_else(|| anyhow!("record --tool: -m without a module"))?;
+                i += 2;
+                break Form::Module(m.clone());
+            }
+            "-c" => {
+                bail!("record --tool: `python -c CODE` is not a tool; put the code in a script")
+            }
+            "-" => bail!("record --tool: a script read from stdin is not a tool"),
+            // Options that take a value.
+            "-W" | "-X" | "--check-hash-based-pycs" => {
+                opts.extend(rest[i..(i + 2).min(rest.len())].iter().cloned());
+                i += 2;
+            }
+            o if o.starts_with('-') => {
+                opts.push(o.to_owned());
+                i += 1;
+            }
+            script => {
+                i += 1;
+                break Form::Script(script.to_owned());
+            }
+        }
+    };
+    let launcher = launcher_file(store_dir)?;
+    Ok(finish(
+        command,
+        prime_args,
+        &interp,
+        &opts,
+        form,
+        &rest[i..],
+        &launcher,
+    ))
+}
+
+enum Form {
+    Module(String),
+    Script(String),
+}
+
+fn finish(
+    command: &[String],
+    prime_args: &[String],
+    interp: &[String],
+    opts: &[String],
+    form: Form,
+    args: &[String],
+    launcher: &Path,
+) -> (Vec<String>, ToolInfo) {
+    let mut cold_prefix: Vec<String> = interp.iter().chain(opts).cloned().collect();
+    let mut cmd = cold_prefix.clone();
+    cmd.push(launcher.to_string_lossy().into_owned());
+    let argv0 = match &form {
+        Form::Module(m) => {
+            cold_prefix.extend(["-m".to_owned(), m.clone()]);
+            cmd.extend(["module".to_owned(), m.clone()]);
+            format!("-m {m}")
+        }
+        Form::Script(s) => {
+            cold_prefix.push(s.clone());
+            cmd.extend(["script".to_owned(), s.clone()]);
+            s.clone()
+        }
+    };
+    cmd.push("--".into());
+    cmd.extend(args.iter().cloned());
+    let info = ToolInfo {
+        runtime: "python".into(),
+        command: command.to_vec(),
+        prime_args: prime_args.to_vec(),
+        cold_prefix,
+        argv0,
+        files: Vec::new(),
+    };
+    (cmd, info)
+}
+
+/// The interpreter of a `#!` line naming Python (`/usr/bin/env python3` included).
+fn python_shebang(path: &Path) -> Option<Vec<String>> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..n].split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line.strip_prefix(b"#!")?).ok()?;
+    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let is_python = |w: &str| {
+        Path::new(w)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("python"))
+    };
+    match words.as_slice() {
+        [env, py, ..] if env.ends_with("/env") && is_python(py) => Some(words[1..].to_vec()),
+        [py, ..] if is_python(py) => Some(words),
+        _ => None,
+    }
+}
+
+/// What identifies each file the tool loaded (its content hash included).
+pub fn identities(files: &[String]) -> Vec<FileIdentity> {
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(meta) = std::fs::metadata(f) else {
+            continue;
+        };
+        let mut id = crate::fds::identity(f, &meta);
+        id.hash = std::fs::File::open(f)
+            .ok()
+            .and_then(|r| FileIdentity::hash_of(r).ok());
+        out.push(id);
+    }
+    out
+}
+
+/// The first file the tool loaded that changed since the record (`None`: none did).
+pub fn changed_file(tool: &ToolInfo) -> Option<(String, &'static str)> {
+    use std::os::unix::fs::MetadataExt;
+    for f in &tool.files {
+        let Ok(meta) = std::fs::metadata(&f.path) else {
+            return Some((f.path.clone(), "is gone"));
+        };
+        let mtime = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+        if meta.ino() == f.ino
+            && meta.dev() == f.dev
+            && meta.size() == f.size
+            && mtime == f.mtime_ns
+        {
+            continue;
+        }
+        let same = f.hash.is_some()
+            && std::fs::File::open(&f.path)
+                .ok()
+                .and_then(|r| FileIdentity::hash_of(r).ok())
+                == f.hash;
+        if !same {
+            return Some((f.path.clone(), "changed"));
+        }
+    }
+    None
+}
+
+/// The request a restored instance reads after `RESTORED=1`.
+pub fn request(args: &[String], env: &[(String, String)]) -> Result<Vec<u8>> {
+    let cwd = std::env::current_dir().context("the working directory of this run")?;
+    // SAFETY: umask is a plain syscall; it is set back at once (there is no way to read
+    // the mask without setting it).
+    let umask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    };
+    let env: serde_json::Map<String, serde_json::Value> = env
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "args": args,
+        "cwd": cwd.to_string_lossy(),
+        "env": env,
+        "umask": umask,
+    }))?;
+    // Written into the notify socket before the instance runs: it must fit its buffer.
+    if body.len() > 128 << 10 {
+        bail!(
+            "the request for the tool ({} bytes of arguments and environment) is over \
+             128 KiB: pass fewer variables (--clear-env, --env K=V)",
+            body.len()
+        );
+    }
+    let mut out = format!("TOOL {}\n", body.len()).into_bytes();
+    out.extend(body);
+    Ok(out)
+}
+
+/// The environment a tool run gets: the caller's (or none with `--clear-env`), then the
+/// `--env K=V` settings.
+pub fn run_env(a: &crate::cli::RunArgs) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = if a.clear_env {
+        Vec::new()
+    } else {
+        std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect()
+    };
+    for kv in &a.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {kv:?}: expected K=V"))?;
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(env)
+}
+
+/// Before a `run` of a snapshot: arguments to a snapshot that is not a tool are refused;
+/// a tool whose files changed runs cold (`--stale cold`, and is recorded again in the
+/// background) or is refused (`--stale fail`). `Some(status)`: it ran cold.
+pub fn run_stale_or_check(
+    cli: &crate::cli::Cli,
+    a: &crate::cli::RunArgs,
+    snap: &warmstart_snapshots::store::Snapshot,
+    names: &[String],
+) -> Result<Option<i32>> {
+    let Some(tool) = &snap.manifest.tool else {
+        if !a.args.is_empty() || !a.env.is_empty() || a.clear_env {
+            bail!(
+                "snapshot {} was not recorded with --tool: it takes no arguments or \
+                 environment (record the command with `warmstart record --tool`)",
+                a.snapshot
+            );
+        }
+        return Ok(None);
+    };
+    if !matches!(a.stale.as_str(), "cold" | "fail") {
+        bail!("--stale {:?}: expected cold or fail", a.stale);
+    }
+    let Some((path, how)) = changed_file(tool) else {
+        return Ok(None);
+    };
+    if a.stale == "fail" {
+        bail!(
+            "snapshot {} is stale: {path} {how} since the record (--stale fail); record it \
+             again with `warmstart record --tool`",
+            a.snapshot
+        );
+    }
+    eprintln!(
+        "warmstart: {} is stale ({path} {how} since the record): running the tool cold, \
+         recording it again in the background",
+        a.snapshot
+    );
+    let cwd = snap
+        .manifest
+        .processes
+        .first()
+        .map_or("/", |p| p.cwd.as_str());
+    rerecord(cli, names, cwd, tool);
+    let mut cmd = std::process::Command::new(&tool.cold_prefix[0]);
+    cmd.args(&tool.cold_prefix[1..]).args(&a.args);
+    if a.clear_env {
+        cmd.env_clear();
+    }
+    for (k, v) in a.env.iter().filter_map(|kv| kv.split_once('=')) {
+        cmd.env(k, v);
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {} cold", tool.cold_prefix.join(" ")))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(Some(match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    }))
+}
+
+/// `warmstart record --tool` of the same command again, detached (its own session,
+/// no stdio), under the snapshot's name when it has one.
+fn rerecord(cli: &crate::cli::Cli, names: &[String], cwd: &str, tool: &ToolInfo) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(s) = &cli.store {
+        cmd.arg("--store").arg(s);
+    }
+    cmd.args(["record", "--tool"]);
+    if let Some(n) = names.first() {
+        cmd.args(["--name", n]);
+    }
+    for p in &tool.prime_args {
+        cmd.arg("--prime-args").arg(p);
+    }
+    cmd.arg("--").args(&tool.command);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    // Where it was recorded (a relative script path is relative to it).
+    cmd.current_dir(cwd);
+    let _ = cmd.spawn();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn python_forms_are_placed() {
+        let d = tempfile::tempdir().unwrap();
+        let (cmd, info) = plan(
+            &s(&["python3", "-B", "-m", "json.tool", "x"]),
+            &[],
+            d.path(),
+        )
+        .unwrap();
+        assert_eq!(info.cold_prefix, s(&["python3", "-B", "-m", "json.tool"]));
+        assert_eq!(&cmd[..2], &s(&["python3", "-B"])[..]);
+        assert_eq!(&cmd[3..], &s(&["module", "json.tool", "--", "x"])[..]);
+        let (cmd, info) = plan(&s(&["python3", "tool.py", "-v"]), &[], d.path()).unwrap();
+        assert_eq!(info.cold_prefix, s(&["python3", "tool.py"]));
+        assert_eq!(&cmd[2..], &s(&["script", "tool.py", "--", "-v"])[..]);
+        let script = d.path().join("wrapper");
+        std::fs::write(&script, "#!/usr/bin/env python3\nimport sys\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let p = script.to_str().unwrap();
+        let (cmd, info) = plan(&s(&[p, "a"]), &[], d.path()).unwrap();
+        assert_eq!(info.cold_prefix, s(&["python3", p]));
+        assert_eq!(cmd[0], "python3");
+        assert_eq!(&cmd[2..], &s(&["script", p, "--", "a"])[..]);
+    }
+
+    #[test]
+    fn other_commands_are_refused_with_the_forms() {
+        let d = tempfile::tempdir().unwrap();
+        let e = plan(&s(&["true"]), &[], d.path()).unwrap_err().to_string();
+        assert!(e.contains("python3 -m MOD"), "{e}");
+        let e = plan(&s(&["python3", "-c", "1"]), &[], d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("-c"), "{e}");
+        let e = plan(&s(&["python3"]), &[], d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runs no module or script"), "{e}");
+    }
+}
