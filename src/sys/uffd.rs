@@ -477,8 +477,9 @@ impl Uffd {
         if r < 0 {
             return Err(Error::from_errno("userfaultfd()", Errno::last()));
         }
-        // SAFETY: the syscall returned a fresh descriptor we own.
         Ok(Self {
+            // SAFETY: userfaultfd() succeeded, so `r` is a fresh descriptor in our table
+            // that nothing else owns; it is wrapped exactly once.
             fd: unsafe { OwnedFd::from_raw_fd(r as RawFd) },
         })
     }
@@ -486,12 +487,12 @@ impl Uffd {
     /// Creates a userfaultfd through `/dev/userfaultfd` only.
     pub fn new_dev(flags: UffdFlags) -> Result<Self> {
         let path = c"/dev/userfaultfd";
-        // SAFETY: valid C string.
+        // SAFETY: `path` is a NUL-terminated C string literal, valid for the whole call.
         let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if dev < 0 {
             return Err(Error::from_errno("open /dev/userfaultfd", Errno::last()));
         }
-        // SAFETY: fresh descriptor.
+        // SAFETY: open() succeeded, so `dev` is a fresh descriptor nothing else owns.
         let dev = unsafe { OwnedFd::from_raw_fd(dev) };
         // SAFETY: USERFAULTFD_IOC_NEW takes the flags as an integer argument.
         let r = unsafe {
@@ -504,8 +505,9 @@ impl Uffd {
         if r < 0 {
             return Err(Error::from_errno("USERFAULTFD_IOC_NEW", Errno::last()));
         }
-        // SAFETY: the ioctl returned a fresh descriptor we own.
         Ok(Self {
+            // SAFETY: USERFAULTFD_IOC_NEW succeeded, so `r` is a fresh userfaultfd in our
+            // table that nothing else owns; it is wrapped exactly once.
             fd: unsafe { OwnedFd::from_raw_fd(r) },
         })
     }
@@ -796,8 +798,11 @@ mod tests {
         addr: *mut u8,
         len: usize,
     }
-    // SAFETY: plain anonymous mapping, accessed with volatile ops in the tests.
+    // SAFETY: `addr` is a private anonymous mapping owned by the Map (unmapped only on
+    // drop); nothing in it is thread-bound, so it may move to another thread.
     unsafe impl Send for Map {}
+    // SAFETY: shared access only reads the mapping with volatile byte loads (or lets the
+    // kernel fill it via the uffd); no `&self` method writes through `addr`.
     unsafe impl Sync for Map {}
     impl Map {
         fn new(len: usize) -> Self {
@@ -822,13 +827,15 @@ mod tests {
             Range::new(self.addr as usize, self.len)
         }
         fn read(&self, off: usize) -> u8 {
-            // SAFETY: in bounds.
+            // SAFETY: the tests pass `off < self.len`, so the byte lies inside our live
+            // mapping (readable; a missing page faults into the uffd and is filled).
             unsafe { self.addr.add(off).read_volatile() }
         }
     }
     impl Drop for Map {
         fn drop(&mut self) {
-            // SAFETY: our mapping.
+            // SAFETY: `addr`/`len` are exactly the mapping Map::new made, unmapped only here
+            // and never touched after (the Map is being dropped).
             unsafe { libc::munmap(self.addr.cast(), self.len) };
         }
     }
