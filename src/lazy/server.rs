@@ -88,11 +88,13 @@ struct Stop {
 
 impl Stop {
     fn new() -> Stop {
-        // SAFETY: plain syscall; the fd is owned below.
+        // SAFETY: eventfd takes integer arguments only; the fd it returns is wrapped below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         Stop {
             flag: AtomicBool::new(false),
             // Without one, the server notices at its next wake-up (≤ PROBE_INTERVAL).
+            // SAFETY: eventfd succeeded (fd >= 0), so `fd` is a fresh descriptor that
+            // nothing else owns; it is wrapped exactly once.
             wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
         }
     }
