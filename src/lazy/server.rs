@@ -102,7 +102,8 @@ impl Stop {
         self.flag.store(true, Ordering::Release);
         if let Some(w) = &self.wake {
             let one = 1u64;
-            // SAFETY: 8 bytes from a valid u64.
+            // SAFETY: the source is `one`, a live u64 (8 bytes, only read); the fd is
+            // borrowed from the OwnedFd in self.wake.
             unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
@@ -1232,7 +1233,8 @@ impl LazyServer {
                 });
             }
         }
-        // SAFETY: `fds` is a valid array of pollfds.
+        // SAFETY: `fds` is a live Vec of initialised pollfds and fds.len() is passed as
+        // its count; the kernel writes only their revents fields.
         let r = unsafe {
             libc::poll(
                 fds.as_mut_ptr(),
