@@ -2,6 +2,8 @@ use clap::Parser;
 
 fn main() {
     // Rust ignores SIGPIPE; a CLI piped into `head` should just stop, not panic.
+    // SAFETY: SIG_DFL installs no handler, so no handler code has to be async-signal-safe;
+    // this runs first in main, before any thread is started.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = warmstart::cli::Cli::parse_from(warmstart::cli::normalize_args(std::env::args_os()));
     let level = match cli.verbose {

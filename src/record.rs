@@ -69,6 +69,8 @@ fn dev_ino(fd: &OwnedFd) -> Result<(u64, u64)> {
 /// Bytes waiting in the pipe whose read end is `fd`.
 fn unread(fd: &OwnedFd) -> i32 {
     let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD stores one c_int at its argument, which points at `n`, a live
+    // local; `fd` is borrowed open for the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
         return 0;
     }
@@ -81,6 +83,9 @@ fn pump_stdin(w: OwnedFd) {
     std::thread::spawn(move || {
         // A write after the app is gone must fail with EPIPE, not kill warmstart: the
         // SIGPIPE of a write goes to the writing thread, which blocks it.
+        // SAFETY: sigset_t is a plain bit array, for which all-zero is a valid (empty)
+        // value before sigemptyset; `set` is a live local only read by pthread_sigmask,
+        // and a null old-set pointer is allowed. Only this thread's mask changes.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -309,6 +314,10 @@ pub fn record(
                     return 126;
                 }
             }
+            // SAFETY: `path`, `argv` and `env` are CStrings owned by the parent's frame,
+            // which this child (a copy of it) still has mapped; argv_ptrs and env_ptrs
+            // point into them and end with a null pointer, as execve requires. Nothing is
+            // allocated here, as after clone3 must be the case.
             unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
             127
         },

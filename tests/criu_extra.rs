@@ -262,6 +262,8 @@ fn dump_leave_stopped() {
 /// A pty pair: (master, slave).
 fn openpty() -> (std::fs::File, std::fs::File) {
     let (mut m, mut s) = (0, 0);
+    // SAFETY: `m` and `s` are live c_ints openpty writes the two fds into; the name,
+    // termios and winsize pointers may be null (none wanted).
     let r = unsafe {
         libc::openpty(
             &mut m,
@@ -274,9 +276,12 @@ fn openpty() -> (std::fs::File, std::fs::File) {
     assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
     // Children get the slave only through their stdio.
     for fd in [m, s] {
+        // SAFETY: F_SETFD takes an integer flag argument; `fd` is open (openpty succeeded).
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     use std::os::fd::FromRawFd;
+    // SAFETY: openpty succeeded, so `m` and `s` are fresh descriptors nothing else owns;
+    // each is wrapped exactly once.
     unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
 }
 
@@ -296,6 +301,7 @@ fn read_until(master: &mut std::fs::File, needle: &str, seen: &mut String) {
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: `p` is one live, initialised pollfd; the kernel writes only its revents.
         if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } > 0 {
             let mut buf = [0u8; 4096];
             match master.read(&mut buf) {

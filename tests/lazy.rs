@@ -205,6 +205,8 @@ fn killing_the_monitor_kills_the_instance(mode: Mode) {
     let mut guard = KillGuard::new();
     guard.add(pid);
 
+    // SAFETY: kill takes integer arguments only; `monitor` is our unreaped child, so its
+    // pid is still its own.
     unsafe { libc::kill(monitor.pid(), libc::SIGKILL) };
     let st = monitor.wait();
     assert_eq!(
@@ -279,6 +281,8 @@ fn kill_the_monitor_mid_fault(name: &str, argv: &[OsString]) {
     let mut guard = KillGuard::new();
     guard.add(pid);
     monitor.send("check\ncheck\ncheck\ncheck");
+    // SAFETY: kill takes integer arguments only; `monitor` is our unreaped child, so its
+    // pid is still its own.
     unsafe { libc::kill(monitor.pid(), libc::SIGKILL) };
     monitor.wait();
     let gone = wait_pidfd_exit(&pidfd, Duration::from_secs(30));

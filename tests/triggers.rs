@@ -576,6 +576,7 @@ fn record_listen_timeout() {
     // `run_with` already checked nothing holds record's stdout/stderr; the app is gone too.
     let left = pids_with_cmdline(&mark);
     for &p in &left {
+        // SAFETY: kill takes integer arguments only; no memory is passed.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     assert!(

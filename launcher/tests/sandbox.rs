@@ -77,8 +77,8 @@ fn exact_pid_and_getppid() {
         ..Default::default()
     };
     let sb = spawn(&opts, || {
-        write_i32(wfd, unsafe { libc::getpid() });
-        write_i32(wfd, unsafe { libc::getppid() });
+        write_i32(wfd, std::process::id() as i32);
+        write_i32(wfd, nix::unistd::getppid().as_raw());
         0
     })
     .unwrap();
@@ -104,6 +104,7 @@ fn exit_code_propagates() {
 #[test]
 fn killed_by_signal_is_128_plus_n() {
     let sb = spawn(&SpawnOptions::default(), || {
+        // SAFETY: getpid and kill take and return integers only; the app signals itself.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
         0
     })
@@ -115,7 +116,7 @@ fn killed_by_signal_is_128_plus_n() {
 fn init_forwards_signals_to_app() {
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGUSR1, 128 + libc::SIGUSR1)] {
         let sb = spawn(&SpawnOptions::default(), || loop {
-            unsafe { libc::pause() };
+            nix::unistd::pause();
         })
         .unwrap();
         sb.signal(sig).unwrap();
@@ -126,7 +127,7 @@ fn init_forwards_signals_to_app() {
 #[test]
 fn kill_and_drop_kill_everything() {
     let sb = spawn(&SpawnOptions::default(), || loop {
-        unsafe { libc::pause() };
+        nix::unistd::pause();
     })
     .unwrap();
     assert_eq!(sb.try_wait().unwrap(), None);
@@ -160,9 +161,11 @@ fn gate_holds_app_until_release_and_is_closed_after() {
             ..Default::default()
         },
         || {
+            // SAFETY: the source is a 1-byte static literal, only read; `wfd` stays open in
+            // this child (its copy of the pipe's write end).
             unsafe { libc::write(wfd, b"X".as_ptr() as *const _, 1) };
             loop {
-                unsafe { libc::pause() };
+                nix::unistd::pause();
             }
         },
     )
@@ -227,7 +230,7 @@ fn monitor_death_kills_init_and_app() {
         write_i32(wfd, sb.init_pid);
         write_i32(wfd, sb.app_pid);
         loop {
-            unsafe { libc::pause() };
+            nix::unistd::pause();
         }
     });
     drop(w);
@@ -235,6 +238,8 @@ fn monitor_death_kills_init_and_app() {
     let init = pidfd_open(pids[0]);
     let app = pidfd_open(pids[1]);
     assert!(!wait_readable(app.as_raw_fd(), Duration::ZERO));
+    // SAFETY: kill takes integer arguments only; `monitor` is our unreaped child, so its
+    // pid cannot have been reused.
     unsafe { libc::kill(monitor.pid, libc::SIGKILL) };
     let st = monitor.wait_status();
     assert!(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL);
@@ -248,11 +253,15 @@ fn monitor_forwards_its_signals() {
     // monitor in a forked helper.
     let mut monitor = Child::fork(|| {
         let sb = match spawn(&SpawnOptions::default(), || loop {
-            unsafe { libc::pause() };
+            nix::unistd::pause();
         }) {
             Ok(sb) => sb,
             Err(_) => return 1,
         };
+        // SAFETY: sigset_t is a plain bit array, so all-zero is a valid value before
+        // sigemptyset; `set` is a live local only read by pthread_sigmask (a null old-set
+        // pointer is allowed); getpid and kill take integers. The forked helper is
+        // single-threaded, so blocking SIGTERM here covers the whole process.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);

@@ -92,6 +92,9 @@ impl App {
                     return 126;
                 }
             }
+            // SAFETY: `py`, `args` and `env` are CStrings of the enclosing frame, alive
+            // (and mapped in this child) for the call; argv and envp point into them and
+            // end with a null pointer, as execve requires.
             unsafe { libc::execve(py.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
             127
         })
@@ -548,7 +551,8 @@ while True:
     let waker = std::thread::spawn(move || {
         let line = read_exact(out.as_raw_fd(), 8, LONG);
         assert_eq!(line, b"looping\n");
-        // SAFETY: one byte from a static buffer to a pipe we own.
+        // SAFETY: one byte from a static literal, only read, to the pipe end owned by
+        // `wake_w`, which this closure holds open.
         unsafe { libc::write(wake_w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
     });
     app.tracker.interrupt_when_readable(wake_r);
@@ -752,6 +756,8 @@ sys.stdin.readline()
                     assert_eq!(app.line(), "usr1");
                     assert_eq!(app.line(), "tstp");
                     // Still stopped: nothing more comes until SIGCONT.
+                    // SAFETY: kill takes integer arguments only; the app is held (unreaped)
+                    // by its sandbox, so its pid is still its own.
                     unsafe { libc::kill(app.sb.app_pid, libc::SIGCONT) };
                 }
                 v => v.resume(tid).unwrap(),
@@ -797,6 +803,9 @@ fn filter_overhead_getpid() {
             let mut b = [0u8; 1];
             let t = Instant::now();
             for _ in 0..N {
+                // SAFETY: `nr` is getpid (ignores its arguments) or read on fd -1, which
+                // fails with EBADF; either way at most 1 byte of `b`, a live local, could be
+                // written.
                 unsafe { libc::syscall(nr, -1, b.as_mut_ptr(), 1) };
             }
             write_i32(wfd, (t.elapsed().as_nanos() / N as u128) as i32);

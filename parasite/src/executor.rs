@@ -283,7 +283,9 @@ pub fn executor_bytes() -> &'static [u8] {
 /// current Rust stack is used afterwards; the program decides the fate of
 /// the process (it should end in `Exit`, `ExitThread` or a `Trap` to a tracer).
 pub unsafe fn jump(entry: u64, program: u64, stack_top: u64) -> ! {
-    // SAFETY: per the contract above.
+    // SAFETY: the caller guarantees (see # Safety) that `entry` is the executor's entry in
+    // a Blob mapped executable here, with `program` and `stack_top` from the same Blob;
+    // the asm never returns (noreturn), so no Rust frame observes the replaced rsp.
     unsafe {
         core::arch::asm!(
             "mov rsp, {st}",

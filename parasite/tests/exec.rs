@@ -12,7 +12,8 @@ struct Shared {
 
 impl Shared {
     fn new(len: usize) -> Shared {
-        // SAFETY: plain anonymous mmap.
+        // SAFETY: a fresh shared anonymous mapping at an address the kernel picks, so it
+        // replaces nothing; the Shared owns it until drop.
         let p = unsafe {
             libc::mmap(
                 ptr::null_mut(),
@@ -30,14 +31,17 @@ impl Shared {
         self.ptr as u64
     }
     fn bytes(&self) -> Vec<u8> {
-        // SAFETY: mapped for len bytes; the child has exited.
+        // SAFETY: `ptr` is mapped readable for `len` bytes until drop, and the only other
+        // writer, the forked child, has been reaped (wait_code runs before this), so the
+        // bytes do not change while the slice is copied out.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len).to_vec() }
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // SAFETY: our own mapping.
+        // SAFETY: exactly the mapping Shared::new made; no slice into it outlives
+        // bytes(), and it is unmapped only here, once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
@@ -68,7 +72,7 @@ impl Run {
 
 fn wait_code(pid: libc::pid_t) -> i32 {
     let mut ws = 0;
-    // SAFETY: waiting for our own child.
+    // SAFETY: `ws` is a live c_int the kernel writes the child's status into.
     let r = unsafe { libc::waitpid(pid, &mut ws, 0) };
     assert_eq!(r, pid);
     if libc::WIFEXITED(ws) {
@@ -89,13 +93,19 @@ fn run_forked(b: &ProgramBuilder) -> Run {
 fn run_forked_at(b: &ProgramBuilder, shared: &Shared) -> Run {
     let blob = b.build(shared.addr());
     assert!(blob.map_len() <= shared.len);
-    // SAFETY: the mapping is ours and large enough.
+    // SAFETY: the destination is the Shared mapping, writable for shared.len bytes, and
+    // blob.len() <= blob.map_len() <= shared.len (asserted above); the blob's own Vec
+    // cannot overlap a fresh mmap.
     unsafe { ptr::copy_nonoverlapping(blob.bytes.as_ptr(), shared.ptr, blob.len()) };
-    // SAFETY: the child only jumps into the blob (no allocation, no locks).
+    // SAFETY: the test harness has other threads, so the child must take no lock they
+    // might hold: it does nothing but jump into the blob, whose syscall program runs
+    // without libc, allocation or locks and ends the process itself.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        // SAFETY: the blob is mapped RWX at its base in this process.
+        // SAFETY: jump's contract: the blob was built for shared.addr() and copied
+        // there, and the mapping is RWX and inherited by this child; nothing of the Rust
+        // stack is needed after the jump, since the program ends the process.
         unsafe { jump(blob.entry, blob.program, blob.stack_top) }
     }
     let code = wait_code(pid);

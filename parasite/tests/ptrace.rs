@@ -10,14 +10,15 @@ extern "C" fn usr1_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 fn waitstop(pid: libc::pid_t) -> i32 {
     let mut ws = 0;
-    // SAFETY: our child.
+    // SAFETY: `ws` is a live c_int the kernel writes the child's status into.
     assert_eq!(unsafe { libc::waitpid(pid, &mut ws, 0) }, pid);
     assert!(libc::WIFSTOPPED(ws), "not stopped: {ws:#x}");
     libc::WSTOPSIG(ws)
 }
 
 fn getregs(pid: libc::pid_t) -> libc::user_regs_struct {
-    // SAFETY: plain ptrace on our stopped tracee.
+    // SAFETY: user_regs_struct is plain integers, so all-zero is a valid value; GETREGS
+    // writes exactly one user_regs_struct at `data`, which points at the live local `r`.
     unsafe {
         let mut r: libc::user_regs_struct = zeroed();
         assert_eq!(libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut r), 0);
@@ -26,12 +27,13 @@ fn getregs(pid: libc::pid_t) -> libc::user_regs_struct {
 }
 
 fn setregs(pid: libc::pid_t, r: &libc::user_regs_struct) {
-    // SAFETY: plain ptrace on our stopped tracee.
+    // SAFETY: SETREGS only reads one user_regs_struct at `data`, which is `r`, a live
+    // reference for the call.
     assert_eq!(unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid, 0, r) }, 0);
 }
 
 fn cont_until_trap(pid: libc::pid_t) {
-    // SAFETY: plain ptrace on our stopped tracee.
+    // SAFETY: PTRACE_CONT takes integer arguments only; no memory of ours is touched.
     assert_eq!(unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, 0) }, 0);
     assert_eq!(waitstop(pid), libc::SIGTRAP);
 }
@@ -63,7 +65,8 @@ fn remote_write(pid: libc::pid_t, addr: u64, bytes: &[u8]) {
         iov_base: addr as *mut _,
         iov_len: bytes.len(),
     };
-    // SAFETY: iovecs describe valid local memory.
+    // SAFETY: `local` covers `bytes`, readable for its length and only read; `remote` is
+    // in the tracee's address space (a different process), checked by the kernel.
     let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
     assert_eq!(n, bytes.len() as isize);
 }
@@ -78,7 +81,8 @@ fn remote_read(pid: libc::pid_t, addr: u64, len: usize) -> Vec<u8> {
         iov_base: addr as *mut _,
         iov_len: len,
     };
-    // SAFETY: iovecs describe valid local memory.
+    // SAFETY: `local` covers `buf`, our Vec, writable for `len` bytes, which the kernel
+    // does not exceed; `remote` is in the tracee's address space, checked by the kernel.
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     assert_eq!(n, len as isize);
     buf
@@ -92,11 +96,16 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 fn inject_into_ptrace_stopped_child() {
     let altstack = vec![0u8; 64 * 1024];
     let alt_ptr = altstack.as_ptr() as u64;
-    // SAFETY: the child only makes async-signal-safe libc calls.
+    // SAFETY: the test harness has other threads; the child only makes async-signal-safe
+    // libc calls (ptrace, sigaction, sigaltstack, kill, _exit) and never returns into the
+    // harness, so no lock another thread held is ever taken.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        // SAFETY: libc calls in the forked child, then _exit.
+        // SAFETY: sigaction is plain data, so all-zero is a valid start; `sa` and `ss` are
+        // live locals only read by the kernel; the handler is an extern "C" fn that does
+        // nothing; `alt_ptr` is `altstack`, a 64 KiB Vec of the parent's frame, still
+        // allocated in this child's copy of the heap and never freed before _exit.
         unsafe {
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             let mut sa: libc::sigaction = zeroed();
@@ -224,10 +233,10 @@ fn inject_into_ptrace_stopped_child() {
     );
     assert_eq!(rc, 0);
     setregs(pid, &saved);
-    // SAFETY: plain ptrace on our stopped tracee.
+    // SAFETY: PTRACE_DETACH takes integer arguments only; no memory of ours is touched.
     assert_eq!(unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) }, 0);
     let mut ws = 0;
-    // SAFETY: our child.
+    // SAFETY: `ws` is a live c_int the kernel writes the child's status into.
     assert_eq!(unsafe { libc::waitpid(pid, &mut ws, 0) }, pid);
     assert!(
         libc::WIFEXITED(ws) && libc::WEXITSTATUS(ws) == 33,

@@ -65,6 +65,8 @@ impl Frozen {
 
 fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
     let mut buf = [0u8; 128];
+    // SAFETY: GETSIGINFO writes one siginfo_t (128 bytes) at `data`, which points at
+    // `buf`, a live 128-byte local.
     let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -198,7 +200,7 @@ fn traced_by_us(tid: i32) -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))
         .and_then(|v| v.trim().parse::<u32>().ok())
-        == Some(unsafe { libc::gettid() } as u32)
+        == Some(nix::unistd::gettid().as_raw() as u32)
 }
 
 /// A frozen process tree: every live process held as a [`Frozen`], zombies noted.

@@ -36,6 +36,8 @@ const SYSCALL_INFO_EXIT: u8 = 2;
 
 fn syscall_info_op(tid: i32) -> Result<u8> {
     let mut buf = [0u8; 88];
+    // SAFETY: GET_SYSCALL_INFO writes at most `addr` (= buf.len(), 88) bytes of
+    // ptrace_syscall_info at `data`, which points at `buf`, a live local of that size.
     let r = unsafe { libc::ptrace(PTRACE_GET_SYSCALL_INFO, tid, buf.len(), buf.as_mut_ptr()) };
     if r < 0 {
         return Err(std::io::Error::last_os_error()).context("PTRACE_GET_SYSCALL_INFO");

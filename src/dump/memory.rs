@@ -93,6 +93,10 @@ impl Target {
                     iov_base: (addr as usize + done) as *mut libc::c_void,
                     iov_len: buf.len() - done,
                 };
+                // SAFETY: `local` describes buf[done..], exclusively borrowed and writable
+                // for its whole length, which the kernel does not exceed. The `remote`
+                // range is in the target's address space and checked by the kernel; when
+                // the target is this process (the test) it is only read.
                 let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
                 if n <= 0 {
                     // Partial reads stop at a page the kernel could not fault in; finish
@@ -117,6 +121,8 @@ mod tests {
     #[test]
     fn own_anonymous_pages_are_found_and_read() {
         let len = 16 * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks; it
+        // replaces nothing and is ours alone.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -128,6 +134,8 @@ mod tests {
             )
         } as *mut u8;
         assert_ne!(p as isize, -1);
+        // SAFETY: mmap succeeded (checked above); offsets 2, 3 and 9 pages are inside the
+        // 16-page read-write mapping, which nothing else references.
         unsafe {
             *p.add(2 * PAGE_SIZE) = 7;
             *p.add(3 * PAGE_SIZE) = 8;
@@ -147,6 +155,8 @@ mod tests {
         t.read(start + 9 * PAGE_SIZE as u64, &mut buf[..PAGE_SIZE], false)
             .unwrap();
         assert_eq!(buf[0], 9);
+        // SAFETY: exactly the mapping made above; `buf` holds copies, so nothing refers
+        // to it any more.
         unsafe { libc::munmap(p.cast(), len) };
     }
 }

@@ -100,6 +100,7 @@ pub fn dump_to(
             if opts.leave_stopped {
                 for f in tree.processes() {
                     release(f);
+                    // SAFETY: kill takes integer arguments only; no memory is passed.
                     unsafe { libc::kill(f.pid, libc::SIGSTOP) };
                 }
                 // Stopped when we return, as `-s` promises, not a moment later.
@@ -145,7 +146,7 @@ pub fn dump_to(
 /// others').
 fn kill_tree(tree: &freeze::Tree) {
     for f in tree.processes() {
-        // SAFETY: kill takes no pointers.
+        // SAFETY: kill takes integer arguments only; no memory is passed.
         unsafe { libc::kill(f.pid, libc::SIGKILL) };
     }
     for f in tree.processes() {
@@ -173,6 +174,7 @@ fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
         let _ = go(t.tid, sig);
         for s in t.caught.iter().skip(1) {
             let sig = i32::from_ne_bytes(s[0..4].try_into().unwrap());
+            // SAFETY: tgkill takes integer arguments only (tgid, tid, signal number).
             unsafe { libc::syscall(libc::SYS_tgkill, frozen.pid, t.tid, sig) };
         }
     }

@@ -287,6 +287,8 @@ mod tests {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
+            // SAFETY: `want` is a live rlimit64 the kernel writes; the resource number is
+            // just an integer (an unknown one fails with EINVAL).
             assert_eq!(unsafe { libc::getrlimit64(r.resource as _, &mut want) }, 0);
             assert_eq!((r.cur, r.max), (want.rlim_cur, want.rlim_max), "{r:?}");
         }

@@ -17,6 +17,8 @@ pub fn filters(tid: i32, mode: u32, skip_oldest: usize) -> Result<Vec<Vec<u8>>> 
     }
     let mut out = Vec::new();
     for index in 0.. {
+        // SAFETY: with a null `data`, SECCOMP_GET_FILTER only returns the filter's length
+        // in instructions; no memory of ours is written.
         let n = unsafe {
             libc::ptrace(
                 PTRACE_SECCOMP_GET_FILTER,
@@ -35,6 +37,9 @@ pub fn filters(tid: i32, mode: u32, skip_oldest: usize) -> Result<Vec<Vec<u8>>> 
             );
         }
         let mut buf = vec![0u8; n as usize * SOCK_FILTER_SIZE];
+        // SAFETY: `buf` holds n sock_filters (8 bytes each), the length just reported for
+        // this index; the thread is ptrace-stopped, so it cannot install a filter in
+        // between, and the kernel copies exactly that many instructions.
         let r = unsafe {
             libc::ptrace(
                 PTRACE_SECCOMP_GET_FILTER,

@@ -44,7 +44,8 @@ impl SharedFiles {
             return Ok(id);
         }
         let seals = if memfd {
-            // SAFETY: F_GET_SEALS on an fd we own; no pointers.
+            // SAFETY: F_GET_SEALS takes no argument and reads no memory of ours; `f` keeps
+            // the fd open for the call.
             let s = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
             if s < 0 {
                 return Err(std::io::Error::last_os_error())
@@ -147,7 +148,7 @@ fn read_contents(
 /// `SEEK_HOLE`; where those are not supported, everything from `at` is data.
 fn next_data(f: &File, at: u64, size: u64) -> Result<Option<(u64, u64)>> {
     let fd = f.as_raw_fd();
-    // SAFETY: lseek on an fd we own; no pointers.
+    // SAFETY: lseek takes integer arguments only; `f` keeps the fd open for the call.
     let start = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
     if start < 0 {
         return match std::io::Error::last_os_error().raw_os_error() {
@@ -156,7 +157,7 @@ fn next_data(f: &File, at: u64, size: u64) -> Result<Option<(u64, u64)>> {
             _ => Err(std::io::Error::last_os_error()).context("lseek(SEEK_DATA)"),
         };
     }
-    // SAFETY: as above.
+    // SAFETY: as above: lseek takes integer arguments only, on an fd `f` keeps open.
     let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
     if end < 0 {
         return Err(std::io::Error::last_os_error()).context("lseek(SEEK_HOLE)");
@@ -174,7 +175,8 @@ mod tests {
         // SAFETY: a NUL-terminated name; the new fd is owned by the File below.
         let fd = unsafe { libc::memfd_create(c"ws-sparse".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
-        // SAFETY: a new fd that nothing else owns.
+        // SAFETY: memfd_create succeeded (checked above), so `fd` is fresh and owned by
+        // nobody else; it is wrapped exactly once.
         let f = unsafe { File::from_raw_fd(fd) };
         let page = PAGE_SIZE as u64;
         f.set_len(16 * page).unwrap();

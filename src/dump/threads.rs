@@ -45,6 +45,8 @@ pub fn resume_regs(mut r: Regs, kind: StopKind) -> Regs {
 fn robust_list(tid: i32) -> Result<(u64, u64)> {
     let mut head: u64 = 0;
     let mut len: usize = 0;
+    // SAFETY: get_robust_list writes one pointer-sized head address into `head` (a u64,
+    // pointer-sized on x86_64) and one size_t into `len`; both are live locals.
     let r = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &mut head, &mut len) };
     if r < 0 {
         return Err(std::io::Error::last_os_error()).context("get_robust_list");

@@ -88,11 +88,13 @@ struct Stop {
 
 impl Stop {
     fn new() -> Stop {
-        // SAFETY: plain syscall; the fd is owned below.
+        // SAFETY: eventfd takes integer arguments only; the fd it returns is wrapped below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         Stop {
             flag: AtomicBool::new(false),
             // Without one, the server notices at its next wake-up (≤ PROBE_INTERVAL).
+            // SAFETY: eventfd succeeded (fd >= 0), so `fd` is a fresh descriptor that
+            // nothing else owns; it is wrapped exactly once.
             wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
         }
     }
@@ -100,7 +102,8 @@ impl Stop {
         self.flag.store(true, Ordering::Release);
         if let Some(w) = &self.wake {
             let one = 1u64;
-            // SAFETY: 8 bytes from a valid u64.
+            // SAFETY: the source is `one`, a live u64 (8 bytes, only read); the fd is
+            // borrowed from the OwnedFd in self.wake.
             unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
@@ -1230,7 +1233,8 @@ impl LazyServer {
                 });
             }
         }
-        // SAFETY: `fds` is a valid array of pollfds.
+        // SAFETY: `fds` is a live Vec of initialised pollfds and fds.len() is passed as
+        // its count; the kernel writes only their revents fields.
         let r = unsafe {
             libc::poll(
                 fds.as_mut_ptr(),

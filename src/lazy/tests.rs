@@ -46,7 +46,9 @@ fn sum_at(addr: u64) -> u64 {
     let p = addr as *const u64;
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for i in 0..P / 8 {
-        // SAFETY: the caller passes a mapped page.
+        // SAFETY: callers pass the address of a page of the child's fixed test mapping
+        // (BASE or MOVED, page-aligned so u64-aligned), so all P/8 words are in it; a
+        // missing page faults into the uffd and is filled, never reads garbage.
         h = (h ^ unsafe { p.add(i).read_volatile() }).wrapping_mul(0x100_0000_01b3);
     }
     h
@@ -112,13 +114,13 @@ fn fixture() -> Fixture {
 // ---- the child side: raw syscalls only ----
 
 fn write_u64s(fd: i32, v: &[u64]) {
-    // SAFETY: writing from a valid slice.
+    // SAFETY: `v` is a live slice, readable for size_of_val(v) bytes, the count passed.
     unsafe { libc::write(fd, v.as_ptr().cast(), std::mem::size_of_val(v)) };
 }
 
 fn read_byte(fd: i32) -> bool {
     let mut b = 0u8;
-    // SAFETY: reading one byte into a valid location.
+    // SAFETY: `b` is a live local byte, and exactly 1 byte is read into it.
     unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) == 1 }
 }
 
@@ -145,14 +147,14 @@ impl Drop for Child {
             return;
         }
         let _ = pidfd::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
-        // SAFETY: reaping our child.
+        // SAFETY: waitpid takes our child's pid and a null status pointer, which is allowed.
         unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
     }
 }
 
 fn pipe() -> (i32, i32) {
     let mut fds = [0; 2];
-    // SAFETY: valid array.
+    // SAFETY: `fds` is a live [c_int; 2], exactly the two fds pipe2 writes.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     (fds[0], fds[1])
 }
@@ -160,11 +162,16 @@ fn pipe() -> (i32, i32) {
 fn spawn(scenario: Scenario) -> Child {
     let (go_r, go_w) = pipe();
     let (out_r, out_w) = pipe();
-    // SAFETY: the child only makes raw syscalls and leaves with _exit.
+    // SAFETY: the test process has other threads, so the child may take no lock they
+    // might hold: it makes raw syscalls, calls the Uffd wrappers (syscalls and ioctls that
+    // allocate nothing; their errors are plain enums) and the scenario (raw syscalls and
+    // stack buffers), and leaves with _exit, never returning into the harness.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        // SAFETY: raw syscalls on our own memory and descriptors.
+        // SAFETY: MAP_FIXED_NOREPLACE maps BASE only if nothing is there, so no existing
+        // memory is replaced; the range is then ours alone. prctl, _exit and the fds
+        // (go_r, out_w, inherited copies this child owns) take integers or local buffers.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             let len = VMA_PAGES * P;
@@ -203,12 +210,14 @@ fn spawn(scenario: Scenario) -> Child {
             libc::_exit(0);
         }
     }
-    // SAFETY: closing our copies of the child's ends.
+    // SAFETY: go_r and out_w are the parent's copies of the ends the child uses, owned by
+    // this function and referenced by nothing else; each is closed exactly once.
     unsafe {
         libc::close(go_r);
         libc::close(out_w);
     }
-    // SAFETY: fresh descriptors we own.
+    // SAFETY: go_w and out_r come from pipe2 above, are owned by nobody else and are
+    // wrapped exactly once.
     let (go, mut out) = unsafe { (File::from_raw_fd(go_w), File::from_raw_fd(out_r)) };
     let pidfd = pidfd::pidfd_open(pid, 0).unwrap();
     let mut fd = [0u8; 8];
@@ -240,7 +249,7 @@ impl Child {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one valid pollfd.
+            // SAFETY: `p` is one live, initialised pollfd; the kernel writes only revents.
             let r = unsafe { libc::poll(&mut p, 1, 60_000) };
             assert!(r > 0, "timed out waiting for the child's results");
             let k = self.out.read(&mut buf[got..]).unwrap();
@@ -253,7 +262,7 @@ impl Child {
     }
     fn wait(&mut self) -> i32 {
         let mut st = 0;
-        // SAFETY: reaping our child.
+        // SAFETY: `st` is a live c_int the kernel writes our child's status into.
         assert_eq!(unsafe { libc::waitpid(self.pid, &mut st, 0) }, self.pid);
         self.pid = -1;
         st
@@ -385,7 +394,8 @@ fn background_streams_everything_then_closes() {
 }
 
 fn dontneed(out: i32) {
-    // SAFETY: our mapping.
+    // SAFETY: both ranges lie inside the child's own fixed mapping (VMA_PAGES pages at
+    // BASE), which no Rust reference points into; MADV_DONTNEED there only zeroes pages.
     unsafe {
         let _ = sum_at(BASE + 2 * P as u64); // loads 0..16
         libc::madvise(BASE as *mut _, 8 * P, libc::MADV_DONTNEED);
@@ -417,7 +427,10 @@ fn dontneed_reads_zeros() {
 }
 
 fn remap(out: i32) {
-    // SAFETY: our mappings.
+    // SAFETY: the 16 pages moved lie inside the child's fixed mapping at BASE, which no
+    // Rust reference points into. MREMAP_FIXED would replace whatever sits at MOVED: it is
+    // a fixed address chosen far from where the loader, stacks and malloc place memory,
+    // so in this small child nothing is there; the result is checked.
     unsafe {
         let _ = sum_at(BASE); // loads 0..16
         let p = libc::mremap(
@@ -449,7 +462,10 @@ fn mremap_moves_unloaded_pages() {
 }
 
 fn fork_after_restore(out: i32) {
-    // SAFETY: raw syscalls; the process is single-threaded.
+    // SAFETY: the forked test child is single-threaded, so its own fork needs no
+    // async-signal-safety care; the grandchild only reads pages and writes results, then
+    // _exits. The volatile writes are to page 1 and 2 of the child's fixed mapping at
+    // BASE (u64-aligned), which no Rust reference points into; `st` is a live local.
     unsafe {
         let _ = sum_at(BASE); // loads 0..16 in the parent
         ((BASE + P as u64) as *mut u64).write_volatile(0xdead);

@@ -19,6 +19,8 @@ pub fn wait_readable<const N: usize>(fds: [std::os::fd::RawFd; N]) -> std::io::R
         revents: 0,
     });
     loop {
+        // SAFETY: `p` is an owned array of exactly N initialised pollfds that outlives the
+        // call; the kernel only writes their `revents` fields.
         if unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) } >= 0 {
             return Ok(p.map(|x| x.revents != 0));
         }
@@ -33,6 +35,8 @@ pub fn wait_readable<const N: usize>(fds: [std::os::fd::RawFd; N]) -> std::io::R
 /// description (`kcmp(KCMP_FILE)`).
 pub fn kcmp_file(pid: i32, a: i32, b: i32) -> std::io::Result<bool> {
     const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes integer arguments only (pids, a type and two fd numbers); no memory
+    // is passed and nothing is taken ownership of.
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
@@ -44,6 +48,8 @@ pub fn kcmp_file(pid: i32, a: i32, b: i32) -> std::io::Result<bool> {
 /// description (`kcmp(KCMP_FILE)`): an fd inherited over fork, or passed.
 pub fn kcmp_files(pa: i32, a: i32, pb: i32, b: i32) -> std::io::Result<bool> {
     const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes integer arguments only (pids, a type and two fd numbers); no memory
+    // is passed and nothing is taken ownership of.
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());

@@ -21,16 +21,18 @@ pub use warmstart_launcher::sys::pidfd_open;
 /// into this one (close-on-exec). Needs ptrace-attach permission over the process.
 pub fn pidfd_getfd(pidfd: impl AsFd, targetfd: RawFd) -> io::Result<OwnedFd> {
     let pidfd = pidfd.as_fd().as_raw_fd();
-    // SAFETY: integer arguments only.
+    // SAFETY: pidfd_getfd takes integer arguments only (two fds and flags); no memory.
     let r = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, targetfd, 0u32) })?;
-    // SAFETY: fresh descriptor we own.
+    // SAFETY: pidfd_getfd succeeded, so `r` is a fresh duplicate installed in our table
+    // that nothing else owns; it is wrapped exactly once.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
 /// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
 pub fn pidfd_send_signal(pidfd: impl AsFd, sig: libc::c_int) -> io::Result<()> {
     let pidfd = pidfd.as_fd().as_raw_fd();
-    // SAFETY: NULL siginfo is allowed.
+    // SAFETY: the other arguments are integers, and a NULL siginfo is allowed (the kernel
+    // then fills in one as kill(2) would), so no memory of ours is read.
     check(unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,

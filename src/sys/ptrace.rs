@@ -36,32 +36,47 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+/// `ptrace(req, pid, addr, data)`, with -1 turned into the errno.
+///
+/// # Safety
+///
+/// For requests that read or write through `addr` or `data` in *this* process, that
+/// argument must be the address of memory of the size and layout the request expects
+/// (an `iovec` whose buffer is writable for `iov_len` bytes, a `u64` mask, ...), valid for
+/// the duration of the call. Requests that take integers only are always sound: the
+/// kernel then touches nothing but the tracee.
 unsafe fn raw(req: libc::c_uint, pid: i32, addr: usize, data: usize) -> io::Result<libc::c_long> {
     check(libc::ptrace(req, pid, addr, data))
 }
 
 pub fn seize(pid: i32, options: libc::c_int) -> io::Result<()> {
+    // SAFETY: PTRACE_SEIZE takes integer arguments only; no memory of ours is read or written.
     unsafe { raw(libc::PTRACE_SEIZE, pid, 0, options as usize) }.map(drop)
 }
 
 pub fn interrupt(pid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_INTERRUPT takes integer arguments only; no memory of ours is read or written.
     unsafe { raw(libc::PTRACE_INTERRUPT, pid, 0, 0) }.map(drop)
 }
 
 pub fn cont(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_CONT takes integer arguments only; no memory of ours is read or written.
     unsafe { raw(libc::PTRACE_CONT, pid, 0, sig as usize) }.map(drop)
 }
 
 pub fn syscall(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SYSCALL takes integer arguments only; no memory of ours is read or written.
     unsafe { raw(libc::PTRACE_SYSCALL, pid, 0, sig as usize) }.map(drop)
 }
 
 pub fn detach(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_DETACH takes integer arguments only; no memory of ours is read or written.
     unsafe { raw(libc::PTRACE_DETACH, pid, 0, sig as usize) }.map(drop)
 }
 
 pub fn get_event_msg(pid: i32) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
+    // SAFETY: GETEVENTMSG stores one c_ulong at `data`, which points at `msg`, a live local.
     unsafe {
         raw(
             libc::PTRACE_GETEVENTMSG,
@@ -79,6 +94,9 @@ pub fn get_regs(pid: i32) -> io::Result<Regs> {
         iov_base: regs.as_mut_ptr().cast(),
         iov_len: std::mem::size_of::<Regs>(),
     };
+    // SAFETY: `iov` is a live iovec describing `regs`, writable for exactly
+    // size_of::<Regs>() bytes; the kernel writes at most iov_len bytes of NT_PRSTATUS
+    // (user_regs_struct, the same 27 u64s) and shrinks iov_len. Both outlive the call.
     unsafe {
         raw(
             libc::PTRACE_GETREGSET,
@@ -95,6 +113,9 @@ pub fn set_regs(pid: i32, regs: &Regs) -> io::Result<()> {
         iov_base: regs.as_ptr() as *mut libc::c_void,
         iov_len: std::mem::size_of::<Regs>(),
     };
+    // SAFETY: `iov` is a live iovec over `regs`, readable for size_of::<Regs>() bytes.
+    // SETREGSET only reads the buffer (the *mut cast is what iovec's type demands) and
+    // writes only `iov` itself.
     unsafe {
         raw(
             libc::PTRACE_SETREGSET,
@@ -112,6 +133,8 @@ pub fn get_xstate(pid: i32) -> io::Result<Vec<u8>> {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
+    // SAFETY: `iov` is a live iovec over `buf`, writable for buf.len() bytes; the kernel
+    // writes at most that many bytes of xstate and shrinks iov_len to what it wrote.
     unsafe {
         raw(
             libc::PTRACE_GETREGSET,
@@ -129,6 +152,8 @@ pub fn set_xstate(pid: i32, xsave: &[u8]) -> io::Result<()> {
         iov_base: xsave.as_ptr() as *mut libc::c_void,
         iov_len: xsave.len(),
     };
+    // SAFETY: `iov` is a live iovec over `xsave`, readable for xsave.len() bytes; SETREGSET
+    // only reads the buffer (the *mut cast is what iovec's type demands).
     unsafe {
         raw(
             libc::PTRACE_SETREGSET,
@@ -142,11 +167,15 @@ pub fn set_xstate(pid: i32, xsave: &[u8]) -> io::Result<()> {
 
 pub fn get_sigmask(pid: i32) -> io::Result<u64> {
     let mut mask: u64 = 0;
+    // SAFETY: `addr` is the size (8) of the mask and `data` points at `mask`, a live u64
+    // the kernel writes exactly 8 bytes into.
     unsafe { raw(PTRACE_GETSIGMASK, pid, 8, &mut mask as *mut _ as usize) }?;
     Ok(mask)
 }
 
 pub fn set_sigmask(pid: i32, mask: u64) -> io::Result<()> {
+    // SAFETY: `addr` is the size (8) of the mask and `data` points at `mask`, a live u64
+    // the kernel only reads.
     unsafe { raw(PTRACE_SETSIGMASK, pid, 8, &mask as *const _ as usize) }.map(drop)
 }
 
@@ -167,6 +196,9 @@ pub fn peek_siginfo(pid: i32, shared: bool) -> io::Result<Vec<[u8; 128]>> {
             flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
             nr: buf.len() as i32,
         };
+        // SAFETY: `addr` points at `args`, a live repr(C) ptrace_peeksiginfo_args the kernel
+        // only reads; `data` points at `buf`, room for `args.nr` (32) siginfos of 128 bytes
+        // each, and the kernel copies at most `nr` of them.
         let n = unsafe {
             raw(
                 PTRACE_PEEKSIGINFO,
@@ -194,6 +226,8 @@ pub fn get_rseq(pid: i32) -> io::Result<Option<(u64, u32, u32)>> {
         pad: u32,
     }
     let mut c = Conf::default();
+    // SAFETY: `data` points at `c`, a live repr(C) struct laid out as the kernel's
+    // ptrace_rseq_configuration, and `addr` is its size, so the kernel writes within it.
     unsafe {
         raw(
             PTRACE_GET_RSEQ_CONFIGURATION,
@@ -223,6 +257,7 @@ pub enum Stop {
 pub fn wait(pid: i32) -> io::Result<Stop> {
     let mut status = 0;
     loop {
+        // SAFETY: `status` is a live c_int the kernel writes the wait status into.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
         if r == -1 {
             let e = io::Error::last_os_error();

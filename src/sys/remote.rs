@@ -2,7 +2,7 @@
 //! the pipes the monitor shares with the processes it starts.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// Reads exactly `buf.len()` bytes at `addr` of `pid`; a short read is an error.
 pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -14,6 +14,10 @@ pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         iov_base: addr as *mut libc::c_void,
         iov_len: buf.len(),
     };
+    // SAFETY: `local` describes `buf`, exclusively borrowed and writable for buf.len()
+    // bytes for the whole call, and the kernel writes at most that many. The `remote`
+    // range lives in `pid`'s address space, which the kernel checks itself (EFAULT); it
+    // does not alias our memory unless `pid` is this process, and then it is only read.
     match unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } {
         n if n == buf.len() as isize => Ok(()),
         n if n < 0 => Err(io::Error::last_os_error()),
@@ -34,6 +38,10 @@ pub fn write(pid: i32, addr: u64, bytes: &[u8]) -> io::Result<()> {
         iov_base: addr as *mut libc::c_void,
         iov_len: bytes.len(),
     };
+    // SAFETY: `local` describes `bytes`, readable for bytes.len() bytes for the whole call
+    // and only read (the *mut cast is what iovec's type demands). The `remote` range lives
+    // in `pid`'s address space and is checked by the kernel (EFAULT); callers point it at
+    // a tracee, or (the test below) at memory of their own that nothing else borrows.
     match unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } {
         n if n == bytes.len() as isize => Ok(()),
         n if n < 0 => Err(io::Error::last_os_error()),
@@ -46,11 +54,7 @@ pub fn write(pid: i32, addr: u64, bytes: &[u8]) -> io::Result<()> {
 
 /// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
 /// A close-on-exec `AF_UNIX` stream socket pair.

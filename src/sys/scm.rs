@@ -14,9 +14,12 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// A connected pair of close-on-exec unix sockets of type `ty`.
 pub fn unix_pair(ty: i32) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut sv = [0; 2];
+    // SAFETY: `sv` is a live [c_int; 2], exactly the two fds socketpair writes.
     if unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: socketpair succeeded, so sv holds two fresh descriptors that nothing else
+    // owns; each is wrapped exactly once.
     Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
 }
 
@@ -28,13 +31,21 @@ pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         iov_len: bytes.len(),
     };
     let mut control = [0u64; 8];
+    // SAFETY: msghdr is a plain C struct of pointers and integers; all-zero (null
+    // pointers, zero lengths) is a valid value, and the fields used are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
         let data_len = std::mem::size_of_val(fds) as u32;
         msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is arithmetic on its integer argument.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        // SAFETY: msg_control points at `control`, 64 bytes aligned for u64 (enough for
+        // cmsghdr), and msg_controllen = CMSG_SPACE(4 * fds.len()) <= 48 since
+        // fds.len() <= MAX_FDS (asserted above), so CMSG_FIRSTHDR returns a non-null header
+        // inside `control` whose data area has room for all of `fds`. `fds` and `control`
+        // do not overlap.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
@@ -44,6 +55,8 @@ pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         }
     }
     loop {
+        // SAFETY: `msg` points at `iov` (over `bytes`, only read) and, when fds are sent,
+        // at `control`, all live locals that outlive the call; sendmsg only reads them.
         let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n >= 0 {
             return Ok(());
@@ -63,12 +76,17 @@ pub fn recv(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>
         iov_len: buf.len(),
     };
     let mut control = [0u64; 8];
+    // SAFETY: msghdr is a plain C struct of pointers and integers; all-zero (null
+    // pointers, zero lengths) is a valid value, and the fields used are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&control);
     let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`, exclusively borrowed, writable for
+        // buf.len() bytes) and at `control` (writable for msg_controllen bytes); all are
+        // live locals, and the kernel writes within those lengths and into `msg` itself.
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n >= 0 {
             break n as usize;
@@ -79,6 +97,11 @@ pub fn recv(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>
         }
     };
     let mut fds = Vec::new();
+    // SAFETY: recvmsg set msg_controllen to the bytes of `control` it filled, so
+    // CMSG_FIRSTHDR/CMSG_NXTHDR yield only headers inside `control` (or null). For an
+    // SCM_RIGHTS header, cmsg_len covers (cmsg_len - CMSG_LEN(0)) / 4 fds after the header
+    // (read unaligned to be safe); the kernel installed each of them in our fd table just
+    // now, so each is a fresh descriptor owned by nobody else and wrapped exactly once.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {

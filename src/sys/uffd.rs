@@ -477,8 +477,9 @@ impl Uffd {
         if r < 0 {
             return Err(Error::from_errno("userfaultfd()", Errno::last()));
         }
-        // SAFETY: the syscall returned a fresh descriptor we own.
         Ok(Self {
+            // SAFETY: userfaultfd() succeeded, so `r` is a fresh descriptor in our table
+            // that nothing else owns; it is wrapped exactly once.
             fd: unsafe { OwnedFd::from_raw_fd(r as RawFd) },
         })
     }
@@ -486,12 +487,12 @@ impl Uffd {
     /// Creates a userfaultfd through `/dev/userfaultfd` only.
     pub fn new_dev(flags: UffdFlags) -> Result<Self> {
         let path = c"/dev/userfaultfd";
-        // SAFETY: valid C string.
+        // SAFETY: `path` is a NUL-terminated C string literal, valid for the whole call.
         let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if dev < 0 {
             return Err(Error::from_errno("open /dev/userfaultfd", Errno::last()));
         }
-        // SAFETY: fresh descriptor.
+        // SAFETY: open() succeeded, so `dev` is a fresh descriptor nothing else owns.
         let dev = unsafe { OwnedFd::from_raw_fd(dev) };
         // SAFETY: USERFAULTFD_IOC_NEW takes the flags as an integer argument.
         let r = unsafe {
@@ -504,8 +505,9 @@ impl Uffd {
         if r < 0 {
             return Err(Error::from_errno("USERFAULTFD_IOC_NEW", Errno::last()));
         }
-        // SAFETY: the ioctl returned a fresh descriptor we own.
         Ok(Self {
+            // SAFETY: USERFAULTFD_IOC_NEW succeeded, so `r` is a fresh userfaultfd in our
+            // table that nothing else owns; it is wrapped exactly once.
             fd: unsafe { OwnedFd::from_raw_fd(r) },
         })
     }
@@ -528,7 +530,14 @@ impl Uffd {
     }
 
     fn ioctl<T>(&self, op: &'static str, req: u64, arg: &mut T) -> Result<()> {
-        // SAFETY: `req` is the request whose argument type is `T` (checked sizes above).
+        // SAFETY: every caller passes a UFFDIO_* request together with the repr(C) struct
+        // that request takes (sizes pinned by the const asserts above, and encoded in the
+        // request number); `arg` is an exclusive borrow, live for the call, so the kernel
+        // reads and writes only within it. The one pointer inside an argument, COPY's
+        // `src`, comes from a `&[u8]` borrowed for the call with `len` its length, and is
+        // only read. The ranges the operations fill, zero or move live in the uffd's
+        // registered address space: a restored process in warmstart; in the tests below,
+        // registered test mappings that no Rust reference points into.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as libc::Ioctl, arg as *mut T) };
         if r < 0 {
             Err(Error::from_errno(op, Errno::last()))
@@ -694,7 +703,7 @@ impl Uffd {
     /// process holding it). `poll` on a uffd needs it set.
     pub fn set_nonblocking(&self, nonblocking: bool) -> Result<()> {
         let fd = self.fd.as_raw_fd();
-        // SAFETY: fcntl on our descriptor.
+        // SAFETY: F_GETFL takes no argument and reads no memory; self.fd is open.
         let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         if fl < 0 {
             return Err(Error::Os {
@@ -707,7 +716,7 @@ impl Uffd {
         } else {
             fl & !libc::O_NONBLOCK
         };
-        // SAFETY: fcntl on our descriptor.
+        // SAFETY: F_SETFL takes an integer flag argument; self.fd is open.
         if new != fl && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
             return Err(Error::Os {
                 op: "F_SETFL",
@@ -725,7 +734,7 @@ impl Uffd {
             revents: 0,
         };
         loop {
-            // SAFETY: one valid pollfd.
+            // SAFETY: `p` is one live, initialised pollfd; the kernel writes only revents.
             let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
             if r >= 0 {
                 if p.revents & libc::POLLIN != 0 {
@@ -796,12 +805,16 @@ mod tests {
         addr: *mut u8,
         len: usize,
     }
-    // SAFETY: plain anonymous mapping, accessed with volatile ops in the tests.
+    // SAFETY: `addr` is a private anonymous mapping owned by the Map (unmapped only on
+    // drop); nothing in it is thread-bound, so it may move to another thread.
     unsafe impl Send for Map {}
+    // SAFETY: shared access only reads the mapping with volatile byte loads (or lets the
+    // kernel fill it via the uffd); no `&self` method writes through `addr`.
     unsafe impl Sync for Map {}
     impl Map {
         fn new(len: usize) -> Self {
-            // SAFETY: anonymous private mapping.
+            // SAFETY: a fresh private anonymous mapping at an address the kernel picks, so
+            // it replaces nothing; the Map owns it until drop.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -822,13 +835,15 @@ mod tests {
             Range::new(self.addr as usize, self.len)
         }
         fn read(&self, off: usize) -> u8 {
-            // SAFETY: in bounds.
+            // SAFETY: the tests pass `off < self.len`, so the byte lies inside our live
+            // mapping (readable; a missing page faults into the uffd and is filled).
             unsafe { self.addr.add(off).read_volatile() }
         }
     }
     impl Drop for Map {
         fn drop(&mut self) {
-            // SAFETY: our mapping.
+            // SAFETY: `addr`/`len` are exactly the mapping Map::new made, unmapped only here
+            // and never touched after (the Map is being dropped).
             unsafe { libc::munmap(self.addr.cast(), self.len) };
         }
     }
@@ -906,7 +921,7 @@ mod tests {
         let tid = Arc::new(AtomicU64::new(0));
         let (m2, t2) = (map.clone(), tid.clone());
         let th = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
+            // SAFETY: gettid takes no arguments and cannot fail.
             t2.store(unsafe { libc::gettid() } as u64, Ordering::SeqCst);
             (m2.read(PAGE + 123), m2.read(PAGE + 4095))
         });
@@ -973,7 +988,9 @@ mod tests {
         let m2 = map.clone();
         // madvise blocks until the event is read: do it on a helper thread.
         let th = std::thread::spawn(move || {
-            // SAFETY: our mapping.
+            // SAFETY: pages 1..3 of the 4-page mapping the Arc keeps alive on this thread;
+            // DONTNEED only drops their contents (they read back as zero or via the uffd),
+            // and no Rust reference points into the mapping.
             unsafe { libc::madvise(m2.addr.add(PAGE).cast(), 2 * PAGE, libc::MADV_DONTNEED) }
         });
         let ev = next_event(&u, Instant::now() + Duration::from_secs(20));
@@ -1004,9 +1021,12 @@ mod tests {
     fn serve_child_fault_via_pidfd_getfd() {
         use crate::sys::pidfd;
         let mut fds = [0i32; 2];
-        // SAFETY: valid array.
+        // SAFETY: `fds` is a live [c_int; 2], exactly the two fds pipe2 writes.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: the child only uses raw syscalls and exits with _exit.
+        // SAFETY: the test harness has other threads, so the child must take no lock
+        // they might hold: it runs only mmap, the Uffd wrappers (syscalls and ioctls that
+        // allocate nothing; their errors are plain enums), write and a volatile read, and
+        // leaves with _exit without returning into the harness.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
@@ -1016,24 +1036,26 @@ mod tests {
                 u.api(Features::THREAD_ID).ok()?;
                 u.register(map.range(), RegisterMode::MISSING).ok()?;
                 let msg = [u.as_raw_fd() as u64, map.addr as u64];
-                // SAFETY: writing 16 bytes from a valid array.
+                // SAFETY: the source is `msg`, a live [u64; 2] (16 bytes, only read).
                 unsafe { libc::write(fds[1], msg.as_ptr().cast(), 16) };
                 std::mem::forget(u);
                 Some(if map.read(100) == 0x5a { 0 } else { 3 })
             })()
             .unwrap_or(2);
-            // SAFETY: terminate the forked child without running destructors.
+            // SAFETY: _exit takes an integer and does not return; skipping destructors
+            // and atexit handlers is the point in a forked child.
             unsafe { libc::_exit(code) };
         }
-        // SAFETY: closing our copy of the write end.
+        // SAFETY: fds[1] is the parent's copy of the write end, owned by this test and
+        // referenced by nothing else; it is closed exactly once.
         unsafe { libc::close(fds[1]) };
         let mut msg = [0u64; 2];
-        // SAFETY: reading 16 bytes into a valid array.
+        // SAFETY: `msg` is a live [u64; 2], writable for the 16 bytes requested.
         let n = unsafe { libc::read(fds[0], msg.as_mut_ptr().cast(), 16) };
-        // SAFETY: our descriptor.
+        // SAFETY: fds[0] is owned by this test, referenced by nothing else, closed once.
         unsafe { libc::close(fds[0]) };
         let kill = || {
-            // SAFETY: our child.
+            // SAFETY: kill takes integer arguments only; `pid` is our unreaped child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         };
         let result = std::panic::catch_unwind(|| {
@@ -1056,7 +1078,7 @@ mod tests {
             kill();
         }
         let mut st = 0;
-        // SAFETY: reaping our child.
+        // SAFETY: `st` is a live c_int the kernel writes the child's status into.
         assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
         if let Err(e) = result {
             std::panic::resume_unwind(e);
@@ -1077,7 +1099,8 @@ mod tests {
         u.api(Features::MOVE).unwrap();
         let dst = Map::new(PAGE);
         let src = Map::new(PAGE);
-        // SAFETY: our mapping.
+        // SAFETY: `src` is a live, writable one-page mapping owned by this test, and no
+        // Rust reference points into it.
         unsafe { src.addr.write_volatile(42) };
         u.register(dst.range(), RegisterMode::MISSING).unwrap();
         let n = u

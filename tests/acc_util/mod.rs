@@ -243,6 +243,7 @@ impl Drop for InstanceGuard<'_> {
         for i in list {
             for key in ["pid", "monitor"] {
                 if let Some(pid) = i[key].as_i64().map(|p| p as i32).filter(|&p| p > 1) {
+                    // SAFETY: kill takes integer arguments only; no memory is passed.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     wait_pid_exit(pid, Duration::from_secs(10));
                 }
@@ -253,6 +254,7 @@ impl Drop for InstanceGuard<'_> {
 
 /// Sends `sig` to `pid`.
 pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill takes integer arguments only; no memory is passed.
     let r = unsafe { libc::kill(pid, sig) };
     assert_eq!(
         r,

@@ -59,10 +59,13 @@ pub fn python() -> PathBuf {
 /// A pidfd for `pid` (`ESRCH` if it is gone).
 pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integer arguments only; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: pidfd_open succeeded, so `fd` is a fresh descriptor nothing else owns; it is
+    // wrapped exactly once.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -86,6 +89,7 @@ pub fn wait_pidfd_exit(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
             revents: 0,
         };
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `p` is one live, initialised pollfd; the kernel writes only its revents.
         let r = unsafe { libc::poll(&mut p, 1, ms) };
         if r > 0 {
             return true;
@@ -129,6 +133,7 @@ pub fn alive(pid: i32) -> bool {
 }
 
 fn kill_tree(pid: i32) {
+    // SAFETY: kill takes integer arguments only; no memory of ours is involved.
     unsafe {
         libc::kill(-pid, libc::SIGKILL); // its process group (spawned with process_group(0))
         libc::kill(pid, libc::SIGKILL);
@@ -154,6 +159,7 @@ impl Drop for KillGuard {
     fn drop(&mut self) {
         for &pid in &self.pids {
             if pid > 1 {
+                // SAFETY: kill takes integer arguments only; no memory is passed.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 wait_pid_exit(pid, Duration::from_secs(10));
             }

@@ -2,15 +2,13 @@
 //! Test helpers: pipes, bounded event waits, forked helpers that never leak.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 pub const LONG: Duration = Duration::from_secs(30);
 
 pub fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [-1; 2];
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
 }
 
 /// Wait until `fd` is readable (POLLIN/POLLHUP) or `timeout` passes.
@@ -23,6 +21,7 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: `p` is one live, initialised pollfd; the kernel writes only its revents.
         let n = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
         if n > 0 {
             return true;
@@ -45,6 +44,8 @@ pub fn read_exact(fd: RawFd, n: usize, timeout: Duration) -> Vec<u8> {
     while got < n {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(wait_readable(fd, left), "timed out after {got}/{n} bytes");
+        // SAFETY: out[got..] is n - got bytes of our own Vec, writable, and the kernel
+        // writes at most that many.
         let r = unsafe { libc::read(fd, out[got..].as_mut_ptr() as *mut _, n - got) };
         assert!(r > 0, "read: {r} {}", std::io::Error::last_os_error());
         got += r as usize;
@@ -55,10 +56,12 @@ pub fn read_exact(fd: RawFd, n: usize, timeout: Duration) -> Vec<u8> {
 /// Read whatever is buffered now (the writers have exited), without waiting for EOF
 /// (other tests' children may hold copies of the write end).
 pub fn read_available(fd: &OwnedFd) -> String {
+    // SAFETY: F_SETFL takes an integer flag argument; `fd` is borrowed open.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
+        // SAFETY: `buf` is a live local writable for buf.len() bytes, the count passed.
         let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) };
         if r <= 0 {
             break;
@@ -94,6 +97,8 @@ impl ShCmd {
 
     /// exec it (async-signal-safe); returns 127 if exec failed.
     pub fn exec(&self) -> i32 {
+        // SAFETY: `path` and the `_args` that `argv` points into are CStrings owned by
+        // self, alive for the call; `argv` ends with a null pointer as execv requires.
         unsafe { libc::execv(self.path.as_ptr(), self.argv.as_ptr()) };
         127
     }
@@ -102,6 +107,7 @@ impl ShCmd {
 /// Write an i32 with a raw write (async-signal-safe).
 pub fn write_i32(fd: RawFd, v: i32) {
     let b = v.to_ne_bytes();
+    // SAFETY: `b` is a live 4-byte local, only read by the kernel.
     unsafe { libc::write(fd, b.as_ptr() as *const _, 4) };
 }
 
@@ -122,10 +128,16 @@ impl Child {
     /// Fork; the child runs `f` and `_exit`s with its result (101 on panic). Uses glibc's
     /// fork, so the child may allocate; it must not touch locks held by other threads.
     pub fn fork(f: impl FnOnce() -> i32) -> Child {
+        // SAFETY: the child never returns into the caller: it runs `f` and `_exit`s, so no
+        // state duplicated by fork is dropped or flushed twice. glibc's fork re-initialises
+        // malloc's locks in the child, so `f` may allocate; other locks held by the test
+        // harness's threads are the caller's to avoid, as documented above.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            // SAFETY: _exit takes an integer and does not return; skipping destructors and
+            // atexit handlers is the point in a forked child.
             unsafe { libc::_exit(code) };
         }
         Child { pid, done: false }
@@ -135,6 +147,7 @@ impl Child {
     pub fn wait_status(&mut self) -> i32 {
         let mut st = 0;
         loop {
+            // SAFETY: `st` is a live c_int the kernel writes the status into.
             let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
             if r == self.pid {
                 break;
@@ -168,8 +181,11 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.done {
+            // SAFETY: kill takes integer arguments only; `pid` is our unreaped child, so the
+            // pid cannot have been reused by another process.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
             let mut st = 0;
+            // SAFETY: `st` is a live c_int the kernel writes the status into.
             while unsafe { libc::waitpid(self.pid, &mut st, libc::__WALL) } < 0
                 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
             {}

@@ -26,7 +26,7 @@ impl WriteLock {
             .open(path)
             .map_err(io_err("open lock file", path))?;
         loop {
-            // SAFETY: plain syscall on an fd we own.
+            // SAFETY: flock takes integer arguments only; `file` keeps the fd open.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
                 return Ok(WriteLock { _file: file });
             }

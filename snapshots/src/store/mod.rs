@@ -325,9 +325,10 @@ impl Store {
                 r => r?,
             }
         }
-        // SAFETY: access(2) with a valid NUL-terminated path.
         let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
             .map_err(|e| io_err("open", dir)(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // SAFETY: `c` is a NUL-terminated CString that outlives the call; access(2) only
+        // reads the path.
         if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
             return Err(StoreError::NotWritable {
                 path: dir.to_path_buf(),
