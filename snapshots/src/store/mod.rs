@@ -35,12 +35,12 @@
 //! snapshot and the pack, never wrong memory.
 
 mod fsutil;
-mod hot;
+pub(crate) mod hot;
 mod lock;
 mod maint;
 mod snapshot;
-mod table;
-mod working_set;
+pub(crate) mod table;
+pub(crate) mod working_set;
 mod writer;
 
 #[cfg(test)]

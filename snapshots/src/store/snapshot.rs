@@ -421,7 +421,8 @@ impl Snapshot {
     ) -> Result<(usize, usize), StoreError> {
         let loc = self.table.record(i).loc;
         let start = loc.offset;
-        let stop = start + u64::from(loc.len);
+        // A damaged record may hold any offset: no overflow, a range past the end is short.
+        let stop = start.saturating_add(u64::from(loc.len));
         if stop > map.len() as u64 {
             return Err(StoreError::ShortPack {
                 id: self.id.short(),

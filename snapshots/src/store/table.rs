@@ -108,7 +108,7 @@ pub(crate) fn encode(magic: [u8; 8], pages_hash: [u8; 32], records: &[Record]) -
     out
 }
 
-fn checksum(file: &[u8]) -> [u8; 32] {
+pub(crate) fn checksum(file: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&file[..64]);
     h.update(&file[HEADER_SIZE..]);
