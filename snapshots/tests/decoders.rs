@@ -13,7 +13,7 @@ fn cases() -> u64 {
     std::env::var("WARMSTART_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3000)
+        .unwrap_or(10_000)
 }
 
 fn check(name: &str) {
