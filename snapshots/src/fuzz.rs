@@ -249,6 +249,9 @@ pub const ALLOC_SLACK: usize = 128 << 10;
 
 // ---- the decoders ----
 
+/// A decoder: `Err` is its message.
+pub type Decoder = Box<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
 /// A decoder under test and the valid encodings its cases start from.
 pub struct Target {
     pub name: &'static str,
@@ -257,7 +260,7 @@ pub struct Target {
     /// Prefixes random inputs sometimes start with (magics), to get past the first check.
     pub prefixes: Vec<Vec<u8>>,
     /// The decoder: `Err` is its message.
-    pub decode: Box<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>,
+    pub decode: Decoder,
     /// Repairs the checksums (and what else guards the body) of a mutated input, so the
     /// mutation reaches the parser behind them. Applied to half the mutated cases.
     pub reseal: Option<fn(&mut Vec<u8>)>,
@@ -405,6 +408,7 @@ fn records(n: u64) -> Vec<Record> {
     (0..n).map(|i| record(i, 1 + (i / 3) as u32)).collect()
 }
 
+#[allow(clippy::ptr_arg)] // the type of `Target::reseal`, which may resize
 fn reseal_manifest(b: &mut Vec<u8>) {
     use crate::format::HEADER_LEN;
     if b.len() >= HEADER_LEN {
@@ -497,6 +501,7 @@ fn reseal_hot(b: &mut Vec<u8>) {
     b[head_len..head_len + 32].copy_from_slice(h.as_bytes());
 }
 
+#[allow(clippy::ptr_arg)] // the type of `Target::reseal`, which may resize
 fn reseal_working_set(b: &mut Vec<u8>) {
     if b.len() >= 48 {
         let sum = blake3::hash(&b[48..]);

@@ -261,7 +261,7 @@ pub(crate) fn parse(
         return Err("bad page-table indexes".into());
     }
     if records_hash(&indexes).as_bytes() != &map[24..56] {
-        return Err("its pages belong to another page table".into());
+        return Err("its pages belong to another page table (or the page table is damaged)".into());
     }
     let sums = &map[56 + count * 8..head_len];
     let pages = &map[data..];
