@@ -312,9 +312,12 @@ impl Hot {
 
     /// The bytes of page-table records `first..first + n` if all of them are here.
     pub fn pages(&self, first: u64, n: u64) -> Option<&[u8]> {
+        if n == 0 {
+            return None;
+        }
         let k = self.indexes.binary_search(&first).ok()?;
         let last = k + n as usize - 1;
-        if n == 0 || self.indexes.get(last) != Some(&(first + n - 1)) {
+        if self.indexes.get(last) != Some(&(first + n - 1)) {
             return None;
         }
         Some(&self.map[self.data + k * PAGE_SIZE..self.data + (last + 1) * PAGE_SIZE])
@@ -367,6 +370,7 @@ mod tests {
         assert_eq!(hot.pages(299, 1).unwrap(), &data[299 * PAGE_SIZE..]);
         assert!(hot.pages(79, 2).is_none(), "80 is not hot");
         assert!(hot.pages(6, 1).is_none());
+        assert!(hot.pages(5, 0).is_none(), "no pages, not a panic");
         assert_eq!(hot.run_from(200, 10), 3);
         assert_eq!(hot.run_from(4, 10), 0);
 
