@@ -1,6 +1,6 @@
 //! Robustness checks for every decoder of bytes that come from outside (issue 14): the
-//! manifest, the page table, the pack index, the hot-pages file, the working set and the
-//! page-server messages. Each decoder is fed valid encodings made by the real encoders,
+//! manifest, the page table, the pack index, the blocks of a pack (with the record that
+//! points to them), the hot-pages file, the working set and the page-server messages. Each decoder is fed valid encodings made by the real encoders,
 //! mutated (bit flips, truncation, extension, length fields set to extreme values,
 //! checksums re-sealed so the mutation reaches the parser behind them) and purely random
 //! bytes, and must never panic, never allocate more than the input justifies, and fail
@@ -441,6 +441,81 @@ fn decode_table(b: &[u8], magic: [u8; 8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A pack-block case: a page-table record (56 bytes) and the stored block it points to;
+/// decoding it is what a read of that page does with them.
+fn decode_pack_block(b: &[u8]) -> Result<(), String> {
+    if b.len() < table::RECORD_SIZE {
+        return Err("shorter than a record".into());
+    }
+    let rec = Record::read(b);
+    let mut page = [0u8; PAGE_SIZE];
+    crate::store::snapshot::BlockReader::default().page(&rec, &b[table::RECORD_SIZE..], &mut page)
+}
+
+/// Makes the record's hash that of the page it decodes to (if it decodes), so the
+/// mutations of the record and the block get past the hash check.
+#[allow(clippy::ptr_arg)] // the type of `Target::reseal`, which may resize
+fn reseal_pack_block(b: &mut Vec<u8>) {
+    if b.len() < table::RECORD_SIZE {
+        return;
+    }
+    let mut rec = Record::read(b);
+    rec.hash = [0; 32];
+    let mut page = [0u8; PAGE_SIZE];
+    let _ = crate::store::snapshot::BlockReader::default().page(
+        &rec,
+        &b[table::RECORD_SIZE..],
+        &mut page,
+    );
+    let h = blake3::hash(&page);
+    b[..32].copy_from_slice(h.as_bytes());
+}
+
+/// Valid records and blocks, as the store's writer makes them: lz4 blocks of up to
+/// four pages (every slot) and raw ones.
+fn pack_blocks() -> Vec<Vec<u8>> {
+    let text: Vec<u8> = (0..4 * PAGE_SIZE)
+        .map(|i| b"page block lorem ipsum "[i % 23] ^ (i / PAGE_SIZE) as u8)
+        .collect();
+    let noise = Rng::new(4).bytes(PAGE_SIZE);
+    let mut out = Vec::new();
+    let lz4 = lz4_flex::block::compress(&text);
+    for slot in 0..4u8 {
+        let page = &text[slot as usize * PAGE_SIZE..(slot as usize + 1) * PAGE_SIZE];
+        let rec = Record {
+            hash: *blake3::hash(page).as_bytes(),
+            loc: Location {
+                pack: 1,
+                offset: 16,
+                len: lz4.len() as u32,
+                slot,
+                pages: 4,
+                codec: table::CODEC_LZ4,
+            },
+        };
+        let mut b = Vec::new();
+        rec.write_to(&mut b);
+        b.extend_from_slice(&lz4);
+        out.push(b);
+    }
+    let rec = Record {
+        hash: *blake3::hash(&noise).as_bytes(),
+        loc: Location {
+            pack: 2,
+            offset: 16,
+            len: PAGE_SIZE as u32,
+            slot: 0,
+            pages: 1,
+            codec: table::CODEC_RAW,
+        },
+    };
+    let mut b = Vec::new();
+    rec.write_to(&mut b);
+    b.extend_from_slice(&noise);
+    out.push(b);
+    out
+}
+
 /// The page count of the page table the hot-pages cases belong to.
 const HOT_TABLE: u64 = 40;
 
@@ -650,6 +725,13 @@ pub fn targets() -> Vec<Target> {
             prefixes: vec![b"WARMWS1\0".to_vec(), b"WARMWS2\0".to_vec()],
             decode: Box::new(|b| working_set::decode(b).map(|w| drop(std::hint::black_box(w)))),
             reseal: Some(reseal_working_set),
+        },
+        Target {
+            name: "pack block",
+            seeds: pack_blocks(),
+            prefixes: vec![],
+            decode: Box::new(decode_pack_block),
+            reseal: Some(reseal_pack_block),
         },
         Target {
             name: "page-server request",

@@ -58,6 +58,11 @@ fn working_set() {
 }
 
 #[test]
+fn pack_block() {
+    check("pack block");
+}
+
+#[test]
 fn page_server_request() {
     check("page-server request");
 }
@@ -83,6 +88,7 @@ fn every_target_is_tested() {
             "pack index",
             "hot pages",
             "working set",
+            "pack block",
             "page-server request",
             "page-server response",
             "page-server frames"

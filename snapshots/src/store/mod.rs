@@ -38,7 +38,7 @@ mod fsutil;
 pub(crate) mod hot;
 mod lock;
 mod maint;
-mod snapshot;
+pub(crate) mod snapshot;
 pub(crate) mod table;
 pub(crate) mod working_set;
 mod writer;

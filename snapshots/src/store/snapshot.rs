@@ -38,7 +38,7 @@ pub struct Snapshot {
 
 /// Decompresses blocks into pages, each block once while consecutive pages use it.
 #[derive(Default)]
-struct BlockReader {
+pub(crate) struct BlockReader {
     scratch: Vec<u8>,
     cur: Option<(u32, u64)>,
 }
@@ -46,7 +46,7 @@ struct BlockReader {
 impl BlockReader {
     /// Writes page `rec.loc.slot` of block `src` (stored at `rec.loc`) into `dst` and
     /// checks it against `rec.hash`. The error is the reason the page is corrupt.
-    fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
+    pub(crate) fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
         let loc = rec.loc;
         if loc.slot >= loc.pages {
             return Err("its page-table record is inconsistent".into());
@@ -63,6 +63,15 @@ impl BlockReader {
             CODEC_LZ4 => {
                 if self.cur != Some((loc.pack, loc.offset)) {
                     self.cur = None;
+                    // An lz4 block expands at most 255-fold: a record claiming more pages
+                    // than its block can hold is refused before the buffer is sized.
+                    if block_len > src.len().saturating_mul(255) {
+                        return Err(format!(
+                            "a block of {} bytes cannot decompress to {} pages",
+                            src.len(),
+                            loc.pages
+                        ));
+                    }
                     self.scratch.resize(block_len, 0);
                     match lz4_flex::block::decompress_into(src, &mut self.scratch[..block_len]) {
                         Ok(n) if n == block_len => {}
