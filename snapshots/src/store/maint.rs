@@ -315,6 +315,8 @@ impl Store {
         }
         let mut buf = vec![0u8; VERIFY_CHUNK as usize * PAGE_SIZE];
         let mut first = 0;
+        // A truncated pack: its length and how many pages lie beyond its end.
+        let mut short: BTreeMap<PathBuf, (u64, u64)> = BTreeMap::new();
         while first < n {
             let count = VERIFY_CHUNK.min(n - first);
             let out = &mut buf[..count as usize * PAGE_SIZE];
@@ -324,13 +326,24 @@ impl Store {
                     if bad_packs.contains(&snap.table().pack_of(i)) {
                         continue;
                     }
-                    if let Err(e) = snap.read_pages(i, 1, &mut out[..PAGE_SIZE]) {
-                        found.push(e);
+                    match snap.read_pages(i, 1, &mut out[..PAGE_SIZE]) {
+                        Ok(()) => {}
+                        Err(StoreError::ShortPack { pack, len, .. }) => {
+                            short.entry(pack).or_insert((len, 0)).1 += 1;
+                        }
+                        Err(e) => found.push(e),
                     }
                 }
             }
             *pages_checked += count;
             first += count;
+        }
+        for (pack, (len, pages)) in short {
+            found.damage.push(format!(
+                "pack {} is truncated ({len} bytes): {pages} pages of the snapshot lie \
+                 beyond its end",
+                pack.display()
+            ));
         }
     }
 

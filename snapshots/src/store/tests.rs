@@ -460,6 +460,10 @@ fn missing_and_short_pack() {
     let e = read_all(&store, &id).unwrap_err();
     assert!(matches!(e, StoreError::ShortPack { .. }), "{e}");
     assert!(e.to_string().contains(&pack.display().to_string()));
+    // verify: one line for the pack, not one per page past its end.
+    let r = store.verify(Some(&id)).unwrap();
+    assert_eq!(r.damaged[0].reasons.len(), 1, "{r:?}");
+    assert!(r.damaged[0].reasons[0].contains("truncated"), "{r:?}");
     fs::remove_file(&pack).unwrap();
     let e = read_all(&store, &id).unwrap_err();
     assert!(matches!(e, StoreError::MissingPack { .. }), "{e}");
