@@ -404,7 +404,7 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
                     "id": s.id.to_string(), "names": s.names, "created_unix": s.created_unix,
                     "command": s.command, "logical_bytes": s.logical_bytes,
                     "resident_bytes": s.resident_pages * 4096, "zero_bytes": s.zero_pages * 4096,
-                    "damaged": s.damaged,
+                    "damaged": s.damaged, "unreadable": s.unreadable,
                 })
             })
             .collect();
@@ -416,9 +416,10 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
         "ID", "NAME", "LOGICAL", "RESIDENT"
     );
     for s in list {
-        let cmd = match &s.damaged {
-            Some(d) => format!("DAMAGED: {d}"),
-            None => s.command.join(" "),
+        let cmd = match (&s.damaged, &s.unreadable) {
+            (Some(d), _) => format!("DAMAGED: {d}"),
+            (None, Some(u)) => format!("UNREADABLE: {u}"),
+            (None, None) => s.command.join(" "),
         };
         println!(
             "{:<12}  {:<16}  {:>10}  {:>10}  {cmd}",
@@ -586,6 +587,15 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
             eprintln!("  {reason}");
         }
     }
+    for d in &r.unreadable {
+        eprintln!(
+            "snapshot {} could not be fully verified (permission denied):",
+            d.id.short()
+        );
+        for reason in &d.reasons {
+            eprintln!("  {reason}");
+        }
+    }
     if r.is_ok() {
         println!(
             "ok: {} snapshot(s), {} page(s) verified",
@@ -593,11 +603,18 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
         );
         Ok(0)
     } else {
-        eprintln!(
+        let mut line = format!(
             "{} of {} snapshot(s) damaged",
             r.damaged.len(),
             r.snapshots_checked
         );
+        if !r.unreadable.is_empty() {
+            line += &format!(
+                ", {} with files this user may not read (permission denied)",
+                r.unreadable.len()
+            );
+        }
+        eprintln!("{line}");
         Ok(1)
     }
 }

@@ -130,8 +130,8 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, FormatError> {
             actual: actual.to_hex().to_string(),
         });
     }
-    let (manifest, rest) = postcard::take_from_bytes::<Manifest>(body)
-        .map_err(|e| FormatError::MalformedBody(e.to_string()))?;
+    let (manifest, rest) =
+        take_cautiously::<Manifest>(body).map_err(|e| FormatError::MalformedBody(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FormatError::MalformedBody(format!(
             "{} bytes left over after the manifest",
@@ -141,6 +141,55 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, FormatError> {
     Ok(manifest)
 }
 
+/// `postcard::take_from_bytes` without trusting a length field for a preallocation.
+///
+/// postcard hands serde a sequence's length as its size hint whenever that many bytes
+/// are left, and serde then reserves up to 1 MiB for it at once: a 60-byte manifest
+/// saying "a million processes" would allocate 1 MiB before failing. This flavor
+/// reports no bytes left to the size hint (`Some(0)`), so every `Vec` grows with the
+/// elements actually decoded (each of which consumed input), never from a length field.
+pub(crate) fn take_cautiously<'de, T: serde::Deserialize<'de>>(
+    bytes: &'de [u8],
+) -> postcard::Result<(T, &'de [u8])> {
+    let mut de = postcard::Deserializer::from_flavor(Cautious(bytes));
+    let t = T::deserialize(&mut de)?;
+    Ok((t, de.finalize()?))
+}
+
+/// A byte-slice postcard flavor whose size hint never vouches for a length field.
+struct Cautious<'de>(&'de [u8]);
+
+impl<'de> postcard::de_flavors::Flavor<'de> for Cautious<'de> {
+    type Remainder = &'de [u8];
+    type Source = &'de [u8];
+
+    fn pop(&mut self) -> postcard::Result<u8> {
+        let (&b, rest) = self
+            .0
+            .split_first()
+            .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn try_take_n(&mut self, ct: usize) -> postcard::Result<&'de [u8]> {
+        let (a, rest) = self
+            .0
+            .split_at_checked(ct)
+            .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        self.0 = rest;
+        Ok(a)
+    }
+
+    fn finalize(self) -> postcard::Result<&'de [u8]> {
+        Ok(self.0)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -148,166 +197,7 @@ pub(crate) mod tests {
     use proptest::collection::vec;
     use proptest::prelude::*;
 
-    /// A small but fully populated manifest.
-    pub(crate) fn sample_manifest() -> Manifest {
-        Manifest {
-            created_unix: 1_700_000_000,
-            command: vec!["/usr/bin/python3".into(), "-c".into(), "print(1)".into()],
-            trigger: "stdin".into(),
-            host: HostFacts {
-                kernel_release: "6.8.0".into(),
-                vdso_hash: [7; 32],
-                xsave_features: 0x2e7,
-                xsave_size: 2696,
-            },
-            clocks: crate::model::Clocks {
-                monotonic_ns: 12_345_678_901,
-                boottime_ns: 12_445_678_901,
-            },
-            processes: vec![Process {
-                pid: 1,
-                ppid: 0,
-                pgid: 1,
-                sid: 1,
-                comm: "python3".into(),
-                exe: FileIdentity {
-                    path: "/usr/bin/python3".into(),
-                    dev: 2049,
-                    ino: 42,
-                    size: 1 << 20,
-                    mtime_ns: -5,
-                    mode: 0o100755,
-                    hash: Some([3; 32]),
-                    btime_ns: Some(-7),
-                },
-                creds: Creds::default(),
-                rlimits: vec![Rlimit {
-                    resource: 7,
-                    cur: 1024,
-                    max: 4096,
-                }],
-                cwd: "/".into(),
-                root: "/".into(),
-                umask: 0o22,
-                personality: 0,
-                no_new_privs: false,
-                dumpable: 1,
-                mm: MmFields::default(),
-                auxv: vec![6, 4096, 0, 0],
-                vmas: vec![Vma {
-                    start: 0x7000_0000,
-                    end: 0x7000_4000,
-                    prot: PROT_READ | PROT_WRITE,
-                    shared: false,
-                    flags: VmaFlags::default(),
-                    kind: VmaKind::Anon {
-                        name: "[heap]".into(),
-                    },
-                    offset: 0,
-                    pages: vec![
-                        PageRun {
-                            page: 0,
-                            count: 2,
-                            content: RunContent::Data { first: 0 },
-                        },
-                        PageRun {
-                            page: 3,
-                            count: 1,
-                            content: RunContent::Zero,
-                        },
-                    ],
-                }],
-                fds: vec![Fd {
-                    fd: 0,
-                    cloexec: false,
-                    ofd: 0,
-                    file: FileDesc::External { stdio: 0 },
-                }],
-                sigactions: vec![SigAction::default(); 64],
-                shared_pending: vec![],
-                threads: vec![Thread {
-                    tid: 1,
-                    comm: "python3".into(),
-                    regs: vec![0; reg::COUNT],
-                    xsave: vec![0; 64],
-                    sigmask: 0,
-                    pending: vec![],
-                    sigaltstack: AltStack::default(),
-                    rseq: Some(Rseq {
-                        addr: 0x1000,
-                        len: 32,
-                        sig: 0x53053053,
-                    }),
-                    robust_list: (0, 24),
-                    tid_address: 0,
-                }],
-                itimers: Default::default(),
-                posix_timers: vec![PosixTimer {
-                    id: 3,
-                    clock: 1,
-                    signo: 14,
-                    sigval: 7,
-                    notify: 0,
-                    notify_tid: 1,
-                    interval_ns: 0,
-                    value_ns: 5_000,
-                }],
-                seccomp_filters: vec![vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f]],
-                private_files: vec![PrivateFile {
-                    path: "/tmp/hsperfdata_root/1".into(),
-                    mode: 0o100600,
-                    data: vec![1, 2, 3],
-                }],
-                zombie: None,
-                zombie_sigmask: 0,
-                fd_table_size: 64,
-            }],
-            pipes: vec![PipeObject {
-                id: 9,
-                capacity: 65536,
-                data: b"hello".to_vec(),
-            }],
-            unix_pairs: vec![crate::model::UnixPairObject {
-                id: 11,
-                sock_type: 1,
-                queued: [vec![b"ping".to_vec()], Vec::new()],
-                shutdown: [2, 1],
-            }],
-            file_locks: vec![crate::model::FileLock {
-                pid: 1,
-                fd: 3,
-                kind: crate::model::LockKind::Posix,
-                write: true,
-                start: 0,
-                len: 0,
-            }],
-            page_count: 2,
-            pages_hash: [3; 32],
-            shared_files: vec![SharedFile {
-                id: 0,
-                path: "/dev/shm/sem.mp-x1y2".into(),
-                memfd: false,
-                seals: 0,
-                owner: FileOwner {
-                    uid: 0,
-                    gid: 0,
-                    mode: 0o600,
-                },
-                size: 32,
-                pages: vec![PageRun {
-                    page: 0,
-                    count: 1,
-                    content: RunContent::Data { first: 0 },
-                }],
-            }],
-            private_tmp: Some(vec![crate::model::TmpEntry {
-                path: "db.sqlite-shm".into(),
-                owner: Default::default(),
-                mtime_ns: 1,
-                kind: crate::model::TmpKind::Symlink { target: "x".into() },
-            }]),
-        }
-    }
+    pub(crate) use crate::fuzz::sample_manifest;
 
     #[test]
     fn round_trip_sample() {

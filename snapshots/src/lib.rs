@@ -2,6 +2,8 @@
 //! Pure Rust: no ptrace, no namespaces.
 
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod model;
 pub mod remote;
 pub mod store;

@@ -329,11 +329,23 @@ impl Request {
                 Request::SaveWorkingSet { id, pages }
             }
             kind::BEGIN => Request::Begin,
-            kind::ADD_PAGES => Request::AddPages {
-                first_page: r.u64("first page")?,
-                pages: r.u32("page count")?,
-                lz4: r.rest().to_vec(),
-            },
+            kind::ADD_PAGES => {
+                let first_page = r.u64("first page")?;
+                let pages = r.u32("page count")?;
+                let lz4 = r.rest();
+                // The server allocates `pages` pages to decompress into: no more than the
+                // data can decompress to (an lz4 block expands at most 255-fold).
+                if pages as u64 * PAGE_SIZE as u64 > (lz4.len() as u64).saturating_mul(255) {
+                    return Err(ProtoError::Invalid(
+                        "page count: more pages than the data can decompress to",
+                    ));
+                }
+                Request::AddPages {
+                    first_page,
+                    pages,
+                    lz4: lz4.to_vec(),
+                }
+            }
             kind::COMMIT => {
                 let n = r.u16("name length")? as usize;
                 let name = r.string(n, "name")?;
@@ -489,6 +501,9 @@ pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     w.flush()
 }
 
+/// Most of a frame's announced length allocated before its bytes arrive.
+const FRAME_PREALLOC: usize = 64 << 10;
+
 /// Reads one frame body (kind and payload). `Ok(None)` at a clean end of stream (before
 /// the length prefix); a length of 0 or over [`MAX_FRAME`] is `InvalidData`.
 pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
@@ -515,8 +530,16 @@ pub fn read_frame_max(r: &mut impl Read, max: usize) -> io::Result<Option<Vec<u8
             format!("frame length {len} is out of range (1..={max})"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // The length is the peer's word: read up to it, growing the buffer with what really
+    // arrives, rather than allocating it up front (a 4-byte "1 GiB" would cost 1 GiB).
+    let mut body = Vec::with_capacity(len.min(FRAME_PREALLOC));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the frame ends after {} of its {len} bytes", body.len()),
+        ));
+    }
     Ok(Some(body))
 }
 

@@ -11,7 +11,7 @@
 
 pub mod client;
 mod pool;
-mod protocol;
+pub mod protocol;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

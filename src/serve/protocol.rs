@@ -52,8 +52,13 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd) -> Result<Option<(T, Vec<Owne
     if n == 0 {
         return Ok(None);
     }
-    match postcard::from_bytes(&buf[..n]) {
-        Ok(m) => Ok(Some((m, fds))),
+    Ok(Some((decode(&buf[..n])?, fds)))
+}
+
+/// Decodes the bytes of one message (of at most [`MAX_MESSAGE`] bytes: `recv`'s buffer).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    match postcard::from_bytes(bytes) {
+        Ok(m) => Ok(m),
         Err(e) => bail!("malformed message on the serve socket ({e}): client and daemon of different warmstart versions?"),
     }
 }

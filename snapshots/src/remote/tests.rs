@@ -293,3 +293,37 @@ fn unreachable_server_names_the_address() {
     let e = Client::connect("no-port-here").unwrap_err().to_string();
     assert!(e.contains("page server no-port-here"), "{e}");
 }
+
+/// `AddPages` may not claim more pages than its data can decompress to (the server
+/// allocates that much), but the most compressible chunk a writer sends still decodes.
+#[test]
+fn add_pages_page_count_is_bounded_by_its_data() {
+    let zero = vec![0u8; 64 << 20];
+    let req = Request::AddPages {
+        first_page: 0,
+        pages: (zero.len() / PAGE_SIZE) as u32,
+        lz4: lz4_flex::block::compress(&zero),
+    };
+    assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
+    let lie = Request::AddPages {
+        first_page: 0,
+        pages: u32::MAX,
+        lz4: vec![0; 16],
+    };
+    assert_eq!(
+        Request::decode(body(&lie.encode())),
+        Err(ProtoError::Invalid(
+            "page count: more pages than the data can decompress to"
+        ))
+    );
+}
+
+/// A frame announcing 1 GiB is read as what arrives, not allocated up front.
+#[test]
+fn frame_length_is_not_trusted_for_allocation() {
+    let mut f = (MAX_FRAME as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&[kind::R_BLOCKS, 1, 2, 3]);
+    let e = read_frame(&mut Cursor::new(&f)).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    assert!(e.to_string().contains("after 4 of its"), "{e}");
+}

@@ -10,11 +10,7 @@ use super::StoreError;
 
 pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_path_buf();
-    move |source| StoreError::Io {
-        action,
-        path,
-        source,
-    }
+    move |source| StoreError::io(action, path, source)
 }
 
 /// Creates `path` as a 0700 directory unless it already is a directory.

@@ -61,7 +61,6 @@ impl Store {
         idx.sort_unstable();
         idx.dedup();
         idx.truncate(MAX_HOT_PAGES);
-        let count = idx.len() as u64;
         let mut pages = vec![0u8; idx.len() * PAGE_SIZE];
         let mut k = 0;
         while k < idx.len() {
@@ -76,20 +75,13 @@ impl Store {
             )?;
             k += n;
         }
-        let mut head = Vec::new();
-        head.extend_from_slice(MAGIC);
-        head.extend_from_slice(&count.to_le_bytes());
-        head.extend_from_slice(&CHUNK_PAGES.to_le_bytes());
-        head.extend_from_slice(records_hash(snap, &idx).as_bytes());
-        for i in &idx {
-            head.extend_from_slice(&i.to_le_bytes());
-        }
-        for c in pages.chunks(CHUNK_PAGES as usize * PAGE_SIZE) {
-            head.extend_from_slice(&chunk_sum(c));
-        }
-        let h = blake3::hash(&head);
-        head.extend_from_slice(h.as_bytes());
-        head.resize(head.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, 0);
+        let head = encode_head(
+            MAGIC,
+            CHUNK_PAGES,
+            records_hash(snap, &idx).as_bytes(),
+            &idx,
+            &pages,
+        );
         let dest = self.hot_path(&snap.id);
         let (mut f, tmp) = fsutil::create_tmp(&self.tmp_dir(), "hot")?;
         let res = f
@@ -105,6 +97,38 @@ impl Store {
         }
         res
     }
+}
+
+/// The header of a hot-pages file (everything before the page bytes, padding included):
+/// `magic` is `WARMHOT2` (or `WARMHOT1`, blake3 chunk sums), `pages` the page bytes of
+/// `idx`.
+pub(crate) fn encode_head(
+    magic: &[u8; 8],
+    chunk_pages: u64,
+    records: &[u8; 32],
+    idx: &[u64],
+    pages: &[u8],
+) -> Vec<u8> {
+    let sum: fn(&[u8]) -> [u8; 32] = if magic == MAGIC_BLAKE3 {
+        |b| *blake3::hash(b).as_bytes()
+    } else {
+        chunk_sum
+    };
+    let mut head = Vec::new();
+    head.extend_from_slice(magic);
+    head.extend_from_slice(&(idx.len() as u64).to_le_bytes());
+    head.extend_from_slice(&chunk_pages.to_le_bytes());
+    head.extend_from_slice(records);
+    for i in idx {
+        head.extend_from_slice(&i.to_le_bytes());
+    }
+    for c in pages.chunks(chunk_pages as usize * PAGE_SIZE) {
+        head.extend_from_slice(&sum(c));
+    }
+    let h = blake3::hash(&head);
+    head.extend_from_slice(h.as_bytes());
+    head.resize(head.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, 0);
+    head
 }
 
 /// The checksum of a chunk of page bytes in a `WARMHOT2` file.
@@ -159,81 +183,119 @@ impl Hot {
     }
 
     fn check(map: Mmap, snap: &Snapshot, threads: usize) -> Result<Hot, String> {
-        let u64_at = |at: usize| -> Result<u64, String> {
-            map.get(at..at + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-                .ok_or_else(|| "truncated header".to_owned())
-        };
-        let sum: fn(&[u8]) -> [u8; 32] = match map.get(..8) {
-            Some(m) if m == MAGIC => chunk_sum,
-            Some(m) if m == MAGIC_BLAKE3 => |b| *blake3::hash(b).as_bytes(),
-            _ => return Err("wrong magic".into()),
-        };
-        let count = u64_at(8)?;
-        let chunk = u64_at(16)?;
-        if count > MAX_HOT_PAGES as u64 || chunk == 0 || chunk > 1 << 20 {
-            return Err(format!(
-                "implausible header ({count} pages, chunks of {chunk})"
-            ));
-        }
-        let (count, chunk) = (count as usize, chunk as usize);
-        let chunks = count.div_ceil(chunk);
-        let head_len = 56 + count * 8 + chunks * 32;
-        let data = (head_len + 32).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        if map.len() != data + count * PAGE_SIZE {
-            return Err(format!(
-                "{} bytes, expected {}",
-                map.len(),
-                data + count * PAGE_SIZE
-            ));
-        }
-        if blake3::hash(&map[..head_len]).as_bytes() != &map[head_len..head_len + 32] {
-            return Err("header checksum mismatch".into());
-        }
-        let indexes: Vec<u64> = map[56..56 + count * 8]
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        if indexes.windows(2).any(|w| w[0] >= w[1])
-            || indexes.last().is_some_and(|&i| i >= snap.page_count())
-        {
-            return Err("bad page-table indexes".into());
-        }
-        if records_hash(snap, &indexes).as_bytes() != &map[24..56] {
-            return Err("its pages belong to another page table".into());
-        }
-        let sums = &map[56 + count * 8..head_len];
-        let pages = &map[data..];
-        let bad = std::sync::atomic::AtomicBool::new(false);
-        // A few MiB hash faster on one thread than it takes to share the cores with a
-        // restore going on at the same time.
-        let threads = if count * PAGE_SIZE < ONE_THREAD_BYTES {
-            1
-        } else {
-            threads.max(1)
-        };
-        let per = chunks.div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            for t in 0..chunks.div_ceil(per) {
-                let bad = &bad;
-                s.spawn(move || {
-                    for c in t * per..((t + 1) * per).min(chunks) {
-                        let bytes = &pages
-                            [c * chunk * PAGE_SIZE..((c + 1) * chunk * PAGE_SIZE).min(pages.len())];
-                        if sum(bytes) != sums[c * 32..c * 32 + 32] {
-                            bad.store(true, std::sync::atomic::Ordering::Relaxed);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        if bad.into_inner() {
-            return Err("page bytes do not match their checksum".into());
-        }
+        let (indexes, data) = parse(
+            &map,
+            snap.page_count(),
+            |idx| records_hash(snap, idx),
+            threads,
+        )?;
         Ok(Hot { map, indexes, data })
     }
 
+    /// What `warmstart verify` says of the hot pages of `snap`: `Ok(false)` if there
+    /// are none, `Ok(true)` if they are intact, else why not (a damaged file, or one that
+    /// cannot be read, as an [`io::Error`](std::io::Error) for the caller to classify).
+    pub(crate) fn verify(
+        store: &Store,
+        snap: &Snapshot,
+    ) -> Result<bool, Result<String, std::io::Error>> {
+        let path = store.hot_path(&snap.id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Err(e)),
+        };
+        // SAFETY: hot files are replaced by rename, never modified in place.
+        let map = unsafe { Mmap::map(&file) }.map_err(Err)?;
+        Self::check(map, snap, 2).map(|_| true).map_err(Ok)
+    }
+}
+
+/// Decodes and verifies the bytes of a hot-pages file of a snapshot with `page_count`
+/// page-table records whose hashes of the records at some indexes are `records_hash`:
+/// the page-table indexes it holds and where its page bytes start. Every length in the
+/// header is checked against the size of the file before anything is allocated.
+pub(crate) fn parse(
+    map: &[u8],
+    page_count: u64,
+    records_hash: impl Fn(&[u64]) -> blake3::Hash,
+    threads: usize,
+) -> Result<(Vec<u64>, usize), String> {
+    let u64_at = |at: usize| -> Result<u64, String> {
+        map.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .ok_or_else(|| "truncated header".to_owned())
+    };
+    let sum: fn(&[u8]) -> [u8; 32] = match map.get(..8) {
+        Some(m) if m == MAGIC => chunk_sum,
+        Some(m) if m == MAGIC_BLAKE3 => |b| *blake3::hash(b).as_bytes(),
+        _ => return Err("wrong magic".into()),
+    };
+    let count = u64_at(8)?;
+    let chunk = u64_at(16)?;
+    if count > MAX_HOT_PAGES as u64 || chunk == 0 || chunk > 1 << 20 {
+        return Err(format!(
+            "implausible header ({count} pages, chunks of {chunk})"
+        ));
+    }
+    let (count, chunk) = (count as usize, chunk as usize);
+    let chunks = count.div_ceil(chunk);
+    let head_len = 56 + count * 8 + chunks * 32;
+    let data = (head_len + 32).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    if map.len() != data + count * PAGE_SIZE {
+        return Err(format!(
+            "{} bytes, expected {}",
+            map.len(),
+            data + count * PAGE_SIZE
+        ));
+    }
+    if blake3::hash(&map[..head_len]).as_bytes() != &map[head_len..head_len + 32] {
+        return Err("header checksum mismatch".into());
+    }
+    let indexes: Vec<u64> = map[56..56 + count * 8]
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    if indexes.windows(2).any(|w| w[0] >= w[1]) || indexes.last().is_some_and(|&i| i >= page_count)
+    {
+        return Err("bad page-table indexes".into());
+    }
+    if records_hash(&indexes).as_bytes() != &map[24..56] {
+        return Err("its pages belong to another page table (or the page table is damaged)".into());
+    }
+    let sums = &map[56 + count * 8..head_len];
+    let pages = &map[data..];
+    let bad = std::sync::atomic::AtomicBool::new(false);
+    // A few MiB hash faster on one thread than it takes to share the cores with a
+    // restore going on at the same time.
+    let threads = if count * PAGE_SIZE < ONE_THREAD_BYTES {
+        1
+    } else {
+        threads.max(1)
+    };
+    let per = chunks.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for t in 0..chunks.div_ceil(per) {
+            let bad = &bad;
+            s.spawn(move || {
+                for c in t * per..((t + 1) * per).min(chunks) {
+                    let bytes = &pages
+                        [c * chunk * PAGE_SIZE..((c + 1) * chunk * PAGE_SIZE).min(pages.len())];
+                    if sum(bytes) != sums[c * 32..c * 32 + 32] {
+                        bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if bad.into_inner() {
+        return Err("page bytes do not match their checksum".into());
+    }
+    Ok((indexes, data))
+}
+
+impl Hot {
     /// Number of pages.
     pub fn len(&self) -> usize {
         self.indexes.len()
@@ -250,9 +312,12 @@ impl Hot {
 
     /// The bytes of page-table records `first..first + n` if all of them are here.
     pub fn pages(&self, first: u64, n: u64) -> Option<&[u8]> {
+        if n == 0 {
+            return None;
+        }
         let k = self.indexes.binary_search(&first).ok()?;
         let last = k + n as usize - 1;
-        if n == 0 || self.indexes.get(last) != Some(&(first + n - 1)) {
+        if self.indexes.get(last) != Some(&(first + n - 1)) {
             return None;
         }
         Some(&self.map[self.data + k * PAGE_SIZE..self.data + (last + 1) * PAGE_SIZE])
@@ -305,6 +370,7 @@ mod tests {
         assert_eq!(hot.pages(299, 1).unwrap(), &data[299 * PAGE_SIZE..]);
         assert!(hot.pages(79, 2).is_none(), "80 is not hot");
         assert!(hot.pages(6, 1).is_none());
+        assert!(hot.pages(5, 0).is_none(), "no pages, not a panic");
         assert_eq!(hot.run_from(200, 10), 3);
         assert_eq!(hot.run_from(4, 10), 0);
 

@@ -1,6 +1,6 @@
 //! Maintenance: garbage collection, verification and per-snapshot statistics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 
@@ -35,12 +35,42 @@ pub struct VerifyReport {
     pub snapshots_checked: usize,
     pub pages_checked: u64,
     pub damaged: Vec<DamagedSnapshot>,
+    /// Snapshots with files this user may not read (permission problems, not damage):
+    /// those files were not checked.
+    pub unreadable: Vec<DamagedSnapshot>,
 }
 
 impl VerifyReport {
     pub fn is_ok(&self) -> bool {
-        self.damaged.is_empty()
+        self.damaged.is_empty() && self.unreadable.is_empty()
     }
+}
+
+/// What `verify` found wrong with one snapshot.
+#[derive(Default)]
+struct Findings {
+    damage: Vec<String>,
+    denied: Vec<String>,
+}
+
+impl Findings {
+    fn push(&mut self, e: StoreError) {
+        if e.is_permission() {
+            self.denied.push(e.to_string());
+        } else {
+            self.damage.push(e.to_string());
+        }
+    }
+}
+
+/// Caps `reasons` at [`MAX_REASONS`], with a count of the rest.
+fn capped(mut reasons: Vec<String>) -> Vec<String> {
+    if reasons.len() > MAX_REASONS {
+        let more = reasons.len() - MAX_REASONS;
+        reasons.truncate(MAX_REASONS);
+        reasons.push(format!("... and {more} more"));
+    }
+    reasons
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,7 +150,7 @@ impl Store {
                     "page table {} of snapshot {} is unreadable ({})",
                     path.display(),
                     id.short(),
-                    r.unwrap_or_else(|| "missing".into())
+                    r.reason()
                 ),
             })?;
             for i in 0..t.len() {
@@ -177,31 +207,32 @@ impl Store {
         let mut report = VerifyReport::default();
         for id in ids {
             report.snapshots_checked += 1;
-            let mut reasons = Vec::new();
-            self.verify_one(&id, &mut reasons, &mut report.pages_checked);
-            if !reasons.is_empty() {
-                if reasons.len() > MAX_REASONS {
-                    let more = reasons.len() - MAX_REASONS;
-                    reasons.truncate(MAX_REASONS);
-                    reasons.push(format!("... and {more} more damaged pages"));
-                }
-                report.damaged.push(DamagedSnapshot { id, reasons });
+            let mut found = Findings::default();
+            self.verify_one(&id, &mut found, &mut report.pages_checked);
+            if !found.damage.is_empty() {
+                report.damaged.push(DamagedSnapshot {
+                    id,
+                    reasons: capped(found.damage),
+                });
+            }
+            if !found.denied.is_empty() {
+                report.unreadable.push(DamagedSnapshot {
+                    id,
+                    reasons: capped(found.denied),
+                });
             }
         }
         Ok(report)
     }
 
-    fn verify_one(&self, id: &SnapshotId, reasons: &mut Vec<String>, pages_checked: &mut u64) {
+    fn verify_one(&self, id: &SnapshotId, found: &mut Findings, pages_checked: &mut u64) {
         let snap = match self.load(id) {
             Ok(s) => s,
-            Err(e) => {
-                reasons.push(e.to_string());
-                return;
-            }
+            Err(e) => return found.push(e),
         };
         let n = snap.page_count();
         if snap.table().compute_pages_hash() != snap.manifest.pages_hash {
-            reasons.push(format!(
+            found.damage.push(format!(
                 "page table {} does not match the manifest's pages_hash",
                 snap.table_path().display()
             ));
@@ -211,7 +242,7 @@ impl Store {
                 for r in &v.pages {
                     if let RunContent::Data { first } = r.content {
                         if first.checked_add(r.count).is_none_or(|e| e > n) {
-                            reasons.push(format!(
+                            found.damage.push(format!(
                                 "pid {} VMA {:#x}: run {first}..+{} is outside the \
                                  page table ({n} records)",
                                 p.pid, v.start, r.count
@@ -225,7 +256,7 @@ impl Store {
             for r in &f.pages {
                 if let RunContent::Data { first } = r.content {
                     if first.checked_add(r.count).is_none_or(|e| e > n) {
-                        reasons.push(format!(
+                        found.damage.push(format!(
                             "shared file {} ({}): run {first}..+{} is outside the page \
                              table ({n} records)",
                             f.id, f.path, r.count
@@ -234,21 +265,85 @@ impl Store {
                 }
             }
         }
+        // The advice files beside it: damaged ones are ignored by restores (which then
+        // read the packs), but they are damage all the same.
+        match super::Hot::verify(self, &snap) {
+            Ok(_) => {}
+            Err(Ok(why)) => found.damage.push(format!(
+                "hot pages file {} is damaged: {why} (restores ignore it and read the packs; \
+                 remove it to have the next lazy run write it again)",
+                self.hot_path(id).display()
+            )),
+            Err(Err(e)) => found.push(StoreError::io("read hot pages file", self.hot_path(id), e)),
+        }
+        match self.verify_working_sets(id) {
+            Ok(_) => {}
+            Err(Ok(why)) => found.damage.push(format!(
+                "working set file {} is damaged: {why} (restores ignore it; remove it to \
+                 have the next lazy run learn it again)",
+                self.working_set_path(id).display()
+            )),
+            Err(Err(e)) => found.push(StoreError::io(
+                "read working set file",
+                self.working_set_path(id),
+                e,
+            )),
+        }
+        // Every pack once: one that is missing or cannot be opened is one line, and its
+        // pages are not read one by one.
+        let mut per_pack: BTreeMap<u32, u64> = BTreeMap::new();
+        for i in 0..n {
+            *per_pack.entry(snap.table().pack_of(i)).or_default() += 1;
+        }
+        let mut bad_packs = HashSet::new();
+        for (&pack, &pages) in &per_pack {
+            match snap.pack(pack) {
+                Ok(_) => {}
+                Err(StoreError::MissingPack { pack: path, .. }) => {
+                    bad_packs.insert(pack);
+                    found.damage.push(format!(
+                        "pack {} is missing ({pages} of the snapshot's {n} pages are in \
+                         it); the snapshot cannot be restored",
+                        path.display()
+                    ));
+                }
+                Err(e) => {
+                    bad_packs.insert(pack);
+                    found.push(e);
+                }
+            }
+        }
         let mut buf = vec![0u8; VERIFY_CHUNK as usize * PAGE_SIZE];
         let mut first = 0;
+        // A truncated pack: its length and how many pages lie beyond its end.
+        let mut short: BTreeMap<PathBuf, (u64, u64)> = BTreeMap::new();
         while first < n {
             let count = VERIFY_CHUNK.min(n - first);
             let out = &mut buf[..count as usize * PAGE_SIZE];
             if snap.read_pages(first, count, out).is_err() {
-                // Find every bad page of the chunk.
+                // Find every bad page of the chunk (those of a pack reported above aside).
                 for i in first..first + count {
-                    if let Err(e) = snap.read_pages(i, 1, &mut out[..PAGE_SIZE]) {
-                        reasons.push(e.to_string());
+                    if bad_packs.contains(&snap.table().pack_of(i)) {
+                        continue;
+                    }
+                    match snap.read_pages(i, 1, &mut out[..PAGE_SIZE]) {
+                        Ok(()) => {}
+                        Err(StoreError::ShortPack { pack, len, .. }) => {
+                            short.entry(pack).or_insert((len, 0)).1 += 1;
+                        }
+                        Err(e) => found.push(e),
                     }
                 }
             }
             *pages_checked += count;
             first += count;
+        }
+        for (pack, (len, pages)) in short {
+            found.damage.push(format!(
+                "pack {} is truncated ({len} bytes): {pages} pages of the snapshot lie \
+                 beyond its end",
+                pack.display()
+            ));
         }
     }
 

@@ -35,12 +35,12 @@
 //! snapshot and the pack, never wrong memory.
 
 mod fsutil;
-mod hot;
+pub(crate) mod hot;
 mod lock;
 mod maint;
-mod snapshot;
-mod table;
-mod working_set;
+pub(crate) mod snapshot;
+pub(crate) mod table;
+pub(crate) mod working_set;
 mod writer;
 
 #[cfg(test)]
@@ -122,6 +122,16 @@ impl fmt::Debug for SnapshotId {
 pub enum StoreError {
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot {action} {}: permission denied; run warmstart as the store's owner (or \
+         root), or give the file back its owner and mode", path.display()
+    )]
+    PermissionDenied {
         action: &'static str,
         path: PathBuf,
         #[source]
@@ -241,6 +251,31 @@ pub enum StoreError {
     GcUnsafe { reason: String },
 }
 
+impl StoreError {
+    /// An I/O error on a store file: [`StoreError::PermissionDenied`] for a permission
+    /// problem (not damage), [`StoreError::Io`] otherwise.
+    pub(crate) fn io(action: &'static str, path: PathBuf, source: io::Error) -> StoreError {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            StoreError::PermissionDenied {
+                action,
+                path,
+                source,
+            }
+        } else {
+            StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        }
+    }
+
+    /// Whether this is a permission problem rather than damage or absence.
+    pub fn is_permission(&self) -> bool {
+        matches!(self, StoreError::PermissionDenied { .. })
+    }
+}
+
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -255,8 +290,12 @@ pub struct SnapshotInfo {
     pub zero_pages: u64,
     /// Page-table records.
     pub data_pages: u64,
-    /// Set when the manifest cannot be read; the other fields are then empty.
+    /// Set when the snapshot is damaged: its manifest cannot be read (the other fields
+    /// are then empty), or its page table or a pack it needs is missing or damaged.
     pub damaged: Option<String>,
+    /// Set when a file of it may not be read by this user (a permission problem, not
+    /// damage); the other fields are empty if that file is the manifest.
+    pub unreadable: Option<String>,
 }
 
 /// A store directory. Cheap to create; holds no open files.
@@ -314,9 +353,7 @@ impl Store {
             store.tmp_dir(),
         ] {
             match mkdir_private(&sub) {
-                Err(StoreError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::PermissionDenied =>
-                {
+                Err(StoreError::PermissionDenied { source, .. }) => {
                     return Err(StoreError::NotWritable {
                         path: dir.to_path_buf(),
                         source,
@@ -531,6 +568,11 @@ impl Store {
             let info = match self.read_manifest(&id) {
                 Ok(m) => {
                     let (logical_bytes, resident_pages, zero_pages) = manifest_sizes(&m);
+                    let (damaged, unreadable) = match self.check_files(&id) {
+                        Ok(()) => (None, None),
+                        Err(e) if e.is_permission() => (None, Some(e.to_string())),
+                        Err(e) => (Some(e.to_string()), None),
+                    };
                     SnapshotInfo {
                         id,
                         names: my_names,
@@ -540,11 +582,14 @@ impl Store {
                         resident_pages,
                         zero_pages,
                         data_pages: m.page_count,
-                        damaged: None,
+                        damaged,
+                        unreadable,
                     }
                 }
                 Err(StoreError::UnknownSnapshot { .. }) => continue, // removed meanwhile
                 Err(e) => SnapshotInfo {
+                    damaged: (!e.is_permission()).then(|| e.to_string()),
+                    unreadable: e.is_permission().then(|| e.to_string()),
                     id,
                     names: my_names,
                     created_unix: 0,
@@ -553,13 +598,58 @@ impl Store {
                     resident_pages: 0,
                     zero_pages: 0,
                     data_pages: 0,
-                    damaged: Some(e.to_string()),
                 },
             };
             out.push(info);
         }
         out.sort_by_key(|i| (i.created_unix, i.id));
         Ok(out)
+    }
+
+    /// What `list` checks beyond the manifest, cheaply (no page is read): the page
+    /// table is there with a plausible header and size, and every pack it names is there
+    /// and can be opened. Missing packs are named together.
+    fn check_files(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        let path = self.table_path(id);
+        let table =
+            table::TableMap::open(&path, table::TABLE_MAGIC, false).map_err(|e| match e {
+                table::TableError::Io(e) => StoreError::io("read page table", path.clone(), e),
+                e => StoreError::BadTable {
+                    id: id.short(),
+                    path: path.clone(),
+                    reason: e.reason(),
+                },
+            })?;
+        let packs: std::collections::BTreeSet<u32> =
+            (0..table.len()).map(|i| table.pack_of(i)).collect();
+        let mut missing = Vec::new();
+        for n in packs {
+            let pack = self.pack_path(n);
+            match fs::File::open(&pack) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing.push(pack.display().to_string())
+                }
+                Err(e) => return Err(StoreError::io("open pack", pack, e)),
+            }
+        }
+        match missing.len() {
+            0 => Ok(()),
+            1 => Err(StoreError::MissingPack {
+                id: id.short(),
+                pack: missing.remove(0).into(),
+            }),
+            k => Err(StoreError::MissingPack {
+                id: id.short(),
+                pack: format!(
+                    "{} (and {} more: {})",
+                    missing[0],
+                    k - 1,
+                    missing[1..].join(", ")
+                )
+                .into(),
+            }),
+        }
     }
 
     /// Removes a snapshot (manifest first, then its table and the names pointing to it).

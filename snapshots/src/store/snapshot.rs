@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use memmap2::Mmap;
 
-use super::table::{Record, TableMap, CODEC_LZ4, CODEC_RAW, TABLE_MAGIC};
+use super::table::{Record, TableError, TableMap, CODEC_LZ4, CODEC_RAW, TABLE_MAGIC};
 use super::{SnapshotId, Store, StoreError, PACK_HEADER, PACK_MAGIC};
 use crate::model::{Manifest, PAGE_SIZE};
 use crate::remote::{self, Client};
@@ -38,7 +38,7 @@ pub struct Snapshot {
 
 /// Decompresses blocks into pages, each block once while consecutive pages use it.
 #[derive(Default)]
-struct BlockReader {
+pub(crate) struct BlockReader {
     scratch: Vec<u8>,
     cur: Option<(u32, u64)>,
 }
@@ -46,7 +46,7 @@ struct BlockReader {
 impl BlockReader {
     /// Writes page `rec.loc.slot` of block `src` (stored at `rec.loc`) into `dst` and
     /// checks it against `rec.hash`. The error is the reason the page is corrupt.
-    fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
+    pub(crate) fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
         let loc = rec.loc;
         if loc.slot >= loc.pages {
             return Err("its page-table record is inconsistent".into());
@@ -63,6 +63,15 @@ impl BlockReader {
             CODEC_LZ4 => {
                 if self.cur != Some((loc.pack, loc.offset)) {
                     self.cur = None;
+                    // An lz4 block expands at most 255-fold: a record claiming more pages
+                    // than its block can hold is refused before the buffer is sized.
+                    if block_len > src.len().saturating_mul(255) {
+                        return Err(format!(
+                            "a block of {} bytes cannot decompress to {} pages",
+                            src.len(),
+                            loc.pages
+                        ));
+                    }
                     self.scratch.resize(block_len, 0);
                     match lz4_flex::block::decompress_into(src, &mut self.scratch[..block_len]) {
                         Ok(n) if n == block_len => {}
@@ -99,8 +108,10 @@ impl Snapshot {
             path: table_path.clone(),
             reason,
         };
-        let table = TableMap::open(&table_path, TABLE_MAGIC, checksum)
-            .map_err(|r| bad(r.unwrap_or_else(|| "the file is missing".into())))?;
+        let table = TableMap::open(&table_path, TABLE_MAGIC, checksum).map_err(|e| match e {
+            TableError::Io(e) => StoreError::io("read page table", table_path.clone(), e),
+            e => bad(e.reason()),
+        })?;
         if table.len() != manifest.page_count {
             return Err(bad(format!(
                 "it has {} records but the manifest says {}",
@@ -324,7 +335,7 @@ impl Snapshot {
         }
     }
 
-    fn pack(&self, number: u32) -> Result<Arc<Mmap>, StoreError> {
+    pub(crate) fn pack(&self, number: u32) -> Result<Arc<Mmap>, StoreError> {
         let Source::Local { store, packs } = &self.source else {
             unreachable!("packs are only mapped from a local store")
         };
@@ -340,20 +351,11 @@ impl Snapshot {
                     pack: path,
                 })
             }
-            Err(e) => {
-                return Err(StoreError::Io {
-                    action: "open pack",
-                    path,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(StoreError::io("open pack", path, e)),
         };
         // SAFETY: packs are immutable once renamed into packs/; gc only unlinks them.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::Io {
-            action: "map pack",
-            path: path.clone(),
-            source: e,
-        })?;
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io("map pack", path.clone(), e))?;
         if map.len() < PACK_HEADER || map[..8] != PACK_MAGIC {
             return Err(StoreError::CorruptPage {
                 id: self.id.short(),
@@ -421,7 +423,8 @@ impl Snapshot {
     ) -> Result<(usize, usize), StoreError> {
         let loc = self.table.record(i).loc;
         let start = loc.offset;
-        let stop = start + u64::from(loc.len);
+        // A damaged record may hold any offset: no overflow, a range past the end is short.
+        let stop = start.saturating_add(u64::from(loc.len));
         if stop > map.len() as u64 {
             return Err(StoreError::ShortPack {
                 id: self.id.short(),
@@ -445,6 +448,52 @@ impl Snapshot {
     /// decompressing each block once and verifying every page's blake3. A remote
     /// snapshot fetches the blocks from its page server.
     pub fn read_pages(&self, first: u64, count: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        self.read_pages_unblamed(first, count, out)
+            .map_err(|e| self.blame(e))
+    }
+
+    /// Damage met reading pages is the pack's only if the page table is intact: a
+    /// damaged record (in a table opened with [`Store::load_deferred`], whose checksum
+    /// is checked later) points to the wrong place or hash, and the pack behind it is
+    /// fine. So before blaming a pack, the table's checksum is checked, and a mismatch
+    /// is reported as the table's damage.
+    fn blame(&self, e: StoreError) -> StoreError {
+        let Source::Local { .. } = self.source else {
+            return e;
+        };
+        match &e {
+            StoreError::CorruptPage { page, .. } | StoreError::ShortPack { page, .. } => {
+                let page = *page;
+                match self.table.verify_checksum() {
+                    Ok(()) => e,
+                    Err(reason) => StoreError::BadTable {
+                        id: self.id.short(),
+                        path: self.table_path.clone(),
+                        reason: format!("{reason} (page {page} cannot be read through it)"),
+                    },
+                }
+            }
+            StoreError::MissingPack { pack, .. } => match self.table.verify_checksum() {
+                Ok(()) => e,
+                Err(reason) => StoreError::BadTable {
+                    id: self.id.short(),
+                    path: self.table_path.clone(),
+                    reason: format!(
+                        "{reason} (it names pack {}, which does not exist)",
+                        pack.display()
+                    ),
+                },
+            },
+            _ => e,
+        }
+    }
+
+    fn read_pages_unblamed(
+        &self,
+        first: u64,
+        count: u64,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
         let end = self.check_range(first, count)?;
         let expected = count * PAGE_SIZE as u64;
         if out.len() as u64 != expected {

@@ -108,7 +108,7 @@ pub(crate) fn encode(magic: [u8; 8], pages_hash: [u8; 32], records: &[Record]) -
     out
 }
 
-fn checksum(file: &[u8]) -> [u8; 32] {
+pub(crate) fn checksum(file: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&file[..64]);
     h.update(&file[HEADER_SIZE..]);
@@ -132,6 +132,26 @@ impl std::ops::Deref for TableBytes {
     }
 }
 
+/// Why a table or index file could not be opened.
+#[derive(Debug)]
+pub(crate) enum TableError {
+    Missing,
+    /// It could not be opened or mapped (a permission problem, say): not damage.
+    Io(std::io::Error),
+    /// It is damaged: the reason.
+    Bad(String),
+}
+
+impl TableError {
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            TableError::Missing => "the file is missing".into(),
+            TableError::Io(e) => format!("cannot read it: {e}"),
+            TableError::Bad(r) => r.clone(),
+        }
+    }
+}
+
 /// A memory-mapped (or received), validated table or index file.
 #[derive(Debug)]
 pub(crate) struct TableMap {
@@ -140,24 +160,24 @@ pub(crate) struct TableMap {
 }
 
 impl TableMap {
-    /// Maps and validates (header, size, checksum). Errors are a reason for the caller
-    /// to wrap with the file and snapshot names; `Err(None)` means the file is missing.
+    /// Maps and validates (header, size, checksum). Errors are for the caller to wrap
+    /// with the file and snapshot names.
     /// Without `checksum`, the records are not hashed (see
     /// [`verify_checksum`](Self::verify_checksum)).
     pub(crate) fn open(
         path: &Path,
         magic: [u8; 8],
         checksum: bool,
-    ) -> Result<TableMap, Option<String>> {
+    ) -> Result<TableMap, TableError> {
         let file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(None),
-            Err(e) => return Err(Some(format!("cannot open: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TableError::Missing),
+            Err(e) => return Err(TableError::Io(e)),
         };
         // SAFETY: tables are never modified in place (replaced only by rename), so the
         // mapping cannot change under us.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Some(format!("cannot map: {e}")))?;
-        let t = Self::validate(TableBytes::Map(map), magic, checksum).map_err(Some)?;
+        let map = unsafe { Mmap::map(&file) }.map_err(TableError::Io)?;
+        let t = Self::validate(TableBytes::Map(map), magic, checksum).map_err(TableError::Bad)?;
         Ok(t)
     }
 

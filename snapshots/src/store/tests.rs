@@ -460,6 +460,10 @@ fn missing_and_short_pack() {
     let e = read_all(&store, &id).unwrap_err();
     assert!(matches!(e, StoreError::ShortPack { .. }), "{e}");
     assert!(e.to_string().contains(&pack.display().to_string()));
+    // verify: one line for the pack, not one per page past its end.
+    let r = store.verify(Some(&id)).unwrap();
+    assert_eq!(r.damaged[0].reasons.len(), 1, "{r:?}");
+    assert!(r.damaged[0].reasons[0].contains("truncated"), "{r:?}");
     fs::remove_file(&pack).unwrap();
     let e = read_all(&store, &id).unwrap_err();
     assert!(matches!(e, StoreError::MissingPack { .. }), "{e}");
@@ -559,4 +563,102 @@ fn only_snapshot() {
     let e = store.only_snapshot().unwrap_err();
     assert!(matches!(e, StoreError::NotSingleSnapshot { .. }));
     assert!(e.to_string().contains(&a.short()));
+}
+
+/// A page table damaged in a record (met while reading pages of a snapshot loaded
+/// without the whole-table checksum, as a restore does) is the table's damage, not the
+/// pack's; a record pointing anywhere (offset near 2^64) is an error, not a panic.
+#[test]
+fn damaged_table_record_is_blamed_on_the_table() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let id = snap(&store, &text_pages(5, 8), 1, None);
+    let tpath = store.table_path(&id);
+    let good = fs::read(&tpath).unwrap();
+    let rec = |i: usize| table::HEADER_SIZE + i * table::RECORD_SIZE;
+    // A hash byte, the block offset, the pack number.
+    for (at, bytes) in [
+        (rec(3) + 5, vec![good[rec(3) + 5] ^ 1]),
+        (rec(2) + 32, u64::MAX.to_le_bytes().to_vec()),
+        (rec(6) + 32, (u64::MAX - 10).to_le_bytes().to_vec()),
+        (rec(1) + 40, 77u32.to_le_bytes().to_vec()),
+    ] {
+        let mut bad = good.clone();
+        bad[at..at + bytes.len()].copy_from_slice(&bytes);
+        fs::write(&tpath, &bad).unwrap();
+        let s = store.load_deferred(&id).unwrap();
+        let mut out = vec![0; 8 * PAGE_SIZE];
+        let e = s.read_pages(0, 8, &mut out).unwrap_err();
+        assert!(matches!(e, StoreError::BadTable { .. }), "at {at}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("page table") && msg.contains(&tpath.display().to_string()),
+            "at {at}: {msg}"
+        );
+        assert!(
+            !msg.contains("is corrupt") && !msg.contains("truncated"),
+            "{msg}"
+        );
+        let r = store.verify(Some(&id)).unwrap();
+        assert_eq!(r.damaged[0].reasons.len(), 1, "{r:?}");
+        assert!(r.damaged[0].reasons[0].contains(".pages"), "{r:?}");
+    }
+    fs::write(&tpath, &good).unwrap();
+    assert!(store.verify(Some(&id)).unwrap().is_ok());
+}
+
+/// A missing pack is one reason, however many pages were in it; `list` marks the
+/// snapshot (keeping what its manifest says).
+#[test]
+fn missing_pack_is_one_line_and_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let id = snap(&store, &rand_pages(6, 600), 1, Some("big"));
+    assert!(store.list().unwrap()[0].damaged.is_none());
+    let pack = store.pack_path(store.load(&id).unwrap().record(0).loc.pack);
+    fs::remove_file(&pack).unwrap();
+    let r = store.verify(Some(&id)).unwrap();
+    assert_eq!(r.damaged[0].reasons.len(), 1, "{r:?}");
+    let reason = &r.damaged[0].reasons[0];
+    assert!(
+        reason.contains(&pack.display().to_string()) && reason.contains("600 of the"),
+        "{reason}"
+    );
+    let list = store.list().unwrap();
+    let info = &list[0];
+    let damaged = info.damaged.as_deref().unwrap();
+    assert!(damaged.contains(&pack.display().to_string()), "{damaged}");
+    assert_eq!(info.names, vec!["big".to_string()]);
+    assert_eq!(info.data_pages, 600);
+}
+
+/// `verify` checks the hot-pages and working-set files beside a snapshot.
+#[test]
+fn verify_checks_hot_and_working_set_files() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let id = snap(&store, &text_pages(7, 20), 1, None);
+    let s = store.load(&id).unwrap();
+    store.save_hot(&s, &[1, 2, 3, 10]).unwrap();
+    store
+        .save_working_sets(&id, &[(1, vec![3, 1, 2])].into_iter().collect())
+        .unwrap();
+    assert!(store.verify(Some(&id)).unwrap().is_ok());
+    let (hot, ws) = (store.hot_path(&id), store.working_set_path(&id));
+    flip_byte(&hot, fs::metadata(&hot).unwrap().len() - 3);
+    flip_byte(&ws, 60);
+    let r = store.verify(Some(&id)).unwrap();
+    let reasons = &r.damaged[0].reasons;
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains(&hot.display().to_string()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains(&ws.display().to_string()),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("checksum mismatch"), "{reasons:?}");
+    // The pages themselves were all checked and are fine.
+    assert_eq!(r.pages_checked, 20);
 }

@@ -54,50 +54,106 @@ impl WorkingSets {
     }
 }
 
-fn decode_v1(bytes: &[u8]) -> Option<Vec<u64>> {
-    let (head, body) = bytes.split_at_checked(48)?;
-    let count = u64::from_le_bytes(head[8..16].try_into().ok()?);
-    if &head[..8] != MAGIC
-        || body.len() as u64 != count.checked_mul(8)?
-        || blake3::hash(body).as_bytes() != &head[16..48]
-    {
-        return None;
-    }
-    Some(
-        body.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-    )
+fn words(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    body.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
 }
 
-fn decode_v2(bytes: &[u8]) -> Option<BTreeMap<i32, Vec<u64>>> {
-    let (head, body) = bytes.split_at_checked(48)?;
-    let procs = u64::from_le_bytes(head[8..16].try_into().ok()?);
-    if &head[..8] != MAGIC2 || blake3::hash(body).as_bytes() != &head[16..48] {
-        return None;
+fn decode_v1(bytes: &[u8]) -> Result<Vec<u64>, String> {
+    let (head, body) = bytes
+        .split_at_checked(48)
+        .ok_or_else(|| format!("truncated: {} bytes, the header alone is 48", bytes.len()))?;
+    let count = u64::from_le_bytes(head[8..16].try_into().unwrap());
+    if count.checked_mul(8) != Some(body.len() as u64) {
+        return Err(format!(
+            "it says {count} pages but holds {} bytes of them",
+            body.len()
+        ));
     }
-    let words: Vec<u64> = body
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    if blake3::hash(body).as_bytes() != &head[16..48] {
+        return Err("checksum mismatch".into());
+    }
+    Ok(words(body).collect())
+}
+
+fn decode_v2(bytes: &[u8]) -> Result<BTreeMap<i32, Vec<u64>>, String> {
+    let (head, body) = bytes
+        .split_at_checked(48)
+        .ok_or_else(|| format!("truncated: {} bytes, the header alone is 48", bytes.len()))?;
+    let procs = u64::from_le_bytes(head[8..16].try_into().unwrap());
+    if blake3::hash(body).as_bytes() != &head[16..48] {
+        return Err("checksum mismatch".into());
+    }
     if body.len() % 8 != 0 {
-        return None;
+        return Err(format!("{} bytes of lists, not whole u64s", body.len()));
     }
     let mut out = BTreeMap::new();
-    let mut w = words.as_slice();
-    for _ in 0..procs {
-        let [pid, count, rest @ ..] = w else {
-            return None;
+    let mut w = body;
+    for p in 0..procs {
+        // Every length is checked against what is left before anything is copied.
+        let (pid, count, rest) = match (w.get(..8), w.get(8..16)) {
+            (Some(pid), Some(count)) => (
+                u64::from_le_bytes(pid.try_into().unwrap()),
+                u64::from_le_bytes(count.try_into().unwrap()),
+                &w[16..],
+            ),
+            _ => return Err(format!("it says {procs} processes but ends after {p}")),
         };
-        let count = usize::try_from(*count).ok()?;
-        let pid = i32::try_from(*pid).ok()?;
-        if rest.len() < count {
-            return None;
+        let pid = i32::try_from(pid).map_err(|_| format!("process {p}: pid {pid} out of range"))?;
+        let list = usize::try_from(count)
+            .ok()
+            .and_then(|n| rest.get(..n.checked_mul(8)?))
+            .ok_or_else(|| {
+                format!(
+                    "process {pid}: {count} pages, but only {} bytes are left",
+                    rest.len()
+                )
+            })?;
+        if out.insert(pid, words(list).collect()).is_some() {
+            return Err(format!("process {pid} is listed twice"));
         }
-        out.insert(pid, rest[..count].to_vec());
-        w = &rest[count..];
+        w = &rest[list.len()..];
     }
-    w.is_empty().then_some(out)
+    if !w.is_empty() {
+        return Err(format!("{} bytes after the last process", w.len()));
+    }
+    Ok(out)
+}
+
+/// Decodes a working-set file (either format); the error says what is wrong with it.
+pub(crate) fn decode(bytes: &[u8]) -> Result<WorkingSets, String> {
+    match bytes.get(..8) {
+        Some(m) if m == MAGIC => decode_v1(bytes).map(WorkingSets::Flat),
+        Some(m) if m == MAGIC2 => decode_v2(bytes).map(WorkingSets::PerProcess),
+        _ => Err("wrong magic".into()),
+    }
+}
+
+/// A `WARMWS1` file: one list.
+pub(crate) fn encode_v1(pages: &[u64]) -> Vec<u8> {
+    let body: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let mut out = Vec::with_capacity(48 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A `WARMWS2` file: per process.
+pub(crate) fn encode_v2(sets: &BTreeMap<i32, Vec<u64>>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (pid, pages) in sets {
+        body.extend_from_slice(&(*pid as u64).to_le_bytes());
+        body.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        body.extend(pages.iter().flat_map(|p| p.to_le_bytes()));
+    }
+    let mut out = Vec::with_capacity(48 + body.len());
+    out.extend_from_slice(MAGIC2);
+    out.extend_from_slice(&(sets.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    out
 }
 
 impl Store {
@@ -108,12 +164,7 @@ impl Store {
     /// Replaces the working set of `id` with one list (`WARMWS1`; a page server's
     /// clients send one list).
     pub fn save_working_set(&self, id: &SnapshotId, pages: &[u64]) -> Result<(), StoreError> {
-        let body: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let mut out = Vec::with_capacity(48 + body.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out.extend_from_slice(&body);
+        let out = encode_v1(pages);
         fsutil::write_atomic(&self.tmp_dir(), &self.working_set_path(id), &out)
     }
 
@@ -123,32 +174,34 @@ impl Store {
         id: &SnapshotId,
         sets: &BTreeMap<i32, Vec<u64>>,
     ) -> Result<(), StoreError> {
-        let mut body = Vec::new();
-        for (pid, pages) in sets {
-            body.extend_from_slice(&(*pid as u64).to_le_bytes());
-            body.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-            body.extend(pages.iter().flat_map(|p| p.to_le_bytes()));
-        }
-        let mut out = Vec::with_capacity(48 + body.len());
-        out.extend_from_slice(MAGIC2);
-        out.extend_from_slice(&(sets.len() as u64).to_le_bytes());
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out.extend_from_slice(&body);
+        let out = encode_v2(sets);
         fsutil::write_atomic(&self.tmp_dir(), &self.working_set_path(id), &out)
     }
 
     /// The working sets of `id`, if learned and intact (either format).
     pub fn working_sets(&self, id: &SnapshotId) -> Option<WorkingSets> {
         let bytes = std::fs::read(self.working_set_path(id)).ok()?;
-        let got = match bytes.get(..8) {
-            Some(m) if m == MAGIC => decode_v1(&bytes).map(WorkingSets::Flat),
-            Some(m) if m == MAGIC2 => decode_v2(&bytes).map(WorkingSets::PerProcess),
-            _ => None,
-        };
-        if got.is_none() {
-            tracing::warn!("ignoring damaged working set of snapshot {}", id.short());
+        decode(&bytes)
+            .map_err(|why| {
+                tracing::warn!(
+                    "ignoring damaged working set of snapshot {}: {why}",
+                    id.short()
+                )
+            })
+            .ok()
+    }
+
+    /// What `warmstart verify` says of the working sets of `id`: `Ok(false)` if there
+    /// are none, `Ok(true)` if intact, else why not (damage, or the read error).
+    pub(crate) fn verify_working_sets(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<bool, Result<String, std::io::Error>> {
+        match std::fs::read(self.working_set_path(id)) {
+            Ok(bytes) => decode(&bytes).map(|_| true).map_err(Ok),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Err(e)),
         }
-        got
     }
 
     /// Every index of the working sets of `id` in one list, if learned and intact.

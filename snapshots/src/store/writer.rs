@@ -153,7 +153,7 @@ impl<'a> SnapshotWriter<'a> {
                 Err(reason) => tracing::warn!(
                     "ignoring pack index {}: {}; its pages will not be deduplicated",
                     path.display(),
-                    reason.unwrap_or_else(|| "missing".into())
+                    reason.reason()
                 ),
             }
         }
