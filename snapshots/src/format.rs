@@ -701,6 +701,11 @@ pub(crate) mod tests {
                                 },
                             }]
                         }),
+                        tool: (page_count % 3 == 0).then(|| crate::model::ToolInfo {
+                            runtime: "python".into(),
+                            argv0: "-m x".into(),
+                            ..Default::default()
+                        }),
                     }
                 },
             )

@@ -942,5 +942,18 @@ pub fn sample_manifest() -> Manifest {
             mtime_ns: 1,
             kind: crate::model::TmpKind::Symlink { target: "x".into() },
         }]),
+        tool: Some(crate::model::ToolInfo {
+            runtime: "python".into(),
+            command: vec!["python3".into(), "-m".into(), "black".into()],
+            prime_args: vec!["--check x.py".into()],
+            cold_prefix: vec!["python3".into(), "-m".into(), "black".into()],
+            argv0: "-m black".into(),
+            files: vec![FileIdentity {
+                path: "/usr/lib/python3/black/__init__.py".into(),
+                size: 10,
+                hash: Some([3; 32]),
+                ..Default::default()
+            }],
+        }),
     }
 }
