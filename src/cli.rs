@@ -717,7 +717,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             );
         }
         ready = warmstart_launcher::Ready::Notify;
-        let (cmd, info) = crate::tool::plan(&a.command, &a.prime_args, store.dir())?;
+        let (cmd, info) = crate::tool::plan(&a.command, &a.prime_args)?;
         // SAFETY-free: set before any thread of ours starts; the launcher removes it.
         std::env::set_var(
             "WARMSTART_TOOL_PRIME",

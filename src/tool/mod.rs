@@ -1,7 +1,7 @@
 //! Warm command-line tools (`record --tool`, `run SNAP -- ARGS`).
 //!
 //! A tool is recorded under a small launcher warmstart ships for its runtime (Python's
-//! is `py_tool.py`, written into the store): the launcher loads what the tool's entry
+//! is `py_tool.py`, run with `python3 -c`): the launcher loads what the tool's entry
 //! point imports, runs the `--prime-args` runs, names every file it loaded and says it is
 //! warm on the notify channel (`--ready notify`). Each restored instance reads its
 //! request there, after `RESTORED=1`: `TOOL <len>\n` and a JSON object with the run's
@@ -21,28 +21,9 @@ use warmstart_snapshots::model::{FileIdentity, ToolInfo};
 /// The Python launcher.
 const PY_LAUNCHER: &str = include_str!("py_tool.py");
 
-/// The launcher's file in the store (by content, so a snapshot's stays as it was).
-fn launcher_file(store_dir: &Path) -> Result<PathBuf> {
-    let hash = blake3::hash(PY_LAUNCHER.as_bytes()).to_hex();
-    let dir = store_dir.join("launchers");
-    let path = dir.join(format!("py_tool-{}.py", &hash[..16]));
-    if path.is_file() {
-        return Ok(path);
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".py_tool-{}.tmp", std::process::id()));
-    std::fs::write(&tmp, PY_LAUNCHER).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(path)
-}
-
 /// How `record --tool` starts `command`: the launcher command line, and the tool's
 /// description (its files are added at the warm point).
-pub fn plan(
-    command: &[String],
-    prime_args: &[String],
-    store_dir: &Path,
-) -> Result<(Vec<String>, ToolInfo)> {
+pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, ToolInfo)> {
     let Some(cmd) = command.first() else {
         bail!("no command given: usage is `warmstart record --tool -- CMD ARGS...`");
     };
@@ -59,7 +40,6 @@ pub fn plan(
         // A console script (pip's entry-point wrapper) or any Python script run directly.
         let mut v = interp;
         v.push(program.to_string_lossy().into_owned());
-        let launcher = launcher_file(store_dir)?;
         let script = program.to_string_lossy().into_owned();
         return Ok(finish(
             command,
@@ -68,7 +48,6 @@ pub fn plan(
             &[],
             Form::Script(script),
             &command[1..],
-            &launcher,
         ));
     } else {
         bail!(
@@ -114,7 +93,6 @@ pub fn plan(
             }
         }
     };
-    let launcher = launcher_file(store_dir)?;
     Ok(finish(
         command,
         prime_args,
@@ -122,7 +100,6 @@ pub fn plan(
         &opts,
         form,
         &rest[i..],
-        &launcher,
     ))
 }
 
@@ -138,11 +115,12 @@ fn finish(
     opts: &[String],
     form: Form,
     args: &[String],
-    launcher: &Path,
 ) -> (Vec<String>, ToolInfo) {
     let mut cold_prefix: Vec<String> = interp.iter().chain(opts).cloned().collect();
     let mut cmd = cold_prefix.clone();
-    cmd.push(launcher.to_string_lossy().into_owned());
+    // The launcher's code on the command line: no file to keep (or to hide under a
+    // private /tmp).
+    cmd.extend(["-c".to_owned(), PY_LAUNCHER.to_owned()]);
     let argv0 = match &form {
         Form::Module(m) => {
             cold_prefix.extend(["-m".to_owned(), m.clone()]);
@@ -390,41 +368,34 @@ mod tests {
     #[test]
     fn python_forms_are_placed() {
         let d = tempfile::tempdir().unwrap();
-        let (cmd, info) = plan(
-            &s(&["python3", "-B", "-m", "json.tool", "x"]),
-            &[],
-            d.path(),
-        )
-        .unwrap();
+        let (cmd, info) = plan(&s(&["python3", "-B", "-m", "json.tool", "x"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", "-B", "-m", "json.tool"]));
         assert_eq!(&cmd[..2], &s(&["python3", "-B"])[..]);
-        assert_eq!(&cmd[3..], &s(&["module", "json.tool", "--", "x"])[..]);
-        let (cmd, info) = plan(&s(&["python3", "tool.py", "-v"]), &[], d.path()).unwrap();
+        assert_eq!(cmd[2], "-c");
+        assert_eq!(&cmd[4..], &s(&["module", "json.tool", "--", "x"])[..]);
+        let (cmd, info) = plan(&s(&["python3", "tool.py", "-v"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", "tool.py"]));
-        assert_eq!(&cmd[2..], &s(&["script", "tool.py", "--", "-v"])[..]);
+        assert_eq!(&cmd[3..], &s(&["script", "tool.py", "--", "-v"])[..]);
         let script = d.path().join("wrapper");
         std::fs::write(&script, "#!/usr/bin/env python3\nimport sys\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let p = script.to_str().unwrap();
-        let (cmd, info) = plan(&s(&[p, "a"]), &[], d.path()).unwrap();
+        let (cmd, info) = plan(&s(&[p, "a"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", p]));
         assert_eq!(cmd[0], "python3");
-        assert_eq!(&cmd[2..], &s(&["script", p, "--", "a"])[..]);
+        assert_eq!(&cmd[3..], &s(&["script", p, "--", "a"])[..]);
     }
 
     #[test]
     fn other_commands_are_refused_with_the_forms() {
-        let d = tempfile::tempdir().unwrap();
-        let e = plan(&s(&["true"]), &[], d.path()).unwrap_err().to_string();
+        let e = plan(&s(&["true"]), &[]).unwrap_err().to_string();
         assert!(e.contains("python3 -m MOD"), "{e}");
-        let e = plan(&s(&["python3", "-c", "1"]), &[], d.path())
+        let e = plan(&s(&["python3", "-c", "1"]), &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("-c"), "{e}");
-        let e = plan(&s(&["python3"]), &[], d.path())
-            .unwrap_err()
-            .to_string();
+        let e = plan(&s(&["python3"]), &[]).unwrap_err().to_string();
         assert!(e.contains("runs no module or script"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 # warmstart's launcher for a Python command-line tool (`warmstart record --tool`).
 #
-#   python3 py_tool.py module MOD -- ARGS...    (the tool's `python3 -m MOD ARGS`)
-#   python3 py_tool.py script PATH -- ARGS...   (`python3 PATH ARGS`, console scripts too)
+#   python3 -c "$(cat py_tool.py)" module MOD -- ARGS...   (the tool's `python3 -m MOD ARGS`)
+#   python3 -c "$(cat py_tool.py)" script PATH -- ARGS...  (`python3 PATH ARGS`, console scripts)
 #
 # It loads what the tool's entry point imports without running the tool, runs the entry
 # point once per priming argument list (WARMSTART_TOOL_PRIME, JSON; output to stderr,

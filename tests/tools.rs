@@ -1,0 +1,307 @@
+//! Warm command-line tools: `record --tool` of a Python tool (`python3 -m wstool`, the
+//! fixture in tests/fixtures/pytool), then `run SNAP -- ARGS` compared with a cold run of
+//! the tool for many argument sets, working directories, environments and stdin: same
+//! output, same files written, same exit status. A changed source file makes the next
+//! run cold (and the snapshot is recorded again); arguments to a snapshot that is not a
+//! tool are refused.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use common::{fixture, python, run_with, tempdir, Out, Ws, TIMEOUT};
+
+const UMASK: libc::mode_t = 0o027;
+
+/// The fixture tool's package, copied where a test may change it.
+fn tool_copy() -> tempfile::TempDir {
+    let d = tempdir("ws-tool-");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytool/wstool");
+    let dst = d.path().join("wstool");
+    std::fs::create_dir(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.path().extension().is_some_and(|x| x == "py") {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    d
+}
+
+/// Runs `cmd` in `cwd` with the tool on PYTHONPATH, umask [`UMASK`], one extra variable.
+fn in_dir(mut cmd: Command, cwd: &Path, pythonpath: &Path, greeting: Option<&str>) -> Command {
+    cmd.current_dir(cwd).env("PYTHONPATH", pythonpath);
+    match greeting {
+        Some(g) => cmd.env("WSTOOL_GREETING", g),
+        None => cmd.env_remove("WSTOOL_GREETING"),
+    };
+    // SAFETY: umask is async-signal-safe; it runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(UMASK);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn files_of(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap_or_default(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn record_tool(ws: &Ws, pythonpath: &Path) -> String {
+    let mut cmd = ws.cmd(&[
+        "record",
+        "--tool",
+        "--name",
+        "wst",
+        "--prime-args",
+        "--exit 3 --stderr priming",
+        "--",
+    ]);
+    cmd.arg(python())
+        .args(["-m", "wstool"])
+        .env("PYTHONPATH", pythonpath);
+    let out = run_with(&mut cmd, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stderr
+            .contains("primed with '--exit 3 --stderr priming': exit status 3"),
+        "the priming run's status is reported:\n{}",
+        out.describe()
+    );
+    out.stdout.trim().to_owned()
+}
+
+fn same(ctx: &str, cold: &Out, warm: &Out) {
+    assert_eq!(
+        warm.code(),
+        cold.code(),
+        "{ctx}: exit status\n{}\n{}",
+        cold.describe(),
+        warm.describe()
+    );
+    assert_eq!(
+        warm.stdout,
+        cold.stdout,
+        "{ctx}: stdout\n{}",
+        warm.describe()
+    );
+    if cold.stderr.contains("Traceback") {
+        // The frames above the tool's own differ (runpy's), the error does not.
+        let last = |s: &str| s.trim_end().lines().last().unwrap_or("").to_owned();
+        assert_eq!(last(&warm.stderr), last(&cold.stderr), "{ctx}: the error");
+    } else {
+        assert_eq!(warm.stderr, cold.stderr, "{ctx}: stderr");
+    }
+}
+
+#[test]
+fn warm_runs_match_cold_runs() {
+    let ws = Ws::new();
+    let tool = tool_copy();
+    record_tool(&ws, tool.path());
+    let dirs = [
+        tempdir("ws-cwd-a-"),
+        tempdir("ws-cwd-b-"),
+        tempdir("ws-cwd-c-"),
+    ];
+    let sets: Vec<(Vec<&str>, &str, Option<&str>)> = vec![
+        (vec![], "", None),
+        (vec!["a"], "", Some("hello")),
+        (vec!["a", "b", "c"], "", None),
+        (vec!["--exit", "0"], "", None),
+        (vec!["--exit", "1"], "", Some("x")),
+        (vec!["--exit", "2", "more"], "", None),
+        (vec!["--exit", "127"], "", None),
+        (vec!["--stdin"], "some input\nlines\n", None),
+        (vec!["--stdin", "--exit", "5"], "x", Some("y")),
+        (vec!["--write", "out.txt"], "", None),
+        (vec!["--write", "other.txt", "--exit", "4"], "", Some("w")),
+        (vec!["--stderr", "warning"], "", None),
+        (vec!["--stderr", "two words", "--exit", "9"], "", None),
+        (vec!["--crash"], "", None),
+        (vec!["--crash", "--stdin"], "unread", Some("c")),
+        (vec!["-v", "--", "-x"], "", None),
+        (vec!["ünïcode", "ärg"], "", Some("grüße")),
+        (vec![""], "", None),
+        (vec!["--exit", "255"], "", None),
+        (vec!["--write", "f1", "--write", "f2"], "", None),
+        (
+            vec!["--stdin", "--stderr", "e", "--write", "g"],
+            "in",
+            Some("z"),
+        ),
+    ];
+    for (i, (args, stdin, greeting)) in sets.iter().enumerate() {
+        let dir = dirs[i % dirs.len()].path();
+        let cold_dir = tempdir("ws-cold-");
+        let mut cold = Command::new(python());
+        cold.args(["-m", "wstool"]).args(args);
+        let cold = run_with(
+            &mut in_dir(cold, cold_dir.path(), tool.path(), *greeting),
+            stdin.as_bytes(),
+            TIMEOUT,
+        );
+        let mut warm = ws.cmd(&["run", "wst", "--"]);
+        warm.args(args);
+        let warm = run_with(
+            &mut in_dir(warm, dir, tool.path(), *greeting),
+            stdin.as_bytes(),
+            TIMEOUT,
+        );
+        // The cwd is in the output: compare with the cold run's directory named alike.
+        let warm = Out {
+            stdout: warm.stdout.replace(
+                &dir.display().to_string(),
+                &cold_dir.path().display().to_string(),
+            ),
+            ..warm
+        };
+        same(&format!("args {args:?}"), &cold, &warm);
+        assert_eq!(
+            files_of(dir),
+            files_of(cold_dir.path()),
+            "args {args:?}: files written"
+        );
+        for (f, _) in files_of(dir) {
+            std::fs::remove_file(dir.join(f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn concurrent_warm_runs_keep_their_own_cwd_and_env() {
+    let ws = Ws::new();
+    let tool = tool_copy();
+    record_tool(&ws, tool.path());
+    let (a, b) = (tempdir("ws-conc-a-"), tempdir("ws-conc-b-"));
+    let run = |dir: PathBuf, g: &'static str, file: &'static str| {
+        let mut c = ws.cmd(&["run", "wst", "--", "--write", file]);
+        c.current_dir(&dir).env("WSTOOL_GREETING", g);
+        let out = run_with(&mut c, b"", TIMEOUT);
+        out.assert_ok();
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        (v, dir)
+    };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| run(a.path().to_owned(), "from a", "a.txt"));
+        let hb = s.spawn(|| run(b.path().to_owned(), "from b", "b.txt"));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    for ((v, dir), g, f, other) in [
+        (ra, "from a", "a.txt", "b.txt"),
+        (rb, "from b", "b.txt", "a.txt"),
+    ] {
+        assert_eq!(v["cwd"], dir.display().to_string());
+        assert_eq!(v["greeting"], g);
+        assert!(dir.join(f).is_file() && !dir.join(other).exists());
+    }
+}
+
+#[test]
+fn a_changed_source_file_runs_the_new_code() {
+    let ws = Ws::new();
+    let tool = tool_copy();
+    let first = record_tool(&ws, tool.path());
+    let version = |out: &Out| -> String {
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+        v["version"].as_str().unwrap().to_owned()
+    };
+    let run = || {
+        let mut c = ws.cmd(&["run", "wst", "--", "x"]);
+        c.env("PYTHONPATH", tool.path());
+        run_with(&mut c, b"", TIMEOUT)
+    };
+    let out = run();
+    out.assert_ok();
+    assert_eq!(version(&out), "1");
+    assert!(!out.stderr.contains("stale"), "{}", out.describe());
+    std::fs::write(tool.path().join("wstool/helper.py"), "VERSION = \"2\"\n").unwrap();
+    let fail = {
+        let mut c = ws.cmd(&["run", "--stale", "fail", "wst", "--", "x"]);
+        c.env("PYTHONPATH", tool.path());
+        run_with(&mut c, b"", TIMEOUT)
+    };
+    fail.assert_fail();
+    assert!(
+        fail.stderr.contains("is stale") && fail.stderr.contains("helper.py"),
+        "{}",
+        fail.describe()
+    );
+    let cold = run();
+    cold.assert_ok();
+    assert_eq!(
+        version(&cold),
+        "2",
+        "the new code runs: {}",
+        cold.describe()
+    );
+    assert_eq!(
+        cold.stderr.matches("warmstart:").count(),
+        1,
+        "said once: {}",
+        cold.describe()
+    );
+    // It is recorded again in the background: wait (bounded) until the name moves.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ls = ws.run(&["ls", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap_or_default();
+        let now = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| {
+                s["names"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|n| n == "wst"))
+            })
+            .and_then(|s| s["id"].as_str().map(str::to_owned));
+        if now.as_deref().is_some_and(|id| !id.starts_with(&first)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wst was not recorded again: {ls:?}",
+            ls = ls.stdout
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let warm = run();
+    warm.assert_ok();
+    assert_eq!(version(&warm), "2");
+    assert!(!warm.stderr.contains("stale"), "{}", warm.describe());
+}
+
+#[test]
+fn arguments_to_a_snapshot_that_is_not_a_tool_are_refused() {
+    let ws = Ws::new();
+    ws.record("counter", &[fixture("counter")]);
+    let out = ws.run(&["run", "counter", "--", "x"], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("was not recorded with --tool"),
+        "{}",
+        out.describe()
+    );
+    let bad = ws.run(&["record", "--tool", "--", "true"], "");
+    bad.assert_fail();
+    assert!(bad.stderr.contains("python3 -m MOD"), "{}", bad.describe());
+}
