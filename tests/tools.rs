@@ -305,3 +305,86 @@ fn arguments_to_a_snapshot_that_is_not_a_tool_are_refused() {
     bad.assert_fail();
     assert!(bad.stderr.contains("python3 -m MOD"), "{}", bad.describe());
 }
+
+/// A real tool from PyPI (installed by .ci/run), recorded as its console script and as
+/// `python3 -m`, compared with cold runs on good, badly formatted and broken inputs.
+fn real_tool(name: &str, module: &str, sets: &[&[&str]]) {
+    let have = Command::new(python())
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("WARMSTART_REQUIRE_SERVERS").is_none(),
+            "{name} is not installed (.ci/run installs it)"
+        );
+        eprintln!("skipping: {name} is not installed");
+        return;
+    }
+    let ws = Ws::new();
+    let scripts = Command::new(python())
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .unwrap();
+    let script = Path::new(String::from_utf8_lossy(&scripts.stdout).trim()).join(name);
+    let inputs = tempdir("ws-tool-in-");
+    let sample = common::workloads_dir().join("tools/sample.py");
+    std::fs::copy(&sample, inputs.path().join("good.py")).unwrap();
+    std::fs::write(inputs.path().join("ugly.py"), "x = [1,2 ,3]\nimport os\ndef f( a ):\n  return a\n").unwrap();
+    std::fs::write(inputs.path().join("broken.py"), "def f(:\n    pass\n").unwrap();
+    for (how, argv) in [
+        ("console script", vec![script.clone().into_os_string()]),
+        ("-m", vec![python().into_os_string(), "-m".into(), module.into()]),
+    ] {
+        let mut rec = ws.cmd(&["record", "--tool", "--name", name, "--prime-args", "good.py", "--"]);
+        rec.args(&argv).current_dir(inputs.path());
+        run_with(&mut rec, b"", TIMEOUT).assert_ok();
+        for args in sets {
+            let mut cold = Command::new(&argv[0]);
+            cold.args(&argv[1..]).args(*args).current_dir(inputs.path());
+            let cold = run_with(&mut cold, b"", TIMEOUT);
+            let mut warm = ws.cmd(&["run", name, "--"]);
+            warm.args(*args).current_dir(inputs.path());
+            let warm = run_with(&mut warm, b"", TIMEOUT);
+            same(&format!("{name} ({how}) {args:?}"), &cold, &warm);
+        }
+    }
+}
+
+#[test]
+fn black_warm_is_black() {
+    real_tool(
+        "black",
+        "black",
+        &[
+            &["--check", "good.py"],
+            &["--check", "ugly.py"],
+            &["--check", "-q", "ugly.py"],
+            &["-", "--check"],
+            &["--check", "broken.py"],
+            &["--check", "--line-length", "20", "good.py"],
+            &["--version"],
+            &["--code", "x=1"],
+            &["--nonexistent-option"],
+            &["--check", "missing.py"],
+        ],
+    );
+}
+
+#[test]
+fn flake8_warm_is_flake8() {
+    real_tool(
+        "flake8",
+        "flake8",
+        &[
+            &["good.py"],
+            &["ugly.py"],
+            &["broken.py"],
+            &["--max-line-length", "20", "good.py"],
+            &["--select", "E2", "ugly.py"],
+            &["--version"],
+            &["--bogus"],
+            &["missing.py"],
+        ],
+    );
+}
