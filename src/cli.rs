@@ -80,6 +80,19 @@ pub enum Command {
     PageServer(PageServerArgs),
     /// Restore instances on request for `warmstart run`, from pools of parked instances
     Serve(ServeArgs),
+    /// Write an executable DIR/NAME that runs tool snapshot SNAPSHOT with its arguments
+    /// (or the tool cold when warmstart, its store or the snapshot cannot be used): put
+    /// DIR first in PATH
+    Shim {
+        /// The tool snapshot (`record --tool`)
+        snapshot: String,
+        /// Directory to write the shim in
+        #[arg(long)]
+        dir: PathBuf,
+        /// The shim's file name [default: the snapshot's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -255,6 +268,11 @@ pub struct RunArgs {
     /// A tool snapshot: the tool's arguments (after `--`)
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
+    /// (For shims.) When the snapshot cannot be run warm (missing, refused by this host,
+    /// its files changed), run this command cold with the arguments instead; repeatable,
+    /// one word each
+    #[arg(long, value_name = "WORD", hide = true, allow_hyphen_values = true)]
+    pub or_cold: Vec<String>,
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -272,6 +290,11 @@ fn store_dir(cli: &Cli) -> Result<PathBuf> {
         Some(d) => Ok(d.clone()),
         None => default_store(),
     }
+}
+
+/// The store `cli` names (for other modules' commands).
+pub fn open_store_for(cli: &Cli) -> Result<Store> {
+    open_store(cli)
 }
 
 fn open_store(cli: &Cli) -> Result<Store> {
@@ -339,6 +362,11 @@ pub fn main(cli: Cli) -> Result<i32> {
             };
             crate::serve::serve(store, &opts)
         }
+        Command::Shim {
+            snapshot,
+            dir,
+            name,
+        } => crate::tool::write_shim(&cli, snapshot, dir, name.as_deref()),
         Command::Run(a) => {
             let systemd = crate::fds::inet::systemd_listeners()?;
             let given_listeners = !a.listen.is_empty() || systemd.is_some();
@@ -358,9 +386,28 @@ pub fn main(cli: Cli) -> Result<i32> {
                     return Ok(code);
                 }
             }
-            let (snap, names) = match &a.page_server {
-                Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
-                None => load(&open_store(&cli)?, &a.snapshot)?,
+            let loaded = (|| -> Result<(Snapshot, Vec<String>)> {
+                let (snap, names) = match &a.page_server {
+                    Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
+                    None => load(&open_store(&cli)?, &a.snapshot)?,
+                };
+                if !a.or_cold.is_empty() {
+                    // A shim: what would refuse the restore runs the tool cold instead.
+                    crate::restore::checks::host(&snap.manifest.host)?;
+                    crate::restore::checks::unchanged_files(&snap.manifest)?;
+                }
+                Ok((snap, names))
+            })();
+            let (snap, names) = match loaded {
+                Ok(x) => x,
+                Err(e) if !a.or_cold.is_empty() => {
+                    eprintln!(
+                        "warmstart: cannot run {} warm ({e:#}): running it cold",
+                        a.snapshot
+                    );
+                    return crate::tool::run_cold(&a.or_cold, a);
+                }
+                Err(e) => return Err(e),
             };
             let mode = if a.eager {
                 Mode::Eager

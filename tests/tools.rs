@@ -323,20 +323,38 @@ fn real_tool(name: &str, module: &str, sets: &[&[&str]]) {
     }
     let ws = Ws::new();
     let scripts = Command::new(python())
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .unwrap();
     let script = Path::new(String::from_utf8_lossy(&scripts.stdout).trim()).join(name);
     let inputs = tempdir("ws-tool-in-");
     let sample = common::workloads_dir().join("tools/sample.py");
     std::fs::copy(&sample, inputs.path().join("good.py")).unwrap();
-    std::fs::write(inputs.path().join("ugly.py"), "x = [1,2 ,3]\nimport os\ndef f( a ):\n  return a\n").unwrap();
+    std::fs::write(
+        inputs.path().join("ugly.py"),
+        "x = [1,2 ,3]\nimport os\ndef f( a ):\n  return a\n",
+    )
+    .unwrap();
     std::fs::write(inputs.path().join("broken.py"), "def f(:\n    pass\n").unwrap();
     for (how, argv) in [
         ("console script", vec![script.clone().into_os_string()]),
-        ("-m", vec![python().into_os_string(), "-m".into(), module.into()]),
+        (
+            "-m",
+            vec![python().into_os_string(), "-m".into(), module.into()],
+        ),
     ] {
-        let mut rec = ws.cmd(&["record", "--tool", "--name", name, "--prime-args", "good.py", "--"]);
+        let mut rec = ws.cmd(&[
+            "record",
+            "--tool",
+            "--name",
+            name,
+            "--prime-args",
+            "good.py",
+            "--",
+        ]);
         rec.args(&argv).current_dir(inputs.path());
         run_with(&mut rec, b"", TIMEOUT).assert_ok();
         for args in sets {
@@ -387,4 +405,60 @@ fn flake8_warm_is_flake8() {
             &["missing.py"],
         ],
     );
+}
+
+/// `shim`: an executable that runs the tool warm, and cold (saying why, once) when the
+/// snapshot is gone; a snapshot that is not a tool gets no shim.
+#[test]
+fn a_shim_runs_the_tool_warm_or_cold() {
+    let ws = Ws::new();
+    let tool = tool_copy();
+    record_tool(&ws, tool.path());
+    let dir = tempdir("ws-shim-");
+    ws.run(&["shim", "wst", "--dir", dir.path().to_str().unwrap()], "")
+        .assert_ok();
+    let shim = dir.path().join("wst");
+    let run = |args: &[&str]| {
+        let mut c = Command::new(&shim);
+        c.args(args)
+            .env("PYTHONPATH", tool.path())
+            .env_remove("WARMSTART_STORE");
+        run_with(&mut c, b"", TIMEOUT)
+    };
+    let warm = run(&["-x", "--exit", "3"]);
+    assert_eq!(warm.code(), 3, "{}", warm.describe());
+    assert!(
+        warm.stdout
+            .contains("\"argv\": [\"-x\", \"--exit\", \"3\"]"),
+        "{}",
+        warm.describe()
+    );
+    assert!(!warm.stderr.contains("warmstart"), "{}", warm.describe());
+    ws.run(&["rm", "wst"], "").assert_ok();
+    let cold = run(&["-x", "--exit", "4"]);
+    assert_eq!(cold.code(), 4, "{}", cold.describe());
+    assert!(
+        cold.stdout
+            .contains("\"argv\": [\"-x\", \"--exit\", \"4\"]"),
+        "{}",
+        cold.describe()
+    );
+    assert_eq!(
+        cold.stderr.matches("running it cold").count(),
+        1,
+        "{}",
+        cold.describe()
+    );
+    ws.record("counter", &[fixture("counter")]);
+    let no = ws.run(
+        &["shim", "counter", "--dir", dir.path().to_str().unwrap()],
+        "",
+    );
+    no.assert_fail();
+    assert!(
+        no.stderr.contains("not recorded with --tool"),
+        "{}",
+        no.describe()
+    );
+    assert!(!dir.path().join("counter").exists());
 }

@@ -310,8 +310,17 @@ pub fn run_stale_or_check(
         .first()
         .map_or("/", |p| p.cwd.as_str());
     rerecord(cli, names, cwd, tool);
-    let mut cmd = std::process::Command::new(&tool.cold_prefix[0]);
-    cmd.args(&tool.cold_prefix[1..]).args(&a.args);
+    run_cold(&tool.cold_prefix, a).map(Some)
+}
+
+/// Runs `prefix` + the run's arguments as a plain process, with the run's environment
+/// settings; its exit status (128+N for a signal).
+pub fn run_cold(prefix: &[String], a: &crate::cli::RunArgs) -> Result<i32> {
+    let (program, rest) = prefix
+        .split_first()
+        .ok_or_else(|| anyhow!("no command to run the tool cold"))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest).args(&a.args);
     if a.clear_env {
         cmd.env_clear();
     }
@@ -320,13 +329,71 @@ pub fn run_stale_or_check(
     }
     let status = cmd
         .status()
-        .with_context(|| format!("running {} cold", tool.cold_prefix.join(" ")))?;
+        .with_context(|| format!("running {} cold", prefix.join(" ")))?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(Some(match (status.code(), status.signal()) {
+    Ok(match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
         _ => 1,
-    }))
+    })
+}
+
+/// `warmstart shim SNAP --dir DIR`: writes `DIR/NAME`, a shell script that runs the tool
+/// snapshot warm with its arguments, or cold when warmstart, its store or the snapshot
+/// cannot be used (the cold command is written into it).
+pub fn write_shim(
+    cli: &crate::cli::Cli,
+    snapshot: &str,
+    dir: &Path,
+    name: Option<&str>,
+) -> Result<i32> {
+    let store = crate::cli::open_store_for(cli)?;
+    let id = store.resolve(snapshot)?;
+    let snap = store.load(&id)?;
+    let Some(tool) = &snap.manifest.tool else {
+        bail!(
+            "snapshot {snapshot} was not recorded with --tool: a shim runs a tool snapshot \
+             (record the command with `warmstart record --tool`)"
+        );
+    };
+    let name = name.unwrap_or(snapshot);
+    if name.is_empty() || name.contains('/') {
+        bail!("shim name {name:?}: a file name, no slashes");
+    }
+    if !dir.is_dir() {
+        bail!("--dir {}: not a directory", dir.display());
+    }
+    let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let exe = std::env::current_exe().context("the path of warmstart")?;
+    let exe = q(&exe.to_string_lossy());
+    let store_dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_owned());
+    let cold: Vec<String> = tool.cold_prefix.iter().map(|w| q(w)).collect();
+    let or_cold: Vec<String> = tool
+        .cold_prefix
+        .iter()
+        .map(|w| format!("--or-cold={}", q(w)))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\n\
+         # Written by `warmstart shim`: runs tool snapshot {snapshot} warm, or the tool cold\n\
+         # when warmstart, its store or the snapshot cannot be used.\n\
+         if [ -x {exe} ]; then\n\
+         \x20   exec {exe} --store {} run {} {} -- \"$@\"\n\
+         fi\n\
+         exec {} \"$@\"\n",
+        q(&store_dir.to_string_lossy()),
+        or_cold.join(" "),
+        q(snapshot),
+        cold.join(" "),
+    );
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.warmstart-{}", std::process::id()));
+    std::fs::write(&tmp, script).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("making {} executable", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    println!("{}", path.display());
+    Ok(0)
 }
 
 /// `warmstart record --tool` of the same command again, detached (its own session,
