@@ -149,6 +149,14 @@ fn unix_socket_shutdown_state() {
     run_fixture("unix_shutdown", false);
 }
 
+/// Unix listeners (stream and seqpacket) with connections not accepted yet: the
+/// connections come back in accept order, each connected to its client's fd, with what
+/// the client sent (and its shutdown for writing).
+#[test]
+fn unix_listeners_with_connections_not_accepted_yet() {
+    run_fixture("unix_queue", false);
+}
+
 /// TCP connections that are over but still open (state CLOSE, one closed with FINs, one
 /// reset) next to the listener that accepted them on the same port: restored as ended
 /// connections (EOF / the pending error), not as sockets bound to the listener's port.
