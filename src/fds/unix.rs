@@ -852,3 +852,164 @@ fn connect_queued(
     }
     Ok(fd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    fn ino(fd: &impl AsRawFd) -> u32 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino() as u32
+    }
+
+    fn client(c: &UnixStream, fd: i32) -> QueuedClient {
+        let d = sock_diag::unix_sockets().unwrap()[&ino(c)].clone();
+        QueuedClient {
+            pid: 1,
+            comm: "t".into(),
+            fd,
+            addr: UnixAddr::Unnamed,
+            shutdown: d.shutdown,
+            unsent: d.wqueue,
+        }
+    }
+
+    /// A listener with three connections waiting: "hello", then "world" and SHUT_WR,
+    /// then one whose client closed after "bye"; the collector knows the first two.
+    fn setup(dir: &std::path::Path, take: bool) -> (Collector, UnixListener, Vec<UnixStream>) {
+        let l = UnixListener::bind(dir.join("l.sock")).unwrap();
+        let mut a = UnixStream::connect(dir.join("l.sock")).unwrap();
+        a.write_all(b"hello").unwrap();
+        let mut b = UnixStream::connect(dir.join("l.sock")).unwrap();
+        b.write_all(b"world").unwrap();
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut gone = UnixStream::connect(dir.join("l.sock")).unwrap();
+        gone.write_all(b"bye").unwrap();
+        drop(gone);
+        let mut c = Collector::default();
+        c.clients.insert(ino(&a), client(&a, 10));
+        c.clients.insert(ino(&b), client(&b, 11));
+        c.listeners.push(Listener {
+            pid: 1,
+            pid_in_ns: 1,
+            comm: "t".into(),
+            fd: 3,
+            ino: ino(&l),
+            sock_type: libc::SOCK_STREAM,
+            icons: vec![ino(&a), ino(&b), 0],
+            copy: OwnedFd::from(l.try_clone().unwrap()),
+            take,
+        });
+        (c, l, vec![a, b])
+    }
+
+    #[test]
+    fn a_queue_with_data_is_read_by_accepting_it_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, l, mut clients) = setup(dir.path(), true);
+        let ids = [ino(&clients[0]) as u64, ino(&clients[1]) as u64, 0];
+        let (_, queues) = c.finish(1, "t").unwrap();
+        assert_eq!(queues.len(), 1);
+        let q = &queues[0];
+        assert_eq!((q.pid, q.fd), (1, 3));
+        let got: Vec<(u64, Vec<Vec<u8>>, u8)> = q
+            .conns
+            .iter()
+            .map(|c| (c.id, c.queued.clone(), c.shutdown))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ids[0], vec![b"hello".to_vec()], 0),
+                (ids[1], vec![b"world".to_vec()], 2),
+                (0, vec![b"bye".to_vec()], 0),
+            ]
+        );
+        // Taken: nothing waits any more, the clients' peers are gone.
+        l.set_nonblocking(true).unwrap();
+        assert!(l.accept().is_err());
+        let mut buf = [0u8; 4];
+        assert!(
+            !matches!(clients[0].read(&mut buf), Ok(n) if n > 0),
+            "the server side was closed"
+        );
+    }
+
+    #[test]
+    fn a_queue_with_data_is_refused_when_the_tree_runs_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, l, _clients) = setup(dir.path(), false);
+        let e = c.finish(1, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("process 1 (t): fd 3 is a listening unix socket with 3 connections")
+                && e.contains("connection 1 (from fd 10 of process 1 (t)")
+                && e.contains("--leave-running"),
+            "{e}"
+        );
+        // Nothing was taken.
+        l.set_nonblocking(true).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+    }
+
+    #[test]
+    fn a_connection_from_outside_the_tree_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _l, clients) = setup(dir.path(), true);
+        c.clients.remove(&ino(&clients[1]));
+        let e = c.finish(1, "t").unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "connection 2 not accepted yet comes from a socket outside the process tree"
+            ) && e.contains(&format!("held by process {}", std::process::id())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_queued_connection_is_made_again_with_its_data_and_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let addr = UnixAddr::Path(path.to_str().unwrap().into());
+        let (sa, len, _) = sockaddr(&addr).unwrap().unwrap();
+        let conn = |data: &[u8], shutdown| UnixQueuedConn {
+            id: 1,
+            addr: UnixAddr::Unnamed,
+            queued: vec![data.to_vec()],
+            shutdown,
+        };
+        let a = connect_queued(libc::SOCK_STREAM, &conn(b"one", 0), &sa, len).unwrap();
+        let b = connect_queued(libc::SOCK_STREAM, &conn(b"two", 2), &sa, len).unwrap();
+        let mut buf = [0u8; 8];
+        // Accepted in the order they connected, each with its data; the second's client
+        // shut down for writing: EOF after the data.
+        let (mut s1, _) = l.accept().unwrap();
+        s1.set_nonblocking(true).unwrap();
+        assert_eq!(s1.read(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"one");
+        assert!(
+            s1.read(&mut buf).is_err(),
+            "no EOF: the first client did not shut down"
+        );
+        let (mut s2, _) = l.accept().unwrap();
+        let mut got = Vec::new();
+        s2.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"two");
+        // Each accepted socket is connected to its own client.
+        s1.write_all(b"x").unwrap();
+        let mut a = UnixStream::from(a);
+        a.set_nonblocking(true).unwrap();
+        assert_eq!(a.read(&mut buf).unwrap(), 1);
+        let mut b = UnixStream::from(b);
+        assert!(
+            b.write_all(b"y").is_err(),
+            "the second client shut down for writing"
+        );
+    }
+}
