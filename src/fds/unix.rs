@@ -131,19 +131,23 @@ impl Collector {
             .collect();
         outside.sort_by_key(|(ino, _)| **ino);
         if let Some((ino, c)) = outside.first() {
-            let listener = self.diag.as_ref().and_then(|d| {
-                d.iter()
-                    .find(|(_, d)| d.icons.contains(ino))
-                    .map(|(&l, _)| l)
-            });
+            let listener = self
+                .diag
+                .as_ref()
+                .and_then(|d| {
+                    d.iter()
+                        .find(|(_, d)| d.icons.contains(ino))
+                        .map(|(&l, _)| l)
+                })
+                .unwrap_or(0);
             bail!(
-                "process {} ({}): fd {} is a unix socket whose connection waits to be \
-                 accepted by a listener outside the process tree (socket inode {}), which \
-                 warmstart cannot checkpoint yet",
+                "process {} ({}): fd {} is a unix socket connected to a peer outside the \
+                 process tree: a listener (socket inode {listener}{}) that has not accepted \
+                 the connection yet, which warmstart cannot checkpoint yet",
                 c.pid,
                 c.comm,
                 c.fd,
-                listener.unwrap_or(0)
+                held_by(listener)
             );
         }
         // Every refusal first: taking connections is the last thing done.
@@ -191,17 +195,7 @@ impl Collector {
                 continue;
             }
             let Some(c) = self.clients.get(&icon) else {
-                let holders = sock_diag::socket_holders(&[icon]);
-                let by = match holders.get(&icon) {
-                    Some(h) => {
-                        let h: Vec<String> = h
-                            .iter()
-                            .map(|(p, c)| format!("process {p} ({c})"))
-                            .collect();
-                        format!(", held by {}", h.join(", "))
-                    }
-                    None => String::new(),
-                };
+                let by = held_by(icon);
                 bail!(
                     "{what} whose connection {n} not accepted yet comes from a socket outside \
                      the process tree (socket inode {icon}{by}), which warmstart cannot \
@@ -268,6 +262,21 @@ impl Collector {
         pairs.extend(self.lone.iter().cloned());
         pairs.sort_by_key(|p| p.id);
         Ok(pairs)
+    }
+}
+
+/// ", held by process P (comm), ..." for the socket `ino`, or nothing if no process
+/// holds it.
+fn held_by(ino: u32) -> String {
+    match sock_diag::socket_holders(&[ino]).get(&ino) {
+        Some(h) => {
+            let h: Vec<String> = h
+                .iter()
+                .map(|(p, c)| format!("process {p} ({c})"))
+                .collect();
+            format!(", held by {}", h.join(", "))
+        }
+        None => String::new(),
     }
 }
 
@@ -955,6 +964,42 @@ mod tests {
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hello");
+    }
+
+    #[test]
+    fn a_queue_without_data_is_dumped_without_touching_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let a = UnixStream::connect(&path).unwrap();
+        let b = UnixStream::connect(&path).unwrap();
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut c = Collector::default();
+        c.clients.insert(ino(&a), client(&a, 10));
+        c.clients.insert(ino(&b), client(&b, 11));
+        c.listeners.push(Listener {
+            pid: 1,
+            pid_in_ns: 1,
+            comm: "t".into(),
+            fd: 3,
+            ino: ino(&l),
+            sock_type: libc::SOCK_STREAM,
+            icons: vec![ino(&a), ino(&b)],
+            copy: OwnedFd::from(l.try_clone().unwrap()),
+            take: false,
+        });
+        let (_, queues) = c.finish(1, "t").unwrap();
+        let got: Vec<(u64, usize, u8)> = queues[0]
+            .conns
+            .iter()
+            .map(|c| (c.id, c.queued.len(), c.shutdown))
+            .collect();
+        assert_eq!(got, vec![(ino(&a) as u64, 0, 0), (ino(&b) as u64, 0, 2)]);
+        // Both still wait, in order.
+        assert_eq!(
+            sock_diag::unix_sockets().unwrap()[&ino(&l)].icons,
+            vec![ino(&a), ino(&b)]
+        );
     }
 
     #[test]
