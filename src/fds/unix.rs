@@ -25,7 +25,10 @@
 //!   queued connections from its copy of the listener and peeks them. That takes them
 //!   from the app, so it is done only when the tree is killed after the dump (as the last
 //!   step of the fd collection); with `--leave-running`/`--leave-stopped` such a queue is
-//!   refused by name. Queues without data are read without touching them. The restore
+//!   refused by name. Queues without data are read without touching them. What can only
+//!   be seen once taken (passed fds in the data) is refused then, and a dump that fails
+//!   after this step (the final checks, the commit) leaves the tree without those
+//!   connections: the refusal says so. The restore
 //!   (in the root, before it forks) creates the listener, then for each connection in
 //!   order a client socket that connects to it, sends the data and shuts down as the
 //!   client had; a client that had closed is closed again. Known gap: `SO_PEERCRED` of
@@ -48,6 +51,8 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
 /// `sk_shutdown` of a stream socket whose peer has closed.
 const SHUTDOWN_BOTH: u8 = 3;
+/// `SO_PASSPIDFD` (Linux 6.5), not in every libc.
+const SO_PASSPIDFD: i32 = 76;
 
 /// One end of a connected pair seen so far.
 struct End {
@@ -158,7 +163,15 @@ impl Collector {
         let mut queues = Vec::new();
         for (l, (mut conns, read)) in listeners.iter().zip(plans) {
             if read {
-                take_queue(l, &self.clients, &mut conns)?;
+                take_queue(l, &self.clients, &mut conns).map_err(|e| {
+                    anyhow!(
+                        "{e:#} (to read them, the dump has accepted the connections that \
+                         waited on fd {} of process {} ({}): the process no longer has them)",
+                        l.fd,
+                        l.pid,
+                        l.comm
+                    )
+                })?;
             }
             queues.push(UnixQueue {
                 pid: l.pid_in_ns,
@@ -347,6 +360,11 @@ fn take_queue(
                     c.addr
                 );
             }
+        }
+        // Credentials the listener asks for (inherited by the accepted socket) come with
+        // every message: not the queue's own control messages.
+        for opt in [libc::SO_PASSCRED, SO_PASSPIDFD] {
+            let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, opt, 0, "SO_PASSCRED");
         }
         c.queued = peek_queue(s, l.sock_type).map_err(|e| match e {
             PeekError::Control => {
@@ -999,6 +1017,81 @@ mod tests {
         assert_eq!(
             sock_diag::unix_sockets().unwrap()[&ino(&l)].icons,
             vec![ino(&a), ino(&b)]
+        );
+    }
+
+    /// One connection waiting on a fresh listener (`passcred`: with SO_PASSCRED), whose
+    /// client sent "data" (with its own stdin fd attached when `rights`).
+    fn one_waiting(
+        dir: &std::path::Path,
+        passcred: bool,
+        rights: bool,
+    ) -> (Collector, UnixListener, UnixStream) {
+        let l = UnixListener::bind(dir.join("l.sock")).unwrap();
+        if passcred {
+            setsockopt_int(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1, "t").unwrap();
+        }
+        let a = UnixStream::connect(dir.join("l.sock")).unwrap();
+        let mut data = *b"data";
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let mut cmsg = [0u64; 4];
+        // SAFETY: msghdr is plain data; all zeroes is a valid value.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        if rights {
+            mh.msg_control = cmsg.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+            // SAFETY: the control buffer holds one cmsg with a 4-byte payload.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&mh);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+                *(libc::CMSG_DATA(c) as *mut i32) = 0;
+            }
+        }
+        // SAFETY: `mh` points at live buffers.
+        assert_eq!(unsafe { libc::sendmsg(a.as_raw_fd(), &mh, 0) }, 4);
+        let mut c = Collector::default();
+        c.clients.insert(ino(&a), client(&a, 10));
+        c.listeners.push(Listener {
+            pid: 1,
+            pid_in_ns: 1,
+            comm: "t".into(),
+            fd: 3,
+            ino: ino(&l),
+            sock_type: libc::SOCK_STREAM,
+            icons: vec![ino(&a)],
+            copy: OwnedFd::from(l.try_clone().unwrap()),
+            take: true,
+        });
+        (c, l, a)
+    }
+
+    #[test]
+    fn a_listener_asking_for_credentials_is_no_obstacle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _l, _a) = one_waiting(dir.path(), true, false);
+        let (_, queues) = c.finish(1, "t").unwrap();
+        assert_eq!(queues[0].conns[0].queued, vec![b"data".to_vec()]);
+    }
+
+    #[test]
+    fn passed_fds_in_a_waiting_connection_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _l, _a) = one_waiting(dir.path(), false, true);
+        let e = c.finish(1, "t").unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "connection 1 not accepted yet, from fd 10 of process 1 (t), has file descriptors"
+            ) && e.contains("SCM_RIGHTS")
+                && e.contains("the process no longer has them"),
+            "{e}"
         );
     }
 
