@@ -157,6 +157,14 @@ fn unix_listeners_with_connections_not_accepted_yet() {
     run_fixture("unix_queue", false);
 }
 
+/// A waiting connection whose client end is held by another process of the tree (a
+/// child blocked reading it): created with the listener by the root before it forks, it
+/// reaches the child again.
+#[test]
+fn unix_listener_with_a_connection_from_a_child_not_accepted_yet() {
+    run_fixture("unix_queue_child", false);
+}
+
 /// `dump -t` of a process whose unix listeners hold connections with data: with
 /// `--leave-running` it is refused by name (reading the data means accepting them) and
 /// the process keeps its queues; without, the dump reads them and a restore has them.
