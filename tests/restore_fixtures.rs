@@ -149,6 +149,71 @@ fn unix_socket_shutdown_state() {
     run_fixture("unix_shutdown", false);
 }
 
+/// Unix listeners (stream and seqpacket) with connections not accepted yet: the
+/// connections come back in accept order, each connected to its client's fd, with what
+/// the client sent (and its shutdown for writing).
+#[test]
+fn unix_listeners_with_connections_not_accepted_yet() {
+    run_fixture("unix_queue", false);
+}
+
+/// A waiting connection whose client end is held by another process of the tree (a
+/// child blocked reading it): created with the listener by the root before it forks, it
+/// reaches the child again.
+#[test]
+fn unix_listener_with_a_connection_from_a_child_not_accepted_yet() {
+    run_fixture("unix_queue_child", false);
+}
+
+/// `dump -t` of a process whose unix listeners hold connections with data: with
+/// `--leave-running` it is refused by name (reading the data means accepting them) and
+/// the process keeps its queues; without, the dump reads them and a restore has them.
+#[test]
+fn dump_of_queued_unix_connections_with_and_without_leave_running() {
+    let bin = fixture("unix_queue");
+    let ws = Ws::new();
+    let mut orig = common::Proc::spawn(&mut std::process::Command::new(&bin));
+    orig.send("check");
+    assert_eq!(orig.read_line(), "PASS", "cold unix_queue");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let pid = orig.pid().to_string();
+    let dir_s = dir.to_str().unwrap();
+    let out = ws.run(&["dump", "-t", &pid, "-D", dir_s, "--leave-running"], "");
+    assert!(
+        out.code() != 0
+            && out.stderr.contains(&format!(
+                "process {pid} (unix_queue): fd 3 is a listening unix socket with 4 \
+                 connections not accepted yet"
+            ))
+            && out
+                .stderr
+                .contains("cannot be checkpointed with --leave-running"),
+        "dump --leave-running of queued connections with data:\n{}",
+        out.describe()
+    );
+    // Refused before anything was taken: the process still has its queues.
+    orig.send("check");
+    assert_eq!(
+        orig.read_line(),
+        "PASS",
+        "unix_queue after the refused dump"
+    );
+    ws.run(&["dump", "-t", &pid, "-D", dir_s], "").assert_ok();
+    orig.wait();
+    let mut copy = common::Proc::spawn(&mut ws.cmd(&["restore", "-D", dir_s]));
+    copy.send("check");
+    assert_eq!(copy.read_line(), "PASS", "restored unix_queue, first check");
+    copy.send("check");
+    assert_eq!(
+        copy.read_line(),
+        "PASS",
+        "restored unix_queue, second check"
+    );
+    copy.close_stdin();
+    assert!(copy.wait().success());
+}
+
 /// TCP connections that are over but still open (state CLOSE, one closed with FINs, one
 /// reset) next to the listener that accepted them on the same port: restored as ended
 /// connections (EOF / the pending error), not as sockets bound to the listener's port.

@@ -706,6 +706,7 @@ pub(crate) mod tests {
                             argv0: "-m x".into(),
                             ..Default::default()
                         }),
+                        unix_queues: Vec::new(),
                     }
                 },
             )

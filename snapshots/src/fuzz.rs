@@ -955,5 +955,6 @@ pub fn sample_manifest() -> Manifest {
                 ..Default::default()
             }],
         }),
+        unix_queues: Vec::new(),
     }
 }

@@ -49,6 +49,10 @@ pub struct Manifest {
     /// Recorded with `record --tool`: a command-line tool waiting at its entry point for
     /// the arguments, working directory and environment of each run.
     pub tool: Option<ToolInfo>,
+    /// Listening unix sockets with connections not accepted yet: each listener's queue,
+    /// in accept order. A restore connects a client end to the listener for each, in
+    /// this order, and sends what the client had sent.
+    pub unix_queues: Vec<UnixQueue>,
 }
 
 /// A file that is mapped but has no name any more: a deleted file (POSIX semaphores and
@@ -549,6 +553,13 @@ pub enum FileDesc {
         reset: bool,
         flags: i32,
     },
+    /// The client end of a unix connection still waiting in a listener's accept queue:
+    /// `Manifest::unix_queues` has it (`UnixQueuedConn::id == conn`), and the restore
+    /// creates it by connecting to that listener.
+    UnixQueued {
+        conn: u64,
+        flags: i32,
+    },
 }
 
 /// Owner and permission bits of a file the restore creates anew (a deleted file, a
@@ -616,6 +627,32 @@ pub struct UnixPairObject {
     /// Each end's own shutdown state (`sk_shutdown`: 1 receive, 2 send), applied once the
     /// queues are refilled.
     pub shutdown: [u8; 2],
+}
+
+/// A listening unix socket (stream or seqpacket) with connections not accepted yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixQueue {
+    /// The listener: fd `fd` of process `pid` (a `FileDesc::Unix` with `listen`).
+    pub pid: i32,
+    pub fd: i32,
+    /// The connections in accept order.
+    pub conns: Vec<UnixQueuedConn>,
+}
+
+/// One connection in a listener's accept queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixQueuedConn {
+    /// Inode of the client end at dump, the key `FileDesc::UnixQueued::conn` refers to;
+    /// 0 when the client has closed its end (the connection, its data and its EOF wait
+    /// for `accept` all the same).
+    pub id: u64,
+    /// The client end's own name (usually unnamed).
+    pub addr: UnixAddr,
+    /// What the client sent that the server side has not read (one element per
+    /// seqpacket message; one element for a stream's bytes).
+    pub queued: Vec<Vec<u8>>,
+    /// The client end's `sk_shutdown` (1 receive, 2 send), applied after the data.
+    pub shutdown: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -255,7 +255,7 @@ fn collect_and_store(
         None
     };
     let root_comm = processes[0].comm.clone();
-    let (pipes, unix_pairs) = files.finish(root, &root_comm)?;
+    let shared = files.finish(root, &root_comm)?;
     phases.add("collect", times.collect);
     phases.add("parasite", times.parasite);
     phases.add("memory", times.memory);
@@ -269,14 +269,15 @@ fn collect_and_store(
         host: crate::sys::vdso::host_facts(xsave_size)?,
         clocks,
         processes,
-        pipes,
-        unix_pairs,
+        pipes: shared.pipes,
+        unix_pairs: shared.unix_pairs,
         file_locks,
         page_count: 0,
         pages_hash: [0; 32],
         shared_files: objects.finish(),
         private_tmp,
         tool: opts.tool.clone(),
+        unix_queues: shared.unix_queues,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;
@@ -323,6 +324,7 @@ fn collect_process(
         &files::CollectOptions {
             stdio: opts.stdio.clone(),
             tcp_close: opts.tcp_close,
+            take_queued: !opts.leave_running && !opts.leave_stopped,
         },
         files,
     )?;

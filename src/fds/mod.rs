@@ -55,7 +55,7 @@ use std::os::unix::fs::MetadataExt;
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{
     EpollTarget, Fd, FileDesc, FileIdentity, FileLock, FileOwner, Manifest, PipeObject, Process,
-    UnixPairObject,
+    UnixPairObject, UnixQueue,
 };
 
 use crate::sys::pidfd;
@@ -80,6 +80,9 @@ pub struct CollectOptions {
     /// Dump established TCP connections as connections the peer has reset (see
     /// [`inet`]) instead of refusing them.
     pub tcp_close: bool,
+    /// The tree is killed after the dump: connections waiting in a unix listener's queue
+    /// may be accepted to read what their clients sent (see [`unix`]).
+    pub take_queued: bool,
 }
 
 pub fn identity(path: &str, meta: &std::fs::Metadata) -> FileIdentity {
@@ -170,6 +173,8 @@ impl FdInfo {
 /// Everything a kind's dump code may need about one fd of the target.
 pub struct Target<'a> {
     pub pid: i32,
+    /// The pid in the tree's own pid namespace (the manifest's `Process::pid`).
+    pub pid_in_ns: i32,
     pub comm: &'a str,
     pub fd: i32,
     pub link: &'a str,
@@ -221,6 +226,7 @@ pub struct Collected {
     pub pipes: Vec<PipeObject>,
     pub unix_pairs: Vec<UnixPairObject>,
     pub file_locks: Vec<FileLock>,
+    pub unix_queues: Vec<UnixQueue>,
 }
 
 /// Shared objects met while collecting one process's fds.
@@ -245,11 +251,18 @@ pub struct TreeFiles {
 }
 
 impl TreeFiles {
-    /// The shared objects of every process collected.
-    pub fn finish(self, pid: i32, comm: &str) -> Result<(Vec<PipeObject>, Vec<UnixPairObject>)> {
+    /// The shared objects of every process collected: pipes, unix socket pairs and the
+    /// queues of unix listeners (the last step of a dump's fd collection: reading a
+    /// queue may take its connections from the app, see [`unix`]).
+    pub fn finish(self, pid: i32, comm: &str) -> Result<SharedObjects> {
         let mut pipes: Vec<PipeObject> = self.shared.pipes.into_values().collect();
         pipes.sort_by_key(|p| p.id);
-        Ok((pipes, self.shared.unix.finish(pid, comm)?))
+        let (unix_pairs, unix_queues) = self.shared.unix.finish(pid, comm)?;
+        Ok(SharedObjects {
+            pipes,
+            unix_pairs,
+            unix_queues,
+        })
     }
 
     /// The id of the open file description of `pid`'s fd `fd`: the id of an fd seen
@@ -267,16 +280,24 @@ impl TreeFiles {
     }
 }
 
+/// What [`TreeFiles::finish`] returns.
+pub struct SharedObjects {
+    pub pipes: Vec<PipeObject>,
+    pub unix_pairs: Vec<UnixPairObject>,
+    pub unix_queues: Vec<UnixQueue>,
+}
+
 /// The fds of one process alone (a tree of one).
 pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected> {
     let mut tree = TreeFiles::default();
     let (fds, file_locks) = collect_in_tree(pid, comm, opts, &mut tree)?;
-    let (pipes, unix_pairs) = tree.finish(pid, comm)?;
+    let shared = tree.finish(pid, comm)?;
     Ok(Collected {
         fds,
-        pipes,
-        unix_pairs,
+        pipes: shared.pipes,
+        unix_pairs: shared.unix_pairs,
         file_locks,
+        unix_queues: shared.unix_queues,
     })
 }
 
@@ -310,6 +331,7 @@ pub fn collect_in_tree(
         let ofd = tree.ofd(pid, fd, &link);
         let t = Target {
             pid,
+            pid_in_ns,
             comm,
             fd,
             link: &link,
@@ -477,6 +499,9 @@ pub fn describe(f: &FileDesc) -> String {
             format!("deleted file {path} ({} bytes)", data.len())
         }
         FileDesc::UnixPair { pair, end, .. } => format!("unix pair {pair} end {end}"),
+        FileDesc::UnixQueued { conn, .. } => {
+            format!("unix connection {conn} not accepted yet (client end)")
+        }
         FileDesc::Unix { addr, listen, .. } => format!(
             "unix {addr:?}{}",
             listen
@@ -685,7 +710,9 @@ pub fn prepare_shared(
             })?;
         }
     }
-    let mut shared = HashMap::new();
+    // Listeners with connections waiting, and those connections' client ends: created
+    // here whoever holds them, so that every connection is made in accept order.
+    let mut shared = unix::restore_queues(&mut ins).context("restoring unix listeners' queues")?;
     for (&id, (procs, f)) in &ofds {
         if let FileDesc::Inotify { watches, .. } = &f.file {
             if procs.len() > 1 && watches.iter().any(|w| w.via_fd.is_some()) {
@@ -696,7 +723,7 @@ pub fn prepare_shared(
                 );
             }
         }
-        if procs.len() > 1 && shareable(&f.file) {
+        if procs.len() > 1 && shareable(&f.file) && !shared.contains_key(&id) {
             let fd = create(&mut ins, f, stdio).with_context(|| {
                 format!(
                     "restoring {} shared by processes {procs:?}",
@@ -940,6 +967,10 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         FileDesc::Memfd { .. } => memfd::restore(ins, &f.file),
         FileDesc::UnixPair { pair, end, flags } => unix::restore_pair(ins, *pair, *end, *flags),
         FileDesc::Unix { .. } => unix::restore(ins, &f.file),
+        FileDesc::UnixQueued { conn, .. } => Err(anyhow!(
+            "the client end of unix connection {conn} was not created with its listener's \
+             queue (corrupt manifest?)"
+        )),
         FileDesc::Inet { .. } | FileDesc::TcpClosed { .. } | FileDesc::TcpEnded { .. } => {
             inet::restore(ins, &f.file)
         }

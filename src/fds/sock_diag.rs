@@ -13,7 +13,7 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_HDR: usize = 16;
 
 /// What the kernel reports about one unix socket.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct UnixDiag {
     pub state: u8,
     /// Inode of the peer, 0 if none.
@@ -24,6 +24,9 @@ pub struct UnixDiag {
     pub wqueue: u32,
     /// `sk_shutdown`: 3 (both ways) once a connected stream socket's peer has closed.
     pub shutdown: u8,
+    /// Listening: the inodes of the client ends of the connections waiting to be
+    /// accepted, in accept order (`UNIX_DIAG_ICONS`); 0 for a client that has closed.
+    pub icons: Vec<u32>,
 }
 
 /// What the kernel reports about one TCP listener.
@@ -117,15 +120,17 @@ fn attrs(payload: &[u8], fixed: usize) -> impl Iterator<Item = (u16, &[u8])> {
 /// Every unix socket of this network namespace, by inode.
 pub fn unix_sockets() -> Result<HashMap<u32, UnixDiag>> {
     const UDIAG_SHOW_PEER: u32 = 4;
+    const UDIAG_SHOW_ICONS: u32 = 8;
     const UDIAG_SHOW_RQLEN: u32 = 0x10;
     const UNIX_DIAG_PEER: u16 = 2;
+    const UNIX_DIAG_ICONS: u16 = 3;
     const UNIX_DIAG_RQLEN: u16 = 4;
     const UNIX_DIAG_SHUTDOWN: u16 = 6;
     // struct unix_diag_req
     let mut body = vec![libc::AF_UNIX as u8, 0, 0, 0];
     body.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
     body.extend_from_slice(&0u32.to_ne_bytes()); // ino
-    body.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    body.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN).to_ne_bytes());
     body.extend_from_slice(&[0xff; 8]); // cookie: none
     let mut out = HashMap::new();
     dump(&body, |p| {
@@ -148,6 +153,12 @@ pub fn unix_sockets() -> Result<HashMap<u32, UnixDiag>> {
                     d.wqueue = u32::from_ne_bytes(data[4..8].try_into().unwrap());
                 }
                 UNIX_DIAG_SHUTDOWN if !data.is_empty() => d.shutdown = data[0],
+                UNIX_DIAG_ICONS => {
+                    d.icons = data
+                        .chunks_exact(4)
+                        .map(|w| u32::from_ne_bytes(w.try_into().unwrap()))
+                        .collect()
+                }
                 _ => {}
             }
         }
@@ -384,5 +395,22 @@ mod tests {
         assert!(conns[0].answered(), "{conns:?}");
         let other = other.local_addr().unwrap().port();
         assert!(w.conns(libc::AF_INET, other).unwrap().is_empty());
+    }
+
+    #[test]
+    fn lists_the_clients_waiting_in_a_unix_listener_s_queue_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let a = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let b = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let socks = unix_sockets().unwrap();
+        let d = &socks[&ino(&l)];
+        assert_eq!((d.state, d.rqueue), (10, 2));
+        assert_eq!(d.icons, vec![ino(&a), ino(&b)]);
+        // A client's peer is the server side not accepted yet: no inode.
+        assert_eq!(socks[&ino(&a)].peer, 0);
+        drop(a);
+        assert_eq!(unix_sockets().unwrap()[&ino(&l)].icons, vec![0, ino(&b)]);
     }
 }

@@ -171,7 +171,8 @@ impl Pools {
 
 /// Whether instances of `m` may wait parked: nothing they hold may be something another
 /// instance (or anyone else) needs meanwhile: no bound or listening sockets (their
-/// addresses and ports), no file locks (but on files of the instance's own private
+/// addresses and ports; but unix sockets bound in the instance's own private `/tmp`),
+/// no file locks (but on files of the instance's own private
 /// `/tmp`, which nobody else sees: SQLite's, for one). An epoll watching the stdio gets it added when
 /// the stdio arrives, and timerfds are armed then, which needs each to be the process's
 /// own.
@@ -191,6 +192,22 @@ fn parkable(m: &Manifest) -> Result<(), String> {
     };
     if !m.file_locks.iter().all(in_private_tmp) {
         return Err("it holds file locks".into());
+    }
+    // A unix socket bound in the instance's own private `/tmp` holds a name nobody else
+    // sees.
+    let own_name = |addr: &UnixAddr| match addr {
+        UnixAddr::Unnamed => true,
+        UnixAddr::Path(p) => m.private_tmp.is_some() && p.starts_with("/tmp/"),
+        UnixAddr::Abstract(_) => false,
+    };
+    for q in &m.unix_queues {
+        if let Some(c) = q.conns.iter().find(|c| !own_name(&c.addr)) {
+            return Err(format!(
+                "process {} (fd {}): a connection waiting on its unix listener comes from a \
+                 client bound to {:?}",
+                q.pid, q.fd, c.addr
+            ));
+        }
     }
     for p in &m.processes {
         for (epfd, _) in crate::fds::late_epoll_targets(p) {
@@ -214,9 +231,7 @@ fn parkable(m: &Manifest) -> Result<(), String> {
         for f in &p.fds {
             let why = match &f.file {
                 FileDesc::Inet { .. } | FileDesc::Netlink { .. } => "it has network sockets",
-                FileDesc::Unix { addr, .. } if *addr != UnixAddr::Unnamed => {
-                    "it has bound unix sockets"
-                }
+                FileDesc::Unix { addr, .. } if !own_name(addr) => "it has bound unix sockets",
                 _ => continue,
             };
             return Err(format!("process {} (fd {}): {why}", p.pid, f.fd));
@@ -260,7 +275,16 @@ mod tests {
             listen: Some(5),
             flags: 0,
         };
-        assert!(parkable(&manifest_with(bound)).is_err());
+        assert!(parkable(&manifest_with(bound.clone())).is_err());
+        // ... but in the instance's own private /tmp, nobody else sees the name.
+        let mut own = manifest_with(bound);
+        own.private_tmp = Some(Vec::new());
+        assert!(parkable(&own).is_ok());
+        let FileDesc::Unix { addr, .. } = &mut own.processes[0].fds[0].file else {
+            unreachable!()
+        };
+        *addr = UnixAddr::Path("/run/x.sock".into());
+        assert!(parkable(&own).is_err());
         let pipe = FileDesc::Pipe {
             pipe: 1,
             write: false,
