@@ -21,6 +21,13 @@ fn sessions_and_process_groups() {
     run_fixture("tree_session", false);
 }
 
+/// A pty the app opened itself, the controlling terminal of a session of its tree with
+/// a foreground group of its own (issue 13).
+#[test]
+fn own_pty_as_controlling_terminal() {
+    run_fixture("pty_own", false);
+}
+
 #[test]
 fn zombie_children_reaped_after_restore() {
     run_fixture("tree_zombie", false);

@@ -260,6 +260,7 @@ pub(crate) mod tests {
                 zombie: None,
                 zombie_sigmask: 0,
                 fd_table_size: 64,
+                ctty: None,
             }],
             pipes: vec![PipeObject {
                 id: 9,
@@ -746,6 +747,7 @@ pub(crate) mod tests {
                 zombie: (ids[0] % 3 == 0).then_some(ids[1]),
                 zombie_sigmask: ids[0] as u64,
                 fd_table_size: ids[1] as u32,
+                ctty: None,
             },
         )
     }

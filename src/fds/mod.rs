@@ -40,6 +40,7 @@ pub mod locks;
 pub mod memfd;
 pub mod netlink;
 pub mod pipe;
+pub mod pty;
 pub mod regular;
 pub mod shared_file;
 pub mod signalfd;
@@ -229,6 +230,8 @@ pub struct Shared {
     pub pipes: HashMap<u64, PipeObject>,
     pub unix: unix::Collector,
     pub inet: inet::Collector,
+    /// The ptys whose master the tree holds ([`pty::scan`]).
+    pub ptys: pty::Own,
 }
 
 /// What the fd collection of a whole tree has met so far: shared objects (pipes, socket
@@ -245,6 +248,22 @@ pub struct TreeFiles {
 }
 
 impl TreeFiles {
+    /// Finds the ptys of the tree `pids` before its fds are collected: whether a slave
+    /// is the app's own depends on a master that a later process may hold.
+    pub fn scan_ptys(&mut self, pids: &[i32]) -> Result<()> {
+        self.shared.ptys = pty::scan(pids)?;
+        Ok(())
+    }
+
+    /// The controlling terminal of `pid` when it is a pty of the app's own (its index).
+    pub fn ctty(&self, pid: i32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        // Field 7, tty_nr (fields start at 3 after the comm).
+        let tty_nr: u64 = rest.split(' ').nth(4)?.parse().ok()?;
+        pty::tty_nr_index(tty_nr).filter(|&i| self.shared.ptys.owns(i))
+    }
+
     /// The shared objects of every process collected.
     pub fn finish(self, pid: i32, comm: &str) -> Result<(Vec<PipeObject>, Vec<UnixPairObject>)> {
         let mut pipes: Vec<PipeObject> = self.shared.pipes.into_values().collect();
@@ -270,6 +289,7 @@ impl TreeFiles {
 /// The fds of one process alone (a tree of one).
 pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected> {
     let mut tree = TreeFiles::default();
+    tree.scan_ptys(&[pid])?;
     let (fds, file_locks) = collect_in_tree(pid, comm, opts, &mut tree)?;
     let (pipes, unix_pairs) = tree.finish(pid, comm)?;
     Ok(Collected {
@@ -371,6 +391,14 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
         )));
     };
     let ft = meta.mode() & libc::S_IFMT;
+    // A pty of the app's own (its master is in the tree); any other terminal is from
+    // outside (a shell's).
+    if pty::is_master(meta) {
+        return pty::dump_master(t, &shared.ptys);
+    }
+    if let Some(index) = pty::slave_index(meta).filter(|&i| shared.ptys.owns_slave(i, meta)) {
+        return pty::dump_slave(t, index);
+    }
     if let StdioPolicy::Detect { shell_job } = t.opts.stdio {
         if is_terminal(meta) {
             if !shell_job {
@@ -419,8 +447,9 @@ fn socket(t: &Target, meta: &std::fs::Metadata, shared: &mut Shared) -> Result<F
     }
 }
 
-/// A terminal: a pty slave, a virtual console or serial tty, or `/dev/tty` (the
-/// controlling terminal). Pty masters (`/dev/ptmx`) are not: they are refused as devices.
+/// A terminal from outside: a pty slave whose master is not in the tree, a virtual
+/// console or serial tty, or `/dev/tty` (the controlling terminal). Pty masters and the
+/// slaves of the app's own ptys are handled before ([`pty`]).
 fn is_terminal(meta: &std::fs::Metadata) -> bool {
     let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
     meta.mode() & libc::S_IFMT == libc::S_IFCHR
@@ -513,6 +542,10 @@ pub fn describe(f: &FileDesc) -> String {
         FileDesc::Netlink { protocol, port, .. } => format!("netlink {protocol} port {port}"),
         FileDesc::Inotify { watches, .. } => format!("inotify ({} watches)", watches.len()),
         FileDesc::SharedFile { id, pos, .. } => format!("deleted file / memfd #{id} @{pos}"),
+        FileDesc::PtyMaster { path, pty, .. } => {
+            format!("pty master {path} (/dev/pts/{})", pty.index)
+        }
+        FileDesc::PtySlave { index, .. } => format!("pty slave /dev/pts/{index}"),
     }
 }
 
@@ -537,6 +570,8 @@ pub struct Installer<'a> {
     pub files: HashMap<u64, RawFd>,
     /// Opens of those files made by name by the root, by `Fd::ofd`.
     pub file_opens: HashMap<u32, RawFd>,
+    /// The masters of the app's own ptys, by index, created by the root.
+    pub ptys: HashMap<u32, RawFd>,
 }
 
 impl Installer<'_> {
@@ -573,13 +608,23 @@ pub struct Inherited {
     pub file_opens: HashMap<u32, RawFd>,
     /// Every fd above except the shmem and file ones, closed once the fd table is built.
     pub fds: Vec<RawFd>,
+    /// The masters of the app's own ptys by index (also among `ofds` and `fds`): a
+    /// session leader makes one its controlling terminal before the fd table is built.
+    pub ptys: HashMap<u32, RawFd>,
 }
 
 /// Whether an fd of this kind is created once for all the processes sharing it. The
 /// caller's stdio is inherited anyway; an epoll's targets are fds of one process, so
 /// each process gets its own (an epoll shared across processes is not shared again).
+/// Ptys are created by the root in any case ([`pty::create_all`]).
 fn shareable(f: &FileDesc) -> bool {
-    !matches!(f, FileDesc::External { .. } | FileDesc::Epoll { .. })
+    !matches!(
+        f,
+        FileDesc::External { .. }
+            | FileDesc::Epoll { .. }
+            | FileDesc::PtyMaster { .. }
+            | FileDesc::PtySlave { .. }
+    )
 }
 
 /// In the root of the tree, before it forks: creates what [`Inherited`] lists.
@@ -599,6 +644,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         parked: false,
         files: HashMap::new(),
         file_opens: HashMap::new(),
+        ptys: HashMap::new(),
     };
     // Deleted files and memfds first (with every open of them): a shared open of one is
     // made from it below.
@@ -674,7 +720,9 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
             })?;
         }
     }
-    let mut shared = HashMap::new();
+    // Every pty and each open of its master and slaves, whoever holds them: the
+    // session leader that takes one as its terminal may be another process than those.
+    let mut shared = pty::create_all(&mut ins, &live).context("restoring the app's ptys")?;
     for (&id, (procs, f)) in &ofds {
         if let FileDesc::Inotify { watches, .. } = &f.file {
             if procs.len() > 1 && watches.iter().any(|w| w.via_fd.is_some()) {
@@ -718,6 +766,7 @@ pub fn prepare_shared(m: &Manifest, stdio: &[RawFd], high: RawFd) -> Result<Inhe
         shmem,
         files: ins.files,
         file_opens: ins.file_opens,
+        ptys: ins.ptys,
         fds: ins
             .temps
             .into_iter()
@@ -827,6 +876,7 @@ pub fn install(
         parked,
         files: inherited.files.clone(),
         file_opens: inherited.file_opens.clone(),
+        ptys: inherited.ptys.clone(),
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
@@ -930,6 +980,9 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         FileDesc::Inotify { flags, watches } => inotify::restore(ins, *flags, watches),
         FileDesc::SharedFile { id, flags, pos } => shared_file::restore(ins, f, *id, *flags, *pos),
         FileDesc::Epoll { .. } => unreachable!("epolls are created after everything else"),
+        FileDesc::PtyMaster { .. } | FileDesc::PtySlave { .. } => Err(anyhow!(
+            "a pty is created by the root of the tree, which did not create this one"
+        )),
     }
 }
 

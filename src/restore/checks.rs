@@ -262,7 +262,7 @@ pub fn tree(m: &Manifest) -> Result<()> {
             }
         }
     }
-    Ok(())
+    crate::fds::pty::check(m)
 }
 
 #[cfg(test)]
