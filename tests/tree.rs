@@ -28,6 +28,39 @@ fn own_pty_as_controlling_terminal() {
     run_fixture("pty_own", false);
 }
 
+/// Bytes queued in a pty of the app's own cannot be read without consuming them: the
+/// dump is refused, naming the process, the fd and the direction.
+#[test]
+fn own_pty_with_queued_bytes_is_refused() {
+    let bin = fixture("pty_own");
+    for (arg, fd, what) in [
+        (
+            "queued-in",
+            "fd 11 is the slave",
+            "2 bytes are queued for the slave",
+        ),
+        (
+            "queued-out",
+            "fd 12 is the master",
+            "3 bytes are queued for the master",
+        ),
+    ] {
+        let ws = Ws::new();
+        let out = ws.run(
+            &["record", "--name", "q", "--", bin.to_str().unwrap(), arg],
+            "",
+        );
+        assert!(
+            !out.success()
+                && out.stderr.contains(&format!("(pty_own): {fd}"))
+                && out.stderr.contains(what)
+                && out.stderr.contains("/dev/pts/"),
+            "record of pty_own {arg} should be refused naming the queued bytes:\n{}",
+            out.describe()
+        );
+    }
+}
+
 #[test]
 fn zombie_children_reaped_after_restore() {
     run_fixture("tree_zombie", false);

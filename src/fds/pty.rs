@@ -16,7 +16,10 @@
 //! either direction cannot be read without consuming them (CRIU reads them and writes
 //! them back into the peer, where the line discipline processes them a second time:
 //! echo, `\n` → `\r\n`), so a pty with queued bytes (`FIONREAD` on the master, and on a
-//! slave fd of the tree) is refused, naming the process, fd and direction. In canonical
+//! slave fd of the tree, each after a zero-timeout `poll` that hands bytes still in the
+//! tty's flip buffer to the line discipline) is refused, naming the process, fd and
+//! direction. With no slave fd in the tree, the slave's side is not checked (opening one
+//! to look would change the pty's state) and bytes queued there are lost. In canonical
 //! mode `FIONREAD` counts complete lines only: a partial line being typed is not seen,
 //! and is lost; so is the line discipline's column (tab expansion).
 //!
@@ -219,6 +222,16 @@ fn pid_in_ns(host_pid: i32) -> i32 {
 
 /// `FIONREAD` of `fd`, refused with the reason when bytes are queued there.
 fn refuse_queued(t: &Target, fd: &OwnedFd, index: u32, what: &str, whose: &str) -> Result<()> {
+    // Bytes just written wait in the tty's flip buffer until a worker hands them to the
+    // line discipline, and FIONREAD counts only the latter; a poll (which reads nothing)
+    // flushes that work first.
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call; zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) };
     let n = ioctl_int(fd, libc::FIONREAD).with_context(|| format!("FIONREAD of {whose}"))?;
     if n > 0 {
         bail!(
@@ -757,4 +770,43 @@ pub fn check(m: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tty_nr_names_pty_slaves_only() {
+        // /dev/pts/3 (136:3), /dev/pts/300 (137:44), /dev/tty1 (4:1), none.
+        assert_eq!(tty_nr_index((136 << 8) | 3), Some(3));
+        let minor = 300u64 % 256;
+        assert_eq!(tty_nr_index((137 << 8) | minor), Some(300));
+        // A minor above 255 is split: its high bits go above the major.
+        let (major, minor) = (136u64, 0x1_05u64);
+        let nr = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+        assert_eq!(tty_nr_index(nr), Some(0x105));
+        assert_eq!(tty_nr_index((4 << 8) | 1), None);
+        assert_eq!(tty_nr_index(0), None);
+    }
+
+    #[test]
+    fn master_and_slave_of_a_real_pty() {
+        let Ok(m) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/ptmx")
+        else {
+            return; // no ptys here
+        };
+        let meta = m.metadata().unwrap();
+        assert!(is_master(&meta));
+        assert_eq!(slave_index(&meta), None);
+        let m = OwnedFd::from(m);
+        let index = ioctl_int(&m, TIOCGPTN).unwrap() as u32;
+        ioctl_set(m.as_raw_fd(), TIOCSPTLCK, 0, "unlock").unwrap();
+        let s = std::fs::metadata(format!("/dev/pts/{index}")).unwrap();
+        assert_eq!(slave_index(&s), Some(index));
+        assert!(!is_master(&s));
+    }
 }
