@@ -246,6 +246,13 @@ fn dump_t_shared_memory_tree_restores_same_maps() {
     dump_t_and_compare("tree_shmem", 2);
 }
 
+/// `dump -t` (no `--shell-job`) of a tree whose pty is its own: not refused as a
+/// shell's terminal, and restored with its controlling terminal and foreground group.
+#[test]
+fn dump_t_own_pty_tree_restores_its_terminal() {
+    dump_t_and_compare("pty_own", 3);
+}
+
 #[test]
 fn dump_t_leave_running_tree_goes_on() {
     let ws = Ws::new();

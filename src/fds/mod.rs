@@ -257,11 +257,7 @@ impl TreeFiles {
 
     /// The controlling terminal of `pid` when it is a pty of the app's own (its index).
     pub fn ctty(&self, pid: i32) -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 2..];
-        // Field 7, tty_nr (fields start at 3 after the comm).
-        let tty_nr: u64 = rest.split(' ').nth(4)?.parse().ok()?;
-        pty::tty_nr_index(tty_nr).filter(|&i| self.shared.ptys.owns(i))
+        pty::ctty_of(pid, &self.shared.ptys)
     }
 
     /// The shared objects of every process collected.
@@ -398,6 +394,14 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
     }
     if let Some(index) = pty::slave_index(meta).filter(|&i| shared.ptys.owns_slave(i, meta)) {
         return pty::dump_slave(t, index);
+    }
+    if ft == libc::S_IFCHR && meta.rdev() == libc::makedev(5, 0) {
+        if let Some(index) = pty::ctty_of(t.pid, &shared.ptys) {
+            return Err(t.refuse(format_args!(
+                "/dev/tty, the process's controlling terminal, a pty of the app's own \
+                 (/dev/pts/{index}): its ptys are restored, opens of /dev/tty not yet"
+            )));
+        }
     }
     if let StdioPolicy::Detect { shell_job } = t.opts.stdio {
         if is_terminal(meta) {

@@ -105,6 +105,16 @@ pub fn tty_nr_index(tty_nr: u64) -> Option<u32> {
     (tty_nr != 0 && (136..=143).contains(&major)).then(|| (major - 136) * 256 + minor)
 }
 
+/// The controlling terminal of `pid` (`/proc/PID/stat` field 7, `tty_nr`) when it is a
+/// pty of the app's own: its index.
+pub fn ctty_of(pid: i32, own: &Own) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Fields start at 3 after the comm: tty_nr is the fifth.
+    let tty_nr: u64 = rest.split(' ').nth(4)?.parse().ok()?;
+    tty_nr_index(tty_nr).filter(|&i| own.owns(i))
+}
+
 /// An fd of a process of the tree: (pid as seen here, fd).
 type Where = (i32, i32);
 
