@@ -36,7 +36,7 @@ fn own_pty_with_queued_bytes_is_refused() {
     for (arg, fd, what) in [
         (
             "queued-in",
-            "fd 11 is the slave",
+            "fd 12 is the master",
             "2 bytes are queued for the slave",
         ),
         (
