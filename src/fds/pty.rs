@@ -753,6 +753,21 @@ pub fn after_groups(m: &Manifest, p: &Process, ptys: &HashMap<u32, RawFd>) -> Re
 /// a pty that is a session's controlling terminal has that session's leader in the
 /// tree, with it as its controlling terminal.
 pub fn check(m: &Manifest) -> Result<()> {
+    for p in m.processes.iter().filter(|p| p.zombie.is_none()) {
+        // Members inherit the terminal their leader takes before forking them.
+        let Some(index) = p.ctty else { continue };
+        let leader = m.processes.iter().find(|q| q.pid == p.sid);
+        if !leader.is_some_and(|q| q.ctty == Some(index) && q.zombie.is_none()) {
+            bail!(
+                "process {} ({}) has the pty /dev/pts/{index} of the app as its controlling \
+                 terminal, but the leader of its session {} is not in the tree with it: the \
+                 session could not take it again",
+                p.pid,
+                p.comm,
+                p.sid
+            );
+        }
+    }
     for p in &m.processes {
         for f in &p.fds {
             let FileDesc::PtyMaster { pty, .. } = &f.file else {
@@ -798,6 +813,50 @@ mod tests {
         assert_eq!(tty_nr_index(nr), Some(0x105));
         assert_eq!(tty_nr_index((4 << 8) | 1), None);
         assert_eq!(tty_nr_index(0), None);
+    }
+
+    #[test]
+    fn a_terminal_needs_its_session_leader() {
+        let proc_ = |pid, sid, ctty| Process {
+            pid,
+            sid,
+            pgid: pid,
+            ctty,
+            ..Default::default()
+        };
+        let master = |sid| warmstart_snapshots::model::Fd {
+            fd: 3,
+            cloexec: false,
+            ofd: 0,
+            file: FileDesc::PtyMaster {
+                path: "/dev/ptmx".into(),
+                flags: libc::O_RDWR,
+                pty: Box::new(Pty {
+                    index: 4,
+                    sid,
+                    ..Default::default()
+                }),
+            },
+        };
+        let mut root = proc_(1, 1, None);
+        root.fds.push(master(2));
+        let ok = Manifest {
+            processes: vec![root.clone(), proc_(2, 2, Some(4)), proc_(3, 2, Some(4))],
+            ..Default::default()
+        };
+        check(&ok).unwrap();
+        // The session's leader is not in the tree.
+        let m = Manifest {
+            processes: vec![root.clone(), proc_(3, 2, Some(4))],
+            ..Default::default()
+        };
+        assert!(format!("{:#}", check(&m).unwrap_err()).contains("leader of its session 2"));
+        // The terminal names a session whose leader does not have it.
+        let m = Manifest {
+            processes: vec![root, proc_(2, 2, None)],
+            ..Default::default()
+        };
+        assert!(format!("{:#}", check(&m).unwrap_err()).contains("session 2, whose leader"));
     }
 
     #[test]
