@@ -287,7 +287,12 @@ pub fn dump_master(t: &Target, own: &Own) -> Result<FileDesc> {
     {
         return Err(errno_err(ctx("TIOCGLCKTRMIOS")));
     }
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes a struct winsize into `ws`.
     if unsafe {
         libc::ioctl(
@@ -476,17 +481,12 @@ fn ioctl_set(fd: RawFd, req: libc::c_ulong, v: libc::c_int, what: &str) -> Resul
 /// way are pushed to `fillers` (closed once every pty exists). A fresh devpts instance
 /// hands out the lowest free index, so in index order each pty takes a bounded number
 /// of opens.
-fn open_index(path: &str, index: u32, flags: i32, fillers: &mut Vec<RawFd>) -> Result<RawFd> {
+fn open_index(path: &str, index: u32, flags: i32, fillers: &mut Vec<OwnedFd>) -> Result<OwnedFd> {
     loop {
         let fd = open_path(path, flags | libc::O_NOCTTY, 0)?;
-        let mut got: libc::c_int = -1;
-        // SAFETY: TIOCGPTN writes one int.
-        if unsafe { libc::ioctl(fd, TIOCGPTN, &mut got as *mut libc::c_int) } < 0 {
-            let e = errno_err(format!("TIOCGPTN of {path}"));
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-            return Err(e);
-        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let got = ioctl_int(&fd, TIOCGPTN).with_context(|| format!("TIOCGPTN of {path}"))?;
         if got as u32 == index {
             return Ok(fd);
         }
@@ -607,17 +607,15 @@ pub fn create_all(ins: &mut Installer, live: &[&Process]) -> Result<HashMap<u32,
             let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
             let fd = open_index(path, index, flags & no_create, &mut fillers)
                 .with_context(|| format!("opening pty {index} ({path})"))?;
-            let fd = ins.keep_high(fd)?;
+            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
             super::set_status_flags(fd, flags)?;
             ins.ptys.insert(index, fd);
             ofds.insert(ofd, fd);
         }
         Ok(())
     })();
-    for fd in fillers {
-        // SAFETY: ptys opened on the way to an index, nothing else refers to them.
-        unsafe { libc::close(fd) };
-    }
+    // The ptys opened on the way to an index are closed; their indices are free again.
+    drop(fillers);
     made?;
     for (&index, &(_, _, _, pty)) in &masters {
         let master = ins.ptys[&index];
@@ -735,12 +733,11 @@ pub fn after_groups(m: &Manifest, p: &Process, ptys: &HashMap<u32, RawFd>) -> Re
                     )
                 };
                 if fd >= 0 {
-                    // SAFETY: TIOCNOTTY takes no argument; our own fd.
-                    let r = unsafe { libc::ioctl(fd, libc::TIOCNOTTY) };
-                    let e = errno_err(format!("process {}: TIOCNOTTY", p.pid));
-                    unsafe { libc::close(fd) };
-                    if r < 0 {
-                        return Err(e);
+                    // SAFETY: a fresh fd that nothing else owns.
+                    let tty = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                    // SAFETY: TIOCNOTTY takes no argument.
+                    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCNOTTY) } < 0 {
+                        return Err(errno_err(format!("process {}: TIOCNOTTY", p.pid)));
                     }
                 }
             }
