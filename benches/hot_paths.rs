@@ -139,6 +139,7 @@ fn process(vmas: Vec<Vma>) -> Process {
         zombie: None,
         zombie_sigmask: 0,
         fd_table_size: 64,
+        ctty: None,
     }
 }
 

@@ -66,7 +66,7 @@ pub fn tree(m: &Manifest) -> Result<()> {
             }
         }
     }
-    Ok(())
+    crate::fds::pty::check(m)
 }
 
 #[cfg(test)]

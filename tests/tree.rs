@@ -21,6 +21,46 @@ fn sessions_and_process_groups() {
     run_fixture("tree_session", false);
 }
 
+/// A pty the app opened itself, the controlling terminal of a session of its tree with
+/// a foreground group of its own (issue 13).
+#[test]
+fn own_pty_as_controlling_terminal() {
+    run_fixture("pty_own", false);
+}
+
+/// Bytes queued in a pty of the app's own cannot be read without consuming them: the
+/// dump is refused, naming the process, the fd and the direction.
+#[test]
+fn own_pty_with_queued_bytes_is_refused() {
+    let bin = fixture("pty_own");
+    for (arg, fd, what) in [
+        (
+            "queued-in",
+            "fd 12 is the master",
+            "2 bytes are queued for the slave",
+        ),
+        (
+            "queued-out",
+            "fd 12 is the master",
+            "3 bytes are queued for the master",
+        ),
+    ] {
+        let ws = Ws::new();
+        let out = ws.run(
+            &["record", "--name", "q", "--", bin.to_str().unwrap(), arg],
+            "",
+        );
+        assert!(
+            !out.success()
+                && out.stderr.contains(&format!("(pty_own): {fd}"))
+                && out.stderr.contains(what)
+                && out.stderr.contains("/dev/pts/"),
+            "record of pty_own {arg} should be refused naming the queued bytes:\n{}",
+            out.describe()
+        );
+    }
+}
+
 #[test]
 fn zombie_children_reaped_after_restore() {
     run_fixture("tree_zombie", false);
@@ -204,6 +244,13 @@ fn dump_t_posix_shm_tree_restores_same_maps() {
 #[test]
 fn dump_t_shared_memory_tree_restores_same_maps() {
     dump_t_and_compare("tree_shmem", 2);
+}
+
+/// `dump -t` (no `--shell-job`) of a tree whose pty is its own: not refused as a
+/// shell's terminal, and restored with its controlling terminal and foreground group.
+#[test]
+fn dump_t_own_pty_tree_restores_its_terminal() {
+    dump_t_and_compare("pty_own", 3);
 }
 
 #[test]

@@ -637,6 +637,7 @@ pub(crate) mod tests {
                 zombie: (ids[0] % 3 == 0).then_some(ids[1]),
                 zombie_sigmask: ids[0] as u64,
                 fd_table_size: ids[1] as u32,
+                ctty: None,
             },
         )
     }

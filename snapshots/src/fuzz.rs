@@ -897,6 +897,7 @@ pub fn sample_manifest() -> Manifest {
             zombie: None,
             zombie_sigmask: 0,
             fd_table_size: 64,
+            ctty: Some(3),
         }],
         pipes: vec![PipeObject {
             id: 9,

@@ -168,6 +168,10 @@ pub struct Process {
     /// Slots of the fd table (`FDSize` in `/proc/PID/status`): the kernel grows a table
     /// and never shrinks it, so it shows the most fds the process ever had.
     pub fd_table_size: u32,
+    /// The controlling terminal, when it is a pty of the app's own (its master is held
+    /// by a process of the tree): the pty's index. `None`: no controlling terminal, or
+    /// one from outside (a shell's terminal, see `--shell-job`).
+    pub ctty: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -560,6 +564,60 @@ pub enum FileDesc {
         conn: u64,
         flags: i32,
     },
+    /// The master of a pseudo-terminal the app opened itself (`/dev/ptmx` or
+    /// `/dev/pts/ptmx`, `path`), with the state of the pair. A pty has one master open
+    /// file description, so this is the pty's record; its slaves are [`FileDesc::PtySlave`].
+    PtyMaster {
+        path: String,
+        flags: i32,
+        pty: Box<Pty>,
+    },
+    /// An open of the slave `/dev/pts/INDEX` of a pty whose master the tree holds
+    /// ([`FileDesc::PtyMaster`] with that index).
+    PtySlave {
+        index: u32,
+        flags: i32,
+    },
+}
+
+/// A pseudo-terminal pair of the app's own, as the dump found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pty {
+    /// `TIOCGPTN`: the N of `/dev/pts/N`.
+    pub index: u32,
+    /// The line settings (`TCGETS2`, the slave's: a master's termios calls act on it).
+    pub termios: Termios,
+    /// `TIOCGLCKTRMIOS`: the locked-bits mask of the settings.
+    pub termios_locked: Termios,
+    /// `TIOCGWINSZ`: rows, columns, x pixels, y pixels.
+    pub winsize: [u16; 4],
+    /// `TIOCGPKT`: packet mode of the master.
+    pub packet_mode: bool,
+    /// `TIOCGPTLCK`: the slave cannot be opened (no `unlockpt` yet, or locked again).
+    pub locked: bool,
+    /// `TIOCGEXCL` of the master and of the slave (`TIOCEXCL`: no further opens).
+    pub master_exclusive: bool,
+    pub slave_exclusive: bool,
+    /// The session whose controlling terminal it is and its foreground process group
+    /// (`TIOCGSID`, `TIOCGPGRP`; pids in the app's namespace), 0 when none.
+    pub sid: i32,
+    pub pgrp: i32,
+    /// Owner and mode of the slave's inode (`/dev/pts/N`).
+    pub slave_owner: FileOwner,
+}
+
+/// `struct termios2`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termios {
+    pub iflag: u32,
+    pub oflag: u32,
+    pub cflag: u32,
+    pub lflag: u32,
+    pub line: u8,
+    /// `c_cc[NCCS]` (19 on Linux).
+    pub cc: Vec<u8>,
+    pub ispeed: u32,
+    pub ospeed: u32,
 }
 
 /// Owner and permission bits of a file the restore creates anew (a deleted file, a

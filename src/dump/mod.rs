@@ -202,6 +202,7 @@ fn collect_and_store(
         Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
     };
     let mut files = files::TreeFiles::default();
+    files.scan_ptys(&tree.order)?;
     let mut objects = shared_files::SharedFiles::default();
     let mut times = PhaseTimes::default();
     let mut processes = Vec::with_capacity(tree.order.len());
@@ -418,6 +419,7 @@ fn collect_process(
         zombie: None,
         zombie_sigmask: 0,
         fd_table_size: info.fd_table_size,
+        ctty: files.ctty(pid),
     };
     Ok((process, file_locks))
 }

@@ -40,6 +40,7 @@ pub mod locks;
 pub mod memfd;
 pub mod netlink;
 pub mod pipe;
+pub mod pty;
 pub mod regular;
 pub mod shared_file;
 pub mod signalfd;
@@ -235,6 +236,8 @@ pub struct Shared {
     pub pipes: HashMap<u64, PipeObject>,
     pub unix: unix::Collector,
     pub inet: inet::Collector,
+    /// The ptys whose master the tree holds ([`pty::scan`]).
+    pub ptys: pty::Own,
 }
 
 /// What the fd collection of a whole tree has met so far: shared objects (pipes, socket
@@ -251,6 +254,18 @@ pub struct TreeFiles {
 }
 
 impl TreeFiles {
+    /// Finds the ptys of the tree `pids` before its fds are collected: whether a slave
+    /// is the app's own depends on a master that a later process may hold.
+    pub fn scan_ptys(&mut self, pids: &[i32]) -> Result<()> {
+        self.shared.ptys = pty::scan(pids)?;
+        Ok(())
+    }
+
+    /// The controlling terminal of `pid` when it is a pty of the app's own (its index).
+    pub fn ctty(&self, pid: i32) -> Option<u32> {
+        pty::ctty_of(pid, &self.shared.ptys)
+    }
+
     /// The shared objects of every process collected: pipes, unix socket pairs and the
     /// queues of unix listeners (the last step of a dump's fd collection: reading a
     /// queue may take its connections from the app, see [`unix`]).
@@ -290,6 +305,7 @@ pub struct SharedObjects {
 /// The fds of one process alone (a tree of one).
 pub fn collect(pid: i32, comm: &str, opts: &CollectOptions) -> Result<Collected> {
     let mut tree = TreeFiles::default();
+    tree.scan_ptys(&[pid])?;
     let (fds, file_locks) = collect_in_tree(pid, comm, opts, &mut tree)?;
     let shared = tree.finish(pid, comm)?;
     Ok(Collected {
@@ -393,6 +409,22 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
         )));
     };
     let ft = meta.mode() & libc::S_IFMT;
+    // A pty of the app's own (its master is in the tree); any other terminal is from
+    // outside (a shell's).
+    if pty::is_master(meta) {
+        return pty::dump_master(t, &shared.ptys);
+    }
+    if let Some(index) = pty::slave_index(meta).filter(|&i| shared.ptys.owns_slave(i, meta)) {
+        return pty::dump_slave(t, index);
+    }
+    if ft == libc::S_IFCHR && meta.rdev() == libc::makedev(5, 0) {
+        if let Some(index) = pty::ctty_of(t.pid, &shared.ptys) {
+            return Err(t.refuse(format_args!(
+                "/dev/tty, the process's controlling terminal, a pty of the app's own \
+                 (/dev/pts/{index}): its ptys are restored, opens of /dev/tty not yet"
+            )));
+        }
+    }
     if let StdioPolicy::Detect { shell_job } = t.opts.stdio {
         if is_terminal(meta) {
             if !shell_job {
@@ -441,8 +473,9 @@ fn socket(t: &Target, meta: &std::fs::Metadata, shared: &mut Shared) -> Result<F
     }
 }
 
-/// A terminal: a pty slave, a virtual console or serial tty, or `/dev/tty` (the
-/// controlling terminal). Pty masters (`/dev/ptmx`) are not: they are refused as devices.
+/// A terminal from outside: a pty slave whose master is not in the tree, a virtual
+/// console or serial tty, or `/dev/tty` (the controlling terminal). Pty masters and the
+/// slaves of the app's own ptys are handled before ([`pty`]).
 fn is_terminal(meta: &std::fs::Metadata) -> bool {
     let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
     meta.mode() & libc::S_IFMT == libc::S_IFCHR
@@ -538,6 +571,10 @@ pub fn describe(f: &FileDesc) -> String {
         FileDesc::Netlink { protocol, port, .. } => format!("netlink {protocol} port {port}"),
         FileDesc::Inotify { watches, .. } => format!("inotify ({} watches)", watches.len()),
         FileDesc::SharedFile { id, pos, .. } => format!("deleted file / memfd #{id} @{pos}"),
+        FileDesc::PtyMaster { path, pty, .. } => {
+            format!("pty master {path} (/dev/pts/{})", pty.index)
+        }
+        FileDesc::PtySlave { index, .. } => format!("pty slave /dev/pts/{index}"),
     }
 }
 
@@ -564,6 +601,8 @@ pub struct Installer<'a> {
     pub file_opens: HashMap<u32, RawFd>,
     /// Listening sockets given in place of recorded ones ([`Inherited::listeners`]).
     pub listeners: HashMap<u32, RawFd>,
+    /// The masters of the app's own ptys, by index, created by the root.
+    pub ptys: HashMap<u32, RawFd>,
 }
 
 impl Installer<'_> {
@@ -603,13 +642,23 @@ pub struct Inherited {
     /// Listening sockets the caller gives the instance in place of the ones it recorded
     /// (`run --listen`, `LISTEN_FDS`), by `Fd::ofd`; among `fds`.
     pub listeners: HashMap<u32, RawFd>,
+    /// The masters of the app's own ptys by index (also among `ofds` and `fds`): a
+    /// session leader makes one its controlling terminal before the fd table is built.
+    pub ptys: HashMap<u32, RawFd>,
 }
 
 /// Whether an fd of this kind is created once for all the processes sharing it. The
 /// caller's stdio is inherited anyway; an epoll's targets are fds of one process, so
 /// each process gets its own (an epoll shared across processes is not shared again).
+/// Ptys are created by the root in any case ([`pty::create_all`]).
 fn shareable(f: &FileDesc) -> bool {
-    !matches!(f, FileDesc::External { .. } | FileDesc::Epoll { .. })
+    !matches!(
+        f,
+        FileDesc::External { .. }
+            | FileDesc::Epoll { .. }
+            | FileDesc::PtyMaster { .. }
+            | FileDesc::PtySlave { .. }
+    )
 }
 
 /// In the root of the tree, before it forks: creates what [`Inherited`] lists.
@@ -635,6 +684,7 @@ pub fn prepare_shared(
         files: HashMap::new(),
         file_opens: HashMap::new(),
         listeners: listeners.clone(),
+        ptys: HashMap::new(),
     };
     // Deleted files and memfds first (with every open of them): a shared open of one is
     // made from it below.
@@ -713,6 +763,7 @@ pub fn prepare_shared(
     // Listeners with connections waiting, and those connections' client ends: created
     // here whoever holds them, so that every connection is made in accept order.
     let mut shared = unix::restore_queues(&mut ins).context("restoring unix listeners' queues")?;
+    shared.extend(pty::create_all(&mut ins, &live).context("restoring the app's ptys")?);
     for (&id, (procs, f)) in &ofds {
         if let FileDesc::Inotify { watches, .. } = &f.file {
             if procs.len() > 1 && watches.iter().any(|w| w.via_fd.is_some()) {
@@ -756,6 +807,7 @@ pub fn prepare_shared(
         shmem,
         files: ins.files,
         file_opens: ins.file_opens,
+        ptys: ins.ptys,
         fds: ins
             .temps
             .into_iter()
@@ -868,6 +920,7 @@ pub fn install(
         files: inherited.files.clone(),
         file_opens: inherited.file_opens.clone(),
         listeners: inherited.listeners.clone(),
+        ptys: inherited.ptys.clone(),
     };
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
@@ -982,6 +1035,9 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         FileDesc::Inotify { flags, watches } => inotify::restore(ins, *flags, watches),
         FileDesc::SharedFile { id, flags, pos } => shared_file::restore(ins, f, *id, *flags, *pos),
         FileDesc::Epoll { .. } => unreachable!("epolls are created after everything else"),
+        FileDesc::PtyMaster { .. } | FileDesc::PtySlave { .. } => Err(anyhow!(
+            "a pty is created by the root of the tree, which did not create this one"
+        )),
     }
 }
 

@@ -10,11 +10,14 @@
 //!    descriptions, pipes, socket pairs, shared anonymous memory: [`crate::fds::Inherited`])
 //!    above the apps' fd numbers, so that forking hands them down: shared once, as they
 //!    were;
-//! 2. each process sets its own session (`setsid`) or makes its own group, then forks its
-//!    children at their pids (`clone3` `set_tid`), which do the same: a session leader
-//!    exists before its members are born into it;
+//! 2. each process sets its own session (`setsid`) or makes its own group — a session
+//!    leader whose controlling terminal was a pty of the app's own takes it again
+//!    (`TIOCSCTTY`, [`crate::fds::pty`]) —, then forks its children at their pids
+//!    (`clone3` `set_tid`), which do the same: a session leader and its terminal exist
+//!    before its members are born into it and inherit the terminal;
 //! 3. every process waits until the whole tree exists (a barrier pipe), then joins the
-//!    group it was in (its leader may be a later sibling);
+//!    group it was in (its leader may be a later sibling); then a terminal's foreground
+//!    group is set, and a process that had no terminal drops the one it inherited;
 //! 4. a zombie exits with its recorded status; a parent waits (without reaping) for its
 //!    zombies to be dead and drops the SIGCHLD their exits queued;
 //! 5. each process builds its fd table and the rest, reports, and jumps.
@@ -208,7 +211,10 @@ fn prepare_root(
         shrink_fd_table()?;
     }
     recreate_private_files(m)?;
+    crate::fds::pty::mount_devpts(m)?;
     let inherited = crate::fds::prepare_shared(m, &stdio, high, &given)?;
+    // The root's own terminal, now that its pty exists (its `setsid` came first).
+    crate::fds::pty::take_ctty(p, &inherited.ptys)?;
     let mut b = [0; 2];
     if unsafe { libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(errno_err("pipe2"));
@@ -269,6 +275,8 @@ fn fork_children(ctx: &Ctx, idx: usize) -> Result<()> {
 fn child_main(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     let p = &ctx.m.processes[idx];
     own_ids(p)?;
+    // A session leader takes its terminal before it forks: its children inherit it.
+    crate::fds::pty::take_ctty(p, &ctx.inherited.ptys)?;
     fork_children(ctx, idx)?;
     finish(ctx, idx)
 }
@@ -334,6 +342,8 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     }
     unsafe { libc::close(ctx.barrier.0) };
     join_group(m, p)?;
+    // Every group exists now: a terminal's foreground group can be set.
+    crate::fds::pty::after_groups(m, p, &ctx.inherited.ptys)?;
     if let Some(status) = p.zombie {
         let mut f = unsafe { std::fs::File::from_raw_fd(report) };
         f.write_all(&[MSG_ZOMBIE])?;
