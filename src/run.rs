@@ -64,7 +64,8 @@ pub fn run_instance(
         return crate::restore::detached(&snap, &opts, display_stats, &registered);
     }
     // Until the instance runs, SIGINT/SIGTERM/SIGHUP stop the restore (and kill what
-    // was built of it); from then on they are forwarded to the instance.
+    // was built of it); from then on they are forwarded to the instance, as are the
+    // other relayed signals (blocked above, pending until then).
     let watch = crate::restore::interrupt::Watch::start()?;
     opts.interrupt = Some(watch.interrupt.clone());
     let restored = crate::restore::restore(&snap, &opts);

@@ -85,7 +85,8 @@ pub struct RestoreOptions {
 }
 
 impl Restored {
-    /// Waits for the instance, forwarding SIGINT/SIGTERM/SIGHUP; returns its exit code
+    /// Waits for the instance, relaying the signals we get to it (SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT, SIGUSR1, ...: `warmstart_launcher::relayed_signals`); returns its exit code
     /// and, for a lazy restore, what the page server did. A page server that failed
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
@@ -118,7 +119,7 @@ pub fn block_forwarded_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for s in warmstart_launcher::relayed_signals() {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
