@@ -100,8 +100,9 @@ pub struct PageServerArgs {
     /// TCP port (0: any free port; the bound address is printed on stdout)
     #[arg(long)]
     pub port: u16,
-    /// Address to listen on (no authentication: use on trusted networks only)
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to listen on. Loopback by default: there is no authentication nor
+    /// encryption yet, so anyone who can reach another address can read every snapshot
+    #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
 }
 

@@ -334,3 +334,35 @@ fn run_across_network_namespaces() {
         assert_eq!(out.stdout, expect, "{extra:?}: {}", out.describe());
     }
 }
+
+/// Loopback unless told otherwise; told otherwise, it warns that anyone who can reach it
+/// can read every snapshot's memory.
+#[test]
+fn page_server_listens_on_loopback_by_default_and_warns_when_exposed() {
+    let ws = recorded();
+    let start = |extra: &[&str]| {
+        let mut cmd = ws.cmd(&["page-server", "--port", "0"]);
+        cmd.args(extra);
+        let p = Proc::spawn(&mut cmd);
+        let addr = p.read_line();
+        (p, addr)
+    };
+    let (mut quiet, addr) = start(&[]);
+    assert!(addr.starts_with("127.0.0.1:"), "default bind: {addr}");
+    // The warning would come before the address line: none came.
+    unsafe { libc::kill(quiet.pid(), libc::SIGTERM) };
+    quiet.wait();
+    let err = quiet.stderr_after_exit();
+    assert!(!err.contains("WARNING"), "a loopback server warned:\n{err}");
+
+    let (exposed, addr) = start(&["--bind", "0.0.0.0"]);
+    assert!(addr.starts_with("0.0.0.0:"), "explicit bind: {addr}");
+    let warning = exposed.wait_stderr("WARNING");
+    assert!(
+        warning.contains(&addr)
+            && warning.contains("anyone who can reach")
+            && warning.contains("every snapshot")
+            && warning.contains("TLS"),
+        "{warning}"
+    );
+}
