@@ -160,6 +160,10 @@ pub struct RestoreArgs {
     /// Fetch the snapshot and its pages from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    /// With --page-server: take the page server for dead (and kill the instance, naming
+    /// it) when a connect or an answer takes longer than this
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub page_server_timeout: u64,
     /// Restore a job dumped with --shell-job: it gets this terminal (the restorer's
     /// stdin, stdout and stderr) in place of its old one; the restored job always does
     #[arg(short = 'j', long)]
@@ -224,6 +228,10 @@ pub struct RunArgs {
     /// Fetch the snapshot and its pages on demand from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT")]
     pub page_server: Option<String>,
+    /// With --page-server: take the page server for dead (and kill the instance, naming
+    /// it) when a connect or an answer takes longer than this
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub page_server_timeout: u64,
     /// Restore here even when a `warmstart serve` daemon listens on the store's socket
     #[arg(long)]
     pub no_serve: bool,
@@ -322,7 +330,14 @@ pub fn main(cli: Cli) -> Result<i32> {
                 }
             }
             let (snap, names) = match &a.page_server {
-                Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
+                Some(addr) => (
+                    Snapshot::connect_timeout(
+                        addr,
+                        &a.snapshot,
+                        Duration::from_secs(a.page_server_timeout),
+                    )?,
+                    Vec::new(),
+                ),
                 None => load(&open_store(&cli)?, &a.snapshot)?,
             };
             let mode = if a.eager {
@@ -603,7 +618,10 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             let id = s.only_snapshot()?;
             (s.load(&id)?, Vec::new())
         }
-        (None, Some(snap), Some(addr)) => (Snapshot::connect(addr, snap)?, Vec::new()),
+        (None, Some(snap), Some(addr)) => (
+            Snapshot::connect_timeout(addr, snap, Duration::from_secs(a.page_server_timeout))?,
+            Vec::new(),
+        ),
         (None, Some(snap), None) => load(&open_store(cli)?, snap)?,
         (None, None, _) => bail!("name a snapshot or pass -D DIR"),
     };

@@ -90,7 +90,14 @@ impl Restored {
     /// and, for a lazy restore, what the page server did. A page server that failed
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
+        self.wait_then(|| ())
+    }
+
+    /// [`wait`](Self::wait), calling `over` once the sandbox has exited, before the page
+    /// servers are waited for.
+    pub fn wait_then(self, over: impl FnOnce()) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
+        over();
         self.finish(code)
     }
 
