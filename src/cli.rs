@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// Instances kept parked per snapshot (restored up to their last step); 0: none
     #[arg(long, default_value_t = 1)]
     pub pool: usize,
+    /// The most instances parked per snapshot when requests come faster than the pool
+    /// refills (it grows by one per request that finds none ready, and shrinks back when
+    /// they go unused) [default: 4 × --pool]
+    #[arg(long, value_name = "N")]
+    pub pool_max: Option<usize>,
     /// Park instances of this snapshot at once (else at its first request); repeatable
     #[arg(long, value_name = "SNAPSHOT")]
     pub warm: Vec<String>,
@@ -315,6 +320,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             let opts = crate::serve::ServeOptions {
                 socket,
                 pool: a.pool,
+                pool_max: a.pool_max.unwrap_or(4 * a.pool),
                 warm: a.warm.clone(),
             };
             crate::serve::serve(store, &opts)

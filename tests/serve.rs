@@ -316,3 +316,38 @@ fn every_signal_a_caller_sends_reaches_the_app_directly_and_through_serve() {
     client.wait_stderr("by serve (parked instance)");
     relays_signals(&mut client);
 }
+
+/// Requests faster than the pool refills: each one that finds no instance ready is
+/// restored on the spot (never queued behind a parker), and the pool grows with demand.
+#[test]
+fn a_burst_of_requests_is_answered_and_grows_the_pool() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let daemon = ws.serve("counter");
+    let outs: Vec<common::Out> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..6)
+            .map(|i| {
+                let ws = &ws;
+                s.spawn(move || ws.run(&["run", "--display-stats", "counter"], &format!("b{i}\n")))
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (i, out) in outs.iter().enumerate() {
+        out.assert_ok();
+        assert_eq!(out.stdout, format!("1 b{i}\n"), "{}", out.describe());
+        assert!(out.stderr.contains("by serve ("), "{}", out.describe());
+    }
+    daemon.wait_stderr("restoring this request on the spot");
+    let grew = daemon.wait_stderr("grows to");
+    assert!(grew.contains("at most 4"), "{grew}");
+    // The grown pool fills: more than one instance parked (or parking) at once, each a
+    // sandbox of the daemon's (the burst's instances are over).
+    let mut parked = common::children(daemon.pid());
+    while parked.len() < 2 {
+        daemon.wait_stderr("parked an instance of");
+        parked = common::children(daemon.pid());
+    }
+    // Sequential requests are answered by parked instances again.
+    ws.served("counter", "c\n").assert_ok();
+}
