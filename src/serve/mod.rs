@@ -283,10 +283,9 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         Some(req) => req,
     };
     // Nothing parked (yet): restore it here, then park more for the next requests (not
-    // before: parking would slow this restore down).
-    serve_instance(&snap, None, req, || {
-        let _ = daemon.pools.start(&snap);
-    })
+    // before, nor while other requests are restored on the spot: parking would slow
+    // them down).
+    serve_instance(&snap, None, req, || daemon.pools.spot_done(&snap))
 }
 
 /// A request on its way to the thread that runs its instance.

@@ -36,6 +36,9 @@ struct Pool {
     failures: u32,
     /// How many instances to keep parked or parking (the base size, grown by demand).
     target: usize,
+    /// Requests being restored on the spot: parking waits until they are started, so
+    /// as not to slow them down (a burst first, then the pool refills).
+    on_the_spot: usize,
     /// Why this snapshot's instances are not parked.
     disabled: Option<String>,
 }
@@ -131,8 +134,24 @@ impl Pools {
         }
     }
 
+    /// A request restored on the spot has its instance running (or failed): once no
+    /// other is being restored, park instances for the next ones.
+    pub fn spot_done(&self, snap: &Arc<Snapshot>) {
+        let idle = match self.lock().get_mut(&snap.id) {
+            Some(p) => {
+                p.on_the_spot = p.on_the_spot.saturating_sub(1);
+                p.on_the_spot == 0
+            }
+            None => true,
+        };
+        if idle {
+            let _ = self.start(snap);
+        }
+    }
+
     /// A request for `snap` found no instance of `pool` ready.
     fn missed(&self, snap: &Snapshot, pool: &mut Pool) {
+        pool.on_the_spot += 1;
         if pool.disabled.is_some() {
             return;
         }
