@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// Instances kept parked per snapshot (restored up to their last step); 0: none
     #[arg(long, default_value_t = 1)]
     pub pool: usize,
+    /// The most instances parked per snapshot when requests come faster than the pool
+    /// refills (it grows by one per request that finds none ready, and shrinks back when
+    /// they go unused) [default: 4 × --pool]
+    #[arg(long, value_name = "N")]
+    pub pool_max: Option<usize>,
     /// Park instances of this snapshot at once (else at its first request); repeatable
     #[arg(long, value_name = "SNAPSHOT")]
     pub warm: Vec<String>,
@@ -113,8 +118,9 @@ pub struct PageServerArgs {
     /// TCP port (0: any free port; the bound address is printed on stdout)
     #[arg(long)]
     pub port: u16,
-    /// Address to listen on (no authentication: use on trusted networks only)
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to listen on. Loopback by default: there is no authentication nor
+    /// encryption yet, so anyone who can reach another address can read every snapshot
+    #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
 }
 
@@ -172,6 +178,10 @@ pub struct RestoreArgs {
     /// Fetch the snapshot and its pages from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    /// With --page-server: take the page server for dead (and kill the instance, naming
+    /// it) when a connect or an answer takes longer than this
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub page_server_timeout: u64,
     /// Restore a job dumped with --shell-job: it gets this terminal (the restorer's
     /// stdin, stdout and stderr) in place of its old one; the restored job always does
     #[arg(short = 'j', long)]
@@ -245,6 +255,10 @@ pub struct RunArgs {
     /// Fetch the snapshot and its pages on demand from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT")]
     pub page_server: Option<String>,
+    /// With --page-server: take the page server for dead (and kill the instance, naming
+    /// it) when a connect or an answer takes longer than this
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub page_server_timeout: u64,
     /// Restore here even when a `warmstart serve` daemon listens on the store's socket
     #[arg(long)]
     pub no_serve: bool,
@@ -358,6 +372,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             let opts = crate::serve::ServeOptions {
                 socket,
                 pool: a.pool,
+                pool_max: a.pool_max.unwrap_or(4 * a.pool),
                 warm: a.warm.clone(),
             };
             crate::serve::serve(store, &opts)
@@ -388,7 +403,14 @@ pub fn main(cli: Cli) -> Result<i32> {
             }
             let loaded = (|| -> Result<(Snapshot, Vec<String>)> {
                 let (snap, names) = match &a.page_server {
-                    Some(addr) => (Snapshot::connect(addr, &a.snapshot)?, Vec::new()),
+                    Some(addr) => (
+                        Snapshot::connect_timeout(
+                            addr,
+                            &a.snapshot,
+                            Duration::from_secs(a.page_server_timeout),
+                        )?,
+                        Vec::new(),
+                    ),
                     None => load(&open_store(&cli)?, &a.snapshot)?,
                 };
                 if !a.or_cold.is_empty() {
@@ -725,7 +747,10 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             let id = s.only_snapshot()?;
             (s.load(&id)?, Vec::new())
         }
-        (None, Some(snap), Some(addr)) => (Snapshot::connect(addr, snap)?, Vec::new()),
+        (None, Some(snap), Some(addr)) => (
+            Snapshot::connect_timeout(addr, snap, Duration::from_secs(a.page_server_timeout))?,
+            Vec::new(),
+        ),
         (None, Some(snap), None) => load(&open_store(cli)?, snap)?,
         (None, None, _) => bail!("name a snapshot or pass -D DIR"),
     };

@@ -35,6 +35,10 @@ struct Shared {
 pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
     let local = listener.local_addr().context("local address")?;
+    if !local.ip().is_loopback() {
+        // Before the address line, so that whoever reads that has seen this too.
+        eprintln!("{}", exposure_warning(local, store));
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{local}")
@@ -42,6 +46,18 @@ pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
             .context("printing the bound address")?;
     }
     serve_on(store, listener)
+}
+
+/// What a page server reachable from other hosts says when it starts.
+fn exposure_warning(local: SocketAddr, store: &Store) -> String {
+    format!(
+        "warmstart page-server: WARNING: listening on {local} with no authentication and no \
+         encryption: anyone who can reach this address can read the memory of every \
+         snapshot in {} (and store new ones). Use it on a trusted network only, or keep \
+         the default --bind 127.0.0.1 (e.g. behind an SSH tunnel), until the page server \
+         has TLS.",
+        store.dir().display()
+    )
 }
 
 /// [`serve`] on a listener already bound.

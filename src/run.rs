@@ -80,8 +80,10 @@ pub fn run_instance_with(
         return crate::restore::detached(&snap, &opts, display_stats, &registered);
     }
     // Until the instance runs, SIGINT/SIGTERM/SIGHUP stop the restore (and kill what
-    // was built of it); from then on they are forwarded to the instance.
+    // was built of it); from then on they are forwarded to the instance, as are the
+    // other relayed signals (blocked above, pending until then).
     let watch = crate::restore::interrupt::Watch::start()?;
+    watch.interrupt.abandon_reads_of(snap.clone());
     opts.interrupt = Some(watch.interrupt.clone());
     let restored = crate::restore::restore(&snap, &opts);
     if let Some(sig) = watch.stop() {
@@ -103,7 +105,9 @@ pub fn run_instance_with(
         eprintln!("restore of {}{from}:\n{}", snap.id.short(), r.phases);
     }
     let _listed = registered(&r);
-    let (code, lazy) = r.wait()?;
+    // Once the instance is over, nothing waits for a page server's answers any more (one
+    // that stopped answering must not hold `run` up).
+    let (code, lazy) = r.wait_then(|| snap.abandon_page_reads())?;
     if let Some(o) = lazy {
         if display_stats {
             eprintln!(

@@ -334,3 +334,122 @@ fn run_across_network_namespaces() {
         assert_eq!(out.stdout, expect, "{extra:?}: {}", out.describe());
     }
 }
+
+/// Loopback unless told otherwise; told otherwise, it warns that anyone who can reach it
+/// can read every snapshot's memory.
+#[test]
+fn page_server_listens_on_loopback_by_default_and_warns_when_exposed() {
+    let ws = recorded();
+    let start = |extra: &[&str]| {
+        let mut cmd = ws.cmd(&["page-server", "--port", "0"]);
+        cmd.args(extra);
+        let p = Proc::spawn(&mut cmd);
+        let addr = p.read_line();
+        (p, addr)
+    };
+    let (mut quiet, addr) = start(&[]);
+    assert!(addr.starts_with("127.0.0.1:"), "default bind: {addr}");
+    // The warning would come before the address line: none came.
+    unsafe { libc::kill(quiet.pid(), libc::SIGTERM) };
+    quiet.wait();
+    let err = quiet.stderr_after_exit();
+    assert!(!err.contains("WARNING"), "a loopback server warned:\n{err}");
+
+    let (exposed, addr) = start(&["--bind", "0.0.0.0"]);
+    assert!(addr.starts_with("0.0.0.0:"), "explicit bind: {addr}");
+    let warning = exposed.wait_stderr("WARNING");
+    assert!(
+        warning.contains(&addr)
+            && warning.contains("anyone who can reach")
+            && warning.contains("every snapshot")
+            && warning.contains("TLS"),
+        "{warning}"
+    );
+}
+
+/// A page server that stops answering (SIGSTOP) is taken for dead after
+/// `--page-server-timeout`: the instance is killed with a message naming the server and
+/// the timeout. Before that, SIGTERM to `run` ends it at once, whether the app runs or
+/// is still being restored, never waiting on the silent server.
+#[test]
+fn a_page_server_that_stops_answering_times_out_and_sigterm_always_ends_run() {
+    let ws = recorded();
+    // Slow pages: the 16 MiB stream in for seconds, so the server stops mid-way.
+    let (server, addr) = page_server(
+        &ws,
+        &[],
+        "127.0.0.1",
+        &[("WARMSTART_PAGE_SERVER_DELAY_MS", "200")],
+    );
+    let signal = |pid: i32, sig: i32| {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, sig) };
+    };
+    let empty = Ws::new();
+    let run = |timeout: &str| {
+        Proc::spawn(&mut empty.cmd(&[
+            "run",
+            "--no-prefetch",
+            "--page-server",
+            &addr,
+            "--page-server-timeout",
+            timeout,
+            "x",
+        ]))
+    };
+
+    // The timeout: the instance needs the whole buffer, the server is stopped.
+    let mut r = run("2");
+    r.send("a");
+    assert_eq!(r.read_line(), "1 a");
+    signal(server.pid(), libc::SIGSTOP);
+    r.send("sum");
+    let st = r.wait();
+    assert!(!st.success(), "{st:?}");
+    let err = r.stderr_after_exit();
+    assert!(
+        err.contains(&format!("page server {addr}"))
+            && err.contains("within 2 s")
+            && err.contains("--page-server-timeout")
+            && err.contains("killed"),
+        "stderr should name the page server and the timeout and say the instance was killed:\n{err}"
+    );
+    assert!(
+        r.out.try_iter().all(|l| !l.contains("sum=")),
+        "the instance answered without its memory"
+    );
+
+    // SIGTERM while the app waits for a page: `run` ends with the app, long before a
+    // timeout that outlasts the test's own wait.
+    signal(server.pid(), libc::SIGCONT);
+    let mut r = run("1000");
+    r.send("a");
+    assert_eq!(r.read_line(), "1 a");
+    signal(server.pid(), libc::SIGSTOP);
+    r.send("sum");
+    signal(r.pid(), libc::SIGTERM);
+    let st = r.wait();
+    assert_eq!(
+        st.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        r.stderr_after_exit()
+    );
+
+    // SIGTERM while the restore waits for pages (the server stops right after serving
+    // the manifest; each page answer takes 200 ms, so the restore is not done).
+    signal(server.pid(), libc::SIGCONT);
+    let mut r = run("1000");
+    server.wait_stderr("serving snapshot");
+    signal(server.pid(), libc::SIGSTOP);
+    signal(r.pid(), libc::SIGTERM);
+    let st = r.wait();
+    // Still connecting (signals have their default effect until the restore starts), or
+    // the restore was interrupted.
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        st.code() == Some(128 + libc::SIGTERM) || st.signal() == Some(libc::SIGTERM),
+        "{st:?}: {}",
+        r.stderr_after_exit()
+    );
+}

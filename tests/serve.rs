@@ -262,3 +262,92 @@ fn timers_do_not_run_down_while_parked() {
         );
     }
 }
+
+/// An app with handlers for signals beyond SIGINT/SIGTERM/SIGHUP: it prints each one it
+/// gets, and echoes its input.
+const SIGNAL_APP: &str = "import signal, sys\n\
+    def on(sig, frame):\n    print('got', signal.Signals(sig).name, flush=True)\n\
+    for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT, signal.SIGWINCH, signal.SIGALRM):\n    signal.signal(s, on)\n\
+    for line in sys.stdin:\n    print('line', line.strip(), flush=True)\n";
+
+/// Sends `run` (already answering) each signal and expects the app's handler to print it.
+fn relays_signals(client: &mut Proc) {
+    client.send("one");
+    assert_eq!(client.read_line(), "line one");
+    for (sig, name) in [
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGALRM, "SIGALRM"),
+    ] {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(client.pid(), sig) };
+        assert_eq!(client.read_line(), format!("got {name}"));
+    }
+    client.send("two");
+    assert_eq!(client.read_line(), "line two");
+    client.close_stdin();
+    let status = client.wait();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn every_signal_a_caller_sends_reaches_the_app_directly_and_through_serve() {
+    let ws = Ws::new();
+    ws.record(
+        "sigs",
+        &[python().as_os_str(), "-c".as_ref(), SIGNAL_APP.as_ref()],
+    );
+    let learn = ws.run(&["run", "--no-serve", "sigs"], "a\n");
+    learn.assert_ok();
+    assert_eq!(learn.stdout, "line a\n", "{}", learn.describe());
+
+    // `run` restoring by itself: SIGQUIT no longer kills `run` (and the app with it).
+    relays_signals(&mut Proc::spawn(&mut ws.cmd(&[
+        "run",
+        "--no-serve",
+        "sigs",
+    ])));
+
+    // Through the daemon: the client relays, the daemon signals the instance.
+    let _daemon = ws.serve("sigs");
+    let mut client = Proc::spawn(&mut ws.cmd(&["run", "--display-stats", "sigs"]));
+    client.wait_stderr("by serve (parked instance)");
+    relays_signals(&mut client);
+}
+
+/// Requests faster than the pool refills: each one that finds no instance ready is
+/// restored on the spot (never queued behind a parker), and the pool grows with demand.
+#[test]
+fn a_burst_of_requests_is_answered_and_grows_the_pool() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let daemon = ws.serve("counter");
+    let outs: Vec<common::Out> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..6)
+            .map(|i| {
+                let ws = &ws;
+                s.spawn(move || ws.run(&["run", "--display-stats", "counter"], &format!("b{i}\n")))
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (i, out) in outs.iter().enumerate() {
+        out.assert_ok();
+        assert_eq!(out.stdout, format!("1 b{i}\n"), "{}", out.describe());
+        assert!(out.stderr.contains("by serve ("), "{}", out.describe());
+    }
+    daemon.wait_stderr("restoring this request on the spot");
+    let grew = daemon.wait_stderr("grows to");
+    assert!(grew.contains("at most 4"), "{grew}");
+    // The grown pool fills: more than one instance parked (or parking) at once, each a
+    // sandbox of the daemon's (the burst's instances are over).
+    let mut parked = common::children(daemon.pid());
+    while parked.len() < 2 {
+        daemon.wait_stderr("parked an instance of");
+        parked = common::children(daemon.pid());
+    }
+    // Sequential requests are answered by parked instances again.
+    ws.served("counter", "c\n").assert_ok();
+}

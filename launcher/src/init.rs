@@ -9,15 +9,37 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::sys::{self, close_raw, errno, CloneArgs};
 
-/// Signals init forwards to the app.
-pub(crate) const FORWARDED: [libc::c_int; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
+/// The standard signals init forwards to the app, and a monitor relays to its instance
+/// (as `docker run` does): every one a caller can send that is not about the monitor
+/// itself (`SIGCHLD`, `SIGPIPE`, the synchronous faults) and can be caught (not
+/// `SIGKILL`/`SIGSTOP`). The realtime signals ([`RELAYED_RT`]) too.
+pub const RELAYED: [libc::c_int; 16] = [
     libc::SIGHUP,
+    libc::SIGINT,
     libc::SIGQUIT,
     libc::SIGUSR1,
     libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGTERM,
+    libc::SIGCONT,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGWINCH,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGPWR,
 ];
+
+/// The realtime signals relayed: glibc's `SIGRTMIN` (34) to `SIGRTMAX` (64); 32 and 33
+/// are glibc's own (thread cancellation, `setxid`) and must never be blocked.
+pub const RELAYED_RT: std::ops::RangeInclusive<libc::c_int> = 34..=64;
+
+/// Every relayed signal ([`RELAYED`], then [`RELAYED_RT`]). Allocates nothing.
+pub fn relayed_signals() -> impl Iterator<Item = libc::c_int> {
+    RELAYED.into_iter().chain(RELAYED_RT)
+}
 
 /// Exit code of init when its setup fails (the precise error goes over the socket).
 pub(crate) const INIT_SETUP_FAILED: i32 = 125;
@@ -180,7 +202,7 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
         sa.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigfillset(&mut sa.sa_mask);
-        for sig in FORWARDED {
+        for sig in relayed_signals() {
             if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                 fail(a, STAGE_SIGACTION);
             }

@@ -390,8 +390,8 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Send `sig` to init, which forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and
-    /// SIGUSR2 to the app (other signals are ignored by a pid 1, except SIGKILL/SIGSTOP).
+    /// Send `sig` to init, which forwards the [`crate::relayed_signals`] to the app (other
+    /// signals are ignored by a pid 1, except SIGKILL/SIGSTOP).
     pub fn signal(&self, sig: i32) -> Result<(), LaunchError> {
         if self.status.get().is_some() {
             return Ok(());
@@ -436,12 +436,13 @@ impl Sandbox {
         self.wait_inner(Some(Duration::ZERO), None)
     }
 
-    /// Wait for init like [`wait`](Self::wait) while forwarding SIGINT, SIGTERM and SIGHUP
-    /// received by the monitor to init (and so to the app). Uses a [`SignalForwarder`]
+    /// Wait for init like [`wait`](Self::wait) while forwarding every signal the monitor
+    /// receives that is relayed ([`crate::relayed_signals`]: SIGINT, SIGTERM, SIGHUP,
+    /// SIGQUIT, SIGUSR1, ...) to init (and so to the app). Uses a [`SignalForwarder`]
     /// (blocks the signals in the calling thread; in a multi-threaded monitor block them
     /// in every thread too, or they may be delivered elsewhere).
     pub fn forward_signals(&self) -> Result<i32, LaunchError> {
-        let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+        let fwd = SignalForwarder::relayed()?;
         self.wait_polling(fwd.fd(), |sb| fwd.forward_to(sb))
     }
 
@@ -618,6 +619,12 @@ impl SignalForwarder {
                 old_mask,
             })
         }
+    }
+
+    /// Start catching every relayed signal ([`crate::relayed_signals`]).
+    pub fn relayed() -> Result<Self, LaunchError> {
+        let all: Vec<i32> = crate::relayed_signals().collect();
+        Self::new(&all)
     }
 
     /// The signalfd, readable when a signal is pending.

@@ -49,8 +49,10 @@
 //!
 //! The protocol has no authentication or encryption: serve only on trusted networks.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -65,9 +67,24 @@ pub const VERSION: u32 = 1;
 pub const MAX_FRAME: usize = 1 << 30;
 /// Most pages one `Pages` request may ask for; the client splits larger reads.
 pub const MAX_PAGES_PER_REQUEST: u64 = 1024;
-/// A server that does not answer within this long is taken for dead.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// By default, a server that does not answer within this long is taken for dead (every
+/// connect and every read; `run --page-server-timeout` sets another).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this long for a connect and the handshake (something else listening there may
+/// never answer), or the I/O timeout if shorter.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a page server receiving a dump may take to answer.
+const WRITER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `n s` or `n ms` for a timeout in a message.
+fn secs(t: Duration) -> String {
+    if t.subsec_millis() == 0 {
+        format!("{} s", t.as_secs())
+    } else {
+        format!("{} ms", t.as_millis())
+    }
+}
 
 mod kind {
     pub const HELLO: u8 = 0x01;
@@ -547,6 +564,8 @@ pub fn read_frame_max(r: &mut impl Read, max: usize) -> io::Result<Option<Vec<u8
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
+    /// How long an answer may take.
+    timeout: Duration,
 }
 
 fn unexpected(addr: &str, what: &str, got: &Response) -> StoreError {
@@ -573,7 +592,8 @@ fn unexpected(addr: &str, what: &str, got: &Response) -> StoreError {
 }
 
 impl Conn {
-    fn open(addr: &str) -> Result<Conn, StoreError> {
+    fn open(addr: &str, timeout: Duration) -> Result<Conn, StoreError> {
+        let hello_timeout = timeout.min(CONNECT_TIMEOUT);
         let io = |action: &'static str| {
             move |error: io::Error| StoreError::PageServerIo {
                 addr: addr.to_owned(),
@@ -588,7 +608,7 @@ impl Conn {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
         let mut stream = None;
         for a in addrs {
-            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            match TcpStream::connect_timeout(&a, hello_timeout) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -600,18 +620,22 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         // A short timeout for the handshake: something else listening there may never answer.
         stream
-            .set_read_timeout(Some(CONNECT_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+            .set_read_timeout(Some(hello_timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
             .map_err(io("configure the connection"))?;
-        let mut conn = Conn { stream };
+        let mut conn = Conn {
+            stream,
+            timeout: hello_timeout,
+        };
         let hello = Request::Hello {
             magic: MAGIC,
             version: VERSION,
         };
         let answer = conn.call_max(addr, &hello, 1024);
         conn.stream
-            .set_read_timeout(Some(IO_TIMEOUT))
+            .set_read_timeout(Some(timeout))
             .map_err(io("configure the connection"))?;
+        conn.timeout = timeout;
         match answer {
             Ok(Response::Hello { magic, version }) if magic == MAGIC && version == VERSION => {
                 Ok(conn)
@@ -641,8 +665,8 @@ impl Conn {
                 Err(StoreError::PageServer {
                     addr: addr.to_owned(),
                     reason: format!(
-                        "it did not answer like a warmstart page server within {} s",
-                        CONNECT_TIMEOUT.as_secs()
+                        "it did not answer like a warmstart page server within {}",
+                        secs(hello_timeout)
                     ),
                 })
             }
@@ -686,7 +710,11 @@ impl Conn {
             {
                 return Err(io("read its answer")(io::Error::new(
                     e.kind(),
-                    format!("no answer within {} s", IO_TIMEOUT.as_secs()),
+                    format!(
+                        "no answer within {} (the page-server timeout: \
+                         --page-server-timeout SECS)",
+                        secs(self.timeout)
+                    ),
                 )))
             }
             Err(e) => return Err(io("read its answer")(e)),
@@ -705,16 +733,49 @@ impl Conn {
 pub struct Client {
     addr: String,
     pool: Mutex<Vec<Conn>>,
+    /// Every connect and every answer: at most this long.
+    timeout: Duration,
+    /// [`Client::abandon_page_reads`] was called.
+    abandoned: AtomicBool,
+    /// The connections a `Pages` request is waiting on (copies, to shut them down).
+    in_flight: Mutex<HashMap<u64, TcpStream>>,
+    next_call: AtomicU64,
 }
 
 impl Client {
     /// Connects and shakes hands (an unreachable or foreign server fails here).
     pub fn connect(addr: &str) -> Result<Client, StoreError> {
-        let conn = Conn::open(addr)?;
+        Self::connect_timeout(addr, IO_TIMEOUT)
+    }
+
+    /// [`Client::connect`] with another timeout for every connect and answer.
+    pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Client, StoreError> {
+        let conn = Conn::open(addr, timeout)?;
         Ok(Client {
             addr: addr.to_owned(),
             pool: Mutex::new(vec![conn]),
+            timeout,
+            abandoned: AtomicBool::new(false),
+            in_flight: Mutex::default(),
+            next_call: AtomicU64::new(0),
         })
+    }
+
+    /// Gives up on reading pages: the reads waiting for an answer fail at once, and so
+    /// does every later one, with [`StoreError::PageReadsAbandoned`] (the instance they
+    /// were for is over, or its restore was interrupted). Other requests (storing a
+    /// working set) go on.
+    pub fn abandon_page_reads(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        for s in self.in_flight.lock().unwrap().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn abandoned(&self) -> StoreError {
+        StoreError::PageReadsAbandoned {
+            addr: self.addr.clone(),
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -727,9 +788,39 @@ impl Client {
         let pooled = self.pool.lock().unwrap().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => Conn::open(&self.addr)?,
+            None => Conn::open(&self.addr, self.timeout)?,
         };
         let resp = conn.call(&self.addr, req)?;
+        self.pool.lock().unwrap().push(conn);
+        Ok(resp)
+    }
+
+    /// [`Client::call`] for a `Pages` request: abandoned by [`Client::abandon_page_reads`].
+    fn call_pages(&self, req: &Request) -> Result<Response, StoreError> {
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Err(self.abandoned());
+        }
+        let pooled = self.pool.lock().unwrap().pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => Conn::open(&self.addr, self.timeout)?,
+        };
+        let key = self.next_call.fetch_add(1, Ordering::Relaxed);
+        if let Ok(copy) = conn.stream.try_clone() {
+            self.in_flight.lock().unwrap().insert(key, copy);
+        }
+        // Abandoned meanwhile: the copy may have missed the shutdown.
+        let resp = if self.abandoned.load(Ordering::SeqCst) {
+            Err(self.abandoned())
+        } else {
+            conn.call(&self.addr, req)
+        };
+        self.in_flight.lock().unwrap().remove(&key);
+        if self.abandoned.load(Ordering::SeqCst) {
+            // Whatever came of it, this connection was shut down: not back to the pool.
+            return Err(self.abandoned());
+        }
+        let resp = resp?;
         self.pool.lock().unwrap().push(conn);
         Ok(resp)
     }
@@ -753,7 +844,7 @@ impl Client {
 
     /// The stored blocks of records `first..first+count` (see [`Blocks`]).
     pub fn pages(&self, id: &SnapshotId, first: u64, count: u64) -> Result<Vec<u8>, StoreError> {
-        match self.call(&Request::Pages {
+        match self.call_pages(&Request::Pages {
             id: *id,
             first,
             count,
@@ -817,7 +908,8 @@ pub struct RemoteWriter {
 impl RemoteWriter {
     /// Connects and takes the server store's writer.
     pub fn begin(addr: &str) -> Result<RemoteWriter, StoreError> {
-        let mut conn = Conn::open(addr)?;
+        // A dump's answers (a commit) may take longer than a restore's.
+        let mut conn = Conn::open(addr, WRITER_TIMEOUT)?;
         match conn.call(addr, &Request::Begin)? {
             Response::Ready => Ok(RemoteWriter {
                 addr: addr.to_owned(),

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use warmstart_snapshots::store::Snapshot;
 
 /// The signals an interrupted restore answers.
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -23,6 +24,9 @@ pub struct Interrupt {
     signal: AtomicI32,
     /// The sandbox being built: its init's pidfd.
     target: Mutex<Option<OwnedFd>>,
+    /// The snapshot being restored: a page server's reads are given up (the restore may
+    /// be waiting for one that stopped answering).
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
 }
 
 /// The watching thread; [`Watch::stop`] ends it.
@@ -53,6 +57,12 @@ impl Interrupt {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 
+    /// A signal also gives up the page reads of `snap` (from a page server), so that a
+    /// restore waiting for one stops at once.
+    pub fn abandon_reads_of(&self, snap: Arc<Snapshot>) {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap);
+    }
+
     /// The sandbox is no longer ours to kill (the restore ended).
     pub fn disarm(&self) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -62,6 +72,9 @@ impl Interrupt {
         self.signal.store(sig, Ordering::SeqCst);
         if let Some(fd) = &*self.target.lock().unwrap_or_else(|e| e.into_inner()) {
             kill(fd);
+        }
+        if let Some(s) = &*self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) {
+            s.abandon_page_reads();
         }
     }
 }

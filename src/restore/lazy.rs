@@ -406,10 +406,31 @@ impl Running {
         if let Some(k) = keeping {
             let _ = k.join();
         }
-        let serve = serve??;
+        let serve = match serve? {
+            Ok(s) => s,
+            // Reads given up once the instance was over: nothing went wrong for it.
+            Err(e) if abandoned(&e) => {
+                tracing::debug!("{e:#}");
+                ServeStats {
+                    target_exited: true,
+                    ..Default::default()
+                }
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Outcome {
             prefetch: self.prefetch,
             serve,
         })
     }
+}
+
+/// Whether `e` comes of page reads given up (`Snapshot::abandon_page_reads`).
+fn abandoned(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::PageReadsAbandoned { .. })
+        )
+    })
 }

@@ -91,11 +91,19 @@ pub struct RestoreOptions {
 }
 
 impl Restored {
-    /// Waits for the instance, forwarding SIGINT/SIGTERM/SIGHUP; returns its exit code
+    /// Waits for the instance, relaying the signals we get to it (SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT, SIGUSR1, ...: `warmstart_launcher::relayed_signals`); returns its exit code
     /// and, for a lazy restore, what the page server did. A page server that failed
     /// has killed the instance: that is an error, never a silent exit code.
     pub fn wait(self) -> Result<(i32, Option<lazy::Outcome>)> {
+        self.wait_then(|| ())
+    }
+
+    /// [`wait`](Self::wait), calling `over` once the sandbox has exited, before the page
+    /// servers are waited for.
+    pub fn wait_then(self, over: impl FnOnce()) -> Result<(i32, Option<lazy::Outcome>)> {
         let code = self.sandbox.forward_signals()?;
+        over();
         self.finish(code)
     }
 
@@ -124,7 +132,7 @@ pub fn block_forwarded_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for s in warmstart_launcher::relayed_signals() {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

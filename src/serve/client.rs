@@ -1,5 +1,6 @@
 //! `warmstart run` through a running `warmstart serve`: the daemon restores the instance
-//! with our stdio; we relay SIGINT, SIGTERM and SIGHUP to it and exit with its code.
+//! with our stdio; we relay the signals we get to it (every one `docker run` relays:
+//! `warmstart_launcher::relayed_signals`) and exit with its code.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -30,8 +31,7 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
         Err(e) => return Err(e),
     }
     // Signals that arrive while the daemon starts the instance are forwarded once it runs.
-    let fwd = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-        .map_err(|e| anyhow!("{e}"))?;
+    let fwd = SignalForwarder::relayed().map_err(|e| anyhow!("{e}"))?;
     let req = Request::Run {
         snapshot: snapshot.to_owned(),
         display_stats,

@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// Parked instances kept per snapshot (0: none, every request restores).
     pub pool: usize,
+    /// The most parked instances per snapshot when demand grows the pool.
+    pub pool_max: usize,
     /// Snapshots to park instances of right away (else on their first request).
     pub warm: Vec<String>,
 }
@@ -58,7 +60,7 @@ pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
     let daemon = Arc::new(Daemon {
         store,
         snaps: Mutex::new(HashMap::new()),
-        pools: pool::Pools::new(opts.pool),
+        pools: pool::Pools::new(opts.pool, opts.pool_max),
     });
     for name in &opts.warm {
         let (snap, _) = daemon
@@ -280,9 +282,10 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         None => return Ok(()),
         Some(req) => req,
     };
-    // Nothing parked (yet): restore it here, and park some for the next requests.
-    let _ = daemon.pools.start(&snap);
-    serve_instance(&snap, None, req)
+    // Nothing parked (yet): restore it here, then park more for the next requests (not
+    // before, nor while other requests are restored on the spot: parking would slow
+    // them down).
+    serve_instance(&snap, None, req, || daemon.pools.spot_done(&snap))
 }
 
 /// A request on its way to the thread that runs its instance.
@@ -378,8 +381,16 @@ fn start_instance(
 
 /// Starts the instance for `req` ([`start_instance`]), tells the caller it runs, relays
 /// its signals, and tells it how the instance ended.
-fn serve_instance(snap: &Arc<Snapshot>, parked: Option<Parked>, req: Handoff) -> Result<()> {
-    let (r, _listed, parked) = match start_instance(snap, parked, &req) {
+/// `started` is called once the instance runs (or could not be started).
+fn serve_instance(
+    snap: &Arc<Snapshot>,
+    parked: Option<Parked>,
+    req: Handoff,
+    started: impl FnOnce(),
+) -> Result<()> {
+    let started_instance = start_instance(snap, parked, &req);
+    started();
+    let (r, _listed, parked) = match started_instance {
         Ok(x) => x,
         Err(e) => {
             protocol::send(req.conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;

@@ -1,7 +1,12 @@
 //! Parked instances, per snapshot. A *parker* thread restores one instance up to its
 //! last step ([`crate::restore::park`]), offers it, and when a request takes it, hands
 //! it the caller's stdio, lets it go and serves the caller until it exits. Each instance
-//! taken starts a parker for its replacement.
+//! taken starts a parker for its replacement; parkers run in parallel.
+//!
+//! The pool follows demand: a request that finds no instance ready (it is restored on
+//! the spot meanwhile, never queued behind a parker) grows the snapshot's pool by one, up
+//! to the limit (`--pool-max`); an instance beyond the base size (`--pool`) that waits
+//! unused for [`IDLE_SHRINK`] is let go, and the pool shrinks back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,8 @@ use super::Handoff;
 const MAX_FAILURES: u32 = 3;
 /// How often a parker checks that its instance is still alive.
 const ALIVE_CHECK: Duration = Duration::from_secs(1);
+/// An instance parked beyond the base pool size that waits this long unused is let go.
+const IDLE_SHRINK: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Pool {
@@ -27,6 +34,11 @@ struct Pool {
     parking: usize,
     /// Parking failures in a row.
     failures: u32,
+    /// How many instances to keep parked or parking (the base size, grown by demand).
+    target: usize,
+    /// Requests being restored on the spot: parking waits until they are started, so
+    /// as not to slow them down (a burst first, then the pool refills).
+    on_the_spot: usize,
     /// Why this snapshot's instances are not parked.
     disabled: Option<String>,
 }
@@ -34,14 +46,17 @@ struct Pool {
 #[derive(Clone)]
 pub(super) struct Pools {
     size: usize,
+    /// The most a pool grows to with demand.
+    max: usize,
     by_snap: Arc<Mutex<HashMap<SnapshotId, Pool>>>,
     next_id: Arc<AtomicU64>,
 }
 
 impl Pools {
-    pub fn new(size: usize) -> Self {
+    pub fn new(size: usize, max: usize) -> Self {
         Pools {
             size,
+            max: max.max(size),
             by_snap: Arc::default(),
             next_id: Arc::default(),
         }
@@ -59,13 +74,14 @@ impl Pools {
         }
         let mut pools = self.lock();
         let pool = pools.entry(snap.id).or_default();
+        pool.target = pool.target.max(self.size);
         if pool.disabled.is_none() {
             pool.disabled = parkable(&snap.manifest).err();
         }
         if let Some(why) = &pool.disabled {
             return Some(why.clone());
         }
-        let missing = self.size.saturating_sub(pool.ready.len() + pool.parking);
+        let missing = pool.target.saturating_sub(pool.ready.len() + pool.parking);
         pool.parking += missing;
         drop(pools);
         for _ in 0..missing {
@@ -79,24 +95,79 @@ impl Pools {
         self.lock().retain(|id, _| keep(id));
     }
 
-    /// Gives `req` to a parked instance of `snap` (`None`: taken) or returns it.
+    /// Gives `req` to a parked instance of `snap` (`None`: taken) or returns it, for a
+    /// restore on the spot. Without an instance ready, the pool grows (up to the limit):
+    /// the caller starts its parkers ([`Pools::start`]) once the request's instance runs.
     pub fn take(&self, snap: &Arc<Snapshot>, mut req: Handoff) -> Option<Handoff> {
         loop {
-            let tx = self
-                .lock()
-                .get_mut(&snap.id)
-                .and_then(|p| p.ready.pop_front());
+            let tx = {
+                let mut pools = self.lock();
+                match pools.get_mut(&snap.id) {
+                    None => {
+                        if self.size > 0 {
+                            tracing::info!(
+                                "no parked instance of {} yet: restoring this request on the \
+                                 spot",
+                                snap.id.short()
+                            );
+                        }
+                        None
+                    }
+                    Some(p) => match p.ready.pop_front() {
+                        Some(r) => Some(r),
+                        None => {
+                            self.missed(snap, p);
+                            None
+                        }
+                    },
+                }
+            };
             let Some((_, tx)) = tx else {
                 return Some(req);
             };
             match tx.send(req) {
-                Ok(()) => {
-                    self.start(snap);
-                    return None;
-                }
+                // Its parker parks a replacement once it has handed it out.
+                Ok(()) => return None,
                 // That parker is gone (its instance died while parked): try the next.
                 Err(back) => req = back.0,
             }
+        }
+    }
+
+    /// A request restored on the spot has its instance running (or failed): once no
+    /// other is being restored, park instances for the next ones.
+    pub fn spot_done(&self, snap: &Arc<Snapshot>) {
+        let idle = match self.lock().get_mut(&snap.id) {
+            Some(p) => {
+                p.on_the_spot = p.on_the_spot.saturating_sub(1);
+                p.on_the_spot == 0
+            }
+            None => true,
+        };
+        if idle {
+            let _ = self.start(snap);
+        }
+    }
+
+    /// A request for `snap` found no instance of `pool` ready.
+    fn missed(&self, snap: &Snapshot, pool: &mut Pool) {
+        pool.on_the_spot += 1;
+        if pool.disabled.is_some() {
+            return;
+        }
+        tracing::info!(
+            "no parked instance of {} ready ({} parking): restoring this request on the spot",
+            snap.id.short(),
+            pool.parking
+        );
+        if pool.target < self.max {
+            pool.target += 1;
+            tracing::info!(
+                "the pool of {} grows to {} with demand (at most {})",
+                snap.id.short(),
+                pool.target,
+                self.max
+            );
         }
     }
 
@@ -145,10 +216,22 @@ impl Pools {
         }
         let Ok(parked) = parked else { return };
         tracing::info!("parked an instance of {}", snap.id.short());
+        let parked_at = std::time::Instant::now();
         let req = loop {
             match rx.recv_timeout(ALIVE_CHECK) {
                 Ok(req) => break req,
                 Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout)
+                    if parked_at.elapsed() >= IDLE_SHRINK && self.shrink(&snap, me) =>
+                {
+                    tracing::info!(
+                        "an instance of {} parked beyond the pool's base size went unused \
+                         for {} s: the pool shrinks",
+                        snap.id.short(),
+                        IDLE_SHRINK.as_secs()
+                    );
+                    return;
+                }
                 Err(RecvTimeoutError::Timeout) if !parked.alive() => {
                     tracing::warn!(
                         "a parked instance of {} died; parking another",
@@ -163,9 +246,29 @@ impl Pools {
                 Err(RecvTimeoutError::Timeout) => {}
             }
         };
-        if let Err(e) = super::serve_instance(&snap, Some(parked), req) {
+        let refill = || {
+            self.start(&snap);
+        };
+        if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
         }
+    }
+}
+
+impl Pools {
+    /// Takes parked instance `me` of `snap` out of its pool if the pool is above its
+    /// base size (demand grew it); whether it did.
+    fn shrink(&self, snap: &Snapshot, me: u64) -> bool {
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(&snap.id) else {
+            return false;
+        };
+        if p.target <= self.size || !p.ready.iter().any(|(id, _)| *id == me) {
+            return false;
+        }
+        p.ready.retain(|(id, _)| *id != me);
+        p.target -= 1;
+        true
     }
 }
 

@@ -234,6 +234,10 @@ pub enum StoreError {
     },
     #[error("page server {addr}: {reason}")]
     PageServer { addr: String, reason: String },
+    /// Reads from the page server were given up (`Client::abandon_page_reads`): the
+    /// instance they were for is over, or its restore was interrupted.
+    #[error("page server {addr}: reading pages was given up (the instance is over)")]
+    PageReadsAbandoned { addr: String },
     #[error(
         "snapshot {id}: page {page} served by page server {addr} is corrupt: {reason}; \
          never restoring wrong memory"

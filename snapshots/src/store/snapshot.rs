@@ -141,7 +141,17 @@ impl Snapshot {
     /// [`Snapshot::read_pages`]. A server that serves another snapshot than the one asked
     /// for (by full id), or a manifest and table that do not belong together, is an error.
     pub fn connect(addr: &str, id_or_name: &str) -> Result<Snapshot, StoreError> {
-        let client = Client::connect(addr)?;
+        Self::connect_timeout(addr, id_or_name, remote::IO_TIMEOUT)
+    }
+
+    /// [`Snapshot::connect`], taking the server for dead when a connect or an answer
+    /// takes longer than `timeout`.
+    pub fn connect_timeout(
+        addr: &str,
+        id_or_name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Snapshot, StoreError> {
+        let client = Client::connect_timeout(addr, timeout)?;
         let (id, manifest_bytes, table_bytes) = client.fetch_manifest(id_or_name)?;
         let bad = |reason: String| StoreError::PageServer {
             addr: addr.to_owned(),
@@ -188,6 +198,15 @@ impl Snapshot {
             table,
             table_path: PathBuf::from(format!("{addr}/{id}.pages")),
         })
+    }
+
+    /// A remote snapshot: gives up on the page reads waiting for the page server and on
+    /// every later one (the instance they were for is over, or its restore was
+    /// interrupted); see `remote::Client::abandon_page_reads`. Nothing for a local one.
+    pub fn abandon_page_reads(&self) {
+        if let Source::Remote(client) = &self.source {
+            client.abandon_page_reads();
+        }
     }
 
     /// The page server's address, for a remote snapshot.
