@@ -31,7 +31,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,12 @@ pub struct TreeChannels {
 }
 
 /// What every process of the tree inherits from the root, all above `high`.
+///
+/// Its fds are raw numbers on purpose, not `OwnedFd`: each forked process holds a copy of
+/// the context and closes what is not its own at a chosen moment (the barrier's write end
+/// before it waits, other processes' channels), and a process that fails must still write
+/// its error on its status pipe after everything else of it is torn down. Temporary fds
+/// (pipes, opens for mappings) are `OwnedFd` until their number is handed over.
 struct Ctx<'a> {
     m: &'a Manifest,
     lazy: &'a [Vec<(u64, u64)>],
@@ -215,15 +221,16 @@ fn prepare_root(
     let inherited = crate::fds::prepare_shared(m, &stdio, high, &given)?;
     // The root's own terminal, now that its pty exists (its `setsid` came first).
     crate::fds::pty::take_ctty(p, &inherited.ptys)?;
-    let mut b = [0; 2];
-    if unsafe { libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(errno_err("pipe2"));
-    }
-    let barrier = (dup_high(b[0], high)?, dup_high(b[1], high)?);
-    unsafe {
-        libc::close(b[0]);
-        libc::close(b[1]);
-    }
+    let barrier = {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| anyhow!("pipe2 for the tree's barrier: {e}"))?;
+        // The pipe's own fds (low numbers) are closed at the end of this block: a write
+        // end left open anywhere would keep the barrier from ever reading EOF.
+        (
+            dup_high(r.as_raw_fd(), high)?,
+            dup_high(w.as_raw_fd(), high)?,
+        )
+    };
     let ctx = Ctx {
         m,
         lazy,
@@ -403,10 +410,8 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
                 ),
                 _ => (program::LateTimeNs::Create, "/proc/self".to_owned()),
             };
-            let fd = open_path(&dir, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
-            let high_fd = dup_high(fd, ctx.high)?;
-            unsafe { libc::close(fd) };
-            Some((timens, high_fd))
+            let fd = open_path(&dir, libc::O_PATH | libc::O_DIRECTORY)?;
+            Some((timens, above(fd, ctx.high)?))
         }
     };
     let late = ctx.late_sock.map(|sock| {
@@ -625,16 +630,12 @@ fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
 
 /// A copy of the caller's stdio fd `fd` (or of /dev/null where the caller has none).
 fn dup_high_or_null(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    // SAFETY: F_GETFD only asks whether the number is an open fd.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
         return dup_high(fd, min);
     }
-    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if null < 0 {
-        return Err(errno_err("opening /dev/null"));
-    }
-    let r = dup_high(null, min);
-    unsafe { libc::close(null) };
-    r
+    let null = open_path("/dev/null", libc::O_RDWR)?;
+    dup_high(null.as_raw_fd(), min)
 }
 
 /// Closes every fd but `keep` (`close_range` over the gaps: listing `/proc/self/fd`
@@ -726,7 +727,7 @@ fn grow_fd_table(size: u32, any: RawFd) -> Result<()> {
     if size <= 64 {
         return Ok(());
     }
-    // SAFETY: fcntl/close on our own fds.
+    // SAFETY: F_DUPFD_CLOEXEC of an fd of ours; the copy is owned right below.
     let fd = unsafe { libc::fcntl(any, libc::F_DUPFD_CLOEXEC, (size / 2) as i32) };
     if fd < 0 {
         // Above RLIMIT_NOFILE (the app lowered it after the table grew): the table
@@ -737,7 +738,8 @@ fn grow_fd_table(size: u32, any: RawFd) -> Result<()> {
         }
         return Err(anyhow::anyhow!("growing the fd table to {size} slots: {e}"));
     }
-    unsafe { libc::close(fd) };
+    // SAFETY: a fresh fd nothing else owns; dropping it closes it (the table stays grown).
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
     Ok(())
 }
 
@@ -756,13 +758,24 @@ fn drop_sigchld() {
     }
 }
 
-fn open_path(path: &str, flags: i32) -> Result<RawFd> {
+fn open_path(path: &str, flags: i32) -> Result<OwnedFd> {
     let c = cstr(path)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0) };
     if fd < 0 {
         return Err(errno_err(format!("opening {path}")));
     }
-    Ok(fd)
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fd` moved above `high` (when it is below): the number the restorer program uses,
+/// which the program closes (the raw integer is the program's from here).
+fn above(fd: OwnedFd, high: RawFd) -> Result<RawFd> {
+    if fd.as_raw_fd() >= high {
+        return Ok(fd.into_raw_fd());
+    }
+    dup_high(fd.as_raw_fd(), high)
 }
 
 /// One fd per mapped file (and the executable), above the app's fds; the program closes them.
@@ -792,27 +805,14 @@ fn open_mapping_fds(
             Some(&fd) => fd,
             None => {
                 let fd = open_path(&file.path, if rw { libc::O_RDWR } else { libc::O_RDONLY })?;
-                let fd = if fd < high {
-                    let h = dup_high(fd, high)?;
-                    unsafe { libc::close(fd) };
-                    h
-                } else {
-                    fd
-                };
+                let fd = above(fd, high)?;
                 by_path.insert((file.path.clone(), rw), fd);
                 fd
             }
         };
         vma_fds.push(Some(fd));
     }
-    let exe = open_path(&p.exe.path, libc::O_RDONLY)?;
-    let exe_fd = if exe < high {
-        let h = dup_high(exe, high)?;
-        unsafe { libc::close(exe) };
-        h
-    } else {
-        exe
-    };
+    let exe_fd = above(open_path(&p.exe.path, libc::O_RDONLY)?, high)?;
     Ok(ProgramFds { vma_fds, exe_fd })
 }
 
