@@ -159,3 +159,45 @@ fn systemd_run(ws: &Ws, fd: i32, args: &[&str]) -> Proc {
     drop(cmd);
     Proc::spawn(&mut sh)
 }
+
+/// `serve` parks a server: the parked instance holds a placeholder, so its port stays
+/// free; at hand-out the daemon binds the recorded address and the instance answers
+/// there, counting on from the snapshot, and stops on SIGTERM; the next one (the pool
+/// refilled meanwhile) gets the port again once the first is gone.
+#[test]
+fn serve_parks_a_server_and_hands_it_its_listener() {
+    let ws = Ws::new();
+    let port = free_port();
+    let argv = [
+        python().into_os_string(),
+        workloads_dir().join("py_http.py").into_os_string(),
+    ];
+    record_ok(&ws, "http", "listen", &[("PORT", port.to_string())], &argv);
+    // The daemon parks only a snapshot with a working set: one lone run learns it.
+    let first = Proc::spawn(&mut ws.cmd(&["run", "--no-serve", "http"]));
+    assert_eq!(hit(port, &first, "lone run"), 1);
+    stop(&first, "lone run");
+    let _daemon = ws.serve("http");
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "a parked instance must leave port {port} free"
+    );
+    for round in 1..=2 {
+        let ctx = format!("served instance {round}");
+        let inst = Proc::spawn(&mut ws.cmd(&["run", "--display-stats", "http"]));
+        assert_eq!(
+            hit(port, &inst, &ctx),
+            1,
+            "{ctx}: counts on from the snapshot"
+        );
+        assert_eq!(hit(port, &inst, &ctx), 2);
+        inst.wait_stderr("by serve (parked instance)");
+        stop(&inst, &ctx);
+        // Its socket may linger a moment after the exit: wait (bounded) until it is gone.
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "{ctx}: port {port} stays taken");
+            std::thread::yield_now();
+        }
+    }
+}

@@ -87,8 +87,11 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     );
 }
 
+/// A TCP listener does not keep an instance from being parked: the parked one holds a
+/// placeholder and gets the listener, bound at its recorded port, when handed out (the
+/// port is free meanwhile). Other network sockets (a bound UDP socket) still do.
 #[test]
-fn instances_holding_a_port_are_restored_on_request_not_parked() {
+fn instances_holding_a_port_are_parked_and_get_their_listener_at_hand_out() {
     let ws = Ws::new();
     let listen = "import socket, sys\n\
                   s = socket.socket()\n\
@@ -101,22 +104,33 @@ fn instances_holding_a_port_are_restored_on_request_not_parked() {
     );
     let learn = ws.run(&["run", "--no-serve", "listen"], "a\n");
     learn.assert_ok();
-    let daemon = Proc::spawn(&mut ws.cmd(&["-v", "serve", "--warm", "listen"]));
+    let port = |s: &str| s.split_whitespace().nth(1).map(str::to_owned);
+    let recorded: u16 = port(&learn.stdout).unwrap().parse().unwrap();
+    let daemon = ws.serve("listen");
+    for _ in 0..2 {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", recorded)).is_ok(),
+            "a parked instance leaves port {recorded} free"
+        );
+        let out = ws.served("listen", "b\n");
+        out.assert_ok();
+        // The same port as at the warm point, which the first run printed too.
+        assert_eq!(port(&out.stdout), port(&learn.stdout), "{}", out.describe());
+    }
+    drop(daemon);
+    let udp = "import socket, sys\n\
+               s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+               s.bind(('127.0.0.1', 0))\n\
+               for line in sys.stdin:\n    print('udp', line.strip(), flush=True)\n";
+    ws.record("udp", &[python().as_os_str(), "-c".as_ref(), udp.as_ref()]);
+    ws.run(&["run", "--no-serve", "udp"], "a\n").assert_ok();
+    let daemon = Proc::spawn(&mut ws.cmd(&["-v", "serve", "--warm", "udp"]));
     daemon.read_line();
     let why = daemon.wait_stderr("are not parked");
     assert!(why.contains("network sockets"), "{why}");
-    for _ in 0..2 {
-        let out = ws.run(&["run", "--display-stats", "listen"], "b\n");
-        out.assert_ok();
-        assert!(
-            out.stderr.contains("by serve (restored)"),
-            "{}",
-            out.describe()
-        );
-        // The same port as at the warm point, which the first run printed too.
-        let port = |s: &str| s.split_whitespace().nth(1).map(str::to_owned);
-        assert_eq!(port(&out.stdout), port(&learn.stdout), "{}", out.describe());
-    }
+    let out = ws.run(&["run", "--display-stats", "udp"], "b\n");
+    out.assert_ok();
+    assert!(out.stderr.contains("by serve (restored)"), "{}", out.describe());
 }
 
 #[test]

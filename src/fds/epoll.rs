@@ -139,7 +139,10 @@ pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Resu
     }
     let fd = ins.keep_high(fd)?;
     let late: Vec<i32> = if ins.parked {
-        super::stdio_fds(ins.p).iter().map(|s| s.0).collect()
+        super::late_places(ins.m, ins.p)
+            .iter()
+            .map(|s| s.0)
+            .collect()
     } else {
         Vec::new()
     };

@@ -372,6 +372,7 @@ pub struct RecordedListener {
     pub local: SocketAddr,
     pub backlog: u32,
     options: SockOptions,
+    flags: i32,
 }
 
 /// The snapshot's TCP listeners, in process and fd order, each shared one once.
@@ -384,6 +385,7 @@ pub fn recorded_listeners(m: &warmstart_snapshots::model::Manifest) -> Vec<Recor
                 local,
                 listen: Some(backlog),
                 options,
+                flags,
                 ..
             } = &f.file
             {
@@ -400,6 +402,7 @@ pub fn recorded_listeners(m: &warmstart_snapshots::model::Manifest) -> Vec<Recor
                     local,
                     backlog: *backlog,
                     options: *options,
+                    flags: *flags,
                 });
             }
         }
@@ -498,7 +501,23 @@ pub fn replacements(
     Ok(out)
 }
 
-/// A listening socket at `to` with the options and backlog of the recorded `l`.
+/// A new socket for each of the snapshot's TCP listeners, bound at its recorded address
+/// (what `serve` hands a parked instance of a server), by `Fd::ofd`.
+pub fn at_recorded_addresses(
+    m: &warmstart_snapshots::model::Manifest,
+) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
+    recorded_listeners(m)
+        .iter()
+        .map(|l| {
+            let fd = new_listener(l, l.local)
+                .with_context(|| format!("listening again on {} for the instance", l.local))?;
+            Ok((l.ofd, std::sync::Arc::new(fd)))
+        })
+        .collect()
+}
+
+/// A listening socket at `to` with the options, backlog and status flags of the recorded
+/// `l`.
 fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
     let family = if to.is_ipv4() {
         libc::AF_INET
@@ -535,6 +554,8 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
     if unsafe { libc::listen(fd.as_raw_fd(), l.backlog as i32) } < 0 {
         return Err(errno_err(format!("listen on {to}")));
     }
+    // The app's own status flags (O_NONBLOCK), on the open file description it gets.
+    super::set_status_flags(fd.as_raw_fd(), l.flags)?;
     Ok(fd)
 }
 
@@ -601,6 +622,13 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 return Err(errno_err("socket"));
             }
             let fd = ins.keep_high(fd)?;
+            if ins.parked && listen.is_some() && *sock_type == libc::SOCK_STREAM {
+                // A parked instance holds an unbound placeholder: the listener (bound at
+                // the recorded address or the run's --listen) arrives when it is handed
+                // out (`crate::fds::late_places`), and the port stays free meanwhile.
+                super::set_status_flags(fd, *flags)?;
+                return Ok(fd);
+            }
             set_options(fd, options)?;
             let local_addr = parse_addr(local)?;
             if local_addr.port() != 0 || !local_addr.ip().is_unspecified() {

@@ -857,10 +857,26 @@ pub fn stdio_fds(p: &Process) -> Vec<(i32, u8, bool)> {
         .collect()
 }
 
-/// Registrations of `p`'s epolls on its stdio fds, as (epoll fd, target): a parked
-/// restore adds them once the stdio is in place (an epoll cannot watch `/dev/null`).
-pub fn late_epoll_targets(p: &Process) -> Vec<(i32, EpollTarget)> {
-    let stdio: Vec<i32> = stdio_fds(p).iter().map(|s| s.0).collect();
+/// What a parked process receives when it is handed out, where it goes: (app fd, index
+/// in what arrives, close-on-exec). Indices 0-2 are the caller's stdio, 3 on the
+/// snapshot's TCP listeners in [`inet::recorded_listeners`] order (a parked instance holds
+/// a placeholder for each: its port stays free for the next instance).
+pub fn late_places(m: &Manifest, p: &Process) -> Vec<(i32, u8, bool)> {
+    let listeners = inet::recorded_listeners(m);
+    let mut out = stdio_fds(p);
+    for f in &p.fds {
+        if let Some(i) = listeners.iter().position(|l| l.ofd == f.ofd) {
+            out.push((f.fd, 3 + i as u8, f.cloexec));
+        }
+    }
+    out
+}
+
+/// Registrations of `p`'s epolls on the fds it receives when handed out ([`late_places`]),
+/// as (epoll fd, target): a parked restore adds them once those are in place (an epoll
+/// cannot watch `/dev/null`, and a placeholder is not the socket to watch).
+pub fn late_epoll_targets(m: &Manifest, p: &Process) -> Vec<(i32, EpollTarget)> {
+    let stdio: Vec<i32> = late_places(m, p).iter().map(|s| s.0).collect();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for f in &p.fds {

@@ -358,7 +358,7 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         become_zombie(p, status);
     }
     settle_zombie_children(m, p)?;
-    let places = crate::fds::stdio_fds(p);
+    let places = crate::fds::late_places(m, p);
     let parked = ctx.late_sock.is_some();
     crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
     grow_fd_table(p.fd_table_size, report)?;
@@ -423,7 +423,8 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
         program::Late {
             sock: wants_stdio.then_some(sock),
             places,
-            epoll_adds: crate::fds::late_epoll_targets(p),
+            epoll_adds: crate::fds::late_epoll_targets(m, p),
+            n_given: 3 + crate::fds::inet::recorded_listeners(m).len(),
             timerfds: crate::fds::late_timerfds(p),
             timens,
             proc_dir,

@@ -183,7 +183,7 @@ pub struct Parked {
 
 /// Restores an instance of `snap` and lets it run.
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
-    prepare(snap, opts, false)?.resume(None)
+    prepare(snap, opts, false)?.resume(None, &[])
 }
 
 /// Restores an instance of `snap` up to its last step and holds it there.
@@ -578,14 +578,32 @@ impl Parked {
 
     /// Hands the instance its stdio (a parked one: `stdio`; else it has it already) and
     /// lets every process of it go on together.
-    pub fn resume(mut self, stdio: Option<[BorrowedFd; 3]>) -> Result<Restored> {
+    /// `listeners`: one listening socket per TCP listener of the snapshot
+    /// ([`crate::fds::inet::recorded_listeners`] order), put in place of the parked
+    /// instance's placeholders.
+    pub fn resume(
+        mut self,
+        stdio: Option<[BorrowedFd; 3]>,
+        listeners: &[BorrowedFd],
+    ) -> Result<Restored> {
         let t = Instant::now();
         let mut failed_in = 0;
         let resumed = (|| -> Result<()> {
             let m = &self.snap.manifest;
             if let Some(sock) = &self.late_sock {
                 let stdio = stdio.context("a parked instance needs its stdio")?;
-                let fds = stdio.map(|f| f.as_raw_fd());
+                let want = crate::fds::inet::recorded_listeners(m).len();
+                if listeners.len() != want {
+                    bail!(
+                        "a parked instance needs {want} listening sockets, {} given",
+                        listeners.len()
+                    );
+                }
+                let fds: Vec<RawFd> = stdio
+                    .iter()
+                    .chain(listeners)
+                    .map(|f| f.as_raw_fd())
+                    .collect();
                 // The clocks go on from the dump as of now (see program::LateTimeNs): the
                 // root's late phase creates the namespace, in tree order before the rest.
                 let [mono, boot] = crate::sys::timens::adjusted_targets(&m.clocks)?;

@@ -33,8 +33,11 @@ pub struct ProgramFds {
 pub struct Late {
     /// The stdio socket, for a process with stdio fds.
     pub sock: Option<i32>,
-    /// (app fd, which stdio, close-on-exec)
+    /// (app fd, which of the received fds, close-on-exec)
     pub places: Vec<(i32, u8, bool)>,
+    /// How many fds arrive: the caller's stdio, then the instance's TCP listeners
+    /// (`crate::fds::late_places`).
+    pub n_given: usize,
     /// Epoll registrations on those fds, added once they are in place: (epoll fd, target).
     pub epoll_adds: Vec<(i32, EpollTarget)>,
     /// Timerfds to arm: (fd, interval ns, value ns, unread expirations).
@@ -84,11 +87,6 @@ pub fn timens_text(monotonic_ns: i64, boottime_ns: i64) -> Vec<u8> {
     debug_assert_eq!(t.len(), TIMENS_TEXT_LEN);
     t.into_bytes()
 }
-
-/// Bytes of the control buffer for three fds: `CMSG_SPACE(12)`.
-const CMSG_3FDS: usize = 32;
-/// `cmsg_len` of a message with three fds: `CMSG_LEN(12)`.
-const CMSG_LEN_3FDS: u64 = 28;
 
 fn imm(v: impl Into<u64>) -> Arg {
     Arg::Imm(v.into())
@@ -770,7 +768,7 @@ fn arm_timers(b: &mut ProgramBuilder, p: &Process) {
 /// The late phase of a parked restore ([`Late`]), but for the POSIX and interval timers.
 fn late_phase(b: &mut ProgramBuilder, late: &Late) {
     if let Some(sock) = late.sock {
-        late_stdio(b, sock, &late.places);
+        late_stdio(b, sock, &late.places, late.n_given.max(3));
     }
     for (epfd, t) in &late.epoll_adds {
         // struct epoll_event is packed on x86-64: events (4 bytes), data (8).
@@ -811,19 +809,23 @@ fn late_phase(b: &mut ProgramBuilder, late: &Late) {
     }
 }
 
-/// Receives the three stdio fds on `sock` and puts them where the app had them (`dup3`
-/// over the placeholders, atomically), then closes what it received and the socket.
-fn late_stdio(b: &mut ProgramBuilder, sock: i32, places: &[(i32, u8, bool)]) {
+/// Receives the `n` fds (the caller's stdio, then listeners) on `sock` and puts them
+/// where the app had them (`dup3` over the placeholders, atomically), then closes what it
+/// received and the socket.
+fn late_stdio(b: &mut ProgramBuilder, sock: i32, places: &[(i32, u8, bool)], n: usize) {
+    // CMSG_SPACE(4n) and CMSG_LEN(4n): a 16-byte header, then the fds (space padded to 8).
+    let cmsg_len = 16 + 4 * n as u64;
+    let cmsg_space = 16 + (4 * n).div_ceil(8) * 8;
     let byte = b.data_zeroed(8);
     let iov = b.data_zeroed(16);
     b.data_pointer(iov, 0, byte, 0);
     b.write_data(iov, 8, &1u64.to_le_bytes());
-    let cmsg = b.data_zeroed(CMSG_3FDS);
+    let cmsg = b.data_zeroed(cmsg_space);
     let msg = b.data_zeroed(56);
     b.data_pointer(msg, 16, iov, 0);
     b.write_data(msg, 24, &1u64.to_le_bytes());
     b.data_pointer(msg, 32, cmsg, 0);
-    b.write_data(msg, 40, &(CMSG_3FDS as u64).to_le_bytes());
+    b.write_data(msg, 40, &(cmsg_space as u64).to_le_bytes());
     b.syscall(
         libc::SYS_recvmsg,
         &[
@@ -831,22 +833,22 @@ fn late_stdio(b: &mut ProgramBuilder, sock: i32, places: &[(i32, u8, bool)]) {
             msg.arg(),
             imm(libc::MSG_CMSG_CLOEXEC as u64),
         ],
-        "recvmsg (the caller's stdio)",
+        "recvmsg (the caller's stdio and listeners)",
     );
-    // All three fds came, or the kernel cut the message (no room in the fd table under
-    // RLIMIT_NOFILE): cmsg_len must be CMSG_LEN(12).
+    // All fds came, or the kernel cut the message (no room in the fd table under
+    // RLIMIT_NOFILE): cmsg_len must be CMSG_LEN(4n).
     let len = b.slot();
     b.load(cmsg.at(0), Width::U64, Some(len));
     let whole = b.label();
-    b.jump_if_zero(len.plus(-(CMSG_LEN_3FDS as i64)), whole);
+    b.jump_if_zero(len.plus(-(cmsg_len as i64)), whole);
     b.syscall(
         libc::SYS_close,
         &[imm(u32::MAX as u64)],
-        "the caller's stdio did not arrive whole (no room under RLIMIT_NOFILE?)",
+        "the caller's fds did not arrive whole (no room under RLIMIT_NOFILE?)",
     );
     b.bind(whole);
     // The fds follow the 16-byte cmsghdr.
-    let got: Vec<Slot> = (0..3u64)
+    let got: Vec<Slot> = (0..n as u64)
         .map(|k| {
             let s = b.slot();
             b.load(cmsg.at(16 + 4 * k), Width::U32, Some(s));
@@ -855,17 +857,18 @@ fn late_stdio(b: &mut ProgramBuilder, sock: i32, places: &[(i32, u8, bool)]) {
         .collect();
     for &(fd, k, cloexec) in places {
         let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        let what = if k < 3 { "stdio" } else { "listener" };
         b.syscall(
             libc::SYS_dup3,
             &[got[k as usize].plus(0), imm(fd as u32), imm(flags as u64)],
-            format!("dup3 stdio {k} to fd {fd}"),
+            format!("dup3 {what} {k} to fd {fd}"),
         );
     }
     for (k, s) in got.iter().enumerate() {
         b.syscall(
             libc::SYS_close,
             &[s.plus(0)],
-            format!("close received stdio {k}"),
+            format!("close received fd {k}"),
         );
     }
     b.syscall(

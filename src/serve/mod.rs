@@ -347,6 +347,11 @@ fn start_instance(
     req: &Handoff,
 ) -> Result<(Restored, Option<crate::instances::Registration>, bool)> {
     let stdio = req.stdio.each_ref().map(|f| f.as_fd());
+    // A server's listeners, bound at their recorded addresses now: a parked instance
+    // holds placeholders (its port stayed free), a restored one gets them instead of
+    // binding its own.
+    let listeners = crate::fds::inet::at_recorded_addresses(&snap.manifest)?;
+    let given: Vec<BorrowedFd> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
     let go = |p: Parked, stdio: Option<[BorrowedFd; 3]>| {
         let listed = crate::instances::register(&crate::instances::Instance {
             monitor: std::process::id() as i32,
@@ -362,7 +367,8 @@ fn start_instance(
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok();
-        p.resume(stdio).map(|r| (r, listed))
+        let given: &[BorrowedFd] = if stdio.is_some() { &given } else { &[] };
+        p.resume(stdio, given).map(|r| (r, listed))
     };
     if let Some(p) = parked {
         crate::restore::checks::unchanged_files(&snap.manifest)?;
@@ -374,7 +380,8 @@ fn start_instance(
             ),
         }
     }
-    let opts = restore_options(snap, Some(stdio.map(|f| f.as_raw_fd())));
+    let mut opts = restore_options(snap, Some(stdio.map(|f| f.as_raw_fd())));
+    opts.listeners = listeners.clone();
     let (r, listed) = go(crate::restore::prepare(snap, &opts, false)?, None)?;
     Ok((r, listed, false))
 }

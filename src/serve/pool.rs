@@ -313,7 +313,7 @@ fn parkable(m: &Manifest) -> Result<(), String> {
         }
     }
     for p in &m.processes {
-        for (epfd, _) in crate::fds::late_epoll_targets(p) {
+        for (epfd, _) in crate::fds::late_epoll_targets(m, p) {
             let ofd = p.fds.iter().find(|f| f.fd == epfd).map(|f| f.ofd);
             if shared_ofd(m, ofd) {
                 return Err(format!(
@@ -333,6 +333,13 @@ fn parkable(m: &Manifest) -> Result<(), String> {
         }
         for f in &p.fds {
             let why = match &f.file {
+                // A TCP listener is a placeholder while parked; the daemon binds its
+                // address at hand-out (the recorded one, or the run's --listen).
+                FileDesc::Inet {
+                    sock_type: libc::SOCK_STREAM,
+                    listen: Some(_),
+                    ..
+                } => continue,
                 FileDesc::Inet { .. } | FileDesc::Netlink { .. } => "it has network sockets",
                 FileDesc::Unix { addr, .. } if !own_name(addr) => "it has bound unix sockets",
                 _ => continue,
