@@ -130,7 +130,11 @@ fn instances_holding_a_port_are_parked_and_get_their_listener_at_hand_out() {
     assert!(why.contains("network sockets"), "{why}");
     let out = ws.run(&["run", "--display-stats", "udp"], "b\n");
     out.assert_ok();
-    assert!(out.stderr.contains("by serve (restored)"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("by serve (restored)"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]

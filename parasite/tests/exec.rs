@@ -315,7 +315,7 @@ fn jumps_and_loops() {
     b.exit(v);
     let text = b.to_string();
     assert!(text.contains("if $last == 0 jump"), "{text}");
-    assert!(text.contains("must be skipped  | syscall 3(-1)"), "{text}");
+    assert!(text.contains("must be skipped  | close(-1)"), "{text}");
     let r = run_forked(&b);
     assert_eq!(r.code, 15, "{:?}", r.blob.check(r.status()));
     assert_eq!(r.data(counter), 0u64.to_le_bytes());
@@ -412,11 +412,11 @@ fn display_and_describe() {
     assert_eq!(lines.len(), 3);
     assert_eq!(
         lines[0],
-        "   0  open /usr/lib/libc.so.6  | syscall 257(-100, data+0x0) -> $0"
+        "   0  open /usr/lib/libc.so.6  | openat(-100, data+0x0) -> $0"
     );
     assert_eq!(
         lines[1],
-        "   1  mmap 0x7f0000000000-0x7f0000001000 r--p /usr/lib/libc.so.6  | syscall 9(0x7f0000000000, 0x1000, 0x1, 0x12, $0)"
+        "   1  mmap 0x7f0000000000-0x7f0000001000 r--p /usr/lib/libc.so.6  | mmap(0x7f0000000000, 0x1000, 0x1, 0x12, $0)"
     );
     assert_eq!(lines[2], "   2  trap  | int3");
     let blob = b.build(0x7000_0000_0000);
