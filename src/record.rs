@@ -362,9 +362,25 @@ pub fn record(
                 tracker = tracker.with_notify(ch).with_sd_notify(sd);
             }
             let mut primed = opts.prime.is_empty();
+            let mut unsettled = 0u32;
+            let mut unsettled_at: Option<(i32, i32)> = None;
             let mut http: Option<crate::http_prime::Priming> = None;
             let warm = loop {
-                let warm = tracker.run(init_pid, Some(opts.timeout)).map_err(|e| {
+                // Once fds were seen in flight, the next stop comes soon or never.
+                let timeout = match unsettled_at {
+                    Some(_) => opts.timeout.min(SETTLE_TIMEOUT),
+                    None => opts.timeout,
+                };
+                let warm = tracker.run(init_pid, Some(timeout)).map_err(|e| {
+                    if let Some((p, fd)) = unsettled_at {
+                        return anyhow!(
+                            "the app never came to rest: fd {fd} of process {p} has file \
+                             descriptors or credentials queued to read, which warmstart cannot \
+                             checkpoint yet, and no process of the app read them within {} s \
+                             ({e}); it was stopped and nothing was stored",
+                            timeout.as_secs()
+                        );
+                    }
                     let priming = if http.as_ref().is_some_and(|p| !p.done()) {
                         " while its priming requests were under way (not all answered and \
                          closed: does it keep connections open despite `Connection: close`?)"
@@ -417,6 +433,21 @@ pub fn record(
                     // A read with priming input still to consume is not it.
                     unread(&stdin_peek) == 0
                 };
+                // A tree with fds in flight between its processes is not at rest: its
+                // processes go on until they have read them (or, after many stops, the
+                // dump refuses, naming the socket).
+                let at_warm_point = at_warm_point
+                    && match crate::fds::unix::queued_control(pid) {
+                        Some((p, fd)) if unsettled < MAX_UNSETTLED_STOPS => {
+                            unsettled += 1;
+                            unsettled_at = Some((p, fd));
+                            tracing::debug!(
+                                "fd {fd} of process {p} has file descriptors queued: not at rest yet"
+                            );
+                            false
+                        }
+                        _ => true,
+                    };
                 if at_warm_point {
                     break warm;
                 }
@@ -506,6 +537,13 @@ pub fn record(
 
 /// The `Frozen` of the app `pid` holding the threads stopped at `stops` (in the app or in
 /// processes of its tree).
+/// Warm-point stops passed over while fds are in flight in the tree (see
+/// [`crate::fds::unix::queued_control`]) before the dump goes ahead and refuses.
+const MAX_UNSETTLED_STOPS: u32 = 100;
+
+/// How long the next stop may take once fds were seen in flight.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn held_frozen(pid: i32, stops: impl Iterator<Item = warmstart_launcher::WarmStop>) -> Frozen {
     let mut root = Frozen {
         pid,

@@ -76,6 +76,14 @@ fn shared_anonymous_memory_between_parent_and_child() {
     run_fixture("tree_shmem", false);
 }
 
+/// Private pages a parent, its child and a grandchild shared copy-on-write at the dump
+/// are one physical page again after the restore, and only those (issue 13): the fixture
+/// compares page frames in /proc/PID/pagemap of the three.
+#[test]
+fn copy_on_write_pages_stay_shared_across_the_tree() {
+    run_fixture("cow_tree", false);
+}
+
 #[test]
 fn posix_semaphore_and_shared_memory_between_parent_and_child() {
     run_fixture("tree_posix_shm", false);

@@ -772,3 +772,60 @@ fn priming_a_server_that_keeps_its_connections_fails_clearly() {
     );
     assert_eq!(ws.ls_json(), serde_json::json!([]), "something was stored");
 }
+
+/// File descriptors in flight between two processes of the tree at a `--ready listen`
+/// stop (nginx's master passing a channel to a worker): the recorder lets the tree go on
+/// until they are received, and the restored child holds what it received.
+#[test]
+fn record_waits_for_fds_in_flight_to_be_received() {
+    let ws = Ws::new();
+    let bin = fixture("fd_in_flight");
+    let out = ws.run(
+        &[
+            "record",
+            "--name",
+            "inflight",
+            "--ready",
+            "listen",
+            "--",
+            bin.to_str().unwrap(),
+            "read",
+        ],
+        "",
+    );
+    out.assert_ok();
+    let run = ws.run(&["run", "inflight"], "check\n");
+    run.assert_ok();
+    assert_eq!(run.stdout, "child holds /dev/null\n", "{}", run.describe());
+}
+
+/// Fds queued that no process of the tree ever reads: refused, naming the socket.
+#[test]
+fn record_refuses_fds_in_flight_nobody_receives() {
+    let ws = Ws::new();
+    let bin = fixture("fd_in_flight");
+    let out = ws.run(
+        &[
+            "record",
+            "--ready",
+            "listen",
+            "--timeout",
+            "3",
+            "--",
+            bin.to_str().unwrap(),
+            "never",
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("never came to rest")
+            && out
+                .stderr
+                .contains("file descriptors or credentials queued")
+            && out.stderr.contains("nothing was stored"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(ws.ls_json(), serde_json::json!([]), "something was stored");
+}

@@ -557,6 +557,49 @@ fn name_of(fd: &OwnedFd, call: NameCall, what: &str) -> Result<UnixAddr> {
     })
 }
 
+/// The first unix socket of the tree under `root` that has file descriptors or
+/// credentials queued to read, as `(pid, fd)`: a tree caught while one of its processes
+/// passes fds to another (nginx's master to a worker that has not read them yet) is not
+/// at rest. Processes or fds that go away meanwhile are skipped.
+pub fn queued_control(root: i32) -> Option<(i32, i32)> {
+    let mut procs = vec![root];
+    let mut i = 0;
+    while i < procs.len() {
+        procs.extend(crate::sys::tasks::children(procs[i]));
+        i += 1;
+    }
+    for pid in procs {
+        let Ok(pidfd) = warmstart_launcher::sys::pidfd_open(pid, 0) else {
+            continue;
+        };
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let is_socket = std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            if !is_socket {
+                continue;
+            }
+            let Ok(copy) = crate::sys::pidfd::pidfd_getfd(&pidfd, fd) else {
+                continue;
+            };
+            let unix = getsockopt_int(&copy, libc::SOL_SOCKET, libc::SO_DOMAIN)
+                .is_ok_and(|d| d == libc::AF_UNIX);
+            let Ok(ty) = getsockopt_int(&copy, libc::SOL_SOCKET, libc::SO_TYPE) else {
+                continue;
+            };
+            if unix && matches!(peek_queue(&copy, ty), Err(PeekError::Control)) {
+                return Some((pid, fd));
+            }
+        }
+    }
+    None
+}
+
 enum PeekError {
     Control,
     Io(anyhow::Error),

@@ -78,6 +78,19 @@ pub fn plan(p: &Process) -> LazyPlan {
 }
 
 impl LazyPlan {
+    /// Drops the VMAs `eager` (sorted `(start, len)`) from the plan: restored eagerly.
+    pub fn leave_out(&mut self, eager: &[(u64, u64)]) {
+        if eager.is_empty() {
+            return;
+        }
+        self.ranges.retain(|r| eager.binary_search(r).is_err());
+        let inside = |addr: u64| {
+            let i = eager.partition_point(|&(s, l)| s + l <= addr);
+            eager.get(i).is_some_and(|&(s, _)| s <= addr)
+        };
+        self.extents.retain(|e| !inside(e.addr));
+    }
+
     /// Total stored pages the plan serves.
     pub fn data_pages(&self) -> u64 {
         self.extents.iter().map(|e| e.pages).sum()

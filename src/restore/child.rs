@@ -37,6 +37,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use warmstart_snapshots::model::{Manifest, Process, VmaKind};
 
+use super::cow::CowPlan;
 use super::program::{self, ProgramFds};
 use crate::sys::maps::{self, MapEntry};
 
@@ -104,6 +105,19 @@ struct Ctx<'a> {
     barrier: (RawFd, RawFd),
     /// Parked restore: where each process with stdio fds receives them when handed out.
     late_sock: Option<RawFd>,
+    /// The pages the tree's processes share ([`super::cow`]), and the memfd with the
+    /// bytes each writes before it forks (`-1` without).
+    cow: Option<&'a CowPlan>,
+    cow_fd: RawFd,
+}
+
+/// Where one of a process's shared areas ([`super::cow::Area`]) is mapped now, with the
+/// pages its children inherit.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    start: u64,
+    end: u64,
+    at: u64,
 }
 
 /// Entry point of the root of the tree (the sandbox's app); returns only on failure
@@ -118,9 +132,16 @@ pub fn run(
     late_sock: Option<RawFd>,
     listeners: &[(u32, RawFd)],
     chans: &TreeChannels,
+    cow: Option<&CowPlan>,
 ) -> i32 {
     let mut report = chans.reports[0];
-    match prepare_root(m, lazy, notify, late_sock, listeners, chans, &mut report) {
+    let given = Given {
+        notify,
+        late_sock,
+        listeners,
+        cow,
+    };
+    match prepare_root(m, lazy, &given, chans, &mut report) {
         Ok(never) => match never {},
         Err(e) => fail(report, e),
     }
@@ -136,15 +157,27 @@ fn fail(report: RawFd, e: anyhow::Error) -> i32 {
 }
 
 /// `report` is the status pipe's fd, updated when it moves.
+/// What the monitor hands the root besides its channels.
+struct Given<'a> {
+    notify: Option<RawFd>,
+    late_sock: Option<RawFd>,
+    listeners: &'a [(u32, RawFd)],
+    cow: Option<&'a CowPlan>,
+}
+
 fn prepare_root(
     m: &Manifest,
     lazy: &[Vec<(u64, u64)>],
-    notify: Option<RawFd>,
-    late_sock: Option<RawFd>,
-    listeners: &[(u32, RawFd)],
+    given: &Given,
     chans: &TreeChannels,
     report: &mut RawFd,
 ) -> Result<std::convert::Infallible> {
+    let Given {
+        notify,
+        late_sock,
+        listeners,
+        cow,
+    } = *given;
     // Every signal blocked until the monitor loads the app's mask at the very end, so
     // whatever the app's timers or anyone sends meanwhile stays pending instead of
     // stopping the restorer. A raw rt_sigprocmask: glibc's sigfillset leaves out the
@@ -179,6 +212,8 @@ fn prepare_root(
     originals.extend(notify);
     originals.extend(late_sock);
     originals.extend(listeners.iter().map(|l| l.1));
+    let cow_fd = cow.map(|c| c.memfd.as_raw_fd());
+    originals.extend(cow_fd);
     close_all_except(&originals)?;
     let mut moved = TreeChannels {
         reports: Vec::new(),
@@ -206,7 +241,9 @@ fn prepare_root(
     for &(ofd, fd) in listeners {
         given.insert(ofd, dup_high(fd, high)?);
     }
+    let cow_fd = cow_fd.map(|fd| dup_high(fd, high)).transpose()?;
     let mut keep = stdio.clone();
+    keep.extend(cow_fd);
     keep.extend(late_sock);
     keep.extend(given.values().copied());
     keep.extend(&moved.reports);
@@ -240,13 +277,166 @@ fn prepare_root(
         inherited,
         barrier,
         late_sock,
+        cow,
+        cow_fd: cow_fd.unwrap_or(-1),
     };
-    fork_children(&ctx, 0)?;
-    finish(&ctx, 0)
+    let placed = place_shared(&ctx, 0, &[])?;
+    fork_children(&ctx, 0, &placed)?;
+    finish(&ctx, 0, &placed)
 }
 
-/// Forks the children of process `idx` at their pids, each running [`child_main`].
-fn fork_children(ctx: &Ctx, idx: usize) -> Result<()> {
+/// Maps process `idx`'s shared areas ([`super::cow`]) before it forks: its part of each
+/// area of its parent's it adopts (`inherited`, the parent's placed areas; the rest of
+/// them is unmapped), new ones at their own address when that is free (elsewhere
+/// otherwise, outside every VMA of the tree), then writes the pages its children inherit.
+fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Placed>> {
+    let Some(plan) = ctx.cow else {
+        return Ok(Vec::new());
+    };
+    let areas = &plan.procs[idx];
+    let adopted: Vec<(u64, u64)> = areas
+        .iter()
+        .filter_map(|a| {
+            let from = inherited.get(a.adopt?)?;
+            let at = from.at + (a.start - from.start);
+            Some((at, at + (a.end - a.start)))
+        })
+        .collect();
+    for from in inherited {
+        let mut pos = from.at;
+        let end = from.at + (from.end - from.start);
+        let mut kept: Vec<(u64, u64)> = adopted
+            .iter()
+            .copied()
+            .filter(|&(s, e)| s >= from.at && e <= end)
+            .collect();
+        kept.sort_unstable();
+        for (s, e) in kept.into_iter().chain(std::iter::once((end, end))) {
+            if s > pos {
+                // SAFETY: the range is a part of an inherited area no code here uses.
+                if unsafe { libc::munmap(pos as *mut libc::c_void, (s - pos) as usize) } < 0 {
+                    return Err(errno_err(format!(
+                        "unmapping {pos:#x}-{s:#x}, a shared area this process does not keep"
+                    )));
+                }
+            }
+            pos = pos.max(e);
+        }
+    }
+    let mut own: Option<Vec<(u64, u64)>> = None;
+    let mut out = Vec::with_capacity(areas.len());
+    for a in areas {
+        let len = a.end - a.start;
+        let at = match a.adopt.and_then(|k| inherited.get(k)) {
+            Some(from) => from.at + (a.start - from.start),
+            None => map_area(a.start, len, plan, &mut own)?,
+        };
+        for &(addr, pages, off) in &a.writes {
+            let dst = at + (addr - a.start);
+            let mut done = 0u64;
+            let total = pages * 4096;
+            while done < total {
+                // SAFETY: [dst, dst + total) lies inside the area mapped read-write above;
+                // pread writes at most `total - done` bytes there.
+                let n = unsafe {
+                    libc::pread(
+                        ctx.cow_fd,
+                        (dst + done) as *mut libc::c_void,
+                        (total - done) as usize,
+                        (off + done) as libc::off_t,
+                    )
+                };
+                if n <= 0 {
+                    if n < 0
+                        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                    {
+                        continue;
+                    }
+                    return Err(errno_err(format!(
+                        "reading the pages shared at {addr:#x} into place"
+                    )));
+                }
+                done += n as u64;
+            }
+        }
+        out.push(Placed {
+            start: a.start,
+            end: a.end,
+            at,
+        });
+    }
+    Ok(out)
+}
+
+/// Maps `len` bytes of read-write private anonymous memory at `start`, or where nothing
+/// of this process or of the tree's recorded layout (`plan.avoid`) is, and returns where.
+fn map_area(
+    start: u64,
+    len: u64,
+    plan: &CowPlan,
+    own: &mut Option<Vec<(u64, u64)>>,
+) -> Result<u64> {
+    let map = |at: u64| {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping; anonymous, no fd.
+        unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        }
+    };
+    if map(start) as u64 == start {
+        return Ok(start);
+    }
+    let used = match own {
+        Some(u) => u,
+        None => {
+            let maps = maps::parse(
+                &std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?,
+            )?;
+            own.insert(maps.iter().map(|m| (m.start, m.end)).collect())
+        }
+    };
+    let mut all: Vec<(u64, u64)> = used.iter().chain(&plan.avoid).copied().collect();
+    all.sort_unstable();
+    let at = gap_below(&all, len, 0x7e00_0000_0000)
+        .ok_or_else(|| anyhow!("no free address range of {len} bytes for a shared area"))?;
+    if map(at) as u64 != at {
+        return Err(errno_err(format!("mapping a shared area at {at:#x}")));
+    }
+    used.push((at, at + len));
+    Ok(at)
+}
+
+/// The highest start below `top` of a free range of `len` bytes, a guard megabyte from
+/// every range in `used` (sorted).
+fn gap_below(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
+    const GUARD: u64 = 1 << 20;
+    let mut candidate = top.checked_sub(len)? & !0xfff;
+    loop {
+        let end = candidate + len;
+        match used
+            .iter()
+            .find(|&&(s, e)| s < end + GUARD && e + GUARD > candidate)
+        {
+            None => return Some(candidate),
+            Some(&(s, _)) => {
+                if s < len + 2 * GUARD + 0x1000_0000 {
+                    return None;
+                }
+                candidate = (s - len - GUARD) & !0xfff;
+            }
+        }
+    }
+}
+
+/// Forks the children of process `idx` at their pids, each running [`child_main`];
+/// they inherit its shared areas (`placed`).
+fn fork_children(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<()> {
     let me = &ctx.m.processes[idx];
     for (i, c) in ctx.m.processes.iter().enumerate().skip(1) {
         if c.ppid != me.pid || i == idx {
@@ -255,7 +445,7 @@ fn fork_children(ctx: &Ctx, idx: usize) -> Result<()> {
         // SAFETY: a restoring process is single-threaded.
         match unsafe { warmstart_launcher::fork_with_pid(c.pid) } {
             Ok(0) => {
-                let code = match child_main(ctx, i) {
+                let code = match child_main(ctx, i, placed) {
                     Ok(never) => match never {},
                     Err(e) => fail(ctx.chans.reports[i], e),
                 };
@@ -279,13 +469,14 @@ fn fork_children(ctx: &Ctx, idx: usize) -> Result<()> {
 }
 
 /// A process of the tree other than the root, just forked at its pid.
-fn child_main(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
+fn child_main(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<std::convert::Infallible> {
     let p = &ctx.m.processes[idx];
     own_ids(p)?;
     // A session leader takes its terminal before it forks: its children inherit it.
     crate::fds::pty::take_ctty(p, &ctx.inherited.ptys)?;
-    fork_children(ctx, idx)?;
-    finish(ctx, idx)
+    let placed = place_shared(ctx, idx, inherited)?;
+    fork_children(ctx, idx, &placed)?;
+    finish(ctx, idx, &placed)
 }
 
 /// Session and group of `p` as far as it can set them alone, before it forks (its
@@ -326,8 +517,12 @@ fn join_group(m: &Manifest, p: &Process) -> Result<()> {
 /// The rest of process `idx`'s restore once its children exist: wait for the whole
 /// tree, join its group, then fds, cwd, limits, and the jump into its restorer (a zombie
 /// exits instead).
-fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
+fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infallible> {
     let m = ctx.m;
+    if ctx.cow_fd >= 0 {
+        // SAFETY: the tree's copy of the shared pages' memfd; every area is written.
+        unsafe { libc::close(ctx.cow_fd) };
+    }
     let lazy = ctx.lazy.get(idx).map(Vec::as_slice).unwrap_or_default();
     let p = &m.processes[idx];
     let report = ctx.chans.reports[idx];
@@ -380,7 +575,17 @@ fn finish(ctx: &Ctx, idx: usize) -> Result<std::convert::Infallible> {
     if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
-    let fds = open_mapping_fds(p, ctx.high, &ctx.inherited)?;
+    let mut fds = open_mapping_fds(p, ctx.high, &ctx.inherited)?;
+    fds.premapped = p
+        .vmas
+        .iter()
+        .map(|v| {
+            placed
+                .iter()
+                .find(|a| a.start == v.start && a.end == v.end)
+                .map(|a| a.at)
+        })
+        .collect();
     // Shared memory objects and files this process does not map are not its to keep.
     for (&id, &fd) in &ctx.inherited.shmem {
         if !p.vmas.iter().any(|v| v.kind == VmaKind::Shmem { id }) {
@@ -814,7 +1019,11 @@ fn open_mapping_fds(
         vma_fds.push(Some(fd));
     }
     let exe_fd = above(open_path(&p.exe.path, libc::O_RDONLY)?, high)?;
-    Ok(ProgramFds { vma_fds, exe_fd })
+    Ok(ProgramFds {
+        vma_fds,
+        exe_fd,
+        premapped: Vec::new(),
+    })
 }
 
 fn set_rlimits(p: &Process) -> Result<()> {
@@ -838,27 +1047,12 @@ fn set_rlimits(p: &Process) -> Result<()> {
 
 /// An address range of `len` bytes free in both our layout and the snapshot's.
 fn find_gap(own: &[MapEntry], p: &Process, len: u64) -> Result<u64> {
-    const GUARD: u64 = 1 << 20;
     let mut used: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     used.extend(p.vmas.iter().map(|v| (v.start, v.end)));
     used.sort_unstable();
-    // Search downward from below the usual mmap base, away from stacks.
-    let mut candidate = 0x7e00_0000_0000u64;
-    loop {
-        let end = candidate + len;
-        match used
-            .iter()
-            .find(|&&(s, e)| s < end + GUARD && e + GUARD > candidate)
-        {
-            None => return Ok(candidate),
-            Some(&(s, _)) => {
-                if s < len + 2 * GUARD + 0x1000_0000 {
-                    bail!("no free address range of {len} bytes for the restorer");
-                }
-                candidate = (s - len - GUARD) & !0xfff;
-            }
-        }
-    }
+    // Downward from below the usual mmap base, away from stacks.
+    gap_below(&used, len, 0x7e00_0000_0000)
+        .ok_or_else(|| anyhow!("no free address range of {len} bytes for the restorer"))
 }
 
 /// glibc registered an rseq area for this thread inside memory the restorer unmaps; the

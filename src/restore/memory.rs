@@ -9,7 +9,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result};
-use warmstart_snapshots::model::{Process, RunContent, VmaKind, PAGE_SIZE};
+use warmstart_snapshots::model::{Process, RunContent, Vma, VmaKind, PAGE_SIZE};
+
+use super::cow::Area;
 use warmstart_snapshots::store::{Hot, Snapshot};
 
 /// Pages decompressed and written per batch.
@@ -24,10 +26,14 @@ struct Batch {
     writable: bool,
 }
 
-fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
+fn batches(p: &Process, lazy: &[(u64, u64)], shared: &[Area]) -> Vec<Batch> {
     let mut out = Vec::new();
     for v in &p.vmas {
         if lazy.binary_search(&(v.start, v.len())).is_ok() {
+            continue;
+        }
+        if let Some(a) = shared.iter().find(|a| a.start == v.start && a.end == v.end) {
+            shared_area_batches(v, a, &mut out);
             continue;
         }
         for run in &v.pages {
@@ -57,11 +63,54 @@ fn batches(p: &Process, lazy: &[(u64, u64)]) -> Vec<Batch> {
     out
 }
 
+/// The writes into a shared area ([`super::cow`]) that already holds pages before the
+/// fill: every stored page of the process except those the area holds with its content
+/// already (a write would give it a copy of a page it shares), and zeros where the area
+/// holds a page the process has none of.
+fn shared_area_batches(v: &Vma, a: &Area, out: &mut Vec<Batch>) {
+    let mut pages: Vec<(u64, Option<u64>)> = Vec::new();
+    for run in &v.pages {
+        let RunContent::Data { first } = run.content else {
+            continue; // a zero page: in `a.zero` if the area holds something there
+        };
+        let n = run.count.min(v.page_count().saturating_sub(run.page));
+        for i in 0..n {
+            let addr = v.start + (run.page + i) * PAGE_SIZE as u64;
+            if a.own.binary_search(&addr).is_err() {
+                pages.push((addr, Some(first + i)));
+            }
+        }
+    }
+    pages.extend(a.zero.iter().map(|&addr| (addr, None)));
+    pages.sort_unstable();
+    let writable = super::program::writable_at_first_trap(v);
+    for (addr, first) in pages {
+        if let Some(b) = out.last_mut() {
+            let next = b.addr + b.count * PAGE_SIZE as u64 == addr && b.count < BATCH;
+            let same = match (b.first, first) {
+                (Some(f), Some(g)) => f + b.count == g,
+                (None, None) => true,
+                _ => false,
+            };
+            if next && same && b.writable == writable {
+                b.count += 1;
+                continue;
+            }
+        }
+        out.push(Batch {
+            addr,
+            count: 1,
+            first,
+            writable,
+        });
+    }
+}
+
 /// Page-table indexes of the pages [`fill`] writes when `lazy` (sorted `(start, len)`)
 /// are the lazily served VMAs: what a restore copies before the app resumes besides
 /// the working set, so worth keeping decompressed (`Store::save_hot`).
 pub fn eager_indexes(p: &Process, lazy: &[(u64, u64)]) -> Vec<u64> {
-    batches(p, lazy)
+    batches(p, lazy, &[])
         .iter()
         .filter_map(|b| b.first.map(|f| f..f + b.count))
         .flatten()
@@ -158,13 +207,15 @@ fn write_vectored(hot: Option<&Hot>, pid: i32, work: &[Batch]) -> Result<()> {
 
 /// Writes every stored page except those of the VMAs in `lazy` (sorted `(start, len)`),
 /// which the page server provides; pages in `hot` are taken from there (verified
-/// already) instead of being decompressed.
+/// already) instead of being decompressed. In the `shared` areas ([`super::cow`]) pages
+/// the area holds with the process's content already are left alone.
 pub fn fill(
     snap: &Snapshot,
     hot: Option<&Hot>,
     p: &Process,
     pid: i32,
     lazy: &[(u64, u64)],
+    shared: &[Area],
 ) -> Result<()> {
     let open = || {
         OpenOptions::new()
@@ -172,7 +223,7 @@ pub fn fill(
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))
     };
-    let mut work = batches(p, lazy);
+    let mut work = batches(p, lazy, shared);
     // What is in the hot pages (or zeros) and writable goes in a few vectored writes.
     let (quick, rest): (Vec<Batch>, Vec<Batch>) = work.drain(..).partition(|b| {
         b.writable

@@ -24,6 +24,7 @@
 
 pub mod checks;
 pub mod child;
+pub mod cow;
 pub mod interrupt;
 pub mod keeper;
 pub mod lazy;
@@ -241,16 +242,30 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
                 .context("starting the page-table check")
         })
         .transpose()?;
+    // Pages the processes of a tree share are shared again: planned here, mapped by the
+    // processes before they fork (see `cow`).
+    let t = Instant::now();
+    let shared = cow::plan(snap, m)?;
+    if shared.is_some() {
+        phases.add("shared pages", t.elapsed());
+    }
     let t = Instant::now();
     // Each process has a userfaultfd and a page server of its own, which learns or
     // prefetches its own working set; a process with nothing to serve lazily is
-    // restored eagerly.
+    // restored eagerly, as are its shared areas.
     let mut plans: Vec<Option<crate::lazy::LazyPlan>> = m
         .processes
         .iter()
-        .map(|q| {
+        .enumerate()
+        .map(|(i, q)| {
             (opts.lazy && q.zombie.is_none())
-                .then(|| crate::lazy::plan(q))
+                .then(|| {
+                    let mut plan = crate::lazy::plan(q);
+                    if let Some(c) = &shared {
+                        plan.leave_out(&c.eager_ranges(i));
+                    }
+                    plan
+                })
                 .filter(|plan| !plan.ranges.is_empty())
         })
         .collect();
@@ -369,6 +384,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
                 late.as_ref().map(|(_, app)| app.as_raw_fd()),
                 &listeners,
                 &chans,
+                shared.as_ref(),
             )
         },
     )
@@ -494,7 +510,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
     for d in &tree {
-        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
+        let areas = shared.as_ref().map_or(&[][..], |c| &c.procs[d.idx][..]);
+        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx], areas)
             .map_err(|e| fail_in(d.p, e))?;
     }
     phases.add("eager-pages", t.elapsed());

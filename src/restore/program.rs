@@ -12,15 +12,20 @@
 
 use anyhow::{bail, Result};
 use warmstart_parasite::{Arg, Blob, DataRef, ProgramBuilder, Slot, Width};
-use warmstart_snapshots::model::{EpollTarget, Process, Thread, Vma, VmaKind, PROT_WRITE};
+use warmstart_snapshots::model::{
+    EpollTarget, Process, Thread, Vma, VmaKind, PROT_READ, PROT_WRITE,
+};
 
 use crate::sys::maps::MapEntry;
 
-/// An fd the child opened for the program, and what the program uses it for.
+/// What the child prepared for the program: fds it opened, memory it mapped.
 pub struct ProgramFds {
     /// Per VMA index: the fd to map it from (file VMAs only).
     pub vma_fds: Vec<Option<i32>>,
     pub exe_fd: i32,
+    /// Per VMA index: where the VMA's memory is mapped already, with the pages it shares
+    /// with other processes of the tree ([`super::cow`]): moved into place, not mapped.
+    pub premapped: Vec<Option<u64>>,
 }
 
 /// What a parked restore (`warmstart serve`'s pool) does when it is handed out. Every
@@ -290,6 +295,12 @@ pub fn program(
         .map(|m| (m.start, m.end))
         .collect();
     keep.push((base, base + blob_len));
+    keep.extend(
+        p.vmas
+            .iter()
+            .zip(&fds.premapped)
+            .filter_map(|(v, at)| at.map(|at| (at, at + v.len()))),
+    );
     keep.sort_unstable();
     let top = own
         .iter()
@@ -328,20 +339,48 @@ pub fn program(
         // ([`writable_at_first_trap`]). Other areas get their final protection at once
         // (pages of read-only ones go through /proc/PID/mem, which may write them).
         let relro = is_relro(v);
-        b.syscall(
-            libc::SYS_mmap,
-            &[
-                imm(v.start),
-                imm(v.len()),
-                imm(if relro { v.prot | PROT_WRITE } else { v.prot }),
-                imm(mmap_flags(v)),
-                imm(fd),
-                imm(off),
-            ],
-            format!("mmap {}", label(v)),
-        );
+        match fds.premapped.get(i).copied().flatten() {
+            // A shared area, mapped read-write where it is now: moved into place, then
+            // given its protection (a RELRO-like one after the first trap, as below).
+            Some(at) => {
+                if at != v.start {
+                    b.syscall(
+                        libc::SYS_mremap,
+                        &[
+                            imm(at),
+                            imm(v.len()),
+                            imm(v.len()),
+                            imm((libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64),
+                            imm(v.start),
+                        ],
+                        format!("mremap shared {at:x} -> {}", label(v)),
+                    );
+                }
+                if !relro && v.prot != PROT_READ | PROT_WRITE {
+                    b.syscall(
+                        libc::SYS_mprotect,
+                        &[imm(v.start), imm(v.len()), imm(v.prot)],
+                        format!("mprotect {}", label(v)),
+                    );
+                }
+            }
+            None => {
+                b.syscall(
+                    libc::SYS_mmap,
+                    &[
+                        imm(v.start),
+                        imm(v.len()),
+                        imm(if relro { v.prot | PROT_WRITE } else { v.prot }),
+                        imm(mmap_flags(v)),
+                        imm(fd),
+                        imm(off),
+                    ],
+                    format!("mmap {}", label(v)),
+                );
+            }
+        }
         if relro {
-            relros.push(v);
+            relros.push((v, fds.premapped.get(i).copied().flatten().is_some()));
         }
         let advice = [
             (v.flags.dontfork, libc::MADV_DONTFORK),
@@ -439,8 +478,9 @@ pub fn program(
     }
     b.trap();
 
-    for v in relros {
-        if matches!(v.kind, VmaKind::Anon { .. }) {
+    for (v, premapped) in relros {
+        // A shared area faulted long ago (and a write here would copy a shared page).
+        if matches!(v.kind, VmaKind::Anon { .. }) && !premapped {
             keep_accounted(&mut b, v);
         }
         b.syscall(
@@ -1048,7 +1088,7 @@ pub(crate) fn last_cap() -> u32 {
 mod tests {
     use super::*;
     use warmstart_parasite::Step;
-    use warmstart_snapshots::model::{AltStack, PosixTimer, VmaFlags, PROT_READ};
+    use warmstart_snapshots::model::{AltStack, PosixTimer, VmaFlags};
 
     fn map(start: u64, end: u64, name: &str) -> MapEntry {
         MapEntry {
@@ -1160,6 +1200,7 @@ mod tests {
         let fds = ProgramFds {
             vma_fds: vec![None; p.vmas.len()],
             exe_fd: 3,
+            premapped: vec![None; p.vmas.len()],
         };
         let (b, _, _) = program(p, &own(), &fds, BASE, LEN, &[], late).unwrap();
         let calls = b

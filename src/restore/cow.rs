@@ -1,0 +1,387 @@
+//! Copy-on-write sharing between the processes of a tree (issue 13): pages a parent and
+//! the children it forked shared at the dump are one physical page again after the
+//! restore, not one copy per process.
+//!
+//! The kernel shares private anonymous pages between processes only through `fork`, so
+//! the restore does what the app did: before a process of the tree forks its children
+//! (in [`super::child`]), it maps each of its *shared areas* — a private anonymous VMA a
+//! child inherited at the same place — and writes into it the pages its descendants
+//! still share with it; the children inherit them by the fork, at the same addresses.
+//! A child *adopts* its part of its parent's area where its own VMA lies inside it
+//! (extensions after a fork are VMAs of their own, see `vma_had_uncowed_parents` in the
+//! kernel's `mm/vma.c`, so a VMA a child inherited never outgrows its parent's), writes
+//! the pages its own children need where they differ, and so on down the tree. The
+//! restorer program then moves each area where its VMA belongs (`mremap`, when it could
+//! not be mapped there from the start) instead of mapping fresh memory, and the eager
+//! fill leaves alone every page that is already this process's own content.
+//!
+//! What is shared is decided by content, as CRIU does: a page is shared again when
+//! parent and child hold the same bytes (equal blake3) at the same address inside an
+//! inherited area. Pages whose contents were written by both after the fork stay
+//! separate copies. Shared areas are restored eagerly (a page already present never
+//! faults, so it cannot be served lazily anyway).
+//!
+//! This module only plans (in the monitor, before the tree is cloned): which areas, the
+//! pages each process writes before it forks (their bytes go to one memfd the tree
+//! inherits), and for the eager fill which pages to skip or zero.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+
+use anyhow::{Context, Result};
+use warmstart_snapshots::model::{Manifest, Process, RunContent, Vma, VmaKind, PAGE_SIZE};
+use warmstart_snapshots::store::Snapshot;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A shared area of one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Area {
+    pub start: u64,
+    pub end: u64,
+    /// Index into the parent's areas of the one this lies inside (adopted), or `None`
+    /// (mapped new by this process).
+    pub adopt: Option<usize>,
+    /// Written before forking: `(addr, pages, memfd offset)`, page contents in the memfd.
+    pub writes: Vec<(u64, u64, u64)>,
+    /// Pages (addresses) the area holds with exactly this process's content: the eager
+    /// fill skips them. Sorted.
+    pub own: Vec<u64>,
+    /// Pages the area holds (inherited) where this process has none or a zero page: the
+    /// eager fill zeroes them. Sorted.
+    pub zero: Vec<u64>,
+}
+
+impl Area {
+    /// Its length in bytes.
+    pub fn size(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+/// The plan of a tree: per process (manifest order) its shared areas.
+#[derive(Debug)]
+pub struct CowPlan {
+    pub procs: Vec<Vec<Area>>,
+    /// Every VMA of every process of the tree, sorted: a temporary place for an area
+    /// lies outside all of them.
+    pub avoid: Vec<(u64, u64)>,
+    /// The bytes of every page in an area's `writes`.
+    pub memfd: OwnedFd,
+}
+
+impl CowPlan {
+    /// `(start, len)` of `idx`'s shared areas, sorted: restored eagerly.
+    pub fn eager_ranges(&self, idx: usize) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.procs[idx].iter().map(|a| (a.start, a.size())).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Whether `v` can be a shared area: private anonymous memory mapped with nothing an
+/// `mremap` of a plain writable mapping would lose (growing down, locked, no reserve) and
+/// inherited by a fork at all (not `MADV_DONTFORK`/`WIPEONFORK`). Accounted (writable
+/// once), as the plain writable mapping it is made from is.
+pub fn candidate(v: &Vma) -> bool {
+    !v.shared
+        && matches!(v.kind, VmaKind::Anon { .. })
+        && v.flags.accounted
+        && !v.flags.growsdown
+        && !v.flags.dontfork
+        && !v.flags.wipeonfork
+        && !v.flags.locked
+        && !v.flags.lockonfault
+        && !v.flags.noreserve
+}
+
+type Hash = [u8; 32];
+
+/// One process's stored pages in candidate VMAs: address → (hash, page-table index).
+fn stored_pages(snap: &Snapshot, p: &Process) -> HashMap<u64, (Hash, u64)> {
+    let mut out = HashMap::new();
+    let count = snap.page_count();
+    for v in p.vmas.iter().filter(|v| candidate(v)) {
+        for r in &v.pages {
+            let RunContent::Data { first } = r.content else {
+                continue;
+            };
+            let n = r.count.min(v.page_count().saturating_sub(r.page));
+            for i in 0..n {
+                let idx = first + i;
+                if idx >= count {
+                    break;
+                }
+                out.insert(v.start + (r.page + i) * PAGE, (snap.page_hash(idx), idx));
+            }
+        }
+    }
+    out
+}
+
+/// The candidate VMA of `p` holding `addr`.
+fn vma_at(cands: &[(u64, u64)], addr: u64) -> Option<(u64, u64)> {
+    let i = cands.partition_point(|&(_, e)| e <= addr);
+    cands.get(i).copied().filter(|&(s, _)| s <= addr)
+}
+
+/// Plans the tree of `m`; `None` when nothing is shared (a lone process, or no page a
+/// child still shares).
+pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
+    let n = m.processes.len();
+    if n < 2 {
+        return Ok(None);
+    }
+    let live: Vec<bool> = m.processes.iter().map(|p| p.zombie.is_none()).collect();
+    let children: Vec<Vec<usize>> = m
+        .processes
+        .iter()
+        .map(|p| {
+            (1..n)
+                .filter(|&c| live[c] && m.processes[c].ppid == p.pid)
+                .collect()
+        })
+        .collect();
+    let cands: Vec<Vec<(u64, u64)>> = m
+        .processes
+        .iter()
+        .zip(&live)
+        .map(|(p, &l)| {
+            let mut v: Vec<(u64, u64)> = if l {
+                p.vmas
+                    .iter()
+                    .filter(|v| candidate(v))
+                    .map(|v| (v.start, v.end))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            v.sort_unstable();
+            v
+        })
+        .collect();
+    // Nothing to do unless some child has a candidate VMA inside one of its parent's.
+    let any = (1..n).any(|c| {
+        let Some(par) = m
+            .processes
+            .iter()
+            .position(|q| q.pid == m.processes[c].ppid)
+        else {
+            return false;
+        };
+        cands[c]
+            .iter()
+            .any(|&(s, e)| vma_at(&cands[par], s).is_some_and(|(ps, pe)| ps <= s && e <= pe))
+    });
+    if !any {
+        return Ok(None);
+    }
+    let pages: Vec<HashMap<u64, (Hash, u64)>> = m
+        .processes
+        .iter()
+        .zip(&live)
+        .map(|(p, &l)| {
+            if l {
+                stored_pages(snap, p)
+            } else {
+                HashMap::new()
+            }
+        })
+        .collect();
+
+    // What each process and its descendants (through areas inside areas) would like to
+    // inherit: address → the contents wanted there.
+    let order = preorder(&children);
+    let mut wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
+    for &i in order.iter().rev() {
+        let mut w: HashMap<u64, Vec<Hash>> = HashMap::new();
+        for (&addr, (h, _)) in &pages[i] {
+            w.entry(addr).or_default().push(*h);
+        }
+        for &c in &children[i] {
+            for (&addr, hs) in &wants[c] {
+                let inside = vma_at(&cands[c], addr)
+                    .zip(vma_at(&cands[i], addr))
+                    .is_some_and(|((cs, ce), (s, e))| s <= cs && ce <= e);
+                if inside {
+                    let e = w.entry(addr).or_default();
+                    for h in hs {
+                        if !e.contains(h) {
+                            e.push(*h);
+                        }
+                    }
+                }
+            }
+        }
+        wants[i] = w;
+    }
+
+    // Top down: each process's areas, with what they hold after its writes.
+    let mut memfd_pages: Vec<u64> = Vec::new(); // page-table index per memfd page
+    let mut at_offset: HashMap<Hash, u64> = HashMap::new();
+    let mut procs: Vec<Vec<Area>> = vec![Vec::new(); n];
+    let mut held: Vec<Vec<HashMap<u64, Hash>>> = vec![Vec::new(); n];
+    for &i in &order {
+        let parent = (i != 0)
+            .then(|| {
+                m.processes
+                    .iter()
+                    .position(|q| q.pid == m.processes[i].ppid)
+            })
+            .flatten();
+        for &(s, e) in &cands[i] {
+            let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
+            // Pages a child (or further down) wants with this process's content.
+            let needed: Vec<u64> = {
+                let mut v: Vec<u64> = (s..e)
+                    .step_by(PAGE as usize)
+                    .filter(|&a| {
+                        mine(a).is_some_and(|h| {
+                            children[i].iter().any(|&c| {
+                                vma_at(&cands[c], a).is_some_and(|(cs, ce)| s <= cs && ce <= e)
+                                    && wants[c].get(&a).is_some_and(|hs| hs.contains(&h))
+                            })
+                        })
+                    })
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let inherited = parent.and_then(|par| {
+                procs[par]
+                    .iter()
+                    .position(|a| a.start <= s && e <= a.end)
+                    .map(|k| (k, &held[par][k]))
+            });
+            let matches = inherited.is_some_and(|(_, st)| {
+                st.iter()
+                    .any(|(&a, h)| a >= s && a < e && mine(a) == Some(*h))
+            });
+            let (adopt, mut state) = match inherited {
+                Some((k, st)) if matches => (
+                    Some(k),
+                    st.iter()
+                        .filter(|(&a, _)| a >= s && a < e)
+                        .map(|(&a, &h)| (a, h))
+                        .collect::<HashMap<u64, Hash>>(),
+                ),
+                _ if !needed.is_empty() => (None, HashMap::new()),
+                _ => continue,
+            };
+            let mut writes: Vec<(u64, u64, u64)> = Vec::new();
+            for &a in &needed {
+                let (h, idx) = pages[i][&a];
+                if state.get(&a) == Some(&h) {
+                    continue;
+                }
+                state.insert(a, h);
+                let off = *at_offset.entry(h).or_insert_with(|| {
+                    memfd_pages.push(idx);
+                    (memfd_pages.len() as u64 - 1) * PAGE
+                });
+                match writes.last_mut() {
+                    Some((wa, wn, wo)) if *wa + *wn * PAGE == a && *wo + *wn * PAGE == off => {
+                        *wn += 1
+                    }
+                    _ => writes.push((a, 1, off)),
+                }
+            }
+            let mut own: Vec<u64> = Vec::new();
+            let mut zero: Vec<u64> = Vec::new();
+            for (&a, h) in &state {
+                match mine(a) {
+                    Some(x) if x == *h => own.push(a),
+                    Some(_) => {} // the fill writes this process's page over it
+                    None => zero.push(a),
+                }
+            }
+            own.sort_unstable();
+            zero.sort_unstable();
+            procs[i].push(Area {
+                start: s,
+                end: e,
+                adopt,
+                writes,
+                own,
+                zero,
+            });
+            held[i].push(state);
+        }
+    }
+    if procs.iter().all(Vec::is_empty) {
+        return Ok(None);
+    }
+    let memfd = fill_memfd(snap, &memfd_pages)?;
+    let mut avoid: Vec<(u64, u64)> = m
+        .processes
+        .iter()
+        .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
+    avoid.sort_unstable();
+    Ok(Some(CowPlan {
+        procs,
+        avoid,
+        memfd,
+    }))
+}
+
+/// Process indexes, every parent before its children.
+fn preorder(children: &[Vec<usize>]) -> Vec<usize> {
+    let mut out = Vec::with_capacity(children.len());
+    let mut stack = vec![0];
+    while let Some(i) = stack.pop() {
+        out.push(i);
+        stack.extend(children[i].iter().rev());
+    }
+    out
+}
+
+/// A memfd holding the pages `indexes` (page-table records) one after the other.
+fn fill_memfd(snap: &Snapshot, indexes: &[u64]) -> Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"warmstart-shared-pages",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .context("memfd_create for the pages a tree shares")?;
+    let file = std::fs::File::from(fd);
+    file.set_len(indexes.len() as u64 * PAGE)
+        .context("sizing the memfd of shared pages")?;
+    const BATCH: usize = 256;
+    let mut buf = vec![0u8; BATCH * PAGE_SIZE];
+    let mut i = 0;
+    while i < indexes.len() {
+        // A run of consecutive records is read at once.
+        let mut n = 1;
+        while i + n < indexes.len() && n < BATCH && indexes[i + n] == indexes[i] + n as u64 {
+            n += 1;
+        }
+        let bytes = &mut buf[..n * PAGE_SIZE];
+        snap.read_pages(indexes[i], n as u64, bytes)?;
+        file.write_all_at(bytes, i as u64 * PAGE)
+            .context("writing the shared pages to their memfd")?;
+        i += n;
+    }
+    Ok(OwnedFd::from(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preorder_visits_parents_first() {
+        let children = vec![vec![1, 3], vec![2], vec![], vec![]];
+        assert_eq!(preorder(&children), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn vma_at_finds_the_containing_range() {
+        let c = [(0x1000, 0x3000), (0x5000, 0x6000)];
+        assert_eq!(vma_at(&c, 0x1000), Some((0x1000, 0x3000)));
+        assert_eq!(vma_at(&c, 0x2fff), Some((0x1000, 0x3000)));
+        assert_eq!(vma_at(&c, 0x3000), None);
+        assert_eq!(vma_at(&c, 0x5000), Some((0x5000, 0x6000)));
+        assert_eq!(vma_at(&c, 0x7000), None);
+    }
+}
