@@ -111,6 +111,14 @@ pub struct ServeArgs {
     /// Park instances of this snapshot at once (else at its first request); repeatable
     #[arg(long, value_name = "SNAPSHOT")]
     pub warm: Vec<String>,
+    /// Drop a snapshot's template (the restored memory its instances share) after it has
+    /// parked no instance for this long
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub idle: u64,
+    /// Restore every instance on its own, without templates (each holds its own copy of
+    /// the snapshot's memory)
+    #[arg(long)]
+    pub no_templates: bool,
 }
 
 #[derive(Args, Debug)]
@@ -374,6 +382,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 pool: a.pool,
                 pool_max: a.pool_max.unwrap_or(4 * a.pool),
                 warm: a.warm.clone(),
+                template_idle: (!a.no_templates)
+                    .then(|| std::time::Duration::from_secs(a.idle.max(1))),
             };
             crate::serve::serve(store, &opts)
         }

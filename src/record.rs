@@ -282,6 +282,7 @@ pub fn record(
             gate: true,
             stdio: Some(child_stdio),
             clocks: None,
+            owner: None,
         },
         || {
             if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {

@@ -107,7 +107,11 @@ fn instances_holding_a_port_are_parked_and_get_their_listener_at_hand_out() {
     let port = |s: &str| s.split_whitespace().nth(1).map(str::to_owned);
     let recorded: u16 = port(&learn.stdout).unwrap().parse().unwrap();
     let daemon = ws.serve("listen");
-    for _ in 0..2 {
+    for i in 0..2 {
+        if i > 0 {
+            // The replacement of the instance the first run took.
+            daemon.wait_stderr("parked an instance of");
+        }
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", recorded)).is_ok(),
             "a parked instance leaves port {recorded} free"
@@ -228,7 +232,7 @@ fn removing_a_snapshot_stops_its_parked_instances() {
     ws.run(&["run", "--no-serve", "other"], "o\n").assert_ok();
     let daemon = ws.serve("counter");
     // The parked instance's sandbox is the daemon's only child.
-    let sandboxes = common::children(daemon.pid());
+    let sandboxes = Ws::sandboxes(daemon.pid());
     assert_eq!(
         sandboxes.len(),
         1,
@@ -361,10 +365,10 @@ fn a_burst_of_requests_is_answered_and_grows_the_pool() {
     assert!(grew.contains("at most 4"), "{grew}");
     // The grown pool fills: more than one instance parked (or parking) at once, each a
     // sandbox of the daemon's (the burst's instances are over).
-    let mut parked = common::children(daemon.pid());
-    while parked.len() < 2 {
+    let sandboxes = || Ws::sandboxes(daemon.pid()).len();
+    daemon.wait_stderr("parked an instance of");
+    while sandboxes() < 2 {
         daemon.wait_stderr("parked an instance of");
-        parked = common::children(daemon.pid());
     }
     // Sequential requests are answered by parked instances again.
     ws.served("counter", "c\n").assert_ok();

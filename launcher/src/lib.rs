@@ -19,7 +19,7 @@ pub mod trigger;
 pub mod warmpoint;
 
 pub use init::{relayed_signals, RELAYED, RELAYED_RT};
-pub use sandbox::{fork_with_pid, spawn, Sandbox, SignalForwarder, SpawnOptions};
+pub use sandbox::{fork_with_pid, spawn, Sandbox, SandboxParts, SignalForwarder, SpawnOptions};
 pub use trigger::{install_stdin_trap, install_traps, Trap, Trigger};
 pub use warmpoint::{Ready, Verdict, WarmPointTracker, WarmStop};
 

@@ -43,6 +43,24 @@ pub struct SpawnOptions {
     /// read these values (nanoseconds, in the caller's view of the clocks) when the app
     /// is created (see `timens`).
     pub clocks: Option<[i64; 2]>,
+    /// Spawn on behalf of the caller's parent, whose pidfd this is (a restore template,
+    /// see `warmstart::restore::template`): init is created as that process's child
+    /// (`CLONE_PARENT`), dies with it, and is its to wait for; the caller hands the
+    /// sandbox over with [`Sandbox::into_parts`]. Nothing is logged (the caller is a
+    /// fork of a multi-threaded process).
+    pub owner: Option<RawFd>,
+}
+
+/// A [`Sandbox`] taken apart to pass between processes.
+#[derive(Debug)]
+pub struct SandboxParts {
+    pub init_pid: i32,
+    pub app_pid: i32,
+    pub app_ns_pid: i32,
+    pub init_pidfd: OwnedFd,
+    pub app_pidfd: OwnedFd,
+    /// The gate's write end, while the app is held.
+    pub gate: Option<OwnedFd>,
 }
 
 /// A running sandbox. Dropping it kills and reaps it unless it was waited.
@@ -87,8 +105,17 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     } else {
         (None, None)
     };
-    let monitor_pidfd = sys::pidfd_open(unsafe { libc::getpid() }, 0)
-        .map_err(|_| LaunchError::sys("pidfd_open"))?;
+    let monitor_pidfd = match opts.owner {
+        // SAFETY: fcntl duplicates an fd the caller keeps open across this call.
+        Some(fd) => match unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) } {
+            -1 => return Err(LaunchError::sys("dup of the owner's pidfd")),
+            // SAFETY: a fresh fd from F_DUPFD_CLOEXEC, owned by nobody else.
+            fd => unsafe { OwnedFd::from_raw_fd(fd) },
+        },
+        // SAFETY: getpid takes no arguments and cannot fail.
+        None => sys::pidfd_open(unsafe { libc::getpid() }, 0)
+            .map_err(|_| LaunchError::sys("pidfd_open"))?,
+    };
     let raw = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, |f| f.as_raw_fd());
     let init_args = InitArgs {
         monitor_pidfd: monitor_pidfd.as_raw_fd(),
@@ -102,9 +129,22 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     };
     let mut init_pidfd: libc::c_int = -1;
     let args = CloneArgs {
-        flags: (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_PIDFD) as u64,
+        flags: (libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_PIDFD
+            | if opts.owner.is_some() {
+                libc::CLONE_PARENT
+            } else {
+                0
+            }) as u64,
         pidfd: &mut init_pidfd as *mut libc::c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the kernel takes the caller's own exit signal (and refuses
+        // another).
+        exit_signal: if opts.owner.is_some() {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         ..Default::default()
     };
 
@@ -152,7 +192,9 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
                     return Err(e);
                 }
             };
-            tracing::debug!(init_pid, app_pid, app_ns_pid, "sandbox spawned");
+            if opts.owner.is_none() {
+                tracing::debug!(init_pid, app_pid, app_ns_pid, "sandbox spawned");
+            }
             Ok(Sandbox {
                 init_pid,
                 app_pid: if app_pid > 0 { app_pid } else { -1 },
@@ -363,6 +405,38 @@ fn read_pidfd_fdinfo(fd: &OwnedFd) -> Result<(i32, Option<i32>), LaunchError> {
 
 impl Sandbox {
     /// pidfd of init (readable when init exits).
+    /// Takes the sandbox apart to hand it to another process (see
+    /// [`SpawnOptions::owner`]): nothing is killed or waited for.
+    pub fn into_parts(self) -> SandboxParts {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped again, so each field is moved out once.
+        unsafe {
+            SandboxParts {
+                init_pid: me.init_pid,
+                app_pid: me.app_pid,
+                app_ns_pid: me.app_ns_pid,
+                init_pidfd: std::ptr::read(&me.init_pidfd),
+                app_pidfd: std::ptr::read(&me.app_pidfd),
+                gate: std::ptr::read(&me.gate).into_inner(),
+            }
+        }
+    }
+
+    /// The sandbox [`into_parts`](Sandbox::into_parts) took apart, in the process whose
+    /// child its init is.
+    pub fn from_parts(p: SandboxParts) -> Sandbox {
+        Sandbox {
+            init_pid: p.init_pid,
+            app_pid: p.app_pid,
+            app_ns_pid: p.app_ns_pid,
+            init_pidfd: p.init_pidfd,
+            app_pidfd: p.app_pidfd,
+            gate: Cell::new(p.gate),
+            status: Cell::new(None),
+            app_done: Cell::new(false),
+        }
+    }
+
     pub fn init_pidfd(&self) -> BorrowedFd<'_> {
         self.init_pidfd.as_fd()
     }

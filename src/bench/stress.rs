@@ -480,6 +480,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         interrupt: None,
         listeners: Vec::new(),
         tool_request: None,
+        template: None,
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

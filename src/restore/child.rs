@@ -113,35 +113,59 @@ struct Ctx<'a> {
 
 /// Where one of a process's shared areas ([`super::cow::Area`]) is mapped now, with the
 /// pages its children inherit.
-#[derive(Debug, Clone, Copy)]
-struct Placed {
-    start: u64,
-    end: u64,
-    at: u64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub start: u64,
+    pub end: u64,
+    pub at: u64,
+}
+
+/// What the root of a tree starts from: the snapshot and, as fd numbers it holds, what
+/// the monitor gives this instance.
+pub struct ChildArgs<'a> {
+    pub m: &'a Manifest,
+    /// Per process (manifest order), the ranges its restorer registers with a
+    /// userfaultfd of its own (empty: eager).
+    pub lazy: &'a [Vec<(u64, u64)>],
+    /// The app end of a fresh notify channel (`--ready notify` snapshots).
+    pub notify: Option<RawFd>,
+    /// A parked restore's stdio socket ([`program::Late`]).
+    pub late_sock: Option<RawFd>,
+    /// Listening sockets given in place of recorded ones, by `Fd::ofd`.
+    pub listeners: &'a [(u32, RawFd)],
+    pub chans: &'a TreeChannels,
+    /// Pages shared between the tree's processes or with a template ([`super::cow`]).
+    pub cow: Option<&'a CowPlan>,
+    /// The areas the root inherits already mapped (from a template), by
+    /// [`super::cow::Area::adopt`].
+    pub inherited: &'a [Placed],
+    /// The instance's private /tmp (a detached tmpfs mount) to put in place.
+    pub private_tmp: Option<RawFd>,
 }
 
 /// Entry point of the root of the tree (the sandbox's app); returns only on failure
-/// (with the exit code to use). `lazy`: per process (manifest order), the ranges its
-/// restorer registers with a userfaultfd of its own (empty: eager);
-/// `notify`: the app end of a fresh notify channel (`--ready notify` snapshots);
-/// `late_sock`: a parked restore's stdio socket ([`program::Late`]).
-pub fn run(
-    m: &Manifest,
-    lazy: &[Vec<(u64, u64)>],
-    notify: Option<RawFd>,
-    late_sock: Option<RawFd>,
-    listeners: &[(u32, RawFd)],
-    chans: &TreeChannels,
-    cow: Option<&CowPlan>,
-) -> i32 {
+/// (with the exit code to use).
+pub fn run(a: &ChildArgs) -> i32 {
+    let chans = a.chans;
+    if let Some(mnt) = a.private_tmp {
+        if !super::tmp::attach(mnt) {
+            const MSG: &[u8] = b"Eputting the instance's private /tmp in place \
+                (move_mount of its tmpfs onto /tmp) failed";
+            const _: () = assert!(MSG[0] == MSG_ERROR);
+            // SAFETY: a static buffer; the status pipe's fd is open in the child.
+            unsafe { libc::write(chans.reports[0], MSG.as_ptr().cast(), MSG.len()) };
+            return super::TMP_ATTACH_FAILED;
+        }
+    }
     let mut report = chans.reports[0];
     let given = Given {
-        notify,
-        late_sock,
-        listeners,
-        cow,
+        notify: a.notify,
+        late_sock: a.late_sock,
+        listeners: a.listeners,
+        cow: a.cow,
+        inherited: a.inherited,
     };
-    match prepare_root(m, lazy, &given, chans, &mut report) {
+    match prepare_root(a.m, a.lazy, &given, chans, &mut report) {
         Ok(never) => match never {},
         Err(e) => fail(report, e),
     }
@@ -163,6 +187,7 @@ struct Given<'a> {
     late_sock: Option<RawFd>,
     listeners: &'a [(u32, RawFd)],
     cow: Option<&'a CowPlan>,
+    inherited: &'a [Placed],
 }
 
 fn prepare_root(
@@ -177,6 +202,7 @@ fn prepare_root(
         late_sock,
         listeners,
         cow,
+        inherited: from_template,
     } = *given;
     // Every signal blocked until the monitor loads the app's mask at the very end, so
     // whatever the app's timers or anyone sends meanwhile stays pending instead of
@@ -212,7 +238,7 @@ fn prepare_root(
     originals.extend(notify);
     originals.extend(late_sock);
     originals.extend(listeners.iter().map(|l| l.1));
-    let cow_fd = cow.map(|c| c.memfd.as_raw_fd());
+    let cow_fd = cow.and_then(|c| c.memfd.as_ref()).map(|f| f.as_raw_fd());
     originals.extend(cow_fd);
     close_all_except(&originals)?;
     let mut moved = TreeChannels {
@@ -280,7 +306,7 @@ fn prepare_root(
         cow,
         cow_fd: cow_fd.unwrap_or(-1),
     };
-    let placed = place_shared(&ctx, 0, &[])?;
+    let placed = place_shared(&ctx, 0, from_template)?;
     fork_children(&ctx, 0, &placed)?;
     finish(&ctx, 0, &placed)
 }
@@ -370,7 +396,7 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
 
 /// Maps `len` bytes of read-write private anonymous memory at `start`, or where nothing
 /// of this process or of the tree's recorded layout (`plan.avoid`) is, and returns where.
-fn map_area(
+pub(crate) fn map_area(
     start: u64,
     len: u64,
     plan: &CowPlan,

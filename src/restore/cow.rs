@@ -67,14 +67,17 @@ pub struct CowPlan {
     /// Every VMA of every process of the tree, sorted: a temporary place for an area
     /// lies outside all of them.
     pub avoid: Vec<(u64, u64)>,
-    /// The bytes of every page in an area's `writes`.
-    pub memfd: OwnedFd,
+    /// The bytes of every page in an area's `writes` (none for a template's plan).
+    pub memfd: Option<OwnedFd>,
 }
 
 impl CowPlan {
     /// `(start, len)` of `idx`'s shared areas, sorted: restored eagerly.
     pub fn eager_ranges(&self, idx: usize) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.procs[idx].iter().map(|a| (a.start, a.size())).collect();
+        let mut v: Vec<(u64, u64)> = self.procs[idx]
+            .iter()
+            .map(|a| (a.start, a.size()))
+            .collect();
         v.sort_unstable();
         v
     }
@@ -313,17 +316,23 @@ pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
         return Ok(None);
     }
     let memfd = fill_memfd(snap, &memfd_pages)?;
+    let avoid = every_vma(m);
+    Ok(Some(CowPlan {
+        procs,
+        avoid,
+        memfd: Some(memfd),
+    }))
+}
+
+/// Every VMA of every process of `m`, sorted.
+pub fn every_vma(m: &Manifest) -> Vec<(u64, u64)> {
     let mut avoid: Vec<(u64, u64)> = m
         .processes
         .iter()
         .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
         .collect();
     avoid.sort_unstable();
-    Ok(Some(CowPlan {
-        procs,
-        avoid,
-        memfd,
-    }))
+    avoid
 }
 
 /// Process indexes, every parent before its children.

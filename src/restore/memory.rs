@@ -217,13 +217,54 @@ pub fn fill(
     lazy: &[(u64, u64)],
     shared: &[Area],
 ) -> Result<()> {
+    write_batches(snap, hot, pid, batches(p, lazy, shared))
+}
+
+/// Writes the stored pages of `p`'s VMAs that a template holds (`placed`: each VMA's
+/// `(start, end)` and where the template mapped it) into the template `pid`.
+pub fn fill_template(
+    snap: &Snapshot,
+    p: &Process,
+    pid: i32,
+    placed: &[(u64, u64, u64)],
+) -> Result<()> {
+    let mut work = Vec::new();
+    for &(start, end, at) in placed {
+        let Some(v) = p.vmas.iter().find(|v| v.start == start && v.end == end) else {
+            anyhow::bail!("the template holds {start:#x}-{end:#x}, which is no VMA of the process");
+        };
+        let mut mine = Vec::new();
+        shared_area_batches(
+            v,
+            &Area {
+                start,
+                end,
+                adopt: None,
+                writes: Vec::new(),
+                own: Vec::new(),
+                zero: Vec::new(),
+            },
+            &mut mine,
+        );
+        for mut b in mine {
+            b.addr = at + (b.addr - start);
+            b.writable = true;
+            work.push(b);
+        }
+    }
+    write_batches(snap, None, pid, work)
+}
+
+/// Writes `work` into process `pid`: what is in the hot pages (or zeros) and writable in a
+/// few vectored writes, the rest decompressed on several cores and written through
+/// `/proc/PID/mem`.
+fn write_batches(snap: &Snapshot, hot: Option<&Hot>, pid: i32, mut work: Vec<Batch>) -> Result<()> {
     let open = || {
         OpenOptions::new()
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))
     };
-    let mut work = batches(p, lazy, shared);
     // What is in the hot pages (or zeros) and writable goes in a few vectored writes.
     let (quick, rest): (Vec<Batch>, Vec<Batch>) = work.drain(..).partition(|b| {
         b.writable

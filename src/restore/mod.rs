@@ -31,6 +31,7 @@ pub mod lazy;
 pub mod memory;
 pub mod program;
 pub mod reaper;
+pub mod template;
 pub mod tmp;
 
 use std::io::{Read, Write};
@@ -89,6 +90,8 @@ pub struct RestoreOptions {
     /// A tool snapshot's run: what its launcher reads after `RESTORED=1`
     /// ([`crate::tool::request`]).
     pub tool_request: Option<Vec<u8>>,
+    /// Start the instance from this template of the snapshot ([`template`]).
+    pub template: Option<Arc<template::Template>>,
 }
 
 impl Restored {
@@ -245,10 +248,22 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     // Pages the processes of a tree share are shared again: planned here, mapped by the
     // processes before they fork (see `cow`).
     let t = Instant::now();
-    let shared = cow::plan(snap, m)?;
-    if shared.is_some() {
-        phases.add("shared pages", t.elapsed());
-    }
+    let own_plan;
+    let shared: Option<&cow::CowPlan> = match &opts.template {
+        Some(tpl) if tpl.snap.id == snap.id => Some(&tpl.plan),
+        Some(tpl) => bail!(
+            "the template of snapshot {} cannot start snapshot {}",
+            tpl.snap.id.short(),
+            snap.id.short()
+        ),
+        None => {
+            own_plan = cow::plan(snap, m)?;
+            if own_plan.is_some() {
+                phases.add("shared pages", t.elapsed());
+            }
+            own_plan.as_ref()
+        }
+    };
     let t = Instant::now();
     // Each process has a userfaultfd and a page server of its own, which learns or
     // prefetches its own working set; a process with nothing to serve lazily is
@@ -261,7 +276,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             (opts.lazy && q.zombie.is_none())
                 .then(|| {
                     let mut plan = crate::lazy::plan(q);
-                    if let Some(c) = &shared {
+                    if let Some(c) = shared {
                         plan.leave_out(&c.eager_ranges(i));
                     }
                     plan
@@ -359,35 +374,41 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         std::sync::atomic::Ordering::Relaxed,
     );
     let spawn_t = Instant::now();
-    let sandbox = warmstart_launcher::spawn(
-        &SpawnOptions {
-            pid: Some(p.pid),
-            gate: true,
-            stdio,
-            clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
-        },
-        || {
-            if let Some(mnt) = &private_tmp {
-                if !tmp::attach(mnt.as_raw_fd()) {
-                    const MSG: &[u8] = b"Eputting the instance's private /tmp in place \
-                        (move_mount of its tmpfs onto /tmp) failed";
-                    const _: () = assert!(MSG[0] == MSG_ERROR);
-                    // SAFETY: a static buffer; the status pipe's fd is open in the child.
-                    unsafe { libc::write(chans.reports[0], MSG.as_ptr().cast(), MSG.len()) };
-                    return TMP_ATTACH_FAILED;
-                }
-            }
-            child::run(
+    let spawn_opts = SpawnOptions {
+        pid: Some(p.pid),
+        gate: true,
+        stdio,
+        clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
+        owner: None,
+    };
+    let sandbox = match &opts.template {
+        Some(tpl) => tpl.spawn(
+            spawn_opts.clocks,
+            &ranges[0],
+            &template::InstanceFds {
+                stdio,
+                report: chans.reports[0],
+                notify: notify.as_ref().map(|(_, app)| app.as_raw_fd()),
+                late: late.as_ref().map(|(_, app)| app.as_raw_fd()),
+                listeners: &listeners,
+                private_tmp: private_tmp.as_ref().map(|f| f.as_raw_fd()),
+            },
+        ),
+        None => warmstart_launcher::spawn(&spawn_opts, || {
+            child::run(&child::ChildArgs {
                 m,
-                ranges,
-                notify.as_ref().map(|(_, app)| app.as_raw_fd()),
-                late.as_ref().map(|(_, app)| app.as_raw_fd()),
-                &listeners,
-                &chans,
-                shared.as_ref(),
-            )
-        },
-    )
+                lazy: ranges,
+                notify: notify.as_ref().map(|(_, app)| app.as_raw_fd()),
+                late_sock: late.as_ref().map(|(_, app)| app.as_raw_fd()),
+                listeners: &listeners,
+                chans: &chans,
+                cow: shared,
+                inherited: &[],
+                private_tmp: private_tmp.as_ref().map(|f| f.as_raw_fd()),
+            })
+        })
+        .map_err(anyhow::Error::from),
+    }
     .context("starting the sandbox")?;
     let reports: Vec<OwnedFd> = reports.into_iter().map(|(r, _w)| r).collect();
     let gates: Vec<Option<OwnedFd>> = gates.into_iter().map(|g| g.map(|(_r, w)| w)).collect();
@@ -510,7 +531,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
     for d in &tree {
-        let areas = shared.as_ref().map_or(&[][..], |c| &c.procs[d.idx][..]);
+        let areas = shared.map_or(&[][..], |c| &c.procs[d.idx][..]);
         memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx], areas)
             .map_err(|e| fail_in(d.p, e))?;
     }

@@ -39,6 +39,9 @@ pub struct ServeOptions {
     pub pool_max: usize,
     /// Snapshots to park instances of right away (else on their first request).
     pub warm: Vec<String>,
+    /// Instances come from templates, each dropped after this long unused (`None`:
+    /// every instance is restored on its own).
+    pub template_idle: Option<std::time::Duration>,
 }
 
 /// What the connection threads share.
@@ -60,7 +63,7 @@ pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
     let daemon = Arc::new(Daemon {
         store,
         snaps: Mutex::new(HashMap::new()),
-        pools: pool::Pools::new(opts.pool, opts.pool_max),
+        pools: pool::Pools::new(opts.pool, opts.pool_max, opts.template_idle),
     });
     for name in &opts.warm {
         let (snap, _) = daemon
@@ -309,6 +312,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         interrupt: None,
         listeners: Vec::new(),
         tool_request: None,
+        template: None,
     }
 }
 

@@ -11,8 +11,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::restore::template::{self, Template};
 
 use warmstart_snapshots::model::{FileDesc, Manifest, UnixAddr};
 use warmstart_snapshots::store::{Snapshot, SnapshotId};
@@ -41,11 +44,19 @@ struct Pool {
     on_the_spot: usize,
     /// Why this snapshot's instances are not parked.
     disabled: Option<String>,
+    /// The template instances are forked from ([`crate::restore::template`]), once
+    /// built (`None` inside: it cannot have one, as the log said).
+    template: Arc<OnceLock<Option<Arc<Template>>>>,
+    /// When an instance was last parked from the template.
+    template_used: Option<Instant>,
 }
 
 #[derive(Clone)]
 pub(super) struct Pools {
     size: usize,
+    /// Instances come from a template of their snapshot where it can have one; it is
+    /// dropped after this long without parking one (`None`: no templates).
+    template_idle: Option<Duration>,
     /// The most a pool grows to with demand.
     max: usize,
     by_snap: Arc<Mutex<HashMap<SnapshotId, Pool>>>,
@@ -53,9 +64,10 @@ pub(super) struct Pools {
 }
 
 impl Pools {
-    pub fn new(size: usize, max: usize) -> Self {
+    pub fn new(size: usize, max: usize, template_idle: Option<Duration>) -> Self {
         Pools {
             size,
+            template_idle,
             max: max.max(size),
             by_snap: Arc::default(),
             next_id: Arc::default(),
@@ -185,9 +197,91 @@ impl Pools {
         }
     }
 
+    /// The template of `snap`, built at its first use (by the first parker to ask; the
+    /// others wait for it).
+    pub fn template(&self, snap: &Arc<Snapshot>, build: bool) -> Option<Arc<Template>> {
+        self.template_idle?;
+        let cell = {
+            let mut pools = self.lock();
+            let pool = pools.get_mut(&snap.id)?;
+            if build {
+                pool.template_used = Some(Instant::now());
+            }
+            pool.template.clone()
+        };
+        if !build {
+            return cell.get().cloned().flatten();
+        }
+        cell.get_or_init(|| {
+            if let Some(why) = template::why_not(&snap.manifest) {
+                tracing::info!(
+                    "instances of {} are restored each on its own, without a template: {why}",
+                    snap.id.short()
+                );
+                return None;
+            }
+            let t = Instant::now();
+            match Template::build(snap) {
+                Ok(tpl) => {
+                    tracing::info!(
+                        "template of {} ready in {:?} (pid {}, {} MiB its instances share)",
+                        snap.id.short(),
+                        t.elapsed(),
+                        tpl.pid,
+                        tpl.bytes >> 20
+                    );
+                    Some(Arc::new(tpl))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "no template for {}: {e:#}; its instances are restored each on its own",
+                        snap.id.short()
+                    );
+                    None
+                }
+            }
+        })
+        .clone()
+    }
+
+    /// Drops the template of `snap` (instances already started keep their memory) if it
+    /// went unused for the idle time, or `now`, saying why.
+    fn drop_template(&self, snap: &Snapshot, now: Option<&str>) {
+        let Some(idle) = self.template_idle else {
+            return;
+        };
+        let mut pools = self.lock();
+        let Some(pool) = pools.get_mut(&snap.id) else {
+            return;
+        };
+        if pool.template.get().is_none_or(|t| t.is_none()) {
+            return;
+        }
+        let why = match now {
+            Some(why) => why.to_owned(),
+            None if pool.template_used.is_some_and(|t| t.elapsed() >= idle) => {
+                format!("unused for {} s", idle.as_secs())
+            }
+            None => return,
+        };
+        pool.template = Arc::default();
+        tracing::info!("template of {} dropped: {why}", snap.id.short());
+    }
+
     fn parker(&self, snap: Arc<Snapshot>) {
-        let opts = super::restore_options(&snap, None);
-        let parked = crate::restore::park(&snap, &opts);
+        let mut opts = super::restore_options(&snap, None);
+        opts.template = self.template(&snap, true);
+        let mut parked = crate::restore::park(&snap, &opts);
+        if let (Err(e), Some(_)) = (&parked, &opts.template) {
+            // Whatever the cause, the next instances do without it; this one too.
+            tracing::warn!(
+                "parking an instance of {} from its template: {e:#}",
+                snap.id.short()
+            );
+            self.drop_template(&snap, Some("an instance from it failed"));
+            opts.template = None;
+            parked = crate::restore::park(&snap, &opts);
+        }
         let (tx, rx) = channel::<Handoff>();
         let me = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
@@ -243,7 +337,7 @@ impl Pools {
                     self.start(&snap);
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => self.drop_template(&snap, None),
             }
         };
         let refill = || {

@@ -603,6 +603,18 @@ impl Ws {
     /// `warmstart -v serve --warm SNAP` on this store, once it listens and has an
     /// instance of `snap` parked (the daemon says so on stderr). Dropping it kills it,
     /// and its instances with it.
+    /// The sandboxes (parked or running instances) of the daemon `daemon`: its children
+    /// but its templates (`ws-template`).
+    pub fn sandboxes(daemon: i32) -> Vec<i32> {
+        children(daemon)
+            .into_iter()
+            .filter(|&p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() != "ws-template")
+            })
+            .collect()
+    }
+
     pub fn serve(&self, snap: &str) -> Proc {
         let daemon = Proc::spawn(&mut self.cmd(&["-v", "serve", "--warm", snap]));
         let line = daemon.read_line();
