@@ -185,31 +185,22 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(LaunchError::sys("socketpair"));
-    }
-    // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    nix::sys::socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|errno| LaunchError::Sys {
+        op: "socketpair",
+        errno,
+    })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let mut fds = [-1; 2];
-    // SAFETY: `socketpair` succeeded: both are new descriptors owned by nothing else.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(LaunchError::sys("pipe2"));
-    }
-    // SAFETY: `pipe2` succeeded: both are new descriptors owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|errno| LaunchError::Sys { op: "pipe2", errno })
 }
 
 /// Decode a `waitpid` status into an exit code (128+N for signal N).
