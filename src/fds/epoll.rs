@@ -81,6 +81,8 @@ fn registered_file_is(pid: i32, efd: i32, tfd: i32, fd: i32) -> bool {
         tfd: tfd as u32,
         toff: 0,
     };
+    // SAFETY: `slot` is a live `struct kcmp_epoll_slot` (three u32s, `repr(C)`), which the
+    // kernel only reads; the other arguments are integers.
     let r = unsafe {
         libc::syscall(
             libc::SYS_kcmp,
@@ -133,6 +135,8 @@ pub fn install_order(p: &Process) -> Result<Vec<&Fd>> {
 
 pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Result<RawFd> {
     let _ = flags; // epoll files have no status flags worth restoring
+                   // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
+                   // it over.
     let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if fd < 0 {
         return Err(errno_err("epoll_create1"));
@@ -185,6 +189,8 @@ fn add_via(
     } else {
         None
     };
+    // SAFETY: integer arguments only. `num` is one of the app's fd numbers: what held it
+    // (if anything) was moved aside above, so replacing it loses nothing.
     if unsafe { libc::dup3(via, num, 0) } < 0 {
         return Err(errno_err(format!(
             "putting fd {via} at {num} for its epoll registration"
@@ -193,6 +199,7 @@ fn add_via(
     let added = add();
     match aside {
         Some(a) => {
+            // SAFETY: integer arguments only: the saved copy `a` goes back to `num`.
             if unsafe {
                 libc::dup3(
                     a,
@@ -208,6 +215,8 @@ fn add_via(
                 return Err(errno_err(format!("putting fd {num} back")));
             }
         }
+        // SAFETY: `num` now holds only the temporary duplicate of `via` made above (it was
+        // free before), which nothing else refers to.
         None => unsafe {
             libc::close(num);
         },

@@ -37,12 +37,15 @@ pub fn restore(ins: &mut Installer, count: u64, semaphore: bool, flags: i32) -> 
     if flags & libc::O_NONBLOCK != 0 {
         efd_flags |= libc::EFD_NONBLOCK;
     }
+    // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
+    // it over.
     let fd = unsafe { libc::eventfd(0, efd_flags) };
     if fd < 0 {
         return Err(errno_err("eventfd"));
     }
     let fd = ins.keep_high(fd)?;
     if count > 0 {
+        // SAFETY: the buffer is `count`, a live u64, and the length is its 8 bytes.
         let n = unsafe { libc::write(fd, (&count as *const u64).cast(), 8) };
         if n != 8 {
             return Err(errno_err(format!("setting the eventfd count to {count}")));

@@ -29,6 +29,7 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
         Some(meta) if super::mapped_by(t.pid, meta) => Vec::new(),
         _ => read_contents(&copy, size, &t.context())?,
     };
+    // SAFETY: F_GET_SEALS takes no pointer; `copy` is ours.
     let seals = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
         return Err(errno_err(format!("F_GET_SEALS of {}", t.context())));
@@ -60,6 +61,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         unreachable!("memfd::restore called for {file:?}")
     };
     let c = cstr(name)?;
+    // SAFETY: `c` is a NUL-terminated name that lives across the call; the new fd goes
+    // straight to `keep_high`, which takes it over.
     let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(errno_err(format!("memfd_create({name})")));
@@ -68,10 +71,12 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     super::write_all(fd, data, &format!("the contents of memfd {name}"))?;
     // Before the seals: F_SEAL_EXEC forbids changing the exec bits.
     super::set_owner(fd, owner, &format!("memfd {name}"))?;
+    // SAFETY: F_ADD_SEALS takes an integer argument; `fd` is a temporary of this installer.
     if *seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, *seals) } < 0 {
         return Err(errno_err(format!("sealing memfd {name} with {seals:#x}")));
     }
     let fd = super::regular::reopen(ins, fd, *flags)?;
+    // SAFETY: integer arguments only.
     if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
         return Err(errno_err(format!("seeking memfd {name} to {pos}")));
     }

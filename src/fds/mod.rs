@@ -614,6 +614,9 @@ impl Installer<'_> {
             return Ok(fd);
         }
         let h = dup_high(fd, self.high)?;
+        // SAFETY: `fd` was just created by the caller for this table and handed over here
+        // (the `keep_high` contract); its only other copy is the duplicate `h`, so nothing
+        // still uses the number.
         unsafe { libc::close(fd) };
         self.temps.push(h);
         Ok(h)
@@ -823,6 +826,8 @@ pub fn prepare_shared(
 /// process that maps the fd shows the same `/dev/zero (deleted)` mapping as at dump
 /// (a memfd would show as `/memfd:...`).
 fn shmem_object(size: u64) -> Result<RawFd> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing: no existing
+    // memory is touched.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -842,6 +847,8 @@ fn shmem_object(size: u64) -> Result<RawFd> {
         libc::O_RDWR,
         0,
     );
+    // SAFETY: `addr`/`size` are exactly the mapping made above, which nothing else refers
+    // to (the fd opened through `map_files` keeps the object alive on its own).
     unsafe { libc::munmap(addr, size as usize) };
     fd
 }
@@ -985,9 +992,15 @@ pub fn install(
         place(src, f)?;
     }
     for fd in std::mem::take(&mut ins.temps) {
+        // SAFETY: `temps` holds fds this installer created (`keep_high`) and nothing else
+        // owns; `take` empties the list, so each is closed exactly once, after every `dup3`
+        // that needed it.
         unsafe { libc::close(fd) };
     }
     for &fd in &inherited.fds {
+        // SAFETY: `inherited.fds` are temporaries the root created for the tree before
+        // forking (see `prepare_shared`); this process's copies are not referenced once its
+        // table is built.
         unsafe { libc::close(fd) };
     }
     for (f, flags, w) in watches {
@@ -999,6 +1012,9 @@ pub fn install(
 
 fn place(src: RawFd, f: &Fd) -> Result<()> {
     let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: integer arguments only; `dup3` replaces whatever was at `f.fd`, a number the
+    // snapshot assigns to this fd and that nothing of ours uses (temporaries live above
+    // `high`).
     if unsafe { libc::dup3(src, f.fd, flags) } < 0 {
         return Err(errno_err(format!("placing fd {}", f.fd)));
     }
@@ -1090,12 +1106,14 @@ pub fn owner_of(meta: &std::fs::Metadata) -> FileOwner {
 /// Gives a file the restore created (as root, under its umask) the owner and mode it
 /// had: `fchown` first, since it clears set-id bits that `fchmod` then sets.
 pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
+    // SAFETY: integer arguments only; a bad fd is EBADF.
     if unsafe { libc::fchown(fd, o.uid, o.gid) } < 0 {
         return Err(errno_err(format!(
             "giving {what} its owner {}:{}",
             o.uid, o.gid
         )));
     }
+    // SAFETY: integer arguments only; a bad fd is EBADF.
     if unsafe { libc::fchmod(fd, o.mode as libc::mode_t) } < 0 {
         return Err(errno_err(format!("giving {what} its mode {:o}", o.mode)));
     }
@@ -1103,6 +1121,7 @@ pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
 }
 
 pub fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    // SAFETY: integer arguments only; the duplicate is returned to the caller, who owns it.
     let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
     if r < 0 {
         return Err(errno_err(format!("duplicating fd {fd}")));
@@ -1112,6 +1131,8 @@ pub fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
 
 pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<RawFd> {
     let c = cstr(path)?;
+    // SAFETY: `c` is a NUL-terminated path that lives across the call; the new fd is
+    // returned to the caller, who owns it.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
         return Err(errno_err(format!("opening {path}")));
@@ -1122,11 +1143,13 @@ pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<RawFd> {
 /// Sets the status flags that `F_SETFL` can change (`O_NONBLOCK`, `O_APPEND`, ...).
 pub fn set_status_flags(fd: RawFd, flags: i32) -> Result<()> {
     const SETTABLE: i32 = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT;
+    // SAFETY: F_GETFL takes no pointer.
     let cur = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if cur < 0 {
         return Err(errno_err("fcntl(F_GETFL)"));
     }
     let want = (cur & !SETTABLE) | (flags & SETTABLE);
+    // SAFETY: F_SETFL takes an integer argument.
     if want != cur && unsafe { libc::fcntl(fd, libc::F_SETFL, want) } < 0 {
         return Err(errno_err(format!("fcntl(F_SETFL, {want:#o})")));
     }
@@ -1136,6 +1159,8 @@ pub fn set_status_flags(fd: RawFd, flags: i32) -> Result<()> {
 pub fn write_all(fd: RawFd, data: &[u8], what: &str) -> Result<()> {
     let mut done = 0;
     while done < data.len() {
+        // SAFETY: the pointer and length describe `data[done..]`, a live initialised slice
+        // that `write` only reads.
         let n = unsafe { libc::write(fd, data[done..].as_ptr().cast(), data.len() - done) };
         if n <= 0 {
             return Err(errno_err(format!("writing {what}")));
@@ -1156,6 +1181,8 @@ pub fn read_contents(fd: &OwnedFd, size: u64, what: &str) -> Result<Vec<u8>> {
     let mut data = vec![0u8; size as usize];
     let mut got = 0;
     while got < data.len() {
+        // SAFETY: the pointer and length describe `data[got..]`, a live writable slice of
+        // the buffer we own; `pread` writes at most that many bytes.
         let n = unsafe {
             libc::pread(
                 fd.as_raw_fd(),
@@ -1179,6 +1206,8 @@ pub fn read_contents(fd: &OwnedFd, size: u64, what: &str) -> Result<Vec<u8>> {
 pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> std::io::Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals and `len` is `v`'s size, so the kernel writes
+    // at most one `c_int`.
     let r = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -1195,6 +1224,8 @@ pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> std::io::Resul
 }
 
 pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
+    // SAFETY: the option value points at `v`, a live `c_int`, and the length given is its
+    // size.
     let r = unsafe {
         libc::setsockopt(
             fd,

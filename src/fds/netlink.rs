@@ -14,8 +14,11 @@ use super::{errno_err, getsockopt_int, Installer, Target};
 
 pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
     let protocol = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    // SAFETY: `sockaddr_nl` is a plain C struct; all-zero bytes are valid.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: the address pointer is `sa`, a live `sockaddr_nl`, and `len` is its size, so
+    // the kernel writes at most that many bytes.
     if unsafe {
         libc::getsockname(
             copy.as_raw_fd(),
@@ -40,6 +43,8 @@ pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
 }
 
 pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Result<RawFd> {
+    // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
+    // it over.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -55,9 +60,12 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
     let fd = ins.keep_high(fd)?;
     if port != 0 {
         let bind = |pid: u32| {
+            // SAFETY: `sockaddr_nl` is a plain C struct; all-zero bytes are valid.
             let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
             sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
             sa.nl_pid = pid;
+            // SAFETY: the address is `sa`, a live `sockaddr_nl`, with its exact size; `fd`
+            // is a temporary of this installer.
             unsafe {
                 libc::bind(
                     fd,

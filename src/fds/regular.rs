@@ -147,6 +147,7 @@ fn reopen_ghost(ins: &mut Installer, tmp: RawFd, path: &str, flags: i32) -> Resu
 }
 
 fn seek(fd: RawFd, pos: i64, what: &str) -> Result<()> {
+    // SAFETY: integer arguments only.
     if unsafe { libc::lseek(fd, pos, libc::SEEK_SET) } < 0 {
         return Err(errno_err(format!("seeking {what} to {pos}")));
     }

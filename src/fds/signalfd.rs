@@ -22,10 +22,14 @@ fn parse(info: &FdInfo) -> Option<u64> {
 }
 
 pub fn restore(ins: &mut Installer, mask: u64, flags: i32) -> Result<RawFd> {
+    // SAFETY: `sigset_t` is a plain C bit array; all-zero bytes are valid.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live, writable `sigset_t`.
     unsafe { libc::sigemptyset(&mut set) };
     for sig in 1..=64 {
         if mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: `set` is a live, writable `sigset_t` and `sig` is in 1..=64, within
+            // its range.
             unsafe { libc::sigaddset(&mut set, sig) };
         }
     }
@@ -33,6 +37,8 @@ pub fn restore(ins: &mut Installer, mask: u64, flags: i32) -> Result<RawFd> {
     if flags & libc::O_NONBLOCK != 0 {
         sfd_flags |= libc::SFD_NONBLOCK;
     }
+    // SAFETY: `set` is a live `sigset_t` the kernel only reads; the new fd goes straight to
+    // `keep_high`, which takes it over.
     let fd = unsafe { libc::signalfd(-1, &set, sfd_flags) };
     if fd < 0 {
         return Err(errno_err(format!("signalfd(mask {mask:#x})")));

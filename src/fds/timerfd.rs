@@ -84,6 +84,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     if flags & libc::O_NONBLOCK != 0 {
         tfd_flags |= libc::TFD_NONBLOCK;
     }
+    // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
+    // it over.
     let fd = unsafe { libc::timerfd_create(clockid, tfd_flags) };
     if fd < 0 {
         return Err(errno_err(format!("timerfd_create(clock {clockid})")));
@@ -98,9 +100,13 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         it_interval: timespec(interval_ns),
         it_value: timespec(value_ns),
     };
+    // SAFETY: `spec` is a live `itimerspec` the kernel only reads; the old value is not
+    // wanted (null).
     if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
         return Err(errno_err("timerfd_settime"));
     }
+    // SAFETY: TFD_IOC_SET_TICKS reads one u64 from the pointer, which is `ticks`, a live
+    // u64.
     if ticks > 0 && unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } < 0 {
         return Err(errno_err(format!(
             "putting back {ticks} unread timer expirations (TFD_IOC_SET_TICKS needs \

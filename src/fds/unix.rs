@@ -577,9 +577,13 @@ fn peek_queue(fd: &OwnedFd, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: buf.len(),
             };
+            // SAFETY: `msghdr` is a plain C struct: zeroed means null pointers and zero
+            // lengths, which is valid.
             let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
             mh.msg_iov = &mut iov;
             mh.msg_iovlen = 1;
+            // SAFETY: `mh` points only at `iov`, which describes `buf`, a live writable
+            // buffer of `buf.len()` bytes; no control buffer is given.
             let n = unsafe { libc::recvmsg(raw, &mut mh, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -624,6 +628,7 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
                 anyhow!("snapshot names unix socket pair {id} but does not contain it (corrupt manifest?)")
             })?;
             let mut fds = [0; 2];
+            // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
             if unsafe {
                 libc::socketpair(
                     libc::AF_UNIX,
@@ -651,6 +656,7 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
                     2 => libc::SHUT_WR,
                     _ => libc::SHUT_RDWR,
                 };
+                // SAFETY: integer arguments only; `fd` is an end of the pair made here.
                 if unsafe { libc::shutdown(fd, how) } < 0 {
                     return Err(errno_err(format!(
                         "shutdown of end {i} of unix socket pair {id}"
@@ -669,6 +675,8 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
 fn refill(fd: RawFd, msg: &[u8]) -> Result<()> {
     let mut done = 0;
     while done < msg.len() || msg.is_empty() {
+        // SAFETY: the pointer and length describe `msg[done..]`, a live slice that `send`
+        // only reads.
         let n = unsafe {
             libc::send(
                 fd,
