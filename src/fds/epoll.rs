@@ -10,7 +10,7 @@
 //! A registered file no fd of the process reaches is refused.
 
 use std::collections::HashSet;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{bail, Result};
 use warmstart_snapshots::model::{EpollTarget, Fd, FileDesc, Process};
@@ -135,12 +135,14 @@ pub fn install_order(p: &Process) -> Result<Vec<&Fd>> {
 
 pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Result<RawFd> {
     let _ = flags; // epoll files have no status flags worth restoring
-                   // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
-                   // it over.
+
+    // SAFETY: integer arguments only; the fd returned is owned right below.
     let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if fd < 0 {
         return Err(errno_err("epoll_create1"));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     let late: Vec<i32> = if ins.parked {
         super::late_places(ins.m, ins.p)

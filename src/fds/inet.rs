@@ -638,12 +638,14 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             options,
             flags,
         } => {
-            // SAFETY: integer arguments only; the new fd goes straight to `keep_high`,
-            // which takes it over.
+            // SAFETY: integer arguments only; the fd returned is owned
+            // right below.
             let fd = unsafe { libc::socket(*family, sock_type | libc::SOCK_CLOEXEC, *protocol) };
             if fd < 0 {
                 return Err(errno_err("socket"));
             }
+            // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let fd = ins.keep_high(fd)?;
             if ins.parked && listen.is_some() && *sock_type == libc::SOCK_STREAM {
                 // A parked instance holds an unbound placeholder: the listener (bound at
@@ -697,13 +699,13 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             flags,
         } => {
             let fd = ended_connection(*family, *reset).context("making an ended TCP connection")?;
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+            let fd = ins.keep_high(fd)?;
             super::set_status_flags(fd, *flags)?;
             Ok(fd)
         }
         FileDesc::TcpClosed { family, flags, .. } => {
             let fd = ended_connection(*family, true).context("making a reset TCP connection")?;
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+            let fd = ins.keep_high(fd)?;
             super::set_status_flags(fd, *flags)?;
             Ok(fd)
         }

@@ -206,11 +206,13 @@ pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Res
 
 /// A new inotify instance without watches, non-blocking until [`add_watches`].
 pub fn create(ins: &mut Installer) -> Result<RawFd> {
-    // SAFETY: a plain syscall; the fd it returns is taken over by keep_high.
+    // SAFETY: a plain syscall; the fd returned is owned right below.
     let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd < 0 {
         return Err(errno_err("inotify_init1"));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     ins.keep_high(fd)
 }
 

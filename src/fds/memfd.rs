@@ -8,7 +8,7 @@
 //! mappings (`Manifest::shared_files`, see `dump::shared_files`): its fds become
 //! `FileDesc::SharedFile` and its contents go through the page store.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::Result;
@@ -61,12 +61,14 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         unreachable!("memfd::restore called for {file:?}")
     };
     let c = cstr(name)?;
-    // SAFETY: `c` is a NUL-terminated name that lives across the call; the new fd goes
-    // straight to `keep_high`, which takes it over.
+    // SAFETY: `c` is a NUL-terminated name that lives across the call; the fd returned
+    // is owned right below.
     let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(errno_err(format!("memfd_create({name})")));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     super::write_all(fd, data, &format!("the contents of memfd {name}"))?;
     // Before the seals: F_SEAL_EXEC forbids changing the exec bits.

@@ -50,7 +50,7 @@ pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -586,8 +586,10 @@ pub struct Installer<'a> {
     pub m: &'a Manifest,
     pub p: &'a Process,
     pub high: RawFd,
-    /// Fds created here (all >= `high`), closed once the table is built.
-    temps: Vec<RawFd>,
+    /// Fds created here (all >= `high`), closed once the table is built (or when the
+    /// installer is dropped on an error). The maps below hold the numbers of these, or of
+    /// fds in [`Inherited`], which outlive the installer.
+    temps: Vec<OwnedFd>,
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Parked restore: epolls do not watch the stdio placeholders yet
@@ -606,20 +608,19 @@ pub struct Installer<'a> {
 }
 
 impl Installer<'_> {
-    /// Moves a freshly created fd above the app's highest fd (creation may not reuse a
-    /// number before it is placed) and remembers to close it at the end.
-    pub fn keep_high(&mut self, fd: RawFd) -> Result<RawFd> {
-        if fd >= self.high {
-            self.temps.push(fd);
-            return Ok(fd);
-        }
-        let h = dup_high(fd, self.high)?;
-        // SAFETY: `fd` was just created by the caller for this table and handed over here
-        // (the `keep_high` contract); its only other copy is the duplicate `h`, so nothing
-        // still uses the number.
-        unsafe { libc::close(fd) };
-        self.temps.push(h);
-        Ok(h)
+    /// Takes over a freshly created fd, moved above the app's highest fd (creation may
+    /// not reuse a number before it is placed; a low original is closed once duplicated),
+    /// and returns its number, which stays open as long as the installer holds it: until
+    /// the table is built.
+    pub fn keep_high(&mut self, fd: OwnedFd) -> Result<RawFd> {
+        let fd = if fd.as_raw_fd() >= self.high {
+            fd
+        } else {
+            dup_high(fd.as_raw_fd(), self.high)?
+        };
+        let raw = fd.as_raw_fd();
+        self.temps.push(fd);
+        Ok(raw)
     }
 }
 
@@ -713,7 +714,7 @@ pub fn prepare_shared(
         let opens: Vec<(u32, i32)> = opens.into_iter().collect();
         let (fd, made) = shared_file::create(obj, &opens)
             .with_context(|| format!("recreating {} ({} bytes)", obj.path, obj.size))?;
-        let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+        let fd = ins.keep_high(fd)?;
         ins.files.insert(id, fd);
         for (ofd, fd) in made {
             let fd = ins.keep_high(fd)?;
@@ -811,9 +812,12 @@ pub fn prepare_shared(
         files: ins.files,
         file_opens: ins.file_opens,
         ptys: ins.ptys,
+        // Handed over as numbers: every process of the tree has a copy and closes its own
+        // (`install`, or `restore::child` for the shmem and file objects).
         fds: ins
             .temps
             .into_iter()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
             .filter(|fd| !kept.contains(fd))
             .chain(listeners.values().copied())
             .collect(),
@@ -825,7 +829,7 @@ pub fn prepare_shared(
 /// `MAP_SHARED | MAP_ANONYMOUS` once, then opened through `/proc/self/map_files`, so each
 /// process that maps the fd shows the same `/dev/zero (deleted)` mapping as at dump
 /// (a memfd would show as `/memfd:...`).
-fn shmem_object(size: u64) -> Result<RawFd> {
+fn shmem_object(size: u64) -> Result<OwnedFd> {
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing: no existing
     // memory is touched.
     let addr = unsafe {
@@ -991,12 +995,8 @@ pub fn install(
         };
         place(src, f)?;
     }
-    for fd in std::mem::take(&mut ins.temps) {
-        // SAFETY: `temps` holds fds this installer created (`keep_high`) and nothing else
-        // owns; `take` empties the list, so each is closed exactly once, after every `dup3`
-        // that needed it.
-        unsafe { libc::close(fd) };
-    }
+    // This process's temporaries: every `dup3` that needed them is done.
+    drop(std::mem::take(&mut ins.temps));
     for &fd in &inherited.fds {
         // SAFETY: `inherited.fds` are temporaries the root created for the tree before
         // forking (see `prepare_shared`); this process's copies are not referenced once its
@@ -1120,24 +1120,27 @@ pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
-    // SAFETY: integer arguments only; the duplicate is returned to the caller, who owns it.
+/// A close-on-exec duplicate of `fd` numbered `min` or above.
+pub fn dup_high(fd: RawFd, min: RawFd) -> Result<OwnedFd> {
+    // SAFETY: integer arguments only (a bad `fd` is EBADF).
     let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
     if r < 0 {
         return Err(errno_err(format!("duplicating fd {fd}")));
     }
-    Ok(r)
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` succeeded: a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
-pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<RawFd> {
+/// `open(path, flags | O_CLOEXEC, mode)`.
+pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<OwnedFd> {
     let c = cstr(path)?;
-    // SAFETY: `c` is a NUL-terminated path that lives across the call; the new fd is
-    // returned to the caller, who owns it.
+    // SAFETY: `c` is a NUL-terminated path that lives across the call.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
         return Err(errno_err(format!("opening {path}")));
     }
-    Ok(fd)
+    // SAFETY: `open` succeeded: a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Sets the status flags that `F_SETFL` can change (`O_NONBLOCK`, `O_APPEND`, ...).

@@ -5,7 +5,7 @@
 //! which is what an autobind does anyway. Messages queued on the socket are not kept:
 //! the answer to a request in flight at dump time is lost.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::Result;
 use warmstart_snapshots::model::FileDesc;
@@ -43,8 +43,8 @@ pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
 }
 
 pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Result<RawFd> {
-    // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
-    // it over.
+    // SAFETY: integer arguments only; the fd returned is owned
+    // right below.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -57,6 +57,8 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
             "socket(AF_NETLINK, protocol {protocol})"
         )));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     if port != 0 {
         let bind = |pid: u32| {

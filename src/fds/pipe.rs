@@ -162,13 +162,15 @@ pub fn restore(ins: &mut Installer, id: u64, ofd: u32, write: bool, flags: i32) 
         // Opening a pipe through /proc never blocks, whatever the access mode.
         let path = super::cstr(&format!("/proc/self/fd/{end}"))?;
         // SAFETY: `path` is a NUL-terminated string that lives across the call; the new fd
-        // goes straight to `keep_high`, which takes it over.
+        // is owned right below.
         let fd = unsafe { libc::open(path.as_ptr(), accmode | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(errno_err(format!(
                 "reopening pipe {id} through /proc/self/fd"
             )));
         }
+        // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         ins.keep_high(fd)?
     };
     // SAFETY: F_SETFL takes an integer argument; `fd` is a temporary of this installer.
@@ -210,13 +212,10 @@ fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
     let obj = ins.m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
         anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)")
     })?;
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(errno_err("pipe2"));
-    }
-    let r = ins.keep_high(fds[0])?;
-    let w = ins.keep_high(fds[1])?;
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|_| errno_err("pipe2"))?;
+    let r = ins.keep_high(r)?;
+    let w = ins.keep_high(w)?;
     if obj.capacity > 0
         // SAFETY: F_SETPIPE_SZ takes an integer argument; `w` is a temporary of this
         // installer.
@@ -284,7 +283,7 @@ pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Res
     // Through /proc, an O_RDONLY or O_WRONLY open of a FIFO does not wait for a peer
     // either: `base` is both.
     // SAFETY: `proc_path` is a NUL-terminated string that lives across the call; the new fd
-    // goes straight to `keep_high`, which takes it over.
+    // is owned right below.
     let fd = unsafe {
         libc::open(
             proc_path.as_ptr(),
@@ -294,6 +293,8 @@ pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Res
     if fd < 0 {
         return Err(errno_err(format!("opening FIFO {path} again")));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     super::set_status_flags(fd, flags)?;
     Ok(fd)

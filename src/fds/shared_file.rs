@@ -26,7 +26,7 @@ use super::{cstr, errno_err, open_path, set_owner, Installer};
 /// Creates the file of `obj`, empty but for its size, open read-write; and for a deleted
 /// file, one open file description per `(ofd, flags)` of `opens` made by its name (see
 /// [`restore`]).
-pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u32, RawFd)>)> {
+pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u32, OwnedFd)>)> {
     if let Some(name) = obj.path.strip_prefix("/memfd:") {
         let c = cstr(name)?;
         // SAFETY: a NUL-terminated name that lives across the call.
@@ -46,16 +46,13 @@ pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u
         .and_then(|d| d.to_str())
         .unwrap_or("/tmp");
     let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, 0o600)?;
-    // SAFETY: a new fd that nothing else owns.
-    let tmp = unsafe { OwnedFd::from_raw_fd(tmp) };
     set_up(&tmp, obj)?;
     // An O_TMPFILE can be linked once only: every open by name is made now.
     let Some(mut all) = by_name(&tmp, &obj.path, opens) else {
         return Ok((tmp, Vec::new()));
     };
     let main = all.remove(0).1;
-    // SAFETY: a new fd that nothing else owns.
-    Ok((unsafe { OwnedFd::from_raw_fd(main) }, all))
+    Ok((main, all))
 }
 
 /// Size, owner and mode (`fchown` before `fchmod`, which may set set-id bits).
@@ -106,7 +103,7 @@ pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> 
 /// `/proc/PID/fd` link is `PATH (deleted)` and which may keep `O_NOFOLLOW` (shm_open
 /// sets it). The read-write open first, as ofd `u32::MAX`. `None` when the name is
 /// taken or cannot be made.
-fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, RawFd)>> {
+fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, OwnedFd)>> {
     let to = link_tmpfile(tmp.as_raw_fd(), path)?;
     let mut out = Vec::with_capacity(opens.len() + 1);
     let mut ok = true;
@@ -122,14 +119,8 @@ fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, 
     }
     // SAFETY: a NUL-terminated path.
     unsafe { libc::unlink(to.as_ptr()) };
-    if !ok {
-        for (_, fd) in out {
-            // SAFETY: fds opened above that nothing else has seen.
-            unsafe { libc::close(fd) };
-        }
-        return None;
-    }
-    Some(out)
+    // On failure the opens made are closed as `out` is dropped.
+    ok.then_some(out)
 }
 
 /// An open of object `id` (fd `f`): the open file description made by name when the

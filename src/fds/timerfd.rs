@@ -13,7 +13,7 @@
 //! left at the dump), and `TFD_TIMER_CANCEL_ON_SET` (which needs an absolute realtime
 //! timer) is dropped. Unread expirations are put back with `TFD_IOC_SET_TICKS`.
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Result};
 use warmstart_snapshots::model::FileDesc;
@@ -84,12 +84,14 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     if flags & libc::O_NONBLOCK != 0 {
         tfd_flags |= libc::TFD_NONBLOCK;
     }
-    // SAFETY: integer arguments only; the new fd goes straight to `keep_high`, which takes
-    // it over.
+    // SAFETY: integer arguments only; the fd returned is owned
+    // right below.
     let fd = unsafe { libc::timerfd_create(clockid, tfd_flags) };
     if fd < 0 {
         return Err(errno_err(format!("timerfd_create(clock {clockid})")));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     if ins.parked {
         // Armed when handed out (`late_timerfds`), not while parked.

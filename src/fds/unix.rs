@@ -640,7 +640,9 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
             {
                 return Err(errno_err("socketpair"));
             }
-            let ends = (ins.keep_high(fds[0])?, ins.keep_high(fds[1])?);
+            // SAFETY: `socketpair` succeeded: two new descriptors owned by nothing else.
+            let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let ends = (ins.keep_high(a)?, ins.keep_high(b)?);
             // What end 0 had to read is sent from end 1, and the other way round.
             for (reader, writer) in [(0, ends.1), (1, ends.0)] {
                 for msg in &obj.queued[reader] {
@@ -714,6 +716,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     if fd < 0 {
         return Err(errno_err("socket(AF_UNIX)"));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     if let UnixAddr::Path(p) = addr {
         if let Ok(m) = std::fs::symlink_metadata(p) {
@@ -838,7 +842,7 @@ pub fn restore_queues(ins: &mut Installer) -> Result<HashMap<u32, RawFd>> {
             let Some((ofd, flags)) = client else {
                 bail!("{what}: no fd holds the client end of connection {n} (corrupt manifest?)");
             };
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+            let fd = ins.keep_high(fd)?;
             super::set_status_flags(fd, flags)?;
             out.insert(ofd, fd);
         }
