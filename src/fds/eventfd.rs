@@ -2,7 +2,7 @@
 //! come from fdinfo. Restore creates it at 0 and writes the count (the initial value of
 //! `eventfd()` is only 32 bits wide).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Result};
 use warmstart_snapshots::model::FileDesc;
@@ -45,15 +45,14 @@ pub fn restore(ins: &mut Installer, count: u64, semaphore: bool, flags: i32) -> 
     }
     // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let fd = ins.keep_high(fd)?;
     if count > 0 {
         // SAFETY: the buffer is `count`, a live u64, and the length is its 8 bytes.
-        let n = unsafe { libc::write(fd, (&count as *const u64).cast(), 8) };
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&count as *const u64).cast(), 8) };
         if n != 8 {
             return Err(errno_err(format!("setting the eventfd count to {count}")));
         }
     }
-    Ok(fd)
+    ins.keep_high(fd)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@
 //!   way. A connection attempt that failed with an error the app has not read is refused.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -554,7 +554,7 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut o = l.options;
     o.v6only &= family == libc::AF_INET6;
-    set_options(fd.as_raw_fd(), &o)?;
+    set_options(fd.as_fd(), &o)?;
     let (ss, len) = to_storage(&to);
     // SAFETY: `ss` is a sockaddr of `len` bytes that lives across the call.
     if unsafe {
@@ -576,7 +576,7 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
         return Err(errno_err(format!("listen on {to}")));
     }
     // The app's own status flags (O_NONBLOCK), on the open file description it gets.
-    super::set_status_flags(fd.as_raw_fd(), l.flags)?;
+    super::set_status_flags(fd.as_fd(), l.flags)?;
     Ok(fd)
 }
 
@@ -646,21 +646,26 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             }
             // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let fd = ins.keep_high(fd)?;
             if ins.parked && listen.is_some() && *sock_type == libc::SOCK_STREAM {
                 // A parked instance holds an unbound placeholder: the listener (bound at
                 // the recorded address or the run's --listen) arrives when it is handed
                 // out (`crate::fds::late_places`), and the port stays free meanwhile.
-                super::set_status_flags(fd, *flags)?;
-                return Ok(fd);
+                super::set_status_flags(fd.as_fd(), *flags)?;
+                return ins.keep_high(fd);
             }
-            set_options(fd, options)?;
+            set_options(fd.as_fd(), options)?;
             let local_addr = parse_addr(local)?;
             if local_addr.port() != 0 || !local_addr.ip().is_unspecified() {
                 let (ss, len) = to_storage(&local_addr);
                 // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
                 // across the call.
-                if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } < 0
+                if unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        (&ss as *const libc::sockaddr_storage).cast(),
+                        len,
+                    )
+                } < 0
                 {
                     let e = std::io::Error::last_os_error();
                     if e.raw_os_error() == Some(libc::EADDRINUSE) {
@@ -673,8 +678,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 }
             }
             if let Some(backlog) = listen {
-                // SAFETY: integer arguments only; `fd` is a temporary of this installer.
-                if unsafe { libc::listen(fd, *backlog as i32) } < 0 {
+                // SAFETY: integer arguments only, on the socket `fd` we own.
+                if unsafe { libc::listen(fd.as_raw_fd(), *backlog as i32) } < 0 {
                     return Err(errno_err(format!("listen on {local}")));
                 }
             }
@@ -682,16 +687,21 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 let (ss, len) = to_storage(&parse_addr(peer)?);
                 // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
                 // across the call.
-                if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }
-                    < 0
+                if unsafe {
+                    libc::connect(
+                        fd.as_raw_fd(),
+                        (&ss as *const libc::sockaddr_storage).cast(),
+                        len,
+                    )
+                } < 0
                 {
                     return Err(errno_err(format!(
                         "connecting UDP socket {local} to {peer}"
                     )));
                 }
             }
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         FileDesc::TcpEnded {
             family,
@@ -699,21 +709,19 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             flags,
         } => {
             let fd = ended_connection(*family, *reset).context("making an ended TCP connection")?;
-            let fd = ins.keep_high(fd)?;
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         FileDesc::TcpClosed { family, flags, .. } => {
             let fd = ended_connection(*family, true).context("making a reset TCP connection")?;
-            let fd = ins.keep_high(fd)?;
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         _ => unreachable!("inet::restore called for {file:?}"),
     }
 }
 
-fn set_options(fd: RawFd, o: &SockOptions) -> Result<()> {
+fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
     let flag = |level, opt, on: bool, name| {
         if on {
             setsockopt_int(fd, level, opt, 1, name)

@@ -19,7 +19,7 @@
 //! would be lost: an inotify with events queued is refused. Inotify fds are restored
 //! after the process's other fds are in place (watches through them need them).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{FileDesc, InotifyWatch};
@@ -200,7 +200,7 @@ fn resolve(w: &RawWatch) -> Result<Resolved> {
 
 pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Result<RawFd> {
     let fd = create(ins)?;
-    add_watches(fd, flags, watches)?;
+    add_watches(ins.fd(fd)?, flags, watches)?;
     Ok(fd)
 }
 
@@ -221,7 +221,8 @@ pub fn create(ins: &mut Installer) -> Result<RawFd> {
 /// once the restore's other opens of that inode are closed, since closing the last
 /// reference to one of its names (an `O_TMPFILE` one, say) drops every watch of a deleted
 /// inode.
-pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()> {
+pub fn add_watches(fd: BorrowedFd<'_>, flags: i32, watches: &[InotifyWatch]) -> Result<()> {
+    let raw = fd.as_raw_fd();
     let mut next = 1;
     for w in watches {
         // Skip the wds of watches removed before the dump.
@@ -230,13 +231,13 @@ pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()
             // restored. The watch made is removed at once.
             let burn = unsafe {
                 libc::inotify_add_watch(
-                    fd,
+                    raw,
                     c"/".as_ptr(),
                     libc::IN_DELETE_SELF | libc::IN_MASK_CREATE,
                 )
             };
             // SAFETY: integer arguments only.
-            if burn < 0 || unsafe { libc::inotify_rm_watch(fd, burn) } < 0 {
+            if burn < 0 || unsafe { libc::inotify_rm_watch(raw, burn) } < 0 {
                 return Err(errno_err(format!("skipping inotify wd {next}")));
             }
             // Removing a watch queues an IN_IGNORED event for it: read it (one event
@@ -244,7 +245,7 @@ pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()
             let mut ev = [0u8; std::mem::size_of::<libc::inotify_event>()];
             // SAFETY: `ev` is a live buffer of `ev.len()` bytes; a failed read (no event)
             // is harmless.
-            unsafe { libc::read(fd, ev.as_mut_ptr().cast(), ev.len()) };
+            unsafe { libc::read(raw, ev.as_mut_ptr().cast(), ev.len()) };
             next = burn + 1;
         }
         let (path, mask) = match w.via_fd {
@@ -256,7 +257,7 @@ pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()
             None => (cstr(&w.path)?, w.mask),
         };
         // SAFETY: `path` is a NUL-terminated string that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) };
+        let wd = unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) };
         if wd < 0 {
             let how = match w.via_fd {
                 Some(n) => format!(" (deleted; through fd {n})"),

@@ -50,7 +50,7 @@ pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -588,8 +588,12 @@ pub struct Installer<'a> {
     pub high: RawFd,
     /// Fds created here (all >= `high`), closed once the table is built (or when the
     /// installer is dropped on an error). The maps below hold the numbers of these, or of
-    /// fds in [`Inherited`], which outlive the installer.
+    /// `borrowed` ones; [`Installer::fd`] lends either by number.
     temps: Vec<OwnedFd>,
+    /// Fds the installer uses but does not own: the caller's stdio copies, the listeners
+    /// given, and what the root made for the tree ([`Inherited`]), all open for as long as
+    /// the installer lives.
+    borrowed: Vec<BorrowedFd<'a>>,
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Parked restore: epolls do not watch the stdio placeholders yet
@@ -607,7 +611,53 @@ pub struct Installer<'a> {
     pub ptys: HashMap<u32, RawFd>,
 }
 
-impl Installer<'_> {
+impl<'a> Installer<'a> {
+    /// An installer for `p` with nothing made yet, borrowing `borrowed`.
+    ///
+    /// # Safety
+    /// Every number in `borrowed` is an open fd of this process that stays open, and is
+    /// not closed by anyone else, for as long as the installer lives.
+    unsafe fn new(
+        m: &'a Manifest,
+        p: &'a Process,
+        high: RawFd,
+        parked: bool,
+        borrowed: impl IntoIterator<Item = RawFd>,
+    ) -> Self {
+        let mut borrowed: Vec<RawFd> = borrowed.into_iter().filter(|&fd| fd >= 0).collect();
+        borrowed.sort_unstable();
+        borrowed.dedup();
+        Installer {
+            m,
+            p,
+            high,
+            temps: Vec::new(),
+            borrowed: borrowed
+                .into_iter()
+                // SAFETY: open for the installer's life, as the caller guarantees.
+                .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+                .collect(),
+            pipes: HashMap::new(),
+            unix_pairs: HashMap::new(),
+            parked,
+            files: HashMap::new(),
+            file_opens: HashMap::new(),
+            listeners: HashMap::new(),
+            ptys: HashMap::new(),
+        }
+    }
+
+    /// The fd numbered `n`, one the installer made ([`Installer::keep_high`]) or borrows:
+    /// the only way from a number in its maps to an fd to act on.
+    pub fn fd(&self, n: RawFd) -> Result<BorrowedFd<'_>> {
+        self.temps
+            .iter()
+            .map(|t| t.as_fd())
+            .chain(self.borrowed.iter().copied())
+            .find(|b| b.as_raw_fd() == n)
+            .ok_or_else(|| anyhow!("fd {n} is none the restore made or was given (a bug)"))
+    }
+
     /// Takes over a freshly created fd, moved above the app's highest fd (creation may
     /// not reuse a number before it is placed; a low original is closed once duplicated),
     /// and returns its number, which stays open as long as the installer holds it: until
@@ -677,19 +727,18 @@ pub fn prepare_shared(
     let Some(&root) = live.first() else {
         return Ok(Inherited::default());
     };
-    let mut ins = Installer {
-        m,
-        p: root,
-        high,
-        temps: Vec::new(),
-        pipes: HashMap::new(),
-        unix_pairs: HashMap::new(),
-        parked: false,
-        files: HashMap::new(),
-        file_opens: HashMap::new(),
-        listeners: listeners.clone(),
-        ptys: HashMap::new(),
+    // SAFETY: the caller's stdio copies and the listeners given are open fds of this
+    // process (`restore::child` made them) that it closes only after the tree exists.
+    let mut ins = unsafe {
+        Installer::new(
+            m,
+            root,
+            high,
+            false,
+            stdio.iter().chain(listeners.values()).copied(),
+        )
     };
+    ins.listeners = listeners.clone();
     // Deleted files and memfds first (with every open of them): a shared open of one is
     // made from it below.
     let mut objects: BTreeMap<u64, BTreeMap<u32, i32>> = BTreeMap::new();
@@ -936,19 +985,25 @@ pub fn install(
     inherited: &Inherited,
     parked: bool,
 ) -> Result<()> {
-    let mut ins = Installer {
-        m,
-        p,
-        high,
-        temps: Vec::new(),
-        pipes: inherited.pipes.clone(),
-        unix_pairs: inherited.unix_pairs.clone(),
-        parked,
-        files: inherited.files.clone(),
-        file_opens: inherited.file_opens.clone(),
-        listeners: inherited.listeners.clone(),
-        ptys: inherited.ptys.clone(),
-    };
+    let i = inherited;
+    let numbers = (i.ofds.values().copied())
+        .chain(i.pipes.values().flat_map(|&(r, w)| [r, w]))
+        .chain(i.unix_pairs.values().flat_map(|&(a, b)| [a, b]))
+        .chain(i.files.values().copied())
+        .chain(i.file_opens.values().copied())
+        .chain(i.listeners.values().copied())
+        .chain(i.ptys.values().copied())
+        .chain(stdio.iter().copied());
+    // SAFETY: `stdio` and everything `inherited` lists are open fds of this process
+    // (copies of what the root made before forking) that are closed only below, once the
+    // installer is gone, or by `restore::child` after `install` returns.
+    let mut ins = unsafe { Installer::new(m, p, high, parked, numbers) };
+    ins.pipes = i.pipes.clone();
+    ins.unix_pairs = i.unix_pairs.clone();
+    ins.files = i.files.clone();
+    ins.file_opens = i.file_opens.clone();
+    ins.listeners = i.listeners.clone();
+    ins.ptys = i.ptys.clone();
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
     let is_inotify = |f: &Fd| matches!(f.file, FileDesc::Inotify { .. });
@@ -978,7 +1033,7 @@ pub fn install(
                 fd
             }
         };
-        place(src, f)?;
+        place(ins.fd(src)?, f)?;
     }
     for f in epoll::install_order(p)? {
         let src = match ofds.get(&f.ofd) {
@@ -993,10 +1048,10 @@ pub fn install(
                 fd
             }
         };
-        place(src, f)?;
+        place(ins.fd(src)?, f)?;
     }
     // This process's temporaries: every `dup3` that needed them is done.
-    drop(std::mem::take(&mut ins.temps));
+    drop(ins);
     for &fd in &inherited.fds {
         // SAFETY: `inherited.fds` are temporaries the root created for the tree before
         // forking (see `prepare_shared`); this process's copies are not referenced once its
@@ -1004,18 +1059,20 @@ pub fn install(
         unsafe { libc::close(fd) };
     }
     for (f, flags, w) in watches {
-        inotify::add_watches(f.fd, flags, w)
+        // SAFETY: `f.fd` was placed above (`place`) and stays open: it is the app's.
+        let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
+        inotify::add_watches(fd, flags, w)
             .with_context(|| format!("restoring fd {} ({})", f.fd, describe(&f.file)))?;
     }
     locks::restore(m, p)
 }
 
-fn place(src: RawFd, f: &Fd) -> Result<()> {
+fn place(src: BorrowedFd<'_>, f: &Fd) -> Result<()> {
     let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
     // SAFETY: integer arguments only; `dup3` replaces whatever was at `f.fd`, a number the
     // snapshot assigns to this fd and that nothing of ours uses (temporaries live above
     // `high`).
-    if unsafe { libc::dup3(src, f.fd, flags) } < 0 {
+    if unsafe { libc::dup3(src.as_raw_fd(), f.fd, flags) } < 0 {
         return Err(errno_err(format!("placing fd {}", f.fd)));
     }
     Ok(())
@@ -1026,9 +1083,9 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
     if let (Some(&given), FileDesc::Inet { flags, .. }) = (ins.listeners.get(&f.ofd), &f.file) {
         // The caller's listening socket, in place of the recorded one; the app's own
         // status flags (O_NONBLOCK) on it.
-        let fd = ins.keep_high(dup_high(given, ins.high)?)?;
-        set_status_flags(fd, *flags)?;
-        return Ok(fd);
+        let fd = dup_high(given, ins.high)?;
+        set_status_flags(fd.as_fd(), *flags)?;
+        return ins.keep_high(fd);
     }
     match &f.file {
         FileDesc::External { stdio: k } => stdio.get(*k as usize).copied().ok_or_else(|| {
@@ -1105,16 +1162,16 @@ pub fn owner_of(meta: &std::fs::Metadata) -> FileOwner {
 
 /// Gives a file the restore created (as root, under its umask) the owner and mode it
 /// had: `fchown` first, since it clears set-id bits that `fchmod` then sets.
-pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
-    // SAFETY: integer arguments only; a bad fd is EBADF.
-    if unsafe { libc::fchown(fd, o.uid, o.gid) } < 0 {
+pub fn set_owner(fd: BorrowedFd<'_>, o: &FileOwner, what: &str) -> Result<()> {
+    // SAFETY: integer arguments only.
+    if unsafe { libc::fchown(fd.as_raw_fd(), o.uid, o.gid) } < 0 {
         return Err(errno_err(format!(
             "giving {what} its owner {}:{}",
             o.uid, o.gid
         )));
     }
-    // SAFETY: integer arguments only; a bad fd is EBADF.
-    if unsafe { libc::fchmod(fd, o.mode as libc::mode_t) } < 0 {
+    // SAFETY: integer arguments only.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), o.mode as libc::mode_t) } < 0 {
         return Err(errno_err(format!("giving {what} its mode {:o}", o.mode)));
     }
     Ok(())
@@ -1144,7 +1201,8 @@ pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<OwnedFd> {
 }
 
 /// Sets the status flags that `F_SETFL` can change (`O_NONBLOCK`, `O_APPEND`, ...).
-pub fn set_status_flags(fd: RawFd, flags: i32) -> Result<()> {
+pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
+    let fd = fd.as_raw_fd();
     const SETTABLE: i32 = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT;
     // SAFETY: F_GETFL takes no pointer.
     let cur = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -1159,7 +1217,8 @@ pub fn set_status_flags(fd: RawFd, flags: i32) -> Result<()> {
     Ok(())
 }
 
-pub fn write_all(fd: RawFd, data: &[u8], what: &str) -> Result<()> {
+pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], what: &str) -> Result<()> {
+    let fd = fd.as_raw_fd();
     let mut done = 0;
     while done < data.len() {
         // SAFETY: the pointer and length describe `data[done..]`, a live initialised slice
@@ -1226,7 +1285,8 @@ pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> std::io::Resul
     Ok(v)
 }
 
-pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
+    let fd = fd.as_raw_fd();
     // SAFETY: the option value points at `v`, a live `c_int`, and the length given is its
     // size.
     let r = unsafe {

@@ -5,7 +5,7 @@
 //! which is what an autobind does anyway. Messages queued on the socket are not kept:
 //! the answer to a request in flight at dump time is lost.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::Result;
 use warmstart_snapshots::model::FileDesc;
@@ -59,7 +59,6 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
     }
     // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let fd = ins.keep_high(fd)?;
     if port != 0 {
         let bind = |pid: u32| {
             // SAFETY: `sockaddr_nl` is a plain C struct; all-zero bytes are valid.
@@ -67,10 +66,10 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
             sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
             sa.nl_pid = pid;
             // SAFETY: the address is `sa`, a live `sockaddr_nl`, with its exact size; `fd`
-            // is a temporary of this installer.
+            // is ours.
             unsafe {
                 libc::bind(
-                    fd,
+                    fd.as_raw_fd(),
                     (&sa as *const libc::sockaddr_nl).cast(),
                     std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
                 )
@@ -80,6 +79,6 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
             return Err(errno_err(format!("binding a netlink socket (port {port})")));
         }
     }
-    super::set_status_flags(fd, flags)?;
-    Ok(fd)
+    super::set_status_flags(fd.as_fd(), flags)?;
+    ins.keep_high(fd)
 }

@@ -10,7 +10,7 @@
 //! snapshot's.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -174,7 +174,7 @@ pub fn restore(ins: &mut Installer, id: u64, ofd: u32, write: bool, flags: i32) 
         ins.keep_high(fd)?
     };
     // SAFETY: F_SETFL takes an integer argument; `fd` is a temporary of this installer.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
+    if unsafe { libc::fcntl(ins.fd(fd)?.as_raw_fd(), libc::F_SETFL, status_flags) } < 0 {
         return Err(errno_err("fcntl(F_SETFL) on a pipe"));
     }
     Ok(fd)
@@ -214,20 +214,17 @@ fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
     })?;
     let (r, w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|_| errno_err("pipe2"))?;
-    let r = ins.keep_high(r)?;
-    let w = ins.keep_high(w)?;
     if obj.capacity > 0
-        // SAFETY: F_SETPIPE_SZ takes an integer argument; `w` is a temporary of this
-        // installer.
-        && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+        // SAFETY: F_SETPIPE_SZ takes an integer argument; `w` is ours.
+        && unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
     {
         return Err(errno_err(format!(
             "setting pipe capacity to {}",
             obj.capacity
         )));
     }
-    super::write_all(w, &obj.data, "a pipe's buffered bytes")?;
-    Ok((r, w))
+    super::write_all(w.as_fd(), &obj.data, "a pipe's buffered bytes")?;
+    Ok((ins.keep_high(r)?, ins.keep_high(w)?))
 }
 
 /// The `O_RDWR` open of FIFO `path` (pipe object `id`) that the others are opened from,
@@ -240,11 +237,10 @@ pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
         anyhow!("snapshot names FIFO {path} but does not contain its pipe (corrupt manifest?)")
     })?;
     let fd = super::open_path(path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, 0)?;
-    let fd = ins.keep_high(fd)?;
     // SAFETY: `stat` is a plain C struct; all-zero bytes are valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a live, writable `stat`; `fd` is a temporary of this installer.
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+    // SAFETY: `st` is a live, writable `stat`; `fd` is ours.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(errno_err(format!("fstat of FIFO {path}")));
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
@@ -252,7 +248,7 @@ pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
     }
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD writes one `c_int` to the pointer given, the live local `queued`.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } < 0 {
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) } < 0 {
         return Err(errno_err(format!("FIONREAD on FIFO {path}")));
     }
     if queued > 0 {
@@ -262,16 +258,20 @@ pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
         );
     }
     if obj.capacity > 0
-        // SAFETY: F_SETPIPE_SZ takes an integer argument; `fd` is a temporary of this
-        // installer.
-        && unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+        // SAFETY: F_SETPIPE_SZ takes an integer argument; `fd` is ours.
+        && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
     {
         return Err(errno_err(format!(
             "setting the capacity of FIFO {path} to {}",
             obj.capacity
         )));
     }
-    super::write_all(fd, &obj.data, &format!("the buffered bytes of FIFO {path}"))?;
+    super::write_all(
+        fd.as_fd(),
+        &obj.data,
+        &format!("the buffered bytes of FIFO {path}"),
+    )?;
+    let fd = ins.keep_high(fd)?;
     ins.pipes.insert(id, (fd, fd));
     Ok(fd)
 }
@@ -295,7 +295,6 @@ pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Res
     }
     // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let fd = ins.keep_high(fd)?;
-    super::set_status_flags(fd, flags)?;
-    Ok(fd)
+    super::set_status_flags(fd.as_fd(), flags)?;
+    ins.keep_high(fd)
 }

@@ -39,7 +39,7 @@
 //! [`after_groups`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -572,7 +572,7 @@ fn open_slave(master: RawFd, index: u32, flags: i32) -> Result<OwnedFd> {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         fd
     };
-    super::set_status_flags(fd.as_raw_fd(), flags)?;
+    super::set_status_flags(fd.as_fd(), flags)?;
     Ok(fd)
 }
 
@@ -607,8 +607,8 @@ pub fn create_all(ins: &mut Installer, live: &[&Process]) -> Result<HashMap<u32,
             let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
             let fd = open_index(path, index, flags & no_create, &mut fillers)
                 .with_context(|| format!("opening pty {index} ({path})"))?;
+            super::set_status_flags(fd.as_fd(), flags)?;
             let fd = ins.keep_high(fd)?;
-            super::set_status_flags(fd, flags)?;
             ins.ptys.insert(index, fd);
             ofds.insert(ofd, fd);
         }

@@ -16,7 +16,7 @@
 //! straight into the file, through `/proc/PID/map_files` or `/proc/PID/fd`, then a memfd's
 //! seals are added: writing needs no writable mapping of it, and no seal is in the way.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{Fd, SharedFile};
@@ -64,7 +64,7 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
             obj.path, obj.size
         )));
     }
-    set_owner(fd.as_raw_fd(), &obj.owner, &obj.path)
+    set_owner(fd.as_fd(), &obj.owner, &obj.path)
 }
 
 /// Links the file of `tmp` (an `O_TMPFILE`) at `path`, for the caller to open there and
@@ -72,8 +72,8 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
 /// when the name is taken or cannot be made. Another instance of the snapshot restoring
 /// at this moment holds the name for a few microseconds: a few tries with a yield
 /// between; a file that really has the name keeps it.
-pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> {
-    let from = cstr(&format!("/proc/self/fd/{tmp}")).ok()?;
+pub(crate) fn link_tmpfile(tmp: BorrowedFd<'_>, path: &str) -> Option<std::ffi::CString> {
+    let from = cstr(&format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
     let to = cstr(path).ok()?;
     let mut tries = 0;
     loop {
@@ -104,7 +104,7 @@ pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> 
 /// sets it). The read-write open first, as ofd `u32::MAX`. `None` when the name is
 /// taken or cannot be made.
 fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, OwnedFd)>> {
-    let to = link_tmpfile(tmp.as_raw_fd(), path)?;
+    let to = link_tmpfile(tmp.as_fd(), path)?;
     let mut out = Vec::with_capacity(opens.len() + 1);
     let mut ok = true;
     let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
@@ -138,8 +138,8 @@ pub fn restore(ins: &mut Installer, f: &Fd, id: u64, flags: i32, pos: i64) -> Re
             ins.keep_high(open_path(&format!("/proc/self/fd/{obj}"), flags, 0)?)?
         }
     };
-    // SAFETY: lseek on an fd we own; no pointers.
-    if unsafe { libc::lseek(fd, pos, libc::SEEK_SET) } < 0 {
+    // SAFETY: integer arguments only, on an fd the installer holds.
+    if unsafe { libc::lseek(ins.fd(fd)?.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
         return Err(errno_err(format!(
             "seeking deleted file / memfd #{id} to {pos}"
         )));
