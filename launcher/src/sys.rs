@@ -73,13 +73,15 @@ pub(crate) fn pidfd_send_signal(fd: RawFd, sig: i32) -> libc::c_long {
     }
 }
 
-/// Close a raw fd if it is valid, preserving errno.
-pub(crate) fn close_raw(fd: RawFd) {
+/// Close a raw fd if it is valid, preserving errno (async-signal-safe).
+///
+/// # Safety
+/// `fd` is owned by the caller and never used again: no `OwnedFd` or other owner of it
+/// may exist (init and the app child close the monitor's descriptors they inherited).
+pub(crate) unsafe fn close_raw(fd: RawFd) {
     if fd >= 0 {
         let e = errno();
-        // SAFETY: callers (init and the app child, before the app runs) pass only
-        // descriptors they own and never use again, so no live `OwnedFd` is closed
-        // behind its back.
+        // SAFETY: the caller owns `fd` and gives it up (this function's contract).
         unsafe { libc::close(fd) };
         set_errno(e);
     }
