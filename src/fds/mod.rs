@@ -589,11 +589,11 @@ pub struct Installer<'a> {
     /// Fds created here (all >= `high`), closed once the table is built (or when the
     /// installer is dropped on an error). The maps below hold the numbers of these, or of
     /// `borrowed` ones; [`Installer::fd`] lends either by number.
-    temps: Vec<OwnedFd>,
+    temps: HashMap<RawFd, OwnedFd>,
     /// Fds the installer uses but does not own: the caller's stdio copies, the listeners
     /// given, and what the root made for the tree ([`Inherited`]), all open for as long as
     /// the installer lives.
-    borrowed: Vec<BorrowedFd<'a>>,
+    borrowed: HashMap<RawFd, BorrowedFd<'a>>,
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Parked restore: epolls do not watch the stdio placeholders yet
@@ -624,18 +624,16 @@ impl<'a> Installer<'a> {
         parked: bool,
         borrowed: impl IntoIterator<Item = RawFd>,
     ) -> Self {
-        let mut borrowed: Vec<RawFd> = borrowed.into_iter().filter(|&fd| fd >= 0).collect();
-        borrowed.sort_unstable();
-        borrowed.dedup();
         Installer {
             m,
             p,
             high,
-            temps: Vec::new(),
+            temps: HashMap::new(),
             borrowed: borrowed
                 .into_iter()
+                .filter(|&fd| fd >= 0)
                 // SAFETY: open for the installer's life, as the caller guarantees.
-                .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+                .map(|fd| (fd, unsafe { BorrowedFd::borrow_raw(fd) }))
                 .collect(),
             pipes: HashMap::new(),
             unix_pairs: HashMap::new(),
@@ -650,12 +648,13 @@ impl<'a> Installer<'a> {
     /// The fd numbered `n`, one the installer made ([`Installer::keep_high`]) or borrows:
     /// the only way from a number in its maps to an fd to act on.
     pub fn fd(&self, n: RawFd) -> Result<BorrowedFd<'_>> {
-        self.temps
-            .iter()
-            .map(|t| t.as_fd())
-            .chain(self.borrowed.iter().copied())
-            .find(|b| b.as_raw_fd() == n)
-            .ok_or_else(|| anyhow!("fd {n} is none the restore made or was given (a bug)"))
+        match (self.temps.get(&n), self.borrowed.get(&n)) {
+            (Some(t), _) => Ok(t.as_fd()),
+            (None, Some(&b)) => Ok(b),
+            (None, None) => Err(anyhow!(
+                "fd {n} is none the restore made or was given (a bug)"
+            )),
+        }
     }
 
     /// Takes over a freshly created fd, moved above the app's highest fd (creation may
@@ -669,7 +668,7 @@ impl<'a> Installer<'a> {
             dup_high(fd.as_raw_fd(), self.high)?
         };
         let raw = fd.as_raw_fd();
-        self.temps.push(fd);
+        self.temps.insert(raw, fd);
         Ok(raw)
     }
 }
@@ -865,7 +864,7 @@ pub fn prepare_shared(
         // (`install`, or `restore::child` for the shmem and file objects).
         fds: ins
             .temps
-            .into_iter()
+            .into_values()
             .map(std::os::fd::IntoRawFd::into_raw_fd)
             .filter(|fd| !kept.contains(fd))
             .chain(listeners.values().copied())
