@@ -1067,13 +1067,16 @@ pub fn install(
 }
 
 fn place(src: BorrowedFd<'_>, f: &Fd) -> Result<()> {
-    let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: integer arguments only; `dup3` replaces whatever was at `f.fd`, a number the
-    // snapshot assigns to this fd and that nothing of ours uses (temporaries live above
-    // `high`).
-    if unsafe { libc::dup3(src.as_raw_fd(), f.fd, flags) } < 0 {
-        return Err(errno_err(format!("placing fd {}", f.fd)));
-    }
+    use nix::fcntl::OFlag;
+    let flags = if f.cloexec {
+        OFlag::O_CLOEXEC
+    } else {
+        OFlag::empty()
+    };
+    // `dup3` replaces whatever was at `f.fd`, a number the snapshot assigns to this fd and
+    // that nothing of ours uses (temporaries live above `high`).
+    nix::unistd::dup3(src.as_raw_fd(), f.fd, flags)
+        .map_err(|_| errno_err(format!("placing fd {}", f.fd)))?;
     Ok(())
 }
 
@@ -1162,17 +1165,16 @@ pub fn owner_of(meta: &std::fs::Metadata) -> FileOwner {
 /// Gives a file the restore created (as root, under its umask) the owner and mode it
 /// had: `fchown` first, since it clears set-id bits that `fchmod` then sets.
 pub fn set_owner(fd: BorrowedFd<'_>, o: &FileOwner, what: &str) -> Result<()> {
-    // SAFETY: integer arguments only.
-    if unsafe { libc::fchown(fd.as_raw_fd(), o.uid, o.gid) } < 0 {
-        return Err(errno_err(format!(
-            "giving {what} its owner {}:{}",
-            o.uid, o.gid
-        )));
-    }
-    // SAFETY: integer arguments only.
-    if unsafe { libc::fchmod(fd.as_raw_fd(), o.mode as libc::mode_t) } < 0 {
-        return Err(errno_err(format!("giving {what} its mode {:o}", o.mode)));
-    }
+    use nix::unistd::{Gid, Uid};
+    nix::unistd::fchown(
+        fd.as_raw_fd(),
+        Some(Uid::from_raw(o.uid)),
+        Some(Gid::from_raw(o.gid)),
+    )
+    .map_err(|_| errno_err(format!("giving {what} its owner {}:{}", o.uid, o.gid)))?;
+    let mode = nix::sys::stat::Mode::from_bits_retain(o.mode as libc::mode_t);
+    nix::sys::stat::fchmod(fd.as_raw_fd(), mode)
+        .map_err(|_| errno_err(format!("giving {what} its mode {:o}", o.mode)))?;
     Ok(())
 }
 
@@ -1217,16 +1219,12 @@ pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
 }
 
 pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], what: &str) -> Result<()> {
-    let fd = fd.as_raw_fd();
     let mut done = 0;
     while done < data.len() {
-        // SAFETY: the pointer and length describe `data[done..]`, a live initialised slice
-        // that `write` only reads.
-        let n = unsafe { libc::write(fd, data[done..].as_ptr().cast(), data.len() - done) };
-        if n <= 0 {
-            return Err(errno_err(format!("writing {what}")));
+        match nix::unistd::write(fd, &data[done..]) {
+            Ok(n) if n > 0 => done += n,
+            _ => return Err(errno_err(format!("writing {what}"))),
         }
-        done += n as usize;
     }
     Ok(())
 }

@@ -151,9 +151,7 @@ fn reopen_ghost(tmp: BorrowedFd<'_>, path: &str, flags: i32) -> Result<OwnedFd> 
 }
 
 fn seek(fd: BorrowedFd<'_>, pos: i64, what: &str) -> Result<()> {
-    // SAFETY: integer arguments only.
-    if unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
-        return Err(errno_err(format!("seeking {what} to {pos}")));
-    }
+    nix::unistd::lseek(fd.as_raw_fd(), pos, nix::unistd::Whence::SeekSet)
+        .map_err(|_| errno_err(format!("seeking {what} to {pos}")))?;
     Ok(())
 }
