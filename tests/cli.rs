@@ -136,7 +136,7 @@ fn dump_kernel_thread() {
         "expected an error saying pid 2 is a kernel thread:\n{}",
         out.describe()
     );
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     assert!(
         !(root && (out.stderr.contains("permission denied") || out.stderr.contains("needs root"))),
         "as root, the error should state that pid 2 is a kernel thread, not suggest a permission problem:\n{}",

@@ -235,7 +235,7 @@ fn chmod(path: &Path, mode: u32) {
 /// by `verify` (a pack) and by `ls` (a manifest), not as damage.
 #[test]
 fn permission_denied_is_not_damage() {
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root (to drop CAP_DAC_OVERRIDE)");
         return;
     }

@@ -172,6 +172,8 @@ fn killing_the_page_server_kills_the_instance() {
         Proc::spawn(&mut empty.cmd(&["run", "--no-prefetch", "--page-server", &addr, "x"]));
     run.send("a");
     assert_eq!(run.read_line(), "1 a");
+    // SAFETY: kill takes no pointers; `server` is our child, not yet waited for, so its pid
+    // cannot have been reused.
     unsafe { libc::kill(server.pid(), libc::SIGKILL) };
     server.wait();
     // The whole buffer is needed now: the instance must die, never read zeros.
@@ -350,6 +352,8 @@ fn page_server_listens_on_loopback_by_default_and_warns_when_exposed() {
     let (mut quiet, addr) = start(&[]);
     assert!(addr.starts_with("127.0.0.1:"), "default bind: {addr}");
     // The warning would come before the address line: none came.
+    // SAFETY: kill takes no pointers; `quiet` is our child, not yet waited for, so its pid
+    // cannot have been reused.
     unsafe { libc::kill(quiet.pid(), libc::SIGTERM) };
     quiet.wait();
     let err = quiet.stderr_after_exit();

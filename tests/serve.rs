@@ -54,6 +54,8 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     let mut client = Proc::spawn(&mut ws.cmd(&["run", "counter"]));
     client.send("one");
     assert_eq!(client.read_line(), "1 one");
+    // SAFETY: kill takes no pointers; `client` is our child, not yet waited for, so its pid
+    // cannot have been reused.
     unsafe { libc::kill(client.pid(), libc::SIGTERM) };
     let status = client.wait();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
@@ -79,6 +81,8 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
         .as_i64()
         .unwrap() as i32;
     assert!(common::alive(app));
+    // SAFETY: kill takes no pointers; `client` is our child, not yet waited for, so its pid
+    // cannot have been reused.
     unsafe { libc::kill(client.pid(), libc::SIGKILL) };
     client.wait();
     assert!(
@@ -174,6 +178,8 @@ fn daemon_errors_are_clear_and_a_dead_daemon_is_not_needed() {
 
     // A daemon killed outright leaves its socket file: `run` restores by itself, and a
     // new daemon takes the place.
+    // SAFETY: kill takes no pointers; `daemon` is our child, not yet waited for, so its pid
+    // cannot have been reused.
     unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
     daemon.wait();
     assert!(socket.exists());

@@ -99,6 +99,8 @@ extern "C" fn forward(sig: libc::c_int) {
     let saved = errno();
     let pid = APP_PID.load(Ordering::Relaxed);
     if pid > 0 {
+        // SAFETY: `kill` is async-signal-safe and takes integer arguments only; `pid` is
+        // the app, init's own unreaped child, so it cannot name another process.
         unsafe { libc::kill(pid, sig) };
     }
     sys::set_errno(saved);
@@ -107,6 +109,8 @@ extern "C" fn forward(sig: libc::c_int) {
 fn fail(a: &InitArgs, stage: i32) -> ! {
     let e = errno();
     report(a.sock, stage, e, 0, -1);
+    // SAFETY: `_exit` is async-signal-safe and ends the process without running atexit
+    // handlers or touching locks.
     unsafe { libc::_exit(INIT_SETUP_FAILED) }
 }
 
@@ -116,6 +120,11 @@ fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool 
     struct Cmsg([u8; 64]);
     let payload: [i32; 3] = [stage, err, ns_pid];
     let mut cbuf = Cmsg([0; 64]);
+    // SAFETY: `payload` (12 bytes, `MSG_LEN`) and `cbuf` (64 bytes, 8-aligned) are live
+    // locals, and `msg` points only at them and at `iov`; `msghdr` is valid zeroed. With a
+    // pidfd, `msg_controllen` is `CMSG_SPACE(4)` <= 64, so `CMSG_FIRSTHDR` is non-null and
+    // the header and its 4-byte payload lie inside `cbuf` (written unaligned as `CMSG_DATA`
+    // need not be 4-aligned). `sendmsg` only reads these buffers and is async-signal-safe.
     unsafe {
         let mut iov = libc::iovec {
             iov_base: payload.as_ptr() as *mut libc::c_void,
@@ -148,6 +157,15 @@ fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool 
 /// Body of init (pid 1). Starts with every signal blocked (the monitor blocked them
 /// around `clone3`).
 pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
+    // SAFETY: this runs in init, a raw-`clone3` child, and makes only async-signal-safe
+    // calls: `prctl`, `poll`, `close`, `mount`, `sigaction`, `clone3`, `sendmsg`,
+    // `close_range`, `waitpid`, `_exit` (`timens::enter` keeps to the same rules). Every
+    // pointer passed is to a live local or a static C string; `sigaction` is valid zeroed
+    // and its handler, `forward`, is itself async-signal-safe. The fds closed here were
+    // inherited from the monitor and are owned by init's copy of the table alone. `clone3`
+    // gets a valid `clone_args` whose `pidfd` and `set_tid` point to live locals; its child
+    // runs `app_main`, which never returns. The function never returns either: the loop
+    // ends only in `_exit`.
     unsafe {
         // Die with the monitor, then close the race where it died before the prctl.
         if libc::prctl(
@@ -270,6 +288,9 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
 
 /// Install `fds` as 0, 1, 2 (entries < 0 are left alone). Handles overlaps.
 fn install_stdio(fds: [RawFd; 3]) -> bool {
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)`, `dup2` and `close` take integers only and are
+    // async-signal-safe; the fds duplicated were handed to the app child by the monitor for
+    // this purpose, and only the temporary duplicates made here are closed.
     unsafe {
         let mut tmp = [-1; 3];
         for i in 0..3 {
@@ -294,6 +315,11 @@ fn install_stdio(fds: [RawFd; 3]) -> bool {
 
 /// Body of the app child (pid 2, or the exact pid). Starts with every signal blocked.
 fn app_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
+    // SAFETY: runs in the app child of a raw `clone3`: the calls before `app` (`close`,
+    // `sigaction`, `dup2`, `sigprocmask`, `read`, `_exit`) are async-signal-safe; `read`
+    // writes one byte into a live local; the fds closed (`sock`, `gate_r`) are the child's
+    // own copies, never used again. The closure's obligations are documented on
+    // `sandbox::spawn`. `_exit` ends the child without returning.
     unsafe {
         close_raw(a.sock);
         sys::reset_signal_dispositions();

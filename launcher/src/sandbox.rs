@@ -112,8 +112,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
             // SAFETY: a fresh fd from F_DUPFD_CLOEXEC, owned by nobody else.
             fd => unsafe { OwnedFd::from_raw_fd(fd) },
         },
-        // SAFETY: getpid takes no arguments and cannot fail.
-        None => sys::pidfd_open(unsafe { libc::getpid() }, 0)
+        None => sys::pidfd_open(std::process::id() as libc::pid_t, 0)
             .map_err(|_| LaunchError::sys("pidfd_open"))?,
     };
     let raw = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, |f| f.as_raw_fd());
@@ -149,12 +148,22 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     };
 
     // Block every signal across clone3 so no handler of the monitor ever runs in init.
+    // SAFETY: `sigset_t` is a plain C bit array; all-zero bytes are a valid (empty) set.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: a plain C bit array, valid when zeroed.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live local `sigset_t`s for the duration of the calls.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
+    // SAFETY: `args` is a valid `clone_args` of the size `clone3` is told, and its `pidfd`
+    // field points to `init_pidfd`, a live local the kernel writes before returning.
+    // Without CLONE_VM the child gets a copy of this thread only: it switches to the
+    // private arena first (`enter_child`), runs `init_main`, which makes only
+    // async-signal-safe calls and never returns (it ends in `_exit`), and the caller's
+    // closure is bound by this function's documented rules. Every signal is blocked, so no
+    // handler of the monitor runs in the child.
     let r = unsafe { sys::clone3(&args) };
     if r == 0 {
         // Before anything can allocate: glibc's malloc may be locked for good here.
@@ -162,6 +171,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         init::init_main(&init_args, app);
     }
     let err = Errno::last();
+    // SAFETY: `old` was filled by the `pthread_sigmask` above; the out-pointer may be null.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     drop(init_sock);
     drop(gate_r);
@@ -173,6 +183,8 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         });
     }
     let init_pid = r as i32;
+    // SAFETY: `clone3` succeeded with CLONE_PIDFD, so the kernel stored a new pidfd in
+    // `init_pidfd`; nothing else owns it.
     let init_pidfd = unsafe { OwnedFd::from_raw_fd(init_pidfd) };
     match handshake(&mon_sock, &init_pidfd, init_pid) {
         Ok((app_pidfd, app_ns_pid)) => {
@@ -214,27 +226,22 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let mut fds = [-1; 2];
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(LaunchError::sys("socketpair"));
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    nix::sys::socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|errno| LaunchError::Sys {
+        op: "socketpair",
+        errno,
+    })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let mut fds = [-1; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(LaunchError::sys("pipe2"));
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|errno| LaunchError::Sys { op: "pipe2", errno })
 }
 
 /// Decode a `waitpid` status into an exit code (128+N for signal N).
@@ -252,6 +259,8 @@ fn exit_code(status: libc::c_int) -> Option<i32> {
 fn abort_init(init_pidfd: &OwnedFd, init_pid: i32) {
     sys::pidfd_send_signal(init_pidfd.as_raw_fd(), libc::SIGKILL);
     let mut st = 0;
+    // SAFETY: `st` is a live local. `init_pid` is our unreaped child, so the pid cannot
+    // have been reused by another process.
     while unsafe { libc::waitpid(init_pid, &mut st, 0) } < 0 && Errno::last() == Errno::EINTR {}
 }
 
@@ -286,6 +295,8 @@ fn handshake(
             None => {
                 // Did init die without a word?
                 let mut st = 0;
+                // SAFETY: `st` is a live local; `init_pid` is our child and is reaped only
+                // here or in `abort_init`.
                 let r = unsafe { libc::waitpid(init_pid, &mut st, libc::WNOHANG) };
                 if r == init_pid {
                     // Reaped: make abort_init's waitpid a no-op by reporting now.
@@ -310,6 +321,7 @@ fn handshake(
             },
         ];
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` holds exactly the 2 `pollfd`s `poll` is told about.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } < 0 && Errno::last() != Errno::EINTR {
             return Err(LaunchError::sys("poll"));
         }
@@ -327,11 +339,15 @@ fn recv_report(sock: &OwnedFd) -> Result<Option<([i32; 3], Option<OwnedFd>)>, La
         iov_base: payload.as_mut_ptr() as *mut libc::c_void,
         iov_len: init::MSG_LEN,
     };
+    // SAFETY: `msghdr` is a plain C struct: zeroed means null pointers and zero lengths,
+    // which is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.0.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = cbuf.0.len();
+    // SAFETY: `msg` points at `iov` (the 12-byte `payload`, `MSG_LEN` == 12) and at `cbuf`
+    // (64 bytes, 8-aligned as `cmsghdr` needs); all three are live locals for the call.
     let n = unsafe {
         libc::recvmsg(
             sock.as_raw_fd(),
@@ -349,6 +365,12 @@ fn recv_report(sock: &OwnedFd) -> Result<Option<([i32; 3], Option<OwnedFd>)>, La
         };
     }
     let mut fd = None;
+    // SAFETY: `recvmsg` succeeded, so `msg.msg_control`/`msg_controllen` describe the part
+    // of `cbuf` the kernel filled; `CMSG_FIRSTHDR`/`CMSG_NXTHDR` stay within it and return
+    // null at its end. The payload of an SCM_RIGHTS header holds `(cmsg_len - CMSG_LEN(0))
+    // / 4` ints, read unaligned because `CMSG_DATA` need not be 4-aligned. Each is a
+    // descriptor the kernel just installed in our table (MSG_CMSG_CLOEXEC): nothing else
+    // owns it, and each is wrapped in exactly one `OwnedFd` (extras are closed on drop).
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
@@ -451,6 +473,8 @@ impl Sandbox {
         if let Some(w) = self.gate.take() {
             let b = 1u8;
             loop {
+                // SAFETY: the buffer is one live local byte and the length is 1; `w` is the
+                // gate pipe's write end, which we own.
                 let n = unsafe { libc::write(w.as_raw_fd(), &b as *const u8 as *const _, 1) };
                 if n == 1 {
                     break;
@@ -536,6 +560,8 @@ impl Sandbox {
             return Ok(Some(c));
         }
         let mut st = 0;
+        // SAFETY: `st` is a live local; `init_pid` is our child, reaped only here (the
+        // status is cached after), so the pid cannot have been reused.
         let r = unsafe { libc::waitpid(self.init_pid, &mut st, libc::WNOHANG) };
         if r < 0 {
             return match Errno::last() {
@@ -560,7 +586,10 @@ impl Sandbox {
 
     /// Reap the app's exit if we are its tracer (see `wait`).
     fn try_reap_app(&self) {
+        // SAFETY: `siginfo_t` is a plain C struct for which all-zero bytes are valid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable `siginfo_t`; the pidfd is owned by `self` and
+        // open.
         let r = unsafe {
             libc::waitid(
                 libc::P_PIDFD,
@@ -612,6 +641,8 @@ impl Sandbox {
                 }),
                 pfd(extra.as_ref().map_or(-1, |e| e.0)),
             ];
+            // SAFETY: `fds` holds exactly the 3 `pollfd`s `poll` is told about (negative
+            // fds are ignored by the kernel).
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
             if n < 0 {
                 if Errno::last() == Errno::EINTR {
@@ -674,6 +705,9 @@ pub struct SignalForwarder {
 impl SignalForwarder {
     /// Start catching `signals`.
     pub fn new(signals: &[i32]) -> Result<Self, LaunchError> {
+        // SAFETY: the `sigset_t`s are plain C bit arrays (valid zeroed) and every pointer
+        // passed is to a live local. `signalfd(-1, ...)` returns a new descriptor on
+        // success, wrapped once in an `OwnedFd`.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -716,8 +750,12 @@ impl SignalForwarder {
 
     /// The next pending signal, if any (non-blocking).
     pub fn next(&self) -> Result<Option<i32>, LaunchError> {
+        // SAFETY: `signalfd_siginfo` is a plain C struct for which all-zero bytes are
+        // valid.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a live, writable `signalfd_siginfo` of exactly `sz` bytes; the
+        // signalfd is owned by `self`.
         let n = unsafe {
             libc::read(
                 self.fd.as_raw_fd(),
@@ -744,6 +782,8 @@ impl SignalForwarder {
 impl Drop for SignalForwarder {
     fn drop(&mut self) {
         while let Ok(Some(_)) = self.next() {}
+        // SAFETY: `old_mask` was filled by `pthread_sigmask` in `new`; the out-pointer may
+        // be null.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
     }
 }

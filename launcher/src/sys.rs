@@ -36,12 +36,14 @@ pub unsafe fn clone3(args: &CloneArgs) -> libc::c_long {
 
 const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
 
+/// The calling thread's `errno` (async-signal-safe: a thread-local read).
 pub(crate) fn errno() -> i32 {
-    unsafe { *libc::__errno_location() }
+    nix::errno::Errno::last_raw()
 }
 
+/// Set the calling thread's `errno` (async-signal-safe: a thread-local write).
 pub(crate) fn set_errno(e: i32) {
-    unsafe { *libc::__errno_location() = e }
+    nix::errno::Errno::set_raw(e)
 }
 
 /// `pidfd_open(pid, flags)` (`flags`: 0 or `PIDFD_NONBLOCK`); the descriptor is
@@ -58,6 +60,8 @@ pub fn pidfd_open(pid: libc::pid_t, flags: u32) -> std::io::Result<OwnedFd> {
 
 /// `pidfd_send_signal(fd, sig, NULL, 0)`; returns the raw result (-1 + errno on failure).
 pub(crate) fn pidfd_send_signal(fd: RawFd, sig: i32) -> libc::c_long {
+    // SAFETY: integer arguments and a null `siginfo` pointer, which the kernel accepts;
+    // an invalid `fd` is reported as EBADF, not undefined behaviour.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
@@ -69,10 +73,15 @@ pub(crate) fn pidfd_send_signal(fd: RawFd, sig: i32) -> libc::c_long {
     }
 }
 
-/// Close a raw fd if it is valid, preserving errno.
-pub(crate) fn close_raw(fd: RawFd) {
+/// Close a raw fd if it is valid, preserving errno (async-signal-safe).
+///
+/// # Safety
+/// `fd` is owned by the caller and never used again: no `OwnedFd` or other owner of it
+/// may exist (init and the app child close the monitor's descriptors they inherited).
+pub(crate) unsafe fn close_raw(fd: RawFd) {
     if fd >= 0 {
         let e = errno();
+        // SAFETY: the caller owns `fd` and gives it up (this function's contract).
         unsafe { libc::close(fd) };
         set_errno(e);
     }
@@ -81,6 +90,8 @@ pub(crate) fn close_raw(fd: RawFd) {
 /// Reset every catchable signal's disposition to `SIG_DFL` (errors ignored: 32/33 are
 /// reserved by glibc).
 pub(crate) fn reset_signal_dispositions() {
+    // SAFETY: `sigaction` is a plain C struct (valid zeroed); SIG_DFL installs no handler,
+    // so no Rust code is made to run in signal context; pointers are to live locals.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = libc::SIG_DFL;
@@ -96,6 +107,8 @@ pub(crate) fn reset_signal_dispositions() {
 
 /// Set the calling thread's signal mask to `how` with a full or empty set.
 pub(crate) fn set_sigmask_all(block: bool) {
+    // SAFETY: `sigset_t` is a plain C bit array (valid zeroed); pointers are to a live
+    // local or null (the old mask is not wanted).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         if block {

@@ -55,7 +55,8 @@ pub(crate) fn enter(targets: [i64; 2]) -> Result<(), Step> {
     // SAFETY: `buf[..len]` is initialised and lives across the call.
     let n = unsafe { libc::write(fd, buf.as_ptr().cast(), len) };
     let e = errno();
-    crate::sys::close_raw(fd);
+    // SAFETY: `fd` was opened above, is owned by nothing else and is not used after.
+    unsafe { crate::sys::close_raw(fd) };
     if n != len as isize {
         crate::sys::set_errno(if n < 0 { e } else { libc::EIO });
         return Err(Step::Offsets);

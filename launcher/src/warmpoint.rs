@@ -203,6 +203,9 @@ impl Verdict {
             Verdict::Listen => (libc::PTRACE_LISTEN, 0),
             _ => return Ok(()),
         };
+        // SAFETY: PTRACE_CONT/PTRACE_LISTEN take no pointer (`data` is a signal number);
+        // the kernel checks that `tid` is our stopped tracee and fails with ESRCH
+        // otherwise.
         let r = unsafe { libc::ptrace(req, tid, 0usize, sig as usize) };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -340,6 +343,8 @@ impl NotifyParser {
 pub fn notify_reply(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
     let mut done = 0;
     while done < msg.len() {
+        // SAFETY: the pointer and length describe `msg[done..]`, a live initialised slice
+        // that `send` only reads.
         let n = unsafe {
             libc::send(
                 fd.as_raw_fd(),
@@ -373,10 +378,7 @@ pub struct NotifyChannel {
 }
 
 fn fstat_id(fd: RawFd) -> io::Result<(u64, u64)> {
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let st = nix::sys::stat::fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -388,21 +390,17 @@ impl NotifyChannel {
 
     /// Create the socketpair (both ends close-on-exec in the monitor).
     pub fn new() -> io::Result<Self> {
-        let mut fds = [-1; 2];
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let (launcher, app) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        unsafe { libc::fcntl(launcher.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+        let (launcher, app) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        nix::fcntl::fcntl(
+            launcher.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
         let app_id = fstat_id(app.as_raw_fd())?;
         Ok(NotifyChannel {
             launcher,
@@ -423,6 +421,9 @@ impl NotifyChannel {
     pub fn install_in_child(&self) -> bool {
         let Some(app) = &self.app else { return false };
         let fd = app.as_raw_fd();
+        // SAFETY: `fcntl(F_SETFD)` and `dup2` take integers only and are async-signal-safe
+        // (this runs in the app child); `fd` is our open app end, borrowed from `self`, and
+        // NOTIFY_FD is reserved for it in the app.
         unsafe {
             if fd == NOTIFY_FD {
                 return libc::fcntl(fd, libc::F_SETFD, 0) == 0;
@@ -466,11 +467,8 @@ impl NotifyChannel {
 
     /// Is `fd` of process `pid` the app end of this channel?
     pub fn is_app_end(&self, pid: i32, fd: i32) -> bool {
-        let Ok(c) = CString::new(format!("/proc/{pid}/fd/{fd}")) else {
-            return false;
-        };
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        unsafe { libc::stat(c.as_ptr(), &mut st) == 0 && (st.st_dev, st.st_ino) == self.app_id }
+        nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str())
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == self.app_id)
     }
 }
 
@@ -486,6 +484,8 @@ pub struct SdNotifySocket {
 }
 
 fn unix_addr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: `sockaddr_un` is a plain C struct; all-zero bytes are valid (and leave
+    // `sun_path` NUL-filled).
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     if path.len() >= a.sun_path.len() {
@@ -503,6 +503,7 @@ fn unix_addr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 
 impl SdNotifySocket {
     fn bind_raw(name: &[u8]) -> io::Result<OwnedFd> {
+        // SAFETY: integer arguments only.
         let fd = unsafe {
             libc::socket(
                 libc::AF_UNIX,
@@ -513,8 +514,11 @@ impl SdNotifySocket {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let (a, len) = unix_addr(name)?;
+        // SAFETY: `a` is a live `sockaddr_un` and `len` (family + path, checked shorter
+        // than `sun_path`) does not exceed its size.
         if unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) } != 0
         {
             return Err(io::Error::last_os_error());
@@ -528,6 +532,8 @@ impl SdNotifySocket {
         let mut t = CString::new(tmpl.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in TMPDIR"))?
             .into_bytes_with_nul();
+        // SAFETY: `t` is a writable, NUL-terminated buffer ending in `XXXXXX`, which
+        // `mkdtemp` rewrites in place without changing its length.
         if unsafe { libc::mkdtemp(t.as_mut_ptr() as *mut libc::c_char) }.is_null() {
             return Err(io::Error::last_os_error());
         }
@@ -598,6 +604,8 @@ fn drain(
     mut feed: impl FnMut(&[u8]) -> Result<bool, WarmPointError>,
 ) -> Result<(), WarmPointError> {
     loop {
+        // SAFETY: the pointer and length describe `buf`, a live writable slice; `recv`
+        // writes at most `buf.len()` bytes.
         let n = unsafe {
             libc::recv(
                 fd.as_raw_fd(),
@@ -645,6 +653,8 @@ pub fn interrupt_all(pid: i32) -> io::Result<()> {
 
 /// `PTRACE_INTERRUPT` one thread (`ESRCH`: gone, ignored).
 pub fn interrupt(tid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_INTERRUPT takes no pointer; the kernel checks that `tid` is our
+    // tracee.
     let r = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -656,7 +666,10 @@ pub fn interrupt(tid: i32) -> io::Result<()> {
 }
 
 fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
+    // SAFETY: `user_regs_struct` is plain integers; all-zero bytes are valid.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: PTRACE_GETREGS writes one `user_regs_struct` to `data`, which points at the
+    // live local `regs` of that type.
     let r = unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -666,6 +679,8 @@ fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
 
 fn geteventmsg(tid: i32) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
+    // SAFETY: PTRACE_GETEVENTMSG writes one `c_ulong` to `data`, which points at the live
+    // local `msg`.
     let r = unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, tid, 0usize, &mut msg as *mut _) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -684,6 +699,9 @@ fn read_mem(tid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
         iov_base: addr as *mut libc::c_void,
         iov_len: len,
     };
+    // SAFETY: `local` describes `out`, a live buffer of `len` bytes we own; `remote` is an
+    // address in the tracee, which the kernel reads through its page tables (a bad address
+    // is EFAULT, never a read of our memory).
     let n = unsafe { libc::process_vm_readv(tid, &local, 1, &remote, 1, 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -698,23 +716,15 @@ pub fn is_listening_socket(pidfd: BorrowedFd<'_>, fd: i32) -> bool {
     if fd < 0 {
         return false;
     }
+    // SAFETY: integer arguments only; on success the result is a new descriptor in our
+    // table.
     let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
     if copy < 0 {
         return false;
     }
+    // SAFETY: `pidfd_getfd` succeeded, so `copy` is a new descriptor owned by nothing else.
     let copy = unsafe { OwnedFd::from_raw_fd(copy as RawFd) };
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let r = unsafe {
-        libc::getsockopt(
-            copy.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            &mut v as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    r == 0 && v != 0
+    nix::sys::socket::getsockopt(&copy, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false)
 }
 
 /// The fds watched by epoll fd `epfd` of `pid` (`tfd:` lines of its fdinfo).
@@ -1072,21 +1082,30 @@ pub fn wait_event(
     let mut tick = Duration::from_millis(1);
     loop {
         let blocking = deadline.is_none() && fd.is_none();
+        // SAFETY: `siginfo_t` is a plain C struct; all-zero bytes are valid (and `si_pid` 0
+        // means "nothing" after a WNOHANG `waitid`).
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let mut flags =
             libc::WEXITED | libc::WSTOPPED | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
         if !blocking {
             flags |= libc::WNOHANG;
         }
+        // SAFETY: `info` is a live, writable `siginfo_t`.
         if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: `waitid` succeeded, so `info` is either still zeroed (WNOHANG, nothing to
+        // report) or a SIGCHLD `siginfo_t`, whose `si_pid` field is the one the kernel
+        // filled.
         let who = unsafe { info.si_pid() };
         if who == init_pid {
             return Ok(WaitEvent::SandboxExited);
         }
         if who > 0 {
             let mut status = 0;
+            // SAFETY: `status` is a live local. `who` is our child or tracee, just reported
+            // by `waitid` with WNOWAIT, so it has not been reaped and its pid cannot have
+            // been reused.
             let r = unsafe {
                 libc::waitpid(
                     who,
@@ -1115,6 +1134,7 @@ pub fn wait_event(
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: `p` is one live `pollfd` (a negative fd is ignored by the kernel).
         let n = unsafe { libc::poll(&mut p, 1, wait.as_millis().max(1) as i32) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -1126,27 +1146,29 @@ pub fn wait_event(
     }
 }
 
-/// Kill the sandbox and reap it, reaping the exits of *every* tracee of the calling
-/// thread on the way (use it instead of `Sandbox::kill` + `wait` / drop when the app had
-/// several traced threads: a dying pid namespace's init waits until the tracer has reaped
-/// each traced thread, and `Sandbox::wait` reaps only the leader, so it would hang).
-/// Returns init's exit code.
 pub fn kill_and_reap(sb: &crate::Sandbox) -> Result<i32, LaunchError> {
     sb.kill()?;
     loop {
         if let Some(code) = sb.try_wait()? {
             return Ok(code);
         }
+        // SAFETY: `siginfo_t` is a plain C struct; all-zero bytes are valid (and `si_pid` 0
+        // means "nothing").
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let flags =
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL | libc::__WNOTHREAD;
+        // SAFETY: `info` is a live, writable `siginfo_t`.
         let who = if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } == 0 {
+            // SAFETY: `waitid` succeeded, so `info` is zeroed or a SIGCHLD `siginfo_t`,
+            // whose `si_pid` the kernel filled.
             unsafe { info.si_pid() }
         } else {
             0
         };
         if who > 0 && who != sb.init_pid {
             let mut st = 0;
+            // SAFETY: `st` is a live local; `who` was just reported (WNOWAIT) and not
+            // reaped, so the pid is still our tracee's.
             unsafe {
                 libc::waitpid(
                     who,

@@ -10,7 +10,7 @@
 //! A registered file no fd of the process reaches is refused.
 
 use std::collections::HashSet;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{bail, Result};
 use warmstart_snapshots::model::{EpollTarget, Fd, FileDesc, Process};
@@ -81,6 +81,8 @@ fn registered_file_is(pid: i32, efd: i32, tfd: i32, fd: i32) -> bool {
         tfd: tfd as u32,
         toff: 0,
     };
+    // SAFETY: `slot` is a live `struct kcmp_epoll_slot` (three u32s, `repr(C)`), which the
+    // kernel only reads; the other arguments are integers.
     let r = unsafe {
         libc::syscall(
             libc::SYS_kcmp,
@@ -133,10 +135,14 @@ pub fn install_order(p: &Process) -> Result<Vec<&Fd>> {
 
 pub fn restore(ins: &mut Installer, flags: i32, targets: &[EpollTarget]) -> Result<RawFd> {
     let _ = flags; // epoll files have no status flags worth restoring
+
+    // SAFETY: integer arguments only; the fd returned is owned right below.
     let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if fd < 0 {
         return Err(errno_err("epoll_create1"));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = ins.keep_high(fd)?;
     let late: Vec<i32> = if ins.parked {
         super::late_places(ins.m, ins.p)
@@ -185,6 +191,8 @@ fn add_via(
     } else {
         None
     };
+    // SAFETY: integer arguments only. `num` is one of the app's fd numbers: what held it
+    // (if anything) was moved aside above, so replacing it loses nothing.
     if unsafe { libc::dup3(via, num, 0) } < 0 {
         return Err(errno_err(format!(
             "putting fd {via} at {num} for its epoll registration"
@@ -193,6 +201,7 @@ fn add_via(
     let added = add();
     match aside {
         Some(a) => {
+            // SAFETY: integer arguments only: the saved copy `a` goes back to `num`.
             if unsafe {
                 libc::dup3(
                     a,
@@ -208,6 +217,8 @@ fn add_via(
                 return Err(errno_err(format!("putting fd {num} back")));
             }
         }
+        // SAFETY: `num` now holds only the temporary duplicate of `via` made above (it was
+        // free before), which nothing else refers to.
         None => unsafe {
             libc::close(num);
         },

@@ -2,7 +2,7 @@
 //! come from fdinfo. Restore creates it at 0 and writes the count (the initial value of
 //! `eventfd()` is only 32 bits wide).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Result};
 use warmstart_snapshots::model::FileDesc;
@@ -37,18 +37,22 @@ pub fn restore(ins: &mut Installer, count: u64, semaphore: bool, flags: i32) -> 
     if flags & libc::O_NONBLOCK != 0 {
         efd_flags |= libc::EFD_NONBLOCK;
     }
+    // SAFETY: integer arguments only; the fd returned is owned
+    // right below.
     let fd = unsafe { libc::eventfd(0, efd_flags) };
     if fd < 0 {
         return Err(errno_err("eventfd"));
     }
-    let fd = ins.keep_high(fd)?;
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if count > 0 {
-        let n = unsafe { libc::write(fd, (&count as *const u64).cast(), 8) };
+        // SAFETY: the buffer is `count`, a live u64, and the length is its 8 bytes.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&count as *const u64).cast(), 8) };
         if n != 8 {
             return Err(errno_err(format!("setting the eventfd count to {count}")));
         }
     }
-    Ok(fd)
+    ins.keep_high(fd)
 }
 
 #[cfg(test)]

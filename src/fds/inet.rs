@@ -25,7 +25,7 @@
 //!   way. A connection attempt that failed with an error the app has not read is refused.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -210,6 +210,9 @@ fn pending_error(fd: &OwnedFd) -> Result<bool> {
 fn tcp_info(fd: &OwnedFd) -> Result<TcpInfo> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is a live 256-byte buffer and `len` says so; the kernel writes at most
+    // `len` bytes (and lowers `len`), and fields are read from the buffer only within its
+    // 256 bytes.
     if unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -232,9 +235,12 @@ fn tcp_info(fd: &OwnedFd) -> Result<TcpInfo> {
 
 /// `getsockname` (or `getpeername`); `None` when not connected.
 fn sockname(fd: &OwnedFd, peer: bool) -> Result<Option<SocketAddr>> {
+    // SAFETY: `sockaddr_storage` is a plain C struct; all-zero bytes are valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    // SAFETY: `p` points at `ss`, a live `sockaddr_storage`, and `len` is its size, so the
+    // kernel writes at most that many bytes.
     let r = unsafe {
         if peer {
             libc::getpeername(fd.as_raw_fd(), p, &mut len)
@@ -255,6 +261,9 @@ fn sockname(fd: &OwnedFd, peer: bool) -> Result<Option<SocketAddr>> {
 fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as i32 {
         libc::AF_INET => {
+            // SAFETY: `ss_family` is AF_INET, so the storage holds a `sockaddr_in`;
+            // `sockaddr_storage` is larger than and aligned for every sockaddr type, and
+            // the reference borrows `ss`.
             let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
@@ -262,6 +271,9 @@ fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             )))
         }
         libc::AF_INET6 => {
+            // SAFETY: `ss_family` is AF_INET6, so the storage holds a `sockaddr_in6`;
+            // `sockaddr_storage` is larger than and aligned for every sockaddr type, and
+            // the reference borrows `ss`.
             let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(a.sin6_addr.s6_addr),
@@ -275,10 +287,14 @@ fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: `sockaddr_storage` is a plain C struct; all-zero bytes are valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {
         SocketAddr::V4(v4) => {
             let s: &mut libc::sockaddr_in =
+                // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in`,
+                // a plain C struct valid for any bytes; the reference is the only access to
+                // `ss` while it lives.
                 unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
             s.sin_family = libc::AF_INET as libc::sa_family_t;
             s.sin_port = v4.port().to_be();
@@ -287,6 +303,9 @@ fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
         SocketAddr::V6(v6) => {
             let s: &mut libc::sockaddr_in6 =
+                // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in6`,
+                // a plain C struct valid for any bytes; the reference is the only access to
+                // `ss` while it lives.
                 unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
             s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             s.sin6_port = v6.port().to_be();
@@ -301,10 +320,12 @@ fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
     let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
+    // SAFETY: integer arguments only; the fd returned is owned right below.
     let fresh = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
     if fresh < 0 {
         return Err(errno_err("creating a socket to compare buffer sizes"));
     }
+    // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
     let fresh = unsafe { OwnedFd::from_raw_fd(fresh) };
     let buf = |opt| -> Result<Option<u32>> {
         let v = getsockopt_int(fd, libc::SOL_SOCKET, opt)?;
@@ -533,7 +554,7 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut o = l.options;
     o.v6only &= family == libc::AF_INET6;
-    set_options(fd.as_raw_fd(), &o)?;
+    set_options(fd.as_fd(), &o)?;
     let (ss, len) = to_storage(&to);
     // SAFETY: `ss` is a sockaddr of `len` bytes that lives across the call.
     if unsafe {
@@ -555,7 +576,7 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
         return Err(errno_err(format!("listen on {to}")));
     }
     // The app's own status flags (O_NONBLOCK), on the open file description it gets.
-    super::set_status_flags(fd.as_raw_fd(), l.flags)?;
+    super::set_status_flags(fd.as_fd(), l.flags)?;
     Ok(fd)
 }
 
@@ -617,23 +638,34 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             options,
             flags,
         } => {
+            // SAFETY: integer arguments only; the fd returned is owned
+            // right below.
             let fd = unsafe { libc::socket(*family, sock_type | libc::SOCK_CLOEXEC, *protocol) };
             if fd < 0 {
                 return Err(errno_err("socket"));
             }
-            let fd = ins.keep_high(fd)?;
+            // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             if ins.parked && listen.is_some() && *sock_type == libc::SOCK_STREAM {
                 // A parked instance holds an unbound placeholder: the listener (bound at
                 // the recorded address or the run's --listen) arrives when it is handed
                 // out (`crate::fds::late_places`), and the port stays free meanwhile.
-                super::set_status_flags(fd, *flags)?;
-                return Ok(fd);
+                super::set_status_flags(fd.as_fd(), *flags)?;
+                return ins.keep_high(fd);
             }
-            set_options(fd, options)?;
+            set_options(fd.as_fd(), options)?;
             let local_addr = parse_addr(local)?;
             if local_addr.port() != 0 || !local_addr.ip().is_unspecified() {
                 let (ss, len) = to_storage(&local_addr);
-                if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } < 0
+                // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
+                // across the call.
+                if unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        (&ss as *const libc::sockaddr_storage).cast(),
+                        len,
+                    )
+                } < 0
                 {
                     let e = std::io::Error::last_os_error();
                     if e.raw_os_error() == Some(libc::EADDRINUSE) {
@@ -646,22 +678,30 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 }
             }
             if let Some(backlog) = listen {
-                if unsafe { libc::listen(fd, *backlog as i32) } < 0 {
+                // SAFETY: integer arguments only, on the socket `fd` we own.
+                if unsafe { libc::listen(fd.as_raw_fd(), *backlog as i32) } < 0 {
                     return Err(errno_err(format!("listen on {local}")));
                 }
             }
             if let Some(peer) = peer {
                 let (ss, len) = to_storage(&parse_addr(peer)?);
-                if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }
-                    < 0
+                // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
+                // across the call.
+                if unsafe {
+                    libc::connect(
+                        fd.as_raw_fd(),
+                        (&ss as *const libc::sockaddr_storage).cast(),
+                        len,
+                    )
+                } < 0
                 {
                     return Err(errno_err(format!(
                         "connecting UDP socket {local} to {peer}"
                     )));
                 }
             }
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         FileDesc::TcpEnded {
             family,
@@ -669,21 +709,19 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             flags,
         } => {
             let fd = ended_connection(*family, *reset).context("making an ended TCP connection")?;
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         FileDesc::TcpClosed { family, flags, .. } => {
             let fd = ended_connection(*family, true).context("making a reset TCP connection")?;
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
-            super::set_status_flags(fd, *flags)?;
-            Ok(fd)
+            super::set_status_flags(fd.as_fd(), *flags)?;
+            ins.keep_high(fd)
         }
         _ => unreachable!("inet::restore called for {file:?}"),
     }
 }
 
-fn set_options(fd: RawFd, o: &SockOptions) -> Result<()> {
+fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
     let flag = |level, opt, on: bool, name| {
         if on {
             setsockopt_int(fd, level, opt, 1, name)
@@ -747,10 +785,12 @@ fn set_options(fd: RawFd, o: &SockOptions) -> Result<()> {
 /// the peer (`reset`), or closed with FINs both ways, the socket left in state CLOSE.
 fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     let sock = || -> Result<OwnedFd> {
+        // SAFETY: integer arguments only; the fd returned is owned right below.
         let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(errno_err("socket"));
         }
+        // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
     let loopback = if family == libc::AF_INET6 {
@@ -760,6 +800,8 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     };
     let listener = sock()?;
     let (ss, len) = to_storage(&loopback);
+    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call;
+    // `listen` takes integers only. Both act on `listener`, which we own.
     if unsafe {
         libc::bind(
             listener.as_raw_fd(),
@@ -767,6 +809,7 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
             len,
         )
     } < 0
+        // SAFETY: integer arguments only, on the socket `listener` we own.
         || unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0
     {
         return Err(errno_err(format!("listening on {loopback}")));
@@ -774,6 +817,7 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     let addr = sockname(&listener, false)?.ok_or_else(|| anyhow!("listener has no address"))?;
     let client = sock()?;
     let (ss, len) = to_storage(&addr);
+    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
     if unsafe {
         libc::connect(
             client.as_raw_fd(),
@@ -784,6 +828,7 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     {
         return Err(errno_err(format!("connecting to {addr}")));
     }
+    // SAFETY: null address pointers are allowed (the peer's address is not wanted).
     let accepted = unsafe {
         libc::accept4(
             listener.as_raw_fd(),
@@ -795,6 +840,7 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     if accepted < 0 {
         return Err(errno_err("accept"));
     }
+    // SAFETY: `accept4` succeeded: a new descriptor owned by nothing else.
     let accepted = unsafe { OwnedFd::from_raw_fd(accepted) };
     drop(listener);
     if !reset {
@@ -825,6 +871,8 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
         l_onoff: 1,
         l_linger: 0,
     };
+    // SAFETY: the option value points at `linger`, a live `libc::linger`, and the length
+    // given is its size.
     if unsafe {
         libc::setsockopt(
             accepted.as_raw_fd(),
@@ -858,6 +906,7 @@ mod tests {
     fn reset_connection_reads_econnreset() {
         let fd = ended_connection(libc::AF_INET, true).unwrap();
         let mut b = [0u8; 4];
+        // SAFETY: `b` is a live 4-byte buffer and the length is 4.
         let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
         let e = std::io::Error::last_os_error();
         assert!(
@@ -874,8 +923,10 @@ mod tests {
         assert!(info.rcv_mss > 0, "it counts as once established");
         assert!(!pending_error(&fd).unwrap());
         let mut b = [0u8; 4];
+        // SAFETY: `b` is a live 4-byte buffer and the length is 4.
         let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
         assert_eq!(n, 0, "EOF: {}", std::io::Error::last_os_error());
+        // SAFETY: `b` is a live buffer of at least 1 byte, which `send` only reads.
         let n = unsafe { libc::send(fd.as_raw_fd(), b.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
         assert_eq!(
             (n, std::io::Error::last_os_error().raw_os_error()),

@@ -19,7 +19,7 @@
 //! would be lost: an inotify with events queued is refused. Inotify fds are restored
 //! after the process's other fds are in place (watches through them need them).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{FileDesc, InotifyWatch};
@@ -77,6 +77,8 @@ fn parse(info: &FdInfo) -> Result<Vec<RawWatch>> {
 pub fn dump(t: &Target) -> Result<FileDesc> {
     let copy = t.copy()?;
     let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one `c_int` to the pointer given, the live local `queued`;
+    // `copy` is ours.
     if unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0 && queued > 0 {
         return Err(t.refuse(format_args!(
             "an inotify instance with {queued} bytes of unread events"
@@ -151,6 +153,8 @@ fn resolve(w: &RawWatch) -> Result<Resolved> {
     let (_, mount_point) = mounts
         .first()
         .ok_or_else(|| anyhow!("no mount of device {major}:{minor}"))?;
+    // SAFETY: the path is a NUL-terminated temporary that lives until the end of the
+    // statement, i.e. across the call; the fd returned is owned right below.
     let mfd = unsafe {
         libc::open(
             cstr(mount_point)?.as_ptr(),
@@ -160,12 +164,16 @@ fn resolve(w: &RawWatch) -> Result<Resolved> {
     if mfd < 0 {
         return Err(errno_err(format!("opening mount point {mount_point}")));
     }
+    // SAFETY: `open` succeeded: a new descriptor owned by nothing else.
     let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
     // struct file_handle { u32 handle_bytes; int handle_type; unsigned char f_handle[]; }
     let mut fh = Vec::with_capacity(8 + w.handle.len());
     fh.extend_from_slice(&(w.handle.len() as u32).to_ne_bytes());
     fh.extend_from_slice(&w.handle_type.to_ne_bytes());
     fh.extend_from_slice(&w.handle);
+    // SAFETY: `fh` is a `struct file_handle` laid out by hand (u32 `handle_bytes`, int
+    // `handle_type`, then exactly `handle_bytes` bytes), live across the call; the kernel
+    // reads `handle_bytes` first and no more than that after the header.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_by_handle_at,
@@ -177,6 +185,7 @@ fn resolve(w: &RawWatch) -> Result<Resolved> {
     if fd < 0 {
         return Err(errno_err("open_by_handle_at (needs CAP_DAC_READ_SEARCH)"));
     }
+    // SAFETY: `open_by_handle_at` succeeded: a new descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     let path = path.to_string_lossy().into_owned();
@@ -191,17 +200,19 @@ fn resolve(w: &RawWatch) -> Result<Resolved> {
 
 pub fn restore(ins: &mut Installer, flags: i32, watches: &[InotifyWatch]) -> Result<RawFd> {
     let fd = create(ins)?;
-    add_watches(fd, flags, watches)?;
+    add_watches(ins.fd(fd)?, flags, watches)?;
     Ok(fd)
 }
 
 /// A new inotify instance without watches, non-blocking until [`add_watches`].
 pub fn create(ins: &mut Installer) -> Result<RawFd> {
-    // SAFETY: a plain syscall; the fd it returns is taken over by keep_high.
+    // SAFETY: a plain syscall; the fd returned is owned right below.
     let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd < 0 {
         return Err(errno_err("inotify_init1"));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     ins.keep_high(fd)
 }
 
@@ -210,25 +221,31 @@ pub fn create(ins: &mut Installer) -> Result<RawFd> {
 /// once the restore's other opens of that inode are closed, since closing the last
 /// reference to one of its names (an `O_TMPFILE` one, say) drops every watch of a deleted
 /// inode.
-pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()> {
+pub fn add_watches(fd: BorrowedFd<'_>, flags: i32, watches: &[InotifyWatch]) -> Result<()> {
+    let raw = fd.as_raw_fd();
     let mut next = 1;
     for w in watches {
         // Skip the wds of watches removed before the dump.
         while next < w.wd {
+            // SAFETY: a static NUL-terminated path; `fd` is the inotify instance being
+            // restored. The watch made is removed at once.
             let burn = unsafe {
                 libc::inotify_add_watch(
-                    fd,
+                    raw,
                     c"/".as_ptr(),
                     libc::IN_DELETE_SELF | libc::IN_MASK_CREATE,
                 )
             };
-            if burn < 0 || unsafe { libc::inotify_rm_watch(fd, burn) } < 0 {
+            // SAFETY: integer arguments only.
+            if burn < 0 || unsafe { libc::inotify_rm_watch(raw, burn) } < 0 {
                 return Err(errno_err(format!("skipping inotify wd {next}")));
             }
             // Removing a watch queues an IN_IGNORED event for it: read it (one event
             // without a name fits the buffer exactly) so the app never sees it.
             let mut ev = [0u8; std::mem::size_of::<libc::inotify_event>()];
-            unsafe { libc::read(fd, ev.as_mut_ptr().cast(), ev.len()) };
+            // SAFETY: `ev` is a live buffer of `ev.len()` bytes; a failed read (no event)
+            // is harmless.
+            unsafe { libc::read(raw, ev.as_mut_ptr().cast(), ev.len()) };
             next = burn + 1;
         }
         let (path, mask) = match w.via_fd {
@@ -240,7 +257,7 @@ pub fn add_watches(fd: RawFd, flags: i32, watches: &[InotifyWatch]) -> Result<()
             None => (cstr(&w.path)?, w.mask),
         };
         // SAFETY: `path` is a NUL-terminated string that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) };
+        let wd = unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) };
         if wd < 0 {
             let how = match w.via_fd {
                 Some(n) => format!(" (deleted; through fd {n})"),
@@ -287,10 +304,14 @@ mod tests {
     #[test]
     fn resolves_a_watch_of_our_own() {
         let dir = tempfile::tempdir().unwrap();
+        // SAFETY: integer arguments only; the fd returned is owned right below.
         let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
         assert!(fd >= 0);
+        // SAFETY: `inotify_init1` succeeded (asserted): a new descriptor owned by nothing
+        // else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let p = cstr(dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: `p` is a NUL-terminated path that lives across the call; `fd` is ours.
         let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), p.as_ptr(), libc::IN_CREATE) };
         assert_eq!(wd, 1);
         let text =

@@ -90,6 +90,8 @@ pub fn restore(m: &Manifest, p: &Process) -> Result<()> {
             l.len
         );
         let r = match l.kind {
+            // SAFETY: integer arguments only; `l.fd` has been placed by the fd table
+            // restore.
             LockKind::Flock => unsafe {
                 libc::flock(
                     l.fd,
@@ -101,6 +103,7 @@ pub fn restore(m: &Manifest, p: &Process) -> Result<()> {
                 )
             },
             LockKind::Posix | LockKind::Ofd => {
+                // SAFETY: `libc::flock` is a plain C struct; all-zero bytes are valid.
                 let mut fl: libc::flock = unsafe { std::mem::zeroed() };
                 fl.l_type = if l.write {
                     libc::F_WRLCK
@@ -115,6 +118,8 @@ pub fn restore(m: &Manifest, p: &Process) -> Result<()> {
                 } else {
                     libc::F_OFD_SETLK
                 };
+                // SAFETY: the lock commands read one `struct flock` from the pointer, which
+                // is `fl`, live across the call.
                 unsafe { libc::fcntl(l.fd, cmd, &fl) }
             }
         };

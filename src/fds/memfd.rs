@@ -8,7 +8,7 @@
 //! mappings (`Manifest::shared_files`, see `dump::shared_files`): its fds become
 //! `FileDesc::SharedFile` and its contents go through the page store.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::Result;
@@ -29,6 +29,7 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
         Some(meta) if super::mapped_by(t.pid, meta) => Vec::new(),
         _ => read_contents(&copy, size, &t.context())?,
     };
+    // SAFETY: F_GET_SEALS takes no pointer; `copy` is ours.
     let seals = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
         return Err(errno_err(format!("F_GET_SEALS of {}", t.context())));
@@ -60,19 +61,25 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         unreachable!("memfd::restore called for {file:?}")
     };
     let c = cstr(name)?;
+    // SAFETY: `c` is a NUL-terminated name that lives across the call; the fd returned
+    // is owned right below.
     let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(errno_err(format!("memfd_create({name})")));
     }
-    let fd = ins.keep_high(fd)?;
-    super::write_all(fd, data, &format!("the contents of memfd {name}"))?;
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    super::write_all(fd.as_fd(), data, &format!("the contents of memfd {name}"))?;
     // Before the seals: F_SEAL_EXEC forbids changing the exec bits.
-    super::set_owner(fd, owner, &format!("memfd {name}"))?;
-    if *seals != 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, *seals) } < 0 {
+    super::set_owner(fd.as_fd(), owner, &format!("memfd {name}"))?;
+    // SAFETY: F_ADD_SEALS takes an integer argument; `fd` is ours.
+    if *seals != 0 && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, *seals) } < 0 {
         return Err(errno_err(format!("sealing memfd {name} with {seals:#x}")));
     }
+    let fd = ins.keep_high(fd)?;
     let fd = super::regular::reopen(ins, fd, *flags)?;
-    if unsafe { libc::lseek(fd, *pos, libc::SEEK_SET) } < 0 {
+    // SAFETY: integer arguments only, on a temporary of this installer.
+    if unsafe { libc::lseek(ins.fd(fd)?.as_raw_fd(), *pos, libc::SEEK_SET) } < 0 {
         return Err(errno_err(format!("seeking memfd {name} to {pos}")));
     }
     Ok(fd)

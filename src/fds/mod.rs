@@ -50,7 +50,7 @@ pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -586,8 +586,14 @@ pub struct Installer<'a> {
     pub m: &'a Manifest,
     pub p: &'a Process,
     pub high: RawFd,
-    /// Fds created here (all >= `high`), closed once the table is built.
-    temps: Vec<RawFd>,
+    /// Fds created here (all >= `high`), closed once the table is built (or when the
+    /// installer is dropped on an error). The maps below hold the numbers of these, or of
+    /// `borrowed` ones; [`Installer::fd`] lends either by number.
+    temps: HashMap<RawFd, OwnedFd>,
+    /// Fds the installer uses but does not own: the caller's stdio copies, the listeners
+    /// given, and what the root made for the tree ([`Inherited`]), all open for as long as
+    /// the installer lives.
+    borrowed: HashMap<RawFd, BorrowedFd<'a>>,
     pub pipes: HashMap<u64, (RawFd, RawFd)>,
     pub unix_pairs: HashMap<u64, (RawFd, RawFd)>,
     /// Parked restore: epolls do not watch the stdio placeholders yet
@@ -605,18 +611,65 @@ pub struct Installer<'a> {
     pub ptys: HashMap<u32, RawFd>,
 }
 
-impl Installer<'_> {
-    /// Moves a freshly created fd above the app's highest fd (creation may not reuse a
-    /// number before it is placed) and remembers to close it at the end.
-    pub fn keep_high(&mut self, fd: RawFd) -> Result<RawFd> {
-        if fd >= self.high {
-            self.temps.push(fd);
-            return Ok(fd);
+impl<'a> Installer<'a> {
+    /// An installer for `p` with nothing made yet, borrowing `borrowed`.
+    ///
+    /// # Safety
+    /// Every number in `borrowed` is an open fd of this process that stays open, and is
+    /// not closed by anyone else, for as long as the installer lives.
+    unsafe fn new(
+        m: &'a Manifest,
+        p: &'a Process,
+        high: RawFd,
+        parked: bool,
+        borrowed: impl IntoIterator<Item = RawFd>,
+    ) -> Self {
+        Installer {
+            m,
+            p,
+            high,
+            temps: HashMap::new(),
+            borrowed: borrowed
+                .into_iter()
+                .filter(|&fd| fd >= 0)
+                // SAFETY: open for the installer's life, as the caller guarantees.
+                .map(|fd| (fd, unsafe { BorrowedFd::borrow_raw(fd) }))
+                .collect(),
+            pipes: HashMap::new(),
+            unix_pairs: HashMap::new(),
+            parked,
+            files: HashMap::new(),
+            file_opens: HashMap::new(),
+            listeners: HashMap::new(),
+            ptys: HashMap::new(),
         }
-        let h = dup_high(fd, self.high)?;
-        unsafe { libc::close(fd) };
-        self.temps.push(h);
-        Ok(h)
+    }
+
+    /// The fd numbered `n`, one the installer made ([`Installer::keep_high`]) or borrows:
+    /// the only way from a number in its maps to an fd to act on.
+    pub fn fd(&self, n: RawFd) -> Result<BorrowedFd<'_>> {
+        match (self.temps.get(&n), self.borrowed.get(&n)) {
+            (Some(t), _) => Ok(t.as_fd()),
+            (None, Some(&b)) => Ok(b),
+            (None, None) => Err(anyhow!(
+                "fd {n} is none the restore made or was given (a bug)"
+            )),
+        }
+    }
+
+    /// Takes over a freshly created fd, moved above the app's highest fd (creation may
+    /// not reuse a number before it is placed; a low original is closed once duplicated),
+    /// and returns its number, which stays open as long as the installer holds it: until
+    /// the table is built.
+    pub fn keep_high(&mut self, fd: OwnedFd) -> Result<RawFd> {
+        let fd = if fd.as_raw_fd() >= self.high {
+            fd
+        } else {
+            dup_high(fd.as_raw_fd(), self.high)?
+        };
+        let raw = fd.as_raw_fd();
+        self.temps.insert(raw, fd);
+        Ok(raw)
     }
 }
 
@@ -673,19 +726,18 @@ pub fn prepare_shared(
     let Some(&root) = live.first() else {
         return Ok(Inherited::default());
     };
-    let mut ins = Installer {
-        m,
-        p: root,
-        high,
-        temps: Vec::new(),
-        pipes: HashMap::new(),
-        unix_pairs: HashMap::new(),
-        parked: false,
-        files: HashMap::new(),
-        file_opens: HashMap::new(),
-        listeners: listeners.clone(),
-        ptys: HashMap::new(),
+    // SAFETY: the caller's stdio copies and the listeners given are open fds of this
+    // process (`restore::child` made them) that it closes only after the tree exists.
+    let mut ins = unsafe {
+        Installer::new(
+            m,
+            root,
+            high,
+            false,
+            stdio.iter().chain(listeners.values()).copied(),
+        )
     };
+    ins.listeners = listeners.clone();
     // Deleted files and memfds first (with every open of them): a shared open of one is
     // made from it below.
     let mut objects: BTreeMap<u64, BTreeMap<u32, i32>> = BTreeMap::new();
@@ -710,7 +762,7 @@ pub fn prepare_shared(
         let opens: Vec<(u32, i32)> = opens.into_iter().collect();
         let (fd, made) = shared_file::create(obj, &opens)
             .with_context(|| format!("recreating {} ({} bytes)", obj.path, obj.size))?;
-        let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
+        let fd = ins.keep_high(fd)?;
         ins.files.insert(id, fd);
         for (ofd, fd) in made {
             let fd = ins.keep_high(fd)?;
@@ -808,9 +860,12 @@ pub fn prepare_shared(
         files: ins.files,
         file_opens: ins.file_opens,
         ptys: ins.ptys,
+        // Handed over as numbers: every process of the tree has a copy and closes its own
+        // (`install`, or `restore::child` for the shmem and file objects).
         fds: ins
             .temps
-            .into_iter()
+            .into_values()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
             .filter(|fd| !kept.contains(fd))
             .chain(listeners.values().copied())
             .collect(),
@@ -822,7 +877,9 @@ pub fn prepare_shared(
 /// `MAP_SHARED | MAP_ANONYMOUS` once, then opened through `/proc/self/map_files`, so each
 /// process that maps the fd shows the same `/dev/zero (deleted)` mapping as at dump
 /// (a memfd would show as `/memfd:...`).
-fn shmem_object(size: u64) -> Result<RawFd> {
+fn shmem_object(size: u64) -> Result<OwnedFd> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing: no existing
+    // memory is touched.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -842,6 +899,8 @@ fn shmem_object(size: u64) -> Result<RawFd> {
         libc::O_RDWR,
         0,
     );
+    // SAFETY: `addr`/`size` are exactly the mapping made above, which nothing else refers
+    // to (the fd opened through `map_files` keeps the object alive on its own).
     unsafe { libc::munmap(addr, size as usize) };
     fd
 }
@@ -925,19 +984,25 @@ pub fn install(
     inherited: &Inherited,
     parked: bool,
 ) -> Result<()> {
-    let mut ins = Installer {
-        m,
-        p,
-        high,
-        temps: Vec::new(),
-        pipes: inherited.pipes.clone(),
-        unix_pairs: inherited.unix_pairs.clone(),
-        parked,
-        files: inherited.files.clone(),
-        file_opens: inherited.file_opens.clone(),
-        listeners: inherited.listeners.clone(),
-        ptys: inherited.ptys.clone(),
-    };
+    let i = inherited;
+    let numbers = (i.ofds.values().copied())
+        .chain(i.pipes.values().flat_map(|&(r, w)| [r, w]))
+        .chain(i.unix_pairs.values().flat_map(|&(a, b)| [a, b]))
+        .chain(i.files.values().copied())
+        .chain(i.file_opens.values().copied())
+        .chain(i.listeners.values().copied())
+        .chain(i.ptys.values().copied())
+        .chain(stdio.iter().copied());
+    // SAFETY: `stdio` and everything `inherited` lists are open fds of this process
+    // (copies of what the root made before forking) that are closed only below, once the
+    // installer is gone, or by `restore::child` after `install` returns.
+    let mut ins = unsafe { Installer::new(m, p, high, parked, numbers) };
+    ins.pipes = i.pipes.clone();
+    ins.unix_pairs = i.unix_pairs.clone();
+    ins.files = i.files.clone();
+    ins.file_opens = i.file_opens.clone();
+    ins.listeners = i.listeners.clone();
+    ins.ptys = i.ptys.clone();
     let mut ofds: HashMap<u32, RawFd> = inherited.ofds.clone();
     let is_epoll = |f: &Fd| matches!(f.file, FileDesc::Epoll { .. });
     let is_inotify = |f: &Fd| matches!(f.file, FileDesc::Inotify { .. });
@@ -967,7 +1032,7 @@ pub fn install(
                 fd
             }
         };
-        place(src, f)?;
+        place(ins.fd(src)?, f)?;
     }
     for f in epoll::install_order(p)? {
         let src = match ofds.get(&f.ofd) {
@@ -982,26 +1047,36 @@ pub fn install(
                 fd
             }
         };
-        place(src, f)?;
+        place(ins.fd(src)?, f)?;
     }
-    for fd in std::mem::take(&mut ins.temps) {
-        unsafe { libc::close(fd) };
-    }
+    // This process's temporaries: every `dup3` that needed them is done.
+    drop(ins);
     for &fd in &inherited.fds {
+        // SAFETY: `inherited.fds` are temporaries the root created for the tree before
+        // forking (see `prepare_shared`); this process's copies are not referenced once its
+        // table is built.
         unsafe { libc::close(fd) };
     }
     for (f, flags, w) in watches {
-        inotify::add_watches(f.fd, flags, w)
+        // SAFETY: `f.fd` was placed above (`place`) and stays open: it is the app's.
+        let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
+        inotify::add_watches(fd, flags, w)
             .with_context(|| format!("restoring fd {} ({})", f.fd, describe(&f.file)))?;
     }
     locks::restore(m, p)
 }
 
-fn place(src: RawFd, f: &Fd) -> Result<()> {
-    let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-    if unsafe { libc::dup3(src, f.fd, flags) } < 0 {
-        return Err(errno_err(format!("placing fd {}", f.fd)));
-    }
+fn place(src: BorrowedFd<'_>, f: &Fd) -> Result<()> {
+    use nix::fcntl::OFlag;
+    let flags = if f.cloexec {
+        OFlag::O_CLOEXEC
+    } else {
+        OFlag::empty()
+    };
+    // `dup3` replaces whatever was at `f.fd`, a number the snapshot assigns to this fd and
+    // that nothing of ours uses (temporaries live above `high`).
+    nix::unistd::dup3(src.as_raw_fd(), f.fd, flags)
+        .map_err(|_| errno_err(format!("placing fd {}", f.fd)))?;
     Ok(())
 }
 
@@ -1010,9 +1085,9 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
     if let (Some(&given), FileDesc::Inet { flags, .. }) = (ins.listeners.get(&f.ofd), &f.file) {
         // The caller's listening socket, in place of the recorded one; the app's own
         // status flags (O_NONBLOCK) on it.
-        let fd = ins.keep_high(dup_high(given, ins.high)?)?;
-        set_status_flags(fd, *flags)?;
-        return Ok(fd);
+        let fd = dup_high(given, ins.high)?;
+        set_status_flags(fd.as_fd(), *flags)?;
+        return ins.keep_high(fd);
     }
     match &f.file {
         FileDesc::External { stdio: k } => stdio.get(*k as usize).copied().ok_or_else(|| {
@@ -1089,58 +1164,67 @@ pub fn owner_of(meta: &std::fs::Metadata) -> FileOwner {
 
 /// Gives a file the restore created (as root, under its umask) the owner and mode it
 /// had: `fchown` first, since it clears set-id bits that `fchmod` then sets.
-pub fn set_owner(fd: RawFd, o: &FileOwner, what: &str) -> Result<()> {
-    if unsafe { libc::fchown(fd, o.uid, o.gid) } < 0 {
-        return Err(errno_err(format!(
-            "giving {what} its owner {}:{}",
-            o.uid, o.gid
-        )));
-    }
-    if unsafe { libc::fchmod(fd, o.mode as libc::mode_t) } < 0 {
-        return Err(errno_err(format!("giving {what} its mode {:o}", o.mode)));
-    }
+pub fn set_owner(fd: BorrowedFd<'_>, o: &FileOwner, what: &str) -> Result<()> {
+    use nix::unistd::{Gid, Uid};
+    nix::unistd::fchown(
+        fd.as_raw_fd(),
+        Some(Uid::from_raw(o.uid)),
+        Some(Gid::from_raw(o.gid)),
+    )
+    .map_err(|_| errno_err(format!("giving {what} its owner {}:{}", o.uid, o.gid)))?;
+    let mode = nix::sys::stat::Mode::from_bits_retain(o.mode as libc::mode_t);
+    nix::sys::stat::fchmod(fd.as_raw_fd(), mode)
+        .map_err(|_| errno_err(format!("giving {what} its mode {:o}", o.mode)))?;
     Ok(())
 }
 
-pub fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
+/// A close-on-exec duplicate of `fd` numbered `min` or above.
+pub fn dup_high(fd: RawFd, min: RawFd) -> Result<OwnedFd> {
+    // SAFETY: integer arguments only (a bad `fd` is EBADF).
     let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
     if r < 0 {
         return Err(errno_err(format!("duplicating fd {fd}")));
     }
-    Ok(r)
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` succeeded: a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
-pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<RawFd> {
+/// `open(path, flags | O_CLOEXEC, mode)`.
+pub fn open_path(path: &str, flags: i32, mode: u32) -> Result<OwnedFd> {
     let c = cstr(path)?;
+    // SAFETY: `c` is a NUL-terminated path that lives across the call.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
         return Err(errno_err(format!("opening {path}")));
     }
-    Ok(fd)
+    // SAFETY: `open` succeeded: a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Sets the status flags that `F_SETFL` can change (`O_NONBLOCK`, `O_APPEND`, ...).
-pub fn set_status_flags(fd: RawFd, flags: i32) -> Result<()> {
+pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
+    let fd = fd.as_raw_fd();
     const SETTABLE: i32 = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT;
+    // SAFETY: F_GETFL takes no pointer.
     let cur = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if cur < 0 {
         return Err(errno_err("fcntl(F_GETFL)"));
     }
     let want = (cur & !SETTABLE) | (flags & SETTABLE);
+    // SAFETY: F_SETFL takes an integer argument.
     if want != cur && unsafe { libc::fcntl(fd, libc::F_SETFL, want) } < 0 {
         return Err(errno_err(format!("fcntl(F_SETFL, {want:#o})")));
     }
     Ok(())
 }
 
-pub fn write_all(fd: RawFd, data: &[u8], what: &str) -> Result<()> {
+pub fn write_all(fd: BorrowedFd<'_>, data: &[u8], what: &str) -> Result<()> {
     let mut done = 0;
     while done < data.len() {
-        let n = unsafe { libc::write(fd, data[done..].as_ptr().cast(), data.len() - done) };
-        if n <= 0 {
-            return Err(errno_err(format!("writing {what}")));
+        match nix::unistd::write(fd, &data[done..]) {
+            Ok(n) if n > 0 => done += n,
+            _ => return Err(errno_err(format!("writing {what}"))),
         }
-        done += n as usize;
     }
     Ok(())
 }
@@ -1156,6 +1240,8 @@ pub fn read_contents(fd: &OwnedFd, size: u64, what: &str) -> Result<Vec<u8>> {
     let mut data = vec![0u8; size as usize];
     let mut got = 0;
     while got < data.len() {
+        // SAFETY: the pointer and length describe `data[got..]`, a live writable slice of
+        // the buffer we own; `pread` writes at most that many bytes.
         let n = unsafe {
             libc::pread(
                 fd.as_raw_fd(),
@@ -1179,6 +1265,8 @@ pub fn read_contents(fd: &OwnedFd, size: u64, what: &str) -> Result<Vec<u8>> {
 pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> std::io::Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals and `len` is `v`'s size, so the kernel writes
+    // at most one `c_int`.
     let r = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -1194,7 +1282,10 @@ pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, opt: i32) -> std::io::Resul
     Ok(v)
 }
 
-pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: the option value points at `v`, a live `c_int`, and the length given is its
+    // size.
     let r = unsafe {
         libc::setsockopt(
             fd,

@@ -5,7 +5,7 @@
 //! which is what an autobind does anyway. Messages queued on the socket are not kept:
 //! the answer to a request in flight at dump time is lost.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::Result;
 use warmstart_snapshots::model::FileDesc;
@@ -14,8 +14,11 @@ use super::{errno_err, getsockopt_int, Installer, Target};
 
 pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
     let protocol = getsockopt_int(copy, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    // SAFETY: `sockaddr_nl` is a plain C struct; all-zero bytes are valid.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: the address pointer is `sa`, a live `sockaddr_nl`, and `len` is its size, so
+    // the kernel writes at most that many bytes.
     if unsafe {
         libc::getsockname(
             copy.as_raw_fd(),
@@ -40,6 +43,8 @@ pub fn dump(t: &Target, copy: &OwnedFd) -> Result<FileDesc> {
 }
 
 pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Result<RawFd> {
+    // SAFETY: integer arguments only; the fd returned is owned
+    // right below.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -52,15 +57,19 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
             "socket(AF_NETLINK, protocol {protocol})"
         )));
     }
-    let fd = ins.keep_high(fd)?;
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if port != 0 {
         let bind = |pid: u32| {
+            // SAFETY: `sockaddr_nl` is a plain C struct; all-zero bytes are valid.
             let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
             sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
             sa.nl_pid = pid;
+            // SAFETY: the address is `sa`, a live `sockaddr_nl`, with its exact size; `fd`
+            // is ours.
             unsafe {
                 libc::bind(
-                    fd,
+                    fd.as_raw_fd(),
                     (&sa as *const libc::sockaddr_nl).cast(),
                     std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
                 )
@@ -70,6 +79,6 @@ pub fn restore(ins: &mut Installer, protocol: i32, port: u32, flags: i32) -> Res
             return Err(errno_err(format!("binding a netlink socket (port {port})")));
         }
     }
-    super::set_status_flags(fd, flags)?;
-    Ok(fd)
+    super::set_status_flags(fd.as_fd(), flags)?;
+    ins.keep_high(fd)
 }

@@ -10,7 +10,7 @@
 //! snapshot's.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -89,11 +89,13 @@ pub fn dump_fifo(
 
 /// Copies the bytes buffered in a pipe without consuming them.
 fn peek(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
+    // SAFETY: F_GETPIPE_SZ takes no pointer; `pipe` is a descriptor we own.
     let cap = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
     if cap < 0 {
         return Err(std::io::Error::last_os_error()).context("F_GETPIPE_SZ");
     }
     let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one `c_int` to the pointer given, the live local `avail`.
     if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut avail) } < 0 {
         return Err(std::io::Error::last_os_error()).context("FIONREAD on a pipe");
     }
@@ -101,11 +103,16 @@ fn peek(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
         return Ok((cap as u32, Vec::new()));
     }
     let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error()).context("pipe2");
     }
+    // SAFETY: `pipe2` succeeded: both are new descriptors owned by nothing else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ takes an integer argument; `w` is ours.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap) };
+    // SAFETY: integer arguments only: `tee` copies between two pipes we hold without
+    // touching our memory.
     let n = unsafe {
         libc::tee(
             pipe.as_raw_fd(),
@@ -120,6 +127,8 @@ fn peek(pipe: &OwnedFd) -> Result<(u32, Vec<u8>)> {
     let mut data = vec![0u8; n as usize];
     let mut got = 0;
     while got < data.len() {
+        // SAFETY: the pointer and length describe `data[got..]`, a live writable slice of
+        // our buffer.
         let k = unsafe {
             libc::read(
                 r.as_raw_fd(),
@@ -152,15 +161,20 @@ pub fn restore(ins: &mut Installer, id: u64, ofd: u32, write: bool, flags: i32) 
     } else {
         // Opening a pipe through /proc never blocks, whatever the access mode.
         let path = super::cstr(&format!("/proc/self/fd/{end}"))?;
+        // SAFETY: `path` is a NUL-terminated string that lives across the call; the new fd
+        // is owned right below.
         let fd = unsafe { libc::open(path.as_ptr(), accmode | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(errno_err(format!(
                 "reopening pipe {id} through /proc/self/fd"
             )));
         }
+        // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         ins.keep_high(fd)?
     };
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags) } < 0 {
+    // SAFETY: F_SETFL takes an integer argument; `fd` is a temporary of this installer.
+    if unsafe { libc::fcntl(ins.fd(fd)?.as_raw_fd(), libc::F_SETFL, status_flags) } < 0 {
         return Err(errno_err("fcntl(F_SETFL) on a pipe"));
     }
     Ok(fd)
@@ -198,22 +212,19 @@ fn make(ins: &mut Installer, id: u64) -> Result<(RawFd, RawFd)> {
     let obj = ins.m.pipes.iter().find(|o| o.id == id).ok_or_else(|| {
         anyhow!("snapshot names pipe {id} but does not contain it (corrupt manifest?)")
     })?;
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(errno_err("pipe2"));
-    }
-    let r = ins.keep_high(fds[0])?;
-    let w = ins.keep_high(fds[1])?;
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|_| errno_err("pipe2"))?;
     if obj.capacity > 0
-        && unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+        // SAFETY: F_SETPIPE_SZ takes an integer argument; `w` is ours.
+        && unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
     {
         return Err(errno_err(format!(
             "setting pipe capacity to {}",
             obj.capacity
         )));
     }
-    super::write_all(w, &obj.data, "a pipe's buffered bytes")?;
-    Ok((r, w))
+    super::write_all(w.as_fd(), &obj.data, "a pipe's buffered bytes")?;
+    Ok((ins.keep_high(r)?, ins.keep_high(w)?))
 }
 
 /// The `O_RDWR` open of FIFO `path` (pipe object `id`) that the others are opened from,
@@ -226,16 +237,18 @@ pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
         anyhow!("snapshot names FIFO {path} but does not contain its pipe (corrupt manifest?)")
     })?;
     let fd = super::open_path(path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, 0)?;
-    let fd = ins.keep_high(fd)?;
+    // SAFETY: `stat` is a plain C struct; all-zero bytes are valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+    // SAFETY: `st` is a live, writable `stat`; `fd` is ours.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(errno_err(format!("fstat of FIFO {path}")));
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
         bail!("{path} is no longer a FIFO: restore it with mkfifo");
     }
     let mut queued: libc::c_int = 0;
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } < 0 {
+    // SAFETY: FIONREAD writes one `c_int` to the pointer given, the live local `queued`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) } < 0 {
         return Err(errno_err(format!("FIONREAD on FIFO {path}")));
     }
     if queued > 0 {
@@ -245,14 +258,20 @@ pub fn ensure_fifo(ins: &mut Installer, path: &str, id: u64) -> Result<RawFd> {
         );
     }
     if obj.capacity > 0
-        && unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
+        // SAFETY: F_SETPIPE_SZ takes an integer argument; `fd` is ours.
+        && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, obj.capacity as libc::c_int) } < 0
     {
         return Err(errno_err(format!(
             "setting the capacity of FIFO {path} to {}",
             obj.capacity
         )));
     }
-    super::write_all(fd, &obj.data, &format!("the buffered bytes of FIFO {path}"))?;
+    super::write_all(
+        fd.as_fd(),
+        &obj.data,
+        &format!("the buffered bytes of FIFO {path}"),
+    )?;
+    let fd = ins.keep_high(fd)?;
     ins.pipes.insert(id, (fd, fd));
     Ok(fd)
 }
@@ -263,6 +282,8 @@ pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Res
     let proc_path = super::cstr(&format!("/proc/self/fd/{base}"))?;
     // Through /proc, an O_RDONLY or O_WRONLY open of a FIFO does not wait for a peer
     // either: `base` is both.
+    // SAFETY: `proc_path` is a NUL-terminated string that lives across the call; the new fd
+    // is owned right below.
     let fd = unsafe {
         libc::open(
             proc_path.as_ptr(),
@@ -272,7 +293,8 @@ pub fn restore_fifo(ins: &mut Installer, path: &str, id: u64, flags: i32) -> Res
     if fd < 0 {
         return Err(errno_err(format!("opening FIFO {path} again")));
     }
-    let fd = ins.keep_high(fd)?;
-    super::set_status_flags(fd, flags)?;
-    Ok(fd)
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    super::set_status_flags(fd.as_fd(), flags)?;
+    ins.keep_high(fd)
 }

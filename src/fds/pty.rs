@@ -39,7 +39,7 @@
 //! [`after_groups`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -484,8 +484,6 @@ fn ioctl_set(fd: RawFd, req: libc::c_ulong, v: libc::c_int, what: &str) -> Resul
 fn open_index(path: &str, index: u32, flags: i32, fillers: &mut Vec<OwnedFd>) -> Result<OwnedFd> {
     loop {
         let fd = open_path(path, flags | libc::O_NOCTTY, 0)?;
-        // SAFETY: a fresh fd that nothing else owns.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let got = ioctl_int(&fd, TIOCGPTN).with_context(|| format!("TIOCGPTN of {path}"))?;
         if got as u32 == index {
             return Ok(fd);
@@ -554,7 +552,7 @@ fn set_termios(fd: RawFd, p: &Pty) -> Result<()> {
 /// Opens the slave of `master` (pty `index`) with `flags`: by path when the app's open
 /// had `O_LARGEFILE` (an `open(2)`), else with `TIOCGPTPEER` (glibc's `openpty`), whose
 /// open file description has no `O_LARGEFILE`; never as a controlling terminal.
-fn open_slave(master: RawFd, index: u32, flags: i32) -> Result<RawFd> {
+fn open_slave(master: RawFd, index: u32, flags: i32) -> Result<OwnedFd> {
     const O_LARGEFILE: i32 = 0o100000;
     let base = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY | libc::O_CLOEXEC;
     let fd = if flags & O_LARGEFILE != 0 {
@@ -568,11 +566,13 @@ fn open_slave(master: RawFd, index: u32, flags: i32) -> Result<RawFd> {
         if fd < 0 {
             return Err(errno_err(format!("TIOCGPTPEER of pty {index}")));
         }
-        // SAFETY: F_SETFD on the fd just made.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: `ioctl(TIOCGPTPEER)` succeeded: a new descriptor owned by nothing else.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: F_SETFD takes an integer argument; `fd` is the descriptor just made.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         fd
     };
-    super::set_status_flags(fd, flags)?;
+    super::set_status_flags(fd.as_fd(), flags)?;
     Ok(fd)
 }
 
@@ -607,8 +607,8 @@ pub fn create_all(ins: &mut Installer, live: &[&Process]) -> Result<HashMap<u32,
             let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
             let fd = open_index(path, index, flags & no_create, &mut fillers)
                 .with_context(|| format!("opening pty {index} ({path})"))?;
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
-            super::set_status_flags(fd, flags)?;
+            super::set_status_flags(fd.as_fd(), flags)?;
+            let fd = ins.keep_high(fd)?;
             ins.ptys.insert(index, fd);
             ofds.insert(ofd, fd);
         }

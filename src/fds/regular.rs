@@ -2,7 +2,7 @@
 //! devices, and ghost files: regular files deleted while open, whose contents are stored
 //! and recreated with `O_TMPFILE` in the original directory (or `/tmp` when it is gone).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::Result;
@@ -75,21 +75,21 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
     match file {
         FileDesc::Regular { file, flags, pos } => {
-            let fd = ins.keep_high(open_path(&file.path, flags & no_create, 0)?)?;
+            let fd = open_path(&file.path, flags & no_create, 0)?;
             // An append-only fd to a file that grew since the dump (another instance's
             // log lines) goes on at its end, where its next write lands anyway.
             let grown = flags & libc::O_APPEND != 0
-                && std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                && std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .is_ok_and(|m| m.size() > file.size);
             if grown {
-                // SAFETY: lseek takes no pointers.
-                if unsafe { libc::lseek(fd, 0, libc::SEEK_END) } < 0 {
+                // SAFETY: lseek takes no pointers; `fd` is ours.
+                if unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) } < 0 {
                     return Err(errno_err(format!("seeking {} to its end", file.path)));
                 }
             } else {
-                seek(fd, *pos, &file.path)?;
+                seek(fd.as_fd(), *pos, &file.path)?;
             }
-            Ok(fd)
+            ins.keep_high(fd)
         }
         FileDesc::Directory { path, flags } => {
             ins.keep_high(open_path(path, flags | libc::O_DIRECTORY, 0)?)
@@ -108,12 +108,17 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 .and_then(|d| d.to_str())
                 .unwrap_or("/tmp");
             let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, 0o600)?;
-            let tmp = ins.keep_high(tmp)?;
-            super::set_owner(tmp, owner, &format!("deleted file {path}"))?;
-            super::write_all(tmp, data, &format!("the contents of deleted file {path}"))?;
-            let fd = reopen_ghost(ins, tmp, path, *flags & no_create)?;
-            seek(fd, *pos, path)?;
-            Ok(fd)
+            super::set_owner(tmp.as_fd(), owner, &format!("deleted file {path}"))?;
+            super::write_all(
+                tmp.as_fd(),
+                data,
+                &format!("the contents of deleted file {path}"),
+            )?;
+            let fd = reopen_ghost(tmp.as_fd(), path, *flags & no_create)?;
+            seek(fd.as_fd(), *pos, path)?;
+            // `tmp` is held to the end like every temporary (the inode's last name).
+            ins.keep_high(tmp)?;
+            ins.keep_high(fd)
         }
         _ => unreachable!("regular::restore called for {file:?}"),
     }
@@ -123,7 +128,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
 /// among them), through `/proc/self/fd`; `fd` itself when it already is `O_RDWR`.
 pub fn reopen(ins: &mut Installer, fd: RawFd, flags: i32) -> Result<RawFd> {
     if flags & libc::O_ACCMODE == libc::O_RDWR {
-        super::set_status_flags(fd, flags)?;
+        super::set_status_flags(ins.fd(fd)?, flags)?;
         return Ok(fd);
     }
     let again = open_path(&format!("/proc/self/fd/{fd}"), flags, 0)?;
@@ -135,20 +140,18 @@ pub fn reopen(ins: &mut Installer, fd: RawFd, flags: i32) -> Result<RawFd> {
 /// as at the dump, then unlinked. When the name is taken (or the directory is gone) it
 /// is opened through `/proc/self/fd` and shows the kernel's `#INODE` name instead. Never
 /// `tmp` itself, whose flags include `O_TMPFILE`.
-fn reopen_ghost(ins: &mut Installer, tmp: RawFd, path: &str, flags: i32) -> Result<RawFd> {
+fn reopen_ghost(tmp: BorrowedFd<'_>, path: &str, flags: i32) -> Result<OwnedFd> {
     if let Some(to) = super::shared_file::link_tmpfile(tmp, path) {
         let opened = open_path(path, flags, 0);
         // SAFETY: a NUL-terminated name that lives across the call.
         unsafe { libc::unlink(to.as_ptr()) };
-        return ins.keep_high(opened?);
+        return opened;
     }
-    let again = open_path(&format!("/proc/self/fd/{tmp}"), flags, 0)?;
-    ins.keep_high(again)
+    open_path(&format!("/proc/self/fd/{}", tmp.as_raw_fd()), flags, 0)
 }
 
-fn seek(fd: RawFd, pos: i64, what: &str) -> Result<()> {
-    if unsafe { libc::lseek(fd, pos, libc::SEEK_SET) } < 0 {
-        return Err(errno_err(format!("seeking {what} to {pos}")));
-    }
+fn seek(fd: BorrowedFd<'_>, pos: i64, what: &str) -> Result<()> {
+    nix::unistd::lseek(fd.as_raw_fd(), pos, nix::unistd::Whence::SeekSet)
+        .map_err(|_| errno_err(format!("seeking {what} to {pos}")))?;
     Ok(())
 }

@@ -16,7 +16,7 @@
 //! straight into the file, through `/proc/PID/map_files` or `/proc/PID/fd`, then a memfd's
 //! seals are added: writing needs no writable mapping of it, and no seal is in the way.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{Fd, SharedFile};
@@ -26,7 +26,7 @@ use super::{cstr, errno_err, open_path, set_owner, Installer};
 /// Creates the file of `obj`, empty but for its size, open read-write; and for a deleted
 /// file, one open file description per `(ofd, flags)` of `opens` made by its name (see
 /// [`restore`]).
-pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u32, RawFd)>)> {
+pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u32, OwnedFd)>)> {
     if let Some(name) = obj.path.strip_prefix("/memfd:") {
         let c = cstr(name)?;
         // SAFETY: a NUL-terminated name that lives across the call.
@@ -46,16 +46,13 @@ pub fn create(obj: &SharedFile, opens: &[(u32, i32)]) -> Result<(OwnedFd, Vec<(u
         .and_then(|d| d.to_str())
         .unwrap_or("/tmp");
     let tmp = open_path(dir, libc::O_TMPFILE | libc::O_RDWR, 0o600)?;
-    // SAFETY: a new fd that nothing else owns.
-    let tmp = unsafe { OwnedFd::from_raw_fd(tmp) };
     set_up(&tmp, obj)?;
     // An O_TMPFILE can be linked once only: every open by name is made now.
     let Some(mut all) = by_name(&tmp, &obj.path, opens) else {
         return Ok((tmp, Vec::new()));
     };
     let main = all.remove(0).1;
-    // SAFETY: a new fd that nothing else owns.
-    Ok((unsafe { OwnedFd::from_raw_fd(main) }, all))
+    Ok((main, all))
 }
 
 /// Size, owner and mode (`fchown` before `fchmod`, which may set set-id bits).
@@ -67,7 +64,7 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
             obj.path, obj.size
         )));
     }
-    set_owner(fd.as_raw_fd(), &obj.owner, &obj.path)
+    set_owner(fd.as_fd(), &obj.owner, &obj.path)
 }
 
 /// Links the file of `tmp` (an `O_TMPFILE`) at `path`, for the caller to open there and
@@ -75,8 +72,8 @@ fn set_up(fd: &OwnedFd, obj: &SharedFile) -> Result<()> {
 /// when the name is taken or cannot be made. Another instance of the snapshot restoring
 /// at this moment holds the name for a few microseconds: a few tries with a yield
 /// between; a file that really has the name keeps it.
-pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> {
-    let from = cstr(&format!("/proc/self/fd/{tmp}")).ok()?;
+pub(crate) fn link_tmpfile(tmp: BorrowedFd<'_>, path: &str) -> Option<std::ffi::CString> {
+    let from = cstr(&format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
     let to = cstr(path).ok()?;
     let mut tries = 0;
     loop {
@@ -106,8 +103,8 @@ pub(crate) fn link_tmpfile(tmp: RawFd, path: &str) -> Option<std::ffi::CString> 
 /// `/proc/PID/fd` link is `PATH (deleted)` and which may keep `O_NOFOLLOW` (shm_open
 /// sets it). The read-write open first, as ofd `u32::MAX`. `None` when the name is
 /// taken or cannot be made.
-fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, RawFd)>> {
-    let to = link_tmpfile(tmp.as_raw_fd(), path)?;
+fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, OwnedFd)>> {
+    let to = link_tmpfile(tmp.as_fd(), path)?;
     let mut out = Vec::with_capacity(opens.len() + 1);
     let mut ok = true;
     let no_create = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
@@ -122,14 +119,8 @@ fn by_name(tmp: &OwnedFd, path: &str, opens: &[(u32, i32)]) -> Option<Vec<(u32, 
     }
     // SAFETY: a NUL-terminated path.
     unsafe { libc::unlink(to.as_ptr()) };
-    if !ok {
-        for (_, fd) in out {
-            // SAFETY: fds opened above that nothing else has seen.
-            unsafe { libc::close(fd) };
-        }
-        return None;
-    }
-    Some(out)
+    // On failure the opens made are closed as `out` is dropped.
+    ok.then_some(out)
 }
 
 /// An open of object `id` (fd `f`): the open file description made by name when the
@@ -147,8 +138,8 @@ pub fn restore(ins: &mut Installer, f: &Fd, id: u64, flags: i32, pos: i64) -> Re
             ins.keep_high(open_path(&format!("/proc/self/fd/{obj}"), flags, 0)?)?
         }
     };
-    // SAFETY: lseek on an fd we own; no pointers.
-    if unsafe { libc::lseek(fd, pos, libc::SEEK_SET) } < 0 {
+    // SAFETY: integer arguments only, on an fd the installer holds.
+    if unsafe { libc::lseek(ins.fd(fd)?.as_raw_fd(), pos, libc::SEEK_SET) } < 0 {
         return Err(errno_err(format!(
             "seeking deleted file / memfd #{id} to {pos}"
         )));

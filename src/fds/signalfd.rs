@@ -1,7 +1,7 @@
 //! signalfd: the mask (`sigmask:` in fdinfo, 64 bits in hex, bit N-1 for signal N) and
 //! `O_NONBLOCK`. The signals themselves stay pending in the process (restored with it).
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Result};
 use warmstart_snapshots::model::FileDesc;
@@ -22,10 +22,14 @@ fn parse(info: &FdInfo) -> Option<u64> {
 }
 
 pub fn restore(ins: &mut Installer, mask: u64, flags: i32) -> Result<RawFd> {
+    // SAFETY: `sigset_t` is a plain C bit array; all-zero bytes are valid.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live, writable `sigset_t`.
     unsafe { libc::sigemptyset(&mut set) };
     for sig in 1..=64 {
         if mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: `set` is a live, writable `sigset_t` and `sig` is in 1..=64, within
+            // its range.
             unsafe { libc::sigaddset(&mut set, sig) };
         }
     }
@@ -33,10 +37,14 @@ pub fn restore(ins: &mut Installer, mask: u64, flags: i32) -> Result<RawFd> {
     if flags & libc::O_NONBLOCK != 0 {
         sfd_flags |= libc::SFD_NONBLOCK;
     }
+    // SAFETY: `set` is a live `sigset_t` the kernel only reads; the new fd is owned right
+    // below.
     let fd = unsafe { libc::signalfd(-1, &set, sfd_flags) };
     if fd < 0 {
         return Err(errno_err(format!("signalfd(mask {mask:#x})")));
     }
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     ins.keep_high(fd)
 }
 

@@ -43,6 +43,7 @@ fn align4(n: usize) -> usize {
 }
 
 fn diag_socket() -> Result<OwnedFd> {
+    // SAFETY: integer arguments only; the fd returned is owned right below.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -53,6 +54,7 @@ fn diag_socket() -> Result<OwnedFd> {
     if fd < 0 {
         return Err(errno_err("socket(NETLINK_SOCK_DIAG)"));
     }
+    // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -71,10 +73,13 @@ fn dump_on(fd: &OwnedFd, buf: &mut [u8], body: &[u8], mut each: impl FnMut(&[u8]
     req.extend_from_slice(&1u32.to_ne_bytes()); // seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // port
     req.extend_from_slice(body);
+    // SAFETY: the pointer and length describe `req`, a live buffer that `send` only reads.
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(errno_err("sending a sock_diag request"));
     }
     loop {
+        // SAFETY: the pointer and length describe `buf`, a live writable buffer; `recv`
+        // writes at most `buf.len()` bytes.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(errno_err("reading sock_diag answers"));
@@ -357,6 +362,7 @@ mod tests {
 
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // listen() again only changes the backlog
+        // SAFETY: integer arguments only, on the listener `l` we own.
         assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 77) }, 0);
         let found = tcp_listeners(libc::AF_INET).unwrap();
         assert_eq!(found[&ino(&l)].wqueue, 77);

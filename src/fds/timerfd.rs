@@ -13,7 +13,7 @@
 //! left at the dump), and `TFD_TIMER_CANCEL_ON_SET` (which needs an absolute realtime
 //! timer) is dropped. Unread expirations are put back with `TFD_IOC_SET_TICKS`.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Result};
 use warmstart_snapshots::model::FileDesc;
@@ -84,30 +84,37 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     if flags & libc::O_NONBLOCK != 0 {
         tfd_flags |= libc::TFD_NONBLOCK;
     }
+    // SAFETY: integer arguments only; the fd returned is owned
+    // right below.
     let fd = unsafe { libc::timerfd_create(clockid, tfd_flags) };
     if fd < 0 {
         return Err(errno_err(format!("timerfd_create(clock {clockid})")));
     }
-    let fd = ins.keep_high(fd)?;
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if ins.parked {
         // Armed when handed out (`late_timerfds`), not while parked.
-        return Ok(fd);
+        return ins.keep_high(fd);
     }
     let value_ns = value_to_arm(value_ns, interval_ns);
     let spec = libc::itimerspec {
         it_interval: timespec(interval_ns),
         it_value: timespec(value_ns),
     };
-    if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
+    // SAFETY: `spec` is a live `itimerspec` the kernel only reads; the old value is not
+    // wanted (null).
+    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
         return Err(errno_err("timerfd_settime"));
     }
-    if ticks > 0 && unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } < 0 {
+    // SAFETY: TFD_IOC_SET_TICKS reads one u64 from the pointer, which is `ticks`, a live
+    // u64.
+    if ticks > 0 && unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) } < 0 {
         return Err(errno_err(format!(
             "putting back {ticks} unread timer expirations (TFD_IOC_SET_TICKS needs \
              CONFIG_CHECKPOINT_RESTORE)"
         )));
     }
-    Ok(fd)
+    ins.keep_high(fd)
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@
 //! The peer of a socket (by inode) is only known to `sock_diag` ([`super::sock_diag`]).
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -364,7 +364,7 @@ fn take_queue(
         // Credentials the listener asks for (inherited by the accepted socket) come with
         // every message: not the queue's own control messages.
         for opt in [libc::SO_PASSCRED, SO_PASSPIDFD] {
-            let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, opt, 0, "SO_PASSCRED");
+            let _ = setsockopt_int(s.as_fd(), libc::SOL_SOCKET, opt, 0, "SO_PASSCRED");
         }
         c.queued = peek_queue(s, l.sock_type).map_err(|e| match e {
             PeekError::Control => {
@@ -611,7 +611,14 @@ fn peek_queue(fd: &OwnedFd, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
     let raw = fd.as_raw_fd();
     let orig = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF)
         .map_err(|e| io(anyhow!("SO_PEEK_OFF: {e}")))?;
-    setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0, "SO_PEEK_OFF").map_err(io)?;
+    setsockopt_int(
+        fd.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEEK_OFF,
+        0,
+        "SO_PEEK_OFF",
+    )
+    .map_err(io)?;
     let res = (|| {
         let mut msgs: Vec<Vec<u8>> = Vec::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -620,9 +627,13 @@ fn peek_queue(fd: &OwnedFd, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: buf.len(),
             };
+            // SAFETY: `msghdr` is a plain C struct: zeroed means null pointers and zero
+            // lengths, which is valid.
             let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
             mh.msg_iov = &mut iov;
             mh.msg_iovlen = 1;
+            // SAFETY: `mh` points only at `iov`, which describes `buf`, a live writable
+            // buffer of `buf.len()` bytes; no control buffer is given.
             let n = unsafe { libc::recvmsg(raw, &mut mh, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -650,7 +661,7 @@ fn peek_queue(fd: &OwnedFd, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
         Ok(msgs)
     })();
     let _ = setsockopt_int(
-        raw,
+        fd.as_fd(),
         libc::SOL_SOCKET,
         libc::SO_PEEK_OFF,
         orig,
@@ -667,6 +678,7 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
                 anyhow!("snapshot names unix socket pair {id} but does not contain it (corrupt manifest?)")
             })?;
             let mut fds = [0; 2];
+            // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
             if unsafe {
                 libc::socketpair(
                     libc::AF_UNIX,
@@ -678,40 +690,47 @@ pub fn restore_pair(ins: &mut Installer, id: u64, end: u8, flags: i32) -> Result
             {
                 return Err(errno_err("socketpair"));
             }
-            let ends = (ins.keep_high(fds[0])?, ins.keep_high(fds[1])?);
+            // SAFETY: `socketpair` succeeded: two new descriptors owned by nothing else.
+            let pair = unsafe { [OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])] };
             // What end 0 had to read is sent from end 1, and the other way round.
-            for (reader, writer) in [(0, ends.1), (1, ends.0)] {
+            for (reader, writer) in [(0, &pair[1]), (1, &pair[0])] {
                 for msg in &obj.queued[reader] {
-                    refill(writer, msg)?;
+                    refill(writer.as_fd(), msg)?;
                 }
             }
             // Then each end's own shutdown state (a stream end's shutdown also marks its
             // peer, which was marked the same at dump).
-            for (i, fd) in [ends.0, ends.1].into_iter().enumerate() {
+            for (i, fd) in pair.iter().enumerate() {
                 let how = match obj.shutdown[i] & 3 {
                     0 => continue,
                     1 => libc::SHUT_RD,
                     2 => libc::SHUT_WR,
                     _ => libc::SHUT_RDWR,
                 };
-                if unsafe { libc::shutdown(fd, how) } < 0 {
+                // SAFETY: integer arguments only; `fd` is an end of the pair made here.
+                if unsafe { libc::shutdown(fd.as_raw_fd(), how) } < 0 {
                     return Err(errno_err(format!(
                         "shutdown of end {i} of unix socket pair {id}"
                     )));
                 }
             }
+            let [a, b] = pair;
+            let ends = (ins.keep_high(a)?, ins.keep_high(b)?);
             ins.unix_pairs.insert(id, ends);
             ends
         }
     };
     let fd = if end == 0 { ends.0 } else { ends.1 };
-    super::set_status_flags(fd, flags)?;
+    super::set_status_flags(ins.fd(fd)?, flags)?;
     Ok(fd)
 }
 
-fn refill(fd: RawFd, msg: &[u8]) -> Result<()> {
+fn refill(fd: BorrowedFd<'_>, msg: &[u8]) -> Result<()> {
+    let fd = fd.as_raw_fd();
     let mut done = 0;
     while done < msg.len() || msg.is_empty() {
+        // SAFETY: the pointer and length describe `msg[done..]`, a live slice that `send`
+        // only reads.
         let n = unsafe {
             libc::send(
                 fd,
@@ -749,7 +768,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
     if fd < 0 {
         return Err(errno_err("socket(AF_UNIX)"));
     }
-    let fd = ins.keep_high(fd)?;
+    // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if let UnixAddr::Path(p) = addr {
         if let Ok(m) = std::fs::symlink_metadata(p) {
             if m.file_type().is_socket() {
@@ -758,15 +778,15 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             }
         }
     }
-    let shown = bind_to(fd, addr)?;
+    let shown = bind_to(fd.as_fd(), addr)?;
     if let Some(backlog) = listen {
         // SAFETY: listen takes no pointers.
-        if unsafe { libc::listen(fd, *backlog as i32) } < 0 {
+        if unsafe { libc::listen(fd.as_raw_fd(), *backlog as i32) } < 0 {
             return Err(errno_err(format!("listen on unix socket {shown}")));
         }
     }
-    super::set_status_flags(fd, *flags)?;
-    Ok(fd)
+    super::set_status_flags(fd.as_fd(), *flags)?;
+    ins.keep_high(fd)
 }
 
 /// `addr` as a `sockaddr_un` and its length, and as shown in messages (`None`: unnamed).
@@ -794,7 +814,8 @@ fn sockaddr(addr: &UnixAddr) -> Result<Option<(libc::sockaddr_un, libc::socklen_
 }
 
 /// Binds `fd` to `addr` (nothing for an unnamed socket); returns the name as shown.
-fn bind_to(fd: RawFd, addr: &UnixAddr) -> Result<String> {
+fn bind_to(fd: BorrowedFd<'_>, addr: &UnixAddr) -> Result<String> {
+    let fd = fd.as_raw_fd();
     let Some((sa, len, shown)) = sockaddr(addr)? else {
         return Ok(String::new());
     };
@@ -873,8 +894,8 @@ pub fn restore_queues(ins: &mut Installer) -> Result<HashMap<u32, RawFd>> {
             let Some((ofd, flags)) = client else {
                 bail!("{what}: no fd holds the client end of connection {n} (corrupt manifest?)");
             };
-            let fd = ins.keep_high(std::os::fd::IntoRawFd::into_raw_fd(fd))?;
-            super::set_status_flags(fd, flags)?;
+            super::set_status_flags(fd.as_fd(), flags)?;
+            let fd = ins.keep_high(fd)?;
             out.insert(ofd, fd);
         }
     }
@@ -902,13 +923,13 @@ fn connect_queued(
     }
     // SAFETY: socket just returned this fd, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    bind_to(fd.as_raw_fd(), &c.addr)?;
+    bind_to(fd.as_fd(), &c.addr)?;
     // SAFETY: `sa` is a valid sockaddr_un of at least `len` bytes.
     if unsafe { libc::connect(fd.as_raw_fd(), (sa as *const libc::sockaddr_un).cast(), len) } < 0 {
         return Err(errno_err("connecting to it"));
     }
     for msg in &c.queued {
-        refill(fd.as_raw_fd(), msg)?;
+        refill(fd.as_fd(), msg)?;
     }
     let how = match c.shutdown & 3 {
         0 => return Ok(fd),
@@ -1072,7 +1093,7 @@ mod tests {
     ) -> (Collector, UnixListener, UnixStream) {
         let l = UnixListener::bind(dir.join("l.sock")).unwrap();
         if passcred {
-            setsockopt_int(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1, "t").unwrap();
+            setsockopt_int(l.as_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1, "t").unwrap();
         }
         let a = UnixStream::connect(dir.join("l.sock")).unwrap();
         let mut data = *b"data";

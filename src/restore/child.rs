@@ -175,6 +175,9 @@ pub fn run(a: &ChildArgs) -> i32 {
 fn fail(report: RawFd, e: anyhow::Error) -> i32 {
     let mut msg = vec![MSG_ERROR];
     msg.extend_from_slice(format!("{e:#}").as_bytes());
+    // SAFETY: `report` is this process's status pipe write end, which it owns (its `Ctx`
+    // copy) and which nothing else uses on the failure path: the `File` takes it over and
+    // closes it when dropped, just before the process exits.
     let mut f = unsafe { std::fs::File::from_raw_fd(report) };
     let _ = f.write_all(&msg);
     1
@@ -475,6 +478,8 @@ fn fork_children(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<()> {
                     Ok(never) => match never {},
                     Err(e) => fail(ctx.chans.reports[i], e),
                 };
+                // SAFETY: `_exit` ends the forked child without unwinding into the parent's
+                // stack frames or running atexit handlers.
                 unsafe { libc::_exit(code) }
             }
             Ok(_) => {}
@@ -511,9 +516,11 @@ fn child_main(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<std::conver
 /// ([`join_group`]).
 fn own_ids(p: &Process) -> Result<()> {
     if p.sid == p.pid {
+        // SAFETY: no arguments; acts on this process only.
         if unsafe { libc::setsid() } < 0 {
             return Err(errno_err(format!("setsid of process {}", p.pid)));
         }
+    // SAFETY: integer arguments only; acts on this process only.
     } else if p.pgid == p.pid && unsafe { libc::setpgid(0, 0) } < 0 {
         return Err(errno_err(format!("setpgid of process {}", p.pid)));
     }
@@ -529,8 +536,10 @@ fn join_group(m: &Manifest, p: &Process) -> Result<()> {
     let target = if m.processes.iter().any(|q| q.pid == p.pgid) {
         p.pgid
     } else {
+        // SAFETY: integer argument only.
         unsafe { libc::getpgid(m.processes[0].pid) }
     };
+    // SAFETY: integer arguments only; acts on this process only.
     if unsafe { libc::getpgid(0) } != target && unsafe { libc::setpgid(0, target) } < 0 {
         return Err(errno_err(format!(
             "joining process {} to process group {}",
@@ -553,26 +562,37 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     let p = &m.processes[idx];
     let report = ctx.chans.reports[idx];
     let gate = ctx.chans.gates[idx];
+    // SAFETY: `ctx.barrier.1` is this process's copy of the barrier's write end, closed
+    // once here and never used after.
     unsafe { libc::close(ctx.barrier.1) };
     for (i, (&r, &g)) in ctx.chans.reports.iter().zip(&ctx.chans.gates).enumerate() {
         if i != idx {
+            // SAFETY: `r` is another process's status pipe, inherited by fork: this process
+            // never uses its copy.
             unsafe { libc::close(r) };
             if g >= 0 {
+                // SAFETY: `g` is another process's gate, inherited by fork: this process
+                // never uses its copy.
                 unsafe { libc::close(g) };
             }
         }
     }
     let mut b = 0u8;
+    // SAFETY: `b` is one live local byte and the length is 1; `ctx.barrier.0` is our copy
+    // of the barrier's read end.
     while unsafe { libc::read(ctx.barrier.0, (&mut b as *mut u8).cast(), 1) } != 0 {
         if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             break;
         }
     }
+    // SAFETY: our copy of the barrier's read end, not used after the wait above.
     unsafe { libc::close(ctx.barrier.0) };
     join_group(m, p)?;
     // Every group exists now: a terminal's foreground group can be set.
     crate::fds::pty::after_groups(m, p, &ctx.inherited.ptys)?;
     if let Some(status) = p.zombie {
+        // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
+        // closes it, and `become_zombie` never returns to code that could use it.
         let mut f = unsafe { std::fs::File::from_raw_fd(report) };
         f.write_all(&[MSG_ZOMBIE])?;
         drop(f);
@@ -584,6 +604,9 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
     grow_fd_table(p.fd_table_size, report)?;
     for &fd in &ctx.stdio {
+        // SAFETY: `ctx.stdio` are this process's copies of the caller's stdio
+        // (`dup_high_or_null`); `install` has placed them where they go, and they are not
+        // used after.
         unsafe { libc::close(fd) };
     }
     if p.root != "/" && !std::path::Path::new(&p.root).is_dir() {
@@ -594,10 +617,13 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         );
     }
     let cwd = cstr(&p.cwd)?;
+    // SAFETY: `cwd` is a NUL-terminated path that lives across the call.
     if unsafe { libc::chdir(cwd.as_ptr()) } < 0 {
         return Err(errno_err(format!("chdir({})", p.cwd)));
     }
+    // SAFETY: integer argument only.
     unsafe { libc::umask(p.umask as libc::mode_t) };
+    // SAFETY: integer argument only; acts on this process only.
     if unsafe { libc::personality(p.personality as libc::c_ulong) } < 0 {
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
@@ -615,6 +641,8 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     // Shared memory objects and files this process does not map are not its to keep.
     for (&id, &fd) in &ctx.inherited.shmem {
         if !p.vmas.iter().any(|v| v.kind == VmaKind::Shmem { id }) {
+            // SAFETY: `fd` is an inherited shared memory object this process does not map:
+            // nothing here refers to it after this.
             unsafe { libc::close(fd) };
         }
     }
@@ -649,6 +677,8 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         let (timens, proc_dir) = late_timens.expect("opened for every parked process");
         let wants_stdio = !places.is_empty();
         if !wants_stdio {
+            // SAFETY: `sock` is this process's copy of the late stdio socket, not needed
+            // when it has no stdio to receive; not used after.
             unsafe { libc::close(sock) };
         }
         program::Late {
@@ -670,6 +700,8 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         .then(|| b.to_string());
     let blob = b.build(base);
     drop(b);
+    // SAFETY: a new private anonymous mapping at `base`, which `find_gap` chose free in our
+    // layout; MAP_FIXED_NOREPLACE fails rather than replace anything that is there.
     let addr = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -683,6 +715,8 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     if addr as u64 != base {
         return Err(errno_err(format!("mapping the restorer at {base:#x}")));
     }
+    // SAFETY: the mapping at `base` is writable and `blob.map_len()` bytes long, which is
+    // `blob.bytes.len()` rounded up to a page; the source is a different (heap) allocation.
     unsafe {
         std::ptr::copy_nonoverlapping(blob.bytes.as_ptr(), base as *mut u8, blob.bytes.len())
     };
@@ -703,15 +737,22 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     };
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
+    // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
+    // closes it after the last message.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(report) };
     pipe.write_all(&msg)?;
     drop(pipe);
     if gate >= 0 {
         // Held until the monitor has seized us: the restorer's traps need a tracer.
         let mut b = 0u8;
+        // SAFETY: `b` is one live local byte and the length is 1; `gate` is this process's
+        // gate read end.
         let n = unsafe { libc::read(gate, (&mut b as *mut u8).cast(), 1) };
+        // SAFETY: `gate` is this process's gate read end, not used after.
         unsafe { libc::close(gate) };
         if n != 1 {
+            // SAFETY: `_exit` ends the process at once, without unwinding or atexit
+            // handlers.
             unsafe { libc::_exit(125) };
         }
     }
@@ -826,7 +867,10 @@ fn settle_zombie_children(m: &Manifest, p: &Process) -> Result<()> {
         return Ok(());
     }
     for z in zombies {
+        // SAFETY: `siginfo_t` is a plain C struct; all-zero bytes are valid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable `siginfo_t`; WNOWAIT leaves the zombie child
+        // unreaped.
         let r = unsafe {
             libc::waitid(
                 libc::P_PID,
@@ -839,7 +883,9 @@ fn settle_zombie_children(m: &Manifest, p: &Process) -> Result<()> {
             return Err(errno_err(format!("waiting for zombie child {z} to exit")));
         }
     }
+    // SAFETY: `sigset_t` is a plain C bit array; all-zero bytes are valid.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live, writable `sigset_t`.
     unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGCHLD);
@@ -848,11 +894,14 @@ fn settle_zombie_children(m: &Manifest, p: &Process) -> Result<()> {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `set` and `zero` are live locals the kernel only reads; the siginfo is not
+    // wanted (null).
     while unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) } > 0 {}
     Ok(())
 }
 
 fn dup_high(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    // SAFETY: integer arguments only; the duplicate is returned to the caller, who owns it.
     let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
     if r < 0 {
         return Err(errno_err(format!("duplicating fd {fd}")));
@@ -925,6 +974,8 @@ fn shrink_fd_table() -> Result<()> {
     // SAFETY: plain syscalls on our own child; `status` outlives waitpid.
     let unshared = unsafe { libc::unshare(libc::CLONE_FILES) };
     let err = std::io::Error::last_os_error();
+    // SAFETY: `child` is our own child (the helper forked above), not yet reaped, so the
+    // pid cannot name another process; `status` is a live local.
     unsafe {
         libc::kill(child, libc::SIGKILL);
         let mut status = 0;
@@ -1058,6 +1109,8 @@ fn set_rlimits(p: &Process) -> Result<()> {
             rlim_cur: r.cur,
             rlim_max: r.max,
         };
+        // SAFETY: `lim` is a live `rlimit64` the kernel only reads; the old limit is not
+        // wanted (null).
         if unsafe { libc::prlimit64(0, r.resource as _, &lim, std::ptr::null_mut()) } < 0 {
             let e = std::io::Error::last_os_error();
             bail!(
@@ -1096,11 +1149,15 @@ fn unregister_rseq() {
         return;
     }
     let tp: u64;
+    // SAFETY: reads the thread pointer at fs:0 (x86_64 TLS ABI: the TCB's first word points
+    // to itself); touches no memory of ours and no stack.
     unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp) };
     let area = (tp as i64 + offset as i64) as u64;
     // The registered length is glibc's area size (32 bytes), which may exceed the
     // advertised feature size.
     for len in [size.max(32), size] {
+        // SAFETY: integer arguments only: unregistering names the area glibc registered
+        // (`area`, `len`, `RSEQ_SIG` must match), which the kernel only compares.
         if unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) } == 0
         {
             return;

@@ -156,6 +156,8 @@ fn watch(i: &Interrupt, sfd: &OwnedFd, stop: &OwnedFd) {
     }
     // SAFETY: a zeroed signalfd_siginfo is valid; read writes at most its size.
     let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is a live, writable `signalfd_siginfo` and the length given is its size;
+    // `sfd` is the signalfd we own.
     let n = unsafe {
         libc::read(
             sfd.as_raw_fd(),

@@ -64,11 +64,18 @@ impl Keeper {
         // Forked twice, so that it is nobody's child here (the monitor's only child stays
         // the sandbox's init, and nothing needs to reap the keeper). The monitor is
         // multi-threaded: the children only make raw syscalls.
+        // SAFETY: the monitor is multi-threaded, so the child may only make
+        // async-signal-safe calls: it forks again and `_exit`s, and the grandchild runs
+        // `keeper_main`, which keeps to raw system calls on stack buffers and never
+        // returns.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("forking the uffd keeper");
         }
         if pid == 0 {
+            // SAFETY: see above: `fork`, `keeper_main` (no allocation, no lock, never
+            // returns) and `_exit` are all the child does; `keep` is a plain array copied
+            // into it.
             unsafe {
                 if libc::fork() == 0 {
                     keeper_main(keep)
@@ -77,6 +84,7 @@ impl Keeper {
             }
         }
         let mut status = 0;
+        // SAFETY: `status` is a live local; `pid` is our own child, reaped only here.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         if !libc::WIFEXITED(status) {
             anyhow::bail!("the uffd keeper's parent died: status {status:#x}");

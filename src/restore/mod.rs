@@ -133,6 +133,8 @@ impl Restored {
 /// thread starts (threads inherit the mask), so none of them can take such a signal and
 /// die of it: the signalfd of `forward_signals` receives them all.
 pub fn block_forwarded_signals() {
+    // SAFETY: `sigset_t` is a plain C bit array, valid zeroed; every pointer is to the live
+    // local `set` or null (the old mask is not wanted).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -239,6 +241,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
                     // Off the critical path: it only has to be done before the page
                     // server finishes, so it runs when a core would idle otherwise.
                     let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: `param` is a live `sched_param` the kernel only reads; pid 0
+                    // is the calling thread.
                     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
                     snap.verify_table()
                 })
@@ -817,6 +821,8 @@ fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
                     .map(String::as_str)
                     .unwrap_or("?");
                 let mut si = [0u8; 128];
+                // SAFETY: PTRACE_GETSIGINFO writes one `siginfo_t` (128 bytes) to `data`,
+                // which is the live 128-byte buffer `si`; `pid` is our stopped tracee.
                 unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, pid, 0, si.as_mut_ptr()) };
                 tracing::debug!(
                     "siginfo code {} addr {:#x}\nmaps:\n{}",
@@ -931,12 +937,16 @@ pub fn detached<R>(
     register: &dyn Fn(&Restored) -> R,
 ) -> Result<i32> {
     let (r, w) = remote::pipe().context("pipe2")?;
+    // SAFETY: `restore -d` runs this from the CLI's main thread before any thread of
+    // warmstart is started, so the child is a full copy of a single-threaded process (and
+    // glibc's `fork` resets its own locks in the child anyway).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(std::io::Error::last_os_error()).context("fork");
     }
     if pid == 0 {
         drop(r);
+        // SAFETY: no arguments; acts on this process only.
         unsafe { libc::setsid() };
         let mut w = std::fs::File::from(w);
         let code = match restore(snap, opts) {
@@ -949,8 +959,13 @@ pub fn detached<R>(
                 drop(w);
                 // The instance has the caller's stdio now; the daemon lets go of it so a
                 // caller reading our output to its end is not held up by us.
+                // SAFETY: a static NUL-terminated path; the fd is kept open to the end of
+                // this process.
                 let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
                 for fd in 0..3 {
+                    // SAFETY: integer arguments only: fds 0-2 of this process are replaced
+                    // by /dev/null; the `std` handles on them refer to numbers, not to what
+                    // they held.
                     unsafe { libc::dup2(null, fd) };
                 }
                 match restored.wait() {
@@ -966,6 +981,8 @@ pub fn detached<R>(
                 1
             }
         };
+        // SAFETY: `_exit` ends the forked daemon without returning into the caller's frames
+        // or running atexit handlers.
         unsafe { libc::_exit(code) };
     }
     drop(w);
@@ -981,6 +998,8 @@ pub fn detached<R>(
         }
         Some(("E", err)) => {
             let mut status = 0;
+            // SAFETY: `status` is a live local; `pid` is our own child, not yet reaped, so
+            // it cannot name another process.
             unsafe { libc::waitpid(pid, &mut status, 0) };
             bail!("{err}")
         }

@@ -17,7 +17,7 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
         return Ok(None);
     };
     // Our stdio goes only to a daemon of root or of our own user.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     match super::peer_cred(&conn) {
         Ok(c) if c.uid == 0 || c.uid == me => {}
         Ok(c) => {
@@ -62,6 +62,8 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
             let pending: Vec<i32> = std::iter::from_fn(|| fwd.next().ok().flatten()).collect();
             drop(fwd);
             for sig in pending {
+                // SAFETY: `raise` takes an integer; the forwarder is dropped, so the signal
+                // gets the disposition it had before, as if it had arrived now.
                 unsafe { libc::raise(sig) };
             }
             return Ok(None);
@@ -90,6 +92,7 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
 /// A connection to the daemon at `socket`, or `None` when none listens there.
 pub(crate) fn connect(socket: &Path) -> Result<Option<OwnedFd>> {
     let (fd, addr) = unix_socket(socket)?;
+    // SAFETY: `addr` is a live `sockaddr_un` and the length given is its size.
     let r = unsafe {
         libc::connect(
             fd.as_raw_fd(),
@@ -116,6 +119,8 @@ pub(crate) fn connect(socket: &Path) -> Result<Option<OwnedFd>> {
 pub(crate) fn unix_socket(path: &Path) -> Result<(OwnedFd, libc::sockaddr_un)> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
+    // SAFETY: `sockaddr_un` is a plain C struct; all-zero bytes are valid (and leave
+    // `sun_path` NUL-terminated).
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     if bytes.len() >= addr.sun_path.len() {
@@ -124,9 +129,11 @@ pub(crate) fn unix_socket(path: &Path) -> Result<(OwnedFd, libc::sockaddr_un)> {
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
+    // SAFETY: integer arguments only; the fd returned is owned right below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("socket");
     }
+    // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
     Ok((unsafe { OwnedFd::from_raw_fd(fd) }, addr))
 }

@@ -55,6 +55,8 @@ struct Daemon {
 pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
     // A log line to a closed pipe must not take the daemon and its instances down
     // (restored apps get their own dispositions back).
+    // SAFETY: SIG_IGN installs no handler, so no code runs in signal context; this is done
+    // before the daemon starts any thread, and restored apps reset their dispositions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Before any thread exists, so that every thread inherits the mask.
     let stop = SignalForwarder::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
@@ -94,6 +96,8 @@ fn accept_loop(daemon: &Arc<Daemon>, listener: &OwnedFd, stop: &SignalForwarder)
             }
             return Ok(());
         }
+        // SAFETY: null address pointers are allowed (the peer's address is not wanted);
+        // `listener` is ours.
         let fd = unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
@@ -114,6 +118,7 @@ fn accept_loop(daemon: &Arc<Daemon>, listener: &OwnedFd, stop: &SignalForwarder)
             }
             continue;
         }
+        // SAFETY: `accept4` succeeded: a new descriptor owned by nothing else.
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
         let daemon = daemon.clone();
         let spawned = std::thread::Builder::new()
@@ -145,7 +150,8 @@ fn listen(path: &Path) -> Result<OwnedFd> {
         _ => {}
     }
     let (fd, addr) = client::unix_socket(path)?;
-    let old = unsafe { libc::umask(0o177) };
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    // SAFETY: `addr` is a live `sockaddr_un` and the length given is its size.
     let r = unsafe {
         libc::bind(
             fd.as_raw_fd(),
@@ -153,11 +159,12 @@ fn listen(path: &Path) -> Result<OwnedFd> {
             std::mem::size_of::<libc::sockaddr_un>() as u32,
         )
     };
-    unsafe { libc::umask(old) };
+    nix::sys::stat::umask(old);
     if r < 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("binding {}", path.display()));
     }
+    // SAFETY: integer arguments only, on the socket `fd` we own.
     if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
         return Err(std::io::Error::last_os_error()).context("listen");
     }
@@ -173,6 +180,8 @@ fn set_recv_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) -> Result<()
         tv_sec: t.as_secs() as libc::time_t,
         tv_usec: t.subsec_micros() as libc::suseconds_t,
     };
+    // SAFETY: the option value points at `tv`, a live `timeval`, and the length given is
+    // its size.
     let r = unsafe {
         libc::setsockopt(
             conn.as_raw_fd(),
@@ -192,7 +201,7 @@ fn set_recv_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) -> Result<()
 /// user, possibly root).
 fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
     let cred = peer_cred(conn)?;
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if cred.uid != 0 && cred.uid != me {
         bail!(
             "uid {} (pid {}) may not start instances: only root and uid {me} may",
@@ -205,8 +214,11 @@ fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
 
 /// The credentials of the other end of a unix socket.
 pub(crate) fn peer_cred(conn: &OwnedFd) -> Result<libc::ucred> {
+    // SAFETY: `ucred` is plain integers; all-zero bytes are valid.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are live locals and `len` is `cred`'s size, so the kernel
+    // writes at most one `ucred`.
     let r = unsafe {
         libc::getsockopt(
             conn.as_raw_fd(),
