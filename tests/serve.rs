@@ -379,3 +379,60 @@ fn a_burst_of_requests_is_answered_and_grows_the_pool() {
     // Sequential requests are answered by parked instances again.
     ws.served("counter", "c\n").assert_ok();
 }
+
+/// Anonymous memory of an instance's app: (Anonymous, Pss_Anon) in kB.
+fn anon_kb(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Anonymous:"), field("Pss_Anon:"))
+}
+
+/// Instances parked from a snapshot's template share its memory (issue 15): each parked
+/// app's anonymous memory is mostly shared (its proportional share a fraction of what it
+/// maps), where without templates each holds its own copy; and they answer as usual.
+#[test]
+fn parked_instances_share_the_template_s_memory() {
+    let ws = Ws::new();
+    ws.record("pat", &[fixture("pattern").as_os_str(), "16".as_ref()]);
+    // The first run learns the working set (served runs need one).
+    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
+    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+    for (templates, shared) in [(true, true), (false, false)] {
+        let mut args = vec!["-v", "serve", "--pool", "2", "--warm", "pat"];
+        if !templates {
+            args.push("--no-templates");
+        }
+        let daemon = Proc::spawn(&mut ws.cmd(&args));
+        let line = daemon.read_line();
+        assert!(line.starts_with("serving "), "serve printed {line:?}");
+        if templates {
+            daemon.wait_stderr("template of");
+        }
+        daemon.wait_stderr("parked an instance of");
+        daemon.wait_stderr("parked an instance of");
+        let apps: Vec<i32> = Ws::sandboxes(daemon.pid())
+            .into_iter()
+            .flat_map(common::children)
+            .collect();
+        assert_eq!(apps.len(), 2, "two parked apps expected: {apps:?}");
+        for &app in &apps {
+            let (rss, pss) = anon_kb(app);
+            assert!(
+                rss >= 16 << 10,
+                "app {app} maps {rss} kB of anonymous memory"
+            );
+            assert_eq!(
+                pss * 2 < rss,
+                shared,
+                "templates {templates}: app {app} has Pss_Anon {pss} kB of Rss_Anon {rss} kB"
+            );
+        }
+        let out = ws.served("pat", "check\n");
+        assert_eq!(out.stdout, "PASS\n", "{}", out.describe());
+    }
+}

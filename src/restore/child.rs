@@ -594,7 +594,12 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
         // closes it, and `become_zombie` never returns to code that could use it.
         let mut f = unsafe { std::fs::File::from_raw_fd(report) };
-        f.write_all(&[MSG_ZOMBIE])?;
+        if f.write_all(&[MSG_ZOMBIE]).is_err() {
+            // The pipe is closed with `f`: nothing left to report on; the monitor sees
+            // the exit without a report.
+            // SAFETY: `_exit` ends the process at once, without unwinding.
+            unsafe { libc::_exit(1) };
+        }
         drop(f);
         become_zombie(p, status);
     }
@@ -735,12 +740,27 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         timens_text: timens_text.map(|d| blob.addr_of(d)),
         listing,
     };
+    // Last of the paths: every file above was opened by its path as seen from the host's
+    // root (how /proc showed it at the dump); the cwd, entered above, lies inside. After
+    // the last read of /proc (the new root may have none), before the last message on
+    // the status pipe (a failure after it could no longer be reported there).
+    if p.root != "/" {
+        let root = cstr(&p.root)?;
+        // SAFETY: a NUL-terminated path that lives across the call.
+        if unsafe { libc::chroot(root.as_ptr()) } < 0 {
+            return Err(errno_err(format!("chroot({})", p.root)));
+        }
+    }
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
     // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
     // closes it after the last message.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(report) };
-    pipe.write_all(&msg)?;
+    if pipe.write_all(&msg).is_err() {
+        // The monitor is gone or stopped reading: nothing to report on.
+        // SAFETY: `_exit` ends the process at once, without unwinding.
+        unsafe { libc::_exit(1) };
+    }
     drop(pipe);
     if gate >= 0 {
         // Held until the monitor has seized us: the restorer's traps need a tracer.
@@ -754,16 +774,6 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
             // SAFETY: `_exit` ends the process at once, without unwinding or atexit
             // handlers.
             unsafe { libc::_exit(125) };
-        }
-    }
-    // Last of the paths: every file above was opened by its path as seen from the host's
-    // root (how /proc showed it at the dump); the cwd, entered above, lies inside. After
-    // the last read of /proc (the new root may have none).
-    if p.root != "/" {
-        let root = cstr(&p.root)?;
-        // SAFETY: a NUL-terminated path that lives across the call.
-        if unsafe { libc::chroot(root.as_ptr()) } < 0 {
-            return Err(errno_err(format!("chroot({})", p.root)));
         }
     }
     unregister_rseq();

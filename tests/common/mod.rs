@@ -1004,8 +1004,15 @@ pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
     // And handed out by `warmstart serve` from its pool of parked instances.
     if how.not_served.is_none() {
         files.put_back();
-        let _daemon = ws.serve(name);
+        let daemon = ws.serve(name);
         let out = ws.served(name, STATE_CHECK_TWICE);
         check("served parked", &out);
+        // A template that failed an instance was dropped quietly for the next ones: no
+        // such fallback here (the instance above came from the template, if any).
+        let log = daemon.stderr_so_far();
+        assert!(
+            !log.contains("from its template:") && !log.contains("no template for"),
+            "{name}: the template failed:\n{log}"
+        );
     }
 }
