@@ -855,7 +855,8 @@ fn ps(json: bool) -> Result<i32> {
         "{:>8}  {:>8}  {:<12}  {:<16}  COMMAND",
         "PID", "MONITOR", "SNAPSHOT", "NAME"
     );
-    for i in list {
+    let (templates, instances): (Vec<_>, Vec<_>) = list.into_iter().partition(|i| i.template);
+    for i in instances {
         println!(
             "{:>8}  {:>8}  {:<12}  {:<16}  {}",
             i.pid,
@@ -864,6 +865,22 @@ fn ps(json: bool) -> Result<i32> {
             i.names.join(","),
             i.command.join(" ")
         );
+    }
+    if !templates.is_empty() {
+        println!("\nTEMPLATES (the restored memory a serve daemon's instances share)");
+        println!(
+            "{:>8}  {:>8}  {:<12}  COMMAND",
+            "PID", "MONITOR", "SNAPSHOT"
+        );
+        for i in templates {
+            println!(
+                "{:>8}  {:>8}  {:<12}  {}",
+                i.pid,
+                i.monitor,
+                &i.snapshot[..12.min(i.snapshot.len())],
+                i.command.join(" ")
+            );
+        }
     }
     Ok(0)
 }

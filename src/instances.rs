@@ -20,6 +20,10 @@ pub struct Instance {
     /// The `warmstart run` a serve daemon started it for.
     #[serde(default)]
     pub client: Option<i32>,
+    /// Not an instance: a serve daemon's template of the snapshot, which instances are
+    /// forked from (`crate::restore::template`).
+    #[serde(default)]
+    pub template: bool,
 }
 
 fn dir() -> PathBuf {

@@ -72,6 +72,7 @@ pub fn run_instance_with(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             client: None,
+            template: false,
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok()

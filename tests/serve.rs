@@ -407,7 +407,8 @@ fn parked_instances_share_the_template_s_memory() {
         if !templates {
             args.push("--no-templates");
         }
-        let daemon = Proc::spawn(&mut ws.cmd(&args));
+        let rt = common::tempdir("ws-rt-");
+        let daemon = Proc::spawn(ws.cmd(&args).env("XDG_RUNTIME_DIR", rt.path()));
         let line = daemon.read_line();
         assert!(line.starts_with("serving "), "serve printed {line:?}");
         if templates {
@@ -434,5 +435,12 @@ fn parked_instances_share_the_template_s_memory() {
         }
         let out = ws.served("pat", "check\n");
         assert_eq!(out.stdout, "PASS\n", "{}", out.describe());
+        // `ps` lists the template apart from instances.
+        let listed = ws.ps_json(rt.path());
+        let listed_templates = listed
+            .iter()
+            .filter(|i| i["template"].as_bool() == Some(true))
+            .count();
+        assert_eq!(listed_templates, usize::from(templates), "{listed:?}");
     }
 }

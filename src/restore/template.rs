@@ -50,6 +50,8 @@ pub struct Template {
     pub plan: CowPlan,
     /// Bytes of stored pages it holds.
     pub bytes: u64,
+    /// Listed by `warmstart ps` while it lives.
+    _listed: Option<crate::instances::Registration>,
 }
 
 impl std::fmt::Debug for Template {
@@ -189,6 +191,21 @@ impl Template {
                 .map(|a| a.own.len() as u64 * PAGE_SIZE as u64)
                 .sum(),
             plan,
+            _listed: crate::instances::register(&crate::instances::Instance {
+                monitor: std::process::id() as i32,
+                pid,
+                snapshot: snap.id.to_string(),
+                names: Vec::new(),
+                command: m.command.clone(),
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                client: None,
+                template: true,
+            })
+            .map_err(|e| tracing::warn!("template not listed by `warmstart ps`: {e:#}"))
+            .ok(),
         };
         // Where it mapped each area; then every stored page goes in.
         let placed: Vec<(u64, u64, u64)> = {

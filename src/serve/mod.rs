@@ -380,6 +380,7 @@ fn start_instance(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             client: Some(req.client),
+            template: false,
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok();
