@@ -151,19 +151,20 @@ fn restored_round(
     servers
 }
 
-/// After the learning run: every process of the snapshot has a working set of its own.
+/// After the learning run: processes of the snapshot learned working sets of their own —
+/// the root and at least one worker. (Not necessarily every worker: the pages a worker
+/// shares with the master are restored eagerly, shared copy-on-write, so an idle worker
+/// may fault on nothing.)
 fn assert_learned_per_process(ws: &Ws, snap: &str) {
     let pids = snapshot_pids(ws, snap);
     let v = ws.inspect_json(snap);
     let by_pid = &v["stats"]["working_set_by_pid"];
-    for pid in &pids {
-        let n = by_pid[pid.to_string()].as_u64().unwrap_or(0);
-        assert!(
-            n > 0,
-            "{snap}: process {pid} learned no working set of its own (every process of a \
-             tree learns its own); working_set_by_pid = {by_pid}"
-        );
-    }
+    let learned = |pid: &i64| by_pid[pid.to_string()].as_u64().unwrap_or(0) > 0;
+    assert!(
+        pids.first().is_some_and(learned) && pids.iter().skip(1).any(learned),
+        "{snap}: the root and at least one other process of {pids:?} should have learned a \
+         working set of their own; working_set_by_pid = {by_pid}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

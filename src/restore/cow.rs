@@ -72,6 +72,20 @@ pub struct CowPlan {
 }
 
 impl CowPlan {
+    /// A copy (its memfd shared).
+    pub fn try_clone(&self) -> Result<CowPlan> {
+        Ok(CowPlan {
+            procs: self.procs.clone(),
+            avoid: self.avoid.clone(),
+            memfd: self
+                .memfd
+                .as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .context("dup of the shared pages' memfd")?,
+        })
+    }
+
     /// `(start, len)` of `idx`'s shared areas, sorted: restored eagerly.
     pub fn eager_ranges(&self, idx: usize) -> Vec<(u64, u64)> {
         let mut v: Vec<(u64, u64)> = self.procs[idx]
@@ -131,9 +145,13 @@ fn vma_at(cands: &[(u64, u64)], addr: u64) -> Option<(u64, u64)> {
 
 /// Plans the tree of `m`; `None` when nothing is shared (a lone process, or no page a
 /// child still shares).
-pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
+///
+/// For a template ([`super::template`]) the root adopts every candidate area with stored
+/// pages, all of them its own content, from the template, which holds them at the places
+/// it reports (in the order of the root's areas); the rest of the tree as usual.
+pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowPlan>> {
     let n = m.processes.len();
-    if n < 2 {
+    if n < 2 && !template {
         return Ok(None);
     }
     let live: Vec<bool> = m.processes.iter().map(|p| p.zombie.is_none()).collect();
@@ -177,7 +195,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
             .iter()
             .any(|&(s, e)| vma_at(&cands[par], s).is_some_and(|(ps, pe)| ps <= s && e <= pe))
     });
-    if !any {
+    if !any && !template {
         return Ok(None);
     }
     let pages: Vec<HashMap<u64, (Hash, u64)>> = m
@@ -233,6 +251,31 @@ pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
                     .position(|q| q.pid == m.processes[i].ppid)
             })
             .flatten();
+        if template && i == 0 {
+            for &(s, e) in &cands[0] {
+                let state: HashMap<u64, Hash> = pages[0]
+                    .iter()
+                    .filter(|(&a, _)| a >= s && a < e)
+                    .map(|(&a, &(h, _))| (a, h))
+                    .collect();
+                if state.is_empty() {
+                    continue;
+                }
+                let mut own: Vec<u64> = state.keys().copied().collect();
+                own.sort_unstable();
+                let k = procs[0].len();
+                procs[0].push(Area {
+                    start: s,
+                    end: e,
+                    adopt: Some(k),
+                    writes: Vec::new(),
+                    own,
+                    zero: Vec::new(),
+                });
+                held[0].push(state);
+            }
+            continue;
+        }
         for &(s, e) in &cands[i] {
             let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
             // Pages a child (or further down) wants with this process's content.
@@ -312,15 +355,19 @@ pub fn plan(snap: &Snapshot, m: &Manifest) -> Result<Option<CowPlan>> {
             held[i].push(state);
         }
     }
-    if procs.iter().all(Vec::is_empty) {
+    if procs.iter().all(Vec::is_empty) && !template {
         return Ok(None);
     }
-    let memfd = fill_memfd(snap, &memfd_pages)?;
+    let memfd = if memfd_pages.is_empty() {
+        None
+    } else {
+        Some(fill_memfd(snap, &memfd_pages)?)
+    };
     let avoid = every_vma(m);
     Ok(Some(CowPlan {
         procs,
         avoid,
-        memfd: Some(memfd),
+        memfd,
     }))
 }
 

@@ -261,7 +261,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             snap.id.short()
         ),
         None => {
-            own_plan = cow::plan(snap, m)?;
+            own_plan = cow::plan(snap, m, false)?;
             if own_plan.is_some() {
                 phases.add("shared pages", t.elapsed());
             }
@@ -388,10 +388,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let sandbox = match &opts.template {
         Some(tpl) => tpl.spawn(
             spawn_opts.clocks,
-            &ranges[0],
+            ranges,
             &template::InstanceFds {
                 stdio,
-                report: chans.reports[0],
+                reports: &chans.reports,
+                gates: &chans.gates[1..],
                 notify: notify.as_ref().map(|(_, app)| app.as_raw_fd()),
                 late: late.as_ref().map(|(_, app)| app.as_raw_fd()),
                 listeners: &listeners,

@@ -2,9 +2,11 @@
 //! copy-on-write by every instance started from it.
 //!
 //! A template is a process forked from the monitor (`warmstart serve`) that holds the
-//! snapshot's private anonymous memory — every area [`super::cow::candidate`] accepts,
-//! all of its stored pages written — mapped where the app had it when that address is
-//! free in the template, elsewhere otherwise. It never runs the app. For each instance
+//! private anonymous memory of the snapshot's (root) process — every area
+//! [`super::cow::candidate`] accepts, all of its stored pages written — mapped where the
+//! app had it when that address is free in the template, elsewhere otherwise. In a tree,
+//! the root adopts all of it and its children share with the root as in any restored
+//! tree ([`super::cow::plan`] with `template`). It never runs the app. For each instance
 //! the monitor sends it the instance's fds (stdio, status pipe, notify and parking
 //! channels, listeners, private /tmp) and the template spawns the instance's sandbox as
 //! the monitor would (`warmstart_launcher::spawn`, with `CLONE_PARENT`, so the sandbox is
@@ -31,7 +33,7 @@ use warmstart_snapshots::model::{Manifest, RunContent, PAGE_SIZE};
 use warmstart_snapshots::store::Snapshot;
 
 use super::child::{self, Placed, TreeChannels};
-use super::cow::{self, Area, CowPlan};
+use super::cow::{self, CowPlan};
 use crate::sys::scm;
 
 /// The template process's name (`comm`).
@@ -66,62 +68,40 @@ impl std::fmt::Debug for Template {
 
 /// Why instances of `m` cannot come from a template, if they cannot.
 pub fn why_not(m: &Manifest) -> Option<String> {
-    if m.processes.len() != 1 {
-        return Some(format!(
-            "it is a tree of {} processes (templates hold single processes so far)",
+    let root = m.processes.first()?;
+    let any = root.vmas.iter().any(|v| {
+        cow::candidate(v)
+            && v.pages
+                .iter()
+                .any(|r| matches!(r.content, RunContent::Data { .. }))
+    });
+    if !any {
+        return Some("its process has no private memory to share".into());
+    }
+    // Each instance's fds travel to the template in one message.
+    let fds = 3 + 2 * m.processes.len() + 3 + crate::fds::inet::recorded_listeners(m).len();
+    (fds > scm::MAX_FDS).then(|| {
+        format!(
+            "its tree of {} processes needs more fds than one message to the template carries",
             m.processes.len()
-        ));
-    }
-    if template_plan(m).procs[0].is_empty() {
-        return Some("it has no private memory to share".into());
-    }
-    None
-}
-
-/// The areas of the snapshot's process a template holds: every candidate VMA with stored
-/// pages, all of them its own content (so the fill leaves them alone).
-fn template_plan(m: &Manifest) -> CowPlan {
-    let p = &m.processes[0];
-    let mut areas = Vec::new();
-    for v in p.vmas.iter().filter(|v| cow::candidate(v)) {
-        let mut own = Vec::new();
-        for r in &v.pages {
-            if let RunContent::Data { .. } = r.content {
-                let n = r.count.min(v.page_count().saturating_sub(r.page));
-                own.extend((0..n).map(|i| v.start + (r.page + i) * PAGE_SIZE as u64));
-            }
-        }
-        if own.is_empty() {
-            continue;
-        }
-        areas.push(Area {
-            start: v.start,
-            end: v.end,
-            adopt: Some(areas.len()),
-            writes: Vec::new(),
-            own,
-            zero: Vec::new(),
-        });
-    }
-    CowPlan {
-        procs: vec![areas],
-        avoid: cow::every_vma(m),
-        memfd: None,
-    }
+        )
+    })
 }
 
 /// What the monitor sends with an instance's fds.
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
     clocks: Option<[i64; 2]>,
+    /// Processes in the tree (one status pipe each, one gate each but the root).
+    procs: usize,
     stdio: bool,
     notify: bool,
     late: bool,
     /// `Fd::ofd` of each listener given in place of a recorded one.
     listeners: Vec<u32>,
     private_tmp: bool,
-    /// The lazily served ranges (of the one process).
-    lazy: Vec<(u64, u64)>,
+    /// The lazily served ranges, per process.
+    lazy: Vec<Vec<(u64, u64)>>,
 }
 
 /// The template's answer: the sandbox's pids (its fds come along), or why not.
@@ -139,7 +119,10 @@ enum Answer {
 /// The fds of one instance, as the restore prepared them.
 pub struct InstanceFds<'a> {
     pub stdio: Option<[RawFd; 3]>,
-    pub report: RawFd,
+    /// Per process, the write end of its status pipe.
+    pub reports: &'a [RawFd],
+    /// Per process but the root, the read end of its gate.
+    pub gates: &'a [RawFd],
     pub notify: Option<RawFd>,
     pub late: Option<RawFd>,
     pub listeners: &'a [(u32, RawFd)],
@@ -153,7 +136,9 @@ impl Template {
         if let Some(why) = why_not(m) {
             bail!("no template for snapshot {}: {why}", snap.id.short());
         }
-        let plan = template_plan(m);
+        let plan = cow::plan(snap, m, true)?
+            .ok_or_else(|| anyhow!("no template for snapshot {}", snap.id.short()))?;
+        let theirs_plan = plan.try_clone()?;
         // Statics the restoring child reads, set before the fork (see `child`).
         super::program::last_cap();
         let forked_snap = snap.clone();
@@ -162,7 +147,7 @@ impl Template {
             // SAFETY: getpid takes no arguments and cannot fail.
             let me = unsafe { libc::getpid() };
             let monitor = warmstart_launcher::sys::pidfd_open(me, 0).context("pidfd_open")?;
-            let plan = template_plan(&forked_snap.manifest);
+            let plan = theirs_plan;
             // SAFETY: glibc's fork runs its fork handlers, so the child may allocate; it
             // takes no other lock another thread may hold (no logging, printing, or shared
             // state: `template_main` reads plain data and makes system calls) and ends in
@@ -229,7 +214,7 @@ impl Template {
     pub(super) fn spawn(
         &self,
         clocks: Option<[i64; 2]>,
-        lazy: &[(u64, u64)],
+        lazy: &[Vec<(u64, u64)>],
         fds: &InstanceFds,
     ) -> Result<Sandbox> {
         if fds.stdio.is_none() {
@@ -237,6 +222,7 @@ impl Template {
         }
         let req = Request {
             clocks,
+            procs: fds.reports.len(),
             stdio: fds.stdio.is_some(),
             notify: fds.notify.is_some(),
             late: fds.late.is_some(),
@@ -244,13 +230,23 @@ impl Template {
             private_tmp: fds.private_tmp.is_some(),
             lazy: lazy.to_vec(),
         };
+        if fds.gates.len() + 1 != fds.reports.len() || lazy.len() != fds.reports.len() {
+            bail!("a template request needs a status pipe per process and a gate per child");
+        }
         let mut send: Vec<RawFd> = Vec::new();
         send.extend(fds.stdio.iter().flatten());
-        send.push(fds.report);
+        send.extend(fds.reports);
+        send.extend(fds.gates);
         send.extend(fds.notify);
         send.extend(fds.late);
         send.extend(fds.listeners.iter().map(|l| l.1));
         send.extend(fds.private_tmp);
+        if send.len() > scm::MAX_FDS {
+            bail!(
+                "{} fds are too many for one request to the template",
+                send.len()
+            );
+        }
         let bytes = postcard::to_stdvec(&req).context("encoding a template request")?;
         let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
         scm::send(ctl.as_fd(), &bytes, &send).context("sending a request to the template")?;
@@ -383,7 +379,9 @@ fn template_main(plan: &CowPlan, m: &Manifest, ctl: RawFd, monitor: RawFd, paren
     // Told apart from the monitor and its sandboxes in `ps` and /proc.
     // SAFETY: prctl reads a NUL-terminated static name.
     unsafe { libc::prctl(libc::PR_SET_NAME, TEMPLATE_COMM.as_ptr(), 0, 0, 0) };
-    close_all_but(&[ctl, monitor]);
+    let mut keep = vec![ctl, monitor];
+    keep.extend(plan.memfd.as_ref().map(|f| f.as_raw_fd()));
+    close_all_but(&keep);
     let code = match serve(plan, m, ctl, monitor) {
         Ok(()) => 0,
         Err(_) => 1,
@@ -477,8 +475,14 @@ fn spawn_one(
     req: &Request,
     fds: Vec<OwnedFd>,
 ) -> std::result::Result<SandboxParts, String> {
-    let want = if req.stdio { 3 } else { 0 }
-        + 1
+    let n = req.procs;
+    if n != m.processes.len() || req.lazy.len() != n {
+        return Err(format!(
+            "a request for {n} processes, the snapshot has {}",
+            m.processes.len()
+        ));
+    }
+    let want = if req.stdio { 3 } else { 0 } + 2 * n - 1
         + usize::from(req.notify)
         + usize::from(req.late)
         + req.listeners.len()
@@ -493,19 +497,17 @@ fn spawn_one(
     let mut it = raw.iter().copied();
     let mut next = || it.next().expect("counted above");
     let stdio = req.stdio.then(|| [next(), next(), next()]);
-    let report = next();
+    let reports: Vec<RawFd> = (0..n).map(|_| next()).collect();
+    let mut gates = vec![-1];
+    gates.extend((1..n).map(|_| next()));
     let notify = req.notify.then(&mut next);
     let late = req.late.then(&mut next);
     let listeners: Vec<(u32, RawFd)> = req.listeners.iter().map(|&o| (o, next())).collect();
     let private_tmp = req.private_tmp.then(&mut next);
-    let chans = TreeChannels {
-        reports: vec![report],
-        gates: vec![-1],
-    };
-    let lazy = vec![req.lazy.clone()];
+    let chans = TreeChannels { reports, gates };
     let args = child::ChildArgs {
         m,
-        lazy: &lazy,
+        lazy: &req.lazy,
         notify,
         late_sock: late,
         listeners: &listeners,

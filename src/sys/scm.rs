@@ -3,8 +3,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-/// Most fds one message carries here.
-pub const MAX_FDS: usize = 8;
+/// Most fds one message carries here (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// Room for one `SCM_RIGHTS` header with [`MAX_FDS`] fds (`CMSG_SPACE`), in u64s for the
+/// alignment a `cmsghdr` needs.
+const CONTROL_WORDS: usize = (16 + 4 * MAX_FDS).div_ceil(8);
 
 /// A connected pair of `SOCK_SEQPACKET` sockets (messages kept whole, close-on-exec).
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -30,7 +34,7 @@ pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: msghdr is a plain C struct of pointers and integers; all-zero (null
     // pointers, zero lengths) is a valid value, and the fields used are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -41,9 +45,9 @@ pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         msg.msg_control = control.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is arithmetic on its integer argument.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        // SAFETY: msg_control points at `control`, 64 bytes aligned for u64 (enough for
-        // cmsghdr), and msg_controllen = CMSG_SPACE(4 * fds.len()) <= 48 since
-        // fds.len() <= MAX_FDS (asserted above), so CMSG_FIRSTHDR returns a non-null header
+        // SAFETY: msg_control points at `control`, 8 * CONTROL_WORDS bytes aligned for
+        // u64 (enough for cmsghdr), and msg_controllen = CMSG_SPACE(4 * fds.len()) fits
+        // in it since fds.len() <= MAX_FDS (asserted above), so CMSG_FIRSTHDR returns a non-null header
         // inside `control` whose data area has room for all of `fds`. `fds` and `control`
         // do not overlap.
         unsafe {
@@ -75,7 +79,7 @@ pub fn recv(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: msghdr is a plain C struct of pointers and integers; all-zero (null
     // pointers, zero lengths) is a valid value, and the fields used are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
