@@ -111,7 +111,7 @@ fn server_instances_side_by_side_on_their_own_listeners() {
     let file = std::fs::File::open("/dev/null").unwrap();
     let not = systemd_run(&ws, file.as_raw_fd(), &["run", "http"]);
     assert!(wait_pid_exit(not.pid(), TIMEOUT));
-    let err = not.err_log.lock().unwrap().clone();
+    let err = not.stderr_after_exit();
     assert!(
         err.contains("LISTEN_FDS=1: fd 3 is not a listening TCP socket"),
         "{err}"
