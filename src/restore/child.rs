@@ -358,7 +358,7 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
         let len = a.end - a.start;
         let at = match a.adopt.and_then(|k| inherited.get(k)) {
             Some(from) => from.at + (a.start - from.start),
-            None => map_area(a.start, len, plan, &mut own)?,
+            None => map_area(a.start, len, a.noreserve, plan, &mut own)?,
         };
         for &(addr, pages, off) in &a.writes {
             let dst = at + (addr - a.start);
@@ -402,6 +402,7 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
 pub(crate) fn map_area(
     start: u64,
     len: u64,
+    noreserve: bool,
     plan: &CowPlan,
     own: &mut Option<Vec<(u64, u64)>>,
 ) -> Result<u64> {
@@ -412,7 +413,10 @@ pub(crate) fn map_area(
                 at as *mut libc::c_void,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | if noreserve { libc::MAP_NORESERVE } else { 0 },
                 -1,
                 0,
             )

@@ -40,6 +40,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub struct Area {
     pub start: u64,
     pub end: u64,
+    /// Mapped `MAP_NORESERVE`, as the VMA was.
+    pub noreserve: bool,
     /// Index into the parent's areas of the one this lies inside (adopted), or `None`
     /// (mapped new by this process).
     pub adopt: Option<usize>,
@@ -98,19 +100,19 @@ impl CowPlan {
 }
 
 /// Whether `v` can be a shared area: private anonymous memory mapped with nothing an
-/// `mremap` of a plain writable mapping would lose (growing down, locked, no reserve) and
-/// inherited by a fork at all (not `MADV_DONTFORK`/`WIPEONFORK`). Accounted (writable
-/// once), as the plain writable mapping it is made from is.
+/// `mremap` of a plain writable mapping would lose (growing down, locked). It is made
+/// from a writable mapping, so it must have been writable once: accounted (`VM_ACCOUNT`),
+/// or mapped `MAP_NORESERVE` (never accounted; V8's heap), which the area is mapped with
+/// too. `MADV_DONTFORK`/`WIPEONFORK` areas (V8's heap again) qualify: the area is mapped
+/// without the advice, so the restore's own forks carry it, and the restorer gives it
+/// afterwards, as it does every VMA's advice, for the app's forks to come.
 pub fn candidate(v: &Vma) -> bool {
     !v.shared
         && matches!(v.kind, VmaKind::Anon { .. })
-        && v.flags.accounted
+        && (v.flags.accounted != v.flags.noreserve)
         && !v.flags.growsdown
-        && !v.flags.dontfork
-        && !v.flags.wipeonfork
         && !v.flags.locked
         && !v.flags.lockonfault
-        && !v.flags.noreserve
 }
 
 type Hash = [u8; 32];
@@ -135,6 +137,13 @@ fn stored_pages(snap: &Snapshot, p: &Process) -> HashMap<u64, (Hash, u64)> {
         }
     }
     out
+}
+
+/// Whether `p`'s VMA `start..end` is `MAP_NORESERVE`.
+fn noreserve(p: &Process, start: u64, end: u64) -> bool {
+    p.vmas
+        .iter()
+        .any(|v| v.start == start && v.end == end && v.flags.noreserve)
 }
 
 /// The candidate VMA of `p` holding `addr`.
@@ -267,6 +276,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
                 procs[0].push(Area {
                     start: s,
                     end: e,
+                    noreserve: noreserve(&m.processes[0], s, e),
                     adopt: Some(k),
                     writes: Vec::new(),
                     own,
@@ -278,6 +288,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
         }
         for &(s, e) in &cands[i] {
             let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
+            let nr = noreserve(&m.processes[i], s, e);
             // Pages a child (or further down) wants with this process's content.
             let needed: Vec<u64> = {
                 let mut v: Vec<u64> = (s..e)
@@ -297,7 +308,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             let inherited = parent.and_then(|par| {
                 procs[par]
                     .iter()
-                    .position(|a| a.start <= s && e <= a.end)
+                    .position(|a| a.start <= s && e <= a.end && a.noreserve == nr)
                     .map(|k| (k, &held[par][k]))
             });
             let matches = inherited.is_some_and(|(_, st)| {
@@ -347,6 +358,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             procs[i].push(Area {
                 start: s,
                 end: e,
+                noreserve: nr,
                 adopt,
                 writes,
                 own,

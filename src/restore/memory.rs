@@ -244,6 +244,7 @@ pub fn fill_template(
             &Area {
                 start,
                 end,
+                noreserve: v.flags.noreserve,
                 adopt: None,
                 writes: Vec::new(),
                 own: Vec::new(),

@@ -1,0 +1,200 @@
+//! Density benchmark (issue 15): N instances of one snapshot handed out by
+//! `warmstart serve`, each after answering one request and with its memory in (a few
+//! seconds of streaming), all alive at once; the total Pss of everything the daemon runs
+//! (templates, sandboxes, apps), with templates and with `--no-templates`, side by side.
+//!
+//! `cargo bench --bench density [-- N]` (default 32 instances). Prints a markdown table.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn which(cmd: &str) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if p.is_empty() {
+        bail!("{cmd} not found on PATH");
+    }
+    Ok(std::fs::canonicalize(&p)?.to_string_lossy().into_owned())
+}
+
+fn ws(store: &Path) -> Command {
+    let mut c = Command::new(EXE);
+    c.arg("--store").arg(store);
+    c
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The process `pid` and all its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(c.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A `run` holding its instance alive after the first answer.
+struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+/// Total Pss (KiB) of `n` instances served from `store`'s snapshot `w`.
+fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
+    let mut args: Vec<String> = ["-v", "serve", "--pool", "x", "--pool-max", "x", "--warm", "w"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args[3] = n.to_string();
+    args[5] = n.to_string();
+    if !templates {
+        args.push("--no-templates".into());
+    }
+    let mut daemon = ws(store)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting serve")?;
+    let err = daemon.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let mut parked = 0;
+    while parked < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = rx.recv_timeout(left).context("waiting for the pool to fill")?;
+        if l.contains("parked an instance of") {
+            parked += 1;
+        }
+    }
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let mut child = ws(store)
+            .args(["run", "w"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut stdin = child.stdin.take();
+        writeln!(stdin.as_mut().expect("piped"), "request {i}")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("instance {i} did not answer");
+        }
+        clients.push(Client { child, stdin });
+    }
+    // Memory streams in after the answer.
+    std::thread::sleep(Duration::from_secs(3));
+    let total = tree(daemon.id())
+        .into_iter()
+        .skip(1)
+        .map(pss_kib)
+        .sum::<u64>();
+    for c in &mut clients {
+        drop(c.stdin.take());
+        let _ = c.child.wait();
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    Ok(total)
+}
+
+fn main() -> Result<()> {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(32);
+    let workloads = PathBuf::from(MANIFEST_DIR).join("../shared/workloads");
+    // Not under /tmp: a recorded app gets a private /tmp of its own.
+    let target = PathBuf::from(MANIFEST_DIR).join("target");
+    std::fs::create_dir_all(&target)?;
+    let build = tempfile::tempdir_in(&target)?;
+    let java_dir = build.path().join("java");
+    std::fs::create_dir_all(&java_dir)?;
+    check(
+        Command::new(which("javac")?)
+            .arg("-d")
+            .arg(&java_dir)
+            .arg(workloads.join("java/Echo.java"))
+            .arg(workloads.join("java/Http.java")),
+    )?;
+    let w = |f: &str| workloads.join(f).to_string_lossy().into_owned();
+    let apps: Vec<(&str, Vec<String>)> = vec![
+        ("py_boto3.py", vec![which("python3")?, w("py_boto3.py")]),
+        ("node_echo.js", vec![which("node")?, w("node_echo.js")]),
+        (
+            "java/Echo.java",
+            vec![
+                which("java")?,
+                "-cp".into(),
+                java_dir.to_string_lossy().into_owned(),
+                "Echo".into(),
+            ],
+        ),
+    ];
+    println!("| workload | instances | total Pss, templates | total Pss, each on its own | ratio |");
+    println!("|---|---|---|---|---|");
+    for (name, cmd) in apps {
+        let store = tempfile::tempdir()?;
+        check(ws(store.path()).args(["record", "--name", "w", "--"]).args(&cmd))?;
+        // The first run learns the working set (served runs need one).
+        let mut learn = ws(store.path())
+            .args(["run", "--no-serve", "w"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        writeln!(learn.stdin.take().expect("piped"), "learn")?;
+        learn.wait()?;
+        let with = measure(store.path(), n, true)?;
+        let without = measure(store.path(), n, false)?;
+        println!(
+            "| `{name}` | {n} | {:.1} MiB | {:.1} MiB | {:.0}% |",
+            with as f64 / 1024.0,
+            without as f64 / 1024.0,
+            100.0 * with as f64 / without.max(1) as f64
+        );
+    }
+    Ok(())
+}
