@@ -76,10 +76,19 @@ struct Client {
 
 /// Total Pss (KiB) of `n` instances served from `store`'s snapshot `w`.
 fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
-    let mut args: Vec<String> = ["-v", "serve", "--pool", "x", "--pool-max", "x", "--warm", "w"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = [
+        "-v",
+        "serve",
+        "--pool",
+        "x",
+        "--pool-max",
+        "x",
+        "--warm",
+        "w",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args[3] = n.to_string();
     args[5] = n.to_string();
     if !templates {
@@ -102,7 +111,9 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
     let mut parked = 0;
     while parked < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        let l = rx.recv_timeout(left).context("waiting for the pool to fill")?;
+        let l = rx
+            .recv_timeout(left)
+            .context("waiting for the pool to fill")?;
         if l.contains("parked an instance of") {
             parked += 1;
         }
@@ -173,11 +184,17 @@ fn main() -> Result<()> {
             ],
         ),
     ];
-    println!("| workload | instances | total Pss, templates | total Pss, each on its own | ratio |");
+    println!(
+        "| workload | instances | total Pss, templates | total Pss, each on its own | ratio |"
+    );
     println!("|---|---|---|---|---|");
     for (name, cmd) in apps {
         let store = tempfile::tempdir()?;
-        check(ws(store.path()).args(["record", "--name", "w", "--"]).args(&cmd))?;
+        check(
+            ws(store.path())
+                .args(["record", "--name", "w", "--"])
+                .args(&cmd),
+        )?;
         // The first run learns the working set (served runs need one).
         let mut learn = ws(store.path())
             .args(["run", "--no-serve", "w"])

@@ -358,7 +358,7 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
         let len = a.end - a.start;
         let at = match a.adopt.and_then(|k| inherited.get(k)) {
             Some(from) => from.at + (a.start - from.start),
-            None => map_area(a.start, len, a.noreserve, plan, &mut own)?,
+            None => map_area(a.start, len, &a.backing, plan, &mut own)?,
         };
         for &(addr, pages, off) in &a.writes {
             let dst = at + (addr - a.start);
@@ -402,23 +402,33 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
 pub(crate) fn map_area(
     start: u64,
     len: u64,
-    noreserve: bool,
+    backing: &super::cow::Backing,
     plan: &CowPlan,
     own: &mut Option<Vec<(u64, u64)>>,
 ) -> Result<u64> {
+    let file = match &backing.file {
+        Some((path, offset)) => Some((open_path(path, libc::O_RDONLY)?, *offset)),
+        None => None,
+    };
+    let (fd, offset, anon) = match &file {
+        Some((f, o)) => (f.as_raw_fd(), *o as libc::off_t, 0),
+        None => (-1, 0, libc::MAP_ANONYMOUS),
+    };
+    let noreserve = backing.noreserve;
     let map = |at: u64| {
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping; anonymous, no fd.
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping; the fd (if any) is open
+        // across the call.
         unsafe {
             libc::mmap(
                 at as *mut libc::c_void,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE
-                    | libc::MAP_ANONYMOUS
+                    | anon
                     | libc::MAP_FIXED_NOREPLACE
                     | if noreserve { libc::MAP_NORESERVE } else { 0 },
-                -1,
-                0,
+                fd,
+                offset,
             )
         }
     };

@@ -40,8 +40,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub struct Area {
     pub start: u64,
     pub end: u64,
-    /// Mapped `MAP_NORESERVE`, as the VMA was.
-    pub noreserve: bool,
+    /// What the area is mapped from, as the VMA was.
+    pub backing: Backing,
     /// Index into the parent's areas of the one this lies inside (adopted), or `None`
     /// (mapped new by this process).
     pub adopt: Option<usize>,
@@ -53,6 +53,16 @@ pub struct Area {
     /// Pages the area holds (inherited) where this process has none or a zero page: the
     /// eager fill zeroes them. Sorted.
     pub zero: Vec<u64>,
+}
+
+/// What a shared area is mapped from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    /// `MAP_NORESERVE`.
+    pub noreserve: bool,
+    /// A private mapping of this file at this offset (its written pages are anonymous
+    /// copies, shared as the rest), else anonymous memory.
+    pub file: Option<(String, u64)>,
 }
 
 impl Area {
@@ -107,12 +117,13 @@ impl CowPlan {
 /// without the advice, so the restore's own forks carry it, and the restorer gives it
 /// afterwards, as it does every VMA's advice, for the app's forks to come.
 pub fn candidate(v: &Vma) -> bool {
-    !v.shared
-        && matches!(v.kind, VmaKind::Anon { .. })
-        && (v.flags.accounted != v.flags.noreserve)
-        && !v.flags.growsdown
-        && !v.flags.locked
-        && !v.flags.lockonfault
+    let kind = match v.kind {
+        VmaKind::Anon { .. } => v.flags.accounted != v.flags.noreserve,
+        // A private file mapping's written pages (a relocated CDS archive, `.data`).
+        VmaKind::File { .. } => v.flags.accounted && !v.flags.noreserve,
+        _ => false,
+    };
+    !v.shared && kind && !v.flags.growsdown && !v.flags.locked && !v.flags.lockonfault
 }
 
 type Hash = [u8; 32];
@@ -139,11 +150,16 @@ fn stored_pages(snap: &Snapshot, p: &Process) -> HashMap<u64, (Hash, u64)> {
     out
 }
 
-/// Whether `p`'s VMA `start..end` is `MAP_NORESERVE`.
-fn noreserve(p: &Process, start: u64, end: u64) -> bool {
-    p.vmas
-        .iter()
-        .any(|v| v.start == start && v.end == end && v.flags.noreserve)
+/// What `p`'s VMA `start..end` is mapped from.
+pub fn backing_of(p: &Process, start: u64, end: u64) -> Backing {
+    let v = p.vmas.iter().find(|v| v.start == start && v.end == end);
+    Backing {
+        noreserve: v.is_some_and(|v| v.flags.noreserve),
+        file: v.and_then(|v| match &v.kind {
+            VmaKind::File { file } => Some((file.path.clone(), v.offset)),
+            _ => None,
+        }),
+    }
 }
 
 /// The candidate VMA of `p` holding `addr`.
@@ -276,7 +292,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
                 procs[0].push(Area {
                     start: s,
                     end: e,
-                    noreserve: noreserve(&m.processes[0], s, e),
+                    backing: backing_of(&m.processes[0], s, e),
                     adopt: Some(k),
                     writes: Vec::new(),
                     own,
@@ -288,7 +304,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
         }
         for &(s, e) in &cands[i] {
             let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
-            let nr = noreserve(&m.processes[i], s, e);
+            let backing = backing_of(&m.processes[i], s, e);
             // Pages a child (or further down) wants with this process's content.
             let needed: Vec<u64> = {
                 let mut v: Vec<u64> = (s..e)
@@ -308,15 +324,33 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             let inherited = parent.and_then(|par| {
                 procs[par]
                     .iter()
-                    .position(|a| a.start <= s && e <= a.end && a.noreserve == nr)
+                    .position(|a| {
+                        a.start <= s
+                            && e <= a.end
+                            && a.backing.noreserve == backing.noreserve
+                            // The same file, at the offset this part of it has.
+                            && match (&a.backing.file, &backing.file) {
+                                (None, None) => true,
+                                (Some((f, o)), Some((g, p))) => f == g && o + (s - a.start) == *p,
+                                _ => false,
+                            }
+                    })
                     .map(|k| (k, &held[par][k]))
             });
             let matches = inherited.is_some_and(|(_, st)| {
                 st.iter()
                     .any(|(&a, h)| a >= s && a < e && mine(a) == Some(*h))
             });
+            // In a file mapping a page the process has not written reads from the file:
+            // an inherited written page there could not be undone by a write.
+            let revertible = backing.file.is_none()
+                || inherited.is_some_and(|(_, st)| {
+                    st.keys()
+                        .filter(|&&a| a >= s && a < e)
+                        .all(|&a| mine(a).is_some())
+                });
             let (adopt, mut state) = match inherited {
-                Some((k, st)) if matches => (
+                Some((k, st)) if matches && revertible => (
                     Some(k),
                     st.iter()
                         .filter(|(&a, _)| a >= s && a < e)
@@ -358,7 +392,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             procs[i].push(Area {
                 start: s,
                 end: e,
-                noreserve: nr,
+                backing,
                 adopt,
                 writes,
                 own,

@@ -71,7 +71,13 @@ fn shared_area_batches(v: &Vma, a: &Area, out: &mut Vec<Batch>) {
     let mut pages: Vec<(u64, Option<u64>)> = Vec::new();
     for run in &v.pages {
         let RunContent::Data { first } = run.content else {
-            continue; // a zero page: in `a.zero` if the area holds something there
+            // A zero page: anonymous memory reads as zero (but where the area holds
+            // something, then in `a.zero`); a file page does not.
+            if a.backing.file.is_some() {
+                let n = run.count.min(v.page_count().saturating_sub(run.page));
+                pages.extend((0..n).map(|i| (v.start + (run.page + i) * PAGE_SIZE as u64, None)));
+            }
+            continue;
         };
         let n = run.count.min(v.page_count().saturating_sub(run.page));
         for i in 0..n {
@@ -244,7 +250,7 @@ pub fn fill_template(
             &Area {
                 start,
                 end,
-                noreserve: v.flags.noreserve,
+                backing: super::cow::backing_of(p, start, end),
                 adopt: None,
                 writes: Vec::new(),
                 own: Vec::new(),

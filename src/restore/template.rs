@@ -413,7 +413,7 @@ fn serve(plan: &CowPlan, m: &Manifest, ctl: RawFd, monitor: RawFd) -> Result<()>
     let placed: std::result::Result<Vec<Placed>, String> = plan.procs[0]
         .iter()
         .map(|a| {
-            child::map_area(a.start, a.end - a.start, a.noreserve, plan, &mut own)
+            child::map_area(a.start, a.end - a.start, &a.backing, plan, &mut own)
                 .map(|at| Placed {
                     start: a.start,
                     end: a.end,
