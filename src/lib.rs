@@ -11,6 +11,7 @@ pub mod lazy;
 pub mod pageserver;
 pub mod private_dirs;
 pub mod record;
+pub mod report;
 pub mod restore;
 pub mod run;
 pub mod serve;

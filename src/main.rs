@@ -23,7 +23,7 @@ fn main() {
     match warmstart::cli::main(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("warmstart: {e:#}");
+            eprintln!("warmstart: {}", warmstart::report::error_line(&e));
             std::process::exit(1);
         }
     }

@@ -168,7 +168,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
             }
         };
         let resp = answer(shared, peer, req, &mut writer, &mut scratch)
-            .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
+            .unwrap_or_else(|e| Response::Error(crate::report::error_line(&e)));
         if let Response::Error(msg) = &resp {
             tracing::warn!("{peer}: {msg}");
         }

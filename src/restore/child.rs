@@ -129,7 +129,7 @@ pub fn run(
 /// Reports `e` on the status pipe `report`; the exit code to use.
 fn fail(report: RawFd, e: anyhow::Error) -> i32 {
     let mut msg = vec![MSG_ERROR];
-    msg.extend_from_slice(format!("{e:#}").as_bytes());
+    msg.extend_from_slice(crate::report::error_line(&e).as_bytes());
     let mut f = unsafe { std::fs::File::from_raw_fd(report) };
     let _ = f.write_all(&msg);
     1

@@ -924,7 +924,10 @@ pub fn detached<R>(
                 }
             }
             Err(e) => {
-                let _ = std::io::Write::write_all(&mut w, format!("E{e:#}").as_bytes());
+                let _ = std::io::Write::write_all(
+                    &mut w,
+                    format!("E{}", crate::report::error_line(&e)).as_bytes(),
+                );
                 1
             }
         };

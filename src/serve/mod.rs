@@ -223,7 +223,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let peer = match check_peer(&conn) {
         Ok(c) => c,
         Err(e) => {
-            let _ = protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[]);
+            let _ = protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            );
             return Err(e);
         }
     };
@@ -233,7 +237,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         Ok(Some(m)) => m,
         Ok(None) => return Ok(()),
         Err(e) => {
-            let _ = protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[]);
+            let _ = protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            );
             return Err(e);
         }
     };
@@ -259,7 +267,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let (snap, names) = match daemon.snapshot(&snapshot) {
         Ok(s) => s,
         Err(e) => {
-            protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
+            protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            )?;
             return Ok(());
         }
     };
@@ -400,7 +412,11 @@ fn serve_instance(
     let (r, _listed, parked) = match started_instance {
         Ok(x) => x,
         Err(e) => {
-            protocol::send(req.conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
+            protocol::send(
+                req.conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            )?;
             return Ok(());
         }
     };
@@ -441,7 +457,7 @@ fn serve_instance(
         .and_then(|code| r.finish(code))
     {
         Ok((code, _)) => Reply::Exited(code),
-        Err(e) => Reply::Error(format!("{e:#}")),
+        Err(e) => Reply::Error(crate::report::error_line(&e)),
     };
     // The caller may have gone; nothing to tell then.
     let _ = protocol::send(conn.as_fd(), &reply, &[]);
