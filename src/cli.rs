@@ -50,26 +50,37 @@ pub enum Command {
     },
     /// Show a snapshot: process tree, memory, sizes
     Inspect {
+        /// The snapshot: a name, an id, or a unique prefix of one (see `ls`)
         snapshot: String,
         #[arg(long)]
         json: bool,
     },
     /// Remove a snapshot (its pages go at the next `gc`)
-    Rm { snapshot: String },
+    Rm {
+        /// The snapshot: a name, an id, or a unique prefix of one (see `ls`); its names
+        /// go with it
+        snapshot: String,
+    },
     /// Delete store data no snapshot references
     Gc,
     /// Re-hash every page of every snapshot (or of one)
-    Verify { snapshot: Option<String> },
+    Verify {
+        /// The snapshot to check: a name, an id, or a unique prefix of one [default: every
+        /// snapshot of the store]
+        snapshot: Option<String>,
+    },
     /// Checkpoint a running process (CRIU style)
     Dump(DumpArgs),
     /// Restore a snapshot (CRIU style)
     Restore(RestoreArgs),
     /// Run an app to its warm point and snapshot it
+    #[command(override_usage = "warmstart record [OPTIONS] -- CMD [ARGS]...")]
     Record(RecordArgs),
     /// Start a new instance of a snapshot with this terminal's stdio
     Run(RunArgs),
     /// Measure what warmstart saves for an app: cold start vs restored instance
     /// (time to first answer, snapshot sizes, memory)
+    #[command(override_usage = "warmstart bench [OPTIONS] -- CMD [ARGS]...")]
     Bench(crate::bench::BenchArgs),
     /// List running instances and the snapshot each came from
     Ps {
@@ -194,8 +205,9 @@ pub struct RecordArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// When to take the snapshot: `stdin` (first read of fd 0), `listen` (first wait
-    /// for a connection), `after=DURATION` (e.g. after=2s), `signal` (the app stops
-    /// itself with SIGSTOP)
+    /// for a connection), `notify` (the app writes READY=1 to $WARMSTART_NOTIFY_FD, or
+    /// to $NOTIFY_SOCKET sd_notify style), `after=DURATION` (e.g. after=2s), `signal`
+    /// (the app stops itself with SIGSTOP)
     #[arg(long, default_value = "stdin")]
     pub ready: String,
     /// Give up if the app has not reached its warm point after this many seconds
@@ -234,8 +246,13 @@ pub struct RecordArgs {
     /// stderr, exit intercepted), so its lazy imports are in the snapshot. Repeatable
     #[arg(long, value_name = "ARGS", requires = "tool")]
     pub prime_args: Vec<String>,
-    /// The command to run
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    /// The command to run and its arguments (after `--`)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 
@@ -660,18 +677,20 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     for p in &m.processes {
         if let Some(status) = p.zombie {
             println!(
-                "  process {} ({}) ppid {} pgid {} sid {}, zombie (wait status {status:#x})",
-                p.pid, p.comm, p.ppid, p.pgid, p.sid
+                "  process {} ({}) ppid {} {}, zombie (wait status {status:#x})",
+                p.pid,
+                p.comm,
+                p.ppid,
+                group_and_session(p.pgid, p.sid)
             );
             continue;
         }
         println!(
-            "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
+            "  process {} ({}) ppid {} {}, {} thread(s), exe {}",
             p.pid,
             p.comm,
             p.ppid,
-            p.pgid,
-            p.sid,
+            group_and_session(p.pgid, p.sid),
             p.threads.len(),
             p.exe.path
         );
@@ -712,6 +731,18 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A process's group and session as `inspect` shows them: 0 is one that belongs to a
+/// process outside the snapshot's pid namespace (inherited from whoever started the app).
+fn group_and_session(pgid: i32, sid: i32) -> String {
+    const OUTSIDE: &str = "inherited from outside the tree";
+    match (pgid, sid) {
+        (0, 0) => format!("process group and session {OUTSIDE}"),
+        (0, s) => format!("process group {OUTSIDE}, sid {s}"),
+        (g, 0) => format!("pgid {g}, session {OUTSIDE}"),
+        (g, s) => format!("pgid {g} sid {s}"),
+    }
 }
 
 fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
@@ -773,7 +804,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                 },
                 tcp_close: a.tcp_close,
                 trigger: "dump".into(),
-                command: Vec::new(),
+                command: cmdline(a.pid),
                 name: a.name.clone(),
                 own_seccomp_filters: 0,
                 private_tmp: false,
@@ -806,6 +837,16 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
             Ok(code)
         }),
     }
+}
+
+/// The command line of process `pid` (empty if it cannot be read).
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 /// The snapshot `name` points to in `store`, if any.
@@ -848,7 +889,9 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             }
             let s = Store::open_existing(dir)?;
             let id = s.only_snapshot()?;
-            (s.load(&id)?, Vec::new())
+            // `ps` names the instance by its image directory.
+            let name = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            (s.load(&id)?, vec![name.display().to_string()])
         }
         (None, Some(snap), Some(addr)) => (
             Snapshot::connect_timeout(addr, snap, Duration::from_secs(a.page_server_timeout))?,

@@ -370,7 +370,7 @@ fn start_instance(
             pid: p.pid(),
             snapshot: snap.id.to_string(),
             names: req.names.clone(),
-            command: snap.manifest.command.clone(),
+            command: crate::run::command_of(&snap.manifest),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
