@@ -460,6 +460,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 }
             }
             let loaded = (|| -> Result<(Snapshot, Vec<String>)> {
+                // (A serve daemon restores for its users; restoring here needs these.)
+                crate::check::require_privileges("run")?;
                 let (snap, names) = match &a.page_server {
                     Some(addr) => (
                         Snapshot::connect_timeout(
@@ -787,6 +789,7 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
 }
 
 fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
+    crate::check::require_privileges("dump")?;
     if a.pid <= 0 || !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
         bail!("no such process: {}", a.pid);
     }
@@ -882,6 +885,7 @@ fn report_moved_name(
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
+    crate::check::require_privileges("restore")?;
     let (snap, names) = match (&a.dir, &a.snapshot, &a.page_server) {
         (Some(dir), _, _) => {
             if !dir.is_dir() {
@@ -924,6 +928,7 @@ fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
     // The parse error names `--ready` and the value already.
     let ready: warmstart_launcher::Ready = a.ready.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::check::require_privileges("record")?;
     with_new_store(&store_dir(cli)?, |store| record_in(store, a, ready))
 }
 

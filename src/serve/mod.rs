@@ -191,8 +191,17 @@ fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
     let cred = peer_cred(conn)?;
     let me = unsafe { libc::geteuid() };
     if cred.uid != 0 && cred.uid != me {
+        let (only, run_as) = if me == 0 {
+            ("root".to_string(), "root".to_string())
+        } else {
+            (
+                format!("root and uid {me} (its own user)"),
+                format!("root or uid {me}"),
+            )
+        };
         bail!(
-            "uid {} (pid {}) may not start instances: only root and uid {me} may",
+            "uid {} (pid {}) is not allowed to start instances here: the daemon serves only \
+             {only}; run `warmstart run` as {run_as}",
             cred.uid,
             cred.pid
         );
@@ -223,6 +232,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let peer = match check_peer(&conn) {
         Ok(c) => c,
         Err(e) => {
+            // Read its request first: a socket closed with a message unread resets the
+            // connection, and the client would see that instead of the reason.
+            if set_recv_timeout(&conn, Some(FIRST_MESSAGE_TIMEOUT)).is_ok() {
+                let _ = protocol::recv::<Request>(conn.as_fd());
+            }
             let _ = protocol::send(
                 conn.as_fd(),
                 &Reply::Error(crate::report::error_line(&e)),
