@@ -383,6 +383,12 @@ pub fn main(cli: Cli) -> Result<i32> {
     if let Some(dir) = &cli.work_dir {
         std::env::set_current_dir(dir).with_context(|| format!("-W {}", dir.display()))?;
     }
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::PageServer(_) | Command::Bench(_)
+    ) {
+        crate::progress::enable();
+    }
     match &cli.command {
         Command::Check { json } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
         Command::Ls { json } => {
@@ -400,7 +406,17 @@ pub fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Gc => {
-            let r = open_store_ro(&cli)?.gc()?;
+            let mut spinner = None;
+            let r = open_store_ro(&cli)?.gc_waiting(&mut |waiting| {
+                if waiting {
+                    tracing::info!("waiting for the store lock (another warmstart is writing)");
+                    spinner = Some(crate::progress::Spinner::new(
+                        "gc: waiting for the store lock (another warmstart is writing to the store)",
+                    ));
+                } else {
+                    spinner = None;
+                }
+            })?;
             println!(
                 "removed {} pack(s), {} temp file(s), {} orphan table(s); freed {}; {} pack(s) live",
                 r.removed_packs.len(),
@@ -749,7 +765,17 @@ fn group_and_session(pgid: i32, sid: i32) -> String {
 
 fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
     let id = which.map(|w| store.resolve(w)).transpose()?;
-    let r = store.verify(id.as_ref())?;
+    let progress = crate::progress::Bytes::new("verifying", None);
+    // Pages done of the snapshot being read (its index, count).
+    let mut at = (0, 0);
+    let r = store.verify_progress(id.as_ref(), &mut |p| {
+        if p.index != at.0 {
+            at = (p.index, 0);
+        }
+        progress.inc(p.pages_done.saturating_sub(at.1) * 4096);
+        at.1 = p.pages_done;
+    })?;
+    drop(progress);
     for d in &r.damaged {
         eprintln!("snapshot {} is damaged:", d.id.short());
         for reason in &d.reasons {

@@ -10,6 +10,7 @@ pub mod instances;
 pub mod lazy;
 pub mod pageserver;
 pub mod private_dirs;
+pub mod progress;
 pub mod record;
 pub mod report;
 pub mod restore;

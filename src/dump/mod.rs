@@ -205,6 +205,7 @@ fn collect_and_store(
     files.scan_ptys(&tree.order)?;
     let mut objects = shared_files::SharedFiles::default();
     let mut times = PhaseTimes::default();
+    let progress = crate::progress::Bytes::new("writing the memory of the snapshot", None);
     let mut processes = Vec::with_capacity(tree.order.len());
     let mut file_locks = Vec::new();
     let mut xsave_size = 0;
@@ -235,6 +236,7 @@ fn collect_and_store(
             &mut objects,
             &mut writer,
             &mut times,
+            &progress,
         )?;
         if xsave_size == 0 {
             xsave_size = p.threads[0].xsave.len() as u32;
@@ -298,6 +300,7 @@ fn collect_process(
     objects: &mut shared_files::SharedFiles,
     writer: &mut PageWriter<'_>,
     times: &mut PhaseTimes,
+    progress: &crate::progress::Bytes,
 ) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
     let t = Instant::now();
     let info = process::collect(pid)?;
@@ -359,7 +362,7 @@ fn collect_process(
     times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer)?;
+    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer, progress)?;
     times.memory += t.elapsed();
 
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

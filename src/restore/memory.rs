@@ -75,6 +75,7 @@ fn write(
     pid: i32,
     work: &[Batch],
     buf: &mut [u8],
+    progress: &crate::progress::Bytes,
 ) -> Result<()> {
     for b in work {
         let from_hot = b.first.and_then(|f| hot.and_then(|h| h.pages(f, b.count)));
@@ -97,6 +98,7 @@ fn write(
                 b.count, b.addr
             )
         })?;
+        progress.inc(bytes.len() as u64);
     }
     Ok(())
 }
@@ -165,6 +167,7 @@ pub fn fill(
     p: &Process,
     pid: i32,
     lazy: &[(u64, u64)],
+    progress: &crate::progress::Bytes,
 ) -> Result<()> {
     let open = || {
         OpenOptions::new()
@@ -180,6 +183,7 @@ pub fn fill(
                 .is_none_or(|f| hot.is_some_and(|h| h.pages(f, b.count).is_some()))
     });
     write_vectored(hot, pid, &quick)?;
+    progress.inc(quick.iter().map(|b| b.count * PAGE_SIZE as u64).sum());
     let work = rest;
     if work.is_empty() {
         return Ok(());
@@ -205,6 +209,7 @@ pub fn fill(
             pid,
             &work,
             &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+            progress,
         );
     }
     // Contiguous shares keep each thread's writes sequential in the target.
@@ -221,6 +226,7 @@ pub fn fill(
                         pid,
                         part,
                         &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+                        progress,
                     )
                 })
             })

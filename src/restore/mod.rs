@@ -493,10 +493,12 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let t = Instant::now();
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
+    let progress = crate::progress::Bytes::new("copying memory into the instance", None);
     for d in &tree {
-        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx])
+        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx], &progress)
             .map_err(|e| fail_in(d.p, e))?;
     }
+    drop(progress);
     phases.add("eager-pages", t.elapsed());
     let t = Instant::now();
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
