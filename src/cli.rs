@@ -409,10 +409,10 @@ pub fn main(cli: Cli) -> Result<i32> {
             let mut spinner = None;
             let r = open_store_ro(&cli)?.gc_waiting(&mut |waiting| {
                 if waiting {
-                    tracing::info!("waiting for the store lock (another warmstart is writing)");
                     spinner = Some(crate::progress::Spinner::new(
                         "gc: waiting for the store lock (another warmstart is writing to the store)",
                     ));
+                    tracing::info!("waiting for the store lock (another warmstart is writing)");
                 } else {
                     spinner = None;
                 }
@@ -543,7 +543,7 @@ pub fn main(cli: Cli) -> Result<i32> {
 fn ls(list: &[warmstart_snapshots::store::SnapshotInfo], json: bool) -> Result<i32> {
     // Newest first.
     let mut list: Vec<_> = list.iter().collect();
-    list.sort_by_key(|s| std::cmp::Reverse((s.created_unix, s.id)));
+    list.sort_by_key(|s| std::cmp::Reverse((s.created_unix, s.committed, s.id)));
     if json {
         let v: Vec<_> = list
             .iter()

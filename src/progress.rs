@@ -95,6 +95,8 @@ impl Spinner {
                 s.set_style(style);
             }
             s.set_message(msg.to_owned());
+            // Drawn now, not at the first tick of the ticker thread.
+            s.tick();
             s.enable_steady_tick(Duration::from_millis(120));
             s
         }))

@@ -296,6 +296,8 @@ pub struct SnapshotInfo {
     pub zero_pages: u64,
     /// Page-table records.
     pub data_pages: u64,
+    /// When its manifest was written (orders snapshots created in the same second).
+    pub committed: Option<std::time::SystemTime>,
     /// Compressed bytes of its pages in the packs (pages shared with other snapshots
     /// counted in each).
     pub stored_bytes: u64,
@@ -618,6 +620,9 @@ impl Store {
                 .filter(|(_, i)| *i == id)
                 .map(|(n, _)| n.clone())
                 .collect();
+            let committed = fs::metadata(self.manifest_path(&id))
+                .and_then(|m| m.modified())
+                .ok();
             let info = match self.read_manifest(&id) {
                 Ok(m) => {
                     let (logical_bytes, resident_pages, zero_pages) = manifest_sizes(&m);
@@ -636,6 +641,7 @@ impl Store {
                         zero_pages,
                         data_pages: m.page_count,
                         stored_bytes,
+                        committed,
                         damaged,
                         unreadable,
                     }
@@ -653,11 +659,12 @@ impl Store {
                     zero_pages: 0,
                     data_pages: 0,
                     stored_bytes: 0,
+                    committed,
                 },
             };
             out.push(info);
         }
-        out.sort_by_key(|i| (i.created_unix, i.id));
+        out.sort_by_key(|i| (i.created_unix, i.committed, i.id));
         Ok(out)
     }
 
