@@ -677,3 +677,45 @@ fn colours_and_progress_only_on_a_terminal() {
     );
     assert!(seen.contains("removed 0 pack(s)"), "{seen:?}");
 }
+
+/// Long work on a terminal shows progress: `record` of an app with 96 MiB of memory,
+/// `run --eager` of it and `verify`; through pipes the same commands draw nothing.
+#[test]
+fn progress_of_large_memory_on_a_terminal() {
+    let ws = Ws::new();
+    let store = ws.store().to_str().unwrap().to_owned();
+    let app = format!(
+        "{} -c 'import os,sys; b=os.urandom(96<<20); sys.stdin.readline()'",
+        python().display()
+    );
+    let on_tty = |cmd: &str| -> String {
+        let line = format!("{} --store {store} {cmd}", common::bin());
+        let mut p =
+            Proc::spawn(std::process::Command::new("script").args(["-qfec", &line, "/dev/null"]));
+        let all = p.stdout_until_eof();
+        assert!(p.wait().success(), "{cmd}:\n{all}");
+        all
+    };
+    let out = on_tty(&format!("record --name big -- {app} < /dev/null"));
+    assert!(
+        out.contains("writing the memory of the snapshot"),
+        "{out:?}"
+    );
+    let out = on_tty("run --eager big < /dev/null");
+    assert!(out.contains("copying memory into the instance"), "{out:?}");
+    let out = on_tty("verify");
+    assert!(
+        out.contains("warmstart: verifying") && out.contains("ok: 1 snapshot(s)"),
+        "{out:?}"
+    );
+    // Pipes: nothing drawn.
+    for args in [&["run", "--eager", "big"][..], &["verify"][..]] {
+        let out = ws.run(args, "");
+        out.assert_ok();
+        assert!(
+            !out.stderr.contains('\r') && !out.stderr.contains('\x1b'),
+            "{args:?} drew on a pipe:\n{}",
+            out.describe()
+        );
+    }
+}
