@@ -741,6 +741,38 @@ fn cap_eff() -> Option<u64> {
     u64::from_str_radix(v.trim(), 16).ok()
 }
 
+/// The capabilities a checkpoint or a restore needs, by name: namespaces and mounts
+/// (`CAP_SYS_ADMIN`), seizing and reading other processes (`CAP_SYS_PTRACE`), chosen pids
+/// and process-state setters (`CAP_CHECKPOINT_RESTORE`).
+const NEEDED_CAPS: [(u32, &str); 3] = [
+    (21, "CAP_SYS_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
+    (40, "CAP_CHECKPOINT_RESTORE"),
+];
+
+/// Fails, saying what is missing and what to do, unless this process holds every
+/// capability `command` (e.g. "run") needs.
+pub fn require_privileges(command: &str) -> anyhow::Result<()> {
+    let caps = cap_eff().unwrap_or(0);
+    let missing: Vec<&str> = NEEDED_CAPS
+        .iter()
+        .filter(|(c, _)| caps >> c & 1 == 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    anyhow::bail!(
+        "`warmstart {command}` needs root (or {}), and this process (uid {uid}) lacks {}: \
+         run it as root (e.g. with sudo); `warmstart check` shows what this host and user \
+         can do",
+        NEEDED_CAPS.map(|(_, n)| n).join(" + "),
+        missing.join(", ")
+    )
+}
+
 fn probe_caps() -> Probe {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_CHECKPOINT_RESTORE: u32 = 40;

@@ -50,26 +50,37 @@ pub enum Command {
     },
     /// Show a snapshot: process tree, memory, sizes
     Inspect {
+        /// The snapshot: a name, an id, or a unique prefix of one (see `ls`)
         snapshot: String,
         #[arg(long)]
         json: bool,
     },
     /// Remove a snapshot (its pages go at the next `gc`)
-    Rm { snapshot: String },
+    Rm {
+        /// The snapshot: a name, an id, or a unique prefix of one (see `ls`); its names
+        /// go with it
+        snapshot: String,
+    },
     /// Delete store data no snapshot references
     Gc,
     /// Re-hash every page of every snapshot (or of one)
-    Verify { snapshot: Option<String> },
+    Verify {
+        /// The snapshot to check: a name, an id, or a unique prefix of one [default: every
+        /// snapshot of the store]
+        snapshot: Option<String>,
+    },
     /// Checkpoint a running process (CRIU style)
     Dump(DumpArgs),
     /// Restore a snapshot (CRIU style)
     Restore(RestoreArgs),
     /// Run an app to its warm point and snapshot it
+    #[command(override_usage = "warmstart record [OPTIONS] -- CMD [ARGS]...")]
     Record(RecordArgs),
     /// Start a new instance of a snapshot with this terminal's stdio
     Run(RunArgs),
     /// Measure what warmstart saves for an app: cold start vs restored instance
     /// (time to first answer, snapshot sizes, memory)
+    #[command(override_usage = "warmstart bench [OPTIONS] -- CMD [ARGS]...")]
     Bench(crate::bench::BenchArgs),
     /// List running instances and the snapshot each came from
     Ps {
@@ -202,8 +213,9 @@ pub struct RecordArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// When to take the snapshot: `stdin` (first read of fd 0), `listen` (first wait
-    /// for a connection), `after=DURATION` (e.g. after=2s), `signal` (the app stops
-    /// itself with SIGSTOP)
+    /// for a connection), `notify` (the app writes READY=1 to $WARMSTART_NOTIFY_FD, or
+    /// to $NOTIFY_SOCKET sd_notify style), `after=DURATION` (e.g. after=2s), `signal`
+    /// (the app stops itself with SIGSTOP)
     #[arg(long, default_value = "stdin")]
     pub ready: String,
     /// Give up if the app has not reached its warm point after this many seconds
@@ -242,8 +254,13 @@ pub struct RecordArgs {
     /// stderr, exit intercepted), so its lazy imports are in the snapshot. Repeatable
     #[arg(long, value_name = "ARGS", requires = "tool")]
     pub prime_args: Vec<String>,
-    /// The command to run
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    /// The command to run and its arguments (after `--`)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 
@@ -323,6 +340,40 @@ fn open_store(cli: &Cli) -> Result<Store> {
     Ok(Store::open(&store_dir(cli)?)?)
 }
 
+/// The store `cli` names, for a command that only reads it (or removes from it):
+/// nothing is created, and a store that does not exist says so.
+fn open_store_ro(cli: &Cli) -> Result<Store> {
+    let dir = store_dir(cli)?;
+    match Store::open_existing(&dir) {
+        Err(warmstart_snapshots::store::StoreError::NoStore { .. }) if cli.store.is_some() => {
+            bail!(
+                "store {} does not exist (named by --store or $WARMSTART_STORE): check the \
+                 path; `warmstart record` creates a store",
+                dir.display()
+            )
+        }
+        Err(warmstart_snapshots::store::StoreError::NoStore { .. }) => bail!(
+            "store {} does not exist yet: nothing has been recorded (`warmstart record` \
+             creates it), or pass --store DIR",
+            dir.display()
+        ),
+        r => Ok(r?),
+    }
+}
+
+/// Runs `f` with the store (or image directory) at `dir`, opened for writing; when `f`
+/// fails and the directory was created for it, it is removed again, so that a failed
+/// command leaves no empty store behind.
+fn with_new_store<T>(dir: &std::path::Path, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+    let existed = dir.exists();
+    let store = Store::open(dir)?;
+    let r = f(&store);
+    if r.is_err() && !existed && store.ids().is_ok_and(|ids| ids.is_empty()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    r
+}
+
 /// Runs the parsed command; returns the process exit code.
 /// CRIU spells verbosity `-v4`: turn `-vN` into N `v`s before clap sees it.
 pub fn normalize_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
@@ -340,17 +391,40 @@ pub fn main(cli: Cli) -> Result<i32> {
     if let Some(dir) = &cli.work_dir {
         std::env::set_current_dir(dir).with_context(|| format!("-W {}", dir.display()))?;
     }
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::PageServer(_) | Command::Bench(_)
+    ) {
+        crate::progress::enable();
+    }
     match &cli.command {
         Command::Check { json } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
-        Command::Ls { json } => ls(&open_store(&cli)?, *json),
-        Command::Inspect { snapshot, json } => inspect(&open_store(&cli)?, snapshot, *json),
+        Command::Ls { json } => {
+            // The default store not there yet is an empty one.
+            let dir = store_dir(&cli)?;
+            if cli.store.is_none() && !dir.exists() {
+                return ls(&[], *json);
+            }
+            ls(&open_store_ro(&cli)?.list()?, *json)
+        }
+        Command::Inspect { snapshot, json } => inspect(&open_store_ro(&cli)?, snapshot, *json),
         Command::Rm { snapshot } => {
-            let id = open_store(&cli)?.remove(snapshot)?;
+            let id = open_store_ro(&cli)?.remove(snapshot)?;
             println!("removed {}", id.short());
             Ok(0)
         }
         Command::Gc => {
-            let r = open_store(&cli)?.gc()?;
+            let mut spinner = None;
+            let r = open_store_ro(&cli)?.gc_waiting(&mut |waiting| {
+                if waiting {
+                    spinner = Some(crate::progress::Spinner::new(
+                        "gc: waiting for the store lock (another warmstart is writing to the store)",
+                    ));
+                    tracing::info!("waiting for the store lock (another warmstart is writing)");
+                } else {
+                    spinner = None;
+                }
+            })?;
             println!(
                 "removed {} pack(s), {} temp file(s), {} orphan table(s); freed {}; {} pack(s) live",
                 r.removed_packs.len(),
@@ -361,7 +435,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Verify { snapshot } => verify(&open_store(&cli)?, snapshot.as_deref()),
+        Command::Verify { snapshot } => verify(&open_store_ro(&cli)?, snapshot.as_deref()),
         Command::Dump(a) => dump_cmd(&cli, a),
         Command::Restore(a) => restore_cmd(&cli, a),
         Command::Record(a) => record_cmd(&cli, a),
@@ -412,6 +486,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 }
             }
             let loaded = (|| -> Result<(Snapshot, Vec<String>)> {
+                // (A serve daemon restores for its users; restoring here needs these.)
+                crate::check::require_privileges("run")?;
                 let (snap, names) = match &a.page_server {
                     Some(addr) => (
                         Snapshot::connect_timeout(
@@ -421,7 +497,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                         )?,
                         Vec::new(),
                     ),
-                    None => load(&open_store(&cli)?, &a.snapshot)?,
+                    None => load(&open_store_ro(&cli)?, &a.snapshot)?,
                 };
                 if !a.or_cold.is_empty() {
                     // A shim: what would refuse the restore runs the tool cold instead.
@@ -434,8 +510,9 @@ pub fn main(cli: Cli) -> Result<i32> {
                 Ok(x) => x,
                 Err(e) if !a.or_cold.is_empty() => {
                     eprintln!(
-                        "warmstart: cannot run {} warm ({e:#}): running it cold",
-                        a.snapshot
+                        "warmstart: cannot run {} warm ({}): running it cold",
+                        a.snapshot,
+                        crate::report::error_line(&e)
                     );
                     return crate::tool::run_cold(&a.or_cold, a);
                 }
@@ -473,8 +550,10 @@ pub fn main(cli: Cli) -> Result<i32> {
     }
 }
 
-fn ls(store: &Store, json: bool) -> Result<i32> {
-    let list = store.list()?;
+fn ls(list: &[warmstart_snapshots::store::SnapshotInfo], json: bool) -> Result<i32> {
+    // Newest first.
+    let mut list: Vec<_> = list.iter().collect();
+    list.sort_by_key(|s| std::cmp::Reverse((s.created_unix, s.committed, s.id)));
     if json {
         let v: Vec<_> = list
             .iter()
@@ -483,6 +562,7 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
                     "id": s.id.to_string(), "names": s.names, "created_unix": s.created_unix,
                     "command": s.command, "logical_bytes": s.logical_bytes,
                     "resident_bytes": s.resident_pages * 4096, "zero_bytes": s.zero_pages * 4096,
+                    "stored_bytes": s.stored_bytes,
                     "damaged": s.damaged, "unreadable": s.unreadable,
                 })
             })
@@ -490,9 +570,13 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     println!(
-        "{:<12}  {:<16}  {:>10}  {:>10}  COMMAND",
-        "ID", "NAME", "LOGICAL", "RESIDENT"
+        "{:<12}  {:<16}  {:<14}  {:>10}  {:>10}  {:>10}  COMMAND",
+        "ID", "NAME", "CREATED", "LOGICAL", "RESIDENT", "STORED"
     );
     for s in list {
         let cmd = match (&s.damaged, &s.unreadable) {
@@ -501,14 +585,32 @@ fn ls(store: &Store, json: bool) -> Result<i32> {
             (None, None) => s.command.join(" "),
         };
         println!(
-            "{:<12}  {:<16}  {:>10}  {:>10}  {cmd}",
+            "{:<12}  {:<16}  {:<14}  {:>10}  {:>10}  {:>10}  {cmd}",
             s.id.short(),
             s.names.join(","),
+            age(now, s.created_unix),
             human(s.logical_bytes),
-            human(s.resident_pages * 4096)
+            human(s.resident_pages * 4096),
+            human(s.stored_bytes)
         );
     }
     Ok(0)
+}
+
+/// How long ago `then` was, as `ls` shows it (`5 minutes ago`).
+fn age(now: u64, then: u64) -> String {
+    if then == 0 {
+        return "-".into();
+    }
+    let secs = now.saturating_sub(then);
+    let (n, unit) = match secs {
+        0..=59 => return "just now".into(),
+        60..=3599 => (secs / 60, "minute"),
+        3600..=86_399 => (secs / 3600, "hour"),
+        86_400..=2_591_999 => (secs / 86_400, "day"),
+        _ => (secs / 2_592_000, "month"),
+    };
+    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
 }
 
 fn vma_kind(k: &VmaKind) -> String {
@@ -603,18 +705,20 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     for p in &m.processes {
         if let Some(status) = p.zombie {
             println!(
-                "  process {} ({}) ppid {} pgid {} sid {}, zombie (wait status {status:#x})",
-                p.pid, p.comm, p.ppid, p.pgid, p.sid
+                "  process {} ({}) ppid {} {}, zombie (wait status {status:#x})",
+                p.pid,
+                p.comm,
+                p.ppid,
+                group_and_session(p.pgid, p.sid)
             );
             continue;
         }
         println!(
-            "  process {} ({}) ppid {} pgid {} sid {}, {} thread(s), exe {}",
+            "  process {} ({}) ppid {} {}, {} thread(s), exe {}",
             p.pid,
             p.comm,
             p.ppid,
-            p.pgid,
-            p.sid,
+            group_and_session(p.pgid, p.sid),
             p.threads.len(),
             p.exe.path
         );
@@ -657,9 +761,31 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// A process's group and session as `inspect` shows them: 0 is one that belongs to a
+/// process outside the snapshot's pid namespace (inherited from whoever started the app).
+fn group_and_session(pgid: i32, sid: i32) -> String {
+    const OUTSIDE: &str = "inherited from outside the tree";
+    match (pgid, sid) {
+        (0, 0) => format!("process group and session {OUTSIDE}"),
+        (0, s) => format!("process group {OUTSIDE}, sid {s}"),
+        (g, 0) => format!("pgid {g}, session {OUTSIDE}"),
+        (g, s) => format!("pgid {g} sid {s}"),
+    }
+}
+
 fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
     let id = which.map(|w| store.resolve(w)).transpose()?;
-    let r = store.verify(id.as_ref())?;
+    let progress = crate::progress::Bytes::new("verifying", None);
+    // Pages done of the snapshot being read (its index, count).
+    let mut at = (0, 0);
+    let r = store.verify_progress(id.as_ref(), &mut |p| {
+        if p.index != at.0 {
+            at = (p.index, 0);
+        }
+        progress.inc(p.pages_done.saturating_sub(at.1) * 4096);
+        at.1 = p.pages_done;
+    })?;
+    drop(progress);
     for d in &r.damaged {
         eprintln!("snapshot {} is damaged:", d.id.short());
         for reason in &d.reasons {
@@ -699,69 +825,119 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
 }
 
 fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
-    let store = match &a.dir {
-        _ if a.page_server.is_some() => None,
-        Some(dir) => {
-            let s = Store::open(dir)?;
+    crate::check::require_privileges("dump")?;
+    if a.pid <= 0 || !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
+        bail!("no such process: {}", a.pid);
+    }
+    let dump = |dest: dump::Destination<'_>| -> Result<i32> {
+        let r = dump::dump_to(
+            a.pid,
+            None,
+            dest,
+            &DumpOptions {
+                leave_running: a.leave_running,
+                keep_traced: false,
+                leave_stopped: a.leave_stopped,
+                stdio: StdioPolicy::Detect {
+                    shell_job: a.shell_job,
+                },
+                tcp_close: a.tcp_close,
+                trigger: "dump".into(),
+                command: cmdline(a.pid),
+                name: a.name.clone(),
+                own_seccomp_filters: 0,
+                private_tmp: false,
+                tool: None,
+            },
+        )?;
+        if a.display_stats {
+            eprintln!("dump of {}:\n{}", a.pid, r.phases);
+        }
+        println!("{}", r.id.short());
+        Ok(0)
+    };
+    if let Some(addr) = &a.page_server {
+        return dump(dump::Destination::PageServer(addr));
+    }
+    match &a.dir {
+        Some(dir) => with_new_store(dir, |s| {
             if !s.ids()?.is_empty() {
                 bail!(
                     "image directory {} already holds a snapshot: use an empty directory",
                     dir.display()
                 );
             }
-            Some(s)
-        }
-        None => Some(open_store(cli)?),
-    };
-    if !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() || a.pid <= 0 {
-        bail!("no such process: {}", a.pid);
+            dump(dump::Destination::Store(s))
+        }),
+        None => with_new_store(&store_dir(cli)?, |s| {
+            let old = a.name.as_deref().and_then(|n| name_target(s, n));
+            let code = dump(dump::Destination::Store(s))?;
+            report_moved_name(s, a.name.as_deref(), old);
+            Ok(code)
+        }),
     }
-    let dest = match (&store, &a.page_server) {
-        (Some(s), _) => dump::Destination::Store(s),
-        (None, addr) => dump::Destination::PageServer(addr.as_deref().unwrap_or_default()),
+}
+
+/// The command line of process `pid` (empty if it cannot be read).
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The snapshot `name` points to in `store`, if any.
+fn name_target(store: &Store, name: &str) -> Option<warmstart_snapshots::store::SnapshotId> {
+    store
+        .names()
+        .ok()?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, id)| id)
+}
+
+/// After a snapshot was stored under `name`: if the name pointed to another snapshot
+/// (`old`) before, says which one lost it.
+fn report_moved_name(
+    store: &Store,
+    name: Option<&str>,
+    old: Option<warmstart_snapshots::store::SnapshotId>,
+) {
+    let (Some(name), Some(old)) = (name, old) else {
+        return;
     };
-    let r = dump::dump_to(
-        a.pid,
-        None,
-        dest,
-        &DumpOptions {
-            leave_running: a.leave_running,
-            keep_traced: false,
-            leave_stopped: a.leave_stopped,
-            stdio: StdioPolicy::Detect {
-                shell_job: a.shell_job,
-            },
-            tcp_close: a.tcp_close,
-            trigger: "dump".into(),
-            command: Vec::new(),
-            name: a.name.clone(),
-            own_seccomp_filters: 0,
-            private_tmp: false,
-            tool: None,
-        },
-    )?;
-    if a.display_stats {
-        eprintln!("dump of {}:\n{}", a.pid, r.phases);
+    match name_target(store, name) {
+        Some(new) if new != old => eprintln!(
+            "warmstart: name `{name}` now points to snapshot {}; snapshot {} lost it (it \
+             is kept under its id: `warmstart rm {}` removes it)",
+            new.short(),
+            old.short(),
+            old.short()
+        ),
+        _ => {}
     }
-    println!("{}", r.id.short());
-    Ok(0)
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
+    crate::check::require_privileges("restore")?;
     let (snap, names) = match (&a.dir, &a.snapshot, &a.page_server) {
         (Some(dir), _, _) => {
             if !dir.is_dir() {
                 bail!("image directory {} does not exist", dir.display());
             }
-            let s = Store::open(dir)?;
+            let s = Store::open_existing(dir)?;
             let id = s.only_snapshot()?;
-            (s.load(&id)?, Vec::new())
+            // `ps` names the instance by its image directory.
+            let name = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            (s.load(&id)?, vec![name.display().to_string()])
         }
         (None, Some(snap), Some(addr)) => (
             Snapshot::connect_timeout(addr, snap, Duration::from_secs(a.page_server_timeout))?,
             Vec::new(),
         ),
-        (None, Some(snap), None) => load(&open_store(cli)?, snap)?,
+        (None, Some(snap), None) => load(&open_store_ro(cli)?, snap)?,
         (None, None, _) => bail!("name a snapshot or pass -D DIR"),
     };
     let mode = if a.lazy {
@@ -786,11 +962,13 @@ fn load(store: &Store, which: &str) -> Result<(Snapshot, Vec<String>)> {
 }
 
 fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
-    let mut ready: warmstart_launcher::Ready = a
-        .ready
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--ready {}: {e}", a.ready))?;
-    let store = open_store(cli)?;
+    // The parse error names `--ready` and the value already.
+    let ready: warmstart_launcher::Ready = a.ready.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::check::require_privileges("record")?;
+    with_new_store(&store_dir(cli)?, |store| record_in(store, a, ready))
+}
+
+fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready) -> Result<i32> {
     let (command, tool) = if a.tool {
         if a.ready != "stdin" || !a.prime.is_empty() {
             anyhow::bail!(
@@ -816,8 +994,9 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
         let lines = a.prime.iter().flat_map(|l| [l.as_bytes(), b"\n"].concat());
         (lines.collect(), Vec::new())
     };
+    let old_target = a.name.as_deref().and_then(|n| name_target(store, n));
     let r = crate::record::record(
-        &store,
+        store,
         &crate::record::RecordOptions {
             command,
             tool,
@@ -836,6 +1015,7 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
             }
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", d.id.short()).and_then(|()| out.flush());
+            report_moved_name(store, a.name.as_deref(), old_target);
         },
     )?;
     Ok(match r.exit {

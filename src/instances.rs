@@ -72,6 +72,16 @@ pub fn list() -> Result<Vec<Instance>> {
     let entries = match std::fs::read_dir(&d) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            anyhow::bail!(
+                "cannot list running instances: their registry {} belongs to another user \
+                 (instances restored by root are listed there) and uid {uid} may not read \
+                 it; run `warmstart ps` as root, or as the user who started the instances",
+                d.display()
+            )
+        }
         Err(e) => return Err(e).with_context(|| format!("listing {}", d.display())),
     };
     let mut out = Vec::new();

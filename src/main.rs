@@ -18,12 +18,14 @@ fn main() {
                 .unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal; plain text in logs and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     match warmstart::cli::main(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("warmstart: {e:#}");
+            eprintln!("warmstart: {}", warmstart::report::error_line(&e));
             std::process::exit(1);
         }
     }

@@ -31,7 +31,8 @@ struct Shared {
 }
 
 /// Serves `store` on `bind` until killed. Prints the bound address (useful with port 0)
-/// as one line on stdout once listening.
+/// as one line on stdout once listening (labelled when stdout is a terminal; the label
+/// goes to stderr otherwise).
 pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
     let local = listener.local_addr().context("local address")?;
@@ -40,10 +41,22 @@ pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
         eprintln!("{}", exposure_warning(local, store));
     }
     {
+        use std::io::IsTerminal;
+        let label = format!(
+            "warmstart page-server: listening on {local}, serving the snapshots of store {}",
+            store.dir().display()
+        );
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{local}")
-            .and_then(|()| out.flush())
-            .context("printing the bound address")?;
+        // A script reads the bare address from stdout (it matters with --port 0); a
+        // person sees what it is.
+        if out.is_terminal() {
+            writeln!(out, "{label}")
+        } else {
+            eprintln!("{label}");
+            writeln!(out, "{local}")
+        }
+        .and_then(|()| out.flush())
+        .context("printing the bound address")?;
     }
     serve_on(store, listener)
 }
@@ -168,7 +181,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
             }
         };
         let resp = answer(shared, peer, req, &mut writer, &mut scratch)
-            .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
+            .unwrap_or_else(|e| Response::Error(crate::report::error_line(&e)));
         if let Response::Error(msg) = &resp {
             tracing::warn!("{peer}: {msg}");
         }

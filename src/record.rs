@@ -529,7 +529,8 @@ pub fn record(
             e
         } else {
             anyhow!(
-                "{e:#}\nlast lines of its stderr:\n  {}",
+                "{}\nlast lines of its stderr:\n  {}",
+                crate::report::error_line(&e),
                 tail.iter().cloned().collect::<Vec<_>>().join("\n  ")
             )
         }

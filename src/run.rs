@@ -66,7 +66,7 @@ pub fn run_instance_with(
             pid: r.pid,
             snapshot: snap.id.to_string(),
             names: names.clone(),
-            command: snap.manifest.command.clone(),
+            command: command_of(&snap.manifest),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -113,7 +113,7 @@ pub fn run_instance_with(
         if display_stats {
             eprintln!(
                 "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
-                 {} pages on fault, {} streamed ({}), all memory in after {}, working set learned: {} pages",
+                 {} pages on fault, {} streamed ({}), all memory in after {}, {}",
                 o.prefetch.pages,
                 o.prefetch.elapsed.as_secs_f64() * 1e3,
                 o.serve.faults,
@@ -126,9 +126,27 @@ pub fn run_instance_with(
                     .complete_after
                     .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
                     .unwrap_or_else(|| "– (the instance ended first)".into()),
-                if opts.learn { o.serve.working_set.len() } else { 0 },
+                if opts.learn {
+                    format!("working set learned: {} pages", o.serve.working_set.len())
+                } else if opts.prefetch.is_some() {
+                    "working set: kept from an earlier run".into()
+                } else {
+                    "working set: not used (--no-prefetch)".into()
+                },
             );
         }
     }
     Ok(code)
+}
+
+/// The command `ps` shows for an instance of `m`: the recorded one, or for a dump that
+/// has none, the name of its root process.
+pub(crate) fn command_of(m: &warmstart_snapshots::model::Manifest) -> Vec<String> {
+    if !m.command.is_empty() {
+        return m.command.clone();
+    }
+    m.processes
+        .first()
+        .map(|p| vec![p.comm.clone()])
+        .unwrap_or_default()
 }

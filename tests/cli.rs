@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{fixture, python, tempdir, workloads_dir, Out, Ws};
+use common::{fixture, python, run_with, tempdir, workloads_dir, Out, Proc, Ws};
 
 fn assert_nothing_stored(ws: &Ws) {
     let ls = ws.ls_json();
@@ -281,4 +281,441 @@ fn record_refuses_a_program_hidden_by_the_private_tmp() {
         "{}",
         out.describe()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages and output (issue 14): each asserts what a user sees.
+
+fn echo_argv() -> [std::ffi::OsString; 2] {
+    [
+        python().into_os_string(),
+        workloads_dir().join("py_echo.py").into_os_string(),
+    ]
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// An error's causes are not repeated: a bad `--ready` is said once (and lists every
+/// trigger), and an `EACCES` is not followed by the same `EACCES` again.
+#[test]
+fn error_chains_do_not_repeat_themselves() {
+    let ws = Ws::new();
+    let out = ws.run(&["record", "--ready", "bogus", "--", "true"], "");
+    out.assert_fail();
+    assert_eq!(
+        out.stderr.matches("--ready").count(),
+        1,
+        "`--ready` said more than once:\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("bogus") && out.stderr.contains("notify"),
+        "{}",
+        out.describe()
+    );
+    if !is_root() {
+        return;
+    }
+    // A store this user may not read: one `Permission denied`.
+    ws.record("echo", &echo_argv());
+    let out = run_with(
+        common::as_nobody(&mut ws.cmd(&["inspect", "echo"])),
+        b"",
+        common::TIMEOUT,
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.lines().count() == 1
+            && out
+                .stderr
+                .to_lowercase()
+                .matches("permission denied")
+                .count()
+                <= 2
+            && out.stderr.matches("(os error 13)").count() == 1,
+        "{}",
+        out.describe()
+    );
+}
+
+/// Without root, `record`/`run`/`restore`/`dump` say which privileges are missing and
+/// point to `warmstart check` (not `clone3(init): EPERM`); `ps` says why it cannot list.
+#[test]
+fn non_root_is_told_what_privilege_is_missing() {
+    if !is_root() {
+        return;
+    }
+    let ws = Ws::new();
+    ws.record("echo", &echo_argv());
+    let fresh = tempdir("ws-nobody-");
+    std::fs::set_permissions(
+        fresh.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let fresh_store = fresh.path().join("store");
+    let fresh_store = fresh_store.to_str().unwrap();
+    for args in [
+        &["--store", fresh_store, "record", "--", "true"][..],
+        &["run", "echo"][..],
+        &["restore", "echo"][..],
+        &["dump", "-t", "1"][..],
+    ] {
+        let out = run_with(common::as_nobody(&mut ws.cmd(args)), b"", common::TIMEOUT);
+        out.assert_fail();
+        assert!(
+            out.stderr.contains("needs root")
+                && out.stderr.contains("CAP_SYS_ADMIN")
+                && out.stderr.contains("uid 65534")
+                && out.stderr.contains("warmstart check")
+                && !out.stderr.contains("EPERM"),
+            "{args:?}:\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        !std::path::Path::new(fresh_store).exists(),
+        "a refused record created its store"
+    );
+    // `ps`: the registry of root's instances is root's.
+    let rt = tempdir("ws-rt-");
+    let registry = rt.path().join("warmstart/instances");
+    std::fs::create_dir_all(&registry).unwrap();
+    // As `run` creates it: root's only.
+    std::fs::set_permissions(
+        &registry,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let mut cmd = ws.cmd(&["ps"]);
+    cmd.env("XDG_RUNTIME_DIR", rt.path());
+    let out = run_with(common::as_nobody(&mut cmd), b"", common::TIMEOUT);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("cannot list running instances")
+            && out.stderr.contains("uid 65534")
+            && out.stderr.contains("as root"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// A user the serve daemon does not serve is told so (not `Connection reset by peer`),
+/// and the message does not say "root and uid 0".
+#[test]
+fn serve_tells_a_refused_user_why() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        return;
+    }
+    let ws = Ws::new();
+    let daemon = Proc::spawn(&mut ws.cmd(&["serve", "--pool", "0"]));
+    let line = daemon.read_line();
+    assert!(line.starts_with("serving "), "serve printed {line:?}");
+    // Let the other user reach the socket (an admin's choice).
+    std::fs::set_permissions(ws.store(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let sock = ws.store().join("serve.sock");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run_with(
+        common::as_nobody(&mut ws.cmd(&["run", "anything"])),
+        b"",
+        common::TIMEOUT,
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("not allowed")
+            && out.stderr.contains("uid 65534")
+            && out.stderr.contains("serves only root")
+            && !out.stderr.contains("reset by peer")
+            && !out.stderr.contains("uid 0"),
+        "{}",
+        out.describe()
+    );
+    let log = daemon.wait_stderr("not allowed");
+    assert!(!log.contains("root and uid 0"), "daemon log: {log}");
+}
+
+/// Any unique prefix of an id works, however short; a prefix that several ids start
+/// with is called ambiguous and the candidates are listed.
+#[test]
+fn any_unique_prefix_and_ambiguous_prefixes() {
+    let ws = Ws::new();
+    let id = ws.record("echo", &echo_argv());
+    for n in [1, 2, 3] {
+        let out = ws.run(&["inspect", &id[..n]], "");
+        out.assert_ok();
+        assert!(
+            out.stdout.starts_with(&format!("snapshot {id}")),
+            "{}",
+            out.describe()
+        );
+    }
+    // Two (fake) ids that share a first digit other than the real one's.
+    let c = if id.starts_with('a') { 'b' } else { 'a' };
+    let fakes: Vec<String> = ["1", "2"]
+        .iter()
+        .map(|d| format!("{c}{d}{}", "0".repeat(62)))
+        .collect();
+    for f in &fakes {
+        std::fs::write(ws.store().join(format!("snapshots/{f}.manifest")), b"x").unwrap();
+    }
+    let out = ws.run(&["inspect", &c.to_string()], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("ambiguous")
+            && !out.stderr.contains("no snapshot")
+            && fakes.iter().all(|f| out.stderr.contains(&f[..12])),
+        "{}",
+        out.describe()
+    );
+}
+
+/// `ls`, `inspect`, `run`, `rm`, `verify` and `gc` never create a store; a mistyped
+/// `--store` says it does not exist; a failed `dump` or `record` leaves no store or
+/// image directory behind.
+#[test]
+fn read_only_and_failed_commands_create_nothing() {
+    let ws = Ws::new();
+    let parent = tempdir("ws-typo-");
+    let typo = parent.path().join("no-such-store");
+    let typo_s = typo.to_str().unwrap();
+    for args in [
+        &["ls"][..],
+        &["inspect", "x"][..],
+        &["run", "x"][..],
+        &["rm", "x"][..],
+        &["verify"][..],
+        &["gc"][..],
+    ] {
+        let mut full = vec!["--store", typo_s];
+        full.extend_from_slice(args);
+        let out = ws.run(&full, "");
+        out.assert_fail();
+        assert!(
+            out.stderr.contains(typo_s) && out.stderr.contains("does not exist"),
+            "{args:?}:\n{}",
+            out.describe()
+        );
+        assert!(!typo.exists(), "{args:?} created the store {typo_s}");
+    }
+    // An existing empty directory gets nothing written into it either.
+    let empty = tempdir("ws-empty-");
+    for args in [&["ls"][..], &["inspect", "x"][..], &["run", "x"][..]] {
+        let mut full = vec!["--store", empty.path().to_str().unwrap()];
+        full.extend_from_slice(args);
+        ws.run(&full, "");
+        assert_eq!(
+            std::fs::read_dir(empty.path()).unwrap().count(),
+            0,
+            "{args:?} wrote into the store directory"
+        );
+    }
+    // A dump or record that fails.
+    let images = parent.path().join("images");
+    let images_s = images.to_str().unwrap();
+    for args in [
+        &["dump", "-t", "2", "-D", images_s][..],
+        &["--store", typo_s, "dump", "-t", "2"][..],
+        &["--store", typo_s, "record", "--", "/nonexistent/cmd"][..],
+    ] {
+        ws.run(args, "").assert_fail();
+        assert!(
+            !images.exists() && !typo.exists(),
+            "a failed {args:?} left a directory behind"
+        );
+    }
+}
+
+/// Reusing `--name` says which snapshot lost it; `ls` has CREATED and STORED columns,
+/// newest first.
+#[test]
+fn reused_name_and_ls_columns() {
+    let ws = Ws::new();
+    let first = ws.record("echo", &echo_argv());
+    let mut args: Vec<std::ffi::OsString> = vec!["record".into(), "--name".into(), "echo".into()];
+    args.push("--".into());
+    args.extend(echo_argv());
+    let out = ws.run(&args, "");
+    out.assert_ok();
+    let second = out.stdout.trim().to_owned();
+    assert_ne!(first, second);
+    assert!(
+        out.stderr
+            .contains(&format!("name `echo` now points to snapshot {second}"))
+            && out.stderr.contains(&format!("snapshot {first} lost it")),
+        "{}",
+        out.describe()
+    );
+    let ls = ws.run(&["ls"], "");
+    ls.assert_ok();
+    let lines: Vec<&str> = ls.stdout.lines().collect();
+    assert!(
+        lines[0].contains("CREATED") && lines[0].contains("STORED"),
+        "{}",
+        ls.describe()
+    );
+    assert!(
+        lines[1].starts_with(&second) && lines[2].starts_with(&first),
+        "newest first:\n{}",
+        ls.describe()
+    );
+    assert!(
+        lines[1].contains("just now") && (lines[1].contains("KiB") || lines[1].contains("MiB")),
+        "{}",
+        ls.describe()
+    );
+}
+
+/// Help lists every `--ready` trigger, describes the snapshot arguments, and usage shows
+/// `-- CMD`.
+#[test]
+fn help_texts() {
+    let ws = Ws::new();
+    for cmd in ["record", "bench"] {
+        let out = ws.run(&[cmd, "--help"], "");
+        out.assert_ok();
+        for trigger in ["stdin", "listen", "notify", "after=", "signal"] {
+            assert!(
+                out.stdout.contains(trigger),
+                "{cmd} --help lacks {trigger}:\n{}",
+                out.stdout
+            );
+        }
+        assert!(
+            out.stdout
+                .contains(&format!("Usage: warmstart {cmd} [OPTIONS] -- CMD")),
+            "{}",
+            out.stdout
+        );
+    }
+    for cmd in ["rm", "inspect", "verify"] {
+        let out = ws.run(&[cmd, "--help"], "");
+        out.assert_ok();
+        assert!(
+            out.stdout.contains("a name, an id, or a unique prefix"),
+            "{cmd} --help does not describe its argument:\n{}",
+            out.stdout
+        );
+    }
+}
+
+/// `inspect` of a tree whose group and session are inherited says so instead of
+/// `pgid 0 sid 0`.
+#[test]
+fn inspect_says_inherited_group_and_session() {
+    let ws = Ws::new();
+    ws.record("echo", &echo_argv());
+    let out = ws.run(&["inspect", "echo"], "");
+    out.assert_ok();
+    assert!(
+        !out.stdout.contains("pgid 0")
+            && !out.stdout.contains("sid 0")
+            && out.stdout.contains("inherited from outside the tree"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// Colours and progress are for terminals: through pipes a log line has no escape codes
+/// and `gc` waiting for the store lock draws nothing; on a terminal (a pty through
+/// `script`) the log is coloured and a spinner says what gc waits for.
+#[test]
+fn colours_and_progress_only_on_a_terminal() {
+    use std::os::fd::AsRawFd;
+    let ws = Ws::new();
+    ws.run(&["ls"], "").assert_ok();
+    std::fs::create_dir_all(ws.store()).unwrap();
+    let hold = || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(ws.store().join("lock"))
+            .unwrap();
+        // SAFETY: flock takes integers; `f` keeps the fd open.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        f
+    };
+    // Pipes.
+    let lock = hold();
+    let mut gc = Proc::spawn(&mut ws.cmd(&["-v", "gc"]));
+    let line = gc.wait_stderr("waiting for the store lock");
+    assert!(
+        !line.contains('\x1b'),
+        "a log line through a pipe is coloured: {line:?}"
+    );
+    drop(lock);
+    assert!(gc.wait().success());
+    let err = gc.stderr_after_exit();
+    assert!(
+        !err.contains('\r') && !err.contains('\x1b') && !err.contains("gc: waiting"),
+        "gc drew progress on a pipe:\n{err}"
+    );
+    // A terminal.
+    let lock = hold();
+    let cmdline = format!(
+        "{} -v --store {} gc",
+        common::bin(),
+        ws.store().to_str().unwrap()
+    );
+    let mut script =
+        Proc::spawn(std::process::Command::new("script").args(["-qfec", &cmdline, "/dev/null"]));
+    let mut seen = String::new();
+    while !seen.contains("waiting for the store lock (another") {
+        let l = script.read_line();
+        seen.push_str(&l);
+    }
+    drop(lock);
+    seen.push_str(&script.stdout_until_eof());
+    assert!(script.wait().success(), "{seen}");
+    assert!(
+        seen.contains("gc: waiting for the store lock") && seen.contains("\x1b["),
+        "no spinner or colours on a terminal:\n{seen:?}"
+    );
+    assert!(seen.contains("removed 0 pack(s)"), "{seen:?}");
+}
+
+/// Long work on a terminal shows progress: `record` of an app with 96 MiB of memory,
+/// `run --eager` of it and `verify`; through pipes the same commands draw nothing.
+#[test]
+fn progress_of_large_memory_on_a_terminal() {
+    let ws = Ws::new();
+    let store = ws.store().to_str().unwrap().to_owned();
+    let app = format!(
+        "{} -c 'import os,sys; b=os.urandom(96<<20); sys.stdin.readline()'",
+        python().display()
+    );
+    let on_tty = |cmd: &str| -> String {
+        let line = format!("{} --store {store} {cmd}", common::bin());
+        let mut p =
+            Proc::spawn(std::process::Command::new("script").args(["-qfec", &line, "/dev/null"]));
+        let all = p.stdout_until_eof();
+        assert!(p.wait().success(), "{cmd}:\n{all}");
+        all
+    };
+    let out = on_tty(&format!("record --name big -- {app} < /dev/null"));
+    assert!(
+        out.contains("writing the memory of the snapshot"),
+        "{out:?}"
+    );
+    let out = on_tty("run --eager big < /dev/null");
+    assert!(out.contains("copying memory into the instance"), "{out:?}");
+    let out = on_tty("verify");
+    assert!(
+        out.contains("warmstart: verifying") && out.contains("ok: 1 snapshot(s)"),
+        "{out:?}"
+    );
+    // Pipes: nothing drawn.
+    for args in [&["run", "--eager", "big"][..], &["verify"][..]] {
+        let out = ws.run(args, "");
+        out.assert_ok();
+        assert!(
+            !out.stderr.contains('\r') && !out.stderr.contains('\x1b'),
+            "{args:?} drew on a pipe:\n{}",
+            out.describe()
+        );
+    }
 }

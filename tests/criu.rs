@@ -120,3 +120,45 @@ fn restore_detached() {
     drop(guard);
     assert!(!alive(pid), "the instance survived the guard");
 }
+
+/// `ps` shows an instance restored from an image directory with a NAME (the directory)
+/// and a COMMAND (the dumped process's command line).
+#[test]
+fn ps_names_a_restore_from_an_image_directory() {
+    let ws = Ws::new();
+    let mut orig = start_counter();
+    orig.send("a");
+    assert_eq!(orig.read_line(), "1 a");
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let pid = orig.pid().to_string();
+    ws.run(&["dump", "-t", &pid, "-D", dir.to_str().unwrap()], "")
+        .assert_ok();
+    orig.wait();
+
+    let rt = tempdir("ws-rt-");
+    let mut copy = Proc::spawn(
+        ws.cmd(&["restore", "-D", dir.to_str().unwrap()])
+            .env("XDG_RUNTIME_DIR", rt.path()),
+    );
+    copy.send("b");
+    assert_eq!(copy.read_line(), "2 b");
+    let list = ws.ps_json(rt.path());
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["names"][0], dir.to_str().unwrap(), "{list:?}");
+    let command = list[0]["command"].to_string();
+    assert!(command.contains("counter"), "{list:?}");
+    let out = common::run_with(
+        ws.cmd(&["ps"]).env("XDG_RUNTIME_DIR", rt.path()),
+        b"",
+        common::TIMEOUT,
+    );
+    let row = out.stdout.lines().nth(1).unwrap_or_default().to_owned();
+    assert!(
+        row.contains(dir.to_str().unwrap()) && row.contains("counter"),
+        "{}",
+        out.describe()
+    );
+    copy.close_stdin();
+    assert!(copy.wait().success());
+}

@@ -167,6 +167,12 @@ fn working_set_learned_then_prefetched() {
     );
     assert_eq!(prefetched, learned, "{}", out.stderr);
     assert_eq!(ws.working_set_pages("pattern"), Some(learned));
+    assert!(
+        out.stderr.contains("working set: kept from an earlier run")
+            && !out.stderr.contains("learned: 0"),
+        "a run that does not learn should say the working set was kept:\n{}",
+        out.describe()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -351,6 +351,13 @@ fn page_server_listens_on_loopback_by_default_and_warns_when_exposed() {
     };
     let (mut quiet, addr) = start(&[]);
     assert!(addr.starts_with("127.0.0.1:"), "default bind: {addr}");
+    // A person reading it is told what the address is (on stderr: stdout is the bare
+    // address, for scripts).
+    let label = quiet.wait_stderr(&format!("listening on {addr}"));
+    assert!(
+        label.contains("page-server") && label.contains("store"),
+        "{label}"
+    );
     // The warning would come before the address line: none came.
     // SAFETY: kill takes no pointers; `quiet` is our child, not yet waited for, so its pid
     // cannot have been reused.

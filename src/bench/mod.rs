@@ -419,7 +419,8 @@ pub struct BenchArgs {
     /// Warm the app up with this input line before the snapshot (as `record --prime`)
     #[arg(long, value_name = "LINE")]
     pub prime: Vec<String>,
-    /// When to take the snapshot (as `record --ready`): stdin, listen, after=2s, signal
+    /// When to take the snapshot (as `record --ready`): `stdin`, `listen`, `notify`,
+    /// `after=DURATION` (e.g. after=2s), `signal`
     #[arg(long, default_value = "stdin")]
     pub ready: String,
     /// Give up on the warm point, or on a first answer, after this many seconds
@@ -438,8 +439,14 @@ pub struct BenchArgs {
     /// Keep the snapshot (named bench-PID) in the store afterwards
     #[arg(long)]
     pub keep: bool,
-    /// The app's command; its input is this command's stdin (one answer is waited for)
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    /// The app's command (after `--`); its input is this command's stdin (one answer is
+    /// waited for)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 

@@ -180,12 +180,14 @@ fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     }
 }
 
-/// Time spent per phase, summed over the processes of a tree.
+/// Time spent per phase, summed over the processes of a tree, and the progress of the
+/// memory written (shown on a terminal).
 #[derive(Default)]
 struct PhaseTimes {
     collect: std::time::Duration,
     parasite: std::time::Duration,
     memory: std::time::Duration,
+    memory_progress: Option<crate::progress::Bytes>,
 }
 
 fn collect_and_store(
@@ -204,7 +206,13 @@ fn collect_and_store(
     let mut files = files::TreeFiles::default();
     files.scan_ptys(&tree.order)?;
     let mut objects = shared_files::SharedFiles::default();
-    let mut times = PhaseTimes::default();
+    let mut times = PhaseTimes {
+        memory_progress: Some(crate::progress::Bytes::new(
+            "writing the memory of the snapshot",
+            None,
+        )),
+        ..Default::default()
+    };
     let mut processes = Vec::with_capacity(tree.order.len());
     let mut file_locks = Vec::new();
     let mut xsave_size = 0;
@@ -260,6 +268,7 @@ fn collect_and_store(
     phases.add("collect", times.collect);
     phases.add("parasite", times.parasite);
     phases.add("memory", times.memory);
+    times.memory_progress = None; // cleared from the terminal
     let manifest = Manifest {
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -359,7 +368,14 @@ fn collect_process(
     times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer)?;
+    let vmas = vmas::collect(
+        pid,
+        &info.comm,
+        &smaps,
+        objects,
+        writer,
+        times.memory_progress.as_ref(),
+    )?;
     times.memory += t.elapsed();
 
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

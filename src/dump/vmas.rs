@@ -128,6 +128,7 @@ pub fn collect(
     smaps: &[MapEntry],
     objects: &mut SharedFiles,
     writer: &mut PageWriter<'_>,
+    progress: Option<&crate::progress::Bytes>,
 ) -> Result<Vec<Vma>> {
     let target = Target::open(pid).with_context(|| format!("opening memory of process {pid}"))?;
     let mut out = Vec::with_capacity(smaps.len());
@@ -193,6 +194,9 @@ pub fn collect(
                     format!("reading memory of process {pid} at {addr:x} ({n} pages)")
                 })?;
                 writer.add_pages(first + done, &buf, &mut vma.pages)?;
+                if let Some(p) = progress {
+                    p.inc(buf.len() as u64);
+                }
                 done += n;
             }
         }

@@ -174,7 +174,7 @@ pub fn run(a: &ChildArgs) -> i32 {
 /// Reports `e` on the status pipe `report`; the exit code to use.
 fn fail(report: RawFd, e: anyhow::Error) -> i32 {
     let mut msg = vec![MSG_ERROR];
-    msg.extend_from_slice(format!("{e:#}").as_bytes());
+    msg.extend_from_slice(crate::report::error_line(&e).as_bytes());
     // SAFETY: `report` is this process's status pipe write end, which it owns (its `Ctx`
     // copy) and which nothing else uses on the failure path: the `File` takes it over and
     // closes it when dropped, just before the process exits.

@@ -130,6 +130,7 @@ fn write(
     pid: i32,
     work: &[Batch],
     buf: &mut [u8],
+    progress: &crate::progress::Bytes,
 ) -> Result<()> {
     for b in work {
         let from_hot = b.first.and_then(|f| hot.and_then(|h| h.pages(f, b.count)));
@@ -152,6 +153,7 @@ fn write(
                 b.count, b.addr
             )
         })?;
+        progress.inc(bytes.len() as u64);
     }
     Ok(())
 }
@@ -227,8 +229,9 @@ pub fn fill(
     pid: i32,
     lazy: &[(u64, u64)],
     shared: &[Area],
+    progress: &crate::progress::Bytes,
 ) -> Result<()> {
-    write_batches(snap, hot, pid, batches(p, lazy, shared))
+    write_batches(snap, hot, pid, batches(p, lazy, shared), progress)
 }
 
 /// Writes the stored pages of `p`'s VMAs that a template holds (`placed`: each VMA's
@@ -264,13 +267,20 @@ pub fn fill_template(
             work.push(b);
         }
     }
-    write_batches(snap, None, pid, work)
+    let progress = crate::progress::Bytes::new("writing a template's memory", None);
+    write_batches(snap, None, pid, work, &progress)
 }
 
 /// Writes `work` into process `pid`: what is in the hot pages (or zeros) and writable in a
 /// few vectored writes, the rest decompressed on several cores and written through
 /// `/proc/PID/mem`.
-fn write_batches(snap: &Snapshot, hot: Option<&Hot>, pid: i32, mut work: Vec<Batch>) -> Result<()> {
+fn write_batches(
+    snap: &Snapshot,
+    hot: Option<&Hot>,
+    pid: i32,
+    mut work: Vec<Batch>,
+    progress: &crate::progress::Bytes,
+) -> Result<()> {
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -284,6 +294,7 @@ fn write_batches(snap: &Snapshot, hot: Option<&Hot>, pid: i32, mut work: Vec<Bat
                 .is_none_or(|f| hot.is_some_and(|h| h.pages(f, b.count).is_some()))
     });
     write_vectored(hot, pid, &quick)?;
+    progress.inc(quick.iter().map(|b| b.count * PAGE_SIZE as u64).sum());
     let work = rest;
     if work.is_empty() {
         return Ok(());
@@ -309,6 +320,7 @@ fn write_batches(snap: &Snapshot, hot: Option<&Hot>, pid: i32, mut work: Vec<Bat
             pid,
             &work,
             &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+            progress,
         );
     }
     // Contiguous shares keep each thread's writes sequential in the target.
@@ -325,6 +337,7 @@ fn write_batches(snap: &Snapshot, hot: Option<&Hot>, pid: i32, mut work: Vec<Bat
                         pid,
                         part,
                         &mut vec![0u8; BATCH as usize * PAGE_SIZE],
+                        progress,
                     )
                 })
             })

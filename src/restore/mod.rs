@@ -535,11 +535,21 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let t = Instant::now();
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
+    let progress = crate::progress::Bytes::new("copying memory into the instance", None);
     for d in &tree {
         let areas = shared.map_or(&[][..], |c| &c.procs[d.idx][..]);
-        memory::fill(snap, hot.as_deref(), d.p, d.pid, &ranges[d.idx], areas)
-            .map_err(|e| fail_in(d.p, e))?;
+        memory::fill(
+            snap,
+            hot.as_deref(),
+            d.p,
+            d.pid,
+            &ranges[d.idx],
+            areas,
+            &progress,
+        )
+        .map_err(|e| fail_in(d.p, e))?;
     }
+    drop(progress);
     phases.add("eager-pages", t.elapsed());
     let t = Instant::now();
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
@@ -978,7 +988,10 @@ pub fn detached<R>(
                 }
             }
             Err(e) => {
-                let _ = std::io::Write::write_all(&mut w, format!("E{e:#}").as_bytes());
+                let _ = std::io::Write::write_all(
+                    &mut w,
+                    format!("E{}", crate::report::error_line(&e)).as_bytes(),
+                );
                 1
             }
         };

@@ -68,7 +68,7 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
             }
             return Ok(None);
         }
-        Reply::Error(e) => bail!("{e}"),
+        Reply::Error(e) => bail!("serve daemon at {}: {e}", socket.display()),
         Reply::Exited(_) => bail!("the serve daemon answered out of turn"),
     }
     loop {

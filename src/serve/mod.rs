@@ -203,8 +203,17 @@ fn check_peer(conn: &OwnedFd) -> Result<libc::ucred> {
     let cred = peer_cred(conn)?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid != 0 && cred.uid != me {
+        let (only, run_as) = if me == 0 {
+            ("root".to_string(), "root".to_string())
+        } else {
+            (
+                format!("root and uid {me} (its own user)"),
+                format!("root or uid {me}"),
+            )
+        };
         bail!(
-            "uid {} (pid {}) may not start instances: only root and uid {me} may",
+            "uid {} (pid {}) is not allowed to start instances here: the daemon serves only \
+             {only}; run `warmstart run` as {run_as}",
             cred.uid,
             cred.pid
         );
@@ -238,7 +247,16 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let peer = match check_peer(&conn) {
         Ok(c) => c,
         Err(e) => {
-            let _ = protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[]);
+            // Read its request first: a socket closed with a message unread resets the
+            // connection, and the client would see that instead of the reason.
+            if set_recv_timeout(&conn, Some(FIRST_MESSAGE_TIMEOUT)).is_ok() {
+                let _ = protocol::recv::<Request>(conn.as_fd());
+            }
+            let _ = protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            );
             return Err(e);
         }
     };
@@ -248,7 +266,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         Ok(Some(m)) => m,
         Ok(None) => return Ok(()),
         Err(e) => {
-            let _ = protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[]);
+            let _ = protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            );
             return Err(e);
         }
     };
@@ -274,7 +296,11 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let (snap, names) = match daemon.snapshot(&snapshot) {
         Ok(s) => s,
         Err(e) => {
-            protocol::send(conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
+            protocol::send(
+                conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            )?;
             return Ok(());
         }
     };
@@ -374,7 +400,7 @@ fn start_instance(
             pid: p.pid(),
             snapshot: snap.id.to_string(),
             names: req.names.clone(),
-            command: snap.manifest.command.clone(),
+            command: crate::run::command_of(&snap.manifest),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -417,7 +443,11 @@ fn serve_instance(
     let (r, _listed, parked) = match started_instance {
         Ok(x) => x,
         Err(e) => {
-            protocol::send(req.conn.as_fd(), &Reply::Error(format!("{e:#}")), &[])?;
+            protocol::send(
+                req.conn.as_fd(),
+                &Reply::Error(crate::report::error_line(&e)),
+                &[],
+            )?;
             return Ok(());
         }
     };
@@ -458,7 +488,7 @@ fn serve_instance(
         .and_then(|code| r.finish(code))
     {
         Ok((code, _)) => Reply::Exited(code),
-        Err(e) => Reply::Error(format!("{e:#}")),
+        Err(e) => Reply::Error(crate::report::error_line(&e)),
     };
     // The caller may have gone; nothing to tell then.
     let _ = protocol::send(conn.as_fd(), &reply, &[]);

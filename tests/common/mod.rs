@@ -428,6 +428,28 @@ impl Proc {
         self.stderr_so_far()
     }
 
+    /// Everything it writes on stdout from here to the end of it (EOF), lines joined
+    /// with `\n`; panics if that takes longer than the timeout.
+    pub fn stdout_until_eof(&self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut all = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.out.recv_timeout(left) {
+                Ok(l) => {
+                    all.push_str(&l);
+                    all.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return all,
+                Err(e) => panic!(
+                    "`{}` did not close its stdout ({e:?}); so far:\n{all}\nstderr:\n{}",
+                    self.what,
+                    self.stderr_so_far()
+                ),
+            }
+        }
+    }
+
     /// Waits for exit (panics on timeout); returns the status.
     pub fn wait(&mut self) -> ExitStatus {
         if !wait_pid_exit(self.pid(), TIMEOUT) {
@@ -775,6 +797,23 @@ pub fn zdtm_cold_break<S: AsRef<std::ffi::OsStr>>(name: &str, argv: &[S]) {
 /// A temporary directory for a fixture's files. Outside `/tmp`: `record` gives the app a
 /// private `/tmp` (as a container does), where a directory the test made in the host's
 /// `/tmp` would not be seen.
+/// `cmd` runs as user and group `nobody` (65534) with no supplementary groups and no
+/// capabilities, as a new user would (the test itself runs as root).
+pub fn as_nobody(cmd: &mut Command) -> &mut Command {
+    // SAFETY: only setgroups/setgid/setuid (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(root).expect("creating CARGO_TARGET_TMPDIR");

@@ -17,6 +17,15 @@ pub(crate) struct WriteLock {
 impl WriteLock {
     /// Blocks until no other writer (or gc) holds the store.
     pub(crate) fn acquire(path: &Path) -> Result<WriteLock, StoreError> {
+        Self::acquire_waiting(path, &mut |_| {})
+    }
+
+    /// [`acquire`](Self::acquire); when the lock is held by another, `waiting(true)` is
+    /// called before blocking for it and `waiting(false)` once it is ours.
+    pub(crate) fn acquire_waiting(
+        path: &Path,
+        waiting: &mut dyn FnMut(bool),
+    ) -> Result<WriteLock, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -25,13 +34,25 @@ impl WriteLock {
             .mode(0o600)
             .open(path)
             .map_err(io_err("open lock file", path))?;
+        let mut flags = libc::LOCK_EX | libc::LOCK_NB;
         loop {
             // SAFETY: flock takes integer arguments only; `file` keeps the fd open.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
+                if flags & libc::LOCK_NB == 0 {
+                    waiting(false);
+                }
                 return Ok(WriteLock { _file: file });
             }
             let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock && flags & libc::LOCK_NB != 0 {
+                waiting(true);
+                flags = libc::LOCK_EX;
+                continue;
+            }
             if e.kind() != io::ErrorKind::Interrupted {
+                if flags & libc::LOCK_NB == 0 {
+                    waiting(false);
+                }
                 return Err(io_err("lock", path)(e));
             }
         }

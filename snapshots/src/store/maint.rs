@@ -5,6 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use super::fsutil::{self, io_err};
+use super::lock::WriteLock;
 use super::table::{TableMap, TABLE_MAGIC};
 use super::{manifest_sizes, SnapshotId, Store, StoreError};
 use crate::model::{RunContent, PAGE_SIZE};
@@ -28,6 +29,17 @@ pub struct DamagedSnapshot {
     pub id: SnapshotId,
     /// Human-readable reasons, first problems first (capped, with a count of the rest).
     pub reasons: Vec<String>,
+}
+
+/// Where a [`Store::verify_progress`] is: snapshot `index` of `snapshots` (`id`), `pages_done`
+/// of its `pages` page records read.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyProgress {
+    pub id: SnapshotId,
+    pub index: usize,
+    pub snapshots: usize,
+    pub pages_done: u64,
+    pub pages: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -96,8 +108,18 @@ impl Store {
     /// leftovers. Takes the writer lock. Refuses to delete packs if a live page table
     /// cannot be read (it could reference any pack).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let _lock = self.lock()?;
+        self.gc_waiting(&mut |_| {})
+    }
+
+    /// [`gc`](Self::gc); `waiting(true)` is called if another writer holds the store's
+    /// lock (gc then waits for it), `waiting(false)` once gc has it.
+    pub fn gc_waiting(&self, waiting: &mut dyn FnMut(bool)) -> Result<GcReport, StoreError> {
+        let _lock = WriteLock::acquire_waiting(&self.lock_path(), waiting)?;
         let mut report = GcReport::default();
+        if !self.snaps_dir().exists() {
+            // An existing directory that holds no store yet: nothing to collect.
+            return Ok(report);
+        }
 
         // 1. tmp/: nobody writes there without the lock we hold.
         let tmp = self.tmp_dir();
@@ -200,15 +222,34 @@ impl Store {
     /// Re-checks the manifest, the page table and every page of every snapshot (or of
     /// `which`), reporting every damaged snapshot with its reasons.
     pub fn verify(&self, which: Option<&SnapshotId>) -> Result<VerifyReport, StoreError> {
+        self.verify_progress(which, &mut |_| {})
+    }
+
+    /// [`verify`](Self::verify), telling `progress` where it is as it goes.
+    pub fn verify_progress(
+        &self,
+        which: Option<&SnapshotId>,
+        progress: &mut dyn FnMut(VerifyProgress),
+    ) -> Result<VerifyReport, StoreError> {
         let ids = match which {
             Some(id) => vec![*id],
             None => self.ids()?,
         };
         let mut report = VerifyReport::default();
-        for id in ids {
+        let snapshots = ids.len();
+        for (index, id) in ids.into_iter().enumerate() {
             report.snapshots_checked += 1;
             let mut found = Findings::default();
-            self.verify_one(&id, &mut found, &mut report.pages_checked);
+            let mut on_pages = |pages_done, pages| {
+                progress(VerifyProgress {
+                    id,
+                    index,
+                    snapshots,
+                    pages_done,
+                    pages,
+                })
+            };
+            self.verify_one(&id, &mut found, &mut report.pages_checked, &mut on_pages);
             if !found.damage.is_empty() {
                 report.damaged.push(DamagedSnapshot {
                     id,
@@ -225,7 +266,13 @@ impl Store {
         Ok(report)
     }
 
-    fn verify_one(&self, id: &SnapshotId, found: &mut Findings, pages_checked: &mut u64) {
+    fn verify_one(
+        &self,
+        id: &SnapshotId,
+        found: &mut Findings,
+        pages_checked: &mut u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) {
         let snap = match self.load(id) {
             Ok(s) => s,
             Err(e) => return found.push(e),
@@ -337,6 +384,7 @@ impl Store {
             }
             *pages_checked += count;
             first += count;
+            progress(first, n);
         }
         for (pack, (len, pages)) in short {
             found.damage.push(format!(

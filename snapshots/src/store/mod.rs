@@ -57,7 +57,7 @@ use crate::format::{self, FormatError};
 use crate::model::{Manifest, RunContent};
 
 pub use hot::{Hot, MAX_HOT_PAGES};
-pub use maint::{DamagedSnapshot, GcReport, SnapshotStats, VerifyReport};
+pub use maint::{DamagedSnapshot, GcReport, SnapshotStats, VerifyProgress, VerifyReport};
 pub use snapshot::Snapshot;
 pub use table::{Location, Record};
 pub use working_set::WorkingSets;
@@ -139,6 +139,8 @@ pub enum StoreError {
     },
     #[error("store path {} exists but is not a directory; pick another store directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("store directory {} does not exist", path.display())]
+    NoStore { path: PathBuf },
     #[error("store directory {} is not writable: {source}", path.display())]
     NotWritable {
         path: PathBuf,
@@ -165,8 +167,8 @@ pub enum StoreError {
     #[error("no snapshot or name matches `{query}` in store {}; run `warmstart ls`", dir.display())]
     UnknownSnapshot { query: String, dir: PathBuf },
     #[error(
-        "`{query}` is ambiguous in store {}: it matches {}; give more hex digits",
-        dir.display(), candidates.join(", ")
+        "`{query}` is ambiguous in store {}: it is the start of {} snapshot ids: {}; \
+         give more hex digits", dir.display(), candidates.len(), candidates.join(", ")
     )]
     AmbiguousSnapshot {
         query: String,
@@ -294,6 +296,11 @@ pub struct SnapshotInfo {
     pub zero_pages: u64,
     /// Page-table records.
     pub data_pages: u64,
+    /// When its manifest was written (orders snapshots created in the same second).
+    pub committed: Option<std::time::SystemTime>,
+    /// Compressed bytes of its pages in the packs (pages shared with other snapshots
+    /// counted in each).
+    pub stored_bytes: u64,
     /// Set when the snapshot is damaged: its manifest cannot be read (the other fields
     /// are then empty), or its page table or a pack it needs is missing or damaged.
     pub damaged: Option<String>,
@@ -379,6 +386,24 @@ impl Store {
         Ok(store)
     }
 
+    /// The store at `dir` for reading (and removing from): nothing is created. A missing
+    /// `dir` is [`StoreError::NoStore`]; a directory without the store's subdirectories
+    /// reads as an empty store.
+    pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(Store {
+                dir: dir.to_path_buf(),
+            }),
+            Ok(_) => Err(StoreError::NotADirectory {
+                path: dir.to_path_buf(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NoStore {
+                path: dir.to_path_buf(),
+            }),
+            Err(e) => Err(StoreError::io("open store", dir.to_path_buf(), e)),
+        }
+    }
+
     /// A CRIU-style `-D DIR` image directory is simply a store holding one snapshot.
     pub fn open_image_dir(dir: &Path) -> Result<Store, StoreError> {
         Store::open(dir)
@@ -429,7 +454,11 @@ impl Store {
     pub fn ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
         let dir = self.snaps_dir();
         let mut ids = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ids),
+            r => r.map_err(io_err("list", &dir))?,
+        };
+        for e in entries {
             let e = e.map_err(io_err("list", &dir))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -448,7 +477,11 @@ impl Store {
     pub fn names(&self) -> Result<Vec<(String, SnapshotId)>, StoreError> {
         let dir = self.refs_dir();
         let mut out = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            r => r.map_err(io_err("list", &dir))?,
+        };
+        for e in entries {
             let e = e.map_err(io_err("list", &dir))?;
             let Ok(name) = e.file_name().into_string() else {
                 continue;
@@ -477,7 +510,8 @@ impl Store {
         self.manifest_path(id).exists()
     }
 
-    /// A name, a full id, or a unique hex prefix of at least 4 digits.
+    /// A name, a full id, or a unique hex prefix of one (any length); a prefix that
+    /// matches several ids is [`StoreError::AmbiguousSnapshot`], listing them.
     pub fn resolve(&self, id_or_name: &str) -> Result<SnapshotId, StoreError> {
         let q = id_or_name;
         if is_valid_name(q).is_ok() {
@@ -495,7 +529,7 @@ impl Store {
             query: q.into(),
             dir: self.dir.clone(),
         };
-        if q.len() < 4 || q.len() > 64 || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if q.is_empty() || q.len() > 64 || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(unknown());
         }
         let prefix = q.to_ascii_lowercase();
@@ -510,7 +544,24 @@ impl Store {
             _ => Err(StoreError::AmbiguousSnapshot {
                 query: q.into(),
                 dir: self.dir.clone(),
-                candidates: matches.iter().map(|id| id.to_hex()).collect(),
+                candidates: {
+                    let names = self.names().unwrap_or_default();
+                    matches
+                        .iter()
+                        .map(|id| {
+                            let mine: Vec<&str> = names
+                                .iter()
+                                .filter(|(_, i)| i == id)
+                                .map(|(n, _)| n.as_str())
+                                .collect();
+                            if mine.is_empty() {
+                                id.short()
+                            } else {
+                                format!("{} ({})", id.short(), mine.join(", "))
+                            }
+                        })
+                        .collect()
+                },
             }),
         }
     }
@@ -569,13 +620,16 @@ impl Store {
                 .filter(|(_, i)| *i == id)
                 .map(|(n, _)| n.clone())
                 .collect();
+            let committed = fs::metadata(self.manifest_path(&id))
+                .and_then(|m| m.modified())
+                .ok();
             let info = match self.read_manifest(&id) {
                 Ok(m) => {
                     let (logical_bytes, resident_pages, zero_pages) = manifest_sizes(&m);
-                    let (damaged, unreadable) = match self.check_files(&id) {
-                        Ok(()) => (None, None),
-                        Err(e) if e.is_permission() => (None, Some(e.to_string())),
-                        Err(e) => (Some(e.to_string()), None),
+                    let (stored_bytes, damaged, unreadable) = match self.check_files(&id) {
+                        Ok(stored) => (stored, None, None),
+                        Err(e) if e.is_permission() => (0, None, Some(e.to_string())),
+                        Err(e) => (0, Some(e.to_string()), None),
                     };
                     SnapshotInfo {
                         id,
@@ -586,6 +640,8 @@ impl Store {
                         resident_pages,
                         zero_pages,
                         data_pages: m.page_count,
+                        stored_bytes,
+                        committed,
                         damaged,
                         unreadable,
                     }
@@ -602,18 +658,20 @@ impl Store {
                     resident_pages: 0,
                     zero_pages: 0,
                     data_pages: 0,
+                    stored_bytes: 0,
+                    committed,
                 },
             };
             out.push(info);
         }
-        out.sort_by_key(|i| (i.created_unix, i.id));
+        out.sort_by_key(|i| (i.created_unix, i.committed, i.id));
         Ok(out)
     }
 
     /// What `list` checks beyond the manifest, cheaply (no page is read): the page
     /// table is there with a plausible header and size, and every pack it names is there
     /// and can be opened. Missing packs are named together.
-    fn check_files(&self, id: &SnapshotId) -> Result<(), StoreError> {
+    fn check_files(&self, id: &SnapshotId) -> Result<u64, StoreError> {
         let path = self.table_path(id);
         let table =
             table::TableMap::open(&path, table::TABLE_MAGIC, false).map_err(|e| match e {
@@ -638,7 +696,14 @@ impl Store {
             }
         }
         match missing.len() {
-            0 => Ok(()),
+            0 => {
+                // Compressed blocks of its pages, each once (pages of a block share it).
+                let mut blocks = std::collections::HashMap::new();
+                for r in table.records() {
+                    blocks.insert((r.loc.pack, r.loc.offset), r.loc.len);
+                }
+                Ok(blocks.values().map(|&l| u64::from(l)).sum())
+            }
             1 => Err(StoreError::MissingPack {
                 id: id.short(),
                 pack: missing.remove(0).into(),

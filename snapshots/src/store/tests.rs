@@ -270,9 +270,12 @@ fn short_id_resolution() {
     assert_eq!(store.resolve(&hex).unwrap(), id);
     assert_eq!(store.resolve(&hex[..4]).unwrap(), id);
     assert_eq!(store.resolve(&hex[..12].to_uppercase()).unwrap(), id);
-    // Too short, not hex, unknown.
+    // Any prefix length works while it is unique.
+    assert_eq!(store.resolve(&hex[..3]).unwrap(), id);
+    assert_eq!(store.resolve(&hex[..1]).unwrap(), id);
+    // Empty, not hex, unknown.
     assert!(matches!(
-        store.resolve(&hex[..3]),
+        store.resolve(""),
         Err(StoreError::UnknownSnapshot { .. })
     ));
     assert!(matches!(
@@ -291,11 +294,16 @@ fn short_id_resolution() {
     let e = store.resolve("abcd").unwrap_err();
     match &e {
         StoreError::AmbiguousSnapshot { candidates, .. } => {
-            assert_eq!(candidates, &vec![a.clone(), b])
+            assert_eq!(candidates, &vec![a[..12].to_string(), b[..12].to_string()])
         }
         _ => panic!("{e}"),
     }
-    assert!(e.to_string().contains(&a));
+    assert!(e.to_string().contains(&a[..12]) && e.to_string().contains("ambiguous"));
+    // A shorter prefix is ambiguous too, not unknown.
+    assert!(matches!(
+        store.resolve("ab"),
+        Err(StoreError::AmbiguousSnapshot { .. })
+    ));
     assert_eq!(store.resolve("abcd1").unwrap().to_hex(), a);
     // The damaged fakes are listed as damaged, not hidden.
     let list = store.list().unwrap();
