@@ -273,14 +273,19 @@ impl Pools {
         opts.template = self.template(&snap, true);
         let mut parked = crate::restore::park(&snap, &opts);
         if let (Err(e), Some(_)) = (&parked, &opts.template) {
-            // Whatever the cause, the next instances do without it; this one too.
-            tracing::warn!(
-                "parking an instance of {} from its template: {e:#}",
-                snap.id.short()
-            );
-            self.drop_template(&snap, Some("an instance from it failed"));
+            // Tried again without it: if that works, the template was the cause and the
+            // next instances do without it.
+            let first = format!("{e:#}");
             opts.template = None;
             parked = crate::restore::park(&snap, &opts);
+            if parked.is_ok() {
+                tracing::warn!(
+                    "parking an instance of {} from its template failed ({first}); \
+                     restored on its own, it worked",
+                    snap.id.short()
+                );
+                self.drop_template(&snap, Some("an instance from it failed"));
+            }
         }
         let (tx, rx) = channel::<Handoff>();
         let me = self.next_id.fetch_add(1, Ordering::Relaxed);
