@@ -11,22 +11,11 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use warmstart::bench::real_path;
 
 const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-fn which(cmd: &str) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .output()?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if p.is_empty() {
-        bail!("{cmd} not found on PATH");
-    }
-    Ok(std::fs::canonicalize(&p)?.to_string_lossy().into_owned())
-}
 
 fn ws(store: &Path) -> Command {
     let mut c = Command::new(EXE);
@@ -164,7 +153,7 @@ fn main() -> Result<()> {
     let java_dir = build.path().join("java");
     std::fs::create_dir_all(&java_dir)?;
     check(
-        Command::new(which("javac")?)
+        Command::new(real_path("javac")?)
             .arg("-d")
             .arg(&java_dir)
             .arg(workloads.join("java/Echo.java"))
@@ -172,12 +161,12 @@ fn main() -> Result<()> {
     )?;
     let w = |f: &str| workloads.join(f).to_string_lossy().into_owned();
     let apps: Vec<(&str, Vec<String>)> = vec![
-        ("py_boto3.py", vec![which("python3")?, w("py_boto3.py")]),
-        ("node_echo.js", vec![which("node")?, w("node_echo.js")]),
+        ("py_boto3.py", vec![real_path("python3")?, w("py_boto3.py")]),
+        ("node_echo.js", vec![real_path("node")?, w("node_echo.js")]),
         (
             "java/Echo.java",
             vec![
-                which("java")?,
+                real_path("java")?,
                 "-cp".into(),
                 java_dir.to_string_lossy().into_owned(),
                 "Echo".into(),

@@ -14,22 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use warmstart::bench::report::{self, Machine, Report};
-use warmstart::bench::{self, chart, Probe, Progress, Workload};
+use warmstart::bench::{self, chart, real_path, Probe, Progress, Workload};
 
 const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
-
-fn real_path(cmd: &str) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .output()?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if p.is_empty() {
-        bail!("{cmd} not found on PATH");
-    }
-    Ok(std::fs::canonicalize(&p)?.to_string_lossy().into_owned())
-}
 
 /// The interpreter itself, not a version manager's shim (which adds tens of ms).
 fn python() -> Result<String> {

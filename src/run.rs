@@ -67,10 +67,7 @@ pub fn run_instance_with(
             snapshot: snap.id.to_string(),
             names: names.clone(),
             command: command_of(&snap.manifest),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            started_unix: crate::instances::unix_now(),
             client: None,
             template: false,
         })

@@ -553,3 +553,16 @@ fn unshim(cmd: &str) -> Option<String> {
     (out.status.success() && !real.is_empty() && std::path::Path::new(&real).is_file())
         .then_some(real)
 }
+
+/// The executable `cmd` names on `PATH`, symlinks resolved.
+pub fn real_path(cmd: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if p.is_empty() {
+        anyhow::bail!("{cmd} not found on PATH");
+    }
+    Ok(std::fs::canonicalize(&p)?.to_string_lossy().into_owned())
+}

@@ -318,15 +318,42 @@ fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
-fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
-    let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
+/// A new close-on-exec socket.
+fn new_socket(family: i32, sock_type: i32, protocol: i32) -> Result<OwnedFd> {
     // SAFETY: integer arguments only; the fd returned is owned right below.
-    let fresh = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
-    if fresh < 0 {
-        return Err(errno_err("creating a socket to compare buffer sizes"));
+    let fd = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(errno_err("socket"));
     }
     // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
-    let fresh = unsafe { OwnedFd::from_raw_fd(fresh) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds `fd` to `addr`; an address in use is said so, naming what holds the port.
+fn bind_addr(fd: BorrowedFd, family: i32, addr: &SocketAddr) -> Result<()> {
+    let (ss, len) = to_storage(addr);
+    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            bail!("{addr} is in use{}", port_users(family, addr.port()));
+        }
+        bail!("binding to {addr}: {e}");
+    }
+    Ok(())
+}
+
+fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
+    let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
+    let fresh = new_socket(family, sock_type, protocol)
+        .context("creating a socket to compare buffer sizes")?;
     let buf = |opt| -> Result<Option<u32>> {
         let v = getsockopt_int(fd, libc::SOL_SOCKET, opt)?;
         let d = getsockopt_int(&fresh, libc::SOL_SOCKET, opt)?;
@@ -545,32 +572,11 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
     } else {
         libc::AF_INET6
     };
-    // SAFETY: a plain syscall; the fd it returns is owned right below.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(errno_err("socket"));
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = new_socket(family, libc::SOCK_STREAM, 0)?;
     let mut o = l.options;
     o.v6only &= family == libc::AF_INET6;
     set_options(fd.as_fd(), &o)?;
-    let (ss, len) = to_storage(&to);
-    // SAFETY: `ss` is a sockaddr of `len` bytes that lives across the call.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } < 0
-    {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EADDRINUSE) {
-            bail!("{to} is in use{}", port_users(family, to.port()));
-        }
-        bail!("binding to {to}: {e}");
-    }
+    bind_addr(fd.as_fd(), family, &to)?;
     // SAFETY: a plain syscall on a socket we own.
     if unsafe { libc::listen(fd.as_raw_fd(), l.backlog as i32) } < 0 {
         return Err(errno_err(format!("listen on {to}")));
@@ -638,14 +644,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             options,
             flags,
         } => {
-            // SAFETY: integer arguments only; the fd returned is owned
-            // right below.
-            let fd = unsafe { libc::socket(*family, sock_type | libc::SOCK_CLOEXEC, *protocol) };
-            if fd < 0 {
-                return Err(errno_err("socket"));
-            }
-            // SAFETY: the call above succeeded: a new descriptor owned by nothing else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = new_socket(*family, *sock_type, *protocol)?;
             if ins.parked && listen.is_some() && *sock_type == libc::SOCK_STREAM {
                 // A parked instance holds an unbound placeholder: the listener (bound at
                 // the recorded address or the run's --listen) arrives when it is handed
@@ -656,26 +655,7 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             set_options(fd.as_fd(), options)?;
             let local_addr = parse_addr(local)?;
             if local_addr.port() != 0 || !local_addr.ip().is_unspecified() {
-                let (ss, len) = to_storage(&local_addr);
-                // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
-                // across the call.
-                if unsafe {
-                    libc::bind(
-                        fd.as_raw_fd(),
-                        (&ss as *const libc::sockaddr_storage).cast(),
-                        len,
-                    )
-                } < 0
-                {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::EADDRINUSE) {
-                        bail!(
-                            "{local} is in use{}",
-                            port_users(*family, local_addr.port())
-                        );
-                    }
-                    bail!("binding to {local}: {e}");
-                }
+                bind_addr(fd.as_fd(), *family, &local_addr)?;
             }
             if let Some(backlog) = listen {
                 // SAFETY: integer arguments only, on the socket `fd` we own.
@@ -780,38 +760,19 @@ fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
     Ok(())
 }
 
-/// A TCP socket whose connection its peer has reset (see the module docs).
 /// A TCP socket whose connection to a loopback listener of our own has ended: reset by
 /// the peer (`reset`), or closed with FINs both ways, the socket left in state CLOSE.
 fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
-    let sock = || -> Result<OwnedFd> {
-        // SAFETY: integer arguments only; the fd returned is owned right below.
-        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(errno_err("socket"));
-        }
-        // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
+    let sock = || new_socket(family, libc::SOCK_STREAM, 0);
     let loopback = if family == libc::AF_INET6 {
         SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)
     } else {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
     };
     let listener = sock()?;
-    let (ss, len) = to_storage(&loopback);
-    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call;
-    // `listen` takes integers only. Both act on `listener`, which we own.
-    if unsafe {
-        libc::bind(
-            listener.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } < 0
-        // SAFETY: integer arguments only, on the socket `listener` we own.
-        || unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0
-    {
+    bind_addr(listener.as_fd(), family, &loopback)?;
+    // SAFETY: integer arguments only, on the socket `listener` we own.
+    if unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0 {
         return Err(errno_err(format!("listening on {loopback}")));
     }
     let addr = sockname(&listener, false)?.ok_or_else(|| anyhow!("listener has no address"))?;

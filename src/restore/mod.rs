@@ -2,14 +2,18 @@
 //!
 //! The monitor (this process) checks the host, the files and the tree's shape
 //! ([`checks`]), spawns the sandbox with the root's restoring child ([`child`]) at its
-//! recorded pid and seizes it. The root creates what several processes share, then forks
-//! the rest of the tree at the recorded pids (see [`child`]); each process reports on a
+//! recorded pid and seizes it (or has a [`template`] of the snapshot spawn it, so that it
+//! starts with the snapshot's memory shared). The root creates what several processes
+//! share, maps the private memory its children share with it ([`cow`]), then forks the
+//! rest of the tree at the recorded pids (see [`child`]); each process reports on a
 //! status pipe of its own and (all but the root) waits on a gate until the monitor has
 //! seized it. The monitor then drives every process's restorer program ([`program`])
 //! through its two traps:
 //!
-//! 1. layout built → the monitor writes memory ([`memory`]; in a lazy restore, a page
-//!    server per process takes its userfaultfd, [`lazy`]) and continues;
+//! 1. layout built → the monitor writes memory ([`memory`]: all of it but the pages a
+//!    process holds already in its shared areas; in a lazy restore a page server per
+//!    process takes its userfaultfd for its private anonymous memory outside them,
+//!    [`lazy`]) and continues;
 //! 2. per-thread state set → the monitor unmaps the restorer by running one `munmap`
 //!    at the blob's `syscall` instruction, loads the saved registers (incl. `fs_base`),
 //!    xsave state and signal mask. Once every process is there, it detaches from all of

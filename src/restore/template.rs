@@ -182,10 +182,7 @@ impl Template {
                 snapshot: snap.id.to_string(),
                 names: Vec::new(),
                 command: m.command.clone(),
-                started_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+                started_unix: crate::instances::unix_now(),
                 client: None,
                 template: true,
             })

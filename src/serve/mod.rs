@@ -401,10 +401,7 @@ fn start_instance(
             snapshot: snap.id.to_string(),
             names: req.names.clone(),
             command: crate::run::command_of(&snap.manifest),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            started_unix: crate::instances::unix_now(),
             client: Some(req.client),
             template: false,
         })
