@@ -462,3 +462,26 @@ fn a_shim_runs_the_tool_warm_or_cold() {
     );
     assert!(!dir.path().join("counter").exists());
 }
+
+/// `bench --tool` times cold runs of a tool against warm ones (issue 16), compares their
+/// output and exit status, and leaves no snapshot behind.
+#[test]
+fn bench_compares_cold_and_warm_runs_of_a_tool() {
+    let tool = tool_copy();
+    let ws = Ws::new();
+    let mut cmd = ws.cmd(&["bench", "--tool", "--runs", "2", "--"]);
+    cmd.arg(python())
+        .args(["-m", "wstool", "--exit", "4"])
+        .env("PYTHONPATH", tool.path());
+    let out = run_with(&mut cmd, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("cold: ")
+            && out.stdout.contains("warm: ")
+            && out.stdout.contains("(median of 2 pairs)")
+            && !out.stdout.contains("differ"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(ws.ls_json(), serde_json::json!([]), "the snapshot was kept");
+}

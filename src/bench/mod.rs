@@ -15,6 +15,7 @@ pub mod measure;
 pub mod report;
 pub mod stats;
 pub mod stress;
+pub mod tool;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -439,6 +440,14 @@ pub struct BenchArgs {
     /// Keep the snapshot (named bench-PID) in the store afterwards
     #[arg(long)]
     pub keep: bool,
+    /// CMD is a command-line tool: compare cold runs of `CMD ARGS` with `run SNAP --
+    /// ARGS` of a `record --tool` snapshot, each run timed whole (start to exit)
+    #[arg(long)]
+    pub tool: bool,
+    /// With --tool: run the tool with these arguments before the snapshot (as `record
+    /// --prime-args`); repeatable
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub prime_args: Vec<String>,
     /// The app's command (after `--`); its input is this command's stdin (one answer is
     /// waited for)
     #[arg(
@@ -451,6 +460,9 @@ pub struct BenchArgs {
 }
 
 pub fn bench_command(store: &Store, args: &BenchArgs) -> Result<i32> {
+    if args.tool {
+        return tool::bench_tool(store, args);
+    }
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -527,7 +539,7 @@ pub fn bench_command(store: &Store, args: &BenchArgs) -> Result<i32> {
 
 /// The real program behind a version manager's shim (`~/.pyenv/shims/python3` →
 /// `pyenv which python3`; likewise rbenv, nodenv, asdf...), if `cmd` is one.
-fn unshim(cmd: &str) -> Option<String> {
+pub(crate) fn unshim(cmd: &str) -> Option<String> {
     let path = if cmd.contains('/') {
         PathBuf::from(cmd)
     } else {

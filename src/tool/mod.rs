@@ -21,6 +21,18 @@ use warmstart_snapshots::model::{FileIdentity, ToolInfo};
 /// The Python launcher.
 const PY_LAUNCHER: &str = include_str!("py_tool.py");
 
+/// The arguments `command` gives the tool itself: what follows its launch form (`python3
+/// -m black --check x.py` → `--check x.py`).
+pub fn args_after_form(command: &[String]) -> Result<Vec<String>> {
+    let (launcher, _) = plan(command, &[])?;
+    let code = launcher
+        .iter()
+        .position(|a| a == PY_LAUNCHER)
+        .ok_or_else(|| anyhow!("the launcher command line has no launcher"))?;
+    // `-c CODE module|script NAME -- ARGS...`
+    Ok(launcher.get(code + 4..).unwrap_or_default().to_vec())
+}
+
 /// How `record --tool` starts `command`: the launcher command line, and the tool's
 /// description (its files are added at the warm point).
 pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, ToolInfo)> {
