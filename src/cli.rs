@@ -480,7 +480,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 if let Some(code) =
-                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats)?
+                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats, None)?
                 {
                     return Ok(code);
                 }
@@ -532,6 +532,18 @@ pub fn main(cli: Cli) -> Result<i32> {
                 Some(_) => Some(crate::tool::request(&a.args, &crate::tool::run_env(a)?)?),
                 None => None,
             };
+            // A tool's run goes through a daemon too (once its files were checked here).
+            if let Some(req) = &tool_request {
+                if !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+                    let socket = crate::serve::socket_path(&store_dir(&cli)?);
+                    let id = snap.id.to_string();
+                    if let Some(code) =
+                        crate::serve::client::run(&socket, &id, a.display_stats, Some(req.clone()))?
+                    {
+                        return Ok(code);
+                    }
+                }
+            }
             let listeners = if given_listeners {
                 crate::fds::inet::replacements(&snap.manifest, &a.listen, systemd)?
             } else {

@@ -21,10 +21,12 @@ pub fn targets() -> Vec<Target> {
                 enc(&Request::Run {
                     snapshot: "echo".into(),
                     display_stats: true,
+                    tool: None,
                 }),
                 enc(&Request::Run {
                     snapshot: "0123456789ab".into(),
                     display_stats: false,
+                    tool: Some(b"TOOL 2\n{}".to_vec()),
                 }),
                 enc(&Request::Signal(15)),
             ],

@@ -485,3 +485,73 @@ fn bench_compares_cold_and_warm_runs_of_a_tool() {
     );
     assert_eq!(ws.ls_json(), serde_json::json!([]), "the snapshot was kept");
 }
+
+/// A tool's runs go through `warmstart serve` when it runs (issue 16): handed out by a
+/// parked instance, each with its own arguments, cwd, environment and umask, as a cold
+/// start would run.
+#[test]
+fn tool_runs_through_serve_from_parked_instances() {
+    let ws = Ws::new();
+    let tool = tool_copy();
+    record_tool(&ws, tool.path());
+    // The first run learns the working set (served runs need one).
+    let dir = tempdir("ws-cwd-");
+    let first = ws.cmd(&["run", "--no-serve", "wst", "--", "learn"]);
+    run_with(
+        &mut in_dir(first, dir.path(), tool.path(), None),
+        b"",
+        TIMEOUT,
+    )
+    .assert_ok();
+    let daemon = ws.serve("wst");
+    for (i, (args, greeting)) in [
+        (vec!["a", "b"], Some("hi")),
+        (vec!["--exit", "3", "--write", "f.txt"], None),
+        (vec!["--stdin"], Some("again")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            daemon.wait_stderr("parked an instance of");
+        }
+        let cold_dir = tempdir("ws-cold-");
+        let mut cold = Command::new(python());
+        cold.args(["-m", "wstool"]).args(&args);
+        let cold = run_with(
+            &mut in_dir(cold, cold_dir.path(), tool.path(), greeting),
+            b"in\n",
+            TIMEOUT,
+        );
+        let mut warm = ws.cmd(&["run", "--display-stats", "wst", "--"]);
+        warm.args(&args);
+        let warm = run_with(
+            &mut in_dir(warm, dir.path(), tool.path(), greeting),
+            b"in\n",
+            TIMEOUT,
+        );
+        assert!(
+            warm.stderr.contains("by serve (parked instance)"),
+            "{}",
+            warm.describe()
+        );
+        let warm = Out {
+            stdout: warm.stdout.replace(
+                &dir.path().display().to_string(),
+                &cold_dir.path().display().to_string(),
+            ),
+            stderr: warm
+                .stderr
+                .lines()
+                .take_while(|l| !l.starts_with("restore of "))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            ..warm
+        };
+        same(&format!("served {args:?}"), &cold, &warm);
+        assert_eq!(files_of(dir.path()), files_of(cold_dir.path()), "{args:?}");
+        for (f, _) in files_of(dir.path()) {
+            std::fs::remove_file(dir.path().join(f)).unwrap();
+        }
+    }
+}

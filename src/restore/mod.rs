@@ -193,7 +193,7 @@ pub struct Parked {
 
 /// Restores an instance of `snap` and lets it run.
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
-    prepare(snap, opts, false)?.resume(None, &[])
+    prepare(snap, opts, false)?.resume(None, &[], None)
 }
 
 /// Restores an instance of `snap` up to its last step and holds it there.
@@ -343,6 +343,8 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         match (&m.tool, &opts.tool_request) {
             (Some(_), Some(req)) => std::io::Write::write_all(&mut w, req)
                 .context("writing the tool's request to the notify channel")?,
+            // Parked: its request comes at hand-out ([`Parked::resume`]).
+            (Some(_), None) if park => {}
             (Some(_), None) => bail!(
                 "snapshot {} holds a tool (record --tool), which only `warmstart run {} -- \
                  ARGS` runs (not served by a daemon yet)",
@@ -642,11 +644,21 @@ impl Parked {
         mut self,
         stdio: Option<[BorrowedFd; 3]>,
         listeners: &[BorrowedFd],
+        tool: Option<&[u8]>,
     ) -> Result<Restored> {
         let t = Instant::now();
         let mut failed_in = 0;
         let resumed = (|| -> Result<()> {
             let m = &self.snap.manifest;
+            if let Some(req) = tool {
+                // A parked tool waits on its notify channel for what to run.
+                let ours = self
+                    .notify
+                    .as_ref()
+                    .context("a tool's parked instance has no notify channel")?;
+                std::io::Write::write_all(&mut std::fs::File::from(ours.try_clone()?), req)
+                    .context("writing the tool's request to the notify channel")?;
+            }
             if let Some(sock) = &self.late_sock {
                 let stdio = stdio.context("a parked instance needs its stdio")?;
                 let want = crate::fds::inet::recorded_listeners(m).len();

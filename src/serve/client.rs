@@ -12,7 +12,12 @@ use super::protocol::{self, Reply, Request};
 
 /// Runs `snapshot` through the daemon listening on `socket`. `Ok(None)`: not served (no
 /// daemon there, or it declined, e.g. no working set learned yet): restore it yourself.
-pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<i32>> {
+pub fn run(
+    socket: &Path,
+    snapshot: &str,
+    display_stats: bool,
+    tool: Option<Vec<u8>>,
+) -> Result<Option<i32>> {
     let Some(conn) = connect(socket)? else {
         return Ok(None);
     };
@@ -35,6 +40,7 @@ pub fn run(socket: &Path, snapshot: &str, display_stats: bool) -> Result<Option<
     let req = Request::Run {
         snapshot: snapshot.to_owned(),
         display_stats,
+        tool,
     };
     protocol::send(conn.as_fd(), &req, &[0, 1, 2])?;
     let lost = || anyhow!("the serve daemon at {} went away", socket.display());

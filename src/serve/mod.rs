@@ -278,6 +278,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     let Request::Run {
         snapshot,
         display_stats,
+        tool,
     } = req
     else {
         bail!("expected a run request, got {req:?}");
@@ -304,6 +305,16 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
             return Ok(());
         }
     };
+    if snap.manifest.tool.is_some() != tool.is_some() {
+        let why = match tool {
+            None => format!(
+                "snapshot {} holds a tool: its run sends the tool's arguments",
+                snap.id.short()
+            ),
+            Some(_) => format!("snapshot {} holds no tool (record --tool)", snap.id.short()),
+        };
+        return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
+    }
     if snap.working_set().is_none() {
         // The first lazy run learns it by watching the caller's stdout: the caller's job.
         let why = format!(
@@ -318,6 +329,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         names,
         display_stats,
         client: peer.pid,
+        tool,
     };
     let req = match daemon.pools.take(&snap, req) {
         None => return Ok(()),
@@ -337,6 +349,8 @@ pub(crate) struct Handoff {
     display_stats: bool,
     /// The caller's pid.
     client: i32,
+    /// A tool snapshot's request ([`Request::Run`]).
+    tool: Option<Vec<u8>>,
 }
 
 /// How the daemon restores `snap`: lazily, with the working set, stdio given.
@@ -408,7 +422,12 @@ fn start_instance(
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok();
         let given: &[BorrowedFd] = if stdio.is_some() { &given } else { &[] };
-        p.resume(stdio, given).map(|r| (r, listed))
+        let tool = if stdio.is_some() {
+            req.tool.as_deref()
+        } else {
+            None
+        };
+        p.resume(stdio, given, tool).map(|r| (r, listed))
     };
     if let Some(p) = parked {
         crate::restore::checks::unchanged_files(&snap.manifest)?;
@@ -422,6 +441,7 @@ fn start_instance(
     }
     let mut opts = restore_options(snap, Some(stdio.map(|f| f.as_raw_fd())));
     opts.listeners = listeners.clone();
+    opts.tool_request = req.tool.clone();
     let (r, listed) = go(crate::restore::prepare(snap, &opts, false)?, None)?;
     Ok((r, listed, false))
 }

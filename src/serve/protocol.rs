@@ -18,6 +18,9 @@ pub enum Request {
     Run {
         snapshot: String,
         display_stats: bool,
+        /// A tool snapshot's run: its request (`crate::tool::request`: arguments, cwd,
+        /// environment, umask), handed to the instance on its notify channel.
+        tool: Option<Vec<u8>>,
     },
     /// Deliver this signal to the instance (the caller got it).
     Signal(i32),
@@ -74,6 +77,7 @@ mod tests {
         let req = Request::Run {
             snapshot: "echo".into(),
             display_stats: true,
+            tool: Some(b"TOOL 2\n{}".to_vec()),
         };
         send(a.as_fd(), &req, &[0, 1, 2]).unwrap();
         let (got, fds) = recv::<Request>(b.as_fd()).unwrap().unwrap();
