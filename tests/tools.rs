@@ -555,3 +555,82 @@ fn tool_runs_through_serve_from_parked_instances() {
         }
     }
 }
+
+/// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run, then each warm run
+/// prints, writes and exits as the cold one, with its own arguments, cwd, environment,
+/// stdin and umask.
+#[test]
+fn node_tool_warm_runs_match_cold_runs() {
+    let Ok(node) = warmstart::bench::real_path("node") else {
+        assert!(
+            std::env::var_os("WARMSTART_REQUIRE_SERVERS").is_none(),
+            "node is not installed"
+        );
+        eprintln!("skipping: node is not installed");
+        return;
+    };
+    let ws = Ws::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nodetool/wsnode.js");
+    let mut rec = ws.cmd(&[
+        "record",
+        "--tool",
+        "--name",
+        "wn",
+        "--prime-args",
+        "--exit 3",
+        "--",
+    ]);
+    rec.arg(&node).arg(&script);
+    let out = run_with(&mut rec, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("primed with '--exit 3': exit status 3"),
+        "{}",
+        out.describe()
+    );
+    let nowhere = tempdir("ws-none-");
+    for (args, stdin, greeting) in [
+        (vec![], "", None),
+        (vec!["a", "b c"], "", Some("hello")),
+        (vec!["--exit", "4"], "", None),
+        (vec!["--stdin", "--exit", "2"], "in\nput\n", Some("x")),
+        (vec!["--write", "out.txt"], "", None),
+        (vec!["--stderr", "warning"], "", None),
+        (vec!["ünï", ""], "", None),
+    ] {
+        let dir = tempdir("ws-cwd-");
+        let cold_dir = tempdir("ws-cold-");
+        let mut cold = Command::new(&node);
+        cold.arg(&script).args(&args);
+        let cold = run_with(
+            &mut in_dir(cold, cold_dir.path(), nowhere.path(), greeting),
+            stdin.as_bytes(),
+            TIMEOUT,
+        );
+        let mut warm = ws.cmd(&["run", "wn", "--"]);
+        warm.args(&args);
+        let warm = run_with(
+            &mut in_dir(warm, dir.path(), nowhere.path(), greeting),
+            stdin.as_bytes(),
+            TIMEOUT,
+        );
+        let warm = Out {
+            stdout: warm.stdout.replace(
+                &dir.path().display().to_string(),
+                &cold_dir.path().display().to_string(),
+            ),
+            ..warm
+        };
+        same(&format!("node {args:?}"), &cold, &warm);
+        assert_eq!(files_of(dir.path()), files_of(cold_dir.path()), "{args:?}");
+    }
+    // An uncaught exception: the same error and status (the stack's frames differ).
+    let mut warm = ws.cmd(&["run", "wn", "--", "--throw"]);
+    let warm = run_with(&mut warm, b"", TIMEOUT);
+    assert_eq!(warm.code(), 1, "{}", warm.describe());
+    assert!(
+        warm.stderr.contains("Error: wsnode failed on purpose"),
+        "{}",
+        warm.describe()
+    );
+}

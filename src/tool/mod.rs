@@ -20,6 +20,32 @@ use warmstart_snapshots::model::{FileIdentity, ToolInfo};
 
 /// The Python launcher.
 const PY_LAUNCHER: &str = include_str!("py_tool.py");
+/// The Node launcher.
+const NODE_LAUNCHER: &str = include_str!("node_tool.js");
+
+/// The runtime a tool runs in, and so its launcher.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    Python,
+    Node,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Python => "python",
+            Runtime::Node => "node",
+        }
+    }
+
+    /// The interpreter's option that runs code given on the command line, and the code.
+    fn launcher(self) -> [&'static str; 2] {
+        match self {
+            Runtime::Python => ["-c", PY_LAUNCHER],
+            Runtime::Node => ["-e", NODE_LAUNCHER],
+        }
+    }
+}
 
 /// The arguments `command` gives the tool itself: what follows its launch form (`python3
 /// -m black --check x.py` → `--check x.py`).
@@ -27,7 +53,7 @@ pub fn args_after_form(command: &[String]) -> Result<Vec<String>> {
     let (launcher, _) = plan(command, &[])?;
     let code = launcher
         .iter()
-        .position(|a| a == PY_LAUNCHER)
+        .position(|a| a == PY_LAUNCHER || a == NODE_LAUNCHER)
         .ok_or_else(|| anyhow!("the launcher command line has no launcher"))?;
     // `-c CODE module|script NAME -- ARGS...`
     Ok(launcher.get(code + 4..).unwrap_or_default().to_vec())
@@ -48,12 +74,26 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
     // The interpreter and its options, then the form: `-m MOD` or a script.
     let (interp, rest): (Vec<String>, &[String]) = if name.starts_with("python") {
         (vec![cmd.clone()], &command[1..])
+    } else if name == "node" || name == "nodejs" {
+        return node_plan(command, prime_args, &[cmd.clone()], &command[1..]);
+    } else if let Some(interp) = shebang(&program, |n| n == "node" || n == "nodejs") {
+        // An npm bin link (or any script run directly by node).
+        return Ok(finish(
+            Runtime::Node,
+            command,
+            prime_args,
+            &interp,
+            &[],
+            Form::Script(program.to_string_lossy().into_owned()),
+            &command[1..],
+        ));
     } else if let Some(interp) = python_shebang(&program) {
         // A console script (pip's entry-point wrapper) or any Python script run directly.
         let mut v = interp;
         v.push(program.to_string_lossy().into_owned());
         let script = program.to_string_lossy().into_owned();
         return Ok(finish(
+            Runtime::Python,
             command,
             prime_args,
             &v[..v.len() - 1],
@@ -64,8 +104,8 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
     } else {
         bail!(
             "record --tool: cannot place the entry point of {cmd}: it knows `python3 -m MOD \
-             ARGS`, `python3 SCRIPT ARGS` and Python console scripts (node and java launch \
-             forms are not supported yet); record it without --tool"
+             ARGS`, `python3 SCRIPT ARGS`, Python console scripts, `node SCRIPT ARGS` and npm \
+             bin links (java launch forms are not supported yet); record it without --tool"
         );
     };
     let mut opts = Vec::new();
@@ -106,11 +146,66 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
         }
     };
     Ok(finish(
+        Runtime::Python,
         command,
         prime_args,
         &interp,
         &opts,
         form,
+        &rest[i..],
+    ))
+}
+
+/// `node [OPTIONS] SCRIPT ARGS`: the interpreter's options kept, the script its form.
+fn node_plan(
+    command: &[String],
+    prime_args: &[String],
+    interp: &[String],
+    rest: &[String],
+) -> Result<(Vec<String>, ToolInfo)> {
+    let mut opts = Vec::new();
+    let mut i = 0;
+    let script = loop {
+        let Some(a) = rest.get(i) else {
+            bail!(
+                "record --tool: `{}` runs no script (an interactive interpreter is not a tool)",
+                command.join(" ")
+            );
+        };
+        match a.as_str() {
+            "-e" | "--eval" | "-p" | "--print" => {
+                bail!("record --tool: `node {a} CODE` is not a tool; put the code in a script")
+            }
+            "-" => bail!("record --tool: a script read from stdin is not a tool"),
+            // Options that take a value.
+            "-r"
+            | "--require"
+            | "--import"
+            | "--loader"
+            | "--experimental-loader"
+            | "--conditions"
+            | "-C"
+            | "--title" => {
+                opts.extend(rest[i..(i + 2).min(rest.len())].iter().cloned());
+                i += 2;
+            }
+            o if o.starts_with('-') => {
+                opts.push(o.to_owned());
+                i += 1;
+            }
+            s => {
+                i += 1;
+                break s.to_owned();
+            }
+        }
+    };
+    Ok(finish(
+        Runtime::Node,
+        command,
+        prime_args,
+        interp,
+        &opts,
+        Form::Script(script),
         &rest[i..],
     ))
 }
@@ -121,6 +216,7 @@ enum Form {
 }
 
 fn finish(
+    runtime: Runtime,
     command: &[String],
     prime_args: &[String],
     interp: &[String],
@@ -132,7 +228,7 @@ fn finish(
     let mut cmd = cold_prefix.clone();
     // The launcher's code on the command line: no file to keep (or to hide under a
     // private /tmp).
-    cmd.extend(["-c".to_owned(), PY_LAUNCHER.to_owned()]);
+    cmd.extend(runtime.launcher().map(str::to_owned));
     let argv0 = match &form {
         Form::Module(m) => {
             cold_prefix.extend(["-m".to_owned(), m.clone()]);
@@ -148,7 +244,7 @@ fn finish(
     cmd.push("--".into());
     cmd.extend(args.iter().cloned());
     let info = ToolInfo {
-        runtime: "python".into(),
+        runtime: runtime.name().into(),
         command: command.to_vec(),
         prime_args: prime_args.to_vec(),
         cold_prefix,
@@ -160,20 +256,26 @@ fn finish(
 
 /// The interpreter of a `#!` line naming Python (`/usr/bin/env python3` included).
 fn python_shebang(path: &Path) -> Option<Vec<String>> {
+    shebang(path, |n| n.starts_with("python"))
+}
+
+/// The interpreter (and its words) of a `#!` line whose program's name `is` accepts,
+/// `/usr/bin/env PROGRAM` included.
+fn shebang(path: &Path, is: impl Fn(&str) -> bool) -> Option<Vec<String>> {
     use std::io::Read;
     let mut head = [0u8; 256];
     let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
     let line = head[..n].split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line.strip_prefix(b"#!")?).ok()?;
     let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    let is_python = |w: &str| {
+    let named = |w: &str| {
         Path::new(w)
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("python"))
+            .is_some_and(|n| is(&n.to_string_lossy()))
     };
     match words.as_slice() {
-        [env, py, ..] if env.ends_with("/env") && is_python(py) => Some(words[1..].to_vec()),
-        [py, ..] if is_python(py) => Some(words),
+        [env, prog, ..] if env.ends_with("/env") && named(prog) => Some(words[1..].to_vec()),
+        [prog, ..] if named(prog) => Some(words),
         _ => None,
     }
 }
