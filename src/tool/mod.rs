@@ -75,7 +75,12 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
     let (interp, rest): (Vec<String>, &[String]) = if name.starts_with("python") {
         (vec![cmd.clone()], &command[1..])
     } else if name == "node" || name == "nodejs" {
-        return node_plan(command, prime_args, &[cmd.clone()], &command[1..]);
+        return node_plan(
+            command,
+            prime_args,
+            std::slice::from_ref(cmd),
+            &command[1..],
+        );
     } else if let Some(interp) = shebang(&program, |n| n == "node" || n == "nodejs") {
         // An npm bin link (or any script run directly by node).
         return Ok(finish(
