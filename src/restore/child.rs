@@ -88,27 +88,60 @@ pub struct TreeChannels {
 
 /// What every process of the tree inherits from the root, all above `high`.
 ///
-/// Its fds are raw numbers on purpose, not `OwnedFd`: each forked process holds a copy of
-/// the context and closes what is not its own at a chosen moment (the barrier's write end
-/// before it waits, other processes' channels), and a process that fails must still write
-/// its error on its status pipe after everything else of it is torn down. Temporary fds
-/// (pipes, opens for mappings) are `OwnedFd` until their number is handed over.
+/// Each forked process holds a copy of the context and owns its copies of the fds in it
+/// ([`TreeFd`]): it takes each at a chosen moment, to close what is not its own (the
+/// barrier's write end before it waits, other processes' channels) or to use it last
+/// (its status pipe, its gate). A process that fails writes its error on its status pipe
+/// by number as long as it holds it. The shared objects of [`crate::fds::Inherited`] stay
+/// numbers (the fds module's installer places them). Temporary fds (pipes, opens for
+/// mappings) are `OwnedFd` until their number is handed over.
 struct Ctx<'a> {
     m: &'a Manifest,
     lazy: &'a [Vec<(u64, u64)>],
     high: RawFd,
-    stdio: Vec<RawFd>,
-    chans: TreeChannels,
+    stdio: Vec<TreeFd>,
+    /// Per process (manifest order): the write end of its status pipe, and the read end
+    /// of its gate (none for the root).
+    reports: Vec<TreeFd>,
+    gates: Vec<TreeFd>,
     inherited: crate::fds::Inherited,
     /// The "every process exists" barrier: each process closes its copy of the write
     /// end once its children are forked; EOF on the read end means the whole tree exists.
-    barrier: (RawFd, RawFd),
+    barrier: (TreeFd, TreeFd),
     /// Parked restore: where each process with stdio fds receives them when handed out.
-    late_sock: Option<RawFd>,
+    late_sock: TreeFd,
     /// The pages the tree's processes share ([`super::cow`]), and the memfd with the
-    /// bytes each writes before it forks (`-1` without).
+    /// bytes each writes before it forks.
     cow: Option<&'a CowPlan>,
-    cow_fd: RawFd,
+    cow_fd: TreeFd,
+}
+
+/// An fd of the tree's shared context ([`Ctx`]). Every process forked after it was made
+/// holds a copy of its own, which that process owns: it takes it at most once, to use or
+/// to close (an `OwnedFd`), and the number reads -1 after, so no copy is closed twice or
+/// used once closed.
+struct TreeFd(std::cell::Cell<RawFd>);
+
+impl TreeFd {
+    fn new(fd: RawFd) -> TreeFd {
+        TreeFd(std::cell::Cell::new(fd))
+    }
+
+    fn none() -> TreeFd {
+        TreeFd::new(-1)
+    }
+
+    /// Its number while this process holds it (-1 once taken).
+    fn raw(&self) -> RawFd {
+        self.0.get()
+    }
+
+    fn take(&self) -> Option<OwnedFd> {
+        let fd = self.0.replace(-1);
+        // SAFETY: this process's own copy (see above), handed out once: -1 is left in its
+        // place.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    }
 }
 
 /// Where one of a process's shared areas ([`super::cow::Area`]) is mapped now, with the
@@ -297,17 +330,19 @@ fn prepare_root(
             dup_high(w.as_raw_fd(), high)?,
         )
     };
+    let tree_fds = |v: Vec<RawFd>| v.into_iter().map(TreeFd::new).collect::<Vec<_>>();
     let ctx = Ctx {
         m,
         lazy,
         high,
-        stdio,
-        chans: moved,
+        stdio: tree_fds(stdio),
+        reports: tree_fds(moved.reports),
+        gates: tree_fds(moved.gates),
         inherited,
-        barrier,
-        late_sock,
+        barrier: (TreeFd::new(barrier.0), TreeFd::new(barrier.1)),
+        late_sock: late_sock.map_or_else(TreeFd::none, TreeFd::new),
         cow,
-        cow_fd: cow_fd.unwrap_or(-1),
+        cow_fd: cow_fd.map_or_else(TreeFd::none, TreeFd::new),
     };
     let placed = place_shared(&ctx, 0, from_template)?;
     fork_children(&ctx, 0, &placed)?;
@@ -369,7 +404,7 @@ fn place_shared(ctx: &Ctx, idx: usize, inherited: &[Placed]) -> Result<Vec<Place
                 // pread writes at most `total - done` bytes there.
                 let n = unsafe {
                     libc::pread(
-                        ctx.cow_fd,
+                        ctx.cow_fd.raw(),
                         (dst + done) as *mut libc::c_void,
                         (total - done) as usize,
                         (off + done) as libc::off_t,
@@ -490,7 +525,7 @@ fn fork_children(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<()> {
             Ok(0) => {
                 let code = match child_main(ctx, i, placed) {
                     Ok(never) => match never {},
-                    Err(e) => fail(ctx.chans.reports[i], e),
+                    Err(e) => fail(ctx.reports[i].raw(), e),
                 };
                 // SAFETY: `_exit` ends the forked child without unwinding into the parent's
                 // stack frames or running atexit handlers.
@@ -568,46 +603,37 @@ fn join_group(m: &Manifest, p: &Process) -> Result<()> {
 /// exits instead).
 fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infallible> {
     let m = ctx.m;
-    if ctx.cow_fd >= 0 {
-        // SAFETY: the tree's copy of the shared pages' memfd; every area is written.
-        unsafe { libc::close(ctx.cow_fd) };
-    }
+    // Every shared area is written.
+    drop(ctx.cow_fd.take());
     let lazy = ctx.lazy.get(idx).map(Vec::as_slice).unwrap_or_default();
     let p = &m.processes[idx];
-    let report = ctx.chans.reports[idx];
-    let gate = ctx.chans.gates[idx];
-    // SAFETY: `ctx.barrier.1` is this process's copy of the barrier's write end, closed
-    // once here and never used after.
-    unsafe { libc::close(ctx.barrier.1) };
-    for (i, (&r, &g)) in ctx.chans.reports.iter().zip(&ctx.chans.gates).enumerate() {
+    let report = ctx.reports[idx].raw();
+    drop(ctx.barrier.1.take());
+    // Other processes' status pipes and gates, inherited by fork, are not ours to use.
+    for (i, (r, g)) in ctx.reports.iter().zip(&ctx.gates).enumerate() {
         if i != idx {
-            // SAFETY: `r` is another process's status pipe, inherited by fork: this process
-            // never uses its copy.
-            unsafe { libc::close(r) };
-            if g >= 0 {
-                // SAFETY: `g` is another process's gate, inherited by fork: this process
-                // never uses its copy.
-                unsafe { libc::close(g) };
+            drop(r.take());
+            drop(g.take());
+        }
+    }
+    if let Some(barrier) = ctx.barrier.0.take() {
+        let mut b = 0u8;
+        // SAFETY: `b` is one live local byte and the length is 1; `barrier` is our copy of
+        // the barrier's read end, open until the end of this block.
+        while unsafe { libc::read(barrier.as_raw_fd(), (&mut b as *mut u8).cast(), 1) } != 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
             }
         }
     }
-    let mut b = 0u8;
-    // SAFETY: `b` is one live local byte and the length is 1; `ctx.barrier.0` is our copy
-    // of the barrier's read end.
-    while unsafe { libc::read(ctx.barrier.0, (&mut b as *mut u8).cast(), 1) } != 0 {
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break;
-        }
-    }
-    // SAFETY: our copy of the barrier's read end, not used after the wait above.
-    unsafe { libc::close(ctx.barrier.0) };
     join_group(m, p)?;
     // Every group exists now: a terminal's foreground group can be set.
     crate::fds::pty::after_groups(m, p, &ctx.inherited.ptys)?;
     if let Some(status) = p.zombie {
-        // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
-        // closes it, and `become_zombie` never returns to code that could use it.
-        let mut f = unsafe { std::fs::File::from_raw_fd(report) };
+        let Some(f) = ctx.reports[idx].take() else {
+            bail!("the status pipe of process {} is gone", p.pid);
+        };
+        let mut f = std::fs::File::from(f);
         if f.write_all(&[MSG_ZOMBIE]).is_err() {
             // The pipe is closed with `f`: nothing left to report on; the monitor sees
             // the exit without a report.
@@ -619,14 +645,14 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     }
     settle_zombie_children(m, p)?;
     let places = crate::fds::late_places(m, p);
-    let parked = ctx.late_sock.is_some();
-    crate::fds::install(m, p, &ctx.stdio, ctx.high, &ctx.inherited, parked)?;
+    let parked = ctx.late_sock.raw() >= 0;
+    let stdio: Vec<RawFd> = ctx.stdio.iter().map(TreeFd::raw).collect();
+    crate::fds::install(m, p, &stdio, ctx.high, &ctx.inherited, parked)?;
     grow_fd_table(p.fd_table_size, report)?;
-    for &fd in &ctx.stdio {
-        // SAFETY: `ctx.stdio` are this process's copies of the caller's stdio
-        // (`dup_high_or_null`); `install` has placed them where they go, and they are not
-        // used after.
-        unsafe { libc::close(fd) };
+    // Our copies of the caller's stdio (`dup_high_or_null`): `install` has placed them
+    // where they go.
+    for fd in &ctx.stdio {
+        drop(fd.take());
     }
     if p.root != "/" && !std::path::Path::new(&p.root).is_dir() {
         bail!(
@@ -678,9 +704,9 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     )?;
     // A parked process's way to its time namespace files (see program::Late::proc_dir),
     // opened while /proc is still reachable (before a chroot).
-    let late_timens = match ctx.late_sock {
-        None => None,
-        Some(_) => {
+    let late_timens = match ctx.late_sock.raw() {
+        -1 => None,
+        _ => {
             let (timens, dir) = match m.processes.first() {
                 Some(root) if root.pid != p.pid => (
                     program::LateTimeNs::Join(root.pid),
@@ -692,14 +718,16 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
             Some((timens, above(fd, ctx.high)?))
         }
     };
-    let late = ctx.late_sock.map(|sock| {
+    let late = (ctx.late_sock.raw() >= 0).then(|| {
         let (timens, proc_dir) = late_timens.expect("opened for every parked process");
         let wants_stdio = !places.is_empty();
-        if !wants_stdio {
-            // SAFETY: `sock` is this process's copy of the late stdio socket, not needed
-            // when it has no stdio to receive; not used after.
-            unsafe { libc::close(sock) };
-        }
+        // Not needed when it has no stdio to receive; else its number goes to the program.
+        let sock = if wants_stdio {
+            ctx.late_sock.raw()
+        } else {
+            drop(ctx.late_sock.take());
+            -1
+        };
         program::Late {
             sock: wants_stdio.then_some(sock),
             places,
@@ -767,23 +795,22 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
     }
     let mut msg = vec![MSG_BLOB];
     msg.extend_from_slice(&serde_json::to_vec(&info)?);
-    // SAFETY: `report` is this process's status pipe write end, owned by it; the `File`
-    // closes it after the last message.
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(report) };
-    if pipe.write_all(&msg).is_err() {
+    // The last message: the pipe is closed after it.
+    let Some(pipe) = ctx.reports[idx].take() else {
+        bail!("the status pipe of process {} is gone", p.pid);
+    };
+    if std::fs::File::from(pipe).write_all(&msg).is_err() {
         // The monitor is gone or stopped reading: nothing to report on.
         // SAFETY: `_exit` ends the process at once, without unwinding.
         unsafe { libc::_exit(1) };
     }
-    drop(pipe);
-    if gate >= 0 {
+    if let Some(gate) = ctx.gates[idx].take() {
         // Held until the monitor has seized us: the restorer's traps need a tracer.
         let mut b = 0u8;
         // SAFETY: `b` is one live local byte and the length is 1; `gate` is this process's
-        // gate read end.
-        let n = unsafe { libc::read(gate, (&mut b as *mut u8).cast(), 1) };
-        // SAFETY: `gate` is this process's gate read end, not used after.
-        unsafe { libc::close(gate) };
+        // gate read end, open until the end of this block.
+        let n = unsafe { libc::read(gate.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
+        drop(gate);
         if n != 1 {
             // SAFETY: `_exit` ends the process at once, without unwinding or atexit
             // handlers.
