@@ -89,9 +89,9 @@ fn dump_leave_running() {
     assert!(orig.wait().success());
 }
 
-#[test]
-fn restore_detached() {
-    let ws = Ws::new();
+/// A counter that answered "a", dumped with `dump -t PID -D DIR` (it exits): the image
+/// directory (and the temporary directory holding it).
+fn dumped_counter(ws: &Ws) -> (tempfile::TempDir, std::path::PathBuf) {
     let mut orig = start_counter();
     orig.send("a");
     assert_eq!(orig.read_line(), "1 a");
@@ -101,6 +101,13 @@ fn restore_detached() {
     ws.run(&["dump", "-t", &pid, "-D", dir.to_str().unwrap()], "")
         .assert_ok();
     orig.wait();
+    (images, dir)
+}
+
+#[test]
+fn restore_detached() {
+    let ws = Ws::new();
+    let (_images, dir) = dumped_counter(&ws);
 
     let mut guard = KillGuard::new();
     let mut r = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap(), "-d"]));
@@ -126,15 +133,7 @@ fn restore_detached() {
 #[test]
 fn ps_names_a_restore_from_an_image_directory() {
     let ws = Ws::new();
-    let mut orig = start_counter();
-    orig.send("a");
-    assert_eq!(orig.read_line(), "1 a");
-    let images = tempdir("ws-images-");
-    let dir = images.path().join("img");
-    let pid = orig.pid().to_string();
-    ws.run(&["dump", "-t", &pid, "-D", dir.to_str().unwrap()], "")
-        .assert_ok();
-    orig.wait();
+    let (_images, dir) = dumped_counter(&ws);
 
     let rt = tempdir("ws-rt-");
     let mut copy = Proc::spawn(
