@@ -74,6 +74,11 @@ fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
     Ok(buf)
 }
 
+/// How long a thread may take to stop after `PTRACE_INTERRUPT` (a thread in
+/// uninterruptible sleep, on a dead NFS server say, never does: the dump then fails
+/// naming it instead of hanging).
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Seizes and stops every thread of `pid` not yet in `frozen`.
 pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
     frozen.pid = pid;
@@ -126,7 +131,9 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
             let mut caught = Vec::new();
             let mut kind = StopKind::Interrupted;
             let alive = loop {
-                match ptrace::wait(tid).with_context(|| format!("waiting for thread {tid}"))? {
+                match ptrace::wait_timeout(tid, STOP_TIMEOUT).with_context(|| {
+                    format!("waiting for thread {tid} of {pid} ({comm}) to stop")
+                })? {
                     Stop::EventStop(_) => break true,
                     // It reached the warm-point trap itself while we were freezing.
                     Stop::Event(libc::PTRACE_EVENT_SECCOMP) => {

@@ -271,6 +271,38 @@ pub fn wait(pid: i32) -> io::Result<Stop> {
     Ok(decode_status(status))
 }
 
+/// [`wait`] for at most `timeout`: a thread that does not stop in time is an error
+/// naming it (a wait on a thread that will never report must not hang its caller). Polls
+/// with `WNOHANG`, sleeping 20 µs at first, then longer, up to 2 ms.
+pub fn wait_timeout(pid: i32, timeout: std::time::Duration) -> io::Result<Stop> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a live c_int the kernel writes the wait status into.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+        match r {
+            -1 => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+            0 => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("thread {pid} did not stop within {} s", timeout.as_secs()),
+                    ));
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(2));
+            }
+            _ => return Ok(decode_status(status)),
+        }
+    }
+}
+
 pub fn decode_status(status: i32) -> Stop {
     if libc::WIFEXITED(status) {
         return Stop::Exited(libc::WEXITSTATUS(status));
@@ -288,5 +320,34 @@ pub fn decode_status(status: i32) -> Stop {
         Stop::Event(event)
     } else {
         Stop::Signal(sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that never changes state times the wait out, naming it; once killed, the
+    /// wait reports it.
+    #[test]
+    fn wait_timeout_is_bounded() {
+        // SAFETY: the child only calls pause (async-signal-safe) until it is killed.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            loop {
+                // SAFETY: pause takes no arguments.
+                unsafe { libc::pause() };
+            }
+        }
+        let e = wait_timeout(pid, std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains(&format!("thread {pid}")), "{e}");
+        // SAFETY: kill takes integers; `pid` is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(
+            wait_timeout(pid, std::time::Duration::from_secs(10)).unwrap(),
+            Stop::Killed(libc::SIGKILL)
+        );
     }
 }
