@@ -84,7 +84,11 @@ pub fn run_instance_with(
     watch.interrupt.abandon_reads_of(snap.clone());
     opts.interrupt = Some(watch.interrupt.clone());
     let restored = crate::restore::restore(&snap, &opts);
-    if let Some(sig) = watch.stop() {
+    let interrupt = watch.interrupt.clone();
+    let signal = watch.stop();
+    // A signal that came once the instance resumed is the instance's: forwarded below.
+    let for_instance = restored.is_ok() && interrupt.resumed();
+    if let (Some(sig), false) = (signal, for_instance) {
         drop(restored);
         eprintln!(
             "warmstart: the restore of snapshot {} was interrupted by {}; nothing of the \
@@ -95,6 +99,14 @@ pub fn run_instance_with(
         return Ok(128 + sig);
     }
     let r = restored?;
+    if let Some(sig) = signal {
+        if let Err(e) = r.sandbox.signal(sig) {
+            tracing::warn!(
+                "forwarding {} to the instance: {e}",
+                crate::restore::signal_name(sig)
+            );
+        }
+    }
     if display_stats {
         let from = snap
             .page_server()

@@ -27,6 +27,8 @@ pub struct Interrupt {
     /// The snapshot being restored: a page server's reads are given up (the restore may
     /// be waiting for one that stopped answering).
     snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// The instance is resuming: a signal is for it now, kept for the caller to forward.
+    resumed: std::sync::atomic::AtomicBool,
 }
 
 /// The watching thread; [`Watch::stop`] ends it.
@@ -63,6 +65,20 @@ impl Interrupt {
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap);
     }
 
+    /// The restore is done and the instance resumes: from now on a signal kills nothing;
+    /// the caller forwards it ([`Interrupt::resumed`]).
+    pub fn resuming(&self) {
+        // Under the lock: `fire` either saw the target (and killed a restore that had not
+        // got here) or sees the flag.
+        let _t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        self.resumed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the instance had resumed when the signal came (see [`Interrupt::resuming`]).
+    pub fn resumed(&self) -> bool {
+        self.resumed.load(Ordering::SeqCst)
+    }
+
     /// The sandbox is no longer ours to kill (the restore ended).
     pub fn disarm(&self) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -70,9 +86,14 @@ impl Interrupt {
 
     fn fire(&self, sig: i32) {
         self.signal.store(sig, Ordering::SeqCst);
-        if let Some(fd) = &*self.target.lock().unwrap_or_else(|e| e.into_inner()) {
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if self.resumed() {
+            return;
+        }
+        if let Some(fd) = &*target {
             kill(fd);
         }
+        drop(target);
         if let Some(s) = &*self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) {
             s.abandon_page_reads();
         }

@@ -189,6 +189,9 @@ pub struct Parked {
     tree: Vec<Ready>,
     /// Our end of the stdio socket (parked restores only).
     late_sock: Option<OwnedFd>,
+    /// Told when the instance resumes: a signal from then on is the instance's, not the
+    /// end of its restore.
+    interrupt: Option<Arc<interrupt::Interrupt>>,
 }
 
 /// Restores an instance of `snap` and lets it run.
@@ -593,6 +596,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
             .collect(),
         late_sock,
         sandbox,
+        interrupt: opts.interrupt.clone(),
     };
     let mut failed_in = 0;
     let threads = (|| -> Result<()> {
@@ -707,6 +711,9 @@ impl Parked {
                 finish(&d.tids, &d.info, &m.processes[d.idx].threads)?;
             }
             // Every process is ready: all resume together.
+            if let Some(i) = &self.interrupt {
+                i.resuming();
+            }
             for d in &self.tree {
                 failed_in = d.idx;
                 for &tid in &d.tids {
