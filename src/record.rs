@@ -315,10 +315,11 @@ pub fn record(
                     return 126;
                 }
             }
-            // SAFETY: `path`, `argv` and `env` are CStrings owned by the parent's frame,
+            // `path`, `argv` and `env` are CStrings owned by the parent's frame,
             // which this child (a copy of it) still has mapped; argv_ptrs and env_ptrs
             // point into them and end with a null pointer, as execve requires. Nothing is
             // allocated here, as after clone3 must be the case.
+            // SAFETY: NUL-terminated arrays of live CStrings; nothing allocates here.
             unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
             127
         },

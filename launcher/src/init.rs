@@ -120,11 +120,12 @@ fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool 
     struct Cmsg([u8; 64]);
     let payload: [i32; 3] = [stage, err, ns_pid];
     let mut cbuf = Cmsg([0; 64]);
-    // SAFETY: `payload` (12 bytes, `MSG_LEN`) and `cbuf` (64 bytes, 8-aligned) are live
+    // `payload` (12 bytes, `MSG_LEN`) and `cbuf` (64 bytes, 8-aligned) are live
     // locals, and `msg` points only at them and at `iov`; `msghdr` is valid zeroed. With a
     // pidfd, `msg_controllen` is `CMSG_SPACE(4)` <= 64, so `CMSG_FIRSTHDR` is non-null and
     // the header and its 4-byte payload lie inside `cbuf` (written unaligned as `CMSG_DATA`
     // need not be 4-aligned). `sendmsg` only reads these buffers and is async-signal-safe.
+    // SAFETY: only reads live locals and makes the async-signal-safe `sendmsg`, as stated.
     unsafe {
         let mut iov = libc::iovec {
             iov_base: payload.as_ptr() as *mut libc::c_void,
@@ -157,7 +158,7 @@ fn report(sock: RawFd, stage: i32, err: i32, ns_pid: i32, pidfd: RawFd) -> bool 
 /// Body of init (pid 1). Starts with every signal blocked (the monitor blocked them
 /// around `clone3`).
 pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
-    // SAFETY: this runs in init, a raw-`clone3` child, and makes only async-signal-safe
+    // This runs in init, a raw-`clone3` child, and makes only async-signal-safe
     // calls: `prctl`, `poll`, `close`, `mount`, `sigaction`, `clone3`, `sendmsg`,
     // `close_range`, `waitpid`, `_exit` (`timens::enter` keeps to the same rules). Every
     // pointer passed is to a live local or a static C string; `sigaction` is valid zeroed
@@ -166,6 +167,7 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
     // gets a valid `clone_args` whose `pidfd` and `set_tid` point to live locals; its child
     // runs `app_main`, which never returns. The function never returns either: the loop
     // ends only in `_exit`.
+    // SAFETY: only the async-signal-safe calls listed, on live locals; never returns.
     unsafe {
         // Die with the monitor, then close the race where it died before the prctl.
         if libc::prctl(
@@ -315,11 +317,12 @@ fn install_stdio(fds: [RawFd; 3]) -> bool {
 
 /// Body of the app child (pid 2, or the exact pid). Starts with every signal blocked.
 fn app_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
-    // SAFETY: runs in the app child of a raw `clone3`: the calls before `app` (`close`,
+    // It runs in the app child of a raw `clone3`: the calls before `app` (`close`,
     // `sigaction`, `dup2`, `sigprocmask`, `read`, `_exit`) are async-signal-safe; `read`
     // writes one byte into a live local; the fds closed (`sock`, `gate_r`) are the child's
     // own copies, never used again. The closure's obligations are documented on
     // `sandbox::spawn`. `_exit` ends the child without returning.
+    // SAFETY: the app child makes only the async-signal-safe calls listed before `app`.
     unsafe {
         close_raw(a.sock);
         sys::reset_signal_dispositions();

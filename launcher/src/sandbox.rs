@@ -157,13 +157,14 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: `args` is a valid `clone_args` of the size `clone3` is told, and its `pidfd`
+    // `args` is a valid `clone_args` of the size `clone3` is told, and its `pidfd`
     // field points to `init_pidfd`, a live local the kernel writes before returning.
     // Without CLONE_VM the child gets a copy of this thread only: it switches to the
     // private arena first (`enter_child`), runs `init_main`, which makes only
     // async-signal-safe calls and never returns (it ends in `_exit`), and the caller's
     // closure is bound by this function's documented rules. Every signal is blocked, so no
     // handler of the monitor runs in the child.
+    // SAFETY: a valid `clone_args`; the child keeps to the rules above.
     let r = unsafe { sys::clone3(&args) };
     if r == 0 {
         // Before anything can allocate: glibc's malloc may be locked for good here.
@@ -365,12 +366,13 @@ fn recv_report(sock: &OwnedFd) -> Result<Option<([i32; 3], Option<OwnedFd>)>, La
         };
     }
     let mut fd = None;
-    // SAFETY: `recvmsg` succeeded, so `msg.msg_control`/`msg_controllen` describe the part
+    // `recvmsg` succeeded, so `msg.msg_control`/`msg_controllen` describe the part
     // of `cbuf` the kernel filled; `CMSG_FIRSTHDR`/`CMSG_NXTHDR` stay within it and return
     // null at its end. The payload of an SCM_RIGHTS header holds `(cmsg_len - CMSG_LEN(0))
     // / 4` ints, read unaligned because `CMSG_DATA` need not be 4-aligned. Each is a
     // descriptor the kernel just installed in our table (MSG_CMSG_CLOEXEC): nothing else
     // owns it, and each is wrapped in exactly one `OwnedFd` (extras are closed on drop).
+    // SAFETY: walks only the control data `recvmsg` filled; each fd is wrapped once.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {

@@ -305,10 +305,11 @@ impl Filter {
             len: self.len as u16,
             filter: self.insns.as_ptr() as *mut libc::sock_filter,
         };
-        // SAFETY: `prog` is a live local pointing at `self.insns`, of which the first
+        // `prog` is a live local pointing at `self.insns`, of which the first
         // `self.len` entries are initialised instructions (`len` never exceeds the array's
         // size: `push` refuses more). The kernel copies and verifies the program during the
         // call; a bad program is EINVAL, not undefined behaviour.
+        // SAFETY: `prog` points at `self.len` initialised instructions; the kernel copies them.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_seccomp,

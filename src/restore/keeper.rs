@@ -64,10 +64,11 @@ impl Keeper {
         // Forked twice, so that it is nobody's child here (the monitor's only child stays
         // the sandbox's init, and nothing needs to reap the keeper). The monitor is
         // multi-threaded: the children only make raw syscalls.
-        // SAFETY: the monitor is multi-threaded, so the child may only make
+        // The monitor is multi-threaded, so the child may only make
         // async-signal-safe calls: it forks again and `_exit`s, and the grandchild runs
         // `keeper_main`, which keeps to raw system calls on stack buffers and never
         // returns.
+        // SAFETY: the children make only raw, async-signal-safe system calls.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("forking the uffd keeper");

@@ -187,11 +187,12 @@ fn write_vectored(hot: Option<&Hot>, pid: i32, work: &[Batch]) -> Result<()> {
             });
             total += len;
         }
-        // SAFETY: each `local` entry is a slice of exactly `len` bytes (`HotPages::pages`
+        // Each `local` entry is a slice of exactly `len` bytes (`HotPages::pages`
         // returns `count` whole pages, `ZEROS[..len]` is bounds-checked) borrowed from `hot`
         // or a static, both alive across the call; `remote` holds addresses in the stopped
         // tracee `pid`, which the kernel writes through its page tables (a bad address is
         // EFAULT, never a write to our memory). The lengths passed are the vectors' own.
+        // SAFETY: live buffers of the lengths given; `remote` is in the tracee.
         let n = unsafe {
             libc::process_vm_writev(
                 pid,

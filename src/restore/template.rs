@@ -148,10 +148,11 @@ impl Template {
             let me = unsafe { libc::getpid() };
             let monitor = warmstart_launcher::sys::pidfd_open(me, 0).context("pidfd_open")?;
             let plan = theirs_plan;
-            // SAFETY: glibc's fork runs its fork handlers, so the child may allocate; it
+            // Glibc's fork runs its fork handlers, so the child may allocate; it
             // takes no other lock another thread may hold (no logging, printing, or shared
             // state: `template_main` reads plain data and makes system calls) and ends in
             // `_exit`.
+            // SAFETY: glibc's fork; the child takes no lock another thread may hold.
             let pid = unsafe { libc::fork() };
             if pid < 0 {
                 return Err(std::io::Error::last_os_error()).context("forking a template");

@@ -45,11 +45,12 @@ pub fn send(sock: BorrowedFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         msg.msg_control = control.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is arithmetic on its integer argument.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        // SAFETY: msg_control points at `control`, 8 * CONTROL_WORDS bytes aligned for
-        // u64 (enough for cmsghdr), and msg_controllen = CMSG_SPACE(4 * fds.len()) fits
-        // in it since fds.len() <= MAX_FDS (asserted above), so CMSG_FIRSTHDR returns a non-null header
-        // inside `control` whose data area has room for all of `fds`. `fds` and `control`
-        // do not overlap.
+        // `msg_control` points at `control`, 8 * CONTROL_WORDS bytes aligned for u64
+        // (enough for cmsghdr), and msg_controllen = CMSG_SPACE(4 * fds.len()) fits in it
+        // since fds.len() <= MAX_FDS (asserted above), so CMSG_FIRSTHDR returns a non-null
+        // header inside `control` whose data area has room for all of `fds`. `fds` and
+        // `control` do not overlap.
+        // SAFETY: the header and its data lie inside `control`, which has room for `fds`.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
@@ -101,11 +102,12 @@ pub fn recv(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>
         }
     };
     let mut fds = Vec::new();
-    // SAFETY: recvmsg set msg_controllen to the bytes of `control` it filled, so
+    // `recvmsg` set msg_controllen to the bytes of `control` it filled, so
     // CMSG_FIRSTHDR/CMSG_NXTHDR yield only headers inside `control` (or null). For an
     // SCM_RIGHTS header, cmsg_len covers (cmsg_len - CMSG_LEN(0)) / 4 fds after the header
     // (read unaligned to be safe); the kernel installed each of them in our fd table just
     // now, so each is a fresh descriptor owned by nobody else and wrapped exactly once.
+    // SAFETY: only headers inside the filled `control`; each fd is fresh and wrapped once.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
