@@ -199,19 +199,14 @@ impl Pools {
 
     /// The template of `snap`, built at its first use (by the first parker to ask; the
     /// others wait for it).
-    pub fn template(&self, snap: &Arc<Snapshot>, build: bool) -> Option<Arc<Template>> {
+    fn template(&self, snap: &Arc<Snapshot>) -> Option<Arc<Template>> {
         self.template_idle?;
         let cell = {
             let mut pools = self.lock();
             let pool = pools.get_mut(&snap.id)?;
-            if build {
-                pool.template_used = Some(Instant::now());
-            }
+            pool.template_used = Some(Instant::now());
             pool.template.clone()
         };
-        if !build {
-            return cell.get().cloned().flatten();
-        }
         cell.get_or_init(|| {
             if let Some(why) = template::why_not(&snap.manifest) {
                 tracing::info!(
@@ -270,7 +265,7 @@ impl Pools {
 
     fn parker(&self, snap: Arc<Snapshot>) {
         let mut opts = super::restore_options(&snap, None);
-        opts.template = self.template(&snap, true);
+        opts.template = self.template(&snap);
         let mut parked = crate::restore::park(&snap, &opts);
         if let (Err(e), Some(_)) = (&parked, &opts.template) {
             // Tried again without it: if that works, the template was the cause and the
