@@ -349,7 +349,7 @@ impl Running {
     pub fn finish(mut self) -> Option<String> {
         // Everything under the monitor (sandbox init, the app): gone before we return, so
         // the next run never meets this one (e.g. on the same port).
-        let tree = descendants(self.child.id() as i32);
+        let tree = crate::sys::tasks::descendants(self.child.id() as i32);
         drop(self.close_stdin.take());
         if !self.wait_exit {
             // A server does not end at EOF: stop it as a platform would, with SIGTERM
@@ -387,34 +387,14 @@ impl Running {
     }
 }
 
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    }
-    out
-}
-
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut all = Vec::new();
-    let mut frontier = vec![pid];
-    while !frontier.is_empty() {
-        frontier = frontier.iter().flat_map(|&p| children_of(p)).collect();
-        all.extend(&frontier);
-    }
-    all
-}
-
 fn deepest_descendant(pid: i32) -> Option<i32> {
     let mut best = None;
     let mut frontier = vec![pid];
     while !frontier.is_empty() {
-        let next: Vec<i32> = frontier.iter().flat_map(|&p| children_of(p)).collect();
+        let next: Vec<i32> = frontier
+            .iter()
+            .flat_map(|&p| crate::sys::tasks::children(p))
+            .collect();
         if let Some(&p) = next.first() {
             best = Some(p);
         }

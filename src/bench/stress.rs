@@ -119,26 +119,6 @@ fn wait_exits(fds: &[OwnedFd], deadline: Instant) -> Vec<Option<Instant>> {
     }
 }
 
-/// Every descendant of `pid` (through each thread's `children`).
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut all = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let path = t.path().join("children");
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
-                all.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    all
-}
-
 /// Waits (up to `deadline`) for `pids` to be gone; those still there.
 fn wait_gone(pids: &[i32], deadline: Instant) -> Vec<i32> {
     let (pids, fds): (Vec<i32>, Vec<OwnedFd>) = pids
@@ -233,7 +213,7 @@ impl Daemon {
     /// Stops the daemon (SIGTERM: its instances end with it); the processes it leaves.
     fn stop(mut self, deadline: Instant) -> Vec<i32> {
         let pid = self.child.id() as i32;
-        let under = descendants(pid);
+        let under = crate::sys::tasks::descendants(pid);
         // SAFETY: our child, not reaped yet.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let fd = pidfd::pidfd_open(pid, 0).ok();

@@ -562,12 +562,7 @@ fn name_of(fd: &OwnedFd, call: NameCall, what: &str) -> Result<UnixAddr> {
 /// passes fds to another (nginx's master to a worker that has not read them yet) is not
 /// at rest. Processes or fds that go away meanwhile are skipped.
 pub fn queued_control(root: i32) -> Option<(i32, i32)> {
-    let mut procs = vec![root];
-    let mut i = 0;
-    while i < procs.len() {
-        procs.extend(crate::sys::tasks::children(procs[i]));
-        i += 1;
-    }
+    let procs = std::iter::once(root).chain(crate::sys::tasks::descendants(root));
     for pid in procs {
         let Ok(pidfd) = warmstart_launcher::sys::pidfd_open(pid, 0) else {
             continue;

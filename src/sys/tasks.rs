@@ -26,3 +26,15 @@ pub fn children(pid: i32) -> Vec<i32> {
     out.dedup();
     out
 }
+
+/// Every descendant of `pid` (not `pid` itself), parents before their children.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = children(pid);
+    let mut i = 0;
+    while i < out.len() {
+        let c = children(out[i]);
+        out.extend(c);
+        i += 1;
+    }
+    out
+}
