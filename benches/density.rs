@@ -31,24 +31,7 @@ fn check(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// The process `pid` and all its descendants.
-fn tree(pid: u32) -> Vec<u32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
-            for t in tasks.flatten() {
-                let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                out.extend(c.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
-fn pss_kib(pid: u32) -> u64 {
+fn pss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
@@ -126,9 +109,8 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
     }
     // Memory streams in after the answer.
     std::thread::sleep(Duration::from_secs(3));
-    let total = tree(daemon.id())
+    let total = warmstart::sys::tasks::descendants(daemon.id() as i32)
         .into_iter()
-        .skip(1)
         .map(pss_kib)
         .sum::<u64>();
     for c in &mut clients {
