@@ -350,6 +350,23 @@ fn bind_addr(fd: BorrowedFd, family: i32, addr: &SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Connects `fd` to `addr` (`what` names the connection in the error).
+fn connect_addr(fd: BorrowedFd, addr: &SocketAddr, what: impl std::fmt::Display) -> Result<()> {
+    let (ss, len) = to_storage(addr);
+    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(errno_err(what));
+    }
+    Ok(())
+}
+
 fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
     let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
     let fresh = new_socket(family, sock_type, protocol)
@@ -664,21 +681,11 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
                 }
             }
             if let Some(peer) = peer {
-                let (ss, len) = to_storage(&parse_addr(peer)?);
-                // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives
-                // across the call.
-                if unsafe {
-                    libc::connect(
-                        fd.as_raw_fd(),
-                        (&ss as *const libc::sockaddr_storage).cast(),
-                        len,
-                    )
-                } < 0
-                {
-                    return Err(errno_err(format!(
-                        "connecting UDP socket {local} to {peer}"
-                    )));
-                }
+                connect_addr(
+                    fd.as_fd(),
+                    &parse_addr(peer)?,
+                    format!("connecting UDP socket {local} to {peer}"),
+                )?;
             }
             super::set_status_flags(fd.as_fd(), *flags)?;
             ins.keep_high(fd)
@@ -777,18 +784,7 @@ fn ended_connection(family: i32, reset: bool) -> Result<OwnedFd> {
     }
     let addr = sockname(&listener, false)?.ok_or_else(|| anyhow!("listener has no address"))?;
     let client = sock()?;
-    let (ss, len) = to_storage(&addr);
-    // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
-    if unsafe {
-        libc::connect(
-            client.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } < 0
-    {
-        return Err(errno_err(format!("connecting to {addr}")));
-    }
+    connect_addr(client.as_fd(), &addr, format!("connecting to {addr}"))?;
     // SAFETY: null address pointers are allowed (the peer's address is not wanted).
     let accepted = unsafe {
         libc::accept4(
