@@ -31,15 +31,6 @@ fn check(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn pss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A `run` holding its instance alive after the first answer.
 struct Client {
     child: Child,
@@ -109,9 +100,11 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
     }
     // Memory streams in after the answer.
     std::thread::sleep(Duration::from_secs(3));
+    // A process that ended meanwhile counts nothing.
     let total = warmstart::sys::tasks::descendants(daemon.id() as i32)
         .into_iter()
-        .map(pss_kib)
+        .filter_map(|p| warmstart::bench::measure::smaps_rollup(p).ok())
+        .map(|m| m.pss / 1024)
         .sum::<u64>();
     for c in &mut clients {
         drop(c.stdin.take());
