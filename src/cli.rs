@@ -989,7 +989,7 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
             );
         }
         ready = warmstart_launcher::Ready::Notify;
-        let (cmd, info) = crate::tool::plan(&a.command, &a.prime_args)?;
+        let (cmd, info, _) = crate::tool::plan(&a.command, &a.prime_args, true)?;
         // SAFETY-free: set before any thread of ours starts; the launcher removes it.
         std::env::set_var(
             "WARMSTART_TOOL_PRIME",

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use warmstart_snapshots::model::{FileIdentity, ToolInfo};
 
+mod java;
+
 /// The Python launcher.
 const PY_LAUNCHER: &str = include_str!("py_tool.py");
 /// The Node launcher.
@@ -28,6 +30,7 @@ const NODE_LAUNCHER: &str = include_str!("node_tool.js");
 enum Runtime {
     Python,
     Node,
+    Java,
 }
 
 impl Runtime {
@@ -35,6 +38,7 @@ impl Runtime {
         match self {
             Runtime::Python => "python",
             Runtime::Node => "node",
+            Runtime::Java => "java",
         }
     }
 
@@ -43,6 +47,7 @@ impl Runtime {
         match self {
             Runtime::Python => ["-c", PY_LAUNCHER],
             Runtime::Node => ["-e", NODE_LAUNCHER],
+            Runtime::Java => unreachable!("the Java launcher is a class (java::place)"),
         }
     }
 }
@@ -50,18 +55,18 @@ impl Runtime {
 /// The arguments `command` gives the tool itself: what follows its launch form (`python3
 /// -m black --check x.py` → `--check x.py`).
 pub fn args_after_form(command: &[String]) -> Result<Vec<String>> {
-    let (launcher, _) = plan(command, &[])?;
-    let code = launcher
-        .iter()
-        .position(|a| a == PY_LAUNCHER || a == NODE_LAUNCHER)
-        .ok_or_else(|| anyhow!("the launcher command line has no launcher"))?;
-    // `-c CODE module|script NAME -- ARGS...`
-    Ok(launcher.get(code + 4..).unwrap_or_default().to_vec())
+    Ok(plan(command, &[], false)?.2)
 }
 
-/// How `record --tool` starts `command`: the launcher command line, and the tool's
-/// description (its files are added at the warm point).
-pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, ToolInfo)> {
+/// How `record --tool` starts `command`: the launcher command line, the tool's
+/// description (its files are added at the warm point) and the tool's own arguments.
+/// `build`: build a launcher that must be (Java's) when it is not yet; without it the
+/// command line names a placeholder for it.
+pub fn plan(
+    command: &[String],
+    prime_args: &[String],
+    build: bool,
+) -> Result<(Vec<String>, ToolInfo, Vec<String>)> {
     let Some(cmd) = command.first() else {
         bail!("no command given: usage is `warmstart record --tool -- CMD ARGS...`");
     };
@@ -74,6 +79,17 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
     // The interpreter and its options, then the form: `-m MOD` or a script.
     let (interp, rest): (Vec<String>, &[String]) = if name.starts_with("python") {
         (vec![cmd.clone()], &command[1..])
+    } else if name == "java" {
+        let p = java::place(cmd, &program, &command[1..], build)?;
+        let info = ToolInfo {
+            runtime: Runtime::Java.name().into(),
+            command: command.to_vec(),
+            prime_args: prime_args.to_vec(),
+            cold_prefix: p.cold_prefix,
+            argv0: p.argv0,
+            files: Vec::new(),
+        };
+        return Ok((p.launcher, info, p.args));
     } else if name == "node" || name == "nodejs" {
         return node_plan(
             command,
@@ -110,7 +126,8 @@ pub fn plan(command: &[String], prime_args: &[String]) -> Result<(Vec<String>, T
         bail!(
             "record --tool: cannot place the entry point of {cmd}: it knows `python3 -m MOD \
              ARGS`, `python3 SCRIPT ARGS`, Python console scripts, `node SCRIPT ARGS` and npm \
-             bin links (java launch forms are not supported yet); record it without --tool"
+             bin links, `java -cp CP CLASS ARGS` and `java -jar JAR ARGS`; record it without \
+             --tool"
         );
     };
     let mut opts = Vec::new();
@@ -167,7 +184,7 @@ fn node_plan(
     prime_args: &[String],
     interp: &[String],
     rest: &[String],
-) -> Result<(Vec<String>, ToolInfo)> {
+) -> Result<(Vec<String>, ToolInfo, Vec<String>)> {
     let mut opts = Vec::new();
     let mut i = 0;
     let script = loop {
@@ -228,7 +245,7 @@ fn finish(
     opts: &[String],
     form: Form,
     args: &[String],
-) -> (Vec<String>, ToolInfo) {
+) -> (Vec<String>, ToolInfo, Vec<String>) {
     let mut cold_prefix: Vec<String> = interp.iter().chain(opts).cloned().collect();
     let mut cmd = cold_prefix.clone();
     // The launcher's code on the command line: no file to keep (or to hide under a
@@ -256,7 +273,7 @@ fn finish(
         argv0,
         files: Vec::new(),
     };
-    (cmd, info)
+    (cmd, info, args.to_vec())
 }
 
 /// The interpreter of a `#!` line naming Python (`/usr/bin/env python3` included).
@@ -551,15 +568,19 @@ mod tests {
         v.iter().map(|x| x.to_string()).collect()
     }
 
+    fn plan_(command: &[String], prime: &[String]) -> Result<(Vec<String>, ToolInfo)> {
+        plan(command, prime, false).map(|(c, i, _)| (c, i))
+    }
+
     #[test]
     fn python_forms_are_placed() {
         let d = tempfile::tempdir().unwrap();
-        let (cmd, info) = plan(&s(&["python3", "-B", "-m", "json.tool", "x"]), &[]).unwrap();
+        let (cmd, info) = plan_(&s(&["python3", "-B", "-m", "json.tool", "x"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", "-B", "-m", "json.tool"]));
         assert_eq!(&cmd[..2], &s(&["python3", "-B"])[..]);
         assert_eq!(cmd[2], "-c");
         assert_eq!(&cmd[4..], &s(&["module", "json.tool", "--", "x"])[..]);
-        let (cmd, info) = plan(&s(&["python3", "tool.py", "-v"]), &[]).unwrap();
+        let (cmd, info) = plan_(&s(&["python3", "tool.py", "-v"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", "tool.py"]));
         assert_eq!(&cmd[3..], &s(&["script", "tool.py", "--", "-v"])[..]);
         let script = d.path().join("wrapper");
@@ -567,7 +588,7 @@ mod tests {
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let p = script.to_str().unwrap();
-        let (cmd, info) = plan(&s(&[p, "a"]), &[]).unwrap();
+        let (cmd, info) = plan_(&s(&[p, "a"]), &[]).unwrap();
         assert_eq!(info.cold_prefix, s(&["python3", p]));
         assert_eq!(cmd[0], "python3");
         assert_eq!(&cmd[3..], &s(&["script", p, "--", "a"])[..]);
@@ -575,13 +596,13 @@ mod tests {
 
     #[test]
     fn other_commands_are_refused_with_the_forms() {
-        let e = plan(&s(&["true"]), &[]).unwrap_err().to_string();
+        let e = plan_(&s(&["true"]), &[]).unwrap_err().to_string();
         assert!(e.contains("python3 -m MOD"), "{e}");
-        let e = plan(&s(&["python3", "-c", "1"]), &[])
+        let e = plan_(&s(&["python3", "-c", "1"]), &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("-c"), "{e}");
-        let e = plan(&s(&["python3"]), &[]).unwrap_err().to_string();
+        let e = plan_(&s(&["python3"]), &[]).unwrap_err().to_string();
         assert!(e.contains("runs no module or script"), "{e}");
     }
 }
