@@ -204,6 +204,38 @@ fn java_jar_tool_warm_runs_match_cold_runs() {
         }
     }
     assert!(n >= 40);
+
+    // The JVM reads TZ at its start: a run with another one runs cold, saying why.
+    let cwd = dirs[0].path();
+    let mut cold = Command::new(&java);
+    cold.arg("-jar").arg(&jar).env("TZ", "Asia/Tokyo");
+    let cold = run_in(cold, cwd, 0o022, None, "");
+    let mut warm = ws.cmd(&["run", "wsj", "--env", "TZ=Asia/Tokyo", "--"]);
+    warm.env_remove("TZ");
+    let warm = run_in(warm, cwd, 0o022, None, "");
+    assert_eq!(warm.stdout, cold.stdout, "{}", warm.describe());
+    assert!(
+        warm.stderr.contains("TZ is \"Asia/Tokyo\" here")
+            && warm.stderr.contains("running the tool cold"),
+        "{}",
+        warm.describe()
+    );
+    let mut refuse = ws.cmd(&[
+        "run",
+        "wsj",
+        "--stale",
+        "fail",
+        "--env",
+        "TZ=Asia/Tokyo",
+        "--",
+    ]);
+    let refused = run_with(refuse.current_dir(cwd), b"", TIMEOUT);
+    refused.assert_fail();
+    assert!(
+        refused.stderr.contains("cannot run warm: TZ"),
+        "{}",
+        refused.describe()
+    );
 }
 
 #[test]

@@ -193,7 +193,10 @@ fn concurrent_warm_runs_keep_their_own_cwd_and_env() {
     let (a, b) = (tempdir("ws-conc-a-"), tempdir("ws-conc-b-"));
     let run = |dir: PathBuf, g: &'static str, file: &'static str| {
         let mut c = ws.cmd(&["run", "wst", "--", "--write", file]);
-        c.current_dir(&dir).env("WSTOOL_GREETING", g);
+        // As a cold run needs it (a warm run with another PYTHONPATH would run cold).
+        c.current_dir(&dir)
+            .env("WSTOOL_GREETING", g)
+            .env("PYTHONPATH", tool.path());
         let out = run_with(&mut c, b"", TIMEOUT);
         out.assert_ok();
         let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();

@@ -955,6 +955,7 @@ pub fn sample_manifest() -> Manifest {
                 hash: Some([3; 32]),
                 ..Default::default()
             }],
+            startup_env: vec![("LANG".into(), "C.UTF-8".into())],
         }),
         unix_queues: Vec::new(),
     }

@@ -258,6 +258,10 @@ pub struct ToolInfo {
     /// Every file the tool loaded while it warmed up (its modules, the interpreter's),
     /// with what identifies it: a run after any of them changed never runs the old code.
     pub files: Vec<FileIdentity>,
+    /// The environment variables the runtime reads at its start (locale, time zone, its
+    /// own options and search paths) as the record had them, sorted: a run with other
+    /// values runs the tool cold.
+    pub startup_env: Vec<(String, String)>,
 }
 
 /// What a file looked like at dump time; a restore refuses a file that no longer matches.

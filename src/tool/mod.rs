@@ -88,6 +88,7 @@ pub fn plan(
             cold_prefix: p.cold_prefix,
             argv0: p.argv0,
             files: Vec::new(),
+            startup_env: startup_env(Runtime::Java, std::env::vars_os()),
         };
         return Ok((p.launcher, info, p.args));
     } else if name == "node" || name == "nodejs" {
@@ -272,8 +273,78 @@ fn finish(
         cold_prefix,
         argv0,
         files: Vec::new(),
+        startup_env: startup_env(runtime, std::env::vars_os()),
     };
     (cmd, info, args.to_vec())
+}
+
+/// Whether the runtime reads variable `name` at its start, before the tool's entry point
+/// (or its modules at load time): the locale, the time zone, the runtime's own options and
+/// search paths. A warm run would keep the recorded value.
+fn read_at_start(runtime: Runtime, name: &str) -> bool {
+    matches!(name, "LANG" | "LANGUAGE" | "TZ")
+        || name.starts_with("LC_")
+        || match runtime {
+            Runtime::Python => name.starts_with("PYTHON"),
+            Runtime::Node => {
+                name.starts_with("NODE_")
+                    || matches!(
+                        name,
+                        "UV_THREADPOOL_SIZE" | "OPENSSL_CONF" | "SSL_CERT_FILE"
+                    )
+            }
+            Runtime::Java => matches!(
+                name,
+                "JAVA_TOOL_OPTIONS" | "JDK_JAVA_OPTIONS" | "_JAVA_OPTIONS" | "CLASSPATH"
+            ),
+        }
+}
+
+/// The variables of `env` the runtime reads at its start ([`read_at_start`]), sorted.
+fn startup_env<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    runtime: Runtime,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = env
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.as_ref().to_string_lossy().into_owned(),
+                v.as_ref().to_string_lossy().into_owned(),
+            )
+        })
+        .filter(|(k, _)| read_at_start(runtime, k) && !k.starts_with("WARMSTART_"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The first variable the runtime reads at its start whose value in `env` (a run's
+/// environment) differs from the record's: its name and both values (`None`: unset).
+fn startup_env_change(
+    tool: &ToolInfo,
+    env: &[(String, String)],
+) -> Option<(String, Option<String>, Option<String>)> {
+    let runtime = match tool.runtime.as_str() {
+        "python" => Runtime::Python,
+        "node" => Runtime::Node,
+        "java" => Runtime::Java,
+        _ => return None,
+    };
+    let now = startup_env(runtime, env.iter().map(|(k, v)| (k, v)));
+    let get =
+        |v: &[(String, String)], k: &str| v.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+    let mut names: Vec<String> = now
+        .iter()
+        .chain(&tool.startup_env)
+        .map(|(k, _)| k.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names.into_iter().find_map(|k| {
+        let (then, here) = (get(&tool.startup_env, &k), get(&now, &k));
+        (then != here).then_some((k, then, here))
+    })
 }
 
 /// The interpreter of a `#!` line naming Python (`/usr/bin/env python3` included).
@@ -424,6 +495,29 @@ pub fn run_stale_or_check(
     };
     if !matches!(a.stale.as_str(), "cold" | "fail") {
         bail!("--stale {:?}: expected cold or fail", a.stale);
+    }
+    if let Some((var, then, here)) = startup_env_change(tool, &run_env(a)?) {
+        let show = |v: &Option<String>| v.as_ref().map_or("unset".to_owned(), |v| format!("{v:?}"));
+        let why = format!(
+            "{var} is {} here and was {} at the record; the {} runtime reads it at its \
+             start, so a warm run would keep the recorded value",
+            show(&here),
+            show(&then),
+            tool.runtime
+        );
+        if a.stale == "fail" {
+            bail!(
+                "snapshot {} cannot run warm: {why} (--stale fail); record it again with \
+                 this environment",
+                a.snapshot
+            );
+        }
+        eprintln!(
+            "warmstart: {}: {why}: running the tool cold (record it again with this \
+             environment to run it warm)",
+            a.snapshot
+        );
+        return run_cold(&tool.cold_prefix, a).map(Some);
     }
     let Some((path, how)) = changed_file(tool) else {
         return Ok(None);
@@ -592,6 +686,47 @@ mod tests {
         assert_eq!(info.cold_prefix, s(&["python3", p]));
         assert_eq!(cmd[0], "python3");
         assert_eq!(&cmd[3..], &s(&["script", p, "--", "a"])[..]);
+    }
+
+    #[test]
+    fn a_changed_startup_variable_is_named() {
+        let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let tool = ToolInfo {
+            runtime: "python".into(),
+            startup_env: startup_env(
+                Runtime::Python,
+                env(&[("PYTHONPATH", "/a"), ("HOME", "/root"), ("LANG", "C")]),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(
+            tool.startup_env,
+            env(&[("LANG", "C"), ("PYTHONPATH", "/a")])
+        );
+        let same = env(&[
+            ("PYTHONPATH", "/a"),
+            ("LANG", "C"),
+            ("HOME", "/x"),
+            ("CI", "1"),
+        ]);
+        assert_eq!(startup_env_change(&tool, &same), None);
+        let other = env(&[("PYTHONPATH", "/b"), ("LANG", "C")]);
+        assert_eq!(
+            startup_env_change(&tool, &other),
+            Some(("PYTHONPATH".into(), Some("/a".into()), Some("/b".into())))
+        );
+        let more = env(&[("PYTHONPATH", "/a"), ("LANG", "C"), ("LC_ALL", "C")]);
+        assert_eq!(
+            startup_env_change(&tool, &more),
+            Some(("LC_ALL".into(), None, Some("C".into())))
+        );
+        // NODE_OPTIONS means nothing to Python.
+        let node = env(&[("PYTHONPATH", "/a"), ("LANG", "C"), ("NODE_OPTIONS", "-x")]);
+        assert_eq!(startup_env_change(&tool, &node), None);
     }
 
     #[test]
