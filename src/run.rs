@@ -151,6 +151,10 @@ pub fn run_instance_with(
 /// The command `ps` shows for an instance of `m`: the recorded one, or for a dump that
 /// has none, the name of its root process.
 pub(crate) fn command_of(m: &warmstart_snapshots::model::Manifest) -> Vec<String> {
+    // A tool's: the command as recorded, not its launcher's.
+    if let Some(t) = m.tool.as_ref().filter(|t| !t.command.is_empty()) {
+        return t.command.clone();
+    }
     if !m.command.is_empty() {
         return m.command.clone();
     }
