@@ -90,9 +90,14 @@ fn same(ctx: &str, cold: &Out, warm: &Out) {
     );
 }
 
-/// The fixture tool compiled and packed as an executable jar in `dir`.
-fn fixture_jar(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/javatool/WsTool.java");
+/// The fixture tool compiled and packed as an executable jar in `dir`; `edit` changes its
+/// source first.
+fn fixture_jar(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let orig = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/javatool/WsTool.java");
+    let srcdir = dir.join("src");
+    std::fs::create_dir_all(&srcdir).unwrap();
+    let src = srcdir.join("WsTool.java");
+    std::fs::write(&src, edit(std::fs::read_to_string(orig).unwrap())).unwrap();
     let classes = dir.join("classes");
     let mut javac = Command::new(which("javac"));
     javac.arg("-d").arg(&classes).arg(&src);
@@ -112,7 +117,7 @@ fn fixture_jar(dir: &Path) -> PathBuf {
 fn java_jar_tool_warm_runs_match_cold_runs() {
     let ws = Ws::new();
     let build = tempdir("ws-jtool-");
-    let jar = fixture_jar(build.path());
+    let jar = fixture_jar(build.path(), |s| s);
     let java = which("java");
     let mut rec = ws.cmd(&[
         "record",
@@ -129,6 +134,7 @@ fn java_jar_tool_warm_runs_match_cold_runs() {
         .current_dir(build.path());
     let out = run_with(&mut rec, b"", TIMEOUT);
     out.assert_ok();
+    let first = out.stdout.trim().to_owned();
     assert!(
         out.stderr
             .contains("primed with '--exit 3 --stderr priming --write primed.txt': exit status 3"),
@@ -220,6 +226,29 @@ fn java_jar_tool_warm_runs_match_cold_runs() {
         "{}",
         warm.describe()
     );
+    // A new version of the tool: the next run is cold, and runs the new code.
+    fixture_jar(build.path(), |s| {
+        s.replace("\"greeting: \"", "\"Greeting: \"")
+    });
+    let warm = ws.cmd(&["run", "wsj", "--"]);
+    let warm = run_in(warm, cwd, 0o022, Some("new"), "");
+    warm.assert_ok();
+    assert!(
+        warm.stdout.contains("Greeting: new") && warm.stderr.contains("is stale"),
+        "{}",
+        warm.describe()
+    );
+    // Recorded again in the background: then warm, with the new code.
+    ws.wait_renamed("wsj", &first);
+    let warm = ws.cmd(&["run", "wsj", "--"]);
+    let warm = run_in(warm, cwd, 0o022, Some("new"), "");
+    warm.assert_ok();
+    assert!(
+        warm.stdout.contains("Greeting: new") && !warm.stderr.contains("stale"),
+        "{}",
+        warm.describe()
+    );
+
     let mut refuse = ws.cmd(&[
         "run",
         "wsj",

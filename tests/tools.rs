@@ -10,7 +10,6 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use common::{fixture, python, run_with, tempdir, Out, Ws, TIMEOUT};
 
@@ -263,30 +262,7 @@ fn a_changed_source_file_runs_the_new_code() {
         cold.describe()
     );
     // It is recorded again in the background: wait (bounded) until the name moves.
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let ls = ws.run(&["ls", "--json"], "");
-        let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap_or_default();
-        let now = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| {
-                s["names"]
-                    .as_array()
-                    .is_some_and(|n| n.iter().any(|n| n == "wst"))
-            })
-            .and_then(|s| s["id"].as_str().map(str::to_owned));
-        if now.as_deref().is_some_and(|id| !id.starts_with(&first)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "wst was not recorded again: {ls:?}",
-            ls = ls.stdout
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    ws.wait_renamed("wst", &first);
     let warm = run();
     warm.assert_ok();
     assert_eq!(version(&warm), "2");

@@ -549,6 +549,35 @@ impl Ws {
         run_with(&mut self.cmd(args), stdin.as_bytes(), TIMEOUT)
     }
 
+    /// Waits (bounded) until `name` names another snapshot than the one whose id starts
+    /// with `first` (a tool recorded again in the background).
+    pub fn wait_renamed(&self, name: &str, first: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let ls = self.run(&["ls", "--json"], "");
+            let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap_or_default();
+            let now = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| {
+                    s["names"]
+                        .as_array()
+                        .is_some_and(|n| n.iter().any(|n| n == name))
+                })
+                .and_then(|s| s["id"].as_str().map(str::to_owned));
+            if now.as_deref().is_some_and(|id| !id.starts_with(first)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} was not recorded again: {}",
+                ls.stdout
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `record --name NAME -- ARGV...`; asserts success and returns the printed id.
     pub fn record<S: AsRef<std::ffi::OsStr>>(&self, name: &str, argv: &[S]) -> String {
         self.record_env(name, argv, &[])
