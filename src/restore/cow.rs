@@ -25,7 +25,7 @@
 //! pages each process writes before it forks (their bytes go to one memfd the tree
 //! inherits), and for the eager fill which pages to skip or zero.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
@@ -126,11 +126,45 @@ pub fn candidate(v: &Vma) -> bool {
     !v.shared && kind && !v.flags.growsdown && !v.flags.locked && !v.flags.lockonfault
 }
 
-type Hash = [u8; 32];
+/// A page's contents, as a number: pages with equal blake3 hashes have equal ones
+/// ([`Contents`]). Comparing and hashing these is what the plan does most.
+type Hash = u32;
 
-/// One process's stored pages in candidate VMAs: address → (hash, page-table index).
-fn stored_pages(snap: &Snapshot, p: &Process) -> HashMap<u64, (Hash, u64)> {
-    let mut out = HashMap::new();
+/// Numbers page contents by their blake3 hash.
+#[derive(Default)]
+struct Contents(HashMap<[u8; 32], Hash, std::hash::BuildHasherDefault<DigestHasher>>);
+
+impl Contents {
+    fn id(&mut self, digest: [u8; 32]) -> Hash {
+        let next = self.0.len() as Hash;
+        *self.0.entry(digest).or_insert(next)
+    }
+}
+
+/// blake3 digests are uniformly distributed: their first bytes are as good a hash as
+/// any, and much cheaper than hashing all 32 again.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut w = [0u8; 8];
+        let n = bytes.len().min(8);
+        w[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(17) ^ u64::from_le_bytes(w);
+    }
+}
+
+/// One process's stored pages in candidate VMAs: address → (contents, page-table index).
+fn stored_pages(
+    snap: &Snapshot,
+    p: &Process,
+    contents: &mut Contents,
+) -> BTreeMap<u64, (Hash, u64)> {
+    let mut out = BTreeMap::new();
     let count = snap.page_count();
     for v in p.vmas.iter().filter(|v| candidate(v)) {
         for r in &v.pages {
@@ -143,7 +177,10 @@ fn stored_pages(snap: &Snapshot, p: &Process) -> HashMap<u64, (Hash, u64)> {
                 if idx >= count {
                     break;
                 }
-                out.insert(v.start + (r.page + i) * PAGE, (snap.page_hash(idx), idx));
+                out.insert(
+                    v.start + (r.page + i) * PAGE,
+                    (contents.id(snap.page_hash(idx)), idx),
+                );
             }
         }
     }
@@ -223,35 +260,36 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
     if !any && !template {
         return Ok(None);
     }
-    let pages: Vec<HashMap<u64, (Hash, u64)>> = m
+    // Ordered maps throughout: every question below is about the pages of one area.
+    let mut contents = Contents::default();
+    let pages: Vec<BTreeMap<u64, (Hash, u64)>> = m
         .processes
         .iter()
         .zip(&live)
         .map(|(p, &l)| {
             if l {
-                stored_pages(snap, p)
+                stored_pages(snap, p, &mut contents)
             } else {
-                HashMap::new()
+                BTreeMap::new()
             }
         })
         .collect();
 
     // What each process and its descendants (through areas inside areas) would like to
-    // inherit: address → the contents wanted there.
+    // inherit: address → the contents wanted there; and what its children and theirs
+    // would like to inherit from it.
     let order = preorder(&children);
     let mut wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
+    let mut child_wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
     for &i in order.iter().rev() {
-        let mut w: HashMap<u64, Vec<Hash>> = HashMap::new();
-        for (&addr, (h, _)) in &pages[i] {
-            w.entry(addr).or_default().push(*h);
-        }
+        let mut cw: HashMap<u64, Vec<Hash>> = HashMap::new();
         for &c in &children[i] {
             for (&addr, hs) in &wants[c] {
                 let inside = vma_at(&cands[c], addr)
                     .zip(vma_at(&cands[i], addr))
                     .is_some_and(|((cs, ce), (s, e))| s <= cs && ce <= e);
                 if inside {
-                    let e = w.entry(addr).or_default();
+                    let e = cw.entry(addr).or_default();
                     for h in hs {
                         if !e.contains(h) {
                             e.push(*h);
@@ -260,14 +298,22 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
                 }
             }
         }
+        let mut w = cw.clone();
+        for (&addr, (h, _)) in &pages[i] {
+            let e = w.entry(addr).or_default();
+            if !e.contains(h) {
+                e.push(*h);
+            }
+        }
         wants[i] = w;
+        child_wants[i] = cw;
     }
 
     // Top down: each process's areas, with what they hold after its writes.
     let mut memfd_pages: Vec<u64> = Vec::new(); // page-table index per memfd page
     let mut at_offset: HashMap<Hash, u64> = HashMap::new();
     let mut procs: Vec<Vec<Area>> = vec![Vec::new(); n];
-    let mut held: Vec<Vec<HashMap<u64, Hash>>> = vec![Vec::new(); n];
+    let mut held: Vec<Vec<BTreeMap<u64, Hash>>> = vec![Vec::new(); n];
     for &i in &order {
         let parent = (i != 0)
             .then(|| {
@@ -278,11 +324,8 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             .flatten();
         if template && i == 0 {
             for &(s, e) in &cands[0] {
-                let state: HashMap<u64, Hash> = pages[0]
-                    .iter()
-                    .filter(|(&a, _)| a >= s && a < e)
-                    .map(|(&a, &(h, _))| (a, h))
-                    .collect();
+                let state: BTreeMap<u64, Hash> =
+                    pages[0].range(s..e).map(|(&a, &(h, _))| (a, h)).collect();
                 if state.is_empty() {
                     continue;
                 }
@@ -305,22 +348,12 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
         for &(s, e) in &cands[i] {
             let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
             let backing = backing_of(&m.processes[i], s, e);
-            // Pages a child (or further down) wants with this process's content.
-            let needed: Vec<u64> = {
-                let mut v: Vec<u64> = (s..e)
-                    .step_by(PAGE as usize)
-                    .filter(|&a| {
-                        mine(a).is_some_and(|h| {
-                            children[i].iter().any(|&c| {
-                                vma_at(&cands[c], a).is_some_and(|(cs, ce)| s <= cs && ce <= e)
-                                    && wants[c].get(&a).is_some_and(|hs| hs.contains(&h))
-                            })
-                        })
-                    })
-                    .collect();
-                v.sort_unstable();
-                v
-            };
+            // Pages a child (or further down) wants with this process's content (sorted).
+            let needed: Vec<u64> = pages[i]
+                .range(s..e)
+                .filter(|(a, (h, _))| child_wants[i].get(a).is_some_and(|hs| hs.contains(h)))
+                .map(|(&a, _)| a)
+                .collect();
             let inherited = parent.and_then(|par| {
                 procs[par]
                     .iter()
@@ -337,27 +370,20 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
                     })
                     .map(|k| (k, &held[par][k]))
             });
-            let matches = inherited.is_some_and(|(_, st)| {
-                st.iter()
-                    .any(|(&a, h)| a >= s && a < e && mine(a) == Some(*h))
-            });
+            let matches =
+                inherited.is_some_and(|(_, st)| st.range(s..e).any(|(&a, h)| mine(a) == Some(*h)));
             // In a file mapping a page the process has not written reads from the file:
             // an inherited written page there could not be undone by a write.
             let revertible = backing.file.is_none()
-                || inherited.is_some_and(|(_, st)| {
-                    st.keys()
-                        .filter(|&&a| a >= s && a < e)
-                        .all(|&a| mine(a).is_some())
-                });
+                || inherited.is_some_and(|(_, st)| st.range(s..e).all(|(&a, _)| mine(a).is_some()));
             let (adopt, mut state) = match inherited {
                 Some((k, st)) if matches && revertible => (
                     Some(k),
-                    st.iter()
-                        .filter(|(&a, _)| a >= s && a < e)
+                    st.range(s..e)
                         .map(|(&a, &h)| (a, h))
-                        .collect::<HashMap<u64, Hash>>(),
+                        .collect::<BTreeMap<u64, Hash>>(),
                 ),
-                _ if !needed.is_empty() => (None, HashMap::new()),
+                _ if !needed.is_empty() => (None, BTreeMap::new()),
                 _ => continue,
             };
             let mut writes: Vec<(u64, u64, u64)> = Vec::new();

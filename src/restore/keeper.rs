@@ -14,14 +14,23 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result};
 
+/// One keeper serves every page server of an instance (each process of a tree has its
+/// own): forking one per process cost milliseconds each.
 pub struct Keeper {
-    /// Messages of [`MSG_LEN`] bytes, op then space id: [`DONE`]: the monitor is done and
-    /// the keeper may let go; [`HOLD`] with an fd attached: keep this space's too;
-    /// [`DROP`]: that space is finished (all its memory in), close its copy — a
-    /// registration kept alive past that would block the process's next munmap, mremap,
-    /// fork or MADV_DONTNEED on an event nobody reads. Closed without `DONE` (the monitor
-    /// died or gave up): it holds on until the instance is gone.
-    done: Option<OwnedFd>,
+    /// Messages of [`MSG_LEN`] bytes, op then space id: [`DONE`]: a page server is done
+    /// (after as many as the keeper was started for, it lets go); [`HOLD`] with an fd
+    /// attached: keep this space's; [`DROP`]: that space is finished (all its memory in),
+    /// close its copy — a registration kept alive past that would block the process's
+    /// next munmap, mremap, fork or MADV_DONTNEED on an event nobody reads. Closed
+    /// without every `DONE` (the monitor died or gave up): it holds on until the instance
+    /// is gone.
+    sock: OwnedFd,
+}
+
+/// One page server's share of the [`Keeper`]: its spaces are `server << 32 | n`.
+pub struct Share {
+    sock: Option<OwnedFd>,
+    prefix: u64,
 }
 
 const HOLD: u8 = 0;
@@ -40,27 +49,34 @@ fn message(op: u8, space: u64) -> [u8; MSG_LEN] {
 
 /// The monitor's side of the keeper's socket, for the page server: hands over and
 /// retires the userfaultfds of forked children.
-pub struct Link(OwnedFd);
+pub struct Link {
+    sock: OwnedFd,
+    prefix: u64,
+}
 
 impl crate::lazy::SpaceKeeper for Link {
     fn hold(&mut self, space: u64, uffd: BorrowedFd<'_>) -> std::io::Result<()> {
-        crate::sys::scm::send(self.0.as_fd(), &message(HOLD, space), &[uffd.as_raw_fd()])
+        crate::sys::scm::send(
+            self.sock.as_fd(),
+            &message(HOLD, self.prefix | space),
+            &[uffd.as_raw_fd()],
+        )
     }
     fn retire(&mut self, space: u64) {
         // A keeper gone already needs nothing.
-        let _ = crate::sys::scm::send(self.0.as_fd(), &message(DROP, space), &[]);
+        let _ = crate::sys::scm::send(self.sock.as_fd(), &message(DROP, self.prefix | space), &[]);
     }
 }
 
 impl Keeper {
-    /// Forks the keeper, giving it `uffd` (space 0: the restored process's own) and the
-    /// pidfd of the sandbox's `init`.
-    pub fn spawn(uffd: BorrowedFd<'_>, init: BorrowedFd<'_>) -> Result<Keeper> {
+    /// Forks the keeper for `servers` page servers, giving it the pidfd of the sandbox's
+    /// `init`; each server then joins with its userfaultfd ([`Keeper::share`]).
+    pub fn spawn(init: BorrowedFd<'_>, servers: u32) -> Result<Keeper> {
         // A socket, not a pipe: writing after the keeper is gone must not raise SIGPIPE;
         // SEQPACKET keeps each message (and its fd) whole.
         let (done_r, done_w) =
             crate::sys::scm::seqpacket_pair().context("socketpair for the uffd keeper")?;
-        let keep = [uffd.as_raw_fd(), init.as_raw_fd(), done_r.as_raw_fd()];
+        let keep = [init.as_raw_fd(), done_r.as_raw_fd()];
         // Forked twice, so that it is nobody's child here (the monitor's only child stays
         // the sandbox's init, and nothing needs to reap the keeper). The monitor is
         // multi-threaded: the children only make raw syscalls.
@@ -79,7 +95,7 @@ impl Keeper {
             // into it.
             unsafe {
                 if libc::fork() == 0 {
-                    keeper_main(keep)
+                    keeper_main(keep, servers)
                 }
                 libc::_exit(0)
             }
@@ -90,33 +106,56 @@ impl Keeper {
         if !libc::WIFEXITED(status) {
             anyhow::bail!("the uffd keeper's parent died: status {status:#x}");
         }
-        Ok(Keeper { done: Some(done_w) })
+        Ok(Keeper { sock: done_w })
     }
 
+    /// Page server number `server` joins: the keeper holds `uffd` (its process's own
+    /// space) from now on.
+    pub fn share(&self, server: u32, uffd: BorrowedFd<'_>) -> Result<Share> {
+        let sock = self
+            .sock
+            .try_clone()
+            .context("duplicating the uffd keeper's socket")?;
+        let prefix = u64::from(server) << 32;
+        crate::sys::scm::send(sock.as_fd(), &message(HOLD, prefix), &[uffd.as_raw_fd()])
+            .context("handing the userfaultfd to the uffd keeper")?;
+        Ok(Share {
+            sock: Some(sock),
+            prefix,
+        })
+    }
+}
+
+impl Share {
     /// The page server's way to hand the keeper the userfaultfds of forked children.
     pub fn link(&self) -> Result<Link> {
-        let link = self
-            .done
+        let sock = self
+            .sock
             .as_ref()
             .context("the uffd keeper was released")?
             .try_clone()
             .context("duplicating the uffd keeper's socket")?;
-        Ok(Link(link))
+        Ok(Link {
+            sock,
+            prefix: self.prefix,
+        })
     }
 
-    /// The page server has finished: the keeper closes its copies and exits.
+    /// The page server has finished: once every server has, the keeper closes its
+    /// copies and exits.
     pub fn release(&mut self) {
-        if let Some(d) = self.done.take() {
-            let _ = crate::sys::scm::send(d.as_fd(), &message(DONE, 0), &[]);
+        if let Some(d) = self.sock.take() {
+            let _ = crate::sys::scm::send(d.as_fd(), &message(DONE, self.prefix), &[]);
         }
     }
 }
 
-/// The keeper's body: only `keep` stays open; waits for [`DONE`] on the socket or for
-/// init's exit, holding the fds [`HOLD`]s bring until their [`DROP`]. No allocation: the
-/// monitor that forked it is multi-threaded.
-unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
-    let [uffd, init, done] = keep;
+/// The keeper's body: only `keep` stays open; waits for `servers` [`DONE`]s on the socket
+/// or for init's exit, holding the fds [`HOLD`]s bring until their [`DROP`]. No
+/// allocation: the monitor that forked it is multi-threaded.
+unsafe fn keeper_main(keep: [RawFd; 2], servers: u32) -> ! {
+    let [init, done] = keep;
+    let mut finished = 0u32;
     libc::setpgid(0, 0);
     let mut sorted = keep;
     sorted.sort_unstable();
@@ -135,8 +174,7 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
     let mut held = [(0u64, -1 as RawFd); TRACKED];
-    held[0] = (0, uffd);
-    let mut count = 1usize;
+    let mut count = 0usize;
     let mut fds = [
         libc::pollfd {
             fd: init,
@@ -180,7 +218,12 @@ unsafe fn keeper_main(keep: [RawFd; 3]) -> ! {
             }
             let space = u64::from_le_bytes(m[1..].try_into().unwrap_or([0; 8]));
             match m[0] {
-                DONE => libc::_exit(0),
+                DONE => {
+                    finished += 1;
+                    if finished >= servers {
+                        libc::_exit(0)
+                    }
+                }
                 HOLD => {
                     let c = libc::CMSG_FIRSTHDR(&msg);
                     if !c.is_null()

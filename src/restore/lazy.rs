@@ -221,12 +221,20 @@ impl Starting {
 
     /// Once the app runs: serves on a thread; `tap` is the read end of the app's stdout
     /// when learning (copied to our stdout; the first byte ends the recording).
-    pub fn run(self, init: BorrowedFd<'_>, tap: Option<OwnedFd>) -> Result<Running> {
+    /// `keeper` holds the userfaultfds of the instance's page servers (this is number
+    /// `server` of them).
+    pub fn run(
+        self,
+        init: BorrowedFd<'_>,
+        keeper: &Keeper,
+        server: u32,
+        tap: Option<OwnedFd>,
+    ) -> Result<Running> {
         let killer = init
             .try_clone_to_owned()
             .context("duplicating the sandbox's pidfd")?;
         let record = self.server.record_handle();
-        let mut keeper = Keeper::spawn(self.keep.as_fd(), init)?;
+        let mut keeper = keeper.share(server, self.keep.as_fd())?;
         drop(self.keep);
         let mut server = self.server;
         server.keep_spaces_with(keeper.link()?);

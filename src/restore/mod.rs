@@ -467,6 +467,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         info,
         tids: vec![pid],
     }];
+    let mut host_pids = HostPids::new(pid);
     let rest = m.processes[1..]
         .iter()
         .zip(reports)
@@ -478,7 +479,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         }
         let info = read_report(r).map_err(|e| fail_in(q, e))?;
         show_listing(q, &info);
-        let qpid = host_pid(pid, q.pid).map_err(|e| fail_in(q, e))?;
+        let qpid = host_pids.get(q.pid).map_err(|e| fail_in(q, e))?;
         ptrace::seize(qpid, SEIZE)
             .with_context(|| format!("seizing the restoring process {qpid}"))
             .map_err(|e| fail_in(q, e))?;
@@ -563,16 +564,27 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let t = Instant::now();
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
+    // One keeper holds the userfaultfds of all of them.
+    let count = servers.iter().flatten().count() as u32;
+    let keeper = (count > 0)
+        .then(|| keeper::Keeper::spawn(sandbox.init_pidfd(), count))
+        .transpose()?;
+    let mut n = 0u32;
+    let mut run = |s: lazy::Starting, tap| {
+        n += 1;
+        let keeper = keeper.as_ref().expect("a keeper for every page server");
+        s.run(sandbox.init_pidfd(), keeper, n - 1, tap)
+    };
     let mut servers = servers.into_iter();
     let lazy = servers
         .next()
         .flatten()
-        .map(|s| s.run(sandbox.init_pidfd(), stdout_tap))
+        .map(|s| run(s, stdout_tap))
         .transpose()?;
     let mut tree_lazy = Vec::new();
     for (d, s) in tree.iter().skip(1).zip(servers) {
         if let Some(s) = s {
-            tree_lazy.push((d.p.pid, s.run(sandbox.init_pidfd(), None)?));
+            tree_lazy.push((d.p.pid, run(s, None)?));
         }
     }
     phases.add("serving", t.elapsed());
@@ -766,22 +778,41 @@ impl Parked {
     }
 }
 
-/// The pid, as seen from here, of the process with pid `ns_pid` in the sandbox: a
-/// descendant of `root` (as seen from here).
-fn host_pid(root: i32, ns_pid: i32) -> Result<i32> {
-    let mut todo = vec![root];
-    while let Some(pid) = todo.pop() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let inner = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
-        if inner == Some(ns_pid) {
-            return Ok(pid);
+/// The host pids of the sandbox's processes, by their pid inside it: the tree under
+/// `root` is walked again (once) when a pid is not known yet, not once per process.
+struct HostPids {
+    root: i32,
+    known: std::collections::HashMap<i32, i32>,
+}
+
+impl HostPids {
+    fn new(root: i32) -> HostPids {
+        HostPids {
+            root,
+            known: Default::default(),
         }
-        todo.extend(crate::sys::tasks::children(pid));
     }
-    bail!("the restoring process {ns_pid} is not among the sandbox's processes")
+
+    fn get(&mut self, ns_pid: i32) -> Result<i32> {
+        if let Some(&p) = self.known.get(&ns_pid) {
+            return Ok(p);
+        }
+        let mut todo = vec![self.root];
+        while let Some(pid) = todo.pop() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+            if let Some(inner) = inner {
+                self.known.insert(inner, pid);
+            }
+            todo.extend(crate::sys::tasks::children(pid));
+        }
+        self.known.get(&ns_pid).copied().ok_or_else(|| {
+            anyhow!("the restoring process {ns_pid} is not among the sandbox's processes")
+        })
+    }
 }
 
 /// A zombie's report: it is about to exit with its status (or why it could not).
