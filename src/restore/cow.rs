@@ -158,13 +158,35 @@ impl std::hash::Hasher for DigestHasher {
     }
 }
 
-/// One process's stored pages in candidate VMAs: address → (contents, page-table index).
-fn stored_pages(
-    snap: &Snapshot,
-    p: &Process,
-    contents: &mut Contents,
-) -> BTreeMap<u64, (Hash, u64)> {
-    let mut out = BTreeMap::new();
+/// One process's stored pages in candidate VMAs, sorted by address.
+struct Pages(Vec<(u64, Page)>);
+
+/// A stored page: its contents and page-table index.
+#[derive(Clone, Copy)]
+struct Page {
+    hash: Hash,
+    idx: u64,
+}
+
+impl Pages {
+    fn get(&self, addr: u64) -> Option<Page> {
+        self.0
+            .binary_search_by_key(&addr, |&(a, _)| a)
+            .ok()
+            .map(|k| self.0[k].1)
+    }
+
+    /// The pages in `start..end`.
+    fn range(&self, start: u64, end: u64) -> &[(u64, Page)] {
+        let from = self.0.partition_point(|&(a, _)| a < start);
+        let to = self.0.partition_point(|&(a, _)| a < end);
+        &self.0[from..to.max(from)]
+    }
+}
+
+/// One process's stored pages in candidate VMAs.
+fn stored_pages(snap: &Snapshot, p: &Process, contents: &mut Contents) -> Pages {
+    let mut out = Vec::new();
     let count = snap.page_count();
     for v in p.vmas.iter().filter(|v| candidate(v)) {
         for r in &v.pages {
@@ -177,14 +199,13 @@ fn stored_pages(
                 if idx >= count {
                     break;
                 }
-                out.insert(
-                    v.start + (r.page + i) * PAGE,
-                    (contents.id(snap.page_hash(idx)), idx),
-                );
+                let hash = contents.id(snap.page_hash(idx));
+                out.push((v.start + (r.page + i) * PAGE, Page { hash, idx }));
             }
         }
     }
-    out
+    out.sort_unstable_by_key(|&(a, _)| a);
+    Pages(out)
 }
 
 /// What `p`'s VMA `start..end` is mapped from.
@@ -260,9 +281,9 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
     if !any && !template {
         return Ok(None);
     }
-    // Ordered maps throughout: every question below is about the pages of one area.
+    // Sorted by address: every question below is about the pages of one area.
     let mut contents = Contents::default();
-    let pages: Vec<BTreeMap<u64, (Hash, u64)>> = m
+    let pages: Vec<Pages> = m
         .processes
         .iter()
         .zip(&live)
@@ -270,43 +291,62 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             if l {
                 stored_pages(snap, p, &mut contents)
             } else {
-                BTreeMap::new()
+                Pages(Vec::new())
             }
         })
         .collect();
 
-    // What each process and its descendants (through areas inside areas) would like to
-    // inherit: address → the contents wanted there; and what its children and theirs
-    // would like to inherit from it.
+    // Bottom up: the pages each process would like its children and theirs (through
+    // areas inside areas) to inherit with its own contents (`needed_at`), and what each
+    // process with children and a parent would like to inherit from that parent: address
+    // → the contents wanted there (a leaf's are its pages).
     let order = preorder(&children);
     let mut wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
-    let mut child_wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
+    let mut needed_at: Vec<std::collections::HashSet<u64>> = vec![Default::default(); n];
     for &i in order.iter().rev() {
-        let mut cw: HashMap<u64, Vec<Hash>> = HashMap::new();
+        let pass_up = i != 0 && !children[i].is_empty();
+        let mut w: HashMap<u64, Vec<Hash>> = HashMap::new();
+        let mut needed = std::collections::HashSet::new();
         for &c in &children[i] {
-            for (&addr, hs) in &wants[c] {
+            let mut visit = |addr: u64, hs: &[Hash]| {
                 let inside = vma_at(&cands[c], addr)
                     .zip(vma_at(&cands[i], addr))
                     .is_some_and(|((cs, ce), (s, e))| s <= cs && ce <= e);
-                if inside {
-                    let e = cw.entry(addr).or_default();
+                if !inside {
+                    return;
+                }
+                if pages[i].get(addr).is_some_and(|p| hs.contains(&p.hash)) {
+                    needed.insert(addr);
+                }
+                if pass_up {
+                    let e = w.entry(addr).or_default();
                     for h in hs {
                         if !e.contains(h) {
                             e.push(*h);
                         }
                     }
                 }
+            };
+            if children[c].is_empty() {
+                for (addr, p) in &pages[c].0 {
+                    visit(*addr, std::slice::from_ref(&p.hash));
+                }
+            } else {
+                for (&addr, hs) in &wants[c] {
+                    visit(addr, hs);
+                }
             }
         }
-        let mut w = cw.clone();
-        for (&addr, (h, _)) in &pages[i] {
-            let e = w.entry(addr).or_default();
-            if !e.contains(h) {
-                e.push(*h);
+        if pass_up {
+            for (addr, p) in &pages[i].0 {
+                let e = w.entry(*addr).or_default();
+                if !e.contains(&p.hash) {
+                    e.push(p.hash);
+                }
             }
         }
         wants[i] = w;
-        child_wants[i] = cw;
+        needed_at[i] = needed;
     }
 
     // Top down: each process's areas, with what they hold after its writes.
@@ -324,8 +364,11 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             .flatten();
         if template && i == 0 {
             for &(s, e) in &cands[0] {
-                let state: BTreeMap<u64, Hash> =
-                    pages[0].range(s..e).map(|(&a, &(h, _))| (a, h)).collect();
+                let state: BTreeMap<u64, Hash> = pages[0]
+                    .range(s, e)
+                    .iter()
+                    .map(|(a, p)| (*a, p.hash))
+                    .collect();
                 if state.is_empty() {
                     continue;
                 }
@@ -346,13 +389,14 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             continue;
         }
         for &(s, e) in &cands[i] {
-            let mine = |a: u64| pages[i].get(&a).map(|x| x.0);
+            let mine = |a: u64| pages[i].get(a).map(|x| x.hash);
             let backing = backing_of(&m.processes[i], s, e);
             // Pages a child (or further down) wants with this process's content (sorted).
             let needed: Vec<u64> = pages[i]
-                .range(s..e)
-                .filter(|(a, (h, _))| child_wants[i].get(a).is_some_and(|hs| hs.contains(h)))
-                .map(|(&a, _)| a)
+                .range(s, e)
+                .iter()
+                .map(|&(a, _)| a)
+                .filter(|a| needed_at[i].contains(a))
                 .collect();
             let inherited = parent.and_then(|par| {
                 procs[par]
@@ -388,7 +432,7 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
             };
             let mut writes: Vec<(u64, u64, u64)> = Vec::new();
             for &a in &needed {
-                let (h, idx) = pages[i][&a];
+                let Page { hash: h, idx } = pages[i].get(a).expect("a needed page is stored");
                 if state.get(&a) == Some(&h) {
                     continue;
                 }
