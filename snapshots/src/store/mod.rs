@@ -128,6 +128,17 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error(
+        "cannot {action} {}: its filesystem is full: free space there (`warmstart gc`, `warmstart rm`) or use \
+         another --store",
+        path.display()
+    )]
+    NoSpace {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "cannot {action} {}: permission denied; run warmstart as the store's owner (or \
          root), or give the file back its owner and mode", path.display()
     )]
@@ -263,6 +274,14 @@ impl StoreError {
     pub(crate) fn io(action: &'static str, path: PathBuf, source: io::Error) -> StoreError {
         if source.kind() == io::ErrorKind::PermissionDenied {
             StoreError::PermissionDenied {
+                action,
+                path,
+                source,
+            }
+        } else if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
+            StoreError::NoSpace {
                 action,
                 path,
                 source,
