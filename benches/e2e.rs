@@ -199,6 +199,27 @@ fn specs(workloads: &Path, build: &Path) -> Vec<Spec> {
             prime: &["/hit"],
         },
     ];
+    // Process trees: a parent and N children blocked on pipes (issue 17: the cost of a
+    // tree should follow its memory, not tens of milliseconds per process).
+    let tree = Path::new(MANIFEST_DIR)
+        .join("benches/fixtures/py_tree.py")
+        .to_string_lossy()
+        .into_owned();
+    for (name, n) in [
+        ("py_tree.py 1", 1),
+        ("py_tree.py 16", 16),
+        ("py_tree.py 64", 64),
+    ] {
+        v.push(Spec {
+            name,
+            command: with(&py, vec![tree.clone(), n.to_string()]),
+            ready: "stdin",
+            probe: line("hello"),
+            env: vec![],
+            mib: None,
+            prime: &[],
+        });
+    }
     for (name, mib) in [
         ("c/mem.c 64 MiB", 64u64),
         ("c/mem.c 512 MiB", 512),
