@@ -10,14 +10,46 @@
 // warm (READY=1): the snapshot is taken in its read of the notify fd. Each restored
 // instance reads its run's request there (argv, cwd, environment, umask) and runs the
 // script as `node PATH ARGS` would, as the main module.
+//
+// A module whose loading is cut short by process.exit (a tool that does its work in its
+// module's top level, as tsc does) leaves require's cache: the warm run loads it again,
+// as it must to run the tool. What a cold start would see is kept: process.execArgv has
+// no `-e CODE` of the launcher (a tool forking node with it would run the launcher), the
+// process listeners a priming run added are removed, and the stdio streams Node made
+// while warming up (for the record's pipes) are made again for each run's own stdio, so
+// a terminal is a TTY (isTTY, columns, colors) and a file is written synchronously.
 'use strict';
 const fs = require('fs');
 const path = require('path');
 const Module = require('module');
 
+// `node [OPTIONS] -e CODE`: the tool's own options only.
+if (process.execArgv.length >= 2 && process.execArgv[process.execArgv.length - 2] === '-e') {
+  process.execArgv = process.execArgv.slice(0, -2);
+}
+delete process._eval;
+
+// Node makes process.stdin/stdout/stderr at their first use, for the kind of fd they are
+// then: note which ones are made before the snapshot.
+const STDIO = ['stdin', 'stdout', 'stderr'];
+const stdioGetters = {};
+const stdioMade = new Set();
+for (const name of STDIO) {
+  const d = Object.getOwnPropertyDescriptor(process, name);
+  stdioGetters[name] = d;
+  Object.defineProperty(process, name, {
+    configurable: true,
+    enumerable: d.enumerable,
+    get() {
+      stdioMade.add(name);
+      return d.get.call(process);
+    },
+  });
+}
+
 const [mode, target, sep, ...recorded] = process.argv.slice(1);
 if (mode !== 'script' || sep !== '--') {
-  process.stderr.write('warmstart: bad launcher arguments\n');
+  fs.writeSync(2, 'warmstart: bad launcher arguments\n');
   process.exit(2);
 }
 const fd = Number(process.env.WARMSTART_NOTIFY_FD);
@@ -43,8 +75,14 @@ function runMain(args) {
   Module._load(main, null, true);
 }
 
+// A message of the launcher's own, without making process.stderr.
+function say(s) {
+  fs.writeSync(2, s);
+}
+
 const EXIT = Symbol('exit');
 for (const p of primes) {
+  const listeners = new Map(process.eventNames().map((e) => [e, process.listeners(e)]));
   const write = process.stdout.write;
   const exit = process.exit;
   process.stdout.write = process.stderr.write.bind(process.stderr);
@@ -66,8 +104,15 @@ for (const p of primes) {
     process.stdout.write = write;
     process.exit = exit;
     process.exitCode = undefined;
+    // A listener the run added (an 'exit' handler, say) is not the next run's.
+    for (const e of process.eventNames()) {
+      const before = listeners.get(e) ?? [];
+      for (const l of process.listeners(e)) {
+        if (!before.includes(l)) process.removeListener(e, l);
+      }
+    }
   }
-  process.stderr.write(`warmstart: primed with '${p}': exit status ${code}\n`);
+  say(`warmstart: primed with '${p}': exit status ${code}\n`);
 }
 delete require.cache[main];
 
@@ -98,7 +143,7 @@ if (!reply.startsWith('RESTORED=1')) {
 } else {
   const head = readLine();
   if (!head.startsWith('TOOL ')) {
-    process.stderr.write(`warmstart: unexpected request ${JSON.stringify(head.slice(0, 40))}\n`);
+    say(`warmstart: unexpected request ${JSON.stringify(head.slice(0, 40))}\n`);
     process.exit(2);
   }
   const len = Number(head.slice(5));
@@ -107,7 +152,7 @@ if (!reply.startsWith('RESTORED=1')) {
   while (got < len) {
     const n = fs.readSync(fd, body, got, len - got, null);
     if (n === 0) {
-      process.stderr.write('warmstart: the notify channel closed before the request\n');
+      say('warmstart: the notify channel closed before the request\n');
       process.exit(2);
     }
     got += n;
@@ -118,5 +163,121 @@ if (!reply.startsWith('RESTORED=1')) {
   for (const k of Object.keys(process.env)) delete process.env[k];
   Object.assign(process.env, req.env);
   process.umask(req.umask);
+  freshStdio();
   runMain(req.args);
+}
+
+// The kind of handle Node makes a stdio stream of for `fd` (libuv's uv_guess_handle).
+function handleKind(fd) {
+  if (require('tty').isatty(fd)) return 'TTY';
+  let st;
+  try {
+    st = fs.fstatSync(fd);
+  } catch {
+    return 'UNKNOWN';
+  }
+  if (st.isFile() || st.isCharacterDevice()) return 'FILE';
+  if (st.isFIFO() || st.isSocket()) return 'PIPE';
+  return 'UNKNOWN';
+}
+
+// Node's own destroy of a stdio stream: the fd is never closed.
+function keepFd(err, cb) {
+  cb(err);
+  if (!this._writableState.emitClose) process.nextTick(() => this.emit('close'));
+}
+
+// process.stdout / process.stderr as Node makes them for `fd`.
+function writableStdio(fd) {
+  const kind = handleKind(fd);
+  let s;
+  if (kind === 'TTY') {
+    s = new (require('tty').WriteStream)(fd);
+    s._type = 'tty';
+  } else if (kind === 'FILE') {
+    // Node's SyncWriteStream (not reachable from a script): every write done at once.
+    const { Writable } = require('stream');
+    s = new Writable({
+      autoDestroy: true,
+      write(chunk, _enc, cb) {
+        fs.writeSync(fd, chunk);
+        cb();
+      },
+    });
+    s.readable = false;
+    s.autoClose = false;
+    s._type = 'fs';
+  } else if (kind === 'PIPE') {
+    s = new (require('net').Socket)({ fd, readable: false, writable: true });
+    s._type = 'pipe';
+  } else {
+    const { Writable } = require('stream');
+    s = new Writable({ write: (_b, _e, cb) => cb() });
+  }
+  s.fd = fd;
+  s._isStdio = true;
+  s.destroySoon = s.destroy;
+  s._destroy = keepFd;
+  if (s.isTTY) process.on('SIGWINCH', () => s._refreshSize());
+  return s;
+}
+
+// process.stdin as Node makes it.
+function readableStdio() {
+  const fd = 0;
+  const kind = handleKind(fd);
+  let s;
+  if (kind === 'TTY') {
+    s = new (require('tty').ReadStream)(fd, { highWaterMark: 0, readable: true, writable: false });
+  } else if (kind === 'FILE') {
+    s = new fs.ReadStream(null, { fd, autoClose: false });
+  } else if (kind === 'PIPE') {
+    s = new (require('net').Socket)({ fd, readable: true, writable: false, manualStart: true });
+    s._writableState.ended = true;
+  } else {
+    const { Readable } = require('stream');
+    s = new Readable({ read() {} });
+    s.push(null);
+  }
+  s.fd = fd;
+  if (s._handle && s._handle.readStop) {
+    s._handle.reading = false;
+    s._readableState.reading = false;
+    s._handle.readStop();
+  }
+  s.on('pause', () => {
+    process.nextTick(() => {
+      if (s._handle && s._handle.reading && !s.readableFlowing) {
+        s._readableState.reading = false;
+        s._handle.reading = false;
+        s._handle.readStop();
+      }
+    });
+  });
+  return s;
+}
+
+// This run's stdio streams: Node's own lazy ones where none was made before the
+// snapshot, else new ones for the fds this run has (the old ones stay open, unused).
+function freshStdio() {
+  for (const name of STDIO) {
+    if (!stdioMade.has(name)) {
+      Object.defineProperty(process, name, stdioGetters[name]);
+      continue;
+    }
+    let stream;
+    Object.defineProperty(process, name, {
+      configurable: true,
+      enumerable: stdioGetters[name].enumerable,
+      get() {
+        if (!stream) {
+          stream = name === 'stdin' ? readableStdio() : writableStdio(name === 'stdout' ? 1 : 2);
+        }
+        return stream;
+      },
+    });
+  }
+  // The global console took the old streams at its first use: it takes them again.
+  console._stdout = undefined;
+  console._stderr = undefined;
 }
