@@ -556,9 +556,9 @@ fn tool_runs_through_serve_from_parked_instances() {
     }
 }
 
-/// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run, then each warm run
-/// prints, writes and exits as the cold one, with its own arguments, cwd, environment,
-/// stdin and umask.
+/// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run (its async part
+/// included: none of it is left for the warm runs), then each warm run prints, writes and
+/// exits as the cold one, with its own arguments, cwd, environment, stdin and umask.
 #[test]
 fn node_tool_warm_runs_match_cold_runs() {
     let Ok(node) = warmstart::bench::real_path("node") else {
@@ -577,15 +577,16 @@ fn node_tool_warm_runs_match_cold_runs() {
         "--name",
         "wn",
         "--prime-args",
-        "--exit 3",
+        "--exit 3 --later priming",
         "--",
     ]);
     rec.arg(&node).arg(&script);
     let out = run_with(&mut rec, b"", TIMEOUT);
     out.assert_ok();
     assert!(
-        out.stderr.contains("primed with '--exit 3': exit status 3"),
-        "{}",
+        out.stderr
+            .contains("later still: priming\nwarmstart: primed with '--exit 3 --later priming': exit status 3"),
+        "the priming run's async part runs before the snapshot: {}",
         out.describe()
     );
     let nowhere = tempdir("ws-none-");
@@ -597,6 +598,7 @@ fn node_tool_warm_runs_match_cold_runs() {
         (vec!["--write", "out.txt"], "", None),
         (vec!["--stderr", "warning"], "", None),
         (vec!["ünï", ""], "", None),
+        (vec!["--later", "x", "--exit", "5"], "", None),
     ] {
         let dir = tempdir("ws-cwd-");
         let cold_dir = tempdir("ws-cold-");

@@ -4,7 +4,8 @@
 //
 // Node cannot load a script's dependencies without running it, so the tool is warmed by
 // its priming runs (WARMSTART_TOOL_PRIME, JSON: each run's arguments; output to stderr,
-// process.exit intercepted; the script's synchronous part only): its modules stay in
+// process.exit intercepted, until the event loop has nothing of the run's left, so its
+// async part runs before the snapshot and never in a warm run): its modules stay in
 // require's cache, the script itself is dropped from it. Then the launcher tells
 // warmstart every file loaded (WARMSTART_FILE=... lines on the notify fd) and that it is
 // warm (READY=1): the snapshot is taken in its read of the notify fd. Each restored
@@ -34,6 +35,7 @@ delete process._eval;
 const STDIO = ['stdin', 'stdout', 'stderr'];
 const stdioGetters = {};
 const stdioMade = new Set();
+const stdioStreams = new Set();
 for (const name of STDIO) {
   const d = Object.getOwnPropertyDescriptor(process, name);
   stdioGetters[name] = d;
@@ -42,7 +44,9 @@ for (const name of STDIO) {
     enumerable: d.enumerable,
     get() {
       stdioMade.add(name);
-      return d.get.call(process);
+      const stream = d.get.call(process);
+      stdioStreams.add(stream);
+      return stream;
     },
   });
 }
@@ -81,26 +85,51 @@ function say(s) {
 }
 
 const EXIT = Symbol('exit');
-for (const p of primes) {
+// How long a priming run's async part may take before the snapshot is taken anyway.
+const PRIME_WAIT_MS = 10000;
+
+// One priming run: the tool with the words of `p`, its stdout to stderr and process.exit
+// intercepted, until what it started is done, its async part (callbacks, promises)
+// included, so none of it is left for the warm runs; then `done()`.
+function primeRun(p, done) {
   const listeners = new Map(process.eventNames().map((e) => [e, process.listeners(e)]));
   const write = process.stdout.write;
   const exit = process.exit;
+  let code;
+  const exited = (c) => {
+    if (code === undefined) code = c;
+  };
+  const caught = (e) => {
+    if (e && e[EXIT]) return;
+    console.error(e);
+    exited(1);
+  };
   process.stdout.write = process.stderr.write.bind(process.stderr);
   process.exit = (c) => {
-    throw { [EXIT]: c ?? process.exitCode ?? 0 };
+    exited(c ?? process.exitCode ?? 0);
+    throw { [EXIT]: true };
   };
-  let code = 0;
+  process.on('uncaughtException', caught);
+  process.on('unhandledRejection', caught);
   try {
     runMain(split(p));
-    code = process.exitCode ?? 0;
   } catch (e) {
-    if (e && e[EXIT] !== undefined) {
-      code = e[EXIT];
-    } else {
-      console.error(e);
-      code = 1;
+    caught(e);
+  }
+  const start = Date.now();
+  const settle = () => {
+    const busy = pending();
+    if (busy.length > 0 && Date.now() - start < PRIME_WAIT_MS) {
+      setTimeout(() => setImmediate(settle), 2);
+      return;
     }
-  } finally {
+    if (busy.length > 0) {
+      say(
+        `warmstart: the priming run with '${p}' still waits on ${busy.join(', ')} after ` +
+          `${PRIME_WAIT_MS / 1000} s: the snapshot is taken with it\n`,
+      );
+    }
+    exited(process.exitCode ?? 0);
     process.stdout.write = write;
     process.exit = exit;
     process.exitCode = undefined;
@@ -111,36 +140,53 @@ for (const p of primes) {
         if (!before.includes(l)) process.removeListener(e, l);
       }
     }
-  }
-  say(`warmstart: primed with '${p}': exit status ${code}\n`);
-}
-delete require.cache[main];
-
-const files = new Set([process.execPath, main, ...Object.keys(require.cache)]);
-let msg = '';
-for (const f of [...files].sort()) {
-  if (!f.includes('\n') && fs.existsSync(f) && fs.statSync(f).isFile()) {
-    msg += `WARMSTART_FILE=${f}\n`;
-  }
-}
-fs.writeSync(fd, msg + 'READY=1\n');
-
-function readLine() {
-  const b = Buffer.alloc(1);
-  let s = '';
-  while (!s.endsWith('\n')) {
-    if (fs.readSync(fd, b, 0, 1, null) === 0) break;
-    s += b.toString('latin1');
-  }
-  return s;
+    say(`warmstart: primed with '${p}': exit status ${code}\n`);
+    done();
+  };
+  setImmediate(settle);
 }
 
-// The snapshot is taken in this read.
-const reply = readLine();
-if (!reply.startsWith('RESTORED=1')) {
-  // Left running after the record: run once with the recorded arguments.
-  runMain(recorded);
-} else {
+// What would keep a cold process alive: ref'd handles (the stdio streams aside: Node's
+// are ref'd but not active), requests, ref'd timers and immediates (not the immediate
+// running this).
+function pending() {
+  const info = process.getActiveResourcesInfo();
+  if (typeof process._getActiveHandles !== 'function') return info;
+  const timers = info.filter((t) => t === 'Timeout' || t === 'Immediate');
+  const handles = process._getActiveHandles().filter((h) => !stdioStreams.has(h));
+  const requests = process._getActiveRequests();
+  return [...handles, ...requests].map((h) => h?.constructor?.name ?? 'handle').concat(timers);
+}
+
+// The priming runs one after the other, then the snapshot and the run.
+function primeFrom(i) {
+  if (i < primes.length) {
+    primeRun(primes[i], () => primeFrom(i + 1));
+  } else {
+    warm();
+  }
+}
+primeFrom(0);
+
+// Tells warmstart it is warm; the snapshot is taken while it waits for the reply. Then
+// the run: the one recorded (left running after the record) or a restored run's.
+function warm() {
+  delete require.cache[main];
+  const files = new Set([process.execPath, main, ...Object.keys(require.cache)]);
+  let msg = '';
+  for (const f of [...files].sort()) {
+    if (!f.includes('\n') && fs.existsSync(f) && fs.statSync(f).isFile()) {
+      msg += `WARMSTART_FILE=${f}\n`;
+    }
+  }
+  fs.writeSync(fd, msg + 'READY=1\n');
+  // The snapshot is taken in this read.
+  const reply = readLine();
+  if (!reply.startsWith('RESTORED=1')) {
+    // Left running after the record: run once with the recorded arguments.
+    runMain(recorded);
+    return;
+  }
   const head = readLine();
   if (!head.startsWith('TOOL ')) {
     say(`warmstart: unexpected request ${JSON.stringify(head.slice(0, 40))}\n`);
@@ -165,6 +211,16 @@ if (!reply.startsWith('RESTORED=1')) {
   process.umask(req.umask);
   freshStdio();
   runMain(req.args);
+}
+
+function readLine() {
+  const b = Buffer.alloc(1);
+  let s = '';
+  while (!s.endsWith('\n')) {
+    if (fs.readSync(fd, b, 0, 1, null) === 0) break;
+    s += b.toString('latin1');
+  }
+  return s;
 }
 
 // The kind of handle Node makes a stdio stream of for `fd` (libuv's uv_guess_handle).
