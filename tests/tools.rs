@@ -718,6 +718,7 @@ fn on_terminal(mut cmd: Command) -> (i32, Vec<u8>) {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::ExitStatusExt;
     // SAFETY: posix_openpt returns a new fd or -1; it is owned from here on.
     let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
     assert!(
@@ -774,7 +775,6 @@ fn on_terminal(mut cmd: Command) -> (i32, Vec<u8>) {
     let status = child.wait().unwrap();
     let out = rx.recv_timeout(TIMEOUT).expect("the terminal's output");
     drop(guard);
-    use std::os::unix::process::ExitStatusExt;
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
@@ -832,7 +832,9 @@ fn tsc_warm_is_tsc() {
         out.describe()
     );
     let dev = Some(("NODE_ENV", "development"));
-    let sets: Vec<(&str, Vec<&str>, Option<(&str, &str)>)> = vec![
+    // (working directory under the copy, arguments, an environment variable)
+    type Set<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>);
+    let sets: Vec<Set> = vec![
         ("", vec!["--noEmit", "-p", "tsproj"], None),
         ("", vec!["-p", "tsproj"], None),
         ("", vec!["-p", "tsproj", "--outDir", "js"], dev),
