@@ -535,9 +535,9 @@ fn tool_runs_through_serve_from_parked_instances() {
     }
 }
 
-/// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run, then each warm run
-/// prints, writes and exits as the cold one, with its own arguments, cwd, environment,
-/// stdin and umask.
+/// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run (its async part
+/// included: none of it is left for the warm runs), then each warm run prints, writes and
+/// exits as the cold one, with its own arguments, cwd, environment, stdin and umask.
 #[test]
 fn node_tool_warm_runs_match_cold_runs() {
     let Ok(node) = warmstart::bench::real_path("node") else {
@@ -556,15 +556,16 @@ fn node_tool_warm_runs_match_cold_runs() {
         "--name",
         "wn",
         "--prime-args",
-        "--exit 3",
+        "--exit 3 --later priming",
         "--",
     ]);
     rec.arg(&node).arg(&script);
     let out = run_with(&mut rec, b"", TIMEOUT);
     out.assert_ok();
     assert!(
-        out.stderr.contains("primed with '--exit 3': exit status 3"),
-        "{}",
+        out.stderr
+            .contains("later still: priming\nwarmstart: primed with '--exit 3 --later priming': exit status 3"),
+        "the priming run's async part runs before the snapshot: {}",
         out.describe()
     );
     let nowhere = tempdir("ws-none-");
@@ -576,6 +577,7 @@ fn node_tool_warm_runs_match_cold_runs() {
         (vec!["--write", "out.txt"], "", None),
         (vec!["--stderr", "warning"], "", None),
         (vec!["ünï", ""], "", None),
+        (vec!["--later", "x", "--exit", "5"], "", None),
     ] {
         let dir = tempdir("ws-cwd-");
         let cold_dir = tempdir("ws-cold-");
@@ -611,5 +613,319 @@ fn node_tool_warm_runs_match_cold_runs() {
         warm.stderr.contains("Error: wsnode failed on purpose"),
         "{}",
         warm.describe()
+    );
+}
+
+/// `tsc` on PATH when it is TypeScript 5's npm bin link (a Node script; .ci/run installs
+/// it), else `None` (a failure under WARMSTART_REQUIRE_SERVERS).
+fn node_tsc() -> Option<PathBuf> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v tsc"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|p| !p.is_empty());
+    let why = match &found {
+        None => "tsc is not installed (.ci/run installs it: npm install -g typescript@5)".into(),
+        Some(p) => {
+            let head = std::fs::read(p).unwrap_or_default();
+            let version = Command::new(p)
+                .arg("--version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default();
+            if !head.starts_with(b"#!")
+                || !head
+                    .split(|&b| b == b'\n')
+                    .next()
+                    .unwrap()
+                    .ends_with(b"node")
+            {
+                format!("{p} is not a Node script (TypeScript 7 is native; .ci/run pins 5)")
+            } else if !version.starts_with("Version 5.") {
+                format!("{p} is {version:?}, not TypeScript 5 (.ci/run pins it)")
+            } else {
+                return found.map(PathBuf::from);
+            }
+        }
+    };
+    assert!(
+        std::env::var_os("WARMSTART_REQUIRE_SERVERS").is_none(),
+        "{why}"
+    );
+    eprintln!("skipping: {why}");
+    None
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Every file and directory under `dir` (relative path, mode, content), sorted.
+fn tree_of(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                todo.push(p);
+                out.push((rel, mode, Vec::new()));
+            } else {
+                out.push((rel, mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What `cmd` writes on a terminal (stdout and stderr on a new pty), and its exit code.
+fn on_terminal(mut cmd: Command) -> (i32, Vec<u8>) {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: posix_openpt returns a new fd or -1; it is owned from here on.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(
+        master >= 0,
+        "posix_openpt: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `master` is a new fd nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `master` is a pty master; `name` is a buffer of the length given.
+    let ok = unsafe {
+        libc::grantpt(master.as_raw_fd()) == 0
+            && libc::unlockpt(master.as_raw_fd()) == 0
+            && libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) == 0
+    };
+    assert!(ok, "setting up a pty: {}", std::io::Error::last_os_error());
+    // SAFETY: ptsname_r wrote a NUL-terminated path into `name`.
+    let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&slave_path)
+        .unwrap();
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .process_group(0);
+    let mut child = cmd.spawn().expect("spawning on a terminal");
+    // Only the child holds the slave now: the master reads EIO once it is gone.
+    drop(cmd);
+    let mut guard = common::KillGuard::new();
+    guard.add(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut m = std::fs::File::from(master);
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(out);
+    });
+    assert!(
+        common::wait_pid_exit(child.id() as i32, TIMEOUT),
+        "the command on a terminal did not finish"
+    );
+    let status = child.wait().unwrap();
+    let out = rx.recv_timeout(TIMEOUT).expect("the terminal's output");
+    drop(guard);
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    (code, out)
+}
+
+/// tsc, TypeScript 5 from npm (installed by .ci/run), recorded as its npm bin link: the
+/// same output, files written (and their modes) and exit status as cold runs, checking
+/// a good and a broken project with and without emitting, bad options, from other
+/// working directories, with another environment, and on a terminal (pretty output).
+#[test]
+fn tsc_warm_is_tsc() {
+    let Some(tsc) = node_tsc() else {
+        return;
+    };
+    // The projects: the shared one, the same with a type error, an empty directory.
+    let template = tempdir("ws-tsc-in-");
+    let tsproj = common::workloads_dir().join("tools/tsproj");
+    copy_tree(&tsproj, &template.path().join("tsproj"));
+    copy_tree(&tsproj, &template.path().join("bad"));
+    std::fs::write(
+        template.path().join("bad/src/bad.ts"),
+        "import { total } from \"./item\";\nexport const n: number = total({ name: \"x\" });\n",
+    )
+    .unwrap();
+    std::fs::create_dir(template.path().join("empty")).unwrap();
+    // Cold and warm runs each get a fresh copy at one path, so paths in the output match.
+    let root = tempdir("ws-tsc-");
+    let work = root.path().join("w");
+    let fresh = || {
+        if work.exists() {
+            std::fs::remove_dir_all(&work).unwrap();
+        }
+        copy_tree(template.path(), &work);
+    };
+    fresh();
+    let ws = Ws::new();
+    let mut rec = ws.cmd(&[
+        "record",
+        "--tool",
+        "--name",
+        "tsc",
+        "--prime-args",
+        "--noEmit -p tsproj",
+        "--",
+        "tsc",
+    ]);
+    rec.current_dir(&work);
+    let out = run_with(&mut rec, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stderr
+            .contains("primed with '--noEmit -p tsproj': exit status 0"),
+        "{}",
+        out.describe()
+    );
+    // (NODE_* variables differing from the record run cold: see tool::read_at_start.)
+    let dev = Some(("CI", "true"));
+    // (working directory under the copy, arguments, an environment variable)
+    type Set<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>);
+    let sets: Vec<Set> = vec![
+        ("", vec!["--noEmit", "-p", "tsproj"], None),
+        ("", vec!["-p", "tsproj"], None),
+        ("", vec!["-p", "tsproj", "--outDir", "js"], dev),
+        ("", vec!["--noEmit", "-p", "bad"], None),
+        ("", vec!["-p", "bad"], None),
+        ("", vec!["-p", "bad", "--noEmitOnError"], None),
+        ("", vec!["--noEmit", "-p", "bad", "--pretty"], None),
+        ("", vec!["--noEmit", "-p", "bad", "--skipLibCheck"], dev),
+        ("tsproj", vec!["--noEmit"], None),
+        ("bad", vec![], None),
+        ("tsproj/src", vec!["--noEmit", "-p", ".."], dev),
+        ("", vec!["--version"], None),
+        ("", vec!["--bogus"], None),
+        ("", vec!["--noEmit", "-p", "missing"], None),
+        ("", vec!["--noEmit", "-p", "tsproj", "--target"], None),
+        ("", vec!["missing.ts"], None),
+        ("", vec!["--noEmit", "-p", "tsproj", "--listFiles"], None),
+        ("", vec!["--showConfig", "-p", "tsproj"], None),
+        ("empty", vec!["--init"], None),
+        (
+            "",
+            vec![
+                "--target",
+                "es2020",
+                "--outDir",
+                "one",
+                "tsproj/src/item.ts",
+            ],
+            None,
+        ),
+        (
+            "",
+            vec![
+                "--noEmit",
+                "--strict",
+                "--target",
+                "es2022",
+                "tsproj/src/main.ts",
+            ],
+            None,
+        ),
+        (
+            "",
+            vec![
+                "--declaration",
+                "--emitDeclarationOnly",
+                "-p",
+                "tsproj",
+                "--outDir",
+                "types",
+            ],
+            None,
+        ),
+        ("", vec!["-b", "tsproj"], None),
+        (
+            "",
+            vec![
+                "--noEmit",
+                "-p",
+                "tsproj",
+                "--noUnusedLocals",
+                "--noImplicitReturns",
+            ],
+            None,
+        ),
+    ];
+    let mut failing = 0;
+    for (dir, args, env) in &sets {
+        let ctx = format!("tsc {args:?} in {dir:?}");
+        let run = |mut cmd: Command| {
+            cmd.args(args).current_dir(work.join(dir));
+            if let Some((k, v)) = env {
+                cmd.env(k, v);
+            }
+            // SAFETY: umask is async-signal-safe; it runs in the forked child before exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(UMASK);
+                    Ok(())
+                });
+            }
+            // tsc reads no stdin: it is there all the same.
+            let out = run_with(&mut cmd, b"unread input\n", TIMEOUT);
+            (out, tree_of(&work))
+        };
+        fresh();
+        let (cold, cold_files) = run(Command::new(&tsc));
+        fresh();
+        let (warm, warm_files) = run(ws.cmd(&["run", "tsc", "--"]));
+        same(&ctx, &cold, &warm);
+        assert!(cold_files == warm_files, "{ctx}: files written differ");
+        failing += usize::from(cold.code() != 0);
+    }
+    assert!(failing >= 8, "{failing} of the argument sets fail");
+    // On a terminal tsc is pretty (colors, the source line): the warm run's stdout is a
+    // TTY too, not the pipe the record had.
+    fresh();
+    let mut cold = Command::new(&tsc);
+    cold.args(["--noEmit", "-p", "bad"]).current_dir(&work);
+    let (cold_code, cold_out) = on_terminal(cold);
+    let mut warm = ws.cmd(&["run", "tsc", "--", "--noEmit", "-p", "bad"]);
+    warm.current_dir(&work);
+    let (warm_code, warm_out) = on_terminal(warm);
+    let text = String::from_utf8_lossy(&warm_out);
+    assert!(
+        cold_out.starts_with(b"\x1b["),
+        "cold tsc is pretty on a terminal: {:?}",
+        String::from_utf8_lossy(&cold_out)
+    );
+    assert_eq!(
+        (warm_code, text.as_ref()),
+        (cold_code, String::from_utf8_lossy(&cold_out).as_ref())
     );
 }
