@@ -70,6 +70,13 @@ pub fn plan(
     let Some(cmd) = command.first() else {
         bail!("no command given: usage is `warmstart record --tool -- CMD ARGS...`");
     };
+    // A version manager's shim (pyenv, nodenv, ...) is a shell script in front of the
+    // tool: the tool is what it runs.
+    if let Some(real) = crate::bench::unshim(cmd) {
+        let mut real_command = command.to_vec();
+        real_command[0] = real;
+        return plan(&real_command, prime_args, build);
+    }
     let program = crate::record::resolve(cmd)?;
     let program = PathBuf::from(std::ffi::OsStr::from_bytes(program.as_bytes()));
     let name = program
