@@ -125,7 +125,7 @@ fn main() -> Result<()> {
         },
         Tool {
             name: "javac Sample.java",
-            primes: vec!["-d primed Sample.java".into(); 8],
+            primes: vec!["-d primed Sample.java".into(); 20],
             command: s(&[
                 "java",
                 "-cp",
