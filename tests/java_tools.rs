@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run_with, tempdir, Out, Ws, TIMEOUT};
+use common::{assert_same_run, run_with, tempdir, Out, Ws, TIMEOUT};
 
 fn which(prog: &str) -> PathBuf {
     for d in std::env::var("PATH").unwrap_or_default().split(':') {
@@ -64,30 +64,6 @@ fn tree_of(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-fn same(ctx: &str, cold: &Out, warm: &Out) {
-    assert_eq!(
-        warm.code(),
-        cold.code(),
-        "{ctx}: exit status\n{}\n{}",
-        cold.describe(),
-        warm.describe()
-    );
-    assert_eq!(
-        warm.stdout,
-        cold.stdout,
-        "{ctx}: stdout\n{}\n{}",
-        cold.describe(),
-        warm.describe()
-    );
-    assert_eq!(
-        warm.stderr,
-        cold.stderr,
-        "{ctx}: stderr\n{}\n{}",
-        cold.describe(),
-        warm.describe()
-    );
 }
 
 /// The fixture tool compiled and packed as an executable jar in `dir`; `edit` changes its
@@ -204,7 +180,7 @@ fn java_jar_tool_warm_runs_match_cold_runs() {
             warm.args(*args);
             let warm = run_in(warm, cwd, *umask, *greeting, input);
             let ctx = format!("{args:?} in {} (umask {umask:o})", cwd.display());
-            same(&ctx, &cold, &warm);
+            assert_same_run(&ctx, &cold, &warm);
             assert_eq!(tree_of(cwd), cold_files, "{ctx}: the files written");
             n += 1;
         }
@@ -384,7 +360,7 @@ fn javac_warm_is_javac() {
                 warm.describe()
             );
         } else {
-            same(&ctx, &cold, &warm);
+            assert_same_run(&ctx, &cold, &warm);
         }
         assert_eq!(tree_of(work.path()), cold_files, "{ctx}: the files written");
         runs += 1;

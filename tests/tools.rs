@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture, python, run_with, tempdir, Out, Ws, TIMEOUT};
+use common::{assert_same_run, fixture, python, run_with, tempdir, Out, Ws, TIMEOUT};
 
 const UMASK: libc::mode_t = 0o027;
 
@@ -87,29 +87,6 @@ fn record_tool(ws: &Ws, pythonpath: &Path) -> String {
     out.stdout.trim().to_owned()
 }
 
-fn same(ctx: &str, cold: &Out, warm: &Out) {
-    assert_eq!(
-        warm.code(),
-        cold.code(),
-        "{ctx}: exit status\n{}\n{}",
-        cold.describe(),
-        warm.describe()
-    );
-    assert_eq!(
-        warm.stdout,
-        cold.stdout,
-        "{ctx}: stdout\n{}",
-        warm.describe()
-    );
-    if cold.stderr.contains("Traceback") {
-        // The frames above the tool's own differ (runpy's), the error does not.
-        let last = |s: &str| s.trim_end().lines().last().unwrap_or("").to_owned();
-        assert_eq!(last(&warm.stderr), last(&cold.stderr), "{ctx}: the error");
-    } else {
-        assert_eq!(warm.stderr, cold.stderr, "{ctx}: stderr");
-    }
-}
-
 #[test]
 fn warm_runs_match_cold_runs() {
     let ws = Ws::new();
@@ -172,7 +149,7 @@ fn warm_runs_match_cold_runs() {
             ),
             ..warm
         };
-        same(&format!("args {args:?}"), &cold, &warm);
+        assert_same_run(&format!("args {args:?}"), &cold, &warm);
         assert_eq!(
             files_of(dir),
             files_of(cold_dir.path()),
@@ -343,7 +320,7 @@ fn real_tool(name: &str, module: &str, sets: &[&[&str]]) {
             let mut warm = ws.cmd(&["run", name, "--"]);
             warm.args(*args).current_dir(inputs.path());
             let warm = run_with(&mut warm, b"", TIMEOUT);
-            same(&format!("{name} ({how}) {args:?}"), &cold, &warm);
+            assert_same_run(&format!("{name} ({how}) {args:?}"), &cold, &warm);
         }
     }
 }
@@ -527,7 +504,7 @@ fn tool_runs_through_serve_from_parked_instances() {
                 .collect(),
             ..warm
         };
-        same(&format!("served {args:?}"), &cold, &warm);
+        assert_same_run(&format!("served {args:?}"), &cold, &warm);
         assert_eq!(files_of(dir.path()), files_of(cold_dir.path()), "{args:?}");
         for (f, _) in files_of(dir.path()) {
             std::fs::remove_file(dir.path().join(f)).unwrap();
@@ -602,7 +579,7 @@ fn node_tool_warm_runs_match_cold_runs() {
             ),
             ..warm
         };
-        same(&format!("node {args:?}"), &cold, &warm);
+        assert_same_run(&format!("node {args:?}"), &cold, &warm);
         assert_eq!(files_of(dir.path()), files_of(cold_dir.path()), "{args:?}");
     }
     // An uncaught exception: the same error and status (the stack's frames differ).
@@ -904,7 +881,7 @@ fn tsc_warm_is_tsc() {
         let (cold, cold_files) = run(Command::new(&tsc));
         fresh();
         let (warm, warm_files) = run(ws.cmd(&["run", "tsc", "--"]));
-        same(&ctx, &cold, &warm);
+        assert_same_run(&ctx, &cold, &warm);
         assert!(cold_files == warm_files, "{ctx}: files written differ");
         failing += usize::from(cold.code() != 0);
     }

@@ -1084,3 +1084,28 @@ pub fn zdtm_run(name: &str, bin: &Path, how: &Zdtm) {
         );
     }
 }
+
+/// A warm run of a tool did what the cold one did: exit status, stdout, stderr (for a
+/// Python traceback, its last line: the frames above the tool's own differ).
+pub fn assert_same_run(ctx: &str, cold: &Out, warm: &Out) {
+    assert_eq!(
+        warm.code(),
+        cold.code(),
+        "{ctx}: exit status\n{}\n{}",
+        cold.describe(),
+        warm.describe()
+    );
+    assert_eq!(
+        warm.stdout,
+        cold.stdout,
+        "{ctx}: stdout\n{}",
+        warm.describe()
+    );
+    if cold.stderr.contains("Traceback") {
+        // The frames above the tool's own differ (runpy's), the error does not.
+        let last = |s: &str| s.trim_end().lines().last().unwrap_or("").to_owned();
+        assert_eq!(last(&warm.stderr), last(&cold.stderr), "{ctx}: the error");
+    } else {
+        assert_eq!(warm.stderr, cold.stderr, "{ctx}: stderr");
+    }
+}
