@@ -1,0 +1,399 @@
+//! Servers benchmark (issue 15): HTTP servers from one snapshot, side by side.
+//!
+//! For `py_http.py` and `node_http.js` (each `GET /hit` answers a counter): record the
+//! server once (`record --ready listen`), let one lone `run` learn its working set, then
+//! - a cold start's time to first response (the server on a free port; `GET /hit` polled
+//!   until answered) and, alternating with it, a served one: `warmstart run --listen
+//!   127.0.0.1:PORT SNAP` on a fresh free port with a `warmstart serve` daemon on the
+//!   store (templates on, `--pool 1`, the pool refilled before each run), from launching
+//!   `run` to the first answer;
+//! - then 16 such `run --listen`s at once, each on its own port, through a daemon with 16
+//!   instances parked: every first answer must show the counter going on from the
+//!   snapshot; their time to first response (p50, max) and the total Pss of the 16
+//!   instances (sandbox and app) and the template they were forked from.
+//!
+//! `cargo bench --bench servers [-- PAIRS]` (default 9 pairs). Prints a markdown table.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use warmstart::bench::measure::{self, free_port, Probe, Running, ServeDaemon, Start, Target};
+use warmstart::bench::report::{fmt_ms, ms_cell, ratio_cell};
+use warmstart::bench::stats::{self, Summary};
+use warmstart::bench::{python, real_path};
+
+const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Instances started at once.
+const AT_ONCE: usize = 16;
+/// Between two tries of a port that does not answer yet (a refused connection returns
+/// at once): short, since a served instance answers within milliseconds.
+const PAUSE: Duration = Duration::from_micros(250);
+/// The same for the 16 at once (16 pollers on a small machine take CPU from the apps).
+const PAUSE_AT_ONCE: Duration = Duration::from_millis(1);
+/// What the daemon logs (`-v`) for each instance it parked.
+const PARKED: &str = "parked an instance of";
+const SNAP: &str = "srv";
+
+struct App {
+    name: &'static str,
+    command: Vec<String>,
+    /// `record --prime` paths.
+    prime: &'static [&'static str],
+    /// Target ratio cold / served.
+    target: f64,
+}
+
+#[derive(Default)]
+struct Row {
+    cold: Vec<f64>,
+    served: Vec<f64>,
+    /// Served runs the daemon answered (the others restored in the `run` itself).
+    by_daemon: usize,
+    /// Served runs that did not count on from the snapshot: (run, counter).
+    wrong_counter: Vec<(usize, i64)>,
+    at_once: Option<AtOnce>,
+    error: Option<String>,
+}
+
+struct AtOnce {
+    ttfr: Summary,
+    /// Instances whose first answer counted on from the snapshot.
+    continued: usize,
+    by_daemon: usize,
+    /// Requests the daemon restored on the spot (no parked instance ready).
+    on_the_spot: usize,
+    pss_bytes: u64,
+}
+
+/// The counter in a `GET /hit` answer (`{"n": N, ...}`).
+fn counter(body: &str) -> Result<i64> {
+    let v: serde_json::Value =
+        serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body:?}"))?;
+    v["n"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no counter in {body:?}"))
+}
+
+/// `t` serving on `port` (a cold start reads it from `PORT`).
+fn on_port(t: &Target, port: u16) -> Target {
+    Target {
+        env: vec![("PORT".into(), port.to_string())],
+        probe: Probe::Http { port },
+        ..t.clone()
+    }
+}
+
+fn listen_args(port: u16) -> Vec<String> {
+    vec!["--listen".into(), format!("127.0.0.1:{port}")]
+}
+
+/// Whether a serve daemon runs the instance of `run` (a client it registered for `ps`).
+fn served_by_daemon(r: &Running) -> bool {
+    warmstart::instances::list()
+        .unwrap_or_default()
+        .iter()
+        .any(|i| i.client == Some(r.pid()) && !i.template)
+}
+
+/// One start on `port`: time to first answer, its counter, whether a daemon ran it.
+fn one(t: &Target, start: Start, port: u16) -> Result<(f64, i64, bool)> {
+    let t = on_port(t, port);
+    let args = if start == Start::Cold {
+        Vec::new()
+    } else {
+        listen_args(port)
+    };
+    let mut r = t.start_with(start, &args)?;
+    let res = r
+        .first_http_answer(port, TIMEOUT, PAUSE)
+        .and_then(|(d, body)| Ok((d.as_secs_f64() * 1e3, counter(&body)?)))
+        .map(|(ms, n)| (ms, n, served_by_daemon(&r)));
+    let tail = r.finish();
+    res.map_err(|e| match tail {
+        Some(tail) => anyhow!("{} start: {e:#} ({tail})", start.label()),
+        None => anyhow!("{} start: {e:#}", start.label()),
+    })
+}
+
+fn ppid(pid: i32) -> Option<i32> {
+    procfs::process::Process::new(pid)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|s| s.ppid)
+}
+
+/// Total Pss of the processes of the instances whose apps are `apps`: each app, its
+/// descendants and its ancestors below `daemon` (its sandbox, and the template it was
+/// forked from).
+fn instances_pss(daemon: i32, apps: &[i32]) -> u64 {
+    let mut pids = BTreeSet::new();
+    for &a in apps {
+        pids.extend(warmstart::sys::tasks::descendants(a));
+        let mut p = a;
+        while p > 1 && p != daemon && pids.insert(p) {
+            match ppid(p) {
+                Some(pp) => p = pp,
+                None => break,
+            }
+        }
+    }
+    pids.into_iter()
+        .filter_map(|p| measure::smaps_rollup(p).ok())
+        .map(|m| m.pss)
+        .sum()
+}
+
+/// `AT_ONCE` `run --listen`s of `t` at once through a daemon with as many parked.
+fn at_once(t: &Target, expect: i64) -> Result<AtOnce> {
+    let n = AT_ONCE.to_string();
+    let mut daemon = ServeDaemon::start_args(
+        &t.exe,
+        &t.store,
+        &["--pool", &n, "--pool-max", &n, "--warm", SNAP],
+    )?;
+    daemon.wait_log(PARKED, AT_ONCE, TIMEOUT)?;
+    // Distinct ports: each held until all are picked.
+    let held: Vec<std::net::TcpListener> = (0..AT_ONCE)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?;
+    drop(held);
+    let go = Barrier::new(AT_ONCE);
+    let started: Vec<Result<(Running, f64, String)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ports
+            .iter()
+            .map(|&port| {
+                let go = &go;
+                s.spawn(move || -> Result<(Running, f64, String)> {
+                    go.wait();
+                    let mut r = t.start_with(Start::Served, &listen_args(port))?;
+                    match r.first_http_answer(port, TIMEOUT, PAUSE_AT_ONCE) {
+                        Ok((d, body)) => Ok((r, d.as_secs_f64() * 1e3, body)),
+                        Err(e) => Err(match r.finish() {
+                            Some(tail) => anyhow!("on port {port}: {e:#} ({tail})"),
+                            None => anyhow!("on port {port}: {e:#}"),
+                        }),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a thread panicked")))
+            })
+            .collect()
+    });
+    let mut runs = Vec::new();
+    let mut first_err = None;
+    for s in started {
+        match s {
+            Ok(x) => runs.push(x),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let res = match first_err {
+        Some(e) => Err(e),
+        None => (|| {
+            let apps: Vec<i32> = runs
+                .iter()
+                .map(|(r, _, _)| r.app_pid())
+                .collect::<Result<_>>()?;
+            let pss_bytes = instances_pss(daemon.pid(), &apps);
+            let ms: Vec<f64> = runs.iter().map(|(_, ms, _)| *ms).collect();
+            let mut continued = 0;
+            for (_, _, body) in &runs {
+                if counter(body)? == expect {
+                    continued += 1;
+                }
+            }
+            Ok(AtOnce {
+                ttfr: Summary::of(&ms).context("no instance")?,
+                continued,
+                by_daemon: runs.iter().filter(|(r, _, _)| served_by_daemon(r)).count(),
+                on_the_spot: daemon.count("on the spot"),
+                pss_bytes,
+            })
+        })(),
+    };
+    for (r, _, _) in runs {
+        r.finish();
+    }
+    res
+}
+
+fn measure_app(app: &App, pairs: usize) -> Row {
+    let mut row = Row::default();
+    if let Err(e) = measure_into(app, pairs, &mut row) {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}
+
+fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
+    let store = tempfile::tempdir()?;
+    let t = on_port(
+        &Target {
+            exe: PathBuf::from(EXE),
+            store: store.path().to_owned(),
+            command: app.command.clone(),
+            env: Vec::new(),
+            snapshot: SNAP.into(),
+            probe: Probe::Http { port: 0 },
+            timeout: TIMEOUT,
+        },
+        free_port()?,
+    );
+    let prime: Vec<String> = app.prime.iter().map(|p| p.to_string()).collect();
+    measure::record(&t, "listen", &prime).context("record")?;
+    // What the recorded process would answer next: each primed `GET /hit` counted one.
+    let expect = 1 + app.prime.iter().filter(|p| **p == "/hit").count() as i64;
+    // A lone run learns the working set (the daemon parks only a snapshot with one).
+    t.run_once(Start::LazyWs, false)
+        .context("the learning run")?;
+
+    {
+        let mut daemon =
+            ServeDaemon::start_args(&t.exe, &t.store, &["--pool", "1", "--warm", SNAP])?;
+        for i in 0..pairs {
+            eprintln!("{}: pair {}/{pairs}", app.name, i + 1);
+            let (cold, n, _) = one(&t, Start::Cold, free_port()?)?;
+            if n != 1 {
+                bail!("a cold start answered with counter {n}, not 1");
+            }
+            // One instance parked before the first run, a replacement after each.
+            daemon.wait_log(PARKED, i + 1, TIMEOUT)?;
+            let (served, n, by_daemon) = one(&t, Start::Served, free_port()?)?;
+            if n != expect {
+                row.wrong_counter.push((i, n));
+            }
+            row.by_daemon += by_daemon as usize;
+            row.cold.push(cold);
+            row.served.push(served);
+        }
+    }
+    eprintln!("{}: {AT_ONCE} at once", app.name);
+    row.at_once = Some(at_once(&t, expect)?);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let pairs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(9);
+    let workloads = Path::new(MANIFEST_DIR).join("../shared/workloads");
+    let w = |f: &str| workloads.join(f).to_string_lossy().into_owned();
+    let apps = [
+        App {
+            name: "py_http.py",
+            command: vec![python()?, w("py_http.py")],
+            prime: &[],
+            target: 30.0,
+        },
+        App {
+            name: "node_http.js",
+            command: vec![real_path("node")?, w("node_http.js")],
+            prime: &[],
+            target: 20.0,
+        },
+    ];
+    let started = Instant::now();
+    let rows: Vec<(&App, Row)> = apps.iter().map(|a| (a, measure_app(a, pairs))).collect();
+    println!(
+        "\n{pairs} pairs, cold and served alternately; load average {} after {:.0} s\n",
+        warmstart::bench::report::loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "| workload | cold TTFR | served TTFR (`run --listen`) | ratio | target | \
+         {AT_ONCE} at once: TTFR p50 / max | counter continued | {AT_ONCE} at once: Pss |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut failed = false;
+    for (app, r) in &rows {
+        let cold = Summary::of(&r.cold);
+        let served = Summary::of(&r.served);
+        let ratio = Summary::of(&stats::ratios(&r.cold, &r.served));
+        let med = match (&cold, &served) {
+            (Some(c), Some(s)) if s.median > 0.0 => Some(c.median / s.median),
+            _ => None,
+        };
+        let verdict = match med {
+            Some(m) if m >= app.target => "**met**",
+            Some(_) => "**missed**",
+            None => "–",
+        };
+        let (once, cont, pss) = match &r.at_once {
+            Some(a) => (
+                format!("{} / {}", fmt_ms(a.ttfr.median), fmt_ms(a.ttfr.max)),
+                format!(
+                    "{}/{AT_ONCE}{}",
+                    a.continued,
+                    if a.by_daemon < AT_ONCE || a.on_the_spot > 0 {
+                        format!(
+                            " ({} by the daemon, {} on the spot)",
+                            a.by_daemon, a.on_the_spot
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                format!("{:.1} MiB", a.pss_bytes as f64 / (1024.0 * 1024.0)),
+            ),
+            None => ("–".into(), "–".into(), "–".into()),
+        };
+        println!(
+            "| `{}` | {} | {} | ×{} {} | ≥ {:.0}×: {verdict} | {once} | {cont} | {pss} |",
+            app.name,
+            ms_cell(&cold),
+            ms_cell(&served),
+            med.map(|m| format!("{m:.1}")).unwrap_or_else(|| "–".into()),
+            ratio_cell(&ratio)
+                .strip_prefix('×')
+                .map(|s| format!("(pairs {s})"))
+                .unwrap_or_default(),
+            app.target,
+        );
+        if !r.served.is_empty() && r.by_daemon < r.served.len() {
+            println!(
+                "\n`{}`: {} of {} served runs were answered by the daemon (the others \
+                 restored in the `run` itself)",
+                app.name,
+                r.by_daemon,
+                r.served.len()
+            );
+        }
+        if !r.wrong_counter.is_empty() {
+            failed = true;
+            println!(
+                "\n`{}`: served runs that did not count on from the snapshot (run, counter): \
+                 {:?}",
+                app.name, r.wrong_counter
+            );
+        }
+        if let Some(e) = &r.error {
+            failed = true;
+            println!("\n`{}`: FAILED: {e}", app.name);
+        }
+        if r.at_once.as_ref().is_some_and(|a| a.continued < AT_ONCE) {
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("some instances failed or did not count on from the snapshot (above)");
+    }
+    Ok(())
+}
