@@ -12,7 +12,7 @@
 //!   snapshot; their time to first response (p50, max) and the total Pss of the 16
 //!   instances (sandbox and app) and the template they were forked from.
 //!
-//! `cargo bench --bench servers [-- PAIRS]` (default 9 pairs). Prints a markdown table.
+//! `cargo bench --bench servers [-- PAIRS]` (default 11 pairs). Prints a markdown table.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,15 @@ struct App {
     prime: &'static [&'static str],
     /// Target ratio cold / served.
     target: f64,
+}
+
+impl App {
+    fn label(&self) -> String {
+        match self.prime {
+            [] => self.name.to_owned(),
+            p => format!("{} --prime {}", self.name, p.join(" --prime ")),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -128,11 +137,16 @@ fn ppid(pid: i32) -> Option<i32> {
         .map(|s| s.ppid)
 }
 
-/// Total Pss of the processes of the instances whose apps are `apps`: each app, its
-/// descendants and its ancestors below `daemon` (its sandbox, and the template it was
-/// forked from).
+/// Total Pss of the instances whose apps are `apps` (each app, its descendants and its
+/// ancestors below `daemon`: its sandbox) and of `daemon`'s templates; not of the
+/// instances it parks meanwhile.
 fn instances_pss(daemon: i32, apps: &[i32]) -> u64 {
-    let mut pids = BTreeSet::new();
+    let mut pids: BTreeSet<i32> = warmstart::instances::list()
+        .unwrap_or_default()
+        .iter()
+        .filter(|i| i.template && i.monitor == daemon)
+        .map(|i| i.pid)
+        .collect();
     for &a in apps {
         pids.extend(warmstart::sys::tasks::descendants(a));
         let mut p = a;
@@ -268,13 +282,14 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
         let mut daemon =
             ServeDaemon::start_args(&t.exe, &t.store, &["--pool", "1", "--warm", SNAP])?;
         for i in 0..pairs {
-            eprintln!("{}: pair {}/{pairs}", app.name, i + 1);
+            eprintln!("{}: pair {}/{pairs}", app.label(), i + 1);
             let (cold, n, _) = one(&t, Start::Cold, free_port()?)?;
             if n != 1 {
                 bail!("a cold start answered with counter {n}, not 1");
             }
-            // One instance parked before the first run, a replacement after each.
-            daemon.wait_log(PARKED, i + 1, TIMEOUT)?;
+            // One instance parked before the first run, a replacement after each one
+            // the daemon handed out.
+            daemon.wait_log(PARKED, 1 + row.by_daemon, TIMEOUT)?;
             let (served, n, by_daemon) = one(&t, Start::Served, free_port()?)?;
             if n != expect {
                 row.wrong_counter.push((i, n));
@@ -284,7 +299,7 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
             row.served.push(served);
         }
     }
-    eprintln!("{}: {AT_ONCE} at once", app.name);
+    eprintln!("{}: {AT_ONCE} at once", app.label());
     row.at_once = Some(at_once(&t, expect)?);
     Ok(())
 }
@@ -293,23 +308,27 @@ fn main() -> Result<()> {
     let pairs: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(9);
+        .unwrap_or(11);
     let workloads = Path::new(MANIFEST_DIR).join("../shared/workloads");
     let w = |f: &str| workloads.join(f).to_string_lossy().into_owned();
-    let apps = [
-        App {
+    let (py, node) = (python()?, real_path("node")?);
+    let mut apps = Vec::new();
+    // Each as recorded at its first wait for a connection, and after one request
+    // (`record --prime /hit`: its request path warmed up, as e2e does for Java).
+    for prime in [&[][..], &["/hit"][..]] {
+        apps.push(App {
             name: "py_http.py",
-            command: vec![python()?, w("py_http.py")],
-            prime: &[],
+            command: vec![py.clone(), w("py_http.py")],
+            prime,
             target: 30.0,
-        },
-        App {
+        });
+        apps.push(App {
             name: "node_http.js",
-            command: vec![real_path("node")?, w("node_http.js")],
-            prime: &[],
+            command: vec![node.clone(), w("node_http.js")],
+            prime,
             target: 20.0,
-        },
-    ];
+        });
+    }
     let started = Instant::now();
     let rows: Vec<(&App, Row)> = apps.iter().map(|a| (a, measure_app(a, pairs))).collect();
     println!(
@@ -323,6 +342,7 @@ fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut failed = false;
+    let mut notes = Vec::new();
     for (app, r) in &rows {
         let cold = Summary::of(&r.cold);
         let served = Summary::of(&r.served);
@@ -357,7 +377,7 @@ fn main() -> Result<()> {
         };
         println!(
             "| `{}` | {} | {} | ×{} {} | ≥ {:.0}×: {verdict} | {once} | {cont} | {pss} |",
-            app.name,
+            app.label(),
             ms_cell(&cold),
             ms_cell(&served),
             med.map(|m| format!("{m:.1}")).unwrap_or_else(|| "–".into()),
@@ -368,29 +388,33 @@ fn main() -> Result<()> {
             app.target,
         );
         if !r.served.is_empty() && r.by_daemon < r.served.len() {
-            println!(
-                "\n`{}`: {} of {} served runs were answered by the daemon (the others \
+            notes.push(format!(
+                "`{}`: {} of {} served runs were answered by the daemon (the others \
                  restored in the `run` itself)",
-                app.name,
+                app.label(),
                 r.by_daemon,
                 r.served.len()
-            );
+            ));
         }
         if !r.wrong_counter.is_empty() {
             failed = true;
-            println!(
-                "\n`{}`: served runs that did not count on from the snapshot (run, counter): \
+            notes.push(format!(
+                "`{}`: served runs that did not count on from the snapshot (run, counter): \
                  {:?}",
-                app.name, r.wrong_counter
-            );
+                app.label(),
+                r.wrong_counter
+            ));
         }
         if let Some(e) = &r.error {
             failed = true;
-            println!("\n`{}`: FAILED: {e}", app.name);
+            notes.push(format!("`{}`: FAILED: {e}", app.label()));
         }
         if r.at_once.as_ref().is_some_and(|a| a.continued < AT_ONCE) {
             failed = true;
         }
+    }
+    for n in notes {
+        println!("\n{n}");
     }
     if failed {
         bail!("some instances failed or did not count on from the snapshot (above)");

@@ -259,8 +259,9 @@ fn wait_readable(fd: i32, until: Instant) -> Result<bool> {
     }
 }
 
-/// One `GET /hit` on 127.0.0.1:`port`: the status line and the body, once a whole
-/// answer came back (the server closes the connection after it).
+/// One `GET /hit` on 127.0.0.1:`port`: the status line and the body, once the whole
+/// answer came (its `Content-Length`, else up to the end of the connection: a server
+/// may close it well after the answer, werkzeug's 10 ms later).
 pub fn http_get(port: u16) -> Option<(String, String)> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
@@ -268,14 +269,30 @@ pub fn http_get(port: u16) -> Option<(String, String)> {
     s.write_all(b"GET /hit HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .ok()?;
     let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    if !text.starts_with("HTTP/") {
-        return None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                if !head.starts_with("HTTP/") {
+                    return None;
+                }
+                let status = head.lines().next().unwrap_or_default().to_owned();
+                return Some((status, body.to_owned()));
+            }
+        }
+        if n == 0 {
+            return None;
+        }
     }
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    Some((status, body.to_owned()))
 }
 
 impl Running {
