@@ -1,18 +1,24 @@
 //! Servers benchmark (issue 15): HTTP servers from one snapshot, side by side.
 //!
-//! For `py_http.py` and `node_http.js` (each `GET /hit` answers a counter): record the
-//! server once (`record --ready listen`), let one lone `run` learn its working set, then
+//! For `py_http.py` and `node_http.js` (each `GET /hit` answers a counter), each recorded
+//! at its first wait for a connection and once more after one request (`record --prime
+//! /hit`): record the server (`record --ready listen`), let one lone `run` learn its
+//! working set, then
 //! - a cold start's time to first response (the server on a free port; `GET /hit` polled
 //!   until answered) and, alternating with it, a served one: `warmstart run --listen
 //!   127.0.0.1:PORT SNAP` on a fresh free port with a `warmstart serve` daemon on the
 //!   store (templates on, `--pool 1`, the pool refilled before each run), from launching
 //!   `run` to the first answer;
+//! - where the served time goes: when the `run` had its listener bound, the same served
+//!   runs through a `--no-templates` daemon, and the app's first request timed alone
+//!   (asked once the daemon has parked the replacement, so that no restore runs beside
+//!   it);
 //! - then 16 such `run --listen`s at once, each on its own port, through a daemon with 16
 //!   instances parked: every first answer must show the counter going on from the
 //!   snapshot; their time to first response (p50, max) and the total Pss of the 16
-//!   instances (sandbox and app) and the template they were forked from.
+//!   instances (sandbox and app) and of the template they were forked from.
 //!
-//! `cargo bench --bench servers [-- PAIRS]` (default 11 pairs). Prints a markdown table.
+//! `cargo bench --bench servers [-- PAIRS]` (default 11 pairs). Prints markdown tables.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,8 @@ const AT_ONCE: usize = 16;
 const PAUSE: Duration = Duration::from_micros(250);
 /// The same for the 16 at once (16 pollers on a small machine take CPU from the apps).
 const PAUSE_AT_ONCE: Duration = Duration::from_millis(1);
+/// Served runs whose first request is timed alone.
+const ALONE: usize = 5;
 /// What the daemon logs (`-v`) for each instance it parked.
 const PARKED: &str = "parked an instance of";
 const SNAP: &str = "srv";
@@ -49,6 +57,11 @@ struct App {
 }
 
 impl App {
+    /// What the recorded process would answer next: each primed `GET /hit` counted one.
+    fn expect(&self) -> i64 {
+        1 + self.prime.iter().filter(|p| **p == "/hit").count() as i64
+    }
+
     fn label(&self) -> String {
         match self.prime {
             [] => self.name.to_owned(),
@@ -60,11 +73,21 @@ impl App {
 #[derive(Default)]
 struct Row {
     cold: Vec<f64>,
+    /// Served with templates, paired with `cold`.
     served: Vec<f64>,
-    /// Served runs the daemon answered (the others restored in the `run` itself).
+    /// When their listener was bound (by the `run`).
+    served_bound: Vec<f64>,
+    /// Served by a daemon with `--no-templates`.
+    served_private: Vec<f64>,
+    /// The app's first request, asked once the daemon parked the replacement: from a
+    /// template, and with its own memory (`--no-templates`).
+    alone_template: Vec<f64>,
+    alone_private: Vec<f64>,
+    /// Served runs, and those the daemon answered (the others restored in the `run`).
+    runs: usize,
     by_daemon: usize,
-    /// Served runs that did not count on from the snapshot: (run, counter).
-    wrong_counter: Vec<(usize, i64)>,
+    /// Counters of served runs that did not count on from the snapshot.
+    wrong_counter: Vec<i64>,
     at_once: Option<AtOnce>,
     error: Option<String>,
 }
@@ -109,8 +132,28 @@ fn served_by_daemon(r: &Running) -> bool {
         .any(|i| i.client == Some(r.pid()) && !i.template)
 }
 
-/// One start on `port`: time to first answer, its counter, whether a daemon ran it.
-fn one(t: &Target, start: Start, port: u16) -> Result<(f64, i64, bool)> {
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// One start's first answer.
+struct Answer {
+    /// Until the port listened (ms since the start).
+    bound: f64,
+    /// Until the whole answer was there (ms since the start).
+    answered: f64,
+    /// The counter it answered.
+    n: i64,
+    /// A serve daemon ran it.
+    by_daemon: bool,
+}
+
+/// One start on a free port (served: `run --listen`), timed from the start to the first
+/// answer, which is asked for as soon as the port listens; or, with `alone`, only once
+/// the daemon has parked that many instances in all (the replacement for this one: no
+/// restore runs beside the app's first request), timing that request alone.
+fn one(t: &Target, start: Start, alone: Option<(&mut ServeDaemon, usize)>) -> Result<Answer> {
+    let port = free_port()?;
     let t = on_port(t, port);
     let args = if start == Start::Cold {
         Vec::new()
@@ -118,10 +161,25 @@ fn one(t: &Target, start: Start, port: u16) -> Result<(f64, i64, bool)> {
         listen_args(port)
     };
     let mut r = t.start_with(start, &args)?;
-    let res = r
-        .first_http_answer(port, TIMEOUT, PAUSE)
-        .and_then(|(d, body)| Ok((d.as_secs_f64() * 1e3, counter(&body)?)))
-        .map(|(ms, n)| (ms, n, served_by_daemon(&r)));
+    let res = match alone {
+        None => r
+            .first_http_answer(port, TIMEOUT, PAUSE)
+            .map(|a| (ms(a.connected), ms(a.answered), a.body)),
+        Some((daemon, parked)) => daemon.wait_log(PARKED, parked, TIMEOUT).and_then(|()| {
+            let asked = Instant::now();
+            let a = measure::http_get(port)
+                .with_context(|| format!("no answer on 127.0.0.1:{port}"))?;
+            Ok((0.0, ms(asked.elapsed()), a.body))
+        }),
+    }
+    .and_then(|(bound, answered, body)| {
+        Ok(Answer {
+            bound,
+            answered,
+            n: counter(&body)?,
+            by_daemon: served_by_daemon(&r),
+        })
+    });
     let tail = r.finish();
     res.map_err(|e| match tail {
         Some(tail) => anyhow!("{} start: {e:#} ({tail})", start.label()),
@@ -191,7 +249,7 @@ fn at_once(t: &Target, expect: i64) -> Result<AtOnce> {
                     go.wait();
                     let mut r = t.start_with(Start::Served, &listen_args(port))?;
                     match r.first_http_answer(port, TIMEOUT, PAUSE_AT_ONCE) {
-                        Ok((d, body)) => Ok((r, d.as_secs_f64() * 1e3, body)),
+                        Ok(a) => Ok((r, ms(a.answered), a.body)),
                         Err(e) => Err(match r.finish() {
                             Some(tail) => anyhow!("on port {port}: {e:#} ({tail})"),
                             None => anyhow!("on port {port}: {e:#}"),
@@ -248,6 +306,42 @@ fn at_once(t: &Target, expect: i64) -> Result<AtOnce> {
     res
 }
 
+/// A `serve --pool 1` daemon and how many instances it handed out.
+struct Pool {
+    daemon: ServeDaemon,
+    handed: usize,
+}
+
+impl Pool {
+    fn start(t: &Target, extra: &[&str]) -> Result<Pool> {
+        let mut args = vec!["--pool", "1", "--warm", SNAP];
+        args.extend(extra);
+        Ok(Pool {
+            daemon: ServeDaemon::start_args(&t.exe, &t.store, &args)?,
+            handed: 0,
+        })
+    }
+
+    /// One served run ([`one`]) once the pool is full again (one instance parked at the
+    /// start, a replacement after each one handed out); counted in `row`.
+    fn served(&mut self, t: &Target, expect: i64, row: &mut Row, alone: bool) -> Result<Answer> {
+        self.daemon.wait_log(PARKED, 1 + self.handed, TIMEOUT)?;
+        let replaced = 2 + self.handed;
+        let a = one(
+            t,
+            Start::Served,
+            alone.then_some((&mut self.daemon, replaced)),
+        )?;
+        if a.n != expect {
+            row.wrong_counter.push(a.n);
+        }
+        row.runs += 1;
+        row.by_daemon += a.by_daemon as usize;
+        self.handed += a.by_daemon as usize;
+        Ok(a)
+    }
+}
+
 fn measure_app(app: &App, pairs: usize) -> Row {
     let mut row = Row::default();
     if let Err(e) = measure_into(app, pairs, &mut row) {
@@ -272,33 +366,41 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
     );
     let prime: Vec<String> = app.prime.iter().map(|p| p.to_string()).collect();
     measure::record(&t, "listen", &prime).context("record")?;
-    // What the recorded process would answer next: each primed `GET /hit` counted one.
-    let expect = 1 + app.prime.iter().filter(|p| **p == "/hit").count() as i64;
+    let expect = app.expect();
     // A lone run learns the working set (the daemon parks only a snapshot with one).
     t.run_once(Start::LazyWs, false)
         .context("the learning run")?;
 
-    {
-        let mut daemon =
-            ServeDaemon::start_args(&t.exe, &t.store, &["--pool", "1", "--warm", SNAP])?;
-        for i in 0..pairs {
-            eprintln!("{}: pair {}/{pairs}", app.label(), i + 1);
-            let (cold, n, _) = one(&t, Start::Cold, free_port()?)?;
-            if n != 1 {
-                bail!("a cold start answered with counter {n}, not 1");
-            }
-            // One instance parked before the first run, a replacement after each one
-            // the daemon handed out.
-            daemon.wait_log(PARKED, 1 + row.by_daemon, TIMEOUT)?;
-            let (served, n, by_daemon) = one(&t, Start::Served, free_port()?)?;
-            if n != expect {
-                row.wrong_counter.push((i, n));
-            }
-            row.by_daemon += by_daemon as usize;
-            row.cold.push(cold);
-            row.served.push(served);
+    // Cold and served alternately, the pool refilled before each served run.
+    let mut pool = Pool::start(&t, &[])?;
+    for i in 0..pairs {
+        eprintln!("{}: pair {}/{pairs}", app.label(), i + 1);
+        let c = one(&t, Start::Cold, None)?;
+        if c.n != 1 {
+            bail!("a cold start answered with counter {}, not 1", c.n);
         }
+        let s = pool.served(&t, expect, row, false)?;
+        row.cold.push(c.answered);
+        row.served.push(s.answered);
+        row.served_bound.push(s.bound);
     }
+    // Where the served time goes: the app's first request alone.
+    for _ in 0..ALONE {
+        let a = pool.served(&t, expect, row, true)?;
+        row.alone_template.push(a.answered);
+    }
+    drop(pool);
+    // The same without templates (each instance restored with its own memory).
+    let mut pool = Pool::start(&t, &["--no-templates"])?;
+    for _ in 0..pairs {
+        let a = pool.served(&t, expect, row, false)?;
+        row.served_private.push(a.answered);
+    }
+    for _ in 0..ALONE {
+        let a = pool.served(&t, expect, row, true)?;
+        row.alone_private.push(a.answered);
+    }
+    drop(pool);
     eprintln!("{}: {AT_ONCE} at once", app.label());
     row.at_once = Some(at_once(&t, expect)?);
     Ok(())
@@ -387,22 +489,23 @@ fn main() -> Result<()> {
                 .unwrap_or_default(),
             app.target,
         );
-        if !r.served.is_empty() && r.by_daemon < r.served.len() {
+        if r.by_daemon < r.runs {
             notes.push(format!(
                 "`{}`: {} of {} served runs were answered by the daemon (the others \
                  restored in the `run` itself)",
                 app.label(),
                 r.by_daemon,
-                r.served.len()
+                r.runs
             ));
         }
         if !r.wrong_counter.is_empty() {
             failed = true;
             notes.push(format!(
-                "`{}`: served runs that did not count on from the snapshot (run, counter): \
-                 {:?}",
+                "`{}`: served runs that did not count on from the snapshot answered {:?} \
+                 (not {})",
                 app.label(),
-                r.wrong_counter
+                r.wrong_counter,
+                app.expect()
             ));
         }
         if let Some(e) = &r.error {
@@ -412,6 +515,33 @@ fn main() -> Result<()> {
         if r.at_once.as_ref().is_some_and(|a| a.continued < AT_ONCE) {
             failed = true;
         }
+    }
+    println!(
+        "\nWhere the served time goes (median ms): the `run` until its listener is bound, \
+         the served first answer with templates and with `--no-templates`, and the app's \
+         first request alone (asked once the daemon has parked the replacement), from a \
+         template and with its own memory.\n"
+    );
+    println!(
+        "| workload | listener bound | served, templates | served, `--no-templates` | \
+         first request alone, template / own memory |"
+    );
+    println!("|---|---|---|---|---|");
+    for (app, r) in &rows {
+        let med = |v: &[f64]| {
+            Summary::of(v)
+                .map(|s| fmt_ms(s.median))
+                .unwrap_or_else(|| "–".into())
+        };
+        println!(
+            "| `{}` | {} | {} | {} | {} / {} |",
+            app.label(),
+            med(&r.served_bound),
+            med(&r.served),
+            med(&r.served_private),
+            med(&r.alone_template),
+            med(&r.alone_private)
+        );
     }
     for n in notes {
         println!("\n{n}");

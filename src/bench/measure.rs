@@ -74,6 +74,16 @@ pub struct Target {
     pub timeout: Duration,
 }
 
+/// A first answer over HTTP, timed from the start of the run.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// Until the connection that got it was established (the port listened).
+    pub connected: Duration,
+    /// Until the whole answer was there.
+    pub answered: Duration,
+    pub body: String,
+}
+
 /// A started app, cold or restored.
 pub struct Running {
     child: Child,
@@ -259,12 +269,22 @@ fn wait_readable(fd: i32, until: Instant) -> Result<bool> {
     }
 }
 
-/// One `GET /hit` on 127.0.0.1:`port`: the status line and the body, once the whole
-/// answer came (its `Content-Length`, else up to the end of the connection: a server
-/// may close it well after the answer, werkzeug's 10 ms later).
-pub fn http_get(port: u16) -> Option<(String, String)> {
+/// An answer to `GET /hit`.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// When the connection was established (the port listened).
+    pub connected: Instant,
+    pub status: String,
+    pub body: String,
+}
+
+/// One `GET /hit` on 127.0.0.1:`port`, returned once the whole answer came (its
+/// `Content-Length`, else up to the end of the connection: a server may close it well
+/// after the answer, werkzeug's 10 ms later).
+pub fn http_get(port: u16) -> Option<HttpReply> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    let connected = Instant::now();
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     s.write_all(b"GET /hit HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .ok()?;
@@ -285,8 +305,11 @@ pub fn http_get(port: u16) -> Option<(String, String)> {
                 if !head.starts_with("HTTP/") {
                     return None;
                 }
-                let status = head.lines().next().unwrap_or_default().to_owned();
-                return Some((status, body.to_owned()));
+                return Some(HttpReply {
+                    connected,
+                    status: head.lines().next().unwrap_or_default().to_owned(),
+                    body: body.to_owned(),
+                });
             }
         }
         if n == 0 {
@@ -323,22 +346,26 @@ impl Running {
             }
             Probe::Http { port } => self
                 .first_http_answer(*port, timeout, Duration::from_millis(2))
-                .map(|(t, _)| t),
+                .map(|a| a.answered),
         }
     }
 
     /// Polls `GET /hit` on 127.0.0.1:`port` until it is answered, `pause` between tries
-    /// (a refused connection returns at once): the time since the start, and the body.
+    /// (a refused connection returns at once).
     pub fn first_http_answer(
         &mut self,
         port: u16,
         timeout: Duration,
         pause: Duration,
-    ) -> Result<(Duration, String)> {
+    ) -> Result<HttpAnswer> {
         let until = self.started + timeout;
         loop {
-            if let Some((_, body)) = http_get(port) {
-                return Ok((self.started.elapsed(), body));
+            if let Some(r) = http_get(port) {
+                return Ok(HttpAnswer {
+                    answered: self.started.elapsed(),
+                    connected: r.connected.saturating_duration_since(self.started),
+                    body: r.body,
+                });
             }
             if let Some(status) = self.child.try_wait()? {
                 bail!("exited without answering on port {port} ({status})");
