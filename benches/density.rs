@@ -8,9 +8,10 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use warmstart::bench::measure::ServeDaemon;
 use warmstart::bench::real_path;
 
 const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
@@ -39,48 +40,15 @@ struct Client {
 
 /// Total Pss (KiB) of `n` instances served from `store`'s snapshot `w`.
 fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
-    let mut args: Vec<String> = [
-        "-v",
-        "serve",
-        "--pool",
-        "x",
-        "--pool-max",
-        "x",
-        "--warm",
-        "w",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args[3] = n.to_string();
-    args[5] = n.to_string();
+    let ns = n.to_string();
+    let mut args = vec!["--pool", &ns, "--pool-max", &ns, "--warm", "w"];
     if !templates {
-        args.push("--no-templates".into());
+        args.push("--no-templates");
     }
-    let mut daemon = ws(store)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting serve")?;
-    let err = daemon.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(|l| l.ok()) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + TIMEOUT;
-    let mut parked = 0;
-    while parked < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let l = rx
-            .recv_timeout(left)
-            .context("waiting for the pool to fill")?;
-        if l.contains("parked an instance of") {
-            parked += 1;
-        }
-    }
+    let mut daemon = ServeDaemon::start_args(Path::new(EXE), store, &args)?;
+    daemon
+        .wait_log("parked an instance of", n, TIMEOUT)
+        .context("waiting for the pool to fill")?;
     let mut clients = Vec::new();
     for i in 0..n {
         let mut child = ws(store)
@@ -101,7 +69,7 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
     // Memory streams in after the answer.
     std::thread::sleep(Duration::from_secs(3));
     // A process that ended meanwhile counts nothing.
-    let total = warmstart::sys::tasks::descendants(daemon.id() as i32)
+    let total = warmstart::sys::tasks::descendants(daemon.pid())
         .into_iter()
         .filter_map(|p| warmstart::bench::measure::smaps_rollup(p).ok())
         .map(|m| m.pss / 1024)
@@ -110,8 +78,7 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
         drop(c.stdin.take());
         let _ = c.child.wait();
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     Ok(total)
 }
 

@@ -14,23 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use warmstart::bench::report::{self, Machine, Report};
-use warmstart::bench::{self, chart, real_path, Probe, Progress, Workload};
+use warmstart::bench::{self, chart, python, real_path, Probe, Progress, Workload};
 
 const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
-
-/// The interpreter itself, not a version manager's shim (which adds tens of ms).
-fn python() -> Result<String> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .context("running python3")?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if !out.status.success() || p.is_empty() {
-        bail!("python3 did not tell its executable");
-    }
-    Ok(p)
-}
 
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

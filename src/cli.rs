@@ -469,8 +469,8 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Run(a) => {
             let systemd = crate::fds::inet::systemd_listeners()?;
             let given_listeners = !a.listen.is_empty() || systemd.is_some();
-            // A daemon serves the plain lazy run; other modes are restored here (and an
-            // instance given its listeners: parked ones hold theirs already).
+            // A daemon serves the plain lazy run (an instance given its listeners once
+            // they are bound, below); other modes are restored here.
             if !(a.no_serve
                 || a.eager
                 || a.no_prefetch
@@ -549,6 +549,29 @@ pub fn main(cli: Cli) -> Result<i32> {
             } else {
                 Vec::new()
             };
+            // A daemon serves an instance given its listeners too: they go with the stdio
+            // (the snapshot's other listeners bound at their recorded addresses).
+            if given_listeners
+                && tool_request.is_none()
+                && !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
+            {
+                let socket = crate::serve::socket_path(&store_dir(&cli)?);
+                let all = crate::fds::inet::complete(&snap.manifest, &listeners)?;
+                let fds: Vec<_> = all
+                    .iter()
+                    .map(|(_, fd)| std::os::fd::AsFd::as_fd(&**fd))
+                    .collect();
+                let id = snap.id.to_string();
+                if let Some(code) = crate::serve::client::run_with_listeners(
+                    &socket,
+                    &id,
+                    a.display_stats,
+                    None,
+                    &fds,
+                )? {
+                    return Ok(code);
+                }
+            }
             crate::run::run_instance_with(
                 Arc::new(snap),
                 names,

@@ -163,7 +163,8 @@ fn systemd_run(ws: &Ws, fd: i32, args: &[&str]) -> Proc {
 /// `serve` parks a server: the parked instance holds a placeholder, so its port stays
 /// free; at hand-out the daemon binds the recorded address and the instance answers
 /// there, counting on from the snapshot, and stops on SIGTERM; the next one (the pool
-/// refilled meanwhile) gets the port again once the first is gone.
+/// refilled meanwhile) gets the port again once the first is gone. `run --listen` goes
+/// through the daemon too: parked instances side by side, each on the caller's socket.
 #[test]
 fn serve_parks_a_server_and_hands_it_its_listener() {
     let ws = Ws::new();
@@ -177,7 +178,7 @@ fn serve_parks_a_server_and_hands_it_its_listener() {
     let first = Proc::spawn(&mut ws.cmd(&["run", "--no-serve", "http"]));
     assert_eq!(hit(port, &first, "lone run"), 1);
     stop(&first, "lone run");
-    let _daemon = ws.serve("http");
+    let daemon = ws.serve("http");
     assert!(
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
         "a parked instance must leave port {port} free"
@@ -199,5 +200,37 @@ fn serve_parks_a_server_and_hands_it_its_listener() {
             assert!(Instant::now() < deadline, "{ctx}: port {port} stays taken");
             std::thread::yield_now();
         }
+    }
+
+    // Each round's hand-out parked a replacement: the pool is full again once both are.
+    daemon.wait_stderr("parked an instance of");
+    daemon.wait_stderr("parked an instance of");
+    let mut side = Vec::new();
+    for i in 1..=2 {
+        let p = free_port();
+        let ctx = format!("served instance {i} on --listen {p}");
+        let inst = Proc::spawn(&mut ws.cmd(&[
+            "run",
+            "--display-stats",
+            "--listen",
+            &p.to_string(),
+            "http",
+        ]));
+        inst.wait_stderr("by serve (parked instance)");
+        assert_eq!(hit(p, &inst, &ctx), 1, "{ctx}: counts on from the snapshot");
+        if i == 1 {
+            daemon.wait_stderr("parked an instance of");
+        }
+        side.push((p, inst, ctx));
+    }
+    for (p, inst, ctx) in &side {
+        assert_eq!(hit(*p, inst, ctx), 2, "{ctx}: its own counter");
+    }
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "instances given their listeners must leave the recorded port {port} free"
+    );
+    for (_, inst, ctx) in &side {
+        stop(inst, ctx);
     }
 }

@@ -74,6 +74,16 @@ pub struct Target {
     pub timeout: Duration,
 }
 
+/// A first answer over HTTP, timed from the start of the run.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// Until the connection that got it was established (the port listened).
+    pub connected: Duration,
+    /// Until the whole answer was there.
+    pub answered: Duration,
+    pub body: String,
+}
+
 /// A started app, cold or restored.
 pub struct Running {
     child: Child,
@@ -138,7 +148,8 @@ pub fn error_text(tail: &[String]) -> String {
 }
 
 impl Target {
-    fn command_for(&self, start: Start) -> Command {
+    /// `args` go to `warmstart run` before the snapshot (restored starts only).
+    fn command_for(&self, start: Start, args: &[String]) -> Command {
         let mut c = match start {
             Start::Cold => {
                 let mut c = Command::new(&self.command[0]);
@@ -160,7 +171,7 @@ impl Target {
                     }
                     _ => {}
                 }
-                c.arg(&self.snapshot);
+                c.args(args).arg(&self.snapshot);
                 c
             }
         };
@@ -170,7 +181,13 @@ impl Target {
 
     /// Starts one instance; its input is already on the way.
     pub fn start(&self, start: Start) -> Result<Running> {
-        let mut cmd = self.command_for(start);
+        self.start_with(start, &[])
+    }
+
+    /// [`Target::start`] with `args` given to `warmstart run` (e.g. `--listen ADDR`);
+    /// a cold start ignores them.
+    pub fn start_with(&self, start: Start, args: &[String]) -> Result<Running> {
+        let mut cmd = self.command_for(start, args);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -252,27 +269,53 @@ fn wait_readable(fd: i32, until: Instant) -> Result<bool> {
     }
 }
 
-/// One `GET /hit`: `Ok(true)` once a status line came back.
-fn http_hit(port: u16) -> bool {
+/// An answer to `GET /hit`.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// When the connection was established (the port listened).
+    pub connected: Instant,
+    pub status: String,
+    pub body: String,
+}
+
+/// One `GET /hit` on 127.0.0.1:`port`, returned once the whole answer came (its
+/// `Content-Length`, else up to the end of the connection: a server may close it well
+/// after the answer, werkzeug's 10 ms later).
+pub fn http_get(port: u16) -> Option<HttpReply> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    let connected = Instant::now();
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /hit HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut buf = [0u8; 16];
-    let mut got = 0;
-    while got < 12 {
-        match s.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
+    s.write_all(b"GET /hit HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                if !head.starts_with("HTTP/") {
+                    return None;
+                }
+                return Some(HttpReply {
+                    connected,
+                    status: head.lines().next().unwrap_or_default().to_owned(),
+                    body: body.to_owned(),
+                });
+            }
+        }
+        if n == 0 {
+            return None;
         }
     }
-    buf[..got].starts_with(b"HTTP/")
 }
 
 impl Running {
@@ -301,22 +344,45 @@ impl Running {
                     }
                 }
             }
-            Probe::Http { port } => loop {
-                if http_hit(*port) {
-                    return Ok(self.started.elapsed());
-                }
-                if let Some(status) = self.child.try_wait()? {
-                    bail!("exited without answering on port {port} ({status})");
-                }
-                if Instant::now() >= until {
-                    bail!(
-                        "no answer on 127.0.0.1:{port} within {} s",
-                        timeout.as_secs()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            },
+            Probe::Http { port } => self
+                .first_http_answer(*port, timeout, Duration::from_millis(2))
+                .map(|a| a.answered),
         }
+    }
+
+    /// Polls `GET /hit` on 127.0.0.1:`port` until it is answered, `pause` between tries
+    /// (a refused connection returns at once).
+    pub fn first_http_answer(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+        pause: Duration,
+    ) -> Result<HttpAnswer> {
+        let until = self.started + timeout;
+        loop {
+            if let Some(r) = http_get(port) {
+                return Ok(HttpAnswer {
+                    answered: self.started.elapsed(),
+                    connected: r.connected.saturating_duration_since(self.started),
+                    body: r.body,
+                });
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("exited without answering on port {port} ({status})");
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "no answer on 127.0.0.1:{port} within {} s",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Pid of the process started (the app when cold, else `warmstart run`).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     /// Host pid of the app: the child itself when cold; for a restored instance the pid
@@ -404,21 +470,40 @@ fn deepest_descendant(pid: i32) -> Option<i32> {
 }
 
 /// A `warmstart serve` daemon for the store, with instances of the snapshot parked;
-/// stopped (with its instances) when dropped.
+/// stopped (with its instances) when dropped. Its log (`-v`, stderr) is kept, to wait
+/// for what it says (e.g. `parked an instance of`).
 pub struct ServeDaemon {
     child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
 }
 
 impl ServeDaemon {
+    /// `serve --pool 1 --warm SNAP` for `t`'s store and snapshot.
     pub fn start(t: &Target) -> Result<ServeDaemon> {
-        let mut c = Command::new(&t.exe);
+        ServeDaemon::start_args(&t.exe, &t.store, &["--pool", "1", "--warm", &t.snapshot])
+    }
+
+    /// `EXE --store STORE -v serve ARGS`, once it listens on its socket.
+    pub fn start_args(exe: &Path, store: &Path, args: &[&str]) -> Result<ServeDaemon> {
+        let mut c = Command::new(exe);
         c.arg("--store")
-            .arg(&t.store)
-            .args(["serve", "--pool", "1", "--warm", &t.snapshot])
+            .arg(store)
+            .args(["-v", "serve"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().context("starting warmstart serve")?;
+        let err = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
         let mut out = child.stdout.take().expect("piped stdout");
         // It prints its socket once it listens (and has started parking).
         let mut line = Vec::new();
@@ -429,13 +514,47 @@ impl ServeDaemon {
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    let mut err = String::new();
-                    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-                    bail!("warmstart serve did not start: {}", err.trim());
+                    let err: Vec<String> = lines.iter().collect();
+                    bail!(
+                        "warmstart serve did not start: {}",
+                        error_text(&err[err.len().saturating_sub(TAIL_LINES)..])
+                    );
                 }
             }
         }
-        Ok(ServeDaemon { child })
+        Ok(ServeDaemon {
+            child,
+            lines,
+            log: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// How many lines of its log so far contain `pat`.
+    pub fn count(&mut self, pat: &str) -> usize {
+        self.log.extend(self.lines.try_iter());
+        self.log.iter().filter(|l| l.contains(pat)).count()
+    }
+
+    /// Waits until `n` lines of its log (from its start) contain `pat`.
+    pub fn wait_log(&mut self, pat: &str, n: usize, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        while self.count(pat) < n {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.log.push(l),
+                Err(_) => bail!(
+                    "warmstart serve: {} of {n} lines \"{pat}\" within {} s; its log ends: {}",
+                    self.count(pat),
+                    timeout.as_secs(),
+                    error_text(&self.log[self.log.len().saturating_sub(TAIL_LINES)..])
+                ),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -445,6 +564,12 @@ impl Drop for ServeDaemon {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port of 127.0.0.1 free a moment ago (the kernel's pick for a bind to port 0).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// Rss and Pss of a process (bytes).

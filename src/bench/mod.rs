@@ -578,3 +578,17 @@ pub fn real_path(cmd: &str) -> anyhow::Result<String> {
     }
     Ok(std::fs::canonicalize(&p)?.to_string_lossy().into_owned())
 }
+
+/// The Python interpreter itself (`sys.executable` of `python3`), not a version
+/// manager's shim (which adds tens of ms).
+pub fn python() -> anyhow::Result<String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("running python3")?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || p.is_empty() {
+        anyhow::bail!("python3 did not tell its executable");
+    }
+    Ok(p)
+}

@@ -105,14 +105,16 @@ pub struct Report {
     pub workloads: Vec<WorkloadResult>,
 }
 
-fn ms_cell(s: &Option<Summary>) -> String {
+/// `median [min–max]` in ms (`–` without samples).
+pub fn ms_cell(s: &Option<Summary>) -> String {
     match s {
         Some(s) => format!("{} [{}–{}]", fmt_ms(s.median), fmt_ms(s.min), fmt_ms(s.max)),
         None => "–".into(),
     }
 }
 
-fn fmt_ms(v: f64) -> String {
+/// Milliseconds with 3 significant digits or so.
+pub fn fmt_ms(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
@@ -122,7 +124,8 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-fn ratio_cell(s: &Option<Summary>) -> String {
+/// `×median [min–max]` (`–` without samples).
+pub fn ratio_cell(s: &Option<Summary>) -> String {
     match s {
         Some(s) => format!("×{:.1} [{:.1}–{:.1}]", s.median, s.min, s.max),
         None => "–".into(),

@@ -571,9 +571,22 @@ pub fn replacements(
 pub fn at_recorded_addresses(
     m: &warmstart_snapshots::model::Manifest,
 ) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
+    complete(m, &[])
+}
+
+/// One listening socket for each of the snapshot's TCP listeners, in
+/// [`recorded_listeners`] order, by `Fd::ofd`: the one `given` has for it (from
+/// [`replacements`]), else a new one bound at its recorded address.
+pub fn complete(
+    m: &warmstart_snapshots::model::Manifest,
+    given: &[(u32, std::sync::Arc<OwnedFd>)],
+) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
     recorded_listeners(m)
         .iter()
         .map(|l| {
+            if let Some((ofd, fd)) = given.iter().find(|(ofd, _)| *ofd == l.ofd) {
+                return Ok((*ofd, fd.clone()));
+            }
             let fd = new_listener(l, l.local)
                 .with_context(|| format!("listening again on {} for the instance", l.local))?;
             Ok((l.ofd, std::sync::Arc::new(fd)))

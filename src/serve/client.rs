@@ -18,6 +18,19 @@ pub fn run(
     display_stats: bool,
     tool: Option<Vec<u8>>,
 ) -> Result<Option<i32>> {
+    run_with_listeners(socket, snapshot, display_stats, tool, &[])
+}
+
+/// [`run`], the instance given `listeners` (`run --listen`): one listening socket per TCP
+/// listener of the snapshot, in [`crate::fds::inet::recorded_listeners`] order (empty:
+/// the daemon binds the recorded addresses).
+pub fn run_with_listeners(
+    socket: &Path,
+    snapshot: &str,
+    display_stats: bool,
+    tool: Option<Vec<u8>>,
+    listeners: &[std::os::fd::BorrowedFd],
+) -> Result<Option<i32>> {
     let Some(conn) = connect(socket)? else {
         return Ok(None);
     };
@@ -42,7 +55,11 @@ pub fn run(
         display_stats,
         tool,
     };
-    protocol::send(conn.as_fd(), &req, &[0, 1, 2])?;
+    let fds: Vec<i32> = [0, 1, 2]
+        .into_iter()
+        .chain(listeners.iter().map(|l| l.as_raw_fd()))
+        .collect();
+    protocol::send(conn.as_fd(), &req, &fds)?;
     let lost = || anyhow!("the serve daemon at {} went away", socket.display());
     match protocol::recv::<Reply>(conn.as_fd())?.ok_or_else(lost)?.0 {
         Reply::Started {

@@ -283,6 +283,9 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     else {
         bail!("expected a run request, got {req:?}");
     };
+    // The stdio, then the instance's listening sockets if the caller gave them.
+    let mut fds = fds;
+    let given = fds.split_off(fds.len().min(3));
     let stdio: [OwnedFd; 3] = match fds.try_into() {
         Ok(s) => s,
         Err(fds) => {
@@ -323,9 +326,24 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         );
         return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
     }
+    let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
+    if !given.is_empty() && given.len() != recorded.len() {
+        let msg = format!(
+            "a run request gives {} listening sockets, snapshot {} has {} TCP listeners",
+            given.len(),
+            snap.id.short(),
+            recorded.len()
+        );
+        return protocol::send(conn.as_fd(), &Reply::Error(msg), &[]);
+    }
     let req = Handoff {
         conn,
         stdio,
+        listeners: recorded
+            .iter()
+            .zip(given)
+            .map(|(l, fd)| (l.ofd, Arc::new(fd)))
+            .collect(),
         names,
         display_stats,
         client: peer.pid,
@@ -345,6 +363,9 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
 pub(crate) struct Handoff {
     conn: OwnedFd,
     stdio: [OwnedFd; 3],
+    /// The caller's listening sockets for the instance (`run --listen`), by `Fd::ofd`,
+    /// one per TCP listener of the snapshot; empty: bound at the recorded addresses.
+    listeners: Vec<(u32, Arc<OwnedFd>)>,
     names: Vec<String>,
     display_stats: bool,
     /// The caller's pid.
@@ -403,10 +424,14 @@ fn start_instance(
     req: &Handoff,
 ) -> Result<(Restored, Option<crate::instances::Registration>, bool)> {
     let stdio = req.stdio.each_ref().map(|f| f.as_fd());
-    // A server's listeners, bound at their recorded addresses now: a parked instance
-    // holds placeholders (its port stayed free), a restored one gets them instead of
-    // binding its own.
-    let listeners = crate::fds::inet::at_recorded_addresses(&snap.manifest)?;
+    // A server's listeners, the caller's (`run --listen`) or bound at their recorded
+    // addresses now: a parked instance holds placeholders (its port stayed free), a
+    // restored one gets them instead of binding its own.
+    let listeners = if req.listeners.is_empty() {
+        crate::fds::inet::at_recorded_addresses(&snap.manifest)?
+    } else {
+        req.listeners.clone()
+    };
     let given: Vec<BorrowedFd> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
     let go = |p: Parked, stdio: Option<[BorrowedFd; 3]>| {
         let listed = crate::instances::register(&crate::instances::Instance {
@@ -469,8 +494,9 @@ fn serve_instance(
         }
     };
     let conn = req.conn;
-    // The caller's stdio is the instance's now; the daemon keeps no copy.
+    // The caller's stdio and listeners are the instance's now; the daemon keeps no copy.
     drop(req.stdio);
+    drop(req.listeners);
     protocol::send(
         conn.as_fd(),
         &Reply::Started {

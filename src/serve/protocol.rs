@@ -14,7 +14,8 @@ const MAX_MESSAGE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Start an instance of a snapshot (id, prefix or name) with the stdin, stdout and
-    /// stderr attached to this message.
+    /// stderr attached to this message, then (`run --listen`) one listening socket per
+    /// TCP listener of the snapshot, in `fds::inet::recorded_listeners` order.
     Run {
         snapshot: String,
         display_stats: bool,
