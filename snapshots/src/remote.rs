@@ -993,6 +993,19 @@ impl PageWriter<'_> {
             PageWriter::Remote(w) => w.commit(manifest, name),
         }
     }
+
+    /// [`commit`](Self::commit), also returning how long the local store took to make
+    /// the snapshot durable (zero for a page server, which does that on its side).
+    pub fn commit_timed(
+        self,
+        manifest: Manifest,
+        name: Option<&str>,
+    ) -> Result<(SnapshotId, std::time::Duration), StoreError> {
+        match self {
+            PageWriter::Local(w) => w.commit_timed(manifest, name),
+            PageWriter::Remote(w) => Ok((w.commit(manifest, name)?, std::time::Duration::ZERO)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -292,8 +292,9 @@ fn collect_and_store(
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;
     let t = Instant::now();
-    let id = writer.commit(manifest.clone(), opts.name.as_deref())?;
-    phases.add("commit", t.elapsed());
+    let (id, flush) = writer.commit_timed(manifest.clone(), opts.name.as_deref())?;
+    phases.add("commit", t.elapsed().saturating_sub(flush));
+    phases.add("flush to disk", flush);
     Ok((id, manifest))
 }
 

@@ -170,7 +170,7 @@ fn dedup_across_snapshots() {
     let mut w = store.writer().unwrap();
     let mut runs = Vec::new();
     w.add_pages(0, &data, &mut runs).unwrap();
-    assert_eq!(w.new_bytes(), 0);
+    assert_eq!(w.new_pages(), 0);
     let b = w.commit(manifest_with(runs, 64, 2), None).unwrap();
     assert_ne!(a, b);
     assert_eq!(pack_files(&store), packs);

@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::mpsc;
 
 use super::fsutil::{self, io_err};
 use super::lock::WriteLock;
@@ -56,6 +57,27 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
     })
 }
 
+/// Pack number of a location whose block is still with the packer thread; its `offset`
+/// is then the block's sequence number, resolved at commit.
+const PENDING: u32 = u32::MAX;
+
+/// Blocks handed to the packer at once (64 blocks = 1 MiB of pages).
+const BATCH_BLOCKS: usize = 64;
+
+/// Batches in flight between the hashing side and the packer: bounds memory, and lets
+/// hashing run ahead of compression by a few MiB.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Pages of one `add_pages` call at or above which hashing is split across two threads.
+const PARALLEL_HASH_PAGES: usize = 128;
+
+/// Consecutive new blocks (each `pages` of 4 KiB in `data`, in order) for the packer.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    blocks: Vec<(u8, [[u8; 32]; BLOCK_PAGES])>,
+}
+
 struct OpenPack {
     number: u32,
     tmp: PathBuf,
@@ -66,9 +88,18 @@ struct OpenPack {
     records: Vec<Record>,
 }
 
-/// Writeback of a pack being written is started every this many bytes, so that the
-/// `fsync` sealing it finds most of it on disk already (it took a third of a large
-/// dump's time when it had to write 256 MiB at the end).
+/// A pack written completely but not yet durable nor visible: it stays in `tmp/` until
+/// the snapshot's commit syncs it and moves it under `packs/`.
+struct SealedPack {
+    number: u32,
+    tmp: PathBuf,
+    file: File,
+    records: Vec<Record>,
+}
+
+/// Writeback of a pack being written is started every this many bytes, so that the one
+/// `fsync` at commit finds most of it on disk already and the dump never waits for the
+/// disk while it reads.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
 impl OpenPack {
@@ -93,26 +124,192 @@ impl OpenPack {
     }
 }
 
+/// What the packer thread hands back when its input ends.
+struct Packed {
+    /// Base location of every block, by sequence number.
+    bases: Vec<Location>,
+    sealed: Vec<SealedPack>,
+    new_bytes: u64,
+}
+
+/// The packer thread's side: compresses blocks and appends them to packs in `tmp/`, in
+/// the order they arrive, so that block `n` of the snapshot gets `bases[n]`.
+struct Packer {
+    store: Store,
+    next_pack: u32,
+    pack: Option<OpenPack>,
+    sealed: Vec<SealedPack>,
+    bases: Vec<Location>,
+    compressed: Vec<u8>,
+    new_bytes: u64,
+}
+
+impl Packer {
+    fn run(mut self, rx: mpsc::Receiver<Batch>) -> Result<Packed, StoreError> {
+        let res = (|| {
+            for batch in rx {
+                let mut at = 0;
+                for (pages, hashes) in &batch.blocks {
+                    let len = *pages as usize * PAGE_SIZE;
+                    self.write_block(&batch.data[at..at + len], &hashes[..*pages as usize])?;
+                    at += len;
+                }
+            }
+            self.seal_pack()
+        })();
+        match res {
+            Ok(()) => Ok(Packed {
+                bases: std::mem::take(&mut self.bases),
+                sealed: std::mem::take(&mut self.sealed),
+                new_bytes: self.new_bytes,
+            }),
+            Err(e) => {
+                self.discard();
+                Err(e)
+            }
+        }
+    }
+
+    fn open_pack(&mut self) -> Result<&mut OpenPack, StoreError> {
+        if self.pack.is_none() {
+            let number = self.next_pack;
+            self.next_pack += 1;
+            let (file, tmp) =
+                fsutil::create_tmp(&self.store.tmp_dir(), &format!("pack-{number:08}"))?;
+            let mut out = BufWriter::with_capacity(4 << 20, file);
+            let mut header = [0u8; PACK_HEADER];
+            header[..8].copy_from_slice(&PACK_MAGIC);
+            header[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+            out.write_all(&header).map_err(io_err("write", &tmp))?;
+            self.pack = Some(OpenPack {
+                number,
+                tmp,
+                out,
+                len: PACK_HEADER as u64,
+                flushing: 0,
+                records: Vec::new(),
+            });
+        }
+        Ok(self.pack.as_mut().unwrap())
+    }
+
+    fn write_block(&mut self, block: &[u8], hashes: &[[u8; 32]]) -> Result<(), StoreError> {
+        let raw_len = block.len();
+        let clen = lz4_flex::block::compress_into(block, &mut self.compressed)
+            .expect("output sized by get_maximum_output_size");
+        // Store raw when lz4 saves under 1/32: reading raw needs no decompression.
+        let (codec, len) = if clen < raw_len - raw_len / 32 {
+            (CODEC_LZ4, clen)
+        } else {
+            (CODEC_RAW, raw_len)
+        };
+        self.open_pack()?;
+        let pack = self.pack.as_mut().unwrap();
+        let data = if codec == CODEC_LZ4 {
+            &self.compressed[..len]
+        } else {
+            block
+        };
+        pack.out
+            .write_all(data)
+            .map_err(io_err("write", &pack.tmp))?;
+        let base = Location {
+            pack: pack.number,
+            offset: pack.len,
+            len: len as u32,
+            slot: 0,
+            pages: hashes.len() as u8,
+            codec,
+        };
+        pack.len += len as u64;
+        pack.start_writeback();
+        self.new_bytes += len as u64;
+        for (slot, hash) in hashes.iter().enumerate() {
+            let loc = Location {
+                slot: slot as u8,
+                ..base
+            };
+            pack.records.push(Record { hash: *hash, loc });
+        }
+        self.bases.push(base);
+        if pack.len >= PACK_TARGET_SIZE {
+            self.seal_pack()?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the open pack's writes (no sync: that is the commit's one flush).
+    fn seal_pack(&mut self) -> Result<(), StoreError> {
+        let Some(mut pack) = self.pack.take() else {
+            return Ok(());
+        };
+        if let Err(e) = pack.out.flush() {
+            let _ = fs::remove_file(&pack.tmp);
+            return Err(io_err("write", &pack.tmp)(e));
+        }
+        let file = match pack.out.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&pack.tmp);
+                return Err(io_err("write", &pack.tmp)(e.into_error()));
+            }
+        };
+        self.sealed.push(SealedPack {
+            number: pack.number,
+            tmp: pack.tmp,
+            file,
+            records: pack.records,
+        });
+        Ok(())
+    }
+
+    /// Removes every file this packer wrote (on error).
+    fn discard(&mut self) {
+        if let Some(pack) = self.pack.take() {
+            let _ = fs::remove_file(&pack.tmp);
+        }
+        for s in self.sealed.drain(..) {
+            let _ = fs::remove_file(&s.tmp);
+        }
+    }
+}
+
 /// Builds one snapshot. Holds the store's writer lock until committed or dropped;
-/// dropping it uncommitted leaves only garbage that `gc` removes.
+/// dropping it uncommitted leaves nothing behind (at worst, after a crash, garbage in
+/// `tmp/` that `gc` removes).
+///
+/// Two threads share the work: the caller's zero-checks and hashes pages (on both cores
+/// for large calls) and deduplicates them; a packer thread compresses the new ones and
+/// appends them to packs. Packs are written to the page cache with writeback started as
+/// they grow, and made durable all at once by [`SnapshotWriter::commit`].
 pub struct SnapshotWriter<'a> {
     store: &'a Store,
     _lock: WriteLock,
+    /// Every page hash known: in the store's packs, or (pack [`PENDING`]) in a block of
+    /// this snapshot still with the packer.
     index: Index,
     table: Vec<Record>,
-    block: Vec<u8>,
-    block_hashes: Vec<[u8; 32]>,
-    /// (table index, slot) of records waiting for the current block's location.
-    block_refs: Vec<(usize, u8)>,
-    compressed: Vec<u8>,
-    pack: Option<OpenPack>,
-    next_pack: u32,
-    sealed: Vec<u32>,
-    new_bytes: u64,
+    /// The batch being filled: its last block is incomplete while `block_pages` > 0.
+    batch: Batch,
+    block_pages: usize,
+    /// Sequence number of the block being filled.
+    next_block: u64,
+    tx: Option<mpsc::SyncSender<Batch>>,
+    packer: Option<std::thread::JoinHandle<Result<Packed, StoreError>>>,
+    new_pages: u64,
+    /// Time the last commit spent making the snapshot durable.
+    flush_time: std::time::Duration,
 }
 
 fn parse_pack_name(name: &str, ext: &str) -> Option<u32> {
     name.strip_prefix("pack-")?.strip_suffix(ext)?.parse().ok()
+}
+
+/// Zero-ness and hash of each page of `data`: `None` for a zero page.
+fn hash_pages(data: &[u8], out: &mut [Option<[u8; 32]>]) {
+    for (page, h) in data.chunks_exact(PAGE_SIZE).zip(out) {
+        *h = (!is_zero(page)).then(|| *blake3::hash(page).as_bytes());
+    }
 }
 
 impl<'a> SnapshotWriter<'a> {
@@ -157,25 +354,42 @@ impl<'a> SnapshotWriter<'a> {
                 ),
             }
         }
+        let packer = Packer {
+            store: store.clone(),
+            next_pack,
+            pack: None,
+            sealed: Vec::new(),
+            bases: Vec::new(),
+            compressed: vec![0; lz4_flex::block::get_maximum_output_size(BLOCK_PAGES * PAGE_SIZE)],
+            new_bytes: 0,
+        };
+        let (tx, rx) = mpsc::sync_channel(BATCHES_IN_FLIGHT);
+        let handle = std::thread::Builder::new()
+            .name("warmstart-packer".into())
+            .spawn(move || packer.run(rx))
+            .map_err(|e| StoreError::Io {
+                action: "start the packer thread for",
+                path: store.tmp_dir(),
+                source: e,
+            })?;
         Ok(SnapshotWriter {
             store,
             _lock: lock,
             index,
             table: Vec::new(),
-            block: Vec::with_capacity(BLOCK_PAGES * PAGE_SIZE),
-            block_hashes: Vec::with_capacity(BLOCK_PAGES),
-            block_refs: Vec::new(),
-            compressed: vec![0; lz4_flex::block::get_maximum_output_size(BLOCK_PAGES * PAGE_SIZE)],
-            pack: None,
-            next_pack,
-            sealed: Vec::new(),
-            new_bytes: 0,
+            batch: Batch::default(),
+            block_pages: 0,
+            next_block: 0,
+            tx: Some(tx),
+            packer: Some(handle),
+            new_pages: 0,
+            flush_time: std::time::Duration::ZERO,
         })
     }
 
-    /// Compressed bytes appended to packs so far by this writer.
-    pub fn new_bytes(&self) -> u64 {
-        self.new_bytes
+    /// Pages so far not found in the store nor earlier in this snapshot (to be written).
+    pub fn new_pages(&self) -> u64 {
+        self.new_pages
     }
 
     /// Page-table records so far.
@@ -195,157 +409,128 @@ impl<'a> SnapshotWriter<'a> {
         if !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(StoreError::UnalignedPages { len: data.len() });
         }
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        let pages = data.len() / PAGE_SIZE;
+        let mut hashes = vec![None; pages];
+        if pages >= PARALLEL_HASH_PAGES {
+            let half = pages / 2;
+            let (d1, d2) = data.split_at(half * PAGE_SIZE);
+            let (h1, h2) = hashes.split_at_mut(half);
+            std::thread::scope(|s| {
+                s.spawn(|| hash_pages(d2, h2));
+                hash_pages(d1, h1);
+            });
+        } else {
+            hash_pages(data, &mut hashes);
+        }
+        for (i, (page, hash)) in data.chunks_exact(PAGE_SIZE).zip(hashes).enumerate() {
             let at = first_page + i as u64;
-            let content = if is_zero(page) {
-                RunContent::Zero
-            } else {
-                RunContent::Data {
-                    first: self.add_page(page)?,
-                }
+            let content = match hash {
+                None => RunContent::Zero,
+                Some(hash) => RunContent::Data {
+                    first: self.add_page(page, hash)?,
+                },
             };
             push_run(runs, at, content);
         }
         Ok(())
     }
 
-    fn add_page(&mut self, page: &[u8]) -> Result<u64, StoreError> {
-        let hash = *blake3::hash(page).as_bytes();
-        let idx = self.table.len();
+    fn add_page(&mut self, page: &[u8], hash: [u8; 32]) -> Result<u64, StoreError> {
+        let idx = self.table.len() as u64;
         if let Some(loc) = self.index.get(&Key(hash)) {
             self.table.push(Record { hash, loc: *loc });
-            return Ok(idx as u64);
+            return Ok(idx);
         }
-        self.table.push(Record {
-            hash,
-            loc: Location::default(),
-        });
-        if let Some(slot) = self.block_hashes.iter().position(|h| *h == hash) {
-            self.block_refs.push((idx, slot as u8));
-            return Ok(idx as u64);
+        let loc = Location {
+            pack: PENDING,
+            offset: self.next_block,
+            len: 0,
+            slot: self.block_pages as u8,
+            pages: 0,
+            codec: 0,
+        };
+        self.table.push(Record { hash, loc });
+        self.index.insert(Key(hash), loc);
+        self.new_pages += 1;
+        if self.block_pages == 0 {
+            self.batch.blocks.push((0, [[0; 32]; BLOCK_PAGES]));
         }
-        self.block_refs.push((idx, self.block_hashes.len() as u8));
-        self.block_hashes.push(hash);
-        self.block.extend_from_slice(page);
-        if self.block_hashes.len() == BLOCK_PAGES {
-            self.flush_block()?;
+        let block = self.batch.blocks.last_mut().unwrap();
+        block.1[self.block_pages] = hash;
+        block.0 += 1;
+        self.batch.data.extend_from_slice(page);
+        self.block_pages += 1;
+        if self.block_pages == BLOCK_PAGES {
+            self.block_pages = 0;
+            self.next_block += 1;
+            if self.batch.blocks.len() == BATCH_BLOCKS {
+                self.send_batch()?;
+            }
         }
-        Ok(idx as u64)
+        Ok(idx)
     }
 
-    fn open_pack(&mut self) -> Result<&mut OpenPack, StoreError> {
-        if self.pack.is_none() {
-            let number = self.next_pack;
-            self.next_pack += 1;
-            let (file, tmp) =
-                fsutil::create_tmp(&self.store.tmp_dir(), &format!("pack-{number:08}"))?;
-            let mut out = BufWriter::with_capacity(4 << 20, file);
-            let mut header = [0u8; PACK_HEADER];
-            header[..8].copy_from_slice(&PACK_MAGIC);
-            header[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
-            out.write_all(&header).map_err(io_err("write", &tmp))?;
-            self.pack = Some(OpenPack {
-                number,
-                tmp,
-                out,
-                len: PACK_HEADER as u64,
-                flushing: 0,
-                records: Vec::new(),
+    /// Hands the batch (with its incomplete last block, if any) to the packer.
+    fn send_batch(&mut self) -> Result<(), StoreError> {
+        if self.batch.blocks.is_empty() {
+            return Ok(());
+        }
+        if self.block_pages > 0 {
+            self.block_pages = 0;
+            self.next_block += 1;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
+        if !sent {
+            // The packer stopped: its error says why.
+            self.finish_packer()?;
+            return Err(StoreError::Io {
+                action: "write",
+                path: self.store.tmp_dir(),
+                source: std::io::Error::other("the packer thread stopped"),
             });
         }
-        Ok(self.pack.as_mut().unwrap())
-    }
-
-    fn flush_block(&mut self) -> Result<(), StoreError> {
-        if self.block_hashes.is_empty() {
-            return Ok(());
-        }
-        let raw_len = self.block.len();
-        let clen = lz4_flex::block::compress_into(&self.block, &mut self.compressed)
-            .expect("output sized by get_maximum_output_size");
-        // Store raw when lz4 saves under 1/32: reading raw needs no decompression.
-        let (codec, len) = if clen < raw_len - raw_len / 32 {
-            (CODEC_LZ4, clen)
-        } else {
-            (CODEC_RAW, raw_len)
-        };
-        let pages = self.block_hashes.len() as u8;
-        self.open_pack()?;
-        let pack = self.pack.as_mut().unwrap();
-        let data = if codec == CODEC_LZ4 {
-            &self.compressed[..len]
-        } else {
-            &self.block[..]
-        };
-        pack.out
-            .write_all(data)
-            .map_err(io_err("write", &pack.tmp))?;
-        let base = Location {
-            pack: pack.number,
-            offset: pack.len,
-            len: len as u32,
-            slot: 0,
-            pages,
-            codec,
-        };
-        pack.len += len as u64;
-        pack.start_writeback();
-        self.new_bytes += len as u64;
-        for (slot, hash) in self.block_hashes.iter().enumerate() {
-            let loc = Location {
-                slot: slot as u8,
-                ..base
-            };
-            pack.records.push(Record { hash: *hash, loc });
-            self.index.insert(Key(*hash), loc);
-        }
-        for &(idx, slot) in &self.block_refs {
-            self.table[idx].loc = Location { slot, ..base };
-        }
-        let full = pack.len >= PACK_TARGET_SIZE;
-        self.block.clear();
-        self.block_hashes.clear();
-        self.block_refs.clear();
-        if full {
-            self.seal_pack()?;
-        }
         Ok(())
     }
 
-    /// Makes the open pack durable under `packs/` and writes its index.
-    fn seal_pack(&mut self) -> Result<(), StoreError> {
-        let Some(mut pack) = self.pack.take() else {
-            return Ok(());
-        };
-        let res = (|| {
-            pack.out.flush().map_err(io_err("write", &pack.tmp))?;
-            pack.out
-                .get_ref()
-                .sync_all()
-                .map_err(io_err("sync", &pack.tmp))?;
-            let dest = self.store.pack_path(pack.number);
-            fs::rename(&pack.tmp, &dest).map_err(io_err("rename into place", &dest))?;
-            pack.records.sort_unstable_by_key(|r| r.hash);
-            let idx = table::encode(INDEX_MAGIC, [0; 32], &pack.records);
-            fsutil::write_atomic(
-                &self.store.tmp_dir(),
-                &self.store.idx_path(pack.number),
-                &idx,
-            )
-        })();
-        if res.is_err() {
-            let _ = fs::remove_file(&pack.tmp);
+    /// Ends the packer's input and waits for what it wrote.
+    fn finish_packer(&mut self) -> Result<Packed, StoreError> {
+        self.tx = None;
+        match self.packer.take().map(|h| h.join()) {
+            Some(Ok(res)) => res,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(StoreError::Io {
+                action: "write",
+                path: self.store.tmp_dir(),
+                source: std::io::Error::other("the packer thread already finished"),
+            }),
         }
-        res?;
-        self.sealed.push(pack.number);
-        Ok(())
     }
 
-    /// Fills `manifest.page_count` and `pages_hash`, writes the page table and the
-    /// manifest durably, names the snapshot, and returns its id.
+    /// Fills `manifest.page_count` and `pages_hash`, makes the new packs durable and
+    /// visible, writes the page table and the manifest durably, names the snapshot, and
+    /// returns its id (and the time spent flushing to disk).
     pub fn commit(
         mut self,
         mut manifest: Manifest,
+        name: Option<&str>,
+    ) -> Result<SnapshotId, StoreError> {
+        self.commit_inner(&mut manifest, name)
+    }
+
+    /// [`commit`](Self::commit), also returning the time spent on the final flush.
+    pub fn commit_timed(
+        mut self,
+        mut manifest: Manifest,
+        name: Option<&str>,
+    ) -> Result<(SnapshotId, std::time::Duration), StoreError> {
+        let id = self.commit_inner(&mut manifest, name)?;
+        Ok((id, self.flush_time))
+    }
+
+    fn commit_inner(
+        &mut self,
+        manifest: &mut Manifest,
         name: Option<&str>,
     ) -> Result<SnapshotId, StoreError> {
         if let Some(name) = name {
@@ -387,37 +572,90 @@ impl<'a> SnapshotWriter<'a> {
                 }
             }
         }
-        self.flush_block()?;
-        self.seal_pack()?;
-        if !self.sealed.is_empty() {
+        self.send_batch()?;
+        let packed = self.finish_packer()?;
+        let flush_start = std::time::Instant::now();
+        let res = self.publish(&packed, manifest, name);
+        self.flush_time = flush_start.elapsed();
+        // Packs not moved into place (an error before or while publishing) are garbage.
+        for s in &packed.sealed {
+            let _ = fs::remove_file(&s.tmp);
+        }
+        let id = res?;
+        tracing::debug!(
+            "committed snapshot {} ({count} page records, {} new bytes, flush {:?})",
+            id.short(),
+            packed.new_bytes,
+            self.flush_time
+        );
+        Ok(id)
+    }
+
+    /// The commit's one flush: syncs the new packs (their writeback started as they
+    /// were written), moves them and their indexes under `packs/`, then writes the page
+    /// table and the manifest, which makes the snapshot exist.
+    fn publish(
+        &mut self,
+        packed: &Packed,
+        manifest: &mut Manifest,
+        name: Option<&str>,
+    ) -> Result<SnapshotId, StoreError> {
+        std::thread::scope(|s| {
+            let syncs: Vec<_> = packed
+                .sealed
+                .iter()
+                .map(|p| s.spawn(move || p.file.sync_all().map_err(io_err("sync", &p.tmp))))
+                .collect();
+            syncs
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+        let tmp = self.store.tmp_dir();
+        for p in &packed.sealed {
+            let dest = self.store.pack_path(p.number);
+            fs::rename(&p.tmp, &dest).map_err(io_err("rename into place", &dest))?;
+            let mut records = p.records.clone();
+            records.sort_unstable_by_key(|r| r.hash);
+            let idx = table::encode(INDEX_MAGIC, [0; 32], &records);
+            fsutil::write_atomic(&tmp, &self.store.idx_path(p.number), &idx)?;
+        }
+        if !packed.sealed.is_empty() {
             fsutil::fsync_dir(&self.store.packs_dir())?;
         }
+        for r in &mut self.table {
+            if r.loc.pack == PENDING {
+                let base = packed.bases[r.loc.offset as usize];
+                r.loc = Location {
+                    slot: r.loc.slot,
+                    ..base
+                };
+            }
+        }
         let pages_hash = table::pages_hash(self.table.iter().map(|r| &r.hash));
-        manifest.page_count = count;
+        manifest.page_count = self.table.len() as u64;
         manifest.pages_hash = pages_hash;
-        let bytes = format::encode(&manifest);
+        let bytes = format::encode(manifest);
         let id = SnapshotId::of_manifest_bytes(&bytes);
-        let tmp = self.store.tmp_dir();
         let tbl = table::encode(table::TABLE_MAGIC, pages_hash, &self.table);
         fsutil::write_atomic(&tmp, &self.store.table_path(&id), &tbl)?;
         fsutil::write_atomic(&tmp, &self.store.manifest_path(&id), &bytes)?;
         if let Some(name) = name {
             self.store.set_name_locked(name, &id)?;
         }
-        tracing::debug!(
-            "committed snapshot {} ({count} page records, {} new bytes)",
-            id.short(),
-            self.new_bytes
-        );
         Ok(id)
     }
 }
 
 impl Drop for SnapshotWriter<'_> {
     fn drop(&mut self) {
-        // An uncommitted (or already sealed) pack in tmp/ is garbage: drop it now.
-        if let Some(pack) = self.pack.take() {
-            let _ = fs::remove_file(&pack.tmp);
+        // Uncommitted: what the packer wrote is garbage, removed now.
+        if self.packer.is_some() {
+            self.batch = Batch::default();
+            if let Ok(packed) = self.finish_packer() {
+                for s in &packed.sealed {
+                    let _ = fs::remove_file(&s.tmp);
+                }
+            }
         }
     }
 }
