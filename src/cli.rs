@@ -174,10 +174,22 @@ pub struct DumpArgs {
     /// Send the snapshot to the page server at HOST:PORT instead of the local store
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    /// Record each process's cgroups and the settings of the cgroups the tree owns
+    /// (below warmstart's own cgroup, holding only the tree's processes)
+    #[arg(long)]
+    pub manage_cgroups: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
+    /// Recreate the snapshot's cgroups (`dump --manage-cgroups`) and put each process
+    /// back in its cgroup before it runs
+    #[arg(long)]
+    pub manage_cgroups: bool,
+    /// With --manage-cgroups: recreate the tree's own cgroups under DIR instead of where
+    /// they were (absolute in each hierarchy, or relative to warmstart's own cgroup)
+    #[arg(long, value_name = "DIR", requires = "manage_cgroups")]
+    pub cgroup_root: Option<String>,
     /// Snapshot id (or unique prefix) or name
     #[arg(required_unless_present = "dir")]
     pub snapshot: Option<String>,
@@ -268,6 +280,16 @@ pub struct RecordArgs {
 pub struct RunArgs {
     /// Snapshot id (or unique prefix) or name
     pub snapshot: String,
+    /// Run the instance in a cgroup of its own with this memory limit (bytes, or with K,
+    /// M, G, T); restored here, not by a serve daemon
+    #[arg(long, value_name = "SIZE", value_parser = crate::cgroup::parse_size)]
+    pub memory: Option<u64>,
+    /// Run the instance in a cgroup of its own limited to N CPUs (2, 0.5)
+    #[arg(long, value_name = "N", value_parser = crate::cgroup::parse_cpus)]
+    pub cpus: Option<f64>,
+    /// Run the instance in a cgroup of its own limited to N processes and threads
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pids: Option<u64>,
     /// Copy all memory before the app resumes instead of serving it on demand
     #[arg(long)]
     pub eager: bool,
@@ -883,6 +905,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                 own_seccomp_filters: 0,
                 private_tmp: false,
                 tool: None,
+                manage_cgroups: a.manage_cgroups,
             },
         )?;
         if a.display_stats {
