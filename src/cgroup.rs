@@ -493,13 +493,19 @@ fn check_existing(h: &Hierarchy, path: &str, dir: &Path, o: &OwnedCgroup) -> Res
     Ok(())
 }
 
+impl Placement {
+    /// Removes what was created now (once its processes are gone), and nothing later.
+    pub fn remove_created(&self) {
+        let created = std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
+        remove_all(&created);
+    }
+}
+
 impl Drop for Placement {
     fn drop(&mut self) {
-        if self.keep.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            self.remove_created();
         }
-        let created = std::mem::take(self.created.get_mut().unwrap_or_else(|p| p.into_inner()));
-        remove_all(&created);
     }
 }
 

@@ -489,11 +489,23 @@ pub fn main(cli: Cli) -> Result<i32> {
             name,
         } => crate::tool::write_shim(&cli, snapshot, dir, name.as_deref()),
         Command::Run(a) => {
+            let limits = crate::cgroup::Limits {
+                memory: a.memory,
+                cpus: a.cpus,
+                pids: a.pids,
+            };
+            // An instance in a cgroup of its own is restored here, never by a daemon.
+            let no_serve = a.no_serve || limits.any();
+            let cgroups = if limits.any() {
+                crate::run::Cgroups::Limits(limits)
+            } else {
+                crate::run::Cgroups::Inherit
+            };
             let systemd = crate::fds::inet::systemd_listeners()?;
             let given_listeners = !a.listen.is_empty() || systemd.is_some();
             // A daemon serves the plain lazy run (an instance given its listeners once
             // they are bound, below); other modes are restored here.
-            if !(a.no_serve
+            if !(no_serve
                 || a.eager
                 || a.no_prefetch
                 || a.page_server.is_some()
@@ -556,7 +568,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             };
             // A tool's run goes through a daemon too (once its files were checked here).
             if let Some(req) = &tool_request {
-                if !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+                if !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
                     let socket = crate::serve::socket_path(&store_dir(&cli)?);
                     let id = snap.id.to_string();
                     if let Some(code) =
@@ -575,7 +587,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             // (the snapshot's other listeners bound at their recorded addresses).
             if given_listeners
                 && tool_request.is_none()
-                && !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
+                && !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 let all = crate::fds::inet::complete(&snap.manifest, &listeners)?;
@@ -602,6 +614,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                 a.display_stats,
                 listeners,
                 tool_request,
+                cgroups,
             )
         }
     }
@@ -1003,7 +1016,14 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     } else {
         Mode::Eager
     };
-    run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats)
+    let cgroups = if a.manage_cgroups {
+        crate::run::Cgroups::Manage {
+            root: a.cgroup_root.clone(),
+        }
+    } else {
+        crate::run::Cgroups::Inherit
+    };
+    run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats, cgroups)
 }
 
 /// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,
@@ -1086,21 +1106,35 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
 fn ps(json: bool) -> Result<i32> {
     let list = crate::instances::list()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        // With its usage from its own cgroup (`run --memory/--cpus/--pids`; null without).
+        let mut out = Vec::new();
+        for i in &list {
+            let (mem, cpu) = crate::cgroup::usage(&i.cgroups);
+            let mut v = serde_json::to_value(i)?;
+            v["memory_bytes"] = mem.into();
+            v["cpu_usec"] = cpu.into();
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
     println!(
-        "{:>8}  {:>8}  {:<12}  {:<16}  COMMAND",
-        "PID", "MONITOR", "SNAPSHOT", "NAME"
+        "{:>8}  {:>8}  {:<12}  {:<16}  {:>9}  {:>8}  COMMAND",
+        "PID", "MONITOR", "SNAPSHOT", "NAME", "MEM", "CPU"
     );
     let (templates, instances): (Vec<_>, Vec<_>) = list.into_iter().partition(|i| i.template);
     for i in instances {
+        // From the instance's own cgroup; "-" for one without.
+        let (mem, cpu) = crate::cgroup::usage(&i.cgroups);
         println!(
-            "{:>8}  {:>8}  {:<12}  {:<16}  {}",
+            "{:>8}  {:>8}  {:<12}  {:<16}  {:>9}  {:>8}  {}",
             i.pid,
             i.monitor,
             &i.snapshot[..12.min(i.snapshot.len())],
             i.names.join(","),
+            mem.map(crate::stats::human).unwrap_or_else(|| "-".into()),
+            cpu.map(|us| format!("{:.2}s", us as f64 / 1e6))
+                .unwrap_or_else(|| "-".into()),
             i.command.join(" ")
         );
     }
