@@ -92,9 +92,8 @@ pub const UNRESTORED: [(&str, &str); 14] = [
 ];
 
 fn v1_managed(key: &str) -> bool {
-    key.split(',').all(|c| {
-        c.starts_with("name=") || V1_SETTINGS.iter().any(|(name, _)| *name == c)
-    })
+    key.split(',')
+        .all(|c| c.starts_with("name=") || V1_SETTINGS.iter().any(|(name, _)| *name == c))
 }
 
 fn settings_files(h: &Hierarchy, controllers: &[String]) -> Vec<&'static str> {
@@ -126,14 +125,17 @@ fn join_path(base: &str, rel: &str) -> String {
 
 /// Records the cgroups of the tree `pids` (host pids, in `Manifest::processes` order).
 pub fn collect(pids: &[i32]) -> Result<Cgroups> {
-    let own = cg::membership(Path::new("/proc/self"))
-        .context("reading /proc/self/cgroup")?;
+    let own = cg::membership(Path::new("/proc/self")).context("reading /proc/self/cgroup")?;
     let tree: BTreeSet<i32> = pids.iter().copied().collect();
     let mut per_proc = Vec::with_capacity(pids.len());
     for &pid in pids {
         let dir = PathBuf::from(format!("/proc/{pid}"));
         let m = cg::membership(&dir).with_context(|| format!("reading /proc/{pid}/cgroup"))?;
-        for task in std::fs::read_dir(dir.join("task")).into_iter().flatten().flatten() {
+        for task in std::fs::read_dir(dir.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let tm = cg::membership(&task.path()).unwrap_or_else(|_| m.clone());
             if tm != m {
                 bail!(
@@ -207,7 +209,8 @@ fn describe_membership(m: &[(String, String)]) -> String {
 
 /// Every process in cgroup `dir` and its descendants is one of `tree`.
 fn only_tree(dir: &Path, tree: &BTreeSet<i32>) -> Result<bool> {
-    let procs = cg::procs(dir).with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
+    let procs =
+        cg::procs(dir).with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
     if procs.iter().any(|p| !tree.contains(p)) {
         return Ok(false);
     }
@@ -417,18 +420,20 @@ impl Placement {
             }
         }
         for (h, dir, o) in to_create {
-            std::fs::create_dir(&dir).with_context(|| {
-                format!("creating cgroup {} ({})", dir.display(), h.describe())
-            })?;
-            placement.created.lock().unwrap_or_else(|p| p.into_inner()).push(dir.clone());
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("creating cgroup {} ({})", dir.display(), h.describe()))?;
+            placement
+                .created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(dir.clone());
             for (f, v) in &o.settings {
                 let cur = cg::read(&dir, f).unwrap_or_default();
                 if same_setting(f, v, &cur) {
                     continue;
                 }
-                write_setting(&dir, f, v).with_context(|| {
-                    format!("writing {v:?} to {}/{f}", dir.display())
-                })?;
+                write_setting(&dir, f, v)
+                    .with_context(|| format!("writing {v:?} to {}/{f}", dir.display()))?;
             }
         }
         Ok(placement)
@@ -458,15 +463,15 @@ fn join_dirs(dirs: &[PathBuf], pid: i32) -> Result<()> {
         if procs.contains(&pid) {
             continue;
         }
-        cg::move_process(d, pid).with_context(|| {
-            format!("moving process {pid} into cgroup {}", d.display())
-        })?;
+        cg::move_process(d, pid)
+            .with_context(|| format!("moving process {pid} into cgroup {}", d.display()))?;
     }
     Ok(())
 }
 
 fn check_existing(h: &Hierarchy, path: &str, dir: &Path, o: &OwnedCgroup) -> Result<()> {
-    let procs = cg::procs(dir).with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
+    let procs =
+        cg::procs(dir).with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
     if !procs.is_empty() {
         bail!(
             "cgroup {path} of the {} exists and holds other processes ({}): remove them, \
@@ -555,7 +560,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown size suffix {c:?} (use K, M, G or T)"
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -573,7 +582,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_cpus(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(n) if n.is_finite() && n >= 0.01 => Ok(n),
-        _ => Err(format!("{s:?} is not a CPU count (a number of at least 0.01, like 2 or 0.5)")),
+        _ => Err(format!(
+            "{s:?} is not a CPU count (a number of at least 0.01, like 2 or 0.5)"
+        )),
     }
 }
 
@@ -599,7 +610,11 @@ impl Placement {
         };
         let v2 = host.iter().find(|h| h.v2());
         let v2_enabled = v2
-            .map(|h| cg::words(&cg::read(&h.dir(&own_path(h)), "cgroup.subtree_control").unwrap_or_default()))
+            .map(|h| {
+                cg::words(
+                    &cg::read(&h.dir(&own_path(h)), "cgroup.subtree_control").unwrap_or_default(),
+                )
+            })
             .unwrap_or_default();
         let name = format!("warmstart-run-{}", std::process::id());
         // (hierarchy, [(file, value)]) in the order to create.
@@ -668,11 +683,20 @@ impl Placement {
         let mut placement = Placement::default();
         let mut dirs = Vec::new();
         for (h, files) in plan {
+            sweep_stale(&h.dir(&own_path(h)));
             let dir = h.dir(&join_path(&own_path(h), &name));
             std::fs::create_dir(&dir).with_context(|| {
-                format!("creating the instance's cgroup {} ({})", dir.display(), h.describe())
+                format!(
+                    "creating the instance's cgroup {} ({})",
+                    dir.display(),
+                    h.describe()
+                )
             })?;
-            placement.created.lock().unwrap_or_else(|p| p.into_inner()).push(dir.clone());
+            placement
+                .created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(dir.clone());
             for (f, v) in files {
                 cg::write(&dir, f, &v)
                     .with_context(|| format!("writing {v:?} to {}/{f}", dir.display()))?;
@@ -695,6 +719,29 @@ impl Placement {
                     .or_else(|| cg::keyed(d, "memory.oom_control", "oom_kill"))
             })
             .sum()
+    }
+}
+
+/// Removes the empty instance cgroups in `dir` of `run`s that are gone (killed before
+/// they could remove their own): `warmstart-run-PID` with no process PID. One with
+/// processes left stays (`rmdir` refuses it).
+fn sweep_stale(dir: &Path) {
+    for c in cg::children(dir).unwrap_or_default() {
+        let Some(pid) = c
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("warmstart-run-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone && std::fs::remove_dir(&c).is_ok() {
+            tracing::debug!("removed the cgroup of a run that is gone: {}", c.display());
+        }
     }
 }
 
@@ -755,7 +802,11 @@ mod tests {
 
     #[test]
     fn settings_compare() {
-        assert!(same_setting("cgroup.subtree_control", "memory pids", "pids memory"));
+        assert!(same_setting(
+            "cgroup.subtree_control",
+            "memory pids",
+            "pids memory"
+        ));
         assert!(!same_setting("memory.max", "max", "1048576"));
         assert!(v1_managed("cpu,cpuacct"));
         assert!(v1_managed("name=systemd"));

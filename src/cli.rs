@@ -612,9 +612,11 @@ pub fn main(cli: Cli) -> Result<i32> {
                 mode,
                 false,
                 a.display_stats,
-                listeners,
-                tool_request,
-                cgroups,
+                crate::run::Given {
+                    listeners,
+                    tool_request,
+                    cgroups,
+                },
             )
         }
     }
@@ -1023,7 +1025,14 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     } else {
         crate::run::Cgroups::Inherit
     };
-    run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats, cgroups)
+    run_instance(
+        Arc::new(snap),
+        names,
+        mode,
+        a.detach,
+        a.display_stats,
+        cgroups,
+    )
 }
 
 /// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,

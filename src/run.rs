@@ -31,16 +31,11 @@ pub fn run_instance(
     display_stats: bool,
     cgroups: Cgroups,
 ) -> Result<i32> {
-    run_instance_with(
-        snap,
-        names,
-        mode,
-        detach,
-        display_stats,
-        Vec::new(),
-        None,
+    let given = Given {
         cgroups,
-    )
+        ..Default::default()
+    };
+    run_instance_with(snap, names, mode, detach, display_stats, given)
 }
 
 /// Which cgroups an instance goes into.
@@ -93,23 +88,38 @@ fn oom_killed(placement: Option<&Arc<Placement>>, cgroups: &Cgroups) -> bool {
     eprintln!(
         "warmstart: the instance was killed by the OOM killer: it reached its memory limit \
          ({})",
-        l.memory.map(human).unwrap_or_else(|| "of its cgroup".into())
+        l.memory
+            .map(human)
+            .unwrap_or_else(|| "of its cgroup".into())
     );
     true
 }
 
-/// [`run_instance`], the instance getting `listeners` in place of the listening sockets
-/// it recorded ([`crate::fds::inet::replacements`]).
+/// What an instance gets beyond its snapshot (`run`'s options).
+#[derive(Debug, Default)]
+pub struct Given {
+    /// Listening sockets in place of the ones it recorded
+    /// ([`crate::fds::inet::replacements`]).
+    pub listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
+    /// A tool snapshot's request ([`crate::tool::request`]).
+    pub tool_request: Option<Vec<u8>>,
+    pub cgroups: Cgroups,
+}
+
+/// [`run_instance`], the instance getting what `given` says.
 pub fn run_instance_with(
     snap: Arc<Snapshot>,
     names: Vec<String>,
     mode: Mode,
     detach: bool,
     display_stats: bool,
-    listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
-    tool_request: Option<Vec<u8>>,
-    cgroups: Cgroups,
+    given: Given,
 ) -> Result<i32> {
+    let Given {
+        listeners,
+        tool_request,
+        cgroups,
+    } = given;
     crate::restore::block_forwarded_signals();
     let placed = place(&snap, &cgroups)?;
     let (placement, cgroup_dirs) = match placed {

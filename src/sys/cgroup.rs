@@ -94,7 +94,14 @@ fn parse_mountinfo(info: &str) -> Vec<Hierarchy> {
             "cgroup" => {
                 // Super options: rw,cpu,cpuacct / rw,name=systemd, in the kernel's
                 // controller order, which is also /proc/PID/cgroup's.
-                let known = ["rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode"];
+                let known = [
+                    "rw",
+                    "ro",
+                    "noprefix",
+                    "clone_children",
+                    "xattr",
+                    "cpuset_v2_mode",
+                ];
                 r[2].split(',')
                     .filter(|o| !known.contains(o) && !o.starts_with("release_agent="))
                     .collect::<Vec<_>>()
@@ -119,7 +126,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
