@@ -174,10 +174,22 @@ pub struct DumpArgs {
     /// Send the snapshot to the page server at HOST:PORT instead of the local store
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    /// Record each process's cgroups and the settings of the cgroups the tree owns
+    /// (below warmstart's own cgroup, holding only the tree's processes)
+    #[arg(long)]
+    pub manage_cgroups: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
+    /// Recreate the snapshot's cgroups (`dump --manage-cgroups`) and put each process
+    /// back in its cgroup before it runs
+    #[arg(long)]
+    pub manage_cgroups: bool,
+    /// With --manage-cgroups: recreate the tree's own cgroups under DIR instead of where
+    /// they were (absolute in each hierarchy, or relative to warmstart's own cgroup)
+    #[arg(long, value_name = "DIR", requires = "manage_cgroups")]
+    pub cgroup_root: Option<String>,
     /// Snapshot id (or unique prefix) or name
     #[arg(required_unless_present = "dir")]
     pub snapshot: Option<String>,
@@ -268,6 +280,16 @@ pub struct RecordArgs {
 pub struct RunArgs {
     /// Snapshot id (or unique prefix) or name
     pub snapshot: String,
+    /// Run the instance in a cgroup of its own with this memory limit (bytes, or with K,
+    /// M, G, T); restored here, not by a serve daemon
+    #[arg(long, value_name = "SIZE", value_parser = crate::cgroup::parse_size)]
+    pub memory: Option<u64>,
+    /// Run the instance in a cgroup of its own limited to N CPUs (2, 0.5)
+    #[arg(long, value_name = "N", value_parser = crate::cgroup::parse_cpus)]
+    pub cpus: Option<f64>,
+    /// Run the instance in a cgroup of its own limited to N processes and threads
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pids: Option<u64>,
     /// Copy all memory before the app resumes instead of serving it on demand
     #[arg(long)]
     pub eager: bool,
@@ -467,11 +489,23 @@ pub fn main(cli: Cli) -> Result<i32> {
             name,
         } => crate::tool::write_shim(&cli, snapshot, dir, name.as_deref()),
         Command::Run(a) => {
+            let limits = crate::cgroup::Limits {
+                memory: a.memory,
+                cpus: a.cpus,
+                pids: a.pids,
+            };
+            // An instance in a cgroup of its own is restored here, never by a daemon.
+            let no_serve = a.no_serve || limits.any();
+            let cgroups = if limits.any() {
+                crate::run::Cgroups::Limits(limits)
+            } else {
+                crate::run::Cgroups::Inherit
+            };
             let systemd = crate::fds::inet::systemd_listeners()?;
             let given_listeners = !a.listen.is_empty() || systemd.is_some();
             // A daemon serves the plain lazy run (an instance given its listeners once
             // they are bound, below); other modes are restored here.
-            if !(a.no_serve
+            if !(no_serve
                 || a.eager
                 || a.no_prefetch
                 || a.page_server.is_some()
@@ -534,7 +568,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             };
             // A tool's run goes through a daemon too (once its files were checked here).
             if let Some(req) = &tool_request {
-                if !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+                if !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
                     let socket = crate::serve::socket_path(&store_dir(&cli)?);
                     let id = snap.id.to_string();
                     if let Some(code) =
@@ -553,7 +587,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             // (the snapshot's other listeners bound at their recorded addresses).
             if given_listeners
                 && tool_request.is_none()
-                && !(a.no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
+                && !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 let all = crate::fds::inet::complete(&snap.manifest, &listeners)?;
@@ -578,8 +612,11 @@ pub fn main(cli: Cli) -> Result<i32> {
                 mode,
                 false,
                 a.display_stats,
-                listeners,
-                tool_request,
+                crate::run::Given {
+                    listeners,
+                    tool_request,
+                    cgroups,
+                },
             )
         }
     }
@@ -883,6 +920,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                 own_seccomp_filters: 0,
                 private_tmp: false,
                 tool: None,
+                manage_cgroups: a.manage_cgroups,
             },
         )?;
         if a.display_stats {
@@ -980,7 +1018,21 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     } else {
         Mode::Eager
     };
-    run_instance(Arc::new(snap), names, mode, a.detach, a.display_stats)
+    let cgroups = if a.manage_cgroups {
+        crate::run::Cgroups::Manage {
+            root: a.cgroup_root.clone(),
+        }
+    } else {
+        crate::run::Cgroups::Inherit
+    };
+    run_instance(
+        Arc::new(snap),
+        names,
+        mode,
+        a.detach,
+        a.display_stats,
+        cgroups,
+    )
 }
 
 /// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,
@@ -1063,21 +1115,35 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
 fn ps(json: bool) -> Result<i32> {
     let list = crate::instances::list()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        // With its usage from its own cgroup (`run --memory/--cpus/--pids`; null without).
+        let mut out = Vec::new();
+        for i in &list {
+            let (mem, cpu) = crate::cgroup::usage(&i.cgroups);
+            let mut v = serde_json::to_value(i)?;
+            v["memory_bytes"] = mem.into();
+            v["cpu_usec"] = cpu.into();
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
     println!(
-        "{:>8}  {:>8}  {:<12}  {:<16}  COMMAND",
-        "PID", "MONITOR", "SNAPSHOT", "NAME"
+        "{:>8}  {:>8}  {:<12}  {:<16}  {:>9}  {:>8}  COMMAND",
+        "PID", "MONITOR", "SNAPSHOT", "NAME", "MEM", "CPU"
     );
     let (templates, instances): (Vec<_>, Vec<_>) = list.into_iter().partition(|i| i.template);
     for i in instances {
+        // From the instance's own cgroup; "-" for one without.
+        let (mem, cpu) = crate::cgroup::usage(&i.cgroups);
         println!(
-            "{:>8}  {:>8}  {:<12}  {:<16}  {}",
+            "{:>8}  {:>8}  {:<12}  {:<16}  {:>9}  {:>8}  {}",
             i.pid,
             i.monitor,
             &i.snapshot[..12.min(i.snapshot.len())],
             i.names.join(","),
+            mem.map(crate::stats::human).unwrap_or_else(|| "-".into()),
+            cpu.map(|us| format!("{:.2}s", us as f64 / 1e6))
+                .unwrap_or_else(|| "-".into()),
             i.command.join(" ")
         );
     }

@@ -24,6 +24,9 @@ pub struct Instance {
     /// forked from (`crate::restore::template`).
     #[serde(default)]
     pub template: bool,
+    /// The instance's own cgroups (`run --memory/--cpus/--pids`), one per hierarchy.
+    #[serde(default)]
+    pub cgroups: Vec<std::path::PathBuf>,
 }
 
 /// Seconds since the epoch, for `started_unix`.

@@ -1,6 +1,7 @@
 //! warmstart: checkpoint an app at its warm point, restore instances in milliseconds.
 
 pub mod bench;
+pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod dump;

@@ -487,6 +487,7 @@ pub fn record(
                     own_seccomp_filters: usize::from(filter.is_some()),
                     private_tmp: !opts.share_tmp,
                     tool,
+                    manage_cgroups: false,
                 },
             )?;
             on_dumped(&dumped);

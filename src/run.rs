@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use warmstart_snapshots::store::Snapshot;
 
+use crate::cgroup::Placement;
 use crate::restore::{RestoreOptions, Restored};
 use crate::stats::human;
 
@@ -28,28 +29,110 @@ pub fn run_instance(
     mode: Mode,
     detach: bool,
     display_stats: bool,
+    cgroups: Cgroups,
 ) -> Result<i32> {
-    run_instance_with(snap, names, mode, detach, display_stats, Vec::new(), None)
+    let given = Given {
+        cgroups,
+        ..Default::default()
+    };
+    run_instance_with(snap, names, mode, detach, display_stats, given)
 }
 
-/// [`run_instance`], the instance getting `listeners` in place of the listening sockets
-/// it recorded ([`crate::fds::inet::replacements`]).
+/// Which cgroups an instance goes into.
+#[derive(Debug, Clone, Default)]
+pub enum Cgroups {
+    /// Where `warmstart` is.
+    #[default]
+    Inherit,
+    /// The snapshot's own (`restore --manage-cgroups [--cgroup-root DIR]`).
+    Manage { root: Option<String> },
+    /// One of its own with limits (`run --memory/--cpus/--pids`), removed when it ends.
+    Limits(crate::cgroup::Limits),
+}
+
+/// The cgroups of an instance of `snap`: where its processes go, and (with limits) the
+/// instance's own cgroup directories, for `ps`.
+fn place(
+    snap: &Snapshot,
+    cgroups: &Cgroups,
+) -> Result<Option<(Arc<Placement>, Vec<std::path::PathBuf>)>> {
+    match cgroups {
+        Cgroups::Inherit => Ok(None),
+        Cgroups::Manage { root } => {
+            let Some(c) = &snap.manifest.cgroups else {
+                anyhow::bail!(
+                    "snapshot {} was dumped without --manage-cgroups: it holds no cgroups to \
+                     restore; restore it without --manage-cgroups (or dump again with it)",
+                    snap.id.short()
+                );
+            };
+            let p = Placement::prepare(c, snap.manifest.processes.len(), root.as_deref())?;
+            Ok(Some((Arc::new(p), Vec::new())))
+        }
+        Cgroups::Limits(l) => {
+            let (p, dirs) = Placement::for_instance(l)?;
+            Ok(Some((Arc::new(p), dirs)))
+        }
+    }
+}
+
+/// With limits: an instance the OOM killer killed (while restoring or running) ends as a
+/// cold start in that cgroup would, with 128+SIGKILL, saying so.
+fn oom_killed(placement: Option<&Arc<Placement>>, cgroups: &Cgroups) -> bool {
+    let (Some(p), Cgroups::Limits(l)) = (placement, cgroups) else {
+        return false;
+    };
+    if p.oom_kills() == 0 {
+        return false;
+    }
+    eprintln!(
+        "warmstart: the instance was killed by the OOM killer: it reached its memory limit \
+         ({})",
+        l.memory
+            .map(human)
+            .unwrap_or_else(|| "of its cgroup".into())
+    );
+    true
+}
+
+/// What an instance gets beyond its snapshot (`run`'s options).
+#[derive(Debug, Default)]
+pub struct Given {
+    /// Listening sockets in place of the ones it recorded
+    /// ([`crate::fds::inet::replacements`]).
+    pub listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
+    /// A tool snapshot's request ([`crate::tool::request`]).
+    pub tool_request: Option<Vec<u8>>,
+    pub cgroups: Cgroups,
+}
+
+/// [`run_instance`], the instance getting what `given` says.
 pub fn run_instance_with(
     snap: Arc<Snapshot>,
     names: Vec<String>,
     mode: Mode,
     detach: bool,
     display_stats: bool,
-    listeners: Vec<(u32, Arc<std::os::fd::OwnedFd>)>,
-    tool_request: Option<Vec<u8>>,
+    given: Given,
 ) -> Result<i32> {
+    let Given {
+        listeners,
+        tool_request,
+        cgroups,
+    } = given;
     crate::restore::block_forwarded_signals();
+    let placed = place(&snap, &cgroups)?;
+    let (placement, cgroup_dirs) = match placed {
+        Some((p, d)) => (Some(p), d),
+        None => (None, Vec::new()),
+    };
     // The snapshot may come from `Store::load_deferred` (cli::load): check its page
     // table while restoring (a fully loaded one passes again, at no cost to the restore).
     let mut opts = RestoreOptions {
         verify_table: true,
         listeners,
         tool_request,
+        cgroups: placement.clone(),
         ..Default::default()
     };
     if let Mode::Lazy { prefetch } = mode {
@@ -70,6 +153,7 @@ pub fn run_instance_with(
             started_unix: crate::instances::unix_now(),
             client: None,
             template: false,
+            cgroups: cgroup_dirs.clone(),
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok()
@@ -98,7 +182,14 @@ pub fn run_instance_with(
         );
         return Ok(128 + sig);
     }
-    let r = restored?;
+    let r = match restored {
+        Ok(r) => r,
+        Err(_) if oom_killed(placement.as_ref(), &cgroups) => return Ok(128 + libc::SIGKILL),
+        Err(e) => return Err(e),
+    };
+    if let (Some(p), Cgroups::Manage { .. }) = (&placement, &cgroups) {
+        p.keep();
+    }
     if let Some(sig) = signal {
         if let Err(e) = r.sandbox.signal(sig) {
             tracing::warn!(
@@ -117,7 +208,14 @@ pub fn run_instance_with(
     let _listed = registered(&r);
     // Once the instance is over, nothing waits for a page server's answers any more (one
     // that stopped answering must not hold `run` up).
-    let (code, lazy) = r.wait_then(|| snap.abandon_page_reads())?;
+    let (code, lazy) = match r.wait_then(|| snap.abandon_page_reads()) {
+        Ok(x) => x,
+        Err(_) if oom_killed(placement.as_ref(), &cgroups) => return Ok(128 + libc::SIGKILL),
+        Err(e) => return Err(e),
+    };
+    if code == 128 + libc::SIGKILL {
+        oom_killed(placement.as_ref(), &cgroups);
+    }
     if let Some(o) = lazy {
         if display_stats {
             eprintln!(

@@ -958,5 +958,6 @@ pub fn sample_manifest() -> Manifest {
             startup_env: vec![("LANG".into(), "C.UTF-8".into())],
         }),
         unix_queues: Vec::new(),
+        cgroups: None,
     }
 }

@@ -53,6 +53,42 @@ pub struct Manifest {
     /// in accept order. A restore connects a client end to the listener for each, in
     /// this order, and sends what the client had sent.
     pub unix_queues: Vec<UnixQueue>,
+    /// `dump --manage-cgroups`: the tree's cgroups (`None`: not recorded, and a restore
+    /// leaves the processes where the restorer is).
+    pub cgroups: Option<Cgroups>,
+}
+
+/// Where the tree's processes were in each cgroup hierarchy, and the settings of the
+/// cgroups the tree owned: those strictly below the dumper's own cgroup whose processes,
+/// their descendants' included, were all the tree's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cgroups {
+    pub hierarchies: Vec<CgroupHierarchy>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupHierarchy {
+    /// The hierarchy as `/proc/PID/cgroup` names it: `""` for cgroup v2, the controllers
+    /// of a v1 hierarchy (`memory`, `cpu,cpuacct`, `name=systemd`).
+    pub key: String,
+    /// The dumper's own cgroup in it (absolute): owned cgroups are below it.
+    pub base: String,
+    /// The cgroups the tree owned, relative to `base` (`a/b`), parents before children.
+    pub owned: Vec<OwnedCgroup>,
+    /// Per process of `Manifest::processes`, in that order: its cgroup (absolute path).
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedCgroup {
+    /// Relative to the hierarchy's `base`, without a leading `/`.
+    pub path: String,
+    /// cgroup v2: the controllers enabled in it (its `cgroup.controllers`), which its
+    /// parent's `cgroup.subtree_control` must enable at restore.
+    pub controllers: Vec<String>,
+    /// (file, value as read), in the order a restore writes them
+    /// (`cgroup.subtree_control` first).
+    pub settings: Vec<(String, String)>,
 }
 
 /// A file that is mapped but has no name any more: a deleted file (POSIX semaphores and

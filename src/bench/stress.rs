@@ -461,6 +461,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         listeners: Vec::new(),
         tool_request: None,
         template: None,
+        cgroups: None,
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

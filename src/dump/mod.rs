@@ -51,6 +51,8 @@ pub struct DumpOptions {
     pub private_tmp: bool,
     /// `record --tool`: the tool the snapshot holds at its entry point.
     pub tool: Option<warmstart_snapshots::model::ToolInfo>,
+    /// `--manage-cgroups`: record the tree's cgroups ([`crate::cgroup::collect`]).
+    pub manage_cgroups: bool,
 }
 
 pub struct DumpResult {
@@ -263,6 +265,11 @@ fn collect_and_store(
     } else {
         None
     };
+    let cgroups = if opts.manage_cgroups {
+        Some(crate::cgroup::collect(&tree.order)?)
+    } else {
+        None
+    };
     let root_comm = processes[0].comm.clone();
     let shared = files.finish(root, &root_comm)?;
     phases.add("collect", times.collect);
@@ -288,6 +295,7 @@ fn collect_and_store(
         private_tmp,
         tool: opts.tool.clone(),
         unix_queues: shared.unix_queues,
+        cgroups,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;

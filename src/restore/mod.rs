@@ -96,6 +96,9 @@ pub struct RestoreOptions {
     pub tool_request: Option<Vec<u8>>,
     /// Start the instance from this template of the snapshot ([`template`]).
     pub template: Option<Arc<template::Template>>,
+    /// Put the instance's processes in these cgroups before they run
+    /// (`--manage-cgroups`, `run --memory`...: [`crate::cgroup::Placement`]).
+    pub cgroups: Option<Arc<crate::cgroup::Placement>>,
 }
 
 impl Restored {
@@ -394,6 +397,9 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         owner: None,
     };
+    if opts.cgroups.is_some() && opts.template.is_some() {
+        bail!("an instance started from a template cannot be placed in cgroups of its own");
+    }
     let sandbox = match &opts.template {
         Some(tpl) => tpl.spawn(
             spawn_opts.clocks,
@@ -444,6 +450,12 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         i.arm(sandbox.init_pidfd());
     }
     ptrace::seize(pid, SEIZE).with_context(|| format!("seizing the restoring process {pid}"))?;
+    // Into its cgroups while it still waits on its gate: it has not run (nor allocated
+    // anything of the app) yet; the processes it forks inherit them.
+    if let Some(c) = &opts.cgroups {
+        c.join_init(sandbox.init_pid)?;
+        c.join(0, pid)?;
+    }
     sandbox
         .release()
         .context("releasing the restoring process")?;
@@ -483,6 +495,10 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         ptrace::seize(qpid, SEIZE)
             .with_context(|| format!("seizing the restoring process {qpid}"))
             .map_err(|e| fail_in(q, e))?;
+        if let Some(c) = &opts.cgroups {
+            // Before its gate opens: its memory is mapped and filled after.
+            c.join(i, qpid).map_err(|e| fail_in(q, e))?;
+        }
         let gate = gate.expect("every process but the root has a gate");
         std::fs::File::from(gate)
             .write_all(&[1])
@@ -1053,6 +1069,9 @@ pub fn detached<R>(
         let mut w = std::fs::File::from(w);
         let code = match restore(snap, opts) {
             Ok(restored) => {
+                if let Some(c) = &opts.cgroups {
+                    c.keep();
+                }
                 if display_stats {
                     eprintln!("restore of {}:\n{}", snap.id.short(), restored.phases);
                 }
@@ -1079,6 +1098,10 @@ pub fn detached<R>(
                 }
             }
             Err(e) => {
+                // `_exit` below runs no destructor: what was created goes now.
+                if let Some(c) = &opts.cgroups {
+                    c.remove_created();
+                }
                 let _ = std::io::Write::write_all(
                     &mut w,
                     format!("E{}", crate::report::error_line(&e)).as_bytes(),
@@ -1091,6 +1114,10 @@ pub fn detached<R>(
         unsafe { libc::_exit(code) };
     }
     drop(w);
+    // The restoring child owns the cgroups it created (and removes them if it fails).
+    if let Some(c) = &opts.cgroups {
+        c.keep();
+    }
     let mut msg = String::new();
     std::fs::File::from(r)
         .read_to_string(&mut msg)

@@ -198,6 +198,7 @@ impl Template {
                 started_unix: crate::instances::unix_now(),
                 client: None,
                 template: true,
+                cgroups: Vec::new(),
             })
             .map_err(|e| tracing::warn!("template not listed by `warmstart ps`: {e:#}"))
             .ok(),

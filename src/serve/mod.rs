@@ -386,6 +386,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         listeners: Vec::new(),
         tool_request: None,
         template: None,
+        cgroups: None,
     }
 }
 
@@ -443,6 +444,7 @@ fn start_instance(
             started_unix: crate::instances::unix_now(),
             client: Some(req.client),
             template: false,
+            cgroups: Vec::new(),
         })
         .map_err(|e| tracing::warn!("instance not listed by `warmstart ps`: {e:#}"))
         .ok();

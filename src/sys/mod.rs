@@ -1,5 +1,6 @@
 //! Thin kernel wrappers that no crate provides.
 
+pub mod cgroup;
 pub mod maps;
 pub mod pidfd;
 pub mod ptrace;
