@@ -10,6 +10,7 @@ pub mod freeze;
 pub mod hashes;
 pub mod inject;
 pub mod memory;
+pub mod namespaces;
 pub mod process;
 pub mod seccomp;
 pub mod shared_files;
@@ -221,6 +222,9 @@ fn collect_and_store(
     if opts.private_tmp {
         private.push("/tmp".to_owned());
     }
+    let t = Instant::now();
+    let namespaces = namespaces::collect(&tree.order, &private, &mut writer)?;
+    phases.add("namespaces", t.elapsed());
     let hashing = hashes::start(tree.order.clone(), private.clone());
     for &pid in &tree.order {
         if process::pid_ns_depth(pid) != depth {
@@ -288,6 +292,7 @@ fn collect_and_store(
         private_tmp,
         tool: opts.tool.clone(),
         unix_queues: shared.unix_queues,
+        namespaces,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;
