@@ -283,6 +283,7 @@ pub fn record(
             stdio: Some(child_stdio),
             clocks: None,
             owner: None,
+            namespaces: 0,
         },
         || {
             if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {

@@ -177,6 +177,8 @@ pub struct NetRoute {
     pub scope: u8,
     /// `RTN_*`.
     pub kind: u8,
+    /// Through `lo` (`RTA_OIF`); else a route with no device (unreachable, blackhole).
+    pub dev_lo: bool,
     /// Empty for a default route.
     pub dst: Vec<u8>,
     pub gateway: Option<Vec<u8>>,

@@ -337,6 +337,7 @@ fn collect_net(root: i32) -> Result<NetNs> {
             protocol: r.protocol,
             scope: r.scope,
             kind: r.kind,
+            dev_lo: r.oif.is_some(),
             dst: r.dst,
             gateway: r.gateway,
             prefsrc: r.prefsrc,

@@ -133,7 +133,7 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Attaches segment `id` of `size` bytes, read-only or writable.
+    /// Attaches segment `id` of `size` bytes (its whole pages), read-only or writable.
     pub fn new(id: i32, size: u64, writable: bool) -> Result<Attached> {
         let flags = if writable { 0 } else { libc::SHM_RDONLY };
         // SAFETY: a null address lets the kernel choose a free place; the mapping is
@@ -144,7 +144,7 @@ impl Attached {
         }
         Ok(Attached {
             addr,
-            len: size as usize,
+            len: (size as usize).div_ceil(4096) * 4096,
         })
     }
 
@@ -152,7 +152,7 @@ impl Attached {
     /// zeros without being allocated, so dumping a sparse segment does not fill it.
     pub fn file(&self) -> Result<OwnedFd> {
         let start = self.addr as usize;
-        let end = start + self.len.div_ceil(4096) * 4096;
+        let end = start + self.len;
         let path = format!("/proc/self/map_files/{start:x}-{end:x}");
         Ok(OwnedFd::from(
             std::fs::File::open(&path).with_context(|| format!("opening {path}"))?,
