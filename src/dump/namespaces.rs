@@ -94,6 +94,15 @@ pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -
             );
         }
     }
+    if own("pid")? && innermost_pid(root) == Some(1) {
+        bail!(
+            "process {root} ({}) is the init (pid 1) of a pid namespace of its own: a \
+             restore runs the tree under an init of warmstart's, which holds pid 1, so a \
+             tree whose root is pid 1 cannot be restored yet; dump its children instead \
+             (warmstart dump -t CHILD_PID)",
+            comm(root)
+        );
+    }
     if own("mnt")? {
         check_mounts(order, private)?;
     }
@@ -126,6 +135,18 @@ pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -
         )?);
     }
     Ok(out)
+}
+
+/// The pid of `pid` in its own pid namespace (the last `NSpid` column).
+fn innermost_pid(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// One line of `mountinfo`: (mount point, filesystem type, source).

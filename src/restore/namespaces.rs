@@ -17,7 +17,7 @@
 
 use std::os::fd::BorrowedFd;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use warmstart_snapshots::model::{IpcNs, Namespaces, NetNs, RunContent, UtsNs, PAGE_SIZE};
 use warmstart_snapshots::store::Snapshot;
 
@@ -61,38 +61,6 @@ fn write_sysctl(name: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).with_context(|| format!("writing {value:?} to {path}"))
 }
 
-/// Runs `f` with this thread's effective uid and gid set to `uid`, `gid` (raw
-/// syscalls: glibc's wrappers would change every thread of the process), then switches
-/// back. A System V object's creator is the effective ids of the thread that creates it.
-fn as_creator<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
-    if (uid, gid) == (euid, egid) {
-        return f();
-    }
-    let set = |nr: libc::c_long, id: u32, what: &str| -> Result<()> {
-        // SAFETY: setresuid/setresgid take integers only (-1 leaves an id as it is); as
-        // raw syscalls they change the calling thread's credentials alone.
-        if unsafe { libc::syscall(nr, -1i64, id as i64, -1i64) } != 0 {
-            bail!(
-                "switching this thread's effective {what} to {id}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(())
-    };
-    set(libc::SYS_setresgid, gid, "gid")?;
-    if let Err(e) = set(libc::SYS_setresuid, uid, "uid") {
-        set(libc::SYS_setresgid, egid, "gid")?;
-        return Err(e);
-    }
-    let r = f();
-    // Back to root: the saved uid is still ours, and the permitted capabilities come
-    // back into the effective set with it.
-    set(libc::SYS_setresuid, euid, "uid")?;
-    set(libc::SYS_setresgid, egid, "gid")?;
-    r
-}
-
 fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
     for (name, value) in ipc.sysctls.iter().filter(|(n, _)| !is_next_id(n)) {
         write_sysctl(name, value)?;
@@ -100,7 +68,7 @@ fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
     for seg in &ipc.shm {
         let p = &seg.perm;
         let what = || format!("System V shm segment {} (key {:#x})", p.id, p.key);
-        as_creator(p.cuid, p.cgid, || ipc::create(Kind::Shm, p, seg.size)).with_context(what)?;
+        ipc::create(Kind::Shm, p, seg.size).with_context(what)?;
         if seg.pages.iter().any(|r| matches!(r.content, RunContent::Data { .. })) {
             let mut a = ipc::Attached::new(p.id, seg.size, true).with_context(what)?;
             let mut buf = Vec::new();
@@ -126,16 +94,13 @@ fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
     for set in &ipc.sem {
         let p = &set.perm;
         let what = || format!("System V semaphore set {} (key {:#x})", p.id, p.key);
-        as_creator(p.cuid, p.cgid, || {
-            ipc::create(Kind::Sem, p, set.values.len() as u64)
-        })
-        .with_context(what)?;
+        ipc::create(Kind::Sem, p, set.values.len() as u64).with_context(what)?;
         ipc::sem_set_values(p.id, &set.values).with_context(what)?;
     }
     for q in &ipc.msg {
         let p = &q.perm;
         let what = || format!("System V message queue {} (key {:#x})", p.id, p.key);
-        as_creator(p.cuid, p.cgid, || ipc::create(Kind::Msg, p, 0)).with_context(what)?;
+        ipc::create(Kind::Msg, p, 0).with_context(what)?;
         ipc::set_perm(Kind::Msg, p.id, p, Some(q.qbytes)).with_context(what)?;
         for m in &q.messages {
             ipc::msg_send(p.id, m).with_context(what)?;

@@ -297,33 +297,69 @@ pub fn set_next_id(kind: Kind, id: i32) -> Result<()> {
 }
 
 /// Creates an object of `kind` with exactly `perm.id` and `perm.key` (`size`: bytes of a
-/// segment, semaphores of a set), then gives it `perm`'s owner and mode. The creator
-/// (`cuid`, `cgid`) is whoever calls this.
+/// segment, semaphores of a set), created by `perm.cuid`/`perm.cgid` (see
+/// [`as_creator`]), then gives it `perm`'s owner and mode.
 pub fn create(kind: Kind, perm: &IpcPerm, size: u64) -> Result<i32> {
     set_next_id(kind, perm.id)?;
     let flags = libc::IPC_CREAT | libc::IPC_EXCL | 0o600;
-    // SAFETY: integer arguments only.
-    let got = unsafe {
-        match kind {
-            Kind::Shm => libc::shmget(perm.key, size as usize, flags),
-            Kind::Sem => libc::semget(perm.key, size as i32, flags),
-            Kind::Msg => libc::msgget(perm.key, flags),
-        }
-    };
     let what = format!(
         "System V {} id {} key {:#x}",
         kind.name(),
         perm.id,
         perm.key
     );
-    if got < 0 {
-        return Err(err(format!("creating {what}")));
-    }
+    let got = as_creator(perm.cuid, perm.cgid, || {
+        // SAFETY: integer arguments only.
+        let got = unsafe {
+            match kind {
+                Kind::Shm => libc::shmget(perm.key, size as usize, flags),
+                Kind::Sem => libc::semget(perm.key, size as i32, flags),
+                Kind::Msg => libc::msgget(perm.key, flags),
+            }
+        };
+        if got < 0 {
+            return Err(err(format!("creating {what}")));
+        }
+        Ok(got)
+    })?;
     if got != perm.id {
         bail!("creating {what}: the kernel gave id {got}");
     }
     set_perm(kind, got, perm, None).with_context(|| format!("setting owner and mode of {what}"))?;
     Ok(got)
+}
+
+/// Runs `f` with this thread's effective uid and gid set to `uid`, `gid` (raw
+/// syscalls: glibc's wrappers would change every thread of the process), then switches
+/// back: a System V object's creator is the effective ids of the thread that creates
+/// it. Call it on a thread of its own (see `sys::ns::run_in`).
+pub fn as_creator<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let (euid, egid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if (uid, gid) == (euid, egid) {
+        return f();
+    }
+    let set = |nr: libc::c_long, id: u32, what: &str| -> Result<()> {
+        // SAFETY: setresuid/setresgid take integers only (-1 leaves an id as it is); as
+        // raw syscalls they change the calling thread's credentials alone.
+        if unsafe { libc::syscall(nr, -1i64, id as i64, -1i64) } != 0 {
+            return Err(err(format!("switching this thread's effective {what} to {id}")));
+        }
+        Ok(())
+    };
+    set(libc::SYS_setresgid, gid, "gid")?;
+    if let Err(e) = set(libc::SYS_setresuid, uid, "uid") {
+        set(libc::SYS_setresgid, egid, "gid")?;
+        return Err(e);
+    }
+    let r = f();
+    // Back: the saved uid is still ours, and with uid 0 the permitted capabilities come
+    // back into the effective set.
+    set(libc::SYS_setresuid, euid, "uid")?;
+    set(libc::SYS_setresgid, egid, "gid")?;
+    r
 }
 
 /// `IPC_STAT`, then `IPC_SET` with `perm`'s uid, gid and mode (and for a queue its
@@ -417,8 +453,9 @@ mod tests {
                 id,
                 uid: 1234,
                 gid: 99,
+                cuid: 0,
+                cgid: 0,
                 mode,
-                ..Default::default()
             };
             let shm = create(Kind::Shm, &perm(0x51, 3 * 32768 + 7, 0o640), 3 * 4096)?;
             let mut a = Attached::new(shm, 3 * 4096, true)?;
@@ -441,6 +478,7 @@ mod tests {
 
             let shms = list(Kind::Shm)?;
             assert_eq!(shms.len(), 1);
+            assert_eq!((shms[0].perm.cuid, shms[0].perm.cgid), (0, 0));
             assert_eq!(shms[0].perm.id, 3 * 32768 + 7);
             assert_eq!((shms[0].perm.uid, shms[0].perm.gid), (1234, 99));
             assert_eq!(shms[0].perm.mode & 0o777, 0o640);
@@ -451,6 +489,16 @@ mod tests {
             assert_eq!(&page[5..10], b"hello");
             assert_eq!(sem_values(sem, 3)?, vec![1, 0, 42]);
             assert_eq!(list(Kind::Sem)?[0].perm.id, 65540);
+            let other = IpcPerm {
+                cuid: 1000,
+                cgid: 1001,
+                ..perm(0x52, 40, 0o600)
+            };
+            create(Kind::Shm, &other, 4096)?;
+            let l = list(Kind::Shm)?;
+            let s2 = l.iter().find(|s| s.perm.id == 40).expect("the second segment");
+            assert_eq!((s2.perm.cuid, s2.perm.cgid), (1000, 1001));
+            assert_eq!(nix::unistd::geteuid().as_raw(), 0, "still root afterwards");
             let q = &list(Kind::Msg)?[0];
             assert_eq!((q.perm.key, q.perm.id, q.field("qnum")), (0x77, 12, 2));
             assert_eq!(msg_copy_all(msg, 2, 8192)?, vec![m1.clone(), m2.clone()]);
