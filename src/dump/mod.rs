@@ -223,7 +223,11 @@ fn collect_and_store(
         private.push("/tmp".to_owned());
     }
     let t = Instant::now();
-    let namespaces = namespaces::collect(&tree.order, &private, &mut writer)?;
+    // Zombies have no namespaces left to show.
+    let live: Vec<i32> = (tree.order.iter().copied())
+        .filter(|p| *p == root || tree.frozen.contains_key(p))
+        .collect();
+    let namespaces = namespaces::collect(&live, &private, &mut writer)?;
     phases.add("namespaces", t.elapsed());
     let hashing = hashes::start(tree.order.clone(), private.clone());
     for &pid in &tree.order {

@@ -58,7 +58,8 @@ fn comm(pid: i32) -> String {
 }
 
 /// Refuses what a restore could not recreate and collects the state of the tree's own
-/// uts, ipc and net namespaces. `order`: the tree's pids, root first; `private`: the
+/// uts, ipc and net namespaces. `order`: the tree's pids, root first, zombies left out;
+/// `private`: the
 /// directories the sandbox mounts privately (a private `/tmp` included when the tree has
 /// one).
 pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -> Result<Namespaces> {
