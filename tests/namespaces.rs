@@ -241,3 +241,33 @@ fn pid_namespace_init_is_refused() {
     assert!(out.stderr.contains("pid 1"), "{}", out.describe());
     assert!(alive(init));
 }
+
+/// `record --uts --ipc --net private`: the app starts in namespaces of its own (its
+/// loopback up), and every instance gets its own, holding what the app left there —
+/// its host name, its System V objects, a TCP listener on 127.0.0.1.
+#[test]
+fn record_in_namespaces_of_its_own() {
+    let ws = Ws::new();
+    let bin = fixture("ns_ipc");
+    let host_name = output(&mut Command::new("hostname"));
+    let mut cmd = ws.cmd(&[
+        "record", "--uts", "--ipc", "--net", "private", "--name", "nsrec", "--",
+        bin.to_str().unwrap(),
+    ]);
+    cmd.env("NS_IPC_LISTEN", "1");
+    let out = common::run_with(&mut cmd, b"", TIMEOUT);
+    out.assert_ok();
+    let manifest = ws.inspect_json("nsrec");
+    assert!(manifest.to_string().contains("ns-fixture"), "{manifest}");
+    for mode in [&["run"][..], &["run", "--eager"]] {
+        let mut args = mode.to_vec();
+        args.push("nsrec");
+        let out = ws.run(&args, "check\ncheck\n");
+        assert_eq!(out.stdout, "PASS\nPASS\n", "{}", out.describe());
+    }
+    // The app's sethostname stayed in its namespace.
+    assert_eq!(output(&mut Command::new("hostname")), host_name);
+    let out = ws.run(&["record", "--net", "bridge", "--", "true"], "");
+    out.assert_fail();
+    assert!(out.stderr.contains("--net bridge"), "{}", out.describe());
+}

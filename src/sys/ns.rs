@@ -77,6 +77,53 @@ pub fn run_unshared<T: Send>(flags: i32, f: impl FnOnce() -> Result<T> + Send) -
     })
 }
 
+/// The calling thread in another network namespace until dropped (then back in the one
+/// it was in). Sockets it creates meanwhile (`sock_diag` queries) belong to that
+/// namespace; sockets it had keep theirs.
+pub struct NetnsGuard {
+    back: OwnedFd,
+}
+
+impl NetnsGuard {
+    /// Moves the calling thread into the network namespace of process `pid`.
+    pub fn enter(pid: i32) -> Result<NetnsGuard> {
+        Self::enter_file(&format!("/proc/{pid}/ns/net"))
+    }
+
+    /// Moves the calling thread into the network namespace `path` names.
+    pub fn enter_file(path: &str) -> Result<NetnsGuard> {
+        let back = OwnedFd::from(
+            std::fs::File::open(format!("/proc/self/task/{}/ns/net", nix::unistd::gettid()))
+                .context("opening our network namespace")?,
+        );
+        let target = OwnedFd::from(
+            std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
+        );
+        // SAFETY: setns takes an fd we hold open for the call and an integer; the network
+        // namespace is per thread, and the guard puts this thread back.
+        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow!(
+                "entering the network namespace {path}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(NetnsGuard { back })
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`: back into the namespace this thread came from.
+        if unsafe { libc::setns(self.back.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            // A thread left in another namespace would talk to the wrong network.
+            panic!(
+                "returning to our network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// A pidfd of `pid` (`pidfd_open`).
 pub fn pidfd(pid: i32) -> Result<OwnedFd> {
     // SAFETY: integer arguments only; the fd returned is owned right below.
@@ -142,5 +189,33 @@ mod tests {
         assert_eq!(name, ("ns-test".to_owned(), "dom".to_owned()));
         assert_ne!(uts_names().unwrap().0, "ns-test");
         assert_eq!(id("self", "uts").unwrap(), ours);
+    }
+
+    #[test]
+    fn netns_guard_goes_back() {
+        // A thread holds a new network namespace until told to end.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            run_unshared(libc::CLONE_NEWNET, || {
+                tx.send(nix::unistd::gettid().as_raw()).unwrap();
+                let _ = done_rx.recv();
+                Ok(())
+            })
+        });
+        let tid = rx.recv().unwrap();
+        let me = format!("self/task/{}", nix::unistd::gettid());
+        let theirs = id(&format!("self/task/{tid}"), "net").unwrap();
+        let before = id(&me, "net").unwrap();
+        let inside = {
+            let _g = NetnsGuard::enter_file(&format!("/proc/self/task/{tid}/ns/net")).unwrap();
+            id(&me, "net").unwrap()
+        };
+        let after = id(&me, "net").unwrap();
+        done_tx.send(()).unwrap();
+        holder.join().unwrap().unwrap();
+        assert_eq!(inside, theirs);
+        assert_ne!(before, inside);
+        assert_eq!(before, after);
     }
 }

@@ -380,6 +380,19 @@ impl Rtnl {
     }
 }
 
+/// Brings up the loopback interface of this thread's network namespace (the kernel adds
+/// 127.0.0.1/8 and ::1/128 to it).
+pub fn loopback_up() -> Result<()> {
+    let mut nl = Rtnl::open()?;
+    let lo = nl
+        .links()?
+        .into_iter()
+        .find(|l| l.name == "lo")
+        .ok_or_else(|| anyhow!("the network namespace has no loopback interface"))?;
+    nl.set_link(lo.index, true, None)
+        .map_err(|e| fail("bringing lo up", e))
+}
+
 /// The error of a netlink request, naming it.
 pub fn fail(what: impl std::fmt::Display, e: std::io::Error) -> anyhow::Error {
     anyhow!("{what}: {e}")
