@@ -754,7 +754,10 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     );
     let ns = &m.namespaces;
     if let Some(u) = &ns.uts {
-        println!("  uts namespace: host name {:?}, domain name {:?}", u.hostname, u.domainname);
+        println!(
+            "  uts namespace: host name {:?}, domain name {:?}",
+            u.hostname, u.domainname
+        );
     }
     if let Some(i) = &ns.ipc {
         println!(

@@ -34,10 +34,14 @@ fn nsenter(pid: i32, flags: &[&str], argv: &[&str]) -> String {
 fn sysvipc(pid: i32, file: &str) -> Vec<String> {
     let text = nsenter(pid, &["-i"], &["cat", &format!("/proc/sysvipc/{file}")]);
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     const DROP: [&str; 11] = [
-        "cpid", "lpid", "lspid", "lrpid", "atime", "dtime", "ctime", "stime", "rtime",
-        "otime", "rss",
+        "cpid", "lpid", "lspid", "lrpid", "atime", "dtime", "ctime", "stime", "rtime", "otime",
+        "rss",
     ];
     let mut rows: Vec<String> = lines
         .map(|l| {
@@ -58,7 +62,10 @@ fn sysvipc(pid: i32, file: &str) -> Vec<String> {
 fn ns_state(pid: i32) -> Vec<String> {
     let mut s = vec![
         format!("hostname {}", nsenter(pid, &["-u"], &["hostname"]).trim()),
-        format!("domainname {}", nsenter(pid, &["-u"], &["domainname"]).trim()),
+        format!(
+            "domainname {}",
+            nsenter(pid, &["-u"], &["domainname"]).trim()
+        ),
     ];
     for f in ["shm", "sem", "msg"] {
         s.extend(sysvipc(pid, f).into_iter().map(|r| format!("{f}: {r}")));
@@ -72,7 +79,11 @@ fn ns_state(pid: i32) -> Vec<String> {
     let links = nsenter(pid, &["-n"], &["ip", "-o", "link", "show"]);
     s.extend(links.lines().map(|l| format!("link: {l}")));
     for family in ["-4", "-6"] {
-        let routes = nsenter(pid, &["-n"], &["ip", family, "route", "show", "table", "all"]);
+        let routes = nsenter(
+            pid,
+            &["-n"],
+            &["ip", family, "route", "show", "table", "all"],
+        );
         let mut r: Vec<String> = routes.lines().map(|l| format!("route: {l}")).collect();
         r.sort();
         s.extend(r);
@@ -104,7 +115,14 @@ fn unshared(flags: &[&str], argv: &[&str]) -> (Proc, i32) {
     (p, *worker.first().unwrap_or(&init[0]))
 }
 
-const ALL_NS: [&str; 6] = ["--net", "--uts", "--ipc", "--pid", "--mount-proc", "--propagation=private"];
+const ALL_NS: [&str; 6] = [
+    "--net",
+    "--uts",
+    "--ipc",
+    "--pid",
+    "--mount-proc",
+    "--propagation=private",
+];
 
 /// `restore -D DIR -d`: the instance's pid (guarded), with our pipes as its stdio.
 fn restore_detached(ws: &Ws, dir: &std::path::Path, guard: &mut KillGuard) -> (Proc, i32) {
@@ -138,14 +156,32 @@ fn unshared_tree_round_trips_with_its_namespaces() {
     orig.send("check");
     assert_eq!(orig.read_line(), "PASS");
     let before = ns_state(worker);
-    assert!(before.iter().any(|l| l.contains("key=20823")), "{before:#?}"); // 0x5157
-    assert!(before.iter().any(|l| l.contains("10.77.0.0/16")), "{before:#?}");
+    assert!(
+        before.iter().any(|l| l.contains("key=20823")),
+        "{before:#?}"
+    ); // 0x5157
+    assert!(
+        before.iter().any(|l| l.contains("10.77.0.0/16")),
+        "{before:#?}"
+    );
 
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");
-    ws.run(&["dump", "-t", &worker.to_string(), "-D", dir.to_str().unwrap()], "")
-        .assert_ok();
-    assert!(wait_pid_exit(worker, TIMEOUT), "the dumped worker still runs");
+    ws.run(
+        &[
+            "dump",
+            "-t",
+            &worker.to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    )
+    .assert_ok();
+    assert!(
+        wait_pid_exit(worker, TIMEOUT),
+        "the dumped worker still runs"
+    );
     orig.wait();
 
     // Two instances side by side: each has namespaces of its own, the same ids in both.
@@ -154,8 +190,16 @@ fn unshared_tree_round_trips_with_its_namespaces() {
     let (mut b, pb) = restore_detached(&ws, &dir, &mut guard);
     for kind in ["uts", "ipc", "net", "pid", "mnt"] {
         let host = ns_id("self", kind);
-        assert_ne!(ns_id(&pa.to_string(), kind), host, "{kind} of the instance is the host's");
-        assert_ne!(ns_id(&pa.to_string(), kind), ns_id(&pb.to_string(), kind), "{kind} shared");
+        assert_ne!(
+            ns_id(&pa.to_string(), kind),
+            host,
+            "{kind} of the instance is the host's"
+        );
+        assert_ne!(
+            ns_id(&pa.to_string(), kind),
+            ns_id(&pb.to_string(), kind),
+            "{kind} shared"
+        );
     }
     assert_eq!(ns_state(pa), before, "namespaces of the first instance");
     assert_eq!(ns_state(pb), before, "namespaces of the second instance");
@@ -171,7 +215,10 @@ fn unshared_tree_round_trips_with_its_namespaces() {
     a.send("check");
     assert!(a.read_line().starts_with("FAIL: host name is broken"));
     b.close_stdin();
-    assert!(wait_pid_exit(pb, TIMEOUT), "the instance did not exit at EOF");
+    assert!(
+        wait_pid_exit(pb, TIMEOUT),
+        "the instance did not exit at EOF"
+    );
     drop(guard);
     assert!(!alive(pa), "the instance survived its guard");
 }
@@ -186,14 +233,28 @@ fn refused(flags: &[&str], setup: &str, needle: &str) {
     let (mut p, target) = unshared(flags, &["sh", "-c", &script]);
     let dir = tempdir("ws-images-");
     let out = ws.run(
-        &["dump", "-t", &target.to_string(), "-D", dir.path().join("img").to_str().unwrap()],
+        &[
+            "dump",
+            "-t",
+            &target.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
         "",
     );
     out.assert_fail();
-    assert!(out.stderr.contains(needle), "expected {needle:?}: {}", out.describe());
+    assert!(
+        out.stderr.contains(needle),
+        "expected {needle:?}: {}",
+        out.describe()
+    );
     assert!(alive(target), "a refused dump killed the process");
     p.send("a");
-    assert_eq!(p.read_line(), "1 a", "the process does not run on after a refused dump");
+    assert_eq!(
+        p.read_line(),
+        "1 a",
+        "the process does not run on after a refused dump"
+    );
 }
 
 #[test]
@@ -207,7 +268,11 @@ fn other_network_interfaces_are_refused_by_name() {
 
 #[test]
 fn user_namespace_is_refused() {
-    refused(&["--user", "--map-root-user", "--pid"], "true", "user namespace of its own");
+    refused(
+        &["--user", "--map-root-user", "--pid"],
+        "true",
+        "user namespace of its own",
+    );
 }
 
 #[test]
@@ -234,7 +299,13 @@ fn pid_namespace_init_is_refused() {
     let init = children(p.pid())[0];
     let dir = tempdir("ws-images-");
     let out = ws.run(
-        &["dump", "-t", &init.to_string(), "-D", dir.path().join("img").to_str().unwrap()],
+        &[
+            "dump",
+            "-t",
+            &init.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
         "",
     );
     out.assert_fail();
@@ -251,7 +322,14 @@ fn record_in_namespaces_of_its_own() {
     let bin = fixture("ns_ipc");
     let host_name = output(&mut Command::new("hostname"));
     let mut cmd = ws.cmd(&[
-        "record", "--uts", "--ipc", "--net", "private", "--name", "nsrec", "--",
+        "record",
+        "--uts",
+        "--ipc",
+        "--net",
+        "private",
+        "--name",
+        "nsrec",
+        "--",
         bin.to_str().unwrap(),
     ]);
     cmd.env("NS_IPC_LISTEN", "1");

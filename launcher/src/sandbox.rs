@@ -137,13 +137,13 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     let args = CloneArgs {
         flags: opts.namespaces & NAMESPACES
             | (libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_PIDFD
-            | if opts.owner.is_some() {
-                libc::CLONE_PARENT
-            } else {
-                0
-            }) as u64,
+                | libc::CLONE_NEWNS
+                | libc::CLONE_PIDFD
+                | if opts.owner.is_some() {
+                    libc::CLONE_PARENT
+                } else {
+                    0
+                }) as u64,
         pidfd: &mut init_pidfd as *mut libc::c_int as u64,
         // With CLONE_PARENT the kernel takes the caller's own exit signal (and refuses
         // another).

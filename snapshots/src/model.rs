@@ -70,9 +70,19 @@ pub struct Namespaces {
 impl Namespaces {
     /// `CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET` for those the tree had of its own.
     pub fn clone_flags(&self) -> u64 {
-        (if self.uts.is_some() { libc::CLONE_NEWUTS as u64 } else { 0 })
-            | (if self.ipc.is_some() { libc::CLONE_NEWIPC as u64 } else { 0 })
-            | (if self.net.is_some() { libc::CLONE_NEWNET as u64 } else { 0 })
+        (if self.uts.is_some() {
+            libc::CLONE_NEWUTS as u64
+        } else {
+            0
+        }) | (if self.ipc.is_some() {
+            libc::CLONE_NEWIPC as u64
+        } else {
+            0
+        }) | (if self.net.is_some() {
+            libc::CLONE_NEWNET as u64
+        } else {
+            0
+        })
     }
 
     pub fn any(&self) -> bool {

@@ -25,8 +25,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{
-    IpcNs, MsgQueue, Namespaces, NetAddr, NetNs, NetRoute, SemSet, ShmSegment, UtsNs,
-    PAGE_SIZE,
+    IpcNs, MsgQueue, Namespaces, NetAddr, NetNs, NetRoute, SemSet, ShmSegment, UtsNs, PAGE_SIZE,
 };
 use warmstart_snapshots::PageWriter;
 
@@ -62,7 +61,11 @@ fn comm(pid: i32) -> String {
 /// `private`: the
 /// directories the sandbox mounts privately (a private `/tmp` included when the tree has
 /// one).
-pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -> Result<Namespaces> {
+pub fn collect(
+    order: &[i32],
+    private: &[String],
+    writer: &mut PageWriter<'_>,
+) -> Result<Namespaces> {
     let root = order[0];
     let id = |pid: i32, kind: &str| {
         ns::id(&pid.to_string(), kind)
@@ -83,7 +86,8 @@ pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -
         }
     }
     let own = |kind: &str| -> Result<bool> {
-        Ok(id(root, kind)? != ns::id("self", kind).with_context(|| format!("reading our {kind} namespace"))?)
+        Ok(id(root, kind)?
+            != ns::id("self", kind).with_context(|| format!("reading our {kind} namespace"))?)
     };
     for (kind, what) in [("user", "user"), ("cgroup", "cgroup")] {
         if own(kind)? {
@@ -110,8 +114,12 @@ pub fn collect(order: &[i32], private: &[String], writer: &mut PageWriter<'_>) -
     let mut out = Namespaces::default();
     if own("uts")? {
         let fd = ns::open(root, "uts")?;
-        let (hostname, domainname) =
-            ns::run_in(fd.as_fd(), libc::CLONE_NEWUTS, "the tree's uts namespace", ns::uts_names)?;
+        let (hostname, domainname) = ns::run_in(
+            fd.as_fd(),
+            libc::CLONE_NEWUTS,
+            "the tree's uts namespace",
+            ns::uts_names,
+        )?;
         out.uts = Some(UtsNs {
             hostname,
             domainname,
@@ -157,11 +165,7 @@ fn mounts(text: &str) -> Vec<(String, String, String)> {
             let (left, right) = l.split_once(" - ")?;
             let point = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
-            Some((
-                unescape(point),
-                r.next()?.to_owned(),
-                r.next()?.to_owned(),
-            ))
+            Some((unescape(point), r.next()?.to_owned(), r.next()?.to_owned()))
         })
         .collect()
 }
@@ -172,7 +176,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -186,9 +193,9 @@ fn unescape(s: &str) -> String {
 
 /// Mount points a restore's sandbox makes itself: these may differ from the host's.
 fn recreated(point: &str, private: &[String]) -> bool {
-    let under = |dir: &str| point == dir || point.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
-    ["/proc", "/dev/pts"].iter().any(|d| under(d))
-        || private.iter().any(|d| under(d))
+    let under =
+        |dir: &str| point == dir || point.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
+    ["/proc", "/dev/pts"].iter().any(|d| under(d)) || private.iter().any(|d| under(d))
 }
 
 /// The mounts the tree sees that the host does not have (besides what a restore mounts
@@ -200,18 +207,24 @@ fn check_mounts(order: &[i32], private: &[String]) -> Result<()> {
     let mnt = ns::id(&root.to_string(), "mnt")?;
     let parent = std::fs::read_to_string(format!("/proc/{root}/stat"))
         .ok()
-        .and_then(|s| s[s.rfind(')')? + 2..].split_whitespace().nth(1)?.parse::<i32>().ok());
-    let viewer = order
-        .iter()
-        .copied()
-        .chain(parent)
-        .find(|&p| {
-            ns::id(&p.to_string(), "mnt").ok() == Some(mnt)
-                && std::fs::read_link(format!("/proc/{p}/root")).ok().as_deref()
-                    == Some(std::path::Path::new("/"))
+        .and_then(|s| {
+            s[s.rfind(')')? + 2..]
+                .split_whitespace()
+                .nth(1)?
+                .parse::<i32>()
+                .ok()
         });
+    let viewer = order.iter().copied().chain(parent).find(|&p| {
+        ns::id(&p.to_string(), "mnt").ok() == Some(mnt)
+            && std::fs::read_link(format!("/proc/{p}/root"))
+                .ok()
+                .as_deref()
+                == Some(std::path::Path::new("/"))
+    });
     let Some(viewer) = viewer else {
-        tracing::debug!("no process of the tree's mount namespace has / as its root: mounts not compared");
+        tracing::debug!(
+            "no process of the tree's mount namespace has / as its root: mounts not compared"
+        );
         return Ok(());
     };
     let theirs = std::fs::read_to_string(format!("/proc/{viewer}/mountinfo"))
@@ -322,7 +335,11 @@ fn collect_net(root: i32) -> Result<NetNs> {
     let mut nl = Rtnl::open()?;
     let links = nl.links()?;
     if let Some(other) = links.iter().find(|l| l.name != "lo") {
-        let kind = if other.kind.is_empty() { "device" } else { &other.kind };
+        let kind = if other.kind.is_empty() {
+            "device"
+        } else {
+            &other.kind
+        };
         bail!(
             "process {root} ({}) runs in a network namespace of its own with interface \
              {} ({kind}): only the loopback interface of a network namespace is restored; \
@@ -392,7 +409,10 @@ mod tests {
         assert!(recreated("/proc", &[]));
         assert!(recreated("/proc/sys/fs/binfmt_misc", &[]));
         assert!(!recreated("/process", &[]));
-        assert!(recreated("/tmp/hsperfdata_x", &["/tmp/hsperfdata_x".into()]));
+        assert!(recreated(
+            "/tmp/hsperfdata_x",
+            &["/tmp/hsperfdata_x".into()]
+        ));
         assert!(!recreated("/tmp", &[]));
         assert!(!recreated("/mnt", &[]));
     }

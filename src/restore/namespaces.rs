@@ -28,21 +28,30 @@ use crate::sys::rtnl::{self, Addr, Route, Rtnl};
 /// Fills the namespaces of sandbox init `init_pidfd` with `nss`.
 pub fn fill(init_pidfd: BorrowedFd<'_>, nss: &Namespaces, snap: &Snapshot) -> Result<()> {
     if let Some(uts) = &nss.uts {
-        ns::run_in(init_pidfd, libc::CLONE_NEWUTS, "the new uts namespace", || {
-            fill_uts(uts)
-        })
+        ns::run_in(
+            init_pidfd,
+            libc::CLONE_NEWUTS,
+            "the new uts namespace",
+            || fill_uts(uts),
+        )
         .context("restoring the uts namespace")?;
     }
     if let Some(ipc) = &nss.ipc {
-        ns::run_in(init_pidfd, libc::CLONE_NEWIPC, "the new ipc namespace", || {
-            fill_ipc(ipc, snap)
-        })
+        ns::run_in(
+            init_pidfd,
+            libc::CLONE_NEWIPC,
+            "the new ipc namespace",
+            || fill_ipc(ipc, snap),
+        )
         .context("restoring the ipc namespace (System V IPC)")?;
     }
     if let Some(net) = &nss.net {
-        ns::run_in(init_pidfd, libc::CLONE_NEWNET, "the new network namespace", || {
-            fill_net(net)
-        })
+        ns::run_in(
+            init_pidfd,
+            libc::CLONE_NEWNET,
+            "the new network namespace",
+            || fill_net(net),
+        )
         .context("restoring the network namespace")?;
     }
     Ok(())
@@ -69,7 +78,11 @@ fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
         let p = &seg.perm;
         let what = || format!("System V shm segment {} (key {:#x})", p.id, p.key);
         ipc::create(Kind::Shm, p, seg.size).with_context(what)?;
-        if seg.pages.iter().any(|r| matches!(r.content, RunContent::Data { .. })) {
+        if seg
+            .pages
+            .iter()
+            .any(|r| matches!(r.content, RunContent::Data { .. }))
+        {
             let mut a = ipc::Attached::new(p.id, seg.size, true).with_context(what)?;
             let mut buf = Vec::new();
             for run in &seg.pages {
@@ -130,12 +143,23 @@ fn fill_net(net: &NetNs) -> Result<()> {
         addr: a.addr.clone(),
     };
     let show = |a: &[u8], len: u8| match a.len() {
-        4 => format!("{}/{len}", std::net::Ipv4Addr::from(<[u8; 4]>::try_from(a).unwrap())),
-        16 => format!("{}/{len}", std::net::Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap())),
+        4 => format!(
+            "{}/{len}",
+            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(a).unwrap())
+        ),
+        16 => format!(
+            "{}/{len}",
+            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap())
+        ),
         _ => format!("{a:?}/{len}"),
     };
     nl.set_link(lo.index, net.lo_up, Some(net.lo_mtu))
-        .map_err(|e| rtnl::fail(format!("setting lo {}", if net.lo_up { "up" } else { "down" }), e))?;
+        .map_err(|e| {
+            rtnl::fail(
+                format!("setting lo {}", if net.lo_up { "up" } else { "down" }),
+                e,
+            )
+        })?;
     for a in &net.addrs {
         match nl.add_addr(&addr(a)) {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
@@ -150,9 +174,10 @@ fn fill_net(net: &NetNs) -> Result<()> {
     // The kernel adds 127.0.0.1/8 and ::1/128 when lo comes up: the app may have had
     // them removed.
     for a in nl.addrs()?.into_iter().filter(|a| a.index == lo.index) {
-        let wanted = net.addrs.iter().any(|w| {
-            (w.family, w.prefix_len, &w.addr) == (a.family, a.prefix_len, &a.addr)
-        });
+        let wanted = net
+            .addrs
+            .iter()
+            .any(|w| (w.family, w.prefix_len, &w.addr) == (a.family, a.prefix_len, &a.addr));
         if !wanted {
             nl.del_addr(&a).map_err(|e| {
                 rtnl::fail(
@@ -181,7 +206,11 @@ fn fill_net(net: &NetNs) -> Result<()> {
                 return Err(rtnl::fail(
                     format!(
                         "adding the route to {} (table {}) through lo",
-                        if r.dst.is_empty() { "default".to_owned() } else { show(&r.dst, r.dst_len) },
+                        if r.dst.is_empty() {
+                            "default".to_owned()
+                        } else {
+                            show(&r.dst, r.dst_len)
+                        },
                         r.table
                     ),
                     e,

@@ -84,7 +84,14 @@ fn parse_list(text: &str, kind: Kind) -> Result<Vec<Listed>> {
         .context("no header line")?
         .split_whitespace()
         .collect();
-    let id_col = format!("{}id", if kind == Kind::Msg { "msq" } else { kind.name() });
+    let id_col = format!(
+        "{}id",
+        if kind == Kind::Msg {
+            "msq"
+        } else {
+            kind.name()
+        }
+    );
     let mut out = Vec::new();
     for line in lines.filter(|l| !l.trim().is_empty()) {
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -165,11 +172,7 @@ impl Attached {
         // SAFETY: the segment is attached writable for `len` bytes at `addr` (checked
         // above) and `data` is a separate live buffer.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                (self.addr as *mut u8).add(at),
-                data.len(),
-            )
+            std::ptr::copy_nonoverlapping(data.as_ptr(), (self.addr as *mut u8).add(at), data.len())
         };
     }
 }
@@ -215,7 +218,9 @@ pub fn sem_values(id: i32, nsems: usize) -> Result<Vec<u16>> {
     // which `v` holds.
     let r = unsafe { libc::syscall(libc::SYS_semctl, id, 0, libc::GETALL, v.as_mut_ptr()) };
     if r < 0 {
-        return Err(err(format!("semctl(GETALL) of System V semaphore set {id}")));
+        return Err(err(format!(
+            "semctl(GETALL) of System V semaphore set {id}"
+        )));
     }
     Ok(v)
 }
@@ -226,7 +231,9 @@ pub fn sem_set_values(id: i32, values: &[u16]) -> Result<()> {
     // was created with that many) from the array passed as the semun pointer.
     let r = unsafe { libc::syscall(libc::SYS_semctl, id, 0, libc::SETALL, values.as_ptr()) };
     if r < 0 {
-        return Err(err(format!("semctl(SETALL) of System V semaphore set {id}")));
+        return Err(err(format!(
+            "semctl(SETALL) of System V semaphore set {id}"
+        )));
     }
     Ok(())
 }
@@ -254,7 +261,7 @@ pub fn msg_copy_all(id: i32, count: usize, max: usize) -> Result<Vec<IpcMessage>
                 "copying message {i} of System V message queue {id} (msgrcv MSG_COPY)"
             )));
         }
-        let bytes: &[u8] = bytemuck_bytes(&buf);
+        let bytes: &[u8] = bytes_of(&buf);
         out.push(IpcMessage {
             mtype: buf[0] as i64,
             data: bytes[8..8 + n as usize].to_vec(),
@@ -263,7 +270,13 @@ pub fn msg_copy_all(id: i32, count: usize, max: usize) -> Result<Vec<IpcMessage>
     Ok(out)
 }
 
-fn bytemuck_bytes(words: &[u64]) -> &[u8] {
+fn bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: any bytes are valid u64 bits and the reverse; the slice covers exactly the
+    // words' memory and borrows them mutably for its lifetime.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 8) }
+}
+
+fn bytes_of(words: &[u64]) -> &[u8] {
     // SAFETY: any initialised u64s are valid bytes; the slice covers exactly their
     // memory and borrows `words` for its lifetime.
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 8) }
@@ -345,7 +358,9 @@ pub fn as_creator<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Resul
         // SAFETY: setresuid/setresgid take integers only (-1 leaves an id as it is); as
         // raw syscalls they change the calling thread's credentials alone.
         if unsafe { libc::syscall(nr, -1i64, id as i64, -1i64) } != 0 {
-            return Err(err(format!("switching this thread's effective {what} to {id}")));
+            return Err(err(format!(
+                "switching this thread's effective {what} to {id}"
+            )));
         }
         Ok(())
     };
@@ -368,9 +383,7 @@ pub fn set_perm(kind: Kind, id: i32, perm: &IpcPerm, qbytes: Option<u64>) -> Res
     let mut ds = [0u64; DS_WORDS];
     ctl(kind, id, libc::IPC_STAT, &mut ds)?;
     {
-        // SAFETY: `ds` is DS_WORDS live u64s; viewed as bytes for the field patches.
-        let bytes: &mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(ds.as_mut_ptr().cast(), DS_WORDS * 8) };
+        let bytes = bytes_mut(&mut ds);
         bytes[PERM_UID..PERM_UID + 4].copy_from_slice(&perm.uid.to_ne_bytes());
         bytes[PERM_GID..PERM_GID + 4].copy_from_slice(&perm.gid.to_ne_bytes());
         bytes[PERM_MODE..PERM_MODE + 4].copy_from_slice(&(perm.mode & 0o777).to_ne_bytes());
@@ -439,7 +452,10 @@ mod tests {
         let msg = "       key      msqid perms      cbytes       qnum lspid lrpid   uid   gid  cuid  cgid      stime      rtime      ctime\n\
                    \x20       -1          5   600          10          2     0     0     0     0     0     0          0          0 1\n";
         let l = parse_list(msg, Kind::Msg).unwrap();
-        assert_eq!((l[0].perm.key, l[0].perm.id, l[0].field("qnum")), (-1, 5, 2));
+        assert_eq!(
+            (l[0].perm.key, l[0].perm.id, l[0].field("qnum")),
+            (-1, 5, 2)
+        );
         assert!(parse_list("", Kind::Sem).is_err());
     }
 
@@ -496,7 +512,10 @@ mod tests {
             };
             create(Kind::Shm, &other, 4096)?;
             let l = list(Kind::Shm)?;
-            let s2 = l.iter().find(|s| s.perm.id == 40).expect("the second segment");
+            let s2 = l
+                .iter()
+                .find(|s| s.perm.id == 40)
+                .expect("the second segment");
             assert_eq!((s2.perm.cuid, s2.perm.cgid), (1000, 1001));
             assert_eq!(nix::unistd::geteuid().as_raw(), 0, "still root afterwards");
             let q = &list(Kind::Msg)?[0];

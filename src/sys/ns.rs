@@ -96,9 +96,8 @@ impl NetnsGuard {
             std::fs::File::open(format!("/proc/self/task/{}/ns/net", nix::unistd::gettid()))
                 .context("opening our network namespace")?,
         );
-        let target = OwnedFd::from(
-            std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
-        );
+        let target =
+            OwnedFd::from(std::fs::File::open(path).with_context(|| format!("opening {path}"))?);
         // SAFETY: setns takes an fd we hold open for the call and an integer; the network
         // namespace is per thread, and the guard puts this thread back.
         if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -147,7 +146,11 @@ pub fn uts_names() -> Result<(String, String)> {
         return Err(anyhow!("uname: {}", std::io::Error::last_os_error()));
     }
     let s = |a: &[libc::c_char]| {
-        let bytes: Vec<u8> = a.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = a
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     };
     Ok((s(&u.nodename), s(&u.domainname)))
@@ -197,7 +200,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let holder = std::thread::spawn(move || {
-            run_unshared(libc::CLONE_NEWNET, || {
+            run_unshared(libc::CLONE_NEWNET, move || {
                 tx.send(nix::unistd::gettid().as_raw()).unwrap();
                 let _ = done_rx.recv();
                 Ok(())

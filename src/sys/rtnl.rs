@@ -128,10 +128,7 @@ impl Rtnl {
             )
         };
         if fd < 0 {
-            bail!(
-                "socket(NETLINK_ROUTE): {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("socket(NETLINK_ROUTE): {}", std::io::Error::last_os_error());
         }
         Ok(Rtnl {
             // SAFETY: `socket` succeeded: a new descriptor owned by nothing else.
@@ -161,12 +158,14 @@ impl Rtnl {
     fn answers(&mut self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> Result<()> {
         let mut buf = vec![0u8; 64 << 10];
         loop {
+            let (fd, len) = (self.fd.as_raw_fd(), buf.len());
             // SAFETY: the pointer and length describe `buf`, a live writable buffer.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), len, 0) };
             if n < 0 {
-                bail!("reading from rtnetlink: {}", std::io::Error::last_os_error());
+                bail!(
+                    "reading from rtnetlink: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             let mut msgs = &buf[..n as usize];
             while msgs.len() >= NLMSG_HDR {
@@ -206,10 +205,11 @@ impl Rtnl {
         let seq = self
             .send(ty, flags | libc::NLM_F_ACK, body)
             .map_err(std::io::Error::other)?;
-        self.answers(seq, |_, _| {}).map_err(|e| match e.downcast::<std::io::Error>() {
-            Ok(io) => io,
-            Err(e) => std::io::Error::other(e),
-        })
+        self.answers(seq, |_, _| {})
+            .map_err(|e| match e.downcast::<std::io::Error>() {
+                Ok(io) => io,
+                Err(e) => std::io::Error::other(e),
+            })
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {
@@ -332,11 +332,7 @@ impl Rtnl {
     pub fn add_addr(&mut self, a: &Addr) -> std::io::Result<()> {
         let mut body = Self::addr_body(a);
         put_attr(&mut body, IFA_FLAGS, &a.flags.to_ne_bytes());
-        self.request(
-            RTM_NEWADDR,
-            libc::NLM_F_CREATE | libc::NLM_F_EXCL,
-            &body,
-        )
+        self.request(RTM_NEWADDR, libc::NLM_F_CREATE | libc::NLM_F_EXCL, &body)
     }
 
     pub fn del_addr(&mut self, a: &Addr) -> std::io::Result<()> {
@@ -372,11 +368,7 @@ impl Rtnl {
         if let Some(s) = &r.prefsrc {
             put_attr(&mut body, RTA_PREFSRC, s);
         }
-        self.request(
-            RTM_NEWROUTE,
-            libc::NLM_F_CREATE | libc::NLM_F_EXCL,
-            &body,
-        )
+        self.request(RTM_NEWROUTE, libc::NLM_F_CREATE | libc::NLM_F_EXCL, &body)
     }
 }
 
@@ -431,7 +423,9 @@ mod tests {
             assert_eq!(again.raw_os_error(), Some(libc::EEXIST));
             let addrs = nl.addrs()?;
             assert!(addrs.iter().any(|a| a.addr == [127, 0, 0, 1]), "{addrs:?}");
-            assert!(addrs.iter().any(|a| a.addr == [10, 9, 8, 7] && a.prefix_len == 32));
+            assert!(addrs
+                .iter()
+                .any(|a| a.addr == [10, 9, 8, 7] && a.prefix_len == 32));
             nl.add_route(&Route {
                 family: libc::AF_INET as u8,
                 dst_len: 16,
