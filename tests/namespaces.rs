@@ -98,15 +98,20 @@ fn ns_id(pid: &str, kind: &str) -> String {
         .into_owned()
 }
 
-/// `unshare --net --uts --ipc --pid --fork --mount-proc --kill-child ARGV`, and the pid
-/// (ours) of the first process under its pid 1 once it printed "ready".
+/// `unshare FLAGS --fork --kill-child ARGV`, and the pid (ours) of the first process
+/// under its pid 1 once it printed "ready".
 fn unshared(flags: &[&str], argv: &[&str]) -> (Proc, i32) {
+    unshared_env(flags, argv, &[])
+}
+
+fn unshared_env(flags: &[&str], argv: &[&str], env: &[(&str, &str)]) -> (Proc, i32) {
     let p = Proc::spawn(
         Command::new("unshare")
             .args(flags)
             .args(["--fork", "--kill-child"])
             .arg("--")
-            .args(argv),
+            .args(argv)
+            .envs(env.iter().copied()),
     );
     p.wait_stderr("ready");
     let init = children(p.pid());
@@ -281,6 +286,41 @@ fn mounts_of_its_own_are_refused_by_mount_point() {
         &["--mount", "--propagation=private", "--pid"],
         "mount -t tmpfs ws-ns-test /mnt",
         "/mnt is mounted (tmpfs from ws-ns-test)",
+    );
+}
+
+/// A System V segment a process has attached is refused by id and key, the tree left
+/// running.
+#[test]
+fn attached_shm_segment_is_refused() {
+    let ws = Ws::new();
+    let bin = fixture("ns_ipc");
+    let (mut p, worker) =
+        unshared_env(&ALL_NS, &[bin.to_str().unwrap()], &[("NS_IPC_ATTACH", "1")]);
+    let dir = tempdir("ws-images-");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &worker.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr
+            .contains("(key 0x5157) in the ipc namespace of process")
+            && out.stderr.contains("is attached by 1 process(es)"),
+        "{}",
+        out.describe()
+    );
+    p.send("check");
+    assert_eq!(
+        p.read_line(),
+        "PASS",
+        "the tree does not run on after a refused dump"
     );
 }
 

@@ -229,13 +229,13 @@ fn collect_and_store(
         .collect();
     let namespaces = namespaces::collect(&live, &private, &mut writer)?;
     phases.add("namespaces", t.elapsed());
+    let hashing = hashes::start(tree.order.clone(), private.clone());
     // Sockets are looked up with sock_diag in the tree's network namespace (each
-    // namespace has its own).
+    // namespace has its own); the threads started before (hashing) stay in ours.
     let _netns = match namespaces.net {
         Some(_) => Some(crate::sys::ns::NetnsGuard::enter(root)?),
         None => None,
     };
-    let hashing = hashes::start(tree.order.clone(), private.clone());
     for &pid in &tree.order {
         if process::pid_ns_depth(pid) != depth {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
