@@ -245,6 +245,21 @@ pub struct RecordArgs {
     /// snapshot, and every restored instance gets its own copy
     #[arg(long)]
     pub share_tmp: bool,
+    /// Run the app in a uts namespace of its own (its host name starts as the host's;
+    /// what it sets stays its own): every restored instance gets its own, with the host
+    /// name and domain name the app had at the warm point
+    #[arg(long)]
+    pub uts: bool,
+    /// Run the app in an ipc namespace of its own: its System V shared memory,
+    /// semaphores and message queues go into the snapshot and every restored instance
+    /// gets its own copy of them, at the same ids
+    #[arg(long)]
+    pub ipc: bool,
+    /// `private`: run the app in a network namespace of its own with only a loopback
+    /// interface (up, 127.0.0.1 and ::1); every restored instance gets its own, with the
+    /// addresses and routes the app's loopback had. `host` (default): the host's network
+    #[arg(long, value_name = "private|host", default_value = "host")]
+    pub net: String,
     /// Warm the app up before the snapshot. `--ready stdin`: this line is written to the
     /// app's stdin at its first read, and the snapshot is taken at the first read after
     /// the app has consumed all of it (its answers go to our stderr). `--ready listen`:
@@ -774,6 +789,29 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         human(st.stored_bytes),
         st.shared_with_others
     );
+    let ns = &m.namespaces;
+    if let Some(u) = &ns.uts {
+        println!(
+            "  uts namespace: host name {:?}, domain name {:?}",
+            u.hostname, u.domainname
+        );
+    }
+    if let Some(i) = &ns.ipc {
+        println!(
+            "  ipc namespace: {} shm segment(s), {} semaphore set(s), {} message queue(s)",
+            i.shm.len(),
+            i.sem.len(),
+            i.msg.len()
+        );
+    }
+    if let Some(n) = &ns.net {
+        println!(
+            "  net namespace: lo {}, {} address(es), {} route(s)",
+            if n.lo_up { "up" } else { "down" },
+            n.addrs.len(),
+            n.routes.len()
+        );
+    }
     for p in &m.processes {
         if let Some(status) = p.zombie {
             println!(
@@ -1055,6 +1093,17 @@ fn record_cmd(cli: &Cli, a: &RecordArgs) -> Result<i32> {
     with_new_store(&store_dir(cli)?, |store| record_in(store, a, ready))
 }
 
+/// `record --uts --ipc --net private` as `CLONE_NEW*` flags.
+fn record_namespaces(a: &RecordArgs) -> Result<u64> {
+    let net = match a.net.as_str() {
+        "host" => 0,
+        "private" => libc::CLONE_NEWNET,
+        other => bail!("--net {other}: the choices are `private` (a network namespace of the app's own, with a loopback) and `host`"),
+    };
+    let flag = |on: bool, f: i32| if on { f } else { 0 };
+    Ok((net | flag(a.uts, libc::CLONE_NEWUTS) | flag(a.ipc, libc::CLONE_NEWIPC)) as u64)
+}
+
 fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready) -> Result<i32> {
     let (command, tool) = if a.tool {
         if a.ready != "stdin" || !a.prime.is_empty() {
@@ -1095,6 +1144,7 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
             prime,
             prime_http,
             share_tmp: a.share_tmp,
+            namespaces: record_namespaces(a)?,
         },
         |d| {
             if a.display_stats {

@@ -49,6 +49,9 @@ pub struct RecordOptions {
     pub prime_http: Vec<String>,
     /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
     pub share_tmp: bool,
+    /// `CLONE_NEWUTS`, `CLONE_NEWIPC`, `CLONE_NEWNET`: namespaces of the app's own (a
+    /// new network namespace gets its loopback up before the app runs).
+    pub namespaces: u64,
     /// `record --tool`: the tool `command` (its launcher's command line) holds; the files
     /// it loaded are added at the warm point.
     pub tool: Option<warmstart_snapshots::model::ToolInfo>,
@@ -283,6 +286,7 @@ pub fn record(
             stdio: Some(child_stdio),
             clocks: None,
             owner: None,
+            namespaces: opts.namespaces,
         },
         || {
             if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {
@@ -325,6 +329,14 @@ pub fn record(
         },
     )
     .context("starting the sandbox")?;
+    if opts.namespaces & libc::CLONE_NEWNET as u64 != 0 {
+        crate::sys::ns::run_in(
+            sandbox.init_pidfd(),
+            libc::CLONE_NEWNET,
+            "the app's network namespace",
+            crate::sys::rtnl::loopback_up,
+        )?;
+    }
     // A read end of the app's stdin kept to see how much of the priming input is unread.
     let stdin_peek = in_r.try_clone().context("dup of the app's stdin")?;
     drop((in_r, out_w, err_w));

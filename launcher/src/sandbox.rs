@@ -23,6 +23,9 @@ use crate::init::{self, InitArgs};
 use crate::sys::{self, CloneArgs};
 use crate::LaunchError;
 
+/// The namespaces [`SpawnOptions::namespaces`] may add.
+const NAMESPACES: u64 = (libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET) as u64;
+
 /// How long [`spawn`] waits for init's report.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,6 +52,10 @@ pub struct SpawnOptions {
     /// sandbox over with [`Sandbox::into_parts`]. Nothing is logged (the caller is a
     /// fork of a multi-threaded process).
     pub owner: Option<RawFd>,
+    /// More namespaces for init to create, besides its pid and mount namespaces:
+    /// `CLONE_NEWUTS`, `CLONE_NEWIPC`, `CLONE_NEWNET` (a restore of a tree that had
+    /// them of its own fills them in before releasing the gate).
+    pub namespaces: u64,
 }
 
 /// A [`Sandbox`] taken apart to pass between processes.
@@ -128,14 +135,15 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     };
     let mut init_pidfd: libc::c_int = -1;
     let args = CloneArgs {
-        flags: (libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_PIDFD
-            | if opts.owner.is_some() {
-                libc::CLONE_PARENT
-            } else {
-                0
-            }) as u64,
+        flags: opts.namespaces & NAMESPACES
+            | (libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_PIDFD
+                | if opts.owner.is_some() {
+                    libc::CLONE_PARENT
+                } else {
+                    0
+                }) as u64,
         pidfd: &mut init_pidfd as *mut libc::c_int as u64,
         // With CLONE_PARENT the kernel takes the caller's own exit signal (and refuses
         // another).

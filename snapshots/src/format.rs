@@ -20,7 +20,7 @@
 //! whole encoded file (header included), see `store`.
 //!
 //! Version rule ([`check_version`]): a reader accepts the versions from
-//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 9: postcard has no
+//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 10: postcard has no
 //! field tags, so an older layout cannot be read as the new one); an older or newer file
 //! is refused with a message saying which versions this build reads, never half-decoded.
 
@@ -32,9 +32,9 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 9;
+pub const FORMAT_VERSION: u32 = 10;
 /// The oldest version this build reads.
-pub const MIN_FORMAT_VERSION: u32 = 9;
+pub const MIN_FORMAT_VERSION: u32 = 10;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -709,6 +709,13 @@ pub(crate) mod tests {
                         }),
                         unix_queues: Vec::new(),
                         cgroups: None,
+                        namespaces: crate::model::Namespaces {
+                            uts: (page_count % 2 == 1).then(|| crate::model::UtsNs {
+                                hostname: "box".into(),
+                                domainname: "(none)".into(),
+                            }),
+                            ..Default::default()
+                        },
                     }
                 },
             )

@@ -959,5 +959,51 @@ pub fn sample_manifest() -> Manifest {
         }),
         unix_queues: Vec::new(),
         cgroups: None,
+        namespaces: Namespaces {
+            uts: Some(UtsNs {
+                hostname: "box".into(),
+                domainname: "(none)".into(),
+            }),
+            ipc: Some(IpcNs {
+                sysctls: vec![("msgmax".into(), "8192".into())],
+                shm: vec![ShmSegment {
+                    perm: IpcPerm {
+                        key: 0x1234,
+                        id: 32769,
+                        mode: 0o600,
+                        ..Default::default()
+                    },
+                    size: 8192,
+                    pages: vec![PageRun {
+                        page: 0,
+                        count: 1,
+                        content: RunContent::Zero,
+                    }],
+                }],
+                sem: vec![SemSet {
+                    perm: IpcPerm::default(),
+                    values: vec![1, 2, 3],
+                }],
+                msg: vec![MsgQueue {
+                    perm: IpcPerm::default(),
+                    qbytes: 16384,
+                    messages: vec![IpcMessage {
+                        mtype: 1,
+                        data: b"hi".to_vec(),
+                    }],
+                }],
+            }),
+            net: Some(NetNs {
+                lo_up: true,
+                lo_mtu: 65536,
+                addrs: vec![NetAddr {
+                    family: 2,
+                    prefix_len: 8,
+                    addr: vec![127, 0, 0, 1],
+                    ..Default::default()
+                }],
+                routes: Vec::new(),
+            }),
+        },
     }
 }

@@ -56,6 +56,147 @@ pub struct Manifest {
     /// `dump --manage-cgroups`: the tree's cgroups (`None`: not recorded, and a restore
     /// leaves the processes where the restorer is).
     pub cgroups: Option<Cgroups>,
+    /// The uts, ipc and net namespaces the tree had of its own (not the dumper's): a
+    /// restore creates new ones holding this state. `None` for each it shared with the
+    /// host, where a restore leaves it.
+    pub namespaces: Namespaces,
+}
+
+/// Namespaces of the tree's own, with what a restore puts in them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespaces {
+    pub uts: Option<UtsNs>,
+    pub ipc: Option<IpcNs>,
+    pub net: Option<NetNs>,
+}
+
+impl Namespaces {
+    /// `CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET` for those the tree had of its own.
+    pub fn clone_flags(&self) -> u64 {
+        (if self.uts.is_some() {
+            libc::CLONE_NEWUTS as u64
+        } else {
+            0
+        }) | (if self.ipc.is_some() {
+            libc::CLONE_NEWIPC as u64
+        } else {
+            0
+        }) | (if self.net.is_some() {
+            libc::CLONE_NEWNET as u64
+        } else {
+            0
+        })
+    }
+
+    pub fn any(&self) -> bool {
+        self.clone_flags() != 0
+    }
+}
+
+/// A uts namespace: `uname -n` and the NIS domain name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UtsNs {
+    pub hostname: String,
+    pub domainname: String,
+}
+
+/// An ipc namespace: its System V objects (restored at their exact ids) and its limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcNs {
+    /// The namespace's `/proc/sys/kernel` settings (`shmmax`, `msgmnb`, `sem`, ...,
+    /// and `{shm,sem,msg}_next_id` when set), by file name, as read.
+    pub sysctls: Vec<(String, String)>,
+    pub shm: Vec<ShmSegment>,
+    pub sem: Vec<SemSet>,
+    pub msg: Vec<MsgQueue>,
+}
+
+/// What `ipcs` shows of every System V object: key, id, owner, creator and mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPerm {
+    pub key: i32,
+    pub id: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    /// Permission bits (and `SHM_LOCKED` for a segment).
+    pub mode: u32,
+}
+
+/// A System V shared memory segment (not attached by any process: attached ones are
+/// refused at dump). Its contents go through the page table like memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmSegment {
+    pub perm: IpcPerm,
+    pub size: u64,
+    /// Populated pages of the contents, page index from offset 0.
+    pub pages: Vec<PageRun>,
+}
+
+/// A System V semaphore set and the value of each semaphore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemSet {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+}
+
+/// A System V message queue, its limit and its messages in queue order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgQueue {
+    pub perm: IpcPerm,
+    /// `msg_qbytes`: the most bytes the queue holds.
+    pub qbytes: u64,
+    pub messages: Vec<IpcMessage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcMessage {
+    pub mtype: i64,
+    pub data: Vec<u8>,
+}
+
+/// A network namespace with no interface but the loopback (others are refused at dump).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetNs {
+    /// `lo` is up (`IFF_UP`).
+    pub lo_up: bool,
+    pub lo_mtu: u32,
+    /// Addresses on `lo`, those the kernel adds when it comes up included.
+    pub addrs: Vec<NetAddr>,
+    /// Routes through `lo` that the kernel does not add by itself (any protocol but
+    /// `kernel`), in every table.
+    pub routes: Vec<NetRoute>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAddr {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub prefix_len: u8,
+    /// `IFA_F_*` flags.
+    pub flags: u32,
+    pub scope: u8,
+    /// 4 or 16 bytes.
+    pub addr: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    pub family: u8,
+    pub dst_len: u8,
+    pub table: u32,
+    pub protocol: u8,
+    pub scope: u8,
+    /// `RTN_*`.
+    pub kind: u8,
+    /// Through `lo` (`RTA_OIF`); else a route with no device (unreachable, blackhole).
+    pub dev_lo: bool,
+    /// Empty for a default route.
+    pub dst: Vec<u8>,
+    pub gateway: Option<Vec<u8>>,
+    pub prefsrc: Option<Vec<u8>>,
+    pub priority: Option<u32>,
 }
 
 /// Where the tree's processes were in each cgroup hierarchy, and the settings of the

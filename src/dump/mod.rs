@@ -10,6 +10,7 @@ pub mod freeze;
 pub mod hashes;
 pub mod inject;
 pub mod memory;
+pub mod namespaces;
 pub mod process;
 pub mod seccomp;
 pub mod shared_files;
@@ -223,7 +224,20 @@ fn collect_and_store(
     if opts.private_tmp {
         private.push("/tmp".to_owned());
     }
+    let t = Instant::now();
+    // Zombies have no namespaces left to show.
+    let live: Vec<i32> = (tree.order.iter().copied())
+        .filter(|p| *p == root || tree.frozen.contains_key(p))
+        .collect();
+    let namespaces = namespaces::collect(&live, &private, &mut writer)?;
+    phases.add("namespaces", t.elapsed());
     let hashing = hashes::start(tree.order.clone(), private.clone());
+    // Sockets are looked up with sock_diag in the tree's network namespace (each
+    // namespace has its own); the threads started before (hashing) stay in ours.
+    let _netns = match namespaces.net {
+        Some(_) => Some(crate::sys::ns::NetnsGuard::enter(root)?),
+        None => None,
+    };
     for &pid in &tree.order {
         if process::pid_ns_depth(pid) != depth {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -296,6 +310,7 @@ fn collect_and_store(
         tool: opts.tool.clone(),
         unix_queues: shared.unix_queues,
         cgroups,
+        namespaces,
     };
     // Refuse now, while the tree is still there to run, what a restore could not rebuild.
     crate::tree_check::tree(&manifest)?;

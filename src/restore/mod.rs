@@ -33,6 +33,7 @@ pub mod interrupt;
 pub mod keeper;
 pub mod lazy;
 pub mod memory;
+pub mod namespaces;
 pub mod program;
 pub mod reaper;
 pub mod template;
@@ -396,6 +397,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         stdio,
         clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         owner: None,
+        namespaces: m.namespaces.clone_flags(),
     };
     if opts.cgroups.is_some() && opts.template.is_some() {
         bail!("an instance started from a template cannot be placed in cgroups of its own");
@@ -439,6 +441,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
+    if m.namespaces.any() {
+        let t = Instant::now();
+        namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap)?;
+        phases.add("namespaces", t.elapsed());
+    }
     const SEIZE: libc::c_int = ptrace::O_EXITKILL
         | ptrace::O_TRACESYSGOOD
         | ptrace::O_TRACECLONE

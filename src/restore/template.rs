@@ -80,6 +80,13 @@ pub fn why_not(m: &Manifest) -> Option<String> {
                 .into(),
         );
     }
+    if m.namespaces.any() {
+        return Some(
+            "it runs in uts, ipc or network namespaces of its own, which instances forked \
+             from a template do not get yet"
+                .into(),
+        );
+    }
     let root = m.processes.first()?;
     let any = root.vmas.iter().any(|v| {
         cow::candidate(v)
@@ -538,6 +545,7 @@ fn spawn_one(
             stdio,
             clocks: req.clocks,
             owner: Some(monitor),
+            namespaces: 0,
         },
         || child::run(&args),
     )

@@ -1,10 +1,13 @@
 //! Thin kernel wrappers that no crate provides.
 
 pub mod cgroup;
+pub mod ipc;
 pub mod maps;
+pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
 pub mod remote;
+pub mod rtnl;
 pub mod scm;
 pub mod tasks;
 pub mod timens;

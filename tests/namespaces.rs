@@ -1,0 +1,391 @@
+//! Trees that run in namespaces of their own (issue 18): an `unshare`d tree with its own
+//! uts, ipc, net and pid namespaces is dumped with `dump -t` and restored with them —
+//! host name, System V objects (as `/proc/sysvipc` shows them from inside), the
+//! loopback's addresses and routes — into new namespaces of its own; namespaces and
+//! network interfaces a restore cannot recreate are refused by name at dump time, with
+//! the tree left running.
+
+mod common;
+
+use std::process::Command;
+
+use common::{alive, children, fixture, tempdir, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
+
+/// Runs `cmd` (e.g. `nsenter ...`), which must succeed; its stdout.
+fn output(cmd: &mut Command) -> String {
+    let out = common::run_with(cmd, b"", TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    out.stdout
+}
+
+fn nsenter(pid: i32, flags: &[&str], argv: &[&str]) -> String {
+    output(
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(pid.to_string())
+            .args(flags)
+            .arg("--")
+            .args(argv),
+    )
+}
+
+/// `/proc/sysvipc/FILE` seen from inside `pid`'s ipc namespace, without the columns
+/// that a restore changes by its nature (pids of last users, times, resident pages).
+fn sysvipc(pid: i32, file: &str) -> Vec<String> {
+    let text = nsenter(pid, &["-i"], &["cat", &format!("/proc/sysvipc/{file}")]);
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    const DROP: [&str; 11] = [
+        "cpid", "lpid", "lspid", "lrpid", "atime", "dtime", "ctime", "stime", "rtime", "otime",
+        "rss",
+    ];
+    let mut rows: Vec<String> = lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split_whitespace())
+                .filter(|(h, _)| !DROP.contains(h))
+                .map(|(h, v)| format!("{h}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// What the tree's namespaces hold, seen from inside them.
+fn ns_state(pid: i32) -> Vec<String> {
+    let mut s = vec![
+        format!("hostname {}", nsenter(pid, &["-u"], &["hostname"]).trim()),
+        format!(
+            "domainname {}",
+            nsenter(pid, &["-u"], &["domainname"]).trim()
+        ),
+    ];
+    for f in ["shm", "sem", "msg"] {
+        s.extend(sysvipc(pid, f).into_iter().map(|r| format!("{f}: {r}")));
+    }
+    let addrs = nsenter(pid, &["-n"], &["ip", "-o", "addr", "show"]);
+    s.extend(
+        addrs
+            .lines()
+            .map(|l| format!("addr: {}", l.split(" valid_lft").next().unwrap_or(l).trim())),
+    );
+    let links = nsenter(pid, &["-n"], &["ip", "-o", "link", "show"]);
+    s.extend(links.lines().map(|l| format!("link: {l}")));
+    for family in ["-4", "-6"] {
+        let routes = nsenter(
+            pid,
+            &["-n"],
+            &["ip", family, "route", "show", "table", "all"],
+        );
+        let mut r: Vec<String> = routes.lines().map(|l| format!("route: {l}")).collect();
+        r.sort();
+        s.extend(r);
+    }
+    s
+}
+
+fn ns_id(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `unshare FLAGS --fork --kill-child ARGV`, and the pid (ours) of the first process
+/// under its pid 1 once it printed "ready".
+fn unshared(flags: &[&str], argv: &[&str]) -> (Proc, i32) {
+    unshared_env(flags, argv, &[])
+}
+
+fn unshared_env(flags: &[&str], argv: &[&str], env: &[(&str, &str)]) -> (Proc, i32) {
+    let p = Proc::spawn(
+        Command::new("unshare")
+            .args(flags)
+            .args(["--fork", "--kill-child"])
+            .arg("--")
+            .args(argv)
+            .envs(env.iter().copied()),
+    );
+    p.wait_stderr("ready");
+    let init = children(p.pid());
+    assert_eq!(init.len(), 1, "unshare's children: {init:?}");
+    let worker = children(init[0]);
+    (p, *worker.first().unwrap_or(&init[0]))
+}
+
+const ALL_NS: [&str; 6] = [
+    "--net",
+    "--uts",
+    "--ipc",
+    "--pid",
+    "--mount-proc",
+    "--propagation=private",
+];
+
+/// `restore -D DIR -d`: the instance's pid (guarded), with our pipes as its stdio.
+fn restore_detached(ws: &Ws, dir: &std::path::Path, guard: &mut KillGuard) -> (Proc, i32) {
+    let mut r = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap(), "-d"]));
+    let first = r.read_line();
+    let pid: i32 = first.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "restore -d should print a pid, printed {first:?}; stderr:\n{}",
+            r.stderr_after_exit()
+        )
+    });
+    guard.add(pid);
+    assert!(r.wait().success(), "restore -d failed");
+    (r, pid)
+}
+
+#[test]
+fn unshared_tree_round_trips_with_its_namespaces() {
+    let ws = Ws::new();
+    let bin = fixture("ns_ipc");
+    let (mut orig, worker) = unshared(&ALL_NS, &[bin.to_str().unwrap()]);
+    // The loopback as an app would set it up: up, an address and a route of its own.
+    for argv in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["ip", "addr", "add", "10.9.8.7/32", "dev", "lo"],
+        &["ip", "addr", "add", "fd00::7/128", "dev", "lo", "nodad"],
+        &["ip", "route", "add", "10.77.0.0/16", "dev", "lo"],
+    ] {
+        nsenter(worker, &["-n"], argv);
+    }
+    orig.send("check");
+    assert_eq!(orig.read_line(), "PASS");
+    let before = ns_state(worker);
+    assert!(
+        before.iter().any(|l| l.contains("key=20823")),
+        "{before:#?}"
+    ); // 0x5157
+    assert!(
+        before.iter().any(|l| l.contains("10.77.0.0/16")),
+        "{before:#?}"
+    );
+
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    ws.run(
+        &[
+            "dump",
+            "-t",
+            &worker.to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    )
+    .assert_ok();
+    assert!(
+        wait_pid_exit(worker, TIMEOUT),
+        "the dumped worker still runs"
+    );
+    orig.wait();
+
+    // Two instances side by side: each has namespaces of its own, the same ids in both.
+    let mut guard = KillGuard::new();
+    let (mut a, pa) = restore_detached(&ws, &dir, &mut guard);
+    let (mut b, pb) = restore_detached(&ws, &dir, &mut guard);
+    for kind in ["uts", "ipc", "net", "pid", "mnt"] {
+        let host = ns_id("self", kind);
+        assert_ne!(
+            ns_id(&pa.to_string(), kind),
+            host,
+            "{kind} of the instance is the host's"
+        );
+        assert_ne!(
+            ns_id(&pa.to_string(), kind),
+            ns_id(&pb.to_string(), kind),
+            "{kind} shared"
+        );
+    }
+    assert_eq!(ns_state(pa), before, "namespaces of the first instance");
+    assert_eq!(ns_state(pb), before, "namespaces of the second instance");
+    for r in [&mut a, &mut b] {
+        // The state goes on from the dump (one check before it: the semaphore says 1).
+        r.send("check");
+        assert_eq!(r.read_line(), "PASS");
+        r.send("check");
+        assert_eq!(r.read_line(), "PASS");
+    }
+    // Negative control: a changed host name is seen.
+    a.send("break");
+    a.send("check");
+    assert!(a.read_line().starts_with("FAIL: host name is broken"));
+    b.close_stdin();
+    assert!(
+        wait_pid_exit(pb, TIMEOUT),
+        "the instance did not exit at EOF"
+    );
+    drop(guard);
+    assert!(!alive(pa), "the instance survived its guard");
+}
+
+/// Starts `counter` under `unshare FLAGS` (after `setup`, a shell command run first in
+/// its namespaces) and expects `dump -t` to fail naming `needle`, leaving it running.
+fn refused(flags: &[&str], setup: &str, needle: &str) {
+    let ws = Ws::new();
+    let counter = fixture("counter");
+    // Not exec'd: the shell stays pid 1 of the pid namespace, the counter is its child.
+    let script = format!("{setup} && {}; true", counter.display());
+    let (mut p, target) = unshared(flags, &["sh", "-c", &script]);
+    let dir = tempdir("ws-images-");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &target.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(needle),
+        "expected {needle:?}: {}",
+        out.describe()
+    );
+    assert!(alive(target), "a refused dump killed the process");
+    p.send("a");
+    assert_eq!(
+        p.read_line(),
+        "1 a",
+        "the process does not run on after a refused dump"
+    );
+}
+
+#[test]
+fn other_network_interfaces_are_refused_by_name() {
+    refused(
+        &["--net", "--pid"],
+        "ip link add wsv0 type veth peer name wsv1",
+        "(veth): only the loopback interface",
+    );
+}
+
+#[test]
+fn user_namespace_is_refused() {
+    refused(
+        &["--user", "--map-root-user", "--pid"],
+        "true",
+        "user namespace of its own",
+    );
+}
+
+#[test]
+fn mounts_of_its_own_are_refused_by_mount_point() {
+    refused(
+        &["--mount", "--propagation=private", "--pid"],
+        "mount -t tmpfs ws-ns-test /mnt",
+        "/mnt is mounted (tmpfs from ws-ns-test)",
+    );
+}
+
+/// A System V segment a process has attached is refused by id and key, the tree left
+/// running.
+#[test]
+fn attached_shm_segment_is_refused() {
+    let ws = Ws::new();
+    let bin = fixture("ns_ipc");
+    let (mut p, worker) =
+        unshared_env(&ALL_NS, &[bin.to_str().unwrap()], &[("NS_IPC_ATTACH", "1")]);
+    let dir = tempdir("ws-images-");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &worker.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr
+            .contains("(key 0x5157) in the ipc namespace of process")
+            && out.stderr.contains("is attached by 1 process(es)"),
+        "{}",
+        out.describe()
+    );
+    p.send("check");
+    assert_eq!(
+        p.read_line(),
+        "PASS",
+        "the tree does not run on after a refused dump"
+    );
+}
+
+/// The init of an `unshare --pid --fork` tree is pid 1 in its namespace, which a
+/// restore's own init holds: refused at dump time, not at restore.
+#[test]
+fn pid_namespace_init_is_refused() {
+    let ws = Ws::new();
+    let counter = fixture("counter");
+    let p = Proc::spawn(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "--"])
+            .arg(&counter),
+    );
+    p.wait_stderr("ready");
+    let init = children(p.pid())[0];
+    let dir = tempdir("ws-images-");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &init.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(out.stderr.contains("pid 1"), "{}", out.describe());
+    assert!(alive(init));
+}
+
+/// `record --uts --ipc --net private`: the app starts in namespaces of its own (its
+/// loopback up), and every instance gets its own, holding what the app left there —
+/// its host name, its System V objects, a TCP listener on 127.0.0.1.
+#[test]
+fn record_in_namespaces_of_its_own() {
+    let ws = Ws::new();
+    let bin = fixture("ns_ipc");
+    let host_name = output(&mut Command::new("hostname"));
+    let mut cmd = ws.cmd(&[
+        "record",
+        "--uts",
+        "--ipc",
+        "--net",
+        "private",
+        "--name",
+        "nsrec",
+        "--",
+        bin.to_str().unwrap(),
+    ]);
+    cmd.env("NS_IPC_LISTEN", "1");
+    let out = common::run_with(&mut cmd, b"", TIMEOUT);
+    out.assert_ok();
+    let manifest = ws.inspect_json("nsrec");
+    assert!(manifest.to_string().contains("ns-fixture"), "{manifest}");
+    for mode in [&["run"][..], &["run", "--eager"]] {
+        let mut args = mode.to_vec();
+        args.push("nsrec");
+        let out = ws.run(&args, "check\ncheck\n");
+        assert_eq!(out.stdout, "PASS\nPASS\n", "{}", out.describe());
+    }
+    // The app's sethostname stayed in its namespace.
+    assert_eq!(output(&mut Command::new("hostname")), host_name);
+    let out = ws.run(&["record", "--net", "bridge", "--", "true"], "");
+    out.assert_fail();
+    assert!(out.stderr.contains("--net bridge"), "{}", out.describe());
+}
