@@ -446,7 +446,7 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
             return Ok(FileDesc::External { stdio });
         }
     }
-    if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft) {
+    if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft, &t.link) {
         return Ok(FileDesc::External { stdio });
     }
     match ft {
@@ -482,14 +482,24 @@ fn is_terminal(meta: &std::fs::Metadata) -> bool {
         && ((136..=143).contains(&major) || major == 4 || (major == 5 && minor == 0))
 }
 
-fn external_stdio(policy: &StdioPolicy, fd: i32, meta: &std::fs::Metadata, ft: u32) -> Option<u8> {
+/// Which of the restorer's stdio fds `fd` becomes, if it is one of the caller's: under
+/// `Detect`, fds 0-2 on an anonymous pipe, a socket or a terminal-like device. A named
+/// FIFO has a path the restore reopens (as CRIU does), so it is the app's own.
+fn external_stdio(
+    policy: &StdioPolicy,
+    fd: i32,
+    meta: &std::fs::Metadata,
+    ft: u32,
+    link: &str,
+) -> Option<u8> {
     match policy {
         StdioPolicy::Given(given) => given
             .iter()
             .position(|&(dev, ino)| dev == meta.dev() && ino == meta.ino())
             .map(|i| i as u8),
         StdioPolicy::Detect { .. } => {
-            let stdio_like = matches!(ft, libc::S_IFIFO | libc::S_IFSOCK)
+            let stdio_like = (ft == libc::S_IFIFO && link.starts_with("pipe:"))
+                || ft == libc::S_IFSOCK
                 || (ft == libc::S_IFCHR && !regular::is_stateless_device(meta));
             ((0..3).contains(&fd) && stdio_like).then_some(fd as u8)
         }
