@@ -446,7 +446,7 @@ fn classify(t: &Target, shared: &mut Shared) -> Result<FileDesc> {
             return Ok(FileDesc::External { stdio });
         }
     }
-    if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft, &t.link) {
+    if let Some(stdio) = external_stdio(&t.opts.stdio, t.fd, meta, ft, t.link) {
         return Ok(FileDesc::External { stdio });
     }
     match ft {
