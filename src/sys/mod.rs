@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod ipc;
 pub mod maps;
+pub mod nft;
 pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
