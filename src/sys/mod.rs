@@ -11,6 +11,7 @@ pub mod remote;
 pub mod rtnl;
 pub mod scm;
 pub mod tasks;
+pub mod tcp_repair;
 pub mod timens;
 pub mod uffd;
 pub mod vdso;

@@ -97,7 +97,7 @@ impl Msg {
         buf.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
         buf.extend_from_slice(&seq.to_ne_bytes());
         buf.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
-        // struct nfgenmsg: family, version (NFNETLINK_V0), resource id (big endian)
+                                                    // struct nfgenmsg: family, version (NFNETLINK_V0), resource id (big endian)
         buf.extend_from_slice(&[family, 0]);
         buf.extend_from_slice(&res_id.to_be_bytes());
         Msg { buf }
@@ -136,7 +136,8 @@ impl Msg {
     fn nest(&mut self, ty: u16, f: impl FnOnce(&mut Msg)) -> &mut Msg {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0, 0]);
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         f(self);
         let len = (self.buf.len() - start) as u16;
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
@@ -263,14 +264,7 @@ fn socket() -> Result<OwnedFd> {
 /// Sends `msgs` as one batch and waits for the acknowledgement of each; the first error
 /// is returned (the kernel applies a batch whole or not at all).
 fn batch(fd: &OwnedFd, seq: &mut u32, msgs: Vec<Vec<u8>>) -> std::io::Result<()> {
-    let mut out = Msg::new(
-        NFNL_MSG_BATCH_BEGIN,
-        0,
-        *seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-    )
-    .finish();
+    let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, 0, *seq, 0, NFNL_SUBSYS_NFTABLES).finish();
     let n = msgs.len();
     for m in msgs {
         out.extend_from_slice(&m);
@@ -337,7 +331,11 @@ impl NetLock {
             .into_iter()
             .enumerate()
         {
-            let mut m = Msg::nft(NFT_MSG_NEWCHAIN, libc::NLM_F_CREATE as u16, seq + 2 + i as u32);
+            let mut m = Msg::nft(
+                NFT_MSG_NEWCHAIN,
+                libc::NLM_F_CREATE as u16,
+                seq + 2 + i as u32,
+            );
             m.str(NFTA_CHAIN_TABLE, table)
                 .str(NFTA_CHAIN_NAME, chain)
                 .nest(NFTA_CHAIN_HOOK, |m| {
@@ -402,7 +400,10 @@ impl NetLock {
 impl Drop for NetLock {
     fn drop(&mut self) {
         if let Err(e) = delete(&self.fd, &mut self.seq, &self.table) {
-            tracing::warn!("releasing the network lock (table inet {}): {e}", self.table);
+            tracing::warn!(
+                "releasing the network lock (table inet {}): {e}",
+                self.table
+            );
         }
     }
 }
@@ -435,13 +436,19 @@ pub fn exists(table: &str) -> Result<bool> {
     let out = m.finish();
     // SAFETY: the pointer and length describe `out`, a live buffer `send` only reads.
     if unsafe { libc::send(fd.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) } < 0 {
-        bail!("asking for table {table}: {}", std::io::Error::last_os_error());
+        bail!(
+            "asking for table {table}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     let mut buf = vec![0u8; 8 << 10];
     // SAFETY: the pointer and length describe `buf`, a live writable buffer.
     let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if r < 20 {
-        bail!("asking for table {table}: {}", std::io::Error::last_os_error());
+        bail!(
+            "asking for table {table}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     let ty = u16::from_ne_bytes(buf[4..6].try_into().unwrap());
     if ty as i32 == libc::NLMSG_ERROR {
@@ -450,7 +457,10 @@ pub fn exists(table: &str) -> Result<bool> {
             return Ok(false);
         }
         if e != 0 {
-            bail!("asking for table {table}: {}", std::io::Error::from_raw_os_error(-e));
+            bail!(
+                "asking for table {table}: {}",
+                std::io::Error::from_raw_os_error(-e)
+            );
         }
     }
     Ok(true)
@@ -487,7 +497,8 @@ mod tests {
         lock.add(s.local_addr().unwrap(), s.peer_addr().unwrap())
             .unwrap();
         c.write_all(b"x").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(s.read(&mut b).is_err(), "the byte passed the lock");
         drop(lock);
