@@ -792,8 +792,8 @@ pub struct TcpConnection {
     pub timestamp: u32,
     /// `TCP_REPAIR_WINDOW`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
     pub window: [u32; 5],
-    /// Socket options (`TCP_NODELAY`, `SO_KEEPALIVE`, `SO_REUSEADDR`, ...; buffer
-    /// sizes are left out: a connection's are autotuned).
+    /// Socket options (`TCP_NODELAY`, `SO_KEEPALIVE`, `SO_REUSEADDR`, ...; the buffer
+    /// sizes as they had grown, set at restore: they no longer grow after it).
     pub options: SockOptions,
     /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT` (seconds, seconds, probes).
     pub keepalive: [i32; 3],

@@ -589,11 +589,17 @@ pub fn describe(f: &FileDesc) -> String {
         }
         FileDesc::PtySlave { index, .. } => format!("pty slave /dev/pts/{index}"),
         FileDesc::TcpEstablished(c) => format!(
-            "tcp {} -> {} established ({} bytes to send, {} to read)",
+            "tcp {} -> {} established (snd_una {} write_seq {} rcv_nxt {}; {} bytes to send, \
+             {} of them unsent; {} to read{})",
             c.local,
             c.peer,
+            c.send_seq.wrapping_sub(c.send_queue.len() as u32),
+            c.send_seq,
+            c.recv_seq,
             c.send_queue.len(),
-            c.recv_queue.len()
+            c.unsent,
+            c.recv_queue.len(),
+            if c.options.nodelay { "; nodelay" } else { "" }
         ),
     }
 }

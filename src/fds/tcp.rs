@@ -155,8 +155,10 @@ fn read_state(
         keepalive: get(libc::SOL_SOCKET, libc::SO_KEEPALIVE)?,
         nodelay: get(libc::IPPROTO_TCP, libc::TCP_NODELAY)?,
         v6only: family == libc::AF_INET6 && get(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?,
-        rcvbuf: None,
-        sndbuf: None,
+        // The sizes the buffers have grown to (autotuned): the restore needs room for
+        // the queues, and sets them (which fixes them at these sizes).
+        rcvbuf: Some(getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF)? as u32),
+        sndbuf: Some(getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF)? as u32),
     };
     let int = |opt| getsockopt_int(&fd, libc::IPPROTO_TCP, opt);
     Ok(FileDesc::TcpEstablished(Box::new(TcpConnection {
@@ -276,6 +278,26 @@ fn rebuild(c: &TcpConnection) -> Result<OwnedFd> {
     let sock = super::inet::new_socket(c.family, libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
     let fd = sock.as_fd();
     repair::set_repair(fd, true)?;
+    // Room for the queues (a fresh socket's buffers are smaller than a connection's that
+    // has grown): the recorded sizes, at least twice the queue (the kernel counts its
+    // overhead); `setsockopt` doubles what it is given.
+    let room = |recorded: Option<u32>, queue: usize| {
+        (recorded.unwrap_or(0).max(2 * queue as u32 + 65536) / 2) as i32
+    };
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        room(c.options.sndbuf, c.send_queue.len()),
+        "SO_SNDBUF",
+    )?;
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        room(c.options.rcvbuf, c.recv_queue.len()),
+        "SO_RCVBUF",
+    )?;
     if c.options.v6only {
         setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1, "IPV6_V6ONLY")?;
     }

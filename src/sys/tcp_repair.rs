@@ -190,7 +190,8 @@ pub fn peek(fd: BorrowedFd, len: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Writes all of `data` into the chosen queue (repair mode) or, out of repair mode, as
-/// ordinary data; a chunk too big for one buffer is halved and tried again.
+/// ordinary data; a chunk too big for one buffer is halved and tried again. Never
+/// blocks: a queue that does not fit the socket's buffer is an error.
 pub fn fill(fd: BorrowedFd, data: &[u8]) -> std::io::Result<()> {
     let mut off = 0;
     let mut chunk = data.len().max(1);
@@ -203,12 +204,13 @@ pub fn fill(fd: BorrowedFd, data: &[u8]) -> std::io::Result<()> {
                 fd.as_raw_fd(),
                 data[off..].as_ptr().cast(),
                 n,
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOMEM) && chunk > 1024 {
+            let full = matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN));
+            if full && chunk > 1024 {
                 chunk /= 2;
                 continue;
             }
