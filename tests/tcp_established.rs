@@ -90,7 +90,7 @@ fn socket2_connect(fd: OwnedFd, to: SocketAddr) -> TcpStream {
     let r = unsafe {
         libc::connect(
             fd.as_raw_fd(),
-            (&ss as *const _ as *const libc::sockaddr),
+            &ss as *const _ as *const libc::sockaddr,
             len,
         )
     };
