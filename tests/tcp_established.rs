@@ -394,3 +394,36 @@ fn a_killed_server_is_restored_without_a_reset_ipv4() {
 fn a_killed_server_is_restored_without_a_reset_ipv6() {
     killed_and_restored("::1", &[], &[]);
 }
+
+/// Both ends in the tree (a server and the child that connected to it): each end's
+/// queues come back, the bytes in flight both ways arrive once.
+#[test]
+fn both_ends_in_the_tree() {
+    let ws = Ws::new();
+    let bin = fixture("tcp_peer");
+    let mut p = Proc::spawn(Command::new(&bin).args(["127.0.0.1", "0", "pair"]));
+    assert!(p.read_line().starts_with("port "));
+    assert_eq!(p.read_line(), "accepted");
+    p.send("c fill 8000000");
+    let l = p.read_line();
+    let n: usize = l
+        .strip_prefix("c 1 filled ")
+        .unwrap_or_else(|| panic!("{l}"))
+        .parse()
+        .unwrap();
+    p.send("write HELLO");
+    assert_eq!(p.read_line(), "1 wrote");
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], || {});
+    r.send(&format!("drain {n}"));
+    assert_eq!(r.read_line(), "2 drained ok");
+    r.send("c read 5");
+    assert_eq!(r.read_line(), "c 2 got HELLO");
+    r.send("c write BYE");
+    assert_eq!(r.read_line(), "c 3 wrote");
+    r.send("read 3");
+    assert_eq!(r.read_line(), "3 got BYE");
+    let tables = nft_tables(&[]);
+    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+}
