@@ -13,7 +13,7 @@ use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
 use warmstart_snapshots::store::{Snapshot, Store};
 
 use crate::dump::{self, DumpOptions, StdioPolicy};
-use crate::run::{run_instance, Mode};
+use crate::run::Mode;
 use crate::stats::human;
 
 #[derive(Parser, Debug)]
@@ -168,6 +168,11 @@ pub struct DumpArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
+    /// Checkpoint established TCP connections with TCP_REPAIR (sequence numbers, queues,
+    /// window, options); their packets are held by a network lock meanwhile, and
+    /// `restore --tcp-established` brings them back without the peer noticing
+    #[arg(long, conflicts_with = "tcp_close")]
+    pub tcp_established: bool,
     /// Print phase timings and sizes
     #[arg(long)]
     pub display_stats: bool,
@@ -217,6 +222,10 @@ pub struct RestoreArgs {
     /// stdin, stdout and stderr) in place of its old one; the restored job always does
     #[arg(short = 'j', long)]
     pub shell_job: bool,
+    /// Restore the established TCP connections of a snapshot dumped with
+    /// --tcp-established (refused without it)
+    #[arg(long)]
+    pub tcp_established: bool,
 }
 
 #[derive(Args, Debug)]
@@ -236,6 +245,11 @@ pub struct RecordArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
+    /// Checkpoint established TCP connections with TCP_REPAIR (sequence numbers, queues,
+    /// window, options); their packets are held by a network lock meanwhile, and
+    /// `restore --tcp-established` brings them back without the peer noticing
+    #[arg(long, conflicts_with = "tcp_close")]
+    pub tcp_established: bool,
     /// After the snapshot, let the app go on with this terminal's stdio until it exits
     /// (a `notify` app reads `RESTORED=0`); exit with its status
     #[arg(short = 'R', long)]
@@ -631,6 +645,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                     listeners,
                     tool_request,
                     cgroups,
+                    tcp_established: false,
                 },
             )
         }
@@ -952,6 +967,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                     shell_job: a.shell_job,
                 },
                 tcp_close: a.tcp_close,
+                tcp_established: a.tcp_established,
                 trigger: "dump".into(),
                 command: cmdline(a.pid),
                 name: a.name.clone(),
@@ -1063,13 +1079,17 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     } else {
         crate::run::Cgroups::Inherit
     };
-    run_instance(
+    crate::run::run_instance_with(
         Arc::new(snap),
         names,
         mode,
         a.detach,
         a.display_stats,
-        cgroups,
+        crate::run::Given {
+            cgroups,
+            tcp_established: a.tcp_established,
+            ..Default::default()
+        },
     )
 }
 
@@ -1140,6 +1160,7 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
             ready,
             timeout: Duration::from_secs(a.timeout),
             tcp_close: a.tcp_close,
+            tcp_established: a.tcp_established,
             leave_running: a.leave_running,
             prime,
             prime_http,

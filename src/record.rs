@@ -37,6 +37,8 @@ pub struct RecordOptions {
     pub ready: Ready,
     pub timeout: Duration,
     pub tcp_close: bool,
+    /// Dump established TCP connections with `TCP_REPAIR`.
+    pub tcp_established: bool,
     /// After the dump the app goes on running (its notify read returns `RESTORED=0`),
     /// with our stdin, stdout and stderr, until it exits.
     pub leave_running: bool,
@@ -493,6 +495,7 @@ pub fn record(
                     leave_stopped: false,
                     stdio: StdioPolicy::Given(given),
                     tcp_close: opts.tcp_close,
+                    tcp_established: opts.tcp_established,
                     trigger: opts.ready.to_string(),
                     command: opts.command.clone(),
                     name: opts.name.clone(),

@@ -104,6 +104,8 @@ pub struct Given {
     /// A tool snapshot's request ([`crate::tool::request`]).
     pub tool_request: Option<Vec<u8>>,
     pub cgroups: Cgroups,
+    /// `restore --tcp-established`: bring back the snapshot's established connections.
+    pub tcp_established: bool,
 }
 
 /// [`run_instance`], the instance getting what `given` says.
@@ -119,6 +121,7 @@ pub fn run_instance_with(
         listeners,
         tool_request,
         cgroups,
+        tcp_established,
     } = given;
     crate::restore::block_forwarded_signals();
     let placed = place(&snap, &cgroups)?;
@@ -133,6 +136,7 @@ pub fn run_instance_with(
         listeners,
         tool_request,
         cgroups: placement.clone(),
+        tcp_established,
         ..Default::default()
     };
     if let Mode::Lazy { prefetch } = mode {

@@ -759,6 +759,51 @@ pub enum FileDesc {
         index: u32,
         flags: i32,
     },
+    /// An established TCP connection dumped with `tcp_established`: its state as
+    /// `TCP_REPAIR` reads it, restored in repair mode so that the peer sees nothing.
+    TcpEstablished(Box<TcpConnection>),
+}
+
+/// The state of an established TCP connection (`FileDesc::TcpEstablished`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnection {
+    pub family: i32,
+    /// Local and peer address (`ip:port`, `[ip6]:port`).
+    pub local: String,
+    pub peer: String,
+    /// `TCP_QUEUE_SEQ` of the send queue: the sequence number after its last byte
+    /// (`write_seq`); the queue starts at `send_seq - send_queue.len()` (`snd_una`).
+    pub send_seq: u32,
+    /// `TCP_QUEUE_SEQ` of the receive queue: the next byte expected (`rcv_nxt`).
+    pub recv_seq: u32,
+    /// Bytes written by the app and not acknowledged by the peer, sent or not, in order.
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent (`SIOCOUTQNSD`).
+    pub unsent: u32,
+    /// Bytes received and not read by the app yet.
+    pub recv_queue: Vec<u8>,
+    /// Negotiated options: MSS clamp, window scales (0xff: not negotiated), SACK,
+    /// timestamps, and the timestamp clock at the dump (`TCP_TIMESTAMP`).
+    pub mss: u32,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub sack: bool,
+    pub timestamps: bool,
+    pub timestamp: u32,
+    /// `TCP_REPAIR_WINDOW`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+    /// Socket options (`TCP_NODELAY`, `SO_KEEPALIVE`, `SO_REUSEADDR`, ...; the buffer
+    /// sizes as they had grown, set at restore: they no longer grow after it).
+    pub options: SockOptions,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT` (seconds, seconds, probes).
+    pub keepalive: [i32; 3],
+    /// `TCP_USER_TIMEOUT` in ms (0: the default).
+    pub user_timeout: u32,
+    pub flags: i32,
+    /// The nftables table (family inet) the dump left holding this connection's
+    /// packets, because the tree was killed: the restore removes it once the
+    /// connection is back. `None` when the dumped tree went on running.
+    pub lock: Option<String>,
 }
 
 /// A pseudo-terminal pair of the app's own, as the dump found it.

@@ -462,6 +462,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         tool_request: None,
         template: None,
         cgroups: None,
+        tcp_established: false,
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

@@ -42,6 +42,8 @@ pub struct DumpOptions {
     pub stdio: StdioPolicy,
     /// Dump established TCP connections as reset connections instead of refusing them.
     pub tcp_close: bool,
+    /// Dump established TCP connections with `TCP_REPAIR` ([`crate::fds::tcp`]).
+    pub tcp_established: bool,
     pub trigger: String,
     pub command: Vec<String>,
     pub name: Option<String>,
@@ -99,7 +101,16 @@ pub fn dump_to(
         collect_and_store(&tree, dest, opts, &mut phases)
     });
     match res {
-        Ok((id, manifest)) => {
+        Ok((id, manifest, held)) => {
+            let killed = !opts.leave_stopped && !opts.leave_running;
+            // Established connections: with the tree going on, repair mode goes off and
+            // the lock goes (the peer retransmits what was dropped, to the same socket).
+            let held = if killed {
+                Some(held)
+            } else {
+                held.resume();
+                None
+            };
             if opts.leave_stopped {
                 for f in tree.processes() {
                     release(f);
@@ -122,6 +133,10 @@ pub fn dump_to(
                 }
             } else {
                 kill_tree(&tree);
+                // Closed in repair mode: no FIN or RST; the lock stays for the restore.
+                if let Some(h) = held {
+                    h.close_killed();
+                }
             }
             Ok(DumpResult {
                 id,
@@ -198,7 +213,7 @@ fn collect_and_store(
     dest: Destination<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
-) -> Result<(SnapshotId, Manifest)> {
+) -> Result<(SnapshotId, Manifest, crate::fds::tcp::Held)> {
     let root = tree.order[0];
     // Read first, as close to the freeze as possible: a restore's clocks go on from here.
     let clocks = crate::sys::timens::clocks_of(root)?;
@@ -285,6 +300,9 @@ fn collect_and_store(
         None
     };
     let root_comm = processes[0].comm.clone();
+    // Held in repair mode until the tree is killed or released; on an error below,
+    // dropped: repair mode off, lock released.
+    let held = files.take_tcp();
     let shared = files.finish(root, &root_comm)?;
     phases.add("collect", times.collect);
     phases.add("parasite", times.parasite);
@@ -318,7 +336,7 @@ fn collect_and_store(
     let (id, flush) = writer.commit_timed(manifest.clone(), opts.name.as_deref())?;
     phases.add("commit", t.elapsed().saturating_sub(flush));
     phases.add("flush to disk", flush);
-    Ok((id, manifest))
+    Ok((id, manifest, held))
 }
 
 /// Everything of one frozen process; its memory goes to `writer`, shared objects to
@@ -358,6 +376,7 @@ fn collect_process(
         &files::CollectOptions {
             stdio: opts.stdio.clone(),
             tcp_close: opts.tcp_close,
+            tcp_established: opts.tcp_established,
             take_queued: !opts.leave_running && !opts.leave_stopped,
         },
         files,

@@ -58,6 +58,8 @@ const TCP_STATES: [&str; 13] = [
 #[derive(Default)]
 pub struct Collector {
     listeners: Vec<(i32, std::collections::HashMap<u32, InetDiag>)>,
+    /// Established connections held in repair mode (`--tcp-established`).
+    pub held: super::tcp::Held,
 }
 
 impl Collector {
@@ -137,6 +139,28 @@ pub fn dump(
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "an unknown peer".into());
                 let name = TCP_STATES.get(state as usize).unwrap_or(&"?");
+                if t.opts.tcp_established && state == TCP_ESTABLISHED {
+                    if let Some(p) = sockname(copy, true)? {
+                        return super::tcp::dump(
+                            t,
+                            copy,
+                            family,
+                            local,
+                            p,
+                            &mut c.held,
+                            t.opts.take_queued,
+                        );
+                    }
+                }
+                if t.opts.tcp_established && state != 2 && !t.opts.tcp_close {
+                    return Err(anyhow!(
+                        "{} (--tcp-established restores established connections only, not \
+                         half-closed ones yet; --tcp-close restores it as reset by its peer)",
+                        t.refuse(format_args!(
+                            "a TCP connection from {local} to {peer} in state {name}"
+                        ))
+                    ));
+                }
                 if t.opts.tcp_close && state != 2 {
                     return Ok(FileDesc::TcpClosed {
                         family,
@@ -153,7 +177,8 @@ pub fn dump(
                 let hint = if state == 2 {
                     ""
                 } else {
-                    " (record or dump with --tcp-close to restore it as a connection reset by its peer)"
+                    " (record or dump with --tcp-established to checkpoint it, or --tcp-close to \
+                     restore it as a connection reset by its peer)"
                 };
                 return Err(anyhow!("{}{hint}", t.refuse(what)));
             }
@@ -208,6 +233,17 @@ fn pending_error(fd: &OwnedFd) -> Result<bool> {
 }
 
 fn tcp_info(fd: &OwnedFd) -> Result<TcpInfo> {
+    let info = tcp_info_raw(fd.as_fd())?;
+    let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+    Ok(TcpInfo {
+        state: info[0],
+        rcv_mss: word(20),
+        segs_out: word(136),
+    })
+}
+
+/// `struct tcp_info` as the kernel gives it (fields it does not fill are zero).
+pub(super) fn tcp_info_raw(fd: BorrowedFd) -> Result<[u8; 256]> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: `info` is a live 256-byte buffer and `len` says so; the kernel writes at most
@@ -225,12 +261,7 @@ fn tcp_info(fd: &OwnedFd) -> Result<TcpInfo> {
     {
         return Err(errno_err("getsockopt(TCP_INFO)"));
     }
-    let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
-    Ok(TcpInfo {
-        state: info[0],
-        rcv_mss: word(20),
-        segs_out: if len >= 140 { word(136) } else { 0 },
-    })
+    Ok(info)
 }
 
 /// `getsockname` (or `getpeername`); `None` when not connected.
@@ -319,7 +350,7 @@ fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// A new close-on-exec socket.
-fn new_socket(family: i32, sock_type: i32, protocol: i32) -> Result<OwnedFd> {
+pub(super) fn new_socket(family: i32, sock_type: i32, protocol: i32) -> Result<OwnedFd> {
     // SAFETY: integer arguments only; the fd returned is owned right below.
     let fd = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
@@ -330,7 +361,7 @@ fn new_socket(family: i32, sock_type: i32, protocol: i32) -> Result<OwnedFd> {
 }
 
 /// Binds `fd` to `addr`; an address in use is said so, naming what holds the port.
-fn bind_addr(fd: BorrowedFd, family: i32, addr: &SocketAddr) -> Result<()> {
+pub(super) fn bind_addr(fd: BorrowedFd, family: i32, addr: &SocketAddr) -> Result<()> {
     let (ss, len) = to_storage(addr);
     // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
     if unsafe {
@@ -351,7 +382,11 @@ fn bind_addr(fd: BorrowedFd, family: i32, addr: &SocketAddr) -> Result<()> {
 }
 
 /// Connects `fd` to `addr` (`what` names the connection in the error).
-fn connect_addr(fd: BorrowedFd, addr: &SocketAddr, what: impl std::fmt::Display) -> Result<()> {
+pub(super) fn connect_addr(
+    fd: BorrowedFd,
+    addr: &SocketAddr,
+    what: impl std::fmt::Display,
+) -> Result<()> {
     let (ss, len) = to_storage(addr);
     // SAFETY: `ss` is a sockaddr of `len` bytes (`to_storage`) that lives across the call.
     if unsafe {

@@ -11,6 +11,7 @@
 //! | memfd                                 | [`memfd`]    |
 //! | unix sockets                          | [`unix`]     |
 //! | TCP / UDP sockets                     | [`inet`]     |
+//! | established TCP connections           | [`tcp`]      |
 //! | netlink sockets                       | [`netlink`]  |
 //! | inotify                               | [`inotify`]  |
 //! | flock / POSIX / OFD locks             | [`locks`]    |
@@ -45,6 +46,7 @@ pub mod regular;
 pub mod shared_file;
 pub mod signalfd;
 pub mod sock_diag;
+pub mod tcp;
 pub mod timerfd;
 pub mod unix;
 
@@ -81,6 +83,8 @@ pub struct CollectOptions {
     /// Dump established TCP connections as connections the peer has reset (see
     /// [`inet`]) instead of refusing them.
     pub tcp_close: bool,
+    /// Dump established TCP connections with `TCP_REPAIR` (see [`tcp`]).
+    pub tcp_established: bool,
     /// The tree is killed after the dump: connections waiting in a unix listener's queue
     /// may be accepted to read what their clients sent (see [`unix`]).
     pub take_queued: bool,
@@ -273,11 +277,20 @@ impl TreeFiles {
         let mut pipes: Vec<PipeObject> = self.shared.pipes.into_values().collect();
         pipes.sort_by_key(|p| p.id);
         let (unix_pairs, unix_queues) = self.shared.unix.finish(pid, comm)?;
+        // Any established connection still held goes back to normal here (a dump that
+        // wants them held took them with `take_tcp`).
+        drop(self.shared.inet.held);
         Ok(SharedObjects {
             pipes,
             unix_pairs,
             unix_queues,
         })
+    }
+
+    /// The established TCP connections held in repair mode (and their lock), for the
+    /// dump to finish after the tree is killed or released ([`tcp::Held`]).
+    pub fn take_tcp(&mut self) -> tcp::Held {
+        std::mem::take(&mut self.shared.inet.held)
     }
 
     /// The id of the open file description of `pid`'s fd `fd`: the id of an fd seen
@@ -585,6 +598,19 @@ pub fn describe(f: &FileDesc) -> String {
             format!("pty master {path} (/dev/pts/{})", pty.index)
         }
         FileDesc::PtySlave { index, .. } => format!("pty slave /dev/pts/{index}"),
+        FileDesc::TcpEstablished(c) => format!(
+            "tcp {} -> {} established (snd_una {} write_seq {} rcv_nxt {}; {} bytes to send, \
+             {} of them unsent; {} to read{})",
+            c.local,
+            c.peer,
+            c.send_seq.wrapping_sub(c.send_queue.len() as u32),
+            c.send_seq,
+            c.recv_seq,
+            c.send_queue.len(),
+            c.unsent,
+            c.recv_queue.len(),
+            if c.options.nodelay { "; nodelay" } else { "" }
+        ),
     }
 }
 
@@ -1136,6 +1162,7 @@ fn create(ins: &mut Installer, f: &Fd, stdio: &[RawFd]) -> Result<RawFd> {
         FileDesc::Inotify { flags, watches } => inotify::restore(ins, *flags, watches),
         FileDesc::SharedFile { id, flags, pos } => shared_file::restore(ins, f, *id, *flags, *pos),
         FileDesc::Epoll { .. } => unreachable!("epolls are created after everything else"),
+        FileDesc::TcpEstablished(c) => tcp::restore(ins, c),
         FileDesc::PtyMaster { .. } | FileDesc::PtySlave { .. } => Err(anyhow!(
             "a pty is created by the root of the tree, which did not create this one"
         )),

@@ -100,6 +100,9 @@ pub struct RestoreOptions {
     /// Put the instance's processes in these cgroups before they run
     /// (`--manage-cgroups`, `run --memory`...: [`crate::cgroup::Placement`]).
     pub cgroups: Option<Arc<crate::cgroup::Placement>>,
+    /// Restore established TCP connections (`restore --tcp-established`); a snapshot
+    /// holding some is refused without it.
+    pub tcp_established: bool,
 }
 
 impl Restored {
@@ -196,6 +199,9 @@ pub struct Parked {
     /// Told when the instance resumes: a signal from then on is the instance's, not the
     /// end of its restore.
     interrupt: Option<Arc<interrupt::Interrupt>>,
+    /// The lock on the snapshot's established TCP connections, released once the
+    /// instance has resumed ([`crate::fds::tcp`]).
+    tcp_lock: Option<crate::sys::nft::NetLock>,
 }
 
 /// Restores an instance of `snap` and lets it run.
@@ -218,6 +224,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let mut phases = Phases::default();
     let t = Instant::now();
     crate::tree_check::tree(m)?;
+    crate::fds::tcp::check_allowed(m, opts.tcp_established)?;
     let p = &m.processes[0];
     checks::host(&m.host)?;
     checks::unchanged_files(m)?;
@@ -446,6 +453,18 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap)?;
         phases.add("namespaces", t.elapsed());
     }
+    // Held from before any process of the tree runs until it has resumed, in the
+    // instance's network namespace.
+    let tcp_lock = if m.namespaces.net.is_some() {
+        crate::sys::ns::run_in(
+            sandbox.init_pidfd(),
+            libc::CLONE_NEWNET,
+            "the instance's network namespace",
+            || crate::fds::tcp::restore_lock(m),
+        )?
+    } else {
+        crate::fds::tcp::restore_lock(m)?
+    };
     const SEIZE: libc::c_int = ptrace::O_EXITKILL
         | ptrace::O_TRACESYSGOOD
         | ptrace::O_TRACECLONE
@@ -650,6 +669,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     phases.add("serving", t.elapsed());
     let t = Instant::now();
     let mut parked = Parked {
+        tcp_lock,
         reaper: std::mem::replace(&mut reaper, reaper::Reaper::disarmed()),
         snap: snap.clone(),
         pid,
@@ -798,6 +818,8 @@ impl Parked {
             return Err(self.fail(failed_in, e));
         }
         self.phases.add("resume", t.elapsed());
+        // Every connection is back: the peers' retransmissions may reach them.
+        self.tcp_lock = None;
         self.reaper.disarm();
         Ok(Restored {
             sandbox: self.sandbox,

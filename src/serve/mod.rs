@@ -387,6 +387,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         tool_request: None,
         template: None,
         cgroups: None,
+        tcp_established: false,
     }
 }
 

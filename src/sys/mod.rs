@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod ipc;
 pub mod maps;
+pub mod nft;
 pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
@@ -10,6 +11,7 @@ pub mod remote;
 pub mod rtnl;
 pub mod scm;
 pub mod tasks;
+pub mod tcp_repair;
 pub mod timens;
 pub mod uffd;
 pub mod vdso;
