@@ -24,8 +24,9 @@
 //! # Durability and concurrency
 //!
 //! Writers (and gc/remove/set_name) serialise on the `lock` file; readers take no lock.
-//! A writer appends to a pack in `tmp/`, and at seal time fsyncs it, renames it into
-//! `packs/` and writes its `.idx`. `commit` seals, then writes the page table and finally
+//! A writer appends to packs in `tmp/` (page cache only, writeback started as it goes);
+//! `commit` fsyncs the sealed packs (in parallel), renames them into `packs/` with their
+//! `.idx`, fsyncs the directory, then writes the page table and finally
 //! the manifest, each via temp file + fsync + rename + fsync of the directory. A snapshot
 //! exists (is listed, resolvable) exactly when its manifest exists, and by then everything
 //! it references is durable. A writer killed at any point leaves only unreferenced packs,
