@@ -569,53 +569,19 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
     let progress = crate::progress::Bytes::new("copying memory into the instance", None);
-    // The processes of a tree are filled side by side (one alone uses the cores for its
-    // own large fills); the first failure in tree order is the one reported.
-    let fill = |d: &Driven| {
-        let areas = shared.map_or(&[][..], |c| &c.procs[d.idx][..]);
-        memory::fill(
-            snap,
-            hot.as_deref(),
-            d.p,
-            d.pid,
-            &ranges[d.idx],
-            areas,
-            &progress,
-        )
-    };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(tree.len());
-    let filled: Vec<Result<()>> = if workers <= 1 {
-        tree.iter().map(fill).collect()
-    } else {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<std::sync::Mutex<Option<Result<()>>>> =
-            tree.iter().map(|_| std::sync::Mutex::new(None)).collect();
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(d) = tree.get(k) else { break };
-                    let r = fill(d);
-                    let failed = r.is_err();
-                    *results[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    if failed {
-                        // The others stop taking work: the instance is killed anyway.
-                        next.store(tree.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        results
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(Ok(()))
-            })
-            .collect()
-    };
+    // The contents several processes write are decoded once, then the processes are
+    // filled side by side (one alone uses the cores for its own large fills); the first
+    // failure in tree order is the one reported.
+    let jobs: Vec<memory::FillJob> = tree
+        .iter()
+        .map(|d| memory::FillJob {
+            p: d.p,
+            pid: d.pid,
+            lazy: &ranges[d.idx],
+            shared: shared.map_or(&[][..], |c| &c.procs[d.idx][..]),
+        })
+        .collect();
+    let filled = memory::fill_tree(snap, hot.as_deref(), &jobs, &progress);
     for (d, r) in tree.iter().zip(filled) {
         r.map_err(|e| fail_in(d.p, e))?;
     }
