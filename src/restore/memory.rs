@@ -290,34 +290,36 @@ impl Decoded {
         work: &[Vec<Batch>],
         threads: usize,
     ) -> Result<Decoded> {
-        // Content hash -> (first index seen, how often needed, every index of it).
-        let mut by_hash: HashMap<[u8; 32], (u64, usize, Vec<u64>)> = HashMap::new();
-        for b in work.iter().flatten() {
-            let Some(first) = b.first else { continue };
-            if hot.is_some_and(|h| h.pages(first, b.count).is_some()) {
-                continue;
-            }
-            for i in first..first + b.count {
-                let e = by_hash
-                    .entry(snap.record(i).hash)
-                    .or_insert_with(|| (i, 0, Vec::new()));
-                e.1 += 1;
-                e.2.push(i);
-            }
+        // The pages whose bytes are not at hand, each with its content hash.
+        let wanted: Vec<(u64, [u8; 32])> = work
+            .iter()
+            .flatten()
+            .filter_map(|b| {
+                let first = b.first?;
+                hot.is_none_or(|h| h.pages(first, b.count).is_none())
+                    .then_some(first..first + b.count)
+            })
+            .flatten()
+            .map(|i| (i, snap.record(i).hash))
+            .collect();
+        // Content hash -> (first index seen, how often needed).
+        let mut by_hash: HashMap<[u8; 32], (u64, usize)> = HashMap::new();
+        for &(i, hash) in &wanted {
+            by_hash.entry(hash).or_insert((i, 0)).1 += 1;
         }
-        let mut reps: Vec<(u64, Vec<u64>)> = by_hash
-            .into_values()
-            .filter(|&(_, n, _)| n > 1)
-            .map(|(rep, _, all)| (rep, all))
+        let mut reps: Vec<([u8; 32], u64)> = by_hash
+            .into_iter()
+            .filter(|&(_, (_, n))| n > 1)
+            .map(|(hash, (rep, _))| (hash, rep))
             .collect();
         reps.truncate(MAX_DECODED_PAGES);
         // In store order: each block is decompressed once.
-        reps.sort_by_key(|&(rep, _)| {
+        reps.sort_by_key(|&(_, rep)| {
             let loc = snap.record(rep).loc;
             (loc.pack, loc.offset, loc.slot)
         });
         let mut bytes = vec![0u8; reps.len() * PAGE_SIZE];
-        let indexes: Vec<u64> = reps.iter().map(|&(rep, _)| rep).collect();
+        let indexes: Vec<u64> = reps.iter().map(|&(_, rep)| rep).collect();
         let per = indexes.len().div_ceil(threads.max(1)).max(1);
         std::thread::scope(|s| {
             let jobs: Vec<_> = indexes
@@ -328,14 +330,15 @@ impl Decoded {
             jobs.into_iter()
                 .try_for_each(|j| j.join().expect("page decoder panicked"))
         })?;
-        let mut slot = HashMap::new();
-        for (k, (_, mut all)) in reps.into_iter().enumerate() {
-            all.sort_unstable();
-            all.dedup();
-            for i in all {
-                slot.insert(i, k);
-            }
-        }
+        let at: HashMap<[u8; 32], usize> = reps
+            .iter()
+            .enumerate()
+            .map(|(k, &(hash, _))| (hash, k))
+            .collect();
+        let slot = wanted
+            .iter()
+            .filter_map(|(i, hash)| Some((*i, *at.get(hash)?)))
+            .collect();
         Ok(Decoded { slot, bytes })
     }
 }
