@@ -2,7 +2,9 @@
 //! (tests/fixtures/tree_*.c, scaffolding in tree.h), recorded and restored in every mode
 //! (the root lazy, its descendants eager; or all eager); `dump -t` of a tree started
 //! outside warmstart; `/proc/PID/maps` and `/proc/PID/task` of every process equal
-//! before the dump and after the restore; a failing restore leaves no process behind.
+//! before the dump and after the restore; a failing restore leaves no process behind;
+//! a wide tree (22 processes, tests/fixtures/tree_wide.py) whose every process keeps its
+//! pid, parent, group, session and memory, seen from inside and from `/proc`.
 
 mod common;
 
@@ -406,4 +408,121 @@ fn dump_t_of_a_shell_with_a_background_child() {
         "the restored shell should read its line, then kill and reap its child:\n{}",
         out.describe()
     );
+}
+
+/// Per process of the tree under `root`, by its own-namespace pid: its parent, process
+/// group and session as `/proc/PID/stat` shows them, each as the own-namespace pid of a
+/// process of the tree, or -1 for one outside it (the root's parent; the caller's
+/// session at a cold start, the sandbox's after a restore).
+fn tree_relations(root: i32) -> BTreeMap<i32, [i32; 3]> {
+    let pids = descendants(root);
+    let ns: BTreeMap<i32, i32> = pids
+        .iter()
+        .map(|&p| (p, ns_id(&format!("/proc/{p}/status"))))
+        .collect();
+    let inside = |host: i32| ns.get(&host).copied().unwrap_or(-1);
+    pids.iter()
+        .map(|&p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // After the `(comm)`, which may hold spaces: state ppid pgrp session ...
+            let f: Vec<i32> = stat
+                .rsplit_once(") ")
+                .map(|(_, rest)| rest)
+                .unwrap_or_default()
+                .split_whitespace()
+                .skip(1)
+                .take(3)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            assert_eq!(f.len(), 3, "/proc/{p}/stat: {stat}");
+            (inside(p), [inside(f[0]), inside(f[1]), inside(f[2])])
+        })
+        .collect()
+}
+
+/// The root's answer to `check`: one line per worker (pid, ppid, group, session, memory
+/// digest as it sees them), then `done`.
+fn wide_answers(p: &mut Proc, workers: usize) -> Vec<String> {
+    p.send("check");
+    let lines: Vec<String> = (0..=workers).map(|_| p.read_line()).collect();
+    assert_eq!(lines.last().map(String::as_str), Some("done"), "{lines:?}");
+    lines
+}
+
+/// A tree of 22 processes (issue 17: restored side by side), dumped with `dump -t` and
+/// restored eager and lazy: every process answers with its own pid, parent, group,
+/// session and memory as before the dump, `/proc` shows the same relations, maps and
+/// threads for each.
+#[test]
+fn wide_tree_every_process_keeps_its_ids_relations_and_memory() {
+    const CHILDREN: usize = 20;
+    let workers = CHILDREN + 1; // and the grandchild
+    let ws = Ws::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tree_wide.py");
+    let mut orig = Proc::spawn(
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(CHILDREN.to_string()),
+    );
+    let answers = wide_answers(&mut orig, workers);
+    let relations = tree_relations(orig.pid());
+    let before = tree_state(orig.pid());
+    assert_eq!(before.len(), workers + 1, "{:?}", before.keys());
+    // The fixture's shape, as `/proc` sees it: children 1, 5, ... lead groups (2, 6, ...
+    // join child 1's), children 3, 7, ... lead sessions, child 3's child (the grandchild)
+    // is in its session.
+    let root = ns_id(&format!("/proc/{}/status", orig.pid()));
+    let kids: Vec<i32> = relations
+        .iter()
+        .filter(|(_, r)| r[0] == root)
+        .map(|(&p, _)| p)
+        .collect();
+    assert_eq!(kids.len(), CHILDREN, "{relations:?}");
+    let in_sessions = relations.values().filter(|r| r[2] != -1).count();
+    assert_eq!(in_sessions, CHILDREN / 4 + 1, "{relations:?}");
+    let leaders = relations.iter().filter(|(&p, r)| r[1] == p).count();
+    assert_eq!(
+        leaders,
+        1 + CHILDREN / 2,
+        "the root and 10 children: {relations:?}"
+    );
+    let joined = relations.values().filter(|r| r[1] == kids[1]).count();
+    assert_eq!(joined, 1 + CHILDREN / 4, "child 1's group: {relations:?}");
+
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    dump_t(&ws, orig.pid(), &dir, &[]).assert_ok();
+    assert!(
+        !orig.wait().success(),
+        "the dump should have killed the tree"
+    );
+
+    for flags in [&[][..], &["--lazy"][..]] {
+        let mut args = vec!["restore", "-D", dir.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let mut restored = Proc::spawn(&mut ws.cmd(&args));
+        restored.send("ping");
+        assert_eq!(restored.read_line(), "pong", "restored {flags:?}");
+        // From outside, before the check changes anything (Python's heap grows and
+        // shrinks with it): the same relations, maps and threads in /proc.
+        let rroot = restored_root(restored.pid());
+        assert_eq!(
+            tree_relations(rroot),
+            relations,
+            "restored {flags:?}: (ppid, pgid, sid) per pid"
+        );
+        assert_same_tree(&before, &tree_state(rroot));
+        // From inside: every worker's pid, parent, group, session and memory digest.
+        assert_eq!(
+            wide_answers(&mut restored, workers),
+            answers,
+            "restored {flags:?}: what the processes see of themselves"
+        );
+        restored.close_stdin();
+        let st = restored.wait();
+        assert!(
+            st.success(),
+            "restored {flags:?} should exit 0 at EOF: {st:?}"
+        );
+    }
 }

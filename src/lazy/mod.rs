@@ -37,7 +37,7 @@
 //!    `UFFDIO_API` with at least [`REQUIRED_FEATURES`] (`EVENT_FORK | EVENT_REMAP |
 //!    EVENT_REMOVE | EVENT_UNMAP`; `THREAD_ID` is welcome, never `SIGBUS`), and
 //!    `UFFDIO_REGISTER` every `(start, len)` of [`LazyPlan::ranges`] with
-//!    `UFFDIO_REGISTER_MODE_MISSING`. Skip `restore::memory::fill` for those VMAs
+//!    `UFFDIO_REGISTER_MODE_MISSING`. Skip `restore::memory::fill_tree` for those VMAs
 //!    (file-backed and shared VMAs are still filled eagerly).
 //! 3. The monitor takes the descriptor with `pidfd_getfd` (the restorer then closes its
 //!    own copy), and creates [`LazyServer::new`] with it. [`LazyServer::watch_exit`] with a

@@ -158,6 +158,28 @@ impl std::hash::Hasher for DigestHasher {
     }
 }
 
+/// Page addresses as hash keys: their page number times an odd constant (Fibonacci
+/// hashing), far cheaper than SipHash on what the plan looks up most.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, addr: u64) {
+        self.0 = (addr >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type AddrMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<AddrHasher>>;
+type AddrSet = std::collections::HashSet<u64, std::hash::BuildHasherDefault<AddrHasher>>;
+
 /// One process's stored pages in candidate VMAs, sorted by address.
 struct Pages(Vec<(u64, Page)>);
 
@@ -301,12 +323,12 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
     // process with children and a parent would like to inherit from that parent: address
     // → the contents wanted there (a leaf's are its pages).
     let order = preorder(&children);
-    let mut wants: Vec<HashMap<u64, Vec<Hash>>> = vec![HashMap::new(); n];
-    let mut needed_at: Vec<std::collections::HashSet<u64>> = vec![Default::default(); n];
+    let mut wants: Vec<AddrMap<Vec<Hash>>> = vec![AddrMap::default(); n];
+    let mut needed_at: Vec<AddrSet> = vec![AddrSet::default(); n];
     for &i in order.iter().rev() {
         let pass_up = i != 0 && !children[i].is_empty();
-        let mut w: HashMap<u64, Vec<Hash>> = HashMap::new();
-        let mut needed = std::collections::HashSet::new();
+        let mut w: AddrMap<Vec<Hash>> = AddrMap::default();
+        let mut needed = AddrSet::default();
         for &c in &children[i] {
             let mut visit = |addr: u64, hs: &[Hash]| {
                 let inside = vma_at(&cands[c], addr)
@@ -509,7 +531,8 @@ fn preorder(children: &[Vec<usize>]) -> Vec<usize> {
     out
 }
 
-/// A memfd holding the pages `indexes` (page-table records) one after the other.
+/// A memfd holding the pages `indexes` (page-table records) one after the other,
+/// decompressed and verified on all cores (it is on the way to the tree's first fork).
 fn fill_memfd(snap: &Snapshot, indexes: &[u64]) -> Result<OwnedFd> {
     let fd = nix::sys::memfd::memfd_create(
         c"warmstart-shared-pages",
@@ -519,20 +542,24 @@ fn fill_memfd(snap: &Snapshot, indexes: &[u64]) -> Result<OwnedFd> {
     let file = std::fs::File::from(fd);
     file.set_len(indexes.len() as u64 * PAGE)
         .context("sizing the memfd of shared pages")?;
-    const BATCH: usize = 256;
-    let mut buf = vec![0u8; BATCH * PAGE_SIZE];
-    let mut i = 0;
-    while i < indexes.len() {
-        // A run of consecutive records is read at once.
-        let mut n = 1;
-        while i + n < indexes.len() && n < BATCH && indexes[i + n] == indexes[i] + n as u64 {
-            n += 1;
-        }
-        let bytes = &mut buf[..n * PAGE_SIZE];
-        snap.read_pages(indexes[i], n as u64, bytes)?;
-        file.write_all_at(bytes, i as u64 * PAGE)
+    /// Pages decoded per round (16 MiB), split over the cores.
+    const ROUND: usize = 4096;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut buf = vec![0u8; ROUND.min(indexes.len()) * PAGE_SIZE];
+    for (r, round) in indexes.chunks(ROUND).enumerate() {
+        let bytes = &mut buf[..round.len() * PAGE_SIZE];
+        let per = round.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = round
+                .chunks(per)
+                .zip(bytes.chunks_mut(per * PAGE_SIZE))
+                .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("page decoder panicked"))
+        })?;
+        file.write_all_at(bytes, (r * ROUND) as u64 * PAGE)
             .context("writing the shared pages to their memfd")?;
-        i += n;
     }
     Ok(OwnedFd::from(file))
 }

@@ -4,9 +4,19 @@
 //! (`FOLL_FORCE`, a copy-on-write like a debugger's breakpoint), so every VMA was mapped
 //! with its final protection and nothing needs an `mprotect` afterwards. Decompressing
 //! and verifying pages is the bulk of the cost, so batches are spread over all cores.
+//!
+//! A tree ([`fill_tree`]) is filled in two stages: first every content that more than one
+//! of its writes needs (the pages a pre-fork server's workers all changed the same way
+//! after their fork) is decompressed and verified once, on all cores ([`Decoded`]); then
+//! the processes are filled side by side, each mostly by a few `process_vm_writev`
+//! calls from those pages, the hot pages and zeros. The cost of a tree then grows with
+//! its distinct memory, not with the number of its processes.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{Process, RunContent, Vma, VmaKind, PAGE_SIZE};
@@ -112,7 +122,7 @@ fn shared_area_batches(v: &Vma, a: &Area, out: &mut Vec<Batch>) {
     }
 }
 
-/// Page-table indexes of the pages [`fill`] writes when `lazy` (sorted `(start, len)`)
+/// Page-table indexes of the pages [`fill_tree`] writes when `lazy` (sorted `(start, len)`)
 /// are the lazily served VMAs: what a restore copies before the app resumes besides
 /// the working set, so worth keeping decompressed (`Store::save_hot`).
 pub fn eager_indexes(p: &Process, lazy: &[(u64, u64)]) -> Vec<u64> {
@@ -123,9 +133,11 @@ pub fn eager_indexes(p: &Process, lazy: &[(u64, u64)]) -> Vec<u64> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write(
     snap: &Snapshot,
     hot: Option<&Hot>,
+    decoded: &Decoded,
     mem: &File,
     pid: i32,
     work: &[Batch],
@@ -138,7 +150,9 @@ fn write(
             (Some(pages), _) => pages,
             (None, Some(first)) => {
                 let bytes = &mut buf[..b.count as usize * PAGE_SIZE];
-                snap.read_pages(first, b.count, bytes)?;
+                if !decoded.copy(first, b.count, bytes) {
+                    snap.read_pages(first, b.count, bytes)?;
+                }
                 bytes
             }
             (None, None) => {
@@ -161,37 +175,54 @@ fn write(
 /// Most iovecs per `process_vm_writev` (`IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
-/// Writes batches whose bytes are in `hot` (or zeros) into areas writable now, with as
-/// few `process_vm_writev` calls as `IOV_MAX` allows.
-fn write_vectored(hot: Option<&Hot>, pid: i32, work: &[Batch]) -> Result<()> {
+/// Where the bytes of batch `b` are without reading the store: in `hot` (one piece), in
+/// `decoded` (a piece per page) or zeros; `None` if some page is in neither.
+fn ready_pieces<'a>(
+    hot: Option<&'a Hot>,
+    decoded: &'a Decoded,
+    b: &Batch,
+) -> Option<Vec<(u64, &'a [u8])>> {
     static ZEROS: [u8; BATCH as usize * PAGE_SIZE] = [0; BATCH as usize * PAGE_SIZE];
-    for part in work.chunks(IOV_MAX) {
-        let mut local = Vec::with_capacity(part.len());
-        let mut remote = Vec::with_capacity(part.len());
-        let mut total = 0usize;
-        for b in part {
-            let len = b.count as usize * PAGE_SIZE;
-            let bytes: &[u8] = match b.first {
-                Some(f) => hot
-                    .and_then(|h| h.pages(f, b.count))
-                    .expect("partitioned on the hot pages"),
-                None => &ZEROS[..len],
-            };
-            local.push(libc::iovec {
+    let len = b.count as usize * PAGE_SIZE;
+    let Some(first) = b.first else {
+        return Some(vec![(b.addr, &ZEROS[..len])]);
+    };
+    if let Some(pages) = hot.and_then(|h| h.pages(first, b.count)) {
+        return Some(vec![(b.addr, pages)]);
+    }
+    (0..b.count)
+        .map(|k| {
+            decoded
+                .page(first + k)
+                .map(|bytes| (b.addr + k * PAGE_SIZE as u64, bytes))
+        })
+        .collect()
+}
+
+/// Writes `pieces` (an address in process `pid` and the bytes that go there, in areas
+/// writable now) with as few `process_vm_writev` calls as `IOV_MAX` allows.
+fn write_vectored(pid: i32, pieces: &[(u64, &[u8])]) -> Result<()> {
+    for part in pieces.chunks(IOV_MAX) {
+        let local: Vec<libc::iovec> = part
+            .iter()
+            .map(|(_, bytes)| libc::iovec {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
-                iov_len: len,
-            });
-            remote.push(libc::iovec {
-                iov_base: b.addr as *mut libc::c_void,
-                iov_len: len,
-            });
-            total += len;
-        }
-        // Each `local` entry is a slice of exactly `len` bytes (`HotPages::pages`
-        // returns `count` whole pages, `ZEROS[..len]` is bounds-checked) borrowed from `hot`
-        // or a static, both alive across the call; `remote` holds addresses in the stopped
-        // tracee `pid`, which the kernel writes through its page tables (a bad address is
-        // EFAULT, never a write to our memory). The lengths passed are the vectors' own.
+                iov_len: bytes.len(),
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = part
+            .iter()
+            .map(|&(addr, bytes)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: bytes.len(),
+            })
+            .collect();
+        let total: usize = part.iter().map(|(_, b)| b.len()).sum();
+        // Each `local` entry is exactly one of the slices of `part` (borrowed from the
+        // hot pages, the decoded pages or a static, all alive across the call); `remote`
+        // holds addresses in the stopped tracee `pid`, which the kernel writes through its
+        // page tables (a bad address is EFAULT, never a write to our memory). The lengths
+        // passed are the vectors' own.
         // SAFETY: live buffers of the lengths given; `remote` is in the tracee.
         let n = unsafe {
             libc::process_vm_writev(
@@ -212,27 +243,184 @@ fn write_vectored(hot: Option<&Hot>, pid: i32, work: &[Batch]) -> Result<()> {
             anyhow::bail!(
                 "writing {} pages from {:#x} into process {pid}: {why}",
                 total / PAGE_SIZE,
-                part[0].addr
+                part[0].0
             );
         }
     }
     Ok(())
 }
 
-/// Writes every stored page except those of the VMAs in `lazy` (sorted `(start, len)`),
-/// which the page server provides; pages in `hot` are taken from there (verified
-/// already) instead of being decompressed. In the `shared` areas ([`super::cow`]) pages
-/// the area holds with the process's content already are left alone.
-pub fn fill(
+/// Pages of a tree decoded once for all its processes: every content more than one of
+/// its writes needs that is not among the hot pages, decompressed and verified on all
+/// cores, found by page-table index (each index of the same content finds the same
+/// bytes).
+#[derive(Default)]
+pub struct Decoded {
+    slot: HashMap<u64, usize>,
+    bytes: Vec<u8>,
+}
+
+/// Most pages [`Decoded`] holds (256 MiB): a tree whose processes share more than that
+/// besides the hot pages has the rest read per process.
+const MAX_DECODED_PAGES: usize = 65536;
+
+impl Decoded {
+    /// The bytes of page-table record `index`, if decoded.
+    fn page(&self, index: u64) -> Option<&[u8]> {
+        let k = *self.slot.get(&index)?;
+        Some(&self.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+    }
+
+    /// Copies records `first..first + count` into `out` if every one is decoded.
+    fn copy(&self, first: u64, count: u64, out: &mut [u8]) -> bool {
+        if self.slot.is_empty() || (0..count).any(|k| !self.slot.contains_key(&(first + k))) {
+            return false;
+        }
+        for (k, dst) in out.chunks_mut(PAGE_SIZE).enumerate() {
+            dst.copy_from_slice(self.page(first + k as u64).expect("checked above"));
+        }
+        true
+    }
+
+    /// Decodes the contents `work` (every process's batches) needs more than once and
+    /// `hot` lacks, on `threads` threads.
+    fn build(
+        snap: &Snapshot,
+        hot: Option<&Hot>,
+        work: &[Vec<Batch>],
+        threads: usize,
+    ) -> Result<Decoded> {
+        // The pages whose bytes are not at hand, each with its content hash.
+        let wanted: Vec<(u64, [u8; 32])> = work
+            .iter()
+            .flatten()
+            .filter_map(|b| {
+                let first = b.first?;
+                hot.is_none_or(|h| h.pages(first, b.count).is_none())
+                    .then_some(first..first + b.count)
+            })
+            .flatten()
+            .map(|i| (i, snap.record(i).hash))
+            .collect();
+        // Content hash -> (first index seen, how often needed).
+        let mut by_hash: HashMap<[u8; 32], (u64, usize)> = HashMap::new();
+        for &(i, hash) in &wanted {
+            by_hash.entry(hash).or_insert((i, 0)).1 += 1;
+        }
+        let mut reps: Vec<([u8; 32], u64)> = by_hash
+            .into_iter()
+            .filter(|&(_, (_, n))| n > 1)
+            .map(|(hash, (rep, _))| (hash, rep))
+            .collect();
+        reps.truncate(MAX_DECODED_PAGES);
+        // In store order: each block is decompressed once.
+        reps.sort_by_key(|&(_, rep)| {
+            let loc = snap.record(rep).loc;
+            (loc.pack, loc.offset, loc.slot)
+        });
+        let mut bytes = vec![0u8; reps.len() * PAGE_SIZE];
+        let indexes: Vec<u64> = reps.iter().map(|&(_, rep)| rep).collect();
+        let per = indexes.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = indexes
+                .chunks(per)
+                .zip(bytes.chunks_mut(per * PAGE_SIZE))
+                .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("page decoder panicked"))
+        })?;
+        let at: HashMap<[u8; 32], usize> = reps
+            .iter()
+            .enumerate()
+            .map(|(k, &(hash, _))| (hash, k))
+            .collect();
+        let slot = wanted
+            .iter()
+            .filter_map(|(i, hash)| Some((*i, *at.get(hash)?)))
+            .collect();
+        Ok(Decoded { slot, bytes })
+    }
+}
+
+/// One process of a tree for [`fill_tree`]: its pages are every stored page except
+/// those of the VMAs in `lazy` (sorted `(start, len)`), which the page server provides;
+/// in its `shared` areas ([`super::cow`]) pages the area holds with the process's content
+/// already are left alone.
+pub struct FillJob<'a> {
+    pub p: &'a Process,
+    pub pid: i32,
+    pub lazy: &'a [(u64, u64)],
+    pub shared: &'a [Area],
+}
+
+/// Writes the memory of every process of a tree (see [`FillJob`]): the contents several
+/// of them need decoded once ([`Decoded`]), then the processes filled side by side on
+/// all cores; pages in `hot` are taken from there (verified already) instead of being
+/// decompressed. One result per
+/// job; after a failure the processes not started yet are left alone (`Ok`): the
+/// instance is killed anyway, and the first failure in tree order is the one to report.
+pub fn fill_tree(
     snap: &Snapshot,
     hot: Option<&Hot>,
-    p: &Process,
-    pid: i32,
-    lazy: &[(u64, u64)],
-    shared: &[Area],
+    jobs: &[FillJob],
     progress: &crate::progress::Bytes,
-) -> Result<()> {
-    write_batches(snap, hot, pid, batches(p, lazy, shared), progress)
+) -> Vec<Result<()>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let work: Vec<Vec<Batch>> = jobs
+        .iter()
+        .map(|j| batches(j.p, j.lazy, j.shared))
+        .collect();
+    let decoded = if jobs.len() > 1 {
+        match Decoded::build(snap, hot, &work, cores) {
+            Ok(d) => d,
+            Err(e) => {
+                let mut out = vec![Err(e)];
+                out.resize_with(jobs.len(), || Ok(()));
+                return out;
+            }
+        }
+    } else {
+        Decoded::default()
+    };
+    let workers = cores.min(jobs.len());
+    let slots: Vec<Mutex<Option<Vec<Batch>>>> =
+        work.into_iter().map(|w| Mutex::new(Some(w))).collect();
+    let results: Vec<Mutex<Option<Result<()>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let run = || loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        let Some(job) = jobs.get(k) else { break };
+        let w = slots[k]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        let r = write_batches(snap, hot, &decoded, job.pid, w, progress);
+        let failed = r.is_err();
+        *results[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        if failed {
+            // The others stop taking work: the instance is killed anyway.
+            next.store(jobs.len(), Ordering::Relaxed);
+        }
+    };
+    if workers <= 1 {
+        run();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(run);
+            }
+        });
+    }
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(Ok(()))
+        })
+        .collect()
 }
 
 /// Writes the stored pages of `p`'s VMAs that a template holds (`placed`: each VMA's
@@ -269,7 +457,7 @@ pub fn fill_template(
         }
     }
     let progress = crate::progress::Bytes::new("writing a template's memory", None);
-    write_batches(snap, None, pid, work, &progress)
+    write_batches(snap, None, &Decoded::default(), pid, work, &progress)
 }
 
 /// Writes `work` into process `pid`: what is in the hot pages (or zeros) and writable in a
@@ -278,8 +466,9 @@ pub fn fill_template(
 fn write_batches(
     snap: &Snapshot,
     hot: Option<&Hot>,
+    decoded: &Decoded,
     pid: i32,
-    mut work: Vec<Batch>,
+    work: Vec<Batch>,
     progress: &crate::progress::Bytes,
 ) -> Result<()> {
     let open = || {
@@ -288,14 +477,18 @@ fn write_batches(
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))
     };
-    // What is in the hot pages (or zeros) and writable goes in a few vectored writes.
-    let (quick, rest): (Vec<Batch>, Vec<Batch>) = work.drain(..).partition(|b| {
-        b.writable
-            && b.first
-                .is_none_or(|f| hot.is_some_and(|h| h.pages(f, b.count).is_some()))
-    });
-    write_vectored(hot, pid, &quick)?;
-    progress.inc(quick.iter().map(|b| b.count * PAGE_SIZE as u64).sum());
+    // What is in the hot or decoded pages (or zeros) and writable goes in a few vectored
+    // writes.
+    let mut quick = Vec::new();
+    let mut rest = Vec::new();
+    for b in work {
+        match b.writable.then(|| ready_pieces(hot, decoded, &b)).flatten() {
+            Some(pieces) => quick.extend(pieces),
+            None => rest.push(b),
+        }
+    }
+    write_vectored(pid, &quick)?;
+    progress.inc(quick.iter().map(|(_, b)| b.len() as u64).sum());
     let work = rest;
     if work.is_empty() {
         return Ok(());
@@ -308,15 +501,13 @@ fn write_batches(
     // write, which one thread does without waiting for others to be scheduled.
     let to_decode = work
         .iter()
-        .filter(|b| {
-            b.first
-                .is_some_and(|f| hot.is_none_or(|h| h.pages(f, b.count).is_none()))
-        })
+        .filter(|b| ready_pieces(hot, decoded, b).is_none())
         .count();
     if threads == 1 || to_decode < 8 {
         return write(
             snap,
             hot,
+            decoded,
             &open()?,
             pid,
             &work,
@@ -334,6 +525,7 @@ fn write_batches(
                     write(
                         snap,
                         hot,
+                        decoded,
                         &open()?,
                         pid,
                         part,

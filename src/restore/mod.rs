@@ -588,53 +588,19 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let procs: Vec<(&Process, i32)> = tree.iter().map(|d| (d.p, d.pid)).collect();
     memory::fill_shared_files(snap, &procs).map_err(|e| fail_in(p, e))?;
     let progress = crate::progress::Bytes::new("copying memory into the instance", None);
-    // The processes of a tree are filled side by side (one alone uses the cores for its
-    // own large fills); the first failure in tree order is the one reported.
-    let fill = |d: &Driven| {
-        let areas = shared.map_or(&[][..], |c| &c.procs[d.idx][..]);
-        memory::fill(
-            snap,
-            hot.as_deref(),
-            d.p,
-            d.pid,
-            &ranges[d.idx],
-            areas,
-            &progress,
-        )
-    };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(tree.len());
-    let filled: Vec<Result<()>> = if workers <= 1 {
-        tree.iter().map(fill).collect()
-    } else {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<std::sync::Mutex<Option<Result<()>>>> =
-            tree.iter().map(|_| std::sync::Mutex::new(None)).collect();
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(d) = tree.get(k) else { break };
-                    let r = fill(d);
-                    let failed = r.is_err();
-                    *results[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    if failed {
-                        // The others stop taking work: the instance is killed anyway.
-                        next.store(tree.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        results
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(Ok(()))
-            })
-            .collect()
-    };
+    // The contents several processes write are decoded once, then the processes are
+    // filled side by side (one alone uses the cores for its own large fills); the first
+    // failure in tree order is the one reported.
+    let jobs: Vec<memory::FillJob> = tree
+        .iter()
+        .map(|d| memory::FillJob {
+            p: d.p,
+            pid: d.pid,
+            lazy: &ranges[d.idx],
+            shared: shared.map_or(&[][..], |c| &c.procs[d.idx][..]),
+        })
+        .collect();
+    let filled = memory::fill_tree(snap, hot.as_deref(), &jobs, &progress);
     for (d, r) in tree.iter().zip(filled) {
         r.map_err(|e| fail_in(d.p, e))?;
     }
@@ -692,9 +658,14 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     };
     let mut failed_in = 0;
     let threads = (|| -> Result<()> {
-        for (i, d) in parked.tree.iter_mut().enumerate() {
+        // Every process goes on at once (they set their threads up side by side); then
+        // each is waited for in turn.
+        for (i, d) in parked.tree.iter().enumerate() {
             failed_in = i;
             ptrace::cont(d.pid, 0).context("continuing the restorer")?;
+        }
+        for (i, d) in parked.tree.iter_mut().enumerate() {
+            failed_in = i;
             // The leader reports each thread it creates (in creation order, which is the
             // snapshot's thread order), then its own trap; then each thread traps.
             wait_trap(d.pid, &d.info, &mut d.tids)?;
@@ -798,9 +769,22 @@ impl Parked {
                     }
                 }
             }
+            // The restorers are unmapped in every process at once, then each gets its
+            // CPU state.
             for d in &self.tree {
                 failed_in = d.idx;
-                finish(&d.tids, &d.info, &m.processes[d.idx].threads)?;
+                unmap_restorer(d.pid, &d.info, Unmap::Start)?;
+            }
+            for d in &self.tree {
+                failed_in = d.idx;
+                unmap_restorer(d.pid, &d.info, Unmap::Entered)?;
+            }
+            for d in &self.tree {
+                failed_in = d.idx;
+                unmap_restorer(d.pid, &d.info, Unmap::Done)?;
+                for (&tid, t) in d.tids.iter().zip(&m.processes[d.idx].threads) {
+                    load_cpu_state(tid, t)?;
+                }
             }
             // Every process is ready: all resume together.
             if let Some(i) = &self.interrupt {
@@ -1011,37 +995,50 @@ fn wait_trap(pid: i32, info: &BlobInfo, created: &mut Vec<i32>) -> Result<()> {
     }
 }
 
-/// Unmaps the restorer (every thread is stopped at its last trap) and gives each
-/// thread its saved CPU state; the caller detaches once every process is ready.
-fn finish(
-    tids: &[i32],
-    info: &BlobInfo,
-    threads: &[warmstart_snapshots::model::Thread],
-) -> Result<()> {
-    let pid = tids[0];
-    let mut regs = ptrace::get_regs(pid)?;
-    regs[reg::RIP] = info.syscall_trap;
-    regs[reg::RAX] = libc::SYS_munmap as u64;
-    regs[reg::RDI] = info.base;
-    regs[reg::RSI] = info.map_len;
-    regs[reg::ORIG_RAX] = u64::MAX;
-    ptrace::set_regs(pid, &regs)?;
-    for _ in 0..2 {
-        ptrace::syscall(pid, 0)?;
-        match ptrace::wait(pid)? {
-            Stop::Syscall => {}
-            other => bail!("unexpected stop while unmapping the restorer: {other:?}"),
+/// The steps of [`unmap_restorer`], each taken for every process of a tree before the
+/// next, so that the processes unmap their restorers side by side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unmap {
+    /// Point the leader (stopped at its last trap, as every thread is) at a `munmap` of
+    /// the restorer, run at the blob's `syscall` instruction, and let it enter the call.
+    Start,
+    /// Wait for the syscall-entry stop; let the call run.
+    Entered,
+    /// Wait for the syscall-exit stop and check the result. The caller then gives each
+    /// thread its saved CPU state and detaches once every process is ready.
+    Done,
+}
+
+/// One step of unmapping the restorer of the process whose leader is `pid`.
+fn unmap_restorer(pid: i32, info: &BlobInfo, step: Unmap) -> Result<()> {
+    match step {
+        Unmap::Start => {
+            let mut regs = ptrace::get_regs(pid)?;
+            regs[reg::RIP] = info.syscall_trap;
+            regs[reg::RAX] = libc::SYS_munmap as u64;
+            regs[reg::RDI] = info.base;
+            regs[reg::RSI] = info.map_len;
+            regs[reg::ORIG_RAX] = u64::MAX;
+            ptrace::set_regs(pid, &regs)?;
+            ptrace::syscall(pid, 0)?;
         }
-    }
-    let after = ptrace::get_regs(pid)?;
-    if after[reg::RAX] != 0 {
-        bail!(
-            "unmapping the restorer failed: {}",
-            std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32)
-        );
-    }
-    for (&tid, t) in tids.iter().zip(threads) {
-        load_cpu_state(tid, t)?;
+        Unmap::Entered | Unmap::Done => {
+            match ptrace::wait(pid)? {
+                Stop::Syscall => {}
+                other => bail!("unexpected stop while unmapping the restorer: {other:?}"),
+            }
+            if step == Unmap::Entered {
+                ptrace::syscall(pid, 0)?;
+                return Ok(());
+            }
+            let after = ptrace::get_regs(pid)?;
+            if after[reg::RAX] != 0 {
+                bail!(
+                    "unmapping the restorer failed: {}",
+                    std::io::Error::from_raw_os_error(-(after[reg::RAX] as i64) as i32)
+                );
+            }
+        }
     }
     Ok(())
 }

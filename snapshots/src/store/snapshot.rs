@@ -526,9 +526,50 @@ impl Snapshot {
             Source::Local { store, .. } => store,
             Source::Remote(client) => return self.read_remote(client, first, end, out),
         };
+        self.read_local(store, first..end, out)
+    }
+
+    /// Reads the table records `indexes` (any order, repeats allowed) into consecutive
+    /// pages of `out` (`indexes.len() * 4096` bytes), verified like
+    /// [`read_pages`](Self::read_pages). A block is decompressed once for a run of
+    /// indexes that lie in it one after the other: sorted by [`Record::loc`], every block
+    /// is decompressed once.
+    pub fn read_page_list(&self, indexes: &[u64], out: &mut [u8]) -> Result<(), StoreError> {
+        let expected = indexes.len() as u64 * PAGE_SIZE as u64;
+        if out.len() as u64 != expected {
+            return Err(StoreError::BufferSize {
+                got: out.len(),
+                pages: indexes.len() as u64,
+                expected,
+            });
+        }
+        for &i in indexes {
+            self.check_range(i, 1)?;
+        }
+        let store = match &self.source {
+            Source::Local { store, .. } => store,
+            Source::Remote(_) => {
+                for (&i, page) in indexes.iter().zip(out.chunks_mut(PAGE_SIZE)) {
+                    self.read_pages(i, 1, page)?;
+                }
+                return Ok(());
+            }
+        };
+        self.read_local(store, indexes.iter().copied(), out)
+            .map_err(|e| self.blame(e))
+    }
+
+    /// Reads the (checked) table records `indexes` of a local snapshot into consecutive
+    /// pages of `out`, each block decompressed once per run of its pages.
+    fn read_local(
+        &self,
+        store: &Store,
+        indexes: impl Iterator<Item = u64>,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
         let mut reader = BlockReader::default();
         let mut cur_pack: Option<(u32, Arc<Mmap>)> = None;
-        for (k, i) in (first..end).enumerate() {
+        for (k, i) in indexes.enumerate() {
             let rec = self.table.record(i);
             let loc = rec.loc;
             let map = self.pack_cached(&mut cur_pack, loc.pack)?;

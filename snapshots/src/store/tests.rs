@@ -135,6 +135,27 @@ fn round_trip_and_runs() {
         s.read_pages(0, 1, &mut [0; 10]),
         Err(StoreError::BufferSize { .. })
     ));
+    // A list of records in any order, with repeats, each page as read alone.
+    let list = [7, 4, 0, 4, 8, 3];
+    let mut got = vec![0; list.len() * PAGE_SIZE];
+    s.read_page_list(&list, &mut got).unwrap();
+    let all = non_zero(&data);
+    for (k, &i) in list.iter().enumerate() {
+        let i = i as usize;
+        assert_eq!(
+            got[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+            all[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            "record {i} at {k}"
+        );
+    }
+    assert!(matches!(
+        s.read_page_list(&[1, 9], &mut [0; 2 * PAGE_SIZE]),
+        Err(StoreError::PageRange { .. })
+    ));
+    assert!(matches!(
+        s.read_page_list(&[1], &mut [0; 2 * PAGE_SIZE]),
+        Err(StoreError::BufferSize { .. })
+    ));
     // The id is the blake3 of the manifest file; display forms.
     let bytes = fs::read(store.manifest_path(&id)).unwrap();
     assert_eq!(id, SnapshotId::of_manifest_bytes(&bytes));
