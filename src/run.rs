@@ -168,6 +168,7 @@ pub fn run_instance_with(
     // Until the instance runs, SIGINT/SIGTERM/SIGHUP stop the restore (and kill what
     // was built of it); from then on they are forwarded to the instance, as are the
     // other relayed signals (blocked above, pending until then).
+    crate::restore::reserve_fds(&snap.manifest);
     let watch = crate::restore::interrupt::Watch::start()?;
     watch.interrupt.abandon_reads_of(snap.clone());
     opts.interrupt = Some(watch.interrupt.clone());

@@ -204,6 +204,15 @@ pub struct Parked {
     tcp_lock: Option<crate::sys::nft::NetLock>,
 }
 
+/// Sizes our fd table for a restore of `m`, which opens a few fds per process (status
+/// pipes, gates): see [`crate::sys::reserve_fds`]. `run` calls it before its first
+/// helper thread starts; [`prepare`] again, for every other caller.
+pub fn reserve_fds(m: &warmstart_snapshots::model::Manifest) {
+    if let Err(e) = crate::sys::reserve_fds(4 * m.processes.len()) {
+        tracing::debug!("fd table not grown ahead: {e}");
+    }
+}
+
 /// Restores an instance of `snap` and lets it run.
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     prepare(snap, opts, false)?.resume(None, &[], None)
@@ -223,6 +232,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let m = &snap.manifest;
     let mut phases = Phases::default();
     let t = Instant::now();
+    reserve_fds(m);
     crate::tree_check::tree(m)?;
     crate::fds::tcp::check_allowed(m, opts.tcp_established)?;
     let p = &m.processes[0];

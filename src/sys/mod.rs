@@ -62,3 +62,29 @@ pub fn kcmp_files(pa: i32, a: i32, pb: i32, b: i32) -> std::io::Result<bool> {
     }
     Ok(r == 0)
 }
+
+/// Makes room in this process's fd table for at least `count` fds (above the first 64):
+/// the table grows once, to its final size, instead of doubling while they are opened.
+/// While other threads share the table each growth waits for an RCU grace period
+/// (`expand_fdtable`: several milliseconds), so this is best done while the process is
+/// still single-threaded. The kernel never shrinks the table.
+pub fn reserve_fds(count: usize) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let top = libc::c_int::try_from(count.saturating_add(64)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: integer arguments only; the duplicate is closed right away.
+    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, top) };
+    let fd = if fd < 0 {
+        // No fd 0 to duplicate: any fd will do.
+        let null = std::fs::File::open("/dev/null")?;
+        // SAFETY: as above; `null` stays open across the call.
+        unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) }
+    } else {
+        fd
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the duplicate made above, which nothing else refers to.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
