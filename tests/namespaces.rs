@@ -1,7 +1,7 @@
 //! Trees that run in namespaces of their own (issue 18): an `unshare`d tree with its own
 //! uts, ipc, net and pid namespaces is dumped with `dump -t` and restored with them —
 //! host name, System V objects (as `/proc/sysvipc` shows them from inside), the
-//! loopback's addresses and routes — into new namespaces of its own; namespaces and
+//! loopback's addresses and routes, every network sysctl — into new namespaces of its own; namespaces and
 //! network interfaces a restore cannot recreate are refused by name at dump time, with
 //! the tree left running.
 
@@ -88,6 +88,19 @@ fn ns_state(pid: i32) -> Vec<String> {
         r.sort();
         s.extend(r);
     }
+    // Every network sysctl that can be set (`path:value`).
+    let sysctls = nsenter(
+        pid,
+        &["-n"],
+        &[
+            "sh",
+            "-c",
+            "find /proc/sys/net -type f -perm -600 -exec grep -H . {} + 2>/dev/null; true",
+        ],
+    );
+    let mut v: Vec<String> = sysctls.lines().map(|l| format!("sysctl: {l}")).collect();
+    v.sort();
+    s.extend(v);
     s
 }
 
@@ -155,6 +168,24 @@ fn unshared_tree_round_trips_with_its_namespaces() {
         &["ip", "addr", "add", "10.9.8.7/32", "dev", "lo"],
         &["ip", "addr", "add", "fd00::7/128", "dev", "lo", "nodad"],
         &["ip", "route", "add", "10.77.0.0/16", "dev", "lo"],
+        // Sysctls of the namespace the app changed (one of several values, one on an
+        // interface, one through `all`).
+        &["sh", "-c", "echo 2 > /proc/sys/net/ipv4/tcp_syncookies"],
+        &[
+            "sh",
+            "-c",
+            "echo '40000 50000' > /proc/sys/net/ipv4/ip_local_port_range",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/lo/accept_local",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+        ],
     ] {
         nsenter(worker, &["-n"], argv);
     }
@@ -169,6 +200,17 @@ fn unshared_tree_round_trips_with_its_namespaces() {
         before.iter().any(|l| l.contains("10.77.0.0/16")),
         "{before:#?}"
     );
+    for set in [
+        "ipv4/tcp_syncookies:2",
+        "ipv4/ip_local_port_range:40000\t50000",
+        "ipv4/conf/lo/accept_local:1",
+        "ipv6/conf/lo/forwarding:1",
+    ] {
+        assert!(
+            before.iter().any(|l| l.ends_with(set)),
+            "{set} not in {before:#?}"
+        );
+    }
 
     let images = tempdir("ws-images-");
     let dir = images.path().join("img");

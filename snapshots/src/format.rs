@@ -20,9 +20,9 @@
 //! whole encoded file (header included), see `store`.
 //!
 //! Version rule ([`check_version`]): a reader accepts the versions from
-//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today 10 and 11: 11 only added
-//! a variant at the end of an enum, which leaves a version 10 body valid; postcard has no
-//! field tags, so any other change makes an older layout unreadable as the new one); an older or newer file
+//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 12; postcard has no
+//! field tags, so a change other than a variant added at the end of an enum makes an
+//! older layout unreadable as the new one); an older or newer file
 //! is refused with a message saying which versions this build reads, never half-decoded.
 
 use thiserror::Error;
@@ -33,11 +33,10 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 11;
+pub const FORMAT_VERSION: u32 = 12;
 /// The oldest version this build reads.
-/// 11 added `FileDesc::TcpEstablished` at the end of the enum: a version 10 manifest
-/// decodes the same, so it is still read.
-pub const MIN_FORMAT_VERSION: u32 = 10;
+/// 12 added `NetNs::sysctls`: a version 11 manifest no longer decodes as one.
+pub const MIN_FORMAT_VERSION: u32 = 12;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

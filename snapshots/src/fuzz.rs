@@ -1003,6 +1003,7 @@ pub fn sample_manifest() -> Manifest {
                     ..Default::default()
                 }],
                 routes: Vec::new(),
+                sysctls: vec![("net/ipv4/tcp_syncookies".into(), "2".into())],
             }),
         },
     }

@@ -167,6 +167,10 @@ pub struct NetNs {
     /// Routes through `lo` that the kernel does not add by itself (any protocol but
     /// `kernel`), in every table.
     pub routes: Vec<NetRoute>,
+    /// The namespace's sysctls (`/proc/sys/net`, as paths: `net/ipv4/tcp_syncookies`)
+    /// whose values differ from a new namespace's, with their values, in the order a
+    /// restore writes them.
+    pub sysctls: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,8 +6,9 @@
 //! 1. **uts, ipc, net** of its own: recorded ([`collect`]) and recreated by a restore —
 //!    host and domain name; System V shm segments (contents through the page store),
 //!    semaphore sets and message queues at their exact ids, with the namespace's ipc
-//!    limits; the loopback interface's state, addresses and routes. Anything else in a
-//!    network namespace (another interface) is refused by name.
+//!    limits; the loopback interface's state, addresses and routes, and the network
+//!    sysctls the app changed (those that differ from a new namespace's). Anything else
+//!    in a network namespace (another interface) is refused by name.
 //! 2. **pid**: handled by the process collection (pids as the tree sees them).
 //! 3. **mnt**: a restore gives every instance a mount namespace of its own with a fresh
 //!    `/proc` (and its own `/dev/pts`, `/tmp` and private directories), so a mount
@@ -32,6 +33,7 @@ use warmstart_snapshots::PageWriter;
 use crate::sys::ipc::{self, Kind};
 use crate::sys::ns;
 use crate::sys::rtnl::Rtnl;
+use crate::sys::sysctl;
 
 /// The ipc namespace's settings kept (`/proc/sys/kernel/NAME`); the `*_next_id` ones
 /// are written last at restore, after the objects are created.
@@ -135,12 +137,16 @@ pub fn collect(
         )?);
     }
     if own("net")? {
+        // What a new namespace starts with (a restore's does the same on this host).
+        let fresh = ns::run_unshared(libc::CLONE_NEWNET, || {
+            sysctl::net_settings().context("reading the sysctls of a new network namespace")
+        })?;
         let fd = ns::open(root, "net")?;
         out.net = Some(ns::run_in(
             fd.as_fd(),
             libc::CLONE_NEWNET,
             "the tree's network namespace",
-            || collect_net(root),
+            || collect_net(root, &fresh),
         )?);
     }
     Ok(out)
@@ -330,8 +336,8 @@ fn shm_contents(
     Ok(pages)
 }
 
-/// Runs in the tree's network namespace.
-fn collect_net(root: i32) -> Result<NetNs> {
+/// Runs in the tree's network namespace; `fresh`: the sysctls of a new one.
+fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
     let mut nl = Rtnl::open()?;
     let links = nl.links()?;
     if let Some(other) = links.iter().find(|l| l.name != "lo") {
@@ -383,11 +389,14 @@ fn collect_net(root: i32) -> Result<NetNs> {
             priority: r.priority,
         })
         .collect();
+    let now = sysctl::net_settings()
+        .with_context(|| format!("reading the sysctls of process {root}'s network namespace"))?;
     Ok(NetNs {
         lo_up: lo.flags & libc::IFF_UP as u32 != 0,
         lo_mtu: lo.mtu,
         addrs,
         routes,
+        sysctls: sysctl::changed(&now, fresh),
     })
 }
 

@@ -13,17 +13,18 @@
 //!    `*get`), then given its owner and mode; last the `*_next_id` values the namespace
 //!    had.
 //! 3. net: `lo`'s MTU and state, its addresses (and none the kernel added that it did
-//!    not have), then the routes.
+//!    not have), then the routes, then the sysctls the app had changed.
 
 use std::os::fd::BorrowedFd;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{IpcNs, Namespaces, NetNs, RunContent, UtsNs, PAGE_SIZE};
 use warmstart_snapshots::store::Snapshot;
 
 use crate::sys::ipc::{self, Kind};
 use crate::sys::ns;
 use crate::sys::rtnl::{self, Addr, Route, Rtnl};
+use crate::sys::sysctl;
 
 /// Fills the namespaces of sandbox init `init_pidfd` with `nss`.
 pub fn fill(init_pidfd: BorrowedFd<'_>, nss: &Namespaces, snap: &Snapshot) -> Result<()> {
@@ -66,8 +67,34 @@ fn is_next_id(name: &str) -> bool {
 }
 
 fn write_sysctl(name: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/kernel/{name}");
-    std::fs::write(&path, value).with_context(|| format!("writing {value:?} to {path}"))
+    sysctl::write(&format!("kernel/{name}"), value)
+        .with_context(|| format!("writing {value:?} to /proc/sys/kernel/{name}"))
+}
+
+/// The network sysctls the app had changed, each written unless it already has its value
+/// (a write to `conf/all/X` may have set an interface's `X` already).
+fn fill_net_sysctls(net: &NetNs) -> Result<()> {
+    for (name, value) in &net.sysctls {
+        let what = || format!("sysctl {} = {value:?}", sysctl::dotted(name));
+        match sysctl::read(name) {
+            Ok(v) if v == *value => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "the snapshot's network namespace had {} changed by the app, and this \
+                 host's kernel has no such setting (a module or feature of the host the \
+                 dump was taken on, missing here?): restore on a host that has it",
+                what()
+            ),
+            _ => {}
+        }
+        sysctl::write(name, value).with_context(|| {
+            format!(
+                "restoring {} in the instance's network namespace (the app had changed \
+                 it)",
+                what()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
@@ -219,5 +246,5 @@ fn fill_net(net: &NetNs) -> Result<()> {
             _ => {}
         }
     }
-    Ok(())
+    fill_net_sysctls(net)
 }

@@ -10,6 +10,7 @@ pub mod ptrace;
 pub mod remote;
 pub mod rtnl;
 pub mod scm;
+pub mod sysctl;
 pub mod tasks;
 pub mod tcp_repair;
 pub mod timens;
