@@ -726,6 +726,10 @@ fn vma_kind(k: &VmaKind) -> String {
         VmaKind::VvarVclock => "[vvar_vclock]".into(),
         VmaKind::Vsyscall => "[vsyscall]".into(),
         VmaKind::SharedFile { id } => format!("deleted file / memfd #{id}"),
+        VmaKind::SysvShm { shmid, writable } => format!(
+            "System V shm {shmid}{}",
+            if *writable { "" } else { " (read-only attach)" }
+        ),
     }
 }
 

@@ -432,6 +432,8 @@ pub(crate) mod tests {
             file_identity().prop_map(|file| VmaKind::File { file }),
             any::<u64>().prop_map(|id| VmaKind::Shmem { id }),
             any::<u64>().prop_map(|id| VmaKind::SharedFile { id }),
+            (any::<i32>(), any::<bool>())
+                .prop_map(|(shmid, writable)| VmaKind::SysvShm { shmid, writable }),
             Just(VmaKind::Vdso),
             Just(VmaKind::Vvar),
             Just(VmaKind::VvarVclock),

@@ -570,6 +570,15 @@ pub enum VmaKind {
     SharedFile {
         id: u64,
     },
+    /// An attach (`shmat`) of System V shared memory segment `shmid` of the tree's own
+    /// ipc namespace, whose contents are the segment's (`IpcNs::shm`): attached again at
+    /// its address by the restore, and given each VMA's protection (an attach split by
+    /// `mprotect` is several VMAs, `Vma::offset` into the segment). `writable`: attached
+    /// read-write (smaps `mw`), whatever its protection is now.
+    SysvShm {
+        shmid: i32,
+        writable: bool,
+    },
 }
 
 /// A run of consecutive populated pages of a VMA.

@@ -113,6 +113,20 @@ pub fn collect(
     if own("mnt")? {
         check_mounts(order, private)?;
     }
+    let attaches = sysv_attaches(order)?;
+    if let Some(a) = attaches.first().filter(|_| !own("ipc").unwrap_or(false)) {
+        bail!(
+            "process {} ({}) has System V shared memory segment {} attached at {:x} \
+             (shmat), a segment of the host's ipc namespace: its contents are shared with \
+             the host's other processes and are not in a snapshot, so only segments of an \
+             ipc namespace of the tree's own are restored; run the app in one (warmstart \
+             record --ipc, or unshare --ipc)",
+            a.pid,
+            comm(a.pid),
+            a.map.inode,
+            a.map.start
+        );
+    }
     let mut out = Namespaces::default();
     if own("uts")? {
         let fd = ns::open(root, "uts")?;
@@ -133,7 +147,7 @@ pub fn collect(
             fd.as_fd(),
             libc::CLONE_NEWIPC,
             "the tree's ipc namespace",
-            || collect_ipc(root, writer),
+            || collect_ipc(root, &attaches, writer),
         )?);
     }
     if own("net")? {
@@ -254,8 +268,91 @@ fn check_mounts(order: &[i32], private: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// A mapping of a System V shared memory segment by a process of the tree.
+#[derive(Clone)]
+struct Attach {
+    pid: i32,
+    /// Its inode is the segment's id.
+    map: crate::sys::maps::MapEntry,
+}
+
+/// Every mapping of a System V segment by the tree's processes, per process in address
+/// order.
+fn sysv_attaches(order: &[i32]) -> Result<Vec<Attach>> {
+    let mut out = Vec::new();
+    for &pid in order {
+        let path = format!("/proc/{pid}/maps");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let maps = crate::sys::maps::parse(&text).with_context(|| format!("parsing {path}"))?;
+        out.extend(
+            maps.into_iter()
+                .filter(|m| m.shared && m.dev.0 == 0 && super::vmas::sysv_name(&m.name))
+                .map(|map| Attach { pid, map }),
+        );
+    }
+    Ok(out)
+}
+
+/// Checks that the tree's mappings of segment `id` (`size` bytes, `nattch` mappings in
+/// all) can be attached again: they are all the tree's, and each attach is whole (its
+/// VMAs, split by `mprotect` perhaps, cover the segment from its start to its end).
+fn check_attaches(root: i32, id: i32, size: u64, nattch: u64, attaches: &[Attach]) -> Result<()> {
+    let mine: Vec<&Attach> = attaches
+        .iter()
+        .filter(|a| a.map.inode == id as u64)
+        .collect();
+    if nattch != mine.len() as u64 {
+        bail!(
+            "System V shared memory segment {id} in the ipc namespace of process {root} ({}) \
+             is attached {nattch} time(s), {} of them by the tree: a process outside the \
+             tree has it attached, and its view of the segment would not follow the \
+             restored one; dump the whole tree that shares it",
+            comm(root),
+            mine.len()
+        );
+    }
+    let whole = size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    let mut i = 0;
+    while i < mine.len() {
+        let first = mine[i];
+        if first.map.offset != 0 {
+            bail!(
+                "process {} ({}) has System V shared memory segment {id} mapped at {:x} from \
+                 offset {:#x} without its start: part of that attach was unmapped, which \
+                 a restore cannot attach again",
+                first.pid,
+                comm(first.pid),
+                first.map.start,
+                first.map.offset
+            );
+        }
+        let base = first.map.start;
+        let mut end = first.map.end;
+        i += 1;
+        while i < mine.len()
+            && mine[i].pid == first.pid
+            && mine[i].map.start == end
+            && mine[i].map.offset == end - base
+        {
+            end = mine[i].map.end;
+            i += 1;
+        }
+        if end - base != whole {
+            bail!(
+                "process {} ({}) has System V shared memory segment {id} ({size} bytes) \
+                 attached at {base:x} with only {:#x} bytes of it mapped: part of that \
+                 attach was unmapped, which a restore cannot attach again",
+                first.pid,
+                comm(first.pid),
+                end - base
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs in the tree's ipc namespace.
-fn collect_ipc(root: i32, writer: &mut PageWriter<'_>) -> Result<IpcNs> {
+fn collect_ipc(root: i32, attaches: &[Attach], writer: &mut PageWriter<'_>) -> Result<IpcNs> {
     let mut out = IpcNs::default();
     for name in IPC_SYSCTLS {
         let path = format!("/proc/sys/kernel/{name}");
@@ -274,14 +371,7 @@ fn collect_ipc(root: i32, writer: &mut PageWriter<'_>) -> Result<IpcNs> {
     for seg in ipc::list(Kind::Shm)? {
         let (id, key) = (seg.perm.id, seg.perm.key);
         let nattch = seg.field("nattch");
-        if nattch > 0 {
-            bail!(
-                "System V shared memory segment {id} (key {key:#x}) in the ipc namespace of \
-                 process {root} ({}) is attached by {nattch} process(es): attached segments \
-                 (shmat) are not supported yet; detach it (shmdt) before the dump",
-                comm(root)
-            );
-        }
+        check_attaches(root, id, seg.field("size"), nattch, attaches)?;
         let size = seg.field("size");
         let pages = shm_contents(id, size, writer)
             .with_context(|| format!("reading System V shm segment {id} (key {key:#x})"))?;
@@ -403,6 +493,63 @@ fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn attach(pid: i32, start: u64, end: u64, offset: u64, id: u64) -> Attach {
+        Attach {
+            pid,
+            map: crate::sys::maps::MapEntry {
+                start,
+                end,
+                read: true,
+                write: true,
+                exec: false,
+                shared: true,
+                offset,
+                dev: (0, 1),
+                inode: id,
+                name: "/SYSV00005158 (deleted)".into(),
+                vm_flags: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn attaches_must_be_whole_and_the_trees() {
+        const P: u64 = PAGE_SIZE as u64;
+        // Segment 7: 3 pages + 100 bytes, attached twice by process 10 (once split in
+        // three by mprotect) and once by process 11.
+        let all = [
+            attach(10, 0x10000, 0x10000 + P, 0, 7),
+            attach(10, 0x10000 + P, 0x10000 + 2 * P, P, 7),
+            attach(10, 0x10000 + 2 * P, 0x10000 + 4 * P, 2 * P, 7),
+            attach(10, 0x40000, 0x40000 + 4 * P, 0, 7),
+            attach(11, 0x40000, 0x40000 + 4 * P, 0, 7),
+            attach(11, 0x90000, 0x90000 + P, 0, 8),
+        ];
+        let size = 3 * P + 100;
+        check_attaches(1, 7, size, 5, &all).unwrap();
+        let e = check_attaches(1, 7, size, 6, &all).unwrap_err().to_string();
+        assert!(
+            e.contains("attached 6 time(s), 5 of them by the tree"),
+            "{e}"
+        );
+        // The head of an attach unmapped.
+        let e = check_attaches(1, 7, size, 4, &all[1..])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("from offset 0x1000 without its start"), "{e}");
+        // Its tail unmapped.
+        let e = check_attaches(1, 7, size, 2, &all[..2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("with only 0x2000 bytes of it mapped"), "{e}");
+        // A hole in the middle.
+        let holed = [all[0].clone(), all[2].clone()];
+        let e = check_attaches(1, 7, size, 2, &holed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("with only 0x1000 bytes"), "{e}");
+    }
 
     #[test]
     fn mountinfo_lines() {

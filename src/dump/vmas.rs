@@ -39,9 +39,16 @@ fn kind_of(
         }
         // Shared anonymous memory is a file of the kernel's internal shmem mount.
         "/dev/zero (deleted)" if m.shared && m.inode != 0 => VmaKind::Shmem { id: m.inode },
-        n if m.inode != 0 && n.starts_with("/SYSV") && n.ends_with(" (deleted)") => {
-            return Err(refuse("System V shared memory (shmat)"))
+        // An attach of a System V segment: a file of the kernel's internal shm mount
+        // (device major 0) whose inode number is the segment's id (0 included).
+        n if m.shared && m.dev.0 == 0 && sysv_name(n) && m.has_flag("ht") => {
+            return Err(refuse("System V shared memory in huge pages (SHM_HUGETLB)"))
         }
+        n if m.shared && m.dev.0 == 0 && sysv_name(n) => VmaKind::SysvShm {
+            shmid: i32::try_from(m.inode)
+                .map_err(|_| refuse("System V shared memory with an impossible id"))?,
+            writable: m.has_flag("mw"),
+        },
         n if m.inode != 0 && n.starts_with('/') && n.ends_with(" (deleted)") => {
             let name = n.trim_end_matches(" (deleted)");
             let memfd = name.starts_with("/memfd:");
@@ -116,6 +123,14 @@ fn shmem_pages(
         done += n;
     }
     Ok(())
+}
+
+/// `/SYSV` and eight hex digits (the key), then ` (deleted)`: how `maps` names an attach
+/// of a System V shared memory segment.
+pub fn sysv_name(n: &str) -> bool {
+    n.strip_prefix("/SYSV")
+        .and_then(|r| r.strip_suffix(" (deleted)"))
+        .is_some_and(|k| k.len() == 8 && k.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn meta_ino(meta: &std::fs::Metadata) -> u64 {

@@ -673,6 +673,16 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         return Err(errno_err(format!("personality({:#x})", p.personality)));
     }
     let mut fds = open_mapping_fds(p, ctx.high, &ctx.inherited)?;
+    // SHM_DEST: the mode bit of a segment removed while attached.
+    const SHM_DEST: u32 = 0o1000;
+    fds.sysv_rmid = m
+        .namespaces
+        .ipc
+        .iter()
+        .flat_map(|i| &i.shm)
+        .filter(|s| s.perm.mode & SHM_DEST != 0)
+        .map(|s| s.perm.id)
+        .collect();
     fds.premapped = p
         .vmas
         .iter()
@@ -1151,6 +1161,7 @@ fn open_mapping_fds(
         vma_fds,
         exe_fd,
         premapped: Vec::new(),
+        sysv_rmid: Vec::new(),
     })
 }
 

@@ -26,6 +26,43 @@ pub struct ProgramFds {
     /// Per VMA index: where the VMA's memory is mapped already, with the pages it shares
     /// with other processes of the tree ([`super::cow`]): moved into place, not mapped.
     pub premapped: Vec<Option<u64>>,
+    /// System V segments removed while attached (`SHM_DEST`): each process removes them
+    /// again once it has attached them.
+    pub sysv_rmid: Vec<i32>,
+}
+
+/// VMA `v` of an attach of System V segment `shmid`: the attach is made again at its
+/// address by its first VMA (offset 0; the dump checked that the VMAs of an attach cover
+/// the whole segment, in order), read-only unless `writable`; then every VMA gets its
+/// protection. `rmid`: the segment was removed while attached, so it is removed again
+/// once attached (it stays while attached, and `shmat` by id still finds it).
+fn sysv_attach(b: &mut ProgramBuilder, v: &Vma, shmid: i32, writable: bool, rmid: bool) {
+    let prot = PROT_READ | if writable { PROT_WRITE } else { 0 };
+    if v.offset == 0 {
+        b.syscall(
+            libc::SYS_shmat,
+            &[
+                imm(shmid as u32),
+                imm(v.start),
+                imm(if writable { 0 } else { libc::SHM_RDONLY as u64 }),
+            ],
+            format!("shmat System V segment {shmid} at {:x}", v.start),
+        );
+        if rmid {
+            b.syscall(
+                libc::SYS_shmctl,
+                &[imm(shmid as u32), imm(libc::IPC_RMID as u64), imm(0u64)],
+                format!("shmctl(IPC_RMID) System V segment {shmid}"),
+            );
+        }
+    }
+    if v.prot != prot {
+        b.syscall(
+            libc::SYS_mprotect,
+            &[imm(v.start), imm(v.len()), imm(v.prot)],
+            format!("mprotect System V segment {shmid} at {:x}", v.start),
+        );
+    }
 }
 
 /// What a parked restore (`warmstart serve`'s pool) does when it is handed out. Every
@@ -339,10 +376,14 @@ pub fn program(
         // ([`writable_at_first_trap`]). Other areas get their final protection at once
         // (pages of read-only ones go through /proc/PID/mem, which may write them).
         let relro = is_relro(v);
-        match fds.premapped.get(i).copied().flatten() {
+        let premapped = fds.premapped.get(i).copied().flatten();
+        match (&v.kind, premapped) {
+            (VmaKind::SysvShm { shmid, writable }, _) => {
+                sysv_attach(&mut b, v, *shmid, *writable, fds.sysv_rmid.contains(shmid));
+            }
             // A shared area, mapped read-write where it is now: moved into place, then
             // given its protection (a RELRO-like one after the first trap, as below).
-            Some(at) => {
+            (_, Some(at)) => {
                 if at != v.start {
                     b.syscall(
                         libc::SYS_mremap,
@@ -364,7 +405,7 @@ pub fn program(
                     );
                 }
             }
-            None => {
+            (_, None) => {
                 b.syscall(
                     libc::SYS_mmap,
                     &[
@@ -380,7 +421,7 @@ pub fn program(
             }
         }
         if relro {
-            relros.push((v, fds.premapped.get(i).copied().flatten().is_some()));
+            relros.push((v, premapped.is_some()));
         }
         let advice = [
             (v.flags.dontfork, libc::MADV_DONTFORK),
@@ -1201,6 +1242,7 @@ mod tests {
             vma_fds: vec![None; p.vmas.len()],
             exe_fd: 3,
             premapped: vec![None; p.vmas.len()],
+            sysv_rmid: Vec::new(),
         };
         let (b, _, _) = program(p, &own(), &fds, BASE, LEN, &[], late).unwrap();
         let calls = b
