@@ -226,6 +226,12 @@ pub struct RestoreArgs {
     /// --tcp-established (refused without it)
     #[arg(long)]
     pub tcp_established: bool,
+    /// The snapshot's veth interface NAME gets its new peer named HOSTNAME in
+    /// warmstart's network namespace, made a port of bridge BRIDGE when given (CRIU's
+    /// `--external veth[NAME]:HOSTNAME@BRIDGE`). Default: the peer's name at the dump.
+    /// Repeatable
+    #[arg(long, value_name = "NAME=HOSTNAME[@BRIDGE]", value_parser = crate::restore::namespaces::VethMap::parse)]
+    pub veth: Vec<crate::restore::namespaces::VethMap>,
 }
 
 #[derive(Args, Debug)]
@@ -646,6 +652,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                     tool_request,
                     cgroups,
                     tcp_established: false,
+                    veths: Vec::new(),
                 },
             )
         }
@@ -830,6 +837,24 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
             n.addrs.len(),
             n.routes.len()
         );
+        for v in &n.veths {
+            println!(
+                "    veth {} (index {}, mtu {}, {}, {} address(es)), peer {}",
+                v.name,
+                v.index,
+                v.mtu,
+                if v.up { "up" } else { "down" },
+                v.addrs.len(),
+                if v.peer.is_empty() {
+                    "outside warmstart's namespace (restore --veth NAME=HOSTNAME)"
+                } else {
+                    &v.peer
+                }
+            );
+        }
+        if !n.sysctls.is_empty() {
+            println!("    {} sysctl(s) changed by the app", n.sysctls.len());
+        }
     }
     for p in &m.processes {
         if let Some(status) = p.zombie {
@@ -1092,6 +1117,7 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
         crate::run::Given {
             cgroups,
             tcp_established: a.tcp_established,
+            veths: a.veth.clone(),
             ..Default::default()
         },
     )

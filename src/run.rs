@@ -106,6 +106,8 @@ pub struct Given {
     pub cgroups: Cgroups,
     /// `restore --tcp-established`: bring back the snapshot's established connections.
     pub tcp_established: bool,
+    /// `restore --veth`: where the new peers of the snapshot's veths go.
+    pub veths: Vec<crate::restore::namespaces::VethMap>,
 }
 
 /// [`run_instance`], the instance getting what `given` says.
@@ -122,6 +124,7 @@ pub fn run_instance_with(
         tool_request,
         cgroups,
         tcp_established,
+        veths,
     } = given;
     crate::restore::block_forwarded_signals();
     let placed = place(&snap, &cgroups)?;
@@ -137,6 +140,7 @@ pub fn run_instance_with(
         tool_request,
         cgroups: placement.clone(),
         tcp_established,
+        veths,
         ..Default::default()
     };
     if let Mode::Lazy { prefetch } = mode {

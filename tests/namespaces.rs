@@ -70,14 +70,37 @@ fn ns_state(pid: i32) -> Vec<String> {
     for f in ["shm", "sem", "msg"] {
         s.extend(sysvipc(pid, f).into_iter().map(|r| format!("{f}: {r}")));
     }
+    // An IPv6 link-local address is the kernel's (made from the MAC once the carrier is
+    // seen, then tentative until its duplicate detection ends): not compared.
     let addrs = nsenter(pid, &["-n"], &["ip", "-o", "addr", "show"]);
     s.extend(
         addrs
             .lines()
+            .filter(|l| !(l.contains("inet6 fe80::") && l.contains("scope link")))
             .map(|l| format!("addr: {}", l.split(" valid_lft").next().unwrap_or(l).trim())),
     );
+    // A veth names its peer by index (`eth0@if7`), which a new peer does not keep; its
+    // carrier and operational state follow the peer's (and the kernel updates them up to
+    // a second late): the administrative state (UP) is the namespace's.
     let links = nsenter(pid, &["-n"], &["ip", "-o", "link", "show"]);
-    s.extend(links.lines().map(|l| format!("link: {l}")));
+    s.extend(links.lines().map(|l| {
+        let l = match l.find("@if") {
+            Some(at) => {
+                let digits = l[at + 3..].chars().take_while(char::is_ascii_digit).count();
+                format!("{}@peer{}", &l[..at], &l[at + 3 + digits..])
+            }
+            None => l.to_owned(),
+        };
+        let l = l.replace("NO-CARRIER,", "").replace(",LOWER_UP", "");
+        let l = match l.find(" state ") {
+            Some(at) => {
+                let word = l[at + 7..].find(' ').map_or(l.len(), |e| at + 7 + e);
+                format!("{} state -{}", &l[..at], &l[word..])
+            }
+            None => l,
+        };
+        format!("link: {l}")
+    }));
     for family in ["-4", "-6"] {
         let routes = nsenter(
             pid,
@@ -320,8 +343,13 @@ fn refused(flags: &[&str], setup: &str, needle: &str) {
 fn other_network_interfaces_are_refused_by_name() {
     refused(
         &["--net", "--pid"],
+        "ip link add wsb0 type bridge",
+        "interface wsb0 (bridge): only the loopback interface and veth interfaces",
+    );
+    refused(
+        &["--net", "--pid"],
         "ip link add wsv0 type veth peer name wsv1",
-        "(veth): only the loopback interface",
+        "whose peer is in the same namespace: only veths whose peer is outside",
     );
 }
 
@@ -523,4 +551,187 @@ fn record_in_namespaces_of_its_own() {
     let out = ws.run(&["record", "--net", "bridge", "--", "true"], "");
     out.assert_fail();
     assert!(out.stderr.contains("--net bridge"), "{}", out.describe());
+}
+
+/// `nsenter -t PID -n -- ARGV`: run in the network namespace of `pid`.
+fn in_net_of(pid: i32, argv: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg("-t")
+        .arg(pid.to_string())
+        .args(["-n", "--"])
+        .args(argv);
+    c
+}
+
+/// warmstart with `args`, in the network namespace of `pid`.
+fn ws_in_net_of(ws: &Ws, pid: i32, args: &[&str]) -> Command {
+    let mut c = in_net_of(pid, &[common::bin()]);
+    c.env("WARMSTART_STORE", ws.store())
+        .env_remove("RUST_LOG")
+        .args(args);
+    c
+}
+
+/// What a client in the network namespace of `from` gets from `addr`:`port`.
+fn hello(from: i32, addr: &str, port: &str) -> String {
+    output(&mut in_net_of(
+        from,
+        &[
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{addr}/{port} && cat <&3"),
+        ],
+    ))
+    .trim()
+    .to_owned()
+}
+
+/// A tree in a network namespace of its own reached through a veth (the other end in a
+/// namespace the test made, standing for the host's): the veth comes back at its index
+/// with its MTU, MAC, state, addresses and the routes through it, its new peer named by
+/// `--veth` in the restorer's namespace; a client there reaches the restored server by
+/// the same address and route. A second instance would clash on the peer's name: refused
+/// before any process runs.
+#[test]
+fn veth_is_recreated_with_a_new_peer() {
+    let ws = Ws::new();
+    // The "host": a network namespace of the test's own, so nothing touches the real one.
+    let holder = Proc::spawn(Command::new("unshare").args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && echo ready >&2 && exec cat",
+    ]));
+    holder.wait_stderr("ready");
+    let h = holder.pid();
+    let server =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/veth_server.py");
+    let script = format!("python3 {}; true", server.display());
+    let app = Proc::spawn(&mut in_net_of(
+        h,
+        &[
+            "unshare",
+            "--net",
+            "--pid",
+            "--mount-proc",
+            "--propagation=private",
+            "--fork",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    ));
+    let port = app
+        .wait_stderr("ready")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let init = children(app.pid());
+    assert_eq!(init.len(), 1, "{init:?}");
+    let worker = children(init[0])[0];
+    let w = worker.to_string();
+    for argv in [
+        &[
+            "ip", "link", "add", "wsv0", "type", "veth", "peer", "name", "eth0", "netns", &w,
+        ][..],
+        &["ip", "addr", "add", "10.123.0.1/24", "dev", "wsv0"],
+        &["ip", "link", "set", "wsv0", "up"],
+    ] {
+        output(&mut in_net_of(h, argv));
+    }
+    for argv in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["ip", "link", "set", "eth0", "mtu", "1400"],
+        &["ip", "link", "set", "eth0", "address", "02:00:0a:7b:00:02"],
+        &["ip", "addr", "add", "10.123.0.2/24", "dev", "eth0"],
+        &["ip", "link", "set", "eth0", "up"],
+        &["ip", "route", "add", "10.124.0.0/16", "via", "10.123.0.1"],
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_ignore",
+        ],
+    ] {
+        nsenter(worker, &["-n"], argv);
+    }
+    assert_eq!(hello(h, "10.123.0.2", &port), "hello 1 from 10.123.0.1");
+    let before = ns_state(worker);
+    assert!(
+        before.iter().any(|l| l.contains("eth0@peer:")
+            && l.contains("mtu 1400")
+            && l.contains("02:00:0a:7b:00:02")),
+        "{before:#?}"
+    );
+    assert!(before
+        .iter()
+        .any(|l| l.contains("10.124.0.0/16 via 10.123.0.1 dev eth0")));
+    assert!(before.iter().any(|l| l.ends_with("conf/eth0/arp_ignore:1")));
+
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    let d = dir.to_str().unwrap();
+    let out = common::run_with(
+        &mut ws_in_net_of(&ws, h, &["dump", "-t", &w, "-D", d]),
+        b"",
+        TIMEOUT,
+    );
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        wait_pid_exit(worker, TIMEOUT),
+        "the dumped server still runs"
+    );
+    drop(app);
+
+    let mut guard = KillGuard::new();
+    let mut r = Proc::spawn(&mut ws_in_net_of(
+        &ws,
+        h,
+        &["restore", "-D", d, "-d", "--veth", "eth0=wsv1"],
+    ));
+    let first = r.read_line();
+    let pid: i32 = first
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("restore printed {first:?}: {}", r.stderr_after_exit()));
+    guard.add(pid);
+    assert!(r.wait().success(), "restore -d failed");
+    assert_eq!(ns_state(pid), before, "the instance's network namespace");
+    // The new peer is the "host's": up, and given the old peer's address there.
+    output(&mut in_net_of(
+        h,
+        &["ip", "addr", "add", "10.123.0.1/24", "dev", "wsv1"],
+    ));
+    assert_eq!(hello(h, "10.123.0.2", &port), "hello 2 from 10.123.0.1");
+
+    // A second instance: its peer's name is taken.
+    let out = common::run_with(
+        &mut ws_in_net_of(&ws, h, &["restore", "-D", d, "-d", "--veth", "eth0=wsv1"]),
+        b"",
+        TIMEOUT,
+    );
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("this host already has an interface wsv1"),
+        "{}",
+        out.describe()
+    );
+    // Naming a veth the snapshot does not have is refused too.
+    let out = common::run_with(
+        &mut ws_in_net_of(&ws, h, &["restore", "-D", d, "-d", "--veth", "eth9=wsv2"]),
+        b"",
+        TIMEOUT,
+    );
+    assert!(
+        !out.success() && out.stderr.contains("has no veth named eth9 (it has: eth0)"),
+        "{}",
+        out.describe()
+    );
+    drop(guard);
+    assert!(!alive(pid), "the instance survived its guard");
+    drop(holder);
 }

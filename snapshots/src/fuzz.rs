@@ -1004,6 +1004,15 @@ pub fn sample_manifest() -> Manifest {
                 }],
                 routes: Vec::new(),
                 sysctls: vec![("net/ipv4/tcp_syncookies".into(), "2".into())],
+                veths: vec![NetVeth {
+                    index: 2,
+                    name: "eth0".into(),
+                    mtu: 1500,
+                    mac: vec![2, 0, 0, 0, 0, 1],
+                    up: true,
+                    addrs: Vec::new(),
+                    peer: "veth-host".into(),
+                }],
             }),
         },
     }

@@ -171,6 +171,26 @@ pub struct NetNs {
     /// whose values differ from a new namespace's, with their values, in the order a
     /// restore writes them.
     pub sysctls: Vec<(String, String)>,
+    /// The namespace's veth interfaces (their peers elsewhere), recreated by a restore
+    /// with a new peer.
+    pub veths: Vec<NetVeth>,
+}
+
+/// A veth interface of a namespace of the tree's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetVeth {
+    /// Its interface index (kept: sockets and routes name interfaces by index).
+    pub index: i32,
+    pub name: String,
+    pub mtu: u32,
+    /// Its MAC address.
+    pub mac: Vec<u8>,
+    pub up: bool,
+    /// Its addresses, but for those the kernel made itself (IPv6 link-local ones).
+    pub addrs: Vec<NetAddr>,
+    /// Its peer's name when the peer was in the dumper's namespace (where a restore
+    /// creates the new peer by default), else empty.
+    pub peer: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,8 +214,10 @@ pub struct NetRoute {
     pub scope: u8,
     /// `RTN_*`.
     pub kind: u8,
-    /// Through `lo` (`RTA_OIF`); else a route with no device (unreachable, blackhole).
-    pub dev_lo: bool,
+    /// The index of the interface it goes through (`RTA_OIF`: `lo`, or a veth, which a
+    /// restore recreates at its index); none for a route with no device (unreachable,
+    /// blackhole).
+    pub oif: Option<i32>,
     /// Empty for a default route.
     pub dst: Vec<u8>,
     pub gateway: Option<Vec<u8>>,

@@ -463,6 +463,7 @@ fn restore_once(snap: &Arc<Snapshot>, n: usize, deadline: Instant) -> Result<Dur
         template: None,
         cgroups: None,
         tcp_established: false,
+        veths: Vec::new(),
     };
     let restored = crate::restore::restore(snap, &opts)?;
     drop((in_r, out_w, null));

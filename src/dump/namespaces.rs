@@ -26,7 +26,8 @@ use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::{
-    IpcNs, MsgQueue, Namespaces, NetAddr, NetNs, NetRoute, SemSet, ShmSegment, UtsNs, PAGE_SIZE,
+    IpcNs, MsgQueue, Namespaces, NetAddr, NetNs, NetRoute, NetVeth, SemSet, ShmSegment, UtsNs,
+    PAGE_SIZE,
 };
 use warmstart_snapshots::PageWriter;
 
@@ -155,12 +156,16 @@ pub fn collect(
         let fresh = ns::run_unshared(libc::CLONE_NEWNET, || {
             sysctl::net_settings().context("reading the sysctls of a new network namespace")
         })?;
+        // Where the peers of the tree's veths may be.
+        let ours = Rtnl::open()?
+            .links()
+            .context("listing this namespace's network interfaces")?;
         let fd = ns::open(root, "net")?;
         out.net = Some(ns::run_in(
             fd.as_fd(),
             libc::CLONE_NEWNET,
             "the tree's network namespace",
-            || collect_net(root, &fresh),
+            || collect_net(root, &fresh, &ours),
         )?);
     }
     Ok(out)
@@ -426,11 +431,16 @@ fn shm_contents(
     Ok(pages)
 }
 
-/// Runs in the tree's network namespace; `fresh`: the sysctls of a new one.
-fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
+/// Runs in the tree's network namespace; `fresh`: the sysctls of a new one; `ours`: the
+/// interfaces of the dumper's namespace (where a veth's peer may be).
+fn collect_net(
+    root: i32,
+    fresh: &[(String, String)],
+    ours: &[crate::sys::rtnl::Link],
+) -> Result<NetNs> {
     let mut nl = Rtnl::open()?;
     let links = nl.links()?;
-    if let Some(other) = links.iter().find(|l| l.name != "lo") {
+    if let Some(other) = links.iter().find(|l| l.name != "lo" && l.kind != "veth") {
         let kind = if other.kind.is_empty() {
             "device"
         } else {
@@ -438,33 +448,70 @@ fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
         };
         bail!(
             "process {root} ({}) runs in a network namespace of its own with interface \
-             {} ({kind}): only the loopback interface of a network namespace is restored; \
-             remove it (ip link del {}) or dump a tree in the host's network namespace",
+             {} ({kind}): only the loopback interface and veth interfaces of a network \
+             namespace are restored; remove it (ip link del {}) or dump a tree in the \
+             host's network namespace",
             comm(root),
             other.name,
             other.name
+        );
+    }
+    if let Some(v) = links
+        .iter()
+        .find(|l| l.kind == "veth" && l.link_netnsid.is_none())
+    {
+        bail!(
+            "process {root} ({}) runs in a network namespace of its own with veth {} whose \
+             peer is in the same namespace: only veths whose peer is outside are restored; \
+             remove the pair (ip link del {}) or dump a tree in the host's network namespace",
+            comm(root),
+            v.name,
+            v.name
         );
     }
     let lo = links
         .iter()
         .find(|l| l.name == "lo")
         .context("the network namespace has no loopback interface")?;
-    let addrs = nl
-        .addrs()?
-        .into_iter()
+    let all_addrs = nl.addrs()?;
+    let net_addr = |a: &crate::sys::rtnl::Addr| NetAddr {
+        family: a.family,
+        prefix_len: a.prefix_len,
+        flags: a.flags,
+        scope: a.scope,
+        addr: a.addr.clone(),
+    };
+    let addrs = all_addrs
+        .iter()
         .filter(|a| a.index == lo.index)
-        .map(|a| NetAddr {
-            family: a.family,
-            prefix_len: a.prefix_len,
-            flags: a.flags,
-            scope: a.scope,
-            addr: a.addr,
+        .map(net_addr)
+        .collect();
+    let veths = links
+        .iter()
+        .filter(|l| l.kind == "veth")
+        .map(|v| NetVeth {
+            index: v.index,
+            name: v.name.clone(),
+            mtu: v.mtu,
+            mac: v.mac.clone(),
+            up: v.flags & libc::IFF_UP as u32 != 0,
+            // The kernel's own (IPv6 link-local, from the MAC) come back by themselves.
+            addrs: all_addrs
+                .iter()
+                .filter(|a| a.index == v.index && a.flags & IFA_F_PERMANENT != 0)
+                .map(net_addr)
+                .collect(),
+            peer: ours
+                .iter()
+                .find(|o| o.kind == "veth" && o.link == Some(v.index) && v.link == Some(o.index))
+                .map(|o| o.name.clone())
+                .unwrap_or_default(),
         })
         .collect();
     let routes = nl
         .routes()?
         .into_iter()
-        .filter(|r| r.protocol != libc::RTPROT_KERNEL && r.oif.is_none_or(|o| o == lo.index))
+        .filter(|r| r.protocol != libc::RTPROT_KERNEL)
         .map(|r| NetRoute {
             family: r.family,
             dst_len: r.dst_len,
@@ -472,7 +519,7 @@ fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
             protocol: r.protocol,
             scope: r.scope,
             kind: r.kind,
-            dev_lo: r.oif.is_some(),
+            oif: r.oif,
             dst: r.dst,
             gateway: r.gateway,
             prefsrc: r.prefsrc,
@@ -487,8 +534,12 @@ fn collect_net(root: i32, fresh: &[(String, String)]) -> Result<NetNs> {
         addrs,
         routes,
         sysctls: sysctl::changed(&now, fresh),
+        veths,
     })
 }
+
+/// `IFA_F_PERMANENT`: an address added by hand (or by a program), not by the kernel.
+const IFA_F_PERMANENT: u32 = 0x80;
 
 #[cfg(test)]
 mod tests {

@@ -103,6 +103,8 @@ pub struct RestoreOptions {
     /// Restore established TCP connections (`restore --tcp-established`); a snapshot
     /// holding some is refused without it.
     pub tcp_established: bool,
+    /// Where the new peers of the snapshot's veth interfaces go (`restore --veth`).
+    pub veths: Vec<namespaces::VethMap>,
 }
 
 impl Restored {
@@ -460,7 +462,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let pid = sandbox.app_pid;
     if m.namespaces.any() {
         let t = Instant::now();
-        namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap)?;
+        namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap, &opts.veths)?;
         phases.add("namespaces", t.elapsed());
     }
     // Held from before any process of the tree runs until it has resumed, in the

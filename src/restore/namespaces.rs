@@ -15,19 +15,67 @@
 //! 3. net: `lo`'s MTU and state, its addresses (and none the kernel added that it did
 //!    not have), then the routes, then the sysctls the app had changed.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{bail, Context, Result};
-use warmstart_snapshots::model::{IpcNs, Namespaces, NetNs, RunContent, UtsNs, PAGE_SIZE};
+use warmstart_snapshots::model::{
+    IpcNs, Namespaces, NetAddr, NetNs, NetVeth, RunContent, UtsNs, PAGE_SIZE,
+};
 use warmstart_snapshots::store::Snapshot;
 
 use crate::sys::ipc::{self, Kind};
 use crate::sys::ns;
-use crate::sys::rtnl::{self, Addr, Route, Rtnl};
+use crate::sys::rtnl::{self, Addr, Route, Rtnl, VethSpec};
 use crate::sys::sysctl;
 
-/// Fills the namespaces of sandbox init `init_pidfd` with `nss`.
-pub fn fill(init_pidfd: BorrowedFd<'_>, nss: &Namespaces, snap: &Snapshot) -> Result<()> {
+/// Where the new peer of a snapshot's veth goes (`restore --veth NAME=HOSTNAME[@BRIDGE]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethMap {
+    /// The veth of the snapshot's namespace.
+    pub inner: String,
+    /// Its new peer's name, in warmstart's namespace.
+    pub outer: String,
+    /// A bridge of warmstart's namespace the peer is made a port of.
+    pub bridge: Option<String>,
+}
+
+impl VethMap {
+    /// `NAME=HOSTNAME` or `NAME=HOSTNAME@BRIDGE`.
+    pub fn parse(s: &str) -> std::result::Result<VethMap, String> {
+        let (inner, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not NAME=HOSTNAME[@BRIDGE]"))?;
+        let (outer, bridge) = match rest.split_once('@') {
+            Some((o, b)) => (o, Some(b.to_owned())),
+            None => (rest, None),
+        };
+        for (what, n) in [("NAME", inner), ("HOSTNAME", outer)]
+            .into_iter()
+            .chain(bridge.as_deref().map(|b| ("BRIDGE", b)))
+        {
+            if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', '=', '@']) {
+                return Err(format!(
+                    "{s:?}: {what} {n:?} is not an interface name (1 to 15 characters, no \
+                     '/', ' ', '=' or '@')"
+                ));
+            }
+        }
+        Ok(VethMap {
+            inner: inner.to_owned(),
+            outer: outer.to_owned(),
+            bridge,
+        })
+    }
+}
+
+/// Fills the namespaces of sandbox init `init_pidfd` with `nss`; `veths`: where the new
+/// peers of its veths go.
+pub fn fill(
+    init_pidfd: BorrowedFd<'_>,
+    nss: &Namespaces,
+    snap: &Snapshot,
+    veths: &[VethMap],
+) -> Result<()> {
     if let Some(uts) = &nss.uts {
         ns::run_in(
             init_pidfd,
@@ -47,11 +95,35 @@ pub fn fill(init_pidfd: BorrowedFd<'_>, nss: &Namespaces, snap: &Snapshot) -> Re
         .context("restoring the ipc namespace (System V IPC)")?;
     }
     if let Some(net) = &nss.net {
+        if let Some(m) = veths
+            .iter()
+            .find(|m| !net.veths.iter().any(|v| v.name == m.inner))
+        {
+            bail!(
+                "--veth {}=...: the snapshot's network namespace has no veth named {} (it \
+                 has: {})",
+                m.inner,
+                m.inner,
+                net.veths
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        // The new peers go to this (the monitor's) namespace.
+        let here = std::fs::File::open("/proc/self/ns/net")
+            .context("opening warmstart's network namespace")?;
+        let mut host = if net.veths.is_empty() {
+            None
+        } else {
+            Some(Rtnl::open()?)
+        };
         ns::run_in(
             init_pidfd,
             libc::CLONE_NEWNET,
             "the new network namespace",
-            || fill_net(net),
+            || fill_net(net, veths, here.as_fd(), host.as_mut()),
         )
         .context("restoring the network namespace")?;
     }
@@ -69,6 +141,91 @@ fn is_next_id(name: &str) -> bool {
 fn write_sysctl(name: &str, value: &str) -> Result<()> {
     sysctl::write(&format!("kernel/{name}"), value)
         .with_context(|| format!("writing {value:?} to /proc/sys/kernel/{name}"))
+}
+
+/// Recreates veth `v` in this thread's namespace (at its index, with its MTU and MAC,
+/// up if it was) with its new peer in `here` (`host`: a netlink socket there), named and
+/// bridged as `map` says, else named as the old peer; the peer is brought up.
+fn make_veth(
+    nl: &mut Rtnl,
+    host: &mut Rtnl,
+    v: &NetVeth,
+    map: Option<&VethMap>,
+    here: BorrowedFd<'_>,
+) -> Result<()> {
+    let outer = match map {
+        Some(m) => m.outer.as_str(),
+        None if !v.peer.is_empty() => v.peer.as_str(),
+        None => bail!(
+            "the snapshot's network namespace has veth {} whose peer was not in the dumping \
+             warmstart's namespace, so there is no name for its new peer: give one with \
+             --veth {}=HOSTNAME[@BRIDGE]",
+            v.name,
+            v.name
+        ),
+    };
+    let ours = host.links()?;
+    if ours.iter().any(|l| l.name == outer) {
+        bail!(
+            "cannot recreate veth {} of the snapshot: its new peer would be named {outer}, and \
+             this host already has an interface {outer} (another instance of the snapshot, \
+             or the original's peer still there?); remove it, or name the peer with --veth \
+             {}=HOSTNAME",
+            v.name,
+            v.name
+        );
+    }
+    let bridge = match map.and_then(|m| m.bridge.as_deref()) {
+        Some(b) => Some(
+            ours.iter()
+                .find(|l| l.name == b && l.kind == "bridge")
+                .map(|l| l.index)
+                .with_context(|| {
+                    format!(
+                        "--veth {}={outer}@{b}: this host has no bridge named {b}",
+                        v.name
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    nl.create_veth(&VethSpec {
+        index: v.index,
+        name: &v.name,
+        mtu: v.mtu,
+        mac: &v.mac,
+        peer: outer,
+        peer_ns: here,
+    })
+    .map_err(|e| {
+        rtnl::fail(
+            format!(
+                "creating veth {} (index {}) with its peer {outer} on this host",
+                v.name, v.index
+            ),
+            e,
+        )
+    })?;
+    if v.up {
+        nl.set_link(v.index, true, None)
+            .map_err(|e| rtnl::fail(format!("bringing {} up", v.name), e))?;
+    }
+    let peer = host
+        .links()?
+        .into_iter()
+        .find(|l| l.name == outer)
+        .with_context(|| {
+            format!(
+                "the new peer {outer} of veth {} is not on this host",
+                v.name
+            )
+        })?;
+    if let Some(b) = bridge {
+        host.set_master(peer.index, b)
+            .map_err(|e| rtnl::fail(format!("adding {outer} to its bridge"), e))?;
+    }
+    host.set_link(peer.index, true, None)
+        .map_err(|e| rtnl::fail(format!("bringing {outer} up"), e))
 }
 
 /// The network sysctls the app had changed, each written unless it already has its value
@@ -154,21 +311,29 @@ fn fill_ipc(ipc: &IpcNs, snap: &Snapshot) -> Result<()> {
     Ok(())
 }
 
-fn fill_net(net: &NetNs) -> Result<()> {
+/// Runs in the new namespace. `here`: warmstart's namespace, where the new veth peers go
+/// (`host`: a netlink socket of it).
+fn fill_net(
+    net: &NetNs,
+    veths: &[VethMap],
+    here: BorrowedFd<'_>,
+    mut host: Option<&mut Rtnl>,
+) -> Result<()> {
     let mut nl = Rtnl::open()?;
     let lo = nl
         .links()?
         .into_iter()
         .find(|l| l.name == "lo")
         .context("the new network namespace has no loopback interface")?;
-    let addr = |a: &warmstart_snapshots::model::NetAddr| Addr {
+    let addr_on = |a: &NetAddr, index: i32| Addr {
         family: a.family,
         prefix_len: a.prefix_len,
         flags: a.flags,
         scope: a.scope,
-        index: lo.index,
+        index,
         addr: a.addr.clone(),
     };
+    let addr = |a: &NetAddr| addr_on(a, lo.index);
     let show = |a: &[u8], len: u8| match a.len() {
         4 => format!(
             "{}/{len}",
@@ -214,6 +379,28 @@ fn fill_net(net: &NetNs) -> Result<()> {
             })?;
         }
     }
+    for v in &net.veths {
+        let map = veths.iter().find(|m| m.inner == v.name);
+        let host = host
+            .as_deref_mut()
+            .context("no netlink socket of warmstart's namespace")?;
+        make_veth(&mut nl, host, v, map, here)?;
+        for a in &v.addrs {
+            match nl.add_addr(&addr_on(a, v.index)) {
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                    return Err(rtnl::fail(
+                        format!(
+                            "adding address {} to {}",
+                            show(&a.addr, a.prefix_len),
+                            v.name
+                        ),
+                        e,
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
     for r in &net.routes {
         let route = Route {
             family: r.family,
@@ -223,7 +410,7 @@ fn fill_net(net: &NetNs) -> Result<()> {
             scope: r.scope,
             kind: r.kind,
             dst: r.dst.clone(),
-            oif: r.dev_lo.then_some(lo.index),
+            oif: r.oif,
             gateway: r.gateway.clone(),
             prefsrc: r.prefsrc.clone(),
             priority: r.priority,
@@ -232,13 +419,14 @@ fn fill_net(net: &NetNs) -> Result<()> {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
                 return Err(rtnl::fail(
                     format!(
-                        "adding the route to {} (table {}) through lo",
+                        "adding the route to {} (table {}) through interface {}",
                         if r.dst.is_empty() {
                             "default".to_owned()
                         } else {
                             show(&r.dst, r.dst_len)
                         },
-                        r.table
+                        r.table,
+                        r.oif.map_or("none".to_owned(), |i| i.to_string())
                     ),
                     e,
                 ))

@@ -388,6 +388,7 @@ fn restore_options(snap: &Snapshot, stdio: Option<[RawFd; 3]>) -> RestoreOptions
         template: None,
         cgroups: None,
         tcp_established: false,
+        veths: Vec::new(),
     }
 }
 

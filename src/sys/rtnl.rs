@@ -16,10 +16,19 @@ pub const RTM_GETADDR: u16 = 22;
 pub const RTM_NEWROUTE: u16 = 24;
 pub const RTM_GETROUTE: u16 = 26;
 
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_FD: u16 = 28;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+/// `NLA_F_NESTED`, set on the nested attributes the kernel parses strictly.
+const NESTED: u16 = 0x8000;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_FLAGS: u16 = 8;
@@ -67,6 +76,13 @@ fn u32_of(d: &[u8]) -> u32 {
         .unwrap_or(0)
 }
 
+/// `s` with its terminating NUL, as names go in netlink attributes.
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
 fn str_of(d: &[u8]) -> String {
     String::from_utf8_lossy(d.split(|&b| b == 0).next().unwrap_or(d)).into_owned()
 }
@@ -82,6 +98,27 @@ pub struct Link {
     /// `IFLA_INFO_KIND` (`veth`, `bridge`, ...): empty for a device without one (`lo`, a
     /// physical NIC).
     pub kind: String,
+    /// `IFLA_LINK`: for a veth, its peer's index (in the peer's namespace).
+    pub link: Option<i32>,
+    /// `IFLA_LINK_NETNSID`: for a veth whose peer is in another namespace, that
+    /// namespace's id here (none when the peer is in this one).
+    pub link_netnsid: Option<i32>,
+    /// `IFLA_ADDRESS`: the hardware (MAC) address.
+    pub mac: Vec<u8>,
+}
+
+/// One end of a veth pair to create in the calling thread's namespace, with its peer in
+/// another.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    /// Interface index wanted for this end (0: any).
+    pub index: i32,
+    pub name: &'a str,
+    pub mtu: u32,
+    pub mac: &'a [u8],
+    pub peer: &'a str,
+    /// The peer's network namespace (an fd of `/proc/PID/ns/net`).
+    pub peer_ns: std::os::fd::BorrowedFd<'a>,
 }
 
 /// An address of an interface.
@@ -224,11 +261,17 @@ impl Rtnl {
                     name: String::new(),
                     mtu: 0,
                     kind: String::new(),
+                    link: None,
+                    link_netnsid: None,
+                    mac: Vec::new(),
                 };
                 for (ty, d) in attrs(p, 16) {
                     match ty {
                         IFLA_IFNAME => l.name = str_of(d),
                         IFLA_MTU => l.mtu = u32_of(d),
+                        IFLA_LINK => l.link = Some(u32_of(d) as i32),
+                        IFLA_LINK_NETNSID => l.link_netnsid = Some(u32_of(d) as i32),
+                        IFLA_ADDRESS => l.mac = d.to_vec(),
                         IFLA_LINKINFO => {
                             for (t, k) in attrs(d, 0) {
                                 if t == IFLA_INFO_KIND {
@@ -317,6 +360,44 @@ impl Rtnl {
         if let Some(m) = mtu {
             put_attr(&mut body, IFLA_MTU, &m.to_ne_bytes());
         }
+        self.request(RTM_NEWLINK, 0, &body)
+    }
+
+    /// Creates a veth pair: `v.name` here (at index `v.index` when not 0), its peer in
+    /// `v.peer_ns`; `EEXIST` when either name or the index is taken.
+    pub fn create_veth(&mut self, v: &VethSpec<'_>) -> std::io::Result<()> {
+        let mut body = Vec::with_capacity(128);
+        body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        body.extend_from_slice(&v.index.to_ne_bytes());
+        body.extend_from_slice(&[0u8; 8]);
+        put_attr(&mut body, IFLA_IFNAME, &cstr(v.name));
+        put_attr(&mut body, IFLA_MTU, &v.mtu.to_ne_bytes());
+        if !v.mac.is_empty() {
+            put_attr(&mut body, IFLA_ADDRESS, v.mac);
+        }
+        let mut peer = Vec::with_capacity(64);
+        peer.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        peer.extend_from_slice(&[0u8; 12]);
+        put_attr(&mut peer, IFLA_IFNAME, &cstr(v.peer));
+        put_attr(&mut peer, IFLA_MTU, &v.mtu.to_ne_bytes());
+        let ns = std::os::fd::AsRawFd::as_raw_fd(&v.peer_ns) as u32;
+        put_attr(&mut peer, IFLA_NET_NS_FD, &ns.to_ne_bytes());
+        let mut data = Vec::new();
+        put_attr(&mut data, VETH_INFO_PEER | NESTED, &peer);
+        let mut info = Vec::new();
+        put_attr(&mut info, IFLA_INFO_KIND, b"veth");
+        put_attr(&mut info, IFLA_INFO_DATA | NESTED, &data);
+        put_attr(&mut body, IFLA_LINKINFO | NESTED, &info);
+        self.request(RTM_NEWLINK, libc::NLM_F_CREATE | libc::NLM_F_EXCL, &body)
+    }
+
+    /// Makes link `index` a port of bridge `master`.
+    pub fn set_master(&mut self, index: i32, master: i32) -> std::io::Result<()> {
+        let mut body = Vec::with_capacity(32);
+        body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        body.extend_from_slice(&index.to_ne_bytes());
+        body.extend_from_slice(&[0u8; 8]);
+        put_attr(&mut body, IFLA_MASTER, &master.to_ne_bytes());
         self.request(RTM_NEWLINK, 0, &body)
     }
 
@@ -445,6 +526,50 @@ mod tests {
             assert_eq!((r.dst_len, r.oif, r.protocol), (16, Some(lo.index), 3));
             nl.del_addr(&extra)?;
             assert!(!nl.addrs()?.iter().any(|a| a.addr == [10, 9, 8, 7]));
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// Between two new namespaces: a veth pair created with a chosen index, name, MTU
+    /// and MAC here and its peer there, each end naming the other; a second pair with a
+    /// taken name is refused with `EEXIST`.
+    #[test]
+    fn veth_pair_across_namespaces() {
+        run_unshared(libc::CLONE_NEWNET, || {
+            let peer_ns = std::fs::File::open("/proc/thread-self/ns/net")?;
+            let (peer_index, peer_links) = std::thread::scope(|s| {
+                s.spawn(|| {
+                    run_unshared(libc::CLONE_NEWNET, || {
+                        let mut nl = Rtnl::open()?;
+                        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+                        let spec = VethSpec {
+                            index: 7,
+                            name: "wsin0",
+                            mtu: 1400,
+                            mac: &mac,
+                            peer: "wsout0",
+                            peer_ns: std::os::fd::AsFd::as_fd(&peer_ns),
+                        };
+                        nl.create_veth(&spec)?;
+                        let l = nl.links()?;
+                        let me = l.iter().find(|l| l.name == "wsin0").expect("created");
+                        assert_eq!((me.index, me.mtu, me.kind.as_str()), (7, 1400, "veth"));
+                        assert!(me.link_netnsid.is_some(), "the peer is elsewhere");
+                        assert_eq!(me.mac, mac);
+                        let again = nl.create_veth(&VethSpec { index: 0, ..spec }).unwrap_err();
+                        assert_eq!(again.raw_os_error(), Some(libc::EEXIST));
+                        Ok((me.link.expect("a veth names its peer"), l.len()))
+                    })
+                })
+                .join()
+                .unwrap()
+            })?;
+            assert_eq!(peer_links, 2);
+            let mut nl = Rtnl::open()?;
+            let out = nl.links()?;
+            let o = out.iter().find(|l| l.name == "wsout0").expect("the peer");
+            assert_eq!((o.index, o.link, o.mtu), (peer_index, Some(7), 1400));
             Ok(())
         })
         .unwrap();
