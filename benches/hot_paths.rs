@@ -140,6 +140,9 @@ fn process(vmas: Vec<Vma>) -> Process {
         zombie_sigmask: 0,
         fd_table_size: 64,
         ctty: None,
+        child_subreaper: false,
+        thp_disable: false,
+        oom_score_adj: 0,
     }
 }
 

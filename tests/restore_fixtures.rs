@@ -44,6 +44,11 @@ fn rlimits() {
 }
 
 #[test]
+fn scheduling_priorities_and_prctl_attributes() {
+    run_fixture("proc_attrs", false);
+}
+
+#[test]
 fn cwd_and_umask() {
     run_fixture("cwd_umask", true);
 }

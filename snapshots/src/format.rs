@@ -569,6 +569,7 @@ pub(crate) mod tests {
                         rseq: rseq.map(|(addr, len, sig)| Rseq { addr, len, sig }),
                         robust_list,
                         tid_address,
+                        attrs: ThreadAttrs::default(),
                     }
                 },
             )

@@ -876,6 +876,11 @@ pub fn sample_manifest() -> Manifest {
                 }),
                 robust_list: (0, 24),
                 tid_address: 0,
+                attrs: ThreadAttrs {
+                    nice: 7,
+                    pdeathsig: 12,
+                    ..Default::default()
+                },
             }],
             itimers: Default::default(),
             posix_timers: vec![PosixTimer {
@@ -898,6 +903,9 @@ pub fn sample_manifest() -> Manifest {
             zombie_sigmask: 0,
             fd_table_size: 64,
             ctty: Some(3),
+            child_subreaper: true,
+            thp_disable: false,
+            oom_score_adj: 321,
         }],
         pipes: vec![PipeObject {
             id: 9,

@@ -375,6 +375,12 @@ pub struct Process {
     /// by a process of the tree): the pty's index. `None`: no controlling terminal, or
     /// one from outside (a shell's terminal, see `--shell-job`).
     pub ctty: Option<u32>,
+    /// `PR_SET_CHILD_SUBREAPER`: orphaned descendants are reparented to it.
+    pub child_subreaper: bool,
+    /// `PR_SET_THP_DISABLE`.
+    pub thp_disable: bool,
+    /// `/proc/PID/oom_score_adj`.
+    pub oom_score_adj: i32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1029,6 +1035,28 @@ pub struct Thread {
     pub rseq: Option<Rseq>,
     pub robust_list: (u64, u64),
     pub tid_address: u64,
+    /// Scheduling, I/O priority, timer slack, parent-death signal.
+    pub attrs: ThreadAttrs,
+}
+
+/// A thread's attributes that the scheduler and `prctl` keep per thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadAttrs {
+    /// `sched_getattr`: policy, flags (`SCHED_FLAG_RESET_ON_FORK`), nice, static
+    /// priority, and the deadline parameters.
+    pub sched_policy: u32,
+    pub sched_flags: u64,
+    pub nice: i32,
+    pub rt_priority: u32,
+    pub dl_runtime: u64,
+    pub dl_deadline: u64,
+    pub dl_period: u64,
+    /// `ioprio_get` (class << 13 | data).
+    pub ioprio: i32,
+    /// `PR_GET_TIMERSLACK` (`/proc/TID/timerslack_ns`).
+    pub timerslack_ns: u64,
+    /// `PR_GET_PDEATHSIG`: the signal the thread gets when its parent dies (0: none).
+    pub pdeathsig: i32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

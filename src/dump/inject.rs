@@ -25,6 +25,10 @@ pub struct Inside {
     pub brk: u64,
     pub dumpable: i32,
     pub securebits: u32,
+    /// `PR_GET_PDEATHSIG` of the thread the parasite ran in.
+    pub pdeathsig: i32,
+    pub child_subreaper: bool,
+    pub thp_disable: bool,
     pub itimers: [Itimer; 3],
     /// (interval, value) in ns of each POSIX timer asked for, in order.
     pub posix_timers: Vec<(u64, u64)>,
@@ -169,6 +173,32 @@ fn collect_masked(
         &[Arg::Imm(libc::PR_GET_SECUREBITS as u64)],
         "prctl(PR_GET_SECUREBITS)",
     );
+    let pdeathsig = b.data_zeroed(8);
+    b.syscall(
+        libc::SYS_prctl,
+        &[Arg::Imm(libc::PR_GET_PDEATHSIG as u64), pdeathsig.arg()],
+        "prctl(PR_GET_PDEATHSIG)",
+    );
+    let subreaper = b.data_zeroed(8);
+    b.syscall(
+        libc::SYS_prctl,
+        &[
+            Arg::Imm(libc::PR_GET_CHILD_SUBREAPER as u64),
+            subreaper.arg(),
+        ],
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+    );
+    let thp = b.syscall_saved(
+        libc::SYS_prctl,
+        &[
+            Arg::Imm(libc::PR_GET_THP_DISABLE as u64),
+            Arg::Imm(0),
+            Arg::Imm(0),
+            Arg::Imm(0),
+            Arg::Imm(0),
+        ],
+        "prctl(PR_GET_THP_DISABLE)",
+    );
     let itimers = b.data_zeroed(3 * 32);
     for which in 0..3u64 {
         b.syscall(
@@ -232,6 +262,8 @@ fn collect_masked(
         let slots = read_remote(pid, blob.slots_addr, blob.slots_len())?;
         let it = read_remote(pid, blob.addr_of(itimers), 3 * 32)?;
         let tm = read_remote(pid, blob.addr_of(timers), timer_ids.len().max(1) * 32)?;
+        let pdeath = read_remote(pid, blob.addr_of(pdeathsig), 8)?;
+        let reaper = read_remote(pid, blob.addr_of(subreaper), 8)?;
         let word = |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
         let usec = |b: &[u8], i: usize| word(b, i) * 1_000_000 + word(b, i + 1);
         let nsec = |b: &[u8], i: usize| word(b, i) * 1_000_000_000 + word(b, i + 1);
@@ -254,6 +286,9 @@ fn collect_masked(
             brk: blob.read_slot(&slots, brk).unwrap_or(0),
             dumpable: blob.read_slot(&slots, dumpable).unwrap_or(1) as i32,
             securebits: blob.read_slot(&slots, securebits).unwrap_or(0) as u32,
+            pdeathsig: i32::from_le_bytes(pdeath[..4].try_into().unwrap()),
+            child_subreaper: reaper[..4] != [0; 4],
+            thp_disable: blob.read_slot(&slots, thp).unwrap_or(0) != 0,
             itimers: [0, 1, 2].map(|w| Itimer {
                 interval_us: usec(&it[w * 32..], 0),
                 value_us: usec(&it[w * 32..], 2),

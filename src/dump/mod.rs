@@ -404,6 +404,7 @@ fn collect_process(
             })?;
         th.sigaltstack = inside.sigaltstack;
         th.tid_address = inside.tid_address;
+        th.attrs.pdeathsig = inside.pdeathsig;
         leader.get_or_insert(inside);
     }
     let inside = leader.expect("the leader thread is always present");
@@ -479,6 +480,12 @@ fn collect_process(
         zombie_sigmask: 0,
         fd_table_size: info.fd_table_size,
         ctty: files.ctty(pid),
+        child_subreaper: inside.child_subreaper,
+        thp_disable: inside.thp_disable,
+        oom_score_adj: std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("reading /proc/{pid}/oom_score_adj"))?,
     };
     Ok((process, file_locks))
 }

@@ -94,6 +94,10 @@ pub fn collect(pid: i32, t: &FrozenThread) -> Result<(Thread, Regs)> {
         rseq,
         robust_list: robust_list(tid).with_context(ctx)?,
         tid_address: 0,
+        // The parent-death signal comes from the parasite (only the thread can read it).
+        attrs: crate::sys::sched::get(tid).with_context(|| {
+            format!("reading the scheduling attributes of thread {tid} of process {pid}")
+        })?,
     };
     Ok((thread, raw))
 }

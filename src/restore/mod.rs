@@ -797,6 +797,7 @@ impl Parked {
                 for (&tid, t) in d.tids.iter().zip(&m.processes[d.idx].threads) {
                     load_cpu_state(tid, t)?;
                 }
+                set_oom_score_adj(d.pid, m.processes[d.idx].oom_score_adj)?;
             }
             // Every process is ready: all resume together.
             if let Some(i) = &self.interrupt {
@@ -1055,6 +1056,27 @@ fn unmap_restorer(pid: i32, info: &BlobInfo, step: Unmap) -> Result<()> {
     Ok(())
 }
 
+/// Gives process `pid` the `oom_score_adj` it had (unless it has it already). Lowering
+/// it below what it inherited takes `CAP_SYS_RESOURCE`: without it the restore fails,
+/// naming the value, rather than leaving the process easier to kill than it was.
+fn set_oom_score_adj(pid: i32, want: i32) -> Result<()> {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    let now = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    if now.trim().parse::<i32>().ok() == Some(want) {
+        return Ok(());
+    }
+    std::fs::write(&path, want.to_string()).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EACCES) {
+            " (lowering it takes CAP_SYS_RESOURCE, which warmstart lacks here: restore as \
+             a user that has it, or with a restorer whose own oom_score_adj is at most \
+             this)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("setting the process's oom_score_adj to {want}: {e}{hint}")
+    })
+}
+
 fn load_cpu_state(pid: i32, t: &warmstart_snapshots::model::Thread) -> Result<()> {
     let saved: ptrace::Regs = t
         .regs
@@ -1064,6 +1086,7 @@ fn load_cpu_state(pid: i32, t: &warmstart_snapshots::model::Thread) -> Result<()
     ptrace::set_regs(pid, &saved).context("loading the saved registers")?;
     ptrace::set_xstate(pid, &t.xsave).context("loading the saved xsave state")?;
     ptrace::set_sigmask(pid, t.sigmask).context("loading the saved signal mask")?;
+    crate::sys::sched::set(pid, &t.attrs).map_err(|e| anyhow::anyhow!("thread {}: {e}", t.tid))?;
     Ok(())
 }
 

@@ -489,6 +489,27 @@ pub fn program(
         ],
         "prctl(PR_SET_MM_MAP)",
     );
+    // Before the memory is written: the pages faulted in then are not huge pages.
+    if p.thp_disable {
+        b.syscall(
+            libc::SYS_prctl,
+            &[
+                imm(libc::PR_SET_THP_DISABLE as u64),
+                imm(1u64),
+                imm(0u64),
+                imm(0u64),
+                imm(0u64),
+            ],
+            "prctl(PR_SET_THP_DISABLE)",
+        );
+    }
+    if p.child_subreaper {
+        b.syscall(
+            libc::SYS_prctl,
+            &[imm(libc::PR_SET_CHILD_SUBREAPER as u64), imm(1u64)],
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+        );
+    }
     let uffd = (!lazy.is_empty()).then(|| register_lazy(&mut b, lazy));
     let mut closing: Vec<i32> = fds.vma_fds.iter().flatten().copied().collect();
     closing.push(fds.exe_fd);
@@ -1026,6 +1047,17 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
     }
     // Credentials are per thread in the kernel; each drops its own, last.
     creds(b, p);
+    // After them: a change of credentials clears the parent-death signal.
+    if t.attrs.pdeathsig != 0 {
+        b.syscall(
+            libc::SYS_prctl,
+            &[
+                imm(libc::PR_SET_PDEATHSIG as u64),
+                imm(t.attrs.pdeathsig as u32),
+            ],
+            format!("prctl(PR_SET_PDEATHSIG) ({who})"),
+        );
+    }
 }
 
 /// Takes the snapshot's credentials, last, since everything before needs root. The ids
@@ -1174,6 +1206,7 @@ mod tests {
             rseq: None,
             robust_list: (0, 0),
             tid_address: 0,
+            attrs: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod pidfd;
 pub mod ptrace;
 pub mod remote;
 pub mod rtnl;
+pub mod sched;
 pub mod scm;
 pub mod sysctl;
 pub mod tasks;
