@@ -165,6 +165,30 @@ const ALL_NS: [&str; 6] = [
     "--propagation=private",
 ];
 
+/// `dump -t WORKER -D DIR` (into a new temporary directory, returned with DIR), which
+/// must succeed and end the worker and `orig`, the `unshare` it ran under.
+fn dump_worker(ws: &Ws, worker: i32, orig: &mut Proc) -> (tempfile::TempDir, std::path::PathBuf) {
+    let images = tempdir("ws-images-");
+    let dir = images.path().join("img");
+    ws.run(
+        &[
+            "dump",
+            "-t",
+            &worker.to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ],
+        "",
+    )
+    .assert_ok();
+    assert!(
+        wait_pid_exit(worker, TIMEOUT),
+        "the dumped worker still runs"
+    );
+    orig.wait();
+    (images, dir)
+}
+
 /// `restore -D DIR -d`: the instance's pid (guarded), with our pipes as its stdio.
 fn restore_detached(ws: &Ws, dir: &std::path::Path, guard: &mut KillGuard) -> (Proc, i32) {
     restore_detached_with(ws, dir, guard, &[])
@@ -247,24 +271,7 @@ fn unshared_tree_round_trips_with_its_namespaces() {
         );
     }
 
-    let images = tempdir("ws-images-");
-    let dir = images.path().join("img");
-    ws.run(
-        &[
-            "dump",
-            "-t",
-            &worker.to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    )
-    .assert_ok();
-    assert!(
-        wait_pid_exit(worker, TIMEOUT),
-        "the dumped worker still runs"
-    );
-    orig.wait();
+    let (images, dir) = dump_worker(&ws, worker, &mut orig);
 
     // Two instances side by side: each has namespaces of its own, the same ids in both.
     let mut guard = KillGuard::new();
@@ -405,24 +412,7 @@ fn attached_shm_segments_round_trip() {
             .any(|l| l.contains("key=20824") && l.contains("nattch=4")),
         "{shm:#?}"
     );
-    let images = tempdir("ws-images-");
-    let dir = images.path().join("img");
-    ws.run(
-        &[
-            "dump",
-            "-t",
-            &worker.to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-        ],
-        "",
-    )
-    .assert_ok();
-    assert!(
-        wait_pid_exit(worker, TIMEOUT),
-        "the dumped worker still runs"
-    );
-    orig.wait();
+    let (images, dir) = dump_worker(&ws, worker, &mut orig);
 
     let mut guard = KillGuard::new();
     // Eager, and lazy (the attaches are the segments' memory, never served on demand).
