@@ -271,7 +271,7 @@ fn unshared_tree_round_trips_with_its_namespaces() {
         );
     }
 
-    let (images, dir) = dump_worker(&ws, worker, &mut orig);
+    let (_images, dir) = dump_worker(&ws, worker, &mut orig);
 
     // Two instances side by side: each has namespaces of its own, the same ids in both.
     let mut guard = KillGuard::new();
@@ -412,7 +412,7 @@ fn attached_shm_segments_round_trip() {
             .any(|l| l.contains("key=20824") && l.contains("nattch=4")),
         "{shm:#?}"
     );
-    let (images, dir) = dump_worker(&ws, worker, &mut orig);
+    let (_images, dir) = dump_worker(&ws, worker, &mut orig);
 
     let mut guard = KillGuard::new();
     // Eager, and lazy (the attaches are the segments' memory, never served on demand).
