@@ -757,6 +757,35 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
 }
 
 fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
+    set_flags(fd, o)?;
+    if o.v6only {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1, "IPV6_V6ONLY")?;
+    }
+    if let Some(v) = o.rcvbuf {
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (v / 2) as i32,
+            "SO_RCVBUF",
+        )?;
+    }
+    if let Some(v) = o.sndbuf {
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (v / 2) as i32,
+            "SO_SNDBUF",
+        )?;
+    }
+    Ok(())
+}
+
+/// The on/off options a restored socket gets back (by [`set_options`], and by an
+/// established TCP connection after its repair): `SO_REUSEADDR`, `SO_REUSEPORT`,
+/// `SO_KEEPALIVE`, `TCP_NODELAY`.
+pub(super) fn set_flags(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
     let flag = |level, opt, on: bool, name| {
         if on {
             setsockopt_int(fd, level, opt, 1, name)
@@ -788,30 +817,6 @@ fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
         o.nodelay,
         "TCP_NODELAY",
     )?;
-    flag(
-        libc::IPPROTO_IPV6,
-        libc::IPV6_V6ONLY,
-        o.v6only,
-        "IPV6_V6ONLY",
-    )?;
-    if let Some(v) = o.rcvbuf {
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (v / 2) as i32,
-            "SO_RCVBUF",
-        )?;
-    }
-    if let Some(v) = o.sndbuf {
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (v / 2) as i32,
-            "SO_SNDBUF",
-        )?;
-    }
     Ok(())
 }
 

@@ -333,38 +333,7 @@ fn rebuild(c: &TcpConnection) -> Result<OwnedFd> {
     repair::set_repair(fd, false)?;
     // Never sent: written as the app would have.
     repair::fill(fd, &c.send_queue[sent..])?;
-    let o = &c.options;
-    let flag = |level, opt, on: bool, name| {
-        if on {
-            setsockopt_int(fd, level, opt, 1, name)
-        } else {
-            Ok(())
-        }
-    };
-    flag(
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        o.reuseaddr,
-        "SO_REUSEADDR",
-    )?;
-    flag(
-        libc::SOL_SOCKET,
-        libc::SO_REUSEPORT,
-        o.reuseport,
-        "SO_REUSEPORT",
-    )?;
-    flag(
-        libc::SOL_SOCKET,
-        libc::SO_KEEPALIVE,
-        o.keepalive,
-        "SO_KEEPALIVE",
-    )?;
-    flag(
-        libc::IPPROTO_TCP,
-        libc::TCP_NODELAY,
-        o.nodelay,
-        "TCP_NODELAY",
-    )?;
+    super::inet::set_flags(fd, &c.options)?;
     let [idle, intvl, cnt] = c.keepalive;
     setsockopt_int(
         fd,
