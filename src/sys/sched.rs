@@ -82,14 +82,14 @@ pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
         (
             a.sched_policy,
             a.sched_flags,
-            a.nice,
             a.rt_priority,
             a.dl_runtime,
             a.dl_deadline,
             a.dl_period,
         )
     };
-    if sched(&now) != sched(want) {
+    let changed = sched(&now) != sched(want);
+    if changed {
         let a = SchedAttr {
             size: std::mem::size_of::<SchedAttr>() as u32,
             policy: want.sched_policy,
@@ -111,10 +111,14 @@ pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
                 )
             })?;
     }
-    // A real-time policy keeps the nice value the thread had (sched_setattr sets it
-    // for the fair policies only): set on its own.
-    let after = get(tid).map_err(|e| format!("reading the scheduling attributes: {e}"))?;
-    if after.nice != want.nice {
+    // sched_setattr sets the nice value of the fair policies only: a real-time thread
+    // keeps the one it had, set on its own.
+    let fair = matches!(
+        want.sched_policy as i32,
+        libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE
+    );
+    let nice = if changed && fair { want.nice } else { now.nice };
+    if nice != want.nice {
         // SAFETY: integer arguments only.
         check(unsafe {
             libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, want.nice) as i64
