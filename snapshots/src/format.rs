@@ -643,6 +643,9 @@ pub(crate) mod tests {
                 zombie_sigmask: ids[0] as u64,
                 fd_table_size: ids[1] as u32,
                 ctty: None,
+                child_subreaper: ids[2] % 2 == 0,
+                thp_disable: ids[3] % 2 == 0,
+                oom_score_adj: ids[3] % 1001,
             },
         )
     }
