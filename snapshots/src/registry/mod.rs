@@ -50,9 +50,9 @@ pub const MT_BLOCK: &str = "application/vnd.warmstart.snapshot.block.v1";
 pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
 
 /// A block holds at least this many pages (unless the snapshot ends)...
-pub const MIN_BLOCK_PAGES: u64 = 128;
+pub const MIN_BLOCK_PAGES: u64 = 32;
 /// ...then ends after a page whose hash (first 4 bytes, little-endian) is 0 modulo this...
-pub const CUT_MODULUS: u32 = 512;
+pub const CUT_MODULUS: u32 = 256;
 /// ...or once it holds this many bytes.
 pub const MAX_BLOCK_BYTES: usize = 4 << 20;
 /// Pages read from the store at a time while pushing.
@@ -142,8 +142,31 @@ impl Blocker {
         }
     }
 
-    /// Adds a page; returns a finished block when this page ends one.
+    /// Adds a page; returns a finished block when this page ends one (or starts a
+    /// region of `region` pages, below).
     fn add(&mut self, hash: [u8; 32], page: &[u8]) -> Option<Vec<u8>> {
+        self.add_at(hash, page, None).1
+    }
+
+    /// [`Self::add`]; `region`: this page starts a mapping of that many stored pages.
+    /// A large mapping (or one after a block of at least the minimum) starts a block of
+    /// its own, so that the small mappings an app changes from one record to the next
+    /// (stack, heap, libraries' data) never share blocks with the large ones it does not.
+    /// Returns the block ended before this page and the one ended by it.
+    fn add_at(
+        &mut self,
+        hash: [u8; 32],
+        page: &[u8],
+        region: Option<u64>,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let before = match region {
+            Some(n) if n >= MIN_BLOCK_PAGES || self.cur_pages >= MIN_BLOCK_PAGES => self.finish(),
+            _ => None,
+        };
+        (before, self.add_page(hash, page))
+    }
+
+    fn add_page(&mut self, hash: [u8; 32], page: &[u8]) -> Option<Vec<u8>> {
         if let Some(loc) = self.seen.get(&hash) {
             self.records.push(Record { hash, loc: *loc });
             return None;
@@ -188,6 +211,36 @@ impl Blocker {
     }
 }
 
+/// The page-table index where each mapping's (or shared file's) stored pages start, and
+/// how many there are.
+fn regions(m: &Manifest) -> HashMap<u64, u64> {
+    use crate::model::RunContent;
+    let mut out = HashMap::new();
+    let mut note = |runs: &[crate::model::PageRun]| {
+        let mut first = None;
+        let mut count = 0;
+        for r in runs {
+            if let RunContent::Data { first: f } = r.content {
+                first = Some(first.map_or(f, |x: u64| x.min(f)));
+                count += r.count;
+            }
+        }
+        if let Some(f) = first {
+            let e = out.entry(f).or_insert(0);
+            *e = count.max(*e);
+        }
+    };
+    for p in &m.processes {
+        for v in &p.vmas {
+            note(&v.pages);
+        }
+    }
+    for f in &m.shared_files {
+        note(&f.pages);
+    }
+    out
+}
+
 /// Pushes `snap` to `r` (tag required); `progress(done, total)` after each window.
 pub fn push(
     snap: &Snapshot,
@@ -208,6 +261,7 @@ pub fn push(
         ..Default::default()
     };
     let n = snap.page_count();
+    let regions = regions(&snap.manifest);
     let mut blocker = Blocker::new();
     let mut blocks = Vec::new();
     let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
@@ -217,8 +271,9 @@ pub fn push(
         let out = &mut buf[..k as usize * PAGE_SIZE];
         snap.read_pages_parallel(at, k, out, threads)?;
         for (j, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
-            let hash = snap.page_hash(at + j as u64);
-            if let Some(b) = blocker.add(hash, page) {
+            let i = at + j as u64;
+            let (before, after) = blocker.add_at(snap.page_hash(i), page, regions.get(&i).copied());
+            for b in [before, after].into_iter().flatten() {
                 blocks.push(upload(&c, MT_BLOCK, &b, &mut rep)?);
             }
         }
