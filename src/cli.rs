@@ -534,8 +534,7 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Pull(a) => with_new_store(&store_dir(&cli)?, |s| crate::registry::pull(s, a)),
         Command::Login(a) => crate::registry::login(a),
         Command::Run(a) => {
-            let from_registry =
-                warmstart_snapshots::registry::Reference::looks_like(&a.snapshot);
+            let from_registry = warmstart_snapshots::registry::Reference::looks_like(&a.snapshot);
             let remote = a.page_server.is_some() || from_registry;
             let mut puller = None;
             let limits = crate::cgroup::Limits {

@@ -179,6 +179,9 @@ pub fn login(a: &LoginArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The background pull of `run REF`.
+pub type Puller = std::thread::JoinHandle<Result<()>>;
+
 /// What `run REF` runs from a registry: the snapshot (the store's when it has it
 /// already), and a background thread that fetches the rest and stores it (none when
 /// local or `stream` is false).
@@ -187,10 +190,13 @@ pub fn open_for_run(
     reference: &str,
     opts: &RegistryOpts,
     stream: bool,
-) -> Result<(std::sync::Arc<Snapshot>, Option<std::thread::JoinHandle<Result<()>>>)> {
+) -> Result<(std::sync::Arc<Snapshot>, Option<Puller>)> {
     let r = parse(reference)?;
     let snap = std::sync::Arc::new(open(store, &r, &opts.options())?);
-    let Some(remote_store) = store.filter(|_| stream && snap.registry().is_some()).cloned() else {
+    let Some(remote_store) = store
+        .filter(|_| stream && snap.registry().is_some())
+        .cloned()
+    else {
         return Ok((snap, None));
     };
     let s = snap.clone();

@@ -94,7 +94,10 @@ impl Registry {
         let digest = std::fs::read_to_string(link).unwrap();
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap();
-        assert_eq!(m["layers"][n]["mediaType"], "application/vnd.warmstart.snapshot.block.v1");
+        assert_eq!(
+            m["layers"][n]["mediaType"],
+            "application/vnd.warmstart.snapshot.block.v1"
+        );
         self.blob(m["layers"][n]["digest"].as_str().unwrap())
     }
 
@@ -165,7 +168,10 @@ fn push_pull_and_run() {
     let rep = push(&ws, "x", &r, &["--insecure"]);
     assert!(rep["id"].as_str().unwrap().starts_with(&id));
     assert!(rep["blobs"].as_u64().unwrap() >= 4, "{rep}");
-    assert_eq!(rep["bytes_uploaded"], rep["bytes"], "first push uploads all: {rep}");
+    assert_eq!(
+        rep["bytes_uploaded"], rep["bytes"],
+        "first push uploads all: {rep}"
+    );
 
     // Pulled into an empty store: same id, named counter-v1, runs with its memory.
     let other = Ws::new();
@@ -180,9 +186,16 @@ fn push_pull_and_run() {
     assert_eq!(out.stdout, expected(), "{}", out.describe());
 
     // Plain HTTP is refused for a registry that is not on loopback.
-    let out = ws.run(&["push", "x", "registry.example.com/a/b:v1", "--insecure"], "");
+    let out = ws.run(
+        &["push", "x", "registry.example.com/a/b:v1", "--insecure"],
+        "",
+    );
     out.assert_fail();
-    assert!(out.stderr.contains("only for a loopback registry"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("only for a loopback registry"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -196,7 +209,14 @@ fn lazy_run_from_registry_then_local() {
     // Faults only (no background stream): the memory comes by range requests.
     let empty = Ws::new();
     let out = empty.run(
-        &["run", "--no-serve", "--no-prefetch", "--no-stream", "--insecure", &r],
+        &[
+            "run",
+            "--no-serve",
+            "--no-prefetch",
+            "--no-stream",
+            "--insecure",
+            &r,
+        ],
         INPUT,
     );
     assert_eq!(out.stdout, expect, "{}", out.describe());
@@ -222,8 +242,18 @@ fn repush_after_rerecord_and_shared_blocks() {
     let a = ws.record("x", &[fixture("regpages")]);
     let b = ws.record("y", &[fixture("regpages")]);
     assert_ne!(a, b, "two records are two snapshots");
-    let first = push(&ws, "x", &format!("{}/apps/counter:v1", reg.addr), &["--insecure"]);
-    let again = push(&ws, "y", &format!("{}/apps/counter:v2", reg.addr), &["--insecure"]);
+    let first = push(
+        &ws,
+        "x",
+        &format!("{}/apps/counter:v1", reg.addr),
+        &["--insecure"],
+    );
+    let again = push(
+        &ws,
+        "y",
+        &format!("{}/apps/counter:v2", reg.addr),
+        &["--insecure"],
+    );
     let (up, total) = (
         again["bytes_uploaded"].as_u64().unwrap(),
         again["bytes"].as_u64().unwrap(),
@@ -238,8 +268,17 @@ fn repush_after_rerecord_and_shared_blocks() {
     );
     // Another repository of the same registry: blocks are shared by digest in storage.
     let before = reg.blobs().len();
-    push(&ws, "y", &format!("{}/other/counter:v1", reg.addr), &["--insecure"]);
-    assert_eq!(reg.blobs().len(), before, "the same blobs serve both repositories");
+    push(
+        &ws,
+        "y",
+        &format!("{}/other/counter:v1", reg.addr),
+        &["--insecure"],
+    );
+    assert_eq!(
+        reg.blobs().len(),
+        before,
+        "the same blobs serve both repositories"
+    );
     // Both pull and run.
     let cold = cold(&[fixture("regpages")], INPUT);
     cold.assert_ok();
@@ -313,7 +352,14 @@ fn tampered_blob_is_refused() {
     assert!(listed(&other).is_empty(), "nothing half-pulled is listed");
     // An eager run from the registry reads every page by ranges: the page is refused.
     let out = other.run(
-        &["run", "--no-serve", "--eager", "--no-stream", "--insecure", &r],
+        &[
+            "run",
+            "--no-serve",
+            "--eager",
+            "--no-stream",
+            "--insecure",
+            &r,
+        ],
         INPUT,
     );
     out.assert_fail();
@@ -327,21 +373,57 @@ fn tampered_blob_is_refused() {
 /// A CA and a server certificate for 127.0.0.1 (openssl), and an htpasswd (bcrypt).
 fn secure_setup(dir: &Path) -> (Secure, PathBuf) {
     let sh = |args: &[&str]| {
-        let out = run_with(Command::new("openssl").args(args).current_dir(dir), b"", TIMEOUT);
+        let out = run_with(
+            Command::new("openssl").args(args).current_dir(dir),
+            b"",
+            TIMEOUT,
+        );
         out.assert_ok();
     };
     sh(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-subj", "/CN=warmstart test CA", "-days", "2",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=warmstart test CA",
+        "-days",
+        "2",
     ]);
     sh(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
         "/CN=127.0.0.1",
     ]);
     std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     sh(&[
-        "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "srv.crt", "-days", "2", "-extfile", "ext",
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
     ]);
     let hash = bcrypt::hash("s3cret", 5).unwrap();
     std::fs::write(dir.join("htpasswd"), format!("alice:{hash}\n")).unwrap();

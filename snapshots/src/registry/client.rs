@@ -114,8 +114,8 @@ pub fn docker_credentials(registry: &str) -> Result<Option<(String, String)>, St
     let raw = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|e| bad(format!("the auth of {registry} is not base64: {e}")))?;
-    let s = String::from_utf8(raw)
-        .map_err(|_| bad(format!("the auth of {registry} is not UTF-8")))?;
+    let s =
+        String::from_utf8(raw).map_err(|_| bad(format!("the auth of {registry} is not UTF-8")))?;
     let Some((u, p)) = s.split_once(':') else {
         return Err(bad(format!("the auth of {registry} is not user:password")));
     };
@@ -132,7 +132,11 @@ pub fn docker_config_path() -> Option<std::path::PathBuf> {
 
 /// Records `user:password` for `registry` in docker's `config.json` (kept 0600, written
 /// atomically; other entries kept).
-pub fn save_docker_credentials(registry: &str, user: &str, password: &str) -> Result<std::path::PathBuf, StoreError> {
+pub fn save_docker_credentials(
+    registry: &str,
+    user: &str,
+    password: &str,
+) -> Result<std::path::PathBuf, StoreError> {
     let path = docker_config_path().ok_or_else(|| StoreError::Registry {
         what: registry.to_owned(),
         reason: "neither HOME nor DOCKER_CONFIG is set: nowhere to keep the credentials".into(),
@@ -150,9 +154,7 @@ pub fn save_docker_credentials(registry: &str, user: &str, password: &str) -> Re
         v = serde_json::json!({});
     }
     let obj = v.as_object_mut().expect("an object");
-    let auths = obj
-        .entry("auths")
-        .or_insert_with(|| serde_json::json!({}));
+    let auths = obj.entry("auths").or_insert_with(|| serde_json::json!({}));
     if !auths.is_object() {
         *auths = serde_json::json!({});
     }
@@ -337,9 +339,9 @@ impl Client {
     }
 
     fn basic(&self) -> Option<String> {
-        self.credentials.as_ref().map(|(u, p)| {
-            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-        })
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
     }
 
     /// Answers a 401's challenge: sets the auth for the next attempt.
@@ -377,13 +379,15 @@ impl Client {
                         return Err(self.err(format!(
                             "the token endpoint {realm} refused the credentials{}: check the \
                              user and password (`warmstart login {}`)",
-                            if self.credentials.is_some() { "" } else { " (none given)" },
+                            if self.credentials.is_some() {
+                                ""
+                            } else {
+                                " (none given)"
+                            },
                             self.registry
                         )))
                     }
-                    Err(e) => {
-                        return Err(self.err(format!("cannot get a token from {realm}: {e}")))
-                    }
+                    Err(e) => return Err(self.err(format!("cannot get a token from {realm}: {e}"))),
                 };
                 let mut body = String::new();
                 resp.into_reader()
@@ -522,7 +526,10 @@ impl Client {
 
     fn read_body(&self, r: ureq::Response, what: &str, max: u64) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
-        if let Some(n) = r.header("content-length").and_then(|l| l.parse::<u64>().ok()) {
+        if let Some(n) = r
+            .header("content-length")
+            .and_then(|l| l.parse::<u64>().ok())
+        {
             if n > max {
                 return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
             }
@@ -543,7 +550,9 @@ impl Client {
         let url = format!("{}/blobs/{digest}", self.base);
         let mut tries = 0;
         loop {
-            let r = self.request("GET", &url, &[], None, false)?.expect("present");
+            let r = self
+                .request("GET", &url, &[], None, false)?
+                .expect("present");
             // A body cut short is retried like a reset.
             match self.read_body(r, &format!("blob {digest}"), size) {
                 Ok(b) => {
@@ -633,9 +642,20 @@ impl Client {
     }
 
     /// Stores manifest `bytes` (of `media_type`) under `tag`.
-    pub fn put_manifest(&self, tag: &str, media_type: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn put_manifest(
+        &self,
+        tag: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         let url = format!("{}/manifests/{tag}", self.base);
-        self.request("PUT", &url, &[("Content-Type", media_type)], Some(bytes), false)?;
+        self.request(
+            "PUT",
+            &url,
+            &[("Content-Type", media_type)],
+            Some(bytes),
+            false,
+        )?;
         Ok(())
     }
 }
@@ -737,7 +757,10 @@ mod tests {
         let seen = server.join().unwrap();
         assert_eq!(seen[0].0, "/v2/a/b/manifests/t");
         assert!(seen[1].0.starts_with("/token?"), "{seen:?}");
-        assert!(seen[1].0.contains("scope=repository%3Aa%2Fb%3Apull"), "{seen:?}");
+        assert!(
+            seen[1].0.contains("scope=repository%3Aa%2Fb%3Apull"),
+            "{seen:?}"
+        );
         assert_eq!(seen[2].1, "bearer t0k");
     }
 }

@@ -144,6 +144,7 @@ impl Blocker {
 
     /// Adds a page; returns a finished block when this page ends one (or starts a
     /// region of `region` pages, below).
+    #[cfg(test)]
     fn add(&mut self, hash: [u8; 32], page: &[u8]) -> Option<Vec<u8>> {
         self.add_at(hash, page, None).1
     }
@@ -370,8 +371,7 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
         || m.layers[2..].iter().any(|l| l.media_type != MT_BLOCK)
     {
         return Err(bad(
-            "its layers are not index, working set, blocks: a different format version?"
-                .into(),
+            "its layers are not index, working set, blocks: a different format version?".into(),
         ));
     }
     let config = c.get_blob(&m.config.digest, m.config.size)?;
@@ -384,11 +384,19 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             )));
         }
     }
-    let manifest: Manifest = crate::format::decode(&config)
-        .map_err(|e| bad(format!("snapshot {}: its manifest is damaged: {e}", id.short())))?;
+    let manifest: Manifest = crate::format::decode(&config).map_err(|e| {
+        bad(format!(
+            "snapshot {}: its manifest is damaged: {e}",
+            id.short()
+        ))
+    })?;
     let index = c.get_blob(&m.layers[0].digest, m.layers[0].size)?;
-    let table = TableMap::from_bytes(index, TABLE_MAGIC)
-        .map_err(|e| bad(format!("snapshot {}: its index is damaged: {e}", id.short())))?;
+    let table = TableMap::from_bytes(index, TABLE_MAGIC).map_err(|e| {
+        bad(format!(
+            "snapshot {}: its index is damaged: {e}",
+            id.short()
+        ))
+    })?;
     if table.len() != manifest.page_count
         || table.pages_hash() != manifest.pages_hash
         || table.compute_pages_hash() != manifest.pages_hash
@@ -558,7 +566,11 @@ impl Remote {
 
 /// Writes the snapshot `snap` (open from a registry, its blocks all fetched) into
 /// `store` under `name`: the same id, pages verified on the way.
-pub fn save_into(snap: &Snapshot, store: &Store, name: Option<&str>) -> Result<SnapshotId, StoreError> {
+pub fn save_into(
+    snap: &Snapshot,
+    store: &Store,
+    name: Option<&str>,
+) -> Result<SnapshotId, StoreError> {
     let n = snap.page_count();
     let mut w = store.writer()?;
     let mut runs = Vec::new();
@@ -568,7 +580,10 @@ pub fn save_into(snap: &Snapshot, store: &Store, name: Option<&str>) -> Result<S
         let k = (n - at).min(PUSH_WINDOW);
         let out = &mut buf[..k as usize * PAGE_SIZE];
         snap.read_pages(at, k, out)?;
-        if out.chunks_exact(PAGE_SIZE).any(|p| p.iter().all(|&b| b == 0)) {
+        if out
+            .chunks_exact(PAGE_SIZE)
+            .any(|p| p.iter().all(|&b| b == 0))
+        {
             return Err(StoreError::Registry {
                 what: snap.registry().map(|r| r.what()).unwrap_or_default(),
                 reason: format!(

@@ -23,9 +23,9 @@ impl Reference {
     pub fn parse(s: &str) -> Result<Reference, String> {
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let hex = d.strip_prefix("sha256:").ok_or_else(|| {
-                    format!("{s}: the digest must be sha256:<64 hex digits>")
-                })?;
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| format!("{s}: the digest must be sha256:<64 hex digits>"))?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(format!("{s}: the digest must be sha256:<64 hex digits>"));
                 }
@@ -50,7 +50,9 @@ impl Reference {
             || !repo.split('/').all(|c| {
                 !c.is_empty()
                     && c.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                        b.is_ascii_lowercase()
+                            || b.is_ascii_digit()
+                            || matches!(b, b'.' | b'_' | b'-')
                     })
             })
         {
@@ -64,7 +66,9 @@ impl Reference {
                 && t.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
             if !ok {
-                return Err(format!("{s}: the tag `{t}` must be 1-128 of A-Z a-z 0-9 . _ -"));
+                return Err(format!(
+                    "{s}: the tag `{t}` must be 1-128 of A-Z a-z 0-9 . _ -"
+                ));
             }
         }
         let tag = if tag.is_none() && digest.is_none() {

@@ -24,7 +24,7 @@ enum Source {
     Remote(Client),
     /// An OCI registry (`crate::registry`): pages fetched by range requests or from
     /// blocks fetched whole, verified here.
-    Registry(crate::registry::Remote),
+    Registry(Box<crate::registry::Remote>),
 }
 
 /// An opened snapshot, local (a store directory) or remote (a page server). Either way
@@ -214,7 +214,7 @@ impl Snapshot {
             id: o.id,
             manifest: o.manifest,
             table_path: PathBuf::from(format!("{r}/index")),
-            source: Source::Registry(o.remote),
+            source: Source::Registry(Box::new(o.remote)),
             table: o.table,
         })
     }
@@ -293,9 +293,7 @@ impl Snapshot {
                 .map_err(|e| tracing::warn!("no working set: {e}"))
                 .ok()
                 .flatten(),
-            Source::Registry(r) => {
-                (!r.working_set().is_empty()).then(|| r.working_set().to_vec())
-            }
+            Source::Registry(r) => (!r.working_set().is_empty()).then(|| r.working_set().to_vec()),
         }
     }
 
