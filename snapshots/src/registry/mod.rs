@@ -55,6 +55,9 @@ pub const MIN_BLOCK_PAGES: u64 = 32;
 pub const CUT_MODULUS: u32 = 256;
 /// ...or once it holds this many bytes.
 pub const MAX_BLOCK_BYTES: usize = 4 << 20;
+/// A lazy run fetches a block this small whole at its first fault, a larger one by
+/// range requests.
+pub const WHOLE_BLOCK: u64 = 1 << 20;
 /// Pages read from the store at a time while pushing.
 const PUSH_WINDOW: u64 = 8192;
 
@@ -477,15 +480,38 @@ impl Remote {
 
     /// Fetches every block not fetched yet, on `threads` threads.
     pub fn fetch_all(&self, threads: usize) -> Result<(), StoreError> {
+        let all: Vec<usize> = (0..self.blocks.len()).collect();
+        self.fetch(&all, threads)
+    }
+
+    /// Fetches whole, on `threads` threads, the blocks holding the working set's pages
+    /// (a lazy run's first needs: a few large requests rather than one per fault).
+    pub(crate) fn prefetch_working_set(
+        &self,
+        table: &TableMap,
+        threads: usize,
+    ) -> Result<(), StoreError> {
+        let mut want: Vec<usize> = self
+            .working_set
+            .iter()
+            .map(|&i| table.record(i).loc.pack as usize)
+            .filter(|&b| b < self.blocks.len())
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        self.fetch(&want, threads)
+    }
+
+    fn fetch(&self, which: &[usize], threads: usize) -> Result<(), StoreError> {
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             let jobs: Vec<_> = (0..threads.max(1))
                 .map(|_| {
                     s.spawn(|| loop {
-                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if n >= self.blocks.len() {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&n) = which.get(k) else {
                             return Ok(());
-                        }
+                        };
                         self.block(n)?;
                     })
                 })
@@ -516,7 +542,13 @@ impl Remote {
             let start = rec.loc.offset;
             let mut end = start + u64::from(rec.loc.len);
             let mut j = k + 1;
-            let cached = self.cache[b].get().cloned();
+            // A block up to WHOLE_BLOCK is fetched whole at its first fault (about the
+            // cost of one page's range request from a registry), larger ones by ranges.
+            let cached = match self.cache[b].get() {
+                Some(c) => Some(c.clone()),
+                None if self.blocks[b].size <= WHOLE_BLOCK => Some(self.block(b)?),
+                None => None,
+            };
             if cached.is_none() {
                 while j < indexes.len() {
                     let r2 = table.record(indexes[j]);

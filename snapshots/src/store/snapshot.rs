@@ -210,6 +210,7 @@ impl Snapshot {
         opts: &crate::registry::Options,
     ) -> Result<Snapshot, StoreError> {
         let o = crate::registry::open(r, opts)?;
+        o.remote.prefetch_working_set(&o.table, 4)?;
         Ok(Snapshot {
             id: o.id,
             manifest: o.manifest,
