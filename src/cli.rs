@@ -89,6 +89,12 @@ pub enum Command {
     },
     /// Serve the store's snapshots over TCP (for `run --page-server`, `dump --page-server`)
     PageServer(PageServerArgs),
+    /// Upload a snapshot to an OCI registry (REGISTRY/REPO:TAG)
+    Push(crate::registry::PushArgs),
+    /// Fetch a snapshot from an OCI registry into the store
+    Pull(crate::registry::PullArgs),
+    /// Keep credentials for a registry (in ~/.docker/config.json, as docker does)
+    Login(crate::registry::LoginArgs),
     /// Restore instances on request for `warmstart run`, from pools of parked instances
     Serve(ServeArgs),
     /// Write an executable DIR/NAME that runs tool snapshot SNAPSHOT with its arguments
@@ -313,8 +319,15 @@ pub struct RecordArgs {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Snapshot id (or unique prefix) or name
+    /// Snapshot id (or unique prefix) or name, or a registry reference
+    /// (REGISTRY/REPO:TAG, run lazily from the registry)
     pub snapshot: String,
+    #[command(flatten)]
+    pub registry: crate::registry::RegistryOpts,
+    /// From a registry: fetch only the pages the instance touches (do not fetch the rest
+    /// in the background and keep it in the store)
+    #[arg(long)]
+    pub no_stream: bool,
     /// Run the instance in a cgroup of its own with this memory limit (bytes, or with K,
     /// M, G, T); restored here, not by a serve daemon
     #[arg(long, value_name = "SIZE", value_parser = crate::cgroup::parse_size)]
@@ -523,7 +536,13 @@ pub fn main(cli: Cli) -> Result<i32> {
             dir,
             name,
         } => crate::tool::write_shim(&cli, snapshot, dir, name.as_deref()),
+        Command::Push(a) => crate::registry::push(&open_store_ro(&cli)?, a),
+        Command::Pull(a) => with_new_store(&store_dir(&cli)?, |s| crate::registry::pull(s, a)),
+        Command::Login(a) => crate::registry::login(a),
         Command::Run(a) => {
+            let from_registry = warmstart_snapshots::registry::Reference::looks_like(&a.snapshot);
+            let remote = a.page_server.is_some() || from_registry;
+            let mut puller = None;
             let limits = crate::cgroup::Limits {
                 memory: a.memory,
                 cpus: a.cpus,
@@ -543,7 +562,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             if !(no_serve
                 || a.eager
                 || a.no_prefetch
-                || a.page_server.is_some()
+                || remote
                 || given_listeners
                 || !a.args.is_empty())
             {
@@ -554,9 +573,20 @@ pub fn main(cli: Cli) -> Result<i32> {
                     return Ok(code);
                 }
             }
-            let loaded = (|| -> Result<(Snapshot, Vec<String>)> {
+            let loaded = (|| -> Result<(Arc<Snapshot>, Vec<String>)> {
                 // (A serve daemon restores for its users; restoring here needs these.)
                 crate::check::require_privileges("run")?;
+                if from_registry {
+                    let store = Store::open(&store_dir(&cli)?).ok();
+                    let (snap, pull) = crate::registry::open_for_run(
+                        store.as_ref(),
+                        &a.snapshot,
+                        &a.registry,
+                        !a.no_stream,
+                    )?;
+                    puller = pull;
+                    return Ok((snap, Vec::new()));
+                }
                 let (snap, names) = match &a.page_server {
                     Some(addr) => (
                         Snapshot::connect_timeout(
@@ -573,7 +603,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                     crate::restore::checks::host(&snap.manifest.host)?;
                     crate::restore::checks::unchanged_files(&snap.manifest)?;
                 }
-                Ok((snap, names))
+                Ok((Arc::new(snap), names))
             })();
             let (snap, names) = match loaded {
                 Ok(x) => x,
@@ -603,7 +633,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             };
             // A tool's run goes through a daemon too (once its files were checked here).
             if let Some(req) = &tool_request {
-                if !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some()) {
+                if !(no_serve || a.eager || a.no_prefetch || remote) {
                     let socket = crate::serve::socket_path(&store_dir(&cli)?);
                     let id = snap.id.to_string();
                     if let Some(code) =
@@ -622,7 +652,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             // (the snapshot's other listeners bound at their recorded addresses).
             if given_listeners
                 && tool_request.is_none()
-                && !(no_serve || a.eager || a.no_prefetch || a.page_server.is_some())
+                && !(no_serve || a.eager || a.no_prefetch || remote)
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 let all = crate::fds::inet::complete(&snap.manifest, &listeners)?;
@@ -641,8 +671,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                     return Ok(code);
                 }
             }
-            crate::run::run_instance_with(
-                Arc::new(snap),
+            let code = crate::run::run_instance_with(
+                snap,
                 names,
                 mode,
                 false,
@@ -654,7 +684,20 @@ pub fn main(cli: Cli) -> Result<i32> {
                     tcp_established: false,
                     veths: Vec::new(),
                 },
-            )
+            );
+            // The rest of a registry snapshot lands in the store (the next run is local).
+            if let Some(h) = puller {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!(
+                        "warmstart: {} was not kept in the store: {}",
+                        a.snapshot,
+                        crate::report::error_line(&e)
+                    ),
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            }
+            code
         }
     }
 }

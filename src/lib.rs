@@ -13,6 +13,7 @@ pub mod pageserver;
 pub mod private_dirs;
 pub mod progress;
 pub mod record;
+pub mod registry;
 pub mod report;
 pub mod restore;
 pub mod run;

@@ -5,6 +5,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod model;
+pub mod registry;
 pub mod remote;
 pub mod store;
 

@@ -252,6 +252,9 @@ pub enum StoreError {
     /// instance they were for is over, or its restore was interrupted.
     #[error("page server {addr}: reading pages was given up (the instance is over)")]
     PageReadsAbandoned { addr: String },
+    /// An OCI registry (`crate::registry`): `what` names the registry, repository or blob.
+    #[error("registry {what}: {reason}")]
+    Registry { what: String, reason: String },
     #[error(
         "snapshot {id}: page {page} served by page server {addr} is corrupt: {reason}; \
          never restoring wrong memory"

@@ -22,6 +22,9 @@ enum Source {
     },
     /// A page server (`crate::remote`): blocks are fetched on demand and verified here.
     Remote(Client),
+    /// An OCI registry (`crate::registry`): pages fetched by range requests or from
+    /// blocks fetched whole, verified here.
+    Registry(Box<crate::registry::Remote>),
 }
 
 /// An opened snapshot, local (a store directory) or remote (a page server). Either way
@@ -200,19 +203,46 @@ impl Snapshot {
         })
     }
 
+    /// Opens the snapshot at registry reference `r`: fetches and checks its manifest,
+    /// index and working set; pages are fetched on demand (see [`crate::registry`]).
+    pub fn open_registry(
+        r: &crate::registry::Reference,
+        opts: &crate::registry::Options,
+    ) -> Result<Snapshot, StoreError> {
+        let o = crate::registry::open(r, opts)?;
+        o.remote.prefetch_working_set(&o.table, 4)?;
+        Ok(Snapshot {
+            id: o.id,
+            manifest: o.manifest,
+            table_path: PathBuf::from(format!("{r}/index")),
+            source: Source::Registry(Box::new(o.remote)),
+            table: o.table,
+        })
+    }
+
+    /// The registry source of a snapshot opened with [`Snapshot::open_registry`].
+    pub fn registry(&self) -> Option<&crate::registry::Remote> {
+        match &self.source {
+            Source::Registry(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// A remote snapshot: gives up on the page reads waiting for the page server and on
     /// every later one (the instance they were for is over, or its restore was
     /// interrupted); see `remote::Client::abandon_page_reads`. Nothing for a local one.
     pub fn abandon_page_reads(&self) {
-        if let Source::Remote(client) = &self.source {
-            client.abandon_page_reads();
+        match &self.source {
+            Source::Remote(client) => client.abandon_page_reads(),
+            Source::Registry(r) => r.abandon(),
+            Source::Local { .. } => {}
         }
     }
 
     /// The page server's address, for a remote snapshot.
     pub fn page_server(&self) -> Option<&str> {
         match &self.source {
-            Source::Local { .. } => None,
+            Source::Local { .. } | Source::Registry(_) => None,
             Source::Remote(c) => Some(c.addr()),
         }
     }
@@ -222,6 +252,7 @@ impl Snapshot {
         match &self.source {
             Source::Local { store, .. } => store.save_working_set(&self.id, pages),
             Source::Remote(c) => c.save_working_set(&self.id, pages),
+            Source::Registry(_) => Ok(()),
         }
     }
 
@@ -238,6 +269,7 @@ impl Snapshot {
                 let flat: Vec<u64> = sets.values().flatten().copied().collect();
                 c.save_working_set(&self.id, &flat)
             }
+            Source::Registry(_) => Ok(()),
         }
     }
 
@@ -246,7 +278,9 @@ impl Snapshot {
     pub fn working_sets(&self) -> Option<super::WorkingSets> {
         match &self.source {
             Source::Local { store, .. } => store.working_sets(&self.id),
-            Source::Remote(_) => self.working_set().map(super::WorkingSets::Flat),
+            Source::Remote(_) | Source::Registry(_) => {
+                self.working_set().map(super::WorkingSets::Flat)
+            }
         }
     }
 
@@ -260,6 +294,7 @@ impl Snapshot {
                 .map_err(|e| tracing::warn!("no working set: {e}"))
                 .ok()
                 .flatten(),
+            Source::Registry(r) => (!r.working_set().is_empty()).then(|| r.working_set().to_vec()),
         }
     }
 
@@ -268,7 +303,7 @@ impl Snapshot {
     pub fn hot(&self, threads: usize) -> Option<super::Hot> {
         match &self.source {
             Source::Local { store, .. } => super::Hot::open(store, self, threads),
-            Source::Remote(_) => None,
+            Source::Remote(_) | Source::Registry(_) => None,
         }
     }
 
@@ -277,7 +312,7 @@ impl Snapshot {
     pub fn save_hot(&self, indexes: &[u64]) -> Result<(), StoreError> {
         match &self.source {
             Source::Local { store, .. } => store.save_hot(self, indexes),
-            Source::Remote(_) => Ok(()),
+            Source::Remote(_) | Source::Registry(_) => Ok(()),
         }
     }
 
@@ -525,6 +560,10 @@ impl Snapshot {
         let store = match &self.source {
             Source::Local { store, .. } => store,
             Source::Remote(client) => return self.read_remote(client, first, end, out),
+            Source::Registry(r) => {
+                let idx: Vec<u64> = (first..end).collect();
+                return r.read(&self.id, &self.table, &idx, out);
+            }
         };
         self.read_local(store, first..end, out)
     }
@@ -548,6 +587,7 @@ impl Snapshot {
         }
         let store = match &self.source {
             Source::Local { store, .. } => store,
+            Source::Registry(r) => return r.read(&self.id, &self.table, indexes, out),
             Source::Remote(_) => {
                 for (&i, page) in indexes.iter().zip(out.chunks_mut(PAGE_SIZE)) {
                     self.read_pages(i, 1, page)?;

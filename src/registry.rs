@@ -1,0 +1,214 @@
+//! `push`, `pull`, `login`, and `run REF`: snapshots through an OCI registry (the format
+//! and the client are `warmstart_snapshots::registry`).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use warmstart_snapshots::registry::{self, Options, Reference};
+use warmstart_snapshots::store::{Snapshot, Store};
+
+use crate::stats::human;
+
+/// How to reach a registry (shared by push, pull, run).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryOpts {
+    /// Plain HTTP to the registry (only for a registry on loopback)
+    #[arg(long)]
+    pub insecure: bool,
+    /// Trust the CA certificates of this PEM file (besides the system's) for the registry
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Take the registry for dead when a connect or an answer takes longer than this
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub registry_timeout: u64,
+}
+
+impl RegistryOpts {
+    pub fn options(&self) -> Options {
+        Options {
+            insecure: self.insecure,
+            ca_cert: self.ca_cert.clone(),
+            credentials: None,
+            timeout: Duration::from_secs(self.registry_timeout),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// The snapshot: a name, an id, or a unique prefix of one
+    pub snapshot: String,
+    /// Where: REGISTRY/REPOSITORY:TAG (e.g. registry.example.com/apps/api:v1)
+    pub reference: String,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+    /// Print what was uploaded as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]
+    pub reference: String,
+    /// Name the snapshot this in the store [default: the repository's last part and the
+    /// tag, e.g. api-v1]
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// The registry: HOST[:PORT]
+    pub registry: String,
+    /// User name
+    #[arg(short, long)]
+    pub username: String,
+    /// Read the password from standard input (the only way: never on the command line)
+    #[arg(long, required = true)]
+    pub password_stdin: bool,
+}
+
+fn parse(s: &str) -> Result<Reference> {
+    Reference::parse(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
+    let r = parse(&a.reference)?;
+    let id = store.resolve(&a.snapshot)?;
+    let snap = store.load(&id)?;
+    let start = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rep = registry::push(&snap, &r, &a.registry.options(), threads, |_, _| {})
+        .with_context(|| format!("cannot push snapshot {} to {r}", id.short()))?;
+    let t = start.elapsed();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": id.to_hex(),
+                "reference": r.to_string(),
+                "digest": rep.manifest_digest,
+                "blobs": rep.blobs,
+                "blobs_uploaded": rep.blobs_uploaded,
+                "bytes": rep.bytes,
+                "bytes_uploaded": rep.bytes_uploaded,
+                "seconds": t.as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "pushed {} to {r} ({}): {} of {} blobs uploaded, {} of {} ({:.1}s)",
+            id.short(),
+            rep.manifest_digest,
+            rep.blobs_uploaded,
+            rep.blobs,
+            human(rep.bytes_uploaded),
+            human(rep.bytes),
+            t.as_secs_f64()
+        );
+    }
+    Ok(0)
+}
+
+/// Opens `r` and, when the store has its snapshot already, returns the local one.
+fn open(store: Option<&Store>, r: &Reference, opts: &Options) -> Result<Snapshot> {
+    let snap = Snapshot::open_registry(r, opts).with_context(|| format!("cannot open {r}"))?;
+    if let Some(store) = store {
+        if let Ok(local) = store.load_deferred(&snap.id) {
+            return Ok(local);
+        }
+    }
+    Ok(snap)
+}
+
+pub fn pull(store: &Store, a: &PullArgs) -> Result<i32> {
+    let r = parse(&a.reference)?;
+    let name = a.name.clone().unwrap_or_else(|| r.local_name());
+    let start = Instant::now();
+    let snap = Snapshot::open_registry(&r, &a.registry.options())
+        .with_context(|| format!("cannot pull {r}"))?;
+    if store.load(&snap.id).is_ok() {
+        store.set_name(&name, &snap.id)?;
+        println!("{} is in the store already, named {name}", snap.id.short());
+        return Ok(0);
+    }
+    let remote = snap.registry().expect("opened from a registry");
+    let threads = 4;
+    remote
+        .fetch_all(threads)
+        .with_context(|| format!("cannot pull {r}"))?;
+    let fetched = start.elapsed();
+    let id = registry::save_into(&snap, store, Some(&name))
+        .with_context(|| format!("cannot store {r}"))?;
+    let bytes = remote.block_bytes();
+    println!(
+        "pulled {r} as {} named {name}: {} of blocks in {:.2}s ({}/s fetching), stored in {:.2}s",
+        id.short(),
+        human(bytes),
+        fetched.as_secs_f64(),
+        human((bytes as f64 / fetched.as_secs_f64().max(1e-6)) as u64),
+        (start.elapsed() - fetched).as_secs_f64()
+    );
+    Ok(0)
+}
+
+pub fn login(a: &LoginArgs) -> Result<i32> {
+    if a.registry.contains('/') {
+        bail!(
+            "{}: give the registry only (HOST[:PORT]), not a repository",
+            a.registry
+        );
+    }
+    let mut password = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        bail!("no password on standard input: pipe it in (echo ... | warmstart login ...)");
+    }
+    let path = registry::client::save_docker_credentials(&a.registry, &a.username, password)?;
+    println!("credentials for {} kept in {}", a.registry, path.display());
+    Ok(0)
+}
+
+/// The background pull of `run REF`.
+pub type Puller = std::thread::JoinHandle<Result<()>>;
+
+/// What `run REF` runs from a registry: the snapshot (the store's when it has it
+/// already), and a background thread that fetches the rest and stores it (none when
+/// local or `stream` is false).
+pub fn open_for_run(
+    store: Option<&Store>,
+    reference: &str,
+    opts: &RegistryOpts,
+    stream: bool,
+) -> Result<(std::sync::Arc<Snapshot>, Option<Puller>)> {
+    let r = parse(reference)?;
+    let snap = std::sync::Arc::new(open(store, &r, &opts.options())?);
+    let Some(remote_store) = store
+        .filter(|_| stream && snap.registry().is_some())
+        .cloned()
+    else {
+        return Ok((snap, None));
+    };
+    let s = snap.clone();
+    let name = r.local_name();
+    let h = std::thread::Builder::new()
+        .name("warmstart-pull".into())
+        .spawn(move || -> Result<()> {
+            let remote = s.registry().expect("a registry snapshot");
+            remote.fetch_all(2)?;
+            registry::save_into(&s, &remote_store, Some(&name))?;
+            Ok(())
+        })
+        .context("cannot start the background pull")?;
+    Ok((snap, Some(h)))
+}

@@ -1,0 +1,505 @@
+//! `push`, `pull`, `login` and `run REF` against a real OCI registry (Debian's
+//! `docker-registry`, the CNCF Distribution server) started on 127.0.0.1 with a throwaway
+//! storage folder, once with basic auth and TLS (a CA made here).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{cold, fixture, run_with, Proc, Ws, TIMEOUT};
+
+/// Input for the fixture and what it answers.
+const INPUT: &str = "a\nb\nsum\n";
+
+fn expected() -> String {
+    let out = cold(&[fixture("pscounter")], INPUT);
+    out.assert_ok();
+    assert!(out.stdout.contains("3 sum="), "{}", out.describe());
+    out.stdout
+}
+
+/// A running `docker-registry`, killed (and its storage removed) on drop.
+struct Registry {
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    addr: String,
+}
+
+struct Secure {
+    htpasswd: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Registry {
+    fn start(secure: Option<&Secure>) -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("registry-")
+            .tempdir()
+            .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(s) = secure {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                s.cert.display(),
+                s.key.display(),
+                s.htpasswd.display()
+            ));
+        }
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let p = Proc::spawn(Command::new("docker-registry").arg("serve").arg(&cfg));
+        p.wait_stderr("listening on");
+        Registry {
+            proc: Some(p),
+            dir,
+            addr,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            // SAFETY: kill takes no pointers; the child is not yet waited for.
+            unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+            p.wait();
+        }
+    }
+
+    /// The storage file of blob `digest`.
+    fn blob(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// The storage file of layer `n` of `repo:tag`'s manifest.
+    fn layer(&self, repo: &str, tag: &str, n: usize) -> PathBuf {
+        let link = self.dir.path().join(format!(
+            "data/docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
+        ));
+        let digest = std::fs::read_to_string(link).unwrap();
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap();
+        assert_eq!(
+            m["layers"][n]["mediaType"],
+            "application/vnd.warmstart.snapshot.block.v1"
+        );
+        self.blob(m["layers"][n]["digest"].as_str().unwrap())
+    }
+
+    /// The blob files of the registry's storage, largest first.
+    fn blobs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.dir.path().join("data/docker/registry/v2/blobs");
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.file_name().is_some_and(|n| n == "data") {
+                    out.push(p);
+                }
+            }
+        }
+        walk(&root, &mut out);
+        out.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).unwrap().len()));
+        out
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn json(out: &common::Out) -> serde_json::Value {
+    out.assert_ok();
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.describe()))
+}
+
+fn push(ws: &Ws, snap: &str, reference: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["push", snap, reference, "--json"];
+    args.extend_from_slice(extra);
+    json(&ws.run(&args, ""))
+}
+
+/// The ids of a store's snapshots with their names.
+fn listed(ws: &Ws) -> Vec<(String, Vec<String>)> {
+    let v = json(&ws.run(&["ls", "--json"], ""));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn push_pull_and_run() {
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    let id = ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    let rep = push(&ws, "x", &r, &["--insecure"]);
+    assert!(rep["id"].as_str().unwrap().starts_with(&id));
+    assert!(rep["blobs"].as_u64().unwrap() >= 4, "{rep}");
+    assert_eq!(
+        rep["bytes_uploaded"], rep["bytes"],
+        "first push uploads all: {rep}"
+    );
+
+    // Pulled into an empty store: same id, named counter-v1, runs with its memory.
+    let other = Ws::new();
+    other.run(&["pull", &r, "--insecure"], "").assert_ok();
+    let ls = listed(&other);
+    assert_eq!(ls.len(), 1, "{ls:?}");
+    assert!(ls[0].0.starts_with(&id), "{ls:?}");
+    assert_eq!(ls[0].1, vec!["counter-v1".to_owned()]);
+    other.run(&["verify"], "").assert_ok();
+    let out = other.run(&["run", "--no-serve", "counter-v1"], INPUT);
+    out.assert_ok();
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+
+    // Plain HTTP is refused for a registry that is not on loopback.
+    let out = ws.run(
+        &["push", "x", "registry.example.com/a/b:v1", "--insecure"],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("only for a loopback registry"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn lazy_run_from_registry_then_local() {
+    let mut reg = Registry::start(None);
+    let ws = Ws::new();
+    let id = ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    let expect = expected();
+    // Faults only (no background stream): the memory comes by range requests.
+    let empty = Ws::new();
+    let out = empty.run(
+        &[
+            "run",
+            "--no-serve",
+            "--no-prefetch",
+            "--no-stream",
+            "--insecure",
+            &r,
+        ],
+        INPUT,
+    );
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    assert!(listed(&empty).is_empty(), "--no-stream keeps nothing");
+    // With the background stream, the snapshot lands in the store...
+    let out = empty.run(&["run", "--no-serve", "--insecure", &r], INPUT);
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    let ls = listed(&empty);
+    assert!(
+        ls.len() == 1 && ls[0].0.starts_with(&id) && ls[0].1 == ["counter-v1"],
+        "{ls:?}"
+    );
+    // ...so the next run is local, registry gone.
+    reg.stop();
+    let out = empty.run(&["run", "--no-serve", "counter-v1"], INPUT);
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+}
+
+#[test]
+fn repush_after_rerecord_and_shared_blocks() {
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    let a = ws.record("x", &[fixture("regpages")]);
+    let b = ws.record("y", &[fixture("regpages")]);
+    assert_ne!(a, b, "two records are two snapshots");
+    let first = push(
+        &ws,
+        "x",
+        &format!("{}/apps/counter:v1", reg.addr),
+        &["--insecure"],
+    );
+    let again = push(
+        &ws,
+        "y",
+        &format!("{}/apps/counter:v2", reg.addr),
+        &["--insecure"],
+    );
+    let (up, total) = (
+        again["bytes_uploaded"].as_u64().unwrap(),
+        again["bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        up * 20 < total,
+        "re-push of a re-recorded app uploaded {up} of {total} bytes: {first} {again}"
+    );
+    assert!(
+        again["blobs_uploaded"].as_u64().unwrap() < again["blobs"].as_u64().unwrap(),
+        "{again}"
+    );
+    // Another repository of the same registry: blocks are shared by digest in storage.
+    let before = reg.blobs().len();
+    push(
+        &ws,
+        "y",
+        &format!("{}/other/counter:v1", reg.addr),
+        &["--insecure"],
+    );
+    assert_eq!(
+        reg.blobs().len(),
+        before,
+        "the same blobs serve both repositories"
+    );
+    // Both pull and run.
+    let cold = cold(&[fixture("regpages")], INPUT);
+    cold.assert_ok();
+    for tag in ["v1", "v2"] {
+        let other = Ws::new();
+        let r = format!("{}/apps/counter:{tag}", reg.addr);
+        other.run(&["pull", &r, "--insecure"], "").assert_ok();
+        let out = other.run(&["run", "--no-serve", &format!("counter-{tag}")], INPUT);
+        assert_eq!(out.stdout, cold.stdout, "{}", out.describe());
+    }
+}
+
+#[test]
+fn registry_stopped_mid_stream_kills_the_instance() {
+    let mut reg = Registry::start(None);
+    let ws = Ws::new();
+    ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    let empty = Ws::new();
+    let mut run = Proc::spawn(&mut empty.cmd(&[
+        "run",
+        "--no-serve",
+        "--no-prefetch",
+        "--no-stream",
+        "--insecure",
+        "--registry-timeout",
+        "2",
+        &r,
+    ]));
+    run.send("a");
+    assert_eq!(run.read_line(), "1 a");
+    reg.stop();
+    // The whole buffer is needed now: the instance must die, never read zeros.
+    run.send("sum");
+    let st = run.wait();
+    assert!(!st.success(), "run should fail once its registry is gone");
+    let err = run.stderr_after_exit();
+    assert!(
+        err.contains(&format!("registry {}/apps/counter", reg.addr)) && err.contains("killed"),
+        "stderr should name the registry and say the instance was killed:\n{err}"
+    );
+    assert!(
+        run.out.try_iter().all(|l| !l.contains("sum=")),
+        "the instance answered without its memory"
+    );
+}
+
+#[test]
+fn tampered_blob_is_refused() {
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    // Flip a byte in the middle of the first block.
+    let blob = &reg.layer("apps/counter", "v1", 2);
+    let mut bytes = std::fs::read(blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(blob, &bytes).unwrap();
+
+    let other = Ws::new();
+    let out = other.run(&["pull", &r, "--insecure"], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("tampered") && out.stderr.contains("sha256:"),
+        "{}",
+        out.describe()
+    );
+    assert!(listed(&other).is_empty(), "nothing half-pulled is listed");
+    // An eager run from the registry: the block (fetched whole, or the page by a range)
+    // is refused.
+    let out = other.run(
+        &[
+            "run",
+            "--no-serve",
+            "--eager",
+            "--no-stream",
+            "--insecure",
+            &r,
+        ],
+        INPUT,
+    );
+    out.assert_fail();
+    assert!(
+        (out.stderr.contains("tampered") || out.stderr.contains("corrupt"))
+            && !out.stdout.contains("sum="),
+        "{}",
+        out.describe()
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 (openssl), and an htpasswd (bcrypt).
+fn secure_setup(dir: &Path) -> (Secure, PathBuf) {
+    let sh = |args: &[&str]| {
+        let out = run_with(
+            Command::new("openssl").args(args).current_dir(dir),
+            b"",
+            TIMEOUT,
+        );
+        out.assert_ok();
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=warmstart test CA",
+        "-days",
+        "2",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let hash = bcrypt::hash("s3cret", 5).unwrap();
+    std::fs::write(dir.join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    (
+        Secure {
+            htpasswd: dir.join("htpasswd"),
+            cert: dir.join("srv.crt"),
+            key: dir.join("srv.key"),
+        },
+        dir.join("ca.crt"),
+    )
+}
+
+#[test]
+fn basic_auth_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (secure, ca) = secure_setup(tmp.path());
+    let reg = Registry::start(Some(&secure));
+    let ws = Ws::new();
+    ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    let ca = ca.to_str().unwrap();
+    let docker = tempfile::tempdir().unwrap();
+    let with_docker = |args: &[&str], stdin: &str| {
+        let mut c = ws.cmd(args);
+        c.env("DOCKER_CONFIG", docker.path());
+        run_with(&mut c, stdin.as_bytes(), TIMEOUT)
+    };
+    // No credentials: a clear error.
+    let out = with_docker(&["push", "x", &r, "--ca-cert", ca], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("requires authentication") && out.stderr.contains("warmstart login"),
+        "{}",
+        out.describe()
+    );
+    // Wrong password: a clear error.
+    with_docker(
+        &["login", &reg.addr, "-u", "alice", "--password-stdin"],
+        "wrong\n",
+    )
+    .assert_ok();
+    let out = with_docker(&["push", "x", &r, "--ca-cert", ca], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("refused the credentials"),
+        "{}",
+        out.describe()
+    );
+    // The CA not trusted: refused.
+    let out = with_docker(&["push", "x", &r], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(&reg.addr) && out.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        out.describe()
+    );
+    // Right password (config.json written by login, as docker's): push, pull, run.
+    with_docker(
+        &["login", &reg.addr, "-u", "alice", "--password-stdin"],
+        "s3cret\n",
+    )
+    .assert_ok();
+    let cfg = std::fs::read_to_string(docker.path().join("config.json")).unwrap();
+    assert!(cfg.contains("auths") && cfg.contains(&reg.addr), "{cfg}");
+    with_docker(&["push", "x", &r, "--ca-cert", ca], "").assert_ok();
+    let other = Ws::new();
+    let mut c = other.cmd(&["pull", &r, "--ca-cert", ca]);
+    c.env("DOCKER_CONFIG", docker.path());
+    run_with(&mut c, b"", TIMEOUT).assert_ok();
+    let out = other.run(&["run", "--no-serve", "counter-v1"], INPUT);
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+    // Plain HTTP to a TLS registry fails (it answers 400 before any challenge: the
+    // password is never sent in clear).
+    let out = with_docker(&["pull", &r, "--insecure"], "");
+    out.assert_fail();
+}
