@@ -131,7 +131,7 @@ fn tree_state(root: i32) -> BTreeMap<i32, (Vec<String>, Vec<i32>)> {
     for pid in descendants(root) {
         // A restored shared anonymous object, deleted file or memfd is a new one: only its
         // inode differs.
-        let maps: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap_or_default()
             .lines()
             .map(|l| {
@@ -142,6 +142,7 @@ fn tree_state(root: i32) -> BTreeMap<i32, (Vec<String>, Vec<i32>)> {
                 w.join(" ")
             })
             .collect();
+        let maps = common::merge_adjacent_maps(maps);
         let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .into_iter()
             .flatten()

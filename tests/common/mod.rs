@@ -119,6 +119,49 @@ pub fn children(pid: i32) -> Vec<i32> {
     out
 }
 
+/// `/proc/PID/maps` lines (fields joined by single spaces) with adjacent mappings of
+/// identical attributes joined, as CRIU's zdtm compares them: the kernel keeps two
+/// such areas apart only when their `anon_vma`s differ (e.g. one faulted before a
+/// `fork`, the next mapped after it), a split the process cannot see except here and
+/// that no restore reproduces; every other attribute still has to match.
+pub fn merge_adjacent_maps(lines: Vec<String>) -> Vec<String> {
+    fn parse(l: &str) -> Option<(u64, u64, Vec<&str>)> {
+        let w: Vec<&str> = l.split(' ').collect();
+        let (a, b) = w.first()?.split_once('-')?;
+        Some((
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+            w[1..].to_vec(),
+        ))
+    }
+    let mut out: Vec<String> = Vec::new();
+    for l in lines {
+        if let (Some(prev), Some((start, end, rest))) = (out.last(), parse(&l)) {
+            if let Some((pstart, pend, prest)) = parse(prev) {
+                // Same perms, device, inode and name; the offset continues (file
+                // mappings) or is 0 on both (anonymous ones).
+                let off = |v: &[&str]| u64::from_str_radix(v.get(1).unwrap_or(&""), 16).ok();
+                let same = pend == start
+                    && prest.len() == rest.len()
+                    && prest[0] == rest[0]
+                    && prest[2..] == rest[2..]
+                    && match (off(&prest), off(&rest), rest.get(3)) {
+                        (Some(0), Some(0), Some(&"0")) => true,
+                        (Some(po), Some(o), Some(ino)) => *ino != "0" && po + (pend - pstart) == o,
+                        _ => false,
+                    };
+                if same {
+                    let joined = format!("{pstart:x}-{end:x} {}", prest.join(" "));
+                    *out.last_mut().unwrap() = joined;
+                    continue;
+                }
+            }
+        }
+        out.push(l);
+    }
+    out
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
