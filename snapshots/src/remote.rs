@@ -825,6 +825,16 @@ impl Client {
         Ok(resp)
     }
 
+    /// The id of snapshot `query` (a name, an id or a unique prefix) in the server's store.
+    pub fn resolve(&self, query: &str) -> Result<SnapshotId, StoreError> {
+        match self.call(&Request::Resolve {
+            query: query.to_owned(),
+        })? {
+            Response::Id(id) => Ok(id),
+            other => Err(unexpected(&self.addr, "Resolve", &other)),
+        }
+    }
+
     /// Resolves `query` and fetches the snapshot's manifest and page table bytes.
     pub fn fetch_manifest(
         &self,
@@ -984,6 +994,24 @@ impl PageWriter<'_> {
         match self {
             PageWriter::Local(w) => w.add_pages(first_page, data, runs),
             PageWriter::Remote(w) => w.add_pages(first_page, data, runs),
+        }
+    }
+
+    /// The content hash of page-table record `idx` where the writer knows it (the local
+    /// store; a page server keeps its table to itself).
+    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
+        match self {
+            PageWriter::Local(w) => w.hash_of(idx),
+            PageWriter::Remote(_) => None,
+        }
+    }
+
+    /// As [`SnapshotWriter::add_known`]; always false for a page server (the page is
+    /// then read and sent again).
+    pub fn add_known(&mut self, page: u64, hash: [u8; 32], runs: &mut Vec<PageRun>) -> bool {
+        match self {
+            PageWriter::Local(w) => w.add_known(page, hash, runs),
+            PageWriter::Remote(_) => false,
         }
     }
 

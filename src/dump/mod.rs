@@ -11,12 +11,14 @@ pub mod hashes;
 pub mod inject;
 pub mod memory;
 pub mod namespaces;
+pub mod predump;
 pub mod process;
 pub mod seccomp;
 pub mod shared_files;
 pub mod threads;
 pub mod timers;
 pub mod tmp;
+pub mod track;
 pub mod vmas;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +64,10 @@ pub struct DumpResult {
     pub id: SnapshotId,
     pub manifest: Manifest,
     pub phases: Phases,
+    /// How long the tree was frozen (from the freeze until it was killed or released).
+    pub frozen: std::time::Duration,
+    /// Pages read from the tree, and taken from the previous image (`--prev`).
+    pub counts: track::Counts,
 }
 
 /// Where a dump's memory and manifest go.
@@ -92,16 +98,41 @@ pub fn dump_to(
     dest: Destination<'_>,
     opts: &DumpOptions,
 ) -> Result<DumpResult> {
+    dump_after(pid, frozen, dest, opts, None)
+}
+
+/// [`dump_to`]; with `prev`, the pages not written since pre-dump `prev` are taken from
+/// it (`dump --prev`, see [`track`]). The write tracking ends with this dump.
+pub fn dump_after(
+    pid: i32,
+    frozen: Option<Frozen>,
+    dest: Destination<'_>,
+    opts: &DumpOptions,
+    prev: Option<&SnapshotId>,
+) -> Result<DumpResult> {
     process::check_target(pid)?;
+    let tracking = match prev {
+        Some(p) => predump::previous(pid, Some(p))?,
+        None => None,
+    };
     let mut tree = freeze::Tree::default();
     let mut phases = Phases::default();
+    let mut counts = track::Counts::default();
     let t = Instant::now();
     let res = freeze::freeze_tree(pid, frozen.unwrap_or_default(), &mut tree).and_then(|()| {
         phases.add("freeze", t.elapsed());
-        collect_and_store(&tree, dest, opts, &mut phases)
+        collect_and_store(
+            &tree,
+            dest,
+            opts,
+            &mut phases,
+            tracking.as_ref(),
+            &mut counts,
+        )
     });
+    let res = res.map(|r| (r, t));
     match res {
-        Ok((id, manifest, held)) => {
+        Ok(((id, manifest, held), t)) => {
             let killed = !opts.leave_stopped && !opts.leave_running;
             // Established connections: with the tree going on, repair mode goes off and
             // the lock goes (the peer retransmits what was dropped, to the same socket).
@@ -142,6 +173,8 @@ pub fn dump_to(
                 id,
                 manifest,
                 phases,
+                frozen: t.elapsed(),
+                counts,
             })
         }
         Err(e) if opts.keep_traced => {
@@ -206,6 +239,7 @@ struct PhaseTimes {
     parasite: std::time::Duration,
     memory: std::time::Duration,
     memory_progress: Option<crate::progress::Bytes>,
+    counts: track::Counts,
 }
 
 fn collect_and_store(
@@ -213,6 +247,8 @@ fn collect_and_store(
     dest: Destination<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
+    tracking: Option<&track::Tracking>,
+    counts: &mut track::Counts,
 ) -> Result<(SnapshotId, Manifest, crate::fds::tcp::Held)> {
     let root = tree.order[0];
     // Read first, as close to the freeze as possible: a restore's clocks go on from here.
@@ -274,6 +310,7 @@ fn collect_and_store(
             &mut objects,
             &mut writer,
             &mut times,
+            tracking,
         )?;
         if xsave_size == 0 {
             xsave_size = p.threads[0].xsave.len() as u32;
@@ -307,6 +344,7 @@ fn collect_and_store(
     phases.add("collect", times.collect);
     phases.add("parasite", times.parasite);
     phases.add("memory", times.memory);
+    *counts = times.counts;
     times.memory_progress = None; // cleared from the terminal
     let manifest = Manifest {
         created_unix: SystemTime::now()
@@ -349,6 +387,7 @@ fn collect_process(
     objects: &mut shared_files::SharedFiles,
     writer: &mut PageWriter<'_>,
     times: &mut PhaseTimes,
+    tracking: Option<&track::Tracking>,
 ) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
     let t = Instant::now();
     let info = process::collect(pid)?;
@@ -418,6 +457,8 @@ fn collect_process(
         objects,
         writer,
         times.memory_progress.as_ref(),
+        tracking.and_then(|t| t.proc(pid)),
+        &mut times.counts,
     )?;
     times.memory += t.elapsed();
 

@@ -449,6 +449,25 @@ impl<'a> SnapshotWriter<'a> {
         Ok(())
     }
 
+    /// The hash of page-table record `idx` of this snapshot (as `RunContent::Data`
+    /// names it), to refer to the same content again with [`Self::add_known`].
+    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
+        self.table.get(idx as usize).map(|r| r.hash)
+    }
+
+    /// Adds page `page` of a VMA whose content is the stored page `hash` (known from an
+    /// earlier snapshot), without reading it. Returns false, adding nothing, when the
+    /// store holds no such page (then the caller must read it).
+    pub fn add_known(&mut self, page: u64, hash: [u8; 32], runs: &mut Vec<PageRun>) -> bool {
+        let Some(loc) = self.index.get(&Key(hash)).copied() else {
+            return false;
+        };
+        let idx = self.table.len() as u64;
+        self.table.push(Record { hash, loc });
+        push_run(runs, page, RunContent::Data { first: idx });
+        true
+    }
+
     fn add_page(&mut self, page: &[u8], hash: [u8; 32]) -> Result<u64, StoreError> {
         let idx = self.table.len() as u64;
         if let Some(loc) = self.index.get(&Key(hash)) {
