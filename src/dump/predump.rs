@@ -98,6 +98,8 @@ pub fn pre_dump(
         Destination::Store(store) => PageWriter::Local(store.writer()?),
         Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
     };
+    // The next dump names the pages it takes from this image by their hashes.
+    writer.keep_hashes();
     let mut counts = Counts::default();
     let mut processes = Vec::new();
     let mut states = Vec::new();

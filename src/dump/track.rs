@@ -250,6 +250,8 @@ pub fn write_pages(
         }
         Ok(())
     };
+    // A run of pages to take from the previous image: (first page index, hashes).
+    let mut known: Option<(u64, Vec<[u8; 32]>)> = None;
     for &(first, count, excl) in runs {
         for idx in first..first + count {
             let addr = vma_start + idx * ps;
@@ -258,35 +260,107 @@ pub fn write_pages(
             } else {
                 None
             };
-            let taken = match slot {
+            match slot {
                 Some(Slot::Zero) => {
                     flush(&mut pending, writer, out, &mut new_slots, counts)?;
+                    take_known(
+                        &mut known,
+                        vma_start,
+                        writer,
+                        out,
+                        &mut new_slots,
+                        counts,
+                        &mut pending,
+                    )?;
+                    flush(&mut pending, writer, out, &mut new_slots, counts)?;
                     push_zero(out, idx);
-                    true
+                    counts.taken += 1;
+                    if let Some(s) = new_slots.as_deref_mut() {
+                        s.push((addr, Slot::Zero));
+                    }
                 }
                 Some(Slot::Hash(h)) => {
                     flush(&mut pending, writer, out, &mut new_slots, counts)?;
-                    writer.add_known(idx, h, out)
+                    match &mut known {
+                        Some((f, hs)) if *f + hs.len() as u64 == idx => hs.push(h),
+                        _ => {
+                            take_known(
+                                &mut known,
+                                vma_start,
+                                writer,
+                                out,
+                                &mut new_slots,
+                                counts,
+                                &mut pending,
+                            )?;
+                            flush(&mut pending, writer, out, &mut new_slots, counts)?;
+                            known = Some((idx, vec![h]));
+                        }
+                    }
                 }
-                None => false,
-            };
-            if taken {
-                counts.taken += 1;
-                if let (Some(s), Some(slot)) = (new_slots.as_deref_mut(), slot) {
-                    s.push((addr, slot));
-                }
-                continue;
-            }
-            match &mut pending {
-                Some(p) if p.0 + p.1 == idx && p.2 == excl => p.1 += 1,
-                _ => {
-                    flush(&mut pending, writer, out, &mut new_slots, counts)?;
-                    pending = Some((idx, 1, excl));
+                None => {
+                    take_known(
+                        &mut known,
+                        vma_start,
+                        writer,
+                        out,
+                        &mut new_slots,
+                        counts,
+                        &mut pending,
+                    )?;
+                    match &mut pending {
+                        Some(p) if p.0 + p.1 == idx && p.2 == excl => p.1 += 1,
+                        _ => {
+                            flush(&mut pending, writer, out, &mut new_slots, counts)?;
+                            pending = Some((idx, 1, excl));
+                        }
+                    }
                 }
             }
         }
     }
+    take_known(
+        &mut known,
+        vma_start,
+        writer,
+        out,
+        &mut new_slots,
+        counts,
+        &mut pending,
+    )?;
     flush(&mut pending, writer, out, &mut new_slots, counts)
+}
+
+/// Adds the pending run of known pages; when the store lacks one of them, they become
+/// pages to read (`pending`, which the caller flushes).
+fn take_known(
+    known: &mut Option<(u64, Vec<[u8; 32]>)>,
+    vma_start: u64,
+    writer: &mut PageWriter<'_>,
+    out: &mut Vec<PageRun>,
+    new_slots: &mut Option<&mut Vec<(u64, Slot)>>,
+    counts: &mut Counts,
+    pending: &mut Option<(u64, u64, bool)>,
+) -> Result<()> {
+    let Some((first, hashes)) = known.take() else {
+        return Ok(());
+    };
+    if writer.add_known(first, &hashes, out)? {
+        counts.taken += hashes.len() as u64;
+        if let Some(s) = new_slots.as_deref_mut() {
+            for (i, h) in hashes.iter().enumerate() {
+                s.push((
+                    vma_start + (first + i as u64) * PAGE_SIZE as u64,
+                    Slot::Hash(*h),
+                ));
+            }
+        }
+    } else {
+        // Read through /proc/PID/mem (correct whether or not the pages are exclusive).
+        debug_assert!(pending.is_none());
+        *pending = Some((first, hashes.len() as u64, false));
+    }
+    Ok(())
 }
 
 fn push_zero(out: &mut Vec<PageRun>, idx: u64) {
@@ -471,10 +545,16 @@ pub fn holder_main(path: &std::path::Path) -> Result<i32> {
     drop(chan);
     // Renamed to `path` before the tracking was sent: this inode is ours.
     let ino = std::fs::metadata(path)?.ino();
-    let root = crate::sys::pidfd::pidfd_open(t.state.root, 0)?;
-    if start_time(t.state.root).ok() != Some(t.state.root_start) {
-        return Ok(0);
-    }
+    // Gone already (killed while we started): nothing to keep, and the socket goes.
+    let root = match crate::sys::pidfd::pidfd_open(t.state.root, 0) {
+        Ok(fd) if start_time(t.state.root).ok() == Some(t.state.root_start) => fd,
+        _ => {
+            if std::fs::metadata(path).map(|m| m.ino()).ok() == Some(ino) {
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(0);
+        }
+    };
     let started = Instant::now();
     loop {
         if started.elapsed() > HOLD_LIMIT {

@@ -455,16 +455,27 @@ impl<'a> SnapshotWriter<'a> {
         self.table.get(idx as usize).map(|r| r.hash)
     }
 
-    /// Adds page `page` of a VMA whose content is the stored page `hash` (known from an
-    /// earlier snapshot), without reading it. Returns false, adding nothing, when the
-    /// store holds no such page (then the caller must read it).
-    pub fn add_known(&mut self, page: u64, hash: [u8; 32], runs: &mut Vec<PageRun>) -> bool {
-        let Some(loc) = self.index.get(&Key(hash)).copied() else {
+    /// Adds pages `first_page..` of a VMA whose contents are the stored pages `hashes`
+    /// (known from an earlier snapshot), without reading them. All or nothing: returns
+    /// false, adding nothing, when the store lacks any of them (the caller reads them).
+    pub fn add_known(
+        &mut self,
+        first_page: u64,
+        hashes: &[[u8; 32]],
+        runs: &mut Vec<PageRun>,
+    ) -> bool {
+        let Some(locs) = hashes
+            .iter()
+            .map(|h| self.index.get(&Key(*h)).copied())
+            .collect::<Option<Vec<_>>>()
+        else {
             return false;
         };
-        let idx = self.table.len() as u64;
-        self.table.push(Record { hash, loc });
-        push_run(runs, page, RunContent::Data { first: idx });
+        for (i, (hash, loc)) in hashes.iter().zip(locs).enumerate() {
+            let idx = self.table.len() as u64;
+            self.table.push(Record { hash: *hash, loc });
+            push_run(runs, first_page + i as u64, RunContent::Data { first: idx });
+        }
         true
     }
 
