@@ -139,12 +139,13 @@ fn pre_dumps_then_final_dump_restore_every_change() {
         taken2 > 400 && read2 < 200,
         "second pre-dump: read {read2}, taken {taken2}"
     );
-    let hs2 = holders(rt);
-    assert_eq!(hs2.len(), 1, "{hs2:?}");
+    // The first holder exits once it has handed over (after the pre-dump returned).
     assert!(
         wait_pid_exit(hs[0], TIMEOUT),
         "the first holder handed over and exited"
     );
+    let hs2 = holders(rt);
+    assert_eq!(hs2.len(), 1, "{hs2:?}");
     hs2.iter().for_each(|&h| guard.add(h));
 
     step(&mut orig, 2);
@@ -204,14 +205,22 @@ fn prev_must_be_the_last_pre_dump_and_tracking_ends_with_the_app() {
     let out = run(&ws, rt, &["dump", "--pre-dump", "-t", &pid_s]);
     out.assert_ok();
     let id1 = out.stdout.trim().to_owned();
-    holders(rt).iter().for_each(|&h| guard.add(h));
+    let first = holders(rt);
+    assert_eq!(first.len(), 1, "{first:?}");
+    guard.add(first[0]);
     // (Without a change the second image would be the first: same content, same id.)
     step(&mut orig, 1);
     let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "--prev", &id1]);
     out.assert_ok();
     let id2 = out.stdout.trim().to_owned();
     assert_ne!(id1, id2);
-    holders(rt).iter().for_each(|&h| guard.add(h));
+    assert!(
+        wait_pid_exit(first[0], TIMEOUT),
+        "the first holder handed over"
+    );
+    let second = holders(rt);
+    assert_eq!(second.len(), 1, "{second:?}");
+    guard.add(second[0]);
 
     // An older image than the last pre-dump's would give stale pages: refused.
     let out = run(&ws, rt, &["dump", "-t", &pid_s, "--prev", &id1]);
@@ -231,7 +240,11 @@ fn prev_must_be_the_last_pre_dump_and_tracking_ends_with_the_app() {
         "{}",
         out.describe()
     );
-    assert!(holders(rt).is_empty());
+    assert!(
+        wait_pid_exit(second[0], TIMEOUT),
+        "the holder handed its tracking to the refused dump"
+    );
+    assert!(holders(rt).is_empty(), "{:?}", holders(rt));
 
     // An abandoned migration: the holder goes with the app.
     run(&ws, rt, &["pre-dump", "-t", &pid_s]).assert_ok();

@@ -231,15 +231,17 @@ fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     }
 }
 
-/// Time spent per phase, summed over the processes of a tree, and the progress of the
-/// memory written (shown on a terminal).
+/// Time spent per phase, summed over the processes of a tree, the progress of the
+/// memory written (shown on a terminal) and its page counts; the write tracking a
+/// `--prev` dump takes unwritten pages by.
 #[derive(Default)]
-struct PhaseTimes {
+struct PhaseTimes<'t> {
     collect: std::time::Duration,
     parasite: std::time::Duration,
     memory: std::time::Duration,
     memory_progress: Option<crate::progress::Bytes>,
     counts: track::Counts,
+    tracking: Option<&'t track::Tracking>,
 }
 
 fn collect_and_store(
@@ -265,6 +267,7 @@ fn collect_and_store(
             "writing the memory of the snapshot",
             None,
         )),
+        tracking,
         ..Default::default()
     };
     let mut processes = Vec::with_capacity(tree.order.len());
@@ -310,7 +313,6 @@ fn collect_and_store(
             &mut objects,
             &mut writer,
             &mut times,
-            tracking,
         )?;
         if xsave_size == 0 {
             xsave_size = p.threads[0].xsave.len() as u32;
@@ -386,8 +388,7 @@ fn collect_process(
     files: &mut files::TreeFiles,
     objects: &mut shared_files::SharedFiles,
     writer: &mut PageWriter<'_>,
-    times: &mut PhaseTimes,
-    tracking: Option<&track::Tracking>,
+    times: &mut PhaseTimes<'_>,
 ) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
     let t = Instant::now();
     let info = process::collect(pid)?;
@@ -450,16 +451,7 @@ fn collect_process(
     times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let vmas = vmas::collect(
-        pid,
-        &info.comm,
-        &smaps,
-        objects,
-        writer,
-        times.memory_progress.as_ref(),
-        tracking.and_then(|t| t.proc(pid)),
-        &mut times.counts,
-    )?;
+    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer, times)?;
     times.memory += t.elapsed();
 
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

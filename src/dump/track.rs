@@ -520,7 +520,25 @@ pub fn spawn_holder(t: &Tracking) -> Result<()> {
     let ours = unsafe { UnixStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(ours)) };
     let renamed =
         std::fs::rename(&tmp, &path).with_context(|| format!("naming {}", path.display()));
-    let sent = renamed.and_then(|()| send_tracking(&ours, t));
+    // The holder answers once it holds the tracking: a pre-dump that returns has a
+    // running holder (or fails), never one still starting.
+    let sent = renamed
+        .and_then(|()| send_tracking(&ours, t))
+        .and_then(|()| {
+            ours.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut ack = [0u8; 1];
+            (&ours)
+                .read_exact(&mut ack)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    if ack[0] == 1 {
+                        Ok(())
+                    } else {
+                        bail!("the process tree exited during the pre-dump")
+                    }
+                })
+                .context("the write tracking holder did not start")
+        });
     if let Err(e) = sent {
         let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(&path);
@@ -542,7 +560,6 @@ pub fn holder_main(path: &std::path::Path) -> Result<i32> {
     let (listener, chan) = unsafe { (UnixListener::from_raw_fd(0), UnixStream::from_raw_fd(1)) };
     chan.set_read_timeout(Some(Duration::from_secs(30)))?;
     let t = recv_tracking(&chan)?;
-    drop(chan);
     // Renamed to `path` before the tracking was sent: this inode is ours.
     let ino = std::fs::metadata(path)?.ino();
     // Gone already (killed while we started): nothing to keep, and the socket goes.
@@ -552,9 +569,13 @@ pub fn holder_main(path: &std::path::Path) -> Result<i32> {
             if std::fs::metadata(path).map(|m| m.ino()).ok() == Some(ino) {
                 let _ = std::fs::remove_file(path);
             }
+            let _ = (&chan).write_all(&[0]);
             return Ok(0);
         }
     };
+    // Holding: the pre-dump that started us may return.
+    (&chan).write_all(&[1])?;
+    drop(chan);
     let started = Instant::now();
     loop {
         if started.elapsed() > HOLD_LIMIT {

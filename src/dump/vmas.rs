@@ -122,16 +122,17 @@ fn meta_ino(meta: &std::fs::Metadata) -> u64 {
     std::os::unix::fs::MetadataExt::ino(meta)
 }
 
-pub fn collect(
+pub(super) fn collect(
     pid: i32,
     comm: &str,
     smaps: &[MapEntry],
     objects: &mut SharedFiles,
     writer: &mut PageWriter<'_>,
-    progress: Option<&crate::progress::Bytes>,
-    tracked: Option<(&std::os::fd::OwnedFd, &super::track::ProcState)>,
-    counts: &mut super::track::Counts,
+    times: &mut super::PhaseTimes<'_>,
 ) -> Result<Vec<Vma>> {
+    let progress = times.memory_progress.as_ref();
+    let tracked = times.tracking.and_then(|t| t.proc(pid));
+    let counts = &mut times.counts;
     // `--prev`: this process's write tracking and the previous image's contents.
     let tracked = match tracked {
         Some((uffd, st)) => Some((
