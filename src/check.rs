@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::sys::pagemap_scan;
 use crate::sys::pidfd;
 use crate::sys::uffd::{Features, Uffd, UffdFlags};
 
@@ -517,34 +518,6 @@ fn probe_pidfd() -> (Probe, Probe) {
     (open_r, getfd)
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-const _: () = assert!(size_of::<PmScanArg>() == 96 && size_of::<PageRegion>() == 24);
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | (0x66 << 8) | 16;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-
 fn probe_pagemap_scan() -> Probe {
     let len = 4 * 4096;
     // SAFETY: anonymous mapping, unmapped below.
@@ -569,23 +542,14 @@ fn probe_pagemap_scan() -> Probe {
     }
     let r = (|| {
         let f = std::fs::File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
-        let mut regions = [PageRegion::default(); 4];
-        let mut a = PmScanArg {
-            size: size_of::<PmScanArg>() as u64,
-            start: base,
-            end: base + len as u64,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            category_mask: PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_PRESENT,
+        let q = pagemap_scan::Query {
+            mask: pagemap_scan::PAGE_IS_PRESENT,
+            ret: pagemap_scan::PAGE_IS_PRESENT,
             ..Default::default()
         };
-        // SAFETY: valid pm_scan_arg pointing at a live vector.
-        let n = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as libc::Ioctl, &mut a) };
-        if n < 0 {
-            return Err(errno_str("ioctl(PAGEMAP_SCAN)"));
-        }
-        let got: Vec<(u64, u64)> = regions[..n as usize]
+        let regions = pagemap_scan::scan(&f, base, base + len as u64, q)
+            .map_err(|e| format!("ioctl(PAGEMAP_SCAN): {e}"))?;
+        let got: Vec<(u64, u64)> = regions
             .iter()
             .map(|r| ((r.start - base) / 4096, (r.end - base) / 4096))
             .collect();

@@ -71,6 +71,12 @@ pub enum Command {
     },
     /// Checkpoint a running process (CRIU style)
     Dump(DumpArgs),
+    /// Copy a running process's memory and track its writes for the next dump (CRIU's
+    /// pre-dump; the same as `dump --pre-dump`)
+    PreDump(DumpArgs),
+    /// Holds the write tracking of a pre-dumped tree until the next dump (internal)
+    #[command(name = "__track-holder", hide = true)]
+    TrackHolder { path: PathBuf },
     /// Restore a snapshot (CRIU style)
     Restore(RestoreArgs),
     /// Run an app to its warm point and snapshot it
@@ -189,6 +195,15 @@ pub struct DumpArgs {
     /// (below warmstart's own cgroup, holding only the tree's processes)
     #[arg(long)]
     pub manage_cgroups: bool,
+    /// Copy the tree's private memory while it runs (frozen only briefly) into a
+    /// snapshot that is not restorable, and track the pages written from now on, for
+    /// the next `--pre-dump` or the final dump with `--prev` (repeatable)
+    #[arg(long, conflicts_with_all = ["dir", "leave_stopped", "tcp_established", "tcp_close", "manage_cgroups"])]
+    pub pre_dump: bool,
+    /// The last pre-dump of this tree (its id or name, in the store or page server this
+    /// dump writes to): the pages not written since are taken from it instead of read
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "dir")]
+    pub prev: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -506,7 +521,9 @@ pub fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Verify { snapshot } => verify(&open_store_ro(&cli)?, snapshot.as_deref()),
-        Command::Dump(a) => dump_cmd(&cli, a),
+        Command::Dump(a) => dump_cmd(&cli, a, a.pre_dump),
+        Command::PreDump(a) => dump_cmd(&cli, a, true),
+        Command::TrackHolder { path } => crate::dump::track::holder_main(path),
         Command::Restore(a) => restore_cmd(&cli, a),
         Command::Record(a) => record_cmd(&cli, a),
         Command::Ps { json } => ps(*json),
@@ -1021,13 +1038,42 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
     }
 }
 
-fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
+fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
     crate::check::require_privileges("dump")?;
     if a.pid <= 0 || !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
         bail!("no such process: {}", a.pid);
     }
+    if pre && a.dir.is_some() {
+        bail!("pre-dump: -D is not supported; pre-dumps go to the store (or --page-server), and the final dump names the last one with --prev");
+    }
     let dump = |dest: dump::Destination<'_>| -> Result<i32> {
-        let r = dump::dump_to(
+        let prev = match (&a.prev, dest) {
+            (None, _) => None,
+            (Some(q), dump::Destination::Store(s)) => {
+                Some(s.resolve(q).with_context(|| format!("--prev {q}"))?)
+            }
+            (Some(q), dump::Destination::PageServer(addr)) => Some(
+                warmstart_snapshots::remote::Client::connect(addr)?
+                    .resolve(q)
+                    .with_context(|| format!("--prev {q} on page server {addr}"))?,
+            ),
+        };
+        if pre {
+            let r = dump::predump::pre_dump(a.pid, dest, prev.as_ref(), a.name.as_deref())?;
+            if a.display_stats {
+                eprintln!(
+                    "pre-dump of {}:\n{}\n  frozen for {:.3} ms; pages read {}, taken from the previous image {}",
+                    a.pid,
+                    r.phases,
+                    r.frozen.as_secs_f64() * 1e3,
+                    r.counts.read,
+                    r.counts.taken
+                );
+            }
+            println!("{}", r.id.short());
+            return Ok(0);
+        }
+        let r = dump::dump_after(
             a.pid,
             None,
             dest,
@@ -1048,9 +1094,17 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs) -> Result<i32> {
                 tool: None,
                 manage_cgroups: a.manage_cgroups,
             },
+            prev.as_ref(),
         )?;
         if a.display_stats {
-            eprintln!("dump of {}:\n{}", a.pid, r.phases);
+            eprintln!(
+                "dump of {}:\n{}\n  frozen for {:.3} ms; pages read {}, taken from the previous image {}",
+                a.pid,
+                r.phases,
+                r.frozen.as_secs_f64() * 1e3,
+                r.counts.read,
+                r.counts.taken
+            );
         }
         println!("{}", r.id.short());
         Ok(0)

@@ -292,6 +292,15 @@ fn answer<'s>(
             w.add_pages(first_page, scratch, &mut runs)?;
             Response::Runs(runs)
         }
+        Request::AddKnown { first_page, hashes } => {
+            let Some((w, _)) = writer.as_mut() else {
+                anyhow::bail!("AddKnown before Begin");
+            };
+            let mut runs: Vec<PageRun> = Vec::new();
+            // All or none: an empty answer says some page is not here (send it instead).
+            w.add_known(first_page, &hashes, &mut runs);
+            Response::Runs(runs)
+        }
         Request::Commit { name, manifest } => {
             let Some((w, _slot)) = writer.take() else {
                 anyhow::bail!("Commit before Begin");

@@ -10,6 +10,12 @@ use warmstart_snapshots::model::Manifest;
 /// the snapshot, or is the root's). A group or session whose leader is gone would need a
 /// helper process (as CRIU does), which warmstart does not do yet.
 pub fn tree(m: &Manifest) -> Result<()> {
+    if m.trigger == crate::dump::predump::TRIGGER {
+        bail!(
+            "this snapshot is a pre-dump (memory only, taken while the app ran): it cannot \
+             be restored; restore the final dump made with `dump --prev` of it"
+        );
+    }
     let Some(root) = m.processes.first() else {
         bail!("the snapshot holds no process");
     };

@@ -96,6 +96,7 @@ mod kind {
     pub const BEGIN: u8 = 0x10;
     pub const ADD_PAGES: u8 = 0x11;
     pub const COMMIT: u8 = 0x12;
+    pub const ADD_KNOWN: u8 = 0x13;
 
     pub const R_HELLO: u8 = 0x81;
     pub const R_ID: u8 = 0x82;
@@ -154,6 +155,12 @@ pub enum Request {
     Commit {
         name: Option<String>,
         manifest: Vec<u8>,
+    },
+    /// Pages whose contents the store already holds (by hash): answered with the runs,
+    /// or with no run at all when any is missing (nothing added; send them instead).
+    AddKnown {
+        first_page: u64,
+        hashes: Vec<[u8; 32]>,
     },
 }
 
@@ -308,6 +315,13 @@ impl Request {
                 .u64(*first_page)
                 .u32(*pages)
                 .bytes(lz4),
+            Request::AddKnown { first_page, hashes } => {
+                let mut f = Frame::new(kind::ADD_KNOWN, 8 + hashes.len() * 32).u64(*first_page);
+                for h in hashes {
+                    f = f.bytes(h);
+                }
+                f
+            }
             Request::Commit { name, manifest } => {
                 let name = name.as_deref().unwrap_or("");
                 Frame::new(kind::COMMIT, 2 + name.len() + manifest.len())
@@ -361,6 +375,22 @@ impl Request {
                     first_page,
                     pages,
                     lz4: lz4.to_vec(),
+                }
+            }
+            kind::ADD_KNOWN => {
+                let first_page = r.u64("first page")?;
+                let rest = r.rest();
+                if !rest.len().is_multiple_of(32) {
+                    return Err(ProtoError::Invalid(
+                        "page hashes: not a multiple of 32 bytes",
+                    ));
+                }
+                Request::AddKnown {
+                    first_page,
+                    hashes: rest
+                        .chunks_exact(32)
+                        .map(|c| c.try_into().unwrap())
+                        .collect(),
                 }
             }
             kind::COMMIT => {
@@ -825,6 +855,16 @@ impl Client {
         Ok(resp)
     }
 
+    /// The id of snapshot `query` (a name, an id or a unique prefix) in the server's store.
+    pub fn resolve(&self, query: &str) -> Result<SnapshotId, StoreError> {
+        match self.call(&Request::Resolve {
+            query: query.to_owned(),
+        })? {
+            Response::Id(id) => Ok(id),
+            other => Err(unexpected(&self.addr, "Resolve", &other)),
+        }
+    }
+
     /// Resolves `query` and fetches the snapshot's manifest and page table bytes.
     pub fn fetch_manifest(
         &self,
@@ -903,6 +943,9 @@ fn append_runs(runs: &mut Vec<PageRun>, new: &[PageRun]) {
 pub struct RemoteWriter {
     addr: String,
     conn: Conn,
+    /// With [`RemoteWriter::keep_hashes`]: the hash of each server page-table record
+    /// this writer made, for [`PageWriter::hash_of`].
+    hashes: Option<HashMap<u64, [u8; 32]>>,
 }
 
 impl RemoteWriter {
@@ -914,6 +957,7 @@ impl RemoteWriter {
             Response::Ready => Ok(RemoteWriter {
                 addr: addr.to_owned(),
                 conn,
+                hashes: None,
             }),
             other => Err(unexpected(addr, "Begin", &other)),
         }
@@ -921,6 +965,46 @@ impl RemoteWriter {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Remember the content hash of every page added from now on (hashed here), so the
+    /// next dump can name them again with [`RemoteWriter::add_known`].
+    pub fn keep_hashes(&mut self) {
+        self.hashes.get_or_insert_with(HashMap::new);
+    }
+
+    /// As [`SnapshotWriter::add_known`], on the server.
+    pub fn add_known(
+        &mut self,
+        first_page: u64,
+        hashes: &[[u8; 32]],
+        runs: &mut Vec<PageRun>,
+    ) -> Result<bool, StoreError> {
+        if hashes.is_empty() {
+            return Ok(true);
+        }
+        // One request (all or nothing); 32 bytes a page stays far below MAX_FRAME.
+        let req = Request::AddKnown {
+            first_page,
+            hashes: hashes.to_vec(),
+        };
+        match self.conn.call(&self.addr, &req)? {
+            Response::Runs(new) if new.is_empty() => Ok(false),
+            Response::Runs(new) => {
+                if let Some(map) = &mut self.hashes {
+                    for r in &new {
+                        if let RunContent::Data { first: d } = r.content {
+                            for i in 0..r.count {
+                                map.insert(d + i, hashes[(r.page + i - first_page) as usize]);
+                            }
+                        }
+                    }
+                }
+                append_runs(runs, &new);
+                Ok(true)
+            }
+            other => Err(unexpected(&self.addr, "AddKnown", &other)),
+        }
     }
 
     /// As [`SnapshotWriter::add_pages`]: the pages go compressed to the server, which
@@ -943,7 +1027,21 @@ impl RemoteWriter {
                 lz4: lz4_flex::block::compress(chunk),
             };
             match self.conn.call(&self.addr, &req)? {
-                Response::Runs(new) => append_runs(runs, &new),
+                Response::Runs(new) => {
+                    if let Some(map) = &mut self.hashes {
+                        let base = first_page + k as u64 * ((64 << 20) / PAGE_SIZE) as u64;
+                        for r in &new {
+                            if let RunContent::Data { first: d } = r.content {
+                                for i in 0..r.count {
+                                    let at = (r.page + i - base) as usize * PAGE_SIZE;
+                                    let page = &chunk[at..at + PAGE_SIZE];
+                                    map.insert(d + i, *blake3::hash(page).as_bytes());
+                                }
+                            }
+                        }
+                    }
+                    append_runs(runs, &new)
+                }
                 other => return Err(unexpected(&self.addr, "AddPages", &other)),
             }
         }
@@ -984,6 +1082,35 @@ impl PageWriter<'_> {
         match self {
             PageWriter::Local(w) => w.add_pages(first_page, data, runs),
             PageWriter::Remote(w) => w.add_pages(first_page, data, runs),
+        }
+    }
+
+    /// The content hash of page-table record `idx` where the writer knows it (always
+    /// locally; for a page server after [`RemoteWriter::keep_hashes`]).
+    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
+        match self {
+            PageWriter::Local(w) => w.hash_of(idx),
+            PageWriter::Remote(w) => w.hashes.as_ref()?.get(&idx).copied(),
+        }
+    }
+
+    /// See [`RemoteWriter::keep_hashes`] (the local store always knows them).
+    pub fn keep_hashes(&mut self) {
+        if let PageWriter::Remote(w) = self {
+            w.keep_hashes()
+        }
+    }
+
+    /// As [`SnapshotWriter::add_known`]: false when the store lacks any of the pages.
+    pub fn add_known(
+        &mut self,
+        first_page: u64,
+        hashes: &[[u8; 32]],
+        runs: &mut Vec<PageRun>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            PageWriter::Local(w) => Ok(w.add_known(first_page, hashes, runs)),
+            PageWriter::Remote(w) => w.add_known(first_page, hashes, runs),
         }
     }
 

@@ -308,3 +308,53 @@ fn collect_masked(
         ),
     }
 }
+
+/// Creates a userfaultfd for the address space of the frozen process `pid` (the
+/// `userfaultfd` syscall binds it to the caller's mm, so thread `tid` makes the call),
+/// takes a copy with `pidfd_getfd` and closes the target's own descriptor again: the
+/// process's fd table is left exactly as it was. Used by `dump --pre-dump` to track
+/// writes (`WP_ASYNC`).
+pub fn open_uffd(
+    pid: i32,
+    tid: i32,
+    raw: &Regs,
+    kind: StopKind,
+    maps: &[MapEntry],
+) -> Result<std::os::fd::OwnedFd> {
+    let mask = ptrace::get_sigmask(tid).context("PTRACE_GETSIGMASK")?;
+    ptrace::set_sigmask(tid, !0).context("PTRACE_SETSIGMASK")?;
+    let res = (|| -> Result<std::os::fd::OwnedFd> {
+        let insn = vdso_syscall(pid, maps)?;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = remote_syscall(
+            tid,
+            raw,
+            insn,
+            libc::SYS_userfaultfd,
+            [flags, 0, 0, 0, 0, 0],
+        )?;
+        if (-4095..0).contains(&fd) {
+            bail!(
+                "userfaultfd() in the process failed: {}",
+                std::io::Error::from_raw_os_error(-fd as i32)
+            );
+        }
+        let got = crate::sys::pidfd::pidfd_open(pid, 0)
+            .and_then(|p| crate::sys::pidfd::pidfd_getfd(&p, fd as i32))
+            .context("taking the process's userfaultfd (pidfd_getfd)");
+        let closed = remote_syscall(tid, raw, insn, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
+        match closed? {
+            0 => got,
+            e => bail!(
+                "closing the userfaultfd in the process failed: {}",
+                std::io::Error::from_raw_os_error(-e as i32)
+            ),
+        }
+    })();
+    let regs = ptrace::set_regs(tid, &resume_regs(*raw, kind));
+    let restored = ptrace::set_sigmask(tid, mask).context("restoring the target's signal mask");
+    let fd = res?;
+    regs.context("restoring the target's registers")?;
+    restored?;
+    Ok(fd)
+}

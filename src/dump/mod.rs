@@ -11,12 +11,14 @@ pub mod hashes;
 pub mod inject;
 pub mod memory;
 pub mod namespaces;
+pub mod predump;
 pub mod process;
 pub mod seccomp;
 pub mod shared_files;
 pub mod threads;
 pub mod timers;
 pub mod tmp;
+pub mod track;
 pub mod vmas;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +64,10 @@ pub struct DumpResult {
     pub id: SnapshotId,
     pub manifest: Manifest,
     pub phases: Phases,
+    /// How long the tree was frozen (from the freeze until it was killed or released).
+    pub frozen: std::time::Duration,
+    /// Pages read from the tree, and taken from the previous image (`--prev`).
+    pub counts: track::Counts,
 }
 
 /// Where a dump's memory and manifest go.
@@ -92,16 +98,41 @@ pub fn dump_to(
     dest: Destination<'_>,
     opts: &DumpOptions,
 ) -> Result<DumpResult> {
+    dump_after(pid, frozen, dest, opts, None)
+}
+
+/// [`dump_to`]; with `prev`, the pages not written since pre-dump `prev` are taken from
+/// it (`dump --prev`, see [`track`]). The write tracking ends with this dump.
+pub fn dump_after(
+    pid: i32,
+    frozen: Option<Frozen>,
+    dest: Destination<'_>,
+    opts: &DumpOptions,
+    prev: Option<&SnapshotId>,
+) -> Result<DumpResult> {
     process::check_target(pid)?;
+    let tracking = match prev {
+        Some(p) => predump::previous(pid, Some(p))?,
+        None => None,
+    };
     let mut tree = freeze::Tree::default();
     let mut phases = Phases::default();
+    let mut counts = track::Counts::default();
     let t = Instant::now();
     let res = freeze::freeze_tree(pid, frozen.unwrap_or_default(), &mut tree).and_then(|()| {
         phases.add("freeze", t.elapsed());
-        collect_and_store(&tree, dest, opts, &mut phases)
+        collect_and_store(
+            &tree,
+            dest,
+            opts,
+            &mut phases,
+            tracking.as_ref(),
+            &mut counts,
+        )
     });
+    let res = res.map(|r| (r, t));
     match res {
-        Ok((id, manifest, held)) => {
+        Ok(((id, manifest, held), t)) => {
             let killed = !opts.leave_stopped && !opts.leave_running;
             // Established connections: with the tree going on, repair mode goes off and
             // the lock goes (the peer retransmits what was dropped, to the same socket).
@@ -142,6 +173,8 @@ pub fn dump_to(
                 id,
                 manifest,
                 phases,
+                frozen: t.elapsed(),
+                counts,
             })
         }
         Err(e) if opts.keep_traced => {
@@ -198,14 +231,17 @@ fn resume(frozen: &Frozen, go: fn(i32, i32) -> std::io::Result<()>) {
     }
 }
 
-/// Time spent per phase, summed over the processes of a tree, and the progress of the
-/// memory written (shown on a terminal).
+/// Time spent per phase, summed over the processes of a tree, the progress of the
+/// memory written (shown on a terminal) and its page counts; the write tracking a
+/// `--prev` dump takes unwritten pages by.
 #[derive(Default)]
-struct PhaseTimes {
+struct PhaseTimes<'t> {
     collect: std::time::Duration,
     parasite: std::time::Duration,
     memory: std::time::Duration,
     memory_progress: Option<crate::progress::Bytes>,
+    counts: track::Counts,
+    tracking: Option<&'t track::Tracking>,
 }
 
 fn collect_and_store(
@@ -213,6 +249,8 @@ fn collect_and_store(
     dest: Destination<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
+    tracking: Option<&track::Tracking>,
+    counts: &mut track::Counts,
 ) -> Result<(SnapshotId, Manifest, crate::fds::tcp::Held)> {
     let root = tree.order[0];
     // Read first, as close to the freeze as possible: a restore's clocks go on from here.
@@ -229,6 +267,7 @@ fn collect_and_store(
             "writing the memory of the snapshot",
             None,
         )),
+        tracking,
         ..Default::default()
     };
     let mut processes = Vec::with_capacity(tree.order.len());
@@ -307,6 +346,7 @@ fn collect_and_store(
     phases.add("collect", times.collect);
     phases.add("parasite", times.parasite);
     phases.add("memory", times.memory);
+    *counts = times.counts;
     times.memory_progress = None; // cleared from the terminal
     let manifest = Manifest {
         created_unix: SystemTime::now()
@@ -348,7 +388,7 @@ fn collect_process(
     files: &mut files::TreeFiles,
     objects: &mut shared_files::SharedFiles,
     writer: &mut PageWriter<'_>,
-    times: &mut PhaseTimes,
+    times: &mut PhaseTimes<'_>,
 ) -> Result<(Process, Vec<warmstart_snapshots::model::FileLock>)> {
     let t = Instant::now();
     let info = process::collect(pid)?;
@@ -412,14 +452,7 @@ fn collect_process(
     times.parasite += t.elapsed();
 
     let t = Instant::now();
-    let vmas = vmas::collect(
-        pid,
-        &info.comm,
-        &smaps,
-        objects,
-        writer,
-        times.memory_progress.as_ref(),
-    )?;
+    let vmas = vmas::collect(pid, &info.comm, &smaps, objects, writer, times)?;
     times.memory += t.elapsed();
 
     let ns_tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

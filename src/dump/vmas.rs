@@ -137,14 +137,30 @@ fn meta_ino(meta: &std::fs::Metadata) -> u64 {
     std::os::unix::fs::MetadataExt::ino(meta)
 }
 
-pub fn collect(
+pub(super) fn collect(
     pid: i32,
     comm: &str,
     smaps: &[MapEntry],
     objects: &mut SharedFiles,
     writer: &mut PageWriter<'_>,
-    progress: Option<&crate::progress::Bytes>,
+    times: &mut super::PhaseTimes<'_>,
 ) -> Result<Vec<Vma>> {
+    let progress = times.memory_progress.as_ref();
+    let tracked = times.tracking.and_then(|t| t.proc(pid));
+    let counts = &mut times.counts;
+    // `--prev`: this process's write tracking and the previous image's contents.
+    let tracked = match tracked {
+        Some((uffd, st)) => Some((
+            uffd,
+            st.slots
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            std::fs::File::open(format!("/proc/{pid}/pagemap"))
+                .with_context(|| format!("opening /proc/{pid}/pagemap"))?,
+        )),
+        None => None,
+    };
     let target = Target::open(pid).with_context(|| format!("opening memory of process {pid}"))?;
     let mut out = Vec::with_capacity(smaps.len());
     let mut buf = Vec::new();
@@ -199,7 +215,35 @@ pub fn collect(
                     m.start, m.end
                 )
             })?;
+        if let Some((uffd, prev, pagemap)) = &tracked {
+            // Registered with our userfaultfd before (`uw`), and still ours: the pages
+            // it reports not written are the previous image's (see `track`).
+            if !file_backed
+                && super::track::trackable(m)
+                && m.has_flag("uw")
+                && super::track::register(uffd, m)
+            {
+                let unwritten = super::track::unwritten(pagemap, m.start, m.end, false)
+                    .with_context(|| format!("process {pid}"))?;
+                super::track::write_pages(
+                    &target,
+                    m.start,
+                    &wanted.runs,
+                    &unwritten,
+                    prev,
+                    writer,
+                    &mut vma.pages,
+                    None,
+                    false,
+                    counts,
+                )
+                .with_context(|| format!("process {pid}"))?;
+                out.push(vma);
+                continue;
+            }
+        }
         for &(first, count, exclusive) in &wanted.runs {
+            counts.read += count;
             let mut done = 0u64;
             while done < count {
                 let n = (count - done).min(CHUNK / PAGE_SIZE as u64);

@@ -5,6 +5,7 @@ pub mod ipc;
 pub mod maps;
 pub mod nft;
 pub mod ns;
+pub mod pagemap_scan;
 pub mod pidfd;
 pub mod ptrace;
 pub mod remote;

@@ -449,6 +449,36 @@ impl<'a> SnapshotWriter<'a> {
         Ok(())
     }
 
+    /// The hash of page-table record `idx` of this snapshot (as `RunContent::Data`
+    /// names it), to refer to the same content again with [`Self::add_known`].
+    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
+        self.table.get(idx as usize).map(|r| r.hash)
+    }
+
+    /// Adds pages `first_page..` of a VMA whose contents are the stored pages `hashes`
+    /// (known from an earlier snapshot), without reading them. All or nothing: returns
+    /// false, adding nothing, when the store lacks any of them (the caller reads them).
+    pub fn add_known(
+        &mut self,
+        first_page: u64,
+        hashes: &[[u8; 32]],
+        runs: &mut Vec<PageRun>,
+    ) -> bool {
+        let Some(locs) = hashes
+            .iter()
+            .map(|h| self.index.get(&Key(*h)).copied())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
+        };
+        for (i, (hash, loc)) in hashes.iter().zip(locs).enumerate() {
+            let idx = self.table.len() as u64;
+            self.table.push(Record { hash: *hash, loc });
+            push_run(runs, first_page + i as u64, RunContent::Data { first: idx });
+        }
+        true
+    }
+
     fn add_page(&mut self, page: &[u8], hash: [u8; 32]) -> Result<u64, StoreError> {
         let idx = self.table.len() as u64;
         if let Some(loc) = self.index.get(&Key(hash)) {

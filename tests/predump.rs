@@ -1,0 +1,260 @@
+//! `dump --pre-dump` / `pre-dump` and `dump --prev`: memory copied while the app runs,
+//! written pages tracked with userfaultfd `WP_ASYNC`, the final dump taking unwritten
+//! pages from the last pre-dump. The restored process must see exactly the memory the
+//! live one had, including pages written, dropped, mapped, unmapped and moved between
+//! the dumps.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixture, tempdir, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
+
+/// `warmstart ARGS` on `ws`'s store with the tracking holders' sockets under `rt`.
+fn cmd(ws: &Ws, rt: &Path, args: &[&str]) -> Command {
+    let mut c = ws.cmd(args);
+    c.env("XDG_RUNTIME_DIR", rt);
+    c
+}
+
+fn run(ws: &Ws, rt: &Path, args: &[&str]) -> common::Out {
+    common::run_with(&mut cmd(ws, rt, args), b"", TIMEOUT)
+}
+
+fn digest(p: &mut Proc) -> String {
+    p.send("digest");
+    let l = p.read_line();
+    assert!(l.starts_with("digest "), "{l}");
+    l
+}
+
+fn step(p: &mut Proc, n: u32) {
+    p.send("step");
+    assert_eq!(p.read_line(), format!("stepped {n}"));
+}
+
+/// The fds of `pid` as `/proc` shows them (number and target).
+fn fds(pid: i32) -> Vec<(String, PathBuf)> {
+    let mut v: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            (n, std::fs::read_link(e.path()).unwrap_or_default())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// (pages read, pages taken from the previous image) from `--display-stats`.
+fn counts(out: &common::Out) -> (u64, u64) {
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("taken from the previous image"))
+        .unwrap_or_else(|| panic!("no page counts in the stats:\n{}", out.describe()));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let n = nums.len();
+    (nums[n - 2], nums[n - 1])
+}
+
+/// The holder processes of sockets under `rt` (their command line names the socket).
+fn holders(rt: &Path) -> Vec<i32> {
+    let needle = rt.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&c);
+            c.contains("__track-holder") && c.contains(&needle)
+        })
+        .collect()
+}
+
+fn sockets(rt: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(rt.join("warmstart/track"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn pre_dumps_then_final_dump_restore_every_change() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid = orig.pid();
+    let pid_s = pid.to_string();
+    let d0 = digest(&mut orig);
+    let fds_before = fds(pid);
+
+    let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "--display-stats"]);
+    out.assert_ok();
+    let id1 = out.stdout.trim().to_owned();
+    let mut guard = KillGuard::new();
+    let hs = holders(rt);
+    assert_eq!(hs.len(), 1, "one holder keeps the tracking: {hs:?}");
+    hs.iter().for_each(|&h| guard.add(h));
+    assert_eq!(sockets(rt).len(), 1);
+    // Nothing of warmstart's in the app: the userfaultfd was made in it and closed again.
+    assert_eq!(fds(pid), fds_before, "the app's fd table");
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    assert!(
+        smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw")),
+        "the app's private memory should be registered for write tracking"
+    );
+    let (read1, taken1) = counts(&out);
+    assert!(
+        read1 > 600 && taken1 == 0,
+        "first pre-dump reads all: {read1} {taken1}"
+    );
+    assert_eq!(
+        digest(&mut orig),
+        d0,
+        "a pre-dump changes nothing the app sees"
+    );
+
+    step(&mut orig, 1);
+    let d1 = digest(&mut orig);
+    assert_ne!(d1, d0);
+    let out = run(
+        &ws,
+        rt,
+        &["pre-dump", "-t", &pid_s, "--prev", &id1, "--display-stats"],
+    );
+    out.assert_ok();
+    let id2 = out.stdout.trim().to_owned();
+    let (read2, taken2) = counts(&out);
+    assert!(
+        taken2 > 400 && read2 < 200,
+        "second pre-dump: read {read2}, taken {taken2}"
+    );
+    // The first holder exits once it has handed over (after the pre-dump returned).
+    assert!(
+        wait_pid_exit(hs[0], TIMEOUT),
+        "the first holder handed over and exited"
+    );
+    let hs2 = holders(rt);
+    assert_eq!(hs2.len(), 1, "{hs2:?}");
+    hs2.iter().for_each(|&h| guard.add(h));
+
+    step(&mut orig, 2);
+    let d2 = digest(&mut orig);
+    assert_ne!(d2, d1);
+    let out = run(
+        &ws,
+        rt,
+        &[
+            "dump",
+            "-t",
+            &pid_s,
+            "--prev",
+            &id2,
+            "--name",
+            "fin",
+            "--display-stats",
+        ],
+    );
+    out.assert_ok();
+    let (read3, taken3) = counts(&out);
+    assert!(
+        taken3 > 400 && read3 < 200,
+        "final dump: read {read3}, taken {taken3}"
+    );
+    assert!(!orig.wait().success(), "the dump kills the app");
+    assert!(
+        wait_pid_exit(hs2[0], TIMEOUT),
+        "the holder exits with the tracking taken"
+    );
+    assert!(sockets(rt).is_empty(), "{:?}", sockets(rt));
+
+    let mut restored = Proc::spawn(&mut cmd(&ws, rt, &["restore", "fin"]));
+    assert_eq!(
+        digest(&mut restored),
+        d2,
+        "the restored memory is the live memory at the final dump"
+    );
+    // And it goes on changing as the original would have.
+    step(&mut restored, 3);
+    restored.close_stdin();
+    assert!(restored.wait().success());
+
+    let out = run(&ws, rt, &["restore", &id1]);
+    out.assert_fail();
+    assert!(out.stderr.contains("is a pre-dump"), "{}", out.describe());
+}
+
+#[test]
+fn prev_must_be_the_last_pre_dump_and_tracking_ends_with_the_app() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid_s = orig.pid().to_string();
+    let mut guard = KillGuard::new();
+    let out = run(&ws, rt, &["dump", "--pre-dump", "-t", &pid_s]);
+    out.assert_ok();
+    let id1 = out.stdout.trim().to_owned();
+    let first = holders(rt);
+    assert_eq!(first.len(), 1, "{first:?}");
+    guard.add(first[0]);
+    // (Without a change the second image would be the first: same content, same id.)
+    step(&mut orig, 1);
+    let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "--prev", &id1]);
+    out.assert_ok();
+    let id2 = out.stdout.trim().to_owned();
+    assert_ne!(id1, id2);
+    assert!(
+        wait_pid_exit(first[0], TIMEOUT),
+        "the first holder handed over"
+    );
+    let second = holders(rt);
+    assert_eq!(second.len(), 1, "{second:?}");
+    guard.add(second[0]);
+
+    // An older image than the last pre-dump's would give stale pages: refused.
+    let out = run(&ws, rt, &["dump", "-t", &pid_s, "--prev", &id1]);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(&format!("--prev {}", &id2[..12])),
+        "{}",
+        out.describe()
+    );
+    let d = digest(&mut orig);
+    assert!(!d.is_empty(), "the app goes on after a refused dump");
+    // That attempt ended the tracking: nothing to take from any more.
+    let out = run(&ws, rt, &["dump", "-t", &pid_s, "--prev", &id2]);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("no write tracking"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        wait_pid_exit(second[0], TIMEOUT),
+        "the holder handed its tracking to the refused dump"
+    );
+    assert!(holders(rt).is_empty(), "{:?}", holders(rt));
+
+    // An abandoned migration: the holder goes with the app.
+    run(&ws, rt, &["pre-dump", "-t", &pid_s]).assert_ok();
+    let hs = holders(rt);
+    assert_eq!(hs.len(), 1);
+    guard.add(hs[0]);
+    drop(orig);
+    assert!(
+        wait_pid_exit(hs[0], TIMEOUT),
+        "the holder exits when the app does"
+    );
+    assert!(sockets(rt).is_empty(), "{:?}", sockets(rt));
+}
