@@ -9,25 +9,8 @@ mod common;
 
 use std::process::Command;
 
+use common::netns::{in_net_of, ns_id, nsenter, output, ws_in_net_of};
 use common::{alive, children, fixture, tempdir, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
-
-/// Runs `cmd` (e.g. `nsenter ...`), which must succeed; its stdout.
-fn output(cmd: &mut Command) -> String {
-    let out = common::run_with(cmd, b"", TIMEOUT);
-    assert!(out.success(), "{}", out.describe());
-    out.stdout
-}
-
-fn nsenter(pid: i32, flags: &[&str], argv: &[&str]) -> String {
-    output(
-        Command::new("nsenter")
-            .arg("-t")
-            .arg(pid.to_string())
-            .args(flags)
-            .arg("--")
-            .args(argv),
-    )
-}
 
 /// `/proc/sysvipc/FILE` seen from inside `pid`'s ipc namespace, without the columns
 /// that a restore changes by its nature (pids of last users, times, resident pages).
@@ -125,13 +108,6 @@ fn ns_state(pid: i32) -> Vec<String> {
     v.sort();
     s.extend(v);
     s
-}
-
-fn ns_id(pid: &str, kind: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// `unshare FLAGS --fork --kill-child ARGV`, and the pid (ours) of the first process
@@ -541,25 +517,6 @@ fn record_in_namespaces_of_its_own() {
     let out = ws.run(&["record", "--net", "bridge", "--", "true"], "");
     out.assert_fail();
     assert!(out.stderr.contains("--net bridge"), "{}", out.describe());
-}
-
-/// `nsenter -t PID -n -- ARGV`: run in the network namespace of `pid`.
-fn in_net_of(pid: i32, argv: &[&str]) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg("-t")
-        .arg(pid.to_string())
-        .args(["-n", "--"])
-        .args(argv);
-    c
-}
-
-/// warmstart with `args`, in the network namespace of `pid`.
-fn ws_in_net_of(ws: &Ws, pid: i32, args: &[&str]) -> Command {
-    let mut c = in_net_of(pid, &[common::bin()]);
-    c.env("WARMSTART_STORE", ws.store())
-        .env_remove("RUST_LOG")
-        .args(args);
-    c
 }
 
 /// What a client in the network namespace of `from` gets from `addr`:`port`.

@@ -133,6 +133,7 @@ pub fn dump_after(
     let res = res.map(|r| (r, t));
     match res {
         Ok(((id, manifest, held), t)) => {
+            let mut frozen = std::time::Duration::ZERO;
             let killed = !opts.leave_stopped && !opts.leave_running;
             // Established connections: with the tree going on, repair mode goes off and
             // the lock goes (the peer retransmits what was dropped, to the same socket).
@@ -163,17 +164,26 @@ pub fn dump_after(
                     release(f);
                 }
             } else {
-                kill_tree(&tree);
+                // Frozen until killed (CRIU's "frozen time"); the exits (the kernel
+                // freeing the memory) are waited for, and shown, apart.
+                send_kill(&tree);
+                frozen = t.elapsed();
+                let t = Instant::now();
+                reap_killed(&tree);
+                phases.add("exit of the killed tree", t.elapsed());
                 // Closed in repair mode: no FIN or RST; the lock stays for the restore.
                 if let Some(h) = held {
                     h.close_killed();
                 }
             }
+            if frozen.is_zero() {
+                frozen = t.elapsed();
+            }
             Ok(DumpResult {
                 id,
                 manifest,
                 phases,
-                frozen: t.elapsed(),
+                frozen,
                 counts,
             })
         }
@@ -196,10 +206,19 @@ pub fn dump_after(
 /// kill is complete before we return (a leader's exit is reported only after all the
 /// others').
 fn kill_tree(tree: &freeze::Tree) {
+    send_kill(tree);
+    reap_killed(tree);
+}
+
+fn send_kill(tree: &freeze::Tree) {
     for f in tree.processes() {
         // SAFETY: kill takes integer arguments only; no memory is passed.
         unsafe { libc::kill(f.pid, libc::SIGKILL) };
     }
+}
+
+/// Collects the exits of a killed tree's traced threads.
+fn reap_killed(tree: &freeze::Tree) {
     for f in tree.processes() {
         for tid in f.tids().into_iter().filter(|&t| t != f.pid) {
             let _ = ptrace::wait(tid);

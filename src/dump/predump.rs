@@ -7,7 +7,6 @@
 //! (trigger `pre-dump`, not restorable); the final `dump --prev ID` takes the pages not
 //! written since from it.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -45,7 +44,8 @@ struct ProcPlan {
     pid: i32,
     start_time: u64,
     uffd: std::os::fd::OwnedFd,
-    prev: BTreeMap<u64, Slot>,
+    /// The previous image's slots (address order), moved in after the freeze.
+    prev: Vec<(u64, Slot)>,
     vmas: Vec<TrackedVma>,
 }
 
@@ -79,7 +79,7 @@ pub fn pre_dump(
 ) -> Result<PreDumpResult> {
     super::process::check_target(pid)?;
     let mut phases = Phases::default();
-    let old = previous(pid, prev)?;
+    let mut old = previous(pid, prev)?;
     let use_prev = prev.is_some();
     let mut tree = freeze::Tree::default();
     let t0 = Instant::now();
@@ -90,7 +90,17 @@ pub fn pre_dump(
     }
     let frozen = t0.elapsed();
     phases.add("frozen", frozen);
-    let plans = planned?;
+    let mut plans = planned?;
+    // The previous slots, moved (not copied while frozen) into each process's plan.
+    if let (Some(old), true) = (old.as_mut(), use_prev) {
+        for p in &mut plans {
+            if let Some(st) = (old.state.procs.iter_mut())
+                .find(|st| st.pid == p.pid && st.start_time == p.start_time)
+            {
+                p.prev = std::mem::take(&mut st.slots);
+            }
+        }
+    }
     drop(old); // our own copies of the descriptors are in the plans
 
     let t = Instant::now();
@@ -197,15 +207,7 @@ fn plan(tree: &freeze::Tree, old: Option<&Tracking>, use_prev: bool) -> Result<V
             .with_context(|| format!("reading /proc/{pid}/smaps"))?;
         let start_time = track::start_time(pid)?;
         let (uffd, prev, trusted) = match old.and_then(|t| t.proc(pid)) {
-            Some((fd, st)) => (
-                fd.try_clone()?,
-                if use_prev {
-                    st.slots.iter().copied().collect()
-                } else {
-                    BTreeMap::new()
-                },
-                use_prev,
-            ),
+            Some((fd, _)) => (fd.try_clone()?, Vec::new(), use_prev),
             None => {
                 let Some(ft) = f.threads.get(&pid) else {
                     tracing::warn!("process {pid}: main thread gone, its memory is not tracked");
@@ -215,7 +217,7 @@ fn plan(tree: &freeze::Tree, old: Option<&Tracking>, use_prev: bool) -> Result<V
                 let fd = super::inject::open_uffd(pid, pid, &regs, ft.kind, &smaps)
                     .with_context(|| format!("process {pid}: starting write tracking"))?;
                 track::init_uffd(&fd)?;
-                (fd, BTreeMap::new(), false)
+                (fd, Vec::new(), false)
             }
         };
         let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;

@@ -39,7 +39,6 @@
 //! tree's root process exits, when its socket is removed or replaced, or after
 //! [`HOLD_LIMIT`] (an abandoned migration), so it never outlives its use.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -196,7 +195,7 @@ pub fn write_pages(
     vma_start: u64,
     runs: &[(u64, u64, bool)],
     unwritten: &[(u64, u64)],
-    prev: &BTreeMap<u64, Slot>,
+    prev: &[(u64, Slot)],
     writer: &mut PageWriter<'_>,
     out: &mut Vec<PageRun>,
     mut new_slots: Option<&mut Vec<(u64, Slot)>>,
@@ -250,13 +249,22 @@ pub fn write_pages(
         }
         Ok(())
     };
+    let mut cursor = prev.partition_point(|s| s.0 < vma_start);
     // A run of pages to take from the previous image: (first page index, hashes).
     let mut known: Option<(u64, Vec<[u8; 32]>)> = None;
     for &(first, count, excl) in runs {
         for idx in first..first + count {
             let addr = vma_start + idx * ps;
             let slot = if is_unwritten(addr) {
-                prev.get(&addr).copied()
+                // `prev` is in address order (see `ProcState::slots`), and so are the
+                // pages asked: a cursor walks it (a search only when it goes back).
+                if cursor > 0 && prev[cursor - 1].0 >= addr {
+                    cursor = prev.partition_point(|s| s.0 < addr);
+                }
+                while cursor < prev.len() && prev[cursor].0 < addr {
+                    cursor += 1;
+                }
+                prev.get(cursor).filter(|s| s.0 == addr).map(|s| s.1)
             } else {
                 None
             };

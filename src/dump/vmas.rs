@@ -152,10 +152,7 @@ pub(super) fn collect(
     let tracked = match tracked {
         Some((uffd, st)) => Some((
             uffd,
-            st.slots
-                .iter()
-                .copied()
-                .collect::<std::collections::BTreeMap<_, _>>(),
+            &st.slots[..],
             std::fs::File::open(format!("/proc/{pid}/pagemap"))
                 .with_context(|| format!("opening /proc/{pid}/pagemap"))?,
         )),
