@@ -596,7 +596,10 @@ fn a_server_in_close_wait_reads_its_bytes_then_eof_and_still_writes() {
     assert_eq!(answer(&p).1, "got HE");
     let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], || {});
     let line = inspected_connection(&ws);
-    assert!(line.contains("close_wait (snd_una") && line.contains("3 to read"), "{line}");
+    assert!(
+        line.contains("close_wait (snd_una") && line.contains("3 to read"),
+        "{line}"
+    );
     r.send("readeof");
     assert_eq!(answer(&r).1, "got LLO eof");
     // (The answer says the tree runs; reading EOF leaves the state as it was.)
@@ -619,4 +622,47 @@ fn a_server_in_close_wait_reads_its_bytes_then_eof_and_still_writes() {
     assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
     r.close_stdin();
     assert!(r.wait().success(), "{}", r.stderr_after_exit());
+}
+
+/// Left running (`-R`): a server in CLOSE_WAIT with unread bytes stays in it through the
+/// dump (repair mode on and off), reads them and EOF, and still writes.
+#[test]
+fn half_closed_connections_of_a_left_running_tree_go_on() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "127.0.0.1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    let images = tempdir("ws-tcp-");
+    let dir = images.path().join("img");
+    let pid = p.pid().to_string();
+    let dump = ws
+        .cmd(&[
+            "dump",
+            "-t",
+            &pid,
+            "-D",
+            dir.to_str().unwrap(),
+            "-R",
+            "--tcp-established",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert_eq!(proc_tcp_state(p.pid(), ports), Some(CLOSE_WAIT));
+    p.send("readeof");
+    assert_eq!(answer(&p).1, "got HELLO eof");
+    p.send("write ZZ");
+    assert_eq!(answer(&p).1, "wrote");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    assert_drained(&mut client);
+    p.close_stdin();
+    assert!(p.wait().success(), "{}", p.stderr_after_exit());
 }

@@ -482,17 +482,23 @@ fn half_closed(
     repair::set_window(fd, &window)?;
     let snd_una = c.send_seq.wrapping_sub(c.send_queue.len() as u32);
     // The window the peer advertises (snd_wnd), as its segments carry it.
-    let scale = if c.snd_wscale == 0xff { 0 } else { c.snd_wscale };
+    let scale = if c.snd_wscale == 0xff {
+        0
+    } else {
+        c.snd_wscale
+    };
     let wnd = (c.window[1] >> scale).min(0xffff) as u16;
-    let forge = |seq, ack, flags| Forged {
-        from: peer,
-        to: local,
-        seq,
-        ack,
-        flags,
-        window: wnd,
-    }
-    .send();
+    let forge = |seq, ack, flags| {
+        Forged {
+            from: peer,
+            to: local,
+            seq,
+            ack,
+            flags,
+            window: wnd,
+        }
+        .send()
+    };
     if matches!(c.state, FIN_WAIT1 | FIN_WAIT2 | CLOSING) {
         our_fin(fd, c.state == FIN_WAIT2)?;
     }
@@ -718,9 +724,15 @@ mod tests {
         let mut lock = NetLock::new(&format!("warmstart-unit-{}", std::process::id())).unwrap();
         lock.add(local, peer).unwrap();
         repair::set_repair(sfd.as_fd(), true).unwrap();
-        let FileDesc::TcpEstablished(c) =
-            read_state(sfd.as_fd(), libc::AF_INET, (local, peer), ESTABLISHED, 0, None).unwrap()
-        else {
+        let FileDesc::TcpEstablished(c) = read_state(
+            sfd.as_fd(),
+            libc::AF_INET,
+            (local, peer),
+            ESTABLISHED,
+            0,
+            None,
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(c.recv_queue, b"unread by the server");
@@ -753,7 +765,11 @@ mod tests {
     fn wait_for(fd: BorrowedFd, state: u8) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while state_of(fd) != state {
-            assert!(std::time::Instant::now() < deadline, "state {}", state_of(fd));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "state {}",
+                state_of(fd)
+            );
             std::thread::yield_now();
         }
     }
@@ -861,8 +877,8 @@ mod tests {
                 wait_for(server.as_fd(), CLOSE_WAIT);
             }
             // The client's answer to our FIN is held: we stay in FIN_WAIT1 / LAST_ACK.
-            let mut hold = NetLock::new(&format!("warmstart-unit-h{tag}-{}", std::process::id()))
-                .unwrap();
+            let mut hold =
+                NetLock::new(&format!("warmstart-unit-h{tag}-{}", std::process::id())).unwrap();
             hold.add(local, peer).unwrap();
             server.shutdown(std::net::Shutdown::Write).unwrap();
             let (rebuilt, lock) = round_trip(&l, server, &client, state, tag);
