@@ -272,7 +272,7 @@ fn dump_and_restore(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
-            && err.contains("established TCP connection")
+            && err.contains("TCP connection")
             && err.contains("--tcp-established"),
         "a restore without the flag should be refused naming the connection: {err}"
     );

@@ -171,15 +171,17 @@ pub fn dump(
         .map_err(|e| anyhow!("{}: {e} (TCP_REPAIR needs CAP_NET_ADMIN)", what()))?;
     held.socks
         .push(copy.try_clone().context("dup of a socket")?);
-    // The state again, in repair mode (nothing moves it now but a segment the lock lets
-    // in, and it lets in none).
+    // The state again, now that the lock holds the peer's segments (one that came
+    // before, a FIN, may have moved it since the caller looked).
     let now = super::inet::tcp_info_raw(fd).with_context(what)?[0];
+    let state = if supported(now) { now } else { state };
     if now != state {
+        let name = state_name(now);
         return Err(anyhow!(
-            "{}: its state went from {} to {} while it was being locked; dump again",
+            "{}: its state went from {} to {name} while it was being locked, and {name} is \
+             not checkpointed; dump again",
             what(),
             state_name(state),
-            state_name(now)
         ));
     }
     read_state(
@@ -303,8 +305,13 @@ pub fn check_allowed(m: &Manifest, allowed: bool) -> Result<()> {
             .find(|p| p.pid == *pid)
             .map(|p| p.comm.as_str())
             .unwrap_or("?");
+        let kind = if c.state == ESTABLISHED {
+            "established".to_owned()
+        } else {
+            format!("half-closed ({})", state_name(c.state))
+        };
         return Err(anyhow!(
-            "process {pid} ({comm}): fd {fd} is the established TCP connection {} -> {}, \
+            "process {pid} ({comm}): fd {fd} is the {kind} TCP connection {} -> {}, \
              dumped with --tcp-established: restore with --tcp-established to bring it back",
             c.local,
             c.peer
@@ -889,5 +896,48 @@ mod tests {
             let end = if state == LAST_ACK { 7 } else { FIN_WAIT2 };
             wait_for(rebuilt.as_fd(), end);
         }
+    }
+
+    /// CLOSING with bytes never sent ahead of our FIN (the client's window is shut):
+    /// they go out once the lock is gone, then our FIN; the state went FIN_WAIT1 ->
+    /// CLOSING on the way back.
+    #[test]
+    fn a_closing_connection_with_unsent_bytes_sends_them_then_its_fin() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = super::super::inet::new_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        setsockopt_int(c.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096, "").unwrap();
+        super::super::inet::connect_addr(c.as_fd(), &l.local_addr().unwrap(), "").unwrap();
+        let mut client = std::net::TcpStream::from(c);
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        setsockopt_int(server.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, 65536, "").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let pattern = |i: usize| b'a' + (i % 26) as u8;
+        let mut n = 0;
+        loop {
+            let chunk: Vec<u8> = (n..n + 1024).map(pattern).collect();
+            match server.write(&chunk) {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        server.set_nonblocking(false).unwrap();
+        assert!(repair::outq_unsent(server.as_fd()).unwrap() > 0);
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (rebuilt, lock) = round_trip(&l, server, &client, CLOSING, "cl");
+        assert!(
+            repair::outq_unsent(rebuilt.as_fd()).unwrap() > 0,
+            "still unsent"
+        );
+        drop(lock);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), n);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+        wait_for(rebuilt.as_fd(), 7);
     }
 }
