@@ -471,16 +471,15 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// The server in namespace A, its client in B, over a veth pair (a real device, not
-/// loopback); warmstart runs in A, where the server's addresses are.
-#[test]
-fn across_two_network_namespaces_over_veth() {
+/// Namespaces A (10.231.0.1) and B (10.231.0.2) joined by a veth pair, named after
+/// `tag` and this process.
+fn veth_pair(tag: &str) -> (Netns, String, String) {
     let id = std::process::id();
-    let (a, b) = (format!("wsa{id}"), format!("wsb{id}"));
-    let _ns = Netns(vec![a.clone(), b.clone()]);
+    let (a, b) = (format!("wsa{tag}{id}"), format!("wsb{tag}{id}"));
+    let ns = Netns(vec![a.clone(), b.clone()]);
     ip(&["netns", "add", &a]);
     ip(&["netns", "add", &b]);
-    let (va, vb) = (format!("wa{id}"), format!("wb{id}"));
+    let (va, vb) = (format!("wa{tag}{id}"), format!("wb{tag}{id}"));
     ip(&[
         "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
     ]);
@@ -489,6 +488,14 @@ fn across_two_network_namespaces_over_veth() {
         ip(&["-n", ns, "link", "set", dev, "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
     }
+    (ns, a, b)
+}
+
+/// The server in namespace A, its client in B, over a veth pair (a real device, not
+/// loopback); warmstart runs in A, where the server's addresses are.
+#[test]
+fn across_two_network_namespaces_over_veth() {
+    let (_ns, a, b) = veth_pair("");
     let prefix = ["ip", "netns", "exec", a.as_str()];
     killed_and_restored("10.231.0.1", &prefix, &prefix, Some(&b));
 }
@@ -665,4 +672,32 @@ fn half_closed_connections_of_a_left_running_tree_go_on() {
     assert_drained(&mut client);
     p.close_stdin();
     assert!(p.wait().success(), "{}", p.stderr_after_exit());
+}
+
+/// CLOSE_WAIT with the client in another namespace, over veth: the peer's FIN, forged in
+/// the server's namespace from the client's address, comes back after the unread bytes.
+#[test]
+fn close_wait_across_two_network_namespaces_over_veth() {
+    let (_ns, a, b) = veth_pair("c");
+    let prefix = ["ip", "netns", "exec", a.as_str()];
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&prefix, "10.231.0.1", Some(&b));
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    let (mut r, _) = dump_and_restore(&ws, p, &prefix, &prefix, || {});
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got HELLO eof");
+    assert_eq!(proc_tcp_state(r.pid(), ports), Some(CLOSE_WAIT));
+    r.send("write ZZ");
+    assert_eq!(answer(&r).1, "wrote");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+    // The server's end is closed: the client reads EOF (a FIN, not a reset).
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0);
 }
