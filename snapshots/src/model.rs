@@ -849,12 +849,7 @@ pub struct TcpConnection {
     /// `TCP_FIN_WAIT2` 5, `TCP_CLOSE_WAIT` 8, `TCP_LAST_ACK` 9, `TCP_CLOSING` 11). In a
     /// half-closed state `send_seq` and `recv_seq` leave out the FINs (each takes one
     /// sequence number): they are the ends of the data, as in ESTABLISHED.
-    #[serde(default = "tcp_established")]
     pub state: u8,
-}
-
-fn tcp_established() -> u8 {
-    1
 }
 
 /// A pseudo-terminal pair of the app's own, as the dump found it.
