@@ -681,7 +681,7 @@ fn close_wait_across_two_network_namespaces_over_veth() {
     let (_ns, a, b) = veth_pair("c");
     let prefix = ["ip", "netns", "exec", a.as_str()];
     let ws = Ws::new();
-    let (mut p, mut client, to) = server(&prefix, "10.231.0.1", Some(&b));
+    let (p, mut client, to) = server(&prefix, "10.231.0.1", Some(&b));
     let ports = (to.port(), client.local_addr().unwrap().port());
     client.write_all(b"HELLO").unwrap();
     client.shutdown(std::net::Shutdown::Write).unwrap();
