@@ -180,9 +180,10 @@ pub struct DumpArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
-    /// Checkpoint established TCP connections with TCP_REPAIR (sequence numbers, queues,
-    /// window, options); their packets are held by a network lock meanwhile, and
-    /// `restore --tcp-established` brings them back without the peer noticing
+    /// Checkpoint established TCP connections, half-closed ones included, with TCP_REPAIR
+    /// (sequence numbers, queues, window, options, state); their packets are held by a
+    /// network lock meanwhile, and `restore --tcp-established` brings them back without
+    /// the peer noticing
     #[arg(long, conflicts_with = "tcp_close")]
     pub tcp_established: bool,
     /// Print phase timings and sizes
@@ -272,9 +273,10 @@ pub struct RecordArgs {
     /// Dump established TCP connections; they are restored as reset by their peer
     #[arg(long)]
     pub tcp_close: bool,
-    /// Checkpoint established TCP connections with TCP_REPAIR (sequence numbers, queues,
-    /// window, options); their packets are held by a network lock meanwhile, and
-    /// `restore --tcp-established` brings them back without the peer noticing
+    /// Checkpoint established TCP connections, half-closed ones included, with TCP_REPAIR
+    /// (sequence numbers, queues, window, options, state); their packets are held by a
+    /// network lock meanwhile, and `restore --tcp-established` brings them back without
+    /// the peer noticing
     #[arg(long, conflicts_with = "tcp_close")]
     pub tcp_established: bool,
     /// After the snapshot, let the app go on with this terminal's stdio until it exits

@@ -272,7 +272,7 @@ fn dump_and_restore(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
-            && err.contains("established TCP connection")
+            && err.contains("TCP connection")
             && err.contains("--tcp-established"),
         "a restore without the flag should be refused naming the connection: {err}"
     );
@@ -471,16 +471,15 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// The server in namespace A, its client in B, over a veth pair (a real device, not
-/// loopback); warmstart runs in A, where the server's addresses are.
-#[test]
-fn across_two_network_namespaces_over_veth() {
+/// Namespaces A (10.231.0.1) and B (10.231.0.2) joined by a veth pair, named after
+/// `tag` and this process.
+fn veth_pair(tag: &str) -> (Netns, String, String) {
     let id = std::process::id();
-    let (a, b) = (format!("wsa{id}"), format!("wsb{id}"));
-    let _ns = Netns(vec![a.clone(), b.clone()]);
+    let (a, b) = (format!("wsa{tag}{id}"), format!("wsb{tag}{id}"));
+    let ns = Netns(vec![a.clone(), b.clone()]);
     ip(&["netns", "add", &a]);
     ip(&["netns", "add", &b]);
-    let (va, vb) = (format!("wa{id}"), format!("wb{id}"));
+    let (va, vb) = (format!("wa{tag}{id}"), format!("wb{tag}{id}"));
     ip(&[
         "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
     ]);
@@ -489,6 +488,216 @@ fn across_two_network_namespaces_over_veth() {
         ip(&["-n", ns, "link", "set", dev, "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
     }
+    (ns, a, b)
+}
+
+/// The server in namespace A, its client in B, over a veth pair (a real device, not
+/// loopback); warmstart runs in A, where the server's addresses are.
+#[test]
+fn across_two_network_namespaces_over_veth() {
+    let (_ns, a, b) = veth_pair("");
     let prefix = ["ip", "netns", "exec", a.as_str()];
     killed_and_restored("10.231.0.1", &prefix, &prefix, Some(&b));
+}
+
+const FIN_WAIT2: u8 = 5;
+const CLOSE_WAIT: u8 = 8;
+
+/// The state of the TCP connection between ports `local` and `remote` in the network
+/// namespace of `pid`, from `/proc/PID/net/tcp` and `tcp6` (column `st`).
+fn proc_tcp_state(pid: i32, (local, remote): (u16, u16)) -> Option<u8> {
+    for f in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let port = |c: &str| u16::from_str_radix(c.rsplit(':').next().unwrap_or(""), 16).ok();
+            if cols.len() > 3 && port(cols[1]) == Some(local) && port(cols[2]) == Some(remote) {
+                return u8::from_str_radix(cols[3], 16).ok();
+            }
+        }
+    }
+    None
+}
+
+/// Waits (bounded) for the connection to reach `state`.
+fn wait_tcp_state(pid: i32, ports: (u16, u16), state: u8) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while proc_tcp_state(pid, ports) != Some(state) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection {ports:?} stays in state {:?}, not {state}",
+            proc_tcp_state(pid, ports)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The connection line of `inspect tcp`.
+fn inspected_connection(ws: &Ws) -> String {
+    let out = ws.run(&["inspect", "tcp"], "");
+    out.assert_ok();
+    out.stdout
+        .lines()
+        .find(|l| l.contains("(snd_una"))
+        .unwrap_or_else(|| panic!("no connection in:\n{}", out.stdout))
+        .to_owned()
+}
+
+/// The server shut its write side (FIN_WAIT2: the client read EOF and acknowledged) while
+/// the client goes on sending: restored in FIN_WAIT2, it receives every byte once, and
+/// the client sees its EOF once, no reset.
+#[test]
+fn a_half_closed_server_in_fin_wait2_is_restored_and_still_receives() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "127.0.0.1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"AAAA").unwrap(); // unread by the server
+    p.send("shutdown");
+    assert_eq!(answer(&p).1, "shut");
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0, "the server's FIN");
+    wait_tcp_state(p.pid(), ports, FIN_WAIT2);
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], || {
+        client.write_all(b"CCCC").unwrap();
+    });
+    let line = inspected_connection(&ws);
+    assert!(line.contains("fin_wait2 (snd_una"), "{line}");
+    r.send("read 8");
+    assert_eq!(answer(&r).1, "got AAAACCCC");
+    assert_eq!(
+        proc_tcp_state(r.pid(), ports),
+        Some(FIN_WAIT2),
+        "restored in the dumped state"
+    );
+    client.write_all(b"DD").unwrap();
+    r.send("read 2");
+    assert_eq!(answer(&r).1, "got DD");
+    // The client: EOF (again: no second FIN's data, no RST), its end in CLOSE_WAIT.
+    assert_eq!(client.read(&mut b).unwrap(), 0);
+    assert_eq!(
+        proc_tcp_state(std::process::id() as i32, (ports.1, ports.0)),
+        Some(CLOSE_WAIT),
+        "the client's end"
+    );
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got  eof");
+    let tables = nft_tables(&[]);
+    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+}
+
+/// The client closed its write side with bytes the server has not read (CLOSE_WAIT),
+/// over IPv6: restored in CLOSE_WAIT, the server reads them and then EOF, and still
+/// writes to the client.
+#[test]
+fn a_server_in_close_wait_reads_its_bytes_then_eof_and_still_writes() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "::1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    p.send("read 2");
+    assert_eq!(answer(&p).1, "got HE");
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], || {});
+    let line = inspected_connection(&ws);
+    assert!(
+        line.contains("close_wait (snd_una") && line.contains("3 to read"),
+        "{line}"
+    );
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got LLO eof");
+    // (The answer says the tree runs; reading EOF leaves the state as it was.)
+    assert_eq!(
+        proc_tcp_state(r.pid(), ports),
+        Some(CLOSE_WAIT),
+        "restored in the dumped state"
+    );
+    r.send("write ZZ");
+    assert_eq!(answer(&r).1, "wrote");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    assert_drained(&mut client);
+    r.send("shutdown");
+    assert_eq!(answer(&r).1, "shut");
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0, "the server's FIN");
+    let tables = nft_tables(&[]);
+    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+}
+
+/// Left running (`-R`): a server in CLOSE_WAIT with unread bytes stays in it through the
+/// dump (repair mode on and off), reads them and EOF, and still writes.
+#[test]
+fn half_closed_connections_of_a_left_running_tree_go_on() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "127.0.0.1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    let images = tempdir("ws-tcp-");
+    let dir = images.path().join("img");
+    let pid = p.pid().to_string();
+    let dump = ws
+        .cmd(&[
+            "dump",
+            "-t",
+            &pid,
+            "-D",
+            dir.to_str().unwrap(),
+            "-R",
+            "--tcp-established",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert_eq!(proc_tcp_state(p.pid(), ports), Some(CLOSE_WAIT));
+    p.send("readeof");
+    assert_eq!(answer(&p).1, "got HELLO eof");
+    p.send("write ZZ");
+    assert_eq!(answer(&p).1, "wrote");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    assert_drained(&mut client);
+    p.close_stdin();
+    assert!(p.wait().success(), "{}", p.stderr_after_exit());
+}
+
+/// CLOSE_WAIT with the client in another namespace, over veth: the peer's FIN, forged in
+/// the server's namespace from the client's address, comes back after the unread bytes.
+#[test]
+fn close_wait_across_two_network_namespaces_over_veth() {
+    let (_ns, a, b) = veth_pair("c");
+    let prefix = ["ip", "netns", "exec", a.as_str()];
+    let ws = Ws::new();
+    let (p, mut client, to) = server(&prefix, "10.231.0.1", Some(&b));
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    let (mut r, _) = dump_and_restore(&ws, p, &prefix, &prefix, || {});
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got HELLO eof");
+    assert_eq!(proc_tcp_state(r.pid(), ports), Some(CLOSE_WAIT));
+    r.send("write ZZ");
+    assert_eq!(answer(&r).1, "wrote");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+    // The server's end is closed: the client reads EOF (a FIN, not a reset).
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0);
 }

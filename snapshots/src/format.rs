@@ -20,7 +20,7 @@
 //! whole encoded file (header included), see `store`.
 //!
 //! Version rule ([`check_version`]): a reader accepts the versions from
-//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 12; postcard has no
+//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 13; postcard has no
 //! field tags, so a change other than a variant added at the end of an enum makes an
 //! older layout unreadable as the new one); an older or newer file
 //! is refused with a message saying which versions this build reads, never half-decoded.
@@ -33,10 +33,11 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 12;
+pub const FORMAT_VERSION: u32 = 13;
 /// The oldest version this build reads.
-/// 12 added `NetNs::sysctls`: a version 11 manifest no longer decodes as one.
-pub const MIN_FORMAT_VERSION: u32 = 12;
+/// 13 added `TcpConnection::state` (half-closed connections): a version 12 manifest
+/// holding a connection no longer decodes as one.
+pub const MIN_FORMAT_VERSION: u32 = 13;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -845,6 +845,11 @@ pub struct TcpConnection {
     /// packets, because the tree was killed: the restore removes it once the
     /// connection is back. `None` when the dumped tree went on running.
     pub lock: Option<String>,
+    /// The TCP state (`TCP_ESTABLISHED` 1, or a half-closed one: `TCP_FIN_WAIT1` 4,
+    /// `TCP_FIN_WAIT2` 5, `TCP_CLOSE_WAIT` 8, `TCP_LAST_ACK` 9, `TCP_CLOSING` 11). In a
+    /// half-closed state `send_seq` and `recv_seq` leave out the FINs (each takes one
+    /// sequence number): they are the ends of the data, as in ESTABLISHED.
+    pub state: u8,
 }
 
 /// A pseudo-terminal pair of the app's own, as the dump found it.

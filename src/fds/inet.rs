@@ -38,7 +38,7 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LISTEN: u8 = 10;
-const TCP_STATES: [&str; 13] = [
+pub(super) const TCP_STATES: [&str; 13] = [
     "?",
     "ESTABLISHED",
     "SYN_SENT",
@@ -139,14 +139,14 @@ pub fn dump(
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "an unknown peer".into());
                 let name = TCP_STATES.get(state as usize).unwrap_or(&"?");
-                if t.opts.tcp_established && state == TCP_ESTABLISHED {
+                if t.opts.tcp_established && super::tcp::supported(state) {
                     if let Some(p) = sockname(copy, true)? {
                         return super::tcp::dump(
                             t,
                             copy,
                             family,
-                            local,
-                            p,
+                            (local, p),
+                            state,
                             &mut c.held,
                             t.opts.take_queued,
                         );
@@ -154,8 +154,9 @@ pub fn dump(
                 }
                 if t.opts.tcp_established && state != 2 && !t.opts.tcp_close {
                     return Err(anyhow!(
-                        "{} (--tcp-established restores established connections only, not \
-                         half-closed ones yet; --tcp-close restores it as reset by its peer)",
+                        "{} (--tcp-established restores connections in states ESTABLISHED, \
+                         FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING only; \
+                         --tcp-close restores it as reset by its peer)",
                         t.refuse(format_args!(
                             "a TCP connection from {local} to {peer} in state {name}"
                         ))
@@ -317,7 +318,7 @@ fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(super) fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: `sockaddr_storage` is a plain C struct; all-zero bytes are valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {

@@ -599,10 +599,11 @@ pub fn describe(f: &FileDesc) -> String {
         }
         FileDesc::PtySlave { index, .. } => format!("pty slave /dev/pts/{index}"),
         FileDesc::TcpEstablished(c) => format!(
-            "tcp {} -> {} established (snd_una {} write_seq {} rcv_nxt {}; {} bytes to send, \
+            "tcp {} -> {} {} (snd_una {} write_seq {} rcv_nxt {}; {} bytes to send, \
              {} of them unsent; {} to read{})",
             c.local,
             c.peer,
+            tcp::state_name(c.state).to_ascii_lowercase(),
             c.send_seq.wrapping_sub(c.send_queue.len() as u32),
             c.send_seq,
             c.recv_seq,

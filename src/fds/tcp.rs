@@ -28,12 +28,31 @@
 //! tree has resumed, so two ends of one connection in the tree never see each other half
 //! made; the dump's lock is removed at the same time.
 //!
-//! Only state ESTABLISHED is supported; half-closed connections (FIN_WAIT1/2, CLOSE_WAIT,
-//! LAST_ACK, CLOSING) are refused by name (recreating them needs a FIN injected from the
-//! peer's side, which `TCP_REPAIR` cannot do).
+//! Half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) are
+//! checkpointed as CRIU's `soccr` does. A FIN takes one sequence number and `SIOCOUTQ`,
+//! `SIOCOUTQNSD` count ours while it is unacknowledged, unsent: the dump records the
+//! queues and sequence numbers of the data alone ([`fin_sent`], [`fin_received`]). The
+//! restore makes the connection ESTABLISHED in repair mode at those numbers, with the
+//! unsent bytes written out of repair mode for a moment (they go ahead of our FIN), and
+//! the receive window's left edge moved back by the peer's FIN; then, still in repair
+//! mode, drives it to its state ([`half_closed`]):
+//! * our FIN by `shutdown(SHUT_WR)`: FIN_WAIT1 and CLOSING (sent as the window allows;
+//!   the lock drops it, it is retransmitted after), FIN_WAIT2 (queued as sent, with
+//!   `TCP_REPAIR_QUEUE` on the send queue, so nothing goes out), LAST_ACK (after the
+//!   peer's FIN);
+//! * the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING) by a FIN segment forged from the
+//!   peer's address at the recorded `rcv_nxt`, sent on a raw socket with the mark the
+//!   lock lets in ([`crate::sys::nft::FORGED_MARK`]): the socket queues it after the
+//!   unread bytes, so the app reads them and then EOF;
+//! * the peer's ACK of our FIN (FIN_WAIT2), forged the same way.
+//!
+//! The state reached is checked against the recorded one before repair mode goes off; a
+//! connection that does not get there is an error naming it, never a socket in another
+//! state. SYN_SENT, SYN_RECV and the states after `close` (an app has no fd of those)
+//! are refused by name at the dump.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Context, Result};
 use warmstart_snapshots::model::{FileDesc, Manifest, TcpConnection};
@@ -41,6 +60,39 @@ use warmstart_snapshots::model::{FileDesc, Manifest, TcpConnection};
 use super::{getsockopt_int, setsockopt_int, Installer, Target};
 use crate::sys::nft::NetLock;
 use crate::sys::tcp_repair as repair;
+
+pub const ESTABLISHED: u8 = 1;
+pub const FIN_WAIT1: u8 = 4;
+pub const FIN_WAIT2: u8 = 5;
+pub const CLOSE_WAIT: u8 = 8;
+pub const LAST_ACK: u8 = 9;
+pub const CLOSING: u8 = 11;
+
+/// The states `--tcp-established` checkpoints.
+pub fn supported(state: u8) -> bool {
+    matches!(
+        state,
+        ESTABLISHED | FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | LAST_ACK | CLOSING
+    )
+}
+
+/// Our FIN is queued, sent or acknowledged: the app did `shutdown(SHUT_WR)`.
+pub fn fin_sent(state: u8) -> bool {
+    matches!(state, FIN_WAIT1 | FIN_WAIT2 | LAST_ACK | CLOSING)
+}
+
+/// The peer's FIN has been received: reads give EOF once the queue is read.
+pub fn fin_received(state: u8) -> bool {
+    matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING)
+}
+
+/// `ESTABLISHED`, `FIN_WAIT2`, ...
+pub fn state_name(state: u8) -> &'static str {
+    super::inet::TCP_STATES
+        .get(state as usize)
+        .copied()
+        .unwrap_or("?")
+}
 
 /// The connections of a dump held in repair mode, and the lock on them.
 #[derive(Default)]
@@ -98,15 +150,15 @@ impl Drop for Held {
     }
 }
 
-/// Reads the established connection `copy` (the app's socket) in repair mode; it stays
-/// in repair mode in `held`. `killed`: the tree is killed after the dump (the lock stays
-/// for the restore and is named in the snapshot).
+/// Reads the connection `copy` (the app's socket, in the [`supported`] `state`) in
+/// repair mode; it stays in repair mode in `held`. `killed`: the tree is killed after
+/// the dump (the lock stays for the restore and is named in the snapshot).
 pub fn dump(
     t: &Target,
     copy: &OwnedFd,
     family: i32,
-    local: SocketAddr,
-    peer: SocketAddr,
+    (local, peer): (SocketAddr, SocketAddr),
+    state: u8,
     held: &mut Held,
     killed: bool,
 ) -> Result<FileDesc> {
@@ -119,25 +171,54 @@ pub fn dump(
         .map_err(|e| anyhow!("{}: {e} (TCP_REPAIR needs CAP_NET_ADMIN)", what()))?;
     held.socks
         .push(copy.try_clone().context("dup of a socket")?);
-    read_state(fd, family, local, peer, t.flags(), killed.then_some(table)).with_context(what)
+    // The state again, now that the lock holds the peer's segments (one that came
+    // before, a FIN, may have moved it since the caller looked).
+    let now = super::inet::tcp_info_raw(fd).with_context(what)?[0];
+    let state = if supported(now) { now } else { state };
+    if now != state {
+        let name = state_name(now);
+        return Err(anyhow!(
+            "{}: its state went from {} to {name} while it was being locked, and {name} is \
+             not checkpointed; dump again",
+            what(),
+            state_name(state),
+        ));
+    }
+    read_state(
+        fd,
+        family,
+        (local, peer),
+        state,
+        t.flags(),
+        killed.then_some(table),
+    )
+    .with_context(what)
 }
 
 fn read_state(
     fd: BorrowedFd,
     family: i32,
-    local: SocketAddr,
-    peer: SocketAddr,
+    (local, peer): (SocketAddr, SocketAddr),
+    state: u8,
     flags: i32,
     lock: Option<String>,
 ) -> Result<FileDesc> {
-    let outq = repair::outq(fd)? as usize;
-    let unsent = repair::outq_unsent(fd)?;
+    let mut outq = repair::outq(fd)? as usize;
+    let mut unsent = repair::outq_unsent(fd)?;
+    if fin_sent(state) {
+        // Our FIN is counted in the send queue while unacknowledged, and among its
+        // unsent bytes while unsent (it is last); it holds no data.
+        outq = outq.saturating_sub(1);
+        unsent = unsent.saturating_sub(1);
+    }
+    // (`SIOCINQ` leaves out a received FIN already.)
     let inq = repair::inq(fd)? as usize;
     repair::set_queue(fd, repair::TCP_SEND_QUEUE)?;
-    let send_seq = repair::queue_seq(fd)?;
+    // `write_seq` and `rcv_nxt` count the FINs: the ends of the data are one before.
+    let send_seq = repair::queue_seq(fd)?.wrapping_sub(fin_sent(state) as u32);
     let send_queue = repair::peek(fd, outq)?;
     repair::set_queue(fd, repair::TCP_RECV_QUEUE)?;
-    let recv_seq = repair::queue_seq(fd)?;
+    let recv_seq = repair::queue_seq(fd)?.wrapping_sub(fin_received(state) as u32);
     let recv_queue = repair::peek(fd, inq)?;
     let info = super::inet::tcp_info_raw(fd)?;
     // tcpi_options at 5 (TCPI_OPT_TIMESTAMPS 1, _SACK 2, _WSCALE 4); the scales at 6.
@@ -190,6 +271,7 @@ fn read_state(
         user_timeout: int(libc::TCP_USER_TIMEOUT)? as u32,
         flags,
         lock,
+        state,
     })))
 }
 
@@ -223,8 +305,13 @@ pub fn check_allowed(m: &Manifest, allowed: bool) -> Result<()> {
             .find(|p| p.pid == *pid)
             .map(|p| p.comm.as_str())
             .unwrap_or("?");
+        let kind = if c.state == ESTABLISHED {
+            "established".to_owned()
+        } else {
+            format!("half-closed ({})", state_name(c.state))
+        };
         return Err(anyhow!(
-            "process {pid} ({comm}): fd {fd} is the established TCP connection {} -> {}, \
+            "process {pid} ({comm}): fd {fd} is the {kind} TCP connection {} -> {}, \
              dumped with --tcp-established: restore with --tcp-established to bring it back",
             c.local,
             c.peer
@@ -264,8 +351,10 @@ fn parse(s: &str) -> Result<SocketAddr> {
 pub fn restore(ins: &mut Installer, c: &TcpConnection) -> Result<RawFd> {
     let fd = rebuild(c).with_context(|| {
         format!(
-            "restoring the established TCP connection {} -> {}",
-            c.local, c.peer
+            "restoring the TCP connection {} -> {} (state {})",
+            c.local,
+            c.peer,
+            state_name(c.state)
         )
     })?;
     super::set_status_flags(fd.as_fd(), c.flags)?;
@@ -273,6 +362,13 @@ pub fn restore(ins: &mut Installer, c: &TcpConnection) -> Result<RawFd> {
 }
 
 fn rebuild(c: &TcpConnection) -> Result<OwnedFd> {
+    if !supported(c.state) {
+        return Err(anyhow!(
+            "the snapshot records TCP state {} ({}), which this warmstart cannot restore",
+            c.state,
+            state_name(c.state)
+        ));
+    }
     let local = parse(&c.local)?;
     let peer = parse(&c.peer)?;
     let sock = super::inet::new_socket(c.family, libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
@@ -329,10 +425,14 @@ fn rebuild(c: &TcpConnection) -> Result<OwnedFd> {
     repair::fill(fd, &c.recv_queue)?;
     repair::set_queue(fd, repair::TCP_SEND_QUEUE)?;
     repair::fill(fd, &c.send_queue[..sent])?;
-    repair::set_window(fd, &c.window)?;
-    repair::set_repair(fd, false)?;
-    // Never sent: written as the app would have.
-    repair::fill(fd, &c.send_queue[sent..])?;
+    if c.state == ESTABLISHED {
+        repair::set_window(fd, &c.window)?;
+        repair::set_repair(fd, false)?;
+        // Never sent: written as the app would have.
+        repair::fill(fd, &c.send_queue[sent..])?;
+    } else {
+        half_closed(fd, c, sent, local, peer)?;
+    }
     super::inet::set_flags(fd, &c.options)?;
     let [idle, intvl, cnt] = c.keepalive;
     setsockopt_int(
@@ -362,6 +462,251 @@ fn rebuild(c: &TcpConnection) -> Result<OwnedFd> {
     Ok(sock)
 }
 
+/// The rest of [`rebuild`] for a half-closed connection (see the module doc): the
+/// socket is ESTABLISHED in repair mode, with its queues but the unsent bytes; it leaves
+/// repair mode in state `c.state`.
+fn half_closed(
+    fd: BorrowedFd,
+    c: &TcpConnection,
+    sent: usize,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<()> {
+    if sent < c.send_queue.len() {
+        // Never sent, and ahead of our FIN: written as the app would have (the lock
+        // holds them).
+        repair::set_repair(fd, false)?;
+        repair::fill(fd, &c.send_queue[sent..])?;
+        repair::set_repair(fd, true)?;
+    }
+    let mut window = c.window;
+    if fin_received(c.state) {
+        // rcv_nxt is one before the peer's FIN until it comes: the window's left edge
+        // (rcv_wup) moves back with it, its right edge stays.
+        window[4] = window[4].wrapping_sub(1);
+        window[3] = window[3].wrapping_add(1);
+    }
+    repair::set_window(fd, &window)?;
+    let snd_una = c.send_seq.wrapping_sub(c.send_queue.len() as u32);
+    // The window the peer advertises (snd_wnd), as its segments carry it.
+    let scale = if c.snd_wscale == 0xff {
+        0
+    } else {
+        c.snd_wscale
+    };
+    let wnd = (c.window[1] >> scale).min(0xffff) as u16;
+    let forge = |seq, ack, flags| {
+        Forged {
+            from: peer,
+            to: local,
+            seq,
+            ack,
+            flags,
+            window: wnd,
+        }
+        .send()
+    };
+    if matches!(c.state, FIN_WAIT1 | FIN_WAIT2 | CLOSING) {
+        our_fin(fd, c.state == FIN_WAIT2)?;
+    }
+    if fin_received(c.state) {
+        forge(c.recv_seq, snd_una, TH_FIN | TH_ACK)?;
+        let want = if c.state == CLOSING {
+            CLOSING
+        } else {
+            CLOSE_WAIT
+        };
+        wait_state(fd, want, "the peer's FIN")?;
+    }
+    if c.state == LAST_ACK {
+        our_fin(fd, false)?;
+    }
+    if c.state == FIN_WAIT2 {
+        forge(c.recv_seq, c.send_seq.wrapping_add(1), TH_ACK)?;
+        wait_state(fd, FIN_WAIT2, "the peer's ACK of our FIN")?;
+    }
+    let now = super::inet::tcp_info_raw(fd)?[0];
+    if now != c.state {
+        return Err(anyhow!(
+            "the connection came back in state {} instead of {}",
+            state_name(now),
+            state_name(c.state)
+        ));
+    }
+    repair::set_repair(fd, false)?;
+    Ok(())
+}
+
+/// Our FIN, by `shutdown(SHUT_WR)` in repair mode: sent as the window allows, or, when
+/// `acked` (the peer's ACK is forged next), queued as sent without going out.
+fn our_fin(fd: BorrowedFd, acked: bool) -> Result<()> {
+    repair::set_queue(
+        fd,
+        if acked {
+            repair::TCP_SEND_QUEUE
+        } else {
+            repair::TCP_NO_QUEUE
+        },
+    )?;
+    // SAFETY: a plain syscall on a socket the caller holds open.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } < 0 {
+        return Err(super::errno_err("shutdown(SHUT_WR) in repair mode"));
+    }
+    repair::set_queue(fd, repair::TCP_NO_QUEUE)?;
+    Ok(())
+}
+
+/// Waits (2 s at most) for a forged segment, `what`, to bring the socket to `state`:
+/// delivered over loopback, it is usually processed before `sendto` returns.
+fn wait_state(fd: BorrowedFd, state: u8, what: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let now = super::inet::tcp_info_raw(fd)?[0];
+        if now == state {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(anyhow!(
+                "{what}, forged to bring the connection to {}, left it in {} (is a firewall \
+                 dropping packets marked {:#x} on their way in?)",
+                state_name(state),
+                state_name(now),
+                crate::sys::nft::FORGED_MARK
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+const TH_FIN: u8 = 0x01;
+const TH_ACK: u8 = 0x10;
+
+/// A TCP segment without data or options, as if from `from` to `to` (CRIU's `send_fin`):
+/// IP header included, sent on a raw socket with the mark the network lock lets in.
+struct Forged {
+    from: SocketAddr,
+    to: SocketAddr,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+}
+
+impl Forged {
+    /// The packet, IPv4 or IPv6 (IPv4 for IPv4-mapped addresses: that is what goes on
+    /// the wire); its family.
+    fn packet(&self) -> (Vec<u8>, SocketAddr) {
+        let v4 = |a: &SocketAddr| match a {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+        };
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&self.from.port().to_be_bytes());
+        tcp[2..4].copy_from_slice(&self.to.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        tcp[8..12].copy_from_slice(&self.ack.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = self.flags;
+        tcp[14..16].copy_from_slice(&self.window.to_be_bytes());
+        let mut pkt = Vec::with_capacity(60);
+        let dst;
+        if let (Some(s), Some(d)) = (v4(&self.from), v4(&self.to)) {
+            let mut pseudo = Vec::with_capacity(12);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            // Version 4, 5 words; total length 40; DF; TTL 64; the kernel fills in the
+            // id and the header checksum.
+            pkt.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64]);
+            pkt.extend_from_slice(&[libc::IPPROTO_TCP as u8, 0, 0]);
+            pkt.extend_from_slice(&s.octets());
+            pkt.extend_from_slice(&d.octets());
+            dst = SocketAddr::new(d.into(), 0);
+        } else {
+            let ip6 = |a: &SocketAddr| match a {
+                SocketAddr::V6(a) => *a.ip(),
+                SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
+            };
+            let (s, d) = (ip6(&self.from), ip6(&self.to));
+            let mut pseudo = Vec::with_capacity(40);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, libc::IPPROTO_TCP as u8]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            // Version 6; payload length 20; next header TCP; hop limit 64.
+            pkt.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, libc::IPPROTO_TCP as u8, 64]);
+            pkt.extend_from_slice(&s.octets());
+            pkt.extend_from_slice(&d.octets());
+            let scope = match self.to {
+                SocketAddr::V6(a) => a.scope_id(),
+                SocketAddr::V4(_) => 0,
+            };
+            dst = SocketAddr::V6(std::net::SocketAddrV6::new(d, 0, 0, scope));
+        }
+        pkt.extend_from_slice(&tcp);
+        (pkt, dst)
+    }
+
+    fn send(&self) -> Result<()> {
+        let (pkt, dst) = self.packet();
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // IPPROTO_RAW: the packet carries its own IP header (IPv4 and IPv6 alike).
+        let raw = super::inet::new_socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW)
+            .context("a raw socket to forge a segment of the peer (needs CAP_NET_RAW)")?;
+        setsockopt_int(
+            raw.as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            crate::sys::nft::FORGED_MARK as i32,
+            "SO_MARK",
+        )?;
+        let (ss, len) = super::inet::to_storage(&dst);
+        // SAFETY: `pkt` is a live buffer `sendto` only reads; `ss` holds a sockaddr of
+        // `len` bytes and lives across the call.
+        let n = unsafe {
+            libc::sendto(
+                raw.as_raw_fd(),
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&ss as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if n < 0 {
+            return Err(super::errno_err(format!(
+                "sending a segment forged from {} to {}",
+                self.from, self.to
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The Internet checksum of the concatenation of `parts` (each of even length but the
+/// last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for p in parts {
+        for w in p.chunks(2) {
+            let hi = w[0] as u32;
+            let lo = w.get(1).copied().unwrap_or(0) as u32;
+            sum += hi << 8 | lo;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,9 +731,15 @@ mod tests {
         let mut lock = NetLock::new(&format!("warmstart-unit-{}", std::process::id())).unwrap();
         lock.add(local, peer).unwrap();
         repair::set_repair(sfd.as_fd(), true).unwrap();
-        let FileDesc::TcpEstablished(c) =
-            read_state(sfd.as_fd(), libc::AF_INET, local, peer, 0, None).unwrap()
-        else {
+        let FileDesc::TcpEstablished(c) = read_state(
+            sfd.as_fd(),
+            libc::AF_INET,
+            (local, peer),
+            ESTABLISHED,
+            0,
+            None,
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(c.recv_queue, b"unread by the server");
@@ -412,5 +763,181 @@ mod tests {
         let mut a = [0u8; 6];
         client.read_exact(&mut a).unwrap();
         assert_eq!(&a, b"answer");
+    }
+
+    fn state_of(fd: BorrowedFd) -> u8 {
+        super::super::inet::tcp_info_raw(fd).unwrap()[0]
+    }
+
+    fn wait_for(fd: BorrowedFd, state: u8) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while state_of(fd) != state {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "state {}",
+                state_of(fd)
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// `server`, in `state`, checkpointed (locked, read in repair mode, closed silently)
+    /// and rebuilt; the rebuilt socket in the same state, still locked.
+    fn round_trip(
+        l: &std::net::TcpListener,
+        server: std::net::TcpStream,
+        client: &std::net::TcpStream,
+        state: u8,
+        tag: &str,
+    ) -> (OwnedFd, NetLock) {
+        let sfd = OwnedFd::from(server);
+        wait_for(sfd.as_fd(), state);
+        let local = l.local_addr().unwrap();
+        let peer = client.local_addr().unwrap();
+        let mut lock =
+            NetLock::new(&format!("warmstart-unit-{tag}-{}", std::process::id())).unwrap();
+        lock.add(local, peer).unwrap();
+        repair::set_repair(sfd.as_fd(), true).unwrap();
+        let FileDesc::TcpEstablished(c) =
+            read_state(sfd.as_fd(), libc::AF_INET, (local, peer), state, 0, None).unwrap()
+        else {
+            panic!()
+        };
+        drop(sfd);
+        let rebuilt = rebuild(&c).unwrap();
+        assert_eq!(state_of(rebuilt.as_fd()), state);
+        repair::set_repair(rebuilt.as_fd(), true).unwrap();
+        repair::set_queue(rebuilt.as_fd(), repair::TCP_RECV_QUEUE).unwrap();
+        assert_eq!(
+            repair::queue_seq(rebuilt.as_fd()).unwrap(),
+            c.recv_seq.wrapping_add(fin_received(state) as u32),
+            "rcv_nxt"
+        );
+        repair::set_queue(rebuilt.as_fd(), repair::TCP_SEND_QUEUE).unwrap();
+        assert_eq!(
+            repair::queue_seq(rebuilt.as_fd()).unwrap(),
+            c.send_seq.wrapping_add(fin_sent(state) as u32),
+            "write_seq"
+        );
+        repair::set_repair(rebuilt.as_fd(), false).unwrap();
+        (rebuilt, lock)
+    }
+
+    /// CLOSE_WAIT: the peer's FIN comes back after the unread bytes.
+    #[test]
+    fn a_close_wait_connection_reads_its_bytes_then_eof() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        client.write_all(b"unread").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (rebuilt, lock) = round_trip(&l, server, &client, CLOSE_WAIT, "cw");
+        drop(lock);
+        let mut s = std::net::TcpStream::from(rebuilt);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"unread");
+        s.write_all(b"answer").unwrap();
+        let mut a = [0u8; 6];
+        client.read_exact(&mut a).unwrap();
+        assert_eq!(&a, b"answer");
+        drop(s);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// FIN_WAIT2: nothing goes out again; the peer's bytes still come in.
+    #[test]
+    fn a_fin_wait2_connection_still_receives() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(client.read(&mut b).unwrap(), 0);
+        let (rebuilt, lock) = round_trip(&l, server, &client, FIN_WAIT2, "fw2");
+        drop(lock);
+        client.write_all(b"more").unwrap();
+        let mut s = std::net::TcpStream::from(rebuilt);
+        let mut m = [0u8; 4];
+        s.read_exact(&mut m).unwrap();
+        assert_eq!(&m, b"more");
+        assert_eq!(state_of(s.as_fd()), FIN_WAIT2);
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(s.read(&mut m).unwrap(), 0);
+        assert_eq!(client.read(&mut b).unwrap(), 0, "EOF, no reset");
+    }
+
+    /// LAST_ACK and FIN_WAIT1 (the peer's ACKs held by the lock): our FIN goes again
+    /// once the lock is gone.
+    #[test]
+    fn last_ack_and_fin_wait1_connections_finish() {
+        for (state, tag) in [(LAST_ACK, "la"), (FIN_WAIT1, "fw1")] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            let local = l.local_addr().unwrap();
+            let peer = client.local_addr().unwrap();
+            if state == LAST_ACK {
+                client.shutdown(std::net::Shutdown::Write).unwrap();
+                wait_for(server.as_fd(), CLOSE_WAIT);
+            }
+            // The client's answer to our FIN is held: we stay in FIN_WAIT1 / LAST_ACK.
+            let mut hold =
+                NetLock::new(&format!("warmstart-unit-h{tag}-{}", std::process::id())).unwrap();
+            hold.add(local, peer).unwrap();
+            server.shutdown(std::net::Shutdown::Write).unwrap();
+            let (rebuilt, lock) = round_trip(&l, server, &client, state, tag);
+            drop(hold);
+            drop(lock);
+            let mut b = [0u8; 1];
+            assert_eq!(client.read(&mut b).unwrap(), 0, "our FIN arrives");
+            let end = if state == LAST_ACK { 7 } else { FIN_WAIT2 };
+            wait_for(rebuilt.as_fd(), end);
+        }
+    }
+
+    /// CLOSING with bytes never sent ahead of our FIN (the client's window is shut):
+    /// they go out once the lock is gone, then our FIN; the state went FIN_WAIT1 ->
+    /// CLOSING on the way back.
+    #[test]
+    fn a_closing_connection_with_unsent_bytes_sends_them_then_its_fin() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = super::super::inet::new_socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        setsockopt_int(c.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096, "").unwrap();
+        super::super::inet::connect_addr(c.as_fd(), &l.local_addr().unwrap(), "").unwrap();
+        let mut client = std::net::TcpStream::from(c);
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        setsockopt_int(server.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, 65536, "").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let pattern = |i: usize| b'a' + (i % 26) as u8;
+        let mut n = 0;
+        loop {
+            let chunk: Vec<u8> = (n..n + 1024).map(pattern).collect();
+            match server.write(&chunk) {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        server.set_nonblocking(false).unwrap();
+        assert!(repair::outq_unsent(server.as_fd()).unwrap() > 0);
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (rebuilt, lock) = round_trip(&l, server, &client, CLOSING, "cl");
+        assert!(
+            repair::outq_unsent(rebuilt.as_fd()).unwrap() > 0,
+            "still unsent"
+        );
+        drop(lock);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), n);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+        wait_for(rebuilt.as_fd(), 7);
     }
 }

@@ -10,6 +10,9 @@
 //! }
 //! ```
 //!
+//! The input chain starts with `meta mark 0xc114 accept`: the segments a restore forges
+//! to bring back a half-closed connection ([`FORGED_MARK`]) pass.
+//!
 //! Why a lock at all: while a connection is checkpointed its peer goes on sending
 //! (data, ACKs, retransmissions). A segment that reaches the host after the socket is gone
 //! (the tree killed, not restored yet) is answered with a RST, which ends the connection
@@ -62,6 +65,7 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
+const NFT_META_MARK: u32 = 3;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 const NFTA_PAYLOAD_DREG: u16 = 1;
@@ -233,6 +237,35 @@ fn drop_rule(table: &str, chain: &str, src: &SocketAddr, dst: &SocketAddr, seq: 
     m.finish()
 }
 
+/// The mark of the segments a restore forges to bring back a half-closed connection
+/// (the peer's FIN, its ACK of ours: [`crate::fds::tcp`]); the lock lets them in. CRIU's
+/// (`SOCCR_MARK`).
+pub const FORGED_MARK: u32 = 0xC114;
+
+/// `meta mark FORGED_MARK accept`, the first rule of the input chain.
+fn mark_rule(table: &str, seq: u32) -> Vec<u8> {
+    let mut m = Msg::nft(
+        NFT_MSG_NEWRULE,
+        (libc::NLM_F_CREATE | libc::NLM_F_APPEND) as u16,
+        seq,
+    );
+    m.str(NFTA_RULE_TABLE, table)
+        .str(NFTA_RULE_CHAIN, "in")
+        .nest(NFTA_RULE_EXPRESSIONS, |m| {
+            m.meta(NFT_META_MARK)
+                .cmp_eq(&FORGED_MARK.to_ne_bytes())
+                .expr("immediate", |m| {
+                    m.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT)
+                        .nest(NFTA_IMMEDIATE_DATA, |m| {
+                            m.nest(NFTA_DATA_VERDICT, |m| {
+                                m.be32(NFTA_VERDICT_CODE, NF_ACCEPT);
+                            });
+                        });
+                });
+        });
+    m.finish()
+}
+
 /// An IPv6 view of an address (an IPv4 one as v4-mapped, as an IPv6 socket sees it).
 fn v6(a: &SocketAddr) -> std::net::Ipv6Addr {
     match a {
@@ -346,6 +379,7 @@ impl NetLock {
                 .str(NFTA_CHAIN_TYPE, "filter");
             msgs.push(m.finish());
         }
+        msgs.push(mark_rule(table, seq + 4));
         batch(&fd, &mut seq, msgs).map_err(|e| {
             anyhow!(
                 "taking the network lock (nftables table inet {table}): {e}; \

@@ -18,6 +18,7 @@ pub const TCP_QUEUE_SEQ: i32 = 21;
 pub const TCP_REPAIR_OPTIONS: i32 = 22;
 pub const TCP_TIMESTAMP: i32 = 24;
 pub const TCP_REPAIR_WINDOW: i32 = 29;
+pub const TCP_NO_QUEUE: i32 = 0;
 pub const TCP_RECV_QUEUE: i32 = 1;
 pub const TCP_SEND_QUEUE: i32 = 2;
 /// Option codes of `TCP_REPAIR_OPTIONS` (the TCP header's option kinds).
