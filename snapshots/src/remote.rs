@@ -768,7 +768,11 @@ impl Conn {
                     "the connection was closed (did the page server exit?)",
                 )))
             }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            // (A TLS failure is InvalidData too: kept as I/O, for its own message.)
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidData
+                    && tls::client_error_reason(&e).is_none() =>
+            {
                 return Err(StoreError::PageServer {
                     addr: addr.to_owned(),
                     reason: format!("malformed answer: {e}"),

@@ -272,6 +272,23 @@ impl Stream {
     }
 }
 
+impl Drop for Stream {
+    /// A TLS connection ends with a close_notify (written only: never waits to read).
+    fn drop(&mut self) {
+        match self {
+            Stream::Plain(_) => {}
+            Stream::Client(s) => {
+                s.conn.send_close_notify();
+                let _ = s.conn.write_tls(&mut s.sock);
+            }
+            Stream::Server(s) => {
+                s.conn.send_close_notify();
+                let _ = s.conn.write_tls(&mut s.sock);
+            }
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
