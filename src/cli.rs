@@ -593,12 +593,9 @@ pub fn main(cli: Cli) -> Result<i32> {
             let tls = a.tls.server()?;
             let bind = (a.bind, a.port).into();
             match &a.dir {
-                Some(dir) => crate::pageserver::serve(
-                    &Store::open_image_dir(dir)?,
-                    bind,
-                    tls,
-                    Some(dir),
-                )?,
+                Some(dir) => {
+                    crate::pageserver::serve(&Store::open_image_dir(dir)?, bind, tls, Some(dir))?
+                }
                 None => crate::pageserver::serve(&open_store(&cli)?, bind, tls, None)?,
             }
             Ok(0)
@@ -1133,7 +1130,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
                     tls,
                 )?
                 .resolve(q)
-                    .with_context(|| format!("--prev {q} on page server {addr}"))?,
+                .with_context(|| format!("--prev {q} on page server {addr}"))?,
             ),
         };
         if pre {

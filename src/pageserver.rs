@@ -67,7 +67,8 @@ pub fn serve(
             Some(t) if t.requires_client_certs() => " over TLS, client certificates required",
             Some(_) => " over TLS",
         };
-        let label = format!("warmstart page-server: listening on {local}{security}, serving {what}");
+        let label =
+            format!("warmstart page-server: listening on {local}{security}, serving {what}");
         let mut out = std::io::stdout().lock();
         // A script reads the bare address from stdout (it matters with --port 0); a
         // person sees what it is.
@@ -243,7 +244,10 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         let req = match Request::decode(&body) {
             Ok(r) => r,
             Err(e) => {
-                let _ = send(input.get_mut(), &Response::Error(format!("bad request: {e}")));
+                let _ = send(
+                    input.get_mut(),
+                    &Response::Error(format!("bad request: {e}")),
+                );
                 anyhow::bail!("bad request: {e}");
             }
         };

@@ -20,17 +20,28 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let pki = Pki {
-            dir: tempfile::Builder::new().prefix("ws-pki-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("ws-pki-")
+                .tempdir()
+                .unwrap(),
         };
         let sh = |args: &[&str]| {
             run_with(
-                Command::new("openssl").args(args).current_dir(pki.dir.path()),
+                Command::new("openssl")
+                    .args(args)
+                    .current_dir(pki.dir.path()),
                 b"",
                 TIMEOUT,
             )
             .assert_ok();
         };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         for ca in ["ca", "other"] {
             let subj = format!("/CN=warmstart test {ca} CA");
             let (key, crt) = (format!("{ca}.key"), format!("{ca}.crt"));
@@ -243,7 +254,11 @@ fn tls_page_server_refuses_clients_it_cannot_trust() {
     assert_refused(&out, &addr, &["speaks TLS only", "--tls-cacert"]);
     // A TLS client without a certificate.
     let out = run(&addr, pki.client(None, "ca"));
-    assert_refused(&out, &addr, &["requires a client certificate", "--tls-cert"]);
+    assert_refused(
+        &out,
+        &addr,
+        &["requires a client certificate", "--tls-cert"],
+    );
     // A client certificate from another CA.
     let out = run(&addr, pki.client(Some("stranger"), "ca"));
     assert_refused(&out, &addr, &["refused this client's certificate"]);
@@ -259,7 +274,11 @@ fn tls_page_server_refuses_clients_it_cannot_trust() {
     let out = empty.run(&["dump", "-t", &pid, "--page-server", &addr], "");
     assert_refused(&out, &addr, &["speaks TLS only"]);
     orig.send("b");
-    assert_eq!(orig.read_line(), "2 b", "a refused dump must leave the process");
+    assert_eq!(
+        orig.read_line(),
+        "2 b",
+        "a refused dump must leave the process"
+    );
     // The server said why it ended each refused connection, and still serves.
     server.wait_stderr("peer sent no certificates");
     let mut args: Vec<String> = vec!["run".into(), "--page-server".into(), addr.clone()];
@@ -415,7 +434,9 @@ fn image_dir_page_server_round_trip() {
     assert_refused(
         &out,
         &addr,
-        &[&format!("image directory {dir_s} already holds snapshot {id}")],
+        &[&format!(
+            "image directory {dir_s} already holds snapshot {id}"
+        )],
     );
     second.send("b");
     assert_eq!(second.read_line(), "2 b");

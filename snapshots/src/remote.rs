@@ -722,7 +722,9 @@ impl Conn {
             Err(StoreError::PageServerIo { error, .. })
                 if tls::client_error_reason(&error).is_some() =>
             {
-                Err(tls_failed(tls::client_error_reason(&error).unwrap_or_default()))
+                Err(tls_failed(
+                    tls::client_error_reason(&error).unwrap_or_default(),
+                ))
             }
             Ok(_) | Err(StoreError::PageServer { .. }) => Err(StoreError::PageServer {
                 addr: addr.to_owned(),

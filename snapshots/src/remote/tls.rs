@@ -42,7 +42,8 @@ fn file_error(flag: &'static str, path: &Path, reason: String) -> StoreError {
 }
 
 fn load_certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, StoreError> {
-    let pem = std::fs::read(path).map_err(|e| file_error(flag, path, format!("cannot read it: {e}")))?;
+    let pem =
+        std::fs::read(path).map_err(|e| file_error(flag, path, format!("cannot read it: {e}")))?;
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(flag, path, format!("not PEM certificates: {e}")))?;
@@ -58,7 +59,8 @@ fn load_certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, StoreError> {
     let flag = "--tls-key";
-    let pem = std::fs::read(path).map_err(|e| file_error(flag, path, format!("cannot read it: {e}")))?;
+    let pem =
+        std::fs::read(path).map_err(|e| file_error(flag, path, format!("cannot read it: {e}")))?;
     match rustls_pemfile::private_key(&mut &pem[..]) {
         Ok(Some(k)) => Ok(k),
         Ok(None) => Err(file_error(
@@ -66,7 +68,11 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, StoreError> {
             path,
             "it holds no PEM private key (PKCS#8, PKCS#1 or SEC1; unencrypted)".into(),
         )),
-        Err(e) => Err(file_error(flag, path, format!("not a PEM private key: {e}"))),
+        Err(e) => Err(file_error(
+            flag,
+            path,
+            format!("not a PEM private key: {e}"),
+        )),
     }
 }
 
@@ -135,12 +141,10 @@ impl TlsFiles {
         }
         let pair = self.cert_and_key()?;
         let Some(ca) = &self.cacert else {
-            let (flag, path) = match pair {
-                Some((c, _)) => ("--tls-cert", c),
-                None => unreachable!("not empty, no pair, no CA"),
-            };
+            // Not empty and no CA: the pair was given.
+            let path = pair.map_or(Path::new(""), |(c, _)| c);
             return Err(file_error(
-                flag,
+                "--tls-cert",
                 path,
                 "a page-server client over TLS also needs --tls-cacert FILE (the CA that \
                  signed the page server's certificate)"
@@ -164,7 +168,8 @@ impl TlsFiles {
             return Ok(None);
         }
         let Some((c, k)) = self.cert_and_key()? else {
-            let ca = self.cacert.as_deref().expect("not empty, no pair");
+            // Not empty and no pair: the CA was given.
+            let ca = self.cacert.as_deref().unwrap_or(Path::new(""));
             return Err(file_error(
                 "--tls-cacert",
                 ca,
@@ -176,13 +181,16 @@ impl TlsFiles {
         let builder = rustls::ServerConfig::builder();
         let builder = match &self.cacert {
             Some(ca) => {
-                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(
-                    load_roots(ca)?,
-                ))
-                .build()
-                .map_err(|e| {
-                    file_error("--tls-cacert", ca, format!("cannot verify clients with it: {e}"))
-                })?;
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder(Arc::new(load_roots(ca)?))
+                        .build()
+                        .map_err(|e| {
+                            file_error(
+                                "--tls-cacert",
+                                ca,
+                                format!("cannot verify clients with it: {e}"),
+                            )
+                        })?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -273,17 +281,22 @@ impl Stream {
 }
 
 impl Drop for Stream {
-    /// A TLS connection ends with a close_notify (written only: never waits to read).
+    /// A TLS connection ends with a close_notify, if the socket takes it at once (never
+    /// waits: not to read, nor on a peer that stopped reading).
     fn drop(&mut self) {
         match self {
             Stream::Plain(_) => {}
             Stream::Client(s) => {
                 s.conn.send_close_notify();
-                let _ = s.conn.write_tls(&mut s.sock);
+                if s.sock.set_nonblocking(true).is_ok() {
+                    let _ = s.conn.write_tls(&mut s.sock);
+                }
             }
             Stream::Server(s) => {
                 s.conn.send_close_notify();
-                let _ = s.conn.write_tls(&mut s.sock);
+                if s.sock.set_nonblocking(true).is_ok() {
+                    let _ = s.conn.write_tls(&mut s.sock);
+                }
             }
         }
     }
@@ -350,4 +363,86 @@ pub fn client_error_reason(e: &io::Error) -> Option<String> {
             .into(),
         other => format!("TLS failed: {other}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(cert: Option<&str>, key: Option<&str>, cacert: Option<&str>) -> TlsFiles {
+        TlsFiles {
+            cert: cert.map(PathBuf::from),
+            key: key.map(PathBuf::from),
+            cacert: cacert.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn no_option_is_plain_tcp() {
+        assert!(files(None, None, None).client().unwrap().is_none());
+        assert!(files(None, None, None).server().unwrap().is_none());
+    }
+
+    #[test]
+    fn incomplete_options_name_what_is_missing() {
+        let e = files(Some("c.pem"), None, Some("ca.pem"))
+            .client()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--tls-cert c.pem: given without --tls-key FILE (its private key)"
+        );
+        let e = files(None, Some("k.pem"), None).server().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--tls-key k.pem: given without --tls-cert"),
+            "{e}"
+        );
+        let e = files(Some("c.pem"), Some("k.pem"), None)
+            .client()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("also needs --tls-cacert FILE"),
+            "{e}"
+        );
+        let e = files(None, None, Some("ca.pem")).server().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--tls-cacert ca.pem: a TLS page server also needs --tls-cert"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_or_foreign_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let junk = d.path().join("junk.pem");
+        std::fs::write(&junk, "not pem at all\n").unwrap();
+        let j = junk.to_str().unwrap();
+        let e = files(None, None, Some(j)).client().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--tls-cacert {j}: it holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        );
+        let missing = d.path().join("missing.pem");
+        let m = missing.to_str().unwrap();
+        let e = files(None, None, Some(m)).client().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("--tls-cacert {m}: cannot read it")),
+            "{e}"
+        );
+    }
+
+    /// A plain Hello frame never starts like a TLS handshake record (the server tells
+    /// them apart by the first byte).
+    #[test]
+    fn a_plain_hello_is_not_a_tls_record() {
+        let hello = super::super::Request::Hello {
+            magic: super::super::MAGIC,
+            version: super::super::VERSION,
+        }
+        .encode();
+        assert_ne!(hello[0], HANDSHAKE_RECORD);
+    }
 }
