@@ -93,7 +93,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the store's snapshots over TCP (for `run --page-server`, `dump --page-server`)
+    /// Serve the store's snapshots (or an image directory, -D) over TCP or TLS (for `run
+    /// --page-server`, `dump --page-server`)
     PageServer(PageServerArgs),
     /// Upload a snapshot to an OCI registry (REGISTRY/REPO:TAG)
     Push(crate::registry::PushArgs),
