@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{PageRun, PAGE_SIZE};
-use warmstart_snapshots::remote::tls::{self, ServerTls, Stream};
+use warmstart_snapshots::remote::tls::{self, ServerTls, Sock, Stream};
 use warmstart_snapshots::remote::{
     self, push_block, read_frame, write_frame, Request, Response, MAX_PAGES_PER_REQUEST,
 };
@@ -175,14 +175,15 @@ fn send(out: &mut Stream, resp: &Response) -> Result<()> {
 
 /// The connection as this server speaks it: TLS or plain, as configured. A client
 /// speaking the other is told so and the connection ends (`None`).
-fn accept(shared: &Shared, mut tcp: TcpStream) -> Result<Option<Stream>> {
+fn accept(shared: &Shared, tcp: TcpStream) -> Result<Option<Stream>> {
     let mut first = [0u8; 1];
     if tcp.peek(&mut first).context("reading the first bytes")? == 0 {
         return Ok(None);
     }
     let tls_hello = first[0] == tls::HANDSHAKE_RECORD;
+    let mut tcp = Sock(tcp);
     match &shared.tls {
-        Some(t) if tls_hello => Ok(Some(t.wrap(tcp).map_err(anyhow::Error::msg)?)),
+        Some(t) if tls_hello => Ok(Some(t.wrap(tcp.0).map_err(anyhow::Error::msg)?)),
         Some(_) => {
             // A plain client: one plain Error frame it understands.
             let _ = write_frame(&mut tcp, &Response::Error(tls::TLS_ONLY.into()).encode());

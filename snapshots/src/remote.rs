@@ -663,7 +663,7 @@ impl Conn {
             reason,
         };
         let stream = match tls {
-            None => Stream::Plain(stream),
+            None => Stream::Plain(tls::Sock(stream)),
             Some(t) => {
                 let mut s = t.wrap(addr, stream).map_err(tls_failed)?;
                 match s.handshake() {
@@ -697,6 +697,35 @@ impl Conn {
             version: VERSION,
         };
         let answer = conn.call_max(addr, &hello, 1024);
+        if let (Some(_), Err(StoreError::PageServerIo { error, .. })) = (tls, &answer) {
+            let closed = matches!(
+                error.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            );
+            if closed && tls::client_error_reason(error).is_none() {
+                // A server refusing this client's certificate (TLS 1.3: after the client's
+                // side of the handshake) sends an alert and closes: the hello may meet the
+                // closed connection before the alert was read. Read it; else say what the
+                // closing most likely means.
+                let mut byte = [0u8; 1];
+                let reason = match conn.stream.read(&mut byte) {
+                    Err(e) => tls::client_error_reason(&e),
+                    Ok(_) => None,
+                }
+                .unwrap_or_else(|| {
+                    format!(
+                        "it closed the connection right after the TLS handshake ({error}): \
+                         it most likely requires a client certificate or refused this \
+                         one: --tls-cert and --tls-key must be given, signed by the CA the \
+                         page server trusts (its --tls-cacert)"
+                    )
+                });
+                return Err(tls_failed(reason));
+            }
+        }
         conn.stream
             .tcp()
             .set_read_timeout(Some(timeout))

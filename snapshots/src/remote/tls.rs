@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -218,7 +219,7 @@ impl ClientTls {
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| format!("`{host}` cannot be checked against its certificate: {e}"))?;
         let conn = ClientConnection::new(self.0.clone(), name).map_err(|e| e.to_string())?;
-        Ok(Stream::Client(Box::new(StreamOwned::new(conn, tcp))))
+        Ok(Stream::Client(Box::new(StreamOwned::new(conn, Sock(tcp)))))
     }
 }
 
@@ -238,15 +239,50 @@ impl ServerTls {
     /// Starts TLS on an accepted connection (the handshake happens on the first read).
     pub fn wrap(&self, tcp: TcpStream) -> Result<Stream, String> {
         let conn = ServerConnection::new(self.config.clone()).map_err(|e| e.to_string())?;
-        Ok(Stream::Server(Box::new(StreamOwned::new(conn, tcp))))
+        Ok(Stream::Server(Box::new(StreamOwned::new(conn, Sock(tcp)))))
+    }
+}
+
+/// A TCP connection whose writes never raise SIGPIPE: warmstart restores SIGPIPE's
+/// default action (for `warmstart ls | head`), and a peer that closed the connection
+/// must be an error (EPIPE) here, never the death of a dump or a page server.
+#[derive(Debug)]
+pub struct Sock(pub TcpStream);
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call, and the
+        // fd is the open socket `self.0` owns.
+        let n = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 /// A page-server connection: plain TCP or TLS over it. Timeouts are the TCP socket's.
 pub enum Stream {
-    Plain(TcpStream),
-    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
-    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+    Plain(Sock),
+    Client(Box<StreamOwned<ClientConnection, Sock>>),
+    Server(Box<StreamOwned<ServerConnection, Sock>>),
 }
 
 impl std::fmt::Debug for Stream {
@@ -263,9 +299,9 @@ impl Stream {
     /// The TCP connection under it (for timeouts and shutdown).
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Client(s) => &s.sock,
-            Stream::Server(s) => &s.sock,
+            Stream::Plain(s) => &s.0,
+            Stream::Client(s) => &s.sock.0,
+            Stream::Server(s) => &s.sock.0,
         }
     }
 
@@ -288,13 +324,13 @@ impl Drop for Stream {
             Stream::Plain(_) => {}
             Stream::Client(s) => {
                 s.conn.send_close_notify();
-                if s.sock.set_nonblocking(true).is_ok() {
+                if s.sock.0.set_nonblocking(true).is_ok() {
                     let _ = s.conn.write_tls(&mut s.sock);
                 }
             }
             Stream::Server(s) => {
                 s.conn.send_close_notify();
-                if s.sock.set_nonblocking(true).is_ok() {
+                if s.sock.0.set_nonblocking(true).is_ok() {
                     let _ = s.conn.write_tls(&mut s.sock);
                 }
             }
