@@ -93,7 +93,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the store's snapshots over TCP (for `run --page-server`, `dump --page-server`)
+    /// Serve the store's snapshots (or an image directory, -D) over TCP or TLS (for `run
+    /// --page-server`, `dump --page-server`)
     PageServer(PageServerArgs),
     /// Upload a snapshot to an OCI registry (REGISTRY/REPO:TAG)
     Push(crate::registry::PushArgs),
@@ -149,10 +150,65 @@ pub struct PageServerArgs {
     /// TCP port (0: any free port; the bound address is printed on stdout)
     #[arg(long)]
     pub port: u16,
-    /// Address to listen on. Loopback by default: there is no authentication nor
-    /// encryption yet, so anyone who can reach another address can read every snapshot
+    /// Address to listen on. Loopback by default: without TLS and client certificates
+    /// (--tls-cert, --tls-key, --tls-cacert) anyone who can reach another address can read
+    /// every snapshot
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
+    /// Serve (and receive) the image directory DIR (`dump -D DIR`, `restore -D DIR`)
+    /// instead of the store; it receives one dump, into an empty DIR
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS for the page-server protocol (CRIU's options).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Page server over TLS: this side's certificate (PEM). A page server presents it;
+    /// a client presents it to a server that requires client certificates
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Page server over TLS: the private key of --tls-cert (PEM, unencrypted)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Page server over TLS: the CA certificate (PEM). A client verifies the page server
+    /// against it; a page server given it requires every client to present a certificate
+    /// signed by it
+    #[arg(long, value_name = "FILE")]
+    pub tls_cacert: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> warmstart_snapshots::remote::tls::TlsFiles {
+        warmstart_snapshots::remote::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            cacert: self.tls_cacert.clone(),
+        }
+    }
+
+    /// The client side's TLS (`None`: plain TCP).
+    pub fn client(&self) -> Result<Option<warmstart_snapshots::remote::tls::ClientTls>> {
+        Ok(self.files().client()?)
+    }
+
+    /// TLS options only make sense with `--page-server`.
+    fn only_with(&self, page_server: &Option<String>) -> Result<()> {
+        if page_server.is_none() && !self.files().is_empty() {
+            bail!(
+                "--tls-cert, --tls-key and --tls-cacert are for talking to a page server: \
+                 add --page-server HOST:PORT or drop them"
+            );
+        }
+        Ok(())
+    }
+
+    /// The page server's TLS (`None`: plain TCP).
+    pub fn server(&self) -> Result<Option<warmstart_snapshots::remote::tls::ServerTls>> {
+        Ok(self.files().server()?)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +248,8 @@ pub struct DumpArgs {
     /// Send the snapshot to the page server at HOST:PORT instead of the local store
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Record each process's cgroups and the settings of the cgroups the tree owns
     /// (below warmstart's own cgroup, holding only the tree's processes)
     #[arg(long)]
@@ -236,6 +294,8 @@ pub struct RestoreArgs {
     /// Fetch the snapshot and its pages from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "dir")]
     pub page_server: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// With --page-server: take the page server for dead (and kill the instance, naming
     /// it) when a connect or an answer takes longer than this
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -367,6 +427,8 @@ pub struct RunArgs {
     /// Fetch the snapshot and its pages on demand from the page server at HOST:PORT
     #[arg(long, value_name = "HOST:PORT")]
     pub page_server: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// With --page-server: take the page server for dead (and kill the instance, naming
     /// it) when a connect or an answer takes longer than this
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -531,7 +593,14 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Ps { json } => ps(*json),
         Command::Bench(a) => crate::bench::bench_command(&open_store(&cli)?, a),
         Command::PageServer(a) => {
-            crate::pageserver::serve(&open_store(&cli)?, (a.bind, a.port).into())?;
+            let tls = a.tls.server()?;
+            let bind = (a.bind, a.port).into();
+            match &a.dir {
+                Some(dir) => {
+                    crate::pageserver::serve(&Store::open_image_dir(dir)?, bind, tls, Some(dir))?
+                }
+                None => crate::pageserver::serve(&open_store(&cli)?, bind, tls, None)?,
+            }
             Ok(0)
         }
         Command::Serve(a) => {
@@ -559,6 +628,7 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Pull(a) => with_new_store(&store_dir(&cli)?, |s| crate::registry::pull(s, a)),
         Command::Login(a) => crate::registry::login(a),
         Command::Run(a) => {
+            a.tls.only_with(&a.page_server)?;
             let from_registry = warmstart_snapshots::registry::Reference::looks_like(&a.snapshot);
             let remote = a.page_server.is_some() || from_registry;
             let mut puller = None;
@@ -608,10 +678,11 @@ pub fn main(cli: Cli) -> Result<i32> {
                 }
                 let (snap, names) = match &a.page_server {
                     Some(addr) => (
-                        Snapshot::connect_timeout(
+                        Snapshot::connect_tls(
                             addr,
                             &a.snapshot,
                             Duration::from_secs(a.page_server_timeout),
+                            a.tls.client()?.as_ref(),
                         )?,
                         Vec::new(),
                     ),
@@ -1042,6 +1113,7 @@ fn verify(store: &Store, which: Option<&str>) -> Result<i32> {
 
 fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
     crate::check::require_privileges("dump")?;
+    a.tls.only_with(&a.page_server)?;
     if a.pid <= 0 || !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
         bail!("no such process: {}", a.pid);
     }
@@ -1054,10 +1126,14 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
             (Some(q), dump::Destination::Store(s)) => {
                 Some(s.resolve(q).with_context(|| format!("--prev {q}"))?)
             }
-            (Some(q), dump::Destination::PageServer(addr)) => Some(
-                warmstart_snapshots::remote::Client::connect(addr)?
-                    .resolve(q)
-                    .with_context(|| format!("--prev {q} on page server {addr}"))?,
+            (Some(q), dump::Destination::PageServer(addr, tls)) => Some(
+                warmstart_snapshots::remote::Client::connect_tls(
+                    addr,
+                    warmstart_snapshots::remote::IO_TIMEOUT,
+                    tls,
+                )?
+                .resolve(q)
+                .with_context(|| format!("--prev {q} on page server {addr}"))?,
             ),
         };
         if pre {
@@ -1112,7 +1188,8 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
         Ok(0)
     };
     if let Some(addr) = &a.page_server {
-        return dump(dump::Destination::PageServer(addr));
+        let tls = a.tls.client()?;
+        return dump(dump::Destination::PageServer(addr, tls.as_ref()));
     }
     match &a.dir {
         Some(dir) => with_new_store(dir, |s| {
@@ -1177,6 +1254,7 @@ fn report_moved_name(
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     crate::check::require_privileges("restore")?;
+    a.tls.only_with(&a.page_server)?;
     let (snap, names) = match (&a.dir, &a.snapshot, &a.page_server) {
         (Some(dir), _, _) => {
             if !dir.is_dir() {
@@ -1189,7 +1267,12 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             (s.load(&id)?, vec![name.display().to_string()])
         }
         (None, Some(snap), Some(addr)) => (
-            Snapshot::connect_timeout(addr, snap, Duration::from_secs(a.page_server_timeout))?,
+            Snapshot::connect_tls(
+                addr,
+                snap,
+                Duration::from_secs(a.page_server_timeout),
+                a.tls.client()?.as_ref(),
+            )?,
             Vec::new(),
         ),
         (None, Some(snap), None) => load(&open_store_ro(cli)?, snap)?,

@@ -1,6 +1,11 @@
 //! `warmstart page-server`: serves a store's snapshots over TCP (protocol and client in
 //! `warmstart_snapshots::remote`), and `run --page-server`: restores from one.
 //!
+//! Over TLS with `--tls-cert`/`--tls-key` (and client certificates required with
+//! `--tls-cacert`); see `warmstart_snapshots::remote::tls`. With `-D DIR` it serves the
+//! image directory DIR instead of the store, and receives one dump into it while it holds
+//! no snapshot (an image directory holds one snapshot; a pre-dump is refused there).
+//!
 //! One thread per connection. Readers share opened snapshots; one connection at a time
 //! may write (a remote `dump --page-server`); a second concurrent writer is refused.
 //! Before serving a manifest the server checks that every pack it references exists, so
@@ -10,13 +15,15 @@
 //! answer, to make a restore slow enough to kill its page server in the middle.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use warmstart_snapshots::model::{PageRun, PAGE_SIZE};
+use warmstart_snapshots::remote::tls::{self, ServerTls, Sock, Stream};
 use warmstart_snapshots::remote::{
     self, push_block, read_frame, write_frame, Request, Response, MAX_PAGES_PER_REQUEST,
 };
@@ -28,24 +35,40 @@ struct Shared {
     /// The peer holding the store's writer through this server.
     writer: Mutex<Option<SocketAddr>>,
     delay: Option<Duration>,
+    tls: Option<ServerTls>,
+    /// `-D DIR`: the store is an image directory, receiving one dump.
+    images_dir: Option<PathBuf>,
 }
 
 /// Serves `store` on `bind` until killed. Prints the bound address (useful with port 0)
 /// as one line on stdout once listening (labelled when stdout is a terminal; the label
 /// goes to stderr otherwise).
-pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
+pub fn serve(
+    store: &Store,
+    bind: SocketAddr,
+    tls: Option<ServerTls>,
+    images_dir: Option<&Path>,
+) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
     let local = listener.local_addr().context("local address")?;
-    if !local.ip().is_loopback() {
+    let authenticated = tls.as_ref().is_some_and(|t| t.requires_client_certs());
+    if !local.ip().is_loopback() && !authenticated {
         // Before the address line, so that whoever reads that has seen this too.
-        eprintln!("{}", exposure_warning(local, store));
+        eprintln!("{}", exposure_warning(local, store, tls.is_some()));
     }
     {
         use std::io::IsTerminal;
-        let label = format!(
-            "warmstart page-server: listening on {local}, serving the snapshots of store {}",
-            store.dir().display()
-        );
+        let what = match images_dir {
+            Some(d) => format!("the image directory {}", d.display()),
+            None => format!("the snapshots of store {}", store.dir().display()),
+        };
+        let security = match &tls {
+            None => "",
+            Some(t) if t.requires_client_certs() => " over TLS, client certificates required",
+            Some(_) => " over TLS",
+        };
+        let label =
+            format!("warmstart page-server: listening on {local}{security}, serving {what}");
         let mut out = std::io::stdout().lock();
         // A script reads the bare address from stdout (it matters with --port 0); a
         // person sees what it is.
@@ -58,27 +81,43 @@ pub fn serve(store: &Store, bind: SocketAddr) -> Result<()> {
         .and_then(|()| out.flush())
         .context("printing the bound address")?;
     }
-    serve_on(store, listener)
+    serve_on(store, listener, tls, images_dir)
 }
 
-/// What a page server reachable from other hosts says when it starts.
-fn exposure_warning(local: SocketAddr, store: &Store) -> String {
+/// What a page server reachable from other hosts without client certificates says when
+/// it starts.
+fn exposure_warning(local: SocketAddr, store: &Store, tls: bool) -> String {
+    let how = if tls {
+        "over TLS but without client certificates"
+    } else {
+        "with no authentication and no encryption"
+    };
     format!(
-        "warmstart page-server: WARNING: listening on {local} with no authentication and no \
-         encryption: anyone who can reach this address can read the memory of every \
-         snapshot in {} (and store new ones). Use it on a trusted network only, or keep \
-         the default --bind 127.0.0.1 (e.g. behind an SSH tunnel), until the page server \
-         has TLS.",
+        "warmstart page-server: WARNING: listening on {local} {how}: anyone who can reach \
+         this address can read the memory of every snapshot in {} (and store new ones). \
+         Use it on a trusted network only, keep the default --bind 127.0.0.1 (e.g. behind \
+         an SSH tunnel), or use TLS with client certificates (--tls-cert, --tls-key and \
+         --tls-cacert).",
         store.dir().display()
     )
 }
 
 /// [`serve`] on a listener already bound.
-pub fn serve_on(store: &Store, listener: TcpListener) -> Result<()> {
+pub fn serve_on(
+    store: &Store,
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    images_dir: Option<&Path>,
+) -> Result<()> {
     let local = listener.local_addr().context("local address")?;
     tracing::info!(
-        "page server for store {} listening on {local} (unauthenticated: trusted networks only)",
-        store.dir().display()
+        "page server for store {} listening on {local} ({})",
+        store.dir().display(),
+        match &tls {
+            None => "unauthenticated: trusted networks only",
+            Some(t) if t.requires_client_certs() => "TLS, client certificates required",
+            Some(_) => "TLS, no client certificates",
+        }
     );
     let delay = std::env::var("WARMSTART_PAGE_SERVER_DELAY_MS")
         .ok()
@@ -89,6 +128,8 @@ pub fn serve_on(store: &Store, listener: TcpListener) -> Result<()> {
         snaps: Mutex::new(HashMap::new()),
         writer: Mutex::new(None),
         delay,
+        tls,
+        images_dir: images_dir.map(Path::to_path_buf),
     });
     for conn in listener.incoming() {
         let stream = match conn {
@@ -128,14 +169,42 @@ impl Drop for WriterSlot<'_> {
     }
 }
 
-fn send(out: &mut BufWriter<TcpStream>, resp: &Response) -> Result<()> {
+fn send(out: &mut Stream, resp: &Response) -> Result<()> {
     write_frame(out, &resp.encode()).context("sending an answer")
+}
+
+/// The connection as this server speaks it: TLS or plain, as configured. A client
+/// speaking the other is told so and the connection ends (`None`).
+fn accept(shared: &Shared, tcp: TcpStream) -> Result<Option<Stream>> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).context("reading the first bytes")? == 0 {
+        return Ok(None);
+    }
+    let tls_hello = first[0] == tls::HANDSHAKE_RECORD;
+    let mut tcp = Sock(tcp);
+    match &shared.tls {
+        Some(t) if tls_hello => Ok(Some(t.wrap(tcp.0).map_err(anyhow::Error::msg)?)),
+        Some(_) => {
+            // A plain client: one plain Error frame it understands.
+            let _ = write_frame(&mut tcp, &Response::Error(tls::TLS_ONLY.into()).encode());
+            anyhow::bail!("a client without TLS (this server speaks TLS only): refused");
+        }
+        None if tls_hello => {
+            // A TLS client: an alert its TLS stack understands.
+            let _ = tcp.write_all(&tls::PLAIN_SERVER_ALERT);
+            anyhow::bail!("a TLS client (this server speaks plain TCP; --tls-cert/--tls-key give it TLS): refused");
+        }
+        None => Ok(Some(Stream::Plain(tcp))),
+    }
 }
 
 fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
     let _ = stream.set_nodelay(true);
-    let mut input = BufReader::with_capacity(1 << 20, stream.try_clone()?);
-    let mut out = BufWriter::with_capacity(1 << 20, stream);
+    let Some(stream) = accept(shared, stream)? else {
+        return Ok(());
+    };
+    // Reads are buffered; answers are written whole (one frame each) to the same stream.
+    let mut input = BufReader::with_capacity(1 << 20, stream);
     // Handshake.
     let Some(body) = read_frame(&mut input).context("reading the hello")? else {
         return Ok(());
@@ -145,7 +214,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
             if magic == remote::MAGIC && version == remote::VERSION =>
         {
             send(
-                &mut out,
+                input.get_mut(),
                 &Response::Hello {
                     magic: remote::MAGIC,
                     version: remote::VERSION,
@@ -154,7 +223,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         }
         Ok(Request::Hello { magic, version }) if magic == remote::MAGIC => {
             send(
-                &mut out,
+                input.get_mut(),
                 &Response::Error(format!(
                     "unsupported page-server protocol version {version}: this server speaks {}",
                     remote::VERSION
@@ -164,7 +233,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         }
         _ => {
             let _ = send(
-                &mut out,
+                input.get_mut(),
                 &Response::Error("not a warmstart page-server client".into()),
             );
             anyhow::bail!("not a warmstart page-server client");
@@ -176,7 +245,10 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         let req = match Request::decode(&body) {
             Ok(r) => r,
             Err(e) => {
-                let _ = send(&mut out, &Response::Error(format!("bad request: {e}")));
+                let _ = send(
+                    input.get_mut(),
+                    &Response::Error(format!("bad request: {e}")),
+                );
                 anyhow::bail!("bad request: {e}");
             }
         };
@@ -185,7 +257,20 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         if let Response::Error(msg) = &resp {
             tracing::warn!("{peer}: {msg}");
         }
-        send(&mut out, &resp)?;
+        send(input.get_mut(), &resp)?;
+    }
+    Ok(())
+}
+
+/// An image directory holds one snapshot: a second dump into it is refused.
+fn refuse_into_full_dir(store: &Store, dir: &Path) -> Result<()> {
+    if let Some(id) = store.ids()?.first() {
+        anyhow::bail!(
+            "image directory {} already holds snapshot {}: a page server with -D receives \
+             one dump; restart it on an empty directory",
+            dir.display(),
+            id.short()
+        );
     }
     Ok(())
 }
@@ -254,6 +339,9 @@ fn answer<'s>(
             if writer.is_some() {
                 anyhow::bail!("this connection already holds the store's writer");
             }
+            if let Some(dir) = &shared.images_dir {
+                refuse_into_full_dir(&shared.store, dir)?;
+            }
             {
                 let mut w = shared.writer.lock().unwrap();
                 if let Some(other) = *w {
@@ -305,8 +393,20 @@ fn answer<'s>(
             let Some((w, _slot)) = writer.take() else {
                 anyhow::bail!("Commit before Begin");
             };
-            let manifest = warmstart_snapshots::format::decode(&manifest)
-                .context("the manifest to commit is damaged")?;
+            let manifest: warmstart_snapshots::model::Manifest =
+                warmstart_snapshots::format::decode(&manifest)
+                    .context("the manifest to commit is damaged")?;
+            if let Some(dir) = &shared.images_dir {
+                if manifest.trigger == crate::dump::predump::TRIGGER {
+                    anyhow::bail!(
+                        "a pre-dump cannot go into image directory {} (it holds one \
+                         restorable snapshot): send pre-dumps and the final dump --prev to \
+                         a page server without -D",
+                        dir.display()
+                    );
+                }
+                refuse_into_full_dir(&shared.store, dir)?;
+            }
             let id = w.commit(manifest, name.as_deref())?;
             tracing::info!(
                 "{peer}: committed snapshot {}{}",

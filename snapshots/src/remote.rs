@@ -47,7 +47,9 @@
 //! match the manifest, and each page decoded from the blocks must hash to its record.
 //! Blocks are sent as stored (lz4 or raw) and decompressed by the client.
 //!
-//! The protocol has no authentication or encryption: serve only on trusted networks.
+//! Without TLS the protocol has no authentication or encryption: serve only on trusted
+//! networks. With TLS (see [`tls`]) the same frames go inside a TLS stream, the server is
+//! verified against a CA, and the server may require client certificates.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -60,6 +62,9 @@ use thiserror::Error;
 
 use crate::model::{Manifest, PageRun, RunContent, PAGE_SIZE};
 use crate::store::{SnapshotId, SnapshotWriter, StoreError};
+
+pub mod tls;
+use tls::{ClientTls, Stream};
 
 pub const MAGIC: [u8; 8] = *b"WARMPSRV";
 pub const VERSION: u32 = 1;
@@ -593,7 +598,7 @@ pub fn read_frame_max(r: &mut impl Read, max: usize) -> io::Result<Option<Vec<u8
 /// One connection to a page server, handshake done.
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// How long an answer may take.
     timeout: Duration,
 }
@@ -622,7 +627,7 @@ fn unexpected(addr: &str, what: &str, got: &Response) -> StoreError {
 }
 
 impl Conn {
-    fn open(addr: &str, timeout: Duration) -> Result<Conn, StoreError> {
+    fn open(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<Conn, StoreError> {
         let hello_timeout = timeout.min(CONNECT_TIMEOUT);
         let io = |action: &'static str| {
             move |error: io::Error| StoreError::PageServerIo {
@@ -653,6 +658,36 @@ impl Conn {
             .set_read_timeout(Some(hello_timeout))
             .and_then(|()| stream.set_write_timeout(Some(timeout)))
             .map_err(io("configure the connection"))?;
+        let tls_failed = |reason: String| StoreError::PageServer {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let stream = match tls {
+            None => Stream::Plain(tls::Sock(stream)),
+            Some(t) => {
+                let mut s = t.wrap(addr, stream).map_err(tls_failed)?;
+                match s.handshake() {
+                    Ok(()) => s,
+                    Err(e) => {
+                        return Err(match tls::client_error_reason(&e) {
+                            Some(reason) => tls_failed(reason),
+                            None if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) =>
+                            {
+                                tls_failed(format!(
+                                    "no TLS handshake within {} (is it a page server, \
+                                     started with --tls-cert/--tls-key?)",
+                                    secs(hello_timeout)
+                                ))
+                            }
+                            None => io("make the TLS handshake")(e),
+                        })
+                    }
+                }
+            }
+        };
         let mut conn = Conn {
             stream,
             timeout: hello_timeout,
@@ -662,7 +697,37 @@ impl Conn {
             version: VERSION,
         };
         let answer = conn.call_max(addr, &hello, 1024);
+        if let (Some(_), Err(StoreError::PageServerIo { error, .. })) = (tls, &answer) {
+            let closed = matches!(
+                error.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            );
+            if closed && tls::client_error_reason(error).is_none() {
+                // A server refusing this client's certificate (TLS 1.3: after the client's
+                // side of the handshake) sends an alert and closes: the hello may meet the
+                // closed connection before the alert was read. Read it; else say what the
+                // closing most likely means.
+                let mut byte = [0u8; 1];
+                let reason = match conn.stream.read(&mut byte) {
+                    Err(e) => tls::client_error_reason(&e),
+                    Ok(_) => None,
+                }
+                .unwrap_or_else(|| {
+                    format!(
+                        "it closed the connection right after the TLS handshake ({error}): \
+                         it most likely requires a client certificate or refused this \
+                         one: --tls-cert and --tls-key must be given, signed by the CA the \
+                         page server trusts (its --tls-cacert)"
+                    )
+                });
+                return Err(tls_failed(reason));
+            }
+        }
         conn.stream
+            .tcp()
             .set_read_timeout(Some(timeout))
             .map_err(io("configure the connection"))?;
         conn.timeout = timeout;
@@ -682,6 +747,14 @@ impl Conn {
                 addr: addr.to_owned(),
                 reason: msg,
             }),
+            // The server refused this client's certificate after the handshake (TLS 1.3).
+            Err(StoreError::PageServerIo { error, .. })
+                if tls::client_error_reason(&error).is_some() =>
+            {
+                Err(tls_failed(
+                    tls::client_error_reason(&error).unwrap_or_default(),
+                ))
+            }
             Ok(_) | Err(StoreError::PageServer { .. }) => Err(StoreError::PageServer {
                 addr: addr.to_owned(),
                 reason: "it did not answer like a warmstart page server".into(),
@@ -726,7 +799,11 @@ impl Conn {
                     "the connection was closed (did the page server exit?)",
                 )))
             }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            // (A TLS failure is InvalidData too: kept as I/O, for its own message.)
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidData
+                    && tls::client_error_reason(&e).is_none() =>
+            {
                 return Err(StoreError::PageServer {
                     addr: addr.to_owned(),
                     reason: format!("malformed answer: {e}"),
@@ -770,6 +847,8 @@ pub struct Client {
     /// The connections a `Pages` request is waiting on (copies, to shut them down).
     in_flight: Mutex<HashMap<u64, TcpStream>>,
     next_call: AtomicU64,
+    /// TLS for every connection, when the server speaks it.
+    tls: Option<ClientTls>,
 }
 
 impl Client {
@@ -780,7 +859,16 @@ impl Client {
 
     /// [`Client::connect`] with another timeout for every connect and answer.
     pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Client, StoreError> {
-        let conn = Conn::open(addr, timeout)?;
+        Self::connect_tls(addr, timeout, None)
+    }
+
+    /// [`Client::connect_timeout`], over TLS when `tls` is given.
+    pub fn connect_tls(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Client, StoreError> {
+        let conn = Conn::open(addr, timeout, tls)?;
         Ok(Client {
             addr: addr.to_owned(),
             pool: Mutex::new(vec![conn]),
@@ -788,6 +876,7 @@ impl Client {
             abandoned: AtomicBool::new(false),
             in_flight: Mutex::default(),
             next_call: AtomicU64::new(0),
+            tls: tls.cloned(),
         })
     }
 
@@ -818,7 +907,7 @@ impl Client {
         let pooled = self.pool.lock().unwrap().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => Conn::open(&self.addr, self.timeout)?,
+            None => Conn::open(&self.addr, self.timeout, self.tls.as_ref())?,
         };
         let resp = conn.call(&self.addr, req)?;
         self.pool.lock().unwrap().push(conn);
@@ -833,10 +922,10 @@ impl Client {
         let pooled = self.pool.lock().unwrap().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => Conn::open(&self.addr, self.timeout)?,
+            None => Conn::open(&self.addr, self.timeout, self.tls.as_ref())?,
         };
         let key = self.next_call.fetch_add(1, Ordering::Relaxed);
-        if let Ok(copy) = conn.stream.try_clone() {
+        if let Ok(copy) = conn.stream.tcp().try_clone() {
             self.in_flight.lock().unwrap().insert(key, copy);
         }
         // Abandoned meanwhile: the copy may have missed the shutdown.
@@ -951,8 +1040,13 @@ pub struct RemoteWriter {
 impl RemoteWriter {
     /// Connects and takes the server store's writer.
     pub fn begin(addr: &str) -> Result<RemoteWriter, StoreError> {
+        Self::begin_tls(addr, None)
+    }
+
+    /// [`RemoteWriter::begin`], over TLS when `tls` is given.
+    pub fn begin_tls(addr: &str, tls: Option<&ClientTls>) -> Result<RemoteWriter, StoreError> {
         // A dump's answers (a commit) may take longer than a restore's.
-        let mut conn = Conn::open(addr, WRITER_TIMEOUT)?;
+        let mut conn = Conn::open(addr, WRITER_TIMEOUT, tls)?;
         match conn.call(addr, &Request::Begin)? {
             Response::Ready => Ok(RemoteWriter {
                 addr: addr.to_owned(),

@@ -74,8 +74,12 @@ pub struct DumpResult {
 #[derive(Clone, Copy)]
 pub enum Destination<'a> {
     Store(&'a Store),
-    /// A page server's store (`HOST:PORT`), e.g. on the machine that restores.
-    PageServer(&'a str),
+    /// A page server's store (`HOST:PORT`), e.g. on the machine that restores; over TLS
+    /// when given.
+    PageServer(
+        &'a str,
+        Option<&'a warmstart_snapshots::remote::tls::ClientTls>,
+    ),
 }
 
 /// Dumps process `pid` and all its descendants (seizing them, except what `frozen` says
@@ -276,7 +280,9 @@ fn collect_and_store(
     let clocks = crate::sys::timens::clocks_of(root)?;
     let mut writer = match dest {
         Destination::Store(store) => PageWriter::Local(store.writer()?),
-        Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
+        Destination::PageServer(addr, tls) => {
+            PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
+        }
     };
     let mut files = files::TreeFiles::default();
     files.scan_ptys(&tree.order)?;

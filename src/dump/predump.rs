@@ -106,7 +106,9 @@ pub fn pre_dump(
     let t = Instant::now();
     let mut writer = match dest {
         Destination::Store(store) => PageWriter::Local(store.writer()?),
-        Destination::PageServer(addr) => PageWriter::Remote(RemoteWriter::begin(addr)?),
+        Destination::PageServer(addr, tls) => {
+            PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
+        }
     };
     // The next dump names the pages it takes from this image by their hashes.
     writer.keep_hashes();

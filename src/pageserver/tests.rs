@@ -37,7 +37,7 @@ fn start(dir: &Path) -> String {
     let store = Store::open(dir).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || serve_on(&store, listener));
+    std::thread::spawn(move || serve_on(&store, listener, None, None));
     addr
 }
 

@@ -248,6 +248,13 @@ pub enum StoreError {
     },
     #[error("page server {addr}: {reason}")]
     PageServer { addr: String, reason: String },
+    /// A `--tls-cert`, `--tls-key` or `--tls-cacert` file that cannot be used.
+    #[error("{flag} {}: {reason}", path.display())]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     /// Reads from the page server were given up (`Client::abandon_page_reads`): the
     /// instance they were for is over, or its restore was interrupted.
     #[error("page server {addr}: reading pages was given up (the instance is over)")]

@@ -154,7 +154,18 @@ impl Snapshot {
         id_or_name: &str,
         timeout: std::time::Duration,
     ) -> Result<Snapshot, StoreError> {
-        let client = Client::connect_timeout(addr, timeout)?;
+        Self::connect_tls(addr, id_or_name, timeout, None)
+    }
+
+    /// [`Snapshot::connect_timeout`], over TLS when `tls` is given (for every connection,
+    /// the lazy page reads' included).
+    pub fn connect_tls(
+        addr: &str,
+        id_or_name: &str,
+        timeout: std::time::Duration,
+        tls: Option<&remote::tls::ClientTls>,
+    ) -> Result<Snapshot, StoreError> {
+        let client = Client::connect_tls(addr, timeout, tls)?;
         let (id, manifest_bytes, table_bytes) = client.fetch_manifest(id_or_name)?;
         let bad = |reason: String| StoreError::PageServer {
             addr: addr.to_owned(),
