@@ -43,7 +43,7 @@ fn ask(s: &mut TcpStream, args: &[&str]) -> Result<String> {
 }
 
 /// `warmstart ARGS`: its stdout and the milliseconds of its `frozen for` line.
-fn dump(store: &str, rt: &str, args: &[&str]) -> Result<(String, f64)> {
+fn dump(store: &str, rt: &str, args: &[&str]) -> Result<(String, f64, String)> {
     let out = Command::new(EXE)
         .args(args)
         .args(["--display-stats", "--store", store])
@@ -59,7 +59,11 @@ fn dump(store: &str, rt: &str, args: &[&str]) -> Result<(String, f64)> {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no `frozen for` in: {err}"))?;
-    Ok((String::from_utf8_lossy(&out.stdout).trim().to_owned(), ms))
+    Ok((
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ms,
+        err.into_owned(),
+    ))
 }
 
 fn main() -> Result<()> {
@@ -121,7 +125,7 @@ fn main() -> Result<()> {
     let t = ["-t", &pid, "--page-server", addr];
     let mut full = Vec::new();
     for _ in 0..3 {
-        let (_, ms) = dump(
+        let (_, ms, _) = dump(
             src,
             rt,
             &[&["dump", "-R", "--tcp-established"][..], &t].concat(),
@@ -130,11 +134,11 @@ fn main() -> Result<()> {
         ask(&mut c, &["SET", "during", "full"])?;
     }
     full.sort_by(f64::total_cmp);
-    let (id1, pre1) = dump(src, rt, &[&["pre-dump"][..], &t].concat())?;
+    let (id1, pre1, _) = dump(src, rt, &[&["pre-dump"][..], &t].concat())?;
     ask(&mut c, &["SET", "b", "2"])?;
-    let (id2, pre2) = dump(src, rt, &[&["pre-dump", "--prev", &id1][..], &t].concat())?;
+    let (id2, pre2, _) = dump(src, rt, &[&["pre-dump", "--prev", &id1][..], &t].concat())?;
     ask(&mut c, &["SET", "c", "3"])?;
-    let (_, fin) = dump(
+    let (_, fin, phases) = dump(
         src,
         rt,
         &[&["dump", "--prev", &id2, "--tcp-established"][..], &t].concat(),
@@ -145,5 +149,6 @@ fn main() -> Result<()> {
     println!("  pre-dump 2 --prev            {pre2:9.1}");
     println!("  final dump --prev            {fin:9.1}");
     println!("  final / full                 {:9.3}", fin / full[1]);
+    println!("the final dump's phases:\n{phases}");
     Ok(())
 }
