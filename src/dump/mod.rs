@@ -122,12 +122,22 @@ pub fn dump_after(
     let mut tree = freeze::Tree::default();
     let mut phases = Phases::default();
     let mut counts = track::Counts::default();
+    // Before the freeze: loading the store's index or connecting to the page server is
+    // no time the app has to stand still for.
+    let t = Instant::now();
+    let writer = match dest {
+        Destination::Store(store) => PageWriter::Local(store.writer()?),
+        Destination::PageServer(addr, tls) => {
+            PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
+        }
+    };
+    phases.add("open the destination", t.elapsed());
     let t = Instant::now();
     let res = freeze::freeze_tree(pid, frozen.unwrap_or_default(), &mut tree).and_then(|()| {
         phases.add("freeze", t.elapsed());
         collect_and_store(
             &tree,
-            dest,
+            writer,
             opts,
             &mut phases,
             tracking.as_ref(),
@@ -269,7 +279,7 @@ struct PhaseTimes<'t> {
 
 fn collect_and_store(
     tree: &freeze::Tree,
-    dest: Destination<'_>,
+    mut writer: PageWriter<'_>,
     opts: &DumpOptions,
     phases: &mut Phases,
     tracking: Option<&track::Tracking>,
@@ -278,12 +288,6 @@ fn collect_and_store(
     let root = tree.order[0];
     // Read first, as close to the freeze as possible: a restore's clocks go on from here.
     let clocks = crate::sys::timens::clocks_of(root)?;
-    let mut writer = match dest {
-        Destination::Store(store) => PageWriter::Local(store.writer()?),
-        Destination::PageServer(addr, tls) => {
-            PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
-        }
-    };
     let mut files = files::TreeFiles::default();
     files.scan_ptys(&tree.order)?;
     let mut objects = shared_files::SharedFiles::default();
