@@ -252,6 +252,28 @@ pub fn write_pages(
     let mut cursor = prev.partition_point(|s| s.0 < vma_start);
     // A run of pages to take from the previous image: (first page index, hashes).
     let mut known: Option<(u64, Vec<[u8; 32]>)> = None;
+    // The run of known pages added (or, when the store lacks one, made pending)...
+    macro_rules! take {
+        () => {
+            take_known(
+                &mut known,
+                vma_start,
+                writer,
+                out,
+                &mut new_slots,
+                counts,
+                &mut pending,
+            )?
+        };
+    }
+    // ...and with the pages to read before and after it written: nothing left open.
+    macro_rules! settle {
+        () => {
+            flush(&mut pending, writer, out, &mut new_slots, counts)?;
+            take!();
+            flush(&mut pending, writer, out, &mut new_slots, counts)?;
+        };
+    }
     for &(first, count, excl) in runs {
         for idx in first..first + count {
             let addr = vma_start + idx * ps;
@@ -270,17 +292,7 @@ pub fn write_pages(
             };
             match slot {
                 Some(Slot::Zero) => {
-                    flush(&mut pending, writer, out, &mut new_slots, counts)?;
-                    take_known(
-                        &mut known,
-                        vma_start,
-                        writer,
-                        out,
-                        &mut new_slots,
-                        counts,
-                        &mut pending,
-                    )?;
-                    flush(&mut pending, writer, out, &mut new_slots, counts)?;
+                    settle!();
                     push_zero(out, idx);
                     counts.taken += 1;
                     if let Some(s) = new_slots.as_deref_mut() {
@@ -292,30 +304,13 @@ pub fn write_pages(
                     match &mut known {
                         Some((f, hs)) if *f + hs.len() as u64 == idx => hs.push(h),
                         _ => {
-                            take_known(
-                                &mut known,
-                                vma_start,
-                                writer,
-                                out,
-                                &mut new_slots,
-                                counts,
-                                &mut pending,
-                            )?;
-                            flush(&mut pending, writer, out, &mut new_slots, counts)?;
+                            settle!();
                             known = Some((idx, vec![h]));
                         }
                     }
                 }
                 None => {
-                    take_known(
-                        &mut known,
-                        vma_start,
-                        writer,
-                        out,
-                        &mut new_slots,
-                        counts,
-                        &mut pending,
-                    )?;
+                    take!();
                     match &mut pending {
                         Some(p) if p.0 + p.1 == idx && p.2 == excl => p.1 += 1,
                         _ => {
@@ -327,16 +322,8 @@ pub fn write_pages(
             }
         }
     }
-    take_known(
-        &mut known,
-        vma_start,
-        writer,
-        out,
-        &mut new_slots,
-        counts,
-        &mut pending,
-    )?;
-    flush(&mut pending, writer, out, &mut new_slots, counts)
+    settle!();
+    Ok(())
 }
 
 /// Adds the pending run of known pages; when the store lacks one of them, they become
