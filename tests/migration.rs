@@ -9,9 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::netns::{in_net_of, ns_id, nsenter, output, ws_in_net_of};
+use common::netns::{
+    host_netns, in_net_of, ns_id, nsenter, output, unshared_in_net_of, ws_in_net_of,
+};
 use common::{children, tempdir, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
 
 /// A RESP client on one TCP connection: a command per stdin line, each reply on a stdout
@@ -65,34 +66,16 @@ fn redis_migrates_with_pre_dumps_through_a_page_server_keeping_its_client() {
     let dst = Ws::new();
     let rt = tempdir("ws-rt-");
     // The "hosts' network": a namespace of the test's own with a bridge.
-    let holder = Proc::spawn(Command::new("unshare").args([
-        "--net",
-        "--",
-        "sh",
-        "-c",
-        "ip link set lo up && ip link add br0 type bridge && \
-         ip addr add 10.125.0.1/24 dev br0 && ip link set br0 up && \
-         echo ready >&2 && exec cat",
-    ]));
-    holder.wait_stderr("ready");
+    let holder = host_netns(
+        "ip link add br0 type bridge && ip addr add 10.125.0.1/24 dev br0 && \
+         ip link set br0 up &&",
+    );
     let h = holder.pid();
-    let app = Proc::spawn(&mut in_net_of(
+    let app = unshared_in_net_of(
         h,
-        &[
-            "unshare",
-            "--net",
-            "--pid",
-            "--mount-proc",
-            "--propagation=private",
-            "--fork",
-            "--kill-child",
-            "--",
-            "sh",
-            "-c",
-            "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --save '' \
-             --appendonly no --enable-debug-command yes >&2; true",
-        ],
-    ));
+        "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --save '' \
+         --appendonly no --enable-debug-command yes >&2; true",
+    );
     app.wait_stderr("Ready to accept connections");
     let init = children(app.pid());
     assert_eq!(init.len(), 1, "{init:?}");

@@ -9,7 +9,9 @@ mod common;
 
 use std::process::Command;
 
-use common::netns::{in_net_of, ns_id, nsenter, output, ws_in_net_of};
+use common::netns::{
+    host_netns, in_net_of, ns_id, nsenter, output, unshared_in_net_of, ws_in_net_of,
+};
 use common::{alive, children, fixture, tempdir, wait_pid_exit, KillGuard, Proc, Ws, TIMEOUT};
 
 /// `/proc/sysvipc/FILE` seen from inside `pid`'s ipc namespace, without the columns
@@ -542,35 +544,12 @@ fn hello(from: i32, addr: &str, port: &str) -> String {
 #[test]
 fn veth_is_recreated_with_a_new_peer() {
     let ws = Ws::new();
-    // The "host": a network namespace of the test's own, so nothing touches the real one.
-    let holder = Proc::spawn(Command::new("unshare").args([
-        "--net",
-        "--",
-        "sh",
-        "-c",
-        "ip link set lo up && echo ready >&2 && exec cat",
-    ]));
-    holder.wait_stderr("ready");
+    let holder = host_netns("");
     let h = holder.pid();
     let server =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/veth_server.py");
     let script = format!("python3 {}; true", server.display());
-    let app = Proc::spawn(&mut in_net_of(
-        h,
-        &[
-            "unshare",
-            "--net",
-            "--pid",
-            "--mount-proc",
-            "--propagation=private",
-            "--fork",
-            "--kill-child",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    ));
+    let app = unshared_in_net_of(h, &script);
     let port = app
         .wait_stderr("ready")
         .split_whitespace()

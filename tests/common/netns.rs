@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use super::{run_with, Ws, TIMEOUT};
+use super::{run_with, Proc, Ws, TIMEOUT};
 
 /// Runs `cmd` (e.g. `nsenter ...`), which must succeed; its stdout.
 pub fn output(cmd: &mut Command) -> String {
@@ -48,4 +48,40 @@ pub fn ns_id(pid: &str, kind: &str) -> String {
         .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
         .to_string_lossy()
         .into_owned()
+}
+
+/// A network namespace of the test's own standing for the host's (so nothing touches the
+/// real one): loopback up, then `setup` (shell commands, may be empty); held by the
+/// returned process until it is dropped.
+pub fn host_netns(setup: &str) -> Proc {
+    let p = Proc::spawn(Command::new("unshare").args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        &format!("ip link set lo up && {setup} echo ready >&2 && exec cat"),
+    ]));
+    p.wait_stderr("ready");
+    p
+}
+
+/// `sh -c SCRIPT` in network, pid and mount namespaces of its own (under `unshare`'s
+/// pid 1, killed with it), started from the network namespace of `host`.
+pub fn unshared_in_net_of(host: i32, script: &str) -> Proc {
+    Proc::spawn(&mut in_net_of(
+        host,
+        &[
+            "unshare",
+            "--net",
+            "--pid",
+            "--mount-proc",
+            "--propagation=private",
+            "--fork",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    ))
 }
