@@ -591,6 +591,54 @@ fn pid_namespace_init_round_trips() {
     }
 }
 
+/// A process that joined the pid namespace from outside (`nsenter`) is not under its init:
+/// a dump of the init would leave it out of the namespace, so it is refused by name, the
+/// tree left running.
+#[test]
+fn pid_namespace_with_a_process_joined_from_outside_is_refused() {
+    let ws = Ws::new();
+    let bin = fixture("pid1_init");
+    let mut guard = KillGuard::new();
+    let orig = Proc::spawn(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "--mount-proc", "--"])
+            .arg(&bin),
+    );
+    orig.wait_stderr("ready");
+    let init = children(orig.pid())[0];
+    let joined = Proc::spawn(Command::new("nsenter").args([
+        "-t",
+        &init.to_string(),
+        "-p",
+        "--",
+        "sh",
+        "-c",
+        "echo ready >&2; exec sleep 1000",
+    ]));
+    joined.wait_stderr("ready");
+    let inside = children(joined.pid())[0];
+    guard.add(inside);
+    let dir = tempdir("ws-images-");
+    let out = ws.run(
+        &[
+            "dump",
+            "-t",
+            &init.to_string(),
+            "-D",
+            dir.path().join("img").to_str().unwrap(),
+        ],
+        "",
+    );
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(&format!("process {inside} (sleep)"))
+            && out.stderr.contains("joined the namespace"),
+        "{}",
+        out.describe()
+    );
+    assert!(alive(init) && alive(inside));
+}
+
 /// `record --uts --ipc --net private`: the app starts in namespaces of its own (its
 /// loopback up), and every instance gets its own, holding what the app left there —
 /// its host name, its System V objects, a TCP listener on 127.0.0.1.
