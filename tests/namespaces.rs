@@ -589,6 +589,26 @@ fn pid_namespace_init_round_trips() {
         );
         drop(guard);
     }
+
+    // In the foreground the monitor waits for the init, which is the app: its exit
+    // status is the restore's (SIGTERM's handler exits with 7).
+    let mut guard = KillGuard::new();
+    let mut r = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
+    r.send("state");
+    assert_eq!(r.read_line(), "n=2 pid=1 ppid=0 host=pid1-fixture");
+    let pid = children(r.pid())[0];
+    guard.add(pid);
+    assert_eq!(ns_pid(pid), Some(1));
+    // SAFETY: kill takes integer arguments only.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(r.read_line(), "term");
+    let status = r.wait();
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "the restore's exit status; stderr:\n{}",
+        r.stderr_after_exit()
+    );
 }
 
 /// A process that joined the pid namespace from outside (`nsenter`) is not under its init:

@@ -821,7 +821,9 @@ impl Parked {
             if let Some(i) = &self.interrupt {
                 i.resuming();
             }
-            for d in &self.tree {
+            // The root last: one that is the init of its pid namespace may exit at once,
+            // ending every process of the namespace, which a detach must not meet.
+            for d in self.tree.iter().rev() {
                 failed_in = d.idx;
                 for &tid in &d.tids {
                     ptrace::detach(tid, 0).context("detaching from the restored process")?;
