@@ -6,6 +6,8 @@
 //!                                                     └──clone3([set_tid])──▶ app (pid 2 / exact)
 //! ```
 //!
+//! * With [`SpawnOptions::app_is_init`] there is no app child: init runs the app itself
+//!   after its setup (a restored tree whose root was the init of its own pid namespace).
 //! * init dies with the monitor (`PR_SET_PDEATHSIG`, SIGKILL), and the kernel kills the
 //!   whole namespace when init dies. PDEATHSIG fires when the *thread* that called
 //!   [`spawn`] exits: call it from a thread that outlives the sandbox.
@@ -535,7 +537,8 @@ impl Sandbox {
     }
 
     /// Send `sig` to init, which forwards the [`crate::relayed_signals`] to the app (other
-    /// signals are ignored by a pid 1, except SIGKILL/SIGSTOP).
+    /// signals are ignored by a pid 1, except SIGKILL/SIGSTOP). An app that is init
+    /// ([`SpawnOptions::app_is_init`]) gets it itself, and only if it handles it.
     pub fn signal(&self, sig: i32) -> Result<(), LaunchError> {
         if self.status.get().is_some() {
             return Ok(());
