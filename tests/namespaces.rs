@@ -555,6 +555,12 @@ fn pid_namespace_init_round_trips() {
         );
         assert_ne!(ns_id(&pid.to_string(), "pid"), ns_id("self", "pid"));
         assert_eq!(pid1_tree_state(pid), before, "{mode:?}: the restored tree");
+        // The root joined the instance's time namespace itself; its children are in it.
+        let time = ns_id(&pid.to_string(), "time");
+        assert_ne!(time, ns_id("self", "time"), "{mode:?}");
+        for c in children(pid) {
+            assert_eq!(ns_id(&c.to_string(), "time"), time, "{mode:?}");
+        }
         assert_eq!(
             nsenter(pid, &["-u"], &["hostname"]).trim(),
             "pid1-fixture",
