@@ -289,6 +289,7 @@ pub fn record(
             clocks: None,
             owner: None,
             namespaces: opts.namespaces,
+            app_is_init: false,
         },
         || {
             if !opts.share_tmp && !crate::private_dirs::mount_private_tmp() {

@@ -50,7 +50,7 @@ pub(crate) const APP_PANICKED: i32 = 101;
 
 /// Stages reported by init in its one message to the monitor.
 pub(crate) const STAGE_OK: i32 = 0;
-pub(crate) const STAGE_NAMES: [&str; 9] = [
+pub(crate) const STAGE_NAMES: [&str; 10] = [
     "ok",
     "prctl(PR_SET_PDEATHSIG)",
     "monitor exited",
@@ -60,6 +60,7 @@ pub(crate) const STAGE_NAMES: [&str; 9] = [
     "clone3(app)",
     "unshare(CLONE_NEWTIME)",
     "writing /proc/self/timens_offsets",
+    "setns(/proc/self/ns/time_for_children)",
 ];
 const STAGE_PDEATHSIG: i32 = 1;
 const STAGE_MONITOR_GONE: i32 = 2;
@@ -69,6 +70,7 @@ const STAGE_SIGACTION: i32 = 5;
 const STAGE_CLONE_APP: i32 = 6;
 const STAGE_TIMENS_UNSHARE: i32 = 7;
 const STAGE_TIMENS_OFFSETS: i32 = 8;
+const STAGE_TIMENS_SETNS: i32 = 9;
 
 /// Size of init's message: `[stage, errno, app_ns_pid]`.
 pub(crate) const MSG_LEN: usize = 12;
@@ -90,6 +92,9 @@ pub(crate) struct InitArgs {
     pub stdio: [RawFd; 3],
     /// Clocks for the app's new time namespace ([`crate::timens`]), if any.
     pub clocks: Option<[i64; 2]>,
+    /// init is the app: it runs the closure itself (after the gate) instead of creating
+    /// an app child ([`crate::SpawnOptions::app_is_init`]).
+    pub app_is_init: bool,
 }
 
 /// The app's pid in the sandbox, for the forwarding handler (init is single-threaded).
@@ -215,6 +220,10 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
             fail(a, STAGE_PROC);
         }
 
+        if a.app_is_init {
+            init_as_app(a, app);
+        }
+
         // Default dispositions (a SIG_IGN'd SIGCHLD would break reaping), then
         // forwarding handlers. Signals stay blocked until the app exists.
         sys::reset_signal_dispositions();
@@ -288,6 +297,28 @@ pub(crate) fn init_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
     }
 }
 
+/// init as the app itself (pid 1 of the namespace: a restored tree whose root was the
+/// init of its own pid namespace). After init's mounts: the time namespace, entered by
+/// init itself (`setns` on `time_for_children` once the offsets are written, since
+/// `unshare(CLONE_NEWTIME)` moves only children), the report (init's own pid, no app
+/// pidfd: the monitor has init's), then what the app child does ([`app_main`]). No
+/// forwarding handlers: the app's own dispositions are its own, and so are init's
+/// duties (reaping orphans, the signals it takes), as with a container's entrypoint.
+fn init_as_app<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
+    if let Some(targets) = a.clocks {
+        match crate::timens::enter(targets) {
+            Ok(()) => {}
+            Err(crate::timens::Step::Unshare) => fail(a, STAGE_TIMENS_UNSHARE),
+            Err(crate::timens::Step::Offsets) => fail(a, STAGE_TIMENS_OFFSETS),
+        }
+        if crate::timens::join_own().is_err() {
+            fail(a, STAGE_TIMENS_SETNS);
+        }
+    }
+    report(a.sock, STAGE_OK, 0, 1, -1);
+    app_main(a, app)
+}
+
 /// Install `fds` as 0, 1, 2 (entries < 0 are left alone). Handles overlaps.
 fn install_stdio(fds: [RawFd; 3]) -> bool {
     // SAFETY: `fcntl(F_DUPFD_CLOEXEC)`, `dup2` and `close` take integers only and are
@@ -315,7 +346,8 @@ fn install_stdio(fds: [RawFd; 3]) -> bool {
     true
 }
 
-/// Body of the app child (pid 2, or the exact pid). Starts with every signal blocked.
+/// Body of the app child (pid 2, or the exact pid; or init itself, see [`init_as_app`]).
+/// Starts with every signal blocked.
 fn app_main<F: FnOnce() -> i32>(a: &InitArgs, app: F) -> ! {
     // It runs in the app child of a raw `clone3`: the calls before `app` (`close`,
     // `sigaction`, `dup2`, `sigprocmask`, `read`, `_exit`) are async-signal-safe; `read`

@@ -6,6 +6,8 @@
 //!                                                     └──clone3([set_tid])──▶ app (pid 2 / exact)
 //! ```
 //!
+//! * With [`SpawnOptions::app_is_init`] there is no app child: init runs the app itself
+//!   after its setup (a restored tree whose root was the init of its own pid namespace).
 //! * init dies with the monitor (`PR_SET_PDEATHSIG`, SIGKILL), and the kernel kills the
 //!   whole namespace when init dies. PDEATHSIG fires when the *thread* that called
 //!   [`spawn`] exits: call it from a thread that outlives the sandbox.
@@ -56,6 +58,13 @@ pub struct SpawnOptions {
     /// `CLONE_NEWUTS`, `CLONE_NEWIPC`, `CLONE_NEWNET` (a restore of a tree that had
     /// them of its own fills them in before releasing the gate).
     pub namespaces: u64,
+    /// The app is init itself, pid 1 of the new pid namespace (a restore of a tree whose
+    /// root was the init of a pid namespace of its own, a container's entrypoint): init
+    /// does its setup (mounts, time namespace, entered itself) and then runs the closure
+    /// (after the gate) instead of creating an app child. The app then has init's duties
+    /// (it reaps orphans; signals are its own: none is forwarded) and [`Sandbox::app_pid`]
+    /// is [`Sandbox::init_pid`]. Excludes `pid`.
+    pub app_is_init: bool,
 }
 
 /// A [`Sandbox`] taken apart to pass between processes.
@@ -80,7 +89,8 @@ pub struct Sandbox {
     /// the app had already exited and been reaped when `spawn` returned (only possible
     /// without a gate).
     pub app_pid: i32,
-    /// The app's pid inside the sandbox (2, or `SpawnOptions::pid`).
+    /// The app's pid inside the sandbox (2, or `SpawnOptions::pid`; 1 when
+    /// `SpawnOptions::app_is_init`).
     pub app_ns_pid: i32,
     init_pidfd: OwnedFd,
     app_pidfd: OwnedFd,
@@ -103,6 +113,11 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     if let Some(pid) = opts.pid {
         if pid < 2 {
             return Err(LaunchError::Invalid("app pid must be >= 2 (1 is init)"));
+        }
+        if opts.app_is_init {
+            return Err(LaunchError::Invalid(
+                "an app that is init has pid 1: no other pid can be asked for",
+            ));
         }
     }
     let (mon_sock, init_sock) = socketpair()?;
@@ -132,6 +147,7 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
         app_pid: opts.pid.unwrap_or(0),
         stdio: opts.stdio.unwrap_or([-1; 3]),
         clocks: opts.clocks,
+        app_is_init: opts.app_is_init,
     };
     let mut init_pidfd: libc::c_int = -1;
     let args = CloneArgs {
@@ -195,8 +211,22 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
     // SAFETY: `clone3` succeeded with CLONE_PIDFD, so the kernel stored a new pidfd in
     // `init_pidfd`; nothing else owns it.
     let init_pidfd = unsafe { OwnedFd::from_raw_fd(init_pidfd) };
-    match handshake(&mon_sock, &init_pidfd, init_pid) {
+    match handshake(&mon_sock, &init_pidfd, init_pid, opts.app_is_init) {
         Ok((app_pidfd, app_ns_pid)) => {
+            // init is the app: the app's pidfd is a copy of init's.
+            let app_pidfd = match app_pidfd {
+                Some(fd) => fd,
+                None => match init_pidfd.try_clone() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        abort_init(&init_pidfd, init_pid);
+                        return Err(LaunchError::Sys {
+                            op: "dup of init's pidfd",
+                            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                        });
+                    }
+                },
+            };
             let app_pid = match read_pidfd_fdinfo(&app_pidfd) {
                 Ok((pid, nspid_last)) => {
                     if pid > 0 && nspid_last != Some(app_ns_pid) {
@@ -224,7 +254,8 @@ pub fn spawn(opts: &SpawnOptions, app: impl FnOnce() -> i32) -> Result<Sandbox, 
                 app_pidfd,
                 gate: Cell::new(gate_w),
                 status: Cell::new(None),
-                app_done: Cell::new(false),
+                // An app that is init is waited for as init, never apart.
+                app_done: Cell::new(opts.app_is_init),
             })
         }
         Err(e) => {
@@ -273,12 +304,14 @@ fn abort_init(init_pidfd: &OwnedFd, init_pid: i32) {
     while unsafe { libc::waitpid(init_pid, &mut st, 0) } < 0 && Errno::last() == Errno::EINTR {}
 }
 
-/// Wait for init's report: the app's pidfd and its pid in the sandbox.
+/// Wait for init's report: the app's pidfd and its pid in the sandbox (no pidfd when
+/// `app_is_init`: the app is init, pid 1).
 fn handshake(
     sock: &OwnedFd,
     init_pidfd: &OwnedFd,
     init_pid: i32,
-) -> Result<(OwnedFd, i32), LaunchError> {
+    app_is_init: bool,
+) -> Result<(Option<OwnedFd>, i32), LaunchError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
         match recv_report(sock)? {
@@ -294,7 +327,12 @@ fn handshake(
                     });
                 }
                 return match fd {
-                    Some(fd) => Ok((fd, ns_pid)),
+                    Some(_) if app_is_init => Err(LaunchError::Parse {
+                        what: "init report",
+                        detail: "a pidfd from an init that is the app".into(),
+                    }),
+                    None if app_is_init && ns_pid == 1 => Ok((None, 1)),
+                    Some(fd) => Ok((Some(fd), ns_pid)),
                     None => Err(LaunchError::Parse {
                         what: "init report",
                         detail: "no pidfd attached".into(),
@@ -465,7 +503,7 @@ impl Sandbox {
             app_pidfd: p.app_pidfd,
             gate: Cell::new(p.gate),
             status: Cell::new(None),
-            app_done: Cell::new(false),
+            app_done: Cell::new(p.app_pid == p.init_pid),
         }
     }
 
@@ -499,7 +537,8 @@ impl Sandbox {
     }
 
     /// Send `sig` to init, which forwards the [`crate::relayed_signals`] to the app (other
-    /// signals are ignored by a pid 1, except SIGKILL/SIGSTOP).
+    /// signals are ignored by a pid 1, except SIGKILL/SIGSTOP). An app that is init
+    /// ([`SpawnOptions::app_is_init`]) gets it itself, and only if it handles it.
     pub fn signal(&self, sig: i32) -> Result<(), LaunchError> {
         if self.status.get().is_some() {
             return Ok(());

@@ -64,6 +64,34 @@ pub(crate) fn enter(targets: [i64; 2]) -> Result<(), Step> {
     Ok(())
 }
 
+/// Moves the caller itself into the time namespace [`enter`] made for its children
+/// (`setns` on `/proc/self/ns/time_for_children`; the offsets must be written first, as
+/// no process may have entered the namespace before). The caller must be
+/// single-threaded. errno is left set on error.
+pub(crate) fn join_own() -> Result<(), ()> {
+    // SAFETY: a NUL-terminated path literal; the returned fd is closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/ns/time_for_children".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(());
+    }
+    // SAFETY: `fd` is a namespace file opened above; setns changes only this
+    // (single-threaded) process's time namespace.
+    let r = unsafe { libc::setns(fd, libc::CLONE_NEWTIME) };
+    let e = errno();
+    // SAFETY: `fd` was opened above, is owned by nothing else and is not used after.
+    unsafe { crate::sys::close_raw(fd) };
+    if r != 0 {
+        crate::sys::set_errno(e);
+        return Err(());
+    }
+    Ok(())
+}
+
 /// Which step of [`enter`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {

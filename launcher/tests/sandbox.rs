@@ -273,3 +273,64 @@ fn monitor_forwards_its_signals() {
     });
     assert_eq!(monitor.wait_code(), 143);
 }
+
+fn now_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// `app_is_init`: init runs the app itself (pid 1, no app child), in the time namespace
+/// it made and joined; the app's pid is init's and its exit code is the sandbox's.
+#[test]
+fn app_is_init_runs_as_pid_1_in_its_time_namespace() {
+    let (r, w) = pipe();
+    let cmd = ShCmd::new("echo $$; echo ppid=$PPID; read x; exit 7");
+    let (in_r, in_w) = pipe();
+    let hour = 3600 * 1_000_000_000i64;
+    let opts = SpawnOptions {
+        stdio: Some([in_r.as_raw_fd(), w.as_raw_fd(), -1]),
+        gate: true,
+        clocks: Some([
+            now_ns(libc::CLOCK_MONOTONIC) + hour,
+            now_ns(libc::CLOCK_BOOTTIME) + hour,
+        ]),
+        app_is_init: true,
+        ..Default::default()
+    };
+    let sb = spawn(&opts, || cmd.exec()).unwrap();
+    drop(w);
+    drop(in_r);
+    assert_eq!(sb.app_ns_pid, 1);
+    assert_eq!(sb.app_pid, sb.init_pid);
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/time")).unwrap();
+    assert_ne!(ns(&sb.init_pid.to_string()), ns("self"));
+    let offsets = std::fs::read_to_string(format!("/proc/{}/timens_offsets", sb.init_pid)).unwrap();
+    let mono: i64 = offsets
+        .lines()
+        .find_map(|l| l.strip_prefix("monotonic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{offsets}"));
+    // An hour ahead, less the moments spawning took.
+    assert!((3590..=3600).contains(&mono), "{offsets}");
+    sb.release().unwrap();
+    let out = read_exact(r.as_raw_fd(), 2 + 7, LONG);
+    assert_eq!(String::from_utf8_lossy(&out), "1\nppid=0\n");
+    drop(in_w);
+    assert_eq!(sb.wait().unwrap(), 7);
+    assert!(matches!(
+        spawn(
+            &SpawnOptions {
+                pid: Some(5),
+                app_is_init: true,
+                ..Default::default()
+            },
+            || 0
+        ),
+        Err(LaunchError::Invalid(_))
+    ));
+}

@@ -231,9 +231,12 @@ fn send_kill(tree: &freeze::Tree) {
     }
 }
 
-/// Collects the exits of a killed tree's traced threads.
+/// Collects the exits of a killed tree's traced threads, the root's last: a root that is
+/// the init of its pid namespace exits only once every other task of the namespace is
+/// reaped, and the traced ones only by us.
 fn reap_killed(tree: &freeze::Tree) {
-    for f in tree.processes() {
+    let all: Vec<&Frozen> = tree.processes().collect();
+    for f in all.into_iter().rev() {
         for tid in f.tids().into_iter().filter(|&t| t != f.pid) {
             let _ = ptrace::wait(tid);
         }

@@ -103,13 +103,28 @@ pub fn collect(
         }
     }
     if own("pid")? && innermost_pid(root) == Some(1) {
-        bail!(
-            "process {root} ({}) is the init (pid 1) of a pid namespace of its own: a \
-             restore runs the tree under an init of warmstart's, which holds pid 1, so a \
-             tree whose root is pid 1 cannot be restored yet; dump its children instead \
-             (warmstart dump -t CHILD_PID)",
-            comm(root)
-        );
+        // The root is the namespace's init, restored as the sandbox's init: every other
+        // process of the namespace must be in the tree (one that joined it with setns,
+        // or its descendants, would be missing from the instance).
+        let ns_pid = id(root, "pid")?;
+        let procs = std::fs::read_dir("/proc").context("listing the processes in /proc")?;
+        let pids = procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok());
+        for pid in pids {
+            if order.contains(&pid) || ns::id(&pid.to_string(), "pid").ok() != Some(ns_pid) {
+                continue;
+            }
+            if is_zombie(pid) {
+                continue;
+            }
+            bail!(
+                "process {pid} ({}) runs in the pid namespace whose init is the tree's root \
+                 {root} ({}) but is not one of its descendants (it joined the namespace, \
+                 e.g. with nsenter): a restore of the namespace would lack it; end it, then \
+                 dump again",
+                comm(pid),
+                comm(root)
+            );
+        }
     }
     if own("mnt")? {
         check_mounts(order, private)?;
@@ -169,6 +184,17 @@ pub fn collect(
         )?);
     }
     Ok(out)
+}
+
+/// Whether `pid` is a zombie (or gone).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            Some(rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// The pid of `pid` in its own pid namespace (the last `NSpid` column).

@@ -3,7 +3,9 @@
 //! The monitor (this process) checks the host, the files and the tree's shape
 //! ([`checks`]), spawns the sandbox with the root's restoring child ([`child`]) at its
 //! recorded pid and seizes it (or has a [`template`] of the snapshot spawn it, so that it
-//! starts with the snapshot's memory shared). The root creates what several processes
+//! starts with the snapshot's memory shared). A root that was the init (pid 1) of its pid
+//! namespace is restored by the sandbox's init itself ([`root_is_init`]), so it is pid 1
+//! again and the instance's exit is its own. The root creates what several processes
 //! share, maps the private memory its children share with it ([`cow`]), then forks the
 //! rest of the tree at the recorded pids (see [`child`]); each process reports on a
 //! status pipe of its own and (all but the root) waits on a gate until the monitor has
@@ -215,6 +217,12 @@ pub fn reserve_fds(m: &warmstart_snapshots::model::Manifest) {
     }
 }
 
+/// Whether the snapshot's root process was the init (pid 1) of its pid namespace: it is
+/// restored as the sandbox's init itself (`SpawnOptions::app_is_init`).
+pub fn root_is_init(m: &warmstart_snapshots::model::Manifest) -> bool {
+    m.processes.first().is_some_and(|p| p.pid == 1)
+}
+
 /// Restores an instance of `snap` and lets it run.
 pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> {
     prepare(snap, opts, false)?.resume(None, &[], None)
@@ -224,6 +232,14 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
 pub fn park(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Parked> {
     if opts.learn {
         bail!("a parked instance cannot learn the working set");
+    }
+    if root_is_init(&snap.manifest) {
+        bail!(
+            "snapshot {}: its root process was the init (pid 1) of its pid namespace, and \
+             an instance of it is not parked ahead (its clocks are set when its init \
+             starts); it is restored when asked for (warmstart run / restore)",
+            snap.id.short()
+        );
     }
     prepare(snap, opts, true)
 }
@@ -410,13 +426,17 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         std::sync::atomic::Ordering::Relaxed,
     );
     let spawn_t = Instant::now();
+    // A root that was the init of its pid namespace (a container's entrypoint) is init
+    // again: the sandbox's pid 1 restores it itself.
+    let app_is_init = root_is_init(m);
     let spawn_opts = SpawnOptions {
-        pid: Some(p.pid),
+        pid: (!app_is_init).then_some(p.pid),
         gate: true,
         stdio,
         clocks: Some(crate::sys::timens::adjusted_targets(&m.clocks)?),
         owner: None,
         namespaces: m.namespaces.clone_flags(),
+        app_is_init,
     };
     if opts.cgroups.is_some() && opts.template.is_some() {
         bail!("an instance started from a template cannot be placed in cgroups of its own");
@@ -803,7 +823,9 @@ impl Parked {
             if let Some(i) = &self.interrupt {
                 i.resuming();
             }
-            for d in &self.tree {
+            // The root last: one that is the init of its pid namespace may exit at once,
+            // ending every process of the namespace, which a detach must not meet.
+            for d in self.tree.iter().rev() {
                 failed_in = d.idx;
                 for &tid in &d.tids {
                     ptrace::detach(tid, 0).context("detaching from the restored process")?;

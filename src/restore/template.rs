@@ -80,6 +80,13 @@ pub fn why_not(m: &Manifest) -> Option<String> {
                 .into(),
         );
     }
+    if super::root_is_init(m) {
+        return Some(
+            "its root process was the init (pid 1) of its pid namespace, and is restored \
+             as the sandbox's init: an instance forked from a template would not be"
+                .into(),
+        );
+    }
     if m.namespaces.any() {
         return Some(
             "it runs in uts, ipc or network namespaces of its own, which instances forked \
@@ -546,6 +553,7 @@ fn spawn_one(
             clocks: req.clocks,
             owner: Some(monitor),
             namespaces: 0,
+            app_is_init: false,
         },
         || child::run(&args),
     )

@@ -374,6 +374,13 @@ impl Pools {
 /// the stdio arrives, and timerfds are armed then, which needs each to be the process's
 /// own.
 fn parkable(m: &Manifest) -> Result<(), String> {
+    if crate::restore::root_is_init(m) {
+        return Err(
+            "its root process was the init (pid 1) of its pid namespace: its instances \
+             are restored when asked for"
+                .into(),
+        );
+    }
     let in_private_tmp = |l: &warmstart_snapshots::model::FileLock| {
         m.private_tmp.is_some()
             && m.processes
