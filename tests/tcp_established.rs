@@ -442,10 +442,7 @@ fn both_ends_in_the_tree() {
     assert_eq!(r.read_line(), "c 3 wrote");
     r.send("read 3");
     assert_eq!(r.read_line(), "3 got BYE");
-    let tables = nft_tables(&[]);
-    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
-    r.close_stdin();
-    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+    lock_gone_then_exit(r, &lock);
 }
 
 /// Two network namespaces joined by a veth pair, deleted (with the pair) when dropped.
@@ -582,10 +579,7 @@ fn a_half_closed_server_in_fin_wait2_is_restored_and_still_receives() {
     client.shutdown(std::net::Shutdown::Write).unwrap();
     r.send("readeof");
     assert_eq!(answer(&r).1, "got  eof");
-    let tables = nft_tables(&[]);
-    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
-    r.close_stdin();
-    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+    lock_gone_then_exit(r, &lock);
 }
 
 /// The client closed its write side with bytes the server has not read (CLOSE_WAIT),
@@ -625,10 +619,7 @@ fn a_server_in_close_wait_reads_its_bytes_then_eof_and_still_writes() {
     assert_eq!(answer(&r).1, "shut");
     let mut b = [0u8; 1];
     assert_eq!(client.read(&mut b).unwrap(), 0, "the server's FIN");
-    let tables = nft_tables(&[]);
-    assert!(!tables.contains(&lock), "the dump's lock is left: {tables}");
-    r.close_stdin();
-    assert!(r.wait().success(), "{}", r.stderr_after_exit());
+    lock_gone_then_exit(r, &lock);
 }
 
 /// Left running (`-R`): a server in CLOSE_WAIT with unread bytes stays in it through the
@@ -700,4 +691,13 @@ fn close_wait_across_two_network_namespaces_over_veth() {
     // The server's end is closed: the client reads EOF (a FIN, not a reset).
     let mut b = [0u8; 1];
     assert_eq!(client.read(&mut b).unwrap(), 0);
+}
+
+/// The dump's network lock is gone once the restored tree runs; the restored fixture
+/// ends cleanly at EOF on its stdin.
+fn lock_gone_then_exit(mut r: Proc, lock: &str) {
+    let tables = nft_tables(&[]);
+    assert!(!tables.contains(lock), "the dump's lock is left: {tables}");
+    r.close_stdin();
+    assert!(r.wait().success(), "{}", r.stderr_after_exit());
 }
