@@ -109,54 +109,20 @@ fn redis_migrates_with_pre_dumps_through_a_page_server_keeping_its_client() {
     let mut server = Proc::spawn(&mut ws_in_net_of(&dst, h, &["page-server", "--port", "0"]));
     let addr = server.read_line().trim().to_owned();
 
-    let (id1, read1, taken1) = dump_step(
-        &src,
-        h,
-        rt.path(),
-        &[
-            "pre-dump",
-            "-t",
-            &r,
-            "--page-server",
-            &addr,
-            "--display-stats",
-        ],
-    );
+    // `warmstart CMD -t REDIS --page-server ADDR EXTRA... --display-stats`.
+    let step = |cmd: &str, extra: &[&str]| {
+        let mut args = vec![cmd, "-t", &r, "--page-server", &addr];
+        args.extend_from_slice(extra);
+        args.push("--display-stats");
+        dump_step(&src, h, rt.path(), &args)
+    };
+    let (id1, read1, taken1) = step("pre-dump", &[]);
     assert!(read1 > 10_000 && taken1 == 0, "{read1} {taken1}");
     assert_eq!(ask(&mut client, "SET b 2"), "+OK");
-    let (id2, _, taken2) = dump_step(
-        &src,
-        h,
-        rt.path(),
-        &[
-            "pre-dump",
-            "-t",
-            &r,
-            "--page-server",
-            &addr,
-            "--prev",
-            &id1,
-            "--display-stats",
-        ],
-    );
+    let (id2, _, taken2) = step("pre-dump", &["--prev", &id1]);
     assert!(taken2 > 10_000, "second pre-dump took {taken2} pages");
     assert_eq!(ask(&mut client, "SET c 3"), "+OK");
-    let (fin, read3, taken3) = dump_step(
-        &src,
-        h,
-        rt.path(),
-        &[
-            "dump",
-            "-t",
-            &r,
-            "--page-server",
-            &addr,
-            "--prev",
-            &id2,
-            "--tcp-established",
-            "--display-stats",
-        ],
-    );
+    let (fin, read3, taken3) = step("dump", &["--prev", &id2, "--tcp-established"]);
     assert!(
         taken3 > 10 * read3,
         "the final dump read {read3} pages and took {taken3} from the pre-dump"
