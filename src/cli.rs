@@ -1138,18 +1138,8 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
         };
         if pre {
             let r = dump::predump::pre_dump(a.pid, dest, prev.as_ref(), a.name.as_deref())?;
-            if a.display_stats {
-                eprintln!(
-                    "pre-dump of {}:\n{}\n  frozen for {:.3} ms; pages read {}, taken from the previous image {}",
-                    a.pid,
-                    r.phases,
-                    r.frozen.as_secs_f64() * 1e3,
-                    r.counts.read,
-                    r.counts.taken
-                );
-            }
-            println!("{}", r.id.short());
-            return Ok(0);
+            let stats = a.display_stats.then_some((&r.phases, r.frozen, r.counts));
+            return Ok(print_dumped("pre-dump", a.pid, &r.id, stats));
         }
         let r = dump::dump_after(
             a.pid,
@@ -1174,18 +1164,8 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
             },
             prev.as_ref(),
         )?;
-        if a.display_stats {
-            eprintln!(
-                "dump of {}:\n{}\n  frozen for {:.3} ms; pages read {}, taken from the previous image {}",
-                a.pid,
-                r.phases,
-                r.frozen.as_secs_f64() * 1e3,
-                r.counts.read,
-                r.counts.taken
-            );
-        }
-        println!("{}", r.id.short());
-        Ok(0)
+        let stats = a.display_stats.then_some((&r.phases, r.frozen, r.counts));
+        Ok(print_dumped("dump", a.pid, &r.id, stats))
     };
     if let Some(addr) = &a.page_server {
         let tls = a.tls.client()?;
@@ -1211,6 +1191,30 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
 }
 
 /// The command line of process `pid` (empty if it cannot be read).
+/// Prints a dump's id (stdout) and, with `--display-stats`, its phases, frozen time and
+/// page counts (stderr); the exit code.
+fn print_dumped(
+    what: &str,
+    pid: i32,
+    id: &warmstart_snapshots::store::SnapshotId,
+    stats: Option<(
+        &crate::stats::Phases,
+        std::time::Duration,
+        dump::track::Counts,
+    )>,
+) -> i32 {
+    if let Some((phases, frozen, counts)) = stats {
+        eprintln!(
+            "{what} of {pid}:\n{phases}\n  frozen for {:.3} ms; pages read {}, taken from the previous image {}",
+            frozen.as_secs_f64() * 1e3,
+            counts.read,
+            counts.taken
+        );
+    }
+    println!("{}", id.short());
+    0
+}
+
 fn cmdline(pid: i32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()

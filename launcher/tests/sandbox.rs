@@ -258,10 +258,9 @@ fn monitor_forwards_its_signals() {
             Ok(sb) => sb,
             Err(_) => return 1,
         };
-        // SAFETY: sigset_t is a plain bit array, so all-zero is a valid value before
-        // sigemptyset; `set` is a live local only read by pthread_sigmask (a null old-set
-        // pointer is allowed); getpid and kill take integers. The forked helper is
-        // single-threaded, so blocking SIGTERM here covers the whole process.
+        // The forked helper is single-threaded: blocking SIGTERM covers the whole process.
+        // SAFETY: an all-zero sigset_t is valid before sigemptyset; `set` is a live local
+        // only read by pthread_sigmask (null old set allowed); getpid and kill take ints.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
