@@ -144,10 +144,10 @@ pub fn dump_after(
             &mut counts,
         )
     });
-    let res = res.map(|r| (r, t));
     match res {
-        Ok(((id, manifest, held), t)) => {
-            let mut frozen = std::time::Duration::ZERO;
+        Ok((id, manifest, held)) => {
+            // Until the tree is let go, or killed (set below).
+            let mut frozen = None;
             let killed = !opts.leave_stopped && !opts.leave_running;
             // Established connections: with the tree going on, repair mode goes off and
             // the lock goes (the peer retransmits what was dropped, to the same socket).
@@ -181,7 +181,7 @@ pub fn dump_after(
                 // Frozen until killed (CRIU's "frozen time"); the exits (the kernel
                 // freeing the memory) are waited for, and shown, apart.
                 send_kill(&tree);
-                frozen = t.elapsed();
+                frozen = Some(t.elapsed());
                 let t = Instant::now();
                 reap_killed(&tree);
                 phases.add("exit of the killed tree", t.elapsed());
@@ -190,14 +190,11 @@ pub fn dump_after(
                     h.close_killed();
                 }
             }
-            if frozen.is_zero() {
-                frozen = t.elapsed();
-            }
             Ok(DumpResult {
                 id,
                 manifest,
                 phases,
-                frozen,
+                frozen: frozen.unwrap_or_else(|| t.elapsed()),
                 counts,
             })
         }
