@@ -244,6 +244,9 @@ fn dump_and_restore(
     between: impl FnOnce(),
 ) -> (Proc, String) {
     let pid = p.pid().to_string();
+    // The lock is the table this dump adds (a table of an earlier dump by a process of
+    // the same pid may still be there).
+    let tables_before = nft_tables(lock_prefix);
     let dump = ws_cmd(
         ws,
         prefix,
@@ -253,7 +256,7 @@ fn dump_and_restore(
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let lock = format!("warmstart-{}-", dump.id());
+    let lock_prefix_name = format!("warmstart-{}-", dump.id());
     let out = dump.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -262,11 +265,14 @@ fn dump_and_restore(
     );
     assert!(wait_pid_exit(p.pid(), TIMEOUT), "the dumped server runs on");
     p.wait();
-    assert!(
-        nft_tables(lock_prefix).contains(&lock),
-        "no lock between the dump and the restore: {}",
-        nft_tables(lock_prefix)
-    );
+    let tables = nft_tables(lock_prefix);
+    let lock = tables
+        .lines()
+        .filter(|l| !tables_before.lines().any(|b| b == *l))
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .find(|t| t.starts_with(&lock_prefix_name))
+        .unwrap_or_else(|| panic!("no lock between the dump and the restore: {tables}"))
+        .to_owned();
     between();
     let out = ws_cmd(ws, prefix, &["restore", "tcp"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
