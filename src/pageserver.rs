@@ -380,13 +380,22 @@ fn answer<'s>(
             w.add_pages(first_page, scratch, &mut runs)?;
             Response::Runs(runs)
         }
-        Request::AddKnown { first_page, hashes } => {
+        Request::Base { id } => {
             let Some((w, _)) = writer.as_mut() else {
-                anyhow::bail!("AddKnown before Begin");
+                anyhow::bail!("Base before Begin");
+            };
+            // Not fatal to the dump: it sends those pages instead.
+            match w.set_base(&id) {
+                Ok(()) => Response::Ready,
+                Err(e) => Response::Error(e.to_string()),
+            }
+        }
+        Request::AddBase { pages } => {
+            let Some((w, _)) = writer.as_mut() else {
+                anyhow::bail!("AddBase before Begin");
             };
             let mut runs: Vec<PageRun> = Vec::new();
-            // All or none: an empty answer says some page is not here (send it instead).
-            w.add_known(first_page, &hashes, &mut runs);
+            w.add_base(&pages, &mut runs)?;
             Response::Runs(runs)
         }
         Request::Commit { name, manifest } => {

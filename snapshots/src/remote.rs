@@ -36,6 +36,10 @@
 //!    | AddPages first_page u64 pages u32 lz4 data ---> |  SnapshotWriter::add_pages there
 //!    | <-------------------- Runs count u32, run...    |  run: page u64 count u64 kind u8
 //!    |   ... (one AddPages per chunk of a VMA)         |       [first u64 if kind = 1 data]
+//!    | Base id[32] ----------------------------------> |  SnapshotWriter::set_base there:
+//!    | <------------------------- Ready (or Error)     |  an Error leaves the writer as it was
+//!    | AddBase count u64, (page, record, count) u64s > |  SnapshotWriter::add_base there
+//!    | <-------------------- Runs count u32, run...    |
 //!    | Commit name_len u16 name manifest ------------> |  SnapshotWriter::commit there
 //!    | <------------------------------------- Id id    |
 //!    |                                                 |
@@ -67,7 +71,8 @@ pub mod tls;
 use tls::{ClientTls, Stream};
 
 pub const MAGIC: [u8; 8] = *b"WARMPSRV";
-pub const VERSION: u32 = 1;
+/// 2: `AddKnown` (pages by hash) replaced by `Base` and `AddBase` (by base record).
+pub const VERSION: u32 = 2;
 /// Largest frame body either side accepts.
 pub const MAX_FRAME: usize = 1 << 30;
 /// Most pages one `Pages` request may ask for; the client splits larger reads.
@@ -101,7 +106,8 @@ mod kind {
     pub const BEGIN: u8 = 0x10;
     pub const ADD_PAGES: u8 = 0x11;
     pub const COMMIT: u8 = 0x12;
-    pub const ADD_KNOWN: u8 = 0x13;
+    pub const BASE: u8 = 0x14;
+    pub const ADD_BASE: u8 = 0x15;
 
     pub const R_HELLO: u8 = 0x81;
     pub const R_ID: u8 = 0x82;
@@ -161,11 +167,14 @@ pub enum Request {
         name: Option<String>,
         manifest: Vec<u8>,
     },
-    /// Pages whose contents the store already holds (by hash): answered with the runs,
-    /// or with no run at all when any is missing (nothing added; send them instead).
-    AddKnown {
-        first_page: u64,
-        hashes: Vec<[u8; 32]>,
+    /// Use snapshot `id` of the server's store as the base of the one being written.
+    Base {
+        id: SnapshotId,
+    },
+    /// Pages whose contents are the base's records: `(first_page, base_first, count)`
+    /// each, answered with the runs.
+    AddBase {
+        pages: Vec<(u64, u64, u64)>,
     },
 }
 
@@ -320,10 +329,12 @@ impl Request {
                 .u64(*first_page)
                 .u32(*pages)
                 .bytes(lz4),
-            Request::AddKnown { first_page, hashes } => {
-                let mut f = Frame::new(kind::ADD_KNOWN, 8 + hashes.len() * 32).u64(*first_page);
-                for h in hashes {
-                    f = f.bytes(h);
+            Request::Base { id } => Frame::new(kind::BASE, 32).bytes(&id.0),
+            Request::AddBase { pages } => {
+                let mut f =
+                    Frame::new(kind::ADD_BASE, 8 + pages.len() * 24).u64(pages.len() as u64);
+                for &(page, first, count) in pages {
+                    f = f.u64(page).u64(first).u64(count);
                 }
                 f
             }
@@ -382,21 +393,21 @@ impl Request {
                     lz4: lz4.to_vec(),
                 }
             }
-            kind::ADD_KNOWN => {
-                let first_page = r.u64("first page")?;
-                let rest = r.rest();
-                if !rest.len().is_multiple_of(32) {
-                    return Err(ProtoError::Invalid(
-                        "page hashes: not a multiple of 32 bytes",
+            kind::BASE => Request::Base { id: r.id()? },
+            kind::ADD_BASE => {
+                let n = r.u64("base run count")?;
+                if n > (r.0.len() / 24) as u64 {
+                    return Err(ProtoError::Truncated("base runs"));
+                }
+                let mut pages = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    pages.push((
+                        r.u64("base run page")?,
+                        r.u64("base run record")?,
+                        r.u64("base run count")?,
                     ));
                 }
-                Request::AddKnown {
-                    first_page,
-                    hashes: rest
-                        .chunks_exact(32)
-                        .map(|c| c.try_into().unwrap())
-                        .collect(),
-                }
+                Request::AddBase { pages }
             }
             kind::COMMIT => {
                 let n = r.u16("name length")? as usize;
@@ -1032,9 +1043,6 @@ fn append_runs(runs: &mut Vec<PageRun>, new: &[PageRun]) {
 pub struct RemoteWriter {
     addr: String,
     conn: Conn,
-    /// With [`RemoteWriter::keep_hashes`]: the hash of each server page-table record
-    /// this writer made, for [`PageWriter::hash_of`].
-    hashes: Option<HashMap<u64, [u8; 32]>>,
 }
 
 impl RemoteWriter {
@@ -1051,7 +1059,6 @@ impl RemoteWriter {
             Response::Ready => Ok(RemoteWriter {
                 addr: addr.to_owned(),
                 conn,
-                hashes: None,
             }),
             other => Err(unexpected(addr, "Begin", &other)),
         }
@@ -1061,43 +1068,32 @@ impl RemoteWriter {
         &self.addr
     }
 
-    /// Remember the content hash of every page added from now on (hashed here), so the
-    /// next dump can name them again with [`RemoteWriter::add_known`].
-    pub fn keep_hashes(&mut self) {
-        self.hashes.get_or_insert_with(HashMap::new);
+    /// As [`SnapshotWriter::set_base`], in the server's store.
+    pub fn set_base(&mut self, id: &SnapshotId) -> Result<(), StoreError> {
+        match self.conn.call(&self.addr, &Request::Base { id: *id })? {
+            Response::Ready => Ok(()),
+            other => Err(unexpected(&self.addr, "Base", &other)),
+        }
     }
 
-    /// As [`SnapshotWriter::add_known`], on the server.
-    pub fn add_known(
+    /// As [`SnapshotWriter::add_base`], on the server (one request).
+    pub fn add_base(
         &mut self,
-        first_page: u64,
-        hashes: &[[u8; 32]],
+        pages: &[(u64, u64, u64)],
         runs: &mut Vec<PageRun>,
-    ) -> Result<bool, StoreError> {
-        if hashes.is_empty() {
-            return Ok(true);
+    ) -> Result<(), StoreError> {
+        if pages.is_empty() {
+            return Ok(());
         }
-        // One request (all or nothing); 32 bytes a page stays far below MAX_FRAME.
-        let req = Request::AddKnown {
-            first_page,
-            hashes: hashes.to_vec(),
+        let req = Request::AddBase {
+            pages: pages.to_vec(),
         };
         match self.conn.call(&self.addr, &req)? {
-            Response::Runs(new) if new.is_empty() => Ok(false),
             Response::Runs(new) => {
-                if let Some(map) = &mut self.hashes {
-                    for r in &new {
-                        if let RunContent::Data { first: d } = r.content {
-                            for i in 0..r.count {
-                                map.insert(d + i, hashes[(r.page + i - first_page) as usize]);
-                            }
-                        }
-                    }
-                }
                 append_runs(runs, &new);
-                Ok(true)
+                Ok(())
             }
-            other => Err(unexpected(&self.addr, "AddKnown", &other)),
+            other => Err(unexpected(&self.addr, "AddBase", &other)),
         }
     }
 
@@ -1121,21 +1117,7 @@ impl RemoteWriter {
                 lz4: lz4_flex::block::compress(chunk),
             };
             match self.conn.call(&self.addr, &req)? {
-                Response::Runs(new) => {
-                    if let Some(map) = &mut self.hashes {
-                        let base = first_page + k as u64 * ((64 << 20) / PAGE_SIZE) as u64;
-                        for r in &new {
-                            if let RunContent::Data { first: d } = r.content {
-                                for i in 0..r.count {
-                                    let at = (r.page + i - base) as usize * PAGE_SIZE;
-                                    let page = &chunk[at..at + PAGE_SIZE];
-                                    map.insert(d + i, *blake3::hash(page).as_bytes());
-                                }
-                            }
-                        }
-                    }
-                    append_runs(runs, &new)
-                }
+                Response::Runs(new) => append_runs(runs, &new),
                 other => return Err(unexpected(&self.addr, "AddPages", &other)),
             }
         }
@@ -1179,32 +1161,23 @@ impl PageWriter<'_> {
         }
     }
 
-    /// The content hash of page-table record `idx` where the writer knows it (always
-    /// locally; for a page server after [`RemoteWriter::keep_hashes`]).
-    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
+    /// See [`SnapshotWriter::set_base`].
+    pub fn set_base(&mut self, id: &SnapshotId) -> Result<(), StoreError> {
         match self {
-            PageWriter::Local(w) => w.hash_of(idx),
-            PageWriter::Remote(w) => w.hashes.as_ref()?.get(&idx).copied(),
+            PageWriter::Local(w) => w.set_base(id),
+            PageWriter::Remote(w) => w.set_base(id),
         }
     }
 
-    /// See [`RemoteWriter::keep_hashes`] (the local store always knows them).
-    pub fn keep_hashes(&mut self) {
-        if let PageWriter::Remote(w) = self {
-            w.keep_hashes()
-        }
-    }
-
-    /// As [`SnapshotWriter::add_known`]: false when the store lacks any of the pages.
-    pub fn add_known(
+    /// See [`SnapshotWriter::add_base`].
+    pub fn add_base(
         &mut self,
-        first_page: u64,
-        hashes: &[[u8; 32]],
+        pages: &[(u64, u64, u64)],
         runs: &mut Vec<PageRun>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(), StoreError> {
         match self {
-            PageWriter::Local(w) => Ok(w.add_known(first_page, hashes, runs)),
-            PageWriter::Remote(w) => w.add_known(first_page, hashes, runs),
+            PageWriter::Local(w) => w.add_base(pages, runs),
+            PageWriter::Remote(w) => w.add_base(pages, runs),
         }
     }
 

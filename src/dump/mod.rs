@@ -115,7 +115,7 @@ pub fn dump_after(
     prev: Option<&SnapshotId>,
 ) -> Result<DumpResult> {
     process::check_target(pid)?;
-    let tracking = match prev {
+    let mut tracking = match prev {
         Some(p) => predump::previous(pid, Some(p))?,
         None => None,
     };
@@ -125,12 +125,19 @@ pub fn dump_after(
     // Before the freeze: loading the store's index or connecting to the page server is
     // no time the app has to stand still for.
     let t = Instant::now();
-    let writer = match dest {
+    let mut writer = match dest {
         Destination::Store(store) => PageWriter::Local(store.writer()?),
         Destination::PageServer(addr, tls) => {
             PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
         }
     };
+    if let Some(t) = tracking.as_mut() {
+        if !predump::use_base(&mut writer, &SnapshotId(t.state.snapshot)) {
+            for p in &mut t.state.procs {
+                p.slots.clear();
+            }
+        }
+    }
     phases.add("open the destination", t.elapsed());
     let t = Instant::now();
     let res = freeze::freeze_tree(pid, frozen.unwrap_or_default(), &mut tree).and_then(|()| {

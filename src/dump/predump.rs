@@ -91,6 +91,7 @@ pub fn pre_dump(
     let frozen = t0.elapsed();
     phases.add("frozen", frozen);
     let mut plans = planned?;
+    let base = old.as_ref().map(|t| SnapshotId(t.state.snapshot));
     // The previous slots, moved (not copied while frozen) into each process's plan.
     if let (Some(old), true) = (old.as_mut(), use_prev) {
         for p in &mut plans {
@@ -110,8 +111,13 @@ pub fn pre_dump(
             PageWriter::Remote(RemoteWriter::begin_tls(addr, tls)?)
         }
     };
-    // The next dump names the pages it takes from this image by their hashes.
-    writer.keep_hashes();
+    if let (Some(base), true) = (base, use_prev) {
+        if !use_base(&mut writer, &base) {
+            for p in &mut plans {
+                p.prev.clear();
+            }
+        }
+    }
     let mut counts = Counts::default();
     let mut processes = Vec::new();
     let mut states = Vec::new();
@@ -197,6 +203,21 @@ pub fn pre_dump(
         frozen,
         counts,
     })
+}
+
+/// Makes pre-dump `base` the base of `writer`, so that pages not written since are
+/// taken from it; false (with a warning: they are read again) when it cannot be.
+pub fn use_base(writer: &mut PageWriter<'_>, base: &SnapshotId) -> bool {
+    match writer.set_base(base) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "pre-dump {} cannot be used: {e}; the pages it holds are read again",
+                base.short()
+            );
+            false
+        }
+    }
 }
 
 /// While frozen: a userfaultfd per process (the previous one, or a new one), every

@@ -61,7 +61,9 @@ pub const HOLD_LIMIT: Duration = Duration::from_secs(3600);
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
     Zero,
-    Hash([u8; 32]),
+    /// The previous image's page-table record (the next dump copies the record: the
+    /// page is neither read nor hashed again, nor named by its hash).
+    Record(u64),
 }
 
 /// What the previous image holds of one process.
@@ -187,8 +189,9 @@ pub struct Counts {
 }
 
 /// Writes the wanted pages `runs` (page index from `vma_start`, count, exclusive) of one
-/// VMA: those in `unwritten` with a slot in `prev` are taken from it, the others read
-/// from `target`. Fills `new_slots` (when given) with the content now recorded per page.
+/// VMA: those in `unwritten` with a slot in `prev` are taken from it (the writer's base,
+/// [`PageWriter::set_base`], must be the previous image), the others read from
+/// `target`. Fills `new_slots` (when given) with the content now recorded per page.
 #[allow(clippy::too_many_arguments)]
 pub fn write_pages(
     target: &super::memory::Target,
@@ -198,11 +201,12 @@ pub fn write_pages(
     prev: &[(u64, Slot)],
     writer: &mut PageWriter<'_>,
     out: &mut Vec<PageRun>,
-    mut new_slots: Option<&mut Vec<(u64, Slot)>>,
+    new_slots: Option<&mut Vec<(u64, Slot)>>,
     tolerate_unmapped: bool,
     counts: &mut Counts,
 ) -> Result<()> {
     let ps = PAGE_SIZE as u64;
+    let out_start = out.len();
     let mut buf: Vec<u8> = Vec::new();
     let is_unwritten = |addr: u64| {
         let i = unwritten.partition_point(|r| r.1 <= addr);
@@ -210,10 +214,12 @@ pub fn write_pages(
     };
     // A run of pages to read: (first page index, count, exclusive).
     let mut pending: Option<(u64, u64, bool)> = None;
+    // Runs of pages to take from the previous image: (first page index, its first
+    // record, count), sent in one request at the end.
+    let mut taken: Vec<(u64, u64, u64)> = Vec::new();
     let mut flush = |pending: &mut Option<(u64, u64, bool)>,
                      writer: &mut PageWriter<'_>,
                      out: &mut Vec<PageRun>,
-                     new_slots: &mut Option<&mut Vec<(u64, Slot)>>,
                      counts: &mut Counts|
      -> Result<()> {
         let Some((first, count, excl)) = pending.take() else {
@@ -225,7 +231,7 @@ pub fn write_pages(
             let addr = vma_start + (first + done) * ps;
             buf.resize((n * ps) as usize, 0);
             match target.read(addr, &mut buf, excl) {
-                Ok(()) => add_read(writer, first + done, &buf, vma_start, out, new_slots)?,
+                Ok(()) => writer.add_pages(first + done, &buf, out)?,
                 Err(_) if tolerate_unmapped => {
                     // The app (running during a pre-dump) unmapped some of it: keep
                     // what is still there, page by page; a page gone has no content to
@@ -235,7 +241,7 @@ pub fn write_pages(
                         let page = &mut buf[(k * ps) as usize..((k + 1) * ps) as usize];
                         if target.read(a, page, excl).is_ok() {
                             let page = page.to_vec();
-                            add_read(writer, first + done + k, &page, vma_start, out, new_slots)?;
+                            writer.add_pages(first + done + k, &page, out)?;
                         }
                     }
                 }
@@ -250,30 +256,6 @@ pub fn write_pages(
         Ok(())
     };
     let mut cursor = prev.partition_point(|s| s.0 < vma_start);
-    // A run of pages to take from the previous image: (first page index, hashes).
-    let mut known: Option<(u64, Vec<[u8; 32]>)> = None;
-    // The run of known pages added (or, when the store lacks one, made pending)...
-    macro_rules! take {
-        () => {
-            take_known(
-                &mut known,
-                vma_start,
-                writer,
-                out,
-                &mut new_slots,
-                counts,
-                &mut pending,
-            )?
-        };
-    }
-    // ...and with the pages to read before and after it written: nothing left open.
-    macro_rules! settle {
-        () => {
-            flush(&mut pending, writer, out, &mut new_slots, counts)?;
-            take!();
-            flush(&mut pending, writer, out, &mut new_slots, counts)?;
-        };
-    }
     for &(first, count, excl) in runs {
         for idx in first..first + count {
             let addr = vma_start + idx * ps;
@@ -292,70 +274,78 @@ pub fn write_pages(
             };
             match slot {
                 Some(Slot::Zero) => {
-                    settle!();
+                    flush(&mut pending, writer, out, counts)?;
                     push_zero(out, idx);
                     counts.taken += 1;
-                    if let Some(s) = new_slots.as_deref_mut() {
-                        s.push((addr, Slot::Zero));
-                    }
                 }
-                Some(Slot::Hash(h)) => {
-                    flush(&mut pending, writer, out, &mut new_slots, counts)?;
-                    match &mut known {
-                        Some((f, hs)) if *f + hs.len() as u64 == idx => hs.push(h),
-                        _ => {
-                            settle!();
-                            known = Some((idx, vec![h]));
-                        }
+                Some(Slot::Record(r)) => {
+                    flush(&mut pending, writer, out, counts)?;
+                    match taken.last_mut() {
+                        Some((p, f, c)) if *p + *c == idx && *f + *c == r => *c += 1,
+                        _ => taken.push((idx, r, 1)),
                     }
+                    counts.taken += 1;
                 }
-                None => {
-                    take!();
-                    match &mut pending {
-                        Some(p) if p.0 + p.1 == idx && p.2 == excl => p.1 += 1,
-                        _ => {
-                            flush(&mut pending, writer, out, &mut new_slots, counts)?;
-                            pending = Some((idx, 1, excl));
-                        }
+                None => match &mut pending {
+                    Some(p) if p.0 + p.1 == idx && p.2 == excl => p.1 += 1,
+                    _ => {
+                        flush(&mut pending, writer, out, counts)?;
+                        pending = Some((idx, 1, excl));
                     }
-                }
+                },
             }
         }
     }
-    settle!();
+    flush(&mut pending, writer, out, counts)?;
+    if !taken.is_empty() {
+        let mut runs = Vec::new();
+        writer.add_base(&taken, &mut runs)?;
+        out.extend(runs);
+        sort_runs(&mut out[out_start..]);
+        merge_runs(out, out_start);
+    }
+    if let Some(slots) = new_slots {
+        for r in &out[out_start..] {
+            for k in 0..r.count {
+                let slot = match r.content {
+                    RunContent::Zero => Slot::Zero,
+                    RunContent::Data { first } => Slot::Record(first + k),
+                };
+                slots.push((vma_start + (r.page + k) * ps, slot));
+            }
+        }
+    }
     Ok(())
 }
 
-/// Adds the pending run of known pages; when the store lacks one of them, they become
-/// pages to read (`pending`, which the caller flushes).
-fn take_known(
-    known: &mut Option<(u64, Vec<[u8; 32]>)>,
-    vma_start: u64,
-    writer: &mut PageWriter<'_>,
-    out: &mut Vec<PageRun>,
-    new_slots: &mut Option<&mut Vec<(u64, Slot)>>,
-    counts: &mut Counts,
-    pending: &mut Option<(u64, u64, bool)>,
-) -> Result<()> {
-    let Some((first, hashes)) = known.take() else {
-        return Ok(());
-    };
-    if writer.add_known(first, &hashes, out)? {
-        counts.taken += hashes.len() as u64;
-        if let Some(s) = new_slots.as_deref_mut() {
-            for (i, h) in hashes.iter().enumerate() {
-                s.push((
-                    vma_start + (first + i as u64) * PAGE_SIZE as u64,
-                    Slot::Hash(*h),
-                ));
+fn sort_runs(runs: &mut [PageRun]) {
+    runs.sort_unstable_by_key(|r| r.page);
+}
+
+/// Joins the runs of `out[from..]` (in page order) that continue each other.
+fn merge_runs(out: &mut Vec<PageRun>, from: usize) {
+    let mut w = from;
+    for i in from..out.len() {
+        let r = out[i];
+        if w > from {
+            let last = &mut out[w - 1];
+            let joins = last.page + last.count == r.page
+                && match (last.content, r.content) {
+                    (RunContent::Zero, RunContent::Zero) => true,
+                    (RunContent::Data { first: a }, RunContent::Data { first: b }) => {
+                        a + last.count == b
+                    }
+                    _ => false,
+                };
+            if joins {
+                last.count += r.count;
+                continue;
             }
         }
-    } else {
-        // Read through /proc/PID/mem (correct whether or not the pages are exclusive).
-        debug_assert!(pending.is_none());
-        *pending = Some((first, hashes.len() as u64, false));
+        out[w] = r;
+        w += 1;
     }
-    Ok(())
+    out.truncate(w);
 }
 
 fn push_zero(out: &mut Vec<PageRun>, idx: u64) {
@@ -367,42 +357,6 @@ fn push_zero(out: &mut Vec<PageRun>, idx: u64) {
             content: RunContent::Zero,
         }),
     }
-}
-
-/// Adds pages read at page index `first` and records their slots.
-fn add_read(
-    writer: &mut PageWriter<'_>,
-    first: u64,
-    data: &[u8],
-    vma_start: u64,
-    out: &mut Vec<PageRun>,
-    new_slots: &mut Option<&mut Vec<(u64, Slot)>>,
-) -> Result<()> {
-    let before = out.len();
-    let last_before = out.last().copied();
-    writer.add_pages(first, data, out)?;
-    let Some(slots) = new_slots.as_deref_mut() else {
-        return Ok(());
-    };
-    let end = first + (data.len() / PAGE_SIZE) as u64;
-    // The runs now covering [first, end): a merged last run counts from `first` on.
-    let from = if before > 0 && last_before != out.get(before - 1).copied() {
-        before - 1
-    } else {
-        before
-    };
-    for r in &out[from..] {
-        for k in r.page.max(first)..(r.page + r.count).min(end) {
-            let slot = match r.content {
-                RunContent::Zero => Some(Slot::Zero),
-                RunContent::Data { first: d } => writer.hash_of(d + (k - r.page)).map(Slot::Hash),
-            };
-            if let Some(s) = slot {
-                slots.push((vma_start + k * PAGE_SIZE as u64, s));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Receives a tracking (header with the uffds, then the state) on `sock`.
@@ -619,4 +573,42 @@ pub fn holder_main(path: &std::path::Path) -> Result<i32> {
         let _ = std::fs::remove_file(path);
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(page: u64, count: u64, first: Option<u64>) -> PageRun {
+        PageRun {
+            page,
+            count,
+            content: first.map_or(RunContent::Zero, |first| RunContent::Data { first }),
+        }
+    }
+
+    /// Runs of pages read and of pages taken from the base, put in page order, join
+    /// where both the pages and the records continue, and nowhere else.
+    #[test]
+    fn taken_and_read_runs_merge_in_page_order() {
+        let mut out = vec![
+            run(0, 1, Some(9)), // an earlier VMA's: left alone
+            run(0, 2, Some(0)),
+            run(4, 1, None),
+            run(2, 2, Some(2)), // taken: continues 0..2
+            run(5, 1, None),    // taken zero after a read zero
+            run(6, 1, Some(7)), // taken: records do not continue
+        ];
+        sort_runs(&mut out[1..]);
+        merge_runs(&mut out, 1);
+        assert_eq!(
+            out,
+            vec![
+                run(0, 1, Some(9)),
+                run(0, 4, Some(0)),
+                run(4, 2, None),
+                run(6, 1, Some(7)),
+            ]
+        );
+    }
 }

@@ -27,6 +27,11 @@ fn requests() -> Vec<Request> {
             pages: vec![7, 0, u64::MAX],
         },
         Request::Begin,
+        Request::Base { id },
+        Request::AddBase { pages: vec![] },
+        Request::AddBase {
+            pages: vec![(0, 5, 3), (u64::MAX, 0, 1)],
+        },
         Request::AddPages {
             first_page: 3,
             pages: 2,

@@ -176,6 +176,9 @@ pub enum StoreError {
         path: PathBuf,
         reason: String,
     },
+    /// Pages taken from a base snapshot that it does not have (a dump's own error).
+    #[error("pages taken from the previous image: {reason}")]
+    BaseRecords { reason: String },
     #[error("no snapshot or name matches `{query}` in store {}; run `warmstart ls`", dir.display())]
     UnknownSnapshot { query: String, dir: PathBuf },
     #[error(

@@ -223,6 +223,47 @@ fn dedup_across_snapshots() {
     );
 }
 
+/// Pages taken from a base snapshot by record copy what it stored: nothing new is
+/// written, they read back as the base's pages, in the order the runs give them, next to
+/// pages added as usual; records the base lacks are refused, as is a base not there.
+#[test]
+fn pages_taken_from_a_base_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let data = rand_pages(11, 8);
+    let a = snap(&store, &data, 1, None);
+    let mut w = store.writer().unwrap();
+    let mut runs = Vec::new();
+    assert!(matches!(
+        w.add_base(&[(0, 0, 1)], &mut runs),
+        Err(StoreError::BaseRecords { .. })
+    ));
+    assert!(
+        w.set_base(&SnapshotId([7; 32])).is_err(),
+        "no such snapshot"
+    );
+    w.set_base(&a).unwrap();
+    assert!(matches!(
+        w.add_base(&[(0, 6, 3)], &mut runs),
+        Err(StoreError::BaseRecords { .. })
+    ));
+    assert!(runs.is_empty() && w.page_count() == 0, "nothing added");
+    // Pages 0..2 are the base's records 4..6, page 2 new, pages 3..5 records 0..2.
+    w.add_base(&[(0, 4, 2)], &mut runs).unwrap();
+    let fresh = rand_pages(12, 1);
+    w.add_pages(2, &fresh, &mut runs).unwrap();
+    w.add_base(&[(3, 0, 2), (5, 2, 1)], &mut runs).unwrap();
+    assert_eq!(w.new_pages(), 1);
+    assert_eq!(runs.len(), 1, "contiguous runs are joined: {runs:?}");
+    let b = w.commit(manifest_with(runs, 6, 2), None).unwrap();
+    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+    let mut want = Vec::new();
+    for p in [page(4), page(5), &fresh[..], page(0), page(1), page(2)] {
+        want.extend_from_slice(p);
+    }
+    assert_eq!(read_all(&store, &b).unwrap(), want);
+}
+
 /// A batch large enough to be hashed and compressed on two threads: pages that repeat
 /// across the blocks it fills (before any of them is written) are stored once, zero pages
 /// never, and everything reads back in order, also across two batches.

@@ -311,6 +311,8 @@ pub struct SnapshotWriter<'a> {
     new_pages: u64,
     /// Time the last commit spent making the snapshot durable.
     flush_time: std::time::Duration,
+    /// The snapshot whose records [`Self::add_base`] copies.
+    base: Option<super::Snapshot>,
 }
 
 fn parse_pack_name(name: &str, ext: &str) -> Option<u32> {
@@ -398,6 +400,7 @@ impl<'a> SnapshotWriter<'a> {
             packer: Some(handle),
             new_pages: 0,
             flush_time: std::time::Duration::ZERO,
+            base: None,
         })
     }
 
@@ -449,34 +452,54 @@ impl<'a> SnapshotWriter<'a> {
         Ok(())
     }
 
-    /// The hash of page-table record `idx` of this snapshot (as `RunContent::Data`
-    /// names it), to refer to the same content again with [`Self::add_known`].
-    pub fn hash_of(&self, idx: u64) -> Option<[u8; 32]> {
-        self.table.get(idx as usize).map(|r| r.hash)
+    /// Makes snapshot `id` of this store the base of this one: [`Self::add_base`] then
+    /// copies its page-table records (the same stored pages, neither read nor hashed
+    /// again). Its manifest and whole page table are validated here. Fails when the
+    /// store lacks it or it is damaged (the caller then reads the pages instead).
+    pub fn set_base(&mut self, id: &SnapshotId) -> Result<(), StoreError> {
+        self.base = Some(self.store.load(id)?);
+        Ok(())
     }
 
-    /// Adds pages `first_page..` of a VMA whose contents are the stored pages `hashes`
-    /// (known from an earlier snapshot), without reading them. All or nothing: returns
-    /// false, adding nothing, when the store lacks any of them (the caller reads them).
-    pub fn add_known(
+    /// Adds, for each `(first_page, base_first, count)`, pages `first_page..+count` of a
+    /// VMA whose contents are those of the base's page-table records
+    /// `base_first..+count` (see [`Self::set_base`]); the runs go to `runs` in the order
+    /// given. A record outside the base's table is an error, and nothing is added then.
+    pub fn add_base(
         &mut self,
-        first_page: u64,
-        hashes: &[[u8; 32]],
+        pages: &[(u64, u64, u64)],
         runs: &mut Vec<PageRun>,
-    ) -> bool {
-        let Some(locs) = hashes
-            .iter()
-            .map(|h| self.index.get(&Key(*h)).copied())
-            .collect::<Option<Vec<_>>>()
-        else {
-            return false;
+    ) -> Result<(), StoreError> {
+        let Some(base) = &self.base else {
+            return Err(StoreError::BaseRecords {
+                reason: "no base snapshot was set".into(),
+            });
         };
-        for (i, (hash, loc)) in hashes.iter().zip(locs).enumerate() {
-            let idx = self.table.len() as u64;
-            self.table.push(Record { hash: *hash, loc });
-            push_run(runs, first_page + i as u64, RunContent::Data { first: idx });
+        let n = base.page_count();
+        if let Some(&(_, f, c)) = pages
+            .iter()
+            .find(|&&(_, f, c)| f.checked_add(c).is_none_or(|e| e > n))
+        {
+            return Err(StoreError::BaseRecords {
+                reason: format!(
+                    "records {f}..+{c} asked of snapshot {}, which has {n}",
+                    base.id.short()
+                ),
+            });
         }
-        true
+        for &(first_page, base_first, count) in pages {
+            let idx = self.table.len() as u64;
+            self.table
+                .extend((base_first..base_first + count).map(|i| base.record(i)));
+            if count > 0 {
+                push_run(runs, first_page, RunContent::Data { first: idx });
+                if let Some(last) = runs.last_mut() {
+                    // push_run added one page; the run covers `count`.
+                    last.count += count - 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn add_page(&mut self, page: &[u8], hash: [u8; 32]) -> Result<u64, StoreError> {
