@@ -257,12 +257,20 @@ pub struct DumpArgs {
     /// Copy the tree's private memory while it runs (frozen only briefly) into a
     /// snapshot that is not restorable, and track the pages written from now on, for
     /// the next `--pre-dump` or the final dump with `--prev` (repeatable)
-    #[arg(long, conflicts_with_all = ["dir", "leave_stopped", "tcp_established", "tcp_close", "manage_cgroups"])]
+    #[arg(long, conflicts_with_all = ["leave_stopped", "tcp_established", "tcp_close", "manage_cgroups"])]
     pub pre_dump: bool,
     /// The last pre-dump of this tree (its id or name, in the store or page server this
     /// dump writes to): the pages not written since are taken from it instead of read
     #[arg(long, value_name = "SNAPSHOT", conflicts_with = "dir")]
     pub prev: Option<String>,
+    /// With -D: the image directory of this tree's last pre-dump (CRIU's form; a relative
+    /// PATH is taken from the -D directory). Its pages not written since are taken from
+    /// it; its packs are linked into the -D directory, which stays restorable alone
+    #[arg(long, value_name = "PATH", requires = "dir")]
+    pub prev_images_dir: Option<PathBuf>,
+    /// Accepted for CRIU's command lines: memory is always tracked after a pre-dump
+    #[arg(long, hide = true)]
+    pub track_mem: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1117,12 +1125,30 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
     if a.pid <= 0 || !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
         bail!("no such process: {}", a.pid);
     }
-    if pre && a.dir.is_some() {
-        bail!("pre-dump: -D is not supported; pre-dumps go to the store (or --page-server), and the final dump names the last one with --prev");
-    }
+    // CRIU's --prev-images-dir: the previous image directory and its one snapshot.
+    let prev_dir = match (&a.prev_images_dir, &a.dir) {
+        (Some(p), Some(dir)) => {
+            // Relative to the -D directory, which may not exist yet: joined lexically.
+            let path = if p.is_relative() {
+                join_lexically(dir, p)
+            } else {
+                p.clone()
+            };
+            let store = Store::open_existing(&path)
+                .with_context(|| format!("--prev-images-dir {}", p.display()))?;
+            let id = store.only_snapshot().with_context(|| {
+                format!(
+                    "--prev-images-dir {}: no single pre-dump there",
+                    p.display()
+                )
+            })?;
+            Some((store, id))
+        }
+        _ => None,
+    };
     let dump = |dest: dump::Destination<'_>| -> Result<i32> {
         let prev = match (&a.prev, dest) {
-            (None, _) => None,
+            (None, _) => prev_dir.as_ref().map(|(_, id)| *id),
             (Some(q), dump::Destination::Store(s)) => {
                 Some(s.resolve(q).with_context(|| format!("--prev {q}"))?)
             }
@@ -1136,8 +1162,12 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
                 .with_context(|| format!("--prev {q} on page server {addr}"))?,
             ),
         };
+        let prev = prev.as_ref().map(|id| dump::Prev {
+            id,
+            dir: prev_dir.as_ref().map(|(s, _)| s),
+        });
         if pre {
-            let r = dump::predump::pre_dump(a.pid, dest, prev.as_ref(), a.name.as_deref())?;
+            let r = dump::predump::pre_dump(a.pid, dest, prev, a.name.as_deref())?;
             let stats = a.display_stats.then_some((&r.phases, r.frozen, r.counts));
             return Ok(print_dumped("pre-dump", a.pid, &r.id, stats));
         }
@@ -1162,7 +1192,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
                 tool: None,
                 manage_cgroups: a.manage_cgroups,
             },
-            prev.as_ref(),
+            prev,
         )?;
         let stats = a.display_stats.then_some((&r.phases, r.frozen, r.counts));
         Ok(print_dumped("dump", a.pid, &r.id, stats))
@@ -1179,6 +1209,11 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
                     dir.display()
                 );
             }
+            if let Some((from, _)) = &prev_dir {
+                // Before the freeze: the pages the pre-dump holds become this image's.
+                s.adopt_packs(from)
+                    .with_context(|| format!("linking the pages of {}", from.dir().display()))?;
+            }
             dump(dump::Destination::Store(s))
         }),
         None => with_new_store(&store_dir(cli)?, |s| {
@@ -1188,6 +1223,23 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
             Ok(code)
         }),
     }
+}
+
+/// `base/rel` with the `..` and `.` of `rel` taken off `base` as text (`a/b` + `../c` is
+/// `a/c`), so that `base` need not exist.
+fn join_lexically(base: &std::path::Path, rel: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = base.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The command line of process `pid` (empty if it cannot be read).

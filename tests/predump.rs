@@ -258,3 +258,85 @@ fn prev_must_be_the_last_pre_dump_and_tracking_ends_with_the_app() {
     );
     assert!(sockets(rt).is_empty(), "{:?}", sockets(rt));
 }
+
+/// CRIU's form: `pre-dump -D DIR`, then `--prev-images-dir` (relative to `-D`) for the
+/// next pre-dump and the final `dump -D`. The final image directory takes the unwritten
+/// pages from the last one and is restorable alone (the earlier directories removed).
+#[test]
+fn criu_image_directories_with_prev_images_dir() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let imgs = tempdir("ws-imgs-");
+    let d = |n: &str| imgs.path().join(n).to_string_lossy().into_owned();
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid_s = orig.pid().to_string();
+    let mut guard = KillGuard::new();
+
+    let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "-D", &d("pre1")]);
+    out.assert_ok();
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    step(&mut orig, 1);
+    let args = [
+        "pre-dump",
+        "-t",
+        &pid_s,
+        "-D",
+        &d("pre2"),
+        "--prev-images-dir",
+        "../pre1",
+        "--track-mem",
+        "--display-stats",
+    ];
+    let out = run(&ws, rt, &args);
+    out.assert_ok();
+    let (read2, taken2) = counts(&out);
+    assert!(
+        taken2 > 400 && read2 < 200,
+        "second pre-dump: read {read2}, taken {taken2}"
+    );
+    holders(rt).iter().for_each(|&h| guard.add(h));
+
+    // A directory without a pre-dump is refused by name, before anything is frozen.
+    std::fs::create_dir(d("empty")).unwrap();
+    let args = ["dump", "-t", &pid_s, "-D", &d("fin0"), "--prev-images-dir"];
+    let out = run(&ws, rt, &[&args[..], &[&d("empty")]].concat());
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("--prev-images-dir"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !Path::new(&d("fin0")).exists(),
+        "nothing left of a refused dump"
+    );
+
+    step(&mut orig, 2);
+    let want = digest(&mut orig);
+    let args = [
+        "dump",
+        "-t",
+        &pid_s,
+        "-D",
+        &d("final"),
+        "--prev-images-dir",
+        "../pre2",
+        "--display-stats",
+    ];
+    let out = run(&ws, rt, &args);
+    out.assert_ok();
+    let (read3, taken3) = counts(&out);
+    assert!(
+        taken3 > 400 && read3 < 200,
+        "final dump: read {read3}, taken {taken3}"
+    );
+    assert!(!orig.wait().success(), "the dump kills the app");
+    std::fs::remove_dir_all(d("pre1")).unwrap();
+    std::fs::remove_dir_all(d("pre2")).unwrap();
+    let mut restored = Proc::spawn(&mut cmd(&ws, rt, &["restore", "-D", &d("final")]));
+    assert_eq!(digest(&mut restored), want, "the restored memory");
+    step(&mut restored, 3);
+    restored.close_stdin();
+    assert!(restored.wait().success());
+}

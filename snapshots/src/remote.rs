@@ -1161,11 +1161,23 @@ impl PageWriter<'_> {
         }
     }
 
-    /// See [`SnapshotWriter::set_base`].
-    pub fn set_base(&mut self, id: &SnapshotId) -> Result<(), StoreError> {
-        match self {
-            PageWriter::Local(w) => w.set_base(id),
-            PageWriter::Remote(w) => w.set_base(id),
+    /// See [`SnapshotWriter::set_base`]; with `from`, a snapshot of that store (see
+    /// [`SnapshotWriter::set_base_from`]; a page server's writer takes only its own).
+    pub fn set_base(
+        &mut self,
+        id: &SnapshotId,
+        from: Option<&crate::store::Store>,
+    ) -> Result<(), StoreError> {
+        match (self, from) {
+            (PageWriter::Local(w), None) => w.set_base(id),
+            (PageWriter::Local(w), Some(from)) => w.set_base_from(from, id),
+            (PageWriter::Remote(w), None) => w.set_base(id),
+            (PageWriter::Remote(_), Some(from)) => Err(StoreError::BaseRecords {
+                reason: format!(
+                    "a page server cannot take pages from image directory {}",
+                    from.dir().display()
+                ),
+            }),
         }
     }
 

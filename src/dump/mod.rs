@@ -70,6 +70,15 @@ pub struct DumpResult {
     pub counts: track::Counts,
 }
 
+/// The previous image of `dump --prev` and `pre-dump --prev`.
+#[derive(Clone, Copy, Debug)]
+pub struct Prev<'a> {
+    pub id: &'a SnapshotId,
+    /// CRIU's `--prev-images-dir`: the image directory holding it, whose packs the
+    /// destination has adopted ([`Store::adopt_packs`]); else it is in the destination.
+    pub dir: Option<&'a Store>,
+}
+
 /// Where a dump's memory and manifest go.
 #[derive(Clone, Copy)]
 pub enum Destination<'a> {
@@ -112,11 +121,11 @@ pub fn dump_after(
     frozen: Option<Frozen>,
     dest: Destination<'_>,
     opts: &DumpOptions,
-    prev: Option<&SnapshotId>,
+    prev: Option<Prev<'_>>,
 ) -> Result<DumpResult> {
     process::check_target(pid)?;
     let mut tracking = match prev {
-        Some(p) => predump::previous(pid, Some(p))?,
+        Some(p) => predump::previous(pid, Some(p.id))?,
         None => None,
     };
     let mut tree = freeze::Tree::default();
@@ -132,7 +141,8 @@ pub fn dump_after(
         }
     };
     if let Some(t) = tracking.as_mut() {
-        if !predump::use_base(&mut writer, &SnapshotId(t.state.snapshot)) {
+        let dir = prev.and_then(|p| p.dir);
+        if !predump::use_base(&mut writer, &SnapshotId(t.state.snapshot), dir) {
             for p in &mut t.state.procs {
                 p.slots.clear();
             }

@@ -74,12 +74,12 @@ pub fn previous(pid: i32, prev: Option<&SnapshotId>) -> Result<Option<Tracking>>
 pub fn pre_dump(
     pid: i32,
     dest: Destination<'_>,
-    prev: Option<&SnapshotId>,
+    prev: Option<super::Prev<'_>>,
     name: Option<&str>,
 ) -> Result<PreDumpResult> {
     super::process::check_target(pid)?;
     let mut phases = Phases::default();
-    let mut old = previous(pid, prev)?;
+    let mut old = previous(pid, prev.map(|p| p.id))?;
     let use_prev = prev.is_some();
     let mut tree = freeze::Tree::default();
     let t0 = Instant::now();
@@ -112,7 +112,7 @@ pub fn pre_dump(
         }
     };
     if let (Some(base), true) = (base, use_prev) {
-        if !use_base(&mut writer, &base) {
+        if !use_base(&mut writer, &base, prev.and_then(|p| p.dir)) {
             for p in &mut plans {
                 p.prev.clear();
             }
@@ -205,10 +205,15 @@ pub fn pre_dump(
     })
 }
 
-/// Makes pre-dump `base` the base of `writer`, so that pages not written since are
-/// taken from it; false (with a warning: they are read again) when it cannot be.
-pub fn use_base(writer: &mut PageWriter<'_>, base: &SnapshotId) -> bool {
-    match writer.set_base(base) {
+/// Makes pre-dump `base` (in image directory `dir`, else in the writer's store) the base
+/// of `writer`, so that pages not written since are taken from it; false (with a
+/// warning: they are read again) when it cannot be.
+pub fn use_base(
+    writer: &mut PageWriter<'_>,
+    base: &SnapshotId,
+    dir: Option<&warmstart_snapshots::store::Store>,
+) -> bool {
+    match writer.set_base(base, dir) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(

@@ -798,6 +798,59 @@ impl Store {
     }
 
     /// The single snapshot of an image directory.
+    /// Makes the packs of `other` (with their indexes) this store's too, under the same
+    /// numbers: hard links, or copies across filesystems. A writer of this store can then
+    /// take the records of `other`'s snapshots ([`SnapshotWriter::set_base_from`]) and
+    /// the snapshot it writes needs nothing of `other` (CRIU's `--prev-images-dir`, with
+    /// each image directory restorable alone). A pack this store already has under a
+    /// number must be the same file.
+    pub fn adopt_packs(&self, other: &Store) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let _lock = self.lock()?;
+        let from = other.packs_dir();
+        let to = self.packs_dir();
+        for e in fs::read_dir(&from).map_err(io_err("list", &from))? {
+            let e = e.map_err(io_err("list", &from))?;
+            let name = e.file_name();
+            let Some(n) = name.to_str() else { continue };
+            if !(n.starts_with("pack-") && (n.ends_with(".pack") || n.ends_with(".idx"))) {
+                continue;
+            }
+            let src = e.path();
+            let dst = to.join(&name);
+            match fs::metadata(&dst) {
+                Ok(m) => {
+                    let s = fs::metadata(&src).map_err(io_err("inspect", &src))?;
+                    if (m.dev(), m.ino()) != (s.dev(), s.ino()) {
+                        return Err(StoreError::io(
+                            "adopt pack",
+                            dst,
+                            io::Error::other(format!(
+                                "a different {n} is already there; use an empty directory"
+                            )),
+                        ));
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("inspect", &dst)(e)),
+            }
+            match fs::hard_link(&src, &dst) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    // Another filesystem: a durable copy, renamed into place.
+                    let (mut tmp, tmp_path) = fsutil::create_tmp(&self.tmp_dir(), "adopt")?;
+                    let mut f = fs::File::open(&src).map_err(io_err("open", &src))?;
+                    io::copy(&mut f, &mut tmp).map_err(io_err("copy", &src))?;
+                    tmp.sync_all().map_err(io_err("sync", &tmp_path))?;
+                    fs::rename(&tmp_path, &dst).map_err(io_err("rename", &dst))?;
+                }
+                Err(e) => return Err(io_err("link", &dst)(e)),
+            }
+        }
+        fsutil::fsync_dir(&to)
+    }
+
     pub fn only_snapshot(&self) -> Result<SnapshotId, StoreError> {
         let ids = self.ids()?;
         match ids.len() {

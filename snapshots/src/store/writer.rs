@@ -461,6 +461,29 @@ impl<'a> SnapshotWriter<'a> {
         Ok(())
     }
 
+    /// [`Self::set_base`] with a snapshot of store `other`, whose packs this store must
+    /// have adopted ([`Store::adopt_packs`], before this writer was made).
+    pub fn set_base_from(&mut self, other: &Store, id: &SnapshotId) -> Result<(), StoreError> {
+        let base = other.load(id)?;
+        let mut packs: Vec<u32> = (0..base.page_count())
+            .map(|i| base.record(i).loc.pack)
+            .collect();
+        packs.sort_unstable();
+        packs.dedup();
+        if let Some(p) = packs.iter().find(|&&p| !self.store.pack_path(p).exists()) {
+            return Err(StoreError::BaseRecords {
+                reason: format!(
+                    "snapshot {} of {} is in pack {p}, which {} lacks",
+                    id.short(),
+                    other.dir().display(),
+                    self.store.dir().display()
+                ),
+            });
+        }
+        self.base = Some(base);
+        Ok(())
+    }
+
     /// Adds, for each `(first_page, base_first, count)`, pages `first_page..+count` of a
     /// VMA whose contents are those of the base's page-table records
     /// `base_first..+count` (see [`Self::set_base`]); the runs go to `runs` in the order
