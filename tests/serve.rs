@@ -444,3 +444,66 @@ fn parked_instances_share_the_template_s_memory() {
         assert_eq!(listed_templates, usize::from(templates), "{listed:?}");
     }
 }
+
+/// The nice value of task `tid` (`/proc/TID/stat`, field 19).
+fn nice_of(tid: i32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    after_comm.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+/// Instances are parked at the lowest priority (so that parking a replacement takes no
+/// CPU from the instance just handed out) and handed out at the daemon's, their app's
+/// threads with the scheduling attributes they were recorded with: `proc_attrs` checks
+/// its own (a nice 7 main thread, a SCHED_BATCH nice 3 one, a SCHED_FIFO one) in the
+/// served instance, and its sandbox runs at the daemon's nice value, not the parking one.
+#[test]
+fn parked_at_low_priority_handed_out_as_recorded() {
+    let ws = Ws::new();
+    ws.record("attrs", &[fixture("proc_attrs")]);
+    let learn = ws.run(&["run", "--no-serve", "attrs"], "check\n");
+    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+    let rt = common::tempdir("ws-rt-");
+    let daemon = Proc::spawn(
+        ws.cmd(&["-v", "serve", "--warm", "attrs"])
+            .env("XDG_RUNTIME_DIR", rt.path()),
+    );
+    daemon.read_line();
+    daemon.wait_stderr("parked an instance of");
+    let daemon_nice = nice_of(daemon.pid());
+    assert!(
+        daemon_nice < 19,
+        "the test daemon runs at nice {daemon_nice}"
+    );
+    let parked = Ws::sandboxes(daemon.pid());
+    assert_eq!(parked.len(), 1, "one parked sandbox expected: {parked:?}");
+    assert_eq!(nice_of(parked[0]), 19, "a parked instance's sandbox");
+
+    let mut client = Proc::spawn(ws.cmd(&["run", "attrs"]).env("XDG_RUNTIME_DIR", rt.path()));
+    client.send("check");
+    assert_eq!(client.read_line(), "PASS");
+    let listed = ws.ps_json(rt.path());
+    let app = listed
+        .iter()
+        .find(|i| i["client"].as_i64() == Some(client.pid() as i64))
+        .unwrap_or_else(|| panic!("no served instance for client {}: {listed:?}", client.pid()))
+        ["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let sandbox = std::fs::read_to_string(format!("/proc/{app}/stat")).unwrap();
+    let init: i32 = sandbox[sandbox.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(parked[0], init, "the parked sandbox was handed out");
+    assert_eq!(
+        nice_of(init),
+        daemon_nice,
+        "a handed-out instance's sandbox"
+    );
+    assert_eq!(nice_of(app), 7, "the app's main thread, as recorded");
+    client.close_stdin();
+    assert!(client.wait().success());
+}
