@@ -39,6 +39,14 @@ fn parked_instances_are_independent_copies_of_the_snapshot() {
     assert_eq!(local.stdout, "1 a0\n2 b0\n", "{}", local.describe());
 }
 
+/// The app of the instance a daemon serves to `client`, as `ps --json` lists it (with
+/// the runtime directory `rt`).
+fn served_app(ws: &Ws, rt: &std::path::Path, client: &Proc) -> i32 {
+    ws.ps_entry(rt, "client", client.pid())["pid"]
+        .as_i64()
+        .unwrap() as i32
+}
+
 #[test]
 fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     let ws = Ws::new();
@@ -68,18 +76,7 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     );
     client.send("two");
     assert_eq!(client.read_line(), "1 two");
-    let listed = ws.ps_json(rt.path());
-    let app = listed
-        .iter()
-        .find(|i| i["client"].as_i64() == Some(client.pid() as i64))
-        .unwrap_or_else(|| {
-            panic!(
-                "ps --json lists no instance for client {}: {listed:?}",
-                client.pid()
-            )
-        })["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let app = served_app(&ws, rt.path(), &client);
     assert!(common::alive(app));
     // SAFETY: kill takes no pointers; `client` is our child, not yet waited for, so its pid
     // cannot have been reused.
@@ -482,14 +479,7 @@ fn parked_at_low_priority_handed_out_as_recorded() {
     let mut client = Proc::spawn(ws.cmd(&["run", "attrs"]).env("XDG_RUNTIME_DIR", rt.path()));
     client.send("check");
     assert_eq!(client.read_line(), "PASS");
-    let listed = ws.ps_json(rt.path());
-    let app = listed
-        .iter()
-        .find(|i| i["client"].as_i64() == Some(client.pid() as i64))
-        .unwrap_or_else(|| panic!("no served instance for client {}: {listed:?}", client.pid()))
-        ["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let app = served_app(&ws, rt.path(), &client);
     let sandbox = std::fs::read_to_string(format!("/proc/{app}/stat")).unwrap();
     let init: i32 = sandbox[sandbox.rfind(')').unwrap() + 2..]
         .split(' ')
