@@ -75,10 +75,8 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
 pub fn nice(tid: i32) -> io::Result<i32> {
     // The raw syscall answers 20 - nice (never negative, so never taken for an error).
     // SAFETY: integer arguments only.
-    Ok(
-        20 - check(unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) })?
-            as i32,
-    )
+    let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) };
+    Ok(20 - check(r)? as i32)
 }
 
 /// Gives thread `tid` (0: the calling thread) the nice value `nice`.
