@@ -9,13 +9,7 @@ use crate::sys::vdso::host_facts;
 pub fn host(snap: &HostFacts) -> Result<()> {
     let here = host_facts(snap.xsave_size)?;
     if here.vdso_hash != snap.vdso_hash {
-        bail!(
-            "this host's vdso differs from the one the snapshot was taken with (kernel {} here, {} \
-             there): restored code would call into the wrong vdso; restore on a host running the \
-             snapshot's kernel",
-            here.kernel_release,
-            snap.kernel_release
-        );
+        bail!("{}", vdso_mismatch(snap, &here));
     }
     if here.xsave_features != snap.xsave_features {
         bail!(
@@ -26,6 +20,53 @@ pub fn host(snap: &HostFacts) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Why a snapshot whose vdso is not this host's cannot be restored here, naming what
+/// differs: an export this host lacks, or the exports at other places (restored code
+/// calls the vdso at the addresses it had: sending those to this host's entries is not
+/// done yet).
+fn vdso_mismatch(snap: &HostFacts, here: &HostFacts) -> String {
+    let kernels = format!(
+        "kernel {} here, {} there",
+        here.kernel_release, snap.kernel_release
+    );
+    let there = match crate::vdso_symbols::parse(&snap.vdso_image) {
+        Ok(s) => s,
+        Err(e) => {
+            return format!(
+                "this host's vdso differs from the one the snapshot was taken with ({kernels}) \
+                 and the snapshot's record of its vdso cannot be read ({e}): restore on a host \
+                 running the snapshot's kernel"
+            )
+        }
+    };
+    let mine = match crate::vdso_symbols::parse(&here.vdso_image) {
+        Ok(s) => s,
+        Err(e) => return format!("this host's vdso cannot be read ({e}) ({kernels})"),
+    };
+    let d = crate::vdso_symbols::diff(&there, &mine);
+    if !d.missing.is_empty() {
+        return format!(
+            "this host's vdso lacks {}, which the snapshot's vdso exports ({kernels}): the \
+             restored code may call it; restore on a host whose kernel provides it",
+            d.missing.join(", ")
+        );
+    }
+    let what = if d.moved.is_empty() {
+        "the same exports at the same places, other code".to_owned()
+    } else {
+        d.moved
+            .iter()
+            .map(|(n, a, b)| format!("{n} at {a:#x} there, {b:#x} here"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "this host's vdso differs from the one the snapshot was taken with ({kernels}; {what}): \
+         restored code would call into the wrong vdso and sending its calls to this host's \
+         vdso is not supported yet; restore on a host running the snapshot's kernel"
+    )
 }
 
 /// How a process uses a file, which decides what may have changed since the dump.
