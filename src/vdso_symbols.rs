@@ -110,26 +110,79 @@ pub fn parse(img: &[u8]) -> Result<Symbols, String> {
     Ok(out)
 }
 
-/// How a snapshot's vdso exports differ from this host's.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Diff {
-    /// Exported there, not here: a call the app may make that this host cannot serve.
-    pub missing: Vec<String>,
-    /// Exported by both, at other offsets: (name, there, here).
-    pub moved: Vec<(String, u64, u64)>,
+/// `movabs rax, ADDR; jmp rax`: what an entry of the snapshot's vdso becomes in a proxy.
+/// `rax` is free at a function's entry in the x86-64 ABI (caller-saved, no argument in
+/// it), so the host's function sees the call exactly as it was made.
+pub const JUMP_LEN: u64 = 12;
+
+fn jump(to: u64) -> [u8; JUMP_LEN as usize] {
+    let mut j = [0u8; JUMP_LEN as usize];
+    j[..2].copy_from_slice(&[0x48, 0xb8]);
+    j[2..10].copy_from_slice(&to.to_le_bytes());
+    j[10..].copy_from_slice(&[0xff, 0xe0]);
+    j
 }
 
-/// What differs between the exports `there` (the snapshot's vdso) and `here`.
-pub fn diff(there: &Symbols, here: &Symbols) -> Diff {
-    let mut d = Diff::default();
+/// For every entry of the snapshot's vdso (exports `there`, image `len` bytes), the
+/// entry of the same export in this host's (`here`): (offset there, offset here), by
+/// offset there. The error is why its calls cannot all be sent to this host's vdso.
+pub fn proxy_entries(there: &Symbols, here: &Symbols, len: u64) -> Result<Vec<(u64, u64)>, String> {
+    let missing: Vec<&str> = there
+        .keys()
+        .filter(|n| !here.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "this host's vdso lacks {}, which the snapshot's vdso exports",
+            missing.join(", ")
+        ));
+    }
+    // Names of one entry (aliases such as clock_gettime and __vdso_clock_gettime) must
+    // lead to one entry here too.
+    let mut by_entry: BTreeMap<u64, (&str, u64)> = BTreeMap::new();
     for (name, &at) in there {
-        match here.get(name) {
-            None => d.missing.push(name.clone()),
-            Some(&h) if h != at => d.moved.push((name.clone(), at, h)),
-            Some(_) => {}
+        let to = here[name];
+        match by_entry.get(&at) {
+            Some(&(other, to2)) if to2 != to => {
+                return Err(format!(
+                    "the snapshot's vdso has {other} and {name} at one entry, this host's \
+                     at two"
+                ))
+            }
+            _ => {
+                by_entry.insert(at, (name, to));
+            }
         }
     }
-    d
+    let entries: Vec<(u64, u64, &str)> = by_entry.iter().map(|(&a, &(n, t))| (a, t, n)).collect();
+    for w in entries.windows(2) {
+        if w[1].0 - w[0].0 < JUMP_LEN {
+            return Err(format!(
+                "the snapshot's vdso entries {} and {} are closer than a jump ({JUMP_LEN} bytes)",
+                w[0].2, w[1].2
+            ));
+        }
+    }
+    if let Some(&(at, _, name)) = entries.last() {
+        if at + JUMP_LEN > len {
+            return Err(format!(
+                "the snapshot's vdso entry {name} is too close to its end"
+            ));
+        }
+    }
+    Ok(entries.into_iter().map(|(a, t, _)| (a, t)).collect())
+}
+
+/// The snapshot's vdso image `img` as a proxy: a jump at each of its `entries` to the
+/// same export of this host's vdso mapped at `host_vdso`.
+pub fn proxy_image(img: &[u8], entries: &[(u64, u64)], host_vdso: u64) -> Vec<u8> {
+    let mut out = img.to_vec();
+    for &(at, to) in entries {
+        let at = at as usize;
+        out[at..at + JUMP_LEN as usize].copy_from_slice(&jump(host_vdso + to));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -148,16 +201,34 @@ mod tests {
     }
 
     #[test]
-    fn diff_names_missing_and_moved() {
-        let there: Symbols = [("a".into(), 0x10), ("b".into(), 0x20), ("c".into(), 0x30)].into();
-        let here: Symbols = [("a".into(), 0x10), ("b".into(), 0x28), ("d".into(), 0x40)].into();
+    fn proxy_entries_name_what_cannot_be_sent() {
+        let there: Symbols = [("a".into(), 0x10), ("b".into(), 0x40), ("b2".into(), 0x40)].into();
+        let here: Symbols = [("a".into(), 0x20), ("b".into(), 0x80), ("b2".into(), 0x80)].into();
         assert_eq!(
-            diff(&there, &here),
-            Diff {
-                missing: vec!["c".into()],
-                moved: vec![("b".into(), 0x20, 0x28)],
-            }
+            proxy_entries(&there, &here, 0x100),
+            Ok(vec![(0x10, 0x20), (0x40, 0x80)])
         );
+        let fewer: Symbols = [("a".into(), 0x20)].into();
+        let e = proxy_entries(&there, &fewer, 0x100).unwrap_err();
+        assert!(e.contains("lacks b, b2"), "{e}");
+        let split: Symbols = [("a".into(), 0x20), ("b".into(), 0x80), ("b2".into(), 0x90)].into();
+        let e = proxy_entries(&there, &split, 0x100).unwrap_err();
+        assert!(e.contains("at one entry"), "{e}");
+        let close: Symbols = [("a".into(), 0x10), ("c".into(), 0x18)].into();
+        let e = proxy_entries(&close, &close, 0x100).unwrap_err();
+        assert!(e.contains("closer than a jump"), "{e}");
+        assert!(proxy_entries(&there, &here, 0x48).is_err(), "past the end");
+    }
+
+    #[test]
+    fn proxy_image_jumps_to_the_host_entries() {
+        let img = vec![0x90u8; 64];
+        let out = proxy_image(&img, &[(8, 0x30)], 0x7000_0000_1000);
+        assert_eq!(&out[8..10], &[0x48, 0xb8]);
+        assert_eq!(out[10..18], 0x7000_0000_1030u64.to_le_bytes());
+        assert_eq!(&out[18..20], &[0xff, 0xe0]);
+        assert_eq!(&out[..8], &img[..8]);
+        assert_eq!(&out[20..], &img[20..]);
     }
 
     #[test]

@@ -9,7 +9,11 @@ use crate::sys::vdso::host_facts;
 pub fn host(snap: &HostFacts) -> Result<()> {
     let here = host_facts(snap.xsave_size)?;
     if here.vdso_hash != snap.vdso_hash {
-        bail!("{}", vdso_mismatch(snap, &here));
+        let entries = vdso_proxy_entries(snap, &here)?;
+        tracing::debug!(
+            "this host's vdso differs from the snapshot's: its {} entries go to this host's",
+            entries.len()
+        );
     }
     if here.xsave_features != snap.xsave_features {
         bail!(
@@ -22,51 +26,29 @@ pub fn host(snap: &HostFacts) -> Result<()> {
     Ok(())
 }
 
-/// Why a snapshot whose vdso is not this host's cannot be restored here, naming what
-/// differs: an export this host lacks, or the exports at other places (restored code
-/// calls the vdso at the addresses it had: sending those to this host's entries is not
-/// done yet).
-fn vdso_mismatch(snap: &HostFacts, here: &HostFacts) -> String {
+/// For a snapshot whose vdso (`snap`) is not this host's (`here`): each entry of its vdso
+/// with the entry of the same export in this host's (see
+/// [`crate::vdso_symbols::proxy_entries`]), or the refusal naming what cannot be sent.
+pub fn vdso_proxy_entries(snap: &HostFacts, here: &HostFacts) -> Result<Vec<(u64, u64)>> {
     let kernels = format!(
         "kernel {} here, {} there",
         here.kernel_release, snap.kernel_release
     );
-    let there = match crate::vdso_symbols::parse(&snap.vdso_image) {
-        Ok(s) => s,
-        Err(e) => {
-            return format!(
-                "this host's vdso differs from the one the snapshot was taken with ({kernels}) \
-                 and the snapshot's record of its vdso cannot be read ({e}): restore on a host \
-                 running the snapshot's kernel"
-            )
-        }
-    };
-    let mine = match crate::vdso_symbols::parse(&here.vdso_image) {
-        Ok(s) => s,
-        Err(e) => return format!("this host's vdso cannot be read ({e}) ({kernels})"),
-    };
-    let d = crate::vdso_symbols::diff(&there, &mine);
-    if !d.missing.is_empty() {
-        return format!(
-            "this host's vdso lacks {}, which the snapshot's vdso exports ({kernels}): the \
-             restored code may call it; restore on a host whose kernel provides it",
-            d.missing.join(", ")
-        );
-    }
-    let what = if d.moved.is_empty() {
-        "the same exports at the same places, other code".to_owned()
-    } else {
-        d.moved
-            .iter()
-            .map(|(n, a, b)| format!("{n} at {a:#x} there, {b:#x} here"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    format!(
-        "this host's vdso differs from the one the snapshot was taken with ({kernels}; {what}): \
-         restored code would call into the wrong vdso and sending its calls to this host's \
-         vdso is not supported yet; restore on a host running the snapshot's kernel"
-    )
+    let there = crate::vdso_symbols::parse(&snap.vdso_image).map_err(|e| {
+        anyhow::anyhow!(
+            "this host's vdso differs from the one the snapshot was taken with ({kernels}) and \
+             the snapshot's record of its vdso cannot be read ({e}): restore on a host running \
+             the snapshot's kernel"
+        )
+    })?;
+    let mine = crate::vdso_symbols::parse(&here.vdso_image)
+        .map_err(|e| anyhow::anyhow!("this host's vdso cannot be read ({e}) ({kernels})"))?;
+    crate::vdso_symbols::proxy_entries(&there, &mine, snap.vdso_image.len() as u64).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} ({kernels}): the restored code may call it there and its calls cannot all be \
+             sent to this host's vdso; restore on a host running the snapshot's kernel"
+        )
+    })
 }
 
 /// How a process uses a file, which decides what may have changed since the dump.
