@@ -59,8 +59,11 @@ pub const MAX_BLOCK_BYTES: usize = 4 << 20;
 /// A lazy run fetches a block this small whole at its first fault, a larger one by
 /// range requests.
 pub const WHOLE_BLOCK: u64 = 1 << 20;
-/// Pages read from the store at a time while pushing, or stored at a time while pulling.
+/// Pages read from the store at a time while pushing.
 const PUSH_WINDOW: u64 = 8192;
+/// Pages stored at a time while pulling: small enough that storing starts while most
+/// blocks are still coming.
+const PULL_WINDOW: u64 = 1024;
 /// A pull fetches blocks at most this many ahead of the pages it is storing (bounds its
 /// memory to about this many blocks of up to [`MAX_BLOCK_BYTES`] besides the window).
 const PULL_AHEAD: usize = 48;
@@ -703,12 +706,12 @@ pub fn pull_into(
         let res = (|| {
             let mut w = store.writer()?;
             let mut runs = Vec::new();
-            let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
+            let mut buf = vec![0u8; (PULL_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
             let mut hashes = Vec::new();
             let mut need = Vec::new();
             let mut at = 0;
             while at < n {
-                let k = (n - at).min(PUSH_WINDOW);
+                let k = (n - at).min(PULL_WINDOW);
                 need.clear();
                 hashes.clear();
                 for i in at..at + k {
