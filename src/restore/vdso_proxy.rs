@@ -37,6 +37,24 @@ fn is_vdso_family(m: &MapEntry) -> bool {
     matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]")
 }
 
+/// Where this host's vdso family, now at `start..end` in this process (layout `own`),
+/// goes in process `p`: where it is when `p` has nothing there, else the highest range
+/// free in both layouts.
+fn place(start: u64, end: u64, own: &[MapEntry], p: &Process) -> Result<u64> {
+    let len = end - start;
+    if !p.vmas.iter().any(|v| v.start < end && start < v.end) {
+        return Ok(start);
+    }
+    let mut used: Vec<(u64, u64)> = own
+        .iter()
+        .map(|m| (m.start, m.end))
+        .chain(p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
+    used.sort_unstable();
+    super::child::gap_below(&used, len, super::child::GAP_TOP)
+        .ok_or_else(|| anyhow!("no free address range of {len:#x} bytes for this host's vdso"))
+}
+
 /// The proxy for process `p` of `m` restored by this process (layout `own`), or `None`
 /// when this host's vdso is the snapshot's. The error is why the snapshot's vdso calls
 /// cannot be sent here.
@@ -67,20 +85,7 @@ pub fn prepare(m: &Manifest, p: &Process, own: &[MapEntry]) -> Result<Option<Pro
         );
     }
     let len = end - start;
-    let clashes = p.vmas.iter().any(|v| v.start < end && start < v.end);
-    let host_at = if clashes {
-        let mut used: Vec<(u64, u64)> = own
-            .iter()
-            .map(|m| (m.start, m.end))
-            .chain(p.vmas.iter().map(|v| (v.start, v.end)))
-            .collect();
-        used.sort_unstable();
-        super::child::gap_below(&used, len, super::child::GAP_TOP).ok_or_else(|| {
-            anyhow!("no free address range of {len:#x} bytes for this host's vdso")
-        })?
-    } else {
-        start
-    };
+    let host_at = place(start, end, own, p)?;
     let image = crate::vdso_symbols::proxy_image(
         &m.host.vdso_image,
         &entries,
@@ -99,4 +104,60 @@ pub fn prepare(m: &Manifest, p: &Process, own: &[MapEntry]) -> Result<Option<Pro
         host_at,
         len,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warmstart_snapshots::model::Vma;
+
+    fn entry(start: u64, end: u64, name: &str) -> MapEntry {
+        let line = format!("{start:x}-{end:x} r--p 00000000 00:00 0 {name}");
+        crate::sys::maps::parse(&line).unwrap().remove(0)
+    }
+
+    fn vma(start: u64, end: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: 1,
+            shared: false,
+            flags: Default::default(),
+            kind: VmaKind::Anon {
+                name: String::new(),
+            },
+            offset: 0,
+            pages: Vec::new(),
+        }
+    }
+
+    /// The host's vdso stays where it is unless the snapshot has something there; then
+    /// it goes where neither layout has anything.
+    #[test]
+    fn host_vdso_moves_only_out_of_the_way() {
+        let own = vec![
+            entry(0x7fff_f000_0000, 0x7fff_f000_4000, "[vvar]"),
+            entry(0x7fff_f000_4000, 0x7fff_f000_6000, "[vdso]"),
+        ];
+        let (start, end) = (0x7fff_f000_0000, 0x7fff_f000_6000);
+        let apart = Process {
+            vmas: vec![vma(0x5555_0000_0000, 0x5555_0001_0000)],
+            ..Default::default()
+        };
+        assert_eq!(place(start, end, &own, &apart).unwrap(), start);
+        let over = Process {
+            vmas: vec![vma(0x7fff_efff_0000, 0x7fff_f000_1000)],
+            ..Default::default()
+        };
+        let at = place(start, end, &own, &over).unwrap();
+        let len = end - start;
+        assert!(at + len <= super::super::child::GAP_TOP, "{at:#x}");
+        for (s, e) in own
+            .iter()
+            .map(|m| (m.start, m.end))
+            .chain(over.vmas.iter().map(|v| (v.start, v.end)))
+        {
+            assert!(at + len <= s || e <= at, "{at:#x} overlaps {s:#x}-{e:#x}");
+        }
+    }
 }
