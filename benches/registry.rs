@@ -220,7 +220,8 @@ fn main() -> Result<()> {
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
     let reg = Registry::start()?;
-    let build = tempfile::tempdir()?;
+    // Not under /tmp: `record` gives the app a private /tmp.
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
     let mem: PathBuf = build.path().join("mem");
     let st = Command::new("cc")
         .args(["-O2", "-o"])

@@ -22,3 +22,4 @@ pub mod stats;
 pub mod sys;
 pub mod tool;
 pub mod tree_check;
+pub mod vdso_symbols;

@@ -116,9 +116,14 @@ pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Blocks a pull fetches at once: the registry's latency per request (a few ms on
+/// loopback) hidden behind the others.
+const PULL_FETCHERS: usize = 8;
+
 /// Opens `r` and, when the store has its snapshot already, returns the local one.
 fn open(store: Option<&Store>, r: &Reference, opts: &Options) -> Result<Snapshot> {
-    let snap = Snapshot::open_registry(r, opts).with_context(|| format!("cannot open {r}"))?;
+    let snap =
+        Snapshot::open_registry(r, opts, true).with_context(|| format!("cannot open {r}"))?;
     if let Some(store) = store {
         if let Ok(local) = store.load_deferred(&snap.id) {
             return Ok(local);
@@ -131,29 +136,27 @@ pub fn pull(store: &Store, a: &PullArgs) -> Result<i32> {
     let r = parse(&a.reference)?;
     let name = a.name.clone().unwrap_or_else(|| r.local_name());
     let start = Instant::now();
-    let snap = Snapshot::open_registry(&r, &a.registry.options())
+    let snap = Snapshot::open_registry(&r, &a.registry.options(), false)
         .with_context(|| format!("cannot pull {r}"))?;
     if store.load(&snap.id).is_ok() {
         store.set_name(&name, &snap.id)?;
         println!("{} is in the store already, named {name}", snap.id.short());
         return Ok(0);
     }
-    let remote = snap.registry().expect("opened from a registry");
-    let threads = 4;
-    remote
-        .fetch_all(threads)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (id, rep) = registry::pull_into(&snap, store, Some(&name), PULL_FETCHERS, threads, false)
         .with_context(|| format!("cannot pull {r}"))?;
-    let fetched = start.elapsed();
-    let id = registry::save_into(&snap, store, Some(&name))
-        .with_context(|| format!("cannot store {r}"))?;
-    let bytes = remote.block_bytes();
+    let t = start.elapsed();
     println!(
-        "pulled {r} as {} named {name}: {} of blocks in {:.2}s ({}/s fetching), stored in {:.2}s",
+        "pulled {r} as {} named {name}: {} of blocks in {:.2}s ({}/s; waited {:.2}s for the \
+         registry, {:.2}s verifying and storing, {:.2}s flushing)",
         id.short(),
-        human(bytes),
-        fetched.as_secs_f64(),
-        human((bytes as f64 / fetched.as_secs_f64().max(1e-6)) as u64),
-        (start.elapsed() - fetched).as_secs_f64()
+        human(rep.bytes),
+        t.as_secs_f64(),
+        human((rep.bytes as f64 / t.as_secs_f64().max(1e-6)) as u64),
+        rep.waited.as_secs_f64(),
+        rep.stored.as_secs_f64(),
+        rep.committed.as_secs_f64(),
     );
     Ok(0)
 }
@@ -204,9 +207,7 @@ pub fn open_for_run(
     let h = std::thread::Builder::new()
         .name("warmstart-pull".into())
         .spawn(move || -> Result<()> {
-            let remote = s.registry().expect("a registry snapshot");
-            remote.fetch_all(2)?;
-            registry::save_into(&s, &remote_store, Some(&name))?;
+            registry::pull_into(&s, &remote_store, Some(&name), 2, 1, true)?;
             Ok(())
         })
         .context("cannot start the background pull")?;

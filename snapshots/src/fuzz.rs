@@ -795,6 +795,7 @@ pub fn sample_manifest() -> Manifest {
             vdso_hash: [7; 32],
             xsave_features: 0x2e7,
             xsave_size: 2696,
+            vdso_image: b"\x7fELF".to_vec(),
         },
         clocks: crate::model::Clocks {
             monotonic_ns: 12_345_678_901,

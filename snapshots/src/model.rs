@@ -322,6 +322,9 @@ pub struct HostFacts {
     pub xsave_features: u64,
     /// Size of the xsave area (`NT_X86_XSTATE` length).
     pub xsave_size: u32,
+    /// The `[vdso]` image itself (its blake3 is `vdso_hash`): what a restore on a host
+    /// whose vdso differs compares its own with, export by export.
+    pub vdso_image: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

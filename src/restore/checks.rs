@@ -9,12 +9,10 @@ use crate::sys::vdso::host_facts;
 pub fn host(snap: &HostFacts) -> Result<()> {
     let here = host_facts(snap.xsave_size)?;
     if here.vdso_hash != snap.vdso_hash {
-        bail!(
-            "this host's vdso differs from the one the snapshot was taken with (kernel {} here, {} \
-             there): restored code would call into the wrong vdso; restore on a host running the \
-             snapshot's kernel",
-            here.kernel_release,
-            snap.kernel_release
+        let entries = vdso_proxy_entries(snap, &here)?;
+        tracing::debug!(
+            "this host's vdso differs from the snapshot's: its {} entries go to this host's",
+            entries.len()
         );
     }
     if here.xsave_features != snap.xsave_features {
@@ -26,6 +24,31 @@ pub fn host(snap: &HostFacts) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// For a snapshot whose vdso (`snap`) is not this host's (`here`): each entry of its vdso
+/// with the entry of the same export in this host's (see
+/// [`crate::vdso_symbols::proxy_entries`]), or the refusal naming what cannot be sent.
+pub fn vdso_proxy_entries(snap: &HostFacts, here: &HostFacts) -> Result<Vec<(u64, u64)>> {
+    let kernels = format!(
+        "kernel {} here, {} there",
+        here.kernel_release, snap.kernel_release
+    );
+    let there = crate::vdso_symbols::parse(&snap.vdso_image).map_err(|e| {
+        anyhow::anyhow!(
+            "this host's vdso differs from the one the snapshot was taken with ({kernels}) and \
+             the snapshot's record of its vdso cannot be read ({e}): restore on a host running \
+             the snapshot's kernel"
+        )
+    })?;
+    let mine = crate::vdso_symbols::parse(&here.vdso_image)
+        .map_err(|e| anyhow::anyhow!("this host's vdso cannot be read ({e}) ({kernels})"))?;
+    crate::vdso_symbols::proxy_entries(&there, &mine, snap.vdso_image.len() as u64).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} ({kernels}): the restored code may call it there and its calls cannot all be \
+             sent to this host's vdso; restore on a host running the snapshot's kernel"
+        )
+    })
 }
 
 /// How a process uses a file, which decides what may have changed since the dump.

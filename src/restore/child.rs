@@ -490,9 +490,13 @@ pub(crate) fn map_area(
     Ok(at)
 }
 
+/// Where free ranges for the restorer are looked for, downward: below the usual mmap
+/// base, away from stacks.
+pub(super) const GAP_TOP: u64 = 0x7e00_0000_0000;
+
 /// The highest start below `top` of a free range of `len` bytes, a guard megabyte from
 /// every range in `used` (sorted).
-fn gap_below(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
+pub(super) fn gap_below(used: &[(u64, u64)], len: u64, top: u64) -> Option<u64> {
     const GUARD: u64 = 1 << 20;
     let mut candidate = top.checked_sub(len)? & !0xfff;
     loop {
@@ -749,8 +753,20 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
         }
     });
     let late = late.as_ref();
+    // A vdso that is not the snapshot's: the snapshot's calls go to it through a proxy.
+    let mut host_vdso = None;
+    if let Some(proxy) = super::vdso_proxy::prepare(m, p, &own)? {
+        let i = p
+            .vmas
+            .iter()
+            .position(|v| v.kind == VmaKind::Vdso)
+            .expect("the proxy is made for a [vdso] mapping");
+        fds.vma_fds[i] = Some(above(proxy.fd, ctx.high)?);
+        fds.host_vdso_at = Some(proxy.host_at);
+        host_vdso = Some((proxy.host_at, proxy.host_at + proxy.len));
+    }
     let len = program::build(p, &own, &fds, 0, 0, lazy, late)?.0.map_len() as u64;
-    let base = find_gap(&own, p, len)?;
+    let base = find_gap(&own, p, host_vdso, len)?;
     let (b, uffd_slot, timens_text) = program::program(p, &own, &fds, base, len, lazy, late)?;
     let listing = program::LISTING
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -1159,6 +1175,7 @@ fn open_mapping_fds(
     let exe_fd = above(open_path(&p.exe.path, libc::O_RDONLY)?, high)?;
     Ok(ProgramFds {
         vma_fds,
+        host_vdso_at: None,
         exe_fd,
         premapped: Vec::new(),
         sysv_rmid: Vec::new(),
@@ -1186,13 +1203,14 @@ fn set_rlimits(p: &Process) -> Result<()> {
     Ok(())
 }
 
-/// An address range of `len` bytes free in both our layout and the snapshot's.
-fn find_gap(own: &[MapEntry], p: &Process, len: u64) -> Result<u64> {
+/// An address range of `len` bytes free in both our layout and the snapshot's (and
+/// apart from `also`, where this host's vdso goes).
+fn find_gap(own: &[MapEntry], p: &Process, also: Option<(u64, u64)>, len: u64) -> Result<u64> {
     let mut used: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     used.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+    used.extend(also);
     used.sort_unstable();
-    // Downward from below the usual mmap base, away from stacks.
-    gap_below(&used, len, 0x7e00_0000_0000)
+    gap_below(&used, len, GAP_TOP)
         .ok_or_else(|| anyhow!("no free address range of {len} bytes for the restorer"))
 }
 

@@ -40,6 +40,7 @@ pub mod program;
 pub mod reaper;
 pub mod template;
 pub mod tmp;
+pub mod vdso_proxy;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

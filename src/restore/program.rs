@@ -20,8 +20,12 @@ use crate::sys::maps::MapEntry;
 
 /// What the child prepared for the program: fds it opened, memory it mapped.
 pub struct ProgramFds {
-    /// Per VMA index: the fd to map it from (file VMAs only).
+    /// Per VMA index: the fd to map it from (file VMAs, and the `[vdso]` when proxied).
     pub vma_fds: Vec<Option<i32>>,
+    /// This host's vdso is not the snapshot's: its `[vdso]`/`[vvar]` go (as laid out)
+    /// to this address instead of the snapshot's, whose `[vdso]` address gets the proxy
+    /// in `vma_fds` ([`super::vdso_proxy`]).
+    pub host_vdso_at: Option<u64>,
     pub exe_fd: i32,
     /// Per VMA index: where the VMA's memory is mapped already, with the pages it shares
     /// with other processes of the tree ([`super::cow`]): moved into place, not mapped.
@@ -187,14 +191,26 @@ fn vdso_family(p: &Process) -> Vec<&Vma> {
         .collect()
 }
 
-/// Moves our vdso block onto the snapshot's, piece by piece, in an order where no move
-/// lands on a piece not yet moved.
-fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()> {
-    let theirs = vdso_family(p);
+/// Moves our vdso block onto the snapshot's (or, proxied, to `host_at`), piece by piece,
+/// in an order where no move lands on a piece not yet moved.
+fn move_vdso(
+    b: &mut ProgramBuilder,
+    p: &Process,
+    own: &[MapEntry],
+    host_at: Option<u64>,
+) -> Result<()> {
     let ours: Vec<&MapEntry> = own
         .iter()
         .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
         .collect();
+    if let Some(at) = host_at {
+        let Some(first) = ours.first() else {
+            bail!("this process has no [vdso] mapping");
+        };
+        let targets: Vec<u64> = ours.iter().map(|m| at + (m.start - first.start)).collect();
+        return move_pieces(b, &ours, &targets);
+    }
+    let theirs = vdso_family(p);
     let shape = |v: Vec<(String, u64, u64)>| -> Vec<(String, u64)> {
         let base = v.first().map(|x| x.1).unwrap_or(0);
         v.into_iter()
@@ -234,7 +250,14 @@ fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()
                 .join(", ")
         );
     }
-    let delta = theirs[0].start as i64 - ours[0].start as i64;
+    let targets: Vec<u64> = theirs.iter().map(|v| v.start).collect();
+    move_pieces(b, &ours, &targets)
+}
+
+/// Moves each of `ours` (in address order, one shift apart from `targets`) to its
+/// target, in an order where no move lands on a piece not yet moved.
+fn move_pieces(b: &mut ProgramBuilder, ours: &[&MapEntry], targets: &[u64]) -> Result<()> {
+    let delta = targets[0] as i64 - ours[0].start as i64;
     if delta == 0 {
         return Ok(());
     }
@@ -252,9 +275,9 @@ fn move_vdso(b: &mut ProgramBuilder, p: &Process, own: &[MapEntry]) -> Result<()
                 imm(len),
                 imm(len),
                 imm((libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64),
-                imm(theirs[i].start),
+                imm(targets[i]),
             ],
-            format!("mremap {} {:x} -> {:x}", m.name, m.start, theirs[i].start),
+            format!("mremap {} {:x} -> {:x}", m.name, m.start, targets[i]),
         );
     }
     Ok(())
@@ -357,13 +380,17 @@ pub fn program(
         }
         from = from.max(e);
     }
-    move_vdso(&mut b, p, own)?;
+    move_vdso(&mut b, p, own, fds.host_vdso_at)?;
     let mut relros = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
-        if matches!(
-            v.kind,
-            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
-        ) {
+        // The kernel's; a proxied `[vdso]` is mapped from its fd like a file.
+        let proxy = v.kind == VmaKind::Vdso && fds.host_vdso_at.is_some();
+        if !proxy
+            && matches!(
+                v.kind,
+                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
+            )
+        {
             continue;
         }
         let (fd, off) = match fds.vma_fds[i] {
@@ -1273,6 +1300,7 @@ mod tests {
     ) -> (ProgramBuilder, Vec<(usize, u64, [u64; 6])>) {
         let fds = ProgramFds {
             vma_fds: vec![None; p.vmas.len()],
+            host_vdso_at: None,
             exe_fd: 3,
             premapped: vec![None; p.vmas.len()],
             sysv_rmid: Vec::new(),

@@ -24,8 +24,8 @@ pub fn vdso_layout(maps: &str) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
-/// blake3 of this process's `[vdso]` bytes (the same image is mapped into every process).
-pub fn own_vdso_hash() -> Result<[u8; 32]> {
+/// This process's `[vdso]` bytes (the same image is mapped into every process).
+pub fn own_vdso_image() -> Result<Vec<u8>> {
     let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
     let (start, end, _) = vdso_layout(&maps)
         .into_iter()
@@ -33,7 +33,7 @@ pub fn own_vdso_hash() -> Result<[u8; 32]> {
         .context("this process has no [vdso] mapping")?;
     // SAFETY: the vdso is mapped readable for the life of the process.
     let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
-    Ok(*blake3::hash(bytes).as_bytes())
+    Ok(bytes.to_vec())
 }
 
 /// XCR0: which xsave state components the OS enabled (0 without OSXSAVE).
@@ -53,9 +53,11 @@ pub fn xcr0() -> u64 {
 /// Host facts of the machine we run on; restore compares them with the snapshot's.
 pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
     let uts = nix::sys::utsname::uname().context("uname")?;
+    let vdso_image = own_vdso_image()?;
     Ok(HostFacts {
         kernel_release: uts.release().to_string_lossy().into_owned(),
-        vdso_hash: own_vdso_hash()?,
+        vdso_hash: *blake3::hash(&vdso_image).as_bytes(),
+        vdso_image,
         xsave_features: xcr0(),
         xsave_size,
     })

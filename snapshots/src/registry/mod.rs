@@ -29,7 +29,8 @@ pub mod client;
 pub mod reference;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +61,12 @@ pub const MAX_BLOCK_BYTES: usize = 4 << 20;
 pub const WHOLE_BLOCK: u64 = 1 << 20;
 /// Pages read from the store at a time while pushing.
 const PUSH_WINDOW: u64 = 8192;
+/// Pages stored at a time while pulling: small enough that storing starts while most
+/// blocks are still coming.
+const PULL_WINDOW: u64 = 1024;
+/// A pull fetches blocks at most this many ahead of the pages it is storing (bounds its
+/// memory to about this many blocks of up to [`MAX_BLOCK_BYTES`] besides the window).
+const PULL_AHEAD: usize = 48;
 
 /// An OCI descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -332,7 +339,9 @@ pub struct Remote {
     client: Client,
     reference: Reference,
     pub(crate) blocks: Vec<Descriptor>,
-    cache: Vec<OnceLock<Arc<Vec<u8>>>>,
+    /// Blocks fetched whole (and checked), by number; a pull drops each after its last
+    /// page is stored.
+    cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
     working_set: Vec<u64>,
 }
 
@@ -431,7 +440,7 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
         .into_iter()
         .filter(|&p| p < manifest.page_count)
         .collect();
-    let cache = (0..blocks.len()).map(|_| OnceLock::new()).collect();
+    let cache = Mutex::new(vec![None; blocks.len()]);
     Ok(Opened {
         id,
         manifest,
@@ -468,20 +477,19 @@ impl Remote {
         self.blocks.iter().map(|b| b.size).sum()
     }
 
+    /// Block `n` if fetched already.
+    fn cached(&self, n: usize) -> Option<Arc<Vec<u8>>> {
+        self.cache.lock().unwrap()[n].clone()
+    }
+
     /// Block `n`, fetched whole (and checked) once.
     pub fn block(&self, n: usize) -> Result<Arc<Vec<u8>>, StoreError> {
-        if let Some(b) = self.cache[n].get() {
-            return Ok(b.clone());
+        if let Some(b) = self.cached(n) {
+            return Ok(b);
         }
         let d = &self.blocks[n];
         let b = Arc::new(self.client.get_blob(&d.digest, d.size)?);
-        Ok(self.cache[n].get_or_init(|| b).clone())
-    }
-
-    /// Fetches every block not fetched yet, on `threads` threads.
-    pub fn fetch_all(&self, threads: usize) -> Result<(), StoreError> {
-        let all: Vec<usize> = (0..self.blocks.len()).collect();
-        self.fetch(&all, threads)
+        Ok(self.cache.lock().unwrap()[n].get_or_insert(b).clone())
     }
 
     /// Fetches whole, on `threads` threads, the blocks holding the working set's pages
@@ -544,8 +552,8 @@ impl Remote {
             let mut j = k + 1;
             // A block up to WHOLE_BLOCK is fetched whole at its first fault (about the
             // cost of one page's range request from a registry), larger ones by ranges.
-            let cached = match self.cache[b].get() {
-                Some(c) => Some(c.clone()),
+            let cached = match self.cached(b) {
+                Some(c) => Some(c),
                 None if self.blocks[b].size <= WHOLE_BLOCK => Some(self.block(b)?),
                 None => None,
             };
@@ -596,42 +604,161 @@ impl Remote {
     }
 }
 
-/// Writes the snapshot `snap` (open from a registry, its blocks all fetched) into
-/// `store` under `name`: the same id, pages verified on the way.
-pub fn save_into(
+/// What [`pull_into`] did, and where its time went.
+#[derive(Debug, Clone, Default)]
+pub struct PullReport {
+    /// Bytes of blocks fetched.
+    pub bytes: u64,
+    /// Time the storing side waited for blocks from the registry.
+    pub waited: Duration,
+    /// Time spent decompressing and verifying pages, and handing them to the store.
+    pub stored: Duration,
+    /// Time of the commit (the one flush to disk).
+    pub committed: Duration,
+}
+
+/// The fetchers' and the storing side's shared state in [`pull_into`].
+struct Feed {
+    /// Next block to fetch.
+    next: usize,
+    /// Blocks below this are wanted now; fetchers stay under `wanted + PULL_AHEAD`.
+    wanted: usize,
+    /// Fetchers still running.
+    active: usize,
+    failed: Option<StoreError>,
+    stop: bool,
+}
+
+/// One fetcher of [`pull_into`]: fetches the next block in order while it is within
+/// [`PULL_AHEAD`] of what the storing side wants.
+fn fetch_blocks(remote: &Remote, feed: &Mutex<Feed>, ready: &Condvar) {
+    let n = remote.blocks.len();
+    loop {
+        let k = {
+            let mut f = feed.lock().unwrap();
+            loop {
+                if f.stop || f.failed.is_some() || f.next >= n {
+                    f.active -= 1;
+                    ready.notify_all();
+                    return;
+                }
+                if f.next < f.wanted + PULL_AHEAD {
+                    f.next += 1;
+                    break f.next - 1;
+                }
+                f = ready.wait(f).unwrap();
+            }
+        };
+        let res = remote.block(k);
+        let mut f = feed.lock().unwrap();
+        if let Err(e) = res {
+            f.failed.get_or_insert(e);
+        }
+        ready.notify_all();
+    }
+}
+
+/// Stores the snapshot `snap` (opened from a registry) into `store` under `name`, with
+/// the same id: `fetchers` threads fetch its blocks (each checked against its digest) in
+/// order, a bounded distance ahead, while the pages of the blocks fetched are checked
+/// against their hashes (on `threads` threads) and stored; a block is dropped after its
+/// last page is stored unless `keep` (a lazy run's faults may still read it).
+pub fn pull_into(
     snap: &Snapshot,
     store: &Store,
     name: Option<&str>,
-) -> Result<SnapshotId, StoreError> {
+    fetchers: usize,
+    threads: usize,
+    keep: bool,
+) -> Result<(SnapshotId, PullReport), StoreError> {
+    let what = || snap.registry().map(|r| r.what()).unwrap_or_default();
+    let Some(remote) = snap.registry() else {
+        return Err(StoreError::Registry {
+            what: what(),
+            reason: format!("snapshot {} is not from a registry", snap.id.short()),
+        });
+    };
+    let table = snap.table();
     let n = snap.page_count();
-    let mut w = store.writer()?;
-    let mut runs = Vec::new();
-    let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
-    let mut at = 0;
-    while at < n {
-        let k = (n - at).min(PUSH_WINDOW);
-        let out = &mut buf[..k as usize * PAGE_SIZE];
-        snap.read_pages(at, k, out)?;
-        if out
-            .chunks_exact(PAGE_SIZE)
-            .any(|p| p.iter().all(|&b| b == 0))
-        {
-            return Err(StoreError::Registry {
-                what: snap.registry().map(|r| r.what()).unwrap_or_default(),
-                reason: format!(
-                    "snapshot {}: its page table holds a zero page, which warmstart never \
-                     stores: refusing it",
-                    snap.id.short()
-                ),
-            });
-        }
-        w.add_pages(at, out, &mut runs)?;
-        at += k;
+    // The last page of each block: after it is stored, the block is not needed again.
+    let mut last_use = vec![0u64; remote.blocks.len()];
+    for i in 0..n {
+        last_use[table.record(i).loc.pack as usize] = i;
     }
-    let id = w.commit(snap.manifest.clone(), None)?;
+    let fetchers = fetchers.max(1);
+    let feed = Mutex::new(Feed {
+        next: 0,
+        wanted: 0,
+        active: fetchers,
+        failed: None,
+        stop: false,
+    });
+    let ready = Condvar::new();
+    let mut rep = PullReport {
+        bytes: remote.block_bytes(),
+        ..Default::default()
+    };
+    let zero_hash = *blake3::hash(&[0u8; PAGE_SIZE]).as_bytes();
+    let id = std::thread::scope(|s| {
+        for _ in 0..fetchers {
+            s.spawn(|| fetch_blocks(remote, &feed, &ready));
+        }
+        let res = (|| {
+            let mut w = store.writer()?;
+            let mut runs = Vec::new();
+            let mut buf = vec![0u8; (PULL_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
+            let mut hashes = Vec::new();
+            let mut need = Vec::new();
+            let mut at = 0;
+            while at < n {
+                let k = (n - at).min(PULL_WINDOW);
+                need.clear();
+                hashes.clear();
+                for i in at..at + k {
+                    let rec = table.record(i);
+                    if rec.hash == zero_hash {
+                        return Err(StoreError::Registry {
+                            what: what(),
+                            reason: format!(
+                                "snapshot {}: its page table holds a zero page, which \
+                                 warmstart never stores: refusing it",
+                                snap.id.short()
+                            ),
+                        });
+                    }
+                    hashes.push(rec.hash);
+                    need.push(rec.loc.pack as usize);
+                }
+                need.sort_unstable();
+                need.dedup();
+                let t = Instant::now();
+                wait_for_blocks(remote, &feed, &ready, &need)?;
+                rep.waited += t.elapsed();
+                let t = Instant::now();
+                let out = &mut buf[..k as usize * PAGE_SIZE];
+                snap.read_pages_parallel(at, k, out, threads)?;
+                w.add_verified_pages(at, out, &hashes, &mut runs)?;
+                at += k;
+                if !keep {
+                    for &b in need.iter().filter(|&&b| last_use[b] < at) {
+                        remote.cache.lock().unwrap()[b] = None;
+                    }
+                }
+                rep.stored += t.elapsed();
+            }
+            let t = Instant::now();
+            let id = w.commit(snap.manifest.clone(), None)?;
+            rep.committed = t.elapsed();
+            Ok(id)
+        })();
+        let mut f = feed.lock().unwrap();
+        f.stop = true;
+        ready.notify_all();
+        res
+    })?;
     if id != snap.id {
         return Err(StoreError::Registry {
-            what: snap.registry().map(|r| r.what()).unwrap_or_default(),
+            what: what(),
             reason: format!(
                 "snapshot {} stored as {}: the pulled pages do not rebuild it",
                 snap.id.short(),
@@ -642,12 +769,44 @@ pub fn save_into(
     if let Some(name) = name {
         store.set_name(name, &id)?;
     }
-    if let Some(r) = snap.registry() {
-        if !r.working_set().is_empty() {
-            let _ = store.save_working_set(&id, r.working_set());
+    if !remote.working_set().is_empty() {
+        let _ = store.save_working_set(&id, remote.working_set());
+    }
+    Ok((id, rep))
+}
+
+/// Waits until every block of `need` (ascending) is fetched, letting the fetchers run
+/// ahead of the last one; fetches a block itself if no fetcher is left to.
+fn wait_for_blocks(
+    remote: &Remote,
+    feed: &Mutex<Feed>,
+    ready: &Condvar,
+    need: &[usize],
+) -> Result<(), StoreError> {
+    let Some(&last) = need.last() else {
+        return Ok(());
+    };
+    let mut f = feed.lock().unwrap();
+    f.wanted = f.wanted.max(last + 1);
+    ready.notify_all();
+    for &b in need {
+        loop {
+            if let Some(e) = f.failed.take() {
+                return Err(e);
+            }
+            if remote.cached(b).is_some() {
+                break;
+            }
+            if f.active == 0 {
+                drop(f);
+                remote.block(b)?;
+                f = feed.lock().unwrap();
+                continue;
+            }
+            f = ready.wait(f).unwrap();
         }
     }
-    Ok(id)
+    Ok(())
 }
 
 #[cfg(test)]

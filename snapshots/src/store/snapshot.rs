@@ -215,13 +215,17 @@ impl Snapshot {
     }
 
     /// Opens the snapshot at registry reference `r`: fetches and checks its manifest,
-    /// index and working set; pages are fetched on demand (see [`crate::registry`]).
+    /// index and working set, and with `prefetch` (a lazy run) the blocks of the working
+    /// set's pages; pages are fetched on demand (see [`crate::registry`]).
     pub fn open_registry(
         r: &crate::registry::Reference,
         opts: &crate::registry::Options,
+        prefetch: bool,
     ) -> Result<Snapshot, StoreError> {
         let o = crate::registry::open(r, opts)?;
-        o.remote.prefetch_working_set(&o.table, 4)?;
+        if prefetch {
+            o.remote.prefetch_working_set(&o.table, 4)?;
+        }
         Ok(Snapshot {
             id: o.id,
             manifest: o.manifest,

@@ -439,6 +439,34 @@ impl<'a> SnapshotWriter<'a> {
         } else {
             hash_pages(data, &mut hashes);
         }
+        self.add_hashed(first_page, data, hashes.into_iter(), runs)
+    }
+
+    /// [`Self::add_pages`] of pages whose blake3 hashes the caller has computed or
+    /// checked already (a pull verifies every page against its record), none of them a
+    /// zero page: they are not hashed again.
+    pub fn add_verified_pages(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        hashes: &[[u8; 32]],
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), StoreError> {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            return Err(StoreError::UnalignedPages { len: data.len() });
+        }
+        assert_eq!(data.len() / PAGE_SIZE, hashes.len(), "one hash per page");
+        self.add_hashed(first_page, data, hashes.iter().map(|h| Some(*h)), runs)
+    }
+
+    /// Adds the pages of `data` with their hashes (`None`: a zero page).
+    fn add_hashed(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        hashes: impl Iterator<Item = Option<[u8; 32]>>,
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), StoreError> {
         for (i, (page, hash)) in data.chunks_exact(PAGE_SIZE).zip(hashes).enumerate() {
             let at = first_page + i as u64;
             let content = match hash {
