@@ -101,21 +101,6 @@ fn differing_vdso_is_proxied_or_refused_by_name() {
         let out = ws.served("recompiled", "check\n");
         assert_eq!(out.stdout, "PASS\n", "served: {}", out.describe());
     }
-    // A proxied process dumped again (its proxy is a deleted memfd's mapping now) and
-    // restored from that dump: the same answers.
-    {
-        let mut p = common::Proc::spawn(&mut ws.cmd(&["restore", "recompiled"]));
-        p.send("check");
-        assert_eq!(p.read_line(), "PASS");
-        let pids = running(&exe);
-        assert_eq!(pids.len(), 1, "{pids:?}");
-        let out = ws.run(&["dump", "-t", &pids[0].to_string(), "--name", "again"], "");
-        out.assert_ok();
-        assert!(!p.wait().success(), "the dump killed it");
-    }
-    ws.each_mode("again", "check\n", |mode, out| {
-        assert_eq!(out.stdout, "PASS\n", "again, {mode}: {}", out.describe());
-    });
     let out = ws.run(&["run", "recompiled"], "break\ncheck\n");
     assert!(
         out.stdout.starts_with("FAIL: CLOCK_MONOTONIC went back"),
