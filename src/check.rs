@@ -705,11 +705,6 @@ fn cap_eff() -> Option<u64> {
     u64::from_str_radix(v.trim(), 16).ok()
 }
 
-/// Whether this process holds capability number `cap` (e.g. 23, `CAP_SYS_NICE`).
-pub fn has_cap(cap: u32) -> bool {
-    cap_eff().is_some_and(|c| c >> cap & 1 == 1)
-}
-
 /// The capabilities a checkpoint or a restore needs, by name: namespaces and mounts
 /// (`CAP_SYS_ADMIN`), seizing and reading other processes (`CAP_SYS_PTRACE`), chosen pids
 /// and process-state setters (`CAP_CHECKPOINT_RESTORE`).

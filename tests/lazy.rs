@@ -194,7 +194,16 @@ fn killing_the_monitor_kills_the_instance(mode: Mode) {
     monitor.send("sleep");
     assert_eq!(monitor.read_line(), "SLEEPING", "{mode}");
 
-    let me = ws.ps_entry(rt.path(), "monitor", monitor.pid());
+    let list = ws.ps_json(rt.path());
+    let me = list
+        .iter()
+        .find(|i| i["monitor"].as_i64() == Some(monitor.pid() as i64))
+        .unwrap_or_else(|| {
+            panic!(
+                "`ps --json` does not list the instance of monitor {}: {list:?}",
+                monitor.pid()
+            )
+        });
     let pid = me["pid"].as_i64().expect("ps --json gives the pid") as i32;
     assert_ne!(pid, monitor.pid());
     let pidfd = pidfd_open(pid).unwrap_or_else(|e| panic!("instance {pid} is gone already: {e}"));

@@ -39,14 +39,6 @@ fn parked_instances_are_independent_copies_of_the_snapshot() {
     assert_eq!(local.stdout, "1 a0\n2 b0\n", "{}", local.describe());
 }
 
-/// The app of the instance a daemon serves to `client`, as `ps --json` lists it (with
-/// the runtime directory `rt`).
-fn served_app(ws: &Ws, rt: &std::path::Path, client: &Proc) -> i32 {
-    ws.ps_entry(rt, "client", client.pid())["pid"]
-        .as_i64()
-        .unwrap() as i32
-}
-
 #[test]
 fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     let ws = Ws::new();
@@ -76,7 +68,18 @@ fn signals_reach_the_instance_and_a_vanished_caller_takes_it_along() {
     );
     client.send("two");
     assert_eq!(client.read_line(), "1 two");
-    let app = served_app(&ws, rt.path(), &client);
+    let listed = ws.ps_json(rt.path());
+    let app = listed
+        .iter()
+        .find(|i| i["client"].as_i64() == Some(client.pid() as i64))
+        .unwrap_or_else(|| {
+            panic!(
+                "ps --json lists no instance for client {}: {listed:?}",
+                client.pid()
+            )
+        })["pid"]
+        .as_i64()
+        .unwrap() as i32;
     assert!(common::alive(app));
     // SAFETY: kill takes no pointers; `client` is our child, not yet waited for, so its pid
     // cannot have been reused.
@@ -440,60 +443,4 @@ fn parked_instances_share_the_template_s_memory() {
             .count();
         assert_eq!(listed_templates, usize::from(templates), "{listed:?}");
     }
-}
-
-/// The nice value of task `tid` (`/proc/TID/stat`, field 19).
-fn nice_of(tid: i32) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    after_comm.split(' ').nth(16).unwrap().parse().unwrap()
-}
-
-/// Instances are parked at the lowest priority (so that parking a replacement takes no
-/// CPU from the instance just handed out) and handed out at the daemon's, their app's
-/// threads with the scheduling attributes they were recorded with: `proc_attrs` checks
-/// its own (a nice 7 main thread, a SCHED_BATCH nice 3 one, a SCHED_FIFO one) in the
-/// served instance, and its sandbox runs at the daemon's nice value, not the parking one.
-#[test]
-fn parked_at_low_priority_handed_out_as_recorded() {
-    let ws = Ws::new();
-    ws.record("attrs", &[fixture("proc_attrs")]);
-    let learn = ws.run(&["run", "--no-serve", "attrs"], "check\n");
-    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
-    let rt = common::tempdir("ws-rt-");
-    let daemon = Proc::spawn(
-        ws.cmd(&["-v", "serve", "--warm", "attrs"])
-            .env("XDG_RUNTIME_DIR", rt.path()),
-    );
-    daemon.read_line();
-    daemon.wait_stderr("parked an instance of");
-    let daemon_nice = nice_of(daemon.pid());
-    assert!(
-        daemon_nice < 19,
-        "the test daemon runs at nice {daemon_nice}"
-    );
-    let parked = Ws::sandboxes(daemon.pid());
-    assert_eq!(parked.len(), 1, "one parked sandbox expected: {parked:?}");
-    assert_eq!(nice_of(parked[0]), 19, "a parked instance's sandbox");
-
-    let mut client = Proc::spawn(ws.cmd(&["run", "attrs"]).env("XDG_RUNTIME_DIR", rt.path()));
-    client.send("check");
-    assert_eq!(client.read_line(), "PASS");
-    let app = served_app(&ws, rt.path(), &client);
-    let sandbox = std::fs::read_to_string(format!("/proc/{app}/stat")).unwrap();
-    let init: i32 = sandbox[sandbox.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(parked[0], init, "the parked sandbox was handed out");
-    assert_eq!(
-        nice_of(init),
-        daemon_nice,
-        "a handed-out instance's sandbox"
-    );
-    assert_eq!(nice_of(app), 7, "the app's main thread, as recorded");
-    client.close_stdin();
-    assert!(client.wait().success());
 }

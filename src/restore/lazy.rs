@@ -240,25 +240,18 @@ impl Starting {
         server.keep_spaces_with(keeper.link()?);
         let server = std::thread::Builder::new()
             .name("page-server".into())
-            .spawn(move || {
-                // It serves a running app's faults: not at the low priority it inherits
-                // from a daemon thread parking an instance (`serve`).
-                if let Err(e) = crate::sys::sched::nice_as_process() {
-                    tracing::debug!("page server priority: {e}");
+            .spawn(move || match server.serve() {
+                Ok(stats) => {
+                    keeper.release();
+                    Ok(stats)
                 }
-                match server.serve() {
-                    Ok(stats) => {
-                        keeper.release();
-                        Ok(stats)
-                    }
-                    Err(e) => {
-                        // Kill before the error (and with it the uffd) is dropped, so no
-                        // thread of the app reads a page we could not serve.
-                        let _ = pidfd::pidfd_send_signal(killer.as_fd(), libc::SIGKILL);
-                        Err(e
-                            .into_error()
-                            .context("the page server failed; the instance was killed"))
-                    }
+                Err(e) => {
+                    // Kill before the error (and with it the uffd) is dropped, so no
+                    // thread of the app reads a page we could not serve.
+                    let _ = pidfd::pidfd_send_signal(killer.as_fd(), libc::SIGKILL);
+                    Err(e
+                        .into_error()
+                        .context("the page server failed; the instance was killed"))
                 }
             })
             .context("starting the page server thread")?;

@@ -730,23 +730,6 @@ impl Parked {
         self.pid
     }
 
-    /// Gives every thread of the instance's sandbox (its init, and each process of the
-    /// app as parked) the nice value `nice`: a parked instance built at a low priority
-    /// gets the monitor's back before it is handed out (the app's threads then get the
-    /// attributes they were recorded with, [`Parked::resume`]).
-    pub fn set_nice(&self, nice: i32) -> Result<()> {
-        let pids = std::iter::once(self.sandbox.init_pid).chain(self.tree.iter().map(|d| d.pid));
-        for pid in pids {
-            let tids = crate::sys::tasks::tasks(pid)
-                .with_context(|| format!("listing the threads of process {pid}"))?;
-            for tid in tids {
-                crate::sys::sched::set_nice(tid, nice)
-                    .with_context(|| format!("setting nice {nice} on thread {tid}"))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Whether the instance is still there (nothing kills a parked one but others).
     pub fn alive(&self) -> bool {
         matches!(self.sandbox.try_wait(), Ok(None))

@@ -264,7 +264,6 @@ impl Pools {
     }
 
     fn parker(&self, snap: Arc<Snapshot>) {
-        let normal = lower_priority();
         let mut opts = super::restore_options(&snap, None);
         opts.template = self.template(&snap);
         let mut parked = crate::restore::park(&snap, &opts);
@@ -341,47 +340,11 @@ impl Pools {
                 Err(RecvTimeoutError::Timeout) => self.drop_template(&snap, None),
             }
         };
-        if let Some(nice) = normal {
-            // Handed out at the daemon's priority: the hand-out itself, the instance's
-            // sandbox, and its app (whose threads then get their recorded attributes).
-            if let Err(e) = crate::sys::sched::set_nice(0, nice) {
-                tracing::warn!("restoring the priority of a parker: {e}");
-            }
-            if let Err(e) = parked.set_nice(nice) {
-                tracing::warn!("restoring the priority of a parked instance: {e:#}");
-            }
-        }
         let refill = || {
             self.start(&snap);
         };
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
-        }
-    }
-}
-
-/// The nice value instances are parked at: the lowest priority, so that parking a
-/// replacement does not take CPU from the instance just handed out.
-const PARKING_NICE: i32 = 19;
-/// Raising a thread's priority back takes `CAP_SYS_NICE`.
-const CAP_SYS_NICE: u32 = 23;
-
-/// Lowers the calling parker thread (and so what it starts: the sandbox, the template,
-/// the app's processes) to [`PARKING_NICE`], if its priority can be raised back at
-/// hand-out; the nice value it had.
-fn lower_priority() -> Option<i32> {
-    if !crate::check::has_cap(CAP_SYS_NICE) {
-        return None;
-    }
-    let normal = crate::sys::sched::nice(0).ok()?;
-    if normal >= PARKING_NICE {
-        return None;
-    }
-    match crate::sys::sched::set_nice(0, PARKING_NICE) {
-        Ok(()) => Some(normal),
-        Err(e) => {
-            tracing::debug!("parking at the daemon's priority: {e}");
-            None
         }
     }
 }

@@ -54,8 +54,10 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
     let ioprio =
         check(unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid) })? as i32;
     // sched_getattr reports the nice value of fair-policy threads only; a real-time
-    // thread has one too.
-    let nice = nice(tid)?;
+    // thread has one too (the raw syscall answers 20 - nice).
+    // SAFETY: integer arguments only.
+    let nice = 20
+        - check(unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) })? as i32;
     let slack = std::fs::read_to_string(format!("/proc/{tid}/timerslack_ns"))?;
     Ok(ThreadAttrs {
         sched_policy: a.policy,
@@ -69,31 +71,6 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
         timerslack_ns: slack.trim().parse().map_err(io::Error::other)?,
         pdeathsig: 0,
     })
-}
-
-/// The nice value of thread `tid` (0: the calling thread).
-pub fn nice(tid: i32) -> io::Result<i32> {
-    // The raw syscall answers 20 - nice (never negative, so never taken for an error).
-    // SAFETY: integer arguments only.
-    let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) };
-    Ok(20 - check(r)? as i32)
-}
-
-/// Gives thread `tid` (0: the calling thread) the nice value `nice`.
-pub fn set_nice(tid: i32, nice: i32) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) as i64 })
-        .map(drop)
-}
-
-/// Gives the calling thread the nice value of its process's main thread (a thread that
-/// works for a running instance does not keep a lower priority it inherited).
-pub fn nice_as_process() -> io::Result<()> {
-    let want = nice(std::process::id() as i32)?;
-    if nice(0)? != want {
-        set_nice(0, want)?;
-    }
-    Ok(())
 }
 
 /// Gives thread `tid` the scheduling policy, nice value, priority, I/O priority and
@@ -142,7 +119,11 @@ pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
     );
     let nice = if changed && fair { want.nice } else { now.nice };
     if nice != want.nice {
-        set_nice(tid, want.nice).map_err(|e| format!("setting nice {}: {e}", want.nice))?;
+        // SAFETY: integer arguments only.
+        check(unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, want.nice) as i64
+        })
+        .map_err(|e| format!("setting nice {}: {e}", want.nice))?;
     }
     if now.ioprio != want.ioprio {
         // SAFETY: integer arguments only.

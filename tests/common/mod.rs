@@ -743,17 +743,6 @@ impl Ws {
             .unwrap_or_else(|e| panic!("ps --json is not a JSON list ({e}):\n{}", out.describe()))
     }
 
-    /// The instance `ps --json` (runtime directory `rt`) lists with `key` (`monitor`,
-    /// `client`) equal to `pid`.
-    pub fn ps_entry(&self, rt: &Path, key: &str, pid: i32) -> serde_json::Value {
-        let listed = self.ps_json(rt);
-        listed
-            .iter()
-            .find(|i| i[key].as_i64() == Some(pid as i64))
-            .cloned()
-            .unwrap_or_else(|| panic!("`ps --json` lists no instance with {key} {pid}: {listed:?}"))
-    }
-
     /// `inspect --json SNAP`, parsed.
     pub fn inspect_json(&self, snap: &str) -> serde_json::Value {
         let out = self.run(&["inspect", "--json", snap], "");
