@@ -612,6 +612,29 @@ pub enum VmaKind {
     },
 }
 
+/// Appends `new` runs (in page order, after those of `runs`) to `runs`, joining runs that
+/// continue each other (pages and, for data, records) as the store's writer does.
+pub fn append_runs(runs: &mut Vec<PageRun>, new: &[PageRun]) {
+    for r in new {
+        if let Some(last) = runs.last_mut() {
+            if last.page + last.count == r.page {
+                let merge = match (last.content, r.content) {
+                    (RunContent::Zero, RunContent::Zero) => true,
+                    (RunContent::Data { first: a }, RunContent::Data { first: b }) => {
+                        a + last.count == b
+                    }
+                    _ => false,
+                };
+                if merge {
+                    last.count += r.count;
+                    continue;
+                }
+            }
+        }
+        runs.push(*r);
+    }
+}
+
 /// A run of consecutive populated pages of a VMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRun {

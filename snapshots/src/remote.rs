@@ -64,7 +64,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::model::{Manifest, PageRun, RunContent, PAGE_SIZE};
+use crate::model::{append_runs, Manifest, PageRun, RunContent, PAGE_SIZE};
 use crate::store::{SnapshotId, SnapshotWriter, StoreError};
 
 pub mod tls;
@@ -1010,29 +1010,6 @@ impl Client {
             Response::Ready => Ok(()),
             other => Err(unexpected(&self.addr, "SaveWorkingSet", &other)),
         }
-    }
-}
-
-/// Appends `new` runs (of one chunk) to `runs`, merging contiguous ones like the
-/// store's writer does.
-fn append_runs(runs: &mut Vec<PageRun>, new: &[PageRun]) {
-    for r in new {
-        if let Some(last) = runs.last_mut() {
-            if last.page + last.count == r.page {
-                let merge = match (last.content, r.content) {
-                    (RunContent::Zero, RunContent::Zero) => true,
-                    (RunContent::Data { first: a }, RunContent::Data { first: b }) => {
-                        a + last.count == b
-                    }
-                    _ => false,
-                };
-                if merge {
-                    last.count += r.count;
-                    continue;
-                }
-            }
-        }
-        runs.push(*r);
     }
 }
 

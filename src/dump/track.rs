@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use warmstart_snapshots::model::{PageRun, RunContent, PAGE_SIZE};
+use warmstart_snapshots::model::{append_runs, PageRun, RunContent, PAGE_SIZE};
 use warmstart_snapshots::PageWriter;
 
 use crate::sys::maps::MapEntry;
@@ -300,9 +300,10 @@ pub fn write_pages(
     if !taken.is_empty() {
         let mut runs = Vec::new();
         writer.add_base(&taken, &mut runs)?;
-        out.extend(runs);
-        sort_runs(&mut out[out_start..]);
-        merge_runs(out, out_start);
+        let mut mine = out.split_off(out_start);
+        mine.extend(runs);
+        mine.sort_unstable_by_key(|r| r.page);
+        append_runs(out, &mine);
     }
     if let Some(slots) = new_slots {
         for r in &out[out_start..] {
@@ -316,36 +317,6 @@ pub fn write_pages(
         }
     }
     Ok(())
-}
-
-fn sort_runs(runs: &mut [PageRun]) {
-    runs.sort_unstable_by_key(|r| r.page);
-}
-
-/// Joins the runs of `out[from..]` (in page order) that continue each other.
-fn merge_runs(out: &mut Vec<PageRun>, from: usize) {
-    let mut w = from;
-    for i in from..out.len() {
-        let r = out[i];
-        if w > from {
-            let last = &mut out[w - 1];
-            let joins = last.page + last.count == r.page
-                && match (last.content, r.content) {
-                    (RunContent::Zero, RunContent::Zero) => true,
-                    (RunContent::Data { first: a }, RunContent::Data { first: b }) => {
-                        a + last.count == b
-                    }
-                    _ => false,
-                };
-            if joins {
-                last.count += r.count;
-                continue;
-            }
-        }
-        out[w] = r;
-        w += 1;
-    }
-    out.truncate(w);
 }
 
 fn push_zero(out: &mut Vec<PageRun>, idx: u64) {
@@ -573,42 +544,4 @@ pub fn holder_main(path: &std::path::Path) -> Result<i32> {
         let _ = std::fs::remove_file(path);
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(page: u64, count: u64, first: Option<u64>) -> PageRun {
-        PageRun {
-            page,
-            count,
-            content: first.map_or(RunContent::Zero, |first| RunContent::Data { first }),
-        }
-    }
-
-    /// Runs of pages read and of pages taken from the base, put in page order, join
-    /// where both the pages and the records continue, and nowhere else.
-    #[test]
-    fn taken_and_read_runs_merge_in_page_order() {
-        let mut out = vec![
-            run(0, 1, Some(9)), // an earlier VMA's: left alone
-            run(0, 2, Some(0)),
-            run(4, 1, None),
-            run(2, 2, Some(2)), // taken: continues 0..2
-            run(5, 1, None),    // taken zero after a read zero
-            run(6, 1, Some(7)), // taken: records do not continue
-        ];
-        sort_runs(&mut out[1..]);
-        merge_runs(&mut out, 1);
-        assert_eq!(
-            out,
-            vec![
-                run(0, 1, Some(9)),
-                run(0, 4, Some(0)),
-                run(4, 2, None),
-                run(6, 1, Some(7)),
-            ]
-        );
-    }
 }
