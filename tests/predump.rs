@@ -277,24 +277,19 @@ fn criu_image_directories_with_prev_images_dir() {
     out.assert_ok();
     holders(rt).iter().for_each(|&h| guard.add(h));
     step(&mut orig, 1);
-    let args = [
-        "pre-dump",
-        "-t",
-        &pid_s,
-        "-D",
-        &d("pre2"),
-        "--prev-images-dir",
-        "../pre1",
-        "--track-mem",
-        "--display-stats",
-    ];
-    let out = run(&ws, rt, &args);
-    out.assert_ok();
-    let (read2, taken2) = counts(&out);
-    assert!(
-        taken2 > 400 && read2 < 200,
-        "second pre-dump: read {read2}, taken {taken2}"
-    );
+    // `WHAT -D DIR --prev-images-dir PREV`: it takes most pages from PREV.
+    let from_prev = |what: &str, dir: &str, prev: &str| {
+        let (dir, extra) = (d(dir), ["--track-mem", "--display-stats"]);
+        let args = [what, "-t", &pid_s, "-D", &dir, "--prev-images-dir", prev];
+        let out = run(&ws, rt, &[&args[..], &extra[..]].concat());
+        out.assert_ok();
+        let (read, taken) = counts(&out);
+        assert!(
+            taken > 400 && read < 200,
+            "{what} into {dir}: read {read}, taken {taken}"
+        );
+    };
+    from_prev("pre-dump", "pre2", "../pre1");
     holders(rt).iter().for_each(|&h| guard.add(h));
 
     // A directory without a pre-dump is refused by name, before anything is frozen.
@@ -314,23 +309,7 @@ fn criu_image_directories_with_prev_images_dir() {
 
     step(&mut orig, 2);
     let want = digest(&mut orig);
-    let args = [
-        "dump",
-        "-t",
-        &pid_s,
-        "-D",
-        &d("final"),
-        "--prev-images-dir",
-        "../pre2",
-        "--display-stats",
-    ];
-    let out = run(&ws, rt, &args);
-    out.assert_ok();
-    let (read3, taken3) = counts(&out);
-    assert!(
-        taken3 > 400 && read3 < 200,
-        "final dump: read {read3}, taken {taken3}"
-    );
+    from_prev("dump", "final", "../pre2");
     assert!(!orig.wait().success(), "the dump kills the app");
     std::fs::remove_dir_all(d("pre1")).unwrap();
     std::fs::remove_dir_all(d("pre2")).unwrap();
