@@ -102,7 +102,7 @@ pub fn collect(
             );
         }
     }
-    if own("pid")? && innermost_pid(root) == Some(1) {
+    if own("pid")? && super::process::pid_in_own_ns(root) == Some(1) {
         // The root is the namespace's init, restored as the sandbox's init: every other
         // process of the namespace must be in the tree (one that joined it with setns,
         // or its descendants, would be missing from the instance).
@@ -195,18 +195,6 @@ fn is_zombie(pid: i32) -> bool {
             Some(rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
-}
-
-/// The pid of `pid` in its own pid namespace (the last `NSpid` column).
-fn innermost_pid(pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
 }
 
 /// One line of `mountinfo`: (mount point, filesystem type, source).

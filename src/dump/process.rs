@@ -214,6 +214,17 @@ pub fn collect(pid: i32) -> Result<ProcInfo> {
     })
 }
 
+/// The pid in its own (innermost) pid namespace that `/proc/PID/status` text `status`
+/// shows: the last `NSpid` column.
+pub(crate) fn own_ns_pid(status: &str) -> Option<i32> {
+    innermost(status_field(status, "NSpid"))
+}
+
+/// [`own_ns_pid`] of process `pid`; `None` when its status cannot be read.
+pub fn pid_in_own_ns(pid: i32) -> Option<i32> {
+    own_ns_pid(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// How many pid namespaces `pid` is seen in (the number of `NSpid` columns).
 pub fn pid_ns_depth(pid: i32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -393,11 +393,7 @@ pub fn collect_in_tree(
 fn pid_in_own_ns(pid: i32) -> Result<i32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        .unwrap_or(pid))
+    Ok(crate::dump::process::own_ns_pid(&status).unwrap_or(pid))
 }
 
 /// Which kind of fd `t` is, and its state.

@@ -220,14 +220,7 @@ fn copy_of(at: Where) -> Result<OwnedFd> {
 
 /// The pid `host_pid` (as seen here) has in the app's own pid namespace.
 fn pid_in_ns(host_pid: i32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{host_pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        })
-        .unwrap_or(host_pid)
+    crate::dump::process::pid_in_own_ns(host_pid).unwrap_or(host_pid)
 }
 
 /// `FIONREAD` of `fd`, refused with the reason when bytes are queued there.
