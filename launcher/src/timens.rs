@@ -16,7 +16,7 @@
 //! just before it creates the app, with raw syscalls and a stack buffer only (it runs
 //! after a raw `clone3`).
 
-use crate::sys::errno;
+use crate::sys::{errno, now_ns};
 
 /// The two clocks a time namespace offsets, in the order [`enter`] takes them.
 const CLOCKS: [(libc::clockid_t, &[u8]); 2] = [
@@ -97,16 +97,6 @@ pub(crate) fn join_own() -> Result<(), ()> {
 pub(crate) enum Step {
     Unshare,
     Offsets,
-}
-
-fn now_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; both clocks always exist.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 fn put(buf: &mut [u8], at: usize, s: &[u8]) -> usize {

@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::*;
+use warmstart_launcher::sys::now_ns;
 use warmstart_launcher::{spawn, LaunchError, SpawnOptions};
 
 fn fd_set(pid: i32) -> BTreeSet<String> {
@@ -271,16 +272,6 @@ fn monitor_forwards_its_signals() {
         sb.forward_signals().unwrap_or(2)
     });
     assert_eq!(monitor.wait_code(), 143);
-}
-
-fn now_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a live, writable timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 /// `app_is_init`: init runs the app itself (pid 1, no app child), in the time namespace

@@ -13,15 +13,7 @@ use anyhow::{bail, Context, Result};
 use warmstart_snapshots::model::Clocks;
 
 /// `clock_gettime(clock)` in nanoseconds, in this process's time namespace.
-pub fn now_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clocks asked for always exist.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-}
+pub use warmstart_launcher::sys::now_ns;
 
 /// The (monotonic, boottime) offsets in nanoseconds that `/proc/<who>/timens_offsets`
 /// shows (`who` is a pid or `self`; the file is per process, not per thread).
