@@ -122,8 +122,8 @@ const PULL_FETCHERS: usize = 8;
 
 /// Opens `r` and, when the store has its snapshot already, returns the local one.
 fn open(store: Option<&Store>, r: &Reference, opts: &Options) -> Result<Snapshot> {
-    let snap =
-        Snapshot::open_registry(r, opts, true).with_context(|| format!("cannot open {r}"))?;
+    let snap = Snapshot::open_registry(r, opts, Some(&crate::restore::eager_pages))
+        .with_context(|| format!("cannot open {r}"))?;
     if let Some(store) = store {
         if let Ok(local) = store.load_deferred(&snap.id) {
             return Ok(local);
@@ -136,7 +136,7 @@ pub fn pull(store: &Store, a: &PullArgs) -> Result<i32> {
     let r = parse(&a.reference)?;
     let name = a.name.clone().unwrap_or_else(|| r.local_name());
     let start = Instant::now();
-    let snap = Snapshot::open_registry(&r, &a.registry.options(), false)
+    let snap = Snapshot::open_registry(&r, &a.registry.options(), None)
         .with_context(|| format!("cannot pull {r}"))?;
     if store.load(&snap.id).is_ok() {
         store.set_name(&name, &snap.id)?;

@@ -86,14 +86,18 @@ impl Registry {
             .join("data")
     }
 
-    /// The storage file of layer `n` of `repo:tag`'s manifest.
-    fn layer(&self, repo: &str, tag: &str, n: usize) -> PathBuf {
+    /// `repo:tag`'s manifest, from the registry's storage.
+    fn manifest(&self, repo: &str, tag: &str) -> serde_json::Value {
         let link = self.dir.path().join(format!(
             "data/docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
         ));
         let digest = std::fs::read_to_string(link).unwrap();
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap()
+    }
+
+    /// The storage file of layer `n` of `repo:tag`'s manifest.
+    fn layer(&self, repo: &str, tag: &str, n: usize) -> PathBuf {
+        let m = self.manifest(repo, tag);
         assert_eq!(
             m["layers"][n]["mediaType"],
             "application/vnd.warmstart.snapshot.block.v1"
@@ -367,6 +371,43 @@ fn tampered_blob_is_refused() {
     assert!(
         (out.stderr.contains("tampered") || out.stderr.contains("corrupt"))
             && !out.stdout.contains("sum="),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn hot_pages_blob_pushed_and_damage_ignored() {
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    ws.record("x", &[fixture("pscounter")]);
+    let expect = expected();
+    // A lazy run learns the working set: its hot pages are pushed as the last layer.
+    let out = ws.run(&["run", "--no-serve", "x"], INPUT);
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    let m = reg.manifest("apps/counter", "v1");
+    let layers = m["layers"].as_array().unwrap();
+    let last = layers.last().unwrap();
+    assert_eq!(
+        last["mediaType"], "application/vnd.warmstart.snapshot.hot.v1",
+        "{m}"
+    );
+    let lazy = ["run", "--no-serve", "--no-stream", "--insecure", r.as_str()];
+    let out = Ws::new().run(&lazy, INPUT);
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    assert!(!out.stderr.contains("hot pages"), "{}", out.describe());
+    // Damaged in the registry: refused by its digest, the run fetches the blocks.
+    let blob = reg.blob(last["digest"].as_str().unwrap());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let out = Ws::new().run(&lazy, INPUT);
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    assert!(
+        out.stderr.contains("ignoring its hot pages") && out.stderr.contains("tampered"),
         "{}",
         out.describe()
     );

@@ -1237,6 +1237,14 @@ pub fn keep_working_sets(snap: &Snapshot, sets: &std::collections::BTreeMap<i32,
     save_hot(snap, &all);
 }
 
+/// Page-table indexes of the pages a lazy restore of `m` writes before the app resumes
+/// (those userfaultfd cannot serve: see [`memory::eager_indexes`]), every process's.
+pub fn eager_pages(m: &warmstart_snapshots::model::Manifest) -> Vec<u64> {
+    (m.processes.iter())
+        .flat_map(|p| memory::eager_indexes(p, &crate::lazy::plan(p).ranges))
+        .collect()
+}
+
 /// Stores the hot pages of `snap` (see `warmstart_snapshots::store::Hot`): the learned
 /// `working_set` and the pages every restore writes eagerly. Advice only: a failure is
 /// a warning.
@@ -1246,10 +1254,7 @@ fn save_hot(snap: &Snapshot, working_set: &[u64]) {
         return;
     }
     let mut pages = working_set.to_vec();
-    for p in &snap.manifest.processes {
-        let lazy = crate::lazy::plan(p).ranges;
-        pages.extend(memory::eager_indexes(p, &lazy));
-    }
+    pages.extend(eager_pages(&snap.manifest));
     if let Err(e) = snap.save_hot(&pages) {
         tracing::warn!("hot pages of snapshot {} not stored: {e}", snap.id.short());
     }

@@ -185,17 +185,34 @@ pub fn save_docker_credentials(
     Ok(path)
 }
 
-fn tls_config(ca_cert: &Path, what: &str) -> Result<Arc<rustls::ClientConfig>, StoreError> {
-    let bad = |reason: String| StoreError::Registry {
-        what: what.to_owned(),
-        reason: format!("--ca-cert {}: {reason}", ca_cert.display()),
-    };
+/// TLS with the system's root certificates, and those of `ca_cert` if given.
+fn tls_config(ca_cert: Option<&Path>, what: &str) -> Result<Arc<rustls::ClientConfig>, StoreError> {
     let mut roots = rustls::RootCertStore::empty();
     if let Ok(native) = rustls_native_certs::load_native_certs() {
         for c in native {
             let _ = roots.add(c);
         }
     }
+    if let Some(ca) = ca_cert {
+        add_pem_roots(&mut roots, ca, what)?;
+    }
+    // The one crypto provider built in (ring, as ureq's).
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Adds the PEM certificates of file `ca_cert` (at least one) to `roots`.
+fn add_pem_roots(
+    roots: &mut rustls::RootCertStore,
+    ca_cert: &Path,
+    what: &str,
+) -> Result<(), StoreError> {
+    let bad = |reason: String| StoreError::Registry {
+        what: what.to_owned(),
+        reason: format!("--ca-cert {}: {reason}", ca_cert.display()),
+    };
     let pem = std::fs::read(ca_cert).map_err(|e| bad(format!("cannot read it: {e}")))?;
     let mut n = 0;
     for c in rustls_pemfile::certs(&mut &pem[..]) {
@@ -208,11 +225,7 @@ fn tls_config(ca_cert: &Path, what: &str) -> Result<Arc<rustls::ClientConfig>, S
     if n == 0 {
         return Err(bad("it holds no PEM certificate".into()));
     }
-    // The one crypto provider built in (ring, as ureq's).
-    let cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    Ok(())
 }
 
 /// A parsed `WWW-Authenticate` challenge.
@@ -287,8 +300,10 @@ impl Client {
             .timeout_write(timeout)
             .redirects(5)
             .user_agent(concat!("warmstart/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &opts.ca_cert {
-            b = b.tls_config(tls_config(ca, &what)?);
+        // The system's roots are read only for TLS (reading and parsing them took a
+        // plain-HTTP lazy run's start-up ~10 ms when ureq did it for every agent).
+        if !opts.insecure {
+            b = b.tls_config(tls_config(opts.ca_cert.as_deref(), &what)?);
         }
         let credentials = match &opts.credentials {
             Some(c) => Some(c.clone()),

@@ -15,6 +15,9 @@
 //!                             indexes) a lazy run fetches first
 //! layers[2+] MT_BLOCK         blocks: pages one after another, each lz4 or raw on its
 //!                             own, so that any page or run of pages is one range read
+//! last       MT_HOT           (optional) the hot pages: the working set's and those a
+//!                             restore writes before the app resumes, in one lz4 blob
+//!                             (see [`HotBlob`]) a lazy run fetches before anything else
 //! ```
 //!
 //! Pages are grouped into blocks in page-table order, each distinct page once, cut
@@ -48,6 +51,7 @@ pub const MT_MANIFEST: &str = "application/vnd.warmstart.snapshot.manifest.v1";
 pub const MT_INDEX: &str = "application/vnd.warmstart.snapshot.index.v1";
 pub const MT_WORKING_SET: &str = "application/vnd.warmstart.snapshot.working-set.v1+json";
 pub const MT_BLOCK: &str = "application/vnd.warmstart.snapshot.block.v1";
+pub const MT_HOT: &str = "application/vnd.warmstart.snapshot.hot.v1";
 pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
 
 /// A block holds at least this many pages (unless the snapshot ends)...
@@ -59,6 +63,10 @@ pub const MAX_BLOCK_BYTES: usize = 4 << 20;
 /// A lazy run fetches a block this small whole at its first fault, a larger one by
 /// range requests.
 pub const WHOLE_BLOCK: u64 = 1 << 20;
+
+/// Connections a lazy run fetches its first blocks on (a few ms of latency each on
+/// loopback, hidden behind the others).
+const PREFETCHERS: usize = 8;
 /// Pages read from the store at a time while pushing.
 const PUSH_WINDOW: u64 = 8192;
 /// Pages stored at a time while pulling: small enough that storing starts while most
@@ -95,6 +103,105 @@ pub struct ImageManifest {
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct WorkingSetBlob {
     pages: Vec<u64>,
+}
+
+/// The hot pages of a snapshot as one blob (`MT_HOT`): lz4 (`lz4_flex`'s block format
+/// with its decompressed size prepended as u32 LE) of
+///
+/// ```text
+/// magic "WSHOTBL1" | count u64 LE | count × u64 LE page-table index (ascending)
+/// | count × 4096 page bytes, in index order
+/// ```
+///
+/// Every page is checked against its page-table hash when fetched; the blob is advice
+/// (a lazy run without it fetches the blocks of those pages).
+pub struct HotBlob {
+    indexes: Vec<u64>,
+    data: Vec<u8>,
+}
+
+const HOT_MAGIC: &[u8; 8] = b"WSHOTBL1";
+
+impl HotBlob {
+    /// Encodes pages `bytes` (in the order of `indexes`, ascending).
+    pub fn encode(indexes: &[u64], bytes: &[u8]) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(16 + indexes.len() * (8 + PAGE_SIZE));
+        raw.extend_from_slice(HOT_MAGIC);
+        raw.extend_from_slice(&(indexes.len() as u64).to_le_bytes());
+        for i in indexes {
+            raw.extend_from_slice(&i.to_le_bytes());
+        }
+        raw.extend_from_slice(bytes);
+        lz4_flex::block::compress_prepend_size(&raw)
+    }
+
+    /// Decodes `blob` and checks every page against `table` (on up to `threads`
+    /// threads); every length is checked before anything is allocated.
+    pub(crate) fn decode(blob: &[u8], table: &TableMap, threads: usize) -> Result<Self, String> {
+        let size = blob
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as u64)
+            .ok_or("it is truncated")?;
+        let max =
+            16 + table.len().min(super::store::hot::MAX_HOT_PAGES as u64) * (8 + PAGE_SIZE as u64);
+        if size < 16 || size > max {
+            return Err(format!(
+                "it claims {size} bytes, more than its snapshot's pages"
+            ));
+        }
+        let raw = lz4_flex::block::decompress_size_prepended(blob)
+            .map_err(|e| format!("it does not decompress: {e}"))?;
+        if &raw[..8] != HOT_MAGIC {
+            return Err("it has no hot-pages magic".into());
+        }
+        let count = u64::from_le_bytes(raw[8..16].try_into().unwrap());
+        let data_at = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(16))
+            .filter(|&n| n <= raw.len() as u64)
+            .ok_or("its page count does not fit its size")? as usize;
+        if (raw.len() - data_at) as u64 != count * PAGE_SIZE as u64 {
+            return Err("its page count does not fit its size".into());
+        }
+        let indexes: Vec<u64> = raw[16..data_at]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if indexes.windows(2).any(|w| w[0] >= w[1])
+            || indexes.last().is_some_and(|&i| i >= table.len())
+        {
+            return Err("its page indexes are not ascending page-table indexes".into());
+        }
+        let data = &raw[data_at..];
+        let per = indexes.len().div_ceil(threads.max(1)).max(1);
+        let bad = std::thread::scope(|s| {
+            let jobs: Vec<_> = (indexes.chunks(per).zip(data.chunks(per * PAGE_SIZE)))
+                .map(|(idx, pages)| {
+                    s.spawn(move || {
+                        (idx.iter().zip(pages.chunks_exact(PAGE_SIZE)))
+                            .find(|(&i, page)| {
+                                *blake3::hash(page).as_bytes() != table.record(i).hash
+                            })
+                            .map(|(&i, _)| i)
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .find_map(|j| j.join().expect("hot page check panicked"))
+        });
+        if let Some(i) = bad {
+            return Err(format!("page {i} in it does not match its hash"));
+        }
+        let mut raw = raw;
+        raw.drain(..data_at);
+        Ok(HotBlob { indexes, data: raw })
+    }
+
+    /// Page-table record `i`'s bytes if the blob has them.
+    fn page(&self, i: u64) -> Option<&[u8]> {
+        let k = self.indexes.binary_search(&i).ok()?;
+        Some(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+    }
 }
 
 /// What a push did.
@@ -316,6 +423,10 @@ pub fn push(
     let config = upload(&c, MT_MANIFEST, &config, &mut rep)?;
     let mut layers = vec![index, ws];
     layers.extend(blocks);
+    if let Some(hot) = snap.hot(threads).filter(|h| !h.is_empty()) {
+        let blob = HotBlob::encode(hot.indexes(), hot.bytes());
+        layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
+    }
     let m = ImageManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
@@ -343,6 +454,10 @@ pub struct Remote {
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
     working_set: Vec<u64>,
+    /// The hot-pages blob if the artifact has one and it was asked for (unchecked)...
+    hot: Option<Result<Vec<u8>, StoreError>>,
+    /// ...and its pages once fetched and checked ([`Remote::prefetch`]).
+    hot_pages: Option<HotBlob>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -360,8 +475,9 @@ pub(crate) struct Opened {
 }
 
 /// Fetches and checks `r`'s manifest, config (the snapshot's manifest), index and
-/// working set.
-pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> {
+/// working set, and with `with_hot` its hot pages (if any; checked by
+/// [`Remote::prefetch`]): those blobs side by side, once the manifest has named them.
+pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Opened, StoreError> {
     let c = Client::new(r, opts, false)?;
     let what = r.to_string();
     let bad = |reason: String| StoreError::Registry {
@@ -377,16 +493,37 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             m.artifact_type.as_deref().unwrap_or("none")
         )));
     }
-    if m.layers.len() < 2
-        || m.layers[0].media_type != MT_INDEX
-        || m.layers[1].media_type != MT_WORKING_SET
-        || m.layers[2..].iter().any(|l| l.media_type != MT_BLOCK)
+    let mut layers = m.layers.clone();
+    let hot = layers
+        .last()
+        .filter(|l| l.media_type == MT_HOT)
+        .cloned()
+        .inspect(|_| {
+            layers.pop();
+        });
+    if layers.len() < 2
+        || layers[0].media_type != MT_INDEX
+        || layers[1].media_type != MT_WORKING_SET
+        || layers[2..].iter().any(|l| l.media_type != MT_BLOCK)
     {
         return Err(bad(
-            "its layers are not index, working set, blocks: a different format version?".into(),
+            "its layers are not index, working set, blocks (and hot pages): a different \
+             format version?"
+                .into(),
         ));
     }
-    let config = c.get_blob(&m.config.digest, m.config.size)?;
+    let get = |d: &Descriptor| c.get_blob(&d.digest, d.size);
+    let (config, index, ws, hot_bytes) = std::thread::scope(|s| {
+        let index = s.spawn(|| get(&layers[0]));
+        let ws = s.spawn(|| get(&layers[1]));
+        let hot = (hot.as_ref())
+            .filter(|_| with_hot)
+            .map(|d| s.spawn(move || get(d)));
+        let config = get(&m.config);
+        let join = |h: std::thread::ScopedJoinHandle<'_, _>| h.join().expect("blob fetch panicked");
+        (config, join(index), join(ws), hot.map(join))
+    });
+    let config = config?;
     let id = SnapshotId::of_manifest_bytes(&config);
     if let Some(want) = m.annotations.get(ID_ANNOTATION) {
         if want != &id.to_hex() {
@@ -402,7 +539,7 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             id.short()
         ))
     })?;
-    let index = c.get_blob(&m.layers[0].digest, m.layers[0].size)?;
+    let index = index?;
     let table = TableMap::from_bytes(index, TABLE_MAGIC).map_err(|e| {
         bad(format!(
             "snapshot {}: its index is damaged: {e}",
@@ -418,7 +555,7 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             id.short()
         )));
     }
-    let blocks: Vec<Descriptor> = m.layers[2..].to_vec();
+    let blocks: Vec<Descriptor> = layers[2..].to_vec();
     for rec in table.records() {
         let l = rec.loc;
         let ok = (l.pack as usize) < blocks.len()
@@ -432,7 +569,7 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             )));
         }
     }
-    let ws = c.get_blob(&m.layers[1].digest, m.layers[1].size)?;
+    let ws = ws?;
     let ws: WorkingSetBlob = serde_json::from_slice(&ws)
         .map_err(|e| bad(format!("its working set blob is damaged: {e}")))?;
     let working_set = ws
@@ -451,6 +588,8 @@ pub(crate) fn open(r: &Reference, opts: &Options) -> Result<Opened, StoreError> 
             blocks,
             cache,
             working_set,
+            hot: hot_bytes,
+            hot_pages: None,
         },
     })
 }
@@ -492,22 +631,33 @@ impl Remote {
         Ok(self.cache.lock().unwrap()[n].get_or_insert(b).clone())
     }
 
-    /// Fetches whole, on `threads` threads, the blocks holding the working set's pages
-    /// (a lazy run's first needs: a few large requests rather than one per fault).
-    pub(crate) fn prefetch_working_set(
-        &self,
-        table: &TableMap,
-        threads: usize,
-    ) -> Result<(), StoreError> {
-        let mut want: Vec<usize> = self
-            .working_set
-            .iter()
+    /// Fetches what a lazy run needs before its app resumes, on [`PREFETCHERS`]
+    /// connections side by side: the hot-pages blob if the artifact has one (a damaged
+    /// one is ignored with a warning), and whole the blocks holding the pages of the
+    /// working set and the pages `eager` (page-table indexes) that it does not have.
+    pub(crate) fn prefetch(&mut self, table: &TableMap, eager: &[u64]) -> Result<(), StoreError> {
+        if let Some(blob) = self.hot.take() {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let checked = blob
+                .map_err(|e| e.to_string())
+                .and_then(|b| HotBlob::decode(&b, table, threads));
+            match checked {
+                Ok(h) => self.hot_pages = Some(h),
+                Err(why) => tracing::warn!(
+                    "{}: ignoring its hot pages ({why}); fetching the blocks of those pages",
+                    self.what()
+                ),
+            }
+        }
+        let hot = self.hot_pages.as_ref();
+        let mut want: Vec<usize> = (self.working_set.iter().chain(eager))
+            .filter(|&&i| i < table.len() && hot.is_none_or(|h| h.page(i).is_none()))
             .map(|&i| table.record(i).loc.pack as usize)
             .filter(|&b| b < self.blocks.len())
             .collect();
         want.sort_unstable();
         want.dedup();
-        self.fetch(&want, threads)
+        self.fetch(&want, PREFETCHERS)
     }
 
     fn fetch(&self, which: &[usize], threads: usize) -> Result<(), StoreError> {
@@ -542,6 +692,11 @@ impl Remote {
         let mut reader = BlockReader::default();
         let mut k = 0;
         while k < indexes.len() {
+            if let Some(page) = self.hot_pages.as_ref().and_then(|h| h.page(indexes[k])) {
+                out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(page);
+                k += 1;
+                continue;
+            }
             let rec = table.record(indexes[k]);
             let b = rec.loc.pack as usize;
             if b >= self.blocks.len() {
@@ -838,6 +993,59 @@ mod tests {
             out.push(client::sha256_digest(&blk));
         }
         out
+    }
+
+    /// The hot-pages blob decodes to its pages, checked against the page table; a
+    /// page that is not its record's, a size it cannot have or indexes out of order are
+    /// refused.
+    #[test]
+    fn hot_blob_round_trip_and_damage() {
+        let pages: Vec<Vec<u8>> = (0..8).map(page).collect();
+        let records: Vec<Record> = (pages.iter().enumerate())
+            .map(|(i, p)| Record {
+                hash: *blake3::hash(p).as_bytes(),
+                loc: Location {
+                    pack: 0,
+                    offset: i as u64 * PAGE_SIZE as u64,
+                    len: PAGE_SIZE as u32,
+                    slot: 0,
+                    pages: 1,
+                    codec: CODEC_RAW,
+                },
+            })
+            .collect();
+        let ph = table::pages_hash(records.iter().map(|r| &r.hash));
+        let table =
+            TableMap::from_bytes(table::encode(TABLE_MAGIC, ph, &records), TABLE_MAGIC).unwrap();
+        let idx = [1u64, 2, 6];
+        let bytes: Vec<u8> = idx
+            .iter()
+            .flat_map(|&i| pages[i as usize].clone())
+            .collect();
+        let blob = HotBlob::encode(&idx, &bytes);
+        let hot = HotBlob::decode(&blob, &table, 2).unwrap();
+        assert_eq!(hot.page(6).unwrap(), &pages[6][..]);
+        assert_eq!(hot.page(2).unwrap(), &pages[2][..]);
+        assert!(hot.page(3).is_none());
+        // Page 6's bytes given as page 5's.
+        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 5], &bytes), &table, 2)
+            .err()
+            .unwrap();
+        assert!(err.contains("page 5"), "{err}");
+        let err = HotBlob::decode(&HotBlob::encode(&[2, 1, 6], &bytes), &table, 1)
+            .err()
+            .unwrap();
+        assert!(err.contains("ascending"), "{err}");
+        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 60], &bytes), &table, 1)
+            .err()
+            .unwrap();
+        assert!(err.contains("ascending"), "{err}");
+        // A claimed size larger than the snapshot's pages is refused before allocating.
+        let mut huge = blob.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(HotBlob::decode(&huge, &table, 1).is_err());
+        assert!(HotBlob::decode(&blob[..3], &table, 1).is_err());
+        assert!(HotBlob::decode(&blob[..blob.len() / 2], &table, 1).is_err());
     }
 
     /// Content-defined blocks: a change in the middle leaves the blocks before and

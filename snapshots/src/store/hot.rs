@@ -310,6 +310,11 @@ impl Hot {
         &self.indexes
     }
 
+    /// The bytes of every page, in the order of [`Self::indexes`].
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.data..self.data + self.indexes.len() * PAGE_SIZE]
+    }
+
     /// The bytes of page-table records `first..first + n` if all of them are here.
     pub fn pages(&self, first: u64, n: u64) -> Option<&[u8]> {
         if n == 0 {

@@ -27,6 +27,10 @@ enum Source {
     Registry(Box<crate::registry::Remote>),
 }
 
+/// The pages a restore of a snapshot with this manifest writes before its app resumes
+/// (page-table indexes), as the restorer reckons them.
+pub type EagerPages = dyn Fn(&Manifest) -> Vec<u64>;
+
 /// An opened snapshot, local (a store directory) or remote (a page server). Either way
 /// every page read is verified against the page table, whose hashes are bound to the
 /// manifest (`pages_hash`), which is bound to the id (its blake3).
@@ -216,15 +220,17 @@ impl Snapshot {
 
     /// Opens the snapshot at registry reference `r`: fetches and checks its manifest,
     /// index and working set, and with `prefetch` (a lazy run) the blocks of the working
-    /// set's pages; pages are fetched on demand (see [`crate::registry`]).
+    /// set's pages and of the pages `prefetch` names given the manifest (those a restore
+    /// writes before the app resumes), all at once on several connections; other pages
+    /// are fetched on demand (see [`crate::registry`]).
     pub fn open_registry(
         r: &crate::registry::Reference,
         opts: &crate::registry::Options,
-        prefetch: bool,
+        prefetch: Option<&EagerPages>,
     ) -> Result<Snapshot, StoreError> {
-        let o = crate::registry::open(r, opts)?;
-        if prefetch {
-            o.remote.prefetch_working_set(&o.table, 4)?;
+        let mut o = crate::registry::open(r, opts, prefetch.is_some())?;
+        if let Some(eager) = prefetch {
+            o.remote.prefetch(&o.table, &eager(&o.manifest))?;
         }
         Ok(Snapshot {
             id: o.id,
