@@ -1073,6 +1073,76 @@ pub fn run(json: bool) -> anyhow::Result<bool> {
     Ok(all_required_ok(&checks))
 }
 
+/// `check --snapshot`: whether this host can run `snap`, aspect by aspect (its vdso,
+/// its CPU, the files it uses); true if it can.
+pub fn snapshot(snap: &warmstart_snapshots::store::Snapshot, json: bool) -> anyhow::Result<bool> {
+    use crate::restore::checks;
+    let m = &snap.manifest;
+    let here = crate::sys::vdso::host_facts(m.host.xsave_size)?;
+    let vdso = if here.vdso_hash == m.host.vdso_hash {
+        Ok("the same vdso".to_owned())
+    } else {
+        checks::vdso_proxy_entries(&m.host, &here).map(|e| {
+            format!(
+                "another vdso (kernel {} here, {} there): its {} entries are sent to this \
+                 host's",
+                here.kernel_release,
+                m.host.kernel_release,
+                e.len()
+            )
+        })
+    };
+    let cpu = checks::cpu(&m.host, &here).map(|()| {
+        let layout = if here.xsave_features == m.host.xsave_features
+            && here.xsave_layout == m.host.xsave_layout
+        {
+            "the same xsave layout".to_owned()
+        } else {
+            format!(
+                "xsave state moved from XCR0 {:#x} to this CPU's {:#x}",
+                m.host.xsave_features, here.xsave_features
+            )
+        };
+        format!(
+            "all {} CPU features the snapshot's CPU had; {layout}",
+            m.host.cpu_features.len()
+        )
+    });
+    let files = checks::unchanged_files(m).map(|()| "unchanged".to_owned());
+    let aspects = [("kernel", vdso), ("cpu", cpu), ("files", files)];
+    let ok = aspects.iter().all(|(_, r)| r.is_ok());
+    if json {
+        let mut o = serde_json::Map::new();
+        o.insert("snapshot".into(), snap.id.to_hex().into());
+        o.insert("runnable".into(), ok.into());
+        for (k, r) in &aspects {
+            let v = match r {
+                Ok(s) => serde_json::json!({"ok": true, "detail": s}),
+                Err(e) => serde_json::json!({"ok": false, "detail": format!("{e:#}")}),
+            };
+            o.insert((*k).into(), v);
+        }
+        println!("{}", serde_json::to_string_pretty(&o)?);
+    } else {
+        println!("snapshot {} on this host:", snap.id.short());
+        for (k, r) in &aspects {
+            match r {
+                Ok(s) => println!("  {k:<7} ok: {s}"),
+                Err(e) => println!("  {k:<7} NO: {e:#}"),
+            }
+        }
+        println!(
+            "{}",
+            if ok {
+                "it can run here"
+            } else {
+                "it cannot run here"
+            }
+        );
+    }
+    Ok(ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,10 +38,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Report whether this kernel has every feature warmstart needs
+    /// Report whether this kernel has every feature warmstart needs; with --snapshot,
+    /// whether this host can run that snapshot (its kernel's vdso, CPU features and
+    /// xsave state, the files it uses)
     Check {
         #[arg(long)]
         json: bool,
+        /// A snapshot (name, id, or registry reference REGISTRY/REPO:TAG) to check
+        /// this host against
+        #[arg(long, value_name = "SNAP|REF")]
+        snapshot: Option<String>,
+        #[command(flatten)]
+        registry: crate::registry::RegistryOpts,
     },
     /// List snapshots
     Ls {
@@ -555,7 +563,26 @@ pub fn main(cli: Cli) -> Result<i32> {
         crate::progress::enable();
     }
     match &cli.command {
-        Command::Check { json } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
+        Command::Check {
+            json,
+            snapshot: Some(which),
+            registry,
+        } => {
+            let snap = if warmstart_snapshots::registry::Reference::looks_like(which) {
+                let r = warmstart_snapshots::registry::Reference::parse(which)
+                    .map_err(|e| anyhow::anyhow!("{which}: {e}"))?;
+                Snapshot::open_registry(&r, &registry.options(), None)
+                    .with_context(|| format!("cannot open {r}"))?
+            } else {
+                load(&open_store_ro(&cli)?, which)?.0
+            };
+            Ok(if crate::check::snapshot(&snap, *json)? {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Check { json, .. } => Ok(if crate::check::run(*json)? { 0 } else { 1 }),
         Command::Ls { json } => {
             // The default store not there yet is an empty one.
             let dir = store_dir(&cli)?;
@@ -947,6 +974,11 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
     println!(
         "  kernel:   {}  xsave {} bytes, XCR0 {:#x}",
         m.host.kernel_release, m.host.xsave_size, m.host.xsave_features
+    );
+    println!(
+        "  needs:    a CPU with {} (`warmstart check --snapshot` tells whether this host \
+         has them)",
+        m.host.cpu_features.join(" ")
     );
     println!(
         "  memory:   logical {}, resident {}, zero {}, stored {} (compressed), {} pages shared with other snapshots",

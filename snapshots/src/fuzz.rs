@@ -796,6 +796,8 @@ pub fn sample_manifest() -> Manifest {
             xsave_features: 0x2e7,
             xsave_size: 2696,
             vdso_image: b"\x7fELF".to_vec(),
+            cpu_features: vec!["sse4_2".into(), "avx2".into()],
+            xsave_layout: vec![(2, 576, 256), (5, 1088, 64)],
         },
         clocks: crate::model::Clocks {
             monotonic_ns: 12_345_678_901,

@@ -325,6 +325,13 @@ pub struct HostFacts {
     /// The `[vdso]` image itself (its blake3 is `vdso_hash`): what a restore on a host
     /// whose vdso differs compares its own with, export by export.
     pub vdso_image: Vec<u8>,
+    /// The CPU features the app could see through CPUID (names as in
+    /// `/proc/cpuinfo`'s flags, those warmstart knows): glibc's and JITs' code choices
+    /// rest on them, so a restoring CPU must have every one.
+    pub cpu_features: Vec<String>,
+    /// Where each xsave component of XCR0 above SSE sits in the saved xsave images
+    /// (standard format): `(component, offset, size)`, as CPUID leaf 0xD says.
+    pub xsave_layout: Vec<(u8, u32, u32)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

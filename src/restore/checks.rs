@@ -15,15 +15,78 @@ pub fn host(snap: &HostFacts) -> Result<()> {
             entries.len()
         );
     }
-    if here.xsave_features != snap.xsave_features {
+    cpu(snap, &here)
+}
+
+/// The CPU: every feature the snapshot's CPU showed the app (it may have chosen code by
+/// them), and room for every piece of its saved FPU/vector state.
+pub fn cpu(snap: &HostFacts, here: &HostFacts) -> Result<()> {
+    let missing: Vec<&str> = (snap.cpu_features.iter())
+        .filter(|f| !here.cpu_features.contains(f))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
         bail!(
-            "this CPU's enabled xsave features (XCR0 {:#x}) differ from the snapshot's ({:#x}): \
-             its saved FPU/vector state cannot be loaded here; restore on the same CPU kind",
-            here.xsave_features,
-            snap.xsave_features
+            "this CPU lacks {} that the snapshot's CPU had: the app may have chosen code that \
+             uses {} (glibc, compilers and JITs pick code by CPU feature at start-up), which \
+             would fault here; restore on a CPU that has {}",
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" },
+            if missing.len() == 1 { "it" } else { "them all" },
         );
     }
+    let lacking = snap.xsave_features & !here.xsave_features;
+    if lacking != 0 {
+        let names: Vec<String> = (0..64u8)
+            .filter(|&i| lacking >> i & 1 == 1)
+            .map(crate::sys::cpuid::component_name)
+            .collect();
+        bail!(
+            "this CPU does not enable xsave state the snapshot's saved (XCR0 {:#x} here, {:#x} \
+             there: {} missing): its threads' FPU/vector registers cannot be loaded here; \
+             restore on a CPU that has them",
+            here.xsave_features,
+            snap.xsave_features,
+            names.join(", ")
+        );
+    }
+    for &(i, _, size) in &snap.xsave_layout {
+        if let Some(&(_, _, mine)) = here.xsave_layout.iter().find(|c| c.0 == i) {
+            if mine != size {
+                bail!(
+                    "this CPU keeps {} in {mine} bytes, the snapshot's CPU in {size}: its \
+                     threads' saved state cannot be moved here; restore on the same CPU kind",
+                    crate::sys::cpuid::component_name(i)
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The xsave image `saved` of a thread of a snapshot taken on `snap`, as thread `tid`
+/// of this CPU takes it: as it is when both CPUs lay it out alike, else moved into this
+/// CPU's layout (see [`crate::sys::cpuid::convert_xsave`]) over the thread's own image.
+pub fn xsave_for_here<'a>(
+    snap: &HostFacts,
+    saved: &'a [u8],
+    tid: i32,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let (xcr0, layout) = crate::sys::cpuid::xsave_here();
+    if *xcr0 == snap.xsave_features && *layout == snap.xsave_layout {
+        return Ok(saved.into());
+    }
+    let current = crate::sys::ptrace::get_xstate(tid)
+        .with_context(|| format!("reading thread {tid}'s xsave image"))?;
+    crate::sys::cpuid::convert_xsave(
+        saved,
+        &snap.xsave_layout,
+        snap.xsave_features,
+        &current,
+        layout,
+    )
+    .map(Into::into)
+    .map_err(|e| anyhow::anyhow!("moving the saved xsave state to this CPU's layout: {e}"))
 }
 
 /// For a snapshot whose vdso (`snap`) is not this host's (`here`): each entry of its vdso

@@ -816,7 +816,7 @@ impl Parked {
                 failed_in = d.idx;
                 unmap_restorer(d.pid, &d.info, Unmap::Done)?;
                 for (&tid, t) in d.tids.iter().zip(&m.processes[d.idx].threads) {
-                    load_cpu_state(tid, t)?;
+                    load_cpu_state(tid, t, &m.host)?;
                 }
                 set_oom_score_adj(d.pid, m.processes[d.idx].oom_score_adj)?;
             }
@@ -1100,14 +1100,19 @@ fn set_oom_score_adj(pid: i32, want: i32) -> Result<()> {
     })
 }
 
-fn load_cpu_state(pid: i32, t: &warmstart_snapshots::model::Thread) -> Result<()> {
+fn load_cpu_state(
+    pid: i32,
+    t: &warmstart_snapshots::model::Thread,
+    host: &warmstart_snapshots::model::HostFacts,
+) -> Result<()> {
     let saved: ptrace::Regs = t
         .regs
         .as_slice()
         .try_into()
         .context("snapshot thread registers have the wrong size")?;
     ptrace::set_regs(pid, &saved).context("loading the saved registers")?;
-    ptrace::set_xstate(pid, &t.xsave).context("loading the saved xsave state")?;
+    let xsave = checks::xsave_for_here(host, &t.xsave, pid)?;
+    ptrace::set_xstate(pid, &xsave).context("loading the saved xsave state")?;
     ptrace::set_sigmask(pid, t.sigmask).context("loading the saved signal mask")?;
     crate::sys::sched::set(pid, &t.attrs).map_err(|e| anyhow::anyhow!("thread {}: {e}", t.tid))?;
     Ok(())

@@ -1,6 +1,7 @@
 //! Thin kernel wrappers that no crate provides.
 
 pub mod cgroup;
+pub mod cpuid;
 pub mod ipc;
 pub mod maps;
 pub mod nft;

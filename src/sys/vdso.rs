@@ -58,8 +58,10 @@ pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
         kernel_release: uts.release().to_string_lossy().into_owned(),
         vdso_hash: *blake3::hash(&vdso_image).as_bytes(),
         vdso_image,
-        xsave_features: xcr0(),
+        xsave_features: super::cpuid::xsave_here().0,
         xsave_size,
+        cpu_features: super::cpuid::features(),
+        xsave_layout: super::cpuid::xsave_here().1.clone(),
     })
 }
 
