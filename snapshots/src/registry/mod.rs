@@ -41,7 +41,7 @@ pub use client::{Client, Options};
 pub use reference::Reference;
 
 use crate::model::{Manifest, PAGE_SIZE};
-use crate::store::snapshot::BlockReader;
+use crate::store::snapshot::{first_mismatch, BlockReader, HASH_MISMATCH};
 use crate::store::table::{self, Record, TableMap, CODEC_LZ4, CODEC_RAW, TABLE_MAGIC};
 use crate::store::{Location, Snapshot, SnapshotId, Store, StoreError};
 
@@ -178,11 +178,10 @@ impl HotBlob {
             let jobs: Vec<_> = (indexes.chunks(per).zip(data.chunks(per * PAGE_SIZE)))
                 .map(|(idx, pages)| {
                     s.spawn(move || {
-                        (idx.iter().zip(pages.chunks_exact(PAGE_SIZE)))
-                            .find(|(&i, page)| {
-                                *blake3::hash(page).as_bytes() != table.record(i).hash
-                            })
-                            .map(|(&i, _)| i)
+                        let want: Vec<(usize, [u8; 32])> = (idx.iter().enumerate())
+                            .map(|(k, &i)| (k, table.record(i).hash))
+                            .collect();
+                        first_mismatch(pages, &want).map(|k| idx[k])
                     })
                 })
                 .collect();
@@ -690,6 +689,7 @@ impl Remote {
         out: &mut [u8],
     ) -> Result<(), StoreError> {
         let mut reader = BlockReader::default();
+        let mut want = Vec::new();
         let mut k = 0;
         while k < indexes.len() {
             if let Some(page) = self.hot_pages.as_ref().and_then(|h| h.page(indexes[k])) {
@@ -740,10 +740,14 @@ impl Remote {
                     .get(s..e)
                     .ok_or_else(|| self.corrupt(id, i, "its block is too short"))?;
                 reader
-                    .page(&r, src, &mut out[m * PAGE_SIZE..(m + 1) * PAGE_SIZE])
+                    .copy(&r, src, &mut out[m * PAGE_SIZE..(m + 1) * PAGE_SIZE])
                     .map_err(|reason| self.corrupt(id, i, &reason))?;
+                want.push((m, r.hash));
             }
             k = j;
+        }
+        if let Some(w) = first_mismatch(out, &want) {
+            return Err(self.corrupt(id, indexes[want[w].0], HASH_MISMATCH));
         }
         Ok(())
     }

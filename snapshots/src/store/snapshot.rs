@@ -54,6 +54,16 @@ impl BlockReader {
     /// Writes page `rec.loc.slot` of block `src` (stored at `rec.loc`) into `dst` and
     /// checks it against `rec.hash`. The error is the reason the page is corrupt.
     pub(crate) fn page(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
+        self.copy(rec, src, dst)?;
+        if blake3::hash(dst).as_bytes() != &rec.hash {
+            return Err(HASH_MISMATCH.into());
+        }
+        Ok(())
+    }
+
+    /// [`Self::page`] without the hash check: the caller checks a run of pages at once
+    /// ([`first_mismatch`]).
+    pub(crate) fn copy(&mut self, rec: &Record, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
         let loc = rec.loc;
         if loc.slot >= loc.pages {
             return Err("its page-table record is inconsistent".into());
@@ -95,11 +105,22 @@ impl BlockReader {
             }
             c => return Err(format!("unknown block codec {c}")),
         }
-        if blake3::hash(dst).as_bytes() != &rec.hash {
-            return Err("its content does not match its hash".into());
-        }
         Ok(())
     }
+}
+
+/// Why a page whose bytes are not those its record's hash names is refused.
+pub(crate) const HASH_MISMATCH: &str = "its content does not match its hash";
+
+/// The first of `want` (`(k, hash)`: page `k` of `out` must hash to `hash`) that does
+/// not hold, if any; the pages are hashed together ([`super::page_hash`]).
+pub(crate) fn first_mismatch(out: &[u8], want: &[(usize, [u8; 32])]) -> Option<usize> {
+    let pages: Vec<&[u8; PAGE_SIZE]> = (want.iter())
+        .map(|&(k, _)| out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].try_into().unwrap())
+        .collect();
+    let mut got = vec![[0u8; 32]; pages.len()];
+    super::page_hash::hash_pages(&pages, &mut got);
+    got.iter().zip(want).position(|(a, b)| *a != b.1)
 }
 
 impl Snapshot {
@@ -630,6 +651,14 @@ impl Snapshot {
     ) -> Result<(), StoreError> {
         let mut reader = BlockReader::default();
         let mut cur_pack: Option<(u32, Arc<Mmap>)> = None;
+        let mut read: Vec<(usize, [u8; 32])> = Vec::new();
+        let mut pages: Vec<u64> = Vec::new();
+        let corrupt = |i: u64, pack: u32, reason: String| StoreError::CorruptPage {
+            id: self.id.short(),
+            page: i,
+            pack: store.pack_path(pack),
+            reason,
+        };
         for (k, i) in indexes.enumerate() {
             let rec = self.table.record(i);
             let loc = rec.loc;
@@ -637,13 +666,18 @@ impl Snapshot {
             let (start, stop) = self.block_bounds(store, i, &map)?;
             let dst = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
             reader
-                .page(&rec, &map[start..stop], dst)
-                .map_err(|reason| StoreError::CorruptPage {
-                    id: self.id.short(),
-                    page: i,
-                    pack: store.pack_path(loc.pack),
-                    reason,
-                })?;
+                .copy(&rec, &map[start..stop], dst)
+                .map_err(|reason| corrupt(i, loc.pack, reason))?;
+            read.push((k, rec.hash));
+            pages.push(i);
+        }
+        if let Some(k) = first_mismatch(out, &read) {
+            let i = pages[k];
+            return Err(corrupt(
+                i,
+                self.table.record(i).loc.pack,
+                HASH_MISMATCH.into(),
+            ));
         }
         Ok(())
     }
@@ -685,6 +719,7 @@ impl Snapshot {
         out: &mut [u8],
     ) -> Result<(), StoreError> {
         let mut reader = BlockReader::default();
+        let mut want = Vec::new();
         let mut at = first;
         while at < end {
             let n = (end - at).min(remote::MAX_PAGES_PER_REQUEST);
@@ -715,9 +750,19 @@ impl Snapshot {
                 }
                 let k = (i - first) as usize;
                 reader
-                    .page(&rec, block, &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+                    .copy(&rec, block, &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
                     .map_err(corrupt)?;
+                want.push((k, rec.hash));
             }
+            if let Some(j) = first_mismatch(out, &want) {
+                return Err(StoreError::PageServerCorrupt {
+                    addr: client.addr().to_owned(),
+                    id: self.id.short(),
+                    page: first + want[j].0 as u64,
+                    reason: HASH_MISMATCH.into(),
+                });
+            }
+            want.clear();
             if !blocks.is_empty() {
                 return Err(StoreError::PageServer {
                     addr: client.addr().to_owned(),

@@ -319,10 +319,23 @@ fn parse_pack_name(name: &str, ext: &str) -> Option<u32> {
     name.strip_prefix("pack-")?.strip_suffix(ext)?.parse().ok()
 }
 
-/// Zero-ness and hash of each page of `data`: `None` for a zero page.
+/// Zero-ness and hash of each page of `data`: `None` for a zero page. The non-zero
+/// pages are hashed together ([`super::page_hash`]).
 fn hash_pages(data: &[u8], out: &mut [Option<[u8; 32]>]) {
-    for (page, h) in data.chunks_exact(PAGE_SIZE).zip(out) {
-        *h = (!is_zero(page)).then(|| *blake3::hash(page).as_bytes());
+    let mut pages: Vec<&[u8; PAGE_SIZE]> = Vec::with_capacity(out.len());
+    let mut at = Vec::with_capacity(out.len());
+    for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        if is_zero(page) {
+            out[i] = None;
+        } else {
+            pages.push(page.try_into().unwrap());
+            at.push(i);
+        }
+    }
+    let mut hashes = vec![[0u8; 32]; pages.len()];
+    super::page_hash::hash_pages(&pages, &mut hashes);
+    for (i, h) in at.into_iter().zip(hashes) {
+        out[i] = Some(h);
     }
 }
 
