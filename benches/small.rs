@@ -17,6 +17,9 @@
 //! (the cost of starting the warmstart binary) is timed in the same pairs.
 //!
 //! `cargo bench --bench small [-- PAIRS]` (default 11 pairs). Prints a markdown table.
+//! With `WARMSTART_BASELINE=PATH` (another build of warmstart, e.g. of an earlier
+//! commit), each pair is a triple: a lone `run` of the same snapshot by that binary is
+//! timed too, after the other two, for a before/after comparison in one run.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -155,6 +158,8 @@ fn version() -> Result<f64> {
 struct Row {
     cold: Vec<f64>,
     run: Vec<f64>,
+    /// Lone runs by `WARMSTART_BASELINE`.
+    baseline: Vec<f64>,
     version: Vec<f64>,
     error: Option<String>,
 }
@@ -202,6 +207,17 @@ fn measure_into(app: &App, work: &Path, pairs: usize, row: &mut Row) -> Result<(
         }
         row.cold.push(c);
         row.run.push(r);
+        if let Some(exe) = std::env::var_os("WARMSTART_BASELINE") {
+            let b = Target {
+                exe: PathBuf::from(exe),
+                ..t.clone()
+            };
+            let (r, a) = one(&b, app, Start::Served).context("a lone run of the baseline")?;
+            if a != expect {
+                bail!("a lone run of the baseline answered {a:?}, a cold start {expect:?}");
+            }
+            row.baseline.push(r);
+        }
         row.version.push(version()?);
     }
     Ok(())
@@ -367,11 +383,20 @@ fn main() -> Result<()> {
         loadavg(),
         started.elapsed().as_secs_f64()
     );
+    let baseline = std::env::var_os("WARMSTART_BASELINE").is_some();
     println!(
         "| app | cold | lone `run` | cold / run (of medians) | per pair | target (≥ ×1) | \
-         `warmstart --version` |"
+         `warmstart --version` |{}",
+        if baseline {
+            " baseline lone `run` | cold / baseline |"
+        } else {
+            ""
+        }
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|{}",
+        if baseline { "---|---|" } else { "" }
+    );
     let mut failed = Vec::new();
     for (app, r) in &rows {
         let cold = Summary::of(&r.cold);
@@ -386,8 +411,16 @@ fn main() -> Result<()> {
             Some(_) => "**missed**",
             None => "–",
         };
+        let base = Summary::of(&r.baseline);
+        let extra = match (&cold, &base) {
+            (Some(c), Some(b)) if b.median > 0.0 => {
+                format!(" {} | ×{:.2} |", ms_cell(&base), c.median / b.median)
+            }
+            _ if baseline => " – | – |".into(),
+            _ => String::new(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {verdict} | {} |",
+            "| {} | {} | {} | {} | {} | {verdict} | {} |{extra}",
             app.label,
             ms_cell(&cold),
             ms_cell(&run),
