@@ -323,31 +323,53 @@ impl Running {
     pub fn first_answer(&mut self, probe: &Probe, timeout: Duration) -> Result<Duration> {
         let until = self.started + timeout;
         match probe {
-            Probe::Line { .. } => {
-                let out = self.stdout.as_mut().expect("stdout");
-                let fd = out.as_raw_fd();
-                let mut buf = [0u8; 4096];
-                loop {
-                    if !wait_readable(fd, until)? {
-                        bail!(
-                            "no answer within {} s (the app never wrote a line)",
-                            timeout.as_secs()
-                        );
-                    }
-                    let n = out.read(&mut buf).context("reading the app's stdout")?;
-                    if n == 0 {
-                        let status = self.child.wait()?;
-                        bail!("the app closed its stdout without answering ({status})");
-                    }
-                    if buf[..n].contains(&b'\n') {
-                        return Ok(self.started.elapsed());
-                    }
-                }
-            }
+            Probe::Line { .. } => self.first_line_until(until, timeout).map(|(at, _)| at),
             Probe::Http { port } => self
                 .first_http_answer(*port, timeout, Duration::from_millis(2))
                 .map(|a| a.answered),
         }
+    }
+
+    /// Waits for the first line on the app's stdout and returns it (without its end of
+    /// line); [`Running::first_answer`] with a [`Probe::Line`] times the same wait.
+    pub fn first_line(&mut self, timeout: Duration) -> Result<String> {
+        let until = self.started + timeout;
+        self.first_line_until(until, timeout).map(|(_, l)| l)
+    }
+
+    /// The first stdout line, and when it came (since the start).
+    fn first_line_until(
+        &mut self,
+        until: Instant,
+        timeout: Duration,
+    ) -> Result<(Duration, String)> {
+        let out = self.stdout.as_mut().expect("stdout");
+        let fd = out.as_raw_fd();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            if !wait_readable(fd, until)? {
+                bail!(
+                    "no answer within {} s (the app never wrote a line)",
+                    timeout.as_secs()
+                );
+            }
+            let n = out.read(&mut buf).context("reading the app's stdout")?;
+            if n == 0 {
+                let status = self.child.wait()?;
+                bail!("the app closed its stdout without answering ({status})");
+            }
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.iter().position(|&b| b == b'\n') {
+                let at = self.started.elapsed();
+                return Ok((at, String::from_utf8_lossy(&got[..end]).into_owned()));
+            }
+        }
+    }
+
+    /// Whether the process started has exited (its status; it is reaped).
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// Polls `GET /hit` on 127.0.0.1:`port` until it is answered, `pause` between tries

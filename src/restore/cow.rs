@@ -544,10 +544,20 @@ fn fill_memfd(snap: &Snapshot, indexes: &[u64]) -> Result<OwnedFd> {
         .context("sizing the memfd of shared pages")?;
     /// Pages decoded per round (16 MiB), split over the cores.
     const ROUND: usize = 4096;
+    /// Fewer pages are decoded on this thread: starting threads and waiting for them (a
+    /// scheduling round each on a busy machine) costs more than decoding them (~4 µs a
+    /// page).
+    const SMALL: usize = 512;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut buf = vec![0u8; ROUND.min(indexes.len()) * PAGE_SIZE];
     for (r, round) in indexes.chunks(ROUND).enumerate() {
         let bytes = &mut buf[..round.len() * PAGE_SIZE];
+        if round.len() < SMALL || threads < 2 {
+            snap.read_page_list(round, bytes)?;
+            file.write_all_at(bytes, (r * ROUND) as u64 * PAGE)
+                .context("writing the shared pages to their memfd")?;
+            continue;
+        }
         let per = round.len().div_ceil(threads);
         std::thread::scope(|s| {
             let jobs: Vec<_> = round

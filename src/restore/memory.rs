@@ -321,15 +321,19 @@ impl Decoded {
         let mut bytes = vec![0u8; reps.len() * PAGE_SIZE];
         let indexes: Vec<u64> = reps.iter().map(|&(_, rep)| rep).collect();
         let per = indexes.len().div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|s| {
-            let jobs: Vec<_> = indexes
-                .chunks(per)
-                .zip(bytes.chunks_mut(per * PAGE_SIZE))
-                .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
-                .collect();
-            jobs.into_iter()
-                .try_for_each(|j| j.join().expect("page decoder panicked"))
-        })?;
+        if threads <= 1 {
+            snap.read_page_list(&indexes, &mut bytes)?;
+        } else {
+            std::thread::scope(|s| {
+                let jobs: Vec<_> = indexes
+                    .chunks(per)
+                    .zip(bytes.chunks_mut(per * PAGE_SIZE))
+                    .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
+                    .collect();
+                jobs.into_iter()
+                    .try_for_each(|j| j.join().expect("page decoder panicked"))
+            })?;
+        }
         let at: HashMap<[u8; 32], usize> = reps
             .iter()
             .enumerate()
@@ -354,6 +358,10 @@ pub struct FillJob<'a> {
     pub shared: &'a [Area],
 }
 
+/// Pages (in all) below which a tree's memory is written by the calling thread alone
+/// (~4 µs a page to decode: at most ~2 ms).
+const SMALL_FILL: u64 = 512;
+
 /// Writes the memory of every process of a tree (see [`FillJob`]): the contents several
 /// of them need decoded once ([`Decoded`]), then the processes filled side by side on
 /// all cores; pages in `hot` are taken from there (verified already) instead of being
@@ -366,11 +374,18 @@ pub fn fill_tree(
     jobs: &[FillJob],
     progress: &crate::progress::Bytes,
 ) -> Vec<Result<()>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let work: Vec<Vec<Batch>> = jobs
         .iter()
         .map(|j| batches(j.p, j.lazy, j.shared))
         .collect();
+    // A small fill is done on this thread: starting threads and waiting for them (a
+    // scheduling round each on a busy machine) costs more than the work.
+    let pages: u64 = work.iter().flatten().map(|b| b.count).sum();
+    let cores = if pages < SMALL_FILL {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
     let decoded = if jobs.len() > 1 {
         match Decoded::build(snap, hot, &work, cores) {
             Ok(d) => d,
@@ -396,7 +411,7 @@ pub fn fill_tree(
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or_default();
-        let r = write_batches(snap, hot, &decoded, job.pid, w, progress);
+        let r = write_batches(snap, hot, &decoded, job.pid, w, progress, cores);
         let failed = r.is_err();
         *results[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         if failed {
@@ -457,11 +472,12 @@ pub fn fill_template(
         }
     }
     let progress = crate::progress::Bytes::new("writing a template's memory", None);
-    write_batches(snap, None, &Decoded::default(), pid, work, &progress)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    write_batches(snap, None, &Decoded::default(), pid, work, &progress, cores)
 }
 
 /// Writes `work` into process `pid`: what is in the hot pages (or zeros) and writable in a
-/// few vectored writes, the rest decompressed on several cores and written through
+/// few vectored writes, the rest decompressed on up to `cores` cores and written through
 /// `/proc/PID/mem`.
 fn write_batches(
     snap: &Snapshot,
@@ -470,6 +486,7 @@ fn write_batches(
     pid: i32,
     work: Vec<Batch>,
     progress: &crate::progress::Bytes,
+    cores: usize,
 ) -> Result<()> {
     let open = || {
         OpenOptions::new()
@@ -493,10 +510,7 @@ fn write_batches(
     if work.is_empty() {
         return Ok(());
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
+    let threads = cores.min(8);
     // Pages to decompress are worth other cores; pages already in `hot` only need the
     // write, which one thread does without waiting for others to be scheduled.
     let to_decode = work
