@@ -7,6 +7,10 @@
 //! the spot meanwhile, never queued behind a parker) grows the snapshot's pool by one, up
 //! to the limit (`--pool-max`); an instance beyond the base size (`--pool`) that waits
 //! unused for [`IDLE_SHRINK`] is let go, and the pool shrinks back.
+//!
+//! A replacement is parked once the instance just started has gone quiet (its first
+//! work done: [`wait_quiet`]), not beside it: a restore takes a core for 10–20 ms, and
+//! on a small host that would be the core the instance's first answer needs.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +32,16 @@ const MAX_FAILURES: u32 = 3;
 const ALIVE_CHECK: Duration = Duration::from_secs(1);
 /// An instance parked beyond the base pool size that waits this long unused is let go.
 const IDLE_SHRINK: Duration = Duration::from_secs(60);
+/// How often a replacement's parker looks at the CPU time of the instance just started.
+const QUIET_POLL: Duration = Duration::from_millis(2);
+/// The instance is quiet once it used less than this share of a core over one
+/// [`QUIET_POLL`] (after some work at all).
+const QUIET_SHARE: u64 = 10;
+/// Its first work: at least this much CPU time since it started.
+const FIRST_WORK: Duration = Duration::from_micros(500);
+/// The most a replacement waits for that (an instance that gets no request, or one
+/// that keeps busy).
+const QUIET_MAX: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Pool {
@@ -81,6 +95,12 @@ impl Pools {
     /// Parks instances of `snap` until `size` are parked or parking; why not, when its
     /// instances are not parked.
     pub fn start(&self, snap: &Arc<Snapshot>) -> Option<String> {
+        self.start_after(snap, None)
+    }
+
+    /// [`Pools::start`], the new parkers first waiting for the instance whose app is
+    /// `after` to go quiet ([`wait_quiet`]).
+    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<i32>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
         }
@@ -97,7 +117,7 @@ impl Pools {
         pool.parking += missing;
         drop(pools);
         for _ in 0..missing {
-            self.spawn_parker(snap.clone());
+            self.spawn_parker(snap.clone(), after);
         }
         None
     }
@@ -146,9 +166,9 @@ impl Pools {
         }
     }
 
-    /// A request restored on the spot has its instance running (or failed): once no
-    /// other is being restored, park instances for the next ones.
-    pub fn spot_done(&self, snap: &Arc<Snapshot>) {
+    /// A request restored on the spot has its instance running (app `app`; `None`:
+    /// failed): once no other is being restored, park instances for the next ones.
+    pub fn spot_done(&self, snap: &Arc<Snapshot>, app: Option<i32>) {
         let idle = match self.lock().get_mut(&snap.id) {
             Some(p) => {
                 p.on_the_spot = p.on_the_spot.saturating_sub(1);
@@ -157,7 +177,7 @@ impl Pools {
             None => true,
         };
         if idle {
-            let _ = self.start(snap);
+            let _ = self.start_after(snap, app);
         }
     }
 
@@ -183,12 +203,17 @@ impl Pools {
         }
     }
 
-    fn spawn_parker(&self, snap: Arc<Snapshot>) {
+    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<i32>) {
         let pools = self.clone();
         let id = snap.id;
         let spawned = std::thread::Builder::new()
             .name("serve-parker".into())
-            .spawn(move || pools.parker(snap));
+            .spawn(move || {
+                if let Some(app) = after {
+                    wait_quiet(app);
+                }
+                pools.parker(snap)
+            });
         if let Err(e) = spawned {
             tracing::warn!("no thread to park an instance: {e}");
             if let Some(p) = self.lock().get_mut(&id) {
@@ -340,13 +365,53 @@ impl Pools {
                 Err(RecvTimeoutError::Timeout) => self.drop_template(&snap, None),
             }
         };
-        let refill = || {
-            self.start(&snap);
+        let refill = |app| {
+            self.start_after(&snap, app);
         };
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
         }
     }
+}
+
+/// Waits until the instance whose app is `app` has done its first work and gone quiet:
+/// it used at least [`FIRST_WORK`] of CPU time, then less than 1/[`QUIET_SHARE`] of a
+/// core over a [`QUIET_POLL`]; or it ended; at most [`QUIET_MAX`].
+fn wait_quiet(app: i32) {
+    let t = Instant::now();
+    let Some(first) = cpu_ns(app) else { return };
+    let mut last = first;
+    while t.elapsed() < QUIET_MAX {
+        std::thread::sleep(QUIET_POLL);
+        let Some(now) = cpu_ns(app) else { return };
+        let worked = now.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
+        if worked && now.saturating_sub(last) < QUIET_POLL.as_nanos() as u64 / QUIET_SHARE {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// The CPU time (ns) of every thread of process `pid` and of its descendants; `None`
+/// once it is gone.
+fn cpu_ns(pid: i32) -> Option<u64> {
+    let threads = |p: i32| -> u64 {
+        crate::sys::tasks::tasks(p)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|t| {
+                let s = std::fs::read_to_string(format!("/proc/{p}/task/{t}/schedstat")).ok()?;
+                s.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    crate::sys::tasks::tasks(pid).ok()?;
+    Some(
+        std::iter::once(pid)
+            .chain(crate::sys::tasks::descendants(pid))
+            .map(threads)
+            .sum(),
+    )
 }
 
 impl Pools {
