@@ -416,7 +416,10 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let pairs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(11);
     let only = args.iter().find(|a| a.parse::<usize>().is_err());
     let workloads = Path::new(MANIFEST_DIR).join("../shared/workloads");

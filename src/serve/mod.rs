@@ -11,6 +11,7 @@
 
 pub mod client;
 mod pool;
+mod prefault;
 pub mod protocol;
 
 use std::collections::HashMap;

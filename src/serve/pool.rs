@@ -33,10 +33,15 @@ const ALIVE_CHECK: Duration = Duration::from_secs(1);
 /// An instance parked beyond the base pool size that waits this long unused is let go.
 const IDLE_SHRINK: Duration = Duration::from_secs(60);
 /// How often a replacement's parker looks at the CPU time of the instance just started.
-const QUIET_POLL: Duration = Duration::from_millis(2);
+const QUIET_POLL: Duration = Duration::from_millis(1);
 /// The instance is quiet once it used less than this share of a core over one
 /// [`QUIET_POLL`] (after some work at all).
 const QUIET_SHARE: u64 = 10;
+/// ... over this many polls in a row.
+const QUIET_POLLS: u32 = 3;
+/// The first instances from a template whose written pages are learned (the most
+/// pages one wrote by its first quiet spell is kept).
+const LEARN_FROM: u32 = 4;
 /// Its first work: at least this much CPU time since it started.
 const FIRST_WORK: Duration = Duration::from_micros(500);
 /// The most a replacement waits for that (an instance that gets no request, or one
@@ -63,6 +68,12 @@ struct Pool {
     template: Arc<OnceLock<Option<Arc<Template>>>>,
     /// When an instance was last parked from the template.
     template_used: Option<Instant>,
+    /// The pages an instance from the template wrote by the time its first work was
+    /// done: each instance parked from the template gets its own copy of them
+    /// ([`super::prefault`]).
+    written: Option<Arc<super::prefault::Ranges>>,
+    /// Instances from the template the written pages were learned from (or tried).
+    learned_from: u32,
 }
 
 #[derive(Clone)]
@@ -100,7 +111,9 @@ impl Pools {
 
     /// [`Pools::start`], the new parkers first waiting for the instance whose app is
     /// `after` to go quiet ([`wait_quiet`]).
-    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<i32>) -> Option<String> {
+    /// With `learn`, the instance came from a template, and what it wrote by then is
+    /// learned ([`Pools::learn_written`]).
+    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<(i32, bool)>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
         }
@@ -177,7 +190,7 @@ impl Pools {
             None => true,
         };
         if idle {
-            let _ = self.start_after(snap, app);
+            let _ = self.start_after(snap, app.map(|a| (a, false)));
         }
     }
 
@@ -203,14 +216,19 @@ impl Pools {
         }
     }
 
-    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<i32>) {
+    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<(i32, bool)>) {
         let pools = self.clone();
         let id = snap.id;
         let spawned = std::thread::Builder::new()
             .name("serve-parker".into())
             .spawn(move || {
-                if let Some(app) = after {
-                    wait_quiet(app);
+                if let Some((app, learn)) = after {
+                    let learn = learn && pools.learning(&snap);
+                    wait_quiet(app, || {
+                        if learn {
+                            pools.learn_written(&snap, app)
+                        }
+                    });
                 }
                 pools.parker(snap)
             });
@@ -288,6 +306,67 @@ impl Pools {
         tracing::info!("template of {} dropped: {why}", snap.id.short());
     }
 
+    /// Whether the pages instances of `snap` write first are still learned (from the
+    /// first [`LEARN_FROM`] instances from its template); counts one.
+    fn learning(&self, snap: &Snapshot) -> bool {
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(&snap.id) else {
+            return false;
+        };
+        p.learned_from += 1;
+        p.learned_from <= LEARN_FROM
+    }
+
+    /// Learns which pages instance `app` of `snap` (from its template, its first work
+    /// done) wrote, if more than known so far.
+    fn learn_written(&self, snap: &Snapshot, app: i32) {
+        let t = Instant::now();
+        let pages = match super::prefault::written(app) {
+            Ok(p) => p,
+            Err(e) => return tracing::debug!("the pages instance {app} wrote: {e}"),
+        };
+        let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
+        let n: u64 = count(&pages);
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(&snap.id) else {
+            return;
+        };
+        if p.written.as_deref().is_some_and(|w| count(w) >= n) {
+            return;
+        }
+        p.written = Some(Arc::new(pages));
+        drop(pools);
+        tracing::info!(
+            "instances of {} wrote {n} pages by their first answer (read in {:?}): those \
+             parked from now on get their own copy of them",
+            snap.id.short(),
+            t.elapsed()
+        );
+    }
+
+    /// Gives parked instance `parked` its own copy of the pages instances of `snap`
+    /// write first ([`super::prefault`]), once known.
+    fn prefault(&self, snap: &Snapshot, parked: &crate::restore::Parked) {
+        let Some(pages) = self.lock().get(&snap.id).and_then(|p| p.written.clone()) else {
+            return;
+        };
+        let t = Instant::now();
+        match super::prefault::copy_shared(parked.pid(), &pages) {
+            Ok(n) => tracing::debug!(
+                "copied {n} pages the first request writes into a parked instance of {} \
+                 in {:?}",
+                snap.id.short(),
+                t.elapsed()
+            ),
+            // The instance is as parked: it copies them at its first writes instead.
+            Err(e) => tracing::debug!(
+                "copying the pages the first request writes into a parked instance of \
+                 {}: {e}",
+                snap.id.short()
+            ),
+        }
+    }
+
     fn parker(&self, snap: Arc<Snapshot>) {
         let mut opts = super::restore_options(&snap, None);
         opts.template = self.template(&snap);
@@ -306,6 +385,9 @@ impl Pools {
                 );
                 self.drop_template(&snap, Some("an instance from it failed"));
             }
+        }
+        if let (Ok(p), Some(_)) = (&parked, &opts.template) {
+            self.prefault(&snap, p);
         }
         let (tx, rx) = channel::<Handoff>();
         let me = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -365,8 +447,9 @@ impl Pools {
                 Err(RecvTimeoutError::Timeout) => self.drop_template(&snap, None),
             }
         };
-        let refill = |app| {
-            self.start_after(&snap, app);
+        let from_template = opts.template.is_some();
+        let refill = |app: Option<i32>| {
+            self.start_after(&snap, app.map(|a| (a, from_template)));
         };
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
@@ -376,19 +459,35 @@ impl Pools {
 
 /// Waits until the instance whose app is `app` has done its first work and gone quiet:
 /// it used at least [`FIRST_WORK`] of CPU time, then less than 1/[`QUIET_SHARE`] of a
-/// core over a [`QUIET_POLL`]; or it ended; at most [`QUIET_MAX`].
-fn wait_quiet(app: i32) {
+/// core over [`QUIET_POLLS`] polls in a row (an app waiting for a page looks quiet for a
+/// moment too); or it ended; at most [`QUIET_MAX`]. `lull` is called at the first poll
+/// of each quiet spell after its first work (the instance may end before the spell
+/// counts as quiet: a caller that stops it right after its answer).
+fn wait_quiet(app: i32, mut lull: impl FnMut()) {
     let t = Instant::now();
-    let Some(first) = cpu_ns(app) else { return };
-    let mut last = first;
+    let Some(first) = cpu_ns(app) else {
+        return;
+    };
+    let (mut last, mut last_t, mut quiet) = (first, Instant::now(), 0);
     while t.elapsed() < QUIET_MAX {
         std::thread::sleep(QUIET_POLL);
-        let Some(now) = cpu_ns(app) else { return };
-        let worked = now.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
-        if worked && now.saturating_sub(last) < QUIET_POLL.as_nanos() as u64 / QUIET_SHARE {
+        let Some(now) = cpu_ns(app) else {
             return;
+        };
+        let worked = now.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
+        let window = last_t.elapsed().as_nanos() as u64;
+        if worked && now.saturating_sub(last) < window / QUIET_SHARE {
+            quiet += 1;
+            if quiet == 1 {
+                lull();
+            }
+            if quiet >= QUIET_POLLS {
+                return;
+            }
+        } else {
+            quiet = 0;
         }
-        last = now;
+        (last, last_t) = (now, Instant::now());
     }
 }
 
