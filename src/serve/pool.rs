@@ -39,9 +39,9 @@ const QUIET_POLL: Duration = Duration::from_millis(1);
 const QUIET_SHARE: u64 = 10;
 /// ... over this many polls in a row.
 const QUIET_POLLS: u32 = 3;
-/// The first instances from a template whose written pages are learned (the most
-/// pages one wrote by its first quiet spell is kept).
-const LEARN_FROM: u32 = 4;
+/// The instances from a template whose written pages are learned (the most pages one
+/// wrote by its first quiet spell is kept).
+const LEARN_FROM: u32 = 3;
 /// Its first work: at least this much CPU time since it started.
 const FIRST_WORK: Duration = Duration::from_micros(500);
 /// The most a replacement waits for that (an instance that gets no request, or one
@@ -72,7 +72,7 @@ struct Pool {
     /// done: each instance parked from the template gets its own copy of them
     /// ([`super::prefault`]).
     written: Option<Arc<super::prefault::Ranges>>,
-    /// Instances from the template the written pages were learned from (or tried).
+    /// Instances the written pages were read from (at a quiet spell of theirs).
     learned_from: u32,
 }
 
@@ -224,11 +224,17 @@ impl Pools {
             .spawn(move || {
                 if let Some((app, learn)) = after {
                     let learn = learn && pools.learning(&snap);
+                    let mut read = false;
                     wait_quiet(app, || {
                         if learn {
-                            pools.learn_written(&snap, app)
+                            read |= pools.learn_written(&snap, app);
                         }
                     });
+                    if read {
+                        if let Some(p) = pools.lock().get_mut(&snap.id) {
+                            p.learned_from += 1;
+                        }
+                    }
                 }
                 pools.parker(snap)
             });
@@ -306,33 +312,34 @@ impl Pools {
         tracing::info!("template of {} dropped: {why}", snap.id.short());
     }
 
-    /// Whether the pages instances of `snap` write first are still learned (from the
-    /// first [`LEARN_FROM`] instances from its template); counts one.
+    /// Whether the pages instances of `snap` write first are still learned: until they
+    /// were read from [`LEARN_FROM`] instances from its template (an instance stopped
+    /// right after its answer may be gone before).
     fn learning(&self, snap: &Snapshot) -> bool {
-        let mut pools = self.lock();
-        let Some(p) = pools.get_mut(&snap.id) else {
-            return false;
-        };
-        p.learned_from += 1;
-        p.learned_from <= LEARN_FROM
+        self.lock()
+            .get(&snap.id)
+            .is_some_and(|p| p.learned_from < LEARN_FROM)
     }
 
     /// Learns which pages instance `app` of `snap` (from its template, its first work
-    /// done) wrote, if more than known so far.
-    fn learn_written(&self, snap: &Snapshot, app: i32) {
+    /// done) wrote, if more than known so far; whether they could be read.
+    fn learn_written(&self, snap: &Snapshot, app: i32) -> bool {
         let t = Instant::now();
         let pages = match super::prefault::written(app) {
             Ok(p) => p,
-            Err(e) => return tracing::debug!("the pages instance {app} wrote: {e}"),
+            Err(e) => {
+                tracing::debug!("the pages instance {app} wrote: {e}");
+                return false;
+            }
         };
         let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
         let n: u64 = count(&pages);
         let mut pools = self.lock();
         let Some(p) = pools.get_mut(&snap.id) else {
-            return;
+            return false;
         };
         if p.written.as_deref().is_some_and(|w| count(w) >= n) {
-            return;
+            return true;
         }
         p.written = Some(Arc::new(pages));
         drop(pools);
@@ -342,6 +349,7 @@ impl Pools {
             snap.id.short(),
             t.elapsed()
         );
+        true
     }
 
     /// Gives parked instance `parked` its own copy of the pages instances of `snap`
