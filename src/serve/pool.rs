@@ -13,7 +13,7 @@
 //! on a small host that would be the core the instance's first answer needs.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
@@ -74,6 +74,8 @@ struct Pool {
     written: Option<Arc<super::prefault::Ranges>>,
     /// Instances the written pages were read from (at a quiet spell of theirs).
     learned_from: u32,
+    /// A parker is reading them now.
+    learning: bool,
 }
 
 #[derive(Clone)]
@@ -86,6 +88,8 @@ pub(super) struct Pools {
     max: usize,
     by_snap: Arc<Mutex<HashMap<SnapshotId, Pool>>>,
     next_id: Arc<AtomicU64>,
+    /// Parkers waiting for the instance before theirs to go quiet ([`wait_quiet`]).
+    quiet_waiters: Arc<AtomicUsize>,
 }
 
 impl Pools {
@@ -96,6 +100,7 @@ impl Pools {
             max: max.max(size),
             by_snap: Arc::default(),
             next_id: Arc::default(),
+            quiet_waiters: Arc::default(),
         }
     }
 
@@ -223,13 +228,14 @@ impl Pools {
             .name("serve-parker".into())
             .spawn(move || {
                 if let Some((app, learn)) = after {
-                    let learn = learn && pools.learning(&snap);
                     let mut read = false;
-                    wait_quiet(app, || {
+                    pools.quiet_waiters.fetch_add(1, Ordering::Relaxed);
+                    wait_quiet(app, &pools.quiet_waiters, || {
                         if learn {
                             read |= pools.learn_written(&snap, app);
                         }
                     });
+                    pools.quiet_waiters.fetch_sub(1, Ordering::Relaxed);
                     if read {
                         if let Some(p) = pools.lock().get_mut(&snap.id) {
                             p.learned_from += 1;
@@ -312,20 +318,29 @@ impl Pools {
         tracing::info!("template of {} dropped: {why}", snap.id.short());
     }
 
-    /// Whether the pages instances of `snap` write first are still learned: until they
-    /// were read from [`LEARN_FROM`] instances from its template (an instance stopped
-    /// right after its answer may be gone before).
-    fn learning(&self, snap: &Snapshot) -> bool {
-        self.lock()
-            .get(&snap.id)
-            .is_some_and(|p| p.learned_from < LEARN_FROM)
-    }
-
     /// Learns which pages instance `app` of `snap` (from its template, its first work
-    /// done) wrote, if more than known so far; whether they could be read.
+    /// done) wrote, if more than known so far; whether they could be read. Learned
+    /// until read from [`LEARN_FROM`] instances (one stopped right after its answer may
+    /// be gone first), by one parker at a time.
     fn learn_written(&self, snap: &Snapshot, app: i32) -> bool {
+        {
+            let mut pools = self.lock();
+            let Some(p) = pools.get_mut(&snap.id) else {
+                return false;
+            };
+            if p.learning || p.learned_from >= LEARN_FROM {
+                return false;
+            }
+            p.learning = true;
+        }
         let t = Instant::now();
-        let pages = match super::prefault::written(app) {
+        let read = super::prefault::written(app);
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(&snap.id) else {
+            return false;
+        };
+        p.learning = false;
+        let pages = match read {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!("the pages instance {app} wrote: {e}");
@@ -334,10 +349,6 @@ impl Pools {
         };
         let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
         let n: u64 = count(&pages);
-        let mut pools = self.lock();
-        let Some(p) = pools.get_mut(&snap.id) else {
-            return false;
-        };
         if p.written.as_deref().is_some_and(|w| count(w) >= n) {
             return true;
         }
@@ -466,23 +477,28 @@ impl Pools {
 }
 
 /// Waits until the instance whose app is `app` has done its first work and gone quiet:
-/// it used at least [`FIRST_WORK`] of CPU time, then less than 1/[`QUIET_SHARE`] of a
-/// core over [`QUIET_POLLS`] polls in a row (an app waiting for a page looks quiet for a
-/// moment too); or it ended; at most [`QUIET_MAX`]. `lull` is called at the first poll
-/// of each quiet spell after its first work (the instance may end before the spell
-/// counts as quiet: a caller that stops it right after its answer).
-fn wait_quiet(app: i32, mut lull: impl FnMut()) {
+/// it used at least [`FIRST_WORK`] of CPU time, then, over [`QUIET_POLLS`] polls in a
+/// row, less than 1/[`QUIET_SHARE`] of a core and as little time waiting for one (an
+/// app waiting for a page looks quiet for a moment too; one waiting for a core does
+/// not); or it ended; at most [`QUIET_MAX`]. `lull` is called at the first poll of each
+/// quiet spell after its first work (the instance may end before the spell counts as
+/// quiet: a caller that stops it right after its answer). `waiters`: the parkers waiting
+/// so (this one included); the more, the less often each polls.
+fn wait_quiet(app: i32, waiters: &AtomicUsize, mut lull: impl FnMut()) {
     let t = Instant::now();
     let Some(first) = cpu_ns(app) else {
         return;
     };
-    let (mut last, mut last_t, mut quiet) = (first, Instant::now(), 0);
+    let busy = |cpu: u64| cpu + wait_ns(app).unwrap_or(0);
+    let (mut last, mut last_t, mut quiet) = (busy(first), Instant::now(), 0);
     while t.elapsed() < QUIET_MAX {
-        std::thread::sleep(QUIET_POLL);
-        let Some(now) = cpu_ns(app) else {
+        let n = waiters.load(Ordering::Relaxed).clamp(1, 8) as u32;
+        std::thread::sleep(QUIET_POLL * n);
+        let Some(cpu) = cpu_ns(app) else {
             return;
         };
-        let worked = now.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
+        let now = busy(cpu);
+        let worked = cpu.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
         let window = last_t.elapsed().as_nanos() as u64;
         if worked && now.saturating_sub(last) < window / QUIET_SHARE {
             quiet += 1;
@@ -497,6 +513,13 @@ fn wait_quiet(app: i32, mut lull: impl FnMut()) {
         }
         (last, last_t) = (now, Instant::now());
     }
+}
+
+/// How long (ns) the main thread of process `pid` has waited for a core while runnable
+/// (`/proc/PID/schedstat`, its second field).
+fn wait_ns(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The CPU time (ns) of process `pid` (all its threads) and of the children its main
