@@ -3,7 +3,9 @@
 //! seconds of streaming), all alive at once; the total Pss of everything the daemon runs
 //! (templates, sandboxes, apps), with templates and with `--no-templates`, side by side.
 //!
-//! `cargo bench --bench density [-- N]` (default 32 instances). Prints a markdown table.
+//! `cargo bench --bench density [-- N [ONLY]]` (default 32 instances; `ONLY`: just the
+//! workloads whose name contains it). `WARMSTART_EXE` names another warmstart binary to
+//! measure (an older build, side by side). Prints a markdown table.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,8 +20,15 @@ const EXE: &str = env!("CARGO_BIN_EXE_warmstart");
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The warmstart binary measured: `WARMSTART_EXE`, else this build's.
+fn exe() -> PathBuf {
+    std::env::var_os("WARMSTART_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(EXE))
+}
+
 fn ws(store: &Path) -> Command {
-    let mut c = Command::new(EXE);
+    let mut c = Command::new(exe());
     c.arg("--store").arg(store);
     c
 }
@@ -45,7 +54,7 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
     if !templates {
         args.push("--no-templates");
     }
-    let mut daemon = ServeDaemon::start_args(Path::new(EXE), store, &args)?;
+    let mut daemon = ServeDaemon::start_args(&exe(), store, &args)?;
     daemon
         .wait_log("parked an instance of", n, TIMEOUT)
         .context("waiting for the pool to fill")?;
@@ -83,10 +92,12 @@ fn measure(store: &Path, n: usize, templates: bool) -> Result<u64> {
 }
 
 fn main() -> Result<()> {
-    let n: usize = std::env::args()
+    let args: Vec<String> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(32);
+        .filter(|a| a != "--bench")
+        .collect();
+    let n: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(32);
+    let only = args.iter().find(|a| a.parse::<usize>().is_err());
     let workloads = PathBuf::from(MANIFEST_DIR).join("../shared/workloads");
     // Not under /tmp: a recorded app gets a private /tmp of its own.
     let target = PathBuf::from(MANIFEST_DIR).join("target");
@@ -119,7 +130,11 @@ fn main() -> Result<()> {
         "| workload | instances | total Pss, templates | total Pss, each on its own | ratio |"
     );
     println!("|---|---|---|---|---|");
+    eprintln!("measuring {}", exe().display());
     for (name, cmd) in apps {
+        if only.is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let store = tempfile::tempdir()?;
         check(
             ws(store.path())

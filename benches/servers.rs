@@ -18,7 +18,9 @@
 //!   snapshot; their time to first response (p50, max) and the total Pss of the 16
 //!   instances (sandbox and app) and of the template they were forked from.
 //!
-//! `cargo bench --bench servers [-- PAIRS]` (default 11 pairs). Prints markdown tables.
+//! `cargo bench --bench servers [-- PAIRS [ONLY]]` (default 11 pairs; `ONLY`: just the
+//! workloads whose label contains it, e.g. `prime`). `WARMSTART_EXE` names another
+//! warmstart binary to measure (an older build, side by side). Prints markdown tables.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -342,6 +344,13 @@ impl Pool {
     }
 }
 
+/// The warmstart binary measured: `WARMSTART_EXE`, else this build's.
+fn exe() -> PathBuf {
+    std::env::var_os("WARMSTART_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(EXE))
+}
+
 fn measure_app(app: &App, pairs: usize) -> Row {
     let mut row = Row::default();
     if let Err(e) = measure_into(app, pairs, &mut row) {
@@ -354,7 +363,7 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
     let store = tempfile::tempdir()?;
     let t = on_port(
         &Target {
-            exe: PathBuf::from(EXE),
+            exe: exe(),
             store: store.path().to_owned(),
             command: app.command.clone(),
             env: Vec::new(),
@@ -407,10 +416,12 @@ fn measure_into(app: &App, pairs: usize, row: &mut Row) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let pairs: usize = std::env::args()
+    let args: Vec<String> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(11);
+        .filter(|a| a != "--bench")
+        .collect();
+    let pairs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(11);
+    let only = args.iter().find(|a| a.parse::<usize>().is_err());
     let workloads = Path::new(MANIFEST_DIR).join("../shared/workloads");
     let w = |f: &str| workloads.join(f).to_string_lossy().into_owned();
     let (py, node) = (python()?, real_path("node")?);
@@ -431,6 +442,10 @@ fn main() -> Result<()> {
             target: 20.0,
         });
     }
+    if let Some(only) = only {
+        apps.retain(|a| a.label().contains(only.as_str()));
+    }
+    eprintln!("measuring {}", exe().display());
     let started = Instant::now();
     let rows: Vec<(&App, Row)> = apps.iter().map(|a| (a, measure_app(a, pairs))).collect();
     println!(

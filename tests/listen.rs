@@ -162,8 +162,8 @@ fn systemd_run(ws: &Ws, fd: i32, args: &[&str]) -> Proc {
 
 /// `serve` parks a server: the parked instance holds a placeholder, so its port stays
 /// free; at hand-out the daemon binds the recorded address and the instance answers
-/// there, counting on from the snapshot, and stops on SIGTERM; the next one (the pool
-/// refilled meanwhile) gets the port again once the first is gone. `run --listen` goes
+/// there, counting on from the snapshot, and stops on SIGTERM; the next one (once the
+/// pool is refilled) gets the port again once the first is gone. `run --listen` goes
 /// through the daemon too: parked instances side by side, each on the caller's socket.
 #[test]
 fn serve_parks_a_server_and_hands_it_its_listener() {
@@ -200,11 +200,11 @@ fn serve_parks_a_server_and_hands_it_its_listener() {
             assert!(Instant::now() < deadline, "{ctx}: port {port} stays taken");
             std::thread::yield_now();
         }
+        // Its hand-out parks a replacement once the instance has gone quiet (or gone):
+        // the pool is full again once it is.
+        daemon.wait_stderr("parked an instance of");
     }
 
-    // Each round's hand-out parked a replacement: the pool is full again once both are.
-    daemon.wait_stderr("parked an instance of");
-    daemon.wait_stderr("parked an instance of");
     let mut side = Vec::new();
     for i in 1..=2 {
         let p = free_port();

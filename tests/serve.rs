@@ -444,3 +444,56 @@ fn parked_instances_share_the_template_s_memory() {
         assert_eq!(listed_templates, usize::from(templates), "{listed:?}");
     }
 }
+
+/// The pages an instance from a template writes by its first answer are learned once it
+/// has gone quiet, and every instance parked after that gets its own copy of those it
+/// still shares, at parking (issue 15: its first request pays no copy-on-write fault on
+/// them). The copies hold the snapshot's bytes, not those of the instance they were
+/// learned from (which flipped a byte of the area), and the instance's `/proc` state is
+/// the one recorded.
+#[test]
+fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
+    let ws = Ws::new();
+    let captures = common::tempdir("ws-state-");
+    let before_path = captures.path().join("before");
+    ws.record_env(
+        "pat",
+        &[fixture("pattern").as_os_str(), "16".as_ref()],
+        &[("ZDTM_STATE", before_path.as_os_str())],
+    );
+    let before = std::fs::read_to_string(&before_path).unwrap();
+    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
+    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+    let daemon = Proc::spawn(&mut ws.cmd(&["-vv", "serve", "--warm", "pat"]));
+    let line = daemon.read_line();
+    assert!(line.starts_with("serving "), "serve printed {line:?}");
+    daemon.wait_stderr("parked an instance of");
+
+    // The first instance verifies the whole area (its first work), flips a byte of it and
+    // waits: quiet, still there.
+    let mut first = Proc::spawn(&mut ws.cmd(&["run", "pat"]));
+    first.send("check\nbreak\nsleep");
+    assert_eq!(first.read_line(), "PASS");
+    assert_eq!(first.read_line(), "SLEEPING");
+    let learned = daemon.wait_stderr("by their first answer");
+    let copied = daemon.wait_stderr("the first request writes into a parked instance");
+    let pages: u64 = copied
+        .split_whitespace()
+        .skip_while(|w| *w != "copied")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no page count in {copied:?}"));
+    assert!(pages > 0, "nothing copied: {learned} / {copied}");
+    daemon.wait_stderr("parked an instance of");
+
+    // Handed out: the snapshot's bytes, every one, and its recorded /proc state.
+    let out = ws.served("pat", common::STATE_CHECK_TWICE);
+    let ctx = format!("served after {pages} pages were copied in at parking");
+    let (after, rest) = common::state::split_state(&out.stdout)
+        .unwrap_or_else(|| panic!("{ctx}: no state capture:\n{}", out.describe()));
+    let diffs = common::state::differences(&ctx, &before, common::state::Taken::AtRecord, after);
+    common::state::report(&ctx, &diffs);
+    assert_eq!(rest, "PASS\nPASS\n", "{ctx}:\n{}", out.describe());
+    assert_eq!(out.code(), 0, "{ctx}:\n{}", out.describe());
+    drop(first);
+}

@@ -11,6 +11,7 @@
 
 pub mod client;
 mod pool;
+mod prefault;
 pub mod protocol;
 
 use std::collections::HashMap;
@@ -356,7 +357,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     // Nothing parked (yet): restore it here, then park more for the next requests (not
     // before, nor while other requests are restored on the spot: parking would slow
     // them down).
-    serve_instance(&snap, None, req, || daemon.pools.spot_done(&snap))
+    serve_instance(&snap, None, req, |app| daemon.pools.spot_done(&snap, app))
 }
 
 /// A request on its way to the thread that runs its instance.
@@ -477,15 +478,16 @@ fn start_instance(
 
 /// Starts the instance for `req` ([`start_instance`]), tells the caller it runs, relays
 /// its signals, and tells it how the instance ended.
-/// `started` is called once the instance runs (or could not be started).
+/// `started` is called once the instance runs, with its app's pid (or could not be
+/// started: `None`).
 fn serve_instance(
     snap: &Arc<Snapshot>,
     parked: Option<Parked>,
     req: Handoff,
-    started: impl FnOnce(),
+    started: impl FnOnce(Option<i32>),
 ) -> Result<()> {
     let started_instance = start_instance(snap, parked, &req);
-    started();
+    started(started_instance.as_ref().ok().map(|(r, ..)| r.pid));
     let (r, _listed, parked) = match started_instance {
         Ok(x) => x,
         Err(e) => {

@@ -7,9 +7,13 @@
 //! the spot meanwhile, never queued behind a parker) grows the snapshot's pool by one, up
 //! to the limit (`--pool-max`); an instance beyond the base size (`--pool`) that waits
 //! unused for [`IDLE_SHRINK`] is let go, and the pool shrinks back.
+//!
+//! A replacement is parked once the instance just started has gone quiet (its first
+//! work done: [`wait_quiet`]), not beside it: a restore takes a core for 10–20 ms, and
+//! on a small host that would be the core the instance's first answer needs.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
@@ -28,6 +32,21 @@ const MAX_FAILURES: u32 = 3;
 const ALIVE_CHECK: Duration = Duration::from_secs(1);
 /// An instance parked beyond the base pool size that waits this long unused is let go.
 const IDLE_SHRINK: Duration = Duration::from_secs(60);
+/// How often a replacement's parker looks at the CPU time of the instance just started.
+const QUIET_POLL: Duration = Duration::from_millis(1);
+/// The instance is quiet once it used less than this share of a core over one
+/// [`QUIET_POLL`] (after some work at all).
+const QUIET_SHARE: u64 = 10;
+/// ... over this many polls in a row.
+const QUIET_POLLS: u32 = 3;
+/// The instances from a template whose written pages are learned (the most pages one
+/// wrote by its first quiet spell is kept).
+const LEARN_FROM: u32 = 3;
+/// Its first work: at least this much CPU time since it started.
+const FIRST_WORK: Duration = Duration::from_micros(500);
+/// The most a replacement waits for that (an instance that gets no request, or one
+/// that keeps busy).
+const QUIET_MAX: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Pool {
@@ -49,6 +68,14 @@ struct Pool {
     template: Arc<OnceLock<Option<Arc<Template>>>>,
     /// When an instance was last parked from the template.
     template_used: Option<Instant>,
+    /// The pages an instance from the template wrote by the time its first work was
+    /// done: each instance parked from the template gets its own copy of them
+    /// ([`super::prefault`]).
+    written: Option<Arc<super::prefault::Ranges>>,
+    /// Instances the written pages were read from (at a quiet spell of theirs).
+    learned_from: u32,
+    /// A parker is reading them now.
+    learning: bool,
 }
 
 #[derive(Clone)]
@@ -61,6 +88,8 @@ pub(super) struct Pools {
     max: usize,
     by_snap: Arc<Mutex<HashMap<SnapshotId, Pool>>>,
     next_id: Arc<AtomicU64>,
+    /// Parkers waiting for the instance before theirs to go quiet ([`wait_quiet`]).
+    quiet_waiters: Arc<AtomicUsize>,
 }
 
 impl Pools {
@@ -71,6 +100,7 @@ impl Pools {
             max: max.max(size),
             by_snap: Arc::default(),
             next_id: Arc::default(),
+            quiet_waiters: Arc::default(),
         }
     }
 
@@ -81,6 +111,14 @@ impl Pools {
     /// Parks instances of `snap` until `size` are parked or parking; why not, when its
     /// instances are not parked.
     pub fn start(&self, snap: &Arc<Snapshot>) -> Option<String> {
+        self.start_after(snap, None)
+    }
+
+    /// [`Pools::start`], the new parkers first waiting for the instance whose app is
+    /// `after` to go quiet ([`wait_quiet`]).
+    /// With `learn`, the instance came from a template, and what it wrote by then is
+    /// learned ([`Pools::learn_written`]).
+    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<(i32, bool)>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
         }
@@ -97,7 +135,7 @@ impl Pools {
         pool.parking += missing;
         drop(pools);
         for _ in 0..missing {
-            self.spawn_parker(snap.clone());
+            self.spawn_parker(snap.clone(), after);
         }
         None
     }
@@ -146,9 +184,9 @@ impl Pools {
         }
     }
 
-    /// A request restored on the spot has its instance running (or failed): once no
-    /// other is being restored, park instances for the next ones.
-    pub fn spot_done(&self, snap: &Arc<Snapshot>) {
+    /// A request restored on the spot has its instance running (app `app`; `None`:
+    /// failed): once no other is being restored, park instances for the next ones.
+    pub fn spot_done(&self, snap: &Arc<Snapshot>, app: Option<i32>) {
         let idle = match self.lock().get_mut(&snap.id) {
             Some(p) => {
                 p.on_the_spot = p.on_the_spot.saturating_sub(1);
@@ -157,7 +195,7 @@ impl Pools {
             None => true,
         };
         if idle {
-            let _ = self.start(snap);
+            let _ = self.start_after(snap, app.map(|a| (a, false)));
         }
     }
 
@@ -183,12 +221,29 @@ impl Pools {
         }
     }
 
-    fn spawn_parker(&self, snap: Arc<Snapshot>) {
+    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<(i32, bool)>) {
         let pools = self.clone();
         let id = snap.id;
         let spawned = std::thread::Builder::new()
             .name("serve-parker".into())
-            .spawn(move || pools.parker(snap));
+            .spawn(move || {
+                if let Some((app, learn)) = after {
+                    let mut read = false;
+                    pools.quiet_waiters.fetch_add(1, Ordering::Relaxed);
+                    wait_quiet(app, &pools.quiet_waiters, || {
+                        if learn {
+                            read |= pools.learn_written(&snap, app);
+                        }
+                    });
+                    pools.quiet_waiters.fetch_sub(1, Ordering::Relaxed);
+                    if read {
+                        if let Some(p) = pools.lock().get_mut(&snap.id) {
+                            p.learned_from += 1;
+                        }
+                    }
+                }
+                pools.parker(snap)
+            });
         if let Err(e) = spawned {
             tracing::warn!("no thread to park an instance: {e}");
             if let Some(p) = self.lock().get_mut(&id) {
@@ -263,6 +318,74 @@ impl Pools {
         tracing::info!("template of {} dropped: {why}", snap.id.short());
     }
 
+    /// Learns which pages instance `app` of `snap` (from its template, its first work
+    /// done) wrote, if more than known so far; whether they could be read. Learned
+    /// until read from [`LEARN_FROM`] instances (one stopped right after its answer may
+    /// be gone first), by one parker at a time.
+    fn learn_written(&self, snap: &Snapshot, app: i32) -> bool {
+        {
+            let mut pools = self.lock();
+            let Some(p) = pools.get_mut(&snap.id) else {
+                return false;
+            };
+            if p.learning || p.learned_from >= LEARN_FROM {
+                return false;
+            }
+            p.learning = true;
+        }
+        let t = Instant::now();
+        let read = super::prefault::written(app);
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(&snap.id) else {
+            return false;
+        };
+        p.learning = false;
+        let pages = match read {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!("the pages instance {app} wrote: {e}");
+                return false;
+            }
+        };
+        let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
+        let n: u64 = count(&pages);
+        if p.written.as_deref().is_some_and(|w| count(w) >= n) {
+            return true;
+        }
+        p.written = Some(Arc::new(pages));
+        drop(pools);
+        tracing::info!(
+            "instances of {} wrote {n} pages by their first answer (read in {:?}): those \
+             parked from now on get their own copy of them",
+            snap.id.short(),
+            t.elapsed()
+        );
+        true
+    }
+
+    /// Gives parked instance `parked` its own copy of the pages instances of `snap`
+    /// write first ([`super::prefault`]), once known.
+    fn prefault(&self, snap: &Snapshot, parked: &crate::restore::Parked) {
+        let Some(pages) = self.lock().get(&snap.id).and_then(|p| p.written.clone()) else {
+            return;
+        };
+        let t = Instant::now();
+        match super::prefault::copy_shared(parked.pid(), &pages) {
+            Ok(n) => tracing::debug!(
+                "copied {n} pages the first request writes into a parked instance of {} \
+                 in {:?}",
+                snap.id.short(),
+                t.elapsed()
+            ),
+            // The instance is as parked: it copies them at its first writes instead.
+            Err(e) => tracing::debug!(
+                "copying the pages the first request writes into a parked instance of \
+                 {}: {e}",
+                snap.id.short()
+            ),
+        }
+    }
+
     fn parker(&self, snap: Arc<Snapshot>) {
         let mut opts = super::restore_options(&snap, None);
         opts.template = self.template(&snap);
@@ -281,6 +404,9 @@ impl Pools {
                 );
                 self.drop_template(&snap, Some("an instance from it failed"));
             }
+        }
+        if let (Ok(p), Some(_)) = (&parked, &opts.template) {
+            self.prefault(&snap, p);
         }
         let (tx, rx) = channel::<Handoff>();
         let me = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -340,13 +466,93 @@ impl Pools {
                 Err(RecvTimeoutError::Timeout) => self.drop_template(&snap, None),
             }
         };
-        let refill = || {
-            self.start(&snap);
+        let from_template = opts.template.is_some();
+        let refill = |app: Option<i32>| {
+            self.start_after(&snap, app.map(|a| (a, from_template)));
         };
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
         }
     }
+}
+
+/// Waits until the instance whose app is `app` has done its first work and gone quiet:
+/// it used at least [`FIRST_WORK`] of CPU time, then, over [`QUIET_POLLS`] polls in a
+/// row, less than 1/[`QUIET_SHARE`] of a core and as little time waiting for one (an
+/// app waiting for a page looks quiet for a moment too; one waiting for a core does
+/// not); or it ended; at most [`QUIET_MAX`]. `lull` is called at the first poll of each
+/// quiet spell after its first work (the instance may end before the spell counts as
+/// quiet: a caller that stops it right after its answer). `waiters`: the parkers waiting
+/// so (this one included); the more, the less often each polls.
+fn wait_quiet(app: i32, waiters: &AtomicUsize, mut lull: impl FnMut()) {
+    let t = Instant::now();
+    let Some(first) = cpu_ns(app) else {
+        return;
+    };
+    let busy = |cpu: u64| cpu + wait_ns(app).unwrap_or(0);
+    let (mut last, mut last_t, mut quiet) = (busy(first), Instant::now(), 0);
+    while t.elapsed() < QUIET_MAX {
+        let n = waiters.load(Ordering::Relaxed).clamp(1, 8) as u32;
+        std::thread::sleep(QUIET_POLL * n);
+        let Some(cpu) = cpu_ns(app) else {
+            return;
+        };
+        let now = busy(cpu);
+        let worked = cpu.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
+        let window = last_t.elapsed().as_nanos() as u64;
+        if worked && now.saturating_sub(last) < window / QUIET_SHARE {
+            quiet += 1;
+            if quiet == 1 {
+                lull();
+            }
+            if quiet >= QUIET_POLLS {
+                return;
+            }
+        } else {
+            quiet = 0;
+        }
+        (last, last_t) = (now, Instant::now());
+    }
+}
+
+/// How long (ns) the main thread of process `pid` has waited for a core while runnable
+/// (`/proc/PID/schedstat`, its second field).
+fn wait_ns(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The CPU time (ns) of process `pid` (all its threads) and of the children its main
+/// thread started (a pre-fork server's workers); `None` once it is gone. Cheap enough to
+/// ask every millisecond beside an instance's first request: a clock read per process
+/// and one `/proc` file.
+fn cpu_ns(pid: i32) -> Option<u64> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut total = process_cpu_ns(pid)?;
+    for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        total += process_cpu_ns(c).unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// The CPU time (ns) of every thread of process `pid` (its `CLOCK_PROCESS_CPUTIME_ID`
+/// read from outside); `None` once it is gone.
+fn process_cpu_ns(pid: i32) -> Option<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a live local the call writes.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live local the call writes.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 impl Pools {

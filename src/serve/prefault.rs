@@ -1,0 +1,194 @@
+//! Copy-on-write breaks done at parking, not in an instance's first request.
+//!
+//! An instance forked from a template shares the snapshot's pages with it until it
+//! writes them; its first request writes some hundreds of them (a Python server's
+//! ~900, 2–3 ms of copy-on-write faults on a small host, all in its time to first
+//! response). Once an instance of a snapshot has answered its first request and gone
+//! quiet, [`written`] lists the pages of its app that are its own now (present, mapped
+//! only by it) in its private writable areas; each instance parked after that gets its
+//! own copy of those of them it still shares ([`copy_shared`]): their bytes read and
+//! written back by the daemon while the instance is stopped, before it is offered. The
+//! instance's memory holds exactly the same bytes, at the same addresses with the same
+//! protections; only where the kernel keeps them changes (a page of its own, as after
+//! its first request), and that was paid while no request waited.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::sys::maps::MapEntry;
+
+const PAGE: u64 = 4096;
+/// `/proc/PID/pagemap` entry bits: the page is present, and mapped by this process only.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+/// The most bytes copied in one read and write.
+const CHUNK: u64 = 256 * PAGE;
+
+/// Page ranges `[start, end)` of one process, sorted, not overlapping.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// The areas whose pages may be copied: private and writable, not the kernel's
+/// (`[vvar]`, `[vdso]`, `[vsyscall]`).
+fn copyable(m: &MapEntry) -> bool {
+    m.write && m.read && !m.shared && !m.name.starts_with("[v")
+}
+
+/// The pagemap entries of `pid` for `[start, end)`, one per page.
+fn pagemap(file: &std::fs::File, start: u64, end: u64) -> io::Result<Vec<u64>> {
+    let mut raw = vec![0u8; ((end - start) / PAGE * 8) as usize];
+    file.read_exact_at(&mut raw, start / PAGE * 8)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Runs of consecutive pages of `[start, end)` whose pagemap entry `keep` accepts.
+fn runs(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    keep: impl Fn(u64) -> bool,
+    out: &mut Ranges,
+) -> io::Result<()> {
+    for (i, e) in pagemap(file, start, end)?.into_iter().enumerate() {
+        if !keep(e) {
+            continue;
+        }
+        let addr = start + i as u64 * PAGE;
+        match out.last_mut() {
+            Some((_, end)) if *end == addr => *end += PAGE,
+            _ => out.push((addr, addr + PAGE)),
+        }
+    }
+    Ok(())
+}
+
+/// The pages of process `pid`'s private writable areas that are present and its own
+/// (mapped by no other process): after an instance's first request, what it wrote of
+/// what it shared with its template, and what it has on its own anyway.
+pub fn written(pid: i32) -> io::Result<Ranges> {
+    let maps = crate::sys::maps::read_maps(pid)?;
+    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut out = Ranges::new();
+    for m in maps.iter().filter(|m| copyable(m)) {
+        runs(
+            &file,
+            m.start,
+            m.end,
+            |e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0,
+            &mut out,
+        )?;
+    }
+    Ok(out)
+}
+
+/// Gives stopped process `pid` its own copy of each page of `pages` that it still
+/// shares (present, mapped by others too) in a private writable area: the bytes read
+/// and written back as they are. `pid` must not run meanwhile (a parked instance, every
+/// thread stopped) and no other process may write those pages (a template never runs).
+/// The pages copied.
+pub fn copy_shared(pid: i32, pages: &Ranges) -> io::Result<u64> {
+    let maps = crate::sys::maps::read_maps(pid)?;
+    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut shared = Ranges::new();
+    for &(start, end) in pages {
+        for m in maps
+            .iter()
+            .filter(|m| copyable(m) && m.start < end && start < m.end)
+        {
+            runs(
+                &file,
+                start.max(m.start),
+                end.min(m.end),
+                |e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0,
+                &mut shared,
+            )?;
+        }
+    }
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut copied = 0;
+    for (start, end) in shared {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(CHUNK);
+            let b = &mut buf[..len as usize];
+            crate::sys::remote::read(pid, at, b)?;
+            crate::sys::remote::write(pid, at, b)?;
+            copied += len / PAGE;
+            at += len;
+        }
+    }
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A page shared with a forked child is not the parent's own; once the parent
+    /// writes it back as it is (what `copy_shared` does to a stopped instance), it is,
+    /// with the same bytes.
+    #[test]
+    fn a_shared_page_copied_keeps_its_bytes_and_becomes_own() {
+        let len = 4 * PAGE as usize;
+        // SAFETY: a new private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let addr = p as u64;
+        // SAFETY: `p` is our mapping of `len` bytes.
+        let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let me = std::process::id() as i32;
+        let own = |pages: &Ranges| {
+            pages
+                .iter()
+                .filter(|(s, e)| *s < addr + len as u64 && addr < *e)
+                .map(|(s, e)| (e.min(&(addr + len as u64)) - s.max(&addr)) / PAGE)
+                .sum::<u64>()
+        };
+        assert_eq!(own(&written(me).unwrap()), 4, "all 4 pages are ours alone");
+        // A child shares them (copy-on-write) while it waits.
+        let (rd, wr) = crate::sys::remote::pipe().unwrap();
+        let (rd_fd, wr_fd) = (rd.as_raw_fd(), wr.as_raw_fd());
+        // SAFETY: the child only closes, blocks in read(2) and exits: async-signal-safe
+        // calls, no allocation or lock.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: closing our copy of the write end (so that the parent's close ends
+            // the read), reading one byte into a local buffer, then exiting.
+            unsafe {
+                libc::close(wr_fd);
+                libc::read(rd_fd, b.as_mut_ptr().cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        assert!(child > 0);
+        assert_eq!(own(&written(me).unwrap()), 0, "shared with the child");
+        let copied = copy_shared(me, &vec![(addr, addr + 2 * PAGE)]).unwrap();
+        assert_eq!(copied, 2);
+        assert_eq!(own(&written(me).unwrap()), 2, "the 2 copied pages are ours");
+        for (i, b) in mem.iter().enumerate() {
+            assert_eq!(*b, (i % 251) as u8, "byte {i}");
+        }
+        drop(wr);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        // SAFETY: our mapping, no longer borrowed.
+        unsafe { libc::munmap(p, len) };
+    }
+}
