@@ -552,22 +552,8 @@ fn fill_memfd(snap: &Snapshot, indexes: &[u64]) -> Result<OwnedFd> {
     let mut buf = vec![0u8; ROUND.min(indexes.len()) * PAGE_SIZE];
     for (r, round) in indexes.chunks(ROUND).enumerate() {
         let bytes = &mut buf[..round.len() * PAGE_SIZE];
-        if round.len() < SMALL || threads < 2 {
-            snap.read_page_list(round, bytes)?;
-            file.write_all_at(bytes, (r * ROUND) as u64 * PAGE)
-                .context("writing the shared pages to their memfd")?;
-            continue;
-        }
-        let per = round.len().div_ceil(threads);
-        std::thread::scope(|s| {
-            let jobs: Vec<_> = round
-                .chunks(per)
-                .zip(bytes.chunks_mut(per * PAGE_SIZE))
-                .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
-                .collect();
-            jobs.into_iter()
-                .try_for_each(|j| j.join().expect("page decoder panicked"))
-        })?;
+        let threads = if round.len() < SMALL { 1 } else { threads };
+        snap.read_page_list_parallel(round, bytes, threads)?;
         file.write_all_at(bytes, (r * ROUND) as u64 * PAGE)
             .context("writing the shared pages to their memfd")?;
     }

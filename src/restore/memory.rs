@@ -320,20 +320,7 @@ impl Decoded {
         });
         let mut bytes = vec![0u8; reps.len() * PAGE_SIZE];
         let indexes: Vec<u64> = reps.iter().map(|&(_, rep)| rep).collect();
-        let per = indexes.len().div_ceil(threads.max(1)).max(1);
-        if threads <= 1 {
-            snap.read_page_list(&indexes, &mut bytes)?;
-        } else {
-            std::thread::scope(|s| {
-                let jobs: Vec<_> = indexes
-                    .chunks(per)
-                    .zip(bytes.chunks_mut(per * PAGE_SIZE))
-                    .map(|(idx, out)| s.spawn(move || snap.read_page_list(idx, out)))
-                    .collect();
-                jobs.into_iter()
-                    .try_for_each(|j| j.join().expect("page decoder panicked"))
-            })?;
-        }
+        snap.read_page_list_parallel(&indexes, &mut bytes, threads)?;
         let at: HashMap<[u8; 32], usize> = reps
             .iter()
             .enumerate()

@@ -711,6 +711,27 @@ impl Snapshot {
         })
     }
 
+    /// [`read_page_list`](Self::read_page_list) split over `threads` threads (one when
+    /// `threads` is 1 or less).
+    pub fn read_page_list_parallel(
+        &self,
+        indexes: &[u64],
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<(), StoreError> {
+        if threads <= 1 || indexes.len() < 2 {
+            return self.read_page_list(indexes, out);
+        }
+        let per = indexes.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = (indexes.chunks(per).zip(out.chunks_mut(per * PAGE_SIZE)))
+                .map(|(idx, part)| s.spawn(move || self.read_page_list(idx, part)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("page decoder panicked"))
+        })
+    }
+
     fn read_remote(
         &self,
         client: &Client,
