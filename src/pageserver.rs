@@ -35,6 +35,8 @@ struct Shared {
     /// The peer holding the store's writer through this server.
     writer: Mutex<Option<SocketAddr>>,
     delay: Option<Duration>,
+    /// How long a new connection may take to its hello ([`HELLO_TIMEOUT`]).
+    hello_timeout: Duration,
     tls: Option<ServerTls>,
     /// `-D DIR`: the store is an image directory, receiving one dump.
     images_dir: Option<PathBuf>,
@@ -123,11 +125,17 @@ pub fn serve_on(
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis);
+    // For tests: a shorter wait for a client's hello.
+    let hello_timeout = std::env::var("WARMSTART_PAGE_SERVER_HELLO_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(HELLO_TIMEOUT, Duration::from_millis);
     let shared = Arc::new(Shared {
         store: store.clone(),
         snaps: Mutex::new(HashMap::new()),
         writer: Mutex::new(None),
         delay,
+        hello_timeout,
         tls,
         images_dir: images_dir.map(Path::to_path_buf),
     });
@@ -198,8 +206,19 @@ fn accept(shared: &Shared, tcp: TcpStream) -> Result<Option<Stream>> {
     }
 }
 
+/// A client has this long from connecting to its hello (a TLS handshake included): one
+/// that says nothing is dropped, not left holding a thread for good. A session idles as
+/// long as it likes after that (a lazy restore asks only at its faults).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
     let _ = stream.set_nodelay(true);
+    // The socket's options, shared with the stream the session reads.
+    let ctl = stream
+        .try_clone()
+        .context("cloning the connection's socket")?;
+    ctl.set_read_timeout(Some(shared.hello_timeout))
+        .context("setting the hello timeout")?;
     let Some(stream) = accept(shared, stream)? else {
         return Ok(());
     };
@@ -213,6 +232,8 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
         Ok(Request::Hello { magic, version })
             if magic == remote::MAGIC && version == remote::VERSION =>
         {
+            ctl.set_read_timeout(None)
+                .context("clearing the hello timeout")?;
             send(
                 input.get_mut(),
                 &Response::Hello {

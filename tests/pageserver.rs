@@ -464,3 +464,29 @@ fn a_page_server_that_stops_answering_times_out_and_sigterm_always_ends_run() {
         r.stderr_after_exit()
     );
 }
+
+/// A client that connects and says nothing is dropped after the hello timeout (it would
+/// otherwise hold a thread of the server for good); the server still serves others.
+#[test]
+fn silent_client_is_dropped_after_the_hello_timeout() {
+    use std::io::Read;
+    let ws = recorded();
+    let (_server, addr) = page_server(
+        &ws,
+        &[],
+        "127.0.0.1",
+        &[("WARMSTART_PAGE_SERVER_HELLO_TIMEOUT_MS", "200")],
+    );
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match silent.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the server should have closed the silent connection: {other:?}"),
+    }
+    let out = Ws::new().run(&["run", "--page-server", &addr, "x"], INPUT);
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+}
