@@ -292,9 +292,11 @@ fn sqlite_wal_database_in_private_tmp_restores_again_and_again() {
             out.describe()
         );
     }
-    let _daemon = ws.serve("sqlite");
+    let daemon = ws.serve("sqlite");
     for _ in 0..2 {
         let out = ws.served("sqlite", "q\n");
         assert_eq!(out.stdout, "q 2 True\n", "{}", out.describe());
+        // The pool refills once the instance handed out has gone quiet or ended.
+        daemon.wait_stderr("parked an instance of");
     }
 }
