@@ -223,30 +223,6 @@ fn measure_into(app: &App, work: &Path, pairs: usize, row: &mut Row) -> Result<(
     Ok(())
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        "daemon off;\n\
-         master_process on;\n\
-         worker_processes 1;\n\
-         pid {d}/nginx-{port}.pid;\n\
-         error_log stderr warn;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 client_body_temp_path {d}/tmp/body;\n\
-         \x20 proxy_temp_path {d}/tmp/proxy;\n\
-         \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n\
-         \x20 uwsgi_temp_path {d}/tmp/uwsgi;\n\
-         \x20 scgi_temp_path {d}/tmp/scgi;\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{port};\n\
-         \x20   root {d}/www;\n\
-         \x20 }}\n\
-         }}\n"
-    )
-}
-
 /// `cmd`'s path on `PATH`, links kept.
 fn which(cmd: &str) -> Result<String> {
     let out = Command::new("sh")
@@ -307,7 +283,7 @@ fn apps(work: &Path) -> Result<Vec<App>> {
                 kind: Kind::Http,
                 command: Box::new(move |port| {
                     let conf = dir.join(format!("nginx-{port}.conf"));
-                    std::fs::write(&conf, nginx_conf(&dir, port))?;
+                    std::fs::write(&conf, warmstart::bench::nginx_conf(&dir, port, 1))?;
                     Ok(vec![
                         nginx.clone(),
                         "-p".into(),

@@ -284,32 +284,6 @@ fn gunicorn_two_sync_workers_record_serve_and_stop_on_sigterm() {
 // ---------------------------------------------------------------------------------------
 // nginx
 
-/// A minimal nginx.conf: master + 2 workers in the foreground, everything it writes
-/// in `dir` (pid file, temp paths) or on stderr (errors), no access log.
-fn nginx_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        "daemon off;\n\
-         master_process on;\n\
-         worker_processes 2;\n\
-         pid {d}/nginx.pid;\n\
-         error_log stderr warn;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 client_body_temp_path {d}/tmp/body;\n\
-         \x20 proxy_temp_path {d}/tmp/proxy;\n\
-         \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n\
-         \x20 uwsgi_temp_path {d}/tmp/uwsgi;\n\
-         \x20 scgi_temp_path {d}/tmp/scgi;\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{port};\n\
-         \x20   root {d}/www;\n\
-         \x20 }}\n\
-         }}\n"
-    )
-}
-
 /// nginx, master + 2 workers: records with `--ready listen` (the workers wait in
 /// `epoll_wait` while the master sleeps), serves a file as a cold one does, every
 /// process learns its own working set, and it stops on SIGTERM as a cold one does,
@@ -333,7 +307,7 @@ fn nginx_master_two_workers_record_serve_and_stop() {
     std::fs::write(dir.path().join("www/index.html"), &content).unwrap();
     let argv = |port: u16, tag: &str| -> Vec<OsString> {
         let conf = dir.path().join(format!("{tag}.conf"));
-        std::fs::write(&conf, nginx_conf(dir.path(), port)).unwrap();
+        std::fs::write(&conf, warmstart::bench::nginx_conf(dir.path(), port, 2)).unwrap();
         vec![
             bin.clone().into(),
             "-p".into(),

@@ -592,3 +592,31 @@ pub fn python() -> anyhow::Result<String> {
     }
     Ok(p)
 }
+
+/// A minimal nginx.conf for tests and benchmarks: a master and `workers` workers in the
+/// foreground serving `dir/www` on 127.0.0.1:`port`, everything it writes in `dir` (pid
+/// file `nginx-PORT.pid`, temp paths under `dir/tmp`) or on stderr (errors), no access
+/// log.
+pub fn nginx_conf(dir: &std::path::Path, port: u16, workers: u32) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\n\
+         master_process on;\n\
+         worker_processes {workers};\n\
+         pid {d}/nginx-{port}.pid;\n\
+         error_log stderr warn;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n\
+         \x20 access_log off;\n\
+         \x20 client_body_temp_path {d}/tmp/body;\n\
+         \x20 proxy_temp_path {d}/tmp/proxy;\n\
+         \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n\
+         \x20 uwsgi_temp_path {d}/tmp/uwsgi;\n\
+         \x20 scgi_temp_path {d}/tmp/scgi;\n\
+         \x20 server {{\n\
+         \x20   listen 127.0.0.1:{port};\n\
+         \x20   root {d}/www;\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
