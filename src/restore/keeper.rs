@@ -157,10 +157,7 @@ impl Keeper {
     pub fn share(&self, server: u32, uffd: BorrowedFd<'_>) -> Result<Share> {
         // Nothing is held before the keeper knows whose it is (closed before [`INIT`],
         // it exits).
-        anyhow::ensure!(
-            self.watching,
-            "the uffd keeper was not told the sandbox's init"
-        );
+        anyhow::ensure!(self.watching, "the uffd keeper was not told the sandbox's init");
         let sock = self
             .sock
             .try_clone()
