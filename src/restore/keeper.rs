@@ -9,11 +9,6 @@
 //! and lets go of its copy only when the monitor says it has finished serving, or when
 //! the sandbox's init has exited (which happens only after every process in the
 //! sandbox is gone). Meanwhile faults simply stay blocked.
-//!
-//! It is forked before the sandbox exists ([`Keeper::fork`]), without waiting for it, and
-//! told the sandbox's init once there is one ([`Keeper::watch`]): on a small machine a
-//! fork waited for on the spot costs a restore a scheduling round (up to milliseconds
-//! under load).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
@@ -28,14 +23,8 @@ pub struct Keeper {
     /// close its copy — a registration kept alive past that would block the process's
     /// next munmap, mremap, fork or MADV_DONTNEED on an event nobody reads. Closed
     /// without every `DONE` (the monitor died or gave up): it holds on until the instance
-    /// is gone. The first message is [`INIT`] with the sandbox's init pidfd; closed before
-    /// it, the keeper exits (it holds nothing yet).
+    /// is gone.
     sock: OwnedFd,
-    /// The keeper's parent (it forks the keeper and exits): reaped by [`Keeper::watch`],
-    /// or when this is dropped.
-    parent: Option<libc::pid_t>,
-    /// [`Keeper::watch`] told it the sandbox's init.
-    watching: bool,
 }
 
 /// One page server's share of the [`Keeper`]: its spaces are `server << 32 | n`.
@@ -47,8 +36,6 @@ pub struct Share {
 const HOLD: u8 = 0;
 const DONE: u8 = 1;
 const DROP: u8 = 2;
-/// With the sandbox's init pidfd attached: the first message.
-const INIT: u8 = 3;
 const MSG_LEN: usize = 9;
 /// Space ids the keeper tracks for [`DROP`]; fds beyond are held until the end.
 const TRACKED: usize = 1024;
@@ -82,19 +69,18 @@ impl crate::lazy::SpaceKeeper for Link {
 }
 
 impl Keeper {
-    /// Forks the keeper for `servers` page servers, without waiting: it holds nothing
-    /// until [`Keeper::watch`] gives it the sandbox's init; then each server joins with
-    /// its userfaultfd ([`Keeper::share`]). Fork it before the sandbox and the
-    /// instance's pipes exist, so that its short-lived parent holds no copy of them.
-    pub fn fork(servers: u32) -> Result<Keeper> {
+    /// Forks the keeper for `servers` page servers, giving it the pidfd of the sandbox's
+    /// `init`; each server then joins with its userfaultfd ([`Keeper::share`]).
+    pub fn spawn(init: BorrowedFd<'_>, servers: u32) -> Result<Keeper> {
         // A socket, not a pipe: writing after the keeper is gone must not raise SIGPIPE;
         // SEQPACKET keeps each message (and its fd) whole.
         let (done_r, done_w) =
             crate::sys::scm::seqpacket_pair().context("socketpair for the uffd keeper")?;
-        let keep = done_r.as_raw_fd();
+        let keep = [init.as_raw_fd(), done_r.as_raw_fd()];
         // Forked twice, so that it is nobody's child here (the monitor's only child stays
-        // the sandbox's init, and nothing needs to reap the keeper; its parent is reaped
-        // in `watch`). The monitor is multi-threaded, so the child may only make
+        // the sandbox's init, and nothing needs to reap the keeper). The monitor is
+        // multi-threaded: the children only make raw syscalls.
+        // The monitor is multi-threaded, so the child may only make
         // async-signal-safe calls: it forks again and `_exit`s, and the grandchild runs
         // `keeper_main`, which keeps to raw system calls on stack buffers and never
         // returns.
@@ -105,7 +91,7 @@ impl Keeper {
         }
         if pid == 0 {
             // SAFETY: see above: `fork`, `keeper_main` (no allocation, no lock, never
-            // returns) and `_exit` are all the child does; `keep` is a plain int copied
+            // returns) and `_exit` are all the child does; `keep` is a plain array copied
             // into it.
             unsafe {
                 if libc::fork() == 0 {
@@ -114,50 +100,18 @@ impl Keeper {
                 libc::_exit(0)
             }
         }
-        Ok(Keeper {
-            sock: done_w,
-            parent: Some(pid),
-            watching: false,
-        })
-    }
-
-    /// Gives the keeper the pidfd of the sandbox's `init` (it lets go when init exits),
-    /// and reaps the keeper's parent.
-    pub fn watch(&mut self, init: BorrowedFd<'_>) -> Result<()> {
-        crate::sys::scm::send(self.sock.as_fd(), &message(INIT, 0), &[init.as_raw_fd()])
-            .context("handing the sandbox's pidfd to the uffd keeper")?;
-        self.watching = true;
-        match self.reap() {
-            Some(status) if !libc::WIFEXITED(status) => {
-                anyhow::bail!("the uffd keeper's parent died: status {status:#x}")
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for the keeper's parent (it exits as soon as it has forked the keeper).
-    fn reap(&mut self) -> Option<i32> {
-        let pid = self.parent.take()?;
         let mut status = 0;
-        loop {
-            // SAFETY: `status` is a live local; `pid` is our own child, reaped only here.
-            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-            if r == pid {
-                return Some(status);
-            }
-            if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return None;
+        // SAFETY: `status` is a live local; `pid` is our own child, reaped only here.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if !libc::WIFEXITED(status) {
+            anyhow::bail!("the uffd keeper's parent died: status {status:#x}");
         }
+        Ok(Keeper { sock: done_w })
     }
 
     /// Page server number `server` joins: the keeper holds `uffd` (its process's own
     /// space) from now on.
     pub fn share(&self, server: u32, uffd: BorrowedFd<'_>) -> Result<Share> {
-        // Nothing is held before the keeper knows whose it is (closed before [`INIT`],
-        // it exits).
-        anyhow::ensure!(self.watching, "the uffd keeper was not told the sandbox's init");
         let sock = self
             .sock
             .try_clone()
@@ -169,12 +123,6 @@ impl Keeper {
             sock: Some(sock),
             prefix,
         })
-    }
-}
-
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        self.reap();
     }
 }
 
@@ -202,17 +150,23 @@ impl Share {
     }
 }
 
-/// The keeper's body: only `done` stays open; learns init's pidfd from the first message
-/// ([`INIT`]), then waits for `servers` [`DONE`]s on the socket or for init's exit,
-/// holding the fds [`HOLD`]s bring until their [`DROP`]. No allocation: the monitor that
-/// forked it is multi-threaded.
-unsafe fn keeper_main(done: RawFd, servers: u32) -> ! {
+/// The keeper's body: only `keep` stays open; waits for `servers` [`DONE`]s on the socket
+/// or for init's exit, holding the fds [`HOLD`]s bring until their [`DROP`]. No
+/// allocation: the monitor that forked it is multi-threaded.
+unsafe fn keeper_main(keep: [RawFd; 2], servers: u32) -> ! {
+    let [init, done] = keep;
     let mut finished = 0u32;
     libc::setpgid(0, 0);
-    if done > 0 {
-        libc::syscall(libc::SYS_close_range, 0u32, done as u32 - 1, 0u32);
+    let mut sorted = keep;
+    sorted.sort_unstable();
+    let mut from = 0u32;
+    for fd in sorted {
+        if fd as u32 > from {
+            libc::syscall(libc::SYS_close_range, from, fd as u32 - 1, 0u32);
+        }
+        from = fd as u32 + 1;
     }
-    libc::syscall(libc::SYS_close_range, done as u32 + 1, u32::MAX, 0u32);
+    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
     // Room for as many held fds as the limit allows.
     let mut lim: libc::rlimit = std::mem::zeroed();
     if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -222,9 +176,8 @@ unsafe fn keeper_main(done: RawFd, servers: u32) -> ! {
     let mut held = [(0u64, -1 as RawFd); TRACKED];
     let mut count = 0usize;
     let mut fds = [
-        // Init's pidfd, once [`INIT`] brings it (poll skips a negative fd).
         libc::pollfd {
-            fd: -1,
+            fd: init,
             events: libc::POLLIN,
             revents: 0,
         },
@@ -239,7 +192,7 @@ unsafe fn keeper_main(done: RawFd, servers: u32) -> ! {
         if libc::poll(fds.as_mut_ptr(), n, -1) < 0 {
             continue;
         }
-        if fds[0].fd >= 0 && fds[0].revents != 0 {
+        if fds[0].revents != 0 {
             libc::_exit(0);
         }
         if n == 2 && fds[1].revents != 0 {
@@ -259,26 +212,12 @@ unsafe fn keeper_main(done: RawFd, servers: u32) -> ! {
                 continue;
             }
             if r != MSG_LEN as isize {
-                // EOF before init was known: nothing is held. Else the monitor is gone
-                // without finishing: hold on until init exits.
-                if fds[0].fd < 0 {
-                    libc::_exit(0);
-                }
+                // EOF: the monitor is gone without finishing; hold on.
                 n = 1;
                 continue;
             }
             let space = u64::from_le_bytes(m[1..].try_into().unwrap_or([0; 8]));
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            let passed = (!c.is_null()
-                && (*c).cmsg_level == libc::SOL_SOCKET
-                && (*c).cmsg_type == libc::SCM_RIGHTS)
-                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>()));
             match m[0] {
-                INIT => {
-                    if let Some(fd) = passed {
-                        fds[0].fd = fd;
-                    }
-                }
                 DONE => {
                     finished += 1;
                     if finished >= servers {
@@ -286,10 +225,17 @@ unsafe fn keeper_main(done: RawFd, servers: u32) -> ! {
                     }
                 }
                 HOLD => {
-                    // Untracked past TRACKED: held to the end.
-                    if let (Some(fd), true) = (passed, count < TRACKED) {
-                        held[count] = (space, fd);
-                        count += 1;
+                    let c = libc::CMSG_FIRSTHDR(&msg);
+                    if !c.is_null()
+                        && (*c).cmsg_level == libc::SOL_SOCKET
+                        && (*c).cmsg_type == libc::SCM_RIGHTS
+                    {
+                        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                        // Untracked past TRACKED: held to the end.
+                        if count < TRACKED {
+                            held[count] = (space, fd);
+                            count += 1;
+                        }
                     }
                 }
                 DROP => {

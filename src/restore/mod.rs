@@ -340,13 +340,6 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
         .map(|plan| plan.as_ref().map(|p| p.ranges.clone()).unwrap_or_default())
         .collect();
     let ranges = ranges.as_slice();
-    // One keeper holds the userfaultfds of all page servers (see `keeper`): forked now,
-    // before the instance's pipes exist, and not waited for; told the sandbox's init
-    // once serving starts.
-    let servers_count = plans.iter().flatten().count() as u32;
-    let mut keeper = (servers_count > 0)
-        .then(|| keeper::Keeper::fork(servers_count))
-        .transpose()?;
     // Learning the working set ends at the app's first output: its stdout goes through
     // a pipe we copy from, for this run only.
     let stdout_tap = if opts.learn {
@@ -649,11 +642,11 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let t = Instant::now();
     // Serving starts now: the rest of the restorer (rseq registration reads its area)
     // already faults on lazily served memory.
-    // The keeper (forked above for as many) holds the userfaultfds of all of them.
-    debug_assert_eq!(servers.iter().flatten().count() as u32, servers_count);
-    if let Some(k) = keeper.as_mut() {
-        k.watch(sandbox.init_pidfd())?;
-    }
+    // One keeper holds the userfaultfds of all of them.
+    let count = servers.iter().flatten().count() as u32;
+    let keeper = (count > 0)
+        .then(|| keeper::Keeper::spawn(sandbox.init_pidfd(), count))
+        .transpose()?;
     let mut n = 0u32;
     let mut run = |s: lazy::Starting, tap| {
         n += 1;
