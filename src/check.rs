@@ -1093,9 +1093,7 @@ pub fn snapshot(snap: &warmstart_snapshots::store::Snapshot, json: bool) -> anyh
         })
     };
     let cpu = checks::cpu(&m.host, &here).map(|()| {
-        let layout = if here.xsave_features == m.host.xsave_features
-            && here.xsave_layout == m.host.xsave_layout
-        {
+        let layout = if checks::same_xsave_layout(&m.host) {
             "the same xsave layout".to_owned()
         } else {
             format!(

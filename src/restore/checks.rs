@@ -64,6 +64,13 @@ pub fn cpu(snap: &HostFacts, here: &HostFacts) -> Result<()> {
     Ok(())
 }
 
+/// Whether this CPU lays saved xsave images out as the snapshot's CPU did (same XCR0,
+/// same layout): they are then loaded as they are.
+pub fn same_xsave_layout(snap: &HostFacts) -> bool {
+    let (xcr0, layout) = crate::sys::cpuid::xsave_here();
+    *xcr0 == snap.xsave_features && *layout == snap.xsave_layout
+}
+
 /// The xsave image `saved` of a thread of a snapshot taken on `snap`, as thread `tid`
 /// of this CPU takes it: as it is when both CPUs lay it out alike, else moved into this
 /// CPU's layout (see [`crate::sys::cpuid::convert_xsave`]) over the thread's own image.
@@ -72,10 +79,10 @@ pub fn xsave_for_here<'a>(
     saved: &'a [u8],
     tid: i32,
 ) -> Result<std::borrow::Cow<'a, [u8]>> {
-    let (xcr0, layout) = crate::sys::cpuid::xsave_here();
-    if *xcr0 == snap.xsave_features && *layout == snap.xsave_layout {
+    if same_xsave_layout(snap) {
         return Ok(saved.into());
     }
+    let layout = &crate::sys::cpuid::xsave_here().1;
     let current = crate::sys::ptrace::get_xstate(tid)
         .with_context(|| format!("reading thread {tid}'s xsave image"))?;
     crate::sys::cpuid::convert_xsave(

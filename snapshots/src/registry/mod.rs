@@ -453,9 +453,8 @@ pub struct Remote {
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
     working_set: Vec<u64>,
-    /// The hot-pages blob if the artifact has one and it was asked for (unchecked)...
-    hot: Option<Result<Vec<u8>, StoreError>>,
-    /// ...and its pages once fetched and checked ([`Remote::prefetch`]).
+    /// The hot pages, fetched and checked, if the artifact has them and they were asked
+    /// for.
     hot_pages: Option<HotBlob>,
 }
 
@@ -474,8 +473,8 @@ pub(crate) struct Opened {
 }
 
 /// Fetches and checks `r`'s manifest, config (the snapshot's manifest), index and
-/// working set, and with `with_hot` its hot pages (if any; checked by
-/// [`Remote::prefetch`]): those blobs side by side, once the manifest has named them.
+/// working set, and with `with_hot` its hot pages (if any; a damaged blob is ignored with
+/// a warning): those blobs side by side, once the manifest has named them.
 pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Opened, StoreError> {
     let c = Client::new(r, opts, false)?;
     let what = r.to_string();
@@ -493,13 +492,10 @@ pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Open
         )));
     }
     let mut layers = m.layers.clone();
-    let hot = layers
-        .last()
-        .filter(|l| l.media_type == MT_HOT)
-        .cloned()
-        .inspect(|_| {
-            layers.pop();
-        });
+    let hot = match layers.last() {
+        Some(l) if l.media_type == MT_HOT => layers.pop(),
+        _ => None,
+    };
     if layers.len() < 2
         || layers[0].media_type != MT_INDEX
         || layers[1].media_type != MT_WORKING_SET
@@ -576,6 +572,19 @@ pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Open
         .into_iter()
         .filter(|&p| p < manifest.page_count)
         .collect();
+    let hot_pages = hot_bytes.and_then(|blob| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let checked = blob
+            .map_err(|e| e.to_string())
+            .and_then(|b| HotBlob::decode(&b, &table, threads));
+        checked
+            .map_err(|why| {
+                tracing::warn!(
+                    "{what}: ignoring its hot pages ({why}); fetching the blocks of those pages"
+                )
+            })
+            .ok()
+    });
     let cache = Mutex::new(vec![None; blocks.len()]);
     Ok(Opened {
         id,
@@ -587,8 +596,7 @@ pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Open
             blocks,
             cache,
             working_set,
-            hot: hot_bytes,
-            hot_pages: None,
+            hot_pages,
         },
     })
 }
@@ -630,24 +638,10 @@ impl Remote {
         Ok(self.cache.lock().unwrap()[n].get_or_insert(b).clone())
     }
 
-    /// Fetches what a lazy run needs before its app resumes, on [`PREFETCHERS`]
-    /// connections side by side: the hot-pages blob if the artifact has one (a damaged
-    /// one is ignored with a warning), and whole the blocks holding the pages of the
-    /// working set and the pages `eager` (page-table indexes) that it does not have.
-    pub(crate) fn prefetch(&mut self, table: &TableMap, eager: &[u64]) -> Result<(), StoreError> {
-        if let Some(blob) = self.hot.take() {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let checked = blob
-                .map_err(|e| e.to_string())
-                .and_then(|b| HotBlob::decode(&b, table, threads));
-            match checked {
-                Ok(h) => self.hot_pages = Some(h),
-                Err(why) => tracing::warn!(
-                    "{}: ignoring its hot pages ({why}); fetching the blocks of those pages",
-                    self.what()
-                ),
-            }
-        }
+    /// Fetches whole, on [`PREFETCHERS`] connections side by side, the blocks holding
+    /// the pages of the working set and the pages `eager` (page-table indexes) that the
+    /// hot pages lack: what a lazy run needs before its app resumes.
+    pub(crate) fn prefetch(&self, table: &TableMap, eager: &[u64]) -> Result<(), StoreError> {
         let hot = self.hot_pages.as_ref();
         let mut want: Vec<usize> = (self.working_set.iter().chain(eager))
             .filter(|&&i| i < table.len() && hot.is_none_or(|h| h.page(i).is_none()))

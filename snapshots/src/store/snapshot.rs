@@ -249,7 +249,7 @@ impl Snapshot {
         opts: &crate::registry::Options,
         prefetch: Option<&EagerPages>,
     ) -> Result<Snapshot, StoreError> {
-        let mut o = crate::registry::open(r, opts, prefetch.is_some())?;
+        let o = crate::registry::open(r, opts, prefetch.is_some())?;
         if let Some(eager) = prefetch {
             o.remote.prefetch(&o.table, &eager(&o.manifest))?;
         }
