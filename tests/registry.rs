@@ -86,23 +86,43 @@ impl Registry {
             .join("data")
     }
 
-    /// `repo:tag`'s manifest, from the registry's storage.
-    fn manifest(&self, repo: &str, tag: &str) -> serde_json::Value {
+    /// Manifest `n` of `repo:tag`'s OCI index (0: the head, 1: the blocks), from the
+    /// registry's storage.
+    fn manifest_of(&self, repo: &str, tag: &str, n: usize) -> serde_json::Value {
         let link = self.dir.path().join(format!(
             "data/docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
         ));
         let digest = std::fs::read_to_string(link).unwrap();
-        serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap()
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.blob(digest.trim())).unwrap()).unwrap();
+        assert_eq!(
+            index["mediaType"],
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let m = index["manifests"][n]["digest"].as_str().unwrap();
+        serde_json::from_slice(&std::fs::read(self.blob(m)).unwrap()).unwrap()
     }
 
-    /// The storage file of layer `n` of `repo:tag`'s manifest.
+    /// `repo:tag`'s head manifest.
+    fn manifest(&self, repo: &str, tag: &str) -> serde_json::Value {
+        self.manifest_of(repo, tag, 0)
+    }
+
+    /// The storage file of the `n`th blob of media type `kind` (the blocks manifest lists
+    /// the index parts, then the blocks) of `repo:tag`.
+    fn bulk(&self, repo: &str, tag: &str, kind: &str, n: usize) -> PathBuf {
+        let m = self.manifest_of(repo, tag, 1);
+        let want = format!("application/vnd.warmstart.snapshot.{kind}.v1");
+        let l = (m["layers"].as_array().unwrap().iter())
+            .filter(|l| l["mediaType"] == want.as_str())
+            .nth(n)
+            .unwrap_or_else(|| panic!("no {kind} {n} in {m}"));
+        self.blob(l["digest"].as_str().unwrap())
+    }
+
+    /// The storage file of block `n` of `repo:tag`.
     fn layer(&self, repo: &str, tag: &str, n: usize) -> PathBuf {
-        let m = self.manifest(repo, tag);
-        assert_eq!(
-            m["layers"][n]["mediaType"],
-            "application/vnd.warmstart.snapshot.block.v1"
-        );
-        self.blob(m["layers"][n]["digest"].as_str().unwrap())
+        self.bulk(repo, tag, "block", n)
     }
 
     /// The blob files of the registry's storage, largest first.
@@ -339,8 +359,9 @@ fn tampered_blob_is_refused() {
     let r = format!("{}/apps/counter:v1", reg.addr);
     push(&ws, "x", &r, &["--insecure"]);
     // Flip a byte in the middle of the first block.
-    let blob = &reg.layer("apps/counter", "v1", 2);
-    let mut bytes = std::fs::read(blob).unwrap();
+    let blob = &reg.layer("apps/counter", "v1", 0);
+    let original = std::fs::read(blob).unwrap();
+    let mut bytes = original.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(blob, &bytes).unwrap();
@@ -353,6 +374,39 @@ fn tampered_blob_is_refused() {
         "{}",
         out.describe()
     );
+    assert!(listed(&other).is_empty(), "nothing half-pulled is listed");
+    // A damaged part of the index (the blocks intact) is refused the same way, by a
+    // lazy run too.
+    std::fs::write(blob, &original).unwrap();
+    let r2 = format!("{}/apps/counter:v2", reg.addr);
+    push(&ws, "x", &r2, &["--insecure"]);
+    let part = &reg.bulk("apps/counter", "v2", "index-part", 0);
+    let part_digest = format!(
+        "sha256:{}",
+        part.parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    let mut bytes = std::fs::read(part).unwrap();
+    bytes[40] ^= 0x01;
+    std::fs::write(part, &bytes).unwrap();
+    for args in [
+        &["pull", &r2, "--insecure"][..],
+        &["run", "--no-serve", "--no-stream", "--insecure", &r2][..],
+    ] {
+        let out = other.run(args, INPUT);
+        out.assert_fail();
+        assert!(
+            out.stderr.contains("tampered")
+                && out.stderr.contains(&part_digest)
+                && !out.stdout.contains("sum="),
+            "{}",
+            out.describe()
+        );
+    }
     assert!(listed(&other).is_empty(), "nothing half-pulled is listed");
     // An eager run from the registry: the block (fetched whole, or the page by a range)
     // is refused.

@@ -303,7 +303,9 @@ pub fn plan(snap: &Snapshot, m: &Manifest, template: bool) -> Result<Option<CowP
     if !any && !template {
         return Ok(None);
     }
-    // Sorted by address: every question below is about the pages of one area.
+    // Sorted by address: every question below is about the pages of one area. (A
+    // snapshot from a registry fetches the rest of its index for that.)
+    snap.ensure_all_records()?;
     let mut contents = Contents::default();
     let pages: Vec<Pages> = m
         .processes

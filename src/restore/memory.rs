@@ -291,7 +291,7 @@ impl Decoded {
         threads: usize,
     ) -> Result<Decoded> {
         // The pages whose bytes are not at hand, each with its content hash.
-        let wanted: Vec<(u64, [u8; 32])> = work
+        let indexes: Vec<u64> = work
             .iter()
             .flatten()
             .filter_map(|b| {
@@ -300,6 +300,10 @@ impl Decoded {
                     .then_some(first..first + b.count)
             })
             .flatten()
+            .collect();
+        snap.ensure_records(&indexes)?;
+        let wanted: Vec<(u64, [u8; 32])> = indexes
+            .into_iter()
             .map(|i| (i, snap.record(i).hash))
             .collect();
         // Content hash -> (first index seen, how often needed).

@@ -3,21 +3,32 @@
 //!
 //! # The artifact
 //!
-//! An OCI image manifest (`application/vnd.oci.image.manifest.v1+json`) with
-//! `artifactType` [`ARTIFACT_TYPE`] and annotation [`ID_ANNOTATION`] (the snapshot id):
+//! The tag names an OCI image index (`application/vnd.oci.image.index.v1+json`) with
+//! `artifactType` [`ARTIFACT_TYPE`] and annotation [`ID_ANNOTATION`] (the snapshot id),
+//! listing two OCI image manifests: the *head*, all a lazy run reads before it starts,
+//! small whatever the snapshot's size, and the *blocks*, which only keeps the blocks
+//! referenced (registries collect unreferenced blobs) and lets generic tools copy the
+//! artifact:
 //!
 //! ```text
-//! config     MT_MANIFEST      the snapshot's encoded manifest; its blake3 is the id
-//! layers[0]  MT_INDEX         the page table (warmstart's table format, checksummed):
-//!                             record i = page i's blake3 and where it is: block
-//!                             number (layers[2 + n]), byte offset and length in it, codec
-//! layers[1]  MT_WORKING_SET   JSON {"pages": [...]}: the learned working set (page
-//!                             indexes) a lazy run fetches first
-//! layers[2+] MT_BLOCK         blocks: pages one after another, each lz4 or raw on its
-//!                             own, so that any page or run of pages is one range read
-//! last       MT_HOT           (optional) the hot pages: the working set's and those a
-//!                             restore writes before the app resumes, in one lz4 blob
-//!                             (see [`HotBlob`]) a lazy run fetches before anything else
+//! head (artifactType ARTIFACT_TYPE)
+//!   config     MT_MANIFEST      the snapshot's encoded manifest; its blake3 is the id
+//!   layers[0]  MT_INDEX_PARTS   how the page table is split: "WSIDXPT1" | records u64 |
+//!                               records per part u64 | pages_hash 32 | parts u64 |
+//!                               parts x blake3 chaining value 32 (see below)
+//!   layers[1]  MT_WORKING_SET   JSON {"pages": [...]}: the learned working set (page
+//!                               indexes) a lazy run fetches first
+//!   layers[2]  MT_BLOCK_LIST    "WSBLKLS1" | blocks u64 | blocks x (sha256 32 | size u64)
+//!   layers[3..3+parts] MT_INDEX_PART  the page table's records, a part each (warmstart's
+//!                               56-byte records: page i's blake3 and where it is: block
+//!                               number, byte offset and length in it, codec)
+//!   last       MT_HOT           (optional) the hot pages: the working set's and those a
+//!                               restore writes before the app resumes, in one lz4 blob
+//!                               (see [`HotBlob`]) a lazy run fetches before anything else
+//! blocks (artifactType BLOCKS_ARTIFACT, config the OCI empty blob)
+//!   layers     MT_BLOCK         blocks, in block-number order: pages one after another,
+//!                               each lz4 or raw on its own, so that any page or run of
+//!                               pages is one range read
 //! ```
 //!
 //! Pages are grouped into blocks in page-table order, each distinct page once, cut
@@ -25,8 +36,11 @@
 //! then after any page whose hash is 0 modulo [`CUT_MODULUS`], or at
 //! [`MAX_BLOCK_BYTES`]): two snapshots sharing runs of pages share blocks, and a
 //! re-recorded app pushes only the blocks around what changed. Every blob is checked
-//! against its sha256 digest, every page against its blake3, the table against the
-//! manifest and the manifest against the id.
+//! against its sha256 digest, every page against its blake3, the manifest against the
+//! id. The page table is fetched by parts, those a run needs first: the hashes of all
+//! records are one blake3 input (whose root is the manifest's `pages_hash`), and each
+//! part's chaining value is listed, so the list is checked against `pages_hash` at once
+//! and each part against its value when it comes.
 
 pub mod client;
 pub mod reference;
@@ -42,14 +56,17 @@ pub use reference::Reference;
 
 use crate::model::{Manifest, PAGE_SIZE};
 use crate::store::snapshot::{first_mismatch, BlockReader, HASH_MISMATCH};
-use crate::store::table::{self, Record, TableMap, CODEC_LZ4, CODEC_RAW, TABLE_MAGIC};
+use crate::store::table::{self, Parts, Record, TableMap, CODEC_LZ4, CODEC_RAW};
 use crate::store::{Location, Snapshot, SnapshotId, Store, StoreError};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const ARTIFACT_TYPE: &str = "application/vnd.warmstart.snapshot.v1";
 pub const MT_MANIFEST: &str = "application/vnd.warmstart.snapshot.manifest.v1";
-pub const MT_INDEX: &str = "application/vnd.warmstart.snapshot.index.v1";
-pub const MT_WORKING_SET: &str = "application/vnd.warmstart.snapshot.working-set.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const BLOCKS_ARTIFACT: &str = "application/vnd.warmstart.snapshot.blocks.v1";
+pub const MT_HEAD: &str = "application/vnd.warmstart.snapshot.head.v1";
+pub const MT_INDEX_PART: &str = "application/vnd.warmstart.snapshot.index-part.v1";
 pub const MT_BLOCK: &str = "application/vnd.warmstart.snapshot.block.v1";
 pub const MT_HOT: &str = "application/vnd.warmstart.snapshot.hot.v1";
 pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
@@ -60,6 +77,8 @@ pub const MIN_BLOCK_PAGES: u64 = 32;
 pub const CUT_MODULUS: u32 = 256;
 /// ...or once it holds this many bytes.
 pub const MAX_BLOCK_BYTES: usize = 4 << 20;
+/// Page-table records in a part of the index (112 KiB; 256 parts for 2 GiB of pages).
+pub const INDEX_PART_RECORDS: u64 = 2048;
 /// A lazy run fetches a block this small whole at its first fault, a larger one by
 /// range requests.
 pub const WHOLE_BLOCK: u64 = 1 << 20;
@@ -100,9 +119,130 @@ pub struct ImageManifest {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, Default)]
-struct WorkingSetBlob {
-    pages: Vec<u64>,
+/// An OCI image index (the fields warmstart writes and reads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageIndex {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    #[serde(rename = "mediaType", default)]
+    pub media_type: Option<String>,
+    #[serde(rename = "artifactType", default)]
+    pub artifact_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+const HEAD_MAGIC: &[u8; 8] = b"WSHEAD01";
+
+/// The `MT_HEAD` blob: what a run needs besides the snapshot's manifest to find any page
+/// (see the module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Head {
+    /// Page-table records, records per index part, blake3 of the records' hashes.
+    count: u64,
+    per: u64,
+    pages_hash: [u8; 32],
+    /// Each index part's blake3 chaining value and blob.
+    cvs: Vec<[u8; 32]>,
+    parts: Vec<Descriptor>,
+    blocks: Vec<Descriptor>,
+    working_set: Vec<u64>,
+}
+
+fn put_digest(out: &mut Vec<u8>, d: &Descriptor) {
+    let hex = d.digest.strip_prefix("sha256:").expect("sha256 digests");
+    for k in 0..32 {
+        out.push(u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).expect("hex digest"));
+    }
+    out.extend_from_slice(&d.size.to_le_bytes());
+}
+
+impl Head {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            96 + self.parts.len() * 72 + self.blocks.len() * 40 + self.working_set.len() * 8,
+        );
+        out.extend_from_slice(HEAD_MAGIC);
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.per.to_le_bytes());
+        out.extend_from_slice(&self.pages_hash);
+        out.extend_from_slice(&(self.parts.len() as u64).to_le_bytes());
+        for (cv, d) in self.cvs.iter().zip(&self.parts) {
+            out.extend_from_slice(cv);
+            put_digest(&mut out, d);
+        }
+        out.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
+        for d in &self.blocks {
+            put_digest(&mut out, d);
+        }
+        out.extend_from_slice(&(self.working_set.len() as u64).to_le_bytes());
+        for p in &self.working_set {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes a head blob; every count is checked against the blob's size first.
+    fn decode(b: &[u8]) -> Result<Head, String> {
+        struct Rd<'a>(&'a [u8]);
+        impl Rd<'_> {
+            fn take(&mut self, n: usize) -> Result<&[u8], String> {
+                if self.0.len() < n {
+                    return Err("it is truncated".into());
+                }
+                let (a, rest) = self.0.split_at(n);
+                self.0 = rest;
+                Ok(a)
+            }
+            fn u64(&mut self) -> Result<u64, String> {
+                Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+            }
+            fn count(&mut self, each: usize) -> Result<usize, String> {
+                let n = self.u64()?;
+                if n > (self.0.len() / each) as u64 {
+                    return Err(format!("it lists {n} entries it has no room for"));
+                }
+                Ok(n as usize)
+            }
+            fn desc(&mut self, media_type: &str) -> Result<Descriptor, String> {
+                let hex: String = self.take(32)?.iter().map(|x| format!("{x:02x}")).collect();
+                Ok(Descriptor {
+                    media_type: media_type.into(),
+                    digest: format!("sha256:{hex}"),
+                    size: self.u64()?,
+                })
+            }
+        }
+        let mut r = Rd(b);
+        if r.take(8)? != HEAD_MAGIC {
+            return Err("it has no head magic".into());
+        }
+        let (count, per) = (r.u64()?, r.u64()?);
+        let pages_hash = r.take(32)?.try_into().unwrap();
+        let n = r.count(72)?;
+        let (mut cvs, mut parts) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            cvs.push(r.take(32)?.try_into().unwrap());
+            parts.push(r.desc(MT_INDEX_PART)?);
+        }
+        let n = r.count(40)?;
+        let blocks = (0..n).map(|_| r.desc(MT_BLOCK)).collect::<Result<_, _>>()?;
+        let n = r.count(8)?;
+        let working_set = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes follow its end", r.0.len()));
+        }
+        Ok(Head {
+            count,
+            per,
+            pages_hash,
+            cvs,
+            parts,
+            blocks,
+            working_set,
+        })
+    }
 }
 
 /// The hot pages of a snapshot as one blob (`MT_HOT`): lz4 (`lz4_flex`'s block format
@@ -137,13 +277,22 @@ impl HotBlob {
 
     /// Decodes `blob` and checks every page against `table` (on up to `threads`
     /// threads); every length is checked before anything is allocated.
+    #[cfg(test)]
     pub(crate) fn decode(blob: &[u8], table: &TableMap, threads: usize) -> Result<Self, String> {
+        let h = Self::parse(blob, table.len())?;
+        h.check(table, threads)?;
+        Ok(h)
+    }
+
+    /// Decodes `blob` of a snapshot of `count` pages, not yet checked against the page
+    /// table (see [`Self::check`]); every length is checked before anything is
+    /// allocated.
+    pub(crate) fn parse(blob: &[u8], count: u64) -> Result<Self, String> {
         let size = blob
             .get(..4)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as u64)
             .ok_or("it is truncated")?;
-        let max =
-            16 + table.len().min(super::store::hot::MAX_HOT_PAGES as u64) * (8 + PAGE_SIZE as u64);
+        let max = 16 + count.min(super::store::hot::MAX_HOT_PAGES as u64) * (8 + PAGE_SIZE as u64);
         if size < 16 || size > max {
             return Err(format!(
                 "it claims {size} bytes, more than its snapshot's pages"
@@ -154,46 +303,57 @@ impl HotBlob {
         if &raw[..8] != HOT_MAGIC {
             return Err("it has no hot-pages magic".into());
         }
-        let count = u64::from_le_bytes(raw[8..16].try_into().unwrap());
-        let data_at = count
+        let n = u64::from_le_bytes(raw[8..16].try_into().unwrap());
+        let data_at = n
             .checked_mul(8)
             .and_then(|n| n.checked_add(16))
             .filter(|&n| n <= raw.len() as u64)
             .ok_or("its page count does not fit its size")? as usize;
-        if (raw.len() - data_at) as u64 != count * PAGE_SIZE as u64 {
+        if (raw.len() - data_at) as u64 != n * PAGE_SIZE as u64 {
             return Err("its page count does not fit its size".into());
         }
         let indexes: Vec<u64> = raw[16..data_at]
             .chunks_exact(8)
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
             .collect();
-        if indexes.windows(2).any(|w| w[0] >= w[1])
-            || indexes.last().is_some_and(|&i| i >= table.len())
-        {
+        if indexes.windows(2).any(|w| w[0] >= w[1]) || indexes.last().is_some_and(|&i| i >= count) {
             return Err("its page indexes are not ascending page-table indexes".into());
-        }
-        let data = &raw[data_at..];
-        let per = indexes.len().div_ceil(threads.max(1)).max(1);
-        let bad = std::thread::scope(|s| {
-            let jobs: Vec<_> = (indexes.chunks(per).zip(data.chunks(per * PAGE_SIZE)))
-                .map(|(idx, pages)| {
-                    s.spawn(move || {
-                        let want: Vec<(usize, [u8; 32])> = (idx.iter().enumerate())
-                            .map(|(k, &i)| (k, table.record(i).hash))
-                            .collect();
-                        first_mismatch(pages, &want).map(|k| idx[k])
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .find_map(|j| j.join().expect("hot page check panicked"))
-        });
-        if let Some(i) = bad {
-            return Err(format!("page {i} in it does not match its hash"));
         }
         let mut raw = raw;
         raw.drain(..data_at);
         Ok(HotBlob { indexes, data: raw })
+    }
+
+    /// Checks every page against `table` (whose records of these pages are in), on up
+    /// to `threads` threads.
+    pub(crate) fn check(&self, table: &TableMap, threads: usize) -> Result<(), String> {
+        let per = self.indexes.len().div_ceil(threads.max(1)).max(1);
+        let bad = std::thread::scope(|s| {
+            let jobs: Vec<_> = (self
+                .indexes
+                .chunks(per)
+                .zip(self.data.chunks(per * PAGE_SIZE)))
+            .map(|(idx, pages)| {
+                s.spawn(move || {
+                    let want: Vec<(usize, [u8; 32])> = (idx.iter().enumerate())
+                        .map(|(k, &i)| (k, table.record(i).hash))
+                        .collect();
+                    first_mismatch(pages, &want).map(|k| idx[k])
+                })
+            })
+            .collect();
+            jobs.into_iter()
+                .find_map(|j| j.join().expect("hot page check panicked"))
+        });
+        match bad {
+            Some(i) => Err(format!("page {i} in it does not match its hash")),
+            None => Ok(()),
+        }
+    }
+
+    /// The page-table indexes of its pages, ascending.
+    pub(crate) fn indexes(&self) -> &[u64] {
+        &self.indexes
     }
 
     /// Page-table record `i`'s bytes if the blob has them.
@@ -400,14 +560,18 @@ pub fn push(
     if let Some(b) = blocker.finish() {
         blocks.push(upload(&c, MT_BLOCK, &b, &mut rep)?);
     }
-    let pages_hash = table::pages_hash(blocker.records.iter().map(|r| &r.hash));
-    let index = table::encode(TABLE_MAGIC, pages_hash, &blocker.records);
-    let index = upload(&c, MT_INDEX, &index, &mut rep)?;
-    let ws = WorkingSetBlob {
-        pages: snap.working_sets().map(|w| w.flatten()).unwrap_or_default(),
-    };
-    let ws = serde_json::to_vec(&ws).expect("serializable");
-    let ws = upload(&c, MT_WORKING_SET, &ws, &mut rep)?;
+    let records = &blocker.records;
+    let pages_hash = table::pages_hash(records.iter().map(|r| &r.hash));
+    let per = INDEX_PART_RECORDS;
+    let cvs = Parts::chaining_values(records, per);
+    let mut parts = Vec::with_capacity(cvs.len());
+    for chunk in records.chunks(per as usize) {
+        let mut bytes = Vec::with_capacity(chunk.len() * table::RECORD_SIZE);
+        for rec in chunk {
+            rec.write_to(&mut bytes);
+        }
+        parts.push(upload(&c, MT_INDEX_PART, &bytes, &mut rep)?);
+    }
     let config = crate::format::encode(&snap.manifest);
     if SnapshotId::of_manifest_bytes(&config) != snap.id {
         return Err(StoreError::Registry {
@@ -420,22 +584,63 @@ pub fn push(
         });
     }
     let config = upload(&c, MT_MANIFEST, &config, &mut rep)?;
-    let mut layers = vec![index, ws];
-    layers.extend(blocks);
+    let head = Head {
+        count: records.len() as u64,
+        per,
+        pages_hash,
+        cvs,
+        parts: parts.clone(),
+        blocks: blocks.clone(),
+        working_set: snap.working_sets().map(|w| w.flatten()).unwrap_or_default(),
+    };
+    let mut layers = vec![upload(&c, MT_HEAD, &head.encode(), &mut rep)?];
     if let Some(hot) = snap.hot(threads).filter(|h| !h.is_empty()) {
         let blob = HotBlob::encode(hot.indexes(), hot.bytes());
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
     }
-    let m = ImageManifest {
+    let id_note: std::collections::BTreeMap<String, String> =
+        [(ID_ANNOTATION.to_owned(), snap.id.to_hex())].into();
+    let head = ImageManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: Some(ARTIFACT_TYPE.into()),
         config,
         layers,
-        annotations: [(ID_ANNOTATION.to_owned(), snap.id.to_hex())].into(),
+        annotations: id_note.clone(),
     };
-    let bytes = serde_json::to_vec(&m).expect("serializable");
-    c.put_manifest(tag, OCI_MANIFEST, &bytes)?;
+    parts.extend(blocks);
+    let blocks = parts;
+    let empty = upload(&c, OCI_EMPTY, b"{}", &mut rep)?;
+    let blocks = ImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        artifact_type: Some(BLOCKS_ARTIFACT.into()),
+        config: empty,
+        layers: blocks,
+        annotations: id_note.clone(),
+    };
+    let mut manifests = Vec::new();
+    for m in [&head, &blocks] {
+        let bytes = serde_json::to_vec(m).expect("serializable");
+        let digest = client::sha256_digest(&bytes);
+        c.put_manifest(&digest, OCI_MANIFEST, &bytes)?;
+        rep.bytes += bytes.len() as u64;
+        rep.bytes_uploaded += bytes.len() as u64;
+        manifests.push(Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest,
+            size: bytes.len() as u64,
+        });
+    }
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: Some(OCI_INDEX.into()),
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+        manifests,
+        annotations: id_note,
+    };
+    let bytes = serde_json::to_vec(&index).expect("serializable");
+    c.put_manifest(tag, OCI_INDEX, &bytes)?;
     rep.manifest_digest = client::sha256_digest(&bytes);
     rep.bytes += bytes.len() as u64;
     rep.bytes_uploaded += bytes.len() as u64;
@@ -448,7 +653,10 @@ pub fn push(
 pub struct Remote {
     client: Client,
     reference: Reference,
+    id: SnapshotId,
     pub(crate) blocks: Vec<Descriptor>,
+    /// The index parts, by number (see [`Parts`]).
+    parts: Vec<Descriptor>,
     /// Blocks fetched whole (and checked), by number; a pull drops each after its last
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
@@ -472,60 +680,117 @@ pub(crate) struct Opened {
     pub remote: Remote,
 }
 
-/// Fetches and checks `r`'s manifest, config (the snapshot's manifest), index and
-/// working set, and with `with_hot` its hot pages (if any; a damaged blob is ignored with
-/// a warning): those blobs side by side, once the manifest has named them.
-pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Opened, StoreError> {
+/// Fetches and checks `r`'s index and head manifest, then side by side its config (the
+/// snapshot's manifest), index parts list, working set, block list and, for a lazy run
+/// (`lazy`: the pages a restore writes eagerly), its hot pages (a damaged blob is ignored
+/// with a warning). A lazy run then fetches the index parts and blocks of the working
+/// set's and the eager pages (see [`Remote::prefetch`]); a pull the whole index.
+pub(crate) fn open(
+    r: &Reference,
+    opts: &Options,
+    lazy: Option<&crate::store::snapshot::EagerPages>,
+) -> Result<Opened, StoreError> {
+    let t0 = Instant::now();
     let c = Client::new(r, opts, false)?;
     let what = r.to_string();
     let bad = |reason: String| StoreError::Registry {
         what: what.clone(),
         reason,
     };
-    let bytes = c.get_manifest(r.manifest_ref(), OCI_MANIFEST)?;
-    let m: ImageManifest = serde_json::from_slice(&bytes)
-        .map_err(|e| bad(format!("its manifest is not an OCI image manifest: {e}")))?;
-    if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE) || m.config.media_type != MT_MANIFEST {
+    let bytes = c.get_manifest(r.manifest_ref(), &format!("{OCI_INDEX}, {OCI_MANIFEST}"))?;
+    let t_index = t0.elapsed();
+    let top: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("its manifest is not JSON: {e}")))?;
+    let kind = (top.get("mediaType").and_then(|v| v.as_str())).unwrap_or_default();
+    let artifact = (top.get("artifactType").and_then(|v| v.as_str())).unwrap_or("none");
+    if artifact != ARTIFACT_TYPE {
         return Err(bad(format!(
-            "it is not a warmstart snapshot (artifactType {:?}, expected {ARTIFACT_TYPE})",
-            m.artifact_type.as_deref().unwrap_or("none")
+            "it is not a warmstart snapshot (artifactType {artifact}, expected {ARTIFACT_TYPE})"
         )));
     }
-    let mut layers = m.layers.clone();
-    let hot = match layers.last() {
-        Some(l) if l.media_type == MT_HOT => layers.pop(),
-        _ => None,
+    if kind != OCI_INDEX {
+        return Err(bad(
+            "it was pushed by an older warmstart (one OCI manifest, not an index): push the \
+             snapshot again with this warmstart"
+                .into(),
+        ));
+    }
+    let index: ImageIndex = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("its OCI index is damaged: {e}")))?;
+    let head = match index.manifests.first() {
+        Some(d) if d.media_type == OCI_MANIFEST => d,
+        _ => return Err(bad("its OCI index names no head manifest first".into())),
     };
-    if layers.len() < 2
-        || layers[0].media_type != MT_INDEX
-        || layers[1].media_type != MT_WORKING_SET
-        || layers[2..].iter().any(|l| l.media_type != MT_BLOCK)
+    let bytes = c.get_manifest(&head.digest, OCI_MANIFEST)?;
+    let m: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(format!(
+            "its head manifest is not an OCI image manifest: {e}"
+        ))
+    })?;
+    let hot = m.layers.get(1).filter(|l| l.media_type == MT_HOT);
+    if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE)
+        || m.config.media_type != MT_MANIFEST
+        || m.layers.first().map(|l| l.media_type.as_str()) != Some(MT_HEAD)
+        || m.layers.len() > 1 + usize::from(hot.is_some())
     {
         return Err(bad(
-            "its layers are not index, working set, blocks (and hot pages): a different \
+            "its head manifest's layers are not a head blob (and hot pages): a different \
              format version?"
                 .into(),
         ));
     }
+    let t_head = t0.elapsed();
     let get = |d: &Descriptor| c.get_blob(&d.digest, d.size);
-    let (config, index, ws, hot_bytes) = std::thread::scope(|s| {
-        let index = s.spawn(|| get(&layers[0]));
-        let ws = s.spawn(|| get(&layers[1]));
-        let hot = (hot.as_ref())
-            .filter(|_| with_hot)
-            .map(|d| s.spawn(move || get(d)));
+    // The index parts of the working set are fetched as soon as the head blob names
+    // them, beside the manifest and the hot pages.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let is_lazy = lazy.is_some();
+    let (config, head, hot_bytes) = std::thread::scope(|s| {
+        let head = s.spawn(|| -> Result<_, StoreError> {
+            let bytes = get(&m.layers[0])?;
+            let head =
+                Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
+            let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
+                .map_err(|e| bad(format!("its index is damaged: {e}")))?;
+            if head.parts.len() != head.cvs.len() {
+                return Err(bad(
+                    "its head blob lists index parts without their values".into()
+                ));
+            }
+            let ws: Vec<u64> = (head.working_set.iter())
+                .copied()
+                .filter(|&p| p < head.count)
+                .collect();
+            if is_lazy {
+                let which = table.missing_parts(ws.iter().copied());
+                fill_parts(&c, &head.blocks, &head.parts, &table, &which, &|why| {
+                    bad(format!("its index is damaged: {why}; refusing it"))
+                })?;
+            }
+            let (blocks, parts) = (head.blocks, head.parts);
+            Ok((blocks, parts, ws, table))
+        });
+        let hot = hot.filter(|_| is_lazy).map(|d| {
+            s.spawn(move || {
+                let blob = get(d).map_err(|e| e.to_string())?;
+                HotBlob::parse(&blob, u64::MAX)
+            })
+        });
         let config = get(&m.config);
-        let join = |h: std::thread::ScopedJoinHandle<'_, _>| h.join().expect("blob fetch panicked");
-        (config, join(index), join(ws), hot.map(join))
+        let head = head.join().expect("head fetch panicked");
+        let hot = hot.map(|h| h.join().expect("hot pages fetch panicked"));
+        (config, head, hot)
     });
     let config = config?;
     let id = SnapshotId::of_manifest_bytes(&config);
-    if let Some(want) = m.annotations.get(ID_ANNOTATION) {
-        if want != &id.to_hex() {
-            return Err(bad(format!(
-                "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
-                id.short()
-            )));
+    for note in [&index.annotations, &m.annotations] {
+        if let Some(want) = note.get(ID_ANNOTATION) {
+            if want != &id.to_hex() {
+                return Err(bad(format!(
+                    "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
+                    id.short()
+                )));
+            }
         }
     }
     let manifest: Manifest = crate::format::decode(&config).map_err(|e| {
@@ -534,70 +799,69 @@ pub(crate) fn open(r: &Reference, opts: &Options, with_hot: bool) -> Result<Open
             id.short()
         ))
     })?;
-    let index = index?;
-    let table = TableMap::from_bytes(index, TABLE_MAGIC).map_err(|e| {
-        bad(format!(
-            "snapshot {}: its index is damaged: {e}",
-            id.short()
-        ))
-    })?;
-    if table.len() != manifest.page_count
-        || table.pages_hash() != manifest.pages_hash
-        || table.compute_pages_hash() != manifest.pages_hash
-    {
+    let (blocks, parts, working_set, table) = head?;
+    if table.len() != manifest.page_count || table.pages_hash() != manifest.pages_hash {
         return Err(bad(format!(
             "snapshot {}: its index belongs to different pages than its manifest: refusing it",
             id.short()
         )));
     }
-    let blocks: Vec<Descriptor> = layers[2..].to_vec();
-    for rec in table.records() {
-        let l = rec.loc;
-        let ok = (l.pack as usize) < blocks.len()
-            && l.offset + u64::from(l.len) <= blocks[l.pack as usize].size
-            && l.pages == 1
-            && l.slot == 0;
-        if !ok {
-            return Err(bad(format!(
-                "snapshot {}: its index points outside its blocks: refusing it",
-                id.short()
-            )));
-        }
-    }
-    let ws = ws?;
-    let ws: WorkingSetBlob = serde_json::from_slice(&ws)
-        .map_err(|e| bad(format!("its working set blob is damaged: {e}")))?;
-    let working_set = ws
-        .pages
-        .into_iter()
-        .filter(|&p| p < manifest.page_count)
-        .collect();
-    let hot_pages = hot_bytes.and_then(|blob| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let checked = blob
-            .map_err(|e| e.to_string())
-            .and_then(|b| HotBlob::decode(&b, &table, threads));
-        checked
-            .map_err(|why| {
-                tracing::warn!(
-                    "{what}: ignoring its hot pages ({why}); fetching the blocks of those pages"
-                )
-            })
-            .ok()
+    let t_blobs = t0.elapsed();
+    let mut remote = Remote {
+        client: c,
+        reference: r.clone(),
+        id,
+        cache: Mutex::new(vec![None; blocks.len()]),
+        blocks,
+        parts,
+        working_set,
+        hot_pages: None,
+    };
+    let ignore_hot = |why: String| {
+        tracing::warn!("{what}: ignoring its hot pages ({why}); fetching the blocks of those pages")
+    };
+    let hot_pages = hot_bytes.and_then(|h| {
+        h.and_then(|h| match h.indexes().last() {
+            Some(&i) if i >= table.len() => {
+                Err("its page indexes are beyond the snapshot's".into())
+            }
+            _ => Ok(h),
+        })
+        .map_err(ignore_hot)
+        .ok()
     });
-    let cache = Mutex::new(vec![None; blocks.len()]);
+    match lazy {
+        Some(eager) => {
+            let eager = eager(&manifest);
+            let hot_idx = hot_pages.as_ref().map(|h| h.indexes()).unwrap_or_default();
+            let mut first: Vec<u64> = (remote.working_set.iter().chain(&eager).chain(hot_idx))
+                .copied()
+                .collect();
+            first.sort_unstable();
+            first.dedup();
+            remote.ensure(&table, &first)?;
+            let t_parts = t0.elapsed();
+            remote.hot_pages = hot_pages.and_then(|h| {
+                h.check(&table, threads)
+                    .map(|()| h)
+                    .map_err(ignore_hot)
+                    .ok()
+            });
+            let t_hot = t0.elapsed();
+            remote.prefetch(&table, &eager)?;
+            tracing::debug!(
+                "{what}: opened in {:?} (index {t_index:?}, head {t_head:?}, blobs {t_blobs:?}, \
+                 first index parts {t_parts:?}, hot pages checked {t_hot:?})",
+                t0.elapsed()
+            );
+        }
+        None => remote.ensure_all(&table)?,
+    }
     Ok(Opened {
         id,
         manifest,
         table,
-        remote: Remote {
-            client: c,
-            reference: r.clone(),
-            blocks,
-            cache,
-            working_set,
-            hot_pages,
-        },
+        remote,
     })
 }
 
@@ -642,6 +906,8 @@ impl Remote {
     /// the pages of the working set and the pages `eager` (page-table indexes) that the
     /// hot pages lack: what a lazy run needs before its app resumes.
     pub(crate) fn prefetch(&self, table: &TableMap, eager: &[u64]) -> Result<(), StoreError> {
+        let first: Vec<u64> = self.working_set.iter().chain(eager).copied().collect();
+        self.ensure(table, &first)?;
         let hot = self.hot_pages.as_ref();
         let mut want: Vec<usize> = (self.working_set.iter().chain(eager))
             .filter(|&&i| i < table.len() && hot.is_none_or(|h| h.page(i).is_none()))
@@ -651,6 +917,37 @@ impl Remote {
         want.sort_unstable();
         want.dedup();
         self.fetch(&want, PREFETCHERS)
+    }
+
+    /// Fetches (side by side, each checked) the parts of `table` that hold records
+    /// `indexes` and are not in yet.
+    pub(crate) fn ensure(&self, table: &TableMap, indexes: &[u64]) -> Result<(), StoreError> {
+        let missing = table.missing_parts(indexes.iter().copied());
+        self.fetch_parts(table, &missing)
+    }
+
+    /// Fetches every part of `table` not in yet.
+    pub(crate) fn ensure_all(&self, table: &TableMap) -> Result<(), StoreError> {
+        let (parts, per) = table.parts();
+        let missing = table.missing_parts((0..parts as u64).map(|k| k * per));
+        self.fetch_parts(table, &missing)
+    }
+
+    fn fetch_parts(&self, table: &TableMap, which: &[usize]) -> Result<(), StoreError> {
+        fill_parts(
+            &self.client,
+            &self.blocks,
+            &self.parts,
+            table,
+            which,
+            &|why| StoreError::Registry {
+                what: self.what(),
+                reason: format!(
+                    "snapshot {}: its index is damaged: {why}; refusing it",
+                    self.id.short()
+                ),
+            },
+        )
     }
 
     fn fetch(&self, which: &[usize], threads: usize) -> Result<(), StoreError> {
@@ -682,6 +979,7 @@ impl Remote {
         indexes: &[u64],
         out: &mut [u8],
     ) -> Result<(), StoreError> {
+        self.ensure(table, indexes)?;
         let mut reader = BlockReader::default();
         let mut want = Vec::new();
         let mut k = 0;
@@ -753,6 +1051,54 @@ impl Remote {
                 "snapshot {}: page {page} is corrupt as served: {reason}; refusing it",
                 id.short()
             ),
+        }
+    }
+}
+
+/// Fetches index parts `which` (side by side), checks them (digest, chaining value,
+/// every record pointing inside `blocks`) and fills them into `table`.
+fn fill_parts(
+    client: &Client,
+    blocks: &[Descriptor],
+    parts: &[Descriptor],
+    table: &TableMap,
+    which: &[usize],
+    damaged: &(dyn Fn(String) -> StoreError + Sync),
+) -> Result<(), StoreError> {
+    let fits = |rec: &Record| {
+        let l = rec.loc;
+        let ok = (l.pack as usize) < blocks.len()
+            && l.offset + u64::from(l.len) <= blocks[l.pack as usize].size
+            && l.pages == 1
+            && l.slot == 0;
+        ok.then_some(())
+            .ok_or_else(|| "it points outside the snapshot's blocks".to_owned())
+    };
+    let one = |k: usize| -> Result<(), StoreError> {
+        let d = &parts[k];
+        let bytes = client.get_blob(&d.digest, d.size)?;
+        table.fill_part(k, bytes, fits).map_err(damaged)
+    };
+    match which {
+        [] => Ok(()),
+        [k] => one(*k),
+        _ => {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let jobs: Vec<_> = (0..PREFETCHERS.min(which.len()))
+                    .map(|_| {
+                        s.spawn(|| loop {
+                            let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&k) = which.get(at) else {
+                                return Ok(());
+                            };
+                            one(k)?;
+                        })
+                    })
+                    .collect();
+                jobs.into_iter()
+                    .try_for_each(|j| j.join().expect("index part fetcher panicked"))
+            })
         }
     }
 }
@@ -832,6 +1178,7 @@ pub fn pull_into(
         });
     };
     let table = snap.table();
+    remote.ensure_all(table)?;
     let n = snap.page_count();
     // The last page of each block: after it is stored, the block is not needed again.
     let mut last_use = vec![0u64; remote.blocks.len()];
@@ -1013,8 +1360,11 @@ mod tests {
             })
             .collect();
         let ph = table::pages_hash(records.iter().map(|r| &r.hash));
-        let table =
-            TableMap::from_bytes(table::encode(TABLE_MAGIC, ph, &records), TABLE_MAGIC).unwrap();
+        let table = TableMap::from_bytes(
+            table::encode(table::TABLE_MAGIC, ph, &records),
+            table::TABLE_MAGIC,
+        )
+        .unwrap();
         let idx = [1u64, 2, 6];
         let bytes: Vec<u8> = idx
             .iter()
@@ -1048,6 +1398,39 @@ mod tests {
 
     /// Content-defined blocks: a change in the middle leaves the blocks before and
     /// after it alone.
+    #[test]
+    fn head_blob_round_trips_and_refuses_damage() {
+        let desc = |k: u8, mt: &str| Descriptor {
+            media_type: mt.into(),
+            digest: client::sha256_digest(&[k]),
+            size: 1000 + u64::from(k),
+        };
+        let head = Head {
+            count: 10_000,
+            per: 8192,
+            pages_hash: [3; 32],
+            cvs: vec![[7; 32], [9; 32]],
+            parts: vec![desc(1, MT_INDEX_PART), desc(2, MT_INDEX_PART)],
+            blocks: (10..15).map(|k| desc(k, MT_BLOCK)).collect(),
+            working_set: vec![4, 5, 9_999],
+        };
+        let b = head.encode();
+        assert_eq!(Head::decode(&b).unwrap(), head);
+        for cut in [0, 8, 50, b.len() - 1] {
+            assert!(Head::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(Head::decode(&longer).is_err());
+        let mut wrong = b.clone();
+        wrong[0] ^= 1;
+        assert!(Head::decode(&wrong).is_err());
+        // A count larger than what follows is refused before anything is allocated.
+        let mut huge = b;
+        huge[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Head::decode(&huge).is_err());
+    }
+
     #[test]
     fn blocks_resynchronise() {
         let a = blocks_of(0..20_000);

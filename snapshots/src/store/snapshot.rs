@@ -249,10 +249,7 @@ impl Snapshot {
         opts: &crate::registry::Options,
         prefetch: Option<&EagerPages>,
     ) -> Result<Snapshot, StoreError> {
-        let o = crate::registry::open(r, opts, prefetch.is_some())?;
-        if let Some(eager) = prefetch {
-            o.remote.prefetch(&o.table, &eager(&o.manifest))?;
-        }
+        let o = crate::registry::open(r, opts, prefetch)?;
         Ok(Snapshot {
             id: o.id,
             manifest: o.manifest,
@@ -399,6 +396,25 @@ impl Snapshot {
     /// Path of the page table file.
     pub fn table_path(&self) -> &std::path::Path {
         &self.table_path
+    }
+
+    /// Makes sure the page-table records `indexes` are at hand: a snapshot from a
+    /// registry fetches its index by parts (see `registry`), the first ones when it is
+    /// opened and others when pages need them; [`Self::page_hash`] and
+    /// [`Self::record`] of a record not at hand panic. Other snapshots: nothing to do.
+    pub fn ensure_records(&self, indexes: &[u64]) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Registry(r) => r.ensure(&self.table, indexes),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::ensure_records`] of every record.
+    pub fn ensure_all_records(&self) -> Result<(), StoreError> {
+        match &self.source {
+            Source::Registry(r) => r.ensure_all(&self.table),
+            _ => Ok(()),
+        }
     }
 
     /// The blake3 of page-table record `index`. Panics if out of range.

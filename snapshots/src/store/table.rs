@@ -152,11 +152,87 @@ impl TableError {
     }
 }
 
-/// A memory-mapped (or received), validated table or index file.
+/// A memory-mapped (or received), validated table or index file; or a page table
+/// received by parts ([`Parts`]).
 #[derive(Debug)]
 pub(crate) struct TableMap {
     map: TableBytes,
     count: u64,
+    parts: Option<Parts>,
+}
+
+/// A page table received by parts (a registry's chunked index): runs of `per` records
+/// (`per * 32` bytes of record hashes a power of two multiple of blake3's chunk), each
+/// bound to the table's `pages_hash` by its blake3 chaining value (the hashes of all
+/// records are one blake3 input, so the chaining values of its parts merge into the
+/// root). The chaining values are checked against `pages_hash` when the table is made,
+/// each part against its chaining value before it is filled in, so every record read
+/// is as trustworthy as in a whole table. A record is read only after its part is in.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    per: u64,
+    pages_hash: [u8; 32],
+    cvs: Vec<[u8; 32]>,
+    filled: Vec<std::sync::OnceLock<Vec<u8>>>,
+}
+
+/// The blake3 chaining value of record hashes `hashes` (the concatenation of 32-byte
+/// hashes) that start at byte `offset` of the whole input.
+fn subtree_cv(offset: u64, hashes: &[u8]) -> [u8; 32] {
+    use blake3::hazmat::HasherExt;
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(hashes)
+        .finalize_non_root()
+}
+
+/// The blake3 root of an input of `len` bytes split into parts of `part` bytes (a power
+/// of two multiple of the chunk size) whose chaining values are `cvs`.
+fn merged_root(cvs: &[[u8; 32]], part: u64, len: u64) -> [u8; 32] {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn cv(cvs: &[[u8; 32]], part: u64, len: u64) -> [u8; 32] {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let left = left_subtree_len(len);
+        let k = (left / part) as usize;
+        merge_subtrees_non_root(
+            &cv(&cvs[..k], part, left),
+            &cv(&cvs[k..], part, len - left),
+            Mode::Hash,
+        )
+    }
+    let left = left_subtree_len(len);
+    let k = (left / part) as usize;
+    *merge_subtrees_root(
+        &cv(&cvs[..k], part, left),
+        &cv(&cvs[k..], part, len - left),
+        Mode::Hash,
+    )
+    .as_bytes()
+}
+
+impl Parts {
+    /// Records per part: `per * 32` bytes of hashes must be a power of two multiple of
+    /// blake3's chunk.
+    pub(crate) fn valid_per(per: u64) -> bool {
+        per.is_power_of_two() && per * 32 >= blake3::CHUNK_LEN as u64 && per <= 1 << 24
+    }
+
+    /// The chaining values (one per part of `per` records) of `records`, as a pusher
+    /// writes them; a table of one part has its root hash as its only value.
+    pub(crate) fn chaining_values(records: &[Record], per: u64) -> Vec<[u8; 32]> {
+        let hashes: Vec<u8> = records.iter().flat_map(|r| r.hash).collect();
+        if records.len() as u64 <= per {
+            return vec![*blake3::hash(&hashes).as_bytes()];
+        }
+        let part = (per * 32) as usize;
+        hashes
+            .chunks(part)
+            .enumerate()
+            .map(|(k, h)| subtree_cv((k * part) as u64, h))
+            .collect()
+    }
 }
 
 impl TableMap {
@@ -186,8 +262,12 @@ impl TableMap {
         Self::validate(TableBytes::Owned(bytes), magic, true)
     }
 
-    /// The whole file: header and records.
+    /// The whole file: header and records. Not for a table by parts (which has no file).
     pub(crate) fn bytes(&self) -> &[u8] {
+        assert!(
+            self.parts.is_none(),
+            "a page table by parts has no single file"
+        );
         &self.map
     }
 
@@ -222,15 +302,122 @@ impl TableMap {
                 expected.map_or("more than 2^64".into(), |n| n.to_string())
             ));
         }
-        let t = TableMap { map, count };
+        let t = TableMap {
+            map,
+            count,
+            parts: None,
+        };
         if check {
             t.verify_checksum()?;
         }
         Ok(t)
     }
 
-    /// Hashes the header and every record and compares with the stored checksum.
+    /// An empty table of `count` records to be filled by parts of `per` records whose
+    /// blake3 chaining values are `cvs` (see [`Parts`]); checks them against
+    /// `pages_hash`.
+    pub(crate) fn by_parts(
+        count: u64,
+        per: u64,
+        pages_hash: [u8; 32],
+        cvs: Vec<[u8; 32]>,
+    ) -> Result<TableMap, String> {
+        if !Parts::valid_per(per) {
+            return Err(format!("{per} records per part is not a valid part size"));
+        }
+        if cvs.len() as u64 != count.div_ceil(per).max(1) {
+            return Err(format!(
+                "{} parts listed for {count} records of {per} a part",
+                cvs.len()
+            ));
+        }
+        let root = match cvs.len() {
+            1 => cvs[0],
+            _ => merged_root(&cvs, per * 32, count * 32),
+        };
+        if root != pages_hash {
+            return Err("its parts do not add up to its page hashes".into());
+        }
+        let filled = cvs.iter().map(|_| std::sync::OnceLock::new()).collect();
+        Ok(TableMap {
+            map: TableBytes::Owned(Vec::new()),
+            count,
+            parts: Some(Parts {
+                per,
+                pages_hash,
+                cvs,
+                filled,
+            }),
+        })
+    }
+
+    /// Number of parts (1 for a whole table) and records per part.
+    pub(crate) fn parts(&self) -> (usize, u64) {
+        match &self.parts {
+            Some(p) => (p.filled.len(), p.per),
+            None => (1, self.count.max(1)),
+        }
+    }
+
+    /// The parts (see [`Parts`]) that hold none of the records `indexes` yet.
+    pub(crate) fn missing_parts(&self, indexes: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let Some(p) = &self.parts else {
+            return Vec::new();
+        };
+        let mut out: Vec<usize> = indexes
+            .into_iter()
+            .filter(|&i| i < self.count)
+            .map(|i| (i / p.per) as usize)
+            .filter(|&k| p.filled[k].get().is_none())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Fills part `k` with `records` (56 bytes each) after checking their number and
+    /// their hashes against the part's chaining value; `check` judges each record
+    /// (where it points). Filling a part twice keeps the first.
+    pub(crate) fn fill_part(
+        &self,
+        k: usize,
+        records: Vec<u8>,
+        check: impl Fn(&Record) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let p = self.parts.as_ref().expect("a table by parts");
+        let first = k as u64 * p.per;
+        let n = p.per.min(self.count - first) as usize;
+        if records.len() != n * RECORD_SIZE {
+            return Err(format!(
+                "part {k} has {} bytes, {n} records need {}",
+                records.len(),
+                n * RECORD_SIZE
+            ));
+        }
+        let hashes: Vec<u8> = records
+            .chunks_exact(RECORD_SIZE)
+            .flat_map(|r| r[..32].iter().copied())
+            .collect();
+        let cv = match p.filled.len() {
+            1 => *blake3::hash(&hashes).as_bytes(),
+            _ => subtree_cv(first * 32, &hashes),
+        };
+        if cv != p.cvs[k] {
+            return Err(format!("part {k} does not match its hash"));
+        }
+        records
+            .chunks_exact(RECORD_SIZE)
+            .try_for_each(|r| check(&Record::read(r)))?;
+        let _ = p.filled[k].set(records);
+        Ok(())
+    }
+
+    /// Hashes the header and every record and compares with the stored checksum. A
+    /// table by parts: every part was checked as it came, nothing is left to check.
     pub(crate) fn verify_checksum(&self) -> Result<(), String> {
+        if self.parts.is_some() {
+            return Ok(());
+        }
         if checksum(&self.map) != self.map[64..96] {
             return Err("checksum mismatch".into());
         }
@@ -242,7 +429,10 @@ impl TableMap {
     }
 
     pub(crate) fn pages_hash(&self) -> [u8; 32] {
-        self.map[24..56].try_into().unwrap()
+        match &self.parts {
+            Some(p) => p.pages_hash,
+            None => self.map[24..56].try_into().unwrap(),
+        }
     }
 
     fn rec_bytes(&self, i: u64) -> &[u8] {
@@ -251,6 +441,14 @@ impl TableMap {
             "page table index {i} out of range {}",
             self.count
         );
+        if let Some(p) = &self.parts {
+            let k = (i / p.per) as usize;
+            let Some(part) = p.filled[k].get() else {
+                panic!("page-table record {i} read before its part {k} was fetched");
+            };
+            let at = (i % p.per) as usize * RECORD_SIZE;
+            return &part[at..at + RECORD_SIZE];
+        }
         let at = HEADER_SIZE + i as usize * RECORD_SIZE;
         &self.map[at..at + RECORD_SIZE]
     }
@@ -267,18 +465,103 @@ impl TableMap {
         u32::from_le_bytes(self.rec_bytes(i)[40..44].try_into().unwrap())
     }
 
+    /// Every record (a table by parts: once every part is in).
     pub(crate) fn records(&self) -> impl Iterator<Item = Record> + '_ {
-        self.map[HEADER_SIZE..]
-            .chunks_exact(RECORD_SIZE)
-            .map(Record::read)
+        (0..self.count).map(|i| self.record(i))
     }
 
     /// Recomputes blake3 over the record hashes.
     pub(crate) fn compute_pages_hash(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
-        for r in self.map[HEADER_SIZE..].chunks_exact(RECORD_SIZE) {
-            h.update(&r[..32]);
+        for i in 0..self.count {
+            h.update(&self.rec_bytes(i)[..32]);
         }
         *h.finalize().as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                hash: *blake3::hash(&i.to_le_bytes()).as_bytes(),
+                loc: Location {
+                    pack: (i / 7) as u32,
+                    offset: i * 100,
+                    len: 100,
+                    slot: 0,
+                    pages: 1,
+                    codec: CODEC_LZ4,
+                },
+            })
+            .collect()
+    }
+
+    fn bytes_of(recs: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in recs {
+            r.write_to(&mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn parts_add_up_to_the_pages_hash_and_are_checked() {
+        let per = 64;
+        for n in [
+            1,
+            63,
+            64,
+            65,
+            128,
+            129,
+            3 * 64 + 17,
+            8 * 64,
+            8 * 64 + 1,
+            13 * 64 - 5,
+        ] {
+            let recs = records(n);
+            let ph = pages_hash(recs.iter().map(|r| &r.hash));
+            let cvs = Parts::chaining_values(&recs, per);
+            let t =
+                TableMap::by_parts(n, per, ph, cvs.clone()).unwrap_or_else(|e| panic!("{n}: {e}"));
+            assert_eq!(t.missing_parts(0..n).len(), cvs.len());
+            for (k, part) in recs.chunks(per as usize).enumerate() {
+                // A part with one record swapped for a well-formed other is refused.
+                let mut bad = part.to_vec();
+                bad[0].hash[0] ^= 1;
+                assert!(t.fill_part(k, bytes_of(&bad), |_| Ok(())).is_err());
+                // Another part's records are refused too (another offset in the tree).
+                if k > 0 && part.len() == per as usize {
+                    let other = &recs[..per as usize];
+                    assert!(t.fill_part(k, bytes_of(other), |_| Ok(())).is_err());
+                }
+                t.fill_part(k, bytes_of(part), |_| Ok(())).unwrap();
+            }
+            assert!(t.missing_parts(0..n).is_empty());
+            assert_eq!(t.compute_pages_hash(), ph);
+            assert!(t.records().eq(recs.iter().copied()));
+            // Chaining values that do not add up are refused.
+            let mut cvs = cvs;
+            cvs[0][5] ^= 1;
+            assert!(TableMap::by_parts(n, per, ph, cvs).is_err());
+        }
+        assert!(TableMap::by_parts(10, 48, [0; 32], vec![[0; 32]]).is_err());
+        let recs = records(200);
+        let t = TableMap::by_parts(
+            200,
+            64,
+            pages_hash(recs.iter().map(|r| &r.hash)),
+            Parts::chaining_values(&recs, 64),
+        )
+        .unwrap();
+        let refused = t.fill_part(1, bytes_of(&recs[64..128]), |r| {
+            (r.loc.pack < 10).then_some(()).ok_or("outside".into())
+        });
+        assert_eq!(refused.unwrap_err(), "outside");
+        assert_eq!(t.missing_parts([70, 5, 199]), vec![0, 1, 3]);
     }
 }
