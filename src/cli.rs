@@ -814,11 +814,28 @@ pub fn main(cli: Cli) -> Result<i32> {
             if let Some(h) = puller {
                 match h.join() {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => eprintln!(
-                        "warmstart: {} was not kept in the store: {}",
-                        a.snapshot,
-                        crate::report::error_line(&e)
-                    ),
+                    Ok(Err(e)) => {
+                        let abandoned = e.chain().any(|c| {
+                            matches!(
+                                c.downcast_ref::<warmstart_snapshots::store::StoreError>(),
+                                Some(warmstart_snapshots::store::StoreError::PageReadsAbandoned { .. })
+                            )
+                        });
+                        if abandoned {
+                            eprintln!(
+                                "warmstart: {} was not kept in the store: the instance ended \
+                                 before all of its pages were fetched (`warmstart pull {}` \
+                                 stores it)",
+                                a.snapshot, a.snapshot
+                            )
+                        } else {
+                            eprintln!(
+                                "warmstart: {} was not kept in the store: {}",
+                                a.snapshot,
+                                crate::report::error_line(&e)
+                            )
+                        }
+                    }
                     Err(p) => std::panic::resume_unwind(p),
                 }
             }

@@ -261,7 +261,7 @@ pub enum StoreError {
     },
     /// Reads from the page server were given up (`Client::abandon_page_reads`): the
     /// instance they were for is over, or its restore was interrupted.
-    #[error("page server {addr}: reading pages was given up (the instance is over)")]
+    #[error("reading pages from {addr} was given up (the instance is over)")]
     PageReadsAbandoned { addr: String },
     /// An OCI registry (`crate::registry`): `what` names the registry, repository or blob.
     #[error("registry {what}: {reason}")]
