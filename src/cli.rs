@@ -140,9 +140,13 @@ pub struct ServeArgs {
     /// they go unused) [default: 4 × --pool]
     #[arg(long, value_name = "N")]
     pub pool_max: Option<usize>,
-    /// Park instances of this snapshot at once (else at its first request); repeatable
-    #[arg(long, value_name = "SNAPSHOT")]
+    /// Park instances of this snapshot at once (else at its first request); repeatable. A
+    /// registry reference (REGISTRY/REPO:TAG) is pulled into the store first unless the
+    /// store has it; `run REF` is then served from it
+    #[arg(long, value_name = "SNAPSHOT|REF")]
     pub warm: Vec<String>,
+    #[command(flatten)]
+    pub registry: crate::registry::RegistryOpts,
     /// Drop a snapshot's template (the restored memory its instances share) after it has
     /// parked no instance for this long
     #[arg(long, value_name = "SECS", default_value_t = 300)]
@@ -571,7 +575,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             let snap = if warmstart_snapshots::registry::Reference::looks_like(which) {
                 let r = warmstart_snapshots::registry::Reference::parse(which)
                     .map_err(|e| anyhow::anyhow!("{which}: {e}"))?;
-                Snapshot::open_registry(&r, &registry.options(), None)
+                Snapshot::open_registry(&r, &registry.options(), None, None)
                     .with_context(|| format!("cannot open {r}"))?
             } else {
                 load(&open_store_ro(&cli)?, which)?.0
@@ -644,11 +648,20 @@ pub fn main(cli: Cli) -> Result<i32> {
                 .socket
                 .clone()
                 .unwrap_or_else(|| crate::serve::socket_path(store.dir()));
+            let warm = (a.warm.iter())
+                .map(
+                    |w| match warmstart_snapshots::registry::Reference::looks_like(w) {
+                        true => crate::registry::pull_for_serve(&store, w, &a.registry)
+                            .with_context(|| format!("--warm {w}")),
+                        false => Ok(w.clone()),
+                    },
+                )
+                .collect::<Result<Vec<_>>>()?;
             let opts = crate::serve::ServeOptions {
                 socket,
                 pool: a.pool,
                 pool_max: a.pool_max.unwrap_or(4 * a.pool),
-                warm: a.warm.clone(),
+                warm,
                 template_idle: (!a.no_templates)
                     .then(|| std::time::Duration::from_secs(a.idle.max(1))),
             };
@@ -686,15 +699,24 @@ pub fn main(cli: Cli) -> Result<i32> {
             if !(no_serve
                 || a.eager
                 || a.no_prefetch
-                || remote
+                || a.page_server.is_some()
                 || given_listeners
                 || !a.args.is_empty())
             {
-                let socket = crate::serve::socket_path(&store_dir(&cli)?);
-                if let Some(code) =
-                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats, None)?
-                {
-                    return Ok(code);
+                let dir = store_dir(&cli)?;
+                let socket = crate::serve::socket_path(&dir);
+                // A registry snapshot the store has (pulled, or by `serve --warm REF`) is
+                // the daemon's to serve: asked for by the id the reference names now.
+                let which = match from_registry && socket.exists() {
+                    true => crate::registry::stored_id(&dir, &a.snapshot, &a.registry)?,
+                    false => (!from_registry).then(|| a.snapshot.clone()),
+                };
+                if let Some(which) = which {
+                    if let Some(code) =
+                        crate::serve::client::run(&socket, &which, a.display_stats, None)?
+                    {
+                        return Ok(code);
+                    }
                 }
             }
             let loaded = (|| -> Result<(Arc<Snapshot>, Vec<String>)> {

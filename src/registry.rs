@@ -122,23 +122,62 @@ const PULL_FETCHERS: usize = 8;
 
 /// Opens `r` and, when the store has its snapshot already, returns the local one.
 fn open(store: Option<&Store>, r: &Reference, opts: &Options) -> Result<Snapshot> {
-    let snap = Snapshot::open_registry(r, opts, Some(&crate::restore::eager_pages))
+    Snapshot::open_registry(r, opts, Some(&crate::restore::eager_pages), store)
+        .with_context(|| format!("cannot open {r}"))
+}
+
+/// The id (hex) of the snapshot `reference` names now, if the store at `dir` has it.
+pub fn stored_id(
+    dir: &std::path::Path,
+    reference: &str,
+    opts: &RegistryOpts,
+) -> Result<Option<String>> {
+    let r = parse(reference)?;
+    let Ok(store) = Store::open(dir) else {
+        return Ok(None);
+    };
+    let id = registry::resolve(&r, &opts.options()).with_context(|| format!("cannot open {r}"))?;
+    Ok(store.load_deferred(&id).is_ok().then(|| id.to_hex()))
+}
+
+/// `serve --warm REF`: the snapshot `reference` names, pulled into `store` unless it is
+/// there already; returns its id (hex) for the daemon to warm.
+pub fn pull_for_serve(store: &Store, reference: &str, opts: &RegistryOpts) -> Result<String> {
+    let r = parse(reference)?;
+    let start = Instant::now();
+    let snap = Snapshot::open_registry(&r, &opts.options(), None, Some(store))
         .with_context(|| format!("cannot open {r}"))?;
-    if let Some(store) = store {
-        if let Ok(local) = store.load_deferred(&snap.id) {
-            return Ok(local);
-        }
+    if snap.registry().is_none() {
+        return Ok(snap.id.to_hex());
     }
-    Ok(snap)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let name = r.local_name();
+    let (id, rep) = registry::pull_into(&snap, store, Some(&name), PULL_FETCHERS, threads, false)
+        .with_context(|| format!("cannot pull {r}"))?;
+    eprintln!(
+        "warmstart serve: pulled {r} as {} named {name} ({} in {:.2}s)",
+        id.short(),
+        human(rep.bytes),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(id.to_hex())
 }
 
 pub fn pull(store: &Store, a: &PullArgs) -> Result<i32> {
     let r = parse(&a.reference)?;
     let name = a.name.clone().unwrap_or_else(|| r.local_name());
     let start = Instant::now();
-    let snap = Snapshot::open_registry(&r, &a.registry.options(), None)
+    let snap = Snapshot::open_registry(&r, &a.registry.options(), None, Some(store))
         .with_context(|| format!("cannot pull {r}"))?;
-    if store.load(&snap.id).is_ok() {
+    if snap.registry().is_none() {
+        store.load(&snap.id).with_context(|| {
+            format!(
+                "{r} names snapshot {}, whose copy in the store is damaged: remove it \
+                 (`warmstart rm {}`) and pull again",
+                snap.id.short(),
+                snap.id.short()
+            )
+        })?;
         store.set_name(&name, &snap.id)?;
         println!("{} is in the store already, named {name}", snap.id.short());
         return Ok(0);

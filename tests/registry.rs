@@ -598,3 +598,47 @@ fn basic_auth_over_tls() {
     let out = with_docker(&["pull", &r, "--insecure"], "");
     out.assert_fail();
 }
+
+#[test]
+fn serve_warm_ref_pulls_and_serves_run_ref() {
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    let id = ws.record("x", &[fixture("pscounter")]);
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    let host = Ws::new();
+    let daemon = Proc::spawn(&mut host.cmd(&["-v", "serve", "--insecure", "--warm", &r]));
+    let line = daemon.read_line();
+    assert!(line.starts_with("serving "), "serve printed {line:?}");
+    daemon.wait_stderr("parked an instance of");
+    let ls = listed(&host);
+    assert_eq!(ls.len(), 1, "{ls:?}");
+    assert!(ls[0].0.starts_with(&id), "{ls:?}");
+    assert_eq!(ls[0].1, vec!["counter-v1".to_owned()]);
+    // `run REF` runs the store's copy of what REF names: the first run learns its working
+    // set, the next ones are the daemon's.
+    let out = host.run(&["run", "--display-stats", "--insecure", &r], INPUT);
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("restore of {}", &id[..12])),
+        "{}",
+        out.describe()
+    );
+    assert!(host.working_set_pages("counter-v1").is_some_and(|n| n > 0));
+    let out = host.run(&["run", "--display-stats", "--insecure", &r], INPUT);
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+    assert!(out.stderr.contains("by serve ("), "{}", out.describe());
+    // REF moved on to another snapshot the host does not have: not served stale, run
+    // from the registry.
+    let id2 = ws.record("y", &[fixture("pscounter")]);
+    assert_ne!(id, id2);
+    push(&ws, "y", &r, &["--insecure"]);
+    let out = host.run(&["run", "--display-stats", "--insecure", &r], INPUT);
+    assert_eq!(out.stdout, expected(), "{}", out.describe());
+    assert!(
+        !out.stderr.contains("by serve")
+            && out.stderr.contains(&format!("restore of {}", &id2[..12])),
+        "{}",
+        out.describe()
+    );
+}

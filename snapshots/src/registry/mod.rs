@@ -672,12 +672,37 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// What [`open`] returns: the snapshot's id, manifest, page table and its source.
+/// What [`open`] found: the artifact, or the snapshot it names in the local store.
+pub(crate) enum Found {
+    Registry(Box<Opened>),
+    Stored(Box<Snapshot>),
+}
+
+/// An artifact opened: the snapshot's id, manifest, page table and its source.
 pub(crate) struct Opened {
     pub id: SnapshotId,
     pub manifest: Manifest,
     pub table: TableMap,
     pub remote: Remote,
+}
+
+/// The id of the snapshot `r` names now, from its OCI index's annotation alone (one
+/// request): enough to find the snapshot in a local store, where it is checked as any
+/// local snapshot is (its id is its manifest's blake3).
+pub fn resolve(r: &Reference, opts: &Options) -> Result<SnapshotId, StoreError> {
+    let c = Client::new(r, opts, false)?;
+    let bytes = c.get_manifest(r.manifest_ref(), &format!("{OCI_INDEX}, {OCI_MANIFEST}"))?;
+    let bad = |reason: &str| StoreError::Registry {
+        what: r.to_string(),
+        reason: reason.into(),
+    };
+    let index: ImageIndex = serde_json::from_slice(&bytes)
+        .ok()
+        .filter(|i: &ImageIndex| i.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        .ok_or_else(|| bad("it is not a warmstart snapshot of this version (no OCI index)"))?;
+    (index.annotations.get(ID_ANNOTATION))
+        .and_then(|h| SnapshotId::from_hex(h))
+        .ok_or_else(|| bad("its OCI index names no snapshot id"))
 }
 
 /// Fetches and checks `r`'s index and head manifest, then side by side its config (the
@@ -689,7 +714,8 @@ pub(crate) fn open(
     r: &Reference,
     opts: &Options,
     lazy: Option<&crate::store::snapshot::EagerPages>,
-) -> Result<Opened, StoreError> {
+    local: Option<&Store>,
+) -> Result<Found, StoreError> {
     let t0 = Instant::now();
     let c = Client::new(r, opts, false)?;
     let what = r.to_string();
@@ -717,6 +743,15 @@ pub(crate) fn open(
     }
     let index: ImageIndex = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("its OCI index is damaged: {e}")))?;
+    if let Some(store) = local {
+        let id = index
+            .annotations
+            .get(ID_ANNOTATION)
+            .and_then(|h| SnapshotId::from_hex(h));
+        if let Some(snap) = id.and_then(|id| store.load_deferred(&id).ok()) {
+            return Ok(Found::Stored(Box::new(snap)));
+        }
+    }
     let head = match index.manifests.first() {
         Some(d) if d.media_type == OCI_MANIFEST => d,
         _ => return Err(bad("its OCI index names no head manifest first".into())),
@@ -857,12 +892,12 @@ pub(crate) fn open(
         }
         None => remote.ensure_all(&table)?,
     }
-    Ok(Opened {
+    Ok(Found::Registry(Box::new(Opened {
         id,
         manifest,
         table,
         remote,
-    })
+    })))
 }
 
 impl Remote {

@@ -239,17 +239,23 @@ impl Snapshot {
         })
     }
 
-    /// Opens the snapshot at registry reference `r`: fetches and checks its manifest,
-    /// index and working set, and with `prefetch` (a lazy run) the blocks of the working
-    /// set's pages and of the pages `prefetch` names given the manifest (those a restore
-    /// writes before the app resumes), all at once on several connections; other pages
-    /// are fetched on demand (see [`crate::registry`]).
+    /// Opens the snapshot at registry reference `r`: the one in `local` if that store
+    /// has the snapshot `r` names now, else the registry's: fetches and checks its
+    /// manifest, index head and working set, and with `prefetch` (a lazy run) its hot
+    /// pages, the index parts and blocks of the working set's pages and of the pages
+    /// `prefetch` names given the manifest (those a restore writes before the app
+    /// resumes), all at once on several connections; without, the whole index (a pull).
+    /// Other pages are fetched on demand (see [`crate::registry`]).
     pub fn open_registry(
         r: &crate::registry::Reference,
         opts: &crate::registry::Options,
         prefetch: Option<&EagerPages>,
+        local: Option<&Store>,
     ) -> Result<Snapshot, StoreError> {
-        let o = crate::registry::open(r, opts, prefetch)?;
+        let o = match crate::registry::open(r, opts, prefetch, local)? {
+            crate::registry::Found::Stored(snap) => return Ok(*snap),
+            crate::registry::Found::Registry(o) => *o,
+        };
         Ok(Snapshot {
             id: o.id,
             manifest: o.manifest,
