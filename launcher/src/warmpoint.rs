@@ -1549,6 +1549,18 @@ impl WarmPointTracker {
         init_pid: i32,
         timeout: Option<Duration>,
     ) -> Result<WarmStop, WarmPointError> {
+        self.run_filtered(init_pid, timeout, &mut |_, _| Ok(false))
+    }
+
+    /// [`run`](Self::run), where `filter` sees every stop of a traced thread first (not
+    /// exits): when it returns true it took care of the stop (and resumed the thread),
+    /// which the tracker then never sees (`record --cpu-baseline` emulates CPUID there).
+    pub fn run_filtered(
+        &mut self,
+        init_pid: i32,
+        timeout: Option<Duration>,
+        filter: &mut dyn FnMut(i32, i32) -> io::Result<bool>,
+    ) -> Result<WarmStop, WarmPointError> {
         let overall = timeout.map(|t| Instant::now() + t);
         loop {
             let own = self.next_deadline();
@@ -1566,23 +1578,33 @@ impl WarmPointTracker {
                     })
                 }
                 Ok(WaitEvent::Stop { tid, status }) => {
-                    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                    let ended = libc::WIFEXITED(status) || libc::WIFSIGNALED(status);
+                    if ended {
                         self.held.retain(|h| h.stop.tid != tid);
                     }
-                    match self.on_stop(tid, status)? {
-                        Verdict::WarmPoint(w) if self.holds(&w) => {
-                            let tgid = self.tgid(tid);
-                            let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
-                            self.held.push(Held {
-                                stop: w,
-                                tgid,
-                                regs,
-                            });
-                            self.held_since.get_or_insert_with(Instant::now);
+                    let taken = if ended || !libc::WIFSTOPPED(status) {
+                        false
+                    } else {
+                        filter(tid, status).map_err(io_err("handling a stop of the app"))?
+                    };
+                    if taken {
+                        // Handled (and resumed) by the filter.
+                    } else {
+                        match self.on_stop(tid, status)? {
+                            Verdict::WarmPoint(w) if self.holds(&w) => {
+                                let tgid = self.tgid(tid);
+                                let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
+                                self.held.push(Held {
+                                    stop: w,
+                                    tgid,
+                                    regs,
+                                });
+                                self.held_since.get_or_insert_with(Instant::now);
+                            }
+                            Verdict::WarmPoint(w) => return Ok(w),
+                            Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
+                            v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
                         }
-                        Verdict::WarmPoint(w) => return Ok(w),
-                        Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
-                        v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
                     }
                 }
                 Ok(WaitEvent::Readable) => self.on_readable()?,

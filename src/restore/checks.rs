@@ -35,7 +35,16 @@ pub fn cpu(snap: &HostFacts, here: &HostFacts) -> Result<()> {
             if missing.len() == 1 { "it" } else { "them all" },
         );
     }
-    let lacking = snap.xsave_features & !here.xsave_features;
+    // State of a feature the app never saw (`record --cpu-baseline` hid it) may be
+    // missing here: each thread's image is then checked to hold it unused
+    // ([`xsave_for_here`]).
+    let hidden = (0..64u8)
+        .filter(|&i| {
+            crate::sys::cpuid::component_feature(i)
+                .is_some_and(|f| !snap.cpu_features.iter().any(|x| x == f))
+        })
+        .fold(0u64, |m, i| m | 1 << i);
+    let lacking = snap.xsave_features & !here.xsave_features & !hidden;
     if lacking != 0 {
         let names: Vec<String> = (0..64u8)
             .filter(|&i| lacking >> i & 1 == 1)
@@ -89,6 +98,7 @@ pub fn xsave_for_here<'a>(
         saved,
         &snap.xsave_layout,
         snap.xsave_features,
+        &snap.cpu_features,
         &current,
         layout,
     )
