@@ -342,3 +342,60 @@ fn cpu_baseline_v2_python() {
     out.assert_ok();
     assert_eq!(out.stdout, "1 hello\n2 world\n", "{}", out.describe());
 }
+
+/// An app that executes CPUID without end keeps the emulation busy: `--timeout` still
+/// gives up (and nothing of the app is left running), `--ready after=` still takes its
+/// snapshot (the restored app then sees the real CPU); an app that exits before its
+/// warm point fails the record.
+#[test]
+fn cpu_baseline_deadlines_fire_under_a_cpuid_loop() {
+    if !can_mask_avx512() {
+        return;
+    }
+    let ws = Ws::new();
+    let exe = fixture("cpuid_loop");
+    let record = |extra: &[&str], name: &str, argv: &[&std::ffi::OsStr]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["record".as_ref()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend(
+            ["--cpu-baseline", "x86-64-v3", "--name", name, "--"].map(std::ffi::OsStr::new),
+        );
+        args.extend(argv);
+        ws.run(&args, "")
+    };
+
+    let out = record(&["--timeout", "1"], "never", &[exe.as_os_str()]);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("did not reach its warm point")
+            && out.stderr.contains("nothing was stored"),
+        "{}",
+        out.describe()
+    );
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &exe.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+
+    let rec = record(&["--ready", "after=300ms"], "loop", &[exe.as_os_str()]);
+    rec.assert_ok();
+    assert!(!rec.stderr.contains("avx512f=1"), "{}", rec.describe());
+    let run = common::Proc::spawn(&mut ws.cmd(&["run", "--no-serve", "loop"]));
+    let line = run.read_line();
+    assert!(line.ends_with(" avx512f=1"), "{line:?}");
+    drop(run);
+
+    let out = record(&[], "gone", &["/bin/true".as_ref()]);
+    out.assert_fail();
+    assert!(
+        out.stderr
+            .contains("exited with status 0 before its warm point"),
+        "{}",
+        out.describe()
+    );
+}

@@ -1618,8 +1618,14 @@ impl WarmPointTracker {
                         filter(tid, status).map_err(io_err("handling a stop of the app"))?
                     };
                     if taken {
-                        // Handled (and resumed) by the filter.
+                        // Handled (and resumed) by the filter. An app that keeps the
+                        // filter busy (CPUID in a loop) never lets the wait time out:
+                        // its deadlines are looked at here too.
                         eager = true;
+                        if self.held.is_empty() && overall.is_some_and(|o| Instant::now() >= o) {
+                            return Err(WarmPointError::Timeout(self.ready));
+                        }
+                        self.on_timeout()?;
                     } else {
                         match self.on_stop(tid, status)? {
                             Verdict::WarmPoint(w) if self.holds(&w) => {
