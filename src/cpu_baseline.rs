@@ -261,6 +261,10 @@ impl Emulator {
                 _ => ptrace::cont(tid, 0)?,
             }
         }
+        for &tid in stopped.keys() {
+            self.settle_pending_fault(tid)
+                .with_context(|| format!("emulating the CPUID thread {tid} was stopped at"))?;
+        }
         for (&tid, &kind) in &stopped {
             let pid = tgid_of(tid).unwrap_or(tid);
             let raw =
@@ -271,6 +275,39 @@ impl Emulator {
             })?;
         }
         Ok(stopped.into_iter().collect())
+    }
+}
+
+impl Emulator {
+    /// A thread interrupted right as its CPUID faulted stops with the SIGSEGV still
+    /// queued (the interrupt is taken before signals are dequeued): the snapshot would
+    /// hold it pending and the restored thread would die of it. Such a thread is let go
+    /// to the signal's delivery stop, where its CPUID is emulated; it stays stopped
+    /// there, the signal suppressed by the next resume (which passes no signal).
+    fn settle_pending_fault(&mut self, tid: i32) -> Result<()> {
+        let queued = ptrace::peek_siginfo(tid, false)?.iter().any(|s| {
+            i32::from_ne_bytes(s[0..4].try_into().unwrap()) == libc::SIGSEGV
+                && i32::from_ne_bytes(s[8..12].try_into().unwrap()) == SI_KERNEL
+        });
+        if !queued {
+            return Ok(());
+        }
+        let rip = ptrace::get_regs(tid)?[reg::RIP];
+        let mut insn = [0u8; 2];
+        if crate::sys::remote::read(tid, rip, &mut insn).is_err() || insn != [0x0f, 0xa2] {
+            return Ok(());
+        }
+        tracing::debug!(tid, "a faulted CPUID was queued when the thread stopped");
+        ptrace::cont(tid, 0)?;
+        loop {
+            match ptrace::wait_timeout(tid, STOP_TIMEOUT)? {
+                Stop::Signal(libc::SIGSEGV) if self.emulate(tid)? => return Ok(()),
+                // A stale interrupt of ours.
+                Stop::EventStop(_) => ptrace::cont(tid, 0)?,
+                Stop::Exited(_) | Stop::Killed(_) => bail!("the thread died"),
+                other => bail!("unexpected stop {other:?} instead of its queued SIGSEGV"),
+            }
+        }
     }
 }
 
