@@ -233,6 +233,13 @@ fn cpu_baseline_hides_what_the_level_lacks() {
     check.assert_ok();
     let v: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
     assert_eq!(v["runnable"], true, "{v}");
+    assert!(
+        v["cpu"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("recorded with --cpu-baseline x86-64-v3"),
+        "{v}"
+    );
 
     let out = ws.run(&["run", "--no-serve", "v3"], "a\nb\n");
     out.assert_ok();
