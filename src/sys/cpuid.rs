@@ -287,14 +287,17 @@ impl Baseline {
 
     /// Whether this CPU (and its OS) meets the level; else the error names what lacks.
     pub fn check_host(self) -> Result<(), String> {
-        let have = features();
+        self.check(&features(), xsave_here().0)
+    }
+
+    /// [`check_host`](Self::check_host) for a CPU with features `have` and XCR0 `xcr0`.
+    pub fn check(self, have: &[String], xcr0: u64) -> Result<(), String> {
         let mut missing: Vec<String> = self
             .required()
             .into_iter()
             .filter(|f| !have.iter().any(|h| h == f))
             .map(str::to_owned)
             .collect();
-        let xcr0 = xsave_here().0;
         let off = self.xcr0_needed() & !xcr0 & !0x3;
         if off != 0 {
             let names: Vec<String> = (2..64u8)
@@ -587,6 +590,23 @@ mod tests {
         );
         assert_eq!(Baseline::V4.mask(7, 1, all), [0; 4]);
         assert_eq!(Baseline::V2.mask(0x4000_0000, 0, all), all);
+        // A host below the level is refused, naming what it lacks.
+        let v3: Vec<String> = Baseline::V3
+            .required()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        Baseline::V3.check(&v3, 0x7).unwrap();
+        let e = Baseline::V4.check(&v3, 0x7).unwrap_err();
+        assert!(
+            e.contains("does not meet x86-64-v4")
+                && e.contains("avx512f, avx512bw")
+                && e.contains("AVX-512 opmask"),
+            "{e}"
+        );
+        let no_avx2: Vec<String> = v3.iter().filter(|f| *f != "avx2").cloned().collect();
+        let e = Baseline::V3.check(&no_avx2, 0x7).unwrap_err();
+        assert!(e.contains("lacks avx2;"), "{e}");
         assert!(Baseline::parse("x86-64-v9")
             .unwrap_err()
             .contains("x86-64-v2, x86-64-v3"));
