@@ -1101,8 +1101,12 @@ pub fn snapshot(snap: &warmstart_snapshots::store::Snapshot, json: bool) -> anyh
                 m.host.xsave_features, here.xsave_features
             )
         };
+        let seen = match &m.host.cpu_baseline {
+            Some(b) => format!("the app could see (recorded with --cpu-baseline {b})"),
+            None => "the snapshot's CPU had".to_owned(),
+        };
         format!(
-            "all {} CPU features the snapshot's CPU had; {layout}",
+            "all {} CPU features {seen}; {layout}",
             m.host.cpu_features.len()
         )
     });

@@ -368,6 +368,13 @@ pub struct RecordArgs {
     /// snapshot, and every restored instance gets its own copy
     #[arg(long)]
     pub share_tmp: bool,
+    /// Show the app (and every process of its tree, across fork and exec) only the CPU
+    /// features of this x86-64 psABI level through CPUID, from its start: x86-64-v2,
+    /// x86-64-v3 or x86-64-v4. The snapshot then needs only that level (plus the system
+    /// bits the README lists) and runs on any CPU that has it; once restored the app
+    /// sees the real CPU. Needs CPUID faulting (cpuid_fault in /proc/cpuinfo)
+    #[arg(long, value_name = "LEVEL", value_parser = |s: &str| crate::sys::cpuid::Baseline::parse(s))]
+    pub cpu_baseline: Option<crate::sys::cpuid::Baseline>,
     /// Run the app in a uts namespace of its own (its host name starts as the host's;
     /// what it sets stays its own): every restored instance gets its own, with the host
     /// name and domain name the app had at the warm point
@@ -1014,6 +1021,12 @@ fn inspect(store: &Store, which: &str, json: bool) -> Result<i32> {
         "  kernel:   {}  xsave {} bytes, XCR0 {:#x}",
         m.host.kernel_release, m.host.xsave_size, m.host.xsave_features
     );
+    if let Some(b) = &m.host.cpu_baseline {
+        println!(
+            "  cpu baseline: {b} (recorded with --cpu-baseline: CPUID showed the app only \
+             that level's features)"
+        );
+    }
     println!(
         "  needs:    a CPU with {} (`warmstart check --snapshot` tells whether this host \
          has them)",
@@ -1262,6 +1275,7 @@ fn dump_cmd(cli: &Cli, a: &DumpArgs, pre: bool) -> Result<i32> {
                 private_tmp: false,
                 tool: None,
                 manage_cgroups: a.manage_cgroups,
+                cpu_baseline: None,
             },
             prev,
         )?;
@@ -1505,6 +1519,7 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
             prime_http,
             share_tmp: a.share_tmp,
             namespaces: record_namespaces(a)?,
+            cpu_baseline: a.cpu_baseline,
         },
         |d| {
             if a.display_stats {

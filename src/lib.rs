@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod check;
 pub mod cli;
+pub mod cpu_baseline;
 pub mod dump;
 pub mod fds;
 pub mod http_prime;

@@ -57,6 +57,8 @@ pub struct RecordOptions {
     /// `record --tool`: the tool `command` (its launcher's command line) holds; the files
     /// it loaded are added at the warm point.
     pub tool: Option<warmstart_snapshots::model::ToolInfo>,
+    /// `--cpu-baseline`: CPUID shows the app tree only this level ([`crate::cpu_baseline`]).
+    pub cpu_baseline: Option<crate::sys::cpuid::Baseline>,
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -230,6 +232,9 @@ pub fn record(
     for p in &opts.prime_http {
         crate::http_prime::check_path(p)?;
     }
+    if let Some(b) = opts.cpu_baseline {
+        crate::cpu_baseline::check_host(b)?;
+    }
     let path = resolve(cmd)?;
     if !opts.share_tmp {
         refuse_hidden_by_private_tmp(&path)?;
@@ -364,12 +369,18 @@ pub fn record(
     let (seized_tx, seized_rx) = std::sync::mpsc::channel();
     let result = std::thread::scope(|s| {
         let tracer = s.spawn(move || -> Result<Recorded> {
-            let opts_seize = ptrace::O_EXITKILL
+            let mut opts_seize = ptrace::O_EXITKILL
                 | ptrace::O_TRACESECCOMP
                 | ptrace::O_TRACESYSGOOD
                 | ptrace::O_TRACECLONE
                 | ptrace::O_TRACEFORK
                 | ptrace::O_TRACEVFORK;
+            // Seized before its exec: every exec of the tree stops, and CPUID faulting is
+            // turned on in the new image there.
+            let mut cpu = opts.cpu_baseline.map(crate::cpu_baseline::Emulator::new);
+            if cpu.is_some() {
+                opts_seize |= ptrace::O_TRACEEXEC;
+            }
             let seized = ptrace::seize(pid, opts_seize)
                 .with_context(|| format!("seizing the app (pid {pid})"));
             let _ = seized_tx.send(());
@@ -388,7 +399,13 @@ pub fn record(
                     Some(_) => opts.timeout.min(SETTLE_TIMEOUT),
                     None => opts.timeout,
                 };
-                let warm = tracker.run(init_pid, Some(timeout)).map_err(|e| {
+                let ran = match cpu.as_mut() {
+                    Some(c) => tracker.run_filtered(init_pid, Some(timeout), &mut |t, st| {
+                        c.on_stop(t, st)
+                    }),
+                    None => tracker.run(init_pid, Some(timeout)),
+                };
+                let warm = ran.map_err(|e| {
                     if let Some((p, fd)) = unsettled_at {
                         return anyhow!(
                             "the app never came to rest: fd {fd} of process {p} has file \
@@ -485,7 +502,34 @@ pub fn record(
                 t.files = crate::tool::identities(&files);
                 t
             });
-            let frozen = held_frozen(pid, std::iter::once(warm).chain(tracker.take_held()));
+            let stops = std::iter::once(warm)
+                .chain(tracker.take_held())
+                .map(|w| {
+                    let kind = match w.kind {
+                        WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
+                        _ => StopKind::Interrupted,
+                    };
+                    (w.tid, kind)
+                })
+                .collect();
+            // With the CPUID emulation: the whole tree is stopped here and executes CPUID
+            // natively again, before the dump freezes it.
+            let stops = match cpu.as_mut() {
+                Some(c) => {
+                    let all = c.stop_tree(pid, init_pid, stops).context(
+                        "stopping the app at its warm point to end the CPUID emulation",
+                    )?;
+                    tracing::debug!(
+                        "CPUID emulated {} times, {} execs, {} threads at the warm point",
+                        c.emulated,
+                        c.execs,
+                        all.len()
+                    );
+                    all
+                }
+                None => stops,
+            };
+            let frozen = held_frozen(pid, stops);
             let dumped = dump::dump(
                 pid,
                 Some(frozen),
@@ -504,6 +548,7 @@ pub fn record(
                     private_tmp: !opts.share_tmp,
                     tool,
                     manage_cgroups: false,
+                    cpu_baseline: opts.cpu_baseline,
                 },
             )?;
             on_dumped(&dumped);
@@ -564,17 +609,13 @@ const MAX_UNSETTLED_STOPS: u32 = 100;
 /// How long the next stop may take once fds were seen in flight.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn held_frozen(pid: i32, stops: impl Iterator<Item = warmstart_launcher::WarmStop>) -> Frozen {
+fn held_frozen(pid: i32, stops: Vec<(i32, StopKind)>) -> Frozen {
     let mut root = Frozen {
         pid,
         ..Default::default()
     };
-    for w in stops {
-        let kind = match w.kind {
-            WarmKind::SyscallEntry { .. } => StopKind::SyscallEntry,
-            _ => StopKind::Interrupted,
-        };
-        let owner = std::fs::read_to_string(format!("/proc/{}/status", w.tid))
+    for (tid, kind) in stops {
+        let owner = std::fs::read_to_string(format!("/proc/{tid}/status"))
             .ok()
             .and_then(|s| {
                 s.lines()
@@ -591,9 +632,9 @@ fn held_frozen(pid: i32, stops: impl Iterator<Item = warmstart_launcher::WarmSto
             })
         };
         f.threads.insert(
-            w.tid,
+            tid,
             dump::freeze::FrozenThread {
-                tid: w.tid,
+                tid,
                 kind,
                 caught: Vec::new(),
             },

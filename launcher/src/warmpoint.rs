@@ -1079,7 +1079,19 @@ pub fn wait_event(
     deadline: Option<Instant>,
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<WaitEvent> {
-    let mut tick = Duration::from_millis(1);
+    wait_event_from(init_pid, deadline, fd, Duration::from_millis(1))
+}
+
+/// [`wait_event`] whose polling starts at `first_tick` (doubling up to 16 ms): a
+/// shorter one when the next stop is expected within microseconds (a thread resumed
+/// after a CPUID it executed was emulated).
+pub fn wait_event_from(
+    init_pid: i32,
+    deadline: Option<Instant>,
+    fd: Option<BorrowedFd<'_>>,
+    first_tick: Duration,
+) -> io::Result<WaitEvent> {
+    let mut tick = first_tick;
     loop {
         let blocking = deadline.is_none() && fd.is_none();
         // SAFETY: `siginfo_t` is a plain C struct; all-zero bytes are valid (and `si_pid` 0
@@ -1134,8 +1146,18 @@ pub fn wait_event(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: `p` is one live `pollfd` (a negative fd is ignored by the kernel).
-        let n = unsafe { libc::poll(&mut p, 1, wait.as_millis().max(1) as i32) };
+        let n = if wait < Duration::from_millis(1) {
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: wait.as_nanos() as libc::c_long,
+            };
+            // SAFETY: `p` is one live `pollfd` (a negative fd is ignored by the kernel),
+            // `ts` a live timespec; a null signal mask leaves ours as it is.
+            unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) }
+        } else {
+            // SAFETY: `p` is one live `pollfd` (a negative fd is ignored by the kernel).
+            unsafe { libc::poll(&mut p, 1, wait.as_millis().max(1) as i32) }
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -1549,14 +1571,34 @@ impl WarmPointTracker {
         init_pid: i32,
         timeout: Option<Duration>,
     ) -> Result<WarmStop, WarmPointError> {
+        self.run_filtered(init_pid, timeout, &mut |_, _| Ok(false))
+    }
+
+    /// [`run`](Self::run), where `filter` sees every stop of a traced thread first (not
+    /// exits): when it returns true it took care of the stop (and resumed the thread),
+    /// which the tracker then never sees (`record --cpu-baseline` emulates CPUID there).
+    pub fn run_filtered(
+        &mut self,
+        init_pid: i32,
+        timeout: Option<Duration>,
+        filter: &mut dyn FnMut(i32, i32) -> io::Result<bool>,
+    ) -> Result<WarmStop, WarmPointError> {
         let overall = timeout.map(|t| Instant::now() + t);
+        // A stop the filter took: the thread's next comes soon (CPUIDs come in runs).
+        let mut eager = false;
         loop {
             let own = self.next_deadline();
             let deadline = match (own, overall) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let ev = wait_event(init_pid, deadline, self.poll_fd());
+            let first = if eager {
+                Duration::from_micros(20)
+            } else {
+                Duration::from_millis(1)
+            };
+            eager = false;
+            let ev = wait_event_from(init_pid, deadline, self.poll_fd(), first);
             match ev {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -1566,23 +1608,40 @@ impl WarmPointTracker {
                     })
                 }
                 Ok(WaitEvent::Stop { tid, status }) => {
-                    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                    let ended = libc::WIFEXITED(status) || libc::WIFSIGNALED(status);
+                    if ended {
                         self.held.retain(|h| h.stop.tid != tid);
                     }
-                    match self.on_stop(tid, status)? {
-                        Verdict::WarmPoint(w) if self.holds(&w) => {
-                            let tgid = self.tgid(tid);
-                            let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
-                            self.held.push(Held {
-                                stop: w,
-                                tgid,
-                                regs,
-                            });
-                            self.held_since.get_or_insert_with(Instant::now);
+                    let taken = if ended || !libc::WIFSTOPPED(status) {
+                        false
+                    } else {
+                        filter(tid, status).map_err(io_err("handling a stop of the app"))?
+                    };
+                    if taken {
+                        // Handled (and resumed) by the filter. An app that keeps the
+                        // filter busy (CPUID in a loop) never lets the wait time out:
+                        // its deadlines are looked at here too.
+                        eager = true;
+                        if self.held.is_empty() && overall.is_some_and(|o| Instant::now() >= o) {
+                            return Err(WarmPointError::Timeout(self.ready));
                         }
-                        Verdict::WarmPoint(w) => return Ok(w),
-                        Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
-                        v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
+                        self.on_timeout()?;
+                    } else {
+                        match self.on_stop(tid, status)? {
+                            Verdict::WarmPoint(w) if self.holds(&w) => {
+                                let tgid = self.tgid(tid);
+                                let regs = getregs(tid).map_err(io_err("PTRACE_GETREGS"))?;
+                                self.held.push(Held {
+                                    stop: w,
+                                    tgid,
+                                    regs,
+                                });
+                                self.held_since.get_or_insert_with(Instant::now);
+                            }
+                            Verdict::WarmPoint(w) => return Ok(w),
+                            Verdict::Exited(s) => return Err(WarmPointError::Exited(s)),
+                            v => v.resume(tid).map_err(io_err("PTRACE_CONT"))?,
+                        }
                     }
                 }
                 Ok(WaitEvent::Readable) => self.on_readable()?,

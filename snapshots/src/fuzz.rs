@@ -798,6 +798,7 @@ pub fn sample_manifest() -> Manifest {
             vdso_image: b"\x7fELF".to_vec(),
             cpu_features: vec!["sse4_2".into(), "avx2".into()],
             xsave_layout: vec![(2, 576, 256), (5, 1088, 64)],
+            cpu_baseline: Some("x86-64-v3".into()),
         },
         clocks: crate::model::Clocks {
             monotonic_ns: 12_345_678_901,

@@ -332,6 +332,9 @@ pub struct HostFacts {
     /// Where each xsave component of XCR0 above SSE sits in the saved xsave images
     /// (standard format): `(component, offset, size)`, as CPUID leaf 0xD says.
     pub xsave_layout: Vec<(u8, u32, u32)>,
+    /// `record --cpu-baseline`: the x86-64 level (`x86-64-v3`, ...) CPUID showed the app
+    /// while it started and warmed up; `cpu_features` is what that level let it see.
+    pub cpu_baseline: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

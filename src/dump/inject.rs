@@ -36,9 +36,9 @@ pub struct Inside {
 
 const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
 const SYSCALL_INFO_ENTRY: u8 = 1;
-const SYSCALL_INFO_EXIT: u8 = 2;
+pub(crate) const SYSCALL_INFO_EXIT: u8 = 2;
 
-fn syscall_info_op(tid: i32) -> Result<u8> {
+pub(crate) fn syscall_info_op(tid: i32) -> Result<u8> {
     let mut buf = [0u8; 88];
     // SAFETY: GET_SYSCALL_INFO writes at most `addr` (= buf.len(), 88) bytes of
     // ptrace_syscall_info at `data`, which points at `buf`, a live local of that size.
@@ -52,6 +52,42 @@ fn syscall_info_op(tid: i32) -> Result<u8> {
 /// Runs one syscall in the stopped thread at `insn` (a `syscall` instruction) and returns
 /// its result, leaving the thread at the syscall's exit stop.
 fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
+    remote_syscall_with(tid, base, insn, nr, args, ptrace::wait)
+}
+
+/// How long [`syscall_in`] waits for each stop of the thread.
+const SYSCALL_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs syscall `nr` in thread `tid` of process `pid`, held at a ptrace stop, at the
+/// `syscall` instruction of its vdso, with every signal blocked meanwhile (they stay
+/// pending), each wait for its stops bounded. The thread is left at the syscall's exit
+/// stop with the registers `resume` (those it goes on from: see
+/// [`super::threads::resume_regs`]) and its own signal mask. Returns the result.
+pub fn syscall_in(pid: i32, tid: i32, resume: &Regs, nr: i64, args: [u64; 6]) -> Result<i64> {
+    let maps =
+        crate::sys::maps::read_maps(pid).with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let insn = vdso_syscall(pid, &maps)?;
+    let mask = ptrace::get_sigmask(tid).context("PTRACE_GETSIGMASK")?;
+    ptrace::set_sigmask(tid, !0).context("PTRACE_SETSIGMASK")?;
+    let res = remote_syscall_with(tid, resume, insn, nr, args, |t| {
+        ptrace::wait_timeout(t, SYSCALL_STOP_TIMEOUT)
+    });
+    let regs = ptrace::set_regs(tid, resume).context("restoring the thread's registers");
+    let restored = ptrace::set_sigmask(tid, mask).context("restoring the thread's signal mask");
+    let ret = res?;
+    regs?;
+    restored?;
+    Ok(ret)
+}
+
+fn remote_syscall_with(
+    tid: i32,
+    base: &Regs,
+    insn: u64,
+    nr: i64,
+    args: [u64; 6],
+    wait: impl Fn(i32) -> std::io::Result<Stop>,
+) -> Result<i64> {
     let mut r = *base;
     r[reg::RIP] = insn;
     r[reg::RAX] = nr as u64;
@@ -66,7 +102,7 @@ fn remote_syscall(tid: i32, base: &Regs, insn: u64, nr: i64, args: [u64; 6]) -> 
     let mut entered = false;
     loop {
         ptrace::syscall(tid, 0)?;
-        match ptrace::wait(tid)? {
+        match wait(tid)? {
             Stop::Syscall => match syscall_info_op(tid)? {
                 SYSCALL_INFO_ENTRY => entered = true,
                 // A thread held at a seccomp stop first reports the exit of the call it

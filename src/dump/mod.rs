@@ -58,6 +58,9 @@ pub struct DumpOptions {
     pub tool: Option<warmstart_snapshots::model::ToolInfo>,
     /// `--manage-cgroups`: record the tree's cgroups ([`crate::cgroup::collect`]).
     pub manage_cgroups: bool,
+    /// `record --cpu-baseline`: the level CPUID showed the tree; the snapshot's CPU
+    /// features are those it let the tree see.
+    pub cpu_baseline: Option<crate::sys::cpuid::Baseline>,
 }
 
 pub struct DumpResult {
@@ -401,7 +404,14 @@ fn collect_and_store(
             .unwrap_or(0),
         command: opts.command.clone(),
         trigger: opts.trigger.clone(),
-        host: crate::sys::vdso::host_facts(xsave_size)?,
+        host: {
+            let mut h = crate::sys::vdso::host_facts(xsave_size)?;
+            if let Some(b) = opts.cpu_baseline {
+                h.cpu_features = crate::sys::cpuid::features_seen(Some(b));
+                h.cpu_baseline = Some(b.name().to_owned());
+            }
+            h
+        },
         clocks,
         processes,
         pipes: shared.pipes,

@@ -35,7 +35,16 @@ pub fn cpu(snap: &HostFacts, here: &HostFacts) -> Result<()> {
             if missing.len() == 1 { "it" } else { "them all" },
         );
     }
-    let lacking = snap.xsave_features & !here.xsave_features;
+    // State of a feature the app never saw (`record --cpu-baseline` hid it) may be
+    // missing here: each thread's image is then checked to hold it unused
+    // ([`xsave_for_here`]).
+    let hidden = (0..64u8)
+        .filter(|&i| {
+            crate::sys::cpuid::component_feature(i)
+                .is_some_and(|f| !snap.cpu_features.iter().any(|x| x == f))
+        })
+        .fold(0u64, |m, i| m | 1 << i);
+    let lacking = snap.xsave_features & !here.xsave_features & !hidden;
     if lacking != 0 {
         let names: Vec<String> = (0..64u8)
             .filter(|&i| lacking >> i & 1 == 1)
@@ -89,6 +98,7 @@ pub fn xsave_for_here<'a>(
         saved,
         &snap.xsave_layout,
         snap.xsave_features,
+        &snap.cpu_features,
         &current,
         layout,
     )
@@ -291,4 +301,41 @@ pub fn unchanged_files(m: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(xcr0: u64, layout: &[(u8, u32, u32)], features: &[&str]) -> HostFacts {
+        HostFacts {
+            xsave_features: xcr0,
+            xsave_layout: layout.to_vec(),
+            cpu_features: features.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A host without AVX-512 runs a snapshot recorded with AVX-512 hidden (its xsave
+    /// components may be missing: each image is checked when loaded), not one whose app
+    /// could see avx512f.
+    #[test]
+    fn missing_state_of_a_hidden_feature_is_no_refusal() {
+        let avx512 = [
+            (2u8, 576u32, 256u32),
+            (5, 1088, 64),
+            (6, 1152, 512),
+            (7, 1664, 1024),
+        ];
+        let here = facts(0x7, &avx512[..1], &["sse2", "avx", "avx2"]);
+        let v3 = facts(0xe7, &avx512, &["sse2", "avx", "avx2"]);
+        cpu(&v3, &here).unwrap();
+        let v4 = facts(0xe7, &avx512, &["sse2", "avx", "avx2", "avx512f"]);
+        let e = cpu(&v4, &here).unwrap_err().to_string();
+        assert!(e.contains("this CPU lacks avx512f"), "{e}");
+        let mut odd = v3.clone();
+        odd.xsave_features |= 1 << 19;
+        let e = cpu(&odd, &here).unwrap_err().to_string();
+        assert!(e.contains("APX"), "{e}");
+    }
 }

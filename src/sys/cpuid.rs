@@ -118,13 +118,22 @@ fn cpuid(_leaf: u32, _sub: u32) -> [u32; 4] {
 
 /// The features of [`FEATURES`] this CPU has, in that table's order.
 pub fn features() -> Vec<String> {
+    features_seen(None)
+}
+
+/// The features of [`FEATURES`] an app sees through CPUID: all of this CPU's, or with
+/// `baseline` only those [`Baseline::mask`] leaves visible.
+pub fn features_seen(baseline: Option<Baseline>) -> Vec<String> {
     let mut cache: Vec<((u32, u32), [u32; 4])> = Vec::new();
     let mut out = Vec::new();
     for &(name, leaf, sub, reg, bit) in FEATURES {
         let regs = match cache.iter().find(|(k, _)| *k == (leaf, sub)) {
             Some((_, r)) => *r,
             None => {
-                let r = cpuid(leaf, sub);
+                let mut r = cpuid(leaf, sub);
+                if let Some(b) = baseline {
+                    r = b.mask(leaf, sub, r);
+                }
                 cache.push(((leaf, sub), r));
                 r
             }
@@ -134,6 +143,207 @@ pub fn features() -> Vec<String> {
         }
     }
     out
+}
+
+/// `record --cpu-baseline`: an x86-64 psABI micro-architecture level the app is shown
+/// through CPUID, whatever more this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Baseline {
+    V2,
+    V3,
+    V4,
+}
+
+const fn bits(list: &[u8]) -> u32 {
+    let mut m = 0u32;
+    let mut i = 0;
+    while i < list.len() {
+        m |= 1 << list[i];
+        i += 1;
+    }
+    m
+}
+
+/// Leaf 1 ECX bits that are no instruction an app can use (system and monitoring
+/// features): shown as they are. DTES64, DS-CPL, VMX, SMX, EIST, TM2, CNXT-ID, SDBG,
+/// xTPR, PDCM, PCID, DCA, x2APIC, TSC-deadline, hypervisor.
+const SYS_1_ECX: u32 = bits(&[2, 4, 5, 6, 7, 8, 10, 11, 14, 15, 17, 18, 21, 24, 31]);
+/// Leaf 1 ECX of x86-64-v2: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, POPCNT.
+const V2_1_ECX: u32 = bits(&[0, 9, 13, 19, 20, 23]);
+/// Leaf 1 ECX added by x86-64-v3: FMA, MOVBE, XSAVE, OSXSAVE, AVX, F16C.
+const V3_1_ECX: u32 = bits(&[12, 22, 26, 27, 28, 29]);
+/// Leaf 7.0 EBX system bits: TSC_ADJUST, FDP_EXCPTN_ONLY, SMEP, INVPCID, RDT-M, FPU
+/// CS/DS deprecation, RDT-A, SMAP, Intel PT.
+const SYS_7_EBX: u32 = bits(&[1, 6, 7, 10, 12, 13, 15, 20, 25]);
+/// Leaf 7.0 EBX of x86-64-v3: BMI1, AVX2, BMI2.
+const V3_7_EBX: u32 = bits(&[3, 5, 8]);
+/// Leaf 7.0 EBX added by x86-64-v4: AVX512F, AVX512DQ, AVX512CD, AVX512BW, AVX512VL.
+const V4_7_EBX: u32 = bits(&[16, 17, 28, 30, 31]);
+/// Leaf 7.0 ECX system bits: UMIP, TME, LA57, MAWAU (17-21), bus-lock detect, PKS.
+const SYS_7_ECX: u32 = bits(&[2, 13, 16, 17, 18, 19, 20, 21, 24, 31]);
+/// Leaf 7.0 EDX system bits (speculation controls and reports, hybrid): MD_CLEAR,
+/// RTM_ALWAYS_ABORT, TSX_FORCE_ABORT, HYBRID, IBRS/IBPB, STIBP, L1D_FLUSH,
+/// ARCH_CAPABILITIES, CORE_CAPABILITIES, SSBD.
+const SYS_7_EDX: u32 = bits(&[10, 11, 13, 15, 26, 27, 28, 29, 30, 31]);
+/// Leaf 0x80000001 ECX system bits: CmpLegacy, SVM, ExtApicSpace, AltMovCr8,
+/// MisAlignSse, OSVW, IBS, SKINIT, WDT, TCE, NodeId, TopologyExtensions, the three
+/// PerfCtr extensions, DataBreakpointExtension, PerfTsc, AddrMaskExt.
+const SYS_81_ECX: u32 = bits(&[
+    1, 2, 3, 4, 7, 9, 10, 12, 13, 17, 19, 22, 23, 24, 26, 27, 28, 30,
+]);
+/// Leaf 0x80000001 ECX of x86-64-v2 (LAHF/SAHF) and v3 (LZCNT, `abm`).
+const V2_81_ECX: u32 = bits(&[0]);
+const V3_81_ECX: u32 = bits(&[5]);
+/// Leaf 0x80000001 EDX shown: AMD's copies of leaf 1 EDX (0-9, 12-17, 23, 24), SYSCALL,
+/// NX, FFXSR, 1 GiB pages, long mode. Hidden: MMXEXT, RDTSCP, 3DNow!(Ext).
+const KEEP_81_EDX: u32 = bits(&[
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 20, 23, 24, 25, 26, 29,
+]);
+
+impl Baseline {
+    pub const FORMS: &'static str = "x86-64-v2, x86-64-v3, x86-64-v4";
+
+    pub fn parse(s: &str) -> Result<Baseline, String> {
+        match s {
+            "x86-64-v2" => Ok(Baseline::V2),
+            "x86-64-v3" => Ok(Baseline::V3),
+            "x86-64-v4" => Ok(Baseline::V4),
+            _ => Err(format!(
+                "unknown CPU baseline {s:?}: the x86-64 psABI levels warmstart can show an \
+                 app are {} (x86-64 itself is every x86-64 CPU)",
+                Self::FORMS
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::V2 => "x86-64-v2",
+            Baseline::V3 => "x86-64-v3",
+            Baseline::V4 => "x86-64-v4",
+        }
+    }
+
+    /// The features of [`FEATURES`] this level requires (`/proc/cpuinfo` names: `pni`
+    /// is SSE3, `abm` LZCNT), the x86-64 base set included.
+    pub fn required(self) -> Vec<&'static str> {
+        let mut v = vec![
+            "fpu", "cx8", "cmov", "mmx", "fxsr", "sse", "sse2", "syscall", "lm",
+        ];
+        v.extend([
+            "cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3",
+        ]);
+        if self >= Baseline::V3 {
+            v.extend([
+                "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",
+            ]);
+        }
+        if self >= Baseline::V4 {
+            v.extend(["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]);
+        }
+        v
+    }
+
+    /// The XCR0 state components this level needs the OS to enable: SSE (and AVX for
+    /// v3, the AVX-512 opmask and zmm state for v4).
+    pub fn xcr0_needed(self) -> u64 {
+        match self {
+            Baseline::V2 => 0x3,
+            Baseline::V3 => 0x7,
+            Baseline::V4 => 0xe7,
+        }
+    }
+
+    /// What an app shown this level sees for `CPUID leaf.sub` = `regs`. Leaves 1, 7.0,
+    /// 0x80000001: every bit that is not this level's, the x86-64 base set or a system
+    /// bit (one that names no instruction: the `SYS_*` lists) reads 0; 7.1 and 0x24
+    /// (AVX10) read 0 entirely; 0xD.1 EAX hides XSAVEOPT, XSAVEC and XGETBV1. Every
+    /// other leaf, and the xsave sizes and supported-state bits of leaf 0xD, are the
+    /// CPU's own (ld.so sizes its xsave buffer from them while XSAVE writes what XCR0
+    /// enables).
+    pub fn mask(self, leaf: u32, sub: u32, regs: [u32; 4]) -> [u32; 4] {
+        let (v3, v4) = (self >= Baseline::V3, self >= Baseline::V4);
+        let lvl = |on: bool, m: u32| if on { m } else { 0 };
+        let [a, b, c, d] = regs;
+        match (leaf, sub) {
+            (1, _) => [a, b, c & (SYS_1_ECX | V2_1_ECX | lvl(v3, V3_1_ECX)), d],
+            (7, 0) => [
+                a,
+                b & (SYS_7_EBX | lvl(v3, V3_7_EBX) | lvl(v4, V4_7_EBX)),
+                c & SYS_7_ECX,
+                d & SYS_7_EDX,
+            ],
+            (7, 1) | (0x24, _) => [0; 4],
+            (0xd, 1) => [a & !0b111, b, c, d],
+            (0x8000_0001, _) => [
+                a,
+                b,
+                c & (SYS_81_ECX | V2_81_ECX | lvl(v3, V3_81_ECX)),
+                d & KEEP_81_EDX,
+            ],
+            _ => regs,
+        }
+    }
+
+    /// Whether this CPU (and its OS) meets the level; else the error names what lacks.
+    pub fn check_host(self) -> Result<(), String> {
+        self.check(&features(), xsave_here().0)
+    }
+
+    /// [`check_host`](Self::check_host) for a CPU with features `have` and XCR0 `xcr0`.
+    pub fn check(self, have: &[String], xcr0: u64) -> Result<(), String> {
+        let mut missing: Vec<String> = self
+            .required()
+            .into_iter()
+            .filter(|f| !have.iter().any(|h| h == f))
+            .map(str::to_owned)
+            .collect();
+        let off = self.xcr0_needed() & !xcr0 & !0x3;
+        if off != 0 {
+            let names: Vec<String> = (2..64u8)
+                .filter(|&i| off >> i & 1 == 1)
+                .map(component_name)
+                .collect();
+            missing.push(format!("OS-enabled {}", names.join(", ")));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "this host does not meet {}: it lacks {}; pick a lower --cpu-baseline or \
+                 record on a host that has them",
+                self.name(),
+                missing.join(", ")
+            ))
+        }
+    }
+}
+
+/// The CPU feature (a [`FEATURES`] name) an app needs to use xsave component `i`: its
+/// state can only be in use if the app saw that feature.
+pub fn component_feature(i: u8) -> Option<&'static str> {
+    match i {
+        2 => Some("avx"),
+        5..=7 => Some("avx512f"),
+        9 => Some("pku"),
+        17 | 18 => Some("amx_tile"),
+        _ => None,
+    }
+}
+
+/// CPUID `leaf`.`sub` exactly as an app executing it here gets it (no clamping to the
+/// highest leaf), for emulating its CPUID.
+#[cfg(target_arch = "x86_64")]
+pub fn cpuid_raw(leaf: u32, sub: u32) -> [u32; 4] {
+    // SAFETY: CPUID exists on every x86_64 CPU and only reads the CPU's identification.
+    #[allow(unused_unsafe)]
+    let r = unsafe { std::arch::x86_64::__cpuid_count(leaf, sub) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn cpuid_raw(_leaf: u32, _sub: u32) -> [u32; 4] {
+    [0; 4]
 }
 
 /// The standard-format xsave layout of the components of `xcr0` above SSE:
@@ -186,11 +396,15 @@ const HEADER_LEN: usize = 64;
 /// out as this CPU's image `current` of the same thread (as ptrace returns it: the size
 /// and layout the kernel takes back): the legacy area, and each component the saved
 /// image holds moved to where this CPU keeps it; components only this CPU has are left
-/// in their initial state. An error names what cannot be moved.
+/// in their initial state. A component this CPU lacks is dropped only when the image
+/// holds it in its initial state (its XSTATE_BV bit clear) and the app never saw the
+/// feature it belongs to (`features`, the snapshot's: `record --cpu-baseline` hid it).
+/// An error names what cannot be moved.
 pub fn convert_xsave(
     saved: &[u8],
     from: &[(u8, u32, u32)],
     from_xcr0: u64,
+    features: &[String],
     current: &[u8],
     to: &[(u8, u32, u32)],
 ) -> Result<Vec<u8>, String> {
@@ -207,12 +421,24 @@ pub fn convert_xsave(
     out[HEADER..HEADER + HEADER_LEN].fill(0);
     out[HEADER..HEADER + 8].copy_from_slice(&bv.to_le_bytes());
     for &(i, off, size) in from {
+        let Some(&(_, to_off, to_size)) = to.iter().find(|c| c.0 == i) else {
+            let seen = component_feature(i).is_none_or(|f| features.iter().any(|x| x == f));
+            if bv >> i & 1 == 1 || seen {
+                return Err(format!(
+                    "this CPU has no {}{}",
+                    component_name(i),
+                    if bv >> i & 1 == 1 {
+                        " and the thread's saved state uses it"
+                    } else {
+                        ", whose feature the app could see"
+                    }
+                ));
+            }
+            continue;
+        };
         if bv >> i & 1 == 0 {
             continue;
         }
-        let Some(&(_, to_off, to_size)) = to.iter().find(|c| c.0 == i) else {
-            return Err(format!("this CPU has no {}", component_name(i)));
-        };
         if to_size != size {
             return Err(format!(
                 "this CPU keeps {} in {to_size} bytes, the snapshot's in {size}",
@@ -268,22 +494,121 @@ mod tests {
         saved[576..832].fill(0x22);
         let mut current = vec![0x55u8; 2696];
         current[512..520].copy_from_slice(&0x2e7u64.to_le_bytes());
-        let out = convert_xsave(&saved, &from, 0x7, &current, &to).unwrap();
+        let out = convert_xsave(&saved, &from, 0x7, &[], &current, &to).unwrap();
         assert_eq!(out.len(), 2696);
         assert!(out[..512].iter().all(|&b| b == 0x11));
         assert_eq!(u64::from_le_bytes(out[512..520].try_into().unwrap()), 0x7);
         assert!(out[520..576].iter().all(|&b| b == 0));
         assert!(out[576..832].iter().all(|&b| b == 0x22));
         // Moved: the same component at another offset.
-        let moved = convert_xsave(&saved, &from, 0x7, &current, &[(2, 1024, 256)]).unwrap();
+        let moved = convert_xsave(&saved, &from, 0x7, &[], &current, &[(2, 1024, 256)]).unwrap();
         assert!(moved[1024..1280].iter().all(|&b| b == 0x22));
         // A component this CPU lacks, or keeps in another size, is refused by name.
-        let err = convert_xsave(&saved, &from, 0x7, &current, &[(5, 1088, 64)]).unwrap_err();
+        let err = convert_xsave(&saved, &from, 0x7, &[], &current, &[(5, 1088, 64)]).unwrap_err();
         assert!(err.contains("AVX (ymm"), "{err}");
-        let err = convert_xsave(&saved, &from, 0x7, &current, &[(2, 576, 512)]).unwrap_err();
+        let err = convert_xsave(&saved, &from, 0x7, &[], &current, &[(2, 576, 512)]).unwrap_err();
         assert!(err.contains("512 bytes"), "{err}");
         // A component in its initial state (bit clear) needs no room.
         saved[512..520].copy_from_slice(&0x3u64.to_le_bytes());
-        assert!(convert_xsave(&saved, &from, 0x7, &current, &[]).is_ok());
+        assert!(convert_xsave(&saved, &from, 0x7, &[], &current, &[]).is_ok());
+    }
+
+    /// Down to a CPU without AVX-512: the opmask / zmm components of an image taken
+    /// under `--cpu-baseline x86-64-v3` are dropped when unused (XSTATE_BV clear) and the
+    /// app never saw avx512f; refused by name when the image holds them in use, or when
+    /// the app could see avx512f.
+    #[test]
+    fn xsave_down_conversion_drops_only_unused_hidden_state() {
+        let from = [
+            (2u8, 576u32, 256u32),
+            (5, 1088, 64),
+            (6, 1152, 512),
+            (7, 1664, 1024),
+        ];
+        let to = [(2u8, 576u32, 256u32)];
+        let v3: Vec<String> = ["sse2", "avx", "avx2"].map(String::from).to_vec();
+        let mut saved = vec![0u8; 2688];
+        saved[..512].fill(0x11);
+        saved[512..520].copy_from_slice(&0x7u64.to_le_bytes());
+        saved[576..832].fill(0x22);
+        saved[1088..2688].fill(0x33);
+        let mut current = vec![0x55u8; 832];
+        current[512..520].copy_from_slice(&0x7u64.to_le_bytes());
+        let out = convert_xsave(&saved, &from, 0xe7, &v3, &current, &to).unwrap();
+        assert_eq!(out.len(), 832);
+        assert!(out[..512].iter().all(|&b| b == 0x11));
+        assert_eq!(u64::from_le_bytes(out[512..520].try_into().unwrap()), 0x7);
+        assert!(out[576..832].iter().all(|&b| b == 0x22));
+        // The zmm upper halves in use: refused, naming them.
+        saved[512..520].copy_from_slice(&0x47u64.to_le_bytes());
+        let err = convert_xsave(&saved, &from, 0xe7, &v3, &current, &to).unwrap_err();
+        assert!(
+            err.contains("AVX-512 zmm upper halves") && err.contains("uses it"),
+            "{err}"
+        );
+        // Unused, but the app saw avx512f (it may hold AVX-512 code paths): refused.
+        saved[512..520].copy_from_slice(&0x7u64.to_le_bytes());
+        let v4: Vec<String> = ["avx", "avx2", "avx512f"].map(String::from).to_vec();
+        let err = convert_xsave(&saved, &from, 0xe7, &v4, &current, &to).unwrap_err();
+        assert!(
+            err.contains("AVX-512 opmask") && err.contains("could see"),
+            "{err}"
+        );
+        // A component of no known feature is never dropped.
+        let err =
+            convert_xsave(&saved, &[(19, 2688, 128)], 0x80007, &v3, &current, &to).unwrap_err();
+        assert!(err.contains("APX"), "{err}");
+    }
+
+    /// The masks keep each level's features and the base set, and hide the rest of the
+    /// FEATURES table; leaf 0xD's sizes pass unchanged.
+    #[test]
+    fn baseline_masks_by_level() {
+        let all = [u32::MAX; 4];
+        let names = |b: Baseline| -> Vec<&'static str> {
+            FEATURES
+                .iter()
+                .filter(|&&(_, leaf, sub, reg, bit)| {
+                    b.mask(leaf, sub, all)[reg as usize] >> bit & 1 == 1
+                })
+                .map(|f| f.0)
+                .collect()
+        };
+        for b in [Baseline::V2, Baseline::V3, Baseline::V4] {
+            let seen = names(b);
+            let mut want = b.required();
+            want.extend(["tsc", "clflush", "nx", "pdpe1gb"]);
+            want.sort_unstable();
+            let mut got = seen.clone();
+            got.sort_unstable();
+            assert_eq!(got, want, "{}", b.name());
+        }
+        assert_eq!(Baseline::V3.mask(0xd, 0, [1, 2, 3, 4]), [1, 2, 3, 4]);
+        assert_eq!(
+            Baseline::V3.mask(0xd, 2, [256, 576, 0, 0]),
+            [256, 576, 0, 0]
+        );
+        assert_eq!(Baseline::V4.mask(7, 1, all), [0; 4]);
+        assert_eq!(Baseline::V2.mask(0x4000_0000, 0, all), all);
+        // A host below the level is refused, naming what it lacks.
+        let v3: Vec<String> = Baseline::V3
+            .required()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        Baseline::V3.check(&v3, 0x7).unwrap();
+        let e = Baseline::V4.check(&v3, 0x7).unwrap_err();
+        assert!(
+            e.contains("does not meet x86-64-v4")
+                && e.contains("avx512f, avx512bw")
+                && e.contains("AVX-512 opmask"),
+            "{e}"
+        );
+        let no_avx2: Vec<String> = v3.iter().filter(|f| *f != "avx2").cloned().collect();
+        let e = Baseline::V3.check(&no_avx2, 0x7).unwrap_err();
+        assert!(e.contains("lacks avx2;"), "{e}");
+        assert!(Baseline::parse("x86-64-v9")
+            .unwrap_err()
+            .contains("x86-64-v2, x86-64-v3"));
     }
 }

@@ -26,6 +26,7 @@ pub const O_EXITKILL: libc::c_int = libc::PTRACE_O_EXITKILL;
 pub const O_TRACECLONE: libc::c_int = libc::PTRACE_O_TRACECLONE;
 pub const O_TRACEFORK: libc::c_int = libc::PTRACE_O_TRACEFORK;
 pub const O_TRACEVFORK: libc::c_int = libc::PTRACE_O_TRACEVFORK;
+pub const O_TRACEEXEC: libc::c_int = libc::PTRACE_O_TRACEEXEC;
 pub const O_SUSPEND_SECCOMP: libc::c_int = libc::PTRACE_O_SUSPEND_SECCOMP;
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {

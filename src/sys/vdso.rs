@@ -62,6 +62,7 @@ pub fn host_facts(xsave_size: u32) -> Result<HostFacts> {
         xsave_size,
         cpu_features: super::cpuid::features(),
         xsave_layout: super::cpuid::xsave_here().1.clone(),
+        cpu_baseline: None,
     })
 }
 
