@@ -4,7 +4,9 @@
 //! Over TLS with `--tls-cert`/`--tls-key` (and client certificates required with
 //! `--tls-cacert`); see `warmstart_snapshots::remote::tls`. With `-D DIR` it serves the
 //! image directory DIR instead of the store, and receives one dump into it while it holds
-//! no snapshot (an image directory holds one snapshot; a pre-dump is refused there).
+//! no restorable snapshot: pre-dumps first (a live migration's, each taking from the last
+//! by `Base`/`AddBase` as in a store), then the final dump, once committed the only
+//! snapshot left there (the pre-dumps go, their pages it took stay).
 //!
 //! One thread per connection. Readers share opened snapshots; one connection at a time
 //! may write (a remote `dump --page-server`); a second concurrent writer is refused.
@@ -283,17 +285,69 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// An image directory holds one snapshot: a second dump into it is refused.
+/// The snapshots of image directory `store`: the restorable ones (at most one) and the
+/// pre-dumps (any number, the steps of a live migration towards it).
+fn image_dir_contents(store: &Store) -> Result<(Vec<SnapshotId>, Vec<SnapshotId>)> {
+    let (mut restorable, mut pre) = (Vec::new(), Vec::new());
+    for id in store.ids()? {
+        let m = store
+            .manifest(&id)
+            .with_context(|| format!("reading snapshot {} of the image directory", id.short()))?;
+        if m.trigger == crate::dump::predump::TRIGGER {
+            pre.push(id);
+        } else {
+            restorable.push(id);
+        }
+    }
+    Ok((restorable, pre))
+}
+
+/// An image directory holds one restorable snapshot: a second dump into it is refused
+/// (pre-dumps before it are welcome).
 fn refuse_into_full_dir(store: &Store, dir: &Path) -> Result<()> {
-    if let Some(id) = store.ids()?.first() {
+    if let Some(id) = image_dir_contents(store)?.0.first() {
         anyhow::bail!(
             "image directory {} already holds snapshot {}: a page server with -D receives \
-             one dump; restart it on an empty directory",
+             one dump (after any pre-dumps); restart it on an empty directory",
             dir.display(),
             id.short()
         );
     }
     Ok(())
+}
+
+/// Once image directory `dir` holds its restorable snapshot `id`: the pre-dumps that led
+/// to it are removed (their pages it took stay in its packs, the others go), so that DIR
+/// holds that one snapshot, as `restore -D` wants. A failure here is only a warning: the
+/// dump is committed and whole.
+fn drop_pre_dumps(shared: &Shared, dir: &Path, id: &SnapshotId) {
+    let cleaned = (|| -> Result<usize> {
+        let (_, pre) = image_dir_contents(&shared.store)?;
+        for p in &pre {
+            shared.snaps.lock().unwrap().remove(p);
+            shared.store.remove(&p.to_hex())?;
+        }
+        if !pre.is_empty() {
+            shared.store.gc()?;
+        }
+        Ok(pre.len())
+    })();
+    match cleaned {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "image directory {}: removed the {n} pre-dump(s) before snapshot {}",
+            dir.display(),
+            id.short()
+        ),
+        Err(e) => tracing::warn!(
+            "image directory {}: the pre-dumps before snapshot {} could not be removed \
+             ({e:#}); `restore -D` needs it to hold that one snapshot: remove them with \
+             `WARMSTART_STORE={} warmstart rm ID`",
+            dir.display(),
+            id.short(),
+            dir.display()
+        ),
+    }
 }
 
 fn snapshot(shared: &Shared, id: &SnapshotId) -> Result<Arc<Snapshot>> {
@@ -426,23 +480,20 @@ fn answer<'s>(
             let manifest: warmstart_snapshots::model::Manifest =
                 warmstart_snapshots::format::decode(&manifest)
                     .context("the manifest to commit is damaged")?;
+            let restorable = manifest.trigger != crate::dump::predump::TRIGGER;
             if let Some(dir) = &shared.images_dir {
-                if manifest.trigger == crate::dump::predump::TRIGGER {
-                    anyhow::bail!(
-                        "a pre-dump cannot go into image directory {} (it holds one \
-                         restorable snapshot): send pre-dumps and the final dump --prev to \
-                         a page server without -D",
-                        dir.display()
-                    );
-                }
                 refuse_into_full_dir(&shared.store, dir)?;
             }
             let id = w.commit(manifest, name.as_deref())?;
             tracing::info!(
-                "{peer}: committed snapshot {}{}",
+                "{peer}: committed {} {}{}",
+                if restorable { "snapshot" } else { "pre-dump" },
                 id.short(),
                 name.map(|n| format!(" as {n}")).unwrap_or_default()
             );
+            if let (Some(dir), true) = (&shared.images_dir, restorable) {
+                drop_pre_dumps(shared, dir, &id);
+            }
             Response::Id(id)
         }
     })
