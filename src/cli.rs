@@ -1349,6 +1349,19 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
                 bail!("image directory {} does not exist", dir.display());
             }
             let s = Store::open_existing(dir)?;
+            let ids = s.ids()?;
+            let pre = |id: &warmstart_snapshots::store::SnapshotId| {
+                s.manifest(id)
+                    .is_ok_and(|m| m.trigger == crate::dump::predump::TRIGGER)
+            };
+            if ids.len() > 1 && ids.iter().all(pre) {
+                // A `page-server -D` receiving a live migration: its final dump is to come.
+                bail!(
+                    "image directory {} holds only pre-dumps ({}), which cannot be restored:                      restore it once the final `dump --prev` has gone into it",
+                    dir.display(),
+                    ids.iter().map(|i| i.short()).collect::<Vec<_>>().join(", ")
+                );
+            }
             let id = s.only_snapshot()?;
             // `ps` names the instance by its image directory.
             let name = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());

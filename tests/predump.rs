@@ -411,9 +411,14 @@ fn migration_into_an_image_directory_page_server() {
         "second pre-dump: read {read2}, taken {taken2}"
     );
     assert_eq!(dir_ids(&dir).len(), 2, "both pre-dumps are in {dir:?}");
-    // The server cannot restore a pre-dump.
+    // Not restorable yet: refused, saying why.
     let out = run(&ws, rt, &["restore", "-D", dir.to_str().unwrap()]);
     out.assert_fail();
+    assert!(
+        out.stderr.contains("holds only pre-dumps"),
+        "{}",
+        out.describe()
+    );
 
     // Bad input: a pre-dump this server does not hold (it went to another one): refused
     // by name, the app goes on, its tracking kept for the right --prev.
