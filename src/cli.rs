@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use warmstart_launcher::warmpoint::ExitStatus;
 use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
-use warmstart_snapshots::store::{Snapshot, Store};
+use warmstart_snapshots::store::{Snapshot, SnapshotId, Store};
 
 use crate::dump::{self, DumpOptions, StdioPolicy};
 use crate::run::Mode;
@@ -1349,20 +1349,7 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
                 bail!("image directory {} does not exist", dir.display());
             }
             let s = Store::open_existing(dir)?;
-            let ids = s.ids()?;
-            let pre = |id: &warmstart_snapshots::store::SnapshotId| {
-                s.manifest(id)
-                    .is_ok_and(|m| m.trigger == crate::dump::predump::TRIGGER)
-            };
-            if ids.len() > 1 && ids.iter().all(pre) {
-                // A `page-server -D` receiving a live migration: its final dump is to come.
-                bail!(
-                    "image directory {} holds only pre-dumps ({}), which cannot be restored:                      restore it once the final `dump --prev` has gone into it",
-                    dir.display(),
-                    ids.iter().map(|i| i.short()).collect::<Vec<_>>().join(", ")
-                );
-            }
-            let id = s.only_snapshot()?;
+            let id = image_dir_snapshot(&s, dir)?;
             // `ps` names the instance by its image directory.
             let name = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
             (s.load(&id)?, vec![name.display().to_string()])
@@ -1404,6 +1391,32 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             ..Default::default()
         },
     )
+}
+
+/// The one restorable snapshot of image directory `dir` (store `s`). Pre-dumps beside it
+/// (a `page-server -D` receiving a live migration keeps them until the final dump has
+/// come, and removes them just after) are passed over.
+fn image_dir_snapshot(s: &Store, dir: &std::path::Path) -> Result<SnapshotId> {
+    let ids = s.ids()?;
+    if ids.len() <= 1 {
+        return Ok(s.only_snapshot()?);
+    }
+    let pre = |id: &SnapshotId| {
+        s.manifest(id)
+            .is_ok_and(|m| m.trigger == crate::dump::predump::TRIGGER)
+    };
+    let (pre, rest): (Vec<SnapshotId>, Vec<SnapshotId>) = ids.into_iter().partition(pre);
+    let short = |v: &[SnapshotId]| v.iter().map(|i| i.short()).collect::<Vec<_>>().join(", ");
+    match rest.len() {
+        1 => Ok(rest[0]),
+        0 => bail!(
+            "image directory {} holds only pre-dumps ({}), which cannot be restored: restore \
+             it once the final `dump --prev` has gone into it",
+            dir.display(),
+            short(&pre)
+        ),
+        _ => Ok(s.only_snapshot()?),
+    }
 }
 
 /// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,

@@ -275,12 +275,18 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
                 anyhow::bail!("bad request: {e}");
             }
         };
-        let resp = answer(shared, peer, req, &mut writer, &mut scratch)
+        let mut committed = None;
+        let resp = answer(shared, peer, req, &mut writer, &mut scratch, &mut committed)
             .unwrap_or_else(|e| Response::Error(crate::report::error_line(&e)));
         if let Response::Error(msg) = &resp {
             tracing::warn!("{peer}: {msg}");
         }
         send(input.get_mut(), &resp)?;
+        // After the answer: the dumping client (whose app may still be frozen) need not
+        // wait for it.
+        if let (Some(id), Some(dir)) = (committed, &shared.images_dir) {
+            drop_pre_dumps(shared, dir, &id);
+        }
     }
     Ok(())
 }
@@ -318,8 +324,8 @@ fn refuse_into_full_dir(store: &Store, dir: &Path) -> Result<()> {
 
 /// Once image directory `dir` holds its restorable snapshot `id`: the pre-dumps that led
 /// to it are removed (their pages it took stay in its packs, the others go), so that DIR
-/// holds that one snapshot, as `restore -D` wants. A failure here is only a warning: the
-/// dump is committed and whole.
+/// holds that one snapshot. A failure here is only a warning: the dump is committed and
+/// whole, and `restore -D` takes the one restorable snapshot of a directory anyway.
 fn drop_pre_dumps(shared: &Shared, dir: &Path, id: &SnapshotId) {
     let cleaned = (|| -> Result<usize> {
         let (_, pre) = image_dir_contents(&shared.store)?;
@@ -366,6 +372,7 @@ fn answer<'s>(
     req: Request,
     writer: &mut Option<(SnapshotWriter<'s>, WriterSlot<'s>)>,
     scratch: &mut Vec<u8>,
+    committed: &mut Option<SnapshotId>,
 ) -> Result<Response> {
     Ok(match req {
         Request::Hello { .. } => Response::Error("hello was already done".into()),
@@ -481,9 +488,8 @@ fn answer<'s>(
                 warmstart_snapshots::format::decode(&manifest)
                     .context("the manifest to commit is damaged")?;
             let restorable = manifest.trigger != crate::dump::predump::TRIGGER;
-            if let Some(dir) = &shared.images_dir {
-                refuse_into_full_dir(&shared.store, dir)?;
-            }
+            // (An image directory was checked at `Begin`, and the writer holds the store's
+            // lock since: nothing was committed there meanwhile.)
             let id = w.commit(manifest, name.as_deref())?;
             tracing::info!(
                 "{peer}: committed {} {}{}",
@@ -491,8 +497,8 @@ fn answer<'s>(
                 id.short(),
                 name.map(|n| format!(" as {n}")).unwrap_or_default()
             );
-            if let (Some(dir), true) = (&shared.images_dir, restorable) {
-                drop_pre_dumps(shared, dir, &id);
+            if restorable {
+                *committed = Some(id);
             }
             Response::Id(id)
         }
