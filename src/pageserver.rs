@@ -347,8 +347,8 @@ fn drop_pre_dumps(shared: &Shared, dir: &Path, id: &SnapshotId) {
         ),
         Err(e) => tracing::warn!(
             "image directory {}: the pre-dumps before snapshot {} could not be removed \
-             ({e:#}); `restore -D` needs it to hold that one snapshot: remove them with \
-             `WARMSTART_STORE={} warmstart rm ID`",
+             ({e:#}); `restore -D` takes that snapshot all the same, and they can be \
+             removed with `WARMSTART_STORE={} warmstart rm ID` then `gc`",
             dir.display(),
             id.short(),
             dir.display()

@@ -5,7 +5,8 @@
 //! recorded pid and seizes it (or has a [`template`] of the snapshot spawn it, so that it
 //! starts with the snapshot's memory shared). A root that was the init (pid 1) of its pid
 //! namespace is restored by the sandbox's init itself ([`root_is_init`]), so it is pid 1
-//! again and the instance's exit is its own. The root creates what several processes
+//! again and the instance's exit is its own (and its parent-death signal its own: a
+//! [`warden`] ties it to the monitor instead). The root creates what several processes
 //! share, maps the private memory its children share with it ([`cow`]), then forks the
 //! rest of the tree at the recorded pids (see [`child`]); each process reports on a
 //! status pipe of its own and (all but the root) waits on a gate until the monitor has
