@@ -489,9 +489,13 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let pid = sandbox.app_pid;
     // Before the root gets its own parent-death signal back (the restorer's last step),
     // which unties it from us.
+    let warden_t = Instant::now();
     let warden = app_is_init
         .then(|| warden::Warden::spawn(sandbox.init_pidfd()))
         .transpose()?;
+    if warden.is_some() {
+        tracing::debug!("warden started in {:?}", warden_t.elapsed());
+    }
     if m.namespaces.any() {
         let t = Instant::now();
         namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap, &opts.veths)?;
