@@ -167,6 +167,12 @@ pub struct PageServerArgs {
     /// instead of the store; it receives one dump, into an empty DIR
     #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// With -D, one step of a live migration per directory, as CRIU's: the image
+    /// directory of the previous step (relative to DIR when relative), whose pre-dump the
+    /// dumps sent here may take pages from (`--prev ID`); its packs are linked into DIR
+    /// (copied across filesystems), so DIR is restorable alone
+    #[arg(long, value_name = "PREV", requires = "dir")]
+    pub prev_images_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -632,7 +638,32 @@ pub fn main(cli: Cli) -> Result<i32> {
             let bind = (a.bind, a.port).into();
             match &a.dir {
                 Some(dir) => {
-                    crate::pageserver::serve(&Store::open_image_dir(dir)?, bind, tls, Some(dir))?
+                    let store = Store::open_image_dir(dir)?;
+                    let prev = match &a.prev_images_dir {
+                        None => None,
+                        Some(p) => {
+                            let path = if p.is_relative() {
+                                join_lexically(dir, p)
+                            } else {
+                                p.clone()
+                            };
+                            let prev = Store::open_existing(&path)
+                                .with_context(|| format!("--prev-images-dir {}", p.display()))?;
+                            store.adopt_packs(&prev).with_context(|| {
+                                format!(
+                                    "linking the pages of {} into {}",
+                                    path.display(),
+                                    dir.display()
+                                )
+                            })?;
+                            Some(prev)
+                        }
+                    };
+                    let images = crate::pageserver::ImageDir {
+                        dir,
+                        prev: prev.as_ref(),
+                    };
+                    crate::pageserver::serve(&store, bind, tls, Some(images))?
                 }
                 None => crate::pageserver::serve(&open_store(&cli)?, bind, tls, None)?,
             }

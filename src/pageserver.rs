@@ -6,7 +6,9 @@
 //! image directory DIR instead of the store, and receives one dump into it while it holds
 //! no restorable snapshot: pre-dumps first (a live migration's, each taking from the last
 //! by `Base`/`AddBase` as in a store), then the final dump, once committed the only
-//! snapshot left there (the pre-dumps go, their pages it took stay).
+//! snapshot left there (the pre-dumps go, their pages it took stay). With
+//! `--prev-images-dir PREV` too (a server per step, CRIU's other form), PREV's packs are
+//! linked into DIR before it listens, and PREV's pre-dump answers `Resolve` and `Base`.
 //!
 //! One thread per connection. Readers share opened snapshots; one connection at a time
 //! may write (a remote `dump --page-server`); a second concurrent writer is refused.
@@ -42,6 +44,17 @@ struct Shared {
     tls: Option<ServerTls>,
     /// `-D DIR`: the store is an image directory, receiving one dump.
     images_dir: Option<PathBuf>,
+    /// `--prev-images-dir`: the image directory of the migration's previous step, whose
+    /// packs the store has adopted; its pre-dump may be a dump's base.
+    prev: Option<Store>,
+}
+
+/// `page-server -D DIR [--prev-images-dir PREV]`: what it serves and receives into.
+pub struct ImageDir<'a> {
+    pub dir: &'a Path,
+    /// The previous step's image directory, whose packs DIR's store has adopted
+    /// ([`Store::adopt_packs`]).
+    pub prev: Option<&'a Store>,
 }
 
 /// Serves `store` on `bind` until killed. Prints the bound address (useful with port 0)
@@ -51,7 +64,7 @@ pub fn serve(
     store: &Store,
     bind: SocketAddr,
     tls: Option<ServerTls>,
-    images_dir: Option<&Path>,
+    images_dir: Option<ImageDir<'_>>,
 ) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
     let local = listener.local_addr().context("local address")?;
@@ -62,8 +75,16 @@ pub fn serve(
     }
     {
         use std::io::IsTerminal;
-        let what = match images_dir {
-            Some(d) => format!("the image directory {}", d.display()),
+        let what = match &images_dir {
+            Some(ImageDir {
+                dir,
+                prev: Some(prev),
+            }) => format!(
+                "the image directory {} (taking pages from {})",
+                dir.display(),
+                prev.dir().display()
+            ),
+            Some(d) => format!("the image directory {}", d.dir.display()),
             None => format!("the snapshots of store {}", store.dir().display()),
         };
         let security = match &tls {
@@ -111,7 +132,7 @@ pub fn serve_on(
     store: &Store,
     listener: TcpListener,
     tls: Option<ServerTls>,
-    images_dir: Option<&Path>,
+    images_dir: Option<ImageDir<'_>>,
 ) -> Result<()> {
     let local = listener.local_addr().context("local address")?;
     tracing::info!(
@@ -139,7 +160,8 @@ pub fn serve_on(
         delay,
         hello_timeout,
         tls,
-        images_dir: images_dir.map(Path::to_path_buf),
+        images_dir: images_dir.as_ref().map(|d| d.dir.to_path_buf()),
+        prev: images_dir.and_then(|d| d.prev.cloned()),
     });
     for conn in listener.incoming() {
         let stream = match conn {
@@ -327,21 +349,24 @@ fn refuse_into_full_dir(store: &Store, dir: &Path) -> Result<()> {
 /// holds that one snapshot. A failure here is only a warning: the dump is committed and
 /// whole, and `restore -D` takes the one restorable snapshot of a directory anyway.
 fn drop_pre_dumps(shared: &Shared, dir: &Path, id: &SnapshotId) {
-    let cleaned = (|| -> Result<usize> {
+    let cleaned = (|| -> Result<Option<(usize, usize)>> {
         let (_, pre) = image_dir_contents(&shared.store)?;
         for p in &pre {
             shared.snaps.lock().unwrap().remove(p);
             shared.store.remove(&p.to_hex())?;
         }
-        if !pre.is_empty() {
-            shared.store.gc()?;
+        // (Pages of the previous step's packs that it did not take go too.)
+        if pre.is_empty() && shared.prev.is_none() {
+            return Ok(None);
         }
-        Ok(pre.len())
+        let gc = shared.store.gc()?;
+        Ok(Some((pre.len(), gc.removed_packs.len())))
     })();
     match cleaned {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            "image directory {}: removed the {n} pre-dump(s) before snapshot {}",
+        Ok(None) => {}
+        Ok(Some((n, packs))) => tracing::info!(
+            "image directory {}: snapshot {} alone there now (removed the {n} pre-dump(s) \
+             before it and {packs} pack(s) it does not use)",
             dir.display(),
             id.short()
         ),
@@ -376,7 +401,14 @@ fn answer<'s>(
 ) -> Result<Response> {
     Ok(match req {
         Request::Hello { .. } => Response::Error("hello was already done".into()),
-        Request::Resolve { query } => Response::Id(shared.store.resolve(&query)?),
+        Request::Resolve { query } => {
+            Response::Id(match (shared.store.resolve(&query), &shared.prev) {
+                (Ok(id), _) => id,
+                // The previous step's pre-dump, for a dump's `--prev`.
+                (Err(e), Some(prev)) => prev.resolve(&query).map_err(|_| e)?,
+                (Err(e), None) => return Err(e.into()),
+            })
+        }
         Request::Manifest { id } => {
             let snap = snapshot(shared, &id)?;
             tracing::info!("{peer}: serving snapshot {}", id.short());
@@ -467,7 +499,14 @@ fn answer<'s>(
                 anyhow::bail!("Base before Begin");
             };
             // Not fatal to the dump: it sends those pages instead.
-            match w.set_base(&id) {
+            let set = match (w.set_base(&id), &shared.prev) {
+                // Not in the image directory: the previous step's, if it is there.
+                (Err(_), Some(prev)) if !shared.store.ids()?.contains(&id) => {
+                    w.set_base_from(prev, &id)
+                }
+                (r, _) => r,
+            };
+            match set {
                 Ok(()) => Response::Ready,
                 Err(e) => Response::Error(e.to_string()),
             }

@@ -272,6 +272,8 @@ fn criu_image_directories_with_prev_images_dir() {
     let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
     let pid_s = orig.pid().to_string();
     let mut guard = KillGuard::new();
+    // (Its first answer: its memory is all there, so that pre1 has it.)
+    digest(&mut orig);
 
     let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "-D", &d("pre1")]);
     out.assert_ok();
@@ -452,7 +454,7 @@ fn migration_into_an_image_directory_page_server() {
     assert!(!orig.wait().success(), "the dump kills the app");
     // DIR holds the final snapshot alone once the server has removed the pre-dumps (just
     // after answering the dump).
-    server.wait_stderr("removed the 2 pre-dump(s)");
+    server.wait_stderr("alone there now (removed the 2 pre-dump(s)");
     let ids = dir_ids(&dir);
     assert!(
         ids.len() == 1 && ids[0].starts_with(&fin),
@@ -492,6 +494,86 @@ fn migration_into_an_image_directory_page_server() {
     assert_eq!(digest(&mut restored), want, "the restored memory");
     assert_eq!(proc_state(&mut restored), state, "the restored /proc state");
     step(&mut restored, 3);
+    restored.close_stdin();
+    assert!(restored.wait().success());
+}
+
+/// CRIU's form with a page server per step: `page-server -D pre1`, then `page-server -D
+/// pre2 --prev-images-dir ../pre1` and `page-server -D final --prev-images-dir ../pre2`,
+/// each taking one dump. Each dump takes the unwritten pages from the last by record, and
+/// `final` is restorable alone (the earlier directories removed): the memory and `/proc`
+/// state of the process at the final dump.
+#[test]
+fn migration_into_one_image_directory_page_server_per_step() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let imgs = tempdir("ws-imgs-");
+    let d = |n: &str| imgs.path().join(n);
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid_s = orig.pid().to_string();
+    digest(&mut orig);
+    let mut guard = KillGuard::new();
+    // A page server on `dir` (after `prev`) takes `what -t PID EXTRA...`: its id and
+    // (pages read, pages taken).
+    let step_into = |dir: &str, prev: Option<&str>, what: &str, extra: &[&str]| {
+        let dir = d(dir);
+        let mut args = vec!["page-server", "--port", "0", "-D", dir.to_str().unwrap()];
+        if let Some(p) = prev {
+            args.extend(["--prev-images-dir", p]);
+        }
+        let server = Proc::spawn(Ws::new().cmd(&args).env("WARMSTART_LOG", "info"));
+        let addr = server.read_line().trim().to_owned();
+        let mut args = vec![what, "-t", &pid_s, "--page-server", &addr];
+        args.extend_from_slice(extra);
+        args.push("--display-stats");
+        let out = run(&ws, rt, &args);
+        out.assert_ok();
+        // Done with it: answered, and (a final dump) its directory cleaned up.
+        server.wait_stderr(if what == "dump" {
+            "alone there now"
+        } else {
+            "committed pre-dump"
+        });
+        drop(server);
+        (out.stdout.trim().to_owned(), counts(&out))
+    };
+    let (id1, _) = step_into("pre1", None, "pre-dump", &[]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    step(&mut orig, 1);
+    let (id2, (read2, taken2)) = step_into("pre2", Some("../pre1"), "pre-dump", &["--prev", &id1]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    assert!(
+        taken2 > 400 && read2 < 200,
+        "second pre-dump: read {read2}, taken {taken2}"
+    );
+    step(&mut orig, 2);
+    let want = digest(&mut orig);
+    let state = proc_state(&mut orig);
+    let (_, (read3, taken3)) = step_into("final", Some("../pre2"), "dump", &["--prev", &id2]);
+    assert!(
+        taken3 > 400 && read3 < 200,
+        "final dump: read {read3}, taken {taken3}"
+    );
+    assert!(!orig.wait().success(), "the dump kills the app");
+    std::fs::remove_dir_all(d("pre1")).unwrap();
+    std::fs::remove_dir_all(d("pre2")).unwrap();
+    let out = common::run_with(
+        Ws::new()
+            .cmd(&["verify"])
+            .env("WARMSTART_STORE", d("final")),
+        b"",
+        TIMEOUT,
+    );
+    out.assert_ok();
+    let final_dir = d("final");
+    let mut restored = Proc::spawn(&mut cmd(
+        &Ws::new(),
+        rt,
+        &["restore", "-D", final_dir.to_str().unwrap()],
+    ));
+    assert_eq!(digest(&mut restored), want, "the restored memory");
+    assert_eq!(proc_state(&mut restored), state, "the restored /proc state");
     restored.close_stdin();
     assert!(restored.wait().success());
 }
