@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use warmstart_launcher::warmpoint::ExitStatus;
 use warmstart_snapshots::model::{FileDesc, Manifest, RunContent, VmaKind};
-use warmstart_snapshots::store::{Snapshot, Store};
+use warmstart_snapshots::store::{Snapshot, SnapshotId, Store};
 
 use crate::dump::{self, DumpOptions, StdioPolicy};
 use crate::run::Mode;
@@ -171,6 +171,12 @@ pub struct PageServerArgs {
     /// instead of the store; it receives one dump, into an empty DIR
     #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// With -D, one step of a live migration per directory, as CRIU's: the image
+    /// directory of the previous step (relative to DIR when relative), whose pre-dump the
+    /// dumps sent here may take pages from (`--prev ID`); its packs are linked into DIR
+    /// (copied across filesystems), so DIR is restorable alone
+    #[arg(long, value_name = "PREV", requires = "dir")]
+    pub prev_images_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -643,7 +649,32 @@ pub fn main(cli: Cli) -> Result<i32> {
             let bind = (a.bind, a.port).into();
             match &a.dir {
                 Some(dir) => {
-                    crate::pageserver::serve(&Store::open_image_dir(dir)?, bind, tls, Some(dir))?
+                    let store = Store::open_image_dir(dir)?;
+                    let prev = match &a.prev_images_dir {
+                        None => None,
+                        Some(p) => {
+                            let path = if p.is_relative() {
+                                join_lexically(dir, p)
+                            } else {
+                                p.clone()
+                            };
+                            let prev = Store::open_existing(&path)
+                                .with_context(|| format!("--prev-images-dir {}", p.display()))?;
+                            store.adopt_packs(&prev).with_context(|| {
+                                format!(
+                                    "linking the pages of {} into {}",
+                                    path.display(),
+                                    dir.display()
+                                )
+                            })?;
+                            Some(prev)
+                        }
+                    };
+                    let images = crate::pageserver::ImageDir {
+                        dir,
+                        prev: prev.as_ref(),
+                    };
+                    crate::pageserver::serve(&store, bind, tls, Some(images))?
                 }
                 None => crate::pageserver::serve(&open_store(&cli)?, bind, tls, None)?,
             }
@@ -1402,7 +1433,7 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
                 bail!("image directory {} does not exist", dir.display());
             }
             let s = Store::open_existing(dir)?;
-            let id = s.only_snapshot()?;
+            let id = image_dir_snapshot(&s, dir)?;
             // `ps` names the instance by its image directory.
             let name = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
             (s.load(&id)?, vec![name.display().to_string()])
@@ -1444,6 +1475,32 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
             ..Default::default()
         },
     )
+}
+
+/// The one restorable snapshot of image directory `dir` (store `s`). Pre-dumps beside it
+/// (a `page-server -D` receiving a live migration keeps them until the final dump has
+/// come, and removes them just after) are passed over.
+fn image_dir_snapshot(s: &Store, dir: &std::path::Path) -> Result<SnapshotId> {
+    let ids = s.ids()?;
+    if ids.len() <= 1 {
+        return Ok(s.only_snapshot()?);
+    }
+    let pre = |id: &SnapshotId| {
+        s.manifest(id)
+            .is_ok_and(|m| m.trigger == crate::dump::predump::TRIGGER)
+    };
+    let (pre, rest): (Vec<SnapshotId>, Vec<SnapshotId>) = ids.into_iter().partition(pre);
+    let short = |v: &[SnapshotId]| v.iter().map(|i| i.short()).collect::<Vec<_>>().join(", ");
+    match rest.len() {
+        1 => Ok(rest[0]),
+        0 => bail!(
+            "image directory {} holds only pre-dumps ({}), which cannot be restored: restore \
+             it once the final `dump --prev` has gone into it",
+            dir.display(),
+            short(&pre)
+        ),
+        _ => Ok(s.only_snapshot()?),
+    }
 }
 
 /// Loads snapshot `which` (id, prefix or name) of `store`, with the names it has there,

@@ -4,7 +4,11 @@
 //! Over TLS with `--tls-cert`/`--tls-key` (and client certificates required with
 //! `--tls-cacert`); see `warmstart_snapshots::remote::tls`. With `-D DIR` it serves the
 //! image directory DIR instead of the store, and receives one dump into it while it holds
-//! no snapshot (an image directory holds one snapshot; a pre-dump is refused there).
+//! no restorable snapshot: pre-dumps first (a live migration's, each taking from the last
+//! by `Base`/`AddBase` as in a store), then the final dump, once committed the only
+//! snapshot left there (the pre-dumps go, their pages it took stay). With
+//! `--prev-images-dir PREV` too (a server per step, CRIU's other form), PREV's packs are
+//! linked into DIR before it listens, and PREV's pre-dump answers `Resolve` and `Base`.
 //!
 //! One thread per connection. Readers share opened snapshots; one connection at a time
 //! may write (a remote `dump --page-server`); a second concurrent writer is refused.
@@ -40,6 +44,17 @@ struct Shared {
     tls: Option<ServerTls>,
     /// `-D DIR`: the store is an image directory, receiving one dump.
     images_dir: Option<PathBuf>,
+    /// `--prev-images-dir`: the image directory of the migration's previous step, whose
+    /// packs the store has adopted; its pre-dump may be a dump's base.
+    prev: Option<Store>,
+}
+
+/// `page-server -D DIR [--prev-images-dir PREV]`: what it serves and receives into.
+pub struct ImageDir<'a> {
+    pub dir: &'a Path,
+    /// The previous step's image directory, whose packs DIR's store has adopted
+    /// ([`Store::adopt_packs`]).
+    pub prev: Option<&'a Store>,
 }
 
 /// Serves `store` on `bind` until killed. Prints the bound address (useful with port 0)
@@ -49,7 +64,7 @@ pub fn serve(
     store: &Store,
     bind: SocketAddr,
     tls: Option<ServerTls>,
-    images_dir: Option<&Path>,
+    images_dir: Option<ImageDir<'_>>,
 ) -> Result<()> {
     let listener = TcpListener::bind(bind).with_context(|| format!("listening on {bind}"))?;
     let local = listener.local_addr().context("local address")?;
@@ -60,8 +75,16 @@ pub fn serve(
     }
     {
         use std::io::IsTerminal;
-        let what = match images_dir {
-            Some(d) => format!("the image directory {}", d.display()),
+        let what = match &images_dir {
+            Some(ImageDir {
+                dir,
+                prev: Some(prev),
+            }) => format!(
+                "the image directory {} (taking pages from {})",
+                dir.display(),
+                prev.dir().display()
+            ),
+            Some(d) => format!("the image directory {}", d.dir.display()),
             None => format!("the snapshots of store {}", store.dir().display()),
         };
         let security = match &tls {
@@ -109,7 +132,7 @@ pub fn serve_on(
     store: &Store,
     listener: TcpListener,
     tls: Option<ServerTls>,
-    images_dir: Option<&Path>,
+    images_dir: Option<ImageDir<'_>>,
 ) -> Result<()> {
     let local = listener.local_addr().context("local address")?;
     tracing::info!(
@@ -137,7 +160,8 @@ pub fn serve_on(
         delay,
         hello_timeout,
         tls,
-        images_dir: images_dir.map(Path::to_path_buf),
+        images_dir: images_dir.as_ref().map(|d| d.dir.to_path_buf()),
+        prev: images_dir.and_then(|d| d.prev.cloned()),
     });
     for conn in listener.incoming() {
         let stream = match conn {
@@ -273,27 +297,88 @@ fn handle(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<()> {
                 anyhow::bail!("bad request: {e}");
             }
         };
-        let resp = answer(shared, peer, req, &mut writer, &mut scratch)
+        let mut committed = None;
+        let resp = answer(shared, peer, req, &mut writer, &mut scratch, &mut committed)
             .unwrap_or_else(|e| Response::Error(crate::report::error_line(&e)));
         if let Response::Error(msg) = &resp {
             tracing::warn!("{peer}: {msg}");
         }
         send(input.get_mut(), &resp)?;
+        // After the answer: the dumping client (whose app may still be frozen) need not
+        // wait for it.
+        if let (Some(id), Some(dir)) = (committed, &shared.images_dir) {
+            drop_pre_dumps(shared, dir, &id);
+        }
     }
     Ok(())
 }
 
-/// An image directory holds one snapshot: a second dump into it is refused.
+/// The snapshots of image directory `store`: the restorable ones (at most one) and the
+/// pre-dumps (any number, the steps of a live migration towards it).
+fn image_dir_contents(store: &Store) -> Result<(Vec<SnapshotId>, Vec<SnapshotId>)> {
+    let (mut restorable, mut pre) = (Vec::new(), Vec::new());
+    for id in store.ids()? {
+        let m = store
+            .manifest(&id)
+            .with_context(|| format!("reading snapshot {} of the image directory", id.short()))?;
+        if m.trigger == crate::dump::predump::TRIGGER {
+            pre.push(id);
+        } else {
+            restorable.push(id);
+        }
+    }
+    Ok((restorable, pre))
+}
+
+/// An image directory holds one restorable snapshot: a second dump into it is refused
+/// (pre-dumps before it are welcome).
 fn refuse_into_full_dir(store: &Store, dir: &Path) -> Result<()> {
-    if let Some(id) = store.ids()?.first() {
+    if let Some(id) = image_dir_contents(store)?.0.first() {
         anyhow::bail!(
             "image directory {} already holds snapshot {}: a page server with -D receives \
-             one dump; restart it on an empty directory",
+             one dump (after any pre-dumps); restart it on an empty directory",
             dir.display(),
             id.short()
         );
     }
     Ok(())
+}
+
+/// Once image directory `dir` holds its restorable snapshot `id`: the pre-dumps that led
+/// to it are removed (their pages it took stay in its packs, the others go), so that DIR
+/// holds that one snapshot. A failure here is only a warning: the dump is committed and
+/// whole, and `restore -D` takes the one restorable snapshot of a directory anyway.
+fn drop_pre_dumps(shared: &Shared, dir: &Path, id: &SnapshotId) {
+    let cleaned = (|| -> Result<Option<(usize, usize)>> {
+        let (_, pre) = image_dir_contents(&shared.store)?;
+        for p in &pre {
+            shared.snaps.lock().unwrap().remove(p);
+            shared.store.remove(&p.to_hex())?;
+        }
+        // (Pages of the previous step's packs that it did not take go too.)
+        if pre.is_empty() && shared.prev.is_none() {
+            return Ok(None);
+        }
+        let gc = shared.store.gc()?;
+        Ok(Some((pre.len(), gc.removed_packs.len())))
+    })();
+    match cleaned {
+        Ok(None) => {}
+        Ok(Some((n, packs))) => tracing::info!(
+            "image directory {}: snapshot {} alone there now (removed the {n} pre-dump(s) \
+             before it and {packs} pack(s) it does not use)",
+            dir.display(),
+            id.short()
+        ),
+        Err(e) => tracing::warn!(
+            "image directory {}: the pre-dumps before snapshot {} could not be removed \
+             ({e:#}); `restore -D` takes that snapshot all the same, and they can be \
+             removed with `WARMSTART_STORE={} warmstart rm ID` then `gc`",
+            dir.display(),
+            id.short(),
+            dir.display()
+        ),
+    }
 }
 
 fn snapshot(shared: &Shared, id: &SnapshotId) -> Result<Arc<Snapshot>> {
@@ -312,10 +397,18 @@ fn answer<'s>(
     req: Request,
     writer: &mut Option<(SnapshotWriter<'s>, WriterSlot<'s>)>,
     scratch: &mut Vec<u8>,
+    committed: &mut Option<SnapshotId>,
 ) -> Result<Response> {
     Ok(match req {
         Request::Hello { .. } => Response::Error("hello was already done".into()),
-        Request::Resolve { query } => Response::Id(shared.store.resolve(&query)?),
+        Request::Resolve { query } => {
+            Response::Id(match (shared.store.resolve(&query), &shared.prev) {
+                (Ok(id), _) => id,
+                // The previous step's pre-dump, for a dump's `--prev`.
+                (Err(e), Some(prev)) => prev.resolve(&query).map_err(|_| e)?,
+                (Err(e), None) => return Err(e.into()),
+            })
+        }
         Request::Manifest { id } => {
             let snap = snapshot(shared, &id)?;
             tracing::info!("{peer}: serving snapshot {}", id.short());
@@ -406,7 +499,14 @@ fn answer<'s>(
                 anyhow::bail!("Base before Begin");
             };
             // Not fatal to the dump: it sends those pages instead.
-            match w.set_base(&id) {
+            let set = match (w.set_base(&id), &shared.prev) {
+                // Not in the image directory: the previous step's, if it is there.
+                (Err(_), Some(prev)) if !shared.store.ids()?.contains(&id) => {
+                    w.set_base_from(prev, &id)
+                }
+                (r, _) => r,
+            };
+            match set {
                 Ok(()) => Response::Ready,
                 Err(e) => Response::Error(e.to_string()),
             }
@@ -426,23 +526,19 @@ fn answer<'s>(
             let manifest: warmstart_snapshots::model::Manifest =
                 warmstart_snapshots::format::decode(&manifest)
                     .context("the manifest to commit is damaged")?;
-            if let Some(dir) = &shared.images_dir {
-                if manifest.trigger == crate::dump::predump::TRIGGER {
-                    anyhow::bail!(
-                        "a pre-dump cannot go into image directory {} (it holds one \
-                         restorable snapshot): send pre-dumps and the final dump --prev to \
-                         a page server without -D",
-                        dir.display()
-                    );
-                }
-                refuse_into_full_dir(&shared.store, dir)?;
-            }
+            let restorable = manifest.trigger != crate::dump::predump::TRIGGER;
+            // (An image directory was checked at `Begin`, and the writer holds the store's
+            // lock since: nothing was committed there meanwhile.)
             let id = w.commit(manifest, name.as_deref())?;
             tracing::info!(
-                "{peer}: committed snapshot {}{}",
+                "{peer}: committed {} {}{}",
+                if restorable { "snapshot" } else { "pre-dump" },
                 id.short(),
                 name.map(|n| format!(" as {n}")).unwrap_or_default()
             );
+            if restorable {
+                *committed = Some(id);
+            }
             Response::Id(id)
         }
     })

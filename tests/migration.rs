@@ -62,6 +62,20 @@ fn dump_step(ws: &Ws, h: i32, rt: &Path, args: &[&str]) -> (String, u64, u64) {
 
 #[test]
 fn redis_migrates_with_pre_dumps_through_a_page_server_keeping_its_client() {
+    migrate(false);
+}
+
+/// The same through CRIU's form on the receiving side: `page-server -D DIR` takes the
+/// pre-dumps and the final dump, and `restore -D DIR` brings redis back from DIR.
+#[test]
+fn redis_migrates_into_an_image_directory_page_server_keeping_its_client() {
+    migrate(true);
+}
+
+/// The migration, the page server storing what it receives in image directory `-D DIR`
+/// (`image_dir`, restored with `restore -D DIR`) or in its store (restored with `restore
+/// --page-server ADDR ID`).
+fn migrate(image_dir: bool) {
     let src = Ws::new();
     let dst = Ws::new();
     let rt = tempdir("ws-rt-");
@@ -106,7 +120,14 @@ fn redis_migrates_with_pre_dumps_through_a_page_server_keeping_its_client() {
     assert_eq!(client.read_line(), "connected");
     let id = ask(&mut client, "CLIENT ID");
     assert_eq!(ask(&mut client, "DEBUG POPULATE 40000 key 1000"), "+OK");
-    let mut server = Proc::spawn(&mut ws_in_net_of(&dst, h, &["page-server", "--port", "0"]));
+    let images = tempdir("ws-mig-images-");
+    let dir = images.path().join("dst");
+    let dir_s = dir.to_str().unwrap();
+    let mut server_args = vec!["page-server", "--port", "0"];
+    if image_dir {
+        server_args.extend(["-D", dir_s]);
+    }
+    let mut server = Proc::spawn(&mut ws_in_net_of(&dst, h, &server_args));
     let addr = server.read_line().trim().to_owned();
 
     // `warmstart CMD -t REDIS --page-server ADDR EXTRA... --display-stats`.
@@ -132,20 +153,20 @@ fn redis_migrates_with_pre_dumps_through_a_page_server_keeping_its_client() {
 
     // The destination: a new network namespace, the veth's new peer on the same bridge.
     let mut guard = KillGuard::new();
-    let mut restore = Proc::spawn(&mut ws_in_net_of(
-        &src,
-        h,
-        &[
-            "restore",
-            "--page-server",
-            &addr,
-            "--tcp-established",
-            "-d",
-            "--veth",
-            "eth0=wsv1@br0",
-            &fin,
-        ],
-    ));
+    let from: Vec<&str> = if image_dir {
+        vec!["-D", dir_s]
+    } else {
+        vec!["--page-server", &addr, &fin]
+    };
+    let mut restore_args = vec![
+        "restore",
+        "--tcp-established",
+        "-d",
+        "--veth",
+        "eth0=wsv1@br0",
+    ];
+    restore_args.extend(from);
+    let mut restore = Proc::spawn(&mut ws_in_net_of(&src, h, &restore_args));
     let first = restore.read_line();
     let pid: i32 = first
         .trim()

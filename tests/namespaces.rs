@@ -619,6 +619,92 @@ fn pid_namespace_init_round_trips() {
     );
 }
 
+/// The parent pid of `pid` (`PPid:` of its status, as seen from here).
+fn ppid(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A pid 1 of its own namespace started without a parent-death signal (`unshare`
+/// without `--kill-child`), as a container's entrypoint under a runtime that sets none:
+/// its pid, guarded, with `orig` the `unshare` process.
+fn pid1_without_pdeathsig(guard: &mut KillGuard) -> (Proc, i32) {
+    let mut orig = Proc::spawn(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--uts", "--"])
+            .arg(fixture("pid1_init")),
+    );
+    orig.wait_stderr("ready");
+    let init = children(orig.pid())[0];
+    guard.add(init);
+    assert_eq!(ns_pid(init), Some(1));
+    orig.send("pdeath");
+    assert_eq!(orig.read_line(), "pdeathsig 0", "the original's");
+    (orig, init)
+}
+
+/// A restored root that is pid 1 again is the sandbox's init, which ties itself to the
+/// monitor with PDEATHSIG SIGKILL: the app still reads its own recorded value (0) with
+/// `PR_GET_PDEATHSIG`, in every mode (`restore -d`, eager and lazy, `restore` and `run`
+/// in the foreground), and the instance still goes when its monitor is killed (SIGKILL:
+/// the warden outside the sandbox kills it).
+#[test]
+fn a_restored_pid1_root_keeps_its_pdeathsig_and_dies_with_its_monitor() {
+    let ws = Ws::new();
+    let mut guard = KillGuard::new();
+    let (mut orig, init) = pid1_without_pdeathsig(&mut guard);
+    let (_images, dir) = dump_worker(&ws, init, &mut orig);
+    let kill9 = |pid: i32| {
+        // SAFETY: kill takes integer arguments only.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    };
+
+    for mode in [&[][..], &["--lazy"][..]] {
+        let (mut r, pid) = restore_detached_with(&ws, &dir, &mut guard, mode);
+        assert_eq!(ns_pid(pid), Some(1), "{mode:?}");
+        r.send("pdeath");
+        assert_eq!(r.read_line(), "pdeathsig 0", "restore -d {mode:?}");
+        let monitor = ppid(pid);
+        kill9(monitor);
+        assert!(
+            wait_pid_exit(pid, TIMEOUT),
+            "restore -d {mode:?}: the instance outlived its monitor"
+        );
+    }
+
+    // In the foreground: the monitor is the restore itself.
+    let mut r = Proc::spawn(&mut ws.cmd(&["restore", "-D", dir.to_str().unwrap()]));
+    r.send("pdeath");
+    assert_eq!(r.read_line(), "pdeathsig 0", "restore");
+    let pid = children(r.pid())[0];
+    guard.add(pid);
+    kill9(r.pid());
+    r.wait();
+    assert!(
+        wait_pid_exit(pid, TIMEOUT),
+        "restore: the instance outlived its monitor"
+    );
+
+    // `run` from the store, to its end: the instance's exit is the run's.
+    let (mut orig, init) = pid1_without_pdeathsig(&mut guard);
+    ws.run(&["dump", "-t", &init.to_string(), "--name", "pid1"], "")
+        .assert_ok();
+    assert!(wait_pid_exit(init, TIMEOUT));
+    orig.wait();
+    for mode in [&[][..], &["--eager"][..]] {
+        let mut args = vec!["run"];
+        args.extend_from_slice(mode);
+        args.push("pid1");
+        let out = ws.run(&args, "pdeath\n");
+        out.assert_ok();
+        assert_eq!(out.stdout, "pdeathsig 0\n", "run {mode:?}");
+    }
+}
+
 /// A process that joined the pid namespace from outside (`nsenter`) is not under its init:
 /// a dump of the init would leave it out of the namespace, so it is refused by name, the
 /// tree left running.

@@ -272,6 +272,8 @@ fn criu_image_directories_with_prev_images_dir() {
     let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
     let pid_s = orig.pid().to_string();
     let mut guard = KillGuard::new();
+    // (Its first answer: its memory is all there, so that pre1 has it.)
+    digest(&mut orig);
 
     let out = run(&ws, rt, &["pre-dump", "-t", &pid_s, "-D", &d("pre1")]);
     out.assert_ok();
@@ -316,6 +318,262 @@ fn criu_image_directories_with_prev_images_dir() {
     let mut restored = Proc::spawn(&mut cmd(&ws, rt, &["restore", "-D", &d("final")]));
     assert_eq!(digest(&mut restored), want, "the restored memory");
     step(&mut restored, 3);
+    restored.close_stdin();
+    assert!(restored.wait().success());
+}
+
+/// The fixture's `/proc/self/maps` (adjacent areas of identical attributes joined, as
+/// zdtm compares them) and process-wide `/proc/self/status` lines.
+fn proc_state(p: &mut Proc) -> Vec<String> {
+    p.send("state");
+    let mut maps = Vec::new();
+    let mut status = Vec::new();
+    loop {
+        let l = p.read_line();
+        if l == "end" {
+            break;
+        }
+        let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+        if l.split(' ').next().is_some_and(|w| w.ends_with(':')) {
+            status.push(l);
+        } else {
+            maps.push(l);
+        }
+    }
+    let mut out = common::merge_adjacent_maps(maps);
+    out.extend(status);
+    out
+}
+
+/// `warmstart page-server -D DIR --port 0`; returns it and the address it printed.
+fn image_dir_page_server(ws: &Ws, dir: &Path) -> (Proc, String) {
+    let mut c = ws.cmd(&["page-server", "--port", "0", "-D", dir.to_str().unwrap()]);
+    c.env("WARMSTART_LOG", "info");
+    let p = Proc::spawn(&mut c);
+    let addr = p.read_line().trim().to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    (p, addr)
+}
+
+/// Ids of the snapshots image directory `dir` holds.
+fn dir_ids(dir: &Path) -> Vec<String> {
+    let out = common::run_with(
+        Ws::new().cmd(&["ls", "--json"]).env("WARMSTART_STORE", dir),
+        b"",
+        TIMEOUT,
+    );
+    out.assert_ok();
+    let ls: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut ids: Vec<String> = (ls.as_array().unwrap().iter())
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// CRIU's migration flow into `page-server -D DIR`: two pre-dumps and the final dump
+/// (each taking the unwritten pages from the last by record), then `restore -D DIR` on
+/// the receiving side gives the memory and `/proc` state of the process at the final
+/// dump, though it changed between the pre-dumps. DIR ends up holding that one snapshot.
+/// A final dump naming a pre-dump the server does not hold is refused by name before
+/// anything is frozen, and the tree keeps running and tracked.
+#[test]
+fn migration_into_an_image_directory_page_server() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let imgs = tempdir("ws-imgs-");
+    let dir = imgs.path().join("dst");
+    let (server, addr) = image_dir_page_server(&Ws::new(), &dir);
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid_s = orig.pid().to_string();
+    let mut guard = KillGuard::new();
+    // `warmstart WHAT -t PID --page-server ADDR EXTRA... --display-stats`: its id and
+    // (pages read, pages taken).
+    let to_server = |what: &str, extra: &[&str]| {
+        let mut args = vec![what, "-t", &pid_s, "--page-server", &addr];
+        args.extend_from_slice(extra);
+        args.push("--display-stats");
+        let out = run(&ws, rt, &args);
+        out.assert_ok();
+        (out.stdout.trim().to_owned(), counts(&out))
+    };
+
+    // (Its first answer: its memory is all there.)
+    digest(&mut orig);
+    let (id1, (read1, taken1)) = to_server("pre-dump", &[]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    assert!(
+        read1 > 600 && taken1 == 0,
+        "first pre-dump: {read1} {taken1}"
+    );
+    step(&mut orig, 1);
+    let (id2, (read2, taken2)) = to_server("pre-dump", &["--prev", &id1]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    assert!(
+        taken2 > 400 && read2 < 200,
+        "second pre-dump: read {read2}, taken {taken2}"
+    );
+    assert_eq!(dir_ids(&dir).len(), 2, "both pre-dumps are in {dir:?}");
+    // Not restorable yet: refused, saying why.
+    let out = run(&ws, rt, &["restore", "-D", dir.to_str().unwrap()]);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("holds only pre-dumps"),
+        "{}",
+        out.describe()
+    );
+
+    // Bad input: a pre-dump this server does not hold (it went to another one): refused
+    // by name, the app goes on, its tracking kept for the right --prev.
+    let other_dir = imgs.path().join("other");
+    let (_other, other_addr) = image_dir_page_server(&Ws::new(), &other_dir);
+    let args = ["dump", "-t", &pid_s, "--page-server", &other_addr];
+    let out = run(&ws, rt, &[&args[..], &["--prev", &id2]].concat());
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(&format!("--prev {id2}")) && out.stderr.contains(&other_addr),
+        "{}",
+        out.describe()
+    );
+    assert!(dir_ids(&other_dir).is_empty(), "{:?}", dir_ids(&other_dir));
+
+    step(&mut orig, 2);
+    let want = digest(&mut orig);
+    let state = proc_state(&mut orig);
+    assert!(
+        state.iter().any(|l| l.ends_with("[stack]"))
+            && state.iter().any(|l| l.starts_with("SigBlk:")),
+        "{state:?}"
+    );
+    let (fin, (read3, taken3)) = to_server("dump", &["--prev", &id2]);
+    assert!(
+        taken3 > 400 && read3 < 200,
+        "final dump: read {read3}, taken {taken3}"
+    );
+    assert!(!orig.wait().success(), "the dump kills the app");
+    // DIR holds the final snapshot alone once the server has removed the pre-dumps (just
+    // after answering the dump).
+    server.wait_stderr("alone there now (removed the 2 pre-dump(s)");
+    let ids = dir_ids(&dir);
+    assert!(
+        ids.len() == 1 && ids[0].starts_with(&fin),
+        "{ids:?} in {dir:?}, final {fin}"
+    );
+    assert!(!ids[0].starts_with(&id1) && !ids[0].starts_with(&id2));
+    let out = common::run_with(
+        Ws::new().cmd(&["verify"]).env("WARMSTART_STORE", &dir),
+        b"",
+        TIMEOUT,
+    );
+    out.assert_ok();
+
+    // A second final dump into it: refused by name.
+    let mut other = Proc::spawn(&mut Command::new(fixture("predump")));
+    let other_pid = other.pid().to_string();
+    let other_digest = digest(&mut other);
+    let out = run(&ws, rt, &["dump", "-t", &other_pid, "--page-server", &addr]);
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("already holds snapshot"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        digest(&mut other),
+        other_digest,
+        "a refused dump leaves it running"
+    );
+    drop(server);
+
+    let mut restored = Proc::spawn(&mut cmd(
+        &Ws::new(),
+        rt,
+        &["restore", "-D", dir.to_str().unwrap()],
+    ));
+    assert_eq!(digest(&mut restored), want, "the restored memory");
+    assert_eq!(proc_state(&mut restored), state, "the restored /proc state");
+    step(&mut restored, 3);
+    restored.close_stdin();
+    assert!(restored.wait().success());
+}
+
+/// CRIU's form with a page server per step: `page-server -D pre1`, then `page-server -D
+/// pre2 --prev-images-dir ../pre1` and `page-server -D final --prev-images-dir ../pre2`,
+/// each taking one dump. Each dump takes the unwritten pages from the last by record, and
+/// `final` is restorable alone (the earlier directories removed): the memory and `/proc`
+/// state of the process at the final dump.
+#[test]
+fn migration_into_one_image_directory_page_server_per_step() {
+    let ws = Ws::new();
+    let rt = tempdir("ws-rt-");
+    let rt = rt.path();
+    let imgs = tempdir("ws-imgs-");
+    let d = |n: &str| imgs.path().join(n);
+    let mut orig = Proc::spawn(&mut Command::new(fixture("predump")));
+    let pid_s = orig.pid().to_string();
+    digest(&mut orig);
+    let mut guard = KillGuard::new();
+    // A page server on `dir` (after `prev`) takes `what -t PID EXTRA...`: its id and
+    // (pages read, pages taken).
+    let step_into = |dir: &str, prev: Option<&str>, what: &str, extra: &[&str]| {
+        let dir = d(dir);
+        let mut args = vec!["page-server", "--port", "0", "-D", dir.to_str().unwrap()];
+        if let Some(p) = prev {
+            args.extend(["--prev-images-dir", p]);
+        }
+        let server = Proc::spawn(Ws::new().cmd(&args).env("WARMSTART_LOG", "info"));
+        let addr = server.read_line().trim().to_owned();
+        let mut args = vec![what, "-t", &pid_s, "--page-server", &addr];
+        args.extend_from_slice(extra);
+        args.push("--display-stats");
+        let out = run(&ws, rt, &args);
+        out.assert_ok();
+        // Done with it: answered, and (a final dump) its directory cleaned up.
+        server.wait_stderr(if what == "dump" {
+            "alone there now"
+        } else {
+            "committed pre-dump"
+        });
+        drop(server);
+        (out.stdout.trim().to_owned(), counts(&out))
+    };
+    let (id1, _) = step_into("pre1", None, "pre-dump", &[]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    step(&mut orig, 1);
+    let (id2, (read2, taken2)) = step_into("pre2", Some("../pre1"), "pre-dump", &["--prev", &id1]);
+    holders(rt).iter().for_each(|&h| guard.add(h));
+    assert!(
+        taken2 > 400 && read2 < 200,
+        "second pre-dump: read {read2}, taken {taken2}"
+    );
+    step(&mut orig, 2);
+    let want = digest(&mut orig);
+    let state = proc_state(&mut orig);
+    let (_, (read3, taken3)) = step_into("final", Some("../pre2"), "dump", &["--prev", &id2]);
+    assert!(
+        taken3 > 400 && read3 < 200,
+        "final dump: read {read3}, taken {taken3}"
+    );
+    assert!(!orig.wait().success(), "the dump kills the app");
+    std::fs::remove_dir_all(d("pre1")).unwrap();
+    std::fs::remove_dir_all(d("pre2")).unwrap();
+    let out = common::run_with(
+        Ws::new()
+            .cmd(&["verify"])
+            .env("WARMSTART_STORE", d("final")),
+        b"",
+        TIMEOUT,
+    );
+    out.assert_ok();
+    let final_dir = d("final");
+    let mut restored = Proc::spawn(&mut cmd(
+        &Ws::new(),
+        rt,
+        &["restore", "-D", final_dir.to_str().unwrap()],
+    ));
+    assert_eq!(digest(&mut restored), want, "the restored memory");
+    assert_eq!(proc_state(&mut restored), state, "the restored /proc state");
     restored.close_stdin();
     assert!(restored.wait().success());
 }

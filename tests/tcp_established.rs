@@ -503,8 +503,12 @@ fn across_two_network_namespaces_over_veth() {
     killed_and_restored("10.231.0.1", &prefix, &prefix, Some(&b));
 }
 
+const FIN_WAIT1: u8 = 4;
 const FIN_WAIT2: u8 = 5;
+const TIME_WAIT: u8 = 6;
 const CLOSE_WAIT: u8 = 8;
+const LAST_ACK: u8 = 9;
+const CLOSING: u8 = 11;
 
 /// The state of the TCP connection between ports `local` and `remote` in the network
 /// namespace of `pid`, from `/proc/PID/net/tcp` and `tcp6` (column `st`).
@@ -524,11 +528,16 @@ fn proc_tcp_state(pid: i32, (local, remote): (u16, u16)) -> Option<u8> {
 
 /// Waits (bounded) for the connection to reach `state`.
 fn wait_tcp_state(pid: i32, ports: (u16, u16), state: u8) {
+    wait_tcp(pid, ports, Some(state));
+}
+
+/// Waits (bounded) for the connection to be in `state` (`None`: closed, no longer listed).
+fn wait_tcp(pid: i32, ports: (u16, u16), state: Option<u8>) {
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while proc_tcp_state(pid, ports) != Some(state) {
+    while proc_tcp_state(pid, ports) != state {
         assert!(
             std::time::Instant::now() < deadline,
-            "the connection {ports:?} stays in state {:?}, not {state}",
+            "the connection {ports:?} stays in state {:?}, not {state:?}",
             proc_tcp_state(pid, ports)
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -706,4 +715,132 @@ fn lock_gone_then_exit(mut r: Proc, lock: &str) {
     assert!(!tables.contains(lock), "the dump's lock is left: {tables}");
     r.close_stdin();
     assert!(r.wait().success(), "{}", r.stderr_after_exit());
+}
+
+/// The test's own hold on the connection `server` <-> `client` (an nftables table made
+/// with warmstart's [`NetLock`](warmstart::sys::nft::NetLock): every packet of it dropped
+/// both ways), so that the server's FIN stays unacknowledged: released by dropping it.
+fn hold(server: SocketAddr, client: &TcpStream, tag: &str) -> warmstart::sys::nft::NetLock {
+    let name = format!("warmstart-test-{tag}-{}", std::process::id());
+    let mut lock = warmstart::sys::nft::NetLock::new(&name).expect("an nftables table");
+    lock.add(server, client.local_addr().unwrap())
+        .expect("the hold's rules");
+    lock
+}
+
+/// FIN_WAIT1 for real: the server shut its write side while the client's answers (and
+/// bytes) are held, so its FIN is sent and never acknowledged. Dumped, killed, restored,
+/// the hold released: the client gets every byte it had not, then EOF once (the FIN
+/// retransmitted), the server the client's bytes sent meanwhile once, and the close
+/// completes both ways.
+#[test]
+fn a_server_in_fin_wait1_is_restored_and_its_fin_arrives_once() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "127.0.0.1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"AAAA").unwrap(); // unread by the server (held, or arrived)
+    let held = hold(to, &client, "fw1");
+    p.send("write ZZ"); // sent, unacknowledged
+    assert_eq!(answer(&p).1, "wrote");
+    p.send("shutdown");
+    assert_eq!(answer(&p).1, "shut");
+    wait_tcp_state(p.pid(), ports, FIN_WAIT1);
+    client.write_all(b"CCCC").unwrap(); // held: retransmitted to the restored server
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], move || drop(held));
+    let line = inspected_connection(&ws);
+    assert!(line.contains("fin_wait1 (snd_una"), "{line}");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0, "the server's FIN");
+    // Our FIN acknowledged: FIN_WAIT2; the client's end in CLOSE_WAIT.
+    wait_tcp_state(r.pid(), ports, FIN_WAIT2);
+    assert_eq!(
+        proc_tcp_state(std::process::id() as i32, (ports.1, ports.0)),
+        Some(CLOSE_WAIT),
+        "the client's end"
+    );
+    r.send("read 8");
+    assert_eq!(answer(&r).1, "got AAAACCCC");
+    client.write_all(b"DD").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got DD eof");
+    // The server's end ends in TIME_WAIT, the client's closed: no reset either way.
+    wait_tcp_state(r.pid(), ports, TIME_WAIT);
+    assert_eq!(client.read(&mut b).unwrap(), 0, "EOF again, not a reset");
+    lock_gone_then_exit(r, &lock);
+}
+
+/// LAST_ACK for real, over IPv6: the client closed its side (CLOSE_WAIT), the server
+/// wrote and shut its own while the client's answers are held. Restored, the hold
+/// released: the server reads the bytes it had not and EOF, the client gets the bytes
+/// in flight once and then EOF, and the server's end closes (its FIN acknowledged).
+#[test]
+fn a_server_in_last_ack_is_restored_and_the_close_completes() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "::1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    client.write_all(b"HELLO").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSE_WAIT);
+    p.send("read 2");
+    assert_eq!(answer(&p).1, "got HE");
+    let held = hold(to, &client, "la");
+    p.send("write ZZ"); // sent, unacknowledged
+    assert_eq!(answer(&p).1, "wrote");
+    p.send("shutdown");
+    assert_eq!(answer(&p).1, "shut");
+    wait_tcp_state(p.pid(), ports, LAST_ACK);
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], move || drop(held));
+    let line = inspected_connection(&ws);
+    assert!(
+        line.contains("last_ack (snd_una") && line.contains("3 to read"),
+        "{line}"
+    );
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got LLO eof");
+    let mut z = [0u8; 2];
+    client.read_exact(&mut z).unwrap();
+    assert_eq!(&z, b"ZZ");
+    let mut b = [0u8; 1];
+    assert_eq!(client.read(&mut b).unwrap(), 0, "the server's FIN");
+    // The client's end: our FIN answered, TIME_WAIT; the server's: closed.
+    wait_tcp_state(std::process::id() as i32, (ports.1, ports.0), TIME_WAIT);
+    wait_tcp(r.pid(), ports, None);
+    lock_gone_then_exit(r, &lock);
+}
+
+/// CLOSING for real: the server filled the client's (small, unread) window and shut its
+/// write side, so its FIN waits behind bytes never sent (FIN_WAIT1); the client's FIN
+/// then arrives first (CLOSING, a simultaneous close). Restored: the client reads every
+/// filled byte once, then EOF; the server reads EOF; both ends reach TIME_WAIT.
+#[test]
+fn a_server_in_closing_is_restored_and_sends_its_bytes_then_fin() {
+    let ws = Ws::new();
+    let (mut p, mut client, to) = server(&[], "127.0.0.1", None);
+    let ports = (to.port(), client.local_addr().unwrap().port());
+    let n = filled(&mut p, 4 << 20);
+    assert!(n > 8192, "the fill should exceed the client's window: {n}");
+    p.send("shutdown");
+    assert_eq!(answer(&p).1, "shut");
+    wait_tcp_state(p.pid(), ports, FIN_WAIT1);
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_tcp_state(p.pid(), ports, CLOSING);
+    let (mut r, lock) = dump_and_restore(&ws, p, &[], &[], || {});
+    let line = inspected_connection(&ws);
+    assert!(line.contains("closing (snd_una"), "{line}");
+    expect_pattern(&mut client, 0, n);
+    let mut b = [0u8; 1];
+    assert_eq!(
+        client.read(&mut b).unwrap(),
+        0,
+        "the server's FIN, after its bytes"
+    );
+    r.send("readeof");
+    assert_eq!(answer(&r).1, "got  eof");
+    wait_tcp_state(r.pid(), ports, TIME_WAIT);
+    wait_tcp_state(std::process::id() as i32, (ports.1, ports.0), TIME_WAIT);
+    lock_gone_then_exit(r, &lock);
 }

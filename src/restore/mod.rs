@@ -5,7 +5,8 @@
 //! recorded pid and seizes it (or has a [`template`] of the snapshot spawn it, so that it
 //! starts with the snapshot's memory shared). A root that was the init (pid 1) of its pid
 //! namespace is restored by the sandbox's init itself ([`root_is_init`]), so it is pid 1
-//! again and the instance's exit is its own. The root creates what several processes
+//! again and the instance's exit is its own (and its parent-death signal its own: a
+//! [`warden`] ties it to the monitor instead). The root creates what several processes
 //! share, maps the private memory its children share with it ([`cow`]), then forks the
 //! rest of the tree at the recorded pids (see [`child`]); each process reports on a
 //! status pipe of its own and (all but the root) waits on a gate until the monitor has
@@ -41,6 +42,7 @@ pub mod reaper;
 pub mod template;
 pub mod tmp;
 pub mod vdso_proxy;
+pub mod warden;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -73,6 +75,8 @@ pub struct Restored {
     pub tree_lazy: Vec<(i32, lazy::Running)>,
     /// Our end of the app's notify channel, kept open while it runs.
     _notify: Option<OwnedFd>,
+    /// Holds a root that is pid 1 again to our life ([`warden`]).
+    _warden: Option<warden::Warden>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -207,6 +211,8 @@ pub struct Parked {
     /// The lock on the snapshot's established TCP connections, released once the
     /// instance has resumed ([`crate::fds::tcp`]).
     tcp_lock: Option<crate::sys::nft::NetLock>,
+    /// See [`Restored`].
+    warden: Option<warden::Warden>,
 }
 
 /// Sizes our fd table for a restore of `m`, which opens a few fds per process (status
@@ -481,6 +487,15 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     tracing::debug!("sandbox spawned in {:?}", spawn_t.elapsed());
     let stdout_tap = stdout_tap.map(|(r, _w)| r);
     let pid = sandbox.app_pid;
+    // Before the root gets its own parent-death signal back (the restorer's last step),
+    // which unties it from us.
+    let warden_t = Instant::now();
+    let warden = app_is_init
+        .then(|| warden::Warden::spawn(sandbox.init_pidfd()))
+        .transpose()?;
+    if warden.is_some() {
+        tracing::debug!("warden started in {:?}", warden_t.elapsed());
+    }
     if m.namespaces.any() {
         let t = Instant::now();
         namespaces::fill(sandbox.init_pidfd(), &m.namespaces, snap, &opts.veths)?;
@@ -669,6 +684,7 @@ pub fn prepare(snap: &Arc<Snapshot>, opts: &RestoreOptions, park: bool) -> Resul
     let t = Instant::now();
     let mut parked = Parked {
         tcp_lock,
+        warden,
         reaper: std::mem::replace(&mut reaper, reaper::Reaper::disarmed()),
         snap: snap.clone(),
         pid,
@@ -848,6 +864,7 @@ impl Parked {
             lazy: self.lazy,
             tree_lazy: self.tree_lazy,
             _notify: self.notify,
+            _warden: self.warden,
         })
     }
 

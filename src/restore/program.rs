@@ -1074,8 +1074,11 @@ fn thread_state(b: &mut ProgramBuilder, p: &Process, t: &Thread) {
     }
     // Credentials are per thread in the kernel; each drops its own, last.
     creds(b, p);
-    // After them: a change of credentials clears the parent-death signal.
-    if t.attrs.pdeathsig != 0 {
+    // After them: a change of credentials clears the parent-death signal. The main
+    // thread of a root that is pid 1 again is the sandbox's init, which tied itself to the
+    // monitor with SIGKILL: it gets its recorded value back, 0 included (the instance is
+    // held to the monitor's life by a warden from then on, see `super::warden`).
+    if t.attrs.pdeathsig != 0 || (p.pid == 1 && t.tid == 1) {
         b.syscall(
             libc::SYS_prctl,
             &[

@@ -626,6 +626,12 @@ impl Store {
         Ok(manifest)
     }
 
+    /// The manifest of snapshot `id` alone (checked against its id; the page table is
+    /// not opened).
+    pub fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+        self.read_manifest(id)
+    }
+
     /// Opens a snapshot: reads the manifest and maps its page table (validating both).
     pub fn load(&self, id: &SnapshotId) -> Result<Snapshot, StoreError> {
         let manifest = self.read_manifest(id)?;
