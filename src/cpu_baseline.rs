@@ -76,17 +76,6 @@ fn tgid_of(tid: i32) -> Option<i32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
-    let mut buf = [0u8; 128];
-    // SAFETY: GETSIGINFO writes one siginfo_t (128 bytes) at `data`, which points at
-    // `buf`, a live 128-byte local.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(buf)
-}
-
 impl Emulator {
     pub fn new(baseline: Baseline) -> Emulator {
         Emulator {
@@ -152,7 +141,7 @@ impl Emulator {
     /// the instruction's result as the baseline shows it, and rip past it. False: some
     /// other SIGSEGV, to be delivered as it is.
     fn emulate(&mut self, tid: i32) -> io::Result<bool> {
-        let info = siginfo(tid)?;
+        let info = crate::sys::ptrace::get_siginfo(tid)?;
         let code = i32::from_ne_bytes(info[8..12].try_into().unwrap());
         if code != SI_KERNEL {
             return Ok(false);

@@ -63,17 +63,6 @@ impl Frozen {
     }
 }
 
-fn siginfo(tid: i32) -> io::Result<[u8; 128]> {
-    let mut buf = [0u8; 128];
-    // SAFETY: GETSIGINFO writes one siginfo_t (128 bytes) at `data`, which points at
-    // `buf`, a live 128-byte local.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(buf)
-}
-
 /// How long a thread may take to stop after `PTRACE_INTERRUPT` (a thread in
 /// uninterruptible sleep, on a dead NFS server say, never does: the dump then fails
 /// naming it instead of hanging).
@@ -146,7 +135,10 @@ pub fn freeze(pid: i32, frozen: &mut Frozen) -> Result<()> {
                         ptrace::cont(tid, 0)?;
                     }
                     Stop::Signal(sig) => {
-                        caught.push(siginfo(tid).with_context(|| format!("GETSIGINFO {tid}"))?);
+                        caught.push(
+                            crate::sys::ptrace::get_siginfo(tid)
+                                .with_context(|| format!("GETSIGINFO {tid}"))?,
+                        );
                         tracing::debug!(tid, sig, "signal dequeued while freezing; kept");
                         ptrace::cont(tid, 0)?;
                     }

@@ -180,6 +180,18 @@ pub fn set_sigmask(pid: i32, mask: u64) -> io::Result<()> {
     unsafe { raw(PTRACE_SETSIGMASK, pid, 8, &mask as *const _ as usize) }.map(drop)
 }
 
+/// The siginfo of the signal `tid` is stopped for (`PTRACE_GETSIGINFO`), raw.
+pub fn get_siginfo(tid: i32) -> io::Result<[u8; 128]> {
+    let mut buf = [0u8; 128];
+    // SAFETY: GETSIGINFO writes one siginfo_t (128 bytes) at `data`, which points at
+    // `buf`, a live 128-byte local.
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid, 0, buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf)
+}
+
 /// Queued signals, without dequeuing them: the thread's own queue, or the process's
 /// shared queue when `shared`.
 pub fn peek_siginfo(pid: i32, shared: bool) -> io::Result<Vec<[u8; 128]>> {
