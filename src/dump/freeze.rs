@@ -6,7 +6,6 @@
 //! snapshot as pending, and is re-injected when the process is left running.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
 
 use anyhow::{bail, Context, Result};
 
