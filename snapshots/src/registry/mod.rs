@@ -70,6 +70,14 @@ pub const MT_INDEX_PART: &str = "application/vnd.warmstart.snapshot.index-part.v
 pub const MT_BLOCK: &str = "application/vnd.warmstart.snapshot.block.v1";
 pub const MT_HOT: &str = "application/vnd.warmstart.snapshot.hot.v1";
 pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
+/// Annotations of the OCI index naming the head manifest's config, head blob and hot
+/// pages blob (`DIGEST@SIZE`), so that a run fetches them at once, not after the head
+/// manifest.
+pub const CONFIG_ANNOTATION: &str = "dev.warmstart.snapshot.config";
+pub const HEAD_ANNOTATION: &str = "dev.warmstart.snapshot.head";
+pub const HOT_ANNOTATION: &str = "dev.warmstart.snapshot.hot";
+/// The most index parts a head blob carries whole.
+pub const INLINE_PARTS: usize = 32;
 
 /// A block holds at least this many pages (unless the snapshot ends)...
 pub const MIN_BLOCK_PAGES: u64 = 32;
@@ -148,6 +156,9 @@ struct Head {
     parts: Vec<Descriptor>,
     blocks: Vec<Descriptor>,
     working_set: Vec<u64>,
+    /// Index parts carried whole (their number and records): those of the hot pages, so
+    /// that a lazy run finds them here rather than one request later.
+    inline: Vec<(u64, Vec<u8>)>,
 }
 
 fn put_digest(out: &mut Vec<u8>, d: &Descriptor) {
@@ -179,6 +190,12 @@ impl Head {
         out.extend_from_slice(&(self.working_set.len() as u64).to_le_bytes());
         for p in &self.working_set {
             out.extend_from_slice(&p.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.inline.len() as u64).to_le_bytes());
+        for (k, records) in &self.inline {
+            out.extend_from_slice(&k.to_le_bytes());
+            out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+            out.extend_from_slice(records);
         }
         out
     }
@@ -230,6 +247,14 @@ impl Head {
         let blocks = (0..n).map(|_| r.desc(MT_BLOCK)).collect::<Result<_, _>>()?;
         let n = r.count(8)?;
         let working_set = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        let n = r.count(16)?;
+        let mut inline = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = r.u64()?;
+            let len = r.u64()?;
+            let len = usize::try_from(len).map_err(|_| "an inline part is too long")?;
+            inline.push((k, r.take(len)?.to_vec()));
+        }
         if !r.0.is_empty() {
             return Err(format!("{} bytes follow its end", r.0.len()));
         }
@@ -241,6 +266,7 @@ impl Head {
             parts,
             blocks,
             working_set,
+            inline,
         })
     }
 }
@@ -584,6 +610,28 @@ pub fn push(
         });
     }
     let config = upload(&c, MT_MANIFEST, &config, &mut rep)?;
+    let working_set = snap.working_sets().map(|w| w.flatten()).unwrap_or_default();
+    let hot = snap.hot(threads).filter(|h| !h.is_empty());
+    // The index parts a lazy run needs first (those of the working set and the hot
+    // pages) go whole into the head blob, up to INLINE_PARTS of them.
+    let mut first: Vec<u64> = (working_set.iter())
+        .chain(hot.as_ref().map(|h| h.indexes()).unwrap_or_default())
+        .map(|&i| i / per)
+        .filter(|&k| k < cvs.len() as u64)
+        .collect();
+    first.sort_unstable();
+    first.dedup();
+    first.truncate(INLINE_PARTS);
+    let inline = first
+        .into_iter()
+        .map(|k| {
+            let mut bytes = Vec::new();
+            for rec in records.iter().skip((k * per) as usize).take(per as usize) {
+                rec.write_to(&mut bytes);
+            }
+            (k, bytes)
+        })
+        .collect();
     let head = Head {
         count: records.len() as u64,
         per,
@@ -591,15 +639,25 @@ pub fn push(
         cvs,
         parts: parts.clone(),
         blocks: blocks.clone(),
-        working_set: snap.working_sets().map(|w| w.flatten()).unwrap_or_default(),
+        working_set,
+        inline,
     };
-    let mut layers = vec![upload(&c, MT_HEAD, &head.encode(), &mut rep)?];
-    if let Some(hot) = snap.hot(threads).filter(|h| !h.is_empty()) {
+    let head_blob = upload(&c, MT_HEAD, &head.encode(), &mut rep)?;
+    let mut layers = vec![head_blob];
+    if let Some(hot) = hot {
         let blob = HotBlob::encode(hot.indexes(), hot.bytes());
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
     }
+    // The index names the head manifest's blobs too, so that a run fetches them at once.
     let id_note: std::collections::BTreeMap<String, String> =
         [(ID_ANNOTATION.to_owned(), snap.id.to_hex())].into();
+    let mut index_note = id_note.clone();
+    for (key, d) in [(CONFIG_ANNOTATION, &config)]
+        .into_iter()
+        .chain([HEAD_ANNOTATION, HOT_ANNOTATION].into_iter().zip(&layers))
+    {
+        index_note.insert(key.to_owned(), format!("{}@{}", d.digest, d.size));
+    }
     let head = ImageManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
@@ -637,7 +695,7 @@ pub fn push(
         media_type: Some(OCI_INDEX.into()),
         artifact_type: Some(ARTIFACT_TYPE.into()),
         manifests,
-        annotations: id_note,
+        annotations: index_note,
     };
     let bytes = serde_json::to_vec(&index).expect("serializable");
     c.put_manifest(tag, OCI_INDEX, &bytes)?;
@@ -752,28 +810,37 @@ pub(crate) fn open(
             return Ok(Found::Stored(Box::new(snap)));
         }
     }
-    let head = match index.manifests.first() {
-        Some(d) if d.media_type == OCI_MANIFEST => d,
-        _ => return Err(bad("its OCI index names no head manifest first".into())),
+    // The index names the head manifest's blobs (the head manifest itself keeps them
+    // referenced for the registry and for tools that copy artifacts).
+    let named = |key: &str, media_type: &str| -> Result<Option<Descriptor>, StoreError> {
+        let Some(v) = index.annotations.get(key) else {
+            return Ok(None);
+        };
+        let (digest, size) = (v.split_once('@'))
+            .and_then(|(d, n)| Some((d, n.parse::<u64>().ok()?)))
+            .filter(|(d, _)| d.starts_with("sha256:") && d.len() == 71)
+            .ok_or_else(|| {
+                bad(format!(
+                    "its OCI index's annotation {key} is not DIGEST@SIZE"
+                ))
+            })?;
+        Ok(Some(Descriptor {
+            media_type: media_type.into(),
+            digest: digest.into(),
+            size,
+        }))
     };
-    let bytes = c.get_manifest(&head.digest, OCI_MANIFEST)?;
-    let m: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| {
-        bad(format!(
-            "its head manifest is not an OCI image manifest: {e}"
-        ))
-    })?;
-    let hot = m.layers.get(1).filter(|l| l.media_type == MT_HOT);
-    if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE)
-        || m.config.media_type != MT_MANIFEST
-        || m.layers.first().map(|l| l.media_type.as_str()) != Some(MT_HEAD)
-        || m.layers.len() > 1 + usize::from(hot.is_some())
-    {
+    let (Some(config_desc), Some(head_desc)) = (
+        named(CONFIG_ANNOTATION, MT_MANIFEST)?,
+        named(HEAD_ANNOTATION, MT_HEAD)?,
+    ) else {
         return Err(bad(
-            "its head manifest's layers are not a head blob (and hot pages): a different \
-             format version?"
+            "its OCI index does not name its config and head blob: a different format \
+             version?"
                 .into(),
         ));
-    }
+    };
+    let hot = named(HOT_ANNOTATION, MT_HOT)?;
     let t_head = t0.elapsed();
     let get = |d: &Descriptor| c.get_blob(&d.digest, d.size);
     // The index parts of the working set are fetched as soon as the head blob names
@@ -782,7 +849,7 @@ pub(crate) fn open(
     let is_lazy = lazy.is_some();
     let (config, head, hot_bytes) = std::thread::scope(|s| {
         let head = s.spawn(|| -> Result<_, StoreError> {
-            let bytes = get(&m.layers[0])?;
+            let bytes = get(&head_desc)?;
             let head =
                 Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
             let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
@@ -796,6 +863,17 @@ pub(crate) fn open(
                 .copied()
                 .filter(|&p| p < head.count)
                 .collect();
+            // Parts carried whole: checked against their chaining values like any part.
+            let damaged = |why: String| bad(format!("its index is damaged: {why}; refusing it"));
+            for (k, records) in head.inline {
+                let k = usize::try_from(k)
+                    .ok()
+                    .filter(|&k| k < head.cvs.len())
+                    .ok_or_else(|| damaged(format!("it carries part {k} of {}", head.cvs.len())))?;
+                table
+                    .fill_part(k, records, |rec| record_fits(&head.blocks, rec))
+                    .map_err(damaged)?;
+            }
             if is_lazy {
                 let which = table.missing_parts(ws.iter().copied());
                 fill_parts(&c, &head.blocks, &head.parts, &table, &which, &|why| {
@@ -805,27 +883,25 @@ pub(crate) fn open(
             let (blocks, parts) = (head.blocks, head.parts);
             Ok((blocks, parts, ws, table))
         });
-        let hot = hot.filter(|_| is_lazy).map(|d| {
+        let hot = hot.as_ref().filter(|_| is_lazy).map(|d| {
             s.spawn(move || {
                 let blob = get(d).map_err(|e| e.to_string())?;
                 HotBlob::parse(&blob, u64::MAX)
             })
         });
-        let config = get(&m.config);
+        let config = get(&config_desc);
         let head = head.join().expect("head fetch panicked");
         let hot = hot.map(|h| h.join().expect("hot pages fetch panicked"));
         (config, head, hot)
     });
     let config = config?;
     let id = SnapshotId::of_manifest_bytes(&config);
-    for note in [&index.annotations, &m.annotations] {
-        if let Some(want) = note.get(ID_ANNOTATION) {
-            if want != &id.to_hex() {
-                return Err(bad(format!(
-                    "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
-                    id.short()
-                )));
-            }
+    if let Some(want) = index.annotations.get(ID_ANNOTATION) {
+        if want != &id.to_hex() {
+            return Err(bad(format!(
+                "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
+                id.short()
+            )));
         }
     }
     let manifest: Manifest = crate::format::decode(&config).map_err(|e| {
@@ -1090,6 +1166,17 @@ impl Remote {
     }
 }
 
+/// Whether index record `rec` points inside `blocks` (one page, whole).
+fn record_fits(blocks: &[Descriptor], rec: &Record) -> Result<(), String> {
+    let l = rec.loc;
+    let ok = (l.pack as usize) < blocks.len()
+        && l.offset + u64::from(l.len) <= blocks[l.pack as usize].size
+        && l.pages == 1
+        && l.slot == 0;
+    ok.then_some(())
+        .ok_or_else(|| "it points outside the snapshot's blocks".to_owned())
+}
+
 /// Fetches index parts `which` (side by side), checks them (digest, chaining value,
 /// every record pointing inside `blocks`) and fills them into `table`.
 fn fill_parts(
@@ -1100,15 +1187,7 @@ fn fill_parts(
     which: &[usize],
     damaged: &(dyn Fn(String) -> StoreError + Sync),
 ) -> Result<(), StoreError> {
-    let fits = |rec: &Record| {
-        let l = rec.loc;
-        let ok = (l.pack as usize) < blocks.len()
-            && l.offset + u64::from(l.len) <= blocks[l.pack as usize].size
-            && l.pages == 1
-            && l.slot == 0;
-        ok.then_some(())
-            .ok_or_else(|| "it points outside the snapshot's blocks".to_owned())
-    };
+    let fits = |rec: &Record| record_fits(blocks, rec);
     let one = |k: usize| -> Result<(), StoreError> {
         let d = &parts[k];
         let bytes = client.get_blob(&d.digest, d.size)?;
@@ -1448,6 +1527,7 @@ mod tests {
             parts: vec![desc(1, MT_INDEX_PART), desc(2, MT_INDEX_PART)],
             blocks: (10..15).map(|k| desc(k, MT_BLOCK)).collect(),
             working_set: vec![4, 5, 9_999],
+            inline: vec![(1, vec![1, 2, 3]), (0, Vec::new())],
         };
         let b = head.encode();
         assert_eq!(Head::decode(&b).unwrap(), head);
