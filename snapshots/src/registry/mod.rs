@@ -271,12 +271,15 @@ impl Head {
     }
 }
 
-/// The hot pages of a snapshot as one blob (`MT_HOT`): lz4 (`lz4_flex`'s block format
-/// with its decompressed size prepended as u32 LE) of
+/// The hot pages of a snapshot as one blob (`MT_HOT`), in chunks compressed on their
+/// own so that a run decompresses them on every core:
 ///
 /// ```text
-/// magic "WSHOTBL1" | count u64 LE | count × u64 LE page-table index (ascending)
-/// | count × 4096 page bytes, in index order
+/// magic "WSHOTBL2" | count u64 LE | chunk pages u64 LE
+/// | count × u64 LE page-table index (ascending)
+/// | chunks × u32 LE compressed length of each chunk
+/// | the chunks: lz4_flex blocks, each of chunk pages × 4096 page bytes (the last of the rest),
+///   the pages in index order
 /// ```
 ///
 /// Every page is checked against its page-table hash when fetched; the blob is advice
@@ -286,68 +289,108 @@ pub struct HotBlob {
     data: Vec<u8>,
 }
 
-const HOT_MAGIC: &[u8; 8] = b"WSHOTBL1";
+const HOT_MAGIC: &[u8; 8] = b"WSHOTBL2";
+/// Pages per compressed chunk of a hot blob (256 KiB).
+const HOT_CHUNK_PAGES: usize = 64;
 
 impl HotBlob {
     /// Encodes pages `bytes` (in the order of `indexes`, ascending).
     pub fn encode(indexes: &[u64], bytes: &[u8]) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(16 + indexes.len() * (8 + PAGE_SIZE));
-        raw.extend_from_slice(HOT_MAGIC);
-        raw.extend_from_slice(&(indexes.len() as u64).to_le_bytes());
+        let chunks: Vec<Vec<u8>> = bytes
+            .chunks(HOT_CHUNK_PAGES * PAGE_SIZE)
+            .map(lz4_flex::block::compress)
+            .collect();
+        let mut out = Vec::with_capacity(
+            24 + indexes.len() * 8 + chunks.iter().map(|c| 4 + c.len()).sum::<usize>(),
+        );
+        out.extend_from_slice(HOT_MAGIC);
+        out.extend_from_slice(&(indexes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(HOT_CHUNK_PAGES as u64).to_le_bytes());
         for i in indexes {
-            raw.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&i.to_le_bytes());
         }
-        raw.extend_from_slice(bytes);
-        lz4_flex::block::compress_prepend_size(&raw)
+        for c in &chunks {
+            out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+        }
+        for c in &chunks {
+            out.extend_from_slice(c);
+        }
+        out
     }
 
-    /// Decodes `blob` and checks every page against `table` (on up to `threads`
-    /// threads); every length is checked before anything is allocated.
+    /// Decodes and checks `blob` against `table` (on up to `threads` threads).
     #[cfg(test)]
     pub(crate) fn decode(blob: &[u8], table: &TableMap, threads: usize) -> Result<Self, String> {
-        let h = Self::parse(blob, table.len())?;
+        let h = Self::parse(blob, table.len(), threads)?;
         h.check(table, threads)?;
         Ok(h)
     }
 
-    /// Decodes `blob` of a snapshot of `count` pages, not yet checked against the page
-    /// table (see [`Self::check`]); every length is checked before anything is
-    /// allocated.
-    pub(crate) fn parse(blob: &[u8], count: u64) -> Result<Self, String> {
-        let size = blob
-            .get(..4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as u64)
-            .ok_or("it is truncated")?;
-        let max = 16 + count.min(super::store::hot::MAX_HOT_PAGES as u64) * (8 + PAGE_SIZE as u64);
-        if size < 16 || size > max {
-            return Err(format!(
-                "it claims {size} bytes, more than its snapshot's pages"
-            ));
+    /// Decodes `blob` of a snapshot of `count` pages (chunks decompressed on up to
+    /// `threads` threads), not yet checked against the page table (see [`Self::check`]);
+    /// every length is checked before anything is allocated.
+    pub(crate) fn parse(blob: &[u8], count: u64, threads: usize) -> Result<Self, String> {
+        let u64_at = |at: usize| -> Result<u64, String> {
+            blob.get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                .ok_or_else(|| "it is truncated".to_owned())
+        };
+        if blob.get(..8) != Some(HOT_MAGIC) {
+            return Err("it has no hot-pages magic (pushed by another version?)".into());
         }
-        let raw = lz4_flex::block::decompress_size_prepended(blob)
-            .map_err(|e| format!("it does not decompress: {e}"))?;
-        if &raw[..8] != HOT_MAGIC {
-            return Err("it has no hot-pages magic".into());
+        let n = u64_at(8)?;
+        let per = u64_at(16)?;
+        if n > count.min(super::store::hot::MAX_HOT_PAGES as u64) || per == 0 || per > 1 << 16 {
+            return Err(format!("implausible header ({n} pages, chunks of {per})"));
         }
-        let n = u64::from_le_bytes(raw[8..16].try_into().unwrap());
-        let data_at = n
-            .checked_mul(8)
-            .and_then(|n| n.checked_add(16))
-            .filter(|&n| n <= raw.len() as u64)
-            .ok_or("its page count does not fit its size")? as usize;
-        if (raw.len() - data_at) as u64 != n * PAGE_SIZE as u64 {
-            return Err("its page count does not fit its size".into());
+        let (n, per) = (n as usize, per as usize);
+        let chunks = n.div_ceil(per);
+        let lens_at = 24 + n * 8;
+        let data_at = lens_at + chunks * 4;
+        if blob.len() < data_at {
+            return Err("it is truncated".into());
         }
-        let indexes: Vec<u64> = raw[16..data_at]
+        let indexes: Vec<u64> = blob[24..lens_at]
             .chunks_exact(8)
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
             .collect();
         if indexes.windows(2).any(|w| w[0] >= w[1]) || indexes.last().is_some_and(|&i| i >= count) {
             return Err("its page indexes are not ascending page-table indexes".into());
         }
-        let mut raw = raw;
-        raw.drain(..data_at);
-        Ok(HotBlob { indexes, data: raw })
+        let mut srcs = Vec::with_capacity(chunks);
+        let mut at = data_at;
+        for l in blob[lens_at..data_at].chunks_exact(4) {
+            let len = u32::from_le_bytes(l.try_into().unwrap()) as usize;
+            let src = blob.get(at..at + len).ok_or("its chunks overrun it")?;
+            srcs.push(src);
+            at += len;
+        }
+        if at != blob.len() {
+            return Err("bytes follow its last chunk".into());
+        }
+        let mut data = vec![0u8; n * PAGE_SIZE];
+        let outs: Vec<&mut [u8]> = data.chunks_mut(per * PAGE_SIZE).collect();
+        let jobs: Vec<(&[u8], &mut [u8])> = srcs.into_iter().zip(outs).collect();
+        let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
+        let mut jobs = jobs;
+        let bad = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            while !jobs.is_empty() {
+                let mine: Vec<_> = jobs.drain(..per_thread.min(jobs.len())).collect();
+                handles.push(s.spawn(move || {
+                    mine.into_iter().any(|(src, out)| {
+                        lz4_flex::block::decompress_into(src, out).map_or(true, |k| k != out.len())
+                    })
+                }));
+            }
+            handles.into_iter().fold(false, |acc, h| {
+                h.join().expect("hot chunk decoder panicked") | acc
+            })
+        });
+        if bad {
+            return Err("a chunk of it does not decompress to its pages".into());
+        }
+        Ok(HotBlob { indexes, data })
     }
 
     /// Checks every page against `table` (whose records of these pages are in), on up
@@ -886,7 +929,7 @@ pub(crate) fn open(
         let hot = hot.as_ref().filter(|_| is_lazy).map(|d| {
             s.spawn(move || {
                 let blob = get(d).map_err(|e| e.to_string())?;
-                HotBlob::parse(&blob, u64::MAX)
+                HotBlob::parse(&blob, u64::MAX, threads)
             })
         });
         let config = get(&config_desc);
@@ -1458,6 +1501,41 @@ mod tests {
     /// page that is not its record's, a size it cannot have or indexes out of order are
     /// refused.
     #[test]
+    fn hot_blob_of_many_chunks_decodes_on_every_thread_count() {
+        let n = 3 * HOT_CHUNK_PAGES as u64 + 5;
+        let pages: Vec<Vec<u8>> = (0..n).map(page).collect();
+        let records: Vec<Record> = (pages.iter())
+            .map(|p| Record {
+                hash: *blake3::hash(p).as_bytes(),
+                loc: Location::default(),
+            })
+            .collect();
+        let ph = table::pages_hash(records.iter().map(|r| &r.hash));
+        let table = TableMap::from_bytes(
+            table::encode(table::TABLE_MAGIC, ph, &records),
+            table::TABLE_MAGIC,
+        )
+        .unwrap();
+        let idx: Vec<u64> = (0..n).collect();
+        let bytes = pages.concat();
+        let blob = HotBlob::encode(&idx, &bytes);
+        for threads in [1, 2, 3, 8] {
+            let hot = HotBlob::decode(&blob, &table, threads).unwrap();
+            assert_eq!(hot.data, bytes);
+        }
+        // A chunk's compressed length off by one is refused.
+        let lens_at = 24 + idx.len() * 8;
+        let mut bad = blob.clone();
+        bad[lens_at] = bad[lens_at].wrapping_add(1);
+        assert!(HotBlob::decode(&bad, &table, 2).is_err());
+        // A byte of the last chunk changed: it does not decompress, or a page mismatches.
+        let mut bad = blob;
+        let last = bad.len() - 9;
+        bad[last] ^= 0x5a;
+        assert!(HotBlob::decode(&bad, &table, 2).is_err());
+    }
+
+    #[test]
     fn hot_blob_round_trip_and_damage() {
         let pages: Vec<Vec<u8>> = (0..8).map(page).collect();
         let records: Vec<Record> = (pages.iter().enumerate())
@@ -1502,10 +1580,13 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("ascending"), "{err}");
-        // A claimed size larger than the snapshot's pages is refused before allocating.
+        // A claimed count larger than the snapshot's pages is refused before allocating.
         let mut huge = blob.clone();
-        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(HotBlob::decode(&huge, &table, 1).is_err());
+        let mut longer = blob.clone();
+        longer.push(0);
+        assert!(HotBlob::decode(&longer, &table, 1).is_err());
         assert!(HotBlob::decode(&blob[..3], &table, 1).is_err());
         assert!(HotBlob::decode(&blob[..blob.len() / 2], &table, 1).is_err());
     }
