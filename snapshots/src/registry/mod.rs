@@ -1500,6 +1500,16 @@ mod tests {
     /// The hot-pages blob decodes to its pages, checked against the page table; a
     /// page that is not its record's, a size it cannot have or indexes out of order are
     /// refused.
+    /// A whole page table of `records`.
+    fn table_of(records: &[Record]) -> TableMap {
+        let ph = table::pages_hash(records.iter().map(|r| &r.hash));
+        TableMap::from_bytes(
+            table::encode(table::TABLE_MAGIC, ph, records),
+            table::TABLE_MAGIC,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn hot_blob_of_many_chunks_decodes_on_every_thread_count() {
         let n = 3 * HOT_CHUNK_PAGES as u64 + 5;
@@ -1510,12 +1520,7 @@ mod tests {
                 loc: Location::default(),
             })
             .collect();
-        let ph = table::pages_hash(records.iter().map(|r| &r.hash));
-        let table = TableMap::from_bytes(
-            table::encode(table::TABLE_MAGIC, ph, &records),
-            table::TABLE_MAGIC,
-        )
-        .unwrap();
+        let table = table_of(&records);
         let idx: Vec<u64> = (0..n).collect();
         let bytes = pages.concat();
         let blob = HotBlob::encode(&idx, &bytes);
@@ -1551,12 +1556,7 @@ mod tests {
                 },
             })
             .collect();
-        let ph = table::pages_hash(records.iter().map(|r| &r.hash));
-        let table = TableMap::from_bytes(
-            table::encode(table::TABLE_MAGIC, ph, &records),
-            table::TABLE_MAGIC,
-        )
-        .unwrap();
+        let table = table_of(&records);
         let idx = [1u64, 2, 6];
         let bytes: Vec<u8> = idx
             .iter()
