@@ -70,10 +70,9 @@ pub const MT_INDEX_PART: &str = "application/vnd.warmstart.snapshot.index-part.v
 pub const MT_BLOCK: &str = "application/vnd.warmstart.snapshot.block.v1";
 pub const MT_HOT: &str = "application/vnd.warmstart.snapshot.hot.v1";
 pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
-/// Annotations of the OCI index naming the head manifest's config, head blob and hot
-/// pages blob (`DIGEST@SIZE`), so that a run fetches them at once, not after the head
-/// manifest.
-pub const CONFIG_ANNOTATION: &str = "dev.warmstart.snapshot.config";
+/// Annotations of the OCI index naming the head manifest's head blob (which carries the
+/// config too) and hot pages blob (`DIGEST@SIZE`), so that a run fetches them at once,
+/// not after the head manifest.
 pub const HEAD_ANNOTATION: &str = "dev.warmstart.snapshot.head";
 pub const HOT_ANNOTATION: &str = "dev.warmstart.snapshot.hot";
 /// The most index parts a head blob carries whole.
@@ -159,6 +158,9 @@ struct Head {
     /// Index parts carried whole (their number and records): those of the hot pages, so
     /// that a lazy run finds them here rather than one request later.
     inline: Vec<(u64, Vec<u8>)>,
+    /// The snapshot's manifest (the head manifest's config, once more): one request
+    /// fewer for a run.
+    config: Vec<u8>,
 }
 
 fn put_digest(out: &mut Vec<u8>, d: &Descriptor) {
@@ -197,6 +199,8 @@ impl Head {
             out.extend_from_slice(&(records.len() as u64).to_le_bytes());
             out.extend_from_slice(records);
         }
+        out.extend_from_slice(&(self.config.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.config);
         out
     }
 
@@ -255,6 +259,9 @@ impl Head {
             let len = usize::try_from(len).map_err(|_| "an inline part is too long")?;
             inline.push((k, r.take(len)?.to_vec()));
         }
+        let len = r.u64()?;
+        let len = usize::try_from(len).map_err(|_| "its manifest is too long")?;
+        let config = r.take(len)?.to_vec();
         if !r.0.is_empty() {
             return Err(format!("{} bytes follow its end", r.0.len()));
         }
@@ -267,6 +274,7 @@ impl Head {
             blocks,
             working_set,
             inline,
+            config,
         })
     }
 }
@@ -652,7 +660,8 @@ pub fn push(
             ),
         });
     }
-    let config = upload(&c, MT_MANIFEST, &config, &mut rep)?;
+    let config_bytes = config;
+    let config = upload(&c, MT_MANIFEST, &config_bytes, &mut rep)?;
     let working_set = snap.working_sets().map(|w| w.flatten()).unwrap_or_default();
     let hot = snap.hot(threads).filter(|h| !h.is_empty());
     // The index parts a lazy run needs first (those of the working set and the hot
@@ -684,6 +693,7 @@ pub fn push(
         blocks: blocks.clone(),
         working_set,
         inline,
+        config: config_bytes,
     };
     let head_blob = upload(&c, MT_HEAD, &head.encode(), &mut rep)?;
     let mut layers = vec![head_blob];
@@ -695,10 +705,7 @@ pub fn push(
     let id_note: std::collections::BTreeMap<String, String> =
         [(ID_ANNOTATION.to_owned(), snap.id.to_hex())].into();
     let mut index_note = id_note.clone();
-    for (key, d) in [(CONFIG_ANNOTATION, &config)]
-        .into_iter()
-        .chain([HEAD_ANNOTATION, HOT_ANNOTATION].into_iter().zip(&layers))
-    {
+    for (key, d) in [HEAD_ANNOTATION, HOT_ANNOTATION].into_iter().zip(&layers) {
         index_note.insert(key.to_owned(), format!("{}@{}", d.digest, d.size));
     }
     let head = ImageManifest {
@@ -873,12 +880,12 @@ pub(crate) fn open(
             size,
         }))
     };
-    let (Some(config_desc), Some(head_desc)) = (
-        named(CONFIG_ANNOTATION, MT_MANIFEST)?,
+    let (Some(head_desc), Some(want)) = (
         named(HEAD_ANNOTATION, MT_HEAD)?,
+        index.annotations.get(ID_ANNOTATION),
     ) else {
         return Err(bad(
-            "its OCI index does not name its config and head blob: a different format \
+            "its OCI index does not name its snapshot and head blob: a different format \
              version?"
                 .into(),
         ));
@@ -890,8 +897,14 @@ pub(crate) fn open(
     // them, beside the manifest and the hot pages.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let is_lazy = lazy.is_some();
-    let (config, head, hot_bytes) = std::thread::scope(|s| {
-        let head = s.spawn(|| -> Result<_, StoreError> {
+    let (head, hot_bytes) = std::thread::scope(|s| {
+        let hot = hot.as_ref().filter(|_| is_lazy).map(|d| {
+            s.spawn(move || {
+                let blob = get(d).map_err(|e| e.to_string())?;
+                HotBlob::parse(&blob, u64::MAX, threads)
+            })
+        });
+        let head = (|| -> Result<_, StoreError> {
             let bytes = get(&head_desc)?;
             let head =
                 Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
@@ -924,28 +937,18 @@ pub(crate) fn open(
                 })?;
             }
             let (blocks, parts) = (head.blocks, head.parts);
-            Ok((blocks, parts, ws, table))
-        });
-        let hot = hot.as_ref().filter(|_| is_lazy).map(|d| {
-            s.spawn(move || {
-                let blob = get(d).map_err(|e| e.to_string())?;
-                HotBlob::parse(&blob, u64::MAX, threads)
-            })
-        });
-        let config = get(&config_desc);
-        let head = head.join().expect("head fetch panicked");
+            Ok((blocks, parts, ws, table, head.config))
+        })();
         let hot = hot.map(|h| h.join().expect("hot pages fetch panicked"));
-        (config, head, hot)
+        (head, hot)
     });
-    let config = config?;
+    let (blocks, parts, working_set, table, config) = head?;
     let id = SnapshotId::of_manifest_bytes(&config);
-    if let Some(want) = index.annotations.get(ID_ANNOTATION) {
-        if want != &id.to_hex() {
-            return Err(bad(format!(
-                "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
-                id.short()
-            )));
-        }
+    if want != &id.to_hex() {
+        return Err(bad(format!(
+            "its snapshot manifest hashes to {}, the annotation says {want}: refusing it",
+            id.short()
+        )));
     }
     let manifest: Manifest = crate::format::decode(&config).map_err(|e| {
         bad(format!(
@@ -953,7 +956,6 @@ pub(crate) fn open(
             id.short()
         ))
     })?;
-    let (blocks, parts, working_set, table) = head?;
     if table.len() != manifest.page_count || table.pages_hash() != manifest.pages_hash {
         return Err(bad(format!(
             "snapshot {}: its index belongs to different pages than its manifest: refusing it",
@@ -1609,6 +1611,7 @@ mod tests {
             blocks: (10..15).map(|k| desc(k, MT_BLOCK)).collect(),
             working_set: vec![4, 5, 9_999],
             inline: vec![(1, vec![1, 2, 3]), (0, Vec::new())],
+            config: b"manifest".to_vec(),
         };
         let b = head.encode();
         assert_eq!(Head::decode(&b).unwrap(), head);
