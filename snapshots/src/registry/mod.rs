@@ -4,29 +4,28 @@
 //! # The artifact
 //!
 //! The tag names an OCI image index (`application/vnd.oci.image.index.v1+json`) with
-//! `artifactType` [`ARTIFACT_TYPE`] and annotation [`ID_ANNOTATION`] (the snapshot id),
-//! listing two OCI image manifests: the *head*, all a lazy run reads before it starts,
-//! small whatever the snapshot's size, and the *blocks*, which only keeps the blocks
-//! referenced (registries collect unreferenced blobs) and lets generic tools copy the
-//! artifact:
+//! `artifactType` [`ARTIFACT_TYPE`] and annotations [`ID_ANNOTATION`] (the snapshot id),
+//! [`HEAD_ANNOTATION`] and [`HOT_ANNOTATION`] (`DIGEST@SIZE` of the head and hot blobs,
+//! so that a run fetches them at once), listing two OCI image manifests: the *head*,
+//! all a lazy run reads before it starts, small whatever the snapshot's size, and the
+//! *blocks*, which only keeps the bulk referenced (registries collect unreferenced
+//! blobs) and lets generic tools copy the artifact:
 //!
 //! ```text
 //! head (artifactType ARTIFACT_TYPE)
 //!   config     MT_MANIFEST      the snapshot's encoded manifest; its blake3 is the id
-//!   layers[0]  MT_INDEX_PARTS   how the page table is split: "WSIDXPT1" | records u64 |
-//!                               records per part u64 | pages_hash 32 | parts u64 |
-//!                               parts x blake3 chaining value 32 (see below)
-//!   layers[1]  MT_WORKING_SET   JSON {"pages": [...]}: the learned working set (page
-//!                               indexes) a lazy run fetches first
-//!   layers[2]  MT_BLOCK_LIST    "WSBLKLS1" | blocks u64 | blocks x (sha256 32 | size u64)
-//!   layers[3..3+parts] MT_INDEX_PART  the page table's records, a part each (warmstart's
+//!   layers[0]  MT_HEAD          see [`Head`]: how the page table is split (records,
+//!                               records per part, pages_hash, each part's blake3
+//!                               chaining value and blob), the blocks (sha256, size), the
+//!                               learned working set, the index parts of the working set
+//!                               and hot pages whole, and the config once more
+//!   layers[1]  MT_HOT           (optional) the hot pages: the working set's and those a
+//!                               restore writes before the app resumes (see [`HotBlob`])
+//! blocks (artifactType BLOCKS_ARTIFACT, config the OCI empty blob)
+//!   layers     MT_INDEX_PART    the page table's records, a part each (warmstart's
 //!                               56-byte records: page i's blake3 and where it is: block
 //!                               number, byte offset and length in it, codec)
-//!   last       MT_HOT           (optional) the hot pages: the working set's and those a
-//!                               restore writes before the app resumes, in one lz4 blob
-//!                               (see [`HotBlob`]) a lazy run fetches before anything else
-//! blocks (artifactType BLOCKS_ARTIFACT, config the OCI empty blob)
-//!   layers     MT_BLOCK         blocks, in block-number order: pages one after another,
+//!   then       MT_BLOCK         blocks, in block-number order: pages one after another,
 //!                               each lz4 or raw on its own, so that any page or run of
 //!                               pages is one range read
 //! ```
@@ -378,9 +377,8 @@ impl HotBlob {
         }
         let mut data = vec![0u8; n * PAGE_SIZE];
         let outs: Vec<&mut [u8]> = data.chunks_mut(per * PAGE_SIZE).collect();
-        let jobs: Vec<(&[u8], &mut [u8])> = srcs.into_iter().zip(outs).collect();
+        let mut jobs: Vec<(&[u8], &mut [u8])> = srcs.into_iter().zip(outs).collect();
         let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
-        let mut jobs = jobs;
         let bad = std::thread::scope(|s| {
             let mut handles = Vec::new();
             while !jobs.is_empty() {
@@ -799,40 +797,22 @@ pub(crate) struct Opened {
 /// local snapshot is (its id is its manifest's blake3).
 pub fn resolve(r: &Reference, opts: &Options) -> Result<SnapshotId, StoreError> {
     let c = Client::new(r, opts, false)?;
-    let bytes = c.get_manifest(r.manifest_ref(), &format!("{OCI_INDEX}, {OCI_MANIFEST}"))?;
-    let bad = |reason: &str| StoreError::Registry {
-        what: r.to_string(),
-        reason: reason.into(),
-    };
-    let index: ImageIndex = serde_json::from_slice(&bytes)
-        .ok()
-        .filter(|i: &ImageIndex| i.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
-        .ok_or_else(|| bad("it is not a warmstart snapshot of this version (no OCI index)"))?;
+    let index = fetch_index(&c, r)?;
     (index.annotations.get(ID_ANNOTATION))
         .and_then(|h| SnapshotId::from_hex(h))
-        .ok_or_else(|| bad("its OCI index names no snapshot id"))
+        .ok_or_else(|| StoreError::Registry {
+            what: r.to_string(),
+            reason: "its OCI index names no snapshot id".into(),
+        })
 }
 
-/// Fetches and checks `r`'s index and head manifest, then side by side its config (the
-/// snapshot's manifest), index parts list, working set, block list and, for a lazy run
-/// (`lazy`: the pages a restore writes eagerly), its hot pages (a damaged blob is ignored
-/// with a warning). A lazy run then fetches the index parts and blocks of the working
-/// set's and the eager pages (see [`Remote::prefetch`]); a pull the whole index.
-pub(crate) fn open(
-    r: &Reference,
-    opts: &Options,
-    lazy: Option<&crate::store::snapshot::EagerPages>,
-    local: Option<&Store>,
-) -> Result<Found, StoreError> {
-    let t0 = Instant::now();
-    let c = Client::new(r, opts, false)?;
-    let what = r.to_string();
+/// Fetches `r`'s OCI index and checks that it is a warmstart snapshot of this format.
+fn fetch_index(c: &Client, r: &Reference) -> Result<ImageIndex, StoreError> {
     let bad = |reason: String| StoreError::Registry {
-        what: what.clone(),
+        what: r.to_string(),
         reason,
     };
     let bytes = c.get_manifest(r.manifest_ref(), &format!("{OCI_INDEX}, {OCI_MANIFEST}"))?;
-    let t_index = t0.elapsed();
     let top: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("its manifest is not JSON: {e}")))?;
     let kind = (top.get("mediaType").and_then(|v| v.as_str())).unwrap_or_default();
@@ -849,8 +829,31 @@ pub(crate) fn open(
                 .into(),
         ));
     }
-    let index: ImageIndex = serde_json::from_slice(&bytes)
-        .map_err(|e| bad(format!("its OCI index is damaged: {e}")))?;
+    serde_json::from_value(top).map_err(|e| bad(format!("its OCI index is damaged: {e}")))
+}
+
+/// Fetches and checks `r`'s OCI index, and returns the snapshot it names from `local`
+/// if that store has it. Else fetches and checks its head blob (the snapshot's manifest,
+/// the index parts list, blocks, working set) and, for a lazy run (`lazy`: the pages a
+/// restore writes eagerly), side by side its hot pages (a damaged blob is ignored with a
+/// warning); a lazy run then fetches the index parts and blocks of the working set's,
+/// the hot and the eager pages (see [`Remote::prefetch`]). Other parts come when pages
+/// need them ([`pull_into`] fetches them all).
+pub(crate) fn open(
+    r: &Reference,
+    opts: &Options,
+    lazy: Option<&crate::store::snapshot::EagerPages>,
+    local: Option<&Store>,
+) -> Result<Found, StoreError> {
+    let t0 = Instant::now();
+    let c = Client::new(r, opts, false)?;
+    let what = r.to_string();
+    let bad = |reason: String| StoreError::Registry {
+        what: what.clone(),
+        reason,
+    };
+    let index = fetch_index(&c, r)?;
+    let t_index = t0.elapsed();
     if let Some(store) = local {
         let id = index
             .annotations
@@ -910,11 +913,6 @@ pub(crate) fn open(
                 Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
             let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
                 .map_err(|e| bad(format!("its index is damaged: {e}")))?;
-            if head.parts.len() != head.cvs.len() {
-                return Err(bad(
-                    "its head blob lists index parts without their values".into()
-                ));
-            }
             let ws: Vec<u64> = (head.working_set.iter())
                 .copied()
                 .filter(|&p| p < head.count)
@@ -986,32 +984,29 @@ pub(crate) fn open(
         .map_err(ignore_hot)
         .ok()
     });
-    match lazy {
-        Some(eager) => {
-            let eager = eager(&manifest);
-            let hot_idx = hot_pages.as_ref().map(|h| h.indexes()).unwrap_or_default();
-            let mut first: Vec<u64> = (remote.working_set.iter().chain(&eager).chain(hot_idx))
-                .copied()
-                .collect();
-            first.sort_unstable();
-            first.dedup();
-            remote.ensure(&table, &first)?;
-            let t_parts = t0.elapsed();
-            remote.hot_pages = hot_pages.and_then(|h| {
-                h.check(&table, threads)
-                    .map(|()| h)
-                    .map_err(ignore_hot)
-                    .ok()
-            });
-            let t_hot = t0.elapsed();
-            remote.prefetch(&table, &eager)?;
-            tracing::debug!(
-                "{what}: opened in {:?} (index {t_index:?}, head {t_head:?}, blobs {t_blobs:?}, \
-                 first index parts {t_parts:?}, hot pages checked {t_hot:?})",
-                t0.elapsed()
-            );
-        }
-        None => remote.ensure_all(&table)?,
+    if let Some(eager) = lazy {
+        let eager = eager(&manifest);
+        let hot_idx = hot_pages.as_ref().map(|h| h.indexes()).unwrap_or_default();
+        let mut first: Vec<u64> = (remote.working_set.iter().chain(&eager).chain(hot_idx))
+            .copied()
+            .collect();
+        first.sort_unstable();
+        first.dedup();
+        remote.ensure(&table, &first)?;
+        let t_parts = t0.elapsed();
+        remote.hot_pages = hot_pages.and_then(|h| {
+            h.check(&table, threads)
+                .map(|()| h)
+                .map_err(ignore_hot)
+                .ok()
+        });
+        let t_hot = t0.elapsed();
+        remote.prefetch(&table, &eager)?;
+        tracing::debug!(
+            "{what}: opened in {:?} (index {t_index:?}, head {t_head:?}, blobs {t_blobs:?}, \
+             first index parts {t_parts:?}, hot pages checked {t_hot:?})",
+            t0.elapsed()
+        );
     }
     Ok(Found::Registry(Box::new(Opened {
         id,
@@ -1107,22 +1102,7 @@ impl Remote {
     }
 
     fn fetch(&self, which: &[usize], threads: usize) -> Result<(), StoreError> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            let jobs: Vec<_> = (0..threads.max(1))
-                .map(|_| {
-                    s.spawn(|| loop {
-                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&n) = which.get(k) else {
-                            return Ok(());
-                        };
-                        self.block(n)?;
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .try_for_each(|j| j.join().expect("block fetcher panicked"))
-        })
+        side_by_side(which, threads, |n| self.block(n).map(drop))
     }
 
     /// Reads the records `indexes` of `table` into consecutive pages of `out`, from
@@ -1233,30 +1213,39 @@ fn fill_parts(
     damaged: &(dyn Fn(String) -> StoreError + Sync),
 ) -> Result<(), StoreError> {
     let fits = |rec: &Record| record_fits(blocks, rec);
-    let one = |k: usize| -> Result<(), StoreError> {
+    side_by_side(which, PREFETCHERS, |k| {
         let d = &parts[k];
         let bytes = client.get_blob(&d.digest, d.size)?;
         table.fill_part(k, bytes, fits).map_err(damaged)
-    };
+    })
+}
+
+/// Runs `f` on every item of `which` on up to `threads` threads side by side (each
+/// taking the next item when done), stopping at the first error; one item runs here.
+fn side_by_side(
+    which: &[usize],
+    threads: usize,
+    f: impl Fn(usize) -> Result<(), StoreError> + Sync,
+) -> Result<(), StoreError> {
     match which {
         [] => Ok(()),
-        [k] => one(*k),
+        [k] => f(*k),
         _ => {
             let next = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|s| {
-                let jobs: Vec<_> = (0..PREFETCHERS.min(which.len()))
+                let jobs: Vec<_> = (0..threads.clamp(1, which.len()))
                     .map(|_| {
                         s.spawn(|| loop {
                             let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(&k) = which.get(at) else {
                                 return Ok(());
                             };
-                            one(k)?;
+                            f(k)?;
                         })
                     })
                     .collect();
                 jobs.into_iter()
-                    .try_for_each(|j| j.join().expect("index part fetcher panicked"))
+                    .try_for_each(|j| j.join().expect("registry fetcher panicked"))
             })
         }
     }
@@ -1499,9 +1488,6 @@ mod tests {
         out
     }
 
-    /// The hot-pages blob decodes to its pages, checked against the page table; a
-    /// page that is not its record's, a size it cannot have or indexes out of order are
-    /// refused.
     /// A whole page table of `records`.
     fn table_of(records: &[Record]) -> TableMap {
         let ph = table::pages_hash(records.iter().map(|r| &r.hash));
@@ -1542,6 +1528,9 @@ mod tests {
         assert!(HotBlob::decode(&bad, &table, 2).is_err());
     }
 
+    /// The hot-pages blob decodes to its pages, checked against the page table; a
+    /// page that is not its record's, a size it cannot have or indexes out of order are
+    /// refused.
     #[test]
     fn hot_blob_round_trip_and_damage() {
         let pages: Vec<Vec<u8>> = (0..8).map(page).collect();

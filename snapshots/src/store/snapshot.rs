@@ -244,8 +244,8 @@ impl Snapshot {
     /// manifest, index head and working set, and with `prefetch` (a lazy run) its hot
     /// pages, the index parts and blocks of the working set's pages and of the pages
     /// `prefetch` names given the manifest (those a restore writes before the app
-    /// resumes), all at once on several connections; without, the whole index (a pull).
-    /// Other pages are fetched on demand (see [`crate::registry`]).
+    /// resumes), all at once on several connections. Other index parts and pages are
+    /// fetched on demand (see [`crate::registry`]).
     pub fn open_registry(
         r: &crate::registry::Reference,
         opts: &crate::registry::Options,
