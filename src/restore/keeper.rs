@@ -77,35 +77,10 @@ impl Keeper {
         let (done_r, done_w) =
             crate::sys::scm::seqpacket_pair().context("socketpair for the uffd keeper")?;
         let keep = [init.as_raw_fd(), done_r.as_raw_fd()];
-        // Forked twice, so that it is nobody's child here (the monitor's only child stays
-        // the sandbox's init, and nothing needs to reap the keeper). The monitor is
-        // multi-threaded: the children only make raw syscalls.
-        // The monitor is multi-threaded, so the child may only make
-        // async-signal-safe calls: it forks again and `_exit`s, and the grandchild runs
-        // `keeper_main`, which keeps to raw system calls on stack buffers and never
-        // returns.
-        // SAFETY: the children make only raw, async-signal-safe system calls.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(std::io::Error::last_os_error()).context("forking the uffd keeper");
-        }
-        if pid == 0 {
-            // SAFETY: see above: `fork`, `keeper_main` (no allocation, no lock, never
-            // returns) and `_exit` are all the child does; `keep` is a plain array copied
-            // into it.
-            unsafe {
-                if libc::fork() == 0 {
-                    keeper_main(keep, servers)
-                }
-                libc::_exit(0)
-            }
-        }
-        let mut status = 0;
-        // SAFETY: `status` is a live local; `pid` is our own child, reaped only here.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if !libc::WIFEXITED(status) {
-            anyhow::bail!("the uffd keeper's parent died: status {status:#x}");
-        }
+        // SAFETY: `keeper_main` keeps to raw system calls on stack buffers and never
+        // returns; `keep` and `servers` are plain values copied into it.
+        unsafe { crate::sys::orphan::spawn(keep, || keeper_main(keep, servers)) }
+            .context("starting the uffd keeper")?;
         Ok(Keeper { sock: done_w })
     }
 
@@ -150,23 +125,12 @@ impl Share {
     }
 }
 
-/// The keeper's body: only `keep` stays open; waits for `servers` [`DONE`]s on the socket
+/// The keeper's body (see [`crate::sys::orphan::spawn`]): only `keep` is open; waits for `servers` [`DONE`]s on the socket
 /// or for init's exit, holding the fds [`HOLD`]s bring until their [`DROP`]. No
 /// allocation: the monitor that forked it is multi-threaded.
 unsafe fn keeper_main(keep: [RawFd; 2], servers: u32) -> ! {
     let [init, done] = keep;
     let mut finished = 0u32;
-    libc::setpgid(0, 0);
-    let mut sorted = keep;
-    sorted.sort_unstable();
-    let mut from = 0u32;
-    for fd in sorted {
-        if fd as u32 > from {
-            libc::syscall(libc::SYS_close_range, from, fd as u32 - 1, 0u32);
-        }
-        from = fd as u32 + 1;
-    }
-    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
     // Room for as many held fds as the limit allows.
     let mut lim: libc::rlimit = std::mem::zeroed();
     if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

@@ -28,53 +28,21 @@ impl Warden {
     pub fn spawn(init: BorrowedFd<'_>) -> Result<Warden> {
         let (r, w) = crate::sys::remote::pipe().context("pipe2 for the instance's warden")?;
         let keep = [init.as_raw_fd(), r.as_raw_fd()];
-        // Forked twice, so that it is nobody's child here (the monitor's only child stays
-        // the sandbox's init, and nothing needs to reap the warden). The monitor is
-        // multi-threaded, so the children make only async-signal-safe raw system calls.
-        // SAFETY: the child only forks again and `_exit`s; the grandchild runs
-        // `warden_main`, which keeps to raw system calls on locals and never returns;
-        // `keep` is a plain array copied into them.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(std::io::Error::last_os_error()).context("forking the instance's warden");
-        }
-        if pid == 0 {
-            // SAFETY: see above.
-            unsafe {
-                if libc::fork() == 0 {
-                    warden_main(keep)
-                }
-                libc::_exit(0)
-            }
-        }
-        let mut status = 0;
-        // SAFETY: `status` is a live local; `pid` is our own child, reaped only here.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-            anyhow::bail!("the instance's warden could not be started: status {status:#x}");
-        }
+        // SAFETY: `warden_main` keeps to raw system calls on locals and never returns;
+        // `keep` is a plain array copied into it.
+        unsafe { crate::sys::orphan::spawn(keep, || warden_main(keep)) }
+            .context("starting the instance's warden")?;
         drop(r);
         Ok(Warden { _tie: w })
     }
 }
 
-/// The warden's body: only `init` (a pidfd) and `tie` (the pipe's read end) stay open;
-/// it waits for either to become readable (init exited; the monitor's end closed) and
+/// The warden's body (see [`crate::sys::orphan::spawn`]): only `init` (a pidfd) and
+/// `tie` (the pipe's read end) are open; it waits for either to become readable (init exited; the monitor's end closed) and
 /// kills init in the second case. No allocation: the monitor that forked it is
 /// multi-threaded.
 unsafe fn warden_main(keep: [RawFd; 2]) -> ! {
     let [init, tie] = keep;
-    libc::setpgid(0, 0);
-    let mut sorted = keep;
-    sorted.sort_unstable();
-    let mut from = 0u32;
-    for fd in sorted {
-        if fd as u32 > from {
-            libc::syscall(libc::SYS_close_range, from, fd as u32 - 1, 0u32);
-        }
-        from = fd as u32 + 1;
-    }
-    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
     let mut fds = [
         libc::pollfd {
             fd: init,

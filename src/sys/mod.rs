@@ -6,6 +6,7 @@ pub mod ipc;
 pub mod maps;
 pub mod nft;
 pub mod ns;
+pub mod orphan;
 pub mod pagemap_scan;
 pub mod pidfd;
 pub mod ptrace;
