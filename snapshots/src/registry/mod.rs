@@ -757,7 +757,7 @@ pub fn push(
 /// of pages for a lazy run or a pull. Blocks are fetched whole into `cache` (a pull,
 /// background streaming) or by ranges for single faults.
 pub struct Remote {
-    client: Client,
+    client: Arc<Client>,
     reference: Reference,
     id: SnapshotId,
     pub(crate) blocks: Vec<Descriptor>,
@@ -767,9 +767,26 @@ pub struct Remote {
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
     working_set: Vec<u64>,
-    /// The hot pages, fetched and checked, if the artifact has them and they were asked
-    /// for.
-    hot_pages: Option<HotBlob>,
+    /// A lazy run's hot pages and first pages, made ready at its first read.
+    first: Option<FirstPages>,
+}
+
+/// What a lazy run reads first: the hot pages (fetched and decoded in the background
+/// from [`open`] on, while the restore builds the sandbox and the processes), and the
+/// pages `first` (the working set and those the restore writes before the app
+/// resumes). The first read waits for the hot pages, checks them against the page
+/// table and fetches the blocks of the first pages they lack; reads on other threads
+/// wait for that.
+struct FirstPages {
+    first: Vec<u64>,
+    state: Mutex<HotState>,
+}
+
+enum HotState {
+    /// Fetching (`None`: the artifact has no hot pages).
+    Pending(Option<std::thread::JoinHandle<Result<HotBlob, String>>>),
+    /// Checked (`None`: none, or ignored).
+    Ready(Option<Arc<HotBlob>>),
 }
 
 impl std::fmt::Debug for Remote {
@@ -894,53 +911,41 @@ pub(crate) fn open(
         ));
     };
     let hot = named(HOT_ANNOTATION, MT_HOT)?;
-    let t_head = t0.elapsed();
-    let get = |d: &Descriptor| c.get_blob(&d.digest, d.size);
-    // The index parts of the working set are fetched as soon as the head blob names
-    // them, beside the manifest and the hot pages.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let is_lazy = lazy.is_some();
-    let (head, hot_bytes) = std::thread::scope(|s| {
-        let hot = hot.as_ref().filter(|_| is_lazy).map(|d| {
-            s.spawn(move || {
-                let blob = get(d).map_err(|e| e.to_string())?;
-                HotBlob::parse(&blob, u64::MAX, threads)
-            })
-        });
-        let head = (|| -> Result<_, StoreError> {
-            let bytes = get(&head_desc)?;
-            let head =
-                Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
-            let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
-                .map_err(|e| bad(format!("its index is damaged: {e}")))?;
-            let ws: Vec<u64> = (head.working_set.iter())
-                .copied()
-                .filter(|&p| p < head.count)
-                .collect();
-            // Parts carried whole: checked against their chaining values like any part.
-            let damaged = |why: String| bad(format!("its index is damaged: {why}; refusing it"));
-            for (k, records) in head.inline {
-                let k = usize::try_from(k)
-                    .ok()
-                    .filter(|&k| k < head.cvs.len())
-                    .ok_or_else(|| damaged(format!("it carries part {k} of {}", head.cvs.len())))?;
-                table
-                    .fill_part(k, records, |rec| record_fits(&head.blocks, rec))
-                    .map_err(damaged)?;
-            }
-            if is_lazy {
-                let which = table.missing_parts(ws.iter().copied());
-                fill_parts(&c, &head.blocks, &head.parts, &table, &which, &|why| {
-                    bad(format!("its index is damaged: {why}; refusing it"))
-                })?;
-            }
-            let (blocks, parts) = (head.blocks, head.parts);
-            Ok((blocks, parts, ws, table, head.config))
-        })();
-        let hot = hot.map(|h| h.join().expect("hot pages fetch panicked"));
-        (head, hot)
+    let client = Arc::new(c);
+    // A lazy run's hot pages are fetched and decoded in the background: the restore
+    // starts as soon as the head blob is in, and its first read waits for them.
+    let hot_fetch = hot.filter(|_| lazy.is_some()).map(|d| {
+        let c = Arc::clone(&client);
+        std::thread::spawn(move || {
+            let blob = c.get_blob(&d.digest, d.size).map_err(|e| e.to_string())?;
+            HotBlob::parse(&blob, u64::MAX, threads)
+        })
     });
-    let (blocks, parts, working_set, table, config) = head?;
+    let (blocks, parts, working_set, table, config) = (|| {
+        let bytes = client.get_blob(&head_desc.digest, head_desc.size)?;
+        let head =
+            Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
+        let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
+            .map_err(|e| bad(format!("its index is damaged: {e}")))?;
+        let ws: Vec<u64> = (head.working_set.iter())
+            .copied()
+            .filter(|&p| p < head.count)
+            .collect();
+        // Parts carried whole: checked against their chaining values like any part.
+        let damaged = |why: String| bad(format!("its index is damaged: {why}; refusing it"));
+        for (k, records) in head.inline {
+            let k = usize::try_from(k)
+                .ok()
+                .filter(|&k| k < head.cvs.len())
+                .ok_or_else(|| damaged(format!("it carries part {k} of {}", head.cvs.len())))?;
+            table
+                .fill_part(k, records, |rec| record_fits(&head.blocks, rec))
+                .map_err(damaged)?;
+        }
+        Ok::<_, StoreError>((head.blocks, head.parts, ws, table, head.config))
+    })()?;
+    let t_head = t0.elapsed();
     let id = SnapshotId::of_manifest_bytes(&config);
     if want != &id.to_hex() {
         return Err(bad(format!(
@@ -960,54 +965,36 @@ pub(crate) fn open(
             id.short()
         )));
     }
-    let t_blobs = t0.elapsed();
-    let mut remote = Remote {
-        client: c,
+    let first = lazy.map(|eager| {
+        let mut first: Vec<u64> = (working_set.iter().copied())
+            .chain(eager(&manifest))
+            .filter(|&i| i < table.len())
+            .collect();
+        first.sort_unstable();
+        first.dedup();
+        FirstPages {
+            first,
+            state: Mutex::new(HotState::Pending(hot_fetch)),
+        }
+    });
+    let remote = Remote {
+        client,
         reference: r.clone(),
         id,
         cache: Mutex::new(vec![None; blocks.len()]),
         blocks,
         parts,
         working_set,
-        hot_pages: None,
+        first,
     };
-    let ignore_hot = |why: String| {
-        tracing::warn!("{what}: ignoring its hot pages ({why}); fetching the blocks of those pages")
-    };
-    let hot_pages = hot_bytes.and_then(|h| {
-        h.and_then(|h| match h.indexes().last() {
-            Some(&i) if i >= table.len() => {
-                Err("its page indexes are beyond the snapshot's".into())
-            }
-            _ => Ok(h),
-        })
-        .map_err(ignore_hot)
-        .ok()
-    });
-    if let Some(eager) = lazy {
-        let eager = eager(&manifest);
-        let hot_idx = hot_pages.as_ref().map(|h| h.indexes()).unwrap_or_default();
-        let mut first: Vec<u64> = (remote.working_set.iter().chain(&eager).chain(hot_idx))
-            .copied()
-            .collect();
-        first.sort_unstable();
-        first.dedup();
-        remote.ensure(&table, &first)?;
-        let t_parts = t0.elapsed();
-        remote.hot_pages = hot_pages.and_then(|h| {
-            h.check(&table, threads)
-                .map(|()| h)
-                .map_err(ignore_hot)
-                .ok()
-        });
-        let t_hot = t0.elapsed();
-        remote.prefetch(&table, &eager)?;
-        tracing::debug!(
-            "{what}: opened in {:?} (index {t_index:?}, head {t_head:?}, blobs {t_blobs:?}, \
-             first index parts {t_parts:?}, hot pages checked {t_hot:?})",
-            t0.elapsed()
-        );
+    if let Some(f) = &remote.first {
+        // The index parts of the first pages, while the hot pages are still coming.
+        remote.ensure(&table, &f.first)?;
     }
+    tracing::debug!(
+        "{what}: opened in {:?} (index {t_index:?}, head {t_head:?})",
+        t0.elapsed()
+    );
     Ok(Found::Registry(Box::new(Opened {
         id,
         manifest,
@@ -1053,21 +1040,68 @@ impl Remote {
         Ok(self.cache.lock().unwrap()[n].get_or_insert(b).clone())
     }
 
-    /// Fetches whole, on [`PREFETCHERS`] connections side by side, the blocks holding
-    /// the pages of the working set and the pages `eager` (page-table indexes) that the
-    /// hot pages lack: what a lazy run needs before its app resumes.
-    pub(crate) fn prefetch(&self, table: &TableMap, eager: &[u64]) -> Result<(), StoreError> {
-        let first: Vec<u64> = self.working_set.iter().chain(eager).copied().collect();
-        self.ensure(table, &first)?;
-        let hot = self.hot_pages.as_ref();
-        let mut want: Vec<usize> = (self.working_set.iter().chain(eager))
-            .filter(|&&i| i < table.len() && hot.is_none_or(|h| h.page(i).is_none()))
+    /// The hot pages of a lazy run, ready: the first call waits for their fetch, checks
+    /// them against `table` (ignoring them, with a warning, if they do not hold) and
+    /// fetches whole, on [`PREFETCHERS`] connections side by side, the blocks holding
+    /// the first pages (see [`FirstPages`]) that they lack; other callers wait for it.
+    fn hot_pages(&self, table: &TableMap) -> Result<Option<Arc<HotBlob>>, StoreError> {
+        let Some(f) = &self.first else {
+            return Ok(None);
+        };
+        let mut state = f.state.lock().unwrap();
+        let fetch = match &mut *state {
+            HotState::Ready(h) => return Ok(h.clone()),
+            HotState::Pending(fetch) => fetch.take(),
+        };
+        // Whatever happens below, later reads do not wait again.
+        *state = HotState::Ready(None);
+        let t0 = Instant::now();
+        let what = self.what();
+        let ignore = |why: String| {
+            tracing::warn!(
+                "{what}: ignoring its hot pages ({why}); fetching the blocks of those pages"
+            )
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let fetched = fetch.map(|j| j.join().expect("hot pages fetch panicked"));
+        let t_fetched = t0.elapsed();
+        let hot = match fetched {
+            None => None,
+            Some(Err(why)) => {
+                ignore(why);
+                None
+            }
+            Some(Ok(h)) if h.indexes().last().is_some_and(|&i| i >= table.len()) => {
+                ignore("its page indexes are beyond the snapshot's".into());
+                None
+            }
+            Some(Ok(h)) => {
+                self.ensure(table, h.indexes())?;
+                match h.check(table, threads) {
+                    Ok(()) => Some(Arc::new(h)),
+                    Err(why) => {
+                        ignore(why);
+                        None
+                    }
+                }
+            }
+        };
+        let mut want: Vec<usize> = (f.first.iter())
+            .filter(|&&i| hot.as_ref().is_none_or(|h| h.page(i).is_none()))
             .map(|&i| table.record(i).loc.pack as usize)
             .filter(|&b| b < self.blocks.len())
             .collect();
         want.sort_unstable();
         want.dedup();
-        self.fetch(&want, PREFETCHERS)
+        self.fetch(&want, PREFETCHERS)?;
+        tracing::debug!(
+            "{what}: first pages ready after {:?} (hot pages waited for {t_fetched:?}, {} \
+             blocks fetched)",
+            t0.elapsed(),
+            want.len()
+        );
+        *state = HotState::Ready(hot.clone());
+        Ok(hot)
     }
 
     /// Fetches (side by side, each checked) the parts of `table` that hold records
@@ -1115,12 +1149,13 @@ impl Remote {
         indexes: &[u64],
         out: &mut [u8],
     ) -> Result<(), StoreError> {
+        let hot = self.hot_pages(table)?;
         self.ensure(table, indexes)?;
         let mut reader = BlockReader::default();
         let mut want = Vec::new();
         let mut k = 0;
         while k < indexes.len() {
-            if let Some(page) = self.hot_pages.as_ref().and_then(|h| h.page(indexes[k])) {
+            if let Some(page) = hot.as_ref().and_then(|h| h.page(indexes[k])) {
                 out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(page);
                 k += 1;
                 continue;
@@ -1352,7 +1387,13 @@ pub fn pull_into(
             s.spawn(|| fetch_blocks(remote, &feed, &ready));
         }
         let res = (|| {
-            let mut w = store.writer()?;
+            // A pull's pages go past the page cache (no process reads them right
+            // away); a lazy run's go through it, for the runs that follow.
+            let mut w = if keep {
+                store.writer()?
+            } else {
+                store.writer_past_cache()?
+            };
             let mut runs = Vec::new();
             let mut buf = vec![0u8; (PULL_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
             let mut hashes = Vec::new();

@@ -35,6 +35,7 @@
 //! Every page served is checked against its blake3: damage is an error naming the
 //! snapshot and the pack, never wrong memory.
 
+mod direct;
 mod fsutil;
 pub(crate) mod hot;
 mod lock;
@@ -481,7 +482,14 @@ impl Store {
 
     /// Starts a new snapshot; holds the writer lock until committed or dropped.
     pub fn writer(&self) -> Result<SnapshotWriter<'_>, StoreError> {
-        SnapshotWriter::new(self, self.lock()?)
+        SnapshotWriter::new(self, self.lock()?, false)
+    }
+
+    /// A [`Self::writer`] whose packs bypass the page cache (`O_DIRECT`, see
+    /// [`direct`]): for pages no process reads right away (a pull). Equally durable
+    /// once committed.
+    pub fn writer_past_cache(&self) -> Result<SnapshotWriter<'_>, StoreError> {
+        SnapshotWriter::new(self, self.lock()?, true)
     }
 
     /// Ids of all committed snapshots (those with a manifest), sorted.

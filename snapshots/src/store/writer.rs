@@ -7,6 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
 
+use super::direct::DirectWriter;
 use super::fsutil::{self, io_err};
 use super::lock::WriteLock;
 use super::table::{self, Location, Record, TableMap, CODEC_LZ4, CODEC_RAW, INDEX_MAGIC};
@@ -78,10 +79,38 @@ struct Batch {
     blocks: Vec<(u8, [[u8; 32]; BLOCK_PAGES])>,
 }
 
+/// Where an open pack's bytes go.
+enum PackOut {
+    /// Through the page cache (a dump: a restore may read the pack right away).
+    Cached(BufWriter<File>),
+    /// Past it ([`super::direct`]: a pull, whose pages are not read right away).
+    Direct(DirectWriter),
+}
+
+impl PackOut {
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            PackOut::Cached(w) => w.write_all(data),
+            PackOut::Direct(w) => w.write_all(data),
+        }
+    }
+
+    /// Writes what is buffered and returns the file.
+    fn finish(self) -> std::io::Result<File> {
+        match self {
+            PackOut::Cached(mut w) => {
+                w.flush()?;
+                w.into_inner().map_err(|e| e.into_error())
+            }
+            PackOut::Direct(w) => w.finish(),
+        }
+    }
+}
+
 struct OpenPack {
     number: u32,
     tmp: PathBuf,
-    out: BufWriter<File>,
+    out: PackOut,
     len: u64,
     /// Bytes whose writeback has been started ([`WRITEBACK_STEP`]).
     flushing: u64,
@@ -107,14 +136,18 @@ impl OpenPack {
     /// once that is [`WRITEBACK_STEP`] or more.
     fn start_writeback(&mut self) {
         use std::os::fd::AsRawFd;
-        let in_file = self.len - self.out.buffer().len() as u64;
+        // Direct writes are on the disk already.
+        let PackOut::Cached(out) = &self.out else {
+            return;
+        };
+        let in_file = self.len - out.buffer().len() as u64;
         if in_file - self.flushing < WRITEBACK_STEP {
             return;
         }
         // SAFETY: plain syscall on our own file; advice only, so its result is ignored.
         unsafe {
             libc::sync_file_range(
-                self.out.get_ref().as_raw_fd(),
+                out.get_ref().as_raw_fd(),
                 self.flushing as i64,
                 (in_file - self.flushing) as i64,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -136,6 +169,8 @@ struct Packed {
 /// the order they arrive, so that block `n` of the snapshot gets `bases[n]`.
 struct Packer {
     store: Store,
+    /// Packs bypass the page cache.
+    direct: bool,
     next_pack: u32,
     pack: Option<OpenPack>,
     sealed: Vec<SealedPack>,
@@ -186,7 +221,11 @@ impl Packer {
             self.next_pack += 1;
             let (file, tmp) =
                 fsutil::create_tmp(&self.store.tmp_dir(), &format!("pack-{number:08}"))?;
-            let mut out = BufWriter::with_capacity(4 << 20, file);
+            let mut out = if self.direct {
+                PackOut::Direct(DirectWriter::new(file).map_err(io_err("write", &tmp))?)
+            } else {
+                PackOut::Cached(BufWriter::with_capacity(4 << 20, file))
+            };
             let mut header = [0u8; PACK_HEADER];
             header[..8].copy_from_slice(&PACK_MAGIC);
             header[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
@@ -250,18 +289,14 @@ impl Packer {
 
     /// Finishes the open pack's writes (no sync: that is the commit's one flush).
     fn seal_pack(&mut self) -> Result<(), StoreError> {
-        let Some(mut pack) = self.pack.take() else {
+        let Some(pack) = self.pack.take() else {
             return Ok(());
         };
-        if let Err(e) = pack.out.flush() {
-            let _ = fs::remove_file(&pack.tmp);
-            return Err(io_err("write", &pack.tmp)(e));
-        }
-        let file = match pack.out.into_inner() {
+        let file = match pack.out.finish() {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_file(&pack.tmp);
-                return Err(io_err("write", &pack.tmp)(e.into_error()));
+                return Err(io_err("write", &pack.tmp)(e));
             }
         };
         self.sealed.push(SealedPack {
@@ -340,7 +375,7 @@ fn hash_pages(data: &[u8], out: &mut [Option<[u8; 32]>]) {
 }
 
 impl<'a> SnapshotWriter<'a> {
-    pub(crate) fn new(store: &'a Store, lock: WriteLock) -> Result<Self, StoreError> {
+    pub(crate) fn new(store: &'a Store, lock: WriteLock, direct: bool) -> Result<Self, StoreError> {
         let packs = store.packs_dir();
         let mut pack_numbers = Vec::new();
         let mut idx_numbers = Vec::new();
@@ -383,6 +418,7 @@ impl<'a> SnapshotWriter<'a> {
         }
         let packer = Packer {
             store: store.clone(),
+            direct,
             next_pack,
             pack: None,
             sealed: Vec::new(),
