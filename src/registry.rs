@@ -246,6 +246,12 @@ pub fn open_for_run(
     let h = std::thread::Builder::new()
         .name("warmstart-pull".into())
         .spawn(move || -> Result<()> {
+            // Background work: the instance's faults come first. (Threads it starts
+            // inherit the nice value.)
+            // SAFETY: setpriority on this thread (its tid); no memory is passed.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+            }
             registry::pull_into(&s, &remote_store, Some(&name), 2, 1, true)?;
             Ok(())
         })

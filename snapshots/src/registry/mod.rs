@@ -78,9 +78,9 @@ pub const HOT_ANNOTATION: &str = "dev.warmstart.snapshot.hot";
 pub const INLINE_PARTS: usize = 32;
 
 /// A block holds at least this many pages (unless the snapshot ends)...
-pub const MIN_BLOCK_PAGES: u64 = 32;
+pub const MIN_BLOCK_PAGES: u64 = 256;
 /// ...then ends after a page whose hash (first 4 bytes, little-endian) is 0 modulo this...
-pub const CUT_MODULUS: u32 = 256;
+pub const CUT_MODULUS: u32 = 512;
 /// ...or once it holds this many bytes.
 pub const MAX_BLOCK_BYTES: usize = 4 << 20;
 /// Page-table records in a part of the index (112 KiB; 256 parts for 2 GiB of pages).
@@ -1361,6 +1361,9 @@ pub fn pull_into(
         });
     };
     let table = snap.table();
+    // Beside a lazy run: not before its first pages are in (the hot pages and the
+    // blocks its restore needs first), so as not to compete with them.
+    remote.hot_pages(table)?;
     remote.ensure_all(table)?;
     let n = snap.page_count();
     // The last page of each block: after it is stored, the block is not needed again.
