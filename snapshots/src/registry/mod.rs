@@ -78,11 +78,11 @@ pub const HOT_ANNOTATION: &str = "dev.warmstart.snapshot.hot";
 pub const INLINE_PARTS: usize = 32;
 
 /// A block holds at least this many pages (unless the snapshot ends)...
-pub const MIN_BLOCK_PAGES: u64 = 256;
+pub const MIN_BLOCK_PAGES: u64 = 512;
 /// ...then ends after a page whose hash (first 4 bytes, little-endian) is 0 modulo this...
-pub const CUT_MODULUS: u32 = 512;
+pub const CUT_MODULUS: u32 = 1024;
 /// ...or once it holds this many bytes.
-pub const MAX_BLOCK_BYTES: usize = 4 << 20;
+pub const MAX_BLOCK_BYTES: usize = 8 << 20;
 /// Page-table records in a part of the index (112 KiB; 256 parts for 2 GiB of pages).
 pub const INDEX_PART_RECORDS: u64 = 2048;
 /// A lazy run fetches a block this small whole at its first fault, a larger one by
@@ -99,7 +99,7 @@ const PUSH_WINDOW: u64 = 8192;
 const PULL_WINDOW: u64 = 1024;
 /// A pull fetches blocks at most this many ahead of the pages it is storing (bounds its
 /// memory to about this many blocks of up to [`MAX_BLOCK_BYTES`] besides the window).
-const PULL_AHEAD: usize = 48;
+const PULL_AHEAD: usize = 24;
 
 /// An OCI descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
