@@ -540,7 +540,18 @@ impl Client {
     }
 
     fn read_body(&self, r: ureq::Response, what: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::new();
+        self.read_body_into(r, what, max, Vec::new())
+    }
+
+    /// [`Self::read_body`] into `out` (emptied first; its memory reused).
+    fn read_body_into(
+        &self,
+        r: ureq::Response,
+        what: &str,
+        max: u64,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        out.clear();
         if let Some(n) = r
             .header("content-length")
             .and_then(|l| l.parse::<u64>().ok())
@@ -562,6 +573,17 @@ impl Client {
 
     /// Blob `digest` of `size` bytes, checked against its digest.
     pub fn get_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, StoreError> {
+        self.get_blob_into(digest, size, Vec::new())
+    }
+
+    /// [`Self::get_blob`] into `buf` (its memory reused: a pull fetches gigabytes, and
+    /// fresh memory costs a page fault per 4 KiB, on a VM a host fault too).
+    pub fn get_blob_into(
+        &self,
+        digest: &str,
+        size: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
         let url = format!("{}/blobs/{digest}", self.base);
         let mut tries = 0;
         loop {
@@ -569,7 +591,8 @@ impl Client {
                 .request("GET", &url, &[], None, false)?
                 .expect("present");
             // A body cut short is retried like a reset.
-            match self.read_body(r, &format!("blob {digest}"), size) {
+            match self.read_body_into(r, &format!("blob {digest}"), size, std::mem::take(&mut buf))
+            {
                 Ok(b) => {
                     let got = sha256_digest(&b);
                     if got != digest {

@@ -766,6 +766,8 @@ pub struct Remote {
     /// Blocks fetched whole (and checked), by number; a pull drops each after its last
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
+    /// Buffers of blocks a pull is done with, to fetch the next ones into.
+    spare: Mutex<Vec<Vec<u8>>>,
     working_set: Vec<u64>,
     /// A lazy run's hot pages and first pages, made ready at its first read.
     first: Option<FirstPages>,
@@ -982,6 +984,7 @@ pub(crate) fn open(
         reference: r.clone(),
         id,
         cache: Mutex::new(vec![None; blocks.len()]),
+        spare: Mutex::new(Vec::new()),
         blocks,
         parts,
         working_set,
@@ -1036,8 +1039,29 @@ impl Remote {
             return Ok(b);
         }
         let d = &self.blocks[n];
-        let b = Arc::new(self.client.get_blob(&d.digest, d.size)?);
+        // A spare buffer that holds the block (else the largest): growing one maps
+        // fresh memory again.
+        let buf = {
+            let mut spare = self.spare.lock().unwrap();
+            let fits = (spare.iter()).position(|b| b.capacity() as u64 >= d.size);
+            let largest = (0..spare.len()).max_by_key(|&k| spare[k].capacity());
+            fits.or(largest)
+                .map(|k| spare.swap_remove(k))
+                .unwrap_or_default()
+        };
+        let b = Arc::new(self.client.get_blob_into(&d.digest, d.size, buf)?);
         Ok(self.cache.lock().unwrap()[n].get_or_insert(b).clone())
+    }
+
+    /// Drops block `n` from the cache, keeping its buffer for the next block fetched.
+    fn drop_block(&self, n: usize) {
+        let b = self.cache.lock().unwrap()[n].take();
+        if let Some(buf) = b.and_then(|b| Arc::try_unwrap(b).ok()) {
+            let mut spare = self.spare.lock().unwrap();
+            if spare.len() < PULL_AHEAD {
+                spare.push(buf);
+            }
+        }
     }
 
     /// The hot pages of a lazy run, ready: the first call waits for their fetch, checks
@@ -1433,7 +1457,7 @@ pub fn pull_into(
                 at += k;
                 if !keep {
                     for &b in need.iter().filter(|&&b| last_use[b] < at) {
-                        remote.cache.lock().unwrap()[b] = None;
+                        remote.drop_block(b);
                     }
                 }
                 rep.stored += t.elapsed();
