@@ -169,6 +169,9 @@ pub struct ServeStats {
     pub fault_latency_max: Duration,
     /// When the first fault arrived, from the start of `serve`.
     pub first_fault: Option<Duration>,
+    /// When background streaming began (its first bulk batch), from the start of
+    /// `serve`: with `complete_after`, the streaming rate.
+    pub stream_started: Option<Duration>,
     /// When every stored page of every address space was in, from the start of `serve`
     /// (`None` if the target exited before).
     pub complete_after: Option<Duration>,
@@ -496,6 +499,8 @@ pub struct LazyServer {
     stop: Arc<Stop>,
     /// When the last fault was served (or serving began).
     last_fault: Instant,
+    /// When `serve` began.
+    started: Instant,
     recorded: Option<Bitmap>,
     page_count: u64,
     /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
@@ -573,6 +578,7 @@ impl LazyServer {
             stats: ServeStats::default(),
             stop: Arc::new(Stop::new()),
             last_fault: Instant::now(),
+            started: Instant::now(),
             page_count,
             table_check: None,
             keeper: None,
@@ -779,6 +785,7 @@ impl LazyServer {
     pub fn serve(mut self) -> std::result::Result<ServeStats, LazyError> {
         let start = Instant::now();
         self.last_fault = start;
+        self.started = start;
         match self.run(start) {
             Ok(()) => {
                 // The process exited while still recording: what it faulted is all there is.
@@ -1171,6 +1178,9 @@ impl LazyServer {
                 hi += 1;
             }
             s.last_probe = Instant::now();
+            if probe.is_none() && self.stats.stream_started.is_none() {
+                self.stats.stream_started = Some(self.started.elapsed());
+            }
             match self.copy_range(si, pos, idx - e.first, hi - idx)? {
                 Outcome::Done { copied, .. } => self.count_streamed(copied),
                 Outcome::Retry { copied } => {
