@@ -535,6 +535,8 @@ impl Reader {
         let (jobs, rx) = mpsc::channel::<Batch>();
         let (tx, done) = mpsc::channel();
         let w = wake.clone();
+        // A registry's pages come by range requests: two at once, as before the reader.
+        let threads = if snap.registry().is_some() { 2 } else { 1 };
         // Not joined: a remote snapshot's read may take a while to fail once the instance
         // is over; the thread ends after its current batch once `jobs` is dropped.
         std::thread::Builder::new()
@@ -542,7 +544,7 @@ impl Reader {
             .spawn(move || {
                 while let Ok(mut b) = rx.recv() {
                     let bytes = &mut b.buf[..(b.n * PAGE) as usize];
-                    let r = snap.read_pages(b.first, b.n, bytes);
+                    let r = snap.read_pages_parallel(b.first, b.n, bytes, threads);
                     if tx.send((b, r)).is_err() {
                         return;
                     }
