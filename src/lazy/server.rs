@@ -1243,36 +1243,59 @@ impl LazyServer {
         n: u64,
         bytes: &[u8],
     ) -> Result<Outcome> {
-        let e = self.spaces[si].extents[pos];
-        let (idx, addr) = (e.first + off, e.addr + off * PAGE);
-        let r = copy_run(&self.spaces[si].uffd, addr, n, bytes);
-        self.apply(si, idx, addr, n, r)
-    }
-
-    /// Applies what [`copy_run`] did for pages `idx..idx+n` at `addr` of space `si` to
-    /// the bookkeeping.
-    fn apply(&mut self, si: usize, idx: u64, addr: u64, n: u64, r: RunCopy) -> Result<Outcome> {
         let s = &mut self.spaces[si];
-        s.mark(idx, r.settled);
-        self.stats.pages_copied += r.copied;
-        let copied = r.copied;
-        match r.end {
-            RunEnd::Complete => {}
-            RunEnd::Retry => return Ok(Outcome::Retry { copied }),
-            RunEnd::Dead => return Ok(Outcome::Dead { copied }),
-            RunEnd::Failed(e) => return Err(e),
+        let e = s.extents[pos];
+        let idx = e.first + off;
+        let addr = e.addr + off * PAGE;
+        let mut done = 0u64;
+        let mut copied = 0u64;
+        let mut raced = false;
+        let mut limit = n;
+        while done < n {
+            let chunk = (n - done).min(limit);
+            let src = &bytes[(done * PAGE) as usize..((done + chunk) * PAGE) as usize];
+            match s.uffd.copy(addr + done * PAGE, src, CopyMode::empty()) {
+                Ok(b) => {
+                    let p = b as u64 / PAGE;
+                    s.mark(idx + done, p);
+                    copied += p;
+                    done += p;
+                    self.stats.pages_copied += p;
+                    if p == 0 {
+                        return Ok(Outcome::Retry { copied });
+                    }
+                }
+                Err(UffdError::Exists { .. }) => {
+                    s.mark(idx + done, 1);
+                    raced = true;
+                    done += 1;
+                }
+                Err(err) => match err.errno() {
+                    // Crosses a VMA boundary the app created (mprotect split): smaller.
+                    Errno::ENOENT if chunk > 1 => limit = chunk / 2,
+                    // Not mapped or registered anymore: nothing to serve there.
+                    Errno::ENOENT => {
+                        s.mark(idx + done, 1);
+                        done += 1;
+                    }
+                    Errno::ESRCH => return Ok(Outcome::Dead { copied }),
+                    _ => {
+                        return Err(anyhow::Error::new(err).context(format!(
+                            "UFFDIO_COPY of {chunk} pages at {:#x}",
+                            addr + done * PAGE
+                        )))
+                    }
+                },
+            }
         }
-        if r.raced {
+        if raced {
             // Whoever populated those pages may not have woken our faulting thread.
             let _ = s.uffd.wake(Range {
                 start: addr,
                 len: n * PAGE,
             });
         }
-        Ok(Outcome::Done {
-            copied,
-            raced: r.raced,
-        })
+        Ok(Outcome::Done { copied, raced })
     }
 
     /// Copies one page of space `si`'s remaining ones (a liveness check of a process
@@ -1381,12 +1404,9 @@ impl LazyServer {
                 self.snap.id.short()
             )
         })?;
-        // The runs of pages still to copy, at their addresses as of the events read
-        // last; no events are read until both halves are copied.
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-        let s = &mut self.spaces[si];
         let mut k = b.first;
         while k < end {
+            let s = &mut self.spaces[si];
             if s.done.get(k) {
                 k += 1;
                 continue;
@@ -1403,76 +1423,27 @@ impl LazyServer {
             while hi < stop && !s.done.get(hi) {
                 hi += 1;
             }
-            runs.push((k, e.addr + (k - e.first) * PAGE, hi - k));
-            k = hi;
-        }
-        // Two halves, copied side by side: `UFFDIO_COPY` (allocating and filling the
-        // pages) is the larger part of streaming's cost.
-        let total: u64 = runs.iter().map(|r| r.2).sum();
-        let mut second = Vec::new();
-        if total >= PARALLEL_READ_PAGES {
-            let mut left = total / 2;
-            let mut i = 0;
-            while left >= runs[i].2 {
-                left -= runs[i].2;
-                i += 1;
-            }
-            second = runs.split_off(i);
-            if left > 0 {
-                let (k0, a0, n0) = second[0];
-                second[0] = (k0 + left, a0 + left * PAGE, n0 - left);
-                runs.push((k0, a0, left));
-            }
-        }
-        let uffd = &self.spaces[si].uffd;
-        let copy_all = |runs: &[(u64, u64, u64)]| {
-            let mut out = Vec::with_capacity(runs.len());
-            for &(k, addr, n) in runs {
-                let at = ((k - b.first) * PAGE) as usize;
-                let r = copy_run(uffd, addr, n, &b.buf[at..at + (n * PAGE) as usize]);
-                let stop = !matches!(r.end, RunEnd::Complete);
-                out.push(((k, addr, n), r));
-                if stop {
-                    break;
-                }
-            }
-            out
-        };
-        let mut got = if second.is_empty() {
-            copy_all(&runs)
-        } else {
-            std::thread::scope(|sc| {
-                let other = sc.spawn(|| copy_all(&second));
-                let mut mine = copy_all(&runs);
-                mine.extend(other.join().expect("page copier panicked"));
-                mine
-            })
-        };
-        let (mut retry, mut dead, mut failed) = (false, false, None);
-        for ((k, addr, n), r) in got.drain(..) {
-            match self.apply(si, k, addr, n, r) {
-                Ok(Outcome::Done { copied, .. }) => self.count_streamed(copied),
-                Ok(Outcome::Retry { copied }) => {
+            let at = ((k - b.first) * PAGE) as usize;
+            let bytes = &b.buf[at..at + ((hi - k) * PAGE) as usize];
+            match self.copy_bytes(si, pos, k - e.first, hi - k, bytes)? {
+                Outcome::Done { copied, .. } => {
                     self.count_streamed(copied);
-                    retry = true;
+                    k = hi;
                 }
-                Ok(Outcome::Dead { copied }) => {
+                Outcome::Retry { copied } => {
+                    // The address space is changing: read the events; the pages left
+                    // are found again once the streaming order is rebuilt.
                     self.count_streamed(copied);
-                    dead = true;
+                    self.stats.retries += 1;
+                    self.drain(si)?;
+                    return Ok(());
                 }
-                Err(e) => failed = failed.or(Some(e)),
+                Outcome::Dead { copied } => {
+                    self.count_streamed(copied);
+                    self.space_died(si);
+                    return Ok(());
+                }
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if dead {
-            self.space_died(si);
-        } else if retry {
-            // The address space is changing: read the events; the pages left are found
-            // again once the streaming order is rebuilt.
-            self.stats.retries += 1;
-            self.drain(si)?;
         }
         Ok(())
     }
@@ -1579,77 +1550,6 @@ impl LazyServer {
         }
         Ok(())
     }
-}
-
-/// How a [`copy_run`] ended.
-enum RunEnd {
-    /// Every page settled.
-    Complete,
-    /// `EAGAIN`: the address space is changing (read the events first).
-    Retry,
-    /// `ESRCH`: the process is gone.
-    Dead,
-    Failed(anyhow::Error),
-}
-
-/// What [`copy_run`] did: pages `0..settled` of the run are in (copied, or found
-/// present: `raced`) or not there to serve (unmapped); the bookkeeping is the caller's.
-struct RunCopy {
-    settled: u64,
-    copied: u64,
-    raced: bool,
-    end: RunEnd,
-}
-
-/// `UFFDIO_COPY` of the `n` pages of `bytes` (read and verified) to `addr`, in as few
-/// calls as the VMAs there allow. Touches no bookkeeping, so that two threads can copy
-/// the two halves of a batch (both resolved from the events read before).
-fn copy_run(u: &Uffd, addr: u64, n: u64, bytes: &[u8]) -> RunCopy {
-    let mut r = RunCopy {
-        settled: 0,
-        copied: 0,
-        raced: false,
-        end: RunEnd::Complete,
-    };
-    let mut limit = n;
-    while r.settled < n {
-        let done = r.settled;
-        let chunk = (n - done).min(limit);
-        let src = &bytes[(done * PAGE) as usize..((done + chunk) * PAGE) as usize];
-        match u.copy(addr + done * PAGE, src, CopyMode::empty()) {
-            Ok(b) => {
-                let p = b as u64 / PAGE;
-                r.copied += p;
-                r.settled += p;
-                if p == 0 {
-                    r.end = RunEnd::Retry;
-                    return r;
-                }
-            }
-            Err(UffdError::Exists { .. }) => {
-                r.raced = true;
-                r.settled += 1;
-            }
-            Err(err) => match err.errno() {
-                // Crosses a VMA boundary the app created (mprotect split): smaller.
-                Errno::ENOENT if chunk > 1 => limit = chunk / 2,
-                // Not mapped or registered anymore: nothing to serve there.
-                Errno::ENOENT => r.settled += 1,
-                Errno::ESRCH => {
-                    r.end = RunEnd::Dead;
-                    return r;
-                }
-                _ => {
-                    r.end = RunEnd::Failed(anyhow::Error::new(err).context(format!(
-                        "UFFDIO_COPY of {chunk} pages at {:#x}",
-                        addr + done * PAGE
-                    )));
-                    return r;
-                }
-            },
-        }
-    }
-    r
 }
 
 /// Maps zero pages at `page` and, as far as it can in one call, the rest of
