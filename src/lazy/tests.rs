@@ -686,19 +686,10 @@ fn fault_during_streaming_is_served_before_the_next_batch() {
     assert!(streamed < BIG.pages as u64 / 2, "{streamed}");
     // The child faults on the last page (streamed last): wait until the fault can be
     // read, then let the server take one step.
+    // (A copy of the userfaultfd taken before the child drops its own.)
+    let u = c.uffd();
     c.release();
-    {
-        let u = c.uffd();
-        let mut p = libc::pollfd {
-            fd: u.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `p` is one live, initialised pollfd; the kernel writes only revents.
-        let r = unsafe { libc::poll(&mut p, 1, 60_000) };
-        assert!(r > 0, "the child's fault never came");
-        // (This copy of the userfaultfd goes here: the server's must be the last.)
-    }
+    wait_readable(u);
     assert!(!s.step(start).unwrap());
     assert_eq!(s.stats().faults, 1, "the fault is answered first");
     assert_eq!(s.stats().faults_data, 1);
@@ -740,4 +731,84 @@ fn streaming_pipeline_copies_every_page() {
         assert_eq!(*got, sum_bytes(&big_content(i)), "page {i}");
     }
     c.wait();
+}
+
+const BIG_MOVED: u64 = 0x5e5e_0000_0000;
+
+fn remap_and_drop_while_streaming(out: i32) {
+    // SAFETY: both ranges lie inside the child's fixed mapping at BIG.base, which no Rust
+    // reference points into. MREMAP_FIXED would replace whatever sits at BIG_MOVED: a
+    // fixed address far from where the loader, stacks and malloc place memory, so in this
+    // small child nothing is there; the result is checked. MADV_DONTNEED only zeroes.
+    unsafe {
+        let p = libc::mremap(
+            (BIG.base + 600 * P as u64) as *mut _,
+            100 * P,
+            100 * P,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            BIG_MOVED as *mut libc::c_void,
+        );
+        if p as u64 != BIG_MOVED {
+            libc::_exit(6);
+        }
+        libc::madvise(
+            (BIG.base + 1000 * P as u64) as *mut _,
+            100 * P,
+            libc::MADV_DONTNEED,
+        );
+    }
+    send_sums(out, BIG_MOVED, 0..100);
+    send_sums(out, BIG.base, 0..600);
+    send_sums(out, BIG.base, 700..BIG.pages);
+}
+
+#[test]
+fn batches_read_ahead_follow_mremap_and_dontneed() {
+    // Batches of pages 512..1536 are with the reader (read for their old addresses) when
+    // the child moves 600..700 and drops 1000..1100: the moved pages must arrive at their
+    // new address, the dropped ones read as zeros, whichever comes first.
+    let fx = fixture_of(BIG, (0..BIG.pages).flat_map(big_content).collect());
+    let mut c = spawn_in(BIG, remap_and_drop_while_streaming);
+    let mut s = server(&fx, &c, opts(true));
+    let start = std::time::Instant::now();
+    while s.stats().pages_streamed == 0 {
+        assert!(!s.step(start).unwrap());
+    }
+    let u = c.uffd();
+    c.release();
+    // The child's mremap waits until its event is read: let it be pending first, so that
+    // it is read while the next batch (512..1024) is with the reader.
+    wait_readable(u);
+    while !s.step(start).unwrap() {}
+    let res = c.results(BIG.pages);
+    let zero = sum_bytes(&[0; P]);
+    let want = (600..700).chain(0..600).chain(700..BIG.pages).map(|i| {
+        if (1000..1100).contains(&i) {
+            zero
+        } else {
+            sum_bytes(&big_content(i))
+        }
+    });
+    for (k, (got, want)) in res.iter().zip(want).enumerate() {
+        assert_eq!(*got, want, "result {k}");
+    }
+    let st = c.wait();
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
+    assert_eq!(s.stats().remaps, 1);
+}
+
+/// Waits until the child's userfaultfd (`u`, a copy) has a message to read, then closes
+/// the copy (the server's must be the last).
+fn wait_readable(u: Uffd) {
+    let mut p = libc::pollfd {
+        fd: u.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one live, initialised pollfd; the kernel writes only revents.
+    let r = unsafe { libc::poll(&mut p, 1, 60_000) };
+    assert!(r > 0, "no message from the child");
 }
