@@ -7,6 +7,9 @@
 //!   wake);
 //! - `lazy/prefetch`: bulk prefetch of a 16 MiB working set into a stopped process, from
 //!   the packs (decompress + verify per page) and from the hot pages (`_hot`; GiB/s);
+//! - `lazy/stream_128mib`: background streaming of 128 MiB of incompressible pages
+//!   (stored raw, like `c/mem.c`'s) into an idle process, from its first bulk batch until
+//!   every page is in (the server's `stream_started` to `complete_after`; GB/s);
 //! - `open`: what `warmstart run` does before restoring: open the store, resolve a
 //!   name, load a manifest of 400 VMAs, read the working set.
 //!
@@ -194,6 +197,38 @@ fn lazy_fixture() -> Fixture {
     }
 }
 
+/// Streaming: a VMA of incompressible pages (xorshift, as `c/mem.c` fills its memory).
+const STREAM_BASE: u64 = 0x5d5d_0000_0000;
+const STREAM_PAGES: usize = 32768;
+
+fn stream_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let mut w = store.writer().unwrap();
+    let mut data = vec![0u8; STREAM_PAGES * P];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for c in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    let mut runs = Vec::new();
+    w.add_pages(0, &data, &mut runs).unwrap();
+    let m = Manifest {
+        processes: vec![process(vec![anon_vma(STREAM_BASE, STREAM_PAGES, runs)])],
+        ..Default::default()
+    };
+    let id = w.commit(m, None).unwrap();
+    let snap = Arc::new(store.load(&id).unwrap());
+    assert_eq!(snap.page_count(), STREAM_PAGES as u64);
+    Fixture {
+        _dir: dir,
+        store,
+        snap,
+    }
+}
+
 fn pipe() -> (i32, i32) {
     let mut fds = [0; 2];
     // SAFETY: valid array.
@@ -238,6 +273,11 @@ fn write_u64(fd: i32, v: u64) {
 }
 
 fn spawn(faults: usize) -> Child {
+    spawn_at(BASE, VMA_PAGES, faults)
+}
+
+/// [`spawn`] with a mapping of `pages` pages at `base`.
+fn spawn_at(base: u64, pages: usize, faults: usize) -> Child {
     assert!(faults <= SPARSE_BLOCKS);
     let (go_r, go_w) = pipe();
     let (out_r, out_w) = pipe();
@@ -248,23 +288,23 @@ fn spawn(faults: usize) -> Child {
         // SAFETY: raw syscalls on our own memory and descriptors.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let len = VMA_PAGES * P;
+            let len = pages * P;
             let p = libc::mmap(
-                BASE as *mut _,
+                base as *mut _,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
                 0,
             );
-            if p as u64 != BASE {
+            if p as u64 != base {
                 libc::_exit(2);
             }
             let Ok(u) = Uffd::new(UffdFlags::CLOEXEC) else {
                 libc::_exit(3)
             };
             if u.api(REQUIRED_FEATURES | Features::THREAD_ID).is_err()
-                || u.register(Range::new(BASE as usize, len), RegisterMode::MISSING)
+                || u.register(Range::new(base as usize, len), RegisterMode::MISSING)
                     .is_err()
             {
                 libc::_exit(4);
@@ -279,7 +319,7 @@ fn spawn(faults: usize) -> Child {
             let mut sum = 0u64;
             for i in 0..faults {
                 sum =
-                    sum.wrapping_add(((BASE + (i * 16 * P) as u64) as *const u64).read_volatile());
+                    sum.wrapping_add(((base + (i * 16 * P) as u64) as *const u64).read_volatile());
             }
             let took = now_ns() - t;
             write_u64(out_w, took);
@@ -413,6 +453,25 @@ fn lazy(c: &mut Criterion) {
                 assert_eq!(st.hot_pages, DENSE_PAGES as u64);
                 drop(c);
                 drop(s);
+            }
+            total
+        })
+    });
+    drop(fx);
+    let sfx = stream_fixture();
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes((STREAM_PAGES * P) as u64));
+    g.bench_function("stream_128mib", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for _ in 0..n {
+                // The child waits (never touching its memory) while everything streams.
+                let c = spawn_at(STREAM_BASE, STREAM_PAGES, 0);
+                let s = server(&sfx, &c, LazyOptions::default());
+                let st = s.serve().map_err(|e| e.into_error()).unwrap();
+                assert_eq!(st.pages_streamed, STREAM_PAGES as u64);
+                total += st.complete_after.unwrap() - st.stream_started.unwrap();
+                drop(c);
             }
             total
         })

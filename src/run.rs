@@ -240,7 +240,17 @@ pub fn run_instance_with(
                 human(o.serve.bytes_streamed),
                 o.serve
                     .complete_after
-                    .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                    .map(|d| {
+                        let rate = o.serve.stream_started.map_or(String::new(), |s| {
+                            let secs = d.saturating_sub(s).as_secs_f64().max(1e-9);
+                            format!(
+                                " (streamed at {:.2} GB/s from its first batch at {:.1} ms)",
+                                o.serve.bytes_streamed as f64 / secs / 1e9,
+                                s.as_secs_f64() * 1e3
+                            )
+                        });
+                        format!("{:.1} ms{rate}", d.as_secs_f64() * 1e3)
+                    })
                     .unwrap_or_else(|| "– (the instance ended first)".into()),
                 if opts.learn {
                     format!("working set learned: {} pages", o.serve.working_set.len())

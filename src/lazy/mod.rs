@@ -26,8 +26,11 @@
 //!   with a copy of the parent's bitmap at fork time (minus `DONTFORK`/`WIPEONFORK`
 //!   areas, which the child does not inherit);
 //! * no fault pending → background streaming of the remaining pages, largest
-//!   contiguous runs first, 2 MiB per `UFFDIO_COPY`; once every stored page of an address
-//!   space is in, its userfaultfd is closed.
+//!   contiguous runs first, 2 MiB per `UFFDIO_COPY`; a reader thread reads and verifies
+//!   the next batches while the server thread copies the current one (only the server
+//!   thread copies and keeps the bookkeeping, and it answers every fault it has read
+//!   before copying another batch); once every stored page of an address space is in,
+//!   its userfaultfd is closed.
 //!
 //! # Contract for the caller (the restore monitor)
 //!

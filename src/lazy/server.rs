@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,6 +19,9 @@ use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uff
 pub const BATCH_PAGES: u64 = 512;
 /// Reads of at least this many pages are split over two threads.
 const PARALLEL_READ_PAGES: u64 = 128;
+/// Streaming batches being read (decompressed and verified on the reader thread) ahead
+/// of the one being copied.
+const STREAM_AHEAD: usize = 2;
 /// Read-ahead window of a fault: the aligned block of this many pages around it.
 pub const READAHEAD_PAGES: u64 = 16;
 /// A fault on a page without stored data maps zero pages up to this many pages ahead
@@ -169,6 +172,9 @@ pub struct ServeStats {
     pub fault_latency_max: Duration,
     /// When the first fault arrived, from the start of `serve`.
     pub first_fault: Option<Duration>,
+    /// When background streaming began (its first bulk batch), from the start of
+    /// `serve`: with `complete_after`, the streaming rate.
+    pub stream_started: Option<Duration>,
     /// When every stored page of every address space was in, from the start of `serve`
     /// (`None` if the target exited before).
     pub complete_after: Option<Duration>,
@@ -282,10 +288,16 @@ struct Space {
     /// Positions in `extents` sorted by `first`; stale when `dirty`.
     by_first: Vec<usize>,
     dirty: bool,
-    /// Streaming order: index ranges, largest first, and a cursor.
+    /// Streaming order: index ranges, largest first, and a cursor (past the batches
+    /// handed to the reader).
     jobs: Vec<(u64, u64)>,
     job_pos: (usize, u64),
     jobs_built: bool,
+    /// Streaming batches of this space with the reader (not yet copied).
+    in_flight: usize,
+    /// The streaming order was rebuilt since the last batch was handed out (pages an
+    /// interrupted copy left behind are found by starting over once).
+    rescanned: bool,
     /// A pidfd of the process, readable once it exited.
     exit_fd: Option<OwnedFd>,
     alive: bool,
@@ -311,6 +323,8 @@ impl Space {
             jobs: Vec::new(),
             job_pos: (0, 0),
             jobs_built: false,
+            in_flight: 0,
+            rescanned: false,
             exit_fd: None,
             alive: true,
             last_probe: Instant::now(),
@@ -417,6 +431,8 @@ impl Space {
             jobs: Vec::new(),
             job_pos: (0, 0),
             jobs_built: false,
+            in_flight: 0,
+            rescanned: false,
             exit_fd: None,
             alive: true,
             last_probe: Instant::now(),
@@ -480,6 +496,110 @@ struct Fault {
     first_try: Instant,
 }
 
+/// A streaming batch: page-table indexes `first..first + n` for space `space`, read and
+/// verified by the reader thread into `buf` (whatever their address is by then: the
+/// server maps indexes to addresses when it copies).
+struct Batch {
+    space: u64,
+    first: u64,
+    n: u64,
+    buf: Vec<u8>,
+}
+
+/// The streaming reader: a thread that reads, decompresses and verifies the next batches
+/// (on the other core) while the server copies the current one and serves faults. Only
+/// the server's thread copies into the process and keeps the bookkeeping, so every copy
+/// still follows the events read before it (`EAGAIN` for those not read yet).
+struct Reader {
+    jobs: Option<mpsc::Sender<Batch>>,
+    done: mpsc::Receiver<(Batch, Result<(), StoreError>)>,
+    /// An eventfd the thread counts finished batches on (the server polls it).
+    wake: Arc<OwnedFd>,
+    /// Batches handed to the thread and not received back.
+    in_flight: usize,
+    /// Buffers of received batches, for the next ones.
+    free: Vec<Vec<u8>>,
+}
+
+impl Reader {
+    fn start(snap: Arc<Snapshot>) -> Result<Reader> {
+        // SAFETY: eventfd takes integer arguments only; the fd it returns is checked and
+        // wrapped below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            bail!("eventfd for the streaming reader: {}", Errno::last());
+        }
+        // SAFETY: eventfd succeeded, so `fd` is a fresh descriptor nothing else owns; it
+        // is wrapped exactly once.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let (jobs, rx) = mpsc::channel::<Batch>();
+        let (tx, done) = mpsc::channel();
+        let w = wake.clone();
+        // A registry's pages come by range requests: two at once, as before the reader.
+        let threads = if snap.registry().is_some() { 2 } else { 1 };
+        // Not joined: a remote snapshot's read may take a while to fail once the instance
+        // is over; the thread ends after its current batch once `jobs` is dropped.
+        std::thread::Builder::new()
+            .name("page-reader".into())
+            .spawn(move || {
+                while let Ok(mut b) = rx.recv() {
+                    let bytes = &mut b.buf[..(b.n * PAGE) as usize];
+                    let r = snap.read_pages_parallel(b.first, b.n, bytes, threads);
+                    if tx.send((b, r)).is_err() {
+                        return;
+                    }
+                    let one = 1u64;
+                    // SAFETY: the source is `one`, a live u64 (8 bytes, only read); the
+                    // fd is borrowed from the OwnedFd `w` keeps open.
+                    unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                }
+            })
+            .context("starting the streaming reader thread")?;
+        Ok(Reader {
+            jobs: Some(jobs),
+            done,
+            wake,
+            in_flight: 0,
+            free: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, space: u64, first: u64, n: u64) -> Result<()> {
+        let buf = self
+            .free
+            .pop()
+            .unwrap_or_else(|| vec![0; (BATCH_PAGES * PAGE) as usize]);
+        let b = Batch {
+            space,
+            first,
+            n,
+            buf,
+        };
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(b).ok())
+            .ok_or_else(|| anyhow!("the streaming reader thread is gone"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// A finished batch, if one is ready.
+    fn ready(&mut self) -> Option<(Batch, Result<(), StoreError>)> {
+        let r = self.done.try_recv().ok()?;
+        self.in_flight -= 1;
+        Some(r)
+    }
+
+    /// Resets the eventfd after it woke the server (the batches it counted are in
+    /// `done` already: the thread counts each after sending it).
+    fn reset_wake(&self) {
+        let mut n = 0u64;
+        // SAFETY: `n` is a live u64 the 8-byte read writes; the fd is borrowed from the
+        // OwnedFd in self.wake.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
 /// Serves a restored process's private anonymous memory from a snapshot.
 ///
 /// See the [module docs](super) for the caller's contract.
@@ -496,6 +616,8 @@ pub struct LazyServer {
     stop: Arc<Stop>,
     /// When the last fault was served (or serving began).
     last_fault: Instant,
+    /// When `serve` began.
+    started: Instant,
     recorded: Option<Bitmap>,
     page_count: u64,
     /// The whole-table checksum of a snapshot opened with `Store::load_deferred`,
@@ -505,6 +627,8 @@ pub struct LazyServer {
     keeper: Option<Box<dyn SpaceKeeper>>,
     /// Given the working set as soon as recording ends.
     on_learned: Option<Box<dyn FnOnce(Vec<u64>) + Send>>,
+    /// Reads streaming batches ahead (started with the first one).
+    reader: Option<Reader>,
 }
 
 /// Something outside the monitor that holds the userfaultfds being served, so that a
@@ -573,10 +697,12 @@ impl LazyServer {
             stats: ServeStats::default(),
             stop: Arc::new(Stop::new()),
             last_fault: Instant::now(),
+            started: Instant::now(),
             page_count,
             table_check: None,
             keeper: None,
             on_learned: None,
+            reader: None,
         })
     }
 
@@ -646,6 +772,12 @@ impl LazyServer {
     /// Stops working-set recording.
     pub fn stop_recording(&self) {
         self.stop.set();
+    }
+
+    /// What `serve` did so far (tests drive it with [`Self::step`]).
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> &ServeStats {
+        &self.stats
     }
 
     /// Stored pages not yet copied into the restored process.
@@ -779,6 +911,7 @@ impl LazyServer {
     pub fn serve(mut self) -> std::result::Result<ServeStats, LazyError> {
         let start = Instant::now();
         self.last_fault = start;
+        self.started = start;
         match self.run(start) {
             Ok(()) => {
                 // The process exited while still recording: what it faulted is all there is.
@@ -809,46 +942,69 @@ impl LazyServer {
     }
 
     fn run(&mut self, start: Instant) -> Result<()> {
-        loop {
-            if self.table_check.as_ref().is_some_and(|j| j.is_finished()) {
-                self.finish_table_check()?;
-            }
-            for i in 0..self.spaces.len() {
-                self.drain(i)?;
-            }
-            if self.on_learned.is_some() && !self.recording(start) {
-                self.hand_over_working_set();
-            }
-            if let Some(f) = self.pending.pop_front() {
-                self.handle_fault(f, start)?;
-                continue;
-            }
-            // Close finished or dead address spaces (with the keeper's copies: their
-            // pending faults, if any, are woken by the kernel on the last close).
-            let keeper = &mut self.keeper;
-            self.spaces.retain(|s| {
-                let keep = s.alive && s.remaining > 0;
-                if !keep {
-                    if let Some(k) = keeper.as_mut() {
-                        k.retire(s.id);
-                    }
-                }
-                keep
-            });
-            if self.spaces.is_empty() {
-                self.finish_table_check()?;
-                if !self.stats.target_exited {
-                    self.stats.complete_after = Some(start.elapsed());
-                }
-                return Ok(());
-            }
-            let recording = self.recording(start);
-            let quiet = self.last_fault.elapsed() >= STREAM_QUIET;
-            if self.opts.background && !recording && quiet && self.stream_step(None)? {
-                continue;
-            }
-            self.wait_idle(start, recording)?;
+        while !self.step(start)? {}
+        Ok(())
+    }
+
+    /// One round of serving: read the pending messages, then answer one fault, or else
+    /// copy one streaming batch, or else wait. True once there is nothing left to serve.
+    /// A fault read is always answered before the next streaming batch is copied.
+    pub(super) fn step(&mut self, start: Instant) -> Result<bool> {
+        if self.table_check.as_ref().is_some_and(|j| j.is_finished()) {
+            self.finish_table_check()?;
         }
+        for i in 0..self.spaces.len() {
+            self.drain(i)?;
+        }
+        if self.on_learned.is_some() && !self.recording(start) {
+            self.hand_over_working_set();
+        }
+        if let Some(f) = self.pending.pop_front() {
+            self.handle_fault(f, start)?;
+            return Ok(false);
+        }
+        // Close finished or dead address spaces (with the keeper's copies: their
+        // pending faults, if any, are woken by the kernel on the last close).
+        let keeper = &mut self.keeper;
+        self.spaces.retain(|s| {
+            let keep = s.alive && s.remaining > 0;
+            if !keep {
+                if let Some(k) = keeper.as_mut() {
+                    k.retire(s.id);
+                }
+            }
+            keep
+        });
+        if self.spaces.is_empty() {
+            self.finish_table_check()?;
+            if !self.stats.target_exited {
+                self.stats.complete_after = Some(start.elapsed());
+            }
+            // The reader thread ends after its current batch.
+            self.reader = None;
+            return Ok(true);
+        }
+        let streaming = self.streaming(start);
+        if streaming {
+            // Hand the reader the next batches first, so that it reads them while this
+            // thread copies.
+            self.issue_batches()?;
+            if let Some((b, read)) = self.reader.as_mut().and_then(Reader::ready) {
+                let out = self.copy_batch(&b, read);
+                if let Some(r) = self.reader.as_mut() {
+                    r.free.push(b.buf);
+                }
+                out?;
+                return Ok(false);
+            }
+        }
+        self.wait_idle(start, streaming)?;
+        Ok(false)
+    }
+
+    /// Background streaming goes on now: on, not recording, and no fault for a while.
+    fn streaming(&self, start: Instant) -> bool {
+        self.opts.background && !self.recording(start) && self.last_fault.elapsed() >= STREAM_QUIET
     }
 
     /// Reads every pending message of space `i`; faults are queued, events applied.
@@ -1142,50 +1298,154 @@ impl LazyServer {
         Ok(Outcome::Done { copied, raced })
     }
 
-    /// Streams one batch of some space's remaining pages; with `probe`, one page of
-    /// that space only (a liveness check).
-    fn stream_step(&mut self, probe: Option<usize>) -> Result<bool> {
-        let range = match probe {
-            Some(si) => si..si + 1,
-            None => 0..self.spaces.len(),
+    /// Copies one page of space `si`'s remaining ones (a liveness check of a process
+    /// without an exit notification: `ESRCH` tells it is gone).
+    fn probe(&mut self, si: usize) -> Result<()> {
+        if !self.streamable(si) {
+            return Ok(());
+        }
+        let s = &mut self.spaces[si];
+        s.last_probe = Instant::now();
+        // Any page still to copy (the streaming cursor may be past the ones left).
+        let found = s.extents.iter().enumerate().find_map(|(pos, e)| {
+            (e.first..e.first + e.pages)
+                .find(|&i| !s.done.get(i))
+                .map(|i| (pos, i))
+        });
+        let Some((pos, idx)) = found else {
+            return Ok(());
         };
-        for si in range {
+        let e = s.extents[pos];
+        match self.copy_range(si, pos, idx - e.first, 1)? {
+            Outcome::Done { copied, .. } => self.count_streamed(copied),
+            Outcome::Retry { copied } => {
+                self.count_streamed(copied);
+                self.stats.retries += 1;
+                self.drain(si)?;
+            }
+            Outcome::Dead { copied } => {
+                self.count_streamed(copied);
+                self.space_died(si);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the reader thread the next streaming batches (largest runs first, up to
+    /// [`BATCH_PAGES`] each) until [`STREAM_AHEAD`] are with it.
+    fn issue_batches(&mut self) -> Result<()> {
+        if self.reader.is_none() {
+            self.reader = Some(Reader::start(self.snap.clone())?);
+        }
+        let mut si = 0;
+        while si < self.spaces.len() && self.reader.as_ref().unwrap().in_flight < STREAM_AHEAD {
             if !self.streamable(si) {
+                si += 1;
                 continue;
             }
             let s = &mut self.spaces[si];
             let Some((idx, job_end)) = s.next_stream_index() else {
-                s.remaining = 0;
+                if s.in_flight == 0 {
+                    if s.rescanned {
+                        // Nothing left to copy after all.
+                        s.remaining = 0;
+                    } else {
+                        // Pages an interrupted copy left behind the cursor.
+                        s.build_jobs();
+                        s.rescanned = true;
+                        continue;
+                    }
+                }
+                si += 1;
                 continue;
             };
             let Some(pos) = s.extent_of_index(idx) else {
                 tracing::warn!("lazy restore: page-table record {idx} lost its address");
                 s.mark(idx, 1);
-                return Ok(true);
+                continue;
             };
             let e = s.extents[pos];
-            let max = if probe.is_some() { 1 } else { BATCH_PAGES };
-            let end = (e.first + e.pages).min(job_end).min(idx + max);
+            let end = (e.first + e.pages).min(job_end).min(idx + BATCH_PAGES);
             let mut hi = idx + 1;
             while hi < end && !s.done.get(hi) {
                 hi += 1;
             }
+            s.job_pos.1 = hi;
+            s.in_flight += 1;
+            s.rescanned = false;
             s.last_probe = Instant::now();
-            match self.copy_range(si, pos, idx - e.first, hi - idx)? {
-                Outcome::Done { copied, .. } => self.count_streamed(copied),
+            let id = s.id;
+            if self.stats.stream_started.is_none() {
+                self.stats.stream_started = Some(self.started.elapsed());
+            }
+            self.reader.as_mut().unwrap().send(id, idx, hi - idx)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a batch the reader read (`read`: how that went) into its space: the pages
+    /// not in yet, at the addresses their indexes have now.
+    fn copy_batch(&mut self, b: &Batch, read: Result<(), StoreError>) -> Result<()> {
+        let Some(si) = self.space_pos(b.space) else {
+            return Ok(());
+        };
+        self.spaces[si].in_flight -= 1;
+        let end = b.first + b.n;
+        let wanted = |s: &Space| (b.first..end).any(|i| !s.done.get(i));
+        if !self.spaces[si].alive || !wanted(&self.spaces[si]) {
+            // Gone, or every page in or dropped meanwhile: whatever the read gave.
+            return Ok(());
+        }
+        read.with_context(|| {
+            format!(
+                "lazy restore: streaming pages {}..+{} from snapshot {}",
+                b.first,
+                b.n,
+                self.snap.id.short()
+            )
+        })?;
+        let mut k = b.first;
+        while k < end {
+            let s = &mut self.spaces[si];
+            if s.done.get(k) {
+                k += 1;
+                continue;
+            }
+            let Some(pos) = s.extent_of_index(k) else {
+                tracing::warn!("lazy restore: page-table record {k} lost its address");
+                s.mark(k, 1);
+                k += 1;
+                continue;
+            };
+            let e = s.extents[pos];
+            let stop = (e.first + e.pages).min(end);
+            let mut hi = k + 1;
+            while hi < stop && !s.done.get(hi) {
+                hi += 1;
+            }
+            let at = ((k - b.first) * PAGE) as usize;
+            let bytes = &b.buf[at..at + ((hi - k) * PAGE) as usize];
+            match self.copy_bytes(si, pos, k - e.first, hi - k, bytes)? {
+                Outcome::Done { copied, .. } => {
+                    self.count_streamed(copied);
+                    k = hi;
+                }
                 Outcome::Retry { copied } => {
+                    // The address space is changing: read the events; the pages left
+                    // are found again once the streaming order is rebuilt.
                     self.count_streamed(copied);
                     self.stats.retries += 1;
                     self.drain(si)?;
+                    return Ok(());
                 }
                 Outcome::Dead { copied } => {
                     self.count_streamed(copied);
                     self.space_died(si);
+                    return Ok(());
                 }
             }
-            return Ok(true);
         }
-        Ok(false)
+        Ok(())
     }
 
     fn streamable(&self, si: usize) -> bool {
@@ -1198,10 +1458,11 @@ impl LazyServer {
         self.stats.bytes_streamed += pages * PAGE;
     }
 
-    /// Blocks until a message arrives, a process exits, or it is time to check liveness
-    /// or the recording deadline.
-    fn wait_idle(&mut self, start: Instant, recording: bool) -> Result<()> {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.spaces.len() * 2);
+    /// Blocks until a message arrives, a process exits, a streaming batch is read (while
+    /// `streaming`), or it is time to check liveness or the recording deadline.
+    fn wait_idle(&mut self, start: Instant, streaming: bool) -> Result<()> {
+        let recording = self.recording(start);
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.spaces.len() * 2 + 2);
         for s in &self.spaces {
             fds.push(libc::pollfd {
                 fd: s.uffd.as_raw_fd(),
@@ -1221,6 +1482,17 @@ impl LazyServer {
                 timeout = timeout.min(STREAM_QUIET - since + Duration::from_millis(1));
             }
         }
+        let reader = match &self.reader {
+            Some(r) if streaming && r.in_flight > 0 => {
+                fds.push(libc::pollfd {
+                    fd: r.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                Some(fds.len() - 1)
+            }
+            _ => None,
+        };
         if recording {
             if let Some(d) = self.opts.record_for {
                 timeout = timeout.min(d.saturating_sub(start.elapsed()));
@@ -1249,7 +1521,13 @@ impl LazyServer {
             }
             bail!("poll on the userfaultfds: {e}");
         }
-        for (k, p) in fds.chunks_exact(2).enumerate() {
+        if let (Some(k), Some(r)) = (reader, &self.reader) {
+            if fds[k].revents != 0 {
+                r.reset_wake();
+            }
+        }
+        let spaces = self.spaces.len();
+        for (k, p) in fds[..spaces * 2].chunks_exact(2).enumerate() {
             if p[0].revents & libc::POLLERR != 0 {
                 bail!("userfaultfd reports POLLERR (is O_NONBLOCK cleared?)");
             }
@@ -1267,7 +1545,7 @@ impl LazyServer {
                 && s.remaining > 0
                 && now.duration_since(s.last_probe) >= PROBE_INTERVAL
             {
-                self.stream_step(Some(si))?;
+                self.probe(si)?;
             }
         }
         Ok(())

@@ -58,7 +58,35 @@ fn expected(i: usize) -> u64 {
     sum_bytes(&page_content(i))
 }
 
+/// Where the child maps its memory (one VMA).
+#[derive(Clone, Copy)]
+struct Layout {
+    base: u64,
+    pages: usize,
+}
+
+const SMALL: Layout = Layout {
+    base: BASE,
+    pages: VMA_PAGES,
+};
+
+/// Streaming tests: 16 MiB, every page stored (8 batches).
+const BIG: Layout = Layout {
+    base: 0x5c5c_0000_0000,
+    pages: 4096,
+};
+
+fn big_content(i: usize) -> Vec<u8> {
+    (0..P / 8)
+        .flat_map(|w| (((i as u64) << 32) | w as u64 | 0x0200_0000_0000_0000).to_le_bytes())
+        .collect()
+}
+
 fn process(runs: Vec<PageRun>) -> Process {
+    process_in(SMALL, runs)
+}
+
+fn process_in(l: Layout, runs: Vec<PageRun>) -> Process {
     Process {
         pid: 1,
         pgid: 1,
@@ -70,8 +98,8 @@ fn process(runs: Vec<PageRun>) -> Process {
         dumpable: 1,
         auxv: vec![0, 0],
         vmas: vec![Vma {
-            start: BASE,
-            end: BASE + (VMA_PAGES * P) as u64,
+            start: l.base,
+            end: l.base + (l.pages * P) as u64,
             prot: PROT_READ | PROT_WRITE,
             shared: false,
             flags: VmaFlags::default(),
@@ -92,14 +120,18 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_of(SMALL, (0..STORED).flat_map(page_content).collect())
+}
+
+/// A snapshot of one process whose VMA at `l` holds `data` from its start.
+fn fixture_of(l: Layout, data: Vec<u8>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s")).unwrap();
     let mut w = store.writer().unwrap();
     let mut runs = Vec::new();
-    let data: Vec<u8> = (0..STORED).flat_map(page_content).collect();
     w.add_pages(0, &data, &mut runs).unwrap();
     let m = Manifest {
-        processes: vec![process(runs)],
+        processes: vec![process_in(l, runs)],
         ..Default::default()
     };
     let id = w.commit(m, None).unwrap();
@@ -160,6 +192,10 @@ fn pipe() -> (i32, i32) {
 }
 
 fn spawn(scenario: Scenario) -> Child {
+    spawn_in(SMALL, scenario)
+}
+
+fn spawn_in(l: Layout, scenario: Scenario) -> Child {
     let (go_r, go_w) = pipe();
     let (out_r, out_w) = pipe();
     // SAFETY: the test process has other threads, so the child may take no lock they
@@ -174,16 +210,16 @@ fn spawn(scenario: Scenario) -> Child {
         // (go_r, out_w, inherited copies this child owns) take integers or local buffers.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let len = VMA_PAGES * P;
+            let len = l.pages * P;
             let p = libc::mmap(
-                BASE as *mut _,
+                l.base as *mut _,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
                 0,
             );
-            if p as u64 != BASE {
+            if p as u64 != l.base {
                 libc::_exit(2);
             }
             let Ok(u) = Uffd::new(UffdFlags::CLOEXEC) else {
@@ -192,7 +228,7 @@ fn spawn(scenario: Scenario) -> Child {
             let feats = REQUIRED_FEATURES | Features::THREAD_ID;
             if u.api(feats).is_err()
                 || u.register(
-                    crate::sys::uffd::Range::new(BASE as usize, len),
+                    crate::sys::uffd::Range::new(l.base as usize, len),
                     RegisterMode::MISSING,
                 )
                 .is_err()
@@ -628,4 +664,151 @@ fn prefetch_copies_from_hot_pages() {
         "0..10 from the hot pages, 10..20 from the packs"
     );
     assert_eq!(st.faults, 0);
+}
+
+fn last_then_all(out: i32) {
+    let last = BIG.base + ((BIG.pages - 1) * P) as u64;
+    write_u64s(out, &[sum_at(last)]);
+    send_sums(out, BIG.base, 0..BIG.pages);
+}
+
+#[test]
+fn fault_during_streaming_is_served_before_the_next_batch() {
+    let fx = fixture_of(BIG, (0..BIG.pages).flat_map(big_content).collect());
+    let mut c = spawn_in(BIG, last_then_all);
+    let mut s = server(&fx, &c, opts(true));
+    let start = std::time::Instant::now();
+    // Stream until a first batch is in; the reader is reading the next ones by then.
+    while s.stats().pages_streamed == 0 {
+        assert!(!s.step(start).unwrap());
+    }
+    let streamed = s.stats().pages_streamed;
+    assert!(streamed < BIG.pages as u64 / 2, "{streamed}");
+    // The child faults on the last page (streamed last): wait until the fault can be
+    // read, then let the server take one step.
+    // (A copy of the userfaultfd taken before the child drops its own.)
+    let u = c.uffd();
+    c.release();
+    wait_readable(u);
+    assert!(!s.step(start).unwrap());
+    assert_eq!(s.stats().faults, 1, "the fault is answered first");
+    assert_eq!(s.stats().faults_data, 1);
+    assert_eq!(
+        s.stats().pages_streamed,
+        streamed,
+        "a batch was copied before the pending fault was answered"
+    );
+    // The rest: streaming between the child's faults, until every page is in.
+    while !s.step(start).unwrap() {}
+    assert!(s.stats().complete_after.is_some());
+    let res = c.results(1 + BIG.pages);
+    assert_eq!(res[0], sum_bytes(&big_content(BIG.pages - 1)), "last page");
+    for i in 0..BIG.pages {
+        assert_eq!(res[1 + i], sum_bytes(&big_content(i)), "page {i}");
+    }
+    let st = c.wait();
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
+}
+
+#[test]
+fn streaming_pipeline_copies_every_page() {
+    // Several batches read ahead while others are copied, no faults: every page in,
+    // each exactly once.
+    let fx = fixture_of(BIG, (0..BIG.pages).flat_map(big_content).collect());
+    let mut c = spawn_in(BIG, |out| send_sums(out, BIG.base, 0..BIG.pages));
+    let s = server(&fx, &c, opts(true));
+    let st = s.serve().unwrap();
+    assert_eq!(st.faults, 0);
+    assert_eq!(st.pages_streamed, BIG.pages as u64);
+    assert_eq!(st.pages_copied, BIG.pages as u64);
+    assert!(st.stream_started.is_some() && st.complete_after.is_some());
+    c.release();
+    let res = c.results(BIG.pages);
+    for (i, got) in res.iter().enumerate() {
+        assert_eq!(*got, sum_bytes(&big_content(i)), "page {i}");
+    }
+    c.wait();
+}
+
+const BIG_MOVED: u64 = 0x5e5e_0000_0000;
+
+fn remap_and_drop_while_streaming(out: i32) {
+    // SAFETY: both ranges lie inside the child's fixed mapping at BIG.base, which no Rust
+    // reference points into. MREMAP_FIXED would replace whatever sits at BIG_MOVED: a
+    // fixed address far from where the loader, stacks and malloc place memory, so in this
+    // small child nothing is there; the result is checked. MADV_DONTNEED only zeroes.
+    unsafe {
+        let p = libc::mremap(
+            (BIG.base + 600 * P as u64) as *mut _,
+            100 * P,
+            100 * P,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            BIG_MOVED as *mut libc::c_void,
+        );
+        if p as u64 != BIG_MOVED {
+            libc::_exit(6);
+        }
+        libc::madvise(
+            (BIG.base + 1000 * P as u64) as *mut _,
+            100 * P,
+            libc::MADV_DONTNEED,
+        );
+    }
+    send_sums(out, BIG_MOVED, 0..100);
+    send_sums(out, BIG.base, 0..600);
+    send_sums(out, BIG.base, 700..BIG.pages);
+}
+
+#[test]
+fn batches_read_ahead_follow_mremap_and_dontneed() {
+    // Batches of pages 512..1536 are with the reader (read for their old addresses) when
+    // the child moves 600..700 and drops 1000..1100: the moved pages must arrive at their
+    // new address, the dropped ones read as zeros, whichever comes first.
+    let fx = fixture_of(BIG, (0..BIG.pages).flat_map(big_content).collect());
+    let mut c = spawn_in(BIG, remap_and_drop_while_streaming);
+    let mut s = server(&fx, &c, opts(true));
+    let start = std::time::Instant::now();
+    while s.stats().pages_streamed == 0 {
+        assert!(!s.step(start).unwrap());
+    }
+    let u = c.uffd();
+    c.release();
+    // The child's mremap waits until its event is read: let it be pending first, so that
+    // it is read while the next batch (512..1024) is with the reader.
+    wait_readable(u);
+    while !s.step(start).unwrap() {}
+    let res = c.results(BIG.pages);
+    let zero = sum_bytes(&[0; P]);
+    let want = (600..700).chain(0..600).chain(700..BIG.pages).map(|i| {
+        if (1000..1100).contains(&i) {
+            zero
+        } else {
+            sum_bytes(&big_content(i))
+        }
+    });
+    for (k, (got, want)) in res.iter().zip(want).enumerate() {
+        assert_eq!(*got, want, "result {k}");
+    }
+    let st = c.wait();
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
+    assert_eq!(s.stats().remaps, 1);
+}
+
+/// Waits until the child's userfaultfd (`u`, a copy) has a message to read, then closes
+/// the copy (the server's must be the last).
+fn wait_readable(u: Uffd) {
+    let mut p = libc::pollfd {
+        fd: u.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one live, initialised pollfd; the kernel writes only revents.
+    let r = unsafe { libc::poll(&mut p, 1, 60_000) };
+    assert!(r > 0, "no message from the child");
 }

@@ -109,6 +109,10 @@ impl BlockReader {
     }
 }
 
+/// Pages read before they are verified together: what [`super::page_hash`] hashes at
+/// once (64 KiB, still in the cache when hashed).
+const VERIFY_GROUP: usize = 16;
+
 /// Why a page whose bytes are not those its record's hash names is refused.
 pub(crate) const HASH_MISMATCH: &str = "its content does not match its hash";
 
@@ -681,6 +685,20 @@ impl Snapshot {
             pack: store.pack_path(pack),
             reason,
         };
+        // Verified a group at a time, while the group's pages are still in the cache.
+        let verify = |out: &[u8], read: &mut Vec<(usize, [u8; 32])>, pages: &mut Vec<u64>| {
+            if let Some(k) = first_mismatch(out, read) {
+                let i = pages[k];
+                return Err(corrupt(
+                    i,
+                    self.table.record(i).loc.pack,
+                    HASH_MISMATCH.into(),
+                ));
+            }
+            read.clear();
+            pages.clear();
+            Ok(())
+        };
         for (k, i) in indexes.enumerate() {
             let rec = self.table.record(i);
             let loc = rec.loc;
@@ -692,16 +710,11 @@ impl Snapshot {
                 .map_err(|reason| corrupt(i, loc.pack, reason))?;
             read.push((k, rec.hash));
             pages.push(i);
+            if read.len() == VERIFY_GROUP {
+                verify(out, &mut read, &mut pages)?;
+            }
         }
-        if let Some(k) = first_mismatch(out, &read) {
-            let i = pages[k];
-            return Err(corrupt(
-                i,
-                self.table.record(i).loc.pack,
-                HASH_MISMATCH.into(),
-            ));
-        }
-        Ok(())
+        verify(out, &mut read, &mut pages)
     }
 
     /// [`read_pages`](Self::read_pages) split over up to `threads` threads (for large
