@@ -99,15 +99,20 @@ fn save_cache(
         let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
         text += &format!("{} {} {} {} {} {hex}\n", k.0, k.1, k.2, k.3, k.4);
     }
-    let tmp = dir.join(format!("file-hashes.{}.tmp", std::process::id()));
-    let written = std::fs::OpenOptions::new()
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // A name of its own (another dump may be saving beside this one); never truncated.
+    let tmp = dir.join(format!("file-hashes.{}.{nanos}.tmp", std::process::id()));
+    let Ok(mut f) = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()));
-    if written.is_err() || std::fs::rename(&tmp, path).is_err() {
+    else {
+        return;
+    };
+    if f.write_all(text.as_bytes()).is_err() || std::fs::rename(&tmp, path).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
 }
@@ -285,4 +290,38 @@ fn hash_of(f: &FileIdentity) -> Option<[u8; 32]> {
     }
     let h = FileIdentity::hash_of(&file).ok()?;
     same(&file.metadata().ok()?).then_some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_hash_serves_only_the_file_as_it_was_hashed() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"one").unwrap();
+        let path = f.to_str().unwrap();
+        let (key, ctime, h, cacheable) = hash_path(path, &HashMap::new()).unwrap();
+        assert_eq!(h, *blake3::hash(b"one").as_bytes());
+        assert!(
+            !cacheable,
+            "changed just now: its ctime may not move on a second change"
+        );
+        // An entry for the file as it is (ctime included) is taken without reading it.
+        let cached = (key.0, key.1, key.2, key.3, ctime);
+        let cache = HashMap::from([(cached, [7u8; 32])]);
+        assert_eq!(hash_path(path, &cache).unwrap().2, [7; 32]);
+        // One whose ctime differs (the file was written or touched since) is not.
+        let other = HashMap::from([((key.0, key.1, key.2, key.3, ctime - 1), [7u8; 32])]);
+        assert_eq!(hash_path(path, &other).unwrap().2, h);
+        // Saved and loaded whole; a damaged line is left out.
+        let file = d.path().join("cache/file-hashes");
+        save_cache(&file, &cache, &HashMap::new());
+        assert_eq!(load_cache(&file), cache);
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text += "1 2 3 4 5 not-a-hash\n";
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(load_cache(&file), cache);
+    }
 }
