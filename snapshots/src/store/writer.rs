@@ -58,11 +58,11 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
     })
 }
 
-/// Pack number of a location whose block is still with the packer thread; its `offset`
+/// Pack number of a location whose block is still with a packer thread; its `offset`
 /// is then the block's sequence number, resolved at commit.
 const PENDING: u32 = u32::MAX;
 
-/// Blocks handed to the packer at once (64 blocks = 1 MiB of pages).
+/// Blocks handed to a packer at once (64 blocks = 1 MiB of pages).
 const BATCH_BLOCKS: usize = 64;
 
 /// Batches in flight between the hashing side and the packers: bounds memory, and lets
@@ -342,7 +342,7 @@ pub struct SnapshotWriter<'a> {
     store: &'a Store,
     _lock: WriteLock,
     /// Every page hash known: in the store's packs, or (pack [`PENDING`]) in a block of
-    /// this snapshot still with the packer.
+    /// this snapshot still with a packer.
     index: Index,
     table: Vec<Record>,
     /// The batch being filled: its last block is incomplete while `block_pages` > 0.
@@ -663,7 +663,7 @@ impl<'a> SnapshotWriter<'a> {
         Ok(idx)
     }
 
-    /// Hands the batch (with its incomplete last block, if any) to the packer.
+    /// Hands the batch (with its incomplete last block, if any) to the packers.
     fn send_batch(&mut self) -> Result<(), StoreError> {
         if self.batch.blocks.is_empty() {
             return Ok(());
@@ -686,7 +686,7 @@ impl<'a> SnapshotWriter<'a> {
             return Err(StoreError::Io {
                 action: "write",
                 path: self.store.tmp_dir(),
-                source: std::io::Error::other("the packer thread stopped"),
+                source: std::io::Error::other("the packer threads stopped"),
             });
         }
         Ok(())
