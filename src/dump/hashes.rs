@@ -5,9 +5,20 @@
 //! A restore compares a hash only when the cheap identity (inode, size, mtime) differs,
 //! so the cost is here: one blake3 pass over each distinct file, read by path while the
 //! tree is frozen. Files the process only writes (logs) are not hashed: they may grow.
+//!
+//! Runtimes map large files (a JDK's `lib/modules` is 130 MB, `node` 90 MB) that stay the
+//! same from one dump to the next, so hashes are kept in a per-user cache
+//! (`$XDG_CACHE_HOME/warmstart/file-hashes`, by default `~/.cache/warmstart/...`) keyed by
+//! device, inode, size, mtime *and* ctime: any write or `touch` of a file changes its
+//! ctime, which only the kernel sets (to its clock), so a file with the key of a cached
+//! hash has the bytes that were hashed. Timestamps have the kernel's clock tick as
+//! granularity, so a file changed in the last [`RACY`] before it was hashed could change
+//! again without a new ctime: its hash is not cached (git's "racy" rule).
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
 
 use warmstart_snapshots::model::{FileDesc, FileIdentity, Process, VmaKind};
 
@@ -17,30 +28,135 @@ type Key = (u64, u64, u64, i128);
 /// Hashes computed ahead, keyed by what each file looked like when read.
 pub type Precomputed = HashMap<Key, [u8; 32]>;
 
+/// A cached hash's key: [`Key`] and the ctime in ns.
+type CacheKey = (u64, u64, u64, i128, i128);
+
+/// How recently changed a file may be for its hash to be cached.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Entries the cache keeps at most (those of the last dump first).
+const CACHE_ENTRIES: usize = 4096;
+
+/// Where the cache of file hashes is, if `XDG_CACHE_HOME` or `HOME` names a directory.
+fn cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".cache"))
+        })?;
+    Some(base.join("warmstart/file-hashes"))
+}
+
+/// The cache's entries: one a line, `dev ino size mtime_ns ctime_ns hash` (hash in hex).
+/// A line that does not parse is left out; a missing or unreadable cache is empty.
+fn load_cache(path: &std::path::Path) -> HashMap<CacheKey, [u8; 32]> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let [dev, ino, size, mtime, ctime, hash] = f[..] else {
+                return None;
+            };
+            let hash = (hash.len() == 64).then_some(hash)?;
+            let mut h = [0u8; 32];
+            for (i, b) in h.iter_mut().enumerate() {
+                *b = u8::from_str_radix(hash.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            let key = (
+                dev.parse().ok()?,
+                ino.parse().ok()?,
+                size.parse().ok()?,
+                mtime.parse().ok()?,
+                ctime.parse().ok()?,
+            );
+            Some((key, h))
+        })
+        .collect()
+}
+
+/// Replaces the cache with `used` (this dump's files) and as many of `old` as fit
+/// under [`CACHE_ENTRIES`]: a temp file renamed over it, so a reader sees the old or the
+/// new whole. Not synced: losing it costs hashing again, nothing more. Errors are
+/// ignored for the same reason.
+fn save_cache(
+    path: &std::path::Path,
+    used: &HashMap<CacheKey, [u8; 32]>,
+    old: &HashMap<CacheKey, [u8; 32]>,
+) {
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let mut text = String::new();
+    let rest = old.iter().filter(|(k, _)| !used.contains_key(k));
+    for (k, h) in used.iter().chain(rest).take(CACHE_ENTRIES) {
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        text += &format!("{} {} {} {} {} {hex}\n", k.0, k.1, k.2, k.3, k.4);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // A name of its own (another dump may be saving beside this one); never truncated.
+    let tmp = dir.join(format!("file-hashes.{}.{nanos}.tmp", std::process::id()));
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+    else {
+        return;
+    };
+    if f.write_all(text.as_bytes()).is_err() || std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// Hashes, on a thread of its own, the files that processes `pids` (frozen) map, execute
 /// or hold open for reading, as `/proc` lists them, so that the work overlaps the dump
-/// of memory (which keeps one core busy). [`fill`] takes what it finds there and hashes
-/// the rest itself.
+/// of memory (which keeps one core busy); files whose hash is cached from an earlier
+/// dump (see the module's doc) are not read. [`fill`] takes what it finds there and
+/// hashes the rest itself.
 pub fn start(pids: Vec<i32>, private: Vec<String>) -> std::thread::JoinHandle<Precomputed> {
     std::thread::spawn(move || {
         let t = std::time::Instant::now();
+        let cache_path = cache_path();
+        let cache = cache_path.as_deref().map(load_cache).unwrap_or_default();
+        let mut used = HashMap::new();
         let mut out = Precomputed::new();
         let mut tried = std::collections::HashSet::new();
+        let mut read = 0u64;
         for pid in pids {
             for path in paths_of(pid) {
                 if crate::private_dirs::is_private(&private, &path) || !tried.insert(path.clone()) {
                     continue;
                 }
-                if let Some((key, h)) = hash_path(&path) {
+                if let Some((key, ctime, h, cacheable)) = hash_path(&path, &cache) {
+                    if cacheable {
+                        used.insert((key.0, key.1, key.2, key.3, ctime), h);
+                    }
+                    read += u64::from(!cache.contains_key(&(key.0, key.1, key.2, key.3, ctime)))
+                        * key.2;
                     out.insert(key, h);
                 }
             }
         }
+        if let Some(p) = &cache_path {
+            if used.keys().any(|k| !cache.contains_key(k)) {
+                save_cache(p, &used, &cache);
+            }
+        }
         let bytes: u64 = out.keys().map(|k| k.2).sum();
         tracing::debug!(
-            "hashed {} files ({} MiB) in {:?}, beside the dump",
+            "hashed {} files ({} MiB, {} MiB of them read) in {:?}, beside the dump",
             out.len(),
             bytes >> 20,
+            read >> 20,
             t.elapsed()
         );
         out
@@ -90,8 +206,13 @@ fn paths_of(pid: i32) -> Vec<String> {
     out
 }
 
-/// A regular file's key and hash, if it did not change while read.
-fn hash_path(path: &str) -> Option<(Key, [u8; 32])> {
+/// A regular file's key, ctime and hash, if it did not change while read, from `cache`
+/// when it holds the file; and whether the hash may be cached (the file was not changed
+/// within [`RACY`] before it was read).
+fn hash_path(
+    path: &str,
+    cache: &HashMap<CacheKey, [u8; 32]>,
+) -> Option<(Key, i128, [u8; 32], bool)> {
     let file = std::fs::File::open(path).ok()?;
     let key = |m: &std::fs::Metadata| {
         (
@@ -101,13 +222,23 @@ fn hash_path(path: &str) -> Option<(Key, [u8; 32])> {
             m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
         )
     };
+    let ctime = |m: &std::fs::Metadata| m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128;
     let before = file.metadata().ok()?;
     if !before.is_file() {
         return None;
     }
+    let (k, c) = (key(&before), ctime(&before));
+    if let Some(h) = cache.get(&(k.0, k.1, k.2, k.3, c)) {
+        return Some((k, c, *h, true));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos() as i128;
     let h = FileIdentity::hash_of(&file).ok()?;
     let after = file.metadata().ok()?;
-    (key(&before) == key(&after)).then(|| (key(&after), h))
+    let unchanged = k == key(&after) && c == ctime(&after);
+    unchanged.then(|| (k, c, h, now - c >= RACY.as_nanos() as i128))
 }
 
 /// Fills `hash` of every file the processes read or map, except those under the
@@ -159,4 +290,38 @@ fn hash_of(f: &FileIdentity) -> Option<[u8; 32]> {
     }
     let h = FileIdentity::hash_of(&file).ok()?;
     same(&file.metadata().ok()?).then_some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_hash_serves_only_the_file_as_it_was_hashed() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"one").unwrap();
+        let path = f.to_str().unwrap();
+        let (key, ctime, h, cacheable) = hash_path(path, &HashMap::new()).unwrap();
+        assert_eq!(h, *blake3::hash(b"one").as_bytes());
+        assert!(
+            !cacheable,
+            "changed just now: its ctime may not move on a second change"
+        );
+        // An entry for the file as it is (ctime included) is taken without reading it.
+        let cached = (key.0, key.1, key.2, key.3, ctime);
+        let cache = HashMap::from([(cached, [7u8; 32])]);
+        assert_eq!(hash_path(path, &cache).unwrap().2, [7; 32]);
+        // One whose ctime differs (the file was written or touched since) is not.
+        let other = HashMap::from([((key.0, key.1, key.2, key.3, ctime - 1), [7u8; 32])]);
+        assert_eq!(hash_path(path, &other).unwrap().2, h);
+        // Saved and loaded whole; a damaged line is left out.
+        let file = d.path().join("cache/file-hashes");
+        save_cache(&file, &cache, &HashMap::new());
+        assert_eq!(load_cache(&file), cache);
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text += "1 2 3 4 5 not-a-hash\n";
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(load_cache(&file), cache);
+    }
 }

@@ -15,6 +15,11 @@ use std::os::unix::fs::FileExt;
 
 use warmstart_snapshots::model::PAGE_SIZE;
 
+use crate::sys::pagemap_scan as pms;
+
+/// VMAs of at least this many pages are scanned with `PAGEMAP_SCAN` first.
+const SCAN_FIRST_PAGES: u64 = 4096;
+
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
@@ -47,16 +52,49 @@ impl Target {
         })
     }
 
-    /// Scans pagemap for `[start, end)` and returns the pages to save.
+    /// Scans pagemap for `[start, end)` and returns the pages to save. A large VMA is
+    /// first scanned for its populated ranges with `PAGEMAP_SCAN` (the kernel skips
+    /// holes by whole page tables: a runtime's heap reservation is gigabytes, mostly
+    /// never touched), and only those read from pagemap.
     pub fn wanted(&self, start: u64, end: u64, file_backed: bool) -> io::Result<Wanted> {
-        let pages = (end - start) / PAGE_SIZE as u64;
         let mut out = Wanted::default();
-        let mut buf = vec![0u8; 8 * 4096];
+        if (end - start) / PAGE_SIZE as u64 >= SCAN_FIRST_PAGES {
+            let q = pms::Query {
+                flags: 0,
+                mask: 0,
+                anyof: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED,
+                ret: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED,
+            };
+            // Without PAGEMAP_SCAN (before Linux 6.7), the whole VMA is read below.
+            if let Ok(regions) = pms::scan(&self.pagemap, start, end, q) {
+                for r in regions {
+                    self.wanted_in(start, r.start, r.end, file_backed, &mut out)?;
+                }
+                return Ok(out);
+            }
+        }
+        self.wanted_in(start, start, end, file_backed, &mut out)?;
+        Ok(out)
+    }
+
+    /// Adds to `out` the pages to save of `[from, to)`, inside the VMA at `vma_start`
+    /// (page indexes are the VMA's).
+    fn wanted_in(
+        &self,
+        vma_start: u64,
+        from: u64,
+        to: u64,
+        file_backed: bool,
+        out: &mut Wanted,
+    ) -> io::Result<()> {
+        let pages = (to - from) / PAGE_SIZE as u64;
+        let skip = (from - vma_start) / PAGE_SIZE as u64;
+        let mut buf = vec![0u8; 8 * 4096.min(pages as usize)];
         let mut done = 0u64;
         while done < pages {
             let n = (pages - done).min(4096);
             let bytes = &mut buf[..(n * 8) as usize];
-            let off = (start / PAGE_SIZE as u64 + done) * 8;
+            let off = (from / PAGE_SIZE as u64 + done) * 8;
             self.pagemap.read_exact_at(bytes, off)?;
             for (i, w) in bytes.chunks_exact(8).enumerate() {
                 let e = u64::from_le_bytes(w.try_into().unwrap());
@@ -69,7 +107,7 @@ impl Target {
                     continue;
                 }
                 let excl = e & PM_EXCLUSIVE != 0 && e & PM_PRESENT != 0;
-                let idx = done + i as u64;
+                let idx = skip + done + i as u64;
                 match out.runs.last_mut() {
                     Some(r) if r.0 + r.1 == idx && r.2 == excl => r.1 += 1,
                     _ => out.runs.push((idx, 1, excl)),
@@ -77,7 +115,7 @@ impl Target {
             }
             done += n;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `addr` of the target.
@@ -157,6 +195,43 @@ mod tests {
         assert_eq!(buf[0], 9);
         // SAFETY: exactly the mapping made above; `buf` holds copies, so nothing refers
         // to it any more.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+
+    #[test]
+    fn a_large_sparse_vma_gives_the_pages_a_whole_pagemap_read_gives() {
+        let pages = 3 * SCAN_FIRST_PAGES as usize;
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks; it
+        // replaces nothing and is ours alone.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        } as *mut u8;
+        assert_ne!(p as isize, -1);
+        // SAFETY: advice on the mapping made above; one page touched is one page present.
+        unsafe { libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE) };
+        let touched = [0, 5, 6, 4095, 4096, 5000, 12287];
+        for &i in &touched {
+            // SAFETY: mmap succeeded (checked above); every index is below `pages`.
+            unsafe { p.add(i * PAGE_SIZE).write_volatile(1) };
+        }
+        let t = Target::open(std::process::id() as i32).unwrap();
+        let start = p as u64;
+        let end = start + len as u64;
+        let scanned = t.wanted(start, end, false).unwrap();
+        let mut whole = Wanted::default();
+        t.wanted_in(start, start, end, false, &mut whole).unwrap();
+        assert_eq!(scanned, whole);
+        let got: Vec<u64> = (scanned.runs.iter()).flat_map(|r| r.0..r.0 + r.1).collect();
+        assert_eq!(got, touched.map(|i| i as u64));
+        // SAFETY: exactly the mapping made above, referenced nowhere else.
         unsafe { libc::munmap(p.cast(), len) };
     }
 }

@@ -24,10 +24,11 @@
 //! # Durability and concurrency
 //!
 //! Writers (and gc/remove/set_name) serialise on the `lock` file; readers take no lock.
-//! A writer appends to packs in `tmp/` (page cache only, writeback started as it goes);
-//! `commit` fsyncs the sealed packs (in parallel), renames them into `packs/` with their
-//! `.idx`, fsyncs the directory, then writes the page table and finally
-//! the manifest, each via temp file + fsync + rename + fsync of the directory. A snapshot
+//! A writer's packer threads append to packs in `tmp/` (page cache only, writeback started
+//! as they go); `commit` fsyncs the sealed packs and, written to temp files, their `.idx`,
+//! the page table and the manifest, all at once; renames packs, indexes and the page table
+//! into place and fsyncs their directories; and finally renames the manifest into place
+//! and fsyncs its directory. A snapshot
 //! exists (is listed, resolvable) exactly when its manifest exists, and by then everything
 //! it references is durable. A writer killed at any point leaves only unreferenced packs,
 //! tables without a manifest and temp files; `gc` removes them.

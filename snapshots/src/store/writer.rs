@@ -5,7 +5,8 @@ use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use super::direct::DirectWriter;
 use super::fsutil::{self, io_err};
@@ -58,23 +59,34 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
     })
 }
 
-/// Pack number of a location whose block is still with the packer thread; its `offset`
+/// Pack number of a location whose block is still with a packer thread; its `offset`
 /// is then the block's sequence number, resolved at commit.
 const PENDING: u32 = u32::MAX;
 
-/// Blocks handed to the packer at once (64 blocks = 1 MiB of pages).
+/// Blocks handed to a packer at once (64 blocks = 1 MiB of pages).
 const BATCH_BLOCKS: usize = 64;
 
-/// Batches in flight between the hashing side and the packer: bounds memory, and lets
+/// Batches in flight between the hashing side and the packers: bounds memory, and lets
 /// hashing run ahead of compression by a few MiB.
-const BATCHES_IN_FLIGHT: usize = 4;
+const BATCHES_IN_FLIGHT: usize = 8;
+
+/// Packer threads at most: each compresses the batches it takes and writes them to
+/// packs of its own, so compression and the copy into the page cache (which on a VM
+/// whose free memory was handed back costs a host fault per page) run on every core.
+const MAX_PACKERS: usize = 4;
+
+fn packer_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, MAX_PACKERS))
+}
 
 /// Pages of one `add_pages` call at or above which hashing is split across two threads.
 const PARALLEL_HASH_PAGES: usize = 128;
 
-/// Consecutive new blocks (each `pages` of 4 KiB in `data`, in order) for the packer.
+/// Consecutive new blocks (each `pages` of 4 KiB in `data`, in order) for a packer,
+/// the first of them block `first_block` of the snapshot.
 #[derive(Default)]
 struct Batch {
+    first_block: u64,
     data: Vec<u8>,
     blocks: Vec<(u8, [[u8; 32]; BLOCK_PAGES])>,
 }
@@ -126,10 +138,17 @@ struct SealedPack {
     records: Vec<Record>,
 }
 
+/// Bytes written to a file at once. Not more: the page cache gives a write of 2 MiB or
+/// more large folios, which on a VM whose free memory is handed back to the host
+/// (free page reporting hands back exactly such large free blocks) come from memory the
+/// host must fault in again: `dd` of 256 MiB into a new file runs at 130-190 MB/s with
+/// 2 or 4 MiB writes, against 1.2-2 GB/s with 256 KiB to 1 MiB ones (2026-12-07).
+pub(crate) const WRITE_SIZE: usize = 512 << 10;
+
 /// Writeback of a pack being written is started every this many bytes, so that the one
 /// `fsync` at commit finds most of it on disk already and the dump never waits for the
 /// disk while it reads.
-const WRITEBACK_STEP: u64 = 16 << 20;
+const WRITEBACK_STEP: u64 = 2 << 20;
 
 impl OpenPack {
     /// Starts writeback (without waiting) of what reached the file since the last call,
@@ -157,43 +176,65 @@ impl OpenPack {
     }
 }
 
-/// What the packer thread hands back when its input ends.
+/// What the packers hand back when their input ends.
 struct Packed {
-    /// Base location of every block, by sequence number.
-    bases: Vec<Location>,
+    /// Base location of every block, by sequence number (`None`: a block of a batch
+    /// never sent, which only a writer dropped uncommitted has).
+    bases: Vec<Option<Location>>,
     sealed: Vec<SealedPack>,
     new_bytes: u64,
 }
 
-/// The packer thread's side: compresses blocks and appends them to packs in `tmp/`, in
-/// the order they arrive, so that block `n` of the snapshot gets `bases[n]`.
+/// What one packer thread hands back: (block sequence number, base location) of each
+/// block it wrote, in the order it wrote them.
+struct PackerDone {
+    bases: Vec<(u64, Location)>,
+    sealed: Vec<SealedPack>,
+    new_bytes: u64,
+}
+
+/// Batches waiting for a packer: whichever packer is free takes the next one.
+type Queue = Arc<Mutex<mpsc::Receiver<Batch>>>;
+
+/// One packer thread's side: compresses the blocks of the batches it takes and appends
+/// them to packs of its own in `tmp/`; block `n` of the snapshot is where its `bases`
+/// say.
 struct Packer {
     store: Store,
     /// Packs bypass the page cache.
     direct: bool,
-    next_pack: u32,
+    /// The next pack number, shared by the packers of one writer.
+    next_pack: Arc<AtomicU32>,
     pack: Option<OpenPack>,
     sealed: Vec<SealedPack>,
-    bases: Vec<Location>,
+    bases: Vec<(u64, Location)>,
     compressed: Vec<u8>,
     new_bytes: u64,
 }
 
 impl Packer {
-    /// Packs every batch of `rx`; each emptied batch goes back through `free` to be
-    /// filled again (its buffer's pages are then already touched: fresh memory costs a
-    /// page fault per 4 KiB, which on a VM is slower than compressing it).
+    /// Packs batches of `queue` until it ends; each emptied batch goes back through
+    /// `free` to be filled again (its buffer's pages are then already touched: fresh
+    /// memory costs a page fault per 4 KiB, which on a VM is slower than compressing it).
     fn run(
         mut self,
-        rx: mpsc::Receiver<Batch>,
+        queue: Queue,
         free: mpsc::SyncSender<Batch>,
-    ) -> Result<Packed, StoreError> {
+    ) -> Result<PackerDone, StoreError> {
         let res = (|| {
-            for mut batch in rx {
+            loop {
+                // The lock is held only while waiting for the next batch, not while
+                // packing it.
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok(mut batch) = next else { break };
                 let mut at = 0;
-                for (pages, hashes) in &batch.blocks {
+                for (i, (pages, hashes)) in batch.blocks.iter().enumerate() {
                     let len = *pages as usize * PAGE_SIZE;
-                    self.write_block(&batch.data[at..at + len], &hashes[..*pages as usize])?;
+                    self.write_block(
+                        batch.first_block + i as u64,
+                        &batch.data[at..at + len],
+                        &hashes[..*pages as usize],
+                    )?;
                     at += len;
                 }
                 batch.blocks.clear();
@@ -203,7 +244,7 @@ impl Packer {
             self.seal_pack()
         })();
         match res {
-            Ok(()) => Ok(Packed {
+            Ok(()) => Ok(PackerDone {
                 bases: std::mem::take(&mut self.bases),
                 sealed: std::mem::take(&mut self.sealed),
                 new_bytes: self.new_bytes,
@@ -217,14 +258,13 @@ impl Packer {
 
     fn open_pack(&mut self) -> Result<&mut OpenPack, StoreError> {
         if self.pack.is_none() {
-            let number = self.next_pack;
-            self.next_pack += 1;
+            let number = self.next_pack.fetch_add(1, Ordering::Relaxed);
             let (file, tmp) =
                 fsutil::create_tmp(&self.store.tmp_dir(), &format!("pack-{number:08}"))?;
             let mut out = if self.direct {
                 PackOut::Direct(DirectWriter::new(file).map_err(io_err("write", &tmp))?)
             } else {
-                PackOut::Cached(BufWriter::with_capacity(4 << 20, file))
+                PackOut::Cached(BufWriter::with_capacity(WRITE_SIZE, file))
             };
             let mut header = [0u8; PACK_HEADER];
             header[..8].copy_from_slice(&PACK_MAGIC);
@@ -242,7 +282,12 @@ impl Packer {
         Ok(self.pack.as_mut().unwrap())
     }
 
-    fn write_block(&mut self, block: &[u8], hashes: &[[u8; 32]]) -> Result<(), StoreError> {
+    fn write_block(
+        &mut self,
+        seq: u64,
+        block: &[u8],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), StoreError> {
         let raw_len = block.len();
         let clen = lz4_flex::block::compress_into(block, &mut self.compressed)
             .expect("output sized by get_maximum_output_size");
@@ -280,7 +325,7 @@ impl Packer {
             };
             pack.records.push(Record { hash: *hash, loc });
         }
-        self.bases.push(base);
+        self.bases.push((seq, base));
         if pack.len >= PACK_TARGET_SIZE {
             self.seal_pack()?;
         }
@@ -323,15 +368,16 @@ impl Packer {
 /// dropping it uncommitted leaves nothing behind (at worst, after a crash, garbage in
 /// `tmp/` that `gc` removes).
 ///
-/// Two threads share the work: the caller's zero-checks and hashes pages (on both cores
-/// for large calls) and deduplicates them; a packer thread compresses the new ones and
-/// appends them to packs. Packs are written to the page cache with writeback started as
-/// they grow, and made durable all at once by [`SnapshotWriter::commit`].
+/// The work is shared: the caller's thread zero-checks and hashes pages (on two threads
+/// for large calls) and deduplicates them; packer threads (one per core, up to
+/// [`MAX_PACKERS`]) take batches of the new ones as they come, compress them and append
+/// them to packs of their own. Packs are written to the page cache with writeback
+/// started as they grow, and made durable all at once by [`SnapshotWriter::commit`].
 pub struct SnapshotWriter<'a> {
     store: &'a Store,
     _lock: WriteLock,
     /// Every page hash known: in the store's packs, or (pack [`PENDING`]) in a block of
-    /// this snapshot still with the packer.
+    /// this snapshot still with a packer.
     index: Index,
     table: Vec<Record>,
     /// The batch being filled: its last block is incomplete while `block_pages` > 0.
@@ -340,9 +386,9 @@ pub struct SnapshotWriter<'a> {
     /// Sequence number of the block being filled.
     next_block: u64,
     tx: Option<mpsc::SyncSender<Batch>>,
-    /// Emptied batches coming back from the packer, to be filled again.
+    /// Emptied batches coming back from the packers, to be filled again.
     free: mpsc::Receiver<Batch>,
-    packer: Option<std::thread::JoinHandle<Result<Packed, StoreError>>>,
+    packers: Vec<std::thread::JoinHandle<Result<PackerDone, StoreError>>>,
     new_pages: u64,
     /// Time the last commit spent making the snapshot durable.
     flush_time: std::time::Duration,
@@ -416,26 +462,42 @@ impl<'a> SnapshotWriter<'a> {
                 ),
             }
         }
-        let packer = Packer {
-            store: store.clone(),
-            direct,
-            next_pack,
-            pack: None,
-            sealed: Vec::new(),
-            bases: Vec::new(),
-            compressed: vec![0; lz4_flex::block::get_maximum_output_size(BLOCK_PAGES * PAGE_SIZE)],
-            new_bytes: 0,
-        };
+        let next_pack = Arc::new(AtomicU32::new(next_pack));
         let (tx, rx) = mpsc::sync_channel(BATCHES_IN_FLIGHT);
-        let (free_tx, free_rx) = mpsc::sync_channel(BATCHES_IN_FLIGHT + 2);
-        let handle = std::thread::Builder::new()
-            .name("warmstart-packer".into())
-            .spawn(move || packer.run(rx, free_tx))
-            .map_err(|e| StoreError::Io {
-                action: "start the packer thread for",
-                path: store.tmp_dir(),
-                source: e,
-            })?;
+        let queue: Queue = Arc::new(Mutex::new(rx));
+        let (free_tx, free_rx) = mpsc::sync_channel(BATCHES_IN_FLIGHT + 2 * MAX_PACKERS);
+        let mut packers = Vec::new();
+        for _ in 0..packer_count() {
+            let packer = Packer {
+                store: store.clone(),
+                direct,
+                next_pack: next_pack.clone(),
+                pack: None,
+                sealed: Vec::new(),
+                bases: Vec::new(),
+                compressed: vec![
+                    0;
+                    lz4_flex::block::get_maximum_output_size(BLOCK_PAGES * PAGE_SIZE)
+                ],
+                new_bytes: 0,
+            };
+            let (queue, free_tx) = (queue.clone(), free_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("warmstart-packer".into())
+                .spawn(move || packer.run(queue, free_tx));
+            match spawned {
+                Ok(h) => packers.push(h),
+                // Fewer packers are slower, not wrong; none is an error.
+                Err(e) if packers.is_empty() => {
+                    return Err(StoreError::Io {
+                        action: "start the packer thread for",
+                        path: store.tmp_dir(),
+                        source: e,
+                    })
+                }
+                Err(_) => break,
+            }
+        }
         Ok(SnapshotWriter {
             store,
             _lock: lock,
@@ -446,7 +508,7 @@ impl<'a> SnapshotWriter<'a> {
             next_block: 0,
             tx: Some(tx),
             free: free_rx,
-            packer: Some(handle),
+            packers,
             new_pages: 0,
             flush_time: std::time::Duration::ZERO,
             base: None,
@@ -637,7 +699,7 @@ impl<'a> SnapshotWriter<'a> {
         Ok(idx)
     }
 
-    /// Hands the batch (with its incomplete last block, if any) to the packer.
+    /// Hands the batch (with its incomplete last block, if any) to the packers.
     fn send_batch(&mut self) -> Result<(), StoreError> {
         if self.batch.blocks.is_empty() {
             return Ok(());
@@ -647,10 +709,12 @@ impl<'a> SnapshotWriter<'a> {
             self.next_block += 1;
         }
         let fresh = self.free.try_recv().unwrap_or_else(|_| Batch {
+            first_block: 0,
             blocks: Vec::with_capacity(BATCH_BLOCKS),
             data: Vec::with_capacity(BATCH_BLOCKS * BLOCK_PAGES * PAGE_SIZE),
         });
-        let batch = std::mem::replace(&mut self.batch, fresh);
+        let mut batch = std::mem::replace(&mut self.batch, fresh);
+        batch.first_block = self.next_block - batch.blocks.len() as u64;
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
         if !sent {
             // The packer stopped: its error says why.
@@ -658,24 +722,55 @@ impl<'a> SnapshotWriter<'a> {
             return Err(StoreError::Io {
                 action: "write",
                 path: self.store.tmp_dir(),
-                source: std::io::Error::other("the packer thread stopped"),
+                source: std::io::Error::other("the packer threads stopped"),
             });
         }
         Ok(())
     }
 
-    /// Ends the packer's input and waits for what it wrote.
+    /// Ends the packers' input and waits for what they wrote. On an error of any of
+    /// them, what the others wrote is removed too.
     fn finish_packer(&mut self) -> Result<Packed, StoreError> {
         self.tx = None;
-        match self.packer.take().map(|h| h.join()) {
-            Some(Ok(res)) => res,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Err(StoreError::Io {
+        if self.packers.is_empty() {
+            return Err(StoreError::Io {
                 action: "write",
                 path: self.store.tmp_dir(),
-                source: std::io::Error::other("the packer thread already finished"),
-            }),
+                source: std::io::Error::other("the packer threads already finished"),
+            });
         }
+        let mut done = Vec::new();
+        let mut error = None;
+        for h in self.packers.drain(..) {
+            match h.join() {
+                Ok(Ok(d)) => done.push(d),
+                Ok(Err(e)) => {
+                    error.get_or_insert(e);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        if let Some(e) = error {
+            for s in done.iter().flat_map(|d| &d.sealed) {
+                let _ = fs::remove_file(&s.tmp);
+            }
+            return Err(e);
+        }
+        let mut bases = vec![None; self.next_block as usize];
+        let mut packed = Packed {
+            bases: Vec::new(),
+            sealed: Vec::new(),
+            new_bytes: 0,
+        };
+        for d in done {
+            for (seq, loc) in d.bases {
+                bases[seq as usize] = Some(loc);
+            }
+            packed.sealed.extend(d.sealed);
+            packed.new_bytes += d.new_bytes;
+        }
+        packed.bases = bases;
+        Ok(packed)
     }
 
     /// Fills `manifest.page_count` and `pages_hash`, makes the new packs durable and
@@ -762,40 +857,22 @@ impl<'a> SnapshotWriter<'a> {
         Ok(id)
     }
 
-    /// The commit's one flush: syncs the new packs (their writeback started as they
-    /// were written), moves them and their indexes under `packs/`, then writes the page
-    /// table and the manifest, which makes the snapshot exist.
+    /// The commit's one flush, in rounds that each wait for the disk once: (1) the new
+    /// packs (their writeback started as they were written) and, written to temp files,
+    /// their indexes, the page table and the manifest are synced, all at once; (2) the
+    /// packs, their indexes and the page table are renamed into place and their
+    /// directories synced; (3) the manifest is renamed into place and its directory
+    /// synced, which makes the snapshot exist, everything it references durable by then.
     fn publish(
         &mut self,
         packed: &Packed,
         manifest: &mut Manifest,
         name: Option<&str>,
     ) -> Result<SnapshotId, StoreError> {
-        std::thread::scope(|s| {
-            let syncs: Vec<_> = packed
-                .sealed
-                .iter()
-                .map(|p| s.spawn(move || p.file.sync_all().map_err(io_err("sync", &p.tmp))))
-                .collect();
-            syncs
-                .into_iter()
-                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-        })?;
-        let tmp = self.store.tmp_dir();
-        for p in &packed.sealed {
-            let dest = self.store.pack_path(p.number);
-            fs::rename(&p.tmp, &dest).map_err(io_err("rename into place", &dest))?;
-            let mut records = p.records.clone();
-            records.sort_unstable_by_key(|r| r.hash);
-            let idx = table::encode(INDEX_MAGIC, [0; 32], &records);
-            fsutil::write_atomic(&tmp, &self.store.idx_path(p.number), &idx)?;
-        }
-        if !packed.sealed.is_empty() {
-            fsutil::fsync_dir(&self.store.packs_dir())?;
-        }
         for r in &mut self.table {
             if r.loc.pack == PENDING {
-                let base = packed.bases[r.loc.offset as usize];
+                // The commit sent every batch before it waited for the packers.
+                let base = packed.bases[r.loc.offset as usize].expect("every block was sent");
                 r.loc = Location {
                     slot: r.loc.slot,
                     ..base
@@ -808,19 +885,111 @@ impl<'a> SnapshotWriter<'a> {
         let bytes = format::encode(manifest);
         let id = SnapshotId::of_manifest_bytes(&bytes);
         let tbl = table::encode(table::TABLE_MAGIC, pages_hash, &self.table);
-        fsutil::write_atomic(&tmp, &self.store.table_path(&id), &tbl)?;
-        fsutil::write_atomic(&tmp, &self.store.manifest_path(&id), &bytes)?;
+        let idxs: Vec<Vec<u8>> = (packed.sealed.iter())
+            .map(|p| {
+                let mut records = p.records.clone();
+                records.sort_unstable_by_key(|r| r.hash);
+                table::encode(INDEX_MAGIC, [0; 32], &records)
+            })
+            .collect();
+        // (1) Everything synced at once; the temp files, in the order of `contents`.
+        let tmp = self.store.tmp_dir();
+        let contents: Vec<&[u8]> = (idxs.iter().map(|i| &i[..]))
+            .chain([&tbl[..], &bytes[..]])
+            .collect();
+        let (synced, temps) = std::thread::scope(|s| {
+            let packs: Vec<_> = (packed.sealed.iter())
+                .map(|p| s.spawn(move || p.file.sync_all().map_err(io_err("sync", &p.tmp))))
+                .collect();
+            let temps: Vec<_> = (contents.iter())
+                .map(|c| s.spawn(|| write_synced(&tmp, c)))
+                .collect();
+            let synced: Vec<Result<(), StoreError>> = packs.into_iter().map(join).collect();
+            let temps: Vec<Result<PathBuf, StoreError>> = temps.into_iter().map(join).collect();
+            (synced, temps)
+        });
+        let mut failed = synced.into_iter().find_map(Result::err);
+        let mut ok = Vec::with_capacity(temps.len());
+        for t in temps {
+            match t {
+                Ok(path) => ok.push(path),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        let temps = ok;
+        let res = match failed {
+            Some(e) => Err(e),
+            None => self.put_in_place(packed, &temps, &id),
+        };
+        // Temp files not moved into place (an error) are garbage.
+        for t in &temps {
+            let _ = fs::remove_file(t);
+        }
+        res?;
         if let Some(name) = name {
             self.store.set_name_locked(name, &id)?;
         }
         Ok(id)
     }
+
+    /// Rounds (2) and (3) of [`Self::publish`]: `temps` holds the synced indexes of the
+    /// packs, then the page table and the manifest.
+    fn put_in_place(
+        &self,
+        packed: &Packed,
+        temps: &[PathBuf],
+        id: &SnapshotId,
+    ) -> Result<(), StoreError> {
+        let n = packed.sealed.len();
+        for (p, idx) in packed.sealed.iter().zip(&temps[..n]) {
+            let dest = self.store.pack_path(p.number);
+            fs::rename(&p.tmp, &dest).map_err(io_err("rename into place", &dest))?;
+            let dest = self.store.idx_path(p.number);
+            fs::rename(idx, &dest).map_err(io_err("rename into place", &dest))?;
+        }
+        let table = self.store.table_path(id);
+        fs::rename(&temps[n], &table).map_err(io_err("rename into place", &table))?;
+        let dirs = [
+            self.store.packs_dir(),
+            table.parent().unwrap().to_path_buf(),
+        ];
+        let skip = usize::from(n == 0);
+        std::thread::scope(|s| {
+            let syncs: Vec<_> = (dirs[skip..].iter())
+                .map(|d| s.spawn(move || fsutil::fsync_dir(d)))
+                .collect();
+            syncs.into_iter().try_for_each(join)
+        })?;
+        let dest = self.store.manifest_path(id);
+        fs::rename(&temps[n + 1], &dest).map_err(io_err("rename into place", &dest))?;
+        fsutil::fsync_dir(&dirs[1])
+    }
+}
+
+/// The result of a scoped thread; its panic goes on in the caller.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Writes `bytes` to a fresh temp file in `tmp_dir` and syncs it; removed on error.
+fn write_synced(tmp_dir: &std::path::Path, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+    let (mut f, tmp) = fsutil::create_tmp(tmp_dir, "write")?;
+    let written = (bytes.chunks(WRITE_SIZE)).try_for_each(|c| f.write_all(c));
+    match written.and_then(|()| f.sync_all()) {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(io_err("write", &tmp)(e))
+        }
+    }
 }
 
 impl Drop for SnapshotWriter<'_> {
     fn drop(&mut self) {
-        // Uncommitted: what the packer wrote is garbage, removed now.
-        if self.packer.is_some() {
+        // Uncommitted: what the packers wrote is garbage, removed now.
+        if !self.packers.is_empty() {
             self.batch = Batch::default();
             if let Ok(packed) = self.finish_packer() {
                 for s in &packed.sealed {
