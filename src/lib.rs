@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod cpu_baseline;
+pub mod dirs;
 pub mod dump;
 pub mod fds;
 pub mod http_prime;

@@ -39,16 +39,7 @@ const CACHE_ENTRIES: usize = 4096;
 
 /// Where the cache of file hashes is, if `XDG_CACHE_HOME` or `HOME` names a directory.
 fn cache_path() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .filter(|p| p.is_absolute())
-                .map(|h| h.join(".cache"))
-        })?;
-    Some(base.join("warmstart/file-hashes"))
+    Some(crate::dirs::cache_home()?.join("warmstart/file-hashes"))
 }
 
 /// The cache's entries: one a line, `dev ino size mtime_ns ctime_ns hash` (hash in hex).

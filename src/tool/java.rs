@@ -219,21 +219,12 @@ fn jdk_of(program: &Path) -> Result<(PathBuf, u32)> {
 /// `~/.cache/warmstart/launchers`, never under `/tmp` (hidden from the app by its private
 /// `/tmp`).
 fn cache_dir() -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .filter(|p| p.is_absolute())
-                .map(|h| h.join(".cache"))
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "record --tool: neither XDG_CACHE_HOME nor HOME is set, so there is no place \
+    let base = crate::dirs::cache_home().ok_or_else(|| {
+        anyhow!(
+            "record --tool: neither XDG_CACHE_HOME nor HOME is set, so there is no place \
                  to build warmstart's Java launcher; set one of them"
-            )
-        })?;
+        )
+    })?;
     let dir = base.join("warmstart/launchers");
     if dir.starts_with("/tmp") {
         bail!(
