@@ -131,10 +131,9 @@ impl Target {
                     iov_base: (addr as usize + done) as *mut libc::c_void,
                     iov_len: buf.len() - done,
                 };
-                // SAFETY: `local` describes buf[done..], exclusively borrowed and writable
-                // for its whole length, which the kernel does not exceed. The `remote`
-                // range is in the target's address space and checked by the kernel; when
-                // the target is this process (the test) it is only read.
+                // SAFETY: `local` is buf[done..], exclusively borrowed and writable, never
+                // overrun; `remote` is in the target's address space, checked by the kernel
+                // (when the target is this process, the test, it is only read).
                 let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
                 if n <= 0 {
                     // Partial reads stop at a page the kernel could not fault in; finish

@@ -198,10 +198,10 @@ fn spawn(scenario: Scenario) -> Child {
 fn spawn_in(l: Layout, scenario: Scenario) -> Child {
     let (go_r, go_w) = pipe();
     let (out_r, out_w) = pipe();
-    // SAFETY: the test process has other threads, so the child may take no lock they
-    // might hold: it makes raw syscalls, calls the Uffd wrappers (syscalls and ioctls that
-    // allocate nothing; their errors are plain enums) and the scenario (raw syscalls and
-    // stack buffers), and leaves with _exit, never returning into the harness.
+    // The test process has other threads, so the child may take no lock they might hold:
+    // it makes raw syscalls, the Uffd wrappers (syscalls and ioctls that allocate nothing;
+    // their errors are plain enums) and the scenario (raw syscalls, stack buffers).
+    // SAFETY: as above; the child leaves with _exit, never returning into the harness.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
@@ -463,10 +463,10 @@ fn dontneed_reads_zeros() {
 }
 
 fn remap(out: i32) {
+    // MREMAP_FIXED would replace whatever sits at MOVED: a fixed address chosen far from
+    // where the loader, stacks and malloc place memory, so nothing is there in this child.
     // SAFETY: the 16 pages moved lie inside the child's fixed mapping at BASE, which no
-    // Rust reference points into. MREMAP_FIXED would replace whatever sits at MOVED: it is
-    // a fixed address chosen far from where the loader, stacks and malloc place memory,
-    // so in this small child nothing is there; the result is checked.
+    // Rust reference points into; MOVED is free (above); the result is checked.
     unsafe {
         let _ = sum_at(BASE); // loads 0..16
         let p = libc::mremap(
@@ -498,9 +498,9 @@ fn mremap_moves_unloaded_pages() {
 }
 
 fn fork_after_restore(out: i32) {
-    // SAFETY: the forked test child is single-threaded, so its own fork needs no
-    // async-signal-safety care; the grandchild only reads pages and writes results, then
-    // _exits. The volatile writes are to page 1 and 2 of the child's fixed mapping at
+    // The forked test child is single-threaded, so its own fork needs no
+    // async-signal-safety care; the grandchild only reads pages, writes results, _exits.
+    // SAFETY: as above; the volatile writes are to pages 1 and 2 of the fixed mapping at
     // BASE (u64-aligned), which no Rust reference points into; `st` is a live local.
     unsafe {
         let _ = sum_at(BASE); // loads 0..16 in the parent
@@ -736,10 +736,10 @@ fn streaming_pipeline_copies_every_page() {
 const BIG_MOVED: u64 = 0x5e5e_0000_0000;
 
 fn remap_and_drop_while_streaming(out: i32) {
-    // SAFETY: both ranges lie inside the child's fixed mapping at BIG.base, which no Rust
-    // reference points into. MREMAP_FIXED would replace whatever sits at BIG_MOVED: a
-    // fixed address far from where the loader, stacks and malloc place memory, so in this
-    // small child nothing is there; the result is checked. MADV_DONTNEED only zeroes.
+    // MREMAP_FIXED would replace whatever sits at BIG_MOVED: a fixed address far from
+    // where the loader, stacks and malloc place memory, so nothing is there in this child.
+    // SAFETY: both ranges lie inside the fixed mapping at BIG.base, which no Rust reference
+    // points into; BIG_MOVED is free (above); MADV_DONTNEED only zeroes; result checked.
     unsafe {
         let p = libc::mremap(
             (BIG.base + 600 * P as u64) as *mut _,
