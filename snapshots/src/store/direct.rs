@@ -130,7 +130,7 @@ mod tests {
             want.extend_from_slice(&piece);
         }
         assert!(want.len() > 3 * CHUNK);
-        let mut f = w.finish().unwrap();
+        let f = w.finish().unwrap();
         f.sync_all().unwrap();
         let mut got = Vec::new();
         File::open(&path).unwrap().read_to_end(&mut got).unwrap();
