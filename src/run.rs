@@ -228,9 +228,11 @@ pub fn run_instance_with(
     if let Some(o) = lazy {
         if display_stats {
             eprintln!(
-                "page server: {} pages prefetched in {:.3} ms; {} faults served ({} with data, {} zero), \
+                "page server: {} pages prefetched ({} hot, {} batches) in {:.3} ms; {} faults served ({} with data, {} zero), \
                  {} pages on fault, {} streamed ({}), all memory in after {}, {}",
                 o.prefetch.pages,
+                o.prefetch.hot_pages,
+                o.prefetch.batches,
                 o.prefetch.elapsed.as_secs_f64() * 1e3,
                 o.serve.faults,
                 o.serve.faults_data,

@@ -1,5 +1,6 @@
 //! The monitor's side of a lazy restore: take the userfaultfd the restorer created,
-//! prefetch the learned working set while the app is still stopped, then serve faults
+//! prefetch the learned working set while the app is still stopped (on a thread of its
+//! own, beside the monitor's eager writes: they fill other ranges), then serve faults
 //! and stream the rest on a thread of its own while the app runs.
 //!
 //! A page server that fails (a corrupt page, a store gone missing) kills the whole
@@ -90,10 +91,11 @@ impl Learning {
     }
 }
 
-/// A page server that has its userfaultfd and has prefetched, not yet serving.
+/// A page server that has its userfaultfd and is prefetching, not yet serving.
 pub struct Starting {
-    server: LazyServer,
-    prefetch: PrefetchStats,
+    /// The prefetch under way; it hands the server back.
+    prefetching: JoinHandle<(LazyServer, Result<PrefetchStats>)>,
+    record: RecordHandle,
     /// A copy of the userfaultfd for the [`Keeper`].
     keep: OwnedFd,
     /// Learning: the TCP ports (family, port) the instance listens on; its first
@@ -125,7 +127,8 @@ fn read_word(pid: i32, addr: u64) -> Result<u64> {
     Ok(u64::from_le_bytes(w))
 }
 
-/// At the restorer's first trap: takes its userfaultfd and prefetches.
+/// At the restorer's first trap: takes its userfaultfd and starts the prefetch (joined
+/// by [`Starting::run`], before the app can run).
 pub fn start(
     snap: &Arc<Snapshot>,
     hot: Option<Arc<Hot>>,
@@ -174,10 +177,19 @@ pub fn start(
         }
         None => Keeping::default(),
     };
-    let prefetch = server.prefetch()?;
+    let record = server.record_handle();
+    // The process stays stopped until `run` has joined this: no page of it is read
+    // before its working set is in.
+    let prefetching = std::thread::Builder::new()
+        .name("prefetch".into())
+        .spawn(move || {
+            let st = server.prefetch();
+            (server, st)
+        })
+        .context("starting the prefetch thread")?;
     Ok(Starting {
-        server,
-        prefetch,
+        prefetching,
+        record,
         keep,
         answer_ports: if learn && how.root {
             tcp_listen_ports(&snap.manifest)
@@ -216,27 +228,31 @@ fn tcp_listen_ports(m: &Manifest) -> Vec<(i32, u16)> {
 impl Starting {
     /// Its handle to end the recording of its working set.
     pub fn record_handle(&self) -> RecordHandle {
-        self.server.record_handle()
+        self.record.clone()
     }
 
     /// Once the app runs: serves on a thread; `tap` is the read end of the app's stdout
     /// when learning (copied to our stdout; the first byte ends the recording).
-    /// `keeper` holds the userfaultfds of the instance's page servers (this is number
-    /// `server` of them).
+    /// `keeper` holds the userfaultfds of the instance's page servers (this is
+    /// `number` of them). Waits for the prefetch first.
     pub fn run(
         self,
         init: BorrowedFd<'_>,
         keeper: &Keeper,
-        server: u32,
+        number: u32,
         tap: Option<OwnedFd>,
     ) -> Result<Running> {
+        let (mut server, prefetch) = self
+            .prefetching
+            .join()
+            .map_err(|_| anyhow!("the prefetch thread panicked"))?;
+        let prefetch = prefetch.context("prefetching the working set")?;
         let killer = init
             .try_clone_to_owned()
             .context("duplicating the sandbox's pidfd")?;
-        let record = self.server.record_handle();
-        let mut keeper = keeper.share(server, self.keep.as_fd())?;
+        let record = self.record;
+        let mut keeper = keeper.share(number, self.keep.as_fd())?;
         drop(self.keep);
-        let mut server = self.server;
         server.keep_spaces_with(keeper.link()?);
         let server = std::thread::Builder::new()
             .name("page-server".into())
@@ -269,7 +285,7 @@ impl Starting {
             tap,
             watch,
             keeping: self.keeping,
-            prefetch: self.prefetch,
+            prefetch,
         })
     }
 }
