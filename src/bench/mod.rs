@@ -448,6 +448,10 @@ pub struct BenchArgs {
     /// --prime-args`); repeatable
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub prime_args: Vec<String>,
+    /// With --tool: then as many pairs again with the warm runs answered by a `warmstart
+    /// serve` daemon (an instance parked before each)
+    #[arg(long, requires = "tool")]
+    pub served: bool,
     /// The app's command (after `--`); its input is this command's stdin (one answer is
     /// waited for)
     #[arg(

@@ -75,10 +75,17 @@ pub fn bench_tool(store: &Store, args: &BenchArgs) -> Result<i32> {
         );
     }
     let result = pairs(&command, &tool_args, args.runs, &mut |a: &[String]| {
-        let mut c = ws(&["run", &snapshot, "--"]);
+        let mut c = ws(&["run", "--no-serve", &snapshot, "--"]);
         c.args(a);
         c
     });
+    // Through a daemon (the lone runs learned the working set it needs to park).
+    let served = match (&result, args.served) {
+        (Ok(_), true) => Some(served_pairs(
+            &exe, store, &snapshot, &command, &tool_args, args.runs,
+        )),
+        _ => None,
+    };
     if !args.keep {
         if let Err(e) = store.remove(&snapshot) {
             eprintln!("warning: could not remove snapshot {snapshot}: {e}");
@@ -99,11 +106,64 @@ pub fn bench_tool(store: &Store, args: &BenchArgs) -> Result<i32> {
         w[w.len() - 1],
         cold.len()
     );
+    let mut same = same;
+    if let Some(served) = served {
+        let (cold, warm, same_served) = served?;
+        same &= same_served;
+        let (mut c, mut w): (Vec<f64>, Vec<f64>) = (cold.clone(), warm.clone());
+        let (cm, wm) = (median(&mut c), median(&mut w));
+        let mut ratios: Vec<f64> = cold.iter().zip(&warm).map(|(c, w)| c / w).collect();
+        let rm = median(&mut ratios);
+        println!(
+            "served: {wm:.1} ms median [{:.1}–{:.1}]   cold beside it: {cm:.1} ms median   \
+             ×{rm:.1} (median of {} pairs)",
+            w[0],
+            w[w.len() - 1],
+            cold.len()
+        );
+    }
     if !same {
         println!("warning: warm and cold runs differ in their output or exit status");
         return Ok(1);
     }
     Ok(0)
+}
+
+/// `runs` pairs of a cold run and a warm run handed out by a `warmstart serve` daemon,
+/// each warm run only once the daemon has parked an instance for it.
+fn served_pairs(
+    exe: &std::path::Path,
+    store: &Store,
+    snapshot: &str,
+    command: &[String],
+    tool_args: &[String],
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>, bool)> {
+    let mut daemon = super::measure::ServeDaemon::start_args(
+        exe,
+        store.dir(),
+        &["--pool", "1", "--warm", snapshot],
+    )?;
+    let mut parked = 0;
+    let mut unparked = None;
+    let out = pairs(command, tool_args, runs, &mut |a: &[String]| {
+        parked += 1;
+        if unparked.is_none() {
+            let wait = Duration::from_secs(60);
+            unparked = daemon.wait_log("parked an instance of", parked, wait).err();
+        }
+        let mut c = Command::new(exe);
+        c.arg("--store")
+            .arg(store.dir())
+            .args(["run", snapshot, "--"])
+            .args(a);
+        c
+    })?;
+    match unparked {
+        // Runs the daemon restored on the spot (or left to `run`) are not served ones.
+        Some(e) => Err(e.context("the daemon did not park an instance before every served run")),
+        None => Ok(out),
+    }
 }
 
 /// `runs` pairs of a cold run of `command` and a warm one (`warm(args)`), in ms, and
