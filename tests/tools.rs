@@ -419,13 +419,14 @@ fn a_shim_runs_the_tool_warm_or_cold() {
     assert!(!dir.path().join("counter").exists());
 }
 
-/// `bench --tool` times cold runs of a tool against warm ones (issue 16), compares their
-/// output and exit status, and leaves no snapshot behind.
+/// `bench --tool` times cold runs of a tool against warm ones (issue 16), lone and (with
+/// `--served`) answered by a daemon, compares their output and exit status, and leaves no
+/// snapshot behind.
 #[test]
 fn bench_compares_cold_and_warm_runs_of_a_tool() {
     let tool = tool_copy();
     let ws = Ws::new();
-    let mut cmd = ws.cmd(&["bench", "--tool", "--runs", "2", "--"]);
+    let mut cmd = ws.cmd(&["bench", "--tool", "--served", "--runs", "2", "--"]);
     cmd.arg(python())
         .args(["-m", "wstool", "--exit", "4"])
         .env("PYTHONPATH", tool.path());
@@ -434,7 +435,8 @@ fn bench_compares_cold_and_warm_runs_of_a_tool() {
     assert!(
         out.stdout.contains("cold: ")
             && out.stdout.contains("warm: ")
-            && out.stdout.contains("(median of 2 pairs)")
+            && out.stdout.contains("served: ")
+            && out.stdout.matches("(median of 2 pairs)").count() == 2
             && !out.stdout.contains("differ"),
         "{}",
         out.describe()
