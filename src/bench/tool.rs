@@ -82,7 +82,7 @@ pub fn bench_tool(store: &Store, args: &BenchArgs) -> Result<i32> {
     // Through a daemon (the lone runs learned the working set it needs to park).
     let served = match (&result, args.served) {
         (Ok(_), true) => Some(served_pairs(
-            &exe, store, &snapshot, &command, &tool_args, args.runs,
+            &exe, store, &ws, &snapshot, &command, &tool_args, args.runs,
         )),
         _ => None,
     };
@@ -91,35 +91,34 @@ pub fn bench_tool(store: &Store, args: &BenchArgs) -> Result<i32> {
             eprintln!("warning: could not remove snapshot {snapshot}: {e}");
         }
     }
-    let (cold, warm, same) = result?;
-    let (mut c, mut w): (Vec<f64>, Vec<f64>) = (cold.clone(), warm.clone());
-    let (cm, wm) = (median(&mut c), median(&mut w));
-    let mut ratios: Vec<f64> = cold.iter().zip(&warm).map(|(c, w)| c / w).collect();
-    let rm = median(&mut ratios);
+    let (cold, warm, mut same) = result?;
+    let lone = Summary::of(cold, warm);
     println!("tool: {}", command.join(" "));
     println!(
-        "cold: {cm:.1} ms median [{:.1}–{:.1}]   warm: {wm:.1} ms median [{:.1}–{:.1}]   \
-         ×{rm:.1} (median of {} pairs)",
-        c[0],
-        c[c.len() - 1],
-        w[0],
-        w[w.len() - 1],
-        cold.len()
+        "cold: {:.1} ms median [{:.1}–{:.1}]   warm: {:.1} ms median [{:.1}–{:.1}]   \
+         ×{:.1} (median of {} pairs)",
+        lone.cold_median,
+        lone.cold[0],
+        lone.cold[lone.cold.len() - 1],
+        lone.warm_median,
+        lone.warm[0],
+        lone.warm[lone.warm.len() - 1],
+        lone.ratio,
+        lone.cold.len()
     );
-    let mut same = same;
     if let Some(served) = served {
         let (cold, warm, same_served) = served?;
         same &= same_served;
-        let (mut c, mut w): (Vec<f64>, Vec<f64>) = (cold.clone(), warm.clone());
-        let (cm, wm) = (median(&mut c), median(&mut w));
-        let mut ratios: Vec<f64> = cold.iter().zip(&warm).map(|(c, w)| c / w).collect();
-        let rm = median(&mut ratios);
+        let served = Summary::of(cold, warm);
         println!(
-            "served: {wm:.1} ms median [{:.1}–{:.1}]   cold beside it: {cm:.1} ms median   \
-             ×{rm:.1} (median of {} pairs)",
-            w[0],
-            w[w.len() - 1],
-            cold.len()
+            "served: {:.1} ms median [{:.1}–{:.1}]   cold beside it: {:.1} ms median   \
+             ×{:.1} (median of {} pairs)",
+            served.warm_median,
+            served.warm[0],
+            served.warm[served.warm.len() - 1],
+            served.cold_median,
+            served.ratio,
+            served.cold.len()
         );
     }
     if !same {
@@ -129,11 +128,38 @@ pub fn bench_tool(store: &Store, args: &BenchArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `runs` pairs of a cold run and a warm run handed out by a `warmstart serve` daemon,
-/// each warm run only once the daemon has parked an instance for it.
+/// Timed pairs (ms), each side sorted, with their medians and the median of the pairs'
+/// cold / warm ratios.
+struct Summary {
+    cold: Vec<f64>,
+    warm: Vec<f64>,
+    cold_median: f64,
+    warm_median: f64,
+    ratio: f64,
+}
+
+impl Summary {
+    fn of(mut cold: Vec<f64>, mut warm: Vec<f64>) -> Summary {
+        let mut ratios: Vec<f64> = cold.iter().zip(&warm).map(|(c, w)| c / w).collect();
+        let ratio = median(&mut ratios);
+        let (cold_median, warm_median) = (median(&mut cold), median(&mut warm));
+        Summary {
+            cold,
+            warm,
+            cold_median,
+            warm_median,
+            ratio,
+        }
+    }
+}
+
+/// `runs` pairs of a cold run and a warm run handed out by a `warmstart serve` daemon
+/// (`ws` makes a command of warmstart for the store), each warm run only once the daemon
+/// has parked an instance for it.
 fn served_pairs(
     exe: &std::path::Path,
     store: &Store,
+    ws: &dyn Fn(&[&str]) -> Command,
     snapshot: &str,
     command: &[String],
     tool_args: &[String],
@@ -152,11 +178,8 @@ fn served_pairs(
             let wait = Duration::from_secs(60);
             unparked = daemon.wait_log("parked an instance of", parked, wait).err();
         }
-        let mut c = Command::new(exe);
-        c.arg("--store")
-            .arg(store.dir())
-            .args(["run", snapshot, "--"])
-            .args(a);
+        let mut c = ws(&["run", snapshot, "--"]);
+        c.args(a);
         c
     })?;
     match unparked {
