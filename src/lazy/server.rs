@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use nix::errno::Errno;
 use warmstart_snapshots::store::{Hot, Snapshot, StoreError};
 
 use super::plan::{find, Extent, LazyPlan, PAGE};
+use crate::sys::eventfd::EventFd;
 use crate::sys::uffd::ZeropageMode;
 use crate::sys::uffd::{CopyMode, Error as UffdError, Event, Features, Range, Uffd, UffdMsg};
 
@@ -86,28 +87,21 @@ pub struct RecordHandle(Arc<Stop>);
 #[derive(Debug)]
 struct Stop {
     flag: AtomicBool,
-    wake: Option<OwnedFd>,
+    wake: Option<EventFd>,
 }
 
 impl Stop {
     fn new() -> Stop {
-        // SAFETY: eventfd takes integer arguments only; the fd it returns is wrapped below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         Stop {
             flag: AtomicBool::new(false),
             // Without one, the server notices at its next wake-up (≤ PROBE_INTERVAL).
-            // SAFETY: eventfd succeeded (fd >= 0), so `fd` is a fresh descriptor that
-            // nothing else owns; it is wrapped exactly once.
-            wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
+            wake: EventFd::new().ok(),
         }
     }
     fn set(&self) {
         self.flag.store(true, Ordering::Release);
         if let Some(w) = &self.wake {
-            let one = 1u64;
-            // SAFETY: the source is `one`, a live u64 (8 bytes, only read); the fd is
-            // borrowed from the OwnedFd in self.wake.
-            unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            w.signal();
         }
     }
     fn get(&self) -> bool {
@@ -514,7 +508,7 @@ struct Reader {
     jobs: Option<mpsc::Sender<Batch>>,
     done: mpsc::Receiver<(Batch, Result<(), StoreError>)>,
     /// An eventfd the thread counts finished batches on (the server polls it).
-    wake: Arc<OwnedFd>,
+    wake: Arc<EventFd>,
     /// Batches handed to the thread and not received back.
     in_flight: usize,
     /// Buffers of received batches, for the next ones.
@@ -523,15 +517,8 @@ struct Reader {
 
 impl Reader {
     fn start(snap: Arc<Snapshot>) -> Result<Reader> {
-        // SAFETY: eventfd takes integer arguments only; the fd it returns is checked and
-        // wrapped below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            bail!("eventfd for the streaming reader: {}", Errno::last());
-        }
-        // SAFETY: eventfd succeeded, so `fd` is a fresh descriptor nothing else owns; it
-        // is wrapped exactly once.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let wake =
+            Arc::new(EventFd::new().map_err(|e| anyhow!("eventfd for the streaming reader: {e}"))?);
         let (jobs, rx) = mpsc::channel::<Batch>();
         let (tx, done) = mpsc::channel();
         let w = wake.clone();
@@ -548,10 +535,7 @@ impl Reader {
                     if tx.send((b, r)).is_err() {
                         return;
                     }
-                    let one = 1u64;
-                    // SAFETY: the source is `one`, a live u64 (8 bytes, only read); the
-                    // fd is borrowed from the OwnedFd `w` keeps open.
-                    unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                    w.signal();
                 }
             })
             .context("starting the streaming reader thread")?;
@@ -593,10 +577,7 @@ impl Reader {
     /// Resets the eventfd after it woke the server (the batches it counted are in
     /// `done` already: the thread counts each after sending it).
     fn reset_wake(&self) {
-        let mut n = 0u64;
-        // SAFETY: `n` is a live u64 the 8-byte read writes; the fd is borrowed from the
-        // OwnedFd in self.wake.
-        unsafe { libc::read(self.wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        self.wake.reset();
     }
 }
 
