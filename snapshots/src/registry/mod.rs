@@ -81,6 +81,12 @@ pub const INLINE_PARTS: usize = 32;
 pub const MIN_BLOCK_PAGES: u64 = 512;
 /// ...then ends after a page whose hash (first 4 bytes, little-endian) is 0 modulo this...
 pub const CUT_MODULUS: u32 = 1024;
+/// At the edges of a large mapping blocks end after a page whose hash is 0 modulo this,
+/// up to one whose hash is 0 modulo the next at least `EDGE_PAGES` pages from the edge
+/// (see `Blocker`).
+pub const EDGE_MODULUS: u32 = 32;
+pub const NEAR_EDGE_MODULUS: u32 = 256;
+pub const EDGE_PAGES: u64 = 64;
 /// ...or once it holds this many bytes.
 pub const MAX_BLOCK_BYTES: usize = 8 << 20;
 /// Page-table records in a part of the index (112 KiB; 256 parts for 2 GiB of pages).
@@ -472,6 +478,19 @@ fn upload(
 }
 
 /// Content-defined grouping of compressed pages into blocks.
+///
+/// Within a mapping, a block ends after a page whose hash says so ([`CUT_MODULUS`], once
+/// it holds [`MIN_BLOCK_PAGES`]), so that a changed page costs the block around it and
+/// the blocks after it are found again. The edges of a large mapping are where two
+/// records of one app differ most: the kernel merges a mapping with its neighbour when it
+/// can, so a few pages of data that does change can sit at either end of one that does
+/// not. There blocks are small, so that such pages cost a small block, not a whole one:
+/// from a large mapping's start a block ends at every *edge point* (a page whose hash is
+/// 0 modulo [`EDGE_MODULUS`]) up to the first *near point* (modulo
+/// [`NEAR_EDGE_MODULUS`]) at least [`EDGE_PAGES`] pages in; the mapping's last block is
+/// split at its last near point at least [`EDGE_PAGES`] pages before the end and at every
+/// edge point after it. (Counted from the mapping's edges, so that the pages that
+/// change there do not move where the blocks of the rest end.)
 struct Blocker {
     cur: Vec<u8>,
     cur_pages: u64,
@@ -479,6 +498,17 @@ struct Blocker {
     seen: HashMap<[u8; 32], Location>,
     records: Vec<Record>,
     scratch: Vec<u8>,
+    /// The current block belongs to a large mapping of this many pages...
+    large: Option<u64>,
+    /// ...of which this many are added...
+    pos: u64,
+    /// ...and its first blocks are still being cut at every edge point.
+    leading: bool,
+    /// The first record of the current block.
+    first_record: usize,
+    /// Where the current block is split if the mapping ends with it (bytes and pages
+    /// before each point).
+    tail: Vec<(usize, u64)>,
 }
 
 impl Blocker {
@@ -490,38 +520,32 @@ impl Blocker {
             seen: HashMap::new(),
             records: Vec::new(),
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+            large: None,
+            pos: 0,
+            leading: false,
+            first_record: 0,
+            tail: Vec::new(),
         }
     }
 
-    /// Adds a page; returns a finished block when this page ends one (or starts a
-    /// region of `region` pages, below).
-    #[cfg(test)]
-    fn add(&mut self, hash: [u8; 32], page: &[u8]) -> Option<Vec<u8>> {
-        self.add_at(hash, page, None).1
-    }
-
-    /// [`Self::add`]; `region`: this page starts a mapping of that many stored pages.
-    /// A large mapping (or one after a block of at least the minimum) starts a block of
-    /// its own, so that the small mappings an app changes from one record to the next
-    /// (stack, heap, libraries' data) never share blocks with the large ones it does not.
-    /// Returns the block ended before this page and the one ended by it.
-    fn add_at(
-        &mut self,
-        hash: [u8; 32],
-        page: &[u8],
-        region: Option<u64>,
-    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
-        let before = match region {
-            Some(n) if n >= MIN_BLOCK_PAGES || self.cur_pages >= MIN_BLOCK_PAGES => self.finish(),
-            _ => None,
-        };
-        (before, self.add_page(hash, page))
-    }
-
-    fn add_page(&mut self, hash: [u8; 32], page: &[u8]) -> Option<Vec<u8>> {
+    /// Adds a page; blocks it ends go to `out`. `region`: this page starts a mapping of
+    /// that many stored pages. A large mapping (or one after a block of at least the
+    /// minimum) starts a block of its own, so that the small mappings an app changes
+    /// from one record to the next (stack, heap, libraries' data) never share blocks
+    /// with the large ones it does not.
+    fn add(&mut self, hash: [u8; 32], page: &[u8], region: Option<u64>, out: &mut Vec<Vec<u8>>) {
+        if let Some(n) = region {
+            if self.large.is_some() || n >= MIN_BLOCK_PAGES || self.cur_pages >= MIN_BLOCK_PAGES {
+                self.end(out);
+            }
+            self.large = (n >= MIN_BLOCK_PAGES).then_some(n);
+            self.leading = self.large.is_some();
+            self.pos = 0;
+        }
+        self.pos += 1;
         if let Some(loc) = self.seen.get(&hash) {
             self.records.push(Record { hash, loc: *loc });
-            return None;
+            return;
         }
         let n = lz4_flex::block::compress_into(page, &mut self.scratch).unwrap_or(usize::MAX);
         let (codec, bytes) = if n < PAGE_SIZE {
@@ -542,15 +566,77 @@ impl Blocker {
         self.seen.insert(hash, loc);
         self.records.push(Record { hash, loc });
         let v = u32::from_le_bytes(hash[..4].try_into().expect("4 bytes"));
-        if (self.cur_pages >= MIN_BLOCK_PAGES && v % CUT_MODULUS == 0)
+        let mut edge_cut = false;
+        if let Some(len) = self.large.filter(|_| v % EDGE_MODULUS == 0) {
+            let point = (self.cur.len(), self.cur_pages);
+            let near = v % NEAR_EDGE_MODULUS == 0;
+            if near && self.pos + EDGE_PAGES <= len {
+                self.tail = vec![point];
+            } else {
+                self.tail.push(point);
+            }
+            edge_cut = self.leading;
+            if near && self.pos > EDGE_PAGES {
+                self.leading = false;
+            }
+        }
+        if edge_cut
+            || (self.cur_pages >= MIN_BLOCK_PAGES && v % CUT_MODULUS == 0)
             || self.cur.len() >= MAX_BLOCK_BYTES
         {
-            return self.finish();
+            out.extend(self.finish());
         }
-        None
+    }
+
+    /// Ends the current block (the last of a large mapping is split first).
+    fn end(&mut self, out: &mut Vec<Vec<u8>>) {
+        if self.large.is_some() {
+            let points: Vec<(usize, u64)> = (self.tail.iter())
+                .filter(|&&(_, p)| p < self.cur_pages)
+                .copied()
+                .collect();
+            self.split(&points, out);
+        }
+        self.large = None;
+        self.leading = false;
+        out.extend(self.finish());
+    }
+
+    /// Ends a block at each of `points` (ascending, inside the current block): the
+    /// records of the pages after a point move to the block that starts there.
+    fn split(&mut self, points: &[(usize, u64)], out: &mut Vec<Vec<u8>>) {
+        let Some(&(at, pages)) = points.first() else {
+            return;
+        };
+        let (first, head) = (self.first_record, self.number);
+        let tail = self.cur.split_off(at);
+        let tail_pages = self.cur_pages - pages;
+        self.cur_pages = pages;
+        out.extend(self.finish());
+        let moved = |loc: &mut Location| {
+            if loc.pack == head && loc.offset >= at as u64 {
+                loc.pack += 1;
+                loc.offset -= at as u64;
+            }
+        };
+        for r in &mut self.records[first..] {
+            moved(&mut r.loc);
+            if let Some(l) = self.seen.get_mut(&r.hash) {
+                moved(l);
+            }
+        }
+        self.first_record = first;
+        self.cur = tail;
+        self.cur_pages = tail_pages;
+        let rest: Vec<(usize, u64)> = (points[1..].iter())
+            .map(|&(b, p)| (b - at, p - pages))
+            .collect();
+        self.split(&rest, out);
     }
 
     fn finish(&mut self) -> Option<Vec<u8>> {
+        self.tail.clear();
+        self.first_record = self.records.len();
         if self.cur_pages == 0 {
             return None;
         }
@@ -616,6 +702,7 @@ pub fn push(
     let regions = regions(&snap.manifest);
     let mut blocker = Blocker::new();
     let mut blocks = Vec::new();
+    let mut done = Vec::new();
     let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
     let mut at = 0;
     while at < n {
@@ -624,15 +711,16 @@ pub fn push(
         snap.read_pages_parallel(at, k, out, threads)?;
         for (j, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
             let i = at + j as u64;
-            let (before, after) = blocker.add_at(snap.page_hash(i), page, regions.get(&i).copied());
-            for b in [before, after].into_iter().flatten() {
+            blocker.add(snap.page_hash(i), page, regions.get(&i).copied(), &mut done);
+            for b in done.drain(..) {
                 blocks.push(upload(&c, MT_BLOCK, &b, &mut rep)?);
             }
         }
         at += k;
         progress(at, n);
     }
-    if let Some(b) = blocker.finish() {
+    blocker.end(&mut done);
+    for b in done.drain(..) {
         blocks.push(upload(&c, MT_BLOCK, &b, &mut rep)?);
     }
     let records = &blocker.records;
@@ -1542,18 +1630,99 @@ mod tests {
     }
 
     fn blocks_of(seeds: impl Iterator<Item = u64>) -> Vec<String> {
+        let seeds: Vec<u64> = seeds.collect();
+        blocked(&[(false, seeds)]).0
+    }
+
+    /// The digests of the blocks of mappings of pages `page(seed)` (`true`: the mapping
+    /// is announced as a region, as `push` does for every mapping), after checking
+    /// that every record locates its page in its block.
+    fn blocked(maps: &[(bool, Vec<u64>)]) -> (Vec<String>, Vec<usize>) {
         let mut b = Blocker::new();
         let mut out = Vec::new();
-        for s in seeds {
-            let p = page(s);
-            if let Some(blk) = b.add(*blake3::hash(&p).as_bytes(), &p) {
-                out.push(client::sha256_digest(&blk));
+        let mut pages = Vec::new();
+        for (region, seeds) in maps {
+            for (k, &s) in seeds.iter().enumerate() {
+                let p = page(s);
+                let start = (*region && k == 0).then_some(seeds.len() as u64);
+                b.add(*blake3::hash(&p).as_bytes(), &p, start, &mut out);
+                pages.push(p);
             }
         }
-        if let Some(blk) = b.finish() {
-            out.push(client::sha256_digest(&blk));
+        b.end(&mut out);
+        assert_eq!(b.records.len(), pages.len());
+        for (r, p) in b.records.iter().zip(&pages) {
+            let blk = &out[r.loc.pack as usize];
+            let bytes = &blk[r.loc.offset as usize..][..r.loc.len as usize];
+            let got = match r.loc.codec {
+                CODEC_RAW => bytes.to_vec(),
+                _ => lz4_flex::block::decompress(bytes, PAGE_SIZE).unwrap(),
+            };
+            assert_eq!(&got, p, "record {:?}", r.loc);
         }
-        out
+        let mut pages = vec![0; out.len()];
+        let mut once = std::collections::HashSet::new();
+        for r in b.records.iter().filter(|r| once.insert(r.hash)) {
+            pages[r.loc.pack as usize] += 1;
+        }
+        (
+            out.iter().map(|b| client::sha256_digest(b)).collect(),
+            pages,
+        )
+    }
+
+    /// Pages in the blocks of `b` that `a` lacks.
+    fn new_pages(a: &(Vec<String>, Vec<usize>), b: &(Vec<String>, Vec<usize>)) -> usize {
+        (b.0.iter().zip(&b.1))
+            .filter(|(d, _)| !a.0.contains(d))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// A large mapping that the kernel merged with a few pages of another one (which
+    /// differ from one record to the next) at either end costs small blocks, not one
+    /// of the large ones; so do pages at its edges that differ from one record to the
+    /// next, whatever their hashes.
+    #[test]
+    fn pages_merged_onto_a_large_mapping_cost_small_blocks() {
+        let big: Vec<u64> = (1000..5_000).collect();
+        let small = |s: u64| (s..s + 5).collect::<Vec<u64>>();
+        let of = |big: Vec<u64>| blocked(&[(true, small(0)), (true, big), (true, small(100))]);
+        let base = of(big.clone());
+        let total: usize = base.1.iter().sum();
+        let limit = 600;
+        for (k, salt) in [
+            (1u64, 7u64),
+            (2, 40_000),
+            (3, 50_000),
+            (8, 70_000),
+            (17, 90_000),
+        ] {
+            let extra: Vec<u64> = (salt..salt + k).collect();
+            for merged in [
+                [big.clone(), extra.clone()].concat(),
+                [extra, big.clone()].concat(),
+            ] {
+                let new = new_pages(&base, &of(merged));
+                assert!(
+                    new <= limit,
+                    "{k} pages merged: {new} pages in new blocks of {total}"
+                );
+            }
+        }
+        let mut worst = 0;
+        for salt in 0..100u64 {
+            let mut edges = big.clone();
+            edges[0] = 1_000_000 + salt;
+            *edges.last_mut().unwrap() = 2_000_000 + salt;
+            worst = worst.max(new_pages(&base, &of(edges)));
+        }
+        assert!(
+            worst <= 2 * EDGE_PAGES as usize,
+            "edge pages changed: {worst} pages in new blocks"
+        );
+        // A re-record of the same content has exactly the same blocks.
+        assert_eq!(of(big), base);
     }
 
     /// A whole page table of `records`.
