@@ -78,24 +78,24 @@ pub enum Command {
         snapshot: Option<String>,
     },
     /// Checkpoint a running process (CRIU style)
-    Dump(DumpArgs),
+    Dump(Deferred<DumpArgs>),
     /// Copy a running process's memory and track its writes for the next dump (CRIU's
     /// pre-dump; the same as `dump --pre-dump`)
-    PreDump(DumpArgs),
+    PreDump(Deferred<DumpArgs>),
     /// Holds the write tracking of a pre-dumped tree until the next dump (internal)
     #[command(name = "__track-holder", hide = true)]
     TrackHolder { path: PathBuf },
     /// Restore a snapshot (CRIU style)
-    Restore(RestoreArgs),
+    Restore(Deferred<RestoreArgs>),
     /// Run an app to its warm point and snapshot it
     #[command(override_usage = "warmstart record [OPTIONS] -- CMD [ARGS]...")]
-    Record(RecordArgs),
+    Record(Deferred<RecordArgs>),
     /// Start a new instance of a snapshot with this terminal's stdio
-    Run(RunArgs),
+    Run(Deferred<RunArgs>),
     /// Measure what warmstart saves for an app: cold start vs restored instance
     /// (time to first answer, snapshot sizes, memory)
     #[command(override_usage = "warmstart bench [OPTIONS] -- CMD [ARGS]...")]
-    Bench(crate::bench::BenchArgs),
+    Bench(Deferred<crate::bench::BenchArgs>),
     /// List running instances and the snapshot each came from
     Ps {
         #[arg(long)]
@@ -103,15 +103,15 @@ pub enum Command {
     },
     /// Serve the store's snapshots (or an image directory, -D) over TCP or TLS (for `run
     /// --page-server`, `dump --page-server`)
-    PageServer(PageServerArgs),
+    PageServer(Deferred<PageServerArgs>),
     /// Upload a snapshot to an OCI registry (REGISTRY/REPO:TAG)
-    Push(crate::registry::PushArgs),
+    Push(Deferred<crate::registry::PushArgs>),
     /// Fetch a snapshot from an OCI registry into the store
-    Pull(crate::registry::PullArgs),
+    Pull(Deferred<crate::registry::PullArgs>),
     /// Keep credentials for a registry (in ~/.docker/config.json, as docker does)
-    Login(crate::registry::LoginArgs),
+    Login(Deferred<crate::registry::LoginArgs>),
     /// Restore instances on request for `warmstart run`, from pools of parked instances
-    Serve(ServeArgs),
+    Serve(Deferred<ServeArgs>),
     /// Write an executable DIR/NAME that runs tool snapshot SNAPSHOT with its arguments
     /// (or the tool cold when warmstart, its store or the snapshot cannot be used): put
     /// DIR first in PATH
@@ -125,6 +125,66 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+/// A subcommand's options, built only when that subcommand is the one given (clap's
+/// `Command::defer`): every command line would otherwise build every command's options
+/// first, about half a millisecond of each `warmstart run`.
+#[derive(Debug, Clone, Default)]
+pub struct Deferred<T>(pub T);
+
+impl<T> std::ops::Deref for Deferred<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Deferred<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T: clap::FromArgMatches> clap::FromArgMatches for Deferred<T> {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        T::from_arg_matches(m).map(Self)
+    }
+    fn from_arg_matches_mut(m: &mut clap::ArgMatches) -> Result<Self, clap::Error> {
+        T::from_arg_matches_mut(m).map(Self)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(m)
+    }
+    fn update_from_arg_matches_mut(&mut self, m: &mut clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches_mut(m)
+    }
+}
+
+impl<T: Args> Args for Deferred<T> {
+    fn group_id() -> Option<clap::Id> {
+        T::group_id()
+    }
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.defer(|c| keeping_about(c, T::augment_args))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        cmd.defer(|c| keeping_about(c, T::augment_args_for_update))
+    }
+}
+
+/// Built late, a subcommand's options would replace its description with that of a
+/// struct they flatten (`TlsArgs`): the subcommand's own stays.
+fn keeping_about(cmd: clap::Command, augment: fn(clap::Command) -> clap::Command) -> clap::Command {
+    let about = cmd.get_about().cloned();
+    let long_about = cmd.get_long_about().cloned();
+    let keep = |s: Option<clap::builder::StyledStr>| {
+        s.map_or(
+            clap::builder::Resettable::Reset,
+            clap::builder::Resettable::Value,
+        )
+    };
+    augment(cmd).about(keep(about)).long_about(keep(long_about))
 }
 
 #[derive(Args, Debug)]
@@ -757,6 +817,35 @@ pub fn main(cli: Cli) -> Result<i32> {
                     }
                 }
             }
+            // A daemon serves a `run --listen` too: it names the snapshot's listeners, so
+            // nothing of the snapshot is read here before their replacements are bound.
+            if given_listeners
+                && a.args.is_empty()
+                && a.env.is_empty()
+                && !a.clear_env
+                && a.or_cold.is_empty()
+                && !(no_serve || a.eager || a.no_prefetch || remote)
+            {
+                let socket = crate::serve::socket_path(&store_dir(&cli)?);
+                if let Some(session) = crate::serve::client::listeners(&socket, &a.snapshot)? {
+                    let given =
+                        crate::fds::inet::replacements(&session.listeners, &a.listen, systemd)?;
+                    let all = crate::fds::inet::complete(&session.listeners, &given)?;
+                    let fds: Vec<_> = all
+                        .iter()
+                        .map(|(_, fd)| std::os::fd::AsFd::as_fd(&**fd))
+                        .collect();
+                    return match session.run(a.display_stats, &fds)? {
+                        Some(code) => Ok(code),
+                        None => bail!(
+                            "the serve daemon at {} named the listeners of {} but then \
+                             declined to run it (removed meanwhile?): run it again",
+                            socket.display(),
+                            a.snapshot
+                        ),
+                    };
+                }
+            }
             let loaded = (|| -> Result<(Arc<Snapshot>, Vec<String>)> {
                 // (A serve daemon restores for its users; restoring here needs these.)
                 crate::check::require_privileges("run")?;
@@ -829,7 +918,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 }
             }
             let listeners = if given_listeners {
-                crate::fds::inet::replacements(&snap.manifest, &a.listen, systemd)?
+                let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
+                crate::fds::inet::replacements(&recorded, &a.listen, systemd)?
             } else {
                 Vec::new()
             };
@@ -840,7 +930,8 @@ pub fn main(cli: Cli) -> Result<i32> {
                 && !(no_serve || a.eager || a.no_prefetch || remote)
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
-                let all = crate::fds::inet::complete(&snap.manifest, &listeners)?;
+                let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
+                let all = crate::fds::inet::complete(&recorded, &listeners)?;
                 let fds: Vec<_> = all
                     .iter()
                     .map(|(_, fd)| std::os::fd::AsFd::as_fd(&**fd))

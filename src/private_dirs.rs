@@ -15,9 +15,18 @@
 
 use std::ffi::CString;
 
-/// The directories made private, for the user warmstart runs as.
+/// The directories made private, for the user warmstart runs as (looked up once: a
+/// `serve` daemon checks them at every hand-out).
 pub fn dirs() -> Vec<String> {
+    static FIRST: std::sync::OnceLock<(u32, Vec<String>)> = std::sync::OnceLock::new();
     let uid = nix::unistd::geteuid().as_raw();
+    match FIRST.get_or_init(|| (uid, dirs_for(uid))) {
+        (u, dirs) if *u == uid => dirs.clone(),
+        _ => dirs_for(uid),
+    }
+}
+
+fn dirs_for(uid: u32) -> Vec<String> {
     let name = user_name(uid).unwrap_or_else(|| uid.to_string());
     vec![format!("/tmp/hsperfdata_{name}")]
 }

@@ -226,6 +226,45 @@ fn serve_parks_a_server_and_hands_it_its_listener() {
     for (p, inst, ctx) in &side {
         assert_eq!(hit(*p, inst, ctx), 2, "{ctx}: its own counter");
     }
+    // The daemon names the snapshot's listeners to a served `run --listen`, which binds
+    // them itself: bad ones are refused as by a lone run, before anything is handed out.
+    let busy_port = side[0].0;
+    let busy = ws.run(&["run", "--listen", &busy_port.to_string(), "http"], "");
+    busy.assert_fail();
+    assert!(
+        busy.stderr.contains(&format!("--listen {busy_port}")) && busy.stderr.contains("is in use"),
+        "{}",
+        busy.describe()
+    );
+    let bad = ws.run(&["run", "--listen", "nowhere", "http"], "");
+    bad.assert_fail();
+    assert!(
+        bad.stderr.contains("\"nowhere\" is not an address"),
+        "{}",
+        bad.describe()
+    );
+    let other = if port == 1 { 2 } else { port - 1 };
+    let wrong = ws.run(
+        &["run", "--listen", &format!("{other}=127.0.0.1:0"), "http"],
+        "",
+    );
+    wrong.assert_fail();
+    assert!(
+        wrong
+            .stderr
+            .contains(&format!("does not listen on port {other}"))
+            && wrong.stderr.contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        wrong.describe()
+    );
+    // LISTEN_FDS through the daemon: the caller's socket in place of the listener.
+    let p3 = free_port();
+    let given = std::net::TcpListener::bind(("127.0.0.1", p3)).unwrap();
+    let sd = systemd_run(&ws, given.as_raw_fd(), &["run", "--display-stats", "http"]);
+    drop(given);
+    sd.wait_stderr("by serve (");
+    assert_eq!(hit(p3, &sd, "served instance on LISTEN_FDS"), 1);
+    stop(&sd, "served instance on LISTEN_FDS");
     assert!(
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
         "instances given their listeners must leave the recorded port {port} free"

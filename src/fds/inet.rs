@@ -465,7 +465,10 @@ fn port_users(family: i32, port: u16) -> String {
     )
 }
 
-/// A TCP listener of a snapshot (once per open file description).
+/// A TCP listener of a snapshot (once per open file description). A `serve` daemon sends
+/// them to a `run --listen` client, which binds its replacements without reading the
+/// snapshot itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecordedListener {
     pub ofd: u32,
     pub pid: i32,
@@ -518,11 +521,10 @@ pub fn recorded_listeners(m: &warmstart_snapshots::model::Manifest) -> Vec<Recor
 /// (fds 3.., in the order of the recorded listeners). Every error names the spec and
 /// is raised before anything is restored.
 pub fn replacements(
-    m: &warmstart_snapshots::model::Manifest,
+    recorded: &[RecordedListener],
     specs: &[String],
     systemd: Option<Vec<OwnedFd>>,
 ) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
-    let recorded = recorded_listeners(m);
     let ports = || {
         let p: Vec<String> = recorded.iter().map(|l| l.local.to_string()).collect();
         if p.is_empty() {
@@ -570,7 +572,7 @@ pub fn replacements(
                         ports()
                     )
                 })?,
-            None => match recorded.as_slice() {
+            None => match recorded {
                 [one] => one,
                 [] => bail!("--listen {spec}: the snapshot has no TCP listener to replace"),
                 _ => bail!(
@@ -607,17 +609,17 @@ pub fn replacements(
 pub fn at_recorded_addresses(
     m: &warmstart_snapshots::model::Manifest,
 ) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
-    complete(m, &[])
+    complete(&recorded_listeners(m), &[])
 }
 
 /// One listening socket for each of the snapshot's TCP listeners, in
 /// [`recorded_listeners`] order, by `Fd::ofd`: the one `given` has for it (from
 /// [`replacements`]), else a new one bound at its recorded address.
 pub fn complete(
-    m: &warmstart_snapshots::model::Manifest,
+    recorded: &[RecordedListener],
     given: &[(u32, std::sync::Arc<OwnedFd>)],
 ) -> Result<Vec<(u32, std::sync::Arc<OwnedFd>)>> {
-    recorded_listeners(m)
+    recorded
         .iter()
         .map(|l| {
             if let Some((ofd, fd)) = given.iter().find(|(ofd, _)| *ofd == l.ofd) {

@@ -31,23 +31,86 @@ pub fn run_with_listeners(
     tool: Option<Vec<u8>>,
     listeners: &[std::os::fd::BorrowedFd],
 ) -> Result<Option<i32>> {
+    let Some(conn) = open(socket)? else {
+        return Ok(None);
+    };
+    run_on(conn, socket, snapshot, display_stats, tool, listeners)
+}
+
+/// A `run --listen` through the daemon at `socket`, asked before anything is bound: the
+/// snapshot's TCP listeners as the daemon has them, and the connection to send the run
+/// on ([`Listening::run`]) once their replacements are bound. `Ok(None)`: not served (no
+/// daemon, or it declined): restore it yourself.
+pub fn listeners(socket: &Path, snapshot: &str) -> Result<Option<Listening>> {
+    let Some(conn) = open(socket)? else {
+        return Ok(None);
+    };
+    let req = Request::Listeners {
+        snapshot: snapshot.to_owned(),
+    };
+    protocol::send(conn.as_fd(), &req, &[])?;
+    let lost = || anyhow!("the serve daemon at {} went away", socket.display());
+    match protocol::recv::<Reply>(conn.as_fd())?.ok_or_else(lost)?.0 {
+        Reply::Listeners { id, listeners } => Ok(Some(Listening {
+            conn,
+            socket: socket.to_owned(),
+            id,
+            listeners,
+        })),
+        Reply::Refused(why) => {
+            tracing::info!("not served by {}: {why}", socket.display());
+            Ok(None)
+        }
+        Reply::Error(e) => bail!("serve daemon at {}: {e}", socket.display()),
+        other => bail!("unexpected answer from the serve daemon: {other:?}"),
+    }
+}
+
+/// A daemon's answer to [`listeners`], waiting for the run request.
+pub struct Listening {
+    conn: OwnedFd,
+    socket: std::path::PathBuf,
+    /// The snapshot's id (the run names it, not the name asked for).
+    id: String,
+    pub listeners: Vec<crate::fds::inet::RecordedListener>,
+}
+
+impl Listening {
+    /// [`run_with_listeners`] on this connection, `fds` bound for [`Self::listeners`].
+    pub fn run(self, display_stats: bool, fds: &[std::os::fd::BorrowedFd]) -> Result<Option<i32>> {
+        run_on(self.conn, &self.socket, &self.id, display_stats, None, fds)
+    }
+}
+
+/// A connection to the daemon at `socket` if one of root or of our own user listens
+/// there (our stdio goes only to such a daemon).
+fn open(socket: &Path) -> Result<Option<OwnedFd>> {
     let Some(conn) = connect(socket)? else {
         return Ok(None);
     };
-    // Our stdio goes only to a daemon of root or of our own user.
     let me = nix::unistd::geteuid().as_raw();
     match super::peer_cred(&conn) {
-        Ok(c) if c.uid == 0 || c.uid == me => {}
+        Ok(c) if c.uid == 0 || c.uid == me => Ok(Some(conn)),
         Ok(c) => {
             tracing::warn!(
                 "ignoring {}: its daemon runs as uid {}, not root or uid {me}",
                 socket.display(),
                 c.uid
             );
-            return Ok(None);
+            Ok(None)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
     }
+}
+
+fn run_on(
+    conn: OwnedFd,
+    socket: &Path,
+    snapshot: &str,
+    display_stats: bool,
+    tool: Option<Vec<u8>>,
+    listeners: &[std::os::fd::BorrowedFd],
+) -> Result<Option<i32>> {
     // Signals that arrive while the daemon starts the instance are forwarded once it runs.
     let fwd = SignalForwarder::relayed().map_err(|e| anyhow!("{e}"))?;
     let req = Request::Run {
@@ -92,7 +155,9 @@ pub fn run_with_listeners(
             return Ok(None);
         }
         Reply::Error(e) => bail!("serve daemon at {}: {e}", socket.display()),
-        Reply::Exited(_) => bail!("the serve daemon answered out of turn"),
+        Reply::Exited(_) | Reply::Listeners { .. } => {
+            bail!("the serve daemon answered out of turn")
+        }
     }
     loop {
         let ready =

@@ -263,18 +263,42 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     };
     // A client that connects and says nothing does not hold a thread for long.
     set_recv_timeout(&conn, Some(FIRST_MESSAGE_TIMEOUT))?;
-    let (req, fds) = match protocol::recv::<Request>(conn.as_fd()) {
-        Ok(Some(m)) => m,
-        Ok(None) => return Ok(()),
+    let next = || match protocol::recv::<Request>(conn.as_fd()) {
+        Ok(m) => Ok(m),
         Err(e) => {
             let _ = protocol::send(
                 conn.as_fd(),
                 &Reply::Error(crate::report::error_line(&e)),
                 &[],
             );
-            return Err(e);
+            Err(e)
         }
     };
+    let Some((mut req, mut fds)) = next()? else {
+        return Ok(());
+    };
+    // A `run --listen` asks for the snapshot's listeners first, then binds their
+    // replacements and sends its run request.
+    if let Request::Listeners { snapshot } = &req {
+        let reply = match daemon.snapshot(snapshot) {
+            Ok((snap, _)) => match refusal(&snap, false) {
+                Some(why) => Err(Reply::Refused(why)),
+                None => Ok(Reply::Listeners {
+                    id: snap.id.to_string(),
+                    listeners: crate::fds::inet::recorded_listeners(&snap.manifest),
+                }),
+            },
+            Err(e) => Err(Reply::Error(crate::report::error_line(&e))),
+        };
+        match reply {
+            Ok(r) => protocol::send(conn.as_fd(), &r, &[])?,
+            Err(r) => return protocol::send(conn.as_fd(), &r, &[]),
+        }
+        let Some(m) = next()? else {
+            return Ok(());
+        };
+        (req, fds) = m;
+    }
     set_recv_timeout(&conn, None)?;
     let Request::Run {
         snapshot,
@@ -309,22 +333,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
             return Ok(());
         }
     };
-    if snap.manifest.tool.is_some() != tool.is_some() {
-        let why = match tool {
-            None => format!(
-                "snapshot {} holds a tool: its run sends the tool's arguments",
-                snap.id.short()
-            ),
-            Some(_) => format!("snapshot {} holds no tool (record --tool)", snap.id.short()),
-        };
-        return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
-    }
-    if snap.working_set().is_none() {
-        // The first lazy run learns it by watching the caller's stdout: the caller's job.
-        let why = format!(
-            "snapshot {} has no working set yet: its first run learns one",
-            snap.id.short()
-        );
+    if let Some(why) = refusal(&snap, tool.is_some()) {
         return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
     }
     let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
@@ -358,6 +367,28 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     // before, nor while other requests are restored on the spot: parking would slow
     // them down).
     serve_instance(&snap, None, req, |app| daemon.pools.spot_done(&snap, app))
+}
+
+/// Why this daemon leaves a run of `snap` (a tool's run when `tool`) to its caller, if it
+/// does.
+fn refusal(snap: &Snapshot, tool: bool) -> Option<String> {
+    if snap.manifest.tool.is_some() != tool {
+        return Some(match tool {
+            false => format!(
+                "snapshot {} holds a tool: its run sends the tool's arguments",
+                snap.id.short()
+            ),
+            true => format!("snapshot {} holds no tool (record --tool)", snap.id.short()),
+        });
+    }
+    if snap.working_set().is_none() {
+        // The first lazy run learns it by watching the caller's stdout: the caller's job.
+        return Some(format!(
+            "snapshot {} has no working set yet: its first run learns one",
+            snap.id.short()
+        ));
+    }
+    None
 }
 
 /// A request on its way to the thread that runs its instance.

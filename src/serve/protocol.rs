@@ -25,6 +25,10 @@ pub enum Request {
     },
     /// Deliver this signal to the instance (the caller got it).
     Signal(i32),
+    /// Before a `run --listen`'s [`Request::Run`] on the same connection: the snapshot's
+    /// TCP listeners, so that the caller binds their replacements without reading the
+    /// snapshot itself. Answered with [`Reply::Listeners`] (or `Refused`, `Error`).
+    Listeners { snapshot: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +46,13 @@ pub enum Reply {
     Exited(i32),
     /// Failed; nothing of the instance is left running.
     Error(String),
+    /// The answer to [`Request::Listeners`]: the snapshot's id (the run request that
+    /// follows names it, so both are about the same snapshot even if its name moves
+    /// meanwhile) and its TCP listeners in `fds::inet::recorded_listeners` order.
+    Listeners {
+        id: String,
+        listeners: Vec<crate::fds::inet::RecordedListener>,
+    },
 }
 
 pub fn send<T: Serialize>(sock: BorrowedFd, msg: &T, fds: &[RawFd]) -> Result<()> {
@@ -90,6 +101,22 @@ mod tests {
         assert!(fds.is_empty());
         drop(b);
         assert!(recv::<Reply>(a.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn listeners_are_asked_for_then_run() {
+        let (a, b) = scm::seqpacket_pair().unwrap();
+        let ask = Request::Listeners {
+            snapshot: "http".into(),
+        };
+        send(a.as_fd(), &ask, &[]).unwrap();
+        assert_eq!(recv::<Request>(b.as_fd()).unwrap().unwrap().0, ask);
+        let answer = Reply::Listeners {
+            id: "ab".repeat(32),
+            listeners: Vec::new(),
+        };
+        send(b.as_fd(), &answer, &[]).unwrap();
+        assert_eq!(recv::<Reply>(a.as_fd()).unwrap().unwrap().0, answer);
     }
 
     #[test]

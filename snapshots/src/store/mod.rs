@@ -575,6 +575,14 @@ impl Store {
         if q.is_empty() || q.len() > 64 || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(unknown());
         }
+        // A whole id names at most itself: no listing of the store.
+        if let Some(id) = SnapshotId::from_hex(q) {
+            return if self.exists(&id) {
+                Ok(id)
+            } else {
+                Err(unknown())
+            };
+        }
         let prefix = q.to_ascii_lowercase();
         let matches: Vec<SnapshotId> = self
             .ids()?

@@ -347,6 +347,11 @@ fn short_id_resolution() {
     let other = if hex.starts_with('0') { "1111" } else { "0000" };
     let e = store.resolve(other).unwrap_err();
     assert!(e.to_string().contains(other), "{e}");
+    // A whole id (upper case too) that the store lacks, not any prefix of it.
+    let missing = format!("{other}{}", &hex[4..]);
+    let e = store.resolve(&missing).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownSnapshot { .. }), "{e}");
+    assert_eq!(store.resolve(&hex.to_uppercase()).unwrap(), id);
     // Two ids sharing a prefix (fake manifest files suffice for resolution).
     let a = format!("abcd1{}", &"0".repeat(59));
     let b = format!("abcd2{}", &"0".repeat(59));
