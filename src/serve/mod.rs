@@ -50,6 +50,65 @@ struct Daemon {
     store: Store,
     snaps: Mutex<HashMap<SnapshotId, Arc<Snapshot>>>,
     pools: pool::Pools,
+    index: Mutex<StoreIndex>,
+}
+
+/// The store's names and ids as of the last change to its directories: a request lists
+/// the store (and reads every name) only after something changed there, not each time.
+struct StoreIndex {
+    /// `None`: inotify is not available; the store is listed for every request.
+    watch: Option<crate::sys::dirwatch::DirWatch>,
+    listed: Option<Arc<Listing>>,
+}
+
+/// The store's names and ids at one moment.
+struct Listing {
+    names: Vec<(String, SnapshotId)>,
+    ids: Vec<SnapshotId>,
+}
+
+impl StoreIndex {
+    fn new() -> StoreIndex {
+        let watch = match crate::sys::dirwatch::DirWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("no inotify ({e}): the store is listed for every request");
+                None
+            }
+        };
+        StoreIndex {
+            watch,
+            listed: None,
+        }
+    }
+
+    /// The store's names and ids now.
+    fn current(&mut self, store: &Store) -> Result<Arc<Listing>> {
+        if let (Some(w), Some(listed)) = (&self.watch, &self.listed) {
+            if !w.changed() {
+                return Ok(listed.clone());
+            }
+        }
+        self.listed = None;
+        // Watched before listing: a change made meanwhile is seen at the next request.
+        let watched = match &self.watch {
+            Some(w) => {
+                let ok = store.index_dirs().iter().all(|d| w.watch(d).is_ok());
+                // What is queued so far, the listing below covers.
+                w.changed();
+                ok
+            }
+            None => false,
+        };
+        let now = Arc::new(Listing {
+            names: store.names()?,
+            ids: store.ids()?,
+        });
+        if watched {
+            self.listed = Some(now.clone());
+        }
+        Ok(now)
+    }
 }
 
 /// Runs the daemon until SIGINT, SIGTERM or SIGHUP; instances it runs end with it.
@@ -67,6 +126,7 @@ pub fn serve(store: Store, opts: &ServeOptions) -> Result<i32> {
         store,
         snaps: Mutex::new(HashMap::new()),
         pools: pool::Pools::new(opts.pool, opts.pool_max, opts.template_idle),
+        index: Mutex::new(StoreIndex::new()),
     });
     for name in &opts.warm {
         let (snap, _) = daemon
@@ -428,19 +488,21 @@ impl Daemon {
     /// The snapshot `which` names now (names can move), loaded once per id.
     fn snapshot(&self, which: &str) -> Result<(Arc<Snapshot>, Vec<String>)> {
         let id = self.store.resolve(which)?;
-        let names = self
-            .store
-            .names()?
-            .into_iter()
+        let listing = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current(&self.store)?;
+        let names = listing
+            .names
+            .iter()
             .filter(|(_, i)| *i == id)
-            .map(|(n, _)| n)
+            .map(|(n, _)| n.clone())
             .collect();
         let mut snaps = self.snaps.lock().unwrap_or_else(|e| e.into_inner());
         // Snapshots removed since (`warmstart rm`) go, with their parked instances.
-        if let Ok(ids) = self.store.ids() {
-            snaps.retain(|k, _| ids.contains(k));
-            self.pools.retain(|k| ids.contains(k));
-        }
+        snaps.retain(|k, _| listing.ids.contains(k));
+        self.pools.retain(|k| listing.ids.contains(k));
         if let Some(s) = snaps.get(&id) {
             return Ok((s.clone(), names));
         }

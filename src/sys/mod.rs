@@ -2,6 +2,7 @@
 
 pub mod cgroup;
 pub mod cpuid;
+pub mod dirwatch;
 pub mod eventfd;
 pub mod ipc;
 pub mod maps;

@@ -452,6 +452,12 @@ impl Store {
     pub(crate) fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
     }
+    /// The directories whose entries are the store's snapshots and names: what
+    /// [`Self::ids`] and [`Self::names`] list (a change to them can change those).
+    pub fn index_dirs(&self) -> [PathBuf; 2] {
+        [self.snaps_dir(), self.refs_dir()]
+    }
+
     pub(crate) fn snaps_dir(&self) -> PathBuf {
         self.dir.join("snapshots")
     }
