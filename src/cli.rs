@@ -817,6 +817,20 @@ pub fn main(cli: Cli) -> Result<i32> {
                     }
                 }
             }
+            // A tool's run goes to a daemon as it is: the daemon checks the tool's files
+            // and start-up environment and leaves anything but a warm run to the checks
+            // below, so nothing of the snapshot is read here.
+            let may_serve = !(no_serve || a.eager || a.no_prefetch || remote);
+            let tool_args = !a.args.is_empty() && matches!(a.stale.as_str(), "cold" | "fail");
+            if may_serve && tool_args && !given_listeners {
+                let socket = crate::serve::socket_path(&store_dir(&cli)?);
+                let req = crate::tool::request(&a.args, &crate::tool::run_env(a)?)?;
+                if let Some(code) =
+                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats, Some(req))?
+                {
+                    return Ok(code);
+                }
+            }
             // A daemon serves a `run --listen` too: it names the snapshot's listeners, so
             // nothing of the snapshot is read here before their replacements are bound.
             if given_listeners
@@ -824,7 +838,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                 && a.env.is_empty()
                 && !a.clear_env
                 && a.or_cold.is_empty()
-                && !(no_serve || a.eager || a.no_prefetch || remote)
+                && may_serve
             {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 if let Some(session) = crate::serve::client::listeners(&socket, &a.snapshot)? {

@@ -451,7 +451,7 @@ fn bench_compares_cold_and_warm_runs_of_a_tool() {
 fn tool_runs_through_serve_from_parked_instances() {
     let ws = Ws::new();
     let tool = tool_copy();
-    record_tool(&ws, tool.path());
+    let recorded = record_tool(&ws, tool.path());
     // The first run learns the working set (served runs need one).
     let dir = tempdir("ws-cwd-");
     let first = ws.cmd(&["run", "--no-serve", "wst", "--", "learn"]);
@@ -512,6 +512,41 @@ fn tool_runs_through_serve_from_parked_instances() {
             std::fs::remove_file(dir.path().join(f)).unwrap();
         }
     }
+    // The daemon checks what the run brings before it hands out an instance: a start-up
+    // variable other than the record's, or a changed source file, runs the tool cold
+    // (saying why, once), never the recorded state.
+    let version = |out: &Out| -> String {
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+        v["version"].as_str().unwrap().to_owned()
+    };
+    let mut other_env = ws.cmd(&["run", "wst", "--", "x"]);
+    other_env
+        .env("PYTHONPATH", tool.path())
+        .env("PYTHONHASHSEED", "4242");
+    let out = run_with(&mut other_env, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("PYTHONHASHSEED")
+            && out.stderr.contains("running the tool cold")
+            && out.stderr.matches("warmstart:").count() == 1,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(version(&out), "1");
+    std::fs::write(tool.path().join("wstool/helper.py"), "VERSION = \"2\"\n").unwrap();
+    let mut changed = ws.cmd(&["run", "wst", "--", "x"]);
+    changed.env("PYTHONPATH", tool.path());
+    let out = run_with(&mut changed, b"", TIMEOUT);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("is stale") && out.stderr.contains("helper.py"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(version(&out), "2", "the new code runs: {}", out.describe());
+    // Recorded again in the background: wait (bounded) until the name moves.
+    ws.wait_renamed("wst", &recorded);
 }
 
 /// A Node tool (`node SCRIPT`, issue 16): warmed by its priming run (its async part

@@ -384,6 +384,15 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     };
     let (snap, names) = match daemon.snapshot(&snapshot) {
         Ok(s) => s,
+        // A tool's run comes here before its caller has looked at the snapshot: the
+        // caller's own lookup says why (or runs the tool cold, for a shim).
+        Err(e) if tool.is_some() => {
+            return protocol::send(
+                conn.as_fd(),
+                &Reply::Refused(crate::report::error_line(&e)),
+                &[],
+            )
+        }
         Err(e) => {
             protocol::send(
                 conn.as_fd(),
@@ -395,6 +404,13 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     };
     if let Some(why) = refusal(&snap, tool.is_some()) {
         return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
+    }
+    // A stale tool snapshot, or a run whose start-up environment differs from the
+    // record's, is the caller's to handle (it runs the tool cold and says why).
+    if let (Some(info), Some(req)) = (&snap.manifest.tool, &tool) {
+        if let Some(why) = crate::tool::not_warm(info, req) {
+            return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
+        }
     }
     let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
     if !given.is_empty() && given.len() != recorded.len() {

@@ -423,6 +423,39 @@ pub fn changed_file(tool: &ToolInfo) -> Option<(String, &'static str)> {
     None
 }
 
+/// Why tool `info` cannot run warm with `request` (from [`request`]): a start-up
+/// variable that differs from the record's, or a file of the tool that changed (what
+/// [`run_stale_or_check`] handles). A `serve` daemon asks before it hands out an
+/// instance.
+pub fn not_warm(info: &ToolInfo, request: &[u8]) -> Option<String> {
+    let env = match request_env(request) {
+        Ok(env) => env,
+        Err(e) => return Some(format!("unreadable tool request: {e:#}")),
+    };
+    if let Some((var, _, _)) = startup_env_change(info, &env) {
+        return Some(format!("{var} differs from the record's"));
+    }
+    changed_file(info).map(|(path, how)| format!("stale: {path} {how} since the record"))
+}
+
+/// The environment of a [`request`].
+fn request_env(request: &[u8]) -> Result<Vec<(String, String)>> {
+    let body = request
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|nl| &request[nl + 1..])
+        .ok_or_else(|| anyhow!("no header line"))?;
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let env = v
+        .get("env")
+        .and_then(|e| e.as_object())
+        .ok_or_else(|| anyhow!("no environment"))?;
+    Ok(env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect())
+}
+
 /// The request a restored instance reads after `RESTORED=1`.
 pub fn request(args: &[String], env: &[(String, String)]) -> Result<Vec<u8>> {
     let cwd = std::env::current_dir().context("the working directory of this run")?;
@@ -664,6 +697,15 @@ fn rerecord(cli: &crate::cli::Cli, names: &[String], cwd: &str, tool: &ToolInfo)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_carries_its_environment() {
+        let env = vec![("PYTHONPATH".to_owned(), "/x".to_owned())];
+        let req = request(&s(&["a", "b"]), &env).unwrap();
+        assert_eq!(request_env(&req).unwrap(), env);
+        assert!(request_env(b"TOOL 3\n{}").is_err());
+        assert!(request_env(b"garbage").is_err());
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
