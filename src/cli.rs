@@ -826,7 +826,7 @@ pub fn main(cli: Cli) -> Result<i32> {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
                 let req = crate::tool::request(&a.args, &crate::tool::run_env(a)?)?;
                 if let Some(code) =
-                    crate::serve::client::run(&socket, &a.snapshot, a.display_stats, Some(req))?
+                    crate::serve::client::run_tool(&socket, &a.snapshot, a.display_stats, req)?
                 {
                     return Ok(code);
                 }

@@ -34,7 +34,12 @@ pub fn run_with_listeners(
     let Some(conn) = open(socket)? else {
         return Ok(None);
     };
-    run_on(conn, socket, snapshot, display_stats, tool, listeners)
+    let req = Request::Run {
+        snapshot: snapshot.to_owned(),
+        display_stats,
+        tool,
+    };
+    run_on(conn, socket, req, listeners)
 }
 
 /// A `run --listen` through the daemon at `socket`, asked before anything is bound: the
@@ -78,7 +83,12 @@ pub struct Listening {
 impl Listening {
     /// [`run_with_listeners`] on this connection, `fds` bound for [`Self::listeners`].
     pub fn run(self, display_stats: bool, fds: &[std::os::fd::BorrowedFd]) -> Result<Option<i32>> {
-        run_on(self.conn, &self.socket, &self.id, display_stats, None, fds)
+        let req = Request::Run {
+            snapshot: self.id,
+            display_stats,
+            tool: None,
+        };
+        run_on(self.conn, &self.socket, req, fds)
     }
 }
 
@@ -103,21 +113,36 @@ fn open(socket: &Path) -> Result<Option<OwnedFd>> {
     }
 }
 
-fn run_on(
-    conn: OwnedFd,
+/// A tool's run (`run SNAP -- ARGS`) through the daemon at `socket`, `request` from
+/// [`crate::tool::request`], before anything of the snapshot was looked at here: the
+/// daemon checks the tool's files and start-up environment. `Ok(None)`: not served (no
+/// daemon, or it declined: the snapshot is unknown to it, stale, or cannot run warm with
+/// this environment): run it yourself, with your own checks.
+pub fn run_tool(
     socket: &Path,
     snapshot: &str,
     display_stats: bool,
-    tool: Option<Vec<u8>>,
+    request: Vec<u8>,
+) -> Result<Option<i32>> {
+    let Some(conn) = open(socket)? else {
+        return Ok(None);
+    };
+    let req = Request::Tool {
+        snapshot: snapshot.to_owned(),
+        display_stats,
+        request,
+    };
+    run_on(conn, socket, req, &[])
+}
+
+fn run_on(
+    conn: OwnedFd,
+    socket: &Path,
+    req: Request,
     listeners: &[std::os::fd::BorrowedFd],
 ) -> Result<Option<i32>> {
     // Signals that arrive while the daemon starts the instance are forwarded once it runs.
     let fwd = SignalForwarder::relayed().map_err(|e| anyhow!("{e}"))?;
-    let req = Request::Run {
-        snapshot: snapshot.to_owned(),
-        display_stats,
-        tool,
-    };
     let fds: Vec<i32> = [0, 1, 2]
         .into_iter()
         .chain(listeners.iter().map(|l| l.as_raw_fd()))

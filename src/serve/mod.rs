@@ -360,13 +360,19 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         (req, fds) = m;
     }
     set_recv_timeout(&conn, None)?;
-    let Request::Run {
-        snapshot,
-        display_stats,
-        tool,
-    } = req
-    else {
-        bail!("expected a run request, got {req:?}");
+    let (snapshot, display_stats, tool) = match req {
+        Request::Run {
+            snapshot,
+            display_stats,
+            tool,
+        } => (snapshot, display_stats, tool),
+        // Checked below like every tool's run.
+        Request::Tool {
+            snapshot,
+            display_stats,
+            request,
+        } => (snapshot, display_stats, Some(request)),
+        _ => bail!("expected a run request, got {req:?}"),
     };
     // The stdio, then the instance's listening sockets if the caller gave them.
     let mut fds = fds;

@@ -29,6 +29,16 @@ pub enum Request {
     /// TCP listeners, so that the caller binds their replacements without reading the
     /// snapshot itself. Answered with [`Reply::Listeners`] (or `Refused`, `Error`).
     Listeners { snapshot: String },
+    /// A tool's run ([`Request::Run`] with its request) from a caller that has not
+    /// checked the snapshot: the daemon checks the tool's files and start-up environment
+    /// and answers `Refused` when it cannot run warm. (A variant of its own, so that a
+    /// daemon too old to check refuses it as a message it does not know, never running
+    /// a stale tool.)
+    Tool {
+        snapshot: String,
+        display_stats: bool,
+        request: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn listeners_are_asked_for_then_run() {
+    fn listeners_and_tool_runs_round_trip() {
         let (a, b) = scm::seqpacket_pair().unwrap();
         let ask = Request::Listeners {
             snapshot: "http".into(),
@@ -117,6 +127,14 @@ mod tests {
         };
         send(b.as_fd(), &answer, &[]).unwrap();
         assert_eq!(recv::<Reply>(a.as_fd()).unwrap().unwrap().0, answer);
+        let tool = Request::Tool {
+            snapshot: "black".into(),
+            display_stats: false,
+            request: b"TOOL 2\n{}".to_vec(),
+        };
+        send(a.as_fd(), &tool, &[0, 1, 2]).unwrap();
+        let (got, fds) = recv::<Request>(b.as_fd()).unwrap().unwrap();
+        assert_eq!((got, fds.len()), (tool, 3));
     }
 
     #[test]
