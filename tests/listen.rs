@@ -62,20 +62,45 @@ fn server_instances_side_by_side_on_their_own_listeners() {
         "an instance given its listener must not hold the recorded port {recorded}"
     );
 
-    // A port in use, naming what holds it; nothing restored.
-    let busy = ws.run(&["run", "--listen", &p1.to_string(), "http"], "");
-    busy.assert_fail();
-    assert!(
-        busy.stderr.contains(&format!("--listen {p1}"))
-            && busy.stderr.contains("is in use")
-            && busy.stderr.contains("LISTEN socket of pid"),
-        "{}",
-        busy.describe()
-    );
+    // Each kind of bad listener refused with its reason; nothing restored.
+    bad_listeners_refused(&ws, recorded, p1);
     stop(&a, "instance on p1");
     stop(&b, "instance on p2");
 
-    // Not an address; a port the snapshot does not listen on.
+    // LISTEN_FDS: the caller's socket at fd 3, LISTEN_PID the run itself (`exec` keeps
+    // the shell's pid).
+    let p3 = free_port();
+    let given = std::net::TcpListener::bind(("127.0.0.1", p3)).unwrap();
+    let sd = systemd_run(&ws, given.as_raw_fd(), &["run", "http"]);
+    drop(given);
+    assert_eq!(hit(p3, &sd, "instance on LISTEN_FDS"), 1);
+    stop(&sd, "instance on LISTEN_FDS");
+
+    // LISTEN_FDS naming something that is not a listening socket.
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let not = systemd_run(&ws, file.as_raw_fd(), &["run", "http"]);
+    assert!(wait_pid_exit(not.pid(), TIMEOUT));
+    let err = not.stderr_after_exit();
+    assert!(
+        err.contains("LISTEN_FDS=1: fd 3 is not a listening TCP socket"),
+        "{err}"
+    );
+}
+
+/// Each kind of bad `--listen` for snapshot `http` (recorded listening on port
+/// `recorded`) stops the `run` with its reason: port `busy`, held by a running instance
+/// (the message names what holds it), something that is no address, a port the
+/// snapshot does not listen on.
+fn bad_listeners_refused(ws: &Ws, recorded: u16, busy: u16) {
+    let out = ws.run(&["run", "--listen", &busy.to_string(), "http"], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains(&format!("--listen {busy}"))
+            && out.stderr.contains("is in use")
+            && out.stderr.contains("LISTEN socket of pid"),
+        "{}",
+        out.describe()
+    );
     let bad = ws.run(&["run", "--listen", "nowhere", "http"], "");
     bad.assert_fail();
     assert!(
@@ -96,25 +121,6 @@ fn server_instances_side_by_side_on_their_own_listeners() {
             && wrong.stderr.contains(&format!("127.0.0.1:{recorded}")),
         "{}",
         wrong.describe()
-    );
-
-    // LISTEN_FDS: the caller's socket at fd 3, LISTEN_PID the run itself (`exec` keeps
-    // the shell's pid).
-    let p3 = free_port();
-    let given = std::net::TcpListener::bind(("127.0.0.1", p3)).unwrap();
-    let sd = systemd_run(&ws, given.as_raw_fd(), &["run", "http"]);
-    drop(given);
-    assert_eq!(hit(p3, &sd, "instance on LISTEN_FDS"), 1);
-    stop(&sd, "instance on LISTEN_FDS");
-
-    // LISTEN_FDS naming something that is not a listening socket.
-    let file = std::fs::File::open("/dev/null").unwrap();
-    let not = systemd_run(&ws, file.as_raw_fd(), &["run", "http"]);
-    assert!(wait_pid_exit(not.pid(), TIMEOUT));
-    let err = not.stderr_after_exit();
-    assert!(
-        err.contains("LISTEN_FDS=1: fd 3 is not a listening TCP socket"),
-        "{err}"
     );
 }
 
@@ -228,35 +234,7 @@ fn serve_parks_a_server_and_hands_it_its_listener() {
     }
     // The daemon names the snapshot's listeners to a served `run --listen`, which binds
     // them itself: bad ones are refused as by a lone run, before anything is handed out.
-    let busy_port = side[0].0;
-    let busy = ws.run(&["run", "--listen", &busy_port.to_string(), "http"], "");
-    busy.assert_fail();
-    assert!(
-        busy.stderr.contains(&format!("--listen {busy_port}")) && busy.stderr.contains("is in use"),
-        "{}",
-        busy.describe()
-    );
-    let bad = ws.run(&["run", "--listen", "nowhere", "http"], "");
-    bad.assert_fail();
-    assert!(
-        bad.stderr.contains("\"nowhere\" is not an address"),
-        "{}",
-        bad.describe()
-    );
-    let other = if port == 1 { 2 } else { port - 1 };
-    let wrong = ws.run(
-        &["run", "--listen", &format!("{other}=127.0.0.1:0"), "http"],
-        "",
-    );
-    wrong.assert_fail();
-    assert!(
-        wrong
-            .stderr
-            .contains(&format!("does not listen on port {other}"))
-            && wrong.stderr.contains(&format!("127.0.0.1:{port}")),
-        "{}",
-        wrong.describe()
-    );
+    bad_listeners_refused(&ws, port, side[0].0);
     // LISTEN_FDS through the daemon: the caller's socket in place of the listener.
     let p3 = free_port();
     let given = std::net::TcpListener::bind(("127.0.0.1", p3)).unwrap();
