@@ -497,3 +497,70 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     assert_eq!(out.code(), 0, "{ctx}:\n{}", out.describe());
     drop(first);
 }
+
+/// The daemon keeps the store's names between requests: a served instance is listed
+/// (`ps`) under the names its snapshot has when it starts, and not under a name that
+/// has moved since to a snapshot recorded again.
+#[test]
+fn served_instances_are_listed_under_the_names_their_snapshot_has_now() {
+    let ws = Ws::new();
+    counter_snapshot(&ws);
+    let id_named = |name: &str| -> String {
+        let ls = ws.run(&["ls", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| {
+                s["names"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|x| x == name))
+            })
+            .and_then(|s| s["id"].as_str())
+            .unwrap_or_else(|| panic!("no snapshot named {name}: {}", ls.describe()))
+            .to_owned()
+    };
+    // The names `ps` lists for each instance of snapshot `id` (templates aside), sorted.
+    let listed = |id: &str| -> Vec<Vec<String>> {
+        let ps = ws.run(&["ps", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&ps.stdout).unwrap();
+        let mut names: Vec<Vec<String>> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["snapshot"] == id && i["template"] != true)
+            .map(|i| {
+                i["names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let old = id_named("counter");
+    let daemon = ws.serve("counter");
+    let mut first = Proc::spawn(&mut ws.cmd(&["run", "counter"]));
+    first.send("a");
+    assert_eq!(first.read_line(), "1 a");
+    assert_eq!(listed(&old), vec![vec!["counter".to_owned()]]);
+    // Recorded again under the same name: the name moves to the new snapshot.
+    ws.record("counter", &[fixture("counter")]);
+    assert_ne!(id_named("counter"), old);
+    daemon.wait_stderr("parked an instance of");
+    let mut second = Proc::spawn(&mut ws.cmd(&["run", &old]));
+    second.send("b");
+    assert_eq!(second.read_line(), "1 b");
+    assert_eq!(
+        listed(&old),
+        vec![Vec::<String>::new(), vec!["counter".to_owned()]],
+        "the instance started after the name moved is listed without it"
+    );
+    for mut p in [first, second] {
+        p.close_stdin();
+        assert!(p.wait().success());
+    }
+}
