@@ -442,6 +442,13 @@ fn parked_instances_share_the_template_s_memory() {
             .filter(|i| i["template"].as_bool() == Some(true))
             .count();
         assert_eq!(listed_templates, usize::from(templates), "{listed:?}");
+        // The next daemon takes the same socket: stop this one as a user would (it
+        // removes its socket). Killed instead, its template could still hold the socket,
+        // exiting, when the next one starts, and that one would refuse to.
+        let mut daemon = daemon;
+        // SAFETY: kill takes integer arguments only.
+        unsafe { libc::kill(daemon.pid(), libc::SIGTERM) };
+        assert!(daemon.wait().success(), "serve stopped by SIGTERM");
     }
 }
 
