@@ -83,10 +83,10 @@ impl Mounts {
     /// Best effort: a failure leaves the shared directory, as without warmstart.
     pub fn mount(&self) {
         for d in &self.0 {
+            // Results are ignored on purpose (best effort, see above).
             // SAFETY: every path is a NUL-terminated C string (literals, or a CString made
             // by prepare() and owned by self), valid for each call; mkdir and mount only
             // read them and allocate nothing, as the child right after clone3 requires.
-            // Results are ignored on purpose (best effort, see above).
             unsafe {
                 libc::mkdir(c"/tmp".as_ptr(), 0o1777);
                 libc::mkdir(d.as_ptr(), 0o755);
