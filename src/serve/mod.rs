@@ -360,18 +360,19 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
         (req, fds) = m;
     }
     set_recv_timeout(&conn, None)?;
-    let (snapshot, display_stats, tool) = match req {
+    // `unchecked`: a tool's run whose caller has not looked at the snapshot (a run
+    // request's tool was checked by its caller before it was sent).
+    let (snapshot, display_stats, tool, unchecked) = match req {
         Request::Run {
             snapshot,
             display_stats,
             tool,
-        } => (snapshot, display_stats, tool),
-        // Checked below like every tool's run.
+        } => (snapshot, display_stats, tool, false),
         Request::Tool {
             snapshot,
             display_stats,
             request,
-        } => (snapshot, display_stats, Some(request)),
+        } => (snapshot, display_stats, Some(request), true),
         _ => bail!("expected a run request, got {req:?}"),
     };
     // The stdio, then the instance's listening sockets if the caller gave them.
@@ -390,9 +391,8 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     };
     let (snap, names) = match daemon.snapshot(&snapshot) {
         Ok(s) => s,
-        // A tool's run comes here before its caller has looked at the snapshot: the
-        // caller's own lookup says why (or runs the tool cold, for a shim).
-        Err(e) if tool.is_some() => {
+        // The caller's own lookup says why (or runs the tool cold, for a shim).
+        Err(e) if unchecked => {
             return protocol::send(
                 conn.as_fd(),
                 &Reply::Refused(crate::report::error_line(&e)),
@@ -413,7 +413,7 @@ fn handle(daemon: &Arc<Daemon>, conn: OwnedFd) -> Result<()> {
     }
     // A stale tool snapshot, or a run whose start-up environment differs from the
     // record's, is the caller's to handle (it runs the tool cold and says why).
-    if let (Some(info), Some(req)) = (&snap.manifest.tool, &tool) {
+    if let (Some(info), Some(req), true) = (&snap.manifest.tool, &tool, unchecked) {
         if let Some(why) = crate::tool::not_warm(info, req) {
             return protocol::send(conn.as_fd(), &Reply::Refused(why), &[]);
         }
