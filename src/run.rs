@@ -8,7 +8,7 @@ use anyhow::Result;
 use warmstart_snapshots::store::Snapshot;
 
 use crate::cgroup::Placement;
-use crate::restore::{RestoreOptions, Restored};
+use crate::restore::RestoreOptions;
 use crate::stats::human;
 
 /// How an instance gets its memory.
@@ -151,10 +151,10 @@ pub fn run_instance_with(
             opts.learn = opts.prefetch.is_none() && !detach;
         }
     }
-    let registered = |r: &Restored| {
+    let registered = |pid: i32| {
         crate::instances::register(&crate::instances::Instance {
             monitor: std::process::id() as i32,
-            pid: r.pid,
+            pid,
             snapshot: snap.id.to_string(),
             names: names.clone(),
             command: command_of(&snap.manifest),
@@ -176,7 +176,8 @@ pub fn run_instance_with(
     let watch = crate::restore::interrupt::Watch::start()?;
     watch.interrupt.abandon_reads_of(snap.clone());
     opts.interrupt = Some(watch.interrupt.clone());
-    let restored = crate::restore::restore(&snap, &opts);
+    // Listed by `ps` before it runs: anyone it answers finds it there.
+    let restored = crate::restore::restore_listed(&snap, &opts, &registered);
     let interrupt = watch.interrupt.clone();
     let signal = watch.stop();
     // A signal that came once the instance resumed is the instance's: forwarded below.
@@ -191,7 +192,7 @@ pub fn run_instance_with(
         );
         return Ok(128 + sig);
     }
-    let r = match restored {
+    let (r, _listed) = match restored {
         Ok(r) => r,
         Err(_) if oom_killed(placement.as_ref(), &cgroups) => return Ok(128 + libc::SIGKILL),
         Err(e) => return Err(e),
@@ -214,7 +215,6 @@ pub fn run_instance_with(
             .unwrap_or_default();
         eprintln!("restore of {}{from}:\n{}", snap.id.short(), r.phases);
     }
-    let _listed = registered(&r);
     // Once the instance is over, nothing waits for a page server's answers any more (one
     // that stopped answering must not hold `run` up).
     let (code, lazy) = match r.wait_then(|| snap.abandon_page_reads()) {

@@ -235,6 +235,19 @@ pub fn restore(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Restored> 
     prepare(snap, opts, false)?.resume(None, &[], None)
 }
 
+/// [`restore`], calling `list` with the instance's pid before it runs (so that what
+/// `list` records, e.g. the `warmstart ps` entry, is there before the instance can answer
+/// anyone); what it returns is kept with the instance.
+pub fn restore_listed<R>(
+    snap: &Arc<Snapshot>,
+    opts: &RestoreOptions,
+    list: &dyn Fn(i32) -> R,
+) -> Result<(Restored, R)> {
+    let parked = prepare(snap, opts, false)?;
+    let listed = list(parked.pid());
+    Ok((parked.resume(None, &[], None)?, listed))
+}
+
 /// Restores an instance of `snap` up to its last step and holds it there.
 pub fn park(snap: &Arc<Snapshot>, opts: &RestoreOptions) -> Result<Parked> {
     if opts.learn {
@@ -1158,7 +1171,7 @@ pub fn detached<R>(
     snap: &Arc<Snapshot>,
     opts: &RestoreOptions,
     display_stats: bool,
-    register: &dyn Fn(&Restored) -> R,
+    register: &dyn Fn(i32) -> R,
 ) -> Result<i32> {
     let (r, w) = remote::pipe().context("pipe2")?;
     // SAFETY: `restore -d` runs this from the CLI's main thread before any thread of
@@ -1173,15 +1186,14 @@ pub fn detached<R>(
         // SAFETY: no arguments; acts on this process only.
         unsafe { libc::setsid() };
         let mut w = std::fs::File::from(w);
-        let code = match restore(snap, opts) {
-            Ok(restored) => {
+        let code = match restore_listed(snap, opts, register) {
+            Ok((restored, _listed)) => {
                 if let Some(c) = &opts.cgroups {
                     c.keep();
                 }
                 if display_stats {
                     eprintln!("restore of {}:\n{}", snap.id.short(), restored.phases);
                 }
-                let _listed = register(&restored);
                 let _ = std::io::Write::write_all(&mut w, format!("P{}", restored.pid).as_bytes());
                 drop(w);
                 // The instance has the caller's stdio now; the daemon lets go of it so a
