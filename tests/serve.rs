@@ -291,12 +291,30 @@ fn timers_do_not_run_down_while_parked() {
     }
 }
 
-/// An app with handlers for signals beyond SIGINT/SIGTERM/SIGHUP: it prints each one it
-/// gets, and echoes its input.
-const SIGNAL_APP: &str = "import signal, sys\n\
+/// An app with handlers for signals beyond SIGINT/SIGTERM/SIGHUP. It prints each relayed signal its handler gets, and each line of stdin. A Python handler
+/// runs between bytecodes: a signal that comes after the loop's last check and before it
+/// blocks in a read would wait for the next line (a race of the app's own, widened by lazy
+/// paging on the way to the read). The handler's wakeup fd (written by the C-level
+/// handler) ends the wait on stdin instead, so every signal is answered.
+const SIGNAL_APP: &str = "import os, select, signal\n\
     def on(sig, frame):\n    print('got', signal.Signals(sig).name, flush=True)\n\
     for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT, signal.SIGWINCH, signal.SIGALRM):\n    signal.signal(s, on)\n\
-    for line in sys.stdin:\n    print('line', line.strip(), flush=True)\n";
+    r, w = os.pipe()\n\
+    os.set_blocking(w, False)\n\
+    signal.set_wakeup_fd(w)\n\
+    buf = b''\n\
+    while True:\n\
+    \x20   ready = select.select([0, r], [], [])[0]\n\
+    \x20   if r in ready:\n\
+    \x20       os.read(r, 64)\n\
+    \x20   if 0 in ready:\n\
+    \x20       data = os.read(0, 4096)\n\
+    \x20       if not data:\n\
+    \x20           break\n\
+    \x20       buf += data\n\
+    \x20       while b'\\n' in buf:\n\
+    \x20           line, buf = buf.split(b'\\n', 1)\n\
+    \x20           print('line', line.decode(), flush=True)\n";
 
 /// Sends `run` (already answering) each signal and expects the app's handler to print it.
 fn relays_signals(client: &mut Proc) {

@@ -118,7 +118,7 @@ impl Pools {
     /// `after` to go quiet ([`wait_quiet`]).
     /// With `learn`, the instance came from a template, and what it wrote by then is
     /// learned ([`Pools::learn_written`]).
-    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<(i32, bool)>) -> Option<String> {
+    fn start_after(&self, snap: &Arc<Snapshot>, after: Option<After>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
         }
@@ -195,7 +195,14 @@ impl Pools {
             None => true,
         };
         if idle {
-            let _ = self.start_after(snap, app.map(|a| (a, false)));
+            let _ = self.start_after(
+                snap,
+                app.map(|app| After {
+                    app,
+                    learn: false,
+                    cpu_at_start: None,
+                }),
+            );
         }
     }
 
@@ -221,16 +228,21 @@ impl Pools {
         }
     }
 
-    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<(i32, bool)>) {
+    fn spawn_parker(&self, snap: Arc<Snapshot>, after: Option<After>) {
         let pools = self.clone();
         let id = snap.id;
         let spawned = std::thread::Builder::new()
             .name("serve-parker".into())
             .spawn(move || {
-                if let Some((app, learn)) = after {
+                if let Some(After {
+                    app,
+                    learn,
+                    cpu_at_start,
+                }) = after
+                {
                     let mut read = false;
                     pools.quiet_waiters.fetch_add(1, Ordering::Relaxed);
-                    wait_quiet(app, &pools.quiet_waiters, || {
+                    wait_quiet(app, cpu_at_start, &pools.quiet_waiters, || {
                         if learn {
                             read |= pools.learn_written(&snap, app);
                         }
@@ -467,8 +479,23 @@ impl Pools {
             }
         };
         let from_template = opts.template.is_some();
+        // What it wrote by its first work is learned from the CPU time it used from its
+        // hand-out on (its parker may start looking only once that work is done).
+        let learning = from_template
+            && self
+                .lock()
+                .get(&snap.id)
+                .is_some_and(|p| p.learned_from < LEARN_FROM);
+        let cpu_at_start = learning.then(|| cpu_ns(parked.pid())).flatten();
         let refill = |app: Option<i32>| {
-            self.start_after(&snap, app.map(|a| (a, from_template)));
+            self.start_after(
+                &snap,
+                app.map(|app| After {
+                    app,
+                    learn: from_template,
+                    cpu_at_start,
+                }),
+            );
         };
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
@@ -476,7 +503,18 @@ impl Pools {
     }
 }
 
-/// Waits until the instance whose app is `app` has done its first work and gone quiet:
+/// The instance whose app a new parker waits for to go quiet before it parks.
+#[derive(Clone, Copy)]
+struct After {
+    app: i32,
+    /// It came from a template: what it wrote by then is learned.
+    learn: bool,
+    /// Its CPU time (`cpu_ns`) when it was handed out, for its first work.
+    cpu_at_start: Option<u64>,
+}
+
+/// Waits until the instance whose app is `app` has done its first work (since
+/// `cpu_at_start`, else since now) and gone quiet:
 /// it used at least [`FIRST_WORK`] of CPU time, then, over [`QUIET_POLLS`] polls in a
 /// row, less than 1/[`QUIET_SHARE`] of a core and as little time waiting for one (an
 /// app waiting for a page looks quiet for a moment too; one waiting for a core does
@@ -484,13 +522,14 @@ impl Pools {
 /// quiet spell after its first work (the instance may end before the spell counts as
 /// quiet: a caller that stops it right after its answer). `waiters`: the parkers waiting
 /// so (this one included); the more, the less often each polls.
-fn wait_quiet(app: i32, waiters: &AtomicUsize, mut lull: impl FnMut()) {
+fn wait_quiet(app: i32, cpu_at_start: Option<u64>, waiters: &AtomicUsize, mut lull: impl FnMut()) {
     let t = Instant::now();
-    let Some(first) = cpu_ns(app) else {
+    let Some(now) = cpu_ns(app) else {
         return;
     };
+    let first = cpu_at_start.unwrap_or(now);
     let busy = |cpu: u64| cpu + wait_ns(app).unwrap_or(0);
-    let (mut last, mut last_t, mut quiet) = (busy(first), Instant::now(), 0);
+    let (mut last, mut last_t, mut quiet) = (busy(now), Instant::now(), 0);
     while t.elapsed() < QUIET_MAX {
         let n = waiters.load(Ordering::Relaxed).clamp(1, 8) as u32;
         std::thread::sleep(QUIET_POLL * n);
