@@ -501,6 +501,17 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     assert_eq!(first.read_line(), "PASS");
     assert_eq!(first.read_line(), "SLEEPING");
     let learned = daemon.wait_stderr("by their first answer");
+    // The code the first request ran is in the next instances' page tables before they
+    // are offered (a fork copies none of a read-only file mapping's); then the pages it
+    // wrote are their own.
+    let code = daemon.wait_stderr("pages of code the first request runs");
+    let mapped: u64 = code
+        .split_whitespace()
+        .skip_while(|w| *w != "mapped")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no page count in {code:?}"));
+    assert!(mapped > 0, "no code mapped ahead: {learned} / {code}");
     let copied = daemon.wait_stderr("the first request writes into a parked instance");
     let pages: u64 = copied
         .split_whitespace()
@@ -513,7 +524,10 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
 
     // Handed out: the snapshot's bytes, every one, and its recorded /proc state.
     let out = ws.served("pat", common::STATE_CHECK_TWICE);
-    let ctx = format!("served after {pages} pages were copied in at parking");
+    let ctx = format!(
+        "served after {pages} pages were copied in and {mapped} pages of code mapped at \
+         parking"
+    );
     let (after, rest) = common::state::split_state(&out.stdout)
         .unwrap_or_else(|| panic!("{ctx}: no state capture:\n{}", out.describe()));
     let diffs = common::state::differences(&ctx, &before, common::state::Taken::AtRecord, after);

@@ -72,6 +72,9 @@ struct Pool {
     /// done: each instance parked from the template gets its own copy of them
     /// ([`super::prefault`]).
     written: Option<Arc<super::prefault::Ranges>>,
+    /// The pages of read-only file mappings (code) such an instance had mapped by then:
+    /// each instance parked after has its kernel map them too.
+    mapped: Option<Arc<super::prefault::Ranges>>,
     /// Instances the written pages were read from (at a quiet spell of theirs).
     learned_from: u32,
     /// A parker is reading them now.
@@ -346,29 +349,36 @@ impl Pools {
             p.learning = true;
         }
         let t = Instant::now();
-        let read = super::prefault::written(app);
+        let read =
+            super::prefault::written(app).and_then(|w| Ok((w, super::prefault::mapped(app)?)));
         let mut pools = self.lock();
         let Some(p) = pools.get_mut(&snap.id) else {
             return false;
         };
         p.learning = false;
-        let pages = match read {
+        let (pages, mapped) = match read {
             Ok(p) => p,
             Err(e) => {
-                tracing::debug!("the pages instance {app} wrote: {e}");
+                tracing::debug!("the pages instance {app} wrote and mapped: {e}");
                 return false;
             }
         };
         let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
-        let n: u64 = count(&pages);
-        if p.written.as_deref().is_some_and(|w| count(w) >= n) {
+        // The most seen of each is kept.
+        let (n, m): (u64, u64) = (count(&pages), count(&mapped));
+        let more_written = p.written.as_deref().is_none_or(|w| count(w) < n);
+        let more_mapped = p.mapped.as_deref().is_none_or(|w| count(w) < m);
+        if more_mapped {
+            p.mapped = Some(Arc::new(mapped));
+        }
+        if !more_written {
             return true;
         }
         p.written = Some(Arc::new(pages));
         drop(pools);
         tracing::info!(
             "instances of {} wrote {n} pages by their first answer (read in {:?}): those \
-             parked from now on get their own copy of them",
+             parked from now on get their own copy of them (and {m} pages of code mapped)",
             snap.id.short(),
             t.elapsed()
         );
@@ -378,7 +388,28 @@ impl Pools {
     /// Gives parked instance `parked` its own copy of the pages instances of `snap`
     /// write first ([`super::prefault`]), once known.
     fn prefault(&self, snap: &Snapshot, parked: &crate::restore::Parked) {
-        let Some(pages) = self.lock().get(&snap.id).and_then(|p| p.written.clone()) else {
+        let (pages, mapped) = match self.lock().get(&snap.id) {
+            Some(p) => (p.written.clone(), p.mapped.clone()),
+            None => return,
+        };
+        if let Some(mapped) = mapped {
+            let t = Instant::now();
+            match super::prefault::map_files(parked.pid(), &mapped) {
+                Ok(n) => tracing::debug!(
+                    "mapped {n} pages of code the first request runs into a parked \
+                     instance of {} in {:?}",
+                    snap.id.short(),
+                    t.elapsed()
+                ),
+                // The instance is as parked: it faults them in itself.
+                Err(e) => tracing::debug!(
+                    "mapping the code the first request runs into a parked instance of \
+                     {}: {e}",
+                    snap.id.short()
+                ),
+            }
+        }
+        let Some(pages) = pages else {
             return;
         };
         let t = Instant::now();
@@ -479,21 +510,20 @@ impl Pools {
             }
         };
         let from_template = opts.template.is_some();
-        // What it wrote by its first work is learned from the CPU time it used from its
-        // hand-out on (its parker may start looking only once that work is done).
+        // What it wrote by its first work is learned from the CPU time it had once it
+        // runs on (its parker may start looking only once that work is done).
         let learning = from_template
             && self
                 .lock()
                 .get(&snap.id)
                 .is_some_and(|p| p.learned_from < LEARN_FROM);
-        let cpu_at_start = learning.then(|| cpu_ns(parked.pid())).flatten();
         let refill = |app: Option<i32>| {
             self.start_after(
                 &snap,
                 app.map(|app| After {
                     app,
                     learn: from_template,
-                    cpu_at_start,
+                    cpu_at_start: learning.then(|| cpu_ns(app)).flatten(),
                 }),
             );
         };
@@ -509,7 +539,7 @@ struct After {
     app: i32,
     /// It came from a template: what it wrote by then is learned.
     learn: bool,
-    /// Its CPU time (`cpu_ns`) when it was handed out, for its first work.
+    /// Its CPU time (`cpu_ns`) as it went on from its hand-out, for its first work.
     cpu_at_start: Option<u64>,
 }
 

@@ -52,6 +52,51 @@ pub fn write(pid: i32, addr: u64, bytes: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Reads one byte at each of `addrs` in `pid` (into a scratch buffer, thrown away): the
+/// kernel faults each page in for `pid` as it reads, so it is in `pid`'s page tables
+/// after. Up to `IOV_MAX` addresses a call; a short read is an error.
+pub fn touch(pid: i32, addrs: &[u64]) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut scratch = [0u8; IOV_MAX];
+    for batch in addrs.chunks(IOV_MAX) {
+        let local = libc::iovec {
+            iov_base: scratch.as_mut_ptr().cast(),
+            iov_len: batch.len(),
+        };
+        let remote: Vec<libc::iovec> = batch
+            .iter()
+            .map(|&a| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: 1,
+            })
+            .collect();
+        // SAFETY: `local` describes `scratch`, exclusively borrowed and writable for
+        // batch.len() <= IOV_MAX bytes, and the kernel writes at most the sum of the
+        // remote lengths (one byte each), which is that. The remote ranges live in
+        // `pid`'s address space, checked by the kernel (EFAULT); they are only read.
+        let n = unsafe {
+            libc::process_vm_readv(
+                pid,
+                &local,
+                1,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != batch.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("short read: {n} of {} pages", batch.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
