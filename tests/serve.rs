@@ -504,21 +504,19 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     // The code the first request ran is in the next instances' page tables before they
     // are offered (a fork copies none of a read-only file mapping's); then the pages it
     // wrote are their own.
+    // The count after `word` in a line of the daemon's.
+    let count = |line: &str, word: &str| -> u64 {
+        line.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no page count in {line:?}"))
+    };
     let code = daemon.wait_stderr("pages of code the first request runs");
-    let mapped: u64 = code
-        .split_whitespace()
-        .skip_while(|w| *w != "mapped")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no page count in {code:?}"));
+    let mapped = count(&code, "mapped");
     assert!(mapped > 0, "no code mapped ahead: {learned} / {code}");
     let copied = daemon.wait_stderr("the first request writes into a parked instance");
-    let pages: u64 = copied
-        .split_whitespace()
-        .skip_while(|w| *w != "copied")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no page count in {copied:?}"));
+    let pages = count(&copied, "copied");
     assert!(pages > 0, "nothing copied: {learned} / {copied}");
     daemon.wait_stderr("parked an instance of");
 

@@ -392,40 +392,30 @@ impl Pools {
             Some(p) => (p.written.clone(), p.mapped.clone()),
             None => return,
         };
+        let pid = parked.pid();
         if let Some(mapped) = mapped {
-            let t = Instant::now();
-            match super::prefault::map_files(parked.pid(), &mapped) {
-                Ok(n) => tracing::debug!(
-                    "mapped {n} pages of code the first request runs into a parked \
-                     instance of {} in {:?}",
-                    snap.id.short(),
-                    t.elapsed()
-                ),
-                // The instance is as parked: it faults them in itself.
-                Err(e) => tracing::debug!(
-                    "mapping the code the first request runs into a parked instance of \
-                     {}: {e}",
-                    snap.id.short()
-                ),
-            }
+            // The instance is as parked if this fails: it faults them in itself.
+            step(
+                snap,
+                || super::prefault::map_files(pid, &mapped),
+                [
+                    "mapped",
+                    "pages of code the first request runs",
+                    "mapping the code the first request runs",
+                ],
+            );
         }
-        let Some(pages) = pages else {
-            return;
-        };
-        let t = Instant::now();
-        match super::prefault::copy_shared(parked.pid(), &pages) {
-            Ok(n) => tracing::debug!(
-                "copied {n} pages the first request writes into a parked instance of {} \
-                 in {:?}",
-                snap.id.short(),
-                t.elapsed()
-            ),
-            // The instance is as parked: it copies them at its first writes instead.
-            Err(e) => tracing::debug!(
-                "copying the pages the first request writes into a parked instance of \
-                 {}: {e}",
-                snap.id.short()
-            ),
+        if let Some(pages) = pages {
+            // Or it copies them at its first writes instead.
+            step(
+                snap,
+                || super::prefault::copy_shared(pid, &pages),
+                [
+                    "copied",
+                    "pages the first request writes",
+                    "copying the pages the first request writes",
+                ],
+            );
         }
     }
 
@@ -530,6 +520,24 @@ impl Pools {
         if let Err(e) = super::serve_instance(&snap, Some(parked), req, refill) {
             tracing::warn!("serving a parked instance of {}: {e:#}", snap.id.short());
         }
+    }
+}
+
+/// Does `work` to a parked instance of `snap` and logs how it went: `"{done} N {what}
+/// into a parked instance ..."`, or `doing` with the error.
+fn step(
+    snap: &Snapshot,
+    work: impl FnOnce() -> std::io::Result<u64>,
+    [done, what, doing]: [&str; 3],
+) {
+    let t = Instant::now();
+    match work() {
+        Ok(n) => tracing::debug!(
+            "{done} {n} {what} into a parked instance of {} in {:?}",
+            snap.id.short(),
+            t.elapsed()
+        ),
+        Err(e) => tracing::debug!("{doing} into a parked instance of {}: {e}", snap.id.short()),
     }
 }
 

@@ -99,6 +99,28 @@ pub fn written(pid: i32) -> io::Result<Ranges> {
     Ok(out)
 }
 
+/// The runs of the pages of `pages` in process `pid`'s areas that `area` accepts whose
+/// pagemap entry `keep` accepts.
+fn pages_in(
+    pid: i32,
+    pages: &Ranges,
+    area: impl Fn(&MapEntry) -> bool,
+    keep: impl Fn(u64) -> bool,
+) -> io::Result<Ranges> {
+    let maps = crate::sys::maps::read_maps(pid)?;
+    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut out = Ranges::new();
+    for &(start, end) in pages {
+        for m in maps
+            .iter()
+            .filter(|m| area(m) && m.start < end && start < m.end)
+        {
+            runs(&file, start.max(m.start), end.min(m.end), &keep, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
 /// The pages of process `pid`'s read-only file mappings that are in its page tables:
 /// after an instance's first request, the code and constants it ran and read.
 pub fn mapped(pid: i32) -> io::Result<Ranges> {
@@ -116,23 +138,7 @@ pub fn mapped(pid: i32) -> io::Result<Ranges> {
 /// (`process_vm_readv` faults it in for `pid`, and its neighbours with it, as a fault
 /// of `pid`'s own would). Its memory is unchanged. The pages it had not mapped.
 pub fn map_files(pid: i32, pages: &Ranges) -> io::Result<u64> {
-    let maps = crate::sys::maps::read_maps(pid)?;
-    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut missing = Ranges::new();
-    for &(start, end) in pages {
-        for m in maps
-            .iter()
-            .filter(|m| file_read_only(m) && m.start < end && start < m.end)
-        {
-            runs(
-                &file,
-                start.max(m.start),
-                end.min(m.end),
-                |e| e & PM_PRESENT == 0,
-                &mut missing,
-            )?;
-        }
-    }
+    let missing = pages_in(pid, pages, file_read_only, |e| e & PM_PRESENT == 0)?;
     let addrs: Vec<u64> = missing
         .iter()
         .flat_map(|&(s, e)| (s..e).step_by(PAGE as usize))
@@ -147,23 +153,9 @@ pub fn map_files(pid: i32, pages: &Ranges) -> io::Result<u64> {
 /// thread stopped) and no other process may write those pages (a template never runs).
 /// The pages copied.
 pub fn copy_shared(pid: i32, pages: &Ranges) -> io::Result<u64> {
-    let maps = crate::sys::maps::read_maps(pid)?;
-    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut shared = Ranges::new();
-    for &(start, end) in pages {
-        for m in maps
-            .iter()
-            .filter(|m| copyable(m) && m.start < end && start < m.end)
-        {
-            runs(
-                &file,
-                start.max(m.start),
-                end.min(m.end),
-                |e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0,
-                &mut shared,
-            )?;
-        }
-    }
+    let shared = pages_in(pid, pages, copyable, |e| {
+        e & PM_PRESENT != 0 && e & PM_EXCLUSIVE == 0
+    })?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut copied = 0;
     for (start, end) in shared {
