@@ -45,8 +45,16 @@ fn copyable(m: &MapEntry) -> bool {
 /// The areas whose pages are mapped ahead: read-only private mappings of a file (code
 /// and constants; a writable one's pages the instance wrote are [`written`]'s, and
 /// those it only read keep their entries across a fork once any page of it is its own).
+/// Only a regular file's: not a memfd's, a device's or a deleted file's (shared memory
+/// may be served by the instance's page server; reading it ahead would only wait on it).
 fn file_read_only(m: &MapEntry) -> bool {
-    !m.write && !m.shared && (m.read || m.exec) && m.name.starts_with('/')
+    !m.write
+        && !m.shared
+        && (m.read || m.exec)
+        && m.name.starts_with('/')
+        && !m.name.starts_with("/memfd:")
+        && !m.name.starts_with("/dev/")
+        && !m.name.ends_with(" (deleted)")
 }
 
 /// The pagemap entries of `pid` for `[start, end)`, one per page.
@@ -250,7 +258,9 @@ mod tests {
         use std::io::Write;
         let pages = 64usize;
         let len = pages * PAGE as usize;
-        let mut f = tempfile::tempfile().unwrap();
+        // Named (a deleted file's mapping is not mapped ahead), kept to the end.
+        let mut named = tempfile::NamedTempFile::new().unwrap();
+        let f = named.as_file_mut();
         let content: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         f.write_all(&content).unwrap();
         // SAFETY: a new private read-only mapping of our own file; nothing else refers
@@ -292,6 +302,35 @@ mod tests {
         let mem = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) };
         assert_eq!(mem, &content[..]);
         // SAFETY: our mapping, no longer borrowed.
+        unsafe { libc::munmap(p, len) };
+    }
+
+    /// A deleted file's (or an unnamed one's) mapping is left alone: it may be memory a
+    /// page server serves.
+    #[test]
+    fn a_deleted_file_s_pages_are_not_mapped_ahead() {
+        use std::io::Write;
+        let len = 8 * PAGE as usize;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; len]).unwrap();
+        // SAFETY: a new private read-only mapping of our own file; nothing else refers
+        // to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let addr = p as u64;
+        let me = std::process::id() as i32;
+        let want = vec![(addr, addr + len as u64)];
+        assert_eq!(map_files(me, &want).unwrap(), 0);
+        // SAFETY: our mapping, not borrowed.
         unsafe { libc::munmap(p, len) };
     }
 }
