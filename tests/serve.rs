@@ -272,7 +272,11 @@ fn remaining(out: &common::Out) -> Vec<i64> {
 fn timers_do_not_run_down_while_parked() {
     let ws = Ws::new();
     ws.record("timers", &[fixture("park_timers")]);
+    let started = std::time::Instant::now();
     let learn = ws.run(&["run", "--no-serve", "timers"], "t\n");
+    // What the first run printed is what was left at the warm point less its own run
+    // time, at most this long: what a handed-out instance has left is at most that.
+    let learn_ms = started.elapsed().as_millis() as i64;
     learn.assert_ok();
     let at_warm_point = remaining(&learn);
     assert_eq!(at_warm_point.len(), 3, "{}", learn.describe());
@@ -283,8 +287,9 @@ fn timers_do_not_run_down_while_parked() {
     out.assert_ok();
     for (before, after) in at_warm_point.iter().zip(remaining(&out)) {
         assert!(
-            after > before - 2000 && after <= *before + 50,
-            "a timer ran down while parked: {before} ms left at the warm point's first run, \
+            after > before - 2000 && after <= *before + learn_ms,
+            "a timer ran down while parked (or went on from more than was left at the warm \
+             point): {before} ms left at the warm point's first run ({learn_ms} ms long), \
              {after} ms when handed out after 3 s parked\n{}",
             out.describe()
         );
@@ -494,13 +499,23 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     assert!(line.starts_with("serving "), "serve printed {line:?}");
     daemon.wait_stderr("parked an instance of");
 
-    // The first instance verifies the whole area (its first work), flips a byte of it and
-    // waits: quiet, still there.
-    let mut first = Proc::spawn(&mut ws.cmd(&["run", "pat"]));
-    first.send("check\nbreak\nsleep");
-    assert_eq!(first.read_line(), "PASS");
-    assert_eq!(first.read_line(), "SLEEPING");
-    let learned = daemon.wait_stderr("by their first answer");
+    // An instance verifies the whole area (its first work), flips a byte of it and
+    // waits: quiet, still there. The daemon learns what it wrote, or (on a host too busy
+    // for the instance to work within the daemon's wait) parks the next one without:
+    // then that one is asked the same.
+    let mut instances = Vec::new();
+    let learned = loop {
+        assert!(instances.len() < 5, "nothing learned from 5 instances");
+        let mut instance = Proc::spawn(&mut ws.cmd(&["run", "pat"]));
+        instance.send("check\nbreak\nsleep");
+        assert_eq!(instance.read_line(), "PASS");
+        assert_eq!(instance.read_line(), "SLEEPING");
+        instances.push(instance);
+        match daemon.wait_stderr_any(&["by their first answer", "parked an instance of"]) {
+            (0, line) => break line,
+            _ => continue,
+        }
+    };
     // The code the first request ran is in the next instances' page tables before they
     // are offered (a fork copies none of a read-only file mapping's); then the pages it
     // wrote are their own.
@@ -532,7 +547,7 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     common::state::report(&ctx, &diffs);
     assert_eq!(rest, "PASS\nPASS\n", "{ctx}:\n{}", out.describe());
     assert_eq!(out.code(), 0, "{ctx}:\n{}", out.describe());
-    drop(first);
+    drop(instances);
 }
 
 /// The daemon keeps the store's names between requests: a served instance is listed

@@ -442,14 +442,23 @@ impl Proc {
 
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn wait_stderr(&self, needle: &str) -> String {
+        self.wait_stderr_any(&[needle]).1
+    }
+
+    /// Waits for a stderr line containing one of `needles`; returns which (the first
+    /// that matches) and the line.
+    pub fn wait_stderr_any(&self, needles: &[&str]) -> (usize, String) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.err.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
+                Ok(l) => {
+                    if let Some(i) = needles.iter().position(|n| l.contains(n)) {
+                        return (i, l);
+                    }
+                }
                 Err(e) => panic!(
-                    "`{}` never printed {needle:?} on stderr ({e:?}); stderr:\n{}",
+                    "`{}` never printed any of {needles:?} on stderr ({e:?}); stderr:\n{}",
                     self.what,
                     self.stderr_so_far()
                 ),
