@@ -460,18 +460,13 @@ fn notify_node() {
 fn after_500ms_busy_loop() {
     let bin = fixture("busy_after");
     let ws = Ws::new();
-    let t = Instant::now();
     let out = record_out(&ws, "busy", "after=500ms", &[], &[], &[&bin]);
-    let took = t.elapsed();
     out.assert_ok();
+    // The app's stderr is the record's: had the snapshot come after the loop, its end
+    // would be there (no timing threshold: a loaded host may take longer).
     assert!(
         out.stderr.contains("started") && !out.stderr.contains("loop done"),
         "record with after=500ms should snapshot inside the 2 s loop:\n{}",
-        out.describe()
-    );
-    assert!(
-        took < Duration::from_millis(1900),
-        "record with after=500ms took {took:?}: not inside the 2 s loop?\n{}",
         out.describe()
     );
     for round in 1..=2 {
