@@ -558,9 +558,10 @@ struct After {
 /// app waiting for a page looks quiet for a moment too; one waiting for a core does
 /// not); or it ended; at most [`QUIET_MAX`]. `lull` is called at the first poll of each
 /// quiet spell after its first work (the instance may end before the spell counts as
-/// quiet: a caller that stops it right after its answer), and at the end of the wait if
-/// it worked but was not quiet then. `waiters`: the parkers waiting so (this one
-/// included); the more, the less often each polls.
+/// quiet: a caller that stops it right after its answer); one still busy at the end is
+/// not learned from (what it did by then may be a part of its first request only).
+/// `waiters`: the parkers waiting so (this one included); the more, the less often each
+/// polls.
 fn wait_quiet(app: i32, cpu_at_start: Option<u64>, waiters: &AtomicUsize, mut lull: impl FnMut()) {
     let t = Instant::now();
     let Some(now) = cpu_ns(app) else {
@@ -569,7 +570,6 @@ fn wait_quiet(app: i32, cpu_at_start: Option<u64>, waiters: &AtomicUsize, mut lu
     let first = cpu_at_start.unwrap_or(now);
     let busy = |cpu: u64| cpu + wait_ns(app).unwrap_or(0);
     let (mut last, mut last_t, mut quiet) = (busy(now), Instant::now(), 0);
-    let mut worked = false;
     while t.elapsed() < QUIET_MAX {
         let n = waiters.load(Ordering::Relaxed).clamp(1, 8) as u32;
         std::thread::sleep(QUIET_POLL * n);
@@ -577,7 +577,7 @@ fn wait_quiet(app: i32, cpu_at_start: Option<u64>, waiters: &AtomicUsize, mut lu
             return;
         };
         let now = busy(cpu);
-        worked = cpu.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
+        let worked = cpu.saturating_sub(first) >= FIRST_WORK.as_nanos() as u64;
         let window = last_t.elapsed().as_nanos() as u64;
         if worked && now.saturating_sub(last) < window / QUIET_SHARE {
             quiet += 1;
@@ -591,11 +591,6 @@ fn wait_quiet(app: i32, cpu_at_start: Option<u64>, waiters: &AtomicUsize, mut lu
             quiet = 0;
         }
         (last, last_t) = (now, Instant::now());
-    }
-    // Still busy (or waiting for a core, on a loaded host) after its first work: what it
-    // did by now is still worth knowing.
-    if worked && quiet == 0 {
-        lull();
     }
 }
 
