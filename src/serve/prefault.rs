@@ -250,6 +250,23 @@ mod tests {
         unsafe { libc::munmap(p, len) };
     }
 
+    /// A new private read-only mapping of the first `len` bytes of `f`.
+    fn map_read_only(f: &std::fs::File, len: usize) -> *mut libc::c_void {
+        // SAFETY: a new mapping the kernel places; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p
+    }
+
     /// Pages of a read-only file mapping not yet touched are not mapped; `map_files` has
     /// the kernel map them (every page asked for, with the file's bytes), and `mapped`
     /// lists them after.
@@ -263,19 +280,7 @@ mod tests {
         let f = named.as_file_mut();
         let content: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         f.write_all(&content).unwrap();
-        // SAFETY: a new private read-only mapping of our own file; nothing else refers
-        // to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let p = map_read_only(f, len);
         let addr = p as u64;
         let me = std::process::id() as i32;
         let ours = |r: &Ranges| {
@@ -313,19 +318,7 @@ mod tests {
         let len = 8 * PAGE as usize;
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&vec![7u8; len]).unwrap();
-        // SAFETY: a new private read-only mapping of our own file; nothing else refers
-        // to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let p = map_read_only(&f, len);
         let addr = p as u64;
         let me = std::process::id() as i32;
         let want = vec![(addr, addr + len as u64)];
