@@ -475,6 +475,34 @@ fn parked_instances_share_the_template_s_memory() {
     }
 }
 
+/// Hands out instances of `pat` that each verify the area (their first work), send
+/// `also`, and sleep (quiet, still there), until the daemon prints `learned` (returned,
+/// with the instances): on a host too busy for an instance to work within the daemon's
+/// wait, it parks the next one without learning, and that one is asked the same.
+fn learn_from_instances(ws: &Ws, daemon: &Proc, also: &str, learned: &str) -> (String, Vec<Proc>) {
+    let mut instances = Vec::new();
+    loop {
+        assert!(instances.len() < 5, "nothing learned from 5 instances");
+        let mut instance = Proc::spawn(&mut ws.cmd(&["run", "pat"]));
+        instance.send(&format!("check\n{also}sleep"));
+        assert_eq!(instance.read_line(), "PASS");
+        assert_eq!(instance.read_line(), "SLEEPING");
+        instances.push(instance);
+        if let (0, line) = daemon.wait_stderr_any(&[learned, "parked an instance of"]) {
+            return (line, instances);
+        }
+    }
+}
+
+/// The count after `word` in a line of the daemon's.
+fn count_after(line: &str, word: &str) -> u64 {
+    line.split_whitespace()
+        .skip_while(|w| *w != word)
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no page count in {line:?}"))
+}
+
 /// The pages an instance from a template writes by its first answer are learned once it
 /// has gone quiet, and every instance parked after that gets its own copy of those it
 /// still shares, at parking (issue 15: its first request pays no copy-on-write fault on
@@ -500,38 +528,17 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     daemon.wait_stderr("parked an instance of");
 
     // An instance verifies the whole area (its first work), flips a byte of it and
-    // waits: quiet, still there. The daemon learns what it wrote, or (on a host too busy
-    // for the instance to work within the daemon's wait) parks the next one without:
-    // then that one is asked the same.
-    let mut instances = Vec::new();
-    let learned = loop {
-        assert!(instances.len() < 5, "nothing learned from 5 instances");
-        let mut instance = Proc::spawn(&mut ws.cmd(&["run", "pat"]));
-        instance.send("check\nbreak\nsleep");
-        assert_eq!(instance.read_line(), "PASS");
-        assert_eq!(instance.read_line(), "SLEEPING");
-        instances.push(instance);
-        match daemon.wait_stderr_any(&["by their first answer", "parked an instance of"]) {
-            (0, line) => break line,
-            _ => continue,
-        }
-    };
+    // waits.
+    let (learned, instances) =
+        learn_from_instances(&ws, &daemon, "break\n", "by their first answer");
     // The code the first request ran is in the next instances' page tables before they
     // are offered (a fork copies none of a read-only file mapping's); then the pages it
     // wrote are their own.
-    // The count after `word` in a line of the daemon's.
-    let count = |line: &str, word: &str| -> u64 {
-        line.split_whitespace()
-            .skip_while(|w| *w != word)
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no page count in {line:?}"))
-    };
     let code = daemon.wait_stderr("pages of code the first request runs");
-    let mapped = count(&code, "mapped");
+    let mapped = count_after(&code, "mapped");
     assert!(mapped > 0, "no code mapped ahead: {learned} / {code}");
     let copied = daemon.wait_stderr("the first request writes into a parked instance");
-    let pages = count(&copied, "copied");
+    let pages = count_after(&copied, "copied");
     assert!(pages > 0, "nothing copied: {learned} / {copied}");
     daemon.wait_stderr("parked an instance of");
 
@@ -547,6 +554,29 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
     common::state::report(&ctx, &diffs);
     assert_eq!(rest, "PASS\nPASS\n", "{ctx}:\n{}", out.describe());
     assert_eq!(out.code(), 0, "{ctx}:\n{}", out.describe());
+    drop(instances);
+}
+
+/// Instances parked with their own memory (`--no-templates`) have the code their first
+/// request runs mapped ahead too: their restorer maps the program's files anew, and
+/// their first request would fault in all of that code.
+#[test]
+fn instances_with_their_own_memory_have_their_code_mapped_ahead() {
+    let ws = Ws::new();
+    ws.record("pat", &[fixture("pattern").as_os_str(), "16".as_ref()]);
+    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
+    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+    let daemon = Proc::spawn(&mut ws.cmd(&["-vv", "serve", "--no-templates", "--warm", "pat"]));
+    let line = daemon.read_line();
+    assert!(line.starts_with("serving "), "serve printed {line:?}");
+    daemon.wait_stderr("parked an instance of");
+    let (learned, instances) = learn_from_instances(&ws, &daemon, "", "pages of code mapped by");
+    let code = daemon.wait_stderr("pages of code the first request runs");
+    let mapped = count_after(&code, "mapped");
+    assert!(mapped > 0, "no code mapped ahead: {learned} / {code}");
+    daemon.wait_stderr("parked an instance of");
+    let out = ws.served("pat", "check\n");
+    assert_eq!(out.stdout, "PASS\n", "{}", out.describe());
     drop(instances);
 }
 

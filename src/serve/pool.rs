@@ -119,8 +119,8 @@ impl Pools {
 
     /// [`Pools::start`], the new parkers first waiting for the instance whose app is
     /// `after` to go quiet ([`wait_quiet`]).
-    /// With `learn`, the instance came from a template, and what it wrote by then is
-    /// learned ([`Pools::learn_written`]).
+    /// What it has mapped of its code by then and, one from a template, what it wrote,
+    /// is learned ([`Pools::learn_first_work`]) as `after` says.
     fn start_after(&self, snap: &Arc<Snapshot>, after: Option<After>) -> Option<String> {
         if self.size == 0 {
             return Some("the pool size is 0".into());
@@ -202,7 +202,7 @@ impl Pools {
                 snap,
                 app.map(|app| After {
                     app,
-                    learn: false,
+                    learn: None,
                     cpu_at_start: None,
                 }),
             );
@@ -246,8 +246,8 @@ impl Pools {
                     let mut read = false;
                     pools.quiet_waiters.fetch_add(1, Ordering::Relaxed);
                     wait_quiet(app, cpu_at_start, &pools.quiet_waiters, || {
-                        if learn {
-                            read |= pools.learn_written(&snap, app);
+                        if let Some(written) = learn {
+                            read |= pools.learn_first_work(&snap, app, written);
                         }
                     });
                     pools.quiet_waiters.fetch_sub(1, Ordering::Relaxed);
@@ -333,11 +333,12 @@ impl Pools {
         tracing::info!("template of {} dropped: {why}", snap.id.short());
     }
 
-    /// Learns which pages instance `app` of `snap` (from its template, its first work
-    /// done) wrote, if more than known so far; whether they could be read. Learned
-    /// until read from [`LEARN_FROM`] instances (one stopped right after its answer may
-    /// be gone first), by one parker at a time.
-    fn learn_written(&self, snap: &Snapshot, app: i32) -> bool {
+    /// Learns which pages of code instance `app` of `snap` (its first work done) has
+    /// mapped and, `written` (it came from the template), which pages it wrote, each if
+    /// more than known so far; whether they could be read. Learned until read from
+    /// [`LEARN_FROM`] instances (one stopped right after its answer may be gone first),
+    /// by one parker at a time.
+    fn learn_first_work(&self, snap: &Snapshot, app: i32, written: bool) -> bool {
         {
             let mut pools = self.lock();
             let Some(p) = pools.get_mut(&snap.id) else {
@@ -349,8 +350,11 @@ impl Pools {
             p.learning = true;
         }
         let t = Instant::now();
-        let read =
-            super::prefault::written(app).and_then(|w| Ok((w, super::prefault::mapped(app)?)));
+        let read = match written {
+            true => super::prefault::written(app).map(Some),
+            false => Ok(None),
+        }
+        .and_then(|w| Ok((w, super::prefault::mapped(app)?)));
         let mut pools = self.lock();
         let Some(p) = pools.get_mut(&snap.id) else {
             return false;
@@ -365,15 +369,24 @@ impl Pools {
         };
         let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
         // The most seen of each is kept.
-        let (n, m): (u64, u64) = (count(&pages), count(&mapped));
-        let more_written = p.written.as_deref().is_none_or(|w| count(w) < n);
+        let (n, m): (u64, u64) = (pages.as_ref().map_or(0, count), count(&mapped));
+        let more_written = pages.is_some() && p.written.as_deref().is_none_or(|w| count(w) < n);
         let more_mapped = p.mapped.as_deref().is_none_or(|w| count(w) < m);
         if more_mapped {
             p.mapped = Some(Arc::new(mapped));
         }
-        if !more_written {
+        let Some(pages) = pages.filter(|_| more_written) else {
+            drop(pools);
+            if more_mapped {
+                tracing::debug!(
+                    "instances of {} had {m} pages of code mapped by their first answer \
+                     (read in {:?}): those parked from now on have them mapped",
+                    snap.id.short(),
+                    t.elapsed()
+                );
+            }
             return true;
-        }
+        };
         p.written = Some(Arc::new(pages));
         drop(pools);
         tracing::info!(
@@ -385,9 +398,10 @@ impl Pools {
         true
     }
 
-    /// Gives parked instance `parked` its own copy of the pages instances of `snap`
-    /// write first ([`super::prefault`]), once known.
-    fn prefault(&self, snap: &Snapshot, parked: &crate::restore::Parked) {
+    /// Has parked instance `parked` map the code instances of `snap` run first and, one
+    /// `from_template`, gives it its own copy of the pages they write first
+    /// ([`super::prefault`]), once known.
+    fn prefault(&self, snap: &Snapshot, parked: &crate::restore::Parked, from_template: bool) {
         let (pages, mapped) = match self.lock().get(&snap.id) {
             Some(p) => (p.written.clone(), p.mapped.clone()),
             None => return,
@@ -405,7 +419,7 @@ impl Pools {
                 ],
             );
         }
-        if let Some(pages) = pages {
+        if let Some(pages) = pages.filter(|_| from_template) {
             // Or it copies them at its first writes instead.
             step(
                 snap,
@@ -438,8 +452,8 @@ impl Pools {
                 self.drop_template(&snap, Some("an instance from it failed"));
             }
         }
-        if let (Ok(p), Some(_)) = (&parked, &opts.template) {
-            self.prefault(&snap, p);
+        if let Ok(p) = &parked {
+            self.prefault(&snap, p, opts.template.is_some());
         }
         let (tx, rx) = channel::<Handoff>();
         let me = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -500,19 +514,19 @@ impl Pools {
             }
         };
         let from_template = opts.template.is_some();
-        // What it wrote by its first work is learned from the CPU time it had once it
-        // runs on (its parker may start looking only once that work is done).
-        let learning = from_template
-            && self
-                .lock()
-                .get(&snap.id)
-                .is_some_and(|p| p.learned_from < LEARN_FROM);
+        // What it mapped (and, from the template, wrote) by its first work is learned from
+        // the CPU time it had once it runs on (its parker may start looking only once
+        // that work is done).
+        let learning = self
+            .lock()
+            .get(&snap.id)
+            .is_some_and(|p| p.learned_from < LEARN_FROM);
         let refill = |app: Option<i32>| {
             self.start_after(
                 &snap,
                 app.map(|app| After {
                     app,
-                    learn: from_template,
+                    learn: Some(from_template),
                     cpu_at_start: learning.then(|| cpu_ns(app)).flatten(),
                 }),
             );
@@ -545,8 +559,9 @@ fn step(
 #[derive(Clone, Copy)]
 struct After {
     app: i32,
-    /// It came from a template: what it wrote by then is learned.
-    learn: bool,
+    /// What it has mapped of its code by then is learned (`Some`) and, `Some(true)` (it
+    /// came from the template), what it wrote.
+    learn: Option<bool>,
     /// Its CPU time (`cpu_ns`) as it went on from its hand-out, for its first work.
     cpu_at_start: Option<u64>,
 }
