@@ -227,7 +227,10 @@ mod tests {
         let scanned = t.wanted(start, end, false).unwrap();
         let mut whole = Wanted::default();
         t.wanted_in(start, start, end, false, &mut whole).unwrap();
-        assert_eq!(scanned, whole);
+        // The same runs. Not compared: whether each is mapped by this process alone,
+        // which another test's fork (threads of one process) changes between the reads.
+        let runs = |w: &Wanted| w.runs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>();
+        assert_eq!(runs(&scanned), runs(&whole));
         let got: Vec<u64> = (scanned.runs.iter()).flat_map(|r| r.0..r.0 + r.1).collect();
         assert_eq!(got, touched.map(|i| i as u64));
         // SAFETY: exactly the mapping made above, referenced nowhere else.

@@ -190,6 +190,32 @@ mod tests {
     /// with the same bytes.
     #[test]
     fn a_shared_page_copied_keeps_its_bytes_and_becomes_own() {
+        in_child(shared_page_copied);
+    }
+
+    /// Runs `f` in a forked child of the test process and fails if it did: in the child
+    /// no other test's fork (tests are threads of one process) shares its pages with a
+    /// process of its own while it looks at which pages are its own.
+    fn in_child(f: fn()) {
+        // SAFETY: the child runs `f` and leaves with `_exit`; glibc's fork resets its
+        // allocator's locks in the child, so `f` may allocate (and panic).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(f).is_ok();
+            // SAFETY: ends the child without running the harness's code or destructors.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child; `status` is a live local.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the test failed in its child (status {status:#x}; its panic is above)"
+        );
+    }
+
+    fn shared_page_copied() {
         let len = 4 * PAGE as usize;
         // SAFETY: a new private anonymous mapping; nothing else refers to it.
         let p = unsafe {
