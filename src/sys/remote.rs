@@ -14,10 +14,11 @@ pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         iov_base: addr as *mut libc::c_void,
         iov_len: buf.len(),
     };
+    // The `remote` range lives in `pid`'s address space, which the kernel checks itself
+    // (EFAULT); it does not alias our memory unless `pid` is this process, and then it is
+    // only read.
     // SAFETY: `local` describes `buf`, exclusively borrowed and writable for buf.len()
-    // bytes for the whole call, and the kernel writes at most that many. The `remote`
-    // range lives in `pid`'s address space, which the kernel checks itself (EFAULT); it
-    // does not alias our memory unless `pid` is this process, and then it is only read.
+    // bytes for the whole call, and the kernel writes at most that many.
     match unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } {
         n if n == buf.len() as isize => Ok(()),
         n if n < 0 => Err(io::Error::last_os_error()),
@@ -38,10 +39,11 @@ pub fn write(pid: i32, addr: u64, bytes: &[u8]) -> io::Result<()> {
         iov_base: addr as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    // SAFETY: `local` describes `bytes`, readable for bytes.len() bytes for the whole call
-    // and only read (the *mut cast is what iovec's type demands). The `remote` range lives
-    // in `pid`'s address space and is checked by the kernel (EFAULT); callers point it at
-    // a tracee, or (the test below) at memory of their own that nothing else borrows.
+    // The `remote` range lives in `pid`'s address space and is checked by the kernel
+    // (EFAULT); callers point it at a tracee, or (the test below) at memory of their own
+    // that nothing else borrows.
+    // SAFETY: `local` describes `bytes`, readable for bytes.len() bytes for the whole
+    // call and only read (the *mut cast is what iovec's type demands).
     match unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } {
         n if n == bytes.len() as isize => Ok(()),
         n if n < 0 => Err(io::Error::last_os_error()),
@@ -70,10 +72,11 @@ pub fn touch(pid: i32, addrs: &[u64]) -> io::Result<()> {
                 iov_len: 1,
             })
             .collect();
+        // The remote ranges live in `pid`'s address space, checked by the kernel
+        // (EFAULT); they are only read.
         // SAFETY: `local` describes `scratch`, exclusively borrowed and writable for
-        // batch.len() <= IOV_MAX bytes, and the kernel writes at most the sum of the
-        // remote lengths (one byte each), which is that. The remote ranges live in
-        // `pid`'s address space, checked by the kernel (EFAULT); they are only read.
+        // batch.len() <= IOV_MAX bytes; the kernel writes at most the remote lengths'
+        // sum (one byte each), which is that.
         let n = unsafe {
             libc::process_vm_readv(
                 pid,
