@@ -921,7 +921,7 @@ pub fn main(cli: Cli) -> Result<i32> {
             };
             // A tool's run goes through a daemon too (once its files were checked here).
             if let Some(req) = &tool_request {
-                if !(no_serve || a.eager || a.no_prefetch || remote) {
+                if may_serve {
                     let socket = crate::serve::socket_path(&store_dir(&cli)?);
                     let id = snap.id.to_string();
                     if let Some(code) =
@@ -931,20 +931,17 @@ pub fn main(cli: Cli) -> Result<i32> {
                     }
                 }
             }
-            let listeners = if given_listeners {
+            let (recorded, listeners) = if given_listeners {
                 let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
-                crate::fds::inet::replacements(&recorded, &a.listen, systemd)?
+                let given = crate::fds::inet::replacements(&recorded, &a.listen, systemd)?;
+                (recorded, given)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             // A daemon serves an instance given its listeners too: they go with the stdio
             // (the snapshot's other listeners bound at their recorded addresses).
-            if given_listeners
-                && tool_request.is_none()
-                && !(no_serve || a.eager || a.no_prefetch || remote)
-            {
+            if given_listeners && tool_request.is_none() && may_serve {
                 let socket = crate::serve::socket_path(&store_dir(&cli)?);
-                let recorded = crate::fds::inet::recorded_listeners(&snap.manifest);
                 let all = crate::fds::inet::complete(&recorded, &listeners)?;
                 let fds: Vec<_> = all
                     .iter()

@@ -92,19 +92,14 @@ fn runs(
 /// (mapped by no other process): after an instance's first request, what it wrote of
 /// what it shared with its template, and what it has on its own anyway.
 pub fn written(pid: i32) -> io::Result<Ranges> {
-    let maps = crate::sys::maps::read_maps(pid)?;
-    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut out = Ranges::new();
-    for m in maps.iter().filter(|m| copyable(m)) {
-        runs(
-            &file,
-            m.start,
-            m.end,
-            |e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0,
-            &mut out,
-        )?;
-    }
-    Ok(out)
+    pages_in(pid, &everywhere(), copyable, |e| {
+        e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0
+    })
+}
+
+/// The whole address space, as [`Ranges`].
+fn everywhere() -> Ranges {
+    vec![(0, u64::MAX)]
 }
 
 /// The runs of the pages of `pages` in process `pid`'s areas that `area` accepts whose
@@ -132,13 +127,7 @@ fn pages_in(
 /// The pages of process `pid`'s read-only file mappings that are in its page tables:
 /// after an instance's first request, the code and constants it ran and read.
 pub fn mapped(pid: i32) -> io::Result<Ranges> {
-    let maps = crate::sys::maps::read_maps(pid)?;
-    let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut out = Ranges::new();
-    for m in maps.iter().filter(|m| file_read_only(m)) {
-        runs(&file, m.start, m.end, |e| e & PM_PRESENT != 0, &mut out)?;
-    }
-    Ok(out)
+    pages_in(pid, &everywhere(), file_read_only, |e| e & PM_PRESENT != 0)
 }
 
 /// Has the kernel map into stopped process `pid` each page of `pages` in a read-only
