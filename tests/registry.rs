@@ -467,6 +467,90 @@ fn hot_pages_blob_pushed_and_damage_ignored() {
     );
 }
 
+#[test]
+fn head_carried_in_the_index_is_checked() {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let reg = Registry::start(None);
+    let ws = Ws::new();
+    ws.record("x", &[fixture("pscounter")]);
+    let expect = expected();
+    let r = format!("{}/apps/counter:v1", reg.addr);
+    push(&ws, "x", &r, &["--insecure"]);
+    let link = reg
+        .dir
+        .path()
+        .join("data/docker/registry/v2/repositories/apps/counter/_manifests/tags/v1/current/link");
+    let index_file = reg.blob(std::fs::read_to_string(link).unwrap().trim());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_file).unwrap()).unwrap();
+    let notes = &index["annotations"];
+    let data = notes["dev.warmstart.snapshot.head.data"].as_str().unwrap();
+    let head_digest = notes["dev.warmstart.snapshot.head"].as_str().unwrap();
+    let head_digest = head_digest.split('@').next().unwrap();
+    // The head it carries is the head blob, byte for byte.
+    assert_eq!(
+        b64.decode(data).unwrap(),
+        std::fs::read(reg.blob(head_digest)).unwrap()
+    );
+    // The index edited, pushed as it is under another tag (as a registry would hold
+    // an artifact pushed so).
+    let with = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut index = index.clone();
+        edit(index["annotations"].as_object_mut().unwrap());
+        let body = serde_json::to_vec(&index).unwrap();
+        let mut c = std::net::TcpStream::connect(&reg.addr).unwrap();
+        write!(
+            c,
+            "PUT /v2/apps/counter/manifests/edited HTTP/1.1\r\nHost: {}\r\nContent-Type: \
+             application/vnd.oci.image.index.v1+json\r\nContent-Length: {}\r\nConnection: \
+             close\r\n\r\n",
+            reg.addr,
+            body.len()
+        )
+        .unwrap();
+        c.write_all(&body).unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+        let edited = format!("{}/apps/counter:edited", reg.addr);
+        Ws::new().run(
+            &["run", "--no-serve", "--no-stream", "--insecure", &edited],
+            INPUT,
+        )
+    };
+    // Without it (a head too large to carry), the run fetches the head blob.
+    let out = with(&|a| {
+        a.remove("dev.warmstart.snapshot.head.data");
+    });
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+    // Changed: refused by the head blob's digest, before anything runs.
+    let mut bytes = b64.decode(data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    let out = with(&|a| {
+        a.insert(
+            "dev.warmstart.snapshot.head.data".into(),
+            b64.encode(&bytes).into(),
+        );
+    });
+    out.assert_fail();
+    assert!(
+        out.stderr
+            .contains("the head blob its OCI index carries is not")
+            && out.stderr.contains(head_digest)
+            && !out.stdout.contains("sum="),
+        "{}",
+        out.describe()
+    );
+    let out = Ws::new().run(
+        &["run", "--no-serve", "--no-stream", "--insecure", &r],
+        INPUT,
+    );
+    assert_eq!(out.stdout, expect, "{}", out.describe());
+}
+
 /// A CA and a server certificate for 127.0.0.1 (openssl), and an htpasswd (bcrypt).
 fn secure_setup(dir: &Path) -> (Secure, PathBuf) {
     let sh = |args: &[&str]| {

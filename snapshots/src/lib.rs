@@ -1,6 +1,7 @@
 //! Snapshot model, its on-disk encoding, and the content-addressed page store.
 //! Pure Rust: no ptrace, no namespaces.
 
+pub mod buffers;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzz;

@@ -559,7 +559,7 @@ impl Client {
             if n > max {
                 return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
             }
-            out.reserve(n as usize);
+            crate::buffers::reserve(&mut out, n as usize);
         }
         r.into_reader()
             .take(max + 1)
@@ -569,6 +569,64 @@ impl Client {
             return Err(self.err(format!("{what} is more than the {max} bytes expected")));
         }
         Ok(out)
+    }
+
+    /// [`Self::read_body_into`], hashing (sha256) each piece as it comes and giving
+    /// `seen` the body so far after each.
+    fn read_body_hashed(
+        &self,
+        r: ureq::Response,
+        what: &str,
+        max: u64,
+        mut out: Vec<u8>,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> Result<(Vec<u8>, String), StoreError> {
+        const PIECE: usize = 256 << 10;
+        out.clear();
+        seen(&out);
+        if let Some(n) = r
+            .header("content-length")
+            .and_then(|l| l.parse::<u64>().ok())
+        {
+            if n > max {
+                return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
+            }
+            crate::buffers::reserve(&mut out, n as usize);
+        }
+        let mut body = r.into_reader().take(max + 1);
+        let mut h = Sha256::new();
+        let mut probe = [0u8; 4096];
+        loop {
+            let at = out.len();
+            // Into the capacity reserved for the announced length; past it (where the
+            // body should end) through a small buffer, so that seeing its end does not
+            // grow, and copy, the whole body.
+            let room = (out.capacity() - at).min(PIECE);
+            let got = if room > 0 {
+                out.resize(at + room, 0);
+                let got = body.read(&mut out[at..]);
+                out.truncate(at + *got.as_ref().unwrap_or(&0));
+                got
+            } else {
+                let got = body.read(&mut probe);
+                if let Ok(k) = got {
+                    out.extend_from_slice(&probe[..k]);
+                }
+                got
+            };
+            match got {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.err(format!("reading {what}: {e}"))),
+            }
+            h.update(&out[at..]);
+            if out.len() as u64 > max {
+                return Err(self.err(format!("{what} is more than the {max} bytes expected")));
+            }
+            seen(&out);
+        }
+        Ok((out, format!("sha256:{:x}", h.finalize())))
     }
 
     /// Blob `digest` of `size` bytes, checked against its digest.
@@ -582,7 +640,21 @@ impl Client {
         &self,
         digest: &str,
         size: u64,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.get_blob_seen(digest, size, buf, &mut |_| {})
+    }
+
+    /// [`Self::get_blob_into`], giving `seen` the bytes that came so far after each read
+    /// (not checked yet: the digest is checked at the end; a prefix shorter than the one
+    /// before means the transfer started over, a retry), so that the caller can work on
+    /// them while the rest comes. Each piece is hashed as it comes, while in the cache.
+    pub fn get_blob_seen(
+        &self,
+        digest: &str,
+        size: u64,
         mut buf: Vec<u8>,
+        seen: &mut dyn FnMut(&[u8]),
     ) -> Result<Vec<u8>, StoreError> {
         let url = format!("{}/blobs/{digest}", self.base);
         let mut tries = 0;
@@ -591,10 +663,9 @@ impl Client {
                 .request("GET", &url, &[], None, false)?
                 .expect("present");
             // A body cut short is retried like a reset.
-            match self.read_body_into(r, &format!("blob {digest}"), size, std::mem::take(&mut buf))
-            {
-                Ok(b) => {
-                    let got = sha256_digest(&b);
+            let what = format!("blob {digest}");
+            match self.read_body_hashed(r, &what, size, std::mem::take(&mut buf), seen) {
+                Ok((b, got)) => {
                     if got != digest {
                         return Err(self.err(format!(
                             "blob {digest} as served hashes to {got}: it is damaged or \

@@ -74,6 +74,9 @@ pub const ID_ANNOTATION: &str = "dev.warmstart.snapshot.id";
 /// not after the head manifest.
 pub const HEAD_ANNOTATION: &str = "dev.warmstart.snapshot.head";
 pub const HOT_ANNOTATION: &str = "dev.warmstart.snapshot.hot";
+/// Annotation of the OCI index carrying the head blob itself (base64) when it is small,
+/// checked against [`HEAD_ANNOTATION`]'s digest: a run starts after one request.
+pub const HEAD_DATA_ANNOTATION: &str = "dev.warmstart.snapshot.head.data";
 /// The most index parts a head blob carries whole.
 pub const INLINE_PARTS: usize = 32;
 
@@ -145,7 +148,24 @@ pub struct ImageIndex {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
-const HEAD_MAGIC: &[u8; 8] = b"WSHEAD01";
+/// A head blob: this magic and the body compressed; `HEAD_MAGIC_RAW` and the body as
+/// is (pushed before 2026-12-07 19:00; still read).
+const HEAD_MAGIC: &[u8; 8] = b"WSHEAD02";
+const HEAD_MAGIC_RAW: &[u8; 8] = b"WSHEAD01";
+/// A head blob at most this long is carried in the OCI index too (base64, annotation
+/// [`HEAD_DATA_ANNOTATION`]), so that a run has it with its first request; registries
+/// take manifests of 4 MiB.
+const HEAD_DATA_MAX: usize = 192 << 10;
+
+/// Decompresses an lz4 block with its length prepended, refusing a length beyond what
+/// lz4 can expand `b` to (so that a damaged length allocates nothing absurd).
+fn decompress_bounded(b: &[u8]) -> Option<Vec<u8>> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().unwrap()) as usize;
+    if n > b.len().saturating_mul(255) {
+        return None;
+    }
+    lz4_flex::block::decompress_size_prepended(b).ok()
+}
 
 /// The `MT_HEAD` blob: what a run needs besides the snapshot's manifest to find any page
 /// (see the module's documentation).
@@ -177,11 +197,11 @@ fn put_digest(out: &mut Vec<u8>, d: &Descriptor) {
 }
 
 impl Head {
+    /// `HEAD_MAGIC`, then the body below as one lz4 block (its length first).
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             96 + self.parts.len() * 72 + self.blocks.len() * 40 + self.working_set.len() * 8,
         );
-        out.extend_from_slice(HEAD_MAGIC);
         out.extend_from_slice(&self.count.to_le_bytes());
         out.extend_from_slice(&self.per.to_le_bytes());
         out.extend_from_slice(&self.pages_hash);
@@ -206,11 +226,22 @@ impl Head {
         }
         out.extend_from_slice(&(self.config.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.config);
-        out
+        let mut blob = HEAD_MAGIC.to_vec();
+        blob.extend_from_slice(&lz4_flex::block::compress_prepend_size(&out));
+        blob
     }
 
     /// Decodes a head blob; every count is checked against the blob's size first.
-    fn decode(b: &[u8]) -> Result<Head, String> {
+    fn decode(blob: &[u8]) -> Result<Head, String> {
+        let body;
+        let b = match blob.split_at_checked(8) {
+            Some((m, rest)) if m == HEAD_MAGIC => {
+                body = decompress_bounded(rest).ok_or("its body does not decompress")?;
+                &body[..]
+            }
+            Some((m, rest)) if m == HEAD_MAGIC_RAW => rest,
+            _ => return Err("it has no head magic".into()),
+        };
         struct Rd<'a>(&'a [u8]);
         impl Rd<'_> {
             fn take(&mut self, n: usize) -> Result<&[u8], String> {
@@ -241,9 +272,6 @@ impl Head {
             }
         }
         let mut r = Rd(b);
-        if r.take(8)? != HEAD_MAGIC {
-            return Err("it has no head magic".into());
-        }
         let (count, per) = (r.u64()?, r.u64()?);
         let pages_hash = r.take(32)?.try_into().unwrap();
         let n = r.count(72)?;
@@ -288,37 +316,58 @@ impl Head {
 /// own so that a run decompresses them on every core:
 ///
 /// ```text
-/// magic "WSHOTBL2" | count u64 LE | chunk pages u64 LE
+/// magic "WSHOTBL3" | count u64 LE | chunk pages u64 LE
+/// | parts u64 LE | parts × (part number u64 LE, records' bytes u64 LE)
+/// | u64 LE length of the next | one lz4_flex block of those parts' records, one after another
 /// | count × u64 LE page-table index (ascending)
 /// | chunks × u32 LE compressed length of each chunk
 /// | the chunks: lz4_flex blocks, each of chunk pages × 4096 page bytes (the last of the rest),
 ///   the pages in index order
 /// ```
 ///
-/// Every page is checked against its page-table hash when fetched; the blob is advice
-/// (a lazy run without it fetches the blocks of those pages).
+/// The index parts are those holding the records of the working set and of the hot
+/// pages (see [`INLINE_PARTS`]), so that a run has them with the pages rather than a
+/// request before; each is checked against its chaining value as any part is. Every page
+/// is checked against its page-table hash when fetched; the blob is advice (a lazy run
+/// without it fetches those parts and the blocks of those pages). Blobs of the format
+/// before (`WSHOTBL2`, no parts) are still read.
 pub struct HotBlob {
     indexes: Vec<u64>,
     data: Vec<u8>,
+    parts: Vec<(u64, Vec<u8>)>,
 }
 
-const HOT_MAGIC: &[u8; 8] = b"WSHOTBL2";
+const HOT_MAGIC: &[u8; 8] = b"WSHOTBL3";
+const HOT_MAGIC_NO_PARTS: &[u8; 8] = b"WSHOTBL2";
 /// Pages per compressed chunk of a hot blob (256 KiB).
 const HOT_CHUNK_PAGES: usize = 64;
 
 impl HotBlob {
-    /// Encodes pages `bytes` (in the order of `indexes`, ascending).
-    pub fn encode(indexes: &[u64], bytes: &[u8]) -> Vec<u8> {
+    /// Encodes pages `bytes` (in the order of `indexes`, ascending) and index `parts`
+    /// (part number, records).
+    pub fn encode(indexes: &[u64], bytes: &[u8], parts: &[(u64, Vec<u8>)]) -> Vec<u8> {
         let chunks: Vec<Vec<u8>> = bytes
             .chunks(HOT_CHUNK_PAGES * PAGE_SIZE)
             .map(lz4_flex::block::compress)
             .collect();
+        let records: Vec<u8> = parts.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        let records = lz4_flex::block::compress(&records);
         let mut out = Vec::with_capacity(
-            24 + indexes.len() * 8 + chunks.iter().map(|c| 4 + c.len()).sum::<usize>(),
+            40 + parts.len() * 16
+                + records.len()
+                + indexes.len() * 8
+                + chunks.iter().map(|c| 4 + c.len()).sum::<usize>(),
         );
         out.extend_from_slice(HOT_MAGIC);
         out.extend_from_slice(&(indexes.len() as u64).to_le_bytes());
         out.extend_from_slice(&(HOT_CHUNK_PAGES as u64).to_le_bytes());
+        out.extend_from_slice(&(parts.len() as u64).to_le_bytes());
+        for (k, r) in parts {
+            out.extend_from_slice(&k.to_le_bytes());
+            out.extend_from_slice(&(r.len() as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+        out.extend_from_slice(&records);
         for i in indexes {
             out.extend_from_slice(&i.to_le_bytes());
         }
@@ -334,75 +383,9 @@ impl HotBlob {
     /// Decodes and checks `blob` against `table` (on up to `threads` threads).
     #[cfg(test)]
     pub(crate) fn decode(blob: &[u8], table: &TableMap, threads: usize) -> Result<Self, String> {
-        let h = Self::parse(blob, table.len(), threads)?;
+        let h = HotDecoder::new(table.len()).finish(blob, threads)?;
         h.check(table, threads)?;
         Ok(h)
-    }
-
-    /// Decodes `blob` of a snapshot of `count` pages (chunks decompressed on up to
-    /// `threads` threads), not yet checked against the page table (see [`Self::check`]);
-    /// every length is checked before anything is allocated.
-    pub(crate) fn parse(blob: &[u8], count: u64, threads: usize) -> Result<Self, String> {
-        let u64_at = |at: usize| -> Result<u64, String> {
-            blob.get(at..at + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-                .ok_or_else(|| "it is truncated".to_owned())
-        };
-        if blob.get(..8) != Some(HOT_MAGIC) {
-            return Err("it has no hot-pages magic (pushed by another version?)".into());
-        }
-        let n = u64_at(8)?;
-        let per = u64_at(16)?;
-        if n > count.min(super::store::hot::MAX_HOT_PAGES as u64) || per == 0 || per > 1 << 16 {
-            return Err(format!("implausible header ({n} pages, chunks of {per})"));
-        }
-        let (n, per) = (n as usize, per as usize);
-        let chunks = n.div_ceil(per);
-        let lens_at = 24 + n * 8;
-        let data_at = lens_at + chunks * 4;
-        if blob.len() < data_at {
-            return Err("it is truncated".into());
-        }
-        let indexes: Vec<u64> = blob[24..lens_at]
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        if indexes.windows(2).any(|w| w[0] >= w[1]) || indexes.last().is_some_and(|&i| i >= count) {
-            return Err("its page indexes are not ascending page-table indexes".into());
-        }
-        let mut srcs = Vec::with_capacity(chunks);
-        let mut at = data_at;
-        for l in blob[lens_at..data_at].chunks_exact(4) {
-            let len = u32::from_le_bytes(l.try_into().unwrap()) as usize;
-            let src = blob.get(at..at + len).ok_or("its chunks overrun it")?;
-            srcs.push(src);
-            at += len;
-        }
-        if at != blob.len() {
-            return Err("bytes follow its last chunk".into());
-        }
-        let mut data = vec![0u8; n * PAGE_SIZE];
-        let outs: Vec<&mut [u8]> = data.chunks_mut(per * PAGE_SIZE).collect();
-        let mut jobs: Vec<(&[u8], &mut [u8])> = srcs.into_iter().zip(outs).collect();
-        let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
-        let bad = std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            while !jobs.is_empty() {
-                let mine: Vec<_> = jobs.drain(..per_thread.min(jobs.len())).collect();
-                handles.push(s.spawn(move || {
-                    mine.into_iter().any(|(src, out)| {
-                        lz4_flex::block::decompress_into(src, out).map_or(true, |k| k != out.len())
-                    })
-                }));
-            }
-            handles.into_iter().fold(false, |acc, h| {
-                h.join().expect("hot chunk decoder panicked") | acc
-            })
-        });
-        if bad {
-            return Err("a chunk of it does not decompress to its pages".into());
-        }
-        Ok(HotBlob { indexes, data })
     }
 
     /// Checks every page against `table` (whose records of these pages are in), on up
@@ -432,6 +415,11 @@ impl HotBlob {
         }
     }
 
+    /// The index parts it carries (part number, records), taken out of it.
+    fn take_parts(&mut self) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.parts)
+    }
+
     /// The page-table indexes of its pages, ascending.
     pub(crate) fn indexes(&self) -> &[u64] {
         &self.indexes
@@ -441,6 +429,209 @@ impl HotBlob {
     fn page(&self, i: u64) -> Option<&[u8]> {
         let k = self.indexes.binary_search(&i).ok()?;
         Some(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+    }
+}
+
+/// Decodes a hot-pages blob (see [`HotBlob`]) as its bytes come: the header once it
+/// is in, then each chunk as soon as it is whole, so that decompressing overlaps the
+/// transfer.
+struct HotDecoder {
+    count: u64,
+    head: Option<HotHeader>,
+    /// Chunks decoded so far.
+    done: usize,
+    /// Bytes seen so far.
+    seen: usize,
+}
+
+struct HotHeader {
+    per: usize,
+    indexes: Vec<u64>,
+    parts: Vec<(u64, Vec<u8>)>,
+    /// Where each chunk starts and ends in the blob.
+    spans: Vec<(usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl HotDecoder {
+    fn new(count: u64) -> Self {
+        HotDecoder {
+            count,
+            head: None,
+            done: 0,
+            seen: 0,
+        }
+    }
+
+    /// The header of `blob` (its first bytes), `None` while they are not all in.
+    fn header(blob: &[u8], count: u64) -> Result<Option<HotHeader>, String> {
+        let u64_at = |at: usize| -> Option<u64> {
+            let b = blob.get(at..at.checked_add(8)?)?;
+            Some(u64::from_le_bytes(b.try_into().unwrap()))
+        };
+        let Some(magic) = blob.get(..8) else {
+            return Ok(None);
+        };
+        let with_parts = match magic {
+            m if m == HOT_MAGIC => true,
+            m if m == HOT_MAGIC_NO_PARTS => false,
+            _ => return Err("it has no hot-pages magic (pushed by another version?)".into()),
+        };
+        let (Some(n), Some(per)) = (u64_at(8), u64_at(16)) else {
+            return Ok(None);
+        };
+        if n > count.min(super::store::hot::MAX_HOT_PAGES as u64) || per == 0 || per > 1 << 16 {
+            return Err(format!("implausible header ({n} pages, chunks of {per})"));
+        }
+        let (n, per) = (n as usize, per as usize);
+        let mut at = 24;
+        let mut parts = Vec::new();
+        if with_parts {
+            let Some(k) = u64_at(at) else {
+                return Ok(None);
+            };
+            if k > INLINE_PARTS as u64 {
+                return Err(format!(
+                    "it carries {k} index parts, at most {INLINE_PARTS} are pushed"
+                ));
+            }
+            let mut lens = Vec::with_capacity(k as usize);
+            for j in 0..k as usize {
+                let (Some(part), Some(len)) = (u64_at(at + 8 + 16 * j), u64_at(at + 16 + 16 * j))
+                else {
+                    return Ok(None);
+                };
+                lens.push((
+                    part,
+                    usize::try_from(len).map_err(|_| "a part is too long")?,
+                ));
+            }
+            at += 8 + 16 * k as usize;
+            let Some(packed) = u64_at(at) else {
+                return Ok(None);
+            };
+            let packed = usize::try_from(packed).map_err(|_| "its parts are too long")?;
+            let total = lens.iter().try_fold(0usize, |a, &(_, l)| a.checked_add(l));
+            let total = total
+                .filter(|&t| t <= packed.saturating_mul(255))
+                .ok_or("its index parts' lengths are implausible")?;
+            let Some(src) = blob.get(at + 8..).and_then(|b| b.get(..packed)) else {
+                return Ok(None);
+            };
+            at += 8 + packed;
+            let mut records = vec![0u8; total];
+            if lz4_flex::block::decompress_into(src, &mut records).ok() != Some(total) {
+                return Err("its index parts do not decompress".into());
+            }
+            let mut from = 0;
+            for (part, len) in lens {
+                parts.push((part, records[from..from + len].to_vec()));
+                from += len;
+            }
+        }
+        let chunks = n.div_ceil(per);
+        let lens_at = at + n * 8;
+        let data_at = lens_at + chunks * 4;
+        if blob.len() < data_at {
+            return Ok(None);
+        }
+        let indexes: Vec<u64> = blob[at..lens_at]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if indexes.windows(2).any(|w| w[0] >= w[1]) || indexes.last().is_some_and(|&i| i >= count) {
+            return Err("its page indexes are not ascending page-table indexes".into());
+        }
+        let mut spans = Vec::with_capacity(chunks);
+        let mut end = data_at;
+        for l in blob[lens_at..data_at].chunks_exact(4) {
+            let len = u32::from_le_bytes(l.try_into().unwrap()) as usize;
+            spans.push((end, end + len));
+            end += len;
+        }
+        Ok(Some(HotHeader {
+            per,
+            indexes,
+            parts,
+            spans,
+            data: crate::buffers::zeroed(n * PAGE_SIZE),
+        }))
+    }
+
+    /// Takes the blob's first bytes `blob` (all that came so far, a longer prefix at each
+    /// call; a shorter one starts over) and decodes the chunks now whole in it, on up to
+    /// `threads` threads.
+    fn feed(&mut self, blob: &[u8], threads: usize) -> Result<(), String> {
+        if blob.len() < self.seen {
+            *self = HotDecoder::new(self.count);
+        }
+        self.seen = blob.len();
+        if self.head.is_none() {
+            self.head = Self::header(blob, self.count)?;
+        }
+        let Some(h) = &mut self.head else {
+            return Ok(());
+        };
+        let whole = h.spans[self.done..]
+            .iter()
+            .take_while(|&&(_, end)| end <= blob.len())
+            .count();
+        if whole == 0 {
+            return Ok(());
+        }
+        let chunk_bytes = h.per * PAGE_SIZE;
+        let outs = h.data[self.done * chunk_bytes..].chunks_mut(chunk_bytes);
+        let mut jobs: Vec<(&[u8], &mut [u8])> = (h.spans[self.done..self.done + whole].iter())
+            .map(|&(s, e)| &blob[s..e])
+            .zip(outs)
+            .collect();
+        let bad = |(src, out): (&[u8], &mut [u8])| {
+            lz4_flex::block::decompress_into(src, out).map_or(true, |k| k != out.len())
+        };
+        let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
+        let bad = if jobs.len() <= per_thread {
+            jobs.into_iter().any(bad)
+        } else {
+            std::thread::scope(|s| {
+                let mut handles = Vec::new();
+                while !jobs.is_empty() {
+                    let mine: Vec<_> = jobs.drain(..per_thread.min(jobs.len())).collect();
+                    handles.push(s.spawn(move || mine.into_iter().any(bad)));
+                }
+                handles.into_iter().fold(false, |acc, h| {
+                    h.join().expect("hot chunk decoder panicked") | acc
+                })
+            })
+        };
+        if bad {
+            return Err("a chunk of it does not decompress to its pages".into());
+        }
+        self.done += whole;
+        Ok(())
+    }
+
+    /// The blob decoded, given it whole (what is left of it decoded on up to `threads`
+    /// threads).
+    fn finish(mut self, blob: &[u8], threads: usize) -> Result<HotBlob, String> {
+        self.feed(blob, threads)?;
+        let Some(h) = self.head else {
+            return Err("it is truncated".into());
+        };
+        if self.done < h.spans.len() {
+            return Err(if h.spans.last().is_some_and(|&(_, e)| e > blob.len()) {
+                "its chunks overrun it".into()
+            } else {
+                "it is truncated".into()
+            });
+        }
+        if h.spans.last().map_or(blob.len(), |&(_, e)| e) != blob.len() {
+            return Err("bytes follow its last chunk".into());
+        }
+        Ok(HotBlob {
+            indexes: h.indexes,
+            data: h.data,
+            parts: h.parts,
+        })
     }
 }
 
@@ -751,7 +942,8 @@ pub fn push(
     let working_set = snap.working_sets().map(|w| w.flatten()).unwrap_or_default();
     let hot = snap.hot(threads).filter(|h| !h.is_empty());
     // The index parts a lazy run needs first (those of the working set and the hot
-    // pages) go whole into the head blob, up to INLINE_PARTS of them.
+    // pages) go whole into the hot blob (the head blob if there is none), up to
+    // INLINE_PARTS of them.
     let mut first: Vec<u64> = (working_set.iter())
         .chain(hot.as_ref().map(|h| h.indexes()).unwrap_or_default())
         .map(|&i| i / per)
@@ -760,7 +952,7 @@ pub fn push(
     first.sort_unstable();
     first.dedup();
     first.truncate(INLINE_PARTS);
-    let inline = first
+    let inline: Vec<(u64, Vec<u8>)> = first
         .into_iter()
         .map(|k| {
             let mut bytes = Vec::new();
@@ -778,21 +970,32 @@ pub fn push(
         parts: parts.clone(),
         blocks: blocks.clone(),
         working_set,
-        inline,
+        inline: if hot.is_some() {
+            Vec::new()
+        } else {
+            inline.clone()
+        },
         config: config_bytes,
     };
-    let head_blob = upload(&c, MT_HEAD, &head.encode(), &mut rep)?;
+    let head_bytes = head.encode();
+    let head_blob = upload(&c, MT_HEAD, &head_bytes, &mut rep)?;
     let mut layers = vec![head_blob];
     if let Some(hot) = hot {
-        let blob = HotBlob::encode(hot.indexes(), hot.bytes());
+        let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &inline);
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
     }
-    // The index names the head manifest's blobs too, so that a run fetches them at once.
+    // The index names the head manifest's blobs too, so that a run fetches them at once,
+    // and carries a small head blob whole.
     let id_note: std::collections::BTreeMap<String, String> =
         [(ID_ANNOTATION.to_owned(), snap.id.to_hex())].into();
     let mut index_note = id_note.clone();
     for (key, d) in [HEAD_ANNOTATION, HOT_ANNOTATION].into_iter().zip(&layers) {
         index_note.insert(key.to_owned(), format!("{}@{}", d.digest, d.size));
+    }
+    if head_bytes.len() <= HEAD_DATA_MAX {
+        use base64::Engine;
+        let data = base64::engine::general_purpose::STANDARD.encode(&head_bytes);
+        index_note.insert(HEAD_DATA_ANNOTATION.to_owned(), data);
     }
     let head = ImageManifest {
         schema_version: 2,
@@ -859,7 +1062,15 @@ pub struct Remote {
     working_set: Vec<u64>,
     /// A lazy run's hot pages and first pages, made ready at its first read.
     first: Option<FirstPages>,
+    /// When the last page read (an instance's restore or fault) ended.
+    last_read: Mutex<Option<Instant>>,
 }
+
+/// A background pull beside a lazy run starts once the instance has read no page for
+/// this long (its restore and first work done)...
+const PULL_QUIET: Duration = Duration::from_millis(50);
+/// ...or after waiting this long.
+const PULL_QUIET_AT_MOST: Duration = Duration::from_secs(2);
 
 /// What a lazy run reads first: the hot pages (fetched and decoded in the background
 /// from [`open`] on, while the restore builds the sandbox and the processes), and the
@@ -882,6 +1093,15 @@ enum HotState {
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "registry::Remote({})", self.reference)
+    }
+}
+
+/// Marks the end of a page read (at the guard's drop, however the read ends).
+struct ReadMark<'a>(&'a Mutex<Option<Instant>>);
+
+impl Drop for ReadMark<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = Some(Instant::now());
     }
 }
 
@@ -1008,12 +1228,53 @@ pub(crate) fn open(
     let hot_fetch = hot.filter(|_| lazy.is_some()).map(|d| {
         let c = Arc::clone(&client);
         std::thread::spawn(move || {
-            let blob = c.get_blob(&d.digest, d.size).map_err(|e| e.to_string())?;
-            HotBlob::parse(&blob, u64::MAX, threads)
+            // Decoded as it comes (the decoder starts over if the transfer does), checked
+            // against its digest once whole.
+            let mut dec = HotDecoder::new(u64::MAX);
+            let mut failed = None;
+            let blob = c
+                .get_blob_seen(&d.digest, d.size, Vec::new(), &mut |b| {
+                    if b.is_empty() {
+                        failed = None;
+                    }
+                    if failed.is_none() {
+                        failed = dec.feed(b, 1).err();
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            let t_blob = t0.elapsed();
+            let h = match failed {
+                Some(why) => Err(why),
+                None => dec.finish(&blob, threads),
+            };
+            tracing::debug!(
+                "hot pages: {} bytes in at {t_blob:?}, decoded at {:?}",
+                blob.len(),
+                t0.elapsed()
+            );
+            h
         })
     });
     let (blocks, parts, working_set, table, config) = (|| {
-        let bytes = client.get_blob(&head_desc.digest, head_desc.size)?;
+        let bytes = match index.annotations.get(HEAD_DATA_ANNOTATION) {
+            Some(data) => {
+                use base64::Engine;
+                let b = (base64::engine::general_purpose::STANDARD.decode(data)).map_err(|e| {
+                    bad(format!(
+                        "its OCI index's annotation {HEAD_DATA_ANNOTATION} is not base64: {e}"
+                    ))
+                })?;
+                if b.len() as u64 != head_desc.size || client::sha256_digest(&b) != head_desc.digest
+                {
+                    return Err(bad(format!(
+                        "the head blob its OCI index carries is not {}: refusing it",
+                        head_desc.digest
+                    )));
+                }
+                b
+            }
+            None => client.get_blob(&head_desc.digest, head_desc.size)?,
+        };
         let head =
             Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
         let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
@@ -1077,11 +1338,10 @@ pub(crate) fn open(
         parts,
         working_set,
         first,
+        last_read: Mutex::new(None),
     };
-    if let Some(f) = &remote.first {
-        // The index parts of the first pages, while the hot pages are still coming.
-        remote.ensure(&table, &f.first)?;
-    }
+    // The index parts of the first pages come with the hot pages (see
+    // `Remote::hot_pages`): the restore starts now.
     tracing::debug!(
         "{what}: opened in {:?} (index {t_index:?}, head {t_head:?})",
         t0.elapsed()
@@ -1109,6 +1369,28 @@ impl Remote {
 
     pub fn abandon(&self) {
         self.client.abandon();
+    }
+
+    /// Waits until the lazy run this source serves has read no page for [`PULL_QUIET`]
+    /// (or for at most [`PULL_QUIET_AT_MOST`], or until the run is over), so that work
+    /// in the background (a pull into the store, which keeps the registry busy too) does
+    /// not slow down the restore and the instance's first work. Nothing to wait for
+    /// without a lazy run.
+    fn wait_quiet(&self) {
+        if self.first.is_none() {
+            return;
+        }
+        let t0 = Instant::now();
+        loop {
+            let since = (*self.last_read.lock().unwrap()).map_or(Duration::ZERO, |t| t.elapsed());
+            if since >= PULL_QUIET
+                || t0.elapsed() >= PULL_QUIET_AT_MOST
+                || self.client.is_abandoned()
+            {
+                return;
+            }
+            std::thread::sleep((PULL_QUIET - since).min(Duration::from_millis(10)));
+        }
     }
 
     /// Total bytes of the blocks.
@@ -1187,9 +1469,20 @@ impl Remote {
                 ignore("its page indexes are beyond the snapshot's".into());
                 None
             }
-            Some(Ok(h)) => {
-                self.ensure(table, h.indexes())?;
-                match h.check(table, threads) {
+            Some(Ok(mut h)) => {
+                // The index parts it carries, each checked against its chaining value.
+                let parts = table.parts().0;
+                let filled = h.take_parts().into_iter().try_for_each(|(k, records)| {
+                    let k = usize::try_from(k)
+                        .ok()
+                        .filter(|&k| k < parts)
+                        .ok_or_else(|| format!("it carries index part {k} of {parts}"))?;
+                    table.fill_part(k, records, |rec| record_fits(&self.blocks, rec))
+                });
+                match filled.and_then(|()| {
+                    (self.ensure_parts(table, h.indexes())).map_err(|e| e.to_string())?;
+                    h.check(table, threads)
+                }) {
                     Ok(()) => Some(Arc::new(h)),
                     Err(why) => {
                         ignore(why);
@@ -1198,6 +1491,7 @@ impl Remote {
                 }
             }
         };
+        self.ensure_parts(table, &f.first)?;
         let mut want: Vec<usize> = (f.first.iter())
             .filter(|&&i| hot.as_ref().is_none_or(|h| h.page(i).is_none()))
             .map(|&i| table.record(i).loc.pack as usize)
@@ -1217,14 +1511,21 @@ impl Remote {
     }
 
     /// Fetches (side by side, each checked) the parts of `table` that hold records
-    /// `indexes` and are not in yet.
+    /// `indexes` and are not in yet; a lazy run first waits for its hot pages, which
+    /// carry the parts it needs first.
     pub(crate) fn ensure(&self, table: &TableMap, indexes: &[u64]) -> Result<(), StoreError> {
+        self.hot_pages(table)?;
+        self.ensure_parts(table, indexes)
+    }
+
+    fn ensure_parts(&self, table: &TableMap, indexes: &[u64]) -> Result<(), StoreError> {
         let missing = table.missing_parts(indexes.iter().copied());
         self.fetch_parts(table, &missing)
     }
 
     /// Fetches every part of `table` not in yet.
     pub(crate) fn ensure_all(&self, table: &TableMap) -> Result<(), StoreError> {
+        self.hot_pages(table)?;
         let (parts, per) = table.parts();
         let missing = table.missing_parts((0..parts as u64).map(|k| k * per));
         self.fetch_parts(table, &missing)
@@ -1263,6 +1564,8 @@ impl Remote {
     ) -> Result<(), StoreError> {
         let hot = self.hot_pages(table)?;
         self.ensure(table, indexes)?;
+        *self.last_read.lock().unwrap() = Some(Instant::now());
+        let _reading = ReadMark(&self.last_read);
         let mut reader = BlockReader::default();
         let mut want = Vec::new();
         let mut k = 0;
@@ -1474,8 +1777,10 @@ pub fn pull_into(
     };
     let table = snap.table();
     // Beside a lazy run: not before its first pages are in (the hot pages and the
-    // blocks its restore needs first), so as not to compete with them.
+    // blocks its restore needs first) and it has done its first work, so as not to
+    // compete with them.
     remote.hot_pages(table)?;
+    remote.wait_quiet();
     remote.ensure_all(table)?;
     let n = snap.page_count();
     // The last page of each block: after it is stored, the block is not needed again.
@@ -1748,13 +2053,14 @@ mod tests {
         let table = table_of(&records);
         let idx: Vec<u64> = (0..n).collect();
         let bytes = pages.concat();
-        let blob = HotBlob::encode(&idx, &bytes);
+        let blob = HotBlob::encode(&idx, &bytes, &[]);
         for threads in [1, 2, 3, 8] {
             let hot = HotBlob::decode(&blob, &table, threads).unwrap();
             assert_eq!(hot.data, bytes);
         }
         // A chunk's compressed length off by one is refused.
-        let lens_at = 24 + idx.len() * 8;
+        let no_parts = 16 + lz4_flex::block::compress(&[]).len();
+        let lens_at = 24 + no_parts + idx.len() * 8;
         let mut bad = blob.clone();
         bad[lens_at] = bad[lens_at].wrapping_add(1);
         assert!(HotBlob::decode(&bad, &table, 2).is_err());
@@ -1763,6 +2069,56 @@ mod tests {
         let last = bad.len() - 9;
         bad[last] ^= 0x5a;
         assert!(HotBlob::decode(&bad, &table, 2).is_err());
+    }
+
+    /// The index parts a hot blob carries come back whole; the blob decodes the same
+    /// fed as it comes, in pieces of any size, starting over after a retry; a blob of
+    /// the format before (no parts) is read; implausible part lengths are refused.
+    #[test]
+    fn hot_blob_carries_index_parts_and_decodes_as_it_comes() {
+        let n = 2 * HOT_CHUNK_PAGES as u64 + 3;
+        let idx: Vec<u64> = (0..n).map(|i| 2 * i).collect();
+        let bytes: Vec<u8> = idx.iter().flat_map(|&i| page(i)).collect();
+        let parts = vec![
+            (0u64, vec![7u8; 56 * 20]),
+            (3, (0..56 * 9).map(|b| b as u8).collect()),
+        ];
+        let blob = HotBlob::encode(&idx, &bytes, &parts);
+        for step in [1000, 4096 + 7, 100_000, blob.len()] {
+            let mut d = HotDecoder::new(u64::MAX);
+            let mut at = 0;
+            while at < blob.len() {
+                at = (at + step).min(blob.len());
+                d.feed(&blob[..at], 1).unwrap();
+            }
+            let mut hot = d.finish(&blob, 2).unwrap();
+            assert_eq!(hot.data, bytes, "fed {step} bytes at a time");
+            assert_eq!(hot.indexes, idx);
+            assert_eq!(hot.take_parts(), parts);
+        }
+        // A transfer that starts over: the decoder does too.
+        let mut d = HotDecoder::new(u64::MAX);
+        d.feed(&blob[..blob.len() * 2 / 3], 1).unwrap();
+        d.feed(&blob[..10], 1).unwrap();
+        let hot = d.finish(&blob, 1).unwrap();
+        assert_eq!(hot.data, bytes);
+        // The format before: no parts section.
+        let plain = HotBlob::encode(&idx, &bytes, &[]);
+        let mut old = HOT_MAGIC_NO_PARTS.to_vec();
+        old.extend_from_slice(&plain[8..24]);
+        old.extend_from_slice(&plain[24 + 16 + lz4_flex::block::compress(&[]).len()..]);
+        let mut hot = HotDecoder::new(u64::MAX).finish(&old, 2).unwrap();
+        assert_eq!(hot.data, bytes);
+        assert!(hot.take_parts().is_empty());
+        // A part claiming more bytes than its compressed records can hold.
+        let mut bad = blob.clone();
+        bad[40..48].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+        let err = HotDecoder::new(u64::MAX).finish(&bad, 1).err().unwrap();
+        assert!(err.contains("implausible"), "{err}");
+        // More parts than a push writes.
+        let mut bad = blob;
+        bad[24..32].copy_from_slice(&(INLINE_PARTS as u64 + 1).to_le_bytes());
+        assert!(HotDecoder::new(u64::MAX).finish(&bad, 1).is_err());
     }
 
     /// The hot-pages blob decodes to its pages, checked against the page table; a
@@ -1790,21 +2146,21 @@ mod tests {
             .iter()
             .flat_map(|&i| pages[i as usize].clone())
             .collect();
-        let blob = HotBlob::encode(&idx, &bytes);
+        let blob = HotBlob::encode(&idx, &bytes, &[]);
         let hot = HotBlob::decode(&blob, &table, 2).unwrap();
         assert_eq!(hot.page(6).unwrap(), &pages[6][..]);
         assert_eq!(hot.page(2).unwrap(), &pages[2][..]);
         assert!(hot.page(3).is_none());
         // Page 6's bytes given as page 5's.
-        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 5], &bytes), &table, 2)
+        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 5], &bytes, &[]), &table, 2)
             .err()
             .unwrap();
         assert!(err.contains("page 5"), "{err}");
-        let err = HotBlob::decode(&HotBlob::encode(&[2, 1, 6], &bytes), &table, 1)
+        let err = HotBlob::decode(&HotBlob::encode(&[2, 1, 6], &bytes, &[]), &table, 1)
             .err()
             .unwrap();
         assert!(err.contains("ascending"), "{err}");
-        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 60], &bytes), &table, 1)
+        let err = HotBlob::decode(&HotBlob::encode(&[1, 2, 60], &bytes, &[]), &table, 1)
             .err()
             .unwrap();
         assert!(err.contains("ascending"), "{err}");
@@ -1839,17 +2195,28 @@ mod tests {
             inline: vec![(1, vec![1, 2, 3]), (0, Vec::new())],
             config: b"manifest".to_vec(),
         };
-        let b = head.encode();
+        let packed = head.encode();
+        assert_eq!(Head::decode(&packed).unwrap(), head);
+        // The body as pushed before it was compressed is read the same.
+        let mut b = HEAD_MAGIC_RAW.to_vec();
+        b.extend(lz4_flex::block::decompress_size_prepended(&packed[8..]).unwrap());
         assert_eq!(Head::decode(&b).unwrap(), head);
-        for cut in [0, 8, 50, b.len() - 1] {
-            assert!(Head::decode(&b[..cut]).is_err(), "cut at {cut}");
+        for blob in [&packed, &b] {
+            for cut in [0, 8, 11, 50, blob.len() - 1] {
+                assert!(Head::decode(&blob[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut longer = blob.clone();
+            longer.push(0);
+            assert!(Head::decode(&longer).is_err());
+            let mut wrong = blob.clone();
+            wrong[0] ^= 1;
+            assert!(Head::decode(&wrong).is_err());
         }
-        let mut longer = b.clone();
-        longer.push(0);
-        assert!(Head::decode(&longer).is_err());
-        let mut wrong = b.clone();
-        wrong[0] ^= 1;
-        assert!(Head::decode(&wrong).is_err());
+        // A compressed body claiming more than lz4 can expand it to is refused before
+        // anything is allocated.
+        let mut claims = packed.clone();
+        claims[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Head::decode(&claims).is_err());
         // A count larger than what follows is refused before anything is allocated.
         let mut huge = b;
         huge[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
