@@ -582,8 +582,10 @@ impl Client {
         seen: &mut dyn FnMut(&[u8]),
     ) -> Result<(Vec<u8>, String), StoreError> {
         const PIECE: usize = 256 << 10;
-        out.clear();
-        seen(&out);
+        seen(&[]);
+        // `out`'s bytes up to its length are initialized already (a buffer used before):
+        // read into as they are; only room it lacks for the announced length is added
+        // (zeroed once).
         if let Some(n) = r
             .header("content-length")
             .and_then(|l| l.parse::<u64>().ok())
@@ -591,22 +593,23 @@ impl Client {
             if n > max {
                 return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
             }
-            crate::buffers::reserve(&mut out, n as usize);
+            let n = n as usize;
+            let lacking = n.saturating_sub(out.len());
+            crate::buffers::reserve(&mut out, lacking);
+            if out.len() < n {
+                out.resize(n, 0);
+            }
         }
         let mut body = r.into_reader().take(max + 1);
         let mut h = Sha256::new();
         let mut probe = [0u8; 4096];
+        let mut filled = 0;
         loop {
-            let at = out.len();
-            // Into the capacity reserved for the announced length; past it (where the
-            // body should end) through a small buffer, so that seeing its end does not
-            // grow, and copy, the whole body.
-            let room = (out.capacity() - at).min(PIECE);
-            let got = if room > 0 {
-                out.resize(at + room, 0);
-                let got = body.read(&mut out[at..]);
-                out.truncate(at + *got.as_ref().unwrap_or(&0));
-                got
+            // Past the room for the announced length (where the body should end, or with
+            // no length announced) through a small buffer.
+            let got = if filled < out.len() {
+                let end = (filled + PIECE).min(out.len());
+                body.read(&mut out[filled..end])
             } else {
                 let got = body.read(&mut probe);
                 if let Ok(k) = got {
@@ -614,18 +617,20 @@ impl Client {
                 }
                 got
             };
-            match got {
+            let k = match got {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(k) => k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.err(format!("reading {what}: {e}"))),
-            }
-            h.update(&out[at..]);
-            if out.len() as u64 > max {
+            };
+            h.update(&out[filled..filled + k]);
+            filled += k;
+            if filled as u64 > max {
                 return Err(self.err(format!("{what} is more than the {max} bytes expected")));
             }
-            seen(&out);
+            seen(&out[..filled]);
         }
+        out.truncate(filled);
         Ok((out, format!("sha256:{:x}", h.finalize())))
     }
 

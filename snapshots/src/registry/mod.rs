@@ -1817,12 +1817,14 @@ pub fn pull_into(
             let mut runs = Vec::new();
             let mut buf = vec![0u8; (PULL_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
             let mut hashes = Vec::new();
+            let mut raw = Vec::new();
             let mut need = Vec::new();
             let mut at = 0;
             while at < n {
                 let k = (n - at).min(PULL_WINDOW);
                 need.clear();
                 hashes.clear();
+                raw.clear();
                 for i in at..at + k {
                     let rec = table.record(i);
                     if rec.hash == zero_hash {
@@ -1836,6 +1838,8 @@ pub fn pull_into(
                         });
                     }
                     hashes.push(rec.hash);
+                    // A page the push could not compress is stored without trying.
+                    raw.push(rec.loc.codec == CODEC_RAW);
                     need.push(rec.loc.pack as usize);
                 }
                 need.sort_unstable();
@@ -1846,7 +1850,7 @@ pub fn pull_into(
                 let t = Instant::now();
                 let out = &mut buf[..k as usize * PAGE_SIZE];
                 snap.read_pages_parallel(at, k, out, threads)?;
-                w.add_verified_pages(at, out, &hashes, &mut runs)?;
+                w.add_verified_pages_hinted(at, out, &hashes, &raw, &mut runs)?;
                 at += k;
                 if !keep {
                     for &b in need.iter().filter(|&&b| last_use[b] < at) {

@@ -744,3 +744,32 @@ fn verify_checks_hot_and_working_set_files() {
     // The pages themselves were all checked and are fine.
     assert_eq!(r.pages_checked, 20);
 }
+
+/// Pages known not to compress (a pull's pages held raw in the registry) are stored
+/// raw without trying; a block with any page not known so is compressed as ever; both
+/// read back the same.
+#[test]
+fn pages_known_incompressible_are_stored_raw() {
+    use crate::store::table::{CODEC_LZ4, CODEC_RAW};
+    let data = text_pages(7, 64);
+    let hashes: Vec<[u8; 32]> = data
+        .chunks(PAGE_SIZE)
+        .map(|p| *blake3::hash(p).as_bytes())
+        .collect();
+    for (hint, want) in [(true, CODEC_RAW), (false, CODEC_LZ4)] {
+        // A store each: the second would find the pages stored by the first.
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("s")).unwrap();
+        let mut w = store.writer().unwrap();
+        let mut runs = Vec::new();
+        let hints = vec![hint; hashes.len()];
+        w.add_verified_pages_hinted(0, &data, &hashes, &hints, &mut runs)
+            .unwrap();
+        let id = w.commit(manifest_with(runs, 64, 1), None).unwrap();
+        let s = store.load(&id).unwrap();
+        let codecs: std::collections::BTreeSet<u8> =
+            (0..s.page_count()).map(|i| s.record(i).loc.codec).collect();
+        assert_eq!(codecs, [want].into(), "hinted {hint}");
+        assert_eq!(read_all(&store, &id).unwrap(), data);
+    }
+}

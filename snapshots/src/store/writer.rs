@@ -88,7 +88,9 @@ const PARALLEL_HASH_PAGES: usize = 128;
 struct Batch {
     first_block: u64,
     data: Vec<u8>,
-    blocks: Vec<(u8, [[u8; 32]; BLOCK_PAGES])>,
+    /// Each block's pages, their hashes, and whether every one of its pages is known
+    /// not to compress (its compression is then not tried).
+    blocks: Vec<(u8, [[u8; 32]; BLOCK_PAGES], bool)>,
 }
 
 /// Where an open pack's bytes go.
@@ -228,12 +230,13 @@ impl Packer {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok(mut batch) = next else { break };
                 let mut at = 0;
-                for (i, (pages, hashes)) in batch.blocks.iter().enumerate() {
+                for (i, (pages, hashes, raw)) in batch.blocks.iter().enumerate() {
                     let len = *pages as usize * PAGE_SIZE;
                     self.write_block(
                         batch.first_block + i as u64,
                         &batch.data[at..at + len],
                         &hashes[..*pages as usize],
+                        *raw,
                     )?;
                     at += len;
                 }
@@ -287,10 +290,15 @@ impl Packer {
         seq: u64,
         block: &[u8],
         hashes: &[[u8; 32]],
+        incompressible: bool,
     ) -> Result<(), StoreError> {
         let raw_len = block.len();
-        let clen = lz4_flex::block::compress_into(block, &mut self.compressed)
-            .expect("output sized by get_maximum_output_size");
+        let clen = if incompressible {
+            raw_len
+        } else {
+            lz4_flex::block::compress_into(block, &mut self.compressed)
+                .expect("output sized by get_maximum_output_size")
+        };
         // Store raw when lz4 saves under 1/32: reading raw needs no decompression.
         let (codec, len) = if clen < raw_len - raw_len / 32 {
             (CODEC_LZ4, clen)
@@ -550,7 +558,12 @@ impl<'a> SnapshotWriter<'a> {
         } else {
             hash_pages(data, &mut hashes);
         }
-        self.add_hashed(first_page, data, hashes.into_iter(), runs)
+        self.add_hashed(
+            first_page,
+            data,
+            hashes.into_iter().map(|h| (h, false)),
+            runs,
+        )
     }
 
     /// [`Self::add_pages`] of pages whose blake3 hashes the caller has computed or
@@ -567,23 +580,45 @@ impl<'a> SnapshotWriter<'a> {
             return Err(StoreError::UnalignedPages { len: data.len() });
         }
         assert_eq!(data.len() / PAGE_SIZE, hashes.len(), "one hash per page");
-        self.add_hashed(first_page, data, hashes.iter().map(|h| Some(*h)), runs)
+        let hashes = hashes.iter().map(|h| (Some(*h), false));
+        self.add_hashed(first_page, data, hashes, runs)
     }
 
-    /// Adds the pages of `data` with their hashes (`None`: a zero page).
+    /// [`Self::add_verified_pages`], knowing of each page whether it compresses
+    /// (`incompressible[i]`: it did not where it comes from, e.g. a registry block that
+    /// holds it raw), so that blocks of such pages are stored without trying.
+    pub fn add_verified_pages_hinted(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        hashes: &[[u8; 32]],
+        incompressible: &[bool],
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), StoreError> {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            return Err(StoreError::UnalignedPages { len: data.len() });
+        }
+        assert_eq!(data.len() / PAGE_SIZE, hashes.len(), "one hash per page");
+        assert_eq!(hashes.len(), incompressible.len(), "one hint per page");
+        let hashes = (hashes.iter().zip(incompressible)).map(|(h, &raw)| (Some(*h), raw));
+        self.add_hashed(first_page, data, hashes, runs)
+    }
+
+    /// Adds the pages of `data` with their hashes (`None`: a zero page) and whether
+    /// each is known not to compress.
     fn add_hashed(
         &mut self,
         first_page: u64,
         data: &[u8],
-        hashes: impl Iterator<Item = Option<[u8; 32]>>,
+        hashes: impl Iterator<Item = (Option<[u8; 32]>, bool)>,
         runs: &mut Vec<PageRun>,
     ) -> Result<(), StoreError> {
-        for (i, (page, hash)) in data.chunks_exact(PAGE_SIZE).zip(hashes).enumerate() {
+        for (i, (page, (hash, raw))) in data.chunks_exact(PAGE_SIZE).zip(hashes).enumerate() {
             let at = first_page + i as u64;
             let content = match hash {
                 None => RunContent::Zero,
                 Some(hash) => RunContent::Data {
-                    first: self.add_page(page, hash)?,
+                    first: self.add_page(page, hash, raw)?,
                 },
             };
             push_run(runs, at, content);
@@ -664,7 +699,12 @@ impl<'a> SnapshotWriter<'a> {
         Ok(())
     }
 
-    fn add_page(&mut self, page: &[u8], hash: [u8; 32]) -> Result<u64, StoreError> {
+    fn add_page(
+        &mut self,
+        page: &[u8],
+        hash: [u8; 32],
+        incompressible: bool,
+    ) -> Result<u64, StoreError> {
         let idx = self.table.len() as u64;
         if let Some(loc) = self.index.get(&Key(hash)) {
             self.table.push(Record { hash, loc: *loc });
@@ -682,11 +722,12 @@ impl<'a> SnapshotWriter<'a> {
         self.index.insert(Key(hash), loc);
         self.new_pages += 1;
         if self.block_pages == 0 {
-            self.batch.blocks.push((0, [[0; 32]; BLOCK_PAGES]));
+            self.batch.blocks.push((0, [[0; 32]; BLOCK_PAGES], true));
         }
         let block = self.batch.blocks.last_mut().unwrap();
         block.1[self.block_pages] = hash;
         block.0 += 1;
+        block.2 &= incompressible;
         self.batch.data.extend_from_slice(page);
         self.block_pages += 1;
         if self.block_pages == BLOCK_PAGES {
