@@ -240,6 +240,12 @@ impl Head {
                 &body[..]
             }
             Some((m, rest)) if m == HEAD_MAGIC_RAW => rest,
+            Some((m, _)) if m.starts_with(b"WSHEAD") => {
+                return Err(format!(
+                    "its format {} is newer than this warmstart reads: upgrade warmstart",
+                    String::from_utf8_lossy(m)
+                ))
+            }
             _ => return Err("it has no head magic".into()),
         };
         struct Rd<'a>(&'a [u8]);
