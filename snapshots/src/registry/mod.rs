@@ -6,7 +6,9 @@
 //! The tag names an OCI image index (`application/vnd.oci.image.index.v1+json`) with
 //! `artifactType` [`ARTIFACT_TYPE`] and annotations [`ID_ANNOTATION`] (the snapshot id),
 //! [`HEAD_ANNOTATION`] and [`HOT_ANNOTATION`] (`DIGEST@SIZE` of the head and hot blobs,
-//! so that a run fetches them at once), listing two OCI image manifests: the *head*,
+//! so that a run fetches them at once) and, for a head blob up to 192 KiB,
+//! [`HEAD_DATA_ANNOTATION`] (the head blob itself, base64, checked against its digest:
+//! a run starts after one request), listing two OCI image manifests: the *head*,
 //! all a lazy run reads before it starts, small whatever the snapshot's size, and the
 //! *blocks*, which only keeps the bulk referenced (registries collect unreferenced
 //! blobs) and lets generic tools copy the artifact:
@@ -18,9 +20,11 @@
 //!                               records per part, pages_hash, each part's blake3
 //!                               chaining value and blob), the blocks (sha256, size), the
 //!                               learned working set, the index parts of the working set
-//!                               and hot pages whole, and the config once more
+//!                               and hot pages whole when there is no hot blob, and the
+//!                               config once more; lz4-compressed
 //!   layers[1]  MT_HOT           (optional) the hot pages: the working set's and those a
-//!                               restore writes before the app resumes (see [`HotBlob`])
+//!                               restore writes before the app resumes, with the index
+//!                               parts that hold their records (see [`HotBlob`])
 //! blocks (artifactType BLOCKS_ARTIFACT, config the OCI empty blob)
 //!   layers     MT_INDEX_PART    the page table's records, a part each (warmstart's
 //!                               56-byte records: page i's blake3 and where it is: block
