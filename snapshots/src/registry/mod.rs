@@ -344,6 +344,8 @@ impl Head {
 pub struct HotBlob {
     indexes: Vec<u64>,
     data: Vec<u8>,
+    /// Each page's blake3, computed as it was decoded.
+    hashes: Vec<[u8; 32]>,
     parts: Vec<(u64, Vec<u8>)>,
 }
 
@@ -394,33 +396,15 @@ impl HotBlob {
     #[cfg(test)]
     pub(crate) fn decode(blob: &[u8], table: &TableMap, threads: usize) -> Result<Self, String> {
         let h = HotDecoder::new(table.len()).finish(blob, threads)?;
-        h.check(table, threads)?;
+        h.check(table)?;
         Ok(h)
     }
 
-    /// Checks every page against `table` (whose records of these pages are in), on up
-    /// to `threads` threads.
-    pub(crate) fn check(&self, table: &TableMap, threads: usize) -> Result<(), String> {
-        let per = self.indexes.len().div_ceil(threads.max(1)).max(1);
-        let bad = std::thread::scope(|s| {
-            let jobs: Vec<_> = (self
-                .indexes
-                .chunks(per)
-                .zip(self.data.chunks(per * PAGE_SIZE)))
-            .map(|(idx, pages)| {
-                s.spawn(move || {
-                    let want: Vec<(usize, [u8; 32])> = (idx.iter().enumerate())
-                        .map(|(k, &i)| (k, table.record(i).hash))
-                        .collect();
-                    first_mismatch(pages, &want).map(|k| idx[k])
-                })
-            })
-            .collect();
-            jobs.into_iter()
-                .find_map(|j| j.join().expect("hot page check panicked"))
-        });
-        match bad {
-            Some(i) => Err(format!("page {i} in it does not match its hash")),
+    /// Checks every page against `table` (whose records of these pages are in): the
+    /// hashes taken as the pages were decoded against the records'.
+    pub(crate) fn check(&self, table: &TableMap) -> Result<(), String> {
+        match (self.indexes.iter().zip(&self.hashes)).find(|&(&i, h)| table.hash(i) != *h) {
+            Some((i, _)) => Err(format!("page {i} in it does not match its hash")),
             None => Ok(()),
         }
     }
@@ -461,6 +445,8 @@ struct HotHeader {
     /// Where each chunk starts and ends in the blob.
     spans: Vec<(usize, usize)>,
     data: Vec<u8>,
+    /// Each decoded page's blake3 (hashed as its chunk is decoded, while in the cache).
+    hashes: Vec<[u8; 32]>,
 }
 
 impl HotDecoder {
@@ -565,6 +551,7 @@ impl HotDecoder {
             parts,
             spans,
             data: crate::buffers::zeroed(n * PAGE_SIZE),
+            hashes: vec![[0; 32]; n],
         }))
     }
 
@@ -591,12 +578,21 @@ impl HotDecoder {
         }
         let chunk_bytes = h.per * PAGE_SIZE;
         let outs = h.data[self.done * chunk_bytes..].chunks_mut(chunk_bytes);
-        let mut jobs: Vec<(&[u8], &mut [u8])> = (h.spans[self.done..self.done + whole].iter())
+        let hashes = h.hashes[self.done * h.per..].chunks_mut(h.per);
+        type Job<'a> = (&'a [u8], (&'a mut [u8], &'a mut [[u8; 32]]));
+        let mut jobs: Vec<Job> = (h.spans[self.done..self.done + whole].iter())
             .map(|&(s, e)| &blob[s..e])
-            .zip(outs)
+            .zip(outs.zip(hashes))
             .collect();
-        let bad = |(src, out): (&[u8], &mut [u8])| {
-            lz4_flex::block::decompress_into(src, out).map_or(true, |k| k != out.len())
+        let bad = |(src, (out, hashes)): Job| {
+            if lz4_flex::block::decompress_into(src, out).map_or(true, |k| k != out.len()) {
+                return true;
+            }
+            let pages: Vec<&[u8; PAGE_SIZE]> = (out.chunks_exact(PAGE_SIZE))
+                .map(|p| p.try_into().unwrap())
+                .collect();
+            crate::store::page_hash::hash_pages(&pages, hashes);
+            false
         };
         let per_thread = jobs.len().div_ceil(threads.max(1)).max(1);
         let bad = if jobs.len() <= per_thread {
@@ -640,6 +636,7 @@ impl HotDecoder {
         Ok(HotBlob {
             indexes: h.indexes,
             data: h.data,
+            hashes: h.hashes,
             parts: h.parts,
         })
     }
@@ -1466,7 +1463,6 @@ impl Remote {
                 "{what}: ignoring its hot pages ({why}); fetching the blocks of those pages"
             )
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let fetched = fetch.map(|j| j.join().expect("hot pages fetch panicked"));
         let t_fetched = t0.elapsed();
         let hot = match fetched {
@@ -1491,7 +1487,7 @@ impl Remote {
                 });
                 match filled.and_then(|()| {
                     (self.ensure_parts(table, h.indexes())).map_err(|e| e.to_string())?;
-                    h.check(table, threads)
+                    h.check(table)
                 }) {
                     Ok(()) => Some(Arc::new(h)),
                     Err(why) => {

@@ -41,7 +41,7 @@ mod fsutil;
 pub(crate) mod hot;
 mod lock;
 mod maint;
-mod page_hash;
+pub(crate) mod page_hash;
 pub(crate) mod snapshot;
 pub(crate) mod table;
 pub(crate) mod working_set;
