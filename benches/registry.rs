@@ -33,8 +33,8 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n{}  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                if std::env::var_os("NOCACHE").is_some() {""} else {"  cache:\n    blobdescriptor: inmemory\n"},
+                // The blob descriptor cache as in Debian's and upstream's default config.
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
                 dir.path().join("data").display()
             ),
         )?;

@@ -415,6 +415,13 @@ fn anon_kb(pid: i32) -> (u64, u64) {
     (field("Anonymous:"), field("Pss_Anon:"))
 }
 
+/// A first run of the pattern fixture recorded as `pat`, alone: it learns the working set
+/// (served runs need one).
+fn learn_pattern(ws: &Ws) {
+    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
+    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+}
+
 /// Instances parked from a snapshot's template share its memory (issue 15): each parked
 /// app's anonymous memory is mostly shared (its proportional share a fraction of what it
 /// maps), where without templates each holds its own copy; and they answer as usual.
@@ -422,9 +429,7 @@ fn anon_kb(pid: i32) -> (u64, u64) {
 fn parked_instances_share_the_template_s_memory() {
     let ws = Ws::new();
     ws.record("pat", &[fixture("pattern").as_os_str(), "16".as_ref()]);
-    // The first run learns the working set (served runs need one).
-    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
-    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
+    learn_pattern(&ws);
     for (templates, shared) in [(true, true), (false, false)] {
         let mut args = vec!["-v", "serve", "--pool", "2", "--warm", "pat"];
         if !templates {
@@ -520,12 +525,8 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
         &[("ZDTM_STATE", before_path.as_os_str())],
     );
     let before = std::fs::read_to_string(&before_path).unwrap();
-    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
-    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
-    let daemon = Proc::spawn(&mut ws.cmd(&["-vv", "serve", "--warm", "pat"]));
-    let line = daemon.read_line();
-    assert!(line.starts_with("serving "), "serve printed {line:?}");
-    daemon.wait_stderr("parked an instance of");
+    learn_pattern(&ws);
+    let daemon = ws.serve_with(&["-vv", "serve", "--warm", "pat"]);
 
     // An instance verifies the whole area (its first work), flips a byte of it and
     // waits.
@@ -564,12 +565,8 @@ fn pages_written_first_are_copied_at_parking_with_the_snapshot_s_bytes() {
 fn instances_with_their_own_memory_have_their_code_mapped_ahead() {
     let ws = Ws::new();
     ws.record("pat", &[fixture("pattern").as_os_str(), "16".as_ref()]);
-    let learn = ws.run(&["run", "--no-serve", "pat"], "check\n");
-    assert_eq!(learn.stdout, "PASS\n", "{}", learn.describe());
-    let daemon = Proc::spawn(&mut ws.cmd(&["-vv", "serve", "--no-templates", "--warm", "pat"]));
-    let line = daemon.read_line();
-    assert!(line.starts_with("serving "), "serve printed {line:?}");
-    daemon.wait_stderr("parked an instance of");
+    learn_pattern(&ws);
+    let daemon = ws.serve_with(&["-vv", "serve", "--no-templates", "--warm", "pat"]);
     let (learned, instances) = learn_from_instances(&ws, &daemon, "", "pages of code mapped by");
     let code = daemon.wait_stderr("pages of code the first request runs");
     let mapped = count_after(&code, "mapped");

@@ -350,9 +350,10 @@ impl Pools {
             p.learning = true;
         }
         let t = Instant::now();
-        let read = match written {
-            true => super::prefault::written(app).map(Some),
-            false => Ok(None),
+        let read = if written {
+            super::prefault::written(app).map(Some)
+        } else {
+            Ok(None)
         }
         .and_then(|w| Ok((w, super::prefault::mapped(app)?)));
         let mut pools = self.lock();
@@ -370,7 +371,7 @@ impl Pools {
         let count = |r: &super::prefault::Ranges| r.iter().map(|(s, e)| (e - s) / 4096).sum();
         // The most seen of each is kept.
         let (n, m): (u64, u64) = (pages.as_ref().map_or(0, count), count(&mapped));
-        let more_written = pages.is_some() && p.written.as_deref().is_none_or(|w| count(w) < n);
+        let more_written = p.written.as_deref().is_none_or(|w| count(w) < n);
         let more_mapped = p.mapped.as_deref().is_none_or(|w| count(w) < m);
         if more_mapped {
             p.mapped = Some(Arc::new(mapped));

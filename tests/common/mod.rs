@@ -720,7 +720,13 @@ impl Ws {
     }
 
     pub fn serve(&self, snap: &str) -> Proc {
-        let daemon = Proc::spawn(&mut self.cmd(&["-v", "serve", "--warm", snap]));
+        self.serve_with(&["-v", "serve", "--warm", snap])
+    }
+
+    /// A daemon started with `args` (`serve ... --warm SNAP`), once it has parked an
+    /// instance.
+    pub fn serve_with(&self, args: &[&str]) -> Proc {
+        let daemon = Proc::spawn(&mut self.cmd(args));
         let line = daemon.read_line();
         assert!(line.starts_with("serving "), "serve printed {line:?}");
         daemon.wait_stderr("parked an instance of");

@@ -539,27 +539,28 @@ impl Client {
         Ok(())
     }
 
-    fn read_body(&self, r: ureq::Response, what: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.read_body_into(r, what, max, Vec::new())
-    }
-
-    /// [`Self::read_body`] into `out` (emptied first; its memory reused).
-    fn read_body_into(
+    /// The body's length as `r` announces it (`Content-Length`), refused beyond `max`.
+    fn announced(
         &self,
-        r: ureq::Response,
+        r: &ureq::Response,
         what: &str,
         max: u64,
-        mut out: Vec<u8>,
-    ) -> Result<Vec<u8>, StoreError> {
-        out.clear();
-        if let Some(n) = r
+    ) -> Result<Option<usize>, StoreError> {
+        let n = r
             .header("content-length")
-            .and_then(|l| l.parse::<u64>().ok())
-        {
-            if n > max {
-                return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
+            .and_then(|l| l.parse::<u64>().ok());
+        match n {
+            Some(n) if n > max => {
+                Err(self.err(format!("{what} is {n} bytes, more than {max} expected")))
             }
-            crate::buffers::reserve(&mut out, n as usize);
+            n => Ok(n.map(|n| n as usize)),
+        }
+    }
+
+    fn read_body(&self, r: ureq::Response, what: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        if let Some(n) = self.announced(&r, what, max)? {
+            crate::buffers::reserve(&mut out, n);
         }
         r.into_reader()
             .take(max + 1)
@@ -571,8 +572,8 @@ impl Client {
         Ok(out)
     }
 
-    /// [`Self::read_body_into`], hashing (sha256) each piece as it comes and giving
-    /// `seen` the body so far after each.
+    /// [`Self::read_body`] into `out` (its memory reused), hashing (sha256) each piece
+    /// as it comes and giving `seen` the body so far after each.
     fn read_body_hashed(
         &self,
         r: ureq::Response,
@@ -586,14 +587,7 @@ impl Client {
         // `out`'s bytes up to its length are initialized already (a buffer used before):
         // read into as they are; only room it lacks for the announced length is added
         // (zeroed once).
-        if let Some(n) = r
-            .header("content-length")
-            .and_then(|l| l.parse::<u64>().ok())
-        {
-            if n > max {
-                return Err(self.err(format!("{what} is {n} bytes, more than {max} expected")));
-            }
-            let n = n as usize;
+        if let Some(n) = self.announced(&r, what, max)? {
             let lacking = n.saturating_sub(out.len());
             crate::buffers::reserve(&mut out, lacking);
             if out.len() < n {

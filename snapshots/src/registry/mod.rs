@@ -969,6 +969,10 @@ pub fn push(
             (k, bytes)
         })
         .collect();
+    let (head_inline, hot_inline) = match hot {
+        Some(_) => (Vec::new(), inline),
+        None => (inline, Vec::new()),
+    };
     let head = Head {
         count: records.len() as u64,
         per,
@@ -977,18 +981,14 @@ pub fn push(
         parts: parts.clone(),
         blocks: blocks.clone(),
         working_set,
-        inline: if hot.is_some() {
-            Vec::new()
-        } else {
-            inline.clone()
-        },
+        inline: head_inline,
         config: config_bytes,
     };
     let head_bytes = head.encode();
     let head_blob = upload(&c, MT_HEAD, &head_bytes, &mut rep)?;
     let mut layers = vec![head_blob];
     if let Some(hot) = hot {
-        let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &inline);
+        let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &hot_inline);
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
     }
     // The index names the head manifest's blobs too, so that a run fetches them at once,
@@ -1103,8 +1103,16 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// Marks the end of a page read (at the guard's drop, however the read ends).
+/// Marks a page read as the last one at its start and at its end (the guard's drop,
+/// however the read ends).
 struct ReadMark<'a>(&'a Mutex<Option<Instant>>);
+
+impl<'a> ReadMark<'a> {
+    fn start(last: &'a Mutex<Option<Instant>>) -> Self {
+        *last.lock().unwrap() = Some(Instant::now());
+        ReadMark(last)
+    }
+}
 
 impl Drop for ReadMark<'_> {
     fn drop(&mut self) {
@@ -1290,17 +1298,8 @@ pub(crate) fn open(
             .copied()
             .filter(|&p| p < head.count)
             .collect();
-        // Parts carried whole: checked against their chaining values like any part.
-        let damaged = |why: String| bad(format!("its index is damaged: {why}; refusing it"));
-        for (k, records) in head.inline {
-            let k = usize::try_from(k)
-                .ok()
-                .filter(|&k| k < head.cvs.len())
-                .ok_or_else(|| damaged(format!("it carries part {k} of {}", head.cvs.len())))?;
-            table
-                .fill_part(k, records, |rec| record_fits(&head.blocks, rec))
-                .map_err(damaged)?;
-        }
+        fill_carried(&table, &head.blocks, head.inline)
+            .map_err(|why| bad(format!("its index is damaged: {why}; refusing it")))?;
         Ok::<_, StoreError>((head.blocks, head.parts, ws, table, head.config))
     })()?;
     let t_head = t0.elapsed();
@@ -1476,15 +1475,7 @@ impl Remote {
                 None
             }
             Some(Ok(mut h)) => {
-                // The index parts it carries, each checked against its chaining value.
-                let parts = table.parts().0;
-                let filled = h.take_parts().into_iter().try_for_each(|(k, records)| {
-                    let k = usize::try_from(k)
-                        .ok()
-                        .filter(|&k| k < parts)
-                        .ok_or_else(|| format!("it carries index part {k} of {parts}"))?;
-                    table.fill_part(k, records, |rec| record_fits(&self.blocks, rec))
-                });
+                let filled = fill_carried(table, &self.blocks, h.take_parts());
                 match filled.and_then(|()| {
                     (self.ensure_parts(table, h.indexes())).map_err(|e| e.to_string())?;
                     h.check(table)
@@ -1570,8 +1561,7 @@ impl Remote {
     ) -> Result<(), StoreError> {
         let hot = self.hot_pages(table)?;
         self.ensure(table, indexes)?;
-        *self.last_read.lock().unwrap() = Some(Instant::now());
-        let _reading = ReadMark(&self.last_read);
+        let _reading = ReadMark::start(&self.last_read);
         let mut reader = BlockReader::default();
         let mut want = Vec::new();
         let mut k = 0;
@@ -1656,6 +1646,24 @@ fn record_fits(blocks: &[Descriptor], rec: &Record) -> Result<(), String> {
         && l.slot == 0;
     ok.then_some(())
         .ok_or_else(|| "it points outside the snapshot's blocks".to_owned())
+}
+
+/// Fills into `table` the index parts a head or hot blob carries whole (part number,
+/// records), each checked as a fetched one is (chaining value, every record pointing
+/// inside `blocks`).
+fn fill_carried(
+    table: &TableMap,
+    blocks: &[Descriptor],
+    parts: Vec<(u64, Vec<u8>)>,
+) -> Result<(), String> {
+    let count = table.parts().0;
+    parts.into_iter().try_for_each(|(k, records)| {
+        let k = usize::try_from(k)
+            .ok()
+            .filter(|&k| k < count)
+            .ok_or_else(|| format!("it carries index part {k} of {count}"))?;
+        table.fill_part(k, records, |rec| record_fits(blocks, rec))
+    })
 }
 
 /// Fetches index parts `which` (side by side), checks them (digest, chaining value,

@@ -576,12 +576,8 @@ impl<'a> SnapshotWriter<'a> {
         hashes: &[[u8; 32]],
         runs: &mut Vec<PageRun>,
     ) -> Result<(), StoreError> {
-        if !data.len().is_multiple_of(PAGE_SIZE) {
-            return Err(StoreError::UnalignedPages { len: data.len() });
-        }
-        assert_eq!(data.len() / PAGE_SIZE, hashes.len(), "one hash per page");
-        let hashes = hashes.iter().map(|h| (Some(*h), false));
-        self.add_hashed(first_page, data, hashes, runs)
+        let unknown = std::iter::repeat(false);
+        self.add_verified(first_page, data, hashes, unknown, runs)
     }
 
     /// [`Self::add_verified_pages`], knowing of each page whether it compresses
@@ -595,12 +591,24 @@ impl<'a> SnapshotWriter<'a> {
         incompressible: &[bool],
         runs: &mut Vec<PageRun>,
     ) -> Result<(), StoreError> {
+        assert_eq!(hashes.len(), incompressible.len(), "one hint per page");
+        let hints = incompressible.iter().copied();
+        self.add_verified(first_page, data, hashes, hints, runs)
+    }
+
+    fn add_verified(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        hashes: &[[u8; 32]],
+        incompressible: impl Iterator<Item = bool>,
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), StoreError> {
         if !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(StoreError::UnalignedPages { len: data.len() });
         }
         assert_eq!(data.len() / PAGE_SIZE, hashes.len(), "one hash per page");
-        assert_eq!(hashes.len(), incompressible.len(), "one hint per page");
-        let hashes = (hashes.iter().zip(incompressible)).map(|(h, &raw)| (Some(*h), raw));
+        let hashes = (hashes.iter().zip(incompressible)).map(|(h, raw)| (Some(*h), raw));
         self.add_hashed(first_page, data, hashes, runs)
     }
 
