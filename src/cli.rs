@@ -434,6 +434,13 @@ pub struct RecordArgs {
     /// snapshot, and every restored instance gets its own copy
     #[arg(long)]
     pub share_tmp: bool,
+    /// Record with address-space layout randomization off for the app (personality
+    /// `ADDR_NO_RANDOMIZE`, as `setarch -R`), so that recording an unchanged app again
+    /// gives the same layout and mostly the same pages: the store keeps, and a re-push
+    /// uploads, only what changed. Its instances share the snapshot's one layout anyway.
+    /// (A Python app also needs `PYTHONHASHSEED` fixed, to a value of your own.)
+    #[arg(long)]
+    pub reproducible: bool,
     /// Show the app (and every process of its tree, across fork and exec) only the CPU
     /// features of this x86-64 psABI level through CPUID, from its start: x86-64-v2,
     /// x86-64-v3 or x86-64-v4. The snapshot then needs only that level (plus the system
@@ -1677,6 +1684,7 @@ fn record_in(store: &Store, a: &RecordArgs, mut ready: warmstart_launcher::Ready
             prime,
             prime_http,
             share_tmp: a.share_tmp,
+            reproducible: a.reproducible,
             namespaces: record_namespaces(a)?,
             cpu_baseline: a.cpu_baseline,
         },

@@ -51,6 +51,8 @@ pub struct RecordOptions {
     pub prime_http: Vec<String>,
     /// The app uses the host's `/tmp` instead of a private tmpfs of its own.
     pub share_tmp: bool,
+    /// The app runs with address-space layout randomization off (`ADDR_NO_RANDOMIZE`).
+    pub reproducible: bool,
     /// `CLONE_NEWUTS`, `CLONE_NEWIPC`, `CLONE_NEWNET`: namespaces of the app's own (a
     /// new network namespace gets its loopback up before the app runs).
     pub namespaces: u64,
@@ -59,6 +61,19 @@ pub struct RecordOptions {
     pub tool: Option<warmstart_snapshots::model::ToolInfo>,
     /// `--cpu-baseline`: CPUID shows the app tree only this level ([`crate::cpu_baseline`]).
     pub cpu_baseline: Option<crate::sys::cpuid::Baseline>,
+}
+
+/// Adds `ADDR_NO_RANDOMIZE` to this process's personality (its next exec lays out
+/// the address space without randomization). Async-signal-safe: two syscalls.
+fn no_randomize() -> bool {
+    // SAFETY: personality(0xffffffff) only reads the calling process's persona.
+    let cur = unsafe { libc::personality(0xffff_ffff) };
+    if cur < 0 {
+        return false;
+    }
+    let want = cur as libc::c_ulong | libc::ADDR_NO_RANDOMIZE as libc::c_ulong;
+    // SAFETY: sets the calling process's persona flags; no memory is involved.
+    unsafe { libc::personality(want) >= 0 }
 }
 
 /// What `record` did: the snapshot, and with `leave_running` how the app ended.
@@ -306,6 +321,13 @@ pub fn record(
                 return 126;
             }
             private.mount();
+            if opts.reproducible && !no_randomize() {
+                const MSG: &[u8] = b"warmstart: cannot turn address-space randomization off \
+                      for the app (personality ADDR_NO_RANDOMIZE) for --reproducible\n";
+                // SAFETY: a static buffer; fd 2 is the app's stderr pipe.
+                unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+                return 126;
+            }
             // The app gets stdin, stdout, stderr (and the notify fd) and nothing else
             // warmstart was handed: an fd of warmstart's caller is not the app's state.
             // SAFETY: close_range only flags fds close-on-exec; no memory is touched.

@@ -824,3 +824,68 @@ fn record_refuses_fds_in_flight_nobody_receives() {
     );
     assert_eq!(ws.ls_json(), serde_json::json!([]), "something was stored");
 }
+
+/// The VMAs `(start, end)` of the first process of snapshot `snap`, and how many of its
+/// pages hold data.
+fn layout_and_pages(ws: &Ws, snap: &str) -> (Vec<(u64, u64)>, u64, u64) {
+    let j = ws.inspect_json(snap);
+    let p = &j["manifest"]["processes"][0];
+    let vmas = (p["vmas"].as_array().expect("vmas").iter())
+        .map(|v| (v["start"].as_u64().unwrap(), v["end"].as_u64().unwrap()))
+        .collect();
+    let data: u64 = (j["manifest"]["processes"].as_array().unwrap().iter())
+        .flat_map(|p| p["vmas"].as_array().unwrap())
+        .flat_map(|v| v["pages"].as_array().unwrap())
+        .filter(|r| r["content"].get("Data").is_some())
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    let personality = p["personality"].as_u64().unwrap();
+    (vmas, data, personality)
+}
+
+/// `record --reproducible`: the app runs with address-space randomization off, so that
+/// recording it again gives the same layout and shares nearly all of its pages with the
+/// first record (what lets a re-push upload only what changed); without it, the layout
+/// differs from record to record.
+#[test]
+fn reproducible_records_share_layout_and_pages() {
+    let ws = Ws::new();
+    let app = [python(), workloads_dir().join("py_echo.py")];
+    let env = [("PYTHONHASHSEED", "7".to_owned())];
+    let rec = |name: &str, extra: &[&str]| {
+        let out = record_out(&ws, name, "stdin", extra, &env, &app);
+        out.assert_ok();
+        layout_and_pages(&ws, name)
+    };
+    let (a, _, pers) = rec("a", &["--reproducible"]);
+    assert_ne!(
+        pers & libc::ADDR_NO_RANDOMIZE as u64,
+        0,
+        "the app should run with ADDR_NO_RANDOMIZE"
+    );
+    let (b, data, _) = rec("b", &["--reproducible"]);
+    assert_eq!(a, b, "two reproducible records should have the same layout");
+    let shared = ws.inspect_json("b")["stats"]["shared_pages_with_others"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        shared * 100 >= data * 90,
+        "a reproducible re-record should share at least 90% of its {data} pages with the \
+         first one, shares {shared}"
+    );
+    let randomized = std::fs::read_to_string("/proc/sys/kernel/randomize_va_space")
+        .map(|s| s.trim() != "0")
+        .unwrap_or(false);
+    if randomized {
+        let (c, _, pers) = rec("c", &[]);
+        assert_eq!(pers & libc::ADDR_NO_RANDOMIZE as u64, 0);
+        assert_ne!(
+            a, c,
+            "a record without --reproducible should get a random layout"
+        );
+    }
+    // Instances of the snapshot answer as ever.
+    let out = ws.instance("b", "hi\n");
+    out.assert_ok();
+    assert!(out.stdout.contains("hi"), "{}", out.describe());
+}
