@@ -45,6 +45,14 @@ pub struct PushArgs {
     pub reference: String,
     #[command(flatten)]
     pub registry: RegistryOpts,
+    /// Push against this artifact of the same repository (a tag, sha256:DIGEST, or
+    /// REGISTRY/REPO:TAG): the pages it has are not uploaded again, nor its index parts
+    /// and hot pages where they still serve [default: the tag pushed, if it is there]
+    #[arg(long, value_name = "TAG|DIGEST|REF", conflicts_with = "full")]
+    pub base: Option<String>,
+    /// Upload the whole snapshot, against no base
+    #[arg(long)]
+    pub full: bool,
     /// Print what was uploaded as JSON
     #[arg(long)]
     pub json: bool,
@@ -84,8 +92,20 @@ pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
     let snap = store.load(&id)?;
     let start = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rep = registry::push(&snap, &r, &a.registry.options(), threads, |_, _| {})
-        .with_context(|| format!("cannot push snapshot {} to {r}", id.short()))?;
+    let base = match (&a.base, a.full) {
+        (_, true) => None,
+        (None, false) => Some(r.clone()),
+        (Some(b), false) => Some(base_reference(&r, b)?),
+    };
+    let rep = registry::push(
+        &snap,
+        &r,
+        base.as_ref(),
+        &a.registry.options(),
+        threads,
+        |_, _| {},
+    )
+    .with_context(|| format!("cannot push snapshot {} to {r}", id.short()))?;
     let t = start.elapsed();
     if a.json {
         println!(
@@ -114,6 +134,21 @@ pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// `--base`: a tag or digest of `r`'s repository, or a whole reference.
+fn base_reference(r: &Reference, base: &str) -> Result<Reference> {
+    if base.contains('/') {
+        return parse(base);
+    }
+    let mut b = r.clone();
+    if base.starts_with("sha256:") {
+        (b.tag, b.digest) = (None, Some(base.to_owned()));
+    } else {
+        (b.tag, b.digest) = (Some(base.to_owned()), None);
+    }
+    Reference::parse(&b.to_string())
+        .map_err(|e| anyhow::anyhow!("--base {base}: not a tag or digest: {e}"))
 }
 
 /// Blocks a pull fetches at once: the registry's latency per request (a few ms on

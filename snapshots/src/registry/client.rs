@@ -752,11 +752,22 @@ impl Client {
     /// The manifest `reference` (a tag or digest) as bytes, checked against its digest
     /// (the one asked for, or the one the registry states).
     pub fn get_manifest(&self, reference: &str, accept: &str) -> Result<Vec<u8>, StoreError> {
+        self.get_manifest_if_any(reference, accept)?.ok_or_else(|| {
+            self.err(format!(
+                "it has no manifest {reference}: check the reference (push it first)"
+            ))
+        })
+    }
+
+    /// [`Self::get_manifest`], `None` if the registry has no such manifest.
+    pub fn get_manifest_if_any(
+        &self,
+        reference: &str,
+        accept: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let url = format!("{}/manifests/{reference}", self.base);
         let Some(r) = self.request("GET", &url, &[("Accept", accept)], None, true)? else {
-            return Err(self.err(format!(
-                "it has no manifest {reference}: check the reference (push it first)"
-            )));
+            return Ok(None);
         };
         let stated = header(&r, "docker-content-digest").map(str::to_owned);
         let body = self.read_body(r, &format!("manifest {reference}"), MAX_SMALL)?;
@@ -774,7 +785,7 @@ impl Client {
                 )));
             }
         }
-        Ok(body)
+        Ok(Some(body))
     }
 
     /// Stores manifest `bytes` (of `media_type`) under `tag`.

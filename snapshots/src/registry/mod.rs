@@ -155,6 +155,9 @@ pub struct ImageIndex {
 /// A head blob: this magic and the body compressed; `HEAD_MAGIC_RAW` and the body as
 /// is (pushed before 2026-12-07 19:00; still read).
 const HEAD_MAGIC: &[u8; 8] = b"WSHEAD02";
+/// A head of an artifact pushed against a base: [`HEAD_MAGIC`]'s body, then its record
+/// patches and stale hot pages.
+const HEAD_MAGIC_DELTA: &[u8; 8] = b"WSHEAD03";
 const HEAD_MAGIC_RAW: &[u8; 8] = b"WSHEAD01";
 /// A head blob at most this long is carried in the OCI index too (base64, annotation
 /// [`HEAD_DATA_ANNOTATION`]), so that a run has it with its first request; registries
@@ -190,6 +193,30 @@ struct Head {
     /// The snapshot's manifest (the head manifest's config, once more): one request
     /// fewer for a run.
     config: Vec<u8>,
+    /// Pushed against a base: the records of each index part that differ from the bytes
+    /// of its blob (which is the base's), by part. Applied to a part's bytes however
+    /// they come (its blob, or carried by a head or hot blob: always that blob's bytes).
+    patches: Patches,
+    /// Pushed against a base whose hot-pages blob it names: the page-table indexes of
+    /// that blob's pages that are not this snapshot's (their new contents are in its
+    /// blocks).
+    stale_hot: Vec<u64>,
+}
+
+/// Records that replace records of an index part's blob: part number → (record number
+/// in the part, the record's bytes), ascending.
+pub(crate) type Patches = std::collections::BTreeMap<u64, Vec<(u32, Vec<u8>)>>;
+
+/// `records` (a part's bytes) with `patch` applied; refused if a record number is
+/// outside them.
+fn patched(mut records: Vec<u8>, patch: Option<&Vec<(u32, Vec<u8>)>>) -> Result<Vec<u8>, String> {
+    for (slot, rec) in patch.into_iter().flatten() {
+        let at = *slot as usize * table::RECORD_SIZE;
+        let dst = (records.get_mut(at..at + table::RECORD_SIZE))
+            .ok_or_else(|| format!("a patch names record {slot}, past its part's end"))?;
+        dst.copy_from_slice(rec);
+    }
+    Ok(records)
 }
 
 fn put_digest(out: &mut Vec<u8>, d: &Descriptor) {
@@ -230,7 +257,23 @@ impl Head {
         }
         out.extend_from_slice(&(self.config.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.config);
-        let mut blob = HEAD_MAGIC.to_vec();
+        let delta = !self.patches.is_empty() || !self.stale_hot.is_empty();
+        if delta {
+            out.extend_from_slice(&(self.patches.len() as u64).to_le_bytes());
+            for (k, recs) in &self.patches {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&(recs.len() as u64).to_le_bytes());
+                for (slot, rec) in recs {
+                    out.extend_from_slice(&slot.to_le_bytes());
+                    out.extend_from_slice(rec);
+                }
+            }
+            out.extend_from_slice(&(self.stale_hot.len() as u64).to_le_bytes());
+            for i in &self.stale_hot {
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+        }
+        let mut blob = if delta { HEAD_MAGIC_DELTA } else { HEAD_MAGIC }.to_vec();
         blob.extend_from_slice(&lz4_flex::block::compress_prepend_size(&out));
         blob
     }
@@ -238,8 +281,9 @@ impl Head {
     /// Decodes a head blob; every count is checked against the blob's size first.
     fn decode(blob: &[u8]) -> Result<Head, String> {
         let body;
+        let delta = blob.starts_with(HEAD_MAGIC_DELTA);
         let b = match blob.split_at_checked(8) {
-            Some((m, rest)) if m == HEAD_MAGIC => {
+            Some((m, rest)) if m == HEAD_MAGIC || m == HEAD_MAGIC_DELTA => {
                 body = decompress_bounded(rest).ok_or("its body does not decompress")?;
                 &body[..]
             }
@@ -305,6 +349,23 @@ impl Head {
         let len = r.u64()?;
         let len = usize::try_from(len).map_err(|_| "its manifest is too long")?;
         let config = r.take(len)?.to_vec();
+        let mut patches = Patches::new();
+        let mut stale_hot = Vec::new();
+        if delta {
+            let n = r.count(16)?;
+            for _ in 0..n {
+                let k = r.u64()?;
+                let m = r.count(4 + table::RECORD_SIZE)?;
+                let mut recs = Vec::with_capacity(m);
+                for _ in 0..m {
+                    let slot = u32::from_le_bytes(r.take(4)?.try_into().unwrap());
+                    recs.push((slot, r.take(table::RECORD_SIZE)?.to_vec()));
+                }
+                patches.insert(k, recs);
+            }
+            let n = r.count(8)?;
+            stale_hot = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        }
         if !r.0.is_empty() {
             return Err(format!("{} bytes follow its end", r.0.len()));
         }
@@ -318,6 +379,8 @@ impl Head {
             working_set,
             inline,
             config,
+            patches,
+            stale_hot,
         })
     }
 }
@@ -347,6 +410,8 @@ pub struct HotBlob {
     /// Each page's blake3, computed as it was decoded.
     hashes: Vec<[u8; 32]>,
     parts: Vec<(u64, Vec<u8>)>,
+    /// Pages of it not to use (ascending): a base's hot pages that changed since.
+    stale: Vec<u64>,
 }
 
 const HOT_MAGIC: &[u8; 8] = b"WSHOTBL3";
@@ -403,7 +468,8 @@ impl HotBlob {
     /// Checks every page against `table` (whose records of these pages are in): the
     /// hashes taken as the pages were decoded against the records'.
     pub(crate) fn check(&self, table: &TableMap) -> Result<(), String> {
-        match (self.indexes.iter().zip(&self.hashes)).find(|&(&i, h)| table.hash(i) != *h) {
+        let mut pages = self.indexes.iter().zip(&self.hashes);
+        match pages.find(|&(&i, h)| table.hash(i) != *h && self.stale.binary_search(&i).is_err()) {
             Some((i, _)) => Err(format!("page {i} in it does not match its hash")),
             None => Ok(()),
         }
@@ -414,13 +480,23 @@ impl HotBlob {
         std::mem::take(&mut self.parts)
     }
 
-    /// The page-table indexes of its pages, ascending.
-    pub(crate) fn indexes(&self) -> &[u64] {
-        &self.indexes
+    /// The page-table indexes of the pages it has for the snapshot (not stale).
+    fn live(&self) -> Vec<u64> {
+        (self.indexes.iter().copied())
+            .filter(|i| self.stale.binary_search(i).is_err())
+            .collect()
+    }
+
+    /// Leaves pages `stale` (ascending) out: they are not the snapshot's.
+    fn forget(&mut self, stale: &[u64]) {
+        self.stale = stale.to_vec();
     }
 
     /// Page-table record `i`'s bytes if the blob has them.
     fn page(&self, i: u64) -> Option<&[u8]> {
+        if self.stale.binary_search(&i).is_ok() {
+            return None;
+        }
         let k = self.indexes.binary_search(&i).ok()?;
         Some(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
     }
@@ -638,6 +714,7 @@ impl HotDecoder {
             data: h.data,
             hashes: h.hashes,
             parts: h.parts,
+            stale: Vec::new(),
         })
     }
 }
@@ -710,11 +787,12 @@ struct Blocker {
 }
 
 impl Blocker {
-    fn new() -> Self {
+    /// A blocker whose first block is number `first` (the blocks before are a base's).
+    fn new(first: u32) -> Self {
         Blocker {
             cur: Vec::with_capacity(MAX_BLOCK_BYTES + PAGE_SIZE),
             cur_pages: 0,
-            number: 0,
+            number: first,
             seen: HashMap::new(),
             records: Vec::new(),
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
@@ -784,6 +862,12 @@ impl Blocker {
         {
             out.extend(self.finish());
         }
+    }
+
+    /// Adds a page that a block before the blocker's first holds at `loc`.
+    fn reuse(&mut self, hash: [u8; 32], loc: Location) {
+        self.seen.entry(hash).or_insert(loc);
+        self.records.push(Record { hash, loc });
     }
 
     /// Ends the current block (the last of a large mapping is split first).
@@ -877,10 +961,100 @@ fn regions(m: &Manifest) -> HashMap<u64, u64> {
     out
 }
 
+/// What a push against a base reuses of it: the artifact `r` names in the same
+/// repository, pushed before (usually the tag being pushed again, after a re-record).
+struct Base {
+    head: Head,
+    /// The bytes of each of its index parts' blobs (before its patches).
+    raw: Vec<Vec<u8>>,
+    /// Where each of its pages is: hash → location in its blocks.
+    at: HashMap<[u8; 32], Location>,
+    /// Its hot-pages blob, and that blob decoded (its carried parts taken out).
+    hot: Option<(Descriptor, HotBlob, Vec<(u64, Vec<u8>)>)>,
+}
+
+/// Loads the base `r` for a push: `None` if the registry has no such manifest; an error
+/// if it has but it cannot be used (not a warmstart snapshot, damaged).
+fn load_base(c: &Client, r: &Reference, threads: usize) -> Result<Option<Base>, StoreError> {
+    let Some(index) = fetch_index_if_any(c, r)? else {
+        return Ok(None);
+    };
+    let bad = |reason: String| StoreError::Registry {
+        what: r.to_string(),
+        reason,
+    };
+    let head_desc = (named(&index, HEAD_ANNOTATION, MT_HEAD).map_err(bad)?)
+        .ok_or_else(|| bad("its OCI index names no head blob".into()))?;
+    let head = read_head(c, &index, &head_desc, &bad)?;
+    let raw: Vec<Mutex<Vec<u8>>> = head.parts.iter().map(|_| Mutex::default()).collect();
+    let which: Vec<usize> = (0..head.parts.len()).collect();
+    side_by_side(&which, PREFETCHERS, |k| {
+        let d = &head.parts[k];
+        *raw[k].lock().unwrap() = c.get_blob(&d.digest, d.size)?;
+        Ok(())
+    })?;
+    let raw: Vec<Vec<u8>> = raw.into_iter().map(|m| m.into_inner().unwrap()).collect();
+    let mut records = Vec::with_capacity(head.count as usize);
+    for (k, bytes) in raw.iter().enumerate() {
+        let merged = patched(bytes.clone(), head.patches.get(&(k as u64))).map_err(bad)?;
+        records.extend(merged.chunks_exact(table::RECORD_SIZE).map(Record::read));
+    }
+    let damaged = records.len() as u64 != head.count
+        || Parts::chaining_values(&records, head.per) != head.cvs
+        || table::pages_hash(records.iter().map(|r| &r.hash)) != head.pages_hash
+        || records
+            .iter()
+            .any(|rec| record_fits(&head.blocks, rec).is_err());
+    if damaged {
+        return Err(bad("its index does not match its head".into()));
+    }
+    let at = records.iter().map(|r| (r.hash, r.loc)).collect();
+    let hot = match named(&index, HOT_ANNOTATION, MT_HOT).map_err(bad)? {
+        Some(d) => {
+            let blob = c.get_blob(&d.digest, d.size)?;
+            let mut h = (HotDecoder::new(u64::MAX).finish(&blob, threads))
+                .map_err(|e| bad(format!("its hot-pages blob is damaged: {e}")))?;
+            let carried = h.take_parts();
+            Some((d, h, carried))
+        }
+        None => None,
+    };
+    Ok(Some(Base { head, raw, at, hot }))
+}
+
+/// Whether pushing `snap` (page hashes `hashes`) against `base` is worth it: most of its
+/// pages are the base's, and the base blocks they are in are mostly theirs (else the
+/// artifact would drag along blocks it barely uses: pushed whole instead).
+fn worth_a_delta(base: &Base, hashes: &[[u8; 32]]) -> bool {
+    let mut used = vec![false; base.head.blocks.len()];
+    let mut new = 0usize;
+    for h in hashes {
+        match base.at.get(h) {
+            Some(loc) => used[loc.pack as usize] = true,
+            None => new += 1,
+        }
+    }
+    let total: u64 = base.head.blocks.iter().map(|d| d.size).sum();
+    let kept: u64 = (base.head.blocks.iter().zip(&used))
+        .filter(|(_, &u)| u)
+        .map(|(d, _)| d.size)
+        .sum();
+    new * 2 < hashes.len() && kept * 2 >= total
+}
+
 /// Pushes `snap` to `r` (tag required); `progress(done, total)` after each window.
+///
+/// With `base` (an artifact of the same repository, usually `r` itself as pushed
+/// before), pages the base has are not uploaded again: the artifact lists the base's
+/// blocks before its own, its index parts are the base's blobs with the records that
+/// differ carried in its head ([`Patches`]), and its hot pages are the base's blob,
+/// with the pages that changed named stale. A base that is not there is no base; one
+/// that cannot be used, or shares too little, gives a whole push (with a warning for
+/// the first).
 pub fn push(
     snap: &Snapshot,
     r: &Reference,
+    base: Option<&Reference>,
     opts: &Options,
     threads: usize,
     mut progress: impl FnMut(u64, u64),
@@ -891,15 +1065,44 @@ pub fn push(
             reason: "push needs a tag (REGISTRY/REPO:TAG), not a digest".into(),
         });
     };
+    if let Some(b) = base.filter(|b| (&b.registry, &b.repository) != (&r.registry, &r.repository)) {
+        return Err(StoreError::Registry {
+            what: r.to_string(),
+            reason: format!(
+                "the base {b} is in another repository: a push reuses blobs of its own \
+                 repository only (name a tag or digest of {}/{})",
+                r.registry, r.repository
+            ),
+        });
+    }
     let c = Client::new(r, opts, true)?;
     let mut rep = PushReport {
         id: Some(snap.id),
         ..Default::default()
     };
     let n = snap.page_count();
-    let regions = regions(&snap.manifest);
-    let mut blocker = Blocker::new();
-    let mut blocks = Vec::new();
+    let hashes: Vec<[u8; 32]> = (0..n).map(|i| snap.page_hash(i)).collect();
+    let base = match base.map(|b| (b, load_base(&c, b, threads))) {
+        None | Some((_, Ok(None))) => None,
+        Some((b, Err(e))) => {
+            tracing::warn!("not pushing against {b}: {e}; pushing the whole snapshot");
+            None
+        }
+        Some((_, Ok(Some(base)))) => Some(base).filter(|base| worth_a_delta(base, &hashes)),
+    };
+    let regions = if base.is_some() {
+        // New pages are few and scattered: blocks cut by content alone.
+        HashMap::new()
+    } else {
+        regions(&snap.manifest)
+    };
+    let base_blocks = base.as_ref().map_or(&[][..], |b| &b.head.blocks[..]);
+    let mut blocker = Blocker::new(base_blocks.len() as u32);
+    let mut blocks = base_blocks.to_vec();
+    for d in base_blocks {
+        rep.blobs += 1;
+        rep.bytes += d.size;
+    }
     let mut done = Vec::new();
     let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
     let mut at = 0;
@@ -909,7 +1112,11 @@ pub fn push(
         snap.read_pages_parallel(at, k, out, threads)?;
         for (j, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
             let i = at + j as u64;
-            blocker.add(snap.page_hash(i), page, regions.get(&i).copied(), &mut done);
+            let hash = hashes[i as usize];
+            match base.as_ref().and_then(|b| b.at.get(&hash)) {
+                Some(loc) => blocker.reuse(hash, *loc),
+                None => blocker.add(hash, page, regions.get(&i).copied(), &mut done),
+            }
             for b in done.drain(..) {
                 blocks.push(upload(&c, MT_BLOCK, &b, &mut rep)?);
             }
@@ -925,13 +1132,41 @@ pub fn push(
     let pages_hash = table::pages_hash(records.iter().map(|r| &r.hash));
     let per = INDEX_PART_RECORDS;
     let cvs = Parts::chaining_values(records, per);
+    // Each part: the base's blob with its differing records patched if few differ,
+    // else a blob of its own. `reference`: the bytes of each part's blob, which is what
+    // a head or hot blob carries of it (the patches apply to either).
     let mut parts = Vec::with_capacity(cvs.len());
-    for chunk in records.chunks(per as usize) {
+    let mut reference = Vec::with_capacity(cvs.len());
+    let mut patches = Patches::new();
+    for (k, chunk) in records.chunks(per as usize).enumerate() {
         let mut bytes = Vec::with_capacity(chunk.len() * table::RECORD_SIZE);
         for rec in chunk {
             rec.write_to(&mut bytes);
         }
+        let same_size = base.as_ref().and_then(|b| {
+            let raw = b.raw.get(k).filter(|raw| raw.len() == bytes.len())?;
+            Some((raw, &b.head.parts[k]))
+        });
+        if let Some((raw, d)) = same_size {
+            let differ: Vec<(u32, Vec<u8>)> = (raw.chunks_exact(table::RECORD_SIZE))
+                .zip(bytes.chunks_exact(table::RECORD_SIZE))
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(slot, (_, b))| (slot as u32, b.to_vec()))
+                .collect();
+            if differ.len() * 4 <= chunk.len() {
+                if !differ.is_empty() {
+                    patches.insert(k as u64, differ);
+                }
+                rep.blobs += 1;
+                rep.bytes += d.size;
+                parts.push(d.clone());
+                reference.push(raw.clone());
+                continue;
+            }
+        }
         parts.push(upload(&c, MT_INDEX_PART, &bytes, &mut rep)?);
+        reference.push(bytes);
     }
     let config = crate::format::encode(&snap.manifest);
     if SnapshotId::of_manifest_bytes(&config) != snap.id {
@@ -947,7 +1182,31 @@ pub fn push(
     let config_bytes = config;
     let config = upload(&c, MT_MANIFEST, &config_bytes, &mut rep)?;
     let working_set = snap.working_sets().map(|w| w.flatten()).unwrap_or_default();
-    let hot = snap.hot(threads).filter(|h| !h.is_empty());
+    // The base's hot pages serve if most are still this snapshot's and every part they
+    // carry is still the base's blob (patched).
+    let mut stale_hot = Vec::new();
+    let base_hot = base
+        .as_ref()
+        .and_then(|b| b.hot.as_ref())
+        .filter(|(_, h, carried)| {
+            let kept = carried.iter().all(|(k, bytes)| {
+                let k = *k as usize;
+                parts.get(k) == base.as_ref().and_then(|b| b.head.parts.get(k))
+                    && reference.get(k) == Some(bytes)
+            });
+            stale_hot = (h.indexes.iter().zip(&h.hashes))
+                .filter(|&(&i, hash)| i >= n || hashes[i as usize] != *hash)
+                .map(|(&i, _)| i)
+                .collect();
+            kept && stale_hot.len() * 10 <= h.indexes.len()
+        });
+    if base_hot.is_none() {
+        stale_hot.clear();
+    }
+    let hot = match base_hot {
+        Some(_) => None,
+        None => snap.hot(threads).filter(|h| !h.is_empty()),
+    };
     // The index parts a lazy run needs first (those of the working set and the hot
     // pages) go whole into the hot blob (the head blob if there is none), up to
     // INLINE_PARTS of them.
@@ -959,19 +1218,13 @@ pub fn push(
     first.sort_unstable();
     first.dedup();
     first.truncate(INLINE_PARTS);
-    let inline: Vec<(u64, Vec<u8>)> = first
-        .into_iter()
-        .map(|k| {
-            let mut bytes = Vec::new();
-            for rec in records.iter().skip((k * per) as usize).take(per as usize) {
-                rec.write_to(&mut bytes);
-            }
-            (k, bytes)
-        })
+    let inline: Vec<(u64, Vec<u8>)> = (first.into_iter())
+        .map(|k| (k, reference[k as usize].clone()))
         .collect();
-    let (head_inline, hot_inline) = match hot {
-        Some(_) => (Vec::new(), inline),
-        None => (inline, Vec::new()),
+    let (head_inline, hot_inline) = match (&hot, base_hot) {
+        (Some(_), _) => (Vec::new(), inline),
+        (None, Some(_)) => (Vec::new(), Vec::new()),
+        (None, None) => (inline, Vec::new()),
     };
     let head = Head {
         count: records.len() as u64,
@@ -983,6 +1236,8 @@ pub fn push(
         working_set,
         inline: head_inline,
         config: config_bytes,
+        patches,
+        stale_hot,
     };
     let head_bytes = head.encode();
     let head_blob = upload(&c, MT_HEAD, &head_bytes, &mut rep)?;
@@ -990,6 +1245,10 @@ pub fn push(
     if let Some(hot) = hot {
         let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &hot_inline);
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
+    } else if let Some((d, _, _)) = base_hot {
+        rep.blobs += 1;
+        rep.bytes += d.size;
+        layers.push(d.clone());
     }
     // The index names the head manifest's blobs too, so that a run fetches them at once,
     // and carries a small head blob whole.
@@ -1059,8 +1318,12 @@ pub struct Remote {
     reference: Reference,
     id: SnapshotId,
     pub(crate) blocks: Vec<Descriptor>,
-    /// The index parts, by number (see [`Parts`]).
+    /// The index parts, by number (see [`Parts`]), and the records that replace some of
+    /// their blobs' (an artifact pushed against a base).
     parts: Vec<Descriptor>,
+    patches: Patches,
+    /// Pages of its hot-pages blob (a base's) that are not the snapshot's.
+    stale_hot: Vec<u64>,
     /// Blocks fetched whole (and checked), by number; a pull drops each after its last
     /// page is stored.
     cache: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
@@ -1150,13 +1413,27 @@ pub fn resolve(r: &Reference, opts: &Options) -> Result<SnapshotId, StoreError> 
 
 /// Fetches `r`'s OCI index and checks that it is a warmstart snapshot of this format.
 fn fetch_index(c: &Client, r: &Reference) -> Result<ImageIndex, StoreError> {
+    let accept = format!("{OCI_INDEX}, {OCI_MANIFEST}");
+    let bytes = c.get_manifest(r.manifest_ref(), &accept)?;
+    index_of(r, &bytes)
+}
+
+/// `r`'s OCI index (see [`fetch_index`]), `None` if the registry has no such manifest.
+fn fetch_index_if_any(c: &Client, r: &Reference) -> Result<Option<ImageIndex>, StoreError> {
+    let accept = format!("{OCI_INDEX}, {OCI_MANIFEST}");
+    (c.get_manifest_if_any(r.manifest_ref(), &accept)?)
+        .map(|bytes| index_of(r, &bytes))
+        .transpose()
+}
+
+/// Parses manifest `bytes` of `r` as the OCI index of a warmstart snapshot.
+fn index_of(r: &Reference, bytes: &[u8]) -> Result<ImageIndex, StoreError> {
     let bad = |reason: String| StoreError::Registry {
         what: r.to_string(),
         reason,
     };
-    let bytes = c.get_manifest(r.manifest_ref(), &format!("{OCI_INDEX}, {OCI_MANIFEST}"))?;
-    let top: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| bad(format!("its manifest is not JSON: {e}")))?;
+    let top: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("its manifest is not JSON: {e}")))?;
     let kind = (top.get("mediaType").and_then(|v| v.as_str())).unwrap_or_default();
     let artifact = (top.get("artifactType").and_then(|v| v.as_str())).unwrap_or("none");
     if artifact != ARTIFACT_TYPE {
@@ -1172,6 +1449,53 @@ fn fetch_index(c: &Client, r: &Reference) -> Result<ImageIndex, StoreError> {
         ));
     }
     serde_json::from_value(top).map_err(|e| bad(format!("its OCI index is damaged: {e}")))
+}
+
+/// The blob the OCI index's annotation `key` names (`DIGEST@SIZE`), if it has one.
+/// (The index names the head manifest's blobs; the head manifest itself keeps them
+/// referenced for the registry and for tools that copy artifacts.)
+fn named(index: &ImageIndex, key: &str, media_type: &str) -> Result<Option<Descriptor>, String> {
+    let Some(v) = index.annotations.get(key) else {
+        return Ok(None);
+    };
+    let (digest, size) = (v.split_once('@'))
+        .and_then(|(d, n)| Some((d, n.parse::<u64>().ok()?)))
+        .filter(|(d, _)| d.starts_with("sha256:") && d.len() == 71)
+        .ok_or_else(|| format!("its OCI index's annotation {key} is not DIGEST@SIZE"))?;
+    Ok(Some(Descriptor {
+        media_type: media_type.into(),
+        digest: digest.into(),
+        size,
+    }))
+}
+
+/// The head blob `desc` of an artifact whose OCI index is `index`: carried in the index
+/// (checked against `desc`) or fetched, and decoded.
+fn read_head(
+    c: &Client,
+    index: &ImageIndex,
+    desc: &Descriptor,
+    bad: &dyn Fn(String) -> StoreError,
+) -> Result<Head, StoreError> {
+    let bytes = match index.annotations.get(HEAD_DATA_ANNOTATION) {
+        Some(data) => {
+            use base64::Engine;
+            let b = (base64::engine::general_purpose::STANDARD.decode(data)).map_err(|e| {
+                bad(format!(
+                    "its OCI index's annotation {HEAD_DATA_ANNOTATION} is not base64: {e}"
+                ))
+            })?;
+            if b.len() as u64 != desc.size || client::sha256_digest(&b) != desc.digest {
+                return Err(bad(format!(
+                    "the head blob its OCI index carries is not {}: refusing it",
+                    desc.digest
+                )));
+            }
+            b
+        }
+        None => c.get_blob(&desc.digest, desc.size)?,
+    };
+    Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))
 }
 
 /// Fetches and checks `r`'s OCI index, and returns the snapshot it names from `local`
@@ -1205,28 +1529,8 @@ pub(crate) fn open(
             return Ok(Found::Stored(Box::new(snap)));
         }
     }
-    // The index names the head manifest's blobs (the head manifest itself keeps them
-    // referenced for the registry and for tools that copy artifacts).
-    let named = |key: &str, media_type: &str| -> Result<Option<Descriptor>, StoreError> {
-        let Some(v) = index.annotations.get(key) else {
-            return Ok(None);
-        };
-        let (digest, size) = (v.split_once('@'))
-            .and_then(|(d, n)| Some((d, n.parse::<u64>().ok()?)))
-            .filter(|(d, _)| d.starts_with("sha256:") && d.len() == 71)
-            .ok_or_else(|| {
-                bad(format!(
-                    "its OCI index's annotation {key} is not DIGEST@SIZE"
-                ))
-            })?;
-        Ok(Some(Descriptor {
-            media_type: media_type.into(),
-            digest: digest.into(),
-            size,
-        }))
-    };
     let (Some(head_desc), Some(want)) = (
-        named(HEAD_ANNOTATION, MT_HEAD)?,
+        named(&index, HEAD_ANNOTATION, MT_HEAD).map_err(bad)?,
         index.annotations.get(ID_ANNOTATION),
     ) else {
         return Err(bad(
@@ -1235,7 +1539,7 @@ pub(crate) fn open(
                 .into(),
         ));
     };
-    let hot = named(HOT_ANNOTATION, MT_HOT)?;
+    let hot = named(&index, HOT_ANNOTATION, MT_HOT).map_err(bad)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let client = Arc::new(c);
     // A lazy run's hot pages are fetched and decoded in the background: the restore
@@ -1271,37 +1575,26 @@ pub(crate) fn open(
         })
     });
     let (blocks, parts, working_set, table, config) = (|| {
-        let bytes = match index.annotations.get(HEAD_DATA_ANNOTATION) {
-            Some(data) => {
-                use base64::Engine;
-                let b = (base64::engine::general_purpose::STANDARD.decode(data)).map_err(|e| {
-                    bad(format!(
-                        "its OCI index's annotation {HEAD_DATA_ANNOTATION} is not base64: {e}"
-                    ))
-                })?;
-                if b.len() as u64 != head_desc.size || client::sha256_digest(&b) != head_desc.digest
-                {
-                    return Err(bad(format!(
-                        "the head blob its OCI index carries is not {}: refusing it",
-                        head_desc.digest
-                    )));
-                }
-                b
-            }
-            None => client.get_blob(&head_desc.digest, head_desc.size)?,
-        };
-        let head =
-            Head::decode(&bytes).map_err(|e| bad(format!("its head blob is damaged: {e}")))?;
+        let head = read_head(&client, &index, &head_desc, &bad)?;
         let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
             .map_err(|e| bad(format!("its index is damaged: {e}")))?;
         let ws: Vec<u64> = (head.working_set.iter())
             .copied()
             .filter(|&p| p < head.count)
             .collect();
-        fill_carried(&table, &head.blocks, head.inline)
+        fill_carried(&table, &head.blocks, &head.patches, head.inline)
             .map_err(|why| bad(format!("its index is damaged: {why}; refusing it")))?;
-        Ok::<_, StoreError>((head.blocks, head.parts, ws, table, head.config))
+        let mut stale_hot = head.stale_hot;
+        stale_hot.sort_unstable();
+        Ok::<_, StoreError>((
+            head.blocks,
+            (head.parts, head.patches, stale_hot),
+            ws,
+            table,
+            head.config,
+        ))
     })()?;
+    let (parts, patches, stale_hot) = parts;
     let t_head = t0.elapsed();
     let id = SnapshotId::of_manifest_bytes(&config);
     if want != &id.to_hex() {
@@ -1342,6 +1635,8 @@ pub(crate) fn open(
         spare: Mutex::new(Vec::new()),
         blocks,
         parts,
+        patches,
+        stale_hot,
         working_set,
         first,
         last_read: Mutex::new(None),
@@ -1470,14 +1765,16 @@ impl Remote {
                 ignore(why);
                 None
             }
-            Some(Ok(h)) if h.indexes().last().is_some_and(|&i| i >= table.len()) => {
-                ignore("its page indexes are beyond the snapshot's".into());
-                None
-            }
             Some(Ok(mut h)) => {
-                let filled = fill_carried(table, &self.blocks, h.take_parts());
+                h.forget(&self.stale_hot);
+                let live = h.live();
+                let filled = if live.last().is_some_and(|&i| i >= table.len()) {
+                    Err("its page indexes are beyond the snapshot's".into())
+                } else {
+                    fill_carried(table, &self.blocks, &self.patches, h.take_parts())
+                };
                 match filled.and_then(|()| {
-                    (self.ensure_parts(table, h.indexes())).map_err(|e| e.to_string())?;
+                    (self.ensure_parts(table, &live)).map_err(|e| e.to_string())?;
                     h.check(table)
                 }) {
                     Ok(()) => Some(Arc::new(h)),
@@ -1533,6 +1830,7 @@ impl Remote {
             &self.client,
             &self.blocks,
             &self.parts,
+            &self.patches,
             table,
             which,
             &|why| StoreError::Registry {
@@ -1654,10 +1952,12 @@ fn record_fits(blocks: &[Descriptor], rec: &Record) -> Result<(), String> {
 fn fill_carried(
     table: &TableMap,
     blocks: &[Descriptor],
+    patches: &Patches,
     parts: Vec<(u64, Vec<u8>)>,
 ) -> Result<(), String> {
     let count = table.parts().0;
     parts.into_iter().try_for_each(|(k, records)| {
+        let records = patched(records, patches.get(&k))?;
         let k = usize::try_from(k)
             .ok()
             .filter(|&k| k < count)
@@ -1672,6 +1972,7 @@ fn fill_parts(
     client: &Client,
     blocks: &[Descriptor],
     parts: &[Descriptor],
+    patches: &Patches,
     table: &TableMap,
     which: &[usize],
     damaged: &(dyn Fn(String) -> StoreError + Sync),
@@ -1680,6 +1981,7 @@ fn fill_parts(
     side_by_side(which, PREFETCHERS, |k| {
         let d = &parts[k];
         let bytes = client.get_blob(&d.digest, d.size)?;
+        let bytes = patched(bytes, patches.get(&(k as u64))).map_err(damaged)?;
         table.fill_part(k, bytes, fits).map_err(damaged)
     })
 }
@@ -1961,7 +2263,7 @@ mod tests {
     /// is announced as a region, as `push` does for every mapping), after checking
     /// that every record locates its page in its block.
     fn blocked(maps: &[(bool, Vec<u64>)]) -> (Vec<String>, Vec<usize>) {
-        let mut b = Blocker::new();
+        let mut b = Blocker::new(0);
         let mut out = Vec::new();
         let mut pages = Vec::new();
         for (region, seeds) in maps {
