@@ -969,8 +969,15 @@ struct Base {
     raw: Vec<Vec<u8>>,
     /// Where each of its pages is: hash → location in its blocks.
     at: HashMap<[u8; 32], Location>,
-    /// Its hot-pages blob, and that blob decoded (its carried parts taken out).
-    hot: Option<(Descriptor, HotBlob, Vec<(u64, Vec<u8>)>)>,
+    hot: Option<BaseHot>,
+}
+
+/// A base's hot-pages blob, decoded.
+struct BaseHot {
+    desc: Descriptor,
+    blob: HotBlob,
+    /// The index parts it carries (part number, bytes), taken out of `blob`.
+    carried: Vec<(u64, Vec<u8>)>,
 }
 
 /// Loads the base `r` for a push: `None` if the registry has no such manifest; an error
@@ -1015,7 +1022,11 @@ fn load_base(c: &Client, r: &Reference, threads: usize) -> Result<Option<Base>, 
             let mut h = (HotDecoder::new(u64::MAX).finish(&blob, threads))
                 .map_err(|e| bad(format!("its hot-pages blob is damaged: {e}")))?;
             let carried = h.take_parts();
-            Some((d, h, carried))
+            Some(BaseHot {
+                desc: d,
+                blob: h,
+                carried,
+            })
         }
         None => None,
     };
@@ -1185,10 +1196,10 @@ pub fn push(
     // The base's hot pages serve if most are still this snapshot's and every part they
     // carry is still the base's blob (patched).
     let mut stale_hot = Vec::new();
-    let base_hot = base
-        .as_ref()
-        .and_then(|b| b.hot.as_ref())
-        .filter(|(_, h, carried)| {
+    let base_hot = base.as_ref().and_then(|b| b.hot.as_ref()).filter(
+        |BaseHot {
+             blob: h, carried, ..
+         }| {
             let kept = carried.iter().all(|(k, bytes)| {
                 let k = *k as usize;
                 parts.get(k) == base.as_ref().and_then(|b| b.head.parts.get(k))
@@ -1199,7 +1210,8 @@ pub fn push(
                 .map(|(&i, _)| i)
                 .collect();
             kept && stale_hot.len() * 10 <= h.indexes.len()
-        });
+        },
+    );
     if base_hot.is_none() {
         stale_hot.clear();
     }
@@ -1245,10 +1257,10 @@ pub fn push(
     if let Some(hot) = hot {
         let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &hot_inline);
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
-    } else if let Some((d, _, _)) = base_hot {
+    } else if let Some(BaseHot { desc, .. }) = base_hot {
         rep.blobs += 1;
-        rep.bytes += d.size;
-        layers.push(d.clone());
+        rep.bytes += desc.size;
+        layers.push(desc.clone());
     }
     // The index names the head manifest's blobs too, so that a run fetches them at once,
     // and carries a small head blob whole.
