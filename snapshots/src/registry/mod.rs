@@ -1706,11 +1706,6 @@ impl Remote {
         }
     }
 
-    /// Total bytes of the blocks.
-    pub fn block_bytes(&self) -> u64 {
-        self.blocks.iter().map(|b| b.size).sum()
-    }
-
     /// Block `n` if fetched already.
     fn cached(&self, n: usize) -> Option<Arc<Vec<u8>>> {
         self.cache.lock().unwrap()[n].clone()
@@ -2044,9 +2039,14 @@ pub struct PullReport {
 
 /// The fetchers' and the storing side's shared state in [`pull_into`].
 struct Feed {
-    /// Next block to fetch.
+    /// The blocks the pages use, in the order of their first use (an artifact pushed
+    /// against a base lists blocks it does not use, and its own new blocks last), and
+    /// each block's place in it.
+    order: Vec<usize>,
+    place: Vec<usize>,
+    /// Next place in `order` to fetch.
     next: usize,
-    /// Blocks below this are wanted now; fetchers stay under `wanted + PULL_AHEAD`.
+    /// Places below this are wanted now; fetchers stay under `wanted + PULL_AHEAD`.
     wanted: usize,
     /// Fetchers still running.
     active: usize,
@@ -2057,19 +2057,18 @@ struct Feed {
 /// One fetcher of [`pull_into`]: fetches the next block in order while it is within
 /// [`PULL_AHEAD`] of what the storing side wants.
 fn fetch_blocks(remote: &Remote, feed: &Mutex<Feed>, ready: &Condvar) {
-    let n = remote.blocks.len();
     loop {
         let k = {
             let mut f = feed.lock().unwrap();
             loop {
-                if f.stop || f.failed.is_some() || f.next >= n {
+                if f.stop || f.failed.is_some() || f.next >= f.order.len() {
                     f.active -= 1;
                     ready.notify_all();
                     return;
                 }
                 if f.next < f.wanted + PULL_AHEAD {
                     f.next += 1;
-                    break f.next - 1;
+                    break f.order[f.next - 1];
                 }
                 f = ready.wait(f).unwrap();
             }
@@ -2113,11 +2112,21 @@ pub fn pull_into(
     let n = snap.page_count();
     // The last page of each block: after it is stored, the block is not needed again.
     let mut last_use = vec![0u64; remote.blocks.len()];
+    let mut order = Vec::new();
+    let mut place = vec![usize::MAX; remote.blocks.len()];
     for i in 0..n {
-        last_use[table.record(i).loc.pack as usize] = i;
+        let b = table.record(i).loc.pack as usize;
+        last_use[b] = i;
+        if place[b] == usize::MAX {
+            place[b] = order.len();
+            order.push(b);
+        }
     }
     let fetchers = fetchers.max(1);
+    let used_bytes = order.iter().map(|&b| remote.blocks[b].size).sum();
     let feed = Mutex::new(Feed {
+        order,
+        place,
         next: 0,
         wanted: 0,
         active: fetchers,
@@ -2126,7 +2135,7 @@ pub fn pull_into(
     });
     let ready = Condvar::new();
     let mut rep = PullReport {
-        bytes: remote.block_bytes(),
+        bytes: used_bytes,
         ..Default::default()
     };
     let zero_hash = *blake3::hash(&[0u8; PAGE_SIZE]).as_bytes();
@@ -2216,7 +2225,7 @@ pub fn pull_into(
     Ok((id, rep))
 }
 
-/// Waits until every block of `need` (ascending) is fetched, letting the fetchers run
+/// Waits until every block of `need` is fetched, letting the fetchers run
 /// ahead of the last one; fetches a block itself if no fetcher is left to.
 fn wait_for_blocks(
     remote: &Remote,
@@ -2224,10 +2233,10 @@ fn wait_for_blocks(
     ready: &Condvar,
     need: &[usize],
 ) -> Result<(), StoreError> {
-    let Some(&last) = need.last() else {
+    let mut f = feed.lock().unwrap();
+    let Some(last) = need.iter().map(|&b| f.place[b]).max() else {
         return Ok(());
     };
-    let mut f = feed.lock().unwrap();
     f.wanted = f.wanted.max(last + 1);
     ready.notify_all();
     for &b in need {
