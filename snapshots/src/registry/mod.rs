@@ -2535,8 +2535,14 @@ mod tests {
             working_set: vec![4, 5, 9_999],
             inline: vec![(1, vec![1, 2, 3]), (0, Vec::new())],
             config: b"manifest".to_vec(),
+            patches: Patches::new(),
+            stale_hot: Vec::new(),
         };
         let packed = head.encode();
+        assert!(
+            packed.starts_with(HEAD_MAGIC),
+            "a whole push's head is as before"
+        );
         assert_eq!(Head::decode(&packed).unwrap(), head);
         // The body as pushed before it was compressed is read the same.
         let mut b = HEAD_MAGIC_RAW.to_vec();
@@ -2562,6 +2568,77 @@ mod tests {
         let mut huge = b;
         huge[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(Head::decode(&huge).is_err());
+    }
+
+    /// The head of a push against a base: its patches and stale hot pages round trip
+    /// (`WSHEAD03`, which warmstarts before it refuse by name), and a patch is applied
+    /// to a part's bytes, refused past their end.
+    #[test]
+    fn delta_head_round_trips_and_patches_apply() {
+        let rec = |x: u8| vec![x; table::RECORD_SIZE];
+        let mut patches = Patches::new();
+        patches.insert(1, vec![(0, rec(5)), (3, rec(6))]);
+        let head = Head {
+            count: 3000,
+            per: 2048,
+            pages_hash: [1; 32],
+            cvs: vec![[2; 32], [4; 32]],
+            parts: (1..3)
+                .map(|k| Descriptor {
+                    media_type: MT_INDEX_PART.into(),
+                    digest: client::sha256_digest(&[k]),
+                    size: 100,
+                })
+                .collect(),
+            blocks: Vec::new(),
+            working_set: Vec::new(),
+            inline: Vec::new(),
+            config: b"m".to_vec(),
+            patches,
+            stale_hot: vec![7, 2999],
+        };
+        let packed = head.encode();
+        assert!(packed.starts_with(HEAD_MAGIC_DELTA));
+        assert_eq!(Head::decode(&packed).unwrap(), head);
+        for cut in [packed.len() - 1, packed.len() - 9] {
+            assert!(Head::decode(&packed[..cut]).is_err());
+        }
+        let part: Vec<u8> = (0..4).flat_map(|_| rec(0)).collect();
+        let got = patched(part.clone(), head.patches.get(&1)).unwrap();
+        let want: Vec<u8> = [rec(5), rec(0), rec(0), rec(6)].concat();
+        assert_eq!(got, want);
+        assert_eq!(patched(part.clone(), None).unwrap(), part);
+        assert!(patched(
+            part[..3 * table::RECORD_SIZE].to_vec(),
+            head.patches.get(&1)
+        )
+        .is_err());
+    }
+
+    /// A hot blob whose pages changed since (a base's): those named stale are neither
+    /// served nor checked; any other page that does not match is still refused.
+    #[test]
+    fn stale_hot_pages_are_left_out() {
+        let pages: Vec<Vec<u8>> = (1..=3).map(page).collect();
+        let records: Vec<Record> = (pages.iter())
+            .map(|p| Record {
+                hash: *blake3::hash(p).as_bytes(),
+                loc: Location::default(),
+            })
+            .collect();
+        let table = table_of(&records);
+        let mut changed = pages.clone();
+        changed[1] = page(99);
+        let blob = HotBlob::encode(&[0, 1, 2], &changed.concat(), &[]);
+        let mut h = HotDecoder::new(3).finish(&blob, 1).unwrap();
+        assert!(h.check(&table).is_err(), "page 1 does not match");
+        h.forget(&[1]);
+        h.check(&table).unwrap();
+        assert_eq!(h.live(), vec![0, 2]);
+        assert!(h.page(1).is_none());
+        assert_eq!(h.page(2).unwrap(), &pages[2][..]);
+        h.forget(&[0]);
+        assert!(h.check(&table).is_err(), "page 1 is not stale any more");
     }
 
     #[test]
