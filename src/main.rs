@@ -15,7 +15,14 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARMSTART_LOG")
-                .unwrap_or_else(|_| level.into()),
+                // Other crates' (the HTTP client's) logging only from warnings.
+                .unwrap_or_else(|_| {
+                    format!(
+                        "warn,warmstart={level},warmstart_snapshots={level},\
+                         warmstart_launcher={level},warmstart_parasite={level}"
+                    )
+                    .into()
+                }),
         )
         .with_writer(std::io::stderr)
         // Colours for a person at a terminal; plain text in logs and pipes.
