@@ -1363,7 +1363,14 @@ const PULL_QUIET_AT_MOST: Duration = Duration::from_secs(2);
 struct FirstPages {
     first: Vec<u64>,
     state: Mutex<HotState>,
+    /// Blocks fetched beside the hot pages: those holding the new contents of the hot
+    /// pages that are stale (an artifact pushed against a base names them, and its
+    /// patched records where they are), which the first read would fetch only after
+    /// the hot pages are in.
+    early: Mutex<Vec<(usize, EarlyBlock)>>,
 }
+
+type EarlyBlock = std::thread::JoinHandle<Result<Vec<u8>, StoreError>>;
 
 enum HotState {
     /// Fetching (`None`: the artifact has no hot pages).
@@ -1634,9 +1641,27 @@ pub(crate) fn open(
             .collect();
         first.sort_unstable();
         first.dedup();
+        let per = table.parts().1;
+        let mut early: Vec<usize> = (stale_hot.iter())
+            .filter_map(|&i| {
+                let recs = patches.get(&(i / per))?;
+                let (_, rec) = recs.iter().find(|(slot, _)| u64::from(*slot) == i % per)?;
+                Some(Record::read(rec).loc.pack as usize)
+            })
+            .filter(|&b| b < blocks.len())
+            .collect();
+        early.sort_unstable();
+        early.dedup();
+        let early = (early.into_iter())
+            .map(|b| {
+                let (c, d) = (Arc::clone(&client), blocks[b].clone());
+                (b, std::thread::spawn(move || c.get_blob(&d.digest, d.size)))
+            })
+            .collect();
         FirstPages {
             first,
             state: Mutex::new(HotState::Pending(hot_fetch)),
+            early: Mutex::new(early),
         }
     });
     let remote = Remote {
@@ -1765,6 +1790,12 @@ impl Remote {
             )
         };
         let fetched = fetch.map(|j| j.join().expect("hot pages fetch panicked"));
+        // A block fetched early that failed is fetched again below if it is needed.
+        for (b, j) in std::mem::take(&mut *f.early.lock().unwrap()) {
+            if let Ok(bytes) = j.join().expect("early block fetch panicked") {
+                self.cache.lock().unwrap()[b].get_or_insert(Arc::new(bytes));
+            }
+        }
         let t_fetched = t0.elapsed();
         let hot = match fetched {
             None => None,
