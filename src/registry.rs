@@ -92,20 +92,18 @@ pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
     let snap = store.load(&id)?;
     let start = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let base = match (&a.base, a.full) {
-        (_, true) => None,
-        (None, false) => Some(r.clone()),
-        (Some(b), false) => Some(base_reference(&r, b)?),
+    let named = a
+        .base
+        .as_deref()
+        .map(|b| base_reference(&r, b))
+        .transpose()?;
+    let base = match (&named, a.full) {
+        (_, true) => registry::PushBase::None,
+        (None, false) => registry::PushBase::IfThere(&r),
+        (Some(b), false) => registry::PushBase::Named(b),
     };
-    let rep = registry::push(
-        &snap,
-        &r,
-        base.as_ref(),
-        &a.registry.options(),
-        threads,
-        |_, _| {},
-    )
-    .with_context(|| format!("cannot push snapshot {} to {r}", id.short()))?;
+    let rep = registry::push(&snap, &r, base, &a.registry.options(), threads, |_, _| {})
+        .with_context(|| format!("cannot push snapshot {} to {r}", id.short()))?;
     let t = start.elapsed();
     if a.json {
         println!(

@@ -388,6 +388,14 @@ fn repush_against_the_base_uploads_what_changed() {
     let ls = listed(&pulled);
     assert!(ls.len() == 1 && ls[0].0.starts_with(&b), "{ls:?}");
     pulled.run(&["verify"], "").assert_ok();
+    // A base named that is not there is refused by name.
+    let out = ws.run(&["push", "b", &r, "--insecure", "--base", "nosuchtag"], "");
+    out.assert_fail();
+    assert!(
+        out.stderr.contains("apps/echo:nosuchtag") && out.stderr.contains("no such manifest"),
+        "{}",
+        out.describe()
+    );
     // A base in another repository is refused by name.
     let out = ws.run(
         &[

@@ -1053,6 +1053,18 @@ fn worth_a_delta(base: &Base, hashes: &[[u8; 32]]) -> bool {
     new * 2 < hashes.len() && kept * 2 >= total
 }
 
+/// What a push goes against.
+#[derive(Debug, Clone, Copy)]
+pub enum PushBase<'a> {
+    /// Nothing: the whole snapshot.
+    None,
+    /// This artifact if the registry has it (the tag pushed again); one that cannot be
+    /// used gives a whole push, with a warning.
+    IfThere(&'a Reference),
+    /// This artifact, which must be there and usable.
+    Named(&'a Reference),
+}
+
 /// Pushes `snap` to `r` (tag required); `progress(done, total)` after each window.
 ///
 /// With `base` (an artifact of the same repository, usually `r` itself as pushed
@@ -1065,7 +1077,7 @@ fn worth_a_delta(base: &Base, hashes: &[[u8; 32]]) -> bool {
 pub fn push(
     snap: &Snapshot,
     r: &Reference,
-    base: Option<&Reference>,
+    base: PushBase,
     opts: &Options,
     threads: usize,
     mut progress: impl FnMut(u64, u64),
@@ -1075,6 +1087,11 @@ pub fn push(
             what: r.to_string(),
             reason: "push needs a tag (REGISTRY/REPO:TAG), not a digest".into(),
         });
+    };
+    let (base, required) = match base {
+        PushBase::None => (None, false),
+        PushBase::IfThere(b) => (Some(b), false),
+        PushBase::Named(b) => (Some(b), true),
     };
     if let Some(b) = base.filter(|b| (&b.registry, &b.repository) != (&r.registry, &r.repository)) {
         return Err(StoreError::Registry {
@@ -1094,6 +1111,15 @@ pub fn push(
     let n = snap.page_count();
     let hashes: Vec<[u8; 32]> = (0..n).map(|i| snap.page_hash(i)).collect();
     let base = match base.map(|b| (b, load_base(&c, b, threads))) {
+        Some((b, Ok(None))) if required => {
+            return Err(StoreError::Registry {
+                what: b.to_string(),
+                reason: "--base: the registry has no such manifest (push that first, or \
+                         leave --base out)"
+                    .into(),
+            })
+        }
+        Some((_, Err(e))) if required => return Err(e),
         None | Some((_, Ok(None))) => None,
         Some((b, Err(e))) => {
             tracing::warn!("not pushing against {b}: {e}; pushing the whole snapshot");
