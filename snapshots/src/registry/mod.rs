@@ -2429,6 +2429,17 @@ mod tests {
     }
 
     /// A whole page table of `records`.
+    /// A page table of `pages` (their hashes; no locations).
+    fn table_of_pages(pages: &[Vec<u8>]) -> TableMap {
+        let records: Vec<Record> = (pages.iter())
+            .map(|p| Record {
+                hash: *blake3::hash(p).as_bytes(),
+                loc: Location::default(),
+            })
+            .collect();
+        table_of(&records)
+    }
+
     fn table_of(records: &[Record]) -> TableMap {
         let ph = table::pages_hash(records.iter().map(|r| &r.hash));
         TableMap::from_bytes(
@@ -2442,13 +2453,7 @@ mod tests {
     fn hot_blob_of_many_chunks_decodes_on_every_thread_count() {
         let n = 3 * HOT_CHUNK_PAGES as u64 + 5;
         let pages: Vec<Vec<u8>> = (0..n).map(page).collect();
-        let records: Vec<Record> = (pages.iter())
-            .map(|p| Record {
-                hash: *blake3::hash(p).as_bytes(),
-                loc: Location::default(),
-            })
-            .collect();
-        let table = table_of(&records);
+        let table = table_of_pages(&pages);
         let idx: Vec<u64> = (0..n).collect();
         let bytes = pages.concat();
         let blob = HotBlob::encode(&idx, &bytes, &[]);
@@ -2677,13 +2682,7 @@ mod tests {
     #[test]
     fn stale_hot_pages_are_left_out() {
         let pages: Vec<Vec<u8>> = (1..=3).map(page).collect();
-        let records: Vec<Record> = (pages.iter())
-            .map(|p| Record {
-                hash: *blake3::hash(p).as_bytes(),
-                loc: Location::default(),
-            })
-            .collect();
-        let table = table_of(&records);
+        let table = table_of_pages(&pages);
         let mut changed = pages.clone();
         changed[1] = page(99);
         let blob = HotBlob::encode(&[0, 1, 2], &changed.concat(), &[]);
