@@ -64,6 +64,11 @@ fn files_of(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn record_tool(ws: &Ws, pythonpath: &Path) -> String {
+    record_tool_with(ws, pythonpath, &[])
+}
+
+/// [`record_tool`] with `extra` options of `record`.
+fn record_tool_with(ws: &Ws, pythonpath: &Path, extra: &[&str]) -> String {
     let mut cmd = ws.cmd(&[
         "record",
         "--tool",
@@ -71,9 +76,10 @@ fn record_tool(ws: &Ws, pythonpath: &Path) -> String {
         "wst",
         "--prime-args",
         "--exit 3 --stderr priming",
-        "--",
     ]);
-    cmd.arg(python())
+    cmd.args(extra)
+        .arg("--")
+        .arg(python())
         .args(["-m", "wstool"])
         .env("PYTHONPATH", pythonpath);
     let out = run_with(&mut cmd, b"", TIMEOUT);
@@ -197,7 +203,7 @@ fn concurrent_warm_runs_keep_their_own_cwd_and_env() {
 fn a_changed_source_file_runs_the_new_code() {
     let ws = Ws::new();
     let tool = tool_copy();
-    let first = record_tool(&ws, tool.path());
+    let first = record_tool_with(&ws, tool.path(), &["--reproducible"]);
     let version = |out: &Out| -> String {
         let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
             .unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
@@ -243,6 +249,15 @@ fn a_changed_source_file_runs_the_new_code() {
     let warm = run();
     warm.assert_ok();
     assert_eq!(version(&warm), "2");
+    // Recorded again as it was recorded: with --reproducible.
+    let personality = ws.inspect_json("wst")["manifest"]["processes"][0]["personality"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(
+        personality & libc::ADDR_NO_RANDOMIZE as u64,
+        0,
+        "the background record should be --reproducible as the first was"
+    );
     assert!(!warm.stderr.contains("stale"), "{}", warm.describe());
 }
 

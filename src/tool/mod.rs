@@ -574,12 +574,12 @@ pub fn run_stale_or_check(
          recording it again in the background",
         a.snapshot
     );
-    let cwd = snap
-        .manifest
-        .processes
-        .first()
-        .map_or("/", |p| p.cwd.as_str());
-    rerecord(cli, names, cwd, tool);
+    let tool_process = snap.manifest.processes.first();
+    let cwd = tool_process.map_or("/", |p| p.cwd.as_str());
+    // Recorded with `--reproducible`: so is the new record.
+    let reproducible =
+        tool_process.is_some_and(|p| p.personality & libc::ADDR_NO_RANDOMIZE as u32 != 0);
+    rerecord(cli, names, cwd, tool, reproducible);
     run_cold(&tool.cold_prefix, a).map(Some)
 }
 
@@ -666,9 +666,16 @@ pub fn write_shim(
     Ok(0)
 }
 
-/// `warmstart record --tool` of the same command again, detached (its own session,
-/// no stdio), under the snapshot's name when it has one.
-fn rerecord(cli: &crate::cli::Cli, names: &[String], cwd: &str, tool: &ToolInfo) {
+/// `warmstart record --tool` of the same command again (`--reproducible` as the record
+/// before was), detached (its own session, no stdio), under the snapshot's name when it
+/// has one.
+fn rerecord(
+    cli: &crate::cli::Cli,
+    names: &[String],
+    cwd: &str,
+    tool: &ToolInfo,
+    reproducible: bool,
+) {
     use std::os::unix::process::CommandExt;
     let Ok(exe) = std::env::current_exe() else {
         return;
@@ -678,6 +685,9 @@ fn rerecord(cli: &crate::cli::Cli, names: &[String], cwd: &str, tool: &ToolInfo)
         cmd.arg("--store").arg(s);
     }
     cmd.args(["record", "--tool"]);
+    if reproducible {
+        cmd.arg("--reproducible");
+    }
     if let Some(n) = names.first() {
         cmd.args(["--name", n]);
     }
