@@ -116,12 +116,14 @@ pub fn push(store: &Store, a: &PushArgs) -> Result<i32> {
                 "blobs_uploaded": rep.blobs_uploaded,
                 "bytes": rep.bytes,
                 "bytes_uploaded": rep.bytes_uploaded,
+                "against": rep.against,
                 "seconds": t.as_secs_f64(),
             })
         );
     } else {
+        let against = (rep.against.as_ref()).map_or(String::new(), |b| format!(" against {b}"));
         println!(
-            "pushed {} to {r} ({}): {} of {} blobs uploaded, {} of {} ({:.1}s)",
+            "pushed {} to {r}{against} ({}): {} of {} blobs uploaded, {} of {} ({:.1}s)",
             id.short(),
             rep.manifest_digest,
             rep.blobs_uploaded,

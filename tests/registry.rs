@@ -349,6 +349,8 @@ fn repush_against_the_base_uploads_what_changed() {
     let r = format!("{}/apps/echo:latest", reg.addr);
     let first = push(&ws, "a", &r, &["--insecure"]);
     let again = push(&ws, "b", &r, &["--insecure"]);
+    assert_eq!(again["against"], serde_json::json!(r), "{again}");
+    assert!(first["against"].is_null(), "{first}");
     let whole = push(
         &ws,
         "b",

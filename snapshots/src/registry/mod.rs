@@ -728,6 +728,8 @@ pub struct PushReport {
     pub blobs_uploaded: usize,
     pub bytes: u64,
     pub bytes_uploaded: u64,
+    /// The base it was pushed against (its reference), if any.
+    pub against: Option<String>,
 }
 
 /// Uploads `blob` unless the repository has it; returns its descriptor.
@@ -1125,7 +1127,9 @@ pub fn push(
             tracing::warn!("not pushing against {b}: {e}; pushing the whole snapshot");
             None
         }
-        Some((_, Ok(Some(base)))) => Some(base).filter(|base| worth_a_delta(base, &hashes)),
+        Some((b, Ok(Some(base)))) => Some(base)
+            .filter(|base| worth_a_delta(base, &hashes))
+            .inspect(|_| rep.against = Some(b.to_string())),
     };
     let regions = if base.is_some() {
         // New pages are few and scattered: blocks cut by content alone.
