@@ -1017,7 +1017,18 @@ fn load_base(c: &Client, r: &Reference, threads: usize) -> Result<Option<Base>, 
     if damaged {
         return Err(bad("its index does not match its head".into()));
     }
-    let at = records.iter().map(|r| (r.hash, r.loc)).collect();
+    let mut at: HashMap<[u8; 32], Location> = records.iter().map(|r| (r.hash, r.loc)).collect();
+    // Pages of its parts' blobs that its patches replaced are still in its blocks (the
+    // blobs are a whole push's index, checked by their digests): a snapshot going back
+    // to them uploads nothing for them.
+    for rec in raw
+        .iter()
+        .flat_map(|b| b.chunks_exact(table::RECORD_SIZE).map(Record::read))
+    {
+        if record_fits(&head.blocks, &rec).is_ok() {
+            at.entry(rec.hash).or_insert(rec.loc);
+        }
+    }
     let hot = match named(&index, HOT_ANNOTATION, MT_HOT).map_err(bad)? {
         Some(d) => {
             let blob = c.get_blob(&d.digest, d.size)?;
