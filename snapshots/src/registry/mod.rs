@@ -732,6 +732,14 @@ pub struct PushReport {
     pub against: Option<String>,
 }
 
+impl PushReport {
+    /// Counts blob `d` of the artifact (uploaded or not).
+    fn count(&mut self, d: &Descriptor) {
+        self.blobs += 1;
+        self.bytes += d.size;
+    }
+}
+
 /// Uploads `blob` unless the repository has it; returns its descriptor.
 fn upload(
     c: &Client,
@@ -739,19 +747,18 @@ fn upload(
     blob: &[u8],
     rep: &mut PushReport,
 ) -> Result<Descriptor, StoreError> {
-    let digest = client::sha256_digest(blob);
-    rep.blobs += 1;
-    rep.bytes += blob.len() as u64;
-    if !c.has_blob(&digest)? {
-        c.put_blob(&digest, blob)?;
-        rep.blobs_uploaded += 1;
-        rep.bytes_uploaded += blob.len() as u64;
-    }
-    Ok(Descriptor {
+    let d = Descriptor {
         media_type: media_type.into(),
-        digest,
+        digest: client::sha256_digest(blob),
         size: blob.len() as u64,
-    })
+    };
+    rep.count(&d);
+    if !c.has_blob(&d.digest)? {
+        c.put_blob(&d.digest, blob)?;
+        rep.blobs_uploaded += 1;
+        rep.bytes_uploaded += d.size;
+    }
+    Ok(d)
 }
 
 /// Content-defined grouping of compressed pages into blocks.
@@ -1003,21 +1010,21 @@ fn load_base(c: &Client, r: &Reference, threads: usize) -> Result<Option<Base>, 
         Ok(())
     })?;
     let raw: Vec<Vec<u8>> = raw.into_iter().map(|m| m.into_inner().unwrap()).collect();
-    let mut records = Vec::with_capacity(head.count as usize);
+    // Checked as a run checks them: the parts against the head, each part (patched)
+    // against its chaining value, every record inside the blocks.
+    let damaged = |why: String| bad(format!("its index is damaged: {why}"));
+    let table = TableMap::by_parts(head.count, head.per, head.pages_hash, head.cvs.clone())
+        .map_err(damaged)?;
     for (k, bytes) in raw.iter().enumerate() {
-        let merged = patched(bytes.clone(), head.patches.get(&(k as u64))).map_err(bad)?;
-        records.extend(merged.chunks_exact(table::RECORD_SIZE).map(Record::read));
+        let merged = patched(bytes.clone(), head.patches.get(&(k as u64))).map_err(damaged)?;
+        (table.fill_part(k, merged, |rec| record_fits(&head.blocks, rec))).map_err(damaged)?;
     }
-    let damaged = records.len() as u64 != head.count
-        || Parts::chaining_values(&records, head.per) != head.cvs
-        || table::pages_hash(records.iter().map(|r| &r.hash)) != head.pages_hash
-        || records
-            .iter()
-            .any(|rec| record_fits(&head.blocks, rec).is_err());
-    if damaged {
-        return Err(bad("its index does not match its head".into()));
-    }
-    let mut at: HashMap<[u8; 32], Location> = records.iter().map(|r| (r.hash, r.loc)).collect();
+    let mut at: HashMap<[u8; 32], Location> = (0..head.count)
+        .map(|i| {
+            let r = table.record(i);
+            (r.hash, r.loc)
+        })
+        .collect();
     // Pages of its parts' blobs that its patches replaced are still in its blocks (the
     // blobs are a whole push's index, checked by their digests): a snapshot going back
     // to them uploads nothing for them.
@@ -1151,10 +1158,7 @@ pub fn push(
     let base_blocks = base.as_ref().map_or(&[][..], |b| &b.head.blocks[..]);
     let mut blocker = Blocker::new(base_blocks.len() as u32);
     let mut blocks = base_blocks.to_vec();
-    for d in base_blocks {
-        rep.blobs += 1;
-        rep.bytes += d.size;
-    }
+    base_blocks.iter().for_each(|d| rep.count(d));
     let mut done = Vec::new();
     let mut buf = vec![0u8; (PUSH_WINDOW.min(n.max(1)) as usize) * PAGE_SIZE];
     let mut at = 0;
@@ -1210,8 +1214,7 @@ pub fn push(
                 if !differ.is_empty() {
                     patches.insert(k as u64, differ);
                 }
-                rep.blobs += 1;
-                rep.bytes += d.size;
+                rep.count(d);
                 parts.push(d.clone());
                 reference.push(raw.clone());
                 continue;
@@ -1299,8 +1302,7 @@ pub fn push(
         let blob = HotBlob::encode(hot.indexes(), hot.bytes(), &hot_inline);
         layers.push(upload(&c, MT_HOT, &blob, &mut rep)?);
     } else if let Some(BaseHot { desc, .. }) = base_hot {
-        rep.blobs += 1;
-        rep.bytes += desc.size;
+        rep.count(desc);
         layers.push(desc.clone());
     }
     // The index names the head manifest's blobs too, so that a run fetches them at once,
