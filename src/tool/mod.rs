@@ -574,12 +574,12 @@ pub fn run_stale_or_check(
          recording it again in the background",
         a.snapshot
     );
-    let tool_process = snap.manifest.processes.first();
-    let cwd = tool_process.map_or("/", |p| p.cwd.as_str());
-    // Recorded with `--reproducible`: so is the new record.
-    let reproducible =
-        tool_process.is_some_and(|p| p.personality & libc::ADDR_NO_RANDOMIZE as u32 != 0);
-    rerecord(cli, names, cwd, tool, reproducible);
+    let cwd = snap
+        .manifest
+        .processes
+        .first()
+        .map_or("/", |p| p.cwd.as_str());
+    rerecord(cli, names, cwd, tool, &recorded_with(&snap.manifest));
     run_cold(&tool.cold_prefix, a).map(Some)
 }
 
@@ -666,15 +666,45 @@ pub fn write_shim(
     Ok(0)
 }
 
-/// `warmstart record --tool` of the same command again (`--reproducible` as the record
-/// before was), detached (its own session, no stdio), under the snapshot's name when it
-/// has one.
+/// The `record` options a snapshot was recorded with, as its manifest shows them, so a
+/// re-record gives the same kind of snapshot: `--reproducible` (the app's personality),
+/// `--share-tmp` (no private `/tmp`), `--uts`, `--ipc`, `--net private` (namespaces of
+/// its own) and `--cpu-baseline`.
+fn recorded_with(m: &warmstart_snapshots::model::Manifest) -> Vec<String> {
+    let mut opts = Vec::new();
+    if m.processes
+        .first()
+        .is_some_and(|p| p.personality & libc::ADDR_NO_RANDOMIZE as u32 != 0)
+    {
+        opts.push("--reproducible".to_owned());
+    }
+    if m.private_tmp.is_none() {
+        opts.push("--share-tmp".to_owned());
+    }
+    if m.namespaces.uts.is_some() {
+        opts.push("--uts".to_owned());
+    }
+    if m.namespaces.ipc.is_some() {
+        opts.push("--ipc".to_owned());
+    }
+    if m.namespaces.net.is_some() {
+        opts.extend(["--net".to_owned(), "private".to_owned()]);
+    }
+    if let Some(level) = &m.host.cpu_baseline {
+        opts.extend(["--cpu-baseline".to_owned(), level.clone()]);
+    }
+    opts
+}
+
+/// `warmstart record --tool` of the same command again, with the options the record
+/// before had ([`recorded_with`]), detached (its own session, no stdio), under the
+/// snapshot's name when it has one.
 fn rerecord(
     cli: &crate::cli::Cli,
     names: &[String],
     cwd: &str,
     tool: &ToolInfo,
-    reproducible: bool,
+    recorded_with: &[String],
 ) {
     use std::os::unix::process::CommandExt;
     let Ok(exe) = std::env::current_exe() else {
@@ -684,10 +714,7 @@ fn rerecord(
     if let Some(s) = &cli.store {
         cmd.arg("--store").arg(s);
     }
-    cmd.args(["record", "--tool"]);
-    if reproducible {
-        cmd.arg("--reproducible");
-    }
+    cmd.args(["record", "--tool"]).args(recorded_with);
     if let Some(n) = names.first() {
         cmd.args(["--name", n]);
     }
@@ -748,6 +775,45 @@ mod tests {
         assert_eq!(info.cold_prefix, s(&["python3", p]));
         assert_eq!(cmd[0], "python3");
         assert_eq!(&cmd[3..], &s(&["script", p, "--", "a"])[..]);
+    }
+
+    #[test]
+    fn a_rerecord_has_the_options_the_record_had() {
+        use clap::Parser;
+        use warmstart_snapshots::model::{IpcNs, Manifest, NetNs, Process, UtsNs};
+        let parse = |m: &Manifest| {
+            let mut argv = s(&["warmstart", "record", "--tool"]);
+            argv.extend(recorded_with(m));
+            argv.extend(s(&["--", "python3", "-m", "black"]));
+            match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+                crate::cli::Command::Record(a) => a.0,
+                c => panic!("{c:?}"),
+            }
+        };
+        // The defaults: private /tmp, the host's namespaces, ASLR on, every CPU feature.
+        let mut m = Manifest {
+            private_tmp: Some(Vec::new()),
+            processes: vec![Process::default()],
+            ..Manifest::default()
+        };
+        assert!(recorded_with(&m).is_empty());
+        let a = parse(&m);
+        assert!(!a.share_tmp && !a.reproducible && !a.uts && !a.ipc);
+        assert_eq!((a.net.as_str(), a.cpu_baseline), ("host", None));
+        // Everything otherwise.
+        m.private_tmp = None;
+        m.processes[0].personality = libc::ADDR_NO_RANDOMIZE as u32;
+        m.namespaces.uts = Some(UtsNs::default());
+        m.namespaces.ipc = Some(IpcNs::default());
+        m.namespaces.net = Some(NetNs::default());
+        m.host.cpu_baseline = Some("x86-64-v2".into());
+        let a = parse(&m);
+        assert!(a.share_tmp && a.reproducible && a.uts && a.ipc && a.tool);
+        assert_eq!(a.net, "private");
+        assert_eq!(
+            a.cpu_baseline,
+            Some(crate::sys::cpuid::Baseline::parse("x86-64-v2").unwrap())
+        );
     }
 
     #[test]
