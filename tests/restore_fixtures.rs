@@ -38,6 +38,13 @@ fn signal_handlers_mask_pending() {
     run_fixture("signals", false);
 }
 
+/// The app's seccomp filters come back in their install order (which decides the errno
+/// of two filters answering one syscall) and without `record`'s own warm-point trap.
+#[test]
+fn seccomp_filter_stack_in_order() {
+    run_fixture("seccomp_stack", false);
+}
+
 #[test]
 fn rlimits() {
     run_fixture("rlimits", false);

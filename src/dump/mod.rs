@@ -483,6 +483,9 @@ fn collect_process(
     let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
     let seccomp_filters = seccomp::filters(pid, info.seccomp_mode, opts.own_seccomp_filters)
         .with_context(|| format!("process {pid} ({})", info.comm))?;
+    let host_tids: Vec<i32> = raw_regs.iter().map(|&(tid, _, _)| tid).collect();
+    seccomp::check_threads(pid, &host_tids, &seccomp_filters, opts.own_seccomp_filters)
+        .with_context(|| format!("process {pid} ({})", info.comm))?;
     times.collect += t.elapsed();
 
     // Per-thread state only the thread can read about itself; the process-wide part

@@ -1,4 +1,8 @@
-//! Seccomp filters, read with `PTRACE_SECCOMP_GET_FILTER` (index 0 is the newest).
+//! Seccomp filters, read with `PTRACE_SECCOMP_GET_FILTER`. Index 0 is the *oldest*
+//! filter of the thread's stack (the kernel counts back from the newest by the number
+//! of filters minus the index), so the indexes give the install order: the order in
+//! which a restore installs them again, and which matters (of two filters returning
+//! actions of the same precedence, the newer one's data wins).
 
 use anyhow::Result;
 
@@ -54,7 +58,36 @@ pub fn filters(tid: i32, mode: u32, skip_oldest: usize) -> Result<Vec<Vec<u8>>> 
         }
         out.push(buf);
     }
-    out.reverse();
     let skip = skip_oldest.min(out.len());
     Ok(out.split_off(skip))
+}
+
+/// The seccomp mode of thread `tid` of process `pid` (`Seccomp:` of its status).
+pub fn mode(pid: i32, tid: i32) -> Result<u32> {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    let status =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{path} has no Seccomp line"))
+}
+
+/// Checks that every thread of process `pid` (`tids`, host tids) has the seccomp
+/// filters `leader` of its leader: a restore installs one stack for the whole process
+/// (its threads inherit it), so a thread that installed a filter of its own (without
+/// `SECCOMP_FILTER_FLAG_TSYNC`) would silently get the leader's.
+pub fn check_threads(pid: i32, tids: &[i32], leader: &[Vec<u8>], skip_oldest: usize) -> Result<()> {
+    for &tid in tids.iter().filter(|&&t| t != pid) {
+        let theirs = filters(tid, mode(pid, tid)?, skip_oldest)?;
+        if theirs != leader {
+            anyhow::bail!(
+                "thread {tid} has other seccomp filters than its process's main thread                  ({} against {}): a restore gives every thread the same filters, so this                  process cannot be restored as it is (install filters with                  SECCOMP_FILTER_FLAG_TSYNC to give every thread the same)",
+                theirs.len(),
+                leader.len()
+            );
+        }
+    }
+    Ok(())
 }
