@@ -400,3 +400,37 @@ fn double_verbose_prints_the_restorer_program() {
         quiet.describe()
     );
 }
+
+/// State no restore could rebuild exactly is refused by `record`, naming what it is,
+/// instead of giving an instance that silently lost it (tests/fixtures/unrestorable.c).
+#[test]
+fn unrestorable_state_is_refused_by_name() {
+    let bin = fixture("unrestorable");
+    for (arg, what) in [
+        ("guard", "is a guard region (madvise MADV_GUARD_INSTALL)"),
+        ("udp", "is a UDP socket bound to 127.0.0.1:"),
+        (
+            "packet",
+            "is a pipe in packet mode (O_DIRECT) holding 9 bytes",
+        ),
+        ("seal", "is sealed with mseal(2)"),
+        (
+            "thread-fs",
+            "has a filesystem context of its own (unshare(CLONE_FS)",
+        ),
+    ] {
+        let ws = Ws::new();
+        let out = ws.run(
+            &["record", "--name", "u", "--", bin.to_str().unwrap(), arg],
+            "",
+        );
+        assert!(
+            !out.success() && out.stderr.contains(what) && out.stderr.contains("(unrestorable)"),
+            "record of unrestorable {arg} should be refused with `{what}`:\n{}",
+            out.describe()
+        );
+        // Nothing was stored.
+        let ls = ws.run(&["ls"], "");
+        assert!(!ls.stdout.contains('u'), "{arg}: {}", ls.describe());
+    }
+}

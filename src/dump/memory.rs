@@ -24,6 +24,9 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 const PM_EXCLUSIVE: u64 = 1 << 56;
+/// A guard region's page (`MADV_GUARD_INSTALL`, Linux 6.13): no page, a marker that
+/// makes every access fault. Nothing records it but the page table.
+const PM_GUARD_REGION: u64 = 1 << 58;
 
 /// Pages of one VMA that must be saved, as runs of (first page index, count, exclusive).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -62,10 +65,11 @@ impl Target {
             let q = pms::Query {
                 flags: 0,
                 mask: 0,
-                anyof: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED,
-                ret: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED,
+                anyof: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED | pms::PAGE_IS_GUARD,
+                ret: pms::PAGE_IS_PRESENT | pms::PAGE_IS_SWAPPED | pms::PAGE_IS_GUARD,
             };
-            // Without PAGEMAP_SCAN (before Linux 6.7), the whole VMA is read below.
+            // Without PAGEMAP_SCAN (before Linux 6.7), or without its guard category
+            // (before 6.14: EINVAL), the whole VMA is read below.
             if let Ok(regions) = pms::scan(&self.pagemap, start, end, q) {
                 for r in regions {
                     self.wanted_in(start, r.start, r.end, file_backed, &mut out)?;
@@ -98,6 +102,14 @@ impl Target {
             self.pagemap.read_exact_at(bytes, off)?;
             for (i, w) in bytes.chunks_exact(8).enumerate() {
                 let e = u64::from_le_bytes(w.try_into().unwrap());
+                if e & PM_GUARD_REGION != 0 {
+                    let at = vma_start + (skip + done + i as u64) * PAGE_SIZE as u64;
+                    return Err(io::Error::other(format!(
+                        "the page at {at:x} is a guard region (madvise MADV_GUARD_INSTALL), \
+                         which warmstart cannot checkpoint yet (a restore would make it \
+                         ordinary memory)"
+                    )));
+                }
                 let keep = if file_backed {
                     (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
                 } else {

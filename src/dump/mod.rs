@@ -486,6 +486,8 @@ fn collect_process(
     let host_tids: Vec<i32> = raw_regs.iter().map(|&(tid, _, _)| tid).collect();
     seccomp::check_threads(pid, &host_tids, &seccomp_filters, opts.own_seccomp_filters)
         .with_context(|| format!("process {pid} ({})", info.comm))?;
+    process::check_shared_fs(pid, &host_tids)
+        .with_context(|| format!("process {pid} ({})", info.comm))?;
     times.collect += t.elapsed();
 
     // Per-thread state only the thread can read about itself; the process-wide part

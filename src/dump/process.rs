@@ -306,3 +306,47 @@ mod tests {
         assert!(parse_limits("Limit\nMax cpu time  x\n").is_err());
     }
 }
+
+/// Checks that every thread of process `pid` (`tids`, host tids) shares its leader's
+/// filesystem context (cwd, root, umask): a thread that called `unshare(CLONE_FS)` has
+/// its own, and a restore, which gives the process one, would silently change it.
+pub fn check_shared_fs(pid: i32, tids: &[i32]) -> Result<()> {
+    let fs_of = |tid: i32| -> Result<(String, String, String)> {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let link = |name: &str| {
+            std::fs::read_link(format!("{dir}/{name}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .with_context(|| format!("reading {dir}/{name}"))
+        };
+        let status = std::fs::read_to_string(format!("{dir}/status"))
+            .with_context(|| format!("reading {dir}/status"))?;
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Ok((link("cwd")?, link("root")?, umask))
+    };
+    if tids.len() < 2 {
+        return Ok(());
+    }
+    let leader = fs_of(pid)?;
+    for &tid in tids.iter().filter(|&&t| t != pid) {
+        let theirs = fs_of(tid)?;
+        if theirs != leader {
+            anyhow::bail!(
+                "thread {tid} has a filesystem context of its own (unshare(CLONE_FS): cwd \
+                 {}, root {}, umask {} against the process's {}, {}, {}), which warmstart \
+                 cannot checkpoint yet (a restore gives all threads the process's)",
+                theirs.0,
+                theirs.1,
+                theirs.2,
+                leader.0,
+                leader.1,
+                leader.2
+            );
+        }
+    }
+    Ok(())
+}

@@ -37,6 +37,12 @@ fn kind_of(
         _ if m.has_flag("io") || m.has_flag("pf") => {
             return Err(refuse("a device (I/O or PFN) mapping"))
         }
+        // mseal(2): never unmapped, moved or changed again; a restore cannot seal it
+        // again in place of building it (and would hand the app an unsealed mapping).
+        _ if m.has_flag("sl") => return Err(refuse("sealed with mseal(2)")),
+        // MAP_DROPPABLE: the kernel may drop its pages under memory pressure; mapped
+        // again as ordinary memory it would silently stop being droppable.
+        _ if m.has_flag("dp") => return Err(refuse("droppable memory (MAP_DROPPABLE)")),
         // Shared anonymous memory is a file of the kernel's internal shmem mount.
         "/dev/zero (deleted)" if m.shared && m.inode != 0 => VmaKind::Shmem { id: m.inode },
         // An attach of a System V segment: a file of the kernel's internal shm mount
@@ -208,7 +214,7 @@ pub(super) fn collect(
             .wanted(m.start, m.end, file_backed)
             .with_context(|| {
                 format!(
-                    "reading page map of process {pid} at {:x}-{:x}",
+                    "reading page map of process {pid} ({comm}) at {:x}-{:x}",
                     m.start, m.end
                 )
             })?;

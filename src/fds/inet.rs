@@ -185,6 +185,18 @@ pub fn dump(
             }
         }
     }
+    if kind == "udp" {
+        if let Some(len) = queued_datagram(copy)? {
+            return Err(anyhow!(
+                "{} (they cannot be queued again with their senders' addresses, and a \
+                 restore must not drop them); dump it once they are read",
+                t.refuse(format_args!(
+                    "a UDP socket bound to {local} with datagrams not read yet (the first \
+                     {len} bytes long)"
+                ))
+            ));
+        }
+    }
     Ok(FileDesc::Inet {
         family,
         sock_type,
@@ -199,6 +211,18 @@ pub fn dump(
         options: options(copy, family, sock_type, protocol)?,
         flags,
     })
+}
+
+/// The length of the first datagram queued on `sock`, or `None` when none is
+/// (`SIOCINQ`: it leaves the queue and a pending socket error alone, where a peeking
+/// `recv` would consume the error; a queued datagram of length 0 goes unseen).
+fn queued_datagram(sock: &OwnedFd) -> Result<Option<usize>> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one int through the pointer, to the live local `n`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(errno_err("ioctl(SIOCINQ) of a UDP socket"));
+    }
+    Ok((n > 0).then_some(n as usize))
 }
 
 fn unspecified(family: i32) -> SocketAddr {

@@ -45,6 +45,18 @@ pub fn dump(
             data,
         });
     }
+    // Packet mode (`pipe2(O_DIRECT)`): each write is a message of its own, read whole.
+    // The bytes peeked out of the pipe do not show where its messages end, so bytes put
+    // back in one write would be read as one message.
+    let held = pipes.get(&ino).map_or(0, |p| p.data.len());
+    if flags & libc::O_DIRECT != 0 && held > 0 {
+        return Err(anyhow::anyhow!(
+            "{} (the bytes do not show where its messages end); dump it once they are read",
+            t.refuse(format_args!(
+                "a pipe in packet mode (O_DIRECT) holding {held} bytes not read yet"
+            ))
+        ));
+    }
     Ok(FileDesc::Pipe {
         pipe: ino,
         write: flags & libc::O_ACCMODE == libc::O_WRONLY,
@@ -155,7 +167,8 @@ pub fn restore(ins: &mut Installer, id: u64, ofd: u32, write: bool, flags: i32) 
     let accmode = flags & libc::O_ACCMODE;
     // Pipe ends created here share one description per end: setting O_NONBLOCK on one
     // fd sets it for its dups too, as it was.
-    let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND);
+    // O_DIRECT is a pipe's packet mode, which fcntl may set on a pipe end.
+    let status_flags = flags & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT | libc::O_ASYNC);
     let fd = if accmode != libc::O_RDWR && primary_ofd(ins.m, id, write) == Some(ofd) {
         end
     } else {

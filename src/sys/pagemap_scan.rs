@@ -48,6 +48,8 @@ pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// A guard region's page (`MADV_GUARD_INSTALL`; the category exists since Linux 6.14).
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
 
 /// What to ask: pages having all of `mask` and at least one of `anyof` (when non-zero)
 /// match; each region reports the categories of `ret`.
