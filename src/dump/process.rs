@@ -275,38 +275,6 @@ pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_own_process() {
-        let me = collect(std::process::id() as i32).unwrap();
-        assert!(me.mm.start_code > 0 && me.mm.end_code > me.mm.start_code);
-        assert!(me.mm.arg_end > me.mm.arg_start);
-        assert_eq!(me.rlimits.len(), RLIMIT_COUNT as usize);
-        assert!(me.exe.path.starts_with('/'));
-        assert_eq!(me.auxv.len() % 2, 0);
-        assert_eq!(me.cwd, std::env::current_dir().unwrap().to_string_lossy());
-    }
-
-    #[test]
-    fn limits_match_getrlimit() {
-        let me = collect(std::process::id() as i32).unwrap();
-        for r in &me.rlimits {
-            let mut want = libc::rlimit64 {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: `want` is a live rlimit64 the kernel writes; the resource number is
-            // just an integer (an unknown one fails with EINVAL).
-            assert_eq!(unsafe { libc::getrlimit64(r.resource as _, &mut want) }, 0);
-            assert_eq!((r.cur, r.max), (want.rlim_cur, want.rlim_max), "{r:?}");
-        }
-        assert!(parse_limits("Limit\nMax cpu time  x\n").is_err());
-    }
-}
-
 /// Checks that every thread of process `pid` (`tids`, host tids) shares its leader's
 /// filesystem context (cwd, root, umask): a thread that called `unshare(CLONE_FS)` has
 /// its own, and a restore, which gives the process one, would silently change it.
@@ -349,4 +317,36 @@ pub fn check_shared_fs(pid: i32, tids: &[i32]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let me = collect(std::process::id() as i32).unwrap();
+        assert!(me.mm.start_code > 0 && me.mm.end_code > me.mm.start_code);
+        assert!(me.mm.arg_end > me.mm.arg_start);
+        assert_eq!(me.rlimits.len(), RLIMIT_COUNT as usize);
+        assert!(me.exe.path.starts_with('/'));
+        assert_eq!(me.auxv.len() % 2, 0);
+        assert_eq!(me.cwd, std::env::current_dir().unwrap().to_string_lossy());
+    }
+
+    #[test]
+    fn limits_match_getrlimit() {
+        let me = collect(std::process::id() as i32).unwrap();
+        for r in &me.rlimits {
+            let mut want = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `want` is a live rlimit64 the kernel writes; the resource number is
+            // just an integer (an unknown one fails with EINVAL).
+            assert_eq!(unsafe { libc::getrlimit64(r.resource as _, &mut want) }, 0);
+            assert_eq!((r.cur, r.max), (want.rlim_cur, want.rlim_max), "{r:?}");
+        }
+        assert!(parse_limits("Limit\nMax cpu time  x\n").is_err());
+    }
 }
