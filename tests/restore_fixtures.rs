@@ -297,6 +297,21 @@ fn sigaltstack_disabled_and_set_per_thread() {
     run_fixture("sigaltstack", false);
 }
 
+/// An absolute realtime timerfd stays due at its wall-clock deadline however long the
+/// snapshot waited (2 s here), with TFD_TIMER_CANCEL_ON_SET; an absolute monotonic one
+/// stays absolute (both in every mode and handed out by `serve`).
+#[test]
+fn absolute_timerfds_keep_their_deadline() {
+    zdtm_run(
+        "timerfd_abs",
+        &fixture("timerfd_abs"),
+        &Zdtm {
+            age: std::time::Duration::from_secs(2),
+            ..Zdtm::default()
+        },
+    );
+}
+
 /// CLOCK_MONOTONIC and CLOCK_BOOTTIME continue from the dump: never backwards, and the
 /// time the snapshot sat in the store (2 s at least, waited between record and the first
 /// restore) is not counted (DESIGN 11: a time namespace with offsets).

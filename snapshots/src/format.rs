@@ -20,7 +20,7 @@
 //! whole encoded file (header included), see `store`.
 //!
 //! Version rule ([`check_version`]): a reader accepts the versions from
-//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 16; postcard has no
+//! [`MIN_FORMAT_VERSION`] to its own [`FORMAT_VERSION`] (today only 17; postcard has no
 //! field tags, so a change other than a variant added at the end of an enum makes an
 //! older layout unreadable as the new one); an older or newer file
 //! is refused with a message saying which versions this build reads, never half-decoded.
@@ -33,11 +33,12 @@ pub const MAGIC: [u8; 8] = *b"WARMSNAP";
 /// The version this build writes.
 /// Bump on every change to `model` that changes the encoding (postcard has no field
 /// tags): older snapshots are then refused by version, not misread.
-pub const FORMAT_VERSION: u32 = 16;
+pub const FORMAT_VERSION: u32 = 17;
 /// The oldest version this build reads.
 /// 14 added `HostFacts::vdso_image` (the dumping host's vdso), 15 `cpu_features` and
-/// `xsave_layout`, 16 `cpu_baseline`: an older manifest no longer decodes.
-pub const MIN_FORMAT_VERSION: u32 = 16;
+/// `xsave_layout`, 16 `cpu_baseline`, 17 a timerfd's `settime_flags` and
+/// `realtime_deadline_ns`: an older manifest no longer decodes.
+pub const MIN_FORMAT_VERSION: u32 = 17;
 pub const HEADER_LEN: usize = 52;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

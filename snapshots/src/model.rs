@@ -719,14 +719,20 @@ pub enum FileDesc {
         flags: i32,
         targets: Vec<EpollTarget>,
     },
-    /// `timerfd_create`: times are what remained at dump (restored relative, even if the
-    /// timer was set with `TFD_TIMER_ABSTIME`); `ticks` expirations were not read yet.
+    /// `timerfd_create`: times are what remained at dump; `ticks` expirations were not
+    /// read yet. `settime_flags` are those it was last set with (`TFD_TIMER_ABSTIME`,
+    /// `TFD_TIMER_CANCEL_ON_SET`): an absolute timer on a realtime clock keeps its
+    /// deadline on the wall clock (`realtime_deadline_ns`, since the epoch), however long
+    /// the snapshot waited; one on another clock is set absolute again from the time
+    /// that remained (those clocks go on from the dump in a restored instance).
     TimerFd {
         clockid: i32,
         value_ns: u64,
         interval_ns: u64,
         ticks: u64,
         flags: i32,
+        settime_flags: i32,
+        realtime_deadline_ns: Option<u64>,
     },
     /// `signalfd`: the signals it reads (bit N-1 for signal N).
     SignalFd {

@@ -984,21 +984,60 @@ pub fn late_epoll_targets(m: &Manifest, p: &Process) -> Vec<(i32, EpollTarget)> 
     out
 }
 
-/// The armed timerfds of `p`, once per open file description: (fd, interval ns, value
-/// ns, unread expirations). A parked restore arms them when handed out.
-pub fn late_timerfds(p: &Process) -> Vec<(i32, u64, u64, u64)> {
+/// A timerfd a parked restore arms when handed out ([`late_timerfds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LateTimerFd {
+    pub fd: i32,
+    pub interval_ns: u64,
+    /// `it_value`: relative, or the wall-clock deadline with `TFD_TIMER_ABSTIME`.
+    pub value_ns: u64,
+    /// Unread expirations.
+    pub ticks: u64,
+    /// `timerfd_settime` flags.
+    pub settime_flags: i32,
+}
+
+/// The armed timerfds of `p`, once per open file description. An absolute timer on a
+/// realtime clock is armed at its deadline; one on another clock absolute on the clocks
+/// of the hand-out, which go on from the dump's (`m.clocks`): its deadline is the
+/// dump's time plus what it had left.
+pub fn late_timerfds(m: &Manifest, p: &Process) -> Vec<LateTimerFd> {
     let mut seen = HashSet::new();
     p.fds
         .iter()
         .filter_map(|f| match f.file {
             FileDesc::TimerFd {
+                clockid,
                 value_ns,
                 interval_ns,
                 ticks,
+                settime_flags,
+                realtime_deadline_ns,
                 ..
             } if seen.insert(f.ofd) => {
                 let value = timerfd::value_to_arm(value_ns, interval_ns);
-                (value != 0 || ticks != 0).then_some((f.fd, interval_ns, value, ticks))
+                let abs = settime_flags & libc::TFD_TIMER_ABSTIME != 0 && value != 0;
+                let dump_clock = match clockid {
+                    libc::CLOCK_MONOTONIC => Some(m.clocks.monotonic_ns),
+                    libc::CLOCK_BOOTTIME | libc::CLOCK_BOOTTIME_ALARM => Some(m.clocks.boottime_ns),
+                    _ => None,
+                };
+                let (settime_flags, value_ns) = match (realtime_deadline_ns, dump_clock) {
+                    (Some(_), _) => {
+                        timerfd::how_to_arm(clockid, value, settime_flags, realtime_deadline_ns)
+                    }
+                    (None, Some(at)) if abs && at >= 0 => {
+                        (libc::TFD_TIMER_ABSTIME, at as u64 + value)
+                    }
+                    _ => (0, value),
+                };
+                (value != 0 || ticks != 0).then_some(LateTimerFd {
+                    fd: f.fd,
+                    interval_ns,
+                    value_ns,
+                    ticks,
+                    settime_flags,
+                })
             }
             _ => None,
         })

@@ -8,10 +8,14 @@
 //! it_interval: (5, 0)
 //! ```
 //!
-//! `it_value` is the time *remaining*, whatever the timer was set with: a timer set with
-//! `TFD_TIMER_ABSTIME` is restored relative (it fires as long after the restore as it had
-//! left at the dump), and `TFD_TIMER_CANCEL_ON_SET` (which needs an absolute realtime
-//! timer) is dropped. Unread expirations are put back with `TFD_IOC_SET_TICKS`.
+//! `it_value` is the time *remaining*, whatever the timer was set with. A timer set with
+//! `TFD_TIMER_ABSTIME` on a realtime clock is due at a wall-clock time: the dump keeps
+//! that deadline (the realtime clock read beside the fdinfo, plus what remained), and a
+//! restore sets it absolute again, with `TFD_TIMER_CANCEL_ON_SET` if it had it, so it
+//! fires at its deadline however long the snapshot waited (at once if that has passed).
+//! On the other clocks, which go on from the dump in a restored instance, an absolute
+//! timer is set absolute again from the time that remained. Unread expirations are put
+//! back with `TFD_IOC_SET_TICKS`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -23,16 +27,69 @@ use super::{errno_err, FdInfo, Installer, Target};
 /// `_IOW('T', 0, __u64)`.
 pub const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
 
+/// `TFD_TIMER_ABSTIME` and `TFD_TIMER_CANCEL_ON_SET`.
+const TFD_TIMER_ABSTIME: i32 = 1;
+const TFD_TIMER_CANCEL_ON_SET: i32 = 2;
+
+/// The clocks whose absolute timers are due at a wall-clock time.
+fn is_realtime(clockid: i32) -> bool {
+    clockid == libc::CLOCK_REALTIME || clockid == libc::CLOCK_REALTIME_ALARM
+}
+
 pub fn dump(t: &Target) -> Result<FileDesc> {
     let (clockid, ticks, value_ns, interval_ns) = parse(t.info)
         .ok_or_else(|| anyhow!("{}: cannot parse the timerfd's fdinfo", t.context()))?;
+    let settime_flags = settime_flags(t.info);
+    let realtime_deadline_ns =
+        (settime_flags & TFD_TIMER_ABSTIME != 0 && is_realtime(clockid) && value_ns > 0)
+            .then(|| now_ns(libc::CLOCK_REALTIME) + value_ns);
     Ok(FileDesc::TimerFd {
         clockid,
         value_ns,
         interval_ns,
         ticks,
         flags: t.flags(),
+        settime_flags,
+        realtime_deadline_ns,
     })
+}
+
+/// `settime flags:` of a timerfd's fdinfo (octal; 0 when absent, before Linux 5.x).
+fn settime_flags(info: &FdInfo) -> i32 {
+    info.field("settime flags")
+        .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+        .unwrap_or(0)
+        & (TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET)
+}
+
+/// `clock`'s time now, in ns.
+fn now_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the live local `ts`.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How to arm a restored timerfd: the `timerfd_settime` flags and `it_value` (ns), from
+/// what was dumped (`value_ns` already made armable by [`value_to_arm`]). An absolute
+/// timer on another clock than realtime is due `value_ns` from now on its clock.
+pub fn how_to_arm(
+    clockid: i32,
+    value_ns: u64,
+    settime_flags: i32,
+    realtime_deadline_ns: Option<u64>,
+) -> (i32, u64) {
+    if value_ns == 0 || settime_flags & TFD_TIMER_ABSTIME == 0 {
+        return (0, value_ns);
+    }
+    match realtime_deadline_ns {
+        Some(deadline) => (settime_flags, deadline),
+        None if is_realtime(clockid) => (0, value_ns),
+        None => (TFD_TIMER_ABSTIME, now_ns(clockid) + value_ns),
+    }
 }
 
 fn timespec_ns(v: &str) -> Option<u64> {
@@ -76,6 +133,8 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         interval_ns,
         ticks,
         flags,
+        settime_flags,
+        realtime_deadline_ns,
     } = file
     else {
         unreachable!("timerfd::restore called for {file:?}")
@@ -97,14 +156,18 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         return ins.keep_high(fd);
     }
     let value_ns = value_to_arm(value_ns, interval_ns);
+    let (arm_flags, value_ns) = how_to_arm(clockid, value_ns, settime_flags, realtime_deadline_ns);
     let spec = libc::itimerspec {
         it_interval: timespec(interval_ns),
         it_value: timespec(value_ns),
     };
     // SAFETY: `spec` is a live `itimerspec` the kernel only reads; the old value is not
     // wanted (null).
-    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
-        return Err(errno_err("timerfd_settime"));
+    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), arm_flags, &spec, std::ptr::null_mut()) } < 0
+    {
+        return Err(errno_err(format!(
+            "timerfd_settime (clock {clockid}, flags {arm_flags:#o})"
+        )));
     }
     // SAFETY: TFD_IOC_SET_TICKS reads one u64 from the pointer, which is `ticks`, a live
     // u64.

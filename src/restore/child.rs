@@ -747,7 +747,7 @@ fn finish(ctx: &Ctx, idx: usize, placed: &[Placed]) -> Result<std::convert::Infa
             places,
             epoll_adds: crate::fds::late_epoll_targets(m, p),
             n_given: 3 + crate::fds::inet::recorded_listeners(m).len(),
-            timerfds: crate::fds::late_timerfds(p),
+            timerfds: crate::fds::late_timerfds(m, p),
             timens,
             proc_dir,
         }

@@ -87,7 +87,7 @@ pub struct Late {
     /// Epoll registrations on those fds, added once they are in place: (epoll fd, target).
     pub epoll_adds: Vec<(i32, EpollTarget)>,
     /// Timerfds to arm: (fd, interval ns, value ns, unread expirations).
-    pub timerfds: Vec<(i32, u64, u64, u64)>,
+    pub timerfds: Vec<crate::fds::LateTimerFd>,
     /// Which time namespace the process moves to when handed out.
     pub timens: LateTimeNs,
     /// An `O_PATH` fd of `/proc/self` (`Create`) or `/proc/ROOT` (`Join`), opened before
@@ -915,11 +915,21 @@ fn late_phase(b: &mut ProgramBuilder, late: &Late) {
             format!("epoll {epfd}: watch stdio fd {}", t.fd),
         );
     }
-    for &(fd, interval, value, ticks) in &late.timerfds {
-        let its = b.data(&interval_and_value(interval, value, 1_000_000_000));
+    for t in &late.timerfds {
+        let (fd, ticks) = (t.fd, t.ticks);
+        let its = b.data(&interval_and_value(
+            t.interval_ns,
+            t.value_ns,
+            1_000_000_000,
+        ));
         b.syscall(
             libc::SYS_timerfd_settime,
-            &[imm(fd as u32), imm(0u64), its.arg(), imm(0u64)],
+            &[
+                imm(fd as u32),
+                imm(t.settime_flags as u32),
+                its.arg(),
+                imm(0u64),
+            ],
             format!("timerfd_settime (fd {fd})"),
         );
         // After settime, which zeroes them.

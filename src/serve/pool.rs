@@ -724,7 +724,7 @@ fn parkable(m: &Manifest) -> Result<(), String> {
                 ));
             }
         }
-        for (fd, ..) in crate::fds::late_timerfds(p) {
+        for crate::fds::LateTimerFd { fd, .. } in crate::fds::late_timerfds(m, p) {
             let ofd = p.fds.iter().find(|f| f.fd == fd).map(|f| f.ofd);
             if shared_ofd(m, ofd) {
                 return Err(format!(
