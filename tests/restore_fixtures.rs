@@ -65,6 +65,12 @@ fn open_file_offsets_append_dup() {
     run_fixture("files", true);
 }
 
+/// A directory fd keeps its read position (the next entry read is the same).
+#[test]
+fn directory_read_position() {
+    run_fixture("dir_pos", true);
+}
+
 #[test]
 fn pipe_with_unread_data() {
     run_fixture("pipe", false);

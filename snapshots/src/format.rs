@@ -37,7 +37,7 @@ pub const FORMAT_VERSION: u32 = 17;
 /// The oldest version this build reads.
 /// 14 added `HostFacts::vdso_image` (the dumping host's vdso), 15 `cpu_features` and
 /// `xsave_layout`, 16 `cpu_baseline`, 17 a timerfd's `settime_flags` and
-/// `realtime_deadline_ns`: an older manifest no longer decodes.
+/// `realtime_deadline_ns` and a directory's `pos`: an older manifest no longer decodes.
 pub const MIN_FORMAT_VERSION: u32 = 17;
 pub const HEADER_LEN: usize = 52;
 
@@ -500,7 +500,11 @@ pub(crate) mod tests {
         prop_oneof![
             (file_identity(), any::<i32>(), any::<i64>())
                 .prop_map(|(file, flags, pos)| FileDesc::Regular { file, flags, pos }),
-            (s(), any::<i32>()).prop_map(|(path, flags)| FileDesc::Directory { path, flags }),
+            (s(), any::<i32>(), any::<i64>()).prop_map(|(path, flags, pos)| FileDesc::Directory {
+                path,
+                flags,
+                pos
+            }),
             (s(), any::<u64>(), any::<i32>(), any::<i64>()).prop_map(|(path, rdev, flags, pos)| {
                 FileDesc::CharDev {
                     path,

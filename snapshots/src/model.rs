@@ -680,10 +680,9 @@ pub enum FileDesc {
         flags: i32,
         pos: i64,
     },
-    Directory {
-        path: String,
-        flags: i32,
-    },
+    /// A directory, at its read position (`getdents` continues from there: a cookie of
+    /// the filesystem's).
+    Directory { path: String, flags: i32, pos: i64 },
     /// A character device reopened by path (`/dev/null`, `/dev/zero`, `/dev/urandom`, ...).
     CharDev {
         path: String,
@@ -692,22 +691,12 @@ pub enum FileDesc {
         pos: i64,
     },
     /// One end of a pipe in `Manifest::pipes`.
-    Pipe {
-        pipe: u64,
-        write: bool,
-        flags: i32,
-    },
+    Pipe { pipe: u64, write: bool, flags: i32 },
     /// An open of a named FIFO at `path`: its pipe (buffered bytes, capacity) is
     /// `Manifest::pipes[fifo]`. Restored by opening the FIFO again and refilling it.
-    Fifo {
-        path: String,
-        fifo: u64,
-        flags: i32,
-    },
+    Fifo { path: String, fifo: u64, flags: i32 },
     /// The launcher's stdin/stdout/stderr: at restore, the caller's fd `stdio` (0, 1 or 2).
-    External {
-        stdio: u8,
-    },
+    External { stdio: u8 },
     /// `eventfd`: its counter and whether it counts as a semaphore (`EFD_SEMAPHORE`).
     EventFd {
         count: u64,
@@ -735,10 +724,7 @@ pub enum FileDesc {
         realtime_deadline_ns: Option<u64>,
     },
     /// `signalfd`: the signals it reads (bit N-1 for signal N).
-    SignalFd {
-        mask: u64,
-        flags: i32,
-    },
+    SignalFd { mask: u64, flags: i32 },
     /// `memfd_create`: name (without the `memfd:` prefix), whole contents and seals.
     Memfd {
         name: String,
@@ -807,11 +793,7 @@ pub enum FileDesc {
     },
     /// An open of `Manifest::shared_files[id]` (a deleted file or memfd that is also
     /// mapped): opened again from that one object.
-    SharedFile {
-        id: u64,
-        flags: i32,
-        pos: i64,
-    },
+    SharedFile { id: u64, flags: i32, pos: i64 },
     /// A TCP socket whose connection is over (state CLOSE) but still open in the app:
     /// restored as a connection that ended the same way. `reset`: an error is pending
     /// (the peer reset it; the app's next read fails with ECONNRESET, then EOF);
@@ -824,10 +806,7 @@ pub enum FileDesc {
     /// The client end of a unix connection still waiting in a listener's accept queue:
     /// `Manifest::unix_queues` has it (`UnixQueuedConn::id == conn`), and the restore
     /// creates it by connecting to that listener.
-    UnixQueued {
-        conn: u64,
-        flags: i32,
-    },
+    UnixQueued { conn: u64, flags: i32 },
     /// The master of a pseudo-terminal the app opened itself (`/dev/ptmx` or
     /// `/dev/pts/ptmx`, `path`), with the state of the pair. A pty has one master open
     /// file description, so this is the pty's record; its slaves are [`FileDesc::PtySlave`].
@@ -838,10 +817,7 @@ pub enum FileDesc {
     },
     /// An open of the slave `/dev/pts/INDEX` of a pty whose master the tree holds
     /// ([`FileDesc::PtyMaster`] with that index).
-    PtySlave {
-        index: u32,
-        flags: i32,
-    },
+    PtySlave { index: u32, flags: i32 },
     /// An established TCP connection dumped with `tcp_established`: its state as
     /// `TCP_REPAIR` reads it, restored in repair mode so that the peer sees nothing.
     TcpEstablished(Box<TcpConnection>),

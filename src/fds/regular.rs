@@ -52,6 +52,7 @@ pub fn dump(t: &Target, meta: &std::fs::Metadata) -> Result<FileDesc> {
         libc::S_IFDIR => Ok(FileDesc::Directory {
             path: t.link.to_owned(),
             flags,
+            pos: t.info.pos,
         }),
         _ if STATELESS_DEVICES.contains(&t.link) => Ok(FileDesc::CharDev {
             path: t.link.to_owned(),
@@ -91,8 +92,12 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
             }
             ins.keep_high(fd)
         }
-        FileDesc::Directory { path, flags } => {
-            ins.keep_high(open_path(path, flags | libc::O_DIRECTORY, 0)?)
+        FileDesc::Directory { path, flags, pos } => {
+            let fd = open_path(path, flags | libc::O_DIRECTORY, 0)?;
+            if *pos != 0 {
+                seek(fd.as_fd(), *pos, &format!("directory {path}"))?;
+            }
+            ins.keep_high(fd)
         }
         FileDesc::CharDev { path, flags, .. } => ins.keep_high(open_path(path, *flags, 0)?),
         FileDesc::Ghost {
