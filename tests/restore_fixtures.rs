@@ -71,6 +71,12 @@ fn directory_read_position() {
     run_fixture("dir_pos", true);
 }
 
+/// Each thread's CPU affinity (the main thread kept to CPU 0, a worker to the last CPU).
+#[test]
+fn cpu_affinity_per_thread() {
+    run_fixture("affinity", false);
+}
+
 #[test]
 fn pipe_with_unread_data() {
     run_fixture("pipe", false);

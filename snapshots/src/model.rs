@@ -1080,7 +1080,14 @@ pub struct ThreadAttrs {
     pub timerslack_ns: u64,
     /// `PR_GET_PDEATHSIG`: the signal the thread gets when its parent dies (0: none).
     pub pdeathsig: i32,
+    /// `sched_getaffinity` (CPUs 0..1023, bit N of word N / 64) when the thread was kept
+    /// off some online CPU of the dumping host (`None`: it could run on all of them, and
+    /// a restored thread keeps what its restorer has).
+    pub cpus: Option<[u64; CPU_MASK_WORDS]>,
 }
+
+/// Words of a thread's CPU affinity mask in [`ThreadAttrs::cpus`] (1024 CPUs).
+pub const CPU_MASK_WORDS: usize = 16;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AltStack {

@@ -1,10 +1,65 @@
 //! Per-thread scheduling attributes of any thread, read and set from outside:
-//! `sched_getattr`/`sched_setattr`, `ioprio_get`/`ioprio_set`, and the timer slack
-//! (`/proc/TID/timerslack_ns`).
+//! `sched_getattr`/`sched_setattr`, `ioprio_get`/`ioprio_set`, the timer slack
+//! (`/proc/TID/timerslack_ns`) and the CPU affinity (`sched_getaffinity`).
 
 use std::io;
 
-use warmstart_snapshots::model::ThreadAttrs;
+use warmstart_snapshots::model::{ThreadAttrs, CPU_MASK_WORDS};
+
+type CpuMask = [u64; CPU_MASK_WORDS];
+
+/// The online CPUs of this host (`/sys/devices/system/cpu/online`: `0-3,6`).
+fn online_cpus() -> io::Result<CpuMask> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online")?;
+    let mut mask = [0u64; CPU_MASK_WORDS];
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.parse().map_err(io::Error::other)?,
+            b.parse().map_err(io::Error::other)?,
+        );
+        for cpu in a..=b.min(CPU_MASK_WORDS * 64 - 1) {
+            mask[cpu / 64] |= 1 << (cpu % 64);
+        }
+    }
+    Ok(mask)
+}
+
+/// Thread `tid`'s affinity when it leaves out an online CPU, else `None`. A host with
+/// more CPUs than the mask holds (`EINVAL`) counts as unpinned.
+fn affinity(tid: i32) -> io::Result<Option<CpuMask>> {
+    let mut mask = [0u64; CPU_MASK_WORDS];
+    // SAFETY: the kernel writes at most `size_of_val(&mask)` bytes into the live `mask`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            tid,
+            std::mem::size_of_val(&mask),
+            mask.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let online = online_cpus()?;
+    let all = online.iter().zip(&mask).all(|(o, m)| o & !m == 0);
+    Ok((!all).then_some(mask))
+}
+
+/// `mask` as a CPU list (`0,2-3`), for messages.
+fn cpu_list(mask: &CpuMask) -> String {
+    let cpus: Vec<usize> = (0..CPU_MASK_WORDS * 64)
+        .filter(|&c| mask[c / 64] & (1 << (c % 64)) != 0)
+        .collect();
+    cpus.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// `struct sched_attr` (`SCHED_ATTR_SIZE_VER1`).
 #[repr(C)]
@@ -70,6 +125,7 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
         ioprio,
         timerslack_ns: slack.trim().parse().map_err(io::Error::other)?,
         pdeathsig: 0,
+        cpus: affinity(tid)?,
     })
 }
 
@@ -136,6 +192,24 @@ pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
             )
         })
         .map_err(|e| format!("setting I/O priority {:#x}: {e}", want.ioprio))?;
+    }
+    if let Some(mask) = want.cpus.filter(|m| now.cpus != Some(*m)) {
+        // SAFETY: the kernel reads `size_of_val(&mask)` bytes from the live `mask`.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_sched_setaffinity,
+                tid,
+                std::mem::size_of_val(&mask),
+                mask.as_ptr(),
+            )
+        })
+        .map_err(|e| {
+            format!(
+                "setting CPU affinity to CPUs {} (the thread was kept to them; this host \
+                 must have at least one of them online and allowed): {e}",
+                cpu_list(&mask)
+            )
+        })?;
     }
     if now.timerslack_ns != want.timerslack_ns {
         std::fs::write(
