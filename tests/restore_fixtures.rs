@@ -77,6 +77,20 @@ fn cpu_affinity_per_thread() {
     run_fixture("affinity", false);
 }
 
+/// Socket options beyond the common ones (SO_LINGER, timeouts, priority, mark, TCP
+/// keepalive and user timeout, congestion control, IP_TOS, IPv6 hop limit, ...).
+#[test]
+fn socket_options() {
+    zdtm_run(
+        "sockopts",
+        &fixture("sockopts"),
+        &Zdtm {
+            not_served: Some("serve parks no instance holding network sockets but listeners"),
+            ..Zdtm::default()
+        },
+    );
+}
+
 #[test]
 fn pipe_with_unread_data() {
     run_fixture("pipe", false);

@@ -37,8 +37,8 @@ pub const FORMAT_VERSION: u32 = 17;
 /// The oldest version this build reads.
 /// 14 added `HostFacts::vdso_image` (the dumping host's vdso), 15 `cpu_features` and
 /// `xsave_layout`, 16 `cpu_baseline`, 17 a timerfd's `settime_flags` and
-/// `realtime_deadline_ns`, a directory's `pos` and a thread's `cpus`: an older
-/// manifest no longer decodes.
+/// `realtime_deadline_ns`, a directory's `pos`, a thread's `cpus` and a socket's
+/// `more` options: an older manifest no longer decodes.
 pub const MIN_FORMAT_VERSION: u32 = 17;
 pub const HEADER_LEN: usize = 52;
 

@@ -953,7 +953,7 @@ pub enum UnixAddr {
 
 /// Socket options restored on an inet socket; buffer sizes are as `getsockopt` reports
 /// them (the kernel doubles what `setsockopt` asks for), `None` when they were the default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SockOptions {
     pub reuseaddr: bool,
     pub reuseport: bool,
@@ -962,6 +962,9 @@ pub struct SockOptions {
     pub v6only: bool,
     pub rcvbuf: Option<u32>,
     pub sndbuf: Option<u32>,
+    /// Further options whose value differed from a new socket's: (level, name, the
+    /// bytes `getsockopt` gave), set back as they are.
+    pub more: Vec<(i32, i32, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -185,6 +185,12 @@ pub fn dump(
             }
         }
     }
+    if let Some(n) = attached_filter(copy) {
+        return Err(t.refuse(format_args!(
+            "a socket with a filter attached (SO_ATTACH_FILTER or SO_ATTACH_BPF, {n} \
+             instructions)"
+        )));
+    }
     if kind == "udp" {
         if let Some(len) = queued_datagram(copy)? {
             return Err(anyhow!(
@@ -436,6 +442,19 @@ fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<S
         let d = getsockopt_int(&fresh, libc::SOL_SOCKET, opt)?;
         Ok((v != d).then_some(v as u32))
     };
+    let mut more = Vec::new();
+    for &(level, name, label) in MORE_OPTIONS {
+        let (Some(v), fresh) = (
+            getsockopt_bytes(fd, level, name),
+            getsockopt_bytes(&fresh, level, name),
+        ) else {
+            continue; // not an option of this kind of socket
+        };
+        if fresh.as_ref() != Some(&v) {
+            tracing::debug!("socket option {label} differs from a new socket's");
+            more.push((level, name, v));
+        }
+    }
     Ok(SockOptions {
         reuseaddr: get(libc::SOL_SOCKET, libc::SO_REUSEADDR)?,
         reuseport: get(libc::SOL_SOCKET, libc::SO_REUSEPORT)?,
@@ -444,7 +463,142 @@ fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<S
         v6only: family == libc::AF_INET6 && get(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?,
         rcvbuf: buf(libc::SO_RCVBUF)?,
         sndbuf: buf(libc::SO_SNDBUF)?,
+        more,
     })
+}
+
+/// `SO_TXREHASH` (Linux 5.19; not in the libc crate).
+const SO_TXREHASH: i32 = 74;
+
+/// Options a socket keeps that a new socket of its kind may not have: compared with a
+/// new socket's at dump, restored byte for byte (in this order, before the bind) where
+/// they differ. Those a kind of socket does not have (`ENOPROTOOPT`) are passed over.
+const MORE_OPTIONS: &[(i32, i32, &str)] = &[
+    // First: setting the type of service also sets SO_PRIORITY, which follows.
+    (libc::IPPROTO_IP, libc::IP_TOS, "IP_TOS"),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, "IPV6_TCLASS"),
+    (libc::SOL_SOCKET, libc::SO_BINDTODEVICE, "SO_BINDTODEVICE"),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY, "SO_PRIORITY"),
+    (libc::SOL_SOCKET, libc::SO_MARK, "SO_MARK"),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE, "SO_OOBINLINE"),
+    (libc::SOL_SOCKET, libc::SO_TIMESTAMP, "SO_TIMESTAMP"),
+    (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT, "SO_RCVLOWAT"),
+    (libc::SOL_SOCKET, libc::SO_DONTROUTE, "SO_DONTROUTE"),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST, "SO_BROADCAST"),
+    (libc::SOL_SOCKET, libc::SO_LINGER, "SO_LINGER"),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO, "SO_RCVTIMEO"),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO, "SO_SNDTIMEO"),
+    (libc::SOL_SOCKET, libc::SO_BUSY_POLL, "SO_BUSY_POLL"),
+    (libc::SOL_SOCKET, libc::SO_ZEROCOPY, "SO_ZEROCOPY"),
+    (libc::SOL_SOCKET, libc::SO_PASSCRED, "SO_PASSCRED"),
+    (libc::SOL_SOCKET, libc::SO_PEEK_OFF, "SO_PEEK_OFF"),
+    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL, "SO_RXQ_OVFL"),
+    (libc::SOL_SOCKET, SO_TXREHASH, "SO_TXREHASH"),
+    (libc::IPPROTO_TCP, libc::TCP_CONGESTION, "TCP_CONGESTION"),
+    (libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, "TCP_KEEPCNT"),
+    (libc::IPPROTO_TCP, libc::TCP_SYNCNT, "TCP_SYNCNT"),
+    (libc::IPPROTO_TCP, libc::TCP_LINGER2, "TCP_LINGER2"),
+    (
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        "TCP_DEFER_ACCEPT",
+    ),
+    (
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+        "TCP_WINDOW_CLAMP",
+    ),
+    (
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        "TCP_USER_TIMEOUT",
+    ),
+    (
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        "TCP_NOTSENT_LOWAT",
+    ),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN, "TCP_FASTOPEN"),
+    (libc::IPPROTO_IP, libc::IP_TTL, "IP_TTL"),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND, "IP_FREEBIND"),
+    (libc::IPPROTO_IP, libc::IP_RECVERR, "IP_RECVERR"),
+    (libc::IPPROTO_IP, libc::IP_PKTINFO, "IP_PKTINFO"),
+    (libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, "IP_MULTICAST_TTL"),
+    (
+        libc::IPPROTO_IP,
+        libc::IP_MULTICAST_LOOP,
+        "IP_MULTICAST_LOOP",
+    ),
+    (
+        libc::IPPROTO_IPV6,
+        libc::IPV6_UNICAST_HOPS,
+        "IPV6_UNICAST_HOPS",
+    ),
+    (
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVPKTINFO,
+        "IPV6_RECVPKTINFO",
+    ),
+    (
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MULTICAST_HOPS,
+        "IPV6_MULTICAST_HOPS",
+    ),
+    (
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MULTICAST_LOOP,
+        "IPV6_MULTICAST_LOOP",
+    ),
+];
+
+/// The number of instructions of the socket filter attached to `fd` (`SO_ATTACH_FILTER`
+/// or `SO_ATTACH_BPF`), if one is.
+fn attached_filter(fd: &impl AsRawFd) -> Option<u32> {
+    let mut n: libc::socklen_t = 0;
+    let mut none = 0u8;
+    // SAFETY: with a zero length SO_GET_FILTER only reports the filter's instruction
+    // count in `n`; nothing is written through the (valid, one-byte) buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&mut none as *mut u8).cast(),
+            &mut n,
+        )
+    };
+    (r == 0 && n > 0).then_some(n)
+}
+
+/// The label of option (`level`, `name`) in [`MORE_OPTIONS`], for messages.
+fn option_label(level: i32, name: i32) -> String {
+    MORE_OPTIONS
+        .iter()
+        .find(|o| o.0 == level && o.1 == name)
+        .map_or_else(|| format!("option {level}/{name}"), |o| o.2.to_owned())
+}
+
+/// `getsockopt` into a buffer of up to 64 bytes: the bytes the kernel gave, `None` when
+/// the socket has no such option.
+fn getsockopt_bytes(fd: &impl AsRawFd, level: i32, name: i32) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 64];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is a live 64-byte buffer and `len` says so: the kernel writes at
+    // most that much and puts the length it wrote in `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then(|| buf[..(len as usize).min(buf.len())].to_vec())
 }
 
 /// What holds TCP port `port` (for the "in use" message): each socket on it with its
@@ -529,7 +683,7 @@ pub fn recorded_listeners(m: &warmstart_snapshots::model::Manifest) -> Vec<Recor
                     fd: f.fd,
                     local,
                     backlog: *backlog,
-                    options: *options,
+                    options: options.clone(),
                     flags: *flags,
                 });
             }
@@ -665,7 +819,7 @@ fn new_listener(l: &RecordedListener, to: SocketAddr) -> Result<OwnedFd> {
         libc::AF_INET6
     };
     let fd = new_socket(family, libc::SOCK_STREAM, 0)?;
-    let mut o = l.options;
+    let mut o = l.options.clone();
     o.v6only &= family == libc::AF_INET6;
     set_options(fd.as_fd(), &o)?;
     bind_addr(fd.as_fd(), family, &to)?;
@@ -785,6 +939,24 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
 
 fn set_options(fd: BorrowedFd<'_>, o: &SockOptions) -> Result<()> {
     set_flags(fd, o)?;
+    for (level, name, v) in &o.more {
+        // SAFETY: `v` is a live buffer of the length passed; the kernel only reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                *level,
+                *name,
+                v.as_ptr().cast(),
+                v.len() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(errno_err(format!(
+                "setting socket option {} back",
+                option_label(*level, *name)
+            )));
+        }
+    }
     if o.v6only {
         setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1, "IPV6_V6ONLY")?;
     }

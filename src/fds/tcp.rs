@@ -240,6 +240,7 @@ fn read_state(
         // the queues, and sets them (which fixes them at these sizes).
         rcvbuf: Some(getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF)? as u32),
         sndbuf: Some(getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF)? as u32),
+        more: Vec::new(),
     };
     let int = |opt| getsockopt_int(&fd, libc::IPPROTO_TCP, opt);
     Ok(FileDesc::TcpEstablished(Box::new(TcpConnection {
