@@ -459,7 +459,6 @@ fn unrestorable_state_is_refused_by_name() {
             "thread-fs",
             "has a filesystem context of its own (unshare(CLONE_FS)",
         ),
-        ("sigio", "is set up for signal-driven I/O (owner "),
     ] {
         let ws = Ws::new();
         let out = ws.run(

@@ -373,13 +373,7 @@ pub fn collect_in_tree(
         // A dup shares the state read for its first fd.
         let file = match tree.seen.get(&ofd) {
             Some(file) => file.clone(),
-            None => {
-                let file = classify(&t, &mut tree.shared)?;
-                if !matches!(file, FileDesc::External { .. }) {
-                    refuse_async_owner(&t)?;
-                }
-                file
-            }
+            None => classify(&t, &mut tree.shared)?,
         };
         tree.seen.entry(ofd).or_insert_with(|| file.clone());
         if !matches!(file, FileDesc::External { .. }) {
@@ -393,35 +387,6 @@ pub fn collect_in_tree(
         });
     }
     Ok((fds, file_locks))
-}
-
-/// Refuses an open file description with signal-driven I/O set up on it: an owner
-/// (`F_SETOWN`/`F_SETOWN_EX`, who gets `SIGIO`) or a signal of its own (`F_SETSIG`). A
-/// restore would leave both unset, so the app would silently get no signal.
-fn refuse_async_owner(t: &Target) -> Result<()> {
-    /// `F_GETOWN_EX` and `F_GETSIG` (`<fcntl.h>`; not in the libc crate).
-    const F_GETOWN_EX: libc::c_int = 16;
-    const F_GETSIG: libc::c_int = 11;
-    #[repr(C)]
-    struct FOwnerEx {
-        kind: libc::c_int,
-        pid: libc::pid_t,
-    }
-    let copy = t.copy()?;
-    let mut owner = FOwnerEx { kind: 0, pid: 0 };
-    // SAFETY: F_GETOWN_EX writes one `struct f_owner_ex` (two ints) to the live `owner`.
-    let r = unsafe { libc::fcntl(copy.as_raw_fd(), F_GETOWN_EX, &mut owner) };
-    // SAFETY: F_GETSIG takes no argument.
-    let sig = unsafe { libc::fcntl(copy.as_raw_fd(), F_GETSIG) };
-    if (r == 0 && owner.pid != 0) || sig > 0 {
-        return Err(t.refuse(format_args!(
-            "set up for signal-driven I/O (owner {} of type {}, signal {})",
-            owner.pid,
-            owner.kind,
-            sig.max(0)
-        )));
-    }
-    Ok(())
 }
 
 /// The pid of `pid` in its own (innermost) pid namespace: the last `NSpid:` field.
