@@ -315,6 +315,23 @@ fn named_fifos_with_buffered_bytes() {
     run_fixture("fifo", true);
 }
 
+/// The same FIFOs in the app's private `/tmp` (`record` without `--share-tmp`): they are
+/// made again in each instance's `/tmp`, and their fds reopen them there.
+#[test]
+fn named_fifos_in_the_private_tmp() {
+    let dir = tempdir("tmp-fifo");
+    let cold = dir.path().to_str().unwrap().to_owned();
+    zdtm_run(
+        "fifo",
+        &fixture("fifo"),
+        &Zdtm {
+            cold_args: &[&cold],
+            record_args: &["/tmp"],
+            ..Zdtm::default()
+        },
+    );
+}
+
 /// A thread without an alternate signal stack has none after the restore, one with an
 /// alternate stack has the same one, and an `SA_ONSTACK` handler runs on the right stack in
 /// both (DESIGN 11).

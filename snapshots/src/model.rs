@@ -302,6 +302,9 @@ pub enum TmpKind {
         inline: Vec<u8>,
         pages: Vec<PageRun>,
     },
+    /// A named FIFO (made again empty: what an fd of the tree had buffered in it comes
+    /// back with that fd).
+    Fifo,
 }
 
 /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` as the dumped tree saw them (its own time

@@ -3,7 +3,7 @@
 //! SQLite database in WAL mode maps its `-shm` file, which SQLite deletes when the last
 //! connection closes). At the warm point every directory, file and symlink of it goes
 //! into the snapshot; file contents through the page store (deduplicated like memory),
-//! small ones inline. Sockets and FIFOs are left out: the fds that use them recreate
+//! small ones inline; FIFOs are made again, empty. Sockets are left out: the fds that use them recreate
 //! what they need.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -71,8 +71,10 @@ pub fn collect(pid: i32, writer: &mut PageWriter<'_>) -> Result<Vec<TmpEntry>> {
                 }
             } else if ft.is_file() {
                 file(&full, meta.size(), writer).with_context(|| format!("storing /tmp/{rel}"))?
+            } else if ft.is_fifo() {
+                TmpKind::Fifo
             } else {
-                if !(ft.is_socket() || ft.is_fifo()) {
+                if !ft.is_socket() {
                     tracing::warn!("/tmp/{rel} is a device node: not kept in the snapshot");
                 }
                 continue;

@@ -133,6 +133,10 @@ fn fill(root: &std::path::Path, entries: &[TmpEntry], snap: &Snapshot) -> Result
                 let f = std::fs::File::create(&path).with_context(what)?;
                 write_file(&f, *size, inline, pages, snap).with_context(what)?;
             }
+            TmpKind::Fifo => {
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .with_context(what)?
+            }
         }
         set_owner(&path, &e.owner, matches!(e.kind, TmpKind::Symlink { .. })).with_context(what)?;
         if !matches!(e.kind, TmpKind::Dir) {
