@@ -483,11 +483,20 @@ fn collect_process(
     let timer_ids: Vec<i32> = proc_timers.iter().map(|t| t.id).collect();
     let seccomp_filters = seccomp::filters(pid, info.seccomp_mode, opts.own_seccomp_filters)
         .with_context(|| format!("process {pid} ({})", info.comm))?;
-    let host_tids: Vec<i32> = raw_regs.iter().map(|&(tid, _, _)| tid).collect();
-    seccomp::check_threads(pid, &host_tids, &seccomp_filters, opts.own_seccomp_filters)
-        .with_context(|| format!("process {pid} ({})", info.comm))?;
-    process::check_shared_fs(pid, &host_tids)
-        .with_context(|| format!("process {pid} ({})", info.comm))?;
+    // What a restore gives the whole process, every other thread must have as the
+    // main thread has it: the seccomp filters and the filesystem context.
+    if raw_regs.len() > 1 {
+        let leader_fs = process::fs_context(pid, pid, &process::thread_status(pid, pid)?)?;
+        for &(tid, _, _) in raw_regs.iter().filter(|r| r.0 != pid) {
+            let status = process::thread_status(pid, tid)?;
+            seccomp::check_thread(tid, &status, &seccomp_filters, opts.own_seccomp_filters)
+                .and_then(|()| {
+                    let theirs = process::fs_context(pid, tid, &status)?;
+                    process::check_shared_fs(tid, &theirs, &leader_fs)
+                })
+                .with_context(|| format!("process {pid} ({})", info.comm))?;
+        }
+    }
     times.collect += t.elapsed();
 
     // Per-thread state only the thread can read about itself; the process-wide part

@@ -28,7 +28,7 @@ pub struct ProcInfo {
     pub auxv: Vec<u64>,
 }
 
-fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
@@ -275,46 +275,51 @@ pub fn zombie(pid: i32) -> Result<warmstart_snapshots::model::Process> {
     })
 }
 
-/// Checks that every thread of process `pid` (`tids`, host tids) shares its leader's
-/// filesystem context (cwd, root, umask): a thread that called `unshare(CLONE_FS)` has
-/// its own, and a restore, which gives the process one, would silently change it.
-pub fn check_shared_fs(pid: i32, tids: &[i32]) -> Result<()> {
-    let fs_of = |tid: i32| -> Result<(String, String, String)> {
-        let dir = format!("/proc/{pid}/task/{tid}");
-        let link = |name: &str| {
-            std::fs::read_link(format!("{dir}/{name}"))
-                .map(|p| p.to_string_lossy().into_owned())
-                .with_context(|| format!("reading {dir}/{name}"))
-        };
-        let status = std::fs::read_to_string(format!("{dir}/status"))
-            .with_context(|| format!("reading {dir}/status"))?;
-        let umask = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Umask:"))
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        Ok((link("cwd")?, link("root")?, umask))
+/// `/proc/PID/task/TID/status`.
+pub fn thread_status(pid: i32, tid: i32) -> Result<String> {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+}
+
+/// A thread's filesystem context: cwd, root and umask (shared by every thread unless one
+/// called `unshare(CLONE_FS)`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FsContext {
+    cwd: String,
+    root: String,
+    umask: String,
+}
+
+/// The filesystem context of thread `tid` of `pid`, whose status text is `status`.
+pub fn fs_context(pid: i32, tid: i32, status: &str) -> Result<FsContext> {
+    let link = |name: &str| {
+        let path = format!("/proc/{pid}/task/{tid}/{name}");
+        std::fs::read_link(&path)
+            .map(|p| p.to_string_lossy().into_owned())
+            .with_context(|| format!("reading {path}"))
     };
-    if tids.len() < 2 {
-        return Ok(());
-    }
-    let leader = fs_of(pid)?;
-    for &tid in tids.iter().filter(|&&t| t != pid) {
-        let theirs = fs_of(tid)?;
-        if theirs != leader {
-            anyhow::bail!(
-                "thread {tid} has a filesystem context of its own (unshare(CLONE_FS): cwd \
-                 {}, root {}, umask {} against the process's {}, {}, {}), which warmstart \
-                 cannot checkpoint yet (a restore gives all threads the process's)",
-                theirs.0,
-                theirs.1,
-                theirs.2,
-                leader.0,
-                leader.1,
-                leader.2
-            );
-        }
+    Ok(FsContext {
+        cwd: link("cwd")?,
+        root: link("root")?,
+        umask: status_field(status, "Umask").unwrap_or("").to_owned(),
+    })
+}
+
+/// Checks that thread `tid` shares `leader`, its main thread's filesystem context: a
+/// restore gives the process one, so a thread with its own would silently lose it.
+pub fn check_shared_fs(tid: i32, theirs: &FsContext, leader: &FsContext) -> Result<()> {
+    if theirs != leader {
+        bail!(
+            "thread {tid} has a filesystem context of its own (unshare(CLONE_FS): cwd {}, \
+             root {}, umask {} against the process's {}, {}, {}), which warmstart cannot \
+             checkpoint yet (a restore gives all threads the process's)",
+            theirs.cwd,
+            theirs.root,
+            theirs.umask,
+            leader.cwd,
+            leader.root,
+            leader.umask
+        );
     }
     Ok(())
 }

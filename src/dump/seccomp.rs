@@ -62,32 +62,24 @@ pub fn filters(tid: i32, mode: u32, skip_oldest: usize) -> Result<Vec<Vec<u8>>> 
     Ok(out.split_off(skip))
 }
 
-/// The seccomp mode of thread `tid` of process `pid` (`Seccomp:` of its status).
-pub fn mode(pid: i32, tid: i32) -> Result<u32> {
-    let path = format!("/proc/{pid}/task/{tid}/status");
-    let status =
-        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{path} has no Seccomp line"))
-}
-
-/// Checks that every thread of process `pid` (`tids`, host tids) has the seccomp
-/// filters `leader` of its leader: a restore installs one stack for the whole process
-/// (its threads inherit it), so a thread that installed a filter of its own (without
-/// `SECCOMP_FILTER_FLAG_TSYNC`) would silently get the leader's.
-pub fn check_threads(pid: i32, tids: &[i32], leader: &[Vec<u8>], skip_oldest: usize) -> Result<()> {
-    for &tid in tids.iter().filter(|&&t| t != pid) {
-        let theirs = filters(tid, mode(pid, tid)?, skip_oldest)?;
-        if theirs != leader {
-            anyhow::bail!(
-                "thread {tid} has other seccomp filters than its process's main thread                  ({} against {}): a restore gives every thread the same filters, so this                  process cannot be restored as it is (install filters with                  SECCOMP_FILTER_FLAG_TSYNC to give every thread the same)",
-                theirs.len(),
-                leader.len()
-            );
-        }
+/// Checks that thread `tid` (its `/proc/.../status` text `status`) has `leader`, the
+/// filters of its process's main thread: a restore installs one stack for the whole
+/// process (its threads inherit it), so a thread that installed a filter of its own
+/// (without `SECCOMP_FILTER_FLAG_TSYNC`) would silently get the leader's.
+pub fn check_thread(tid: i32, status: &str, leader: &[Vec<u8>], skip_oldest: usize) -> Result<()> {
+    let mode = super::process::status_field(status, "Seccomp")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("thread {tid}: its status has no Seccomp line"))?;
+    let theirs = filters(tid, mode, skip_oldest)?;
+    if theirs != leader {
+        anyhow::bail!(
+            "thread {tid} has other seccomp filters than its process's main thread ({} \
+             against {}): a restore gives every thread the same filters, so this process \
+             cannot be restored as it is (install filters with SECCOMP_FILTER_FLAG_TSYNC to \
+             give every thread the same)",
+            theirs.len(),
+            leader.len()
+        );
     }
     Ok(())
 }

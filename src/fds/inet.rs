@@ -436,7 +436,7 @@ pub(super) fn connect_addr(
 fn options(fd: &OwnedFd, family: i32, sock_type: i32, protocol: i32) -> Result<SockOptions> {
     let get = |level, opt| getsockopt_int(fd, level, opt).map(|v| v != 0);
     let fresh = new_socket(family, sock_type, protocol)
-        .context("creating a socket to compare buffer sizes")?;
+        .context("creating a socket to compare the options with")?;
     let buf = |opt| -> Result<Option<u32>> {
         let v = getsockopt_int(fd, libc::SOL_SOCKET, opt)?;
         let d = getsockopt_int(&fresh, libc::SOL_SOCKET, opt)?;

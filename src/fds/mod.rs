@@ -1016,21 +1016,21 @@ pub fn late_timerfds(m: &Manifest, p: &Process) -> Vec<LateTimerFd> {
                 ..
             } if seen.insert(f.ofd) => {
                 let value = timerfd::value_to_arm(value_ns, interval_ns);
-                let abs = settime_flags & libc::TFD_TIMER_ABSTIME != 0 && value != 0;
-                let dump_clock = match clockid {
-                    libc::CLOCK_MONOTONIC => Some(m.clocks.monotonic_ns),
-                    libc::CLOCK_BOOTTIME | libc::CLOCK_BOOTTIME_ALARM => Some(m.clocks.boottime_ns),
+                // The clocks of the hand-out start again from the dump's.
+                let at_dump = |clock| match clock {
+                    libc::CLOCK_MONOTONIC => u64::try_from(m.clocks.monotonic_ns).ok(),
+                    libc::CLOCK_BOOTTIME | libc::CLOCK_BOOTTIME_ALARM => {
+                        u64::try_from(m.clocks.boottime_ns).ok()
+                    }
                     _ => None,
                 };
-                let (settime_flags, value_ns) = match (realtime_deadline_ns, dump_clock) {
-                    (Some(_), _) => {
-                        timerfd::how_to_arm(clockid, value, settime_flags, realtime_deadline_ns)
-                    }
-                    (None, Some(at)) if abs && at >= 0 => {
-                        (libc::TFD_TIMER_ABSTIME, at as u64 + value)
-                    }
-                    _ => (0, value),
-                };
+                let (settime_flags, value_ns) = timerfd::how_to_arm(
+                    clockid,
+                    value,
+                    settime_flags,
+                    realtime_deadline_ns,
+                    at_dump,
+                );
                 (value != 0 || ticks != 0).then_some(LateTimerFd {
                     fd: f.fd,
                     interval_ns,

@@ -27,10 +27,6 @@ use super::{errno_err, FdInfo, Installer, Target};
 /// `_IOW('T', 0, __u64)`.
 pub const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
 
-/// `TFD_TIMER_ABSTIME` and `TFD_TIMER_CANCEL_ON_SET`.
-const TFD_TIMER_ABSTIME: i32 = 1;
-const TFD_TIMER_CANCEL_ON_SET: i32 = 2;
-
 /// The clocks whose absolute timers are due at a wall-clock time.
 fn is_realtime(clockid: i32) -> bool {
     clockid == libc::CLOCK_REALTIME || clockid == libc::CLOCK_REALTIME_ALARM
@@ -41,7 +37,7 @@ pub fn dump(t: &Target) -> Result<FileDesc> {
         .ok_or_else(|| anyhow!("{}: cannot parse the timerfd's fdinfo", t.context()))?;
     let settime_flags = settime_flags(t.info);
     let realtime_deadline_ns =
-        (settime_flags & TFD_TIMER_ABSTIME != 0 && is_realtime(clockid) && value_ns > 0)
+        (settime_flags & libc::TFD_TIMER_ABSTIME != 0 && is_realtime(clockid) && value_ns > 0)
             .then(|| now_ns(libc::CLOCK_REALTIME) + value_ns);
     Ok(FileDesc::TimerFd {
         clockid,
@@ -59,36 +55,33 @@ fn settime_flags(info: &FdInfo) -> i32 {
     info.field("settime flags")
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
         .unwrap_or(0)
-        & (TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET)
+        & (libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET)
 }
 
-/// `clock`'s time now, in ns.
+/// `clock`'s time now, in ns (never before the epoch on the clocks of a timerfd).
 fn now_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to the live local `ts`.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::sys::timens::now_ns(clock).max(0) as u64
 }
 
 /// How to arm a restored timerfd: the `timerfd_settime` flags and `it_value` (ns), from
 /// what was dumped (`value_ns` already made armable by [`value_to_arm`]). An absolute
-/// timer on another clock than realtime is due `value_ns` from now on its clock.
+/// timer on a realtime clock is armed at its deadline; one on another clock is due
+/// `value_ns` after `now(clockid)`, the time its clock reads when it starts again
+/// (relative when that is not known: `None`).
 pub fn how_to_arm(
     clockid: i32,
     value_ns: u64,
     settime_flags: i32,
     realtime_deadline_ns: Option<u64>,
+    now: impl FnOnce(i32) -> Option<u64>,
 ) -> (i32, u64) {
-    if value_ns == 0 || settime_flags & TFD_TIMER_ABSTIME == 0 {
+    if value_ns == 0 || settime_flags & libc::TFD_TIMER_ABSTIME == 0 {
         return (0, value_ns);
     }
     match realtime_deadline_ns {
         Some(deadline) => (settime_flags, deadline),
         None if is_realtime(clockid) => (0, value_ns),
-        None => (TFD_TIMER_ABSTIME, now_ns(clockid) + value_ns),
+        None => now(clockid).map_or((0, value_ns), |t| (libc::TFD_TIMER_ABSTIME, t + value_ns)),
     }
 }
 
@@ -156,7 +149,13 @@ pub fn restore(ins: &mut Installer, file: &FileDesc) -> Result<RawFd> {
         return ins.keep_high(fd);
     }
     let value_ns = value_to_arm(value_ns, interval_ns);
-    let (arm_flags, value_ns) = how_to_arm(clockid, value_ns, settime_flags, realtime_deadline_ns);
+    let (arm_flags, value_ns) = how_to_arm(
+        clockid,
+        value_ns,
+        settime_flags,
+        realtime_deadline_ns,
+        |c| Some(now_ns(c)),
+    );
     let spec = libc::itimerspec {
         it_interval: timespec(interval_ns),
         it_value: timespec(value_ns),

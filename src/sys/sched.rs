@@ -25,9 +25,9 @@ fn online_cpus() -> io::Result<CpuMask> {
     Ok(mask)
 }
 
-/// Thread `tid`'s affinity when it leaves out an online CPU, else `None`. A host with
-/// more CPUs than the mask holds (`EINVAL`) counts as unpinned.
-fn affinity(tid: i32) -> io::Result<Option<CpuMask>> {
+/// Thread `tid`'s affinity mask; `None` on a host with more CPUs than the mask holds
+/// (`EINVAL`).
+fn affinity_mask(tid: i32) -> io::Result<Option<CpuMask>> {
     let mut mask = [0u64; CPU_MASK_WORDS];
     // SAFETY: the kernel writes at most `size_of_val(&mask)` bytes into the live `mask`.
     let r = unsafe {
@@ -45,17 +45,24 @@ fn affinity(tid: i32) -> io::Result<Option<CpuMask>> {
             _ => Err(e),
         };
     }
+    Ok(Some(mask))
+}
+
+/// Thread `tid`'s affinity when it leaves out an online CPU, else `None` (a host with
+/// more CPUs than the mask holds counts as unpinned).
+fn affinity(tid: i32) -> io::Result<Option<CpuMask>> {
+    let Some(mask) = affinity_mask(tid)? else {
+        return Ok(None);
+    };
     let online = online_cpus()?;
     let all = online.iter().zip(&mask).all(|(o, m)| o & !m == 0);
     Ok((!all).then_some(mask))
 }
 
-/// `mask` as a CPU list (`0,2-3`), for messages.
+/// `mask` as a list of CPUs (`0,2,3`), for messages.
 fn cpu_list(mask: &CpuMask) -> String {
-    let cpus: Vec<usize> = (0..CPU_MASK_WORDS * 64)
+    (0..CPU_MASK_WORDS * 64)
         .filter(|&c| mask[c / 64] & (1 << (c % 64)) != 0)
-        .collect();
-    cpus.iter()
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(",")
@@ -93,6 +100,14 @@ fn check(r: i64) -> io::Result<i64> {
 /// The attributes of thread `tid` (a tid of our pid namespace) but its parent-death
 /// signal, which only the thread can read (left 0).
 pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
+    Ok(ThreadAttrs {
+        cpus: affinity(tid)?,
+        ..get_but_cpus(tid)?
+    })
+}
+
+/// [`get`] but the CPU affinity (left `None`).
+fn get_but_cpus(tid: i32) -> io::Result<ThreadAttrs> {
     let mut a = SchedAttr::default();
     // SAFETY: `a` is a live, writable `sched_attr` of the size passed; the kernel writes
     // at most that many bytes.
@@ -125,7 +140,7 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
         ioprio,
         timerslack_ns: slack.trim().parse().map_err(io::Error::other)?,
         pdeathsig: 0,
-        cpus: affinity(tid)?,
+        cpus: None,
     })
 }
 
@@ -133,7 +148,7 @@ pub fn get(tid: i32) -> io::Result<ThreadAttrs> {
 /// timer slack of `want`, each only where it differs from what the thread has. The
 /// error names what could not be set.
 pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
-    let now = get(tid).map_err(|e| format!("reading the scheduling attributes: {e}"))?;
+    let now = get_but_cpus(tid).map_err(|e| format!("reading the scheduling attributes: {e}"))?;
     let sched = |a: &ThreadAttrs| {
         (
             a.sched_policy,
@@ -193,23 +208,26 @@ pub fn set(tid: i32, want: &ThreadAttrs) -> Result<(), String> {
         })
         .map_err(|e| format!("setting I/O priority {:#x}: {e}", want.ioprio))?;
     }
-    if let Some(mask) = want.cpus.filter(|m| now.cpus != Some(*m)) {
-        // SAFETY: the kernel reads `size_of_val(&mask)` bytes from the live `mask`.
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_sched_setaffinity,
-                tid,
-                std::mem::size_of_val(&mask),
-                mask.as_ptr(),
-            )
-        })
-        .map_err(|e| {
-            format!(
-                "setting CPU affinity to CPUs {} (the thread was kept to them; this host \
-                 must have at least one of them online and allowed): {e}",
-                cpu_list(&mask)
-            )
-        })?;
+    if let Some(mask) = want.cpus {
+        let now = affinity_mask(tid).map_err(|e| format!("reading the CPU affinity: {e}"))?;
+        if now != Some(mask) {
+            // SAFETY: the kernel reads `size_of_val(&mask)` bytes from the live `mask`.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_sched_setaffinity,
+                    tid,
+                    std::mem::size_of_val(&mask),
+                    mask.as_ptr(),
+                )
+            })
+            .map_err(|e| {
+                format!(
+                    "setting CPU affinity to CPUs {} (the thread was kept to them; this host \
+                     must have at least one of them online and allowed): {e}",
+                    cpu_list(&mask)
+                )
+            })?;
+        }
     }
     if now.timerslack_ns != want.timerslack_ns {
         std::fs::write(
